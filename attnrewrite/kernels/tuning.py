@@ -1,0 +1,317 @@
+"""Per-GPU kernel tuning as data.
+
+Each Triton kernel declares its search space in code (:class:`SearchSpace`).
+Which point of that space to use on a given GPU and shape is data: a JSON table
+``attnrewrite/kernels/<kind>/tuning/<device>.json`` written by
+``python -m attnrewrite tune --kind <kind>``.  At launch time the lookup is
+
+    table entry for (device, kernel, shape bucket)
+      -> autotune over the declared space (GPU only, once per bucket and process)
+      -> the space's safe default
+
+and the choice, with where it came from, is logged at debug level.
+
+Table format (``schema`` 1)::
+
+    {"schema": 1, "kind": "sigmoid", "device": "nvidia-h100-80gb-hbm3",
+     "torch": "2.11.0", "triton": "3.6.0", "created": "2026-11-27T12:00:00Z",
+     "kernels": {"sigmoid_fwd": {"d128-t8192-causal0-bf16":
+                                  {"config": {"BLOCK_M": 128, ...}, "ms": 0.41}}}}
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import importlib
+import itertools
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+KERNELS_DIR = Path(__file__).resolve().parent
+
+Config = dict[str, int]
+Shape = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The configurations one kernel may be launched with.
+
+    Args:
+        kernel: unique kernel name within its kind, e.g. ``"sigmoid_fwd"``.
+        axes: each tunable parameter and the values it may take, e.g.
+            ``{"BLOCK_M": (64, 128), "num_warps": (4, 8)}``.
+        default: a configuration that is correct for every shape (used when no
+            table entry exists and autotuning is impossible, e.g. on the CPU).
+        bucket: maps a launch shape to the name of its tuning bucket; shapes in
+            one bucket share a configuration.
+        valid: optional filter ``valid(config, shape) -> bool`` removing points
+            that cannot run for a shape (too much shared memory, block > T ...).
+    """
+
+    kernel: str
+    axes: Mapping[str, tuple[int, ...]]
+    default: Mapping[str, int]
+    bucket: Callable[[Shape], str]
+    valid: Callable[[Config, Shape], bool] | None = None
+
+    def __post_init__(self):
+        if set(self.default) != set(self.axes):
+            raise ValueError(f"{self.kernel}: default must set exactly the axes {sorted(self.axes)}")
+        if not self.contains(self.default):
+            raise ValueError(f"{self.kernel}: default {dict(self.default)} lies outside its search space")
+
+    def configs(self, shape: Shape) -> list[Config]:
+        """Every point of the space that is valid for ``shape``."""
+        names = list(self.axes)
+        points = [dict(zip(names, values)) for values in itertools.product(*self.axes.values())]
+        return [c for c in points if self.valid is None or self.valid(c, shape)]
+
+    def contains(self, config: Mapping[str, int]) -> bool:
+        """True when ``config`` sets every axis to one of its declared values."""
+        return set(config) == set(self.axes) and all(config[k] in self.axes[k] for k in self.axes)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One shape to tune one kernel for, and how to time a configuration on it.
+
+    ``make_bench(config)`` returns a zero-argument callable that launches the
+    kernel once with ``config`` on inputs it has already allocated.
+    """
+
+    space: SearchSpace
+    shape: Shape
+    make_bench: Callable[[Config], Callable[[], Any]]
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def device_key(device: torch.device | str | None = None) -> str:
+    """A file-name-safe name for the GPU, e.g. ``"nvidia-h100-80gb-hbm3"``; ``"cpu"`` without one."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type != "cuda":
+        return device.type
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name(device)
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def table_path(kind: str, device: str) -> Path:
+    """Where the tuning table of ``kind`` for the device named ``device`` lives."""
+    return KERNELS_DIR / kind / "tuning" / f"{device}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(kind: str, device: str) -> dict:
+    """The tuning table for ``kind`` on ``device``, or an empty table if none ships."""
+    path = table_path(kind, device)
+    if not path.exists():
+        return {"schema": SCHEMA_VERSION, "kind": kind, "device": device, "kernels": {}}
+    with open(path) as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+_chosen: dict[tuple[str, str, str, str], Config] = {}
+
+
+def autotune_enabled() -> bool:
+    """Autotuning on a table miss is on unless ``ATTNREWRITE_AUTOTUNE=0``."""
+    return os.environ.get("ATTNREWRITE_AUTOTUNE", "1") != "0"
+
+
+def choose(
+    kind: str,
+    space: SearchSpace,
+    shape: Shape,
+    device: torch.device | str | None = None,
+    make_bench: Callable[[Config], Callable[[], Any]] | None = None,
+) -> Config:
+    """The configuration to launch ``space.kernel`` with for ``shape``.
+
+    Lookup order: the device's table, then (on a GPU, when ``make_bench`` is
+    given and autotuning is enabled) a timed search over the declared space,
+    then ``space.default``.  Results are memoised per process.
+    """
+    dev = device_key(device)
+    bucket = space.bucket(shape)
+    key = (kind, space.kernel, dev, bucket)
+    if key in _chosen:
+        return _chosen[key]
+
+    entry = load_table(kind, dev).get("kernels", {}).get(space.kernel, {}).get(bucket)
+    if entry is not None and space.contains(entry["config"]):
+        config, source = dict(entry["config"]), "table"
+    elif dev != "cpu" and make_bench is not None and autotune_enabled():
+        config, _ = autotune(space, shape, make_bench)
+        source = "autotune"
+    else:
+        config, source = dict(space.default), "default"
+    valid = space.valid is None or space.valid(config, shape)
+    if not valid:
+        config, source = dict(space.default), "default (table entry invalid for this shape)"
+    log.debug("%s/%s on %s, bucket %s: %s from %s", kind, space.kernel, dev, bucket, config, source)
+    _chosen[key] = config
+    return config
+
+
+def autotune(
+    space: SearchSpace,
+    shape: Shape,
+    make_bench: Callable[[Config], Callable[[], Any]],
+    progress: Callable[[], None] | None = None,
+) -> tuple[Config, float]:
+    """Time every valid configuration of ``space`` on ``shape``; return the fastest and its ms.
+
+    Configurations that fail to compile or run out of shared memory are skipped.
+    """
+    import triton.testing  # local: tuning needs a GPU, importing does not
+
+    best: tuple[Config, float] | None = None
+    for config in space.configs(shape):
+        try:
+            ms = triton.testing.do_bench(make_bench(config), warmup=5, rep=20)
+        except Exception as exc:  # noqa: BLE001 — out of resources / compile errors are expected here
+            log.debug("%s %s failed: %s", space.kernel, config, exc)
+            ms = None
+        if progress is not None:
+            progress()
+        if ms is not None and (best is None or ms < best[1]):
+            best = (config, float(ms))
+    if best is None:
+        return dict(space.default), float("nan")
+    return best
+
+
+# --------------------------------------------------------------------------- writing and checking tables
+
+
+def write_table(path: Path, table: Mapping) -> None:
+    """Write ``table`` as JSON atomically: readers see the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def validate_table(table: Mapping, spaces: Mapping[str, SearchSpace]) -> list[str]:
+    """Every problem with ``table`` against the kind's declared ``spaces``; empty when it is sound."""
+    errors = []
+    if table.get("schema") != SCHEMA_VERSION:
+        errors.append(f"schema is {table.get('schema')!r}, expected {SCHEMA_VERSION}")
+    for key in ("kind", "device", "kernels"):
+        if key not in table:
+            errors.append(f"missing key {key!r}")
+    for kernel, buckets in table.get("kernels", {}).items():
+        space = spaces.get(kernel)
+        if space is None:
+            errors.append(f"unknown kernel {kernel!r} (declared: {sorted(spaces)})")
+            continue
+        if not isinstance(buckets, Mapping):
+            errors.append(f"{kernel}: buckets must be an object")
+            continue
+        for bucket, entry in buckets.items():
+            if not isinstance(entry, Mapping) or "config" not in entry:
+                errors.append(f"{kernel}/{bucket}: entry needs a 'config'")
+                continue
+            if not space.contains(entry["config"]):
+                errors.append(f"{kernel}/{bucket}: {entry['config']} lies outside the declared space")
+            if "ms" in entry and not isinstance(entry["ms"], (int, float)):
+                errors.append(f"{kernel}/{bucket}: 'ms' must be a number")
+    return errors
+
+
+# --------------------------------------------------------------------------- the tune command
+
+TUNABLE_KINDS = ("sigmoid", "linear")
+
+
+def kind_module(kind: str):
+    """The module ``attnrewrite.kernels.<kind>.tune``, which declares ``SPACES`` and ``workloads()``."""
+    if kind not in TUNABLE_KINDS:
+        raise ValueError(f"no tunable kernels for kind {kind!r}; choose one of {TUNABLE_KINDS}")
+    return importlib.import_module(f"attnrewrite.kernels.{kind}.tune")
+
+
+def tune_kind(kind: str, out: Path | None = None, quick: bool = False, show_progress: bool = True) -> Path:
+    """Search every workload of ``kind`` on the current GPU and write its table. Returns the path.
+
+    ``quick`` asks the kind for a reduced set of shapes (for a smoke run).
+    """
+    if not torch.cuda.is_available():
+        raise RuntimeError("tuning needs a CUDA GPU; none is visible to torch")
+    from tqdm.auto import tqdm
+
+    module = kind_module(kind)
+    workloads: list[Workload] = list(module.workloads(quick=quick))
+    total = sum(len(w.space.configs(w.shape)) for w in workloads)
+    dev = device_key()
+    table: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
+        "kind": kind,
+        "device": dev,
+        "torch": torch.__version__,
+        "triton": importlib.import_module("triton").__version__,
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "kernels": {},
+    }
+    with tqdm(total=total, desc=f"tune {kind} on {dev}", disable=not show_progress) as bar:
+        for w in workloads:
+            config, ms = autotune(w.space, w.shape, w.make_bench, progress=bar.update)
+            table["kernels"].setdefault(w.space.kernel, {})[w.space.bucket(w.shape)] = {"config": config, "ms": ms}
+    errors = validate_table(table, module.SPACES)
+    if errors:
+        raise RuntimeError("tuning produced an invalid table: " + "; ".join(errors))
+    path = Path(out) if out is not None else table_path(kind, dev)
+    write_table(path, table)
+    load_table.cache_clear()
+    _chosen.clear()
+    return path
+
+
+def iter_tables() -> Iterable[tuple[str, Path]]:
+    """Every (kind, path) of a tuning table that ships in the package."""
+    for kind in TUNABLE_KINDS:
+        yield from ((kind, p) for p in sorted((KERNELS_DIR / kind / "tuning").glob("*.json")))
+
+
+__all__ = [
+    "SearchSpace",
+    "Workload",
+    "autotune",
+    "choose",
+    "device_key",
+    "iter_tables",
+    "kind_module",
+    "load_table",
+    "table_path",
+    "tune_kind",
+    "validate_table",
+    "write_table",
+]
+
