@@ -1,0 +1,100 @@
+"""``attnrewrite::softmax_attention``: the exact kind as a ``torch.library`` operator.
+
+The operator is defined with a ``CompositeImplicitAutograd`` kernel that calls
+``F.scaled_dot_product_attention``. That choice is deliberate for the exact kind:
+
+- its fake (meta) implementation and its autograd are those of SDPA, so
+  ``torch.library.opcheck`` passes and nothing can drift from SDPA's semantics;
+- under ``torch.compile`` the operator decomposes to ``aten.scaled_dot_product_attention``
+  *before* autograd, so inductor lowers it to its fused flash / memory-efficient kernels,
+  forward and backward, exactly as if the user had written SDPA.
+
+Kinds with kernels of their own (sigmoid, linear ...) are opaque ``custom_op``s with
+``register_fake`` and ``register_autograd`` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnrewrite.kernels.softmax.reference import check_heads
+
+_SCHEMA = (
+    "softmax_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float dropout_p=0.0, "
+    "bool is_causal=False, float? scale=None, bool enable_gqa=False) -> Tensor"
+)
+
+_lib = torch.library.Library("attnrewrite", "FRAGMENT")
+_lib.define(_SCHEMA)
+
+
+def _softmax_attention_impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    if is_causal and attn_mask is not None:
+        # SDPA refuses both; we accept them and mean "causal AND mask".
+        attn_mask, is_causal = fold_causal_into_mask(attn_mask, q.shape[-2], k.shape[-2]), False
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+    )
+
+
+def fold_causal_into_mask(attn_mask: torch.Tensor, t_q, t_k) -> torch.Tensor:
+    """``attn_mask`` restricted to the causal (top-left) triangle; bool stays bool, float gets -inf."""
+    keep = torch.ones(t_q, t_k, dtype=torch.bool, device=attn_mask.device).tril()
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & keep
+    return attn_mask.masked_fill(~keep, float("-inf"))
+
+
+_lib.impl("softmax_attention", _softmax_attention_impl, "CompositeImplicitAutograd")
+
+
+def softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """Exact softmax attention; the signature and semantics of ``F.scaled_dot_product_attention``.
+
+    Args:
+        q: [B, Hq, Tq, D] (any leading batch dims); k: [B, Hkv, Tk, D]; v: [B, Hkv, Tk, Dv].
+            fp16, bf16, fp32 or fp64, all the same dtype and device.
+        attn_mask: bool (True = may attend) or additive float, broadcastable to [B, Hq, Tq, Tk].
+        dropout_p: dropout on the attention probabilities (applied whenever > 0, as in SDPA).
+        is_causal: key j visible to query i iff j <= i (top-left aligned). Unlike SDPA, it may be
+            combined with ``attn_mask``: a key is then visible when both allow it.
+        scale: defaults to 1/sqrt(D).
+        enable_gqa: allow Hq to be a multiple of Hkv (query head h reads kv head h // (Hq/Hkv)).
+
+    Returns:
+        [B, Hq, Tq, Dv] in q's dtype.
+    """
+    _check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa)
+    return torch.ops.attnrewrite.softmax_attention(
+        q, k, v, attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+    )
+
+
+def _check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have at least 2 dims [..., T, D], got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v have different numbers of keys: {k.shape[-2]} vs {v.shape[-2]}")
+    if q.dim() >= 3:
+        check_heads(q, k, enable_gqa)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
+    if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):
+        raise ValueError(f"attn_mask must be bool or q's dtype ({q.dtype}), got {attn_mask.dtype}")
