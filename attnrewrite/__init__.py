@@ -6,6 +6,28 @@ Public API (the rest of the package is internal):
 - :func:`explain` — what the pass finds in a model, and why it skipped what it skipped
 - :func:`rewrite` — decorator / wrapper that makes a module run rewritten
 - :mod:`attnrewrite.ops` — the attention kinds as ``torch.library`` custom ops
+- :mod:`attnrewrite.kinds` — the kinds a site can be rewritten to
 """
 
+from attnrewrite import kinds, ops
+from attnrewrite.rewriter.backend import attnrewrite_backend, register
+from attnrewrite.rewriter.decorator import explain, rewrite
+from attnrewrite.rewriter.pipeline import RewriteFailed
+from attnrewrite.rewriter.report import Report, SiteReport, recent_reports
+from attnrewrite.rewriter.spec import AttentionSpec
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "AttentionSpec",
+    "Report",
+    "RewriteFailed",
+    "SiteReport",
+    "attnrewrite_backend",
+    "explain",
+    "kinds",
+    "ops",
+    "recent_reports",
+    "register",
+    "rewrite",
+]

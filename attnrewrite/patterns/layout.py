@@ -1,0 +1,115 @@
+"""Layout helpers shared by the pattern families: from what the graph holds to [B, H, T, D]."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from attnrewrite.rewriter.capture import constant_value, hinted_shape, normalize, rank
+from attnrewrite.rewriter.spec import NotAttention, Step, TensorRef
+
+#: Views that can be replayed as layout steps when a constant scale is pulled out from under them.
+_VIEW_STEPS = {"transpose", "permute", "view", "unsqueeze", "identity"}
+
+
+def normalize_dim(dim: int, ndim: int) -> int:
+    if not -ndim <= dim < ndim:
+        raise NotAttention(f"dim {dim} out of range for rank {ndim}")
+    return dim % ndim
+
+
+def keys_from_transposed(node: fx.Node) -> TensorRef:
+    """The keys [..., Tk, D] behind an operand kᵀ [..., D, Tk] of the score product."""
+    call = normalize(node)
+    r = rank(node)
+    if call is not None and r is not None and r >= 2:
+        if call.name == "transpose" and {normalize_dim(d, r) for d in call.args[1:]} == {r - 2, r - 1}:
+            return TensorRef(call.args[0])
+        if call.name == "permute":
+            dims = [normalize_dim(d, r) for d in call.args[1]]
+            if dims == list(range(r - 2)) + [r - 1, r - 2]:
+                return TensorRef(call.args[0])
+    return TensorRef(node).then("transpose", -2, -1)
+
+
+def _as_step(call) -> Step | None:
+    if call.name == "transpose":
+        return ("transpose", call.args[1], call.args[2])
+    if call.name == "permute":
+        return ("permute", tuple(call.args[1]))
+    if call.name == "view":
+        return ("reshape", tuple(call.args[1]))
+    if call.name == "unsqueeze":
+        return ("unsqueeze", call.args[1])
+    return None
+
+
+def fold_constant_scale(ref: TensorRef, max_views: int = 6) -> tuple[TensorRef, float]:
+    """Pull a constant factor out of q or k: ``(x * c).view(...).transpose(...)`` → x, c.
+
+    Whisper and others scale q right after its projection; the views in between are replayed
+    as layout steps on the unscaled tensor, so no node is copied.
+    """
+    factor, steps, node = 1.0, [], ref.node
+    for _ in range(max_views + 1):
+        call = normalize(node)
+        if call is None:
+            break
+        if call.name in ("mul", "div"):
+            a, b = call.args
+            c = constant_value(b)
+            if c is None and call.name == "mul":
+                a, c = b, constant_value(a)
+            if c is None or c <= 0 or not isinstance(a, fx.Node):
+                break
+            factor = factor * c if call.name == "mul" else factor / c
+            node = a
+            continue
+        if call.name not in _VIEW_STEPS or not isinstance(call.args[0], fx.Node):
+            break
+        step = _as_step(call)
+        if step is not None:
+            steps.insert(0, step)
+        node = call.args[0]
+    if factor == 1.0:
+        return ref, 1.0
+    return TensorRef(node, tuple(steps) + ref.steps), factor
+
+
+def ref_shape(ref: TensorRef) -> tuple[int, ...]:
+    """Hinted shape of ``ref`` after its steps."""
+    from attnrewrite.rewriter.canonical import steps_shape
+
+    shape = hinted_shape(ref.node)
+    if shape is None:
+        raise NotAttention(f"{ref.node.name} is not a tensor")
+    if any(op == "reshape" for op, *_ in ref.steps):
+        return _replay_reshape(shape, ref.steps)
+    return steps_shape(shape, ref.steps)
+
+
+def _replay_reshape(shape: tuple[int, ...], steps) -> tuple[int, ...]:
+    import torch
+
+    from attnrewrite.rewriter.canonical import apply_steps
+    from attnrewrite.rewriter.capture import hint
+
+    meta = torch.empty(shape, device="meta")
+    return tuple(apply_steps(meta, steps, lambda n: hint(n.meta.get("example_value"))).shape)
+
+
+def to_four_dims(rank_: int) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
+    """Steps that bring q/k/v of ``rank_`` dims to [B, H, T, D], and the output steps back."""
+    if rank_ == 4:
+        return (), ()
+    if rank_ == 3:  # [N, T, D]: one batch dim, treated as N sequences of one head
+        return (("unsqueeze", 1),), (("squeeze", 1),)
+    if rank_ == 2:
+        return (("unsqueeze", 0), ("unsqueeze", 0)), (("squeeze", 0), ("squeeze", 0))
+    raise NotAttention(f"rank-{rank_} attention operands (only 2-, 3- and 4-D layouts are supported)")
+
+
+def term_steps(term_rank: int | None, score_rank: int) -> tuple[Step, ...]:
+    """Steps that keep a mask term broadcastable once the scores went from ``score_rank`` to 4-D."""
+    if score_rank == 3 and term_rank == 3:
+        return (("unsqueeze", 1),)
+    return ()

@@ -1,0 +1,153 @@
+"""Mask resolution: split a site's mask into what kernels want to know.
+
+Models build masks in many ways: a causal ``tril`` buffer sliced to the sequence length, an
+``arange`` comparison, HF's ``where(causal & padding, 0, finfo.min)``, BERT's ``(1 - m) * min``.
+The resolver first splits each mask term structurally — conjunctions of bool masks, sums of
+additive masks, ``where(c, 0, -big)`` into a keep-mask ``c`` — and then looks at the terms
+that depend only on shapes, constants and buffers (never on user inputs or parameters):
+it evaluates them on the site's shapes and
+
+- drops a term that masks nothing,
+- replaces a term that is exactly the causal triangle by ``causal=True`` (kernels then
+  skip the masked blocks instead of reading a mask),
+- keeps any other term (sliding windows, ALiBi, relative position biases) as it is.
+
+Data-dependent terms (padding masks, learned biases) are kept; the certifier then checks the
+result against the original on random padding masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.fx as fx
+
+from attnrewrite.patterns.layout import ref_shape, term_steps
+from attnrewrite.rewriter.capture import constant_value, normalize, rank, tensor_meta
+from attnrewrite.rewriter.certify import GraphEvaluator
+from attnrewrite.rewriter.spec import MASKED_SCORE, MaskTerm, NotAttention, Site
+
+_TRANSPARENT = {"identity", "expand"}  # broadcasting and copies: the term broadcasts anyway
+_MAX_DEPTH = 8
+
+
+def _is_device_move(call) -> bool:
+    """``x.to(device)`` — a cast that keeps the dtype."""
+    if call.name != "cast":
+        return False
+    src, dst = tensor_meta(call.args[0]), tensor_meta(call.node)
+    return src is not None and dst is not None and src.dtype == dst.dtype
+
+
+def _scalar(value, evaluator: GraphEvaluator) -> float | None:
+    """A number, or a shape-only node evaluating to a single number (``torch.zeros(())``)."""
+    c = constant_value(value)
+    if c is not None or not isinstance(value, fx.Node):
+        return c
+    meta = tensor_meta(value)
+    if meta is None or meta.numel() != 1 or evaluator.depends_on_data(value):
+        return None
+    return float(evaluator.value(value).reshape(()))
+
+
+def split_term(term: MaskTerm, evaluator: GraphEvaluator, score_rank: int, depth: int = 0) -> list[MaskTerm]:
+    """Split ``term`` into simpler terms whose sum (or conjunction) is the same mask."""
+    call = normalize(term.node)
+    if call is None or depth >= _MAX_DEPTH:
+        return [term]
+
+    def sub(kind: str, node, coeff: float = term.coeff) -> list[MaskTerm]:
+        if not isinstance(node, fx.Node):
+            return [term]
+        child = MaskTerm(kind, node, term_steps(rank(node), score_rank), coeff)
+        return split_term(child, evaluator, score_rank, depth + 1)
+
+    if call.name in _TRANSPARENT or _is_device_move(call):
+        return sub(term.kind, call.args[0])
+    if term.kind == "keep":
+        if call.name == "and" and all(isinstance(a, fx.Node) for a in call.args):
+            return sub("keep", call.args[0]) + sub("keep", call.args[1])
+        if call.name == "not":
+            return sub("drop", call.args[0])
+    elif term.kind == "drop":
+        if call.name == "not":
+            return sub("keep", call.args[0])
+    elif term.kind == "add" and term.coeff > 0:
+        if call.name == "add" and all(isinstance(a, fx.Node) for a in call.args[:2]):
+            alpha = constant_value(call.kwargs.get("alpha", 1))
+            if alpha is not None:
+                return sub("add", call.args[0]) + sub("add", call.args[1], term.coeff * alpha)
+        if call.name == "where":
+            cond, a, b = call.args
+            a_val, b_val = _scalar(a, evaluator), _scalar(b, evaluator)
+            if a_val == 0.0 and b_val is not None and b_val * term.coeff <= MASKED_SCORE:
+                return sub("keep", cond)
+            if b_val == 0.0 and a_val is not None and a_val * term.coeff <= MASKED_SCORE:
+                return sub("drop", cond)
+        if call.name == "masked_fill":
+            base, mask, value = call.args
+            v = _scalar(value, evaluator)
+            if v is not None and v * term.coeff <= MASKED_SCORE:
+                return sub("add", base) + sub("drop", mask)
+    return [term]
+
+
+def _keep_pattern(term: MaskTerm, value: torch.Tensor) -> torch.Tensor | None:
+    """The bool keep-mask a constant term stands for, or None when it is a real bias."""
+    if term.kind == "keep":
+        return value.bool()
+    if term.kind == "drop":
+        return ~value.bool()
+    value = value * term.coeff
+    masked = value <= MASKED_SCORE
+    if bool(((value == 0) | masked).all()):
+        return ~masked
+    return None
+
+
+def classify_keep(keep: torch.Tensor, t_q: int, t_k: int) -> str:
+    """``"all"`` (masks nothing), ``"causal"`` (exactly the top-left causal triangle) or ``"other"``."""
+    if keep.dim() < 2:
+        keep = keep.reshape((1,) * (2 - keep.dim()) + tuple(keep.shape))
+    try:
+        full = keep.expand(keep.shape[:-2] + (t_q, t_k)).reshape(-1, t_q, t_k)
+    except RuntimeError:
+        return "other"
+    first = full[0]
+    if not bool((full == first).all()):
+        return "other"  # differs across batch or heads
+    if bool(first.all()):
+        return "all"
+    if torch.equal(first, torch.ones(t_q, t_k, dtype=torch.bool).tril()):
+        return "causal"
+    return "other"
+
+
+def resolve(site: Site, evaluator: GraphEvaluator) -> None:
+    """Simplify ``site.spec``'s mask terms in place (see the module docstring)."""
+    spec = site.spec
+    for node in site.value_checks:
+        v = _scalar(node, evaluator)
+        if v is None or v > MASKED_SCORE:
+            raise NotAttention(f"masked scores are set to {node.name}, not a constant mask value")
+    terms: list[MaskTerm] = []
+    for term in spec.bias:
+        terms.extend(split_term(term, evaluator, site.score_rank))
+    t_q, t_k = ref_shape(spec.q)[-2], ref_shape(spec.k)[-2]
+    kept, causal = [], spec.causal
+    for term in terms:
+        if evaluator.depends_on_data(term.node):
+            kept.append(term)
+            continue
+        value = evaluator.value(term.node)
+        keep = _keep_pattern(term, value) if isinstance(value, torch.Tensor) else None
+        verdict = "other" if keep is None else classify_keep(keep, t_q, t_k)
+        if verdict == "all":
+            site.notes.append(f"mask {term.node.name} masks nothing: dropped")
+        elif verdict == "causal":
+            causal = True
+            site.notes.append(f"mask {term.node.name} proven causal")
+        else:
+            kept.append(term)
+    site.spec = replace(spec, bias=tuple(kept), causal=causal)

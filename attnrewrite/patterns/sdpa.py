@@ -1,0 +1,85 @@
+"""``F.scaled_dot_product_attention`` calls, as written by users and by HF's sdpa attention.
+
+The call already states q, k, v, the mask, causality, dropout and the scale; the family adds
+what SDPA leaves implicit: grouped-query attention hidden behind ``repeat_kv`` (so kinds get
+the un-repeated k and v), and, through the resolver, the causal part of an explicit mask.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from attnrewrite.patterns.eager_matmul import region_between
+from attnrewrite.patterns.grouped_kv import see_through_repeat
+from attnrewrite.patterns.layout import ref_shape, term_steps, to_four_dims
+from attnrewrite.rewriter.capture import Call, constant_value, normalize, owning_module, rank, tensor_meta
+from attnrewrite.rewriter.spec import AttentionSpec, MaskTerm, NotAttention, Site, TensorRef
+
+
+def is_anchor(call: Call) -> bool:
+    return call.name == "sdpa"
+
+
+def _constant(value, kind: type, what: str):
+    if isinstance(value, bool) and kind is not bool:
+        raise NotAttention(f"{what} is a bool")
+    if value is None or isinstance(value, kind) or (kind is float and isinstance(value, int)):
+        return value
+    raise NotAttention(f"{what} is not a compile-time constant ({value!r})")
+
+
+def match(anchor: fx.Node) -> Site:
+    call = normalize(anchor)
+    q, k, v = call.args
+    if not all(isinstance(x, fx.Node) for x in (q, k, v)):
+        raise NotAttention("q, k or v is not a tensor")
+    kw = call.kwargs
+    dropout_p = _constant(kw["dropout_p"], float, "dropout_p")
+    is_causal = _constant(kw["is_causal"], bool, "is_causal")
+    scale = _constant(kw["scale"], float, "scale")
+    enable_gqa = _constant(kw["enable_gqa"], bool, "enable_gqa")
+
+    k_ref, k_groups = see_through_repeat(TensorRef(k))
+    v_ref, v_groups = see_through_repeat(TensorRef(v))
+    if k_groups != v_groups:
+        k_ref, v_ref, k_groups = TensorRef(k), TensorRef(v), 1
+    q_ref = TensorRef(q)
+    r = rank(q)
+    if rank(k) != r or rank(v) != r or r is None:
+        raise NotAttention("q, k and v have different ranks")
+    in_steps, _ = to_four_dims(r)
+    q_ref, k_ref, v_ref = (TensorRef(x.node, x.steps + in_steps) for x in (q_ref, k_ref, v_ref))
+    q_shape, k_shape = ref_shape(q_ref), ref_shape(k_ref)
+    if q_shape[-3] % k_shape[-3] != 0:
+        raise NotAttention(f"{q_shape[-3]} query heads cannot share {k_shape[-3]} kv heads")
+    groups = q_shape[-3] // k_shape[-3]
+    if groups > 1 and not enable_gqa and k_groups == 1:
+        raise NotAttention("q and k have different head counts without enable_gqa")
+
+    terms: tuple[MaskTerm, ...] = ()
+    mask = kw["attn_mask"]
+    if isinstance(mask, fx.Node):
+        meta = tensor_meta(mask)
+        if meta is None:
+            raise NotAttention("attn_mask is not a tensor")
+        kind = "keep" if meta.dtype == torch.bool else "add"
+        terms = (MaskTerm(kind, mask, term_steps(meta.dim(), r)),)
+    elif mask is not None:
+        raise NotAttention(f"attn_mask is {mask!r}")
+
+    scale_value = constant_value(scale) if scale is not None else None
+    spec = AttentionSpec(
+        q=q_ref, k=k_ref, v=v_ref,
+        scale=scale_value,
+        bias=terms,
+        causal=is_causal,
+        kv_groups=groups,
+        dropout_p=dropout_p or 0.0,
+        module_path=owning_module([anchor]),
+        pattern="sdpa",
+    )
+    _, out_steps = to_four_dims(r)
+    region = region_between({q_ref.node, k_ref.node, v_ref.node}, anchor)
+    return Site(anchor=anchor, pattern="sdpa", module_path=spec.module_path, spec=spec, output=anchor,
+                out_steps=out_steps, region=region, score_rank=r)

@@ -1,0 +1,150 @@
+"""From a spec to the canonical attention call, once, for both certification and rewriting.
+
+Every function here takes a ``lookup`` that maps graph nodes to values.  The certifier passes
+real tensors (float64 probes); the rewriter passes ``torch.fx.Proxy`` objects, so the very
+same code records new graph nodes.  What is certified is therefore exactly what is emitted.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from attnrewrite.rewriter.spec import AttentionSpec, MaskTerm, Step, TensorRef
+
+Lookup = Callable[[fx.Node], Any]
+
+
+def _resolve(value: Any, lookup: Lookup) -> Any:
+    if isinstance(value, fx.Node):
+        return lookup(value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_resolve(v, lookup) for v in value)
+    return value
+
+
+def apply_steps(x: Any, steps: tuple[Step, ...], lookup: Lookup) -> Any:
+    """Apply layout steps (views) to a tensor or proxy."""
+    for op, *args in steps:
+        args = _resolve(args, lookup)
+        if op == "transpose":
+            x = x.transpose(args[0], args[1])
+        elif op == "permute":
+            x = x.permute(*args[0])
+        elif op == "unsqueeze":
+            x = x.unsqueeze(args[0])
+        elif op == "squeeze":
+            x = x.squeeze(args[0])
+        elif op == "reshape":
+            x = x.reshape(*args[0])
+        else:
+            raise ValueError(f"unknown layout step {op!r}")
+    return x
+
+
+def steps_shape(shape: tuple, steps: tuple[Step, ...]) -> tuple:
+    """The shape that ``steps`` give a tensor of ``shape`` (sizes may be ints or placeholders)."""
+    shape = list(shape)
+    for op, *args in steps:
+        if op == "transpose":
+            a, b = (d % len(shape) for d in args[:2])
+            shape[a], shape[b] = shape[b], shape[a]
+        elif op == "permute":
+            shape = [shape[d] for d in args[0]]
+        elif op == "unsqueeze":
+            d = args[0] % (len(shape) + 1)
+            shape.insert(d, 1)
+        elif op == "squeeze":
+            del shape[args[0] % len(shape)]
+        elif op == "reshape":
+            shape = list(args[0])
+    return tuple(shape)
+
+
+def ref_value(ref: TensorRef, lookup: Lookup) -> Any:
+    return apply_steps(lookup(ref.node), ref.steps, lookup)
+
+
+def term_value(term: MaskTerm, lookup: Lookup) -> Any:
+    return apply_steps(lookup(term.node), term.steps, lookup)
+
+
+def materialize_mask(terms: tuple[MaskTerm, ...], lookup: Lookup, dtype: torch.dtype) -> Any:
+    """The mask terms as one ``attn_mask``: bool (True = attend) when every term is a keep-mask,
+    else an additive float mask of ``dtype``; None without terms."""
+    keep = None
+    additive = None
+    for term in terms:
+        value = term_value(term, lookup)
+        if term.kind == "keep":
+            keep = value if keep is None else keep & value
+        elif term.kind == "drop":
+            value = ~value
+            keep = value if keep is None else keep & value
+        else:
+            value = value.to(dtype)
+            if term.coeff != 1.0:
+                value = value * term.coeff
+            additive = value if additive is None else additive + value
+    if additive is None:
+        return keep
+    if keep is not None:
+        additive = additive.masked_fill(~keep, -math.inf)
+    return additive.to(dtype)
+
+
+@dataclass
+class AttentionCall:
+    """Arguments of an SDPA-signature attention op, [B, H, T, D] layout."""
+
+    q: Any
+    k: Any
+    v: Any
+    attn_mask: Any
+    dropout_p: float
+    is_causal: bool
+    scale: float | None
+    enable_gqa: bool
+
+    def kwargs(self) -> dict[str, Any]:
+        return dict(attn_mask=self.attn_mask, dropout_p=self.dropout_p, is_causal=self.is_causal,
+                    scale=self.scale, enable_gqa=self.enable_gqa)
+
+
+def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, dropout: bool = True) -> AttentionCall:
+    """Build the canonical attention arguments for ``spec``.
+
+    ``dtype`` is the dtype of q as it enters attention (additive masks are cast to it);
+    ``dropout=False`` drops dropout (certification compares deterministic outputs).
+    """
+    q = ref_value(spec.q, lookup)
+    for node, power in spec.q_factors:
+        factor = lookup(node)
+        q = q * (factor if power == 1 else factor**power)
+    return AttentionCall(
+        q=q,
+        k=ref_value(spec.k, lookup),
+        v=ref_value(spec.v, lookup),
+        attn_mask=materialize_mask(spec.bias, lookup, dtype),
+        dropout_p=spec.dropout_p if dropout else 0.0,
+        is_causal=spec.causal,
+        scale=spec.scale,
+        enable_gqa=spec.kv_groups > 1,
+    )
+
+
+def visible_rows(call: AttentionCall) -> torch.Tensor:
+    """[..., Tq] bool: query rows that see at least one key (evaluated on real tensors only)."""
+    q, k = call.q, call.k
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    visible = torch.ones(q.shape[:-2] + (t_q, t_k), dtype=torch.bool)
+    if call.is_causal:
+        visible = visible & torch.ones(t_q, t_k, dtype=torch.bool).tril()
+    mask = call.attn_mask
+    if mask is not None:
+        visible = visible & (mask if mask.dtype == torch.bool else mask > -1e4)
+    return visible.any(-1)

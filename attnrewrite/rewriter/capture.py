@@ -1,0 +1,287 @@
+"""Reading the graphs Dynamo captures.
+
+Dynamo hands the backend torch-level FX graphs: ``call_function`` nodes whose targets are
+``torch.matmul``, ``operator.mul``, ``F.softmax`` ..., and ``call_method`` nodes such as
+``x.transpose(1, 2)``.  The same operation has several spellings (``q @ k``,
+``torch.matmul(q, k)``, ``q.matmul(k)``); :func:`normalize` maps each to one :class:`Call`
+with a canonical name and normalised arguments, so the pattern families never look at
+spellings.
+
+Also here: example values (fake tensors Dynamo records in ``node.meta``), hints for
+symbolic sizes (read without adding guards), the owning module's qualified name, and the
+role of each placeholder (parameter, buffer, symbolic size, user input).
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+# --------------------------------------------------------------------------- canonical names
+
+_FUNCTIONS: dict[Any, str] = {
+    torch.matmul: "matmul", operator.matmul: "matmul", torch.bmm: "matmul",
+    torch.baddbmm: "baddbmm", torch.einsum: "einsum",
+    F.softmax: "softmax", torch.softmax: "softmax", torch.special.softmax: "softmax",
+    F.scaled_dot_product_attention: "sdpa",
+    F.multi_head_attention_forward: "mha_forward",
+    operator.mul: "mul", torch.mul: "mul", operator.imul: "mul",
+    operator.truediv: "div", torch.div: "div", torch.true_divide: "div", operator.itruediv: "div",
+    operator.add: "add", torch.add: "add", operator.iadd: "add",
+    operator.sub: "sub", torch.sub: "sub", operator.isub: "sub",
+    torch.masked_fill: "masked_fill", torch.where: "where",
+    F.dropout: "dropout", torch.dropout: "dropout",
+    torch.transpose: "transpose", torch.swapaxes: "transpose", torch.permute: "permute",
+    torch.reshape: "view", torch.unsqueeze: "unsqueeze", torch.clone: "identity",
+    torch.repeat_interleave: "repeat_interleave",
+    operator.getitem: "getitem",
+    operator.and_: "and", torch.logical_and: "and", torch.bitwise_and: "and", operator.iand: "and",
+    operator.invert: "not", torch.logical_not: "not", torch.bitwise_not: "not",
+    operator.eq: "eq", torch.eq: "eq", operator.ne: "ne", torch.ne: "ne",
+    operator.neg: "neg", torch.neg: "neg",
+    torch.tanh: "tanh", F.tanh: "tanh",
+}
+for _name in ("_transformer_encoder_layer_fwd", "_native_multi_head_attention"):
+    if hasattr(torch, _name):
+        _FUNCTIONS[getattr(torch, _name)] = _name.strip("_")
+_SDPA_C = getattr(torch._C._nn, "scaled_dot_product_attention", None)
+if _SDPA_C is not None:
+    _FUNCTIONS[_SDPA_C] = "sdpa"
+
+_METHODS: dict[str, str] = {
+    "matmul": "matmul", "bmm": "matmul", "baddbmm": "baddbmm", "softmax": "softmax",
+    "mul": "mul", "mul_": "mul", "multiply": "mul", "div": "div", "div_": "div", "true_divide": "div",
+    "add": "add", "add_": "add", "sub": "sub", "sub_": "sub",
+    "masked_fill": "masked_fill", "masked_fill_": "masked_fill",
+    "to": "cast", "type": "cast", "type_as": "cast", "float": "cast", "half": "cast",
+    "bfloat16": "cast", "double": "cast",
+    "contiguous": "identity", "clone": "identity",
+    "transpose": "transpose", "swapaxes": "transpose", "permute": "permute",
+    "view": "view", "reshape": "view", "unsqueeze": "unsqueeze", "expand": "expand",
+    "repeat_interleave": "repeat_interleave",
+    "logical_and": "and", "bitwise_and": "and", "__and__": "and",
+    "logical_not": "not", "bitwise_not": "not", "eq": "eq", "ne": "ne", "neg": "neg", "tanh": "tanh",
+    "size": "size",
+}
+
+#: Ops that act elementwise on the score tensor (each score position on its own).
+ELEMENTWISE = frozenset({"mul", "div", "add", "sub", "masked_fill", "where", "cast", "identity", "neg", "tanh"})
+
+
+def canonical_name(node: fx.Node) -> str | None:
+    """The canonical name of what ``node`` computes, or None for anything the matcher ignores."""
+    if node.op == "call_function":
+        try:
+            return _FUNCTIONS.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    if node.op == "call_method":
+        return _METHODS.get(node.target)
+    return None
+
+
+@dataclass
+class Call:
+    """A node's operation in canonical form: ``name`` plus positional ``args`` and ``kwargs``."""
+
+    name: str
+    node: fx.Node
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    def tensor_args(self) -> list[fx.Node]:
+        return [a for a in self.args if isinstance(a, fx.Node)]
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def normalize(node: fx.Node) -> Call | None:
+    """Canonical form of ``node``'s operation, or None when it is not one the matcher reads."""
+    name = canonical_name(node)
+    if name is None:
+        return None
+    a, kw = node.args, node.kwargs
+    if name in ("mul", "div", "and"):
+        return Call(name, node, (a[0], _arg(node, 1, "other")))
+    if name in ("add", "sub"):
+        return Call(name, node, (a[0], _arg(node, 1, "other")), {"alpha": kw.get("alpha", 1)})
+    if name == "matmul":
+        return Call(name, node, (a[0], _arg(node, 1, "other", _arg(node, 1, "mat2"))))
+    if name == "baddbmm":
+        return Call(name, node, (a[0], a[1], a[2]), {"beta": kw.get("beta", 1), "alpha": kw.get("alpha", 1)})
+    if name == "einsum":
+        operands = a[1:]
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = tuple(operands[0])
+        return Call(name, node, (a[0], *operands))
+    if name == "softmax":
+        return Call(name, node, (a[0],), {"dim": _arg(node, 1, "dim"), "dtype": _arg(node, 2, "dtype")})
+    if name == "masked_fill":
+        return Call(name, node, (a[0], _arg(node, 1, "mask"), _arg(node, 2, "value")))
+    if name == "where":
+        if len(a) + len(kw) < 3:
+            return None  # the one-argument form is nonzero(), not a select
+        return Call(name, node, (a[0], _arg(node, 1, "input"), _arg(node, 2, "other")))
+    if name == "dropout":
+        p = _arg(node, 1, "p", 0.5)
+        training = _arg(node, 2, "train" if node.target is torch.dropout else "training", True)
+        return Call(name, node, (a[0],), {"p": p, "training": training})
+    if name == "transpose":
+        return Call(name, node, (a[0], _arg(node, 1, "dim0"), _arg(node, 2, "dim1")))
+    if name == "permute":
+        dims = a[1:] if node.op == "call_method" else (_arg(node, 1, "dims"),)
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = tuple(dims[0])
+        return Call(name, node, (a[0], tuple(dims)))
+    if name in ("view", "expand"):
+        sizes = a[1:] if node.op == "call_method" else (_arg(node, 1, "shape"),)
+        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size)):
+            sizes = tuple(sizes[0])
+        return Call(name, node, (a[0], tuple(sizes)))
+    if name == "unsqueeze":
+        return Call(name, node, (a[0], _arg(node, 1, "dim")))
+    if name == "repeat_interleave":
+        return Call(name, node, (a[0], _arg(node, 1, "repeats")), {"dim": _arg(node, 2, "dim")})
+    if name == "getitem":
+        return Call(name, node, (a[0], a[1]))
+    if name == "sdpa":
+        return Call(name, node, (a[0], a[1], a[2]), {
+            "attn_mask": _arg(node, 3, "attn_mask"), "dropout_p": _arg(node, 4, "dropout_p", 0.0),
+            "is_causal": _arg(node, 5, "is_causal", False), "scale": _arg(node, 6, "scale"),
+            "enable_gqa": kw.get("enable_gqa", False)})
+    return Call(name, node, tuple(a), dict(kw))
+
+
+# --------------------------------------------------------------------------- example values and hints
+
+
+def example(node: Any) -> Any:
+    """The example value Dynamo recorded for ``node`` (a fake tensor, SymInt, ...), or None."""
+    if not isinstance(node, fx.Node):
+        return node
+    meta = node.meta
+    return meta["example_value"] if "example_value" in meta else meta.get("val")
+
+
+def tensor_meta(node: Any) -> torch.Tensor | None:
+    value = example(node)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def rank(node: Any) -> int | None:
+    t = tensor_meta(node)
+    return None if t is None else t.dim()
+
+
+def is_float_tensor(node: Any) -> bool:
+    t = tensor_meta(node)
+    return t is not None and t.dtype.is_floating_point
+
+
+def hint(value: Any, default: int = 8) -> Any:
+    """A concrete Python value for ``value``: SymInts/SymFloats become their hint, without guards.
+
+    Tuples, lists and sizes are converted element by element.
+    """
+    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        node = value.node
+        if node.has_hint():
+            return node.hint
+        return default
+    if isinstance(value, (tuple, list, torch.Size)):
+        return type(value)(hint(v, default) for v in value) if not isinstance(value, torch.Size) else tuple(
+            hint(v, default) for v in value
+        )
+    return value
+
+
+def hinted_shape(node: Any) -> tuple[int, ...] | None:
+    """The concrete shape of ``node``'s example value (symbolic sizes replaced by their hints)."""
+    t = tensor_meta(node)
+    return None if t is None else tuple(hint(s) for s in t.shape)
+
+
+def same_size(a: Any, b: Any) -> bool:
+    """True only when sizes ``a`` and ``b`` are provably equal; never adds a guard."""
+    if a is b:
+        return True
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:  # noqa: BLE001 — unbacked or foreign symbols: not provably equal
+        return False
+
+
+def is_scalar(value: Any) -> bool:
+    """A Python number, a SymInt/SymFloat node, or a node whose example value is one of those."""
+    v = example(value) if isinstance(value, fx.Node) else value
+    return isinstance(v, (int, float, torch.SymInt, torch.SymFloat)) and not isinstance(v, bool)
+
+
+def constant_value(value: Any) -> float | None:
+    """``value`` as a Python float when it is a compile-time constant number, else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+# --------------------------------------------------------------------------- placeholders and modules
+
+_BUFFER = re.compile(r"_buffers_")
+
+
+def placeholder_role(node: fx.Node, example_input: Any) -> str:
+    """``"param"``, ``"buffer"``, ``"size"`` (a symbolic int) or ``"input"`` (user data)."""
+    if isinstance(example_input, torch.nn.Parameter):
+        return "param"
+    if isinstance(example_input, (int, float, torch.SymInt, torch.SymFloat, torch.SymBool)):
+        return "size"
+    if _BUFFER.search(str(node.target)):
+        return "buffer"
+    return "input"
+
+
+_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\](\[\d+\])?")
+
+
+def module_path(node: fx.Node) -> str:
+    """Qualified name of the innermost nn.Module that ran ``node`` (``""`` for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    raw = list(stack.values())[-1][0]
+    path = _ROOT.sub("", raw)
+    path = re.sub(r"\._modules\[['\"]([^'\"]+)['\"]\]", r".\1", path)
+    path = re.sub(r"\[['\"]?([^'\"\]]+)['\"]?\]", r".\1", path)
+    return path.lstrip(".")
+
+
+def owning_module(nodes: list[fx.Node]) -> str:
+    """The deepest module path shared by ``nodes`` (the module that owns an attention site)."""
+    paths = [module_path(n).split(".") for n in nodes if module_path(n)]
+    if not paths:
+        return ""
+    common = paths[0]
+    for p in paths[1:]:
+        i = 0
+        while i < min(len(common), len(p)) and common[i] == p[i]:
+            i += 1
+        common = common[:i]
+    return ".".join(common)
+
+
+def users_outside(node: fx.Node, allowed: set[fx.Node]) -> list[fx.Node]:
+    return [u for u in node.users if u not in allowed]

@@ -1,0 +1,78 @@
+"""One-line use without writing ``torch.compile``: ``@attnrewrite.rewrite(to=...)`` and ``explain``."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from attnrewrite.rewriter.backend import attnrewrite_backend
+from attnrewrite.rewriter.options import RewriteOptions
+from attnrewrite.rewriter.report import Report
+
+
+def _compile_kwargs(to: str, options: dict[str, Any]) -> dict[str, Any]:
+    dynamic = options.pop("dynamic", None)
+    full = {"to": to, **options}
+    RewriteOptions.parse(full)  # fail now, with a clear message, rather than at the first call
+    return {"backend": functools.partial(attnrewrite_backend, options=full), "dynamic": dynamic}
+
+
+def rewrite(target: Any = None, *, to: str = "softmax", **options: Any) -> Any:
+    """Make a module (or every instance of a module class) run with its attention rewritten.
+
+    Three forms::
+
+        model = attnrewrite.rewrite(model, to="softmax")        # an instance, compiled in place
+
+        @attnrewrite.rewrite(to="softmax", compiler="eager")     # a class: instances compile
+        class Block(nn.Module): ...                              # themselves when built
+
+        @attnrewrite.rewrite                                     # the same with defaults
+        class Block(nn.Module): ...
+
+    ``options`` are the backend's (``strict``, ``compiler``, the kind's own) plus ``dynamic``
+    (passed to ``torch.compile``). Parameters and ``state_dict`` are unchanged: the module is
+    compiled with ``nn.Module.compile``, not wrapped.
+    """
+    if target is None:
+        return lambda t: rewrite(t, to=to, **options)
+    kwargs = _compile_kwargs(to, dict(options))
+    if isinstance(target, nn.Module):
+        target.compile(**kwargs)
+        return target
+    if isinstance(target, type) and issubclass(target, nn.Module):
+        original_init = target.__init__
+
+        @functools.wraps(original_init)
+        def __init__(self, *args, **kw):
+            original_init(self, *args, **kw)
+            if type(self) is target:  # subclasses compile once, after their own __init__
+                self.compile(**kwargs)
+
+        target.__init__ = __init__
+        return target
+    raise TypeError(f"rewrite() takes an nn.Module instance or class, got {type(target).__name__}")
+
+
+def explain(model: Any, *args: Any, to: str = "softmax", **kwargs: Any) -> Report:
+    """Compile ``model`` with the attnrewrite backend, run it once on ``args``/``kwargs``, and
+    return the :class:`Report` of every attention site found or rejected, with reasons.
+
+    The graph after the rewrite runs eagerly (no code generation), and ``torch._dynamo`` is
+    reset first — as ``torch._dynamo.explain`` does — so every graph is captured afresh.
+    ``options`` for the pass may be given as ``options={...}``.
+    """
+    options = dict(kwargs.pop("options", None) or {})
+    options.setdefault("compiler", "eager")
+    report = Report(to=to)
+    backend = functools.partial(attnrewrite_backend, options={"to": to, **options}, _report_sink=report.merge)
+    RewriteOptions.parse({"to": to, **options})
+    torch._dynamo.reset()
+    try:
+        torch.compile(model, backend=backend)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    return report

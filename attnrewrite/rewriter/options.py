@@ -1,0 +1,50 @@
+"""Options of the pass: ``torch.compile(..., backend="attnrewrite", options={...})``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from attnrewrite import kinds
+
+COMPILERS = ("inductor", "eager", "aot_eager")
+
+
+@dataclass(frozen=True)
+class RewriteOptions:
+    """Validated options.
+
+    Attributes:
+        to: the attention kind to rewrite to (default ``"softmax"``, the exact kind).
+        strict: raise instead of warning when the pass fails or an attention site cannot be
+            rewritten (default False: such sites stay as they were, and the report says why).
+        compiler: what runs the graph after the rewrite: ``"inductor"`` (default), ``"eager"``
+            (the rewritten FX graph, no code generation; fastest to start) or ``"aot_eager"``
+            (AOTAutograd with eager kernels: the training graph without code generation).
+        kind_options: the kind's own options (e.g. ``feature_map`` for ``linear``).
+    """
+
+    to: str = "softmax"
+    strict: bool = False
+    compiler: str = "inductor"
+    kind_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | None) -> RewriteOptions:
+        """Validate a user's options dict; a clear error names any unknown or bad option."""
+        options = dict(options or {})
+        to = options.pop("to", "softmax")
+        if not isinstance(to, str):
+            raise TypeError(f"option 'to' must be a kind name (str), got {type(to).__name__}")
+        kind = kinds.get(to)
+        strict = options.pop("strict", False)
+        if not isinstance(strict, bool):
+            raise TypeError(f"option 'strict' must be a bool, got {strict!r}")
+        compiler = options.pop("compiler", "inductor")
+        if compiler not in COMPILERS:
+            raise ValueError(f"option 'compiler' must be one of {COMPILERS}, got {compiler!r}")
+        unknown = sorted(set(options) - set(kind.options))
+        if unknown:
+            valid = sorted({"to", "strict", "compiler", *kind.options})
+            raise ValueError(f"unknown option(s) {unknown} for kind {to!r}; valid options: {valid}")
+        return cls(to=to, strict=strict, compiler=compiler, kind_options={**kind.options, **options})

@@ -1,0 +1,187 @@
+"""The pass, as a list of named stages (read top to bottom: that is the order they run in).
+
+    unfuse   fused attention ops (nn.MultiheadAttention, TransformerEncoderLayer) → plain ops
+    match    every softmax / SDPA anchor → a site with an AttentionSpec, or a reason it is not one
+    resolve  constant masks → causal flag / dropped; masked values checked
+    select   drop sites the chosen kind cannot honour (with the reason)
+    certify  the spec must reproduce the original subgraph on float64 probes
+    rewrite  certified sites → the kind's operator; old nodes removed once unused
+    finish   lint and recompile the graph
+
+A failure inside one site skips that site with the reason; a failure of the pass itself
+restores the original graph.  ``strict=True`` turns both into exceptions.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.fx as fx
+
+from attnrewrite import kinds
+from attnrewrite.patterns import eager_matmul, masks, multihead, sdpa
+from attnrewrite.rewriter.capture import module_path, normalize
+from attnrewrite.rewriter.certify import GraphEvaluator, certify
+from attnrewrite.rewriter.options import RewriteOptions
+from attnrewrite.rewriter.report import Report, SiteReport
+from attnrewrite.rewriter.rewrite import find_fake_mode, rewrite_site
+from attnrewrite.rewriter.spec import NotAttention, Site
+
+log = logging.getLogger("attnrewrite")
+
+#: Pattern families, by the anchor they start from.
+FAMILIES = (eager_matmul, sdpa)
+
+
+class RewriteFailed(RuntimeError):
+    """Raised with ``strict=True`` when an attention site could not be rewritten or the pass failed."""
+
+
+@dataclass
+class PassContext:
+    gm: fx.GraphModule
+    example_inputs: list[Any]
+    options: RewriteOptions
+    kind: kinds.Kind
+    evaluator: GraphEvaluator
+    fake_mode: Any
+    sites: list[Site] = field(default_factory=list)
+    origin: dict[fx.Node, str] = field(default_factory=dict)  # nodes created by unfusing → family
+
+
+def _guarded(ctx: PassContext, site: Site, stage: str, fn: Callable[[], None]) -> None:
+    """Run one stage on one site; a failure skips the site with the reason."""
+    try:
+        fn()
+    except NotAttention as exc:
+        site.skip(str(exc))
+    except Exception as exc:  # noqa: BLE001 — never break the user's compile for one site
+        if ctx.options.strict:
+            raise
+        log.warning("attnrewrite: %s failed on %s (%s): %s", stage, site.anchor.name, site.module_path, exc)
+        site.skip(f"internal error in {stage}: {type(exc).__name__}: {exc}")
+
+
+def _matched(ctx: PassContext) -> list[Site]:
+    return [s for s in ctx.sites if s.status == "matched"]
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def unfuse(ctx: PassContext) -> None:
+    for node in list(ctx.gm.graph.nodes):
+        call = normalize(node)
+        if call is None or not multihead.is_fused(call):
+            continue
+        before = set(ctx.gm.graph.nodes)
+        site = Site(anchor=node, pattern="multihead", module_path=module_path(node))
+        _guarded(ctx, site, "unfuse", lambda: multihead.unfuse(ctx.gm, node, ctx.evaluator, ctx.fake_mode))
+        if site.status == "skipped":
+            ctx.sites.append(site)
+        for new in set(ctx.gm.graph.nodes) - before:
+            ctx.origin[new] = "multihead"
+
+
+def match(ctx: PassContext) -> None:
+    for node in list(ctx.gm.graph.nodes):
+        call = normalize(node)
+        family = next((f for f in FAMILIES if call is not None and f.is_anchor(call)), None)
+        if family is None:
+            continue
+        name = family.__name__.rsplit(".", 1)[-1]
+        site = Site(anchor=node, pattern=ctx.origin.get(node, name), module_path=module_path(node))
+
+        def run(site=site, family=family, node=node):
+            matched = family.match(node)
+            matched.pattern = site.pattern
+            matched.spec = type(matched.spec)(**{**matched.spec.__dict__, "pattern": site.pattern})
+            site.__dict__.update(matched.__dict__)
+
+        _guarded(ctx, site, "match", run)
+        ctx.sites.append(site)
+
+
+def resolve(ctx: PassContext) -> None:
+    for site in _matched(ctx):
+        _guarded(ctx, site, "resolve", lambda site=site: masks.resolve(site, ctx.evaluator))
+
+
+def select(ctx: PassContext) -> None:
+    for site in _matched(ctx):
+        reason = ctx.kind.supports(site.spec, ctx.options.kind_options)
+        if reason is not None:
+            site.skip(f"{ctx.kind.name} cannot honour this site: {reason}")
+
+
+def certify_sites(ctx: PassContext) -> None:
+    for site in _matched(ctx):
+        def run(site=site):
+            ok, reason, err = certify(site, ctx.evaluator)
+            if not ok:
+                raise NotAttention(reason)
+            site.notes.append(f"certified (max rel. error {err:.0e})")
+
+        _guarded(ctx, site, "certify", run)
+
+
+def rewrite(ctx: PassContext) -> None:
+    emit = lambda call: ctx.kind.emit(call, ctx.options.kind_options)  # noqa: E731
+    for site in _matched(ctx):
+        def run(site=site):
+            rewrite_site(ctx.gm, site, emit, ctx.fake_mode)
+            site.status, site.kind = "rewritten", ctx.kind.name
+            if site.spec.weights_escape:
+                site.notes.append("attention weights still computed for their other uses")
+
+        _guarded(ctx, site, "rewrite", run)
+
+
+def finish(ctx: PassContext) -> None:
+    ctx.gm.graph.lint()
+    ctx.gm.recompile()
+
+
+STAGES: tuple[tuple[str, Callable[[PassContext], None]], ...] = (
+    ("unfuse", unfuse),
+    ("match", match),
+    ("resolve", resolve),
+    ("select", select),
+    ("certify", certify_sites),
+    ("rewrite", rewrite),
+    ("finish", finish),
+)
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def run_pass(gm: fx.GraphModule, example_inputs: list[Any], options: RewriteOptions) -> Report:
+    """Rewrite every certified attention site of ``gm`` in place; return what was done."""
+    report = Report(to=options.to, graphs=1)
+    backup = copy.deepcopy(gm.graph)
+    ctx = PassContext(gm=gm, example_inputs=list(example_inputs), options=options, kind=kinds.get(options.to),
+                      evaluator=GraphEvaluator(gm, example_inputs), fake_mode=find_fake_mode(gm, example_inputs))
+    try:
+        for _name, stage in STAGES:
+            stage(ctx)
+    except Exception as exc:  # noqa: BLE001
+        if options.strict:
+            raise RewriteFailed(f"attnrewrite pass failed: {exc}") from exc
+        gm.graph = backup
+        gm.recompile()
+        log.warning("attnrewrite: pass failed, running the graph unrewritten: %s", exc)
+        report.errors.append(f"{type(exc).__name__}: {exc}")
+        for site in ctx.sites:
+            if site.status == "rewritten":
+                site.status, site.reason = "skipped", "pass failed; graph restored"
+    report.sites = [SiteReport.from_site(s, 0) for s in ctx.sites]
+    if options.strict:
+        failed = [s for s in report.sites if s.status == "skipped" and s.spec is not None]
+        if failed:
+            details = "; ".join(f"{s.module or '<root>'}: {s.reason}" for s in failed)
+            raise RewriteFailed(f"{len(failed)} attention site(s) not rewritten: {details}")
+    return report

@@ -1,0 +1,120 @@
+"""What the pass did: one row per attention site found or rejected, printable as a table."""
+
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from attnrewrite.rewriter.spec import Site
+
+
+@dataclass
+class SiteReport:
+    """One site: ``status`` is ``"rewritten"`` or ``"skipped"``; ``reason`` says why it was skipped."""
+
+    status: str
+    reason: str | None
+    pattern: str
+    module: str
+    spec: dict[str, Any] | None
+    kind: str | None = None
+    notes: list[str] = field(default_factory=list)
+    graph: int = 0
+    anchor: str = ""
+
+    @classmethod
+    def from_site(cls, site: Site, graph: int) -> SiteReport:
+        return cls(
+            status="rewritten" if site.status == "rewritten" else "skipped",
+            reason=site.reason,
+            pattern=site.pattern,
+            module=site.module_path,
+            spec=site.spec.summary() if site.spec is not None else None,
+            kind=site.kind,
+            notes=list(site.notes),
+            graph=graph,
+            anchor=site.anchor.name,
+        )
+
+
+@dataclass
+class Report:
+    """Everything the pass found in one compiled model (all its graphs).
+
+    ``sites`` lists every attention site found or rejected; ``errors`` holds internal errors
+    that made a graph run unrewritten.  ``print(report)`` shows a table.
+    """
+
+    to: str = "softmax"
+    sites: list[SiteReport] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    graphs: int = 0
+
+    @property
+    def rewritten(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == "rewritten"]
+
+    @property
+    def skipped(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.status == "skipped"]
+
+    def attention_sites(self) -> list[SiteReport]:
+        """Sites recognised as attention (rewritten, or skipped after matching) — near misses excluded."""
+        return [s for s in self.sites if s.spec is not None]
+
+    def __iter__(self) -> Iterator[SiteReport]:
+        return iter(self.sites)
+
+    def __len__(self) -> int:
+        return len(self.sites)
+
+    def merge(self, other: Report) -> None:
+        offset = self.graphs
+        for s in other.sites:
+            s.graph += offset
+            self.sites.append(s)
+        self.errors.extend(other.errors)
+        self.graphs += other.graphs
+
+    def __str__(self) -> str:
+        head = (f"attnrewrite → {self.to}: {len(self.rewritten)} rewritten, {len(self.skipped)} skipped, "
+                f"{self.graphs} graph(s)")
+        rows = [("#", "status", "module", "pattern", "causal", "gqa", "scale", "bias", "drop", "reason / notes")]
+        for i, s in enumerate(self.sites):
+            spec = s.spec or {}
+            scale = spec.get("scale")
+            rows.append((
+                str(i), s.status, s.module or "<root>", s.pattern,
+                _flag(spec.get("causal")), str(spec.get("kv_groups", "")),
+                f"{scale:.4g}" if isinstance(scale, float) else ("1/√d" if scale is None and spec else str(scale or "")),
+                "+".join(spec.get("bias", [])) or ("-" if spec else ""),
+                f"{spec['dropout_p']:g}" if spec else "",
+                s.reason or "; ".join(s.notes),
+            ))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        lines = [head]
+        for r in rows:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        lines.extend(f"error: {e}" for e in self.errors)
+        return "\n".join(lines)
+
+
+def _flag(value) -> str:
+    return "" if value is None else ("yes" if value else "no")
+
+
+_RECENT: collections.deque[Report] = collections.deque(maxlen=64)
+_LOCK = threading.Lock()
+
+
+def record(report: Report) -> None:
+    with _LOCK:
+        _RECENT.append(report)
+
+
+def recent_reports() -> list[Report]:
+    """Reports of the graphs the backend compiled in this process, oldest first (at most 64)."""
+    with _LOCK:
+        return list(_RECENT)

@@ -1,0 +1,125 @@
+"""Rewriting: replace a certified site by its kind's operator, in place, before autograd.
+
+New nodes are recorded by running :mod:`attnrewrite.rewriter.canonical` on ``torch.fx.Proxy``
+objects, so the rewrite is the code the certifier evaluated.  Each new node gets an example
+value (fake tensor) and the owning module's ``nn_module_stack``, as Dynamo would have given
+it; the site's old nodes are removed only once nothing uses them, and nothing else is touched
+(a graph-wide dead-code pass could drop in-place updates such as a KV-cache write).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.fx as fx
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+
+from attnrewrite.rewriter import canonical
+from attnrewrite.rewriter.capture import example, same_size, tensor_meta
+from attnrewrite.rewriter.spec import Site
+
+_META_KEYS = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
+class RewriteError(Exception):
+    """A rewrite could not be completed; the site is left as it was."""
+
+
+def find_fake_mode(gm: fx.GraphModule, example_inputs: list[Any] | None = None):
+    """The fake mode of the example values in ``gm``'s node metadata (new nodes need the same)."""
+    from torch._guards import detect_fake_mode
+
+    for node in gm.graph.nodes:
+        value = example(node)
+        if isinstance(value, torch.Tensor) and hasattr(value, "fake_mode"):
+            return value.fake_mode
+    return detect_fake_mode(example_inputs or [])
+
+
+def propagate_meta(nodes: list[fx.Node], fake_mode, template: fx.Node | None) -> None:
+    """Give ``nodes`` example values by running them on their inputs' example values."""
+    ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
+    for node in nodes:
+        args = fx.node.map_arg(node.args, example)
+        kwargs = fx.node.map_arg(node.kwargs, example)
+        with ctx:
+            if node.op == "call_function":
+                value = node.target(*args, **kwargs)
+            elif node.op == "call_method":
+                value = getattr(args[0], node.target)(*args[1:], **kwargs)
+            else:
+                continue
+        node.meta["example_value"] = value
+        if template is not None:
+            for key in _META_KEYS:
+                if key in template.meta and key not in node.meta:
+                    node.meta[key] = template.meta[key]
+
+
+@contextlib.contextmanager
+def recording(graph: fx.Graph, before: fx.Node) -> Iterator[tuple[Callable[[fx.Node], Proxy], list[fx.Node]]]:
+    """Record new nodes before ``before`` through proxies; yields (lookup, new_nodes).
+
+    On an exception the nodes recorded so far are erased, leaving the graph as it was.
+    """
+    tracer = GraphAppendingTracer(graph)
+    existing = set(graph.nodes)
+    new_nodes: list[fx.Node] = []
+    try:
+        with graph.inserting_before(before):
+            yield (lambda node: Proxy(node, tracer)), new_nodes
+    except BaseException:
+        for node in reversed([n for n in graph.nodes if n not in existing]):
+            graph.erase_node(node)
+        raise
+    new_nodes.extend(n for n in graph.nodes if n not in existing)
+
+
+def erase_unused(nodes: list[fx.Node]) -> int:
+    """Erase the nodes of ``nodes`` that nothing uses any more (latest first). Returns the count.
+
+    Only for nodes a pattern has read (a site's region): they compute values of the site
+    alone, so once unused they can go — dropout included, which ``Node.is_impure`` keeps.
+    """
+    erased = 0
+    for node in reversed(nodes):
+        if not getattr(node, "_erased", False) and not node.users and node.op not in ("placeholder", "output"):
+            node.graph.erase_node(node)
+            erased += 1
+    return erased
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dim() == b.dim() and all(same_size(x, y) for x, y in zip(a.shape, b.shape))
+
+
+def rewrite_site(gm: fx.GraphModule, site: Site, emit: Callable, fake_mode) -> list[fx.Node]:
+    """Replace ``site.output`` by ``emit(call)`` on the canonical call. Returns the new nodes.
+
+    ``emit`` receives an :class:`~attnrewrite.rewriter.canonical.AttentionCall` of proxies and
+    returns the [B, H, Tq, Dv] result (a proxy).
+    """
+    spec, graph = site.spec, gm.graph
+    q_dtype = tensor_meta(spec.q.node).dtype
+    out_meta = tensor_meta(site.output)
+    with recording(graph, site.output) as (lookup, new_nodes):
+        call = canonical.attention_call(spec, lookup, q_dtype)
+        out = canonical.apply_steps(emit(call), site.out_steps, lookup)
+        if out_meta is not None and out_meta.dtype != q_dtype:
+            out = out.to(out_meta.dtype)
+    try:
+        propagate_meta(new_nodes, fake_mode, site.output)
+        new_meta = tensor_meta(out.node)
+        if out_meta is not None and (new_meta is None or not _same_shape(new_meta, out_meta)):
+            raise RewriteError(
+                f"rewritten output has shape {None if new_meta is None else tuple(new_meta.shape)}, "
+                f"the site's output {tuple(out_meta.shape)}")
+    except Exception:
+        for node in reversed(new_nodes):
+            graph.erase_node(node)
+        raise
+    site.output.replace_all_uses_with(out.node)
+    erase_unused(site.region)
+    return new_nodes

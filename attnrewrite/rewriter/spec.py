@@ -1,0 +1,158 @@
+"""The one interface between matching and rewriting.
+
+A pattern family turns a match into an :class:`AttentionSpec`: what the site computes, in
+terms of existing graph nodes.  Nothing is copied or inserted while matching: tensors are
+:class:`TensorRef`s (a node plus the view steps that bring it to [B, H, T, D]) and masks are
+:class:`MaskTerm`s.  The rewriter and the certifier both build from the same spec with
+:mod:`attnrewrite.rewriter.canonical`.
+
+One deliberate difference from DESIGN.md's sketch: ``bias`` is a tuple of mask terms rather
+than one node.  Keeping the terms apart lets the resolver split a combined mask into its
+causal part and its padding part, and lets each kind take the mask in the form it wants
+(a bool keep-mask for padding, an additive bias otherwise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+
+#: A layout step: ("transpose", d0, d1) | ("permute", dims) | ("unsqueeze", d) | ("squeeze", d)
+#: | ("reshape", sizes) — sizes may hold graph nodes (symbolic sizes).
+Step = tuple
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """``node`` seen through ``steps`` (views only, never copies)."""
+
+    node: fx.Node
+    steps: tuple[Step, ...] = ()
+
+    def then(self, *step: Any) -> TensorRef:
+        return replace(self, steps=self.steps + (tuple(step),))
+
+
+@dataclass(frozen=True)
+class MaskTerm:
+    """One addition to the scores before normalisation, broadcastable to [B, H, Tq, Tk].
+
+    - ``add``: ``+ coeff · node`` (a float bias: padding masks, relative position, ALiBi);
+    - ``keep``: keys where the bool ``node`` is False are masked out (True = may attend);
+    - ``drop``: keys where the bool ``node`` is True are masked out.
+
+    A score set to −∞ or to any constant ≤ −10⁴ (``masked_fill(m, finfo.min)``,
+    ``where(m, s, -1e9)``) counts as masked: the two differ only in rows where every key is
+    masked, whose output is meaningless either way (NaN or a uniform average of values).
+    """
+
+    kind: Literal["add", "keep", "drop"]
+    node: fx.Node
+    steps: tuple[Step, ...] = ()
+    coeff: float = 1.0
+
+    def scaled(self, factor: float) -> MaskTerm:
+        return replace(self, coeff=self.coeff * factor) if self.kind == "add" else self
+
+    def then(self, *step: Any) -> MaskTerm:
+        return replace(self, steps=self.steps + (tuple(step),))
+
+
+#: Scores at or below this constant are masked keys.
+MASKED_SCORE = -1e4
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What one attention site computes: out = softmax(scale · q kᵀ + bias [+ causal]) · v.
+
+    Fields:
+        q, k, v: [B, Hq, Tq, D], [B, Hkv, Tk, D], [B, Hkv, Tk, Dv] after their view steps.
+        scale: the constant that multiplies q·kᵀ; None means 1/sqrt(D), as in SDPA.
+        q_factors: non-constant factors of the scale — (node, ±1) pairs holding a SymFloat or a
+            tensor broadcastable to q (a per-head temperature) — folded into q.
+        bias: mask terms added to the scores (empty: none).
+        causal: the mask includes the causal (top-left) triangle, proven on the site's shapes.
+        kv_groups: Hq // Hkv (grouped-query attention seen through repeat_kv / expand+reshape).
+        dropout_p: dropout on the probabilities (0 in eval mode).
+        weights_escape: the probabilities are also used outside the site (returned weights).
+        softmax_dtype: dtype the normalisation ran in (float32 for upcasting models), or None.
+        module_path: qualified name of the module that owns the site.
+        pattern: the family that matched (``eager_matmul``, ``sdpa``, ``multihead`` ...).
+    """
+
+    q: TensorRef
+    k: TensorRef
+    v: TensorRef
+    scale: float | None = 1.0
+    q_factors: tuple[tuple[fx.Node, int], ...] = ()
+    bias: tuple[MaskTerm, ...] = ()
+    causal: bool = False
+    kv_groups: int = 1
+    dropout_p: float = 0.0
+    weights_escape: bool = False
+    softmax_dtype: torch.dtype | None = None
+    module_path: str = ""
+    pattern: str = ""
+
+    @property
+    def has_bias(self) -> bool:
+        return bool(self.bias)
+
+    def scale_value(self) -> float | str | None:
+        """The scale as a number when it is one, else a description (for reports)."""
+        if not self.q_factors:
+            return self.scale
+        factors = "·".join(f"{n.name}" + ("" if p == 1 else f"^{p}") for n, p in self.q_factors)
+        return f"{self.scale if self.scale is not None else '1/sqrt(D)'}·{factors}"
+
+    def summary(self) -> dict[str, Any]:
+        """Plain-data view for reports: causal, kv_groups, scale, has_bias, dropout_p ..."""
+        return {
+            "causal": self.causal,
+            "kv_groups": self.kv_groups,
+            "scale": self.scale_value(),
+            "has_bias": self.has_bias,
+            "bias": [t.kind for t in self.bias],
+            "dropout_p": self.dropout_p,
+            "weights_escape": self.weights_escape,
+            "softmax_dtype": str(self.softmax_dtype).replace("torch.", "") if self.softmax_dtype else None,
+        }
+
+
+@dataclass
+class Site:
+    """One attention site (or near miss) in a graph, as it moves through the pipeline.
+
+    ``output`` is the node whose uses receive the rewritten result; ``out_steps`` bring the
+    canonical [B, Hq, Tq, Dv] result to that node's layout. ``region`` lists the nodes the
+    site consists of (q/k/v excluded), in graph order: the certifier evaluates them and the
+    rewriter removes those left without users.
+    """
+
+    anchor: fx.Node
+    pattern: str
+    module_path: str = ""
+    spec: AttentionSpec | None = None
+    output: fx.Node | None = None
+    out_steps: tuple[Step, ...] = ()
+    region: list[fx.Node] = field(default_factory=list)
+    status: Literal["matched", "rewritten", "skipped"] = "matched"
+    reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+    kind: str | None = None
+    #: rank of the score tensor in the original graph (mask terms broadcast against it)
+    score_rank: int = 4
+    #: nodes written into masked score positions; each must prove to be <= MASKED_SCORE
+    value_checks: list[fx.Node] = field(default_factory=list)
+
+    def skip(self, reason: str) -> Site:
+        self.status, self.reason = "skipped", reason
+        return self
+
+
+class NotAttention(Exception):
+    """Raised inside a pattern family: this anchor is not an attention site, and why."""
