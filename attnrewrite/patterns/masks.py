@@ -144,8 +144,8 @@ def resolve(site: Site, evaluator: GraphEvaluator) -> None:
         keep = _keep_pattern(term, value) if isinstance(value, torch.Tensor) else None
         verdict = "other" if keep is None else classify_keep(keep, t_q, t_k)
         if verdict == "all":
-            site.notes.append(f"mask {term.node.name} masks nothing: dropped")
-        elif verdict == "causal":
+            continue  # masks nothing
+        if verdict == "causal":
             causal = True
             site.notes.append(f"mask {term.node.name} proven causal")
         else:

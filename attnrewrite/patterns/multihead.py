@@ -35,11 +35,11 @@ def is_fused(call: Call) -> bool:
 # --------------------------------------------------------------------------- the written-out forms
 
 
-def _mask_parts(attn_mask, attn_bool, key_padding_mask, kpm_bool, num_heads):
+def _mask_parts(attn_mask, attn_bool, attn_rank, key_padding_mask, kpm_bool, num_heads):
     """Masks in MHA's convention (bool True = masked) as an SDPA mask broadcastable to [N, H, L, S]."""
     parts = []
     if attn_mask is not None:
-        m = attn_mask.unflatten(0, (-1, num_heads)) if attn_mask.dim() == 3 else attn_mask
+        m = attn_mask.unflatten(0, (-1, num_heads)) if attn_rank == 3 else attn_mask
         parts.append((m, attn_bool))
     if key_padding_mask is not None:
         parts.append((key_padding_mask.unsqueeze(1).unsqueeze(2), kpm_bool))
@@ -63,7 +63,7 @@ def _combine(parts, dtype):
 
 def mha_forward_written_out(query, key, value, *, num_heads, embed_dim, dtype, in_proj_weight, in_proj_bias,
                             out_proj_weight, out_proj_bias, q_proj_weight, k_proj_weight, v_proj_weight,
-                            separate, same_qkv, same_kv, attn_mask, attn_bool, key_padding_mask, kpm_bool,
+                            separate, same_qkv, same_kv, attn_mask, attn_bool, attn_rank, key_padding_mask, kpm_bool,
                             dropout_p, need_weights, average_weights, is_causal, batched):
     """``F.multi_head_attention_forward`` (no bias_k/bias_v/zero-attn/static kv) in plain ops.
 
@@ -96,12 +96,14 @@ def mha_forward_written_out(query, key, value, *, num_heads, embed_dim, dtype, i
         attn_mask = None  # MHA trusts the is_causal hint in exactly this case
     else:
         is_causal = False
-    mask = _combine(_mask_parts(attn_mask, attn_bool, key_padding_mask, kpm_bool, num_heads), dtype)
+    parts = _mask_parts(attn_mask, attn_bool, attn_rank, key_padding_mask, kpm_bool, num_heads)
+    mask = _combine(parts, dtype)
     weights = None
     if need_weights:
         scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(e // num_heads))
         if mask is not None:
-            scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
+            keep_mask = all(is_bool for _, is_bool in parts)
+            scores = scores.masked_fill(~mask, -math.inf) if keep_mask else scores + mask
         weights = torch.softmax(scores, dim=-1)
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
@@ -186,6 +188,7 @@ def _mha_outputs(node: fx.Node, lookup):
         v_proj_weight=P(a["v_proj_weight"]), separate=a["use_separate_proj_weight"],
         same_qkv=query is a["key"] is a["value"], same_kv=a["key"] is a["value"],
         attn_mask=P(a["attn_mask"]), attn_bool=_is_bool(a["attn_mask"]),
+        attn_rank=tensor_meta(a["attn_mask"]).dim() if a["attn_mask"] is not None else 0,
         key_padding_mask=P(a["key_padding_mask"]), kpm_bool=_is_bool(a["key_padding_mask"]),
         dropout_p=float(a["dropout_p"]) if a["training"] else 0.0,
         need_weights=a["need_weights"], average_weights=a["average_attn_weights"],

@@ -243,8 +243,11 @@ def constant_value(value: Any) -> float | None:
 _BUFFER = re.compile(r"_buffers_")
 
 
-def placeholder_role(node: fx.Node, example_input: Any) -> str:
-    """``"param"``, ``"buffer"``, ``"size"`` (a symbolic int) or ``"input"`` (user data)."""
+def placeholder_role(node: fx.Node, example_input: Any, mutated: set[fx.Node] = frozenset()) -> str:
+    """``"param"``, ``"buffer"``, ``"size"`` (a symbolic int) or ``"input"`` (user data, and
+    any buffer the graph writes in place)."""
+    if node in mutated:
+        return "input"
     if isinstance(example_input, torch.nn.Parameter):
         return "param"
     if isinstance(example_input, (int, float, torch.SymInt, torch.SymFloat, torch.SymBool)):
@@ -252,6 +255,38 @@ def placeholder_role(node: fx.Node, example_input: Any) -> str:
     if _BUFFER.search(str(node.target)):
         return "buffer"
     return "input"
+
+
+_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "narrow", "select", "expand",
+                 "contiguous", "flatten", "unflatten", "as_strided", "detach"}
+_NOT_MUTATING = {"requires_grad_", "retain_grad_", "share_memory_"}
+
+
+def mutated_placeholders(graph: fx.Graph) -> set[fx.Node]:
+    """Placeholders that the graph writes in place (KV caches, running statistics ...).
+
+    A write such as ``cache[:, :, pos] = k`` or ``cache.index_copy_(2, pos, k)`` leaves no
+    dataflow edge from ``k`` to later reads of ``cache``: such buffers hold state that
+    depends on the inputs, whatever their name says.
+    """
+    mutated: set[fx.Node] = set()
+    for node in graph.nodes:
+        target = None
+        if node.op == "call_method" and str(node.target).endswith("_") and node.target not in _NOT_MUTATING:
+            target = node.args[0] if node.args else None
+        elif node.op == "call_function" and (node.target is operator.setitem or (
+                getattr(node.target, "__name__", "").endswith("_") and not getattr(node.target, "__name__", "")
+                .startswith("_"))):
+            target = node.args[0] if node.args else None
+        while isinstance(target, fx.Node) and target.op != "placeholder":
+            if target.op == "call_method" and target.target in _VIEW_METHODS or (
+                    target.op == "call_function" and target.target is operator.getitem):
+                target = target.args[0]
+            else:
+                target = None
+        if isinstance(target, fx.Node):
+            mutated.add(target)
+    return mutated
 
 
 _ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\](\[\d+\])?")

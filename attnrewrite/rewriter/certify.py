@@ -26,7 +26,14 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import is_fake
 
 from attnrewrite.rewriter import canonical
-from attnrewrite.rewriter.capture import canonical_name, example, hint, hinted_shape, placeholder_role
+from attnrewrite.rewriter.capture import (
+    canonical_name,
+    example,
+    hint,
+    hinted_shape,
+    mutated_placeholders,
+    placeholder_role,
+)
 from attnrewrite.rewriter.spec import Site
 
 #: Relative error (to the output's scale) above which a site is not certified.
@@ -82,10 +89,12 @@ class GraphEvaluator:
         self.gm = gm
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.inputs = dict(zip(placeholders, example_inputs))
-        self.roles = {n: placeholder_role(n, self.inputs.get(n)) for n in placeholders}
-        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        mutated = mutated_placeholders(gm.graph)
+        self.roles = {n: placeholder_role(n, self.inputs.get(n), mutated) for n in placeholders}
+        self._order: dict[fx.Node, int] = {}
         self.generator = torch.Generator().manual_seed(seed)
         self._data_memo: dict[fx.Node, bool] = {}
+        self._input_memo: dict[fx.Node, bool] = {}
 
     # ------------------------------------------------------------------ values
 
@@ -163,7 +172,13 @@ class GraphEvaluator:
             if node.op == "placeholder" or isinstance(meta, (int, float, torch.SymInt, torch.SymFloat, torch.Size)):
                 continue
             stack.extend(n for n in node.all_input_nodes if n not in env)
-        return sorted(needed, key=self.order.__getitem__)
+        return sorted(needed, key=self.position)
+
+    def position(self, node: fx.Node) -> int:
+        """Index of ``node`` in graph order (recomputed once the graph has gained nodes)."""
+        if node not in self._order:
+            self._order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        return self._order[node]
 
     def evaluate(self, targets: Iterable[fx.Node], env: dict | None = None, randomize: bool = False) -> dict:
         """Fill ``env`` with the values of ``targets`` and everything they need."""
@@ -181,7 +196,13 @@ class GraphEvaluator:
     def depends_on_data(self, node: fx.Node) -> bool:
         """True when ``node``'s value depends on user inputs or parameters (not only on shapes,
         constants and buffers)."""
-        memo = self._data_memo
+        return self._depends(node, ("input", "param"), self._data_memo)
+
+    def depends_on_inputs(self, node: fx.Node) -> bool:
+        """True when ``node``'s value depends on the user's inputs (not only on parameters)."""
+        return self._depends(node, ("input",), self._input_memo)
+
+    def _depends(self, node: fx.Node, roles: tuple[str, ...], memo: dict[fx.Node, bool]) -> bool:
         stack = [(node, False)]
         while stack:
             current, expanded = stack.pop()
@@ -189,7 +210,7 @@ class GraphEvaluator:
                 continue
             meta = example(current)
             if current.op == "placeholder":
-                memo[current] = self.roles.get(current) in ("input", "param")
+                memo[current] = self.roles.get(current, "input") in roles
             elif current.op == "get_attr" or isinstance(meta, (int, float, torch.SymInt, torch.SymFloat, torch.Size)):
                 memo[current] = False
             elif not expanded:

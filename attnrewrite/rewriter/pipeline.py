@@ -105,9 +105,21 @@ def match(ctx: PassContext) -> None:
         ctx.sites.append(site)
 
 
+def _keys_from_a_sequence(site: Site, evaluator: GraphEvaluator) -> None:
+    """Keys and values must come from the inputs: softmax(x @ W) @ V with parameters W, V is a
+    learned memory or a gate (MoE routing, a classifier), not attention over a sequence."""
+    for name, ref in (("keys", site.spec.k), ("values", site.spec.v)):
+        if not evaluator.depends_on_inputs(ref.node):
+            raise NotAttention(f"the {name} are parameters or constants, not a sequence from the inputs")
+
+
 def resolve(ctx: PassContext) -> None:
     for site in _matched(ctx):
-        _guarded(ctx, site, "resolve", lambda site=site: masks.resolve(site, ctx.evaluator))
+        def run(site=site):
+            _keys_from_a_sequence(site, ctx.evaluator)
+            masks.resolve(site, ctx.evaluator)
+
+        _guarded(ctx, site, "resolve", run)
 
 
 def select(ctx: PassContext) -> None:

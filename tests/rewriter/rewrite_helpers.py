@@ -1,0 +1,77 @@
+"""Shared helpers for the rewriter tests: compile a model rewritten, compare it with the original."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+
+import attnrewrite
+from attnrewrite.rewriter.backend import attnrewrite_backend
+from attnrewrite.rewriter.report import Report
+
+
+def compile_rewritten(model: Callable, report: Report | None = None, **options: Any) -> Callable:
+    """``torch.compile`` with the attnrewrite backend; the pass's reports are merged into ``report``."""
+    options.setdefault("compiler", "eager")
+    sink = report.merge if report is not None else None
+    return torch.compile(model, backend=functools.partial(attnrewrite_backend, options=options, _report_sink=sink))
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return first_tensor(out[0])
+    for name in ("logits", "last_hidden_state"):
+        if getattr(out, name, None) is not None:
+            return getattr(out, name)
+    raise TypeError(f"no tensor in {type(out).__name__}")
+
+
+def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str, floor: float = 0.0) -> None:
+    """max|got - want| <= rtol · max(max|want|, floor)."""
+    got, want = got.detach(), want.detach()
+    scale = max(float(want.abs().max()), floor)
+    assert scale > 0, f"{what}: comparing on zeros proves nothing"
+    err = float((got - want).abs().max()) / scale
+    assert err <= rtol, f"{what}: relative error {err:.2e} > {rtol:.0e}"
+
+
+def check_rewrite(model: torch.nn.Module, inputs: dict[str, Any], expected_sites: int, rtol: float = 1e-5,
+                  output: Callable[[Any], torch.Tensor] = first_tensor, **options: Any) -> Report:
+    """Every attention site of ``model`` is rewritten, and outputs and parameter gradients match."""
+    report = Report(to=options.get("to", "softmax"))
+    compiled = compile_rewritten(model, report, **options)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    want = output(model(**inputs))
+    # a loss with random weights: sum(out²) is constant after a LayerNorm, its gradient zero
+    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=want.dtype)
+    want_grads = torch.autograd.grad((want * weights).sum(), params, allow_unused=True)
+    got = output(compiled(**inputs))
+    got_grads = torch.autograd.grad((got * weights).sum(), params, allow_unused=True)
+
+    sites = report.attention_sites()
+    assert len(sites) == expected_sites, f"expected {expected_sites} attention sites, found:\n{report}"
+    assert all(s.status == "rewritten" for s in sites), f"not every site was rewritten:\n{report}"
+    assert_close_rel(got, want, rtol, "output")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    # Some gradients are exactly zero in exact arithmetic (a key bias: softmax ignores a shift
+    # of a whole score row) and hold only rounding noise; each gradient's error is measured
+    # against its own scale, but never against less than 1e-2 of the model's largest gradient.
+    floor = 1e-2 * max(float(w.abs().max()) for w in want_grads if w is not None)
+    for name, g, w in zip(names, got_grads, want_grads):
+        if w is None:
+            assert g is None or not g.any(), f"{name} gets a gradient only after the rewrite"
+            continue
+        assert_close_rel(g, w, rtol, f"gradient of {name}", floor)
+    return report
+
+
+def rewritten_ops(gm_code: str) -> int:
+    return gm_code.count("attnrewrite.softmax_attention")
+
+
+__all__ = ["attnrewrite", "check_rewrite", "compile_rewritten", "first_tensor", "assert_close_rel"]
