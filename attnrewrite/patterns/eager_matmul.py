@@ -68,6 +68,8 @@ def _path_down(node: fx.Node, depth: int) -> list[fx.Node] | None:
     paths = []
     for user in node.users:
         call = normalize(user)
+        if call is not None and call.name == "matmul" and call.args[1] is node and call.args[0] is not node:
+            raise NotAttention("the probabilities are the right operand of the value product")
         if call is None or not call.args or call.args[0] is not node and call.name != "einsum":
             continue
         if call.name in ("matmul", "einsum"):
@@ -309,9 +311,11 @@ def match(anchor: fx.Node) -> Site:
         call = normalize(node)
         if call.name == "dropout":
             p, training = call.kwargs["p"], call.kwargs["training"]
-            if not isinstance(p, (int, float)) or not isinstance(training, bool):
+            if training is False:
+                continue  # eval mode: p does not matter (and may be symbolic under dynamic=True)
+            if not isinstance(p, (int, float)) or training is not True:
                 raise NotAttention("dropout with a probability or mode that is not a constant")
-            dropout_p = float(p) if training else 0.0
+            dropout_p = float(p)
     escape = any(u not in down for n in down[:-1] for u in n.users)
 
     q_ref, k_ref = _qk_operands(up[0])

@@ -13,7 +13,7 @@ import torch.fx as fx
 from attnrewrite.patterns.eager_matmul import region_between
 from attnrewrite.patterns.grouped_kv import see_through_repeat
 from attnrewrite.patterns.layout import ref_shape, term_steps, to_four_dims
-from attnrewrite.rewriter.capture import Call, constant_value, normalize, owning_module, rank, tensor_meta
+from attnrewrite.rewriter.capture import Call, constant_value, is_scalar, normalize, owning_module, rank, tensor_meta
 from attnrewrite.rewriter.spec import AttentionSpec, MaskTerm, NotAttention, Site, TensorRef
 
 
@@ -37,7 +37,11 @@ def match(anchor: fx.Node) -> Site:
     kw = call.kwargs
     dropout_p = _constant(kw["dropout_p"], float, "dropout_p")
     is_causal = _constant(kw["is_causal"], bool, "is_causal")
-    scale = _constant(kw["scale"], float, "scale")
+    scale = kw["scale"]
+    q_factors: tuple = ()
+    if isinstance(scale, fx.Node) and is_scalar(scale):
+        q_factors, scale = ((scale, 1),), 1.0  # a SymFloat scale (dynamic head dim): folded into q
+    scale = _constant(scale, float, "scale")
     enable_gqa = _constant(kw["enable_gqa"], bool, "enable_gqa")
 
     k_ref, k_groups = see_through_repeat(TensorRef(k))
@@ -72,6 +76,7 @@ def match(anchor: fx.Node) -> Site:
     spec = AttentionSpec(
         q=q_ref, k=k_ref, v=v_ref,
         scale=scale_value,
+        q_factors=q_factors,
         bias=terms,
         causal=is_causal,
         kv_groups=groups,
