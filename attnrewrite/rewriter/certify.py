@@ -93,6 +93,7 @@ class GraphEvaluator:
         self.roles = {n: placeholder_role(n, self.inputs.get(n), mutated) for n in placeholders}
         self._order: dict[fx.Node, int] = {}
         self.generator = torch.Generator().manual_seed(seed)
+        self._values: dict[fx.Node, Any] = {}
         self._data_memo: dict[fx.Node, bool] = {}
         self._input_memo: dict[fx.Node, bool] = {}
 
@@ -188,8 +189,11 @@ class GraphEvaluator:
                 env[node] = self.compute(node, env, randomize)
         return env
 
-    def value(self, node: fx.Node, randomize: bool = False) -> Any:
-        return self.evaluate([node], randomize=randomize)[node]
+    def value(self, node: fx.Node) -> Any:
+        """The value of ``node`` on the real example inputs (memoised: masks are shared by layers)."""
+        if node not in self._values:
+            self.evaluate([node], env=self._values)
+        return self._values[node]
 
     # ------------------------------------------------------------------ data dependence
 
@@ -232,6 +236,45 @@ def _spec_nodes(site: Site) -> set[fx.Node]:
         for step in steps:
             fx.node.map_arg(step, nodes.add)
     return nodes
+
+
+def _describe(value: Any, local: dict[fx.Node, int], roles: dict[fx.Node, str]) -> Any:
+    if isinstance(value, fx.Node):
+        if value in local:
+            return ("local", local[value])
+        return ("role", roles[value]) if value in roles else ("ext", id(value))
+    if isinstance(value, (tuple, list)):
+        return type(value).__name__, tuple(_describe(v, local, roles) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _describe(v, local, roles)) for k, v in value.items()))
+    if isinstance(value, slice):
+        return ("slice", _describe(value.start, local, roles), _describe(value.stop, local, roles),
+                _describe(value.step, local, roles))
+    if isinstance(value, torch.Tensor):
+        return ("tensor", id(value))
+    return repr(value)
+
+
+def fingerprint(site: Site) -> tuple:
+    """A key equal for two sites exactly when they compute the same function of the same inputs.
+
+    q, k and v are named by role (certification draws them at random anyway); every other input
+    — masks, biases, sizes — by identity, so sites of different layers that read the same mask
+    nodes share a key.  Ops, constants, shapes of q/k/v and the whole spec are part of it.
+    """
+    spec = site.spec
+    roles = {spec.q.node: "q", spec.k.node: "k", spec.v.node: "v"}
+    local: dict[fx.Node, int] = {}
+    body = []
+    for i, node in enumerate(site.region):
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__qualname__", repr(node.target))
+        body.append((node.op, target, _describe(node.args, local, roles), _describe(node.kwargs, local, roles)))
+        local[node] = i
+    shapes = tuple(hinted_shape(n) for n in (spec.q.node, spec.k.node, spec.v.node))
+    spec_key = _describe((spec.q.steps, spec.k.steps, spec.v.steps, site.out_steps, spec.scale, spec.q_factors,
+                          tuple((t.kind, t.node, t.steps, t.coeff) for t in spec.bias), spec.causal,
+                          spec.kv_groups), local, roles)
+    return tuple(body), shapes, spec_key, local.get(site.output)
 
 
 def certify(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tuple[bool, str | None, float]:

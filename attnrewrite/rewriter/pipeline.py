@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,7 +25,7 @@ import torch.fx as fx
 from attnrewrite import kinds
 from attnrewrite.patterns import eager_matmul, masks, multihead, sdpa
 from attnrewrite.rewriter.capture import module_path, normalize
-from attnrewrite.rewriter.certify import GraphEvaluator, certify
+from attnrewrite.rewriter.certify import GraphEvaluator, certify, fingerprint
 from attnrewrite.rewriter.options import RewriteOptions
 from attnrewrite.rewriter.report import Report, SiteReport
 from attnrewrite.rewriter.rewrite import find_fake_mode, rewrite_site
@@ -130,9 +131,13 @@ def select(ctx: PassContext) -> None:
 
 
 def certify_sites(ctx: PassContext) -> None:
+    proven: dict[tuple, tuple[bool, str | None, float]] = {}  # identical layers are proven once
     for site in _matched(ctx):
         def run(site=site):
-            ok, reason, err = certify(site, ctx.evaluator)
+            key = fingerprint(site)
+            if key not in proven:
+                proven[key] = certify(site, ctx.evaluator)
+            ok, reason, err = proven[key]
             if not ok:
                 raise NotAttention(reason)
             site.notes.append(f"certified (max rel. error {err:.0e})")
@@ -173,6 +178,7 @@ STAGES: tuple[tuple[str, Callable[[PassContext], None]], ...] = (
 
 def run_pass(gm: fx.GraphModule, example_inputs: list[Any], options: RewriteOptions) -> Report:
     """Rewrite every certified attention site of ``gm`` in place; return what was done."""
+    start = time.perf_counter()
     report = Report(to=options.to, graphs=1)
     backup = copy.deepcopy(gm.graph)
     ctx = PassContext(gm=gm, example_inputs=list(example_inputs), options=options, kind=kinds.get(options.to),
@@ -191,6 +197,7 @@ def run_pass(gm: fx.GraphModule, example_inputs: list[Any], options: RewriteOpti
             if site.status == "rewritten":
                 site.status, site.reason = "skipped", "pass failed; graph restored"
     report.sites = [SiteReport.from_site(s, 0) for s in ctx.sites]
+    report.seconds = time.perf_counter() - start
     if options.strict:
         failed = [s for s in report.sites if s.status == "skipped" and s.spec is not None]
         if failed:

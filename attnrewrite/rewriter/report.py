@@ -51,6 +51,7 @@ class Report:
     sites: list[SiteReport] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     graphs: int = 0
+    seconds: float = 0.0  # wall time spent in the pass itself
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -77,10 +78,11 @@ class Report:
             self.sites.append(s)
         self.errors.extend(other.errors)
         self.graphs += other.graphs
+        self.seconds += other.seconds
 
     def __str__(self) -> str:
         head = (f"attnrewrite → {self.to}: {len(self.rewritten)} rewritten, {len(self.skipped)} skipped, "
-                f"{self.graphs} graph(s)")
+                f"{self.graphs} graph(s), pass {self.seconds * 1e3:.0f} ms")
         rows = [("#", "status", "module", "pattern", "causal", "gqa", "scale", "bias", "drop", "reason / notes")]
         for i, s in enumerate(self.sites):
             spec = s.spec or {}

@@ -224,3 +224,28 @@ def test_no_warnings_on_a_clean_model():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         attnrewrite.explain(Block().eval(), torch.randn(2, 8, 32))
+
+
+def test_identical_layers_are_certified_once_and_different_ones_each(monkeypatch):
+    from attnrewrite.rewriter import certify as certify_module
+
+    calls = []
+    real = certify_module.certify
+    monkeypatch.setattr(pipeline, "certify", lambda site, ev, **kw: (calls.append(site), real(site, ev, **kw))[1])
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(Block() for _ in range(4))
+
+        def forward(self, x):
+            x = self.blocks[0](x) + self.blocks[1](x) + self.blocks[2](x)
+            b, t, c = x.shape  # a fourth site without the causal mask: a different function
+            q, k, v = (y.view(b, t, 4, 8).transpose(1, 2) for y in self.blocks[3].qkv(x).split(c, dim=-1))
+            return x + (torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), -1) @ v).transpose(1, 2).reshape(b, t, c)
+
+    report = Report()
+    model, x = Mixed().eval(), torch.randn(2, 8, 32)
+    torch.testing.assert_close(compile_rewritten(model, report)(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(report.rewritten) == 4
+    assert len(calls) == 2  # three identical causal layers share one proof; the bidirectional one has its own
