@@ -19,7 +19,7 @@ compared: their output is undefined (NaN or a uniform average, depending on spel
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
@@ -238,42 +238,52 @@ def _spec_nodes(site: Site) -> set[fx.Node]:
     return nodes
 
 
-def _describe(value: Any, local: dict[fx.Node, int], roles: dict[fx.Node, str]) -> Any:
+def _describe(value: Any, local: dict[fx.Node, int], external: Callable[[fx.Node], Any]) -> Any:
     if isinstance(value, fx.Node):
-        if value in local:
-            return ("local", local[value])
-        return ("role", roles[value]) if value in roles else ("ext", id(value))
+        return ("local", local[value]) if value in local else external(value)
     if isinstance(value, (tuple, list)):
-        return type(value).__name__, tuple(_describe(v, local, roles) for v in value)
+        return type(value).__name__, tuple(_describe(v, local, external) for v in value)
     if isinstance(value, dict):
-        return tuple(sorted((k, _describe(v, local, roles)) for k, v in value.items()))
+        return tuple(sorted((k, _describe(v, local, external)) for k, v in value.items()))
     if isinstance(value, slice):
-        return ("slice", _describe(value.start, local, roles), _describe(value.stop, local, roles),
-                _describe(value.step, local, roles))
+        return ("slice",) + tuple(_describe(x, local, external) for x in (value.start, value.stop, value.step))
     if isinstance(value, torch.Tensor):
         return ("tensor", id(value))
     return repr(value)
 
 
-def fingerprint(site: Site) -> tuple:
-    """A key equal for two sites exactly when they compute the same function of the same inputs.
+def fingerprint(site: Site, evaluator: GraphEvaluator) -> tuple:
+    """A key equal for two sites only when they compute the same function of the same inputs.
 
-    q, k and v are named by role (certification draws them at random anyway); every other input
-    — masks, biases, sizes — by identity, so sites of different layers that read the same mask
-    nodes share a key.  Ops, constants, shapes of q/k/v and the whole spec are part of it.
+    q, k and v are named by role (certification draws them at random anyway); inputs that do
+    not depend on user data (causal masks built from shapes or buffers, sizes) by their value;
+    any other input (padding masks, learned biases) by identity.  So layers that build the same
+    causal mask, or read the same padding mask, share a key.  Ops, constants, q/k/v shapes and
+    the whole spec are part of it.
     """
     spec = site.spec
     roles = {spec.q.node: "q", spec.k.node: "k", spec.v.node: "v"}
+
+    def external(node: fx.Node) -> Any:
+        if node in roles:
+            return ("role", roles[node])
+        if not evaluator.depends_on_data(node):
+            value = evaluator.value(node)
+            if isinstance(value, torch.Tensor):
+                return ("const", tuple(value.shape), str(value.dtype), hash(value.cpu().numpy().tobytes()))
+            return ("const", repr(value))
+        return ("ext", id(node))
+
     local: dict[fx.Node, int] = {}
     body = []
     for i, node in enumerate(site.region):
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__qualname__", repr(node.target))
-        body.append((node.op, target, _describe(node.args, local, roles), _describe(node.kwargs, local, roles)))
+        body.append((node.op, target, _describe(node.args, local, external), _describe(node.kwargs, local, external)))
         local[node] = i
     shapes = tuple(hinted_shape(n) for n in (spec.q.node, spec.k.node, spec.v.node))
     spec_key = _describe((spec.q.steps, spec.k.steps, spec.v.steps, site.out_steps, spec.scale, spec.q_factors,
                           tuple((t.kind, t.node, t.steps, t.coeff) for t in spec.bias), spec.causal,
-                          spec.kv_groups), local, roles)
+                          spec.kv_groups), local, external)
     return tuple(body), shapes, spec_key, local.get(site.output)
 
 

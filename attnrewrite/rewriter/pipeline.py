@@ -134,7 +134,7 @@ def certify_sites(ctx: PassContext) -> None:
     proven: dict[tuple, tuple[bool, str | None, float]] = {}  # identical layers are proven once
     for site in _matched(ctx):
         def run(site=site):
-            key = fingerprint(site)
+            key = fingerprint(site, ctx.evaluator)
             if key not in proven:
                 proven[key] = certify(site, ctx.evaluator)
             ok, reason, err = proven[key]
