@@ -19,7 +19,7 @@ import triton.language as tl
 
 from .chunk_bwd import bwd_gamma
 from .chunk_fwd import chunk_state
-from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, feature, feature_grad, launch_options, pick_config,
+from .triton_common import (traceable, SEGMENT_ALIGN, as_dot, dot_mode, feature, feature_grad, launch_options, pick_config,
                             pow2, row_strides, segment_bounds, sequence_bounds, tuning_shape)
 
 
@@ -222,7 +222,7 @@ def bidirectional_linear_attn_fwd(
 
     def launch(cfg):
         bv = min(cfg["BLOCK_V"], pow2(dv))
-        bidir_fwd_kernel[(triton.cdiv(dv, bv), num_splits, num_seqs * heads_q)](
+        traceable(bidir_fwd_kernel)[(triton.cdiv(dv, bv), num_splits, num_seqs * heads_q)](
             q, out, inv_den, S, z, cu_seqlens, *row_strides(q), *row_strides(out),
             Tq, num_splits, heads_q, float(scale), float(eps), GROUP=heads_q // heads_kv, FEATURE=feature_map_id,
             DK=dk, DV=dv, BK=pow2(dk), BV=bv, BT=cfg["BLOCK_T"], **_flags(q, cu_seqlens), **launch_options(cfg))
@@ -271,21 +271,21 @@ def bidirectional_linear_attn_bwd(
 
     def launch_dq(cfg):
         bk = min(cfg["BLOCK_K"], pow2(dk))
-        bidir_bwd_dq_kernel[(triton.cdiv(dk, bk), num_splits, num_seqs * heads_q)](
+        traceable(bidir_bwd_dq_kernel)[(triton.cdiv(dk, bk), num_splits, num_seqs * heads_q)](
             q, do, inv_den, gamma, dq, S, z, cu_seqlens, *row_strides(q), *row_strides(do), *row_strides(dq),
             Tq, num_splits, heads_q, float(scale), GROUP=group, FEATURE=feature_map_id, DK=dk, DV=dv,
             BK=bk, BV=pow2(dv), BT=cfg["BLOCK_T"], **flags, **launch_options(cfg))
 
     def launch_dk(cfg):
         bk = min(cfg["BLOCK_K"], pow2(dk))
-        bidir_bwd_dk_kernel[(triton.cdiv(dk, bk), num_splits, num_seqs * heads_kv)](
+        traceable(bidir_bwd_dk_kernel)[(triton.cdiv(dk, bk), num_splits, num_seqs * heads_kv)](
             k, v, dk_, dS, dz, key_mask, cu_seqlens, *row_strides(k), *row_strides(v), *row_strides(dk_),
             Tk, num_splits, heads_kv, FEATURE=feature_map_id, DK=dk, DV=dv, BK=bk, BV=pow2(dv), BT=cfg["BLOCK_T"],
             HAS_KEY_MASK=key_mask is not None, **flags, **launch_options(cfg))
 
     def launch_dv(cfg):
         bv = min(cfg["BLOCK_V"], pow2(dv))
-        bidir_bwd_dv_kernel[(triton.cdiv(dv, bv), num_splits, num_seqs * heads_kv)](
+        traceable(bidir_bwd_dv_kernel)[(triton.cdiv(dv, bv), num_splits, num_seqs * heads_kv)](
             k, dv_, dS, key_mask, cu_seqlens, *row_strides(k), *row_strides(dv_),
             Tk, num_splits, heads_kv, FEATURE=feature_map_id, DK=dk, DV=dv, BK=pow2(dk), BV=bv, BT=cfg["BLOCK_T"],
             HAS_KEY_MASK=key_mask is not None, **flags, **launch_options(cfg))

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import chunk_state
-from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, feature, feature_grad, launch_options, pick_config,
+from .triton_common import (traceable, SEGMENT_ALIGN, as_dot, dot_mode, feature, feature_grad, launch_options, pick_config,
                             pow2, row_strides, segment_bounds, sequence_bounds, tuning_shape)
 
 
@@ -260,7 +260,7 @@ def bwd_gamma(do: torch.Tensor, out: torch.Tensor, inv_den: torch.Tensor) -> tor
     batch, heads, T, dv = out.shape
     gamma = torch.empty_like(inv_den)
     bt = 64
-    bwd_gamma_kernel[(triton.cdiv(T, bt), batch * heads)](
+    traceable(bwd_gamma_kernel)[(triton.cdiv(T, bt), batch * heads)](
         do, out, inv_den, gamma, *row_strides(do), *row_strides(out), T, heads, DV=dv, BV=pow2(dv), BT=bt,
         num_warps=4)
     return gamma
@@ -328,21 +328,21 @@ def chunk_linear_attn_bwd(
 
     def launch_dq(cfg):
         bk = min(cfg["BLOCK_K"], pow2(dk))
-        chunk_bwd_dq_kernel[(triton.cdiv(dk, bk), num_splits, num_seqs * heads_q)](
+        traceable(chunk_bwd_dq_kernel)[(triton.cdiv(dk, bk), num_splits, num_seqs * heads_q)](
             q, k, v, do, inv_den, gamma, dq, start_S, start_z, key_mask, cu_seqlens, *strides, *row_strides(dq),
             T, num_splits, heads_q, float(scale), BK=bk, BV=pow2(dv), BT=cfg["BLOCK_T"], HAS_START=has_start,
             **common, **launch_options(cfg))
 
     def launch_dk(cfg):
         bk = min(cfg["BLOCK_K"], pow2(dk))
-        chunk_bwd_dk_kernel[(triton.cdiv(dk, bk), num_splits, num_seqs * heads_kv)](
+        traceable(chunk_bwd_dk_kernel)[(triton.cdiv(dk, bk), num_splits, num_seqs * heads_kv)](
             q, k, v, do, inv_den, gamma, dk_, end_dS, end_dz, d_initial_S, d_initial_z, key_mask, cu_seqlens,
             *strides, *row_strides(dk_), T, num_splits, heads_kv, float(scale), BK=bk, BV=pow2(dv), BT=cfg["BLOCK_T"],
             HAS_END=has_end, **common, **launch_options(cfg))
 
     def launch_dv(cfg):
         bv = min(cfg["BLOCK_V"], pow2(dv))
-        chunk_bwd_dv_kernel[(triton.cdiv(dv, bv), num_splits, num_seqs * heads_kv)](
+        traceable(chunk_bwd_dv_kernel)[(triton.cdiv(dv, bv), num_splits, num_seqs * heads_kv)](
             q, k, v, do, inv_den, dv_, end_dS, key_mask, cu_seqlens, *strides, *row_strides(dv_),
             T, num_splits, heads_kv, float(scale), BK=pow2(dk), BV=bv, BT=cfg["BLOCK_T"],
             HAS_END=has_end, **common, **launch_options(cfg))

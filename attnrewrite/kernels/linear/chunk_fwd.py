@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, feature, launch_options, pick_config, pow2,
+from .triton_common import (traceable, SEGMENT_ALIGN, as_dot, dot_mode, feature, launch_options, pick_config, pow2,
                             row_strides, segment_bounds, sequence_bounds, tuning_shape)
 
 
@@ -97,7 +97,6 @@ def chunk_fwd_kernel(
     k_ok = offs_k < DK
     v_ok = offs_v < DV
     kv_ok = k_ok[:, None] & v_ok[None, :]
-    causal = offs_t[:, None] >= offs_t[None, :]
 
     state = (i_n * heads_kv + i_hk).to(tl.int64)
     S = tl.zeros([BK, BV], dtype=tl.float32)
@@ -119,27 +118,28 @@ def chunk_fwd_kernel(
         keep = row_ok
         if HAS_KEY_MASK:
             keep = keep & (tl.load(key_mask + batch * T + rows, mask=row_ok, other=0) != 0)
+        # fp32 tiles die as soon as their row/column sums are taken: the loop is register-bound
         qx = tl.load(q_base + grow[:, None] * sqt + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         q_feat = tl.where(row_ok[:, None] & k_ok[None, :], feature(qx.to(tl.float32) * scale, FEATURE), 0.0)
+        den = tl.sum(q_feat * z[None, :], 1) + eps
+        q_dot = as_dot(q_feat, DOT_FP32, in_dtype)
         kx = tl.load(k_base + grow[:, None] * skt + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         k_feat = tl.where(keep[:, None] & k_ok[None, :], feature(kx.to(tl.float32), FEATURE), 0.0)
-        vv = tl.load(v_base + grow[:, None] * svt + offs_v[None, :], mask=row_ok[:, None] & v_ok[None, :], other=0.0)
-        q_dot = as_dot(q_feat, DOT_FP32, in_dtype)
+        z += tl.sum(k_feat, 0)
         k_dot = as_dot(k_feat, DOT_FP32, in_dtype)
+        vv = tl.load(v_base + grow[:, None] * svt + offs_v[None, :], mask=row_ok[:, None] & v_ok[None, :], other=0.0)
         v_dot = as_dot(vv, DOT_FP32, in_dtype)
 
         weights = tl.dot(q_dot, tl.trans(k_dot), input_precision=PREC)  # [BT, BT]
-        weights = tl.where(causal, weights, 0.0)
-        den = tl.sum(weights, 1) + tl.sum(q_feat * z[None, :], 1) + eps
+        weights = tl.where(rows[:, None] >= rows[None, :], weights, 0.0)  # per chunk: a hoisted mask would hold registers
+        den += tl.sum(weights, 1)
         num = tl.dot(q_dot, as_dot(S, DOT_FP32, in_dtype), input_precision=PREC)
         num = tl.dot(as_dot(weights, DOT_FP32, in_dtype), v_dot, num, input_precision=PREC)
+        S = tl.dot(tl.trans(k_dot), v_dot, S, input_precision=PREC)
         out = num / den[:, None]
         tl.store(o_base + grow[:, None] * sot + offs_v[None, :], out.to(o.dtype.element_ty),
                  mask=row_ok[:, None] & v_ok[None, :])
         tl.store(side_base + rows, 1.0 / den, mask=row_ok & (i_v == 0))
-
-        S = tl.dot(tl.trans(k_dot), v_dot, S, input_precision=PREC)
-        z += tl.sum(k_feat, 0)
 
     if STORE_FINAL:
         if (i_s == num_splits - 1) & (i_hq % GROUP == 0):
@@ -181,7 +181,7 @@ def chunk_state(
     def launch(cfg):
         bv = min(cfg["BLOCK_V"], pow2(dv))
         grid = (triton.cdiv(dv, bv), num_splits, num_seqs * heads_out)
-        chunk_state_kernel[grid](
+        traceable(chunk_state_kernel)[grid](
             x, y, row_scale, row_weight, key_mask, out_S, out_z, cu_seqlens,
             *row_strides(x), *row_strides(y), T, num_splits, heads_out, float(scale),
             GROUP=group, FEATURE=feature_map_id, DK=dk, DV=dv, BK=pow2(dk), BV=bv, BT=cfg["BLOCK_T"],
@@ -250,7 +250,7 @@ def chunk_linear_attn_fwd(
     def launch(cfg):
         bv = min(cfg["BLOCK_V"], pow2(dv))
         grid = (triton.cdiv(dv, bv), num_splits, num_seqs * heads_q)
-        chunk_fwd_kernel[grid](
+        traceable(chunk_fwd_kernel)[grid](
             q, k, v, out, inv_den, key_mask, start_S, start_z, final_S, final_z, cu_seqlens,
             *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(out),
             T, num_splits, heads_q, float(scale), float(eps),

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import feature, launch_options, pick_config, pow2, row_strides, tuning_shape
+from .triton_common import traceable, feature, launch_options, pick_config, pow2, row_strides, tuning_shape
 
 
 @triton.jit
@@ -76,7 +76,7 @@ def fused_recurrent_linear_attn(
 
     def launch(cfg):
         bv = min(cfg["BLOCK_V"], pow2(dv))
-        recurrent_fwd_kernel[(triton.cdiv(dv, bv), batch * heads_kv)](
+        traceable(recurrent_fwd_kernel)[(triton.cdiv(dv, bv), batch * heads_kv)](
             q, k, v, out, S, z, S_out, z_out,
             *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(out),
             T, heads_kv, float(scale), float(eps), GROUP=heads_q // heads_kv, FEATURE=feature_map_id,

@@ -88,6 +88,18 @@ def as_dot(x, DOT_FP32: tl.constexpr, INPUT_DTYPE: tl.constexpr):
 # --------------------------------------------------------------------------- host side
 
 
+def traceable(kernel):
+    """``kernel`` wrapped so torch.compile / make_fx can trace its launch (CUDA); the interpreter's
+    kernels run eagerly as they are."""
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, JITFunction):
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)
+    return kernel
+
+
 def dot_mode(dtype: torch.dtype) -> tuple[bool, str, tl.dtype]:
     """(matmuls in fp32?, their input precision, the element type) for inputs of ``dtype``.
 

@@ -53,11 +53,12 @@ def _fits(block_axis: str, dim_key: str, state_rows_key: str | None):
 _CHUNK_AXES = {"BLOCK_T": (32, 64, 128), "num_warps": (4, 8), "num_stages": (1, 2, 3)}
 
 
-def _chunk_space(kernel: str, block_axis: str, dim_key: str, state_rows_key: str | None) -> SearchSpace:
+def _chunk_space(kernel: str, block_axis: str, dim_key: str, state_rows_key: str | None, stages: int = 2) -> SearchSpace:
     return SearchSpace(
         kernel=kernel,
         axes={**_CHUNK_AXES, block_axis: (32, 64, 128)},
-        default={"BLOCK_T": 64, "num_warps": 4, "num_stages": 2, block_axis: 64},
+        # 8 warps: with 4, Dk = Dv = 128 spills registers in every chunked kernel (bench/linear_sm90_compile.py)
+        default={"BLOCK_T": 64, "num_warps": 8, "num_stages": stages, block_axis: 64},
         bucket=bucket,
         valid=_fits(block_axis, dim_key, state_rows_key),
     )
@@ -65,10 +66,10 @@ def _chunk_space(kernel: str, block_axis: str, dim_key: str, state_rows_key: str
 
 SPACES: dict[str, SearchSpace] = {
     # causal, chunked: each program keeps a [Dk, BLOCK_V] (or [BLOCK_K, Dv]) fp32 state
-    "chunk_fwd": _chunk_space("chunk_fwd", "BLOCK_V", "Dv", "Dk"),
+    "chunk_fwd": _chunk_space("chunk_fwd", "BLOCK_V", "Dv", "Dk", stages=1),
     "chunk_state": _chunk_space("chunk_state", "BLOCK_V", "Dv", "Dk"),
     "chunk_bwd_dq": _chunk_space("chunk_bwd_dq", "BLOCK_K", "Dk", "Dv"),
-    "chunk_bwd_dk": _chunk_space("chunk_bwd_dk", "BLOCK_K", "Dk", "Dv"),
+    "chunk_bwd_dk": _chunk_space("chunk_bwd_dk", "BLOCK_K", "Dk", "Dv", stages=1),
     "chunk_bwd_dv": _chunk_space("chunk_bwd_dv", "BLOCK_V", "Dv", "Dk"),
     # bidirectional: rows against a fixed state
     "bidir_fwd": _chunk_space("bidir_fwd", "BLOCK_V", "Dv", "Dk"),
