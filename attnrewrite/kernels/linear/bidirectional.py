@@ -187,6 +187,28 @@ def _flags(x: torch.Tensor, cu_seqlens) -> dict:
     return dict(IS_VARLEN=cu_seqlens is not None, DOT_FP32=dot_fp32, PREC=prec, ALIGN=SEGMENT_ALIGN)
 
 
+def _run(kernel_name, launch, shape, tensors, config):
+    launch(pick_config(kernel_name, shape, tensors[0].device, lambda c: (lambda: launch(c)), tensors, config))
+
+
+def bidir_out(q, S, z, *, heads_kv, feature_map_id, scale, eps, num_splits, cu_seqlens=None, config=None):
+    """out = q̃·S / (q̃·z + eps) for every query, and inv_den; S, z per kv head (fp32)."""
+    batch, heads_q, Tq, dk = q.shape
+    num_seqs, dv = S.shape[0], S.shape[-1]
+    out = q.new_empty(batch, heads_q, Tq, dv)
+    inv_den = q.new_empty(batch, heads_q, Tq, dtype=torch.float32)
+
+    def launch(cfg):
+        bv = min(cfg["BLOCK_V"], pow2(dv))
+        traceable(bidir_fwd_kernel)[(triton.cdiv(dv, bv), num_splits, num_seqs * heads_q)](
+            q, out, inv_den, S, z, cu_seqlens, *row_strides(q), *row_strides(out),
+            Tq, num_splits, heads_q, float(scale), float(eps), GROUP=heads_q // heads_kv, FEATURE=feature_map_id,
+            DK=dk, DV=dv, BK=pow2(dk), BV=bv, BT=cfg["BLOCK_T"], **_flags(q, cu_seqlens), **launch_options(cfg))
+
+    _run("bidir_fwd", launch, tuning_shape(num_seqs, heads_q, heads_kv, Tq, dk, dv, q.dtype), (q,), config)
+    return out, inv_den
+
+
 def bidirectional_linear_attn_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -208,28 +230,67 @@ def bidirectional_linear_attn_fwd(
     S fp32 [N, Hkv, Dk, Dv] and z fp32 [N, Hkv, Dk] (initial state included).
     """
     configs = configs or {}
-    batch, heads_q, Tq, dk = q.shape
-    heads_kv, dv = k.shape[1], v.shape[-1]
-    num_seqs = batch if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    num_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
     seg_S, seg_z = chunk_state(k, v, num_seqs=num_seqs, group=1, feature_map_id=feature_map_id, scale=1.0,
                                num_splits=num_splits, key_mask=key_mask, cu_seqlens=cu_seqlens,
                                config=configs.get("chunk_state"))
     S, z = seg_S.sum(2), seg_z.sum(2)
     if initial_S is not None:
         S, z = S + initial_S, z + initial_z
-    out = q.new_empty(batch, heads_q, Tq, dv)
-    inv_den = q.new_empty(batch, heads_q, Tq, dtype=torch.float32)
+    out, inv_den = bidir_out(q, S, z, heads_kv=k.shape[1], feature_map_id=feature_map_id, scale=scale, eps=eps,
+                             num_splits=num_splits, cu_seqlens=cu_seqlens, config=configs.get("bidir_fwd"))
+    return out, inv_den, S, z
+
+
+def bidir_bwd_dq(q, do, inv_den, gamma, S, z, *, feature_map_id, scale, num_splits, cu_seqlens=None, config=None):
+    """dq = s·φ'(s·q)·(g·Sᵀ + γ z) per query."""
+    batch, heads_q, Tq, dk = q.shape
+    num_seqs, heads_kv, _, dv = S.shape
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+    def launch(cfg):
+        bk = min(cfg["BLOCK_K"], pow2(dk))
+        traceable(bidir_bwd_dq_kernel)[(triton.cdiv(dk, bk), num_splits, num_seqs * heads_q)](
+            q, do, inv_den, gamma, dq, S, z, cu_seqlens, *row_strides(q), *row_strides(do), *row_strides(dq),
+            Tq, num_splits, heads_q, float(scale), GROUP=heads_q // heads_kv, FEATURE=feature_map_id, DK=dk, DV=dv,
+            BK=bk, BV=pow2(dv), BT=cfg["BLOCK_T"], **_flags(q, cu_seqlens), **launch_options(cfg))
+
+    _run("bidir_bwd_dq", launch, tuning_shape(num_seqs, heads_q, heads_kv, Tq, dk, dv, q.dtype), (q, do), config)
+    return dq
+
+
+def bidir_bwd_dk(k, v, dS, dz, *, heads_q, feature_map_id, num_splits, key_mask=None, cu_seqlens=None, config=None):
+    """dk = φ'(k)·(v·dSᵀ + dz) per key (zero for padded keys)."""
+    batch, heads_kv, Tk, dk = k.shape
+    num_seqs, dv = dS.shape[0], v.shape[-1]
+    grad = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+
+    def launch(cfg):
+        bk = min(cfg["BLOCK_K"], pow2(dk))
+        traceable(bidir_bwd_dk_kernel)[(triton.cdiv(dk, bk), num_splits, num_seqs * heads_kv)](
+            k, v, grad, dS, dz, key_mask, cu_seqlens, *row_strides(k), *row_strides(v), *row_strides(grad),
+            Tk, num_splits, heads_kv, FEATURE=feature_map_id, DK=dk, DV=dv, BK=bk, BV=pow2(dv), BT=cfg["BLOCK_T"],
+            HAS_KEY_MASK=key_mask is not None, **_flags(k, cu_seqlens), **launch_options(cfg))
+
+    _run("bidir_bwd_dk", launch, tuning_shape(num_seqs, heads_q, heads_kv, Tk, dk, dv, k.dtype), (k, v), config)
+    return grad
+
+
+def bidir_bwd_dv(k, v, dS, *, heads_q, feature_map_id, num_splits, key_mask=None, cu_seqlens=None, config=None):
+    """dv = φ(k)·dS per key (zero for padded keys)."""
+    batch, heads_kv, Tk, dk = k.shape
+    num_seqs, dv = dS.shape[0], v.shape[-1]
+    grad = torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
     def launch(cfg):
         bv = min(cfg["BLOCK_V"], pow2(dv))
-        traceable(bidir_fwd_kernel)[(triton.cdiv(dv, bv), num_splits, num_seqs * heads_q)](
-            q, out, inv_den, S, z, cu_seqlens, *row_strides(q), *row_strides(out),
-            Tq, num_splits, heads_q, float(scale), float(eps), GROUP=heads_q // heads_kv, FEATURE=feature_map_id,
-            DK=dk, DV=dv, BK=pow2(dk), BV=bv, BT=cfg["BLOCK_T"], **_flags(q, cu_seqlens), **launch_options(cfg))
+        traceable(bidir_bwd_dv_kernel)[(triton.cdiv(dv, bv), num_splits, num_seqs * heads_kv)](
+            k, grad, dS, key_mask, cu_seqlens, *row_strides(k), *row_strides(grad),
+            Tk, num_splits, heads_kv, FEATURE=feature_map_id, DK=dk, DV=dv, BK=pow2(dk), BV=bv, BT=cfg["BLOCK_T"],
+            HAS_KEY_MASK=key_mask is not None, **_flags(k, cu_seqlens), **launch_options(cfg))
 
-    shape = tuning_shape(num_seqs, heads_q, heads_kv, Tq, dk, dv, q.dtype)
-    launch(pick_config("bidir_fwd", shape, q.device, lambda c: (lambda: launch(c)), (q, k, v), configs.get("bidir_fwd")))
-    return out, inv_den, S, z
+    _run("bidir_bwd_dv", launch, tuning_shape(num_seqs, heads_q, heads_kv, Tk, dk, dv, k.dtype), (k, v), config)
+    return grad
 
 
 def bidirectional_linear_attn_bwd(
@@ -253,12 +314,10 @@ def bidirectional_linear_attn_bwd(
 ):
     """Gradients of :func:`bidirectional_linear_attn_fwd`: dq, dk, dv and the initial state's (dS, dz)."""
     configs = configs or {}
-    batch, heads_q, Tq, dk = q.shape
-    heads_kv, Tk, dv = k.shape[1], k.shape[2], v.shape[-1]
-    group = heads_q // heads_kv
-    num_seqs = S.shape[0]
+    heads_q = q.shape[1]
+    group = heads_q // k.shape[1]
     gamma = bwd_gamma(do, out, inv_den)
-    seg_dS, seg_dz = chunk_state(q, do, num_seqs=num_seqs, group=group, feature_map_id=feature_map_id, scale=scale,
+    seg_dS, seg_dz = chunk_state(q, do, num_seqs=S.shape[0], group=group, feature_map_id=feature_map_id, scale=scale,
                                  num_splits=num_splits, row_scale=inv_den, row_weight=gamma, cu_seqlens=cu_seqlens,
                                  config=configs.get("chunk_state"))
     dS, dz = seg_dS.sum(2), seg_dz.sum(2)
@@ -266,31 +325,8 @@ def bidirectional_linear_attn_bwd(
         dS = dS + d_final_S.float()
     if d_final_z is not None:
         dz = dz + d_final_z.float()
-    dq, dk_, dv_ = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    flags = _flags(q, cu_seqlens)
-
-    def launch_dq(cfg):
-        bk = min(cfg["BLOCK_K"], pow2(dk))
-        traceable(bidir_bwd_dq_kernel)[(triton.cdiv(dk, bk), num_splits, num_seqs * heads_q)](
-            q, do, inv_den, gamma, dq, S, z, cu_seqlens, *row_strides(q), *row_strides(do), *row_strides(dq),
-            Tq, num_splits, heads_q, float(scale), GROUP=group, FEATURE=feature_map_id, DK=dk, DV=dv,
-            BK=bk, BV=pow2(dv), BT=cfg["BLOCK_T"], **flags, **launch_options(cfg))
-
-    def launch_dk(cfg):
-        bk = min(cfg["BLOCK_K"], pow2(dk))
-        traceable(bidir_bwd_dk_kernel)[(triton.cdiv(dk, bk), num_splits, num_seqs * heads_kv)](
-            k, v, dk_, dS, dz, key_mask, cu_seqlens, *row_strides(k), *row_strides(v), *row_strides(dk_),
-            Tk, num_splits, heads_kv, FEATURE=feature_map_id, DK=dk, DV=dv, BK=bk, BV=pow2(dv), BT=cfg["BLOCK_T"],
-            HAS_KEY_MASK=key_mask is not None, **flags, **launch_options(cfg))
-
-    def launch_dv(cfg):
-        bv = min(cfg["BLOCK_V"], pow2(dv))
-        traceable(bidir_bwd_dv_kernel)[(triton.cdiv(dv, bv), num_splits, num_seqs * heads_kv)](
-            k, dv_, dS, key_mask, cu_seqlens, *row_strides(k), *row_strides(dv_),
-            Tk, num_splits, heads_kv, FEATURE=feature_map_id, DK=dk, DV=dv, BK=pow2(dk), BV=bv, BT=cfg["BLOCK_T"],
-            HAS_KEY_MASK=key_mask is not None, **flags, **launch_options(cfg))
-
-    shape = tuning_shape(num_seqs, heads_q, heads_kv, Tk, dk, dv, q.dtype)
-    for name, launch in (("bidir_bwd_dq", launch_dq), ("bidir_bwd_dk", launch_dk), ("bidir_bwd_dv", launch_dv)):
-        launch(pick_config(name, shape, q.device, lambda c, f=launch: (lambda: f(c)), (q, k, v, do), configs.get(name)))
-    return dq, dk_, dv_, dS, dz
+    common = dict(feature_map_id=feature_map_id, num_splits=num_splits, cu_seqlens=cu_seqlens)
+    dq = bidir_bwd_dq(q, do, inv_den, gamma, S, z, scale=scale, config=configs.get("bidir_bwd_dq"), **common)
+    dk = bidir_bwd_dk(k, v, dS, dz, heads_q=heads_q, key_mask=key_mask, config=configs.get("bidir_bwd_dk"), **common)
+    dv = bidir_bwd_dv(k, v, dS, heads_q=heads_q, key_mask=key_mask, config=configs.get("bidir_bwd_dv"), **common)
+    return dq, dk, dv, dS, dz

@@ -266,6 +266,76 @@ def bwd_gamma(do: torch.Tensor, out: torch.Tensor, inv_den: torch.Tensor) -> tor
     return gamma
 
 
+class _Launch:
+    """What the three backward kernels share: shapes, flags, strides, and the tuning lookup."""
+
+    def __init__(self, q, k, v, do, feature_map_id, scale, key_mask, cu_seqlens, num_seqs, num_splits):
+        self.q, self.k, self.v, self.do = q, k, v, do
+        batch, self.heads_q, self.T, self.dk = q.shape
+        self.heads_kv, self.dv = k.shape[1], v.shape[-1]
+        self.group = self.heads_q // self.heads_kv
+        self.num_seqs, self.num_splits, self.scale = num_seqs, num_splits, float(scale)
+        self.key_mask, self.cu_seqlens = key_mask, cu_seqlens
+        dot_fp32, prec, _ = dot_mode(q.dtype)
+        self.common = dict(GROUP=self.group, FEATURE=feature_map_id, DK=self.dk, DV=self.dv,
+                           HAS_KEY_MASK=key_mask is not None, IS_VARLEN=cu_seqlens is not None,
+                           DOT_FP32=dot_fp32, PREC=prec, ALIGN=SEGMENT_ALIGN)
+        self.strides = (*row_strides(q), *row_strides(k), *row_strides(v), *row_strides(do))
+        self.shape = tuning_shape(num_seqs, self.heads_q, self.heads_kv, self.T, self.dk, self.dv, q.dtype)
+
+    def run(self, kernel_name: str, launch, config):
+        cfg = pick_config(kernel_name, self.shape, self.q.device, lambda c: (lambda: launch(c)),
+                          (self.q, self.k, self.v, self.do), config)
+        launch(cfg)
+
+
+def chunk_bwd_dq(L: _Launch, inv_den, gamma, start_S, start_z, has_start: bool, config=None) -> torch.Tensor:
+    """dq from the forward's per-segment start states (forward in time)."""
+    dq = torch.empty(L.q.shape, dtype=L.q.dtype, device=L.q.device)
+
+    def launch(cfg):
+        bk = min(cfg["BLOCK_K"], pow2(L.dk))
+        traceable(chunk_bwd_dq_kernel)[(triton.cdiv(L.dk, bk), L.num_splits, L.num_seqs * L.heads_q)](
+            L.q, L.k, L.v, L.do, inv_den, gamma, dq, start_S, start_z, L.key_mask, L.cu_seqlens, *L.strides,
+            *row_strides(dq), L.T, L.num_splits, L.heads_q, L.scale, BK=bk, BV=pow2(L.dv), BT=cfg["BLOCK_T"],
+            HAS_START=has_start, **L.common, **launch_options(cfg))
+
+    L.run("chunk_bwd_dq", launch, config)
+    return dq
+
+
+def chunk_bwd_dk(L: _Launch, inv_den, gamma, end_dS, end_dz, config=None):
+    """dk and the initial state's gradient, from the gradient reaching each segment's end (backward in time)."""
+    dk = torch.empty(L.k.shape, dtype=L.k.dtype, device=L.k.device)
+    d_initial_S = L.q.new_empty(L.num_seqs, L.heads_kv, L.dk, L.dv, dtype=torch.float32)
+    d_initial_z = L.q.new_empty(L.num_seqs, L.heads_kv, L.dk, dtype=torch.float32)
+
+    def launch(cfg):
+        bk = min(cfg["BLOCK_K"], pow2(L.dk))
+        traceable(chunk_bwd_dk_kernel)[(triton.cdiv(L.dk, bk), L.num_splits, L.num_seqs * L.heads_kv)](
+            L.q, L.k, L.v, L.do, inv_den, gamma, dk, end_dS, end_dz, d_initial_S, d_initial_z, L.key_mask,
+            L.cu_seqlens, *L.strides, *row_strides(dk), L.T, L.num_splits, L.heads_kv, L.scale, BK=bk,
+            BV=pow2(L.dv), BT=cfg["BLOCK_T"], HAS_END=end_dS is not None, **L.common, **launch_options(cfg))
+
+    L.run("chunk_bwd_dk", launch, config)
+    return dk, d_initial_S, d_initial_z
+
+
+def chunk_bwd_dv(L: _Launch, inv_den, end_dS, config=None) -> torch.Tensor:
+    """dv from the gradient reaching each segment's end (backward in time)."""
+    dv = torch.empty(L.v.shape, dtype=L.v.dtype, device=L.v.device)
+
+    def launch(cfg):
+        bv = min(cfg["BLOCK_V"], pow2(L.dv))
+        traceable(chunk_bwd_dv_kernel)[(triton.cdiv(L.dv, bv), L.num_splits, L.num_seqs * L.heads_kv)](
+            L.q, L.k, L.v, L.do, inv_den, dv, end_dS, L.key_mask, L.cu_seqlens, *L.strides, *row_strides(dv),
+            L.T, L.num_splits, L.heads_kv, L.scale, BK=pow2(L.dk), BV=bv, BT=cfg["BLOCK_T"],
+            HAS_END=end_dS is not None, **L.common, **launch_options(cfg))
+
+    L.run("chunk_bwd_dv", launch, config)
+    return dv
+
+
 def chunk_linear_attn_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -289,65 +359,38 @@ def chunk_linear_attn_bwd(
 
     ``start_S``/``start_z`` are the forward's per-segment start states (their split count is the
     forward's); ``has_start`` says whether they hold anything but zeros.  ``d_final_S/z`` are the
-    gradients reaching the final state (None: zero).  Returns dq, dk, dv (like q, k, v) and the
-    gradients of the initial state, fp32 [N, Hkv, Dk, Dv] and [N, Hkv, Dk].
+    gradients reaching the final state (None: zero).  Returns dq, dk, dv (shaped like q, k, v) and
+    the gradients of the initial state, fp32 [N, Hkv, Dk, Dv] and [N, Hkv, Dk].
     """
     configs = configs or {}
-    batch, heads_q, T, dk = q.shape
-    heads_kv, dv = k.shape[1], v.shape[-1]
-    group = heads_q // heads_kv
     num_seqs, num_splits = start_S.shape[0], start_S.shape[2]
-    dot_fp32, prec, _ = dot_mode(q.dtype)
-    shape = tuning_shape(num_seqs, heads_q, heads_kv, T, dk, dv, q.dtype)
-    common = dict(GROUP=group, FEATURE=feature_map_id, DK=dk, DV=dv, HAS_KEY_MASK=key_mask is not None,
-                  IS_VARLEN=cu_seqlens is not None, DOT_FP32=dot_fp32, PREC=prec, ALIGN=SEGMENT_ALIGN)
-    strides = (*row_strides(q), *row_strides(k), *row_strides(v), *row_strides(do))
+    L = _Launch(q, k, v, do, feature_map_id, scale, key_mask, cu_seqlens, num_seqs, num_splits)
     gamma = bwd_gamma(do, out, inv_den)
+    end_dS, end_dz = segment_end_grads(L, inv_den, gamma, start_S, start_z, d_final_S, d_final_z,
+                                       configs.get("chunk_state"))
+    dq = chunk_bwd_dq(L, inv_den, gamma, start_S, start_z, has_start, configs.get("chunk_bwd_dq"))
+    dk, d_initial_S, d_initial_z = chunk_bwd_dk(L, inv_den, gamma, end_dS, end_dz, configs.get("chunk_bwd_dk"))
+    dv = chunk_bwd_dv(L, inv_den, end_dS, configs.get("chunk_bwd_dv"))
+    return dq, dk, dv, d_initial_S, d_initial_z
 
-    # gradient reaching the state after each segment: the final state's, plus every later segment's queries
-    has_end = d_final_S is not None or d_final_z is not None or num_splits > 1
+
+def segment_end_grads(L: _Launch, inv_den, gamma, start_S, start_z, d_final_S, d_final_z, config=None):
+    """Gradient reaching the state after each segment: the final state's, plus every later segment's
+    queries (Σ q̃ᵀg and Σ γq̃ per segment, summed backwards).  (None, None) when it is zero everywhere."""
+    has_final = d_final_S is not None or d_final_z is not None
+    if L.num_splits == 1 and not has_final:
+        return None, None
     end_dS = end_dz = None
-    if num_splits > 1:
-        seg_dS, seg_dz = chunk_state(q, do, num_seqs=num_seqs, group=group, feature_map_id=feature_map_id,
-                                     scale=scale, num_splits=num_splits, row_scale=inv_den, row_weight=gamma,
-                                     cu_seqlens=cu_seqlens, config=configs.get("chunk_state"))
+    if L.num_splits > 1:
+        seg_dS, seg_dz = chunk_state(L.q, L.do, num_seqs=L.num_seqs, group=L.group,
+                                     feature_map_id=L.common["FEATURE"], scale=L.scale, num_splits=L.num_splits,
+                                     row_scale=inv_den, row_weight=gamma, cu_seqlens=L.cu_seqlens, config=config)
         end_dS = seg_dS.flip(2).cumsum(2).flip(2) - seg_dS
         end_dz = seg_dz.flip(2).cumsum(2).flip(2) - seg_dz
-    if d_final_S is not None or d_final_z is not None:
+    if has_final:
         final_S = (d_final_S.float() if d_final_S is not None else torch.zeros_like(start_S[:, :, 0]))[:, :, None]
         final_z = (d_final_z.float() if d_final_z is not None else torch.zeros_like(start_z[:, :, 0]))[:, :, None]
         end_dS = final_S if end_dS is None else end_dS + final_S
         end_dz = final_z if end_dz is None else end_dz + final_z
-    if has_end:
-        end_dS = end_dS.expand(num_seqs, heads_kv, num_splits, dk, dv).contiguous()
-        end_dz = end_dz.expand(num_seqs, heads_kv, num_splits, dk).contiguous()
-
-    dq, dk_, dv_ = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    d_initial_S = q.new_empty(num_seqs, heads_kv, dk, dv, dtype=torch.float32)
-    d_initial_z = q.new_empty(num_seqs, heads_kv, dk, dtype=torch.float32)
-
-    def launch_dq(cfg):
-        bk = min(cfg["BLOCK_K"], pow2(dk))
-        traceable(chunk_bwd_dq_kernel)[(triton.cdiv(dk, bk), num_splits, num_seqs * heads_q)](
-            q, k, v, do, inv_den, gamma, dq, start_S, start_z, key_mask, cu_seqlens, *strides, *row_strides(dq),
-            T, num_splits, heads_q, float(scale), BK=bk, BV=pow2(dv), BT=cfg["BLOCK_T"], HAS_START=has_start,
-            **common, **launch_options(cfg))
-
-    def launch_dk(cfg):
-        bk = min(cfg["BLOCK_K"], pow2(dk))
-        traceable(chunk_bwd_dk_kernel)[(triton.cdiv(dk, bk), num_splits, num_seqs * heads_kv)](
-            q, k, v, do, inv_den, gamma, dk_, end_dS, end_dz, d_initial_S, d_initial_z, key_mask, cu_seqlens,
-            *strides, *row_strides(dk_), T, num_splits, heads_kv, float(scale), BK=bk, BV=pow2(dv), BT=cfg["BLOCK_T"],
-            HAS_END=has_end, **common, **launch_options(cfg))
-
-    def launch_dv(cfg):
-        bv = min(cfg["BLOCK_V"], pow2(dv))
-        traceable(chunk_bwd_dv_kernel)[(triton.cdiv(dv, bv), num_splits, num_seqs * heads_kv)](
-            q, k, v, do, inv_den, dv_, end_dS, key_mask, cu_seqlens, *strides, *row_strides(dv_),
-            T, num_splits, heads_kv, float(scale), BK=pow2(dk), BV=bv, BT=cfg["BLOCK_T"],
-            HAS_END=has_end, **common, **launch_options(cfg))
-
-    tensors = (q, k, v, do)
-    for name, launch in (("chunk_bwd_dq", launch_dq), ("chunk_bwd_dk", launch_dk), ("chunk_bwd_dv", launch_dv)):
-        launch(pick_config(name, shape, q.device, lambda c, f=launch: (lambda: f(c)), tensors, configs.get(name)))
-    return dq, dk_, dv_, d_initial_S, d_initial_z
+    shape = (L.num_seqs, L.heads_kv, L.num_splits, L.dk, L.dv)
+    return end_dS.expand(shape).contiguous(), end_dz.expand(shape[:-1]).contiguous()
