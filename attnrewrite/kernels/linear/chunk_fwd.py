@@ -239,7 +239,7 @@ def chunk_linear_attn_fwd(
             start_S = start_S + initial_S[:, :, None]
             start_z = start_z + initial_z[:, :, None]
     elif initial_S is not None:
-        start_S, start_z = initial_S[:, :, None].contiguous(), initial_z[:, :, None].contiguous()
+        start_S, start_z = initial_S[:, :, None].clone(), initial_z[:, :, None].clone()  # an op output must not alias an input
     else:
         start_S = q.new_zeros(num_seqs, heads_kv, 1, dk, dv, dtype=torch.float32)
         start_z = q.new_zeros(num_seqs, heads_kv, 1, dk, dtype=torch.float32)
