@@ -3,8 +3,9 @@
 Every candidate is compared with the fp64 recurrent oracle, output, final state and every
 gradient by name; the allowed error is 2 × the error of plain torch at the candidate's precision
 (the quadratic form computed in that dtype, with autograd) plus a rounding band of
-eps(dtype)·√T ulps of the result's largest entry — the typical error of summing T terms one
-after another, as the kernels' running states do (plain torch sums them blockwise).  Inputs are fresh random draws; nothing is compared on zeros.
+(eps(dtype) + eps(fp32)·√T)·max|result|: one rounding of the result to its dtype, and the typical
+error of summing T terms one after another in fp32, as the kernels' running states do (plain torch
+sums them blockwise).  Inputs are fresh random draws; nothing is compared on zeros.
 """
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ def results(fn: Callable, q, k, v, state, dtype, upstream) -> dict[str, torch.Te
 
 
 def rounding_band(dtype: torch.dtype, length: int, expected: torch.Tensor) -> float:
-    """eps(dtype)·√length·max|expected|: rounding of a length-term running sum, relative to the result."""
-    return torch.finfo(dtype).eps * max(1, length) ** 0.5 * expected.abs().max().item()
+    """(eps(dtype) + eps(fp32)·√length)·max|expected|: the result's own rounding, and that of an fp32
+    running sum over ``length`` terms."""
+    eps = torch.finfo(dtype).eps + torch.finfo(torch.float32).eps * max(1, length) ** 0.5
+    return eps * expected.abs().max().item()
 
 
 def compare(candidate: Callable, q, k, v, *, dtype, causal, feature_map="elu", scale=1.0, eps=1e-6,
