@@ -120,3 +120,20 @@ def test_torch_decode_continues_a_prefill():
     assert isinstance(state, LinearState)
     torch.testing.assert_close(state.S, final.S)
     torch.testing.assert_close(state.z, final.z)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_path_varlen_matches_per_sequence_calls(causal):
+    lengths = [13, 0, 40, 5]
+    cu = torch.tensor([0, 13, 13, 53, 58], dtype=torch.int32)
+    q, k, v = make_qkv(batch=1, tq=58, dtype=torch.float64)
+    S0, z0 = (t.double() for t in make_state(4, 1, q.shape[-1], v.shape[-1]))
+    out, state = linear_attention(q, k, v, is_causal=causal, enable_gqa=True, cu_seqlens=cu, initial_state=(S0, z0),
+                                  output_final_state=True, impl="torch")
+    for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        ref, S, z = naive_recurrent_linear_attn(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], causal=causal,
+                                                initial_state=(S0[i:i + 1], z0[i:i + 1]))
+        torch.testing.assert_close(out[:, :, a:b], ref)
+        torch.testing.assert_close(state.S[i:i + 1], S)
+        torch.testing.assert_close(state.z[i:i + 1], z)
+    assert lengths[1] == 0 and torch.equal(state.S[1], S0[1])  # an empty sequence passes its state through
