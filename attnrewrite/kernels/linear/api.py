@@ -311,8 +311,16 @@ def linear_attention_decode(
         return out, LinearState(S, z)
     from .op import ops_for
 
-    decode = ops_for(q.device)[2]
     q, k, v = (_unit_stride(x) for x in (q, k, v))
-    out, S, z = decode(q, k, v, state.S.to(torch.float32).contiguous(), state.z.to(torch.float32).contiguous(),
-                       feature_map, scale, float(eps))
+    S, z = state.S.to(torch.float32).contiguous(), state.z.to(torch.float32).contiguous()
+    if q.is_cuda and type(q) is Tensor and not _is_compiling():
+        # plain eager tensors: launch directly; the custom-op dispatch would cost more than the
+        # kernel itself (a decode step is a few microseconds of GPU time)
+        from .feature_maps import FEATURE_MAP_IDS
+        from .fused_recurrent import fused_recurrent_linear_attn
+
+        out, S, z = fused_recurrent_linear_attn(q, k, v, S, z, feature_map_id=FEATURE_MAP_IDS[feature_map],
+                                                scale=scale, eps=float(eps))
+        return out, LinearState(S, z)
+    out, S, z = ops_for(q.device)[2](q, k, v, S, z, feature_map, scale, float(eps))
     return out, LinearState(S, z)
