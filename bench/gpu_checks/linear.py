@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 NAME = "linear"
 TIMING_BATCH, TIMING_HEADS = 2, 16
+PROBE_T, PROBE_D = 8192, 128
 
 
 @contextlib.contextmanager
@@ -231,12 +232,13 @@ def correctness(device) -> list[dict]:
 # --------------------------------------------------------------------------- timings
 
 
-def _bench(fn, graph: bool = False) -> float:
+def _bench(fn, graph: bool = False, grad_to_none=None) -> float:
+    """Median ms of ``fn`` (gradients of ``grad_to_none`` reset before each run, so no accumulation is timed)."""
     import triton.testing
 
     if graph:
-        return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
-    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+        return float(triton.testing.do_bench_cudagraph(fn, rep=50, grad_to_none=grad_to_none, return_mode="median"))
+    return float(triton.testing.do_bench(fn, warmup=10, rep=50, grad_to_none=grad_to_none, return_mode="median"))
 
 
 def _fla():
@@ -297,7 +299,7 @@ def _timing_rows(device, T, d, fla_fn, passes):
                     with torch.no_grad():
                         ms = _bench(fn)
                 else:
-                    ms = _bench(lambda: fn().backward(grad))
+                    ms = _bench(lambda: fn().backward(grad), grad_to_none=leaves)
                 row[f"{name}_ms"] = ms
             except Exception as exc:  # noqa: BLE001 — record and go on
                 row[f"{name}_ms"] = float("nan")
@@ -343,18 +345,18 @@ def _probe_rows(device):
     from attnrewrite.kernels.linear.op import ops_for
     from attnrewrite.kernels.linear.tune import SPACES
 
-    b, h, T, d = TIMING_BATCH, TIMING_HEADS, 8192, 128
+    b, h, T, d = TIMING_BATCH, TIMING_HEADS, PROBE_T, PROBE_D
     q, k, v, do = (torch.randn(b, h, T, d, device=device, dtype=torch.bfloat16) for _ in range(4))
     leaves = [x.requires_grad_() for x in (q, k, v)]
     rows = []
     fwd = ops_for(device)[0]
-    for splits in (1, 2, 4):
+    for splits in (1, 2, 4, 8, 16):  # many segments ≈ fla's chunk-parallel scheme; one = fully sequential
         def run():
             out = fwd(q, k, v, None, None, None, None, True, "elu", 1.0, 1e-6, splits)[0]
             out.backward(do)
         row = {"case": f"probe num_splits={splits}", "T": T, "D": d}
         try:
-            row["ours_ms"] = _bench(run)
+            row["ours_ms"] = _bench(run, grad_to_none=leaves)
         except Exception as exc:  # noqa: BLE001
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
         rows.append(row)
@@ -380,7 +382,8 @@ def _probe_rows(device):
             row = {"case": f"probe {kernel} {'default ' if alt is None else ''}{config}", "T": T, "D": d}
             tuning.choose = choose
             try:
-                row["ours_ms"] = _bench(lambda: linear_attention(q, k, v, is_causal=True, impl="triton").backward(do))
+                row["ours_ms"] = _bench(lambda: linear_attention(q, k, v, is_causal=True, impl="triton").backward(do),
+                                        grad_to_none=leaves)
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
             finally:

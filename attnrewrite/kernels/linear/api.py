@@ -318,9 +318,11 @@ def linear_attention_decode(
         # kernel itself (a decode step is a few microseconds of GPU time)
         from .feature_maps import FEATURE_MAP_IDS
         from .fused_recurrent import fused_recurrent_linear_attn
+        from .triton_common import direct_launches
 
-        out, S, z = fused_recurrent_linear_attn(q, k, v, S, z, feature_map_id=FEATURE_MAP_IDS[feature_map],
-                                                scale=scale, eps=float(eps))
+        with direct_launches():
+            out, S, z = fused_recurrent_linear_attn(q, k, v, S, z, feature_map_id=FEATURE_MAP_IDS[feature_map],
+                                                    scale=scale, eps=float(eps))
         return out, LinearState(S, z)
     out, S, z = ops_for(q.device)[2](q, k, v, S, z, feature_map, scale, float(eps))
     return out, LinearState(S, z)

@@ -17,6 +17,8 @@ Layout conventions of every kernel:
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -98,6 +100,17 @@ def traceable(kernel):
 
         return wrap_triton(kernel)
     return kernel
+
+
+@contextlib.contextmanager
+def direct_launches():
+    """Launch kernels straight from the launchers, without wrap_triton's higher-order-op dispatch
+    (about a millisecond per launch in eager mode): for plain eager tensors outside the ops, as
+    ``triton_op`` itself does inside them."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    with set_wrap_triton_enabled(False):
+        yield
 
 
 def dot_mode(dtype: torch.dtype) -> tuple[bool, str, tl.dtype]:

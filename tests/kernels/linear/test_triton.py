@@ -182,6 +182,21 @@ def test_prefill_then_decode_agree():
             assert rel < 1e-5, f"{name} final {part}: relative error {rel:.2e}"
 
 
+def test_launchers_run_outside_the_ops():
+    """What eager decode on CUDA and the tuning workloads do: launch without the op around them."""
+    from attnrewrite.kernels.linear.fused_recurrent import fused_recurrent_linear_attn
+    from attnrewrite.kernels.linear.triton_common import direct_launches
+
+    q, k, v = make_qkv(tq=1, dk=16, dv=16)
+    S0, z0 = make_state(2, 1, 16, 16)
+    with direct_launches():
+        out, S, z = fused_recurrent_linear_attn(q, k, v, S0, z0, feature_map_id=0, scale=1.0, eps=1e-6)
+    ref, ref_S, ref_z = naive_recurrent_linear_attn(q, k, v, causal=True, initial_state=(S0, z0))
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(S, ref_S)
+    torch.testing.assert_close(z, ref_z)
+
+
 def test_decode_with_gradients_goes_through_the_differentiable_op():
     q, k, v = make_qkv(tq=3, dk=16, dv=16)
     state = make_state(2, 1, 16, 16)
