@@ -10,7 +10,7 @@ timings: causal forward and forward+backward at T = 1k … 32k, D = 64 and 128, 
 16 heads, against torch SDPA softmax (causal) and, when the ``fla`` package (PyPI ``fla-core``)
 imports, fla's ``chunk_linear_attn`` — once on pre-mapped inputs (its kernels alone) and once with
 the elu+1 feature map applied in torch as fla's own layers do (the same function we compute).
-fla autotunes on first use; its search spaces are pruned to num_warps 4/8, stages 2/3 and blocks
+fla autotunes on first use; its search spaces are pruned to num_warps 4/8, 2 stages and blocks
 of 64 so that the check fits its few minutes.  Then a decode step (one token, state carried)
 against SDPA over a KV cache of the same length, eager and in a CUDA graph; then probes of a few
 alternative launch configurations and segment counts at T = 8192, D = 128.
@@ -256,7 +256,7 @@ def _fla():
             continue
         for obj in list(vars(module).values()):
             for _ in range(4):  # autotuners sit under heuristics wrappers: follow .fn
-                if isinstance(obj, Autotuner) and len(obj.configs) > 4:
+                if isinstance(obj, Autotuner) and len(obj.configs) > 2:
                     obj.configs = _prune(obj.configs)
                     pruned += 1
                 obj = getattr(obj, "fn", None)
@@ -267,12 +267,15 @@ def _fla():
 
 
 def _prune(configs):
-    keep = [c for c in configs if c.num_warps in (4, 8) and c.num_stages in (2, 3)]
+    """At most two points per fla kernel (4 and 8 warps, 2 stages, blocks of 64 where offered):
+    fla's full spaces (up to 48 points per kernel, re-tuned per head dim) take several minutes to
+    compile, more than this whole check may take."""
+    keep = [c for c in configs if c.num_warps in (4, 8) and c.num_stages == 2]
     for key in {k for c in configs for k in c.kwargs}:
         values = {c.kwargs.get(key) for c in keep}
         if 64 in values:
             keep = [c for c in keep if c.kwargs.get(key) == 64]
-    return keep[:4] or configs[:1]
+    return keep[:2] or configs[:1]
 
 
 def _timing_rows(device, T, d, fla_fn, passes):
@@ -365,7 +368,6 @@ def _probe_rows(device):
             x.grad = None
 
     alternatives = [{"BLOCK_T": 32, "num_warps": 8, "num_stages": 2, "block": 64},
-                    {"BLOCK_T": 64, "num_warps": 8, "num_stages": 2, "block": 32},
                     {"BLOCK_T": 64, "num_warps": 4, "num_stages": 2, "block": 32}]
     original = tuning.choose
     for kernel in ("chunk_fwd", "chunk_bwd_dq", "chunk_bwd_dk", "chunk_bwd_dv"):
@@ -409,4 +411,19 @@ def timings(device, quick: bool) -> list[dict]:
             rows += _decode_rows(device, T, 128)
         if not quick:
             rows += _probe_rows(device)
-    return rows
+    return rows + _targets(rows)
+
+
+def _targets(rows) -> list[dict]:
+    """The issue's targets (H100, bf16, D = 128), read off the rows above; "met" is not "ok": a
+    missed target is a finding, not a failed check."""
+    def find(case, T, key):
+        return next((r.get(key) for r in rows if r["case"] == case and r["T"] == T and r.get("D") == 128), None)
+
+    wanted = [("fwd+bwd T=8192 vs fla chunk_linear_attn (+elu in torch)", find("causal fwd+bwd", 8192, "x_vs_fla+phi"), 1.1),
+              ("fwd+bwd T=8192 vs fla kernels alone", find("causal fwd+bwd", 8192, "x_vs_fla"), 1.1),
+              ("fwd+bwd T=8192 vs SDPA softmax", find("causal fwd+bwd", 8192, "x_vs_sdpa"), 4.0),
+              ("decode step T=32768 vs SDPA decode (eager)", find("decode step (eager)", 32768, "x_vs_sdpa"), 10.0),
+              ("decode step T=32768 vs SDPA decode (CUDA graph)", find("decode step (CUDA graph)", 32768, "x_vs_sdpa"), 10.0)]
+    return [{"case": f"target: {name}", "T": "", "D": 128, "speedup": got if got is not None else float("nan"),
+             "target": want, "met": None if got is None else got >= want} for name, got, want in wanted]
