@@ -19,8 +19,8 @@ import triton.language as tl
 
 from .chunk_bwd import bwd_gamma
 from .chunk_fwd import chunk_state
-from .triton_common import (traceable, SEGMENT_ALIGN, as_dot, dot_mode, feature, feature_grad, launch_options, pick_config,
-                            pow2, row_strides, segment_bounds, sequence_bounds, tuning_shape)
+from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, feature, feature_grad, launch_options, pick_config, pow2,
+                            row_strides, segment_bounds, sequence_bounds, traceable, tuning_shape)
 
 
 @triton.jit

@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import chunk_state
-from .triton_common import (traceable, SEGMENT_ALIGN, as_dot, dot_mode, feature, feature_grad, launch_options, pick_config,
-                            pow2, row_strides, segment_bounds, sequence_bounds, tuning_shape)
+from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, exclusive_cumsum, feature, feature_grad, launch_options,
+                            pick_config, pow2, row_strides, segment_bounds, sequence_bounds, traceable, tuning_shape)
 
 
 @triton.jit
@@ -385,8 +385,7 @@ def segment_end_grads(L: _Launch, inv_den, gamma, start_S, start_z, d_final_S, d
         seg_dS, seg_dz = chunk_state(L.q, L.do, num_seqs=L.num_seqs, group=L.group,
                                      feature_map_id=L.common["FEATURE"], scale=L.scale, num_splits=L.num_splits,
                                      row_scale=inv_den, row_weight=gamma, cu_seqlens=L.cu_seqlens, config=config)
-        end_dS = seg_dS.flip(2).cumsum(2).flip(2) - seg_dS
-        end_dz = seg_dz.flip(2).cumsum(2).flip(2) - seg_dz
+        end_dS, end_dz = exclusive_cumsum(seg_dS, reverse=True), exclusive_cumsum(seg_dz, reverse=True)
     if has_final:
         final_S = (d_final_S.float() if d_final_S is not None else torch.zeros_like(start_S[:, :, 0]))[:, :, None]
         final_z = (d_final_z.float() if d_final_z is not None else torch.zeros_like(start_z[:, :, 0]))[:, :, None]

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (traceable, SEGMENT_ALIGN, as_dot, dot_mode, feature, launch_options, pick_config, pow2,
-                            row_strides, segment_bounds, sequence_bounds, tuning_shape)
+from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, exclusive_cumsum, feature, launch_options, pick_config,
+                            pow2, row_strides, segment_bounds, sequence_bounds, traceable, tuning_shape)
 
 
 @triton.jit
@@ -80,7 +80,7 @@ def chunk_fwd_kernel(
     T, num_splits, heads_q, scale, eps,
     GROUP: tl.constexpr, FEATURE: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-    HAS_KEY_MASK: tl.constexpr, HAS_START: tl.constexpr, STORE_FINAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, HAS_START: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
     i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -141,10 +141,9 @@ def chunk_fwd_kernel(
                  mask=row_ok[:, None] & v_ok[None, :])
         tl.store(side_base + rows, 1.0 / den, mask=row_ok & (i_v == 0))
 
-    if STORE_FINAL:
-        if (i_s == num_splits - 1) & (i_hq % GROUP == 0):
-            tl.store(final_S + state * DK * DV + offs_k[:, None] * DV + offs_v[None, :], S, mask=kv_ok)
-            tl.store(final_z + state * DK + offs_k, z, mask=k_ok & (i_v == 0))
+    if (i_s == num_splits - 1) & (i_hq % GROUP == 0):  # the last segment ends with the final state
+        tl.store(final_S + state * DK * DV + offs_k[:, None] * DV + offs_v[None, :], S, mask=kv_ok)
+        tl.store(final_z + state * DK + offs_k, z, mask=k_ok & (i_v == 0))
 
 
 # --------------------------------------------------------------------------- launchers
@@ -233,8 +232,7 @@ def chunk_linear_attn_fwd(
                                    num_splits=num_splits, key_mask=key_mask, cu_seqlens=cu_seqlens,
                                    config=configs.get("chunk_state"))
         # state before segment s = initial state + segments 0 .. s-1
-        start_S = seg_S.cumsum(2) - seg_S
-        start_z = seg_z.cumsum(2) - seg_z
+        start_S, start_z = exclusive_cumsum(seg_S), exclusive_cumsum(seg_z)
         if initial_S is not None:
             start_S = start_S + initial_S[:, :, None]
             start_z = start_z + initial_z[:, :, None]
@@ -255,7 +253,7 @@ def chunk_linear_attn_fwd(
             *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(out),
             T, num_splits, heads_q, float(scale), float(eps),
             GROUP=group, FEATURE=feature_map_id, DK=dk, DV=dv, BK=pow2(dk), BV=bv, BT=cfg["BLOCK_T"],
-            HAS_KEY_MASK=key_mask is not None, HAS_START=has_start, STORE_FINAL=True,
+            HAS_KEY_MASK=key_mask is not None, HAS_START=has_start,
             IS_VARLEN=cu_seqlens is not None, DOT_FP32=dot_fp32, PREC=prec, ALIGN=SEGMENT_ALIGN,
             **launch_options(cfg))
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import traceable, feature, launch_options, pick_config, pow2, row_strides, tuning_shape
+from .triton_common import feature, launch_options, pick_config, pow2, row_strides, traceable, tuning_shape
 
 
 @triton.jit

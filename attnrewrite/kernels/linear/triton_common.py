@@ -168,6 +168,14 @@ def launch_options(config: dict) -> dict:
     return {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
 
 
+def exclusive_cumsum(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """Σ over the earlier (later when ``reverse``) entries of dim 2, excluding the entry itself;
+    shifted rather than subtracted, so no cancellation."""
+    if reverse:
+        return exclusive_cumsum(x.flip(2)).flip(2)
+    return torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1].cumsum(2)], dim=2)
+
+
 def default_num_splits(device: torch.device, programs_per_segment: int) -> int:
     """Segments per sequence so that one launch has about one program per multiprocessor.
 
