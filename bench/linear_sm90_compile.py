@@ -82,39 +82,47 @@ def resources(compiled) -> dict:
 
 
 def scenarios(quick: bool):
-    """(label, dtype, D, causal, extra) combinations; every kernel is reached by some of them."""
+    """(label, dtype, D, causal, options): every kernel and every constexpr branch is reached by some."""
     dims = (128,) if quick else (64, 128)
     dtypes = (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16)
+    plain = dict(feature=0, varlen=False, masked=True, group=2)
     for d in dims:
         for dtype in dtypes:
             for causal in (True, False):
-                yield f"d{d}-{str(dtype)[6:]}-{'causal' if causal else 'bidir'}", dtype, d, causal
+                yield f"d{d}-{str(dtype)[6:]}-{'causal' if causal else 'bidir'}", dtype, d, causal, plain
+    if not quick:
+        for causal in (True, False):
+            kind = "causal" if causal else "bidir"
+            yield f"d128-relu-varlen-{kind}", torch.bfloat16, 128, causal, dict(plain, feature=1, varlen=True, masked=False)
+            yield f"d80-identity-mha-{kind}", torch.bfloat16, 80, causal, dict(plain, feature=2, masked=False, group=1)
 
 
-def record_all(dtype, d, causal, calls, configs=None):
-    from attnrewrite.kernels.linear.triton_common import dot_mode  # noqa: F401  (import check)
-
-    b, hq, hkv, t = 2, 8, 4, 512
-    q = torch.randn(b, hq, t, d, dtype=dtype)
-    k = torch.randn(b, hkv, t, d, dtype=dtype)
-    v = torch.randn(b, hkv, t, d, dtype=dtype)
-    key_mask = torch.ones(b, t, dtype=torch.int8)
-    kw = dict(feature_map_id=0, scale=1.0, configs=configs)
+def record_all(dtype, d, causal, options, configs=None):
+    b, hkv, t = 2, 4, 512
+    hq = hkv * options["group"]
+    batch = 1 if options["varlen"] else b
+    q = torch.randn(batch, hq, t, d, dtype=dtype)
+    k = torch.randn(batch, hkv, t, d, dtype=dtype)
+    v = torch.randn(batch, hkv, t, d, dtype=dtype)
+    cu = torch.tensor([0, 100, 512], dtype=torch.int32) if options["varlen"] else None
+    n = 2
+    key_mask = torch.ones(b, t, dtype=torch.int8) if options["masked"] else None
+    kw = dict(feature_map_id=options["feature"], scale=1.0, configs=configs, key_mask=key_mask, cu_seqlens=cu)
     if causal:
-        out, inv_den, fs, fz, ss, sz = chunk_fwd.chunk_linear_attn_fwd(q, k, v, eps=1e-6, num_splits=2, key_mask=key_mask,
-                                                                      initial_S=torch.zeros(b, hkv, d, d),
-                                                                      initial_z=torch.zeros(b, hkv, d), **kw)
+        out, inv_den, fs, fz, ss, sz = chunk_fwd.chunk_linear_attn_fwd(q, k, v, eps=1e-6, num_splits=2,
+                                                                      initial_S=torch.zeros(n, hkv, d, d),
+                                                                      initial_z=torch.zeros(n, hkv, d), **kw)
         out = torch.randn_like(q)  # the recorded forward wrote nothing
         chunk_bwd.chunk_linear_attn_bwd(torch.randn_like(out), q, k, v, out, inv_den, ss, sz, has_start=True,
-                                        d_final_S=torch.zeros(b, hkv, d, d), key_mask=key_mask, **kw)
+                                        d_final_S=torch.zeros(n, hkv, d, d), **kw)
     else:
-        out, inv_den, S, z = bidirectional.bidirectional_linear_attn_fwd(q, k, v, eps=1e-6, num_splits=2,
-                                                                         key_mask=key_mask, **kw)
+        out, inv_den, S, z = bidirectional.bidirectional_linear_attn_fwd(q, k, v, eps=1e-6, num_splits=2, **kw)
         out = torch.randn_like(q)
         bidirectional.bidirectional_linear_attn_bwd(torch.randn_like(out), q, k, v, out, inv_den, S, z, num_splits=2,
-                                                    key_mask=key_mask, **kw)
-        fused_recurrent.fused_recurrent_linear_attn(q[:, :, :1], k[:, :, :1], v[:, :, :1], torch.zeros(b, hkv, d, d),
-                                                    torch.zeros(b, hkv, d), feature_map_id=0, scale=1.0, eps=1e-6)
+                                                    **kw)
+        fused_recurrent.fused_recurrent_linear_attn(q[:, :, :1], k[:, :, :1], v[:, :, :1], torch.zeros(batch, hkv, d, d),
+                                                    torch.zeros(batch, hkv, d), feature_map_id=options["feature"],
+                                                    scale=1.0, eps=1e-6)
 
 
 def main(argv=None) -> int:
@@ -139,9 +147,9 @@ def main(argv=None) -> int:
     failures = 0
     try:
         rows = []
-        for label, dtype, d, causal in scenarios(args.quick):
+        for label, dtype, d, causal, options in scenarios(args.quick):
             calls.clear()
-            record_all(dtype, d, causal, calls, configs)
+            record_all(dtype, d, causal, options, configs)
             for jit_fn, _, a, kw in calls:
                 name = jit_fn.fn.__name__
                 try:

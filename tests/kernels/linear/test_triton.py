@@ -51,6 +51,13 @@ def test_query_groups_of_three(causal):
     compare(_api(causal), q, k, v, dtype=torch.float32, causal=causal, state=make_state(1, 2, 16, 32))
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_head_dims_that_are_not_powers_of_two(causal):
+    """Padded feature columns must stay zero (elu+1 maps a padded 0 to 1)."""
+    q, k, v = make_qkv(batch=1, tq=45, dk=24, dv=20)
+    compare(_api(causal), q, k, v, dtype=torch.float32, causal=causal, state=make_state(1, 1, 24, 20))
+
+
 def test_bidirectional_queries_and_keys_may_differ_in_length():
     q, k, v = make_qkv(tq=37, tk=90)
     compare(_api(False), q, k, v, dtype=torch.float32, causal=False)
