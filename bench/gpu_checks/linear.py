@@ -135,8 +135,8 @@ def _cases(device):
         return dict(candidate=_api(True, feature_map="relu"), q=q, k=k, v=v, causal=True,
                     oracle=lambda q_, k_, v_, st, cd: _relu_oracle(q_, k_, v_, True, cd))
 
-    def causal_split():
-        q, k, v = rnd(1, 2, 2 * T, 128), rnd(1, 2, 2 * T, 128), rnd(1, 2, 2 * T, 128)
+    def causal_split():  # shapes like causal_gqa's, so its compiled kernels are reused
+        q, k, v = rnd(1, 4, 2 * T, 128), rnd(1, 2, 2 * T, 128), rnd(1, 2, 2 * T, 128)
         fwd = ops_for(device)[0]
 
         def candidate(q_, k_, v_, st):
@@ -190,6 +190,11 @@ def _cases(device):
             return torch.cat([prefix, torch.cat(outs, 2)], 2), state_.S, state_.z
         return dict(candidate=candidate, q=q, k=k, v=v, causal=True, names=("out", "S", "z"))
 
+    def compiled():
+        q, k, v = rnd(2, 4, T, 128), rnd(2, 2, T, 128), rnd(2, 2, T, 128)
+        fn = torch.compile(_api(True, scale=0.5), backend="inductor" if device.type == "cuda" else "aot_eager")
+        return dict(candidate=fn, q=q, k=k, v=v, causal=True, scale=0.5, state=state(2, 2, 128, 128))
+
     # fp16 differs from bf16 only in the matmul operand type (tf32), so it runs on a subset
     both, bf16 = (torch.bfloat16, torch.float16), (torch.bfloat16,)
     yield "causal GQA 4/2 D128 + state", causal_gqa, (128,), both
@@ -200,6 +205,7 @@ def _cases(device):
     yield "bidirectional padding GQA D64 + state", bidir_padding, (64,), bf16
     yield "bidirectional Tq=T/3 D128", bidir_cross, (), bf16
     yield "decode 40 steps after prefill D128", decode, (), both
+    yield "torch.compile (inductor) causal GQA D128 + state", compiled, (), bf16
 
 
 def _relu_oracle(q, k, v, causal, compute_dtype):
