@@ -63,7 +63,7 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool) -> None:
         raise ValueError(f"{hq} query heads but {hkv} key/value heads: pass enable_gqa=True for grouped-query attention")
 
 
-def _key_mask_from_attn_mask(attn_mask: Tensor, batch: int, tk: int) -> Tensor:
+def _key_mask_from_attn_mask(attn_mask: Tensor, batch: int, tk: int, device: torch.device) -> Tensor:
     """bool [B, Tk] (True = keep) from a key-padding mask broadcastable from [B, 1, 1, Tk]."""
     if attn_mask.dim() > 4:
         raise ValueError(f"attn_mask has {attn_mask.dim()} dims; at most 4 ([B, H, Tq, Tk])")
@@ -85,7 +85,7 @@ def _key_mask_from_attn_mask(attn_mask: Tensor, batch: int, tk: int) -> Tensor:
                                  "cannot honour an additive bias on the attention scores")
     else:
         raise ValueError(f"attn_mask must be bool (True = keep) or floating point (0 / -inf), got {mask.dtype}")
-    return keep.to(attn_mask.device).expand(batch, tk)
+    return keep.to(device).expand(batch, tk)
 
 
 def _key_mask_from_lens(kv_lens: Tensor, batch: int, tk: int, device: torch.device) -> Tensor:
@@ -233,7 +233,7 @@ def linear_attention(
         raise ValueError("pass either attn_mask or kv_lens, not both")
     key_mask = None
     if attn_mask is not None:
-        key_mask = _key_mask_from_attn_mask(attn_mask, batch, tk)
+        key_mask = _key_mask_from_attn_mask(attn_mask, batch, tk, q.device)
     elif kv_lens is not None:
         key_mask = _key_mask_from_lens(kv_lens, batch, tk, q.device)
     num_seqs = batch
