@@ -21,8 +21,9 @@ import triton
 import triton.language as tl
 
 from .chunk_fwd import chunk_state
-from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, exclusive_cumsum, feature, feature_grad, launch_options,
-                            pick_config, pow2, row_strides, segment_bounds, sequence_bounds, traceable, tuning_shape)
+from .triton_common import (SEGMENT_ALIGN, as_dot, default_num_splits, dot_mode, exclusive_cumsum, feature, feature_grad,
+                            launch_options, pick_config, pow2, row_strides, segment_bounds, sequence_bounds, traceable,
+                            tuning_shape)
 
 
 @triton.jit
@@ -353,28 +354,33 @@ def chunk_linear_attn_bwd(
     d_final_z: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    reverse_splits: int | None = None,
     configs: dict | None = None,
 ):
     """Gradients of :func:`chunk_fwd.chunk_linear_attn_fwd`.
 
-    ``start_S``/``start_z`` are the forward's per-segment start states (their split count is the
-    forward's); ``has_start`` says whether they hold anything but zeros.  ``d_final_S/z`` are the
-    gradients reaching the final state (None: zero).  Returns dq, dk, dv (shaped like q, k, v) and
-    the gradients of the initial state, fp32 [N, Hkv, Dk, Dv] and [N, Hkv, Dk].
+    ``start_S``/``start_z`` are the forward's per-segment start states (the dq kernel walks the
+    forward's segments); ``has_start`` says whether they hold anything but zeros.  The dk and dv
+    kernels run per kv head, so with grouped queries they have fewer programs than the forward:
+    they cut the sequence into their own ``reverse_splits`` segments (default: enough to fill the
+    GPU).  ``d_final_S/z`` are the gradients reaching the final state (None: zero).  Returns dq, dk,
+    dv (shaped like q, k, v) and the gradients of the initial state, fp32 [N, Hkv, Dk, Dv] and [N, Hkv, Dk].
     """
     configs = configs or {}
     num_seqs, num_splits = start_S.shape[0], start_S.shape[2]
-    L = _Launch(q, k, v, do, feature_map_id, scale, key_mask, cu_seqlens, num_seqs, num_splits)
+    if reverse_splits is None:
+        reverse_splits = default_num_splits(q.device, num_seqs * k.shape[1] * triton.cdiv(q.shape[-1], 64))
+    forward = _Launch(q, k, v, do, feature_map_id, scale, key_mask, cu_seqlens, num_seqs, num_splits)
+    reverse = _Launch(q, k, v, do, feature_map_id, scale, key_mask, cu_seqlens, num_seqs, reverse_splits)
     gamma = bwd_gamma(do, out, inv_den)
-    end_dS, end_dz = segment_end_grads(L, inv_den, gamma, start_S, start_z, d_final_S, d_final_z,
-                                       configs.get("chunk_state"))
-    dq = chunk_bwd_dq(L, inv_den, gamma, start_S, start_z, has_start, configs.get("chunk_bwd_dq"))
-    dk, d_initial_S, d_initial_z = chunk_bwd_dk(L, inv_den, gamma, end_dS, end_dz, configs.get("chunk_bwd_dk"))
-    dv = chunk_bwd_dv(L, inv_den, end_dS, configs.get("chunk_bwd_dv"))
+    dq = chunk_bwd_dq(forward, inv_den, gamma, start_S, start_z, has_start, configs.get("chunk_bwd_dq"))
+    end_dS, end_dz = segment_end_grads(reverse, inv_den, gamma, d_final_S, d_final_z, configs.get("chunk_state"))
+    dk, d_initial_S, d_initial_z = chunk_bwd_dk(reverse, inv_den, gamma, end_dS, end_dz, configs.get("chunk_bwd_dk"))
+    dv = chunk_bwd_dv(reverse, inv_den, end_dS, configs.get("chunk_bwd_dv"))
     return dq, dk, dv, d_initial_S, d_initial_z
 
 
-def segment_end_grads(L: _Launch, inv_den, gamma, start_S, start_z, d_final_S, d_final_z, config=None):
+def segment_end_grads(L: _Launch, inv_den, gamma, d_final_S, d_final_z, config=None):
     """Gradient reaching the state after each segment: the final state's, plus every later segment's
     queries (Σ q̃ᵀg and Σ γq̃ per segment, summed backwards).  (None, None) when it is zero everywhere."""
     has_final = d_final_S is not None or d_final_z is not None
@@ -387,8 +393,11 @@ def segment_end_grads(L: _Launch, inv_den, gamma, start_S, start_z, d_final_S, d
                                      row_scale=inv_den, row_weight=gamma, cu_seqlens=L.cu_seqlens, config=config)
         end_dS, end_dz = exclusive_cumsum(seg_dS, reverse=True), exclusive_cumsum(seg_dz, reverse=True)
     if has_final:
-        final_S = (d_final_S.float() if d_final_S is not None else torch.zeros_like(start_S[:, :, 0]))[:, :, None]
-        final_z = (d_final_z.float() if d_final_z is not None else torch.zeros_like(start_z[:, :, 0]))[:, :, None]
+        def zeros(*shape):
+            return L.q.new_zeros(*shape, dtype=torch.float32)
+
+        final_S = (d_final_S.float() if d_final_S is not None else zeros(L.num_seqs, L.heads_kv, L.dk, L.dv))[:, :, None]
+        final_z = (d_final_z.float() if d_final_z is not None else zeros(L.num_seqs, L.heads_kv, L.dk))[:, :, None]
         end_dS = final_S if end_dS is None else end_dS + final_S
         end_dz = final_z if end_dz is None else end_dz + final_z
     shape = (L.num_seqs, L.heads_kv, L.num_splits, L.dk, L.dv)

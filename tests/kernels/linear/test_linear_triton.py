@@ -148,6 +148,37 @@ def test_sequence_split_into_segments(causal):
     compare(candidate, q, k, v, dtype=torch.float32, causal=causal, state=state)
 
 
+@pytest.mark.parametrize("forward_splits,reverse_splits", [(1, 3), (3, 2)])
+def test_backward_walks_its_own_segments(forward_splits, reverse_splits):
+    """dk/dv cut the sequence into their own segments (fewer programs per kv head than the forward)."""
+    from attnrewrite.kernels.linear.chunk_bwd import chunk_linear_attn_bwd
+    from attnrewrite.kernels.linear.chunk_fwd import chunk_linear_attn_fwd
+
+    q, k, v = make_qkv(batch=1, heads_q=4, heads_kv=2, tq=300, dk=16, dv=16)
+    S0, z0 = make_state(1, 2, 16, 16)
+    key_mask = (torch.rand(1, 300) > 0.2)
+    def grads(fn, dtype, upstream=None):
+        leaves = [x.to(dtype).requires_grad_() for x in (q, k, v, S0, z0)]
+        out_, S_, z_ = fn(*leaves[:3], causal=True, key_mask=key_mask, initial_state=tuple(leaves[3:]))
+        upstream = upstream or tuple(torch.randn_like(t, dtype=torch.float64) for t in (out_, S_, z_))
+        loss = sum((t.double() * u).sum() for t, u in zip((out_, S_, z_), upstream))
+        return torch.autograd.grad(loss, leaves), upstream
+
+    expected, (d_out, d_S, d_z) = grads(naive_recurrent_linear_attn, torch.float64)
+    plain, _ = grads(naive_quadratic_linear_attn, torch.float32, (d_out, d_S, d_z))
+    mask8 = key_mask.to(torch.int8)
+    out, inv_den, _, _, start_S, start_z = chunk_linear_attn_fwd(q, k, v, feature_map_id=0, scale=1.0, eps=1e-6,
+                                                                 num_splits=forward_splits, key_mask=mask8,
+                                                                 initial_S=S0, initial_z=z0)
+    got = chunk_linear_attn_bwd(d_out.float(), q, k, v, out, inv_den, start_S, start_z, feature_map_id=0, scale=1.0,
+                                has_start=True, d_final_S=d_S.float(), d_final_z=d_z.float(), key_mask=mask8,
+                                reverse_splits=reverse_splits)
+    for name, g, e, p in zip(["dq", "dk", "dv", "dS0", "dz0"], got, expected, plain):
+        err = (g.double() - e).abs().max().item()
+        bound = 2 * (p.double() - e).abs().max().item() + rounding_band(torch.float32, 300, e)
+        assert err <= bound, f"{name}: {err:.3e} > {bound:.3e}"
+
+
 @pytest.mark.parametrize("block", [16, 128])
 def test_block_sizes(block, monkeypatch):
     """Chunks and value/key blocks both smaller and larger than the defaults."""
