@@ -1,0 +1,328 @@
+"""Public linear-attention functions: SDPA's signature plus the linear kind's options.
+
+See :func:`linear_attention` for the semantics; :func:`linear_attention_decode` continues a
+sequence token by token from the state a causal prefill returned.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .chunk_torch import chunk_linear_attn_torch, recurrent_step_torch
+from .feature_maps import check_feature_map
+
+IMPLS = ("auto", "triton", "torch")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_HEAD_DIM = 256  # the chunk kernels keep a [Dk, BLOCK_V] fp32 state in registers
+
+
+class LinearState(NamedTuple):
+    """The recurrent state of causal linear attention after a prefix, per kv head.
+
+    S: fp32 [B, Hkv, Dk, Dv] = Σ φ(k_j)ᵀ v_j;  z: fp32 [B, Hkv, Dk] = Σ φ(k_j)  (float64 when the
+    torch path runs on float64 inputs).  With packed sequences B is the number of sequences.
+    """
+
+    S: Tensor
+    z: Tensor
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, T, D], got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be floating point, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[0] != k.shape[0] or k.shape[0] != v.shape[0]:
+        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on heads and length")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if hq != hkv and not enable_gqa:
+        raise ValueError(f"{hq} query heads but {hkv} key/value heads: pass enable_gqa=True for grouped-query attention")
+
+
+def _key_mask_from_attn_mask(attn_mask: Tensor, batch: int, tk: int, device: torch.device) -> Tensor:
+    """bool [B, Tk] (True = keep) from a key-padding mask broadcastable from [B, 1, 1, Tk]."""
+    if attn_mask.dim() > 4:
+        raise ValueError(f"attn_mask has {attn_mask.dim()} dims; at most 4 ([B, H, Tq, Tk])")
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    if shape[1] != 1 or shape[2] != 1 or shape[0] not in (1, batch) or shape[3] not in (1, tk):
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} is not a key-padding mask (broadcastable from "
+            f"[B, 1, 1, Tk] = [{batch}, 1, 1, {tk}]): it varies across heads or queries, and a linear kind "
+            "cannot honour such a mask (use is_causal for causal masking)")
+    mask = attn_mask.reshape(shape)[:, 0, 0, :]
+    if mask.dtype == torch.bool:
+        keep = mask
+    elif mask.is_floating_point():
+        keep = mask == 0
+        if not _is_compiling():
+            dropped = torch.isneginf(mask) | (mask <= torch.finfo(mask.dtype).min)
+            if not bool((keep | dropped).all()):
+                raise ValueError("an additive attn_mask must hold only 0 (keep) and -inf (drop): a linear kind "
+                                 "cannot honour an additive bias on the attention scores")
+    else:
+        raise ValueError(f"attn_mask must be bool (True = keep) or floating point (0 / -inf), got {mask.dtype}")
+    return keep.to(device).expand(batch, tk)
+
+
+def _key_mask_from_lens(kv_lens: Tensor, batch: int, tk: int, device: torch.device) -> Tensor:
+    if not isinstance(kv_lens, Tensor) or kv_lens.dtype.is_floating_point or kv_lens.dtype == torch.bool:
+        raise ValueError("kv_lens must be an integer tensor of shape [B]")
+    if kv_lens.shape != (batch,):
+        raise ValueError(f"kv_lens must have shape [B] = [{batch}], got {tuple(kv_lens.shape)}")
+    return torch.arange(tk, device=device)[None, :] < kv_lens.to(device)[:, None]
+
+
+def _check_cu_seqlens(cu_seqlens: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError("cu_seqlens must be an int32 (or int64) tensor [N+1] of sequence starts")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, sequences are packed along T: batch must be 1, got {q.shape[0]}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError("with cu_seqlens, queries and keys must be the same packed tokens (Tq == Tk)")
+    if not _is_compiling():
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != q.shape[2] or any(a > b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must rise from 0 to T = {q.shape[2]}, got {bounds}")
+    return cu_seqlens.to(device=q.device, dtype=torch.int32)
+
+
+def _check_state(state, num_seqs: int, heads_kv: int, dk: int, dv: int, device: torch.device, what: str):
+    if not isinstance(state, (tuple, list)) or len(state) != 2 or not all(isinstance(t, Tensor) for t in state):
+        raise TypeError(f"{what} must be a LinearState(S, z) (or a pair of tensors)")
+    S, z = state
+    if tuple(S.shape) != (num_seqs, heads_kv, dk, dv) or tuple(z.shape) != (num_seqs, heads_kv, dk):
+        raise ValueError(f"{what} must be S [{num_seqs}, {heads_kv}, {dk}, {dv}] and z [{num_seqs}, {heads_kv}, {dk}] "
+                         f"(per kv head), got {tuple(S.shape)} and {tuple(z.shape)}")
+    if S.device != device or z.device != device:
+        raise ValueError(f"{what} must be on {device}, got {S.device} and {z.device}")
+    if S.dtype not in (torch.float32, torch.float64) or z.dtype != S.dtype:
+        raise ValueError(f"{what} must be float32 (float64 only on the torch path), got {S.dtype}, {z.dtype}")
+    return LinearState(S, z)
+
+
+def _resolve_impl(impl: str, q: Tensor, head_dims: tuple[int, int]) -> str:
+    """"triton" or "torch" for these inputs; raises when "triton" cannot run them."""
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    fits = q.dtype in TRITON_DTYPES and max(head_dims) <= TRITON_MAX_HEAD_DIM
+    if impl == "auto":
+        return "triton" if (q.is_cuda and fits) else "torch"
+    if impl == "torch":
+        return "torch"
+    if q.dtype not in TRITON_DTYPES:
+        raise ValueError(f"impl='triton' takes float16, bfloat16 or float32, got {q.dtype} (use impl='torch')")
+    if max(head_dims) > TRITON_MAX_HEAD_DIM:
+        raise ValueError(f"impl='triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got {head_dims}")
+    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before the kernels are "
+                           "imported); use impl='torch' (or 'auto') for the CPU path")
+    if q.device.type not in ("cuda", "cpu"):
+        raise RuntimeError(f"impl='triton' runs on CUDA (or the CPU interpreter), not on {q.device.type}")
+    return "triton"
+
+
+def _unit_stride(x: Tensor) -> Tensor:
+    """The kernels take any strides but a unit one on the head dim."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _num_splits(q: Tensor, num_seqs: int, dv: int) -> int:
+    from .triton_common import default_num_splits
+
+    return default_num_splits(q.device, num_seqs * q.shape[1] * max(1, -(-dv // 64)))
+
+
+# --------------------------------------------------------------------------- public functions
+
+
+def linear_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    feature_map: str = "elu",
+    eps: float = 1e-6,
+    kv_lens: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    initial_state: LinearState | tuple[Tensor, Tensor] | None = None,
+    output_final_state: bool = False,
+    impl: str = "auto",
+) -> Tensor | tuple[Tensor, LinearState]:
+    """Linear attention (Katharopoulos et al., 2020) with the signature of ``F.scaled_dot_product_attention``.
+
+    Per head, with φ the feature map, q̃_i = φ(scale·q_i) and k̃_j = φ(k_j)::
+
+        out_i = q̃_i·S_i / (q̃_i·z_i + eps),   S_i = S0 + Σ_j k̃_jᵀ v_j,   z_i = z0 + Σ_j k̃_j
+
+    where j runs over the valid keys with j ≤ i when ``is_causal``, over all valid keys otherwise,
+    and (S0, z0) is ``initial_state`` (zero by default).  Cost is O(T·D²) time and memory linear in T.
+
+    Args:
+        q: [B, Hq, Tq, Dk]; k: [B, Hkv, Tk, Dk]; v: [B, Hkv, Tk, Dv]; float16, bfloat16 or float32
+            (float64 on the torch path).  Hq must be a multiple of Hkv and, when they differ,
+            ``enable_gqa=True`` (as in SDPA); K/V are never repeated.  Causal needs Tq == Tk.
+        attn_mask: only a key-padding mask is accepted: bool (True = keep) or additive (0 keep,
+            -inf drop), broadcastable from [B, 1, 1, Tk].  Padded keys contribute nothing; every
+            query still gets an output.  Any other mask raises ValueError: a linear kind cannot
+            honour it.  It may be combined with ``is_causal=True`` (unlike SDPA).
+        dropout_p: must be 0 (there are no attention probabilities to drop).
+        is_causal: query i sees keys j ≤ i.
+        scale: multiplies q before φ.  None means 1.0 — unlike SDPA, no 1/sqrt(D): with elu+1
+            features a 1/sqrt(D) scale pulls every φ(q)·φ(k) towards the same value and flattens
+            the attention weights; models that want a scale pass it explicitly.
+        feature_map: ``"elu"`` (elu(x)+1), ``"relu"`` or ``"identity"``, fused into the kernels.
+            Learned or random maps (favor, hedgehog) are applied to q and k in torch by the caller,
+            which then passes ``"identity"`` (the normaliser then needs positive features).
+        eps: added to the normaliser q̃·z.
+        kv_lens: int [B]: keys j ≥ kv_lens[b] are padding (an alternative to ``attn_mask``).
+        cu_seqlens: int32 [N+1] for N packed sequences in q/k/v of shape [1, H, total_T, D]
+            (FlashAttention's varlen layout); each sequence attends only within itself.
+        initial_state: a :class:`LinearState` (S0 fp32 [B or N, Hkv, Dk, Dv], z0 fp32 [B or N, Hkv, Dk])
+            to continue from, e.g. the state a previous call returned; it receives a gradient.
+        output_final_state: also return the state after all keys (causal: the state to continue
+            decoding from; bidirectional: the state every query saw).  Gradients flow back through it.
+        impl: ``"auto"`` (Triton kernels on CUDA, the chunked torch path elsewhere), ``"triton"``
+            (the kernels; on the CPU only under TRITON_INTERPRET=1) or ``"torch"`` (chunked torch
+            ops, memory linear in T, autograd).
+
+    Returns:
+        out [B, Hq, Tq, Dv] in q's dtype, or (out, LinearState) when ``output_final_state``.
+        Gradients reach q, k, v and ``initial_state``.
+    """
+    feature_map = check_feature_map(feature_map)
+    _check_qkv(q, k, v, enable_gqa)
+    if dropout_p != 0.0:
+        raise ValueError(f"dropout_p must be 0 for linear attention (no probabilities to drop), got {dropout_p}")
+    batch, heads_q, tq, dk = q.shape
+    heads_kv, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    if is_causal and tq != tk:
+        raise ValueError(f"is_causal needs as many queries as keys, got Tq={tq}, Tk={tk}; to continue a sequence "
+                         "pass initial_state, or use linear_attention_decode")
+    if attn_mask is not None and kv_lens is not None:
+        raise ValueError("pass either attn_mask or kv_lens, not both")
+    key_mask = None
+    if attn_mask is not None:
+        key_mask = _key_mask_from_attn_mask(attn_mask, batch, tk, q.device)
+    elif kv_lens is not None:
+        key_mask = _key_mask_from_lens(kv_lens, batch, tk, q.device)
+    num_seqs = batch
+    if cu_seqlens is not None:
+        if key_mask is not None:
+            raise ValueError("packed sequences (cu_seqlens) have no padding: attn_mask / kv_lens must be None")
+        cu_seqlens = _check_cu_seqlens(cu_seqlens, q, k)
+        num_seqs = cu_seqlens.shape[0] - 1
+    if initial_state is not None:
+        initial_state = _check_state(initial_state, num_seqs, heads_kv, dk, dv, q.device, "initial_state")
+    scale = 1.0 if scale is None else float(scale)
+
+    if _resolve_impl(impl, q, (dk, dv)) == "torch":
+        out, S, z = chunk_linear_attn_torch(q, k, v, causal=is_causal, feature_map=feature_map, scale=scale,
+                                            eps=eps, key_mask=key_mask, cu_seqlens=cu_seqlens,
+                                            initial_state=initial_state)
+    else:
+        from .op import ops_for
+
+        fwd = ops_for(q.device)[0]
+        q, k, v = (_unit_stride(x) for x in (q, k, v))
+        init_S = init_z = None
+        if initial_state is not None:
+            init_S, init_z = (t.to(torch.float32).contiguous() for t in initial_state)
+        mask_i8 = None if key_mask is None else key_mask.to(torch.int8).contiguous()
+        out, _, S, z, _, _ = fwd(q, k, v, mask_i8, cu_seqlens, init_S, init_z, bool(is_causal), feature_map, scale,
+                                 float(eps), _num_splits(q, num_seqs, dv))
+    return (out, LinearState(S, z)) if output_final_state else out
+
+
+def linear_attention_decode(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    state: LinearState | tuple[Tensor, Tensor],
+    *,
+    feature_map: str = "elu",
+    scale: float | None = None,
+    eps: float = 1e-6,
+    impl: str = "auto",
+) -> tuple[Tensor, LinearState]:
+    """Continue causal linear attention from ``state`` with T new tokens (usually T = 1).
+
+    Same semantics as ``linear_attention(q, k, v, is_causal=True, initial_state=state,
+    output_final_state=True)``: each new token's key joins the state before its query reads it.
+    One token costs O(Dk·Dv) per head whatever the length of the prefix.
+
+    Args:
+        q: [B, Hq, T, Dk]; k: [B, Hkv, T, Dk]; v: [B, Hkv, T, Dv] (Hq a multiple of Hkv).
+        state: :class:`LinearState` with S fp32 [B, Hkv, Dk, Dv] and z fp32 [B, Hkv, Dk], e.g. from
+            a causal ``linear_attention(..., output_final_state=True)`` prefill.  Not modified.
+        feature_map, scale, eps, impl: as in :func:`linear_attention` (use the prefill's values).
+
+    Returns:
+        out [B, Hq, T, Dv] in q's dtype and the new :class:`LinearState`.  When gradients are
+        needed the call runs through the differentiable chunked op instead of the decode kernel.
+    """
+    feature_map = check_feature_map(feature_map)
+    _check_qkv(q, k, v, enable_gqa=True)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"decode takes as many new queries as new keys, got {q.shape[2]} and {k.shape[2]}")
+    batch, heads_q, _, dk = q.shape
+    heads_kv, dv = k.shape[1], v.shape[-1]
+    state = _check_state(state, batch, heads_kv, dk, dv, q.device, "state")
+    scale = 1.0 if scale is None else float(scale)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *state))
+    use = _resolve_impl(impl, q, (dk, dv))
+    if needs_grad and use == "triton":
+        out, new_state = linear_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True,
+                                          feature_map=feature_map, eps=eps, initial_state=state,
+                                          output_final_state=True, impl=impl)
+        return out, new_state
+    if use == "torch":
+        out, S, z = recurrent_step_torch(q, k, v, state.S, state.z, feature_map=feature_map, scale=scale, eps=eps)
+        return out, LinearState(S, z)
+    from .op import ops_for
+
+    q, k, v = (_unit_stride(x) for x in (q, k, v))
+    S, z = state.S.to(torch.float32).contiguous(), state.z.to(torch.float32).contiguous()
+    if q.is_cuda and type(q) is Tensor and not _is_compiling():
+        # plain eager tensors: launch directly; the custom-op dispatch would cost more than the
+        # kernel itself (a decode step is a few microseconds of GPU time)
+        from .feature_maps import FEATURE_MAP_IDS
+        from .fused_recurrent import fused_recurrent_linear_attn
+        from .triton_common import direct_launches
+
+        with direct_launches():
+            out, S, z = fused_recurrent_linear_attn(q, k, v, S, z, feature_map_id=FEATURE_MAP_IDS[feature_map],
+                                                    scale=scale, eps=float(eps))
+        return out, LinearState(S, z)
+    out, S, z = ops_for(q.device)[2](q, k, v, S, z, feature_map, scale, float(eps))
+    return out, LinearState(S, z)

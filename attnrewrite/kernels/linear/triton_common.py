@@ -1,0 +1,188 @@
+"""Pieces shared by the linear-attention Triton kernels: feature maps, sequence and segment bounds,
+dot precision per dtype, and the launch-configuration lookup.
+
+Importing this module defines Triton functions, so it is imported lazily (by the op
+implementations), after ``TRITON_INTERPRET`` has been decided.
+
+Layout conventions of every kernel:
+
+- q/k/v/o/do/dq/dk/dv are [B, H, T, D] with unit stride on D (any other strides), or, for
+  packed variable-length batches, [1, H, total_T, D] with ``cu_seqlens`` int32 [N+1];
+- per-row fp32 side tensors (inverse denominator, γ) are contiguous [B, H, T];
+- states are contiguous fp32: S [N, Hkv, (splits,) Dk, Dv], z [N, Hkv, (splits,) Dk];
+- a sequence may be cut into ``num_splits`` segments, each a multiple of ``SEGMENT_ALIGN`` tokens
+  (so every chunk size divides it), which run as separate programs: this is how a long
+  sequence with few heads still fills the GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from . import tune
+from .. import tuning
+
+SEGMENT_ALIGN = 128  # tokens; every chunk size in the search spaces divides it
+
+ELU, RELU, IDENTITY = 0, 1, 2  # constexpr ids, in the order of feature_maps.FEATURE_MAPS
+
+
+@triton.jit
+def feature(x, FEATURE: tl.constexpr):
+    """φ(x) for fp32 x."""
+    if FEATURE == 0:  # elu + 1
+        y = tl.where(x > 0, x + 1.0, tl.exp(x))
+    elif FEATURE == 1:  # relu
+        y = tl.maximum(x, 0.0)
+    else:
+        y = x
+    return y
+
+
+@triton.jit
+def feature_grad(x, FEATURE: tl.constexpr):
+    """dφ/dx at fp32 x."""
+    if FEATURE == 0:
+        d = tl.where(x > 0, 1.0, tl.exp(x))
+    elif FEATURE == 1:
+        d = tl.where(x > 0, 1.0, 0.0)
+    else:
+        d = tl.full(x.shape, 1.0, tl.float32)
+    return d
+
+
+@triton.jit
+def sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
+    """(first row, length, batch index) of sequence ``i_n``."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int32)
+        seqlen = tl.load(cu_seqlens + i_n + 1).to(tl.int32) - bos
+        batch = i_n * 0
+    else:
+        bos = 0
+        seqlen = T
+        batch = i_n
+    return bos, seqlen, batch
+
+
+@triton.jit
+def segment_bounds(seqlen, i_s, num_splits, ALIGN: tl.constexpr):
+    """Token range [start, end) of segment ``i_s`` of ``num_splits`` (possibly empty)."""
+    seg_len = tl.cdiv(tl.cdiv(seqlen, ALIGN), num_splits) * ALIGN
+    start = i_s * seg_len
+    end = tl.minimum(start + seg_len, seqlen)
+    return start, end
+
+
+@triton.jit
+def as_dot(x, DOT_FP32: tl.constexpr, INPUT_DTYPE: tl.constexpr):
+    """Cast an fp32 tile to the operand type of this kernel's matmuls."""
+    if DOT_FP32:
+        return x.to(tl.float32)
+    else:
+        return x.to(INPUT_DTYPE)
+
+
+# --------------------------------------------------------------------------- host side
+
+
+def traceable(kernel):
+    """``kernel`` wrapped so torch.compile / make_fx can trace its launch (CUDA); the interpreter's
+    kernels run eagerly as they are."""
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, JITFunction):
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)
+    return kernel
+
+
+@contextlib.contextmanager
+def direct_launches():
+    """Launch kernels straight from the launchers, without wrap_triton's higher-order-op dispatch
+    (about a millisecond per launch in eager mode): for plain eager tensors outside the ops, as
+    ``triton_op`` itself does inside them."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    with set_wrap_triton_enabled(False):
+        yield
+
+
+def dot_mode(dtype: torch.dtype) -> tuple[bool, str, tl.dtype]:
+    """(matmuls in fp32?, their input precision, the element type) for inputs of ``dtype``.
+
+    bf16: bf16 operands, fp32 accumulation.  fp16: fp32 operands on tf32 tensor cores (tf32 keeps
+    fp16's 10-bit mantissa but not its range: the state grows with T and 1/den shrinks with it,
+    and either would overflow or underflow in fp16 at long T).  fp32: exact fp32 products, so an
+    fp32 call is as accurate as plain torch in fp32.
+    """
+    if dtype == torch.bfloat16:
+        return False, "tf32", tl.bfloat16
+    if dtype == torch.float16:
+        return True, "tf32", tl.float16
+    if dtype == torch.float32:
+        return True, "ieee", tl.float32
+    raise ValueError(f"linear attention kernels take float16, bfloat16 or float32, got {dtype}")
+
+
+def pow2(n: int, lo: int = 16) -> int:
+    """The smallest power of two ≥ max(n, lo) (tl.dot needs every tile side ≥ 16)."""
+    return max(lo, triton.next_power_of_2(int(n)))
+
+
+def row_strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """(batch, head, row) strides of a [B, H, T, D] tensor whose last dim is contiguous."""
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"the last dimension must be contiguous, got strides {tuple(x.stride())}")
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _is_real(*tensors: torch.Tensor) -> bool:
+    """False while tracing with fake tensors, when nothing may be launched or timed."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not any(is_fake(t) for t in tensors)
+
+
+def pick_config(kernel: str, shape: dict, device: torch.device, make_bench, tensors, config=None) -> dict:
+    """The launch configuration of ``kernel``: ``config`` when given, else table → autotune → default."""
+    if config is not None:
+        return dict(config)
+    bench = make_bench if (device.type == "cuda" and _is_real(*tensors)) else None
+    return tuning.choose("linear", tune.SPACES[kernel], shape, device, bench)
+
+
+def tuning_shape(num_seqs: int, heads_q: int, heads_kv: int, T: int, dk: int, dv: int, dtype: torch.dtype) -> dict:
+    """The shape description the search spaces bucket on (see ``tune.bucket``)."""
+    return {"N": int(num_seqs), "Hq": int(heads_q), "Hkv": int(heads_kv), "T": int(T),
+            "Dk": int(dk), "Dv": int(dv), "dtype": tune.dtype_name(dtype)}
+
+
+def launch_options(config: dict) -> dict:
+    """The part of a configuration that goes to the launcher rather than to the kernel's constexprs."""
+    return {"num_warps": config["num_warps"], "num_stages": config["num_stages"]}
+
+
+def exclusive_cumsum(x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+    """Σ over the earlier (later when ``reverse``) entries of dim 2, excluding the entry itself;
+    shifted rather than subtracted, so no cancellation."""
+    if reverse:
+        return exclusive_cumsum(x.flip(2)).flip(2)
+    return torch.cat([torch.zeros_like(x[:, :, :1]), x[:, :, :-1].cumsum(2)], dim=2)
+
+
+def default_num_splits(device: torch.device, programs_per_segment: int) -> int:
+    """Segments per sequence so that one launch has about one program per multiprocessor.
+
+    Splitting costs an extra pass over K and V (to sum each segment's state first), so it only
+    happens when the batch and heads alone leave much of the GPU idle.
+    """
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(16, round(sms / max(1, programs_per_segment))))

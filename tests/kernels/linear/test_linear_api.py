@@ -1,0 +1,100 @@
+"""Bad input gets a clear error naming the problem; the search spaces are sound."""
+
+import pytest
+import torch
+
+from attnrewrite.kernels import tuning
+from attnrewrite.kernels.linear import LinearState, linear_attention, linear_attention_decode
+from attnrewrite.kernels.linear import tune
+
+from _linear_testing import make_qkv
+
+
+def _qkv(**kw):
+    return make_qkv(batch=2, heads_q=2, heads_kv=2, tq=8, dk=4, dv=4, **kw)
+
+
+@pytest.mark.parametrize("change,kwargs,message", [
+    (lambda q, k, v: (q[0], k, v), {}, "must be 4-D"),
+    (lambda q, k, v: (q, k.double(), v), {}, "share a dtype"),
+    (lambda q, k, v: (q.long(), k.long(), v.long()), {}, "floating point"),
+    (lambda q, k, v: (q, k[:1], v[:1]), {}, "batch sizes differ"),
+    (lambda q, k, v: (q, k, v[:, :, :5]), {}, "agree on heads and length"),
+    (lambda q, k, v: (q[..., :3], k, v), {}, "head dims differ"),
+    (lambda q, k, v: (torch.cat([q, q[:, :1]], 1), k, v), {"enable_gqa": True}, "multiple of key/value heads"),
+    (lambda q, k, v: (torch.cat([q, q], 1), k, v), {}, "enable_gqa=True"),
+    (lambda q, k, v: (q[:, :, :5], k, v), {"is_causal": True}, "is_causal needs as many queries"),
+    (lambda q, k, v: (q, k, v), {"dropout_p": 0.1}, "dropout_p must be 0"),
+    (lambda q, k, v: (q, k, v), {"feature_map": "favor"}, "feature_map must be one of"),
+    (lambda q, k, v: (q, k, v), {"impl": "cuda"}, "impl must be one of"),
+    (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(8, 8, dtype=torch.bool).tril()}, "cannot honour"),
+    (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(2, 2, 1, 8, dtype=torch.bool)}, "not a key-padding mask"),
+    (lambda q, k, v: (q, k, v), {"attn_mask": torch.randn(2, 1, 1, 8)}, "additive bias"),
+    (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(2, 1, 1, 8, dtype=torch.int64)}, "must be bool"),
+    (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(2, 1, 1, 8, dtype=torch.bool),
+                                 "kv_lens": torch.tensor([8, 8])}, "either attn_mask or kv_lens"),
+    (lambda q, k, v: (q, k, v), {"kv_lens": torch.tensor([8.0, 8.0])}, "kv_lens must be an integer tensor"),
+    (lambda q, k, v: (q, k, v), {"kv_lens": torch.tensor([8, 8, 8])}, "kv_lens must have shape"),
+    (lambda q, k, v: (q, k, v), {"cu_seqlens": torch.tensor([0, 8], dtype=torch.int32)}, "batch must be 1"),
+    (lambda q, k, v: (q[:1], k[:1], v[:1]), {"cu_seqlens": torch.tensor([0, 9], dtype=torch.int32)}, "rise from 0"),
+    (lambda q, k, v: (q[:1], k[:1], v[:1]), {"cu_seqlens": torch.tensor([0, 8.0])}, "int32"),
+    (lambda q, k, v: (q[:1], k[:1], v[:1]), {"cu_seqlens": torch.tensor([0, 8], dtype=torch.int32),
+                                             "kv_lens": torch.tensor([8])}, "have no padding"),
+    (lambda q, k, v: (q, k, v), {"initial_state": (torch.zeros(2, 2, 4, 4),)}, "LinearState"),
+    (lambda q, k, v: (q, k, v), {"initial_state": (torch.zeros(2, 2, 4, 3), torch.zeros(2, 2, 4))}, "per kv head"),
+    (lambda q, k, v: (q, k, v), {"initial_state": (torch.zeros(2, 2, 4, 4, dtype=torch.float16),
+                                                   torch.zeros(2, 2, 4, dtype=torch.float16))}, "float32"),
+    (lambda q, k, v: (q.double(), k.double(), v.double()), {"impl": "triton"}, "float16, bfloat16 or float32"),
+])
+def test_bad_input_is_named(change, kwargs, message):
+    q, k, v = change(*_qkv())
+    with pytest.raises((ValueError, TypeError), match=message):
+        linear_attention(q, k, v, **kwargs)
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        linear_attention(*_qkv(), impl="triton")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        linear_attention_decode(*_qkv(), LinearState(torch.zeros(2, 2, 4, 4), torch.zeros(2, 2, 4)), impl="triton")
+
+
+def test_decode_checks_its_state():
+    q, k, v = (x[:, :, :1] for x in _qkv())
+    with pytest.raises(ValueError, match="per kv head"):
+        linear_attention_decode(q, k, v, LinearState(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4)))
+    with pytest.raises(ValueError, match="as many new queries as new keys"):
+        linear_attention_decode(q, torch.cat([k, k], 2), torch.cat([v, v], 2),
+                                LinearState(torch.zeros(2, 2, 4, 4), torch.zeros(2, 2, 4)))
+
+
+def test_masks_broadcast_like_sdpa():
+    """[Tk], [1, Tk] and [B, 1, 1, Tk] key masks are accepted and mean the same thing."""
+    q, k, v = _qkv()
+    keep = torch.tensor([True] * 6 + [False] * 2)
+    expected = linear_attention(q, k, v, kv_lens=torch.tensor([6, 6]), impl="torch")
+    for mask in (keep, keep[None], keep.expand(2, 1, 1, 8), torch.zeros(8).masked_fill(~keep, float("-inf"))):
+        torch.testing.assert_close(linear_attention(q, k, v, attn_mask=mask, impl="torch"), expected)
+
+
+def test_search_space_defaults_are_valid_for_the_benchmarked_shapes():
+    for space in tune.SPACES.values():
+        for d in (64, 128):
+            shape = {"N": 4, "Hq": 16, "Hkv": 16, "T": 8192, "Dk": d, "Dv": d, "dtype": "bf16"}
+            assert space.valid(dict(space.default), shape), f"{space.kernel}: default invalid at D={d}"
+            assert space.configs(shape), f"{space.kernel}: empty search space at D={d}"
+
+
+def test_workloads_cover_every_kernel_and_bucket_like_the_launchers():
+    from attnrewrite.kernels.linear.triton_common import tuning_shape
+
+    workloads = list(tune.workloads(quick=True))
+    assert {w.space.kernel for w in workloads} == set(tune.SPACES)
+    launched = tuning_shape(4, 16, 16, 8192, 128, 128, torch.bfloat16)
+    for w in workloads:
+        assert w.space.bucket(w.shape) == w.space.bucket(launched)
+    # a table written from these workloads validates against the declared spaces
+    table = {"schema": 1, "kind": "linear", "device": "x", "kernels": {
+        w.space.kernel: {w.space.bucket(w.shape): {"config": dict(w.space.default), "ms": 1.0}} for w in workloads}}
+    assert tuning.validate_table(table, tune.SPACES) == []
