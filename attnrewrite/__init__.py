@@ -5,12 +5,14 @@ Public API (the rest of the package is internal):
 - ``torch.compile(model, backend="attnrewrite", options={"to": "softmax"})``
 - :func:`explain` — what the pass finds in a model, and why it skipped what it skipped
 - :func:`rewrite` — decorator / wrapper that makes a module run rewritten
+- :func:`convert` — attach a kind's per-site parameters (learned feature maps ...) before compiling
 - :mod:`attnrewrite.ops` — the attention kinds as ``torch.library`` custom ops
 - :mod:`attnrewrite.kinds` — the kinds a site can be rewritten to
 """
 
 from attnrewrite import kinds, ops
 from attnrewrite.rewriter.backend import attnrewrite_backend, register
+from attnrewrite.rewriter.convert import convert
 from attnrewrite.rewriter.decorator import explain, rewrite
 from attnrewrite.rewriter.pipeline import RewriteFailed
 from attnrewrite.rewriter.report import Report, SiteReport, recent_reports
@@ -24,6 +26,7 @@ __all__ = [
     "RewriteFailed",
     "SiteReport",
     "attnrewrite_backend",
+    "convert",
     "explain",
     "kinds",
     "ops",

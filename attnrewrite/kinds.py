@@ -19,19 +19,30 @@ class Kind:
 
     Attributes:
         name: the ``to=`` name.
-        emit: ``emit(call, options) -> out`` — calls the kind's op on the canonical
-            [B, H, T, D] arguments (tensors or FX proxies) and returns [B, Hq, Tq, Dv].
+        emit: ``emit(call, options, state) -> out`` — calls the kind's op on the canonical
+            [B, H, T, D] arguments (tensors or FX proxies) and returns [B, Hq, Tq, Dv]. ``state``
+            is the site's state module as a callable (see ``make_state``), or None.
         supports: ``supports(spec, options) -> reason | None`` — None when the kind can honour
-            the site exactly as specified (mask, causality, dropout, returned weights).
+            the site exactly as specified (mask, causality, dropout, score modification).
         options: option names the kind accepts, with their defaults.
         description: one line for reports and errors.
+        weights: how the kind supplies attention weights when a site's probabilities are used
+            elsewhere (``output_attentions``): ``"original"`` keeps the site's own computation
+            (the exact kind), a callable ``weights(call, options, state) -> [B, Hq, Tq, Tk]``
+            computes the kind's own, None means it cannot (such sites are skipped).
+        make_state: ``make_state(spec, options) -> nn.Module | None`` — the per-site module of a
+            kind with parameters or fixed random draws (learned feature maps, summary queries,
+            hash projections) for these options; None when the options need none. States are
+            attached to the model by :func:`attnrewrite.convert` before compiling.
     """
 
     name: str
-    emit: Callable[[AttentionCall, dict[str, Any]], Any]
+    emit: Callable[[AttentionCall, dict[str, Any], Any], Any]
     supports: Callable[[AttentionSpec, dict[str, Any]], str | None]
     options: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    weights: Callable[[AttentionCall, dict[str, Any], Any], Any] | str | None = None
+    make_state: Callable[[AttentionSpec, dict[str, Any]], Any] | None = None
 
 
 _KINDS: dict[str, Kind] = {}
@@ -43,26 +54,44 @@ def register(kind: Kind) -> Kind:
     return kind
 
 
+#: Modules that define further kinds; imported on first lookup (no import-time cost otherwise).
+_KIND_MODULES = ("attnrewrite.kernels.sigmoid.kind", "attnrewrite.kernels.linear.kind")
+
+
+def _load_all() -> None:
+    import importlib
+
+    for module in _KIND_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+
+
 def get(name: str) -> Kind:
     """The kind called ``name``; a clear error lists the known kinds otherwise."""
+    if name not in _KINDS:
+        _load_all()
     if name not in _KINDS:
         raise ValueError(f"unknown attention kind {name!r}; known kinds: {', '.join(sorted(_KINDS))}")
     return _KINDS[name]
 
 
 def names() -> list[str]:
+    _load_all()
     return sorted(_KINDS)
 
 
 # --------------------------------------------------------------------------- softmax (exact)
 
 
-def _emit_softmax(call: AttentionCall, options: dict[str, Any]):
+def _emit_softmax(call: AttentionCall, options: dict[str, Any], state: Any = None):
     import torch
 
     import attnrewrite.kernels.softmax  # noqa: F401 — registers the op
 
-    return torch.ops.attnrewrite.softmax_attention(call.q, call.k, call.v, **call.kwargs())
+    return torch.ops.attnrewrite.softmax_attention(call.scaled_q(), call.k, call.v, **call.kwargs())
 
 
 register(Kind(
@@ -70,4 +99,5 @@ register(Kind(
     emit=_emit_softmax,
     supports=lambda spec, options: None,  # the exact kind honours every certified site
     description="exact softmax attention (F.scaled_dot_product_attention semantics)",
+    weights="original",
 ))

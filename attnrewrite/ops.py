@@ -1,6 +1,11 @@
 """The attention kinds as operators, all with the signature of ``F.scaled_dot_product_attention``
-(layout [B, H, T, D]) plus each kind's own keyword options."""
+(layout [B, H, T, D]) plus each kind's own keyword options.
 
+- :func:`softmax_attention` — exact (SDPA semantics; also takes is_causal with a mask)
+- :func:`linear_attention` — φ(q)·Σφ(k)ᵀv / φ(q)·Σφ(k) (feature maps elu, relu, or your own)
+"""
+
+from attnrewrite.kernels.linear.kind import linear_attention
 from attnrewrite.kernels.softmax import softmax_attention
 
-__all__ = ["softmax_attention"]
+__all__ = ["linear_attention", "softmax_attention"]

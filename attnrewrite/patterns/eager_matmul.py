@@ -357,4 +357,4 @@ def match(anchor: fx.Node) -> Site:
     region = region_between({q_ref.node, k_ref.node, v_ref.node}, pv)
     return Site(anchor=anchor, pattern="eager_matmul", module_path=spec.module_path, spec=spec, output=pv,
                 out_steps=out_steps + out_layout, region=region, value_checks=state.value_checks,
-                score_rank=score_rank)
+                score_rank=score_rank, probs=anchor, probs_steps=out_steps)

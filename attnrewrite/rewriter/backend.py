@@ -38,6 +38,7 @@ def attnrewrite_backend(
     example_inputs: list[Any],
     options: Mapping[str, Any] | None = None,
     _report_sink: Callable[[Report], None] | None = None,
+    _attach_state: Callable | None = None,
 ) -> Callable:
     """Rewrite every certified attention site of ``gm`` to ``options["to"]``, then compile it.
 
@@ -47,7 +48,7 @@ def attnrewrite_backend(
     :func:`attnrewrite.recent_reports`.
     """
     opts = RewriteOptions.parse(options)
-    report = run_pass(gm, example_inputs, opts)
+    report = run_pass(gm, example_inputs, opts, attach_state=_attach_state)
     record(report)
     if _report_sink is not None:
         _report_sink(report)

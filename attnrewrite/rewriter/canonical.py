@@ -99,7 +99,12 @@ def materialize_mask(terms: tuple[MaskTerm, ...], lookup: Lookup, dtype: torch.d
 
 @dataclass
 class AttentionCall:
-    """Arguments of an SDPA-signature attention op, [B, H, T, D] layout."""
+    """Arguments of an SDPA-signature attention op, [B, H, T, D] layout.
+
+    The scores are ``scale · (q · q_factor) · kᵀ``: ``q_factor`` (None, or a SymFloat / tensor
+    broadcastable to q) holds the non-constant part of the site's scale.  Kinds that use the
+    scale call :meth:`scaled_q`; kinds that ignore it (linear) read ``q``.
+    """
 
     q: Any
     k: Any
@@ -109,6 +114,10 @@ class AttentionCall:
     is_causal: bool
     scale: float | None
     enable_gqa: bool
+    q_factor: Any = None
+
+    def scaled_q(self) -> Any:
+        return self.q if self.q_factor is None else self.q * self.q_factor
 
     def kwargs(self) -> dict[str, Any]:
         return dict(attn_mask=self.attn_mask, dropout_p=self.dropout_p, is_causal=self.is_causal,
@@ -121,12 +130,14 @@ def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, drop
     ``dtype`` is the dtype of q as it enters attention (additive masks are cast to it);
     ``dropout=False`` drops dropout (certification compares deterministic outputs).
     """
-    q = ref_value(spec.q, lookup)
+    factor = None
     for node, power in spec.q_factors:
-        factor = lookup(node)
-        q = q * (factor if power == 1 else factor**power)
+        f = lookup(node)
+        f = f if power == 1 else f**power
+        factor = f if factor is None else factor * f
     return AttentionCall(
-        q=q,
+        q=ref_value(spec.q, lookup),
+        q_factor=factor,
         k=ref_value(spec.k, lookup),
         v=ref_value(spec.v, lookup),
         attn_mask=materialize_mask(spec.bias, lookup, dtype),

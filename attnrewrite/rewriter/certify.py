@@ -302,7 +302,7 @@ def certify(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tuple[boo
             return False, f"could not certify: the site's masks depend on too much of the graph ({exc})", worst
         with torch.no_grad(), _float64_default():
             call = canonical.attention_call(spec, env.__getitem__, torch.float64, dropout=False)
-            out = torch.ops.attnrewrite.softmax_attention(call.q, call.k, call.v, **call.kwargs())
+            out = torch.ops.attnrewrite.softmax_attention(call.scaled_q(), call.k, call.v, **call.kwargs())
             rows = canonical.visible_rows(call).unsqueeze(-1).expand(out.shape)
             want = canonical.apply_steps(out, site.out_steps, env.__getitem__)
             rows = canonical.apply_steps(rows, site.out_steps, env.__getitem__)

@@ -28,7 +28,8 @@ from attnrewrite.rewriter.capture import module_path, normalize
 from attnrewrite.rewriter.certify import GraphEvaluator, certify, fingerprint
 from attnrewrite.rewriter.options import RewriteOptions
 from attnrewrite.rewriter.report import Report, SiteReport
-from attnrewrite.rewriter.rewrite import find_fake_mode, rewrite_site
+from attnrewrite.rewriter import state
+from attnrewrite.rewriter.rewrite import find_fake_mode, module_caller, rewrite_site
 from attnrewrite.rewriter.spec import NotAttention, Site
 
 log = logging.getLogger("attnrewrite")
@@ -51,6 +52,8 @@ class PassContext:
     fake_mode: Any
     sites: list[Site] = field(default_factory=list)
     origin: dict[fx.Node, str] = field(default_factory=dict)  # nodes created by unfusing → family
+    states: dict[Site, Any] = field(default_factory=dict)  # per-site state modules (kinds with parameters)
+    attach_state: Callable[[Site, Any], Any] | None = None  # set by convert(): attaches a new state
 
 
 def _guarded(ctx: PassContext, site: Site, stage: str, fn: Callable[[], None]) -> None:
@@ -104,6 +107,11 @@ def match(ctx: PassContext) -> None:
 
         _guarded(ctx, site, "match", run)
         ctx.sites.append(site)
+    seen: dict[str, int] = {}
+    for site in ctx.sites:
+        if site.spec is not None:
+            site.ordinal = seen.get(site.module_path, 0)
+            seen[site.module_path] = site.ordinal + 1
 
 
 def _keys_from_a_sequence(site: Site, evaluator: GraphEvaluator) -> None:
@@ -124,10 +132,31 @@ def resolve(ctx: PassContext) -> None:
 
 
 def select(ctx: PassContext) -> None:
+    kind, options = ctx.kind, ctx.options.kind_options
     for site in _matched(ctx):
-        reason = ctx.kind.supports(site.spec, ctx.options.kind_options)
+        reason = kind.supports(site.spec, options)
+        if reason is None and site.spec.weights_escape and (kind.weights is None or site.probs is None):
+            reason = "the attention weights are used elsewhere and it cannot supply them"
         if reason is not None:
-            site.skip(f"{ctx.kind.name} cannot honour this site: {reason}")
+            site.skip(f"{kind.name} cannot honour this site: {reason}")
+            continue
+        _guarded(ctx, site, "select", lambda site=site: _find_state(ctx, site))
+
+
+def _find_state(ctx: PassContext, site: Site) -> None:
+    """The site's state module for kinds with parameters: registered by convert(), or created
+    now when convert() itself is running the pass."""
+    kind, options = ctx.kind, ctx.options.kind_options
+    if kind.make_state is None or kind.make_state(site.spec, options) is None:
+        return
+    found = state.lookup(site.module_path, kind.name, site.ordinal, ctx.evaluator.inputs)
+    if found is None and ctx.attach_state is not None:
+        found = ctx.attach_state(site, kind.make_state(site.spec, options))
+    if found is None:
+        raise NotAttention(
+            f"{kind.name} with these options has per-site parameters: call attnrewrite.convert(model, "
+            f"to={kind.name!r}, ...) before compiling")
+    ctx.states[site] = found
 
 
 def certify_sites(ctx: PassContext) -> None:
@@ -146,10 +175,15 @@ def certify_sites(ctx: PassContext) -> None:
 
 
 def rewrite(ctx: PassContext) -> None:
-    emit = lambda call: ctx.kind.emit(call, ctx.options.kind_options)  # noqa: E731
-    for site in _matched(ctx):
-        def run(site=site):
-            rewrite_site(ctx.gm, site, emit, ctx.fake_mode)
+    kind, options = ctx.kind, ctx.options.kind_options
+    for index, site in enumerate(_matched(ctx)):
+        def run(site=site, index=index):
+            module = ctx.states.get(site)
+            caller = None if module is None else module_caller(ctx.gm, module, f"attnrewrite_state_{index}")
+            weights = None
+            if site.spec.weights_escape and callable(kind.weights):
+                weights = lambda call: kind.weights(call, options, caller)  # noqa: E731
+            rewrite_site(ctx.gm, site, lambda call: kind.emit(call, options, caller), ctx.fake_mode, weights)
             site.status, site.kind = "rewritten", ctx.kind.name
             if site.spec.weights_escape:
                 site.notes.append("attention weights still computed for their other uses")
@@ -176,13 +210,19 @@ STAGES: tuple[tuple[str, Callable[[PassContext], None]], ...] = (
 # --------------------------------------------------------------------------- the pass
 
 
-def run_pass(gm: fx.GraphModule, example_inputs: list[Any], options: RewriteOptions) -> Report:
-    """Rewrite every certified attention site of ``gm`` in place; return what was done."""
+def run_pass(gm: fx.GraphModule, example_inputs: list[Any], options: RewriteOptions,
+             attach_state: Callable[[Site, Any], Any] | None = None) -> Report:
+    """Rewrite every certified attention site of ``gm`` in place; return what was done.
+
+    ``attach_state`` is given by :func:`attnrewrite.convert`: it attaches a kind's new
+    per-site state to the user's model and returns it.
+    """
     start = time.perf_counter()
     report = Report(to=options.to, graphs=1)
     backup = copy.deepcopy(gm.graph)
     ctx = PassContext(gm=gm, example_inputs=list(example_inputs), options=options, kind=kinds.get(options.to),
-                      evaluator=GraphEvaluator(gm, example_inputs), fake_mode=find_fake_mode(gm, example_inputs))
+                      evaluator=GraphEvaluator(gm, example_inputs), fake_mode=find_fake_mode(gm, example_inputs),
+                      attach_state=attach_state)
     try:
         for _name, stage in STAGES:
             stage(ctx)

@@ -72,6 +72,7 @@ class Report:
         return len(self.sites)
 
     def merge(self, other: Report) -> None:
+        self.to = other.to
         offset = self.graphs
         for s in other.sites:
             s.graph += offset

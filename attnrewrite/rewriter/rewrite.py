@@ -38,7 +38,21 @@ def find_fake_mode(gm: fx.GraphModule, example_inputs: list[Any] | None = None):
     return detect_fake_mode(example_inputs or [])
 
 
-def propagate_meta(nodes: list[fx.Node], fake_mode, template: fx.Node | None) -> None:
+def _call_module_fake(gm: fx.GraphModule, target: str, fake_mode, args, kwargs):
+    """Run a submodule on fake inputs; its real parameters are converted on the fly (the module
+    itself is never modified)."""
+    module = gm.get_submodule(target)
+    if fake_mode is None:
+        return module(*args, **kwargs)
+    previous = fake_mode.allow_non_fake_inputs
+    fake_mode.allow_non_fake_inputs = True
+    try:
+        return module(*args, **kwargs)
+    finally:
+        fake_mode.allow_non_fake_inputs = previous
+
+
+def propagate_meta(nodes: list[fx.Node], fake_mode, template: fx.Node | None, gm: fx.GraphModule | None = None) -> None:
     """Give ``nodes`` example values by running them on their inputs' example values."""
     ctx = fake_mode if fake_mode is not None else contextlib.nullcontext()
     for node in nodes:
@@ -49,6 +63,8 @@ def propagate_meta(nodes: list[fx.Node], fake_mode, template: fx.Node | None) ->
                 value = node.target(*args, **kwargs)
             elif node.op == "call_method":
                 value = getattr(args[0], node.target)(*args[1:], **kwargs)
+            elif node.op == "call_module" and gm is not None:
+                value = _call_module_fake(gm, node.target, fake_mode, args, kwargs)
             else:
                 continue
         node.meta["example_value"] = value
@@ -95,31 +111,61 @@ def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dim() == b.dim() and all(same_size(x, y) for x, y in zip(a.shape, b.shape))
 
 
-def rewrite_site(gm: fx.GraphModule, site: Site, emit: Callable, fake_mode) -> list[fx.Node]:
+def rewrite_site(gm: fx.GraphModule, site: Site, emit: Callable, fake_mode,
+                 weights: Callable | None = None) -> list[fx.Node]:
     """Replace ``site.output`` by ``emit(call)`` on the canonical call. Returns the new nodes.
 
     ``emit`` receives an :class:`~attnrewrite.rewriter.canonical.AttentionCall` of proxies and
-    returns the [B, H, Tq, Dv] result (a proxy).
+    returns the [B, H, Tq, Dv] result (a proxy). ``weights``, when given, returns the kind's
+    [B, H, Tq, Tk] attention weights, which replace the site's probabilities for their other uses.
     """
     spec, graph = site.spec, gm.graph
     q_dtype = tensor_meta(spec.q.node).dtype
     out_meta = tensor_meta(site.output)
+    new_weights = None
     with recording(graph, site.output) as (lookup, new_nodes):
         call = canonical.attention_call(spec, lookup, q_dtype)
         out = canonical.apply_steps(emit(call), site.out_steps, lookup)
         if out_meta is not None and out_meta.dtype != q_dtype:
             out = out.to(out_meta.dtype)
+        if weights is not None:
+            new_weights = canonical.apply_steps(weights(call), site.probs_steps, lookup)
+            new_weights = new_weights.to(tensor_meta(site.probs).dtype)
     try:
-        propagate_meta(new_nodes, fake_mode, site.output)
-        new_meta = tensor_meta(out.node)
-        if out_meta is not None and (new_meta is None or not _same_shape(new_meta, out_meta)):
-            raise RewriteError(
-                f"rewritten output has shape {None if new_meta is None else tuple(new_meta.shape)}, "
-                f"the site's output {tuple(out_meta.shape)}")
+        propagate_meta(new_nodes, fake_mode, site.output, gm)
+        checks = [(out, site.output)] + ([(new_weights, site.probs)] if new_weights is not None else [])
+        for new, old in checks:
+            new_meta, old_meta = tensor_meta(new.node), tensor_meta(old)
+            if old_meta is not None and (new_meta is None or not _same_shape(new_meta, old_meta)):
+                raise RewriteError(
+                    f"rewritten {old.name} has shape {None if new_meta is None else tuple(new_meta.shape)}, "
+                    f"the original {tuple(old_meta.shape)}")
     except Exception:
         for node in reversed(new_nodes):
             graph.erase_node(node)
         raise
     site.output.replace_all_uses_with(out.node)
+    if new_weights is not None:
+        site.probs.replace_all_uses_with(new_weights.node)
     erase_unused(site.region)
     return new_nodes
+
+
+def module_caller(gm: fx.GraphModule, module: torch.nn.Module, name: str) -> Callable:
+    """Add ``module`` to ``gm`` (once) and return a function that records calls to it on proxies."""
+    if not hasattr(gm, name):
+        gm.add_submodule(name, module)
+        sources = getattr(gm, "_param_name_to_source", None)
+        if sources is not None:  # AOTAutograd reads one Dynamo source per lifted parameter/buffer
+            from torch._dynamo.source import ConstantSource
+
+            tensors = list(module.named_parameters(prefix=name, remove_duplicate=False))
+            tensors += list(module.named_buffers(prefix=name, remove_duplicate=False))
+            for tensor_name, _ in tensors:
+                sources[tensor_name] = ConstantSource(f"__attnrewrite_{tensor_name.replace('.', '_')}")
+
+    def call(*args: Proxy, **kwargs: Any) -> Proxy:
+        tracer = args[0].tracer
+        return tracer.create_proxy("call_module", name, args, kwargs)
+
+    return call

@@ -123,7 +123,7 @@ class AttentionSpec:
         }
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: one object per site
 class Site:
     """One attention site (or near miss) in a graph, as it moves through the pipeline.
 
@@ -146,6 +146,11 @@ class Site:
     kind: str | None = None
     #: rank of the score tensor in the original graph (mask terms broadcast against it)
     score_rank: int = 4
+    #: the probabilities node (softmax output) and the steps from [B, Hq, Tq, Tk] to its layout
+    probs: fx.Node | None = None
+    probs_steps: tuple[Step, ...] = ()
+    #: index of this site among the attention sites of its owning module (in graph order)
+    ordinal: int = 0
     #: nodes written into masked score positions; each must prove to be <= MASKED_SCORE
     value_checks: list[fx.Node] = field(default_factory=list)
 

@@ -1,0 +1,117 @@
+"""Feature maps that carry state, applied in torch before the kernels (``feature_map="identity"``).
+
+- :class:`FavorFeatureMap` — Performer's positive orthogonal random features (FAVOR+,
+  Choromanski et al., 2021): φ(x) = exp(Wx − |x|²/2) / √M, an unbiased estimate of the softmax
+  kernel exp(q·k).  Seeded, and redrawable with :meth:`FavorFeatureMap.redraw`.
+- :class:`HedgehogFeatureMap` — Hedgehog's learned map (Zhang et al., 2024), as LoLCATs uses it
+  to convert softmax models: φ(x) = softmax([xW, −xW]) over the 2·D features, one W per head,
+  initialised to the identity.
+
+:class:`LinearSiteState` holds one map for the queries and one for the keys of a site; the
+linear kind attaches it to the model with :func:`attnrewrite.convert`.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+import torch.nn as nn
+
+
+def orthogonal_gaussian(rows: int, dim: int, generator: torch.Generator) -> torch.Tensor:
+    """[rows, dim]: blocks of orthogonal directions with chi-distributed norms (as Gaussian rows have)."""
+    blocks = []
+    for _ in range(math.ceil(rows / dim)):
+        q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+        blocks.append(q.T)
+    directions = torch.cat(blocks)[:rows]
+    norms = torch.randn(rows, dim, generator=generator, dtype=torch.float64).norm(dim=-1, keepdim=True)
+    return (directions * norms).float()
+
+
+class FavorFeatureMap(nn.Module):
+    """Positive random features approximating exp(scale · q·k).
+
+    Args:
+        head_dim: D.
+        num_features: M (default 2·D).
+        scale: the softmax scale to approximate (√scale is applied to both q and k).
+        seed: draws are reproducible from it; :meth:`redraw` makes a new draw.
+    Input [B, H, T, D] → output [B, H, T, M] (positive).
+    """
+
+    def __init__(self, head_dim: int, num_features: int | None = None, scale: float = 1.0, seed: int = 0):
+        super().__init__()
+        self.head_dim, self.num_features = head_dim, num_features or 2 * head_dim
+        self.input_scale = math.sqrt(scale)
+        self.seed = seed
+        self.register_buffer("projection", torch.empty(self.num_features, head_dim))
+        self.redraw(seed)
+
+    @torch.no_grad()
+    def redraw(self, seed: int | None = None) -> None:
+        """Draw new random features (from ``seed``, or from the next seed after the current one)."""
+        self.seed = self.seed + 1 if seed is None else seed
+        generator = torch.Generator().manual_seed(self.seed)
+        self.projection.copy_(orthogonal_gaussian(self.num_features, self.head_dim, generator))
+
+    def forward(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
+        x = x.float() * self.input_scale
+        wx = x @ self.projection.T  # [B, H, T, M]
+        logits = wx - x.square().sum(-1, keepdim=True) / 2
+        # A constant per query row, or one per (batch, head) for the keys, cancels in the ratio
+        # φ(q)·S / φ(q)·z: it only keeps exp() in range.
+        stabilizer = logits.amax(-1, keepdim=True) if is_query else logits.amax(dim=(-2, -1), keepdim=True)
+        return torch.exp(logits - stabilizer.detach()) / math.sqrt(self.num_features)
+
+
+class HedgehogFeatureMap(nn.Module):
+    """φ(x) = softmax([x W_h, −x W_h]) over 2·D features, W_h [D, D] per head, initialised to I.
+
+    Input [B, H, T, D] → output [B, H, T, 2·D] (positive, sums to 1 per token).
+    """
+
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(head_dim).repeat(heads, 1, 1))  # [H, D, D]
+
+    def forward(self, x: torch.Tensor, is_query: bool = True) -> torch.Tensor:
+        z = torch.einsum("bhtd,hde->bhte", x, self.weight.to(x.dtype))
+        return torch.softmax(torch.cat([z, -z], dim=-1), dim=-1)
+
+
+class LinearSiteState(nn.Module):
+    """The feature maps of one attention site: ``forward(q, k) -> (φ(q), φ(k))``."""
+
+    def __init__(self, q_map: nn.Module, k_map: nn.Module):
+        super().__init__()
+        self.q_map, self.k_map = q_map, k_map
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q_map(q, is_query=True), self.k_map(k, is_query=False)
+
+
+def site_seed(seed: int, module_path: str) -> int:
+    """A seed per site, stable across runs: random features of different layers are independent."""
+    return (seed * 1_000_003 + zlib.crc32(module_path.encode())) % (2**31)
+
+
+def make_site_state(kind: str, heads_q: int, heads_kv: int, head_dim: int, scale: float, module_path: str,
+                    num_features: int | None = None, seed: int = 0) -> LinearSiteState:
+    """The state of one site for feature map ``kind`` (``"favor"`` or ``"hedgehog"``)."""
+    if kind == "hedgehog":
+        return LinearSiteState(HedgehogFeatureMap(heads_q, head_dim), HedgehogFeatureMap(heads_kv, head_dim))
+    if kind == "favor":
+        shared = FavorFeatureMap(head_dim, num_features, scale, site_seed(seed, module_path))
+        return LinearSiteState(shared, shared)  # one draw: q and k must use the same features
+    raise ValueError(f"feature map {kind!r} has no state")
+
+
+def redraw_favor(model: nn.Module, seed: int | None = None) -> int:
+    """Redraw the random features of every FAVOR+ map in ``model``; returns how many were redrawn."""
+    maps = {id(m): m for m in model.modules() if isinstance(m, FavorFeatureMap)}
+    for i, m in enumerate(maps.values()):
+        m.redraw(None if seed is None else site_seed(seed, str(i)))
+    return len(maps)
