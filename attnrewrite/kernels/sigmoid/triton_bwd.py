@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, block_table, dot_precision, load_tile, locate, newton_steps, padded_dim, sigmoid_log2
+from .triton_common import LOG2E, LOG2E_HOST, block_table, dot_precision, load_tile, locate, newton_steps, padded_dim, sigmoid_log2
 
 
 @triton.jit
@@ -284,7 +284,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
             *ds_strides, *mask_strides, bias.stride(0), bias.stride(1),
-            heads_q, len_q, len_k, scale, scale * LOG2E,
+            heads_q, len_q, len_k, scale, scale * LOG2E_HOST,
             STORE_DS=want_mask_grad, NEWTON_STEPS=newton_steps(config_dq["RCP_NEWTON"], q.dtype),
             BLOCK_M=block_m, BLOCK_N=config_dq["BLOCK_N"],
             num_warps=config_dq["num_warps"], num_stages=config_dq["num_stages"], **common,
@@ -307,7 +307,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             *mask_strides, bias.stride(0), bias.stride(1),
-            heads_kv, len_q, len_k, scale, scale * LOG2E,
+            heads_kv, len_q, len_k, scale, scale * LOG2E_HOST,
             NEWTON_STEPS=newton_steps(config_dkdv["RCP_NEWTON"], q.dtype),
             BLOCK_M=config_dkdv["BLOCK_M"], BLOCK_N=block_n,
             num_warps=config_dkdv["num_warps"], num_stages=config_dkdv["num_stages"], **common,

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E_HOST = 1.4426950408889634
+LOG2E = tl.constexpr(LOG2E_HOST)  # kernels may only read constexpr globals
 
 
 @triton.jit
@@ -20,8 +21,8 @@ def sigmoid_log2(z2, NEWTON_STEPS: tl.constexpr):
 
     NEWTON_STEPS = 0 divides with the special-function unit (ex2 and rcp: two SFU operations per
     score).  NEWTON_STEPS > 0 moves the reciprocal to the FMA pipes: e = 2^-|z2| lies in (0, 1],
-    so 1/(1+e) is a reciprocal of a number in (1, 2], reached from the linear guess
-    48/17 - 32/17*d (relative error <= 1/17) by Newton steps that square the error
+    so 1/(1+e) is a reciprocal of a number in (1, 2], reached from the linear minimax guess
+    24/17 - 8/17*d (relative error <= 1/17 on [1, 2]) by Newton steps that square the error
     (2 steps: 1e-5, enough for 16-bit operands; 3 steps: float32 rounding); then
     sigmoid = r for z2 >= 0 and e*r for z2 < 0.  The SFU, which limits these kernels on
     Hopper, then does one operation per score instead of two.
@@ -31,7 +32,7 @@ def sigmoid_log2(z2, NEWTON_STEPS: tl.constexpr):
     else:
         e = tl.exp2(-tl.abs(z2))
         d = 1.0 + e
-        r = 2.823529411764706 - 1.8823529411764706 * d
+        r = 1.411764705882353 - 0.47058823529411764 * d
         for _ in tl.static_range(NEWTON_STEPS):
             r = r + r * (1.0 - d * r)
         p = tl.where(z2 >= 0, r, e * r)

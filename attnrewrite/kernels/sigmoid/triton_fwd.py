@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, block_table, dot_precision, load_tile, locate, newton_steps, padded_dim, sigmoid_log2
+from .triton_common import LOG2E, LOG2E_HOST, block_table, dot_precision, load_tile, locate, newton_steps, padded_dim, sigmoid_log2
 
 
 @triton.jit
@@ -138,7 +138,7 @@ def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale:
         out.stride(0), out.stride(1), out.stride(2),
         *mask_strides,
         bias.stride(0), bias.stride(1),
-        heads_q, len_q, len_k, scale * LOG2E,
+        heads_q, len_q, len_k, scale * LOG2E_HOST,
         D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
         CAUSAL=causal, HAS_MASK=mask is not None, HAS_KV_LENS=kv_lens is not None, VARLEN=varlen,
         NEWTON_STEPS=newton_steps(config["RCP_NEWTON"], q.dtype), DOT_PRECISION=dot_precision(q.dtype),

@@ -154,12 +154,12 @@ def workloads(quick: bool = False) -> Iterable[tuning.Workload]:
             yield _workload("fwd", head, 1, 4096, 0)
 
 
-def _workload(kernel: str, head: int, len_q: int, len_k: int, causal: int) -> tuning.Workload:
-    space = SPACES[f"{kernel}_d{head}"]
+def _workload(kernel: str, head: int, len_q: int, len_k: int, causal: int, device="cuda",
+              batch: int | None = None, heads: int = 16) -> tuning.Workload:
+    """One kernel at one shape in bf16; by default batch x heads x T holds 128k rows (fills a GPU)."""
+    space = SPACES[space_name(kernel, head, head)]
     shape = {"D": head, "DV": head, "Tq": len_q, "Tk": len_k, "causal": causal, "mask": 0, "dtype": "16bit"}
-    batch_heads = max(16, (1 << 17) // max(len_q, 1))
-    heads = 16
-    batch = max(1, batch_heads // heads)
+    batch = batch or max(1, (1 << 17) // max(len_q, len_k, 1) // heads)
     inputs = {}
 
     def make_bench(config):
@@ -167,12 +167,13 @@ def _workload(kernel: str, head: int, len_q: int, len_k: int, causal: int) -> tu
         from .triton_fwd import sigmoid_fwd
 
         if not inputs:  # allocated on first use, once per workload
-            gen = torch.Generator(device="cuda").manual_seed(0)
+            gen = torch.Generator(device=device).manual_seed(0)
+
             def rnd(*s):
-                return torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=gen)
+                return torch.randn(*s, device=device, generator=gen).to(torch.bfloat16)
             inputs.update(q=rnd(batch, heads, len_q, head), k=rnd(batch, heads, len_k, head),
                           v=rnd(batch, heads, len_k, head), do=rnd(batch, heads, len_q, head),
-                          bias=torch.full((batch, heads), -math.log(len_k), device="cuda"))
+                          bias=torch.full((batch, heads), -math.log(len_k), device=device))
         x = inputs
         scale = head ** -0.5
         if kernel == "fwd":
