@@ -155,6 +155,8 @@ def compile_features() -> int:
             shape = {"D": 128, "DV": 128, "Tq": 4096, "Tk": 4096, "causal": 1, "dtype": dtype,
                      "mask": int(feature in ("float_mask", "mask_grad"))}
             config = tune.fit(space, space.default, shape)
+            if feature == "newton":
+                config["RCP_NEWTON"] = 1
             label = ",".join(f"{k}={v}" for k, v in config.items())
             try:
                 r = compile_case(kernel, config, 128, 1, feature=feature)

@@ -135,6 +135,7 @@ CASES = [  # (name, dtype, sizes batch/heads_q/heads_kv/len_q/len_k/dim, options
     ("bool key padding d128", torch.bfloat16, (2, 4, 4, 300, 300, 128), {"mask": "keypad"}, None),
     ("alibi float mask, D=80 (padded head dim)", torch.bfloat16, (2, 4, 4, 300, 300, 80), {"mask": "alibi"}, None),
     ("causal d256", torch.bfloat16, (1, 4, 4, 256, 256, 256), {"is_causal": True}, None),
+    ("causal d64, exact float32 products", torch.float32, (1, 2, 2, 200, 200, 64), {"is_causal": True}, None),
     ("decode Tq=1 vs 4096 cache d128", torch.bfloat16, (4, 8, 8, 1, 4096, 128),
      {"is_causal": True, "causal_align": "bottom_right"}, None),
     ("causal d128, Newton reciprocal", torch.bfloat16, (2, 4, 4, 500, 500, 128), {"is_causal": True},

@@ -91,8 +91,9 @@ def sigmoid_attention(
 
     ``dropout_p`` drops attention weights as SDPA does; only the torch path implements it.
 
-    ``impl``: ``"auto"`` runs the Triton kernels on CUDA (the torch path when dropout_p > 0)
-    and the torch path elsewhere; ``"triton"`` always runs the kernels (on the CPU only under
+    ``impl``: ``"auto"`` runs the Triton kernels on CUDA for float16/bfloat16 (the torch path when
+    dropout_p > 0, for float32, whose exact products the kernels can only do on the FMA pipes, and
+    for head dims over 256) and the torch path elsewhere; ``"triton"`` always runs the kernels (on the CPU only under
     TRITON_INTERPRET=1); ``"torch"`` runs a chunked torch implementation with autograd that
     never materialises the full Tq x Tk matrix.  Both compute in float32.
     """
@@ -245,9 +246,9 @@ def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, attn_mask, kv_lens):
 
 
 def _resolve_impl(impl: str, q: torch.Tensor, dropout_p: float, problem: Problem) -> str:
-    if impl == "auto":
-        return "triton" if q.is_cuda and dropout_p == 0.0 and q.dtype != torch.float64 and _op is not None \
-            and max(problem.dim, problem.dim_v) <= _MAX_HEAD_DIM else "torch"
+    if impl == "auto":  # the kernels are built for 16-bit operands; exact float32 products are slow there
+        return "triton" if q.is_cuda and dropout_p == 0.0 and q.dtype in (torch.float16, torch.bfloat16) \
+            and _op is not None and max(problem.dim, problem.dim_v) <= _MAX_HEAD_DIM else "torch"
     if impl == "torch":
         return "torch"
     if _op is None:

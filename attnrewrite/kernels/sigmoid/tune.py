@@ -10,8 +10,9 @@ head dim differ, and so does a default that is fast and fits everywhere.  Axes:
                        (Newton steps, as accurate; see triton_common.sigmoid_log2)
 
 ``valid`` removes points that cannot be fast or cannot fit: tiles far larger than the sequence,
-small tiles on long sequences, shared memory over a Hopper SM's 227 KiB, and more fp32 tile
-registers per thread than fit without spilling.  :func:`fit` shrinks a configuration until it
+small tiles on long sequences (fewer than 64 rows in the M dimension of the matrix products
+cannot use Hopper's wgmma), shared memory over a Hopper SM's 227 KiB, and more fp32 tile
+registers per thread than fit without heavy spilling.  :func:`fit` shrinks a configuration until it
 is valid (float32 inputs double the shared memory of the 16-bit defaults).
 """
 
@@ -28,7 +29,9 @@ KIND = "sigmoid"
 HEAD_CLASSES = (64, 128, 256)
 KERNELS = ("fwd", "bwd_dq", "bwd_dkdv")
 SMEM_BYTES = 232448  # H100 / H200: 227 KiB per thread block
-TILE_REGISTERS = 128  # fp32 tile values per thread that leave room for addresses and operands
+# Estimated fp32 tile values per thread (resources()) above which ptxas spills heavily, per kernel:
+# calibrated on sm_90 with bench/sigmoid_aot.py --all (ptxas -v over every point of the spaces).
+TILE_REGISTERS = {"fwd": 192, "bwd_dq": 160, "bwd_dkdv": 224}
 
 
 def head_class(dim: int, dim_v: int) -> int:
@@ -95,10 +98,15 @@ def _valid(kernel: str):
         len_q, len_k = shape["Tq"], shape["Tk"]
         if bm > max(16, _pow2(len_q)) or bn > max(16, _pow2(len_k)):
             return False  # tiles far beyond the sequence only waste work
-        if (len_q >= 1024 and bm < 64) or (len_k >= 1024 and bn < 32):
-            return False  # small tiles on long sequences re-read K/V (or Q/dO) too often
         smem, regs = resources(kernel, config, shape)
-        return smem <= SMEM_BYTES and regs <= TILE_REGISTERS
+        if shape["dtype"] == "fp32":  # exact fp32 products run on the FMA pipes: larger tiles spill kilobytes
+            return max(bm, bn) <= 32 and smem <= SMEM_BYTES
+        # On long sequences the tile that is the M side of the products needs 64 rows (wgmma), and the
+        # other one 32, or K/V (Q/dO) are re-read too often.  dK/dV's M side is the key block.
+        rows, cols = (bn, bm) if kernel == "bwd_dkdv" else (bm, bn)
+        if min(len_q, len_k) >= 1024 and (rows < 64 or cols < 32):
+            return False
+        return smem <= SMEM_BYTES and regs <= TILE_REGISTERS[kernel]
     return valid
 
 
@@ -118,7 +126,8 @@ def fit(space: tuning.SearchSpace, config, shape) -> dict:
 
 def _space(kernel: str, head: int) -> tuning.SearchSpace:
     small_key = (16,) if head == 256 else ()
-    stages = (1, 2, 3) if head == 256 else (2, 3, 4)
+    # one stage at D = 256 leaves the backward short of registers (ptxas spills kilobytes)
+    stages = ((1, 2, 3) if kernel == "fwd" else (2, 3)) if head == 256 else (2, 3, 4)
     defaults = {  # 16-bit defaults for a Hopper SM; fit() shrinks them for float32
         ("fwd", 64): (128, 64, 4, 3), ("fwd", 128): (128, 64, 8, 3), ("fwd", 256): (64, 32, 4, 2),
         ("bwd_dq", 64): (128, 64, 8, 3), ("bwd_dq", 128): (64, 64, 4, 3), ("bwd_dq", 256): (64, 32, 8, 2),
