@@ -172,6 +172,20 @@ def choose(
     return config
 
 
+def lookup(kind: str, space: SearchSpace, shape: Shape, device: torch.device | str | None = None) -> Config:
+    """The configuration :func:`choose` would return without timing anything: a memoised choice,
+    else the table entry, else the default.  Remembers nothing, so a later :func:`choose` may still
+    autotune.  For code that runs while a graph is traced (fake tensors: nothing can be timed)."""
+    dev = device_key(device)
+    memo = _chosen.get((kind, space.kernel, dev, space.bucket(shape)))
+    if memo is not None:
+        return dict(memo)
+    entry = load_table(kind, dev).get("kernels", {}).get(space.kernel, {}).get(space.bucket(shape))
+    if entry is not None and space.contains(entry["config"]) and (space.valid is None or space.valid(entry["config"], shape)):
+        return dict(entry["config"])
+    return dict(space.default)
+
+
 def autotune(
     space: SearchSpace,
     shape: Shape,
@@ -308,6 +322,7 @@ __all__ = [
     "device_key",
     "iter_tables",
     "kind_module",
+    "lookup",
     "load_table",
     "table_path",
     "tune_kind",

@@ -84,3 +84,18 @@ def test_shipped_tables_are_valid(kind, path):
     table = json.loads(path.read_text())
     assert tuning.validate_table(table, spaces) == []
     assert table["kind"] == kind and path.stem == table["device"]
+
+
+def test_lookup_never_times_and_never_memoises(monkeypatch):
+    """lookup() serves traced calls: memo, then table, then default; a later choose() may still autotune."""
+    tuning._chosen.clear()
+    space = _space()
+    monkeypatch.setattr(tuning, "load_table", lambda kind, dev: {"kernels": {}})
+    assert tuning.lookup("toykind", space, {"T": 64}, device="cpu") == {"BLOCK_M": 16, "num_warps": 2}
+    assert tuning._chosen == {}
+    table = {"kernels": {"toy_fwd": {"t64": {"config": {"BLOCK_M": 32, "num_warps": 4}}}}}
+    monkeypatch.setattr(tuning, "load_table", lambda kind, dev: table)
+    assert tuning.lookup("toykind", space, {"T": 64}, device="cpu") == {"BLOCK_M": 32, "num_warps": 4}
+    tuning._chosen[("toykind", "toy_fwd", "cpu", "t64")] = {"BLOCK_M": 64, "num_warps": 2}
+    assert tuning.lookup("toykind", space, {"T": 64}, device="cpu") == {"BLOCK_M": 64, "num_warps": 2}
+    tuning._chosen.clear()

@@ -1,0 +1,12 @@
+"""Sigmoid attention kernels: sigmoid(scale * q.k^T + mask + b) . v, forward and backward.
+
+- :func:`sigmoid_attention` — the kernel-level entry point (Triton on CUDA, a chunked torch path elsewhere)
+- ``reference.naive_sigmoid_attention`` — the readable oracle
+- ``chunked.chunk_sigmoid_attention`` — the memory-efficient torch path
+- ``triton_fwd`` / ``triton_bwd`` — the Triton kernels; ``op`` — their torch.library ops
+- ``tune`` — search spaces and tuning workloads; ``tuning/<gpu>.json`` — measured tables
+"""
+
+from .api import sigmoid_attention
+
+__all__ = ["sigmoid_attention"]

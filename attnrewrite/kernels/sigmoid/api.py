@@ -1,0 +1,269 @@
+"""The kernel-level entry point of the sigmoid kind: checks the input, resolves the bias, picks a path."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .chunked import chunk_sigmoid_attention
+
+try:  # the Triton path is optional: the torch path works wherever torch does
+    from . import op as _op
+except ImportError:  # pragma: no cover - triton is not installed on this platform
+    _op = None
+
+CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Sizes of one call, read off validated inputs."""
+
+    batch: int  # B, or the number of packed sequences N under cu_seqlens
+    heads_q: int
+    heads_kv: int
+    len_q: int  # Tq (total_q when packed)
+    len_k: int
+    dim: int
+    dim_v: int
+    scale: float
+    causal: int  # CAUSAL_NONE / CAUSAL_TOP_LEFT / CAUSAL_BOTTOM_RIGHT
+    varlen: bool
+
+
+def sigmoid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    bias: str | float = "auto",
+    kv_lens: torch.Tensor | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    causal_align: str = "top_left",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Sigmoid attention: ``out_i = sum_j sigmoid(scale * q_i.k_j + attn_mask_ij + b) * v_j`` over visible keys.
+
+    The signature is that of ``F.scaled_dot_product_attention`` plus keyword options.
+
+    Shapes and dtypes:
+        q: [B, Hq, Tq, D]; k: [B, Hkv, Tk, D]; v: [B, Hkv, Tk, Dv]; float16, bfloat16 or float32
+        (float64 too on the torch path), all of one dtype and on one device.  Hq must be a
+        multiple of Hkv, and Hq != Hkv needs ``enable_gqa=True`` (as in SDPA); K/V are never
+        repeated.  Tq != Tk is allowed (decode against a KV cache).  Returns [B, Hq, Tq, Dv]
+        in q's dtype.  The Triton path takes D, Dv <= 256.
+
+    Which keys query i sees (all conditions must hold; everything else contributes exactly 0,
+    and a query that sees no key gets 0):
+        - ``kv_lens`` (int tensor [B]): keys j >= kv_lens[b] are padding.
+        - ``attn_mask`` bool, broadcastable to [B, Hq, Tq, Tk]: True = may attend.
+        - ``is_causal``: j <= i (``causal_align="top_left"``, SDPA's convention) or
+          j <= i + (n_k - Tq) (``"bottom_right"``, decode against a cache), where n_k is the
+          sequence's key count: kv_lens[b] when given, the sequence's length under cu_seqlens,
+          else Tk.  Blocks above the diagonal are skipped by the kernels, not iterated.
+        A float ``attn_mask`` broadcastable to [B, Hq, Tq, Tk] is added to the scores instead
+        (ALiBi, relative position bias, T5 bias; -inf entries exclude keys).
+
+    The bias b:
+        ``bias="auto"``: b = -log(n), n = the number of valid keys of that sequence and head:
+        keys j < kv_lens[b] (or < Tk, or the sequence's key length under cu_seqlens) that at
+        least one query of that batch and head may attend to under a bool ``attn_mask``.
+        Causal masking and float masks do not change n; n = 0 counts as 1.
+        A float sets b for every sequence.
+
+    Packed variable-length batches: ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 [N+1], cumulative
+    lengths starting at 0) with q [1, Hq, total_q, D], k [1, Hkv, total_k, D], v [1, Hkv, total_k, Dv];
+    sequence s uses rows cu_seqlens[s]:cu_seqlens[s+1] and attends only to its own keys.
+    ``attn_mask`` and ``kv_lens`` cannot be combined with it.
+
+    Gradients flow to q, k, v, and to a float ``attn_mask`` that requires grad (reduced over its
+    broadcast dimensions; on the Triton path this materialises a [B, Hq, Tq, Tk] float32 buffer).
+
+    ``dropout_p`` drops attention weights as SDPA does; only the torch path implements it.
+
+    ``impl``: ``"auto"`` runs the Triton kernels on CUDA for float16/bfloat16 (the torch path when
+    dropout_p > 0, for float32, whose exact products the kernels can only do on the FMA pipes, and
+    for head dims over 256) and the torch path elsewhere; ``"triton"`` always runs the kernels (on the CPU only under
+    TRITON_INTERPRET=1); ``"torch"`` runs a chunked torch implementation with autograd that
+    never materialises the full Tq x Tk matrix.  Both compute in float32.
+    """
+    problem = _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                        bias, kv_lens, cu_seqlens_q, cu_seqlens_k, causal_align, impl)
+    path = _resolve_impl(impl, q, dropout_p, problem)
+
+    if attn_mask is not None:
+        attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    bias_per_head = resolve_bias(bias, problem, attn_mask, kv_lens, cu_seqlens_k, q.device,
+                                 torch.float64 if q.dtype == torch.float64 else torch.float32)
+    additive_mask = None
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        additive_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            ~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        # the kernels read 16- and 32-bit floats; the torch path adds any float mask as it is
+        additive_mask = attn_mask if attn_mask.dtype in _FLOAT_DTYPES or path == "torch" else attn_mask.float()
+    if kv_lens is not None:
+        kv_lens = kv_lens.to(torch.int32)
+
+    if path == "triton":
+        return _op.sigmoid_attention_triton(
+            q, k, v, additive_mask, bias_per_head, kv_lens, cu_seqlens_q, cu_seqlens_k,
+            problem.scale, problem.causal)
+    return chunk_sigmoid_attention(
+        q, k, v, additive_mask, bias_per_head, kv_lens, cu_seqlens_q, cu_seqlens_k,
+        problem.scale, problem.causal, dropout_p)
+
+
+def resolve_bias(
+    bias: str | float,
+    problem: Problem,
+    attn_mask: torch.Tensor | None,
+    kv_lens: torch.Tensor | None,
+    cu_seqlens_k: torch.Tensor | None,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The bias b of every (sequence, query head) as ``dtype`` [Z, Hq] (Z = B, or N when packed).
+
+    ``attn_mask`` is the 4-d view of the user's mask; only a bool mask changes n (see
+    :func:`sigmoid_attention`).
+    """
+    shape = (problem.batch, problem.heads_q)
+    if bias != "auto":
+        return torch.full((1, 1), float(bias), dtype=dtype, device=device).expand(shape)
+    if cu_seqlens_k is not None:
+        n_valid = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).view(-1, 1)
+    else:
+        n_valid = torch.full((1, 1), problem.len_k, device=device)
+        if kv_lens is not None:
+            n_valid = kv_lens.view(-1, 1).clamp(0, problem.len_k)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            seen = attn_mask.any(dim=2)  # [Bm, Hm, Tk]: keys some query of that batch/head may see
+            if kv_lens is not None:
+                key_index = torch.arange(problem.len_k, device=seen.device)
+                seen = seen & (key_index < kv_lens.view(-1, 1, 1))
+            n_valid = seen.sum(dim=-1)
+    n_valid = n_valid.to(dtype).clamp_(min=1.0)
+    return (-torch.log(n_valid)).expand(shape)
+
+
+def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+              bias, kv_lens, cu_seqlens_q, cu_seqlens_k, causal_align, impl) -> Problem:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"sigmoid_attention: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"sigmoid_attention: {name} must be 4-d [B, H, T, D], got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"sigmoid_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in _FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"sigmoid_attention: dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"sigmoid_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    batch, heads_q, len_q, dim = q.shape
+    _, heads_kv, len_k, dim_k = k.shape
+    if k.shape[0] != batch or v.shape[0] != batch:
+        raise ValueError(f"sigmoid_attention: batch sizes differ: q {batch}, k {k.shape[0]}, v {v.shape[0]}")
+    if dim_k != dim:
+        raise ValueError(f"sigmoid_attention: q and k head dims differ: {dim} vs {dim_k}")
+    if v.shape[1] != heads_kv or v.shape[2] != len_k:
+        raise ValueError(f"sigmoid_attention: v {tuple(v.shape)} must match k {tuple(k.shape)} in heads and length")
+    if heads_kv == 0 or heads_q % heads_kv != 0:
+        raise ValueError(f"sigmoid_attention: query heads ({heads_q}) must be a multiple of key/value heads ({heads_kv})")
+    if heads_q != heads_kv and not enable_gqa:
+        raise ValueError(f"sigmoid_attention: {heads_q} query heads and {heads_kv} key/value heads need enable_gqa=True")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"sigmoid_attention: dropout_p must lie in [0, 1), got {dropout_p}")
+    if causal_align not in ("top_left", "bottom_right"):
+        raise ValueError(f"sigmoid_attention: causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}")
+    if impl not in ("auto", "triton", "torch"):
+        raise ValueError(f"sigmoid_attention: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    if not (bias == "auto" or (isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias))):
+        raise ValueError(f"sigmoid_attention: bias must be 'auto' or a finite number, got {bias!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"sigmoid_attention: scale must be a finite number or None, got {scale!r}")
+
+    varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
+    if varlen:
+        _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, attn_mask, kv_lens)
+        batch = cu_seqlens_q.shape[0] - 1
+    if attn_mask is not None:
+        _check_mask(attn_mask, q, batch, heads_q, len_q, len_k)
+    if kv_lens is not None:
+        if kv_lens.dim() != 1 or kv_lens.shape[0] != batch:
+            raise ValueError(f"sigmoid_attention: kv_lens must be [B] = [{batch}], got shape {tuple(kv_lens.shape)}")
+        if kv_lens.dtype.is_floating_point or kv_lens.dtype == torch.bool:
+            raise TypeError(f"sigmoid_attention: kv_lens must be an integer tensor, got {kv_lens.dtype}")
+        if kv_lens.device != q.device:
+            raise ValueError(f"sigmoid_attention: kv_lens is on {kv_lens.device}, q on {q.device}")
+    causal = CAUSAL_NONE if not is_causal else CAUSAL_TOP_LEFT if causal_align == "top_left" else CAUSAL_BOTTOM_RIGHT
+    return Problem(batch, heads_q, heads_kv, len_q, len_k, dim, v.shape[3],
+                   1.0 / math.sqrt(dim) if scale is None else float(scale), causal, varlen)
+
+
+def _check_mask(attn_mask, q, batch, heads_q, len_q, len_k):
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"sigmoid_attention: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
+        raise TypeError(f"sigmoid_attention: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    if attn_mask.device != q.device:
+        raise ValueError(f"sigmoid_attention: attn_mask is on {attn_mask.device}, q on {q.device}")
+    target = (batch, heads_q, len_q, len_k)
+    padded = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    if attn_mask.dim() > 4 or any(m not in (1, t) for m, t in zip(padded, target)):
+        raise ValueError(f"sigmoid_attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                         f"[B, Hq, Tq, Tk] = {list(target)}")
+
+
+def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, attn_mask, kv_lens):
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError("sigmoid_attention: cu_seqlens_q and cu_seqlens_k must be given together")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu.dim() != 1 or cu.shape[0] < 2:
+            raise ValueError(f"sigmoid_attention: {name} must be 1-d [N+1] with N >= 1, got shape {tuple(cu.shape)}")
+        if cu.dtype != torch.int32:
+            raise TypeError(f"sigmoid_attention: {name} must be int32, got {cu.dtype}")
+        if cu.device != q.device:
+            raise ValueError(f"sigmoid_attention: {name} is on {cu.device}, q on {q.device}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"sigmoid_attention: cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
+                         f"{tuple(cu_seqlens_k.shape)} must describe the same number of sequences")
+    if q.shape[0] != 1:
+        raise ValueError(f"sigmoid_attention: packed sequences (cu_seqlens) need batch 1: q [1, H, total_q, D], "
+                         f"got q {tuple(q.shape)}")
+    if attn_mask is not None or kv_lens is not None:
+        raise ValueError("sigmoid_attention: attn_mask and kv_lens cannot be combined with cu_seqlens")
+
+
+def _resolve_impl(impl: str, q: torch.Tensor, dropout_p: float, problem: Problem) -> str:
+    if impl == "auto":  # the kernels are built for 16-bit operands; exact float32 products are slow there
+        return "triton" if q.is_cuda and dropout_p == 0.0 and q.dtype in (torch.float16, torch.bfloat16) \
+            and _op is not None and max(problem.dim, problem.dim_v) <= _MAX_HEAD_DIM else "torch"
+    if impl == "torch":
+        return "torch"
+    if _op is None:
+        raise RuntimeError("sigmoid_attention(impl='triton'): triton is not installed")
+    if dropout_p > 0.0:
+        raise ValueError("sigmoid_attention(impl='triton'): the Triton kernels do not implement dropout; "
+                         "use impl='torch' (or 'auto') for dropout_p > 0")
+    if q.dtype == torch.float64:
+        raise TypeError("sigmoid_attention(impl='triton'): float64 is not supported by the kernels; use impl='torch'")
+    if max(problem.dim, problem.dim_v) > _MAX_HEAD_DIM:
+        raise ValueError(f"sigmoid_attention(impl='triton'): head dims up to {_MAX_HEAD_DIM} are supported, "
+                         f"got D={problem.dim}, Dv={problem.dim_v}")
+    if not q.is_cuda:
+        if q.device.type != "cpu" or not _op.interpreter_active():
+            detail = ("set TRITON_INTERPRET=1 before attnrewrite is imported to run the kernels on the CPU"
+                      if q.device.type == "cpu" else "the kernels run on CUDA devices")
+            raise RuntimeError(f"sigmoid_attention(impl='triton'): tensors are on {q.device}; {detail}")
+    return "triton"

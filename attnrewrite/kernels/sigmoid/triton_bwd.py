@@ -1,0 +1,315 @@
+"""Backward kernels of sigmoid attention, without saved statistics.
+
+With P = sigmoid(S) recomputed from q and k (sigmoid has no row statistics to save):
+
+    dV = P^T dO        dP = dO V^T        dS = P (1 - P) dP
+    dQ = scale dS K    dK = scale dS^T Q
+
+Two kernels, both deterministic (no atomics):
+
+- ``sigmoid_bwd_dkdv_kernel``: one program per key block of one key/value head; it loops
+  over the query heads of its group and their query blocks, accumulating dK and dV in
+  registers.  It works on transposed tiles (S^T = K Q^T) so no tile is transposed in the loop.
+- ``sigmoid_bwd_dq_kernel``: one program per query block of one query head, looping over key
+  blocks like the forward.  When the float mask needs a gradient it also writes dS.
+
+Like the forward, each loop visits only blocks some row may see, and only boundary blocks
+are masked.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import LOG2E, LOG2E_HOST, block_table, dot_precision, load_tile, locate, newton_steps, padded_dim, sigmoid_log2
+
+
+@triton.jit
+def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
+                 stride_dsm, offs_m, q_len, k_len, shift, lo, hi, scale_log2, bias_log2,
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, STORE_DS: tl.constexpr,
+                 MASKED: tl.constexpr, NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, k_len, offs_d, D,
+                      MASKED, BLOCK_D != D)
+        v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
+                      MASKED, BLOCK_DV != DV)
+        z2 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2 + bias_log2
+        if HAS_MASK:
+            extra = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
+                            mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :], other=0.0)
+            z2 += extra.to(tl.float32) * LOG2E
+        if MASKED:
+            visible = (offs_n < k_len)[None, :]
+            if CAUSAL != 0:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
+            z2 = tl.where(visible, z2, float("-inf"))
+        p = sigmoid_log2(z2, NEWTON_STEPS)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (1.0 - p) * dp
+        if STORE_DS:
+            tl.store(ds_base + offs_m[:, None] * stride_dsm + offs_n[None, :], ds,
+                     mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def sigmoid_bwd_dq_kernel(
+    Q, K, V, DO, DQ, DS, Mask, Bias, KvLens, CuQ, CuK, BlockSeq, BlockStart,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_dsb, stride_dsh, stride_dsm,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_bz, stride_bh,
+    heads_q, len_q, len_k, scale, scale_log2,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, STORE_DS: tl.constexpr, HAS_KV_LENS: tl.constexpr,
+    VARLEN: tl.constexpr, NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    seq, batch, head, m_block, q_start, q_len, k_start, k_len = locate(
+        tl.program_id(0), tl.program_id(1), heads_q, BlockSeq, BlockStart, CuQ, CuK, KvLens, len_q, len_k,
+        BLOCK_M, VARLEN, HAS_KV_LENS, CAUSAL != 0 and not VARLEN)
+    if seq < 0:
+        return
+    head_kv = head // GROUP
+    batch64, head64, head_kv64 = batch.to(tl.int64), head.to(tl.int64), head_kv.to(tl.int64)
+    q_row0, k_row0 = q_start.to(tl.int64), k_start.to(tl.int64)
+    q_base = Q + batch64 * stride_qb + head64 * stride_qh + q_row0 * stride_qm
+    do_base = DO + batch64 * stride_dob + head64 * stride_doh + q_row0 * stride_dom
+    dq_base = DQ + batch64 * stride_dqb + head64 * stride_dqh + q_row0 * stride_dqm
+    k_base = K + batch64 * stride_kb + head_kv64 * stride_kh + k_row0 * stride_kn
+    v_base = V + batch64 * stride_vb + head_kv64 * stride_vh + k_row0 * stride_vn
+    mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
+    ds_base = DS + batch64 * stride_dsb + head64 * stride_dsh
+
+    m0 = m_block * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d, D,
+                  True, BLOCK_D != D)
+    do = load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv, DV,
+                   True, BLOCK_DV != DV)
+    bias_log2 = tl.load(Bias + seq * stride_bz + head * stride_bh) * LOG2E
+
+    shift = k_len - q_len if CAUSAL == 2 else k_len * 0
+    if CAUSAL != 0:
+        hi = tl.maximum(tl.minimum(k_len, m0 + BLOCK_M + shift), 0)
+        full_end = tl.minimum(tl.maximum(m0 + shift + 1, 0) // BLOCK_N, k_len // BLOCK_N) * BLOCK_N
+    else:
+        hi = k_len
+        full_end = k_len // BLOCK_N * BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
+                      stride_dsm, offs_m, q_len, k_len, shift, 0, full_end, scale_log2, bias_log2,
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, STORE_DS, False,
+                      NEWTON_STEPS, DOT_PRECISION)
+    dq = _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
+                      stride_dsm, offs_m, q_len, k_len, shift, full_end, hi, scale_log2, bias_log2,
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, STORE_DS, True,
+                      NEWTON_STEPS, DOT_PRECISION)
+    tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=(offs_m < q_len)[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm, stride_mn,
+                     offs_n, q_len, k_len, shift, lo, hi, scale_log2, bias_log2,
+                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
+                     NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in tl.range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d, D,
+                      MASKED, BLOCK_D != D)
+        do = load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv, DV,
+                       MASKED, BLOCK_DV != DV)
+        z2t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2 + bias_log2  # [BLOCK_N, BLOCK_M]
+        if HAS_MASK:
+            extra = tl.load(mask_base + offs_n[:, None] * stride_mn + offs_m[None, :] * stride_mm,
+                            mask=(offs_n < k_len)[:, None] & (offs_m < q_len)[None, :], other=0.0)
+            z2t += extra.to(tl.float32) * LOG2E
+        if MASKED:
+            visible = (offs_n < k_len)[:, None] & (offs_m < q_len)[None, :]
+            if CAUSAL != 0:
+                visible = visible & (offs_n[:, None] <= offs_m[None, :] + shift)
+            z2t = tl.where(visible, z2t, float("-inf"))
+        pt = sigmoid_log2(z2t, NEWTON_STEPS)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (1.0 - pt) * dpt
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def sigmoid_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV_, Mask, Bias, KvLens, CuQ, CuK, BlockSeq, BlockStart,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_bz, stride_bh,
+    heads_kv, len_q, len_k, scale, scale_log2,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr,
+    NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    seq, batch, head_kv, n_block, q_start, q_len, k_start, k_len = locate(
+        tl.program_id(0), tl.program_id(1), heads_kv, BlockSeq, BlockStart, CuQ, CuK, KvLens, len_q, len_k,
+        BLOCK_N, VARLEN, HAS_KV_LENS, False)
+    if seq < 0:
+        return
+    batch64, head_kv64 = batch.to(tl.int64), head_kv.to(tl.int64)
+    q_row0, k_row0 = q_start.to(tl.int64), k_start.to(tl.int64)
+    k_base = K + batch64 * stride_kb + head_kv64 * stride_kh + k_row0 * stride_kn
+    v_base = V + batch64 * stride_vb + head_kv64 * stride_vh + k_row0 * stride_vn
+    dk_base = DK + batch64 * stride_dkb + head_kv64 * stride_dkh + k_row0 * stride_dkn
+    dv_base = DV_ + batch64 * stride_dvb + head_kv64 * stride_dvh + k_row0 * stride_dvn
+
+    n0 = n_block * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, k_len, offs_d, D,
+                  True, BLOCK_D != D)
+    v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
+                  True, BLOCK_DV != DV)
+
+    # Query blocks: [m_lo, full_lo) masked, [full_lo, full_hi) unmasked, [full_hi, m_hi) masked.
+    # Rows above the causal diagonal of this key block never see it and are not visited; a block of
+    # keys that are all padding (beyond kv_lens) visits nothing and stores zeros.
+    shift = k_len - q_len if CAUSAL == 2 else k_len * 0
+    m_hi = tl.where(n0 < k_len, tl.cdiv(q_len, BLOCK_M) * BLOCK_M, 0)
+    if CAUSAL != 0:
+        m_lo = tl.minimum(tl.maximum(n0 - shift, 0) // BLOCK_M * BLOCK_M, m_hi)
+        first_full = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+    else:
+        m_lo = m_hi * 0
+        first_full = m_hi * 0
+    full_lo = tl.minimum(tl.maximum(m_lo, first_full), m_hi)
+    full_hi = tl.where(n0 + BLOCK_N <= k_len, tl.maximum(full_lo, q_len // BLOCK_M * BLOCK_M), full_lo)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(GROUP):
+        head64 = head_kv64 * GROUP + g
+        q_base = Q + batch64 * stride_qb + head64 * stride_qh + q_row0 * stride_qm
+        do_base = DO + batch64 * stride_dob + head64 * stride_doh + q_row0 * stride_dom
+        mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
+        bias_log2 = tl.load(Bias + seq * stride_bz + head64 * stride_bh) * LOG2E
+        dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm,
+                                  stride_mn, offs_n, q_len, k_len, shift, m_lo, full_lo, scale_log2, bias_log2,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True,
+                                  NEWTON_STEPS, DOT_PRECISION)
+        dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm,
+                                  stride_mn, offs_n, q_len, k_len, shift, full_lo, full_hi, scale_log2, bias_log2,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, False,
+                                  NEWTON_STEPS, DOT_PRECISION)
+        dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm,
+                                  stride_mn, offs_n, q_len, k_len, shift, full_hi, m_hi, scale_log2, bias_log2,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True,
+                                  NEWTON_STEPS, DOT_PRECISION)
+    # Dense: every key row up to Tk is stored (padding keys get zeros); packed: only this sequence's.
+    n_store = k_len if VARLEN else len_k
+    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=(offs_n < n_store)[:, None] & (offs_d < D)[None, :])
+    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+             mask=(offs_n < n_store)[:, None] & (offs_dv < DV)[None, :])
+
+
+def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int,
+                want_mask_grad: bool, config_dq: dict, config_dkdv: dict, launch=lambda kernel: kernel,
+                kernels=("dq", "dkdv")):
+    """Launch both backward kernels. Returns (dq, dk, dv, ds) where ds is the float32 [B, Hq, Tq, Tk]
+    score gradient when ``want_mask_grad`` (zeros where no row sees a key) and an empty tensor otherwise.
+
+    Arguments as for :func:`attnrewrite.kernels.sigmoid.triton_fwd.sigmoid_fwd`, plus ``grad_out``
+    [B, Hq, Tq, Dv] (unit last stride) and one config per kernel; ``kernels`` names the kernels
+    to launch (tuning times one at a time).
+    """
+    batch, heads_q, len_q, dim = q.shape
+    heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    ds = (torch.zeros(batch, heads_q, len_q, len_k, dtype=torch.float32, device=q.device) if want_mask_grad
+          else torch.empty(0, dtype=torch.float32, device=q.device))
+    if q.numel() == 0 and k.numel() == 0:
+        return dq, dk, dv, ds
+    varlen = cu_seqlens_q is not None
+    mask_strides = (0, 0, 0, 0)
+    if mask is not None:
+        mask = mask.expand(batch, heads_q, len_q, len_k)
+        mask_strides = mask.stride()
+    ds_strides = ds.stride()[:3] if want_mask_grad else (0, 0, 0)
+    common = dict(D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
+                  CAUSAL=causal, HAS_MASK=mask is not None, HAS_KV_LENS=kv_lens is not None, VARLEN=varlen,
+                  DOT_PRECISION=dot_precision(q.dtype))
+    mask_arg = mask if mask is not None else q
+    kv_lens_arg = kv_lens if kv_lens is not None else q
+    cu_q_arg, cu_k_arg = (cu_seqlens_q, cu_seqlens_k) if varlen else (q, q)
+
+    if q.numel() > 0 and "dq" in kernels:
+        block_m = config_dq["BLOCK_M"]
+        if varlen:
+            block_seq, block_start, n_programs = block_table(cu_seqlens_q, block_m, len_q)
+            grid = (n_programs, heads_q)
+        else:
+            block_seq = block_start = q
+            grid = (triton.cdiv(len_q, block_m), batch * heads_q)
+        launch(sigmoid_bwd_dq_kernel)[grid](
+            q, k, v, grad_out, dq, ds if want_mask_grad else q, mask_arg, bias, kv_lens_arg,
+            cu_q_arg, cu_k_arg, block_seq, block_start,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            *ds_strides, *mask_strides, bias.stride(0), bias.stride(1),
+            heads_q, len_q, len_k, scale, scale * LOG2E_HOST,
+            STORE_DS=want_mask_grad, NEWTON_STEPS=newton_steps(config_dq["RCP_NEWTON"], q.dtype),
+            BLOCK_M=block_m, BLOCK_N=config_dq["BLOCK_N"],
+            num_warps=config_dq["num_warps"], num_stages=config_dq["num_stages"], **common,
+        )
+    if k.numel() > 0 and "dkdv" in kernels:
+        block_n = config_dkdv["BLOCK_N"]
+        if varlen:
+            block_seq, block_start, n_programs = block_table(cu_seqlens_k, block_n, len_k)
+            grid = (n_programs, heads_kv)
+        else:
+            block_seq = block_start = q
+            grid = (triton.cdiv(len_k, block_n), batch * heads_kv)
+        launch(sigmoid_bwd_dkdv_kernel)[grid](
+            q, k, v, grad_out, dk, dv, mask_arg, bias, kv_lens_arg,
+            cu_q_arg, cu_k_arg, block_seq, block_start,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            *mask_strides, bias.stride(0), bias.stride(1),
+            heads_kv, len_q, len_k, scale, scale * LOG2E_HOST,
+            NEWTON_STEPS=newton_steps(config_dkdv["RCP_NEWTON"], q.dtype),
+            BLOCK_M=config_dkdv["BLOCK_M"], BLOCK_N=block_n,
+            num_warps=config_dkdv["num_warps"], num_stages=config_dkdv["num_stages"], **common,
+        )
+    return dq, dk, dv, ds

@@ -1,0 +1,125 @@
+"""Pieces shared by the sigmoid forward and backward kernels: the sigmoid itself, tile loads,
+where a program's sequence lives, and the block table of packed (varlen) batches.
+
+Scores are kept in log2 units inside the kernels (z2 = log2(e) * (scale*q.k + mask + b)) so
+that sigmoid(z) = 1 / (1 + 2^-z2) costs one multiply-add, one ex2 and one reciprocal.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E_HOST = 1.4426950408889634
+LOG2E = tl.constexpr(LOG2E_HOST)  # kernels may only read constexpr globals
+
+
+@triton.jit
+def sigmoid_log2(z2, NEWTON_STEPS: tl.constexpr):
+    """sigmoid of scores z2 given in log2 units: 1 / (1 + 2^-z2); exactly 0 where z2 = -inf.
+
+    NEWTON_STEPS = 0 divides with the special-function unit (ex2 and rcp: two SFU operations per
+    score).  NEWTON_STEPS > 0 moves the reciprocal to the FMA pipes: e = 2^-|z2| lies in (0, 1],
+    so 1/(1+e) is a reciprocal of a number in (1, 2], reached from the linear minimax guess
+    24/17 - 8/17*d (relative error <= 1/17 on [1, 2]) by Newton steps that square the error
+    (2 steps: 1e-5, enough for 16-bit operands; 3 steps: float32 rounding); then
+    sigmoid = r for z2 >= 0 and e*r for z2 < 0.  The SFU, which limits these kernels on
+    Hopper, then does one operation per score instead of two.
+    """
+    if NEWTON_STEPS == 0:
+        p = 1.0 / (1.0 + tl.exp2(-z2))
+    else:
+        e = tl.exp2(-tl.abs(z2))
+        d = 1.0 + e
+        r = 1.411764705882353 - 0.47058823529411764 * d
+        for _ in tl.static_range(NEWTON_STEPS):
+            r = r + r * (1.0 - d * r)
+        p = tl.where(z2 >= 0, r, e * r)
+    return p
+
+
+@triton.jit
+def load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a [R, C] tile, masking (with zeros) only the bounds the caller asks to check."""
+    if CHECK_ROWS and CHECK_COLS:
+        tile = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
+    elif CHECK_ROWS:
+        tile = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+    elif CHECK_COLS:
+        tile = tl.load(ptrs, mask=(cols < n_cols)[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def locate(pid_block, pid_zh, heads, BlockSeq, BlockStart, CuQ, CuK, KvLens, len_q, len_k,
+           BLOCK: tl.constexpr, VARLEN: tl.constexpr, HAS_KV_LENS: tl.constexpr, REVERSE: tl.constexpr):
+    """Where a program works: (seq, batch in memory, head, block in its sequence,
+    q_start, q_len, k_start, k_len).  seq < 0 marks a spare program of a packed batch.
+
+    Dense: grid (blocks, B * heads).  Packed: grid (packed blocks, heads), where BlockSeq maps
+    each packed block to its sequence (-1 past the last) and BlockStart gives the first packed
+    block of each sequence; blocks run over queries, or over keys for the dK/dV kernel.
+    """
+    if VARLEN:
+        seq = tl.load(BlockSeq + pid_block)
+        safe = tl.maximum(seq, 0)
+        head = pid_zh
+        batch = seq * 0
+        block = pid_block - tl.load(BlockStart + safe)
+        q_start = tl.load(CuQ + safe)
+        q_len = tl.load(CuQ + safe + 1) - q_start
+        k_start = tl.load(CuK + safe)
+        k_len = tl.load(CuK + safe + 1) - k_start
+    else:
+        seq = pid_zh // heads
+        head = pid_zh % heads
+        batch = seq
+        q_start = seq * 0
+        k_start = seq * 0
+        q_len = len_q + seq * 0
+        k_len = len_k + seq * 0
+        if HAS_KV_LENS:
+            k_len = tl.minimum(tl.maximum(tl.load(KvLens + seq), 0), len_k)
+        block = pid_block + seq * 0
+        if REVERSE:  # causal query blocks: the longest rows first, so the last wave is made of short ones
+            block = tl.cdiv(len_q, BLOCK) - 1 - pid_block
+    return seq, batch, head, block, q_start, q_len, k_start, k_len
+
+
+def block_table(cu_seqlens: torch.Tensor, block: int, total: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The packed-block schedule of a varlen batch, computed on the device without a host sync.
+
+    Returns (block_seq, block_start, n_programs): each sequence of length L gets cdiv(L, block)
+    consecutive programs; block_seq[p] is the sequence of program p (-1 for spare programs) and
+    block_start[s] the first program of sequence s.  n_programs = cdiv(total, block) + N bounds
+    the number of blocks whatever the lengths are.
+    """
+    n_seq = cu_seqlens.shape[0] - 1
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    blocks = (lengths + block - 1) // block
+    ends = torch.cumsum(blocks, 0)
+    n_programs = triton.cdiv(total, block) + n_seq
+    programs = torch.arange(n_programs, device=cu_seqlens.device, dtype=torch.int64)
+    block_seq = torch.searchsorted(ends, programs, right=True)
+    block_seq = torch.where(block_seq < n_seq, block_seq, -1).to(torch.int32)
+    return block_seq, (ends - blocks).to(torch.int32), n_programs
+
+
+def padded_dim(d: int) -> int:
+    """The power-of-two block a head dim is computed in (tl.dot needs at least 16)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 operands are multiplied in full precision (as torch does by default), not tf32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def newton_steps(use_newton: int, dtype: torch.dtype) -> int:
+    """Newton steps of the reciprocal: 0 (SFU), 2 for 16-bit operands, 3 for float32."""
+    if not use_newton:
+        return 0
+    return 3 if dtype == torch.float32 else 2

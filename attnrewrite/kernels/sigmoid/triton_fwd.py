@@ -1,0 +1,148 @@
+"""Forward kernel of sigmoid attention: out = sigmoid(scale * q.k^T + mask + b) . v, tiled over key blocks.
+
+One program computes BLOCK_M query rows of one head against its key/value head (grouped
+heads read the same K/V; nothing is repeated).  Sigmoid needs no running maximum and no
+row sum, so the loop is two matmuls and an elementwise sigmoid with an fp32 accumulator.
+
+The key range of a program is split in two loops: blocks every row may see in full (no
+masks, no bounds checks: the steady state) and the boundary blocks (the causal diagonal,
+the end of the keys, kv_lens), which are masked.  Blocks no row may see are never visited.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import LOG2E, LOG2E_HOST, block_table, dot_precision, load_tile, locate, newton_steps, padded_dim, sigmoid_log2
+
+
+@triton.jit
+def _fwd_key_loop(acc, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
+                  offs_m, q_len, k_len, shift, lo, hi, scale_log2, bias_log2,
+                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
+                  NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, k_len, offs_d, D,
+                      MASKED, BLOCK_D != D)
+        z2 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2 + bias_log2
+        if HAS_MASK:
+            extra = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
+                            mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :], other=0.0)
+            z2 += extra.to(tl.float32) * LOG2E
+        if MASKED:
+            visible = (offs_n < k_len)[None, :]
+            if CAUSAL != 0:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
+            z2 = tl.where(visible, z2, float("-inf"))
+        p = sigmoid_log2(z2, NEWTON_STEPS)
+        v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
+                      MASKED, BLOCK_DV != DV)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def sigmoid_fwd_kernel(
+    Q, K, V, Out, Mask, Bias, KvLens, CuQ, CuK, BlockSeq, BlockStart,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    stride_bz, stride_bh,
+    heads_q, len_q, len_k, scale_log2,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr,
+    NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    seq, batch, head, m_block, q_start, q_len, k_start, k_len = locate(
+        tl.program_id(0), tl.program_id(1), heads_q, BlockSeq, BlockStart, CuQ, CuK, KvLens, len_q, len_k,
+        BLOCK_M, VARLEN, HAS_KV_LENS, CAUSAL != 0 and not VARLEN)
+    if seq < 0:
+        return
+    head_kv = head // GROUP
+    batch64 = batch.to(tl.int64)
+    q_base = Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
+    k_base = K + batch64 * stride_kb + head_kv.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_kn
+    v_base = V + batch64 * stride_vb + head_kv.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vn
+    o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
+    mask_base = Mask + batch64 * stride_mb + head.to(tl.int64) * stride_mh
+
+    m0 = m_block * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d, D,
+                  True, BLOCK_D != D)
+    bias_log2 = tl.load(Bias + seq * stride_bz + head * stride_bh) * LOG2E
+
+    # key j is visible to row i iff j <= i + shift (causal); full blocks need no mask for any row.
+    shift = k_len - q_len if CAUSAL == 2 else k_len * 0
+    if CAUSAL != 0:
+        hi = tl.maximum(tl.minimum(k_len, m0 + BLOCK_M + shift), 0)
+        full_end = tl.minimum(tl.maximum(m0 + shift + 1, 0) // BLOCK_N, k_len // BLOCK_N) * BLOCK_N
+    else:
+        hi = k_len
+        full_end = k_len // BLOCK_N * BLOCK_N
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    acc = _fwd_key_loop(acc, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
+                        offs_m, q_len, k_len, shift, 0, full_end, scale_log2, bias_log2,
+                        D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, False, NEWTON_STEPS, DOT_PRECISION)
+    acc = _fwd_key_loop(acc, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
+                        offs_m, q_len, k_len, shift, full_end, hi, scale_log2, bias_log2,
+                        D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, NEWTON_STEPS, DOT_PRECISION)
+    out_ptrs = o_base + offs_m[:, None] * stride_om + offs_dv[None, :]
+    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < q_len)[:, None] & (offs_dv < DV)[None, :])
+
+
+def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int,
+                config: dict, launch=lambda kernel: kernel) -> torch.Tensor:
+    """Launch the forward kernel. Returns out [B, Hq, Tq, Dv] in q's dtype.
+
+    Inputs as for ``sigmoid_attention`` after validation: q/k/v with unit last stride, ``mask`` a
+    4-d additive float mask (or None), ``bias`` float32 [Z, Hq], ``causal`` 0/1/2.  ``config`` holds
+    BLOCK_M, BLOCK_N, num_warps, num_stages and RCP_NEWTON; ``launch`` wraps the kernel (torch's
+    ``wrap_triton`` under ``triton_op``).
+    """
+    batch, heads_q, len_q, dim = q.shape
+    heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty(batch, heads_q, len_q, dim_v, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    block_m = config["BLOCK_M"]
+    varlen = cu_seqlens_q is not None
+    if varlen:
+        block_seq, block_start, n_programs = block_table(cu_seqlens_q, block_m, len_q)
+        grid = (n_programs, heads_q)
+    else:
+        block_seq = block_start = q
+        grid = (triton.cdiv(len_q, block_m), batch * heads_q)
+    mask_strides = (0, 0, 0, 0)
+    if mask is not None:
+        mask = mask.expand(batch, heads_q, len_q, len_k)
+        mask_strides = mask.stride()
+    launch(sigmoid_fwd_kernel)[grid](
+        q, k, v, out, mask if mask is not None else q, bias,
+        kv_lens if kv_lens is not None else q,
+        cu_seqlens_q if varlen else q, cu_seqlens_k if varlen else q, block_seq, block_start,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *mask_strides,
+        bias.stride(0), bias.stride(1),
+        heads_q, len_q, len_k, scale * LOG2E_HOST,
+        D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
+        CAUSAL=causal, HAS_MASK=mask is not None, HAS_KV_LENS=kv_lens is not None, VARLEN=varlen,
+        NEWTON_STEPS=newton_steps(config["RCP_NEWTON"], q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return out
