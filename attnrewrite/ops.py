@@ -2,10 +2,12 @@
 (layout [B, H, T, D]) plus each kind's own keyword options.
 
 - :func:`softmax_attention` — exact (SDPA semantics; also takes is_causal with a mask)
+- :func:`sigmoid_attention` — Σ sigmoid(s·q·kᵀ + b)·v, ``bias="auto"`` (b = −log n) or a number
 - :func:`linear_attention` — φ(q)·Σφ(k)ᵀv / φ(q)·Σφ(k) (feature maps elu, relu, or your own)
 """
 
 from attnrewrite.kernels.linear.kind import linear_attention
+from attnrewrite.kernels.sigmoid.kind import sigmoid_attention
 from attnrewrite.kernels.softmax import softmax_attention
 
-__all__ = ["linear_attention", "softmax_attention"]
+__all__ = ["linear_attention", "sigmoid_attention", "softmax_attention"]

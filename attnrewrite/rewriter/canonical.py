@@ -115,6 +115,7 @@ class AttentionCall:
     scale: float | None
     enable_gqa: bool
     q_factor: Any = None
+    mask_is_bool: bool = False  # static: attn_mask is a bool keep-mask (all terms keep/drop)
 
     def scaled_q(self) -> Any:
         return self.q if self.q_factor is None else self.q * self.q_factor
@@ -145,6 +146,7 @@ def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, drop
         is_causal=spec.causal,
         scale=spec.scale,
         enable_gqa=spec.kv_groups > 1,
+        mask_is_bool=bool(spec.bias) and all(t.kind != "add" for t in spec.bias),
     )
 
 

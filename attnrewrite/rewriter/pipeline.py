@@ -186,7 +186,8 @@ def rewrite(ctx: PassContext) -> None:
             rewrite_site(ctx.gm, site, lambda call: kind.emit(call, options, caller), ctx.fake_mode, weights)
             site.status, site.kind = "rewritten", ctx.kind.name
             if site.spec.weights_escape:
-                site.notes.append("attention weights still computed for their other uses")
+                site.notes.append("returned attention weights: " + (
+                    "the original ones, still computed" if kind.weights == "original" else f"{kind.name}'s own"))
 
         _guarded(ctx, site, "rewrite", run)
 

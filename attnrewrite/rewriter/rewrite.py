@@ -128,9 +128,17 @@ def rewrite_site(gm: fx.GraphModule, site: Site, emit: Callable, fake_mode,
         out = canonical.apply_steps(emit(call), site.out_steps, lookup)
         if out_meta is not None and out_meta.dtype != q_dtype:
             out = out.to(out_meta.dtype)
-        if weights is not None:
+    if weights is not None:
+        # the weights' other users (a cast, dropout, the returned tuple) may come before the value
+        # product: record them right after the last node they read, before any of those users
+        reads = {spec.q.node, spec.k.node, spec.v.node} | _spec_inputs(site)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        latest = max(reads, key=order.__getitem__)
+        with recording(graph, latest.next) as (lookup, weight_nodes):
+            call = canonical.attention_call(spec, lookup, q_dtype)
             new_weights = canonical.apply_steps(weights(call), site.probs_steps, lookup)
             new_weights = new_weights.to(tensor_meta(site.probs).dtype)
+        new_nodes = weight_nodes + new_nodes
     try:
         propagate_meta(new_nodes, fake_mode, site.output, gm)
         checks = [(out, site.output)] + ([(new_weights, site.probs)] if new_weights is not None else [])
@@ -149,6 +157,15 @@ def rewrite_site(gm: fx.GraphModule, site: Site, emit: Callable, fake_mode,
         site.probs.replace_all_uses_with(new_weights.node)
     erase_unused(site.region)
     return new_nodes
+
+
+def _spec_inputs(site: Site) -> set[fx.Node]:
+    """Nodes the canonical form reads besides q, k, v (mask terms, scale factors, sizes in steps)."""
+    spec, nodes = site.spec, set()
+    for steps in [spec.q.steps, spec.k.steps, spec.v.steps, site.probs_steps] + [t.steps for t in spec.bias]:
+        for step in steps:
+            fx.node.map_arg(step, nodes.add)
+    return nodes | {t.node for t in spec.bias} | {n for n, _ in spec.q_factors}
 
 
 def module_caller(gm: fx.GraphModule, module: torch.nn.Module, name: str) -> Callable:
