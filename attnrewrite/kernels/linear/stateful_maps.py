@@ -58,13 +58,14 @@ class FavorFeatureMap(nn.Module):
         self.projection.copy_(orthogonal_gaussian(self.num_features, self.head_dim, generator))
 
     def forward(self, x: torch.Tensor, is_query: bool) -> torch.Tensor:
-        x = x.float() * self.input_scale
-        wx = x @ self.projection.T  # [B, H, T, M]
+        dtype = x.dtype  # exp() needs at least float32; the kernels need q, k, v in one dtype
+        x = x.to(torch.promote_types(dtype, torch.float32)) * self.input_scale
+        wx = x @ self.projection.T.to(x.dtype)  # [B, H, T, M]
         logits = wx - x.square().sum(-1, keepdim=True) / 2
         # A constant per query row, or one per (batch, head) for the keys, cancels in the ratio
         # φ(q)·S / φ(q)·z: it only keeps exp() in range.
         stabilizer = logits.amax(-1, keepdim=True) if is_query else logits.amax(dim=(-2, -1), keepdim=True)
-        return torch.exp(logits - stabilizer.detach()) / math.sqrt(self.num_features)
+        return (torch.exp(logits - stabilizer.detach()) / math.sqrt(self.num_features)).to(dtype)
 
 
 class HedgehogFeatureMap(nn.Module):

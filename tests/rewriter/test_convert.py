@@ -1,0 +1,97 @@
+"""attnrewrite.convert: per-site parameters attached to the model, trained, saved and reloaded."""
+
+import io
+
+import pytest
+import torch
+import transformers as T
+
+import attnrewrite
+from attnrewrite.kernels.linear.stateful_maps import FavorFeatureMap, HedgehogFeatureMap, redraw_favor
+from attnrewrite.rewriter.report import Report
+from rewrite_helpers import compile_rewritten
+
+CFG = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2)
+
+
+def _llama():
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM._from_config(T.LlamaConfig(**CFG), attn_implementation="eager")
+
+
+IDS = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+def test_hedgehog_states_are_parameters_of_the_model_and_train():
+    model = attnrewrite.convert(_llama(), "linear", {"input_ids": IDS}, feature_map="hedgehog")
+    names = [n for n, _ in model.named_parameters() if "attnrewrite" in n]
+    assert names == [f"model.layers.{i}.self_attn.attnrewrite_linear.{m}.weight"
+                     for i in range(2) for m in ("q_map", "k_map")]
+    assert len(model.attnrewrite_report.rewritten) == 2
+    hedgehog = model.model.layers[0].self_attn.attnrewrite_linear.q_map
+    assert isinstance(hedgehog, HedgehogFeatureMap)
+    torch.testing.assert_close(hedgehog.weight[0], torch.eye(8))  # initialised to the identity
+
+    report = Report()
+    compiled = compile_rewritten(model, report, to="linear", feature_map="hedgehog", compiler="aot_eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    before = hedgehog.weight.detach().clone()
+    loss = compiled(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    assert hedgehog.weight.grad is not None and hedgehog.weight.grad.abs().sum() > 0
+    optimizer.step()
+    assert not torch.equal(before, hedgehog.weight.detach())
+    assert len(report.rewritten) == 2
+
+
+def test_saving_and_reloading_restores_the_outputs():
+    model = attnrewrite.convert(_llama().eval(), "linear", {"input_ids": IDS}, feature_map="hedgehog")
+    with torch.no_grad():
+        for layer in model.model.layers:  # move the maps away from their initial value
+            layer.self_attn.attnrewrite_linear.q_map.weight.add_(0.1 * torch.randn(4, 8, 8))
+    want = compile_rewritten(model, None, to="linear", feature_map="hedgehog")(input_ids=IDS).logits
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+
+    torch._dynamo.reset()
+    fresh = attnrewrite.convert(_llama().eval(), "linear", {"input_ids": IDS}, feature_map="hedgehog")
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer))
+    got = compile_rewritten(fresh, None, to="linear", feature_map="hedgehog")(input_ids=IDS).logits
+    torch.testing.assert_close(got, want)
+
+
+def test_favor_features_are_seeded_and_redrawable():
+    a = attnrewrite.convert(_llama().eval(), "linear", {"input_ids": IDS}, feature_map="favor", seed=3)
+    b = attnrewrite.convert(_llama().eval(), "linear", {"input_ids": IDS}, feature_map="favor", seed=3)
+    maps_a = [m for m in a.modules() if isinstance(m, FavorFeatureMap)]
+    maps_b = [m for m in b.modules() if isinstance(m, FavorFeatureMap)]
+    assert len(maps_a) == 2 and torch.equal(maps_a[0].projection, maps_b[0].projection)
+    assert not torch.equal(maps_a[0].projection, maps_a[1].projection)  # layers draw independently
+    before = maps_a[0].projection.clone()
+    assert redraw_favor(a, seed=7) == 2 and not torch.equal(before, maps_a[0].projection)
+
+
+def test_favor_approximates_softmax_attention():
+    """Positive random features estimate exp(q·k/√d): with many features the output nears softmax's."""
+    from attnrewrite import ops
+    from attnrewrite.kernels.linear.stateful_maps import LinearSiteState
+
+    q, k, v = (0.5 * torch.randn(1, 2, 32, 8, dtype=torch.float64) for _ in range(3))
+    favor = FavorFeatureMap(8, num_features=4096, scale=8**-0.5, seed=0).double()
+    state = LinearSiteState(favor, favor)
+    approx = ops.linear_attention(q, k, v, feature_map=(lambda x: state.q_map(x, True), lambda x: state.k_map(x, False)))
+    exact = ops.softmax_attention(q, k, v)
+    assert (approx - exact).abs().max() < 0.05
+
+
+def test_compiling_without_convert_explains_what_to_do():
+    report = attnrewrite.explain(_llama().eval(), input_ids=IDS, to="linear", options={"feature_map": "hedgehog"})
+    assert not report.rewritten
+    assert all("attnrewrite.convert" in s.reason for s in report.skipped)
+
+
+def test_convert_needs_a_module():
+    with pytest.raises(TypeError, match="nn.Module"):
+        attnrewrite.convert(lambda x: x, "linear")

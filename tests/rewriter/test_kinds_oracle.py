@@ -1,0 +1,114 @@
+"""Oracle models: a model written by hand with sigmoid or linear attention must equal the softmax
+model rewritten to that kind (same weights): outputs and every parameter gradient.
+
+The oracles are written here from the definitions, independently of the kernels and the rewriter.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attnrewrite.rewriter.report import Report
+from rewrite_helpers import assert_close_rel, compile_rewritten
+
+torch.set_default_dtype(torch.float32)
+
+
+def elu1(x):
+    return F.elu(x) + 1
+
+
+class Decoder(nn.Module):
+    """nanoGPT-style causal decoder with a padding mask; ``attention`` picks the hand-written kind."""
+
+    def __init__(self, attention="softmax", layers=2, dim=32, heads=4, kv_heads=2, vocab=50):
+        super().__init__()
+        self.attention, self.heads, self.kv_heads = attention, heads, kv_heads
+        self.embed = nn.Embedding(vocab, dim)
+        hd = dim // heads
+        self.q = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.kv = nn.ModuleList(nn.Linear(dim, 2 * kv_heads * hd) for _ in range(layers))
+        self.o = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        self.norm = nn.ModuleList(nn.LayerNorm(dim) for _ in range(layers))
+        self.head = nn.Linear(dim, vocab)
+
+    def attend(self, q, k, v, keep):
+        """q [B, H, T, D], k/v [B, H, T, D] (already repeated), keep [B, 1, 1, T] bool."""
+        t = q.shape[-2]
+        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        visible = causal & keep
+        if self.attention == "softmax":
+            s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            return torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1) @ v
+        if self.attention == "sigmoid":  # b = -log(n): n = valid keys of the sequence (padding-aware)
+            s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            n = keep.sum(-1, keepdim=True).clamp(min=1).float()
+            return (torch.sigmoid(s - torch.log(n)) * visible) @ v
+        if self.attention == "linear":  # quadratic form of elu+1 linear attention, no scale
+            w = (elu1(q) @ elu1(k).transpose(-2, -1)) * visible
+            return (w @ v) / (w.sum(-1, keepdim=True) + 1e-6)
+        raise ValueError(self.attention)
+
+    def forward(self, ids, keep):
+        b, t = ids.shape
+        x = self.embed(ids)
+        hd = x.shape[-1] // self.heads
+        mask = keep[:, None, None, :]
+        for q_proj, kv_proj, o_proj, norm in zip(self.q, self.kv, self.o, self.norm):
+            h = norm(x)
+            q = q_proj(h).view(b, t, self.heads, hd).transpose(1, 2)
+            k, v = kv_proj(h).view(b, t, 2, self.kv_heads, hd).permute(2, 0, 3, 1, 4)
+            rep = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            x = x + o_proj(self.attend(q, k, v, mask).transpose(1, 2).reshape(b, t, -1))
+        return self.head(x)
+
+
+def _inputs():
+    ids = torch.randint(0, 50, (3, 10))
+    keep = torch.ones(3, 10, dtype=torch.bool)
+    keep[1, 7:] = False  # right padding: every row sees a key
+    keep[2, 4:] = False
+    return ids, keep
+
+
+@pytest.mark.parametrize("kind,options", [
+    ("sigmoid", {}),
+    ("linear", {"feature_map": "elu"}),
+])
+def test_rewritten_model_equals_the_hand_written_oracle(kind, options):
+    torch.manual_seed(0)
+    model = Decoder("softmax").eval()
+    oracle = Decoder(kind).eval()
+    oracle.load_state_dict(model.state_dict())
+    ids, keep = _inputs()
+
+    report = Report()
+    compiled = compile_rewritten(model, report, to=kind, **options)
+    got, want = compiled(ids, keep), oracle(ids, keep)
+    assert len(report.rewritten) == 2, report
+    assert all(s.spec["kv_groups"] == 2 and s.spec["causal"] for s in report.rewritten)
+
+    valid = keep[..., None].expand_as(want)  # padded query rows are garbage in both
+    assert_close_rel(got[valid], want[valid], 1e-5, "logits")
+    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(2)) * valid
+    grads = torch.autograd.grad((got * weights).sum(), list(model.parameters()))
+    want_grads = torch.autograd.grad((want * weights).sum(), list(oracle.parameters()))
+    floor = 1e-2 * max(float(g.abs().max()) for g in want_grads)
+    for (name, _), g, w in zip(model.named_parameters(), grads, want_grads):
+        assert_close_rel(g, w, 1e-4, f"gradient of {name}", floor)
+
+
+def test_softmax_oracle_is_the_model_itself():
+    """The oracle's softmax branch is the model: the rewrite to softmax must leave it unchanged."""
+    torch.manual_seed(0)
+    model = Decoder("softmax").eval()
+    ids, keep = _inputs()
+    report = Report()
+    got = compile_rewritten(model, report)(ids, keep)
+    valid = keep[..., None].expand_as(got)
+    assert_close_rel(got[valid], model(ids, keep)[valid], 1e-5, "logits")
+    assert len(report.rewritten) == 2
