@@ -244,8 +244,9 @@ def pbmc68k_reduced() -> SingleCellData:
     import warnings
 
     with warnings.catch_warnings():
-        # The file predates anndata's obsp slot; anndata warns while moving it. Harmless here.
-        warnings.simplefilter("ignore", FutureWarning)
+        # The file was written by an old anndata; the reader warns about every element it
+        # upgrades on the fly. Nothing there concerns the arrays used here.
+        warnings.simplefilter("ignore")
         adata = anndata.read_h5ad(path)
     raw = adata.raw if adata.raw is not None else adata
     expression = raw.X.toarray() if hasattr(raw.X, "toarray") else np.asarray(raw.X)
