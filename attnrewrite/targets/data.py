@@ -106,6 +106,9 @@ def build_text_corpus(stdlib: Path | None = None) -> tuple[bytes, bytes]:
         text = "\n\n".join(_docstrings(path.read_bytes()))
         if text:
             (val if _is_validation(path.relative_to(stdlib).as_posix()) else train).append(text)
+    if not train or not val:
+        raise FileNotFoundError(f"no standard-library sources with docstrings under {stdlib} "
+                                "(this Python may ship only compiled files)")
     return "\n\n".join(train).encode("utf-8"), "\n\n".join(val).encode("utf-8")
 
 

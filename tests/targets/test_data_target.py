@@ -32,6 +32,11 @@ def test_build_reads_docstrings_in_order_and_skips_tests_and_broken_files(tmp_pa
     assert data.build_text_corpus(tmp_path) == (train, val)
 
 
+def test_a_python_without_sources_fails_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no standard-library sources"):
+        data.build_text_corpus(tmp_path)
+
+
 def test_split_is_by_module_and_stable_when_modules_are_added(tmp_path):
     root = _fake_stdlib(tmp_path)
     _, val = data.build_text_corpus(root)
