@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=2e-5)
     parser.add_argument("--scale", type=float, default=20.0, help="similarity scale (inverse temperature)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
     parser.add_argument("--smoke", action="store_true", help="two pairs, two steps (seconds)")
     return parser
 
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         train_pairs, held_out, args.finetune_steps = TRAIN_PAIRS[:4], HELD_OUT_PAIRS[:2], 2
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started, started_cpu = time.perf_counter(), time.process_time()
 
     hf_model, tokenizer = load_minilm_hf()
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     losses = []
-    for _ in tqdm(range(args.finetune_steps), desc="finetune_minilm", unit="step", disable=None):
+    for _ in tqdm(range(args.finetune_steps), desc="finetune_minilm", unit="step"):
         loss = contrastive_loss(model, tokenizer, train_pairs, args.scale)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"attention kind to train with: {', '.join(ATTENTION_KINDS_AVAILABLE)} "
                              f"(later: {', '.join(PLANNED_KINDS)})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps (seconds)")
     return parser
 
@@ -75,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.config, args.steps, args.batch_size, args.block_size = "tiny", 6, 4, 32
         args.warmup, args.eval_batches = 2, 2
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started, started_cpu = time.perf_counter(), time.process_time()
 
     corpus = text_corpus()
@@ -89,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     generator = torch.Generator().manual_seed(args.seed)
     initial_val = evaluate(model, corpus.val, args.eval_batches, args.batch_size, args.block_size)
-    progress = tqdm(range(args.steps), desc="train_lm", unit="step", disable=None)
+    progress = tqdm(range(args.steps), desc="train_lm", unit="step")
     for step in progress:
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)

@@ -29,12 +29,14 @@ from attnrewrite.targets.singlecell import (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (default: 300)")
+    parser.add_argument("--steps", type=int, default=150, help="optimizer steps (default: 150)")
     parser.add_argument("--batch-size", type=int, default=32, help="cells per step")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay to 10%%)")
     parser.add_argument("--mask-prob", type=float, default=0.15, help="share of each cell's genes to hide")
     parser.add_argument("--neighbours", type=int, default=5, help="k of the k-NN score")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
     parser.add_argument("--smoke", action="store_true", help="a small model, a few steps (seconds)")
     return parser
 
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
         config = SingleCellConfig.from_name("pbmc", dim=32, n_layers=1, n_heads=2, mlp_dim=64, max_len=64)
         args.steps, args.batch_size = 4, 16
     torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started, started_cpu = time.perf_counter(), time.process_time()
 
     data = pbmc68k_reduced()
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     order = torch.randperm(len(train_cells), generator=generator).tolist()
     cursor = 0
     warmup = max(1, args.steps // 20)
-    progress = tqdm(range(args.steps), desc="train_singlecell", unit="step", disable=None)
+    progress = tqdm(range(args.steps), desc="train_singlecell", unit="step")
     for step in progress:
         if cursor + args.batch_size > len(order):   # next epoch
             order, cursor = torch.randperm(len(train_cells), generator=generator).tolist(), 0

@@ -38,6 +38,15 @@ def test_tiny_forward_and_backward(check_gradients):
     check_gradients(model)
 
 
+def test_masked_gene_loss_is_cross_entropy_over_the_hidden_genes():
+    model = CellEncoder.from_name("tiny").eval()
+    tokens = pad_cells([torch.randint(2, 66, (n,)) for n in (30, 12)])
+    loss = masked_gene_loss(model, tokens, 0.3, torch.Generator().manual_seed(5))
+    inputs, labels = mask_genes(tokens, 0.3, torch.Generator().manual_seed(5))
+    expected = torch.nn.functional.cross_entropy(model.gene_logits(inputs).flatten(0, 1), labels.flatten())
+    torch.testing.assert_close(loss, expected)
+
+
 def test_cell_embedding_ignores_padding():
     model = CellEncoder.from_name("tiny").eval()
     short, long = torch.randint(2, 66, (9,)), torch.randint(2, 66, (40,))
