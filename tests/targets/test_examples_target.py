@@ -1,0 +1,45 @@
+"""Each example runs end to end in its --smoke mode (a few steps) and reports its numbers."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_lm_smoke(capsys):
+    result = _load("train_lm").main(["--smoke"])
+    assert math.isfinite(result["val_loss"]) and result["val_loss"] < result["initial_val_loss"]
+    assert result["val_perplexity"] == pytest.approx(math.exp(result["val_loss"]))
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("train_lm: ")
+
+
+def test_train_lm_refuses_kinds_that_do_not_exist_yet(capsys):
+    with pytest.raises(SystemExit):
+        _load("train_lm").main(["--smoke", "--attention", "sigmoid"])
+    assert "come with the attnrewrite rewriter" in capsys.readouterr().err
+
+
+def test_train_singlecell_smoke(capsys):
+    pytest.importorskip("anndata")
+    pytest.importorskip("scanpy")
+    result = _load("train_singlecell").main(["--smoke"])
+    assert 0.0 <= result["knn_accuracy"] <= 1.0 and math.isfinite(result["held_out_masked_gene_loss"])
+    assert result["pca_knn_accuracy"] > result["majority_accuracy"]   # the data carry cell-type signal
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("train_singlecell: ")
+
+
+def test_finetune_minilm_smoke(capsys):
+    result = _load("finetune_minilm").main(["--smoke"])
+    assert result["parity_max_abs"] <= 1e-5
+    assert result["before"]["paraphrase_cosine"] > result["before"]["unrelated_cosine"]
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("finetune_minilm: ")
