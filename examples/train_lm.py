@@ -6,8 +6,11 @@ Runs on the CPU; the default run takes a few minutes on 2 cores and reports the 
     python examples/train_lm.py               # full run
     python examples/train_lm.py --smoke       # a few steps, seconds (CI)
 
-``--attention`` will pick the attention kind the model is rewritten to once the rewriter
-provides kinds; until then only ``softmax`` (the model as written) is accepted.
+``--attention sigmoid`` or ``--attention linear`` trains the same model with its attention
+rewritten by attnrewrite (``strict``: the run stops if any site could not be rewritten).
+
+    python examples/train_lm.py --attention sigmoid
+    python examples/train_lm.py --attention linear     # elu+1 features (--feature-map relu ...)
 """
 
 from __future__ import annotations
@@ -24,8 +27,7 @@ from tqdm import tqdm
 from attnrewrite.targets.data import text_batch, text_corpus
 from attnrewrite.targets.llama import CONFIGS, Llama, LlamaConfig
 
-ATTENTION_KINDS_AVAILABLE = ("softmax",)
-PLANNED_KINDS = ("sigmoid", "linear", "summary", "hashed")
+ATTENTION_KINDS = ("softmax", "sigmoid", "linear")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (cosine decay to 10%%)")
     parser.add_argument("--warmup", type=int, default=20, help="linear warm-up steps")
     parser.add_argument("--eval-batches", type=int, default=40, help="validation windows / batch size")
-    parser.add_argument("--attention", default="softmax",
-                        help=f"attention kind to train with: {', '.join(ATTENTION_KINDS_AVAILABLE)} "
-                             f"(later: {', '.join(PLANNED_KINDS)})")
+    parser.add_argument("--attention", default="softmax", choices=ATTENTION_KINDS,
+                        help="attention kind: softmax (the model as written) or a kind it is rewritten to")
+    parser.add_argument("--feature-map", default="elu", choices=("elu", "relu"),
+                        help="feature map of --attention linear (default: elu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
@@ -67,12 +70,21 @@ def evaluate(model: Llama, data: torch.Tensor, batches: int, batch_size: int, bl
     return total / batches
 
 
+@torch.no_grad()
+def generate_without_cache(model: Llama, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float,
+                           top_k: int, generator: torch.Generator) -> torch.Tensor:
+    """Sample by running the whole sequence each step (no KV cache): [B, T0] -> [B, T0 + new]."""
+    tokens = prompt
+    for _ in range(max_new_tokens):
+        logits = model(tokens[:, -model.config.max_seq_len:])[:, -1] / temperature
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
+        tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
+    return tokens
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    if args.attention not in ATTENTION_KINDS_AVAILABLE:
-        build_parser().error(f"attention kind {args.attention!r} is not available yet: the other kinds "
-                             f"({', '.join(PLANNED_KINDS)}) come with the attnrewrite rewriter; "
-                             f"use --attention softmax for now")
     if args.smoke:
         args.config, args.steps, args.batch_size, args.block_size = "tiny", 6, 4, 32
         args.warmup, args.eval_batches = 2, 2
@@ -86,6 +98,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.block_size > config.max_seq_len:
         build_parser().error(f"--block-size {args.block_size} exceeds the config's max_seq_len {config.max_seq_len}")
     model = Llama(config)
+    if args.attention != "softmax":
+        import attnrewrite
+
+        options = {"feature_map": args.feature_map} if args.attention == "linear" else {}
+        attnrewrite.rewrite(model, to=args.attention, compiler="eager", strict=True, **options)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"corpus: {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} validation bytes")
     print(f"model: llama/{args.config}, {n_params:,} parameters, attention={args.attention}")
@@ -109,12 +126,17 @@ def main(argv: list[str] | None = None) -> dict:
     val_loss = evaluate(model, corpus.val, args.eval_batches, args.batch_size, args.block_size)
     model.eval()
     prompt = corpus.encode("Return the ")[None]
-    sample = model.generate(prompt, max_new_tokens=16 if args.smoke else 120, temperature=0.8, top_k=40,
-                            generator=torch.Generator().manual_seed(args.seed))
+    new_tokens = 16 if args.smoke else 120
+    if args.attention == "softmax":
+        sample = model.generate(prompt, max_new_tokens=new_tokens, temperature=0.8, top_k=40,
+                                generator=torch.Generator().manual_seed(args.seed))
+    else:  # stay in the trained kind: the cached decode path is a different graph
+        sample = generate_without_cache(model, prompt, new_tokens, temperature=0.8, top_k=40,
+                                        generator=torch.Generator().manual_seed(args.seed))
     print("sample:", repr(corpus.decode(sample[0])))
 
     result = {
-        "config": args.config, "steps": args.steps, "tokens_seen": args.steps * args.batch_size * args.block_size,
+        "config": args.config, "attention": args.attention, "steps": args.steps, "tokens_seen": args.steps * args.batch_size * args.block_size,
         "initial_val_loss": initial_val, "val_loss": val_loss, "val_bits_per_byte": val_loss / math.log(2),
         "val_perplexity": math.exp(val_loss), "train_loss": loss.item(),
         "wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - started_cpu,

@@ -24,6 +24,13 @@ def _seed_and_reset_dynamo():
     torch._dynamo.reset()
 
 
+def pytest_configure(config):
+    """Under pytest-xdist each worker already has a core: torch's default of one thread per core in
+    every worker oversubscribes the machine and makes small-op loops several times slower."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -31,16 +31,3 @@ def check_gradients():
             assert param.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
     return check
-
-
-@pytest.fixture(autouse=True)
-def _one_thread_per_xdist_worker():
-    """Under pytest-xdist each worker already has a core; torch's default of one thread per core
-    in every worker oversubscribes the machine, which makes small-op loops many times slower."""
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

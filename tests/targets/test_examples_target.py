@@ -23,10 +23,23 @@ def test_train_lm_smoke(capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("train_lm: ")
 
 
-def test_train_lm_refuses_kinds_that_do_not_exist_yet(capsys):
+@pytest.mark.parametrize("kind", ["sigmoid", "linear"])
+def test_train_lm_smoke_with_a_rewritten_kind(kind, capsys):
+    import attnrewrite
+
+    before = len(attnrewrite.recent_reports())
+    result = _load("train_lm").main(["--smoke", "--attention", kind])
+    assert result["attention"] == kind
+    assert math.isfinite(result["val_loss"]) and result["val_loss"] < result["initial_val_loss"]
+    reports = attnrewrite.recent_reports()[before:]
+    assert reports and all(r.to == kind and r.rewritten and not r.skipped for r in reports)
+    assert f"attention={kind}" in capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def test_train_lm_refuses_an_unknown_kind(capsys):
     with pytest.raises(SystemExit):
-        _load("train_lm").main(["--smoke", "--attention", "sigmoid"])
-    assert "come with the attnrewrite rewriter" in capsys.readouterr().err
+        _load("train_lm").main(["--smoke", "--attention", "quadratic"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_train_singlecell_smoke(capsys):
