@@ -37,24 +37,24 @@ def _finish(out: torch.Tensor):
     return out.transpose(1, 2).contiguous(), None
 
 
-def softmax_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                    is_causal=None, **kwargs: Any):
-    from attnrewrite.ops import softmax_attention
+def _sdpa_like_forward(op_name: str):
+    """An HF attention function calling ``attnrewrite.ops.<op_name>`` (kinds that take any mask)."""
 
-    out = softmax_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                            is_causal=_is_causal(module, query, is_causal, attention_mask), scale=scaling,
-                            enable_gqa=_gqa(module, query, key))
-    return _finish(out)
+    def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+                **kwargs: Any):
+        from attnrewrite import ops
+
+        out = getattr(ops, op_name)(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                    is_causal=_is_causal(module, query, is_causal, attention_mask), scale=scaling,
+                                    enable_gqa=_gqa(module, query, key))
+        return _finish(out)
+
+    forward.__name__ = op_name.replace("_attention", "_forward")
+    return forward
 
 
-def sigmoid_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                    is_causal=None, **kwargs: Any):
-    from attnrewrite.ops import sigmoid_attention
-
-    out = sigmoid_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                            is_causal=_is_causal(module, query, is_causal, attention_mask), scale=scaling,
-                            enable_gqa=_gqa(module, query, key))
-    return _finish(out)
+softmax_forward = _sdpa_like_forward("softmax_attention")
+sigmoid_forward = _sdpa_like_forward("sigmoid_attention")
 
 
 def linear_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
