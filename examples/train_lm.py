@@ -101,7 +101,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.attention != "softmax":
         import attnrewrite
 
-        options = {"feature_map": args.feature_map} if args.attention == "linear" else {}
+        if args.attention == "linear":
+            options = {"feature_map": args.feature_map}
+        else:  # b = -log(n) at the training length, fixed: bias="auto" would follow the length of
+            # each sequence, and a prompt shorter than the training windows would see a larger b
+            options = {"bias": -math.log(args.block_size)}
         attnrewrite.rewrite(model, to=args.attention, compiler="eager", strict=True, **options)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"corpus: {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} validation bytes")

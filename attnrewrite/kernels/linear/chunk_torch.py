@@ -50,6 +50,15 @@ def _bidirectional(q_feat, k_feat, v, s0, z0, eps):
     return out.reshape(b, hq, tq, v.shape[-1]), state, normaliser
 
 
+def pad_time(x: torch.Tensor, pad) -> torch.Tensor:
+    """``x`` [B, H, T, ...] with ``pad`` zero steps appended along T.
+
+    Written as a concatenation rather than ``F.pad``: under a fake-tensor mode with symbolic
+    shapes (when a compiled graph is given example values) ``F.pad`` refuses a symbolic width.
+    """
+    return torch.cat([x, x.new_zeros(*x.shape[:2], pad, *x.shape[3:])], dim=2)
+
+
 def _exclusive_prefix(x: torch.Tensor, start: torch.Tensor | None, reverse: bool = False) -> torch.Tensor:
     """out[:, :, c] = start + Σ x[:, :, c'] over c' < c (over c' > c when ``reverse``), along dim 2.
 
@@ -65,7 +74,7 @@ def _exclusive_prefix(x: torch.Tensor, start: torch.Tensor | None, reverse: bool
     n = x.shape[2]
     block = max(1, math.isqrt(n))
     pad = (-n) % block
-    blocks = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad)) if pad else x
+    blocks = pad_time(x, pad) if pad else x
     blocks = blocks.reshape(*x.shape[:2], -1, block, *x.shape[3:])  # [B, H, N/b, b, ...]
     inner = torch.empty_like(blocks)
     running = torch.zeros_like(blocks[:, :, :, 0])
@@ -140,7 +149,7 @@ def _causal(q_feat, k_feat, v, s0, z0, eps, chunk):
     chunk = min(chunk, t)
     pad = (-t) % chunk
     if pad:  # zero features past the end: they add nothing to any state or weight
-        q_feat, k_feat, v = (F.pad(x, (0, 0, 0, pad)) for x in (q_feat, k_feat, v))
+        q_feat, k_feat, v = (pad_time(x, pad) for x in (q_feat, k_feat, v))
     n = (t + pad) // chunk
     # [B, Hkv, N, G·C, Dk]: row g·C + i is query head g of the group at position i of the chunk
     q_chunks = q_feat.reshape(b, kv_heads, groups, n, chunk, dk).transpose(2, 3).reshape(b, kv_heads, n, groups * chunk, dk)
