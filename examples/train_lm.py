@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.attention != "softmax":
         import attnrewrite
 
+        # Past its recompile limit Dynamo would silently run the original code — softmax, not the
+        # kind this model is trained with: make that an error instead.
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+
         if args.attention == "linear":
             options = {"feature_map": args.feature_map}
         else:  # b = -log(n) at the training length, fixed: bias="auto" would follow the length of

@@ -45,71 +45,120 @@ def chunk_sigmoid_attention(
     Returns:
         [B, Hq, Tq, Dv] in q's dtype.
     """
-    if cu_seqlens_q is not None:
+    if cu_seqlens_q is not None:  # packed sequences: eager only (the bounds are read on the host)
         bounds_q, bounds_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         outs = []
         for s in range(len(bounds_q) - 1):
             q0, q1, k0, k1 = bounds_q[s], bounds_q[s + 1], bounds_k[s], bounds_k[s + 1]
-            outs.append(_ChunkedSigmoidAttention.apply(
-                q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], None, bias[s:s + 1], None,
-                scale, causal, dropout_p, chunk_size))
+            outs.append(_sigmoid_chunked(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], None, bias[s:s + 1],
+                                         None, scale, causal, dropout_p, chunk_size))
         return torch.cat(outs, dim=2)
-    return _ChunkedSigmoidAttention.apply(q, k, v, additive_mask, bias, kv_lens, scale, causal, dropout_p, chunk_size)
+    return _sigmoid_chunked(q, k, v, additive_mask, bias, kv_lens, scale, causal, dropout_p, chunk_size)
 
 
-class _ChunkedSigmoidAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, chunk_size):
-        batch, heads_q, len_q, _ = q.shape
-        heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
-        chunk = chunk_size or max(1, min(len_q, CHUNK_ELEMENTS // max(1, batch * heads_q * len_k)))
-        seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0 else 0
-        geometry = _Geometry(q, k, mask, bias, kv_lens, scale, causal)
-        v32 = v.to(geometry.dtype)
-        out = torch.empty(batch, heads_q, len_q, dim_v, dtype=q.dtype, device=q.device)
-        for index, start in enumerate(range(0, len_q, chunk)):
-            stop = min(start + chunk, len_q)
-            weights = geometry.weights(q, start, stop)  # [B, Hkv, G*C, Tk]
-            if dropout_p > 0:
-                weights = weights * _keep_scale(weights, dropout_p, seed, index)
-            out[:, :, start:stop] = (weights @ v32).view(batch, heads_q, stop - start, dim_v).to(q.dtype)
-        ctx.save_for_backward(q, k, v, mask, bias, kv_lens)
-        ctx.args = (scale, causal, dropout_p, chunk, seed)
-        return out
+def _sigmoid_chunked(q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, chunk_size):
+    # The seed of the dropout masks is a tensor drawn here, so that a traced graph draws a new one
+    # each call, and the backward regenerates the same masks from it.
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else None
+    return torch.ops.attnrewrite.sigmoid_chunked_fwd(q, k, v, mask, bias, kv_lens, float(scale), int(causal),
+                                                     float(dropout_p), seed, int(chunk_size or 0))
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, mask, bias, kv_lens = ctx.saved_tensors
-        scale, causal, dropout_p, chunk, seed = ctx.args
-        batch, heads_q, len_q, dim = q.shape
-        heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
-        geometry = _Geometry(q, k, mask, bias, kv_lens, scale, causal)
-        k32, v32 = geometry.k32, v.to(geometry.dtype)
-        dtype = geometry.dtype
-        want_mask = mask is not None and ctx.needs_input_grad[3]
-        dq = torch.empty(batch, heads_q, len_q, dim, dtype=dtype, device=q.device)
-        dk = torch.zeros(batch, heads_kv, len_k, dim, dtype=dtype, device=q.device)
-        dv = torch.zeros(batch, heads_kv, len_k, dim_v, dtype=dtype, device=q.device)
-        dmask = torch.zeros(mask.shape, dtype=dtype, device=q.device) if want_mask else None
-        for index, start in enumerate(range(0, len_q, chunk)):
-            stop = min(start + chunk, len_q)
-            rows = stop - start
-            weights = geometry.weights(q, start, stop)  # P, [B, Hkv, G*C, Tk]
-            grad_rows = geometry.fold(grad_out[:, :, start:stop].to(dtype))  # [B, Hkv, G*C, Dv]
-            grad_weights = grad_rows @ v32.transpose(-1, -2)  # dP
-            kept = weights
-            if dropout_p > 0:
-                keep = _keep_scale(weights, dropout_p, seed, index)
-                kept, grad_weights = weights * keep, grad_weights * keep
-            dv += kept.transpose(-1, -2) @ grad_rows
-            grad_scores = weights * (1.0 - weights) * grad_weights  # dS = P(1-P) dP
-            dq[:, :, start:stop] = (grad_scores @ k32).view(batch, heads_q, rows, dim)
-            dk += grad_scores.transpose(-1, -2) @ geometry.fold(q[:, :, start:stop].to(dtype))
-            if want_mask:
-                _accumulate_mask_grad(dmask, grad_scores.view(batch, heads_q, rows, len_k), start, stop)
-        grads_mask = dmask.to(mask.dtype) if want_mask else None
-        return ((dq * scale).to(q.dtype), (dk * scale).to(k.dtype), dv.to(v.dtype), grads_mask,
-                None, None, None, None, None, None)
+
+# The chunked path as opaque ops with fake implementations: tracing (torch.compile, the rewriter's
+# example values) never runs the Python loop over query chunks, so the sequence length stays
+# symbolic under dynamic shapes instead of being specialised to the example's.
+
+
+@torch.library.custom_op("attnrewrite::sigmoid_chunked_fwd", mutates_args=())
+def _chunked_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor,
+                 kv_lens: torch.Tensor | None, scale: float, causal: int, dropout_p: float,
+                 seed: torch.Tensor | None, chunk_size: int) -> torch.Tensor:
+    batch, heads_q, len_q, _ = q.shape
+    len_k, dim_v = k.shape[2], v.shape[3]
+    chunk = _chunk_rows(q, k, chunk_size)
+    seed_value = int(seed) if seed is not None else 0
+    geometry = _Geometry(q, k, mask, bias, kv_lens, scale, causal)
+    v32 = v.to(geometry.dtype)
+    out = torch.empty(batch, heads_q, len_q, dim_v, dtype=q.dtype, device=q.device)
+    for index, start in enumerate(range(0, len_q, chunk)):
+        stop = min(start + chunk, len_q)
+        weights = geometry.weights(q, start, stop)  # [B, Hkv, G*C, Tk]
+        if dropout_p > 0:
+            weights = weights * _keep_scale(weights, dropout_p, seed_value, index)
+        out[:, :, start:stop] = (weights @ v32).view(batch, heads_q, stop - start, dim_v).to(q.dtype)
+    return out
+
+
+@_chunked_fwd.register_fake
+def _(q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size):
+    return q.new_empty(q.shape[:3] + (v.shape[3],))
+
+
+@torch.library.custom_op("attnrewrite::sigmoid_chunked_bwd", mutates_args=())
+def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 mask: torch.Tensor | None, bias: torch.Tensor, kv_lens: torch.Tensor | None, scale: float,
+                 causal: int, dropout_p: float, seed: torch.Tensor | None, chunk_size: int,
+                 want_mask: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dmask); dmask is empty unless ``want_mask``."""
+    batch, heads_q, len_q, dim = q.shape
+    heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
+    chunk = _chunk_rows(q, k, chunk_size)
+    seed_value = int(seed) if seed is not None else 0
+    geometry = _Geometry(q, k, mask, bias, kv_lens, scale, causal)
+    k32, v32 = geometry.k32, v.to(geometry.dtype)
+    dtype = geometry.dtype
+    dq = torch.empty(batch, heads_q, len_q, dim, dtype=dtype, device=q.device)
+    dk = torch.zeros(batch, heads_kv, len_k, dim, dtype=dtype, device=q.device)
+    dv = torch.zeros(batch, heads_kv, len_k, dim_v, dtype=dtype, device=q.device)
+    dmask = torch.zeros(mask.shape, dtype=dtype, device=q.device) if want_mask else None
+    for index, start in enumerate(range(0, len_q, chunk)):
+        stop = min(start + chunk, len_q)
+        rows = stop - start
+        weights = geometry.weights(q, start, stop)  # P, [B, Hkv, G*C, Tk]
+        grad_rows = geometry.fold(grad_out[:, :, start:stop].to(dtype))  # [B, Hkv, G*C, Dv]
+        grad_weights = grad_rows @ v32.transpose(-1, -2)  # dP
+        kept = weights
+        if dropout_p > 0:
+            keep = _keep_scale(weights, dropout_p, seed_value, index)
+            kept, grad_weights = weights * keep, grad_weights * keep
+        dv += kept.transpose(-1, -2) @ grad_rows
+        grad_scores = weights * (1.0 - weights) * grad_weights  # dS = P(1-P) dP
+        dq[:, :, start:stop] = (grad_scores @ k32).view(batch, heads_q, rows, dim)
+        dk += grad_scores.transpose(-1, -2) @ geometry.fold(q[:, :, start:stop].to(dtype))
+        if want_mask:
+            _accumulate_mask_grad(dmask, grad_scores.view(batch, heads_q, rows, len_k), start, stop)
+    grad_mask = dmask.to(mask.dtype) if want_mask else q.new_empty(0)
+    return (dq * scale).to(q.dtype), (dk * scale).to(k.dtype), dv.to(v.dtype), grad_mask
+
+
+@_chunked_bwd.register_fake
+def _(grad_out, q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, want_mask):
+    grad_mask = torch.empty_like(mask) if want_mask else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grad_mask
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size = inputs
+    ctx.save_for_backward(q, k, v, mask, bias, kv_lens, seed)
+    ctx.args = (scale, causal, dropout_p, chunk_size)
+
+
+def _backward(ctx, grad_out):
+    q, k, v, mask, bias, kv_lens, seed = ctx.saved_tensors
+    scale, causal, dropout_p, chunk_size = ctx.args
+    want_mask = mask is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dmask = torch.ops.attnrewrite.sigmoid_chunked_bwd(
+        grad_out.contiguous(), q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, want_mask)
+    return dq, dk, dv, (dmask if want_mask else None), None, None, None, None, None, None, None
+
+
+_chunked_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _chunk_rows(q: torch.Tensor, k: torch.Tensor, chunk_size: int) -> int:
+    """Query rows per chunk: ``chunk_size``, or as many as keep one temporary under CHUNK_ELEMENTS."""
+    batch, heads_q, len_q = q.shape[:3]
+    return chunk_size or max(1, min(len_q, CHUNK_ELEMENTS // max(1, batch * heads_q * k.shape[2])))
 
 
 class _Geometry:
