@@ -25,6 +25,9 @@ class Kind:
             the site exactly as specified (mask, causality, dropout, returned weights).
         options: option names the kind accepts, with their defaults.
         description: one line for reports and errors.
+        score_mod: True when ``emit`` applies ``call.score_mod`` (an elementwise function of the
+            scores, e.g. soft-capping) before its own normalisation.  Sites with a score
+            modification are skipped, with that reason, for kinds that do not.
     """
 
     name: str
@@ -32,6 +35,7 @@ class Kind:
     supports: Callable[[AttentionSpec, dict[str, Any]], str | None]
     options: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    score_mod: bool = False
 
 
 _KINDS: dict[str, Kind] = {}
@@ -58,11 +62,10 @@ def names() -> list[str]:
 
 
 def _emit_softmax(call: AttentionCall, options: dict[str, Any]):
-    import torch
+    # the softmax_attention op; the canonical math written out when the site has a score_mod
+    from attnrewrite.rewriter.score_mod import exact_attention
 
-    import attnrewrite.kernels.softmax  # noqa: F401 — registers the op
-
-    return torch.ops.attnrewrite.softmax_attention(call.q, call.k, call.v, **call.kwargs())
+    return exact_attention(call)
 
 
 register(Kind(
@@ -70,4 +73,5 @@ register(Kind(
     emit=_emit_softmax,
     supports=lambda spec, options: None,  # the exact kind honours every certified site
     description="exact softmax attention (F.scaled_dot_product_attention semantics)",
+    score_mod=True,
 ))

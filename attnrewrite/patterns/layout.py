@@ -82,7 +82,7 @@ def ref_shape(ref: TensorRef) -> tuple[int, ...]:
     shape = hinted_shape(ref.node)
     if shape is None:
         raise NotAttention(f"{ref.node.name} is not a tensor")
-    if any(op == "reshape" for op, *_ in ref.steps):
+    if any(op in ("reshape", "unflatten") for op, *_ in ref.steps):
         return _replay_reshape(shape, ref.steps)
     return steps_shape(shape, ref.steps)
 
@@ -106,6 +106,22 @@ def to_four_dims(rank_: int) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
     if rank_ == 2:
         return (("unsqueeze", 0), ("unsqueeze", 0)), (("squeeze", 0), ("squeeze", 0))
     raise NotAttention(f"rank-{rank_} attention operands (only 2-, 3- and 4-D layouts are supported)")
+
+
+def relayout(lead_rank: int, to_lead: tuple) -> tuple[Step, ...]:
+    """Steps that regroup the ``lead_rank`` leading dims of a tensor into ``to_lead`` (row-major, as a
+    view of the scores does): flatten them, then unflatten.  The first target size is written -1, so
+    a dynamic batch size stays dynamic; the others (heads) must be plain ints."""
+    if lead_rank < 1 or len(to_lead) < 1:
+        raise NotAttention("a view of the scores to or from a rank below 3")
+    if not all(isinstance(s, int) for s in to_lead[1:]):
+        raise NotAttention(f"a view of the scores to symbolic leading sizes {to_lead}")
+    steps: list[Step] = []
+    if lead_rank > 1:
+        steps.append(("flatten", 0, lead_rank - 1))
+    if len(to_lead) > 1:
+        steps.append(("unflatten", 0, (-1,) + tuple(to_lead[1:])))
+    return tuple(steps)
 
 
 def term_steps(term_rank: int | None, score_rank: int) -> tuple[Step, ...]:

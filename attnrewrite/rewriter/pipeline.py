@@ -125,6 +125,10 @@ def resolve(ctx: PassContext) -> None:
 
 def select(ctx: PassContext) -> None:
     for site in _matched(ctx):
+        if site.spec.score_mod is not None and not ctx.kind.score_mod:
+            site.skip(f"{ctx.kind.name} cannot honour this site: it cannot apply the score modification "
+                      f"{site.spec.score_mod.describe()}")
+            continue
         reason = ctx.kind.supports(site.spec, ctx.options.kind_options)
         if reason is not None:
             site.skip(f"{ctx.kind.name} cannot honour this site: {reason}")

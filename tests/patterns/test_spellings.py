@@ -160,3 +160,35 @@ def test_scale_folded_into_q_through_views():
     torch.testing.assert_close(_compile(model, report)(x), model(x), rtol=1e-5, atol=1e-6)
     (site,) = report.sites
     assert site.status == "rewritten" and site.spec["scale"] == pytest.approx(0.125)
+
+
+def soft_capped(q, k, v):  # Gemma-2: tanh(s / c) · c between the scaled scores and the softmax
+    s = torch.tanh(q @ k.transpose(-2, -1) * D**-0.5 / 30.0) * 30.0
+    return torch.softmax(s + torch.zeros(T, T).masked_fill(~_causal(), float("-inf")), -1) @ v
+
+
+def three_d_scores_viewed(q, k, v):  # BLOOM: [B·H, T, T] scores viewed [B, H, T, T] for the mask, and back
+    q3, k3, v3 = (x.reshape(B * H, T, D) for x in (q, k, v))
+    alibi = (torch.arange(T, dtype=q.dtype) * -0.1).expand(B * H, 1, T)
+    s = torch.baddbmm(alibi, q3, k3.transpose(1, 2), beta=1.0, alpha=D**-0.5).view(B, H, T, -1)
+    p = torch.softmax(s.masked_fill(~_causal(), torch.finfo(s.dtype).min), -1, dtype=torch.float32)
+    return torch.bmm(p.view(B * H, T, -1), v3).view(B, H, T, D)
+
+
+SCORE_MOD_CASES = {
+    # the division by the cap folds into the scale: mod(s) = tanh(s) · 30 with s = q·kᵀ · D^-½ / 30
+    "soft_capped": (soft_capped, dict(causal=True, score_mod="tanh·mul", scale=D**-0.5 / 30.0)),
+    "three_d_scores_viewed": (three_d_scores_viewed, dict(causal=True, bias=["add"], score_mod=None)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCORE_MOD_CASES))
+def test_score_modifications_and_views(name):
+    fn, expected = SCORE_MOD_CASES[name]
+    q, k, v = _qkv()
+    report = Report()
+    torch.testing.assert_close(_compile(fn, report)(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-6)
+    (site,) = report.sites
+    assert site.status == "rewritten", report
+    for key, value in expected.items():
+        assert site.spec[key] == (pytest.approx(value) if isinstance(value, float) else value), (key, site.spec[key])

@@ -97,13 +97,13 @@ def test_strict_raises(monkeypatch):
 
 
 def test_strict_raises_on_an_attention_site_that_is_not_rewritten():
-    class Capped(Block):
+    class WrongDim(Block):
         def forward(self, x):
             b, t, c = x.shape
             q, k, v = (y.view(b, t, 4, 8).transpose(1, 2) for y in self.qkv(x).split(c, dim=-1))
-            return torch.softmax(torch.tanh(q @ k.transpose(-2, -1)), -1) @ v
+            return torch.softmax(q @ k.transpose(-2, -1), -2) @ v  # over the queries: not attention
 
-    compiled = compile_rewritten(Capped().eval(), strict=True)
+    compiled = compile_rewritten(WrongDim().eval(), strict=True)
     compiled(torch.randn(2, 8, 32))  # a near miss (no spec) is not a failure...
     assert attnrewrite.recent_reports()[-1].skipped
 
