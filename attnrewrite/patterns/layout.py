@@ -8,7 +8,7 @@ from attnrewrite.rewriter.capture import constant_value, hinted_shape, normalize
 from attnrewrite.rewriter.spec import NotAttention, Step, TensorRef
 
 #: Views that can be replayed as layout steps when a constant scale is pulled out from under them.
-_VIEW_STEPS = {"transpose", "permute", "view", "unsqueeze", "identity"}
+_VIEW_STEPS = {"transpose", "permute", "view", "unsqueeze", "identity", "unflatten", "flatten"}
 
 
 def normalize_dim(dim: int, ndim: int) -> int:
@@ -40,6 +40,10 @@ def _as_step(call) -> Step | None:
         return ("reshape", tuple(call.args[1]))
     if call.name == "unsqueeze":
         return ("unsqueeze", call.args[1])
+    if call.name == "unflatten" and isinstance(call.args[2], tuple):
+        return ("unflatten", call.args[1], call.args[2])
+    if call.name == "flatten":
+        return ("flatten", call.args[1], call.args[2])
     return None
 
 
@@ -67,6 +71,8 @@ def fold_constant_scale(ref: TensorRef, max_views: int = 6) -> tuple[TensorRef, 
         if call.name not in _VIEW_STEPS or not isinstance(call.args[0], fx.Node):
             break
         step = _as_step(call)
+        if step is None and call.name != "identity":
+            break  # a view we cannot replay: keep the scale where it is
         if step is not None:
             steps.insert(0, step)
         node = call.args[0]

@@ -69,6 +69,7 @@ _METHODS: dict[str, str] = {
     "contiguous": "identity", "clone": "identity",
     "transpose": "transpose", "swapaxes": "transpose", "permute": "permute",
     "view": "view", "reshape": "view", "unsqueeze": "unsqueeze", "expand": "expand",
+    "unflatten": "unflatten", "flatten": "flatten",
     "repeat_interleave": "repeat_interleave",
     "logical_and": "and", "bitwise_and": "and", "__and__": "and",
     "logical_not": "not", "bitwise_not": "not", "eq": "eq", "ne": "ne", "neg": "neg", "tanh": "tanh",
@@ -88,6 +89,8 @@ ELEMENTWISE = frozenset({"mul", "div", "add", "sub", "masked_fill", "where", "ca
 
 def canonical_name(node: fx.Node) -> str | None:
     """The canonical name of what ``node`` computes, or None for anything the matcher ignores."""
+    if node.op == "call_function" and node.target is getattr:
+        return "transpose" if len(node.args) == 2 and node.args[1] == "mT" else None  # x.mT
     if node.op == "call_function":
         try:
             return _FUNCTIONS.get(node.target)
@@ -150,7 +153,14 @@ def normalize(node: fx.Node) -> Call | None:
         training = _arg(node, 2, "train" if node.target is torch.dropout else "training", True)
         return Call(name, node, (a[0],), {"p": p, "training": training})
     if name == "transpose":
+        if node.target is getattr:  # x.mT
+            return Call(name, node, (a[0], -2, -1))
         return Call(name, node, (a[0], _arg(node, 1, "dim0"), _arg(node, 2, "dim1")))
+    if name == "unflatten":
+        sizes = _arg(node, 2, "sizes")
+        return Call(name, node, (a[0], _arg(node, 1, "dim"), tuple(sizes) if isinstance(sizes, (list, tuple)) else sizes))
+    if name == "flatten":
+        return Call(name, node, (a[0], _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)))
     if name == "permute":
         dims = a[1:] if node.op == "call_method" else (_arg(node, 1, "dims"),)
         if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
