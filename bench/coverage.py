@@ -178,7 +178,8 @@ def main(argv=None) -> int:
         print(row, flush=True)
     print(f"\ntotals ({time.perf_counter() - start:.0f} s):")
     for mode, t in totals.items():
-        line = f"  {mode:9s} sites {t['sites']}: attnrewrite rewrote {t['ours']} ({100 * t['ours'] / max(1, t['sites']):.0f} %)"
+        share = 100 * t["ours"] / max(1, t["sites"])
+        line = f"  {mode:9s} sites {t['sites']}: attnrewrite rewrote {t['ours']} ({share:.0f} %)"
         if not args.no_inductor:
             line += (f"; inductor ran {t['sdpa']} as fused SDPA ({100 * t['sdpa'] / max(1, t['sites']):.0f} %), "
                      f"its fuse_attention created {t['fused']} of the {t['eligible']} sites not already SDPA "

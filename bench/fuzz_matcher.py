@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import os
 import platform
 import random
 import re
@@ -28,7 +29,8 @@ def _reason_class(reason: str) -> str:
     if not reason:
         return "no anchor (not a softmax / SDPA)"
     reason = re.sub(r"\(.*?\)|\[.*?\]", "…", reason.split(": ")[0])
-    return re.sub(r"\b(in|dim) [\w.-]+", r"\1 …", re.sub(r"-?\d+(\.\d+)?", "N", reason))[:80]
+    reason = re.sub(r"reused in [\w.]+", "reused in …", reason)
+    return re.sub(r"(?<![\w])-?\d+(\.\d+)?", "N", reason)[:80]
 
 
 def main(argv=None) -> int:
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
             failures.append(outcome)
     seconds = time.perf_counter() - start
 
-    print(f"attnrewrite matcher fuzz — seed {args.seed}, torch {torch.__version__}, {platform.processor() or platform.machine()}")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU(s)"
+    print(f"attnrewrite matcher fuzz — seed {args.seed}, torch {torch.__version__}, {machine}")
     print(f"real attention: {rewritten}/{args.attention} rewritten with the expected spec and output")
     print(f"near misses:    {untouched}/{args.near_misses} untouched; false positives: {false_positives}")
     print(f"time: {seconds:.0f} s ({seconds / max(1, args.attention + args.near_misses) * 1e3:.0f} ms per example)")

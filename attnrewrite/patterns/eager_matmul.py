@@ -180,8 +180,8 @@ class _Scores:
         t = tensor_meta(other)
         if not self.modified and (is_scalar(other) or (t is not None and (t.dim() == 0 or t.shape[-1] == 1))):
             self.factors.append((other, power))  # constant along the keys: a per-query/head temperature
-        elif t is not None and t.dtype.is_floating_point:
-            self.modify(node, prev, f"{what} a tensor")
+        elif is_scalar(other) or (t is not None and t.dtype.is_floating_point):
+            self.modify(node, prev, f"{what} {other.name}")
         else:
             raise NotAttention(f"scores {what} {other.name}, not a float tensor")
 
@@ -210,11 +210,16 @@ def _interpret(chain: list[fx.Node]) -> _Scores:
     first = normalize(chain[0])
     if first.name == "baddbmm":
         bias, beta, alpha = first.args[0], first.kwargs["beta"], first.kwargs["alpha"]
-        if constant_value(alpha) is None or constant_value(alpha) <= 0:
+        if constant_value(alpha) is not None and constant_value(alpha) > 0:
+            state.scale *= constant_value(alpha)
+        elif isinstance(alpha, fx.Node) and is_scalar(alpha):
+            state.factors.append((alpha, 1))  # a SymFloat under dynamic=True
+        else:
             raise NotAttention(f"baddbmm with alpha {alpha!r}")
-        state.scale *= constant_value(alpha)
+        if constant_value(beta) is None:
+            raise NotAttention(f"baddbmm with a beta that is not a compile-time constant ({beta})")
         if constant_value(beta) != 0.0:
-            state.add_term("add", bias, coeff=float(beta))
+            state.add_term("add", bias, coeff=constant_value(beta))
     for prev, node in zip(chain, chain[1:]):
         call = normalize(node)
         name, args = call.name, call.args

@@ -158,7 +158,8 @@ def normalize(node: fx.Node) -> Call | None:
         return Call(name, node, (a[0], _arg(node, 1, "dim0"), _arg(node, 2, "dim1")))
     if name == "unflatten":
         sizes = _arg(node, 2, "sizes")
-        return Call(name, node, (a[0], _arg(node, 1, "dim"), tuple(sizes) if isinstance(sizes, (list, tuple)) else sizes))
+        sizes = tuple(sizes) if isinstance(sizes, (list, tuple)) else sizes
+        return Call(name, node, (a[0], _arg(node, 1, "dim"), sizes))
     if name == "flatten":
         return Call(name, node, (a[0], _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)))
     if name == "permute":

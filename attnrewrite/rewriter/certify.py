@@ -238,7 +238,8 @@ def _spec_nodes(site: Site) -> set[fx.Node]:
         chain = {spec.score_mod.source} | {n for n, _ in spec.score_mod.chain}
         nodes |= {a for n in spec.score_mod.ops() for a in n.all_input_nodes if a not in chain}
         mod_steps = [spec.score_mod.steps, spec.score_mod.back]
-    for steps in [spec.q.steps, spec.k.steps, spec.v.steps, site.out_steps] + [t.steps for t in spec.bias] + mod_steps:
+    layouts = [spec.q.steps, spec.k.steps, spec.v.steps, site.out_steps] + [t.steps for t in spec.bias]
+    for steps in layouts + mod_steps:
         for step in steps:
             fx.node.map_arg(step, nodes.add)
     return nodes

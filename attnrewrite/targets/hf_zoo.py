@@ -149,7 +149,10 @@ class TransformerWithEmbeddings(nn.Module):
 
     def forward(self, src, tgt, src_key_padding_mask):
         tgt_mask = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1], device=tgt.device)
-        return self.transformer(src, tgt, tgt_mask=tgt_mask, tgt_is_causal=True, src_key_padding_mask=src_key_padding_mask,
+        # tgt_is_causal=True, as the docs advise: without it nn.Transformer reads the mask's values
+        # to detect causality (a data-dependent graph break that leaves the decoder uncompiled)
+        return self.transformer(src, tgt, tgt_mask=tgt_mask, tgt_is_causal=True,
+                                src_key_padding_mask=src_key_padding_mask,
                                 memory_key_padding_mask=src_key_padding_mask)
 
 

@@ -192,3 +192,31 @@ def test_score_modifications_and_views(name):
     assert site.status == "rewritten", report
     for key, value in expected.items():
         assert site.spec[key] == (pytest.approx(value) if isinstance(value, float) else value), (key, site.spec[key])
+
+
+class SoftCappedBlock(nn.Module):
+    """Soft-capping with the cap as a module attribute: under dynamic=True it becomes a SymFloat."""
+
+    def __init__(self, cap=30.0):
+        super().__init__()
+        self.cap = cap
+
+    def forward(self, q, k, v):
+        s = torch.tanh((q @ k.transpose(-2, -1)) * D**-0.5 / self.cap) * self.cap
+        return torch.softmax(s, -1) @ v
+
+
+def test_score_modification_with_dynamic_shapes_compiles_once():
+    model, report, graphs = SoftCappedBlock().eval(), Report(), []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return attnrewrite_backend(gm, example_inputs, options={"compiler": "eager"}, _report_sink=report.merge)
+
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for t in (8, 11, 13):
+        q, k, v = (torch.randn(B, H, t, D) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), model(q, k, v), rtol=1e-5, atol=1e-6)
+    assert len(graphs) == 1, f"recompiled {len(graphs)} times"
+    (site,) = report.sites
+    assert site.status == "rewritten" and site.spec["score_mod"], report
