@@ -16,6 +16,9 @@ custom graph passes: ``joint_custom_pre_pass`` sees the graph before inductor's 
 (SDPA ops there come from the model's own SDPA / ``nn.MultiheadAttention`` calls), and
 ``post_grad_custom_post_pass`` sees the graph inductor compiles; fused by inductor = after −
 before.  The FX graph and AOT autograd caches are disabled so that every compile runs the passes.
+By default inductor stops once the forward graph has been through all its passes (the graph
+then runs eagerly): code generation would not change the counts and takes most of the time on a
+CPU; ``--full-inductor`` runs it anyway.
 
     python bench/coverage.py [--only llama,bert] [--modes inference,training] [--no-inductor]
 """
@@ -39,17 +42,50 @@ def _sdpa_forward_ops(graph) -> int:
                and "backward" not in str(n.target))
 
 
-def _counting_pass(counts: dict, key: str):
+class _CountingDone(Exception):
+    """Raised after the forward graph's post-grad passes when code generation is not wanted."""
+
+
+def _counting_pass(counts: dict, key: str, stop: bool | None = None):
+    """A custom graph pass adding the forward SDPA ops it sees to ``counts[key]``; ``stop`` (post-grad
+    only): True raises once the forward graph is counted, False lets inductor go on."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     class CountSDPA(CustomGraphPass):
         def __call__(self, graph) -> None:
-            counts[key] += _sdpa_forward_ops(graph)
+            # the joint graph (before the passes) holds tangents too; after partitioning only the
+            # backward graph does, and its forward ops are not the model's attention
+            backward = stop is not None and any(n.op == "placeholder" and n.name.startswith("tangents")
+                                                for n in graph.nodes)
+            if not backward:
+                counts[key] += _sdpa_forward_ops(graph)
+                if stop:
+                    raise _CountingDone
 
         def uuid(self):
             return None  # never cache: the count must come from this compile
 
     return CountSDPA()
+
+
+def _inductor_until_codegen(full: bool):
+    """Inductor as the backend; unless ``full``, the compile stops once the forward graph has been
+    through every pass (fusion decided, counted) and the graph then runs eagerly: code generation
+    and C++ compilation, most of the time on a CPU, do not change which attention is fused."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        try:
+            return compile_fx(gm, example_inputs)
+        except Exception as exc:  # noqa: BLE001 — inductor may wrap our signal in its own error
+            cause = exc
+            while cause is not None and not isinstance(cause, _CountingDone):
+                cause = cause.__cause__ or cause.__context__
+            if full or cause is None:
+                raise
+            return gm.forward
+
+    return backend
 
 
 def _run(model, entry, inputs, backend, training: bool) -> None:
@@ -80,7 +116,7 @@ def attnrewrite_count(entry, training: bool) -> tuple[int, int]:
     return len([s for s in report.rewritten if s.spec is not None]), len(report.attention_sites())
 
 
-def inductor_count(entry, training: bool) -> dict[str, int]:
+def inductor_count(entry, training: bool, full: bool = False) -> dict[str, int]:
     """SDPA ops before inductor's pattern passes, in the compiled graph, and the raw fuse_attention counter."""
     import torch
     import torch._inductor.config as inductor_config
@@ -91,9 +127,9 @@ def inductor_count(entry, training: bool) -> dict[str, int]:
     counts = {"before": 0, "after": 0}
     counters["inductor"].clear()
     with inductor_config.patch(fx_graph_cache=False, joint_custom_pre_pass=_counting_pass(counts, "before"),
-                               post_grad_custom_post_pass=_counting_pass(counts, "after")), \
+                               post_grad_custom_post_pass=_counting_pass(counts, "after", stop=not full)), \
             torch._functorch.config.patch(enable_autograd_cache=False):
-        _run(entry.build(), entry, entry.example_inputs(), "inductor", training)
+        _run(entry.build(), entry, entry.example_inputs(), _inductor_until_codegen(full), training)
     return {**counts, "counter": counters["inductor"]["fuse_attention"]}
 
 
@@ -129,6 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("--only", default="", help="comma-separated zoo ids or families")
     parser.add_argument("--modes", default="inference,training")
     parser.add_argument("--no-inductor", action="store_true", help="count attnrewrite's sites only")
+    parser.add_argument("--full-inductor", action="store_true",
+                        help="let inductor generate and compile code too (slow on a CPU; same counts)")
     args = parser.parse_args(argv)
 
     import torch
@@ -167,7 +205,7 @@ def main(argv=None) -> int:
             if args.no_inductor:
                 continue
             try:
-                ind = inductor_count(entry, training)
+                ind = inductor_count(entry, training, args.full_inductor)
                 fused = ind["after"] - ind["before"]
                 t["sdpa"] += ind["after"]
                 t["fused"] += fused
