@@ -103,15 +103,18 @@ def _path_down(node: fx.Node, depth: int) -> list[fx.Node] | None:
     return paths[0] if paths else None
 
 
-def _lead_view(node: fx.Node, before: fx.Node, what: str) -> tuple[int, ...]:
-    """The leading sizes after ``node``, a view of ``before`` ([*A, Tq, Tk] → [*B, Tq, Tk]) that
-    regroups only the leading (batch, head) dims; NotAttention for any other view."""
+def _lead_view(node: fx.Node, before: fx.Node, what: str) -> tuple[tuple[int, ...], tuple | None]:
+    """``node`` is a view of ``before`` ([*A, Tq, Tk] → [*B, Tq, Tk]) that regroups only the leading
+    (batch, head) dims: returns B's hinted sizes and, when the view spells them out, its arguments
+    for them (ints, -1 or size nodes); NotAttention for any other view."""
     src, dst = tensor_meta(before), tensor_meta(node)
     if src is None or dst is None or src.dim() < 3 or dst.dim() < 3:
         raise NotAttention(f"a view of the {what} to or from fewer than 3 dims")
     if not (same_size(src.shape[-1], dst.shape[-1]) and same_size(src.shape[-2], dst.shape[-2])):
         raise NotAttention(f"a view of the {what} that moves the query or key dim")
-    return hinted_shape(node)[:-2]
+    sizes = normalize(node).args[1]
+    spelled = tuple(sizes[:-2]) if isinstance(sizes, tuple) and len(sizes) == dst.dim() else None
+    return hinted_shape(node)[:-2], spelled
 
 
 # --------------------------------------------------------------------------- the score chain
@@ -133,7 +136,7 @@ class _Scores:
         self.value_checks: list[fx.Node] = []
         self.softmax_dtype: torch.dtype | None = None
         self.lead = lead
-        self.views = 0
+        self.view_sizes: tuple | None = None  # the last view's arguments for the leading sizes
         self.mod_source: fx.Node | None = None
         self.mod_chain: list[tuple[fx.Node, bool]] = []
 
@@ -228,8 +231,7 @@ def _interpret(chain: list[fx.Node]) -> _Scores:
         if name == "view":
             if state.modified:
                 raise NotAttention("a view of the scores after a score modification")
-            state.lead = _lead_view(node, prev, "scores")
-            state.views += 1
+            state.lead, state.view_sizes = _lead_view(node, prev, "scores")
         elif name == "cast":
             meta = tensor_meta(node)
             if meta is None or not meta.dtype.is_floating_point:
@@ -405,9 +407,10 @@ def region_between(sources: set[fx.Node], output: fx.Node) -> list[fx.Node]:
     return [n for n in order if reach[n]]
 
 
-def _term_steps(term: MaskTerm, lead: tuple[int, ...], score_lead: tuple[int, ...]) -> tuple:
+def _term_steps(term: MaskTerm, lead: tuple[int, ...], score_lead: tuple[int, ...], score_sizes: tuple) -> tuple:
     """Steps that make ``term`` (added when the scores had leading sizes ``lead``) broadcast against
-    the canonical 4-D scores, whose leading sizes at the softmax are ``score_lead``."""
+    the canonical 4-D scores, whose leading sizes at the softmax are ``score_lead`` (as traced:
+    ``score_sizes``)."""
     shape = ref_shape(TensorRef(term.node, term.steps))
     steps: tuple = ()
     if len(shape) > 2 and tuple(lead) != tuple(score_lead):
@@ -415,7 +418,7 @@ def _term_steps(term: MaskTerm, lead: tuple[int, ...], score_lead: tuple[int, ..
             steps = (("squeeze", 0),) * (len(shape) - 2)  # broadcasts over any batch/head layout
             shape = shape[-2:]
         elif tuple(shape[:-2]) == tuple(lead):
-            steps = relayout(len(lead), score_lead)
+            steps = relayout(len(lead), score_sizes)
             shape = tuple(score_lead) + tuple(shape[-2:])
         else:
             raise NotAttention(f"the bias or mask {term.node.name} cannot follow the view of the scores")
@@ -452,10 +455,11 @@ def match(anchor: fx.Node) -> Site:
     pv, probs_last = down[-1], down[-2]
     v_ref, out_layout = _pv_operand(pv, probs_last)
     dropout_p = 0.0
+    pv_view_sizes = None
     for prev, node in zip(down, down[1:-1]):
         call = normalize(node)
         if call.name == "view":
-            _lead_view(node, prev, "probabilities")
+            pv_view_sizes = _lead_view(node, prev, "probabilities")[1]
         if call.name == "dropout":
             p, training = call.kwargs["p"], call.kwargs["training"]
             if training is False:
@@ -477,6 +481,9 @@ def match(anchor: fx.Node) -> Site:
     # Layouts: the product sees [*P, T, D]; the softmax [*S, Tq, Tk]; the value product [*P2, ...].
     # Views between them regroup only the leading dims; q, k, v are brought to S, then to 4-D.
     product_lead, score_lead, pv_lead = (hinted_shape(n)[:-2] for n in (up[0], anchor, probs_last))
+    # the sizes to regroup into: as the views spell them (size nodes under dynamic=True), else as traced
+    score_sizes = state.view_sizes or tuple(tensor_meta(anchor).shape[:-2])
+    pv_sizes = pv_view_sizes or tuple(tensor_meta(probs_last).shape[:-2])
     score_rank = len(score_lead) + 2
     if len(ref_shape(q_ref)) != len(product_lead) + 2 or len(ref_shape(k_ref)) != len(product_lead) + 2:
         raise NotAttention(f"q {ref_shape(q_ref)}, k {ref_shape(k_ref)} and the scores have different ranks")
@@ -486,14 +493,14 @@ def match(anchor: fx.Node) -> Site:
     if product_lead != score_lead:
         for ref, what in ((q_ref, "queries"), (k_ref, "keys")):
             _checked_lead(ref, product_lead, what)
-        qk_steps = relayout(len(product_lead), score_lead)
+        qk_steps = relayout(len(product_lead), score_sizes)
     if pv_lead != score_lead:
         _checked_lead(v_ref, pv_lead, "values")
-        v_steps, back_steps = relayout(len(pv_lead), score_lead), relayout(score_rank - 2, pv_lead)
+        v_steps, back_steps = relayout(len(pv_lead), score_sizes), relayout(score_rank - 2, pv_sizes)
     in_steps, out_steps = to_four_dims(score_rank)
     q_ref, k_ref = (TensorRef(x.node, x.steps + qk_steps + in_steps) for x in (q_ref, k_ref))
     v_ref = TensorRef(v_ref.node, v_ref.steps + v_steps + in_steps)
-    terms = tuple(replace(t, steps=_term_steps(t, lead, score_lead)) for t, lead in state.terms)
+    terms = tuple(replace(t, steps=_term_steps(t, lead, score_lead, score_sizes)) for t, lead in state.terms)
     q_shape, k_shape, v_shape = ref_shape(q_ref), ref_shape(k_ref), ref_shape(v_ref)
     if k_groups == 1 and k_shape[-3] == v_shape[-3] == 1 < q_shape[-3]:
         k_groups = q_shape[-3]  # one kv head broadcast over all query heads (multi-query attention)

@@ -116,17 +116,24 @@ def to_four_dims(rank_: int) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
 
 def relayout(lead_rank: int, to_lead: tuple) -> tuple[Step, ...]:
     """Steps that regroup the ``lead_rank`` leading dims of a tensor into ``to_lead`` (row-major, as a
-    view of the scores does): flatten them, then unflatten.  The first target size is written -1, so
-    a dynamic batch size stays dynamic; the others (heads) must be plain ints."""
+    view of the scores does): flatten them, then unflatten.
+
+    ``to_lead`` holds ints, -1 or graph nodes (symbolic sizes, read when the steps run).  When all
+    but the first are ints, the first is written -1, so that a dynamic batch size stays dynamic.
+    """
     if lead_rank < 1 or len(to_lead) < 1:
         raise NotAttention("a view of the scores to or from a rank below 3")
-    if not all(isinstance(s, int) for s in to_lead[1:]):
-        raise NotAttention(f"a view of the scores to symbolic leading sizes {to_lead}")
+    if all(isinstance(s, int) for s in to_lead[1:]):
+        sizes = (-1,) + tuple(to_lead[1:])
+    elif all(isinstance(s, (int, fx.Node)) for s in to_lead):
+        sizes = tuple(to_lead)
+    else:
+        raise NotAttention(f"a view of the scores to symbolic leading sizes {to_lead} that the graph does not name")
     steps: list[Step] = []
     if lead_rank > 1:
         steps.append(("flatten", 0, lead_rank - 1))
-    if len(to_lead) > 1:
-        steps.append(("unflatten", 0, (-1,) + tuple(to_lead[1:])))
+    if len(sizes) > 1:
+        steps.append(("unflatten", 0, sizes))
     return tuple(steps)
 
 

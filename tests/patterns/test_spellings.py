@@ -220,3 +220,30 @@ def test_score_modification_with_dynamic_shapes_compiles_once():
     assert len(graphs) == 1, f"recompiled {len(graphs)} times"
     (site,) = report.sites
     assert site.status == "rewritten" and site.spec["score_mod"], report
+
+
+class ThreeDScoresBlock(nn.Module):
+    """BLOOM's layout with sizes read from the input: [B·H, T, T] scores viewed 4-D for the mask and back."""
+
+    def forward(self, q, k, v):
+        b, h, t, d = q.shape
+        q3, k3, v3 = (x.reshape(b * h, t, d) for x in (q, k, v))
+        s = torch.bmm(q3, k3.transpose(1, 2)).view(b, h, t, -1) * d**-0.5
+        s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+        return torch.bmm(torch.softmax(s, -1).view(b * h, t, -1), v3).view(b, h, t, d)
+
+
+def test_viewed_scores_with_dynamic_shapes_compile_once():
+    model, report, graphs = ThreeDScoresBlock(), Report(), []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return attnrewrite_backend(gm, example_inputs, options={"compiler": "eager"}, _report_sink=report.merge)
+
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for b, t in ((2, 8), (3, 11), (4, 13)):  # (batch 1 would be specialised by dynamo itself)
+        q, k, v = (torch.randn(b, H, t, D) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), model(q, k, v), rtol=1e-5, atol=1e-6)
+    assert len(graphs) == 1, f"recompiled {len(graphs)} times"
+    (site,) = report.sites
+    assert site.status == "rewritten" and site.spec["causal"], report
