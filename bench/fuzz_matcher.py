@@ -24,6 +24,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+_SIZES = {"heads", "kv_heads", "t_q", "t_k", "head_dim"}
+
+
 def _reason_class(reason: str) -> str:
     """The reason without its particulars (shapes, node names, numbers), to count reasons by kind."""
     if not reason:
@@ -57,9 +60,9 @@ def main(argv=None) -> int:
         outcome = spellings.check(spellings.draw_attention(choose))
         ok = not outcome.problems
         rewritten += ok
-        for name in ("family", "product", "mask", "gqa", "scale_at", "softmax", "bmm_layout"):
-            if name in outcome.program.choices:
-                by_choice[f"{name}={outcome.program.choices[name]}"][ok] += 1
+        for name, value in outcome.program.choices.items():
+            if name not in _SIZES:
+                by_choice[f"{name}={value}"][ok] += 1
         if not ok:
             failures.append(outcome)
     untouched, false_positives = 0, 0

@@ -46,6 +46,7 @@ class ZooEntry:
         expected_skips: ``{kind: reason}`` — the sites the matcher is known not to rewrite to
             ``kind``, and why.  Empty: every site must be rewritten to every kind.
         features: what the entry exercises (for the coverage table and the docs).
+        hf_class: the transformers model class, for entries built from a transformers config.
     """
 
     family: str
@@ -56,6 +57,7 @@ class ZooEntry:
     output: Callable[[Any], torch.Tensor] | None = None
     expected_skips: Mapping[str, str] = field(default_factory=dict)
     features: str = ""
+    hf_class: str | None = None
 
     @property
     def id(self) -> str:
@@ -118,10 +120,9 @@ def _hf(model_class: str, config_class: str, impl: str, **config: Any) -> nn.Mod
     return model.eval()
 
 
-_DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=64, pad_token_id=0)
-_ENCODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=64, pad_token_id=0)
+#: The common size of the text models: 2 layers, width 32, 4 heads of 8.
+_TEXT = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=64, pad_token_id=0)
 
 
 def _hf_entry(family: str, model_class: str, config_class: str, impls: tuple[str, ...], sites: int,
@@ -130,7 +131,8 @@ def _hf_entry(family: str, model_class: str, config_class: str, impls: tuple[str
     return [
         ZooEntry(family=family, impl=impl, sites=sites,
                  build=functools.partial(_hf, model_class, config_class, impl, **config),
-                 inputs=inputs, output=output, expected_skips=dict(expected_skips or {}), features=features)
+                 inputs=inputs, output=output, expected_skips=dict(expected_skips or {}), features=features,
+                 hf_class=model_class)
         for impl in impls
     ]
 
@@ -184,19 +186,19 @@ def _clip_inputs(g: torch.Generator) -> dict[str, Any]:
 
 HF_ENTRIES: list[ZooEntry] = [
     *_hf_entry("llama", "LlamaModel", "LlamaConfig", _BOTH, 2, _text, "GQA (repeat_kv), causal+padding, fp32 softmax",
-               num_key_value_heads=2, **_DECODER),
+               num_key_value_heads=2, **_TEXT),
     *_hf_entry("mistral", "MistralModel", "MistralConfig", _BOTH, 2, _text, "GQA, sliding window (4) < sequence",
-               num_key_value_heads=2, sliding_window=4, **_DECODER),
+               num_key_value_heads=2, sliding_window=4, **_TEXT),
     *_hf_entry("qwen2", "Qwen2Model", "Qwen2Config", _BOTH, 2, _text, "GQA, q/k/v biases",
-               num_key_value_heads=2, **_DECODER),
+               num_key_value_heads=2, **_TEXT),
     *_hf_entry("gemma", "GemmaModel", "GemmaConfig", _BOTH, 2, _text, "multi-query (1 kv head), head_dim 16",
-               num_key_value_heads=1, head_dim=16, **_DECODER),
+               num_key_value_heads=1, head_dim=16, **_TEXT),
     *_hf_entry("gemma2", "Gemma2Model", "Gemma2Config", ("eager",), 2, _text,
                "score soft-capping tanh(s/50)·50, query_pre_attn_scalar, sliding window (4) on layer 0",
                num_key_value_heads=2, head_dim=8, sliding_window=4, query_pre_attn_scalar=16,
-               attn_logit_softcapping=50.0, **_DECODER),
+               attn_logit_softcapping=50.0, **_TEXT),
     *_hf_entry("phi", "PhiModel", "PhiConfig", _BOTH, 2, _text, "partial rotary, dense with biases",
-               **_DECODER),
+               **_TEXT),
     *_hf_entry("gpt2", "GPT2Model", "GPT2Config", _BOTH, 2, _text, "causal buffer, where(causal, s, min)",
                vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
     *_hf_entry("gpt_neox", "GPTNeoXModel", "GPTNeoXConfig", _BOTH, 2, _text, "fused qkv, rotary",
@@ -211,15 +213,19 @@ HF_ENTRIES: list[ZooEntry] = [
     *_hf_entry("falcon", "FalconModel", "FalconConfig", _BOTH, 2, _text, "multi-query, rotary",
                vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                max_position_embeddings=64),
-    *_hf_entry("bert", "BertModel", "BertConfig", _BOTH, 2, _text, "additive padding mask", **_ENCODER),
+    *_hf_entry("falcon_alibi", "FalconModel", "FalconConfig", _BOTH, 2, _text,
+               "ALiBi added before the scale, new decoder architecture, 2 kv heads",
+               vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+               new_decoder_architecture=True, alibi=True, max_position_embeddings=64),
+    *_hf_entry("bert", "BertModel", "BertConfig", _BOTH, 2, _text, "additive padding mask", **_TEXT),
     *_hf_entry("roberta", "RobertaModel", "RobertaConfig", _BOTH, 2, _text, "additive padding mask",
-               **{**_ENCODER, "pad_token_id": 1, "max_position_embeddings": 66}),
+               **{**_TEXT, "pad_token_id": 1, "max_position_embeddings": 66}),
     *_hf_entry("distilbert", "DistilBertModel", "DistilBertConfig", _BOTH, 2, _text, "masked_fill padding",
                vocab_size=VOCAB, dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=64),
     *_hf_entry("albert", "AlbertModel", "AlbertConfig", _BOTH, 2, _text, "one layer shared twice",
-               embedding_size=16, **_ENCODER),
+               embedding_size=16, **_TEXT),
     *_hf_entry("electra", "ElectraModel", "ElectraConfig", _BOTH, 2, _text, "embedding projection",
-               embedding_size=16, **_ENCODER),
+               embedding_size=16, **_TEXT),
     *_hf_entry("t5", "T5Model", "T5Config", _BOTH, 6, _seq2seq,
                "relative position bias, no scale, encoder/decoder/cross-attention",
                vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,

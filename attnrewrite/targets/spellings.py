@@ -402,8 +402,8 @@ class _LearnedMemory(nn.Module):
     def __init__(self, d: _Dims, slots: int):
         super().__init__()
         self.d = d
-        self.keys = nn.Parameter(torch.randn(d.heads, slots, d.dim))
-        self.values = nn.Parameter(torch.randn(d.heads, slots, d.dim))
+        self.keys = nn.Parameter(torch.randn(1, d.heads, slots, d.dim))  # shaped like [B, H, T, D] keys
+        self.values = nn.Parameter(torch.randn(1, d.heads, slots, d.dim))
 
     def forward(self, q_in, k_in, v_in):
         q = _split_heads(q_in, self.d.heads, self.d, "transpose")

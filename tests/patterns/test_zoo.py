@@ -55,7 +55,7 @@ def test_zoo_covers_the_families_and_their_attention_implementations():
     ids = [e.id for e in hf_zoo.ZOO]
     assert len(ids) == len(set(ids)), "zoo ids must be unique"
     for entry in hf_zoo.HF_ENTRIES:  # both attention implementations wherever the model has sdpa
-        model_class = getattr(transformers, entry.build.args[0])
+        model_class = getattr(transformers, entry.hf_class)
         impls = {e.impl for e in hf_zoo.HF_ENTRIES if e.family == entry.family}
         want = {"eager", "sdpa"} if model_class._supports_sdpa else {"eager"}
         assert impls == want, (entry.family, impls, want)
