@@ -15,14 +15,15 @@ from attnrewrite.targets import spellings
 _SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
 
 
-def _choose(data):
-    return lambda name, options: data.draw(st.sampled_from(options), label=name)
+def _choose(data, **fixed):
+    return lambda name, options: fixed[name] if name in fixed else data.draw(st.sampled_from(options), label=name)
 
 
-@settings(max_examples=200, **_SETTINGS)
-@given(st.data())
-def test_random_spellings_of_attention_are_rewritten(data):
-    outcome = spellings.check(spellings.draw_attention(_choose(data)))
+@pytest.mark.parametrize("family", ["eager", "sdpa"])  # two tests: xdist runs them side by side
+@settings(max_examples=100, **_SETTINGS)
+@given(data=st.data())
+def test_random_spellings_of_attention_are_rewritten(family, data):
+    outcome = spellings.check(spellings.draw_attention(_choose(data, family=family)))
     assert not outcome.problems, f"{outcome.program}\n{outcome.problems}"
 
 
