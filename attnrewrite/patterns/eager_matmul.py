@@ -178,13 +178,14 @@ class _Scores:
             return
         if not isinstance(other, fx.Node):
             raise NotAttention(f"scores {what} {other!r}")
-        if self.terms:
-            raise NotAttention(f"scores {what} a tensor after a mask or bias was added")
         t = tensor_meta(other)
         if not self.modified and (is_scalar(other) or (t is not None and (t.dim() == 0 or t.shape[-1] == 1))):
-            self.factors.append((other, power))  # constant along the keys: a per-query/head temperature
+            # constant along the keys (a SymFloat scale, a per-query/head temperature): folded into q
+            if any(term.kind == "add" for term, _ in self.terms):
+                raise NotAttention(f"scores {what} a tensor after a bias was added")
+            self.factors.append((other, power))
         elif is_scalar(other) or (t is not None and t.dtype.is_floating_point):
-            self.modify(node, prev, f"{what} {other.name}")
+            self.modify(node, prev, f"{what} {other.name}")  # (refused after a mask or bias)
         else:
             raise NotAttention(f"scores {what} {other.name}, not a float tensor")
 
