@@ -247,3 +247,21 @@ def test_viewed_scores_with_dynamic_shapes_compile_once():
     assert len(graphs) == 1, f"recompiled {len(graphs)} times"
     (site,) = report.sites
     assert site.status == "rewritten" and site.spec["causal"], report
+
+
+def test_a_kind_that_cannot_apply_a_score_modification_skips_the_site(monkeypatch):
+    """Kinds opt in to score modifications (Kind.score_mod); the others skip such sites, with the reason."""
+    import functools
+
+    from attnrewrite import kinds
+
+    softmax = kinds.get("softmax")
+    no_mods = kinds.Kind(name="no_mods", emit=softmax.emit, supports=softmax.supports)  # score_mod=False
+    monkeypatch.setitem(kinds._KINDS, "no_mods", no_mods)
+    q, k, v = _qkv()
+    report = Report()
+    backend = functools.partial(attnrewrite_backend, options={"to": "no_mods", "compiler": "eager"},
+                                _report_sink=report.merge)
+    torch.testing.assert_close(torch.compile(soft_capped, backend=backend)(q, k, v), soft_capped(q, k, v))
+    (site,) = report.sites
+    assert site.status == "skipped" and "cannot apply the score modification tanh·mul" in site.reason, report
