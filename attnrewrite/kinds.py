@@ -34,6 +34,9 @@ class Kind:
             kind with parameters or fixed random draws (learned feature maps, summary queries,
             hash projections) for these options; None when the options need none. States are
             attached to the model by :func:`attnrewrite.convert` before compiling.
+        score_mod: True when ``emit`` applies ``call.score_mod`` (an elementwise function of the
+            scores, e.g. soft-capping) before its own normalisation.  Sites with a score
+            modification are skipped, with that reason, for kinds that do not.
     """
 
     name: str
@@ -43,6 +46,7 @@ class Kind:
     description: str = ""
     weights: Callable[[AttentionCall, dict[str, Any], Any], Any] | str | None = None
     make_state: Callable[[AttentionSpec, dict[str, Any]], Any] | None = None
+    score_mod: bool = False
 
 
 _KINDS: dict[str, Kind] = {}
@@ -87,11 +91,10 @@ def names() -> list[str]:
 
 
 def _emit_softmax(call: AttentionCall, options: dict[str, Any], state: Any = None):
-    import torch
+    # the softmax_attention op; the canonical math written out when the site has a score_mod
+    from attnrewrite.rewriter.score_mod import exact_attention
 
-    import attnrewrite.kernels.softmax  # noqa: F401 — registers the op
-
-    return torch.ops.attnrewrite.softmax_attention(call.scaled_q(), call.k, call.v, **call.kwargs())
+    return exact_attention(call)
 
 
 register(Kind(
@@ -100,4 +103,5 @@ register(Kind(
     supports=lambda spec, options: None,  # the exact kind honours every certified site
     description="exact softmax attention (F.scaled_dot_product_attention semantics)",
     weights="original",
+    score_mod=True,
 ))

@@ -4,12 +4,19 @@ Anchored on the softmax. From its input the matcher walks *up* through elementwi
 the q·kᵀ product (``matmul``, ``@``, ``bmm``, ``baddbmm`` or ``einsum``) and interprets each
 op on the way as an affine change of the scores — a constant scale (``* s``, ``/ sqrt(d)``),
 an additive bias (``+ mask``, T5's position bias, baddbmm's ALiBi), a mask (``masked_fill``,
-``where``) or a cast.  From the softmax output it walks *down* through casts and dropout to
-the product with the values.  Anything else between the products — a second product, a
-non-affine function of the scores, softmax over the wrong dim — is a reason to skip.
+``where``) or a cast — or as part of a *score modification*: the non-affine elementwise ops
+(Gemma-2's soft-capping ``tanh(s / c) · c``) that the spec carries as FlexAttention's
+``score_mod`` does, replayed from the graph.  Views that regroup the leading (batch, head)
+dims of the scores (BLOOM's [B·H, T, T] ↔ [B, H, T, T]) are followed, and q, k, v are brought
+to the softmax's layout.  From the softmax output it walks *down* through casts, dropout and
+such views to the product with the values.  Anything else between the products — a second
+product, the scores reused by a non-elementwise op, a mask before a score modification,
+softmax over the wrong dim — is a reason to skip.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
@@ -20,25 +27,38 @@ from attnrewrite.patterns.layout import (
     keys_from_transposed,
     normalize_dim,
     ref_shape,
+    relayout,
     term_steps,
     to_four_dims,
 )
 from attnrewrite.rewriter.capture import (
+    SCORE_MODS,
     Call,
     constant_value,
+    hinted_shape,
     is_float_tensor,
     is_scalar,
     normalize,
     owning_module,
     rank,
+    same_size,
     tensor_meta,
 )
-from attnrewrite.rewriter.spec import MASKED_SCORE, AttentionSpec, MaskTerm, NotAttention, Site, TensorRef
+from attnrewrite.rewriter.spec import (
+    MASKED_SCORE,
+    AttentionSpec,
+    MaskTerm,
+    NotAttention,
+    ScoreMod,
+    Site,
+    TensorRef,
+)
 
 PRODUCTS = {"matmul", "baddbmm", "einsum"}
-_SCORE_OPS = {"mul", "div", "add", "sub", "masked_fill", "where", "cast", "identity", "neg", "tanh"}
-_PROB_OPS = {"cast", "identity", "dropout"}
-_SEARCH_DEPTH = 12
+_AFFINE_OPS = {"mul", "div", "add", "sub", "masked_fill", "where", "cast", "identity"}
+_SCORE_OPS = _AFFINE_OPS | SCORE_MODS | {"view"}
+_PROB_OPS = {"cast", "identity", "dropout", "view"}
+_SEARCH_DEPTH = 16
 
 
 def is_anchor(call: Call) -> bool:
@@ -64,7 +84,7 @@ def _path_up(node: fx.Node, depth: int) -> list[fx.Node] | None:
 
 
 def _path_down(node: fx.Node, depth: int) -> list[fx.Node] | None:
-    """[node, ..., product]: from the probabilities down through casts/dropout to a product."""
+    """[node, ..., product]: from the probabilities down through casts/dropout/views to a product."""
     paths = []
     for user in node.users:
         call = normalize(user)
@@ -83,43 +103,98 @@ def _path_down(node: fx.Node, depth: int) -> list[fx.Node] | None:
     return paths[0] if paths else None
 
 
+def _lead_view(node: fx.Node, before: fx.Node, what: str) -> tuple[tuple[int, ...], tuple | None]:
+    """``node`` is a view of ``before`` ([*A, Tq, Tk] → [*B, Tq, Tk]) that regroups only the leading
+    (batch, head) dims: returns B's hinted sizes and, when the view spells them out, its arguments
+    for them (ints, -1 or size nodes); NotAttention for any other view."""
+    src, dst = tensor_meta(before), tensor_meta(node)
+    if src is None or dst is None or src.dim() < 3 or dst.dim() < 3:
+        raise NotAttention(f"a view of the {what} to or from fewer than 3 dims")
+    if not (same_size(src.shape[-1], dst.shape[-1]) and same_size(src.shape[-2], dst.shape[-2])):
+        raise NotAttention(f"a view of the {what} that moves the query or key dim")
+    sizes = normalize(node).args[1]
+    spelled = tuple(sizes[:-2]) if isinstance(sizes, tuple) and len(sizes) == dst.dim() else None
+    return hinted_shape(node)[:-2], spelled
+
+
 # --------------------------------------------------------------------------- the score chain
 
 
-class _Affine:
-    """The scores seen so far as scale · (q kᵀ) · Π factors + Σ terms."""
+class _Scores:
+    """The scores seen so far as mod(scale · (q kᵀ) · Π factors) + Σ terms, in a leading layout.
 
-    def __init__(self):
+    ``terms`` pairs each mask term with the leading sizes of the scores when it was added (a
+    view of the scores may regroup batch and heads afterwards).  Once a non-affine elementwise
+    op is met, it and every later op that is not a cast or a mask term form the score
+    modification (``mod_chain``), replayed by the rewrite.
+    """
+
+    def __init__(self, lead: tuple[int, ...]):
         self.scale = 1.0
         self.factors: list[tuple[fx.Node, int]] = []
-        self.terms: list[MaskTerm] = []
+        self.terms: list[tuple[MaskTerm, tuple[int, ...]]] = []
         self.value_checks: list[fx.Node] = []
         self.softmax_dtype: torch.dtype | None = None
+        self.lead = lead
+        self.view_sizes: tuple | None = None  # the last view's arguments for the leading sizes
+        self.mod_source: fx.Node | None = None
+        self.mod_chain: list[tuple[fx.Node, bool]] = []
 
-    def multiply(self, other, power: int, what: str) -> None:
+    @property
+    def modified(self) -> bool:
+        return self.mod_source is not None
+
+    def term_nodes(self) -> list[fx.Node]:
+        return [t.node for t, _ in self.terms]
+
+    def scale_terms(self, c: float) -> None:
+        self.terms = [(t.scaled(c), lead) for t, lead in self.terms]
+
+    def modify(self, node: fx.Node, prev: fx.Node, what: str) -> None:
+        """``node`` (reading the scores ``prev``) is part of the score modification."""
+        if not self.modified:
+            if self.terms:
+                raise NotAttention(f"a mask or bias is applied before a score modification ({what})")
+            self.mod_source = prev
+        self.mod_chain.append((node, True))
+
+    def pass_through(self, node: fx.Node) -> None:
+        if self.modified:
+            self.mod_chain.append((node, False))
+
+    def multiply(self, node: fx.Node, prev: fx.Node, other, power: int, what: str) -> None:
         c = constant_value(other)
         if c is not None:
-            if c <= 0:
-                raise NotAttention(f"scores {what} a non-positive number ({c})")
-            c = c if power == 1 else 1.0 / c
-            self.scale *= c
-            self.terms = [t.scaled(c) for t in self.terms]
+            if c > 0 and not self.modified:
+                self.scale *= c if power == 1 else 1.0 / c
+                self.scale_terms(c if power == 1 else 1.0 / c)
+            elif c > 0:  # after the modification: part of it; later terms are not scaled
+                self.scale_terms(c if power == 1 else 1.0 / c)
+                self.modify(node, prev, what)
+            elif self.terms:
+                raise NotAttention(f"scores {what} a non-positive number ({c}) after a mask or bias")
+            else:
+                self.modify(node, prev, f"{what} {c}")
             return
         if not isinstance(other, fx.Node):
             raise NotAttention(f"scores {what} {other!r}")
         t = tensor_meta(other)
-        if not is_scalar(other) and (t is None or (t.dim() > 0 and t.shape[-1] != 1)):
-            raise NotAttention(f"scores {what} a tensor that varies along the keys ({other.name})")
-        if any(term.kind == "add" for term in self.terms):
-            raise NotAttention(f"scores {what} a tensor after a bias was added")
-        self.factors.append((other, power))
+        if not self.modified and (is_scalar(other) or (t is not None and (t.dim() == 0 or t.shape[-1] == 1))):
+            # constant along the keys (a SymFloat scale, a per-query/head temperature): folded into q
+            if any(term.kind == "add" for term, _ in self.terms):
+                raise NotAttention(f"scores {what} a tensor after a bias was added")
+            self.factors.append((other, power))
+        elif is_scalar(other) or (t is not None and t.dtype.is_floating_point):
+            self.modify(node, prev, f"{what} {other.name}")  # (refused after a mask or bias)
+        else:
+            raise NotAttention(f"scores {what} {other.name}, not a float tensor")
 
     def add_term(self, kind: str, node, coeff: float = 1.0) -> None:
         if not isinstance(node, fx.Node):
             raise NotAttention(f"a constant ({node!r}) is added to the scores")
         if kind == "add" and not is_float_tensor(node):
             raise NotAttention(f"a non-float tensor ({node.name}) is added to the scores")
-        self.terms.append(MaskTerm(kind, node, coeff=coeff))
+        self.terms.append((MaskTerm(kind, node, coeff=coeff), self.lead))
 
     def masked_value(self, value) -> None:
         """A value written into masked positions: must be -inf or a large negative constant."""
@@ -133,56 +208,107 @@ class _Affine:
             raise NotAttention(f"scores are set to {value!r}")
 
 
-def _interpret(chain: list[fx.Node]) -> _Affine:
+def _interpret(chain: list[fx.Node]) -> _Scores:
     """Read the ops between the score product (chain[0]) and the softmax input (chain[-1])."""
-    state = _Affine()
+    state = _Scores(hinted_shape(chain[0])[:-2])
     first = normalize(chain[0])
     if first.name == "baddbmm":
         bias, beta, alpha = first.args[0], first.kwargs["beta"], first.kwargs["alpha"]
-        state.multiply(alpha, 1, "multiplied by")
+        if constant_value(alpha) is not None and constant_value(alpha) > 0:
+            state.scale *= constant_value(alpha)
+        elif isinstance(alpha, fx.Node) and is_scalar(alpha):
+            state.factors.append((alpha, 1))  # a SymFloat under dynamic=True
+        else:
+            raise NotAttention(f"baddbmm with alpha {alpha!r}")
+        if constant_value(beta) is None:
+            raise NotAttention(f"baddbmm with a beta that is not a compile-time constant ({beta})")
         if constant_value(beta) != 0.0:
-            state.add_term("add", bias, coeff=float(beta))
+            state.add_term("add", bias, coeff=constant_value(beta))
     for prev, node in zip(chain, chain[1:]):
         call = normalize(node)
         name, args = call.name, call.args
-        if name == "cast":
+        if name != "view" and hinted_shape(node) != hinted_shape(prev):
+            raise NotAttention(f"{node.name} broadcasts the scores to a larger shape")
+        if name == "view":
+            if state.modified:
+                raise NotAttention("a view of the scores after a score modification")
+            state.lead, state.view_sizes = _lead_view(node, prev, "scores")
+        elif name == "cast":
             meta = tensor_meta(node)
             if meta is None or not meta.dtype.is_floating_point:
                 raise NotAttention("the scores are cast to a non-float dtype")
             if meta.dtype == torch.float32 and tensor_meta(prev).dtype in (torch.float16, torch.bfloat16):
                 state.softmax_dtype = torch.float32
+            state.pass_through(node)
         elif name == "identity":
-            pass
+            state.pass_through(node)
         elif name == "mul":
-            state.multiply(args[1] if args[0] is prev else args[0], 1, "multiplied by")
+            state.multiply(node, prev, args[1] if args[0] is prev else args[0], 1, "multiplied by")
         elif name == "div":
-            if args[0] is not prev:
-                raise NotAttention("the scores are a divisor")
-            state.multiply(args[1], -1, "divided by")
-        elif name in ("add", "sub"):
-            alpha = call.kwargs.get("alpha", 1)
-            sign = -1.0 if name == "sub" else 1.0
             if args[0] is prev:
-                state.add_term("add", args[1], coeff=sign * float(alpha))
+                state.multiply(node, prev, args[1], -1, "divided by")
             else:
-                if name == "sub":
-                    raise NotAttention("the scores are negated (x - scores)")
-                state.multiply(alpha, 1, "multiplied by")
-                state.add_term("add", args[0])
+                state.modify(node, prev, "the scores are a divisor")
+        elif name in ("add", "sub"):
+            alpha = constant_value(call.kwargs.get("alpha", 1))
+            other = args[1] if args[0] is prev else args[0]
+            if alpha is None:
+                raise NotAttention(f"{name} with a non-constant alpha")
+            if constant_value(other) is not None or (name == "sub" and args[1] is prev):
+                state.modify(node, prev, f"{name} of a constant" if constant_value(other) is not None
+                             else "the scores are negated")
+            elif args[0] is prev:
+                state.add_term("add", other, coeff=(-1.0 if name == "sub" else 1.0) * alpha)
+                state.pass_through(node)
+            else:
+                if alpha != 1:
+                    raise NotAttention("scores scaled by add's alpha")
+                state.add_term("add", other)
+                state.pass_through(node)
         elif name == "masked_fill":
             if args[0] is not prev:
                 raise NotAttention("the scores are used as a mask")
             state.masked_value(args[2])
             state.add_term("drop", args[1])
+            state.pass_through(node)
         elif name == "where":
             cond, a, b = args
             if cond is prev:
                 raise NotAttention("the scores are used as a condition")
             state.masked_value(b if a is prev else a)
             state.add_term("keep" if a is prev else "drop", cond)
+            state.pass_through(node)
+        elif name in SCORE_MODS:
+            state.modify(node, prev, name)
         else:
-            raise NotAttention(f"{name} applied to the scores (a score modification, not supported yet)")
+            raise NotAttention(f"{name} applied to the scores")
     return state
+
+
+def _reads_any(node: fx.Node, forbidden: set[fx.Node], earliest: fx.Node) -> bool:
+    """True when ``node`` depends on a node of ``forbidden`` (none of which precedes ``earliest``)."""
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in forbidden:
+            return True
+        if current in seen or current < earliest:
+            continue
+        seen.add(current)
+        stack.extend(current.all_input_nodes)
+    return False
+
+
+def _check_scores_not_reused(state: _Scores, up: list[fx.Node], down: list[fx.Node], v: fx.Node) -> None:
+    """Biases, masks, factors, the modification's other inputs and the values must not read the
+    scores or probabilities: ``softmax(s + s.mean(-2))`` or ``p @ (p @ v)`` are not elementwise."""
+    forbidden = set(up) | set(down[:-1])
+    mod_inputs = [a for n, recompute in state.mod_chain if recompute for a in n.all_input_nodes]
+    candidates = state.term_nodes() + [n for n, _ in state.factors] + state.value_checks + mod_inputs + [v]
+    chain = set(up) | {n for n, _ in state.mod_chain}
+    for node in candidates:
+        if node not in chain and _reads_any(node, forbidden, up[0]):
+            raise NotAttention(f"the scores are reused in {node.name}, which is not elementwise")
 
 
 # --------------------------------------------------------------------------- products
@@ -282,6 +408,29 @@ def region_between(sources: set[fx.Node], output: fx.Node) -> list[fx.Node]:
     return [n for n in order if reach[n]]
 
 
+def _term_steps(term: MaskTerm, lead: tuple[int, ...], score_lead: tuple[int, ...], score_sizes: tuple) -> tuple:
+    """Steps that make ``term`` (added when the scores had leading sizes ``lead``) broadcast against
+    the canonical 4-D scores, whose leading sizes at the softmax are ``score_lead`` (as traced:
+    ``score_sizes``)."""
+    shape = ref_shape(TensorRef(term.node, term.steps))
+    steps: tuple = ()
+    if len(shape) > 2 and tuple(lead) != tuple(score_lead):
+        if all(s == 1 for s in shape[:-2]):
+            steps = (("squeeze", 0),) * (len(shape) - 2)  # broadcasts over any batch/head layout
+            shape = shape[-2:]
+        elif tuple(shape[:-2]) == tuple(lead):
+            steps = relayout(len(lead), score_sizes)
+            shape = tuple(score_lead) + tuple(shape[-2:])
+        else:
+            raise NotAttention(f"the bias or mask {term.node.name} cannot follow the view of the scores")
+    return term.steps + steps + term_steps(len(shape), len(score_lead) + 2)
+
+
+def _checked_lead(ref: TensorRef, lead: tuple[int, ...], what: str) -> None:
+    if tuple(ref_shape(ref)[:-2]) != tuple(lead):
+        raise NotAttention(f"the {what} broadcast over the batch or heads of viewed scores")
+
+
 def match(anchor: fx.Node) -> Site:
     """Match the softmax ``anchor``; raises :class:`NotAttention` with the reason otherwise."""
     softmax = normalize(anchor)
@@ -307,8 +456,11 @@ def match(anchor: fx.Node) -> Site:
     pv, probs_last = down[-1], down[-2]
     v_ref, out_layout = _pv_operand(pv, probs_last)
     dropout_p = 0.0
-    for node in down[1:-1]:
+    pv_view_sizes = None
+    for prev, node in zip(down, down[1:-1]):
         call = normalize(node)
+        if call.name == "view":
+            pv_view_sizes = _lead_view(node, prev, "probabilities")[1]
         if call.name == "dropout":
             p, training = call.kwargs["p"], call.kwargs["training"]
             if training is False:
@@ -317,6 +469,7 @@ def match(anchor: fx.Node) -> Site:
                 raise NotAttention("dropout with a probability or mode that is not a constant")
             dropout_p = float(p)
     escape = any(u not in down for n in down[:-1] for u in n.users)
+    _check_scores_not_reused(state, up, down, v_ref.node)
 
     q_ref, k_ref = _qk_operands(up[0])
     k_ref, k_groups = see_through_repeat(k_ref)
@@ -326,20 +479,37 @@ def match(anchor: fx.Node) -> Site:
     q_ref, q_scale = fold_constant_scale(q_ref)
     k_ref, k_scale = fold_constant_scale(k_ref)
 
-    ranks = {len(ref_shape(q_ref)), len(ref_shape(k_ref)), len(ref_shape(v_ref))}
-    score_rank = rank(up[0])
-    if len(ranks) != 1 or ranks != {score_rank}:
-        raise NotAttention(f"q, k, v and the scores have different ranks ({sorted(ranks)}, {score_rank})")
+    # Layouts: the product sees [*P, T, D]; the softmax [*S, Tq, Tk]; the value product [*P2, ...].
+    # Views between them regroup only the leading dims; q, k, v are brought to S, then to 4-D.
+    product_lead, score_lead, pv_lead = (hinted_shape(n)[:-2] for n in (up[0], anchor, probs_last))
+    # the sizes to regroup into: as the views spell them (size nodes under dynamic=True), else as traced
+    score_sizes = state.view_sizes or tuple(tensor_meta(anchor).shape[:-2])
+    pv_sizes = pv_view_sizes or tuple(tensor_meta(probs_last).shape[:-2])
+    score_rank = len(score_lead) + 2
+    if len(ref_shape(q_ref)) != len(product_lead) + 2 or len(ref_shape(k_ref)) != len(product_lead) + 2:
+        raise NotAttention(f"q {ref_shape(q_ref)}, k {ref_shape(k_ref)} and the scores have different ranks")
+    if len(ref_shape(v_ref)) != len(pv_lead) + 2:
+        raise NotAttention(f"v {ref_shape(v_ref)} and the probabilities have different ranks")
+    qk_steps, v_steps, back_steps = (), (), ()
+    if product_lead != score_lead:
+        for ref, what in ((q_ref, "queries"), (k_ref, "keys")):
+            _checked_lead(ref, product_lead, what)
+        qk_steps = relayout(len(product_lead), score_sizes)
+    if pv_lead != score_lead:
+        _checked_lead(v_ref, pv_lead, "values")
+        v_steps, back_steps = relayout(len(pv_lead), score_sizes), relayout(score_rank - 2, pv_sizes)
     in_steps, out_steps = to_four_dims(score_rank)
-    q_ref, k_ref, v_ref = (TensorRef(r.node, r.steps + in_steps) for r in (q_ref, k_ref, v_ref))
-    terms = tuple(
-        MaskTerm(t.kind, t.node, term_steps(rank(t.node), score_rank), t.coeff) for t in state.terms
-    )
+    q_ref, k_ref = (TensorRef(x.node, x.steps + qk_steps + in_steps) for x in (q_ref, k_ref))
+    v_ref = TensorRef(v_ref.node, v_ref.steps + v_steps + in_steps)
+    terms = tuple(replace(t, steps=_term_steps(t, lead, score_lead, score_sizes)) for t, lead in state.terms)
     q_shape, k_shape, v_shape = ref_shape(q_ref), ref_shape(k_ref), ref_shape(v_ref)
     if k_groups == 1 and k_shape[-3] == v_shape[-3] == 1 < q_shape[-3]:
         k_groups = q_shape[-3]  # one kv head broadcast over all query heads (multi-query attention)
     if q_shape[-1] != k_shape[-1] or q_shape[-3] != k_shape[-3] * k_groups:
         raise NotAttention(f"q {q_shape} and k {k_shape} do not pair up as attention heads")
+    mod = None
+    if state.modified:
+        mod = ScoreMod(source=state.mod_source, chain=tuple(state.mod_chain), steps=out_steps, back=in_steps)
 
     spec = AttentionSpec(
         q=q_ref, k=k_ref, v=v_ref,
@@ -349,6 +519,7 @@ def match(anchor: fx.Node) -> Site:
         causal=False,
         kv_groups=k_groups,
         dropout_p=dropout_p,
+        score_mod=mod,
         weights_escape=escape,
         softmax_dtype=state.softmax_dtype,
         module_path=owning_module([anchor, pv]),
@@ -356,5 +527,5 @@ def match(anchor: fx.Node) -> Site:
     )
     region = region_between({q_ref.node, k_ref.node, v_ref.node}, pv)
     return Site(anchor=anchor, pattern="eager_matmul", module_path=spec.module_path, spec=spec, output=pv,
-                out_steps=out_steps + out_layout, region=region, value_checks=state.value_checks,
+                out_steps=out_steps + back_steps + out_layout, region=region, value_checks=state.value_checks,
                 score_rank=score_rank, probs=anchor, probs_steps=out_steps)

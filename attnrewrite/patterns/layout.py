@@ -8,7 +8,7 @@ from attnrewrite.rewriter.capture import constant_value, hinted_shape, normalize
 from attnrewrite.rewriter.spec import NotAttention, Step, TensorRef
 
 #: Views that can be replayed as layout steps when a constant scale is pulled out from under them.
-_VIEW_STEPS = {"transpose", "permute", "view", "unsqueeze", "identity"}
+_VIEW_STEPS = {"transpose", "permute", "view", "unsqueeze", "identity", "unflatten", "flatten"}
 
 
 def normalize_dim(dim: int, ndim: int) -> int:
@@ -40,6 +40,10 @@ def _as_step(call) -> Step | None:
         return ("reshape", tuple(call.args[1]))
     if call.name == "unsqueeze":
         return ("unsqueeze", call.args[1])
+    if call.name == "unflatten" and isinstance(call.args[2], tuple):
+        return ("unflatten", call.args[1], call.args[2])
+    if call.name == "flatten":
+        return ("flatten", call.args[1], call.args[2])
     return None
 
 
@@ -67,6 +71,8 @@ def fold_constant_scale(ref: TensorRef, max_views: int = 6) -> tuple[TensorRef, 
         if call.name not in _VIEW_STEPS or not isinstance(call.args[0], fx.Node):
             break
         step = _as_step(call)
+        if step is None and call.name != "identity":
+            break  # a view we cannot replay: keep the scale where it is
         if step is not None:
             steps.insert(0, step)
         node = call.args[0]
@@ -82,7 +88,7 @@ def ref_shape(ref: TensorRef) -> tuple[int, ...]:
     shape = hinted_shape(ref.node)
     if shape is None:
         raise NotAttention(f"{ref.node.name} is not a tensor")
-    if any(op == "reshape" for op, *_ in ref.steps):
+    if any(op in ("reshape", "unflatten") for op, *_ in ref.steps):
         return _replay_reshape(shape, ref.steps)
     return steps_shape(shape, ref.steps)
 
@@ -106,6 +112,29 @@ def to_four_dims(rank_: int) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
     if rank_ == 2:
         return (("unsqueeze", 0), ("unsqueeze", 0)), (("squeeze", 0), ("squeeze", 0))
     raise NotAttention(f"rank-{rank_} attention operands (only 2-, 3- and 4-D layouts are supported)")
+
+
+def relayout(lead_rank: int, to_lead: tuple) -> tuple[Step, ...]:
+    """Steps that regroup the ``lead_rank`` leading dims of a tensor into ``to_lead`` (row-major, as a
+    view of the scores does): flatten them, then unflatten.
+
+    ``to_lead`` holds ints, -1 or graph nodes (symbolic sizes, read when the steps run).  When all
+    but the first are ints, the first is written -1, so that a dynamic batch size stays dynamic.
+    """
+    if lead_rank < 1 or len(to_lead) < 1:
+        raise NotAttention("a view of the scores to or from a rank below 3")
+    if all(isinstance(s, int) for s in to_lead[1:]):
+        sizes = (-1,) + tuple(to_lead[1:])
+    elif all(isinstance(s, (int, fx.Node)) for s in to_lead):
+        sizes = tuple(to_lead)
+    else:
+        raise NotAttention(f"a view of the scores to symbolic leading sizes {to_lead} that the graph does not name")
+    steps: list[Step] = []
+    if lead_rank > 1:
+        steps.append(("flatten", 0, lead_rank - 1))
+    if len(sizes) > 1:
+        steps.append(("unflatten", 0, sizes))
+    return tuple(steps)
 
 
 def term_steps(term_rank: int | None, score_rank: int) -> tuple[Step, ...]:

@@ -54,8 +54,8 @@ def _scalar(value, evaluator: GraphEvaluator) -> float | None:
 def split_term(term: MaskTerm, evaluator: GraphEvaluator, score_rank: int, depth: int = 0) -> list[MaskTerm]:
     """Split ``term`` into simpler terms whose sum (or conjunction) is the same mask."""
     call = normalize(term.node)
-    if call is None or depth >= _MAX_DEPTH:
-        return [term]
+    if call is None or depth >= _MAX_DEPTH or term.steps != term_steps(rank(term.node), score_rank):
+        return [term]  # (a term that follows a view of the scores keeps its layout steps whole)
 
     def sub(kind: str, node, coeff: float = term.coeff) -> list[MaskTerm]:
         if not isinstance(node, fx.Node):

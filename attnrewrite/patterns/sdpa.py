@@ -54,11 +54,14 @@ def match(anchor: fx.Node) -> Site:
         raise NotAttention("q, k and v have different ranks")
     in_steps, _ = to_four_dims(r)
     q_ref, k_ref, v_ref = (TensorRef(x.node, x.steps + in_steps) for x in (q_ref, k_ref, v_ref))
-    q_shape, k_shape = ref_shape(q_ref), ref_shape(k_ref)
+    q_shape, k_shape, v_shape = ref_shape(q_ref), ref_shape(k_ref), ref_shape(v_ref)
     if q_shape[-3] % k_shape[-3] != 0:
         raise NotAttention(f"{q_shape[-3]} query heads cannot share {k_shape[-3]} kv heads")
     groups = q_shape[-3] // k_shape[-3]
-    if groups > 1 and not enable_gqa and k_groups == 1:
+    # one kv head broadcast over every query head (Falcon's multi-query attention) is SDPA's
+    # batch broadcasting; any other mismatch needs enable_gqa
+    broadcast = k_shape[-3] == v_shape[-3] == 1
+    if groups > 1 and not enable_gqa and k_groups == 1 and not broadcast:
         raise NotAttention("q and k have different head counts without enable_gqa")
 
     terms: tuple[MaskTerm, ...] = ()

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from attnrewrite.rewriter.spec import AttentionSpec, MaskTerm, Step, TensorRef
+from attnrewrite.rewriter.spec import AttentionSpec, MaskTerm, ScoreMod, Step, TensorRef
 
 Lookup = Callable[[fx.Node], Any]
 
@@ -41,6 +41,10 @@ def apply_steps(x: Any, steps: tuple[Step, ...], lookup: Lookup) -> Any:
             x = x.squeeze(args[0])
         elif op == "reshape":
             x = x.reshape(*args[0])
+        elif op == "flatten":
+            x = x.flatten(args[0], args[1])
+        elif op == "unflatten":
+            x = x.unflatten(args[0], tuple(args[1]))
         else:
             raise ValueError(f"unknown layout step {op!r}")
     return x
@@ -62,6 +66,15 @@ def steps_shape(shape: tuple, steps: tuple[Step, ...]) -> tuple:
             del shape[args[0] % len(shape)]
         elif op == "reshape":
             shape = list(args[0])
+        elif op == "flatten":
+            a, b = (d % len(shape) for d in args[:2])
+            merged = 1
+            for size in shape[a:b + 1]:
+                merged = merged * size if isinstance(size, int) and isinstance(merged, int) else None
+            shape[a:b + 1] = [merged]
+        elif op == "unflatten":
+            d = args[0] % len(shape)
+            shape[d:d + 1] = list(args[1])
     return tuple(shape)
 
 
@@ -104,6 +117,12 @@ class AttentionCall:
     The scores are ``scale · (q · q_factor) · kᵀ``: ``q_factor`` (None, or a SymFloat / tensor
     broadcastable to q) holds the non-constant part of the site's scale.  Kinds that use the
     scale call :meth:`scaled_q`; kinds that ignore it (linear) read ``q``.
+
+    ``kwargs()`` holds what every kind's op takes.  The other fields are for kinds that build
+    the scores themselves: ``score_mod`` (``mod(scores) -> scores`` on [B, Hq, Tq, Tk], applied
+    to scale · q kᵀ before the mask; None for most sites), ``kv_groups`` (Hq // Hkv), ``dtype``
+    (the dtype attention runs in) and ``bool_mask`` (``attn_mask`` is a bool keep-mask rather than
+    an additive one: known while recording, when the mask is an FX proxy without a dtype).
     """
 
     q: Any
@@ -115,7 +134,10 @@ class AttentionCall:
     scale: float | None
     enable_gqa: bool
     q_factor: Any = None
-    mask_is_bool: bool = False  # static: attn_mask is a bool keep-mask (all terms keep/drop)
+    score_mod: Callable[[Any], Any] | None = None
+    kv_groups: int = 1
+    dtype: torch.dtype | None = None
+    bool_mask: bool = False  # static: attn_mask is a bool keep-mask (all terms keep/drop)
 
     def scaled_q(self) -> Any:
         return self.q if self.q_factor is None else self.q * self.q_factor
@@ -146,8 +168,34 @@ def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, drop
         is_causal=spec.causal,
         scale=spec.scale,
         enable_gqa=spec.kv_groups > 1,
-        mask_is_bool=bool(spec.bias) and all(t.kind != "add" for t in spec.bias),
+        score_mod=None if spec.score_mod is None else bind_score_mod(spec.score_mod, lookup),
+        kv_groups=spec.kv_groups,
+        dtype=dtype,
+        bool_mask=bool(spec.bias) and all(t.kind != "add" for t in spec.bias),
     )
+
+
+def bind_score_mod(mod: ScoreMod, lookup: Lookup) -> Callable[[Any], Any]:
+    """``mod`` as a function of canonical [B, Hq, Tq, Tk] scores: the graph's nodes replayed, with
+    the scores in place of ``mod.source`` and every other argument read through ``lookup``."""
+
+    def replay(scores: Any) -> Any:
+        env = {mod.source: apply_steps(scores, mod.steps, lookup)}
+        previous = mod.source
+        for node, recompute in mod.chain:
+            if not recompute:
+                env[node] = env[previous]
+            else:
+                read = lambda n: env[n] if n in env else lookup(n)  # noqa: E731
+                args, kwargs = fx.node.map_arg(node.args, read), fx.node.map_arg(node.kwargs, read)
+                if node.op == "call_method":
+                    env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+                else:
+                    env[node] = node.target(*args, **kwargs)
+            previous = node
+        return apply_steps(env[previous], mod.back, lookup)
+
+    return replay
 
 
 def visible_rows(call: AttentionCall) -> torch.Tensor:

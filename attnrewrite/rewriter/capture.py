@@ -46,6 +46,11 @@ _FUNCTIONS: dict[Any, str] = {
     operator.eq: "eq", torch.eq: "eq", operator.ne: "ne", torch.ne: "ne",
     operator.neg: "neg", torch.neg: "neg",
     torch.tanh: "tanh", F.tanh: "tanh",
+    # elementwise functions that may modify attention scores (soft-capping ...): see SCORE_MODS
+    torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.clamp: "clamp", torch.clip: "clamp",
+    torch.clamp_min: "clamp", torch.clamp_max: "clamp", torch.abs: "abs", torch.exp: "exp",
+    torch.pow: "pow", operator.pow: "pow", torch.square: "square", torch.relu: "relu", F.relu: "relu",
+    torch.erf: "erf",
 }
 for _name in ("_transformer_encoder_layer_fwd", "_native_multi_head_attention"):
     if hasattr(torch, _name):
@@ -64,18 +69,28 @@ _METHODS: dict[str, str] = {
     "contiguous": "identity", "clone": "identity",
     "transpose": "transpose", "swapaxes": "transpose", "permute": "permute",
     "view": "view", "reshape": "view", "unsqueeze": "unsqueeze", "expand": "expand",
+    "unflatten": "unflatten", "flatten": "flatten",
     "repeat_interleave": "repeat_interleave",
     "logical_and": "and", "bitwise_and": "and", "__and__": "and",
     "logical_not": "not", "bitwise_not": "not", "eq": "eq", "ne": "ne", "neg": "neg", "tanh": "tanh",
     "size": "size",
+    "sigmoid": "sigmoid", "clamp": "clamp", "clip": "clamp", "clamp_min": "clamp", "clamp_max": "clamp",
+    "abs": "abs", "exp": "exp", "pow": "pow", "square": "square", "relu": "relu", "erf": "erf",
+    "tanh_": "tanh", "sigmoid_": "sigmoid", "clamp_": "clamp",
 }
 
+#: Elementwise functions that are not affine in the scores: between the score product and the
+#: normalisation they form a score modification (FlexAttention's ``score_mod``).
+SCORE_MODS = frozenset({"neg", "tanh", "sigmoid", "clamp", "abs", "exp", "pow", "square", "relu", "erf"})
+
 #: Ops that act elementwise on the score tensor (each score position on its own).
-ELEMENTWISE = frozenset({"mul", "div", "add", "sub", "masked_fill", "where", "cast", "identity", "neg", "tanh"})
+ELEMENTWISE = frozenset({"mul", "div", "add", "sub", "masked_fill", "where", "cast", "identity"}) | SCORE_MODS
 
 
 def canonical_name(node: fx.Node) -> str | None:
     """The canonical name of what ``node`` computes, or None for anything the matcher ignores."""
+    if node.op == "call_function" and node.target is getattr:
+        return "transpose" if len(node.args) == 2 and node.args[1] == "mT" else None  # x.mT
     if node.op == "call_function":
         try:
             return _FUNCTIONS.get(node.target)
@@ -117,8 +132,9 @@ def normalize(node: fx.Node) -> Call | None:
         return Call(name, node, (a[0], _arg(node, 1, "other")), {"alpha": kw.get("alpha", 1)})
     if name == "matmul":
         return Call(name, node, (a[0], _arg(node, 1, "other", _arg(node, 1, "mat2"))))
-    if name == "baddbmm":
-        return Call(name, node, (a[0], a[1], a[2]), {"beta": kw.get("beta", 1), "alpha": kw.get("alpha", 1)})
+    if name == "baddbmm":  # torch.baddbmm(input, batch1, batch2) or input.baddbmm(batch1=..., batch2=...)
+        return Call(name, node, (_arg(node, 0, "input"), _arg(node, 1, "batch1"), _arg(node, 2, "batch2")),
+                    {"beta": kw.get("beta", 1), "alpha": kw.get("alpha", 1)})
     if name == "einsum":
         operands = a[1:]
         if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
@@ -137,7 +153,15 @@ def normalize(node: fx.Node) -> Call | None:
         training = _arg(node, 2, "train" if node.target is torch.dropout else "training", True)
         return Call(name, node, (a[0],), {"p": p, "training": training})
     if name == "transpose":
+        if node.target is getattr:  # x.mT
+            return Call(name, node, (a[0], -2, -1))
         return Call(name, node, (a[0], _arg(node, 1, "dim0"), _arg(node, 2, "dim1")))
+    if name == "unflatten":
+        sizes = _arg(node, 2, "sizes")
+        sizes = tuple(sizes) if isinstance(sizes, (list, tuple)) else sizes
+        return Call(name, node, (a[0], _arg(node, 1, "dim"), sizes))
+    if name == "flatten":
+        return Call(name, node, (a[0], _arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1)))
     if name == "permute":
         dims = a[1:] if node.op == "call_method" else (_arg(node, 1, "dims"),)
         if len(dims) == 1 and isinstance(dims[0], (list, tuple)):

@@ -34,6 +34,7 @@ from attnrewrite.rewriter.capture import (
     mutated_placeholders,
     placeholder_role,
 )
+from attnrewrite.rewriter.score_mod import exact_attention
 from attnrewrite.rewriter.spec import Site
 
 #: Relative error (to the output's scale) above which a site is not certified.
@@ -232,7 +233,13 @@ def _spec_nodes(site: Site) -> set[fx.Node]:
     """Graph nodes the canonical form reads besides q, k, v: mask terms, factors, sizes in steps."""
     spec = site.spec
     nodes = {t.node for t in spec.bias} | {n for n, _ in spec.q_factors}
-    for steps in [spec.q.steps, spec.k.steps, spec.v.steps, site.out_steps] + [t.steps for t in spec.bias]:
+    mod_steps = []
+    if spec.score_mod is not None:  # what the replayed ops read besides the scores
+        chain = {spec.score_mod.source} | {n for n, _ in spec.score_mod.chain}
+        nodes |= {a for n in spec.score_mod.ops() for a in n.all_input_nodes if a not in chain}
+        mod_steps = [spec.score_mod.steps, spec.score_mod.back]
+    layouts = [spec.q.steps, spec.k.steps, spec.v.steps, site.out_steps] + [t.steps for t in spec.bias]
+    for steps in layouts + mod_steps:
         for step in steps:
             fx.node.map_arg(step, nodes.add)
     return nodes
@@ -283,8 +290,13 @@ def fingerprint(site: Site, evaluator: GraphEvaluator) -> tuple:
     shapes = tuple(hinted_shape(n) for n in (spec.q.node, spec.k.node, spec.v.node))
     spec_key = _describe((spec.q.steps, spec.k.steps, spec.v.steps, site.out_steps, spec.scale, spec.q_factors,
                           tuple((t.kind, t.node, t.steps, t.coeff) for t in spec.bias), spec.causal,
-                          spec.kv_groups), local, external)
+                          spec.kv_groups, _mod_key(spec)), local, external)
     return tuple(body), shapes, spec_key, local.get(site.output)
+
+
+def _mod_key(spec) -> tuple:
+    mod = spec.score_mod
+    return () if mod is None else (mod.source, mod.chain, mod.steps, mod.back)
 
 
 def certify(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tuple[bool, str | None, float]:
@@ -302,7 +314,7 @@ def certify(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tuple[boo
             return False, f"could not certify: the site's masks depend on too much of the graph ({exc})", worst
         with torch.no_grad(), _float64_default():
             call = canonical.attention_call(spec, env.__getitem__, torch.float64, dropout=False)
-            out = torch.ops.attnrewrite.softmax_attention(call.scaled_q(), call.k, call.v, **call.kwargs())
+            out = exact_attention(call)
             rows = canonical.visible_rows(call).unsqueeze(-1).expand(out.shape)
             want = canonical.apply_steps(out, site.out_steps, env.__getitem__)
             rows = canonical.apply_steps(rows, site.out_steps, env.__getitem__)

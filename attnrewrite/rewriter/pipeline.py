@@ -134,6 +134,10 @@ def resolve(ctx: PassContext) -> None:
 def select(ctx: PassContext) -> None:
     kind, options = ctx.kind, ctx.options.kind_options
     for site in _matched(ctx):
+        if site.spec.score_mod is not None and not kind.score_mod:
+            site.skip(f"{kind.name} cannot honour this site: it cannot apply the score modification "
+                      f"{site.spec.score_mod.describe()}")
+            continue
         reason = kind.supports(site.spec, options)
         if reason is None and site.spec.weights_escape and (kind.weights is None or site.probs is None):
             reason = "the attention weights are used elsewhere and it cannot supply them"

@@ -92,7 +92,7 @@ class Report:
                 str(i), s.status, s.module or "<root>", s.pattern,
                 _flag(spec.get("causal")), str(spec.get("kv_groups", "")),
                 f"{scale:.4g}" if isinstance(scale, float) else ("1/√d" if scale is None and spec else str(scale or "")),
-                "+".join(spec.get("bias", [])) or ("-" if spec else ""),
+                "+".join(spec.get("bias", []) + (["mod"] if spec.get("score_mod") else [])) or ("-" if spec else ""),
                 f"{spec['dropout_p']:g}" if spec else "",
                 s.reason or "; ".join(s.notes),
             ))

@@ -66,8 +66,40 @@ MASKED_SCORE = -1e4
 
 
 @dataclass(frozen=True)
+class ScoreMod:
+    """An elementwise, non-affine function of the scores — FlexAttention's ``score_mod``.
+
+    It maps s = scale · q kᵀ ([B, Hq, Tq, Tk]) to the scores the mask terms are added to, before
+    the normalisation: Gemma-2's soft-capping ``tanh(s / c) · c`` is the typical one.  It is the
+    graph's own code, replayed (see :mod:`attnrewrite.rewriter.score_mod`):
+
+    - ``source``: the score node the first op reads; the replay substitutes the scores for it;
+    - ``chain``: the score path from there to the normalisation, as (node, recompute) pairs —
+      ``recompute=True`` nodes are evaluated again with their score argument replaced (their other
+      arguments are constants or tensors that do not depend on the scores); ``False`` nodes (casts,
+      and additions that the spec carries as mask terms) pass the scores through unchanged;
+    - ``steps`` / ``back``: layout steps from the canonical 4-D scores to the rank the nodes ran
+      at, and back.
+    """
+
+    source: fx.Node
+    chain: tuple[tuple[fx.Node, bool], ...]
+    steps: tuple[Step, ...] = ()
+    back: tuple[Step, ...] = ()
+
+    def ops(self) -> list[fx.Node]:
+        return [node for node, recompute in self.chain if recompute]
+
+    def describe(self) -> str:
+        """The recomputed ops by name, e.g. ``"div·tanh·mul"`` (for reports)."""
+        from attnrewrite.rewriter.capture import canonical_name
+
+        return "·".join(canonical_name(n) or str(n.target) for n in self.ops())
+
+
+@dataclass(frozen=True)
 class AttentionSpec:
-    """What one attention site computes: out = softmax(scale · q kᵀ + bias [+ causal]) · v.
+    """What one attention site computes: out = softmax(mod(scale · q kᵀ) + bias [+ causal]) · v.
 
     Fields:
         q, k, v: [B, Hq, Tq, D], [B, Hkv, Tk, D], [B, Hkv, Tk, Dv] after their view steps.
@@ -78,6 +110,8 @@ class AttentionSpec:
         causal: the mask includes the causal (top-left) triangle, proven on the site's shapes.
         kv_groups: Hq // Hkv (grouped-query attention seen through repeat_kv / expand+reshape).
         dropout_p: dropout on the probabilities (0 in eval mode).
+        score_mod: an elementwise, non-affine function applied to scale · q kᵀ before the mask
+            terms and the normalisation (soft-capping), or None.
         weights_escape: the probabilities are also used outside the site (returned weights).
         softmax_dtype: dtype the normalisation ran in (float32 for upcasting models), or None.
         module_path: qualified name of the module that owns the site.
@@ -93,6 +127,7 @@ class AttentionSpec:
     causal: bool = False
     kv_groups: int = 1
     dropout_p: float = 0.0
+    score_mod: ScoreMod | None = None
     weights_escape: bool = False
     softmax_dtype: torch.dtype | None = None
     module_path: str = ""
@@ -118,6 +153,7 @@ class AttentionSpec:
             "has_bias": self.has_bias,
             "bias": [t.kind for t in self.bias],
             "dropout_p": self.dropout_p,
+            "score_mod": self.score_mod.describe() if self.score_mod is not None else None,
             "weights_escape": self.weights_escape,
             "softmax_dtype": str(self.softmax_dtype).replace("torch.", "") if self.softmax_dtype else None,
         }

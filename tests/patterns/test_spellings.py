@@ -160,3 +160,108 @@ def test_scale_folded_into_q_through_views():
     torch.testing.assert_close(_compile(model, report)(x), model(x), rtol=1e-5, atol=1e-6)
     (site,) = report.sites
     assert site.status == "rewritten" and site.spec["scale"] == pytest.approx(0.125)
+
+
+def soft_capped(q, k, v):  # Gemma-2: tanh(s / c) · c between the scaled scores and the softmax
+    s = torch.tanh(q @ k.transpose(-2, -1) * D**-0.5 / 30.0) * 30.0
+    return torch.softmax(s + torch.zeros(T, T).masked_fill(~_causal(), float("-inf")), -1) @ v
+
+
+def three_d_scores_viewed(q, k, v):  # BLOOM: [B·H, T, T] scores viewed [B, H, T, T] for the mask, and back
+    q3, k3, v3 = (x.reshape(B * H, T, D) for x in (q, k, v))
+    alibi = (torch.arange(T, dtype=q.dtype) * -0.1).expand(B * H, 1, T)
+    s = torch.baddbmm(alibi, q3, k3.transpose(1, 2), beta=1.0, alpha=D**-0.5).view(B, H, T, -1)
+    p = torch.softmax(s.masked_fill(~_causal(), torch.finfo(s.dtype).min), -1, dtype=torch.float32)
+    return torch.bmm(p.view(B * H, T, -1), v3).view(B, H, T, D)
+
+
+SCORE_MOD_CASES = {
+    # the division by the cap folds into the scale: mod(s) = tanh(s) · 30 with s = q·kᵀ · D^-½ / 30
+    "soft_capped": (soft_capped, dict(causal=True, score_mod="tanh·mul", scale=D**-0.5 / 30.0)),
+    "three_d_scores_viewed": (three_d_scores_viewed, dict(causal=True, bias=["add"], score_mod=None)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCORE_MOD_CASES))
+def test_score_modifications_and_views(name):
+    fn, expected = SCORE_MOD_CASES[name]
+    q, k, v = _qkv()
+    report = Report()
+    torch.testing.assert_close(_compile(fn, report)(q, k, v), fn(q, k, v), rtol=1e-5, atol=1e-6)
+    (site,) = report.sites
+    assert site.status == "rewritten", report
+    for key, value in expected.items():
+        assert site.spec[key] == (pytest.approx(value) if isinstance(value, float) else value), (key, site.spec[key])
+
+
+class SoftCappedBlock(nn.Module):
+    """Soft-capping with the cap as a module attribute: under dynamic=True it becomes a SymFloat."""
+
+    def __init__(self, cap=30.0):
+        super().__init__()
+        self.cap = cap
+
+    def forward(self, q, k, v):
+        s = torch.tanh((q @ k.transpose(-2, -1)) * D**-0.5 / self.cap) * self.cap
+        return torch.softmax(s, -1) @ v
+
+
+def test_score_modification_with_dynamic_shapes_compiles_once():
+    model, report, graphs = SoftCappedBlock().eval(), Report(), []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return attnrewrite_backend(gm, example_inputs, options={"compiler": "eager"}, _report_sink=report.merge)
+
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for t in (8, 11, 13):
+        q, k, v = (torch.randn(B, H, t, D) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), model(q, k, v), rtol=1e-5, atol=1e-6)
+    assert len(graphs) == 1, f"recompiled {len(graphs)} times"
+    (site,) = report.sites
+    assert site.status == "rewritten" and site.spec["score_mod"], report
+
+
+class ThreeDScoresBlock(nn.Module):
+    """BLOOM's layout with sizes read from the input: [B·H, T, T] scores viewed 4-D for the mask and back."""
+
+    def forward(self, q, k, v):
+        b, h, t, d = q.shape
+        q3, k3, v3 = (x.reshape(b * h, t, d) for x in (q, k, v))
+        s = torch.bmm(q3, k3.transpose(1, 2)).view(b, h, t, -1) * d**-0.5
+        s = s.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+        return torch.bmm(torch.softmax(s, -1).view(b * h, t, -1), v3).view(b, h, t, d)
+
+
+def test_viewed_scores_with_dynamic_shapes_compile_once():
+    model, report, graphs = ThreeDScoresBlock(), Report(), []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return attnrewrite_backend(gm, example_inputs, options={"compiler": "eager"}, _report_sink=report.merge)
+
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for b, t in ((2, 8), (3, 11), (4, 13)):  # (batch 1 would be specialised by dynamo itself)
+        q, k, v = (torch.randn(b, H, t, D) for _ in range(3))
+        torch.testing.assert_close(compiled(q, k, v), model(q, k, v), rtol=1e-5, atol=1e-6)
+    assert len(graphs) == 1, f"recompiled {len(graphs)} times"
+    (site,) = report.sites
+    assert site.status == "rewritten" and site.spec["causal"], report
+
+
+def test_a_kind_that_cannot_apply_a_score_modification_skips_the_site(monkeypatch):
+    """Kinds opt in to score modifications (Kind.score_mod); the others skip such sites, with the reason."""
+    import functools
+
+    from attnrewrite import kinds
+
+    softmax = kinds.get("softmax")
+    no_mods = kinds.Kind(name="no_mods", emit=softmax.emit, supports=softmax.supports)  # score_mod=False
+    monkeypatch.setitem(kinds._KINDS, "no_mods", no_mods)
+    q, k, v = _qkv()
+    report = Report()
+    backend = functools.partial(attnrewrite_backend, options={"to": "no_mods", "compiler": "eager"},
+                                _report_sink=report.merge)
+    torch.testing.assert_close(torch.compile(soft_capped, backend=backend)(q, k, v), soft_capped(q, k, v))
+    (site,) = report.sites
+    assert site.status == "skipped" and "cannot apply the score modification tanh·mul" in site.reason, report

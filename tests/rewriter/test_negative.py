@@ -74,13 +74,23 @@ class FillWithZero(Base):
         return torch.softmax(s, dim=-1) @ v
 
 
-class SoftCapped(Base):
-    """tanh soft-capping of the scores: a score modification (not supported by the exact kind yet)."""
+class MaskedThenCapped(Base):
+    """A mask applied before a score modification: tanh turns the −∞ of masked keys into −1, so the
+    keys are not masked any more; the spec (mask after the modification) cannot express it."""
 
     def forward(self, x):
         q, k, v = self.qkv_heads(x)
-        s = torch.tanh(q @ k.transpose(-2, -1) / 30.0) * 30.0
-        return torch.softmax(s, dim=-1) @ v
+        s = (q @ k.transpose(-2, -1)).masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(torch.tanh(s / 30.0) * 30.0, dim=-1) @ v
+
+
+class ScoresReused(Base):
+    """The scores feed a non-elementwise op whose result is added back: not a function of each score."""
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        s = q @ k.transpose(-2, -1)
+        return torch.softmax(s + s.mean(dim=-2, keepdim=True), dim=-1) @ v
 
 
 class ScoresTransposed(Base):
@@ -113,7 +123,8 @@ CASES = {
     "learned_memory": (LearnedMemory, "not a sequence from the inputs"),
     "shared_query_across_heads": (SharedQueryAcrossHeads, "do not pair up"),
     "masked_fill_zero": (FillWithZero, "not a mask value"),
-    "soft_capping": (SoftCapped, "score modification"),
+    "mask_before_score_mod": (MaskedThenCapped, "before a score modification"),
+    "scores_reused": (ScoresReused, "scores are reused"),
     "scores_transposed": (ScoresTransposed, "no score product"),
     "no_value_product": (NoValueProduct, "never meet the values"),
     "classifier_softmax": (Classifier, "no score product"),

@@ -82,7 +82,7 @@ def weights(call: AttentionCall, options: dict[str, Any], state) -> Any:
     scores = (q @ k.transpose(-2, -1)).float() * scale
     keep = torch.ones_like(scores, dtype=torch.bool)
     if call.attn_mask is not None:
-        if call.mask_is_bool:
+        if call.bool_mask:
             keep = keep & call.attn_mask
         else:
             scores = scores + call.attn_mask
