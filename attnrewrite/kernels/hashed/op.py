@@ -101,16 +101,17 @@ def hashed_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     learned = q_projection is not None
     dq, dk, dv, d_pq, d_pk = hashed_attention_backward(grad.contiguous(), q, k, v, mask, is_causal, scale, bits,
                                                        top_k, window, sinks, proj_q, proj_k, learned)
+    dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
     if not learned:
         return dq, dk, dv, q.new_empty(0), q.new_empty(0)
-    return dq, dk, dv, d_pq.to(q_projection.dtype), d_pk.to(k_projection.dtype)
+    return dq, dk, dv, d_pq.to(q_projection.dtype).contiguous(), d_pk.to(k_projection.dtype).contiguous()
 
 
 @hashed_attention_backward_op.register_fake
 def _(grad, q, k, v, attn_mask, is_causal, scale, bits, top_k, window, sinks, q_projection, k_projection, seed):
-    d_pq = q.new_empty(0) if q_projection is None else torch.empty_like(q_projection)
-    d_pk = q.new_empty(0) if k_projection is None else torch.empty_like(k_projection)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_pq, d_pk
+    d_pq = q.new_empty(0) if q_projection is None else q_projection.new_empty(q_projection.shape)
+    d_pk = q.new_empty(0) if k_projection is None else k_projection.new_empty(k_projection.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_pq, d_pk
 
 
 def _setup_context(ctx, inputs, output):

@@ -18,7 +18,8 @@ from .codes import random_hyperplanes
 
 
 class HashProjections(nn.Module):
-    """``forward(q) -> (q_projection [Hq, D, bits], k_projection [Hkv, D, bits])`` (q only makes the call a graph call)."""
+    """``forward(q) -> copies of (q_projection [Hq, D, bits], k_projection [Hkv, D, bits])`` (q only makes the
+    call a graph call; the copies make them new values, which tracing needs)."""
 
     def __init__(self, heads_q: int, heads_kv: int, head_dim: int, bits: int, seed: int = 0):
         super().__init__()
@@ -27,4 +28,4 @@ class HashProjections(nn.Module):
         self.k_projection = nn.Parameter(draw.repeat(heads_kv, 1, 1))
 
     def forward(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.q_projection, self.k_projection
+        return self.q_projection.clone(), self.k_projection.clone()

@@ -105,13 +105,13 @@ def summary_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor,
     dq, dk, dv, d_query = summary_attention_backward(
         grad.contiguous(), q, k, v, None if key_valid is None else key_valid.to(q.device), is_causal, scale,
         chunk_size, window_chunks, summary_query)
-    return dq, dk, dv, (d_query if d_query is not None else q.new_empty(0))
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), (d_query.contiguous() if d_query is not None else q.new_empty(0))
 
 
 @summary_attention_backward_op.register_fake
 def _(grad, q, k, v, attn_mask, is_causal, scale, chunk_size, window_chunks, summary_query):
-    d_query = q.new_empty(0) if summary_query is None else torch.empty_like(summary_query)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_query
+    d_query = q.new_empty(0) if summary_query is None else summary_query.new_empty(summary_query.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_query
 
 
 def _setup_context(ctx, inputs, output):

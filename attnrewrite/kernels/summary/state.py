@@ -13,11 +13,12 @@ import torch.nn as nn
 
 
 class SummaryPooling(nn.Module):
-    """Pooling queries p [Hkv, D]; ``forward(k)`` returns them in k's dtype (k only names the dtype)."""
+    """Pooling queries p [Hkv, D]; ``forward(k)`` returns a copy of them (k only makes the call a graph call;
+    the copy makes it a new value, which tracing needs)."""
 
     def __init__(self, heads_kv: int, head_dim: int):
         super().__init__()
         self.query = nn.Parameter(torch.zeros(heads_kv, head_dim))
 
     def forward(self, k: torch.Tensor) -> torch.Tensor:
-        return self.query.to(k.dtype)
+        return self.query.clone()
