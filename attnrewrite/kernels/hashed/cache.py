@@ -63,18 +63,34 @@ class HashedLayer(LayerCache):
         self.length = stop
 
     def select_decode(self, q: torch.Tensor) -> torch.Tensor:
-        """Indices [B, Hkv, S] of the keys that the one-token queries q [B, Hq, 1, D] attend to."""
+        """Indices [B, Hkv, S] (ascending) of the keys that the one-token queries q [B, Hq, 1, D] attend to.
+
+        The same set as the op's ``topk`` over (agreement, position), found in O(T) passes: agreements
+        are small integers (0 … g·bits), so a histogram per head gives the agreement threshold of the
+        ``top_k``-th best key, and of the keys exactly at the threshold the latest ones are taken.
+        """
         length, bits = self.length, self.bits
         batch, heads_q = q.shape[:2]
         heads_kv = self.key_store.shape[1]
         groups = heads_q // heads_kv
         query_codes = pack(q, self.proj_q).reshape(batch, heads_kv, groups, bits // 8)
-        agreement = groups * bits - hamming(query_codes, self.code_store[:, :, :length])     # [B, Hkv, T]
-        position = torch.arange(length)
-        priority = agreement.to(q.device) * length + position.to(q.device)
+        agreement = groups * bits - hamming(query_codes, self.code_store[:, :, :length]).to(q.device)  # [B, Hkv, T]
+        position = torch.arange(length, device=q.device)
         always = (position < self.sinks) | (position >= length - self.window)
-        priority[:, :, always.to(q.device)] = (groups * bits + 1) * length
-        return priority.topk(min(length, self.sinks + self.window + self.top_k), dim=-1).indices
+        need = min(self.top_k, length - int(always.sum()))
+        chosen = always.expand(batch, heads_kv, length).clone()
+        if need > 0:
+            candidates = agreement.masked_fill(always, -1)
+            counts = torch.zeros(batch, heads_kv, groups * bits + 2, dtype=torch.long, device=q.device)
+            counts.scatter_add_(-1, candidates + 1, torch.ones_like(candidates))            # slot 0: not a candidate
+            at_least = counts[..., 1:].flip(-1).cumsum(-1).flip(-1)                      # [v]: candidates >= v
+            threshold = (at_least >= need).sum(-1, keepdim=True) - 1
+            above = candidates > threshold
+            ties = candidates == threshold
+            tie_rank = ties.long().cumsum(-1)
+            from_end = tie_rank[..., -1:] - tie_rank + ties.long()                       # 1 for the last tie
+            chosen |= above | (ties & (from_end <= need - above.sum(-1, keepdim=True)))
+        return chosen.nonzero()[:, -1].view(batch, heads_kv, -1)
 
     def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Add k, v [B, Hkv, T, D] at the next T positions; return (keys, values, visible) for the queries
@@ -85,9 +101,13 @@ class HashedLayer(LayerCache):
         length = self.length
         keys, values = self.key_store[:, :, :length], self.value_store[:, :, :length]
         if q.shape[-2] == 1:
-            index = self.select_decode(q)[..., None]
-            return (torch.gather(keys, 2, index.expand(-1, -1, -1, keys.shape[-1])),
-                    torch.gather(values, 2, index.expand(-1, -1, -1, values.shape[-1])), None)
+            index = self.select_decode(q)                                                    # [B, Hkv, S]
+            batch, heads_kv, selected = index.shape
+            rows = (index + (torch.arange(batch * heads_kv, device=q.device)
+                             * self.key_store.shape[2]).view(batch, heads_kv, 1)).view(-1)
+            keys = self.key_store.view(-1, self.key_store.shape[-1]).index_select(0, rows)
+            values = self.value_store.view(-1, self.value_store.shape[-1]).index_select(0, rows)
+            return keys.view(batch, heads_kv, selected, -1), values.view(batch, heads_kv, selected, -1), None
         batch, heads_q, count, _ = q.shape
         heads_kv = keys.shape[1]
         rows = slice(0, count)

@@ -76,6 +76,9 @@ def hamming(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor:
         word = np.uint64 if n_bytes % 8 == 0 else np.uint8
         keys = key_codes.numpy().view(word)                                  # [B, K, T, words]
         queries = query_codes.contiguous().numpy().view(word)               # [B, K, g, words]
+        if keys.shape[-1] == 1:  # one word per code: XOR every query with every key at once
+            distance = np.bitwise_count(np.bitwise_xor(keys[:, :, None, :, 0], queries[:, :, :, None, 0]))
+            return torch.from_numpy(distance.sum(2, dtype=np.int64))
         total = np.zeros(keys.shape[:3], dtype=np.int64)
         for g in range(queries.shape[2]):
             distance = np.bitwise_count(np.bitwise_xor(keys, queries[:, :, g:g + 1, :]))

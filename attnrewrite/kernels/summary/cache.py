@@ -41,7 +41,8 @@ class SummaryLayer(LayerCache):
         self.n_win = 0   # raw tokens stored after them (positions n_sum·C … length − 1)
 
     def capacity_for(self, max_seq_len: int) -> int:
-        return max(0, (max_seq_len - 1) // self.chunk_size - self.window_chunks) + (self.window_chunks + 1) * self.chunk_size
+        summaries = max(0, (max_seq_len - 1) // self.chunk_size - self.window_chunks)
+        return summaries + (self.window_chunks + 1) * self.chunk_size
 
     def prepare(self, batch: int, heads_q: int, heads_kv: int, head_dim: int, dtype, device, value_dim=None):
         self.allocate({"key_store": (batch, heads_kv, head_dim, dtype),

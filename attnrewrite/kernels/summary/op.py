@@ -105,7 +105,8 @@ def summary_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor,
     dq, dk, dv, d_query = summary_attention_backward(
         grad.contiguous(), q, k, v, None if key_valid is None else key_valid.to(q.device), is_causal, scale,
         chunk_size, window_chunks, summary_query)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), (d_query.contiguous() if d_query is not None else q.new_empty(0))
+    d_query = d_query.contiguous() if d_query is not None else q.new_empty(0)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_query
 
 
 @summary_attention_backward_op.register_fake

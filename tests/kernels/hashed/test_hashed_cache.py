@@ -80,3 +80,20 @@ def test_transformers_update_needs_the_query():
     q = torch.randn(2, 4, 1, 8, dtype=torch.float64)
     keys, values = layer.update(k[:, :, :1], v[:, :, :1], 0, {"query_states": q})
     assert keys.shape == (2, 2, 1, 8) and layer.get_seq_length() == 1
+
+
+@pytest.mark.parametrize("top_k,window,sinks", [(37, 5, 3), (0, 4, 2), (600, 0, 0), (10, 0, 0)])
+def test_decode_selection_equals_a_topk_over_agreement_and_position(top_k, window, sinks):
+    """The histogram selection of a decode step picks the op's set: top_k by (agreement, position)."""
+    q, k, v = _inputs(500, b=2, d=8, seed=4)
+    layer = HashedLayer(bits=8, top_k=top_k, window=window, sinks=sinks)  # 8 bits: many ties
+    layer.prepare(2, 4, 2, 8, torch.float64, "cpu")
+    layer.append(k, v)
+    q_last = q[:, :, -1:]
+    got = layer.select_decode(q_last)
+    from attnrewrite.kernels.hashed.sparse import select, visible_keys
+    from attnrewrite.kernels.hashed.codes import signs
+
+    want = select(signs(q_last, layer.proj_q), signs(k, layer.proj_k), visible_keys(None, slice(0, 1), 500, 499, "cpu"),
+                  8, top_k, window, sinks)[:, :, 0]
+    assert torch.equal(got, want.sort(-1).values)

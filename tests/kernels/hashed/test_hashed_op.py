@@ -114,7 +114,8 @@ def test_gradients_equal_the_reference(causal, monkeypatch):
 
 
 def test_learned_projections_get_the_straight_through_gradient():
-    """d(out)/d(projections) equals autograd through softmax(s·q·k_sel + (ã − stopgrad ã)) on the op's selection."""
+    """d(out)/d(projections) equals autograd through softmax(s·q·k_sel + (ã − stopgrad ã)) on the op's
+    selection."""
     q, k, v = _inputs(b=1, tq=12, tk=12)
     state = HashProjections(4, 2, 8, 8, seed=0).double()
     with torch.no_grad():

@@ -53,7 +53,8 @@ def test_mean_summary_is_the_chunk_mean_and_summaries_are_used():
     torch.testing.assert_close(k_sum[:, :, 1], k[:, :, 4:8].mean(2))
     assert exists.all()
     with_summaries = ops.summary_attention(q, k, v, enable_gqa=True, chunk_size=4, window_chunks=1)
-    keep = torch.ones(16, 16, dtype=torch.bool).tril() & (torch.arange(16)[None] // 4 >= torch.arange(16)[:, None] // 4 - 1)
+    chunk = torch.arange(16) // 4
+    keep = torch.ones(16, 16, dtype=torch.bool).tril() & (chunk[None] >= chunk[:, None] - 1)
     window_only = ops.softmax_attention(q, k, v, keep, enable_gqa=True)
     torch.testing.assert_close(with_summaries[:, :, :8], window_only[:, :, :8])  # no older chunk yet
     assert (with_summaries[:, :, 8:] - window_only[:, :, 8:]).abs().max() > 1e-3
@@ -126,7 +127,8 @@ def test_float_padding_mask_equals_bool():
     valid = _padding(t=13)[:, None, None]
     additive = torch.zeros(valid.shape, dtype=q.dtype).masked_fill(~valid, float("-inf"))
     kw = dict(enable_gqa=True, chunk_size=4, window_chunks=1)
-    torch.testing.assert_close(ops.summary_attention(q, k, v, additive, **kw), ops.summary_attention(q, k, v, valid, **kw))
+    torch.testing.assert_close(ops.summary_attention(q, k, v, additive, **kw),
+                               ops.summary_attention(q, k, v, valid, **kw))
 
 
 @pytest.mark.parametrize("change,message", [
