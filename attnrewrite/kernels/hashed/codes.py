@@ -68,10 +68,10 @@ def hamming(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor:
     """Summed Hamming distances: query_codes [B, K, g, bytes] against key_codes [B, K, T, bytes] uint8
     → int64 [B, K, T], Σ over the g queries of popcount(q XOR k).
 
-    On the CPU the XOR and popcount run on 64-bit words with numpy (``bitwise_count``, one POPCNT
-    per word); elsewhere through a 256-entry table per byte.
+    On the CPU the XOR and popcount run on 64-bit words with numpy (``bitwise_count``, numpy >= 2,
+    one POPCNT per word); elsewhere through a 256-entry table per byte.
     """
-    if key_codes.device.type == "cpu":
+    if key_codes.device.type == "cpu" and hasattr(np, "bitwise_count"):
         n_bytes = key_codes.shape[-1]
         word = np.uint64 if n_bytes % 8 == 0 else np.uint8
         keys = key_codes.numpy().view(word)                                  # [B, K, T, words]
@@ -84,6 +84,11 @@ def hamming(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor:
             distance = np.bitwise_count(np.bitwise_xor(keys, queries[:, :, g:g + 1, :]))
             total += distance.sum(-1, dtype=np.int64)
         return torch.from_numpy(total)
+    return hamming_by_table(query_codes, key_codes)
+
+
+def hamming_by_table(query_codes: torch.Tensor, key_codes: torch.Tensor) -> torch.Tensor:
+    """:func:`hamming` with torch ops only (any device): XOR per byte, popcount from a 256-entry table."""
     table = _byte_popcounts(str(key_codes.device))
     xor = torch.bitwise_xor(key_codes.unsqueeze(2), query_codes.unsqueeze(3))      # [B, K, g, T, bytes]
     return table[xor.long()].sum(dim=(-1, 2)).long()

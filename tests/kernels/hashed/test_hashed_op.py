@@ -7,7 +7,7 @@ import torch
 
 from attnrewrite import ops
 from attnrewrite.kernels.hashed import sparse
-from attnrewrite.kernels.hashed.codes import hamming, pack, random_hyperplanes, signs
+from attnrewrite.kernels.hashed.codes import hamming, hamming_by_table, pack, random_hyperplanes, signs
 from attnrewrite.kernels.hashed.reference import naive_hashed_attention
 from attnrewrite.kernels.hashed.state import HashProjections
 
@@ -75,6 +75,7 @@ def test_packed_popcount_equals_sign_products():
         codes = pack(q[:, :, row:row + 1], plane).reshape(2, 2, 2, 8)
         via_popcount = 2 * 64 - hamming(codes, pack(k, plane))
         assert torch.equal(via_popcount, via_signs[:, :, row].long())
+        assert torch.equal(2 * 64 - hamming_by_table(codes, pack(k, plane)), via_popcount)  # the non-CPU path
     assert pack(k, plane).dtype == torch.uint8 and pack(k, plane).shape[-1] == 8
 
 
