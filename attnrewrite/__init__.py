@@ -8,6 +8,8 @@ Public API (the rest of the package is internal):
 - :func:`convert` — attach a kind's per-site parameters (learned feature maps ...) before compiling
 - :mod:`attnrewrite.ops` — the attention kinds as ``torch.library`` custom ops
 - :mod:`attnrewrite.kinds` — the kinds a site can be rewritten to
+- :class:`SummaryCache`, :class:`HashedCache` — KV caches that decode with the ``summary`` and
+  ``hashed`` kinds (transformers ``Cache`` subclasses, also taken by the llama target's ``generate``)
 """
 
 from attnrewrite import kinds, ops
@@ -20,11 +22,26 @@ from attnrewrite.rewriter.spec import AttentionSpec
 
 __version__ = "0.1.0"
 
+# The caches subclass transformers' Cache: imported on first use, so that importing attnrewrite
+# does not import transformers.
+_LAZY = {"SummaryCache": "attnrewrite.kernels.summary.cache", "HashedCache": "attnrewrite.kernels.hashed.cache"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'attnrewrite' has no attribute {name!r}")
+
+
 __all__ = [
     "AttentionSpec",
+    "HashedCache",
     "Report",
     "RewriteFailed",
     "SiteReport",
+    "SummaryCache",
     "attnrewrite_backend",
     "convert",
     "explain",

@@ -59,7 +59,8 @@ def register(kind: Kind) -> Kind:
 
 
 #: Modules that define further kinds; imported on first lookup (no import-time cost otherwise).
-_KIND_MODULES = ("attnrewrite.kernels.sigmoid.kind", "attnrewrite.kernels.linear.kind")
+_KIND_MODULES = ("attnrewrite.kernels.sigmoid.kind", "attnrewrite.kernels.linear.kind",
+                 "attnrewrite.kernels.summary.kind", "attnrewrite.kernels.hashed.kind")
 
 
 def _load_all() -> None:

@@ -4,10 +4,14 @@
 - :func:`softmax_attention` — exact (SDPA semantics; also takes is_causal with a mask)
 - :func:`sigmoid_attention` — Σ sigmoid(s·q·kᵀ + b)·v, ``bias="auto"`` (b = −log n) or a number
 - :func:`linear_attention` — φ(q)·Σφ(k)ᵀv / φ(q)·Σφ(k) (feature maps elu, relu, or your own)
+- :func:`summary_attention` — a window of chunks in full, one summary key/value per older chunk
+- :func:`hashed_attention` — exact softmax over sinks, a recent window and the top-k keys by code agreement
 """
 
+from attnrewrite.kernels.hashed.kind import hashed_attention
 from attnrewrite.kernels.linear.kind import linear_attention
 from attnrewrite.kernels.sigmoid.kind import sigmoid_attention
 from attnrewrite.kernels.softmax import softmax_attention
+from attnrewrite.kernels.summary.kind import summary_attention
 
-__all__ = ["linear_attention", "sigmoid_attention", "softmax_attention"]
+__all__ = ["hashed_attention", "linear_attention", "sigmoid_attention", "softmax_attention", "summary_attention"]

@@ -11,11 +11,15 @@ rewritten by attnrewrite (``strict``: the run stops if any site could not be rew
 
     python examples/train_lm.py --attention sigmoid
     python examples/train_lm.py --attention linear     # elu+1 features (--feature-map relu ...)
+
+``--save PATH`` writes the trained model (config and weights) for later use, e.g. by
+``bench/quality_decode_kinds.py``; :func:`load_checkpoint` reads it back.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -47,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few steps (seconds)")
+    parser.add_argument("--save", default=None, metavar="PATH",
+                        help="write the trained model here (torch.save of its config and weights)")
     return parser
 
 
@@ -81,6 +87,20 @@ def generate_without_cache(model: Llama, prompt: torch.Tensor, max_new_tokens: i
         probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), dim=-1)
         tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
     return tokens
+
+
+def save_checkpoint(model: Llama, path: str, **info) -> None:
+    """Write ``model``'s config and weights (the base model's names, without attnrewrite states) to ``path``."""
+    weights = {name: t for name, t in model.state_dict().items() if "attnrewrite_" not in name}
+    torch.save({"config": dataclasses.asdict(model.config), "state_dict": weights, **info}, path)
+
+
+def load_checkpoint(path: str) -> tuple[Llama, dict]:
+    """(model in eval mode, the checkpoint's other entries) from a file written by ``--save``."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    model = Llama(LlamaConfig(**checkpoint.pop("config")))
+    model.load_state_dict(checkpoint.pop("state_dict"))
+    return model.eval(), checkpoint
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -142,6 +162,10 @@ def main(argv: list[str] | None = None) -> dict:
         sample = generate_without_cache(model, prompt, new_tokens, temperature=0.8, top_k=40,
                                         generator=torch.Generator().manual_seed(args.seed))
     print("sample:", repr(corpus.decode(sample[0])))
+    if args.save:
+        save_checkpoint(model, args.save, attention=args.attention, block_size=args.block_size, steps=args.steps,
+                        seed=args.seed, val_loss=val_loss)
+        print(f"saved {args.save}")
 
     result = {
         "config": args.config, "attention": args.attention, "steps": args.steps, "tokens_seen": args.steps * args.batch_size * args.block_size,

@@ -142,6 +142,15 @@ class KVCache(nn.Module):
         self.v_cache[:, :, input_pos] = v
         return self.k_cache, self.v_cache
 
+    def attend(self, input_pos: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor):
+        """Store the step's k, v and return what its queries q [B, H, T, D] attend to: keys and values
+        [B, K, S, D] and a bool mask broadcastable to [B, H, T, S].  The static cache returns everything
+        with the causal ``mask`` [T, S_max]; caches of other kinds (see :meth:`Llama.setup_cache`) may
+        return fewer keys and their own mask."""
+        k, v = self.update(input_pos, k, v)
+        return k, v, mask
+
 
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
@@ -165,7 +174,7 @@ class Attention(nn.Module):
         k = apply_rope(k, cos, sin)
 
         if input_pos is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)                               # [B, K, S, D]
+            k, v, mask = self.kv_cache.attend(input_pos, q, k, v, mask)                # [B, K, S, D]
 
         # Grouped-query attention: each key/value head serves H / K query heads.
         n_rep = self.n_heads // self.n_kv_heads
@@ -243,17 +252,29 @@ class Llama(nn.Module):
         """A freshly initialised model of a named configuration (see :data:`CONFIGS`)."""
         return cls(LlamaConfig.from_name(name, **overrides))
 
-    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None):
-        """Allocate a static KV cache in every layer for up to ``batch_size`` sequences of
-        ``max_seq_len`` positions (default: the config's); dtype and device follow the weights."""
+    def setup_cache(self, batch_size: int, max_seq_len: int | None = None, dtype: torch.dtype | None = None,
+                    cache=None):
+        """Allocate a KV cache in every layer for up to ``batch_size`` sequences of ``max_seq_len``
+        positions (default: the config's); dtype and device follow the weights.
+
+        ``cache=None`` gives the static :class:`KVCache`.  Another cache (``attnrewrite.SummaryCache``,
+        ``attnrewrite.HashedCache``) supplies each layer's with
+        ``cache.for_layer(index, attention, batch_size, max_seq_len, dtype, device)``: a module whose
+        ``attend(input_pos, q, k, v, mask)`` stores the step and returns the keys, values and mask the
+        queries attend to.
+        """
         max_seq_len = max_seq_len or self.config.max_seq_len
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"cache of {max_seq_len} positions exceeds max_seq_len={self.config.max_seq_len}")
         weight = self.output.weight
         dtype = dtype or weight.dtype
-        for layer in self.layers:
-            layer.attention.kv_cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
-                                               self.config.head_dim, dtype, weight.device)
+        for index, layer in enumerate(self.layers):
+            if cache is None:
+                layer.attention.kv_cache = KVCache(batch_size, self.config.n_kv_heads, max_seq_len,
+                                                   self.config.head_dim, dtype, weight.device)
+            else:
+                layer.attention.kv_cache = cache.for_layer(index, layer.attention, batch_size, max_seq_len, dtype,
+                                                           weight.device)
         self.cache_batch_size = batch_size
         self.cache_seq_len = max_seq_len
 
@@ -299,12 +320,13 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
-                 top_k: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_k: int | None = None, generator: torch.Generator | None = None, cache=None) -> torch.Tensor:
         """Continue ``prompt`` [B, T0] (int64) by ``max_new_tokens`` tokens; returns [B, T0 + new].
 
         One prefill pass writes the prompt into a fresh KV cache, then each new token is one
         decode step of length 1. ``temperature=0`` is greedy (argmax); otherwise tokens are
         sampled from softmax(logits / temperature), restricted to the ``top_k`` largest if given.
+        ``cache``: None for the static KV cache, or a cache of another kind (see :meth:`setup_cache`).
         """
         if prompt.dim() != 2 or prompt.dtype != torch.long:
             raise ValueError(f"prompt must be [B, T] int64, got {prompt.dtype} of shape {tuple(prompt.shape)}")
@@ -312,7 +334,7 @@ class Llama(nn.Module):
         total = T0 + max_new_tokens
         if total > self.config.max_seq_len:
             raise ValueError(f"{T0} prompt + {max_new_tokens} new tokens exceed max_seq_len={self.config.max_seq_len}")
-        self.setup_cache(B, total)
+        self.setup_cache(B, total, cache=cache)
         device = prompt.device
 
         logits = self(prompt, torch.arange(T0, device=device))              # prefill: [B, T0, V]

@@ -1,0 +1,134 @@
+"""``attnrewrite::hashed_attention`` and its backward as ``torch.library`` custom ops.
+
+Opaque to torch.compile (the selection, a ``topk`` over integer priorities, and the block loops stay
+inside), with fake implementations and the backward registered as the forward's autograd.
+``hash="random"`` draws its hyperplanes inside the op from ``seed`` (the same draw on every call
+and device), so the random variant needs no state; ``hash="learned"`` takes the projections as
+tensors (attached to the model by :func:`attnrewrite.convert`) and returns their gradients.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from attnrewrite.kernels.softmax.reference import check_heads
+
+from .codes import projections
+from .sparse import hashed_attention_backward, hashed_attention_forward
+
+HASHES = ("random", "learned")
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
+                 enable_gqa: bool, bits: int, top_k: int, window: int, sinks: int, hash: str,
+                 q_projection: Optional[Tensor], k_projection: Optional[Tensor]) -> None:
+    """Raise a ValueError naming the first problem with a hashed-attention call."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"hashed attention takes [B, H, T, D] tensors; {name} has shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] != k.shape[-1] or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"mismatched shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    check_heads(q, k, enable_gqa)
+    if is_causal and q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"is_causal needs Tq == Tk (got {q.shape[-2]} and {k.shape[-2]}); queries that come after "
+                         "all the keys (decoding) see every key: pass is_causal=False")
+    if dropout_p != 0.0:
+        raise ValueError(f"hashed attention has no dropout on its probabilities, got dropout_p={dropout_p}")
+    if bits < 8 or bits % 8:
+        raise ValueError(f"bits must be a positive multiple of 8 (codes are stored as bytes), got {bits}")
+    if top_k < 0 or window < 0 or sinks < 0:
+        raise ValueError(f"top_k, window and sinks must be >= 0, got {top_k}, {window}, {sinks}")
+    if hash not in HASHES:
+        raise ValueError(f"hash must be one of {HASHES}, got {hash!r}")
+    if (hash == "learned") != (q_projection is not None and k_projection is not None):
+        raise ValueError("hash='learned' takes q_projection [Hq, D, bits] and k_projection [Hkv, D, bits] (attached "
+                         "by attnrewrite.convert); hash='random' takes none")
+    if hash == "learned":
+        want = ((q.shape[1], q.shape[-1], bits), (k.shape[1], k.shape[-1], bits))
+        got = (tuple(q_projection.shape), tuple(k_projection.shape))
+        if got != want:
+            raise ValueError(f"projections must be [Hq, D, bits] and [Hkv, D, bits] = {want}, got {got}")
+    if attn_mask is not None:
+        shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+        if (attn_mask.dim() > 4 or shape[1] != 1 or shape[0] not in (1, q.shape[0]) or shape[2] not in (1, q.shape[-2])
+                or shape[3] not in (1, k.shape[-2])):
+            raise ValueError("hashed attention selects keys per key/value head group: attn_mask must be "
+                             f"broadcastable to [B, 1, Tq, Tk] (the same for every head), got {tuple(attn_mask.shape)}")
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
+            raise ValueError(f"attn_mask must be bool or q's dtype ({q.dtype}), got {attn_mask.dtype}")
+
+
+def _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    proj_q, proj_k = projections(q_projection, k_projection, q.shape[-1], bits, seed, q.device)
+    mask = None if attn_mask is None else attn_mask.to(q.device)
+    return scale, proj_q, proj_k, mask
+
+
+@torch.library.custom_op("attnrewrite::hashed_attention", mutates_args=())
+def hashed_attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                        is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
+                        bits: int = 64, top_k: int = 256, window: int = 64, sinks: int = 4, hash: str = "random",
+                        q_projection: Optional[Tensor] = None, k_projection: Optional[Tensor] = None,
+                        seed: int = 0) -> Tensor:
+    check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
+                 q_projection, k_projection)
+    scale, proj_q, proj_k, mask = _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection)
+    return hashed_attention_forward(q, k, v, mask, is_causal, scale, bits, top_k, window, sinks, proj_q, proj_k)
+
+
+@hashed_attention_op.register_fake
+def _(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, bits=64, top_k=256,
+      window=64, sinks=4, hash="random", q_projection=None, k_projection=None, seed=0):
+    check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
+                 q_projection, k_projection)
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op("attnrewrite::hashed_attention_backward", mutates_args=())
+def hashed_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
+                                 is_causal: bool, scale: Optional[float], bits: int, top_k: int, window: int,
+                                 sinks: int, q_projection: Optional[Tensor], k_projection: Optional[Tensor],
+                                 seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    scale, proj_q, proj_k, mask = _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection)
+    learned = q_projection is not None
+    dq, dk, dv, d_pq, d_pk = hashed_attention_backward(grad.contiguous(), q, k, v, mask, is_causal, scale, bits,
+                                                       top_k, window, sinks, proj_q, proj_k, learned)
+    dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
+    if not learned:
+        return dq, dk, dv, q.new_empty(0), q.new_empty(0)
+    return dq, dk, dv, d_pq.to(q_projection.dtype).contiguous(), d_pk.to(k_projection.dtype).contiguous()
+
+
+@hashed_attention_backward_op.register_fake
+def _(grad, q, k, v, attn_mask, is_causal, scale, bits, top_k, window, sinks, q_projection, k_projection, seed):
+    d_pq = q.new_empty(0) if q_projection is None else q_projection.new_empty(q_projection.shape)
+    d_pk = q.new_empty(0) if k_projection is None else k_projection.new_empty(k_projection.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_pq, d_pk
+
+
+def _setup_context(ctx, inputs, output):
+    (q, k, v, attn_mask, _dropout, is_causal, scale, _gqa, bits, top_k, window, sinks, _hash, q_projection,
+     k_projection, seed) = inputs
+    ctx.save_for_backward(q, k, v, attn_mask, q_projection, k_projection)
+    ctx.options = (is_causal, scale, bits, top_k, window, sinks)
+    ctx.seed = seed
+
+
+def _backward(ctx, grad):
+    q, k, v, attn_mask, q_projection, k_projection = ctx.saved_tensors
+    dq, dk, dv, d_pq, d_pk = torch.ops.attnrewrite.hashed_attention_backward(
+        grad, q, k, v, attn_mask, *ctx.options, q_projection, k_projection, ctx.seed)
+    learned = q_projection is not None
+    return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None,
+            d_pq if learned else None, d_pk if learned else None, None)
+
+
+hashed_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,79 @@
+"""Hashed attention, written to be read: the oracle the fast path and the cache are checked against.
+
+Per batch b, key/value head h and query position i (the query heads of a group share one selection):
+
+1. the visible keys are those the mask allows (and j ≤ i when causal), in order;
+2. code agreement of key j = Σ over the group's query heads of the number of equal bits between the
+   query's code and key j's code (codes: :mod:`attnrewrite.kernels.hashed.codes`);
+3. selected = the first ``sinks`` visible keys, the last ``window`` visible keys, and the ``top_k``
+   other visible keys with the highest agreement (ties go to the later key);
+4. each query head computes exact softmax(scale·q·k + bias) over the selected keys; a query that sees
+   no key gets 0.
+
+Codes are compared bit by bit here, from Python booleans.  Small inputs only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .codes import project
+
+MASKED_SCORE = -1e4
+
+
+def naive_hashed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                           is_causal: bool = False, scale: float | None = None, *, top_k: int = 256,
+                           window: int = 64, sinks: int = 4, proj_q: torch.Tensor, proj_k: torch.Tensor):
+    """q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] → (out [B, Hq, Tq, Dv], selected sets).
+
+    ``attn_mask``: bool (True = may attend) or float (added to the scores; entries ≤ −10⁴ exclude
+    the key), broadcastable to [B, 1, Tq, Tk].  ``proj_q``/``proj_k``: [D, bits] or [H, D, bits].
+    ``selected[b][h][i]`` is the sorted list of key indices chosen for that group and query.
+    """
+    batch, heads_q, t_q, dim = q.shape
+    heads_kv, t_k = k.shape[1], k.shape[2]
+    groups = heads_q // heads_kv
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    q_bits = (project(q, proj_q) > 0).tolist()   # [B][Hq][Tq][bits] booleans
+    k_bits = (project(k, proj_k) > 0).tolist()
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        mask = mask.expand(batch, 1, t_q, t_k)
+    out = q.new_zeros(batch, heads_q, t_q, v.shape[-1])
+    selected_sets = []
+    for b in range(batch):
+        per_head = []
+        for h in range(heads_kv):
+            per_query = []
+            for i in range(t_q):
+                def allowed(j):
+                    if is_causal and j > i:
+                        return False
+                    if mask is None:
+                        return True
+                    m = mask[b, 0, i, j]
+                    return bool(m) if mask.dtype == torch.bool else float(m) > MASKED_SCORE
+                visible = [j for j in range(t_k) if allowed(j)]
+                chosen = set(visible[:sinks]) | set(visible[max(0, len(visible) - window):] if window else [])
+                heads = range(h * groups, (h + 1) * groups)
+                agreement = {j: sum(a == c for hq in heads for a, c in zip(q_bits[b][hq][i], k_bits[b][h][j]))
+                             for j in visible if j not in chosen}
+                ranked = sorted(agreement, key=lambda j: (agreement[j], j), reverse=True)
+                chosen |= set(ranked[:top_k])
+                chosen = sorted(chosen)
+                per_query.append(chosen)
+                if not chosen:
+                    continue
+                for hq in heads:
+                    logits = (k[b, h, chosen] @ q[b, hq, i]) * scale
+                    if mask is not None and mask.dtype != torch.bool:
+                        logits = logits + mask[b, 0, i, chosen].to(logits.dtype)
+                    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=0)
+                    out[b, hq, i] = probs.to(v.dtype) @ v[b, h, chosen]
+            per_head.append(per_query)
+        selected_sets.append(per_head)
+    return out, selected_sets

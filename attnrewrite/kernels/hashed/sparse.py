@@ -1,0 +1,188 @@
+"""The torch path of hashed attention: select keys by code agreement, then exact softmax over them.
+
+Queries run in blocks.  For each block the codes of its queries are scored against every key's
+code with one matrix product of ±1 signs (exact integers), the selection is one ``topk`` over a
+priority that puts the sinks and the window first, then the best agreement, ties to the more
+recent key, and the attention gathers only the selected keys and values.  The backward recomputes
+the selection (it is deterministic) and applies the softmax-attention gradient formulas to the
+selected keys, scattering their gradients back; keys that were not selected get none.
+
+With ``hash="learned"`` the selection is a step function of the projections, so their gradient
+is a straight-through estimate: the backward treats each selected key's logit as if it also held
+the soft agreement ã_ij = Σ_b tanh(q_i·P_q,b)·tanh(k_j·P_k,b) / bits (which adds exactly 0 to the
+forward), so a key that the loss wants weighted up pulls the two codes together.  That gradient
+reaches the projections only; q, k and v get the exact gradient of the attention they computed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .codes import project, signs
+
+# Query rows per block are chosen so that a block's gathered [B, Hkv, rows, selected, D] keys stay near this size.
+BLOCK_ELEMENTS = 1 << 22
+MASKED_SCORE = -1e4  # float-mask entries at or below this exclude the key (the rewriter's rule)
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def mask_parts(attn_mask: torch.Tensor | None, rows: slice, t_q: int, t_k: int):
+    """(keep bool [B|1, n, Tk] or None, additive bias [B|1, n, Tk] or None) of the query rows ``rows``
+    from a mask broadcastable to [B, 1, Tq, Tk]."""
+    if attn_mask is None:
+        return None, None
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))[:, 0]   # [B|1, Tq|1, Tk|1]
+    mask = mask[:, rows] if mask.shape[1] == t_q else mask
+    mask = mask.expand(mask.shape[0], rows.stop - rows.start, t_k)
+    if mask.dtype == torch.bool:
+        return mask, None
+    keep = mask > MASKED_SCORE
+    return keep, mask.masked_fill(~keep, 0.0)
+
+
+def visible_keys(keep: torch.Tensor | None, rows: slice, t_k: int, causal_offset: int | None, device) -> torch.Tensor:
+    """bool [B|1, n, Tk]: the keys each query row may see (mask and, when ``causal_offset`` is not None,
+    key j ≤ row + causal_offset)."""
+    n = rows.stop - rows.start
+    visible = torch.ones(1, n, t_k, dtype=torch.bool, device=device)
+    if causal_offset is not None:
+        row = torch.arange(rows.start, rows.stop, device=device)[:, None] + causal_offset
+        visible = visible & (torch.arange(t_k, device=device)[None, :] <= row)
+    return visible if keep is None else visible & keep
+
+
+def select(q_signs: torch.Tensor, k_signs: torch.Tensor, visible: torch.Tensor, bits: int, top_k: int, window: int,
+           sinks: int) -> torch.Tensor:
+    """Selected key indices int64 [B, Hkv, n, S] (−1 marks an empty slot), S = min(Tk, sinks + window + top_k).
+
+    Args:
+        q_signs: ±1 codes of the block's queries [B, Hq, n, bits]; k_signs: of all keys [B, Hkv, Tk, bits].
+        visible: bool [B|1, n, Tk], the same for every head.
+    Per row: the first ``sinks`` and the last ``window`` visible keys, and the ``top_k`` other visible
+    keys with the highest agreement summed over the group's query heads (ties: the later key).
+    """
+    batch, heads_q, rows, _ = q_signs.shape
+    heads_kv, t_k = k_signs.shape[1], k_signs.shape[2]
+    groups = heads_q // heads_kv
+    grouped = q_signs.reshape(batch, heads_kv, groups, rows, bits).sum(2)             # [B, Hkv, n, bits]
+    agreement = ((grouped @ k_signs.transpose(-1, -2) + groups * bits) / 2).round().long()   # [B, Hkv, n, Tk]
+    visible = visible[:, None]                                                        # [B|1, 1, n, Tk]
+    rank = visible.long().cumsum(-1)
+    count = rank[..., -1:]
+    special = visible & ((rank <= sinks) | (rank > count - window))
+    priority = agreement * t_k + torch.arange(t_k, device=agreement.device)
+    priority = torch.where(special, (groups * bits + 1) * t_k, priority)
+    priority = torch.where(visible, priority, -1)
+    values, index = priority.topk(min(t_k, sinks + window + top_k), dim=-1)
+    return torch.where(values >= 0, index, -1)
+
+
+def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D] at index [B, H, n, S] (−1 read as 0) → [B, H, n, S, D]."""
+    batch, heads, length, dim = x.shape
+    offsets = (torch.arange(batch * heads, device=x.device) * length).view(batch, heads, 1, 1)
+    return x.reshape(batch * heads * length, dim)[index.clamp(min=0) + offsets]
+
+
+def scatter_add(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
+    """target [B, H, T, D] += values [B, H, n, S, D] at index [B, H, n, S] (slots with −1 skipped)."""
+    batch, heads, length, dim = target.shape
+    offsets = (torch.arange(batch * heads, device=target.device) * length).view(batch, heads, 1, 1)
+    flat = (index.clamp(min=0) + offsets).reshape(-1)
+    values = (values * (index >= 0).unsqueeze(-1).to(values.dtype)).reshape(-1, dim)
+    target.view(batch * heads * length, dim).index_add_(0, flat, values.to(target.dtype))
+
+
+def _block_probs(q, k_sel, index, bias, scale):
+    """(q grouped [B, Hkv, g, n, D], probabilities [B, Hkv, g, n, S]) in the work dtype."""
+    batch, heads_q, rows, dim = q.shape
+    heads_kv = k_sel.shape[1]
+    dtype = work_dtype(q.dtype)
+    q5 = q.reshape(batch, heads_kv, heads_q // heads_kv, rows, dim)
+    logits = torch.einsum("bkgnd,bknsd->bkgns", q5, k_sel).to(dtype) * scale
+    if bias is not None:  # [B|1, n, Tk] → the selected entries
+        bias = bias.to(dtype)[:, None].expand(batch, heads_kv, rows, bias.shape[-1]).gather(-1, index.clamp(min=0))
+        logits = logits + bias[:, :, None]
+    valid = (index >= 0)[:, :, None]                                                    # [B, Hkv, 1, n, S]
+    logits = logits.masked_fill(~valid, torch.finfo(dtype).min)
+    probs = torch.softmax(logits, dim=-1) * valid.any(-1, keepdim=True).to(dtype)
+    return q5.to(dtype), probs
+
+
+def _rows_per_block(q: torch.Tensor, k: torch.Tensor, selected: int) -> int:
+    per_row = q.shape[0] * max(q.shape[1] * k.shape[-2], k.shape[1] * selected * k.shape[-1])
+    return max(1, BLOCK_ELEMENTS // max(1, per_row))
+
+
+def hashed_blocks(q, k, attn_mask, is_causal, bits, top_k, window, sinks, proj_q, proj_k):
+    """Yield (rows, q rows, selected index [B, Hkv, n, S], additive bias or None) block by block."""
+    t_q, t_k = q.shape[-2], k.shape[-2]
+    k_signs = signs(k, proj_k)
+    selected = min(t_k, sinks + window + top_k)
+    step = _rows_per_block(q, k, selected)
+    for i0 in range(0, t_q, step):
+        rows = slice(i0, min(t_q, i0 + step))
+        keep, bias = mask_parts(attn_mask, rows, t_q, t_k)
+        visible = visible_keys(keep, rows, t_k, 0 if is_causal else None, q.device)
+        q_rows = q[:, :, rows]
+        index = select(signs(q_rows, proj_q), k_signs, visible, bits, top_k, window, sinks)
+        yield rows, q_rows, index, bias
+
+
+def hashed_attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, bits: int, top_k: int, window: int,
+                             sinks: int, proj_q, proj_k) -> torch.Tensor:
+    """Hashed attention on checked inputs: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D|Dv] → [B, Hq, Tq, Dv].
+
+    ``proj_q``/``proj_k``: float64 projections (see :func:`attnrewrite.kernels.hashed.codes.projections`).
+    Semantics: :mod:`attnrewrite.kernels.hashed.reference`.
+    """
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    for rows, q_rows, index, bias in hashed_blocks(q, k, attn_mask, is_causal, bits, top_k, window, sinks,
+                                                   proj_q, proj_k):
+        _, probs = _block_probs(q_rows, gather(k, index), index, bias, scale)
+        o = torch.einsum("bkgns,bknsv->bkgnv", probs.to(v.dtype), gather(v, index))
+        out[:, :, rows] = o.reshape(q.shape[0], q.shape[1], -1, v.shape[-1])
+    return out
+
+
+def hashed_attention_backward(grad, q, k, v, attn_mask, is_causal: bool, scale: float, bits: int, top_k: int,
+                              window: int, sinks: int, proj_q, proj_k, learned: bool):
+    """(dq, dk, dv, d_proj_q or None, d_proj_k or None) of :func:`hashed_attention_forward`."""
+    dtype = work_dtype(q.dtype)
+    batch, heads_q, _, dim = q.shape
+    heads_kv = k.shape[1]
+    dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=dtype, device=q.device)
+    dv = torch.zeros(v.shape, dtype=dtype, device=q.device)
+    if learned:  # the straight-through estimate (module docstring): soft codes of q and k
+        soft_q = torch.tanh(project(q, proj_q).to(dtype))                                # [B, Hq, Tq, bits]
+        soft_k = torch.tanh(project(k, proj_k).to(dtype))                                # [B, Hkv, Tk, bits]
+        d_soft_q = torch.zeros(soft_q.shape, dtype=dtype, device=q.device)
+        d_soft_k = torch.zeros(soft_k.shape, dtype=dtype, device=q.device)
+    for rows, q_rows, index, bias in hashed_blocks(q, k, attn_mask, is_causal, bits, top_k, window, sinks,
+                                                   proj_q, proj_k):
+        k_sel, v_sel = gather(k, index).to(dtype), gather(v, index).to(dtype)
+        q5, probs = _block_probs(q_rows, k_sel, index, bias, scale)
+        d_out = grad[:, :, rows].reshape(q5.shape[:-1] + (v.shape[-1],)).to(dtype)
+        d_probs = torch.einsum("bkgnv,bknsv->bkgns", d_out, v_sel)
+        d_logits = probs * (d_probs - (probs * d_probs).sum(-1, keepdim=True))
+        dq[:, :, rows] = (scale * torch.einsum("bkgns,bknsd->bkgnd", d_logits, k_sel)).reshape(
+            batch, heads_q, -1, dim)
+        scatter_add(dk, index, scale * torch.einsum("bkgns,bkgnd->bknsd", d_logits, q5))
+        scatter_add(dv, index, torch.einsum("bkgns,bkgnv->bknsv", probs, d_out))
+        if learned:
+            soft_k_sel = gather(soft_k, index)                                             # [B, Hkv, n, S, bits]
+            sq = soft_q[:, :, rows].reshape(q5.shape[:-1] + (bits,))
+            d_agree = d_logits / bits
+            d_soft_q[:, :, rows] += torch.einsum("bkgns,bknsc->bkgnc", d_agree, soft_k_sel).reshape(
+                batch, heads_q, -1, bits)
+            scatter_add(d_soft_k, index, torch.einsum("bkgns,bkgnc->bknsc", d_agree, sq))
+    d_proj_q = d_proj_k = None
+    if learned:  # through tanh and the projections (q and k themselves get nothing from the estimate)
+        d_pre_q, d_pre_k = d_soft_q * (1 - soft_q.square()), d_soft_k * (1 - soft_k.square())
+        d_proj_q = torch.einsum("bhtd,bhtn->hdn", q.to(dtype), d_pre_q).to(proj_q.dtype)
+        d_proj_k = torch.einsum("bhtd,bhtn->hdn", k.to(dtype), d_pre_k).to(proj_k.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_proj_q, d_proj_k

@@ -1,0 +1,226 @@
+"""The torch path of summary attention: query blocks over a contiguous key range, and a backward
+that recomputes block by block.
+
+Each block holds whole chunks of queries.  Its raw keys are one contiguous slice of k (the chunks
+from W before the block to the block's end, or W past it when bidirectional) and its summaries are
+a prefix of the summary sequence (causal) or all of it, so a block costs O(rows × (W·C + T/C))
+and nothing of size T × T is ever built.  The forward keeps no activations; the backward
+recomputes the summaries and each block's weights and applies the softmax-attention gradient
+formulas block by block (then through the pooling of the summaries).
+Scores and softmax run in float32 for 16-bit inputs (float64 stays float64).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+# Query rows per block are chosen so that one block's [B, Hq, rows, keys] scores stay near this size.
+BLOCK_ELEMENTS = 1 << 22
+
+
+def work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """[B, H, T, D] → [B, H, N, C, D] in the work dtype, the last chunk padded with zeros."""
+    batch, heads, length, dim = x.shape
+    chunks = math.ceil(length / chunk_size)
+    padded = F.pad(x, (0, 0, 0, chunks * chunk_size - length)).to(work_dtype(x.dtype))
+    return padded.view(batch, heads, chunks, chunk_size, dim)
+
+
+def _pooling_weights(k_chunks: torch.Tensor, key_valid: torch.Tensor | None, length: int,
+                     summary_query: torch.Tensor | None):
+    """(weights [B, 1 or Hkv, N, C] in the work dtype, exists bool [B, N]) of each token in its chunk's summary."""
+    batch, _, chunks, chunk_size, dim = k_chunks.shape
+    valid = torch.ones(batch, length, dtype=torch.bool, device=k_chunks.device) if key_valid is None else key_valid
+    valid = F.pad(valid, (0, chunks * chunk_size - length), value=False).view(batch, 1, chunks, chunk_size)
+    exists = valid.any(-1)                                                         # [B, 1, N]
+    dtype = k_chunks.dtype
+    if summary_query is None:
+        return valid.to(dtype) / valid.sum(-1, keepdim=True).clamp(min=1).to(dtype), exists[:, 0]
+    scores = torch.einsum("bkncd,kd->bknc", k_chunks, summary_query.to(dtype)) / math.sqrt(dim)
+    scores = scores.masked_fill(~valid, torch.finfo(dtype).min)
+    return torch.softmax(scores, dim=-1) * exists.unsqueeze(-1).to(dtype), exists[:, 0]
+
+
+def chunk_summaries(k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None, chunk_size: int,
+                    summary_query: torch.Tensor | None = None):
+    """One summary key and value per chunk of ``chunk_size`` tokens.
+
+    Args:
+        k: [B, Hkv, T, D]; v: [B, Hkv, T, Dv]; key_valid: bool [B, T] or None.
+        summary_query: None for the mean of the chunk's valid tokens, or [Hkv, D]: attention pooling
+            with weights softmax_j(p·k_j / √D) over the chunk's valid tokens.
+    Returns:
+        k̄ [B, Hkv, N, D] and v̄ [B, Hkv, N, Dv] in k's dtype, exists bool [B, N] (the chunk has a
+        valid token), N = ceil(T / chunk_size).
+    """
+    k_chunks, v_chunks = _chunks(k, chunk_size), _chunks(v, chunk_size)
+    weights, exists = _pooling_weights(k_chunks, key_valid, k.shape[-2], summary_query)
+    k_sum = torch.einsum("bknc,bkncd->bknd", weights.expand(k_chunks.shape[:-1]), k_chunks)
+    v_sum = torch.einsum("bknc,bkncd->bknd", weights.expand(v_chunks.shape[:-1]), v_chunks)
+    return k_sum.to(k.dtype), v_sum.to(v.dtype), exists
+
+
+def chunk_summaries_backward(dk_sum: torch.Tensor, dv_sum: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             key_valid: torch.Tensor | None, chunk_size: int, summary_query: torch.Tensor | None):
+    """(dk, dv, d_summary_query or None), work dtype, from the gradients of :func:`chunk_summaries`' outputs."""
+    length = k.shape[-2]
+    k_chunks, v_chunks = _chunks(k, chunk_size), _chunks(v, chunk_size)
+    weights, _ = _pooling_weights(k_chunks, key_valid, length, summary_query)
+    weights = weights.expand(k_chunks.shape[:-1])                                   # [B, Hkv, N, C]
+    dk_sum, dv_sum = dk_sum.to(k_chunks.dtype), dv_sum.to(k_chunks.dtype)
+    dk_chunks = weights.unsqueeze(-1) * dk_sum.unsqueeze(-2)                        # [B, Hkv, N, C, D]
+    dv_chunks = weights.unsqueeze(-1) * dv_sum.unsqueeze(-2)
+    d_query = None
+    if summary_query is not None:  # through the softmax weights: ds = w ⊙ (dw − Σ w·dw)
+        dim = k.shape[-1]
+        d_weights = (torch.einsum("bknd,bkncd->bknc", dk_sum, k_chunks)
+                     + torch.einsum("bknd,bkncd->bknc", dv_sum, v_chunks))
+        d_scores = weights * (d_weights - (weights * d_weights).sum(-1, keepdim=True)) / math.sqrt(dim)
+        dk_chunks = dk_chunks + d_scores.unsqueeze(-1) * summary_query.to(k_chunks.dtype)[None, :, None, None]
+        d_query = torch.einsum("bknc,bkncd->kd", d_scores, k_chunks)
+    batch, heads = k.shape[:2]
+    dk = dk_chunks.reshape(batch, heads, -1, k.shape[-1])[:, :, :length]
+    dv = dv_chunks.reshape(batch, heads, -1, v.shape[-1])[:, :, :length]
+    return dk, dv, d_query
+
+
+def blocks(length: int, chunk_size: int, window_chunks: int, causal: bool, rows_per_block: int
+           ) -> Iterator[tuple[int, int, int, int, int]]:
+    """(i0, i1, r0, r1, n_sum): query rows [i0, i1), raw keys [r0, r1), summaries [0, n_sum)."""
+    chunks = math.ceil(length / chunk_size)
+    per_block = max(1, rows_per_block // chunk_size)
+    for c0 in range(0, chunks, per_block):
+        c1 = min(chunks, c0 + per_block)
+        r0 = max(0, c0 - window_chunks) * chunk_size
+        if causal:
+            r1, n_sum = min(length, c1 * chunk_size), max(0, c1 - 1 - window_chunks)
+        else:
+            r1, n_sum = min(length, (c1 + window_chunks) * chunk_size), chunks
+        yield c0 * chunk_size, min(length, c1 * chunk_size), r0, r1, n_sum
+
+
+def visibility(i0: int, i1: int, r0: int, r1: int, n_sum: int, chunk_size: int, window_chunks: int, causal: bool,
+               key_valid: torch.Tensor | None, exists: torch.Tensor, device) -> torch.Tensor:
+    """bool [B or 1, rows, n_sum + raw keys]: which summaries and raw keys each query of the block sees."""
+    rows = torch.arange(i0, i1, device=device)
+    row_chunk = (rows // chunk_size)[:, None]
+    keys = torch.arange(r0, r1, device=device)
+    key_chunk = (keys // chunk_size)[None, :]
+    raw = key_chunk >= row_chunk - window_chunks
+    raw = raw & (keys[None, :] <= rows[:, None] if causal else key_chunk <= row_chunk + window_chunks)
+    summaries = torch.arange(n_sum, device=device)[None, :]
+    older = summaries < row_chunk - window_chunks
+    outside = older if causal else older | (summaries > row_chunk + window_chunks)
+    raw = raw[None] if key_valid is None else raw[None] & key_valid[:, None, r0:r1]
+    outside = outside[None] & exists[:, None, :n_sum]
+    batch = max(raw.shape[0], outside.shape[0])
+    return torch.cat([outside.expand(batch, -1, -1), raw.expand(batch, -1, -1)], dim=-1)
+
+
+def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """Softmax attention of q [B, Hq, n, D] over keys [B, Hkv, S, D] where ``visible`` [B|1, n, S] allows.
+
+    Query heads are grouped over their key/value head (no repeat).  Rows that see nothing give 0.
+    """
+    batch, heads_q, rows, dim = q.shape
+    heads_kv = keys.shape[1]
+    groups = heads_q // heads_kv
+    dtype = work_dtype(q.dtype)
+    q5 = q.reshape(batch, heads_kv, groups, rows, dim)
+    logits = (q5 @ keys.unsqueeze(2).transpose(-1, -2)).to(dtype) * scale         # [B, Hkv, g, n, S]
+    visible = visible[:, None, None]                                                 # [B, 1, 1, n, S]
+    logits = logits.masked_fill(~visible, torch.finfo(dtype).min)
+    probs = torch.softmax(logits, dim=-1) * visible.any(-1, keepdim=True).to(dtype)
+    out = probs.to(values.dtype) @ values.unsqueeze(2)                              # [B, Hkv, g, n, Dv]
+    return out.reshape(batch, heads_q, rows, values.shape[-1])
+
+
+def _rows_per_block(q: torch.Tensor, keys_per_row: int) -> int:
+    return max(1, BLOCK_ELEMENTS // max(1, q.shape[0] * q.shape[1] * keys_per_row))
+
+
+def _keys_per_row(length: int, chunk_size: int, window_chunks: int, causal: bool) -> int:
+    window = (window_chunks + 1 if causal else 2 * window_chunks + 1) * chunk_size
+    return min(length, window) + math.ceil(length / chunk_size)
+
+
+def summary_attention_forward(q, k, v, key_valid, is_causal: bool, scale: float, chunk_size: int,
+                              window_chunks: int, summary_query=None) -> torch.Tensor:
+    """Summary attention on validated inputs; q [B, Hq, T, D], k/v [B, Hkv, T, D|Dv] → [B, Hq, T, Dv].
+
+    ``key_valid``: bool [B, T] or None.  Semantics: :mod:`attnrewrite.kernels.summary.reference`.
+    """
+    length = q.shape[-2]
+    k_sum, v_sum, exists = chunk_summaries(k, v, key_valid, chunk_size, summary_query)
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    rows = _rows_per_block(q, _keys_per_row(length, chunk_size, window_chunks, is_causal))
+    for i0, i1, r0, r1, n_sum in blocks(length, chunk_size, window_chunks, is_causal, rows):
+        visible = visibility(i0, i1, r0, r1, n_sum, chunk_size, window_chunks, is_causal, key_valid, exists,
+                             q.device)
+        keys = torch.cat([k_sum[:, :, :n_sum], k[:, :, r0:r1]], dim=2)
+        values = torch.cat([v_sum[:, :, :n_sum], v[:, :, r0:r1]], dim=2)
+        out[:, :, i0:i1] = block_attention(q[:, :, i0:i1], keys, values, visible, scale)
+    return out
+
+
+def block_attention_backward(grad: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                             visible: torch.Tensor, scale: float):
+    """(dq, dkeys, dvalues) of :func:`block_attention`, in the work dtype, from its recomputed weights."""
+    batch, heads_q, rows, dim = q.shape
+    heads_kv = keys.shape[1]
+    groups = heads_q // heads_kv
+    dtype = work_dtype(q.dtype)
+    q5 = q.reshape(batch, heads_kv, groups, rows, dim).to(dtype)
+    keys, values = keys.to(dtype).unsqueeze(2), values.to(dtype).unsqueeze(2)      # [B, Hkv, 1, S, D]
+    visible = visible[:, None, None]
+    logits = (q5 @ keys.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~visible, torch.finfo(dtype).min)
+    probs = torch.softmax(logits, dim=-1) * visible.any(-1, keepdim=True).to(dtype)  # [B, Hkv, g, n, S]
+    d_out = grad.reshape(batch, heads_kv, groups, rows, -1).to(dtype)
+    d_probs = d_out @ values.transpose(-1, -2)
+    d_logits = probs * (d_probs - (probs * d_probs).sum(-1, keepdim=True)) * scale
+    dq = (d_logits @ keys).reshape(batch, heads_q, rows, dim)
+    dkeys = torch.einsum("bkgns,bkgnd->bksd", d_logits, q5)
+    dvalues = torch.einsum("bkgns,bkgnv->bksv", probs, d_out)
+    return dq, dkeys, dvalues
+
+
+def summary_attention_backward(grad, q, k, v, key_valid, is_causal: bool, scale: float, chunk_size: int,
+                               window_chunks: int, summary_query=None):
+    """(dq, dk, dv, d_summary_query or None) of :func:`summary_attention_forward`, block by block."""
+    length = q.shape[-2]
+    dtype = work_dtype(q.dtype)
+    k_sum, v_sum, exists = chunk_summaries(k, v, key_valid, chunk_size, summary_query)
+    dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=dtype, device=q.device)
+    dv = torch.zeros(v.shape, dtype=dtype, device=q.device)
+    dk_sum = torch.zeros(k_sum.shape, dtype=dtype, device=q.device)
+    dv_sum = torch.zeros(v_sum.shape, dtype=dtype, device=q.device)
+    rows = _rows_per_block(q, _keys_per_row(length, chunk_size, window_chunks, is_causal))
+    for i0, i1, r0, r1, n_sum in blocks(length, chunk_size, window_chunks, is_causal, rows):
+        visible = visibility(i0, i1, r0, r1, n_sum, chunk_size, window_chunks, is_causal, key_valid, exists,
+                             q.device)
+        keys = torch.cat([k_sum[:, :, :n_sum], k[:, :, r0:r1]], dim=2)
+        values = torch.cat([v_sum[:, :, :n_sum], v[:, :, r0:r1]], dim=2)
+        dq_b, dkeys, dvalues = block_attention_backward(grad[:, :, i0:i1], q[:, :, i0:i1], keys, values, visible,
+                                                        scale)
+        dq[:, :, i0:i1] = dq_b
+        dk_sum[:, :, :n_sum] += dkeys[:, :, :n_sum]
+        dv_sum[:, :, :n_sum] += dvalues[:, :, :n_sum]
+        dk[:, :, r0:r1] += dkeys[:, :, n_sum:]
+        dv[:, :, r0:r1] += dvalues[:, :, n_sum:]
+    dk_through, dv_through, d_query = chunk_summaries_backward(dk_sum, dv_sum, k, v, key_valid, chunk_size,
+                                                               summary_query)
+    dk, dv = dk + dk_through, dv + dv_through
+    if d_query is not None:
+        d_query = d_query.to(summary_query.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_query

@@ -1,0 +1,131 @@
+"""``attnrewrite::summary_attention`` and its backward as ``torch.library`` custom ops.
+
+Both are opaque to torch.compile (inductor keeps each as one call, whatever the sequence length:
+the block loops stay inside), with fake implementations for tracing and the backward registered
+as the forward's autograd.  Inputs are checked here, in the fake implementation as well, so a
+bad call fails while tracing with the same message as when run.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from attnrewrite.kernels.softmax.reference import check_heads
+
+from .chunked import summary_attention_backward, summary_attention_forward
+
+SUMMARIES = ("mean", "learned")
+
+
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
+                 enable_gqa: bool, chunk_size: int, window_chunks: int, summary: str,
+                 summary_query: Optional[Tensor]) -> None:
+    """Raise a ValueError naming the first problem with a summary-attention call."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"summary attention takes [B, H, T, D] tensors; {name} has shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] != k.shape[-1] or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
+        raise ValueError(f"mismatched shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[-2] != k.shape[-2]:
+        raise ValueError(f"summary attention is self-attention over one sequence (Tq == Tk), got Tq={q.shape[-2]} "
+                         f"and Tk={k.shape[-2]}; decode one token at a time through attnrewrite.SummaryCache")
+    check_heads(q, k, enable_gqa)
+    if dropout_p != 0.0:
+        raise ValueError(f"summary attention has no dropout on its probabilities, got dropout_p={dropout_p}")
+    if chunk_size < 1 or window_chunks < 0:
+        raise ValueError(f"need chunk_size >= 1 and window_chunks >= 0, got {chunk_size} and {window_chunks}")
+    if summary not in SUMMARIES:
+        raise ValueError(f"summary must be one of {SUMMARIES}, got {summary!r}")
+    if (summary == "learned") != (summary_query is not None):
+        raise ValueError("summary='learned' takes summary_query [Hkv, D] (the pooling queries that "
+                         "attnrewrite.convert attaches), and summary='mean' takes none")
+    if summary_query is not None and tuple(summary_query.shape) != (k.shape[1], k.shape[-1]):
+        raise ValueError(f"summary_query must be [Hkv, D] = {(k.shape[1], k.shape[-1])}, "
+                         f"got {tuple(summary_query.shape)}")
+    if attn_mask is not None:
+        shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+        if (attn_mask.dim() > 4 or shape[1] != 1 or shape[2] != 1 or shape[0] not in (1, q.shape[0])
+                or shape[3] not in (1, k.shape[-2])):
+            raise ValueError("summary attention honours key-padding masks only (broadcastable from [B, 1, 1, Tk]); "
+                             f"got a mask of shape {tuple(attn_mask.shape)}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise ValueError(f"attn_mask must be bool or float, got {attn_mask.dtype}")
+
+
+def key_valid_from_mask(attn_mask: Optional[Tensor], batch: int, length: int) -> Optional[Tensor]:
+    """bool [B, T] (True = a real key) from a checked key-padding mask; float masks must hold 0 or
+    masked values (−inf, or ≤ −10⁴ as the rewriter counts them)."""
+    if attn_mask is None:
+        return None
+    flat = attn_mask.reshape(attn_mask.shape[0] if attn_mask.dim() == 4 else 1, -1)
+    if attn_mask.dtype == torch.bool:
+        valid = flat
+    else:
+        valid = flat > -1e4
+        if bool((flat[valid] != 0).any()):
+            raise ValueError("summary attention cannot add a float bias to its scores: a float attn_mask must "
+                             "hold 0 (keep) or -inf (padding) only")
+    return valid.expand(batch, length).to(device=attn_mask.device).contiguous()
+
+
+@torch.library.custom_op("attnrewrite::summary_attention", mutates_args=())
+def summary_attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                         is_causal: bool = True, scale: Optional[float] = None, enable_gqa: bool = False,
+                         chunk_size: int = 8, window_chunks: int = 128, summary: str = "mean",
+                         summary_query: Optional[Tensor] = None) -> Tensor:
+    check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, chunk_size, window_chunks, summary,
+                 summary_query)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    key_valid = key_valid_from_mask(attn_mask, q.shape[0], k.shape[-2])
+    return summary_attention_forward(q, k, v, None if key_valid is None else key_valid.to(q.device), is_causal,
+                                     scale, chunk_size, window_chunks, summary_query)
+
+
+@summary_attention_op.register_fake
+def _(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False, chunk_size=8,
+      window_chunks=128, summary="mean", summary_query=None):
+    check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, chunk_size, window_chunks, summary,
+                 summary_query)
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op("attnrewrite::summary_attention_backward", mutates_args=())
+def summary_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
+                                  is_causal: bool, scale: Optional[float], chunk_size: int, window_chunks: int,
+                                  summary_query: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    key_valid = key_valid_from_mask(attn_mask, q.shape[0], k.shape[-2])
+    dq, dk, dv, d_query = summary_attention_backward(
+        grad.contiguous(), q, k, v, None if key_valid is None else key_valid.to(q.device), is_causal, scale,
+        chunk_size, window_chunks, summary_query)
+    d_query = d_query.contiguous() if d_query is not None else q.new_empty(0)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_query
+
+
+@summary_attention_backward_op.register_fake
+def _(grad, q, k, v, attn_mask, is_causal, scale, chunk_size, window_chunks, summary_query):
+    d_query = q.new_empty(0) if summary_query is None else summary_query.new_empty(summary_query.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_query
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, _dropout, is_causal, scale, _gqa, chunk_size, window_chunks, _summary, summary_query = inputs
+    ctx.save_for_backward(q, k, v, attn_mask, summary_query)
+    ctx.options = (is_causal, scale, chunk_size, window_chunks)
+
+
+def _backward(ctx, grad):
+    q, k, v, attn_mask, summary_query = ctx.saved_tensors
+    dq, dk, dv, d_query = torch.ops.attnrewrite.summary_attention_backward(grad, q, k, v, attn_mask, *ctx.options,
+                                                                           summary_query)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, (d_query if summary_query is not None else None)
+
+
+summary_attention_op.register_autograd(_backward, setup_context=_setup_context)

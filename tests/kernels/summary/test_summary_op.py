@@ -1,0 +1,151 @@
+"""attnrewrite::summary_attention against its brute-force reference: outputs over dtypes, masks, GQA,
+causal and bidirectional, mean and learned summaries, many blocks; gradients by name; opcheck;
+clear errors for what it does not take."""
+
+import pytest
+import torch
+
+from attnrewrite import ops
+from attnrewrite.kernels.summary import chunked
+from attnrewrite.kernels.summary.reference import naive_chunk_summaries, naive_summary_attention
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _inputs(b=2, hq=4, hkv=2, t=21, d=8, dv=6, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(grad)  # noqa: E731
+    return make(b, hq, t, d), make(b, hkv, t, d), make(b, hkv, t, dv), make(hkv, d)
+
+
+def _padding(b=2, t=21):
+    valid = torch.ones(b, t, dtype=torch.bool)
+    valid[1, 4:7] = False      # a hole inside chunks
+    valid[1, -5:] = False      # right padding, a whole chunk included
+    return valid
+
+
+CASES = [  # (T, chunk_size, window_chunks): W = 0, several summaries, T not a multiple of C, window past T
+    (21, 4, 1), (21, 3, 0), (16, 8, 0), (21, 2, 20),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("t,chunk,window", CASES)
+@pytest.mark.parametrize("learned", [False, True])
+def test_fp64_equals_reference(causal, t, chunk, window, learned, monkeypatch):
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 40 * 8)  # several query blocks
+    q, k, v, p = _inputs(t=t)
+    valid = _padding(t=t)
+    got = ops.summary_attention(q, k, v, valid[:, None, None, :], is_causal=causal, enable_gqa=True, chunk_size=chunk,
+                                window_chunks=window, summary="learned" if learned else "mean",
+                                summary_query=p if learned else None)
+    want = naive_summary_attention(q, k, v, valid, is_causal=causal, chunk_size=chunk, window_chunks=window,
+                                   summary_query=p if learned else None)
+    assert want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
+
+
+def test_mean_summary_is_the_chunk_mean_and_summaries_are_used():
+    """The op differs from a plain sliding window exactly by the summaries: check both facts."""
+    q, k, v, _ = _inputs(t=16)
+    k_sum, v_sum, exists = naive_chunk_summaries(k, v, None, 4)
+    torch.testing.assert_close(k_sum[:, :, 1], k[:, :, 4:8].mean(2))
+    assert exists.all()
+    with_summaries = ops.summary_attention(q, k, v, enable_gqa=True, chunk_size=4, window_chunks=1)
+    chunk = torch.arange(16) // 4
+    keep = torch.ones(16, 16, dtype=torch.bool).tril() & (chunk[None] >= chunk[:, None] - 1)
+    window_only = ops.softmax_attention(q, k, v, keep, enable_gqa=True)
+    torch.testing.assert_close(with_summaries[:, :, :8], window_only[:, :, :8])  # no older chunk yet
+    assert (with_summaries[:, :, 8:] - window_only[:, :, 8:]).abs().max() > 1e-3
+
+
+def test_huge_window_is_exact_softmax():
+    q, k, v, _ = _inputs(t=13)
+    got = ops.summary_attention(q, k, v, enable_gqa=True, chunk_size=4, window_chunks=4)
+    torch.testing.assert_close(got, ops.softmax_attention(q, k, v, is_causal=True, enable_gqa=True))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_low_precision_error_bound(dtype, causal):
+    """Error at ``dtype`` ≤ 2 × the reference's own error at ``dtype`` + a rounding band."""
+    q, k, v, p = _inputs(t=19)
+    valid = _padding(t=19)
+    kw = dict(is_causal=causal, chunk_size=4, window_chunks=1)
+    exact = naive_summary_attention(q, k, v, valid, summary_query=p, **kw)
+    low = [x.to(dtype) for x in (q, k, v)]
+    got = ops.summary_attention(*low, valid[:, None, None], enable_gqa=True, summary="learned", summary_query=p.float(),
+                                **kw).double()
+    plain = naive_summary_attention(*low, valid, summary_query=p.float(), **kw).double()
+    err, plain_err = (got - exact).abs().max(), (plain - exact).abs().max()
+    band = 2 * torch.finfo(dtype).eps * exact.abs().max()
+    assert err <= 2 * plain_err + band, (dtype, float(err), float(plain_err))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradients_equal_the_references(causal, monkeypatch):
+    monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 32 * 8)
+    q, k, v, p = _inputs(t=17, grad=True)
+    valid = _padding(t=17)
+    kw = dict(is_causal=causal, chunk_size=3, window_chunks=1, summary_query=p)
+    weights = torch.randn(2, 4, 17, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got = torch.autograd.grad((ops.summary_attention(q, k, v, valid[:, None, None], enable_gqa=True, summary="learned",
+                                                     **kw) * weights).sum(), (q, k, v, p))
+    want = torch.autograd.grad((naive_summary_attention(q, k, v, valid, **kw) * weights).sum(), (q, k, v, p))
+    for name, g, w in zip(("q", "k", "v", "summary_query"), got, want):
+        assert w.abs().max() > 1e-3, name
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12, msg=f"gradient of {name}")
+
+
+def test_gradcheck_fp64():
+    q, k, v, p = _inputs(b=1, t=10, d=4, dv=3, grad=True)
+
+    def fn(q, k, v, p):
+        return ops.summary_attention(q, k, v, enable_gqa=True, chunk_size=3, window_chunks=1, summary="learned",
+                                     summary_query=p)
+    assert torch.autograd.gradcheck(fn, (q, k, v, p), fast_mode=True)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(chunk_size=3, window_chunks=1),
+    dict(chunk_size=4, window_chunks=0, is_causal=False, attn_mask="padding", summary="learned"),
+])
+def test_opcheck(kwargs):
+    q, k, v, p = (x.detach().float().requires_grad_() for x in _inputs(t=13))
+    kwargs = dict(kwargs, enable_gqa=True)
+    if kwargs.get("attn_mask") == "padding":
+        kwargs["attn_mask"] = _padding(t=13)[:, None, None]
+    if kwargs.get("summary") == "learned":
+        kwargs["summary_query"] = p
+    result = torch.library.opcheck(torch.ops.attnrewrite.summary_attention.default, (q, k, v), kwargs)
+    assert set(result.values()) == {"SUCCESS"}, result
+
+
+def test_float_padding_mask_equals_bool():
+    q, k, v, _ = _inputs(t=13)
+    valid = _padding(t=13)[:, None, None]
+    additive = torch.zeros(valid.shape, dtype=q.dtype).masked_fill(~valid, float("-inf"))
+    kw = dict(enable_gqa=True, chunk_size=4, window_chunks=1)
+    torch.testing.assert_close(ops.summary_attention(q, k, v, additive, **kw),
+                               ops.summary_attention(q, k, v, valid, **kw))
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(k=torch.zeros(2, 2, 9, 8)), "Tq == Tk"),
+    (dict(attn_mask=torch.ones(13, 13, dtype=torch.bool).tril()), "key-padding"),
+    (dict(attn_mask=torch.randn(2, 1, 1, 13)), "cannot add a float bias"),
+    (dict(dropout_p=0.1), "dropout"),
+    (dict(summary="learned"), "summary_query"),
+    (dict(summary="max"), "summary must be one of"),
+    (dict(enable_gqa=False), "enable_gqa"),
+    (dict(chunk_size=0), "chunk_size"),
+])
+def test_clear_errors(change, message):
+    q, k, v, _ = (x.float() for x in _inputs(t=13))
+    args = dict(q=q, k=k, v=v[:, :, :k.shape[2]], enable_gqa=True)
+    args.update(change)
+    if "k" in change:
+        args["v"] = torch.zeros(2, 2, change["k"].shape[2], 6)
+    with pytest.raises(ValueError, match=message):
+        ops.summary_attention(**args)

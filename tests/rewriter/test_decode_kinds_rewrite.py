@@ -1,0 +1,137 @@
+"""The summary and hashed kinds in the pass: the llama target's causal sites are rewritten and compute the
+op; bidirectional, cross-attention, masked-per-query and score-modified sites are skipped with the reason;
+learned variants get their parameters from convert and train."""
+
+import types
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attnrewrite
+from attnrewrite import ops
+from attnrewrite.kinds import get
+from attnrewrite.rewriter.report import Report
+from attnrewrite.targets import bert, llama
+from rewrite_helpers import compile_rewritten
+
+OPTIONS = {"summary": dict(chunk_size=4, window_chunks=1), "hashed": dict(bits=16, top_k=3, window=3, sinks=1)}
+TOKENS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+class OracleAttention(nn.Module):
+    """The llama target's attention with the kind's op called by hand (what the rewrite must produce)."""
+
+    def __init__(self, attention, kind, options):
+        super().__init__()
+        self.inner, self.kind, self.options = attention, kind, options
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        a = self.inner
+        B, T, _ = x.shape
+        q = llama.apply_rope(a.q_proj(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2), cos, sin)
+        k = llama.apply_rope(a.k_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2), cos, sin)
+        v = a.v_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        op = ops.summary_attention if self.kind == "summary" else ops.hashed_attention
+        out = op(q, k, v, is_causal=True, enable_gqa=True, **self.options)
+        return a.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+@pytest.mark.parametrize("kind", ["summary", "hashed"])
+def test_llama_target_rewritten_equals_the_hand_written_oracle(kind):
+    torch.manual_seed(0)
+    model = llama.Llama.from_name("tiny").double().eval()
+    report = Report()
+    with torch.no_grad():
+        got = compile_rewritten(model, report, to=kind, **OPTIONS[kind])(TOKENS)
+        for layer in model.layers:
+            layer.attention = OracleAttention(layer.attention, kind, OPTIONS[kind])
+        want = model(TOKENS)
+    assert len(report.rewritten) == 2 and not report.skipped, report
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["summary", "hashed"])
+def test_bidirectional_models_are_skipped_with_the_reason(kind):
+    model = bert.Bert.from_name("tiny").eval()
+    ids = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
+    report = Report()
+    out = compile_rewritten(model, report, to=kind)(ids, torch.ones(2, 12, dtype=torch.long))
+    assert torch.isfinite(out).all() and not report.rewritten
+    assert all("not causal self-attention" in s.reason for s in report.attention_sites())
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x, memory):
+        q = self.proj(x).view(1, 10, 2, 4).transpose(1, 2)
+        k = memory.view(1, 6, 2, 4).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, k)
+
+
+class _CausalAndPerQueryMask(nn.Module):
+    """Causal attention whose mask also holds a data-dependent part that differs from query to query."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.register_buffer("causal", torch.ones(10, 10, dtype=torch.bool).tril())
+
+    def forward(self, x, allowed):
+        q = self.proj(x).view(1, 10, 2, 4).transpose(1, 2)
+        scores = (q @ q.transpose(-1, -2)) * 0.5
+        scores = scores.masked_fill(~self.causal, float("-inf")).masked_fill(~allowed, float("-inf"))
+        return torch.softmax(scores, -1) @ q
+
+
+@pytest.mark.parametrize("kind", ["summary", "hashed"])
+def test_cross_attention_is_skipped(kind):
+    report = Report()
+    compile_rewritten(_CrossAttention(), report, to=kind)(torch.randn(1, 10, 8), torch.randn(1, 6, 8))
+    assert not report.rewritten
+    assert any("not causal self-attention" in s.reason for s in report.attention_sites())
+
+
+def test_a_mask_that_varies_across_queries_is_skipped_by_summary_only():
+    for kind, rewritten in (("summary", False), ("hashed", True)):
+        report = Report()
+        torch._dynamo.reset()
+        allowed = torch.rand(10, 10, generator=torch.Generator().manual_seed(0)) > 0.2
+        allowed.fill_diagonal_(True)
+        compile_rewritten(_CausalAndPerQueryMask(), report, to=kind)(torch.randn(1, 10, 8), allowed)
+        assert bool(report.rewritten) == rewritten, report
+        if not rewritten:
+            assert "varies across queries" in report.attention_sites()[0].reason
+
+
+@pytest.mark.parametrize("kind", ["summary", "hashed"])
+def test_score_modification_is_a_reason(kind):
+    spec = types.SimpleNamespace(score_mod=lambda score, *index: score, causal=True)
+    reason = get(kind).supports(spec, {**get(kind).options})
+    assert reason is not None and "score modification" in reason
+
+
+@pytest.mark.parametrize("kind,option", [("summary", {"summary": "learned"}), ("hashed", {"hash": "learned"})])
+def test_learned_variants_are_converted_and_train(kind, option):
+    torch.manual_seed(0)
+    model = llama.Llama.from_name("tiny")
+    options = {**OPTIONS[kind], **option}
+    report = attnrewrite.explain(model, TOKENS, to=kind, options=options)
+    assert not report.rewritten and all("attnrewrite.convert" in s.reason for s in report.skipped)
+
+    model = attnrewrite.convert(model, kind, (TOKENS,), **options)
+    states = [n for n, _ in model.named_parameters() if "attnrewrite" in n]
+    assert states and all(n.startswith("layers.") and f".attention.attnrewrite_{kind}." in n for n in states)
+    report = Report()
+    compiled = compile_rewritten(model, report, to=kind, compiler="aot_eager", **options)
+    logits = compiled(TOKENS)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), TOKENS[:, 1:].flatten())
+    loss.backward()
+    assert len(report.rewritten) == 2
+    for name, p in model.named_parameters():
+        if "attnrewrite" in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
