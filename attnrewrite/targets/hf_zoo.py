@@ -261,15 +261,47 @@ NATIVE_ENTRIES: list[ZooEntry] = [
 ]
 
 
-def package_targets() -> list[ZooEntry]:
-    """HOOK (for the lead, after merging the targets branch): the package's own reference models.
+def _target(module: str, cls: str, **overrides):
+    """Build a reference target (``attnrewrite.targets.<module>.<cls>``) from its tiny config, in eval mode."""
 
-    ``attnrewrite/targets/{llama,gpt2,bert,vit,singlecell}.py`` are written on another branch.
-    Once they are on main, add one :class:`ZooEntry` per target here (family ``"target_<name>"``,
-    impl ``"reference"``), with the target's site count and example inputs; the tests and the
-    coverage benchmark pick them up from :data:`ZOO` without further changes.
-    """
-    return []
+    def build() -> nn.Module:
+        import importlib
+
+        return getattr(importlib.import_module(f"attnrewrite.targets.{module}"), cls).from_name(
+            "tiny", **overrides).eval()
+
+    return build
+
+
+def _padded(tokens: torch.Tensor, pad_id: int = 0, keep: int = SEQ - 3) -> torch.Tensor:
+    tokens = tokens.clone()
+    tokens[1, keep:] = pad_id  # right padding in the second sequence
+    return tokens
+
+
+def _images(g: torch.Generator) -> dict[str, Any]:
+    return {"images": torch.randn(BATCH, 1, 8, 8, generator=g)}
+
+
+def package_targets() -> list[ZooEntry]:
+    """The package's own reference models (``attnrewrite/targets/``), family ``target_<name>``."""
+    return [
+        ZooEntry(family="target_llama", impl="reference", sites=2, build=_target("llama", "Llama"),
+                 inputs=lambda g: {"tokens": token_ids(g)},
+                 features="GQA via repeat_interleave, bool tril buffer, float32 softmax"),
+        ZooEntry(family="target_gpt2", impl="eager", sites=2, build=_target("gpt2", "GPT2", attn_impl="eager"),
+                 inputs=lambda g: {"idx": token_ids(g)}, features="nanoGPT manual path: masked_fill on a buffer"),
+        ZooEntry(family="target_gpt2", impl="sdpa", sites=2, build=_target("gpt2", "GPT2", attn_impl="sdpa"),
+                 inputs=lambda g: {"idx": token_ids(g)}, features="SDPA with is_causal"),
+        ZooEntry(family="target_bert", impl="reference", sites=2, build=_target("bert", "Bert"),
+                 inputs=lambda g: {"input_ids": token_ids(g), "attention_mask": padding_mask()},
+                 features="additive (1 - m)·min padding mask"),
+        ZooEntry(family="target_vit", impl="reference", sites=2, build=_target("vit", "ViT"), inputs=_images,
+                 features="bidirectional, no mask"),
+        ZooEntry(family="target_singlecell", impl="reference", sites=2, build=_target("singlecell", "CellEncoder"),
+                 inputs=lambda g: {"tokens": _padded(torch.randint(3, 64, (BATCH, SEQ), generator=g))},
+                 features="gene tokens, key padding through masked_fill(finfo.min), float32 softmax"),
+    ]
 
 
 ZOO: list[ZooEntry] = HF_ENTRIES + NATIVE_ENTRIES + package_targets()
