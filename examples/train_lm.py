@@ -105,6 +105,13 @@ def load_checkpoint(path: str) -> tuple[Llama, dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    # Past its recompile limit Dynamo would silently run the original code — softmax, not the kind
+    # the model is trained with: make that an error for this run (and only for this run).
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=args.attention != "softmax"):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> dict:
     if args.smoke:
         args.config, args.steps, args.batch_size, args.block_size = "tiny", 6, 4, 32
         args.warmup, args.eval_batches = 2, 2
@@ -121,9 +128,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.attention != "softmax":
         import attnrewrite
 
-        # Past its recompile limit Dynamo would silently run the original code — softmax, not the
-        # kind this model is trained with: make that an error instead.
-        torch._dynamo.config.fail_on_recompile_limit_hit = True
 
         if args.attention == "linear":
             options = {"feature_map": args.feature_map}

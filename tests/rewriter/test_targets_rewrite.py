@@ -80,12 +80,12 @@ def test_growing_lengths_recompile_cleanly(kind):
     model = llama.Llama.from_name("tiny").eval()
     attnrewrite.rewrite(model, to=kind, compiler="eager", strict=True)
     tokens = torch.randint(0, model.config.vocab_size, (1, 90))
-    before = len(attnrewrite.recent_reports())
+    before = {id(r) for r in attnrewrite.recent_reports()}  # the log keeps 64: compare identities
     with torch.no_grad():
         for t in (60, 61, 62, 63, 66, 70, 75, 80, 90):  # crosses the linear path's 64-token chunk
             assert torch.isfinite(model(tokens[:, :t])).all()
     # One static compile, then one dynamic graph per regime of the op (the linear path has two:
     # shorter and longer than its chunk). A kind whose op specialised the length would compile per
     # length, and past Dynamo's recompile limit silently run the original (softmax) code.
-    compiles = len(attnrewrite.recent_reports()) - before
+    compiles = sum(id(r) not in before for r in attnrewrite.recent_reports())
     assert compiles <= 3, f"{compiles} compiles for 9 lengths"
