@@ -10,6 +10,7 @@ import torch
 import attnrewrite
 from attnrewrite.rewriter.backend import attnrewrite_backend
 from attnrewrite.rewriter.report import Report
+from attnrewrite.targets.hf_zoo import first_tensor
 
 
 def compile_rewritten(model: Callable, report: Report | None = None, **options: Any) -> Callable:
@@ -17,17 +18,6 @@ def compile_rewritten(model: Callable, report: Report | None = None, **options: 
     options.setdefault("compiler", "eager")
     sink = report.merge if report is not None else None
     return torch.compile(model, backend=functools.partial(attnrewrite_backend, options=options, _report_sink=sink))
-
-
-def first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return first_tensor(out[0])
-    for name in ("logits", "last_hidden_state"):
-        if getattr(out, name, None) is not None:
-            return getattr(out, name)
-    raise TypeError(f"no tensor in {type(out).__name__}")
 
 
 def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str, floor: float = 0.0) -> None:

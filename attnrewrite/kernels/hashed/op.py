@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from attnrewrite.kernels.checks import check_qkv
 from attnrewrite.kernels.softmax.reference import check_heads
 
 from .codes import projections
@@ -26,15 +27,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], d
                  enable_gqa: bool, bits: int, top_k: int, window: int, sinks: int, hash: str,
                  q_projection: Optional[Tensor], k_projection: Optional[Tensor]) -> None:
     """Raise a ValueError naming the first problem with a hashed-attention call."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"hashed attention takes [B, H, T, D] tensors; {name} has shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape[-1] != k.shape[-1] or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
-        raise ValueError(f"mismatched shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    check_qkv(q, k, v, "hashed attention")
     check_heads(q, k, enable_gqa)
     if is_causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(f"is_causal needs Tq == Tk (got {q.shape[-2]} and {k.shape[-2]}); queries that come after "

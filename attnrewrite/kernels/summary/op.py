@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from attnrewrite.kernels.checks import check_qkv
 from attnrewrite.kernels.softmax.reference import check_heads
 
 from .chunked import summary_attention_backward, summary_attention_forward
@@ -24,15 +25,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], d
                  enable_gqa: bool, chunk_size: int, window_chunks: int, summary: str,
                  summary_query: Optional[Tensor]) -> None:
     """Raise a ValueError naming the first problem with a summary-attention call."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"summary attention takes [B, H, T, D] tensors; {name} has shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape[-1] != k.shape[-1] or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
-        raise ValueError(f"mismatched shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    check_qkv(q, k, v, "summary attention")
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(f"summary attention is self-attention over one sequence (Tq == Tk), got Tq={q.shape[-2]} "
                          f"and Tk={k.shape[-2]}; decode one token at a time through attnrewrite.SummaryCache")
