@@ -112,3 +112,52 @@ def test_softmax_oracle_is_the_model_itself():
     valid = keep[..., None].expand_as(got)
     assert_close_rel(got[valid], model(ids, keep)[valid], 1e-5, "logits")
     assert len(report.rewritten) == 2
+
+
+def _llama_oracle_attention(kind):
+    """The llama target's attention with the kind written by hand in place of its softmax."""
+    from attnrewrite.targets import llama
+
+    class Oracle(llama.Attention):
+        def forward(self, x, cos, sin, mask, input_pos=None):
+            b, t, _ = x.shape
+            q = llama.apply_rope(self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+            k = llama.apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            if kind == "sigmoid":  # b = -log(n), n = t keys (no padding)
+                s = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
+                out = (torch.sigmoid(s - math.log(t)) * mask) @ v
+            else:  # linear, elu+1, no scale
+                w = (elu1(q) @ elu1(k).transpose(-2, -1)) * mask
+                out = (w @ v) / (w.sum(-1, keepdim=True) + 1e-6)
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+
+    return Oracle
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "linear"])
+def test_llama_target_rewritten_equals_its_hand_written_oracle(kind):
+    from attnrewrite.targets import llama
+
+    torch.manual_seed(0)
+    model = llama.Llama.from_name("tiny").eval()
+    oracle = llama.Llama.from_name("tiny").eval()
+    oracle.load_state_dict(model.state_dict())
+    for layer in oracle.layers:
+        original = layer.attention
+        layer.attention = _llama_oracle_attention(kind)(oracle.config)
+        layer.attention.load_state_dict(original.state_dict())
+    tokens = torch.randint(0, oracle.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    report = Report()
+    got, want = compile_rewritten(model, report, to=kind)(tokens), oracle(tokens)
+    assert len(report.rewritten) == 2, report
+    assert_close_rel(got, want, 1e-5, "logits")
+    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(2))
+    grads = torch.autograd.grad((got * weights).sum(), list(model.parameters()))
+    want_grads = torch.autograd.grad((want * weights).sum(), list(oracle.parameters()))
+    floor = 1e-2 * max(float(g.abs().max()) for g in want_grads)
+    for (name, _), g, w in zip(model.named_parameters(), grads, want_grads):
+        assert_close_rel(g, w, 1e-4, f"gradient of {name}", floor)
