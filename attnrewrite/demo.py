@@ -79,8 +79,14 @@ def run_demo(to: str = "softmax", compiler: str = "eager") -> int:
     for i in range(len(SENTENCES)):
         print(f"  [{i}]  " + "  ".join(f"{sim[i, j]:.3f}" for j in range(len(SENTENCES))))
     print()
-    ok = len(report.rewritten) == 6 and diff < 1e-5
+    all_rewritten = len(report.rewritten) == 6
     print(f"embeddings: max |rewritten - original| = {diff:.2e}, min cosine = {cos.min():.8f} "
           f"({len(report.rewritten)}/6 attention sites rewritten to {to}, compile + run {seconds:.1f} s)")
-    print("OK: the rewritten model computes the same embeddings" if ok else "MISMATCH")
+    if to == "softmax":  # the exact kind: nothing may change
+        ok = all_rewritten and diff < 1e-5
+        print("OK: the rewritten model computes the same embeddings" if ok else "MISMATCH")
+    else:  # another kind changes the model by design: report it, judge only the rewrite
+        ok = all_rewritten
+        print(f"{'OK' if ok else 'NOT ALL REWRITTEN'}: the model now runs {to} attention (untrained, so its "
+              f"embeddings differ from the softmax model's; convert and fine-tune to recover them)")
     return 0 if ok else 1
