@@ -21,6 +21,7 @@ Table format (``schema`` 1)::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import importlib
@@ -32,7 +33,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -135,6 +136,20 @@ _chosen: dict[tuple[str, str, str, str], Config] = {}
 def autotune_enabled() -> bool:
     """Autotuning on a table miss is on unless ``ATTNREWRITE_AUTOTUNE=0``."""
     return os.environ.get("ATTNREWRITE_AUTOTUNE", "1") != "0"
+
+
+@contextlib.contextmanager
+def autotune_disabled() -> Iterator[None]:
+    """Within the block a table miss takes the default instead of a timed search."""
+    old = os.environ.get("ATTNREWRITE_AUTOTUNE")
+    os.environ["ATTNREWRITE_AUTOTUNE"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("ATTNREWRITE_AUTOTUNE", None)
+        else:
+            os.environ["ATTNREWRITE_AUTOTUNE"] = old
 
 
 def choose(

@@ -340,7 +340,3 @@ def owning_module(nodes: list[fx.Node]) -> str:
             i += 1
         common = common[:i]
     return ".".join(common)
-
-
-def users_outside(node: fx.Node, allowed: set[fx.Node]) -> list[fx.Node]:
-    return [u for u in node.users if u not in allowed]

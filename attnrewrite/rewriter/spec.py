@@ -57,9 +57,6 @@ class MaskTerm:
     def scaled(self, factor: float) -> MaskTerm:
         return replace(self, coeff=self.coeff * factor) if self.kind == "add" else self
 
-    def then(self, *step: Any) -> MaskTerm:
-        return replace(self, steps=self.steps + (tuple(step),))
-
 
 #: Scores at or below this constant are masked keys.
 MASKED_SCORE = -1e4

@@ -21,31 +21,18 @@ tuning table has been measured yet.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import sys
 import traceback
 
 import torch
 import torch.nn.functional as F
 
+from attnrewrite.kernels import tuning
+
 NAME = "linear"
 TIMING_BATCH, TIMING_HEADS = 2, 16
 PROBE_T, PROBE_D = 8192, 128
-
-
-@contextlib.contextmanager
-def _defaults_only():
-    old = os.environ.get("ATTNREWRITE_AUTOTUNE")
-    os.environ["ATTNREWRITE_AUTOTUNE"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("ATTNREWRITE_AUTOTUNE", None)
-        else:
-            os.environ["ATTNREWRITE_AUTOTUNE"] = old
 
 
 # --------------------------------------------------------------------------- correctness
@@ -216,7 +203,7 @@ def _relu_oracle(q, k, v, causal, compute_dtype):
 
 def correctness(device) -> list[dict]:
     rows = []
-    with _defaults_only():
+    with tuning.autotune_disabled():
         for case, make, args, dtypes in _cases(device):
             if device.type != "cuda":  # a CPU dry run under the interpreter: its bf16 matmul is wrong
                 dtypes = (torch.float16,)
@@ -349,7 +336,6 @@ def _decode_rows(device, T, d):
 def _probe_rows(device):
     """Alternative launch configurations of each causal kernel, and segment counts, at T = 8192, D = 128:
     how far the untuned defaults are from the best nearby point (a tuning table would close the gap)."""
-    from attnrewrite.kernels import tuning
     from attnrewrite.kernels.linear import linear_attention
     from attnrewrite.kernels.linear.op import ops_for
     from attnrewrite.kernels.linear.tune import SPACES
@@ -405,7 +391,7 @@ def _probe_rows(device):
 
 def timings(device, quick: bool) -> list[dict]:
     rows = []
-    with _defaults_only():
+    with tuning.autotune_disabled():
         fla_fn = _fla()
         lengths = (8192,) if quick else (1024, 2048, 4096, 8192, 16384, 32768)
         dims = (128,) if quick else (128, 64)  # the target (D = 128) first

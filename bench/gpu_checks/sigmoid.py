@@ -30,6 +30,8 @@ import traceback
 
 import torch
 
+from attnrewrite.kernels import tuning
+
 NAME = "sigmoid"
 # No new row starts after these many seconds from the family's first call (compiles included), so a
 # slow compiler skips rows instead of overrunning the GPU lease; the longest single row (triton-sigmoid's
@@ -62,20 +64,6 @@ def _forced_configs(configs: dict | None):
         yield
     finally:
         op.pick_config = original
-
-
-@contextlib.contextmanager
-def _no_autotune():
-    """Table or default only: a full search per new shape would take minutes."""
-    old = os.environ.get("ATTNREWRITE_AUTOTUNE")
-    os.environ["ATTNREWRITE_AUTOTUNE"] = "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["ATTNREWRITE_AUTOTUNE"]
-        else:
-            os.environ["ATTNREWRITE_AUTOTUNE"] = old
 
 
 def _run(fn, tensors: dict, kwargs: dict, grad: torch.Tensor, dtype: torch.dtype) -> dict:
@@ -182,7 +170,7 @@ def correctness(device) -> list[dict]:
     plan.append(("gqa 8/2 + kv_lens + bottom-right d128", torch.bfloat16, (3, 8, 2, 64, 700, 128),
                  {"is_causal": True, "causal_align": "bottom_right", "kv_lens": [700, 333, 1]}, None,
                  torch_impl, "torch path"))
-    with _no_autotune():
+    with tuning.autotune_disabled():
         for name, dtype, sizes, options, forced, fn, label in plan:
             if _elapsed() > CORRECTNESS_BUDGET_S:
                 rows.append({"case": f"{name} [{label}]", "dtype": str(dtype), "note": "skipped: time budget"})
@@ -267,7 +255,7 @@ def timings(device, quick: bool) -> list[dict]:
     headline = (HEADLINE["dim"], HEADLINE["length"], HEADLINE["causal"])
     sweep = [(d, t, c) for d in DIMS for c in (False, True) for t in lengths if (d, t, c) != headline]
     ts = _import_triton_sigmoid(rows)
-    with _no_autotune():
+    with tuning.autotune_disabled():
         ours_row = _time_shape(device, *headline, rows, ts=ts)
         rows += _headline_accuracy(device, ts)
         if not quick and ours_row is not None and _elapsed() < FAMILY_BUDGET_S:
@@ -334,7 +322,6 @@ def _timing_row(label, variant, batch, heads, length, dim, causal, t_ours, t_sdp
 def _search_headline(device, rows) -> dict | None:
     """Time CANDIDATES (x both reciprocals) at the headline shape; the fastest per kernel, written to $OUT
     as a tuning table for this GPU (only the headline bucket: a start, not a full table)."""
-    from attnrewrite.kernels import tuning
     from attnrewrite.kernels.sigmoid import tune
 
     try:

@@ -60,8 +60,4 @@ def check_rewrite(model: torch.nn.Module, inputs: dict[str, Any], expected_sites
     return report
 
 
-def rewritten_ops(gm_code: str) -> int:
-    return gm_code.count("attnrewrite.softmax_attention")
-
-
 __all__ = ["attnrewrite", "check_rewrite", "compile_rewritten", "first_tensor", "assert_close_rel"]

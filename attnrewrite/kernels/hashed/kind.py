@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from attnrewrite.kernels.causal_site import causal_self_attention_reason, term_shape
+from attnrewrite.kernels.checks import check_int_options
 from attnrewrite.kinds import Kind, register
 from attnrewrite.rewriter.canonical import AttentionCall
 from attnrewrite.rewriter.spec import AttentionSpec
@@ -67,10 +68,7 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
 
 
 def check_options(options: dict[str, Any]) -> None:
-    for name, low in (("bits", 8), ("top_k", 0), ("window", 0), ("sinks", 0), ("seed", 0)):
-        value = options[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"option {name} must be an int >= {low}, got {value!r}")
+    check_int_options(options, {"bits": 8, "top_k": 0, "window": 0, "sinks": 0, "seed": 0})
     if options["bits"] % 8:
         raise ValueError(f"option bits must be a multiple of 8, got {options['bits']}")
     if options["hash"] not in HASHES:

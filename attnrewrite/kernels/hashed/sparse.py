@@ -153,7 +153,6 @@ def hashed_attention_backward(grad, q, k, v, attn_mask, is_causal: bool, scale: 
     """(dq, dk, dv, d_proj_q or None, d_proj_k or None) of :func:`hashed_attention_forward`."""
     dtype = work_dtype(q.dtype)
     batch, heads_q, _, dim = q.shape
-    heads_kv = k.shape[1]
     dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=dtype, device=q.device)
     dv = torch.zeros(v.shape, dtype=dtype, device=q.device)

@@ -74,7 +74,7 @@ def _chunked_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                  kv_lens: torch.Tensor | None, scale: float, causal: int, dropout_p: float,
                  seed: torch.Tensor | None, chunk_size: int) -> torch.Tensor:
     batch, heads_q, len_q, _ = q.shape
-    len_k, dim_v = k.shape[2], v.shape[3]
+    dim_v = v.shape[3]
     chunk = _chunk_rows(q, k, chunk_size)
     seed_value = int(seed) if seed is not None else 0
     geometry = _Geometry(q, k, mask, bias, kv_lens, scale, causal)

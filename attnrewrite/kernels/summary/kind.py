@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from attnrewrite.kernels.causal_site import causal_self_attention_reason, term_shape
+from attnrewrite.kernels.checks import check_int_options
 from attnrewrite.kinds import Kind, register
 from attnrewrite.rewriter.canonical import AttentionCall
 from attnrewrite.rewriter.spec import AttentionSpec
@@ -78,10 +79,7 @@ def summary_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, sc
 
 
 def check_options(options: dict[str, Any]) -> None:
-    for name, low in (("chunk_size", 1), ("window_chunks", 0)):
-        value = options[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"option {name} must be an int >= {low}, got {value!r}")
+    check_int_options(options, {"chunk_size": 1, "window_chunks": 0})
     if options["summary"] not in SUMMARIES:
         raise ValueError(f"option summary must be one of {SUMMARIES}, got {options['summary']!r}")
 
