@@ -151,11 +151,12 @@ def _find_state(ctx: PassContext, site: Site) -> None:
     """The site's state module for kinds with parameters: registered by convert(), or created
     now when convert() itself is running the pass."""
     kind, options = ctx.kind, ctx.options.kind_options
-    if kind.make_state is None or kind.make_state(site.spec, options) is None:
+    fresh = kind.make_state(site.spec, options) if kind.make_state is not None else None
+    if fresh is None:
         return
     found = state.lookup(site.module_path, kind.name, site.ordinal, ctx.evaluator.inputs)
     if found is None and ctx.attach_state is not None:
-        found = ctx.attach_state(site, kind.make_state(site.spec, options))
+        found = ctx.attach_state(site, fresh)
     if found is None:
         raise NotAttention(
             f"{kind.name} with these options has per-site parameters: call attnrewrite.convert(model, "
