@@ -18,13 +18,13 @@ from attnrewrite.rewriter.convert import convert
 from attnrewrite.rewriter.decorator import explain, rewrite
 from attnrewrite.rewriter.pipeline import RewriteFailed
 from attnrewrite.rewriter.report import Report, SiteReport, recent_reports
-from attnrewrite.rewriter.spec import AttentionSpec
+from attnrewrite.ir.spec import AttentionSpec
 
 __version__ = "0.1.0"
 
 # The caches subclass transformers' Cache: imported on first use, so that importing attnrewrite
 # does not import transformers.
-_LAZY = {"SummaryCache": "attnrewrite.kernels.summary.cache", "HashedCache": "attnrewrite.kernels.hashed.cache"}
+_LAZY = {"SummaryCache": "attnrewrite.decode.summary", "HashedCache": "attnrewrite.decode.hashed"}
 
 
 def __getattr__(name: str):

@@ -8,10 +8,10 @@
 - :func:`hashed_attention` — exact softmax over sinks, a recent window and the top-k keys by code agreement
 """
 
-from attnrewrite.kernels.hashed.kind import hashed_attention
-from attnrewrite.kernels.linear.kind import linear_attention
-from attnrewrite.kernels.sigmoid.kind import sigmoid_attention
-from attnrewrite.kernels.softmax import softmax_attention
-from attnrewrite.kernels.summary.kind import summary_attention
+from attnrewrite.kernels.hashed.public import hashed_attention
+from attnrewrite.kernels.linear.public import linear_attention
+from attnrewrite.kernels.sigmoid.public import sigmoid_attention
+from attnrewrite.kernels.softmax.op import softmax_attention
+from attnrewrite.kernels.summary.public import summary_attention
 
 __all__ = ["hashed_attention", "linear_attention", "sigmoid_attention", "softmax_attention", "summary_attention"]

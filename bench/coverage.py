@@ -1,6 +1,6 @@
 """Pattern coverage side by side: attnrewrite against inductor's attention fusion, over the zoo.
 
-Every zoo model (``attnrewrite/targets/hf_zoo.py``) is compiled twice per mode — inference
+Every zoo model (``attnrewrite/testing/zoo.py``) is compiled twice per mode — inference
 (``no_grad``) and training (forward + backward):
 
 - with the attnrewrite backend (exact kind; the graph then runs eagerly, which does not change
@@ -171,7 +171,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from attnrewrite.targets import hf_zoo
+    from attnrewrite.testing import zoo as hf_zoo
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, os.cpu_count() or 1))

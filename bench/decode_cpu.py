@@ -31,8 +31,8 @@ import time
 
 import torch
 
-from attnrewrite.kernels.hashed.cache import HashedLayer
-from attnrewrite.kernels.summary.cache import SummaryLayer
+from attnrewrite.decode.hashed import HashedLayer
+from attnrewrite.decode.summary import SummaryLayer
 from attnrewrite.targets.llama import KVCache
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 128

@@ -1,6 +1,6 @@
 """Fuzz the matcher with thousands of random attention spellings and near misses; print the counts.
 
-The programs come from :mod:`attnrewrite.targets.spellings` (the generator the CI test drives
+The programs come from :mod:`attnrewrite.testing.spellings` (the generator the CI test drives
 with hypothesis); here a seeded RNG draws them, so every seed explores new ones.  A spelling of
 real attention must be rewritten with the expected spec and the same output; a near miss must
 stay untouched, bit for bit.  Exit status 1 when any example fails.
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from attnrewrite.targets import spellings
+    from attnrewrite.testing import spellings
 
     warnings.filterwarnings("ignore")
     torch.manual_seed(args.seed)

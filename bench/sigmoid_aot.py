@@ -143,18 +143,18 @@ FEATURES = ("gqa", "kv_lens", "varlen", "float_mask", "mask_grad", "bottom_right
 
 def compile_features() -> int:
     """Every input variant the kernels specialise on, with the default configs of d128, causal."""
-    from attnrewrite.kernels.sigmoid import tune
+    from attnrewrite.kernels.sigmoid import spaces
 
     failures = 0
     print("| kernel | feature | config | regs | spill B | smem B | wgmma | serialized |")
     print("|---|---|---|---|---|---|---|---|")
     for feature in FEATURES:
-        for kernel in tune.KERNELS:
-            space = tune.SPACES[f"{kernel}_d128"]
+        for kernel in spaces.KERNELS:
+            space = spaces.SPACES[f"{kernel}_d128"]
             dtype = "fp32" if feature == "fp32" else "16bit"
             shape = {"D": 128, "DV": 128, "Tq": 4096, "Tk": 4096, "causal": 1, "dtype": dtype,
                      "mask": int(feature in ("float_mask", "mask_grad"))}
-            config = tune.fit(space, space.default, shape)
+            config = spaces.fit(space, space.default, shape)
             if feature == "newton":
                 config["RCP_NEWTON"] = 1
             label = ",".join(f"{k}={v}" for k, v in config.items())
@@ -171,7 +171,7 @@ def compile_features() -> int:
 
 
 def main() -> int:
-    from attnrewrite.kernels.sigmoid import tune
+    from attnrewrite.kernels.sigmoid import spaces
 
     triton.runtime.driver.set_active(_CompileOnlyDriver(ARGS.arch))
     if ARGS.features:
@@ -180,7 +180,7 @@ def main() -> int:
           + (" MUFU |" if ARGS.sass else ""))
     print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if ARGS.sass else ""))
     failures = 0
-    for name, space in tune.SPACES.items():
+    for name, space in spaces.SPACES.items():
         kernel, head = name.rsplit("_d", 1)
         head = int(head)
         if head not in ARGS.heads:
@@ -189,7 +189,7 @@ def main() -> int:
         configs = space.configs(shape) if ARGS.all else [dict(space.default)]
         for config in configs:
             for causal in ((0,) if ARGS.all else (0, 1)):
-                est_smem, est_regs = tune.resources(kernel, config, shape)
+                est_smem, est_regs = spaces.resources(kernel, config, shape)
                 label = ",".join(f"{k}={v}" for k, v in config.items())
                 try:
                     r = compile_case(kernel, config, head, causal)

@@ -21,17 +21,7 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
-from attnrewrite.patterns.grouped_kv import see_through_repeat
-from attnrewrite.patterns.layout import (
-    fold_constant_scale,
-    keys_from_transposed,
-    normalize_dim,
-    ref_shape,
-    relayout,
-    term_steps,
-    to_four_dims,
-)
-from attnrewrite.rewriter.capture import (
+from attnrewrite.ir.capture import (
     SCORE_MODS,
     Call,
     constant_value,
@@ -44,7 +34,7 @@ from attnrewrite.rewriter.capture import (
     same_size,
     tensor_meta,
 )
-from attnrewrite.rewriter.spec import (
+from attnrewrite.ir.spec import (
     MASKED_SCORE,
     AttentionSpec,
     MaskTerm,
@@ -52,6 +42,16 @@ from attnrewrite.rewriter.spec import (
     ScoreMod,
     Site,
     TensorRef,
+)
+from attnrewrite.patterns.grouped_kv import see_through_repeat
+from attnrewrite.patterns.layout import (
+    fold_constant_scale,
+    keys_from_transposed,
+    normalize_dim,
+    ref_shape,
+    relayout,
+    term_steps,
+    to_four_dims,
 )
 
 PRODUCTS = {"matmul", "baddbmm", "einsum"}

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from attnrewrite.rewriter.capture import hinted_shape, normalize, rank
-from attnrewrite.rewriter.spec import TensorRef
+from attnrewrite.ir.capture import hinted_shape, normalize, rank
+from attnrewrite.ir.spec import TensorRef
 
 
 def _unsqueezed_at_2(node: fx.Node) -> fx.Node | None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from attnrewrite.rewriter.capture import constant_value, hinted_shape, normalize, rank
-from attnrewrite.rewriter.spec import NotAttention, Step, TensorRef
+from attnrewrite.ir.capture import constant_value, hinted_shape, normalize, rank
+from attnrewrite.ir.spec import NotAttention, Step, TensorRef
 
 #: Views that can be replayed as layout steps when a constant scale is pulled out from under them.
 _VIEW_STEPS = {"transpose", "permute", "view", "unsqueeze", "identity", "unflatten", "flatten"}
@@ -83,7 +83,7 @@ def fold_constant_scale(ref: TensorRef, max_views: int = 6) -> tuple[TensorRef, 
 
 def ref_shape(ref: TensorRef) -> tuple[int, ...]:
     """Hinted shape of ``ref`` after its steps."""
-    from attnrewrite.rewriter.canonical import steps_shape
+    from attnrewrite.ir.canonical import steps_shape
 
     shape = hinted_shape(ref.node)
     if shape is None:
@@ -96,8 +96,8 @@ def ref_shape(ref: TensorRef) -> tuple[int, ...]:
 def _replay_reshape(shape: tuple[int, ...], steps) -> tuple[int, ...]:
     import torch
 
-    from attnrewrite.rewriter.canonical import apply_steps
-    from attnrewrite.rewriter.capture import hint
+    from attnrewrite.ir.canonical import apply_steps
+    from attnrewrite.ir.capture import hint
 
     meta = torch.empty(shape, device="meta")
     return tuple(apply_steps(meta, steps, lambda n: hint(n.meta.get("example_value"))).shape)

@@ -23,10 +23,10 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
+from attnrewrite.ir.capture import constant_value, normalize, rank, tensor_meta
+from attnrewrite.ir.evaluate import GraphEvaluator
+from attnrewrite.ir.spec import MASKED_SCORE, MaskTerm, NotAttention, Site
 from attnrewrite.patterns.layout import ref_shape, term_steps
-from attnrewrite.rewriter.capture import constant_value, normalize, rank, tensor_meta
-from attnrewrite.rewriter.certify import GraphEvaluator
-from attnrewrite.rewriter.spec import MASKED_SCORE, MaskTerm, NotAttention, Site
 
 _TRANSPARENT = {"identity", "expand"}  # broadcasting and copies: the term broadcasts anyway
 _MAX_DEPTH = 8

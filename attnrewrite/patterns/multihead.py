@@ -18,10 +18,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from attnrewrite.rewriter.capture import Call, tensor_meta
-from attnrewrite.rewriter.certify import GraphEvaluator
-from attnrewrite.rewriter.rewrite import erase_unused, propagate_meta, recording
-from attnrewrite.rewriter.spec import NotAttention
+from attnrewrite.ir.capture import Call, tensor_meta
+from attnrewrite.ir.evaluate import GraphEvaluator
+from attnrewrite.ir.record import erase_unused, propagate_meta, recording
+from attnrewrite.ir.spec import NotAttention
 
 FUSED = {"mha_forward", "transformer_encoder_layer_fwd"}
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -213,7 +213,7 @@ def _encoder_layer_outputs(node: fx.Node, lookup):
 
 def unfuse(gm: fx.GraphModule, node: fx.Node, evaluator: GraphEvaluator, fake_mode) -> None:
     """Replace the fused ``node`` by its written-out form, checked in float64; NotAttention if not."""
-    from attnrewrite.rewriter.capture import normalize
+    from attnrewrite.ir.capture import normalize
 
     call = normalize(node)
     tuple_result = call.name == "mha_forward"

@@ -10,11 +10,19 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from attnrewrite.ir.capture import (
+    Call,
+    constant_value,
+    is_scalar,
+    normalize,
+    owning_module,
+    rank,
+    tensor_meta,
+)
+from attnrewrite.ir.spec import AttentionSpec, MaskTerm, NotAttention, Site, TensorRef
 from attnrewrite.patterns.eager_matmul import region_between
 from attnrewrite.patterns.grouped_kv import see_through_repeat
 from attnrewrite.patterns.layout import ref_shape, term_steps, to_four_dims
-from attnrewrite.rewriter.capture import Call, constant_value, is_scalar, normalize, owning_module, rank, tensor_meta
-from attnrewrite.rewriter.spec import AttentionSpec, MaskTerm, NotAttention, Site, TensorRef
 
 
 def is_anchor(call: Call) -> bool:

@@ -23,14 +23,16 @@ from typing import Any, Callable
 import torch.fx as fx
 
 from attnrewrite import kinds
+from attnrewrite.ir.capture import module_path, normalize
+from attnrewrite.ir.evaluate import GraphEvaluator
+from attnrewrite.ir.record import find_fake_mode
+from attnrewrite.ir.spec import NotAttention, Site
 from attnrewrite.patterns import eager_matmul, masks, multihead, sdpa
-from attnrewrite.rewriter.capture import module_path, normalize
-from attnrewrite.rewriter.certify import GraphEvaluator, certify, fingerprint
+from attnrewrite.rewriter import state
+from attnrewrite.rewriter.certify import certify, fingerprint
 from attnrewrite.rewriter.options import RewriteOptions
 from attnrewrite.rewriter.report import Report, SiteReport
-from attnrewrite.rewriter import state
-from attnrewrite.rewriter.rewrite import find_fake_mode, module_caller, rewrite_site
-from attnrewrite.rewriter.spec import NotAttention, Site
+from attnrewrite.rewriter.rewrite import module_caller, rewrite_site
 
 log = logging.getLogger("attnrewrite")
 

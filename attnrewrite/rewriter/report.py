@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from attnrewrite.rewriter.spec import Site
+from attnrewrite.ir.spec import Site
 
 
 @dataclass

@@ -15,17 +15,12 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from attnrewrite.rewriter.capture import module_path
-
-PREFIX = "attnrewrite_"
+from attnrewrite.ir.capture import module_path
+from attnrewrite.ir.spec import STATE_PREFIX as PREFIX
+from attnrewrite.ir.spec import state_name
 
 # owner parameter -> {(kind, ordinal of the site within its owner): state}
 _REGISTRY: WeakIdKeyDictionary = WeakIdKeyDictionary()  # by identity: tensors compare elementwise
-
-
-def state_name(kind: str, ordinal: int) -> str:
-    """Attribute name of a site's state on its owner: ``attnrewrite_linear``, ``attnrewrite_linear_1`` ..."""
-    return f"{PREFIX}{kind}" + (f"_{ordinal}" if ordinal else "")
 
 
 def owner_parameters(owner: nn.Module) -> list[torch.Tensor]:

@@ -5,7 +5,7 @@ import torch
 import transformers as T
 
 import attnrewrite.hf
-from rewrite_helpers_path import compile_rewritten  # noqa: F401  (see conftest)
+from attnrewrite.testing.checks import compile_rewritten
 
 LLAMA = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)

@@ -1,7 +1,7 @@
 """Property-based fuzzing of the matcher (hypothesis): random spellings of real attention are
 rewritten and certified with the expected spec; near misses stay untouched (zero false positives).
 
-The generator is :mod:`attnrewrite.targets.spellings`; ``bench/fuzz_matcher.py`` runs thousands
+The generator is :mod:`attnrewrite.testing.spellings`; ``bench/fuzz_matcher.py`` runs thousands
 of the same programs and prints the counts.  Here a few hundred run, derandomized so that CI is
 reproducible; the benchmark draws fresh ones.
 """
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from attnrewrite.targets import spellings
+from attnrewrite.testing import spellings
 
 _SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
 

@@ -254,10 +254,11 @@ def test_a_kind_that_cannot_apply_a_score_modification_skips_the_site(monkeypatc
     import functools
 
     from attnrewrite import kinds
+    from attnrewrite.kinds import registry
 
     softmax = kinds.get("softmax")
     no_mods = kinds.Kind(name="no_mods", emit=softmax.emit, supports=softmax.supports)  # score_mod=False
-    monkeypatch.setitem(kinds._KINDS, "no_mods", no_mods)
+    monkeypatch.setitem(registry._KINDS, "no_mods", no_mods)
     q, k, v = _qkv()
     report = Report()
     backend = functools.partial(attnrewrite_backend, options={"to": "no_mods", "compiler": "eager"},

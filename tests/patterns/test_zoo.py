@@ -1,5 +1,5 @@
 """Every model of the zoo, rewritten to the exact kind: all sites found and rewritten, outputs and
-gradients equal to the original's (fp32).  Generated from ``attnrewrite.targets.hf_zoo.ZOO``.
+gradients equal to the original's (fp32).  Generated from ``attnrewrite.testing.zoo.ZOO``.
 
 Ids are ``<family>-<impl>-<kind>`` (``llama-eager-softmax``).  A site the zoo expects not to be
 rewritten is data in its entry (``expected_skips``, with the reason) and becomes a strict xfail
@@ -11,8 +11,8 @@ import pytest
 import torch
 import transformers
 
-from attnrewrite.targets import hf_zoo
-from rewrite_helpers import check_rewrite
+from attnrewrite.testing import zoo as hf_zoo
+from attnrewrite.testing.checks import check_rewrite
 
 torch.set_grad_enabled(True)
 

@@ -14,7 +14,7 @@ import transformers as T
 import attnrewrite
 from attnrewrite.rewriter import pipeline
 from attnrewrite.rewriter.report import Report
-from rewrite_helpers import check_rewrite, compile_rewritten
+from attnrewrite.testing.checks import check_rewrite, compile_rewritten
 
 
 class Block(nn.Module):

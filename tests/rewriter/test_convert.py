@@ -9,7 +9,7 @@ import transformers as T
 import attnrewrite
 from attnrewrite.kernels.linear.stateful_maps import FavorFeatureMap, HedgehogFeatureMap, redraw_favor
 from attnrewrite.rewriter.report import Report
-from rewrite_helpers import compile_rewritten
+from attnrewrite.testing.checks import compile_rewritten
 
 CFG = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2)

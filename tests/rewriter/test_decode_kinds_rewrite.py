@@ -14,7 +14,7 @@ from attnrewrite import ops
 from attnrewrite.kinds import get
 from attnrewrite.rewriter.report import Report
 from attnrewrite.targets import bert, llama
-from rewrite_helpers import compile_rewritten
+from attnrewrite.testing.checks import compile_rewritten
 
 OPTIONS = {"summary": dict(chunk_size=4, window_chunks=1), "hashed": dict(bits=16, top_k=3, window=3, sinks=1)}
 TOKENS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from attnrewrite.rewriter.report import Report
-from rewrite_helpers import assert_close_rel, compile_rewritten
+from attnrewrite.testing.checks import assert_close_rel, compile_rewritten
 
 torch.set_default_dtype(torch.float32)
 

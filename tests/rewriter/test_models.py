@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import transformers as T
 
-from rewrite_helpers import check_rewrite
+from attnrewrite.testing.checks import check_rewrite
 
 torch.set_grad_enabled(True)
 
@@ -126,7 +126,7 @@ def test_transformer_encoder_layer_training_path():
 
 def test_transformer_encoder_layer_fast_path():
     """eval + no_grad runs the fused torch._transformer_encoder_layer_fwd: it is unfused first."""
-    from rewrite_helpers import compile_rewritten
+    from attnrewrite.testing.checks import compile_rewritten
     from attnrewrite.rewriter.report import Report
 
     layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
@@ -162,7 +162,7 @@ def test_multihead_attention(need_weights):
 
 
 def test_multihead_attention_returned_weights_are_the_originals():
-    from rewrite_helpers import compile_rewritten
+    from attnrewrite.testing.checks import compile_rewritten
 
     model = MHA(True).eval()
     x = torch.randn(2, 8, 32)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from attnrewrite.rewriter import certify as certify_module
 from attnrewrite.rewriter.report import Report
-from rewrite_helpers import compile_rewritten
+from attnrewrite.testing.checks import compile_rewritten
 
 
 def _heads(x, h=4):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attnrewrite.targets import bert, gpt2, llama, singlecell, vit
-from rewrite_helpers import compile_rewritten
+from attnrewrite.testing.checks import compile_rewritten
 
 
 def _tokens(vocab, b=2, t=12):

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import tune
+from . import spaces
 from .. import tuning
 
 SEGMENT_ALIGN = 128  # tokens; every chunk size in the search spaces divides it
@@ -154,13 +154,13 @@ def pick_config(kernel: str, shape: dict, device: torch.device, make_bench, tens
     if config is not None:
         return dict(config)
     bench = make_bench if (device.type == "cuda" and _is_real(*tensors)) else None
-    return tuning.choose("linear", tune.SPACES[kernel], shape, device, bench)
+    return tuning.choose("linear", spaces.SPACES[kernel], shape, device, bench)
 
 
 def tuning_shape(num_seqs: int, heads_q: int, heads_kv: int, T: int, dk: int, dv: int, dtype: torch.dtype) -> dict:
-    """The shape description the search spaces bucket on (see ``tune.bucket``)."""
+    """The shape description the search spaces bucket on (see ``spaces.bucket``)."""
     return {"N": int(num_seqs), "Hq": int(heads_q), "Hkv": int(heads_kv), "T": int(T),
-            "Dk": int(dk), "Dv": int(dv), "dtype": tune.dtype_name(dtype)}
+            "Dk": int(dk), "Dv": int(dv), "dtype": spaces.dtype_name(dtype)}
 
 
 def launch_options(config: dict) -> dict:

@@ -23,7 +23,7 @@ from torch.library import triton_op, wrap_triton
 
 from attnrewrite.kernels import tuning
 
-from . import tune
+from . import spaces
 from .triton_bwd import sigmoid_bwd
 from .triton_fwd import sigmoid_fwd, sigmoid_fwd_kernel
 
@@ -48,13 +48,13 @@ def sigmoid_attention_triton(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seql
 
 def pick_config(kernel: str, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: int, make_bench) -> dict:
     """The configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for this call, fitted to its shape."""
-    space = tune.SPACES[tune.space_name(kernel, q.shape[-1], v.shape[-1])]
-    shape = tune.shape_of(q, k, v, has_mask, causal)
+    space = spaces.SPACES[spaces.space_name(kernel, q.shape[-1], v.shape[-1])]
+    shape = spaces.shape_of(q, k, v, has_mask, causal)
     if _is_traced(q):
-        config = tuning.lookup(tune.KIND, space, shape, q.device)
+        config = tuning.lookup(spaces.KIND, space, shape, q.device)
     else:
-        config = tuning.choose(tune.KIND, space, shape, q.device, make_bench if q.is_cuda else None)
-    return tune.fit(space, config, shape)
+        config = tuning.choose(spaces.KIND, space, shape, q.device, make_bench if q.is_cuda else None)
+    return spaces.fit(space, config, shape)
 
 
 def _is_traced(t: Tensor) -> bool:

@@ -3,12 +3,11 @@
 - ``reference`` — the readable oracle (loops over queries, builds every visible set);
 - ``chunked`` — the torch path (query blocks over contiguous key ranges, recomputing backward);
 - ``op`` — ``attnrewrite::summary_attention`` and its backward as custom ops;
-- ``kind`` — :func:`summary_attention` (the public wrapper) and the ``summary`` kind;
+- ``public`` — :func:`summary_attention` (the public wrapper);
 - ``state`` — :class:`SummaryPooling`, the learned pooling queries;
-- ``cache`` — :class:`SummaryCache`, the KV cache that keeps the window and one summary per chunk.
 """
 
-from .kind import summary_attention
+from .public import summary_attention
 from .state import SummaryPooling
 
 __all__ = ["SummaryPooling", "summary_attention"]

@@ -5,7 +5,7 @@ import torch
 
 from attnrewrite.kernels import tuning
 from attnrewrite.kernels.linear import LinearState, linear_attention, linear_attention_decode
-from attnrewrite.kernels.linear import tune
+from attnrewrite.kernels.linear import spaces, tune
 
 from _linear_testing import make_qkv
 
@@ -79,7 +79,7 @@ def test_masks_broadcast_like_sdpa():
 
 
 def test_search_space_defaults_are_valid_for_the_benchmarked_shapes():
-    for space in tune.SPACES.values():
+    for space in spaces.SPACES.values():
         for d in (64, 128):
             shape = {"N": 4, "Hq": 16, "Hkv": 16, "T": 8192, "Dk": d, "Dv": d, "dtype": "bf16"}
             assert space.valid(dict(space.default), shape), f"{space.kernel}: default invalid at D={d}"
@@ -90,11 +90,11 @@ def test_workloads_cover_every_kernel_and_bucket_like_the_launchers():
     from attnrewrite.kernels.linear.triton_common import tuning_shape
 
     workloads = list(tune.workloads(quick=True))
-    assert {w.space.kernel for w in workloads} == set(tune.SPACES)
+    assert {w.space.kernel for w in workloads} == set(spaces.SPACES)
     launched = tuning_shape(4, 16, 16, 8192, 128, 128, torch.bfloat16)
     for w in workloads:
         assert w.space.bucket(w.shape) == w.space.bucket(launched)
     # a table written from these workloads validates against the declared spaces
     table = {"schema": 1, "kind": "linear", "device": "x", "kernels": {
         w.space.kernel: {w.space.bucket(w.shape): {"config": dict(w.space.default), "ms": 1.0}} for w in workloads}}
-    assert tuning.validate_table(table, tune.SPACES) == []
+    assert tuning.validate_table(table, spaces.SPACES) == []

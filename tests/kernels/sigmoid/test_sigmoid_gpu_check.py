@@ -13,7 +13,7 @@ import torch
 import triton.testing
 
 from attnrewrite.kernels import tuning
-from attnrewrite.kernels.sigmoid import sigmoid_attention, tune
+from attnrewrite.kernels.sigmoid import sigmoid_attention, spaces
 
 CHECK_PATH = Path(__file__).resolve().parents[3] / "bench" / "gpu_checks" / "sigmoid.py"
 
@@ -80,4 +80,4 @@ def test_dry_run_of_the_gpu_check(check, tmp_path):
     assert "default" in configs and "searched" in configs and "triton-sigmoid 0.1.2" in configs
     assert any(r["case"].startswith("accuracy") for r in rows)
     table_path, = tmp_path.glob("sigmoid-*.json")
-    assert tuning.validate_table(json.loads(table_path.read_text()), tune.SPACES) == []
+    assert tuning.validate_table(json.loads(table_path.read_text()), spaces.SPACES) == []

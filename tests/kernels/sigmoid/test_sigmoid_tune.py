@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from attnrewrite.kernels import tuning
-from attnrewrite.kernels.sigmoid import tune
+from attnrewrite.kernels.sigmoid import spaces, tune
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -21,17 +21,17 @@ def _shape(**changes):
 
 
 def test_one_space_per_kernel_and_head_class():
-    assert set(tune.SPACES) == {f"{k}_d{h}" for k in tune.KERNELS for h in tune.HEAD_CLASSES}
-    for name, space in tune.SPACES.items():
+    assert set(spaces.SPACES) == {f"{k}_d{h}" for k in spaces.KERNELS for h in spaces.HEAD_CLASSES}
+    for name, space in spaces.SPACES.items():
         assert space.kernel == name
         head = int(name.rsplit("_d", 1)[1])
         assert space.configs(_shape(D=head, DV=head)), f"{name}: no valid point at T = 4096"
 
 
-@pytest.mark.parametrize("name", list(tune.SPACES))
+@pytest.mark.parametrize("name", list(spaces.SPACES))
 def test_defaults_fit_a_hopper_sm_for_16_bit_inputs(name):
     head = int(name.rsplit("_d", 1)[1])
-    space = tune.SPACES[name]
+    space = spaces.SPACES[name]
     assert space.valid(dict(space.default), _shape(D=head, DV=head))
 
 
@@ -39,37 +39,37 @@ def test_defaults_fit_a_hopper_sm_for_16_bit_inputs(name):
 @pytest.mark.parametrize("lengths", [(1, 4096), (8, 8), (100, 300), (16384, 16384)])
 @pytest.mark.parametrize("mask", [0, 1])
 def test_fit_always_returns_a_point_of_the_space(dtype, lengths, mask):
-    for name, space in tune.SPACES.items():
+    for name, space in spaces.SPACES.items():
         head = int(name.rsplit("_d", 1)[1])
         shape = _shape(D=head, DV=head, Tq=lengths[0], Tk=lengths[1], dtype=dtype, mask=mask)
-        config = tune.fit(space, space.default, shape)
+        config = spaces.fit(space, space.default, shape)
         assert space.contains(config), f"{name} {shape}: {config}"
-        smem, _ = tune.resources(name.rsplit("_d", 1)[0], config, shape)
+        smem, _ = spaces.resources(name.rsplit("_d", 1)[0], config, shape)
         if space.configs(shape):
             assert space.valid(config, shape)
-        assert smem <= tune.SMEM_BYTES or not space.configs(shape)
+        assert smem <= spaces.SMEM_BYTES or not space.configs(shape)
 
 
 def test_fit_keeps_a_valid_config_and_shrinks_for_float32():
-    space = tune.SPACES["fwd_d128"]
-    assert tune.fit(space, space.default, _shape()) == dict(space.default)
-    shrunk = tune.fit(space, space.default, _shape(dtype="fp32"))
+    space = spaces.SPACES["fwd_d128"]
+    assert spaces.fit(space, space.default, _shape()) == dict(space.default)
+    shrunk = spaces.fit(space, space.default, _shape(dtype="fp32"))
     assert shrunk != dict(space.default) and space.valid(shrunk, _shape(dtype="fp32"))
-    decode = tune.fit(space, space.default, _shape(Tq=1))
+    decode = spaces.fit(space, space.default, _shape(Tq=1))
     assert decode["BLOCK_M"] == 16
 
 
 def test_buckets_separate_what_changes_the_best_config():
-    names = {tune.bucket(_shape(**c)) for c in (
+    names = {spaces.bucket(_shape(**c)) for c in (
         {}, {"Tq": 1}, {"causal": 1}, {"mask": 1}, {"dtype": "fp32"}, {"D": 64, "DV": 64}, {"Tk": 100000})}
     assert len(names) == 7
-    assert tune.bucket(_shape(Tq=3000)) == tune.bucket(_shape(Tq=4096))
+    assert spaces.bucket(_shape(Tq=3000)) == spaces.bucket(_shape(Tq=4096))
 
 
 def test_head_class_rejects_too_large_head_dims():
-    assert tune.head_class(80, 96) == 128
+    assert spaces.head_class(80, 96) == 128
     with pytest.raises(ValueError, match="up to 256"):
-        tune.head_class(512, 64)
+        spaces.head_class(512, 64)
 
 
 def test_workloads_declare_known_spaces_without_allocating():
@@ -77,7 +77,7 @@ def test_workloads_declare_known_spaces_without_allocating():
         workloads = list(tune.workloads(quick=quick))
         assert workloads
         for w in workloads:
-            assert isinstance(w, tuning.Workload) and w.space is tune.SPACES[w.space.kernel]
+            assert isinstance(w, tuning.Workload) and w.space is spaces.SPACES[w.space.kernel]
             assert w.space.configs(w.shape), f"{w.space.kernel} {w.shape}: nothing to time"
     assert len(list(tune.workloads(quick=True))) < len(list(tune.workloads(quick=False)))
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from attnrewrite.rewriter.canonical import AttentionCall
-from attnrewrite.rewriter.spec import AttentionSpec
+from attnrewrite.ir.canonical import AttentionCall
+from attnrewrite.ir.spec import AttentionSpec
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,8 @@ def register(kind: Kind) -> Kind:
 
 
 #: Modules that define further kinds; imported on first lookup (no import-time cost otherwise).
-_KIND_MODULES = ("attnrewrite.kernels.sigmoid.kind", "attnrewrite.kernels.linear.kind",
-                 "attnrewrite.kernels.summary.kind", "attnrewrite.kernels.hashed.kind")
+_KIND_MODULES = ("attnrewrite.kinds.softmax", "attnrewrite.kinds.sigmoid", "attnrewrite.kinds.linear",
+                 "attnrewrite.kinds.summary", "attnrewrite.kinds.hashed")
 
 
 def _load_all() -> None:
@@ -86,23 +86,3 @@ def get(name: str) -> Kind:
 def names() -> list[str]:
     _load_all()
     return sorted(_KINDS)
-
-
-# --------------------------------------------------------------------------- softmax (exact)
-
-
-def _emit_softmax(call: AttentionCall, options: dict[str, Any], state: Any = None):
-    # the softmax_attention op; the canonical math written out when the site has a score_mod
-    from attnrewrite.rewriter.score_mod import exact_attention
-
-    return exact_attention(call)
-
-
-register(Kind(
-    name="softmax",
-    emit=_emit_softmax,
-    supports=lambda spec, options: None,  # the exact kind honours every certified site
-    description="exact softmax attention (F.scaled_dot_product_attention semantics)",
-    weights="original",
-    score_mod=True,
-))

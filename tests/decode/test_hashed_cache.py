@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attnrewrite import ops
-from attnrewrite.kernels.hashed.cache import HashedCache, HashedLayer
+from attnrewrite.decode.hashed import HashedCache, HashedLayer
 from attnrewrite.kernels.hashed.state import HashProjections
 
 

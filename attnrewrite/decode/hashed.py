@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from attnrewrite.kernels.kv_cache import KindCache, LayerCache
-
-from .codes import hamming, pack, projections, signs
-from .op import HASHES
-from .sparse import select, visible_keys
+from attnrewrite.decode.cache import KindCache, LayerCache
+from attnrewrite.kernels.hashed.codes import hamming, pack, projections, signs
+from attnrewrite.kernels.hashed.op import HASHES
+from attnrewrite.kernels.hashed.sparse import select, visible_keys
 
 
 class HashedLayer(LayerCache):

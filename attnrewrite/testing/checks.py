@@ -1,4 +1,4 @@
-"""Shared helpers for the rewriter tests: compile a model rewritten, compare it with the original."""
+"""Shared rewrite checks for the tests: compile a model rewritten, compare it with the original."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import attnrewrite
 from attnrewrite.rewriter.backend import attnrewrite_backend
 from attnrewrite.rewriter.report import Report
-from attnrewrite.targets.hf_zoo import first_tensor
+from attnrewrite.testing.zoo import first_tensor
 
 
 def compile_rewritten(model: Callable, report: Report | None = None, **options: Any) -> Callable:

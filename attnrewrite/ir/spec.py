@@ -4,7 +4,7 @@ A pattern family turns a match into an :class:`AttentionSpec`: what the site com
 terms of existing graph nodes.  Nothing is copied or inserted while matching: tensors are
 :class:`TensorRef`s (a node plus the view steps that bring it to [B, H, T, D]) and masks are
 :class:`MaskTerm`s.  The rewriter and the certifier both build from the same spec with
-:mod:`attnrewrite.rewriter.canonical`.
+:mod:`attnrewrite.ir.canonical`.
 
 One deliberate difference from DESIGN.md's sketch: ``bias`` is a tuple of mask terms rather
 than one node.  Keeping the terms apart lets the resolver split a combined mask into its
@@ -68,7 +68,7 @@ class ScoreMod:
 
     It maps s = scale · q kᵀ ([B, Hq, Tq, Tk]) to the scores the mask terms are added to, before
     the normalisation: Gemma-2's soft-capping ``tanh(s / c) · c`` is the typical one.  It is the
-    graph's own code, replayed (see :mod:`attnrewrite.rewriter.score_mod`):
+    graph's own code, replayed (see :mod:`attnrewrite.ir.written_out`):
 
     - ``source``: the score node the first op reads; the replay substitutes the scores for it;
     - ``chain``: the score path from there to the normalisation, as (node, recompute) pairs —
@@ -89,7 +89,7 @@ class ScoreMod:
 
     def describe(self) -> str:
         """The recomputed ops by name, e.g. ``"div·tanh·mul"`` (for reports)."""
-        from attnrewrite.rewriter.capture import canonical_name
+        from attnrewrite.ir.capture import canonical_name
 
         return "·".join(canonical_name(n) or str(n.target) for n in self.ops())
 
@@ -194,3 +194,12 @@ class Site:
 
 class NotAttention(Exception):
     """Raised inside a pattern family: this anchor is not an attention site, and why."""
+
+
+#: Per-site states of kinds with parameters are attached to the site's owner under this prefix.
+STATE_PREFIX = "attnrewrite_"
+
+
+def state_name(kind: str, ordinal: int) -> str:
+    """Attribute name of a site's state on its owner: ``attnrewrite_linear``, ``attnrewrite_linear_1`` ..."""
+    return f"{STATE_PREFIX}{kind}" + (f"_{ordinal}" if ordinal else "")

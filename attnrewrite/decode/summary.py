@@ -21,10 +21,9 @@ import math
 
 import torch
 
-from attnrewrite.kernels.kv_cache import KindCache, LayerCache
-
-from .chunked import chunk_summaries
-from .op import SUMMARIES
+from attnrewrite.decode.cache import KindCache, LayerCache
+from attnrewrite.kernels.summary.chunked import chunk_summaries
+from attnrewrite.kernels.summary.op import SUMMARIES
 
 
 class SummaryLayer(LayerCache):

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from attnrewrite.rewriter.spec import AttentionSpec, MaskTerm, ScoreMod, Step, TensorRef
+from attnrewrite.ir.spec import AttentionSpec, MaskTerm, ScoreMod, Step, TensorRef
 
 Lookup = Callable[[fx.Node], Any]
 

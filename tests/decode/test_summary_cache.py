@@ -7,7 +7,7 @@ import torch
 
 import attnrewrite
 from attnrewrite import ops
-from attnrewrite.kernels.summary.cache import SummaryCache, SummaryLayer
+from attnrewrite.decode.summary import SummaryCache, SummaryLayer
 
 
 def _inputs(t, b=2, hq=4, hkv=2, d=8, seed=0):

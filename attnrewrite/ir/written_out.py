@@ -1,4 +1,4 @@
-"""Attention with a score modification, written out: the exact kind's form for such sites.
+"""Attention written out as plain ops: the exact kind's form for sites with a score modification.
 
 A site whose scores pass through a non-affine elementwise function before the softmax
 (Gemma-2's soft-capping ``tanh(s / c) · c``) cannot be expressed through SDPA's signature.
@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from attnrewrite.rewriter.canonical import AttentionCall
+from attnrewrite.ir.canonical import AttentionCall
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -65,13 +65,3 @@ def written_out(call: AttentionCall, normalise: Callable[[Any], Any] | None = No
         probs = F.dropout(probs, p=call.dropout_p)
     v = call.v if call.kv_groups == 1 else call.v.repeat_interleave(call.kv_groups, dim=-3)
     return probs @ v
-
-
-def exact_attention(call: AttentionCall) -> Any:
-    """The exact (softmax) attention of ``call``: the ``attnrewrite::softmax_attention`` op, or the
-    written-out form when the site has a score modification the op's signature cannot carry."""
-    if call.score_mod is not None:
-        return written_out(call)
-    import attnrewrite.kernels.softmax  # noqa: F401 — registers the op
-
-    return torch.ops.attnrewrite.softmax_attention(call.scaled_q(), call.k, call.v, **call.kwargs())

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from attnrewrite.rewriter.state import state_name
+from attnrewrite.ir.spec import state_name
 
 
 class LayerCache(nn.Module, CacheLayerMixin):

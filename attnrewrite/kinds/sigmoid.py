@@ -1,9 +1,5 @@
-"""The ``sigmoid`` kind: its public operator and how the rewriter uses it.
-
-``attnrewrite::sigmoid_attention`` has SDPA's signature plus ``bias`` (None means "auto").  It is
-``CompositeImplicitAutograd`` over :func:`attnrewrite.kernels.sigmoid.sigmoid_attention`, so it
-decomposes into the kernel ops underneath — the Triton ``triton_op``s on CUDA (visible to
-inductor, with their fake implementations and autograd), the chunked torch path elsewhere.
+"""The ``sigmoid`` kind: how the rewriter uses ``attnrewrite::sigmoid_attention``
+(:mod:`attnrewrite.kernels.sigmoid.public`).
 
 Sigmoid attention honours every mask a softmax site can have (bool, additive, causal, padding),
 grouped-query attention, dropout and returned weights, so every certified site can be rewritten.
@@ -15,47 +11,10 @@ from typing import Any
 
 import torch
 
-from attnrewrite.kinds import Kind, register
-from attnrewrite.rewriter.canonical import AttentionCall
-from attnrewrite.rewriter.spec import AttentionSpec
-
-from .api import sigmoid_attention as _sigmoid_attention
-
-_lib = torch.library.Library("attnrewrite", "FRAGMENT")
-_lib.define(
-    "sigmoid_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float dropout_p=0.0, "
-    "bool is_causal=False, float? scale=None, bool enable_gqa=False, float? bias=None) -> Tensor")
-
-
-def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, bias=None):
-    return _sigmoid_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                              bias="auto" if bias is None else bias)
-
-
-_lib.impl("sigmoid_attention", _impl, "CompositeImplicitAutograd")
-
-
-def sigmoid_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
-                      bias: str | float = "auto") -> torch.Tensor:
-    """Sigmoid attention with the signature of ``F.scaled_dot_product_attention``, layout [B, H, T, D].
-
-    out_i = Σ_j sigmoid(scale·q_i·k_j + attn_mask_ij + b)·v_j over the keys query i may see; masked
-    and padded keys contribute exactly 0, and a query that sees no key gets 0.
-
-    Args:
-        q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa: as in SDPA (``is_causal`` may be
-            combined with ``attn_mask``; Tq may differ from Tk).
-        bias: ``"auto"``: b = −log(n), n = the number of keys of that sequence some query may see
-            under a bool mask (padding-aware; float masks and causality do not change n); a float
-            sets b.
-
-    Returns:
-        [B, Hq, Tq, Dv] in q's dtype.
-    """
-    if not (bias == "auto" or isinstance(bias, (int, float)) and not isinstance(bias, bool)):
-        raise ValueError(f"bias must be 'auto' or a number, got {bias!r}")
-    return torch.ops.attnrewrite.sigmoid_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                                   bias=None if bias == "auto" else float(bias))
+import attnrewrite.kernels.sigmoid.public  # noqa: F401 — registers attnrewrite::sigmoid_attention
+from attnrewrite.ir.canonical import AttentionCall
+from attnrewrite.ir.spec import AttentionSpec
+from attnrewrite.kinds.registry import Kind, register
 
 
 # --------------------------------------------------------------------------- the kind

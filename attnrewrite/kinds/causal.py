@@ -8,10 +8,10 @@ cannot honour is also a reason.
 
 from __future__ import annotations
 
+from attnrewrite.ir.canonical import steps_shape
+from attnrewrite.ir.capture import hinted_shape
+from attnrewrite.ir.spec import AttentionSpec, MaskTerm
 from attnrewrite.patterns.layout import ref_shape
-from attnrewrite.rewriter.canonical import steps_shape
-from attnrewrite.rewriter.capture import hinted_shape
-from attnrewrite.rewriter.spec import AttentionSpec, MaskTerm
 
 
 def term_shape(term: MaskTerm) -> tuple[int, ...]:

@@ -1,0 +1,60 @@
+"""``attnrewrite::linear_attention``, the public linear op: SDPA's signature plus ``feature_map`` and ``eps``.
+
+Like the exact kind's op it is ``CompositeImplicitAutograd`` over
+:func:`attnrewrite.kernels.linear.api.linear_attention`: on CUDA that calls the Triton ``triton_op``s
+(with their fake implementations and autograd, visible to inductor); elsewhere the chunked torch
+path (plain differentiable ops, memory linear in T).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from attnrewrite.kernels.linear.api import linear_attention as _linear_attention
+
+_lib = torch.library.Library("attnrewrite", "FRAGMENT")
+_lib.define(
+    "linear_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float dropout_p=0.0, "
+    "bool is_causal=False, float? scale=None, bool enable_gqa=False, str feature_map=\"elu\", float eps=1e-6) "
+    "-> Tensor")
+
+
+def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+          feature_map="elu", eps=1e-6):
+    return _linear_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                             feature_map=feature_map, eps=eps)
+
+
+_lib.impl("linear_attention", _impl, "CompositeImplicitAutograd")
+
+FeatureMap = str | Callable[[torch.Tensor], torch.Tensor] | tuple
+
+
+def linear_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
+                     feature_map: FeatureMap = "elu", eps: float = 1e-6) -> torch.Tensor:
+    """Linear attention with the signature of ``F.scaled_dot_product_attention``, layout [B, H, T, D].
+
+    out_i = φ(q_i)·Σ_j φ(k_j)ᵀ v_j / (φ(q_i)·Σ_j φ(k_j) + eps), over keys j ≤ i when causal and over
+    the valid keys of a key-padding mask.
+
+    Args:
+        q, k, v, attn_mask, dropout_p, is_causal, enable_gqa: as in SDPA, with the linear kind's
+            limits: ``attn_mask`` must be a key-padding mask (bool or 0/−inf, broadcastable from
+            [B, 1, 1, Tk]), ``dropout_p`` must be 0, causal needs Tq == Tk.
+        scale: multiplies q before φ; None means 1 (no 1/√D: it would flatten elu+1 features).
+        feature_map: ``"elu"`` (elu+1), ``"relu"`` or ``"identity"`` — fused into the kernels — or a
+            callable φ applied to q and k in torch, or a pair (φ_q, φ_k) (e.g. a
+            :class:`~attnrewrite.kernels.linear.stateful_maps.LinearSiteState`'s maps).
+        eps: added to the normaliser.
+
+    Returns:
+        [B, Hq, Tq, Dv] in q's dtype.
+    """
+    if not isinstance(feature_map, str):
+        phi_q, phi_k = feature_map if isinstance(feature_map, tuple) else (feature_map, feature_map)
+        q = q if scale is None else q * scale
+        q, k, feature_map, scale = phi_q(q), phi_k(k), "identity", None
+    return torch.ops.attnrewrite.linear_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                                  feature_map=feature_map, eps=eps)

@@ -1,0 +1,48 @@
+"""``attnrewrite::sigmoid_attention``, the public sigmoid op: SDPA's signature plus ``bias``.
+
+``CompositeImplicitAutograd`` over :func:`attnrewrite.kernels.sigmoid.api.sigmoid_attention`, so it
+decomposes into the kernel ops underneath — the Triton ``triton_op``s on CUDA (visible to
+inductor, with their fake implementations and autograd), the chunked torch path elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnrewrite.kernels.sigmoid.api import sigmoid_attention as _sigmoid_attention
+
+_lib = torch.library.Library("attnrewrite", "FRAGMENT")
+_lib.define(
+    "sigmoid_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float dropout_p=0.0, "
+    "bool is_causal=False, float? scale=None, bool enable_gqa=False, float? bias=None) -> Tensor")
+
+
+def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, bias=None):
+    return _sigmoid_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                              bias="auto" if bias is None else bias)
+
+
+_lib.impl("sigmoid_attention", _impl, "CompositeImplicitAutograd")
+
+
+def sigmoid_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
+                      bias: str | float = "auto") -> torch.Tensor:
+    """Sigmoid attention with the signature of ``F.scaled_dot_product_attention``, layout [B, H, T, D].
+
+    out_i = Σ_j sigmoid(scale·q_i·k_j + attn_mask_ij + b)·v_j over the keys query i may see; masked
+    and padded keys contribute exactly 0, and a query that sees no key gets 0.
+
+    Args:
+        q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa: as in SDPA (``is_causal`` may be
+            combined with ``attn_mask``; Tq may differ from Tk).
+        bias: ``"auto"``: b = −log(n), n = the number of keys of that sequence some query may see
+            under a bool mask (padding-aware; float masks and causality do not change n); a float
+            sets b.
+
+    Returns:
+        [B, Hq, Tq, Dv] in q's dtype.
+    """
+    if not (bias == "auto" or isinstance(bias, (int, float)) and not isinstance(bias, bool)):
+        raise ValueError(f"bias must be 'auto' or a number, got {bias!r}")
+    return torch.ops.attnrewrite.sigmoid_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                                   bias=None if bias == "auto" else float(bias))
