@@ -4,47 +4,18 @@ the exact kind, outputs and gradients equal; and the other kinds rewrite what th
 import pytest
 import torch
 
-from attnrewrite.targets import bert, gpt2, llama, singlecell, vit
+from attnrewrite.targets import llama
 from attnrewrite.testing.checks import compile_rewritten
+from attnrewrite.testing.targets import NAMES, build
 
 
-def _tokens(vocab, b=2, t=12):
-    return torch.randint(0, vocab, (b, t), generator=torch.Generator().manual_seed(0))
-
-
-def _case(name):
-    torch.manual_seed(0)
-    if name == "llama":
-        m = llama.Llama.from_name("tiny")
-        return m, {"tokens": _tokens(m.config.vocab_size)}, dict(causal=True, kv_groups=m.config.n_heads // m.config.n_kv_heads)
-    if name.startswith("gpt2"):
-        m = gpt2.GPT2.from_name("tiny", attn_impl=name.split("-")[1])
-        return m, {"idx": _tokens(m.config.vocab_size)}, dict(causal=True)
-    if name == "bert":
-        m = bert.Bert.from_name("tiny")
-        mask = torch.ones(2, 12, dtype=torch.long)
-        mask[1, 9:] = 0
-        return m, {"input_ids": _tokens(m.config.vocab_size), "attention_mask": mask}, dict(causal=False, has_bias=True)
-    if name == "vit":
-        m = vit.ViT.from_name("tiny")
-        c = m.config
-        images = torch.randn(2, c.in_channels, c.image_size, c.image_size, generator=torch.Generator().manual_seed(0))
-        return m, {"images": images}, dict(causal=False, has_bias=False)
-    if name == "singlecell":
-        m = singlecell.CellEncoder.from_name("tiny")
-        tokens = torch.randint(1, m.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-        tokens[1, 8:] = singlecell.PAD_ID
-        return m, {"tokens": tokens}, dict(causal=False, has_bias=True)
-    raise ValueError(name)
-
-
-@pytest.mark.parametrize("name", ["llama", "gpt2-eager", "gpt2-sdpa", "bert", "vit", "singlecell"])
+@pytest.mark.parametrize("name", NAMES)
 def test_target_specs(name):
     """The zoo (tests/patterns/test_zoo.py) proves every target rewritten with equal outputs and
     gradients; here: that each site's spec says what the model's code does."""
     import attnrewrite
 
-    model, inputs, expected = _case(name)
+    model, inputs, expected = build(name)
     report = attnrewrite.explain(model.eval(), **inputs)
     assert report.sites and all(s.status == "rewritten" for s in report.sites), report
     for site in report.sites:
@@ -61,7 +32,7 @@ def test_target_specs(name):
 def test_other_kinds_on_targets(name, kind, rewritten):
     from attnrewrite.rewriter.report import Report
 
-    model, inputs, _ = _case(name)
+    model, inputs, _ = build(name)
     report = Report()
     out = compile_rewritten(model.eval(), report, to=kind)(**inputs)
     assert torch.isfinite(out).all()
