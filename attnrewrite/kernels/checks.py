@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 from torch import Tensor
 
 
@@ -21,11 +19,3 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, what: str) -> None:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.shape[-1] != k.shape[-1] or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
         raise ValueError(f"mismatched shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-
-
-def check_int_options(options: Mapping[str, Any], lower_bounds: Mapping[str, int]) -> None:
-    """Each named kind option must be an int (not a bool) at least its lower bound."""
-    for name, low in lower_bounds.items():
-        value = options[name]
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ValueError(f"option {name} must be an int >= {low}, got {value!r}")

@@ -23,26 +23,17 @@ import torch
 import attnrewrite.kernels.hashed.public  # noqa: F401 — registers attnrewrite::hashed_attention
 from attnrewrite.ir.canonical import AttentionCall
 from attnrewrite.ir.spec import AttentionSpec
-from attnrewrite.kernels.checks import check_int_options
 from attnrewrite.kernels.hashed.op import HASHES
 from attnrewrite.kernels.hashed.state import HashProjections
 from attnrewrite.kinds.causal import causal_self_attention_reason, term_shape
+from attnrewrite.kinds.options import integer, one_of
 from attnrewrite.kinds.registry import Kind, register
 
 
 # --------------------------------------------------------------------------- the kind
 
 
-def check_options(options: dict[str, Any]) -> None:
-    check_int_options(options, {"bits": 8, "top_k": 0, "window": 0, "sinks": 0, "seed": 0})
-    if options["bits"] % 8:
-        raise ValueError(f"option bits must be a multiple of 8, got {options['bits']}")
-    if options["hash"] not in HASHES:
-        raise ValueError(f"option hash must be one of {HASHES}, got {options['hash']!r}")
-
-
 def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
-    check_options(options)
     reason = causal_self_attention_reason(spec, "hashed")
     if reason is not None:
         return reason
@@ -76,7 +67,16 @@ KIND = register(Kind(
     name="hashed",
     emit=emit,
     supports=supports,
-    options={"bits": 64, "top_k": 256, "window": 64, "sinks": 4, "hash": "random", "seed": 0},
+    options={
+        "bits": integer(64, minimum=8, multiple_of=8),
+        "top_k": integer(256, minimum=0),
+        "window": integer(64, minimum=0),
+        "sinks": integer(4, minimum=0),
+        "hash": one_of("random", HASHES),
+        "seed": integer(0, minimum=0),
+    },
     description="hashed attention: exact softmax over sinks, a recent window and the top-k keys by code agreement",
     make_state=make_state,
+    expected_skips={target: "not causal self-attention" for target in ("bert", "vit", "singlecell")},
+    example_options={"top_k": 2, "window": 2, "sinks": 1},
 ))

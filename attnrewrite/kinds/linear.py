@@ -18,6 +18,7 @@ from attnrewrite.ir.capture import hinted_shape
 from attnrewrite.ir.spec import AttentionSpec
 from attnrewrite.kernels.linear.feature_maps import FEATURE_MAPS, apply_feature_map
 from attnrewrite.kernels.linear.stateful_maps import make_site_state
+from attnrewrite.kinds.options import flag, integer, one_of, positive_number
 from attnrewrite.kinds.registry import Kind, register
 
 STATEFUL_MAPS = ("favor", "hedgehog")
@@ -102,17 +103,19 @@ def make_state(spec: AttentionSpec, options: dict[str, Any]):
                            options["features"], options["seed"])
 
 
-def _check_options(options: dict[str, Any]) -> None:
-    if options["feature_map"] not in FEATURE_MAPS + STATEFUL_MAPS:
-        raise ValueError(f"feature_map must be one of {FEATURE_MAPS + STATEFUL_MAPS}, got {options['feature_map']!r}")
-
-
 KIND = register(Kind(
     name="linear",
     emit=emit,
-    supports=lambda spec, options: (_check_options(options), supports(spec, options))[1],
-    options={"feature_map": "elu", "eps": 1e-6, "use_scale": False, "features": None, "seed": 0},
+    supports=supports,
+    options={
+        "feature_map": one_of("elu", FEATURE_MAPS + STATEFUL_MAPS),
+        "eps": positive_number(1e-6),
+        "use_scale": flag(False),
+        "features": integer(None, minimum=1, optional=True),  # favor: random features (None: head dim)
+        "seed": integer(0, minimum=0),  # favor: the draw of the random features
+    },
     description="linear attention φ(q)·Σφ(k)ᵀv / φ(q)·Σφ(k) (elu, relu, favor, hedgehog feature maps)",
     weights=weights,
     make_state=make_state,
+    expected_skips={"bert": "additive bias"},  # BERT's (1 - m)·min bias is not provably a padding mask
 ))

@@ -1,16 +1,19 @@
-"""Attention kinds: what a certified site can be rewritten *to*.
+"""The registry of attention kinds: what a certified site can be rewritten *to*.
 
 A kind says which specs it can honour (and why not), how to emit its operator from the
-canonical call, and which options it takes. Kinds are looked up by name (``to="softmax"``).
+canonical call, and which options it takes. Kinds are looked up by name (``to="softmax"``);
+the package's own are listed in :data:`KIND_MODULES`, others come through the entry-point
+group ``attnrewrite.kinds``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from attnrewrite.ir.canonical import AttentionCall
 from attnrewrite.ir.spec import AttentionSpec
+from attnrewrite.kinds.options import Option, check_options
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,8 @@ class Kind:
             is the site's state module as a callable (see ``make_state``), or None.
         supports: ``supports(spec, options) -> reason | None`` — None when the kind can honour
             the site exactly as specified (mask, causality, dropout, score modification).
-        options: option names the kind accepts, with their defaults.
+        options: the options the kind accepts: name -> :class:`~attnrewrite.kinds.options.Option`
+            (default, accepted values, check). :meth:`check_options` checks a user's values.
         description: one line for reports and errors.
         weights: how the kind supplies attention weights when a site's probabilities are used
             elsewhere (``output_attentions``): ``"original"`` keeps the site's own computation
@@ -37,41 +41,74 @@ class Kind:
         score_mod: True when ``emit`` applies ``call.score_mod`` (an elementwise function of the
             scores, e.g. soft-capping) before its own normalisation.  Sites with a score
             modification are skipped, with that reason, for kinds that do not.
+        expected_skips: data for the tests generated from the registry (``tests/kinds``): the
+            reference targets (:mod:`attnrewrite.testing.targets`) whose attention this kind cannot
+            honour, target name -> a fragment of the skip reason.  A target not listed must be
+            rewritten at every site.
+        example_options: options under which the kind differs from softmax on the tests' short
+            sequences (about 12 tokens); the defaults when empty.
     """
 
     name: str
     emit: Callable[[AttentionCall, dict[str, Any], Any], Any]
     supports: Callable[[AttentionSpec, dict[str, Any]], str | None]
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Option] = field(default_factory=dict)
     description: str = ""
     weights: Callable[[AttentionCall, dict[str, Any], Any], Any] | str | None = None
     make_state: Callable[[AttentionSpec, dict[str, Any]], Any] | None = None
     score_mod: bool = False
+    expected_skips: dict[str, str] = field(default_factory=dict)
+    example_options: dict[str, Any] = field(default_factory=dict)
+
+    def check_options(self, given: Mapping[str, Any], passes: tuple[str, ...] = ()) -> dict[str, Any]:
+        """The kind's full options: defaults, then ``given``, each value checked (ValueError/TypeError
+        naming the option, the value and what is accepted). ``passes``: other valid names, for the error."""
+        return check_options(self.name, self.options, given, passes)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {name: option.default for name, option in self.options.items()}
 
 
 _KINDS: dict[str, Kind] = {}
 
 
 def register(kind: Kind) -> Kind:
-    """Add ``kind`` to the registry (replacing one of the same name)."""
+    """Add ``kind`` to the registry.
+
+    Raises:
+        ValueError: another kind of the same name is registered already.
+    """
+    existing = _KINDS.get(kind.name)
+    if existing is not None and existing is not kind:
+        raise ValueError(f"an attention kind named {kind.name!r} is registered already "
+                         f"({existing.description or existing.emit.__module__})")
     _KINDS[kind.name] = kind
     return kind
 
 
-#: Modules that define further kinds; imported on first lookup (no import-time cost otherwise).
-_KIND_MODULES = ("attnrewrite.kinds.softmax", "attnrewrite.kinds.sigmoid", "attnrewrite.kinds.linear",
-                 "attnrewrite.kinds.summary", "attnrewrite.kinds.hashed")
+#: The package's kinds, one adapter module each; imported on first lookup.
+KIND_MODULES = ("attnrewrite.kinds.softmax", "attnrewrite.kinds.sigmoid", "attnrewrite.kinds.linear",
+                "attnrewrite.kinds.summary", "attnrewrite.kinds.hashed")
+#: Other packages add kinds through this entry-point group (each entry names a module to import).
+ENTRY_POINT_GROUP = "attnrewrite.kinds"
+
+
+_loaded = False
 
 
 def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
     import importlib
+    from importlib.metadata import entry_points
 
-    for module in _KIND_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    for module in KIND_MODULES:
+        importlib.import_module(module)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        entry.load()
+    _loaded = True
 
 
 def get(name: str) -> Kind:

@@ -14,6 +14,7 @@ import torch
 import attnrewrite.kernels.sigmoid.public  # noqa: F401 — registers attnrewrite::sigmoid_attention
 from attnrewrite.ir.canonical import AttentionCall
 from attnrewrite.ir.spec import AttentionSpec
+from attnrewrite.kinds.options import auto_or_number
 from attnrewrite.kinds.registry import Kind, register
 
 
@@ -55,8 +56,6 @@ def weights(call: AttentionCall, options: dict[str, Any], state) -> Any:
 
 
 def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
-    if options["bias"] != "auto" and not isinstance(options["bias"], (int, float)):
-        raise ValueError(f"option bias must be 'auto' or a number, got {options['bias']!r}")
     if getattr(spec, "score_mod", None) is not None:
         return "a score modification (not applied by the sigmoid kernels yet)"
     return None
@@ -66,7 +65,7 @@ KIND = register(Kind(
     name="sigmoid",
     emit=emit,
     supports=supports,
-    options={"bias": "auto"},
+    options={"bias": auto_or_number("auto")},
     description="sigmoid attention Σ sigmoid(s·q·kᵀ + b)·v, b = −log(n) by default",
     weights=weights,
 ))

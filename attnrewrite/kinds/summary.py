@@ -36,24 +36,17 @@ import torch
 import attnrewrite.kernels.summary.public  # noqa: F401 — registers attnrewrite::summary_attention
 from attnrewrite.ir.canonical import AttentionCall
 from attnrewrite.ir.spec import AttentionSpec
-from attnrewrite.kernels.checks import check_int_options
 from attnrewrite.kernels.summary.op import SUMMARIES
 from attnrewrite.kernels.summary.state import SummaryPooling
 from attnrewrite.kinds.causal import causal_self_attention_reason, term_shape
+from attnrewrite.kinds.options import integer, one_of
 from attnrewrite.kinds.registry import Kind, register
 
 
 # --------------------------------------------------------------------------- the kind
 
 
-def check_options(options: dict[str, Any]) -> None:
-    check_int_options(options, {"chunk_size": 1, "window_chunks": 0})
-    if options["summary"] not in SUMMARIES:
-        raise ValueError(f"option summary must be one of {SUMMARIES}, got {options['summary']!r}")
-
-
 def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
-    check_options(options)
     reason = causal_self_attention_reason(spec, "summary")
     if reason is not None:
         return reason
@@ -87,7 +80,13 @@ KIND = register(Kind(
     name="summary",
     emit=emit,
     supports=supports,
-    options={"chunk_size": 8, "window_chunks": 128, "summary": "mean"},
+    options={
+        "chunk_size": integer(8, minimum=1),
+        "window_chunks": integer(128, minimum=0),
+        "summary": one_of("mean", SUMMARIES),
+    },
     description="summary attention: a window of chunks in full, one summary key/value per older chunk",
     make_state=make_state,
+    expected_skips={target: "not causal self-attention" for target in ("bert", "vit", "singlecell")},
+    example_options={"chunk_size": 2, "window_chunks": 1},
 ))

@@ -8,6 +8,8 @@ from typing import Any, Mapping
 from attnrewrite import kinds
 
 COMPILERS = ("inductor", "eager", "aot_eager")
+#: The pass's own options; every other name is the kind's (see ``attnrewrite.kinds``).
+PASS_OPTIONS = ("to", "strict", "compiler")
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,13 @@ class RewriteOptions:
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> RewriteOptions:
-        """Validate a user's options dict; a clear error names any unknown or bad option."""
+        """Validate a user's options dict: every name known, every value of the right type and range.
+
+        Raises:
+            ValueError: an unknown kind or option name, or a value outside what the option accepts
+                (the message names the option, the value and the accepted values).
+            TypeError: a value of the wrong type.
+        """
         options = dict(options or {})
         to = options.pop("to", "softmax")
         if not isinstance(to, str):
@@ -42,9 +50,6 @@ class RewriteOptions:
             raise TypeError(f"option 'strict' must be a bool, got {strict!r}")
         compiler = options.pop("compiler", "inductor")
         if compiler not in COMPILERS:
-            raise ValueError(f"option 'compiler' must be one of {COMPILERS}, got {compiler!r}")
-        unknown = sorted(set(options) - set(kind.options))
-        if unknown:
-            valid = sorted({"to", "strict", "compiler", *kind.options})
-            raise ValueError(f"unknown option(s) {unknown} for kind {to!r}; valid options: {valid}")
-        return cls(to=to, strict=strict, compiler=compiler, kind_options={**kind.options, **options})
+            raise ValueError(f"option 'compiler' must be one of {COMPILERS}; got {compiler!r}")
+        kind_options = kind.check_options(options, passes=PASS_OPTIONS)
+        return cls(to=to, strict=strict, compiler=compiler, kind_options=kind_options)
