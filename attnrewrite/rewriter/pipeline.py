@@ -1,4 +1,6 @@
 """The pass, as a list of named stages (read top to bottom: that is the order they run in).
+Each stage is timed and logged (logger ``attnrewrite``, DEBUG), and lands in ``Report.stages``
+with the number of sites still in play before and after it.
 
     unfuse   fused attention ops (nn.MultiheadAttention, TransformerEncoderLayer) → plain ops
     match    every softmax / SDPA anchor → a site with an AttentionSpec, or a reason it is not one
@@ -31,7 +33,7 @@ from attnrewrite.patterns import eager_matmul, masks, multihead, sdpa
 from attnrewrite.rewriter import state
 from attnrewrite.rewriter.certify import certify, fingerprint
 from attnrewrite.rewriter.options import RewriteOptions
-from attnrewrite.rewriter.report import Report, SiteReport
+from attnrewrite.rewriter.report import Report, SiteReport, StageReport
 from attnrewrite.rewriter.rewrite import module_caller, rewrite_site
 
 log = logging.getLogger("attnrewrite")
@@ -218,6 +220,20 @@ STAGES: tuple[tuple[str, Callable[[PassContext], None]], ...] = (
 # --------------------------------------------------------------------------- the pass
 
 
+def _live(ctx: PassContext) -> int:
+    return sum(s.status != "skipped" for s in ctx.sites)
+
+
+def _run_stage(ctx: PassContext, name: str, stage: Callable[[PassContext], None]) -> StageReport:
+    """Run one stage; its time and the sites still in play before and after it go to the report."""
+    before, start = _live(ctx), time.perf_counter()
+    stage(ctx)
+    done = StageReport(name=name, seconds=time.perf_counter() - start, sites_in=before, sites_out=_live(ctx))
+    log.debug("attnrewrite: stage %-8s %7.1f ms, sites %d -> %d", name, done.seconds * 1e3, done.sites_in,
+              done.sites_out)
+    return done
+
+
 def run_pass(gm: fx.GraphModule, example_inputs: list[Any], options: RewriteOptions,
              attach_state: Callable[[Site, Any], Any] | None = None) -> Report:
     """Rewrite every certified attention site of ``gm`` in place; return what was done.
@@ -232,8 +248,8 @@ def run_pass(gm: fx.GraphModule, example_inputs: list[Any], options: RewriteOpti
                       evaluator=GraphEvaluator(gm, example_inputs), fake_mode=find_fake_mode(gm, example_inputs),
                       attach_state=attach_state)
     try:
-        for _name, stage in STAGES:
-            stage(ctx)
+        for name, stage in STAGES:
+            report.stages.append(_run_stage(ctx, name, stage))
     except Exception as exc:  # noqa: BLE001
         if options.strict:
             raise RewriteFailed(f"attnrewrite pass failed: {exc}") from exc

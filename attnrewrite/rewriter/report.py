@@ -40,11 +40,22 @@ class SiteReport:
 
 
 @dataclass
+class StageReport:
+    """One stage of the pass: wall time, and the sites still in play (found, not skipped) before and after."""
+
+    name: str
+    seconds: float
+    sites_in: int
+    sites_out: int
+
+
+@dataclass
 class Report:
     """Everything the pass found in one compiled model (all its graphs).
 
     ``sites`` lists every attention site found or rejected; ``errors`` holds internal errors
-    that made a graph run unrewritten.  ``print(report)`` shows a table.
+    that made a graph run unrewritten; ``stages`` holds each stage of the pass with its time and
+    sites in and out, summed over the graphs.  ``print(report)`` shows a table.
     """
 
     to: str = "softmax"
@@ -52,6 +63,7 @@ class Report:
     errors: list[str] = field(default_factory=list)
     graphs: int = 0
     seconds: float = 0.0  # wall time spent in the pass itself
+    stages: list[StageReport] = field(default_factory=list)
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -80,6 +92,14 @@ class Report:
         self.errors.extend(other.errors)
         self.graphs += other.graphs
         self.seconds += other.seconds
+        mine = {s.name: s for s in self.stages}
+        for stage in other.stages:
+            if stage.name in mine:
+                mine[stage.name].seconds += stage.seconds
+                mine[stage.name].sites_in += stage.sites_in
+                mine[stage.name].sites_out += stage.sites_out
+            else:
+                self.stages.append(StageReport(stage.name, stage.seconds, stage.sites_in, stage.sites_out))
 
     def __str__(self) -> str:
         head = (f"attnrewrite → {self.to}: {len(self.rewritten)} rewritten, {len(self.skipped)} skipped, "
@@ -98,6 +118,9 @@ class Report:
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         lines = [head]
+        if self.stages:
+            lines.append("stages: " + " · ".join(
+                f"{s.name} {s.seconds * 1e3:.0f} ms ({s.sites_in}→{s.sites_out})" for s in self.stages))
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         lines.extend(f"error: {e}" for e in self.errors)
