@@ -250,3 +250,26 @@ def test_identical_layers_are_certified_once_and_different_ones_each(monkeypatch
     torch.testing.assert_close(compile_rewritten(model, report)(x), model(x), rtol=1e-5, atol=1e-5)
     assert len(report.rewritten) == 4
     assert len(calls) == 2  # three identical causal layers share one proof; the bidirectional one has its own
+
+
+def test_every_stage_is_timed_and_counted_into_the_report():
+    """Report.stages lists the pipeline's stages in order, with times and the sites in play; a site
+    the kind cannot honour leaves at 'select', and graphs merge stage by stage."""
+    import attnrewrite
+
+    def two_sites(q, k, v, bias):
+        plain = torch.softmax(q @ k.transpose(-1, -2) * 0.5, dim=-1) @ v
+        biased = torch.softmax(q @ k.transpose(-1, -2) * 0.5 + bias, dim=-1) @ v
+        return plain + biased
+
+    q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
+    report = attnrewrite.explain(two_sites, q, k, v, torch.randn(6, 6), to="linear")
+    assert [s.name for s in report.stages] == [name for name, _ in pipeline.STAGES]
+    counts = {s.name: (s.sites_in, s.sites_out) for s in report.stages}
+    assert counts["match"] == (0, 2) and counts["select"] == (2, 1) and counts["rewrite"] == (1, 1), counts
+    assert all(s.seconds >= 0 for s in report.stages) and report.stages[-1].sites_out == len(report.rewritten)
+    assert "stages: unfuse" in str(report) and "select" in str(report)
+    merged = attnrewrite.Report()
+    merged.merge(report)
+    merged.merge(report)
+    assert [s.sites_out for s in merged.stages] == [2 * s.sites_out for s in report.stages]
