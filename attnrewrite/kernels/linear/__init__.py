@@ -7,7 +7,7 @@ Public:
   ``cu_seqlens``, ``initial_state``, ``output_final_state`` and ``impl``;
 - :func:`linear_attention_decode` — continue from a :class:`LinearState` token by token;
 - ``torch.ops.attnrewrite.linear_attn_fwd / linear_attn_bwd / linear_attn_decode`` — the CUDA
-  (``triton_op``) ops behind ``impl="triton"``, with ``*_interpret`` twins for the CPU interpreter.
+  (``triton_op``) ops behind ``impl="triton"``, with ``*_interpreted`` twins for the CPU interpreter.
 
 Modules: ``reference`` (oracles), ``feature_maps``, ``chunk_torch`` (torch path), ``chunk_fwd`` /
 ``chunk_bwd`` / ``bidirectional`` / ``fused_recurrent`` (Triton, imported only when used), ``op``

@@ -12,10 +12,11 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from attnrewrite.kernels._ops import resolve_impl
+
 from .chunk_torch import chunk_linear_attn_torch, recurrent_step_torch
 from .feature_maps import check_feature_map
 
-IMPLS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256  # the chunk kernels keep a [Dk, BLOCK_V] fp32 state in registers
 
@@ -128,23 +129,10 @@ def _check_state(state, num_seqs: int, heads_kv: int, dk: int, dv: int, device: 
 
 def _resolve_impl(impl: str, q: Tensor, head_dims: tuple[int, int]) -> str:
     """"triton" or "torch" for these inputs; raises when "triton" cannot run them."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    fits = q.dtype in TRITON_DTYPES and max(head_dims) <= TRITON_MAX_HEAD_DIM
-    if impl == "auto":
-        return "triton" if (q.is_cuda and fits) else "torch"
-    if impl == "torch":
-        return "torch"
-    if q.dtype not in TRITON_DTYPES:
-        raise ValueError(f"impl='triton' takes float16, bfloat16 or float32, got {q.dtype} (use impl='torch')")
-    if max(head_dims) > TRITON_MAX_HEAD_DIM:
-        raise ValueError(f"impl='triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got {head_dims}")
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before the kernels are "
-                           "imported); use impl='torch' (or 'auto') for the CPU path")
-    if q.device.type not in ("cuda", "cpu"):
-        raise RuntimeError(f"impl='triton' runs on CUDA (or the CPU interpreter), not on {q.device.type}")
-    return "triton"
+    # the kernels are defined when first used, so the variable decides whether they are interpreted
+    return resolve_impl(impl, q.device, what="linear attention", dtype=q.dtype, head_dims=head_dims,
+                        triton_dtypes=TRITON_DTYPES, max_head_dim=TRITON_MAX_HEAD_DIM,
+                        interpreter_active=lambda: os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _unit_stride(x: Tensor) -> Tensor:

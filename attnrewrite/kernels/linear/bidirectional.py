@@ -17,10 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
+from attnrewrite.kernels._ops import traceable
+
 from .chunk_bwd import bwd_gamma
 from .chunk_fwd import chunk_state
 from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, feature, feature_grad, launch_options, pick_config, pow2,
-                            row_strides, segment_bounds, sequence_bounds, traceable, tuning_shape)
+                            row_strides, segment_bounds, sequence_bounds, tuning_shape)
 
 
 @triton.jit

@@ -20,10 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
+from attnrewrite.kernels._ops import traceable
+
 from .chunk_fwd import chunk_state
-from .triton_common import (SEGMENT_ALIGN, as_dot, default_num_splits, dot_mode, exclusive_cumsum, feature, feature_grad,
-                            launch_options, pick_config, pow2, row_strides, segment_bounds, sequence_bounds, traceable,
-                            tuning_shape)
+from .triton_common import (SEGMENT_ALIGN, as_dot, default_num_splits, dot_mode, exclusive_cumsum, feature,
+                            feature_grad, launch_options, pick_config, pow2, row_strides, segment_bounds,
+                            sequence_bounds, tuning_shape)
 
 
 @triton.jit

@@ -16,8 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from attnrewrite.kernels._ops import traceable
+
 from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, exclusive_cumsum, feature, launch_options, pick_config,
-                            pow2, row_strides, segment_bounds, sequence_bounds, traceable, tuning_shape)
+                            pow2, row_strides, segment_bounds, sequence_bounds, tuning_shape)
 
 
 @triton.jit

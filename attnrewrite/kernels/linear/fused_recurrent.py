@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import feature, launch_options, pick_config, pow2, row_strides, traceable, tuning_shape
+from attnrewrite.kernels._ops import traceable
+
+from .triton_common import feature, launch_options, pick_config, pow2, row_strides, tuning_shape
 
 
 @triton.jit

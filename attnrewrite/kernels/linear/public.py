@@ -12,13 +12,8 @@ from typing import Callable
 
 import torch
 
+from attnrewrite.kernels._ops import composite_op, sdpa_schema
 from attnrewrite.kernels.linear.api import linear_attention as _linear_attention
-
-_lib = torch.library.Library("attnrewrite", "FRAGMENT")
-_lib.define(
-    "linear_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float dropout_p=0.0, "
-    "bool is_causal=False, float? scale=None, bool enable_gqa=False, str feature_map=\"elu\", float eps=1e-6) "
-    "-> Tensor")
 
 
 def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
@@ -27,7 +22,8 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
                              feature_map=feature_map, eps=eps)
 
 
-_lib.impl("linear_attention", _impl, "CompositeImplicitAutograd")
+# the op takes a feature map by name; callables are applied by the Python wrapper below
+composite_op("linear_attention", sdpa_schema('str feature_map="elu", float eps=1e-6'), _impl)
 
 FeatureMap = str | Callable[[torch.Tensor], torch.Tensor] | tuple
 

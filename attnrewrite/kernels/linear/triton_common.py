@@ -90,18 +90,6 @@ def as_dot(x, DOT_FP32: tl.constexpr, INPUT_DTYPE: tl.constexpr):
 # --------------------------------------------------------------------------- host side
 
 
-def traceable(kernel):
-    """``kernel`` wrapped so torch.compile / make_fx can trace its launch (CUDA); the interpreter's
-    kernels run eagerly as they are."""
-    from triton.runtime.jit import JITFunction
-
-    if isinstance(kernel, JITFunction):
-        from torch.library import wrap_triton
-
-        return wrap_triton(kernel)
-    return kernel
-
-
 @contextlib.contextmanager
 def direct_launches():
     """Launch kernels straight from the launchers, without wrap_triton's higher-order-op dispatch

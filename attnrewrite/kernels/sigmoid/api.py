@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from attnrewrite.kernels._ops import resolve_impl
+
 from .chunked import chunk_sigmoid_attention
 
 try:  # the Triton path is optional: the torch path works wherever torch does
@@ -186,8 +188,6 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
         raise ValueError(f"sigmoid_attention: dropout_p must lie in [0, 1), got {dropout_p}")
     if causal_align not in ("top_left", "bottom_right"):
         raise ValueError(f"sigmoid_attention: causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}")
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"sigmoid_attention: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
     if not (bias == "auto" or (isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias))):
         raise ValueError(f"sigmoid_attention: bias must be 'auto' or a finite number, got {bias!r}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
@@ -246,24 +246,9 @@ def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, attn_mask, kv_lens):
 
 
 def _resolve_impl(impl: str, q: torch.Tensor, dropout_p: float, problem: Problem) -> str:
-    if impl == "auto":  # the kernels are built for 16-bit operands; exact float32 products are slow there
-        return "triton" if q.is_cuda and dropout_p == 0.0 and q.dtype in (torch.float16, torch.bfloat16) \
-            and _op is not None and max(problem.dim, problem.dim_v) <= _MAX_HEAD_DIM else "torch"
-    if impl == "torch":
-        return "torch"
-    if _op is None:
-        raise RuntimeError("sigmoid_attention(impl='triton'): triton is not installed")
-    if dropout_p > 0.0:
-        raise ValueError("sigmoid_attention(impl='triton'): the Triton kernels do not implement dropout; "
-                         "use impl='torch' (or 'auto') for dropout_p > 0")
-    if q.dtype == torch.float64:
-        raise TypeError("sigmoid_attention(impl='triton'): float64 is not supported by the kernels; use impl='torch'")
-    if max(problem.dim, problem.dim_v) > _MAX_HEAD_DIM:
-        raise ValueError(f"sigmoid_attention(impl='triton'): head dims up to {_MAX_HEAD_DIM} are supported, "
-                         f"got D={problem.dim}, Dv={problem.dim_v}")
-    if not q.is_cuda:
-        if q.device.type != "cpu" or not _op.interpreter_active():
-            detail = ("set TRITON_INTERPRET=1 before attnrewrite is imported to run the kernels on the CPU"
-                      if q.device.type == "cpu" else "the kernels run on CUDA devices")
-            raise RuntimeError(f"sigmoid_attention(impl='triton'): tensors are on {q.device}; {detail}")
-    return "triton"
+    # "auto" sends only 16-bit inputs to the kernels: exact float32 products run on the FMA pipes there
+    return resolve_impl(
+        impl, q.device, what="sigmoid attention", dtype=q.dtype, head_dims=(problem.dim, problem.dim_v),
+        triton_dtypes=_FLOAT_DTYPES, auto_dtypes=(torch.float16, torch.bfloat16), max_head_dim=_MAX_HEAD_DIM,
+        refusal="the Triton kernels do not implement dropout (dropout_p > 0)" if dropout_p > 0.0 else None,
+        available=_op is not None, interpreter_active=lambda: _op.interpreter_active())

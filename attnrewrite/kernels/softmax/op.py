@@ -9,8 +9,8 @@ The operator is defined with a ``CompositeImplicitAutograd`` kernel that calls
   *before* autograd, so inductor lowers it to its fused flash / memory-efficient kernels,
   forward and backward, exactly as if the user had written SDPA.
 
-Kinds with kernels of their own (sigmoid, linear ...) are opaque ``custom_op``s with
-``register_fake`` and ``register_autograd`` instead.
+Kinds with loops or kernels of their own (summary, hashed, the kernels under sigmoid and linear)
+are opaque operators with ``register_fake`` and ``register_autograd`` instead (:mod:`.._ops`).
 """
 
 from __future__ import annotations
@@ -18,15 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from attnrewrite.kernels._ops import composite_op, sdpa_schema
 from attnrewrite.kernels.softmax.reference import check_heads
-
-_SCHEMA = (
-    "softmax_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float dropout_p=0.0, "
-    "bool is_causal=False, float? scale=None, bool enable_gqa=False) -> Tensor"
-)
-
-_lib = torch.library.Library("attnrewrite", "FRAGMENT")
-_lib.define(_SCHEMA)
 
 
 def _softmax_attention_impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -46,7 +39,7 @@ def fold_causal_into_mask(attn_mask: torch.Tensor, t_q, t_k) -> torch.Tensor:
     return attn_mask.masked_fill(~keep, float("-inf"))
 
 
-_lib.impl("softmax_attention", _softmax_attention_impl, "CompositeImplicitAutograd")
+composite_op("softmax_attention", sdpa_schema(), _softmax_attention_impl)
 
 
 def softmax_attention(

@@ -26,7 +26,7 @@ def _qkv(**kw):
     (lambda q, k, v: (q[:, :, :5], k, v), {"is_causal": True}, "is_causal needs as many queries"),
     (lambda q, k, v: (q, k, v), {"dropout_p": 0.1}, "dropout_p must be 0"),
     (lambda q, k, v: (q, k, v), {"feature_map": "favor"}, "feature_map must be one of"),
-    (lambda q, k, v: (q, k, v), {"impl": "cuda"}, "impl must be one of"),
+    (lambda q, k, v: (q, k, v), {"impl": "cuda"}, "impl must be 'auto', 'triton' or 'torch'"),
     (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(8, 8, dtype=torch.bool).tril()}, "cannot honour"),
     (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(2, 2, 1, 8, dtype=torch.bool)}, "not a key-padding mask"),
     (lambda q, k, v: (q, k, v), {"attn_mask": torch.randn(2, 1, 1, 8)}, "additive bias"),

@@ -1,0 +1,67 @@
+"""The op scaffold (attnrewrite.kernels._ops): one schema for SDPA's arguments, one rule for impl=."""
+
+import pytest
+import torch
+
+from attnrewrite.kernels._ops import resolve_impl, sdpa_schema
+from attnrewrite.kernels.linear.api import linear_attention as linear_attention_dispatch
+from attnrewrite.kernels.sigmoid.api import sigmoid_attention as sigmoid_attention_dispatch
+
+SDPA_OPS = ["softmax_attention", "sigmoid_attention", "linear_attention", "summary_attention", "hashed_attention"]
+
+
+def test_sdpa_schema_reads_like_sdpa():
+    assert sdpa_schema() == ("(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float dropout_p=0.0, "
+                             "bool is_causal=False, float? scale=None, bool enable_gqa=False) -> Tensor")
+    assert sdpa_schema("int n=1", is_causal=True).endswith("bool is_causal=True, float? scale=None, "
+                                                           "bool enable_gqa=False, int n=1) -> Tensor")
+
+
+@pytest.mark.parametrize("name", SDPA_OPS)
+def test_every_public_op_starts_with_sdpas_arguments(name):
+    import attnrewrite.ops  # noqa: F401  (registers the ops)
+
+    args = getattr(torch.ops.attnrewrite, name).default._schema.arguments
+    got = [(a.name, str(a.type)) for a in args[:8]]
+    assert got == [("q", "Tensor"), ("k", "Tensor"), ("v", "Tensor"), ("attn_mask", "Optional[Tensor]"),
+                   ("dropout_p", "float"), ("is_causal", "bool"), ("scale", "Optional[float]"),
+                   ("enable_gqa", "bool")]
+
+
+CPU = torch.device("cpu")
+RULE = dict(what="x", dtype=torch.float16, head_dims=(64, 64), triton_dtypes=(torch.float16,))
+
+
+def test_auto_takes_the_kernels_on_cuda_only_when_they_fit():
+    assert resolve_impl("auto", CPU, **RULE) == "torch"
+    assert resolve_impl("auto", torch.device("cuda"), **RULE) == "triton"
+    assert resolve_impl("auto", torch.device("cuda"), **{**RULE, "head_dims": (64, 512)}) == "torch"
+    assert resolve_impl("auto", torch.device("cuda"), refusal="no dropout", **RULE) == "torch"
+    assert resolve_impl("auto", torch.device("cuda"), available=False, **RULE) == "torch"
+
+
+@pytest.mark.parametrize("change,error,message", [
+    (dict(impl="cuda"), ValueError, "x: impl must be 'auto', 'triton' or 'torch', got 'cuda'"),
+    (dict(available=False), RuntimeError, r"x\(impl='triton'\): triton is not installed"),
+    (dict(refusal="no dropout"), ValueError, r"x\(impl='triton'\): no dropout; use impl='torch'"),
+    (dict(dtype=torch.float64), ValueError, r"x\(impl='triton'\): the kernels take float16, got torch.float64"),
+    (dict(head_dims=(64, 512)), ValueError, r"head dims up to 256 are supported, got \(64, 512\)"),
+    (dict(), RuntimeError, "set TRITON_INTERPRET=1"),
+    (dict(device=torch.device("meta")), RuntimeError, "the kernels run on CUDA devices"),
+])
+def test_an_explicit_triton_never_falls_back(change, error, message):
+    kwargs = dict(RULE, impl="triton", device=CPU)
+    kwargs.update(change)
+    with pytest.raises(error, match=message):
+        resolve_impl(kwargs.pop("impl"), kwargs.pop("device"), **kwargs)
+
+
+@pytest.mark.parametrize("dispatch,what", [(sigmoid_attention_dispatch, "sigmoid attention"),
+                                           (linear_attention_dispatch, "linear attention")])
+def test_both_kinds_word_their_refusals_alike(dispatch, what):
+    q = k = v = torch.randn(1, 1, 4, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=rf"^{what}\(impl='triton'\): the kernels take float16, bfloat16 or "
+                                         "float32, got torch.float64"):
+        dispatch(q, k, v, impl="triton")
+    with pytest.raises(ValueError, match=rf"^{what}: impl must be 'auto', 'triton' or 'torch'"):
+        dispatch(q, k, v, impl="gpu")
