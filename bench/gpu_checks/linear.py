@@ -95,10 +95,10 @@ def _check(case, dtype, candidate, q, k, v, *, causal, scale=1.0, key_mask=None,
 
 
 def _api(causal, scale=1.0, **kw):
-    from attnrewrite.kernels.linear import linear_attention
+    from attnrewrite.kernels.linear import linear_attention_dispatch
 
     def candidate(q, k, v, st):
-        out, final = linear_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True, initial_state=st,
+        out, final = linear_attention_dispatch(q, k, v, is_causal=causal, scale=scale, enable_gqa=True, initial_state=st,
                                       output_final_state=True, impl="triton", **kw)
         return out, final.S, final.z
 
@@ -161,9 +161,9 @@ def _cases(device):
         t0 = T - (40 if device.type == "cuda" else 5)
 
         def candidate(q_, k_, v_, st):
-            from attnrewrite.kernels.linear import linear_attention, linear_attention_decode
+            from attnrewrite.kernels.linear import linear_attention_dispatch, linear_attention_decode
 
-            _, state_ = linear_attention(q_[:, :, :t0], k_[:, :, :t0], v_[:, :, :t0], is_causal=True, enable_gqa=True,
+            _, state_ = linear_attention_dispatch(q_[:, :, :t0], k_[:, :, :t0], v_[:, :, :t0], is_causal=True, enable_gqa=True,
                                          output_final_state=True, impl="triton")
             outs = []
             with torch.no_grad():  # the decode kernel itself (with gradients decode takes the chunked op)
@@ -171,7 +171,7 @@ def _cases(device):
                     out, state_ = linear_attention_decode(q_[:, :, t:t + 1], k_[:, :, t:t + 1], v_[:, :, t:t + 1],
                                                           state_, impl="triton")
                     outs.append(out)
-            prefix = linear_attention(q_[:, :, :t0], k_[:, :, :t0], v_[:, :, :t0], is_causal=True, enable_gqa=True,
+            prefix = linear_attention_dispatch(q_[:, :, :t0], k_[:, :, :t0], v_[:, :, :t0], is_causal=True, enable_gqa=True,
                                       impl="triton")
             # decoded rows carry no gradient: the row compares outputs and state only
             return torch.cat([prefix, torch.cat(outs, 2)], 2), state_.S, state_.z
@@ -272,14 +272,14 @@ def _prune(configs):
 
 
 def _timing_rows(device, T, d, fla_fn, passes):
-    from attnrewrite.kernels.linear import linear_attention
+    from attnrewrite.kernels.linear import linear_attention_dispatch
 
     b, h = TIMING_BATCH, TIMING_HEADS
     q, k, v, do = (torch.randn(b, h, T, d, device=device, dtype=torch.bfloat16) for _ in range(4))
     q_t, k_t, v_t, do_t = (x.transpose(1, 2).contiguous() for x in (q, k, v, do))  # fla's [B, T, H, D]
     leaves = [x.requires_grad_() for x in (q, k, v, q_t, k_t, v_t)]
     impls = {
-        "ours": lambda: linear_attention(q, k, v, is_causal=True, impl="triton"),
+        "ours": lambda: linear_attention_dispatch(q, k, v, is_causal=True, impl="triton"),
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     }
     if fla_fn is not None:
@@ -336,7 +336,7 @@ def _decode_rows(device, T, d):
 def _probe_rows(device):
     """Alternative launch configurations of each causal kernel, and segment counts, at T = 8192, D = 128:
     how far the untuned defaults are from the best nearby point (a tuning table would close the gap)."""
-    from attnrewrite.kernels.linear import linear_attention
+    from attnrewrite.kernels.linear import linear_attention_dispatch
     from attnrewrite.kernels.linear.op import ops_for
     from attnrewrite.kernels.linear.tune import SPACES
 
@@ -376,7 +376,7 @@ def _probe_rows(device):
             row = {"case": f"probe {kernel} {'default ' if alt is None else ''}{config}", "T": T, "D": d}
             tuning.choose = choose
             try:
-                row["ours_ms"] = _bench(lambda: linear_attention(q, k, v, is_causal=True, impl="triton").backward(do),
+                row["ours_ms"] = _bench(lambda: linear_attention_dispatch(q, k, v, is_causal=True, impl="triton").backward(do),
                                         grad_to_none=leaves)
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"

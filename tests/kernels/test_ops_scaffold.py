@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from attnrewrite.kernels._ops import resolve_impl, sdpa_schema
-from attnrewrite.kernels.linear.api import linear_attention as linear_attention_dispatch
-from attnrewrite.kernels.sigmoid.api import sigmoid_attention as sigmoid_attention_dispatch
+from attnrewrite.kernels.linear import linear_attention_dispatch
+from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
 
 SDPA_OPS = ["softmax_attention", "sigmoid_attention", "linear_attention", "summary_attention", "hashed_attention"]
 

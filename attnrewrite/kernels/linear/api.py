@@ -1,7 +1,11 @@
-"""Public linear-attention functions: SDPA's signature plus the linear kind's options.
+"""The kernel-level entry points of the linear kind: SDPA's signature plus the kind's options.
 
-See :func:`linear_attention` for the semantics; :func:`linear_attention_decode` continues a
-sequence token by token from the state a causal prefill returned.
+:func:`linear_attention_dispatch` checks the input and dispatches to a path (the Triton kernels or the
+chunked torch path); :func:`linear_attention_decode` continues a sequence token by token from the
+state a causal prefill returned.  Not to be confused with :func:`attnrewrite.ops.linear_attention`,
+the public operator with SDPA's signature, which calls the dispatcher: the dispatcher also takes the
+options an operator schema cannot carry (``kv_lens``, packed ``cu_seqlens``, ``initial_state``,
+``output_final_state``, ``impl``).
 """
 
 from __future__ import annotations
@@ -149,7 +153,7 @@ def _num_splits(q: Tensor, num_seqs: int, dv: int) -> int:
 # --------------------------------------------------------------------------- public functions
 
 
-def linear_attention(
+def linear_attention_dispatch(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -265,15 +269,15 @@ def linear_attention_decode(
 ) -> tuple[Tensor, LinearState]:
     """Continue causal linear attention from ``state`` with T new tokens (usually T = 1).
 
-    Same semantics as ``linear_attention(q, k, v, is_causal=True, initial_state=state,
+    Same semantics as ``linear_attention_dispatch(q, k, v, is_causal=True, initial_state=state,
     output_final_state=True)``: each new token's key joins the state before its query reads it.
     One token costs O(Dk·Dv) per head whatever the length of the prefix.
 
     Args:
         q: [B, Hq, T, Dk]; k: [B, Hkv, T, Dk]; v: [B, Hkv, T, Dv] (Hq a multiple of Hkv).
         state: :class:`LinearState` with S fp32 [B, Hkv, Dk, Dv] and z fp32 [B, Hkv, Dk], e.g. from
-            a causal ``linear_attention(..., output_final_state=True)`` prefill.  Not modified.
-        feature_map, scale, eps, impl: as in :func:`linear_attention` (use the prefill's values).
+            a causal ``linear_attention_dispatch(..., output_final_state=True)`` prefill.  Not modified.
+        feature_map, scale, eps, impl: as in :func:`linear_attention_dispatch` (use the prefill's values).
 
     Returns:
         out [B, Hq, T, Dv] in q's dtype and the new :class:`LinearState`.  When gradients are
@@ -290,9 +294,9 @@ def linear_attention_decode(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *state))
     use = _resolve_impl(impl, q, (dk, dv))
     if needs_grad and use == "triton":
-        out, new_state = linear_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True,
-                                          feature_map=feature_map, eps=eps, initial_state=state,
-                                          output_final_state=True, impl=impl)
+        out, new_state = linear_attention_dispatch(q, k, v, is_causal=True, scale=scale, enable_gqa=True,
+                                                   feature_map=feature_map, eps=eps, initial_state=state,
+                                                   output_final_state=True, impl=impl)
         return out, new_state
     if use == "torch":
         out, S, z = recurrent_step_torch(q, k, v, state.S, state.z, feature_map=feature_map, scale=scale, eps=eps)

@@ -1,4 +1,10 @@
-"""The kernel-level entry point of the sigmoid kind: checks the input, resolves the bias, picks a path."""
+"""The kernel-level entry point of the sigmoid kind, :func:`sigmoid_attention_dispatch`: checks the input,
+resolves the bias and dispatches to a path (the Triton kernels or the chunked torch path).
+
+Not to be confused with :func:`attnrewrite.ops.sigmoid_attention`, the public operator with SDPA's
+signature, which calls it: the dispatcher also takes the options an operator schema cannot carry
+or the rewriter never needs (``kv_lens``, packed ``cu_seqlens``, ``causal_align``, ``impl``).
+"""
 
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ class Problem:
     varlen: bool
 
 
-def sigmoid_attention(
+def sigmoid_attention_dispatch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -138,7 +144,7 @@ def resolve_bias(
     """The bias b of every (sequence, query head) as ``dtype`` [Z, Hq] (Z = B, or N when packed).
 
     ``attn_mask`` is the 4-d view of the user's mask; only a bool mask changes n (see
-    :func:`sigmoid_attention`).
+    :func:`sigmoid_attention_dispatch`).
     """
     shape = (problem.batch, problem.heads_q)
     if bias != "auto":

@@ -32,7 +32,7 @@ def chunk_sigmoid_attention(
     dropout_p: float = 0.0,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Sigmoid attention on validated inputs (see ``sigmoid_attention`` for the semantics).
+    """Sigmoid attention on validated inputs (see ``sigmoid_attention_dispatch`` for the semantics).
 
     Args:
         q, k, v: [B, Hq, Tq, D], [B, Hkv, Tk, D], [B, Hkv, Tk, Dv] (B = 1 when packed).

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attnrewrite.kernels import tuning
-from attnrewrite.kernels.linear import LinearState, linear_attention, linear_attention_decode
+from attnrewrite.kernels.linear import LinearState, linear_attention_dispatch, linear_attention_decode
 from attnrewrite.kernels.linear import spaces, tune
 
 from _linear_testing import make_qkv
@@ -49,13 +49,13 @@ def _qkv(**kw):
 def test_bad_input_is_named(change, kwargs, message):
     q, k, v = change(*_qkv())
     with pytest.raises((ValueError, TypeError), match=message):
-        linear_attention(q, k, v, **kwargs)
+        linear_attention_dispatch(q, k, v, **kwargs)
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        linear_attention(*_qkv(), impl="triton")
+        linear_attention_dispatch(*_qkv(), impl="triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         linear_attention_decode(*_qkv(), LinearState(torch.zeros(2, 2, 4, 4), torch.zeros(2, 2, 4)), impl="triton")
 
@@ -73,9 +73,9 @@ def test_masks_broadcast_like_sdpa():
     """[Tk], [1, Tk] and [B, 1, 1, Tk] key masks are accepted and mean the same thing."""
     q, k, v = _qkv()
     keep = torch.tensor([True] * 6 + [False] * 2)
-    expected = linear_attention(q, k, v, kv_lens=torch.tensor([6, 6]), impl="torch")
+    expected = linear_attention_dispatch(q, k, v, kv_lens=torch.tensor([6, 6]), impl="torch")
     for mask in (keep, keep[None], keep.expand(2, 1, 1, 8), torch.zeros(8).masked_fill(~keep, float("-inf"))):
-        torch.testing.assert_close(linear_attention(q, k, v, attn_mask=mask, impl="torch"), expected)
+        torch.testing.assert_close(linear_attention_dispatch(q, k, v, attn_mask=mask, impl="torch"), expected)
 
 
 def test_search_space_defaults_are_valid_for_the_benchmarked_shapes():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attnrewrite.kernels import tuning
-from attnrewrite.kernels.linear import linear_attention, linear_attention_decode
+from attnrewrite.kernels.linear import linear_attention_dispatch, linear_attention_decode
 from attnrewrite.kernels.linear.op import ops_for
 from attnrewrite.kernels.linear.reference import naive_quadratic_linear_attn, naive_recurrent_linear_attn
 
@@ -27,7 +27,7 @@ def _api(causal, scale=1.0, feature_map="elu", **kw):
 
     def candidate(q, k, v, state):
         to = lambda x: None if x is None else x.to(DEVICE)  # noqa: E731
-        out, final = linear_attention(to(q), to(k), to(v), is_causal=causal, scale=scale, enable_gqa=True,
+        out, final = linear_attention_dispatch(to(q), to(k), to(v), is_causal=causal, scale=scale, enable_gqa=True,
                                       feature_map=feature_map, initial_state=None if state is None else tuple(map(to, state)),
                                       output_final_state=True, impl="triton", **kw)
         return out.cpu(), final.S.cpu(), final.z.cpu()
@@ -81,8 +81,8 @@ def test_key_padding(how, causal):
     k2, v2 = k.clone(), v.clone()
     k2[1, :, 41:], v2[1, :, 41:] = 9.0, -9.0
     leaves = [x.clone().requires_grad_() for x in (q, k2, v2)]
-    out = linear_attention(*leaves, is_causal=causal, enable_gqa=True, impl="triton", **kw)
-    torch.testing.assert_close(out, linear_attention(q, k, v, is_causal=causal, enable_gqa=True, impl="triton", **kw))
+    out = linear_attention_dispatch(*leaves, is_causal=causal, enable_gqa=True, impl="triton", **kw)
+    torch.testing.assert_close(out, linear_attention_dispatch(q, k, v, is_causal=causal, enable_gqa=True, impl="triton", **kw))
     out.backward(torch.randn_like(out))
     assert leaves[1].grad[1, :, 41:].abs().max() == 0 and leaves[2].grad[1, :, 41:].abs().max() == 0
     assert leaves[1].grad[1, :, :41].abs().max() > 0
@@ -194,15 +194,15 @@ def test_prefill_then_decode_agree():
     q, k, v = make_qkv(tq=75, dk=32, dv=16)
     t0 = 50
     kw = dict(is_causal=True, enable_gqa=True, output_final_state=True, impl="triton", scale=0.8)
-    full, full_state = linear_attention(q, k, v, **kw)
-    _, state = linear_attention(q[:, :, :t0], k[:, :, :t0], v[:, :, :t0], **kw)
+    full, full_state = linear_attention_dispatch(q, k, v, **kw)
+    _, state = linear_attention_dispatch(q[:, :, :t0], k[:, :, :t0], v[:, :, :t0], **kw)
     decoded = []
     dec_state = state
     for t in range(t0, 75):
         out, dec_state = linear_attention_decode(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], dec_state,
                                                  scale=0.8, impl="triton")
         decoded.append(out)
-    second, second_state = linear_attention(q[:, :, t0:], k[:, :, t0:], v[:, :, t0:], initial_state=state, **kw)
+    second, second_state = linear_attention_dispatch(q[:, :, t0:], k[:, :, t0:], v[:, :, t0:], initial_state=state, **kw)
     three_at_once, _ = linear_attention_decode(q[:, :, t0:t0 + 3], k[:, :, t0:t0 + 3], v[:, :, t0:t0 + 3], state,
                                                scale=0.8, impl="triton")
 
@@ -264,5 +264,5 @@ def test_opcheck(causal):
 
 def test_interpreter_op_runs_under_torch_compile():
     q, k, v = make_qkv(batch=1, tq=40, dk=16, dv=16)
-    fn = lambda *a: linear_attention(*a, is_causal=True, enable_gqa=True, impl="triton")  # noqa: E731
+    fn = lambda *a: linear_attention_dispatch(*a, is_causal=True, enable_gqa=True, impl="triton")  # noqa: E731
     torch.testing.assert_close(torch.compile(fn, backend="aot_eager")(q, k, v), fn(q, k, v))

@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnrewrite.kernels.sigmoid import sigmoid_attention
+from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
 from attnrewrite.kernels.sigmoid.reference import naive_sigmoid_attention
 
 
 @dataclass
 class Case:
-    """One call: sizes and options of ``sigmoid_attention``; tensors are drawn fresh by ``inputs``."""
+    """One call: sizes and options of ``sigmoid_attention_dispatch``; tensors are drawn fresh by ``inputs``."""
 
     batch: int = 2
     heads_q: int = 2
@@ -109,7 +109,7 @@ def check_against_reference(case: Case, dtype: torch.dtype, impl: str, seed: int
     x = case.inputs(dtype, generator)
     exact = run(x, torch.float64, reference)
     plain = run(x, dtype, reference)
-    got = run(x, dtype, lambda q, k, v, **kw: sigmoid_attention(q, k, v, impl=impl, **kw))
+    got = run(x, dtype, lambda q, k, v, **kw: sigmoid_attention_dispatch(q, k, v, impl=impl, **kw))
     assert set(got) == set(exact), f"outputs {sorted(got)} vs reference {sorted(exact)}"
     errors = {}
     for name, ref in exact.items():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attnrewrite.kernels.sigmoid import op, sigmoid_attention
+from attnrewrite.kernels.sigmoid import op, sigmoid_attention_dispatch
 from attnrewrite.kernels.sigmoid.reference import naive_sigmoid_attention
 
 FWD = torch.ops.attnrewrite.sigmoid_attention_fwd_interpreted.default
@@ -41,7 +41,7 @@ def test_compiles_with_the_interpreted_op_and_the_torch_path():
     g = torch.Generator().manual_seed(1)
     q, k, v, _ = _inputs(g, grad=False)
     for impl in ("triton", "torch"):
-        fn = torch.compile(lambda q, k, v: sigmoid_attention(q, k, v, is_causal=True, enable_gqa=True, impl=impl),
+        fn = torch.compile(lambda q, k, v: sigmoid_attention_dispatch(q, k, v, is_causal=True, enable_gqa=True, impl=impl),
                            backend="aot_eager", fullgraph=True)
         q_, k_, v_ = (t.clone().requires_grad_() for t in (q, k, v))
         out = fn(q_, k_, v_)
@@ -55,7 +55,7 @@ def test_auto_runs_the_torch_path_off_cuda(monkeypatch):
     calls = []
     monkeypatch.setattr(op, "sigmoid_attention_triton", lambda *a: calls.append(a))
     q, k, v, _ = _inputs(torch.Generator().manual_seed(2), grad=False)
-    sigmoid_attention(q, k, v, enable_gqa=True)
+    sigmoid_attention_dispatch(q, k, v, enable_gqa=True)
     assert calls == []
 
 
@@ -63,7 +63,7 @@ def test_triton_on_cpu_without_the_interpreter_says_how_to_fix_it(monkeypatch):
     monkeypatch.setattr(op, "interpreter_active", lambda: False)
     q, k, v, _ = _inputs(torch.Generator().manual_seed(3), grad=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        sigmoid_attention(q, k, v, enable_gqa=True, impl="triton")
+        sigmoid_attention_dispatch(q, k, v, enable_gqa=True, impl="triton")
 
 
 def _call(**changes):
@@ -71,7 +71,7 @@ def _call(**changes):
     args = dict(q=torch.randn(2, 4, 8, 16, generator=g), k=torch.randn(2, 2, 10, 16, generator=g),
                 v=torch.randn(2, 2, 10, 16, generator=g), enable_gqa=True)
     args.update(changes)
-    return sigmoid_attention(**args)
+    return sigmoid_attention_dispatch(**args)
 
 
 BAD_INPUTS = {
