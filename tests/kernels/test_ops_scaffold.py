@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from attnrewrite import ops
 from attnrewrite.kernels._ops import resolve_impl, sdpa_schema
+from attnrewrite.kernels.checks import check_qkv, key_padding_mask
 from attnrewrite.kernels.linear import linear_attention_dispatch
 from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
 
@@ -19,7 +21,6 @@ def test_sdpa_schema_reads_like_sdpa():
 
 @pytest.mark.parametrize("name", SDPA_OPS)
 def test_every_public_op_starts_with_sdpas_arguments(name):
-    import attnrewrite.ops  # noqa: F401  (registers the ops)
 
     args = getattr(torch.ops.attnrewrite, name).default._schema.arguments
     got = [(a.name, str(a.type)) for a in args[:8]]
@@ -65,3 +66,55 @@ def test_both_kinds_word_their_refusals_alike(dispatch, what):
         dispatch(q, k, v, impl="triton")
     with pytest.raises(ValueError, match=rf"^{what}: impl must be 'auto', 'triton' or 'torch'"):
         dispatch(q, k, v, impl="gpu")
+
+
+# --------------------------------------------------------------------------- one exception type per fault
+
+PUBLIC = {
+    "softmax attention": lambda *a, **kw: ops.softmax_attention(*a, **kw),
+    "sigmoid attention": lambda *a, **kw: ops.sigmoid_attention(*a, **kw),
+    "linear attention": lambda *a, **kw: ops.linear_attention(*a, **kw),
+    "summary attention": lambda *a, **kw: ops.summary_attention(*a, **kw),
+    "hashed attention": lambda *a, **kw: ops.hashed_attention(*a, **kw),
+}
+
+
+def _qkv():
+    return torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+
+
+@pytest.mark.parametrize("what", list(PUBLIC))
+@pytest.mark.parametrize("fault,error,message", [
+    (lambda q, k, v: ((q.long(), k.long(), v.long()), {}), TypeError, "q must be floating point, got torch.int64"),
+    (lambda q, k, v: ((q, k.double(), v), {}), ValueError, "q, k, v must share a dtype"),
+    (lambda q, k, v: ((q, k[..., :8], v), {}), ValueError, "q and k head dims differ: 16 vs 8"),
+    (lambda q, k, v: ((q, k, v), {"enable_gqa": False}), ValueError, "pass enable_gqa=True"),
+    (lambda q, k, v: ((q[:, :3], k, v), {}), ValueError, r"query heads \(3\) to be a multiple of key/value heads"),
+    (lambda q, k, v: ((q, k, v), {"attn_mask": torch.ones(2, 1, 1, 8, dtype=torch.int32)}), TypeError,
+     "attn_mask must be bool or floating point"),
+], ids=["integer", "dtypes differ", "head dims", "gqa off", "gqa heads", "mask dtype"])
+def test_every_kind_raises_one_type_per_fault(what, fault, error, message):
+    """The checks of attnrewrite.kernels.checks, shared: same fault, same type, same words, in every kind."""
+    args, kwargs = fault(*_qkv())
+    kwargs.setdefault("enable_gqa", True)
+    with pytest.raises(error, match=f"^{what}: .*{message}") as caught:
+        PUBLIC[what](*args, **kwargs)
+    assert type(caught.value) is error
+
+
+def test_a_non_tensor_is_a_type_error():
+    """(The public ops' schemas refuse a non-tensor before any check runs; the dispatchers and the
+    checks themselves see it.)"""
+    q, k, v = _qkv()
+    with pytest.raises(TypeError, match="^x: v must be a tensor, got list"):
+        check_qkv(q, k, v.tolist(), "x")
+    with pytest.raises(TypeError, match="^sigmoid attention: k must be a tensor, got NoneType"):
+        sigmoid_attention_dispatch(q, None, v)
+
+
+def test_key_padding_mask_is_the_key_axis():
+    keep = torch.tensor([True, True, False])
+    assert key_padding_mask(keep, 2, 3, "x").shape == (1, 3)
+    assert key_padding_mask(keep.expand(2, 1, 1, 3), 2, 3, "x").shape == (2, 3)
+    with pytest.raises(ValueError, match="^x: attn_mask of shape \\(3, 3\\) is not a key-padding mask"):
+        key_padding_mask(torch.ones(3, 3, dtype=torch.bool), 2, 3, "x")

@@ -15,26 +15,25 @@ import torch
 from torch import Tensor
 
 from attnrewrite.kernels._ops import kernel_op, sdpa_schema
-from attnrewrite.kernels.checks import check_qkv
-from attnrewrite.kernels.softmax.reference import check_heads
+from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_qkv
 
 from .codes import projections
 from .sparse import hashed_attention_backward, hashed_attention_forward
 
 HASHES = ("random", "learned")
+WHAT = "hashed attention"
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
                  enable_gqa: bool, bits: int, top_k: int, window: int, sinks: int, hash: str,
                  q_projection: Optional[Tensor], k_projection: Optional[Tensor]) -> None:
-    """Raise a ValueError naming the first problem with a hashed-attention call."""
-    check_qkv(q, k, v, "hashed attention")
-    check_heads(q, k, enable_gqa)
+    """Raise an error naming the first problem with a hashed-attention call (the types as in
+    :mod:`attnrewrite.kernels.checks`)."""
+    check_qkv(q, k, v, WHAT, enable_gqa=enable_gqa)
     if is_causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(f"is_causal needs Tq == Tk (got {q.shape[-2]} and {k.shape[-2]}); queries that come after "
                          "all the keys (decoding) see every key: pass is_causal=False")
-    if dropout_p != 0.0:
-        raise ValueError(f"hashed attention has no dropout on its probabilities, got dropout_p={dropout_p}")
+    check_dropout(dropout_p, WHAT, supported=False)
     if bits < 8 or bits % 8:
         raise ValueError(f"bits must be a positive multiple of 8 (codes are stored as bytes), got {bits}")
     if top_k < 0 or window < 0 or sinks < 0:
@@ -50,13 +49,12 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], d
         if got != want:
             raise ValueError(f"projections must be [Hq, D, bits] and [Hkv, D, bits] = {want}, got {got}")
     if attn_mask is not None:
+        check_mask_dtype(attn_mask, WHAT, like=q)  # the selection adds a float mask as it is
         shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
         if (attn_mask.dim() > 4 or shape[1] != 1 or shape[0] not in (1, q.shape[0]) or shape[2] not in (1, q.shape[-2])
                 or shape[3] not in (1, k.shape[-2])):
             raise ValueError("hashed attention selects keys per key/value head group: attn_mask must be "
                              f"broadcastable to [B, 1, Tq, Tk] (the same for every head), got {tuple(attn_mask.shape)}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
-            raise ValueError(f"attn_mask must be bool or q's dtype ({q.dtype}), got {attn_mask.dtype}")
 
 
 def _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection):

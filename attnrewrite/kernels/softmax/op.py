@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from attnrewrite.kernels._ops import composite_op, sdpa_schema
-from attnrewrite.kernels.softmax.reference import check_heads
+from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_qkv
+
+WHAT = "softmax attention"
 
 
 def _softmax_attention_impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -74,20 +76,8 @@ def softmax_attention(
 
 
 def _check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() < 2:
-            raise ValueError(f"{name} must have at least 2 dims [..., T, D], got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"k and v have different numbers of keys: {k.shape[-2]} vs {v.shape[-2]}")
-    if q.dim() >= 3:
-        check_heads(q, k, enable_gqa)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
-    if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):
-        raise ValueError(f"attn_mask must be bool or q's dtype ({q.dtype}), got {attn_mask.dtype}")
+    # SDPA's layout: any leading dims, heads compared where there are some
+    check_qkv(q, k, v, WHAT, enable_gqa=enable_gqa, any_leading_dims=True)
+    check_dropout(dropout_p, WHAT, supported=True)
+    if attn_mask is not None:
+        check_mask_dtype(attn_mask, WHAT, like=q)  # SDPA adds a float mask in q's dtype

@@ -14,25 +14,24 @@ import torch
 from torch import Tensor
 
 from attnrewrite.kernels._ops import kernel_op, sdpa_schema
-from attnrewrite.kernels.checks import check_qkv
-from attnrewrite.kernels.softmax.reference import check_heads
+from attnrewrite.kernels.checks import check_dropout, check_qkv, key_padding_mask
 
 from .chunked import summary_attention_backward, summary_attention_forward
 
 SUMMARIES = ("mean", "learned")
+WHAT = "summary attention"
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
                  enable_gqa: bool, chunk_size: int, window_chunks: int, summary: str,
                  summary_query: Optional[Tensor]) -> None:
-    """Raise a ValueError naming the first problem with a summary-attention call."""
-    check_qkv(q, k, v, "summary attention")
+    """Raise an error naming the first problem with a summary-attention call (the types as in
+    :mod:`attnrewrite.kernels.checks`)."""
+    check_qkv(q, k, v, WHAT, enable_gqa=enable_gqa)
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(f"summary attention is self-attention over one sequence (Tq == Tk), got Tq={q.shape[-2]} "
                          f"and Tk={k.shape[-2]}; decode one token at a time through attnrewrite.SummaryCache")
-    check_heads(q, k, enable_gqa)
-    if dropout_p != 0.0:
-        raise ValueError(f"summary attention has no dropout on its probabilities, got dropout_p={dropout_p}")
+    check_dropout(dropout_p, WHAT, supported=False)
     if chunk_size < 1 or window_chunks < 0:
         raise ValueError(f"need chunk_size >= 1 and window_chunks >= 0, got {chunk_size} and {window_chunks}")
     if summary not in SUMMARIES:
@@ -44,13 +43,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], d
         raise ValueError(f"summary_query must be [Hkv, D] = {(k.shape[1], k.shape[-1])}, "
                          f"got {tuple(summary_query.shape)}")
     if attn_mask is not None:
-        shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
-        if (attn_mask.dim() > 4 or shape[1] != 1 or shape[2] != 1 or shape[0] not in (1, q.shape[0])
-                or shape[3] not in (1, k.shape[-2])):
-            raise ValueError("summary attention honours key-padding masks only (broadcastable from [B, 1, 1, Tk]); "
-                             f"got a mask of shape {tuple(attn_mask.shape)}")
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise ValueError(f"attn_mask must be bool or float, got {attn_mask.dtype}")
+        key_padding_mask(attn_mask, q.shape[0], k.shape[-2], WHAT)
 
 
 def key_valid_from_mask(attn_mask: Optional[Tensor], batch: int, length: int) -> Optional[Tensor]:
@@ -58,7 +51,7 @@ def key_valid_from_mask(attn_mask: Optional[Tensor], batch: int, length: int) ->
     masked values (−inf, or ≤ −10⁴ as the rewriter counts them)."""
     if attn_mask is None:
         return None
-    flat = attn_mask.reshape(attn_mask.shape[0] if attn_mask.dim() == 4 else 1, -1)
+    flat = key_padding_mask(attn_mask, batch, length, WHAT)
     if attn_mask.dtype == torch.bool:
         valid = flat
     else:

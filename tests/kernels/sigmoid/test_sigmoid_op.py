@@ -76,14 +76,14 @@ def _call(**changes):
 
 BAD_INPUTS = {
     "q rank": (dict(q=torch.randn(4, 8, 16)), ValueError, "q must be 4-d"),
-    "dtypes differ": (dict(k=torch.randn(2, 2, 10, 16).half()), TypeError, "share a dtype"),
+    "dtypes differ": (dict(k=torch.randn(2, 2, 10, 16).half()), ValueError, "share a dtype"),
     "integer dtype": (dict(q=torch.ones(2, 4, 8, 16, dtype=torch.int32), k=torch.ones(2, 2, 10, 16, dtype=torch.int32),
-                           v=torch.ones(2, 2, 10, 16, dtype=torch.int32)), TypeError, "not supported"),
+                           v=torch.ones(2, 2, 10, 16, dtype=torch.int32)), TypeError, "must be floating point"),
     "batch differs": (dict(k=torch.randn(3, 2, 10, 16)), ValueError, "batch sizes differ"),
     "heads not a multiple": (dict(q=torch.randn(2, 3, 8, 16)), ValueError, "multiple of key/value heads"),
     "gqa not enabled": (dict(enable_gqa=False), ValueError, "enable_gqa=True"),
     "head dims differ": (dict(k=torch.randn(2, 2, 10, 8)), ValueError, "head dims differ"),
-    "v length differs": (dict(v=torch.randn(2, 2, 9, 16)), ValueError, "must match k"),
+    "v length differs": (dict(v=torch.randn(2, 2, 9, 16)), ValueError, "agree on heads and number of keys"),
     "mask does not broadcast": (dict(attn_mask=torch.zeros(2, 4, 8, 9)), ValueError, "does not broadcast"),
     "mask dtype": (dict(attn_mask=torch.zeros(8, 10, dtype=torch.int64)), TypeError, "bool or floating"),
     "kv_lens shape": (dict(kv_lens=torch.tensor([3])), ValueError, r"kv_lens must be \[B\]"),

@@ -76,7 +76,7 @@ def test_compiles_without_graph_break():
     "bad,match",
     [
         (lambda q, k, v: (q, k[..., :8], v), "head dims differ"),
-        (lambda q, k, v: (q, k, v[:, :, :4]), "numbers of keys"),
+        (lambda q, k, v: (q, k, v[:, :, :4]), "agree on heads and number of keys"),
         (lambda q, k, v: (q, k.float(), v), "share a dtype"),
         (lambda q, k, v: (q, k[:, :3], v[:, :3]), "enable_gqa"),
     ],
