@@ -15,7 +15,7 @@ of 64 so that the check fits its few minutes.  Then a decode step (one token, st
 against SDPA over a KV cache of the same length, eager and in a CUDA graph; then probes of a few
 alternative launch configurations and segment counts at T = 8192, D = 128.
 
-Our kernels run with their search-space defaults (ATTNREWRITE_AUTOTUNE=0 while this runs): no
+Our kernels run with their search-space defaults (inside tuning.autotune_disabled()): no
 tuning table has been measured yet.
 """
 

@@ -58,12 +58,12 @@ def _forced_configs(configs: dict | None):
     if not configs:
         yield
         return
-    original = op.pick_config
-    op.pick_config = lambda kernel, *args, **kwargs: dict(configs[kernel])
+    original = op.launch_config
+    op.launch_config = lambda kernel, *args, **kwargs: dict(configs[kernel])
     try:
         yield
     finally:
-        op.pick_config = original
+        op.launch_config = original
 
 
 def _run(fn, tensors: dict, kwargs: dict, grad: torch.Tensor, dtype: torch.dtype) -> dict:

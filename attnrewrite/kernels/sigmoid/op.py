@@ -45,22 +45,13 @@ def sigmoid_attention_triton(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seql
 # --------------------------------------------------------------------------- configurations
 
 
-def pick_config(kernel: str, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: int, make_bench) -> dict:
-    """The configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for this call, fitted to its shape."""
+def launch_config(kernel: str, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: int, make_bench) -> dict:
+    """The configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for this call, fitted to its shape
+    (:func:`attnrewrite.kernels.tuning.pick_config` over the space for these head dims)."""
     space = spaces.SPACES[spaces.space_name(kernel, q.shape[-1], v.shape[-1])]
     shape = spaces.shape_of(q, k, v, has_mask, causal)
-    if _is_traced(q):
-        config = tuning.lookup(spaces.KIND, space, shape, q.device)
-    else:
-        config = tuning.choose(spaces.KIND, space, shape, q.device, make_bench if q.is_cuda else None)
+    config = tuning.pick_config(spaces.KIND, space, shape, q.device, make_bench, tensors=(q,))
     return spaces.fit(space, config, shape)
-
-
-def _is_traced(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return isinstance(t, (FakeTensor, FunctionalTensor)) or torch.compiler.is_compiling()
 
 
 def _unit_last_stride(t: Tensor | None) -> Tensor | None:
@@ -75,8 +66,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, bias: Te
     """Sigmoid attention forward; see ``triton_fwd.sigmoid_fwd`` for the arguments."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     args = (q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal)
-    config = pick_config("fwd", q, k, v, attn_mask is not None, causal,
-                         lambda cfg: lambda: sigmoid_fwd(*args, config=cfg))
+    config = launch_config("fwd", q, k, v, attn_mask is not None, causal,
+                           lambda cfg: lambda: sigmoid_fwd(*args, config=cfg))
     return sigmoid_fwd(*args, config=config, launch=traceable)
 
 
@@ -91,10 +82,10 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, attn_mask: Tens
     q, k, v, grad_out = (_unit_last_stride(t) for t in (q, k, v, grad_out))
     args = (q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, want_mask_grad)
     has_mask = attn_mask is not None
-    config_dq = pick_config("bwd_dq", q, k, v, has_mask, causal,
-                            lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dq",)))
-    config_dkdv = pick_config("bwd_dkdv", q, k, v, has_mask, causal,
-                              lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dkdv",)))
+    config_dq = launch_config("bwd_dq", q, k, v, has_mask, causal,
+                              lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dq",)))
+    config_dkdv = launch_config("bwd_dkdv", q, k, v, has_mask, causal,
+                                lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dkdv",)))
     return sigmoid_bwd(*args, config_dq, config_dkdv, launch=traceable)
 
 

@@ -44,7 +44,7 @@ CASES = {
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(op, "pick_config", lambda kernel, *args, **kwargs: dict(SMALL_TILES[kernel]))
+    monkeypatch.setattr(op, "launch_config", lambda kernel, *args, **kwargs: dict(SMALL_TILES[kernel]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -63,7 +63,7 @@ def test_torch_path_matches_reference(name, dtype):
 @pytest.mark.parametrize("name", ["causal_top_left", "gqa_causal", "t5_bias_with_grad"])
 def test_newton_reciprocal_matches_reference(name, dtype, monkeypatch):
     newton = {kernel: dict(config, RCP_NEWTON=1) for kernel, config in SMALL_TILES.items()}
-    monkeypatch.setattr(op, "pick_config", lambda kernel, *args, **kwargs: dict(newton[kernel]))
+    monkeypatch.setattr(op, "launch_config", lambda kernel, *args, **kwargs: dict(newton[kernel]))
     check_against_reference(CASES[name], dtype, "triton", seed=7)
 
 
