@@ -21,7 +21,6 @@ tuning table has been measured yet.
 
 from __future__ import annotations
 
-import math
 import sys
 import traceback
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from attnrewrite.kernels import tuning
+from attnrewrite.testing.numerics import error_budget, rounding_band
 
 NAME = "linear"
 TIMING_BATCH, TIMING_HEADS = 2, 16
@@ -82,9 +82,8 @@ def _check(case, dtype, candidate, q, k, v, *, causal, scale=1.0, key_mask=None,
     for name, expected in ref.items():
         if names is not None and name not in names:
             continue
-        # one rounding to the dtype, plus an fp32 running sum over T terms
-        band = (torch.finfo(dtype).eps + torch.finfo(torch.float32).eps * math.sqrt(k.shape[2])) * expected.abs().max().item()
-        bound = 2 * (plain[name].double() - expected).abs().max().item() + band
+        # the rule of attnrewrite.testing.numerics, with the band of an fp32 running sum over T terms
+        bound = error_budget(plain[name], expected, dtype, band=rounding_band(dtype, expected, length=k.shape[2]))
         actual = got[name].double()
         err = (actual - expected).abs().max().item() if torch.isfinite(actual).all() else float("inf")
         if worst is None or err / bound > worst[1] / worst[2]:

@@ -31,6 +31,7 @@ import traceback
 import torch
 
 from attnrewrite.kernels import tuning
+from attnrewrite.testing.numerics import error_budget, max_error
 
 NAME = "sigmoid"
 # No new row starts after these many seconds from the family's first call (compiles included), so a
@@ -146,9 +147,8 @@ def _check_rows(name, dtype, fn, tensors, kwargs, forced=None, impl_label="trito
         got = _run(fn, tensors, kwargs, tensors["grad"], dtype)
     rows = []
     for out_name, ref in exact.items():
-        err = (got[out_name].double() - ref).abs().max().item()
-        plain_err = (plain[out_name].double() - ref).abs().max().item()
-        bound = 2 * plain_err + 2 * torch.finfo(dtype).eps * ref.abs().max().item()
+        err, plain_err = max_error(got[out_name], ref), max_error(plain[out_name], ref)
+        bound = error_budget(plain[out_name], ref, dtype)  # the rule of attnrewrite.testing.numerics
         rows.append({"case": f"{name} [{impl_label}]", "dtype": str(dtype).replace("torch.", ""), "output": out_name,
                      "max_err": err, "plain_torch_err": plain_err, "bound": bound,
                      "ok": bool(math.isfinite(err) and err <= bound)})
