@@ -108,7 +108,7 @@ def sigmoid_attention_dispatch(
     never materialises the full Tq x Tk matrix.  Both compute in float32.
     """
     problem = _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                        bias, kv_lens, cu_seqlens_q, cu_seqlens_k, causal_align, impl)
+                        bias, kv_lens, cu_seqlens_q, cu_seqlens_k, causal_align)
     path = _resolve_impl(impl, q, dropout_p, problem)
 
     if attn_mask is not None:
@@ -168,7 +168,8 @@ def resolve_bias(
 
 
 def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-              bias, kv_lens, cu_seqlens_q, cu_seqlens_k, causal_align, impl) -> Problem:
+              bias, kv_lens, cu_seqlens_q, cu_seqlens_k, causal_align) -> Problem:
+    """The sizes of a checked call; ``impl`` is checked by :func:`_resolve_impl`."""
     check_qkv(q, k, v, WHAT, enable_gqa=enable_gqa, dtypes=_FLOAT_DTYPES + (torch.float64,))
     check_dropout(dropout_p, WHAT, supported=True)
     batch, heads_q, len_q, dim = q.shape
