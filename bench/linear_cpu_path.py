@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from attnrewrite.kernels.linear import linear_attention  # noqa: E402
+from attnrewrite.kernels.linear import linear_attention_dispatch  # noqa: E402
 
 
 def cpu_seconds(fn, backward: bool, repeats: int) -> float:
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, args.heads, args.T, args.dim, requires_grad=True) for _ in range(3))
-    impls = {"linear (torch path)": lambda: linear_attention(q, k, v, is_causal=True, impl="torch"),
+    impls = {"linear (torch path)": lambda: linear_attention_dispatch(q, k, v, is_causal=True, impl="torch"),
              "sdpa softmax": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)}
     results = {}
     for name, fn in impls.items():

@@ -1,21 +1,135 @@
-"""Input checks shared by the kinds' operators: a clear error naming the first problem."""
+"""Input checks shared by the kinds' operators: a clear error naming the first problem.
+
+Every kind raises one exception type per fault:
+
+- ``TypeError`` — an argument has the wrong type: not a tensor where one is needed, or a tensor
+  whose dtype that argument can never have (integer q/k/v, a float ``kv_lens``, an integer
+  ``attn_mask``, a state that is not float32/float64, int64 ``cu_seqlens`` where int32 is required).
+- ``ValueError`` — every argument is of an acceptable type but the call is not: shapes that do not
+  pair up, tensors of different dtypes or on different devices, option values out of range, a mask
+  the kind cannot honour, or inputs the chosen implementation cannot take
+  (:func:`attnrewrite.kernels._ops.resolve_impl`).
+
+Every message starts with the operation it comes from (``what``, e.g. ``"summary attention"``).
+"""
 
 from __future__ import annotations
 
+from typing import Any, Sequence
+
+import torch
 from torch import Tensor
 
 
-def check_qkv(q: Tensor, k: Tensor, v: Tensor, what: str) -> None:
-    """q, k, v must be [B, H, T, D] tensors of one dtype and device whose shapes pair up.
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, what: str, *, enable_gqa: bool | None = None,
+              dtypes: Sequence[torch.dtype] | None = None, any_leading_dims: bool = False) -> None:
+    """q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv]: floating-point tensors of one dtype and
+    device whose shapes pair up.
 
-    ``what`` names the operator in the message (e.g. ``"summary attention"``).
+    Args:
+        what: the operation, at the head of every message.
+        enable_gqa: when given, the head counts are checked too (:func:`check_heads`).
+        dtypes: the dtypes the operation takes (default: any floating-point dtype).
+        any_leading_dims: SDPA's layout [..., (H,) T, D] with any leading dims, instead of exactly 4-d;
+            then only the dims every layout has are compared (head dims, number of keys, heads).
+
+    Raises:
+        TypeError: an input is not a tensor, not floating point, or of a dtype not in ``dtypes``.
+        ValueError: a rank, dtype, device or shape does not pair up.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{what} takes [B, H, T, D] tensors; {name} has shape {tuple(t.shape)}")
+    named = (("q", q), ("k", k), ("v", v))
+    for name, t in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{what}: {name} must be a tensor, got {type(t).__name__}")
+    for name, t in named:
+        if any_leading_dims and t.dim() < 2:
+            raise ValueError(f"{what}: {name} must have at least 2 dims [..., T, D], got shape {tuple(t.shape)}")
+        if not any_leading_dims and t.dim() != 4:
+            raise ValueError(f"{what}: {name} must be 4-d [B, H, T, D], got shape {tuple(t.shape)}")
+    for name, t in named:
+        if not t.is_floating_point():
+            raise TypeError(f"{what}: {name} must be floating point, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"{what}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if dtypes is not None and q.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{what}: dtype {q.dtype} is not supported ({names})")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape[-1] != k.shape[-1] or k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0]:
-        raise ValueError(f"mismatched shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(f"{what}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not any_leading_dims and not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"{what}: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{what}: q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
+    # SDPA's layout compares the number of keys only; [B, H, T, D] pairs heads as well
+    kv_dims = slice(-2, -1) if any_leading_dims else slice(0, 3)
+    if k.shape[kv_dims] != v.shape[kv_dims]:
+        raise ValueError(f"{what}: k {tuple(k.shape)} and v {tuple(v.shape)} must agree on heads and number of keys")
+    if enable_gqa is not None and q.dim() >= 3 and k.dim() >= 3:
+        check_heads(q, k, enable_gqa, what)
+
+
+def check_heads(q: Tensor, k: Tensor, enable_gqa: bool, what: str) -> None:
+    """The head counts of q [..., Hq, Tq, D] and k [..., Hkv, Tk, D] pair up: equal, or (with
+    ``enable_gqa``, as in SDPA) Hq a multiple of Hkv.  Raises ValueError otherwise."""
+    hq, hk = q.shape[-3], k.shape[-3]
+    if hq == hk:
+        return
+    if not enable_gqa:
+        raise ValueError(f"{what}: q has {hq} heads and k has {hk}: pass enable_gqa=True for grouped-query attention")
+    if hk == 0 or hq % hk != 0:
+        raise ValueError(f"{what}: grouped-query attention needs query heads ({hq}) to be a multiple of "
+                         f"key/value heads ({hk})")
+
+
+def check_dropout(dropout_p: float, what: str, *, supported: bool) -> None:
+    """``dropout_p`` lies in [0, 1) where the operation implements dropout, and is 0 where it does not."""
+    if supported and not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{what}: dropout_p must lie in [0, 1), got {dropout_p}")
+    if not supported and dropout_p != 0.0:
+        raise ValueError(f"{what}: dropout_p must be 0 ({what} has no dropout on its weights), got {dropout_p}")
+
+
+def check_mask_dtype(attn_mask: Any, what: str, *, like: Tensor | None = None) -> None:
+    """``attn_mask`` is a bool (True = may attend) or floating-point (added to the scores) tensor.
+
+    With ``like`` (q), a float mask must also have its dtype, for operators whose kernels add it as it is.
+
+    Raises:
+        TypeError: not a tensor, or neither bool nor floating point.
+        ValueError: a float mask of another dtype than ``like``.
+    """
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"{what}: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"{what}: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    if like is not None and attn_mask.is_floating_point() and attn_mask.dtype != like.dtype:
+        raise ValueError(f"{what}: a float attn_mask must have q's dtype ({like.dtype}), got {attn_mask.dtype}")
+
+
+def key_padding_mask(attn_mask: Tensor, batch: int, len_k: int, what: str) -> Tensor:
+    """The [B or 1, Tk or 1] view of a key-padding mask broadcastable from [B, 1, 1, Tk] (bool or float,
+    as the caller reads it), for kinds that can honour no other mask.
+
+    Raises:
+        TypeError: see :func:`check_mask_dtype`.
+        ValueError: the mask varies across heads or queries (or has more than 4 dims).
+    """
+    check_mask_dtype(attn_mask, what)
+    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    if (attn_mask.dim() > 4 or shape[1] != 1 or shape[2] != 1 or shape[0] not in (1, batch)
+            or shape[3] not in (1, len_k)):
+        raise ValueError(
+            f"{what}: attn_mask of shape {tuple(attn_mask.shape)} is not a key-padding mask (broadcastable from "
+            f"[B, 1, 1, Tk] = [{batch}, 1, 1, {len_k}]); {what} cannot honour a mask that varies across heads "
+            "or queries (use is_causal for causal masking)")
+    return attn_mask.reshape(shape)[:, 0, 0, :]
+
+
+def check_kv_lens(kv_lens: Any, batch: int, what: str) -> None:
+    """``kv_lens`` is an integer tensor [B]: the number of valid keys of each sequence."""
+    if not isinstance(kv_lens, Tensor) or kv_lens.dtype.is_floating_point or kv_lens.dtype.is_complex \
+            or kv_lens.dtype == torch.bool:
+        got = kv_lens.dtype if isinstance(kv_lens, Tensor) else type(kv_lens).__name__
+        raise TypeError(f"{what}: kv_lens must be an integer tensor [B], got {got}")
+    if kv_lens.dim() != 1 or kv_lens.shape[0] != batch:
+        raise ValueError(f"{what}: kv_lens must be [B] = [{batch}], got shape {tuple(kv_lens.shape)}")

@@ -9,7 +9,9 @@ Which point of that space to use on a given GPU and shape is data: a JSON table
       -> autotune over the declared space (GPU only, once per bucket and process)
       -> the space's safe default
 
-and the choice, with where it came from, is logged at debug level.
+and the choice, with where it came from, is logged at debug level.  :func:`pick_config` is that
+lookup for one launch, as every kind's kernels call it; :func:`autotune_disabled` turns the timed
+search off for a block of code (the environment variable ``ATTNREWRITE_AUTOTUNE=0`` for a process).
 
 Table format (``schema`` 1)::
 
@@ -22,6 +24,7 @@ Table format (``schema`` 1)::
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as _dt
 import functools
 import importlib
@@ -133,23 +136,93 @@ def load_table(kind: str, device: str) -> dict:
 _chosen: dict[tuple[str, str, str, str], Config] = {}
 
 
+# Whether a table miss may be autotuned.  Unset means "as the environment says"
+# (ATTNREWRITE_AUTOTUNE, default on); autotune_disabled() sets it for a block.  A context variable
+# rather than os.environ: it is local to the thread (and task) that set it, and setting it does not
+# leak into subprocesses or other threads.
+_AUTOTUNE: contextvars.ContextVar[bool] = contextvars.ContextVar("attnrewrite_autotune")
+
+
 def autotune_enabled() -> bool:
-    """Autotuning on a table miss is on unless ``ATTNREWRITE_AUTOTUNE=0``."""
-    return os.environ.get("ATTNREWRITE_AUTOTUNE", "1") != "0"
+    """Whether a table miss on a GPU may be autotuned: off inside :func:`autotune_disabled`, else
+    off when the environment variable ``ATTNREWRITE_AUTOTUNE`` is ``"0"``, else on."""
+    enabled = _AUTOTUNE.get(None)
+    if enabled is None:
+        enabled = _backward_callers_setting()
+    if enabled is None:
+        enabled = os.environ.get("ATTNREWRITE_AUTOTUNE", "1") != "0"
+    return enabled
+
+
+def _backward_callers_setting() -> bool | None:
+    """The setting of the code that called ``.backward()``, when this runs inside it.
+
+    Autograd runs a CUDA backward on a device thread of its own, where the caller's context
+    variables are unset; torch stashes the caller's context for those threads
+    (``torch.autograd.graph._engine_run_backward``), so a backward started inside
+    :func:`autotune_disabled` launches its kernels without timing, as the forward did.
+    """
+    try:
+        if not torch._C._is_key_in_tls("context"):
+            return None
+        caller = torch._C._get_obj_in_tls("context")
+    except (AttributeError, RuntimeError):  # a torch without the stash: the thread's own setting only
+        return None
+    return caller.get(_AUTOTUNE, None) if isinstance(caller, contextvars.Context) else None
 
 
 @contextlib.contextmanager
 def autotune_disabled() -> Iterator[None]:
-    """Within the block a table miss takes the default instead of a timed search."""
-    old = os.environ.get("ATTNREWRITE_AUTOTUNE")
-    os.environ["ATTNREWRITE_AUTOTUNE"] = "0"
+    """Within the block a table miss takes the default instead of a timed search (in this thread or
+    task, and in the backward passes it starts)."""
+    token = _AUTOTUNE.set(False)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("ATTNREWRITE_AUTOTUNE", None)
-        else:
-            os.environ["ATTNREWRITE_AUTOTUNE"] = old
+        _AUTOTUNE.reset(token)
+
+
+def is_traced(*tensors: torch.Tensor) -> bool:
+    """True while a graph is being traced (torch.compile, make_fx, fake or functional tensors):
+    then nothing can be launched or timed."""
+    from torch._subclasses.fake_tensor import is_fake
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return torch.compiler.is_compiling() or any(isinstance(t, FunctionalTensor) or is_fake(t) for t in tensors)
+
+
+def pick_config(
+    kind: str,
+    space: SearchSpace,
+    shape: Shape,
+    device: torch.device,
+    make_bench: Callable[[Config], Callable[[], Any]] | None = None,
+    *,
+    tensors: Iterable[torch.Tensor] = (),
+    config: Mapping[str, int] | None = None,
+) -> Config:
+    """The configuration to launch ``space.kernel`` with, for one call of a kind's kernels.
+
+    Args:
+        kind: ``"sigmoid"``, ``"linear"``: whose tables to read.
+        space, shape: the kernel's search space and the launch shape (the space buckets it).
+        device: the tensors' device.
+        make_bench: ``make_bench(config)`` -> a callable that launches once with ``config``, for a
+            timed search on a GPU; None when the launch cannot be timed.
+        tensors: the call's tensors, to tell a traced call (fake or functional tensors) from a real one.
+        config: a configuration forced by the caller (tests, tuning); returned as it is.
+
+    Returns:
+        ``config`` when given; while tracing, :func:`lookup` (memoised choice, table, default; nothing
+        timed and nothing remembered, so a later real call may still autotune); otherwise
+        :func:`choose` (table -> autotune on a GPU -> default, memoised and logged).
+    """
+    if config is not None:
+        log.debug("%s/%s: %s given by the caller", kind, space.kernel, dict(config))
+        return dict(config)
+    if is_traced(*tensors):
+        return lookup(kind, space, shape, device)
+    return choose(kind, space, shape, device, make_bench if torch.device(device).type == "cuda" else None)
 
 
 def choose(
@@ -192,13 +265,18 @@ def lookup(kind: str, space: SearchSpace, shape: Shape, device: torch.device | s
     else the table entry, else the default.  Remembers nothing, so a later :func:`choose` may still
     autotune.  For code that runs while a graph is traced (fake tensors: nothing can be timed)."""
     dev = device_key(device)
-    memo = _chosen.get((kind, space.kernel, dev, space.bucket(shape)))
+    bucket = space.bucket(shape)
+    memo = _chosen.get((kind, space.kernel, dev, bucket))
+    entry = load_table(kind, dev).get("kernels", {}).get(space.kernel, {}).get(bucket)
     if memo is not None:
-        return dict(memo)
-    entry = load_table(kind, dev).get("kernels", {}).get(space.kernel, {}).get(space.bucket(shape))
-    if entry is not None and space.contains(entry["config"]) and (space.valid is None or space.valid(entry["config"], shape)):
-        return dict(entry["config"])
-    return dict(space.default)
+        config, source = dict(memo), "an earlier choice"
+    elif (entry is not None and space.contains(entry["config"])
+          and (space.valid is None or space.valid(entry["config"], shape))):
+        config, source = dict(entry["config"]), "table"
+    else:
+        config, source = dict(space.default), "default"
+    log.debug("%s/%s on %s, bucket %s, traced: %s from %s", kind, space.kernel, dev, bucket, config, source)
+    return config
 
 
 def autotune(
@@ -333,12 +411,16 @@ __all__ = [
     "SearchSpace",
     "Workload",
     "autotune",
+    "autotune_disabled",
+    "autotune_enabled",
     "choose",
     "device_key",
+    "is_traced",
     "iter_tables",
     "kind_module",
     "lookup",
     "load_table",
+    "pick_config",
     "table_path",
     "tune_kind",
     "validate_table",

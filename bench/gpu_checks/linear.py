@@ -15,13 +15,12 @@ of 64 so that the check fits its few minutes.  Then a decode step (one token, st
 against SDPA over a KV cache of the same length, eager and in a CUDA graph; then probes of a few
 alternative launch configurations and segment counts at T = 8192, D = 128.
 
-Our kernels run with their search-space defaults (ATTNREWRITE_AUTOTUNE=0 while this runs): no
+Our kernels run with their search-space defaults (inside tuning.autotune_disabled()): no
 tuning table has been measured yet.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import traceback
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from attnrewrite.kernels import tuning
+from attnrewrite.testing.numerics import error_budget, rounding_band
 
 NAME = "linear"
 TIMING_BATCH, TIMING_HEADS = 2, 16
@@ -82,9 +82,8 @@ def _check(case, dtype, candidate, q, k, v, *, causal, scale=1.0, key_mask=None,
     for name, expected in ref.items():
         if names is not None and name not in names:
             continue
-        # one rounding to the dtype, plus an fp32 running sum over T terms
-        band = (torch.finfo(dtype).eps + torch.finfo(torch.float32).eps * math.sqrt(k.shape[2])) * expected.abs().max().item()
-        bound = 2 * (plain[name].double() - expected).abs().max().item() + band
+        # the rule of attnrewrite.testing.numerics, with the band of an fp32 running sum over T terms
+        bound = error_budget(plain[name], expected, dtype, band=rounding_band(dtype, expected, length=k.shape[2]))
         actual = got[name].double()
         err = (actual - expected).abs().max().item() if torch.isfinite(actual).all() else float("inf")
         if worst is None or err / bound > worst[1] / worst[2]:
@@ -95,10 +94,10 @@ def _check(case, dtype, candidate, q, k, v, *, causal, scale=1.0, key_mask=None,
 
 
 def _api(causal, scale=1.0, **kw):
-    from attnrewrite.kernels.linear import linear_attention
+    from attnrewrite.kernels.linear import linear_attention_dispatch
 
     def candidate(q, k, v, st):
-        out, final = linear_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True, initial_state=st,
+        out, final = linear_attention_dispatch(q, k, v, is_causal=causal, scale=scale, enable_gqa=True, initial_state=st,
                                       output_final_state=True, impl="triton", **kw)
         return out, final.S, final.z
 
@@ -161,9 +160,9 @@ def _cases(device):
         t0 = T - (40 if device.type == "cuda" else 5)
 
         def candidate(q_, k_, v_, st):
-            from attnrewrite.kernels.linear import linear_attention, linear_attention_decode
+            from attnrewrite.kernels.linear import linear_attention_dispatch, linear_attention_decode
 
-            _, state_ = linear_attention(q_[:, :, :t0], k_[:, :, :t0], v_[:, :, :t0], is_causal=True, enable_gqa=True,
+            _, state_ = linear_attention_dispatch(q_[:, :, :t0], k_[:, :, :t0], v_[:, :, :t0], is_causal=True, enable_gqa=True,
                                          output_final_state=True, impl="triton")
             outs = []
             with torch.no_grad():  # the decode kernel itself (with gradients decode takes the chunked op)
@@ -171,7 +170,7 @@ def _cases(device):
                     out, state_ = linear_attention_decode(q_[:, :, t:t + 1], k_[:, :, t:t + 1], v_[:, :, t:t + 1],
                                                           state_, impl="triton")
                     outs.append(out)
-            prefix = linear_attention(q_[:, :, :t0], k_[:, :, :t0], v_[:, :, :t0], is_causal=True, enable_gqa=True,
+            prefix = linear_attention_dispatch(q_[:, :, :t0], k_[:, :, :t0], v_[:, :, :t0], is_causal=True, enable_gqa=True,
                                       impl="triton")
             # decoded rows carry no gradient: the row compares outputs and state only
             return torch.cat([prefix, torch.cat(outs, 2)], 2), state_.S, state_.z
@@ -272,14 +271,14 @@ def _prune(configs):
 
 
 def _timing_rows(device, T, d, fla_fn, passes):
-    from attnrewrite.kernels.linear import linear_attention
+    from attnrewrite.kernels.linear import linear_attention_dispatch
 
     b, h = TIMING_BATCH, TIMING_HEADS
     q, k, v, do = (torch.randn(b, h, T, d, device=device, dtype=torch.bfloat16) for _ in range(4))
     q_t, k_t, v_t, do_t = (x.transpose(1, 2).contiguous() for x in (q, k, v, do))  # fla's [B, T, H, D]
     leaves = [x.requires_grad_() for x in (q, k, v, q_t, k_t, v_t)]
     impls = {
-        "ours": lambda: linear_attention(q, k, v, is_causal=True, impl="triton"),
+        "ours": lambda: linear_attention_dispatch(q, k, v, is_causal=True, impl="triton"),
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     }
     if fla_fn is not None:
@@ -336,7 +335,7 @@ def _decode_rows(device, T, d):
 def _probe_rows(device):
     """Alternative launch configurations of each causal kernel, and segment counts, at T = 8192, D = 128:
     how far the untuned defaults are from the best nearby point (a tuning table would close the gap)."""
-    from attnrewrite.kernels.linear import linear_attention
+    from attnrewrite.kernels.linear import linear_attention_dispatch
     from attnrewrite.kernels.linear.op import ops_for
     from attnrewrite.kernels.linear.tune import SPACES
 
@@ -376,7 +375,7 @@ def _probe_rows(device):
             row = {"case": f"probe {kernel} {'default ' if alt is None else ''}{config}", "T": T, "D": d}
             tuning.choose = choose
             try:
-                row["ours_ms"] = _bench(lambda: linear_attention(q, k, v, is_causal=True, impl="triton").backward(do),
+                row["ours_ms"] = _bench(lambda: linear_attention_dispatch(q, k, v, is_causal=True, impl="triton").backward(do),
                                         grad_to_none=leaves)
             except Exception as exc:  # noqa: BLE001
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"

@@ -31,6 +31,7 @@ import traceback
 import torch
 
 from attnrewrite.kernels import tuning
+from attnrewrite.testing.numerics import error_budget, max_error
 
 NAME = "sigmoid"
 # No new row starts after these many seconds from the family's first call (compiles included), so a
@@ -58,12 +59,12 @@ def _forced_configs(configs: dict | None):
     if not configs:
         yield
         return
-    original = op.pick_config
-    op.pick_config = lambda kernel, *args, **kwargs: dict(configs[kernel])
+    original = op.launch_config
+    op.launch_config = lambda kernel, *args, **kwargs: dict(configs[kernel])
     try:
         yield
     finally:
-        op.pick_config = original
+        op.launch_config = original
 
 
 def _run(fn, tensors: dict, kwargs: dict, grad: torch.Tensor, dtype: torch.dtype) -> dict:
@@ -146,9 +147,8 @@ def _check_rows(name, dtype, fn, tensors, kwargs, forced=None, impl_label="trito
         got = _run(fn, tensors, kwargs, tensors["grad"], dtype)
     rows = []
     for out_name, ref in exact.items():
-        err = (got[out_name].double() - ref).abs().max().item()
-        plain_err = (plain[out_name].double() - ref).abs().max().item()
-        bound = 2 * plain_err + 2 * torch.finfo(dtype).eps * ref.abs().max().item()
+        err, plain_err = max_error(got[out_name], ref), max_error(plain[out_name], ref)
+        bound = error_budget(plain[out_name], ref, dtype)  # the rule of attnrewrite.testing.numerics
         rows.append({"case": f"{name} [{impl_label}]", "dtype": str(dtype).replace("torch.", ""), "output": out_name,
                      "max_err": err, "plain_torch_err": plain_err, "bound": bound,
                      "ok": bool(math.isfinite(err) and err <= bound)})
@@ -159,13 +159,13 @@ def _check_rows(name, dtype, fn, tensors, kwargs, forced=None, impl_label="trito
 
 
 def correctness(device) -> list[dict]:
-    from attnrewrite.kernels.sigmoid import sigmoid_attention
+    from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
 
     _elapsed()
     rows: list[dict] = []
     gen = torch.Generator(device=device).manual_seed(0)
-    triton_impl = lambda q, k, v, **kw: sigmoid_attention(q, k, v, impl="triton", **kw)  # noqa: E731
-    torch_impl = lambda q, k, v, **kw: sigmoid_attention(q, k, v, impl="torch", **kw)  # noqa: E731
+    triton_impl = lambda q, k, v, **kw: sigmoid_attention_dispatch(q, k, v, impl="triton", **kw)  # noqa: E731
+    torch_impl = lambda q, k, v, **kw: sigmoid_attention_dispatch(q, k, v, impl="torch", **kw)  # noqa: E731
     plan = [(n, dt, s, o, f, triton_impl, "triton") for n, dt, s, o, f in CASES]
     plan.append(("gqa 8/2 + kv_lens + bottom-right d128", torch.bfloat16, (3, 8, 2, 64, 700, 128),
                  {"is_causal": True, "causal_align": "bottom_right", "kv_lens": [700, 333, 1]}, None,
@@ -188,16 +188,16 @@ def correctness(device) -> list[dict]:
 
 def _compiled_rows(device, gen) -> list[dict]:
     """torch.compile (inductor, fullgraph) over the triton_op: same results as eager, no graph break."""
-    from attnrewrite.kernels.sigmoid import sigmoid_attention
+    from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
 
     name = f"torch.compile({COMPILE_BACKEND}, fullgraph) fwd+bwd, causal d64"
     if _elapsed() > CORRECTNESS_BUDGET_S:
         return [{"case": name, "note": "skipped: time budget"}]
     try:
         tensors, kwargs = _case_inputs(device, gen, 2, 4, 2, 256, 256, 64, is_causal=True)
-        fn = torch.compile(lambda q, k, v, **kw: sigmoid_attention(q, k, v, **kw), fullgraph=True,
+        fn = torch.compile(lambda q, k, v, **kw: sigmoid_attention_dispatch(q, k, v, **kw), fullgraph=True,
                            backend=COMPILE_BACKEND)
-        eager = _run(lambda q, k, v, **kw: sigmoid_attention(q, k, v, **kw), tensors, kwargs, tensors["grad"],
+        eager = _run(lambda q, k, v, **kw: sigmoid_attention_dispatch(q, k, v, **kw), tensors, kwargs, tensors["grad"],
                      torch.bfloat16)
         compiled = _run(fn, tensors, kwargs, tensors["grad"], torch.bfloat16)
         rows = []
@@ -278,7 +278,7 @@ def _time_shape(device, dim, length, causal, rows, ts=None, configs=None, varian
     """Append our row (forward and forward+backward against SDPA flash) and, given ``ts``, triton-sigmoid's."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from attnrewrite.kernels.sigmoid import sigmoid_attention
+    from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
 
     label = _label(dim, length, causal)
     try:
@@ -288,7 +288,7 @@ def _time_shape(device, dim, length, causal, rows, ts=None, configs=None, varian
                        for _ in range(4))
         for t in (q, k, v):
             t.requires_grad_()
-        ours = lambda: sigmoid_attention(q, k, v, is_causal=causal, impl="triton")  # noqa: E731
+        ours = lambda: sigmoid_attention_dispatch(q, k, v, is_causal=causal, impl="triton")  # noqa: E731
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
             t_sdpa = (_bench(sdpa), _bench(lambda: sdpa().backward(do), [q, k, v]))
@@ -378,7 +378,7 @@ def _triton_sigmoid_row(ts, label, q, k, v, do, causal, batch, heads, length, di
 def _headline_accuracy(device, ts) -> list[dict]:
     """Output error against float64 at the headline T and D in TIMING_DTYPE (where P ~ 1/T): ours, plain
     torch at that dtype and triton-sigmoid (which computes sigmoid with tanh.approx by default)."""
-    from attnrewrite.kernels.sigmoid import sigmoid_attention
+    from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
     from attnrewrite.kernels.sigmoid.reference import naive_sigmoid_attention
 
     try:
@@ -387,7 +387,7 @@ def _headline_accuracy(device, ts) -> list[dict]:
         q, k, v = (torch.randn(1, 2, length, dim, device=device, generator=gen) for _ in range(3))
         ref = naive_sigmoid_attention(q.double(), k.double(), v.double())
         low = [t.to(TIMING_DTYPE) for t in (q, k, v)]
-        errs = {"ours": sigmoid_attention(*low, impl="triton"), "plain torch": naive_sigmoid_attention(*low)}
+        errs = {"ours": sigmoid_attention_dispatch(*low, impl="triton"), "plain torch": naive_sigmoid_attention(*low)}
         if ts is not None:
             errs["triton-sigmoid"] = ts.sigmoid_attention(*(t.transpose(1, 2).contiguous() for t in low)).transpose(1, 2)
         scale = ref.abs().max().item()

@@ -7,6 +7,7 @@ import torch
 from attnrewrite import ops
 from attnrewrite.kernels.linear.reference import naive_quadratic_linear_attn
 from attnrewrite.kernels.sigmoid.reference import naive_sigmoid_attention
+from attnrewrite.testing.numerics import assert_within_budget
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -24,13 +25,10 @@ def _padding(b=2, t=12):
 
 
 def _error_bound(fn, ref_fn, args, dtype):
-    """Error of ``fn`` at ``dtype`` must be ≤ 2 × plain torch's error at ``dtype`` + a rounding band."""
+    """The rule of attnrewrite.testing.numerics: ``fn`` at ``dtype`` against the fp64 reference."""
     exact = ref_fn(*[a.double() for a in args])
     low = [a.to(dtype) for a in args]
-    got, plain = fn(*low).double(), ref_fn(*low).double()
-    err, plain_err = (got - exact).abs().max(), (plain - exact).abs().max()
-    band = 2 * torch.finfo(dtype).eps * exact.abs().max()
-    assert err <= 2 * plain_err + band, (dtype, float(err), float(plain_err))
+    assert_within_budget(fn(*low), ref_fn(*low), exact, dtype, "out")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

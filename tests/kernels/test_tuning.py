@@ -1,9 +1,13 @@
 """The tuning scheme: search spaces, lookup order, atomic tables, and every shipped table's schema."""
 
+import contextvars
 import importlib
 import json
+import os
+import threading
 
 import pytest
+import torch
 
 from attnrewrite.kernels import tuning
 
@@ -99,3 +103,108 @@ def test_lookup_never_times_and_never_memoises(monkeypatch):
     tuning._chosen[("toykind", "toy_fwd", "cpu", "t64")] = {"BLOCK_M": 64, "num_warps": 2}
     assert tuning.lookup("toykind", space, {"T": 64}, device="cpu") == {"BLOCK_M": 64, "num_warps": 2}
     tuning._chosen.clear()
+
+
+# --------------------------------------------------------------------------- pick_config and the autotune switch
+
+GPU = torch.device("cuda", 0)  # only named: device_key is patched, nothing runs on it
+
+
+@pytest.fixture
+def gpu_without_table(monkeypatch):
+    """choose() on a pretend GPU with no table: records whether it autotuned."""
+    tuning._chosen.clear()
+    searched = []
+
+    def device_key(device=None):
+        return "pretend-gpu" if device is not None and torch.device(device).type == "cuda" else "cpu"
+
+    monkeypatch.setattr(tuning, "device_key", device_key)
+    monkeypatch.setattr(tuning, "load_table", lambda kind, dev: {"kernels": {}})
+
+    def autotune(space, shape, bench):
+        searched.append(1)
+        return {"BLOCK_M": 64, "num_warps": 4}, 0.1
+
+    monkeypatch.setattr(tuning, "autotune", autotune)
+    monkeypatch.delenv("ATTNREWRITE_AUTOTUNE", raising=False)
+    yield searched
+    tuning._chosen.clear()
+
+
+def test_pick_config_order(gpu_without_table):
+    space, shape, bench = _space(), {"T": 64}, lambda config: (lambda: None)
+    forced = {"BLOCK_M": 32, "num_warps": 2}
+    assert tuning.pick_config("toykind", space, shape, GPU, bench, config=forced) == forced
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        traced = mode.from_tensor(torch.ones(2))
+    assert tuning.pick_config("toykind", space, shape, GPU, bench, tensors=(traced,)) == space.default
+    assert gpu_without_table == [] and tuning._chosen == {}  # traced: nothing timed, nothing remembered
+    searched = tuning.pick_config("toykind", space, shape, GPU, bench, tensors=(torch.ones(2),))
+    assert searched == {"BLOCK_M": 64, "num_warps": 4}
+    assert gpu_without_table == [1]
+    assert tuning.pick_config("toykind", space, shape, torch.device("cpu"), bench) == space.default  # no search on CPU
+
+
+def test_autotune_disabled_is_a_context_not_the_environment(gpu_without_table):
+    space, bench = _space(), lambda config: (lambda: None)
+    with tuning.autotune_disabled():
+        assert not tuning.autotune_enabled()
+        assert "ATTNREWRITE_AUTOTUNE" not in os.environ
+        assert tuning.pick_config("toykind", space, {"T": 64}, GPU, bench) == space.default
+        seen_by_another_thread = []
+        worker = threading.Thread(target=lambda: seen_by_another_thread.append(tuning.autotune_enabled()))
+        worker.start()
+        worker.join()
+        assert seen_by_another_thread == [True]  # a thread of its own keeps its own setting
+    assert tuning.autotune_enabled() and gpu_without_table == []
+
+
+def test_the_environment_variable_is_the_default(monkeypatch):
+    monkeypatch.setenv("ATTNREWRITE_AUTOTUNE", "0")
+    assert not tuning.autotune_enabled()
+    monkeypatch.setenv("ATTNREWRITE_AUTOTUNE", "1")
+    assert tuning.autotune_enabled()
+    with tuning.autotune_disabled():
+        assert not tuning.autotune_enabled()
+
+
+def test_a_backward_on_autograds_device_thread_sees_the_callers_setting():
+    """Autograd runs a CUDA backward on a thread of its own, with the caller's context stashed in
+    torch's thread-local state; emulated here on a plain thread."""
+    with tuning.autotune_disabled():
+        caller = contextvars.copy_context()
+    seen = []
+
+    def device_thread():
+        seen.append(tuning.autotune_enabled())
+        torch._C._stash_obj_in_tls("context", caller)
+        try:
+            seen.append(tuning.autotune_enabled())
+        finally:
+            torch._C._remove_obj_from_tls("context")
+
+    worker = threading.Thread(target=device_thread)
+    worker.start()
+    worker.join()
+    assert seen == [True, False]
+
+
+def test_a_backward_started_inside_the_block_sees_it():
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen.append(tuning.autotune_enabled())
+            return grad
+
+    x = torch.ones(3, requires_grad=True)
+    with tuning.autotune_disabled():
+        Probe.apply(x).sum().backward()
+    Probe.apply(x).sum().backward()
+    assert seen == [False, True]

@@ -14,26 +14,26 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnrewrite.kernels.checks import check_qkv
-from attnrewrite.kernels.softmax.reference import check_heads
+from attnrewrite.kernels._ops import kernel_op, sdpa_schema
+from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_qkv
 
 from .codes import projections
 from .sparse import hashed_attention_backward, hashed_attention_forward
 
 HASHES = ("random", "learned")
+WHAT = "hashed attention"
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
                  enable_gqa: bool, bits: int, top_k: int, window: int, sinks: int, hash: str,
                  q_projection: Optional[Tensor], k_projection: Optional[Tensor]) -> None:
-    """Raise a ValueError naming the first problem with a hashed-attention call."""
-    check_qkv(q, k, v, "hashed attention")
-    check_heads(q, k, enable_gqa)
+    """Raise an error naming the first problem with a hashed-attention call (the types as in
+    :mod:`attnrewrite.kernels.checks`)."""
+    check_qkv(q, k, v, WHAT, enable_gqa=enable_gqa)
     if is_causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(f"is_causal needs Tq == Tk (got {q.shape[-2]} and {k.shape[-2]}); queries that come after "
                          "all the keys (decoding) see every key: pass is_causal=False")
-    if dropout_p != 0.0:
-        raise ValueError(f"hashed attention has no dropout on its probabilities, got dropout_p={dropout_p}")
+    check_dropout(dropout_p, WHAT, supported=False)
     if bits < 8 or bits % 8:
         raise ValueError(f"bits must be a positive multiple of 8 (codes are stored as bytes), got {bits}")
     if top_k < 0 or window < 0 or sinks < 0:
@@ -49,13 +49,12 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], d
         if got != want:
             raise ValueError(f"projections must be [Hq, D, bits] and [Hkv, D, bits] = {want}, got {got}")
     if attn_mask is not None:
+        check_mask_dtype(attn_mask, WHAT, like=q)  # the selection adds a float mask as it is
         shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
         if (attn_mask.dim() > 4 or shape[1] != 1 or shape[0] not in (1, q.shape[0]) or shape[2] not in (1, q.shape[-2])
                 or shape[3] not in (1, k.shape[-2])):
             raise ValueError("hashed attention selects keys per key/value head group: attn_mask must be "
                              f"broadcastable to [B, 1, Tq, Tk] (the same for every head), got {tuple(attn_mask.shape)}")
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != q.dtype:
-            raise ValueError(f"attn_mask must be bool or q's dtype ({q.dtype}), got {attn_mask.dtype}")
 
 
 def _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection):
@@ -65,31 +64,27 @@ def _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection):
     return scale, proj_q, proj_k, mask
 
 
-@torch.library.custom_op("attnrewrite::hashed_attention", mutates_args=())
-def hashed_attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-                        is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False,
-                        bits: int = 64, top_k: int = 256, window: int = 64, sinks: int = 4, hash: str = "random",
-                        q_projection: Optional[Tensor] = None, k_projection: Optional[Tensor] = None,
-                        seed: int = 0) -> Tensor:
+def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+             is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, bits: int = 64,
+             top_k: int = 256, window: int = 64, sinks: int = 4, hash: str = "random",
+             q_projection: Optional[Tensor] = None, k_projection: Optional[Tensor] = None, seed: int = 0) -> Tensor:
     check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
                  q_projection, k_projection)
     scale, proj_q, proj_k, mask = _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection)
     return hashed_attention_forward(q, k, v, mask, is_causal, scale, bits, top_k, window, sinks, proj_q, proj_k)
 
 
-@hashed_attention_op.register_fake
-def _(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, bits=64, top_k=256,
-      window=64, sinks=4, hash="random", q_projection=None, k_projection=None, seed=0):
+def _forward_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, bits=64,
+                  top_k=256, window=64, sinks=4, hash="random", q_projection=None, k_projection=None, seed=0):
     check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
                  q_projection, k_projection)
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
-@torch.library.custom_op("attnrewrite::hashed_attention_backward", mutates_args=())
-def hashed_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
-                                 is_causal: bool, scale: Optional[float], bits: int, top_k: int, window: int,
-                                 sinks: int, q_projection: Optional[Tensor], k_projection: Optional[Tensor],
-                                 seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+              scale: Optional[float], bits: int, top_k: int, window: int, sinks: int,
+              q_projection: Optional[Tensor], k_projection: Optional[Tensor],
+              seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     scale, proj_q, proj_k, mask = _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection)
     learned = q_projection is not None
     dq, dk, dv, d_pq, d_pk = hashed_attention_backward(grad.contiguous(), q, k, v, mask, is_causal, scale, bits,
@@ -100,8 +95,8 @@ def hashed_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, 
     return dq, dk, dv, d_pq.to(q_projection.dtype).contiguous(), d_pk.to(k_projection.dtype).contiguous()
 
 
-@hashed_attention_backward_op.register_fake
-def _(grad, q, k, v, attn_mask, is_causal, scale, bits, top_k, window, sinks, q_projection, k_projection, seed):
+def _backward_fake(grad, q, k, v, attn_mask, is_causal, scale, bits, top_k, window, sinks, q_projection, k_projection,
+                   seed):
     d_pq = q.new_empty(0) if q_projection is None else q_projection.new_empty(q_projection.shape)
     d_pk = q.new_empty(0) if k_projection is None else k_projection.new_empty(k_projection.shape)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_pq, d_pk
@@ -115,7 +110,7 @@ def _setup_context(ctx, inputs, output):
     ctx.seed = seed
 
 
-def _backward(ctx, grad):
+def _autograd(ctx, grad):
     q, k, v, attn_mask, q_projection, k_projection = ctx.saved_tensors
     dq, dk, dv, d_pq, d_pk = torch.ops.attnrewrite.hashed_attention_backward(
         grad, q, k, v, attn_mask, *ctx.options, q_projection, k_projection, ctx.seed)
@@ -124,4 +119,9 @@ def _backward(ctx, grad):
             d_pq if learned else None, d_pk if learned else None, None)
 
 
-hashed_attention_op.register_autograd(_backward, setup_context=_setup_context)
+# SymInt, not int: the schema custom_op infers from ``int`` annotations, kept as it was
+hashed_attention_op = kernel_op(
+    "hashed_attention", _forward, fake=_forward_fake, backward=_autograd, setup_context=_setup_context,
+    schema=sdpa_schema('SymInt bits=64, SymInt top_k=256, SymInt window=64, SymInt sinks=4, str hash="random", '
+                       "Tensor? q_projection=None, Tensor? k_projection=None, SymInt seed=0"))
+hashed_attention_backward_op = kernel_op("hashed_attention_backward", _backward, fake=_backward_fake)

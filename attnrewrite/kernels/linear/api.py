@@ -1,7 +1,11 @@
-"""Public linear-attention functions: SDPA's signature plus the linear kind's options.
+"""The kernel-level entry points of the linear kind: SDPA's signature plus the kind's options.
 
-See :func:`linear_attention` for the semantics; :func:`linear_attention_decode` continues a
-sequence token by token from the state a causal prefill returned.
+:func:`linear_attention_dispatch` checks the input and dispatches to a path (the Triton kernels or the
+chunked torch path); :func:`linear_attention_decode` continues a sequence token by token from the
+state a causal prefill returned.  Not to be confused with :func:`attnrewrite.ops.linear_attention`,
+the public operator with SDPA's signature, which calls the dispatcher: the dispatcher also takes the
+options an operator schema cannot carry (``kv_lens``, packed ``cu_seqlens``, ``initial_state``,
+``output_final_state``, ``impl``).
 """
 
 from __future__ import annotations
@@ -12,12 +16,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from attnrewrite.kernels._ops import resolve_impl
+from attnrewrite.kernels.checks import check_dropout, check_kv_lens, check_qkv, key_padding_mask
+
 from .chunk_torch import chunk_linear_attn_torch, recurrent_step_torch
 from .feature_maps import check_feature_map
 
-IMPLS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256  # the chunk kernels keep a [Dk, BLOCK_V] fp32 state in registers
+WHAT = "linear attention"
 
 
 class LinearState(NamedTuple):
@@ -38,67 +45,29 @@ def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _check_qkv(q: Tensor, k: Tensor, v: Tensor, enable_gqa: bool) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [B, H, T, D], got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be floating point, got {x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape[0] != k.shape[0] or k.shape[0] != v.shape[0]:
-        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree on heads and length")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
-    hq, hkv = q.shape[1], k.shape[1]
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    if hq != hkv and not enable_gqa:
-        raise ValueError(f"{hq} query heads but {hkv} key/value heads: pass enable_gqa=True for grouped-query attention")
-
-
 def _key_mask_from_attn_mask(attn_mask: Tensor, batch: int, tk: int, device: torch.device) -> Tensor:
     """bool [B, Tk] (True = keep) from a key-padding mask broadcastable from [B, 1, 1, Tk]."""
-    if attn_mask.dim() > 4:
-        raise ValueError(f"attn_mask has {attn_mask.dim()} dims; at most 4 ([B, H, Tq, Tk])")
-    shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
-    if shape[1] != 1 or shape[2] != 1 or shape[0] not in (1, batch) or shape[3] not in (1, tk):
-        raise ValueError(
-            f"attn_mask of shape {tuple(attn_mask.shape)} is not a key-padding mask (broadcastable from "
-            f"[B, 1, 1, Tk] = [{batch}, 1, 1, {tk}]): it varies across heads or queries, and a linear kind "
-            "cannot honour such a mask (use is_causal for causal masking)")
-    mask = attn_mask.reshape(shape)[:, 0, 0, :]
+    mask = key_padding_mask(attn_mask, batch, tk, WHAT)
     if mask.dtype == torch.bool:
         keep = mask
-    elif mask.is_floating_point():
+    else:
         keep = mask == 0
         if not _is_compiling():
             dropped = torch.isneginf(mask) | (mask <= torch.finfo(mask.dtype).min)
             if not bool((keep | dropped).all()):
-                raise ValueError("an additive attn_mask must hold only 0 (keep) and -inf (drop): a linear kind "
-                                 "cannot honour an additive bias on the attention scores")
-    else:
-        raise ValueError(f"attn_mask must be bool (True = keep) or floating point (0 / -inf), got {mask.dtype}")
+                raise ValueError(f"{WHAT}: an additive attn_mask must hold only 0 (keep) and -inf (drop): a linear "
+                                 "kind cannot honour an additive bias on the attention scores")
     return keep.to(device).expand(batch, tk)
 
 
 def _key_mask_from_lens(kv_lens: Tensor, batch: int, tk: int, device: torch.device) -> Tensor:
-    if not isinstance(kv_lens, Tensor) or kv_lens.dtype.is_floating_point or kv_lens.dtype == torch.bool:
-        raise ValueError("kv_lens must be an integer tensor of shape [B]")
-    if kv_lens.shape != (batch,):
-        raise ValueError(f"kv_lens must have shape [B] = [{batch}], got {tuple(kv_lens.shape)}")
+    check_kv_lens(kv_lens, batch, WHAT)
     return torch.arange(tk, device=device)[None, :] < kv_lens.to(device)[:, None]
 
 
 def _check_cu_seqlens(cu_seqlens: Tensor, q: Tensor, k: Tensor) -> Tensor:
     if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError("cu_seqlens must be an int32 (or int64) tensor [N+1] of sequence starts")
+        raise TypeError(f"{WHAT}: cu_seqlens must be an int32 (or int64) tensor [N+1] of sequence starts")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
         raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
     if q.shape[0] != 1:
@@ -121,30 +90,19 @@ def _check_state(state, num_seqs: int, heads_kv: int, dk: int, dv: int, device: 
                          f"(per kv head), got {tuple(S.shape)} and {tuple(z.shape)}")
     if S.device != device or z.device != device:
         raise ValueError(f"{what} must be on {device}, got {S.device} and {z.device}")
-    if S.dtype not in (torch.float32, torch.float64) or z.dtype != S.dtype:
-        raise ValueError(f"{what} must be float32 (float64 only on the torch path), got {S.dtype}, {z.dtype}")
+    if S.dtype not in (torch.float32, torch.float64) or z.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{what} must be float32 (float64 only on the torch path), got {S.dtype}, {z.dtype}")
+    if z.dtype != S.dtype:
+        raise ValueError(f"{what}: S and z must share a dtype, got {S.dtype}, {z.dtype}")
     return LinearState(S, z)
 
 
 def _resolve_impl(impl: str, q: Tensor, head_dims: tuple[int, int]) -> str:
     """"triton" or "torch" for these inputs; raises when "triton" cannot run them."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    fits = q.dtype in TRITON_DTYPES and max(head_dims) <= TRITON_MAX_HEAD_DIM
-    if impl == "auto":
-        return "triton" if (q.is_cuda and fits) else "torch"
-    if impl == "torch":
-        return "torch"
-    if q.dtype not in TRITON_DTYPES:
-        raise ValueError(f"impl='triton' takes float16, bfloat16 or float32, got {q.dtype} (use impl='torch')")
-    if max(head_dims) > TRITON_MAX_HEAD_DIM:
-        raise ValueError(f"impl='triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got {head_dims}")
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 (set before the kernels are "
-                           "imported); use impl='torch' (or 'auto') for the CPU path")
-    if q.device.type not in ("cuda", "cpu"):
-        raise RuntimeError(f"impl='triton' runs on CUDA (or the CPU interpreter), not on {q.device.type}")
-    return "triton"
+    # the kernels are defined when first used, so the variable decides whether they are interpreted
+    return resolve_impl(impl, q.device, what=WHAT, dtype=q.dtype, head_dims=head_dims,
+                        triton_dtypes=TRITON_DTYPES, max_head_dim=TRITON_MAX_HEAD_DIM,
+                        interpreter_active=lambda: os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _unit_stride(x: Tensor) -> Tensor:
@@ -161,7 +119,7 @@ def _num_splits(q: Tensor, num_seqs: int, dv: int) -> int:
 # --------------------------------------------------------------------------- public functions
 
 
-def linear_attention(
+def linear_attention_dispatch(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -221,9 +179,8 @@ def linear_attention(
         Gradients reach q, k, v and ``initial_state``.
     """
     feature_map = check_feature_map(feature_map)
-    _check_qkv(q, k, v, enable_gqa)
-    if dropout_p != 0.0:
-        raise ValueError(f"dropout_p must be 0 for linear attention (no probabilities to drop), got {dropout_p}")
+    check_qkv(q, k, v, WHAT, enable_gqa=enable_gqa)
+    check_dropout(dropout_p, WHAT, supported=False)
     batch, heads_q, tq, dk = q.shape
     heads_kv, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
     if is_causal and tq != tk:
@@ -277,22 +234,22 @@ def linear_attention_decode(
 ) -> tuple[Tensor, LinearState]:
     """Continue causal linear attention from ``state`` with T new tokens (usually T = 1).
 
-    Same semantics as ``linear_attention(q, k, v, is_causal=True, initial_state=state,
+    Same semantics as ``linear_attention_dispatch(q, k, v, is_causal=True, initial_state=state,
     output_final_state=True)``: each new token's key joins the state before its query reads it.
     One token costs O(Dk·Dv) per head whatever the length of the prefix.
 
     Args:
         q: [B, Hq, T, Dk]; k: [B, Hkv, T, Dk]; v: [B, Hkv, T, Dv] (Hq a multiple of Hkv).
         state: :class:`LinearState` with S fp32 [B, Hkv, Dk, Dv] and z fp32 [B, Hkv, Dk], e.g. from
-            a causal ``linear_attention(..., output_final_state=True)`` prefill.  Not modified.
-        feature_map, scale, eps, impl: as in :func:`linear_attention` (use the prefill's values).
+            a causal ``linear_attention_dispatch(..., output_final_state=True)`` prefill.  Not modified.
+        feature_map, scale, eps, impl: as in :func:`linear_attention_dispatch` (use the prefill's values).
 
     Returns:
         out [B, Hq, T, Dv] in q's dtype and the new :class:`LinearState`.  When gradients are
         needed the call runs through the differentiable chunked op instead of the decode kernel.
     """
     feature_map = check_feature_map(feature_map)
-    _check_qkv(q, k, v, enable_gqa=True)
+    check_qkv(q, k, v, WHAT, enable_gqa=True)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"decode takes as many new queries as new keys, got {q.shape[2]} and {k.shape[2]}")
     batch, heads_q, _, dk = q.shape
@@ -302,9 +259,9 @@ def linear_attention_decode(
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *state))
     use = _resolve_impl(impl, q, (dk, dv))
     if needs_grad and use == "triton":
-        out, new_state = linear_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True,
-                                          feature_map=feature_map, eps=eps, initial_state=state,
-                                          output_final_state=True, impl=impl)
+        out, new_state = linear_attention_dispatch(q, k, v, is_causal=True, scale=scale, enable_gqa=True,
+                                                   feature_map=feature_map, eps=eps, initial_state=state,
+                                                   output_final_state=True, impl=impl)
         return out, new_state
     if use == "torch":
         out, S, z = recurrent_step_torch(q, k, v, state.S, state.z, feature_map=feature_map, scale=scale, eps=eps)

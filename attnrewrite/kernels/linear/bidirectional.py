@@ -17,10 +17,12 @@ import torch
 import triton
 import triton.language as tl
 
+from attnrewrite.kernels._ops import traceable
+
 from .chunk_bwd import bwd_gamma
 from .chunk_fwd import chunk_state
-from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, feature, feature_grad, launch_options, pick_config, pow2,
-                            row_strides, segment_bounds, sequence_bounds, traceable, tuning_shape)
+from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, feature, feature_grad, launch_config, launch_options, pow2,
+                            row_strides, segment_bounds, sequence_bounds, tuning_shape)
 
 
 @triton.jit
@@ -188,7 +190,7 @@ def _flags(x: torch.Tensor, cu_seqlens) -> dict:
 
 
 def _run(kernel_name, launch, shape, tensors, config):
-    launch(pick_config(kernel_name, shape, tensors[0].device, lambda c: (lambda: launch(c)), tensors, config))
+    launch(launch_config(kernel_name, shape, tensors[0].device, lambda c: (lambda: launch(c)), tensors, config))
 
 
 def bidir_out(q, S, z, *, heads_kv, feature_map_id, scale, eps, num_splits, cu_seqlens=None, config=None):

@@ -20,10 +20,12 @@ import torch
 import triton
 import triton.language as tl
 
+from attnrewrite.kernels._ops import traceable
+
 from .chunk_fwd import chunk_state
-from .triton_common import (SEGMENT_ALIGN, as_dot, default_num_splits, dot_mode, exclusive_cumsum, feature, feature_grad,
-                            launch_options, pick_config, pow2, row_strides, segment_bounds, sequence_bounds, traceable,
-                            tuning_shape)
+from .triton_common import (SEGMENT_ALIGN, as_dot, default_num_splits, dot_mode, exclusive_cumsum, feature,
+                            feature_grad, launch_config, launch_options, pow2, row_strides, segment_bounds,
+                            sequence_bounds, tuning_shape)
 
 
 @triton.jit
@@ -285,8 +287,8 @@ class _Launch:
         self.shape = tuning_shape(num_seqs, self.heads_q, self.heads_kv, self.T, self.dk, self.dv, q.dtype)
 
     def run(self, kernel_name: str, launch, config):
-        cfg = pick_config(kernel_name, self.shape, self.q.device, lambda c: (lambda: launch(c)),
-                          (self.q, self.k, self.v, self.do), config)
+        cfg = launch_config(kernel_name, self.shape, self.q.device, lambda c: (lambda: launch(c)),
+                            (self.q, self.k, self.v, self.do), config)
         launch(cfg)
 
 

@@ -16,8 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, exclusive_cumsum, feature, launch_options, pick_config,
-                            pow2, row_strides, segment_bounds, sequence_bounds, traceable, tuning_shape)
+from attnrewrite.kernels._ops import traceable
+
+from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, exclusive_cumsum, feature, launch_config, launch_options,
+                            pow2, row_strides, segment_bounds, sequence_bounds, tuning_shape)
 
 
 @triton.jit
@@ -188,7 +190,7 @@ def chunk_state(
             HAS_ROW_WEIGHT=row_weight is not None, IS_VARLEN=cu_seqlens is not None,
             DOT_FP32=dot_fp32, PREC=prec, ALIGN=SEGMENT_ALIGN, **launch_options(cfg))
 
-    cfg = pick_config("chunk_state", shape, x.device, lambda c: (lambda: launch(c)), (x, y), config)
+    cfg = launch_config("chunk_state", shape, x.device, lambda c: (lambda: launch(c)), (x, y), config)
     launch(cfg)
     return out_S, out_z
 
@@ -257,6 +259,7 @@ def chunk_linear_attn_fwd(
             IS_VARLEN=cu_seqlens is not None, DOT_FP32=dot_fp32, PREC=prec, ALIGN=SEGMENT_ALIGN,
             **launch_options(cfg))
 
-    cfg = pick_config("chunk_fwd", shape, q.device, lambda c: (lambda: launch(c)), (q, k, v), configs.get("chunk_fwd"))
+    cfg = launch_config("chunk_fwd", shape, q.device, lambda c: (lambda: launch(c)), (q, k, v),
+                        configs.get("chunk_fwd"))
     launch(cfg)
     return out, inv_den, final_S, final_z, start_S, start_z

@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import feature, launch_options, pick_config, pow2, row_strides, traceable, tuning_shape
+from attnrewrite.kernels._ops import traceable
+
+from .triton_common import feature, launch_config, launch_options, pow2, row_strides, tuning_shape
 
 
 @triton.jit
@@ -83,5 +85,5 @@ def fused_recurrent_linear_attn(
             DK=dk, DV=dv, BK=pow2(dk), BV=bv, **launch_options(cfg))
 
     shape = tuning_shape(batch, heads_q, heads_kv, T, dk, dv, q.dtype)
-    launch(pick_config("recurrent_fwd", shape, q.device, lambda c: (lambda: launch(c)), (q, k, v), config))
+    launch(launch_config("recurrent_fwd", shape, q.device, lambda c: (lambda: launch(c)), (q, k, v), config))
     return out, S_out, z_out

@@ -9,10 +9,10 @@ Ops (namespace ``attnrewrite``):
 - ``linear_attn_decode(q, k, v, S, z, feature_map, scale, eps) -> (out, S, z)`` — recurrent decode,
   inference only (the public API sends decoding that needs gradients through ``linear_attn_fwd``).
 
-On CUDA these are ``torch.library.triton_op`` s, so torch.compile and inductor see the kernel
-launches inside them.  ``triton_op`` cannot run through torch.compile on the CPU, so each op has a
-twin, ``<name>_interpret``, a plain custom op launching the same kernels under TRITON_INTERPRET=1
-(the CPU path of ``impl="triton"``, used for testing).  Inputs are validated by the public API
+Each is made by :func:`attnrewrite.kernels._ops.triton_ops`: on CUDA a ``torch.library.triton_op``,
+so torch.compile and inductor see the kernel launches inside it; ``triton_op`` cannot run through
+torch.compile on the CPU, so each op has a twin, ``<name>_interpreted``, a plain custom op launching
+the same kernels under TRITON_INTERPRET=1 (the CPU path of ``impl="triton"``, used for testing).  Inputs are validated by the public API
 (:mod:`.api`), not here; ``key_mask`` is int8 [B, Tk] (1 = real key), ``cu_seqlens`` int32 [N+1].
 
 ``inv_den`` (1/normaliser per query, fp32) and the per-segment start states ``seg_S``/``seg_z``
@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from attnrewrite.kernels._ops import triton_ops
 
 from .feature_maps import FEATURE_MAP_IDS
 
@@ -95,51 +97,37 @@ def _decode_fake(q, k, v, S, z, feature_map, scale, eps) -> tuple[Tensor, Tensor
     return q.new_empty(*q.shape[:-1], v.shape[-1]), torch.empty_like(S), torch.empty_like(z)
 
 
+# --------------------------------------------------------------------------- autograd
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_mask, cu_seqlens, initial_S, initial_z, causal, feature_map, scale, eps, num_splits = inputs
+    out, inv_den, final_S, final_z, seg_S, seg_z = output
+    ctx.save_for_backward(q, k, v, out, inv_den, final_S, final_z, seg_S, seg_z, key_mask, cu_seqlens)
+    ctx.options = (causal, feature_map, scale, initial_S is not None, num_splits)
+
+
+def _autograd(ctx, grad_out, _grad_inv_den, grad_S, grad_z, _grad_seg_S, _grad_seg_z):
+    q, k, v, out, inv_den, final_S, final_z, seg_S, seg_z, key_mask, cu_seqlens = ctx.saved_tensors
+    causal, feature_map, scale, has_initial, num_splits = ctx.options
+    grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
+    dq, dk, dv, d_initial_S, d_initial_z = BWD.on(q.device)(
+        grad_out, grad_S, grad_z, q, k, v, out, inv_den, final_S, final_z, seg_S, seg_z, key_mask, cu_seqlens,
+        causal, feature_map, scale, has_initial, num_splits)
+    if not has_initial:
+        d_initial_S = d_initial_z = None
+    return dq, dk, dv, None, None, d_initial_S, d_initial_z, None, None, None, None, None
+
+
 # --------------------------------------------------------------------------- registration
 
-def _register(suffix: str, triton: bool):
-    """Define fwd/bwd/decode under ``attnrewrite::linear_attn_*<suffix>``; returns the three ops."""
-
-    def define(name, impl, fake):  # schemas are inferred from the annotations of the implementations
-        qualname = f"attnrewrite::{name}{suffix}"
-        if triton:  # triton_op traces ``impl`` itself (on fake tensors) as the fake implementation
-            return torch.library.triton_op(qualname, impl, mutates_args=())
-        op = torch.library.custom_op(qualname, impl, mutates_args=())
-        op.register_fake(fake)
-        return op
-
-    fwd = define("linear_attn_fwd", _fwd, _fwd_fake)
-    bwd = define("linear_attn_bwd", _bwd, _bwd_fake)
-    decode = define("linear_attn_decode", _decode, _decode_fake)
-
-    def setup_context(ctx, inputs, output):
-        q, k, v, key_mask, cu_seqlens, initial_S, initial_z, causal, feature_map, scale, eps, num_splits = inputs
-        out, inv_den, final_S, final_z, seg_S, seg_z = output
-        ctx.save_for_backward(q, k, v, out, inv_den, final_S, final_z, seg_S, seg_z, key_mask, cu_seqlens)
-        ctx.options = (causal, feature_map, scale, initial_S is not None, num_splits)
-
-    def backward(ctx, grad_out, _grad_inv_den, grad_S, grad_z, _grad_seg_S, _grad_seg_z):
-        q, k, v, out, inv_den, final_S, final_z, seg_S, seg_z, key_mask, cu_seqlens = ctx.saved_tensors
-        causal, feature_map, scale, has_initial, num_splits = ctx.options
-        grad_out = torch.zeros_like(out) if grad_out is None else grad_out.contiguous()
-        dq, dk, dv, d_initial_S, d_initial_z = bwd(
-            grad_out, grad_S, grad_z, q, k, v, out, inv_den, final_S, final_z, seg_S, seg_z, key_mask, cu_seqlens,
-            causal, feature_map, scale, has_initial, num_splits)
-        if not has_initial:
-            d_initial_S = d_initial_z = None
-        return dq, dk, dv, None, None, d_initial_S, d_initial_z, None, None, None, None, None
-
-    fwd.register_autograd(backward, setup_context=setup_context)
-    return fwd, bwd, decode
-
-
-linear_attn_fwd, linear_attn_bwd, linear_attn_decode = _register("", triton=True)
-linear_attn_fwd_interpret, linear_attn_bwd_interpret, linear_attn_decode_interpret = _register("_interpret", triton=False)
+# schemas are inferred from the annotations of the implementations
+BWD = triton_ops("linear_attn_bwd", _bwd, fake=_bwd_fake)
+FWD = triton_ops("linear_attn_fwd", _fwd, fake=_fwd_fake, backward=_autograd, setup_context=_setup_context)
+DECODE = triton_ops("linear_attn_decode", _decode, fake=_decode_fake)
 
 
 def ops_for(device: torch.device):
     """(fwd, bwd, decode) ops for tensors on ``device``: the triton_op versions on CUDA, the
     interpreter twins elsewhere (the caller checks that TRITON_INTERPRET=1)."""
-    if device.type == "cuda":
-        return linear_attn_fwd, linear_attn_bwd, linear_attn_decode
-    return linear_attn_fwd_interpret, linear_attn_bwd_interpret, linear_attn_decode_interpret
+    return FWD.on(device), BWD.on(device), DECODE.on(device)

@@ -1,7 +1,7 @@
 """``attnrewrite::linear_attention``, the public linear op: SDPA's signature plus ``feature_map`` and ``eps``.
 
 Like the exact kind's op it is ``CompositeImplicitAutograd`` over
-:func:`attnrewrite.kernels.linear.api.linear_attention`: on CUDA that calls the Triton ``triton_op``s
+:func:`attnrewrite.kernels.linear.api.linear_attention_dispatch`: on CUDA that calls the Triton ``triton_op``s
 (with their fake implementations and autograd, visible to inductor); elsewhere the chunked torch
 path (plain differentiable ops, memory linear in T).
 """
@@ -12,22 +12,18 @@ from typing import Callable
 
 import torch
 
-from attnrewrite.kernels.linear.api import linear_attention as _linear_attention
-
-_lib = torch.library.Library("attnrewrite", "FRAGMENT")
-_lib.define(
-    "linear_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float dropout_p=0.0, "
-    "bool is_causal=False, float? scale=None, bool enable_gqa=False, str feature_map=\"elu\", float eps=1e-6) "
-    "-> Tensor")
+from attnrewrite.kernels._ops import composite_op, sdpa_schema
+from attnrewrite.kernels.linear.api import linear_attention_dispatch
 
 
 def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
           feature_map="elu", eps=1e-6):
-    return _linear_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                             feature_map=feature_map, eps=eps)
+    return linear_attention_dispatch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                     feature_map=feature_map, eps=eps)
 
 
-_lib.impl("linear_attention", _impl, "CompositeImplicitAutograd")
+# the op takes a feature map by name; callables are applied by the Python wrapper below
+composite_op("linear_attention", sdpa_schema('str feature_map="elu", float eps=1e-6'), _impl)
 
 FeatureMap = str | Callable[[torch.Tensor], torch.Tensor] | tuple
 

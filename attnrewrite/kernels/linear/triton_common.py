@@ -1,5 +1,5 @@
 """Pieces shared by the linear-attention Triton kernels: feature maps, sequence and segment bounds,
-dot precision per dtype, and the launch-configuration lookup.
+dot precision per dtype, and the launch configuration of each kernel.
 
 Importing this module defines Triton functions, so it is imported lazily (by the op
 implementations), after ``TRITON_INTERPRET`` has been decided.
@@ -90,18 +90,6 @@ def as_dot(x, DOT_FP32: tl.constexpr, INPUT_DTYPE: tl.constexpr):
 # --------------------------------------------------------------------------- host side
 
 
-def traceable(kernel):
-    """``kernel`` wrapped so torch.compile / make_fx can trace its launch (CUDA); the interpreter's
-    kernels run eagerly as they are."""
-    from triton.runtime.jit import JITFunction
-
-    if isinstance(kernel, JITFunction):
-        from torch.library import wrap_triton
-
-        return wrap_triton(kernel)
-    return kernel
-
-
 @contextlib.contextmanager
 def direct_launches():
     """Launch kernels straight from the launchers, without wrap_triton's higher-order-op dispatch
@@ -142,19 +130,11 @@ def row_strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _is_real(*tensors: torch.Tensor) -> bool:
-    """False while tracing with fake tensors, when nothing may be launched or timed."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return not any(is_fake(t) for t in tensors)
-
-
-def pick_config(kernel: str, shape: dict, device: torch.device, make_bench, tensors, config=None) -> dict:
-    """The launch configuration of ``kernel``: ``config`` when given, else table → autotune → default."""
-    if config is not None:
-        return dict(config)
-    bench = make_bench if (device.type == "cuda" and _is_real(*tensors)) else None
-    return tuning.choose("linear", spaces.SPACES[kernel], shape, device, bench)
+def launch_config(kernel: str, shape: dict, device: torch.device, make_bench, tensors, config=None) -> dict:
+    """The launch configuration of ``kernel``: ``config`` when given, else
+    :func:`attnrewrite.kernels.tuning.pick_config` over the kernel's search space."""
+    return tuning.pick_config("linear", spaces.SPACES[kernel], shape, device, make_bench, tensors=tensors,
+                              config=config)
 
 
 def tuning_shape(num_seqs: int, heads_q: int, heads_kv: int, T: int, dk: int, dv: int, dtype: torch.dtype) -> dict:

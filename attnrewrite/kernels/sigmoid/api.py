@@ -1,4 +1,10 @@
-"""The kernel-level entry point of the sigmoid kind: checks the input, resolves the bias, picks a path."""
+"""The kernel-level entry point of the sigmoid kind, :func:`sigmoid_attention_dispatch`: checks the input,
+resolves the bias and dispatches to a path (the Triton kernels or the chunked torch path).
+
+Not to be confused with :func:`attnrewrite.ops.sigmoid_attention`, the public operator with SDPA's
+signature, which calls it: the dispatcher also takes the options an operator schema cannot carry
+or the rewriter never needs (``kv_lens``, packed ``cu_seqlens``, ``causal_align``, ``impl``).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from attnrewrite.kernels._ops import resolve_impl
+from attnrewrite.kernels.checks import check_dropout, check_kv_lens, check_mask_dtype, check_qkv
 
 from .chunked import chunk_sigmoid_attention
 
@@ -17,6 +26,7 @@ except ImportError:  # pragma: no cover - triton is not installed on this platfo
 CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
+WHAT = "sigmoid attention"
 
 
 @dataclass(frozen=True)
@@ -35,7 +45,7 @@ class Problem:
     varlen: bool
 
 
-def sigmoid_attention(
+def sigmoid_attention_dispatch(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -98,7 +108,7 @@ def sigmoid_attention(
     never materialises the full Tq x Tk matrix.  Both compute in float32.
     """
     problem = _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                        bias, kv_lens, cu_seqlens_q, cu_seqlens_k, causal_align, impl)
+                        bias, kv_lens, cu_seqlens_q, cu_seqlens_k, causal_align)
     path = _resolve_impl(impl, q, dropout_p, problem)
 
     if attn_mask is not None:
@@ -136,7 +146,7 @@ def resolve_bias(
     """The bias b of every (sequence, query head) as ``dtype`` [Z, Hq] (Z = B, or N when packed).
 
     ``attn_mask`` is the 4-d view of the user's mask; only a bool mask changes n (see
-    :func:`sigmoid_attention`).
+    :func:`sigmoid_attention_dispatch`).
     """
     shape = (problem.batch, problem.heads_q)
     if bias != "auto":
@@ -158,40 +168,18 @@ def resolve_bias(
 
 
 def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-              bias, kv_lens, cu_seqlens_q, cu_seqlens_k, causal_align, impl) -> Problem:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"sigmoid_attention: {name} must be a tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"sigmoid_attention: {name} must be 4-d [B, H, T, D], got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"sigmoid_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in _FLOAT_DTYPES + (torch.float64,):
-        raise TypeError(f"sigmoid_attention: dtype {q.dtype} is not supported (float16, bfloat16, float32)")
-    if not (q.device == k.device == v.device):
-        raise ValueError(f"sigmoid_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+              bias, kv_lens, cu_seqlens_q, cu_seqlens_k, causal_align) -> Problem:
+    """The sizes of a checked call; ``impl`` is checked by :func:`_resolve_impl`."""
+    check_qkv(q, k, v, WHAT, enable_gqa=enable_gqa, dtypes=_FLOAT_DTYPES + (torch.float64,))
+    check_dropout(dropout_p, WHAT, supported=True)
     batch, heads_q, len_q, dim = q.shape
-    _, heads_kv, len_k, dim_k = k.shape
-    if k.shape[0] != batch or v.shape[0] != batch:
-        raise ValueError(f"sigmoid_attention: batch sizes differ: q {batch}, k {k.shape[0]}, v {v.shape[0]}")
-    if dim_k != dim:
-        raise ValueError(f"sigmoid_attention: q and k head dims differ: {dim} vs {dim_k}")
-    if v.shape[1] != heads_kv or v.shape[2] != len_k:
-        raise ValueError(f"sigmoid_attention: v {tuple(v.shape)} must match k {tuple(k.shape)} in heads and length")
-    if heads_kv == 0 or heads_q % heads_kv != 0:
-        raise ValueError(f"sigmoid_attention: query heads ({heads_q}) must be a multiple of key/value heads ({heads_kv})")
-    if heads_q != heads_kv and not enable_gqa:
-        raise ValueError(f"sigmoid_attention: {heads_q} query heads and {heads_kv} key/value heads need enable_gqa=True")
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"sigmoid_attention: dropout_p must lie in [0, 1), got {dropout_p}")
+    heads_kv, len_k = k.shape[1], k.shape[2]
     if causal_align not in ("top_left", "bottom_right"):
-        raise ValueError(f"sigmoid_attention: causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}")
-    if impl not in ("auto", "triton", "torch"):
-        raise ValueError(f"sigmoid_attention: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+        raise ValueError(f"sigmoid attention: causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}")
     if not (bias == "auto" or (isinstance(bias, (int, float)) and not isinstance(bias, bool) and math.isfinite(bias))):
-        raise ValueError(f"sigmoid_attention: bias must be 'auto' or a finite number, got {bias!r}")
+        raise ValueError(f"sigmoid attention: bias must be 'auto' or a finite number, got {bias!r}")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"sigmoid_attention: scale must be a finite number or None, got {scale!r}")
+        raise ValueError(f"sigmoid attention: scale must be a finite number or None, got {scale!r}")
 
     varlen = cu_seqlens_q is not None or cu_seqlens_k is not None
     if varlen:
@@ -200,70 +188,49 @@ def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
     if attn_mask is not None:
         _check_mask(attn_mask, q, batch, heads_q, len_q, len_k)
     if kv_lens is not None:
-        if kv_lens.dim() != 1 or kv_lens.shape[0] != batch:
-            raise ValueError(f"sigmoid_attention: kv_lens must be [B] = [{batch}], got shape {tuple(kv_lens.shape)}")
-        if kv_lens.dtype.is_floating_point or kv_lens.dtype == torch.bool:
-            raise TypeError(f"sigmoid_attention: kv_lens must be an integer tensor, got {kv_lens.dtype}")
+        check_kv_lens(kv_lens, batch, WHAT)
         if kv_lens.device != q.device:
-            raise ValueError(f"sigmoid_attention: kv_lens is on {kv_lens.device}, q on {q.device}")
+            raise ValueError(f"sigmoid attention: kv_lens is on {kv_lens.device}, q on {q.device}")
     causal = CAUSAL_NONE if not is_causal else CAUSAL_TOP_LEFT if causal_align == "top_left" else CAUSAL_BOTTOM_RIGHT
     return Problem(batch, heads_q, heads_kv, len_q, len_k, dim, v.shape[3],
                    1.0 / math.sqrt(dim) if scale is None else float(scale), causal, varlen)
 
 
 def _check_mask(attn_mask, q, batch, heads_q, len_q, len_k):
-    if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"sigmoid_attention: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
-    if attn_mask.dtype != torch.bool and not attn_mask.dtype.is_floating_point:
-        raise TypeError(f"sigmoid_attention: attn_mask must be bool or floating point, got {attn_mask.dtype}")
+    check_mask_dtype(attn_mask, WHAT)
     if attn_mask.device != q.device:
-        raise ValueError(f"sigmoid_attention: attn_mask is on {attn_mask.device}, q on {q.device}")
+        raise ValueError(f"sigmoid attention: attn_mask is on {attn_mask.device}, q on {q.device}")
     target = (batch, heads_q, len_q, len_k)
     padded = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
     if attn_mask.dim() > 4 or any(m not in (1, t) for m, t in zip(padded, target)):
-        raise ValueError(f"sigmoid_attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+        raise ValueError(f"sigmoid attention: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                          f"[B, Hq, Tq, Tk] = {list(target)}")
 
 
 def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, attn_mask, kv_lens):
     if cu_seqlens_q is None or cu_seqlens_k is None:
-        raise ValueError("sigmoid_attention: cu_seqlens_q and cu_seqlens_k must be given together")
+        raise ValueError("sigmoid attention: cu_seqlens_q and cu_seqlens_k must be given together")
     for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         if cu.dim() != 1 or cu.shape[0] < 2:
-            raise ValueError(f"sigmoid_attention: {name} must be 1-d [N+1] with N >= 1, got shape {tuple(cu.shape)}")
+            raise ValueError(f"sigmoid attention: {name} must be 1-d [N+1] with N >= 1, got shape {tuple(cu.shape)}")
         if cu.dtype != torch.int32:
-            raise TypeError(f"sigmoid_attention: {name} must be int32, got {cu.dtype}")
+            raise TypeError(f"sigmoid attention: {name} must be int32, got {cu.dtype}")
         if cu.device != q.device:
-            raise ValueError(f"sigmoid_attention: {name} is on {cu.device}, q on {q.device}")
+            raise ValueError(f"sigmoid attention: {name} is on {cu.device}, q on {q.device}")
     if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ValueError(f"sigmoid_attention: cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
+        raise ValueError(f"sigmoid attention: cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k "
                          f"{tuple(cu_seqlens_k.shape)} must describe the same number of sequences")
     if q.shape[0] != 1:
-        raise ValueError(f"sigmoid_attention: packed sequences (cu_seqlens) need batch 1: q [1, H, total_q, D], "
+        raise ValueError(f"sigmoid attention: packed sequences (cu_seqlens) need batch 1: q [1, H, total_q, D], "
                          f"got q {tuple(q.shape)}")
     if attn_mask is not None or kv_lens is not None:
-        raise ValueError("sigmoid_attention: attn_mask and kv_lens cannot be combined with cu_seqlens")
+        raise ValueError("sigmoid attention: attn_mask and kv_lens cannot be combined with cu_seqlens")
 
 
 def _resolve_impl(impl: str, q: torch.Tensor, dropout_p: float, problem: Problem) -> str:
-    if impl == "auto":  # the kernels are built for 16-bit operands; exact float32 products are slow there
-        return "triton" if q.is_cuda and dropout_p == 0.0 and q.dtype in (torch.float16, torch.bfloat16) \
-            and _op is not None and max(problem.dim, problem.dim_v) <= _MAX_HEAD_DIM else "torch"
-    if impl == "torch":
-        return "torch"
-    if _op is None:
-        raise RuntimeError("sigmoid_attention(impl='triton'): triton is not installed")
-    if dropout_p > 0.0:
-        raise ValueError("sigmoid_attention(impl='triton'): the Triton kernels do not implement dropout; "
-                         "use impl='torch' (or 'auto') for dropout_p > 0")
-    if q.dtype == torch.float64:
-        raise TypeError("sigmoid_attention(impl='triton'): float64 is not supported by the kernels; use impl='torch'")
-    if max(problem.dim, problem.dim_v) > _MAX_HEAD_DIM:
-        raise ValueError(f"sigmoid_attention(impl='triton'): head dims up to {_MAX_HEAD_DIM} are supported, "
-                         f"got D={problem.dim}, Dv={problem.dim_v}")
-    if not q.is_cuda:
-        if q.device.type != "cpu" or not _op.interpreter_active():
-            detail = ("set TRITON_INTERPRET=1 before attnrewrite is imported to run the kernels on the CPU"
-                      if q.device.type == "cpu" else "the kernels run on CUDA devices")
-            raise RuntimeError(f"sigmoid_attention(impl='triton'): tensors are on {q.device}; {detail}")
-    return "triton"
+    # "auto" sends only 16-bit inputs to the kernels: exact float32 products run on the FMA pipes there
+    return resolve_impl(
+        impl, q.device, what=WHAT, dtype=q.dtype, head_dims=(problem.dim, problem.dim_v),
+        triton_dtypes=_FLOAT_DTYPES, auto_dtypes=(torch.float16, torch.bfloat16), max_head_dim=_MAX_HEAD_DIM,
+        refusal="the Triton kernels do not implement dropout (dropout_p > 0)" if dropout_p > 0.0 else None,
+        available=_op is not None, interpreter_active=lambda: _op.interpreter_active())

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from attnrewrite.kernels._ops import kernel_op
+
 # Elements of one [B, Hq, chunk, Tk] float32 temporary (64 MiB); the backward holds a few.
 CHUNK_ELEMENTS = 1 << 24
 
@@ -30,7 +32,7 @@ def chunk_sigmoid_attention(
     dropout_p: float = 0.0,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """Sigmoid attention on validated inputs (see ``sigmoid_attention`` for the semantics).
+    """Sigmoid attention on validated inputs (see ``sigmoid_attention_dispatch`` for the semantics).
 
     Args:
         q, k, v: [B, Hq, Tq, D], [B, Hkv, Tk, D], [B, Hkv, Tk, Dv] (B = 1 when packed).
@@ -69,7 +71,6 @@ def _sigmoid_chunked(q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, chu
 # symbolic under dynamic shapes instead of being specialised to the example's.
 
 
-@torch.library.custom_op("attnrewrite::sigmoid_chunked_fwd", mutates_args=())
 def _chunked_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor,
                  kv_lens: torch.Tensor | None, scale: float, causal: int, dropout_p: float,
                  seed: torch.Tensor | None, chunk_size: int) -> torch.Tensor:
@@ -89,12 +90,10 @@ def _chunked_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     return out
 
 
-@_chunked_fwd.register_fake
-def _(q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size):
+def _chunked_fwd_fake(q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size):
     return q.new_empty(q.shape[:3] + (v.shape[3],))
 
 
-@torch.library.custom_op("attnrewrite::sigmoid_chunked_bwd", mutates_args=())
 def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  mask: torch.Tensor | None, bias: torch.Tensor, kv_lens: torch.Tensor | None, scale: float,
                  causal: int, dropout_p: float, seed: torch.Tensor | None, chunk_size: int,
@@ -131,8 +130,7 @@ def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     return (dq * scale).to(q.dtype), (dk * scale).to(k.dtype), dv.to(v.dtype), grad_mask
 
 
-@_chunked_bwd.register_fake
-def _(grad_out, q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, want_mask):
+def _chunked_bwd_fake(grad_out, q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, want_mask):
     grad_mask = torch.empty_like(mask) if want_mask else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grad_mask
 
@@ -143,7 +141,7 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (scale, causal, dropout_p, chunk_size)
 
 
-def _backward(ctx, grad_out):
+def _autograd(ctx, grad_out):
     q, k, v, mask, bias, kv_lens, seed = ctx.saved_tensors
     scale, causal, dropout_p, chunk_size = ctx.args
     want_mask = mask is not None and ctx.needs_input_grad[3]
@@ -152,7 +150,9 @@ def _backward(ctx, grad_out):
     return dq, dk, dv, (dmask if want_mask else None), None, None, None, None, None, None, None
 
 
-_chunked_fwd.register_autograd(_backward, setup_context=_setup_context)
+kernel_op("sigmoid_chunked_fwd", _chunked_fwd, fake=_chunked_fwd_fake, backward=_autograd,
+          setup_context=_setup_context)
+kernel_op("sigmoid_chunked_bwd", _chunked_bwd, fake=_chunked_bwd_fake)
 
 
 def _chunk_rows(q: torch.Tensor, k: torch.Tensor, chunk_size: int) -> int:

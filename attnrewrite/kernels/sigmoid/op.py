@@ -1,15 +1,15 @@
 """torch.library registration of the Triton path of sigmoid attention.
 
-Two pairs of ops with the same schema:
+Two operators, each made by :func:`attnrewrite.kernels._ops.triton_ops` in two forms with one schema:
 
-- ``attnrewrite::sigmoid_attention_fwd`` / ``attnrewrite::sigmoid_attention_bwd`` for CUDA
-  tensors, made with ``torch.library.triton_op``: under torch.compile, inductor traces into
-  them and sees the kernels (``wrap_triton``) instead of an opaque call.
+- ``attnrewrite::sigmoid_attention_fwd`` / ``attnrewrite::sigmoid_attention_bwd`` for CUDA tensors,
+  ``torch.library.triton_op`` s: under torch.compile, inductor traces into them and sees the
+  kernels (``wrap_triton``) instead of an opaque call.
 - ``attnrewrite::sigmoid_attention_fwd_interpreted`` / ``..._bwd_interpreted`` for CPU tensors,
   plain custom ops that launch the kernels under ``TRITON_INTERPRET=1`` (a ``triton_op`` cannot
   be compiled for the CPU).  They exist for tests.
 
-Autograd is registered on both forward ops: the backward op returns dQ, dK, dV and, when the
+Autograd is registered on both forward forms: the backward op returns dQ, dK, dV and, when the
 float mask needs a gradient, the full score gradient dS, which is then summed over the mask's
 broadcast dimensions.  Kernel configurations come from :mod:`attnrewrite.kernels.tuning`
 (table, then autotuning on a GPU, then the space's default); while a graph is being traced,
@@ -19,9 +19,9 @@ nothing can be timed, so only the table or default is used.
 from __future__ import annotations
 
 import torch
-from torch.library import triton_op, wrap_triton
 
 from attnrewrite.kernels import tuning
+from attnrewrite.kernels._ops import traceable, triton_ops
 
 from . import spaces
 from .triton_bwd import sigmoid_bwd
@@ -39,109 +39,61 @@ def interpreter_active() -> bool:
 
 def sigmoid_attention_triton(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int):
     """Run the forward op for the tensors' device (arguments as for ``sigmoid_fwd``); differentiable."""
-    fwd = sigmoid_attention_fwd if q.is_cuda else sigmoid_attention_fwd_interpreted
-    return fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, float(scale), int(causal))
+    return FWD.on(q.device)(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, float(scale), int(causal))
 
 
 # --------------------------------------------------------------------------- configurations
 
 
-def pick_config(kernel: str, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: int, make_bench) -> dict:
-    """The configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for this call, fitted to its shape."""
+def launch_config(kernel: str, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: int, make_bench) -> dict:
+    """The configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for this call, fitted to its shape
+    (:func:`attnrewrite.kernels.tuning.pick_config` over the space for these head dims)."""
     space = spaces.SPACES[spaces.space_name(kernel, q.shape[-1], v.shape[-1])]
     shape = spaces.shape_of(q, k, v, has_mask, causal)
-    if _is_traced(q):
-        config = tuning.lookup(spaces.KIND, space, shape, q.device)
-    else:
-        config = tuning.choose(spaces.KIND, space, shape, q.device, make_bench if q.is_cuda else None)
+    config = tuning.pick_config(spaces.KIND, space, shape, q.device, make_bench, tensors=(q,))
     return spaces.fit(space, config, shape)
-
-
-def _is_traced(t: Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-    from torch._subclasses.functional_tensor import FunctionalTensor
-
-    return isinstance(t, (FakeTensor, FunctionalTensor)) or torch.compiler.is_compiling()
 
 
 def _unit_last_stride(t: Tensor | None) -> Tensor | None:
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, launch):
+# --------------------------------------------------------------------------- the operators
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, bias: Tensor, kv_lens: Tensor | None,
+             cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, scale: float, causal: int) -> Tensor:
+    """Sigmoid attention forward; see ``triton_fwd.sigmoid_fwd`` for the arguments."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
-    args = (q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal)
-    config = pick_config("fwd", q, k, v, mask is not None, causal,
-                         lambda cfg: lambda: sigmoid_fwd(*args, config=cfg))
-    return sigmoid_fwd(*args, config=config, launch=launch)
+    args = (q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal)
+    config = launch_config("fwd", q, k, v, attn_mask is not None, causal,
+                           lambda cfg: lambda: sigmoid_fwd(*args, config=cfg))
+    return sigmoid_fwd(*args, config=config, launch=traceable)
 
 
-def _backward(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, want_mask_grad,
-              launch):
-    q, k, v, grad_out = (_unit_last_stride(t) for t in (q, k, v, grad_out))
-    args = (q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, want_mask_grad)
-    has_mask = mask is not None
-    config_dq = pick_config("bwd_dq", q, k, v, has_mask, causal,
-                            lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dq",)))
-    config_dkdv = pick_config("bwd_dkdv", q, k, v, has_mask, causal,
-                              lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dkdv",)))
-    return sigmoid_bwd(*args, config_dq, config_dkdv, launch=launch)
-
-
-# --------------------------------------------------------------------------- CUDA: triton_op
-
-
-@triton_op("attnrewrite::sigmoid_attention_fwd", mutates_args=())
-def sigmoid_attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, bias: Tensor,
-                          kv_lens: Tensor | None, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
-                          scale: float, causal: int) -> Tensor:
-    """Sigmoid attention forward on CUDA; see ``triton_fwd.sigmoid_fwd`` for the arguments."""
-    return _forward(q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, wrap_triton)
-
-
-@triton_op("attnrewrite::sigmoid_attention_bwd", mutates_args=())
-def sigmoid_attention_bwd(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, attn_mask: Tensor | None, bias: Tensor,
-                          kv_lens: Tensor | None, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None,
-                          scale: float, causal: int, want_mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Sigmoid attention backward on CUDA: (dq, dk, dv, ds); ds is empty unless ``want_mask_grad``."""
-    return _backward(q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                     want_mask_grad, wrap_triton)
-
-
-# --------------------------------------------------------------------------- CPU: the interpreter
-
-
-@torch.library.custom_op("attnrewrite::sigmoid_attention_fwd_interpreted", mutates_args=())
-def sigmoid_attention_fwd_interpreted(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, bias: Tensor,
-                                      kv_lens: Tensor | None, cu_seqlens_q: Tensor | None,
-                                      cu_seqlens_k: Tensor | None, scale: float, causal: int) -> Tensor:
-    """The forward kernel on CPU tensors under TRITON_INTERPRET=1 (tests only)."""
-    return _forward(q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, lambda f: f)
-
-
-@sigmoid_attention_fwd_interpreted.register_fake
-def _(q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal):
+def _forward_fake(q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 
 
-@torch.library.custom_op("attnrewrite::sigmoid_attention_bwd_interpreted", mutates_args=())
-def sigmoid_attention_bwd_interpreted(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, attn_mask: Tensor | None,
-                                      bias: Tensor, kv_lens: Tensor | None, cu_seqlens_q: Tensor | None,
-                                      cu_seqlens_k: Tensor | None, scale: float, causal: int,
-                                      want_mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The backward kernels on CPU tensors under TRITON_INTERPRET=1 (tests only)."""
-    return _backward(q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                     want_mask_grad, lambda f: f)
+def _backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, attn_mask: Tensor | None, bias: Tensor,
+              kv_lens: Tensor | None, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, scale: float,
+              causal: int, want_mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sigmoid attention backward: (dq, dk, dv, ds); ds is empty unless ``want_mask_grad``."""
+    q, k, v, grad_out = (_unit_last_stride(t) for t in (q, k, v, grad_out))
+    args = (q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, want_mask_grad)
+    has_mask = attn_mask is not None
+    config_dq = launch_config("bwd_dq", q, k, v, has_mask, causal,
+                              lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dq",)))
+    config_dkdv = launch_config("bwd_dkdv", q, k, v, has_mask, causal,
+                                lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dkdv",)))
+    return sigmoid_bwd(*args, config_dq, config_dkdv, launch=traceable)
 
 
-@sigmoid_attention_bwd_interpreted.register_fake
-def _(q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, want_mask_grad):
+def _backward_fake(q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal,
+                   want_mask_grad):
     ds_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if want_mask_grad else (0,)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty(ds_shape, dtype=torch.float32))
-
-
-# --------------------------------------------------------------------------- autograd
 
 
 def _setup_context(ctx, inputs, output):
@@ -150,15 +102,13 @@ def _setup_context(ctx, inputs, output):
     ctx.scale, ctx.causal = scale, causal
 
 
-def _make_backward(bwd_op):
-    def backward(ctx, grad_out):
-        q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        want_mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, ds = bwd_op(q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k,
-                                ctx.scale, ctx.causal, want_mask_grad)
-        dmask = _sum_to_shape(ds, attn_mask.shape).to(attn_mask.dtype) if want_mask_grad else None
-        return dq, dk, dv, dmask, None, None, None, None, None, None
-    return backward
+def _autograd(ctx, grad_out):
+    q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    want_mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, ds = BWD.on(q.device)(q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k,
+                                      ctx.scale, ctx.causal, want_mask_grad)
+    dmask = _sum_to_shape(ds, attn_mask.shape).to(attn_mask.dtype) if want_mask_grad else None
+    return dq, dk, dv, dmask, None, None, None, None, None, None
 
 
 def _sum_to_shape(grad: Tensor, shape) -> Tensor:
@@ -167,7 +117,6 @@ def _sum_to_shape(grad: Tensor, shape) -> Tensor:
     return grad.sum(dim=dims, keepdim=True) if dims else grad
 
 
-torch.library.register_autograd("attnrewrite::sigmoid_attention_fwd", _make_backward(sigmoid_attention_bwd),
-                                setup_context=_setup_context)
-torch.library.register_autograd("attnrewrite::sigmoid_attention_fwd_interpreted",
-                                _make_backward(sigmoid_attention_bwd_interpreted), setup_context=_setup_context)
+BWD = triton_ops("sigmoid_attention_bwd", _backward, fake=_backward_fake)
+FWD = triton_ops("sigmoid_attention_fwd", _forward, fake=_forward_fake, backward=_autograd,
+                 setup_context=_setup_context)

@@ -1,6 +1,6 @@
 """``attnrewrite::sigmoid_attention``, the public sigmoid op: SDPA's signature plus ``bias``.
 
-``CompositeImplicitAutograd`` over :func:`attnrewrite.kernels.sigmoid.api.sigmoid_attention`, so it
+``CompositeImplicitAutograd`` over :func:`attnrewrite.kernels.sigmoid.api.sigmoid_attention_dispatch`, so it
 decomposes into the kernel ops underneath — the Triton ``triton_op``s on CUDA (visible to
 inductor, with their fake implementations and autograd), the chunked torch path elsewhere.
 """
@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import torch
 
-from attnrewrite.kernels.sigmoid.api import sigmoid_attention as _sigmoid_attention
-
-_lib = torch.library.Library("attnrewrite", "FRAGMENT")
-_lib.define(
-    "sigmoid_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float dropout_p=0.0, "
-    "bool is_causal=False, float? scale=None, bool enable_gqa=False, float? bias=None) -> Tensor")
+from attnrewrite.kernels._ops import composite_op, sdpa_schema
+from attnrewrite.kernels.sigmoid.api import sigmoid_attention_dispatch
 
 
 def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, bias=None):
-    return _sigmoid_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                              bias="auto" if bias is None else bias)
+    return sigmoid_attention_dispatch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                      bias="auto" if bias is None else bias)
 
 
-_lib.impl("sigmoid_attention", _impl, "CompositeImplicitAutograd")
+# bias=None stands for "auto": a schema argument has one type, and a number is the common case
+composite_op("sigmoid_attention", sdpa_schema("float? bias=None"), _impl)
 
 
 def sigmoid_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,

@@ -33,7 +33,7 @@ def naive_sigmoid_attention(
     of Hkv; returns [B, Hq, Tq, Dv] in q's dtype.  With ``cu_seqlens_q/k`` (int [N+1])
     the batch is packed: q [1, Hq, total_q, D], and each sequence attends only to itself.
 
-    Semantics are those of :func:`attnrewrite.kernels.sigmoid.sigmoid_attention`,
+    Semantics are those of :func:`attnrewrite.kernels.sigmoid.sigmoid_attention_dispatch`,
     computed here independently and without any cleverness.
     """
     if cu_seqlens_q is not None:

@@ -106,7 +106,7 @@ def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale:
                 config: dict, launch=lambda kernel: kernel) -> torch.Tensor:
     """Launch the forward kernel. Returns out [B, Hq, Tq, Dv] in q's dtype.
 
-    Inputs as for ``sigmoid_attention`` after validation: q/k/v with unit last stride, ``mask`` a
+    Inputs as for ``sigmoid_attention_dispatch`` after validation: q/k/v with unit last stride, ``mask`` a
     4-d additive float mask (or None), ``bias`` float32 [Z, Hq], ``causal`` 0/1/2.  ``config`` holds
     BLOCK_M, BLOCK_N, num_warps, num_stages and RCP_NEWTON; ``launch`` wraps the kernel (torch's
     ``wrap_triton`` under ``triton_op``).

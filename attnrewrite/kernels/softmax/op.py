@@ -9,8 +9,8 @@ The operator is defined with a ``CompositeImplicitAutograd`` kernel that calls
   *before* autograd, so inductor lowers it to its fused flash / memory-efficient kernels,
   forward and backward, exactly as if the user had written SDPA.
 
-Kinds with kernels of their own (sigmoid, linear ...) are opaque ``custom_op``s with
-``register_fake`` and ``register_autograd`` instead.
+Kinds with loops or kernels of their own (summary, hashed, the kernels under sigmoid and linear)
+are opaque operators with ``register_fake`` and ``register_autograd`` instead (:mod:`.._ops`).
 """
 
 from __future__ import annotations
@@ -18,15 +18,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnrewrite.kernels.softmax.reference import check_heads
+from attnrewrite.kernels._ops import composite_op, sdpa_schema
+from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_qkv
 
-_SCHEMA = (
-    "softmax_attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float dropout_p=0.0, "
-    "bool is_causal=False, float? scale=None, bool enable_gqa=False) -> Tensor"
-)
-
-_lib = torch.library.Library("attnrewrite", "FRAGMENT")
-_lib.define(_SCHEMA)
+WHAT = "softmax attention"
 
 
 def _softmax_attention_impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -46,7 +41,7 @@ def fold_causal_into_mask(attn_mask: torch.Tensor, t_q, t_k) -> torch.Tensor:
     return attn_mask.masked_fill(~keep, float("-inf"))
 
 
-_lib.impl("softmax_attention", _softmax_attention_impl, "CompositeImplicitAutograd")
+composite_op("softmax_attention", sdpa_schema(), _softmax_attention_impl)
 
 
 def softmax_attention(
@@ -81,20 +76,8 @@ def softmax_attention(
 
 
 def _check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if t.dim() < 2:
-            raise ValueError(f"{name} must have at least 2 dims [..., T, D], got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k head dims differ: {q.shape[-1]} vs {k.shape[-1]}")
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(f"k and v have different numbers of keys: {k.shape[-2]} vs {v.shape[-2]}")
-    if q.dim() >= 3:
-        check_heads(q, k, enable_gqa)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must lie in [0, 1), got {dropout_p}")
-    if attn_mask is not None and attn_mask.dtype not in (torch.bool, q.dtype):
-        raise ValueError(f"attn_mask must be bool or q's dtype ({q.dtype}), got {attn_mask.dtype}")
+    # SDPA's layout: any leading dims, heads compared where there are some
+    check_qkv(q, k, v, WHAT, enable_gqa=enable_gqa, any_leading_dims=True)
+    check_dropout(dropout_p, WHAT, supported=True)
+    if attn_mask is not None:
+        check_mask_dtype(attn_mask, WHAT, like=q)  # SDPA adds a float mask in q's dtype

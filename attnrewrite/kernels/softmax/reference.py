@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from attnrewrite.kernels.checks import check_heads
+
 
 def expand_kv_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[B, Hkv, T, D] -> [B, Hkv * groups, T, D], query head h reading kv head h // groups."""
@@ -34,7 +36,7 @@ def attention_scores(
         q: [B, Hq, Tq, D]; k: [B, Hkv, Tk, D] (Hkv == Hq unless ``enable_gqa``).
         attn_mask: bool (True = attend) or additive float, broadcastable to [B, Hq, Tq, Tk].
     """
-    check_heads(q, k, enable_gqa)
+    check_heads(q, k, enable_gqa, "softmax attention (reference)")
     k = expand_kv_heads(k, q.shape[-3] // k.shape[-3])
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale
@@ -71,13 +73,3 @@ def softmax_attention(
     v = expand_kv_heads(v, q.shape[-3] // v.shape[-3])
     return probs @ v
 
-
-def check_heads(q: torch.Tensor, k: torch.Tensor, enable_gqa: bool) -> None:
-    """Raise a clear error when the head counts of q and k cannot be paired."""
-    hq, hk = q.shape[-3], k.shape[-3]
-    if hq == hk:
-        return
-    if not enable_gqa:
-        raise ValueError(f"q has {hq} heads and k has {hk}: pass enable_gqa=True for grouped-query attention")
-    if hq % hk != 0:
-        raise ValueError(f"grouped-query attention needs q heads ({hq}) to be a multiple of kv heads ({hk})")

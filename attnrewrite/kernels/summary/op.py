@@ -13,25 +13,25 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnrewrite.kernels.checks import check_qkv
-from attnrewrite.kernels.softmax.reference import check_heads
+from attnrewrite.kernels._ops import kernel_op, sdpa_schema
+from attnrewrite.kernels.checks import check_dropout, check_qkv, key_padding_mask
 
 from .chunked import summary_attention_backward, summary_attention_forward
 
 SUMMARIES = ("mean", "learned")
+WHAT = "summary attention"
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
                  enable_gqa: bool, chunk_size: int, window_chunks: int, summary: str,
                  summary_query: Optional[Tensor]) -> None:
-    """Raise a ValueError naming the first problem with a summary-attention call."""
-    check_qkv(q, k, v, "summary attention")
+    """Raise an error naming the first problem with a summary-attention call (the types as in
+    :mod:`attnrewrite.kernels.checks`)."""
+    check_qkv(q, k, v, WHAT, enable_gqa=enable_gqa)
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(f"summary attention is self-attention over one sequence (Tq == Tk), got Tq={q.shape[-2]} "
                          f"and Tk={k.shape[-2]}; decode one token at a time through attnrewrite.SummaryCache")
-    check_heads(q, k, enable_gqa)
-    if dropout_p != 0.0:
-        raise ValueError(f"summary attention has no dropout on its probabilities, got dropout_p={dropout_p}")
+    check_dropout(dropout_p, WHAT, supported=False)
     if chunk_size < 1 or window_chunks < 0:
         raise ValueError(f"need chunk_size >= 1 and window_chunks >= 0, got {chunk_size} and {window_chunks}")
     if summary not in SUMMARIES:
@@ -43,13 +43,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], d
         raise ValueError(f"summary_query must be [Hkv, D] = {(k.shape[1], k.shape[-1])}, "
                          f"got {tuple(summary_query.shape)}")
     if attn_mask is not None:
-        shape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
-        if (attn_mask.dim() > 4 or shape[1] != 1 or shape[2] != 1 or shape[0] not in (1, q.shape[0])
-                or shape[3] not in (1, k.shape[-2])):
-            raise ValueError("summary attention honours key-padding masks only (broadcastable from [B, 1, 1, Tk]); "
-                             f"got a mask of shape {tuple(attn_mask.shape)}")
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise ValueError(f"attn_mask must be bool or float, got {attn_mask.dtype}")
+        key_padding_mask(attn_mask, q.shape[0], k.shape[-2], WHAT)
 
 
 def key_valid_from_mask(attn_mask: Optional[Tensor], batch: int, length: int) -> Optional[Tensor]:
@@ -57,7 +51,7 @@ def key_valid_from_mask(attn_mask: Optional[Tensor], batch: int, length: int) ->
     masked values (−inf, or ≤ −10⁴ as the rewriter counts them)."""
     if attn_mask is None:
         return None
-    flat = attn_mask.reshape(attn_mask.shape[0] if attn_mask.dim() == 4 else 1, -1)
+    flat = key_padding_mask(attn_mask, batch, length, WHAT)
     if attn_mask.dtype == torch.bool:
         valid = flat
     else:
@@ -68,11 +62,9 @@ def key_valid_from_mask(attn_mask: Optional[Tensor], batch: int, length: int) ->
     return valid.expand(batch, length).to(device=attn_mask.device).contiguous()
 
 
-@torch.library.custom_op("attnrewrite::summary_attention", mutates_args=())
-def summary_attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
-                         is_causal: bool = True, scale: Optional[float] = None, enable_gqa: bool = False,
-                         chunk_size: int = 8, window_chunks: int = 128, summary: str = "mean",
-                         summary_query: Optional[Tensor] = None) -> Tensor:
+def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+             is_causal: bool = True, scale: Optional[float] = None, enable_gqa: bool = False, chunk_size: int = 8,
+             window_chunks: int = 128, summary: str = "mean", summary_query: Optional[Tensor] = None) -> Tensor:
     check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, chunk_size, window_chunks, summary,
                  summary_query)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -81,18 +73,16 @@ def summary_attention_op(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Te
                                      scale, chunk_size, window_chunks, summary_query)
 
 
-@summary_attention_op.register_fake
-def _(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False, chunk_size=8,
-      window_chunks=128, summary="mean", summary_query=None):
+def _forward_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False, chunk_size=8,
+                  window_chunks=128, summary="mean", summary_query=None):
     check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, chunk_size, window_chunks, summary,
                  summary_query)
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
-@torch.library.custom_op("attnrewrite::summary_attention_backward", mutates_args=())
-def summary_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
-                                  is_causal: bool, scale: Optional[float], chunk_size: int, window_chunks: int,
-                                  summary_query: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+              scale: Optional[float], chunk_size: int, window_chunks: int,
+              summary_query: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     key_valid = key_valid_from_mask(attn_mask, q.shape[0], k.shape[-2])
     dq, dk, dv, d_query = summary_attention_backward(
@@ -102,8 +92,7 @@ def summary_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor,
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_query
 
 
-@summary_attention_backward_op.register_fake
-def _(grad, q, k, v, attn_mask, is_causal, scale, chunk_size, window_chunks, summary_query):
+def _backward_fake(grad, q, k, v, attn_mask, is_causal, scale, chunk_size, window_chunks, summary_query):
     d_query = q.new_empty(0) if summary_query is None else summary_query.new_empty(summary_query.shape)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_query
 
@@ -114,11 +103,16 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (is_causal, scale, chunk_size, window_chunks)
 
 
-def _backward(ctx, grad):
+def _autograd(ctx, grad):
     q, k, v, attn_mask, summary_query = ctx.saved_tensors
     dq, dk, dv, d_query = torch.ops.attnrewrite.summary_attention_backward(grad, q, k, v, attn_mask, *ctx.options,
                                                                            summary_query)
     return dq, dk, dv, None, None, None, None, None, None, None, None, (d_query if summary_query is not None else None)
 
 
-summary_attention_op.register_autograd(_backward, setup_context=_setup_context)
+# SymInt, not int: the schema custom_op infers from ``int`` annotations, kept as it was
+summary_attention_op = kernel_op(
+    "summary_attention", _forward, fake=_forward_fake, backward=_autograd, setup_context=_setup_context,
+    schema=sdpa_schema('SymInt chunk_size=8, SymInt window_chunks=128, str summary="mean", '
+                       "Tensor? summary_query=None", is_causal=True))
+summary_attention_backward_op = kernel_op("summary_attention_backward", _backward, fake=_backward_fake)

@@ -1,11 +1,11 @@
 """Shared numerics for the linear-attention tests.
 
 Every candidate is compared with the fp64 recurrent oracle, output, final state and every
-gradient by name; the allowed error is 2 × the error of plain torch at the candidate's precision
-(the quadratic form computed in that dtype, with autograd) plus a rounding band of
-(eps(dtype) + eps(fp32)·√T)·max|result|: one rounding of the result to its dtype, and the typical
-error of summing T terms one after another in fp32, as the kernels' running states do (plain torch
-sums them blockwise).  Inputs are fresh random draws; nothing is compared on zeros.
+gradient by name, by the rule of :mod:`attnrewrite.testing.numerics`: plain torch is the quadratic
+form computed in the candidate's dtype, with autograd, and the rounding band is the one for an fp32
+running sum over T terms (``rounding_band(dtype, expected, length=T)``), as the kernels' running
+states sum (plain torch sums them blockwise).  Inputs are fresh random draws; nothing is compared
+on zeros.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from attnrewrite.kernels.linear.reference import naive_quadratic_linear_attn, naive_recurrent_linear_attn
+from attnrewrite.testing.numerics import assert_within_budget, rounding_band
 
 GRAD_NAMES = ("q", "k", "v", "initial_S", "initial_z")
 
@@ -61,13 +62,6 @@ def results(fn: Callable, q, k, v, state, dtype, upstream) -> dict[str, torch.Te
     return named
 
 
-def rounding_band(dtype: torch.dtype, length: int, expected: torch.Tensor) -> float:
-    """(eps(dtype) + eps(fp32)·√length)·max|expected|: the result's own rounding, and that of an fp32
-    running sum over ``length`` terms."""
-    eps = torch.finfo(dtype).eps + torch.finfo(torch.float32).eps * max(1, length) ** 0.5
-    return eps * expected.abs().max().item()
-
-
 def compare(candidate: Callable, q, k, v, *, dtype, causal, feature_map="elu", scale=1.0, eps=1e-6,
             key_mask=None, state=None) -> dict[str, float]:
     """Check ``candidate(q, k, v, state) -> (out, S, z)`` in ``dtype`` against the fp64 recurrent oracle.
@@ -97,10 +91,6 @@ def compare(candidate: Callable, q, k, v, *, dtype, causal, feature_map="elu", s
         actual = got[name]
         assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
         assert torch.isfinite(actual).all(), f"{name}: non-finite values"
-        err = (actual.double() - expected).abs().max().item()
-        base_err = (base[name].double() - expected).abs().max().item()
-        band = rounding_band(dtype, k.shape[2], expected)
-        assert err <= 2 * base_err + band, (
-            f"{name}: max error {err:.3e} exceeds 2 × plain torch ({base_err:.3e}) + band ({band:.3e})")
-        errors[name] = err
+        errors[name] = assert_within_budget(actual, base[name], expected, dtype, name,
+                                            band=rounding_band(dtype, expected, length=k.shape[2]))
     return errors

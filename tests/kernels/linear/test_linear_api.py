@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attnrewrite.kernels import tuning
-from attnrewrite.kernels.linear import LinearState, linear_attention, linear_attention_decode
+from attnrewrite.kernels.linear import LinearState, linear_attention_dispatch, linear_attention_decode
 from attnrewrite.kernels.linear import spaces, tune
 
 from _linear_testing import make_qkv
@@ -14,48 +14,60 @@ def _qkv(**kw):
     return make_qkv(batch=2, heads_q=2, heads_kv=2, tq=8, dk=4, dv=4, **kw)
 
 
-@pytest.mark.parametrize("change,kwargs,message", [
-    (lambda q, k, v: (q[0], k, v), {}, "must be 4-D"),
-    (lambda q, k, v: (q, k.double(), v), {}, "share a dtype"),
-    (lambda q, k, v: (q.long(), k.long(), v.long()), {}, "floating point"),
-    (lambda q, k, v: (q, k[:1], v[:1]), {}, "batch sizes differ"),
-    (lambda q, k, v: (q, k, v[:, :, :5]), {}, "agree on heads and length"),
-    (lambda q, k, v: (q[..., :3], k, v), {}, "head dims differ"),
-    (lambda q, k, v: (torch.cat([q, q[:, :1]], 1), k, v), {"enable_gqa": True}, "multiple of key/value heads"),
-    (lambda q, k, v: (torch.cat([q, q], 1), k, v), {}, "enable_gqa=True"),
-    (lambda q, k, v: (q[:, :, :5], k, v), {"is_causal": True}, "is_causal needs as many queries"),
-    (lambda q, k, v: (q, k, v), {"dropout_p": 0.1}, "dropout_p must be 0"),
-    (lambda q, k, v: (q, k, v), {"feature_map": "favor"}, "feature_map must be one of"),
-    (lambda q, k, v: (q, k, v), {"impl": "cuda"}, "impl must be one of"),
-    (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(8, 8, dtype=torch.bool).tril()}, "cannot honour"),
-    (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(2, 2, 1, 8, dtype=torch.bool)}, "not a key-padding mask"),
-    (lambda q, k, v: (q, k, v), {"attn_mask": torch.randn(2, 1, 1, 8)}, "additive bias"),
-    (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(2, 1, 1, 8, dtype=torch.int64)}, "must be bool"),
+@pytest.mark.parametrize("change,kwargs,error,message", [
+    (lambda q, k, v: (q[0], k, v), {}, ValueError, "must be 4-d"),
+    (lambda q, k, v: (q, k.double(), v), {}, ValueError, "share a dtype"),
+    (lambda q, k, v: (q.long(), k.long(), v.long()), {}, TypeError, "floating point"),
+    (lambda q, k, v: (q, k[:1], v[:1]), {}, ValueError, "batch sizes differ"),
+    (lambda q, k, v: (q, k, v[:, :, :5]), {}, ValueError, "agree on heads and number of keys"),
+    (lambda q, k, v: (q[..., :3], k, v), {}, ValueError, "head dims differ"),
+    (lambda q, k, v: (torch.cat([q, q[:, :1]], 1), k, v), {"enable_gqa": True}, ValueError,
+     "multiple of key/value heads"),
+    (lambda q, k, v: (torch.cat([q, q], 1), k, v), {}, ValueError, "enable_gqa=True"),
+    (lambda q, k, v: (q[:, :, :5], k, v), {"is_causal": True}, ValueError, "is_causal needs as many queries"),
+    (lambda q, k, v: (q, k, v), {"dropout_p": 0.1}, ValueError, "dropout_p must be 0"),
+    (lambda q, k, v: (q, k, v), {"feature_map": "favor"}, ValueError, "feature_map must be one of"),
+    (lambda q, k, v: (q, k, v), {"impl": "cuda"}, ValueError, "impl must be 'auto', 'triton' or 'torch'"),
+    (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(8, 8, dtype=torch.bool).tril()}, ValueError,
+     "cannot honour"),
+    (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(2, 2, 1, 8, dtype=torch.bool)}, ValueError,
+     "not a key-padding mask"),
+    (lambda q, k, v: (q, k, v), {"attn_mask": torch.randn(2, 1, 1, 8)}, ValueError, "additive bias"),
+    (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(2, 1, 1, 8, dtype=torch.int64)}, TypeError,
+     "must be bool or floating point"),
     (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(2, 1, 1, 8, dtype=torch.bool),
-                                 "kv_lens": torch.tensor([8, 8])}, "either attn_mask or kv_lens"),
-    (lambda q, k, v: (q, k, v), {"kv_lens": torch.tensor([8.0, 8.0])}, "kv_lens must be an integer tensor"),
-    (lambda q, k, v: (q, k, v), {"kv_lens": torch.tensor([8, 8, 8])}, "kv_lens must have shape"),
-    (lambda q, k, v: (q, k, v), {"cu_seqlens": torch.tensor([0, 8], dtype=torch.int32)}, "batch must be 1"),
-    (lambda q, k, v: (q[:1], k[:1], v[:1]), {"cu_seqlens": torch.tensor([0, 9], dtype=torch.int32)}, "rise from 0"),
-    (lambda q, k, v: (q[:1], k[:1], v[:1]), {"cu_seqlens": torch.tensor([0, 8.0])}, "int32"),
+                                 "kv_lens": torch.tensor([8, 8])}, ValueError, "either attn_mask or kv_lens"),
+    (lambda q, k, v: (q, k, v), {"kv_lens": torch.tensor([8.0, 8.0])}, TypeError, "kv_lens must be an integer tensor"),
+    (lambda q, k, v: (q, k, v), {"kv_lens": torch.tensor([8, 8, 8])}, ValueError, r"kv_lens must be \[B\] = \[2\]"),
+    (lambda q, k, v: (q, k, v), {"cu_seqlens": torch.tensor([0, 8], dtype=torch.int32)}, ValueError,
+     "batch must be 1"),
+    (lambda q, k, v: (q[:1], k[:1], v[:1]), {"cu_seqlens": torch.tensor([0, 9], dtype=torch.int32)}, ValueError,
+     "rise from 0"),
+    (lambda q, k, v: (q[:1], k[:1], v[:1]), {"cu_seqlens": torch.tensor([0, 8.0])}, TypeError, "int32"),
     (lambda q, k, v: (q[:1], k[:1], v[:1]), {"cu_seqlens": torch.tensor([0, 8], dtype=torch.int32),
-                                             "kv_lens": torch.tensor([8])}, "have no padding"),
-    (lambda q, k, v: (q, k, v), {"initial_state": (torch.zeros(2, 2, 4, 4),)}, "LinearState"),
-    (lambda q, k, v: (q, k, v), {"initial_state": (torch.zeros(2, 2, 4, 3), torch.zeros(2, 2, 4))}, "per kv head"),
+                                             "kv_lens": torch.tensor([8])}, ValueError, "have no padding"),
+    (lambda q, k, v: (q, k, v), {"initial_state": (torch.zeros(2, 2, 4, 4),)}, TypeError, "LinearState"),
+    (lambda q, k, v: (q, k, v), {"initial_state": (torch.zeros(2, 2, 4, 3), torch.zeros(2, 2, 4))}, ValueError,
+     "per kv head"),
     (lambda q, k, v: (q, k, v), {"initial_state": (torch.zeros(2, 2, 4, 4, dtype=torch.float16),
-                                                   torch.zeros(2, 2, 4, dtype=torch.float16))}, "float32"),
-    (lambda q, k, v: (q.double(), k.double(), v.double()), {"impl": "triton"}, "float16, bfloat16 or float32"),
+                                                   torch.zeros(2, 2, 4, dtype=torch.float16))}, TypeError, "float32"),
+    (lambda q, k, v: (q.double(), k.double(), v.double()), {"impl": "triton"}, ValueError,
+     "float16, bfloat16 or float32"),
 ])
-def test_bad_input_is_named(change, kwargs, message):
+def test_bad_input_is_named(change, kwargs, error, message):
+    """One exception type per fault (attnrewrite.kernels.checks): TypeError for a wrong type or dtype
+    kind, ValueError for shapes, mismatches and values; ``pytest.raises`` would also accept a subclass,
+    so the type is compared exactly."""
     q, k, v = change(*_qkv())
-    with pytest.raises((ValueError, TypeError), match=message):
-        linear_attention(q, k, v, **kwargs)
+    with pytest.raises(error, match=message) as caught:
+        linear_attention_dispatch(q, k, v, **kwargs)
+    assert type(caught.value) is error
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        linear_attention(*_qkv(), impl="triton")
+        linear_attention_dispatch(*_qkv(), impl="triton")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         linear_attention_decode(*_qkv(), LinearState(torch.zeros(2, 2, 4, 4), torch.zeros(2, 2, 4)), impl="triton")
 
@@ -73,9 +85,9 @@ def test_masks_broadcast_like_sdpa():
     """[Tk], [1, Tk] and [B, 1, 1, Tk] key masks are accepted and mean the same thing."""
     q, k, v = _qkv()
     keep = torch.tensor([True] * 6 + [False] * 2)
-    expected = linear_attention(q, k, v, kv_lens=torch.tensor([6, 6]), impl="torch")
+    expected = linear_attention_dispatch(q, k, v, kv_lens=torch.tensor([6, 6]), impl="torch")
     for mask in (keep, keep[None], keep.expand(2, 1, 1, 8), torch.zeros(8).masked_fill(~keep, float("-inf"))):
-        torch.testing.assert_close(linear_attention(q, k, v, attn_mask=mask, impl="torch"), expected)
+        torch.testing.assert_close(linear_attention_dispatch(q, k, v, attn_mask=mask, impl="torch"), expected)
 
 
 def test_search_space_defaults_are_valid_for_the_benchmarked_shapes():

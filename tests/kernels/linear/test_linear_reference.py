@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attnrewrite.kernels.linear import LinearState, linear_attention, linear_attention_decode
+from attnrewrite.kernels.linear import LinearState, linear_attention_dispatch, linear_attention_decode
 from attnrewrite.kernels.linear.chunk_torch import chunk_linear_attn_torch
 from attnrewrite.kernels.linear.feature_maps import FEATURE_MAPS, apply_feature_map
 from attnrewrite.kernels.linear.reference import naive_quadratic_linear_attn, naive_recurrent_linear_attn
@@ -49,7 +49,7 @@ def test_torch_path_matches_reference(causal, dtype):
     state = make_state(q.shape[0], k.shape[1], q.shape[-1], v.shape[-1])
 
     def candidate(q_, k_, v_, st):
-        out, final = linear_attention(q_, k_, v_, torch.where(key_mask, 0.0, float("-inf"))[:, None, None, :],
+        out, final = linear_attention_dispatch(q_, k_, v_, torch.where(key_mask, 0.0, float("-inf"))[:, None, None, :],
                                       is_causal=causal, scale=0.7, enable_gqa=True, initial_state=st,
                                       output_final_state=True, impl="torch")
         return out, final.S, final.z
@@ -64,7 +64,7 @@ def test_torch_path_gradcheck_float64(causal):
     leaves = [x.requires_grad_() for x in (q, k, v, S0, z0)]
 
     def fn(q_, k_, v_, s_, z_):
-        out, st = linear_attention(q_, k_, v_, is_causal=causal, enable_gqa=True, initial_state=(s_, z_),
+        out, st = linear_attention_dispatch(q_, k_, v_, is_causal=causal, enable_gqa=True, initial_state=(s_, z_),
                                    output_final_state=True, impl="torch")
         return out, st.S, st.z
 
@@ -90,7 +90,7 @@ def _saved_bytes(T: int) -> int:
 
     q, k, v = (x.requires_grad_() for x in make_qkv(batch=1, heads_q=2, heads_kv=2, tq=T, dk=16, dv=16))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        linear_attention(q, k, v, is_causal=True, impl="torch")
+        linear_attention_dispatch(q, k, v, is_causal=True, impl="torch")
     return total
 
 
@@ -101,16 +101,16 @@ def test_torch_path_memory_is_linear_in_T():
 
 def test_torch_path_traces_with_torch_compile():
     q, k, v = make_qkv(tq=40)
-    compiled = torch.compile(lambda *a: linear_attention(*a, is_causal=True, enable_gqa=True, impl="torch"),
+    compiled = torch.compile(lambda *a: linear_attention_dispatch(*a, is_causal=True, enable_gqa=True, impl="torch"),
                              backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v), linear_attention(q, k, v, is_causal=True, enable_gqa=True,
+    torch.testing.assert_close(compiled(q, k, v), linear_attention_dispatch(q, k, v, is_causal=True, enable_gqa=True,
                                                                    impl="torch"))
 
 
 def test_torch_decode_continues_a_prefill():
     q, k, v = make_qkv(tq=30, dtype=torch.float64)
-    full, final = linear_attention(q, k, v, is_causal=True, enable_gqa=True, output_final_state=True, impl="torch")
-    _, state = linear_attention(q[:, :, :20], k[:, :, :20], v[:, :, :20], is_causal=True, enable_gqa=True,
+    full, final = linear_attention_dispatch(q, k, v, is_causal=True, enable_gqa=True, output_final_state=True, impl="torch")
+    _, state = linear_attention_dispatch(q[:, :, :20], k[:, :, :20], v[:, :, :20], is_causal=True, enable_gqa=True,
                                 output_final_state=True, impl="torch")
     outs = []
     for t in range(20, 30):
@@ -128,7 +128,7 @@ def test_torch_path_varlen_matches_per_sequence_calls(causal):
     cu = torch.tensor([0, 13, 13, 53, 58], dtype=torch.int32)
     q, k, v = make_qkv(batch=1, tq=58, dtype=torch.float64)
     S0, z0 = (t.double() for t in make_state(4, 1, q.shape[-1], v.shape[-1]))
-    out, state = linear_attention(q, k, v, is_causal=causal, enable_gqa=True, cu_seqlens=cu, initial_state=(S0, z0),
+    out, state = linear_attention_dispatch(q, k, v, is_causal=causal, enable_gqa=True, cu_seqlens=cu, initial_state=(S0, z0),
                                   output_final_state=True, impl="torch")
     for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
         ref, S, z = naive_recurrent_linear_attn(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], causal=causal,

@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnrewrite.kernels.sigmoid import sigmoid_attention
+from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
 from attnrewrite.kernels.sigmoid.reference import naive_sigmoid_attention
+from attnrewrite.testing.numerics import assert_within_budget
 
 
 @dataclass
 class Case:
-    """One call: sizes and options of ``sigmoid_attention``; tensors are drawn fresh by ``inputs``."""
+    """One call: sizes and options of ``sigmoid_attention_dispatch``; tensors are drawn fresh by ``inputs``."""
 
     batch: int = 2
     heads_q: int = 2
@@ -103,24 +104,18 @@ def reference(q, k, v, **kwargs):
 
 
 def check_against_reference(case: Case, dtype: torch.dtype, impl: str, seed: int = 0) -> dict[str, float]:
-    """Assert every output of ``impl`` at ``dtype`` is within 2 x plain torch's error at ``dtype`` plus a
-    rounding band (two ulps of the largest reference value) of the float64 oracle; return the errors."""
+    """Assert every output of ``impl`` at ``dtype`` keeps the rule of :mod:`attnrewrite.testing.numerics`
+    against the float64 oracle (plain torch: the oracle at ``dtype``); return the errors."""
     generator = torch.Generator().manual_seed(seed)
     x = case.inputs(dtype, generator)
     exact = run(x, torch.float64, reference)
     plain = run(x, dtype, reference)
-    got = run(x, dtype, lambda q, k, v, **kw: sigmoid_attention(q, k, v, impl=impl, **kw))
+    got = run(x, dtype, lambda q, k, v, **kw: sigmoid_attention_dispatch(q, k, v, impl=impl, **kw))
     assert set(got) == set(exact), f"outputs {sorted(got)} vs reference {sorted(exact)}"
     errors = {}
     for name, ref in exact.items():
         assert ref.abs().max() > 0, f"{name}: the reference is all zeros; the case proves nothing"
         assert got[name].shape == ref.shape, f"{name}: shape {tuple(got[name].shape)} vs {tuple(ref.shape)}"
         assert got[name].dtype == plain[name].dtype, f"{name}: dtype {got[name].dtype} vs {plain[name].dtype}"
-        err = (got[name].double() - ref).abs().max().item()
-        plain_err = (plain[name].double() - ref).abs().max().item()
-        band = 2 * torch.finfo(dtype).eps * ref.abs().max().item()
-        bound = 2 * plain_err + band
-        assert err <= bound, (f"{impl} {dtype} {name}: max error {err:.3g} exceeds 2 x plain torch "
-                              f"({plain_err:.3g}) + band ({band:.3g})")
-        errors[name] = err
+        errors[name] = assert_within_budget(got[name], plain[name], ref, dtype, f"{impl} {name}")
     return errors

@@ -13,7 +13,7 @@ import torch
 import triton.testing
 
 from attnrewrite.kernels import tuning
-from attnrewrite.kernels.sigmoid import sigmoid_attention, spaces
+from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch, spaces
 
 CHECK_PATH = Path(__file__).resolve().parents[3] / "bench" / "gpu_checks" / "sigmoid.py"
 
@@ -36,7 +36,7 @@ class _FakeTritonSigmoid:
 
     @staticmethod
     def sigmoid_attention(q, k, v, is_causal=False):
-        out = sigmoid_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=is_causal, impl="torch")
+        out = sigmoid_attention_dispatch(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=is_causal, impl="torch")
         return out.transpose(1, 2)
 
 

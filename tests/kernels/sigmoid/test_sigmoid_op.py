@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from attnrewrite.kernels.sigmoid import op, sigmoid_attention
+from attnrewrite.kernels.sigmoid import op, sigmoid_attention_dispatch
 from attnrewrite.kernels.sigmoid.reference import naive_sigmoid_attention
 
 FWD = torch.ops.attnrewrite.sigmoid_attention_fwd_interpreted.default
@@ -41,7 +41,7 @@ def test_compiles_with_the_interpreted_op_and_the_torch_path():
     g = torch.Generator().manual_seed(1)
     q, k, v, _ = _inputs(g, grad=False)
     for impl in ("triton", "torch"):
-        fn = torch.compile(lambda q, k, v: sigmoid_attention(q, k, v, is_causal=True, enable_gqa=True, impl=impl),
+        fn = torch.compile(lambda q, k, v: sigmoid_attention_dispatch(q, k, v, is_causal=True, enable_gqa=True, impl=impl),
                            backend="aot_eager", fullgraph=True)
         q_, k_, v_ = (t.clone().requires_grad_() for t in (q, k, v))
         out = fn(q_, k_, v_)
@@ -55,7 +55,7 @@ def test_auto_runs_the_torch_path_off_cuda(monkeypatch):
     calls = []
     monkeypatch.setattr(op, "sigmoid_attention_triton", lambda *a: calls.append(a))
     q, k, v, _ = _inputs(torch.Generator().manual_seed(2), grad=False)
-    sigmoid_attention(q, k, v, enable_gqa=True)
+    sigmoid_attention_dispatch(q, k, v, enable_gqa=True)
     assert calls == []
 
 
@@ -63,7 +63,7 @@ def test_triton_on_cpu_without_the_interpreter_says_how_to_fix_it(monkeypatch):
     monkeypatch.setattr(op, "interpreter_active", lambda: False)
     q, k, v, _ = _inputs(torch.Generator().manual_seed(3), grad=False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        sigmoid_attention(q, k, v, enable_gqa=True, impl="triton")
+        sigmoid_attention_dispatch(q, k, v, enable_gqa=True, impl="triton")
 
 
 def _call(**changes):
@@ -71,19 +71,19 @@ def _call(**changes):
     args = dict(q=torch.randn(2, 4, 8, 16, generator=g), k=torch.randn(2, 2, 10, 16, generator=g),
                 v=torch.randn(2, 2, 10, 16, generator=g), enable_gqa=True)
     args.update(changes)
-    return sigmoid_attention(**args)
+    return sigmoid_attention_dispatch(**args)
 
 
 BAD_INPUTS = {
     "q rank": (dict(q=torch.randn(4, 8, 16)), ValueError, "q must be 4-d"),
-    "dtypes differ": (dict(k=torch.randn(2, 2, 10, 16).half()), TypeError, "share a dtype"),
+    "dtypes differ": (dict(k=torch.randn(2, 2, 10, 16).half()), ValueError, "share a dtype"),
     "integer dtype": (dict(q=torch.ones(2, 4, 8, 16, dtype=torch.int32), k=torch.ones(2, 2, 10, 16, dtype=torch.int32),
-                           v=torch.ones(2, 2, 10, 16, dtype=torch.int32)), TypeError, "not supported"),
+                           v=torch.ones(2, 2, 10, 16, dtype=torch.int32)), TypeError, "must be floating point"),
     "batch differs": (dict(k=torch.randn(3, 2, 10, 16)), ValueError, "batch sizes differ"),
     "heads not a multiple": (dict(q=torch.randn(2, 3, 8, 16)), ValueError, "multiple of key/value heads"),
     "gqa not enabled": (dict(enable_gqa=False), ValueError, "enable_gqa=True"),
     "head dims differ": (dict(k=torch.randn(2, 2, 10, 8)), ValueError, "head dims differ"),
-    "v length differs": (dict(v=torch.randn(2, 2, 9, 16)), ValueError, "must match k"),
+    "v length differs": (dict(v=torch.randn(2, 2, 9, 16)), ValueError, "agree on heads and number of keys"),
     "mask does not broadcast": (dict(attn_mask=torch.zeros(2, 4, 8, 9)), ValueError, "does not broadcast"),
     "mask dtype": (dict(attn_mask=torch.zeros(8, 10, dtype=torch.int64)), TypeError, "bool or floating"),
     "kv_lens shape": (dict(kv_lens=torch.tensor([3])), ValueError, r"kv_lens must be \[B\]"),
@@ -95,12 +95,12 @@ BAD_INPUTS = {
     "cu_seqlens with batch 2": (dict(cu_seqlens_q=torch.tensor([0, 8], dtype=torch.int32),
                                      cu_seqlens_k=torch.tensor([0, 10], dtype=torch.int32)), ValueError, "batch 1"),
     "causal_align": (dict(is_causal=True, causal_align="center"), ValueError, "causal_align"),
-    "impl": (dict(impl="cuda"), ValueError, "impl must be"),
+    "impl": (dict(impl="cuda"), ValueError, "impl must be 'auto', 'triton' or 'torch'"),
     "dropout range": (dict(dropout_p=1.5), ValueError, "dropout_p"),
     "bias": (dict(bias="none"), ValueError, "bias must be"),
     "dropout on triton": (dict(dropout_p=0.1, impl="triton"), ValueError, "do not implement dropout"),
     "float64 on triton": (dict(q=torch.randn(2, 4, 8, 16).double(), k=torch.randn(2, 2, 10, 16).double(),
-                               v=torch.randn(2, 2, 10, 16).double(), impl="triton"), TypeError, "float64"),
+                               v=torch.randn(2, 2, 10, 16).double(), impl="triton"), ValueError, "float64"),
     "head dim on triton": (dict(q=torch.randn(1, 2, 4, 320), k=torch.randn(1, 2, 4, 320), v=torch.randn(1, 2, 4, 320),
                                 impl="triton"), ValueError, "head dims up to 256"),
 }

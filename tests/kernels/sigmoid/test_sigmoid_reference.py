@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from attnrewrite.kernels.sigmoid import chunked, sigmoid_attention
+from attnrewrite.kernels.sigmoid import chunked, sigmoid_attention_dispatch
 from attnrewrite.kernels.sigmoid.reference import naive_sigmoid_attention
 
 
@@ -76,7 +76,7 @@ def test_chunked_path_equals_reference_in_float64(chunk_elements, monkeypatch):
     mask = torch.randn(1, 4, 13, 11, generator=g, dtype=torch.float64, requires_grad=True)
     grad = torch.randn(1, 4, 13, 6, generator=g, dtype=torch.float64)
     results = []
-    for fn in (naive_sigmoid_attention, lambda *a, **kw: sigmoid_attention(*a, enable_gqa=True, impl="torch", **kw)):
+    for fn in (naive_sigmoid_attention, lambda *a, **kw: sigmoid_attention_dispatch(*a, enable_gqa=True, impl="torch", **kw)):
         out = fn(q, k, v, mask, is_causal=True, causal_align="bottom_right")
         results.append((out, *torch.autograd.grad(out, (q, k, v, mask), grad)))
     for name, got, expected in zip(("out", "dq", "dk", "dv", "dmask"), results[1], results[0]):
@@ -88,7 +88,7 @@ def test_chunked_path_gradcheck():
     q = torch.randn(1, 2, 5, 4, generator=g, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(1, 1, 6, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
     mask = torch.randn(1, 1, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(lambda q, k, v, m: sigmoid_attention(q, k, v, m, is_causal=True, enable_gqa=True,
+    torch.autograd.gradcheck(lambda q, k, v, m: sigmoid_attention_dispatch(q, k, v, m, is_causal=True, enable_gqa=True,
                                                                   impl="torch"), (q, k, v, mask))
 
 
@@ -98,18 +98,18 @@ def test_dropout_is_deterministic_per_seed_and_has_consistent_gradients():
 
     def dropped(q, k, v):
         torch.manual_seed(123)  # the dropout seed comes from the global generator
-        return sigmoid_attention(q, k, v, dropout_p=0.4, impl="torch")
+        return sigmoid_attention_dispatch(q, k, v, dropout_p=0.4, impl="torch")
 
     first, second = dropped(q, k, v), dropped(q, k, v)
     torch.testing.assert_close(first, second, rtol=0, atol=0)
-    assert not torch.allclose(first, sigmoid_attention(q, k, v, impl="torch"))
+    assert not torch.allclose(first, sigmoid_attention_dispatch(q, k, v, impl="torch"))
     torch.autograd.gradcheck(dropped, (q, k, v))
 
 
 def test_dropout_keeps_the_expectation():
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(1, 1, 8, 4, generator=g) for _ in range(3))
-    plain = sigmoid_attention(q, k, v, impl="torch")
-    mean = torch.stack([sigmoid_attention(q, k, v, dropout_p=0.3, impl="torch") for _ in range(400)]).mean(0)
+    plain = sigmoid_attention_dispatch(q, k, v, impl="torch")
+    mean = torch.stack([sigmoid_attention_dispatch(q, k, v, dropout_p=0.3, impl="torch") for _ in range(400)]).mean(0)
     # 400 draws of a sum of 8 terms each kept with p = 0.7: the mean is within a few standard errors
     assert (mean - plain).abs().max() < 0.1 * plain.abs().max()

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.sigmoid import op, sigmoid_attention
+from attnrewrite.kernels.sigmoid import op, sigmoid_attention_dispatch
 from attnrewrite.kernels.sigmoid.triton_common import sigmoid_log2
 from sigmoid_testing import Case, check_against_reference
 
@@ -44,7 +44,7 @@ CASES = {
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    monkeypatch.setattr(op, "pick_config", lambda kernel, *args, **kwargs: dict(SMALL_TILES[kernel]))
+    monkeypatch.setattr(op, "launch_config", lambda kernel, *args, **kwargs: dict(SMALL_TILES[kernel]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -63,7 +63,7 @@ def test_torch_path_matches_reference(name, dtype):
 @pytest.mark.parametrize("name", ["causal_top_left", "gqa_causal", "t5_bias_with_grad"])
 def test_newton_reciprocal_matches_reference(name, dtype, monkeypatch):
     newton = {kernel: dict(config, RCP_NEWTON=1) for kernel, config in SMALL_TILES.items()}
-    monkeypatch.setattr(op, "pick_config", lambda kernel, *args, **kwargs: dict(newton[kernel]))
+    monkeypatch.setattr(op, "launch_config", lambda kernel, *args, **kwargs: dict(newton[kernel]))
     check_against_reference(CASES[name], dtype, "triton", seed=7)
 
 
@@ -83,9 +83,9 @@ def test_forward_never_visits_blocks_above_the_diagonal(small_tiles):
     32..63 (0 * NaN = NaN in P.V); finite rows 0..31 prove their programs skipped it."""
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(3))
-    out = sigmoid_attention(q, _nan_rows(k, slice(48, 64)), _nan_rows(v, slice(48, 64)), is_causal=True,
+    out = sigmoid_attention_dispatch(q, _nan_rows(k, slice(48, 64)), _nan_rows(v, slice(48, 64)), is_causal=True,
                             impl="triton")
-    expected = sigmoid_attention(q, k, v, is_causal=True, impl="torch")
+    expected = sigmoid_attention_dispatch(q, k, v, is_causal=True, impl="torch")
     assert torch.isnan(out[:, :, 48:]).all()
     torch.testing.assert_close(out[:, :, :32], expected[:, :, :32])
 
@@ -96,10 +96,10 @@ def test_backward_never_visits_query_blocks_above_the_diagonal(small_tiles):
     q, k, v, grad = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(4))
     k.requires_grad_()
     v.requires_grad_()
-    out = sigmoid_attention(_nan_rows(q, slice(0, 16)), k, v, is_causal=True, impl="triton")
+    out = sigmoid_attention_dispatch(_nan_rows(q, slice(0, 16)), k, v, is_causal=True, impl="triton")
     out.backward(_nan_rows(grad, slice(0, 16)))
     k_ref, v_ref = k.detach().requires_grad_(), v.detach().requires_grad_()
-    sigmoid_attention(q, k_ref, v_ref, is_causal=True, impl="torch").backward(grad)
+    sigmoid_attention_dispatch(q, k_ref, v_ref, is_causal=True, impl="torch").backward(grad)
     # dK/dV kernel: key block 16..31 starts at query block 16 (tile 32 rows: block 0..31 is masked).
     torch.testing.assert_close(k.grad[:, :, 32:], k_ref.grad[:, :, 32:])
     torch.testing.assert_close(v.grad[:, :, 32:], v_ref.grad[:, :, 32:])
@@ -116,9 +116,9 @@ def test_padding_keys_are_never_read(small_tiles):
     v_bad[0, :, 37:] = float("nan")
     k_bad.requires_grad_()
     v_bad.requires_grad_()
-    out = sigmoid_attention(q, k_bad, v_bad, kv_lens=kv_lens, impl="triton")
+    out = sigmoid_attention_dispatch(q, k_bad, v_bad, kv_lens=kv_lens, impl="triton")
     out.sum().backward()
-    torch.testing.assert_close(out, sigmoid_attention(q, k, v, kv_lens=kv_lens, impl="torch"))
+    torch.testing.assert_close(out, sigmoid_attention_dispatch(q, k, v, kv_lens=kv_lens, impl="torch"))
     assert (k_bad.grad[0, :, 37:] == 0).all() and (v_bad.grad[0, :, 37:] == 0).all()
     assert (k_bad.grad[0, :, :37] != 0).any()
 
@@ -128,7 +128,7 @@ def test_rows_without_visible_keys_are_zero(small_tiles):
     g = torch.Generator().manual_seed(6)
     q = torch.randn(1, 2, 40, 16, generator=g)
     k, v = (torch.randn(1, 2, 25, 16, generator=g) for _ in range(2))
-    out = sigmoid_attention(q, k, v, is_causal=True, causal_align="bottom_right", impl="triton")
+    out = sigmoid_attention_dispatch(q, k, v, is_causal=True, causal_align="bottom_right", impl="triton")
     assert (out[:, :, :15] == 0).all() and (out[:, :, 15:] != 0).all()
 
 

@@ -1,0 +1,210 @@
+"""How every kind registers its ``torch.library`` operators (namespace ``attnrewrite``), and how a call
+chooses between the Triton kernels and the torch path.
+
+Three kinds of operator, one function each:
+
+- :func:`composite_op` — an operator whose implementation is plain torch (``CompositeImplicitAutograd``):
+  it decomposes *before* autograd, so its fake implementation and its gradient are those of the ops it
+  calls, and under ``torch.compile`` inductor sees (and fuses) what is underneath.  The public ops of
+  the exact, sigmoid and linear kinds are of this sort.
+- :func:`kernel_op` — an opaque ``torch.library.custom_op`` with a fake implementation and, when it is
+  differentiable, an autograd formula: for loops that must stay whole in a traced graph (the torch
+  paths of summary, hashed and sigmoid) and for backward ops.
+- :func:`triton_ops` — a pair for a Triton path: a ``torch.library.triton_op`` for CUDA (inductor
+  traces into it and sees the kernel launches) and a twin ``<name>_interpreted``, a plain
+  :func:`kernel_op` running the same implementation on CPU tensors under ``TRITON_INTERPRET=1``
+  (a ``triton_op`` cannot be compiled for the CPU; the twins exist for tests).
+
+The opaque operators all use the functional ``torch.library.custom_op`` API; ``composite_op`` is the
+one place that uses :class:`torch.library.Library`, because ``custom_op`` cannot make a
+``CompositeImplicitAutograd`` operator.  Every operator with SDPA's leading arguments writes its
+schema with :func:`sdpa_schema`.
+
+:func:`resolve_impl` turns a call's ``impl="auto" | "triton" | "torch"`` into a path, with the same
+rules and messages for every kind that has kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+
+NAMESPACE = "attnrewrite"
+IMPLS = ("auto", "triton", "torch")
+
+# The leading arguments of ``F.scaled_dot_product_attention``, as every SDPA-like operator takes them.
+_SDPA_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float dropout_p=0.0, "
+              "bool is_causal={is_causal}, float? scale=None, bool enable_gqa=False")
+
+# Library.define / Library.impl need a Library object that lives as long as the process.
+_LIB = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+def sdpa_schema(extra: str = "", returns: str = "Tensor", *, is_causal: bool = False) -> str:
+    """The schema ``(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, float dropout_p=0.0,
+    bool is_causal=False, float? scale=None, bool enable_gqa=False[, extra]) -> returns``.
+
+    Args:
+        extra: the kind's own arguments, in schema syntax (e.g. ``"float? bias=None"``).
+        returns: the return type(s) in schema syntax.
+        is_causal: the default of ``is_causal`` (True for kinds meant for language models).
+
+    Returns:
+        A schema without the operator name, as ``torch.library.custom_op(schema=...)`` takes it.
+    """
+    args = _SDPA_ARGS.format(is_causal=is_causal)
+    return f"({args}{', ' + extra if extra else ''}) -> {returns}"
+
+
+def composite_op(name: str, schema: str, impl: Callable) -> torch._ops.OpOverloadPacket:
+    """Define ``attnrewrite::<name>`` with ``impl`` as its ``CompositeImplicitAutograd`` kernel.
+
+    ``impl`` must be made of differentiable, traceable torch calls (other operators included): the
+    dispatcher runs it for every backend, under autograd and under fake tensors alike.
+    Returns ``torch.ops.attnrewrite.<name>``.
+    """
+    _LIB.define(name + schema)
+    _LIB.impl(name, impl, "CompositeImplicitAutograd")
+    return getattr(torch.ops.attnrewrite, name)
+
+
+def kernel_op(name: str, impl: Callable, *, fake: Callable, schema: str | None = None,
+              backward: Callable | None = None, setup_context: Callable | None = None):
+    """Define the opaque operator ``attnrewrite::<name>`` (``torch.library.custom_op``).
+
+    Args:
+        name: the operator's name in the ``attnrewrite`` namespace.
+        impl: the implementation on real tensors.  Its type annotations give the schema unless
+            ``schema`` is passed.
+        fake: the shape-only implementation run while tracing (must raise the same input errors
+            as ``impl`` where it checks inputs).
+        schema: an explicit schema (e.g. from :func:`sdpa_schema`), without the name.
+        backward, setup_context: the autograd formula (``register_autograd``); None for an operator
+            that is not differentiated (a backward op, an inference-only op).
+
+    Returns:
+        The ``CustomOpDef``; call it like a function.
+    """
+    op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=(), schema=schema)
+    op.register_fake(fake)
+    if backward is not None:
+        op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+class TritonOps(NamedTuple):
+    """One Triton operator in its two forms: ``cuda`` (a ``triton_op``) and ``interpreted`` (its CPU twin)."""
+
+    cuda: object
+    interpreted: object
+
+    def on(self, device: torch.device):
+        """The form for tensors on ``device``: the ``triton_op`` on CUDA, the interpreted twin elsewhere
+        (whether the interpreter is on is for :func:`resolve_impl` to check, before the call)."""
+        return self.cuda if device.type == "cuda" else self.interpreted
+
+
+def triton_ops(name: str, impl: Callable, *, fake: Callable, backward: Callable | None = None,
+               setup_context: Callable | None = None) -> TritonOps:
+    """Define ``attnrewrite::<name>`` as a ``triton_op`` for CUDA and ``attnrewrite::<name>_interpreted``
+    as its interpreted CPU twin, with one implementation, schema and autograd formula.
+
+    Args:
+        impl: launches the kernels through :func:`traceable`; its annotations give the schema.
+        fake: the twin's shape-only implementation (a ``triton_op`` traces ``impl`` itself on fake
+            tensors instead).
+        backward, setup_context: the autograd formula, registered on both forms.  A backward that
+            calls a backward operator picks its form from the saved tensors' device
+            (:meth:`TritonOps.on`), so each form is differentiated by its own kind of op.
+    """
+    cuda = torch.library.triton_op(f"{NAMESPACE}::{name}", impl, mutates_args=())
+    interpreted = kernel_op(f"{name}_interpreted", impl, fake=fake)
+    if backward is not None:
+        for op in (cuda, interpreted):
+            op.register_autograd(backward, setup_context=setup_context)
+    return TritonOps(cuda, interpreted)
+
+
+def traceable(kernel):
+    """``kernel`` wrapped so that torch.compile / make_fx can trace its launch (``wrap_triton``); the
+    interpreter's kernels (``TRITON_INTERPRET=1``) are returned as they are and run eagerly."""
+    from triton.runtime.jit import JITFunction
+
+    if isinstance(kernel, JITFunction):
+        from torch.library import wrap_triton
+
+        return wrap_triton(kernel)
+    return kernel
+
+
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
+
+
+def resolve_impl(
+    impl: str,
+    device: torch.device,
+    *,
+    what: str,
+    dtype: torch.dtype,
+    head_dims: Sequence[int],
+    triton_dtypes: Sequence[torch.dtype],
+    auto_dtypes: Sequence[torch.dtype] | None = None,
+    max_head_dim: int = 256,
+    refusal: str | None = None,
+    available: bool = True,
+    interpreter_active: Callable[[], bool] = lambda: False,
+) -> str:
+    """``"triton"`` or ``"torch"``: the path that runs a call asking for ``impl``.
+
+    ``"auto"`` runs the kernels on CUDA when they can take the call (``auto_dtypes``, head dims up to
+    ``max_head_dim``, no ``refusal``) and the torch path otherwise; ``"torch"`` always runs the torch
+    path; ``"triton"`` runs the kernels or raises, naming why — it never falls back silently.
+
+    Args:
+        impl: ``"auto"``, ``"triton"`` or ``"torch"``.
+        device: the device of the inputs.
+        what: the operation, at the head of every message (e.g. ``"sigmoid attention"``).
+        dtype: the inputs' dtype; head_dims: (Dk, Dv).
+        triton_dtypes: the dtypes the kernels take; auto_dtypes: those ``"auto"`` sends to them
+            (default: ``triton_dtypes``).
+        refusal: why the kernels cannot run this call (e.g. an option they do not implement), or None.
+        available: False when triton cannot be imported.
+        interpreter_active: whether the kernels were defined under ``TRITON_INTERPRET=1`` (asked only
+            for an explicit ``"triton"`` on the CPU).
+
+    Raises:
+        ValueError: ``impl`` is not one of the three, or ``"triton"`` cannot take these inputs.
+        RuntimeError: ``"triton"`` without triton, or on a device where the kernels cannot run.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"{what}: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
+    auto_dtypes = triton_dtypes if auto_dtypes is None else auto_dtypes
+    if impl == "auto":
+        fits = dtype in auto_dtypes and max(head_dims) <= max_head_dim and refusal is None
+        return "triton" if device.type == "cuda" and available and fits else "torch"
+    if impl == "torch":
+        return "torch"
+    prefix = f"{what}(impl='triton')"
+    if not available:
+        raise RuntimeError(f"{prefix}: triton is not installed; use impl='torch' (or 'auto')")
+    if refusal is not None:
+        raise ValueError(f"{prefix}: {refusal}; use impl='torch' (or 'auto')")
+    if dtype not in triton_dtypes:
+        raise ValueError(f"{prefix}: the kernels take {_dtype_names(triton_dtypes)}, got {dtype}; "
+                         "use impl='torch' (or 'auto')")
+    if max(head_dims) > max_head_dim:
+        raise ValueError(f"{prefix}: head dims up to {max_head_dim} are supported, got {tuple(head_dims)}")
+    if device.type == "cpu" and not interpreter_active():
+        raise RuntimeError(f"{prefix}: tensors are on the CPU; set TRITON_INTERPRET=1 before attnrewrite is "
+                           "imported to run the kernels there, or use impl='torch' (or 'auto')")
+    if device.type not in ("cuda", "cpu"):
+        raise RuntimeError(f"{prefix}: tensors are on {device}; the kernels run on CUDA devices "
+                           "(or on the CPU under TRITON_INTERPRET=1)")
+    return "triton"
+
+
+__all__ = ["IMPLS", "NAMESPACE", "TritonOps", "composite_op", "kernel_op", "resolve_impl", "sdpa_schema",
+           "traceable", "triton_ops"]
