@@ -355,7 +355,8 @@ def validate_table(table: Mapping, spaces: Mapping[str, SearchSpace]) -> list[st
 
 # --------------------------------------------------------------------------- the tune command
 
-TUNABLE_KINDS = ("sigmoid", "linear")
+#: Kinds with tunable kernels: those whose kernel folder has a ``tune.py`` (SPACES and workloads()).
+TUNABLE_KINDS = tuple(sorted(p.parent.name for p in KERNELS_DIR.glob("*/tune.py")))
 
 
 def kind_module(kind: str):
