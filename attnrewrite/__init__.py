@@ -16,7 +16,7 @@ from attnrewrite import kinds, ops
 from attnrewrite.rewriter.backend import attnrewrite_backend, register
 from attnrewrite.rewriter.convert import convert
 from attnrewrite.rewriter.decorator import explain, rewrite
-from attnrewrite.rewriter.pipeline import RewriteFailed
+from attnrewrite.rewriter.failures import RewriteFailed, RewriteWarning
 from attnrewrite.rewriter.report import Report, SiteReport, recent_reports
 from attnrewrite.ir.spec import AttentionSpec
 
@@ -40,6 +40,7 @@ __all__ = [
     "HashedCache",
     "Report",
     "RewriteFailed",
+    "RewriteWarning",
     "SiteReport",
     "SummaryCache",
     "attnrewrite_backend",

@@ -11,7 +11,9 @@ with the number of sites still in play before and after it.
     finish   lint and recompile the graph
 
 A failure inside one site skips that site with the reason; a failure of the pass itself
-restores the original graph.  ``strict=True`` turns both into exceptions.
+restores the original graph.  Either way the attention stays as it was, which is never silent:
+``strict=True`` raises :class:`~attnrewrite.rewriter.failures.RewriteFailed`, otherwise an
+:class:`~attnrewrite.rewriter.failures.RewriteWarning` is issued once per cause.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from attnrewrite.ir.spec import NotAttention, Site
 from attnrewrite.patterns import eager_matmul, masks, multihead, sdpa
 from attnrewrite.rewriter import state
 from attnrewrite.rewriter.certify import certify, fingerprint
+from attnrewrite.rewriter.failures import Failure, RewriteFailed, not_rewritten
 from attnrewrite.rewriter.options import RewriteOptions
 from attnrewrite.rewriter.report import Report, SiteReport, StageReport
 from attnrewrite.rewriter.rewrite import module_caller, rewrite_site
@@ -40,10 +43,6 @@ log = logging.getLogger("attnrewrite")
 
 #: Pattern families, by the anchor they start from.
 FAMILIES = (eager_matmul, sdpa)
-
-
-class RewriteFailed(RuntimeError):
-    """Raised with ``strict=True`` when an attention site could not be rewritten or the pass failed."""
 
 
 @dataclass
@@ -69,7 +68,7 @@ def _guarded(ctx: PassContext, site: Site, stage: str, fn: Callable[[], None]) -
     except Exception as exc:  # noqa: BLE001 — never break the user's compile for one site
         if ctx.options.strict:
             raise
-        log.warning("attnrewrite: %s failed on %s (%s): %s", stage, site.anchor.name, site.module_path, exc)
+        log.debug("attnrewrite: %s failed on %s (%s)", stage, site.anchor.name, site.module_path, exc_info=True)
         site.skip(f"internal error in {stage}: {type(exc).__name__}: {exc}")
 
 
@@ -252,19 +251,20 @@ def run_pass(gm: fx.GraphModule, example_inputs: list[Any], options: RewriteOpti
             report.stages.append(_run_stage(ctx, name, stage))
     except Exception as exc:  # noqa: BLE001
         if options.strict:
-            raise RewriteFailed(f"attnrewrite pass failed: {exc}") from exc
+            raise RewriteFailed(f"attnrewrite pass failed: {type(exc).__name__}: {exc}",
+                                [Failure(s.module_path, f"the pass failed: {exc}") for s in ctx.sites]) from exc
         gm.graph = backup
         gm.recompile()
-        log.warning("attnrewrite: pass failed, running the graph unrewritten: %s", exc)
+        log.debug("attnrewrite: pass failed, running the graph unrewritten", exc_info=True)
         report.errors.append(f"{type(exc).__name__}: {exc}")
+        cause = f"the pass failed ({type(exc).__name__}: {exc}); the graph runs unrewritten"
         for site in ctx.sites:
-            if site.status == "rewritten":
-                site.status, site.reason = "skipped", "pass failed; graph restored"
+            if site.status != "skipped" or site.reason is None:
+                site.status, site.reason = "skipped", cause
+        if not any(s.spec is not None for s in ctx.sites):  # the failure may come before matching
+            not_rewritten([Failure("", cause)], f"graph not rewritten to {options.to}", strict=False, stacklevel=5)
     report.sites = [SiteReport.from_site(s, 0) for s in ctx.sites]
     report.seconds = time.perf_counter() - start
-    if options.strict:
-        failed = [s for s in report.sites if s.status == "skipped" and s.spec is not None]
-        if failed:
-            details = "; ".join(f"{s.module or '<root>'}: {s.reason}" for s in failed)
-            raise RewriteFailed(f"{len(failed)} attention site(s) not rewritten: {details}")
+    failed = [Failure(s.module, s.reason) for s in report.sites if s.status == "skipped" and s.spec is not None]
+    not_rewritten(failed, f"attention not rewritten to {options.to}", options.strict, stacklevel=5)
     return report

@@ -60,17 +60,53 @@ def test_bad_options_are_named(options, error, match):
         attnrewrite.rewrite(Block(), **options)
 
 
-def test_internal_error_falls_back_with_a_warning(monkeypatch, caplog):
+def test_internal_error_falls_back_with_a_warning(monkeypatch):
+    """A failing pass restores the graph and says so with a RewriteWarning (not only a log line)."""
+    from attnrewrite.rewriter.failures import reset_warnings
+
     def broken(ctx):
         raise RuntimeError("boom")
 
+    reset_warnings()
     monkeypatch.setattr(pipeline, "STAGES", pipeline.STAGES[:-2] + (("rewrite", broken),) + pipeline.STAGES[-1:])
     model, x = Block().eval(), torch.randn(2, 8, 32)
     report = Report()
-    with caplog.at_level("WARNING", logger="attnrewrite"):
+    with pytest.warns(attnrewrite.RewriteWarning, match=r"not rewritten to softmax at 1 site.*boom"):
         out = compile_rewritten(model, report)(x)
     torch.testing.assert_close(out, model(x), rtol=0, atol=0)  # the original graph ran
-    assert "boom" in caplog.text and report.errors and not report.rewritten
+    assert report.errors and not report.rewritten and "boom" in report.sites[0].reason
+
+
+def test_a_site_left_as_it_was_warns_once_per_cause():
+    """Non-strict: each cause warns once (a second model with the same cause is quiet); strict raises
+    RewriteFailed listing each site and its cause."""
+    import warnings
+
+    from attnrewrite.rewriter.failures import reset_warnings
+
+    class Biased(Block):
+        def forward(self, x):
+            b, t, c = x.shape
+            q, k, v = (y.view(b, t, 4, 8).transpose(1, 2) for y in self.qkv(x).split(c, dim=-1))
+            bias = torch.arange(t, dtype=x.dtype)[None, :] * 0.1  # an additive bias: linear cannot honour it
+            return torch.softmax(q @ k.transpose(-2, -1) + bias, -1) @ v
+
+    reset_warnings()
+    x = torch.randn(2, 8, 32)
+    with pytest.warns(attnrewrite.RewriteWarning, match="not rewritten to linear at 1 site.*additive bias"):
+        compile_rewritten(Biased().eval(), to="linear")(x)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnrewrite.RewriteWarning)
+        compile_rewritten(Biased().eval(), to="linear")(x)  # the same cause: already said
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as caught:
+        compile_rewritten(Biased().eval(), to="linear", strict=True)(x)
+    # torch.compile wraps a backend's exception in BackendCompilerFailed; the RewriteFailed is inside
+    failed = getattr(caught.value, "inner_exception", caught.value)
+    assert isinstance(failed, attnrewrite.RewriteFailed), caught.value
+    (failure,) = failed.failures
+    assert "additive bias" in failure.cause and failure.module == ""
 
 
 def test_internal_error_on_one_site_skips_that_site(monkeypatch):
