@@ -129,7 +129,7 @@ class AttentionCall:
     k: Any
     v: Any
     attn_mask: Any
-    dropout_p: float
+    dropout_p: Any  # a float, or the graph value of a symbolic probability (a proxy while recording)
     is_causal: bool
     scale: float | None
     enable_gqa: bool
@@ -164,7 +164,7 @@ def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, drop
         k=ref_value(spec.k, lookup),
         v=ref_value(spec.v, lookup),
         attn_mask=materialize_mask(spec.bias, lookup, dtype),
-        dropout_p=spec.dropout_p if dropout else 0.0,
+        dropout_p=(spec.dropout_p if spec.dropout_node is None else lookup(spec.dropout_node)) if dropout else 0.0,
         is_causal=spec.causal,
         scale=spec.scale,
         enable_gqa=spec.kv_groups > 1,

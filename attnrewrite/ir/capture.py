@@ -229,6 +229,17 @@ def hint(value: Any, default: int = 8) -> Any:
     return value
 
 
+def symbolic_number(value: Any) -> tuple[float, fx.Node] | None:
+    """``(hint, node)`` when ``value`` is a graph node holding a hinted SymFloat/SymInt (a number that is
+    a graph input under dynamic shapes, e.g. an ``nn.Dropout``'s p), else None."""
+    if not isinstance(value, fx.Node):
+        return None
+    meta = example(value)
+    if isinstance(meta, (torch.SymFloat, torch.SymInt)) and meta.node.has_hint():
+        return float(meta.node.hint), value
+    return None
+
+
 def hinted_shape(node: Any) -> tuple[int, ...] | None:
     """The concrete shape of ``node``'s example value (symbolic sizes replaced by their hints)."""
     t = tensor_meta(node)

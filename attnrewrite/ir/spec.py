@@ -106,7 +106,9 @@ class AttentionSpec:
         bias: mask terms added to the scores (empty: none).
         causal: the mask includes the causal (top-left) triangle, proven on the site's shapes.
         kv_groups: Hq // Hkv (grouped-query attention seen through repeat_kv / expand+reshape).
-        dropout_p: dropout on the probabilities (0 in eval mode).
+        dropout_p: dropout on the probabilities (0 in eval mode); when the probability is a graph
+            value (a SymFloat under ``dynamic=True``), its hint, for decisions and reports.
+        dropout_node: that graph value, passed on to the rewritten op (None: ``dropout_p`` is constant).
         score_mod: an elementwise, non-affine function applied to scale · q kᵀ before the mask
             terms and the normalisation (soft-capping), or None.
         weights_escape: the probabilities are also used outside the site (returned weights).
@@ -124,6 +126,7 @@ class AttentionSpec:
     causal: bool = False
     kv_groups: int = 1
     dropout_p: float = 0.0
+    dropout_node: fx.Node | None = None
     score_mod: ScoreMod | None = None
     weights_escape: bool = False
     softmax_dtype: torch.dtype | None = None

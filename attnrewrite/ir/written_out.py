@@ -61,7 +61,7 @@ def written_out(call: AttentionCall, normalise: Callable[[Any], Any] | None = No
         probs = probs.masked_fill(scores.isneginf().all(dim=-1, keepdim=True), 0.0).to(dtype)
     else:
         probs = normalise(scores)
-    if call.dropout_p > 0.0:
+    if not isinstance(call.dropout_p, (int, float)) or call.dropout_p > 0.0:  # symbolic: the graph decides
         probs = F.dropout(probs, p=call.dropout_p)
     v = call.v if call.kv_groups == 1 else call.v.repeat_interleave(call.kv_groups, dim=-3)
     return probs @ v

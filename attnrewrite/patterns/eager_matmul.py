@@ -32,6 +32,7 @@ from attnrewrite.ir.capture import (
     owning_module,
     rank,
     same_size,
+    symbolic_number,
     tensor_meta,
 )
 from attnrewrite.ir.spec import (
@@ -455,7 +456,7 @@ def match(anchor: fx.Node) -> Site:
         raise NotAttention("the probabilities never meet the values in a product")
     pv, probs_last = down[-1], down[-2]
     v_ref, out_layout = _pv_operand(pv, probs_last)
-    dropout_p = 0.0
+    dropout_p, dropout_node = 0.0, None
     pv_view_sizes = None
     for prev, node in zip(down, down[1:-1]):
         call = normalize(node)
@@ -465,9 +466,10 @@ def match(anchor: fx.Node) -> Site:
             p, training = call.kwargs["p"], call.kwargs["training"]
             if training is False:
                 continue  # eval mode: p does not matter (and may be symbolic under dynamic=True)
-            if not isinstance(p, (int, float)) or training is not True:
+            symbolic = symbolic_number(p)
+            if training is not True or not (isinstance(p, (int, float)) or symbolic):
                 raise NotAttention("dropout with a probability or mode that is not a constant")
-            dropout_p = float(p)
+            dropout_p, dropout_node = symbolic if symbolic else (float(p), None)
     escape = any(u not in down for n in down[:-1] for u in n.users)
     _check_scores_not_reused(state, up, down, v_ref.node)
 
@@ -519,6 +521,7 @@ def match(anchor: fx.Node) -> Site:
         causal=False,
         kv_groups=k_groups,
         dropout_p=dropout_p,
+        dropout_node=dropout_node,
         score_mod=mod,
         weights_escape=escape,
         softmax_dtype=state.softmax_dtype,

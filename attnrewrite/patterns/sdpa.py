@@ -17,6 +17,7 @@ from attnrewrite.ir.capture import (
     normalize,
     owning_module,
     rank,
+    symbolic_number,
     tensor_meta,
 )
 from attnrewrite.ir.spec import AttentionSpec, MaskTerm, NotAttention, Site, TensorRef
@@ -43,7 +44,8 @@ def match(anchor: fx.Node) -> Site:
     if not all(isinstance(x, fx.Node) for x in (q, k, v)):
         raise NotAttention("q, k or v is not a tensor")
     kw = call.kwargs
-    dropout_p = _constant(kw["dropout_p"], float, "dropout_p")
+    symbolic_dropout = symbolic_number(kw["dropout_p"])  # an nn.Dropout's p under dynamic=True
+    dropout_p, dropout_node = symbolic_dropout or (_constant(kw["dropout_p"], float, "dropout_p"), None)
     is_causal = _constant(kw["is_causal"], bool, "is_causal")
     scale = kw["scale"]
     q_factors: tuple = ()
@@ -92,6 +94,7 @@ def match(anchor: fx.Node) -> Site:
         causal=is_causal,
         kv_groups=groups,
         dropout_p=dropout_p or 0.0,
+        dropout_node=dropout_node,
         module_path=owning_module([anchor]),
         pattern="sdpa",
     )

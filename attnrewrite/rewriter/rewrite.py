@@ -78,11 +78,13 @@ def rewrite_site(gm: fx.GraphModule, site: Site, emit: Callable, fake_mode,
 
 
 def _spec_inputs(site: Site) -> set[fx.Node]:
-    """Nodes the canonical form reads besides q, k, v (mask terms, scale factors, sizes in steps)."""
+    """Nodes the canonical form reads besides q, k, v (mask terms, scale factors, sizes in steps, a
+    symbolic dropout probability)."""
     spec, nodes = site.spec, set()
     for steps in [spec.q.steps, spec.k.steps, spec.v.steps, site.probs_steps] + [t.steps for t in spec.bias]:
         for step in steps:
             fx.node.map_arg(step, nodes.add)
+    nodes |= {spec.dropout_node} if spec.dropout_node is not None else set()
     return nodes | {t.node for t in spec.bias} | {n for n, _ in spec.q_factors}
 
 

@@ -13,11 +13,14 @@ from attnrewrite.rewriter.report import Report
 from attnrewrite.testing.zoo import first_tensor
 
 
-def compile_rewritten(model: Callable, report: Report | None = None, **options: Any) -> Callable:
-    """``torch.compile`` with the attnrewrite backend; the pass's reports are merged into ``report``."""
+def compile_rewritten(model: Callable, report: Report | None = None, dynamic: bool | None = None,
+                      **options: Any) -> Callable:
+    """``torch.compile`` with the attnrewrite backend; the pass's reports are merged into ``report``.
+    ``dynamic`` goes to ``torch.compile``; ``options`` to the pass (compiler ``"eager"`` by default)."""
     options.setdefault("compiler", "eager")
     sink = report.merge if report is not None else None
-    return torch.compile(model, backend=functools.partial(attnrewrite_backend, options=options, _report_sink=sink))
+    return torch.compile(model, backend=functools.partial(attnrewrite_backend, options=options, _report_sink=sink),
+                         dynamic=dynamic)
 
 
 def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str, floor: float = 0.0) -> None:

@@ -1,0 +1,69 @@
+"""The kind you ask for is the kind that runs: training setups that used to leave softmax in place.
+
+Each test uses its own models and spellings; the issue's reproducers are examples only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attnrewrite
+from attnrewrite.rewriter.report import Report
+from attnrewrite.testing.checks import compile_rewritten
+
+
+class DropoutAttention(nn.Module):
+    """Self-attention whose probability dropout comes from an attribute: under ``dynamic=True`` Dynamo
+    turns such a float into a graph input (a SymFloat), which the matcher used to reject."""
+
+    def __init__(self, spelling: str, p: float = 0.2):
+        super().__init__()
+        self.spelling, self.proj, self.drop, self.p = spelling, nn.Linear(24, 72), nn.Dropout(p), p
+
+    def forward(self, x):  # [B, T, 24]
+        q, k, v = self.proj(x).unflatten(-1, (3, 3, 8)).permute(2, 0, 3, 1, 4)  # each [B, 3, T, 8]
+        if self.spelling == "sdpa":
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0,
+                                                 is_causal=True)
+        else:
+            scores = torch.einsum("bhqd,bhkd->bhqk", q, k) * 8**-0.5
+            causal = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+            probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+            probs = self.drop(probs) if self.spelling == "module" else F.dropout(probs, self.p, self.training)
+            out = probs @ v
+        return out.transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("spelling", ["module", "functional", "sdpa"])
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_dropout_probability_under_dynamic_shapes_is_rewritten(spelling, kind):
+    """dynamic=True, train mode: every site is rewritten (strict passes) for lengths that vary; when the
+    probability changes, the graph that runs (Dynamo guards p) is rewritten too and honours the new p."""
+    model = DropoutAttention(spelling).train()
+    report = Report()
+    compiled = compile_rewritten(model, report, to=kind, strict=True, dynamic=True)
+    for length in (5, 9, 12):
+        out = compiled(torch.randn(2, length, 24))
+        assert out.shape == (2, length, 24) and torch.isfinite(out).all()
+    assert report.attention_sites() and all(s.status == "rewritten" and s.kind == kind for s in report.sites)
+    assert all(s.spec["dropout_p"] == pytest.approx(0.2) for s in report.sites)
+
+    model.p = model.drop.p = 0.0  # no dropout now: the output is deterministic and can be compared
+    x = torch.randn(2, 7, 24)
+    if kind == "softmax":
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    else:
+        q, k, v = model.proj(x).unflatten(-1, (3, 3, 8)).permute(2, 0, 3, 1, 4)
+        want = attnrewrite.ops.sigmoid_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+        torch.testing.assert_close(compiled(x), want, rtol=1e-5, atol=1e-6)
+    assert all(s.status == "rewritten" and s.kind == kind for s in report.sites), report
+
+
+def test_a_kind_without_dropout_skips_a_symbolic_probability_loudly():
+    """linear has no dropout: the site is skipped with the reason, and strict raises (never silent)."""
+    model = DropoutAttention("module").train()
+    with pytest.raises(Exception, match="dropout on the attention probabilities"):
+        compile_rewritten(model, to="linear", strict=True, dynamic=True)(torch.randn(2, 6, 24))
