@@ -8,8 +8,10 @@ to the chosen compiler.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Callable, Mapping
+import threading
+from typing import Any, Callable, Iterator, Mapping
 
 import torch.fx as fx
 
@@ -21,7 +23,13 @@ log = logging.getLogger("attnrewrite")
 
 
 def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], compiler: str) -> Callable:
-    """Hand the (rewritten) graph to ``compiler``: inductor, eager or aot_eager."""
+    """Hand the (rewritten) graph to ``compiler``: inductor, eager or aot_eager.
+
+    Inductor compiles it without its own attention fusion (``fuse_attention``'s SDPA patterns):
+    attnrewrite has already handled every attention in the graph, and those patterns can be wrong
+    on what attnrewrite left alone (torch 2.13 fuses a softmax over the *query* dim into SDPA).
+    The rest of inductor's pattern passes stay on.
+    """
     if compiler == "eager":
         return gm.forward
     if compiler == "aot_eager":
@@ -30,7 +38,101 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], compiler: str) 
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs)
+    with without_inductor_attention_fusion():
+        return compile_fx(gm, example_inputs)
+
+
+def _is_attention_fusion(entry: Any) -> bool:
+    """An entry of inductor's joint-graph patterns that fuses attention into SDPA (``_sfdp_pattern_*``)."""
+    if "sfdp" in str(getattr(entry, "pattern_name", None) or ""):
+        return True
+    cells = getattr(getattr(entry, "extra_check", None), "__closure__", None) or ()
+    return any(getattr(cell.cell_contents, "__module__", "").endswith("fx_passes.fuse_attention") for cell in cells
+               if cell.cell_contents is not None)
+
+
+class _PatternsWithoutAttentionFusion:
+    """Inductor's first joint-graph pattern pass with the attention-fusion entries left out.
+
+    Filtered when applied — inductor registers its patterns lazily, inside the compile — and the
+    registry itself is never changed, so other compiles in the process keep their fusion.
+    """
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def apply(self, gm: Any) -> int:
+        from torch._inductor.pattern_matcher import PatternMatcherPass
+
+        kept = PatternMatcherPass(pass_name=self.inner.pass_name, subsystem=self.inner.subsystem)
+        for key, entries in self.inner.patterns.items():
+            kept.patterns[key] = [e for e in entries if not _is_attention_fusion(e)]
+        kept.seen_patterns = self.inner.seen_patterns
+        return kept.apply(gm)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def _marker_class():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class NoAttentionFusionMarker(CustomGraphPass):
+        """A joint-graph pass that runs the user's own (if any) and names, in the cache key, that
+        attention fusion was off."""
+
+        def __init__(self, inner: Any):
+            self.inner = inner
+            self.keyable = isinstance(inner, CustomGraphPass)
+
+        def __call__(self, graph: Any) -> None:
+            if self.inner is not None:
+                self.inner(graph)
+
+        def uuid(self) -> Any:
+            return ("attnrewrite: no attention fusion, 1", self.inner.uuid() if self.keyable else None)
+
+    return NoAttentionFusionMarker
+
+
+def _NoAttentionFusionMarker(inner: Any) -> Any:  # noqa: N802 — builds the class on first use (no import cost)
+    global _MARKER
+    if _MARKER is None:
+        _MARKER = _marker_class()
+    return _MARKER(inner)
+
+
+_MARKER = None
+_FUSION_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def without_inductor_attention_fusion() -> Iterator[None]:
+    """Inductor compiles inside this block skip its SDPA-fusion patterns (see :func:`compile_graph`)."""
+    try:
+        from torch._inductor.fx_passes import joint_graph
+    except ImportError:  # an inductor without these passes fuses nothing of the kind
+        yield
+        return
+    import torch._inductor.config as inductor_config
+
+    with _FUSION_LOCK:
+        passes = joint_graph.pass_patterns
+        original = passes[0]
+        if isinstance(original, _PatternsWithoutAttentionFusion):  # nested: already filtered
+            yield
+            return
+        # the FX graph cache keys on the graph and inductor's config, not on these patterns: a marker
+        # pass in the config keeps a graph compiled with the fusion apart from one compiled without
+        existing = inductor_config.joint_custom_pre_pass
+        marker = _NoAttentionFusionMarker(existing)
+        cache = {} if existing is None or marker.keyable else {"fx_graph_cache": False}
+        passes[0] = _PatternsWithoutAttentionFusion(original)
+        try:
+            with inductor_config.patch(joint_custom_pre_pass=marker, **cache):
+                yield
+        finally:
+            passes[0] = original
 
 
 def attnrewrite_backend(

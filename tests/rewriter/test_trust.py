@@ -67,3 +67,42 @@ def test_a_kind_without_dropout_skips_a_symbolic_probability_loudly():
     model = DropoutAttention("module").train()
     with pytest.raises(Exception, match="dropout on the attention probabilities"):
         compile_rewritten(model, to="linear", strict=True, dynamic=True)(torch.randn(2, 6, 24))
+
+
+def _softmax_over_queries(q, k, v):
+    """Not attention: the softmax runs over the *query* dim. Inductor's serialized SDPA pattern
+    ignores the softmax dim (torch 2.13) and would fuse it into SDPA."""
+    return torch.softmax(q @ k.transpose(-2, -1) / 4.0, dim=-2) @ v
+
+
+@pytest.mark.slow
+def test_inductor_does_not_fuse_what_attnrewrite_left_alone():
+    """With the default compiler (inductor) the result equals eager; inductor alone gets it wrong, so
+    this test can fail.  (Outputs, not fusion counters, are compared: a compile served from inductor's
+    FX graph cache counts nothing.)"""
+    q, k, v = (torch.randn(2, 4, 16, 16) for _ in range(3))
+    want = _softmax_over_queries(q, k, v)
+    report = Report()
+    got = compile_rewritten(_softmax_over_queries, report, compiler="inductor")(q, k, v)
+    assert report.sites and not report.rewritten  # a near miss: left alone by the matcher
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    wrong = torch.compile(_softmax_over_queries)(q, k, v)
+    assert not torch.allclose(wrong, want, rtol=1e-3, atol=1e-3), "inductor no longer fuses this: update the test"
+
+
+def test_attention_fusion_is_filtered_only_inside_the_block():
+    from torch._inductor.fx_passes import joint_graph
+
+    from attnrewrite.rewriter.backend import _is_attention_fusion, without_inductor_attention_fusion
+
+    original = joint_graph.pass_patterns[0]
+    joint_graph.lazy_init(torch.device("cpu"))
+    entries = [e for group in original.patterns.values() for e in group]
+    fusion = [e for e in entries if _is_attention_fusion(e)]
+    assert fusion and len(fusion) < len(entries)  # the other pattern passes stay
+    with without_inductor_attention_fusion():
+        assert joint_graph.pass_patterns[0] is not original
+        with without_inductor_attention_fusion():  # nested compiles
+            assert joint_graph.pass_patterns[0].inner is original
+    assert joint_graph.pass_patterns[0] is original
