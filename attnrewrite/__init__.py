@@ -6,6 +6,7 @@ Public API (the rest of the package is internal):
 - :func:`explain` — what the pass finds in a model, and why it skipped what it skipped
 - :func:`rewrite` — decorator / wrapper that makes a module run rewritten
 - :func:`convert` — attach a kind's per-site parameters (learned feature maps ...) before compiling
+- :func:`verify` — run the model once and prove which attention actually executed
 - :mod:`attnrewrite.ops` — the attention kinds as ``torch.library`` custom ops
 - :mod:`attnrewrite.kinds` — the kinds a site can be rewritten to
 - :class:`SummaryCache`, :class:`HashedCache` — KV caches that decode with the ``summary`` and
@@ -18,6 +19,7 @@ from attnrewrite.rewriter.convert import convert
 from attnrewrite.rewriter.decorator import explain, rewrite
 from attnrewrite.rewriter.failures import RewriteFailed, RewriteWarning
 from attnrewrite.rewriter.report import Report, SiteReport, recent_reports
+from attnrewrite.rewriter.verify import Verification, verify
 from attnrewrite.ir.spec import AttentionSpec
 
 __version__ = "0.1.0"
@@ -43,6 +45,7 @@ __all__ = [
     "RewriteWarning",
     "SiteReport",
     "SummaryCache",
+    "Verification",
     "attnrewrite_backend",
     "convert",
     "explain",
@@ -51,4 +54,5 @@ __all__ = [
     "recent_reports",
     "register",
     "rewrite",
+    "verify",
 ]

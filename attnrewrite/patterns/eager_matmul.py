@@ -84,6 +84,41 @@ def _path_up(node: fx.Node, depth: int) -> list[fx.Node] | None:
     return found[0] + [node] if found else None
 
 
+#: Starts the reason of a softmax that looks like part of an attention whose other part is in another
+#: graph (a graph break inside the attention): ``attnrewrite.verify`` reports such sites.
+SPLIT_BY_GRAPH_BREAK = "an attention split by a graph break"
+
+
+def _from_graph_input(node: fx.Node, depth: int) -> bool:
+    """True when ``node`` is a graph input, or computed from one by score ops (scale, mask, cast)."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "placeholder":
+        return True
+    call = normalize(node)
+    if call is None or call.name not in _SCORE_OPS or depth == 0:
+        return False
+    return any(_from_graph_input(a, depth - 1) for a in call.tensor_args())
+
+
+def _reaches_output(node: fx.Node, depth: int) -> bool:
+    """True when ``node`` (or a cast, view or dropout of it) is an output of the graph."""
+    for user in node.users:
+        if user.op == "output":
+            return True
+        call = normalize(user)
+        if call is not None and call.name in _PROB_OPS and depth > 0 and _reaches_output(user, depth - 1):
+            return True
+    return False
+
+
+def _meets_values(probs: fx.Node) -> bool:
+    try:
+        return _path_down(probs, _SEARCH_DEPTH) is not None
+    except NotAttention:
+        return False
+
+
 def _path_down(node: fx.Node, depth: int) -> list[fx.Node] | None:
     """[node, ..., product]: from the probabilities down through casts/dropout/views to a product."""
     paths = []
@@ -446,6 +481,9 @@ def match(anchor: fx.Node) -> Site:
 
     up = _path_up(softmax.args[0], _SEARCH_DEPTH)
     if up is None:
+        if _from_graph_input(softmax.args[0], _SEARCH_DEPTH) and _meets_values(anchor):
+            raise NotAttention(f"{SPLIT_BY_GRAPH_BREAK}: the scores are a graph input and the probabilities meet a "
+                               "value product (q·kᵀ is in another graph)")
         raise NotAttention("no score product (q·kᵀ) before the softmax")
     state = _interpret(up)
     if softmax.kwargs.get("dtype") == torch.float32:
@@ -453,6 +491,9 @@ def match(anchor: fx.Node) -> Site:
 
     down = _path_down(anchor, _SEARCH_DEPTH)
     if down is None:
+        if _reaches_output(anchor, _SEARCH_DEPTH):
+            raise NotAttention(f"{SPLIT_BY_GRAPH_BREAK}: the scores are a product and the probabilities leave the "
+                               "graph (their value product is in another graph)")
         raise NotAttention("the probabilities never meet the values in a product")
     pv, probs_last = down[-1], down[-2]
     v_ref, out_layout = _pv_operand(pv, probs_last)

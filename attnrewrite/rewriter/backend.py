@@ -151,6 +151,7 @@ def attnrewrite_backend(
     """
     opts = RewriteOptions.parse(options)
     report = run_pass(gm, example_inputs, opts, attach_state=_attach_state)
+    report.compile_ids = [_compile_id()]
     record(report)
     if _report_sink is not None:
         _report_sink(report)
@@ -159,6 +160,14 @@ def attnrewrite_backend(
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s\n%s", report, gm.code)
     return compile_graph(gm, example_inputs, opts.compiler)
+
+
+def _compile_id() -> str:
+    """Dynamo's id of the graph being compiled ("frame/compile", as its profiler ranges name it), or ""."""
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    return "" if compile_id is None else str(compile_id)
 
 
 def register() -> None:

@@ -64,6 +64,7 @@ class Report:
     graphs: int = 0
     seconds: float = 0.0  # wall time spent in the pass itself
     stages: list[StageReport] = field(default_factory=list)
+    compile_ids: list[str] = field(default_factory=list)  # Dynamo's "frame/compile" id of each graph
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -90,6 +91,7 @@ class Report:
             s.graph += offset
             self.sites.append(s)
         self.errors.extend(other.errors)
+        self.compile_ids.extend(other.compile_ids)
         self.graphs += other.graphs
         self.seconds += other.seconds
         mine = {s.name: s for s in self.stages}

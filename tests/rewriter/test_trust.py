@@ -106,3 +106,77 @@ def test_attention_fusion_is_filtered_only_inside_the_block():
         with without_inductor_attention_fusion():  # nested compiles
             assert joint_graph.pass_patterns[0].inner is original
     assert joint_graph.pass_patterns[0] is original
+
+
+class Decoder(nn.Module):
+    """Two causal attention layers and a classifier softmax (not attention); ``pause`` puts a graph
+    break inside the attention of layer 0, before or after its softmax.  (Not a loop over layers:
+    Dynamo runs a whole frame eagerly when a loop body breaks the graph.)"""
+
+    def __init__(self, pause: str | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16, 48) for _ in range(2))
+        self.head, self.pause = nn.Linear(16, 5), pause
+
+    def attend(self, i: int, x):  # [B, T, 16]
+        q, k, v = self.layers[i](x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) * 8**-0.5
+        if i == 0 and self.pause == "scores":
+            torch._dynamo.graph_break()
+        future = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+        probs = scores.masked_fill(future, float("-inf")).softmax(-1)
+        if i == 0 and self.pause == "probs":
+            torch._dynamo.graph_break()
+        return x + (probs @ v).transpose(1, 2).flatten(2)
+
+    def forward(self, x):
+        x = self.attend(0, x)
+        x = self.attend(1, x)
+        return self.head(x).softmax(-1)
+
+
+def test_verify_passes_when_every_attention_ran_as_the_kind():
+    result = attnrewrite.verify(Decoder(), torch.randn(2, 6, 16), to="sigmoid")
+    assert result.ok and len(result.report.rewritten) == 2 and result.regions, result
+
+
+@pytest.mark.parametrize("pause", ["scores", "probs"])
+def test_verify_names_an_attention_split_by_a_graph_break(pause):
+    with pytest.raises(attnrewrite.RewriteFailed, match="split by a graph break") as caught:
+        attnrewrite.verify(Decoder(pause), torch.randn(2, 6, 16), to="sigmoid")
+    (failure,) = caught.value.failures  # layer 1 is still rewritten; the classifier is not attention
+    assert "split by a graph break" in failure.cause
+
+
+def test_verify_names_attention_a_kind_left_as_it_was():
+    class Biased(Decoder):
+        def forward(self, x):
+            q, k, v = self.layers[0](x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+            bias = torch.linspace(0, 1, x.shape[1])  # an additive bias: linear cannot honour it
+            return (torch.softmax(q @ k.transpose(-1, -2) + bias, -1) @ v).sum(1)
+
+    result = attnrewrite.verify(Biased(), torch.randn(2, 6, 16), to="linear", raise_on_failure=False)
+    (failure,) = result.failures
+    assert "attention not rewritten" in failure.cause and "additive bias" in failure.cause
+
+
+def test_verify_sees_attention_that_ran_eagerly_past_the_recompile_limit():
+    """A model the user compiled: past Dynamo's recompile limit a new shape runs the original code
+    eagerly; verify names the softmax calls and the model line that ran them."""
+    model = Decoder()
+    compiled = torch.compile(model, backend="attnrewrite", options={"to": "sigmoid", "compiler": "eager"},
+                             dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=1, automatic_dynamic_shapes=False):
+        compiled(torch.randn(2, 6, 16))
+        result = attnrewrite.verify(compiled, torch.randn(2, 7, 16), raise_on_failure=False)
+        assert attnrewrite.verify(compiled, torch.randn(2, 6, 16)).ok  # the compiled shape is fine
+    eager = [f for f in result.failures if "ran eagerly" in f.cause]
+    assert len(eager) == 3, result  # two attention softmaxes and the classifier's: all ran eagerly
+    assert {f.module.rsplit(": ", 1)[-1] for f in eager} == {"attend", "forward"}, result  # model lines
+
+
+def test_verify_checks_its_arguments():
+    with pytest.raises(ValueError, match="options= goes with to="):
+        attnrewrite.verify(Decoder(), torch.randn(2, 6, 16), options={"compiler": "eager"})
+    with pytest.raises(ValueError, match="unknown attention kind"):
+        attnrewrite.verify(Decoder(), torch.randn(2, 6, 16), to="nope")
