@@ -36,6 +36,11 @@ def rewrite(target: Any = None, *, to: str = "softmax", **options: Any) -> Any:
     ``options`` are the backend's (``strict``, ``compiler``, the kind's own) plus ``dynamic``
     (passed to ``torch.compile``). Parameters and ``state_dict`` are unchanged: the module is
     compiled with ``nn.Module.compile``, not wrapped.
+
+    Copies: instances of a decorated class stay rewritten through ``copy.deepcopy`` and pickling
+    (``torch.save``/``torch.load``); a copy of an *instance* rewritten in place runs its original
+    attention (``nn.Module.compile`` does not travel with copies) — rewrite the copy too, or check
+    with :func:`attnrewrite.verify`.
     """
     if target is None:
         return lambda t: rewrite(t, to=to, **options)
@@ -52,7 +57,16 @@ def rewrite(target: Any = None, *, to: str = "softmax", **options: Any) -> Any:
             if type(self) is target:  # subclasses compile once, after their own __init__
                 self.compile(**kwargs)
 
+        original_setstate = target.__setstate__
+
+        @functools.wraps(original_setstate)
+        def __setstate__(self, state):  # copy.deepcopy and pickle rebuild without __init__: compile here too
+            original_setstate(self, state)
+            if type(self) is target:
+                self.compile(**kwargs)
+
         target.__init__ = __init__
+        target.__setstate__ = __setstate__
         return target
     raise TypeError(f"rewrite() takes an nn.Module instance or class, got {type(target).__name__}")
 

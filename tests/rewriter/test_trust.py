@@ -180,3 +180,42 @@ def test_verify_checks_its_arguments():
         attnrewrite.verify(Decoder(), torch.randn(2, 6, 16), options={"compiler": "eager"})
     with pytest.raises(ValueError, match="unknown attention kind"):
         attnrewrite.verify(Decoder(), torch.randn(2, 6, 16), to="nope")
+
+
+@attnrewrite.rewrite(to="sigmoid", compiler="eager")
+class RewrittenBlock(nn.Module):
+    """Module level, so that pickle finds the class."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        return (torch.softmax(q @ k.transpose(-1, -2) * 0.3, -1) @ v).sum(1)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_copies_of_a_decorated_class_stay_rewritten(how):
+    import copy
+    import io
+
+    x = torch.randn(2, 5, 16)
+    block = RewrittenBlock()
+    if how == "deepcopy":
+        twin = copy.deepcopy(block)
+    else:
+        buffer = io.BytesIO()
+        torch.save(block, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    assert attnrewrite.verify(twin, x).ok
+    torch.testing.assert_close(twin(x), block(x))
+
+
+def test_a_copy_of_an_instance_rewritten_in_place_is_caught_by_verify():
+    import copy
+
+    block = attnrewrite.rewrite(DropoutAttention("module").eval(), to="sigmoid", compiler="eager")
+    with pytest.raises(attnrewrite.RewriteFailed, match="ran eagerly"):
+        attnrewrite.verify(copy.deepcopy(block), torch.randn(2, 5, 24))
