@@ -122,6 +122,7 @@ def _keys_from_a_sequence(site: Site, evaluator: GraphEvaluator) -> None:
     learned memory or a gate (MoE routing, a classifier), not attention over a sequence."""
     for name, ref in (("keys", site.spec.k), ("values", site.spec.v)):
         if not evaluator.depends_on_inputs(ref.node):
+            site.spec = None  # a near miss, reported as such: no attention was left as it was
             raise NotAttention(f"the {name} are parameters or constants, not a sequence from the inputs")
 
 
