@@ -148,6 +148,19 @@ def test_verify_names_an_attention_split_by_a_graph_break(pause):
     assert "split by a graph break" in failure.cause
 
 
+@pytest.mark.parametrize("pause", ["scores", "probs"])
+def test_strict_raises_on_an_attention_split_by_a_graph_break(pause):
+    """The halves are found at compile time too: strict raises, non-strict warns."""
+    from attnrewrite.rewriter.failures import reset_warnings
+
+    with pytest.raises(Exception, match="split by a graph break"):
+        compile_rewritten(Decoder(pause), to="sigmoid", strict=True)(torch.randn(2, 6, 16))
+    torch._dynamo.reset()
+    reset_warnings()
+    with pytest.warns(attnrewrite.RewriteWarning, match="split by a graph break"):
+        compile_rewritten(Decoder(pause), to="sigmoid")(torch.randn(2, 6, 16))
+
+
 def test_verify_names_attention_a_kind_left_as_it_was():
     class Biased(Decoder):
         def forward(self, x):
