@@ -72,13 +72,21 @@ def owner_of(node: fx.Node) -> Owner:
     """
     stack = node.meta.get("nn_module_stack") or {}
     frame = _frame()
-    raw = list(stack.values())[-1][0] if stack else ""
-    root = _ROOT.match(raw)
-    if frame is None or root is None:
+    if frame is None:
         raise NotAttention("its per-site parameters are found through the module that owns the site, which "
                            "only a graph captured by torch.compile names")
     from torch._dynamo.source import AttrSource, DictGetItemSource, GetItemSource, GlobalSource, LocalSource
 
+    if not stack:  # run by the frame's own module (a layer compiled on its own, FSDP2 per layer): `self`
+        code = frame.f_code
+        name = code.co_varnames[0] if code.co_argcount else None
+        if name is None or not isinstance(frame.f_locals.get(name), nn.Module):
+            raise NotAttention("it is not run by an nn.Module: per-site parameters need a module to live on")
+        return Owner(frame.f_locals[name], LocalSource(name))
+    raw = list(stack.values())[-1][0]
+    root = _ROOT.match(raw)
+    if root is None:
+        raise NotAttention(f"the module that owns it ({raw}) is not reached from a local or global of the frame")
     scope, name, index = root.group("scope", "name", "index")
     try:
         obj = (frame.f_locals if scope == "L" else frame.f_globals)[name]
@@ -99,7 +107,8 @@ def owner_of(node: fx.Node) -> Owner:
 def _layout(module: nn.Module) -> tuple[list, list]:
     """What a state is made of: its submodules' names and classes, its tensors' names and shapes."""
     modules = [(name, type(m)) for name, m in module.named_modules()]
-    tensors = [(name, tuple(t.shape)) for name, t in module.state_dict().items()]
+    # not state_dict(): its hooks have side effects (under FSDP2 it reshards the parameters mid-forward)
+    tensors = [(name, tuple(t.shape)) for name, t in [*module.named_parameters(), *module.named_buffers()]]
     return modules, tensors
 
 
