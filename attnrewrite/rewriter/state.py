@@ -148,18 +148,37 @@ def attach(owner: nn.Module, kind: str, ordinal: int, state: nn.Module, options:
 
 
 def guard(owner: Owner, kind: str, ordinal: int) -> None:
-    """Make the code being compiled valid only while this owner holds this very state object.
+    """Make the code being compiled valid only while this owner holds this very state object, and
+    the state these very tensors.
 
-    Without it Dynamo would run a deepcopy (or any other instance of the class) through the graph
-    compiled for the original, with the original's state.
+    The rewrite calls the state module from the graph, so the compiled code runs whatever state it
+    was compiled with: without the guard Dynamo would run a deepcopy (or any other instance of the
+    class) through the graph compiled for the original, with the original's state.  AOTAutograd
+    (``aot_eager``, inductor) also lifts the state's tensors as constants at compile time: a tensor
+    replaced on the same state (``load_state_dict(assign=True)``, ``to_empty``) recompiles too.
     """
     import torch._guards
     from torch._dynamo.guards import GuardBuilder
+    from torch._dynamo.source import AttrSource, DictGetItemSource
 
     context = torch._guards.TracingContext.try_get()
     if context is None:  # not inside torch.compile: the graph is not cached by Dynamo either
         return
-    context.guards_context.dynamo_guards.add(owner.state_source(kind, ordinal).make_guard(GuardBuilder.ID_MATCH))
+    guards = context.guards_context.dynamo_guards
+    source = owner.state_source(kind, ordinal)
+    state = owner.module._modules[state_name(kind, ordinal)]
+    guards.add(source.make_guard(GuardBuilder.ID_MATCH))
+
+    def walk(module: nn.Module, source: Any) -> None:
+        for table in ("_parameters", "_buffers"):
+            for name, tensor in getattr(module, table).items():
+                if tensor is not None:
+                    guards.add(DictGetItemSource(AttrSource(source, table), name).make_guard(GuardBuilder.ID_MATCH))
+        for name, child in module._modules.items():
+            if child is not None:
+                walk(child, DictGetItemSource(AttrSource(source, "_modules"), name))
+
+    walk(state, source)
 
 
 def states(model: nn.Module, kind: str) -> dict[str, nn.Module]:

@@ -321,3 +321,47 @@ def test_a_layer_compiled_on_its_own_finds_its_state():
     _assert_all_rewritten(reports, sites=1)
     assert reports[0].sites[0].module == ""
     torch.testing.assert_close(got, wrapped)
+
+
+def test_tensors_loaded_with_assign_are_used_by_aot_autograd():
+    """AOTAutograd lifts a state's tensors as constants: new tensor objects on the same state recompile."""
+    kind, options = CASES["linear-hedgehog"]
+    model = _converted("decoder", kind, options)
+    tokens = MODELS["decoder"][1]
+    doubled = {name: 2 * t if is_state_name(name) else t for name, t in model.state_dict().items()}
+    compile_options = {"to": kind, "compiler": "aot_eager", **options}
+    compiled = torch.compile(model, backend=functools.partial(attnrewrite_backend, options=compile_options))
+    with torch.no_grad():
+        first = compiled(tokens)
+        model.load_state_dict(doubled, assign=True)
+        second = compiled(tokens)
+        torch._dynamo.reset()
+        fresh = torch.compile(model, backend=functools.partial(attnrewrite_backend, options=compile_options))(tokens)
+    assert (first - second).abs().max() > 1e-3
+    torch.testing.assert_close(second, fresh)
+
+
+def test_fsdp2_trains_under_aot_autograd_without_recompiling(process_group):
+    """FSDP2 swaps sharded and unsharded parameters around every forward: the guards on the state's
+    tensors must hold across steps (the unsharded tensors are the same objects each time)."""
+    kind, options = CASES["summary-learned"]
+    model = _fsdp2(_converted("decoder", kind, options), "decoder", kind, options)
+    tokens = MODELS["decoder"][1]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    reports: list = []
+    backend = functools.partial(attnrewrite_backend, options={"to": kind, "compiler": "aot_eager", **options},
+                                _report_sink=reports.append)
+    compiled = torch.compile(model, backend=backend)
+    before = _states(model)
+    outputs = []
+    for _ in range(3):
+        out = compiled(tokens)
+        outputs.append(out.detach())
+        out.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert len(reports) == 1, f"compiled {len(reports)} times"
+    _assert_all_rewritten(reports)
+    after = _states(model)
+    assert all(not torch.equal(before[name], after[name]) for name in before)
+    assert (outputs[2] - outputs[1]).abs().max() > 0  # the steps reach the compiled code
