@@ -15,9 +15,11 @@ deepcopy, ``torch.load``, a fresh model that loaded a ``state_dict``).  Object i
 parameter objects are not used: copies, sharding and reloading all replace them.
 
 The rewrite adds the state module itself to the graph, so the compiled code is only valid for that
-state object.  Dynamo shares compiled code between instances of one class (a deepcopy, the layers of
-a model compiled one by one), so :func:`guard` adds an identity guard on the state's attribute path:
-another model, or a replaced state, fails it and is compiled again with its own state.
+state object (and, once AOTAutograd lifted them as constants, for its tensor objects).  Dynamo shares
+compiled code between instances of one class (a deepcopy, the layers of a model compiled one by one),
+so :func:`guard` adds identity guards on the state's attribute path and on each of its tensors:
+another model, a replaced state or replaced tensors fail them and are compiled again with their own.
+A model compiled layer by layer therefore compiles once per layer (mind Dynamo's recompile limit).
 """
 
 from __future__ import annotations

@@ -365,3 +365,28 @@ def test_fsdp2_trains_under_aot_autograd_without_recompiling(process_group):
     after = _states(model)
     assert all(not torch.equal(before[name], after[name]) for name in before)
     assert (outputs[2] - outputs[1]).abs().max() > 0  # the steps reach the compiled code
+
+
+_GLOBAL_MODEL: nn.Module | None = None
+
+
+def _step(tokens):
+    return _GLOBAL_MODEL(tokens)
+
+
+def test_a_function_around_a_global_model_finds_its_states():
+    """A compiled training step that calls a model held in a global: the paths start at G['...']."""
+    global _GLOBAL_MODEL
+    kind, options = CASES["linear-hedgehog"]
+    _GLOBAL_MODEL = _converted("decoder", kind, options)
+    tokens = MODELS["decoder"][1]
+    reports: list = []
+    try:
+        with torch.no_grad():
+            got = torch.compile(_step, backend=_backend(kind, options, reports))(tokens)
+            want = torch.compile(copy.deepcopy(_GLOBAL_MODEL), backend=_backend(kind, options, []))(tokens)
+    finally:
+        _GLOBAL_MODEL = None
+    _assert_all_rewritten(reports)
+    assert {s.module for r in reports for s in r.rewritten} == {"layers.0.attention", "layers.1.attention"}
+    torch.testing.assert_close(got, want)
