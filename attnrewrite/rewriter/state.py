@@ -24,6 +24,7 @@ A model compiled layer by layer therefore compiles once per layer (mind Dynamo's
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,8 @@ import torch.nn as nn
 from attnrewrite.ir.capture import module_path
 from attnrewrite.ir.spec import STATE_PREFIX as PREFIX
 from attnrewrite.ir.spec import NotAttention, state_name
+
+log = logging.getLogger("attnrewrite")
 
 #: The root of an ``nn_module_stack`` entry: a local (``L['self']``) or global (``G['model']``) of
 #: the compiled frame, maybe indexed (``L['args'][0]``); the rest of the entry is the module path.
@@ -181,6 +184,30 @@ def guard(owner: Owner, kind: str, ordinal: int) -> None:
                 walk(child, DictGetItemSource(AttrSource(source, "_modules"), name))
 
     walk(state, source)
+    _warn_near_recompile_limit(kind)
+
+
+def _warn_near_recompile_limit(kind: str) -> None:
+    """Say so when this frame's code is compiled for as many states as Dynamo keeps: the next instance
+    (a 9th layer compiled one by one) would run uncompiled — plain softmax — with only Dynamo's
+    warning, which names a guard and not the consequence."""
+    import torch._dynamo
+
+    frame = _frame()
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+        compiled = len(_debug_get_cache_entry_list(frame.f_code)) + 1  # + the one being compiled
+    except Exception:  # noqa: BLE001 — a private API: without it, no early warning
+        return
+    limit = torch._dynamo.config.recompile_limit
+    if compiled >= limit:
+        log.warning(
+            "attnrewrite: %s now has %d compiled versions (torch._dynamo.config.recompile_limit = %d): each module "
+            "holding a %s state gets its own, and further ones will run uncompiled, with plain softmax attention. "
+            "Compile the whole model once, or raise the limit to the number of such modules.",
+            frame.f_code.co_qualname if hasattr(frame.f_code, "co_qualname") else frame.f_code.co_name, compiled,
+            limit, kind)
 
 
 def states(model: nn.Module, kind: str) -> dict[str, nn.Module]:

@@ -390,3 +390,19 @@ def test_a_function_around_a_global_model_finds_its_states():
     _assert_all_rewritten(reports)
     assert {s.module for r in reports for s in r.rewritten} == {"layers.0.attention", "layers.1.attention"}
     torch.testing.assert_close(got, want)
+
+
+def test_layers_compiled_one_by_one_warn_before_dynamo_gives_up(caplog):
+    """Each layer holding a state gets its own compiled code (states are not graph inputs): past
+    Dynamo's recompile limit the next layers would run uncompiled — softmax — so the pass says so."""
+    kind, options = CASES["linear-hedgehog"]
+    model = _converted("decoder", kind, options)
+    backend = _backend(kind, options, [])
+    with torch._dynamo.config.patch(recompile_limit=2), caplog.at_level("WARNING", logger="attnrewrite"):
+        with torch.no_grad():
+            x = torch.randn(2, T, 32)
+            torch.compile(model.layers[0], backend=backend)(x)
+            assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+            torch.compile(model.layers[1], backend=backend)(x)
+    warnings = [r.getMessage() for r in caplog.records if "recompile_limit" in r.getMessage()]
+    assert len(warnings) == 1 and "2 compiled versions" in warnings[0] and "plain softmax" in warnings[0], warnings
