@@ -406,3 +406,21 @@ def test_layers_compiled_one_by_one_warn_before_dynamo_gives_up(caplog):
             torch.compile(model.layers[1], backend=backend)(x)
     warnings = [r.getMessage() for r in caplog.records if "recompile_limit" in r.getMessage()]
     assert len(warnings) == 1 and "2 compiled versions" in warnings[0] and "plain softmax" in warnings[0], warnings
+
+
+def test_ddp_graph_split_into_buckets_finds_the_states(process_group, monkeypatch):
+    """Dynamo's DDPOptimizer cuts the graph at DDP's gradient buckets and hands each piece to the
+    backend: each piece's sites still reach their owners through the frame's module paths."""
+    monkeypatch.setattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", 2000)  # DDPOptimizer's first bucket, kept small
+    kind, options = CASES["hashed-learned"]
+    model = _converted("decoder", kind, options)
+    tokens = MODELS["decoder"][1]
+    want = torch.compile(model, backend=_backend(kind, options, []))(tokens).detach()
+    ddp = nn.parallel.DistributedDataParallel(copy.deepcopy(model), bucket_cap_mb=0.005)
+    reports: list = []
+    got = torch.compile(ddp, backend=_backend(kind, options, reports))(tokens)
+    assert len(reports) > 2  # the graph really was split
+    _assert_all_rewritten(reports)
+    torch.testing.assert_close(got, want)
+    got.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in ddp.named_parameters() if is_state_name(n))
