@@ -69,9 +69,9 @@ def convert(model: nn.Module, to: str, example_inputs: Any = (), *, replace: boo
             made_for = getattr(module, state_registry.OPTIONS_ATTR, None)
             if made_for is not None and made_for != full.kind_options:
                 raise ValueError(
-                    f"{name} holds {full.to} parameters made for {made_for}, not {full.kind_options}: compile with "
-                    f"the options it was converted with, or convert with replace=True to make new ones (the "
-                    f"trained values are lost)")
+                    f"{name} holds {full.to} parameters made for {made_for}, not {full.kind_options}: convert with "
+                    f"those options to keep them, or with replace=True to make new ones (the trained values are "
+                    f"lost)")
 
     def attach(site, new_state):
         # called by the pass for a site with no state yet: the owner is the module that ran the
