@@ -324,7 +324,9 @@ def mutated_placeholders(graph: fx.Graph) -> set[fx.Node]:
     return mutated
 
 
-_ROOT = re.compile(r"^L\[['\"][^'\"]+['\"]\](\[\d+\])?")
+# the frame's local or global the path starts from: L['self'], L['args'][0], G['model'] (a function
+# compiled around a model held in a global, as training steps often are)
+_ROOT = re.compile(r"^[LG]\[['\"][^'\"]+['\"]\](\[\d+\])?")
 
 
 def module_path(node: fx.Node) -> str:

@@ -153,19 +153,23 @@ def select(ctx: PassContext) -> None:
 
 
 def _find_state(ctx: PassContext, site: Site) -> None:
-    """The site's state module for kinds with parameters: registered by convert(), or created
-    now when convert() itself is running the pass."""
+    """The site's state module for kinds with parameters, found on the model being compiled: the
+    module that owns the site holds it (attached by convert(), or attached now when convert()
+    itself is running the pass).  A missing or mismatched state skips the site with the reason,
+    never a silent softmax; a found one is guarded so another model recompiles with its own."""
     kind, options = ctx.kind, ctx.options.kind_options
     fresh = kind.make_state(site.spec, options) if kind.make_state is not None else None
     if fresh is None:
         return
-    found = state.lookup(site.module_path, kind.name, site.ordinal, ctx.evaluator.inputs)
+    owner = state.owner_of(site.anchor)
+    found = state.find(owner.module, kind.name, site.ordinal, fresh)
     if found is None and ctx.attach_state is not None:
         found = ctx.attach_state(site, fresh)
     if found is None:
         raise NotAttention(
             f"{kind.name} with these options has per-site parameters: call attnrewrite.convert(model, "
             f"to={kind.name!r}, ...) before compiling")
+    state.guard(owner, kind.name, site.ordinal)
     ctx.states[site] = found
 
 
