@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ import torch.nn as nn
 from attnrewrite.ir.capture import module_path
 from attnrewrite.ir.spec import STATE_PREFIX as PREFIX
 from attnrewrite.ir.spec import NotAttention, state_name
+from attnrewrite.rewriter.failures import RewriteWarning
 
 log = logging.getLogger("attnrewrite")
 
@@ -80,7 +82,13 @@ def owner_of(node: fx.Node) -> Owner:
     if frame is None:
         raise NotAttention("its per-site parameters are found through the module that owns the site, which "
                            "only a graph captured by torch.compile names")
-    from torch._dynamo.source import AttrSource, DictGetItemSource, GetItemSource, GlobalSource, LocalSource
+    from torch._dynamo.source import (
+        AttrSource,
+        DictGetItemSource,
+        GetItemSource,
+        GlobalSource,
+        LocalSource,
+    )
 
     if not stack:  # run by the frame's own module (a layer compiled on its own, FSDP2 per layer): `self`
         code = frame.f_code
@@ -202,12 +210,12 @@ def _warn_near_recompile_limit(kind: str) -> None:
         return
     limit = torch._dynamo.config.recompile_limit
     if compiled >= limit:
-        log.warning(
-            "attnrewrite: %s now has %d compiled versions (torch._dynamo.config.recompile_limit = %d): each module "
-            "holding a %s state gets its own, and further ones will run uncompiled, with plain softmax attention. "
-            "Compile the whole model once, or raise the limit to the number of such modules.",
-            frame.f_code.co_qualname if hasattr(frame.f_code, "co_qualname") else frame.f_code.co_name, compiled,
-            limit, kind)
+        name = frame.f_code.co_qualname if hasattr(frame.f_code, "co_qualname") else frame.f_code.co_name
+        warnings.warn(
+            f"attnrewrite: {name} now has {compiled} compiled versions (torch._dynamo.config.recompile_limit = "
+            f"{limit}): each module holding a {kind} state gets its own, and further ones will run uncompiled, with "
+            "plain softmax attention. Compile the whole model once, or raise the limit to the number of such "
+            "modules.", RewriteWarning, stacklevel=2)
 
 
 def states(model: nn.Module, kind: str) -> dict[str, nn.Module]:
