@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from attnrewrite.kernels._ops import composite_op, sdpa_schema
+from attnrewrite.kernels._ops import composite_op, sdpa_autocast, sdpa_schema
 from attnrewrite.kernels.linear.api import linear_attention_dispatch
 
 
@@ -24,6 +24,7 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
 
 # the op takes a feature map by name; callables are applied by the Python wrapper below
 composite_op("linear_attention", sdpa_schema('str feature_map="elu", float eps=1e-6'), _impl)
+sdpa_autocast("linear_attention")  # q/k in fp32 beside a bf16 v run in bf16, as SDPA does
 
 FeatureMap = str | Callable[[torch.Tensor], torch.Tensor] | tuple
 
@@ -46,7 +47,8 @@ def linear_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
         eps: added to the normaliser.
 
     Returns:
-        [B, Hq, Tq, Dv] in q's dtype.
+        [B, Hq, Tq, Dv] in q's dtype.  Inside ``torch.autocast`` the floating-point inputs (float64
+        excepted) are cast to the autocast dtype first and the output has it, as with SDPA.
     """
     if not isinstance(feature_map, str):
         phi_q, phi_k = feature_map if isinstance(feature_map, tuple) else (feature_map, feature_map)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from attnrewrite.kernels._ops import composite_op, sdpa_schema
+from attnrewrite.kernels._ops import composite_op, sdpa_autocast, sdpa_schema
 from attnrewrite.kernels.sigmoid.api import sigmoid_attention_dispatch
 
 
@@ -20,6 +20,7 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
 
 # bias=None stands for "auto": a schema argument has one type, and a number is the common case
 composite_op("sigmoid_attention", sdpa_schema("float? bias=None"), _impl)
+sdpa_autocast("sigmoid_attention")  # q/k in fp32 beside a bf16 v run in bf16, as SDPA does
 
 
 def sigmoid_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
@@ -37,7 +38,8 @@ def sigmoid_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, s
             sets b.
 
     Returns:
-        [B, Hq, Tq, Dv] in q's dtype.
+        [B, Hq, Tq, Dv] in q's dtype.  Inside ``torch.autocast`` the floating-point inputs (float64
+        excepted) are cast to the autocast dtype first and the output has it, as with SDPA.
     """
     if not (bias == "auto" or isinstance(bias, (int, float)) and not isinstance(bias, bool)):
         raise ValueError(f"bias must be 'auto' or a number, got {bias!r}")

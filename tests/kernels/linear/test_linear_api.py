@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from attnrewrite.kernels.checks import DtypeMismatchError
 from attnrewrite.kernels import tuning
 from attnrewrite.kernels.linear import LinearState, linear_attention_dispatch, linear_attention_decode
 from attnrewrite.kernels.linear import spaces, tune
@@ -16,7 +17,7 @@ def _qkv(**kw):
 
 @pytest.mark.parametrize("change,kwargs,error,message", [
     (lambda q, k, v: (q[0], k, v), {}, ValueError, "must be 4-d"),
-    (lambda q, k, v: (q, k.double(), v), {}, ValueError, "share a dtype"),
+    (lambda q, k, v: (q, k.double(), v), {}, DtypeMismatchError, "share a dtype"),  # SDPA's RuntimeError
     (lambda q, k, v: (q.long(), k.long(), v.long()), {}, TypeError, "floating point"),
     (lambda q, k, v: (q, k[:1], v[:1]), {}, ValueError, "batch sizes differ"),
     (lambda q, k, v: (q, k, v[:, :, :5]), {}, ValueError, "agree on heads and number of keys"),
