@@ -131,8 +131,10 @@ def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 
 
 def _chunked_bwd_fake(grad_out, q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, want_mask):
-    grad_mask = torch.empty_like(mask) if want_mask else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grad_mask
+    # contiguous, as _chunked_bwd allocates them: empty_like would copy a transposed q's strides, and
+    # inductor, trusting the fake, would then read the real (contiguous) gradients wrongly
+    grad_mask = mask.new_empty(mask.shape) if want_mask else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_mask
 
 
 def _setup_context(ctx, inputs, output):
