@@ -83,7 +83,8 @@ def kernel_op(name: str, impl: Callable, *, fake: Callable, schema: str | None =
             as ``impl`` where it checks inputs).
         schema: an explicit schema (e.g. from :func:`sdpa_schema`), without the name.
         backward, setup_context: the autograd formula (``register_autograd``); None for an operator
-            that is not differentiated (a backward op, an inference-only op).
+            that is not differentiated (a backward op, an inference-only op): differentiating it
+            then raises :func:`refuse_derivative`'s error.
 
     Returns:
         The ``CustomOpDef``; call it like a function.
@@ -92,7 +93,25 @@ def kernel_op(name: str, impl: Callable, *, fake: Callable, schema: str | None =
     op.register_fake(fake)
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
+    else:
+        refuse_derivative(op, name)
     return op
+
+
+def refuse_derivative(op, name: str) -> None:
+    """Make differentiating ``op`` (a backward or inference-only operator) raise a clear
+    ``NotImplementedError``: a forward op's second-order gradients (``create_graph=True``,
+    ``torch.func.hessian``, gradient penalties) go through its backward op, and without this torch's
+    message names neither the kind nor what is missing."""
+
+    def _no_derivative(ctx, *grads):
+        raise NotImplementedError(
+            f"{NAMESPACE}::{name} has no derivative: second-order gradients (double backward, "
+            f"create_graph=True, hessians) through it are not implemented; take first-order gradients "
+            f"only, or use a kind whose op supports them (softmax on the math backend, linear's torch path)")
+
+    _no_derivative.refuses = True  # tells tests (opcheck) that the op is not differentiable
+    op.register_autograd(_no_derivative, setup_context=lambda ctx, inputs, output: None)
 
 
 # The devices whose autocast the public ops follow, as SDPA does.
@@ -159,15 +178,18 @@ def triton_ops(name: str, impl: Callable, *, fake: Callable, backward: Callable 
         impl: launches the kernels through :func:`traceable`; its annotations give the schema.
         fake: the twin's shape-only implementation (a ``triton_op`` traces ``impl`` itself on fake
             tensors instead).
-        backward, setup_context: the autograd formula, registered on both forms.  A backward that
+        backward, setup_context: the autograd formula, registered on both forms (None: differentiating
+            either raises, :func:`refuse_derivative`).  A backward that
             calls a backward operator picks its form from the saved tensors' device
             (:meth:`TritonOps.on`), so each form is differentiated by its own kind of op.
     """
     cuda = torch.library.triton_op(f"{NAMESPACE}::{name}", impl, mutates_args=())
     interpreted = kernel_op(f"{name}_interpreted", impl, fake=fake)
-    if backward is not None:
-        for op in (cuda, interpreted):
+    for op, op_name in ((cuda, name), (interpreted, f"{name}_interpreted")):
+        if backward is not None:
             op.register_autograd(backward, setup_context=setup_context)
+        else:
+            refuse_derivative(op, op_name)
     return TritonOps(cuda, interpreted)
 
 
@@ -251,5 +273,5 @@ def resolve_impl(
     return "triton"
 
 
-__all__ = ["AUTOCAST_DEVICES", "IMPLS", "NAMESPACE", "TritonOps", "composite_op", "kernel_op", "resolve_impl",
-           "sdpa_autocast", "sdpa_schema", "traceable", "triton_ops"]
+__all__ = ["AUTOCAST_DEVICES", "IMPLS", "NAMESPACE", "TritonOps", "composite_op", "kernel_op", "refuse_derivative",
+           "resolve_impl", "sdpa_autocast", "sdpa_schema", "traceable", "triton_ops"]

@@ -55,7 +55,8 @@ def _cuda_forms() -> set[str]:
 
 def _differentiable(name: str) -> bool:
     opdef = torch._library.custom_ops.OPDEFS.get(f"attnrewrite::{name}")
-    return opdef is not None and opdef._backward_fn is not None
+    backward = None if opdef is None else opdef._backward_fn
+    return backward is not None and not getattr(backward, "refuses", False)  # (_ops.refuse_derivative)
 
 
 class _Recorder(TorchDispatchMode):
