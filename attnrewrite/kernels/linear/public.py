@@ -39,7 +39,8 @@ def linear_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     Args:
         q, k, v, attn_mask, dropout_p, is_causal, enable_gqa: as in SDPA, with the linear kind's
             limits: ``attn_mask`` must be a key-padding mask (bool or 0/−inf, broadcastable from
-            [B, 1, 1, Tk]), ``dropout_p`` must be 0, causal needs Tq == Tk.
+            [B, 1, 1, Tk]), ``dropout_p`` must be 0, causal needs Tq ≤ Tk (with Tq < Tk
+            the queries are the last Tq positions, bottom-right as for a decoding step).
         scale: multiplies q before φ; None means 1 (no 1/√D: it would flatten elu+1 features).
         feature_map: ``"elu"`` (elu+1), ``"relu"`` or ``"identity"`` — fused into the kernels — or a
             callable φ applied to q and k in torch, or a pair (φ_q, φ_k) (e.g. a
