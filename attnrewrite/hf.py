@@ -41,9 +41,12 @@ def _gqa(module, query, key) -> bool:
     return query.shape[1] != key.shape[1]
 
 
+def _module_causal(module, is_causal) -> bool:
+    return bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+
+
 def _is_causal(module, query, is_causal, attention_mask) -> bool:
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    return bool(causal and query.shape[2] > 1 and attention_mask is None)
+    return _module_causal(module, is_causal) and query.shape[2] > 1 and attention_mask is None
 
 
 def _finish(out: torch.Tensor, weights: torch.Tensor | None = None):
@@ -141,6 +144,10 @@ def sigmoid_forward(module, query, key, value, attention_mask, dropout: float = 
     from attnrewrite import ops
 
     causal = _is_causal(module, query, is_causal, attention_mask)
+    if not causal and _module_causal(module, is_causal) and 1 < query.shape[2] == key.shape[2]:
+        # a causal prefill under HF's padding mask (which holds causality too): saying so makes
+        # bias="auto" count each row's own visible keys, as a later one-token step will
+        causal = True
     out = ops.sigmoid_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal,
                                 scale=scaling, enable_gqa=_gqa(module, query, key))
     weights = None

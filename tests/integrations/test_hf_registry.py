@@ -91,7 +91,7 @@ def test_linear_refuses_attention_dropout_in_training():
     model.eval()(**_inputs())  # no dropout in eval: runs
 
 
-@pytest.mark.parametrize("kind", ["softmax", "linear"])
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "linear"])
 def test_generate_equals_a_full_rerun(kind):
     """Greedy generate() with the KV cache: each step's token is the argmax of a full, cacheless run
     over everything so far (one-token steps with Tq=1 < Tk)."""

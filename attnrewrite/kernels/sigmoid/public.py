@@ -33,8 +33,11 @@ def sigmoid_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, s
     Args:
         q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa: as in SDPA (``is_causal`` may be
             combined with ``attn_mask``; Tq may differ from Tk).
-        bias: ``"auto"``: b = −log(n), n = the number of keys of that sequence some query may see
-            under a bool mask (padding-aware; float masks and causality do not change n); a float
+        bias: ``"auto"``: b = −log(n).  Not causal: n = the number of keys of that sequence some
+            query may see under a bool mask (padding-aware; float masks do not change n).  Causal:
+            each query i has its own b_i = −log(n_i), n_i = the keys i itself sees (causal, padding,
+            bool mask), so a token's output does not depend on the tokens after it and a causal
+            prefill's row i equals a decoding step of that token against the same keys.  A float
             sets b.
 
     Returns:
