@@ -13,6 +13,19 @@ Masks: ``softmax`` and ``sigmoid`` take HF's SDPA-style bool mask as it is.  ``l
 honour causality and key padding: its mask function hands over the padding alone ([B, 1, 1, Tk])
 and causality comes from the module's ``is_causal``; a model whose mask is anything else
 (sliding windows, chunked or bidirectional-with-prefix masks) raises a clear error.
+
+Decoding (``model.generate()``): a step's queries are the last Tq of the Tk cached keys.  softmax
+and sigmoid get them through HF's mask; ``linear`` runs causal with Tq < Tk, which its op aligns
+bottom-right (the queries are the last Tq positions), so a step equals a full re-run.
+
+Returned weights (``output_attentions=True``): each kind's own weights, [B, Hq, Tq, Tk], materialised
+only when HF asks for them — softmax's probabilities, sigmoid's sigmoid(s·q·kᵀ + b) (the formula of
+:func:`attnrewrite.kinds.sigmoid.weights`), linear's φ(q_i)·φ(k_j) / Σ_j (:func:`attnrewrite.kinds.linear.weights`);
+out = weights @ v in every case.  With attention dropout in training the weights the op dropped
+cannot be returned, so asking for them raises.
+
+Dropout: softmax and sigmoid apply HF's attention dropout; linear has no attention probabilities
+to drop, so a model training with ``attention_dropout > 0`` raises instead of silently not dropping.
 """
 
 from __future__ import annotations
@@ -28,43 +41,137 @@ def _gqa(module, query, key) -> bool:
     return query.shape[1] != key.shape[1]
 
 
+def _module_causal(module, is_causal) -> bool:
+    return bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+
+
 def _is_causal(module, query, is_causal, attention_mask) -> bool:
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    return bool(causal and query.shape[2] > 1 and attention_mask is None)
+    return _module_causal(module, is_causal) and query.shape[2] > 1 and attention_mask is None
 
 
-def _finish(out: torch.Tensor):
-    return out.transpose(1, 2).contiguous(), None
+def _finish(out: torch.Tensor, weights: torch.Tensor | None = None):
+    return out.transpose(1, 2).contiguous(), weights
 
 
-def _sdpa_like_forward(op_name: str):
-    """An HF attention function calling ``attnrewrite.ops.<op_name>`` (kinds that take any mask)."""
-
-    def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
-                **kwargs: Any):
-        from attnrewrite import ops
-
-        out = getattr(ops, op_name)(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                    is_causal=_is_causal(module, query, is_causal, attention_mask), scale=scaling,
-                                    enable_gqa=_gqa(module, query, key))
-        return _finish(out)
-
-    forward.__name__ = op_name.replace("_attention", "_forward")
-    return forward
+def weights_requested(kwargs: dict) -> bool:
+    """Whether HF wants this layer's attention weights: ``output_attentions`` passed down, or (how
+    transformers 5 collects them) an output collector that records attentions for this forward."""
+    if kwargs.get("output_attentions"):
+        return True
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # another transformers: only the keyword tells
+        return False
+    collected = _active_collector.get()
+    return isinstance(collected, dict) and ("attentions" in collected or "cross_attentions" in collected)
 
 
-softmax_forward = _sdpa_like_forward("softmax_attention")
-sigmoid_forward = _sdpa_like_forward("sigmoid_attention")
+def _refuse_weights_with_dropout(kind: str, dropout: float) -> None:
+    if dropout > 0:
+        raise ValueError(f"attnrewrite_{kind}: output_attentions=True in training with attention dropout "
+                         f"(p={dropout:g}): the op draws its dropout inside, so the weights it used cannot be "
+                         "returned; call model.eval() (or set attention_dropout=0) to get the weights")
+
+
+def _keep_mask(attention_mask: torch.Tensor | None, t_q: int, t_k: int, causal: bool, device) -> torch.Tensor | None:
+    """bool [B|1, 1, Tq, Tk]: HF's mask (bool keep, or additive 0/−inf) and, when ``causal``, j ≤ i + Tk − Tq."""
+    keep = None
+    if attention_mask is not None:
+        keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask > torch.finfo(
+            attention_mask.dtype).min / 2
+    if causal:
+        shift = t_k - t_q
+        tri = torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=shift)
+        keep = tri if keep is None else keep & tri
+    return keep
+
+
+def softmax_weights(query, key, attention_mask, scaling, causal: bool) -> torch.Tensor:
+    """The softmax kind's probabilities [B, Hq, Tq, Tk] (SDPA's top-left causal, as its op)."""
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scale
+    keep = None
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        keep = attention_mask
+    elif attention_mask is not None:
+        scores = scores + attention_mask.float()
+    if causal:
+        tri = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        keep = tri if keep is None else keep & tri
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0).to(query.dtype)
+
+
+def sigmoid_weights(query, key, value, attention_mask, scaling, causal: bool) -> torch.Tensor:
+    """The sigmoid kind's weights [B, Hq, Tq, Tk], by the rewriter's formula (bias "auto")."""
+    from attnrewrite.ir.canonical import AttentionCall
+    from attnrewrite.kinds.sigmoid import weights
+
+    bool_mask = attention_mask is not None and attention_mask.dtype == torch.bool
+    call = AttentionCall(query, key, value, attention_mask, 0.0, causal, scaling, query.shape[1] != key.shape[1],
+                         bool_mask=bool_mask)
+    return weights(call, {"bias": "auto"}, None)
+
+
+def linear_weights(query, key, value, attention_mask, causal: bool, eps: float = 1e-6) -> torch.Tensor:
+    """The linear kind's weights φ(q_i)·φ(k_j) / (Σ_j + eps) [B, Hq, Tq, Tk], causal bottom-right as its op."""
+    from attnrewrite.ir.canonical import AttentionCall
+    from attnrewrite.kinds.linear import weights
+
+    keep = _keep_mask(attention_mask, query.shape[-2], key.shape[-2], causal, query.device)
+    call = AttentionCall(query, key, value, keep, 0.0, False, None, query.shape[1] != key.shape[1], bool_mask=True)
+    return weights(call, {"feature_map": "elu", "eps": eps, "use_scale": False}, None).to(query.dtype)
+
+
+def softmax_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+                    **kwargs: Any):
+    from attnrewrite import ops
+
+    causal = _is_causal(module, query, is_causal, attention_mask)
+    out = ops.softmax_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal,
+                                scale=scaling, enable_gqa=_gqa(module, query, key))
+    weights = None
+    if weights_requested(kwargs):
+        _refuse_weights_with_dropout("softmax", dropout)
+        weights = softmax_weights(query, key, attention_mask, scaling, causal)
+    return _finish(out, weights)
+
+
+def sigmoid_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+                    **kwargs: Any):
+    from attnrewrite import ops
+
+    causal = _is_causal(module, query, is_causal, attention_mask)
+    if not causal and _module_causal(module, is_causal) and 1 < query.shape[2] == key.shape[2]:
+        # a causal prefill under HF's padding mask (which holds causality too): saying so makes
+        # bias="auto" count each row's own visible keys, as a later one-token step will
+        causal = True
+    out = ops.sigmoid_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal,
+                                scale=scaling, enable_gqa=_gqa(module, query, key))
+    weights = None
+    if weights_requested(kwargs):
+        _refuse_weights_with_dropout("sigmoid", dropout)
+        weights = sigmoid_weights(query, key, value, attention_mask, scaling, causal)
+    return _finish(out, weights)
 
 
 def linear_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                    is_causal=None, **kwargs: Any):
     from attnrewrite.ops import linear_attention
 
+    if dropout > 0:
+        raise ValueError(f"attnrewrite_linear: attention dropout (p={dropout:g}) cannot be honoured: linear attention "
+                         "has no attention probabilities to drop. Set the config's attention dropout "
+                         "(attention_dropout / attention_probs_dropout_prob) to 0, or call model.eval()")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    # causal with fewer queries than keys (a decoding step against the cache): the op aligns the
+    # queries with the last keys, so a step sees its own token and everything before it
     out = linear_attention(query, key, value, attn_mask=attention_mask, is_causal=bool(causal),
                            enable_gqa=_gqa(module, query, key))
-    return _finish(out)
+    weights = linear_weights(query, key, value, attention_mask, bool(causal)) if weights_requested(kwargs) else None
+    return _finish(out, weights)
 
 
 def padding_only_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,

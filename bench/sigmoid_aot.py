@@ -112,7 +112,7 @@ def compile_case(kernel: str, config: dict, head: int, causal: int, dtype=torch.
     k = torch.empty(batch, heads_kv, len_k, head, dtype=dtype)
     v = torch.empty(batch, heads_kv, len_k, dim_v, dtype=dtype)
     grad_out = torch.empty(batch, heads_q, len_q, dim_v, dtype=dtype)
-    bias = torch.zeros(batch, heads_q)
+    bias = torch.zeros(batch, heads_q, len_q) if feature == "row_bias" else torch.zeros(batch, heads_q)
     mask = kv_lens = cu_q = cu_k = None
     if feature in ("float_mask", "mask_grad"):
         mask = torch.zeros(1, heads_q, len_q, len_k, dtype=dtype)
@@ -137,7 +137,7 @@ def compile_case(kernel: str, config: dict, head: int, causal: int, dtype=torch.
     return resources(compiled)
 
 
-FEATURES = ("gqa", "kv_lens", "varlen", "float_mask", "mask_grad", "bottom_right", "odd_dims", "fp16", "fp32",
+FEATURES = ("row_bias", "gqa", "kv_lens", "varlen", "float_mask", "mask_grad", "bottom_right", "odd_dims", "fp16", "fp32",
             "newton")
 
 

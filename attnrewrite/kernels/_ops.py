@@ -22,6 +22,8 @@ schema with :func:`sdpa_schema`.
 
 :func:`resolve_impl` turns a call's ``impl="auto" | "triton" | "torch"`` into a path, with the same
 rules and messages for every kind that has kernels.
+
+:func:`sdpa_autocast` gives a public op SDPA's autocast rule (run and return in the autocast dtype).
 """
 
 from __future__ import annotations
@@ -81,7 +83,8 @@ def kernel_op(name: str, impl: Callable, *, fake: Callable, schema: str | None =
             as ``impl`` where it checks inputs).
         schema: an explicit schema (e.g. from :func:`sdpa_schema`), without the name.
         backward, setup_context: the autograd formula (``register_autograd``); None for an operator
-            that is not differentiated (a backward op, an inference-only op).
+            that is not differentiated (a backward op, an inference-only op): differentiating it
+            then raises :func:`refuse_derivative`'s error.
 
     Returns:
         The ``CustomOpDef``; call it like a function.
@@ -90,7 +93,68 @@ def kernel_op(name: str, impl: Callable, *, fake: Callable, schema: str | None =
     op.register_fake(fake)
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
+    else:
+        refuse_derivative(op, name)
     return op
+
+
+def refuse_derivative(op, name: str) -> None:
+    """Make differentiating ``op`` (a backward or inference-only operator) raise a clear
+    ``NotImplementedError``: a forward op's second-order gradients (``create_graph=True``,
+    ``torch.func.hessian``, gradient penalties) go through its backward op, and without this torch's
+    message names neither the kind nor what is missing."""
+
+    def _no_derivative(ctx, *grads):
+        raise NotImplementedError(
+            f"{NAMESPACE}::{name} has no derivative: second-order gradients (double backward, "
+            f"create_graph=True, hessians) through it are not implemented; take first-order gradients "
+            f"only, or use a kind whose op supports them (softmax on the math backend, linear's torch path)")
+
+    _no_derivative.refuses = True  # tells tests (opcheck) that the op is not differentiable
+    op.register_autograd(_no_derivative, setup_context=lambda ctx, inputs, output: None)
+
+
+# The devices whose autocast the public ops follow, as SDPA does.
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_cast(x, device_type: str, dtype: torch.dtype):
+    # SDPA's rule (ATen's lower_precision_fp cast): floating tensors on the autocast device, except
+    # float64, go to the autocast dtype; everything else passes unchanged
+    if (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64
+            and x.device.type == device_type):
+        return x.to(dtype)
+    return x
+
+
+def sdpa_autocast(name: str) -> None:
+    """Give ``attnrewrite::<name>`` the autocast rule of ``F.scaled_dot_product_attention``.
+
+    SDPA is a ``lower_precision_fp`` op: inside ``torch.autocast(device, dtype)`` its floating-point
+    tensor inputs on that device (q, k, v, a float mask; never float64) are cast to ``dtype``, it
+    runs with autocast off and returns ``dtype``.  A model whose rotary embedding leaves q and k in
+    float32 while v is bfloat16 therefore runs; an op standing in for SDPA must do the same.
+    ``torch.library.register_autocast`` casts to one dtype fixed at registration, so the rule is
+    written here: the dtype is read from the autocast state of each call.  Registered on the
+    Autocast keys of :data:`AUTOCAST_DEVICES`, as a C++ dispatcher kernel and as the Python kernel
+    that tracing (``torch.compile``'s pre-dispatch) runs.  Also works for composite ops, which have
+    no Autocast kernel of their own (their decomposition would reach the inner ops uncast).
+    """
+    op = getattr(torch.ops.attnrewrite, name).default
+    for device_type in AUTOCAST_DEVICES:
+        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        key = getattr(torch._C.DispatchKey, key_name)
+
+        def run(*args, _device_type=device_type, _keyset=torch._C.DispatchKeySet(key), **kwargs):
+            dtype = torch.get_autocast_dtype(_device_type)
+            args = [_autocast_cast(a, _device_type, dtype) for a in args]
+            kwargs = {n: _autocast_cast(a, _device_type, dtype) for n, a in kwargs.items()}
+            with torch._C._ExcludeDispatchKeyGuard(_keyset):
+                return op(*args, **kwargs)
+
+        op.py_impl(key)(run)
+        _LIB.impl(name, lambda _keyset, *args, _run=run, **kwargs: _run(*args, **kwargs), key_name,
+                  with_keyset=True)
 
 
 class TritonOps(NamedTuple):
@@ -114,15 +178,18 @@ def triton_ops(name: str, impl: Callable, *, fake: Callable, backward: Callable 
         impl: launches the kernels through :func:`traceable`; its annotations give the schema.
         fake: the twin's shape-only implementation (a ``triton_op`` traces ``impl`` itself on fake
             tensors instead).
-        backward, setup_context: the autograd formula, registered on both forms.  A backward that
+        backward, setup_context: the autograd formula, registered on both forms (None: differentiating
+            either raises, :func:`refuse_derivative`).  A backward that
             calls a backward operator picks its form from the saved tensors' device
             (:meth:`TritonOps.on`), so each form is differentiated by its own kind of op.
     """
     cuda = torch.library.triton_op(f"{NAMESPACE}::{name}", impl, mutates_args=())
     interpreted = kernel_op(f"{name}_interpreted", impl, fake=fake)
-    if backward is not None:
-        for op in (cuda, interpreted):
+    for op, op_name in ((cuda, name), (interpreted, f"{name}_interpreted")):
+        if backward is not None:
             op.register_autograd(backward, setup_context=setup_context)
+        else:
+            refuse_derivative(op, op_name)
     return TritonOps(cuda, interpreted)
 
 
@@ -206,5 +273,5 @@ def resolve_impl(
     return "triton"
 
 
-__all__ = ["IMPLS", "NAMESPACE", "TritonOps", "composite_op", "kernel_op", "resolve_impl", "sdpa_schema",
-           "traceable", "triton_ops"]
+__all__ = ["AUTOCAST_DEVICES", "IMPLS", "NAMESPACE", "TritonOps", "composite_op", "kernel_op", "refuse_derivative",
+           "resolve_impl", "sdpa_autocast", "sdpa_schema", "traceable", "triton_ops"]

@@ -6,9 +6,13 @@ Every kind raises one exception type per fault:
   whose dtype that argument can never have (integer q/k/v, a float ``kv_lens``, an integer
   ``attn_mask``, a state that is not float32/float64, int64 ``cu_seqlens`` where int32 is required).
 - ``ValueError`` — every argument is of an acceptable type but the call is not: shapes that do not
-  pair up, tensors of different dtypes or on different devices, option values out of range, a mask
+  pair up, tensors on different devices, option values out of range, a mask
   the kind cannot honour, or inputs the chosen implementation cannot take
   (:func:`attnrewrite.kernels._ops.resolve_impl`).
+
+- :class:`DtypeMismatchError` (a ``RuntimeError`` and a ``ValueError``) — q, k, v of different dtypes:
+  SDPA raises ``RuntimeError`` for it outside autocast (inside autocast the public ops cast, as SDPA
+  does: :func:`attnrewrite.kernels._ops.sdpa_autocast`), so code written against SDPA catches ours.
 
 Every message starts with the operation it comes from (``what``, e.g. ``"summary attention"``).
 """
@@ -19,6 +23,11 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+
+
+class DtypeMismatchError(RuntimeError, ValueError):
+    """q, k, v of different dtypes: SDPA's error type (``RuntimeError``), and a ``ValueError`` as
+    every other inconsistent call here."""
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor, what: str, *, enable_gqa: bool | None = None,
@@ -35,7 +44,8 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, what: str, *, enable_gqa: bool | 
 
     Raises:
         TypeError: an input is not a tensor, not floating point, or of a dtype not in ``dtypes``.
-        ValueError: a rank, dtype, device or shape does not pair up.
+        DtypeMismatchError: q, k, v differ in dtype (as SDPA, which refuses any mix outside autocast).
+        ValueError: a rank, device or shape does not pair up.
     """
     named = (("q", q), ("k", k), ("v", v))
     for name, t in named:
@@ -50,7 +60,7 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, what: str, *, enable_gqa: bool | 
         if not t.is_floating_point():
             raise TypeError(f"{what}: {name} must be floating point, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"{what}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise DtypeMismatchError(f"{what}: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if dtypes is not None and q.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise TypeError(f"{what}: dtype {q.dtype} is not supported ({names})")

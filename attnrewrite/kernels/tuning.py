@@ -13,6 +13,13 @@ and the choice, with where it came from, is logged at debug level.  :func:`pick_
 lookup for one launch, as every kind's kernels call it; :func:`autotune_disabled` turns the timed
 search off for a block of code (the environment variable ``ATTNREWRITE_AUTOTUNE=0`` for a process).
 
+Tables are read from the package (``kernels/<kind>/tuning/<device>.json``) or, when the environment
+variable ``ATTNREWRITE_TUNING_DIR`` names a folder, from ``$ATTNREWRITE_TUNING_DIR/<kind>/<device>.json``
+instead (as flash-linear-attention's ``FLA_CONFIG_DIR``: tune into a folder of your own, or point a
+deployment at one); ``tune`` writes there too.  A table that cannot be read, is not JSON, has another
+schema version or does not fit the declared spaces is ignored as a whole with one warning naming
+the file and the fault, and its kernels launch with the configuration they would have without it.
+
 Table format (``schema`` 1)::
 
     {"schema": 1, "kind": "sigmoid", "device": "nvidia-h100-80gb-hbm3",
@@ -34,6 +41,7 @@ import logging
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -115,19 +123,74 @@ def device_key(device: torch.device | str | None = None) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+TUNING_DIR_VARIABLE = "ATTNREWRITE_TUNING_DIR"
+
+
 def table_path(kind: str, device: str) -> Path:
-    """Where the tuning table of ``kind`` for the device named ``device`` lives."""
+    """Where the tuning table of ``kind`` for the device named ``device`` lives:
+    ``$ATTNREWRITE_TUNING_DIR/<kind>/<device>.json`` when the variable is set (and not empty), else
+    the package's ``kernels/<kind>/tuning/<device>.json``."""
+    folder = os.environ.get(TUNING_DIR_VARIABLE)
+    if folder:
+        return Path(folder).expanduser() / kind / f"{device}.json"
     return KERNELS_DIR / kind / "tuning" / f"{device}.json"
 
 
-@functools.lru_cache(maxsize=None)
+def _empty_table(kind: str, device: str) -> dict:
+    return {"schema": SCHEMA_VERSION, "kind": kind, "device": device, "kernels": {}}
+
+
 def load_table(kind: str, device: str) -> dict:
-    """The tuning table for ``kind`` on ``device``, or an empty table if none ships."""
-    path = table_path(kind, device)
+    """The tuning table for ``kind`` on ``device`` (from :func:`table_path`), or an empty table when
+    there is none or it is unusable (then warned about once: :func:`read_table`)."""
+    return _load(kind, device, table_path(kind, device))
+
+
+@functools.lru_cache(maxsize=None)
+def _load(kind: str, device: str, path: Path) -> dict:
+    # cached per path, so that changing ATTNREWRITE_TUNING_DIR reads the new folder, and a bad
+    # table warns once per process rather than at every launch
     if not path.exists():
-        return {"schema": SCHEMA_VERSION, "kind": kind, "device": device, "kernels": {}}
-    with open(path) as f:
-        return json.load(f)
+        return _empty_table(kind, device)
+    table, errors = read_table(path, kind)
+    if errors:
+        warnings.warn(f"attnrewrite: ignoring the tuning table {path}: {'; '.join(errors)}. The {kind} kernels "
+                      "launch with their default (or autotuned) configurations; rewrite the table with "
+                      f"`python -m attnrewrite tune --kind {kind}`", RuntimeWarning, stacklevel=2)
+        return _empty_table(kind, device)
+    return table
+
+
+def read_table(path: Path, kind: str) -> tuple[dict | None, list[str]]:
+    """(table, []) for a sound table at ``path``, (None, [faults]) otherwise: unreadable, not JSON (with
+    the line and column), or failing :func:`validate_table` against ``kind``'s declared spaces (only
+    the structure is checked for a kind without tunable kernels)."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, [f"cannot be read ({exc})"]
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return None, [f"is not valid JSON ({exc})"]
+    spaces = kind_module(kind).SPACES if kind in TUNABLE_KINDS else None
+    errors = validate_table(table, spaces)
+    return (None, errors) if errors else (table, [])
+
+
+def _table_config(kind: str, device: str, kernel: str, bucket: str) -> dict | None:
+    """The configuration the table gives ``kernel`` for ``bucket``, or None (no table, no entry, or an
+    entry that is not a {name: int} object)."""
+    kernels = load_table(kind, device).get("kernels")
+    buckets = kernels.get(kernel) if isinstance(kernels, Mapping) else None
+    entry = buckets.get(bucket) if isinstance(buckets, Mapping) else None
+    config = entry.get("config") if isinstance(entry, Mapping) else None
+    return dict(config) if _is_config(config) else None
+
+
+def _is_config(config: Any) -> bool:
+    return isinstance(config, Mapping) and all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) for k, v in config.items())
 
 
 # --------------------------------------------------------------------------- choosing
@@ -244,9 +307,9 @@ def choose(
     if key in _chosen:
         return _chosen[key]
 
-    entry = load_table(kind, dev).get("kernels", {}).get(space.kernel, {}).get(bucket)
-    if entry is not None and space.contains(entry["config"]):
-        config, source = dict(entry["config"]), "table"
+    entry = _table_config(kind, dev, space.kernel, bucket)
+    if entry is not None and space.contains(entry):
+        config, source = entry, "table"
     elif dev != "cpu" and make_bench is not None and autotune_enabled():
         config, _ = autotune(space, shape, make_bench)
         source = "autotune"
@@ -267,12 +330,11 @@ def lookup(kind: str, space: SearchSpace, shape: Shape, device: torch.device | s
     dev = device_key(device)
     bucket = space.bucket(shape)
     memo = _chosen.get((kind, space.kernel, dev, bucket))
-    entry = load_table(kind, dev).get("kernels", {}).get(space.kernel, {}).get(bucket)
+    entry = _table_config(kind, dev, space.kernel, bucket)
     if memo is not None:
         config, source = dict(memo), "an earlier choice"
-    elif (entry is not None and space.contains(entry["config"])
-          and (space.valid is None or space.valid(entry["config"], shape))):
-        config, source = dict(entry["config"]), "table"
+    elif entry is not None and space.contains(entry) and (space.valid is None or space.valid(entry, shape)):
+        config, source = entry, "table"
     else:
         config, source = dict(space.default), "default"
     log.debug("%s/%s on %s, bucket %s, traced: %s from %s", kind, space.kernel, dev, bucket, config, source)
@@ -326,30 +388,52 @@ def write_table(path: Path, table: Mapping) -> None:
         raise
 
 
-def validate_table(table: Mapping, spaces: Mapping[str, SearchSpace]) -> list[str]:
-    """Every problem with ``table`` against the kind's declared ``spaces``; empty when it is sound."""
+def validate_table(table: Any, spaces: Mapping[str, SearchSpace] | None = None) -> list[str]:
+    """Every problem with ``table`` against the kind's declared ``spaces``; empty when it is sound.
+
+    Never raises: any JSON value (a list, a string, nested values of the wrong type) gets a list of
+    errors.  With ``spaces=None`` only the structure is checked (kernel names and configurations
+    against no space).
+    """
+    if not isinstance(table, Mapping):
+        return [f"the table must be a JSON object, got {type(table).__name__}"]
     errors = []
     if table.get("schema") != SCHEMA_VERSION:
         errors.append(f"schema is {table.get('schema')!r}, expected {SCHEMA_VERSION}")
     for key in ("kind", "device", "kernels"):
         if key not in table:
             errors.append(f"missing key {key!r}")
-    for kernel, buckets in table.get("kernels", {}).items():
-        space = spaces.get(kernel)
-        if space is None:
+    for key in ("kind", "device"):
+        if key in table and not isinstance(table[key], str):
+            errors.append(f"{key!r} must be a string, got {type(table[key]).__name__}")
+    kernels = table.get("kernels", {})
+    if not isinstance(kernels, Mapping):
+        return errors + [f"'kernels' must be an object, got {type(kernels).__name__}"]
+    for kernel, buckets in kernels.items():
+        space = None if spaces is None else spaces.get(kernel)
+        if spaces is not None and space is None:
             errors.append(f"unknown kernel {kernel!r} (declared: {sorted(spaces)})")
             continue
         if not isinstance(buckets, Mapping):
             errors.append(f"{kernel}: buckets must be an object")
             continue
         for bucket, entry in buckets.items():
-            if not isinstance(entry, Mapping) or "config" not in entry:
-                errors.append(f"{kernel}/{bucket}: entry needs a 'config'")
-                continue
-            if not space.contains(entry["config"]):
-                errors.append(f"{kernel}/{bucket}: {entry['config']} lies outside the declared space")
-            if "ms" in entry and not isinstance(entry["ms"], (int, float)):
-                errors.append(f"{kernel}/{bucket}: 'ms' must be a number")
+            errors += _entry_errors(f"{kernel}/{bucket}", entry, space)
+    return errors
+
+
+def _entry_errors(where: str, entry: Any, space: SearchSpace | None) -> list[str]:
+    if not isinstance(entry, Mapping) or "config" not in entry:
+        return [f"{where}: entry needs a 'config'"]
+    errors = []
+    config = entry["config"]
+    if not _is_config(config):
+        errors.append(f"{where}: 'config' must be an object of integers, got {config!r}")
+    elif space is not None and not space.contains(config):
+        errors.append(f"{where}: {config} lies outside the declared space")
+    ms = entry.get("ms")
+    if "ms" in entry and (not isinstance(ms, (int, float)) or isinstance(ms, bool)):
+        errors.append(f"{where}: 'ms' must be a number")
     return errors
 
 
@@ -397,7 +481,7 @@ def tune_kind(kind: str, out: Path | None = None, quick: bool = False, show_prog
         raise RuntimeError("tuning produced an invalid table: " + "; ".join(errors))
     path = Path(out) if out is not None else table_path(kind, dev)
     write_table(path, table)
-    load_table.cache_clear()
+    _load.cache_clear()
     _chosen.clear()
     return path
 
@@ -422,6 +506,7 @@ __all__ = [
     "lookup",
     "load_table",
     "pick_config",
+    "read_table",
     "table_path",
     "tune_kind",
     "validate_table",

@@ -46,12 +46,14 @@ def weights(call: AttentionCall, options: dict[str, Any], state) -> Any:
             keep = keep & call.attn_mask
         else:
             scores = scores + call.attn_mask
-    if options["bias"] == "auto":  # n: keys some query may see under a bool mask (causality excluded)
+    if call.is_causal:
+        keep = keep & torch.ones_like(keep[0, 0]).tril()
+    if options["bias"] == "auto" and call.is_causal:  # n_i: the keys query i sees (the op's causal rule)
+        b = -keep.sum(dim=-1, keepdim=True).clamp(min=1).float().log()
+    elif options["bias"] == "auto":  # n: keys some query may see under a bool mask
         b = -keep.any(dim=-2).sum(dim=-1, keepdim=True).clamp(min=1).float().log().unsqueeze(-1)
     else:
         b = float(options["bias"])
-    if call.is_causal:
-        keep = keep & torch.ones_like(keep[0, 0]).tril()
     return torch.sigmoid(scores + b).masked_fill(~keep, 0.0).to(q.dtype)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from attnrewrite import ops
 from attnrewrite.kernels._ops import resolve_impl, sdpa_schema
-from attnrewrite.kernels.checks import check_qkv, key_padding_mask
+from attnrewrite.kernels.checks import DtypeMismatchError, check_qkv, key_padding_mask
 from attnrewrite.kernels.linear import linear_attention_dispatch
 from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
 
@@ -86,7 +86,8 @@ def _qkv():
 @pytest.mark.parametrize("what", list(PUBLIC))
 @pytest.mark.parametrize("fault,error,message", [
     (lambda q, k, v: ((q.long(), k.long(), v.long()), {}), TypeError, "q must be floating point, got torch.int64"),
-    (lambda q, k, v: ((q, k.double(), v), {}), ValueError, "q, k, v must share a dtype"),
+    # SDPA's type for it (RuntimeError), still a ValueError as every other inconsistency here
+    (lambda q, k, v: ((q, k.double(), v), {}), DtypeMismatchError, "q, k, v must share a dtype"),
     (lambda q, k, v: ((q, k[..., :8], v), {}), ValueError, "q and k head dims differ: 16 vs 8"),
     (lambda q, k, v: ((q, k, v), {"enable_gqa": False}), ValueError, "pass enable_gqa=True"),
     (lambda q, k, v: ((q[:, :3], k, v), {}), ValueError, r"query heads \(3\) to be a multiple of key/value heads"),

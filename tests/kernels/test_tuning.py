@@ -208,3 +208,114 @@ def test_a_backward_started_inside_the_block_sees_it():
         Probe.apply(x).sum().backward()
     Probe.apply(x).sum().backward()
     assert seen == [False, True]
+
+
+# --------------------------------------------------------------------------- bad tables and ATTNREWRITE_TUNING_DIR
+
+
+@pytest.fixture
+def tuning_dir(monkeypatch, tmp_path):
+    """A fresh ATTNREWRITE_TUNING_DIR with nothing cached or memoised."""
+    monkeypatch.setenv("ATTNREWRITE_TUNING_DIR", str(tmp_path))
+    tuning._load.cache_clear()
+    tuning._chosen.clear()
+    yield tmp_path
+    tuning._load.cache_clear()
+    tuning._chosen.clear()
+
+
+def _sigmoid_fwd_entry():
+    """(space, shape, bucket) of the sigmoid forward kernel for a small launch."""
+    from attnrewrite.kernels.sigmoid import spaces
+
+    space = spaces.SPACES[spaces.space_name("fwd", 16, 16)]
+    q = torch.zeros(1, 2, 32, 16)
+    shape = spaces.shape_of(q, q, q, False, 1)
+    return space, shape, space.bucket(shape)
+
+
+def _other_point(space, shape):
+    """A valid configuration of ``space`` other than its default (so that a table's effect shows)."""
+    return next(c for c in space.configs(shape) if c != dict(space.default))
+
+
+def test_the_variable_selects_the_folder(tuning_dir):
+    space, shape, bucket = _sigmoid_fwd_entry()
+    config = _other_point(space, shape)
+    table = {"schema": 1, "kind": "sigmoid", "device": "cpu", "kernels": {space.kernel: {bucket: {"config": config}}}}
+    tuning.write_table(tuning_dir / "sigmoid" / "cpu.json", table)
+    assert tuning.table_path("sigmoid", "cpu") == tuning_dir / "sigmoid" / "cpu.json"
+    assert tuning.choose("sigmoid", space, shape, "cpu") == config
+
+
+def test_without_the_variable_the_package_folder_is_read(monkeypatch):
+    monkeypatch.delenv("ATTNREWRITE_TUNING_DIR", raising=False)
+    assert tuning.table_path("sigmoid", "x") == tuning.KERNELS_DIR / "sigmoid" / "tuning" / "x.json"
+
+
+BAD_TABLES = {
+    "not json": ('{"schema": 1, "kernels": {', "is not valid JSON"),
+    "a list": ("[1, 2]", "must be a JSON object, got list"),
+    "schema 2": (json.dumps({"schema": 2, "kind": "sigmoid", "device": "cpu", "kernels": {}}), "schema is 2"),
+    "kernels a list": (json.dumps({"schema": 1, "kind": "sigmoid", "device": "cpu", "kernels": []}),
+                       "'kernels' must be an object"),
+    "buckets a string": (json.dumps({"schema": 1, "kind": "sigmoid", "device": "cpu", "kernels": {"{k}": "x"}}),
+                         "buckets must be an object"),
+    "entry a number": (json.dumps({"schema": 1, "kind": "sigmoid", "device": "cpu", "kernels": {"{k}": {"{b}": 3}}}),
+                       "needs a 'config'"),
+    "config a list": (json.dumps({"schema": 1, "kind": "sigmoid", "device": "cpu",
+                                  "kernels": {"{k}": {"{b}": {"config": [64, 4]}}}}), "'config' must be an object"),
+    "config of strings": (json.dumps({"schema": 1, "kind": "sigmoid", "device": "cpu",
+                                      "kernels": {"{k}": {"{b}": {"config": {"BLOCK_M": "64"}}}}}),
+                          "'config' must be an object of integers"),
+    "unknown kernel": (json.dumps({"schema": 1, "kind": "sigmoid", "device": "cpu", "kernels": {"nope": {}}}),
+                       "unknown kernel 'nope'"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_TABLES))
+def test_a_bad_table_is_ignored_with_one_warning_and_the_launch_takes_the_default(tuning_dir, name):
+    import warnings
+
+    from attnrewrite.kernels.sigmoid.api import sigmoid_attention_dispatch
+
+    space, shape, bucket = _sigmoid_fwd_entry()
+    text, fault = BAD_TABLES[name]
+    path = tuning_dir / "sigmoid" / "cpu.json"
+    path.parent.mkdir()
+    path.write_text(text.replace("{k}", space.kernel).replace("{b}", bucket))
+    q = torch.randn(1, 2, 32, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert tuning.choose("sigmoid", space, shape, "cpu") == dict(space.default)
+        for _ in range(2):  # real kernel launches (interpreted on the CPU) run on the default
+            out = sigmoid_attention_dispatch(q, q, q, is_causal=True, impl="triton")
+    ours = [w for w in caught if "tuning table" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    assert str(path) in str(ours[0].message) and fault in str(ours[0].message)
+    torch.testing.assert_close(out, sigmoid_attention_dispatch(q, q, q, is_causal=True, impl="torch"),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("table", [
+    None, 3, "text", [], [{"schema": 1}], {"schema": 1, "kind": 5, "device": [], "kernels": None},
+    {"schema": 1, "kind": "k", "device": "d", "kernels": {"toy_fwd": [1]}},
+    {"schema": 1, "kind": "k", "device": "d", "kernels": {"toy_fwd": {"t1": None}}},
+    {"schema": 1, "kind": "k", "device": "d", "kernels": {"toy_fwd": {"t1": {"config": None}}}},
+    {"schema": 1, "kind": "k", "device": "d", "kernels": {"toy_fwd": {"t1": {"config": {"BLOCK_M": [16]}}}}},
+    {"schema": 1, "kind": "k", "device": "d", "kernels": {"toy_fwd": {"t1": {"config": {"BLOCK_M": True,
+                                                                                       "num_warps": 2}}}}},
+    {"schema": 1, "kind": "k", "device": "d", "kernels": {"toy_fwd": {"t1": {"config": {"BLOCK_M": 16, "num_warps": 2},
+                                                                             "ms": "fast"}}}},
+], ids=lambda t: type(t).__name__)
+def test_validate_table_reports_malformed_input_instead_of_crashing(table):
+    errors = tuning.validate_table(table, {"toy_fwd": _space()})
+    assert errors and all(isinstance(e, str) for e in errors)
+    assert tuning.validate_table(table) != []  # the structure alone (no spaces): still an answer
+
+
+def test_a_sound_table_validates_with_and_without_spaces():
+    table = {"schema": 1, "kind": "k", "device": "d",
+             "kernels": {"toy_fwd": {"t64": {"config": {"BLOCK_M": 64, "num_warps": 4}, "ms": 0.5}}}}
+    assert tuning.validate_table(table, {"toy_fwd": _space()}) == []
+    assert tuning.validate_table(table) == []

@@ -43,9 +43,9 @@ class Decoder(nn.Module):
         if self.attention == "softmax":
             s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
             return torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1) @ v
-        if self.attention == "sigmoid":  # b = -log(n): n = valid keys of the sequence (padding-aware)
+        if self.attention == "sigmoid":  # causal: b_i = -log(n_i), n_i = the keys query i sees (padding-aware)
             s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-            n = keep.sum(-1, keepdim=True).clamp(min=1).float()
+            n = visible.sum(-1, keepdim=True).clamp(min=1).float()
             return (torch.sigmoid(s - torch.log(n)) * visible) @ v
         if self.attention == "linear":  # quadratic form of elu+1 linear attention, no scale
             w = (elu1(q) @ elu1(k).transpose(-2, -1)) * visible
@@ -126,9 +126,10 @@ def _llama_oracle_attention(kind):
             v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
             rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            if kind == "sigmoid":  # b = -log(n), n = t keys (no padding)
+            if kind == "sigmoid":  # causal: b_i = -log(n_i), n_i = the keys query i sees (i + 1, no padding)
                 s = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
-                out = (torch.sigmoid(s - math.log(t)) * mask) @ v
+                n = mask.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
+                out = (torch.sigmoid(s - torch.log(n)) * mask) @ v
             else:  # linear, elu+1, no scale
                 w = (elu1(q) @ elu1(k).transpose(-2, -1)) * mask
                 out = (w @ v) / (w.sum(-1, keepdim=True) + 1e-6)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnrewrite.kernels._ops import kernel_op, sdpa_schema
+from attnrewrite.kernels._ops import kernel_op, sdpa_autocast, sdpa_schema
 from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_qkv
 
 from .codes import projections
@@ -124,4 +124,5 @@ hashed_attention_op = kernel_op(
     "hashed_attention", _forward, fake=_forward_fake, backward=_autograd, setup_context=_setup_context,
     schema=sdpa_schema('SymInt bits=64, SymInt top_k=256, SymInt window=64, SymInt sinks=4, str hash="random", '
                        "Tensor? q_projection=None, Tensor? k_projection=None, SymInt seed=0"))
+sdpa_autocast("hashed_attention")  # q/k in fp32 beside a bf16 v run in bf16, as SDPA does
 hashed_attention_backward_op = kernel_op("hashed_attention_backward", _backward, fake=_backward_fake)

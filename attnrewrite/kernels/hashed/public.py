@@ -32,7 +32,8 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
             (no training) — or ``"learned"`` with ``projections=(P_q [Hq, D, bits], P_k [Hkv, D, bits])``.
 
     Returns:
-        [B, Hq, Tq, Dv] in q's dtype.  Gradients reach q, the selected keys and their values (and the
+        [B, Hq, Tq, Dv] in q's dtype.  Inside ``torch.autocast`` the floating-point inputs (float64
+        excepted) are cast to the autocast dtype first and the output has it, as with SDPA.  Gradients reach q, the selected keys and their values (and the
         projections, by a straight-through estimate, when learned).
     """
     q_projection, k_projection = projections if projections is not None else (None, None)

@@ -102,7 +102,8 @@ def _block_probs(q, k_sel, index, bias, scale):
     heads_kv = k_sel.shape[1]
     dtype = work_dtype(q.dtype)
     q5 = q.reshape(batch, heads_kv, heads_q // heads_kv, rows, dim)
-    logits = torch.einsum("bkgnd,bknsd->bkgns", q5, k_sel).to(dtype) * scale
+    # the backward passes k_sel already in the work dtype: q follows it (a 16-bit q would not mix)
+    logits = torch.einsum("bkgnd,bknsd->bkgns", q5.to(k_sel.dtype), k_sel).to(dtype) * scale
     if bias is not None:  # [B|1, n, Tk] → the selected entries
         bias = bias.to(dtype)[:, None].expand(batch, heads_kv, rows, bias.shape[-1]).gather(-1, index.clamp(min=0))
         logits = logits + bias[:, :, None]

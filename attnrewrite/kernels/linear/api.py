@@ -20,7 +20,7 @@ from attnrewrite.kernels._ops import resolve_impl
 from attnrewrite.kernels.checks import check_dropout, check_kv_lens, check_qkv, key_padding_mask
 
 from .chunk_torch import chunk_linear_attn_torch, recurrent_step_torch
-from .feature_maps import check_feature_map
+from .feature_maps import apply_feature_map, check_feature_map
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256  # the chunk kernels keep a [Dk, BLOCK_V] fp32 state in registers
@@ -110,6 +110,28 @@ def _unit_stride(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _bottom_right(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, initial_state: LinearState | None,
+                  feature_map: str) -> tuple[Tensor, Tensor, Tensor | None, LinearState]:
+    """Causal with Tq < Tk: the queries are the last Tq positions (a decoding step, or a chunk of
+    prefill, against a KV cache; flash-attention's bottom-right alignment).  The first Tk − Tq keys are
+    seen by every query, so they fold into the initial state (S0 + Σ φ(k_j)ᵀ v_j, z0 + Σ φ(k_j), in
+    the compute dtype, differentiable) and the rest is ordinary causal attention with Tq == Tk.
+
+    Returns (k, v, key_mask, initial_state) for the last Tq keys.
+    """
+    prefix = k.shape[2] - q.shape[2]
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    k_feat = apply_feature_map(k[:, :, :prefix].to(dtype), feature_map)
+    if key_mask is not None:  # φ(0) ≠ 0 for elu: padded keys are zeroed after φ, as in the paths
+        k_feat = k_feat * key_mask[:, None, :prefix, None].to(dtype)
+    S = k_feat.transpose(-1, -2) @ v[:, :, :prefix].to(dtype)
+    z = k_feat.sum(dim=2)
+    if initial_state is not None:
+        S, z = S + initial_state.S.to(dtype), z + initial_state.z.to(dtype)
+    rest = None if key_mask is None else key_mask[:, prefix:]
+    return k[:, :, prefix:], v[:, :, prefix:], rest, LinearState(S, z)
+
+
 def _num_splits(q: Tensor, num_seqs: int, dv: int) -> int:
     from .triton_common import default_num_splits
 
@@ -149,13 +171,15 @@ def linear_attention_dispatch(
     Args:
         q: [B, Hq, Tq, Dk]; k: [B, Hkv, Tk, Dk]; v: [B, Hkv, Tk, Dv]; float16, bfloat16 or float32
             (float64 on the torch path).  Hq must be a multiple of Hkv and, when they differ,
-            ``enable_gqa=True`` (as in SDPA); K/V are never repeated.  Causal needs Tq == Tk.
+            ``enable_gqa=True`` (as in SDPA); K/V are never repeated.  Causal needs Tq ≤ Tk; with
+            Tq < Tk the queries are the last Tq positions (bottom-right, as flash-attention aligns a
+            step against a KV cache): query i sees keys j ≤ i + Tk − Tq.
         attn_mask: only a key-padding mask is accepted: bool (True = keep) or additive (0 keep,
             -inf drop), broadcastable from [B, 1, 1, Tk].  Padded keys contribute nothing; every
             query still gets an output.  Any other mask raises ValueError: a linear kind cannot
             honour it.  It may be combined with ``is_causal=True`` (unlike SDPA).
         dropout_p: must be 0 (there are no attention probabilities to drop).
-        is_causal: query i sees keys j ≤ i.
+        is_causal: query i sees keys j ≤ i (+ Tk − Tq when there are fewer queries than keys).
         scale: multiplies q before φ.  None means 1.0 — unlike SDPA, no 1/sqrt(D): with elu+1
             features a 1/sqrt(D) scale pulls every φ(q)·φ(k) towards the same value and flattens
             the attention weights; models that want a scale pass it explicitly.
@@ -183,9 +207,9 @@ def linear_attention_dispatch(
     check_dropout(dropout_p, WHAT, supported=False)
     batch, heads_q, tq, dk = q.shape
     heads_kv, tk, dv = k.shape[1], k.shape[2], v.shape[-1]
-    if is_causal and tq != tk:
-        raise ValueError(f"is_causal needs as many queries as keys, got Tq={tq}, Tk={tk}; to continue a sequence "
-                         "pass initial_state, or use linear_attention_decode")
+    if is_causal and tq > tk:
+        raise ValueError(f"is_causal needs at least as many keys as queries, got Tq={tq}, Tk={tk} (with fewer "
+                         "queries, they are the last Tq positions)")
     if attn_mask is not None and kv_lens is not None:
         raise ValueError("pass either attn_mask or kv_lens, not both")
     key_mask = None
@@ -202,6 +226,8 @@ def linear_attention_dispatch(
     if initial_state is not None:
         initial_state = _check_state(initial_state, num_seqs, heads_kv, dk, dv, q.device, "initial_state")
     scale = 1.0 if scale is None else float(scale)
+    if is_causal and tq < tk:  # (cu_seqlens needs Tq == Tk: checked above)
+        k, v, key_mask, initial_state = _bottom_right(q, k, v, key_mask, initial_state, feature_map)
 
     if _resolve_impl(impl, q, (dk, dv)) == "torch":
         out, S, z = chunk_linear_attn_torch(q, k, v, causal=is_causal, feature_map=feature_map, scale=scale,

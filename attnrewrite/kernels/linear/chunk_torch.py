@@ -98,10 +98,15 @@ class _ChunkedCausal(torch.autograd.Function):
     hand-written backward (the kernels' formulas) uses one masked pair matrix for dq̃ and dk̃ and
     makes no full-size temporaries for the division: together about 2× faster than autograd on
     the CPU.
+
+    Second-order gradients: a backward run with ``create_graph=True`` recomputes the forward with
+    autograd and differentiates that (:meth:`_backward_by_autograd`), so double backward is exact;
+    the hand-written formulas serve first-order gradients only.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v1, s0, eps: float):
+    def _forward(q, k, v1, s0, eps: float):
+        """(out, state, weights, state_before, inv_den, mask) from differentiable torch ops."""
         chunk, rows = k.shape[3], q.shape[3]
         mask = torch.ones(chunk, chunk, dtype=q.dtype, device=q.device).tril().repeat(rows // chunk, 1)
         chunk_state = k.transpose(-1, -2) @ v1  # [B, Hkv, N, Dk, Dv+1] = [Σk̃ᵀv | Σk̃]
@@ -112,14 +117,40 @@ class _ChunkedCausal(torch.autograd.Function):
         inv_den = 1.0 / (num[..., -1] + eps)
         out = num[..., :-1] * inv_den.unsqueeze(-1)
         state = state_before[:, :, -1] + chunk_state[:, :, -1]
-        ctx.save_for_backward(q, k, v1, weights, state_before, inv_den, out, mask)
+        return out, state, weights, state_before, inv_den, mask
+
+    @staticmethod
+    def forward(ctx, q, k, v1, s0, eps: float):
+        out, state, weights, state_before, inv_den, mask = _ChunkedCausal._forward(q, k, v1, s0, eps)
+        ctx.save_for_backward(q, k, v1, s0, weights, state_before, inv_den, out, mask)
         ctx.has_s0 = s0 is not None
+        ctx.eps = eps
         return out, state
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    def _backward_by_autograd(ctx, d_out, d_state):
+        """The gradients as a differentiable graph of q, k, v1, s0 and the incoming gradients: the
+        saved intermediates carry no history (they were made inside ``forward``), so the forward is
+        run again under autograd and differentiated with ``create_graph``."""
+        q, k, v1, s0 = ctx.saved_tensors[:4]
+        inputs = [q, k, v1] + ([s0] if ctx.has_s0 else [])
+        # a saved input that needs no gradient still has to be a graph leaf for autograd.grad
+        leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
+        with torch.enable_grad():
+            out, state = _ChunkedCausal._forward(*leaves[:3], leaves[3] if ctx.has_s0 else None, ctx.eps)[:2]
+            outputs, grads = [out], [d_out]
+            if d_state is not None:
+                outputs.append(state)
+                grads.append(d_state)
+            found = torch.autograd.grad(outputs, leaves, grads, create_graph=True, allow_unused=True)
+        dq, dk, dv1 = found[:3]
+        return dq, dk, dv1, (found[3] if ctx.has_s0 else None), None
+
+    @staticmethod
     def backward(ctx, d_out, d_state):
-        q, k, v1, weights, state_before, inv_den, out, mask = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
+            return _ChunkedCausal._backward_by_autograd(ctx, d_out, d_state)
+        q, k, v1, _s0, weights, state_before, inv_den, out, mask = ctx.saved_tensors
         g = d_out * inv_den.unsqueeze(-1)  # dO / den
         gamma = -(g * out).sum(-1, keepdim=True)  # what the normaliser takes back, per row
         g1 = torch.cat([g, gamma], dim=-1)  # gradient of [num | den]

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from attnrewrite.kernels._ops import composite_op, sdpa_schema
+from attnrewrite.kernels._ops import composite_op, sdpa_autocast, sdpa_schema
 from attnrewrite.kernels.linear.api import linear_attention_dispatch
 
 
@@ -24,6 +24,7 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
 
 # the op takes a feature map by name; callables are applied by the Python wrapper below
 composite_op("linear_attention", sdpa_schema('str feature_map="elu", float eps=1e-6'), _impl)
+sdpa_autocast("linear_attention")  # q/k in fp32 beside a bf16 v run in bf16, as SDPA does
 
 FeatureMap = str | Callable[[torch.Tensor], torch.Tensor] | tuple
 
@@ -38,7 +39,8 @@ def linear_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     Args:
         q, k, v, attn_mask, dropout_p, is_causal, enable_gqa: as in SDPA, with the linear kind's
             limits: ``attn_mask`` must be a key-padding mask (bool or 0/−inf, broadcastable from
-            [B, 1, 1, Tk]), ``dropout_p`` must be 0, causal needs Tq == Tk.
+            [B, 1, 1, Tk]), ``dropout_p`` must be 0, causal needs Tq ≤ Tk (with Tq < Tk
+            the queries are the last Tq positions, bottom-right as for a decoding step).
         scale: multiplies q before φ; None means 1 (no 1/√D: it would flatten elu+1 features).
         feature_map: ``"elu"`` (elu+1), ``"relu"`` or ``"identity"`` — fused into the kernels — or a
             callable φ applied to q and k in torch, or a pair (φ_q, φ_k) (e.g. a
@@ -46,7 +48,8 @@ def linear_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
         eps: added to the normaliser.
 
     Returns:
-        [B, Hq, Tq, Dv] in q's dtype.
+        [B, Hq, Tq, Dv] in q's dtype.  Inside ``torch.autocast`` the floating-point inputs (float64
+        excepted) are cast to the autocast dtype first and the output has it, as with SDPA.
     """
     if not isinstance(feature_map, str):
         phi_q, phi_k = feature_map if isinstance(feature_map, tuple) else (feature_map, feature_map)

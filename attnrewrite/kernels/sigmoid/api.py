@@ -85,11 +85,14 @@ def sigmoid_attention_dispatch(
         (ALiBi, relative position bias, T5 bias; -inf entries exclude keys).
 
     The bias b:
-        ``bias="auto"``: b = -log(n), n = the number of valid keys of that sequence and head:
-        keys j < kv_lens[b] (or < Tk, or the sequence's key length under cu_seqlens) that at
-        least one query of that batch and head may attend to under a bool ``attn_mask``.
-        Causal masking and float masks do not change n; n = 0 counts as 1.
-        A float sets b for every sequence.
+        ``bias="auto"``, not causal: b = -log(n), n = the number of valid keys of that sequence
+        and head: keys j < kv_lens[b] (or < Tk, or the sequence's key length under cu_seqlens)
+        that at least one query of that batch and head may attend to under a bool ``attn_mask``.
+        ``bias="auto"``, causal: each query row i has its own b_i = -log(n_i), n_i = the number
+        of keys row i sees (causal, valid, and allowed by a bool ``attn_mask``), so a token's
+        output does not depend on how many tokens follow it: a causal prefill's row i equals a
+        decoding step of that token against the same keys.
+        Float masks do not change n; n = 0 counts as 1.  A float sets b for every sequence.
 
     Packed variable-length batches: ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 [N+1], cumulative
     lengths starting at 0) with q [1, Hq, total_q, D], k [1, Hkv, total_k, D], v [1, Hkv, total_k, Dv];
@@ -114,7 +117,7 @@ def sigmoid_attention_dispatch(
     if attn_mask is not None:
         attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     bias_per_head = resolve_bias(bias, problem, attn_mask, kv_lens, cu_seqlens_k, q.device,
-                                 torch.float64 if q.dtype == torch.float64 else torch.float32)
+                                 torch.float64 if q.dtype == torch.float64 else torch.float32, cu_seqlens_q)
     additive_mask = None
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         additive_mask = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
@@ -142,8 +145,10 @@ def resolve_bias(
     cu_seqlens_k: torch.Tensor | None,
     device: torch.device,
     dtype: torch.dtype = torch.float32,
+    cu_seqlens_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The bias b of every (sequence, query head) as ``dtype`` [Z, Hq] (Z = B, or N when packed).
+    """The bias b as ``dtype``: [Z, Hq] (Z = B, or N when packed), one b per sequence and query head, or,
+    for ``bias="auto"`` in a causal call, [Z|1, Hq, Tq] (Tq = total_q when packed), one per query row.
 
     ``attn_mask`` is the 4-d view of the user's mask; only a bool mask changes n (see
     :func:`sigmoid_attention_dispatch`).
@@ -151,6 +156,10 @@ def resolve_bias(
     shape = (problem.batch, problem.heads_q)
     if bias != "auto":
         return torch.full((1, 1), float(bias), dtype=dtype, device=device).expand(shape)
+    if problem.causal != CAUSAL_NONE:
+        n_visible = _visible_per_row(problem, attn_mask, kv_lens, cu_seqlens_q, cu_seqlens_k, device)
+        n_visible = n_visible.to(dtype).clamp_(min=1.0)
+        return (-torch.log(n_visible)).expand(n_visible.shape[0], problem.heads_q, n_visible.shape[2])
     if cu_seqlens_k is not None:
         n_valid = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).view(-1, 1)
     else:
@@ -165,6 +174,34 @@ def resolve_bias(
             n_valid = seen.sum(dim=-1)
     n_valid = n_valid.to(dtype).clamp_(min=1.0)
     return (-torch.log(n_valid)).expand(shape)
+
+
+def _visible_per_row(problem: Problem, attn_mask: torch.Tensor | None, kv_lens: torch.Tensor | None,
+                     cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                     device: torch.device) -> torch.Tensor:
+    """n_i of a causal call, int [Z|1, Hm, Tq]: the keys query row i sees — causal (top-left or
+    bottom-right), within kv_lens / its packed sequence, and allowed by a bool mask.
+
+    Packed (``cu_seqlens``): [1, 1, total_q], counted from each row's place in its sequence.  Without a
+    bool mask the count is arithmetic (min(i + shift + 1, n_k)); with one it is a sum over the mask.
+    """
+    rows = torch.arange(problem.len_q, device=device)
+    if cu_seqlens_k is not None:
+        cu_q = cu_seqlens_q
+        seq = torch.searchsorted(cu_q[1:].long(), rows, right=True)  # the sequence of each packed row
+        local = rows - cu_q[seq].long()
+        len_q_s = (cu_q[1:] - cu_q[:-1]).long()[seq]
+        len_k_s = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()[seq]
+        shift = torch.zeros_like(local) if problem.causal == CAUSAL_TOP_LEFT else len_k_s - len_q_s
+        return torch.minimum(local + shift + 1, len_k_s).clamp(min=0).view(1, 1, -1)
+    n_k = torch.full((1,), problem.len_k, device=device) if kv_lens is None else kv_lens.long().clamp(0, problem.len_k)
+    shift = torch.zeros_like(n_k) if problem.causal == CAUSAL_TOP_LEFT else n_k - problem.len_q  # [B|1]
+    if attn_mask is None or attn_mask.dtype != torch.bool:
+        last = rows.view(1, -1) + shift.view(-1, 1)  # the last key each row may see
+        return torch.minimum(last + 1, n_k.view(-1, 1)).clamp(min=0).unsqueeze(1)  # [B|1, 1, Tq]
+    keys = torch.arange(problem.len_k, device=device)
+    seen = (keys.view(1, 1, -1) <= rows.view(1, -1, 1) + shift.view(-1, 1, 1)) & (keys < n_k.view(-1, 1, 1))
+    return (attn_mask & seen.unsqueeze(1)).sum(dim=-1)  # [B|Bm, Hm, Tq]
 
 
 def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,

@@ -37,7 +37,8 @@ def chunk_sigmoid_attention(
     Args:
         q, k, v: [B, Hq, Tq, D], [B, Hkv, Tk, D], [B, Hkv, Tk, Dv] (B = 1 when packed).
         additive_mask: float mask broadcastable to [B, Hq, Tq, Tk] (4-d), -inf excludes a key; or None.
-        bias: float32 [Z, Hq], the b of each sequence and head (Z = B, or N when packed).
+        bias: float32 [Z, Hq], the b of each sequence and head (Z = B, or N when packed), or [Z|1, Hq, Tq]
+            one b per query row (Tq = total_q when packed).
         kv_lens: int [B] valid key counts, or None.
         cu_seqlens_q, cu_seqlens_k: int32 [N+1] for packed sequences, or None.
         scale: the score scale.
@@ -52,7 +53,9 @@ def chunk_sigmoid_attention(
         outs = []
         for s in range(len(bounds_q) - 1):
             q0, q1, k0, k1 = bounds_q[s], bounds_q[s + 1], bounds_k[s], bounds_k[s + 1]
-            outs.append(_sigmoid_chunked(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], None, bias[s:s + 1],
+            # a per-row bias [1, Hq, total_q] is sliced to the sequence's rows; a per-sequence one to its row
+            seq_bias = bias[:, :, q0:q1] if bias.dim() == 3 else bias[s:s + 1]
+            outs.append(_sigmoid_chunked(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], None, seq_bias,
                                          None, scale, causal, dropout_p, chunk_size))
         return torch.cat(outs, dim=2)
     return _sigmoid_chunked(q, k, v, additive_mask, bias, kv_lens, scale, causal, dropout_p, chunk_size)
@@ -131,8 +134,10 @@ def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 
 
 def _chunked_bwd_fake(grad_out, q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, want_mask):
-    grad_mask = torch.empty_like(mask) if want_mask else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grad_mask
+    # contiguous, as _chunked_bwd allocates them: empty_like would copy a transposed q's strides, and
+    # inductor, trusting the fake, would then read the real (contiguous) gradients wrongly
+    grad_mask = mask.new_empty(mask.shape) if want_mask else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_mask
 
 
 def _setup_context(ctx, inputs, output):
@@ -171,7 +176,9 @@ class _Geometry:
         self.dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         self.k32 = k.to(self.dtype)
         self.mask = mask
-        self.bias = bias.reshape(-1, self.heads_kv, self.group, 1, 1)  # [Z, Hkv, G, 1, 1]
+        # [Z, Hkv, G, 1, 1], or [Z, Hkv, G, Tq, 1] with one b per query row (sliced per chunk)
+        rows = bias.shape[2] if bias.dim() == 3 else 1
+        self.bias = bias.reshape(bias.shape[0], self.heads_kv, self.group, rows, 1)
         self.scale = scale
         self.causal = causal
         device = q.device
@@ -190,7 +197,8 @@ class _Geometry:
         """P = sigmoid(S) for query rows start:stop, exactly 0 where a key is not visible. [B, Hkv, G*C, Tk]"""
         rows = stop - start
         scores = (self.fold(q[:, :, start:stop].to(self.dtype)) @ self.k32.transpose(-1, -2)) * self.scale
-        scores = scores.view(self.batch, self.heads_kv, self.group, rows, self.len_k) + self.bias
+        bias = self.bias if self.bias.shape[3] == 1 else self.bias[:, :, :, start:stop]
+        scores = scores.view(self.batch, self.heads_kv, self.group, rows, self.len_k) + bias
         if self.mask is not None:
             chunk_mask = self.mask[:, :, start:stop] if self.mask.shape[2] != 1 else self.mask
             chunk_mask = chunk_mask.expand(self.batch, self.heads_q, rows, self.len_k)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from attnrewrite.kernels._ops import composite_op, sdpa_schema
+from attnrewrite.kernels._ops import composite_op, sdpa_autocast, sdpa_schema
 from attnrewrite.kernels.sigmoid.api import sigmoid_attention_dispatch
 
 
@@ -20,6 +20,7 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
 
 # bias=None stands for "auto": a schema argument has one type, and a number is the common case
 composite_op("sigmoid_attention", sdpa_schema("float? bias=None"), _impl)
+sdpa_autocast("sigmoid_attention")  # q/k in fp32 beside a bf16 v run in bf16, as SDPA does
 
 
 def sigmoid_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
@@ -32,12 +33,16 @@ def sigmoid_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, s
     Args:
         q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa: as in SDPA (``is_causal`` may be
             combined with ``attn_mask``; Tq may differ from Tk).
-        bias: ``"auto"``: b = −log(n), n = the number of keys of that sequence some query may see
-            under a bool mask (padding-aware; float masks and causality do not change n); a float
+        bias: ``"auto"``: b = −log(n).  Not causal: n = the number of keys of that sequence some
+            query may see under a bool mask (padding-aware; float masks do not change n).  Causal:
+            each query i has its own b_i = −log(n_i), n_i = the keys i itself sees (causal, padding,
+            bool mask), so a token's output does not depend on the tokens after it and a causal
+            prefill's row i equals a decoding step of that token against the same keys.  A float
             sets b.
 
     Returns:
-        [B, Hq, Tq, Dv] in q's dtype.
+        [B, Hq, Tq, Dv] in q's dtype.  Inside ``torch.autocast`` the floating-point inputs (float64
+        excepted) are cast to the autocast dtype first and the output has it, as with SDPA.
     """
     if not (bias == "auto" or isinstance(bias, (int, float)) and not isinstance(bias, bool)):
         raise ValueError(f"bias must be 'auto' or a number, got {bias!r}")

@@ -64,17 +64,19 @@ def naive_sigmoid_attention(
     elif attn_mask is not None:
         scores = scores + attn_mask
 
-    # bias="auto": -log(number of keys that some query of this batch/head may see), before causality.
-    if bias == "auto":
+    # bias="auto", not causal: -log(number of keys that some query of this batch/head may see).
+    if bias == "auto" and not is_causal:
         n_valid = visible.any(dim=2).sum(dim=-1, keepdim=True).clamp(min=1)  # [B, Hq, 1]
         b = -torch.log(n_valid.to(scores.dtype)).unsqueeze(-1)  # [B, Hq, 1, 1]
-    else:
+    elif bias != "auto":
         b = float(bias)
 
     if is_causal:
         shift = torch.zeros_like(valid_len) if causal_align == "top_left" else valid_len - len_q
         causal = key_index.view(1, 1, len_k) <= query_index.view(1, len_q, 1) + shift.view(batch, 1, 1)
         visible = visible & causal.unsqueeze(1)
+        if bias == "auto":  # causal: -log(number of keys this query sees), its own count
+            b = -torch.log(visible.sum(dim=-1, keepdim=True).clamp(min=1).to(scores.dtype))  # [B, Hq, Tq, 1]
 
     weights = torch.where(visible, torch.sigmoid(scores + b), torch.zeros((), dtype=scores.dtype, device=q.device))
     return weights @ v

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, LOG2E_HOST, block_table, dot_precision, load_tile, locate, newton_steps, padded_dim, sigmoid_log2
+from .triton_common import (LOG2E, LOG2E_HOST, bias_strides, block_table, dot_precision, load_tile, locate, newton_steps,
+                            padded_dim, sigmoid_log2)
 
 
 @triton.jit
@@ -70,12 +71,12 @@ def sigmoid_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     stride_dsb, stride_dsh, stride_dsm,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_bz, stride_bh,
+    stride_bz, stride_bh, stride_bm,
     heads_q, len_q, len_k, scale, scale_log2,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, STORE_DS: tl.constexpr, HAS_KV_LENS: tl.constexpr,
     VARLEN: tl.constexpr, NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BIAS: tl.constexpr = False,
 ):
     seq, batch, head, m_block, q_start, q_len, k_start, k_len = locate(
         tl.program_id(0), tl.program_id(1), heads_q, BlockSeq, BlockStart, CuQ, CuK, KvLens, len_q, len_k,
@@ -101,7 +102,11 @@ def sigmoid_bwd_dq_kernel(
                   True, BLOCK_D != D)
     do = load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv, DV,
                    True, BLOCK_DV != DV)
-    bias_log2 = tl.load(Bias + seq * stride_bz + head * stride_bh) * LOG2E
+    bias_base = Bias + seq * stride_bz + head * stride_bh + q_start.to(tl.int64) * stride_bm
+    if ROW_BIAS:  # one b per query row, [BLOCK_M, 1] against the key columns
+        bias_log2 = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[:, None]
+    else:  # one b per sequence and head
+        bias_log2 = tl.load(bias_base) * LOG2E
 
     shift = k_len - q_len if CAUSAL == 2 else k_len * 0
     if CAUSAL != 0:
@@ -126,10 +131,10 @@ def sigmoid_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm, stride_mn,
-                     offs_n, q_len, k_len, shift, lo, hi, scale_log2, bias_log2,
+                     offs_n, q_len, k_len, shift, lo, hi, scale_log2, bias_log2, bias_base, stride_bm,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                     NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_BIAS: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in tl.range(lo, hi, BLOCK_M):
@@ -138,7 +143,11 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride
                       MASKED, BLOCK_D != D)
         do = load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv, DV,
                        MASKED, BLOCK_DV != DV)
-        z2t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2 + bias_log2  # [BLOCK_N, BLOCK_M]
+        z2t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_N, BLOCK_M]
+        if ROW_BIAS:  # b per query row: loaded for this block of rows only (a whole row would cost registers)
+            z2t += (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[None, :]
+        else:
+            z2t += bias_log2
         if HAS_MASK:
             extra = tl.load(mask_base + offs_n[:, None] * stride_mn + offs_m[None, :] * stride_mm,
                             mask=(offs_n < k_len)[:, None] & (offs_m < q_len)[None, :], other=0.0)
@@ -166,11 +175,12 @@ def sigmoid_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_bz, stride_bh,
+    stride_bz, stride_bh, stride_bm,
     heads_kv, len_q, len_k, scale, scale_log2,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr,
     NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROW_BIAS: tl.constexpr = False,
 ):
     seq, batch, head_kv, n_block, q_start, q_len, k_start, k_len = locate(
         tl.program_id(0), tl.program_id(1), heads_kv, BlockSeq, BlockStart, CuQ, CuK, KvLens, len_q, len_k,
@@ -214,19 +224,20 @@ def sigmoid_bwd_dkdv_kernel(
         q_base = Q + batch64 * stride_qb + head64 * stride_qh + q_row0 * stride_qm
         do_base = DO + batch64 * stride_dob + head64 * stride_doh + q_row0 * stride_dom
         mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
-        bias_log2 = tl.load(Bias + seq * stride_bz + head64 * stride_bh) * LOG2E
+        bias_base = Bias + seq * stride_bz + head64 * stride_bh + q_row0 * stride_bm
+        bias_log2 = tl.load(bias_base) * LOG2E  # the b of this head, unless ROW_BIAS
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm,
                                   stride_mn, offs_n, q_len, k_len, shift, m_lo, full_lo, scale_log2, bias_log2,
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True,
-                                  NEWTON_STEPS, DOT_PRECISION)
+                                  bias_base, stride_bm, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True,
+                                  NEWTON_STEPS, DOT_PRECISION, ROW_BIAS)
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm,
                                   stride_mn, offs_n, q_len, k_len, shift, full_lo, full_hi, scale_log2, bias_log2,
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, False,
-                                  NEWTON_STEPS, DOT_PRECISION)
+                                  bias_base, stride_bm, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, False,
+                                  NEWTON_STEPS, DOT_PRECISION, ROW_BIAS)
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm,
                                   stride_mn, offs_n, q_len, k_len, shift, full_hi, m_hi, scale_log2, bias_log2,
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True,
-                                  NEWTON_STEPS, DOT_PRECISION)
+                                  bias_base, stride_bm, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True,
+                                  NEWTON_STEPS, DOT_PRECISION, ROW_BIAS)
     # Dense: every key row up to Tk is stored (padding keys get zeros); packed: only this sequence's.
     n_store = k_len if VARLEN else len_k
     tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -262,7 +273,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
     ds_strides = ds.stride()[:3] if want_mask_grad else (0, 0, 0)
     common = dict(D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
                   CAUSAL=causal, HAS_MASK=mask is not None, HAS_KV_LENS=kv_lens is not None, VARLEN=varlen,
-                  DOT_PRECISION=dot_precision(q.dtype))
+                  DOT_PRECISION=dot_precision(q.dtype), ROW_BIAS=bias.dim() == 3)
     mask_arg = mask if mask is not None else q
     kv_lens_arg = kv_lens if kv_lens is not None else q
     cu_q_arg, cu_k_arg = (cu_seqlens_q, cu_seqlens_k) if varlen else (q, q)
@@ -283,7 +294,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
             v.stride(0), v.stride(1), v.stride(2),
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            *ds_strides, *mask_strides, bias.stride(0), bias.stride(1),
+            *ds_strides, *mask_strides, *bias_strides(bias),
             heads_q, len_q, len_k, scale, scale * LOG2E_HOST,
             STORE_DS=want_mask_grad, NEWTON_STEPS=newton_steps(config_dq["RCP_NEWTON"], q.dtype),
             BLOCK_M=block_m, BLOCK_N=config_dq["BLOCK_N"],
@@ -306,7 +317,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            *mask_strides, bias.stride(0), bias.stride(1),
+            *mask_strides, *bias_strides(bias),
             heads_kv, len_q, len_k, scale, scale * LOG2E_HOST,
             NEWTON_STEPS=newton_steps(config_dkdv["RCP_NEWTON"], q.dtype),
             BLOCK_M=config_dkdv["BLOCK_M"], BLOCK_N=block_n,

@@ -123,3 +123,12 @@ def newton_steps(use_newton: int, dtype: torch.dtype) -> int:
     if not use_newton:
         return 0
     return 3 if dtype == torch.float32 else 2
+
+
+def bias_strides(bias: torch.Tensor) -> tuple[int, int, int]:
+    """(stride_bz, stride_bh, stride_bm) of the bias b, float32 [Z, Hq] (one b per sequence and head) or
+    [Z, Hq, Tq] (one per query row: bias="auto" in a causal call); a size-1 dim is broadcast (stride 0),
+    so [1, Hq, total_q] serves every packed sequence."""
+    if bias.dim() == 2:
+        bias = bias.unsqueeze(-1)
+    return tuple(s if n != 1 else 0 for s, n in zip(bias.stride(), bias.shape))

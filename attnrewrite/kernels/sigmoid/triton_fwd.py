@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E, LOG2E_HOST, block_table, dot_precision, load_tile, locate, newton_steps, padded_dim, sigmoid_log2
+from .triton_common import (LOG2E, LOG2E_HOST, bias_strides, block_table, dot_precision, load_tile, locate, newton_steps,
+                            padded_dim, sigmoid_log2)
 
 
 @triton.jit
@@ -55,11 +56,12 @@ def sigmoid_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    stride_bz, stride_bh,
+    stride_bz, stride_bh, stride_bm,
     heads_q, len_q, len_k, scale_log2,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr,
     NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROW_BIAS: tl.constexpr = False,
 ):
     seq, batch, head, m_block, q_start, q_len, k_start, k_len = locate(
         tl.program_id(0), tl.program_id(1), heads_q, BlockSeq, BlockStart, CuQ, CuK, KvLens, len_q, len_k,
@@ -80,7 +82,11 @@ def sigmoid_fwd_kernel(
     offs_dv = tl.arange(0, BLOCK_DV)
     q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d, D,
                   True, BLOCK_D != D)
-    bias_log2 = tl.load(Bias + seq * stride_bz + head * stride_bh) * LOG2E
+    bias_base = Bias + seq * stride_bz + head * stride_bh + q_start.to(tl.int64) * stride_bm
+    if ROW_BIAS:  # one b per query row, [BLOCK_M, 1] against the key columns
+        bias_log2 = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[:, None]
+    else:  # one b per sequence and head: a scalar keeps the registers free
+        bias_log2 = tl.load(bias_base) * LOG2E
 
     # key j is visible to row i iff j <= i + shift (causal); full blocks need no mask for any row.
     shift = k_len - q_len if CAUSAL == 2 else k_len * 0
@@ -107,7 +113,8 @@ def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale:
     """Launch the forward kernel. Returns out [B, Hq, Tq, Dv] in q's dtype.
 
     Inputs as for ``sigmoid_attention_dispatch`` after validation: q/k/v with unit last stride, ``mask`` a
-    4-d additive float mask (or None), ``bias`` float32 [Z, Hq], ``causal`` 0/1/2.  ``config`` holds
+    4-d additive float mask (or None), ``bias`` float32 [Z, Hq] or, one b per query row, [Z|1, Hq, Tq]
+    (Tq = total_q when packed), ``causal`` 0/1/2.  ``config`` holds
     BLOCK_M, BLOCK_N, num_warps, num_stages and RCP_NEWTON; ``launch`` wraps the kernel (torch's
     ``wrap_triton`` under ``triton_op``).
     """
@@ -137,11 +144,11 @@ def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale:
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *mask_strides,
-        bias.stride(0), bias.stride(1),
+        *bias_strides(bias),
         heads_q, len_q, len_k, scale * LOG2E_HOST,
         D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
         CAUSAL=causal, HAS_MASK=mask is not None, HAS_KV_LENS=kv_lens is not None, VARLEN=varlen,
-        NEWTON_STEPS=newton_steps(config["RCP_NEWTON"], q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+        ROW_BIAS=bias.dim() == 3, NEWTON_STEPS=newton_steps(config["RCP_NEWTON"], q.dtype), DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )

@@ -18,13 +18,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnrewrite.kernels._ops import composite_op, sdpa_schema
+from attnrewrite.kernels._ops import composite_op, sdpa_autocast, sdpa_schema
 from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_qkv
 
 WHAT = "softmax attention"
 
 
 def _softmax_attention_impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    # checked here, behind the autocast kernel: under autocast q, k, v arrive already cast
+    _check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa)
     if is_causal and attn_mask is not None:
         # SDPA refuses both; we accept them and mean "causal AND mask".
         attn_mask, is_causal = fold_causal_into_mask(attn_mask, q.shape[-2], k.shape[-2]), False
@@ -42,6 +44,7 @@ def fold_causal_into_mask(attn_mask: torch.Tensor, t_q, t_k) -> torch.Tensor:
 
 
 composite_op("softmax_attention", sdpa_schema(), _softmax_attention_impl)
+sdpa_autocast("softmax_attention")
 
 
 def softmax_attention(
@@ -58,7 +61,8 @@ def softmax_attention(
 
     Args:
         q: [B, Hq, Tq, D] (any leading batch dims); k: [B, Hkv, Tk, D]; v: [B, Hkv, Tk, Dv].
-            fp16, bf16, fp32 or fp64, all the same dtype and device.
+            fp16, bf16, fp32 or fp64, all the same dtype and device (inside ``torch.autocast`` they
+            are cast to the autocast dtype first, float64 excepted, as SDPA does).
         attn_mask: bool (True = may attend) or additive float, broadcastable to [B, Hq, Tq, Tk].
         dropout_p: dropout on the attention probabilities (applied whenever > 0, as in SDPA).
         is_causal: key j visible to query i iff j <= i (top-left aligned). Unlike SDPA, it may be
@@ -67,9 +71,8 @@ def softmax_attention(
         enable_gqa: allow Hq to be a multiple of Hkv (query head h reads kv head h // (Hq/Hkv)).
 
     Returns:
-        [B, Hq, Tq, Dv] in q's dtype.
+        [B, Hq, Tq, Dv] in q's dtype (the autocast dtype inside ``torch.autocast``).
     """
-    _check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa)
     return torch.ops.attnrewrite.softmax_attention(
         q, k, v, attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
     )

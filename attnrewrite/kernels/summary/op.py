@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnrewrite.kernels._ops import kernel_op, sdpa_schema
+from attnrewrite.kernels._ops import kernel_op, sdpa_autocast, sdpa_schema
 from attnrewrite.kernels.checks import check_dropout, check_qkv, key_padding_mask
 
 from .chunked import summary_attention_backward, summary_attention_forward
@@ -115,4 +115,5 @@ summary_attention_op = kernel_op(
     "summary_attention", _forward, fake=_forward_fake, backward=_autograd, setup_context=_setup_context,
     schema=sdpa_schema('SymInt chunk_size=8, SymInt window_chunks=128, str summary="mean", '
                        "Tensor? summary_query=None", is_causal=True))
+sdpa_autocast("summary_attention")  # q/k in fp32 beside a bf16 v run in bf16, as SDPA does
 summary_attention_backward_op = kernel_op("summary_attention_backward", _backward, fake=_backward_fake)

@@ -32,7 +32,8 @@ def summary_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, sc
             (e.g. ``attention.attnrewrite_summary.query`` after :func:`attnrewrite.convert`).
 
     Returns:
-        [B, Hq, T, Dv] in q's dtype.  Differentiable in q, k, v and ``summary_query``.
+        [B, Hq, T, Dv] in q's dtype (inside ``torch.autocast``: the inputs are cast to the autocast
+        dtype first, float64 excepted, as with SDPA, and the output has it).  Differentiable in q, k, v and ``summary_query``.
     """
     return torch.ops.attnrewrite.summary_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                    chunk_size=chunk_size, window_chunks=window_chunks,

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from attnrewrite.kernels.checks import DtypeMismatchError
 from attnrewrite.kernels import tuning
 from attnrewrite.kernels.linear import LinearState, linear_attention_dispatch, linear_attention_decode
 from attnrewrite.kernels.linear import spaces, tune
@@ -16,7 +17,7 @@ def _qkv(**kw):
 
 @pytest.mark.parametrize("change,kwargs,error,message", [
     (lambda q, k, v: (q[0], k, v), {}, ValueError, "must be 4-d"),
-    (lambda q, k, v: (q, k.double(), v), {}, ValueError, "share a dtype"),
+    (lambda q, k, v: (q, k.double(), v), {}, DtypeMismatchError, "share a dtype"),  # SDPA's RuntimeError
     (lambda q, k, v: (q.long(), k.long(), v.long()), {}, TypeError, "floating point"),
     (lambda q, k, v: (q, k[:1], v[:1]), {}, ValueError, "batch sizes differ"),
     (lambda q, k, v: (q, k, v[:, :, :5]), {}, ValueError, "agree on heads and number of keys"),
@@ -24,7 +25,8 @@ def _qkv(**kw):
     (lambda q, k, v: (torch.cat([q, q[:, :1]], 1), k, v), {"enable_gqa": True}, ValueError,
      "multiple of key/value heads"),
     (lambda q, k, v: (torch.cat([q, q], 1), k, v), {}, ValueError, "enable_gqa=True"),
-    (lambda q, k, v: (q[:, :, :5], k, v), {"is_causal": True}, ValueError, "is_causal needs as many queries"),
+    (lambda q, k, v: (q, k[:, :, :5], v[:, :, :5]), {"is_causal": True}, ValueError,
+     "is_causal needs at least as many keys as queries"),
     (lambda q, k, v: (q, k, v), {"dropout_p": 0.1}, ValueError, "dropout_p must be 0"),
     (lambda q, k, v: (q, k, v), {"feature_map": "favor"}, ValueError, "feature_map must be one of"),
     (lambda q, k, v: (q, k, v), {"impl": "cuda"}, ValueError, "impl must be 'auto', 'triton' or 'torch'"),
@@ -110,3 +112,23 @@ def test_workloads_cover_every_kernel_and_bucket_like_the_launchers():
     table = {"schema": 1, "kind": "linear", "device": "x", "kernels": {
         w.space.kernel: {w.space.bucket(w.shape): {"config": dict(w.space.default), "ms": 1.0}} for w in workloads}}
     assert tuning.validate_table(table, spaces.SPACES) == []
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("tq", [1, 3])
+def test_causal_with_fewer_queries_is_bottom_right(impl, tq):
+    """Causal with Tq < Tk: the queries are the last Tq positions, so a decoding step (or a chunk of
+    prefill) against the whole cache equals the last rows of the full causal call — padding included."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, h, 9, 8, generator=g) for h in (4, 2, 2))
+    keep = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    keep[1, ..., :2] = False  # left padding, as HF pads for generation
+    full = linear_attention_dispatch(q, k, v, keep, is_causal=True, enable_gqa=True, impl="torch")
+    step = linear_attention_dispatch(q[:, :, -tq:], k, v, keep, is_causal=True, enable_gqa=True, impl=impl)
+    torch.testing.assert_close(step, full[:, :, -tq:], rtol=1e-4, atol=1e-5)
+
+
+def test_bottom_right_gradients_reach_the_prefix_keys():
+    q, k, v = (torch.randn(1, 2, t, 4, dtype=torch.float64, requires_grad=True) for t in (2, 5, 5))
+    assert torch.autograd.gradcheck(lambda q, k, v: linear_attention_dispatch(q, k, v, is_causal=True, impl="torch"),
+                                    (q, k, v))

@@ -27,6 +27,9 @@ def loop_sigmoid_attention(q, k, v, mask=None, causal=None, bias="auto", kv_lens
             b_value = -math.log(max(n_valid, 1)) if bias == "auto" else bias
             shift = 0 if causal in (None, "top_left") else n_keys - len_q
             for i in range(len_q):
+                if bias == "auto" and causal is not None:  # causal: the keys this query sees, its own n
+                    n_row = sum(allowed(i, j) and j <= i + shift for j in range(len_k))
+                    b_value = -math.log(max(n_row, 1))
                 for j in range(len_k):
                     if not allowed(i, j) or (causal is not None and j > i + shift):
                         continue
