@@ -13,8 +13,9 @@ none: its keys are not the queries' sequence, so the rewriter leaves it alone), 
 sequence (training, scoring, a prefill without cache) runs through the rewritten op.  Both give
 the same outputs: the tests run T tokens at once and one at a time and compare.
 
-Sequences of a batch advance together (one position counter); key padding is not supported by
-the caches.  Storage is allocated for ``max_seq_len`` when it is known, else grown by doubling.
+Sequences of a batch advance together (one position counter); key padding is supported by
+``SummaryCache`` (``key_valid`` / ``attention_mask``, see :mod:`attnrewrite.decode.summary`), not by
+``HashedCache``.  Storage is allocated for ``max_seq_len`` when it is known, else grown by doubling.
 """
 
 from __future__ import annotations

@@ -13,6 +13,12 @@ A step of several tokens (a prefill) returns the summaries and raw keys its quer
 [T, n] mask saying which query sees which, then stores only the folded state.  Semantics are
 those of :func:`attnrewrite.ops.summary_attention` with ``is_causal=True`` (tested: T tokens at
 once and one at a time give the op's outputs).
+
+Padding: chunks are cut at tensor positions, padded or not, as in the op; the cache keeps one flag per
+stored entry (the token is not padding / the summary exists) once a step brings padding
+(``key_valid``), pools each chunk over its valid tokens only (a chunk of padding only has no
+summary) and returns a [B, 1, T, n] mask that hides padded keys and absent summaries.  Padded
+tokens are stored as zeros (a model may give them nan states, and 0·nan is nan).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class SummaryLayer(LayerCache):
         self.summary_query = summary_query
         self.n_sum = 0   # summaries stored (chunks 0 … n_sum − 1)
         self.n_win = 0   # raw tokens stored after them (positions n_sum·C … length − 1)
+        # bool [B, n_sum + n_win]: the summary exists / the token is not padding; None while all are
+        self.valid: torch.Tensor | None = None
 
     def capacity_for(self, max_seq_len: int) -> int:
         summaries = max(0, (max_seq_len - 1) // self.chunk_size - self.window_chunks)
@@ -47,6 +55,7 @@ class SummaryLayer(LayerCache):
         self.allocate({"key_store": (batch, heads_kv, head_dim, dtype),
                        "value_store": (batch, heads_kv, value_dim or head_dim, dtype)}, device)
         self.n_sum = self.n_win = self.length = 0
+        self.valid = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
@@ -56,9 +65,11 @@ class SummaryLayer(LayerCache):
         """Chunks seen only through their summary by a query at ``position``."""
         return max(0, position // self.chunk_size - self.window_chunks)
 
-    def _summarise(self, k: torch.Tensor, v: torch.Tensor):
-        k_sum, v_sum, _ = chunk_summaries(k, v, None, self.chunk_size, self.summary_query)
-        return k_sum, v_sum
+    def _summarise(self, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None):
+        """Summaries of whole chunks of k, v over their valid tokens (padding left out, as in the op);
+        exists [B, N] is None while nothing is padding."""
+        k_sum, v_sum, exists = chunk_summaries(k, v, valid, self.chunk_size, self.summary_query)
+        return k_sum, v_sum, (None if valid is None else exists)
 
     def _fold(self) -> None:
         """Fold the window's oldest chunks into summaries until the state is the one position ``length`` needs."""
@@ -67,8 +78,12 @@ class SummaryLayer(LayerCache):
         if chunks <= 0:
             return
         start, tokens = self.n_sum, chunks * self.chunk_size
-        k_sum, v_sum = self._summarise(self.key_store[:, :, start:start + tokens],
-                                       self.value_store[:, :, start:start + tokens])
+        valid = self.valid
+        k_sum, v_sum, exists = self._summarise(self.key_store[:, :, start:start + tokens],
+                                               self.value_store[:, :, start:start + tokens],
+                                               None if valid is None else valid[:, start:start + tokens])
+        if valid is not None:
+            self.valid = torch.cat([valid[:, :start], exists, valid[:, start + tokens:start + self.n_win]], dim=1)
         rest_k = self.key_store[:, :, start + tokens:start + self.n_win].clone()
         rest_v = self.value_store[:, :, start + tokens:start + self.n_win].clone()
         self.key_store[:, :, start:target] = k_sum
@@ -77,20 +92,39 @@ class SummaryLayer(LayerCache):
         self.value_store[:, :, target:target + rest_v.shape[2]] = rest_v
         self.n_sum, self.n_win = target, self.n_win - tokens
 
-    def step(self, k: torch.Tensor, v: torch.Tensor):
+    def step(self, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None = None):
         """Add k, v [B, Hkv, T, D] at the next T positions; return (keys, values, visible) that the step's
-        queries attend to: keys/values [B, Hkv, n, D], visible bool [T, n] or None (every query sees all)."""
+        queries attend to: keys/values [B, Hkv, n, D], visible bool [T, n], [B, 1, T, n] once some key
+        is padding, or None (every query sees all).
+
+        ``key_valid``: bool [B, T] (False = padding) or None (all tokens).  As in the op, a padded key is
+        left out of the window and of its chunk's summary, and a chunk of padding only has no summary."""
         if not self.is_initialized:
             self.lazy_initialization(k, v)
-        self._fold()
         length, count, chunk = self.length, k.shape[-2], self.chunk_size
+        if key_valid is not None:
+            key_valid = key_valid.to(device=k.device, dtype=torch.bool).reshape(k.shape[0], count)
+            if self.valid is None and not bool(key_valid.all()):
+                self.valid = torch.ones(k.shape[0], self.n_sum + self.n_win, dtype=torch.bool, device=k.device)
+        if self.valid is not None and key_valid is None:
+            key_valid = torch.ones(k.shape[0], count, dtype=torch.bool, device=k.device)
+        if self.valid is None:
+            key_valid = None
+        else:  # padded tokens are never seen: store zeros (a model may have made them nan, and 0·nan is nan)
+            hide = ~key_valid[:, None, :, None]
+            k, v = k.masked_fill(hide, 0), v.masked_fill(hide, 0)
+        self._fold()
         if count == 1:  # decode: the new token joins the window; the query sees the whole store
             end = self.n_sum + self.n_win
             self.ensure_capacity(end + 1)
             self.key_store[:, :, end:end + 1] = k
             self.value_store[:, :, end:end + 1] = v
             self.n_win, self.length = self.n_win + 1, length + 1
-            return self.key_store[:, :, :end + 1], self.value_store[:, :, :end + 1], None
+            visible = None
+            if key_valid is not None:
+                self.valid = torch.cat([self.valid, key_valid], dim=1)
+                visible = self.valid[:, None, None, :]
+            return self.key_store[:, :, :end + 1], self.value_store[:, :, :end + 1], visible
 
         raw_k = torch.cat([self.key_store[:, :, self.n_sum:self.n_sum + self.n_win], k], dim=2)
         raw_v = torch.cat([self.value_store[:, :, self.n_sum:self.n_sum + self.n_win], v], dim=2)
@@ -99,8 +133,10 @@ class SummaryLayer(LayerCache):
         # every summary any query of the step needs (the last query needs the most), and the folded state after it
         needed = self._summaries_needed(new_length - 1)
         folded = self._summaries_needed(new_length)
-        k_new_sum, v_new_sum = self._summarise(raw_k[:, :, :(folded - self.n_sum) * chunk],
-                                               raw_v[:, :, :(folded - self.n_sum) * chunk])
+        raw_valid = None if key_valid is None else torch.cat([self.valid[:, self.n_sum:], key_valid], dim=1)
+        k_new_sum, v_new_sum, new_exists = self._summarise(
+            raw_k[:, :, :(folded - self.n_sum) * chunk], raw_v[:, :, :(folded - self.n_sum) * chunk],
+            None if raw_valid is None else raw_valid[:, :(folded - self.n_sum) * chunk])
         keys = torch.cat([self.key_store[:, :, :self.n_sum], k_new_sum[:, :, :needed - self.n_sum], raw_k], dim=2)
         values = torch.cat([self.value_store[:, :, :self.n_sum], v_new_sum[:, :, :needed - self.n_sum], raw_v], dim=2)
 
@@ -111,8 +147,13 @@ class SummaryLayer(LayerCache):
         visible = torch.cat([summary_ids < query_chunk - self.window_chunks,
                              (raw_positions // chunk >= query_chunk - self.window_chunks)
                              & (raw_positions <= positions)], dim=1)
+        if raw_valid is not None:  # padded keys and summaries of padding only are seen by no query
+            key_ok = torch.cat([self.valid[:, :self.n_sum], new_exists[:, :needed - self.n_sum], raw_valid], dim=1)
+            visible = visible[None, None] & key_ok[:, None, None, :]
 
         rest = (folded - self.n_sum) * chunk
+        if raw_valid is not None:
+            self.valid = torch.cat([self.valid[:, :self.n_sum], new_exists, raw_valid[:, rest:]], dim=1)
         self.ensure_capacity(folded + raw_k.shape[2] - rest)
         self.key_store[:, :, self.n_sum:folded] = k_new_sum
         self.value_store[:, :, self.n_sum:folded] = v_new_sum
@@ -121,26 +162,35 @@ class SummaryLayer(LayerCache):
         self.n_sum, self.n_win, self.length = folded, raw_k.shape[2] - rest, new_length
         return keys, values, visible
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def append(self, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None = None) -> None:
         """Store k, v [B, Hkv, T, D] without attending (e.g. after a prefill computed by the op)."""
         for start in range(0, k.shape[-2], max(1, self.chunk_size * max(1, self.window_chunks))):
             stop = min(k.shape[-2], start + self.chunk_size * max(1, self.window_chunks))
-            self.step(k[:, :, start:stop], v[:, :, start:stop])
+            self.step(k[:, :, start:stop], v[:, :, start:stop],
+                      None if key_valid is None else key_valid[:, start:stop])
 
     def attend(self, input_pos: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor | None = None):
-        """The llama target's hook: store the step's k, v and return (keys, values, mask [T, n]) for q."""
+               mask: torch.Tensor | None = None, key_valid: torch.Tensor | None = None):
+        """The llama target's hook: store the step's k, v and return (keys, values, mask [T, n] or
+        [B, 1, T, n] with padding) for q.  ``key_valid``: bool [B, T], False for the step's padded tokens."""
         self.check_positions(input_pos, k.shape[-2])
-        keys, values, visible = self.step(k, v)
+        keys, values, visible = self.step(k, v, key_valid)
         if visible is None:
             visible = torch.ones(k.shape[-2], keys.shape[2], dtype=torch.bool, device=k.device)
         return keys, values, visible
 
     # -- transformers ---------------------------------------------------------------------------
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args,
+               key_valid: torch.Tensor | None = None, **kwargs):
         """transformers' hook.  Its models build a causal mask from :meth:`get_mask_sizes`, which can say
         "query p sees the keys up to p" but not "older chunks through their summaries only": a step
-        of several tokens is accepted only while all its queries share the same summaries."""
+        of several tokens is accepted only while all its queries share the same summaries.
+
+        ``key_valid`` bool [B, T]: the step's padding (from ``SummaryCache(attention_mask=...)``).  The
+        model's own padding mask hides summary slot s where ``attention_mask[:, n·C − n + s]`` is 0 (the
+        summaries sit just before the window, see :meth:`get_mask_sizes`); that is the op's "this chunk
+        has no summary" only while no summarised chunk is padding from end to end.  A step where it
+        is not raises instead of returning the wrong summaries."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         count = key_states.shape[-2]
@@ -149,8 +199,24 @@ class SummaryLayer(LayerCache):
                 f"SummaryCache cannot give a transformers model a step of {count} tokens from position {self.length}: "
                 "its queries need different chunk summaries, which a causal mask cannot express; feed the "
                 "prompt in steps that stay within one summary set (or one token at a time)")
-        keys, values, _ = self.step(key_states, value_states)
+        keys, values, _ = self.step(key_states, value_states, key_valid)
         return keys, values
+
+    def check_summary_slots(self, attention_mask: torch.Tensor, n_sum: int) -> None:
+        """Raise unless transformers' padding mask shows exactly the summaries that exist: with n summaries
+        it reads slot s at position n·C − n + s of ``attention_mask`` [B, ≥ length] (see :meth:`get_mask_sizes`)."""
+        if not n_sum:
+            return
+        exists = (torch.ones(attention_mask.shape[0], n_sum, dtype=torch.bool, device=attention_mask.device)
+                  if self.valid is None else self.valid[:, :n_sum].to(attention_mask.device))
+        start = n_sum * self.chunk_size - n_sum
+        if not bool((attention_mask[:, start:start + n_sum] == exists).all()):
+            raise ValueError(
+                f"SummaryCache: transformers' padding mask reads the {n_sum} summary slots at positions {start} … "
+                f"{start + n_sum - 1} of attention_mask, which here hide a summary that exists or show one of "
+                f"a chunk of padding only (chunk_size={self.chunk_size}); the step would not be the "
+                "whole-sequence op.  Left padding of fewer than chunk_size tokens per row always works; or run the "
+                "rows separately")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(kv_length, kv_offset) for transformers' causal mask: the summaries are placed just before the
@@ -165,6 +231,12 @@ class SummaryLayer(LayerCache):
     def reset(self) -> None:
         super().reset()
         self.n_sum = self.n_win = 0
+        self.valid = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.valid is not None:
+            self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
 
     def entries(self) -> int:
         """Key/value entries in use (summaries + window)."""
@@ -180,6 +252,8 @@ class SummaryCache(KindCache):
         layer_states: for ``summary="learned"`` without the llama target: one pooling query [Hkv, D]
             (or :class:`~attnrewrite.kernels.summary.state.SummaryPooling`) per layer.  With the llama
             target they are read from the attention modules (attached by :func:`attnrewrite.convert`).
+        attention_mask: for a padded batch in a transformers model, the prompt's mask [B, L] (1 = token,
+            0 = padding; positions past L are tokens), so that padded keys are left out of the summaries.
 
     ``Llama.generate(prompt, n, cache=SummaryCache(...))`` decodes with it; a transformers model takes it
     as ``past_key_values`` (steps of one token; see :meth:`SummaryLayer.update`).
@@ -188,11 +262,45 @@ class SummaryCache(KindCache):
     kind = "summary"
 
     def __init__(self, chunk_size: int = 8, window_chunks: int = 128, summary: str = "mean",
-                 layer_states: list | None = None):
+                 layer_states: list | None = None, attention_mask: torch.Tensor | None = None):
         if summary not in SUMMARIES:
             raise ValueError(f"summary must be one of {SUMMARIES}, got {summary!r}")
         super().__init__(layer_states)
         self.chunk_size, self.window_chunks, self.summary = chunk_size, window_chunks, summary
+        self.attention_mask = None if attention_mask is None else attention_mask.to(torch.bool)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """transformers' hook.  With a padded batch the cache must know the padding, to leave padded keys out
+        of the summaries as the op does: pass the prompt's ``attention_mask`` [B, L] to the constructor
+        (positions past L are tokens).  Without it, positions that show padding (``position_ids`` that do
+        not count up from the cache's length, as ``generate`` gives a left-padded batch) raise."""
+        while len(self.layers) <= layer_idx:
+            self.layers.append(self.new_layer(self._state_of(None, len(self.layers)), None))
+        layer = self.layers[layer_idx]
+        batch, count, start = key_states.shape[0], key_states.shape[-2], layer.get_seq_length()
+        key_valid = None
+        if self.attention_mask is not None:
+            mask = self.attention_mask.to(key_states.device)
+            if mask.shape[0] != batch:
+                raise ValueError(f"SummaryCache: attention_mask has {mask.shape[0]} rows, the batch {batch}")
+            key_valid = torch.ones(batch, count, dtype=torch.bool, device=key_states.device)
+            known = mask[:, start:start + count]
+            key_valid[:, :known.shape[1]] = known
+        else:
+            position_ids = (kwargs.get("kwargs") or {}).get("position_ids", kwargs.get("position_ids"))
+            if position_ids is not None:
+                expected = torch.arange(start, start + count, device=position_ids.device)
+                if not bool((position_ids.reshape(-1, count) == expected).all()):
+                    raise ValueError(
+                        "SummaryCache: the positions of this step do not count up from the cache's length (a "
+                        "padded batch?); pass the batch's attention_mask, SummaryCache(..., attention_mask=mask), "
+                        "so that padded keys are left out of the summaries as in the whole-sequence op")
+        keys, values = layer.update(key_states, value_states, *args, key_valid=key_valid)
+        if self.attention_mask is not None:
+            mask = torch.cat([self.attention_mask.to(key_states.device), torch.ones(
+                batch, max(0, layer.length - self.attention_mask.shape[1]), dtype=torch.bool, device=key_states.device)], 1)
+            layer.check_summary_slots(mask, layer._summaries_needed(start))
+        return keys, values
 
     def needs_state(self) -> bool:
         return self.summary == "learned"

@@ -126,3 +126,110 @@ def test_transformers_prefill_that_needs_per_query_summaries_is_refused():
         layer.update(k, v)
     layer.update(k[:, :, :3], v[:, :, :3])  # within the first window: a causal mask says it all
     assert layer.get_seq_length() == 3
+
+
+def _padding(kind, t, b=3):
+    """bool [B, T], False = padding: left (HF's batched prompts), right, or holes; rows padded by different
+    amounts, some by more than a chunk, so that chunks of padding only are folded into the summaries."""
+    valid = torch.ones(b, t, dtype=torch.bool)
+    for row, pad in enumerate([0, 5, 11][:b]):
+        if kind == "left":
+            valid[row, :pad] = False
+        elif kind == "right":
+            valid[row, t - pad:] = False
+        else:
+            valid[row, pad:pad + 4] = False
+    return valid
+
+
+@pytest.mark.parametrize("padding", ["left", "right", "holes"])
+@pytest.mark.parametrize("chunk,window", [(3, 2), (4, 1), (2, 0), (5, 3)])
+@pytest.mark.parametrize("steps", [[1] * 31, [31], [7, 1, 1, 9, 3, 1, 9]])
+@pytest.mark.parametrize("learned", [False, True])
+def test_padded_batch_through_the_cache_equals_the_op_with_the_padding_mask(padding, chunk, window, steps, learned):
+    """Padded keys are left out of the window and of the summaries, in the cache as in the op: a chunk that
+    holds padding is summarised over its tokens only, and a chunk of padding only has no summary."""
+    t = sum(steps)
+    q, k, v = _inputs(t, b=3)
+    valid = _padding(padding, t)
+    query = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) if learned else None
+    want = ops.summary_attention(q, k, v, valid[:, None, None, :], enable_gqa=True, chunk_size=chunk,
+                                 window_chunks=window, summary="learned" if learned else "mean", summary_query=query)
+    layer = SummaryLayer(chunk, window, query, max_seq_len=t)
+    layer.prepare(3, 4, 2, 8, torch.float64, "cpu")
+    got, start = [], 0
+    for count in steps:
+        rows = slice(start, start + count)
+        keys, values, visible = layer.attend(torch.arange(start, start + count), q[:, :, rows], k[:, :, rows],
+                                             v[:, :, rows], key_valid=valid[:, rows])
+        got.append(_attend(q[:, :, rows], keys, values, visible))
+        start += count
+    got = torch.cat(got, 2)
+    # a query that sees no key (a padded query before any token) is 0 in the op and nan here: compare the others
+    seen = ~got.isnan().all(-1)
+    assert bool(seen[valid[:, None, :].expand_as(seen)].all())
+    torch.testing.assert_close(got[seen], want[seen], rtol=0, atol=1e-12)
+    assert layer.entries() <= SummaryCache.entries_bound(t, chunk, window)
+
+
+def _hf_padded_batch(pads, side, length=26):
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)
+    model = T.LlamaForCausalLM._from_config(cfg, attn_implementation="eager").double().eval()
+    ids = torch.randint(0, 64, (len(pads), length), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(len(pads), length, dtype=torch.long)
+    for row, pad in enumerate(pads):
+        if pad:
+            mask[row, :pad] = 0 if side == "left" else 1
+            mask[row, length - pad:] = 0 if side == "right" else 1
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # as generate() makes them
+    return model, ids, mask, positions
+
+
+def _hf_steps(model, ids, mask, positions, cache):
+    return torch.cat([model(ids[:, i:i + 1], attention_mask=mask[:, :i + 1], position_ids=positions[:, i:i + 1],
+                            cache=cache, use_cache=True).logits for i in range(ids.shape[1])], 1)
+
+
+@pytest.mark.parametrize("side,chunk,window,pads", [
+    ("left", 4, 1, [0, 1, 3]), ("left", 3, 2, [2, 0, 1]), ("left", 5, 0, [4, 2, 0]),
+    ("right", 4, 1, [0, 1, 3]), ("right", 3, 2, [2, 0, 1]),
+])
+def test_transformers_padded_batch_decodes_as_the_whole_sequence_op(side, chunk, window, pads):
+    """A padded HF batch (the prompt's attention_mask given to the cache) decoding token by token through the
+    cache gives the logits of the model rewritten to the summary kind on the whole padded sequence, after
+    chunks holding padding are folded into summaries (the padded keys are left out of them, as in the op)."""
+    import functools
+
+    from attnrewrite.rewriter.backend import attnrewrite_backend
+
+    model, ids, mask, positions = _hf_padded_batch(pads, side)
+    options = dict(to="summary", compiler="eager", chunk_size=chunk, window_chunks=window)
+    with torch.no_grad():
+        want = torch.compile(model, backend=functools.partial(attnrewrite_backend, options=options))(
+            ids, attention_mask=mask, position_ids=positions).logits
+        torch._dynamo.reset()
+        cache = attnrewrite.SummaryCache(chunk_size=chunk, window_chunks=window, attention_mask=mask)
+        got = _hf_steps(model, ids, mask, positions, cache)
+    assert cache.layers[0].n_sum >= 3  # chunks with padding are summaries by the end
+    valid = mask.bool()
+    # HF's eager softmax runs in float32 in a float64 model (see test_transformers_model_decodes_with_the_cache)
+    assert (got - want)[valid].abs().max() < 1e-6, (got - want)[valid].abs().max()
+
+
+def test_transformers_padded_batch_without_the_mask_is_refused():
+    model, ids, mask, positions = _hf_padded_batch([0, 2], "left")
+    with torch.no_grad(), pytest.raises(ValueError, match="attention_mask"):
+        _hf_steps(model, ids, mask, positions, attnrewrite.SummaryCache(chunk_size=4, window_chunks=1))
+
+
+def test_transformers_chunk_of_padding_only_is_refused_not_wrong():
+    """HF's padding mask reads the summary slots at token positions: it cannot hide the (absent) summary of a
+    chunk that is all padding, so such a step raises instead of diverging from the op."""
+    model, ids, mask, positions = _hf_padded_batch([0, 9], "left")
+    cache = attnrewrite.SummaryCache(chunk_size=4, window_chunks=1, attention_mask=mask)
+    with torch.no_grad(), pytest.raises(ValueError, match="chunk of padding only"):
+        _hf_steps(model, ids, mask, positions, cache)
