@@ -1,0 +1,217 @@
+"""Training matrix: an HF model compiled with the attnrewrite backend (strict) trains, step by step, as the
+same model with the kind written by hand as its attention (an ``AttentionInterface`` function registered
+under a test-local name).
+
+Axes: compiler (eager, aot_eager, inductor) × precision (fp32, CPU autocast bf16) × ``dynamic`` (None,
+True) × model (plain; a ``copy.deepcopy`` of a model converted to hedgehog linear attention), for the
+Llama (GQA, rotary) and GPT-2 families and the sigmoid and linear kinds.  After training, ``verify`` must
+find no softmax outside attnrewrite's ops in the compiled model.
+
+The oracles are written from the kinds' definitions (README, "Kinds"), independently of the kernels:
+GQA is the kv head repeated for its group of query heads; right padding removes the padded keys from
+every query (sigmoid's n_i counts only the keys query i sees, padding included).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as T
+
+import attnrewrite
+from attnrewrite.rewriter.report import Report
+from attnrewrite.testing.checks import assert_close_rel, compile_rewritten
+
+STEPS = 10
+LLAMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, attention_dropout=0.0, initializer_range=0.3)
+GPT2 = dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, attn_pdrop=0.0, resid_pdrop=0.0,
+            embd_pdrop=0.0, initializer_range=0.3)
+# initializer_range=0.3 (HF's default is 0.02): with tiny q/k every kind attends almost uniformly and the
+# softmax, sigmoid and linear runs agree to 1e-4 — the comparison would prove nothing (see
+# test_the_oracles_tell_the_kinds_apart).
+
+
+def _elu1(x):
+    return F.elu(x) + 1
+
+
+def _visible(attention_mask, q_len, k_len, device):
+    """The keys each query sees, [B|1, 1, Tq, Tk] bool, from the mask HF passes to eager attention."""
+    if attention_mask is None:
+        return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril()[None, None]
+    mask = attention_mask[..., :k_len]
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2  # additive mask: 0 kept, dtype-min masked
+
+
+def _oracle(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Hand-written sigmoid / linear attention; ``module.oracle_kind`` says which.  q [B, Hq, T, D],
+    k/v [B, Hkv, T, D]; returns ([B, T, Hq, D], weights)."""
+    kind = _oracle.kind
+    _oracle.calls += 1
+    assert dropout == 0.0
+    hq, hkv = query.shape[1], key.shape[1]
+    rep = hq // hkv
+    visible = _visible(attention_mask, query.shape[-2], key.shape[-2], query.device)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if kind == "sigmoid":  # Σ sigmoid(s·q·kᵀ + b)·v, b_i = −log(n_i), n_i = the keys query i sees
+        k, v = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+        s = (query @ k.transpose(-2, -1)) * scaling
+        n = visible.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
+        w = torch.sigmoid(s - torch.log(n)) * visible
+    else:  # causal linear: φ(q)·Σ_{j≤i}φ(k_j)ᵀv_j / (φ(q)·Σ_{j≤i}φ(k_j) + 1e-6), no scale on q
+        if kind == "hedgehog":  # the site's learned maps, attached by convert
+            fq, fk = module.attnrewrite_linear(query, key)
+        else:
+            fq, fk = _elu1(query), _elu1(key)
+        fk, v = fk.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+        w = (fq @ fk.transpose(-2, -1)) * visible
+        w = w / (w.sum(-1, keepdim=True) + 1e-6)
+    out = (w.to(value.dtype) @ v).transpose(1, 2).contiguous()
+    return out, w
+
+
+_oracle.kind, _oracle.calls = "sigmoid", 0
+T.AttentionInterface.register("training_matrix_oracle", _oracle)
+
+
+def _inputs():
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0  # right padding
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _model(family, attn="eager"):
+    torch.manual_seed(0)
+    if family == "llama":
+        return T.LlamaForCausalLM._from_config(T.LlamaConfig(**LLAMA), attn_implementation=attn)
+    return T.GPT2LMHeadModel._from_config(T.GPT2Config(**GPT2), attn_implementation=attn)
+
+
+def _train(model, inputs, bf16):
+    """Losses of STEPS SGD steps (train mode: dropout is 0 everywhere, so it is deterministic).  SGD, not
+    Adam: its update is linear in the gradient, so rounding noise on a near-zero gradient stays noise."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.03)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = model(**inputs).loss
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return torch.tensor(losses, dtype=torch.float64)
+
+
+def _run_cell(family, kind, compiler, bf16, dynamic, converted):
+    inputs = _inputs()
+    options = {"feature_map": "elu"} if kind == "linear" else {}
+    model = _model(family)
+    oracle_kind = kind
+    if converted:  # a deepcopy of a model converted to hedgehog linear attention
+        options = {"feature_map": "hedgehog"}
+        model = attnrewrite.convert(model, to="linear", example_inputs={"input_ids": inputs["input_ids"]},
+                                    feature_map="hedgehog")
+        oracle_kind = "hedgehog"
+    oracle = copy.deepcopy(model)  # same weights (and states), attention by hand
+    if converted:
+        model = copy.deepcopy(model)
+    oracle.set_attn_implementation("training_matrix_oracle")
+
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    report = Report()
+    compiled = compile_rewritten(model, report, dynamic=dynamic, to=kind, compiler=compiler, strict=True,
+                                 **options)
+    got = _train(compiled, inputs, bf16)
+    sites = report.attention_sites()
+    assert len(sites) >= 2 and all(s.status == "rewritten" and s.kind == kind for s in sites), report
+
+    _oracle.kind, _oracle.calls = oracle_kind, 0
+    want = _train(oracle, inputs, bf16)
+    assert _oracle.calls == 2 * STEPS  # every layer of every step ran the hand-written attention
+    assert torch.isfinite(got).all() and got[-1] < got[0], got
+    # fp32: both sides compute the same maths in a different order (chunked kernels, fused graphs):
+    # rounding only, 1e-4 relative on the losses.  bf16 autocast: the oracle runs under the same
+    # autocast, but its matmuls round to bf16 (8-bit mantissa, ~4e-3 relative) at other points than the
+    # kinds' ops (which take bf16 inputs and accumulate in fp32); over 10 steps of AdamW the losses
+    # drift by a few bf16 ulps, so 3e-2 relative.
+    rtol = 3e-2 if bf16 else 1e-4
+    torch.testing.assert_close(got, want, rtol=rtol, atol=0.0)
+    # and the weights moved alike: each parameter's total update against its own scale, floored at
+    # 1e-2 of the largest update (an update that is zero in exact arithmetic holds only rounding noise)
+    moved = {n: p.detach() - start[n] for n, p in model.named_parameters()}
+    moved_want = {n: p.detach() - start[n] for n, p in oracle.named_parameters()}
+    assert moved.keys() == moved_want.keys()
+    floor = 1e-2 * max(float(d.abs().max()) for d in moved_want.values())
+    for name in moved:
+        assert_close_rel(moved[name], moved_want[name], 10 * rtol, f"update of {name}", floor)
+
+    attnrewrite.verify(compiled, **{k: v for k, v in inputs.items() if k != "labels"})
+
+
+# The full product (2 families × 2 kinds × 3 compilers × 2 precisions × 2 dynamic × plain/deepcopy) takes
+# far more than the module's CI budget (~3 min on 2 cores; a dynamic cell takes 15-40 s, an inductor
+# cold compile 20-40 s).  These cells cover every value of every axis at least once; not covered:
+# dynamic=True under inductor, inductor with bf16, GPT-2 or the linear kind, and a converted model
+# under bf16 or dynamic=True (gpt2-linear-inductor-fp32 and llama-hedgehog-deepcopy-aot_eager-bf16-dynTrue
+# passed when tried, ~40 s each with a cold inductor cache: over the budget).
+XFAIL_STRIDES = pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
+    "attnrewrite bug: GPT-2 + linear + aot_eager + bf16 autocast (dynamic None and True), the compiled "
+    "backward fails with 'view size is not compatible with input tensor's size and stride' at "
+    "aten.view(transpose(...), [2, T, 32]) on a bf16 gradient: a tensor of the rewritten linear site's "
+    "backward has other strides at run time than its fake gave the traced graph (the eager compiler, "
+    "and aot_eager in fp32, pass)"))
+SLOW = pytest.mark.slow
+CELLS = [
+    # family, kind, compiler, bf16, dynamic, converted, marks
+    ("llama", "sigmoid", "eager", False, None, False, ()),
+    ("llama", "linear", "eager", False, None, False, ()),
+    ("gpt2", "sigmoid", "eager", False, None, False, ()),
+    ("gpt2", "linear", "eager", False, None, False, ()),
+    ("llama", "sigmoid", "aot_eager", True, None, False, ()),
+    ("gpt2", "linear", "aot_eager", True, None, False, (XFAIL_STRIDES,)),
+    ("llama", "linear", "eager", True, None, False, ()),
+    ("gpt2", "sigmoid", "aot_eager", False, None, False, ()),
+    ("llama", "sigmoid", "eager", False, True, False, (SLOW,)),
+    ("gpt2", "sigmoid", "eager", True, True, False, (SLOW,)),
+    ("llama", "sigmoid", "inductor", False, None, False, (SLOW,)),
+    ("llama", "linear", "aot_eager", False, True, False, (SLOW,)),
+    ("llama", "linear", "eager", False, None, True, ()),
+    ("gpt2", "linear", "aot_eager", False, None, True, ()),
+]
+
+
+def _id(family, kind, compiler, bf16, dynamic, converted):
+    variant = "hedgehog-deepcopy" if converted else kind
+    return f"{family}-{variant}-{compiler}-{'bf16' if bf16 else 'fp32'}-dyn{dynamic}"
+
+
+@pytest.mark.parametrize("family,kind,compiler,bf16,dynamic,converted", [
+    pytest.param(*cell[:6], marks=cell[6], id=_id(*cell[:6])) for cell in CELLS])
+def test_training_matches_the_hand_written_oracle(family, kind, compiler, bf16, dynamic, converted):
+    _run_cell(family, kind, compiler, bf16, dynamic, converted)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_oracles_tell_the_kinds_apart(family):
+    """The matrix's comparison has teeth: softmax, sigmoid and linear training runs differ by far more
+    than the bf16 tolerance."""
+    inputs = _inputs()
+    runs = {"softmax": _train(_model(family), inputs, False)}
+    for kind in ("sigmoid", "linear"):
+        oracle = _model(family)
+        oracle.set_attn_implementation("training_matrix_oracle")
+        _oracle.kind = kind
+        runs[kind] = _train(oracle, inputs, False)
+    for a, b in (("softmax", "sigmoid"), ("softmax", "linear"), ("sigmoid", "linear")):
+        assert float(((runs[a] - runs[b]) / runs[b]).abs().max()) > 3e-2 * 3, (a, b, runs)
