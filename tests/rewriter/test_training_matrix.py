@@ -15,7 +15,6 @@ every query (sigmoid's n_i counts only the keys query i sees, padding included).
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
