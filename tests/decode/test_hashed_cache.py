@@ -7,19 +7,7 @@ import torch
 from attnrewrite import ops
 from attnrewrite.decode.hashed import HashedCache, HashedLayer
 from attnrewrite.kernels.hashed.state import HashProjections
-
-
-def _inputs(t, b=2, hq=4, hkv=2, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(b, h, t, d, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
-
-
-def _attend(q, keys, values, visible):
-    groups = q.shape[1] // keys.shape[1]
-    keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
-    scores = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ values
-
+from attnrewrite.testing.caches import attend_returned, random_qkv
 
 OPTIONS = dict(bits=16, top_k=4, window=3, sinks=2)
 
@@ -28,7 +16,7 @@ OPTIONS = dict(bits=16, top_k=4, window=3, sinks=2)
 @pytest.mark.parametrize("learned", [False, True])
 def test_steps_through_the_cache_equal_the_op(steps, learned):
     t = sum(steps)
-    q, k, v = _inputs(t)
+    q, k, v = random_qkv(t)
     state = None
     if learned:
         state = HashProjections(4, 2, 8, 16, seed=0).double()
@@ -46,14 +34,14 @@ def test_steps_through_the_cache_equal_the_op(steps, learned):
                                              v[:, :, rows])
         if count == 1 and start + 1 > sum(OPTIONS[n] for n in ("top_k", "window", "sinks")):
             assert keys.shape[2] == OPTIONS["top_k"] + OPTIONS["window"] + OPTIONS["sinks"]  # reads only these
-        got.append(_attend(q[:, :, rows], keys, values, visible))
+        got.append(attend_returned(q[:, :, rows], keys, values, visible))
         start += count
     torch.testing.assert_close(torch.cat(got, 2), want, rtol=0, atol=1e-12)
 
 
 def test_codes_are_bit_packed_beside_the_keys():
     t, bits = 40, 64
-    _, k, v = _inputs(t, b=1)
+    _, k, v = random_qkv(t, b=1)
     layer = HashedLayer(bits=bits, max_seq_len=t)
     layer.prepare(1, 4, 2, 8, torch.float32, "cpu")
     layer.append(k.float(), v.float())
@@ -64,7 +52,7 @@ def test_codes_are_bit_packed_beside_the_keys():
 
 
 def test_decode_selection_depends_on_the_query():
-    q, k, v = _inputs(60, b=1)
+    q, k, v = random_qkv(60, b=1)
     layer = HashedLayer(**OPTIONS)
     layer.prepare(1, 4, 2, 8, torch.float64, "cpu")
     layer.append(k[:, :, :59], v[:, :, :59])
@@ -73,7 +61,7 @@ def test_decode_selection_depends_on_the_query():
 
 
 def test_transformers_update_needs_the_query():
-    _, k, v = _inputs(3)
+    _, k, v = random_qkv(3)
     layer = HashedCache(**OPTIONS)
     with pytest.raises(ValueError, match="query_states"):
         layer.update(k, v, 0)
@@ -85,14 +73,14 @@ def test_transformers_update_needs_the_query():
 @pytest.mark.parametrize("top_k,window,sinks", [(37, 5, 3), (0, 4, 2), (600, 0, 0), (10, 0, 0)])
 def test_decode_selection_equals_a_topk_over_agreement_and_position(top_k, window, sinks):
     """The histogram selection of a decode step picks the op's set: top_k by (agreement, position)."""
-    q, k, v = _inputs(500, b=2, d=8, seed=4)
+    q, k, v = random_qkv(500, b=2, d=8, seed=4)
     layer = HashedLayer(bits=8, top_k=top_k, window=window, sinks=sinks)  # 8 bits: many ties
     layer.prepare(2, 4, 2, 8, torch.float64, "cpu")
     layer.append(k, v)
     q_last = q[:, :, -1:]
     got = layer.select_decode(q_last)
-    from attnrewrite.kernels.hashed.sparse import select, visible_keys
     from attnrewrite.kernels.hashed.codes import signs
+    from attnrewrite.kernels.hashed.sparse import select, visible_keys
 
     want = select(signs(q_last, layer.proj_q), signs(k, layer.proj_k), visible_keys(None, slice(0, 1), 500, 499, "cpu"),
                   8, top_k, window, sinks)[:, :, 0]

@@ -8,21 +8,7 @@ import torch
 import attnrewrite
 from attnrewrite import ops
 from attnrewrite.decode.summary import SummaryCache, SummaryLayer
-
-
-def _inputs(t, b=2, hq=4, hkv=2, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(b, h, t, d, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
-
-
-def _attend(q, keys, values, visible):
-    """Plain softmax of q [B, Hq, T, D] over what the cache returned (GQA expanded, mask applied)."""
-    groups = q.shape[1] // keys.shape[1]
-    keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
-    scores = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if visible is not None:
-        scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.softmax(scores, -1) @ values
+from attnrewrite.testing.caches import random_qkv, through_layer
 
 
 @pytest.mark.parametrize("steps", [
@@ -33,25 +19,18 @@ def _attend(q, keys, values, visible):
 @pytest.mark.parametrize("learned", [False, True])
 def test_steps_through_the_cache_equal_the_op(steps, learned):
     chunk, window, t = 3, 2, sum(steps)
-    q, k, v = _inputs(t)
+    q, k, v = random_qkv(t)
     query = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) if learned else None
     want = ops.summary_attention(q, k, v, enable_gqa=True, chunk_size=chunk, window_chunks=window,
                                  summary="learned" if learned else "mean", summary_query=query)
     layer = SummaryLayer(chunk, window, query, max_seq_len=t)
     layer.prepare(2, 4, 2, 8, torch.float64, "cpu")
-    got, start = [], 0
-    for count in steps:
-        rows = slice(start, start + count)
-        keys, values, visible = layer.attend(torch.arange(start, start + count), q[:, :, rows], k[:, :, rows],
-                                             v[:, :, rows])
-        got.append(_attend(q[:, :, rows], keys, values, visible))
-        start += count
-    torch.testing.assert_close(torch.cat(got, 2), want, rtol=0, atol=1e-12)
+    torch.testing.assert_close(through_layer(layer, q, k, v, steps), want, rtol=0, atol=1e-12)
 
 
 def test_memory_is_window_plus_one_summary_per_chunk():
     chunk, window, t = 4, 3, 103
-    _, k, v = _inputs(t, b=1)
+    _, k, v = random_qkv(t, b=1)
     layer = SummaryLayer(chunk, window, max_seq_len=t)
     layer.prepare(1, 2, 2, 8, torch.float64, "cpu")
     for i in range(t):
@@ -72,7 +51,7 @@ def test_cache_is_six_times_smaller_at_64k_with_chunks_of_8():
 
 
 def test_positions_must_continue_the_sequence():
-    q, k, v = _inputs(4)
+    q, k, v = random_qkv(4)
     layer = SummaryLayer(2, 1)
     layer.prepare(2, 4, 2, 8, torch.float64, "cpu")
     layer.attend(torch.arange(2), q[:, :, :2], k[:, :, :2], v[:, :, :2])
@@ -120,7 +99,7 @@ def test_transformers_model_decodes_with_the_cache():
 
 
 def test_transformers_prefill_that_needs_per_query_summaries_is_refused():
-    _, k, v = _inputs(12)
+    _, k, v = random_qkv(12)
     layer = SummaryLayer(2, 1)
     with pytest.raises(ValueError, match="different chunk summaries"):
         layer.update(k, v)
@@ -150,21 +129,14 @@ def test_padded_batch_through_the_cache_equals_the_op_with_the_padding_mask(padd
     """Padded keys are left out of the window and of the summaries, in the cache as in the op: a chunk that
     holds padding is summarised over its tokens only, and a chunk of padding only has no summary."""
     t = sum(steps)
-    q, k, v = _inputs(t, b=3)
+    q, k, v = random_qkv(t, b=3)
     valid = _padding(padding, t)
     query = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) if learned else None
     want = ops.summary_attention(q, k, v, valid[:, None, None, :], enable_gqa=True, chunk_size=chunk,
                                  window_chunks=window, summary="learned" if learned else "mean", summary_query=query)
     layer = SummaryLayer(chunk, window, query, max_seq_len=t)
     layer.prepare(3, 4, 2, 8, torch.float64, "cpu")
-    got, start = [], 0
-    for count in steps:
-        rows = slice(start, start + count)
-        keys, values, visible = layer.attend(torch.arange(start, start + count), q[:, :, rows], k[:, :, rows],
-                                             v[:, :, rows], key_valid=valid[:, rows])
-        got.append(_attend(q[:, :, rows], keys, values, visible))
-        start += count
-    got = torch.cat(got, 2)
+    got = through_layer(layer, q, k, v, steps, key_valid=valid)
     # a query that sees no key (a padded query before any token) is 0 in the op and nan here: compare the others
     seen = ~got.isnan().all(-1)
     assert bool(seen[valid[:, None, :].expand_as(seen)].all())

@@ -1,0 +1,39 @@
+"""Shared pieces of the decode-cache tests: random q/k/v, and plain softmax over what a cache returns."""
+
+from __future__ import annotations
+
+import torch
+
+
+def random_qkv(t: int, b: int = 2, hq: int = 4, hkv: int = 2, d: int = 8, seed: int = 0):
+    """q [b, hq, t, d], k and v [b, hkv, t, d]: float64 standard normal, seeded."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, h, t, d, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
+
+
+def attend_returned(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    visible: torch.Tensor | None) -> torch.Tensor:
+    """Plain softmax of q [B, Hq, T, D] over the keys and values a cache returned (GQA expanded, its
+    ``visible`` mask applied when there is one), scale 1/√D: [B, Hq, T, Dv]."""
+    groups = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+    scores = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.softmax(scores, -1) @ values
+
+
+def through_layer(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, steps: list[int],
+                  **attend_kwargs) -> torch.Tensor:
+    """Feed ``sum(steps)`` tokens to a layer cache in steps of the given sizes; each step's queries attend
+    to what the cache returns. ``attend_kwargs`` may hold tensors over all tokens [B, T] (``key_valid``),
+    sliced per step. Returns [B, Hq, T, Dv]."""
+    got, start = [], 0
+    for count in steps:
+        rows = slice(start, start + count)
+        extra = {name: value[:, rows] for name, value in attend_kwargs.items()}
+        keys, values, visible = layer.attend(torch.arange(start, start + count), q[:, :, rows], k[:, :, rows],
+                                             v[:, :, rows], **extra)
+        got.append(attend_returned(q[:, :, rows], keys, values, visible))
+        start += count
+    return torch.cat(got, 2)
