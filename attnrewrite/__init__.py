@@ -14,13 +14,13 @@ Public API (the rest of the package is internal):
 """
 
 from attnrewrite import kinds, ops
+from attnrewrite.ir.spec import AttentionSpec
 from attnrewrite.rewriter.backend import attnrewrite_backend, register
 from attnrewrite.rewriter.convert import convert
 from attnrewrite.rewriter.decorator import explain, rewrite
 from attnrewrite.rewriter.failures import RewriteFailed, RewriteWarning
 from attnrewrite.rewriter.report import Report, SiteReport, recent_reports
 from attnrewrite.rewriter.verify import Verification, verify
-from attnrewrite.ir.spec import AttentionSpec
 
 __version__ = "0.1.0"
 

@@ -9,6 +9,7 @@ to the chosen compiler.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import threading
 from typing import Any, Callable, Iterator, Mapping
@@ -74,7 +75,9 @@ class _PatternsWithoutAttentionFusion:
         return getattr(self.inner, name)
 
 
-def _marker_class():
+@functools.cache
+def _marker_class() -> type:
+    """The marker pass's class, built on first use (importing inductor costs seconds)."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     class NoAttentionFusionMarker(CustomGraphPass):
@@ -95,14 +98,6 @@ def _marker_class():
     return NoAttentionFusionMarker
 
 
-def _NoAttentionFusionMarker(inner: Any) -> Any:  # noqa: N802 — builds the class on first use (no import cost)
-    global _MARKER
-    if _MARKER is None:
-        _MARKER = _marker_class()
-    return _MARKER(inner)
-
-
-_MARKER = None
 _FUSION_LOCK = threading.RLock()
 
 
@@ -125,7 +120,7 @@ def without_inductor_attention_fusion() -> Iterator[None]:
         # the FX graph cache keys on the graph and inductor's config, not on these patterns: a marker
         # pass in the config keeps a graph compiled with the fusion apart from one compiled without
         existing = inductor_config.joint_custom_pre_pass
-        marker = _NoAttentionFusionMarker(existing)
+        marker = _marker_class()(existing)
         cache = {} if existing is None or marker.keyable else {"fx_graph_cache": False}
         passes[0] = _PatternsWithoutAttentionFusion(original)
         try:

@@ -32,7 +32,6 @@ from attnrewrite.ir.evaluate import GraphEvaluator
 from attnrewrite.ir.record import find_fake_mode
 from attnrewrite.ir.spec import NotAttention, Site
 from attnrewrite.patterns import eager_matmul, masks, multihead, sdpa
-from attnrewrite.patterns.eager_matmul import SPLIT_BY_GRAPH_BREAK
 from attnrewrite.rewriter import state
 from attnrewrite.rewriter.certify import certify, fingerprint
 from attnrewrite.rewriter.failures import Failure, RewriteFailed, not_rewritten
@@ -271,7 +270,6 @@ def run_pass(gm: fx.GraphModule, example_inputs: list[Any], options: RewriteOpti
             not_rewritten([Failure("", cause)], f"graph not rewritten to {options.to}", strict=False, stacklevel=5)
     report.sites = [SiteReport.from_site(s, 0) for s in ctx.sites]
     report.seconds = time.perf_counter() - start
-    failed = [Failure(s.module, s.reason) for s in report.sites
-              if s.status == "skipped" and (s.spec is not None or SPLIT_BY_GRAPH_BREAK in (s.reason or ""))]
+    failed = [Failure(s.module, s.reason) for s in report.sites if s.attention_left_as_it_was]
     not_rewritten(failed, f"attention not rewritten to {options.to}", options.strict, stacklevel=5)
     return report

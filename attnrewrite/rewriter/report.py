@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from attnrewrite.ir.spec import Site
+from attnrewrite.patterns.eager_matmul import SPLIT_BY_GRAPH_BREAK
 
 
 @dataclass
@@ -23,6 +24,12 @@ class SiteReport:
     notes: list[str] = field(default_factory=list)
     graph: int = 0
     anchor: str = ""
+
+    @property
+    def attention_left_as_it_was(self) -> bool:
+        """A skipped attention site, or a half of an attention split by a graph break: attention that
+        runs as it was, which the pass must say (warning, or RewriteFailed under strict)."""
+        return self.status == "skipped" and (self.spec is not None or SPLIT_BY_GRAPH_BREAK in (self.reason or ""))
 
     @classmethod
     def from_site(cls, site: Site, graph: int) -> SiteReport:

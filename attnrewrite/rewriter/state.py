@@ -24,7 +24,6 @@ A model compiled layer by layer therefore compiles once per layer (mind Dynamo's
 
 from __future__ import annotations
 
-import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -37,8 +36,6 @@ from attnrewrite.ir.capture import module_path
 from attnrewrite.ir.spec import STATE_PREFIX as PREFIX
 from attnrewrite.ir.spec import NotAttention, state_name
 from attnrewrite.rewriter.failures import RewriteWarning
-
-log = logging.getLogger("attnrewrite")
 
 #: The root of an ``nn_module_stack`` entry: a local (``L['self']``) or global (``G['model']``) of
 #: the compiled frame, maybe indexed (``L['args'][0]``); the rest of the entry is the module path.

@@ -18,6 +18,7 @@ them, with ``raise_on_failure=False``).
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -25,9 +26,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from attnrewrite.patterns.eager_matmul import SPLIT_BY_GRAPH_BREAK
 from attnrewrite.rewriter.failures import Failure, RewriteFailed
-from attnrewrite.rewriter.report import Report, SiteReport, recent_reports
+from attnrewrite.rewriter.report import Report, recent_reports
 
 #: Forward ops that compute attention, or the softmax of one (the outermost such event counts once).
 ATTENTION_OPS = frozenset({
@@ -162,12 +162,11 @@ def _account(events: list[Any]) -> Verification:
         report = reports.get(region)
         if report is None:
             continue
-        result.report.merge(_copy(report))
+        result.report.merge(copy.deepcopy(report))  # merge renumbers the sites' graphs in place
         for site in report.sites:
-            if site.status == "skipped" and site.spec is not None:
-                result.failures.append(Failure(site.module, f"attention not rewritten: {site.reason}"))
-            elif site.status == "skipped" and SPLIT_BY_GRAPH_BREAK in (site.reason or ""):
-                result.failures.append(Failure(site.module, f"{site.reason} (graph {region})"))
+            if site.attention_left_as_it_was:
+                said = "attention not rewritten: " if site.spec is not None else ""
+                result.failures.append(Failure(site.module, f"{said}{site.reason} (graph {region})"))
     return result
 
 
@@ -186,10 +185,3 @@ def _where(event: Any) -> str:
         if not frame.startswith("<built-in") and "/torch/" not in frame and "attnrewrite/rewriter" not in frame:
             return frame
     return event.name
-
-
-def _copy(report: Report) -> Report:
-    copy = Report(to=report.to, graphs=report.graphs, seconds=report.seconds)
-    copy.sites = [SiteReport(**{**s.__dict__, "notes": list(s.notes)}) for s in report.sites]
-    copy.errors, copy.compile_ids = list(report.errors), list(report.compile_ids)
-    return copy
