@@ -131,8 +131,8 @@ def run(args: argparse.Namespace) -> dict:
 
         if args.attention == "linear":
             options = {"feature_map": args.feature_map}
-        else:  # b = -log(n) at the training length, fixed: bias="auto" would follow the length of
-            # each sequence, and a prompt shorter than the training windows would see a larger b
+        else:  # b = -log(n) at the training length, one number for every query (as measured in
+            # bench/RESULTS.md); bias="auto" would give each causal query its own b = -log(i + 1)
             options = {"bias": -math.log(args.block_size)}
         attnrewrite.rewrite(model, to=args.attention, compiler="eager", strict=True, **options)
     n_params = sum(p.numel() for p in model.parameters())
