@@ -89,6 +89,22 @@ class Dropped(Base):
         return self.drop(torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H), dim=-1)) @ v
 
 
+class BiasBeforeScale(SmallBias):
+    """(q·kᵀ + b) / √d: the bias added before the scale must be scaled with the scores."""
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        return torch.softmax((q @ k.transpose(-2, -1) + self.bias) / math.sqrt(C // H), dim=-1) @ v
+
+
+class QueryDivided(Base):
+    """q / c before the product: a scale of 1/c, not c."""
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        return torch.softmax((q / 3.0) @ k.transpose(-2, -1), dim=-1) @ v
+
+
 def _x():
     return torch.randn(2, T, C, generator=torch.Generator().manual_seed(1))
 
@@ -119,21 +135,41 @@ def _refused(model, *inputs, reason: str) -> None:
     assert reason in (site.reason or ""), f"expected {reason!r}, got {site.reason!r}"
 
 
-def test_the_unplanted_models_are_rewritten():
-    """Without a planted bug every model below is rewritten: the refusals are the certifier's doing."""
-    x = _x()
+UNPLANTED = {  # model → what its spec must say
+    "plain": (Plain, dict(causal=False, bias=[], scale=(C // H) ** -0.5)),
+    "small_bias": (SmallBias, dict(causal=False, bias=["add"])),
+    "sliding_window": (SlidingWindow, dict(causal=False, has_bias=True)),  # inside the triangle: not "causal"
+    "padded": (Padded, dict(causal=False, bias=["keep"])),
+    "dropout_eval": (Dropped, dict(dropout_p=0.0)),
+    "bias_before_scale": (BiasBeforeScale, dict(bias=["add"], scale=(C // H) ** -0.5)),
+    "query_divided": (QueryDivided, dict(scale=1 / 3.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNPLANTED))
+def test_the_unplanted_models_are_rewritten(name):
+    """Without a planted bug every model here is rewritten with the spec its code says: the refusals
+    below are the certifier's doing, and a resolver or matcher that misreads one of these spellings
+    (a window called causal, a bias not scaled, q / c read as q · c) fails here by name."""
+    cls, expected = UNPLANTED[name]
+    model = cls().eval()
     keep = torch.ones(2, T, dtype=torch.bool)
     keep[1, -3:] = False
-    for model, inputs in ((Plain(), (x,)), (SmallBias(), (x,)), (SlidingWindow(), (x,)), (Padded(), (x, keep)),
-                          (Dropped().eval(), (x,))):
-        report = Report()
-        out = compile_rewritten(model.eval(), report)(*inputs)
-        assert [s.status for s in report.sites] == ["rewritten"], f"{type(model).__name__}:\n{report}"
-        torch.testing.assert_close(out, model(*inputs), rtol=1e-5, atol=1e-6)
+    inputs = (_x(), keep) if cls is Padded else (_x(),)
+    report = Report()
+    out = compile_rewritten(model, report)(*inputs)
+    (site,) = report.sites
+    assert site.status == "rewritten", report
+    for key, value in expected.items():
+        got = site.spec[key]
+        assert got == pytest.approx(value) if isinstance(value, float) else got == value, (key, site.spec)
+    torch.testing.assert_close(out, model(*inputs), rtol=1e-5, atol=1e-6)
 
 
-def test_a_scale_off_by_one_part_in_ten_thousand_is_refused(monkeypatch):
-    _plant(monkeypatch, eager_matmul, "match", lambda site, spec: replace(spec, scale=spec.scale * (1 + 1e-4)))
+@pytest.mark.parametrize("off", [1e-4, 1e-5])
+def test_a_scale_off_by_a_few_parts_in_a_million_is_refused(monkeypatch, off):
+    """1e-5 moves the output by ~4e-6 of its scale: the tolerance (1e-6) may not be loosened even 5×."""
+    _plant(monkeypatch, eager_matmul, "match", lambda site, spec: replace(spec, scale=spec.scale * (1 + off)))
     _refused(Plain().eval(), _x(), reason="does not reproduce the site")
 
 
