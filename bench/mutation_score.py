@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -57,7 +58,9 @@ def _config(files: list[str], tests: list[str]) -> str:
             'source_paths = ["attnrewrite"]\n'
             f"only_mutate = {toml_list(files)}\n"
             f"pytest_add_cli_args_test_selection = {toml_list(tests)}\n"
-            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:logging", "-x", "-q"]\n')
+            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:logging", "-x", "-q"]\n'
+            # a forked mutant run compiles models: allow for a loaded machine
+            "timeout_multiplier = 30.0\ntimeout_constant = 60.0\n")
 
 
 def _results(workdir: Path, files: list[str]) -> dict[str, Counter]:
@@ -100,8 +103,12 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     print(f"mutating {len(files)} file(s) at commit {commit} in {workdir}", flush=True)
+    # mutmut forks one process per mutant after importing torch: one intra-op thread, or the
+    # forked children can wait forever on the parent's thread pool
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env.pop("PYTHONPATH", None)
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.children)], cwd=workdir,
-                   check=False)
+                   check=False, env=env)
 
     results = _results(workdir, files)
     print(f"\nmutation score at {commit} (killed / (killed + survived); 'other': no tests, timeouts, ...)")

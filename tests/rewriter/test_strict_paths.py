@@ -193,3 +193,38 @@ def test_without_strict_the_same_paths_warn(model, to):
         warnings.simplefilter("error", attnrewrite.RewriteWarning)
         torch._dynamo.reset()
         compile_rewritten(model.eval(), to=to)(_x())  # once per cause: said already
+
+
+class Layered(nn.Module):
+    """``n`` biased attention layers in ``layers.i.attn``: one cause at ``n`` sites."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"attn": Attention(bias=True)}) for _ in range(n))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer["attn"](x).transpose(1, 2).reshape(x.shape)
+        return x
+
+
+BIAS_CAUSE = "linear cannot honour this site: an additive bias on the scores (a linear kind has no scores to add it to)"
+
+
+def test_the_warning_names_the_sites_and_the_cause_once():
+    reset_warnings()
+    with pytest.warns(attnrewrite.RewriteWarning) as caught:
+        compile_rewritten(Layered(5).eval(), to="linear")(_x())
+    (warning,) = [w for w in caught if issubclass(w.category, attnrewrite.RewriteWarning)]
+    assert str(warning.message) == (
+        "attnrewrite: attention not rewritten to linear at 5 site(s) (layers.0.attn, layers.1.attn, layers.2.attn "
+        f"and 2 more): {BIAS_CAUSE}. Such sites run as before; attnrewrite.explain() lists every site, "
+        "strict=True raises instead.")
+
+
+def test_the_strict_error_lists_every_site():
+    failed = _strict_failure(Layered(2).eval(), "linear")
+    assert _first_line(failed) == (f"attnrewrite: attention not rewritten to linear at 2 site(s): layers.0.attn: "
+                                   f"{BIAS_CAUSE}; layers.1.attn: {BIAS_CAUSE}")
+    assert [(f.module, f.cause) for f in failed.failures] == [("layers.0.attn", BIAS_CAUSE),
+                                                              ("layers.1.attn", BIAS_CAUSE)]
