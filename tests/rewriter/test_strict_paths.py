@@ -228,3 +228,40 @@ def test_the_strict_error_lists_every_site():
                                    f"{BIAS_CAUSE}; layers.1.attn: {BIAS_CAUSE}")
     assert [(f.module, f.cause) for f in failed.failures] == [("layers.0.attn", BIAS_CAUSE),
                                                               ("layers.1.attn", BIAS_CAUSE)]
+
+
+@pytest.mark.parametrize("n, shown", [
+    (3, "layers.0.attn, layers.1.attn, layers.2.attn"),
+    (4, "layers.0.attn, layers.1.attn, layers.2.attn and 1 more"),
+])
+def test_the_warning_shows_three_sites_then_counts(n, shown):
+    reset_warnings()
+    with pytest.warns(attnrewrite.RewriteWarning) as caught:
+        compile_rewritten(Layered(n).eval(), to="linear")(_x())
+    (warning,) = [w for w in caught if issubclass(w.category, attnrewrite.RewriteWarning)]
+    assert str(warning.message).startswith(f"attnrewrite: attention not rewritten to linear at {n} site(s) ({shown}): ")
+
+
+class TwoCauses(nn.Module):
+    """Two sites left for two different reasons: a bias, and a score modification."""
+
+    def __init__(self):
+        super().__init__()
+        self.biased, self.capped = Attention(bias=True), Attention(capped=True)
+
+    def forward(self, x):
+        return self.biased(x) + self.capped(x)
+
+
+def test_each_cause_warns_once_even_after_another_was_said():
+    reset_warnings()
+    with pytest.warns(attnrewrite.RewriteWarning, match=r"at 1 site\(s\) \(<root>\): linear cannot honour this site: "
+                                                        r"an additive bias"):
+        compile_rewritten(Attention(bias=True).eval(), to="linear")(_x())
+    torch._dynamo.reset()
+    with pytest.warns(attnrewrite.RewriteWarning) as caught:  # the bias was said; the score modification was not
+        compile_rewritten(TwoCauses().eval(), to="linear")(_x())
+    messages = [str(w.message) for w in caught if issubclass(w.category, attnrewrite.RewriteWarning)]
+    assert len(messages) == 1 and messages[0].startswith(
+        "attnrewrite: attention not rewritten to linear at 1 site(s) (capped): linear cannot honour this site: it "
+        "cannot apply the score modification tanh·mul"), messages
