@@ -92,12 +92,32 @@ class GraphEvaluator:
     def _random_like(self, value: torch.Tensor) -> torch.Tensor:
         g = self.generator
         if value.dtype == torch.bool:
-            return torch.rand(value.shape, generator=g) > 0.2
+            return self._random_mask(value.shape)
         if value.dtype.is_floating_point:
             return torch.randn(value.shape, generator=g, dtype=torch.float64)
         if value.numel() and bool(((value == 0) | (value == 1)).all()):
-            return (torch.rand(value.shape, generator=g) > 0.2).to(value.dtype)
+            return self._random_mask(value.shape).to(value.dtype)
         return value  # integer ids or positions: their values are meaningful, keep them
+
+    def _random_mask(self, shape: torch.Size) -> torch.Tensor:
+        """A random 0/1 mask, mostly ones, in which every row (last dim) holds both values.
+
+        Each row keeping and dropping something matters: a spec that forgets the mask in one
+        batch row only is caught when that row masks a key, and a row with nothing kept would
+        be left out of the comparison.  (Rows of length 1 are drawn as they come.)
+        """
+        g = self.generator
+        mask = torch.rand(shape, generator=g) > 0.2
+        n = shape[-1] if len(shape) else 1
+        if n < 2 or mask.numel() == 0:
+            return mask
+        rows = mask.reshape(-1, n)
+        index = torch.arange(rows.shape[0])
+        dropped = torch.randint(n, (rows.shape[0],), generator=g)
+        kept = (dropped + torch.randint(1, n, (rows.shape[0],), generator=g)) % n
+        rows[index, dropped] = False
+        rows[index, kept] = True
+        return rows.reshape(shape)
 
     def placeholder_value(self, node: fx.Node, randomize: bool) -> Any:
         real = self.inputs.get(node)

@@ -25,7 +25,7 @@ import torch
 import torch.fx as fx
 
 from attnrewrite.ir import canonical
-from attnrewrite.ir.capture import hinted_shape
+from attnrewrite.ir.capture import constant_value, hinted_shape, normalize, symbolic_number
 from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, float64_default
 from attnrewrite.ir.spec import Site
 from attnrewrite.kinds.softmax import exact_attention
@@ -107,10 +107,48 @@ def _mod_key(spec) -> tuple:
     return () if mod is None else (mod.source, mod.chain, mod.steps, mod.back)
 
 
+def _site_dropout(site: Site) -> float | str:
+    """The dropout probability the site's own nodes apply in training, read from the graph (a
+    description of the problem instead when it cannot be read as one number)."""
+    found = []
+    for node in site.region:
+        call = normalize(node)
+        if call is None or call.name not in ("dropout", "sdpa"):
+            continue
+        p, training = (call.kwargs["p"], call.kwargs["training"]) if call.name == "dropout" else (
+            call.kwargs["dropout_p"], True)
+        if training is False:
+            continue
+        value = constant_value(p)
+        if value is None and symbolic_number(p) is not None:
+            value = symbolic_number(p)[0]
+        if value is None or training is not True:
+            return f"{node.name} drops with a probability or mode that is not a number"
+        if value:
+            found.append(value)
+    if len(found) > 1:
+        return f"{len(found)} dropouts in one site"
+    return found[0] if found else 0.0
+
+
+def check_dropout(site: Site) -> str | None:
+    """Certification evaluates without dropout, so the spec's dropout probability is compared
+    with the one the graph applies; returns the reason for refusing, or None."""
+    got = _site_dropout(site)
+    if isinstance(got, str):
+        return f"could not certify the dropout: {got}"
+    if got != site.spec.dropout_p:
+        return f"spec's dropout probability {site.spec.dropout_p:g} differs from the site's {got:g}"
+    return None
+
+
 def certify(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tuple[bool, str | None, float]:
     """Check ``site.spec`` against the original subgraph. Returns (ok, reason, worst relative error)."""
     spec = site.spec
     worst = 0.0
+    dropout = check_dropout(site)
+    if dropout is not None:
+        return False, dropout, worst
     region_inputs = {n for r in site.region for n in r.all_input_nodes} - set(site.region)
     qkv = {spec.q.node, spec.k.node, spec.v.node}
     for probe in range(probes):

@@ -15,15 +15,29 @@ import warnings
 from dataclasses import dataclass
 
 
-class RewriteFailed(RuntimeError):
+def _passed_through_by_dynamo() -> type[RuntimeError]:
+    """The base class that Dynamo re-raises as it is from a backend (it wraps any other exception
+    in ``BackendCompilerFailed``, which ``except attnrewrite.RewriteFailed`` would not catch)."""
+    from torch._dynamo import exc
+
+    base = getattr(exc, "ShortenTraceback", None)
+    return base if isinstance(base, type) and issubclass(base, RuntimeError) else RuntimeError
+
+
+class RewriteFailed(_passed_through_by_dynamo()):
     """Raised with ``strict=True`` when attention is left as it was: a site could not be
     rewritten, the pass failed, or a frame fell back to the original code.
 
-    ``failures`` lists each case as a :class:`Failure` (site module and cause).
+    A ``RuntimeError``; raised from inside ``torch.compile`` it reaches the caller as itself, not
+    wrapped in Dynamo's ``BackendCompilerFailed``.  ``failures`` lists each case as a
+    :class:`Failure` (site module and cause).
     """
 
     def __init__(self, message: str, failures: list[Failure] | None = None):
-        super().__init__(message)
+        try:
+            super().__init__(message, first_useful_frame=None)
+        except TypeError:  # a plain RuntimeError base
+            super().__init__(message)
         self.failures = list(failures or [])
 
 

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 import attnrewrite
 from attnrewrite import ops
+from attnrewrite.kernels.hashed.reference import naive_hashed_attention
+from attnrewrite.kernels.summary.reference import naive_summary_attention
 from attnrewrite.kinds import get
 from attnrewrite.rewriter.report import Report
 from attnrewrite.targets import bert, llama
@@ -21,7 +23,8 @@ TOKENS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(
 
 
 class OracleAttention(nn.Module):
-    """The llama target's attention with the kind's op called by hand (what the rewrite must produce)."""
+    """The llama target's attention with the kind written out in plain torch: the readable references
+    (``kernels/*/reference.py``, loops over queries), which share no code with the ops the rewrite emits."""
 
     def __init__(self, attention, kind, options):
         super().__init__()
@@ -33,8 +36,14 @@ class OracleAttention(nn.Module):
         q = llama.apply_rope(a.q_proj(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2), cos, sin)
         k = llama.apply_rope(a.k_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2), cos, sin)
         v = a.v_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        op = ops.summary_attention if self.kind == "summary" else ops.hashed_attention
-        out = op(q, k, v, is_causal=True, enable_gqa=True, **self.options)
+        if self.kind == "summary":
+            out = naive_summary_attention(q, k, v, is_causal=True, **self.options)
+        else:  # the kind's default: random hyperplanes drawn from seed 0, shared by queries and keys
+            hyperplanes = torch.randn(a.head_dim, self.options["bits"], generator=torch.Generator().manual_seed(0),
+                                      dtype=torch.float64)
+            options = {key: value for key, value in self.options.items() if key != "bits"}
+            out, _ = naive_hashed_attention(q, k, v, is_causal=True, proj_q=hyperplanes, proj_k=hyperplanes,
+                                            **options)
         return a.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -22,11 +22,12 @@ def elu1(x):
 
 
 class Decoder(nn.Module):
-    """nanoGPT-style causal decoder with a padding mask; ``attention`` picks the hand-written kind."""
+    """nanoGPT-style decoder with a padding mask (an encoder with ``causal=False``); ``attention``
+    picks the hand-written kind."""
 
-    def __init__(self, attention="softmax", layers=2, dim=32, heads=4, kv_heads=2, vocab=50):
+    def __init__(self, attention="softmax", layers=2, dim=32, heads=4, kv_heads=2, vocab=50, causal=True):
         super().__init__()
-        self.attention, self.heads, self.kv_heads = attention, heads, kv_heads
+        self.attention, self.heads, self.kv_heads, self.causal = attention, heads, kv_heads, causal
         self.embed = nn.Embedding(vocab, dim)
         hd = dim // heads
         self.q = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
@@ -38,12 +39,12 @@ class Decoder(nn.Module):
     def attend(self, q, k, v, keep):
         """q [B, H, T, D], k/v [B, H, T, D] (already repeated), keep [B, 1, 1, T] bool."""
         t = q.shape[-2]
-        causal = torch.ones(t, t, dtype=torch.bool).tril()
+        causal = torch.ones(t, t, dtype=torch.bool).tril() if self.causal else torch.ones(t, t, dtype=torch.bool)
         visible = causal & keep
         if self.attention == "softmax":
             s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
             return torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1) @ v
-        if self.attention == "sigmoid":  # causal: b_i = -log(n_i), n_i = the keys query i sees (padding-aware)
+        if self.attention == "sigmoid":  # b_i = -log(n_i), n_i = the keys query i sees (padding-aware)
             s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
             n = visible.sum(-1, keepdim=True).clamp(min=1).float()
             return (torch.sigmoid(s - torch.log(n)) * visible) @ v
@@ -75,14 +76,15 @@ def _inputs():
     return ids, keep
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["decoder", "encoder"])
 @pytest.mark.parametrize("kind,options", [
     ("sigmoid", {}),
     ("linear", {"feature_map": "elu"}),
 ])
-def test_rewritten_model_equals_the_hand_written_oracle(kind, options):
+def test_rewritten_model_equals_the_hand_written_oracle(kind, options, causal):
     torch.manual_seed(0)
-    model = Decoder("softmax").eval()
-    oracle = Decoder(kind).eval()
+    model = Decoder("softmax", causal=causal).eval()
+    oracle = Decoder(kind, causal=causal).eval()
     oracle.load_state_dict(model.state_dict())
     ids, keep = _inputs()
 
@@ -90,7 +92,7 @@ def test_rewritten_model_equals_the_hand_written_oracle(kind, options):
     compiled = compile_rewritten(model, report, to=kind, **options)
     got, want = compiled(ids, keep), oracle(ids, keep)
     assert len(report.rewritten) == 2, report
-    assert all(s.spec["kv_groups"] == 2 and s.spec["causal"] for s in report.rewritten)
+    assert all(s.spec["kv_groups"] == 2 and s.spec["causal"] == causal for s in report.rewritten)
 
     valid = keep[..., None].expand_as(want)  # padded query rows are garbage in both
     assert_close_rel(got[valid], want[valid], 1e-5, "logits")

@@ -19,9 +19,18 @@ import math
 
 import torch
 
-from .codes import project
-
 MASKED_SCORE = -1e4
+
+
+def _code_bits(x: torch.Tensor, projection: torch.Tensor) -> list:
+    """[B][H][T][bits] Python booleans: bit b of x's code is x·P_b > 0, the product in float64.
+    Written here rather than imported, so that the oracle shares no code with the fast path."""
+    x, projection = x.double(), projection.double()
+    if projection.dim() == 2:
+        products = torch.einsum("bhtd,dn->bhtn", x, projection)
+    else:  # one projection per head
+        products = torch.einsum("bhtd,hdn->bhtn", x, projection)
+    return (products > 0).tolist()
 
 
 def naive_hashed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -37,8 +46,8 @@ def naive_hashed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at
     heads_kv, t_k = k.shape[1], k.shape[2]
     groups = heads_q // heads_kv
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    q_bits = (project(q, proj_q) > 0).tolist()   # [B][Hq][Tq][bits] booleans
-    k_bits = (project(k, proj_k) > 0).tolist()
+    q_bits = _code_bits(q, proj_q)   # [B][Hq][Tq][bits] booleans
+    k_bits = _code_bits(k, proj_k)
     mask = None
     if attn_mask is not None:
         mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))

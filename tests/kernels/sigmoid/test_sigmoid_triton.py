@@ -5,6 +5,8 @@ Small tiles (16-32 rows) are forced so that every case runs several blocks: full
 diagonals, tails and padding all occur.  The torch path is checked on the same cases.
 """
 
+import zlib
+
 import pytest
 import torch
 import triton
@@ -50,13 +52,13 @@ def small_tiles(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_matches_reference(name, dtype, small_tiles):
-    check_against_reference(CASES[name], dtype, "triton", seed=hash(name) % 1000)
+    check_against_reference(CASES[name], dtype, "triton", seed=zlib.crc32(name.encode()) % 1000)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_torch_path_matches_reference(name, dtype):
-    check_against_reference(CASES[name], dtype, "torch", seed=hash(name) % 1000)
+    check_against_reference(CASES[name], dtype, "torch", seed=zlib.crc32(name.encode()) % 1000)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])

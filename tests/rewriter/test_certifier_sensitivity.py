@@ -1,0 +1,247 @@
+"""The certifier refuses specs that are only *slightly* wrong.
+
+Each test plants a small matcher or resolver bug — a scale off by one part in 10⁴, a learned bias
+of size 1e-3 forgotten, a sliding window claimed to be plain causal, one batch row's padding
+forgotten, a dropout probability off by 0.01 — and asserts that certification refuses the site
+with its reason, and that the compiled model still equals the original.  Reading the tolerance
+constant proves nothing; these tests fail if the tolerance is loosened enough to let any of the
+planted errors through, or if a probe stops exercising what it is meant to.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from attnrewrite.patterns import eager_matmul, masks
+from attnrewrite.rewriter.report import Report
+from attnrewrite.testing.checks import compile_rewritten
+
+T, C, H = 8, 32, 4
+
+
+def _heads(x):
+    b, t, c = x.shape
+    return x.view(b, t, H, c // H).transpose(1, 2)
+
+
+class Base(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = nn.Linear(C, 3 * C)
+
+    def qkv_heads(self, x):
+        return (_heads(t) for t in self.qkv(x).split(C, dim=-1))
+
+
+class Plain(Base):
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H), dim=-1) @ v
+
+
+class SmallBias(Base):
+    """A learned relative bias of size ~1e-3: small, but the spec must still carry it."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(1e-3 * torch.randn(H, T, T))
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(C // H) + self.bias
+        return torch.softmax(s, dim=-1) @ v
+
+
+class SlidingWindow(Base):
+    """Causal attention over the last 3 keys: inside the causal triangle, but not the triangle."""
+
+    def __init__(self):
+        super().__init__()
+        i = torch.arange(T)
+        self.register_buffer("band", (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 3))
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        s = (q @ k.transpose(-2, -1) / math.sqrt(C // H)).masked_fill(~self.band, float("-inf"))
+        return torch.softmax(s, dim=-1) @ v
+
+
+class Padded(Base):
+    def forward(self, x, keep):
+        q, k, v = self.qkv_heads(x)
+        s = (q @ k.transpose(-2, -1) / math.sqrt(C // H)).masked_fill(~keep[:, None, None, :], float("-inf"))
+        return torch.softmax(s, dim=-1) @ v
+
+
+class Dropped(Base):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        return self.drop(torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H), dim=-1)) @ v
+
+
+class BiasBeforeScale(SmallBias):
+    """(q·kᵀ + b) / √d: the bias added before the scale must be scaled with the scores."""
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        return torch.softmax((q @ k.transpose(-2, -1) + self.bias) / math.sqrt(C // H), dim=-1) @ v
+
+
+class QueryDivided(Base):
+    """q / c before the product: a scale of 1/c, not c."""
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        return torch.softmax((q / 3.0) @ k.transpose(-2, -1), dim=-1) @ v
+
+
+def _x():
+    return torch.randn(2, T, C, generator=torch.Generator().manual_seed(1))
+
+
+def _plant(monkeypatch, where, attribute, perturb):
+    """Wrap ``where.attribute`` (a matcher or the resolver) so that its spec goes through ``perturb``."""
+    real = getattr(where, attribute)
+
+    if attribute == "match":
+        def planted(anchor):
+            site = real(anchor)
+            site.spec = perturb(site, site.spec)
+            return site
+    else:
+        def planted(site, evaluator):
+            real(site, evaluator)
+            site.spec = perturb(site, site.spec)
+
+    monkeypatch.setattr(where, attribute, planted)
+
+
+def _refused(model, *inputs, reason: str) -> None:
+    report = Report()
+    compiled = compile_rewritten(model, report)
+    torch.testing.assert_close(compiled(*inputs), model(*inputs), rtol=0, atol=0)
+    (site,) = report.sites
+    assert site.status == "skipped", f"a slightly wrong spec was certified:\n{report}"
+    assert reason in (site.reason or ""), f"expected {reason!r}, got {site.reason!r}"
+
+
+UNPLANTED = {  # model → what its spec must say
+    "plain": (Plain, dict(causal=False, bias=[], scale=(C // H) ** -0.5)),
+    "small_bias": (SmallBias, dict(causal=False, bias=["add"])),
+    "sliding_window": (SlidingWindow, dict(causal=False, has_bias=True)),  # inside the triangle: not "causal"
+    "padded": (Padded, dict(causal=False, bias=["keep"])),
+    "dropout_eval": (Dropped, dict(dropout_p=0.0)),
+    "bias_before_scale": (BiasBeforeScale, dict(bias=["add"], scale=(C // H) ** -0.5)),
+    "query_divided": (QueryDivided, dict(scale=1 / 3.0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNPLANTED))
+def test_the_unplanted_models_are_rewritten(name):
+    """Without a planted bug every model here is rewritten with the spec its code says: the refusals
+    below are the certifier's doing, and a resolver or matcher that misreads one of these spellings
+    (a window called causal, a bias not scaled, q / c read as q · c) fails here by name."""
+    cls, expected = UNPLANTED[name]
+    model = cls().eval()
+    keep = torch.ones(2, T, dtype=torch.bool)
+    keep[1, -3:] = False
+    inputs = (_x(), keep) if cls is Padded else (_x(),)
+    report = Report()
+    out = compile_rewritten(model, report)(*inputs)
+    (site,) = report.sites
+    assert site.status == "rewritten", report
+    for key, value in expected.items():
+        got = site.spec[key]
+        assert got == pytest.approx(value) if isinstance(value, float) else got == value, (key, site.spec)
+    torch.testing.assert_close(out, model(*inputs), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("off", [1e-4, 3e-6])
+def test_a_scale_off_by_a_few_parts_in_a_million_is_refused(monkeypatch, off):
+    """3e-6 moves the output by ~1.2e-6 to 2e-6 of its scale (the two probes): the tolerance (1e-6) may not
+    be loosened even 2×."""
+    _plant(monkeypatch, eager_matmul, "match", lambda site, spec: replace(spec, scale=spec.scale * (1 + off)))
+    _refused(Plain().eval(), _x(), reason="does not reproduce the site")
+
+
+def test_a_forgotten_bias_of_size_1e_3_is_refused(monkeypatch):
+    _plant(monkeypatch, masks, "resolve",
+           lambda site, spec: replace(spec, bias=tuple(t for t in spec.bias if t.kind != "add")))
+    _refused(SmallBias().eval(), _x(), reason="does not reproduce the site")
+
+
+def test_a_sliding_window_claimed_as_plain_causal_is_refused(monkeypatch):
+    _plant(monkeypatch, masks, "resolve", lambda site, spec: replace(spec, bias=(), causal=True))
+    _refused(SlidingWindow().eval(), _x(), reason="does not reproduce the site")
+
+
+def test_padding_forgotten_in_one_batch_row_is_refused(monkeypatch):
+    """The planted resolver keeps the padding mask for batch row 0 only: row 1 attends to its padding."""
+
+    def forget_row_one(site, spec):
+        (term,) = spec.bias
+        graph = term.node.graph
+        with graph.inserting_after(term.node):
+            node = graph.call_function(_keep_row_one, (term.node,))
+        node.meta = dict(term.node.meta)
+        return replace(spec, bias=(replace(term, node=node),))
+
+    _plant(monkeypatch, masks, "resolve", forget_row_one)
+    keep = torch.ones(2, T, dtype=torch.bool)
+    keep[0, -2:] = False  # the example pads only row 0: row 1 must be caught on a random probe
+    _refused(Padded().eval(), _x(), keep, reason="random user inputs")
+
+
+def _keep_row_one(mask: torch.Tensor) -> torch.Tensor:
+    """The planted bug of the test above: batch row 1 of a keep-mask keeps every key."""
+    mask = mask.clone()
+    if mask.dtype == torch.bool:
+        mask[1:2] = True
+    else:  # an additive or drop form: row 1 masks nothing
+        mask[1:2] = 0
+    return mask
+
+
+def test_a_dropout_probability_off_by_one_percent_is_refused(monkeypatch):
+    """Certification runs with dropout off, so the probability is checked against the graph's own."""
+    _plant(monkeypatch, eager_matmul, "match", lambda site, spec: replace(spec, dropout_p=spec.dropout_p + 0.01))
+    _refused_in_training(Dropped().train(), reason="dropout")
+
+
+def test_a_dropout_claimed_absent_in_training_is_refused(monkeypatch):
+    _plant(monkeypatch, eager_matmul, "match", lambda site, spec: replace(spec, dropout_p=0.0))
+    _refused_in_training(Dropped().train(), reason="dropout")
+
+
+def _refused_in_training(model, reason):
+    report = Report()
+    compiled = compile_rewritten(model, report)
+    x = _x()
+    torch.manual_seed(3)
+    got = compiled(x)
+    torch.manual_seed(3)
+    want = model(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    (site,) = report.sites
+    assert site.status == "skipped", f"a wrong dropout probability was certified:\n{report}"
+    assert reason in (site.reason or ""), site.reason
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_the_right_dropout_probability_is_certified(p):
+    model = Dropped().train()
+    model.drop.p = p
+    report = Report()
+    compile_rewritten(model, report)(_x())
+    (site,) = report.sites
+    assert site.status == "rewritten", report
