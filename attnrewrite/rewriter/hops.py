@@ -1,0 +1,335 @@
+"""Higher-order operators: attention inside the subgraphs Dynamo hands the backend.
+
+Dynamo keeps some regions of a model as *bodies* — GraphModules held by the graph and called
+through a higher-order operator (HOP) node — instead of inlining them:
+
+- ``tag_activation_checkpoint(body, *operands, **kw)``: ``torch.utils.checkpoint(fn, ...,
+  use_reentrant=False)`` (and HF's ``gradient_checkpointing_enable()``).  The body runs in the
+  forward and again in the backward (recomputation): rewriting the body itself makes the kind's
+  op what runs both times.
+- ``invoke_subgraph(body, identifier, *operands)``: ``torch.compiler.nested_compile_region``.
+  One body may be invoked several times; it is rewritten once, for every invocation.
+
+Those two are *entered*: the whole pass runs on the body (see ``pipeline.subgraphs``).  The
+body's placeholders take the example values of the HOP's operands (one invocation's; the pass's
+own float64 evaluator computes them), and their roles (user input, parameter, constant) from what
+every invocation passes: a placeholder is a constant only when it is the same constant for all of
+them, so a mask read as causal in one invocation cannot be assumed for another.
+
+Every other HOP whose body holds attention (``cond``, ``while_loop``, ``map``, a custom
+``autograd.Function``'s ``autograd_function_apply`` ...) is not entered; its attention sites are
+found and reported as left as they were, with the reason.
+
+``flex_attention`` is itself attention: :func:`match_flex` reads it as a site (its ``score_mod``
+and ``mask_mod`` are bodies), :func:`certify_flex` proves it against FlexAttention's own dense
+reference in float64.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree
+
+from attnrewrite.ir import canonical
+from attnrewrite.ir.capture import example, hinted_shape, mutated_placeholders, owning_module, rank
+from attnrewrite.ir.evaluate import GraphEvaluator, float64_default
+from attnrewrite.ir.spec import AttentionSpec, NotAttention, Site, TensorRef
+from attnrewrite.kinds.softmax import exact_attention
+from attnrewrite.rewriter.certify import CERTIFY_RTOL
+
+#: HOPs whose body the pass enters, and the index of their first operand (the body is argument 0).
+ENTERED = {"tag_activation_checkpoint": 1, "invoke_subgraph": 2}
+
+#: What a HOP is, for reasons in reports.
+_WHAT = {
+    "cond": "a torch.cond branch",
+    "while_loop": "a torch.while_loop body",
+    "map_impl": "a torch.map body",
+    "scan": "a scan body",
+    "associative_scan": "an associative_scan body",
+    "autograd_function_apply": "a custom autograd.Function's forward (its backward is the user's own)",
+}
+
+FLEX = "flex_attention"
+
+
+def hop_name(node: fx.Node) -> str | None:
+    """The name of the higher-order operator ``node`` calls (``"cond"`` ...), or None."""
+    if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+        return node.target.name()
+    return None
+
+
+def describe(hop: str) -> str:
+    """A HOP's body in words (``"a torch.cond branch"``)."""
+    return _WHAT.get(hop, f"the body of the higher-order op {hop}")
+
+
+@dataclass
+class BodyUse:
+    """One body of ``parent`` (its attribute ``target``) and the HOP nodes that call it.
+
+    ``operands`` holds, per calling node, the values it passes to the body's placeholders in order
+    (graph nodes or constants), or None when the HOP's argument layout is not known here.
+    """
+
+    parent: fx.GraphModule
+    target: str
+    body: fx.GraphModule
+    hop: str
+    nodes: list[fx.Node] = field(default_factory=list)
+    operands: list[list[Any] | None] = field(default_factory=list)
+
+    @property
+    def entered(self) -> bool:
+        return self.hop in ENTERED
+
+
+def _operands(node: fx.Node, hop: str, body_position: int) -> list[Any] | None:
+    """What ``node`` passes to the placeholders of its body at argument ``body_position``."""
+    args = node.args
+    if hop in ENTERED:
+        return list(args[ENTERED[hop]:])
+    if hop == "cond" and body_position in (1, 2) and len(args) > 3:
+        return _pytree.tree_leaves(args[3])
+    if hop == "while_loop" and body_position in (0, 1) and len(args) > 3:
+        return _pytree.tree_leaves(args[2]) + _pytree.tree_leaves(args[3])
+    return None
+
+
+def body_uses(gm: fx.GraphModule) -> list[BodyUse]:
+    """The bodies called by HOP nodes of ``gm`` (not flex_attention's score/mask mods), in graph
+    order, one entry per body however many nodes call it."""
+    uses: dict[str, BodyUse] = {}
+    for node in gm.graph.nodes:
+        hop = hop_name(node)
+        if hop is None or hop == FLEX:
+            continue
+        for position, arg in enumerate(node.args):
+            if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+                continue
+            body = getattr(gm, arg.target, None)
+            if not isinstance(body, fx.GraphModule):
+                continue
+            use = uses.setdefault(arg.target, BodyUse(gm, arg.target, body, hop))
+            if use.hop != hop:  # one body under two different HOPs: treat it as not entered
+                use.hop = hop if hop not in ENTERED else use.hop
+            use.nodes.append(node)
+            use.operands.append(_operands(node, hop, position))
+    return list(uses.values())
+
+
+def all_bodies(gm: fx.GraphModule) -> Iterator[fx.GraphModule]:
+    """Every body under ``gm``, nested ones included (flex_attention's mods too)."""
+    for _, module in gm.named_modules():
+        if module is not gm and isinstance(module, fx.GraphModule):
+            yield module
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class HopEvaluator(GraphEvaluator):
+    """The pass's float64 evaluator, able to evaluate entered HOP nodes: their body runs through
+    the evaluator too (casts in float64, dropout off), on a copy taken before any rewrite — so
+    values are those of the original model, whatever the pass has done to the bodies since."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Any, seed: int = 0):
+        super().__init__(gm, example_inputs, seed)
+        self._pristine: dict[str, fx.GraphModule] = {}
+        for use in body_uses(gm):
+            if use.entered:
+                self._pristine[use.target] = copy.deepcopy(use.body)
+
+    def compute(self, node: fx.Node, env: dict, randomize: bool = False) -> Any:
+        hop = hop_name(node)
+        body_node = node.args[0] if hop in ENTERED and node.args else None
+        if not (isinstance(body_node, fx.Node) and body_node.target in self._pristine):
+            return super().compute(node, env, randomize)
+        body = self._pristine[body_node.target]
+        values = [env[a] if isinstance(a, fx.Node) else a for a in node.args[ENTERED[hop]:]]
+        inner = HopEvaluator(body, values)
+        inner.roles = {n: "buffer" for n in inner.roles}  # values are given: nothing is drawn again
+        output = next(n for n in body.graph.nodes if n.op == "output")
+        leaves = [a for a in _pytree.tree_leaves(output.args[0]) if isinstance(a, fx.Node)]
+        computed = inner.evaluate(leaves)
+        return _pytree.tree_map(lambda a: computed[a] if isinstance(a, fx.Node) else a, output.args[0])
+
+
+def _role(node: Any, evaluator: GraphEvaluator) -> str:
+    """The role an operand of a HOP would have as a placeholder of the outer graph."""
+    if not isinstance(node, fx.Node):
+        return "size" if isinstance(node, (int, float, bool, torch.SymInt, torch.SymFloat)) else "buffer"
+    if node.op == "placeholder":
+        return evaluator.roles.get(node, "input")
+    if isinstance(example(node), (int, float, torch.SymInt, torch.SymFloat)):
+        return "size"
+    if evaluator.depends_on_inputs(node):
+        return "input"
+    return "param" if evaluator.depends_on_data(node) else "buffer"
+
+
+def body_evaluator(use: BodyUse, outer: GraphEvaluator, values: bool = True) -> GraphEvaluator:
+    """An evaluator for ``use.body``: its placeholders take the first call's operand values (on the
+    outer graph's example inputs; with ``values=False`` only their metadata, for a body that is only
+    read) and the roles every call agrees on.
+
+    A placeholder fed different nodes by different calls (an invoke_subgraph region called twice) is
+    a user input unless all of them are parameters: its value may differ from call to call.
+    """
+    placeholders = [n for n in use.body.graph.nodes if n.op == "placeholder"]
+    first = use.operands[0] if use.operands else None
+    inputs = []
+    for i, ph in enumerate(placeholders):
+        value = None
+        if values and first is not None and i < len(first):
+            operand = first[i]
+            try:
+                value = outer.value(operand) if isinstance(operand, fx.Node) else operand
+            except Exception:  # noqa: BLE001 — then drawn from the placeholder's metadata
+                value = None
+        inputs.append(value if value is not None else example(ph))
+    evaluator = HopEvaluator(use.body, inputs)
+    mutated = mutated_placeholders(use.body.graph)
+    for i, ph in enumerate(placeholders):
+        fed = [ops[i] for ops in use.operands if ops is not None and i < len(ops)]
+        if len(fed) != len(use.operands) or not fed:
+            role = "input"  # not known what feeds it
+        else:
+            roles = {_role(f, outer) for f in fed}
+            same = all(f is fed[0] for f in fed)
+            if len(roles) == 1 and (same or roles <= {"param", "size"}):
+                role = roles.pop()
+            else:
+                role = "param" if roles == {"param"} else "input"
+        evaluator.roles[ph] = "input" if ph in mutated else role  # a body that writes into it holds state
+    return evaluator
+
+
+# --------------------------------------------------------------------------- flex_attention
+
+#: flex_attention(q, k, v, score_mod, block_mask, scale, kernel_options, score_mod_buffers,
+#: mask_mod_buffers) -> (out, logsumexp, max_scores)
+_FLEX_SCORE_MOD, _FLEX_BLOCK_MASK, _FLEX_SCALE = 3, 4, 5
+_FLEX_SCORE_BUFFERS, _FLEX_MASK_BUFFERS = 7, 8
+
+
+def is_flex(node: fx.Node) -> bool:
+    """True for a ``flex_attention`` HOP node (``torch.nn.attention.flex_attention``)."""
+    return hop_name(node) == FLEX
+
+
+def _body(gm: fx.GraphModule, node: Any) -> fx.GraphModule | None:
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        body = getattr(gm, node.target, None)
+        return body if isinstance(body, fx.GraphModule) else None
+    return None
+
+
+def _returns_first_input(body: fx.GraphModule) -> bool:
+    """The body returns its first placeholder unchanged (FlexAttention's identity score_mod)."""
+    nodes = list(body.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    output = next(n for n in nodes if n.op == "output")
+    result = output.args[0]
+    if isinstance(result, (tuple, list)) and len(result) == 1:
+        result = result[0]
+    return bool(placeholders) and result is placeholders[0]
+
+
+def _dense_mask(mask_mod: fx.GraphModule, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """``mask_mod`` evaluated at every (b, h, q, kv) of ``shape``, as FlexAttention's dense reference does."""
+    from torch.nn.attention.flex_attention import _vmap_for_bhqkv
+
+    b, h, m, n = (torch.arange(s) for s in shape)
+    with torch.no_grad():
+        return _vmap_for_bhqkv(mask_mod, prefix=())(b, h, m, n).expand(shape).bool()
+
+
+def match_flex(gm: fx.GraphModule, site: Site) -> None:
+    """Read a flex_attention node as an attention site (filling ``site``), or raise NotAttention.
+
+    Read: an identity ``score_mod`` (none given), and a ``mask_mod`` that is full or causal at the
+    site's shapes (evaluated at every position).  Anything else is attention left as it was: the
+    spec is filled first, so the report counts it as such.
+    """
+    node = site.anchor
+    q, k, v = node.args[:3]
+    if not all(isinstance(x, fx.Node) and rank(x) == 4 for x in (q, k, v)):
+        raise NotAttention("flex_attention with q, k, v that are not 4-D graph tensors")
+    q_shape, k_shape = hinted_shape(q), hinted_shape(k)
+    scale = node.args[_FLEX_SCALE] if len(node.args) > _FLEX_SCALE else None
+    outputs = {u.args[1]: u for u in node.users if u.op == "call_function" and len(u.args) == 2}
+    spec = AttentionSpec(
+        q=TensorRef(q), k=TensorRef(k), v=TensorRef(v),
+        scale=float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None,
+        kv_groups=max(1, q_shape[1] // k_shape[1]),
+        module_path=owning_module([node]), pattern="flex_attention")
+    site.spec, site.module_path = spec, spec.module_path or site.module_path
+    site.output = outputs.get(0)
+    site.region = [node] + ([site.output] if site.output is not None else [])
+    if site.output is None or set(outputs) != {0} or len(node.users) != 1:
+        raise NotAttention("flex_attention: its log-sum-exp or max scores are used, which no kind supplies")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise NotAttention(f"flex_attention: the scale is not a compile-time constant ({scale!r})")
+    if q_shape[1] % k_shape[1]:
+        raise NotAttention(f"flex_attention: {q_shape[1]} query heads cannot share {k_shape[1]} kv heads")
+    score_mod = _body(gm, node.args[_FLEX_SCORE_MOD])
+    if score_mod is None or not _returns_first_input(score_mod) or node.args[_FLEX_SCORE_BUFFERS]:
+        raise NotAttention("flex_attention with a score_mod: attnrewrite reads only the identity score_mod")
+    block_mask = node.args[_FLEX_BLOCK_MASK]
+    mask_mod = _body(gm, block_mask[-1]) if isinstance(block_mask, (tuple, list)) and block_mask else None
+    if mask_mod is None:
+        raise NotAttention("flex_attention: its mask_mod is not a graph attnrewrite can read")
+    if node.args[_FLEX_MASK_BUFFERS]:
+        raise NotAttention("flex_attention: its mask_mod reads tensors (document ids, lengths ...); attnrewrite "
+                           "reads only full and causal masks")
+    shape = (q_shape[0], q_shape[1], q_shape[2], k_shape[2])
+    try:
+        dense = _dense_mask(mask_mod, shape)
+    except Exception as exc:  # noqa: BLE001 — an unreadable mask_mod is a reason, not a crash
+        raise NotAttention(f"flex_attention: its mask_mod could not be evaluated ({type(exc).__name__}: {exc})") \
+            from exc
+    causal = torch.ones(shape[-2:], dtype=torch.bool).tril().expand(shape)
+    if bool(dense.all()):
+        pass
+    elif torch.equal(dense, causal):
+        site.spec = spec = AttentionSpec(**{**spec.__dict__, "causal": True})
+    else:
+        raise NotAttention("flex_attention: its mask_mod is neither full nor causal; attnrewrite reads only those")
+    site.notes.append("flex_attention: identity score_mod, " + ("causal" if spec.causal else "no") + " mask_mod")
+
+
+def certify_flex(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tuple[bool, str | None, float]:
+    """Check a flex_attention site's spec against FlexAttention's dense float64 reference
+    (``mask_mod`` and ``score_mod`` applied at every position), on random q, k, v."""
+    try:
+        from torch._higher_order_ops.flex_attention import math_attention
+    except ImportError:
+        return False, "could not certify: this torch has no FlexAttention reference", 0.0
+    node, spec = site.anchor, site.spec
+    gm = evaluator.gm
+    score_mod = _body(gm, node.args[_FLEX_SCORE_MOD])
+    mask_mod = _body(gm, node.args[_FLEX_BLOCK_MASK][-1])
+    block_mask = (None,) * (len(node.args[_FLEX_BLOCK_MASK]) - 1) + (mask_mod,)
+    worst = 0.0
+    for _ in range(probes):
+        env = {n: evaluator.random_like_meta(n) for n in (spec.q.node, spec.k.node, spec.v.node)}
+        with torch.no_grad(), float64_default():
+            got = math_attention(env[spec.q.node], env[spec.k.node], env[spec.v.node], score_mod, block_mask,
+                                 node.args[_FLEX_SCALE], {})[0]
+            call = canonical.attention_call(spec, env.__getitem__, torch.float64, dropout=False)
+            want = exact_attention(call)
+        rows = canonical.visible_rows(call).unsqueeze(-1).expand(want.shape)
+        if got.shape != want.shape:
+            return False, f"canonical form has shape {tuple(want.shape)}, site output {tuple(got.shape)}", worst
+        err = float((got[rows] - want[rows]).abs().max() / (1.0 + want[rows].abs().max()))
+        worst = max(worst, err)
+        if not err <= CERTIFY_RTOL:
+            return False, f"spec does not reproduce the site (relative error {err:.2e} on random q, k, v)", worst
+    return True, None, worst
