@@ -174,41 +174,110 @@ def _role(node: Any, evaluator: GraphEvaluator) -> str:
     return "param" if evaluator.depends_on_data(node) else "buffer"
 
 
-def body_evaluator(use: BodyUse, outer: GraphEvaluator, values: bool = True) -> GraphEvaluator:
-    """An evaluator for ``use.body``: its placeholders take the first call's operand values (on the
-    outer graph's example inputs; with ``values=False`` only their metadata, for a body that is only
-    read) and the roles every call agrees on.
+class BodyEvaluator(HopEvaluator):
+    """The evaluator of an entered (or only read) body: a function of the outer graph.
 
-    A placeholder fed different nodes by different calls (an invoke_subgraph region called twice) is
-    a user input unless all of them are parameters: its value may differ from call to call.
+    A placeholder fed the same operand by every call takes that operand's value from the outer
+    evaluator — on the real example inputs, and on a probe's random inputs drawn *at the outer
+    graph's inputs*, so that two placeholders computed from one padding mask stay consistent.  A
+    placeholder fed different operands by different calls (an invoke_subgraph region called twice)
+    takes the first call's value and is a user input (drawn at random on probes) unless all of them
+    are parameters: its value may differ from call to call, so no call's constant may be assumed.
+    Roles (input, parameter, constant, size) are those of the operands.
     """
+
+    def __init__(self, use: BodyUse, outer: GraphEvaluator):
+        placeholders = [n for n in use.body.graph.nodes if n.op == "placeholder"]
+        super().__init__(use.body, [example(ph) for ph in placeholders])
+        self.use, self.outer = use, outer
+        self._probe: dict[fx.Node, Any] = {}
+        self._probe_owner: Any = None
+        mutated = mutated_placeholders(use.body.graph)
+        for ph in placeholders:
+            self.roles[ph] = "input" if ph in mutated else self._agreed_role(ph)
+
+    def fed(self, placeholder: fx.Node) -> list[Any] | None:
+        """What each call passes to ``placeholder`` (None when some call's layout is unknown)."""
+        index = [n for n in self.use.body.graph.nodes if n.op == "placeholder"].index(placeholder)
+        fed = [ops[index] for ops in self.use.operands if ops is not None and index < len(ops)]
+        return fed if fed and len(fed) == len(self.use.operands) else None
+
+    def same_operand(self, placeholder: fx.Node) -> Any | None:
+        """The outer node every call passes to ``placeholder``, or None."""
+        fed = self.fed(placeholder)
+        if fed is None or not isinstance(fed[0], fx.Node) or any(f is not fed[0] for f in fed):
+            return None
+        return fed[0]
+
+    def _agreed_role(self, placeholder: fx.Node) -> str:
+        fed = self.fed(placeholder)
+        if fed is None:
+            return "input"
+        roles = {_role(f, self.outer) for f in fed}
+        if len(roles) == 1 and (all(f is fed[0] for f in fed) or roles <= {"param", "size"}):
+            return roles.pop()
+        return "param" if roles == {"param"} else "input"
+
+    def evaluate(self, targets, env=None, randomize=False):
+        if randomize and env is not self._probe_owner:  # a new probe: new draws at the outer inputs
+            self._probe, self._probe_owner = {}, env
+        return super().evaluate(targets, env, randomize)
+
+    def placeholder_value(self, node: fx.Node, randomize: bool) -> Any:
+        operand = self.same_operand(node)
+        fed = self.fed(node)
+        try:
+            if operand is not None and randomize:
+                return self.outer.evaluate([operand], self._probe, randomize=True)[operand]
+            if fed is not None and isinstance(fed[0], fx.Node):
+                self.inputs[node] = self.outer.value(fed[0])
+            elif fed is not None:
+                self.inputs[node] = fed[0]
+        except Exception:  # noqa: BLE001 — then synthesised from the placeholder's metadata
+            self.inputs[node] = example(node)
+        return super().placeholder_value(node, randomize)
+
+
+def add_operand(evaluator: BodyEvaluator, operand: fx.Node) -> fx.Node:
+    """A new placeholder of the body, fed ``operand`` (an outer node) by every call; reused when
+    one exists already."""
+    use = evaluator.use
     placeholders = [n for n in use.body.graph.nodes if n.op == "placeholder"]
-    first = use.operands[0] if use.operands else None
-    inputs = []
-    for i, ph in enumerate(placeholders):
-        value = None
-        if values and first is not None and i < len(first):
-            operand = first[i]
-            try:
-                value = outer.value(operand) if isinstance(operand, fx.Node) else operand
-            except Exception:  # noqa: BLE001 — then drawn from the placeholder's metadata
-                value = None
-        inputs.append(value if value is not None else example(ph))
-    evaluator = HopEvaluator(use.body, inputs)
-    mutated = mutated_placeholders(use.body.graph)
-    for i, ph in enumerate(placeholders):
-        fed = [ops[i] for ops in use.operands if ops is not None and i < len(ops)]
-        if len(fed) != len(use.operands) or not fed:
-            role = "input"  # not known what feeds it
-        else:
-            roles = {_role(f, outer) for f in fed}
-            same = all(f is fed[0] for f in fed)
-            if len(roles) == 1 and (same or roles <= {"param", "size"}):
-                role = roles.pop()
-            else:
-                role = "param" if roles == {"param"} else "input"
-        evaluator.roles[ph] = "input" if ph in mutated else role  # a body that writes into it holds state
-    return evaluator
+    for ph in placeholders:
+        if evaluator.same_operand(ph) is operand:
+            return ph
+    with use.body.graph.inserting_after(placeholders[-1]):
+        ph = use.body.graph.placeholder(f"attnrewrite_{operand.name}")
+    ph.meta["example_value"] = example(operand)
+    for node, ops in zip(use.nodes, use.operands):
+        node.args = node.args + (operand,)
+        ops.append(operand)
+    evaluator.roles[ph] = _role(operand, evaluator.outer)
+    evaluator.inputs[ph] = example(operand)
+    return ph
+
+
+def lift_masks(site: Site, evaluator: BodyEvaluator) -> None:
+    """See through mask terms that are placeholders of an entered body: split the outer node that
+    feeds them (the same one in every call) in the outer graph, as the resolver would have, and
+    pass each part into the body as an operand of its own — so a causal part can be proven and a
+    padding part given to the kind separately, as for attention outside any body."""
+    from dataclasses import replace
+
+    from attnrewrite.patterns.masks import split_term
+
+    terms: list = []
+    for term in site.spec.bias:
+        operand = evaluator.same_operand(term.node) if term.node.op == "placeholder" else None
+        if operand is None or None in evaluator.use.operands:
+            terms.append(term)
+            continue
+        parts = split_term(replace(term, node=operand), evaluator.outer, site.score_rank)
+        if len(parts) == 1 and parts[0].node is operand:
+            terms.append(term)
+            continue
+        terms.extend(replace(part, node=add_operand(evaluator, part.node)) for part in parts)
+    site.spec = replace(site.spec, bias=tuple(terms))
 
 
 # --------------------------------------------------------------------------- flex_attention

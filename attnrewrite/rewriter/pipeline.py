@@ -138,6 +138,8 @@ def resolve(ctx: PassContext) -> None:
     for site in _matched(ctx):
         def run(site=site):
             _keys_from_a_sequence(site, ctx.evaluator)
+            if isinstance(ctx.evaluator, hops.BodyEvaluator) and ctx.inside:  # masks built outside the body
+                hops.lift_masks(site, ctx.evaluator)
             masks.resolve(site, ctx.evaluator)
 
         _guarded(ctx, site, "resolve", run)
@@ -231,7 +233,7 @@ def _enter(ctx: PassContext, use: hops.BodyUse) -> None:
     """The whole pass on one checkpointed / nested-compile-region body; its sites join ``ctx``'s.
     A failure of the pass on the body restores the body and skips its sites (strict raises)."""
     sub = PassContext(gm=use.body, example_inputs=[], options=ctx.options, kind=ctx.kind,
-                      evaluator=hops.body_evaluator(use, ctx.evaluator), fake_mode=ctx.fake_mode,
+                      evaluator=hops.BodyEvaluator(use, ctx.evaluator), fake_mode=ctx.fake_mode,
                       attach_state=None, inside=f"the {use.hop} body {use.target}")
     backup = copy.deepcopy(use.body.graph)
     try:
@@ -256,7 +258,7 @@ def _report_not_entered(ctx: PassContext, use: hops.BodyUse, what: str) -> None:
     """Attention inside a body the pass does not enter (and in every body below it): each site is
     reported as left as it was, with the reason.  Nothing in the body is changed."""
     sub = PassContext(gm=use.body, example_inputs=[], options=ctx.options, kind=ctx.kind,
-                      evaluator=hops.body_evaluator(use, ctx.evaluator, values=False), fake_mode=ctx.fake_mode,
+                      evaluator=hops.BodyEvaluator(use, ctx.evaluator), fake_mode=ctx.fake_mode,
                       inside=what)
     match(sub)
     for site in _matched(sub):
