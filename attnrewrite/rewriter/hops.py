@@ -36,9 +36,9 @@ import torch.fx as fx
 from torch.utils import _pytree
 
 from attnrewrite.ir import canonical
-from attnrewrite.ir.capture import example, hinted_shape, mutated_placeholders, owning_module, rank
+from attnrewrite.ir.capture import example, hinted_shape, mutated_placeholders, owning_module, rank, tensor_meta
 from attnrewrite.ir.evaluate import GraphEvaluator, float64_default
-from attnrewrite.ir.spec import AttentionSpec, NotAttention, Site, TensorRef
+from attnrewrite.ir.spec import AttentionSpec, MaskTerm, NotAttention, Site, TensorRef
 from attnrewrite.kinds.softmax import exact_attention
 from attnrewrite.rewriter.certify import CERTIFY_RTOL
 
@@ -320,12 +320,53 @@ def _dense_mask(mask_mod: fx.GraphModule, shape: tuple[int, int, int, int]) -> t
         return _vmap_for_bhqkv(mask_mod, prefix=())(b, h, m, n).expand(shape).bool()
 
 
-def match_flex(gm: fx.GraphModule, site: Site) -> None:
+def _additive_bias(score_mod: fx.GraphModule, shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """The bias ``score_mod`` adds to the scores, [B, H, Tq, Tk] float64, when it is ``score + bias(b, h, q,
+    kv)`` — checked on two draws of random scores — else NotAttention (soft-capping, a scaling ...)."""
+    from torch.nn.attention.flex_attention import _vmap_for_bhqkv
+
+    b, h, m, n = (torch.arange(s) for s in shape)
+    mod = _vmap_for_bhqkv(score_mod, prefix=(0,))
+    generator = torch.Generator().manual_seed(0)
+    biases = []
+    with torch.no_grad():
+        for _ in range(2):
+            scores = torch.randn(shape, generator=generator, dtype=torch.float64) * 4
+            biases.append((mod(scores, b, h, m, n) - scores).expand(shape))
+    if not torch.allclose(biases[0], biases[1], rtol=1e-9, atol=1e-9) or not bool(torch.isfinite(biases[0]).all()):
+        raise NotAttention("flex_attention: its score_mod is not the scores plus a bias of positions and heads "
+                           "(soft-capping, a scaling ...); attnrewrite reads only such score_mods")
+    return biases[0]
+
+
+def _smallest(value: torch.Tensor) -> torch.Tensor:
+    """``value`` with the batch and head dims reduced to 1 where it does not vary along them."""
+    for dim in (0, 1):
+        if value.shape[dim] > 1 and bool((value == value.narrow(dim, 0, 1)).all()):
+            value = value.narrow(dim, 0, 1)
+    return value.contiguous()
+
+
+def _constant(gm: fx.GraphModule, before: fx.Node, name: str, value: torch.Tensor, fake_mode: Any) -> fx.Node:
+    """``value`` as a buffer of ``gm``, read by a new get_attr node before ``before``."""
+    target = f"attnrewrite_{before.name}_{name}"
+    gm.register_buffer(target, value)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(target)
+    node.meta["example_value"] = fake_mode.from_tensor(value) if fake_mode is not None else value
+    return node
+
+
+def match_flex(gm: fx.GraphModule, site: Site, fake_mode: Any = None) -> None:
     """Read a flex_attention node as an attention site (filling ``site``), or raise NotAttention.
 
-    Read: an identity ``score_mod`` (none given), and a ``mask_mod`` that is full or causal at the
-    site's shapes (evaluated at every position).  Anything else is attention left as it was: the
-    spec is filled first, so the report counts it as such.
+    The mods are evaluated at every position of the site's (static) shapes, as FlexAttention's dense
+    reference applies them: a ``score_mod`` that is the identity or adds a bias of (b, h, q, kv) (ALiBi,
+    relative positions) becomes an additive mask term; a ``mask_mod`` that masks nothing is dropped, the
+    causal triangle becomes ``causal=True``, any other (sliding windows, prefixes) a constant keep-mask.
+    The constants are buffers of ``gm`` (Dynamo guards the static shapes they were computed at).  Mods
+    that read tensors (document ids, lengths, learned tables) and soft-capping are left as they were;
+    the spec is filled first, so the report counts them as attention.
     """
     node = site.anchor
     q, k, v = node.args[:3]
@@ -338,7 +379,7 @@ def match_flex(gm: fx.GraphModule, site: Site) -> None:
         q=TensorRef(q), k=TensorRef(k), v=TensorRef(v),
         scale=float(scale) if isinstance(scale, (int, float)) and not isinstance(scale, bool) else None,
         kv_groups=max(1, q_shape[1] // k_shape[1]),
-        module_path=owning_module([node]), pattern="flex_attention")
+        module_path=owning_module([node]), pattern=FLEX)
     site.spec, site.module_path = spec, spec.module_path or site.module_path
     site.output = outputs.get(0)
     site.region = [node] + ([site.output] if site.output is not None else [])
@@ -349,29 +390,35 @@ def match_flex(gm: fx.GraphModule, site: Site) -> None:
     if q_shape[1] % k_shape[1]:
         raise NotAttention(f"flex_attention: {q_shape[1]} query heads cannot share {k_shape[1]} kv heads")
     score_mod = _body(gm, node.args[_FLEX_SCORE_MOD])
-    if score_mod is None or not _returns_first_input(score_mod) or node.args[_FLEX_SCORE_BUFFERS]:
-        raise NotAttention("flex_attention with a score_mod: attnrewrite reads only the identity score_mod")
     block_mask = node.args[_FLEX_BLOCK_MASK]
     mask_mod = _body(gm, block_mask[-1]) if isinstance(block_mask, (tuple, list)) and block_mask else None
-    if mask_mod is None:
-        raise NotAttention("flex_attention: its mask_mod is not a graph attnrewrite can read")
-    if node.args[_FLEX_MASK_BUFFERS]:
-        raise NotAttention("flex_attention: its mask_mod reads tensors (document ids, lengths ...); attnrewrite "
-                           "reads only full and causal masks")
+    if score_mod is None or mask_mod is None:
+        raise NotAttention("flex_attention: its score_mod or mask_mod is not a graph attnrewrite can read")
+    if node.args[_FLEX_SCORE_BUFFERS] or node.args[_FLEX_MASK_BUFFERS]:
+        raise NotAttention("flex_attention: its score_mod or mask_mod reads tensors (document ids, lengths, learned "
+                           "tables ...); attnrewrite reads only mods of positions and heads")
     shape = (q_shape[0], q_shape[1], q_shape[2], k_shape[2])
+    static = all(isinstance(s, int) for x in (q, k) for s in tensor_meta(x).shape)
+    bias = None if _returns_first_input(score_mod) else _additive_bias(score_mod, shape)
     try:
-        dense = _dense_mask(mask_mod, shape)
+        keep = _dense_mask(mask_mod, shape)
     except Exception as exc:  # noqa: BLE001 — an unreadable mask_mod is a reason, not a crash
         raise NotAttention(f"flex_attention: its mask_mod could not be evaluated ({type(exc).__name__}: {exc})") \
             from exc
-    causal = torch.ones(shape[-2:], dtype=torch.bool).tril().expand(shape)
-    if bool(dense.all()):
-        pass
-    elif torch.equal(dense, causal):
-        site.spec = spec = AttentionSpec(**{**spec.__dict__, "causal": True})
-    else:
-        raise NotAttention("flex_attention: its mask_mod is neither full nor causal; attnrewrite reads only those")
-    site.notes.append("flex_attention: identity score_mod, " + ("causal" if spec.causal else "no") + " mask_mod")
+    causal = bool(torch.equal(keep, torch.ones(shape[-2:], dtype=torch.bool).tril().expand(shape)))
+    keep = None if causal or bool(keep.all()) else keep
+    if (bias is not None or keep is not None) and not static:
+        raise NotAttention("flex_attention under dynamic shapes with a score_mod or a mask_mod other than a "
+                           "causal one: attnrewrite reads them at static shapes only")
+    terms = []
+    if bias is not None:
+        terms.append(MaskTerm("add", _constant(gm, node, "bias", _smallest(bias).float(), fake_mode)))
+    if keep is not None:
+        terms.append(MaskTerm("keep", _constant(gm, node, "keep", _smallest(keep), fake_mode)))
+    site.spec = spec = AttentionSpec(**{**spec.__dict__, "causal": causal, "bias": tuple(terms)})
+    site.notes.append("flex_attention: " + ", ".join(
+        ["score_mod " + ("adds a bias" if bias is not None else "identity"),
+         "mask_mod " + ("causal" if causal else "a constant mask" if keep is not None else "full")]))
 
 
 def certify_flex(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tuple[bool, str | None, float]:
@@ -389,6 +436,7 @@ def certify_flex(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tupl
     worst = 0.0
     for _ in range(probes):
         env = {n: evaluator.random_like_meta(n) for n in (spec.q.node, spec.k.node, spec.v.node)}
+        evaluator.evaluate({t.node for t in spec.bias}, env)  # the constant bias and keep-mask
         with torch.no_grad(), float64_default():
             got = math_attention(env[spec.q.node], env[spec.k.node], env[spec.v.node], score_mod, block_mask,
                                  node.args[_FLEX_SCALE], {})[0]

@@ -100,7 +100,7 @@ def match(ctx: PassContext) -> None:
     for node in list(ctx.gm.graph.nodes):
         if hops.is_flex(node):  # FlexAttention's own op: attention, its mods read from its bodies
             site = Site(anchor=node, pattern=hops.FLEX, module_path=module_path(node))
-            _guarded(ctx, site, "match", lambda site=site: hops.match_flex(ctx.gm, site))
+            _guarded(ctx, site, "match", lambda site=site: hops.match_flex(ctx.gm, site, ctx.fake_mode))
             ctx.sites.append(site)
             continue
         call = normalize(node)

@@ -134,14 +134,16 @@ def _rewritten_inside(report, hop, count, kind):
 # --------------------------------------------------------------------------- activation checkpointing
 
 
+SLOW = pytest.mark.slow
 CHECKPOINT_CELLS = [
-    ("layer", "softmax", "eager"), ("layer", "sigmoid", "eager"), ("layer", "linear", "eager"),
-    ("attention", "softmax", "eager"), ("attention", "sigmoid", "eager"), ("attention", "linear", "eager"),
-    ("layer", "sigmoid", "aot_eager"), ("attention", "linear", "aot_eager"), ("layer", "softmax", "aot_eager"),
+    ("layer", "softmax", "eager", ()), ("layer", "sigmoid", "eager", ()), ("layer", "linear", "eager", ()),
+    ("attention", "softmax", "eager", ()), ("attention", "sigmoid", "eager", SLOW),
+    ("attention", "linear", "eager", ()), ("layer", "sigmoid", "aot_eager", ()),
+    ("attention", "linear", "aot_eager", ()), ("layer", "softmax", "aot_eager", SLOW),
 ]
 
 
-@pytest.mark.parametrize("where,kind,compiler", CHECKPOINT_CELLS)
+@pytest.mark.parametrize("where,kind,compiler", [pytest.param(*c[:3], marks=c[3]) for c in CHECKPOINT_CELLS])
 def test_checkpointed_attention_is_rewritten_and_trains_as_the_kind(where, kind, compiler):
     model = _model(where)
     report = Report()
@@ -229,8 +231,8 @@ def _hf(family, kind):
 
 
 @pytest.mark.parametrize("family,kind,compiler", [
-    ("llama", "sigmoid", "eager"), ("gpt2", "linear", "eager"), ("llama", "linear", "aot_eager"),
-    pytest.param("gpt2", "sigmoid", "aot_eager", marks=pytest.mark.slow)])
+    ("llama", "sigmoid", "eager"), ("gpt2", "linear", "eager"),
+    pytest.param("llama", "linear", "aot_eager", marks=SLOW), pytest.param("gpt2", "sigmoid", "aot_eager", marks=SLOW)])
 def test_hf_gradient_checkpointing_is_rewritten(family, kind, compiler):
     import test_training_matrix as matrix  # its hand-written kinds, as an HF AttentionInterface
 
@@ -417,10 +419,44 @@ def _sliding_window(b, h, q_idx, kv_idx):
     return (q_idx >= kv_idx) & (q_idx - kv_idx < 3)
 
 
-def _flex_window(q, k, v):
+def _flex_with_mask(mask_mod, **kw):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    block_mask = create_block_mask(_sliding_window, None, None, q.shape[-2], k.shape[-2], device="cpu")
+    def f(q, k, v):
+        block_mask = create_block_mask(mask_mod, None, None, q.shape[-2], k.shape[-2], device="cpu")
+        return flex_attention(q, k, v, block_mask=block_mask, **kw)
+
+    return f
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("fn,bias", [
+    (_flex(score_mod=_alibi), ["add"]), (_flex_with_mask(_sliding_window), ["keep"]),
+    (_flex_with_mask(_causal_mask_mod, score_mod=_alibi), ["add"])])
+def test_flex_attention_mods_of_positions_are_read(fn, bias):
+    """A score_mod that adds a bias of positions and heads (ALiBi) and a mask_mod other than causal
+    (a sliding window) are read at every position; the softmax kind reproduces FlexAttention exactly."""
+    q, k, v = (t.detach() for t in _qkv("flex"))
+    report = Report()
+    got = compile_rewritten(fn, report, to="softmax", strict=True)(q, k, v)
+    assert_close_rel(got, fn(q, k, v), 1e-5, "output")
+    (site,) = report.attention_sites()
+    assert site.status == "rewritten" and site.spec["bias"] == bias, report
+
+
+def _softcap(score, b, h, q_idx, kv_idx):
+    return 5.0 * torch.tanh(score / 5.0)
+
+
+def _flex_documents(q, k, v):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    document = (torch.arange(q.shape[-2]) >= q.shape[-2] // 2).long() + (q.sum() > 0).long()
+
+    def same_document(b, h, q_idx, kv_idx):
+        return document[q_idx] == document[kv_idx]
+
+    block_mask = create_block_mask(same_document, None, None, q.shape[-2], k.shape[-2], device="cpu")
     return flex_attention(q, k, v, block_mask=block_mask)
 
 
@@ -433,8 +469,8 @@ def _flex_lse(q, k, v):
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("fn,reason", [
-    (_flex(score_mod=_alibi), "reads only the identity score_mod"),
-    (_flex_window, "mask_mod is neither full nor causal"),
+    (_flex(score_mod=_softcap), "score_mod is not the scores plus a bias"),
+    (_flex_documents, "reads tensors"),
     (_flex_lse, "log-sum-exp"),
 ])
 def test_flex_attention_it_cannot_read_is_reported(fn, reason):
@@ -453,7 +489,7 @@ def test_flex_attention_it_cannot_read_is_reported(fn, reason):
 # --------------------------------------------------------------------------- inductor
 
 
-@pytest.mark.slow
+@SLOW
 def test_checkpointed_attention_under_inductor():
     model = _model("layer")
     report = Report()
