@@ -267,7 +267,8 @@ def lift_masks(site: Site, evaluator: BodyEvaluator) -> None:
     from attnrewrite.patterns.masks import split_term
 
     terms: list = []
-    for term in site.spec.bias:
+    inner = [part for term in site.spec.bias for part in split_term(term, evaluator, site.score_rank)]
+    for term in inner:
         operand = evaluator.same_operand(term.node) if term.node.op == "placeholder" else None
         if operand is None or None in evaluator.use.operands:
             terms.append(term)
@@ -277,7 +278,8 @@ def lift_masks(site: Site, evaluator: BodyEvaluator) -> None:
             terms.append(term)
             continue
         terms.extend(replace(part, node=add_operand(evaluator, part.node)) for part in parts)
-    site.spec = replace(site.spec, bias=tuple(terms))
+    if terms != list(site.spec.bias):
+        site.spec = replace(site.spec, bias=tuple(terms))
 
 
 # --------------------------------------------------------------------------- flex_attention

@@ -236,6 +236,8 @@ def _enter(ctx: PassContext, use: hops.BodyUse) -> None:
                       evaluator=hops.BodyEvaluator(use, ctx.evaluator), fake_mode=ctx.fake_mode,
                       attach_state=None, inside=f"the {use.hop} body {use.target}")
     backup = copy.deepcopy(use.body.graph)
+    calls = [(node, node.args) for node in use.nodes]  # masks lifted into the body add operands
+    operands = [None if ops is None else list(ops) for ops in use.operands]
     try:
         for _, stage in STAGES:
             stage(sub)
@@ -245,6 +247,9 @@ def _enter(ctx: PassContext, use: hops.BodyUse) -> None:
         log.debug("attnrewrite: the pass failed on %s", sub.inside, exc_info=True)
         use.body.graph = backup
         use.body.recompile()
+        for node, args in calls:
+            node.args = args
+        use.operands = operands
         cause = f"the pass failed on {sub.inside} ({type(exc).__name__}: {exc}); it runs unrewritten"
         for site in sub.sites:
             if site.status != "skipped" or site.reason is None:

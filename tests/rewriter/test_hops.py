@@ -212,6 +212,66 @@ def test_nested_checkpoints_are_entered():
     _rewritten_inside(report, "tag_activation_checkpoint", 1, "sigmoid")
 
 
+def _masked_attend(q, k, v, keep):
+    s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return torch.softmax(s.masked_fill(~keep, float("-inf")), dim=-1) @ v
+
+
+def _padded_and_checkpointed(q, k, v, pad):
+    """The mask is built outside the checkpointed body: causal and key padding."""
+    keep = torch.ones(T, T, dtype=torch.bool).tril() & pad[:, None, None, :]
+    return checkpoint(_masked_attend, q, k, v, keep, use_reentrant=False)
+
+
+def _pad():
+    pad = torch.ones(2, T, dtype=torch.bool)
+    pad[1, T - 2:] = False
+    return pad
+
+
+def test_a_mask_built_outside_the_body_is_split_there():
+    """The causal part is proven and the padding reaches the kind on its own: linear attention, which
+    takes no additive mask, is possible."""
+    q, k, v = _qkv("lifted")
+    report = Report()
+    got = compile_rewritten(_padded_and_checkpointed, report, to="linear", feature_map="elu", strict=True)(
+        q, k, v, _pad())
+    (site,) = report.attention_sites()
+    assert site.status == "rewritten" and site.spec["causal"] and site.spec["bias"] == ["keep"], report
+    keep = _pad()[:, None, None, :]
+    fq, fk = F.elu(q) + 1, F.elu(k) + 1
+    w = (fq @ fk.transpose(-2, -1)) * torch.ones(T, T, dtype=torch.bool).tril() * keep
+    assert_close_rel(got, (w / (w.sum(-1, keepdim=True) + 1e-6)) @ v, 1e-5, "output")
+
+
+def test_a_failure_inside_a_body_leaves_that_body_as_it_was(monkeypatch):
+    """The body, and the operands lifted masks added to its call, are restored; its sites are reported."""
+    from attnrewrite.rewriter import pipeline
+
+    def finish(ctx):
+        if ctx.inside:
+            raise RuntimeError("a body-local failure")
+        pipeline.finish(ctx)
+
+    monkeypatch.setattr(pipeline, "STAGES", pipeline.STAGES[:-1] + (("finish", finish),))
+    q, k, v = (t.detach() for t in _qkv("lifted"))
+    reset_warnings()
+    report = Report()
+    with pytest.warns(RewriteWarning, match="a body-local failure"):
+        got = compile_rewritten(_padded_and_checkpointed, report, to="linear", feature_map="elu")(q, k, v, _pad())
+    assert_close_rel(got, _padded_and_checkpointed(q, k, v, _pad()), 1e-6, "output (left as it was)")
+    (site,) = report.attention_sites()
+    assert site.status == "skipped" and "the pass failed on the tag_activation_checkpoint body" in site.reason
+
+
+def test_kinds_with_per_site_parameters_are_not_attached_inside_a_body():
+    reset_warnings()
+    report = Report()
+    with pytest.warns(RewriteWarning, match="per-site parameters.*inside the tag_activation_checkpoint body"):
+        compile_rewritten(_model("layer"), report, to="linear", feature_map="hedgehog")(_x())
+    assert [s.status for s in report.attention_sites()] == ["skipped", "skipped"], report
+
+
 # --------------------------------------------------------------------------- HF gradient checkpointing
 
 
