@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch.fx as fx
@@ -261,10 +261,13 @@ def _enter(ctx: PassContext, use: hops.BodyUse) -> None:
 
 def _report_not_entered(ctx: PassContext, use: hops.BodyUse, what: str) -> None:
     """Attention inside a body the pass does not enter (and in every body below it): each site is
-    reported as left as it was, with the reason.  Nothing in the body is changed."""
-    sub = PassContext(gm=use.body, example_inputs=[], options=ctx.options, kind=ctx.kind,
-                      evaluator=hops.BodyEvaluator(use, ctx.evaluator), fake_mode=ctx.fake_mode,
+    reported as left as it was, with the reason.  The body itself is not changed: the sites are found
+    on a copy (unfusing nn.MultiheadAttention there, so that it is found too)."""
+    copied = replace(use, body=copy.deepcopy(use.body))
+    sub = PassContext(gm=copied.body, example_inputs=[], options=ctx.options, kind=ctx.kind,
+                      evaluator=hops.BodyEvaluator(copied, ctx.evaluator), fake_mode=ctx.fake_mode,
                       inside=what)
+    unfuse(sub)
     match(sub)
     for site in _matched(sub):
         _guarded(sub, site, "resolve", lambda site=site: _keys_from_a_sequence(site, sub.evaluator))

@@ -427,6 +427,27 @@ def test_attention_in_a_body_not_entered_is_reported(fn, sites, what):
     _strict_raises(lambda: compile_rewritten(fn, None, to="sigmoid", strict=True)(q, k, v), what)
 
 
+class _MultiheadInCond(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(D, HEADS, batch_first=True)
+
+    def forward(self, x):
+        return torch.cond(x.sum() > 0, lambda x: self.mha(x, x, x, need_weights=False)[0], lambda x: 2 * x, (x,))
+
+
+def test_a_fused_multihead_attention_in_a_body_not_entered_is_reported():
+    """nn.MultiheadAttention's fused op is attention too: found on a copy of the body (unfused there)."""
+    model, x = _MultiheadInCond().eval(), torch.randn(2, T, D, generator=_generator("mha")).abs()
+    reset_warnings()
+    report = Report()
+    with torch.no_grad(), pytest.warns(RewriteWarning, match="torch.cond branch"):
+        out = compile_rewritten(model, report, to="sigmoid")(x)
+        assert_close_rel(out, model(x), 1e-6, "output (left as it was)")
+    (site,) = report.attention_sites()
+    assert site.status == "skipped" and site.pattern == "multihead" and site.module == "mha", report
+
+
 def test_verify_names_attention_left_in_a_cond_branch():
     q, k, v = (t.detach() for t in _qkv("cond"))
     with warnings.catch_warnings():
