@@ -335,7 +335,9 @@ def _additive_bias(score_mod: fx.GraphModule, shape: tuple[int, int, int, int]) 
         for _ in range(2):
             scores = torch.randn(shape, generator=generator, dtype=torch.float64) * 4
             biases.append((mod(scores, b, h, m, n) - scores).expand(shape))
-    if not torch.allclose(biases[0], biases[1], rtol=1e-9, atol=1e-9) or not bool(torch.isfinite(biases[0]).all()):
+    # −∞ (a score_mod that masks) is a bias too: the resolver reads 0/−∞ constants as masks
+    same = torch.allclose(biases[0], biases[1], rtol=1e-9, atol=1e-9)
+    if not same or bool(biases[0].isnan().any()) or bool((biases[0] == float("inf")).any()):
         raise NotAttention("flex_attention: its score_mod is not the scores plus a bias of positions and heads "
                            "(soft-capping, a scaling ...); attnrewrite reads only such score_mods")
     return biases[0]

@@ -511,18 +511,23 @@ def _flex_with_mask(mask_mod, **kw):
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-@pytest.mark.parametrize("fn,bias", [
-    (_flex(score_mod=_alibi), ["add"]), (_flex_with_mask(_sliding_window), ["keep"]),
-    (_flex_with_mask(_causal_mask_mod, score_mod=_alibi), ["add"])])
-def test_flex_attention_mods_of_positions_are_read(fn, bias):
-    """A score_mod that adds a bias of positions and heads (ALiBi) and a mask_mod other than causal
-    (a sliding window) are read at every position; the softmax kind reproduces FlexAttention exactly."""
+def _causal_score_mod(score, b, h, q_idx, kv_idx):
+    return torch.where(q_idx >= kv_idx, score, -float("inf"))
+
+
+@pytest.mark.parametrize("fn,bias,causal", [
+    (_flex(score_mod=_alibi), ["add"], False), (_flex_with_mask(_sliding_window), ["keep"], False),
+    (_flex_with_mask(_causal_mask_mod, score_mod=_alibi), ["add"], True),
+    (_flex(score_mod=_causal_score_mod), [], True)])
+def test_flex_attention_mods_of_positions_are_read(fn, bias, causal):
+    """A score_mod that adds a bias of positions and heads (ALiBi, or −∞: a mask) and a mask_mod other
+    than causal (a sliding window) are read at every position; the softmax kind reproduces FlexAttention."""
     q, k, v = (t.detach() for t in _qkv("flex"))
     report = Report()
     got = compile_rewritten(fn, report, to="softmax", strict=True)(q, k, v)
     assert_close_rel(got, fn(q, k, v), 1e-5, "output")
     (site,) = report.attention_sites()
-    assert site.status == "rewritten" and site.spec["bias"] == bias, report
+    assert site.status == "rewritten" and site.spec["bias"] == bias and site.spec["causal"] == causal, report
 
 
 def _softcap(score, b, h, q_idx, kv_idx):
