@@ -31,6 +31,7 @@ import torch.fx as fx
 
 from attnrewrite import kinds
 from attnrewrite.ir.capture import module_path, normalize
+from attnrewrite.ir.evaluate import GraphEvaluator
 from attnrewrite.ir.record import find_fake_mode
 from attnrewrite.ir.spec import NotAttention, Site
 from attnrewrite.patterns import eager_matmul, masks, multihead, sdpa

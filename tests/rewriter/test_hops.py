@@ -441,8 +441,9 @@ def test_a_fused_multihead_attention_in_a_body_not_entered_is_reported():
     model, x = _MultiheadInCond().eval(), torch.randn(2, T, D, generator=_generator("mha")).abs()
     reset_warnings()
     report = Report()
-    with torch.no_grad(), pytest.warns(RewriteWarning, match="torch.cond branch"):
-        out = compile_rewritten(model, report, to="sigmoid")(x)
+    with torch.no_grad():
+        with pytest.warns(RewriteWarning, match="torch.cond branch"):
+            out = compile_rewritten(model, report, to="sigmoid")(x)
         assert_close_rel(out, model(x), 1e-6, "output (left as it was)")
     (site,) = report.attention_sites()
     assert site.status == "skipped" and site.pattern == "multihead" and site.module == "mha", report
