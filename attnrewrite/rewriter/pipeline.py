@@ -223,6 +223,8 @@ def rewrite(ctx: PassContext) -> None:
 
 
 def subgraphs(ctx: PassContext) -> None:
+    """Bodies of higher-order ops: checkpointed and nested-compile-region bodies are entered (the
+    whole pass, once per body however often it is called), any other body is reported."""
     for use in hops.body_uses(ctx.gm):
         if use.entered:
             _enter(ctx, use)
