@@ -3,26 +3,32 @@
 Dynamo keeps some regions of a model as *bodies* — GraphModules held by the graph and called
 through a higher-order operator (HOP) node — instead of inlining them:
 
-- ``tag_activation_checkpoint(body, *operands, **kw)``: ``torch.utils.checkpoint(fn, ...,
-  use_reentrant=False)`` (and HF's ``gradient_checkpointing_enable()``).  The body runs in the
-  forward and again in the backward (recomputation): rewriting the body itself makes the kind's
-  op what runs both times.
+- ``tag_activation_checkpoint(body, *operands, **kw)``: ``torch.utils.checkpoint(fn, ...)`` (either
+  ``use_reentrant``; HF's ``gradient_checkpointing_enable()``).  The body runs in the forward and
+  again in the backward (recomputation): rewriting the body itself makes the kind's op what runs
+  both times.
 - ``invoke_subgraph(body, identifier, *operands)``: ``torch.compiler.nested_compile_region``.
   One body may be invoked several times; it is rewritten once, for every invocation.
 
-Those two are *entered*: the whole pass runs on the body (see ``pipeline.subgraphs``).  The
-body's placeholders take the example values of the HOP's operands (one invocation's; the pass's
-own float64 evaluator computes them), and their roles (user input, parameter, constant) from what
-every invocation passes: a placeholder is a constant only when it is the same constant for all of
-them, so a mask read as causal in one invocation cannot be assumed for another.
+Those two are *entered*: the whole pass runs on the body (``pipeline.subgraphs``), with a
+:class:`BodyEvaluator` that treats the body as a function of the outer graph: a placeholder takes
+the value of the operand the calls pass it, on the real example inputs and, on certification
+probes, on random inputs drawn at the *outer* graph's inputs (so two placeholders computed from
+one padding mask stay consistent).  A placeholder is a constant only when every call passes it the
+same constant, so a mask read as causal in one invocation is never assumed for another.  A mask
+built outside the body is split there (:func:`lift_masks`), its parts passed into the body as
+operands of their own: the causal part is proven, the key padding reaches the kind on its own.
 
 Every other HOP whose body holds attention (``cond``, ``while_loop``, ``map``, a custom
 ``autograd.Function``'s ``autograd_function_apply`` ...) is not entered; its attention sites are
-found and reported as left as they were, with the reason.
+found (on a copy of the body) and reported as left as they were, with the reason.
 
-``flex_attention`` is itself attention: :func:`match_flex` reads it as a site (its ``score_mod``
-and ``mask_mod`` are bodies), :func:`certify_flex` proves it against FlexAttention's own dense
-reference in float64.
+``flex_attention`` is itself attention: :func:`match_flex` reads it as a site, evaluating its
+``score_mod`` and ``mask_mod`` bodies at every position of the site's shapes, and
+:func:`certify_flex` proves the spec against FlexAttention's own dense float64 reference.  That
+reference (like FlexAttention's eager path) applies ``mask_mod`` at every position; the block
+sparsity of a ``BlockMask`` is taken to be what ``create_block_mask`` builds from that
+``mask_mod`` — a hand-made BlockMask whose blocks disagree with its ``mask_mod`` is not detected.
 """
 
 from __future__ import annotations
