@@ -254,14 +254,26 @@ def test_a_failure_inside_a_body_leaves_that_body_as_it_was(monkeypatch):
         pipeline.finish(ctx)
 
     monkeypatch.setattr(pipeline, "STAGES", pipeline.STAGES[:-1] + (("finish", finish),))
+    from attnrewrite.rewriter.backend import attnrewrite_backend
+
+    graphs, report = [], Report()
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        options = {"to": "linear", "feature_map": "elu", "compiler": "eager"}
+        return attnrewrite_backend(gm, example_inputs, options=options, _report_sink=report.merge)
+
     q, k, v = (t.detach() for t in _qkv("lifted"))
     reset_warnings()
-    report = Report()
     with pytest.warns(RewriteWarning, match="a body-local failure"):
-        got = compile_rewritten(_padded_and_checkpointed, report, to="linear", feature_map="elu")(q, k, v, _pad())
+        got = torch.compile(_padded_and_checkpointed, backend=backend)(q, k, v, _pad())
     assert_close_rel(got, _padded_and_checkpointed(q, k, v, _pad()), 1e-6, "output (left as it was)")
     (site,) = report.attention_sites()
     assert site.status == "skipped" and "the pass failed on the tag_activation_checkpoint body" in site.reason
+    (gm,) = graphs
+    (call,) = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.tag_activation_checkpoint]
+    body = getattr(gm, call.args[0].target)
+    assert len(call.args) - 1 == sum(n.op == "placeholder" for n in body.graph.nodes)
 
 
 def test_kinds_with_per_site_parameters_are_not_attached_inside_a_body():
