@@ -505,6 +505,19 @@ def test_flex_attention_is_rewritten(kind, causal):
     assert site.status == "rewritten" and site.pattern == "flex_attention" and site.spec["causal"] == causal
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_with_grouped_query_heads():
+    q = torch.randn(2, 2 * HEADS, T, 4, generator=_generator("gqa q"))
+    k, v = (torch.randn(2, HEADS, T, 4, generator=_generator(f"gqa {n}")) for n in "kv")
+    fn = _flex(enable_gqa=True)
+    report = Report()
+    got = compile_rewritten(fn, report, to="sigmoid", strict=True)(q, k, v)
+    want = _attend(q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), "sigmoid", causal=False)
+    assert_close_rel(got, want, 1e-5, "output")
+    (site,) = report.attention_sites()
+    assert site.status == "rewritten" and site.spec["kv_groups"] == 2, report
+
+
 def _alibi(score, b, h, q_idx, kv_idx):
     return score + (kv_idx - q_idx) * (h + 1) * 0.25
 
