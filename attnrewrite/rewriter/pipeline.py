@@ -8,6 +8,9 @@ with the number of sites still in play before and after it.
     select   drop sites the chosen kind cannot honour (with the reason)
     certify  the spec must reproduce the original subgraph on float64 probes
     rewrite  certified sites → the kind's operator; old nodes removed once unused
+    subgraphs  the bodies of higher-order ops: checkpointed regions and nested compile regions get
+             this whole pass (rewritten once however often they are called); attention in any
+             other body (cond, while_loop, ...) is reported as left as it was (see ``hops``)
     finish   lint and recompile the graph
 
 A failure inside one site skips that site with the reason; a failure of the pass itself
@@ -21,7 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch.fx as fx
@@ -32,7 +35,7 @@ from attnrewrite.ir.evaluate import GraphEvaluator
 from attnrewrite.ir.record import find_fake_mode
 from attnrewrite.ir.spec import NotAttention, Site
 from attnrewrite.patterns import eager_matmul, masks, multihead, sdpa
-from attnrewrite.rewriter import state
+from attnrewrite.rewriter import hops, state
 from attnrewrite.rewriter.certify import certify, fingerprint
 from attnrewrite.rewriter.failures import Failure, RewriteFailed, not_rewritten
 from attnrewrite.rewriter.options import RewriteOptions
@@ -57,6 +60,7 @@ class PassContext:
     origin: dict[fx.Node, str] = field(default_factory=dict)  # nodes created by unfusing → family
     states: dict[Site, Any] = field(default_factory=dict)  # per-site state modules (kinds with parameters)
     attach_state: Callable[[Site, Any], Any] | None = None  # set by convert(): attaches a new state
+    inside: str = ""  # the higher-order op body this pass works in ("" for the graph Dynamo captured)
 
 
 def _guarded(ctx: PassContext, site: Site, stage: str, fn: Callable[[], None]) -> None:
@@ -95,6 +99,11 @@ def unfuse(ctx: PassContext) -> None:
 
 def match(ctx: PassContext) -> None:
     for node in list(ctx.gm.graph.nodes):
+        if hops.is_flex(node):  # FlexAttention's own op: attention, its mods read from its bodies
+            site = Site(anchor=node, pattern=hops.FLEX, module_path=module_path(node))
+            _guarded(ctx, site, "match", lambda site=site: hops.match_flex(ctx.gm, site, ctx.fake_mode))
+            ctx.sites.append(site)
+            continue
         call = normalize(node)
         family = next((f for f in FAMILIES if call is not None and f.is_anchor(call)), None)
         if family is None:
@@ -130,6 +139,8 @@ def resolve(ctx: PassContext) -> None:
     for site in _matched(ctx):
         def run(site=site):
             _keys_from_a_sequence(site, ctx.evaluator)
+            if isinstance(ctx.evaluator, hops.BodyEvaluator) and ctx.inside:  # masks built outside the body
+                hops.lift_masks(site, ctx.evaluator)
             masks.resolve(site, ctx.evaluator)
 
         _guarded(ctx, site, "resolve", run)
@@ -160,6 +171,9 @@ def _find_state(ctx: PassContext, site: Site) -> None:
     fresh = kind.make_state(site.spec, options) if kind.make_state is not None else None
     if fresh is None:
         return
+    if ctx.inside:
+        raise NotAttention(f"{kind.name} with these options has per-site parameters, which attnrewrite does not "
+                           f"attach inside {ctx.inside} yet")
     owner = state.owner_of(site.anchor)
     found = state.find(owner.module, kind.name, site.ordinal, fresh)
     if found is None and ctx.attach_state is not None:
@@ -176,9 +190,12 @@ def certify_sites(ctx: PassContext) -> None:
     proven: dict[tuple, tuple[bool, str | None, float]] = {}  # identical layers are proven once
     for site in _matched(ctx):
         def run(site=site):
-            key = fingerprint(site, ctx.evaluator)
+            if site.pattern == hops.FLEX:  # proven against FlexAttention's own dense reference
+                key, prove = ("flex", site), lambda: hops.certify_flex(site, ctx.evaluator)
+            else:
+                key, prove = fingerprint(site, ctx.evaluator), lambda: certify(site, ctx.evaluator)
             if key not in proven:
-                proven[key] = certify(site, ctx.evaluator)
+                proven[key] = prove()
             ok, reason, err = proven[key]
             if not ok:
                 raise NotAttention(reason)
@@ -205,6 +222,65 @@ def rewrite(ctx: PassContext) -> None:
         _guarded(ctx, site, "rewrite", run)
 
 
+def subgraphs(ctx: PassContext) -> None:
+    """Bodies of higher-order ops: checkpointed and nested-compile-region bodies are entered (the
+    whole pass, once per body however often it is called), any other body is reported."""
+    for use in hops.body_uses(ctx.gm):
+        if use.entered:
+            _enter(ctx, use)
+        else:
+            _report_not_entered(ctx, use, hops.describe(use.hop))
+
+
+def _enter(ctx: PassContext, use: hops.BodyUse) -> None:
+    """The whole pass on one checkpointed / nested-compile-region body; its sites join ``ctx``'s.
+    A failure of the pass on the body restores the body and skips its sites (strict raises)."""
+    sub = PassContext(gm=use.body, example_inputs=[], options=ctx.options, kind=ctx.kind,
+                      evaluator=hops.BodyEvaluator(use, ctx.evaluator), fake_mode=ctx.fake_mode,
+                      attach_state=None, inside=f"the {use.hop} body {use.target}")
+    backup = copy.deepcopy(use.body.graph)
+    calls = [(node, node.args) for node in use.nodes]  # masks lifted into the body add operands
+    operands = [None if ops is None else list(ops) for ops in use.operands]
+    try:
+        for _, stage in STAGES:
+            stage(sub)
+    except Exception as exc:  # noqa: BLE001 — one body failing leaves that body as it was
+        if ctx.options.strict:
+            raise
+        log.debug("attnrewrite: the pass failed on %s", sub.inside, exc_info=True)
+        use.body.graph = backup
+        use.body.recompile()
+        for node, args in calls:
+            node.args = args
+        use.operands = operands
+        cause = f"the pass failed on {sub.inside} ({type(exc).__name__}: {exc}); it runs unrewritten"
+        for site in sub.sites:
+            if site.status != "skipped" or site.reason is None:
+                site.status, site.reason = "skipped", cause
+    for site in sub.sites:
+        site.notes.append(f"inside {sub.inside} (called {len(use.nodes)}×)")
+    ctx.sites.extend(sub.sites)
+
+
+def _report_not_entered(ctx: PassContext, use: hops.BodyUse, what: str) -> None:
+    """Attention inside a body the pass does not enter (and in every body below it): each site is
+    reported as left as it was, with the reason.  The body itself is not changed: the sites are found
+    on a copy (unfusing nn.MultiheadAttention there, so that it is found too)."""
+    copied = replace(use, body=copy.deepcopy(use.body))
+    sub = PassContext(gm=copied.body, example_inputs=[], options=ctx.options, kind=ctx.kind,
+                      evaluator=hops.BodyEvaluator(copied, ctx.evaluator), fake_mode=ctx.fake_mode,
+                      inside=what)
+    unfuse(sub)
+    match(sub)
+    for site in _matched(sub):
+        _guarded(sub, site, "resolve", lambda site=site: _keys_from_a_sequence(site, sub.evaluator))
+        if site.status == "matched":
+            site.skip(f"it is inside {what} ({use.target}), which attnrewrite does not enter")
+    ctx.sites.extend(sub.sites)
+    for nested in hops.body_uses(use.body):
+        _report_not_entered(ctx, nested, f"{hops.describe(nested.hop)} within {what}")
+
+
 def finish(ctx: PassContext) -> None:
     ctx.gm.graph.lint()
     ctx.gm.recompile()
@@ -217,6 +293,7 @@ STAGES: tuple[tuple[str, Callable[[PassContext], None]], ...] = (
     ("select", select),
     ("certify", certify_sites),
     ("rewrite", rewrite),
+    ("subgraphs", subgraphs),
     ("finish", finish),
 )
 
@@ -247,9 +324,9 @@ def run_pass(gm: fx.GraphModule, example_inputs: list[Any], options: RewriteOpti
     """
     start = time.perf_counter()
     report = Report(to=options.to, graphs=1)
-    backup = copy.deepcopy(gm.graph)
+    backups = {module: copy.deepcopy(module.graph) for module in (gm, *hops.all_bodies(gm))}
     ctx = PassContext(gm=gm, example_inputs=list(example_inputs), options=options, kind=kinds.get(options.to),
-                      evaluator=GraphEvaluator(gm, example_inputs), fake_mode=find_fake_mode(gm, example_inputs),
+                      evaluator=hops.HopEvaluator(gm, example_inputs), fake_mode=find_fake_mode(gm, example_inputs),
                       attach_state=attach_state)
     try:
         for name, stage in STAGES:
@@ -258,8 +335,9 @@ def run_pass(gm: fx.GraphModule, example_inputs: list[Any], options: RewriteOpti
         if options.strict:
             raise RewriteFailed(f"attnrewrite pass failed: {type(exc).__name__}: {exc}",
                                 [Failure(s.module_path, f"the pass failed: {exc}") for s in ctx.sites]) from exc
-        gm.graph = backup
-        gm.recompile()
+        for module, backup in backups.items():
+            module.graph = backup
+            module.recompile()
         log.debug("attnrewrite: pass failed, running the graph unrewritten", exc_info=True)
         report.errors.append(f"{type(exc).__name__}: {exc}")
         cause = f"the pass failed ({type(exc).__name__}: {exc}); the graph runs unrewritten"
