@@ -193,3 +193,35 @@ def test_timm_model_is_rewritten_exactly(case: Case, fused: bool):
     # resampling reads it as an int; even dynamic=True recompiles, "size mismatch at index 2"), so each
     # size is a graph of its own and each must be rewritten whole.
     run.assert_sites_rewritten(expected, graphs=len(case.image))
+
+
+def test_torchvision_is_importable_with_the_nms_schemas():
+    """conftest made torchvision importable: its ops loaded, or the two schemas declared here, as torchvision's
+    C++ code declares them (a changed signature upstream would make its fake registrations fail again)."""
+    import torchvision
+    import torchvision.extension
+
+    from attnrewrite.testing.thirdparty import TORCHVISION_SCHEMAS, make_torchvision_importable
+
+    assert hasattr(torchvision, "ops")
+    declared = make_torchvision_importable()  # idempotent: torchvision is imported already
+    assert declared != torchvision.extension._has_ops()  # declared exactly when its C++ ops did not load
+    for op, schema in TORCHVISION_SCHEMAS.items():
+        assert str(getattr(torch.ops.torchvision, op).default._schema) == f"torchvision::{schema}"
+
+
+def test_the_public_routes_agree_with_the_test_helper():
+    """The cases above compile through ``attnrewrite.testing.thirdparty.run_rewritten``; the public routes
+    — ``attnrewrite.explain`` and ``torch.compile(backend="attnrewrite")`` — see and do the same."""
+    import attnrewrite
+
+    case = next(c for c in CASES if c.id == "vit")
+    model = _build(case, fused=False)
+    images = _images(case)
+    run = run_rewritten(model, images)
+    report = attnrewrite.explain(model, images[0]["x"], to="softmax")
+    assert [(s.status, s.module, s.spec) for s in report.sites] == [(s.status, s.module, s.spec) for s in run.report.sites]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="attnrewrite", options={"to": "softmax", "compiler": "eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(images[0]["x"]), run.outputs[0][0], rtol=0, atol=0)
