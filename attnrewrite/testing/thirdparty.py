@@ -53,7 +53,7 @@ def _declare_schemas() -> None:
     global _LIBRARY
     if _LIBRARY is not None:
         return
-    library = torch.library.Library("torchvision", "FRAGMENT")  # noqa: TOR901 (schemas only, no kernels)
+    library = torch.library.Library("torchvision", "FRAGMENT")  # schemas only, no kernels
     for schema in TORCHVISION_SCHEMAS.values():
         library.define(schema)
     _LIBRARY = library
