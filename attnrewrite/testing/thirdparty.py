@@ -22,6 +22,10 @@ It does nothing where it is not needed: torchvision not installed, already impor
 as it is (an environment whose C++ extension loads: the schemas come from the extension there, and
 declaring them first would clash with it).  It must run before anything imports ``transformers``'s
 model classes or ``timm``: ``tests/conftest.py`` calls it at collection time.
+
+The rest of the module runs a third-party model through the pass for ``tests/integrations``
+(:func:`run_rewritten`, :class:`ThirdPartyRun` and its checks, :func:`redraw_weights`); see
+``docs/third_party.md``.
 """
 
 from __future__ import annotations
@@ -87,8 +91,6 @@ def make_torchvision_importable() -> bool:
     _declare_schemas()
     importlib.import_module("torchvision")
     return True
-
-
 
 
 # --- running a third-party model through the pass -------------------------------------------------
