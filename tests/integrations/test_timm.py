@@ -36,7 +36,7 @@ import timm.layers.config
 import torch
 from timm.layers.attention import Attention as TimmAttention
 from timm.layers.diff_attention import DiffAttention
-from timm.models import cait, coat, eva, maxxvit, swin_transformer, xcit
+from timm.models import cait, coat, efficientformer, eva, maxxvit, swin_transformer, xcit
 
 from attnrewrite.testing.thirdparty import SitesMissed, module_paths, redraw_weights, run_rewritten
 
@@ -148,6 +148,12 @@ CASES = [
          "a CoAtNet stack: stage 0 an MbConvBlock, stage 1 one TransformerBlock2d whose Attention2d works on "
          "NCHW maps (scores q.transpose(-2, -1) @ k, output v @ attn.transpose(-2, -1))",
          misses={False: VALUES_ON_THE_LEFT}),
+    Case("efficientformer", lambda: timm.create_model(
+        "efficientformer_l1", pretrained=False, num_classes=10, depths=(1, 1, 1, 1), embed_dims=(8, 8, 16, 16),
+        num_vit=1), 1, (efficientformer.Attention,),
+         "EfficientFormer: conv (MetaBlock2d) stages, then in the last stage a Flat and `num_vit` MetaBlock1d, each "
+         "with one Attention (token_mixer) adding learned attention biases for a fixed 7×7 grid (so 224-pixel "
+         "images); the Attention has no fused path", image=(224,), paths=(False,)),
     Case("maxvit-nchw", _maxxvit(("M",), nchw=True), 2, (maxxvit.Attention2d,),
          "one MaxxVitBlock: an MbConvBlock, then block (window) and grid PartitionAttention2d, each with one "
          "Attention2d on NCHW partitions with a relative position bias",
