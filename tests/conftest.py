@@ -14,8 +14,9 @@ if not torch.cuda.is_available():
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-# With torchvision installed (timm needs it), transformers' model classes import it too; beside the
-# CPU torch its C++ ops do not load and the import fails unless two op schemas are declared first.
+# .ci/install keeps torchvision (timm needs it) out of the environment, in .thirdparty/ (test_timm.py
+# adds it). Where torchvision is installed anyway, transformers' model classes import it too; beside
+# the CPU torch its C++ ops do not load and the import fails unless two op schemas are declared first.
 from attnrewrite.testing.thirdparty import make_torchvision_importable  # noqa: E402
 
 make_torchvision_importable()

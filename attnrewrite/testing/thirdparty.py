@@ -20,8 +20,14 @@ own models are not tested.
 
 It does nothing where it is not needed: torchvision not installed, already imported, or importable
 as it is (an environment whose C++ extension loads: the schemas come from the extension there, and
-declaring them first would clash with it).  It must run before anything imports ``transformers``'s
-model classes or ``timm``: ``tests/conftest.py`` calls it at collection time.
+declaring them first would clash with it).
+
+So that the package, its demo, examples and benchmarks never meet that torchvision, ``.ci/install``
+does not install it (nor timm, which requires it) into the environment: both go to a folder of their
+own, :data:`THIRDPARTY_DIR` (``pip install --no-deps --target .thirdparty``), which only
+:func:`use_thirdparty_dir` — called by ``tests/integrations/test_timm.py`` before it imports timm —
+puts on ``sys.path``.  ``tests/conftest.py`` also calls :func:`make_torchvision_importable`, for an
+environment where torchvision was installed anyway.
 
 The rest of the module runs a third-party model through the pass for ``tests/integrations``
 (:func:`run_rewritten`, :class:`ThirdPartyRun` and its checks, :func:`redraw_weights`); see
@@ -32,8 +38,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -66,6 +74,25 @@ def _declare_schemas() -> None:
 def _forget_partial_import() -> None:
     for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
         del sys.modules[name]
+
+
+#: Where ``.ci/install`` puts torchvision and timm (``pip install --target``): beside the environment,
+#: not in it, so that nothing but these tests ever imports them (``transformers`` imports torchvision
+#: whenever it can, and would fail outside the tests; see the module docstring).
+#: ``ATTNREWRITE_THIRDPARTY_DIR`` points elsewhere.
+THIRDPARTY_DIR = Path(os.environ.get("ATTNREWRITE_THIRDPARTY_DIR", Path(__file__).resolve().parents[2] / ".thirdparty"))
+
+
+def use_thirdparty_dir() -> bool:
+    """Put :data:`THIRDPARTY_DIR` on ``sys.path`` (once) and make torchvision importable from it;
+    returns whether the folder exists.  Called by the tests that need timm, before importing it."""
+    if not THIRDPARTY_DIR.is_dir():
+        return False
+    if str(THIRDPARTY_DIR) not in sys.path:
+        sys.path.append(str(THIRDPARTY_DIR))  # after the environment: never shadows what it holds
+        importlib.invalidate_caches()
+    make_torchvision_importable()
+    return True
 
 
 def make_torchvision_importable() -> bool:

@@ -18,27 +18,35 @@ the attnrewrite backend (``to="softmax"``, eager compiler) and checked, in this 
 Weights are redrawn after timm's init (``redraw_weights``): with std-0.02 weights and 1e-5 layer
 scales a block's attention barely reaches the output, and a wrong site would pass the tolerance.
 
-torchvision (which timm imports) is made importable by ``tests/conftest.py``
-(``attnrewrite.testing.thirdparty.make_torchvision_importable``).
+timm and torchvision live in ``.thirdparty/`` (``.ci/install``), outside the environment: this module
+puts that folder on the path and makes torchvision importable first
+(``attnrewrite.testing.thirdparty.use_thirdparty_dir``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable
 
 import pytest
-import timm
-import timm.layers
-import timm.layers.config
-import torch
-from timm.layers.attention import Attention as TimmAttention
-from timm.layers.diff_attention import DiffAttention
-from timm.models import cait, coat, efficientformer, eva, maxxvit, swin_transformer, xcit
 
-from attnrewrite.testing.thirdparty import SitesMissed, module_paths, redraw_weights, run_rewritten
+from attnrewrite.testing.thirdparty import THIRDPARTY_DIR, use_thirdparty_dir
+
+if not use_thirdparty_dir() and importlib.util.find_spec("timm") is None:
+    raise ImportError(f"timm is not installed: `bash .ci/install` puts it (with torchvision) in {THIRDPARTY_DIR}")
+
+import timm  # noqa: E402  (after the folder is on the path)
+import timm.layers  # noqa: E402
+import timm.layers.config  # noqa: E402
+import torch  # noqa: E402
+from timm.layers.attention import Attention as TimmAttention  # noqa: E402
+from timm.layers.diff_attention import DiffAttention  # noqa: E402
+from timm.models import cait, coat, efficientformer, eva, maxxvit, swin_transformer, xcit  # noqa: E402
+
+from attnrewrite.testing.thirdparty import SitesMissed, module_paths, redraw_weights, run_rewritten  # noqa: E402
 
 #: Batch size of the example images.
 BATCH = 2
@@ -205,7 +213,7 @@ def test_timm_model_is_rewritten_exactly(case: Case, fused: bool):
 
 
 def test_torchvision_is_importable_with_the_nms_schemas():
-    """conftest made torchvision importable: its ops loaded, or the two schemas declared here, as torchvision's
+    """torchvision is importable here: its ops loaded, or the two schemas declared, as torchvision's
     C++ code declares them (a changed signature upstream would make its fake registrations fail again)."""
     import torchvision
     import torchvision.extension
