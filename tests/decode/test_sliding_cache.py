@@ -66,3 +66,37 @@ def test_transformers_update_returns_keys_the_op_reads_as_the_sequence():
         rows.append(ops.sliding_window_attention(q[:, :, i:i + 1], keys, values, enable_gqa=True, window=5, sinks=1))
     torch.testing.assert_close(torch.cat(rows, 2), want, rtol=0, atol=1e-12)
     assert cache.layers[0].get_mask_sizes(1) == (7, 14)
+
+
+def _hf_llama(impl, window):
+    import transformers as T
+
+    import attnrewrite.hf
+
+    attnrewrite.hf.register()
+    config = T.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)
+    config.sliding_window = window
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM._from_config(config, attn_implementation=impl).eval()
+
+
+def test_transformers_registry_equals_mistral_and_decodes_with_the_cache():
+    """attnrewrite_sliding_window on a transformers Llama equals Mistral's own window-4 attention (same
+    weights); fed one token at a time through SlidingCache it gives the same logits."""
+    import transformers as T
+
+    model = _hf_llama("attnrewrite_sliding_window", 4)
+    mistral = T.MistralForCausalLM._from_config(T.MistralConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4), attn_implementation="eager").eval()
+    mistral.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+        torch.testing.assert_close(want, mistral(ids).logits, rtol=1e-5, atol=1e-5)
+        assert (want - _hf_llama("eager", None)(ids).logits).abs().max() > 1e-3
+        cache = attnrewrite.SlidingCache(window=4)
+        steps = [model(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(12)]
+    torch.testing.assert_close(torch.cat(steps, 1), want, rtol=1e-5, atol=1e-5)
+    assert all(layer.entries() == 4 for layer in cache.layers)
