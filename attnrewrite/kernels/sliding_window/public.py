@@ -92,9 +92,13 @@ def blockwise_sliding_window(q, k, v, attn_mask, dropout_p: float, is_causal: bo
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     compute = torch.promote_types(q.dtype, torch.float32)
     offset = len_k - len_q                          # query i sits at position i + offset (bottom-right)
-    left = min(window - 1, len_k - 1)               # the band reaches `left` keys before the query ...
-    right = 0 if is_causal else min(window - 1, len_q - 1)   # ... and `right` after it
-    rows = min(len_q, block or max(MIN_BLOCK, min(window, MAX_BLOCK)))
+    left = window - 1                               # the band reaches `left` keys before the query ...
+    right = 0 if is_causal else window - 1          # ... and `right` after it
+    rows = block or max(MIN_BLOCK, min(window, MAX_BLOCK))
+    if isinstance(len_q, int) and isinstance(len_k, int):
+        # known sizes: no band wider than the sequence, no block taller than it.  Symbolic sizes
+        # (torch.compile(dynamic=True)) keep the constants, so that no size is specialised on.
+        left, right, rows = min(left, len_k - 1), min(right, len_q - 1), min(rows, len_q)
     blocks = -(-len_q // rows)
     span = rows + left + right                      # keys one block can reach
 
