@@ -10,7 +10,8 @@ narrower window keeps its own.
 The torch path (:func:`blockwise_sliding_window`) never builds a [Tq, Tk] matrix: queries are cut into
 blocks of ``block`` rows, and each block is scored against the contiguous run of keys its band can
 reach (a strided view of the keys, ``unfold``) plus the sink keys — O(Tq · (block + band)) memory and
-time.  The op is ``CompositeImplicitAutograd`` over it, so autograd, fake tensors and inductor see
+time.  A sequence at most twice as long as the band runs as SDPA with the band as a dense mask
+(:func:`dense_sliding_window`): that mask is then no larger than O(Tq · band) either.  The op is ``CompositeImplicitAutograd`` over it, so autograd, fake tensors and inductor see
 plain torch ops.
 """
 
@@ -177,8 +178,37 @@ def _mask_blocks(attn_mask, heads_kv, groups, len_q, len_k, rows, blocks, span, 
     return _split_heads(band, heads_kv, groups), _split_heads(sink_mask, heads_kv, groups)
 
 
+def dense_sliding_window(q, k, v, attn_mask, dropout_p: float, is_causal: bool, scale: float | None,
+                         window: int, sinks: int) -> torch.Tensor:
+    """Sliding-window attention as SDPA with the [Tq, Tk] band as a bool mask: for sequences not much longer
+    than the band, where the mask is no larger than the blockwise path's scores and SDPA's fused kernel
+    is faster.  Arguments as :func:`blockwise_sliding_window`."""
+    len_q, len_k = q.shape[-2], k.shape[-2]
+    p = torch.arange(len_q, device=q.device).view(len_q, 1) + (len_k - len_q)
+    j = torch.arange(len_k, device=q.device).view(1, len_k)
+    near = ((j <= p) & (j > p - window)) if is_causal else (j - p).abs() < window
+    visible = near | ((j < sinks) & (j <= p)) if is_causal else near | (j < sinks)
+    if attn_mask is None:
+        mask = visible
+    elif attn_mask.dtype == torch.bool:
+        mask = attn_mask & visible
+    else:
+        mask = torch.where(visible, attn_mask.to(q.dtype), torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _band_covers_the_sequence(len_q, len_k, is_causal: bool, window: int) -> bool:
+    """Known sizes whose dense [Tq, Tk] mask holds at most twice the band's Tq·(keys per query)."""
+    if not (isinstance(len_q, int) and isinstance(len_k, int)):
+        return False  # symbolic sizes: one path for every length, no guard on T
+    return len_k <= 2 * (window if is_causal else 2 * window - 1)
+
+
 def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False, window=256, sinks=0):
     _check(q, k, v, attn_mask, dropout_p, enable_gqa, window, sinks)
+    if _band_covers_the_sequence(q.shape[-2], k.shape[-2], is_causal, window):
+        return dense_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks)
     return blockwise_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks)
 
 
