@@ -210,3 +210,14 @@ def test_a_site_with_its_own_narrower_window_keeps_it():
         valid = inputs["attention_mask"].bool()
         assert_close_rel(got[valid], want[valid], 1e-5, f"window {window}")
         torch._dynamo.reset()
+
+
+def test_bidirectional_sites_are_skipped_on_request_with_the_reason():
+    from attnrewrite.testing.targets import build
+
+    model, inputs, _ = build("bert")
+    report = Report()
+    compile_rewritten(model.eval(), report, to="sliding_window", window=4, bidirectional="skip")(**inputs)
+    sites = report.attention_sites()
+    assert sites and all(s.status == "skipped" and "sliding_window" in s.reason and "bidirectional" in s.reason
+                         for s in sites), report
