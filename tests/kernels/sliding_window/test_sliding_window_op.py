@@ -221,3 +221,37 @@ def test_bidirectional_sites_are_skipped_on_request_with_the_reason():
     sites = report.attention_sites()
     assert sites and all(s.status == "skipped" and "sliding_window" in s.reason and "bidirectional" in s.reason
                          for s in sites), report
+
+
+def test_bert_target_rewritten_equals_hand_written_symmetric_window_bert():
+    """An encoder gets the symmetric window |i − j| < window, combined with its padding bias."""
+    import math
+
+    from attnrewrite.targets import bert
+    from attnrewrite.testing.targets import build
+
+    class WindowedSelfAttention(bert.SelfAttention):
+        def forward(self, x, mask_bias):
+            B, T, C = x.shape
+            q, k, v = (proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+                       for proj in (self.query, self.key, self.value))
+            i = torch.arange(T)
+            near = (i[None, :] - i[:, None]).abs() < 3
+            scores = (q @ k.transpose(-1, -2) / math.sqrt(self.head_dim) + mask_bias).masked_fill(~near, float("-inf"))
+            return self.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C))
+
+    model, inputs, _ = build("bert")
+    oracle, _, _ = build("bert")
+    model, oracle = model.eval(), oracle.eval()
+    for layer in oracle.layers:
+        original = layer.attention
+        layer.attention = WindowedSelfAttention(oracle.config)
+        layer.attention.load_state_dict(original.state_dict())
+    report = Report()
+    with torch.no_grad():
+        got = compile_rewritten(model, report, to="sliding_window", window=3)(**inputs)
+        want, exact = oracle(**inputs), model(**inputs)
+    assert len(report.rewritten) == 2, report
+    valid = inputs["attention_mask"].bool()  # the padded tail sees only padding within 3 tokens
+    assert (want[valid] - exact[valid]).abs().max() > 1e-3
+    assert_close_rel(got[valid], want[valid], 1e-5, "hidden states")
