@@ -9,8 +9,9 @@ Public API (the rest of the package is internal):
 - :func:`verify` — run the model once and prove which attention actually executed
 - :mod:`attnrewrite.ops` — the attention kinds as ``torch.library`` custom ops
 - :mod:`attnrewrite.kinds` — the kinds a site can be rewritten to
-- :class:`SummaryCache`, :class:`HashedCache` — KV caches that decode with the ``summary`` and
-  ``hashed`` kinds (transformers ``Cache`` subclasses, also taken by the llama target's ``generate``)
+- :class:`SummaryCache`, :class:`HashedCache`, :class:`SlidingCache` — KV caches that decode with the
+  ``summary``, ``hashed`` and ``sliding_window`` kinds (transformers ``Cache`` subclasses, also taken by
+  the llama target's ``generate``)
 """
 
 from attnrewrite import kinds, ops
@@ -26,7 +27,8 @@ __version__ = "0.1.0"
 
 # The caches subclass transformers' Cache: imported on first use, so that importing attnrewrite
 # does not import transformers.
-_LAZY = {"SummaryCache": "attnrewrite.decode.summary", "HashedCache": "attnrewrite.decode.hashed"}
+_LAZY = {"SummaryCache": "attnrewrite.decode.summary", "HashedCache": "attnrewrite.decode.hashed",
+         "SlidingCache": "attnrewrite.decode.sliding"}
 
 
 def __getattr__(name: str):
@@ -44,6 +46,7 @@ __all__ = [
     "RewriteFailed",
     "RewriteWarning",
     "SiteReport",
+    "SlidingCache",
     "SummaryCache",
     "Verification",
     "attnrewrite_backend",

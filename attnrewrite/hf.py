@@ -4,8 +4,10 @@
     attnrewrite.hf.register()
     model = AutoModel.from_config(cfg, attn_implementation="attnrewrite_sigmoid")
 
-``register()`` adds ``attnrewrite_softmax``, ``attnrewrite_sigmoid`` and ``attnrewrite_linear``
-to ``transformers.AttentionInterface`` (and their mask functions to ``AttentionMaskInterface``).
+``register()`` adds ``attnrewrite_softmax``, ``attnrewrite_sigmoid``, ``attnrewrite_linear`` and
+``attnrewrite_sliding_window`` (window from ``config.sliding_window``, sinks from
+``config.sliding_window_sinks``) to ``transformers.AttentionInterface`` (and their mask functions to
+``AttentionMaskInterface``).
 Each takes HF's attention arguments (q, k, v as [B, H, T, D], a 4-d mask or None, ``scaling``,
 ``dropout``, ``is_causal``), calls the kind's op, and returns HF's [B, T, H, D] layout.
 
@@ -34,7 +36,7 @@ from typing import Any
 
 import torch
 
-IMPLEMENTATIONS = ("attnrewrite_softmax", "attnrewrite_sigmoid", "attnrewrite_linear")
+IMPLEMENTATIONS = ("attnrewrite_softmax", "attnrewrite_sigmoid", "attnrewrite_linear", "attnrewrite_sliding_window")
 
 
 def _gqa(module, query, key) -> bool:
@@ -174,6 +176,28 @@ def linear_forward(module, query, key, value, attention_mask, dropout: float = 0
     return _finish(out, weights)
 
 
+def sliding_window_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                           is_causal=None, sliding_window=None, **kwargs: Any):
+    """``attnrewrite_sliding_window``: the op with the model config's ``sliding_window`` keys (required) and
+    ``sliding_window_sinks`` sink tokens (default 0).  HF's mask (padding, a model's own window) restricts
+    the window further; a decoding step's queries are the last positions (the op aligns bottom-right),
+    which is also how it reads the keys :class:`attnrewrite.SlidingCache` keeps."""
+    from attnrewrite.ops import sliding_window_attention
+
+    config = getattr(module, "config", None)
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or window < 1:
+        raise ValueError("attnrewrite_sliding_window needs the model config's sliding_window (an int >= 1), got "
+                         f"{window!r}: set config.sliding_window = W before building the model")
+    if weights_requested(kwargs):
+        raise ValueError("attnrewrite_sliding_window does not return attention weights (output_attentions=True)")
+    out = sliding_window_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                   is_causal=_module_causal(module, is_causal), scale=scaling,
+                                   enable_gqa=_gqa(module, query, key), window=window,
+                                   sinks=int(getattr(config, "sliding_window_sinks", 0) or 0))
+    return _finish(out)
+
+
 def padding_only_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                       mask_function=None, attention_mask=None, **kwargs: Any):
     """HF mask function for ``attnrewrite_linear``: the key-padding part of the mask, bool [B, 1, 1, Tk].
@@ -208,6 +232,8 @@ def register() -> None:
     AttentionInterface.register("attnrewrite_softmax", softmax_forward)
     AttentionInterface.register("attnrewrite_sigmoid", sigmoid_forward)
     AttentionInterface.register("attnrewrite_linear", linear_forward)
+    AttentionInterface.register("attnrewrite_sliding_window", sliding_window_forward)
     AttentionMaskInterface.register("attnrewrite_softmax", sdpa_mask)
     AttentionMaskInterface.register("attnrewrite_sigmoid", sdpa_mask)
     AttentionMaskInterface.register("attnrewrite_linear", padding_only_mask)
+    AttentionMaskInterface.register("attnrewrite_sliding_window", sdpa_mask)

@@ -6,12 +6,17 @@
 - :func:`linear_attention` — φ(q)·Σφ(k)ᵀv / φ(q)·Σφ(k) (feature maps elu, relu, or your own)
 - :func:`summary_attention` — a window of chunks in full, one summary key/value per older chunk
 - :func:`hashed_attention` — exact softmax over sinks, a recent window and the top-k keys by code agreement
+- :func:`dual_triangle_attention` — the first heads see j ≤ i, the others j ≥ i (softmax in each triangle)
+- :func:`sliding_window_attention` — exact softmax over the last ``window`` keys (+ ``sinks`` first keys)
 """
 
+from attnrewrite.kernels.dual_triangle.public import dual_triangle_attention
 from attnrewrite.kernels.hashed.public import hashed_attention
 from attnrewrite.kernels.linear.public import linear_attention
 from attnrewrite.kernels.sigmoid.public import sigmoid_attention
+from attnrewrite.kernels.sliding_window.public import sliding_window_attention
 from attnrewrite.kernels.softmax.op import softmax_attention
 from attnrewrite.kernels.summary.public import summary_attention
 
-__all__ = ["hashed_attention", "linear_attention", "sigmoid_attention", "softmax_attention", "summary_attention"]
+__all__ = ["dual_triangle_attention", "hashed_attention", "linear_attention", "sigmoid_attention",
+           "sliding_window_attention", "softmax_attention", "summary_attention"]

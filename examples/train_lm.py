@@ -11,6 +11,7 @@ rewritten by attnrewrite (``strict``: the run stops if any site could not be rew
 
     python examples/train_lm.py --attention sigmoid
     python examples/train_lm.py --attention linear     # elu+1 features (--feature-map relu ...)
+    python examples/train_lm.py --attention sliding_window --window 64   # the last 64 bytes (+ --sinks)
 
 ``--save PATH`` writes the trained model (config and weights) for later use, e.g. by
 ``bench/quality_decode_kinds.py``; :func:`load_checkpoint` reads it back.
@@ -31,7 +32,7 @@ from tqdm import tqdm
 from attnrewrite.targets.data import text_batch, text_corpus
 from attnrewrite.targets.llama import CONFIGS, Llama, LlamaConfig
 
-ATTENTION_KINDS = ("softmax", "sigmoid", "linear")
+ATTENTION_KINDS = ("softmax", "sigmoid", "linear", "sliding_window")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="attention kind: softmax (the model as written) or a kind it is rewritten to")
     parser.add_argument("--feature-map", default="elu", choices=("elu", "relu"),
                         help="feature map of --attention linear (default: elu)")
+    parser.add_argument("--window", type=int, default=64, help="keys per query of --attention sliding_window")
+    parser.add_argument("--sinks", type=int, default=0, help="first tokens every query also sees (sliding_window)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
@@ -131,6 +134,8 @@ def run(args: argparse.Namespace) -> dict:
 
         if args.attention == "linear":
             options = {"feature_map": args.feature_map}
+        elif args.attention == "sliding_window":
+            options = {"window": args.window, "sinks": args.sinks}
         else:  # b = -log(n) at the training length, one number for every query (as measured in
             # bench/RESULTS.md); bias="auto" would give each causal query its own b = -log(i + 1)
             options = {"bias": -math.log(args.block_size)}
@@ -178,7 +183,9 @@ def run(args: argparse.Namespace) -> dict:
         "wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - started_cpu,
         "train_s": train_seconds,
     }
-    print(f"train_lm: llama/{args.config} attention={args.attention} steps={args.steps} "
+    kind = f"{args.attention}(window={args.window}, sinks={args.sinks})" if args.attention == "sliding_window" \
+        else args.attention
+    print(f"train_lm: llama/{args.config} attention={kind} steps={args.steps} "
           f"val_loss={val_loss:.4f} nats/byte ({result['val_bits_per_byte']:.3f} bits/byte) "
           f"val_ppl={result['val_perplexity']:.3f} (untrained {math.exp(initial_val):.1f}) "
           f"wall={result['wall_s']:.0f}s cpu={result['cpu_s']:.0f}s")

@@ -89,7 +89,8 @@ def register(kind: Kind) -> Kind:
 
 #: The package's kinds, one adapter module each; imported on first lookup.
 KIND_MODULES = ("attnrewrite.kinds.softmax", "attnrewrite.kinds.sigmoid", "attnrewrite.kinds.linear",
-                "attnrewrite.kinds.summary", "attnrewrite.kinds.hashed")
+                "attnrewrite.kinds.summary", "attnrewrite.kinds.hashed", "attnrewrite.kinds.dual_triangle",
+                "attnrewrite.kinds.sliding_window")
 #: Other packages add kinds through this entry-point group (each entry names a module to import).
 ENTRY_POINT_GROUP = "attnrewrite.kinds"
 

@@ -127,7 +127,8 @@ def _checked_ops() -> list[str]:
 def test_every_op_is_reached():
     """Each operator of the namespace (less the CUDA forms without a GPU) is recorded or is a public
     op checked directly, in every layout: nothing in the namespace escapes the opcheck below."""
-    public = {f"{kind}_attention" for kind in ("softmax", "sigmoid", "linear", "summary", "hashed")}
+    public = {f"{kind}_attention" for kind in ("softmax", "sigmoid", "linear", "summary", "hashed", "dual_triangle",
+                                                        "sliding_window")}
     for layout in LAYOUTS:
         missing = set(_checked_ops()) - set(_recorded(layout)) - public
         assert not missing, f"{layout}: no test path reaches {sorted(missing)}"
@@ -144,6 +145,10 @@ def test_opcheck(name, layout):
             kwargs.update(chunk_size=2, window_chunks=1)
         if name == "hashed_attention":
             kwargs.update(bits=8, top_k=2, window=2, sinks=1)
+        if name == "dual_triangle_attention":
+            kwargs.update(is_causal=False, past_heads=1)  # bidirectional by construction
+        if name == "sliding_window_attention":
+            kwargs.update(window=3, sinks=1)
         calls = [(getattr(torch.ops.attnrewrite, name).default, (q.requires_grad_(), k.requires_grad_(),
                                                                  v.requires_grad_()), kwargs)]
     grad = _differentiable(name) or name.endswith("_attention")

@@ -1,0 +1,243 @@
+"""``attnrewrite::sliding_window_attention``, the public sliding-window op: SDPA's signature plus ``window``
+and ``sinks``, and its blockwise torch path.
+
+Exact softmax attention restricted to a band of positions: causal, key j is visible from query i when
+i − window < j ≤ i (the last ``window`` keys, itself included); not causal, when |i − j| < window.
+The first ``sinks`` keys stay visible as well (StreamingLLM's attention sinks; causally, only once
+they are in the past).  ``attn_mask`` restricts this further, so a site whose own mask is already a
+narrower window keeps its own.
+
+The torch path (:func:`blockwise_sliding_window`) never builds a [Tq, Tk] matrix: queries are cut into
+blocks of ``block`` rows, and each block is scored against the contiguous run of keys its band can
+reach (a strided view of the keys, ``unfold``) plus the sink keys — O(Tq · (block + band)) memory and
+time.  A sequence at most twice as long as the band runs as SDPA with the band as a dense mask
+(:func:`dense_sliding_window`): that mask is then no larger than O(Tq · band) either.  The op is ``CompositeImplicitAutograd`` over it, so autograd, fake tensors and inductor see
+plain torch ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from attnrewrite.kernels._ops import composite_op, sdpa_autocast, sdpa_schema
+from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_qkv
+
+WHAT = "sliding-window attention"
+#: query rows per block: blocks near the window's size keep both the score band and the strided
+#: copies of the keys O(T·window)
+MAX_BLOCK, MIN_BLOCK = 1024, 16
+
+
+def _int_option(name: str, value, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{WHAT}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{WHAT}: {name} must be >= {minimum}, got {value}")
+
+
+def _check(q, k, v, attn_mask, dropout_p, enable_gqa, window, sinks) -> None:
+    check_qkv(q, k, v, WHAT, enable_gqa=enable_gqa)
+    check_dropout(dropout_p, WHAT, supported=True)
+    _int_option("window", window, 1)
+    _int_option("sinks", sinks, 0)
+    if attn_mask is not None:
+        check_mask_dtype(attn_mask, WHAT)
+        if attn_mask.device != q.device:
+            raise ValueError(f"{WHAT}: attn_mask is on {attn_mask.device}, q on {q.device}")
+        target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        padded = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+        if attn_mask.dim() > 4 or any(m not in (1, t) for m, t in zip(padded, target)):
+            raise ValueError(f"{WHAT}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"[B, Hq, Tq, Tk] = {list(target)}")
+
+
+def _pad(x: torch.Tensor, dim: int, before: int, after: int, value) -> torch.Tensor:
+    """``x`` with ``before``/``after`` entries of ``value`` added along ``dim`` (any dtype, bool included)."""
+    if before <= 0 and after <= 0:
+        return x
+    parts = []
+    for count in (before, after):
+        shape = list(x.shape)
+        shape[dim] = max(count, 0)
+        parts.append(x.new_full(shape, value))
+    return torch.cat([parts[0], x, parts[1]], dim=dim)
+
+
+def _softmax_or_zero(scores: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim; a row whose entries are all −inf gives zeros (and zero gradients)."""
+    top = scores.amax(-1, keepdim=True).detach()
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    e = torch.exp(scores - top)
+    total = e.sum(-1, keepdim=True)
+    return e / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def _split_heads(x: torch.Tensor, heads_kv: int, groups: int) -> torch.Tensor:
+    """[Bm, Hm, ...] with Hm ∈ {1, Hkv·groups} as [Bm, Hkv|1, groups|1, ...]."""
+    if x.shape[1] == 1:
+        return x.unsqueeze(2)
+    return x.reshape(x.shape[0], heads_kv, groups, *x.shape[2:])
+
+
+def blockwise_sliding_window(q, k, v, attn_mask, dropout_p: float, is_causal: bool, scale: float | None,
+                             window: int, sinks: int, block: int | None = None) -> torch.Tensor:
+    """Sliding-window attention, block by block (see the module docstring); arguments as the op's
+    (inputs already checked), ``block`` the query rows per block (default: the window, within
+    :data:`MIN_BLOCK` … :data:`MAX_BLOCK`).  Returns [B, Hq, Tq, Dv] in q's dtype."""
+    batch, heads_q, len_q, dim = q.shape
+    heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
+    groups = heads_q // heads_kv
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    compute = torch.promote_types(q.dtype, torch.float32)
+    offset = len_k - len_q                          # query i sits at position i + offset (bottom-right)
+    left = window - 1                               # the band reaches `left` keys before the query ...
+    right = 0 if is_causal else window - 1          # ... and `right` after it
+    rows = block or max(MIN_BLOCK, min(window, MAX_BLOCK))
+    if isinstance(len_q, int) and isinstance(len_k, int):
+        # known sizes: no band wider than the sequence, no block taller than it.  Symbolic sizes
+        # (torch.compile(dynamic=True)) keep the constants, so that no size is specialised on.
+        left, right, rows = min(left, len_k - 1), min(right, len_q - 1), min(rows, len_q)
+    blocks = -(-len_q // rows)
+    span = rows + left + right                      # keys one block can reach
+
+    # block b, column c reads key j = b·rows + first + c
+    first = offset - left
+    pad_before = max(0, -first)
+    pad_after = max(0, (blocks - 1) * rows + first + span - len_k)
+    start = first + pad_before                      # column 0 of block 0 in the padded keys
+    length = (blocks - 1) * rows + span
+
+    def band(x):  # [B, Hkv, Tk, E] -> [B, Hkv, 1, blocks, span, E], a strided view of the padded keys
+        x = _pad(x, 2, pad_before, pad_after, 0)[:, :, start:start + length]
+        return x.unfold(2, span, rows).transpose(-1, -2).unsqueeze(2)
+
+    q_blocks = _pad(q, 2, 0, blocks * rows - len_q, 0).reshape(batch, heads_kv, groups, blocks, rows, dim)
+    scores = (q_blocks @ band(k).transpose(-1, -2)).to(compute) * scale       # [B, Hkv, g, blocks, rows, span]
+
+    device = q.device
+    r = torch.arange(rows, device=device).view(rows, 1)
+    c = torch.arange(span, device=device).view(1, span)
+    rel = c - left - r                              # key position − query position, the same in every block
+    in_band = (rel <= right) & (rel > -window) & (rel < window)
+    key = (torch.arange(blocks, device=device) * rows + first).view(blocks, 1) + c     # [blocks, span]
+    keep = in_band & ((key >= 0) & (key < len_k)).view(blocks, 1, span)                # [blocks, rows, span]
+
+    n_sinks = min(sinks, len_k)
+    position = (torch.arange(blocks, device=device) * rows).view(blocks, 1) + r.view(1, rows) + offset  # [blocks, rows]
+    j = torch.arange(n_sinks, device=device)
+    p = position.unsqueeze(-1)
+    near = (j - p).abs() < window if not is_causal else (j <= p) & (j > p - window)
+    keep_sinks = ~near & ((j <= p) if is_causal else torch.ones_like(near))            # [blocks, rows, sinks]
+    sink_scores = (q_blocks @ k[:, :, :n_sinks].transpose(-1, -2).unsqueeze(2).unsqueeze(3)).to(compute) * scale
+
+    if attn_mask is not None:
+        band_mask, sink_mask = _mask_blocks(attn_mask, heads_kv, groups, len_q, len_k, rows, blocks, span,
+                                            pad_before, pad_after, start, n_sinks)
+        if attn_mask.dtype == torch.bool:
+            keep, keep_sinks = keep & band_mask, keep_sinks & sink_mask
+        else:
+            scores, sink_scores = scores + band_mask.to(compute), sink_scores + sink_mask.to(compute)
+    minus_inf = torch.full((), float("-inf"), dtype=compute, device=device)
+    scores = torch.where(keep, scores, minus_inf)
+    sink_scores = torch.where(keep_sinks, sink_scores, minus_inf)
+
+    probs = _softmax_or_zero(torch.cat([sink_scores, scores], dim=-1))
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
+    probs = probs.to(v.dtype)
+    out = probs[..., n_sinks:] @ band(v)                                            # [B, Hkv, g, blocks, rows, Dv]
+    if n_sinks:
+        out = out + probs[..., :n_sinks] @ v[:, :, :n_sinks].unsqueeze(2).unsqueeze(3)
+    return out.reshape(batch, heads_q, blocks * rows, dim_v)[:, :, :len_q]
+
+
+def _mask_blocks(attn_mask, heads_kv, groups, len_q, len_k, rows, blocks, span, pad_before, pad_after, start,
+                 n_sinks):
+    """The caller's mask read in block form: (band [Bm, Hkv|1, g|1, blocks, rows|1, span],
+    sinks [Bm, Hkv|1, g|1, blocks|1, rows|1, n_sinks]); padding entries hide their key."""
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    mask = mask.expand(*mask.shape[:3], len_k)
+    fill = False if mask.dtype == torch.bool else float("-inf")
+    sink_mask = mask[..., :n_sinks]
+    padded = _pad(mask, 3, pad_before, pad_after, fill)
+    if mask.shape[2] == 1:  # the same for every query (key padding): one row per block
+        band = padded[:, :, 0, start:start + (blocks - 1) * rows + span].unfold(-1, span, rows).unsqueeze(-2)
+        sink_mask = sink_mask.unsqueeze(2)                                          # [Bm, Hm, 1, 1, sinks]
+    else:
+        padded = _pad(padded, 2, 0, blocks * rows - len_q, fill)
+        padded = padded.reshape(*padded.shape[:2], blocks, rows, padded.shape[-1])
+        column = (torch.arange(blocks, device=mask.device) * rows + start).view(blocks, 1) + torch.arange(
+            span, device=mask.device)
+        index = column.view(1, 1, blocks, 1, span).expand(*padded.shape[:2], blocks, rows, span)
+        band = padded.gather(-1, index)
+        sink_mask = _pad(sink_mask, 2, 0, blocks * rows - len_q, fill).reshape(
+            *sink_mask.shape[:2], blocks, rows, n_sinks)
+    return _split_heads(band, heads_kv, groups), _split_heads(sink_mask, heads_kv, groups)
+
+
+def dense_sliding_window(q, k, v, attn_mask, dropout_p: float, is_causal: bool, scale: float | None,
+                         window: int, sinks: int) -> torch.Tensor:
+    """Sliding-window attention as SDPA with the [Tq, Tk] band as a bool mask: for sequences not much longer
+    than the band, where the mask is no larger than the blockwise path's scores and SDPA's fused kernel
+    is faster.  Arguments as :func:`blockwise_sliding_window`."""
+    len_q, len_k = q.shape[-2], k.shape[-2]
+    p = torch.arange(len_q, device=q.device).view(len_q, 1) + (len_k - len_q)
+    j = torch.arange(len_k, device=q.device).view(1, len_k)
+    near = ((j <= p) & (j > p - window)) if is_causal else (j - p).abs() < window
+    visible = near | ((j < sinks) & (j <= p)) if is_causal else near | (j < sinks)
+    if attn_mask is None:
+        mask = visible
+    elif attn_mask.dtype == torch.bool:
+        mask = attn_mask & visible
+    else:
+        mask = torch.where(visible, attn_mask.to(q.dtype), torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _band_covers_the_sequence(len_q, len_k, is_causal: bool, window: int) -> bool:
+    """Known sizes whose dense [Tq, Tk] mask holds at most twice the band's Tq·(keys per query)."""
+    if not (isinstance(len_q, int) and isinstance(len_k, int)):
+        return False  # symbolic sizes: one path for every length, no guard on T
+    return len_k <= 2 * (window if is_causal else 2 * window - 1)
+
+
+def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False, window=256, sinks=0):
+    _check(q, k, v, attn_mask, dropout_p, enable_gqa, window, sinks)
+    if _band_covers_the_sequence(q.shape[-2], k.shape[-2], is_causal, window):
+        return dense_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks)
+    return blockwise_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks)
+
+
+composite_op("sliding_window_attention", sdpa_schema("int window=256, int sinks=0", is_causal=True), _impl)
+sdpa_autocast("sliding_window_attention")
+
+
+def sliding_window_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False,
+                             *, window: int = 256, sinks: int = 0) -> torch.Tensor:
+    """Sliding-window attention with the signature of ``F.scaled_dot_product_attention``, layout [B, H, T, D].
+
+    Exact softmax over the keys in each query's window.  Query i sits at position p = i + Tk − Tq (with
+    Tq < Tk the queries are the last positions, as for a decoding step against a cache).
+
+    Args:
+        q: [B, Hq, Tq, D]; k: [B, Hkv, Tk, D]; v: [B, Hkv, Tk, Dv]; fp16, bf16, fp32 or fp64, one dtype.
+        attn_mask: bool (True = may attend) or additive float, broadcastable to [B, Hq, Tq, Tk]: it
+            restricts the window further (padding, a site's own narrower window).
+        dropout_p: dropout on the probabilities, as SDPA (applied whenever > 0).
+        is_causal: True: key j visible when p − window < j ≤ p, or j < sinks and j ≤ p.  False
+            (encoders): when |p − j| < window, or j < sinks.
+        scale: defaults to 1/√D.
+        enable_gqa: Hq may be a multiple of Hkv (query head h reads kv head h // (Hq/Hkv)).
+        window: keys per side of the band, the query's own position included (≥ 1).
+        sinks: the first keys every query may also see (≥ 0).
+
+    Returns:
+        [B, Hq, Tq, Dv] in q's dtype (a row that sees no key gives 0).  Inside ``torch.autocast`` the
+        floating-point inputs (float64 excepted) are cast to the autocast dtype first, as with SDPA.
+    """
+    return torch.ops.attnrewrite.sliding_window_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
+                                                          enable_gqa, window=window, sinks=sinks)
