@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch.fx as fx
 
+from attnrewrite.rewriter.failures import recompile_limit_reached
 from attnrewrite.rewriter.options import RewriteOptions
 from attnrewrite.rewriter.pipeline import run_pass
 from attnrewrite.rewriter.report import Report, record
@@ -145,6 +146,7 @@ def attnrewrite_backend(
     :func:`attnrewrite.recent_reports`.
     """
     opts = RewriteOptions.parse(options)
+    recompile_limit_reached(opts.strict)  # the frame's last compile: later versions will run unrewritten
     report = run_pass(gm, example_inputs, opts, attach_state=_attach_state)
     report.compile_ids = [_compile_id()]
     record(report)
