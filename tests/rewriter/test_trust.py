@@ -282,3 +282,45 @@ def test_strict_raises_at_the_recompile_limit():
         compiled(torch.randn(1, 4, 16))
         with pytest.raises(Exception, match="recompile_limit"):
             compiled(torch.randn(1, 5, 16))
+
+
+@torch._dynamo.disable
+def _attention_dynamo_skips(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class HiddenFromDynamo(ShapeSpecialised):
+    """Its attention runs in a function Dynamo does not compile: no graph ever shows it to the pass."""
+
+    def forward(self, x):
+        q, k, v = self.proj(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        return _attention_dynamo_skips(q, k, v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("form", ["instance", "class"])
+def test_strict_rewrite_checks_its_first_call(form):
+    """strict=True: attention that ran eagerly in the first call raises, naming the op; a module
+    whose attention is rewritten passes and computes the kind."""
+    x = torch.randn(2, 5, 16)
+    if form == "instance":
+        hidden = attnrewrite.rewrite(HiddenFromDynamo(), to="sigmoid", strict=True, compiler="eager")
+        good = attnrewrite.rewrite(ShapeSpecialised(), to="sigmoid", strict=True, compiler="eager")
+    else:
+        hidden = attnrewrite.rewrite(to="sigmoid", strict=True, compiler="eager")(
+            type("Hidden", (HiddenFromDynamo,), {}))()
+        good = attnrewrite.rewrite(to="sigmoid", strict=True, compiler="eager")(
+            type("Good", (ShapeSpecialised,), {}))()
+    with pytest.raises(attnrewrite.RewriteFailed, match="ran eagerly") as caught:
+        hidden(x)
+    assert "first call" in str(caught.value) and "scaled_dot_product_attention" in str(caught.value)
+    out = good(x)
+    q, k, v = good.proj(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+    want = attnrewrite.ops.sigmoid_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+    torch.testing.assert_close(out, want)
+
+
+def test_verify_names_attention_run_eagerly_inside_a_compiled_frame():
+    """A function Dynamo skips runs inside the compiled frame's region but in none of its graphs."""
+    with pytest.raises(attnrewrite.RewriteFailed, match="in none of its graphs") as caught:
+        attnrewrite.verify(HiddenFromDynamo(), torch.randn(2, 5, 16), to="sigmoid")
+    assert "test_trust.py" in caught.value.failures[0].module  # the line that ran it
