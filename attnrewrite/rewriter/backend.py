@@ -14,8 +14,10 @@ import logging
 import threading
 from typing import Any, Callable, Iterator, Mapping
 
+import torch
 import torch.fx as fx
 
+from attnrewrite.rewriter.failures import recompile_limit_reached
 from attnrewrite.rewriter.options import RewriteOptions
 from attnrewrite.rewriter.pipeline import run_pass
 from attnrewrite.rewriter.report import Report, record
@@ -145,6 +147,7 @@ def attnrewrite_backend(
     :func:`attnrewrite.recent_reports`.
     """
     opts = RewriteOptions.parse(options)
+    recompile_limit_reached(opts.strict)  # the frame's last compile: later versions will run unrewritten
     report = run_pass(gm, example_inputs, opts, attach_state=_attach_state)
     report.compile_ids = [_compile_id()]
     record(report)
@@ -154,7 +157,24 @@ def attnrewrite_backend(
              len(report.skipped))
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s\n%s", report, gm.code)
-    return compile_graph(gm, example_inputs, opts.compiler)
+    return ranged(compile_graph(gm, example_inputs, opts.compiler), report.compile_ids[0])
+
+
+#: Profiler range around each call of a graph this backend compiled (``verify`` tells by it the graphs
+#: from the eager code of a compiled frame: graph-break bytecode, functions Dynamo skips).
+GRAPH_RANGE = "attnrewrite graph "
+
+
+def ranged(compiled: Callable, compile_id: str) -> Callable:
+    """``compiled`` called inside a ``record_function`` range named after the graph's compile id."""
+    name = GRAPH_RANGE + compile_id
+
+    @functools.wraps(compiled)  # keeps the calling convention's attributes (inductor's _boxed_call)
+    def run(*args: Any) -> Any:
+        with torch.profiler.record_function(name):
+            return compiled(*args)
+
+    return run
 
 
 def _compile_id() -> str:

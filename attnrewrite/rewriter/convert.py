@@ -6,7 +6,9 @@ attention site.  ``convert`` runs the model once through the pass on example inp
 each site's module and attaches it to the module that owns the site, where optimizers,
 ``state_dict``, ``load_state_dict``, ``copy.deepcopy``, pickling and FSDP see it.  Compiling the
 converted model (or any copy of it) with the same kind and options then finds those modules by
-their place in the model (see :mod:`attnrewrite.rewriter.state`).  To reload saved weights: build
+their place in the model (see :mod:`attnrewrite.rewriter.state`); a forward pre-hook on each owner
+makes the states' tensors inputs of the compiled graphs, so identical layers share compiled code and
+each runs with its own state.  To reload saved weights: build
 the model, ``convert`` it, then ``load_state_dict``.
 
 Converting again is idempotent: states already attached for the same kind and options are kept
@@ -91,5 +93,8 @@ def convert(model: nn.Module, to: str, example_inputs: Any = (), *, replace: boo
             torch.compile(model, backend=backend)(*args, **kwargs)
     finally:
         torch._dynamo.reset()
+    for name in state_registry.states(model, full.to):  # each owner feeds its states to compiled graphs
+        parent = name.rpartition(".")[0]
+        state_registry.install_feed(model.get_submodule(parent) if parent else model)
     model.attnrewrite_report = report
     return model

@@ -20,6 +20,23 @@ def _compile_kwargs(to: str, options: dict[str, Any]) -> dict[str, Any]:
     return {"backend": functools.partial(attnrewrite_backend, options=full), "dynamic": dynamic}
 
 
+def _compile(module: nn.Module, kwargs: dict[str, Any], strict: bool) -> None:
+    """``module.compile(**kwargs)``; with ``strict`` its first call runs under
+    :func:`~attnrewrite.rewriter.verify.checked_call` (verify's accounting of the forward)."""
+    module.compile(**kwargs)
+    if not strict:
+        return
+    compiled = module._compiled_call_impl
+
+    def first_call(*args: Any, **kw: Any) -> Any:
+        module._compiled_call_impl = compiled  # checked once, even when it raises
+        from attnrewrite.rewriter.verify import checked_call
+
+        return checked_call(compiled, args, kw)
+
+    module._compiled_call_impl = first_call
+
+
 def rewrite(target: Any = None, *, to: str = "softmax", **options: Any) -> Any:
     """Make a module (or every instance of a module class) run with its attention rewritten.
 
@@ -35,7 +52,9 @@ def rewrite(target: Any = None, *, to: str = "softmax", **options: Any) -> Any:
 
     ``options`` are the backend's (``strict``, ``compiler``, the kind's own) plus ``dynamic``
     (passed to ``torch.compile``). Parameters and ``state_dict`` are unchanged: the module is
-    compiled with ``nn.Module.compile``, not wrapped.
+    compiled with ``nn.Module.compile``, not wrapped.  With ``strict=True`` the module's first call
+    (its forward) also runs :func:`attnrewrite.verify`'s accounting and raises ``RewriteFailed``
+    when any softmax or SDPA ran outside attnrewrite's ops (an eager fallback, a skipped frame).
 
     Copies: instances of a decorated class stay rewritten through ``copy.deepcopy`` and pickling
     (``torch.save``/``torch.load``); a copy of an *instance* rewritten in place runs its original
@@ -45,8 +64,9 @@ def rewrite(target: Any = None, *, to: str = "softmax", **options: Any) -> Any:
     if target is None:
         return lambda t: rewrite(t, to=to, **options)
     kwargs = _compile_kwargs(to, dict(options))
+    strict = bool(options.get("strict", False))
     if isinstance(target, nn.Module):
-        target.compile(**kwargs)
+        _compile(target, kwargs, strict)
         return target
     if isinstance(target, type) and issubclass(target, nn.Module):
         original_init = target.__init__
@@ -55,7 +75,7 @@ def rewrite(target: Any = None, *, to: str = "softmax", **options: Any) -> Any:
         def __init__(self, *args, **kw):
             original_init(self, *args, **kw)
             if type(self) is target:  # subclasses compile once, after their own __init__
-                self.compile(**kwargs)
+                _compile(self, kwargs, strict)
 
         original_setstate = target.__setstate__
 
@@ -63,7 +83,7 @@ def rewrite(target: Any = None, *, to: str = "softmax", **options: Any) -> Any:
         def __setstate__(self, state):  # copy.deepcopy and pickle rebuild without __init__: compile here too
             original_setstate(self, state)
             if type(self) is target:
-                self.compile(**kwargs)
+                _compile(self, kwargs, strict)
 
         target.__init__ = __init__
         target.__setstate__ = __setstate__

@@ -90,3 +90,38 @@ def reset_warnings() -> None:
     """Forget which causes were warned about (each warns again once); for tests and notebooks."""
     with _LOCK:
         _WARNED.clear()
+
+
+def recompile_limit_reached(strict: bool) -> None:
+    """Called by the backend for every graph: when Dynamo compiles a frame for the last time its
+    ``recompile_limit`` allows (the compile id's per-frame count says which time this is), say that
+    further versions of this frame — new shapes, other guards (another model instance, a module
+    holding other states) — will run its original code uncompiled, attention included.  Raises
+    :class:`RewriteFailed` under ``strict`` (the frame would otherwise fall back later, unseen);
+    otherwise warns once per frame.  Silent outside Dynamo."""
+    import torch._dynamo
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    count = None if compile_id is None else compile_id.frame_compile_id
+    limit = torch._dynamo.config.recompile_limit
+    if count is None or count + 1 != limit:
+        return
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        code = InstructionTranslator.current_tx().f_code
+        frame = f"{code.co_name} ({code.co_filename}:{code.co_firstlineno})"
+    except Exception:  # noqa: BLE001 — the compile id alone still says which frame
+        frame = f"frame {compile_id.frame_id}"
+    cause = (f"{frame} is compiled for the {limit}th time, torch._dynamo.config.recompile_limit: Dynamo runs "
+             "further versions of it (new shapes or other guards, e.g. another instance or a module holding other "
+             "states) uncompiled, with their original attention. Raise the limit, mark the varying sizes dynamic, "
+             "or compile the whole model once")
+    if strict:
+        raise RewriteFailed(f"attnrewrite: {cause}", [Failure("", cause)])
+    with _LOCK:
+        if cause in _WARNED:
+            return
+        _WARNED.add(cause)
+    warnings.warn(f"attnrewrite: {cause}.", RewriteWarning, stacklevel=3)

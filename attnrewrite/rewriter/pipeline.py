@@ -40,7 +40,7 @@ from attnrewrite.rewriter.certify import certify, fingerprint
 from attnrewrite.rewriter.failures import Failure, RewriteFailed, not_rewritten
 from attnrewrite.rewriter.options import RewriteOptions
 from attnrewrite.rewriter.report import Report, SiteReport, StageReport
-from attnrewrite.rewriter.rewrite import module_caller, rewrite_site
+from attnrewrite.rewriter.rewrite import rewrite_site
 
 log = logging.getLogger("attnrewrite")
 
@@ -182,7 +182,7 @@ def _find_state(ctx: PassContext, site: Site) -> None:
         raise NotAttention(
             f"{kind.name} with these options has per-site parameters: call attnrewrite.convert(model, "
             f"to={kind.name!r}, ...) before compiling")
-    state.guard(owner, kind.name, site.ordinal)
+    state.guard_site(ctx.gm, site.anchor, owner, kind.name, site.ordinal)
     ctx.states[site] = found
 
 
@@ -208,8 +208,7 @@ def rewrite(ctx: PassContext) -> None:
     kind, options = ctx.kind, ctx.options.kind_options
     for index, site in enumerate(_matched(ctx)):
         def run(site=site, index=index):
-            module = ctx.states.get(site)
-            caller = None if module is None else module_caller(ctx.gm, module, f"attnrewrite_state_{index}")
+            caller = state.caller(ctx.gm, site.anchor, kind.name, site.ordinal, ctx.states.get(site), index)
             weights = None
             if site.spec.weights_escape and callable(kind.weights):
                 weights = lambda call: kind.weights(call, options, caller)  # noqa: E731
@@ -282,6 +281,7 @@ def _report_not_entered(ctx: PassContext, use: hops.BodyUse, what: str) -> None:
 
 
 def finish(ctx: PassContext) -> None:
+    state.remove_markers(ctx.gm)  # the states' markers have served (see rewriter/state.py)
     ctx.gm.graph.lint()
     ctx.gm.recompile()
 

@@ -14,28 +14,37 @@ walking that path from them reaches the owner of *this* model, whatever wraps it
 deepcopy, ``torch.load``, a fresh model that loaded a ``state_dict``).  Object identities and
 parameter objects are not used: copies, sharding and reloading all replace them.
 
-The rewrite adds the state module itself to the graph, so the compiled code is only valid for that
-state object (and, once AOTAutograd lifted them as constants, for its tensor objects).  Dynamo shares
-compiled code between instances of one class (a deepcopy, the layers of a model compiled one by one),
-so :func:`guard` adds identity guards on the state's attribute path and on each of its tensors:
-another model, a replaced state or replaced tensors fail them and are compiled again with their own.
-A model compiled layer by layer therefore compiles once per layer (mind Dynamo's recompile limit).
+**States as graph inputs.**  ``convert`` gives each owner a forward pre-hook (:func:`feed_states`)
+that passes the owner's states' tensors through a marker operator (``attnrewrite_pass::site_states``,
+an alias of the owner's first tensor argument): Dynamo traces the hook, so those tensors become inputs
+of the captured graph like the model's own parameters.  The pass finds the site's marker (same owner,
+same state name), calls the state as a function of those inputs (:class:`StateCall`, with the state
+found on the owner as the template of the computation) and removes the marker.  One compiled graph
+then serves every instance of a layer — a deepcopy, a reloaded model, the 12 layers of a model
+compiled one by one — each running with its own state's tensors; guards on the state's class and
+options keep a differently built state from reusing it.
+
+Without a marker in the graph (a model whose states were attached without ``convert``, a hook whose
+owner had no tensor argument, a DDP bucket split between hook and site) the rewrite adds the state
+module itself to the graph, so the compiled code is only valid for that state object (and, once
+AOTAutograd lifted them as constants, for its tensor objects): :func:`guard` then adds identity guards
+on the state's attribute path and on each of its tensors, and a model compiled layer by layer
+compiles once per layer (the backend warns when Dynamo's recompile limit is reached).
 """
 
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from attnrewrite.ir.capture import module_path
 from attnrewrite.ir.spec import STATE_PREFIX as PREFIX
 from attnrewrite.ir.spec import NotAttention, state_name
-from attnrewrite.rewriter.failures import RewriteWarning
 
 #: The root of an ``nn_module_stack`` entry: a local (``L['self']``) or global (``G['model']``) of
 #: the compiled frame, maybe indexed (``L['args'][0]``); the rest of the entry is the module path.
@@ -189,30 +198,6 @@ def guard(owner: Owner, kind: str, ordinal: int) -> None:
                 walk(child, DictGetItemSource(AttrSource(source, "_modules"), name))
 
     walk(state, source)
-    _warn_near_recompile_limit(kind)
-
-
-def _warn_near_recompile_limit(kind: str) -> None:
-    """Say so when this frame's code is compiled for as many states as Dynamo keeps: the next instance
-    (a 9th layer compiled one by one) would run uncompiled — plain softmax — with only Dynamo's
-    warning, which names a guard and not the consequence."""
-    import torch._dynamo
-
-    frame = _frame()
-    try:
-        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-        compiled = len(_debug_get_cache_entry_list(frame.f_code)) + 1  # + the one being compiled
-    except Exception:  # noqa: BLE001 — a private API: without it, no early warning
-        return
-    limit = torch._dynamo.config.recompile_limit
-    if compiled >= limit:
-        name = frame.f_code.co_qualname if hasattr(frame.f_code, "co_qualname") else frame.f_code.co_name
-        warnings.warn(
-            f"attnrewrite: {name} now has {compiled} compiled versions (torch._dynamo.config.recompile_limit = "
-            f"{limit}): each module holding a {kind} state gets its own, and further ones will run uncompiled, with "
-            "plain softmax attention. Compile the whole model once, or raise the limit to the number of such "
-            "modules.", RewriteWarning, stacklevel=2)
 
 
 def states(model: nn.Module, kind: str) -> dict[str, nn.Module]:
@@ -224,3 +209,172 @@ def states(model: nn.Module, kind: str) -> dict[str, nn.Module]:
 def is_state_name(name: str) -> bool:
     """True for a parameter or module name that goes through a state (``...attnrewrite_linear.q_map...``)."""
     return any(part.startswith(PREFIX) for part in name.split("."))
+
+
+# --------------------------------------------------------------------------- states as graph inputs
+
+#: The marker's namespace: not ``attnrewrite`` (whose operators are all kernels, opchecked as such).
+_MARKER_LIB = torch.library.Library("attnrewrite_pass", "DEF")
+_MARKER_LIB.define("site_states(Tensor(a) x, Tensor[] states, str name) -> Tensor(a)")
+# an alias of x: wherever the pass does not remove it (eager runs, a graph it left alone) it costs a view
+_MARKER_LIB.impl("site_states", lambda x, states, name: torch.ops.aten.alias(x), "CompositeImplicitAutograd")
+MARKER = torch.ops.attnrewrite_pass.site_states.default
+
+
+def state_tensors(state: nn.Module) -> tuple[list[str], list[torch.Tensor]]:
+    """A state's parameters and buffers, by qualified name, in one fixed order (parameters first); a
+    tensor shared by two submodules (favor's one map for q and k) once: ``functional_call`` ties the
+    other name to it, where passing it twice would leave the module holding a traced tensor."""
+    named = [*state.named_parameters(), *state.named_buffers()]
+    return [n for n, _ in named], [t for _, t in named]
+
+
+def feed_states(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook that :func:`install_feed` puts on a state's owner: the owner's first tensor
+    argument goes through one marker per state (see the module docstring), which makes the states'
+    tensors inputs of a graph Dynamo captures.  Outside ``torch.compile`` only an alias is added."""
+    names = [n for n in module._modules if n.startswith(PREFIX) and module._modules[n] is not None]
+    if not names:
+        return None
+    args, kwargs = list(args), dict(kwargs)
+    for i, a in enumerate(args):  # the first tensor argument, positional or keyword
+        if isinstance(a, torch.Tensor):
+            container, key = args, i
+            break
+    else:
+        key = next((k for k, a in kwargs.items() if isinstance(a, torch.Tensor)), None)
+        if key is None:
+            return None
+        container = kwargs
+    x = container[key]
+    for name in names:
+        x = MARKER(x, state_tensors(module._modules[name])[1], name)
+    container[key] = x
+    return tuple(args), kwargs
+
+
+def install_feed(owner: nn.Module) -> None:
+    """Give ``owner`` the :func:`feed_states` pre-hook, once (hooks travel with deepcopy and pickling)."""
+    if not any(hook is feed_states for hook in owner._forward_pre_hooks.values()):
+        owner.register_forward_pre_hook(feed_states, with_kwargs=True)
+
+
+def _stack_root(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def marker_for(gm: fx.GraphModule, anchor: fx.Node, name: str) -> fx.Node | None:
+    """The marker of state ``name`` hooked on the module that ran ``anchor``, in ``gm``, or None."""
+    owner = _stack_root(anchor)
+    for node in gm.graph.find_nodes(op="call_function", target=MARKER):
+        if node.args[2] == name and _stack_root(node) == owner:
+            return node
+    return None
+
+
+def remove_markers(gm: fx.GraphModule) -> None:
+    """Drop every marker from ``gm`` (each is an alias of its first argument)."""
+    for node in list(gm.graph.find_nodes(op="call_function", target=MARKER)):
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+
+
+class StateCall(nn.Module):
+    """A state called as a function of tensors that are graph inputs: ``forward(*args, *tensors)``
+    runs ``template``'s forward with its parameters and buffers replaced by ``tensors`` for the
+    duration of the call.  The template is held outside the module tree, so nothing of it is lifted
+    into the graph.  (Not ``torch.func.functional_call``: with a submodule shared by two names, as
+    favor's one map for q and k, it restores the wrong tensor and leaves a traced one behind.)"""
+
+    def __init__(self, template: nn.Module, num_args: int):
+        super().__init__()
+        object.__setattr__(self, "template", template)
+        slots = {}
+        for prefix, module in template.named_modules():
+            for table in ("_parameters", "_buffers"):
+                for key, tensor in getattr(module, table).items():
+                    if tensor is not None:
+                        slots.setdefault(f"{prefix}.{key}" if prefix else key, (module, table, key))
+        names = state_tensors(template)[0]
+        object.__setattr__(self, "slots", [slots[name] for name in names])
+        self.num_args = num_args
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        args, tensors = inputs[:self.num_args], inputs[self.num_args:]
+        saved = [getattr(module, table)[key] for module, table, key in self.slots]
+        try:
+            for (module, table, key), tensor in zip(self.slots, tensors):
+                getattr(module, table)[key] = tensor
+            return self.template(*args)
+        finally:
+            for (module, table, key), tensor in zip(self.slots, saved):
+                getattr(module, table)[key] = tensor
+
+
+def input_caller(gm: fx.GraphModule, state: nn.Module, marker: fx.Node, name: str):
+    """A caller for the kinds' ``emit`` (as :func:`~attnrewrite.rewriter.rewrite.module_caller`) that
+    records a call of ``state`` on the marker's tensors, the graph inputs of this site's state."""
+    tensor_nodes = list(marker.args[1])
+
+    def call(*args: Any) -> Any:
+        module_name = f"{name}_{len(args)}"
+        if not hasattr(gm, module_name):
+            gm.add_submodule(module_name, StateCall(state, len(args)))
+        tracer = args[0].tracer
+        tensors = [fx.Proxy(node, tracer) for node in tensor_nodes]
+        return tracer.create_proxy("call_module", module_name, (*args, *tensors), {})
+
+    return call
+
+
+def guard_template(owner: Owner, kind: str, ordinal: int) -> None:
+    """The compiled code runs the state found now as the template for every instance whose tensors
+    reach it: guard on the class of the state and of each submodule, and on the options it was made
+    for, so that a differently built state compiles its own."""
+    import torch._guards
+    from torch._dynamo.guards import GuardBuilder
+    from torch._dynamo.source import AttrSource, DictGetItemSource
+
+    context = torch._guards.TracingContext.try_get()
+    if context is None:
+        return
+    guards = context.guards_context.dynamo_guards
+    source = owner.state_source(kind, ordinal)
+    state = owner.module._modules[state_name(kind, ordinal)]
+
+    def walk(module: nn.Module, source: Any) -> None:
+        guards.add(source.make_guard(GuardBuilder.TYPE_MATCH))
+        for name, child in module._modules.items():
+            if child is not None:
+                walk(child, DictGetItemSource(AttrSource(source, "_modules"), name))
+
+    walk(state, source)
+    if isinstance(getattr(state, OPTIONS_ATTR, None), dict):
+        guards.add(AttrSource(source, OPTIONS_ATTR).make_guard(GuardBuilder.DICT_KEYS_MATCH))
+        for key, value in getattr(state, OPTIONS_ATTR).items():
+            if isinstance(value, (bool, int, float, str, type(None))):
+                guards.add(DictGetItemSource(AttrSource(source, OPTIONS_ATTR), key).make_guard(
+                    GuardBuilder.EQUALS_MATCH))
+
+
+def guard_site(gm: fx.GraphModule, anchor: fx.Node, owner: Owner, kind: str, ordinal: int) -> None:
+    """The guards the site's state needs: on its class and options when its tensors are graph inputs
+    (:func:`guard_template`), else on the identity of the state and its tensors (:func:`guard`)."""
+    if marker_for(gm, anchor, state_name(kind, ordinal)) is not None:
+        guard_template(owner, kind, ordinal)
+    else:
+        guard(owner, kind, ordinal)
+
+
+def caller(gm: fx.GraphModule, anchor: fx.Node, kind: str, ordinal: int, module: nn.Module | None, index: int):
+    """What the kinds' ``emit`` calls the site's state with: a call on the graph inputs of the site's
+    marker when there is one, else a call of the state module added to ``gm``."""
+    if module is None:
+        return None
+    marker = marker_for(gm, anchor, state_name(kind, ordinal))
+    if marker is not None:
+        return input_caller(gm, module, marker, f"attnrewrite_state_{index}")
+    from attnrewrite.rewriter.rewrite import module_caller
+
+    return module_caller(gm, module, f"attnrewrite_state_{index}")

@@ -26,6 +26,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from attnrewrite.rewriter.backend import GRAPH_RANGE
 from attnrewrite.rewriter.failures import Failure, RewriteFailed
 from attnrewrite.rewriter.report import Report, recent_reports
 
@@ -151,13 +152,18 @@ def _account(events: list[Any]) -> Verification:
                 result.regions.append(region)
     for event in events:
         if event.name not in ATTENTION_OPS or _has_ancestor(event, lambda e: e.name in ATTENTION_OPS
-                                                              or e.name.startswith(_OURS)):
+                                                              or e.name.startswith(_OURS) or _compiling(e)):
             continue
         if not _has_ancestor(event, lambda e: e.name.startswith(_REGION)):
             result.failures.append(Failure(_where(event), f"{event.name} ran eagerly, outside any compiled "
                                            "graph (a frame Dynamo did not compile: recompile limit, skipped or "
                                            "disabled code, a graph break inside a loop; a softmax there may or may "
                                            "not be attention)"))
+        elif not _has_ancestor(event, lambda e: e.name.startswith(GRAPH_RANGE)):
+            result.failures.append(Failure(_where(event), f"{event.name} ran eagerly inside a compiled frame, in "
+                                           "none of its graphs (code between graph breaks, a function Dynamo "
+                                           "skips or that is disabled; a softmax there may or may not be "
+                                           "attention)"))
     for region in result.regions:
         report = reports.get(region)
         if report is None:
@@ -168,6 +174,26 @@ def _account(events: list[Any]) -> Verification:
                 said = "attention not rewritten: " if site.spec is not None else ""
                 result.failures.append(Failure(site.module, f"{said}{site.reason} (graph {region})"))
     return result
+
+
+def _compiling(event: Any) -> bool:
+    """A range of Dynamo's compilation: what runs inside it (the pass certifying a site evaluates the
+    original attention) is not the model running."""
+    return event.name.endswith("(dynamo_timed)") or event.name == "entire_frame_compile"
+
+
+def checked_call(fn: Callable, args: tuple, kwargs: dict) -> Any:
+    """``fn(*args, **kwargs)`` under the profiler, with :func:`verify`'s accounting of the forward it
+    runs (compilation excluded): raises :class:`RewriteFailed` listing every softmax or SDPA call that
+    ran outside attnrewrite's ops.  What ``strict=True`` runs on the first call of
+    :func:`attnrewrite.rewrite`'s modules.  Without Python stacks (recorded across a compilation they
+    come back corrupt in torch 2.13): a failure names the op, not the model line — ``verify`` does."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn(*args, **kwargs)
+    result = _account(prof.events())
+    if result.failures:
+        raise RewriteFailed("strict=True, first call: " + str(result), result.failures)
+    return out
 
 
 def _has_ancestor(event: Any, test: Callable[[Any], bool]) -> bool:

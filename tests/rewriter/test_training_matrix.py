@@ -164,12 +164,6 @@ def _run_cell(family, kind, compiler, bf16, dynamic, converted):
 # dynamic=True under inductor, inductor with bf16, GPT-2 or the linear kind, and a converted model
 # under bf16 or dynamic=True (gpt2-linear-inductor-fp32 and llama-hedgehog-deepcopy-aot_eager-bf16-dynTrue
 # passed when tried, ~40 s each with a cold inductor cache: over the budget).
-XFAIL_STRIDES = pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "attnrewrite bug: GPT-2 + linear + aot_eager + bf16 autocast (dynamic None and True), the compiled "
-    "backward fails with 'view size is not compatible with input tensor's size and stride' at "
-    "aten.view(transpose(...), [2, T, 32]) on a bf16 gradient: a tensor of the rewritten linear site's "
-    "backward has other strides at run time than its fake gave the traced graph (the eager compiler, "
-    "and aot_eager in fp32, pass)"))
 SLOW = pytest.mark.slow
 CELLS = [
     # family, kind, compiler, bf16, dynamic, converted, marks
@@ -178,7 +172,7 @@ CELLS = [
     ("gpt2", "sigmoid", "eager", False, None, False, ()),
     ("gpt2", "linear", "eager", False, None, False, ()),
     ("llama", "sigmoid", "aot_eager", True, None, False, ()),
-    ("gpt2", "linear", "aot_eager", True, None, False, (XFAIL_STRIDES,)),
+    ("gpt2", "linear", "aot_eager", True, None, False, ()),
     ("llama", "linear", "eager", True, None, False, ()),
     ("gpt2", "sigmoid", "aot_eager", False, None, False, ()),
     ("llama", "sigmoid", "eager", False, True, False, (SLOW,)),

@@ -5,12 +5,15 @@ Each test uses its own models and spellings; the issue's reproducers are example
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import attnrewrite
+from attnrewrite.rewriter.backend import attnrewrite_backend
 from attnrewrite.rewriter.report import Report
 from attnrewrite.testing.checks import compile_rewritten
 
@@ -232,3 +235,92 @@ def test_a_copy_of_an_instance_rewritten_in_place_is_caught_by_verify():
     block = attnrewrite.rewrite(DropoutAttention("module").eval(), to="sigmoid", compiler="eager")
     with pytest.raises(attnrewrite.RewriteFailed, match="ran eagerly"):
         attnrewrite.verify(copy.deepcopy(block), torch.randn(2, 5, 24))
+
+
+class ShapeSpecialised(nn.Module):
+    """Causal softmax attention; compiled with dynamic=False, every new length is a recompile."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.proj(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+
+
+def test_the_compile_that_reaches_the_recompile_limit_warns():
+    """The frame's 3rd compile (recompile_limit=3) says that later lengths run unrewritten; the lengths
+    compiled before and at the limit are rewritten, the one after runs softmax (verify names it)."""
+    import warnings
+
+    from attnrewrite.rewriter.failures import reset_warnings
+
+    reset_warnings()
+    model = ShapeSpecialised()
+    report = Report()
+    compiled = torch.compile(model, backend=functools.partial(
+        attnrewrite_backend, options={"to": "sigmoid", "compiler": "eager"}, _report_sink=report.merge),
+        dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=3), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for length in (4, 5):
+            compiled(torch.randn(1, length, 16))
+        assert not [w for w in caught if issubclass(w.category, attnrewrite.RewriteWarning)]
+        compiled(torch.randn(1, 6, 16))
+        said = [str(w.message) for w in caught if issubclass(w.category, attnrewrite.RewriteWarning)]
+        assert len(said) == 1 and "3th time" in said[0] and "recompile_limit" in said[0], said
+        assert "forward" in said[0] and "original attention" in said[0]
+        assert len(report.rewritten) == 3
+        with pytest.raises(attnrewrite.RewriteFailed, match="ran eagerly"):  # the 4th length: softmax
+            attnrewrite.verify(compiled, torch.randn(1, 7, 16))
+
+
+def test_strict_raises_at_the_recompile_limit():
+    compiled = compile_rewritten(ShapeSpecialised(), to="sigmoid", strict=True, dynamic=False)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        compiled(torch.randn(1, 4, 16))
+        with pytest.raises(Exception, match="recompile_limit"):
+            compiled(torch.randn(1, 5, 16))
+
+
+@torch._dynamo.disable
+def _attention_dynamo_skips(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+class HiddenFromDynamo(ShapeSpecialised):
+    """Its attention runs in a function Dynamo does not compile: no graph ever shows it to the pass."""
+
+    def forward(self, x):
+        q, k, v = self.proj(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        return _attention_dynamo_skips(q, k, v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("form", ["instance", "class"])
+def test_strict_rewrite_checks_its_first_call(form):
+    """strict=True: attention that ran eagerly in the first call raises, naming the op; a module
+    whose attention is rewritten passes and computes the kind."""
+    x = torch.randn(2, 5, 16)
+    if form == "instance":
+        hidden = attnrewrite.rewrite(HiddenFromDynamo(), to="sigmoid", strict=True, compiler="eager")
+        good = attnrewrite.rewrite(ShapeSpecialised(), to="sigmoid", strict=True, compiler="eager")
+    else:
+        hidden = attnrewrite.rewrite(to="sigmoid", strict=True, compiler="eager")(
+            type("Hidden", (HiddenFromDynamo,), {}))()
+        good = attnrewrite.rewrite(to="sigmoid", strict=True, compiler="eager")(
+            type("Good", (ShapeSpecialised,), {}))()
+    with pytest.raises(attnrewrite.RewriteFailed, match="ran eagerly") as caught:
+        hidden(x)
+    assert "first call" in str(caught.value) and "scaled_dot_product_attention" in str(caught.value)
+    out = good(x)
+    q, k, v = good.proj(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+    want = attnrewrite.ops.sigmoid_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+    torch.testing.assert_close(out, want)
+
+
+def test_verify_names_attention_run_eagerly_inside_a_compiled_frame():
+    """A function Dynamo skips runs inside the compiled frame's region but in none of its graphs."""
+    with pytest.raises(attnrewrite.RewriteFailed, match="in none of its graphs") as caught:
+        attnrewrite.verify(HiddenFromDynamo(), torch.randn(2, 5, 16), to="sigmoid")
+    assert "test_trust.py" in caught.value.failures[0].module  # the line that ran it

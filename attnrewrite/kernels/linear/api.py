@@ -121,7 +121,8 @@ def _bottom_right(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, init
     """
     prefix = k.shape[2] - q.shape[2]
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    k_feat = apply_feature_map(k[:, :, :prefix].to(dtype), feature_map)
+    # contiguous before φ: see chunk_torch._features (fake and real elu_backward strides differ otherwise)
+    k_feat = apply_feature_map(k[:, :, :prefix].to(dtype).contiguous(), feature_map)
     if key_mask is not None:  # φ(0) ≠ 0 for elu: padded keys are zeroed after φ, as in the paths
         k_feat = k_feat * key_mask[:, None, :prefix, None].to(dtype)
     S = k_feat.transpose(-1, -2) @ v[:, :, :prefix].to(dtype)

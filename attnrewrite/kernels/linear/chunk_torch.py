@@ -24,8 +24,14 @@ DEFAULT_CHUNK = 64
 
 def _features(q, k, v, *, feature_map, scale, key_mask):
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    q_feat = apply_feature_map(q.to(dtype) * scale, feature_map)
-    k_feat = apply_feature_map(k.to(dtype), feature_map)
+    # φ's input is made contiguous (the copy the chunked reshapes below would make anyway): the
+    # gradient reaching φ is contiguous, and with a transposed input (q/k as [B, T, H, D] views, as
+    # every HF model passes them) PyTorch's fake aten.elu_backward takes the input's strides where the
+    # real kernel takes the gradient's, so a compiled backward traced on fakes (aot_eager, inductor)
+    # would view a contiguous gradient as a transposed one and fail.  (``.contiguous()``, not
+    # ``.to(memory_format=...)``: traced, the latter is dropped when the dtype already matches.)
+    q_feat = apply_feature_map(q.to(dtype).contiguous() * scale, feature_map)
+    k_feat = apply_feature_map(k.to(dtype).contiguous(), feature_map)
     if key_mask is not None:  # padded keys must contribute nothing: φ(0) is 1 for elu, so zero after φ
         k_feat = k_feat * key_mask[:, None, :, None].to(dtype)
     return q_feat, k_feat, v.to(dtype)
@@ -148,6 +154,13 @@ class _ChunkedCausal(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, d_state):
+        # computed in the inputs' dtype (float32/float64) as the forward is: a compiled backward is
+        # traced under the forward's autocast state, which would run these matmuls in bfloat16
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _ChunkedCausal._backward(ctx, d_out, d_state)
+
+    @staticmethod
+    def _backward(ctx, d_out, d_state):
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
             return _ChunkedCausal._backward_by_autograd(ctx, d_out, d_state)
         q, k, v1, _s0, weights, state_before, inv_den, out, mask = ctx.saved_tensors
