@@ -21,7 +21,7 @@ from attnrewrite.patterns import eager_matmul, masks
 from attnrewrite.rewriter.report import Report
 from attnrewrite.testing.checks import compile_rewritten
 
-T, C, H = 8, 32, 4
+T, C, H = 10, 32, 4  # T differs from the head width (8): a layout mix-up cannot pass by symmetry
 
 
 def _heads(x):
@@ -245,3 +245,168 @@ def test_the_right_dropout_probability_is_certified(p):
     compile_rewritten(model, report)(_x())
     (site,) = report.sites
     assert site.status == "rewritten", report
+
+
+# --------------------------------------------------------------------------- refusals of the probes themselves
+
+
+class FullyMasked(Base):
+    """A buffer mask that hides every key: no query row can be compared, so nothing is proven."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("hidden", torch.ones(T, T, dtype=torch.bool))
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        s = (q @ k.transpose(-2, -1) / math.sqrt(C // H)).masked_fill(self.hidden, -1e9)
+        return torch.softmax(s, dim=-1) @ v
+
+
+class LogBias(Base):
+    """A bias log(b) of a parameter b: finite on the example, NaN on a random probe (b < 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.b = nn.Parameter(torch.rand(T, T) + 0.5)
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H) + torch.log(self.b), dim=-1) @ v
+
+
+class DeepMask(Base):
+    """A mask computed from an input through more ops than the certifier may evaluate."""
+
+    def forward(self, x, m):
+        for _ in range(1100):
+            m = m * 1.0 + 0.0
+        q, k, v = self.qkv_heads(x)
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H) + m[:, None, None, :], dim=-1) @ v
+
+
+def test_a_site_whose_probe_rows_are_all_masked_is_refused():
+    _refused(FullyMasked().eval(), _x(), reason="could not certify: every probed query row is fully masked")
+
+
+def test_a_site_whose_original_is_not_finite_on_a_probe_is_refused():
+    _refused(LogBias().eval(), _x(), reason="original output is not finite on probe inputs")
+
+
+def test_a_mask_beyond_the_evaluation_budget_is_refused():
+    _refused(DeepMask().eval(), _x(), torch.zeros(2, T), reason="could not certify: the site's masks depend on too "
+                                                                 "much of the graph")
+
+
+def test_an_output_layout_of_the_wrong_shape_is_refused(monkeypatch):
+    """A matcher that adds a layout step the site does not have is refused by shape, not by values."""
+
+    def extra_step(anchor):
+        site = real(anchor)
+        site.out_steps = site.out_steps + (("transpose", 1, 2),)
+        return site
+
+    real = eager_matmul.match
+    monkeypatch.setattr(eager_matmul, "match", extra_step)
+    _refused(Plain().eval(), _x(), reason="canonical form has shape (2, 10, 4, 8), site output torch.Size([2, 4, 10, 8])")
+
+
+# --------------------------------------------------------------------------- one proof per identical site only
+
+
+class TwoSites(nn.Module):
+    """Two attention layers alike in structure, differing in one constant: a scale, or a buffer mask."""
+
+    def __init__(self, second_scale: float, second_mask: torch.Tensor):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+        i = torch.arange(T)
+        self.register_buffer("causal", i[None, :] <= i[:, None])
+        self.register_buffer("other", second_mask)
+        self.scales = (1 / math.sqrt(C // H), second_scale)
+
+    def forward(self, x):
+        out = []
+        for layer, mask, scale in ((self.first, self.causal, self.scales[0]), (self.second, self.other, self.scales[1])):
+            q, k, v = layer.qkv_heads(x)
+            s = (q @ k.transpose(-2, -1) * scale).masked_fill(~mask, float("-inf"))
+            out.append(torch.softmax(s, dim=-1) @ v)
+        return out[0] + out[1]
+
+
+def _band(width):
+    i = torch.arange(T)
+    return (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - width)
+
+
+def _two_site_report(model, monkeypatch, bug):
+    """Plant ``bug`` (a resolver bug: the spec of every site made like the first's) and compile."""
+    real = masks.resolve
+
+    def planted(site, evaluator):
+        real(site, evaluator)
+        site.spec = bug(site.spec)
+
+    monkeypatch.setattr(masks, "resolve", planted)
+    report = Report()
+    x = _x()
+    torch.testing.assert_close(compile_rewritten(model.eval(), report)(x), model(x), rtol=1e-5, atol=1e-6)
+    return report
+
+
+def test_a_site_differing_only_in_a_constant_mask_is_proven_on_its_own(monkeypatch):
+    """Both sites claimed plain causal: true for the first, false for the second (a window). A
+    fingerprint that ignored the buffers' values would hand the first site's proof to the second."""
+    report = _two_site_report(TwoSites(1 / math.sqrt(C // H), _band(3)), monkeypatch,
+                              lambda spec: replace(spec, bias=(), causal=True))
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+
+
+def test_a_site_differing_only_in_its_scale_is_proven_on_its_own(monkeypatch):
+    """Both sites claimed with the first's scale: a fingerprint that ignored the ops' arguments would
+    hand the first site's proof to the second."""
+    first = 1 / math.sqrt(C // H)
+    report = _two_site_report(TwoSites(first * 1.5, _band(T)), monkeypatch, lambda spec: replace(spec, scale=first))
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+
+
+def test_identical_sites_are_proven_once():
+    """The same structure reading the same inputs: one proof, shared (the pass's cost stays linear in
+    the distinct layers, not in the depth)."""
+    import attnrewrite.rewriter.pipeline as pipeline
+
+    calls = []
+    real = pipeline.certify
+
+    def counting(site, evaluator, *args, **kwargs):
+        calls.append(site)
+        return real(site, evaluator, *args, **kwargs)
+
+    model = TwoSites(1 / math.sqrt(C // H), _band(T)).eval()  # band of width T: the causal triangle itself
+    report = Report()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "certify", counting)
+        compile_rewritten(model, report)(_x())
+    assert [s.status for s in report.sites] == ["rewritten", "rewritten"], report
+    assert len(calls) == 1, f"{len(calls)} proofs for two identical sites"
+
+
+def test_identical_sites_with_different_specs_are_proven_apart(monkeypatch):
+    """Two identical layers, the second matched with a wrong scale (a planted matcher bug): a fingerprint
+    that ignored the spec would hand the first, right, spec's proof to the second."""
+    seen = []
+    real = eager_matmul.match
+
+    def second_wrong(anchor):
+        site = real(anchor)
+        seen.append(anchor)
+        if len(seen) == 2:
+            site.spec = replace(site.spec, scale=site.spec.scale * 1.5)
+        return site
+
+    monkeypatch.setattr(eager_matmul, "match", second_wrong)
+    model = TwoSites(1 / math.sqrt(C // H), _band(T)).eval()
+    report = Report()
+    x = _x()
+    torch.testing.assert_close(compile_rewritten(model, report)(x), model(x), rtol=1e-5, atol=1e-6)
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
