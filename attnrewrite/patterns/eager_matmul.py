@@ -34,6 +34,7 @@ from attnrewrite.ir.capture import (
     same_size,
     symbolic_number,
     tensor_meta,
+    value_inputs,
 )
 from attnrewrite.ir.spec import (
     MASKED_SCORE,
@@ -228,9 +229,11 @@ class _Scores:
     def add_term(self, kind: str, node, coeff: float = 1.0) -> None:
         if not isinstance(node, fx.Node):
             raise NotAttention(f"a constant ({node!r}) is added to the scores")
-        if kind == "add" and not is_float_tensor(node):
-            raise NotAttention(f"a non-float tensor ({node.name}) is added to the scores")
-        self.terms.append((MaskTerm(kind, node, coeff=coeff), self.lead))
+        if kind == "add" and not is_float_tensor(node) and not _is_bool_or_int_tensor(node):
+            raise NotAttention(f"{node.name}, not a tensor, is added to the scores")
+        # a bool or integer tensor added to the scores adds its values: s + m is s + m.to(s.dtype), an
+        # additive bias like any other (the canonical form casts it)
+        self.terms.append((MaskTerm(kind, _unexpanded(node), coeff=coeff), self.lead))
 
     def masked_value(self, value) -> None:
         """A value written into masked positions: must be -inf or a large negative constant."""
@@ -242,6 +245,25 @@ class _Scores:
             self.value_checks.append(value)
         else:
             raise NotAttention(f"scores are set to {value!r}")
+
+
+def _is_bool_or_int_tensor(node) -> bool:
+    t = tensor_meta(node)
+    return t is not None and (t.dtype == torch.bool or not (t.dtype.is_floating_point or t.dtype.is_complex))
+
+
+def _unexpanded(node: fx.Node) -> fx.Node:
+    """A mask term without its ``expand``/``expand_as``: expanding only broadcasts, which adding it to the
+    scores (or filling them with it) does anyway — and ``m.expand_as(scores)`` would keep the scores alive."""
+    while isinstance(node, fx.Node):
+        call = normalize(node)
+        if call is not None and call.name == "expand" and isinstance(call.args[0], fx.Node):
+            node = call.args[0]
+        elif node.op == "call_method" and node.target == "expand_as" and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        else:
+            break
+    return node
 
 
 def _interpret(chain: list[fx.Node]) -> _Scores:
@@ -331,7 +353,7 @@ def _reads_any(node: fx.Node, forbidden: set[fx.Node], earliest: fx.Node) -> boo
         if current in seen or current < earliest:
             continue
         seen.add(current)
-        stack.extend(current.all_input_nodes)
+        stack.extend(value_inputs(current))  # shape-only reads (expand_as(scores), scores.size()) are not reuse
     return False
 
 
