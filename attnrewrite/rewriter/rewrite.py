@@ -46,6 +46,8 @@ def rewrite_site(gm: fx.GraphModule, site: Site, emit: Callable, fake_mode,
         lookup = _through(replaced, record_lookup)
         call = canonical.attention_call(spec, lookup, q_dtype)
         out = canonical.apply_steps(emit(call), site.out_steps, lookup)
+        if any(step[0] in ("transpose", "permute") for step in site.out_steps):
+            out = out.contiguous()  # a product's output is contiguous: later views of it may rely on that
         if out_meta is not None and out_meta.dtype != q_dtype:
             out = out.to(out_meta.dtype)
     if weights is not None:
