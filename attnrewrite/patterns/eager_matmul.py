@@ -145,7 +145,7 @@ def _path_down(node: fx.Node, depth: int, transposed: bool = False) -> list[fx.N
             rest = _path_down(user, depth - 1, transposed)
             if rest is not None:
                 paths.append([node] + rest)
-        elif call.name == "transpose" and not transposed and depth > 0 and _swaps_last_two(call):
+        elif call.name in ("transpose", "permute") and not transposed and depth > 0 and _swaps_last_two(call):
             rest = _path_down(user, depth - 1, transposed=True)
             if rest is not None:
                 paths.append([node] + rest)
@@ -155,10 +155,16 @@ def _path_down(node: fx.Node, depth: int, transposed: bool = False) -> list[fx.N
 
 
 def _swaps_last_two(call: Call) -> bool:
+    """A transpose or permute that swaps the last two dims and nothing else."""
     r = rank(call.node)
+    if r is None or r < 2:
+        return False
+    if call.name == "permute":
+        dims = call.args[1]
+        return all(isinstance(d, int) for d in dims) and [normalize_dim(d, r) for d in dims] == list(
+            range(r - 2)) + [r - 1, r - 2]
     dims = call.args[1:3]
-    return r is not None and all(isinstance(d, int) for d in dims) and {
-        normalize_dim(d, r) for d in dims} == {r - 2, r - 1}
+    return all(isinstance(d, int) for d in dims) and {normalize_dim(d, r) for d in dims} == {r - 2, r - 1}
 
 
 def _lead_view(node: fx.Node, before: fx.Node, what: str) -> tuple[tuple[int, ...], tuple | None]:
@@ -447,7 +453,7 @@ def _einsum_qk(call: Call) -> tuple[TensorRef, TensorRef]:
 
 def _is_transpose_of_probs(node: fx.Node) -> bool:
     call = normalize(node)
-    return call is not None and call.name == "transpose" and _swaps_last_two(call)
+    return call is not None and call.name in ("transpose", "permute") and _swaps_last_two(call)
 
 
 def _pv_operand(product: fx.Node, probs: fx.Node) -> tuple[TensorRef, tuple]:
