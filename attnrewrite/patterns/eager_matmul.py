@@ -461,7 +461,7 @@ def _pv_operand(product: fx.Node, probs: fx.Node) -> tuple[TensorRef, tuple]:
     call = normalize(product)
     if call.name == "matmul":
         if call.args[1] is probs and _is_transpose_of_probs(probs):  # v @ pᵀ = (p @ vᵀ)ᵀ: values on the left
-            return TensorRef(call.args[0]).then("transpose", -2, -1), (("transpose", -2, -1),)
+            return keys_from_transposed(call.args[0]), (("transpose", -2, -1),)  # (vᵀ's own transpose undone)
         if call.args[0] is not probs:
             raise NotAttention("the probabilities are the right operand of the value product")
         return TensorRef(call.args[1]), ()
@@ -553,14 +553,16 @@ def _expanded(shape: tuple, lead: tuple, lead_sizes: tuple, term: MaskTerm) -> t
 def _merged_lead_steps(term: MaskTerm, shape: tuple, score_lead: tuple[int, ...]) -> tuple:
     """Steps that keep ``term`` aligned with scores of rank > 4, whose leading dims but the last are
     merged into one (:func:`to_four_dims`): the term's own share of the merged dims must be all ones
-    (squeezed away) or all of them, at full size (merged alike)."""
+    (squeezed away), or the scores' sizes there with ones in the scores wherever the term has no dim
+    (merged alike)."""
     merged = len(score_lead) - 1
     own = len(shape) - 3  # how many of the merged dims the term spells out (its leading ones)
     if own <= 0:
         return ()
     if all(s == 1 for s in shape[:own]):
         return (("squeeze", 0),) * own
-    if own == merged and tuple(shape[:own]) == tuple(score_lead[:merged]):
+    if own <= merged and all(s == 1 for s in score_lead[:merged - own]) and tuple(shape[:own]) == tuple(
+            score_lead[merged - own:merged]):  # the merged dims the term leaves out are ones in the scores too
         return (("flatten", 0, own - 1),) if own > 1 else ()
     raise NotAttention(f"the bias or mask {term.node.name} {tuple(shape)} cannot follow the merged batch dims "
                        f"of rank-{len(score_lead) + 2} scores")
@@ -657,6 +659,8 @@ def match(anchor: fx.Node) -> Site:
     q_shape, k_shape, v_shape = ref_shape(q_ref), ref_shape(k_ref), ref_shape(v_ref)
     if k_groups == 1 and k_shape[-3] == v_shape[-3] == 1 < q_shape[-3]:
         k_groups = q_shape[-3]  # one kv head broadcast over all query heads (multi-query attention)
+    if v_shape[-3] != k_shape[-3]:  # (values of one head, or one batch and head, shared by all: not attention)
+        raise NotAttention(f"v {v_shape} and k {k_shape} do not pair up as attention heads")
     if q_shape[-1] != k_shape[-1] or q_shape[-3] != k_shape[-3] * k_groups:
         raise NotAttention(f"q {q_shape} and k {k_shape} do not pair up as attention heads")
     mod = None

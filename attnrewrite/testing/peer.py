@@ -73,6 +73,7 @@ def _checkpointed(fn: Callable) -> Callable:
     def run(*args):
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=True)
 
+    run.__doc__ = f"{fn.__doc__.split(':')[0]} under activation checkpointing"
     return run
 
 
