@@ -47,6 +47,9 @@ def apply_steps(x: Any, steps: tuple[Step, ...], lookup: Lookup) -> Any:
             x = x.unflatten(args[0], tuple(args[1]))
         elif op == "expand":
             x = x.expand(*args[0])
+        elif op == "unflatten_like":  # dim 0 into the first args[2] sizes of another operand (args[0] + steps)
+            other = apply_steps(args[0], args[1], lookup)
+            x = x.unflatten(0, tuple(other.size(d) for d in range(args[2])))
         elif op == "expand_like":  # broadcast dims ``args[2]`` to the sizes of another operand (args[0] + steps)
             other = apply_steps(args[0], args[1], lookup)
             x = x.expand(*[other.size(d) if d in args[2] else -1 for d in range(args[3])])
@@ -82,6 +85,8 @@ def steps_shape(shape: tuple, steps: tuple[Step, ...]) -> tuple:
             shape[d:d + 1] = list(args[1])
         elif op == "expand":
             shape = [old if new == -1 else new for old, new in zip(shape, args[0])]
+        elif op == "unflatten_like":  # (likewise)
+            shape[0:1] = list(args[3][:args[2]])
         elif op == "expand_like":  # the other operand's sizes, as traced, are the step's last argument
             shape = [args[4][d] if d in args[2] else size for d, size in enumerate(shape)]
     return tuple(shape)

@@ -650,7 +650,7 @@ def match(anchor: fx.Node) -> Site:
     if pv_lead != score_lead:
         _checked_lead(v_ref, pv_lead, "values")
         v_steps, back_steps = relayout(len(pv_lead), score_sizes), relayout(score_rank - 2, pv_sizes)
-    in_steps, out_steps = to_four_dims(score_rank, score_sizes)
+    in_steps, out_steps = to_four_dims(score_rank, score_sizes, like=TensorRef(q_ref.node, q_ref.steps + qk_steps))
     q_ref, k_ref = (TensorRef(x.node, x.steps + qk_steps + in_steps) for x in (q_ref, k_ref))
     v_ref = TensorRef(v_ref.node, v_ref.steps + v_steps + in_steps)
     product_sizes = tuple(tensor_meta(up[0]).shape[:-2])  # (a term added before any view of the scores)

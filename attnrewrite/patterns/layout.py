@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from attnrewrite.ir.capture import constant_value, hinted_shape, normalize, rank
+from attnrewrite.ir.capture import constant_value, hint, hinted_shape, normalize, rank
 from attnrewrite.ir.spec import NotAttention, Step, TensorRef
 
 #: Views that can be replayed as layout steps when a constant scale is pulled out from under them.
@@ -131,12 +131,15 @@ def _replay_reshape(shape: tuple[int, ...], steps) -> tuple[int, ...]:
     return tuple(apply_steps(meta, steps, lambda n: hint(n.meta.get("example_value"))).shape)
 
 
-def to_four_dims(rank_: int, lead_sizes: tuple | None = None) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
+def to_four_dims(rank_: int, lead_sizes: tuple | None = None,
+                 like: TensorRef | None = None) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
     """Steps that bring q/k/v of ``rank_`` dims to [B, H, T, D], and the output steps back.
 
     Above rank 4 (attention over grid or block partitions, ``b h w i d``) the leading dims but the
     last one of ``lead_sizes`` (the scores' leading sizes: ints, or graph nodes for symbolic ones)
     are merged into one batch dim; every leading dim is an independent batch of attention anyway.
+    Symbolic sizes the graph does not name are read back from ``like`` (an operand in the scores'
+    layout, e.g. q) when the output is unflattened.
     """
     if rank_ == 4:
         return (), ()
@@ -148,6 +151,9 @@ def to_four_dims(rank_: int, lead_sizes: tuple | None = None) -> tuple[tuple[Ste
         merged = tuple(lead_sizes[:rank_ - 3])
         if all(isinstance(s, (int, fx.Node)) for s in merged[1:]):
             return (("flatten", 0, rank_ - 4),), (("unflatten", 0, (-1,) + merged[1:]),)
+        if like is not None and tuple(ref_shape(like)[:len(merged)]) == tuple(hint(s) for s in merged):
+            return (("flatten", 0, rank_ - 4),), (("unflatten_like", like.node, like.steps, len(merged),
+                                                   tuple(ref_shape(like))),)
         raise NotAttention(f"rank-{rank_} attention whose leading sizes {merged} the graph does not name")
     raise NotAttention(f"rank-{rank_} attention operands (only 2-, 3- and 4-D layouts are supported)")
 

@@ -295,6 +295,7 @@ def _cases() -> dict[str, Case]:
         "g_sagan_bmm_permute": Case(sagan_bmm, (seq,), _sagan_sigmoid),
         "h_grid_einsum": Case(grid_einsum, g5 + (bias5,), _grid_sigmoid),
         "h_block_einsum": Case(block_einsum, b5, _block_sigmoid),
+        "h_grid_einsum_dynamic": Case(grid_einsum, g5 + (bias5,), dynamic=True),
     }
 
 
