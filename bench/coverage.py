@@ -21,6 +21,13 @@ then runs eagerly): code generation would not change the counts and takes most o
 CPU; ``--full-inductor`` runs it anyway.
 
     python bench/coverage.py [--only llama,bert] [--modes inference,training] [--no-inductor]
+
+``--peer`` prints another table instead: the peer's own attention spellings — inductor's attention-fusion
+tests restated as 56 cases in ``attnrewrite/testing/peer.py`` — with the sites attnrewrite rewrote and
+those inductor's ``fuse_attention`` fused, read from its own counter
+(``counters["inductor"]["fuse_attention"]``, each case compiled with plain inductor, inference):
+
+    python bench/coverage.py --peer [--only p1_float,p15_expand_as] [--no-inductor]
 """
 
 from __future__ import annotations
@@ -160,6 +167,84 @@ class PlainAttention:
         return {"x": torch.randn(2, 8, 32, generator=g)}
 
 
+def _peer_inputs(case):
+    import torch
+
+    inputs = list(case.inputs)
+    if case.dynamic:
+        for x in inputs[:3]:
+            torch._dynamo.mark_dynamic(x, 0)
+    return inputs
+
+
+def peer_attnrewrite(case) -> tuple[int, int]:
+    """(sites rewritten, attention sites found) for one peer case, exact kind, eager compiler, inference."""
+    import torch
+
+    from attnrewrite.rewriter.backend import attnrewrite_backend
+    from attnrewrite.rewriter.report import Report
+
+    torch._dynamo.reset()
+    report = Report()
+    backend = functools.partial(attnrewrite_backend, options={"to": "softmax", "compiler": "eager"},
+                                _report_sink=report.merge)
+    with torch.no_grad():
+        torch.compile(case.fn, backend=backend)(*_peer_inputs(case))
+    return len([s for s in report.rewritten if s.spec is not None]), len(report.attention_sites())
+
+
+def peer_inductor(case, full: bool = False) -> int:
+    """Inductor's own count for one peer case: ``counters["inductor"]["fuse_attention"]`` after compiling it
+    with plain inductor (inference; the FX graph cache off so that its passes run)."""
+    import torch
+    import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters["inductor"].clear()
+    stop = _counting_pass({"after": 0}, "after", stop=not full)
+    with inductor_config.patch(fx_graph_cache=False, post_grad_custom_post_pass=stop), \
+            torch._functorch.config.patch(enable_autograd_cache=False), torch.no_grad():
+        torch.compile(case.fn, backend=_inductor_until_codegen(full))(*_peer_inputs(case))
+    return counters["inductor"]["fuse_attention"]
+
+
+def peer_section(args) -> int:
+    """The peer's own spellings (attnrewrite/testing/peer.py): attnrewrite and inductor side by side."""
+    import torch
+
+    from attnrewrite.testing import peer
+
+    cases = [c for c in peer.cases() if not args.only or c.name in args.only.split(",")]
+    print(f"peer suite — inductor's attention-fusion test spellings restated ({len(cases)} cases), torch "
+          f"{torch.__version__}, {platform.platform()}, {os.cpu_count()} CPU(s); inference")
+    print(f"{'case':30s} {'sites':>5s} {'attnrewrite':>11s} {'inductor':>9s}  what")
+    ours_total = fused_total = sites_total = 0
+    start = time.perf_counter()
+    for case in cases:
+        sites_total += case.sites
+        try:
+            ours, _ = peer_attnrewrite(case)
+            ours_cell = f"{ours}/{case.sites}"
+            ours_total += ours
+        except Exception as exc:  # noqa: BLE001 — one case failing must not hide the rest
+            ours_cell = f"err({type(exc).__name__})"
+        ind_cell = "-"
+        if not args.no_inductor:
+            try:
+                counter = peer_inductor(case, args.full_inductor)
+                fused = min(counter, case.sites) if counter else 0  # the counter counts traces, not sites
+                fused_total += fused
+                ind_cell = f"{fused}/{case.sites}" + (f" ({counter})" if counter > case.sites else "")
+            except Exception as exc:  # noqa: BLE001
+                ind_cell = f"err({type(exc).__name__})"
+        print(f"{case.name:30s} {case.sites:5d} {ours_cell:>11s} {ind_cell:>9s}  {case.what[:70]}", flush=True)
+    print(f"\ntotals ({time.perf_counter() - start:.0f} s): {len(cases)} cases, {sites_total} attention sites; "
+          f"attnrewrite rewrote {ours_total}"
+          + ("" if args.no_inductor else f", inductor's fuse_attention fused {fused_total}"))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default="", help="comma-separated zoo ids or families")
@@ -167,7 +252,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-inductor", action="store_true", help="count attnrewrite's sites only")
     parser.add_argument("--full-inductor", action="store_true",
                         help="let inductor generate and compile code too (slow on a CPU; same counts)")
+    parser.add_argument("--peer", action="store_true",
+                        help="the peer suite (inductor's own fusion-test spellings) instead of the zoo")
     args = parser.parse_args(argv)
+    if args.peer:
+        warnings.filterwarnings("ignore")
+        return peer_section(args)
 
     import torch
 

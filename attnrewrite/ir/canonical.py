@@ -45,6 +45,14 @@ def apply_steps(x: Any, steps: tuple[Step, ...], lookup: Lookup) -> Any:
             x = x.flatten(args[0], args[1])
         elif op == "unflatten":
             x = x.unflatten(args[0], tuple(args[1]))
+        elif op == "expand":
+            x = x.expand(*args[0])
+        elif op == "unflatten_like":  # dim 0 into the first args[2] sizes of another operand (args[0] + steps)
+            other = apply_steps(args[0], args[1], lookup)
+            x = x.unflatten(0, tuple(other.size(d) for d in range(args[2])))
+        elif op == "expand_like":  # broadcast dims ``args[2]`` to the sizes of another operand (args[0] + steps)
+            other = apply_steps(args[0], args[1], lookup)
+            x = x.expand(*[other.size(d) if d in args[2] else -1 for d in range(args[3])])
         else:
             raise ValueError(f"unknown layout step {op!r}")
     return x
@@ -75,6 +83,12 @@ def steps_shape(shape: tuple, steps: tuple[Step, ...]) -> tuple:
         elif op == "unflatten":
             d = args[0] % len(shape)
             shape[d:d + 1] = list(args[1])
+        elif op == "expand":
+            shape = [old if new == -1 else new for old, new in zip(shape, args[0])]
+        elif op == "unflatten_like":  # (likewise)
+            shape[0:1] = list(args[3][:args[2]])
+        elif op == "expand_like":  # the other operand's sizes, as traced, are the step's last argument
+            shape = [args[4][d] if d in args[2] else size for d, size in enumerate(shape)]
     return tuple(shape)
 
 

@@ -186,6 +186,54 @@ def normalize(node: fx.Node) -> Call | None:
     return Call(name, node, tuple(a), dict(kw))
 
 
+# --------------------------------------------------------------------------- shape-only reads
+
+#: Methods whose result depends only on the shape (or dtype, device) of their first argument.
+_SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement", "new_ones", "new_zeros", "new_empty",
+                            "new_full", "get_device"})
+#: Methods that read only the shape of their *second* argument (``m.expand_as(scores)``).
+_SHAPE_OF_SECOND = frozenset({"expand_as"})
+_LIKE_FUNCTIONS = frozenset({torch.ones_like, torch.zeros_like, torch.empty_like, torch.full_like})
+_SHAPE_ATTRIBUTES = frozenset({"shape", "ndim", "dtype", "device", "is_cuda"})
+
+
+def _shape_only_position(node: fx.Node) -> int | None:
+    """The position of the argument of ``node`` whose value it never reads, only its shape, dtype or
+    device; None when there is none."""
+    a = node.args
+    if not a or not isinstance(a[0], fx.Node):
+        return None
+    if node.op == "call_method":
+        if node.target in _SHAPE_METHODS:
+            return 0
+        if node.target in _SHAPE_OF_SECOND and len(a) > 1 and isinstance(a[1], fx.Node):
+            return 1
+    elif node.op == "call_function":
+        if node.target is getattr and len(a) == 2 and a[1] in _SHAPE_ATTRIBUTES:
+            return 0
+        try:
+            if node.target in _LIKE_FUNCTIONS:
+                return 0
+        except TypeError:  # unhashable target
+            return None
+        if getattr(node.target, "__name__", "").startswith("sym_"):  # aten.sym_size / sym_numel / sym_stride
+            return 0
+    return None
+
+
+def value_inputs(node: fx.Node) -> list[fx.Node]:
+    """``node``'s inputs whose values it reads: ``all_input_nodes`` without an operand it uses only for
+    its shape (``m.expand_as(scores)``, ``scores.size()``, ``scores.shape``, ``ones_like(scores)``).
+    A shape-only use of the attention scores is not a reuse of their values."""
+    position = _shape_only_position(node)
+    if position is None:
+        return node.all_input_nodes
+    read: set[fx.Node] = set()
+    args = tuple(a for i, a in enumerate(node.args) if i != position)
+    fx.node.map_arg((args, node.kwargs), read.add)  # an operand also passed elsewhere stays a value input
+    return [n for n in node.all_input_nodes if n in read]
+
+
 # --------------------------------------------------------------------------- example values and hints
 
 

@@ -22,6 +22,7 @@ from attnrewrite.ir.capture import (
     hinted_shape,
     mutated_placeholders,
     placeholder_role,
+    value_inputs,
 )
 
 #: Largest number of nodes evaluated to produce one site's inputs (masks, biases).
@@ -225,7 +226,7 @@ class GraphEvaluator:
                 memo[current] = False
             elif not expanded:
                 stack.append((current, True))
-                stack.extend((n, False) for n in current.all_input_nodes if n not in memo)
-            else:
-                memo[current] = any(memo.get(n, True) for n in current.all_input_nodes)
+                stack.extend((n, False) for n in value_inputs(current) if n not in memo)
+            else:  # (a shape-only read, ones_like(scores), does not depend on the scores' values)
+                memo[current] = any(memo.get(n, True) for n in value_inputs(current))
         return memo[node]

@@ -34,6 +34,7 @@ from attnrewrite.ir.capture import (
     same_size,
     symbolic_number,
     tensor_meta,
+    value_inputs,
 )
 from attnrewrite.ir.spec import (
     MASKED_SCORE,
@@ -46,6 +47,7 @@ from attnrewrite.ir.spec import (
 )
 from attnrewrite.patterns.grouped_kv import see_through_repeat
 from attnrewrite.patterns.layout import (
+    broadcast_over_batch,
     fold_constant_scale,
     keys_from_transposed,
     normalize_dim,
@@ -119,24 +121,50 @@ def _meets_values(probs: fx.Node) -> bool:
         return False
 
 
-def _path_down(node: fx.Node, depth: int) -> list[fx.Node] | None:
-    """[node, ..., product]: from the probabilities down through casts/dropout/views to a product."""
+def _path_down(node: fx.Node, depth: int, transposed: bool = False) -> list[fx.Node] | None:
+    """[node, ..., product]: from the probabilities down through casts/dropout/views to a product.
+
+    The probabilities are the left operand of the value product — or, once transposed
+    ([.., Tk, Tq]), its right operand: ``v @ p.transpose(-2, -1)`` with channels-first values
+    [.., Dv, Tk] is (p @ vᵀ)ᵀ, attention written for NCHW feature maps."""
     paths = []
     for user in node.users:
         call = normalize(user)
         if call is not None and call.name == "matmul" and call.args[1] is node and call.args[0] is not node:
-            raise NotAttention("the probabilities are the right operand of the value product")
+            if not transposed:
+                raise NotAttention("the probabilities are the right operand of the value product")
+            paths.append([node, user])
+            continue
         if call is None or not call.args or call.args[0] is not node and call.name != "einsum":
             continue
         if call.name in ("matmul", "einsum"):
+            if transposed:
+                raise NotAttention("the transposed probabilities are the left operand of a product")
             paths.append([node, user])
         elif call.name in _PROB_OPS and depth > 0:
-            rest = _path_down(user, depth - 1)
+            rest = _path_down(user, depth - 1, transposed)
+            if rest is not None:
+                paths.append([node] + rest)
+        elif call.name in ("transpose", "permute") and not transposed and depth > 0 and _swaps_last_two(call):
+            rest = _path_down(user, depth - 1, transposed=True)
             if rest is not None:
                 paths.append([node] + rest)
     if len(paths) > 1:
         raise NotAttention("the probabilities feed more than one product")
     return paths[0] if paths else None
+
+
+def _swaps_last_two(call: Call) -> bool:
+    """A transpose or permute that swaps the last two dims and nothing else."""
+    r = rank(call.node)
+    if r is None or r < 2:
+        return False
+    if call.name == "permute":
+        dims = call.args[1]
+        return all(isinstance(d, int) for d in dims) and [normalize_dim(d, r) for d in dims] == list(
+            range(r - 2)) + [r - 1, r - 2]
+    dims = call.args[1:3]
+    return all(isinstance(d, int) for d in dims) and {normalize_dim(d, r) for d in dims} == {r - 2, r - 1}
 
 
 def _lead_view(node: fx.Node, before: fx.Node, what: str) -> tuple[tuple[int, ...], tuple | None]:
@@ -169,6 +197,7 @@ class _Scores:
         self.scale = 1.0
         self.factors: list[tuple[fx.Node, int]] = []
         self.terms: list[tuple[MaskTerm, tuple[int, ...]]] = []
+        self.term_sizes: list[tuple | None] = []  # per term: the view's arguments for its leading sizes
         self.value_checks: list[fx.Node] = []
         self.softmax_dtype: torch.dtype | None = None
         self.lead = lead
@@ -228,9 +257,12 @@ class _Scores:
     def add_term(self, kind: str, node, coeff: float = 1.0) -> None:
         if not isinstance(node, fx.Node):
             raise NotAttention(f"a constant ({node!r}) is added to the scores")
-        if kind == "add" and not is_float_tensor(node):
-            raise NotAttention(f"a non-float tensor ({node.name}) is added to the scores")
-        self.terms.append((MaskTerm(kind, node, coeff=coeff), self.lead))
+        if kind == "add" and not is_float_tensor(node) and not _is_bool_or_int_tensor(node):
+            raise NotAttention(f"{node.name}, not a tensor, is added to the scores")
+        # a bool or integer tensor added to the scores adds its values: s + m is s + m.to(s.dtype), an
+        # additive bias like any other (the canonical form casts it)
+        self.terms.append((MaskTerm(kind, _unexpanded(node), coeff=coeff), self.lead))
+        self.term_sizes.append(self.view_sizes)
 
     def masked_value(self, value) -> None:
         """A value written into masked positions: must be -inf or a large negative constant."""
@@ -242,6 +274,25 @@ class _Scores:
             self.value_checks.append(value)
         else:
             raise NotAttention(f"scores are set to {value!r}")
+
+
+def _is_bool_or_int_tensor(node) -> bool:
+    t = tensor_meta(node)
+    return t is not None and (t.dtype == torch.bool or not (t.dtype.is_floating_point or t.dtype.is_complex))
+
+
+def _unexpanded(node: fx.Node) -> fx.Node:
+    """A mask term without its ``expand``/``expand_as``: expanding only broadcasts, which adding it to the
+    scores (or filling them with it) does anyway — and ``m.expand_as(scores)`` would keep the scores alive."""
+    while isinstance(node, fx.Node):
+        call = normalize(node)
+        if call is not None and call.name == "expand" and isinstance(call.args[0], fx.Node):
+            node = call.args[0]
+        elif node.op == "call_method" and node.target == "expand_as" and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        else:
+            break
+    return node
 
 
 def _interpret(chain: list[fx.Node]) -> _Scores:
@@ -331,7 +382,7 @@ def _reads_any(node: fx.Node, forbidden: set[fx.Node], earliest: fx.Node) -> boo
         if current in seen or current < earliest:
             continue
         seen.add(current)
-        stack.extend(current.all_input_nodes)
+        stack.extend(value_inputs(current))  # shape-only reads (expand_as(scores), scores.size()) are not reuse
     return False
 
 
@@ -400,10 +451,17 @@ def _einsum_qk(call: Call) -> tuple[TensorRef, TensorRef]:
     return _einsum_ref(call.args[1], a, batch + i + d), _einsum_ref(call.args[2], b, batch + j + d)
 
 
+def _is_transpose_of_probs(node: fx.Node) -> bool:
+    call = normalize(node)
+    return call is not None and call.name in ("transpose", "permute") and _swaps_last_two(call)
+
+
 def _pv_operand(product: fx.Node, probs: fx.Node) -> tuple[TensorRef, tuple]:
     """The values ref, and the steps from [batch, Tq, Dv] to the product's output layout."""
     call = normalize(product)
     if call.name == "matmul":
+        if call.args[1] is probs and _is_transpose_of_probs(probs):  # v @ pᵀ = (p @ vᵀ)ᵀ: values on the left
+            return keys_from_transposed(call.args[0]), (("transpose", -2, -1),)  # (vᵀ's own transpose undone)
         if call.args[0] is not probs:
             raise NotAttention("the probabilities are the right operand of the value product")
         return TensorRef(call.args[1]), ()
@@ -444,10 +502,11 @@ def region_between(sources: set[fx.Node], output: fx.Node) -> list[fx.Node]:
     return [n for n in order if reach[n]]
 
 
-def _term_steps(term: MaskTerm, lead: tuple[int, ...], score_lead: tuple[int, ...], score_sizes: tuple) -> tuple:
-    """Steps that make ``term`` (added when the scores had leading sizes ``lead``) broadcast against
-    the canonical 4-D scores, whose leading sizes at the softmax are ``score_lead`` (as traced:
-    ``score_sizes``)."""
+def _term_steps(term: MaskTerm, lead: tuple[int, ...], score_lead: tuple[int, ...], score_sizes: tuple,
+                lead_sizes: tuple) -> tuple:
+    """Steps that make ``term`` (added when the scores had leading sizes ``lead``, spelled ``lead_sizes``)
+    broadcast against the canonical 4-D scores, whose leading sizes at the softmax are ``score_lead``
+    (as traced: ``score_sizes``)."""
     shape = ref_shape(TensorRef(term.node, term.steps))
     steps: tuple = ()
     if len(shape) > 2 and tuple(lead) != tuple(score_lead):
@@ -457,9 +516,56 @@ def _term_steps(term: MaskTerm, lead: tuple[int, ...], score_lead: tuple[int, ..
         elif tuple(shape[:-2]) == tuple(lead):
             steps = relayout(len(lead), score_sizes)
             shape = tuple(score_lead) + tuple(shape[-2:])
+        elif _broadcasts(shape[:-2], lead):  # Swin: [1, nW, 1, N, N] against scores viewed [B, nW, H, N, N]
+            steps = _expanded(shape, lead, lead_sizes, term) + relayout(len(lead), score_sizes)
+            shape = tuple(score_lead) + tuple(shape[-2:])
         else:
             raise NotAttention(f"the bias or mask {term.node.name} cannot follow the view of the scores")
+    if len(score_lead) > 2:
+        steps += _merged_lead_steps(term, shape, score_lead)
     return term.steps + steps + term_steps(len(shape), len(score_lead) + 2)
+
+
+def _broadcasts(term_lead: tuple, lead: tuple) -> bool:
+    """The term's leading dims broadcast against ``lead`` (right-aligned, each 1 or equal)."""
+    return len(term_lead) <= len(lead) and all(t in (1, s) for t, s in zip(reversed(term_lead), reversed(lead)))
+
+
+def _expanded(shape: tuple, lead: tuple, lead_sizes: tuple, term: MaskTerm) -> tuple:
+    """Steps that expand a term broadcasting against the viewed scores' leading dims to their full sizes
+    (so that regrouping them regroups the term alike).  The sizes it broadcasts over must be spelled by
+    the view (ints, or size nodes under dynamic shapes)."""
+    full = len(lead) + 2
+    padded = (1,) * (full - len(shape)) + tuple(shape)
+    sizes = []
+    for d, (t, s) in enumerate(zip(padded[:-2], lead)):
+        size = lead_sizes[d] if lead_sizes is not None and len(lead_sizes) == len(lead) else None
+        if t == s:
+            sizes.append(-1)
+        elif isinstance(size, (int, fx.Node)) and size != -1:
+            sizes.append(size)
+        else:
+            raise NotAttention(f"the bias or mask {term.node.name} broadcasts over a dim of the viewed scores whose "
+                               "size the view does not spell out")
+    return (("unsqueeze", 0),) * (full - len(shape)) + (("expand", tuple(sizes) + (-1, -1)),)
+
+
+def _merged_lead_steps(term: MaskTerm, shape: tuple, score_lead: tuple[int, ...]) -> tuple:
+    """Steps that keep ``term`` aligned with scores of rank > 4, whose leading dims but the last are
+    merged into one (:func:`to_four_dims`): the term's own share of the merged dims must be all ones
+    (squeezed away), or the scores' sizes there with ones in the scores wherever the term has no dim
+    (merged alike)."""
+    merged = len(score_lead) - 1
+    own = len(shape) - 3  # how many of the merged dims the term spells out (its leading ones)
+    if own <= 0:
+        return ()
+    if all(s == 1 for s in shape[:own]):
+        return (("squeeze", 0),) * own
+    if own <= merged and all(s == 1 for s in score_lead[:merged - own]) and tuple(shape[:own]) == tuple(
+            score_lead[merged - own:merged]):  # the merged dims the term leaves out are ones in the scores too
+        return (("flatten", 0, own - 1),) if own > 1 else ()
+    raise NotAttention(f"the bias or mask {term.node.name} {tuple(shape)} cannot follow the merged batch dims "
+                       f"of rank-{len(score_lead) + 2} scores")
 
 
 def _checked_lead(ref: TensorRef, lead: tuple[int, ...], what: str) -> None:
@@ -529,6 +635,9 @@ def match(anchor: fx.Node) -> Site:
     score_sizes = state.view_sizes or tuple(tensor_meta(anchor).shape[:-2])
     pv_sizes = pv_view_sizes or tuple(tensor_meta(probs_last).shape[:-2])
     score_rank = len(score_lead) + 2
+    q_ref = broadcast_over_batch(q_ref, product_lead, (k_ref,))
+    k_ref = broadcast_over_batch(k_ref, product_lead, (q_ref,))
+    v_ref = broadcast_over_batch(v_ref, pv_lead, (q_ref, k_ref) if pv_lead == product_lead else ())
     if len(ref_shape(q_ref)) != len(product_lead) + 2 or len(ref_shape(k_ref)) != len(product_lead) + 2:
         raise NotAttention(f"q {ref_shape(q_ref)}, k {ref_shape(k_ref)} and the scores have different ranks")
     if len(ref_shape(v_ref)) != len(pv_lead) + 2:
@@ -541,13 +650,17 @@ def match(anchor: fx.Node) -> Site:
     if pv_lead != score_lead:
         _checked_lead(v_ref, pv_lead, "values")
         v_steps, back_steps = relayout(len(pv_lead), score_sizes), relayout(score_rank - 2, pv_sizes)
-    in_steps, out_steps = to_four_dims(score_rank)
+    in_steps, out_steps = to_four_dims(score_rank, score_sizes, like=TensorRef(q_ref.node, q_ref.steps + qk_steps))
     q_ref, k_ref = (TensorRef(x.node, x.steps + qk_steps + in_steps) for x in (q_ref, k_ref))
     v_ref = TensorRef(v_ref.node, v_ref.steps + v_steps + in_steps)
-    terms = tuple(replace(t, steps=_term_steps(t, lead, score_lead, score_sizes)) for t, lead in state.terms)
+    product_sizes = tuple(tensor_meta(up[0]).shape[:-2])  # (a term added before any view of the scores)
+    terms = tuple(replace(t, steps=_term_steps(t, lead, score_lead, score_sizes, sizes or product_sizes))
+                  for (t, lead), sizes in zip(state.terms, state.term_sizes))
     q_shape, k_shape, v_shape = ref_shape(q_ref), ref_shape(k_ref), ref_shape(v_ref)
     if k_groups == 1 and k_shape[-3] == v_shape[-3] == 1 < q_shape[-3]:
         k_groups = q_shape[-3]  # one kv head broadcast over all query heads (multi-query attention)
+    if v_shape[-3] != k_shape[-3]:  # (values of one head, or one batch and head, shared by all: not attention)
+        raise NotAttention(f"v {v_shape} and k {k_shape} do not pair up as attention heads")
     if q_shape[-1] != k_shape[-1] or q_shape[-3] != k_shape[-3] * k_groups:
         raise NotAttention(f"q {q_shape} and k {k_shape} do not pair up as attention heads")
     mod = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from attnrewrite.ir.capture import constant_value, hinted_shape, normalize, rank
+from attnrewrite.ir.capture import constant_value, hint, hinted_shape, normalize, rank
 from attnrewrite.ir.spec import NotAttention, Step, TensorRef
 
 #: Views that can be replayed as layout steps when a constant scale is pulled out from under them.
@@ -88,9 +88,37 @@ def ref_shape(ref: TensorRef) -> tuple[int, ...]:
     shape = hinted_shape(ref.node)
     if shape is None:
         raise NotAttention(f"{ref.node.name} is not a tensor")
-    if any(op in ("reshape", "unflatten") for op, *_ in ref.steps):
-        return _replay_reshape(shape, ref.steps)
+    if any(op in ("reshape", "unflatten", "expand") for op, *_ in ref.steps):
+        steps = tuple(("expand", tuple(s[4][d] if d in s[2] else -1 for d in range(s[3]))) if s[0] == "expand_like"
+                      else s for s in ref.steps)  # replayed on a meta tensor: the other operand's traced sizes
+        return _replay_reshape(shape, steps)
     return steps_shape(shape, ref.steps)
+
+
+def broadcast_over_batch(ref: TensorRef, lead: tuple[int, ...], donors: tuple[TensorRef, ...]) -> TensorRef:
+    """``ref`` (q, k or v) brought to the rank of the product whose leading sizes are ``lead``, its batch dims
+    expanded where the product broadcasts it: a learned latent query [H, L, D] against keys [B, H, T, D]
+    (Perceiver, Set Transformer's pooling, attention-pooling heads).  The batch dims are the leading dims
+    but the head dim (all of them for 3-D products); a head dim of 1 is left to the caller (multi-query
+    attention for keys, a near miss for queries).  The sizes are read from a ``donor`` that has them."""
+    shape = ref_shape(ref)
+    full = len(lead) + 2
+    missing = full - len(shape)
+    if missing < 0:
+        return ref
+    steps = ref.steps + (("unsqueeze", 0),) * missing
+    shape = (1,) * missing + tuple(shape)
+    batch_dims = range(len(lead) - 1) if len(lead) >= 2 else range(len(lead))
+    dims = tuple(d for d in batch_dims if shape[d] == 1 and lead[d] != 1)
+    if not dims:
+        return TensorRef(ref.node, steps)
+    for donor in donors:
+        donor_shape = ref_shape(donor)
+        if len(donor_shape) == full and all(donor_shape[d] == lead[d] for d in dims):
+            return TensorRef(ref.node, steps + (("expand_like", donor.node, donor.steps, dims, full,
+                                                 tuple(donor_shape)),))
+    raise NotAttention(f"{ref.node.name} {tuple(shape)} broadcasts over batch dims {dims} that no other operand "
+                       f"spells out")
 
 
 def _replay_reshape(shape: tuple[int, ...], steps) -> tuple[int, ...]:
@@ -103,14 +131,30 @@ def _replay_reshape(shape: tuple[int, ...], steps) -> tuple[int, ...]:
     return tuple(apply_steps(meta, steps, lambda n: hint(n.meta.get("example_value"))).shape)
 
 
-def to_four_dims(rank_: int) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
-    """Steps that bring q/k/v of ``rank_`` dims to [B, H, T, D], and the output steps back."""
+def to_four_dims(rank_: int, lead_sizes: tuple | None = None,
+                 like: TensorRef | None = None) -> tuple[tuple[Step, ...], tuple[Step, ...]]:
+    """Steps that bring q/k/v of ``rank_`` dims to [B, H, T, D], and the output steps back.
+
+    Above rank 4 (attention over grid or block partitions, ``b h w i d``) the leading dims but the
+    last one of ``lead_sizes`` (the scores' leading sizes: ints, or graph nodes for symbolic ones)
+    are merged into one batch dim; every leading dim is an independent batch of attention anyway.
+    Symbolic sizes the graph does not name are read back from ``like`` (an operand in the scores'
+    layout, e.g. q) when the output is unflattened.
+    """
     if rank_ == 4:
         return (), ()
     if rank_ == 3:  # [N, T, D]: one batch dim, treated as N sequences of one head
         return (("unsqueeze", 1),), (("squeeze", 1),)
     if rank_ == 2:
         return (("unsqueeze", 0), ("unsqueeze", 0)), (("squeeze", 0), ("squeeze", 0))
+    if lead_sizes is not None and len(lead_sizes) == rank_ - 2:
+        merged = tuple(lead_sizes[:rank_ - 3])
+        if all(isinstance(s, (int, fx.Node)) for s in merged[1:]):
+            return (("flatten", 0, rank_ - 4),), (("unflatten", 0, (-1,) + merged[1:]),)
+        if like is not None and tuple(ref_shape(like)[:len(merged)]) == tuple(hint(s) for s in merged):
+            return (("flatten", 0, rank_ - 4),), (("unflatten_like", like.node, like.steps, len(merged),
+                                                   tuple(ref_shape(like))),)
+        raise NotAttention(f"rank-{rank_} attention whose leading sizes {merged} the graph does not name")
     raise NotAttention(f"rank-{rank_} attention operands (only 2-, 3- and 4-D layouts are supported)")
 
 

@@ -23,7 +23,7 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
-from attnrewrite.ir.capture import constant_value, normalize, rank, tensor_meta
+from attnrewrite.ir.capture import constant_value, is_float_tensor, normalize, rank, tensor_meta
 from attnrewrite.ir.evaluate import GraphEvaluator
 from attnrewrite.ir.spec import MASKED_SCORE, MaskTerm, NotAttention, Site
 from attnrewrite.patterns.layout import ref_shape, term_steps
@@ -73,7 +73,8 @@ def split_term(term: MaskTerm, evaluator: GraphEvaluator, score_rank: int, depth
     elif term.kind == "drop":
         if call.name == "not":
             return sub("keep", call.args[0])
-    elif term.kind == "add" and term.coeff > 0:
+    elif term.kind == "add" and term.coeff > 0 and is_float_tensor(term.node):  # (a bool or int tensor
+        # added to the scores adds its 0/1 or integer values: -inf written into a bool tensor is True)
         if call.name == "add" and all(isinstance(a, fx.Node) for a in call.args[:2]):
             alpha = constant_value(call.kwargs.get("alpha", 1))
             if alpha is not None:

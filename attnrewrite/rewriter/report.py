@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -37,13 +38,19 @@ class SiteReport:
             status="rewritten" if site.status == "rewritten" else "skipped",
             reason=site.reason,
             pattern=site.pattern,
-            module=site.module_path,
+            module=clean_module_path(site.module_path),
             spec=site.spec.summary() if site.spec is not None else None,
             kind=site.kind,
             notes=list(site.notes),
             graph=graph,
             anchor=site.anchor.name,
         )
+
+
+def clean_module_path(path: str) -> str:
+    """A module path as the user names it: Dynamo's source of a module held in a plain dict (or reached
+    through ``__dict__``) reads ``__dict__._modules.blocks.0.attn``; the user's name is ``blocks.0.attn``."""
+    return re.sub(r"(^|\.)(__dict__|_modules)(?=\.|$)", "", path).lstrip(".")
 
 
 @dataclass

@@ -38,21 +38,26 @@ def rewrite_site(gm: fx.GraphModule, site: Site, emit: Callable, fake_mode,
     [B, H, Tq, Tk] attention weights, which replace the site's probabilities for their other uses.
     """
     spec, graph = site.spec, gm.graph
+    replaced = _replaced(gm)
     q_dtype = tensor_meta(spec.q.node).dtype
     out_meta = tensor_meta(site.output)
     new_weights = None
-    with recording(graph, site.output) as (lookup, new_nodes):
+    with recording(graph, site.output) as (record_lookup, new_nodes):
+        lookup = _through(replaced, record_lookup)
         call = canonical.attention_call(spec, lookup, q_dtype)
         out = canonical.apply_steps(emit(call), site.out_steps, lookup)
+        if any(step[0] in ("transpose", "permute") for step in site.out_steps):
+            out = out.contiguous()  # a product's output is contiguous: later views of it may rely on that
         if out_meta is not None and out_meta.dtype != q_dtype:
             out = out.to(out_meta.dtype)
     if weights is not None:
         # the weights' other users (a cast, dropout, the returned tuple) may come before the value
         # product: record them right after the last node they read, before any of those users
-        reads = {spec.q.node, spec.k.node, spec.v.node} | _spec_inputs(site)
+        reads = {replaced.get(n, n) for n in {spec.q.node, spec.k.node, spec.v.node} | _spec_inputs(site)}
         order = {n: i for i, n in enumerate(graph.nodes)}
         latest = max(reads, key=order.__getitem__)
-        with recording(graph, latest.next) as (lookup, weight_nodes):
+        with recording(graph, latest.next) as (record_lookup, weight_nodes):
+            lookup = _through(replaced, record_lookup)
             call = canonical.attention_call(spec, lookup, q_dtype)
             new_weights = canonical.apply_steps(weights(call), site.probs_steps, lookup)
             new_weights = new_weights.to(tensor_meta(site.probs).dtype)
@@ -71,10 +76,32 @@ def rewrite_site(gm: fx.GraphModule, site: Site, emit: Callable, fake_mode,
             graph.erase_node(node)
         raise
     site.output.replace_all_uses_with(out.node)
+    replaced[site.output] = out.node
     if new_weights is not None:
         site.probs.replace_all_uses_with(new_weights.node)
+        replaced[site.probs] = new_weights.node
     erase_unused(site.region)
     return new_nodes
+
+
+def _replaced(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
+    """Old site outputs (and probabilities) → the nodes that replaced them, for this graph's pass.
+
+    Sites are matched and certified before any is rewritten, so a later site's spec may still name
+    an earlier site's output — when one attention's output is the next one's query (chained sites):
+    its canonical form must read the replacement, not the erased original."""
+    if not hasattr(gm.graph, "_attnrewrite_replaced"):  # on the graph: a restored backup starts afresh
+        gm.graph._attnrewrite_replaced = {}
+    return gm.graph._attnrewrite_replaced
+
+
+def _through(replaced: dict[fx.Node, fx.Node], lookup: Callable) -> Callable:
+    def read(node: fx.Node) -> Any:
+        while node in replaced:
+            node = replaced[node]
+        return lookup(node)
+
+    return read
 
 
 def _spec_inputs(site: Site) -> set[fx.Node]:

@@ -4,8 +4,11 @@
 placement and spelling, bool / additive / ``masked_fill`` / ``where`` masks, transposes and
 permutes, ``einsum`` / ``matmul`` / ``bmm`` / ``baddbmm``, casts, grouped kv heads through
 expand+reshape or ``repeat_interleave``, dropout with p = 0, batch-first or sequence-first
-inputs, soft-capping, BLOOM-style 3-D scores, or ``F.scaled_dot_product_attention`` — and
-says what the matcher must find.  :func:`draw_near_miss` writes something that looks like
+inputs, soft-capping, BLOOM-style 3-D scores, bool or integer tensors added to the scores, masks
+built from the scores' shape only (``expand_as``, ``ones_like(s).triu(1)``), a query shared by the
+batch, values on the left (``(vᵀ pᵀ)ᵀ``), Swin's 5-D view with a mask per window, rank-5 einsum,
+a second attention whose query is the first one's output, or ``F.scaled_dot_product_attention`` —
+and says what the matcher must find.  :func:`draw_near_miss` writes something that looks like
 attention but is not (softmax over the wrong dim, the value product on the wrong side, scores
 reused by a non-elementwise op, shapes that do not line up, learned memories, ...): it must
 stay untouched.
@@ -41,8 +44,9 @@ class Program:
         inputs: positional tensors (float32 activations, a bool key-padding mask when used).
         attention: True when it is one attention site that must be rewritten, False for a near miss.
         choices: the choices made, by name (printed when an example fails).
-        expect: for attention, spec fields the site must have (``causal``, ``kv_groups``,
+        expect: for attention, spec fields the (first) site must have (``causal``, ``kv_groups``,
             ``has_bias``, ``score_mod``, and ``scale`` when it is predictable).
+        sites: attention sites in it, all to be rewritten.
     """
 
     module: nn.Module
@@ -50,6 +54,7 @@ class Program:
     attention: bool
     choices: dict[str, Any]
     expect: dict[str, Any] = field(default_factory=dict)
+    sites: int = 1  # attention sites (a chained spelling has two)
 
     def __str__(self) -> str:
         kind = "attention" if self.attention else "near miss"
@@ -178,6 +183,12 @@ def _apply_mask(s: torch.Tensor, mask: str, keep: torch.Tensor | None, t_q: int,
         return m.expand(m.shape[0], heads_3d, m.shape[2], m.shape[3]).reshape(-1, m.shape[2], m.shape[3])
 
     causal = _causal_keep(t_q, t_k)
+    if mask == "causal_ones_like_triu":  # built from the scores' shape only
+        return s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
+    if mask == "int_added":  # an integer relative-position bucket added: a bias
+        return s + (torch.arange(t_k)[None, :] - torch.arange(t_q)[:, None]).clamp(-2, 2)
+    if mask == "causal_bool_added":  # a bool triangle added: +1 below the diagonal, a bias (not a mask)
+        return s + causal
     if mask == "causal_masked_fill":
         return s.masked_fill(~causal, float("-inf"))
     if mask == "causal_where":
@@ -193,14 +204,21 @@ def _apply_mask(s: torch.Tensor, mask: str, keep: torch.Tensor | None, t_q: int,
         return s + fit((1.0 - pad.float()) * -1e9)
     if mask == "padding_where":
         return torch.where(fit(pad), s, float("-inf"))
+    if mask == "padding_bool_added":
+        return s + fit(pad)
+    if mask == "padding_expand_as":  # DistilBERT: the mask expanded with expand_as(scores), a shape-only use
+        return s.masked_fill(fit((keep == 0).view(keep.shape[0], 1, 1, t_k)).expand_as(s), float("-inf"))
     if mask == "causal_and_padding":  # HF style: one additive mask from causal & padding
         both = causal[None, None] & pad
         return s + fit(torch.where(both, 0.0, torch.finfo(s.dtype).min))
     raise ValueError(mask)
 
 
-_CAUSAL = ("causal_masked_fill", "causal_where", "causal_additive", "causal_triu_fill", "causal_and_padding")
-_PADDED = ("padding_masked_fill", "padding_additive", "padding_where", "causal_and_padding")
+_CAUSAL = ("causal_masked_fill", "causal_where", "causal_additive", "causal_triu_fill", "causal_and_padding",
+           "causal_ones_like_triu")
+_PADDED = ("padding_masked_fill", "padding_additive", "padding_where", "causal_and_padding", "padding_bool_added",
+           "padding_expand_as")
+_BIASES = ("int_added", "causal_bool_added", "padding_bool_added")  # bool/int tensors added: biases, not masks
 
 
 def _softmax(s: torch.Tensor, spelling: str, dim: int = -1) -> torch.Tensor:
@@ -264,8 +282,17 @@ def _eager_choices(c: _Recorder, d: _Dims) -> dict[str, Any]:
     o["scale_spelling"] = c("scale_spelling", ["mul", "div_sqrt", "torch_mul", "method_div", "rmul"])
     causal_ok = d.t_q == d.t_k
     o["mask"] = c("mask", ["none", *(_CAUSAL if causal_ok else ()), "padding_masked_fill", "padding_additive",
-                           "padding_where"])
+                           "padding_where", "padding_bool_added", "padding_expand_as", "int_added",
+                           *(("causal_bool_added",) if causal_ok else ())])
     o["softcap"] = c("softcap", [False, True])
+    plain_4d = o["product"] in ("at", "torch_matmul") and o["layout"] == "4d"
+    # a query shared by the batch ([H, Tq, D], a learned latent): matmul broadcasts it
+    o["q_broadcast"] = c("q_broadcast", [False, True]) if plain_4d and o["scale_at"] != "q_before_heads" else False
+    o["values_left"] = c("values_left", [False, True]) if plain_4d else False  # (vᵀ @ pᵀ)ᵀ, channels-first
+    o["rank5"] = c("rank5", [False, True]) if o["product"] == "einsum" and o["heads"] != "bthd" else False
+    o["window_view"] = (c("window_view", [False, True]) if o["layout"] == "4d" and not o["softcap"] and not o["rank5"]
+                        else False)
+    o["chain"] = c("chain", [False, True]) if plain_4d else False  # the output is the next attention's query
     o["alibi"] = c("alibi", [False, True])
     o["softmax"] = c("softmax", ["torch", "functional", "method", "upcast_float", "dtype_f32", "positive_dim"])
     o["dropout"] = c("dropout", ["none", "p0", "eval"])
@@ -288,6 +315,8 @@ def _draw_eager(c: _Recorder) -> Program:
         q = _split_heads(q_in, h, d, o["heads"])
         k = _split_heads(k_in, hk, d, o["heads"])
         v = _split_heads(v_in, hk, d, o["heads"])
+        if o["q_broadcast"]:
+            q = q[0]  # [H, Tq, D]
         if o["scale_at"] == "q":
             q = _scaled(q, scale, o["scale_spelling"])
         if o["scale_at"] == "qk_split":
@@ -299,6 +328,8 @@ def _draw_eager(c: _Recorder) -> Program:
         alibi_3d = alibi.expand(b, h, 1, d.t_k).reshape(b * h, 1, d.t_k)
         if o["heads"] == "bthd":
             s = torch.einsum("bqhd,bkhd->bhqk", q, k)
+        elif o["rank5"]:  # a grid of one cell: [1, B, H, T, D]
+            s = torch.einsum("xbhqd,xbhkd->xbhqk", q.unsqueeze(0), k.unsqueeze(0))
         elif o["product"] == "einsum":
             s = torch.einsum("bhqd,bhkd->bhqk", q, k)
         elif three_d:
@@ -322,6 +353,9 @@ def _draw_eager(c: _Recorder) -> Program:
             s = torch.tanh(s / SOFTCAP) * SOFTCAP
         if o["alibi"] and not bias_in_baddbmm:
             s = s + (alibi_3d if o["layout"] == "stay3d" else alibi)
+        if o["window_view"]:  # Swin: the batch viewed as [images, windows], a mask per window, viewed back
+            s = s.view(1, BATCH, h, d.t_q, d.t_k) + _window_mask(d.t_q, d.t_k).unsqueeze(1).unsqueeze(0)
+            s = s.view(-1, h, d.t_q, d.t_k)
         s = _apply_mask(s, o["mask"], keep, d.t_q, d.t_k, h if o["layout"] == "stay3d" else None)
         p = _dropout(_softmax(s, o["softmax"]), o["dropout"])
         if o["layout"] == "view4d":
@@ -330,24 +364,37 @@ def _draw_eager(c: _Recorder) -> Program:
             out = torch.bmm(p, v.reshape(b * h, d.t_k, d.dim)).view(b, h, d.t_q, d.dim)
         elif o["heads"] == "bthd":
             return torch.einsum("bhqk,bkhd->bqhd", p, v).reshape(b, d.t_q, -1)
+        elif o["rank5"]:
+            out = torch.einsum("xbhqk,xbhkd->xbhqd", p, v.unsqueeze(0)).squeeze(0)
         elif o["product"] == "einsum":
             out = torch.einsum("bhqk,bhkd->bhqd", p, v)
+        elif o["values_left"]:
+            out = (v.transpose(-2, -1) @ p.transpose(-2, -1)).transpose(-2, -1)
         else:
             out = torch.matmul(p, v) if o["product"] == "torch_matmul" else p @ v
+        if o["chain"]:
+            out = torch.softmax(out @ k.transpose(-2, -1) * 0.3, dim=-1) @ v
         return _merge_heads(out, d, "bhtd") if o["merge"] else out
 
     expect = {
         # a combined causal & padding mask repeated over heads for 3-D scores is kept whole (exact, but
         # its causal part is not split out)
         "causal": o["mask"] in _CAUSAL and not (o["layout"] == "stay3d" and o["mask"] == "causal_and_padding"),
-        "kv_groups": 1 if three_d else g,  # repeats inside 3-D products stay repeated
-        "has_bias": padded or o["alibi"],
+        "kv_groups": 1 if three_d or o["rank5"] else g,  # repeats inside 3-D (or rank-5) products stay repeated
+        "has_bias": (padded or o["alibi"] or o["mask"] in _BIASES or o["window_view"]),
         "score_mod": o["softcap"],
         "scale": (1.0 if o["scale_at"] == "none" else scale) / (SOFTCAP if o["softcap"] else 1.0),
     }
-    if three_d and g > 1 and o["scale_at"] == "qk_split":
+    if (three_d or o["rank5"]) and g > 1 and o["scale_at"] == "qk_split":
         expect["scale"] /= scale ** 0.5  # k's share stays in the repeated k (exact, just not folded)
-    return Program(_Fn(attention).eval(), _inputs(d, padded), True, c.choices, expect)
+    return Program(_Fn(attention).eval(), _inputs(d, padded), True, c.choices, expect, sites=1 + o["chain"])
+
+
+def _window_mask(t_q: int, t_k: int) -> torch.Tensor:
+    """[BATCH, Tq, Tk]: a different additive mask per window, -100 off a band; every query keeps a key."""
+    i, j = torch.arange(t_q)[:, None], torch.arange(t_k)[None, :]
+    far = torch.stack([(i - j).abs() > w for w in range(1, BATCH + 1)])
+    return torch.zeros(BATCH, t_q, t_k).masked_fill(far, -100.0)
 
 
 def _draw_sdpa(c: _Recorder) -> Program:
@@ -393,7 +440,10 @@ def _draw_sdpa(c: _Recorder) -> Program:
 
 NEAR_MISSES = ("softmax_dim", "values_left", "probs_transposed", "scores_reused_mean", "scores_reused_amax",
                "scores_times_own_norm", "probs_gated", "learned_memory", "shared_query", "values_2d",
-               "masked_fill_zero", "mask_before_softcap", "log_softmax", "two_value_products")
+               "masked_fill_zero", "mask_before_softcap", "log_softmax", "two_value_products",
+               # shape-only looking uses that do read the scores' values; views and products of the new classes
+               "bool_from_scores_added", "expand_as_of_score_values", "ones_like_or_scores", "windows_mixed",
+               "einsum5_sums_over_queries")
 
 
 class _LearnedMemory(nn.Module):
@@ -414,7 +464,7 @@ def draw_near_miss(choose: Choose) -> Program:
     """Something shaped like attention that is not: the matcher must leave it untouched."""
     c = _Recorder(choose)
     miss = c("near_miss", NEAR_MISSES)
-    self_attention = miss in ("values_left", "probs_transposed")
+    self_attention = miss in ("values_left", "probs_transposed", "einsum5_sums_over_queries")
     d = _dims(c, allow_cross=not self_attention)
     d.kv_heads = d.heads  # keep heads paired so that only the chosen flaw is wrong
     c.choices["kv_heads"] = d.heads
@@ -426,6 +476,8 @@ def draw_near_miss(choose: Choose) -> Program:
     scale = d.dim ** -0.5
 
     def scores(q, k):
+        if miss == "einsum5_sums_over_queries":
+            return torch.einsum("xbhqd,xbhkd->xbhqk", q.unsqueeze(0), k.unsqueeze(0)) * scale
         if product == "einsum":
             return torch.einsum("bhqd,bhkd->bhqk", q, k) * scale
         kt = k.transpose(-2, -1)
@@ -446,6 +498,14 @@ def draw_near_miss(choose: Choose) -> Program:
             s = s.masked_fill(~_causal_keep(d.t_q, d.t_k), 0.0)  # masked keys keep weight exp(0)
         elif miss == "mask_before_softcap":
             s = torch.tanh(s.masked_fill(~_causal_keep(d.t_q, d.t_k), float("-inf")) / SOFTCAP) * SOFTCAP
+        elif miss == "bool_from_scores_added":
+            s = s + (s > 0)
+        elif miss == "expand_as_of_score_values":
+            s = s.masked_fill((s < s.mean(-1, keepdim=True)).expand_as(s), float("-inf"))
+        elif miss == "ones_like_or_scores":
+            s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1) | (s < 0), -1e9)
+        elif miss == "windows_mixed":  # a 5-D view of the scores transposed: batches and heads exchanged
+            s = s.view(1, BATCH, d.heads, d.t_q, d.t_k).transpose(1, 2).reshape(-1, d.heads, d.t_q, d.t_k)
         if miss == "log_softmax":
             p = F.log_softmax(s, dim=-1)
         else:
@@ -460,6 +520,8 @@ def draw_near_miss(choose: Choose) -> Program:
             return p @ v[0, 0]  # one [Tk, D] value table shared by every batch and head
         if miss == "two_value_products":
             return p @ v + p @ v.flip(-1)
+        if miss == "einsum5_sums_over_queries":  # the value product contracts the query index
+            return torch.einsum("xbhqk,xbhqd->xbhkd", p, v.unsqueeze(0))
         return p @ v
 
     return Program(_Fn(fn).eval(), _inputs(d, False), False, c.choices)
@@ -480,7 +542,7 @@ class Outcome:
 def check(program: Program, compiler: str = "eager") -> Outcome:
     """Compile ``program`` with the attnrewrite backend (exact kind) and check what it did.
 
-    Attention: exactly one anchor, rewritten, with the expected spec fields, and the same output
+    Attention: ``program.sites`` anchors, all rewritten, the first with the expected spec fields, the same output
     (rtol 1e-5, atol 1e-6, fp32).  Near miss: nothing rewritten, and the output bit for bit the
     original's.  Resets dynamo first, so every program is captured afresh.
     """
@@ -498,7 +560,8 @@ def check(program: Program, compiler: str = "eager") -> Outcome:
     problems: list[str] = []
     if program.attention:
         sites = report.attention_sites()
-        if len(report.sites) != 1 or len(sites) != 1 or sites[0].status != "rewritten":
+        if len(report.sites) != program.sites or len(sites) != program.sites or any(
+                s.status != "rewritten" for s in sites):
             problems.append("not rewritten: " + "; ".join(f"{s.status} ({s.reason})" for s in report.sites))
         else:
             spec = sites[0].spec

@@ -1,0 +1,449 @@
+"""Classes of attention the matcher once left alone, in our own spellings: each is rewritten, certified
+and exact with the softmax kind, and with the sigmoid kind equals the sigmoid op called by hand on the
+q, k, v, scale and mask it means.  Beside each class, near misses that look like it and are not
+attention: they must stay untouched."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from attnrewrite.ops import sigmoid_attention
+from attnrewrite.rewriter.backend import attnrewrite_backend
+from attnrewrite.rewriter.report import Report
+
+B, H, T, D = 2, 2, 5, 8
+
+
+def _g(name: str) -> torch.Generator:
+    import zlib
+
+    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
+
+
+def _qkv(name, shape=(B, H, T, D)):
+    g = _g(name)
+    return tuple(torch.randn(shape, generator=g) for _ in range(3))
+
+
+def _keep(t=T):
+    keep = torch.ones(B, t, dtype=torch.bool)
+    keep[1, t - 2:] = False  # right padding: every query still sees a key
+    return keep
+
+
+def _compile(fn, to, dynamic=None):
+    report = Report()
+    backend = functools.partial(attnrewrite_backend, options={"to": to, "compiler": "eager"},
+                                _report_sink=report.merge)
+    return torch.compile(fn, backend=backend, dynamic=dynamic), report
+
+
+@dataclass
+class Case:
+    fn: Callable
+    inputs: tuple
+    sigmoid: Callable | None = None  # the sigmoid op called by hand on the same inputs
+    sites: int = 1
+    dynamic: bool = False
+    expect: dict | None = None  # spec fields of the (first) site
+
+
+# --------------------------------------------------------------------------------- (a) bool / int added
+
+
+def bool_padding_added(q, k, v, keep):  # +1 on the keys a sequence has, 0 on its padding
+    return torch.softmax(q @ k.mT * D ** -0.5 + keep[:, None, None, :], -1) @ v
+
+
+def bool_triangle_added(q, k, v):
+    return torch.softmax(q @ k.mT / 3.0 + torch.ones(T, T, dtype=torch.bool).tril(), -1) @ v
+
+
+def int_relative_bucket_added(q, k, v):  # an integer relative-position bias, clamped to 5 buckets
+    i = torch.arange(T)
+    bucket = (i[None, :] - i[:, None]).clamp(-2, 2)  # int64
+    return F.softmax(bucket + q @ k.transpose(2, 3) * 0.25, dim=-1) @ v
+
+
+def _bucket():
+    i = torch.arange(T)
+    return (i[None, :] - i[:, None]).clamp(-2, 2).float()
+
+
+# --------------------------------------------------------------------------------- (b) shape-only uses
+
+
+def distilbert_expand_as(q, k, v, keep):
+    scores = q @ k.transpose(-2, -1) / D ** 0.5
+    mask = (keep == 0).view(scores.size(0), 1, 1, scores.size(-1)).expand_as(scores)
+    return torch.softmax(scores.masked_fill(mask, float("-inf")), -1) @ v
+
+
+def ones_like_triu(q, k, v):
+    scores = q @ k.transpose(-2, -1) * 0.3
+    causal_drop = torch.ones_like(scores, dtype=torch.bool).triu(1)
+    return scores.masked_fill(causal_drop, torch.finfo(scores.dtype).min).softmax(-1) @ v
+
+
+def mask_from_scores_shape(q, k, v, keep):
+    scores = q @ k.transpose(-2, -1) * 0.3
+    bias = scores.new_zeros(scores.shape[0], 1, 1, scores.shape[-1]).masked_fill(~keep[:, None, None, :], -1e9)
+    return (scores + bias).softmax(-1) @ v
+
+
+# --------------------------------------------------------------------------------- (d) chained sites
+
+
+def chained_query(q, k, v):  # the first site's output is directly the second's query
+    a = torch.softmax((q @ k.mT) * 0.3, -1) @ v
+    return torch.softmax((a @ k.mT) * 0.2, -1) @ v
+
+
+def chained_keys_and_values(q, k, v):  # ... and three deep, the output as keys and values too
+    a = torch.softmax((q @ k.mT) * 0.3, -1) @ v
+    b = torch.softmax((q @ a.mT) * 0.2, -1) @ a
+    return torch.softmax((b @ a.mT) * 0.1, -1) @ b
+
+
+def _sig(q, k, v, mask=None, scale=None):
+    return sigmoid_attention(q, k, v, mask, scale=scale)
+
+
+# --------------------------------------------------------------------------------- (e) broadcast over batch
+
+
+class LatentPooling(nn.Module):
+    """Perceiver / Set Transformer PMA: learned latent queries [H, L, D] attend to each input."""
+
+    def __init__(self):
+        super().__init__()
+        g = _g("latent")
+        self.latent = nn.Parameter(torch.randn(H, 3, D, generator=g))
+        self.kv = nn.Linear(H * D, 2 * H * D)
+
+    def heads(self, x):
+        b, t, _ = x.shape
+        return self.kv(x).view(b, t, 2, H, D).permute(2, 0, 3, 1, 4)  # [2, B, H, T, D]
+
+    def forward(self, x, keep):
+        k, v = self.heads(x)
+        s = (self.latent @ k.transpose(-2, -1)) * D ** -0.5
+        s = s.masked_fill(~keep[:, None, None, :], float("-inf"))
+        return s.softmax(-1) @ v  # [B, H, 3, D]
+
+
+class PooledQuery(nn.Module):
+    """Attention pooling: one learned [1, D] query against 3-D keys [B, T, D]."""
+
+    def __init__(self):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, D, generator=_g("pool")))
+
+    def forward(self, x, keep):
+        return torch.softmax(self.query @ x.transpose(1, 2) / 2.0, -1) @ x  # [B, 1, D]
+
+
+def shared_context(q, ctx):  # keys and values from one context [1, H, T, D] shared by the batch
+    return torch.softmax(q @ ctx.transpose(-2, -1) * 0.3, -1) @ ctx
+
+
+# --------------------------------------------------------------------------------- (f) shifted windows
+
+NW, N = 2, 4  # windows per image, tokens per window
+
+
+class ShiftedWindow(nn.Module):
+    """Swin: scores of [B·nW, H, N, N] viewed [B, nW, H, N, N] to add a per-window mask, viewed back."""
+
+    def __init__(self, bias_first: bool):
+        super().__init__()
+        g = _g("swin")
+        self.qkv = nn.Linear(H * D, 3 * H * D)
+        self.rel = nn.Parameter(torch.randn(H, N, N, generator=g))
+        self.register_buffer("mask", torch.zeros(NW, N, N).masked_fill(torch.rand(NW, N, N, generator=g) > 0.6, -100.0))
+        self.bias_first = bias_first
+
+    def qkv_heads(self, x):
+        b_, n, _ = x.shape
+        return self.qkv(x).reshape(b_, n, 3, H, D).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x):
+        b_, n, c = x.shape
+        q, k, v = self.qkv_heads(x)
+        attn = (q * D ** -0.5) @ k.transpose(-2, -1)
+        if self.bias_first:
+            attn = attn + self.rel.unsqueeze(0)
+        attn = attn.view(b_ // NW, NW, H, n, n) + self.mask.unsqueeze(1).unsqueeze(0)
+        attn = F.softmax(attn.view(-1, H, n, n), dim=-1)
+        return (attn @ v).transpose(1, 2).reshape(b_, n, c)
+
+    def sigmoid_reference(self, x):
+        q, k, v = self.qkv_heads(x)
+        mask = self.mask.repeat(x.shape[0] // NW, 1, 1).unsqueeze(1)  # window w of image b at row b·nW + w
+        if self.bias_first:
+            mask = mask + self.rel
+        out = sigmoid_attention(q, k, v, mask, scale=D ** -0.5)
+        return out.transpose(1, 2).reshape(x.shape)
+
+
+# --------------------------------------------------------------------------------- (g) values on the left
+
+
+def channels_first(x):  # x [B, C, h, w]: heads of d channels, tokens = pixels, values [B, nh, d, N]
+    b, c, hh, ww = x.shape
+    f = x.view(b, H, c // H, hh * ww)
+    attn = ((f.transpose(-2, -1) @ f) * (c // H) ** -0.5).softmax(-1)
+    return (f @ attn.transpose(-2, -1)).view(b, c, hh, ww)
+
+
+def sagan_bmm(x):  # SAGAN: bmm(values [B, C, N], attentionᵀ) with the transpose spelled as a permute
+    b, c, n = x.shape
+    attn = torch.softmax(torch.bmm(x.permute(0, 2, 1), x) / 3.0, dim=-1)  # [B, N, N]
+    return torch.bmm(x, attn.permute(0, 2, 1))
+
+
+def _channels_first_sigmoid(x):
+    b, c, hh, ww = x.shape
+    f = x.view(b, H, c // H, hh * ww).transpose(-2, -1)
+    return sigmoid_attention(f, f, f, scale=(c // H) ** -0.5).transpose(-2, -1).reshape(x.shape)
+
+
+def _sagan_sigmoid(x):
+    f = x.transpose(1, 2)[:, None]
+    return sigmoid_attention(f, f, f, scale=1 / 3.0)[:, 0].transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------- (h) rank-5 einsum
+
+
+def grid_einsum(q, k, v, bias):  # [B, H, W, N, D]: attention inside each of W grid cells
+    s = torch.einsum("bhwid,bhwjd->bhwij", q, k) * 0.3 + bias
+    return torch.einsum("bhwij,bhwjd->bhwid", s.softmax(-1), v)
+
+
+def block_einsum(q, k, v):  # [B, W, N, H, D] blocks, heads after the tokens
+    s = torch.einsum("bwihd,bwjhd->bwhij", q, k) * 0.3
+    return torch.einsum("bwhij,bwjhd->bwihd", s.softmax(-1), v)
+
+
+def _grid_sigmoid(q, k, v, bias):
+    flat = lambda x: x.flatten(0, 1)  # noqa: E731
+    return sigmoid_attention(flat(q), flat(k), flat(v), bias, scale=0.3).unflatten(0, q.shape[:2])
+
+
+def _block_sigmoid(q, k, v):
+    lay = lambda x: x.permute(0, 1, 3, 2, 4).flatten(0, 1)  # noqa: E731  [B·W, H, N, D]
+    out = sigmoid_attention(lay(q), lay(k), lay(v), scale=0.3)
+    return out.unflatten(0, q.shape[:2]).permute(0, 1, 3, 2, 4)
+
+
+# --------------------------------------------------------------------------------- the cases
+
+_x5 = lambda name, shape: tuple(torch.randn(shape, generator=_g(name)) for _ in range(3))  # noqa: E731
+
+
+def _cases() -> dict[str, Case]:
+    q, k, v = _qkv("main")
+    keep = _keep()
+    latent, pooled = LatentPooling().eval(), PooledQuery().eval()
+    x = torch.randn(B, T, H * D, generator=_g("x"))
+    ctx = torch.randn(1, H, 7, D, generator=_g("ctx"))
+    swin, swin_rel = ShiftedWindow(False).eval(), ShiftedWindow(True).eval()
+    xw = torch.randn(B * NW, N, H * D, generator=_g("xw"))
+    img = torch.randn(B, H * D, 3, 2, generator=_g("img"))
+    seq = torch.randn(B, D, 6, generator=_g("seq"))
+    g5, b5 = _x5("grid", (B, H, 3, 4, D)), _x5("block", (B, 3, 4, H, D))
+    bias5 = torch.randn(3, 4, 4, generator=_g("bias5"))
+    ones = torch.ones(T, T, dtype=torch.bool).tril()
+    with torch.no_grad():
+        k_lat, v_lat = latent.heads(x)
+    return {
+        "a_bool_padding_added": Case(bool_padding_added, (q, k, v, keep),
+                                     lambda q, k, v, m: _sig(q, k, v, m[:, None, None, :].float(), D ** -0.5),
+                                     expect={"bias": ["add"]}),
+        "a_bool_triangle_added": Case(bool_triangle_added, (q, k, v),
+                                      lambda q, k, v: _sig(q, k, v, ones.float(), 1 / 3.0), expect={"causal": False}),
+        "a_int_bucket_added": Case(int_relative_bucket_added, (q, k, v),
+                                   lambda q, k, v: _sig(q, k, v, _bucket(), 0.25)),
+        "b_distilbert_expand_as": Case(distilbert_expand_as, (q, k, v, keep),
+                                       lambda q, k, v, m: _sig(q, k, v, m[:, None, None, :], D ** -0.5)),
+        "b_distilbert_expand_as_dynamic": Case(distilbert_expand_as, (q, k, v, keep), dynamic=True),
+        "b_ones_like_triu": Case(ones_like_triu, (q, k, v), lambda q, k, v: sigmoid_attention(
+            q, k, v, is_causal=True, scale=0.3), expect={"causal": True, "has_bias": False}),
+        "b_mask_from_scores_shape_dynamic": Case(mask_from_scores_shape, (q, k, v, keep), dynamic=True),
+        "d_chained_query": Case(chained_query, (q, k, v), lambda q, k, v: _sig(_sig(q, k, v, None, 0.3), k, v,
+                                                                               None, 0.2), sites=2),
+        "d_chained_keys_values": Case(chained_keys_and_values, (q, k, v), sites=3),
+        "e_latent_pooling": Case(latent, (x, keep), lambda x, m: _sig(
+            latent.latent.expand(B, -1, -1, -1), k_lat, v_lat, m[:, None, None, :], D ** -0.5)),
+        "e_latent_pooling_dynamic": Case(latent, (x, keep), dynamic=True),
+        "e_pooled_query_3d": Case(pooled, (x[..., :D], keep), lambda x, m: _sig(
+            pooled.query.expand(B, 1, D)[:, None], x[:, None], x[:, None], None, 0.5)[:, 0]),
+        "e_shared_context": Case(shared_context, (q, ctx), lambda q, c: _sig(q, c.expand(B, -1, -1, -1),
+                                                                             c.expand(B, -1, -1, -1), None, 0.3)),
+        "f_swin_window_mask": Case(swin, (xw,), swin.sigmoid_reference),
+        "f_swin_relative_bias_and_mask": Case(swin_rel, (xw,), swin_rel.sigmoid_reference),
+        "f_swin_dynamic": Case(swin_rel, (xw,), dynamic=True),
+        "g_channels_first": Case(channels_first, (img,), _channels_first_sigmoid),
+        "g_sagan_bmm_permute": Case(sagan_bmm, (seq,), _sagan_sigmoid),
+        "h_grid_einsum": Case(grid_einsum, g5 + (bias5,), _grid_sigmoid),
+        "h_block_einsum": Case(block_einsum, b5, _block_sigmoid),
+        "h_grid_einsum_dynamic": Case(grid_einsum, g5 + (bias5,), dynamic=True),
+    }
+
+
+CASES = _cases()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_class_is_rewritten_exactly(name):
+    case = CASES[name]
+    compiled, report = _compile(case.fn, "softmax", case.dynamic)
+    with torch.no_grad():
+        got, want = compiled(*case.inputs), case.fn(*case.inputs)
+    sites = report.attention_sites()
+    assert len(sites) == case.sites and all(s.status == "rewritten" for s in sites), report
+    assert all(any(n.startswith("certified") for n in s.notes) for s in sites), report
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for key, value in (case.expect or {}).items():
+        assert sites[0].spec[key] == value, (key, sites[0].spec)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if c.sigmoid is not None))
+def test_class_rewritten_to_sigmoid_means_what_it_says(name):
+    case = CASES[name]
+    compiled, report = _compile(case.fn, "sigmoid")
+    with torch.no_grad():
+        got, want = compiled(*case.inputs), case.sigmoid(*case.inputs)
+    sites = report.attention_sites()
+    assert len(sites) == case.sites and all(s.status == "rewritten" for s in sites), report
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------- near misses
+
+
+def nm_bool_from_scores_added(q, k, v):  # (a) the added bool reads the scores' values
+    s = q @ k.mT * 0.3
+    return torch.softmax(s + (s > 0), -1) @ v
+
+
+def nm_expand_as_of_score_values(q, k, v):  # (b) looks shape-only, but the mask is made from the scores
+    s = q @ k.mT * 0.3
+    return s.masked_fill((s < s.mean(-1, keepdim=True)).expand_as(s), float("-inf")).softmax(-1) @ v
+
+
+def nm_ones_like_or_scores(q, k, v):  # (b) ones_like(s) is shape-only; "| (s < 0)" is not
+    s = q @ k.mT * 0.3
+    return s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1) | (s < 0), -1e9).softmax(-1) @ v
+
+
+def nm_chained_second_over_queries(q, k, v):  # (d) chained, the second softmax over the queries
+    a = torch.softmax((q @ k.mT) * 0.3, -1) @ v
+    return torch.softmax((a @ k.mT) * 0.2, -2) @ v
+
+
+def nm_query_shared_by_heads(q, k, v):  # (e) a query [B, 1, T, D] broadcast over the heads
+    return torch.softmax(q.mean(1, keepdim=True) @ k.mT * 0.3, -1) @ v
+
+
+class NmLatentMemory(nn.Module):  # (e) latent queries against learned keys and values: no sequence
+    def __init__(self):
+        super().__init__()
+        self.latent, self.keys, self.values = (nn.Parameter(torch.randn(H, s, D, generator=_g(f"m{s}")))
+                                               for s in (3, 4, 5))
+
+    def forward(self, x):
+        return torch.softmax(self.latent @ self.keys[:, :3].mT, -1) @ self.values[:, :3] + x.mean()
+
+
+def nm_windows_mixed(x):  # (f) the 5-D view transposed: probabilities of one window meet another's values
+    q = k = v = x  # [B·nW, H, N, D]
+    attn = (q @ k.mT * 0.3).view(B, NW, H, N, N).transpose(0, 1).reshape(-1, H, N, N)
+    return attn.softmax(-1) @ v
+
+
+def nm_softmax_within_key_blocks(x):  # (f) a 5-D view that splits the keys: softmax over half of them
+    s = (x @ x.mT * 0.3).view(B * NW, H, N, 2, N // 2)
+    return s.softmax(-1).view(B * NW, H, N, N) @ x
+
+
+def nm_values_right_untransposed(x):  # (g) the probabilities on the right without a transpose
+    b, c, hh, ww = x.shape
+    f = x.view(b, H, c // H, hh * ww)
+    return f @ ((f.transpose(-2, -1) @ f) * 0.3).softmax(-1)
+
+
+def nm_einsum5_sums_over_queries(q, k, v):  # (h) the value einsum contracts the query index
+    s = torch.einsum("bhwid,bhwjd->bhwij", q, k) * 0.3
+    return torch.einsum("bhwij,bhwid->bhwjd", s.softmax(-1), v)
+
+
+NEAR_MISSES = {
+    "a_bool_from_scores_added": (nm_bool_from_scores_added, lambda: _qkv("nm")),
+    "b_expand_as_of_score_values": (nm_expand_as_of_score_values, lambda: _qkv("nm")),
+    "b_ones_like_or_scores": (nm_ones_like_or_scores, lambda: _qkv("nm")),
+    "e_query_shared_by_heads": (nm_query_shared_by_heads, lambda: _qkv("nm")),
+    "e_latent_memory": (NmLatentMemory().eval(), lambda: (torch.randn(B, T),)),
+    "f_windows_mixed": (nm_windows_mixed, lambda: (torch.randn(B * NW, H, N, D, generator=_g("w")),)),
+    "f_softmax_within_key_blocks": (nm_softmax_within_key_blocks,
+                                    lambda: (torch.randn(B * NW, H, N, D, generator=_g("w")),)),
+    "g_values_right_untransposed": (nm_values_right_untransposed,
+                                    lambda: (torch.randn(B, H * D, 3, 2, generator=_g("img")),)),
+    "h_einsum5_sums_over_queries": (nm_einsum5_sums_over_queries, lambda: _x5("grid", (B, H, 3, 4, D))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NEAR_MISSES))
+def test_near_miss_stays_untouched(name):
+    fn, inputs = NEAR_MISSES[name]
+    inputs = inputs()
+    compiled, report = _compile(fn, "softmax")
+    with torch.no_grad():
+        got, want = compiled(*inputs), fn(*inputs)
+    assert not report.rewritten, f"FALSE POSITIVE:\n{report}"
+    assert torch.equal(got, want)
+
+
+def test_a_chain_with_a_near_miss_rewrites_only_the_attention():
+    q, k, v = _qkv("chain")
+    compiled, report = _compile(nm_chained_second_over_queries, "softmax")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(q, k, v), nm_chained_second_over_queries(q, k, v), rtol=1e-5, atol=1e-6)
+    assert len(report.rewritten) == 1 and len(report.sites) == 2, report
+
+
+# --------------------------------------------------------------------------------- (i) module paths
+
+
+class _Attn(nn.Module):
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-2, -1) * 0.5, -1) @ v
+
+
+class ReadThroughDict(nn.Module):
+    """Blocks reached through the module's ``__dict__`` (as code that walks ``vars(module)`` does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.transformer_blocks = nn.ModuleList([_Attn(), _Attn()])
+
+    def forward(self, q, k, v):
+        for block in vars(self)["_modules"]["transformer_blocks"]:
+            q = block(q, k, v)
+        return q
+
+
+def test_module_paths_read_as_the_user_names_them():
+    q, k, v = _qkv("paths")
+    compiled, report = _compile(ReadThroughDict(), "softmax")
+    compiled(q, k, v)
+    assert [s.module for s in report.sites] == ["transformer_blocks.0", "transformer_blocks.1"], report
+    assert all(s.status == "rewritten" for s in report.sites), report
