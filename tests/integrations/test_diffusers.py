@@ -11,10 +11,8 @@ Compiled once with the attnrewrite backend (``to="softmax"``, eager compiler), e
 in this order: the compiled output equals eager's (rtol 1e-5; never expected to fail); the rewritten
 sites are exactly the model's ``Attention`` modules, their number counted from diffusers' source
 (each case says where); and the report names each site by its ``named_modules()`` path.  diffusers
-keeps its blocks in a dict-backed container that Dynamo reaches through ``__dict__._modules``, so
-the paths read ``__dict__._modules.down_blocks.0…`` today: that last check is a strict xfail
-(``raises=ModulePathsUnclean``) until the path fix of issue 13 lands, while a missed site or a
-wrong output still fails.
+keeps its blocks in a dict-backed container that Dynamo reaches through ``__dict__._modules``; the
+report cleans those segments away, so the paths read ``down_blocks.0…`` as ``named_modules()`` does.
 """
 
 from __future__ import annotations
@@ -28,11 +26,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
-from attnrewrite.testing.thirdparty import ModulePathsUnclean, module_paths, redraw_weights, run_rewritten
+from attnrewrite.testing.thirdparty import module_paths, redraw_weights, run_rewritten
 
 BATCH = 2
-UNCLEAN_PATHS = ("module paths of modules held in dicts read '__dict__._modules.transformer_blocks.0.attn1' "
-                 "(issue 13)")
 
 
 def _unet() -> torch.nn.Module:
@@ -99,9 +95,7 @@ PROCESSORS = {"sdpa": AttnProcessor2_0, "written-out": AttnProcessor}
 
 
 def _params():
-    return [pytest.param(case, processor, id=f"{case.id}-{processor}",
-                         marks=pytest.mark.xfail(strict=True, raises=ModulePathsUnclean, reason=UNCLEAN_PATHS))
-            for case in CASES for processor in PROCESSORS]
+    return [pytest.param(case, processor, id=f"{case.id}-{processor}") for case in CASES for processor in PROCESSORS]
 
 
 @pytest.mark.parametrize("case,processor", _params())
@@ -118,5 +112,5 @@ def test_diffusers_model_is_rewritten_exactly(case: Case, processor: str):
     inputs = case.inputs(torch.Generator().manual_seed(zlib.crc32(f"{case.id}/inputs".encode())))
     run = run_rewritten(model, [inputs], output=lambda out: out.sample)
     run.assert_exact()  # never expected to fail
-    run.assert_sites_rewritten(expected)  # SitesMissed: a real failure here (not the xfail's)
-    run.assert_module_paths_clean()  # ModulePathsUnclean: the known miss
+    run.assert_sites_rewritten(expected)
+    run.assert_module_paths_clean()

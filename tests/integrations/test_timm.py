@@ -55,8 +55,6 @@ BATCH = 2
 # the matcher classes of issue 13 being fixed elsewhere.
 SWIN_SHIFTED = ("Swin's shifted windows view the scores to 5-D [B/nW, nW, H, N, N] to add the window mask: "
                 "'the bias or mask unsqueeze_… cannot follow the view of the scores' (issue 13)")
-VALUES_ON_THE_LEFT = ("channels-first attention computes v @ attn.transpose(-2, -1): "
-                      "'the probabilities never meet the values in a product' (issue 13)")
 
 
 @contextlib.contextmanager
@@ -154,8 +152,7 @@ CASES = [
          paths=(False,)),
     Case("coatnet-nchw", _maxxvit(("C", "T"), nchw=False), 1, (maxxvit.Attention2d,),
          "a CoAtNet stack: stage 0 an MbConvBlock, stage 1 one TransformerBlock2d whose Attention2d works on "
-         "NCHW maps (scores q.transpose(-2, -1) @ k, output v @ attn.transpose(-2, -1))",
-         misses={False: VALUES_ON_THE_LEFT}),
+         "NCHW maps (scores q.transpose(-2, -1) @ k, output v @ attn.transpose(-2, -1))"),
     Case("efficientformer", lambda: timm.create_model(
         "efficientformer_l1", pretrained=False, num_classes=10, depths=(1, 1, 1, 1), embed_dims=(8, 8, 16, 16),
         num_vit=1), 1, (efficientformer.Attention,),
@@ -164,8 +161,7 @@ CASES = [
          "images); the Attention has no fused path", image=(224,), paths=(False,)),
     Case("maxvit-nchw", _maxxvit(("M",), nchw=True), 2, (maxxvit.Attention2d,),
          "one MaxxVitBlock: an MbConvBlock, then block (window) and grid PartitionAttention2d, each with one "
-         "Attention2d on NCHW partitions with a relative position bias",
-         misses={False: VALUES_ON_THE_LEFT}),
+         "Attention2d on NCHW partitions with a relative position bias"),
 ]
 
 

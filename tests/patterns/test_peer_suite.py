@@ -53,8 +53,6 @@ def test_peer_spelling_is_rewritten_exactly(name):
     torch.testing.assert_close(got, want, rtol=case.tol, atol=case.tol)
 
 
-@pytest.mark.xfail(strict=True, reason="attention inside torch.utils.checkpoint (a tag_activation_checkpoint "
-                                       "body) is another change's work; strict: remove this mark once it lands")
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.checkpoint])
 def test_checkpointed_peer_spelling_is_rewritten(name):
     case = CASES[name]
