@@ -15,6 +15,14 @@ compared: their output is undefined (NaN or a uniform average, depending on spel
 
 The evaluator itself (:class:`~attnrewrite.ir.evaluate.GraphEvaluator`) lives in ``ir``: the
 mask resolver reads constant masks with it too.
+
+In-place writes are part of what is certified.  The site's region and everything its masks
+need run in graph order with their writes executed (``m = zeros(T, T)`` then
+``m[:, 5:] = -inf`` is a mask), and the canonical form reads its inputs as they are just
+before the site's output, which is where the rewrite reads them.  A site whose inputs are
+written between the site's first node and its output (the original read them before the
+write, the rewrite would read them after), or whose scores or probabilities are written in
+place by a node the site does not consist of, is refused with that reason.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import torch.fx as fx
 
 from attnrewrite.ir import canonical
 from attnrewrite.ir.capture import hinted_shape
-from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, float64_default
+from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, UnreadableWrite, float64_default
 from attnrewrite.ir.spec import Site
 from attnrewrite.kinds.softmax import exact_attention
 
@@ -83,7 +91,10 @@ def fingerprint(site: Site, evaluator: GraphEvaluator) -> tuple:
         if node in roles:
             return ("role", roles[node])
         if not evaluator.depends_on_data(node):
-            value = evaluator.value(node)
+            try:
+                value = evaluator.value(node, at=site.output)
+            except (ClosureTooLarge, UnreadableWrite):
+                return ("ext", id(node))
             if isinstance(value, torch.Tensor):
                 return ("const", tuple(value.shape), str(value.dtype), hash(value.cpu().numpy().tobytes()))
             return ("const", repr(value))
@@ -96,6 +107,7 @@ def fingerprint(site: Site, evaluator: GraphEvaluator) -> tuple:
         body.append((node.op, target, _describe(node.args, local, external), _describe(node.kwargs, local, external)))
         local[node] = i
     shapes = tuple(hinted_shape(n) for n in (spec.q.node, spec.k.node, spec.v.node))
+    body.append(("writes", tuple(w.name for w in _writes_seen(site, evaluator))))
     spec_key = _describe((spec.q.steps, spec.k.steps, spec.v.steps, site.out_steps, spec.scale, spec.q_factors,
                           tuple((t.kind, t.node, t.steps, t.coeff) for t in spec.bias), spec.causal,
                           spec.kv_groups, _mod_key(spec)), local, external)
@@ -107,26 +119,91 @@ def _mod_key(spec) -> tuple:
     return () if mod is None else (mod.source, mod.chain, mod.steps, mod.back)
 
 
+def _span(site: Site, evaluator: GraphEvaluator) -> tuple[int, int]:
+    """Graph positions of the site's first node and of its output."""
+    first = min((evaluator.position(n) for n in site.region), default=evaluator.position(site.output))
+    return first, evaluator.position(site.output)
+
+
+def _writes_seen(site: Site, evaluator: GraphEvaluator) -> list[fx.Node]:
+    """Nodes outside the site that write, before its output, into a value the site or its canonical
+    form reads (for q, k and v, which certification draws at random, only writes inside the site)."""
+    writes, region = evaluator.writes, set(site.region)
+    first, _ = _span(site, evaluator)
+    qkv = {site.spec.q.node, site.spec.k.node, site.spec.v.node}
+    try:
+        reads = evaluator.closure(_spec_nodes(site) | _region_inputs(site) | region, dict.fromkeys(qkv),
+                                  at=site.output)
+    except (ClosureTooLarge, UnreadableWrite):
+        reads = list(_spec_nodes(site) | region)
+    seen = [w for node in reads for w in writes.writes_into(node, before=site.output) if w not in region]
+    seen += [w for node in qkv for w in writes.writes_into(node, before=site.output)
+             if evaluator.position(w) >= first]
+    return sorted(set(seen), key=evaluator.position)
+
+
+def _region_inputs(site: Site) -> set[fx.Node]:
+    return {n for r in site.region for n in r.all_input_nodes} - set(site.region)
+
+
+def written_in_the_way(site: Site, evaluator: GraphEvaluator) -> str | None:
+    """Why in-place writes make the site's canonical form differ from what it replaces, or None.
+
+    The rewrite reads q, k, v and the masks just before the site's output; the original read
+    them at its own nodes: a write in between changes one and not the other.  And a write into
+    the scores or probabilities by a node outside the site is a change the spec does not hold.
+    """
+    writes, region = evaluator.writes, set(site.region)
+    first, last = _span(site, evaluator)
+    spec = site.spec
+    for node in [spec.q.node, spec.k.node, spec.v.node, *sorted(_spec_nodes(site), key=evaluator.position)]:
+        for w in writes.writes_into(node, before=site.output):
+            if evaluator.position(w) >= first:
+                return (f"{node.name}, an input of the site, is written in place by {w.name} between the site's "
+                        f"first read and its output")
+    for node in site.region:
+        for w in writes.writes_into(node, before=site.output):
+            if w not in region:
+                return (f"the site's {node.name} is written in place by {w.name}, which is not part of the "
+                        f"attention it matched")
+    return None
+
+
 def certify(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tuple[bool, str | None, float]:
-    """Check ``site.spec`` against the original subgraph. Returns (ok, reason, worst relative error)."""
+    """Check ``site.spec`` against the original subgraph. Returns (ok, reason, worst relative error).
+
+    Each probe evaluates, in one pass in graph order, the site's region and everything its masks
+    need (in-place writes executed); the canonical form is computed from the values as they are
+    just before the site's output, where the rewrite reads them.
+    """
     spec = site.spec
     worst = 0.0
-    region_inputs = {n for r in site.region for n in r.all_input_nodes} - set(site.region)
+    reason = written_in_the_way(site, evaluator)
+    if reason is not None:
+        return False, reason, worst
     qkv = {spec.q.node, spec.k.node, spec.v.node}
+    targets = (_region_inputs(site) | _spec_nodes(site) | set(site.region)) - qkv
+    output_at = evaluator.position(site.output)
     for probe in range(probes):
         randomize = probe > 0
         env: dict[fx.Node, Any] = {node: evaluator.random_like_meta(node) for node in qkv}
         try:
-            evaluator.evaluate((region_inputs | _spec_nodes(site)) - qkv, env, randomize=randomize)
+            order = evaluator.closure(targets, env, at=site.output)
         except ClosureTooLarge as exc:
             return False, f"could not certify: the site's masks depend on too much of the graph ({exc})", worst
+        except UnreadableWrite as exc:
+            return False, f"could not certify: {exc}", worst
+        before = [n for n in order if evaluator.position(n) < output_at]
+        after = [n for n in order if evaluator.position(n) >= output_at]
         with torch.no_grad(), float64_default():
+            for node in before:
+                env[node] = evaluator.compute(node, env, randomize)
             call = canonical.attention_call(spec, env.__getitem__, torch.float64, dropout=False)
             out = exact_attention(call)
             rows = canonical.visible_rows(call).unsqueeze(-1).expand(out.shape)
             want = canonical.apply_steps(out, site.out_steps, env.__getitem__)
             rows = canonical.apply_steps(rows, site.out_steps, env.__getitem__)
-            for node in site.region:  # after the canonical form: the region may work in place
+            for node in after:  # after the canonical form: the region may work in place
                 env[node] = evaluator.compute(node, env, randomize)
             got = env[site.output]
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
