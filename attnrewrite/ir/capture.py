@@ -358,6 +358,7 @@ class Writes:
         self.graph = graph
         self.position: dict[fx.Node, int] = {}
         self.group: dict[fx.Node, Any] = {}
+        self.members: dict[Any, list[fx.Node]] = {}
         self.writers: dict[Any, list[fx.Node]] = {}
         self.targets: dict[fx.Node, list[fx.Node]] = {}
         self.unknown: set[Any] = set()
@@ -372,6 +373,7 @@ class Writes:
                         node.args[0] if node.args else None):
                 key = self.group.get(node.args[0])  # no example value: structural views
             self.group[node] = key if key is not None else ("node", node)
+            self.members.setdefault(self.group[node], []).append(node)
             if key is not None and isinstance(value, torch.Tensor):
                 versions[key] = max(versions.get(key, 0), int(getattr(value, "_version", 0)))
             if node.op == "placeholder":
@@ -408,6 +410,24 @@ class Writes:
         low = -1 if after is None else self.position[after]
         high = len(self.position) if before is None else self.position[before]
         return [w for w in found if low < self.position[w] < high and w is not node]
+
+    def first_use(self, node: fx.Node, among: set[fx.Node], before: fx.Node) -> fx.Node | None:
+        """The earliest node of ``among`` that reads ``node``'s storage, directly or through values
+        computed from it, looking no further than ``before``."""
+        limit = self.position[before]
+        stack = list(self.members.get(self.group.get(node), [node]))
+        seen: set[fx.Node] = set()
+        first = None
+        while stack:
+            current = stack.pop()
+            if current in seen or self.position.get(current, limit + 1) > limit:
+                continue
+            seen.add(current)
+            for user in current.users:
+                if user in among and (first is None or self.position[user] < self.position[first]):
+                    first = user
+                stack.append(user)
+        return first
 
     def written(self, node: fx.Node) -> bool:
         """True when anything in the graph may write into ``node``'s storage."""

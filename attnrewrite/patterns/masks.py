@@ -28,7 +28,8 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
-from attnrewrite.ir.capture import constant_value, normalize, rank, tensor_meta
+from attnrewrite.ir.canonical import steps_shape
+from attnrewrite.ir.capture import constant_value, hinted_shape, normalize, rank, tensor_meta
 from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, UnreadableWrite
 from attnrewrite.ir.spec import MASKED_SCORE, MaskTerm, NotAttention, Site
 from attnrewrite.patterns.layout import ref_shape, term_steps
@@ -64,6 +65,8 @@ def split_term(term: MaskTerm, evaluator: GraphEvaluator, score_rank: int, depth
     call = normalize(term.node)
     if call is None or depth >= _MAX_DEPTH or term.steps != term_steps(rank(term.node), score_rank):
         return [term]  # (a term that follows a view of the scores keeps its layout steps whole)
+    if term.node in evaluator.writes.targets:
+        return [term]  # m.add_(b) is one value: its operand m, read later, already holds the sum
 
     def sub(kind: str, node, coeff: float = term.coeff) -> list[MaskTerm]:
         if not isinstance(node, fx.Node):
@@ -165,4 +168,14 @@ def _resolve(site: Site, evaluator: GraphEvaluator) -> None:
             site.notes.append(f"mask {term.node.name} proven causal")
         else:
             kept.append(term)
-    site.spec = replace(spec, bias=tuple(kept), causal=causal)
+    site.spec = replace(spec, bias=tuple(_at_least_2d(t) for t in kept), causal=causal)
+
+
+def _at_least_2d(term: MaskTerm) -> MaskTerm:
+    """A bias over keys alone (``s + b`` with ``b`` of shape [Tk], or a 0-d one) broadcasts against the
+    scores from the right as [1, Tk]; attention ops want masks of at least two dims."""
+    shape = hinted_shape(term.node)
+    if shape is None:
+        return term
+    missing = 2 - len(steps_shape(shape, term.steps))
+    return replace(term, steps=term.steps + (("unsqueeze", 0),) * missing) if missing > 0 else term

@@ -138,7 +138,7 @@ def _writes_seen(site: Site, evaluator: GraphEvaluator) -> list[fx.Node]:
         reads = list(_spec_nodes(site) | region)
     seen = [w for node in reads for w in writes.writes_into(node, before=site.output) if w not in region]
     seen += [w for node in qkv for w in writes.writes_into(node, before=site.output)
-             if evaluator.position(w) >= first]
+             if evaluator.position(w) >= first]  # (writes before the site: q, k, v are drawn at random)
     return sorted(set(seen), key=evaluator.position)
 
 
@@ -150,17 +150,19 @@ def written_in_the_way(site: Site, evaluator: GraphEvaluator) -> str | None:
     """Why in-place writes make the site's canonical form differ from what it replaces, or None.
 
     The rewrite reads q, k, v and the masks just before the site's output; the original read
-    them at its own nodes: a write in between changes one and not the other.  And a write into
-    the scores or probabilities by a node outside the site is a change the spec does not hold.
+    them at its own nodes: a write after the site's first read of a value and before its output
+    changes one and not the other.  And a write into the scores or probabilities by a node
+    outside the site is a change the spec does not hold.
     """
     writes, region = evaluator.writes, set(site.region)
-    first, last = _span(site, evaluator)
     spec = site.spec
     for node in [spec.q.node, spec.k.node, spec.v.node, *sorted(_spec_nodes(site), key=evaluator.position)]:
-        for w in writes.writes_into(node, before=site.output):
-            if evaluator.position(w) >= first:
-                return (f"{node.name}, an input of the site, is written in place by {w.name} between the site's "
-                        f"first read and its output")
+        late = writes.writes_into(node, before=site.output)
+        first = writes.first_use(node, region, site.output) if late else None
+        for w in late:
+            if first is not None and evaluator.position(w) > evaluator.position(first):
+                return (f"{node.name}, an input of the site, is written in place by {w.name} after the site "
+                        f"reads it ({first.name}) and before its output")
     for node in site.region:
         for w in writes.writes_into(node, before=site.output):
             if w not in region:
