@@ -82,6 +82,7 @@ class GraphEvaluator:
     or a number is read from its hint rather than computed.  With ``randomize=True``, user
     inputs and parameters are replaced by random values of the same kind (0/1 masks stay
     0/1 masks); buffers, which hold constants such as causal masks, keep their values.
+    ``randomize="perturbed"`` changes the real values a little instead (see :meth:`_perturbed`).
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Iterable[Any], seed: int = 0):
@@ -102,17 +103,36 @@ class GraphEvaluator:
         """A fresh float64 standard-normal tensor with ``node``'s (hinted) shape."""
         return torch.randn(hinted_shape(node), generator=self.generator, dtype=torch.float64)
 
-    def _random_like(self, value: torch.Tensor) -> torch.Tensor:
+    def _random_like(self, value: torch.Tensor, role: str) -> torch.Tensor:
         g = self.generator
         if value.dtype == torch.bool:
             return torch.rand(value.shape, generator=g) > 0.2
-        if value.dtype.is_floating_point:
-            return torch.randn(value.shape, generator=g, dtype=torch.float64)
-        if value.numel() and bool(((value == 0) | (value == 1)).all()):
+        zero_one = value.numel() and bool(((value == 0) | (value == 1)).all())
+        if zero_one and (role == "input" or not value.dtype.is_floating_point):  # 0/1 masks stay 0/1 masks
             return (torch.rand(value.shape, generator=g) > 0.2).to(value.dtype)
+        if value.dtype.is_floating_point:  # (a parameter initialised to zeros or ones is not a mask)
+            return torch.randn(value.shape, generator=g, dtype=torch.float64)
         return value  # integer ids or positions: their values are meaningful, keep them
 
-    def placeholder_value(self, node: fx.Node, randomize: bool) -> Any:
+    def _perturbed(self, value: torch.Tensor) -> torch.Tensor:
+        """The real value, a little changed: 0/1 masks with one entry in ten flipped, floats moved by a
+        tenth of their spread.  For masks computed from inputs by arithmetic (lengths through a
+        convolution's length formula, thresholds) where random values mask every key."""
+        g = self.generator
+        if value.dtype == torch.bool or (value.numel() and bool(((value == 0) | (value == 1)).all())):
+            flip = torch.rand(value.shape, generator=g) < 0.1
+            return (value.bool() ^ flip).to(value.dtype)
+        if value.dtype.is_floating_point and value.numel():
+            value = value.to(torch.float64)
+            spread = float(value.std()) if value.numel() > 1 else 0.0
+            spread = spread or 0.1 * float(value.abs().max()) or 0.1
+            return value + 0.1 * spread * torch.randn(value.shape, generator=g, dtype=torch.float64)
+        return value
+
+    def placeholder_value(self, node: fx.Node, randomize: bool | str) -> Any:
+        """A placeholder's value: the real example input (cloned), or, with ``randomize`` (``True`` or
+        ``"random"``: random values of the same kind; ``"perturbed"``: the real values a little changed),
+        a new draw for user inputs and parameters."""
         real = self.inputs.get(node)
         role = self.roles.get(node, "input")
         if role == "size" or not isinstance(real, torch.Tensor):
@@ -124,10 +144,10 @@ class GraphEvaluator:
         else:
             value = real.detach().clone()
         if randomize and role in ("input", "param"):
-            value = self._random_like(value)
+            value = self._perturbed(value) if randomize == "perturbed" else self._random_like(value, role)
         return _to_float64(value)
 
-    def compute(self, node: fx.Node, env: dict, randomize: bool = False) -> Any:
+    def compute(self, node: fx.Node, env: dict, randomize: bool | str = False) -> Any:
         """The value of one node, its inputs taken from ``env``."""
         if node.op == "placeholder":
             return self.placeholder_value(node, randomize)
@@ -226,7 +246,7 @@ class GraphEvaluator:
             self._order = self.writes.position
         return self._order[node]
 
-    def evaluate(self, targets: Iterable[fx.Node], env: dict | None = None, randomize: bool = False,
+    def evaluate(self, targets: Iterable[fx.Node], env: dict | None = None, randomize: bool | str = False,
                  at: fx.Node | None = None) -> dict:
         """Fill ``env`` with the values of ``targets`` as seen just before ``at`` (see :meth:`closure`)
         and everything they need, computed in graph order with in-place writes executed."""
