@@ -31,7 +31,7 @@ import torch.fx as fx
 from attnrewrite.ir.canonical import steps_shape
 from attnrewrite.ir.capture import constant_value, hinted_shape, normalize, rank, tensor_meta
 from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, UnreadableWrite
-from attnrewrite.ir.spec import MASKED_SCORE, MaskTerm, NotAttention, Site
+from attnrewrite.ir.spec import MASKED_SCORE, AttentionSpec, MaskTerm, NotAttention, Site
 from attnrewrite.patterns.layout import ref_shape, term_steps
 
 _TRANSPARENT = {"identity", "expand"}  # broadcasting and copies: the term broadcasts anyway
@@ -179,3 +179,38 @@ def _at_least_2d(term: MaskTerm) -> MaskTerm:
         return term
     missing = 2 - len(steps_shape(shape, term.steps))
     return replace(term, steps=term.steps + (("unsqueeze", 0),) * missing) if missing > 0 else term
+
+
+def _broadcasts_from_key_padding(term: MaskTerm) -> bool:
+    """True when the term is one value per (batch, key): broadcastable from [B, 1, 1, Tk]."""
+    shape = hinted_shape(term.node)
+    if shape is None:
+        return False
+    shape = tuple(steps_shape(shape, term.steps))
+    shape = (1,) * (4 - len(shape)) + shape
+    return len(shape) == 4 and shape[1] == 1 and shape[2] == 1
+
+
+def as_key_padding(site: Site, evaluator: GraphEvaluator) -> AttentionSpec | None:
+    """``site.spec`` with its additive key-padding biases taken as padding masks, or None when it has none.
+
+    BERT's ``(1 - mask[:, None, None, :]) * -10000.0`` is an additive bias computed from a [B, Tk]
+    input, constant over queries and heads; it is key padding when its values are 0 or <= −10⁴.
+    Such a term (an input-dependent additive bias of that shape whose example values are in that
+    set) becomes a ``padding`` term: kinds without scores read it as a keep-mask, and the canonical
+    form checks its values on every call — certification's probes included — raising if one ever
+    leaves the set.  Nothing about the values is assumed.
+    """
+    spec, changed, terms = site.spec, False, []
+    for term in spec.bias:
+        if term.kind == "add" and evaluator.depends_on_inputs(term.node) and _broadcasts_from_key_padding(term):
+            try:
+                value = evaluator.value(term.node, at=site.output)
+            except (UnreadableWrite, ClosureTooLarge):
+                value = None
+            if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
+                value = value * term.coeff
+                if bool(((value == 0) | (value <= MASKED_SCORE)).all()):
+                    term, changed = replace(term, kind="padding"), True
+        terms.append(term)
+    return replace(spec, bias=tuple(terms)) if changed else None

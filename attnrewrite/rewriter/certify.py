@@ -35,7 +35,7 @@ import torch.fx as fx
 from attnrewrite.ir import canonical
 from attnrewrite.ir.capture import hinted_shape
 from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, UnreadableWrite, float64_default
-from attnrewrite.ir.spec import Site
+from attnrewrite.ir.spec import PADDING_GUARD, Site
 from attnrewrite.kinds.softmax import exact_attention
 
 #: Relative error (to the output's scale) above which a site is not certified.
@@ -228,6 +228,11 @@ def certify(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tuple[boo
             return False, f"could not certify: the site's masks depend on too much of the graph ({exc})", worst
         except UnreadableWrite as exc:
             return False, f"could not certify: {exc}", worst
+        except RuntimeError as exc:
+            if PADDING_GUARD not in str(exc):
+                raise
+            return False, (f"an additive mask taken as key padding holds values other than 0 and <= -1e4 on "
+                           f"{_DESCRIBE[kind].split(' and ')[-1]}"), worst
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
             return False, f"canonical form has shape {tuple(want.shape)}, site output {getattr(got, 'shape', got)}", worst
         if not bool(rows.any()):

@@ -157,3 +157,105 @@ def test_a_wrong_1d_bias_is_still_refused(monkeypatch):
     compile_rewritten(KeyBias1d(False).eval(), report, to="softmax")(torch.randn(B, T, C))
     (site,) = report.attention_sites()
     assert site.status == "skipped" and "does not reproduce" in site.reason
+
+
+# --------------------------------------------------------------------------- key padding as an additive bias
+
+
+class AdditivePadding(Attention):
+    """BERT's spelling: ``(1 - mask[:, None, None, :]) * -10000.0`` from a [B, Tk] float mask; causal
+    on request (for the kinds that need causal self-attention)."""
+
+    def __init__(self, causal=False, extra=False):
+        super().__init__()
+        self.causal, self.extra = causal, extra
+
+    def forward(self, x, mask, gain=None):
+        q, k, v = self.heads(x)
+        bias = (1 - mask[:, None, None, :]) * -10000.0
+        if gain is not None:  # a bias that is key padding only while gain is 1
+            bias = bias * gain[:, None, None, :]
+        s = q @ k.transpose(-2, -1) / math.sqrt(D) + bias
+        if self.causal:
+            s = s.masked_fill(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1), float("-inf"))
+        return torch.softmax(s, dim=-1) @ v
+
+
+def _padding_inputs():
+    x = torch.randn(B, T, C, generator=_gen("padding"))
+    mask = torch.ones(B, T)
+    mask[1, 5:] = 0
+    return x, mask
+
+
+def _hand_written_linear(model, x, mask):
+    """elu+1 linear attention without scale over the kept keys, written from the definition."""
+    q, k, v = model.heads(x)
+    fq, fk = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
+    w = (fq @ fk.transpose(-2, -1)) * mask[:, None, None, :]
+    return (w @ v) / (w.sum(-1, keepdim=True) + 1e-6)
+
+
+def test_additive_key_padding_is_rewritten_to_linear_and_checked_at_run_time():
+    torch.manual_seed(2)
+    model = AdditivePadding().eval()
+    x, mask = _padding_inputs()
+    report = Report(to="linear")
+    compiled = compile_rewritten(model, report, to="linear")
+    with torch.no_grad():
+        assert_close_rel(compiled(x, mask), _hand_written_linear(model, x, mask), 1e-5, "output")
+        (site,) = report.attention_sites()
+        assert site.status == "rewritten" and site.spec["bias"] == ["padding"], site
+        other = mask.clone()
+        other[0, 2:] = 0
+        assert_close_rel(compiled(x, other), _hand_written_linear(model, x, other), 1e-5, "other padding")
+        bad = mask.clone()
+        bad[0, 3] = 0.5  # bias -5000: neither kept nor masked
+        with pytest.raises(RuntimeError, match="neither 0 nor <= -1e4"):
+            compiled(x, bad)
+
+
+def test_additive_key_padding_is_rewritten_to_summary():
+    torch.manual_seed(3)
+    model = AdditivePadding(causal=True).eval()
+    x, mask = _padding_inputs()
+    report = Report(to="summary")
+    with torch.no_grad():
+        compile_rewritten(model, report, to="summary", chunk_size=2, window_chunks=1)(x, mask)
+    (site,) = report.attention_sites()
+    assert site.status == "rewritten" and site.spec["bias"] == ["padding"] and site.spec["causal"], site
+
+
+def test_a_bias_with_other_values_is_not_taken_as_padding():
+    """Example values outside {0, <= -1e4}: refused at compile time, the reason named."""
+    model = AdditivePadding().eval()
+    x, _ = _padding_inputs()
+    report = Report(to="linear")
+    with torch.no_grad():
+        mask = torch.full((B, T), 0.75)  # bias -2500 everywhere
+        compile_rewritten(model, report, to="linear")(x, mask)
+    (site,) = report.attention_sites()
+    assert site.status == "skipped" and "additive bias" in site.reason
+
+
+def test_a_bias_that_is_padding_only_on_the_example_is_refused_by_certification():
+    """gain = 2 in the example keeps the bias at 0 or -2e4, like padding; certification's random gains do not."""
+    model = AdditivePadding().eval()
+    x, mask = _padding_inputs()
+    report = Report(to="linear")
+    with torch.no_grad():
+        compile_rewritten(model, report, to="linear")(x, mask, torch.full((B, T), 2.0))
+    (site,) = report.attention_sites()
+    assert site.status == "skipped" and "taken as key padding holds values other than" in site.reason, site
+
+
+def test_bert_target_rewritten_to_linear_with_its_padding_bias():
+    """The reference BERT (``(1 - m)·finfo.min``): every site rewritten to linear, padding honoured."""
+    from attnrewrite.testing.targets import build
+
+    model, inputs, _ = build("bert")
+    report = Report(to="linear")
+    with torch.no_grad():
+        compile_rewritten(model.eval(), report, to="linear")(**inputs)
+    sites = report.attention_sites()
+    assert sites and all(s.status == "rewritten" and s.spec["bias"] == ["padding"] for s in sites), report
