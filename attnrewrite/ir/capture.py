@@ -295,6 +295,16 @@ def placeholder_role(node: fx.Node, example_input: Any, mutated: set[fx.Node] = 
 _VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "narrow", "select", "expand",
                  "contiguous", "flatten", "unflatten", "as_strided", "detach"}
 _NOT_MUTATING = {"requires_grad_", "retain_grad_", "share_memory_"}
+#: Methods that may return an alias of their input without writing into it.
+_ALIASING_READS = _VIEW_METHODS | {
+    "to", "type", "type_as", "float", "double", "half", "bfloat16", "int", "long", "bool", "cpu", "cuda",
+    "view_as", "expand_as", "reshape_as", "t", "unbind", "split", "chunk", "diagonal", "movedim", "moveaxis",
+    "swapaxes", "swapdims", "unfold", "split_with_sizes", "tensor_split", "__getitem__", operator.getitem,
+    torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, torch.flatten, torch.t,
+    torch.narrow, torch.select, torch.movedim, torch.diagonal, torch.split, torch.chunk, torch.unbind,
+    torch.swapaxes, torch.detach, torch.as_strided, torch.view_as_real, torch.view_as_complex}
+_ALIASING_NAMES = {"cast", "identity", "view", "transpose", "permute", "unsqueeze", "expand", "flatten", "unflatten",
+                   "getitem", "size"}
 _INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
                       operator.ilshift, operator.irshift, operator.imatmul}
@@ -320,7 +330,9 @@ def written_by(node: fx.Node) -> list[fx.Node]:
             inplace_operator = node.target in _INPLACE_OPERATORS
         except TypeError:  # unhashable target
             inplace_operator = False
-        if inplace_operator or (name.endswith("_") and not name.startswith("_") and name not in _NOT_MUTATING):
+        operator_module = getattr(node.target, "__module__", None) in ("_operator", "operator")  # and_, or_, not_
+        if inplace_operator or (name.endswith("_") and not name.startswith("_") and name not in _NOT_MUTATING
+                                and not operator_module):
             targets.append(first)
     if node.op in ("call_function", "call_method"):
         if node.kwargs.get("inplace") is True:
@@ -391,8 +403,8 @@ class Writes:
     def _aliasing_calls(self, node: fx.Node, value: Any) -> list[fx.Node]:
         if node.op not in ("call_function", "call_method"):
             return []
-        if node.target in _VIEW_METHODS or node.target is operator.getitem or node.target is getattr:
-            return []
+        if node.target in _ALIASING_READS or node.target is getattr or canonical_name(node) in _ALIASING_NAMES:
+            return []  # views and no-op casts return an alias without writing
         args = [a for a in node.all_input_nodes if _is_tensor_node(a)]
         if value is None:
             return args  # called for its effect alone

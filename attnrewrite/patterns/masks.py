@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from attnrewrite.ir.canonical import steps_shape
-from attnrewrite.ir.capture import constant_value, hinted_shape, normalize, rank, tensor_meta
+from attnrewrite.ir.capture import constant_value, hinted_shape, normalize, rank, tensor_meta, written_by
 from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, UnreadableWrite
 from attnrewrite.ir.spec import MASKED_SCORE, AttentionSpec, MaskTerm, NotAttention, Site
 from attnrewrite.patterns.layout import ref_shape, term_steps
@@ -65,7 +65,7 @@ def split_term(term: MaskTerm, evaluator: GraphEvaluator, score_rank: int, depth
     call = normalize(term.node)
     if call is None or depth >= _MAX_DEPTH or term.steps != term_steps(rank(term.node), score_rank):
         return [term]  # (a term that follows a view of the scores keeps its layout steps whole)
-    if term.node in evaluator.writes.targets:
+    if written_by(term.node):
         return [term]  # m.add_(b) is one value: its operand m, read later, already holds the sum
 
     def sub(kind: str, node, coeff: float = term.coeff) -> list[MaskTerm]:

@@ -259,3 +259,31 @@ def test_bert_target_rewritten_to_linear_with_its_padding_bias():
         compile_rewritten(model.eval(), report, to="linear")(**inputs)
     sites = report.attention_sites()
     assert sites and all(s.status == "rewritten" and s.spec["bias"] == ["padding"] for s in sites), report
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_hf_bert_with_attention_mask_rewritten_to_linear(impl):
+    """transformers' BertModel with a padding attention_mask: every site rewritten to linear; the padded
+    keys get no weight (the real tokens' outputs do not move when the padding tokens change), and the
+    output differs from softmax's (linear attention ran)."""
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, attn_implementation=impl)
+    torch.manual_seed(zlib.crc32(f"bert-{impl}".encode()))
+    model = BertModel(config).eval()
+    ids = torch.randint(0, 50, (2, 8), generator=_gen("ids"))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    report = Report(to="linear")
+    compiled = compile_rewritten(model, report, to="linear")
+    with torch.no_grad():
+        out = compiled(ids, attention_mask=mask).last_hidden_state
+        other = ids.clone()
+        other[1, 5:] = (other[1, 5:] + 7) % 50  # change only the padded tokens
+        again = compiled(other, attention_mask=mask).last_hidden_state
+    sites = report.attention_sites()
+    assert len(sites) == 2 and all(s.status == "rewritten" and s.kind == "linear" for s in sites), report
+    assert_close_rel(again[:, :5], out[:, :5], 1e-6, "real tokens after changing padded ones")
+    assert float((out - model(ids, attention_mask=mask).last_hidden_state).abs().max()) > 1e-4  # linear ran
