@@ -163,8 +163,8 @@ def written_in_the_way(site: Site, evaluator: GraphEvaluator) -> str | None:
             if first is not None and evaluator.position(w) > evaluator.position(first):
                 return (f"{node.name}, an input of the site, is written in place by {w.name} after the site "
                         f"reads it ({first.name}) and before its output")
-    for node in site.region:
-        for w in writes.writes_into(node, before=site.output):
+    for node in site.region:  # (writes before a region node that views q, k or v are part of their value)
+        for w in writes.writes_into(node, before=site.output, after=node):
             if w not in region:
                 return (f"the site's {node.name} is written in place by {w.name}, which is not part of the "
                         f"attention it matched")

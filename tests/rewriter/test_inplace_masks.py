@@ -213,6 +213,18 @@ class ScoresWrittenInPlace(Site):
         return torch.softmax(s, dim=-1) @ v
 
 
+class ScoresMaskedFillInPlace(Site):
+    """``s.masked_fill_(...)`` whose result is dropped: softmax reads ``s``, which the fill wrote."""
+
+    expect = "is written in place by"
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        s.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1), NEG)
+        return torch.softmax(s, dim=-1) @ v
+
+
 class ValuesWrittenInside(Site):
     """v changes between the score product and the value product."""
 
@@ -227,7 +239,7 @@ class ValuesWrittenInside(Site):
 
 REWRITTEN = [SliceOfZeros, MaskedFillInPlace, LoopOverFull, BoolItemAssignment, SlidingWindowByLoop, IndexPut,
              CopyIntoSlice, FillThroughViews, AddedParameter, PaddingFromLengths, ShiftedWindow]
-LEFT_ALONE = [MaskWrittenAfterItsRead, ScoresWrittenInPlace, ValuesWrittenInside]
+LEFT_ALONE = [MaskWrittenAfterItsRead, ScoresWrittenInPlace, ScoresMaskedFillInPlace, ValuesWrittenInside]
 
 
 def inputs(model: Site, name: str):
@@ -319,3 +331,35 @@ def test_returned_weights_see_the_writes():
     (site,) = report.attention_sites()
     assert site.status == "rewritten", site.reason
     assert bool((p[..., 5:] == 0).all()) and bool((p[..., :5] > 0).all())
+
+
+def test_a_kv_cache_written_before_the_site_is_rewritten():
+    """Writes into q, k or v before the site (a static KV cache filled with index_copy_ and slice
+    assignment) are part of their values: the site is rewritten, exact over several decode steps."""
+
+    class Cached(nn.Module):
+        def __init__(self, slots=16):
+            super().__init__()
+            self.qkv = nn.Linear(C, 3 * C)
+            self.register_buffer("keys", torch.zeros(B, H, slots, D))
+            self.register_buffer("values", torch.zeros(B, H, slots, D))
+
+        def forward(self, x, pos):
+            q, k, v = (t.view(B, -1, H, D).transpose(1, 2) for t in self.qkv(x).split(C, dim=-1))
+            self.keys.index_copy_(2, pos, k)
+            self.values[:, :, pos] = v
+            keep = torch.arange(self.keys.shape[2])[None, :] <= pos[:, None]
+            s = q @ self.keys.transpose(-2, -1) / math.sqrt(D)
+            return torch.softmax(s.masked_fill(~keep, NEG), dim=-1) @ self.values
+
+    torch.manual_seed(zlib.crc32(b"cached"))
+    model, reference = Cached().eval(), Cached().eval()
+    reference.load_state_dict(model.state_dict())
+    report = Report(to="softmax")
+    compiled = compile_rewritten(model, report, to="softmax")
+    with torch.no_grad():
+        for step in range(3):
+            x, pos = torch.randn(B, 4, C, generator=_seed(f"step{step}")), torch.arange(4 * step, 4 * step + 4)
+            assert_close_rel(compiled(x, pos), reference(x, pos), 1e-5, f"step {step}")
+    (site,) = report.attention_sites()
+    assert site.status == "rewritten", site.reason
