@@ -327,7 +327,7 @@ def test_returned_weights_see_the_writes():
     model = build(Returned)
     report = Report(to="sigmoid")
     x, lengths = inputs(model, "returned")
-    out, p = compile_rewritten(model, report, to="sigmoid", bias=-1.0)(x, lengths)
+    _, p = compile_rewritten(model, report, to="sigmoid", bias=-1.0)(x, lengths)
     (site,) = report.attention_sites()
     assert site.status == "rewritten", site.reason
     assert bool((p[..., 5:] == 0).all()) and bool((p[..., :5] > 0).all())
