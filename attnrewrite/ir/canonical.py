@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from attnrewrite.ir.spec import AttentionSpec, MaskTerm, ScoreMod, Step, TensorRef
+from attnrewrite.ir.spec import MASKED_SCORE, PADDING_GUARD, AttentionSpec, MaskTerm, ScoreMod, Step, TensorRef
 
 Lookup = Callable[[fx.Node], Any]
 
@@ -111,6 +111,11 @@ def materialize_mask(terms: tuple[MaskTerm, ...], lookup: Lookup, dtype: torch.d
             keep = value if keep is None else keep & value
         elif term.kind == "drop":
             value = ~value
+            keep = value if keep is None else keep & value
+        elif term.kind == "padding":  # checked on every call, never assumed
+            value = value * term.coeff if term.coeff != 1.0 else value
+            torch._assert_async(((value == 0) | (value <= MASKED_SCORE)).all(), PADDING_GUARD)
+            value = value > MASKED_SCORE
             keep = value if keep is None else keep & value
         else:
             value = value.to(dtype)

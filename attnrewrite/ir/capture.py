@@ -343,6 +343,159 @@ def placeholder_role(node: fx.Node, example_input: Any, mutated: set[fx.Node] = 
 _VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "narrow", "select", "expand",
                  "contiguous", "flatten", "unflatten", "as_strided", "detach"}
 _NOT_MUTATING = {"requires_grad_", "retain_grad_", "share_memory_"}
+#: Methods that may return an alias of their input without writing into it.
+_ALIASING_READS = _VIEW_METHODS | {
+    "to", "type", "type_as", "float", "double", "half", "bfloat16", "int", "long", "bool", "cpu", "cuda",
+    "view_as", "expand_as", "reshape_as", "t", "unbind", "split", "chunk", "diagonal", "movedim", "moveaxis",
+    "swapaxes", "swapdims", "unfold", "split_with_sizes", "tensor_split", "__getitem__", operator.getitem,
+    torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, torch.flatten, torch.t,
+    torch.narrow, torch.select, torch.movedim, torch.diagonal, torch.split, torch.chunk, torch.unbind,
+    torch.swapaxes, torch.detach, torch.as_strided, torch.view_as_real, torch.view_as_complex}
+_ALIASING_NAMES = {"cast", "identity", "view", "transpose", "permute", "unsqueeze", "expand", "flatten", "unflatten",
+                   "getitem", "size"}
+_INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul}
+
+
+def _is_tensor_node(value: Any) -> bool:
+    return isinstance(value, fx.Node) and (example(value) is None or isinstance(example(value), torch.Tensor))
+
+
+def written_by(node: fx.Node) -> list[fx.Node]:
+    """The tensors ``node`` writes in place, by its spelling: ``m[i] = x`` (``operator.setitem``),
+    ``m.masked_fill_(...)`` and every other trailing-underscore method or function, ``m += x``,
+    ``torch.add(a, b, out=m)`` and ``F.relu(m, inplace=True)``."""
+    targets: list[Any] = []
+    first = node.args[0] if node.args else None
+    if node.op == "call_method":
+        name = str(node.target)
+        if name.endswith("_") and not name.startswith("_") and name not in _NOT_MUTATING:
+            targets.append(first)
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "") or ""
+        try:
+            inplace_operator = node.target in _INPLACE_OPERATORS
+        except TypeError:  # unhashable target
+            inplace_operator = False
+        operator_module = getattr(node.target, "__module__", None) in ("_operator", "operator")  # and_, or_, not_
+        if inplace_operator or (name.endswith("_") and not name.startswith("_") and name not in _NOT_MUTATING
+                                and not operator_module):
+            targets.append(first)
+    if node.op in ("call_function", "call_method"):
+        if node.kwargs.get("inplace") is True:
+            targets.append(first)
+        out = node.kwargs.get("out")
+        targets.extend(out if isinstance(out, (tuple, list)) else [out])
+    return [t for t in dict.fromkeys(targets) if _is_tensor_node(t)]
+
+
+def _storage_key(value: Any) -> Any:
+    """Identity of the (fake) storage behind an example tensor, or None."""
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+        return None
+    try:
+        return ("storage", value.untyped_storage()._cdata)
+    except Exception:  # noqa: BLE001 — tensor subclasses without a plain storage
+        return None
+
+
+class Writes:
+    """The in-place writes of a graph, and which nodes they reach.
+
+    Dynamo keeps in-place ops as they were written (``m[a:b] = -inf``, ``m.masked_fill_(...)``):
+    no dataflow edge leads from such a write to the later reads of ``m`` or of any view of it.
+    Nodes are grouped by the storage of their example values (fake tensors share a storage
+    exactly where the real tensors do: views, in-place results), and each group lists the nodes
+    that may write into it, in graph order.  A writer is a node whose spelling writes
+    (:func:`written_by`), any call that returns an alias of one of its tensor arguments without
+    being a known view, and any call made only for its effect (no value) on a tensor argument.
+    A storage whose example's version counter counts more writes than the writers found (an
+    in-place op of a spelling not recognised) is listed in :attr:`unknown`.
+    """
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.position: dict[fx.Node, int] = {}
+        self.group: dict[fx.Node, Any] = {}
+        self.members: dict[Any, list[fx.Node]] = {}
+        self.writers: dict[Any, list[fx.Node]] = {}
+        self.targets: dict[fx.Node, list[fx.Node]] = {}
+        self.unknown: set[Any] = set()
+        versions: dict[Any, int] = {}
+        placeholder_groups: set[Any] = set()
+        for i, node in enumerate(graph.nodes):
+            self.position[node] = i
+            value = example(node)
+            key = _storage_key(value)
+            if key is None and value is None and node.op in ("call_method", "call_function") and (
+                    node.target in _VIEW_METHODS or node.target is operator.getitem) and _is_tensor_node(
+                        node.args[0] if node.args else None):
+                key = self.group.get(node.args[0])  # no example value: structural views
+            self.group[node] = key if key is not None else ("node", node)
+            self.members.setdefault(self.group[node], []).append(node)
+            if key is not None and isinstance(value, torch.Tensor):
+                versions[key] = max(versions.get(key, 0), int(getattr(value, "_version", 0)))
+            if node.op == "placeholder":
+                placeholder_groups.add(self.group[node])
+            targets = written_by(node) or self._aliasing_calls(node, value)
+            targets = list(dict.fromkeys(t for t in targets if t in self.group))
+            if targets:
+                self.targets[node] = targets
+                for group in dict.fromkeys(self.group[t] for t in targets):
+                    self.writers.setdefault(group, []).append(node)
+        for group, version in versions.items():
+            if group not in placeholder_groups and version > len(self.writers.get(group, ())):
+                self.unknown.add(group)
+
+    def _aliasing_calls(self, node: fx.Node, value: Any) -> list[fx.Node]:
+        if node.op not in ("call_function", "call_method"):
+            return []
+        if node.target in _ALIASING_READS or node.target is getattr or canonical_name(node) in _ALIASING_NAMES:
+            return []  # views and no-op casts return an alias without writing
+        args = [a for a in node.all_input_nodes if _is_tensor_node(a)]
+        if value is None:
+            return args  # called for its effect alone
+        key = _storage_key(value)
+        return [a for a in args if key is not None and self.group.get(a) == key]
+
+    def covers(self, node: fx.Node) -> bool:
+        """True once ``node`` has been seen (the graph may have gained nodes since)."""
+        return node in self.group
+
+    def writes_into(self, node: fx.Node, before: fx.Node | None = None, after: fx.Node | None = None) -> list[fx.Node]:
+        """Nodes that may write into ``node``'s storage, in graph order, strictly between ``after``
+        and ``before`` (either may be None: no bound)."""
+        found = self.writers.get(self.group.get(node), [])
+        low = -1 if after is None else self.position[after]
+        high = len(self.position) if before is None else self.position[before]
+        return [w for w in found if low < self.position[w] < high and w is not node]
+
+    def first_use(self, node: fx.Node, among: set[fx.Node], before: fx.Node) -> fx.Node | None:
+        """The earliest node of ``among`` that reads ``node``'s storage, directly or through values
+        computed from it, looking no further than ``before``."""
+        limit = self.position[before]
+        stack = list(self.members.get(self.group.get(node), [node]))
+        seen: set[fx.Node] = set()
+        first = None
+        while stack:
+            current = stack.pop()
+            if current in seen or self.position.get(current, limit + 1) > limit:
+                continue
+            seen.add(current)
+            for user in current.users:
+                if user in among and (first is None or self.position[user] < self.position[first]):
+                    first = user
+                stack.append(user)
+        return first
+
+    def written(self, node: fx.Node) -> bool:
+        """True when anything in the graph may write into ``node``'s storage."""
+        return bool(self.writers.get(self.group.get(node)))
+
+    def unknown_write(self, node: fx.Node) -> bool:
+        """True when ``node``'s storage is written by an operation :func:`written_by` does not read."""
+        return self.group.get(node) in self.unknown
 
 
 def mutated_placeholders(graph: fx.Graph) -> set[fx.Node]:
@@ -352,24 +505,8 @@ def mutated_placeholders(graph: fx.Graph) -> set[fx.Node]:
     dataflow edge from ``k`` to later reads of ``cache``: such buffers hold state that
     depends on the inputs, whatever their name says.
     """
-    mutated: set[fx.Node] = set()
-    for node in graph.nodes:
-        target = None
-        if node.op == "call_method" and str(node.target).endswith("_") and node.target not in _NOT_MUTATING:
-            target = node.args[0] if node.args else None
-        elif node.op == "call_function" and (node.target is operator.setitem or (
-                getattr(node.target, "__name__", "").endswith("_") and not getattr(node.target, "__name__", "")
-                .startswith("_"))):
-            target = node.args[0] if node.args else None
-        while isinstance(target, fx.Node) and target.op != "placeholder":
-            if target.op == "call_method" and target.target in _VIEW_METHODS or (
-                    target.op == "call_function" and target.target is operator.getitem):
-                target = target.args[0]
-            else:
-                target = None
-        if isinstance(target, fx.Node):
-            mutated.add(target)
-    return mutated
+    writes = Writes(graph)
+    return {n for n in graph.nodes if n.op == "placeholder" and writes.writes_into(n)}
 
 
 # the frame's local or global the path starts from: L['self'], L['args'][0], G['model'] (a function

@@ -42,24 +42,32 @@ class MaskTerm:
 
     - ``add``: ``+ coeff · node`` (a float bias: padding masks, relative position, ALiBi);
     - ``keep``: keys where the bool ``node`` is False are masked out (True = may attend);
-    - ``drop``: keys where the bool ``node`` is True are masked out.
+    - ``drop``: keys where the bool ``node`` is True are masked out;
+    - ``padding``: an additive ``coeff · node`` whose values are 0 (key kept) or <= −10⁴ (key
+      masked), taken as the keep-mask ``coeff · node > −10⁴`` by kinds that have no scores to add
+      a bias to.  The values are not assumed: the canonical form checks them on every call
+      (:data:`PADDING_GUARD`) and raises if one ever leaves that set.
 
     A score set to −∞ or to any constant ≤ −10⁴ (``masked_fill(m, finfo.min)``,
     ``where(m, s, -1e9)``) counts as masked: the two differ only in rows where every key is
     masked, whose output is meaningless either way (NaN or a uniform average of values).
     """
 
-    kind: Literal["add", "keep", "drop"]
+    kind: Literal["add", "keep", "drop", "padding"]
     node: fx.Node
     steps: tuple[Step, ...] = ()
     coeff: float = 1.0
 
     def scaled(self, factor: float) -> MaskTerm:
-        return replace(self, coeff=self.coeff * factor) if self.kind == "add" else self
+        return replace(self, coeff=self.coeff * factor) if self.kind in ("add", "padding") else self
 
 
 #: Scores at or below this constant are masked keys.
 MASKED_SCORE = -1e4
+
+#: The message of the run-time check on ``padding`` mask terms.
+PADDING_GUARD = ("attnrewrite: an additive mask taken as key padding by the rewrite holds a value that is "
+                 "neither 0 nor <= -1e4; this attention kind cannot honour it (rewrite to softmax or sigmoid)")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 
 A site can be rewritten to ``linear`` when its mask is causal and/or key padding (a linear kind
 cannot honour a mask that varies across queries, an additive bias, dropout on probabilities or
-a score modification): such sites are skipped with the reason.
+a score modification): such sites are skipped with the reason.  An additive bias computed from a
+[B, Tk] input whose values are 0 or <= -1e4 (BERT's ``(1 - m)·min``) is key padding: the pass
+hands it over as a ``padding`` term, whose values the rewritten graph checks on every call.
 """
 
 from __future__ import annotations
@@ -117,5 +119,5 @@ KIND = register(Kind(
     description="linear attention φ(q)·Σφ(k)ᵀv / φ(q)·Σφ(k) (elu, relu, favor, hedgehog feature maps)",
     weights=weights,
     make_state=make_state,
-    expected_skips={"bert": "additive bias"},  # BERT's (1 - m)·min bias is not provably a padding mask
+    # BERT's (1 - m)·min bias is taken as key padding, its values checked on every call (masks.as_key_padding)
 ))

@@ -14,6 +14,11 @@ it evaluates them on the site's shapes and
 
 Data-dependent terms (padding masks, learned biases) are kept; the certifier then checks the
 result against the original on random padding masks.
+
+Terms are evaluated as the rewrite will read them, just before the site's output, with the
+graph's in-place writes executed (a mask built by ``m = zeros(T, T)``, ``m[:, 5:] = -inf``
+is the mask it holds after the write, not zeros); a term written in place with a value that
+depends on user data counts as data-dependent.
 """
 
 from __future__ import annotations
@@ -23,9 +28,11 @@ from dataclasses import replace
 import torch
 import torch.fx as fx
 
-from attnrewrite.ir.capture import constant_value, is_float_tensor, normalize, rank, tensor_meta
-from attnrewrite.ir.evaluate import GraphEvaluator
-from attnrewrite.ir.spec import MASKED_SCORE, MaskTerm, NotAttention, Site
+from attnrewrite.ir.canonical import steps_shape
+from attnrewrite.ir.capture import (constant_value, hinted_shape, is_float_tensor, normalize, rank, tensor_meta,
+                                    written_by)
+from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, UnreadableWrite
+from attnrewrite.ir.spec import MASKED_SCORE, AttentionSpec, MaskTerm, NotAttention, Site
 from attnrewrite.patterns.layout import ref_shape, term_steps
 
 _TRANSPARENT = {"identity", "expand"}  # broadcasting and copies: the term broadcasts anyway
@@ -40,28 +47,33 @@ def _is_device_move(call) -> bool:
     return src is not None and dst is not None and src.dtype == dst.dtype
 
 
-def _scalar(value, evaluator: GraphEvaluator) -> float | None:
-    """A number, or a shape-only node evaluating to a single number (``torch.zeros(())``)."""
+def _scalar(value, evaluator: GraphEvaluator, at: fx.Node | None) -> float | None:
+    """A number, or a shape-only node evaluating to a single number (``torch.zeros(())``) as read
+    just before ``at``."""
     c = constant_value(value)
     if c is not None or not isinstance(value, fx.Node):
         return c
     meta = tensor_meta(value)
     if meta is None or meta.numel() != 1 or evaluator.depends_on_data(value):
         return None
-    return float(evaluator.value(value).reshape(()))
+    return float(evaluator.value(value, at=at).reshape(()))
 
 
-def split_term(term: MaskTerm, evaluator: GraphEvaluator, score_rank: int, depth: int = 0) -> list[MaskTerm]:
-    """Split ``term`` into simpler terms whose sum (or conjunction) is the same mask."""
+def split_term(term: MaskTerm, evaluator: GraphEvaluator, score_rank: int, depth: int = 0,
+               at: fx.Node | None = None) -> list[MaskTerm]:
+    """Split ``term`` into simpler terms whose sum (or conjunction) is the same mask (values read
+    just before ``at``, the site's output)."""
     call = normalize(term.node)
     if call is None or depth >= _MAX_DEPTH or term.steps != term_steps(rank(term.node), score_rank):
         return [term]  # (a term that follows a view of the scores keeps its layout steps whole)
+    if written_by(term.node):
+        return [term]  # m.add_(b) is one value: its operand m, read later, already holds the sum
 
     def sub(kind: str, node, coeff: float = term.coeff) -> list[MaskTerm]:
         if not isinstance(node, fx.Node):
             return [term]
         child = MaskTerm(kind, node, term_steps(rank(node), score_rank), coeff)
-        return split_term(child, evaluator, score_rank, depth + 1)
+        return split_term(child, evaluator, score_rank, depth + 1, at)
 
     if call.name in _TRANSPARENT or _is_device_move(call):
         return sub(term.kind, call.args[0])
@@ -81,14 +93,14 @@ def split_term(term: MaskTerm, evaluator: GraphEvaluator, score_rank: int, depth
                 return sub("add", call.args[0]) + sub("add", call.args[1], term.coeff * alpha)
         if call.name == "where":
             cond, a, b = call.args
-            a_val, b_val = _scalar(a, evaluator), _scalar(b, evaluator)
+            a_val, b_val = _scalar(a, evaluator, at), _scalar(b, evaluator, at)
             if a_val == 0.0 and b_val is not None and b_val * term.coeff <= MASKED_SCORE:
                 return sub("keep", cond)
             if b_val == 0.0 and a_val is not None and a_val * term.coeff <= MASKED_SCORE:
                 return sub("drop", cond)
         if call.name == "masked_fill":
             base, mask, value = call.args
-            v = _scalar(value, evaluator)
+            v = _scalar(value, evaluator, at)
             if v is not None and v * term.coeff <= MASKED_SCORE:
                 return sub("add", base) + sub("drop", mask)
     return [term]
@@ -127,21 +139,28 @@ def classify_keep(keep: torch.Tensor, t_q: int, t_k: int) -> str:
 
 def resolve(site: Site, evaluator: GraphEvaluator) -> None:
     """Simplify ``site.spec``'s mask terms in place (see the module docstring)."""
+    try:
+        _resolve(site, evaluator)
+    except (UnreadableWrite, ClosureTooLarge) as exc:
+        raise NotAttention(f"could not read the mask: {exc}") from exc
+
+
+def _resolve(site: Site, evaluator: GraphEvaluator) -> None:
     spec = site.spec
     for node in site.value_checks:
-        v = _scalar(node, evaluator)
+        v = _scalar(node, evaluator, site.output)
         if v is None or v > MASKED_SCORE:
             raise NotAttention(f"masked scores are set to {node.name}, not a constant mask value")
     terms: list[MaskTerm] = []
     for term in spec.bias:
-        terms.extend(split_term(term, evaluator, site.score_rank))
+        terms.extend(split_term(term, evaluator, site.score_rank, at=site.output))
     t_q, t_k = ref_shape(spec.q)[-2], ref_shape(spec.k)[-2]
     kept, causal = [], spec.causal
     for term in terms:
         if evaluator.depends_on_data(term.node):
             kept.append(term)
             continue
-        value = evaluator.value(term.node)
+        value = evaluator.value(term.node, at=site.output)
         keep = _keep_pattern(term, value) if isinstance(value, torch.Tensor) else None
         verdict = "other" if keep is None else classify_keep(keep, t_q, t_k)
         if verdict == "all":
@@ -151,4 +170,49 @@ def resolve(site: Site, evaluator: GraphEvaluator) -> None:
             site.notes.append(f"mask {term.node.name} proven causal")
         else:
             kept.append(term)
-    site.spec = replace(spec, bias=tuple(kept), causal=causal)
+    site.spec = replace(spec, bias=tuple(_at_least_2d(t) for t in kept), causal=causal)
+
+
+def _at_least_2d(term: MaskTerm) -> MaskTerm:
+    """A bias over keys alone (``s + b`` with ``b`` of shape [Tk], or a 0-d one) broadcasts against the
+    scores from the right as [1, Tk]; attention ops want masks of at least two dims."""
+    shape = hinted_shape(term.node)
+    if shape is None:
+        return term
+    missing = 2 - len(steps_shape(shape, term.steps))
+    return replace(term, steps=term.steps + (("unsqueeze", 0),) * missing) if missing > 0 else term
+
+
+def _broadcasts_from_key_padding(term: MaskTerm) -> bool:
+    """True when the term is one value per (batch, key): broadcastable from [B, 1, 1, Tk]."""
+    shape = hinted_shape(term.node)
+    if shape is None:
+        return False
+    shape = tuple(steps_shape(shape, term.steps))
+    shape = (1,) * (4 - len(shape)) + shape
+    return len(shape) == 4 and shape[1] == 1 and shape[2] == 1
+
+
+def as_key_padding(site: Site, evaluator: GraphEvaluator) -> AttentionSpec | None:
+    """``site.spec`` with its additive key-padding biases taken as padding masks, or None when it has none.
+
+    BERT's ``(1 - mask[:, None, None, :]) * -10000.0`` is an additive bias computed from a [B, Tk]
+    input, constant over queries and heads; it is key padding when its values are 0 or <= −10⁴.
+    Such a term (an input-dependent additive bias of that shape whose example values are in that
+    set) becomes a ``padding`` term: kinds without scores read it as a keep-mask, and the canonical
+    form checks its values on every call — certification's probes included — raising if one ever
+    leaves the set.  Nothing about the values is assumed.
+    """
+    spec, changed, terms = site.spec, False, []
+    for term in spec.bias:
+        if term.kind == "add" and evaluator.depends_on_inputs(term.node) and _broadcasts_from_key_padding(term):
+            try:
+                value = evaluator.value(term.node, at=site.output)
+            except (UnreadableWrite, ClosureTooLarge):
+                value = None
+            if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
+                value = value * term.coeff
+                if bool(((value == 0) | (value <= MASKED_SCORE)).all()):
+                    term, changed = replace(term, kind="padding"), True
+        terms.append(term)
+    return replace(spec, bias=tuple(terms)) if changed else None

@@ -15,6 +15,14 @@ compared: their output is undefined (NaN or a uniform average, depending on spel
 
 The evaluator itself (:class:`~attnrewrite.ir.evaluate.GraphEvaluator`) lives in ``ir``: the
 mask resolver reads constant masks with it too.
+
+In-place writes are part of what is certified.  The site's region and everything its masks
+need run in graph order with their writes executed (``m = zeros(T, T)`` then
+``m[:, 5:] = -inf`` is a mask), and the canonical form reads its inputs as they are just
+before the site's output, which is where the rewrite reads them.  A site whose inputs are
+written between the site's first node and its output (the original read them before the
+write, the rewrite would read them after), or whose scores or probabilities are written in
+place by a node the site does not consist of, is refused with that reason.
 """
 
 from __future__ import annotations
@@ -26,8 +34,8 @@ import torch.fx as fx
 
 from attnrewrite.ir import canonical
 from attnrewrite.ir.capture import constant_value, hinted_shape, normalize, symbolic_number
-from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, float64_default
-from attnrewrite.ir.spec import Site
+from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, UnreadableWrite, float64_default
+from attnrewrite.ir.spec import PADDING_GUARD, Site
 from attnrewrite.kinds.softmax import exact_attention
 
 #: Relative error (to the output's scale) above which a site is not certified.
@@ -83,7 +91,10 @@ def fingerprint(site: Site, evaluator: GraphEvaluator) -> tuple:
         if node in roles:
             return ("role", roles[node])
         if not evaluator.depends_on_data(node):
-            value = evaluator.value(node)
+            try:
+                value = evaluator.value(node, at=site.output)
+            except (ClosureTooLarge, UnreadableWrite):
+                return ("ext", id(node))
             if isinstance(value, torch.Tensor):
                 return ("const", tuple(value.shape), str(value.dtype), hash(value.cpu().numpy().tobytes()))
             return ("const", repr(value))
@@ -96,6 +107,7 @@ def fingerprint(site: Site, evaluator: GraphEvaluator) -> tuple:
         body.append((node.op, target, _describe(node.args, local, external), _describe(node.kwargs, local, external)))
         local[node] = i
     shapes = tuple(hinted_shape(n) for n in (spec.q.node, spec.k.node, spec.v.node))
+    body.append(("writes", tuple(w.name for w in _writes_seen(site, evaluator))))
     spec_key = _describe((spec.q.steps, spec.k.steps, spec.v.steps, site.out_steps, spec.scale, spec.q_factors,
                           tuple((t.kind, t.node, t.steps, t.coeff) for t in spec.bias), spec.causal,
                           spec.kv_groups, _mod_key(spec)), local, external)
@@ -142,41 +154,137 @@ def check_dropout(site: Site) -> str | None:
     return None
 
 
+def _span(site: Site, evaluator: GraphEvaluator) -> tuple[int, int]:
+    """Graph positions of the site's first node and of its output."""
+    first = min((evaluator.position(n) for n in site.region), default=evaluator.position(site.output))
+    return first, evaluator.position(site.output)
+
+
+def _writes_seen(site: Site, evaluator: GraphEvaluator) -> list[fx.Node]:
+    """Nodes outside the site that write, before its output, into a value the site or its canonical
+    form reads (for q, k and v, which certification draws at random, only writes inside the site)."""
+    writes, region = evaluator.writes, set(site.region)
+    first, _ = _span(site, evaluator)
+    qkv = {site.spec.q.node, site.spec.k.node, site.spec.v.node}
+    try:
+        reads = evaluator.closure(_spec_nodes(site) | _region_inputs(site) | region, dict.fromkeys(qkv),
+                                  at=site.output)
+    except (ClosureTooLarge, UnreadableWrite):
+        reads = list(_spec_nodes(site) | region)
+    seen = [w for node in reads for w in writes.writes_into(node, before=site.output) if w not in region]
+    seen += [w for node in qkv for w in writes.writes_into(node, before=site.output)
+             if evaluator.position(w) >= first]  # (writes before the site: q, k, v are drawn at random)
+    return sorted(set(seen), key=evaluator.position)
+
+
+def _region_inputs(site: Site) -> set[fx.Node]:
+    return {n for r in site.region for n in r.all_input_nodes} - set(site.region)
+
+
+def written_in_the_way(site: Site, evaluator: GraphEvaluator) -> str | None:
+    """Why in-place writes make the site's canonical form differ from what it replaces, or None.
+
+    The rewrite reads q, k, v and the masks just before the site's output; the original read
+    them at its own nodes: a write after the site's first read of a value and before its output
+    changes one and not the other.  And a write into the scores or probabilities by a node
+    outside the site is a change the spec does not hold.
+    """
+    writes, region = evaluator.writes, set(site.region)
+    spec = site.spec
+    for node in [spec.q.node, spec.k.node, spec.v.node, *sorted(_spec_nodes(site), key=evaluator.position)]:
+        late = writes.writes_into(node, before=site.output)
+        first = writes.first_use(node, region, site.output) if late else None
+        for w in late:
+            if first is not None and evaluator.position(w) > evaluator.position(first):
+                return (f"{node.name}, an input of the site, is written in place by {w.name} after the site "
+                        f"reads it ({first.name}) and before its output")
+    for node in site.region:  # (writes before a region node that views q, k or v are part of their value)
+        for w in writes.writes_into(node, before=site.output, after=node):
+            if w not in region:
+                return (f"the site's {node.name} is written in place by {w.name}, which is not part of the "
+                        f"attention it matched")
+    return None
+
+
+#: The probes, in order: the example's user inputs, then random ones of the same kind, then the
+#: example's a little changed (for masks that random inputs close entirely).  Certification needs
+#: two informative probes (some query row sees a key), one of them with user inputs changed.
+PROBES = ("real", "random", "random", "perturbed", "perturbed", "perturbed")
+
+_DESCRIBE = {"real": "random q, k, v", "random": "random q, k, v and random user inputs",
+             "perturbed": "random q, k, v and perturbed user inputs"}
+
+
+def _probe(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], randomize: bool | str):
+    """One probe: (original output, canonical output, rows compared) on fresh q, k, v."""
+    spec = site.spec
+    qkv = {spec.q.node, spec.k.node, spec.v.node}
+    env: dict[fx.Node, Any] = {node: evaluator.random_like_meta(node) for node in qkv}
+    order = evaluator.closure(targets, env, at=site.output)
+    output_at = evaluator.position(site.output)
+    with torch.no_grad(), float64_default():
+        for node in order:
+            if evaluator.position(node) < output_at:
+                env[node] = evaluator.compute(node, env, randomize)
+        call = canonical.attention_call(spec, env.__getitem__, torch.float64, dropout=False)
+        out = exact_attention(call)
+        rows = canonical.visible_rows(call).unsqueeze(-1).expand(out.shape)
+        want = canonical.apply_steps(out, site.out_steps, env.__getitem__)
+        rows = canonical.apply_steps(rows, site.out_steps, env.__getitem__)
+        for node in order:  # after the canonical form: the region may work in place
+            if evaluator.position(node) >= output_at:
+                env[node] = evaluator.compute(node, env, randomize)
+        return env[site.output], want, rows
+
+
 def certify(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tuple[bool, str | None, float]:
-    """Check ``site.spec`` against the original subgraph. Returns (ok, reason, worst relative error)."""
+    """Check ``site.spec`` against the original subgraph. Returns (ok, reason, worst relative error).
+
+    Each probe evaluates, in one pass in graph order, the site's region and everything its masks
+    need (in-place writes executed); the canonical form is computed from the values as they are
+    just before the site's output, where the rewrite reads them.  Probes that leave every query
+    row fully masked prove nothing and are replaced by the next kind of probe (:data:`PROBES`);
+    ``probes`` informative ones are needed.
+    """
     spec = site.spec
     worst = 0.0
     dropout = check_dropout(site)
     if dropout is not None:
         return False, dropout, worst
-    region_inputs = {n for r in site.region for n in r.all_input_nodes} - set(site.region)
+    reason = written_in_the_way(site, evaluator)
+    if reason is not None:
+        return False, reason, worst
     qkv = {spec.q.node, spec.k.node, spec.v.node}
-    for probe in range(probes):
-        randomize = probe > 0
-        env: dict[fx.Node, Any] = {node: evaluator.random_like_meta(node) for node in qkv}
+    targets = (_region_inputs(site) | _spec_nodes(site) | set(site.region)) - qkv
+    informative, changed = 0, False
+    for kind in PROBES:
+        if informative >= probes and (changed or probes < 2):
+            break
         try:
-            evaluator.evaluate((region_inputs | _spec_nodes(site)) - qkv, env, randomize=randomize)
+            got, want, rows = _probe(site, evaluator, targets, False if kind == "real" else kind)
         except ClosureTooLarge as exc:
             return False, f"could not certify: the site's masks depend on too much of the graph ({exc})", worst
-        with torch.no_grad(), float64_default():
-            call = canonical.attention_call(spec, env.__getitem__, torch.float64, dropout=False)
-            out = exact_attention(call)
-            rows = canonical.visible_rows(call).unsqueeze(-1).expand(out.shape)
-            want = canonical.apply_steps(out, site.out_steps, env.__getitem__)
-            rows = canonical.apply_steps(rows, site.out_steps, env.__getitem__)
-            for node in site.region:  # after the canonical form: the region may work in place
-                env[node] = evaluator.compute(node, env, randomize)
-            got = env[site.output]
+        except UnreadableWrite as exc:
+            return False, f"could not certify: {exc}", worst
+        except RuntimeError as exc:
+            if PADDING_GUARD not in str(exc):
+                raise
+            return False, (f"an additive mask taken as key padding holds values other than 0 and <= -1e4 on "
+                           f"{_DESCRIBE[kind].split(' and ')[-1]}"), worst
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
             return False, f"canonical form has shape {tuple(want.shape)}, site output {getattr(got, 'shape', got)}", worst
         if not bool(rows.any()):
-            return False, "could not certify: every probed query row is fully masked", worst
+            continue  # every query row fully masked: nothing compared, try the next probe
         got, want = got[rows], want[rows]
         if not bool(torch.isfinite(got).all()):
             return False, "original output is not finite on probe inputs", worst
         err = float((got - want).abs().max() / (1.0 + want.abs().max()))
         worst = max(worst, err)
         if err > CERTIFY_RTOL:
-            which = "random q, k, v" if probe == 0 else "random q, k, v and random user inputs"
-            return False, f"spec does not reproduce the site (relative error {err:.2e} on {which})", worst
+            return False, f"spec does not reproduce the site (relative error {err:.2e} on {_DESCRIBE[kind]})", worst
+        informative += 1
+        changed = changed or kind != "real"
+    if informative < probes or not (changed or probes < 2):
+        return False, (f"could not certify: every probed query row is fully masked ({informative} informative "
+                       f"probe(s) of {len(PROBES)}: the example, random and perturbed user inputs)"), worst
     return True, None, worst

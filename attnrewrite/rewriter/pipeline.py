@@ -154,6 +154,10 @@ def select(ctx: PassContext) -> None:
                       f"{site.spec.score_mod.describe()}")
             continue
         reason = kind.supports(site.spec, options)
+        padded = masks.as_key_padding(site, ctx.evaluator) if reason is not None else None
+        if padded is not None and kind.supports(padded, options) is None:  # checked at run time, certified
+            site.spec, reason = padded, None
+            site.notes.append("additive key-padding bias taken as a padding mask (its values checked on every call)")
         if reason is None and site.spec.weights_escape and (kind.weights is None or site.probs is None):
             reason = "the attention weights are used elsewhere and it cannot supply them"
         if reason is not None:

@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch.fx.proxy import Proxy
 
 from attnrewrite.ir import canonical
-from attnrewrite.ir.capture import same_size, tensor_meta
+from attnrewrite.ir.capture import Writes, same_size, tensor_meta
 from attnrewrite.ir.record import erase_unused, propagate_meta, recording
 from attnrewrite.ir.spec import Site
 
@@ -55,6 +55,10 @@ def rewrite_site(gm: fx.GraphModule, site: Site, emit: Callable, fake_mode,
         # product: record them right after the last node they read, before any of those users
         reads = {replaced.get(n, n) for n in {spec.q.node, spec.k.node, spec.v.node} | _spec_inputs(site)}
         order = {n: i for i, n in enumerate(graph.nodes)}
+        # ... and after any in-place write into them before the site's output (certification read
+        # them there: a mask built by writes into zeros must be read after its writes)
+        writes = Writes(graph)
+        reads |= {w for n in reads for w in writes.writes_into(n, before=site.output)}
         latest = max(reads, key=order.__getitem__)
         with recording(graph, latest.next) as (record_lookup, weight_nodes):
             lookup = _through(replaced, record_lookup)

@@ -193,7 +193,8 @@ def test_padding_forgotten_in_one_batch_row_is_refused(monkeypatch):
         graph = term.node.graph
         with graph.inserting_after(term.node):
             node = graph.call_function(_keep_row_one, (term.node,))
-        node.meta = dict(term.node.meta)
+        node.meta = {key: (value.clone() if key in ("val", "example_value") else value)  # its own storage
+                     for key, value in term.node.meta.items()}
         return replace(spec, bias=(replace(term, node=node),))
 
     _plant(monkeypatch, masks, "resolve", forget_row_one)

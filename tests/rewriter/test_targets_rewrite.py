@@ -27,7 +27,7 @@ def test_target_specs(name):
     ("llama", "sigmoid", True), ("llama", "linear", True),
     ("vit", "linear", True),  # bidirectional, no mask
     ("singlecell", "linear", True),  # key padding through masked_fill
-    ("bert", "linear", False),  # BERT's additive (1 - m)·min bias: not provably a padding mask
+    ("bert", "linear", True),  # BERT's additive (1 - m)·min bias: key padding, its values checked per call
 ])
 def test_other_kinds_on_targets(name, kind, rewritten):
     from attnrewrite.rewriter.report import Report
