@@ -503,10 +503,11 @@ def region_between(sources: set[fx.Node], output: fx.Node) -> list[fx.Node]:
 
 
 def _term_steps(term: MaskTerm, lead: tuple[int, ...], score_lead: tuple[int, ...], score_sizes: tuple,
-                lead_sizes: tuple) -> tuple:
+                lead_sizes: tuple, donor: TensorRef | None = None) -> tuple:
     """Steps that make ``term`` (added when the scores had leading sizes ``lead``, spelled ``lead_sizes``)
     broadcast against the canonical 4-D scores, whose leading sizes at the softmax are ``score_lead``
-    (as traced: ``score_sizes``)."""
+    (as traced: ``score_sizes``).  ``donor`` (an operand in the score product's layout, e.g. q) lends the
+    sizes of the viewed scores the view leaves to -1."""
     shape = ref_shape(TensorRef(term.node, term.steps))
     steps: tuple = ()
     if len(shape) > 2 and tuple(lead) != tuple(score_lead):
@@ -517,7 +518,7 @@ def _term_steps(term: MaskTerm, lead: tuple[int, ...], score_lead: tuple[int, ..
             steps = relayout(len(lead), score_sizes)
             shape = tuple(score_lead) + tuple(shape[-2:])
         elif _broadcasts(shape[:-2], lead):  # Swin: [1, nW, 1, N, N] against scores viewed [B, nW, H, N, N]
-            steps = _expanded(shape, lead, lead_sizes, term) + relayout(len(lead), score_sizes)
+            steps = _expanded(shape, lead, lead_sizes, term, donor) + relayout(len(lead), score_sizes)
             shape = tuple(score_lead) + tuple(shape[-2:])
         else:
             raise NotAttention(f"the bias or mask {term.node.name} cannot follow the view of the scores")
@@ -531,23 +532,44 @@ def _broadcasts(term_lead: tuple, lead: tuple) -> bool:
     return len(term_lead) <= len(lead) and all(t in (1, s) for t, s in zip(reversed(term_lead), reversed(lead)))
 
 
-def _expanded(shape: tuple, lead: tuple, lead_sizes: tuple, term: MaskTerm) -> tuple:
+def _expanded(shape: tuple, lead: tuple, lead_sizes: tuple, term: MaskTerm, donor: TensorRef | None) -> tuple:
     """Steps that expand a term broadcasting against the viewed scores' leading dims to their full sizes
-    (so that regrouping them regroups the term alike).  The sizes it broadcasts over must be spelled by
-    the view (ints, or size nodes under dynamic shapes)."""
+    (so that regrouping them regroups the term alike).  The sizes it broadcasts over are the view's (ints,
+    or size nodes under dynamic shapes); where the view leaves one to -1 (Swin's ``attn.view(-1, nW, H, N,
+    N)``), all are read when the steps run from ``donor`` regrouped as the view regroups the scores, so a
+    dynamic batch stays dynamic."""
     full = len(lead) + 2
     padded = (1,) * (full - len(shape)) + tuple(shape)
-    sizes = []
-    for d, (t, s) in enumerate(zip(padded[:-2], lead)):
-        size = lead_sizes[d] if lead_sizes is not None and len(lead_sizes) == len(lead) else None
-        if t == s:
-            sizes.append(-1)
-        elif isinstance(size, (int, fx.Node)) and size != -1:
-            sizes.append(size)
-        else:
-            raise NotAttention(f"the bias or mask {term.node.name} broadcasts over a dim of the viewed scores whose "
-                               "size the view does not spell out")
-    return (("unsqueeze", 0),) * (full - len(shape)) + (("expand", tuple(sizes) + (-1, -1)),)
+    spelled = lead_sizes if lead_sizes is not None and len(lead_sizes) == len(lead) else (None,) * len(lead)
+    broadcast = tuple(d for d, (t, s) in enumerate(zip(padded[:-2], lead)) if t != s)
+    unsqueeze = (("unsqueeze", 0),) * (full - len(shape))
+    if all(isinstance(spelled[d], (int, fx.Node)) and spelled[d] != -1 for d in broadcast):
+        sizes = tuple(spelled[d] if d in broadcast else -1 for d in range(len(lead)))
+        return unsqueeze + (("expand", sizes + (-1, -1)),)
+    viewed = _viewed_like(donor, lead, lead_sizes)
+    if viewed is None:
+        raise NotAttention(f"the bias or mask {term.node.name} broadcasts over a dim of the viewed scores whose "
+                           "size the view does not spell out")
+    return unsqueeze + (("expand_like", viewed.node, viewed.steps, broadcast, full, tuple(ref_shape(viewed))),)
+
+
+def _viewed_like(donor: TensorRef | None, lead: tuple, lead_sizes: tuple | None) -> TensorRef | None:
+    """``donor`` (in the score product's layout) regrouped into the viewed scores' leading dims ``lead``
+    (spelled ``lead_sizes``), or None when it cannot be (then the sizes are not known)."""
+    if donor is None or lead_sizes is None or len(lead_sizes) != len(lead):
+        return None
+    donor_shape = ref_shape(donor)
+    product_rank = len(donor_shape) - 2
+    try:
+        steps = relayout(product_rank, lead_sizes)
+    except NotAttention:
+        return None
+    viewed = TensorRef(donor.node, donor.steps + steps)
+    try:
+        shape = ref_shape(viewed)
+    except (RuntimeError, NotAttention):
+        return None
+    return viewed if tuple(shape[:len(lead)]) == tuple(lead) else None
 
 
 def _merged_lead_steps(term: MaskTerm, shape: tuple, score_lead: tuple[int, ...]) -> tuple:
@@ -642,6 +664,7 @@ def match(anchor: fx.Node) -> Site:
         raise NotAttention(f"q {ref_shape(q_ref)}, k {ref_shape(k_ref)} and the scores have different ranks")
     if len(ref_shape(v_ref)) != len(pv_lead) + 2:
         raise NotAttention(f"v {ref_shape(v_ref)} and the probabilities have different ranks")
+    q_product = q_ref  # q in the score product's layout: lends sizes a view of the scores leaves to -1
     qk_steps, v_steps, back_steps = (), (), ()
     if product_lead != score_lead:
         for ref, what in ((q_ref, "queries"), (k_ref, "keys")):
@@ -654,7 +677,7 @@ def match(anchor: fx.Node) -> Site:
     q_ref, k_ref = (TensorRef(x.node, x.steps + qk_steps + in_steps) for x in (q_ref, k_ref))
     v_ref = TensorRef(v_ref.node, v_ref.steps + v_steps + in_steps)
     product_sizes = tuple(tensor_meta(up[0]).shape[:-2])  # (a term added before any view of the scores)
-    terms = tuple(replace(t, steps=_term_steps(t, lead, score_lead, score_sizes, sizes or product_sizes))
+    terms = tuple(replace(t, steps=_term_steps(t, lead, score_lead, score_sizes, sizes or product_sizes, q_product))
                   for (t, lead), sizes in zip(state.terms, state.term_sizes))
     q_shape, k_shape, v_shape = ref_shape(q_ref), ref_shape(k_ref), ref_shape(v_ref)
     if k_groups == 1 and k_shape[-3] == v_shape[-3] == 1 < q_shape[-3]:

@@ -163,11 +163,12 @@ def relayout(lead_rank: int, to_lead: tuple) -> tuple[Step, ...]:
     view of the scores does): flatten them, then unflatten.
 
     ``to_lead`` holds ints, -1 or graph nodes (symbolic sizes, read when the steps run).  When all
-    but the first are ints, the first is written -1, so that a dynamic batch size stays dynamic.
+    but the first are sizes (ints other than -1), the first is written -1, so that a dynamic batch size
+    stays dynamic; a -1 elsewhere (``view(b, -1, H, N, N)``) is kept where the view put it.
     """
     if lead_rank < 1 or len(to_lead) < 1:
         raise NotAttention("a view of the scores to or from a rank below 3")
-    if all(isinstance(s, int) for s in to_lead[1:]):
+    if all(isinstance(s, int) and s != -1 for s in to_lead[1:]):
         sizes = (-1,) + tuple(to_lead[1:])
     elif all(isinstance(s, (int, fx.Node)) for s in to_lead):
         sizes = tuple(to_lead)

@@ -51,11 +51,6 @@ from attnrewrite.testing.thirdparty import SitesMissed, module_paths, redraw_wei
 #: Batch size of the example images.
 BATCH = 2
 
-# Reasons quoted from the report (``explain()``) for the misses known on this branch; each is one of
-# the matcher classes of issue 13 being fixed elsewhere.
-SWIN_SHIFTED = ("Swin's shifted windows view the scores to 5-D [B/nW, nW, H, N, N] to add the window mask: "
-                "'the bias or mask unsqueeze_… cannot follow the view of the scores' (issue 13)")
-
 
 @contextlib.contextmanager
 def attention_path(fused: bool):
@@ -119,8 +114,7 @@ CASES = [
         "swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, img_size=32, patch_size=4, window_size=4,
         embed_dim=16, depths=(2,), num_heads=(2,)), 2, (swin_transformer.WindowAttention,),
          "SwinTransformerStage builds `depth` SwinTransformerBlocks, each with one WindowAttention; odd blocks shift "
-         "the windows (shift_size = window_size // 2 on an 8×8 grid of 4×4 windows) and add the shift mask",
-         misses={False: SWIN_SHIFTED}),
+         "the windows (shift_size = window_size // 2 on an 8×8 grid of 4×4 windows) and add the shift mask"),
     Case("eva-rope", lambda: timm.create_model(
         "eva02_tiny_patch14_224", pretrained=False, num_classes=10, img_size=32, patch_size=8, embed_dim=32, depth=2,
         num_heads=2), 2, (eva.EvaAttention,),

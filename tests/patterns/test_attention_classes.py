@@ -447,3 +447,150 @@ def test_module_paths_read_as_the_user_names_them():
     compiled(q, k, v)
     assert [s.module for s in report.sites] == ["transformer_blocks.0", "transformer_blocks.1"], report
     assert all(s.status == "rewritten" for s in report.sites), report
+
+
+# --------------------------------------------------------------------------------- (f) windows of an unspelled batch
+# timm's WindowAttention views the scores as ``attn.view(-1, nW, H, N, N)``: the number of images is left to -1,
+# so the window mask, which broadcasts over it, is expanded to sizes read from the scores' own operands.
+
+
+class InferredBatchWindows(nn.Module):
+    """Shifted windows whose 5-D view of the scores leaves the image count to -1; ``spelling`` picks how the
+    per-window mask [nW, N, N] meets the view: ``unsqueeze`` (timm), ``rank`` (a [nW, 1, N, N] mask aligned by
+    rank alone), ``bool`` (a bool keep-mask through ``masked_fill`` on a ``reshape``)."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        g = _g(f"inferred-{spelling}")
+        self.qkv = nn.Linear(H * D, 3 * H * D)
+        self.rel = nn.Parameter(torch.randn(H, N, N, generator=g))
+        self.register_buffer("blocked", torch.rand(NW, N, N, generator=g) > 0.6)
+        self.blocked[:, :, 0] = False  # every query keeps a key
+        self.spelling = spelling
+
+    def window_mask(self) -> torch.Tensor:
+        return torch.zeros(NW, N, N).masked_fill(self.blocked, -100.0)
+
+    def qkv_heads(self, x):
+        b_, n, _ = x.shape
+        return self.qkv(x).reshape(b_, n, 3, H, D).permute(2, 0, 3, 1, 4)
+
+    def forward(self, x):
+        b_, n, c = x.shape
+        q, k, v = self.qkv_heads(x)
+        attn = (q @ k.transpose(-2, -1)) * D ** -0.5 + self.rel.unsqueeze(0)
+        if self.spelling == "unsqueeze":
+            attn = attn.view(-1, NW, H, n, n) + self.window_mask().unsqueeze(1).unsqueeze(0)
+        elif self.spelling == "rank":
+            attn = attn.view(-1, NW, H, n, n) + self.window_mask()[:, None]
+        else:
+            attn = attn.reshape(-1, NW, H, n, n).masked_fill(self.blocked[:, None], float("-inf"))
+        attn = attn.view(-1, H, n, n).softmax(dim=-1)
+        return (attn @ v).transpose(1, 2).reshape(b_, n, c)
+
+    def sigmoid_reference(self, x):
+        q, k, v = self.qkv_heads(x)
+        images = x.shape[0] // NW
+        if self.spelling == "bool":
+            mask = torch.zeros(NW, N, N).masked_fill(self.blocked, float("-inf"))
+        else:
+            mask = self.window_mask()
+        mask = mask.repeat(images, 1, 1).unsqueeze(1) + self.rel  # window w of image b at row b·nW + w
+        out = sigmoid_attention(q, k, v, mask, scale=D ** -0.5)
+        return out.transpose(1, 2).reshape(x.shape)
+
+
+def _windows(images: int, name: str = "xw-inferred") -> torch.Tensor:
+    return torch.randn(images * NW, N, H * D, generator=_g(f"{name}-{images}"))
+
+
+@pytest.mark.parametrize("spelling", ["unsqueeze", "rank", "bool"])
+def test_windows_of_an_unspelled_batch_are_rewritten_exactly(spelling):
+    model = InferredBatchWindows(spelling).eval()
+    x = _windows(B)
+    compiled, report = _compile(model, "softmax")
+    with torch.no_grad():
+        got, want = compiled(x), model(x)
+    sites = report.attention_sites()
+    assert len(sites) == 1 and sites[0].status == "rewritten", report
+    assert any(n.startswith("certified") for n in sites[0].notes), report
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spelling", ["unsqueeze", "bool"])
+def test_windows_of_an_unspelled_batch_mean_what_they_say(spelling):
+    """Rewritten to sigmoid attention, the site equals sigmoid attention with each window's own mask: the
+    expanded mask is regrouped as the scores are (window w of image b at row b·nW + w), not just broadcast."""
+    model = InferredBatchWindows(spelling).eval()
+    x = _windows(3)  # three images: a mask regrouped in the wrong order would be caught
+    compiled, report = _compile(model, "sigmoid")
+    with torch.no_grad():
+        got, want = compiled(x), model.sigmoid_reference(x)
+    assert len(report.rewritten) == 1, report
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_windows_of_an_unspelled_batch_stay_dynamic():
+    """Under ``dynamic=True`` the image count stays symbolic: a second batch size reuses the rewritten graph
+    (no recompilation, no guard on the batch) and is exact too."""
+    model = InferredBatchWindows("unsqueeze").eval()
+    report = Report()
+    calls = []
+
+    def backend(gm, example_inputs):
+        calls.append(gm)
+        return attnrewrite_backend(gm, example_inputs, options={"to": "softmax", "compiler": "eager"},
+                                   _report_sink=report.merge)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        for images in (3, 5):  # (not 2: 2·nW would equal N, and duck sizing would tie them)
+            x = _windows(images, "dyn")
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1, f"recompiled for a second batch size ({len(calls)} graphs)"
+    sites = report.attention_sites()
+    assert len(sites) == 1 and sites[0].status == "rewritten", report
+    assert any(n.startswith("certified") for n in sites[0].notes), report
+
+
+def per_image_key_mask(x, pad):
+    """Windows x [B·nW, H, N, D] viewed ``(B, -1, H, N, N)`` (the window count left to -1) to add a per-image
+    key mask [B, N]: it broadcasts over the windows, a dim the view does not spell out."""
+    s = (x @ x.mT * 0.3).view(pad.shape[0], -1, H, N, N) + pad[:, None, None, None, :]
+    return s.view(-1, H, N, N).softmax(-1) @ x
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_a_per_image_mask_over_unspelled_windows_is_rewritten_exactly(dynamic):
+    compiled, report = _compile(per_image_key_mask, "softmax", dynamic)
+    with torch.no_grad():
+        for images in ((3, 5) if dynamic else (3,)):
+            x = torch.randn(images * NW, H, N, D, generator=_g(f"per-image-{images}"))
+            pad = torch.zeros(images, N)
+            pad[1, -1] = -100.0  # image 1 pads its last key in every window
+            torch.testing.assert_close(compiled(x, pad), per_image_key_mask(x, pad), rtol=1e-5, atol=1e-5)
+    sites = report.attention_sites()
+    assert sites and all(s.status == "rewritten" for s in sites), report
+    assert all(any(n.startswith("certified") for n in s.notes) for s in sites), report
+
+
+def nm_window_mask_widens_the_scores(x):
+    """The mask [2, 1, nW, 1, N, N] broadcasts the viewed scores to one more dim (two masked copies of each
+    window, then folded into the batch by the -1 view back): not a mask of the scores, so not rewritten."""
+    s = (x @ x.mT * 0.3).view(-1, NW, H, N, N)
+    widen = torch.zeros(2, 1, NW, 1, N, N)
+    widen[1, ..., -1] = -100.0
+    s = (s + widen).view(-1, H, N, N)
+    return s.softmax(-1) @ x.repeat(2, 1, 1, 1)
+
+
+def test_a_window_mask_that_widens_the_scores_stays_skipped():
+    x = torch.randn(B * NW, H, N, D, generator=_g("widen"))
+    compiled, report = _compile(nm_window_mask_widens_the_scores, "softmax")
+    with torch.no_grad():
+        got, want = compiled(x), nm_window_mask_widens_the_scores(x)
+    assert not report.rewritten, f"FALSE POSITIVE:\n{report}"
+    assert [s.status for s in report.sites] == ["skipped"], report
+    assert "larger shape" in report.sites[0].reason, report
+    assert torch.equal(got, want)
