@@ -224,17 +224,24 @@ class BodyEvaluator(HopEvaluator):
             return roles.pop()
         return "param" if roles == {"param"} else "input"
 
-    def evaluate(self, targets, env=None, randomize=False):
+    def _new_probe(self, env: Any, randomize: bool | str) -> None:
         if randomize and env is not self._probe_owner:  # a new probe: new draws at the outer inputs
             self._probe, self._probe_owner = {}, env
-        return super().evaluate(targets, env, randomize)
 
-    def placeholder_value(self, node: fx.Node, randomize: bool) -> Any:
+    def evaluate(self, targets, env=None, randomize=False, at=None):
+        self._new_probe(env, randomize)
+        return super().evaluate(targets, env, randomize, at=at)
+
+    def compute(self, node: fx.Node, env: dict, randomize: bool | str = False) -> Any:
+        self._new_probe(env, randomize)  # (certification computes node by node, one env per probe)
+        return super().compute(node, env, randomize)
+
+    def placeholder_value(self, node: fx.Node, randomize: bool | str) -> Any:
         operand = self.same_operand(node)
         fed = self.fed(node)
         try:
-            if operand is not None and randomize:
-                return self.outer.evaluate([operand], self._probe, randomize=True)[operand]
+            if operand is not None and randomize:  # drawn at the outer inputs, of the probe's kind
+                return self.outer.evaluate([operand], self._probe, randomize=randomize)[operand]
             if fed is not None and isinstance(fed[0], fx.Node):
                 self.inputs[node] = self.outer.value(fed[0])
             elif fed is not None:

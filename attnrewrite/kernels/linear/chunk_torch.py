@@ -156,7 +156,10 @@ class _ChunkedCausal(torch.autograd.Function):
     def backward(ctx, d_out, d_state):
         # computed in the inputs' dtype (float32/float64) as the forward is: a compiled backward is
         # traced under the forward's autocast state, which would run these matmuls in bfloat16
-        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+        # (the device is read from a gradient: saved tensors may be unpacked only once under
+        # activation checkpointing, and _backward unpacks them)
+        device = (d_out if d_out is not None else d_state).device.type
+        with torch.autocast(device, enabled=False):
             return _ChunkedCausal._backward(ctx, d_out, d_state)
 
     @staticmethod
