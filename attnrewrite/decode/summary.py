@@ -278,23 +278,7 @@ class SummaryCache(KindCache):
             self.layers.append(self.new_layer(self._state_of(None, len(self.layers)), None))
         layer = self.layers[layer_idx]
         batch, count, start = key_states.shape[0], key_states.shape[-2], layer.get_seq_length()
-        key_valid = None
-        if self.attention_mask is not None:
-            mask = self.attention_mask.to(key_states.device)
-            if mask.shape[0] != batch:
-                raise ValueError(f"SummaryCache: attention_mask has {mask.shape[0]} rows, the batch {batch}")
-            key_valid = torch.ones(batch, count, dtype=torch.bool, device=key_states.device)
-            known = mask[:, start:start + count]
-            key_valid[:, :known.shape[1]] = known
-        else:
-            position_ids = (kwargs.get("kwargs") or {}).get("position_ids", kwargs.get("position_ids"))
-            if position_ids is not None:
-                expected = torch.arange(start, start + count, device=position_ids.device)
-                if not bool((position_ids.reshape(-1, count) == expected).all()):
-                    raise ValueError(
-                        "SummaryCache: the positions of this step do not count up from the cache's length (a "
-                        "padded batch?); pass the batch's attention_mask, SummaryCache(..., attention_mask=mask), "
-                        "so that padded keys are left out of the summaries as in the whole-sequence op")
+        key_valid = self.step_padding(key_states, start, kwargs)
         keys, values = layer.update(key_states, value_states, *args, key_valid=key_valid)
         if self.attention_mask is not None:
             mask = torch.cat([self.attention_mask.to(key_states.device), torch.ones(
