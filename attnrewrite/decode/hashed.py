@@ -12,6 +12,12 @@ selection, computed as the op computes it.  Semantics are those of
 :func:`attnrewrite.ops.hashed_attention` with ``is_causal=True`` (tested: T tokens at once and one
 at a time give the op's outputs).  Selection needs the queries, so transformers models, whose
 attention does not pass them to ``Cache.update``, must pass ``cache_kwargs={"query_states": q}``.
+
+Padding (``key_valid`` per step, or ``HashedCache(attention_mask=...)`` for ``update``): padded keys are
+stored as zeros, flagged, and never selected; sinks and window are each row's first and last valid
+keys, as in the op with that key mask.  A decode step then returns sinks + window + top_k slots per
+row with a [B, 1, 1, S] mask: a row with fewer valid keys fills the last slots (see
+:meth:`HashedCache.update` for why the last).
 """
 
 from __future__ import annotations

@@ -189,3 +189,67 @@ def test_transformers_chunk_of_padding_only_is_refused_not_wrong():
     cache = attnrewrite.SummaryCache(chunk_size=4, window_chunks=1, attention_mask=mask)
     with torch.no_grad(), pytest.raises(ValueError, match="chunk of padding only"):
         _hf_steps(model, ids, mask, positions, cache)
+
+
+def _whole_sequence(model, ids, mask, positions, chunk, window):
+    import functools
+
+    from attnrewrite.rewriter.backend import attnrewrite_backend
+
+    options = dict(to="summary", compiler="eager", chunk_size=chunk, window_chunks=window)
+    want = torch.compile(model, backend=functools.partial(attnrewrite_backend, options=options))(
+        ids, attention_mask=mask, position_ids=positions).logits
+    torch._dynamo.reset()
+    return want
+
+
+@pytest.mark.parametrize("side,pads,chunk,window,dtype", [
+    ("left", [0, 5, 9], 4, 1, torch.float64),    # rows with 1 and 2 chunks of padding only
+    ("right", [0, 7, 13], 3, 2, torch.bool),
+    ("inner", [0, 5, 9], 2, 1, torch.float64),   # 4 padded tokens: two chunks of padding only
+])
+def test_transformers_any_padding_decodes_as_the_op_with_the_cache_step_mask(side, pads, chunk, window, dtype):
+    """Step by step with the cache's own 4-d mask (``step_mask``) in place of the 2-d one: padding that covers
+    whole chunks, which transformers' mask cannot express, decodes as the whole-sequence op, per row."""
+    from attnrewrite.testing.caches import padding
+
+    model, ids, _, _ = _hf_padded_batch(pads, "left")
+    mask = padding(side, ids.shape[1], pads).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    if dtype == torch.bool:
+        model.config._attn_implementation = "sdpa"  # takes a bool mask; eager adds the mask to the scores
+    with torch.no_grad():
+        want = _whole_sequence(model, ids, mask, positions, chunk, window)
+        cache = attnrewrite.SummaryCache(chunk_size=chunk, window_chunks=window, attention_mask=mask)
+        got = torch.cat([model(ids[:, i:i + 1], attention_mask=cache.step_mask(dtype), position_ids=positions[:, i:i + 1],
+                               cache=cache, use_cache=True).logits for i in range(ids.shape[1])], 1)
+        with pytest.raises(ValueError, match="chunk of padding only"):  # the 2-d mask cannot say it
+            _hf_steps(model, ids, mask, positions, attnrewrite.SummaryCache(chunk_size=chunk, window_chunks=window,
+                                                                           attention_mask=mask))
+    valid = mask.bool()
+    assert (got - want)[valid].abs().max() < 1e-6, (got - want)[valid].abs().max()
+
+
+def test_transformers_generate_with_left_padding_under_a_chunk_is_the_op():
+    """``generate()`` (its own 2-d mask and positions) on a left-padded batch: the logits of every new token
+    equal the whole-sequence op on the final padded sequence; padding of a whole chunk raises, naming the way out."""
+    model, ids, mask, _ = _hf_padded_batch([0, 2, 3], "left", length=8)
+    new = 14
+    with torch.no_grad():
+        cache = attnrewrite.SummaryCache(chunk_size=4, window_chunks=1, attention_mask=mask)
+        out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=new, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        full = torch.cat([mask, torch.ones(3, new, dtype=mask.dtype)], 1)
+        want = _whole_sequence(model, out.sequences, full, (full.cumsum(-1) - 1).clamp(min=0), 4, 1)
+        model2, ids2, mask2, _ = _hf_padded_batch([0, 4, 7], "left", length=8)
+        with pytest.raises(ValueError, match="step_mask"):
+            model2.generate(ids2, attention_mask=mask2, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                            cache=attnrewrite.SummaryCache(chunk_size=4, window_chunks=1, attention_mask=mask2))
+    assert cache.layers[0].n_sum >= 3
+    got = torch.stack(out.logits, 1)
+    assert (got - want[:, ids.shape[1] - 1:-1]).abs().max() < 1e-6
+
+
+def test_step_mask_needs_the_padding():
+    with pytest.raises(ValueError, match="attention_mask"):
+        attnrewrite.SummaryCache(chunk_size=4).step_mask()
