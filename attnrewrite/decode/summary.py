@@ -295,7 +295,9 @@ class SummaryCache(KindCache):
         layer = self.layers[layer_idx]
         batch, count, start = key_states.shape[0], key_states.shape[-2], layer.get_seq_length()
         key_valid = self.step_padding(key_states, start, kwargs)
-        own_mask = self._own_mask_at == start and count == 1
+        own_mask = self._own_mask_at == start
+        if own_mask and count != 1:
+            raise ValueError(f"SummaryCache.step_mask() describes a one-token step; this step has {count} tokens")
         keys, values = layer.update(key_states, value_states, *args, key_valid=key_valid)
         if self.attention_mask is not None and not own_mask:
             mask = torch.cat([self.attention_mask.to(key_states.device), torch.ones(

@@ -7,7 +7,12 @@ import torch
 from attnrewrite import ops
 from attnrewrite.decode.hashed import HashedCache, HashedLayer
 from attnrewrite.kernels.hashed.state import HashProjections
-from attnrewrite.testing.caches import assert_equal_where_seen, attend_returned, random_qkv, through_layer
+from attnrewrite.testing.caches import (
+    assert_equal_where_seen,
+    attend_returned,
+    random_qkv,
+    through_layer,
+)
 from attnrewrite.testing.caches import padding as padding_mask
 
 OPTIONS = dict(bits=16, top_k=4, window=3, sinks=2)

@@ -8,7 +8,11 @@ import torch
 import attnrewrite
 from attnrewrite import ops
 from attnrewrite.decode.summary import SummaryCache, SummaryLayer
-from attnrewrite.testing.caches import assert_equal_where_seen, random_qkv, through_layer
+from attnrewrite.testing.caches import (
+    assert_equal_where_seen,
+    random_qkv,
+    through_layer,
+)
 from attnrewrite.testing.caches import padding as padding_mask
 
 
@@ -250,6 +254,11 @@ def test_transformers_generate_with_left_padding_under_a_chunk_is_the_op():
     assert (got - want[:, ids.shape[1] - 1:-1]).abs().max() < 1e-6
 
 
-def test_step_mask_needs_the_padding():
+def test_step_mask_needs_the_padding_and_one_token_steps():
     with pytest.raises(ValueError, match="attention_mask"):
         attnrewrite.SummaryCache(chunk_size=4).step_mask()
+    _, k, v = random_qkv(3)
+    cache = attnrewrite.SummaryCache(chunk_size=4, window_chunks=1, attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    assert cache.step_mask().tolist() == [[[[False]]], [[[True]]]]
+    with pytest.raises(ValueError, match="one-token step"):
+        cache.update(k, v, 0)
