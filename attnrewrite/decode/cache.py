@@ -14,8 +14,8 @@ sequence (training, scoring, a prefill without cache) runs through the rewritten
 the same outputs: the tests run T tokens at once and one at a time and compare.
 
 Sequences of a batch advance together (one position counter); key padding is supported by
-``SummaryCache`` (``key_valid`` / ``attention_mask``, see :mod:`attnrewrite.decode.summary`), not by
-``HashedCache``.  Storage is allocated for ``max_seq_len`` when it is known, else grown by doubling.
+both (``key_valid`` per step, or ``attention_mask=`` for transformers; see each module for what a
+transformers model can express).  Storage is allocated for ``max_seq_len`` when it is known, else grown by doubling.
 """
 
 from __future__ import annotations
@@ -143,6 +143,31 @@ class KindCache(Cache):
             self.layers.append(None)
         self.layers[index] = layer
         return layer
+
+    def step_padding(self, key_states: torch.Tensor, start: int, kwargs: dict) -> torch.Tensor | None:
+        """bool [B, T] (False = padding) for a transformers step of T tokens from position ``start``, read from
+        the ``attention_mask`` [B, L] given to the constructor (positions past L are tokens), or None without
+        one.  Without it, a step whose ``position_ids`` do not count up from ``start`` (as ``generate`` gives a
+        left-padded batch) raises: the cache would otherwise treat padded keys as tokens."""
+        batch, count = key_states.shape[0], key_states.shape[-2]
+        mask = getattr(self, "attention_mask", None)
+        if mask is not None:
+            mask = mask.to(key_states.device)
+            if mask.shape[0] != batch:
+                raise ValueError(f"{type(self).__name__}: attention_mask has {mask.shape[0]} rows, the batch {batch}")
+            key_valid = torch.ones(batch, count, dtype=torch.bool, device=key_states.device)
+            known = mask[:, start:start + count]
+            key_valid[:, :known.shape[1]] = known
+            return key_valid
+        position_ids = (kwargs.get("kwargs") or {}).get("position_ids", kwargs.get("position_ids"))
+        if position_ids is not None:
+            expected = torch.arange(start, start + count, device=position_ids.device)
+            if not bool((position_ids.reshape(-1, count) == expected).all()):
+                raise ValueError(
+                    f"{type(self).__name__}: the positions of this step do not count up from the cache's length (a "
+                    f"padded batch?); pass the batch's attention_mask, {type(self).__name__}(..., attention_mask=mask), "
+                    "so that padded keys are left out as in the whole-sequence op")
+        return None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:

@@ -12,6 +12,12 @@ selection, computed as the op computes it.  Semantics are those of
 :func:`attnrewrite.ops.hashed_attention` with ``is_causal=True`` (tested: T tokens at once and one
 at a time give the op's outputs).  Selection needs the queries, so transformers models, whose
 attention does not pass them to ``Cache.update``, must pass ``cache_kwargs={"query_states": q}``.
+
+Padding (``key_valid`` per step, or ``HashedCache(attention_mask=...)`` for ``update``): padded keys are
+stored as zeros, flagged, and never selected; sinks and window are each row's first and last valid
+keys, as in the op with that key mask.  A decode step then returns sinks + window + top_k slots per
+row with a [B, 1, 1, S] mask: a row with fewer valid keys fills the last slots (see
+:meth:`HashedCache.update` for why the last).
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class HashedLayer(LayerCache):
             raise ValueError(f"bits must be a positive multiple of 8, got {bits}")
         self.bits, self.top_k, self.window, self.sinks, self.seed = bits, top_k, window, sinks, seed
         self.learned = learned
+        # bool [B, length]: the key is not padding; None while every key is a token
+        self.valid: torch.Tensor | None = None
 
     def capacity_for(self, max_seq_len: int) -> int:
         return max_seq_len
@@ -45,28 +53,42 @@ class HashedLayer(LayerCache):
         q_projection, k_projection = self.learned if self.learned is not None else (None, None)
         self.proj_q, self.proj_k = projections(q_projection, k_projection, head_dim, self.bits, self.seed, device)
         self.length = 0
+        self.valid = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
         self.prepare(batch, heads, heads, dim, key_states.dtype, key_states.device, value_states.shape[-1])
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [B, Hkv, T, D] and their codes at the next T positions, without attending."""
+    def append(self, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None = None) -> None:
+        """Store k, v [B, Hkv, T, D] and their codes at the next T positions, without attending.
+
+        ``key_valid``: bool [B, T], False for padding (never selected, as in the op with that key mask)."""
         if not self.is_initialized:
             self.lazy_initialization(k, v)
         start, stop = self.length, self.length + k.shape[-2]
+        if key_valid is not None:
+            key_valid = key_valid.to(device=k.device, dtype=torch.bool).reshape(k.shape[0], k.shape[-2])
+            if self.valid is None and not bool(key_valid.all()):
+                self.valid = torch.ones(k.shape[0], start, dtype=torch.bool, device=k.device)
+        if self.valid is not None:
+            step_valid = key_valid if key_valid is not None else torch.ones(
+                k.shape[0], k.shape[-2], dtype=torch.bool, device=k.device)
+            self.valid = torch.cat([self.valid, step_valid], dim=1)
         self.ensure_capacity(stop)
         self.key_store[:, :, start:stop] = k
         self.value_store[:, :, start:stop] = v
         self.code_store[:, :, start:stop] = pack(k, self.proj_k)
         self.length = stop
 
-    def select_decode(self, q: torch.Tensor) -> torch.Tensor:
-        """Indices [B, Hkv, S] (ascending) of the keys that the one-token queries q [B, Hq, 1, D] attend to.
+    def select_decode(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Indices [B, Hkv, S] (ascending) of the keys that the one-token queries q [B, Hq, 1, D] attend to,
+        and None, or, once some key is padding, bool [B, S] saying which slots hold a selected key (a row
+        with fewer valid keys selects fewer: its selection fills the last slots, the spare ones first).
 
-        The same set as the op's ``topk`` over (agreement, position), found in O(T) passes: agreements
-        are small integers (0 … g·bits), so a histogram per head gives the agreement threshold of the
-        ``top_k``-th best key, and of the keys exactly at the threshold the latest ones are taken.
+        The same set as the op's ``topk`` over (agreement, position) among the row's valid keys, found in
+        O(T) passes: agreements are small integers (0 … g·bits), so a histogram per head gives the agreement
+        threshold of the ``top_k``-th best key, and of the keys exactly at the threshold the latest ones
+        are taken.  Sinks and window are the first and last valid keys, as in the op.
         """
         length, bits = self.length, self.bits
         batch, heads_q = q.shape[:2]
@@ -74,12 +96,18 @@ class HashedLayer(LayerCache):
         groups = heads_q // heads_kv
         query_codes = pack(q, self.proj_q).reshape(batch, heads_kv, groups, bits // 8)
         agreement = groups * bits - hamming(query_codes, self.code_store[:, :, :length]).to(q.device)  # [B, Hkv, T]
-        position = torch.arange(length, device=q.device)
-        always = (position < self.sinks) | (position >= length - self.window)
-        need = min(self.top_k, length - int(always.sum()))
+        if self.valid is None:
+            position = torch.arange(length, device=q.device)
+            valid = torch.ones(1, 1, length, dtype=torch.bool, device=q.device)
+            always = ((position < self.sinks) | (position >= length - self.window))[None, None]
+        else:
+            valid = self.valid[:, None, :length].to(q.device)                                   # [B, 1, T]
+            rank = valid.long().cumsum(-1)
+            always = valid & ((rank <= self.sinks) | (rank > rank[..., -1:] - self.window))
         chosen = always.expand(batch, heads_kv, length).clone()
-        if need > 0:
-            candidates = agreement.masked_fill(always, -1)
+        need = (valid.sum(-1, keepdim=True) - always.sum(-1, keepdim=True)).clamp(max=self.top_k)  # [B|1, 1, 1]
+        if bool((need > 0).any()):
+            candidates = agreement.masked_fill(always | ~valid, -1)
             counts = torch.zeros(batch, heads_kv, groups * bits + 2, dtype=torch.long, device=q.device)
             counts.scatter_add_(-1, candidates + 1, torch.ones_like(candidates))            # slot 0: not a candidate
             at_least = counts[..., 1:].flip(-1).cumsum(-1).flip(-1)                      # [v]: candidates >= v
@@ -88,29 +116,46 @@ class HashedLayer(LayerCache):
             ties = candidates == threshold
             tie_rank = ties.long().cumsum(-1)
             from_end = tie_rank[..., -1:] - tie_rank + ties.long()                       # 1 for the last tie
-            chosen |= above | (ties & (from_end <= need - above.sum(-1, keepdim=True)))
-        return chosen.nonzero()[:, -1].view(batch, heads_kv, -1)
+            chosen |= (above | (ties & (from_end <= need - above.sum(-1, keepdim=True)))) & (need > 0)
+        if self.valid is None:
+            return chosen.nonzero()[:, -1].view(batch, heads_kv, -1), None
+        per_row = chosen.sum(-1)                                                            # [B, Hkv], equal over heads
+        slots = int(per_row.max())
+        # the chosen keys last, in ascending order (the layout a left-padded transformers mask reads correctly)
+        index = torch.sort(chosen.to(torch.uint8), dim=-1, stable=True).indices[..., length - slots:]
+        slot_ok = torch.arange(slots, device=q.device) >= slots - per_row[..., None]         # [B, Hkv, S]
+        return index.masked_fill(~slot_ok, 0), slot_ok[:, 0]
 
-    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None = None):
         """Add k, v [B, Hkv, T, D] at the next T positions; return (keys, values, visible) for the queries
-        q [B, Hq, T, D]: the selected keys/values [B, Hkv, S, D] and None for one query, or every key
-        [B, Hkv, n, D] and the selection as a mask [B, Hq, T, n] for several."""
+        q [B, Hq, T, D]: the selected keys/values [B, Hkv, S, D] and None (or, with padding, [B, 1, 1, S]:
+        the slots holding a selection) for one query, or every key [B, Hkv, n, D] and the selection as a
+        mask [B, Hq, T, n] for several.
+
+        ``key_valid``: bool [B, T] (False = padding) or None: padded keys are never selected (not as sinks,
+        window or top-k), as in the op with that key mask; they are stored as zeros (a model may give
+        them nan states, and 0·nan is nan)."""
         start = self.length
-        self.append(k, v)
+        if key_valid is not None:
+            hide = ~key_valid.to(device=k.device, dtype=torch.bool).reshape(k.shape[0], 1, k.shape[-2], 1)
+            k, v = k.masked_fill(hide, 0), v.masked_fill(hide, 0)
+        self.append(k, v, key_valid)
         length = self.length
         keys, values = self.key_store[:, :, :length], self.value_store[:, :, :length]
         if q.shape[-2] == 1:
-            index = self.select_decode(q)                                                    # [B, Hkv, S]
+            index, slot_ok = self.select_decode(q)                                          # [B, Hkv, S]
             batch, heads_kv, selected = index.shape
             rows = (index + (torch.arange(batch * heads_kv, device=q.device)
                              * self.key_store.shape[2]).view(batch, heads_kv, 1)).view(-1)
             keys = self.key_store.view(-1, self.key_store.shape[-1]).index_select(0, rows)
             values = self.value_store.view(-1, self.value_store.shape[-1]).index_select(0, rows)
-            return keys.view(batch, heads_kv, selected, -1), values.view(batch, heads_kv, selected, -1), None
+            visible = None if slot_ok is None else slot_ok[:, None, None, :]
+            return keys.view(batch, heads_kv, selected, -1), values.view(batch, heads_kv, selected, -1), visible
         batch, heads_q, count, _ = q.shape
         heads_kv = keys.shape[1]
         rows = slice(0, count)
-        visible = visible_keys(None, rows, length, start, q.device)
+        keep = None if self.valid is None else self.valid[:, None, :length]
+        visible = visible_keys(keep, rows, length, start, q.device)
         index = select(signs(q, self.proj_q), signs(keys, self.proj_k), visible, self.bits, self.top_k,
                        self.window, self.sinks)                                              # [B, Hkv, T, S]
         chosen = torch.zeros(batch, heads_kv, count, length + 1, dtype=torch.bool, device=q.device)
@@ -119,10 +164,11 @@ class HashedLayer(LayerCache):
         return keys, values, chosen
 
     def attend(self, input_pos: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: torch.Tensor | None = None):
-        """The llama target's hook: store the step's k, v and return (keys, values, mask) for q."""
+               mask: torch.Tensor | None = None, key_valid: torch.Tensor | None = None):
+        """The llama target's hook: store the step's k, v and return (keys, values, mask) for q.
+        ``key_valid``: bool [B, T], False for the step's padded tokens."""
         self.check_positions(input_pos, k.shape[-2])
-        keys, values, visible = self.step(q, k, v)
+        keys, values, visible = self.step(q, k, v, key_valid)
         if visible is None:
             visible = torch.ones(1, keys.shape[2], dtype=torch.bool, device=k.device)
         return keys, values, visible
@@ -138,8 +184,32 @@ class HashedLayer(LayerCache):
         keys, values, _ = self.step(query, key_states, value_states)
         return keys, values
 
+    def reset(self) -> None:
+        super().reset()
+        self.valid = None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.valid is not None:
+            self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
+
+    def budget(self) -> int:
+        """Keys a one-token step selects at most: sinks + window + top_k."""
+        return self.sinks + self.window + self.top_k
+
+    def shows_every_key(self, query_length: int = 1) -> bool:
+        """Whether a transformers step returns every stored key at its position (its padding mask then hides the
+        padded ones) rather than the selection: while no row holds more valid keys than :meth:`budget`."""
+        if self.valid is None:
+            return self.length + query_length <= self.budget()
+        return int(self.valid.sum(-1).max()) + query_length <= self.budget()
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        selected = min(self.length + query_length, self.sinks + self.window + self.top_k)
+        """(kv_length, kv_offset) for transformers' mask: every key, or the selection placed at the last
+        positions (which it then shows to every row; see :meth:`HashedCache.update`)."""
+        if self.shows_every_key(query_length):
+            return self.length + query_length, 0
+        selected = self.budget()
         return selected, self.length + query_length - selected
 
 
@@ -152,17 +222,68 @@ class HashedCache(KindCache):
         layer_states: for ``hash="learned"`` without the llama target: (P_q, P_k) (or
             :class:`~attnrewrite.kernels.hashed.state.HashProjections`) per layer.  With the llama
             target they are read from the attention modules (attached by :func:`attnrewrite.convert`).
+        attention_mask: for a padded batch through :meth:`update`, the prompt's mask [B, L] (1 = token,
+            0 = padding; positions past L are tokens): padded keys are never selected.
     """
 
     kind = "hashed"
 
     def __init__(self, bits: int = 64, top_k: int = 256, window: int = 64, sinks: int = 4, hash: str = "random",
-                 seed: int = 0, layer_states: list | None = None):
+                 seed: int = 0, layer_states: list | None = None, attention_mask: torch.Tensor | None = None):
         if hash not in HASHES:
             raise ValueError(f"hash must be one of {HASHES}, got {hash!r}")
         super().__init__(layer_states)
         self.options = dict(bits=bits, top_k=top_k, window=window, sinks=sinks, seed=seed)
         self.hash = hash
+        self.attention_mask = None if attention_mask is None else attention_mask.to(torch.bool)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict | None = None, *args, **kwargs):
+        """transformers' hook: needs ``cache_kwargs["query_states"]``, a one-token query (transformers' own
+        attention does not pass it).  A padded batch: give the prompt's mask, ``HashedCache(attention_mask=m)``.
+
+        transformers' padding mask reads the returned slots at token positions (:meth:`HashedLayer.get_mask_sizes`).
+        While no row holds more than ``sinks + window + top_k`` valid keys every key is returned at its
+        position, and that mask hides the padded ones.  After that the selection sits at the last positions,
+        each row's selected keys in the last slots: a left-padded row with fewer valid keys than that selects
+        them all, and the mask hides its leading slots, which read padding.  That is exact for left padding;
+        a step where the mask would show a spare slot or hide a selected key (right or inner padding) raises
+        instead of being wrong."""
+        while len(self.layers) <= layer_idx:
+            self.layers.append(self.new_layer(self._state_of(None, len(self.layers)), None))
+        layer = self.layers[layer_idx]
+        query = (cache_kwargs or {}).get("query_states")
+        if query is None or query.shape[-2] != 1 or key_states.shape[-2] != 1:
+            raise ValueError("HashedCache selects keys per query: call update(k, v, layer_idx, "
+                             "{'query_states': q}) with a one-token step (q [B, Hq, 1, D], k [B, Hkv, 1, D])")
+        start = layer.get_seq_length() if layer.is_initialized else 0
+        key_valid = self.step_padding(key_states, start, kwargs)
+        every_key = layer.shows_every_key() if layer.is_initialized else True  # what get_mask_sizes told the mask
+        keys, values, visible = layer.step(query, key_states, value_states, key_valid)
+        if layer.valid is None:
+            return keys, values
+        length = layer.length
+        if every_key:  # each row selects all its valid keys: the padding mask hides the others
+            return layer.key_store[:, :, :length], layer.value_store[:, :, :length]
+        budget = layer.budget()
+        if keys.shape[2] < budget:  # the mask has budget slots; the spare ones (hidden below) lead
+            spare = budget - keys.shape[2]
+            keys = torch.cat([keys[:, :, :1].expand(-1, -1, spare, -1), keys], 2)
+            values = torch.cat([values[:, :, :1].expand(-1, -1, spare, -1), values], 2)
+            visible = torch.cat([visible.new_zeros(visible.shape[0], 1, 1, spare), visible], -1)
+        shown = self._mask_up_to(length)[:, length - budget:length].to(visible.device)
+        if not torch.equal(shown, visible[:, 0, 0]):
+            raise ValueError(
+                f"HashedCache: transformers' padding mask reads the {budget} selected keys at positions "
+                f"{length - budget} … {length - 1} of attention_mask, which here hide a selected key or show a "
+                "spare slot (padding that is not left padding); the step would not be the whole-sequence op.  Use "
+                "the llama target's attend or HashedLayer.step(q, k, v, key_valid), which take any padding")
+        return keys, values
+
+    def _mask_up_to(self, length: int) -> torch.Tensor:
+        mask = self.attention_mask
+        return torch.cat([mask, torch.ones(mask.shape[0], max(0, length - mask.shape[1]), dtype=torch.bool,
+                                           device=mask.device)], 1)
 
     def needs_state(self) -> bool:
         return self.hash == "learned"

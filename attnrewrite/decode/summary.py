@@ -215,8 +215,22 @@ class SummaryLayer(LayerCache):
                 f"SummaryCache: transformers' padding mask reads the {n_sum} summary slots at positions {start} … "
                 f"{start + n_sum - 1} of attention_mask, which here hide a summary that exists or show one of "
                 f"a chunk of padding only (chunk_size={self.chunk_size}); the step would not be the "
-                "whole-sequence op.  Left padding of fewer than chunk_size tokens per row always works; or run the "
-                "rows separately")
+                "whole-sequence op, and no placement of the summaries makes a mask read from token positions "
+                "right for rows padded by different numbers of whole chunks.  Left padding of fewer than "
+                "chunk_size tokens per row always works; otherwise decode step by step with the cache's own "
+                "mask, model(ids, attention_mask=cache.step_mask(dtype), position_ids=..., cache=cache), or run "
+                "the rows separately")
+
+    def next_visible(self, key_valid: torch.Tensor) -> torch.Tensor:
+        """bool [B, n]: which of the n keys that a one-token step with padding ``key_valid`` [B, 1] will return
+        its query sees (existing summaries, valid window tokens, the token itself), without changing the cache."""
+        batch = key_valid.shape[0]
+        flags = (torch.ones(batch, self.n_sum + self.n_win, dtype=torch.bool, device=key_valid.device)
+                 if self.valid is None else self.valid.to(key_valid.device))
+        chunks = max(0, self._summaries_needed(self.length) - self.n_sum)
+        start, stop = self.n_sum, self.n_sum + chunks * self.chunk_size
+        exists = flags[:, start:stop].reshape(batch, chunks, self.chunk_size).any(-1)
+        return torch.cat([flags[:, :start], exists, flags[:, stop:], key_valid.to(torch.bool)], dim=1)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(kv_length, kv_offset) for transformers' causal mask: the summaries are placed just before the
@@ -256,7 +270,8 @@ class SummaryCache(KindCache):
             0 = padding; positions past L are tokens), so that padded keys are left out of the summaries.
 
     ``Llama.generate(prompt, n, cache=SummaryCache(...))`` decodes with it; a transformers model takes it
-    as ``past_key_values`` (steps of one token; see :meth:`SummaryLayer.update`).
+    as ``past_key_values`` (steps of one token; see :meth:`SummaryLayer.update`).  A padded batch whose
+    padding covers whole chunks decodes step by step with :meth:`step_mask` as the model's mask.
     """
 
     kind = "summary"
@@ -268,6 +283,7 @@ class SummaryCache(KindCache):
         super().__init__(layer_states)
         self.chunk_size, self.window_chunks, self.summary = chunk_size, window_chunks, summary
         self.attention_mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        self._own_mask_at: int | None = None  # the position whose step got step_mask()'s mask
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """transformers' hook.  With a padded batch the cache must know the padding, to leave padded keys out
@@ -278,29 +294,40 @@ class SummaryCache(KindCache):
             self.layers.append(self.new_layer(self._state_of(None, len(self.layers)), None))
         layer = self.layers[layer_idx]
         batch, count, start = key_states.shape[0], key_states.shape[-2], layer.get_seq_length()
-        key_valid = None
-        if self.attention_mask is not None:
-            mask = self.attention_mask.to(key_states.device)
-            if mask.shape[0] != batch:
-                raise ValueError(f"SummaryCache: attention_mask has {mask.shape[0]} rows, the batch {batch}")
-            key_valid = torch.ones(batch, count, dtype=torch.bool, device=key_states.device)
-            known = mask[:, start:start + count]
-            key_valid[:, :known.shape[1]] = known
-        else:
-            position_ids = (kwargs.get("kwargs") or {}).get("position_ids", kwargs.get("position_ids"))
-            if position_ids is not None:
-                expected = torch.arange(start, start + count, device=position_ids.device)
-                if not bool((position_ids.reshape(-1, count) == expected).all()):
-                    raise ValueError(
-                        "SummaryCache: the positions of this step do not count up from the cache's length (a "
-                        "padded batch?); pass the batch's attention_mask, SummaryCache(..., attention_mask=mask), "
-                        "so that padded keys are left out of the summaries as in the whole-sequence op")
+        key_valid = self.step_padding(key_states, start, kwargs)
+        own_mask = self._own_mask_at == start
+        if own_mask and count != 1:
+            raise ValueError(f"SummaryCache.step_mask() describes a one-token step; this step has {count} tokens")
         keys, values = layer.update(key_states, value_states, *args, key_valid=key_valid)
-        if self.attention_mask is not None:
+        if self.attention_mask is not None and not own_mask:
             mask = torch.cat([self.attention_mask.to(key_states.device), torch.ones(
                 batch, max(0, layer.length - self.attention_mask.shape[1]), dtype=torch.bool, device=key_states.device)], 1)
             layer.check_summary_slots(mask, layer._summaries_needed(start))
         return keys, values
+
+    def step_mask(self, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+        """The attention mask [B, 1, 1, n] for the next one-token step of a transformers model: pass it as the
+        model's ``attention_mask`` (a 4-d mask, which transformers uses as it is) instead of the 2-d one.
+
+        It says which of the n keys the step will return the query sees, from the padding the cache knows
+        (``attention_mask=`` of the constructor): exact for any padding, including chunks of padding only,
+        which transformers' own mask cannot hide (see :meth:`SummaryLayer.check_summary_slots`).  ``dtype``:
+        bool (sdpa) or the model's float dtype for an additive 0 / −inf-like mask (eager).  Every layer of
+        a model sees the same keys, so one mask serves them all."""
+        if self.attention_mask is None:
+            raise ValueError("SummaryCache.step_mask needs the batch's padding: SummaryCache(..., attention_mask=mask)")
+        mask = self.attention_mask
+        layer = self.layers[0] if self.layers else None
+        start = layer.get_seq_length() if layer is not None and layer.is_initialized else 0
+        key_valid = mask[:, start:start + 1] if start < mask.shape[1] else torch.ones(
+            mask.shape[0], 1, dtype=torch.bool, device=mask.device)
+        visible = key_valid if layer is None or not layer.is_initialized else layer.next_visible(key_valid)
+        self._own_mask_at = start
+        visible = visible[:, None, None, :]
+        if dtype == torch.bool:
+            return visible
+        return torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(
+            ~visible, torch.finfo(dtype).min)
 
     def needs_state(self) -> bool:
         return self.summary == "learned"

@@ -37,3 +37,27 @@ def through_layer(layer, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step
         got.append(attend_returned(q[:, :, rows], keys, values, visible))
         start += count
     return torch.cat(got, 2)
+
+
+def padding(kind: str, t: int, pads=(0, 5, 11)) -> torch.Tensor:
+    """bool [len(pads), T], False = padding: ``left`` (batched prompts), ``right``, or ``inner`` (4 padded tokens
+    from position pad); row r padded by ``pads[r]``, so rows differ and some hold more padding than a chunk."""
+    valid = torch.ones(len(pads), t, dtype=torch.bool)
+    for row, pad in enumerate(pads):
+        if kind == "left":
+            valid[row, :pad] = False
+        elif kind == "right":
+            valid[row, t - pad:] = False
+        elif kind == "inner":
+            valid[row, pad:pad + 4] = False
+        else:
+            raise ValueError(f"padding kind must be left, right or inner, got {kind!r}")
+    return valid
+
+
+def assert_equal_where_seen(got: torch.Tensor, want: torch.Tensor, valid: torch.Tensor, atol: float = 1e-12) -> None:
+    """got, want [B, H, T, D]: equal wherever a query saw some key.  A query that sees none (padding before
+    a row's first token) is 0 in the ops and nan through a cache; every valid query must have seen one."""
+    seen = ~got.isnan().all(-1)
+    assert bool(seen[valid[:, None, :].expand_as(seen)].all()), "a valid query saw no key"
+    torch.testing.assert_close(got[seen], want[seen], rtol=0, atol=atol)

@@ -7,7 +7,13 @@ import torch
 from attnrewrite import ops
 from attnrewrite.decode.hashed import HashedCache, HashedLayer
 from attnrewrite.kernels.hashed.state import HashProjections
-from attnrewrite.testing.caches import attend_returned, random_qkv
+from attnrewrite.testing.caches import (
+    assert_equal_where_seen,
+    attend_returned,
+    random_qkv,
+    through_layer,
+)
+from attnrewrite.testing.caches import padding as padding_mask
 
 OPTIONS = dict(bits=16, top_k=4, window=3, sinks=2)
 
@@ -56,7 +62,7 @@ def test_decode_selection_depends_on_the_query():
     layer = HashedLayer(**OPTIONS)
     layer.prepare(1, 4, 2, 8, torch.float64, "cpu")
     layer.append(k[:, :, :59], v[:, :, :59])
-    picks = {tuple(layer.select_decode(q[:, :, i:i + 1])[0, 0].sort().values.tolist()) for i in range(10)}
+    picks = {tuple(layer.select_decode(q[:, :, i:i + 1])[0][0, 0].sort().values.tolist()) for i in range(10)}
     assert len(picks) > 1
 
 
@@ -78,10 +84,92 @@ def test_decode_selection_equals_a_topk_over_agreement_and_position(top_k, windo
     layer.prepare(2, 4, 2, 8, torch.float64, "cpu")
     layer.append(k, v)
     q_last = q[:, :, -1:]
-    got = layer.select_decode(q_last)
+    got, _ = layer.select_decode(q_last)
     from attnrewrite.kernels.hashed.codes import signs
     from attnrewrite.kernels.hashed.sparse import select, visible_keys
 
     want = select(signs(q_last, layer.proj_q), signs(k, layer.proj_k), visible_keys(None, slice(0, 1), 500, 499, "cpu"),
                   8, top_k, window, sinks)[:, :, 0]
     assert torch.equal(got, want.sort(-1).values)
+
+
+@pytest.mark.parametrize("padding", ["left", "right", "inner"])
+@pytest.mark.parametrize("steps", [[1] * 31, [31], [6, 1, 1, 11, 1, 11]])
+@pytest.mark.parametrize("learned", [False, True])
+def test_padded_batch_through_the_cache_equals_the_op_with_the_padding_mask(padding, steps, learned):
+    """Padded keys are never selected (not as sinks, window or top-k; the sinks are a row's first tokens and
+    the window its last), in one-token steps as in prefills: per row, the op with the same key mask."""
+    t = sum(steps)
+    q, k, v = random_qkv(t, b=3)
+    valid = padding_mask(padding, t)
+    for x in (k, v):  # a model may give padded tokens any state
+        x[~valid[:, None, :, None].expand_as(x)] = float("nan")
+    projections = None
+    if learned:
+        state = HashProjections(4, 2, 8, 16, seed=0).double()
+        projections = (state.q_projection.detach(), state.k_projection.detach() + 0.2)
+    want = ops.hashed_attention(q, k.nan_to_num(0.0), v.nan_to_num(0.0), valid[:, None, None, :], is_causal=True, enable_gqa=True,
+                                hash="learned" if learned else "random", projections=projections, **OPTIONS)
+    layer = HashedLayer(**OPTIONS, learned=projections, max_seq_len=t)
+    layer.prepare(3, 4, 2, 8, torch.float64, "cpu")
+    assert_equal_where_seen(through_layer(layer, q, k, v, steps, key_valid=valid), want, valid)
+
+
+def test_decode_with_padding_reads_only_selected_valid_keys():
+    """A decode step returns sinks + window + top_k slots; a row with fewer valid keys marks its spare slots."""
+    t = 12
+    q, k, v = random_qkv(t, b=3)
+    valid = padding_mask("left", t, pads=(0, 2, 9))
+    layer = HashedLayer(**OPTIONS)
+    layer.prepare(3, 4, 2, 8, torch.float64, "cpu")
+    layer.attend(torch.arange(t - 1), q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], key_valid=valid[:, :-1])
+    keys, _, visible = layer.attend(torch.tensor([t - 1]), q[:, :, -1:], k[:, :, -1:], v[:, :, -1:],
+                                    key_valid=valid[:, -1:])
+    budget = sum(OPTIONS.values()) - OPTIONS["bits"]
+    assert keys.shape[2] == budget
+    assert visible.shape == (3, 1, 1, budget) and visible.sum(-1).flatten().tolist() == [budget, budget, 3]
+
+
+def _hf_mask(cache, batch_mask, position):
+    """The mask transformers builds for a one-token step at ``position`` from the 2-d mask and the cache's sizes."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    kv_length, kv_offset = cache.layers[0].get_mask_sizes(1) if cache.layers else (1, 0)
+    return sdpa_mask(batch_size=batch_mask.shape[0], q_length=1, kv_length=kv_length, q_offset=position,
+                     kv_offset=kv_offset, mask_function=causal_mask_function,
+                     attention_mask=batch_mask[:, :position + 1].bool(), allow_is_causal_skip=False)
+
+
+def test_transformers_left_padded_batch_decodes_as_the_op():
+    """Through ``update`` (query in cache_kwargs) with the mask transformers' sdpa_mask builds from the batch's
+    2-d mask and the cache's sizes: every key while rows are short, then the selection in the last slots
+    (a short left-padded row's spare slots read its padding). Rows padded by 0, 3 and 14 tokens."""
+    t = 34
+    q, k, v = random_qkv(t, b=3)
+    mask = padding_mask("left", t, pads=(0, 3, 14))
+    want = ops.hashed_attention(q, k, v, mask[:, None, None, :], is_causal=True, enable_gqa=True, **OPTIONS)
+    cache = HashedCache(**OPTIONS, attention_mask=mask.long())
+    got = []
+    for i in range(t):
+        hf_mask = _hf_mask(cache, mask, i)
+        keys, values = cache.update(k[:, :, i:i + 1], v[:, :, i:i + 1], 0, {"query_states": q[:, :, i:i + 1]})
+        got.append(attend_returned(q[:, :, i:i + 1], keys, values, hf_mask))
+    assert_equal_where_seen(torch.cat(got, 2), want, mask)
+
+
+@pytest.mark.parametrize("padding", ["right", "inner"])
+def test_transformers_padding_its_mask_cannot_express_is_refused(padding):
+    t = 30
+    q, k, v = random_qkv(t, b=3)
+    cache = HashedCache(**OPTIONS, attention_mask=padding_mask(padding, t, pads=(0, 12, 14)))
+    with pytest.raises(ValueError, match="padding mask reads"):
+        for i in range(t):
+            cache.update(k[:, :, i:i + 1], v[:, :, i:i + 1], 0, {"query_states": q[:, :, i:i + 1]})
+
+
+def test_transformers_padded_positions_without_the_mask_are_refused():
+    _, k, v = random_qkv(2)
+    cache = HashedCache(**OPTIONS)
+    q = torch.randn(2, 4, 1, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="attention_mask"):
+        cache.update(k[:, :, :1], v[:, :, :1], 0, {"query_states": q}, kwargs={"position_ids": torch.tensor([[0], [1]])})

@@ -8,7 +8,12 @@ import torch
 import attnrewrite
 from attnrewrite import ops
 from attnrewrite.decode.summary import SummaryCache, SummaryLayer
-from attnrewrite.testing.caches import random_qkv, through_layer
+from attnrewrite.testing.caches import (
+    assert_equal_where_seen,
+    random_qkv,
+    through_layer,
+)
+from attnrewrite.testing.caches import padding as padding_mask
 
 
 @pytest.mark.parametrize("steps", [
@@ -107,21 +112,7 @@ def test_transformers_prefill_that_needs_per_query_summaries_is_refused():
     assert layer.get_seq_length() == 3
 
 
-def _padding(kind, t, b=3):
-    """bool [B, T], False = padding: left (HF's batched prompts), right, or holes; rows padded by different
-    amounts, some by more than a chunk, so that chunks of padding only are folded into the summaries."""
-    valid = torch.ones(b, t, dtype=torch.bool)
-    for row, pad in enumerate([0, 5, 11][:b]):
-        if kind == "left":
-            valid[row, :pad] = False
-        elif kind == "right":
-            valid[row, t - pad:] = False
-        else:
-            valid[row, pad:pad + 4] = False
-    return valid
-
-
-@pytest.mark.parametrize("padding", ["left", "right", "holes"])
+@pytest.mark.parametrize("padding", ["left", "right", "inner"])
 @pytest.mark.parametrize("chunk,window", [(3, 2), (4, 1), (2, 0), (5, 3)])
 @pytest.mark.parametrize("steps", [[1] * 31, [31], [7, 1, 1, 9, 3, 1, 9]])
 @pytest.mark.parametrize("learned", [False, True])
@@ -130,17 +121,14 @@ def test_padded_batch_through_the_cache_equals_the_op_with_the_padding_mask(padd
     holds padding is summarised over its tokens only, and a chunk of padding only has no summary."""
     t = sum(steps)
     q, k, v = random_qkv(t, b=3)
-    valid = _padding(padding, t)
+    valid = padding_mask(padding, t)
     query = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) if learned else None
     want = ops.summary_attention(q, k, v, valid[:, None, None, :], enable_gqa=True, chunk_size=chunk,
                                  window_chunks=window, summary="learned" if learned else "mean", summary_query=query)
     layer = SummaryLayer(chunk, window, query, max_seq_len=t)
     layer.prepare(3, 4, 2, 8, torch.float64, "cpu")
     got = through_layer(layer, q, k, v, steps, key_valid=valid)
-    # a query that sees no key (a padded query before any token) is 0 in the op and nan here: compare the others
-    seen = ~got.isnan().all(-1)
-    assert bool(seen[valid[:, None, :].expand_as(seen)].all())
-    torch.testing.assert_close(got[seen], want[seen], rtol=0, atol=1e-12)
+    assert_equal_where_seen(got, want, valid)
     assert layer.entries() <= SummaryCache.entries_bound(t, chunk, window)
 
 
@@ -205,3 +193,72 @@ def test_transformers_chunk_of_padding_only_is_refused_not_wrong():
     cache = attnrewrite.SummaryCache(chunk_size=4, window_chunks=1, attention_mask=mask)
     with torch.no_grad(), pytest.raises(ValueError, match="chunk of padding only"):
         _hf_steps(model, ids, mask, positions, cache)
+
+
+def _whole_sequence(model, ids, mask, positions, chunk, window):
+    import functools
+
+    from attnrewrite.rewriter.backend import attnrewrite_backend
+
+    options = dict(to="summary", compiler="eager", chunk_size=chunk, window_chunks=window)
+    want = torch.compile(model, backend=functools.partial(attnrewrite_backend, options=options))(
+        ids, attention_mask=mask, position_ids=positions).logits
+    torch._dynamo.reset()
+    return want
+
+
+@pytest.mark.parametrize("side,pads,chunk,window,dtype", [
+    ("left", [0, 5, 9], 4, 1, torch.float64),    # rows with 1 and 2 chunks of padding only
+    ("right", [0, 7, 13], 3, 2, torch.bool),
+    ("inner", [0, 5, 9], 2, 1, torch.float64),   # 4 padded tokens: two chunks of padding only
+])
+def test_transformers_any_padding_decodes_as_the_op_with_the_cache_step_mask(side, pads, chunk, window, dtype):
+    """Step by step with the cache's own 4-d mask (``step_mask``) in place of the 2-d one: padding that covers
+    whole chunks, which transformers' mask cannot express, decodes as the whole-sequence op, per row."""
+    from attnrewrite.testing.caches import padding
+
+    model, ids, _, _ = _hf_padded_batch(pads, "left")
+    mask = padding(side, ids.shape[1], pads).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    if dtype == torch.bool:
+        model.config._attn_implementation = "sdpa"  # takes a bool mask; eager adds the mask to the scores
+    with torch.no_grad():
+        want = _whole_sequence(model, ids, mask, positions, chunk, window)
+        cache = attnrewrite.SummaryCache(chunk_size=chunk, window_chunks=window, attention_mask=mask)
+        got = torch.cat([model(ids[:, i:i + 1], attention_mask=cache.step_mask(dtype), position_ids=positions[:, i:i + 1],
+                               cache=cache, use_cache=True).logits for i in range(ids.shape[1])], 1)
+        with pytest.raises(ValueError, match="chunk of padding only"):  # the 2-d mask cannot say it
+            _hf_steps(model, ids, mask, positions, attnrewrite.SummaryCache(chunk_size=chunk, window_chunks=window,
+                                                                           attention_mask=mask))
+    valid = mask.bool()
+    assert (got - want)[valid].abs().max() < 1e-6, (got - want)[valid].abs().max()
+
+
+def test_transformers_generate_with_left_padding_under_a_chunk_is_the_op():
+    """``generate()`` (its own 2-d mask and positions) on a left-padded batch: the logits of every new token
+    equal the whole-sequence op on the final padded sequence; padding of a whole chunk raises, naming the way out."""
+    model, ids, mask, _ = _hf_padded_batch([0, 2, 3], "left", length=8)
+    new = 14
+    with torch.no_grad():
+        cache = attnrewrite.SummaryCache(chunk_size=4, window_chunks=1, attention_mask=mask)
+        out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=new, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        full = torch.cat([mask, torch.ones(3, new, dtype=mask.dtype)], 1)
+        want = _whole_sequence(model, out.sequences, full, (full.cumsum(-1) - 1).clamp(min=0), 4, 1)
+        model2, ids2, mask2, _ = _hf_padded_batch([0, 4, 7], "left", length=8)
+        with pytest.raises(ValueError, match="step_mask"):
+            model2.generate(ids2, attention_mask=mask2, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                            cache=attnrewrite.SummaryCache(chunk_size=4, window_chunks=1, attention_mask=mask2))
+    assert cache.layers[0].n_sum >= 3
+    got = torch.stack(out.logits, 1)
+    assert (got - want[:, ids.shape[1] - 1:-1]).abs().max() < 1e-6
+
+
+def test_step_mask_needs_the_padding_and_one_token_steps():
+    with pytest.raises(ValueError, match="attention_mask"):
+        attnrewrite.SummaryCache(chunk_size=4).step_mask()
+    _, k, v = random_qkv(3)
+    cache = attnrewrite.SummaryCache(chunk_size=4, window_chunks=1, attention_mask=torch.tensor([[0, 1, 1], [1, 1, 1]]))
+    assert cache.step_mask().tolist() == [[[[False]]], [[[True]]]]
+    with pytest.raises(ValueError, match="one-token step"):
+        cache.update(k, v, 0)
