@@ -112,7 +112,7 @@ def main() -> None:
 
     results = _results(workdir, files)
     print(f"\nmutation score at {commit} (killed / (killed + survived); 'other': no tests, timeouts, ...)")
-    print(f"| file | mutants | killed | survived | other | score |\n|---|---|---|---|---|---|")
+    print("| file | mutants | killed | survived | other | score |\n|---|---|---|---|---|---|")
     for path, counts in results.items():
         killed, survived = counts["killed"], counts["survived"]
         total = sum(v for k, v in counts.items() if k != "names")

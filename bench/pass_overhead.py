@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         total = first_call_seconds(model, ours, ids)
         rows.append((compiler, baseline, total, report.seconds, len(report.rewritten)))
 
-    print(f"| compiler | compile without pass (s) | compile with pass (s) | pass (s) | pass / compile | sites |")
+    print("| compiler | compile without pass (s) | compile with pass (s) | pass (s) | pass / compile | sites |")
     print("|---|---|---|---|---|---|")
     for compiler, baseline, total, pass_s, sites in rows:
         print(f"| {compiler} | {baseline:.2f} | {total:.2f} | {pass_s:.3f} | {100 * pass_s / total:.2f} % | "

@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     started = time.perf_counter()
     rows = [] if args.skip_minilm else run_minilm(args.minilm_sequences, args.minilm_length)
     rows += run_llama(args.checkpoint, args.val_batches, args.val_batch_size, args.threads)
-    print(f"\n| model | kind | setting | attention cosine (mean) | 5th percentile | whole model |")
+    print("\n| model | kind | setting | attention cosine (mean) | 5th percentile | whole model |")
     print("|---|---|---|---|---|---|")
     for row in rows:
         whole = (f"embedding cosine {row['embedding_cosine']:.4f}" if "embedding_cosine" in row

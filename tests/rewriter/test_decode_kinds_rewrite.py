@@ -10,7 +10,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attnrewrite
-from attnrewrite import ops
 from attnrewrite.kernels.hashed.reference import naive_hashed_attention
 from attnrewrite.kernels.summary.reference import naive_summary_attention
 from attnrewrite.kinds import get
