@@ -64,3 +64,19 @@ def check_rewrite(model: torch.nn.Module, inputs: dict[str, Any], expected_sites
 
 
 __all__ = ["attnrewrite", "check_rewrite", "compile_rewritten", "first_tensor", "assert_close_rel"]
+
+
+def assert_same_function(got: torch.Tensor, want: torch.Tensor, leaves: dict[str, torch.Tensor],
+                         atol: float = 1e-12, nonzero_grads: bool = True) -> None:
+    """An op against its float64 reference: the outputs, and the gradient of each leaf by name (through
+    a random weighting of the output), agree to ``atol``.  The output may not be trivially zero, nor
+    (``nonzero_grads``) any gradient — pass False where some case makes one exactly zero (a window of
+    one key: the softmax is constant)."""
+    assert want.abs().max() > 0.1, "comparing on (near) zeros proves nothing"
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
+    weights = torch.randn(want.shape, generator=torch.Generator().manual_seed(2), dtype=want.dtype)
+    got_grads = torch.autograd.grad((got * weights).sum(), list(leaves.values()))
+    want_grads = torch.autograd.grad((want * weights).sum(), list(leaves.values()))
+    for name, g, w in zip(leaves, got_grads, want_grads):
+        assert not nonzero_grads or w.abs().max() > 0, f"the gradient of {name} is zero: it proves nothing"
+        torch.testing.assert_close(g, w, rtol=0, atol=atol, msg=f"gradient of {name}")

@@ -40,3 +40,39 @@ def build(name: str) -> tuple[torch.nn.Module, dict, dict]:
         tokens[1, 8:] = singlecell.PAD_ID
         return m, {"tokens": tokens}, dict(causal=False, has_bias=True)
     raise ValueError(f"unknown reference target {name!r}; known: {NAMES}")
+
+
+class _HandWrittenAttention(torch.nn.Module):
+    """A llama target attention layer whose softmax is replaced by ``attend`` (see :func:`hand_written_llama`)."""
+
+    def __init__(self, inner: llama.Attention, attend):
+        super().__init__()
+        self.inner, self.attend = inner, attend
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        a = self.inner
+        b, t, _ = x.shape
+        q = llama.apply_rope(a.q_proj(x).view(b, t, a.n_heads, a.head_dim).transpose(1, 2), cos, sin)
+        k = llama.apply_rope(a.k_proj(x).view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2), cos, sin)
+        v = a.v_proj(x).view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        out = self.attend(q, k, v, mask)
+        return a.o_proj(out.transpose(1, 2).reshape(b, t, a.n_heads * a.head_dim))
+
+
+def hand_written_llama(model: llama.Llama, attend) -> llama.Llama:
+    """A copy of the llama target ``model`` (same weights) with attention written by hand: each layer
+    computes ``attend(q, k, v, mask)`` in place of its softmax — q [B, H, T, D] and k, v [B, Hkv, T, D]
+    (rotary embedding applied; GQA not repeated), ``mask`` the layer's bool mask (True = may attend) —
+    which returns [B, H, T, D].  The oracle a rewritten model of a kind is compared with."""
+    import copy
+
+    oracle = copy.deepcopy(model)
+    for layer in oracle.layers:
+        layer.attention = _HandWrittenAttention(layer.attention, attend)
+    return oracle
+
+
+def repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v [B, Hkv, T, D] repeated to q's number of heads (grouped-query attention written out)."""
+    groups = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)

@@ -16,46 +16,37 @@ from attnrewrite.kinds import get
 from attnrewrite.rewriter.report import Report
 from attnrewrite.targets import bert, llama
 from attnrewrite.testing.checks import compile_rewritten
+from attnrewrite.testing.targets import hand_written_llama
 
 OPTIONS = {"summary": dict(chunk_size=4, window_chunks=1), "hashed": dict(bits=16, top_k=3, window=3, sinks=1)}
 TOKENS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
 
 
-class OracleAttention(nn.Module):
-    """The llama target's attention with the kind written out in plain torch: the readable references
+def _reference_attend(kind, options):
+    """The kind written out in plain torch for the llama target's layers: the readable references
     (``kernels/*/reference.py``, loops over queries), which share no code with the ops the rewrite emits."""
 
-    def __init__(self, attention, kind, options):
-        super().__init__()
-        self.inner, self.kind, self.options = attention, kind, options
+    def attend(q, k, v, mask):
+        if kind == "summary":
+            return naive_summary_attention(q, k, v, is_causal=True, **options)
+        # the kind's default: random hyperplanes drawn from seed 0, shared by queries and keys
+        hyperplanes = torch.randn(q.shape[-1], options["bits"], generator=torch.Generator().manual_seed(0),
+                                  dtype=torch.float64)
+        rest = {key: value for key, value in options.items() if key != "bits"}
+        return naive_hashed_attention(q, k, v, is_causal=True, proj_q=hyperplanes, proj_k=hyperplanes, **rest)[0]
 
-    def forward(self, x, cos, sin, mask, input_pos=None):
-        a = self.inner
-        B, T, _ = x.shape
-        q = llama.apply_rope(a.q_proj(x).view(B, T, a.n_heads, a.head_dim).transpose(1, 2), cos, sin)
-        k = llama.apply_rope(a.k_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2), cos, sin)
-        v = a.v_proj(x).view(B, T, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        if self.kind == "summary":
-            out = naive_summary_attention(q, k, v, is_causal=True, **self.options)
-        else:  # the kind's default: random hyperplanes drawn from seed 0, shared by queries and keys
-            hyperplanes = torch.randn(a.head_dim, self.options["bits"], generator=torch.Generator().manual_seed(0),
-                                      dtype=torch.float64)
-            options = {key: value for key, value in self.options.items() if key != "bits"}
-            out, _ = naive_hashed_attention(q, k, v, is_causal=True, proj_q=hyperplanes, proj_k=hyperplanes,
-                                            **options)
-        return a.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+    return attend
 
 
 @pytest.mark.parametrize("kind", ["summary", "hashed"])
 def test_llama_target_rewritten_equals_the_hand_written_oracle(kind):
     torch.manual_seed(0)
     model = llama.Llama.from_name("tiny").double().eval()
+    oracle = hand_written_llama(model, _reference_attend(kind, OPTIONS[kind]))
     report = Report()
     with torch.no_grad():
         got = compile_rewritten(model, report, to=kind, **OPTIONS[kind])(TOKENS)
-        for layer in model.layers:
-            layer.attention = OracleAttention(layer.attention, kind, OPTIONS[kind])
-        want = model(TOKENS)
+        want = oracle(TOKENS)
     assert len(report.rewritten) == 2 and not report.skipped, report
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
 

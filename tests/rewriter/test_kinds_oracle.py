@@ -116,42 +116,30 @@ def test_softmax_oracle_is_the_model_itself():
     assert len(report.rewritten) == 2
 
 
-def _llama_oracle_attention(kind):
-    """The llama target's attention with the kind written by hand in place of its softmax."""
-    from attnrewrite.targets import llama
+def _llama_oracle_attend(kind):
+    """The kind written by hand in place of the llama target's softmax."""
+    from attnrewrite.testing.targets import repeat_kv
 
-    class Oracle(llama.Attention):
-        def forward(self, x, cos, sin, mask, input_pos=None):
-            b, t, _ = x.shape
-            q = llama.apply_rope(self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = llama.apply_rope(self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-            v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            if kind == "sigmoid":  # causal: b_i = -log(n_i), n_i = the keys query i sees (i + 1, no padding)
-                s = (q @ k.transpose(-2, -1)) * self.head_dim**-0.5
-                n = mask.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
-                out = (torch.sigmoid(s - torch.log(n)) * mask) @ v
-            else:  # linear, elu+1, no scale
-                w = (elu1(q) @ elu1(k).transpose(-2, -1)) * mask
-                out = (w @ v) / (w.sum(-1, keepdim=True) + 1e-6)
-            return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))
+    def attend(q, k, v, mask):
+        k, v = repeat_kv(q, k, v)
+        if kind == "sigmoid":  # causal: b_i = -log(n_i), n_i = the keys query i sees (i + 1, no padding)
+            s = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+            n = mask.sum(-1, keepdim=True).clamp(min=1).to(s.dtype)
+            return (torch.sigmoid(s - torch.log(n)) * mask) @ v
+        w = (elu1(q) @ elu1(k).transpose(-2, -1)) * mask  # linear, elu+1, no scale
+        return (w @ v) / (w.sum(-1, keepdim=True) + 1e-6)
 
-    return Oracle
+    return attend
 
 
 @pytest.mark.parametrize("kind", ["sigmoid", "linear"])
 def test_llama_target_rewritten_equals_its_hand_written_oracle(kind):
     from attnrewrite.targets import llama
+    from attnrewrite.testing.targets import hand_written_llama
 
     torch.manual_seed(0)
     model = llama.Llama.from_name("tiny").eval()
-    oracle = llama.Llama.from_name("tiny").eval()
-    oracle.load_state_dict(model.state_dict())
-    for layer in oracle.layers:
-        original = layer.attention
-        layer.attention = _llama_oracle_attention(kind)(oracle.config)
-        layer.attention.load_state_dict(original.state_dict())
+    oracle = hand_written_llama(model, _llama_oracle_attend(kind))
     tokens = torch.randint(0, oracle.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
 
     report = Report()
