@@ -22,7 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnrewrite.kernels.linear.op  # noqa: F401  (registers the Triton path's ops)
 import attnrewrite.kernels.sigmoid.op  # noqa: F401
-from attnrewrite import ops
+from attnrewrite import kinds, ops
 from attnrewrite.kernels.linear import linear_attention_dispatch, linear_attention_decode
 from attnrewrite.kernels.sigmoid.api import sigmoid_attention_dispatch
 
@@ -118,6 +118,10 @@ def _as_leaf(x, grad: bool):
 
 LAYOUTS = ("contiguous", "transposed", "expanded")
 
+#: Each kind's public op (``<kind>_attention``, read from the kind registry, so a new kind needs no edit
+#: here) with the options its tests use on short sequences (``Kind.example_options``).
+PUBLIC = {f"{name}_attention": dict(kinds.get(name).example_options) for name in kinds.names()}
+
 
 def _checked_ops() -> list[str]:
     skip = set() if DEVICE == "cuda" else _cuda_forms()
@@ -127,8 +131,7 @@ def _checked_ops() -> list[str]:
 def test_every_op_is_reached():
     """Each operator of the namespace (less the CUDA forms without a GPU) is recorded or is a public
     op checked directly, in every layout: nothing in the namespace escapes the opcheck below."""
-    public = {f"{kind}_attention" for kind in ("softmax", "sigmoid", "linear", "summary", "hashed", "dual_triangle",
-                                                        "sliding_window")}
+    public = set(PUBLIC)
     for layout in LAYOUTS:
         missing = set(_checked_ops()) - set(_recorded(layout)) - public
         assert not missing, f"{layout}: no test path reaches {sorted(missing)}"
@@ -140,15 +143,7 @@ def test_opcheck(name, layout):
     calls = _recorded(layout).get(name)
     if calls is None:  # a public op: composite ones decompose before the recorder sees them
         q, k, v = _layout(layout, H), _layout(layout, HKV), _layout(layout, HKV)
-        kwargs = {"is_causal": True, "enable_gqa": True}
-        if name == "summary_attention":
-            kwargs.update(chunk_size=2, window_chunks=1)
-        if name == "hashed_attention":
-            kwargs.update(bits=8, top_k=2, window=2, sinks=1)
-        if name == "dual_triangle_attention":
-            kwargs.update(is_causal=False, past_heads=1)  # bidirectional by construction
-        if name == "sliding_window_attention":
-            kwargs.update(window=3, sinks=1)
+        kwargs = {"enable_gqa": True, **PUBLIC[name]}  # is_causal: the op's own default
         calls = [(getattr(torch.ops.attnrewrite, name).default, (q.requires_grad_(), k.requires_grad_(),
                                                                  v.requires_grad_()), kwargs)]
     grad = _differentiable(name) or name.endswith("_attention")

@@ -194,8 +194,10 @@ def dense_sliding_window(q, k, v, attn_mask, dropout_p: float, is_causal: bool, 
         mask = attn_mask & visible
     else:
         mask = torch.where(visible, attn_mask.to(q.dtype), torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+    # enable_gqa=True also holds for equal head counts (one query head per kv head); comparing the head
+    # counts instead gives a SymBool under dynamic shapes, which SDPA refuses
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+                                          enable_gqa=True)
 
 
 def _band_covers_the_sequence(len_q, len_k, is_causal: bool, window: int) -> bool:
