@@ -51,19 +51,28 @@ def check_rewrite(model: torch.nn.Module, inputs: dict[str, Any], expected_sites
     assert all(s.status == "rewritten" for s in sites), f"not every site was rewritten:\n{report}"
     assert_close_rel(got, want, rtol, "output")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    # Some gradients are exactly zero in exact arithmetic (a key bias: softmax ignores a shift
-    # of a whole score row) and hold only rounding noise; each gradient's error is measured
-    # against its own scale, but never against less than 1e-2 of the model's largest gradient.
+    assert_gradients_close(names, got_grads, want_grads, rtol)
+    return report
+
+
+def assert_gradients_close(names: list[str], got_grads, want_grads, rtol: float) -> None:
+    """Gradients by name against the oracle's.
+
+    Some gradients are exactly zero in exact arithmetic (a key bias: softmax ignores a shift of a
+    whole score row) and hold only rounding noise; each gradient's error is measured against its own
+    scale, but never against less than 1e-2 of the largest gradient.  A gradient the oracle does not
+    have (None) must be absent or zero after the rewrite too.
+    """
     floor = 1e-2 * max(float(w.abs().max()) for w in want_grads if w is not None)
-    for name, g, w in zip(names, got_grads, want_grads):
+    for name, g, w in zip(names, got_grads, want_grads, strict=True):
         if w is None:
             assert g is None or not g.any(), f"{name} gets a gradient only after the rewrite"
             continue
         assert_close_rel(g, w, rtol, f"gradient of {name}", floor)
-    return report
 
 
-__all__ = ["attnrewrite", "check_rewrite", "compile_rewritten", "first_tensor", "assert_close_rel"]
+__all__ = ["attnrewrite", "check_rewrite", "compile_rewritten", "first_tensor", "assert_close_rel",
+           "assert_gradients_close"]
 
 
 def assert_same_function(got: torch.Tensor, want: torch.Tensor, leaves: dict[str, torch.Tensor],
