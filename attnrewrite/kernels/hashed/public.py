@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import torch
 
+from attnrewrite.kernels._ops import AUTOCAST_DEVICES, _autocast_cast, resolve_impl
 from attnrewrite.kernels.hashed import op as _op  # noqa: F401  (registers the ops)
+
+try:  # the Triton path is optional: the torch path works wherever torch does
+    from attnrewrite.kernels.hashed import triton_ops as _triton
+except ImportError:  # pragma: no cover - triton is not installed on this platform
+    _triton = None
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
                      bits: int = 64, top_k: int = 256, window: int = 64, sinks: int = 4, hash: str = "random",
-                     projections: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0) -> torch.Tensor:
+                     projections: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
+                     impl: str = "auto") -> torch.Tensor:
     """Hashed attention with the signature of ``F.scaled_dot_product_attention``, layout [B, H, T, D].
 
     Each query attends (exact softmax of scale·q·k + bias) to its first ``sinks`` and last ``window``
@@ -30,6 +39,11 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
             many first ones are always kept.
         hash: ``"random"`` — Gaussian hyperplanes drawn from ``seed``, the same for queries and keys
             (no training) — or ``"learned"`` with ``projections=(P_q [Hq, D, bits], P_k [Hkv, D, bits])``.
+        impl: ``"auto"`` runs the Triton kernels (:mod:`attnrewrite.kernels.hashed.triton_ops`) on CUDA
+            for float16, bfloat16 and float32 with ``hash="random"`` and the torch path otherwise;
+            ``"triton"`` always runs the kernels (on the CPU only under ``TRITON_INTERPRET=1``) or
+            raises, naming why; ``"torch"`` runs the torch path (``attnrewrite::hashed_attention``).
+            Both select the same keys.
 
     Returns:
         [B, Hq, Tq, Dv] in q's dtype.  Inside ``torch.autocast`` the floating-point inputs (float64
@@ -37,6 +51,29 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
         projections, by a straight-through estimate, when learned).
     """
     q_projection, k_projection = projections if projections is not None else (None, None)
+    if _path(impl, q, k, v, hash) == "triton":
+        return _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window,
+                           sinks, hash, seed)
     return torch.ops.attnrewrite.hashed_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                   bits=bits, top_k=top_k, window=window, sinks=sinks, hash=hash,
                                                   q_projection=q_projection, k_projection=k_projection, seed=seed)
+
+
+def _path(impl: str, q, k, v, hash: str) -> str:
+    return resolve_impl(
+        impl, q.device, what=_op.WHAT, dtype=q.dtype, head_dims=(q.shape[-1], v.shape[-1]),
+        triton_dtypes=_TRITON_DTYPES,
+        refusal=("the Triton kernels do not implement hash='learned' (the projections' straight-through "
+                 "gradient)") if hash == "learned" else None,
+        available=_triton is not None, interpreter_active=lambda: _triton.interpreter_active())
+
+
+def _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window, sinks, hash, seed):
+    device_type = q.device.type
+    if device_type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):  # SDPA's rule, as the op has it
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v, attn_mask = (_autocast_cast(t, device_type, dtype) for t in (q, k, v, attn_mask))
+    _op.check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
+                     None, None)
+    scale, proj_q, proj_k, mask = _op._resolve(q, k, attn_mask, scale, bits, seed, None, None)
+    return _triton.hashed_attention_triton(q, k, v, mask, proj_q, proj_k, is_causal, scale, top_k, window, sinks)

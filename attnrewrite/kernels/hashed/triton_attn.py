@@ -1,0 +1,220 @@
+"""Triton kernels for hashed attention over the selected keys: forward and backward.
+
+One program handles one query row of one key/value head and all the query heads of its group (they
+share the selection, so each gathered key and value row is read once for the group).  It walks the
+row's slots of the selection [B, Hkv, Tq, S] (−1 = empty) BLOCK_S at a time, gathers those key and
+value rows, and runs an online softmax in float32: out = softmax(scale·q·k + bias) · v over the
+selected keys, 0 for a row with none.  The forward also stores each row's log-sum-exp.
+
+The backward recomputes the probabilities from the log-sum-exp, writes dQ for its rows and adds the
+selected keys' dK and dV contributions into float32 buffers with atomic adds (a key is selected by
+many rows).  The order of those additions varies from run to run on a GPU, so dK and dV are not
+bit-reproducible there (dQ and the forward are).
+
+The products are broadcast multiply-and-sum rather than ``tl.dot``: a group is 1–8 heads, below the
+16 rows a tensor-core product needs, and each row has its own gathered keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_group(base, stride_h, heads, g_ok, offs_d, d_ok, other):
+    return tl.load(base + heads[:, None] * stride_h + offs_d[None, :], mask=g_ok[:, None] & d_ok[None, :],
+                   other=other).to(tl.float32)
+
+
+@triton.jit
+def _gather_rows(base, stride_t, rows, ok, offs_d, d_ok):
+    return tl.load(base + rows[:, None] * stride_t + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, HAS_BIAS: tl.constexpr):
+    """scale·q·k (+ bias) [BLOCK_G, BLOCK_S], −inf at empty slots."""
+    s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+    if HAS_BIAS:
+        s += tl.load(bias_row + rows * stride_bias_j, mask=ok, other=0.0).to(tl.float32)[None, :]
+    return tl.where(ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, heads_kv, n_slots, scale,
+                           stride_qb, stride_qh, stride_qt,
+                           stride_kb, stride_kh, stride_kt,
+                           stride_vb, stride_vh, stride_vt,
+                           stride_ib, stride_ih, stride_it,
+                           stride_bias_b, stride_bias_i, stride_bias_j,
+                           stride_ob, stride_oh, stride_ot,
+                           stride_lb, stride_lh, stride_lt,
+                           G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+                           HAS_BIAS: tl.constexpr):
+    i = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // heads_kv
+    h = pid_bh % heads_kv
+    offs_g = tl.arange(0, BLOCK_G)
+    g_ok = offs_g < G
+    heads = h * G + offs_g
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+    q = _load_group(Q + b * stride_qb + i * stride_qt, stride_qh, heads, g_ok, offs_d, d_ok, 0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    idx_row = Idx + b * stride_ib + h * stride_ih + i * stride_it
+    bias_row = Bias + b * stride_bias_b + i * stride_bias_i
+    m = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_DV), dtype=tl.float32)
+    for start in range(0, n_slots, BLOCK_S):
+        offs_s = start + tl.arange(0, BLOCK_S)
+        index = tl.load(idx_row + offs_s, mask=offs_s < n_slots, other=-1)
+        ok = index >= 0
+        rows = tl.where(ok, index, 0)
+        k = _gather_rows(k_base, stride_kt, rows, ok, offs_d, d_ok)
+        s = _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, HAS_BIAS)
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        v = _gather_rows(v_base, stride_vt, rows, ok, offs_dv, dv_ok)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m = m_new
+    seen = l > 0
+    out = tl.where(seen[:, None], acc / tl.where(seen, l, 1.0)[:, None], 0.0)
+    lse = tl.where(seen, m + tl.log(tl.where(seen, l, 1.0)), float("inf"))
+    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + i * stride_ot + offs_dv[None, :],
+             out.to(Out.dtype.element_ty), mask=g_ok[:, None] & dv_ok[None, :])
+    tl.store(Lse + b * stride_lb + heads * stride_lh + i * stride_lt, lse, mask=g_ok)
+
+
+@triton.jit
+def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, heads_kv, n_slots, scale,
+                           stride_qb, stride_qh, stride_qt,
+                           stride_kb, stride_kh, stride_kt,
+                           stride_vb, stride_vh, stride_vt,
+                           stride_ob, stride_oh, stride_ot,
+                           stride_dob, stride_doh, stride_dot,
+                           stride_lb, stride_lh, stride_lt,
+                           stride_ib, stride_ih, stride_it,
+                           stride_bias_b, stride_bias_i, stride_bias_j,
+                           stride_dqb, stride_dqh, stride_dqt,
+                           stride_dkb, stride_dkh, stride_dkt,
+                           stride_dvb, stride_dvh, stride_dvt,
+                           G: tl.constexpr, D: tl.constexpr, DVAL: tl.constexpr, BLOCK_G: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
+                           HAS_BIAS: tl.constexpr):
+    i = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // heads_kv
+    h = pid_bh % heads_kv
+    offs_g = tl.arange(0, BLOCK_G)
+    g_ok = offs_g < G
+    heads = h * G + offs_g
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DVAL
+    q = _load_group(Q + b * stride_qb + i * stride_qt, stride_qh, heads, g_ok, offs_d, d_ok, 0.0)
+    o = _load_group(Out + b * stride_ob + i * stride_ot, stride_oh, heads, g_ok, offs_dv, dv_ok, 0.0)
+    do = _load_group(DOut + b * stride_dob + i * stride_dot, stride_doh, heads, g_ok, offs_dv, dv_ok, 0.0)
+    lse = tl.load(Lse + b * stride_lb + heads * stride_lh + i * stride_lt, mask=g_ok, other=float("inf"))
+    delta = tl.sum(do * o, axis=1)                                                     # [G]
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dk_base = DK + b * stride_dkb + h * stride_dkh
+    dv_base = DV + b * stride_dvb + h * stride_dvh
+    idx_row = Idx + b * stride_ib + h * stride_ih + i * stride_it
+    bias_row = Bias + b * stride_bias_b + i * stride_bias_i
+    dq = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    for start in range(0, n_slots, BLOCK_S):
+        offs_s = start + tl.arange(0, BLOCK_S)
+        index = tl.load(idx_row + offs_s, mask=offs_s < n_slots, other=-1)
+        ok = index >= 0
+        rows = tl.where(ok, index, 0)
+        k = _gather_rows(k_base, stride_kt, rows, ok, offs_d, d_ok)
+        v = _gather_rows(v_base, stride_vt, rows, ok, offs_dv, dv_ok)
+        s = _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, HAS_BIAS)
+        p = tl.where(ok[None, :] & g_ok[:, None], tl.exp(s - lse[:, None]), 0.0)         # [G, S]
+        dp = tl.sum(do[:, None, :] * v[None, :, :], axis=2)
+        ds = p * (dp - delta[:, None])
+        dq += tl.sum(ds[:, :, None] * k[None, :, :], axis=1)
+        dk = tl.sum(ds[:, :, None] * q[:, None, :], axis=0) * scale                    # [S, D]
+        dv = tl.sum(p[:, :, None] * do[:, None, :], axis=0)                             # [S, DV]
+        tl.atomic_add(dk_base + rows[:, None] * stride_dkt + offs_d[None, :], dk, mask=ok[:, None] & d_ok[None, :])
+        tl.atomic_add(dv_base + rows[:, None] * stride_dvt + offs_dv[None, :], dv,
+                      mask=ok[:, None] & dv_ok[None, :])
+    tl.store(DQ + b * stride_dqb + heads[:, None] * stride_dqh + i * stride_dqt + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+
+
+def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
+    """(batch, row, key) strides of a [B|1, Tq|1, Tk] bias, 0 on broadcast dimensions."""
+    if t is None:
+        return 0, 0, 0
+    return tuple(t.stride(d) if t.shape[d] > 1 else 0 for d in range(3))
+
+
+def _blocks(q: torch.Tensor, v: torch.Tensor, heads_kv: int) -> dict:
+    groups = q.shape[1] // heads_kv
+    return dict(G=groups, BLOCK_G=triton.next_power_of_2(groups), BLOCK_D=triton.next_power_of_2(q.shape[-1]),
+                BLOCK_DV=triton.next_power_of_2(v.shape[-1]))
+
+
+def attend_forward(q, k, v, index, bias, scale: float, config: dict | None = None, launch=lambda kernel: kernel):
+    """(out [B, Hq, Tq, Dv] in q's dtype, lse float32 [B, Hq, Tq]) over the selected keys.
+
+    ``index``: int32 [B, Hkv, Tq, S] (:func:`.triton_select.select_keys`); ``bias``: float [B|1, Tq|1, Tk]
+    added to the selected scores, or None.  ``config``: {"BLOCK_S": ..., "num_warps": ...}.
+    """
+    batch, heads_q, len_q, dim = q.shape
+    heads_kv = k.shape[1]
+    config = config or {"BLOCK_S": 32, "num_warps": 4}
+    out = torch.empty(batch, heads_q, len_q, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads_q, len_q, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    grid = (len_q, batch * heads_kv)
+    launch(hashed_attn_fwd_kernel)[grid](
+        q, k, v, index, out if bias is None else bias, out, lse, heads_kv, index.shape[-1], float(scale),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), index.stride(0), index.stride(1), index.stride(2),
+        *_strides3(bias), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+        D=dim, DV=v.shape[-1], BLOCK_S=config["BLOCK_S"], HAS_BIAS=bias is not None,
+        num_warps=config["num_warps"], **_blocks(q, v, heads_kv))
+    return out, lse
+
+
+def attend_backward(q, k, v, out, grad, lse, index, bias, scale: float, config: dict | None = None,
+                    launch=lambda kernel: kernel):
+    """(dq, dk, dv) of :func:`attend_forward`, in the inputs' dtypes (dK and dV summed in float32)."""
+    batch, heads_q, len_q, dim = q.shape
+    heads_kv = k.shape[1]
+    config = config or {"BLOCK_S": 32, "num_warps": 4}
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    if q.numel() == 0 or index.shape[-1] == 0:
+        return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype)
+    grid = (len_q, batch * heads_kv)
+    launch(hashed_attn_bwd_kernel)[grid](
+        q, k, v, out, grad, lse, index, q if bias is None else bias, dq, dk, dv, heads_kv, index.shape[-1],
+        float(scale),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        grad.stride(0), grad.stride(1), grad.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
+        index.stride(0), index.stride(1), index.stride(2), *_strides3(bias),
+        dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        D=dim, DVAL=v.shape[-1], BLOCK_S=config["BLOCK_S"], HAS_BIAS=bias is not None,
+        num_warps=config["num_warps"], **_blocks(q, v, heads_kv))
+    return dq, dk.to(k.dtype), dv.to(v.dtype)

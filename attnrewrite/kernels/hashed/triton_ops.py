@@ -1,0 +1,122 @@
+"""torch.library registration of the Triton path of hashed attention.
+
+Two operators, each made by :func:`attnrewrite.kernels._ops.triton_ops` in two forms (a ``triton_op``
+for CUDA, ``<name>_interpreted`` for CPU tensors under ``TRITON_INTERPRET=1``):
+
+- ``attnrewrite::hashed_attention_fwd`` — codes (:mod:`.triton_codes`), selection
+  (:mod:`.triton_select`) and attention over the selected keys (:mod:`.triton_attn`); returns
+  (out, log-sum-exp, selection), the last two saved for the backward;
+- ``attnrewrite::hashed_attention_bwd`` — dQ, dK, dV over the saved selection.
+
+The projections come in as float64 tensors (:func:`attnrewrite.kernels.hashed.codes.projections`),
+so the random hyperplanes are drawn outside the traced operator.  Kernel configurations come from
+:mod:`.spaces` (a device's table, else the defaults).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from attnrewrite.kernels._ops import traceable, triton_ops
+
+from . import spaces
+from .triton_attn import attend_backward, attend_forward
+from .triton_codes import hashed_codes_kernel, pack_codes
+from .triton_select import select_keys
+
+MASKED_SCORE = -1e4  # float-mask entries at or below this exclude the key (as the torch path)
+
+
+def interpreter_active() -> bool:
+    """Whether the kernels were defined under TRITON_INTERPRET=1 (so they run on CPU tensors)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(hashed_codes_kernel, InterpretedFunction)
+
+
+def mask_views(attn_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """(keep uint8 [B|1, Tq|1, Tk|1] or None, additive bias [B|1, Tq|1, Tk|1] or None) of a mask
+    broadcastable to [B, 1, Tq, Tk]: a bool mask keeps its True entries; a float one keeps the entries
+    above −10⁴ and adds them (the excluded ones become 0 in the bias)."""
+    if attn_mask is None:
+        return None, None
+    mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))[:, 0]
+    if mask.dtype == torch.bool:
+        return mask.to(torch.uint8), None
+    keep = mask > MASKED_SCORE
+    return keep.to(torch.uint8), mask.masked_fill(~keep, 0.0)
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _slots(k: Tensor, top_k: int, window: int, sinks: int):
+    return min(k.shape[2], sinks + window + top_k)
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], proj_q: Tensor, proj_k: Tensor,
+             is_causal: bool, scale: float, top_k: int, window: int, sinks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(out [B, Hq, Tq, Dv], lse float32 [B, Hq, Tq], selection int32 [B, Hkv, Tq, S]) on checked inputs."""
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    shape = spaces.shape_of(q, k, v, proj_q.shape[-1])
+
+    def config(kernel):
+        return spaces.config_for(kernel, shape, q.device, tensors=(q,))
+
+    keep, bias = mask_views(attn_mask)
+    q_codes = pack_codes(q, proj_q, config("codes"), launch=traceable)
+    k_codes = pack_codes(k, proj_k, config("codes"), launch=traceable)
+    index = select_keys(q_codes, k_codes, keep, is_causal, top_k, window, sinks, config("select"), launch=traceable)
+    out, lse = attend_forward(q, k, v, index, bias, scale, config("fwd"), launch=traceable)
+    return out, lse, index
+
+
+def _forward_fake(q, k, v, attn_mask, proj_q, proj_k, is_causal, scale, top_k, window, sinks):
+    batch, heads_q, len_q, _ = q.shape
+    return (q.new_empty(batch, heads_q, len_q, v.shape[-1]), q.new_empty(batch, heads_q, len_q, dtype=torch.float32),
+            q.new_empty(batch, k.shape[1], len_q, _slots(k, top_k, window, sinks), dtype=torch.int32))
+
+
+def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, index: Tensor,
+              attn_mask: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of :func:`_forward` over its saved selection and log-sum-exp."""
+    q, k, v, out, grad = (_unit_last_stride(t) for t in (q, k, v, out, grad))
+    _, bias = mask_views(attn_mask)
+    config = spaces.config_for("bwd", spaces.shape_of(q, k, v, 8), q.device, tensors=(q,))
+    return attend_backward(q, k, v, out, grad, lse, index, bias, scale, config, launch=traceable)
+
+
+def _backward_fake(grad, q, k, v, out, lse, index, attn_mask, scale):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), \
+        torch.empty_like(k, memory_format=torch.contiguous_format), \
+        torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, _proj_q, _proj_k, _causal, scale, _top_k, _window, _sinks = inputs
+    out, lse, index = output
+    ctx.save_for_backward(q, k, v, attn_mask, out, lse, index)
+    ctx.scale = scale
+
+
+def _autograd(ctx, grad_out, _grad_lse, _grad_index):
+    q, k, v, attn_mask, out, lse, index = ctx.saved_tensors
+    dq, dk, dv = BWD.on(q.device)(grad_out, q, k, v, out, lse, index, attn_mask, ctx.scale)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+BWD = triton_ops("hashed_attention_bwd", _backward, fake=_backward_fake)
+FWD = triton_ops("hashed_attention_fwd", _forward, fake=_forward_fake, backward=_autograd,
+                 setup_context=_setup_context)
+
+
+def hashed_attention_triton(q, k, v, attn_mask, proj_q, proj_k, is_causal: bool, scale: float, top_k: int,
+                            window: int, sinks: int) -> Tensor:
+    """Hashed attention on the kernels, for the tensors' device; differentiable in q, k and v."""
+    out, _, _ = FWD.on(q.device)(q, k, v, attn_mask, proj_q, proj_k, bool(is_causal), float(scale), int(top_k),
+                                 int(window), int(sinks))
+    return out
