@@ -21,6 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnrewrite.kernels.linear.op  # noqa: F401  (registers the Triton path's ops)
+import attnrewrite.kernels.hashed.triton_ops  # noqa: F401
 import attnrewrite.kernels.sigmoid.op  # noqa: F401
 from attnrewrite import kinds, ops
 from attnrewrite.kernels.linear import linear_attention_dispatch, linear_attention_decode
@@ -85,6 +86,8 @@ def _run_paths(layout: str) -> None:
         linear_attention_dispatch(q, k, v, is_causal=False, enable_gqa=True, impl="triton"),
         ops.summary_attention(q, k, v, enable_gqa=True, chunk_size=2, window_chunks=1),
         ops.hashed_attention(q, k, v, is_causal=True, enable_gqa=True, bits=8, top_k=2, window=2, sinks=1),
+        ops.hashed_attention(q, k, v, is_causal=True, enable_gqa=True, bits=8, top_k=2, window=2, sinks=1,
+                             impl="triton"),
     ]
     torch.autograd.grad(sum(o.float().sum() for o in outs), (q, k, v))
     # a float mask that needs a gradient (the backward ops' mask-gradient output)
