@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import spaces
 from .triton_attn import attend_forward
 from .triton_codes import pack_codes
 from .triton_select import agreement_block
@@ -124,7 +125,7 @@ def decode_take_kernel(Code, Threshold, NeedEqual, EqualAfter, Offset, Idx, leng
 
 
 def decode_select(q_codes: torch.Tensor, k_codes: torch.Tensor, valid: torch.Tensor | None, top_k: int, window: int,
-                  sinks: int, config: dict | None = None) -> torch.Tensor:
+                  sinks: int, config: dict | None = None, launch=lambda kernel: kernel) -> torch.Tensor:
     """Selected key indices int32 [B, Hkv, 1, S] (ascending, −1 after the last), S = min(T, sinks + window + top_k).
 
     Args:
@@ -132,6 +133,7 @@ def decode_select(q_codes: torch.Tensor, k_codes: torch.Tensor, valid: torch.Ten
             (a cache's code store up to its length; the last dimension contiguous).
         valid: bool [B, T] (False = padding, never selected) or None.
         config: {"SPLIT": keys per piece, "BLOCK_N": keys per step, "num_warps"} (default 1024, 256, 4).
+        launch: wraps each kernel before its launch (``traceable``, or a compile-only launcher).
     """
     batch, heads_q, _, n_bytes = q_codes.shape
     heads_kv, length = k_codes.shape[1], k_codes.shape[2]
@@ -151,7 +153,7 @@ def decode_select(q_codes: torch.Tensor, k_codes: torch.Tensor, valid: torch.Ten
     if valid is not None:
         valid_u8 = valid.to(torch.uint8).contiguous()
         counts = torch.empty(batch, pieces, dtype=torch.int32, device=device)
-        decode_count_kernel[(pieces, batch)](valid_u8, counts, length, valid_u8.stride(0), pieces, SPLIT=split,
+        launch(decode_count_kernel)[(pieces, batch)](valid_u8, counts, length, valid_u8.stride(0), pieces, SPLIT=split,
                                              BLOCK_N=block, num_warps=config["num_warps"])
         total = counts.sum(1, dtype=torch.int32)
         before = (counts.cumsum(1, dtype=torch.int32) - counts).contiguous()
@@ -159,7 +161,7 @@ def decode_select(q_codes: torch.Tensor, k_codes: torch.Tensor, valid: torch.Ten
     hist = torch.empty(batch, heads_kv, pieces, n_bins, dtype=torch.int32, device=device)
     specials = torch.empty(batch, heads_kv, pieces, dtype=torch.int32, device=device)
     placeholder = code
-    decode_score_kernel[(pieces, rows)](
+    launch(decode_score_kernel)[(pieces, rows)](
         q_codes, k_codes, placeholder if valid_u8 is None else valid_u8, placeholder if before is None else before,
         placeholder if total is None else total, code, hist, specials, length, heads_kv, pieces, sinks, window,
         q_codes.stride(0), q_codes.stride(1), k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
@@ -182,7 +184,7 @@ def decode_select(q_codes: torch.Tensor, k_codes: torch.Tensor, valid: torch.Ten
     above = (hist * above_bins[:, :, None, :]).sum(-1)
     taken = specials + above + taken_equal
     offset = taken.cumsum(-1) - taken
-    decode_take_kernel[(pieces, rows)](
+    launch(decode_take_kernel)[(pieces, rows)](
         code, threshold.to(torch.int32).contiguous(), need_equal.to(torch.int32).contiguous(),
         equal_after.to(torch.int32).contiguous(), offset.to(torch.int32).contiguous(), index, length, pieces,
         index.stride(0), index.stride(1), heads_kv, SPECIAL=special, SPLIT=split, BLOCK_N=block,
@@ -196,9 +198,13 @@ def hashed_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_c
     """One decode step: q [B, Hq, 1, D] against a cache's keys/values [B, Hkv, T, D|Dv] and key codes
     [B, Hkv, T, bits / 8] → [B, Hq, 1, Dv] (exact softmax over the selected keys; 0 for a row with none).
 
-    ``proj_q``: the float64 query projection [D, bits] or [Hq, D, bits]; ``valid``: bool [B, T] or None.
+    ``proj_q``: the float64 query projection [D, bits] or [Hq, D, bits]; ``valid``: bool [B, T] or None;
+    ``config``: the selection's (default: :mod:`.spaces`, a device's table or the default).
     The views may be a cache's stores sliced to its length (strided); their last dimension must be contiguous.
     """
-    index = decode_select(pack_codes(q, proj_q), k_codes, valid, top_k, window, sinks, config)
-    out, _ = attend_forward(q, keys, values, index, None, scale)
+    shape = spaces.shape_of(q, keys, values, 8 * k_codes.shape[-1])
+    configs = {kernel: spaces.config_for(kernel, shape, q.device, tensors=(q,)) for kernel in ("codes", "fwd")}
+    config = config or spaces.config_for("decode", shape, q.device, tensors=(q,))
+    index = decode_select(pack_codes(q, proj_q, configs["codes"]), k_codes, valid, top_k, window, sinks, config)
+    out, _ = attend_forward(q, keys, values, index, None, scale, configs["fwd"])
     return out
