@@ -172,3 +172,26 @@ def test_decode_over_the_cache_equals_the_reference(padded):
     assert got_sets == chosen
     out = hashed_decode(q, keys, values, codes, layer.proj_q, 8 ** -0.5, 6, 3, 2, valid, config)
     torch.testing.assert_close(out.double().cpu(), want, rtol=0, atol=2e-6)
+
+
+def test_tuning_declarations():
+    """The spaces' defaults fit every shape they are fitted to, the workloads cover every kernel with the
+    shapes the launchers bucket by, and a table written from them validates (nothing is launched)."""
+    from attnrewrite.kernels import tuning
+    from attnrewrite.kernels.hashed import spaces, tune
+
+    assert "hashed" in tuning.TUNABLE_KINDS
+    workloads = list(tune.workloads(quick=True))
+    assert {w.space.kernel for w in workloads} == set(spaces.SPACES)
+    assert len(workloads) < len(list(tune.workloads(quick=False)))
+    for w in workloads:
+        assert set(w.shape) == {"D", "DV", "G", "bits", "Tq", "Tk", "dtype"}
+        assert w.space.valid(spaces.fit(w.space.kernel, w.space.default, w.shape), w.shape)
+    q, k, v = _inputs(1, 4, 2, 12, 12)
+    assert spaces.shape_of(q, k, v, 16) == {"D": 8, "DV": 6, "G": 2, "bits": 16, "Tq": 12, "Tk": 12, "dtype": "float32"}
+    table = {"schema": tuning.SCHEMA_VERSION, "kind": "hashed", "device": "test", "kernels": {
+        w.space.kernel: {w.space.bucket(w.shape): {"config": dict(w.space.default), "ms": 1.0}} for w in workloads}}
+    assert tuning.validate_table(table, spaces.SPACES) == []
+    # a large group at D = 128 is moved off the default to a point without spills (bench/hashed_aot.py)
+    big = dict(workloads[0].shape, G=8)
+    assert spaces.fit("bwd", spaces.SPACES["bwd"].default, big) != dict(spaces.SPACES["bwd"].default)
