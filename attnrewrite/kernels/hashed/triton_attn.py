@@ -57,7 +57,7 @@ def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, heads_kv, n_slots, scal
                            HAS_BIAS: tl.constexpr):
     i = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // heads_kv
+    b = (pid_bh // heads_kv).to(tl.int64)  # batch offsets may pass 2**31 elements
     h = pid_bh % heads_kv
     offs_g = tl.arange(0, BLOCK_G)
     g_ok = offs_g < G
@@ -115,7 +115,7 @@ def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, heads
                            HAS_BIAS: tl.constexpr):
     i = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // heads_kv
+    b = (pid_bh // heads_kv).to(tl.int64)  # batch offsets may pass 2**31 elements
     h = pid_bh % heads_kv
     offs_g = tl.arange(0, BLOCK_G)
     g_ok = offs_g < G

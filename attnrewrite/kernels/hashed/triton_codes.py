@@ -22,7 +22,7 @@ def hashed_codes_kernel(X, P, Out, length, heads,
                         D: tl.constexpr, N_BYTES: tl.constexpr, BLOCK_BYTES: tl.constexpr, BLOCK_T: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // heads
+    b = (pid_bh // heads).to(tl.int64)  # batch offsets may pass 2**31 elements
     h = pid_bh % heads
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_byte = tl.arange(0, BLOCK_BYTES)

@@ -54,7 +54,7 @@ def decode_score_kernel(QC, KC, Valid, Before, Total, Code, Hist, Special, lengt
                         HAS_VALID: tl.constexpr):
     piece = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // heads_kv
+    b = (pid_bh // heads_kv).to(tl.int64)  # batch offsets may pass 2**31 elements
     h = pid_bh % heads_kv
     offs_g = tl.arange(0, BLOCK_G)
     g_ok = offs_g < G
@@ -97,7 +97,7 @@ def decode_take_kernel(Code, Threshold, NeedEqual, EqualAfter, Offset, Idx, leng
     """Write the piece's chosen keys, ascending, from its output offset (later keys win the ties)."""
     piece = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // heads_kv
+    b = (pid_bh // heads_kv).to(tl.int64)  # batch offsets may pass 2**31 elements
     h = pid_bh % heads_kv
     threshold = tl.load(Threshold + pid_bh)
     need_equal = tl.load(NeedEqual + pid_bh)

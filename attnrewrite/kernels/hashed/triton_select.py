@@ -68,7 +68,7 @@ def hashed_select_kernel(QC, KC, Keep, Idx, len_k, heads_kv, sinks, window, top_
                          CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr):
     i = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // heads_kv
+    b = (pid_bh // heads_kv).to(tl.int64)  # batch offsets may pass 2**31 elements
     h = pid_bh % heads_kv
     offs_g = tl.arange(0, BLOCK_G)
     g_ok = offs_g < G
