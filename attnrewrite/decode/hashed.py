@@ -29,6 +29,18 @@ from attnrewrite.kernels.hashed.codes import hamming, pack, projections, signs
 from attnrewrite.kernels.hashed.op import HASHES
 from attnrewrite.kernels.hashed.sparse import select, visible_keys
 
+try:  # the Triton decode selection (kernels/hashed/triton_decode.py) is optional
+    from attnrewrite.kernels.hashed import triton_codes as _triton_codes
+    from attnrewrite.kernels.hashed import triton_decode as _triton_decode
+except ImportError:  # pragma: no cover - triton is not installed on this platform
+    _triton_codes = _triton_decode = None
+
+
+def decode_on_kernels(q: torch.Tensor) -> bool:
+    """Whether a one-token step's selection runs on the Triton decode kernels: CUDA tensors and triton
+    importable.  (Steps with padded keys keep the torch selection, whose slot layout the padding mask reads.)"""
+    return q.is_cuda and _triton_decode is not None
+
 
 class HashedLayer(LayerCache):
     """One layer's hashed cache (see the module docstring)."""
@@ -93,6 +105,11 @@ class HashedLayer(LayerCache):
         length, bits = self.length, self.bits
         batch, heads_q = q.shape[:2]
         heads_kv = self.key_store.shape[1]
+        if self.valid is None and decode_on_kernels(q):  # the same set, ascending, every slot filled
+            index = _triton_decode.decode_select(_triton_codes.pack_codes(q, self.proj_q),
+                                                 self.code_store[:, :, :length], None, self.top_k, self.window,
+                                                 self.sinks)
+            return index[:, :, 0].long(), None
         groups = heads_q // heads_kv
         query_codes = pack(q, self.proj_q).reshape(batch, heads_kv, groups, bits // 8)
         agreement = groups * bits - hamming(query_codes, self.code_store[:, :, :length]).to(q.device)  # [B, Hkv, T]

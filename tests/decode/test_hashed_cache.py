@@ -173,3 +173,26 @@ def test_transformers_padded_positions_without_the_mask_are_refused():
     q = torch.randn(2, 4, 1, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="attention_mask"):
         cache.update(k[:, :, :1], v[:, :, :1], 0, {"query_states": q}, kwargs={"position_ids": torch.tensor([[0], [1]])})
+
+
+@pytest.mark.parametrize("top_k,window,sinks", [(37, 5, 3), (600, 0, 0)])
+def test_decode_selection_on_the_kernels_equals_the_torch_selection(top_k, window, sinks, monkeypatch):
+    """On CUDA a step's selection runs on the Triton decode kernels (forced here, under the interpreter on
+    the CPU): the same indices, in the same ascending layout, as the histogram selection in torch."""
+    from attnrewrite.decode import hashed
+
+    if hashed._triton_decode is None:
+        pytest.skip("triton is not installed")
+    from attnrewrite.kernels.hashed import triton_ops
+
+    if not torch.cuda.is_available() and not triton_ops.interpreter_active():
+        pytest.skip("the kernels need a GPU or TRITON_INTERPRET=1")
+    q, k, v = random_qkv(500, b=2, d=8, seed=4)
+    layer = HashedLayer(bits=8, top_k=top_k, window=window, sinks=sinks)  # 8 bits: many ties
+    layer.prepare(2, 4, 2, 8, torch.float64, "cpu")
+    layer.append(k, v)
+    want, _ = layer.select_decode(q[:, :, -1:])
+    monkeypatch.setattr(hashed, "decode_on_kernels", lambda q: True)
+    got, slots = layer.select_decode(q[:, :, -1:])
+    assert slots is None and got.dtype == want.dtype
+    assert torch.equal(got, want)
