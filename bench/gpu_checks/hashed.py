@@ -17,6 +17,8 @@ their search-space defaults: no tuning table has been measured.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -102,7 +104,7 @@ def _prefill_rows(device, dtype, mask_name) -> list[dict]:
     for name, expected in exact.items():
         bound = error_budget(plain[name], expected, dtype, band=rounding_band(dtype, expected, length=s["length"]))
         err = max_error(ours[name], expected)
-        scored.append((err / bound if bound > 0 and err == err else float("inf"), name, err, bound))
+        scored.append((err / bound if bound > 0 and math.isfinite(err) else float("inf"), name, err, bound))
     _, name, err, bound = max(scored)  # the worst output or gradient relative to its bound
     rows.append({"case": case, "dtype": str(dtype).removeprefix("torch."), "worst": name, "max_err": err,
                  "bound": bound, "ok": err <= bound})
@@ -202,7 +204,7 @@ def _prefill_timing(device, length: int) -> list[dict]:
                         row[f"{name}_ms"] = _bench(fn)
                 else:
                     grad = torch.randn_like(q)
-                    row[f"{name}_ms"] = _bench(lambda: fn().backward(grad))
+                    row[f"{name}_ms"] = _bench(lambda fn=fn, grad=grad: fn().backward(grad))
             except Exception as exc:  # noqa: BLE001
                 row.setdefault("error", f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
             for x in leaves:

@@ -197,7 +197,7 @@ def attend_forward(q, k, v, index, bias, scale: float, config: dict | None = Non
 def attend_backward(q, k, v, out, grad, lse, index, bias, scale: float, config: dict | None = None,
                     launch=lambda kernel: kernel):
     """(dq, dk, dv) of :func:`attend_forward`, in the inputs' dtypes (dK and dV summed in float32)."""
-    batch, heads_q, len_q, dim = q.shape
+    batch, _, len_q, dim = q.shape
     heads_kv = k.shape[1]
     config = config or {"BLOCK_S": 32, "num_warps": 4}
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
