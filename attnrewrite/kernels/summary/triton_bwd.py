@@ -133,7 +133,6 @@ def summary_bwd_dkdv_kernel(
         hi = len_q + n0 * 0
     else:
         lo, hi = raw_query_range(n0, BLOCK_N, len_q, chunk, window, CAUSAL)
-    lo = lo // BLOCK_M * BLOCK_M
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
