@@ -84,6 +84,9 @@ def _run_paths(layout: str) -> None:
         linear_attention_dispatch(q, k, v, is_causal=True, enable_gqa=True, impl="triton"),
         linear_attention_dispatch(q, k, v, is_causal=False, enable_gqa=True, impl="triton"),
         ops.summary_attention(q, k, v, enable_gqa=True, chunk_size=2, window_chunks=1),
+        ops.summary_attention(q, k, v, enable_gqa=True, chunk_size=2, window_chunks=1, impl="triton"),
+        ops.summary_attention(q, k, v, enable_gqa=True, chunk_size=2, window_chunks=0, is_causal=False,
+                              summary="learned", summary_query=torch.randn(HKV, D, device=DEVICE), impl="triton"),
         ops.hashed_attention(q, k, v, is_causal=True, enable_gqa=True, bits=8, top_k=2, window=2, sinks=1),
     ]
     torch.autograd.grad(sum(o.float().sum() for o in outs), (q, k, v))

@@ -93,8 +93,9 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_ou
 
 
 def _backward_fake(q, k, v, out, lse, grad_out, key_valid, summary_query, scale, causal, chunk_size, window_chunks):
-    d_query = q.new_empty(0) if summary_query is None else torch.empty_like(summary_query)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_query
+    # the real op's layouts: dq like q (with a unit last stride), the rest freshly computed (contiguous)
+    d_query = q.new_empty(0) if summary_query is None else summary_query.new_empty(summary_query.shape)
+    return torch.empty_like(_unit_last_stride(q)), k.new_empty(k.shape), v.new_empty(v.shape), d_query
 
 
 def _setup_context(ctx, inputs, output):
