@@ -172,3 +172,33 @@ def test_tune_workloads_cover_every_kernel():
     assert {w.space.kernel for w in loads} == {f"{k}_d128" for k in spaces.KERNELS}
     for w in loads:
         assert w.space.valid(dict(w.space.default), w.shape)
+
+
+# --------------------------------------------------------------------------- decode over SummaryCache
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_kernel_over_the_cache_equals_the_op(padded):
+    """A prompt goes through a SummaryLayer, then one token: the kernel on the step's slice of the store
+    (read in place, several splits, GQA 4/2, learned summaries) gives the op's last row."""
+    from attnrewrite.decode.summary import SummaryLayer
+    from attnrewrite.kernels.summary.triton_decode import summary_decode
+
+    chunk, window, t = 3, 2, 40
+    gen = torch.Generator().manual_seed(zlib.crc32(b"decode"))
+    q, k, v = (torch.randn(2, h, t, 8, generator=gen) for h in (4, 2, 2))
+    query = torch.randn(2, 8, generator=gen)
+    valid = torch.ones(2, t, dtype=torch.bool)
+    if padded:
+        valid[1, :7] = False  # left padding, two whole chunks included (no summary for them)
+        valid[0, 11] = False
+    want = ops.summary_attention(q, k, v, valid[:, None, None], enable_gqa=True, chunk_size=chunk,
+                                 window_chunks=window, summary="learned", summary_query=query)[:, :, -1:]
+    layer = SummaryLayer(chunk, window, query, max_seq_len=t)
+    layer.prepare(2, 4, 2, 8, torch.float32, "cpu")
+    layer.step(k[:, :, :-1], v[:, :, :-1], valid[:, :-1] if padded else None)
+    keys, values, visible = layer.step(k[:, :, -1:], v[:, :, -1:], valid[:, -1:] if padded else None)
+    assert keys.data_ptr() == layer.key_store.data_ptr()  # the store itself, not a copy
+    assert (visible is not None) == padded and keys.shape[2] > 16
+    got = summary_decode(q[:, :, -1:], keys, values, visible, block_n=16, splits=3)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
