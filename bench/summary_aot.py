@@ -8,7 +8,8 @@ became wgmma instructions and whether ptxas serialised them (C7511).  Without ``
 defaults are compiled for D = 64, 128 and 256, causal and not, bf16, chunk 8 and a window of 128
 chunks; ``--features`` compiles the input variants the kernels specialise on (GQA, key padding, odd
 head dims, fp16, fp32) at d128, causal.  The dK/dV kernel is compiled twice: over the raw keys
-(``bwd_dkdv``) and over the summaries (``bwd_dkdv_summary``).  It never runs a kernel.
+(``bwd_dkdv``) and over the summaries (``bwd_dkdv_summary``); ``decode`` is the decode kernel over a
+store slice (4 query heads per key/value head).  It never runs a kernel.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ CHUNK, WINDOW, LENGTH = 8, 128, 4096
 def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: str = "") -> dict:
     """Compile one kernel ("fwd", "bwd_dq", "bwd_dkdv", "bwd_dkdv_summary") for one configuration."""
     from attnrewrite.kernels.summary.triton_bwd import summary_bwd
+    from attnrewrite.kernels.summary.triton_decode import summary_decode
     from attnrewrite.kernels.summary.triton_fwd import summary_fwd
 
     batch, heads_q, heads_kv, dim_v = 2, 4, 4, head
@@ -54,7 +56,13 @@ def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: st
     key_valid = torch.ones(batch, LENGTH, dtype=torch.bool) if feature == "padding" else None
     launch = sigmoid_aot._Compiled()
     common = (q, k, v, k_sum, v_sum, exists, key_valid)
-    if kernel == "fwd":
+    if kernel == "decode":  # one token against a store slice of T/C - W summaries + the window (GROUP 4 rows)
+        entries = n_chunks - WINDOW + WINDOW * CHUNK + 1
+        store_k = torch.empty(batch, 1, entries + 64, head, dtype=dtype)
+        store_v = torch.empty(batch, 1, entries + 64, dim_v, dtype=dtype)
+        summary_decode(q[:, :, :1], store_k[:, :, :entries], store_v[:, :, :entries],
+                       key_valid[:, :entries] if key_valid is not None else None, launch=launch, **config)
+    elif kernel == "fwd":
         summary_fwd(*common, 0.1, causal, CHUNK, WINDOW, config, launch=launch)
     else:
         lse = torch.empty(batch, heads_q, LENGTH)
@@ -66,7 +74,8 @@ def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: st
 
 
 FEATURES = ("gqa", "padding", "odd_dims", "fp16", "fp32")
-KERNELS = ("fwd", "bwd_dq", "bwd_dkdv", "bwd_dkdv_summary")
+KERNELS = ("fwd", "bwd_dq", "bwd_dkdv", "bwd_dkdv_summary", "decode")
+DECODE_CONFIG = {"block_n": 64, "num_warps": 4}  # summary_decode's defaults (no tuning space yet)
 
 
 def _space_kernel(kernel: str) -> str:
@@ -89,12 +98,18 @@ def main(args) -> int:
     if args.features:
         for feature in FEATURES:
             for kernel in KERNELS:
+                if kernel == "decode":
+                    plan.append((kernel, 128, True, feature, dict(DECODE_CONFIG)))
+                    continue
                 space = spaces.SPACES[f"{_space_kernel(kernel)}_d128"]
                 shape = _shape(128, True, "fp32" if feature == "fp32" else "16bit")
                 plan.append((kernel, 128, True, feature, spaces.fit(space, space.default, shape)))
     else:
         for head in args.heads:
             for kernel in KERNELS:
+                if kernel == "decode":
+                    plan.append((kernel, head, True, "", dict(DECODE_CONFIG)))
+                    continue
                 space = spaces.SPACES[f"{_space_kernel(kernel)}_d{head}"]
                 configs = space.configs(_shape(head, True)) if args.all else [dict(space.default)]
                 for config in configs:

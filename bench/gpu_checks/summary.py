@@ -10,7 +10,10 @@ same precision + two ulps (the rule of ``attnrewrite.testing.numerics``).
 Timings (bf16, causal, chunk 8, window 128 chunks = 1024 tokens, D = 128, 16 heads): forward and
 forward+backward medians (triton.testing.do_bench) for T = 8k, 16k, 32k, 64k (--quick: 8k, 32k),
 against SDPA's flash backend on the same q, k, v (full causal attention).  The issue's target:
-forward+backward >= 4x SDPA at T = 32k.  Rows that would start after the time budget are skipped.
+forward+backward >= 4x SDPA at T = 32k.  Then the decode kernel: time per token at a context of
+32k, 64k, 128k (--quick: 128k) over the summary cache's slice against SDPA decode over the full
+cache (target: >= 5x at 128k); its correctness (bf16, fp16) against SDPA over the same slice.
+Rows that would start after the time budget are skipped.
 """
 
 from __future__ import annotations
@@ -102,11 +105,52 @@ def correctness(device) -> list[dict]:
                 traceback.print_exc()
                 rows.append({"case": name, "dtype": str(dtype), "ok": False,
                              "note": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        rows += _decode_correctness(device, gen)
+    return rows
+
+
+def _store_slice(batch, heads, entries, dim, device, gen, dtype):
+    """[B, H, entries, D] as SummaryCache.step returns it: a view of a larger store (capacity stride)."""
+    store = torch.randn(batch, heads, entries + 64, dim, device=device, generator=gen)
+    return store.to(dtype)[:, :, :entries]
+
+
+def _decode_correctness(device, gen) -> list[dict]:
+    """The decode kernel on a store slice with padding flags (GQA 8/2, D = 128) against SDPA over the
+    same slice: float64 exact, plain = SDPA at the same dtype."""
+    from attnrewrite.kernels.summary.triton_decode import summary_decode
+
+    name = "decode over a store slice, gqa 8/2, padding flags d128"
+    rows = []
+    try:
+        q = torch.randn(2, 8, 1, 128, device=device, generator=gen)
+        keys = _store_slice(2, 2, DECODE_CORRECTNESS_ENTRIES, 128, device, gen, torch.float32)
+        values = _store_slice(2, 2, DECODE_CORRECTNESS_ENTRIES, 128, device, gen, torch.float32)
+        visible = torch.rand(2, DECODE_CORRECTNESS_ENTRIES, device=device, generator=gen) > 0.1
+        mask = visible[:, None, None]
+
+        def sdpa(dtype):
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.to(dtype), keys.to(dtype), values.to(dtype), mask, enable_gqa=True)
+        exact = sdpa(torch.float64)
+        for dtype in DECODE_DTYPES:
+            got = summary_decode(q.to(dtype), keys.to(dtype), values.to(dtype), visible)
+            err, bound = max_error(got, exact), error_budget(sdpa(dtype), exact, dtype)
+            rows.append({"case": name, "dtype": str(dtype).replace("torch.", ""), "output": "out", "max_err": err,
+                         "torch_path_err": max_error(sdpa(dtype), exact), "bound": bound,
+                         "ok": bool(math.isfinite(err) and err <= bound)})
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        rows.append({"case": name, "ok": False, "note": f"{type(exc).__name__}: {str(exc)[:200]}"})
     return rows
 
 
 LENGTHS = {"quick": (8192, 32768), "full": (8192, 16384, 32768, 65536)}
+DECODE_CONTEXTS = {"quick": (131072,), "full": (32768, 65536, 131072)}
+DECODE_CORRECTNESS_ENTRIES = 3000
+DECODE_DTYPES = (torch.bfloat16, torch.float16)
 DIM, HEADS, CHUNK, WINDOW = 128, 16, 8, 128
+DECODE_BATCH = 4
 TIMING_DTYPE = torch.bfloat16
 
 
@@ -147,4 +191,38 @@ def timings(device, quick: bool) -> list[dict]:
             except Exception as exc:  # noqa: BLE001
                 traceback.print_exc()
                 rows.append({"case": label, "ok": False, "note": f"{type(exc).__name__}: {str(exc)[:200]}"})
+        rows += _decode_timings(device, quick)
+    return rows
+
+
+def _decode_timings(device, quick: bool) -> list[dict]:
+    """Time per token of one decode step at a context of T tokens: the kernel over the summary cache's
+    slice (T/C − W summaries + W·C + 1 window entries, in place) against SDPA decode over the full
+    T-token cache (flash backend, the same batch and heads).  The issue's target: >= 5x at 128k."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from attnrewrite.kernels.summary.triton_decode import summary_decode
+
+    rows = []
+    for context in DECODE_CONTEXTS["quick" if quick else "full"]:
+        label = f"decode d{DIM} context={context} C={CHUNK} W={WINDOW}"
+        if _elapsed() > FAMILY_BUDGET_S:
+            rows.append({"case": label, "note": "skipped: time budget"})
+            continue
+        try:
+            gen = torch.Generator(device=device).manual_seed(2)
+            entries = max(0, context // CHUNK - WINDOW) + min(context, WINDOW * CHUNK + 1)
+            q = torch.randn(DECODE_BATCH, HEADS, 1, DIM, device=device, generator=gen).to(TIMING_DTYPE)
+            keys, values = (_store_slice(DECODE_BATCH, HEADS, entries, DIM, device, gen, TIMING_DTYPE)
+                            for _ in range(2))
+            full_k, full_v = (torch.randn(DECODE_BATCH, HEADS, context, DIM, device=device, generator=gen)
+                              .to(TIMING_DTYPE) for _ in range(2))
+            ours = _bench(lambda: summary_decode(q, keys, values))
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                sdpa = _bench(lambda: torch.nn.functional.scaled_dot_product_attention(q, full_k, full_v))
+            rows.append({"case": label, "B,H": f"{DECODE_BATCH},{HEADS}", "entries": entries, "decode_ms": ours,
+                         "sdpa_decode_ms": sdpa, "decode_x_sdpa": sdpa / ours})
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append({"case": label, "ok": False, "note": f"{type(exc).__name__}: {str(exc)[:200]}"})
     return rows

@@ -38,6 +38,10 @@ def check(monkeypatch):
     monkeypatch.setattr(module, "CHUNK", 4)
     monkeypatch.setattr(module, "WINDOW", 1)
     monkeypatch.setattr(module, "TIMING_DTYPE", torch.float32)
+    monkeypatch.setattr(module, "DECODE_CONTEXTS", {"quick": (40,), "full": (40,)})
+    monkeypatch.setattr(module, "DECODE_CORRECTNESS_ENTRIES", 40)
+    monkeypatch.setattr(module, "DECODE_BATCH", 1)
+    monkeypatch.setattr(module, "DECODE_DTYPES", (torch.float16,))
     monkeypatch.setattr(triton.testing, "do_bench", _cpu_do_bench)
     monkeypatch.setattr(triton_op, "launch_config", lambda kernel, *a, **kw: dict(SMALL_TILES))
     return module
@@ -50,8 +54,9 @@ def test_dry_run_of_the_gpu_check(check):
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
     outputs = {(r["case"], r["output"]) for r in rows}
     assert ("causal learned gqa 8/2 + padding d128", "dsummary_query") in outputs
-    assert len(outputs) == 5 + 4
+    assert ("decode over a store slice, gqa 8/2, padding flags d128", "out") in outputs
+    assert len(outputs) == 5 + 4 + 1
 
     rows = check.timings(device, quick=True)
     assert not [r for r in rows if r.get("ok") is False], rows
-    assert len(rows) == 1 and rows[0]["fwdbwd_x_sdpa"] > 0
+    assert len(rows) == 2 and rows[0]["fwdbwd_x_sdpa"] > 0 and rows[1]["decode_x_sdpa"] > 0
