@@ -25,8 +25,8 @@ import triton.language as tl
 # The tile loaders and dtype helpers are the sigmoid kernels' (one copy of the scaffolding).
 from attnrewrite.kernels.sigmoid.triton_common import LOG2E_HOST, dot_precision, load_tile, padded_dim
 
-__all__ = ["LOG2E_HOST", "dot_precision", "key_ok", "load_tile", "padded_dim", "visible", "raw_key_range",
-           "summary_range", "raw_query_range", "summary_query_range"]
+__all__ = ["LOG2E_HOST", "dot_precision", "key_ok", "load_tile", "padded_dim", "raw_key_range", "raw_query_range",
+           "summary_query_range", "summary_range", "visible"]
 
 
 @triton.jit
