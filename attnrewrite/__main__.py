@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     tune = sub.add_parser("tune", help="tune a kind's Triton kernels on this GPU")
-    tune.add_argument("--kind", required=True, help="kernel family: sigmoid, linear or hashed")
+    tune.add_argument("--kind", required=True, help="kernel family: sigmoid, linear, summary or hashed")
     tune.add_argument("--out", default=None, help="table path (default: $ATTNREWRITE_TUNING_DIR/<kind>/<device>.json "
                                                   "when the variable is set, else the package's tuning folder)")
     tune.add_argument("--quick", action="store_true", help="a few shapes only (smoke run)")

@@ -1,0 +1,222 @@
+"""Backward kernels of summary attention, from the forward's per-row log-sum-exp.
+
+With P = exp2(Z2 − lse) recomputed from q and the keys, and δ_i = Σ_d dO_id · O_id (computed in torch):
+
+    dV = Pᵀ dO        dP = dO Vᵀ        dS = P ⊙ (dP − δ)        dQ = scale · dS K        dK = scale · dSᵀ Q
+
+where "keys" are the summaries and the raw tokens alike.  Two kernels, deterministic (no atomics):
+
+- ``summary_bwd_dq_kernel``: one program per query block of one query head; it visits the same
+  summary and raw-key ranges as the forward.
+- ``summary_bwd_dkdv_kernel``: one program per block of keys of one key/value head — raw tokens, or
+  summaries when SUMMARY — looping over the query heads of its group and over the query blocks that
+  may see those keys (raw: the chunks up to W after them; summaries: every chunk more than W after
+  them).  It writes float32 dK, dV (raw) or dK̄, dV̄ (summaries); the gradients of the summaries go
+  on through the torch pooling code (:func:`~attnrewrite.kernels.summary.chunked.chunk_summaries_backward`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import (LOG2E_HOST, dot_precision, key_ok, load_tile, padded_dim, raw_key_range,
+                            raw_query_range, summary_query_range, summary_range, visible)
+from .triton_fwd import flag_args
+
+
+@triton.jit
+def _dq_pass(dq, q, do, lse, delta, k_base, v_base, flags_base, stride_kn, stride_vn, offs_m, len_q, n_keys, lo, hi,
+             chunk, window, scale_log2, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SUMMARY: tl.constexpr,
+             HAS_FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, n_keys, offs_d, D,
+                      True, BLOCK_D != D)
+        v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, n_keys, offs_dv, DV,
+                      True, BLOCK_DV != DV)
+        ok = key_ok(flags_base, offs_n, n_keys, HAS_FLAGS)[None, :] & (offs_m < len_q)[:, None]
+        vis = visible(offs_m[:, None], offs_n[None, :], ok, chunk, window, CAUSAL, SUMMARY)
+        z2 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        p = tl.where(vis, tl.exp2(z2 - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def summary_bwd_dq_kernel(
+    Q, K, V, KSum, VSum, Valid, Exists, DO, Lse, Delta, DQ,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_sb, stride_sh, stride_sn,
+    stride_tb, stride_th, stride_tn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_valid_b, stride_exists_b,
+    heads_q, len_q, n_chunks, chunk, window, scale, scale_log2,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:
+        pid_m = tl.cdiv(len_q, BLOCK_M) - 1 - pid_m
+    pid_zh = tl.program_id(1)
+    batch = (pid_zh // heads_q).to(tl.int64)
+    head = pid_zh % heads_q
+    head_kv = (head // GROUP).to(tl.int64)
+    head = head.to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_tile(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                  offs_m, len_q, offs_d, D, True, BLOCK_D != D)
+    do = load_tile(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
+                   offs_m, len_q, offs_dv, DV, True, BLOCK_DV != DV)
+    row = pid_zh.to(tl.int64) * len_q + offs_m
+    lse = tl.load(Lse + row, mask=offs_m < len_q, other=0.0)
+    delta = tl.load(Delta + row, mask=offs_m < len_q, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_sum = summary_range(m0, BLOCK_M, len_q, n_chunks, chunk, window, CAUSAL)
+    dq = _dq_pass(dq, q, do, lse, delta, KSum + batch * stride_sb + head_kv * stride_sh,
+                  VSum + batch * stride_tb + head_kv * stride_th, Exists + batch * stride_exists_b,
+                  stride_sn, stride_tn, offs_m, len_q, n_chunks, 0, n_sum, chunk, window, scale_log2,
+                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, True, True, DOT_PRECISION)
+    lo, hi = raw_key_range(m0, BLOCK_M, len_q, chunk, window, CAUSAL)
+    dq = _dq_pass(dq, q, do, lse, delta, K + batch * stride_kb + head_kv * stride_kh,
+                  V + batch * stride_vb + head_kv * stride_vh, Valid + batch * stride_valid_b,
+                  stride_kn, stride_vn, offs_m, len_q, len_q, lo, hi, chunk, window, scale_log2,
+                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, False, HAS_VALID, DOT_PRECISION)
+    tl.store(DQ + batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < len_q)[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def summary_bwd_dkdv_kernel(
+    Q, K, V, Flags, DO, Lse, Delta, DK, DV_,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_flags_b,
+    heads_kv, len_q, n_keys, chunk, window, scale, scale_log2,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, SUMMARY: tl.constexpr, HAS_FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    batch = (pid_zh // heads_kv).to(tl.int64)
+    head_kv = (pid_zh % heads_kv).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = load_tile(K + batch * stride_kb + head_kv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
+                  offs_n, n_keys, offs_d, D, True, BLOCK_D != D)
+    v = load_tile(V + batch * stride_vb + head_kv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                  offs_n, n_keys, offs_dv, DV, True, BLOCK_DV != DV)
+    ok_n = key_ok(Flags + batch * stride_flags_b, offs_n, n_keys, HAS_FLAGS)
+    if SUMMARY:
+        lo = summary_query_range(n0, len_q, chunk, window, CAUSAL)
+        hi = len_q + n0 * 0
+    else:
+        lo, hi = raw_query_range(n0, BLOCK_N, len_q, chunk, window, CAUSAL)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(GROUP):
+        head = head_kv * GROUP + g
+        q_base = Q + batch * stride_qb + head * stride_qh
+        do_base = DO + batch * stride_dob + head * stride_doh
+        row_base = (batch * heads_kv * GROUP + head) * len_q
+        for start_m in tl.range(lo, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, len_q, offs_d, D,
+                          True, BLOCK_D != D)
+            do = load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, len_q, offs_dv, DV,
+                           True, BLOCK_DV != DV)
+            lse = tl.load(Lse + row_base + offs_m, mask=offs_m < len_q, other=0.0)
+            delta = tl.load(Delta + row_base + offs_m, mask=offs_m < len_q, other=0.0)
+            ok = ok_n[:, None] & (offs_m < len_q)[None, :]
+            # key-major tiles [BLOCK_N, BLOCK_M]: no transposes of the accumulated operands
+            vis = visible(offs_m[None, :], offs_n[:, None], ok, chunk, window, CAUSAL, SUMMARY)
+            z2t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+            pt = tl.where(vis, tl.exp2(z2t - lse[None, :]), 0.0)
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    tl.store(DK + batch * stride_dkb + head_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk * scale, mask=(offs_n < n_keys)[:, None] & (offs_d < D)[None, :])
+    tl.store(DV_ + batch * stride_dvb + head_kv * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
+             dv, mask=(offs_n < n_keys)[:, None] & (offs_dv < DV)[None, :])
+
+
+def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, scale: float, causal: bool,
+                chunk_size: int, window_chunks: int, config_dq: dict, config_dkdv: dict, launch=lambda kernel: kernel,
+                kernels=("dq", "dkdv", "dkdv_summary")):
+    """Launch the backward kernels. Returns (dq in q's dtype, then float32 dk, dv [B, Hkv, T, D|Dv] and
+    dk̄, dv̄ [B, Hkv, N, D|Dv]) — the raw keys' gradients without the part that flows through the summaries.
+
+    Arguments as for :func:`attnrewrite.kernels.summary.triton_fwd.summary_fwd`, plus ``grad_out``
+    [B, Hq, T, Dv] (unit last stride), the forward's ``lse`` and ``delta`` = Σ dO ⊙ O (float32 [B, Hq, T],
+    contiguous); ``kernels`` names the kernels to launch (tuning times one at a time).
+    """
+    batch, heads_q, length, dim = q.shape
+    heads_kv, dim_v, n_chunks = k.shape[1], v.shape[3], k_sum.shape[2]
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dq = torch.empty_like(q)
+    dk, dv = torch.zeros(k.shape, **f32), torch.zeros(v.shape, **f32)
+    dk_sum, dv_sum = torch.zeros(k_sum.shape, **f32), torch.zeros(v_sum.shape, **f32)
+    if q.numel() == 0:
+        return dq, dk, dv, dk_sum, dv_sum
+    valid, exists8 = flag_args(q, key_valid, exists)
+    common = dict(D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
+                  CAUSAL=bool(causal), DOT_PRECISION=dot_precision(q.dtype))
+    if "dq" in kernels:
+        launch(summary_bwd_dq_kernel)[(triton.cdiv(length, config_dq["BLOCK_M"]), batch * heads_q)](
+            q, k, v, k_sum, v_sum, valid, exists8, grad_out, lse, delta, dq,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            k_sum.stride(0), k_sum.stride(1), k_sum.stride(2),
+            v_sum.stride(0), v_sum.stride(1), v_sum.stride(2),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            valid.stride(0) if key_valid is not None else 0, exists8.stride(0),
+            heads_q, length, n_chunks, chunk_size, window_chunks, scale, scale * LOG2E_HOST,
+            HAS_VALID=key_valid is not None, BLOCK_M=config_dq["BLOCK_M"], BLOCK_N=config_dq["BLOCK_N"],
+            num_warps=config_dq["num_warps"], num_stages=config_dq["num_stages"], **common,
+        )
+    parts = []
+    if "dkdv" in kernels:
+        parts.append((k, v, valid, key_valid is not None, dk, dv, length, False))
+    if "dkdv_summary" in kernels and n_chunks > 0:
+        parts.append((k_sum, v_sum, exists8, True, dk_sum, dv_sum, n_chunks, True))
+    for keys, values, flags, has_flags, d_keys, d_values, n_keys, is_summary in parts:
+        launch(summary_bwd_dkdv_kernel)[(triton.cdiv(n_keys, config_dkdv["BLOCK_N"]), batch * heads_kv)](
+            q, keys, values, flags, grad_out, lse, delta, d_keys, d_values,
+            q.stride(0), q.stride(1), q.stride(2),
+            keys.stride(0), keys.stride(1), keys.stride(2),
+            values.stride(0), values.stride(1), values.stride(2),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            d_keys.stride(0), d_keys.stride(1), d_keys.stride(2),
+            d_values.stride(0), d_values.stride(1), d_values.stride(2),
+            flags.stride(0) if has_flags else 0,
+            heads_kv, length, n_keys, chunk_size, window_chunks, scale, scale * LOG2E_HOST,
+            SUMMARY=is_summary, HAS_FLAGS=has_flags, BLOCK_M=config_dkdv["BLOCK_M"], BLOCK_N=config_dkdv["BLOCK_N"],
+            num_warps=config_dkdv["num_warps"], num_stages=config_dkdv["num_stages"], **common,
+        )
+    return dq, dk, dv, dk_sum, dv_sum

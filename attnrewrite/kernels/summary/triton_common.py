@@ -1,0 +1,106 @@
+"""Pieces shared by the summary kernels: which (query, key) pairs are visible, and the key and query
+ranges a block of queries or keys has to visit.
+
+The kernels see two kinds of key: the raw tokens of the sequence (``k``, ``v`` [B, Hkv, T, D]) and
+one summary per chunk (``k̄``, ``v̄`` [B, Hkv, N, D], computed by the torch code of
+:mod:`attnrewrite.kernels.summary.chunked` and passed in as extra key/value rows).  With C the chunk
+size and W the window (in chunks), query i in chunk c = i // C sees
+
+- raw key j (chunk j // C) when c − W ≤ j // C and (causal) j ≤ i, or (bidirectional) j // C ≤ c + W;
+- summary m when m < c − W, or (bidirectional) m > c + W;
+
+and only keys that exist: raw keys that are not padding, summaries of chunks with a valid token.
+These are the rules of :mod:`attnrewrite.kernels.summary.reference`.  The block ranges below are the
+smallest contiguous ranges that hold every visible pair of a block; inside them each tile is masked
+by :func:`visible`.
+
+Scores are kept in log2 units (z2 = log2(e) · scale · q·k) so that the softmax's exponentials are exp2.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# The tile loaders and dtype helpers are the sigmoid kernels' (one copy of the scaffolding).
+from attnrewrite.kernels.sigmoid.triton_common import LOG2E_HOST, dot_precision, load_tile, padded_dim
+
+__all__ = ["LOG2E_HOST", "dot_precision", "key_ok", "load_tile", "padded_dim", "raw_key_range", "raw_query_range",
+           "summary_query_range", "summary_range", "visible"]
+
+
+@triton.jit
+def visible(rows, keys, ok, chunk, window, CAUSAL: tl.constexpr, SUMMARY: tl.constexpr):
+    """Whether query row ``rows`` sees key ``keys`` (a raw token index, or a chunk index when SUMMARY).
+
+    ``rows`` and ``keys`` are index tensors that broadcast against each other ([M, 1] and [1, N], or
+    transposed for the key-major backward tiles); ``ok`` (broadcast like the tile) says the key exists
+    and the row is in bounds.
+    """
+    row_chunk = rows // chunk
+    if SUMMARY:
+        vis = keys < row_chunk - window
+        if not CAUSAL:
+            vis = vis | (keys > row_chunk + window)
+    else:
+        key_chunk = keys // chunk
+        vis = key_chunk >= row_chunk - window
+        if CAUSAL:
+            vis = vis & (keys <= rows)
+        else:
+            vis = vis & (key_chunk <= row_chunk + window)
+    return vis & ok
+
+
+@triton.jit
+def key_ok(flags_base, keys, n_keys, HAS_FLAGS: tl.constexpr):
+    """In bounds and, when ``HAS_FLAGS``, flagged (uint8 != 0): the raw key is not padding / the summary exists."""
+    ok = keys < n_keys
+    if HAS_FLAGS:
+        ok = ok & (tl.load(flags_base + keys, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def raw_key_range(m0, block_m, length, chunk, window, CAUSAL: tl.constexpr):
+    """[lo, hi): the raw keys some query of rows [m0, m0 + block_m) sees."""
+    last = tl.minimum(m0 + block_m, length) - 1
+    lo = tl.maximum(m0 // chunk - window, 0) * chunk
+    if CAUSAL:
+        hi = last + 1
+    else:
+        hi = tl.minimum((last // chunk + window + 1) * chunk, length)
+    return lo, hi
+
+
+@triton.jit
+def summary_range(m0, block_m, length, n_chunks, chunk, window, CAUSAL: tl.constexpr):
+    """[0, hi): the summaries some query of rows [m0, m0 + block_m) may see."""
+    last = tl.minimum(m0 + block_m, length) - 1
+    if CAUSAL:
+        hi = tl.minimum(tl.maximum(last // chunk - window, 0), n_chunks)
+    else:
+        hi = n_chunks + m0 * 0
+    return hi
+
+
+@triton.jit
+def raw_query_range(n0, block_n, length, chunk, window, CAUSAL: tl.constexpr):
+    """[lo, hi): the query rows that may see some raw key of [n0, n0 + block_n)."""
+    last = tl.minimum(n0 + block_n, length) - 1
+    hi = tl.minimum((last // chunk + window + 1) * chunk, length)
+    if CAUSAL:
+        lo = n0
+    else:
+        lo = tl.maximum(n0 // chunk - window, 0) * chunk
+    return lo, hi
+
+
+@triton.jit
+def summary_query_range(n0, length, chunk, window, CAUSAL: tl.constexpr):
+    """[lo, length): the query rows that may see some summary of chunks [n0, n0 + block)."""
+    if CAUSAL:
+        lo = tl.minimum((n0 + window + 1) * chunk, length)
+    else:
+        lo = n0 * 0
+    return lo

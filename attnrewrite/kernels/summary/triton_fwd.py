@@ -1,0 +1,147 @@
+"""Forward kernel of summary attention: one online softmax over a query block's summaries and its window.
+
+One program computes BLOCK_M query rows of one query head against its key/value head (grouped
+heads read the same K/V and summaries; nothing is repeated).  It makes two passes of one online
+softmax (running max, running sum, rescaled accumulator, all float32): first over the summary rows
+the block may see (chunks older than its window; all chunks when bidirectional), then over the raw
+keys of its window.  Blocks outside those ranges are never visited, so a block costs
+O(BLOCK_M · (N + (W + 1) · C)) instead of O(BLOCK_M · T).  It writes the output and, for the
+backward, each row's log-sum-exp (log2 units; 0 for a row that sees nothing, whose output is 0).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import (LOG2E_HOST, dot_precision, key_ok, load_tile, padded_dim, raw_key_range, summary_range,
+                            visible)
+
+
+@triton.jit
+def _fwd_pass(acc, m_i, l_i, q, k_base, v_base, flags_base, stride_kn, stride_vn, offs_m, len_q, n_keys, lo, hi,
+              chunk, window, scale_log2, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+              BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SUMMARY: tl.constexpr,
+              HAS_FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, n_keys, offs_d, D,
+                      True, BLOCK_D != D)
+        v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, n_keys, offs_dv, DV,
+                      True, BLOCK_DV != DV)
+        ok = key_ok(flags_base, offs_n, n_keys, HAS_FLAGS)[None, :] & (offs_m < len_q)[:, None]
+        vis = visible(offs_m[:, None], offs_n[None, :], ok, chunk, window, CAUSAL, SUMMARY)
+        z2 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        z2 = tl.where(vis, z2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z2, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(z2 - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def summary_fwd_kernel(
+    Q, K, V, KSum, VSum, Valid, Exists, Out, Lse,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_sb, stride_sh, stride_sn,
+    stride_tb, stride_th, stride_tn,
+    stride_ob, stride_oh, stride_om,
+    stride_valid_b, stride_exists_b,
+    heads_q, len_q, n_chunks, chunk, window, scale_log2,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    if CAUSAL:  # the longest rows first, so the last wave is made of short ones
+        pid_m = tl.cdiv(len_q, BLOCK_M) - 1 - pid_m
+    pid_zh = tl.program_id(1)
+    batch = (pid_zh // heads_q).to(tl.int64)
+    head = pid_zh % heads_q
+    head_kv = (head // GROUP).to(tl.int64)
+    head = head.to(tl.int64)
+    q_base = Q + batch * stride_qb + head * stride_qh
+    k_base = K + batch * stride_kb + head_kv * stride_kh
+    v_base = V + batch * stride_vb + head_kv * stride_vh
+    ks_base = KSum + batch * stride_sb + head_kv * stride_sh
+    vs_base = VSum + batch * stride_tb + head_kv * stride_th
+    valid_base = Valid + batch * stride_valid_b
+    exists_base = Exists + batch * stride_exists_b
+
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, len_q, offs_d, D,
+                  True, BLOCK_D != D)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    n_sum = summary_range(m0, BLOCK_M, len_q, n_chunks, chunk, window, CAUSAL)
+    acc, m_i, l_i = _fwd_pass(acc, m_i, l_i, q, ks_base, vs_base, exists_base, stride_sn, stride_tn, offs_m, len_q,
+                              n_chunks, 0, n_sum, chunk, window, scale_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
+                              CAUSAL, True, True, DOT_PRECISION)
+    lo, hi = raw_key_range(m0, BLOCK_M, len_q, chunk, window, CAUSAL)
+    acc, m_i, l_i = _fwd_pass(acc, m_i, l_i, q, k_base, v_base, valid_base, stride_kn, stride_vn, offs_m, len_q,
+                              len_q, lo, hi, chunk, window, scale_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
+                              CAUSAL, False, HAS_VALID, DOT_PRECISION)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    o_base = Out + batch * stride_ob + head * stride_oh
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=(offs_m < len_q)[:, None] & (offs_dv < DV)[None, :])
+    lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), 0.0)
+    tl.store(Lse + pid_zh.to(tl.int64) * len_q + offs_m, lse, mask=offs_m < len_q)
+
+
+def flag_args(q: torch.Tensor, key_valid: torch.Tensor | None, exists: torch.Tensor):
+    """(valid uint8 [B, T] or a dummy, exists uint8 [B, N]): the per-key flags as the kernels read them."""
+    valid = key_valid.to(torch.uint8).contiguous() if key_valid is not None else q
+    return valid, exists.to(torch.uint8).contiguous()
+
+
+def summary_fwd(q, k, v, k_sum, v_sum, exists, key_valid, scale: float, causal: bool, chunk_size: int,
+                window_chunks: int, config: dict, launch=lambda kernel: kernel):
+    """Launch the forward kernel. Returns (out [B, Hq, T, Dv] in q's dtype, lse float32 [B, Hq, T]).
+
+    q/k/v with unit last stride; ``k_sum``/``v_sum`` [B, Hkv, N, D|Dv] and ``exists`` bool [B, N] from
+    :func:`attnrewrite.kernels.summary.chunked.chunk_summaries`; ``key_valid`` bool [B, T] or None.
+    ``config`` holds BLOCK_M, BLOCK_N, num_warps, num_stages; ``launch`` wraps the kernel (``wrap_triton``
+    under ``triton_op``).
+    """
+    batch, heads_q, length, dim = q.shape
+    heads_kv, dim_v, n_chunks = k.shape[1], v.shape[3], k_sum.shape[2]
+    out = torch.empty(batch, heads_q, length, dim_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads_q, length, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    valid, exists8 = flag_args(q, key_valid, exists)
+    block_m = config["BLOCK_M"]
+    grid = (triton.cdiv(length, block_m), batch * heads_q)
+    launch(summary_fwd_kernel)[grid](
+        q, k, v, k_sum, v_sum, valid, exists8, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        k_sum.stride(0), k_sum.stride(1), k_sum.stride(2),
+        v_sum.stride(0), v_sum.stride(1), v_sum.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        valid.stride(0) if key_valid is not None else 0, exists8.stride(0),
+        heads_q, length, n_chunks, chunk_size, window_chunks, scale * LOG2E_HOST,
+        D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
+        CAUSAL=bool(causal), HAS_VALID=key_valid is not None, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return out, lse

@@ -1,0 +1,124 @@
+"""torch.library registration of the Triton path of summary attention.
+
+Two operators, each made by :func:`attnrewrite.kernels._ops.triton_ops` in two forms with one schema:
+
+- ``attnrewrite::summary_attention_fwd`` / ``attnrewrite::summary_attention_bwd`` for CUDA tensors
+  (``triton_op`` s: inductor traces into them and sees the kernel launches);
+- ``..._fwd_interpreted`` / ``..._bwd_interpreted``, plain custom ops launching the same kernels on
+  CPU tensors under ``TRITON_INTERPRET=1`` (for tests).
+
+The forward computes the chunk summaries with the torch code of
+:func:`~attnrewrite.kernels.summary.chunked.chunk_summaries` (mean or learned pooling), then runs the
+block-sparse kernel over them and the window; it returns the output and the per-row log-sum-exp the
+backward needs.  The backward recomputes the summaries, runs the dQ kernel and the dK/dV kernel over
+the raw keys and over the summaries, and sends the summaries' gradients back through the pooling
+(:func:`~attnrewrite.kernels.summary.chunked.chunk_summaries_backward`), which also gives the learned
+pooling queries their gradient.  Configurations come from :mod:`attnrewrite.kernels.tuning`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnrewrite.kernels import tuning
+from attnrewrite.kernels._ops import traceable, triton_ops
+
+from . import spaces
+from .chunked import chunk_summaries, chunk_summaries_backward
+from .triton_bwd import summary_bwd
+from .triton_fwd import summary_fwd, summary_fwd_kernel
+
+Tensor = torch.Tensor
+
+
+def interpreter_active() -> bool:
+    """Whether the kernels were defined under TRITON_INTERPRET=1 (so they run on CPU tensors)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(summary_fwd_kernel, InterpretedFunction)
+
+
+def launch_config(kernel: str, q: Tensor, v: Tensor, chunk_size: int, window_chunks: int, causal: bool,
+                  make_bench) -> dict:
+    """The configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for this call, fitted to its shape."""
+    space = spaces.SPACES[spaces.space_name(kernel, q.shape[-1], v.shape[-1])]
+    shape = spaces.shape_of(q, v, chunk_size, window_chunks, causal)
+    config = tuning.pick_config(spaces.KIND, space, shape, q.device, make_bench, tensors=(q,))
+    return spaces.fit(space, config, shape)
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, summary_query: Tensor | None, scale: float,
+             causal: bool, chunk_size: int, window_chunks: int) -> tuple[Tensor, Tensor]:
+    """(out [B, Hq, T, Dv], lse float32 [B, Hq, T]) of summary attention on checked inputs; ``key_valid``
+    bool [B, T] or None, ``summary_query`` [Hkv, D] (learned pooling) or None (mean)."""
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    k_sum, v_sum, exists = chunk_summaries(k, v, key_valid, chunk_size, summary_query)
+    args = (q, k, v, k_sum.contiguous(), v_sum.contiguous(), exists, key_valid, scale, causal, chunk_size,
+            window_chunks)
+    config = launch_config("fwd", q, v, chunk_size, window_chunks, causal,
+                           lambda cfg: lambda: summary_fwd(*args, config=cfg))
+    return summary_fwd(*args, config=config, launch=traceable)
+
+
+def _forward_fake(q, k, v, key_valid, summary_query, scale, causal, chunk_size, window_chunks):
+    return (q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3]),
+            q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32))
+
+
+def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, key_valid: Tensor | None,
+              summary_query: Tensor | None, scale: float, causal: bool, chunk_size: int,
+              window_chunks: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, d_summary_query) — the last empty without a summary query."""
+    q, k, v, grad_out = (_unit_last_stride(t) for t in (q, k, v, grad_out))
+    k_sum, v_sum, exists = chunk_summaries(k, v, key_valid, chunk_size, summary_query)
+    k_sum, v_sum = k_sum.contiguous(), v_sum.contiguous()
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()
+    args = (q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse.contiguous(), delta, scale, causal, chunk_size,
+            window_chunks)
+    config_dq = launch_config("bwd_dq", q, v, chunk_size, window_chunks, causal,
+                              lambda cfg: lambda: summary_bwd(*args, cfg, cfg, kernels=("dq",)))
+    config_dkdv = launch_config("bwd_dkdv", q, v, chunk_size, window_chunks, causal,
+                                lambda cfg: lambda: summary_bwd(*args, cfg, cfg, kernels=("dkdv",)))
+    dq, dk, dv, dk_sum, dv_sum = summary_bwd(*args, config_dq, config_dkdv, launch=traceable)
+    dk_through, dv_through, d_query = chunk_summaries_backward(dk_sum, dv_sum, k, v, key_valid, chunk_size,
+                                                               summary_query)
+    dk = (dk + dk_through).to(k.dtype)
+    dv = (dv + dv_through).to(v.dtype)
+    d_query = q.new_empty(0) if d_query is None else d_query.to(summary_query.dtype).contiguous()
+    return dq, dk, dv, d_query
+
+
+def _backward_fake(q, k, v, out, lse, grad_out, key_valid, summary_query, scale, causal, chunk_size, window_chunks):
+    # the real op's layouts: dq like q (with a unit last stride), the rest freshly computed (contiguous)
+    d_query = q.new_empty(0) if summary_query is None else summary_query.new_empty(summary_query.shape)
+    return torch.empty_like(_unit_last_stride(q)), k.new_empty(k.shape), v.new_empty(v.shape), d_query
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_valid, summary_query, scale, causal, chunk_size, window_chunks = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_valid, summary_query)
+    ctx.options = (scale, causal, chunk_size, window_chunks)
+
+
+def _autograd(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, key_valid, summary_query = ctx.saved_tensors
+    dq, dk, dv, d_query = BWD.on(q.device)(q, k, v, out, lse, grad_out, key_valid, summary_query, *ctx.options)
+    return dq, dk, dv, None, (d_query if summary_query is not None else None), None, None, None, None
+
+
+BWD = triton_ops("summary_attention_bwd", _backward, fake=_backward_fake)
+FWD = triton_ops("summary_attention_fwd", _forward, fake=_forward_fake, backward=_autograd,
+                 setup_context=_setup_context)
+
+
+def summary_attention_triton(q, k, v, key_valid, summary_query, scale: float, causal: bool, chunk_size: int,
+                             window_chunks: int) -> Tensor:
+    """The output of the forward op for the tensors' device; differentiable in q, k, v and ``summary_query``."""
+    out, _lse = FWD.on(q.device)(q, k, v, key_valid, summary_query, float(scale), bool(causal), int(chunk_size),
+                                 int(window_chunks))
+    return out
