@@ -16,6 +16,33 @@ LOG2E = tl.constexpr(LOG2E_HOST)  # kernels may only read constexpr globals
 
 
 @triton.jit
+def _probe():
+    pass
+
+
+def _interpreted() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_probe, InterpretedFunction)
+
+
+#: whether the kernels run under TRITON_INTERPRET=1 (then every kernel is an InterpretedFunction)
+INTERPRETED = tl.constexpr(_interpreted())
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """``tl.dot(a, b, acc)``.  Under the interpreter, bfloat16 operands are widened to float32 first: its
+    dot multiplies the raw 16-bit patterns of bfloat16 as integers (Triton 3.6 to 3.9 alike; products
+    near 1e9), while float32 holds every bfloat16 product exactly.  Compiled kernels take the plain dot."""
+    if INTERPRETED:
+        if a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def sigmoid_log2(z2, NEWTON_STEPS: tl.constexpr):
     """sigmoid of scores z2 given in log2 units: 1 / (1 + 2^-z2); exactly 0 where z2 = -inf.
 
