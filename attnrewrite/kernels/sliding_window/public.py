@@ -7,6 +7,10 @@ The first ``sinks`` keys stay visible as well (StreamingLLM's attention sinks; c
 they are in the past).  ``attn_mask`` restricts this further, so a site whose own mask is already a
 narrower window keeps its own.
 
+Paths (``impl``): the Triton kernels (:mod:`.op`, :mod:`.triton_fwd`, :mod:`.triton_bwd`: flash-style,
+visiting only the band's and the sinks' key blocks), taken by ``"auto"`` on CUDA for 16-bit inputs; and
+the torch paths below, everywhere else.
+
 The torch path (:func:`blockwise_sliding_window`) never builds a [Tq, Tk] matrix: queries are cut into
 blocks of ``block`` rows, and each block is scored against the contiguous run of keys its band can
 reach (a strided view of the keys, ``unfold``) plus the sink keys — O(Tq · (block + band)) memory and
