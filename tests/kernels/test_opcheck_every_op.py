@@ -91,6 +91,7 @@ def _run_paths(layout: str) -> None:
         ops.hashed_attention(q, k, v, is_causal=True, enable_gqa=True, bits=8, top_k=2, window=2, sinks=1),
         ops.hashed_attention(q, k, v, is_causal=True, enable_gqa=True, bits=8, top_k=2, window=2, sinks=1,
                              impl="triton"),
+        ops.sliding_window_attention(q, k, v, enable_gqa=True, window=3, sinks=1, impl="triton"),
     ]
     torch.autograd.grad(sum(o.float().sum() for o in outs), (q, k, v))
     # a float mask that needs a gradient (the backward ops' mask-gradient output)

@@ -61,7 +61,7 @@ def bidir_fwd_kernel(
         num = tl.dot(as_dot(q_feat, DOT_FP32, in_dtype), S_dot, input_precision=PREC)
         tl.store(o_base + grow[:, None] * sot + offs_v[None, :], (num / den[:, None]).to(o.dtype.element_ty),
                  mask=row_ok[:, None] & v_ok[None, :])
-        tl.store(side_base + rows, 1.0 / den, mask=row_ok & (i_v == 0))
+        tl.store(side_base + rows, 1.0 / den, mask=tl.where(i_v == 0, row_ok, False))
 
 
 @triton.jit

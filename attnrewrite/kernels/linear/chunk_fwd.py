@@ -72,7 +72,7 @@ def chunk_state_kernel(
     state = ((i_n * heads_out + i_ho) * num_splits + i_s).to(tl.int64)
     tl.store(out_S + state * DK * DV + offs_k[:, None] * DV + offs_v[None, :], acc_S,
              mask=k_ok[:, None] & v_ok[None, :])
-    tl.store(out_z + state * DK + offs_k, acc_z, mask=k_ok & (i_v == 0))
+    tl.store(out_z + state * DK + offs_k, acc_z, mask=tl.where(i_v == 0, k_ok, False))
 
 
 @triton.jit
@@ -141,11 +141,11 @@ def chunk_fwd_kernel(
         out = num / den[:, None]
         tl.store(o_base + grow[:, None] * sot + offs_v[None, :], out.to(o.dtype.element_ty),
                  mask=row_ok[:, None] & v_ok[None, :])
-        tl.store(side_base + rows, 1.0 / den, mask=row_ok & (i_v == 0))
+        tl.store(side_base + rows, 1.0 / den, mask=tl.where(i_v == 0, row_ok, False))
 
     if (i_s == num_splits - 1) & (i_hq % GROUP == 0):  # the last segment ends with the final state
         tl.store(final_S + state * DK * DV + offs_k[:, None] * DV + offs_v[None, :], S, mask=kv_ok)
-        tl.store(final_z + state * DK + offs_k, z, mask=k_ok & (i_v == 0))
+        tl.store(final_z + state * DK + offs_k, z, mask=tl.where(i_v == 0, k_ok, False))
 
 
 # --------------------------------------------------------------------------- launchers

@@ -50,7 +50,7 @@ def recurrent_fwd_kernel(
             tl.store(o + i_b.to(tl.int64) * sob + i_hq * soh + t * sot + offs_v, (num / den).to(o.dtype.element_ty),
                      mask=v_ok)
     tl.store(S_out + state * DK * DV + offs_k[:, None] * DV + offs_v[None, :], S, mask=kv_ok)
-    tl.store(z_out + state * DK + offs_k, z, mask=k_ok & (i_v == 0))
+    tl.store(z_out + state * DK + offs_k, z, mask=tl.where(i_v == 0, k_ok, False))
 
 
 def fused_recurrent_linear_attn(

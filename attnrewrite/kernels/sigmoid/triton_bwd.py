@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, LOG2E_HOST, bias_strides, block_table, dot_precision, load_tile, locate, newton_steps,
-                            padded_dim, sigmoid_log2)
+from .triton_common import (LOG2E, LOG2E_HOST, bias_strides, block_table, dot_precision, load_tile, locate, mma,
+                            newton_steps, padded_dim, sigmoid_tile)
 
 
 @triton.jit
@@ -41,23 +41,14 @@ def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, strid
                       MASKED, BLOCK_D != D)
         v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
                       MASKED, BLOCK_DV != DV)
-        z2 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2 + bias_log2
-        if HAS_MASK:
-            extra = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
-                            mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :], other=0.0)
-            z2 += extra.to(tl.float32) * LOG2E
-        if MASKED:
-            visible = (offs_n < k_len)[None, :]
-            if CAUSAL != 0:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
-            z2 = tl.where(visible, z2, float("-inf"))
-        p = sigmoid_log2(z2, NEWTON_STEPS)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        p = sigmoid_tile(q, k, mask_base, stride_mm, stride_mn, offs_m, offs_n, q_len, k_len, shift, scale_log2,
+                         bias_log2, False, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION)
+        dp = mma(do, tl.trans(v), None, DOT_PRECISION)
         ds = p * (1.0 - p) * dp
         if STORE_DS:
             tl.store(ds_base + offs_m[:, None] * stride_dsm + offs_n[None, :], ds,
                      mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
     return dq
 
 
@@ -143,25 +134,16 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride
                       MASKED, BLOCK_D != D)
         do = load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv, DV,
                        MASKED, BLOCK_DV != DV)
-        z2t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_N, BLOCK_M]
         if ROW_BIAS:  # b per query row: loaded for this block of rows only (a whole row would cost registers)
-            z2t += (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[None, :]
+            bias_t = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[None, :]
         else:
-            z2t += bias_log2
-        if HAS_MASK:
-            extra = tl.load(mask_base + offs_n[:, None] * stride_mn + offs_m[None, :] * stride_mm,
-                            mask=(offs_n < k_len)[:, None] & (offs_m < q_len)[None, :], other=0.0)
-            z2t += extra.to(tl.float32) * LOG2E
-        if MASKED:
-            visible = (offs_n < k_len)[:, None] & (offs_m < q_len)[None, :]
-            if CAUSAL != 0:
-                visible = visible & (offs_n[:, None] <= offs_m[None, :] + shift)
-            z2t = tl.where(visible, z2t, float("-inf"))
-        pt = sigmoid_log2(z2t, NEWTON_STEPS)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            bias_t = bias_log2
+        pt = sigmoid_tile(k, q, mask_base, stride_mm, stride_mn, offs_n, offs_m, q_len, k_len, shift, scale_log2,
+                          bias_t, True, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        dv = mma(pt.to(do.dtype), do, dv, DOT_PRECISION)
+        dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
         dst = pt * (1.0 - pt) * dpt
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dk = mma(dst.to(q.dtype), q, dk, DOT_PRECISION)
     return dk, dv
 
 

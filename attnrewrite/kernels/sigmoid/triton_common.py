@@ -1,5 +1,8 @@
-"""Pieces shared by the sigmoid forward and backward kernels: the sigmoid itself, tile loads,
-where a program's sequence lives, and the block table of packed (varlen) batches.
+"""Pieces shared by the sigmoid forward and backward kernels: the sigmoid itself, the probability tile
+all three kernels compute (``sigmoid_tile``: forward, dQ, and transposed for dK/dV), tile loads, where a
+program's sequence lives, and the block table of packed (varlen) batches; ``mma``, the matrix product
+every kernel (the sliding-window ones too) calls instead of ``tl.dot`` so that bfloat16 works under the
+interpreter.
 
 Scores are kept in log2 units inside the kernels (z2 = log2(e) * (scale*q.k + mask + b)) so
 that sigmoid(z) = 1 / (1 + 2^-z2) costs one multiply-add, one ex2 and one reciprocal.
@@ -13,6 +16,33 @@ import triton.language as tl
 
 LOG2E_HOST = 1.4426950408889634
 LOG2E = tl.constexpr(LOG2E_HOST)  # kernels may only read constexpr globals
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+def _interpreted() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_probe, InterpretedFunction)
+
+
+#: whether the kernels run under TRITON_INTERPRET=1 (then every kernel is an InterpretedFunction)
+INTERPRETED = tl.constexpr(_interpreted())
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """``tl.dot(a, b, acc)``.  Under the interpreter, bfloat16 operands are widened to float32 first: its
+    dot multiplies the raw 16-bit patterns of bfloat16 as integers (Triton 3.6 to 3.9 alike; products
+    near 1e9), while float32 holds every bfloat16 product exactly.  Compiled kernels take the plain dot."""
+    if INTERPRETED:
+        if a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -37,6 +67,40 @@ def sigmoid_log2(z2, NEWTON_STEPS: tl.constexpr):
             r = r + r * (1.0 - d * r)
         p = tl.where(z2 >= 0, r, e * r)
     return p
+
+
+@triton.jit
+def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k_len, shift, scale_log2, bias_log2,
+                 KEY_ROWS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
+                 NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The probability tile P = sigmoid(scale · x·yᵀ + b + mask) of the forward, dQ and dK/dV kernels, with
+    the keys no row may see at exactly 0.
+
+    KEY_ROWS = False: x holds query rows ``offs_x``, y key rows ``offs_y``: a [queries, keys] tile.
+    KEY_ROWS = True: x holds key rows, y query rows: the transposed [keys, queries] tile of dK/dV.
+    ``bias_log2`` (log2 units) broadcasts against the tile: a scalar, or one b per query row shaped
+    [queries, 1] (or [1, queries] transposed).  MASKED applies the bounds (and, transposed, the query
+    bounds) and the causal rule key <= query + shift; unmasked tiles are known to be fully visible.
+    """
+    z2 = mma(x, tl.trans(y), None, DOT_PRECISION) * scale_log2 + bias_log2
+    if KEY_ROWS:
+        q_idx = offs_y[None, :]
+        k_idx = offs_x[:, None]
+    else:
+        q_idx = offs_x[:, None]
+        k_idx = offs_y[None, :]
+    if HAS_MASK:
+        extra = tl.load(mask_base + q_idx * stride_mm + k_idx * stride_mn, mask=(q_idx < q_len) & (k_idx < k_len),
+                        other=0.0)
+        z2 += extra.to(tl.float32) * LOG2E
+    if MASKED:
+        visible = k_idx < k_len
+        if KEY_ROWS:
+            visible = visible & (q_idx < q_len)
+        if CAUSAL != 0:
+            visible = visible & (k_idx <= q_idx + shift)
+        z2 = tl.where(visible, z2, float("-inf"))
+    return sigmoid_log2(z2, NEWTON_STEPS)
 
 
 @triton.jit

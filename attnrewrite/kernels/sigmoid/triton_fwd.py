@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, LOG2E_HOST, bias_strides, block_table, dot_precision, load_tile, locate, newton_steps,
-                            padded_dim, sigmoid_log2)
+from .triton_common import (LOG2E, LOG2E_HOST, bias_strides, block_table, dot_precision, load_tile, locate, mma,
+                            newton_steps, padded_dim, sigmoid_tile)
 
 
 @triton.jit
@@ -31,20 +31,11 @@ def _fwd_key_loop(acc, q, k_base, v_base, mask_base, stride_kn, stride_vn, strid
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, k_len, offs_d, D,
                       MASKED, BLOCK_D != D)
-        z2 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2 + bias_log2
-        if HAS_MASK:
-            extra = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
-                            mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :], other=0.0)
-            z2 += extra.to(tl.float32) * LOG2E
-        if MASKED:
-            visible = (offs_n < k_len)[None, :]
-            if CAUSAL != 0:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
-            z2 = tl.where(visible, z2, float("-inf"))
-        p = sigmoid_log2(z2, NEWTON_STEPS)
+        p = sigmoid_tile(q, k, mask_base, stride_mm, stride_mn, offs_m, offs_n, q_len, k_len, shift, scale_log2,
+                         bias_log2, False, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION)
         v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
                       MASKED, BLOCK_DV != DV)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION)
     return acc
 
 

@@ -7,6 +7,10 @@ The first ``sinks`` keys stay visible as well (StreamingLLM's attention sinks; c
 they are in the past).  ``attn_mask`` restricts this further, so a site whose own mask is already a
 narrower window keeps its own.
 
+Paths (``impl``): the Triton kernels (:mod:`.op`, :mod:`.triton_fwd`, :mod:`.triton_bwd`: flash-style,
+visiting only the band's and the sinks' key blocks), taken by ``"auto"`` on CUDA for 16-bit inputs; and
+the torch paths below, everywhere else.
+
 The torch path (:func:`blockwise_sliding_window`) never builds a [Tq, Tk] matrix: queries are cut into
 blocks of ``block`` rows, and each block is scored against the contiguous run of keys its band can
 reach (a strided view of the keys, ``unfold``) plus the sink keys — O(Tq · (block + band)) memory and
@@ -22,8 +26,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attnrewrite.kernels._ops import composite_op, sdpa_autocast, sdpa_schema
+from attnrewrite.kernels._ops import composite_op, resolve_impl, sdpa_autocast, sdpa_schema
 from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_qkv
+
+try:  # the Triton path is optional: the torch paths work wherever torch does
+    from . import op as _op
+except ImportError:  # pragma: no cover - triton is not installed on this platform
+    _op = None
 
 WHAT = "sliding-window attention"
 #: query rows per block: blocks near the window's size keep both the score band and the strided
@@ -207,19 +216,52 @@ def _band_covers_the_sequence(len_q, len_k, is_causal: bool, window: int) -> boo
     return len_k <= 2 * (window if is_causal else 2 * window - 1)
 
 
-def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False, window=256, sinks=0):
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _kernel_refusal(dropout_p: float, attn_mask) -> str | None:
+    """Why the kernels cannot run a call, or None."""
+    if dropout_p > 0.0:
+        return "the Triton kernels do not implement dropout (dropout_p > 0)"
+    if attn_mask is not None and attn_mask.requires_grad:
+        return "the Triton kernels do not compute the gradient of a float attn_mask that requires grad"
+    return None
+
+
+def _triton_path(q, k, v, attn_mask, is_causal: bool, scale: float | None, window: int, sinks: int) -> torch.Tensor:
+    """The call on the kernels: a bool mask becomes 0 / −inf in q's dtype (a float one is read as it is)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        elif mask.dtype not in _FLOAT_DTYPES:
+            mask = mask.float()
+    return _op.sliding_window_triton(q, k, v, mask, None, scale, is_causal, window, sinks)
+
+
+def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False, window=256, sinks=0,
+          impl="auto"):
     _check(q, k, v, attn_mask, dropout_p, enable_gqa, window, sinks)
+    path = resolve_impl(impl, q.device, what=WHAT, dtype=q.dtype, head_dims=(q.shape[-1], v.shape[-1]),
+                        triton_dtypes=_FLOAT_DTYPES, auto_dtypes=(torch.float16, torch.bfloat16),
+                        refusal=_kernel_refusal(dropout_p, attn_mask), available=_op is not None,
+                        interpreter_active=lambda: _op.interpreter_active())
+    if path == "triton":
+        return _triton_path(q, k, v, attn_mask, is_causal, scale, window, sinks)
     if _band_covers_the_sequence(q.shape[-2], k.shape[-2], is_causal, window):
         return dense_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks)
     return blockwise_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks)
 
 
-composite_op("sliding_window_attention", sdpa_schema("int window=256, int sinks=0", is_causal=True), _impl)
+composite_op("sliding_window_attention", sdpa_schema('int window=256, int sinks=0, str impl="auto"', is_causal=True),
+             _impl)
 sdpa_autocast("sliding_window_attention")
 
 
 def sliding_window_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False,
-                             *, window: int = 256, sinks: int = 0) -> torch.Tensor:
+                             *, window: int = 256, sinks: int = 0, impl: str = "auto") -> torch.Tensor:
     """Sliding-window attention with the signature of ``F.scaled_dot_product_attention``, layout [B, H, T, D].
 
     Exact softmax over the keys in each query's window.  Query i sits at position p = i + Tk − Tq (with
@@ -236,10 +278,16 @@ def sliding_window_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=T
         enable_gqa: Hq may be a multiple of Hkv (query head h reads kv head h // (Hq/Hkv)).
         window: keys per side of the band, the query's own position included (≥ 1).
         sinks: the first keys every query may also see (≥ 0).
+        impl: ``"auto"`` runs the Triton kernels (:mod:`.triton_fwd`, :mod:`.triton_bwd`: flash-style,
+            visiting only the band's and the sinks' key blocks) on CUDA for float16/bfloat16 inputs
+            with head dims up to 256, no dropout and no float mask that needs a gradient, and the
+            torch paths otherwise; ``"triton"`` always runs the kernels or raises naming why (on the
+            CPU only under ``TRITON_INTERPRET=1``); ``"torch"`` the torch paths (blockwise in
+            O(T · window), or SDPA with the band as a mask for short sequences).
 
     Returns:
         [B, Hq, Tq, Dv] in q's dtype (a row that sees no key gives 0).  Inside ``torch.autocast`` the
         floating-point inputs (float64 excepted) are cast to the autocast dtype first, as with SDPA.
     """
     return torch.ops.attnrewrite.sliding_window_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
-                                                          enable_gqa, window=window, sinks=sinks)
+                                                          enable_gqa, window=window, sinks=sinks, impl=impl)

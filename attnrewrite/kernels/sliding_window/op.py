@@ -1,0 +1,105 @@
+"""torch.library registration of the Triton path of sliding-window attention.
+
+Two operators, each made by :func:`attnrewrite.kernels._ops.triton_ops` in two forms (a ``triton_op``
+for CUDA, which inductor traces into, and an ``_interpreted`` twin for CPU tensors under
+``TRITON_INTERPRET=1``, for tests):
+
+- ``attnrewrite::sliding_window_attention_fwd`` -> (out, lse), differentiable in q, k, v;
+- ``attnrewrite::sliding_window_attention_bwd`` -> (dq, dk, dv), from the saved out and lse.
+
+Kernel configurations come from :mod:`attnrewrite.kernels.tuning` (table, then autotuning on a GPU, then
+the space's default, fitted to the shape by :func:`.spaces.fit`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnrewrite.kernels import tuning
+from attnrewrite.kernels._ops import traceable, triton_ops
+
+from . import spaces
+from .triton_bwd import sliding_window_bwd
+from .triton_fwd import sliding_window_fwd, sliding_window_fwd_kernel
+
+Tensor = torch.Tensor
+
+
+def interpreter_active() -> bool:
+    """Whether the kernels were defined under TRITON_INTERPRET=1 (so they run on CPU tensors)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(sliding_window_fwd_kernel, InterpretedFunction)
+
+
+def sliding_window_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv_lens: Tensor | None,
+                          scale: float, causal: bool, window: int, sinks: int) -> Tensor:
+    """Sliding-window attention on the kernels (arguments as for ``triton_fwd.sliding_window_fwd``);
+    differentiable in q, k, v.  Returns out [B, Hq, Tq, Dv]."""
+    out, _ = FWD.on(q.device)(q, k, v, mask, kv_lens, float(scale), bool(causal), int(window), int(sinks))
+    return out
+
+
+def launch_config(kernel: str, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: bool, window: int,
+                  sinks: int, make_bench) -> dict:
+    """The configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for this call, fitted to its shape."""
+    space = spaces.SPACES[spaces.space_name(kernel, q.shape[-1], v.shape[-1])]
+    shape = spaces.shape_of(q, k, v, has_mask, causal, window, sinks)
+    config = tuning.pick_config(spaces.KIND, space, shape, q.device, make_bench, tensors=(q,))
+    return spaces.fit(space, config, shape)
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv_lens: Tensor | None, scale: float,
+             causal: bool, window: int, sinks: int) -> tuple[Tensor, Tensor]:
+    """Sliding-window attention forward: (out, lse); see ``triton_fwd.sliding_window_fwd``."""
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    args = (q, k, v, mask, kv_lens, scale, causal, window, sinks)
+    config = launch_config("fwd", q, k, v, mask is not None, causal, window, sinks,
+                           lambda cfg: lambda: sliding_window_fwd(*args, config=cfg))
+    return sliding_window_fwd(*args, config=config, launch=traceable)
+
+
+def _forward_fake(q, k, v, mask, kv_lens, scale, causal, window, sinks):
+    return (q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3]),
+            q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32))
+
+
+def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, mask: Tensor | None,
+              kv_lens: Tensor | None, scale: float, causal: bool, window: int,
+              sinks: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Sliding-window attention backward: (dq, dk, dv)."""
+    q, k, v, out, grad_out = (_unit_last_stride(t) for t in (q, k, v, out, grad_out))
+    args = (q, k, v, out, lse, grad_out, mask, kv_lens, scale, causal, window, sinks)
+    has_mask = mask is not None
+    config_dq = launch_config("bwd_dq", q, k, v, has_mask, causal, window, sinks,
+                              lambda cfg: lambda: sliding_window_bwd(*args, cfg, cfg, kernels=("dq",)))
+    config_dkdv = launch_config("bwd_dkdv", q, k, v, has_mask, causal, window, sinks,
+                                lambda cfg: lambda: sliding_window_bwd(*args, cfg, cfg, kernels=("dkdv",)))
+    return sliding_window_bwd(*args, config_dq, config_dkdv, launch=traceable)
+
+
+def _backward_fake(q, k, v, out, lse, grad_out, mask, kv_lens, scale, causal, window, sinks):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, kv_lens, scale, causal, window, sinks = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, kv_lens)
+    ctx.options = (scale, causal, window, sinks)
+
+
+def _autograd(ctx, grad_out, grad_lse):
+    # lse is an internal output (never returned by the public op): its gradient is not taken
+    q, k, v, out, lse, mask, kv_lens = ctx.saved_tensors
+    dq, dk, dv = BWD.on(q.device)(q, k, v, out, lse, grad_out, mask, kv_lens, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+BWD = triton_ops("sliding_window_attention_bwd", _backward, fake=_backward_fake)
+FWD = triton_ops("sliding_window_attention_fwd", _forward, fake=_forward_fake, backward=_autograd,
+                 setup_context=_setup_context)

@@ -1,0 +1,285 @@
+"""Backward kernels of sliding-window attention, from the forward's log-sum-exp.
+
+With P = exp2(S2 − lse) recomputed block by block (S2 the scores in log2 units) and
+delta_i = Σ_d dO_id · O_id (one row sum, computed before the kernels):
+
+    dV = Pᵀ dO        dP = dO Vᵀ        dS = P ∘ (dP − delta)
+    dQ = scale · dS K        dK = scale · dSᵀ Q
+
+Two kernels, both deterministic (no atomics), both visiting only the blocks of the band and the sinks:
+
+- ``sliding_window_bwd_dq_kernel``: one program per query block of one query head, over the key blocks of
+  :func:`.triton_common.key_blocks` (as the forward).
+- ``sliding_window_bwd_dkdv_kernel``: one program per key block of one key/value head; it loops over the
+  query heads of its group and the query blocks of :func:`.triton_common.query_blocks`, accumulating dK
+  and dV in registers, on transposed tiles (Sᵀ = K Qᵀ), so no tile is transposed in the loop and K/V are
+  never repeated for grouped heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attnrewrite.kernels.sigmoid.triton_common import (LOG2E, LOG2E_HOST, dot_precision, load_tile, mma,
+                                                       padded_dim)
+
+from .triton_common import band_visible, key_blocks, query_blocks
+from .triton_fwd import mask_strides
+
+
+@triton.jit
+def _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
+                 offs_m, shift, q_len, k_len, window, sinks, lo, hi, scale_log2,
+                 D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, k_len, offs_d, D,
+                      MASKED, BLOCK_D != D)
+        v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
+                      MASKED, BLOCK_DV != DV)
+        s = mma(q, tl.trans(k), None, DOT_PRECISION) * scale_log2
+        if HAS_MASK:
+            extra = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
+                            mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :], other=0.0)
+            s += extra.to(tl.float32) * LOG2E
+        if MASKED:
+            seen = band_visible((offs_m + shift)[:, None], offs_n[None, :], k_len, window, sinks, CAUSAL)
+            s = tl.where(seen, s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = mma(do, tl.trans(v), None, DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def sliding_window_bwd_dq_kernel(
+    Q, K, V, DO, DQ, Lse, Delta, Mask, KvLens,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    stride_lb, stride_lh,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    heads_q, len_q, len_k, scale, scale_log2, window, sinks,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    m_block = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    batch = pid_zh // heads_q
+    head = pid_zh % heads_q
+    head_kv = head // GROUP
+    q_len = len_q + batch * 0
+    k_len = len_k + batch * 0
+    if HAS_KV_LENS:
+        k_len = tl.minimum(tl.maximum(tl.load(KvLens + batch), 0), len_k)
+    shift = len_k - len_q
+    batch64, head64, head_kv64 = batch.to(tl.int64), head.to(tl.int64), head_kv.to(tl.int64)
+    q_base = Q + batch64 * stride_qb + head64 * stride_qh
+    do_base = DO + batch64 * stride_dob + head64 * stride_doh
+    dq_base = DQ + batch64 * stride_dqb + head64 * stride_dqh
+    k_base = K + batch64 * stride_kb + head_kv64 * stride_kh
+    v_base = V + batch64 * stride_vb + head_kv64 * stride_vh
+    mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
+    stat_base = batch64 * stride_lb + head64 * stride_lh
+
+    m0 = m_block * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < q_len
+    q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d, D,
+                  True, BLOCK_D != D)
+    do = load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv, DV,
+                   True, BLOCK_DV != DV)
+    lse = tl.load(Lse + stat_base + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + stat_base + offs_m, mask=row_ok, other=0.0)
+
+    sink_end, band_lo, full_lo, full_hi, hi = key_blocks(m0, shift, q_len, k_len, window, sinks, CAUSAL,
+                                                         BLOCK_M, BLOCK_N)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
+                      offs_m, shift, q_len, k_len, window, sinks, 0, sink_end, scale_log2,
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION)
+    dq = _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
+                      offs_m, shift, q_len, k_len, window, sinks, band_lo, full_lo, scale_log2,
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION)
+    dq = _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
+                      offs_m, shift, q_len, k_len, window, sinks, full_lo, full_hi, scale_log2,
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, False, DOT_PRECISION)
+    dq = _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
+                      offs_m, shift, q_len, k_len, window, sinks, full_hi, hi, scale_log2,
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION)
+    tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, stride_qm, stride_dom,
+                     stride_mm, stride_mn, offs_n, shift, q_len, k_len, window, sinks, lo, hi, scale_log2,
+                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_m in tl.range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d, D,
+                      MASKED, BLOCK_D != D)
+        do = load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv, DV,
+                       MASKED, BLOCK_DV != DV)
+        if MASKED:
+            lse = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=float("inf"))
+            delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
+        else:
+            lse = tl.load(lse_base + offs_m)
+            delta = tl.load(delta_base + offs_m)
+        st = mma(k, tl.trans(q), None, DOT_PRECISION) * scale_log2      # [BLOCK_N, BLOCK_M]
+        if HAS_MASK:
+            extra = tl.load(mask_base + offs_n[:, None] * stride_mn + offs_m[None, :] * stride_mm,
+                            mask=(offs_n < k_len)[:, None] & (offs_m < q_len)[None, :], other=0.0)
+            st += extra.to(tl.float32) * LOG2E
+        if MASKED:
+            seen = band_visible((offs_m + shift)[None, :], offs_n[:, None], k_len, window, sinks, CAUSAL)
+            st = tl.where(seen & (offs_m < q_len)[None, :], st, float("-inf"))
+        pt = tl.exp2(st - lse[None, :])
+        dv = mma(pt.to(do.dtype), do, dv, DOT_PRECISION)
+        dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk = mma(dst.to(q.dtype), q, dk, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def sliding_window_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV_, Lse, Delta, Mask, KvLens,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_lb, stride_lh,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    heads_kv, len_q, len_k, scale, scale_log2, window, sinks,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    n_block = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    batch = pid_zh // heads_kv
+    head_kv = pid_zh % heads_kv
+    q_len = len_q + batch * 0
+    k_len = len_k + batch * 0
+    if HAS_KV_LENS:
+        k_len = tl.minimum(tl.maximum(tl.load(KvLens + batch), 0), len_k)
+    shift = len_k - len_q
+    batch64, head_kv64 = batch.to(tl.int64), head_kv.to(tl.int64)
+    k_base = K + batch64 * stride_kb + head_kv64 * stride_kh
+    v_base = V + batch64 * stride_vb + head_kv64 * stride_vh
+    dk_base = DK + batch64 * stride_dkb + head_kv64 * stride_dkh
+    dv_base = DV_ + batch64 * stride_dvb + head_kv64 * stride_dvh
+
+    n0 = n_block * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, k_len, offs_d, D,
+                  True, BLOCK_D != D)
+    v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
+                  True, BLOCK_DV != DV)
+    m_lo, full_lo, full_hi, m_hi = query_blocks(n0, shift, q_len, k_len, window, sinks, CAUSAL, BLOCK_M, BLOCK_N)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    for g in range(GROUP):
+        head64 = head_kv64 * GROUP + g
+        q_base = Q + batch64 * stride_qb + head64 * stride_qh
+        do_base = DO + batch64 * stride_dob + head64 * stride_doh
+        mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
+        lse_base = Lse + batch64 * stride_lb + head64 * stride_lh
+        delta_base = Delta + batch64 * stride_lb + head64 * stride_lh
+        dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, stride_qm,
+                                  stride_dom, stride_mm, stride_mn, offs_n, shift, q_len, k_len, window, sinks,
+                                  m_lo, full_lo, scale_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK,
+                                  True, DOT_PRECISION)
+        dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, stride_qm,
+                                  stride_dom, stride_mm, stride_mn, offs_n, shift, q_len, k_len, window, sinks,
+                                  full_lo, full_hi, scale_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK,
+                                  False, DOT_PRECISION)
+        dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, stride_qm,
+                                  stride_dom, stride_mm, stride_mn, offs_n, shift, q_len, k_len, window, sinks,
+                                  full_hi, m_hi, scale_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK,
+                                  True, DOT_PRECISION)
+    # every key row up to Tk is stored: padding keys and keys no query sees get zeros
+    row_ok = offs_n < len_k
+    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d < D)[None, :])
+    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv < DV)[None, :])
+
+
+def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float, causal: bool, window: int,
+                       sinks: int, config_dq: dict, config_dkdv: dict, launch=lambda kernel: kernel,
+                       kernels=("dq", "dkdv")) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch both backward kernels.  Returns (dq, dk, dv).
+
+    Arguments as for :func:`.triton_fwd.sliding_window_fwd`, plus the forward's ``out`` and ``lse``,
+    ``grad_out`` [B, Hq, Tq, Dv] (unit last stride) and one config per kernel; ``kernels`` names the
+    kernels to launch (tuning times one at a time).
+    """
+    batch, heads_q, len_q, dim = q.shape
+    heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    delta = (grad_out.float() * out.float()).sum(-1).contiguous()         # [B, Hq, Tq]
+    lse = lse.contiguous()
+    mask, m_strides = mask_strides(mask, (batch, heads_q, len_q, len_k))
+    common = dict(D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
+                  CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_KV_LENS=kv_lens is not None,
+                  DOT_PRECISION=dot_precision(q.dtype))
+    mask_arg = mask if mask is not None else q
+    kv_lens_arg = kv_lens if kv_lens is not None else q
+    if "dq" in kernels:
+        block_m = config_dq["BLOCK_M"]
+        launch(sliding_window_bwd_dq_kernel)[(triton.cdiv(len_q, block_m), batch * heads_q)](
+            q, k, v, grad_out, dq, lse, delta, mask_arg, kv_lens_arg,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            lse.stride(0), lse.stride(1),
+            *m_strides,
+            heads_q, len_q, len_k, scale, scale * LOG2E_HOST, window, sinks,
+            BLOCK_M=block_m, BLOCK_N=config_dq["BLOCK_N"],
+            num_warps=config_dq["num_warps"], num_stages=config_dq["num_stages"], **common,
+        )
+    if "dkdv" in kernels:
+        block_n = config_dkdv["BLOCK_N"]
+        launch(sliding_window_bwd_dkdv_kernel)[(triton.cdiv(len_k, block_n), batch * heads_kv)](
+            q, k, v, grad_out, dk, dv, lse, delta, mask_arg, kv_lens_arg,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            lse.stride(0), lse.stride(1),
+            *m_strides,
+            heads_kv, len_q, len_k, scale, scale * LOG2E_HOST, window, sinks,
+            BLOCK_M=config_dkdv["BLOCK_M"], BLOCK_N=block_n,
+            num_warps=config_dkdv["num_warps"], num_stages=config_dkdv["num_stages"], **common,
+        )
+    return dq, dk, dv

@@ -1,0 +1,163 @@
+"""Forward kernel of sliding-window attention: exact softmax over each query's band of keys (plus the
+sink keys), flash style — an online softmax (running row maximum and sum, fp32 accumulator) over the
+key blocks the band reaches, so the work is O(Tq · (window + sinks)), not O(Tq · Tk).
+
+One program computes BLOCK_M query rows of one head against its key/value head (grouped heads read
+the same K/V; nothing is repeated).  The key blocks it visits are given by
+:func:`.triton_common.key_blocks`: the sink blocks, then the band's masked edge, its inside (no masks,
+no bounds checks) and its other edge.  It also stores each row's log-sum-exp (log2 units; +inf for a
+row that sees no key), which the backward kernels read instead of recomputing the softmax's
+statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from attnrewrite.kernels.sigmoid.triton_common import (LOG2E, LOG2E_HOST, dot_precision, load_tile, mma,
+                                                       padded_dim)
+
+from .triton_common import band_visible, key_blocks
+
+
+@triton.jit
+def _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
+                  offs_m, shift, q_len, k_len, window, sinks, lo, hi, scale_log2,
+                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, k_len, offs_d, D,
+                      MASKED, BLOCK_D != D)
+        s = mma(q, tl.trans(k), None, DOT_PRECISION) * scale_log2
+        if HAS_MASK:
+            extra = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
+                            mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :], other=0.0)
+            s += extra.to(tl.float32) * LOG2E
+        if MASKED:
+            seen = band_visible((offs_m + shift)[:, None], offs_n[None, :], k_len, window, sinks, CAUSAL)
+            s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row that has seen nothing yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
+                      MASKED, BLOCK_DV != DV)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def sliding_window_fwd_kernel(
+    Q, K, V, Out, Lse, Mask, KvLens,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_lb, stride_lh,
+    stride_mb, stride_mh, stride_mm, stride_mn,
+    heads_q, len_q, len_k, scale_log2, window, sinks,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    m_block = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    batch = pid_zh // heads_q
+    head = pid_zh % heads_q
+    head_kv = head // GROUP
+    q_len = len_q + batch * 0
+    k_len = len_k + batch * 0
+    if HAS_KV_LENS:
+        k_len = tl.minimum(tl.maximum(tl.load(KvLens + batch), 0), len_k)
+    shift = len_k - len_q                    # positions come from the tensors' lengths, not kv_lens
+    batch64, head64, head_kv64 = batch.to(tl.int64), head.to(tl.int64), head_kv.to(tl.int64)
+    q_base = Q + batch64 * stride_qb + head64 * stride_qh
+    k_base = K + batch64 * stride_kb + head_kv64 * stride_kh
+    v_base = V + batch64 * stride_vb + head_kv64 * stride_vh
+    o_base = Out + batch64 * stride_ob + head64 * stride_oh
+    mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
+
+    m0 = m_block * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d, D,
+                  True, BLOCK_D != D)
+
+    sink_end, band_lo, full_lo, full_hi, hi = key_blocks(m0, shift, q_len, k_len, window, sinks, CAUSAL,
+                                                         BLOCK_M, BLOCK_N)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm,
+                                  stride_mn, offs_m, shift, q_len, k_len, window, sinks, 0, sink_end, scale_log2,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm,
+                                  stride_mn, offs_m, shift, q_len, k_len, window, sinks, band_lo, full_lo,
+                                  scale_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True,
+                                  DOT_PRECISION)
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm,
+                                  stride_mn, offs_m, shift, q_len, k_len, window, sinks, full_lo, full_hi,
+                                  scale_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, False,
+                                  DOT_PRECISION)
+    acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm,
+                                  stride_mn, offs_m, shift, q_len, k_len, window, sinks, full_hi, hi, scale_log2,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION)
+    seen_any = l_i > 0.0
+    out = acc / tl.where(seen_any, l_i, 1.0)[:, None]
+    lse = tl.where(seen_any, m_i + tl.log2(tl.where(seen_any, l_i, 1.0)), float("inf"))
+    row_ok = offs_m < q_len
+    tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv < DV)[None, :])
+    tl.store(Lse + batch64 * stride_lb + head64 * stride_lh + offs_m, lse, mask=row_ok)
+
+
+def mask_strides(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor | None, tuple]:
+    """(the 4-d additive mask expanded to ``shape``, its strides), or (None, zeros) without a mask."""
+    if mask is None:
+        return None, (0, 0, 0, 0)
+    mask = mask.expand(*shape)
+    return mask, mask.stride()
+
+
+def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, window: int, sinks: int,
+                       config: dict, launch=lambda kernel: kernel) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel.  Returns (out [B, Hq, Tq, Dv] in q's dtype, lse float32 [B, Hq, Tq] in
+    log2 units, +inf for rows that see no key).
+
+    q/k/v with unit last stride; ``mask`` an additive float mask broadcastable to [B, Hq, Tq, Tk] (a
+    bool mask turned into 0/−inf by the caller) or None; ``kv_lens`` int32 [B] or None; ``config``
+    holds BLOCK_M, BLOCK_N, num_warps, num_stages; ``launch`` wraps the kernel (``wrap_triton``).
+    """
+    batch, heads_q, len_q, dim = q.shape
+    heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
+    out = torch.empty(batch, heads_q, len_q, dim_v, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, heads_q, len_q, dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    block_m = config["BLOCK_M"]
+    mask, m_strides = mask_strides(mask, (batch, heads_q, len_q, len_k))
+    grid = (triton.cdiv(len_q, block_m), batch * heads_q)
+    launch(sliding_window_fwd_kernel)[grid](
+        q, k, v, out, lse, mask if mask is not None else q, kv_lens if kv_lens is not None else q,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        *m_strides,
+        heads_q, len_q, len_k, scale * LOG2E_HOST, window, sinks,
+        D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
+        CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_KV_LENS=kv_lens is not None,
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return out, lse
