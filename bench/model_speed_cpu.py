@@ -182,11 +182,14 @@ def bench_workload(work: Workload, kinds: list[str], modes: list[str], baselines
             print(f"  {work.model_name} T={work.length} {variant.name} {mode}: first call "
                   f"{variant.first_call.get(mode, float('nan')):.1f} s {variant.skipped.get(mode, '')}",
                   file=sys.stderr, flush=True)
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for variant in variants:
             for mode in modes:
                 if mode not in variant.skipped:
                     variant.times[mode].append(run_once(variant, work.inputs, mode, clock))
+        # progress, so that a run cut short still shows what it measured
+        print(f"  repeat {repeat + 1}: " + ", ".join(f"{v.name} {m} {_fmt(v.times[m][-1])}" for v in variants
+                                                     for m in modes if v.times[m]), file=sys.stderr, flush=True)
     return variants
 
 
