@@ -53,7 +53,7 @@ def chunk_sigmoid_attention(
         scale: the score scale.
         causal: 0 none, 1 top-left (j <= i), 2 bottom-right (j <= i + n_k - Tq).
         dropout_p: probability of dropping each weight.
-        chunk_size: query rows per chunk (default: as many as fit CHUNK_ELEMENTS).
+        chunk_size: query rows per chunk (default: as many as keep a tile of KEY_BLOCK keys under CHUNK_ELEMENTS).
     Returns:
         [B, Hq, Tq, Dv] in q's dtype.
     """
