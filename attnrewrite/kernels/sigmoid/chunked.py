@@ -1,11 +1,18 @@
-"""The torch path: sigmoid attention in query chunks, with a backward that recomputes the weights.
+"""The torch path: sigmoid attention in tiles of query rows x keys, with a backward that recomputes the weights.
 
-Memory stays O(chunk x Tk) per head instead of O(Tq x Tk): the forward saves only its
-inputs, and the backward recomputes P = sigmoid(S) chunk by chunk (sigmoid needs no
-row statistics, so nothing else has to be kept).  Scores and weights are computed in
-float32 (float64 for float64 inputs, so the path can be gradchecked).  Grouped-query heads are folded into the rows of each
-chunk, so K/V are never repeated.  Dropout is applied to the weights, as SDPA does; its
-random mask is regenerated in the backward from a per-chunk seed.
+Memory stays O(tile) per call instead of O(Tq x Tk) per head: the forward saves only its inputs,
+and the backward recomputes P = sigmoid(S) tile by tile (sigmoid needs no row statistics, so
+nothing else has to be kept).  Sigmoid attention needs no normalisation either, so the output of
+a chunk of query rows is a plain sum over its key blocks, accumulated with ``baddbmm_``.  Key
+blocks no row of the chunk can see are never computed: above the causal diagonal, beyond the
+longest ``kv_lens``.  Tiles are small enough (``CHUNK_ELEMENTS``) to stay in the CPU's cache
+between the matmul that writes the scores, the in-place sigmoid and the matmul that reads them,
+and their buffers are allocated once per call.
+
+Scores and weights are computed in float32 (float64 for float64 inputs, so the path can be
+gradchecked; float32 inputs are not copied).  Grouped-query heads are folded into the rows of each
+tile, so K/V are never repeated.  Dropout is applied to the weights, as SDPA does; its random mask
+is regenerated in the backward from a per-tile seed.
 """
 
 from __future__ import annotations
@@ -14,8 +21,10 @@ import torch
 
 from attnrewrite.kernels._ops import kernel_op
 
-# Elements of one [B, Hq, chunk, Tk] float32 temporary (64 MiB); the backward holds a few.
-CHUNK_ELEMENTS = 1 << 24
+# Elements of one [B*Hkv, G*rows, keys] score tile (1 MiB in float32); a call holds a few.
+CHUNK_ELEMENTS = 1 << 18
+# Keys per tile (at most): with CHUNK_ELEMENTS, the rows of a chunk follow.
+KEY_BLOCK = 256
 
 
 def chunk_sigmoid_attention(
@@ -44,7 +53,7 @@ def chunk_sigmoid_attention(
         scale: the score scale.
         causal: 0 none, 1 top-left (j <= i), 2 bottom-right (j <= i + n_k - Tq).
         dropout_p: probability of dropping each weight.
-        chunk_size: query rows per chunk (default: as many as fit CHUNK_ELEMENTS).
+        chunk_size: query rows per chunk (default: as many as keep a tile of KEY_BLOCK keys under CHUNK_ELEMENTS).
     Returns:
         [B, Hq, Tq, Dv] in q's dtype.
     """
@@ -79,17 +88,26 @@ def _chunked_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
                  seed: torch.Tensor | None, chunk_size: int) -> torch.Tensor:
     batch, heads_q, len_q, _ = q.shape
     dim_v = v.shape[3]
-    chunk = _chunk_rows(q, k, chunk_size)
     seed_value = int(seed) if seed is not None else 0
-    geometry = _Geometry(q, k, mask, bias, kv_lens, scale, causal)
-    v32 = v.to(geometry.dtype)
+    geometry = _Geometry(q, k, v, mask, bias, kv_lens, scale, causal, chunk_size)
     out = torch.empty(batch, heads_q, len_q, dim_v, dtype=q.dtype, device=q.device)
-    for index, start in enumerate(range(0, len_q, chunk)):
-        stop = min(start + chunk, len_q)
-        weights = geometry.weights(q, start, stop)  # [B, Hkv, G*C, Tk]
-        if dropout_p > 0:
-            weights = weights * _keep_scale(weights, dropout_p, seed_value, index)
-        out[:, :, start:stop] = (weights @ v32).view(batch, heads_q, stop - start, dim_v).to(q.dtype)
+    scores = geometry.buffer()
+    rows_out = geometry.buffer(dim_v)
+    for chunk in geometry.chunks(q):
+        acc = _view(rows_out, (geometry.flat, chunk.flat_rows, dim_v))
+        if not chunk.blocks:  # no key visible: these rows are 0
+            out[:, :, chunk.start:chunk.stop] = 0
+            continue
+        for index, key_start, key_stop in chunk.blocks:
+            weights = geometry.weights(chunk, key_start, key_stop, scores)  # [B*Hkv, G*C, Kb]
+            if dropout_p > 0:
+                weights.mul_(_keep_scale(weights, dropout_p, seed_value, index))
+            values = geometry.v[:, key_start:key_stop]
+            if key_start == 0:
+                torch.bmm(weights, values, out=acc)
+            else:
+                acc.baddbmm_(weights, values)
+        out[:, :, chunk.start:chunk.stop] = acc.view(batch, heads_q, chunk.stop - chunk.start, dim_v)
     return out
 
 
@@ -104,32 +122,48 @@ def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     """(dq, dk, dv, dmask); dmask is empty unless ``want_mask``."""
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
-    chunk = _chunk_rows(q, k, chunk_size)
     seed_value = int(seed) if seed is not None else 0
-    geometry = _Geometry(q, k, mask, bias, kv_lens, scale, causal)
-    k32, v32 = geometry.k32, v.to(geometry.dtype)
-    dtype = geometry.dtype
+    geometry = _Geometry(q, k, v, mask, bias, kv_lens, scale, causal, chunk_size)
+    dtype, flat = geometry.dtype, geometry.flat
     dq = torch.empty(batch, heads_q, len_q, dim, dtype=dtype, device=q.device)
-    dk = torch.zeros(batch, heads_kv, len_k, dim, dtype=dtype, device=q.device)
-    dv = torch.zeros(batch, heads_kv, len_k, dim_v, dtype=dtype, device=q.device)
+    dk = torch.zeros(flat, len_k, dim, dtype=dtype, device=q.device)
+    dv = torch.zeros(flat, len_k, dim_v, dtype=dtype, device=q.device)
     dmask = torch.zeros(mask.shape, dtype=dtype, device=q.device) if want_mask else None
-    for index, start in enumerate(range(0, len_q, chunk)):
-        stop = min(start + chunk, len_q)
-        rows = stop - start
-        weights = geometry.weights(q, start, stop)  # P, [B, Hkv, G*C, Tk]
-        grad_rows = geometry.fold(grad_out[:, :, start:stop].to(dtype))  # [B, Hkv, G*C, Dv]
-        grad_weights = grad_rows @ v32.transpose(-1, -2)  # dP
-        kept = weights
-        if dropout_p > 0:
-            keep = _keep_scale(weights, dropout_p, seed_value, index)
-            kept, grad_weights = weights * keep, grad_weights * keep
-        dv += kept.transpose(-1, -2) @ grad_rows
-        grad_scores = weights * (1.0 - weights) * grad_weights  # dS = P(1-P) dP
-        dq[:, :, start:stop] = (grad_scores @ k32).view(batch, heads_q, rows, dim)
-        dk += grad_scores.transpose(-1, -2) @ geometry.fold(q[:, :, start:stop].to(dtype))
-        if want_mask:
-            _accumulate_mask_grad(dmask, grad_scores.view(batch, heads_q, rows, len_k), start, stop)
+    scores, grad_weights, grad_scores = geometry.buffer(), geometry.buffer(), geometry.buffer()
+    rows_dq = geometry.buffer(dim)
+    for chunk in geometry.chunks(q):
+        rows = chunk.stop - chunk.start
+        if not chunk.blocks:  # no key visible: no gradient from these rows
+            dq[:, :, chunk.start:chunk.stop] = 0
+            continue
+        grad_rows = geometry.fold(grad_out, chunk.start, chunk.stop)  # [B*Hkv, G*C, Dv]
+        acc = _view(rows_dq, (flat, chunk.flat_rows, dim))
+        for index, key_start, key_stop in chunk.blocks:
+            weights = geometry.weights(chunk, key_start, key_stop, scores)  # P, [B*Hkv, G*C, Kb]
+            shape = weights.shape
+            values, keys = geometry.v[:, key_start:key_stop], geometry.k[:, key_start:key_stop]
+            d_weights = torch.bmm(grad_rows, values.transpose(1, 2), out=_view(grad_weights, shape))  # dP
+            if dropout_p > 0:
+                keep = _keep_scale(weights, dropout_p, seed_value, index)
+                dv[:, key_start:key_stop].baddbmm_((weights * keep).transpose(1, 2), grad_rows)
+                d_weights.mul_(keep)
+            else:
+                dv[:, key_start:key_stop].baddbmm_(weights.transpose(1, 2), grad_rows)
+            # dS = P (1 - P) dP in one pass; 0 wherever P is (hidden keys)
+            d_scores = torch.ops.aten.sigmoid_backward.grad_input(d_weights, weights,
+                                                                  grad_input=_view(grad_scores, shape))
+            if key_start == 0:
+                torch.bmm(d_scores, keys, out=acc)
+            else:
+                acc.baddbmm_(d_scores, keys)
+            dk[:, key_start:key_stop].baddbmm_(d_scores.transpose(1, 2), chunk.q)
+            if want_mask:
+                _accumulate_mask_grad(dmask, d_scores.view(batch, heads_q, rows, key_stop - key_start),
+                                      chunk.start, chunk.stop, key_start)
+        dq[:, :, chunk.start:chunk.stop] = acc.view(batch, heads_q, rows, dim)
     grad_mask = dmask.to(mask.dtype) if want_mask else q.new_empty(0)
+    dk = dk.view(batch, heads_kv, len_k, dim)
+    dv = dv.view(batch, heads_kv, len_k, dim_v)
     return (dq * scale).to(q.dtype), (dk * scale).to(k.dtype), dv.to(v.dtype), grad_mask
 
 
@@ -160,55 +194,118 @@ kernel_op("sigmoid_chunked_fwd", _chunked_fwd, fake=_chunked_fwd_fake, backward=
 kernel_op("sigmoid_chunked_bwd", _chunked_bwd, fake=_chunked_bwd_fake)
 
 
-def _chunk_rows(q: torch.Tensor, k: torch.Tensor, chunk_size: int) -> int:
-    """Query rows per chunk: ``chunk_size``, or as many as keep one temporary under CHUNK_ELEMENTS."""
-    batch, heads_q, len_q = q.shape[:3]
-    return chunk_size or max(1, min(len_q, CHUNK_ELEMENTS // max(1, batch * heads_q * k.shape[2])))
+def _view(buffer: torch.Tensor, shape) -> torch.Tensor:
+    """The first elements of a flat buffer as a contiguous tensor of ``shape``."""
+    return buffer[:shape[0] * shape[1] * shape[2]].view(shape)
+
+
+class _Chunk:
+    """Query rows start:stop: their folded q [B*Hkv, G*C, D], their bias rows [B*Hkv, G*C, 1], the
+    key blocks they read ((tile index, key_start, key_stop), in order from key 0), and ``full``: every
+    row sees the keys before it (up to masks), so only later keys need the visibility mask."""
+
+    def __init__(self, start, stop, q, bias, full, blocks):
+        self.start, self.stop, self.q, self.bias, self.full, self.blocks = start, stop, q, bias, full, blocks
+        self.flat_rows = q.shape[1]
 
 
 class _Geometry:
-    """Everything needed to recompute the weights of a chunk of query rows."""
+    """Everything needed to recompute the weights of a tile of query rows x keys.
 
-    def __init__(self, q, k, mask, bias, kv_lens, scale, causal):
-        self.batch, self.heads_q, self.len_q, _ = q.shape
+    K and V are kept as [B*Hkv, Tk, X] in the compute dtype, and a chunk's query rows are folded
+    to [B*Hkv, G*C, D] (the G query heads of a kv head stacked), so each tile is a few batched
+    matmuls over all heads.  The visible keys are worked out on the host per chunk: keys every
+    row of the chunk sees (no mask needed), keys some row sees (a small mask), and keys no row
+    sees, which are never read: causal chunks stop at the diagonal and padded chunks at the
+    longest kv_lens.
+    """
+
+    def __init__(self, q, k, v, mask, bias, kv_lens, scale, causal, chunk_size):
+        self.batch, self.heads_q, self.len_q, self.dim = q.shape
         self.heads_kv, self.len_k = k.shape[1], k.shape[2]
         self.group = self.heads_q // self.heads_kv
+        self.flat = self.batch * self.heads_kv
         self.dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-        self.k32 = k.to(self.dtype)
+        self.device = q.device
+        self.k = k.to(self.dtype).reshape(self.flat, self.len_k, k.shape[3])
+        self.v = v.to(self.dtype).reshape(self.flat, self.len_k, v.shape[3])
         self.mask = mask
-        # [Z, Hkv, G, 1, 1], or [Z, Hkv, G, Tq, 1] with one b per query row (sliced per chunk)
-        rows = bias.shape[2] if bias.dim() == 3 else 1
-        self.bias = bias.reshape(bias.shape[0], self.heads_kv, self.group, rows, 1)
+        # [Z, Hkv, G, 1], or [Z, Hkv, G, Tq] with one b per query row (sliced per chunk)
+        self.bias = bias.to(self.dtype).reshape(bias.shape[0], self.heads_kv, self.group, -1)
         self.scale = scale
         self.causal = causal
-        device = q.device
-        self.key_index = torch.arange(self.len_k, device=device)
-        n_keys = (torch.full((self.batch,), self.len_k, device=device) if kv_lens is None
-                  else kv_lens.long().clamp(0, self.len_k))
-        self.key_valid = (self.key_index < n_keys.view(-1, 1)).view(self.batch, 1, 1, 1, self.len_k)
+        # each sequence's key count and causal shift, on the host: they decide which keys a chunk reads
+        self.n_keys = ([self.len_k] * self.batch if kv_lens is None
+                       else [min(max(int(n), 0), self.len_k) for n in kv_lens.tolist()])
         # causal: key j visible to row i iff j <= i + shift (shift = 0 top-left, n_k - Tq bottom-right)
-        self.shift = (torch.zeros_like(n_keys) if causal == 1 else n_keys - self.len_q).view(-1, 1, 1, 1, 1)
+        self.shifts = [0 if causal == 1 else n - self.len_q for n in self.n_keys]
+        self.n_keys_t = torch.tensor(self.n_keys, device=self.device).view(-1, 1, 1, 1, 1)
+        self.shifts_t = torch.tensor(self.shifts, device=self.device).view(-1, 1, 1, 1, 1)
+        self.key_block = max(1, min(KEY_BLOCK, self.len_k))
+        self.rows = max(1, min(self.len_q, chunk_size or CHUNK_ELEMENTS // (self.batch * self.heads_q * self.key_block)))
 
-    def fold(self, rows: torch.Tensor) -> torch.Tensor:
-        """[B, Hq, C, X] -> [B, Hkv, G*C, X]: the query heads of a group become rows of one matmul."""
-        return rows.reshape(self.batch, self.heads_kv, -1, rows.shape[-1])
+    def buffer(self, columns: int | None = None) -> torch.Tensor:
+        """A flat buffer for one score tile, or for a chunk's rows of ``columns`` values."""
+        size = self.flat * self.group * self.rows * (columns or self.key_block)
+        return torch.empty(size, dtype=self.dtype, device=self.device)
 
-    def weights(self, q: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """P = sigmoid(S) for query rows start:stop, exactly 0 where a key is not visible. [B, Hkv, G*C, Tk]"""
-        rows = stop - start
-        scores = (self.fold(q[:, :, start:stop].to(self.dtype)) @ self.k32.transpose(-1, -2)) * self.scale
-        bias = self.bias if self.bias.shape[3] == 1 else self.bias[:, :, :, start:stop]
-        scores = scores.view(self.batch, self.heads_kv, self.group, rows, self.len_k) + bias
-        if self.mask is not None:
-            chunk_mask = self.mask[:, :, start:stop] if self.mask.shape[2] != 1 else self.mask
-            chunk_mask = chunk_mask.expand(self.batch, self.heads_q, rows, self.len_k)
-            scores = scores + chunk_mask.reshape(self.batch, self.heads_kv, self.group, rows, self.len_k)
-        visible = self.key_valid
+    def fold(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Rows start:stop of [B, Hq, T, X] as [B*Hkv, G*C, X] in the compute dtype."""
+        return x[:, :, start:stop].to(self.dtype).reshape(self.flat, -1, x.shape[-1])
+
+    def key_range(self, start: int, stop: int) -> tuple[int, int]:
+        """(full, width): every row of start:stop sees keys < full (up to masks); none sees keys >= width."""
         if self.causal:
-            query_index = torch.arange(start, stop, device=q.device).view(1, 1, 1, rows, 1)
-            visible = visible & (self.key_index <= query_index + self.shift)
-        weights = torch.where(visible, torch.sigmoid(scores), torch.zeros((), dtype=self.dtype, device=q.device))
-        return weights.view(self.batch, self.heads_kv, self.group * rows, self.len_k)
+            width = max(min(stop + s, n) for s, n in zip(self.shifts, self.n_keys))
+            full = min(min(start + s + 1, n) for s, n in zip(self.shifts, self.n_keys))
+        else:
+            width, full = max(self.n_keys), min(self.n_keys)
+        width = max(width, 0)
+        return min(max(full, 0), width), width
+
+    def chunks(self, q: torch.Tensor):
+        """The chunks of query rows, in order; tile indices (the dropout seeds) count across chunks."""
+        index = 0
+        for start in range(0, self.len_q, self.rows):
+            stop = min(start + self.rows, self.len_q)
+            full, width = self.key_range(start, stop)
+            blocks = []
+            for key_start in range(0, width, self.key_block):
+                blocks.append((index, key_start, min(key_start + self.key_block, width)))
+                index += 1
+            if not blocks:
+                yield _Chunk(start, stop, q[:, :, :0].reshape(self.flat, 0, q.shape[3]), None, full, blocks)
+                continue
+            bias = self.bias[..., start:stop] if self.bias.shape[3] != 1 else self.bias
+            bias = bias.expand(self.batch, self.heads_kv, self.group, stop - start)
+            yield _Chunk(start, stop, self.fold(q, start, stop), bias.reshape(self.flat, -1, 1), full, blocks)
+
+    def weights(self, chunk: _Chunk, key_start: int, key_stop: int, buffer: torch.Tensor) -> torch.Tensor:
+        """P = sigmoid(S) of the chunk's rows against keys key_start:key_stop, [B*Hkv, G*C, Kb] (in
+        ``buffer``), exactly 0 where a key is not visible."""
+        rows, width = chunk.stop - chunk.start, key_stop - key_start
+        scores = _view(buffer, (self.flat, chunk.flat_rows, width))
+        # S = b + scale * q k^T, the bias broadcast over keys by baddbmm
+        torch.baddbmm(chunk.bias, chunk.q, self.k[:, key_start:key_stop].transpose(1, 2), alpha=self.scale,
+                      out=scores)
+        grid = scores.view(self.batch, self.heads_kv, self.group, rows, width)
+        if self.mask is not None:
+            tile_mask = self.mask[:, :, chunk.start:chunk.stop] if self.mask.shape[2] != 1 else self.mask
+            tile_mask = tile_mask[..., key_start:key_stop] if tile_mask.shape[3] != 1 else tile_mask
+            # [Bm, Hm, C|1, Kb|1] -> [Bm, Hkv|1, G|1, C|1, Kb|1], broadcast against the grid
+            tile_mask = (tile_mask.unflatten(1, (self.heads_kv, self.group)) if tile_mask.shape[1] != 1
+                         else tile_mask.unsqueeze(1))
+            grid.add_(tile_mask)
+        scores.sigmoid_()
+        first = max(chunk.full, key_start)
+        if first < key_stop:  # keys only some rows see: hide them from the others
+            keys = torch.arange(first, key_stop, device=self.device)
+            hidden = keys >= self.n_keys_t
+            if self.causal:
+                query_index = torch.arange(chunk.start, chunk.stop, device=self.device).view(1, 1, 1, rows, 1)
+                hidden = hidden | (keys > query_index + self.shifts_t)
+            grid[..., first - key_start:].masked_fill_(hidden, 0.0)
+        return scores
 
 
 def _keep_scale(weights: torch.Tensor, dropout_p: float, seed: int, index: int) -> torch.Tensor:
@@ -219,12 +316,15 @@ def _keep_scale(weights: torch.Tensor, dropout_p: float, seed: int, index: int) 
     return keep.to(weights.dtype) / (1.0 - dropout_p)
 
 
-def _accumulate_mask_grad(dmask: torch.Tensor, grad_scores: torch.Tensor, start: int, stop: int) -> None:
-    """Add dS of rows start:stop ([B, Hq, C, Tk]) into dmask, summing over dims the mask broadcasts."""
+def _accumulate_mask_grad(dmask: torch.Tensor, grad_scores: torch.Tensor, start: int, stop: int,
+                          key_start: int) -> None:
+    """Add dS of rows start:stop against keys key_start:key_start+Kb ([B, Hq, C, Kb]) into dmask, summing
+    over the dims the mask broadcasts (keys no tile reads have no gradient)."""
     reduce = [d for d in (0, 1, 3) if dmask.shape[d] == 1 and grad_scores.shape[d] != 1]
     if reduce:
         grad_scores = grad_scores.sum(dim=reduce, keepdim=True)
+    target = dmask if dmask.shape[3] == 1 else dmask[..., key_start:key_start + grad_scores.shape[3]]
     if dmask.shape[2] == 1:
-        dmask += grad_scores.sum(dim=2, keepdim=True)
+        target += grad_scores.sum(dim=2, keepdim=True)
     else:
-        dmask[:, :, start:stop] += grad_scores
+        target[:, :, start:stop] += grad_scores
