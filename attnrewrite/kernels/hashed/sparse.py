@@ -54,9 +54,51 @@ def visible_keys(keep: torch.Tensor | None, rows: slice, t_k: int, causal_offset
     return visible if keep is None else visible & keep
 
 
+def _priority_dtype(groups: int, bits: int, t_k: int) -> torch.dtype:
+    """float32 where agreement·Tk + position is an exact integer in it (below 2²⁴), else float64."""
+    return torch.float32 if (groups * bits + 2) * (t_k + 1) < 2 ** 24 else torch.float64
+
+
+def _agreement_priority(q_signs: torch.Tensor, k_signs: torch.Tensor, bits: int, t_k: int) -> torch.Tensor:
+    """agreement·Tk + j [B, Hkv, n, Tk'] (exact integers, float32 or float64) of the block's queries against
+    the keys k_signs [B, Hkv, Tk', bits] (Tk' ≤ Tk), agreement summed over each group's query heads.
+
+    On ±1 signs the summed agreement is (g·bits + s_q·s_k) / 2, so the priority is one batched matrix
+    product with the position added in its epilogue: (Tk/2)·(s_q·s_k) + (g·bits·Tk/2 + j).
+    """
+    batch, heads_q, rows, _ = q_signs.shape
+    heads_kv, keys = k_signs.shape[1], k_signs.shape[2]
+    groups = heads_q // heads_kv
+    dtype = _priority_dtype(groups, bits, t_k)
+    grouped = q_signs.to(dtype).reshape(batch, heads_kv, groups, rows, bits).sum(2)    # [B, Hkv, n, bits]
+    offset = torch.arange(keys, dtype=dtype, device=q_signs.device) + groups * bits * t_k / 2
+    product = torch.baddbmm(offset.expand(batch * heads_kv, rows, keys), grouped.reshape(-1, rows, bits),
+                            k_signs.to(dtype).reshape(-1, keys, bits).transpose(-1, -2), alpha=t_k / 2)
+    return product.view(batch, heads_kv, rows, keys)
+
+
+def top_indices(priority: torch.Tensor, count: int) -> torch.Tensor:
+    """int64 [..., count]: the positions of the ``count`` largest entries of each row of ``priority``
+    [..., N] (distinct values), in no particular order; a slot whose entry is negative holds −1.
+
+    On the CPU a numpy ``argpartition`` (a selection, about three times faster than ``torch.topk``);
+    elsewhere ``topk``.
+    """
+    width = priority.shape[-1]
+    if count >= width:
+        index = torch.arange(width, device=priority.device).expand(priority.shape)
+    elif priority.device.type == "cpu":
+        flat = priority.reshape(-1, width).neg().numpy()
+        index = torch.from_numpy(flat.argpartition(count - 1, axis=-1)[:, :count]).view(*priority.shape[:-1], count)
+    else:
+        index = priority.topk(count, dim=-1, sorted=False).indices
+    return torch.where(priority.gather(-1, index) >= 0, index, -1)
+
+
 def select(q_signs: torch.Tensor, k_signs: torch.Tensor, visible: torch.Tensor, bits: int, top_k: int, window: int,
            sinks: int) -> torch.Tensor:
-    """Selected key indices int64 [B, Hkv, n, S] (−1 marks an empty slot), S = min(Tk, sinks + window + top_k).
+    """Selected key indices int64 [B, Hkv, n, S] (−1 marks an empty slot, slots in no particular order),
+    S = min(Tk, sinks + window + top_k).
 
     Args:
         q_signs: ±1 codes of the block's queries [B, Hq, n, bits]; k_signs: of all keys [B, Hkv, Tk, bits].
@@ -64,27 +106,52 @@ def select(q_signs: torch.Tensor, k_signs: torch.Tensor, visible: torch.Tensor, 
     Per row: the first ``sinks`` and the last ``window`` visible keys, and the ``top_k`` other visible
     keys with the highest agreement summed over the group's query heads (ties: the later key).
     """
-    batch, heads_q, rows, _ = q_signs.shape
-    heads_kv, t_k = k_signs.shape[1], k_signs.shape[2]
+    heads_q, heads_kv, t_k = q_signs.shape[1], k_signs.shape[1], k_signs.shape[2]
     groups = heads_q // heads_kv
-    grouped = q_signs.reshape(batch, heads_kv, groups, rows, bits).sum(2)             # [B, Hkv, n, bits]
-    agreement = ((grouped @ k_signs.transpose(-1, -2) + groups * bits) / 2).round().long()   # [B, Hkv, n, Tk]
+    priority = _agreement_priority(q_signs, k_signs, bits, t_k)                      # [B, Hkv, n, Tk]
     visible = visible[:, None]                                                        # [B|1, 1, n, Tk]
     rank = visible.long().cumsum(-1)
     count = rank[..., -1:]
     special = visible & ((rank <= sinks) | (rank > count - window))
-    priority = agreement * t_k + torch.arange(t_k, device=agreement.device)
-    priority = torch.where(special, (groups * bits + 1) * t_k, priority)
-    priority = torch.where(visible, priority, -1)
-    values, index = priority.topk(min(t_k, sinks + window + top_k), dim=-1)
-    return torch.where(values >= 0, index, -1)
+    priority = priority.masked_fill(special, (groups * bits + 1) * t_k).masked_fill(~visible, -1)
+    return top_indices(priority, min(t_k, sinks + window + top_k))
+
+
+def select_unmasked(q_signs: torch.Tensor, k_signs: torch.Tensor, rows: slice, causal: bool, bits: int, top_k: int,
+                    window: int, sinks: int) -> torch.Tensor:
+    """:func:`select` without a mask, for the query rows ``rows`` (causal: row i sees keys 0 … i; else all):
+    int64 [B, Hkv, n, sinks + window + top_k'] with −1 for empty slots (top_k' ≤ top_k).
+
+    The sinks and the window are the same ranges of positions for every head, so only the keys between
+    them are scored: for causal rows, only those before the block's last row.
+    """
+    device = q_signs.device
+    t_k = k_signs.shape[2]
+    batch, heads_kv = q_signs.shape[0], k_signs.shape[1]
+    row = torch.arange(rows.start, rows.stop, device=device)[:, None]                # [n, 1]
+    count = row + 1 if causal else torch.full_like(row, t_k)                           # visible keys per row
+    first = count.clamp(max=sinks)                                                     # sinks: [0, first)
+    slots = torch.arange(sinks, device=device)
+    chosen = [torch.where(slots < first, slots, -1)]
+    slots = count - window + torch.arange(window, device=device)                      # window: [count − window, count)
+    chosen.append(torch.where(slots >= first, slots, -1))
+    last = (rows.stop if causal else t_k) - window                                    # candidates: [sinks, last)
+    if top_k and last > sinks:
+        priority = _agreement_priority(q_signs, k_signs[:, :, sinks:last], bits, t_k)  # [B, Hkv, n, last − sinks]
+        candidate = torch.arange(sinks, last, device=device) < count - window         # [n, last − sinks]
+        picked = top_indices(priority.masked_fill(~candidate, -1), top_k)
+        chosen.append(torch.where(picked >= 0, picked + sinks, -1))
+    n = rows.stop - rows.start
+    parts = [c.expand(batch, heads_kv, n, c.shape[-1]) for c in chosen]
+    return torch.cat(parts, dim=-1)
 
 
 def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D] at index [B, H, n, S] (−1 read as 0) → [B, H, n, S, D]."""
+    """x [B, H, T, D] at index [B, H, n, S] (−1 read as 0) → [B, H, n, S, D] (one ``index_select`` of rows)."""
     batch, heads, length, dim = x.shape
     offsets = (torch.arange(batch * heads, device=x.device) * length).view(batch, heads, 1, 1)
-    return x.reshape(batch * heads * length, dim)[index.clamp(min=0) + offsets]
+    flat = (index.clamp(min=0) + offsets).reshape(-1)
+    return x.reshape(batch * heads * length, dim).index_select(0, flat).view(*index.shape, dim)
 
 
 def scatter_add(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
@@ -126,9 +193,13 @@ def hashed_blocks(q, k, attn_mask, is_causal, bits, top_k, window, sinks, proj_q
     step = _rows_per_block(q, k, selected)
     for i0 in range(0, t_q, step):
         rows = slice(i0, min(t_q, i0 + step))
+        q_rows = q[:, :, rows]
+        if attn_mask is None:
+            yield rows, q_rows, select_unmasked(signs(q_rows, proj_q), k_signs, rows, is_causal, bits, top_k, window,
+                                                sinks), None
+            continue
         keep, bias = mask_parts(attn_mask, rows, t_q, t_k)
         visible = visible_keys(keep, rows, t_k, 0 if is_causal else None, q.device)
-        q_rows = q[:, :, rows]
         index = select(signs(q_rows, proj_q), k_signs, visible, bits, top_k, window, sinks)
         yield rows, q_rows, index, bias
 

@@ -83,12 +83,13 @@ def test_low_precision_error_bound(dtype, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_gradients_equal_the_references(causal, monkeypatch):
+@pytest.mark.parametrize("dv", [6, 8])  # Dv == D: the fused CPU backward of each block; Dv != D: the formulas
+def test_gradients_equal_the_references(causal, dv, monkeypatch):
     monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 32 * 8)
-    q, k, v, p = _inputs(t=17, grad=True)
+    q, k, v, p = _inputs(t=17, dv=dv, grad=True)
     valid = _padding(t=17)
     kw = dict(is_causal=causal, chunk_size=3, window_chunks=1, summary_query=p)
-    weights = torch.randn(2, 4, 17, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    weights = torch.randn(2, 4, 17, dv, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     got = torch.autograd.grad((ops.summary_attention(q, k, v, valid[:, None, None], enable_gqa=True, summary="learned",
                                                      **kw) * weights).sum(), (q, k, v, p))
     want = torch.autograd.grad((naive_summary_attention(q, k, v, valid, **kw) * weights).sum(), (q, k, v, p))
