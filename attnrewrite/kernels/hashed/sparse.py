@@ -16,12 +16,15 @@ reaches the projections only; q, k and v get the exact gradient of the attention
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .codes import project, signs
 
 # Query rows per block are chosen so that a block's gathered [B, Hkv, rows, selected, D] keys stay near this size.
 BLOCK_ELEMENTS = 1 << 22
+USE_CSR = True  # the CPU forward attends through sparse matrix products (tests switch it off to cover the gathers)
 MASKED_SCORE = -1e4  # float-mask entries at or below this exclude the key (the rewriter's rule)
 
 
@@ -59,40 +62,42 @@ def _priority_dtype(groups: int, bits: int, t_k: int) -> torch.dtype:
     return torch.float32 if (groups * bits + 2) * (t_k + 1) < 2 ** 24 else torch.float64
 
 
-def _agreement_priority(q_signs: torch.Tensor, k_signs: torch.Tensor, bits: int, t_k: int) -> torch.Tensor:
-    """agreement·Tk + j [B, Hkv, n, Tk'] (exact integers, float32 or float64) of the block's queries against
-    the keys k_signs [B, Hkv, Tk', bits] (Tk' ≤ Tk), agreement summed over each group's query heads.
+def _agreement_cost(q_signs: torch.Tensor, k_signs: torch.Tensor, bits: int, t_k: int) -> torch.Tensor:
+    """−(agreement·Tk + j) [B, Hkv, n, Tk'] (exact integers ≤ 0, float32 or float64) of the block's queries
+    against the keys k_signs [B, Hkv, Tk', bits] (Tk' ≤ Tk), agreement summed over each group's query heads:
+    the lower, the better (the selection is a partition for the smallest).
 
-    On ±1 signs the summed agreement is (g·bits + s_q·s_k) / 2, so the priority is one batched matrix
-    product with the position added in its epilogue: (Tk/2)·(s_q·s_k) + (g·bits·Tk/2 + j).
+    On ±1 signs the summed agreement is (g·bits + s_q·s_k) / 2, so the cost is one batched matrix
+    product with the position added in its epilogue: −(Tk/2)·(s_q·s_k) − (g·bits·Tk/2 + j).
     """
     batch, heads_q, rows, _ = q_signs.shape
     heads_kv, keys = k_signs.shape[1], k_signs.shape[2]
     groups = heads_q // heads_kv
     dtype = _priority_dtype(groups, bits, t_k)
     grouped = q_signs.to(dtype).reshape(batch, heads_kv, groups, rows, bits).sum(2)    # [B, Hkv, n, bits]
-    offset = torch.arange(keys, dtype=dtype, device=q_signs.device) + groups * bits * t_k / 2
+    offset = -(torch.arange(keys, dtype=dtype, device=q_signs.device) + groups * bits * t_k / 2)
     product = torch.baddbmm(offset.expand(batch * heads_kv, rows, keys), grouped.reshape(-1, rows, bits),
-                            k_signs.to(dtype).reshape(-1, keys, bits).transpose(-1, -2), alpha=t_k / 2)
+                            k_signs.to(dtype).reshape(-1, keys, bits).transpose(-1, -2), alpha=-t_k / 2)
     return product.view(batch, heads_kv, rows, keys)
 
 
-def top_indices(priority: torch.Tensor, count: int) -> torch.Tensor:
-    """int64 [..., count]: the positions of the ``count`` largest entries of each row of ``priority``
-    [..., N] (distinct values), in no particular order; a slot whose entry is negative holds −1.
+def top_indices(cost: torch.Tensor, count: int, check: bool = True) -> torch.Tensor:
+    """int64 [..., count]: the positions of the ``count`` smallest entries of each row of ``cost``
+    [..., N] (distinct values), in no particular order; a slot whose entry is positive (not a
+    candidate) holds −1 (with ``check=False`` the caller finds those slots itself).
 
     On the CPU a numpy ``argpartition`` (a selection, about three times faster than ``torch.topk``);
     elsewhere ``topk``.
     """
-    width = priority.shape[-1]
+    width = cost.shape[-1]
     if count >= width:
-        index = torch.arange(width, device=priority.device).expand(priority.shape)
-    elif priority.device.type == "cpu":
-        flat = priority.reshape(-1, width).neg().numpy()
-        index = torch.from_numpy(flat.argpartition(count - 1, axis=-1)[:, :count]).view(*priority.shape[:-1], count)
+        index = torch.arange(width, device=cost.device).expand(cost.shape)
+    elif cost.device.type == "cpu":
+        flat = cost.reshape(-1, width).numpy()
+        index = torch.from_numpy(flat.argpartition(count - 1, axis=-1)[:, :count]).view(*cost.shape[:-1], count)
     else:
-        index = priority.topk(count, dim=-1, sorted=False).indices
-    return torch.where(priority.gather(-1, index) >= 0, index, -1)
+        index = cost.topk(count, dim=-1, largest=False, sorted=False).indices
+    return torch.where(cost.gather(-1, index) <= 0, index, -1) if check else index
 
 
 def select(q_signs: torch.Tensor, k_signs: torch.Tensor, visible: torch.Tensor, bits: int, top_k: int, window: int,
@@ -108,13 +113,13 @@ def select(q_signs: torch.Tensor, k_signs: torch.Tensor, visible: torch.Tensor, 
     """
     heads_q, heads_kv, t_k = q_signs.shape[1], k_signs.shape[1], k_signs.shape[2]
     groups = heads_q // heads_kv
-    priority = _agreement_priority(q_signs, k_signs, bits, t_k)                      # [B, Hkv, n, Tk]
+    cost = _agreement_cost(q_signs, k_signs, bits, t_k)                              # [B, Hkv, n, Tk]
     visible = visible[:, None]                                                        # [B|1, 1, n, Tk]
     rank = visible.long().cumsum(-1)
     count = rank[..., -1:]
     special = visible & ((rank <= sinks) | (rank > count - window))
-    priority = priority.masked_fill(special, (groups * bits + 1) * t_k).masked_fill(~visible, -1)
-    return top_indices(priority, min(t_k, sinks + window + top_k))
+    cost = cost.masked_fill(special, -(groups * bits + 1) * t_k).masked_fill(~visible, 1)
+    return top_indices(cost, min(t_k, sinks + window + top_k))
 
 
 def select_unmasked(q_signs: torch.Tensor, k_signs: torch.Tensor, rows: slice, causal: bool, bits: int, top_k: int,
@@ -128,6 +133,7 @@ def select_unmasked(q_signs: torch.Tensor, k_signs: torch.Tensor, rows: slice, c
     device = q_signs.device
     t_k = k_signs.shape[2]
     batch, heads_kv = q_signs.shape[0], k_signs.shape[1]
+    n = rows.stop - rows.start
     row = torch.arange(rows.start, rows.stop, device=device)[:, None]                # [n, 1]
     count = row + 1 if causal else torch.full_like(row, t_k)                           # visible keys per row
     first = count.clamp(max=sinks)                                                     # sinks: [0, first)
@@ -137,11 +143,13 @@ def select_unmasked(q_signs: torch.Tensor, k_signs: torch.Tensor, rows: slice, c
     chosen.append(torch.where(slots >= first, slots, -1))
     last = (rows.stop if causal else t_k) - window                                    # candidates: [sinks, last)
     if top_k and last > sinks:
-        priority = _agreement_priority(q_signs, k_signs[:, :, sinks:last], bits, t_k)  # [B, Hkv, n, last − sinks]
-        candidate = torch.arange(sinks, last, device=device) < count - window         # [n, last − sinks]
-        picked = top_indices(priority.masked_fill(~candidate, -1), top_k)
-        chosen.append(torch.where(picked >= 0, picked + sinks, -1))
-    n = rows.stop - rows.start
+        cost = _agreement_cost(q_signs, k_signs[:, :, sinks:last], bits, t_k)          # [B, Hkv, n, last − sinks]
+        if causal:  # row i's candidates end at i − window: only the last n columns hold others
+            tail = min(n, last - sinks)
+            column = torch.arange(last - tail, last, device=device)
+            cost[..., -tail:].masked_fill_(column >= count - window, 1)
+        picked = top_indices(cost, top_k, check=False) + sinks
+        chosen.append(torch.where(picked < count - window, picked, -1))              # not a candidate: empty
     parts = [c.expand(batch, heads_kv, n, c.shape[-1]) for c in chosen]
     return torch.cat(parts, dim=-1)
 
@@ -204,16 +212,66 @@ def hashed_blocks(q, k, attn_mask, is_causal, bits, top_k, window, sinks, proj_q
         yield rows, q_rows, index, bias
 
 
+def _csr(pointers: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    with warnings.catch_warnings():  # "beta state" / "invariant checks disabled": built valid by construction
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(pointers, columns, values, shape, check_invariants=False)
+
+
+def _attend_csr(q_rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias,
+                scale: float) -> torch.Tensor:
+    """Softmax attention of q_rows [B, Hq, n, D] over the selected keys only, as sparse matrix products (CPU).
+
+    ``keys``/``values``: all keys and values as [B·Hkv·Tk, D|Dv] in the work dtype; ``index``
+    [B, Hkv, n, S]: the selection (−1: empty).  Every query row (each head of a group with its group's
+    selection) is one row of a CSR matrix over the B·Hkv·Tk keys: ``sampled_addmm`` computes
+    scale·q·k (plus the bias) at the selected entries only, the softmax runs on the [rows, S] values,
+    and one sparse × dense product with the values gives the output: no selected key or value is
+    copied.  Empty slots point at the group's key 0 with a −inf score; rows without any key give 0.
+    """
+    batch, heads_q, rows, dim = q_rows.shape
+    heads_kv, slots = index.shape[1], index.shape[-1]
+    t_k, groups = keys.shape[0] // (batch * heads_kv), heads_q // heads_kv
+    count = batch * heads_q * rows
+    if slots == 0:
+        return keys.new_zeros(batch, heads_q, rows, values.shape[-1])
+    valid = index >= 0                                                                # [B, Hkv, n, S]
+    if bias is None:
+        scores = torch.zeros(index.shape, dtype=keys.dtype, device=keys.device)
+    else:  # [B|1, n, Tk] → the selected entries
+        scores = bias.to(keys.dtype)[:, None].expand(batch, heads_kv, rows, bias.shape[-1]).gather(
+            -1, index.clamp(min=0))
+    scores = scores.masked_fill(~valid, float("-inf"))
+    offsets = (torch.arange(batch * heads_kv, device=keys.device) * t_k).view(batch, heads_kv, 1, 1, 1)
+    columns = (index.clamp(min=0)[:, :, None] + offsets).expand(batch, heads_kv, groups, rows, slots).reshape(-1)
+    pointers = torch.arange(0, count * slots + 1, slots, device=keys.device)
+    pattern = _csr(pointers, columns, scores[:, :, None].expand(batch, heads_kv, groups, rows, slots).reshape(-1),
+                   (count, keys.shape[0]))
+    logits = torch.sparse.sampled_addmm(pattern, q_rows.reshape(count, dim).to(keys.dtype), keys.t(), alpha=scale)
+    seen = valid.any(-1, keepdim=True)[:, :, None].expand(batch, heads_kv, groups, rows, 1).reshape(count, 1)
+    probs = torch.softmax(logits.values().view(count, slots), dim=-1).masked_fill_(~seen, 0.0)
+    out = _csr(pointers, columns, probs.view(-1), pattern.shape) @ values             # [B·Hq·n, Dv]
+    return out.view(batch, heads_q, rows, values.shape[-1])
+
+
 def hashed_attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, bits: int, top_k: int, window: int,
                              sinks: int, proj_q, proj_k) -> torch.Tensor:
     """Hashed attention on checked inputs: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D|Dv] → [B, Hq, Tq, Dv].
 
     ``proj_q``/``proj_k``: float64 projections (see :func:`attnrewrite.kernels.hashed.codes.projections`).
-    Semantics: :mod:`attnrewrite.kernels.hashed.reference`.
+    Semantics: :mod:`attnrewrite.kernels.hashed.reference`.  On the CPU the attention over the selected
+    keys is sparse (:func:`_attend_csr`); elsewhere it gathers them.
     """
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    sparse = q.device.type == "cpu" and USE_CSR
+    if sparse:
+        dtype = work_dtype(q.dtype)
+        keys, values = k.reshape(-1, k.shape[-1]).to(dtype), v.reshape(-1, v.shape[-1]).to(dtype)
     for rows, q_rows, index, bias in hashed_blocks(q, k, attn_mask, is_causal, bits, top_k, window, sinks,
                                                    proj_q, proj_k):
+        if sparse:
+            out[:, :, rows] = _attend_csr(q_rows, keys, values, index, bias, scale).to(out.dtype)
+            continue
         _, probs = _block_probs(q_rows, gather(k, index), index, bias, scale)
         o = torch.einsum("bkgns,bknsv->bkgnv", probs.to(v.dtype), gather(v, index))
         out[:, :, rows] = o.reshape(q.shape[0], q.shape[1], -1, v.shape[-1])
