@@ -139,11 +139,9 @@ def _ungrouped(x: torch.Tensor, heads_q: int) -> torch.Tensor:
 
 def block_mask(visible: torch.Tensor, groups: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(additive mask [B|1, 1, g·n, S] of 0 / −inf in ``dtype``, seen bool [B|1, 1, g·n, 1]) from ``visible``
-    [B|1, n, S].  A row that sees nothing is given key 0 (its output and gradient are zeroed through
-    ``seen``), so that no softmax runs over an empty set."""
+    [B|1, n, S].  A row that sees nothing has only −inf scores: its output and gradient are zeroed
+    through ``seen`` (tested: no nan reaches the other rows' gradients)."""
     seen = visible.any(-1, keepdim=True)                                              # [B|1, n, 1]
-    visible = visible.clone()
-    visible[..., :1] |= ~seen
     mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
     batch, rows, keys = mask.shape
     mask = mask[:, None].expand(batch, groups, rows, keys).reshape(batch, 1, groups * rows, keys)
