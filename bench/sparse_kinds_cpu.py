@@ -87,18 +87,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"sparse_kinds_cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} thread(s), commit {commit.strip() or '?'}; llama target 4 layers, width 256, 8q/4kv heads "
           f"x 32, batch 1, float32; default options; median of {args.repeats}, ratios = {kinds[0]} / kind")
-    rows = []
-    with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
-        for length in args.lengths:
-            rows += run(length, kinds, args.repeats, args.backward)
     head = "| T | kind | forward | vs " + kinds[0] + (" | forward+backward | vs " + kinds[0] if args.backward else "")
     print(head + " |")
-    print("|---" * (6 if args.backward else 4) + "|")
-    for row in rows:
-        line = f"| {row['length']} | {row['kind']} | {row['forward_s']:.3f} s | {row['forward_ratio']:.2f}× "
-        if args.backward:
-            line += f"| {row['forward_backward_s']:.3f} s | {row['forward_backward_ratio']:.2f}× "
-        print(line + "|")
+    print("|---" * (6 if args.backward else 4) + "|", flush=True)
+    rows = []
+    with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
+        for length in args.lengths:  # each length's rows printed as soon as they are measured
+            for row in run(length, kinds, args.repeats, args.backward):
+                rows.append(row)
+                line = f"| {row['length']} | {row['kind']} | {row['forward_s']:.3f} s | {row['forward_ratio']:.2f}× "
+                if args.backward:
+                    line += f"| {row['forward_backward_s']:.3f} s | {row['forward_backward_ratio']:.2f}× "
+                print(line + "|", flush=True)
     return rows
 
 
