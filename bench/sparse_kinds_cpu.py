@@ -7,8 +7,11 @@ is rewritten with ``attnrewrite.rewrite(model, to=kind, compiler="eager", strict
 options; the kinds are timed in turn at each repeat (interleaved, so that load on a shared machine hits
 them alike) under ``torch.no_grad``, and the table gives the medians and the ratios of the softmax
 rewrite's time to each kind's (higher is faster).  ``--backward`` adds a forward+backward column.
+``--ops`` times one attention call instead of the model: q [1, 8, T, 32] against k, v [1, 4, T, 32],
+causal, SDPA (what the softmax rewrite runs) against the two ops with default options.
 
     PYTHONPATH=. python bench/sparse_kinds_cpu.py --lengths 4096 8192 --repeats 3
+    PYTHONPATH=. python bench/sparse_kinds_cpu.py --ops --lengths 4096 8192 --repeats 3
 """
 
 from __future__ import annotations
@@ -73,6 +76,28 @@ def run(length: int, kinds: list[str], repeats: int, backward: bool) -> list[dic
     return rows
 
 
+@torch.no_grad()
+def run_ops(length: int, repeats: int) -> list[dict]:
+    """One causal attention call per kind, interleaved; ratios to SDPA (module docstring)."""
+    import torch.nn.functional as F
+
+    from attnrewrite import ops
+
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 8, length, 32, generator=generator)
+    k, v = (torch.randn(1, 4, length, 32, generator=generator) for _ in range(2))
+    calls = {"softmax": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+             "summary": lambda: ops.summary_attention(q, k, v, is_causal=True, enable_gqa=True),
+             "hashed": lambda: ops.hashed_attention(q, k, v, is_causal=True, enable_gqa=True)}
+    times = {name: [] for name in calls}
+    for _ in range(repeats + 1):  # the first round is a warm-up
+        for name, call in calls.items():
+            times[name].append(timed(call))
+    base = statistics.median(times["softmax"][1:])
+    return [dict(length=length, kind=name, forward_s=statistics.median(t[1:]),
+                 forward_ratio=base / statistics.median(t[1:])) for name, t in times.items()]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
@@ -80,20 +105,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
+    parser.add_argument("--ops", action="store_true", help="one attention call per kind instead of the model")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     kinds = args.kinds.split(",")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    what = ("one call, q [1, 8, T, 32], k/v [1, 4, T, 32], causal (softmax = SDPA)" if args.ops else
+            "llama target 4 layers, width 256, 8q/4kv heads x 32, batch 1")
     print(f"sparse_kinds_cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{args.threads} thread(s), commit {commit.strip() or '?'}; llama target 4 layers, width 256, 8q/4kv heads "
-          f"x 32, batch 1, float32; default options; median of {args.repeats}, ratios = {kinds[0]} / kind")
+          f"{args.threads} thread(s), commit {commit.strip() or '?'}; {what}, float32; default options; "
+          f"median of {args.repeats}, ratios = {kinds[0]} / kind")
     head = "| T | kind | forward | vs " + kinds[0] + (" | forward+backward | vs " + kinds[0] if args.backward else "")
     print(head + " |")
     print("|---" * (6 if args.backward else 4) + "|", flush=True)
     rows = []
     with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
         for length in args.lengths:  # each length's rows printed as soon as they are measured
-            for row in run(length, kinds, args.repeats, args.backward):
+            measured = run_ops(length, args.repeats) if args.ops else run(length, kinds, args.repeats, args.backward)
+            for row in measured:
                 rows.append(row)
                 line = f"| {row['length']} | {row['kind']} | {row['forward_s']:.3f} s | {row['forward_ratio']:.2f}× "
                 if args.backward:
