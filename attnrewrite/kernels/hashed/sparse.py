@@ -1,10 +1,12 @@
 """The torch path of hashed attention: select keys by code agreement, then exact softmax over them.
 
 Queries run in blocks.  For each block the codes of its queries are scored against every key's
-code with one matrix product of ±1 signs (exact integers), the selection is one ``topk`` over a
-priority that puts the sinks and the window first, then the best agreement, ties to the more
-recent key, and the attention gathers only the selected keys and values.  The backward recomputes
-the selection (it is deterministic) and applies the softmax-attention gradient formulas to the
+code with one matrix product of ±1 signs (exact integers), the selection is one partition (numpy
+``argpartition`` on the CPU, ``topk`` elsewhere) over a priority that puts the sinks and the window
+first, then the best agreement, ties to the more recent key, and the attention reads only the selected
+keys and values (on the CPU through sparse matrix products, elsewhere by gathering them).  Without a
+mask the sinks and the window are fixed ranges of positions and only the keys between them, before
+the block's last row, are scored.  The backward recomputes the selection (it is deterministic) and applies the softmax-attention gradient formulas to the
 selected keys, scattering their gradients back; keys that were not selected get none.
 
 With ``hash="learned"`` the selection is a step function of the projections, so their gradient

@@ -4,10 +4,11 @@ that recomputes block by block.
 Each block holds whole chunks of queries.  Its raw keys are one contiguous slice of k (the chunks
 from W before the block to the block's end, or W past it when bidirectional) and its summaries are
 a prefix of the summary sequence (causal) or all of it, so a block costs O(rows × (W·C + T/C))
-and nothing of size T × T is ever built.  The forward keeps no activations; the backward
-recomputes the summaries and each block's weights and applies the softmax-attention gradient
-formulas block by block (then through the pooling of the summaries).
-Scores and softmax run in float32 for 16-bit inputs (float64 stays float64).
+and nothing of size T × T is ever built.  Each block is one ``scaled_dot_product_attention`` call with
+an additive mask (the fused CPU kernel), the query heads of a group stacked as rows of their key/value
+head.  The forward keeps no activations; the backward recomputes the summaries and runs each block's
+fused flash-attention forward and backward on the CPU (the explicit softmax-attention gradient formulas,
+in float32 or float64, elsewhere or when Dv ≠ D), then goes through the pooling of the summaries.
 """
 
 from __future__ import annotations
