@@ -16,13 +16,25 @@ with ``enable_gqa`` repeats K and V on the CPU, which would slow the exact basel
 Steps of the three kinds are interleaved (one of each, repeated) so that load on a shared machine hits
 them alike; the table gives medians and the ratios to exact attention.
 
+``--prompt N --new M`` measures a whole model instead (issue 14's decoding benchmark): the llama target
+shaped like issue 14's model (4 layers, width 256, 8 query / 4 key-value heads of 32, float32, batch 1)
+reads an N-token prompt through its cache in prefill steps of ``--prefill-chunk`` tokens, then generates
+M tokens greedily, one decode step (a whole forward of one token) per token, with the static exact KV
+cache of the target (attending to the positions written so far: :class:`PrefixKVCache`),
+``attnrewrite.SummaryCache()`` and ``attnrewrite.HashedCache()`` (default options,
+the kinds' defaults as above).  The three models share their weights, each keeps its own cache and
+tokens, and their steps are interleaved; the table gives the median time per generated token, the
+prefill time and the cache bytes after the last token, each with its ratio to the exact cache.
+
     PYTHONPATH=. python bench/decode_cpu.py                  # 4k, 16k, 64k (about a minute)
     PYTHONPATH=. python bench/decode_cpu.py --contexts 4096 --steps 10
+    PYTHONPATH=. python bench/decode_cpu.py --prompt 16384 --new 256     # the whole model (a few minutes)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -128,6 +140,91 @@ def run_context(context: int, steps: int, warmup: int, seed: int) -> list[dict]:
     return rows
 
 
+def model_config(length: int):
+    """The llama target shaped like issue 14's model, for sequences of ``length`` positions."""
+    from attnrewrite.targets.llama import LlamaConfig
+
+    return LlamaConfig(vocab_size=256, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, max_seq_len=length)
+
+
+class PrefixKVCache(KVCache):
+    """The llama target's static KV cache, attending to the positions written so far only (the target's
+    own returns all S_max positions under a mask; the result is the same, the masked tail costs time)."""
+
+    def attend(self, input_pos, q, k, v, mask):
+        keys, values = self.update(input_pos, k, v)
+        length = int(input_pos[-1]) + 1
+        return keys[:, :, :length], values[:, :, :length], mask[..., :length]
+
+
+def cache_bytes(model, cache) -> int:
+    """Bytes held by the model's KV cache: the static cache's buffers, or the kind cache's stores."""
+    if cache is None:
+        return sum(layer.attention.kv_cache.k_cache.nbytes + layer.attention.kv_cache.v_cache.nbytes
+                   for layer in model.layers)
+    return cache.nbytes()
+
+
+@torch.no_grad()
+def run_model(prompt_len: int, new: int, prefill_chunk: int, seed: int) -> list[dict]:
+    """Prefill ``prompt_len`` random tokens and generate ``new`` greedily with each cache (module docstring)."""
+    from attnrewrite import HashedCache, SummaryCache
+    from attnrewrite.targets.llama import Llama
+
+    total = prompt_len + new
+    torch.manual_seed(seed)
+    base = Llama(model_config(total)).eval()
+    prompt = torch.randint(0, 256, (1, prompt_len), generator=torch.Generator().manual_seed(seed))
+    runs = {"exact": None, "summary": SummaryCache(), "hashed": HashedCache()}
+    models, prefill_s, tokens, steps = {}, {}, {}, {name: [] for name in runs}
+    for name, cache in runs.items():
+        model = copy.deepcopy(base)
+        model.setup_cache(1, total, cache=cache)
+        if cache is None:
+            for layer in model.layers:
+                layer.attention.kv_cache = PrefixKVCache(1, base.config.n_kv_heads, total, base.config.head_dim,
+                                                         torch.float32)
+        start = time.perf_counter()
+        for i0 in range(0, prompt_len, prefill_chunk):
+            i1 = min(prompt_len, i0 + prefill_chunk)
+            logits = model(prompt[:, i0:i1], torch.arange(i0, i1))
+        prefill_s[name] = time.perf_counter() - start
+        tokens[name] = logits[:, -1:].argmax(-1)
+        models[name] = model
+    for position in range(prompt_len, total - 1):
+        for name, model in models.items():
+            start = time.perf_counter()
+            logits = model(tokens[name], torch.tensor([position]))
+            steps[name].append(time.perf_counter() - start)
+            assert torch.isfinite(logits).all()
+            tokens[name] = logits[:, -1:].argmax(-1)
+    exact_ms = statistics.median(steps["exact"]) * 1e3
+    exact_bytes = cache_bytes(models["exact"], None)
+    rows = []
+    for name, model in models.items():
+        ms = statistics.median(steps[name]) * 1e3
+        nbytes = cache_bytes(model, runs[name])
+        rows.append(dict(prompt=prompt_len, new=new, kind=name, token_ms=ms, speedup=exact_ms / ms,
+                         prefill_s=prefill_s[name], cache_bytes=nbytes, smaller=exact_bytes / nbytes))
+    return rows
+
+
+def main_model(args) -> list[dict]:
+    config = model_config(args.prompt + args.new)
+    print(f"decode_cpu (model): {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} thread(s); llama target {config.n_layers} layers, width {config.dim}, "
+          f"{config.n_heads}q/{config.n_kv_heads}kv heads x {config.head_dim}, float32, batch 1; prompt {args.prompt} "
+          f"(prefill steps of {args.prefill_chunk}), {args.new} new tokens, greedy; SummaryCache() and HashedCache() "
+          f"with default options; median over the {args.new - 1} decode steps")
+    rows = run_model(args.prompt, args.new, args.prefill_chunk, args.seed)
+    print("| cache | ms per token | vs exact | prefill s | cache MiB | smaller |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['kind']} | {row['token_ms']:.2f} | {row['speedup']:.2f}x | {row['prefill_s']:.1f} | "
+              f"{row['cache_bytes'] / 2**20:.2f} | {row['smaller']:.2f}x |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 65536])
@@ -137,8 +234,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="torch threads (default 1: steadier on a shared machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--prompt", type=int, default=None,
+                        help="whole-model mode: prompt tokens (with --new; module docstring)")
+    parser.add_argument("--new", type=int, default=256, help="whole-model mode: tokens generated")
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="whole-model mode: tokens per prefill step")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.prompt is not None:
+        rows = main_model(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return rows
     print(f"decode_cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} thread(s); layer {HEADS_Q}q/{HEADS_KV}kv heads x {HEAD_DIM}, float32, batch 1; "
           f"summary {SUMMARY}, hashed {HASHED}; median of {args.steps} steps")

@@ -1,10 +1,12 @@
 """The torch path of hashed attention: select keys by code agreement, then exact softmax over them.
 
 Queries run in blocks.  For each block the codes of its queries are scored against every key's
-code with one matrix product of ±1 signs (exact integers), the selection is one ``topk`` over a
-priority that puts the sinks and the window first, then the best agreement, ties to the more
-recent key, and the attention gathers only the selected keys and values.  The backward recomputes
-the selection (it is deterministic) and applies the softmax-attention gradient formulas to the
+code with one matrix product of ±1 signs (exact integers), the selection is one partition (numpy
+``argpartition`` on the CPU, ``topk`` elsewhere) over a priority that puts the sinks and the window
+first, then the best agreement, ties to the more recent key, and the attention reads only the selected
+keys and values (on the CPU through sparse matrix products, elsewhere by gathering them).  Without a
+mask the sinks and the window are fixed ranges of positions and only the keys between them, before
+the block's last row, are scored.  The backward recomputes the selection (it is deterministic) and applies the softmax-attention gradient formulas to the
 selected keys, scattering their gradients back; keys that were not selected get none.
 
 With ``hash="learned"`` the selection is a step function of the projections, so their gradient
@@ -16,12 +18,15 @@ reaches the projections only; q, k and v get the exact gradient of the attention
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .codes import project, signs
 
 # Query rows per block are chosen so that a block's gathered [B, Hkv, rows, selected, D] keys stay near this size.
 BLOCK_ELEMENTS = 1 << 22
+USE_CSR = True  # the CPU forward attends through sparse matrix products (tests switch it off to cover the gathers)
 MASKED_SCORE = -1e4  # float-mask entries at or below this exclude the key (the rewriter's rule)
 
 
@@ -54,9 +59,53 @@ def visible_keys(keep: torch.Tensor | None, rows: slice, t_k: int, causal_offset
     return visible if keep is None else visible & keep
 
 
+def _priority_dtype(groups: int, bits: int, t_k: int) -> torch.dtype:
+    """float32 where agreement·Tk + position is an exact integer in it (below 2²⁴), else float64."""
+    return torch.float32 if (groups * bits + 2) * (t_k + 1) < 2 ** 24 else torch.float64
+
+
+def _agreement_cost(q_signs: torch.Tensor, k_signs: torch.Tensor, bits: int, t_k: int) -> torch.Tensor:
+    """−(agreement·Tk + j) [B, Hkv, n, Tk'] (exact integers ≤ 0, float32 or float64) of the block's queries
+    against the keys k_signs [B, Hkv, Tk', bits] (Tk' ≤ Tk), agreement summed over each group's query heads:
+    the lower, the better (the selection is a partition for the smallest).
+
+    On ±1 signs the summed agreement is (g·bits + s_q·s_k) / 2, so the cost is one batched matrix
+    product with the position added in its epilogue: −(Tk/2)·(s_q·s_k) − (g·bits·Tk/2 + j).
+    """
+    batch, heads_q, rows, _ = q_signs.shape
+    heads_kv, keys = k_signs.shape[1], k_signs.shape[2]
+    groups = heads_q // heads_kv
+    dtype = _priority_dtype(groups, bits, t_k)
+    grouped = q_signs.to(dtype).reshape(batch, heads_kv, groups, rows, bits).sum(2)    # [B, Hkv, n, bits]
+    offset = -(torch.arange(keys, dtype=dtype, device=q_signs.device) + groups * bits * t_k / 2)
+    product = torch.baddbmm(offset.expand(batch * heads_kv, rows, keys), grouped.reshape(-1, rows, bits),
+                            k_signs.to(dtype).reshape(-1, keys, bits).transpose(-1, -2), alpha=-t_k / 2)
+    return product.view(batch, heads_kv, rows, keys)
+
+
+def top_indices(cost: torch.Tensor, count: int, check: bool = True) -> torch.Tensor:
+    """int64 [..., count]: the positions of the ``count`` smallest entries of each row of ``cost``
+    [..., N] (distinct values), in no particular order; a slot whose entry is positive (not a
+    candidate) holds −1 (with ``check=False`` the caller finds those slots itself).
+
+    On the CPU a numpy ``argpartition`` (a selection, about three times faster than ``torch.topk``);
+    elsewhere ``topk``.
+    """
+    width = cost.shape[-1]
+    if count >= width:
+        index = torch.arange(width, device=cost.device).expand(cost.shape)
+    elif cost.device.type == "cpu":
+        flat = cost.reshape(-1, width).numpy()
+        index = torch.from_numpy(flat.argpartition(count - 1, axis=-1)[:, :count]).view(*cost.shape[:-1], count)
+    else:
+        index = cost.topk(count, dim=-1, largest=False, sorted=False).indices
+    return torch.where(cost.gather(-1, index) <= 0, index, -1) if check else index
+
+
 def select(q_signs: torch.Tensor, k_signs: torch.Tensor, visible: torch.Tensor, bits: int, top_k: int, window: int,
            sinks: int) -> torch.Tensor:
-    """Selected key indices int64 [B, Hkv, n, S] (−1 marks an empty slot), S = min(Tk, sinks + window + top_k).
+    """Selected key indices int64 [B, Hkv, n, S] (−1 marks an empty slot, slots in no particular order),
+    S = min(Tk, sinks + window + top_k).
 
     Args:
         q_signs: ±1 codes of the block's queries [B, Hq, n, bits]; k_signs: of all keys [B, Hkv, Tk, bits].
@@ -64,27 +113,55 @@ def select(q_signs: torch.Tensor, k_signs: torch.Tensor, visible: torch.Tensor, 
     Per row: the first ``sinks`` and the last ``window`` visible keys, and the ``top_k`` other visible
     keys with the highest agreement summed over the group's query heads (ties: the later key).
     """
-    batch, heads_q, rows, _ = q_signs.shape
-    heads_kv, t_k = k_signs.shape[1], k_signs.shape[2]
+    heads_q, heads_kv, t_k = q_signs.shape[1], k_signs.shape[1], k_signs.shape[2]
     groups = heads_q // heads_kv
-    grouped = q_signs.reshape(batch, heads_kv, groups, rows, bits).sum(2)             # [B, Hkv, n, bits]
-    agreement = ((grouped @ k_signs.transpose(-1, -2) + groups * bits) / 2).round().long()   # [B, Hkv, n, Tk]
+    cost = _agreement_cost(q_signs, k_signs, bits, t_k)                              # [B, Hkv, n, Tk]
     visible = visible[:, None]                                                        # [B|1, 1, n, Tk]
     rank = visible.long().cumsum(-1)
     count = rank[..., -1:]
     special = visible & ((rank <= sinks) | (rank > count - window))
-    priority = agreement * t_k + torch.arange(t_k, device=agreement.device)
-    priority = torch.where(special, (groups * bits + 1) * t_k, priority)
-    priority = torch.where(visible, priority, -1)
-    values, index = priority.topk(min(t_k, sinks + window + top_k), dim=-1)
-    return torch.where(values >= 0, index, -1)
+    cost = cost.masked_fill(special, -(groups * bits + 1) * t_k).masked_fill(~visible, 1)
+    return top_indices(cost, min(t_k, sinks + window + top_k))
+
+
+def select_unmasked(q_signs: torch.Tensor, k_signs: torch.Tensor, rows: slice, causal: bool, bits: int, top_k: int,
+                    window: int, sinks: int) -> torch.Tensor:
+    """:func:`select` without a mask, for the query rows ``rows`` (causal: row i sees keys 0 … i; else all):
+    int64 [B, Hkv, n, sinks + window + top_k'] with −1 for empty slots (top_k' ≤ top_k).
+
+    The sinks and the window are the same ranges of positions for every head, so only the keys between
+    them are scored: for causal rows, only those before the block's last row.
+    """
+    device = q_signs.device
+    t_k = k_signs.shape[2]
+    batch, heads_kv = q_signs.shape[0], k_signs.shape[1]
+    n = rows.stop - rows.start
+    row = torch.arange(rows.start, rows.stop, device=device)[:, None]                # [n, 1]
+    count = row + 1 if causal else torch.full_like(row, t_k)                           # visible keys per row
+    first = count.clamp(max=sinks)                                                     # sinks: [0, first)
+    slots = torch.arange(sinks, device=device)
+    chosen = [torch.where(slots < first, slots, -1)]
+    slots = count - window + torch.arange(window, device=device)                      # window: [count − window, count)
+    chosen.append(torch.where(slots >= first, slots, -1))
+    last = (rows.stop if causal else t_k) - window                                    # candidates: [sinks, last)
+    if top_k and last > sinks:
+        cost = _agreement_cost(q_signs, k_signs[:, :, sinks:last], bits, t_k)          # [B, Hkv, n, last − sinks]
+        if causal:  # row i's candidates end at i − window: only the last n columns hold others
+            tail = min(n, last - sinks)
+            column = torch.arange(last - tail, last, device=device)
+            cost[..., -tail:].masked_fill_(column >= count - window, 1)
+        picked = top_indices(cost, top_k, check=False) + sinks
+        chosen.append(torch.where(picked < count - window, picked, -1))              # not a candidate: empty
+    parts = [c.expand(batch, heads_kv, n, c.shape[-1]) for c in chosen]
+    return torch.cat(parts, dim=-1)
 
 
 def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x [B, H, T, D] at index [B, H, n, S] (−1 read as 0) → [B, H, n, S, D]."""
+    """x [B, H, T, D] at index [B, H, n, S] (−1 read as 0) → [B, H, n, S, D] (one ``index_select`` of rows)."""
     batch, heads, length, dim = x.shape
     offsets = (torch.arange(batch * heads, device=x.device) * length).view(batch, heads, 1, 1)
-    return x.reshape(batch * heads * length, dim)[index.clamp(min=0) + offsets]
+    flat = (index.clamp(min=0) + offsets).reshape(-1)
+    return x.reshape(batch * heads * length, dim).index_select(0, flat).view(*index.shape, dim)
 
 
 def scatter_add(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
@@ -126,11 +203,57 @@ def hashed_blocks(q, k, attn_mask, is_causal, bits, top_k, window, sinks, proj_q
     step = _rows_per_block(q, k, selected)
     for i0 in range(0, t_q, step):
         rows = slice(i0, min(t_q, i0 + step))
+        q_rows = q[:, :, rows]
+        if attn_mask is None:
+            yield rows, q_rows, select_unmasked(signs(q_rows, proj_q), k_signs, rows, is_causal, bits, top_k, window,
+                                                sinks), None
+            continue
         keep, bias = mask_parts(attn_mask, rows, t_q, t_k)
         visible = visible_keys(keep, rows, t_k, 0 if is_causal else None, q.device)
-        q_rows = q[:, :, rows]
         index = select(signs(q_rows, proj_q), k_signs, visible, bits, top_k, window, sinks)
         yield rows, q_rows, index, bias
+
+
+def _csr(pointers: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    with warnings.catch_warnings():  # "beta state" / "invariant checks disabled": built valid by construction
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(pointers, columns, values, shape, check_invariants=False)
+
+
+def _attend_csr(q_rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias,
+                scale: float) -> torch.Tensor:
+    """Softmax attention of q_rows [B, Hq, n, D] over the selected keys only, as sparse matrix products (CPU).
+
+    ``keys``/``values``: all keys and values as [B·Hkv·Tk, D|Dv] in the work dtype; ``index``
+    [B, Hkv, n, S]: the selection (−1: empty).  Every query row (each head of a group with its group's
+    selection) is one row of a CSR matrix over the B·Hkv·Tk keys: ``sampled_addmm`` computes
+    scale·q·k (plus the bias) at the selected entries only, the softmax runs on the [rows, S] values,
+    and one sparse × dense product with the values gives the output: no selected key or value is
+    copied.  Empty slots point at the group's key 0 with a −inf score; rows without any key give 0.
+    """
+    batch, heads_q, rows, dim = q_rows.shape
+    heads_kv, slots = index.shape[1], index.shape[-1]
+    t_k, groups = keys.shape[0] // (batch * heads_kv), heads_q // heads_kv
+    count = batch * heads_q * rows
+    if slots == 0:
+        return keys.new_zeros(batch, heads_q, rows, values.shape[-1])
+    valid = index >= 0                                                                # [B, Hkv, n, S]
+    if bias is None:
+        scores = torch.zeros(index.shape, dtype=keys.dtype, device=keys.device)
+    else:  # [B|1, n, Tk] → the selected entries
+        scores = bias.to(keys.dtype)[:, None].expand(batch, heads_kv, rows, bias.shape[-1]).gather(
+            -1, index.clamp(min=0))
+    scores = scores.masked_fill(~valid, float("-inf"))
+    offsets = (torch.arange(batch * heads_kv, device=keys.device) * t_k).view(batch, heads_kv, 1, 1, 1)
+    columns = (index.clamp(min=0)[:, :, None] + offsets).expand(batch, heads_kv, groups, rows, slots).reshape(-1)
+    pointers = torch.arange(0, count * slots + 1, slots, device=keys.device)
+    pattern = _csr(pointers, columns, scores[:, :, None].expand(batch, heads_kv, groups, rows, slots).reshape(-1),
+                   (count, keys.shape[0]))
+    logits = torch.sparse.sampled_addmm(pattern, q_rows.reshape(count, dim).to(keys.dtype), keys.t(), alpha=scale)
+    seen = valid.any(-1, keepdim=True)[:, :, None].expand(batch, heads_kv, groups, rows, 1).reshape(count, 1)
+    probs = torch.softmax(logits.values().view(count, slots), dim=-1).masked_fill_(~seen, 0.0)
+    out = _csr(pointers, columns, probs.view(-1), pattern.shape) @ values             # [B·Hq·n, Dv]
+    return out.view(batch, heads_q, rows, values.shape[-1])
 
 
 def hashed_attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, bits: int, top_k: int, window: int,
@@ -138,11 +261,19 @@ def hashed_attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, 
     """Hashed attention on checked inputs: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D|Dv] → [B, Hq, Tq, Dv].
 
     ``proj_q``/``proj_k``: float64 projections (see :func:`attnrewrite.kernels.hashed.codes.projections`).
-    Semantics: :mod:`attnrewrite.kernels.hashed.reference`.
+    Semantics: :mod:`attnrewrite.kernels.hashed.reference`.  On the CPU the attention over the selected
+    keys is sparse (:func:`_attend_csr`); elsewhere it gathers them.
     """
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    sparse = q.device.type == "cpu" and USE_CSR
+    if sparse:
+        dtype = work_dtype(q.dtype)
+        keys, values = k.reshape(-1, k.shape[-1]).to(dtype), v.reshape(-1, v.shape[-1]).to(dtype)
     for rows, q_rows, index, bias in hashed_blocks(q, k, attn_mask, is_causal, bits, top_k, window, sinks,
                                                    proj_q, proj_k):
+        if sparse:
+            out[:, :, rows] = _attend_csr(q_rows, keys, values, index, bias, scale).to(out.dtype)
+            continue
         _, probs = _block_probs(q_rows, gather(k, index), index, bias, scale)
         o = torch.einsum("bkgns,bknsv->bkgnv", probs.to(v.dtype), gather(v, index))
         out[:, :, rows] = o.reshape(q.shape[0], q.shape[1], -1, v.shape[-1])

@@ -4,10 +4,11 @@ that recomputes block by block.
 Each block holds whole chunks of queries.  Its raw keys are one contiguous slice of k (the chunks
 from W before the block to the block's end, or W past it when bidirectional) and its summaries are
 a prefix of the summary sequence (causal) or all of it, so a block costs O(rows × (W·C + T/C))
-and nothing of size T × T is ever built.  The forward keeps no activations; the backward
-recomputes the summaries and each block's weights and applies the softmax-attention gradient
-formulas block by block (then through the pooling of the summaries).
-Scores and softmax run in float32 for 16-bit inputs (float64 stays float64).
+and nothing of size T × T is ever built.  Each block is one ``scaled_dot_product_attention`` call with
+an additive mask (the fused CPU kernel), the query heads of a group stacked as rows of their key/value
+head.  The forward keeps no activations; the backward recomputes the summaries and runs each block's
+fused flash-attention forward and backward on the CPU (the explicit softmax-attention gradient formulas,
+in float32 or float64, elsewhere or when Dv ≠ D), then goes through the pooling of the summaries.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 # Query rows per block are chosen so that one block's [B, Hq, rows, keys] scores stay near this size.
-BLOCK_ELEMENTS = 1 << 22
+BLOCK_ELEMENTS = 1 << 21
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -125,23 +126,42 @@ def visibility(i0: int, i1: int, r0: int, r1: int, n_sum: int, chunk_size: int, 
     return torch.cat([outside.expand(batch, -1, -1), raw.expand(batch, -1, -1)], dim=-1)
 
 
+def _grouped(x: torch.Tensor, heads_kv: int) -> torch.Tensor:
+    """[B, Hq, n, D] → [B, Hkv, g·n, D]: the query heads of a group stacked as rows of their key/value head."""
+    batch, heads_q, rows, dim = x.shape
+    return x.reshape(batch, heads_kv, (heads_q // heads_kv) * rows, dim)
+
+
+def _ungrouped(x: torch.Tensor, heads_q: int) -> torch.Tensor:
+    """The inverse of :func:`_grouped`: [B, Hkv, g·n, D] → [B, Hq, n, D]."""
+    batch, heads_kv, grouped_rows, dim = x.shape
+    return x.reshape(batch, heads_q, grouped_rows * heads_kv // heads_q, dim)
+
+
+def block_mask(visible: torch.Tensor, groups: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(additive mask [B|1, 1, g·n, S] of 0 / −inf in ``dtype``, seen bool [B|1, 1, g·n, 1]) from ``visible``
+    [B|1, n, S].  A row that sees nothing has only −inf scores: its output and gradient are zeroed
+    through ``seen`` (tested: no nan reaches the other rows' gradients)."""
+    seen = visible.any(-1, keepdim=True)                                              # [B|1, n, 1]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+    batch, rows, keys = mask.shape
+    mask = mask[:, None].expand(batch, groups, rows, keys).reshape(batch, 1, groups * rows, keys)
+    seen = seen[:, None].expand(batch, groups, rows, 1).reshape(batch, 1, groups * rows, 1)
+    return mask, seen
+
+
 def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
                     scale: float) -> torch.Tensor:
     """Softmax attention of q [B, Hq, n, D] over keys [B, Hkv, S, D] where ``visible`` [B|1, n, S] allows.
 
-    Query heads are grouped over their key/value head (no repeat).  Rows that see nothing give 0.
+    Query heads are stacked as rows of their key/value head (no repeat of K/V), and the block is one
+    ``scaled_dot_product_attention`` call with an additive mask (the fused CPU kernel; scores in
+    float32 for 16-bit inputs, as SDPA does).  Rows that see nothing give 0.
     """
-    batch, heads_q, rows, dim = q.shape
-    heads_kv = keys.shape[1]
-    groups = heads_q // heads_kv
-    dtype = work_dtype(q.dtype)
-    q5 = q.reshape(batch, heads_kv, groups, rows, dim)
-    logits = (q5 @ keys.unsqueeze(2).transpose(-1, -2)).to(dtype) * scale         # [B, Hkv, g, n, S]
-    visible = visible[:, None, None]                                                 # [B, 1, 1, n, S]
-    logits = logits.masked_fill(~visible, torch.finfo(dtype).min)
-    probs = torch.softmax(logits, dim=-1) * visible.any(-1, keepdim=True).to(dtype)
-    out = probs.to(values.dtype) @ values.unsqueeze(2)                              # [B, Hkv, g, n, Dv]
-    return out.reshape(batch, heads_q, rows, values.shape[-1])
+    heads_q, heads_kv = q.shape[1], keys.shape[1]
+    mask, seen = block_mask(visible, heads_q // heads_kv, q.dtype)
+    out = F.scaled_dot_product_attention(_grouped(q, heads_kv), keys, values, attn_mask=mask, scale=scale)
+    return _ungrouped(torch.where(seen, out, 0.0), heads_q)
 
 
 def _rows_per_block(q: torch.Tensor, keys_per_row: int) -> int:
@@ -174,6 +194,28 @@ def summary_attention_forward(q, k, v, key_valid, is_causal: bool, scale: float,
 
 def block_attention_backward(grad: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                              visible: torch.Tensor, scale: float):
+    """(dq, dkeys, dvalues) of :func:`block_attention`.
+
+    On the CPU with equal head widths of q and v: the fused flash-attention forward (for its log-sum-exp)
+    and backward of the block, in the inputs' dtype; otherwise :func:`block_attention_backward_unfused`
+    (the formulas in the work dtype).
+    """
+    if q.device.type != "cpu" or q.shape[-1] != values.shape[-1]:
+        return block_attention_backward_unfused(grad, q, keys, values, visible, scale)
+    heads_q, heads_kv = q.shape[1], keys.shape[1]
+    mask, seen = block_mask(visible, heads_q // heads_kv, q.dtype)
+    q_rows = _grouped(q, heads_kv).contiguous()
+    d_out = torch.where(seen, _grouped(grad, heads_kv), 0.0).contiguous()
+    keys, values = keys.contiguous(), values.contiguous()
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_rows, keys, values, attn_mask=mask,
+                                                                           scale=scale)
+    dq, dkeys, dvalues = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        d_out, q_rows, keys, values, out, lse, 0.0, False, attn_mask=mask, scale=scale)
+    return _ungrouped(dq, heads_q), dkeys, dvalues
+
+
+def block_attention_backward_unfused(grad: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                                     visible: torch.Tensor, scale: float):
     """(dq, dkeys, dvalues) of :func:`block_attention`, in the work dtype, from its recomputed weights."""
     batch, heads_q, rows, dim = q.shape
     heads_kv = keys.shape[1]

@@ -57,6 +57,16 @@ def test_fp64_equals_reference(case, mask, monkeypatch):
         assert any(len(c) == sinks + window + top_k for per_head in chosen for rows in per_head for c in rows)
 
 
+@pytest.mark.parametrize("mask", ["none", "additive"])
+def test_gathered_attention_equals_the_sparse_products(mask, monkeypatch):
+    """The forward off the CPU gathers the selected keys; on the CPU it uses sparse products: the same output."""
+    q, k, v = _inputs(tq=19, tk=19)
+    kw = dict(attn_mask=_masks(19, 19)[mask], is_causal=True, enable_gqa=True, bits=16, top_k=3, window=4, sinks=2)
+    sparse_products = ops.hashed_attention(q, k, v, **kw)
+    monkeypatch.setattr(sparse, "USE_CSR", False)
+    torch.testing.assert_close(ops.hashed_attention(q, k, v, **kw), sparse_products, rtol=0, atol=1e-13)
+
+
 def test_selection_uses_the_codes():
     """With a small top_k the output differs from exact attention, and from a selection by position."""
     q, k, v = _inputs(tq=40, tk=40)

@@ -83,12 +83,13 @@ def test_low_precision_error_bound(dtype, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_gradients_equal_the_references(causal, monkeypatch):
+@pytest.mark.parametrize("dv", [6, 8])  # Dv == D: the fused CPU backward of each block; Dv != D: the formulas
+def test_gradients_equal_the_references(causal, dv, monkeypatch):
     monkeypatch.setattr(chunked, "BLOCK_ELEMENTS", 32 * 8)
-    q, k, v, p = _inputs(t=17, grad=True)
+    q, k, v, p = _inputs(t=17, dv=dv, grad=True)
     valid = _padding(t=17)
     kw = dict(is_causal=causal, chunk_size=3, window_chunks=1, summary_query=p)
-    weights = torch.randn(2, 4, 17, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    weights = torch.randn(2, 4, 17, dv, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     got = torch.autograd.grad((ops.summary_attention(q, k, v, valid[:, None, None], enable_gqa=True, summary="learned",
                                                      **kw) * weights).sum(), (q, k, v, p))
     want = torch.autograd.grad((naive_summary_attention(q, k, v, valid, **kw) * weights).sum(), (q, k, v, p))
@@ -148,3 +149,17 @@ def test_clear_errors(change, message):
         args["v"] = torch.zeros(2, 2, change["k"].shape[2], 6)
     with pytest.raises(ValueError, match=message):
         ops.summary_attention(**args)
+
+
+@pytest.mark.parametrize("dv", [6, 8])  # both backward paths (fused blocks when Dv == D)
+def test_rows_that_see_nothing_give_zero_and_zero_gradients(dv):
+    """A sequence of padding only: its queries see no key and no summary; output 0, gradients 0 (not nan)."""
+    q, k, v, _ = _inputs(t=12, dv=dv, grad=True)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1] = False
+    kw = dict(chunk_size=4, window_chunks=1)
+    out = ops.summary_attention(q, k, v, valid[:, None, None], enable_gqa=True, **kw)
+    torch.testing.assert_close(out, naive_summary_attention(q, k, v, valid, **kw), rtol=0, atol=1e-13)
+    assert (out[1] == 0).all() and out[0].abs().max() > 0.1
+    for name, grad in zip("qkv", torch.autograd.grad(out.square().sum(), (q, k, v))):
+        assert torch.isfinite(grad).all() and (grad[1] == 0).all() and grad[0].abs().max() > 1e-3, name
