@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import threading
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import torch
@@ -78,13 +80,36 @@ class _PatternsWithoutAttentionFusion:
 
 
 @functools.cache
+def source_fingerprint() -> str:
+    """A digest of this install's attnrewrite source (see :func:`digest_sources`), computed once.
+
+    Inductor's caches key a graph on its nodes, and a node calling one of attnrewrite's
+    ``CompositeImplicitAutograd`` ops (``attnrewrite::sigmoid_attention`` …) names the op, not the
+    Python code it decomposes into.  torch 2.13's AOTAutograd cache keys the graph *before* that
+    decomposition, so without this digest in the key a cache written by another version or checkout
+    of attnrewrite would replay that version's code (seen: a causal call given the non-causal bias
+    of an older decomposition).
+    """
+    return digest_sources(Path(__file__).resolve().parents[1])
+
+
+def digest_sources(root: Path) -> str:
+    """sha256 (16 hex digits) over the relative path and bytes of every ``.py`` file under ``root``."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(root).rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
 def _marker_class() -> type:
     """The marker pass's class, built on first use (importing inductor costs seconds)."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     class NoAttentionFusionMarker(CustomGraphPass):
         """A joint-graph pass that runs the user's own (if any) and names, in the cache key, that
-        attention fusion was off."""
+        attention fusion was off and which attnrewrite source the graph's ops decompose into."""
 
         def __init__(self, inner: Any):
             self.inner = inner
@@ -95,7 +120,8 @@ def _marker_class() -> type:
                 self.inner(graph)
 
         def uuid(self) -> Any:
-            return ("attnrewrite: no attention fusion, 1", self.inner.uuid() if self.keyable else None)
+            return ("attnrewrite: no attention fusion, 1", source_fingerprint(),
+                    self.inner.uuid() if self.keyable else None)
 
     return NoAttentionFusionMarker
 

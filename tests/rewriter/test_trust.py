@@ -111,6 +111,31 @@ def test_attention_fusion_is_filtered_only_inside_the_block():
     assert joint_graph.pass_patterns[0] is original
 
 
+def test_inductor_cache_keys_name_the_attnrewrite_source(tmp_path):
+    """The AOTAutograd cache keys a graph before attnrewrite's composite ops decompose: the marker pass
+    in inductor's config carries a digest of the package source, which any source edit changes."""
+    import torch._inductor.config as inductor_config
+
+    from attnrewrite.rewriter.backend import digest_sources, source_fingerprint, without_inductor_attention_fusion
+
+    with without_inductor_attention_fusion():
+        uuid = inductor_config.joint_custom_pre_pass.uuid()
+    assert source_fingerprint() in uuid
+    package = tmp_path / "pkg"
+    (package / "kernels").mkdir(parents=True)
+    (package / "kernels" / "op.py").write_text("CAUSAL = 1\n")
+    (package / "notes.txt").write_text("not code")
+    before = digest_sources(package)
+    (package / "notes.txt").write_text("still not code")
+    assert digest_sources(package) == before
+    (package / "kernels" / "op.py").write_text("CAUSAL = 0\n")
+    assert digest_sources(package) != before
+    (package / "kernels" / "op.py").write_text("CAUSAL = 1\n")
+    assert digest_sources(package) == before
+    (package / "kernels" / "op.py").rename(package / "op.py")  # the same bytes elsewhere
+    assert digest_sources(package) != before
+
+
 class Decoder(nn.Module):
     """Two causal attention layers and a classifier softmax (not attention); ``pause`` puts a graph
     break inside the attention of layer 0, before or after its softmax.  (Not a loop over layers:
