@@ -411,3 +411,86 @@ def test_identical_sites_with_different_specs_are_proven_apart(monkeypatch):
     x = _x()
     torch.testing.assert_close(compile_rewritten(model, report)(x), model(x), rtol=1e-5, atol=1e-6)
     assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+
+
+# --------------------------------------------------------------------------- the dropout the graph applies
+
+
+class TwiceDropped(Dropped):
+    """Two dropouts in a row on the probabilities: no single probability describes the site."""
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        return self.drop(self.drop(torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H), dim=-1))) @ v
+
+
+def test_two_dropouts_in_one_site_are_refused():
+    """The matcher reads one probability (the last dropout's); the certifier counts the site's dropouts."""
+    _refused_in_training(TwiceDropped().train(), reason="could not certify the dropout: 2 dropouts in one site")
+
+
+def test_a_symbolic_dropout_probability_is_read_from_its_hint():
+    """Under ``dynamic=True`` an ``nn.Dropout``'s p is a SymFloat graph input: the certifier compares the
+    spec with its value, so the right probability is certified and one off by 0.01 is refused."""
+    report = Report()
+    compile_rewritten(Dropped().train(), report, dynamic=True)(_x())
+    (site,) = report.sites
+    assert site.status == "rewritten" and site.spec["dropout_p"] == pytest.approx(0.1), report
+
+
+def test_a_symbolic_dropout_probability_off_by_one_percent_is_refused(monkeypatch):
+    _plant(monkeypatch, eager_matmul, "match", lambda site, spec: replace(spec, dropout_p=spec.dropout_p + 0.01))
+    report = Report()
+    compile_rewritten(Dropped().train(), report, dynamic=True)(_x())
+    (site,) = report.sites
+    assert site.status == "skipped", report
+    assert site.reason == "spec's dropout probability 0.11 differs from the site's 0.1", site.reason
+
+
+# --------------------------------------------------------------------------- what a probe must compute, and where
+
+
+class OutputScaledInPlace(Base):
+    """The attention output is written in place *after* the site (``out.mul_(2)``): the write reads the
+    rewritten output, so it is no reason to refuse, and a probe that ran the graph past the site's output
+    would compare a doubled original with the canonical form."""
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        out = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H), dim=-1) @ v
+        out.mul_(2.0)
+        return out
+
+
+class IntegerBias(Base):
+    """An integer relative-position bias (int64 buffer) added to float scores: the canonical form must
+    cast it to the probe's dtype as SDPA's additive masks are."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("rel", torch.randint(-2, 3, (T, T), generator=torch.Generator().manual_seed(5)))
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H) + self.rel, dim=-1) @ v
+
+
+class Windows(Base):
+    """x [B, W, T, C]: attention inside each of W windows, q/k/v [B, W, H, T, d].  Under ``dynamic=True``
+    the output's layout steps read a size from the graph (W is symbolic): the probe must look it up."""
+
+    def forward(self, x):
+        b, w, t, _ = x.shape
+        q, k, v = (h.view(b, w, t, H, C // H).transpose(2, 3) for h in self.qkv(x).split(C, dim=-1))
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H), dim=-1) @ v
+
+
+@pytest.mark.parametrize("cls, dynamic", [(OutputScaledInPlace, None), (IntegerBias, None), (Windows, True)])
+def test_sites_the_probes_must_evaluate_exactly_are_rewritten(cls, dynamic):
+    x = torch.randn(2, 3, T, C, generator=torch.Generator().manual_seed(1)) if cls is Windows else _x()
+    model = cls().eval()
+    report = Report()
+    out = compile_rewritten(model, report, dynamic=dynamic)(x)
+    (site,) = report.sites
+    assert site.status == "rewritten", report
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)

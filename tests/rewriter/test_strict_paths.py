@@ -265,3 +265,19 @@ def test_each_cause_warns_once_even_after_another_was_said():
     assert len(messages) == 1 and messages[0].startswith(
         "attnrewrite: attention not rewritten to linear at 1 site(s) (capped): linear cannot honour this site: it "
         "cannot apply the score modification tanh·mul"), messages
+
+
+def test_rewrite_failed_derives_from_the_class_dynamo_passes_through(monkeypatch):
+    """Dynamo wraps a backend's exceptions in ``BackendCompilerFailed`` except its ``ShortenTraceback``
+    family: RewriteFailed's base must be that class while torch has it (so ``except RewriteFailed``
+    catches it from ``torch.compile``), and a plain RuntimeError when a torch without it is used."""
+    from torch._dynamo import exc
+
+    from attnrewrite.rewriter import failures
+
+    assert failures._passed_through_by_dynamo() is exc.ShortenTraceback
+    assert issubclass(attnrewrite.RewriteFailed, exc.ShortenTraceback)
+    monkeypatch.delattr(exc, "ShortenTraceback")
+    assert failures._passed_through_by_dynamo() is RuntimeError
+    monkeypatch.setattr(exc, "ShortenTraceback", ValueError, raising=False)  # not a RuntimeError: not a base
+    assert failures._passed_through_by_dynamo() is RuntimeError
