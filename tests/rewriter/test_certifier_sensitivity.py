@@ -494,3 +494,43 @@ def test_sites_the_probes_must_evaluate_exactly_are_rewritten(cls, dynamic):
     (site,) = report.sites
     assert site.status == "rewritten", report
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
+
+
+class SoftCapped(Base):
+    """Gemma-2's soft-capping ``tanh(s / 5) · 5`` before a mask built in place; ``spelling`` writes the
+    capping in place (its ops are the site's own: no reason to refuse) or writes the mask again after the
+    scores read it (the original used the old mask, a rewrite at the output would read the new one)."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        m = torch.zeros(T, T)
+        m[:, 7:] = -1e9
+        s = q @ k.transpose(-2, -1) / math.sqrt(C // H)
+        s = (s.div_(5.0).tanh_().mul_(5.0) if self.spelling == "in_place" else torch.tanh(s / 5.0) * 5.0) + m
+        if self.spelling == "mask_written_late":
+            m.fill_(-1e9)
+        return torch.softmax(s, dim=-1) @ v + m[0, 0].clamp(min=0)
+
+
+@pytest.mark.parametrize("spelling, reason", [
+    ("plain", None),
+    ("in_place", None),
+    ("mask_written_late", "m, an input of the site, is written in place by fill_ after the site reads it"),
+])
+def test_a_score_modification_and_the_inputs_beside_it(spelling, reason):
+    """The certifier's view of a site with a score modification: the modification's own nodes are not
+    inputs written in the way, the mask beside it still is."""
+    model = SoftCapped(spelling).eval()
+    report = Report()
+    out = compile_rewritten(model, report)(_x())
+    torch.testing.assert_close(out, model(_x()), rtol=1e-5, atol=1e-6)
+    (site,) = report.sites
+    assert site.spec["score_mod"] == "tanh·mul", site.spec
+    if reason is None:
+        assert site.status == "rewritten", report
+    else:
+        assert site.status == "skipped" and site.reason.startswith(reason), site.reason
