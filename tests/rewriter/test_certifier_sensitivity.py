@@ -325,12 +325,14 @@ class TwoSites(nn.Module):
         self.register_buffer("causal", i[None, :] <= i[:, None])
         self.register_buffer("other", second_mask)
         self.scales = (1 / math.sqrt(C // H), second_scale)
+        self.keyword = False  # the scale as a keyword argument: torch.mul(s, other=scale)
 
     def forward(self, x):
         out = []
         for layer, mask, scale in ((self.first, self.causal, self.scales[0]), (self.second, self.other, self.scales[1])):
             q, k, v = layer.qkv_heads(x)
-            s = (q @ k.transpose(-2, -1) * scale).masked_fill(~mask, float("-inf"))
+            s = torch.mul(q @ k.transpose(-2, -1), other=scale) if self.keyword else q @ k.transpose(-2, -1) * scale
+            s = s.masked_fill(~mask, float("-inf"))
             out.append(torch.softmax(s, dim=-1) @ v)
         return out[0] + out[1]
 
@@ -363,11 +365,14 @@ def test_a_site_differing_only_in_a_constant_mask_is_proven_on_its_own(monkeypat
     assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
 
 
-def test_a_site_differing_only_in_its_scale_is_proven_on_its_own(monkeypatch):
-    """Both sites claimed with the first's scale: a fingerprint that ignored the ops' arguments would
-    hand the first site's proof to the second."""
+@pytest.mark.parametrize("keyword", [False, True])
+def test_a_site_differing_only_in_its_scale_is_proven_on_its_own(monkeypatch, keyword):
+    """Both sites claimed with the first's scale: a fingerprint that ignored the ops' arguments (positional
+    or keyword) would hand the first site's proof to the second."""
     first = 1 / math.sqrt(C // H)
-    report = _two_site_report(TwoSites(first * 1.5, _band(T)), monkeypatch, lambda spec: replace(spec, scale=first))
+    model = TwoSites(first * 1.5, _band(T))
+    model.keyword = keyword
+    report = _two_site_report(model, monkeypatch, lambda spec: replace(spec, scale=first))
     assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
 
 
