@@ -54,6 +54,7 @@ TESTS = [
     "tests/rewriter/test_certifier_sensitivity.py",
     "tests/rewriter/test_strict_paths.py",
     "tests/rewriter/test_negative.py",
+    "tests/rewriter/test_inplace_masks.py",   # certify's in-place-write guards
     "tests/rewriter/test_backend.py",
     "tests/patterns/test_spellings.py",
 ]
