@@ -13,6 +13,15 @@ Usage::
     pip install mutmut
     python bench/mutation_score.py                       # the guards, their tests (tens of minutes on 2 cores)
     python bench/mutation_score.py --files attnrewrite/rewriter/certify.py --children 2
+    # failures.py's recompile path is tested in test_trust.py: name those tests (pytest node ids work)
+    python bench/mutation_score.py --files attnrewrite/rewriter/failures.py --tests tests/rewriter/test_strict_paths.py \
+        tests/rewriter/test_trust.py::test_strict_raises_at_the_recompile_limit --workdir /tmp/mut-failures
+    # after adding tests: re-run only the survivors of that run (the mutated files must be unchanged)
+    python bench/mutation_score.py --files attnrewrite/rewriter/failures.py --tests ... --workdir /tmp/mut-failures --rerun
+
+``--tests`` must list the same files in a ``--rerun`` (mutmut re-runs everything when its test selection
+changes); put new tests in those files.  A mutant killed before stays killed (tests were only added), so
+the re-run's table is the score at the new commit.
 
 Not part of CI: too slow on 2 cores.  Results go to ``bench/RESULTS.md`` with the commit.
 """
@@ -45,6 +54,7 @@ TESTS = [
     "tests/rewriter/test_certifier_sensitivity.py",
     "tests/rewriter/test_strict_paths.py",
     "tests/rewriter/test_negative.py",
+    "tests/rewriter/test_inplace_masks.py",   # certify's in-place-write guards
     "tests/rewriter/test_backend.py",
     "tests/patterns/test_spellings.py",
 ]
@@ -89,6 +99,9 @@ def main() -> None:
     parser.add_argument("--tests", nargs="+", default=TESTS, help="test files to run against the mutants")
     parser.add_argument("--children", type=int, default=2, help="mutants run in parallel")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the copy here (default: a temp dir)")
+    parser.add_argument("--rerun", action="store_true",
+                        help="with the --workdir of an earlier run: refresh the tests, re-run only its survivors")
+    parser.add_argument("--mutants", nargs="+", default=(), help="run only these mutants (names or globs)")
     args = parser.parse_args()
     files = [f for f in args.files if (ROOT / f).exists()]
     missing = sorted(set(args.files) - set(files))
@@ -96,6 +109,17 @@ def main() -> None:
         print("not found, skipped:", ", ".join(missing))
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="attnrewrite-mutation-"))
+    names = list(args.mutants)
+    if args.rerun:
+        if args.workdir is None or not (workdir / "mutants").is_dir():
+            sys.exit("--rerun needs the --workdir of an earlier run")
+        changed = [f for f in files if (workdir / f).read_bytes() != (ROOT / f).read_bytes()]
+        if changed:
+            sys.exit(f"--rerun: {', '.join(changed)} changed since that run; run them afresh")
+        names += [n for counts in _results(workdir, files).values() for n in counts["names"]]
+        if not names:
+            sys.exit("--rerun: that run left no survivors")
+        print(f"re-running {len(names)} survivor(s) of the run at {(workdir / 'COMMIT').read_text().strip()}")
     for name in ("attnrewrite", "tests"):
         shutil.copytree(ROOT / name, workdir / name, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -103,12 +127,14 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     print(f"mutating {len(files)} file(s) at commit {commit} in {workdir}", flush=True)
+    if not args.rerun:
+        (workdir / "COMMIT").write_text(commit + "\n")
     # mutmut forks one process per mutant after importing torch: one intra-op thread, or the
     # forked children can wait forever on the parent's thread pool
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop("PYTHONPATH", None)
-    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.children)], cwd=workdir,
-                   check=False, env=env)
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(args.children), *names],
+                   cwd=workdir, check=False, env=env)
 
     results = _results(workdir, files)
     print(f"\nmutation score at {commit} (killed / (killed + survived); 'other': no tests, timeouts, ...)")

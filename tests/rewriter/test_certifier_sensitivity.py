@@ -325,12 +325,14 @@ class TwoSites(nn.Module):
         self.register_buffer("causal", i[None, :] <= i[:, None])
         self.register_buffer("other", second_mask)
         self.scales = (1 / math.sqrt(C // H), second_scale)
+        self.keyword = False  # the scale as a keyword argument: torch.mul(s, other=scale)
 
     def forward(self, x):
         out = []
         for layer, mask, scale in ((self.first, self.causal, self.scales[0]), (self.second, self.other, self.scales[1])):
             q, k, v = layer.qkv_heads(x)
-            s = (q @ k.transpose(-2, -1) * scale).masked_fill(~mask, float("-inf"))
+            s = torch.mul(q @ k.transpose(-2, -1), other=scale) if self.keyword else q @ k.transpose(-2, -1) * scale
+            s = s.masked_fill(~mask, float("-inf"))
             out.append(torch.softmax(s, dim=-1) @ v)
         return out[0] + out[1]
 
@@ -363,11 +365,14 @@ def test_a_site_differing_only_in_a_constant_mask_is_proven_on_its_own(monkeypat
     assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
 
 
-def test_a_site_differing_only_in_its_scale_is_proven_on_its_own(monkeypatch):
-    """Both sites claimed with the first's scale: a fingerprint that ignored the ops' arguments would
-    hand the first site's proof to the second."""
+@pytest.mark.parametrize("keyword", [False, True])
+def test_a_site_differing_only_in_its_scale_is_proven_on_its_own(monkeypatch, keyword):
+    """Both sites claimed with the first's scale: a fingerprint that ignored the ops' arguments (positional
+    or keyword) would hand the first site's proof to the second."""
     first = 1 / math.sqrt(C // H)
-    report = _two_site_report(TwoSites(first * 1.5, _band(T)), monkeypatch, lambda spec: replace(spec, scale=first))
+    model = TwoSites(first * 1.5, _band(T))
+    model.keyword = keyword
+    report = _two_site_report(model, monkeypatch, lambda spec: replace(spec, scale=first))
     assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
 
 
@@ -411,3 +416,126 @@ def test_identical_sites_with_different_specs_are_proven_apart(monkeypatch):
     x = _x()
     torch.testing.assert_close(compile_rewritten(model, report)(x), model(x), rtol=1e-5, atol=1e-6)
     assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+
+
+# --------------------------------------------------------------------------- the dropout the graph applies
+
+
+class TwiceDropped(Dropped):
+    """Two dropouts in a row on the probabilities: no single probability describes the site."""
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        return self.drop(self.drop(torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H), dim=-1))) @ v
+
+
+def test_two_dropouts_in_one_site_are_refused():
+    """The matcher reads one probability (the last dropout's); the certifier counts the site's dropouts."""
+    _refused_in_training(TwiceDropped().train(), reason="could not certify the dropout: 2 dropouts in one site")
+
+
+def test_a_symbolic_dropout_probability_is_read_from_its_hint():
+    """Under ``dynamic=True`` an ``nn.Dropout``'s p is a SymFloat graph input: the certifier compares the
+    spec with its value, so the right probability is certified and one off by 0.01 is refused."""
+    report = Report()
+    compile_rewritten(Dropped().train(), report, dynamic=True)(_x())
+    (site,) = report.sites
+    assert site.status == "rewritten" and site.spec["dropout_p"] == pytest.approx(0.1), report
+
+
+def test_a_symbolic_dropout_probability_off_by_one_percent_is_refused(monkeypatch):
+    _plant(monkeypatch, eager_matmul, "match", lambda site, spec: replace(spec, dropout_p=spec.dropout_p + 0.01))
+    report = Report()
+    compile_rewritten(Dropped().train(), report, dynamic=True)(_x())
+    (site,) = report.sites
+    assert site.status == "skipped", report
+    assert site.reason == "spec's dropout probability 0.11 differs from the site's 0.1", site.reason
+
+
+# --------------------------------------------------------------------------- what a probe must compute, and where
+
+
+class OutputScaledInPlace(Base):
+    """The attention output is written in place *after* the site (``out.mul_(2)``): the write reads the
+    rewritten output, so it is no reason to refuse, and a probe that ran the graph past the site's output
+    would compare a doubled original with the canonical form."""
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        out = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H), dim=-1) @ v
+        out.mul_(2.0)
+        return out
+
+
+class IntegerBias(Base):
+    """An integer relative-position bias (int64 buffer) added to float scores: the canonical form must
+    cast it to the probe's dtype as SDPA's additive masks are."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("rel", torch.randint(-2, 3, (T, T), generator=torch.Generator().manual_seed(5)))
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H) + self.rel, dim=-1) @ v
+
+
+class Windows(Base):
+    """x [B, W, T, C]: attention inside each of W windows, q/k/v [B, W, H, T, d].  Under ``dynamic=True``
+    the output's layout steps read a size from the graph (W is symbolic): the probe must look it up."""
+
+    def forward(self, x):
+        b, w, t, _ = x.shape
+        q, k, v = (h.view(b, w, t, H, C // H).transpose(2, 3) for h in self.qkv(x).split(C, dim=-1))
+        return torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H), dim=-1) @ v
+
+
+@pytest.mark.parametrize("cls, dynamic", [(OutputScaledInPlace, None), (IntegerBias, None), (Windows, True)])
+def test_sites_the_probes_must_evaluate_exactly_are_rewritten(cls, dynamic):
+    x = torch.randn(2, 3, T, C, generator=torch.Generator().manual_seed(1)) if cls is Windows else _x()
+    model = cls().eval()
+    report = Report()
+    out = compile_rewritten(model, report, dynamic=dynamic)(x)
+    (site,) = report.sites
+    assert site.status == "rewritten", report
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
+
+
+class SoftCapped(Base):
+    """Gemma-2's soft-capping ``tanh(s / 5) · 5`` before a mask built in place; ``spelling`` writes the
+    capping in place (its ops are the site's own: no reason to refuse) or writes the mask again after the
+    scores read it (the original used the old mask, a rewrite at the output would read the new one)."""
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        m = torch.zeros(T, T)
+        m[:, 7:] = -1e9
+        s = q @ k.transpose(-2, -1) / math.sqrt(C // H)
+        s = (s.div_(5.0).tanh_().mul_(5.0) if self.spelling == "in_place" else torch.tanh(s / 5.0) * 5.0) + m
+        if self.spelling == "mask_written_late":
+            m.fill_(-1e9)
+        return torch.softmax(s, dim=-1) @ v + m[0, 0].clamp(min=0)
+
+
+@pytest.mark.parametrize("spelling, reason", [
+    ("plain", None),
+    ("in_place", None),
+    ("mask_written_late", "m, an input of the site, is written in place by fill_ after the site reads it"),
+])
+def test_a_score_modification_and_the_inputs_beside_it(spelling, reason):
+    """The certifier's view of a site with a score modification: the modification's own nodes are not
+    inputs written in the way, the mask beside it still is."""
+    model = SoftCapped(spelling).eval()
+    report = Report()
+    out = compile_rewritten(model, report)(_x())
+    torch.testing.assert_close(out, model(_x()), rtol=1e-5, atol=1e-6)
+    (site,) = report.sites
+    assert site.spec["score_mod"] == "tanh·mul", site.spec
+    if reason is None:
+        assert site.status == "rewritten", report
+    else:
+        assert site.status == "skipped" and site.reason.startswith(reason), site.reason

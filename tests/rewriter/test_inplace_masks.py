@@ -184,6 +184,20 @@ class ShiftedWindow(Site):
         return m.repeat(x.shape[0] // m.shape[0], 1, 1).unsqueeze(1)  # [B * nW, 1, N, N]
 
 
+class MaskWrittenAfterTheSite(Site):
+    """The mask and v are written in place only after the attention output: the original and a rewrite
+    at the output read the same values, so the writes are no reason to refuse."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        m = torch.zeros(T, T)
+        m[:, 6:] = NEG
+        out = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D) + m, dim=-1) @ v
+        m.fill_(0.5)
+        v.mul_(2.0)
+        return out + m[0, 0] + v[0, 0, 0, 0]
+
+
 # --------------------------------------------------------------------------- left alone, with the reason
 
 
@@ -238,7 +252,7 @@ class ValuesWrittenInside(Site):
 
 
 REWRITTEN = [SliceOfZeros, MaskedFillInPlace, LoopOverFull, BoolItemAssignment, SlidingWindowByLoop, IndexPut,
-             CopyIntoSlice, FillThroughViews, AddedParameter, PaddingFromLengths, ShiftedWindow]
+             CopyIntoSlice, FillThroughViews, AddedParameter, PaddingFromLengths, ShiftedWindow, MaskWrittenAfterTheSite]
 LEFT_ALONE = [MaskWrittenAfterItsRead, ScoresWrittenInPlace, ScoresMaskedFillInPlace, ValuesWrittenInside]
 
 

@@ -265,3 +265,51 @@ def test_each_cause_warns_once_even_after_another_was_said():
     assert len(messages) == 1 and messages[0].startswith(
         "attnrewrite: attention not rewritten to linear at 1 site(s) (capped): linear cannot honour this site: it "
         "cannot apply the score modification tanh·mul"), messages
+
+
+def test_rewrite_failed_derives_from_the_class_dynamo_passes_through(monkeypatch):
+    """Dynamo wraps a backend's exceptions in ``BackendCompilerFailed`` except its ``ShortenTraceback``
+    family: RewriteFailed's base must be that class while torch has it (so ``except RewriteFailed``
+    catches it from ``torch.compile``), and a plain RuntimeError when a torch without it is used."""
+    from torch._dynamo import exc
+
+    from attnrewrite.rewriter import failures
+
+    assert failures._passed_through_by_dynamo() is exc.ShortenTraceback
+    assert issubclass(attnrewrite.RewriteFailed, exc.ShortenTraceback)
+    monkeypatch.delattr(exc, "ShortenTraceback")
+    assert failures._passed_through_by_dynamo() is RuntimeError
+    monkeypatch.setattr(exc, "ShortenTraceback", ValueError, raising=False)  # not a RuntimeError: not a base
+    assert failures._passed_through_by_dynamo() is RuntimeError
+
+
+def test_the_recompile_limit_is_said_at_the_last_compile_only_and_names_the_frame():
+    """``recompile_limit_reached`` outside a Dynamo frame (a compile context alone, as an AOT compile or a
+    replay has): silent below and past the frame's last compile and outside any compile; at the last one
+    it names the frame by its id, raises under strict, and otherwise warns once."""
+    from torch._guards import CompileContext, CompileId, compile_context
+
+    from attnrewrite.rewriter.failures import recompile_limit_reached
+
+    def at(compile_count: int, strict: bool) -> None:
+        with compile_context(CompileContext(CompileId(frame_id=7, frame_compile_id=compile_count))):
+            recompile_limit_reached(strict)
+
+    cause = ("frame 7 is compiled for the 5th time, torch._dynamo.config.recompile_limit: Dynamo runs further "
+             "versions of it (new shapes or other guards, e.g. another instance or a module holding other states) "
+             "uncompiled, with their original attention. Raise the limit, mark the varying sizes dynamic, or "
+             "compile the whole model once")
+    reset_warnings()
+    with torch._dynamo.config.patch(recompile_limit=5), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recompile_limit_reached(True)  # no compile going on
+        for count in (0, 3, 5):
+            at(count, strict=True)
+        assert not caught
+        with pytest.raises(attnrewrite.RewriteFailed) as raised:
+            at(4, strict=True)
+        assert str(raised.value) == f"attnrewrite: {cause}"
+        assert [(f.module, f.cause) for f in raised.value.failures] == [("", cause)]
+        at(4, strict=False)
+        at(4, strict=False)
+    assert [(w.category, str(w.message)) for w in caught] == [(attnrewrite.RewriteWarning, f"attnrewrite: {cause}.")]
