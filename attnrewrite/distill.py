@@ -27,13 +27,14 @@ import functools
 import logging
 import math
 import os
+import warnings
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from attnrewrite.rewriter import state as state_registry
 from attnrewrite.rewriter.backend import attnrewrite_backend
@@ -188,7 +189,7 @@ class _Run:
                     f"transfer has nothing to train" + (f" (give {hint} for learned ones)" if hint else ""))
             if required:
                 raise DistillError(what + "; use stage='finetune' to fine-tune the model itself")
-            log.warning("attnrewrite.distill: %s; stage 'transfer' skipped", what)
+            warnings.warn(f"attnrewrite.distill: {what}; stage 'transfer' skipped", stacklevel=4)
             return
         if self.checkpoint is not None and self.checkpoint["phase"] == "finetune":
             return  # transfer finished before the checkpoint was written: finetune restores its result
@@ -488,7 +489,7 @@ def _split(batch: Any, what: str) -> tuple[tuple, dict]:
 def _run_teacher(teacher: nn.Module, args: tuple, kwargs: dict, index: int) -> Any:
     try:
         return teacher(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001 — the user's model refused the batch: say which
+    except Exception as exc:
         raise DistillError(f"batch {index} does not fit the model: {type(exc).__name__}: {exc}") from exc
 
 

@@ -18,7 +18,6 @@ from attnrewrite.kernels.sigmoid.state import SigmoidHeadState
 from attnrewrite.kinds.options import auto_or_number, flag
 from attnrewrite.kinds.registry import Kind, register
 
-
 # --------------------------------------------------------------------------- the kind
 
 

@@ -25,10 +25,11 @@ import copy
 import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
-import torch.fx as fx
+from torch import fx
 
 from attnrewrite import kinds
 from attnrewrite.ir.capture import module_path, normalize
@@ -72,7 +73,7 @@ def _guarded(ctx: PassContext, site: Site, stage: str, fn: Callable[[], None]) -
         fn()
     except NotAttention as exc:
         site.skip(str(exc))
-    except Exception as exc:  # noqa: BLE001 — never break the user's compile for one site
+    except Exception as exc:
         if ctx.options.strict:
             raise
         log.debug("attnrewrite: %s failed on %s (%s)", stage, site.anchor.name, site.module_path, exc_info=True)
@@ -218,8 +219,8 @@ def rewrite(ctx: PassContext) -> None:
             caller = state.caller(ctx.gm, site.anchor, kind.name, site.ordinal, ctx.states.get(site), index)
             weights = None
             if site.spec.weights_escape and callable(kind.weights):
-                weights = lambda call: kind.weights(call, options, caller)  # noqa: E731
-            emit = lambda call: kind.emit(call, options, caller)  # noqa: E731
+                weights = lambda call: kind.weights(call, options, caller)
+            emit = lambda call: kind.emit(call, options, caller)
             if ctx.tap is not None:  # distillation: the tap decides what the site returns; weights stay original
                 emit, weights = functools.partial(ctx.tap, ctx.gm, site, emit), None
             rewrite_site(ctx.gm, site, emit, ctx.fake_mode, weights)
@@ -253,7 +254,7 @@ def _enter(ctx: PassContext, use: hops.BodyUse) -> None:
     try:
         for _, stage in STAGES:
             stage(sub)
-    except Exception as exc:  # noqa: BLE001 — one body failing leaves that body as it was
+    except Exception as exc:
         if ctx.options.strict:
             raise
         log.debug("attnrewrite: the pass failed on %s", sub.inside, exc_info=True)
@@ -344,7 +345,7 @@ def run_pass(gm: fx.GraphModule, example_inputs: list[Any], options: RewriteOpti
     try:
         for name, stage in STAGES:
             report.stages.append(_run_stage(ctx, name, stage))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if options.strict:
             raise RewriteFailed(f"attnrewrite pass failed: {type(exc).__name__}: {exc}",
                                 [Failure(s.module_path, f"the pass failed: {exc}") for s in ctx.sites]) from exc

@@ -9,7 +9,7 @@ site's softmax output.  Both start at the untrained kind (t = 1, β = 0).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 class SigmoidHeadState(nn.Module):
