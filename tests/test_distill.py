@@ -90,6 +90,7 @@ def test_logits_are_compared_by_kl_and_hidden_states_by_mse():
     torch.testing.assert_close(output_loss(student, teacher, "kl"), want)
 
 
+@pytest.mark.slow  # three distillations of both stages (about 25 s of CPU)
 def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(llama, tmp_path):
     options = {"to": "linear", "data": DATA, "stage": "both", "progress": False, "feature_map": "hedgehog", "seed": 3}
     whole = attnrewrite.distill(llama, steps={"transfer": 4, "finetune": 4}, **options)
