@@ -94,6 +94,9 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
         kind_options: the kind's options (``feature_map="hedgehog"``, ``learned=True`` ...), as
             for the backend.
 
+    Like :func:`attnrewrite.convert`, it resets ``torch._dynamo`` (before and after): graphs compiled
+    earlier in the process are compiled again on their next call.
+
     Returns:
         A copy of ``model`` with the kind's states attached (compile it with the backend and the
         same ``to`` and options to run it), in eval mode.  ``attnrewrite_report`` holds the
