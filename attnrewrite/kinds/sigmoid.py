@@ -14,9 +14,9 @@ import torch
 import attnrewrite.kernels.sigmoid.public  # noqa: F401 — registers attnrewrite::sigmoid_attention
 from attnrewrite.ir.canonical import AttentionCall
 from attnrewrite.ir.spec import AttentionSpec
-from attnrewrite.kinds.options import auto_or_number
+from attnrewrite.kernels.sigmoid.state import SigmoidHeadState
+from attnrewrite.kinds.options import auto_or_number, flag
 from attnrewrite.kinds.registry import Kind, register
-
 
 # --------------------------------------------------------------------------- the kind
 
@@ -25,9 +25,25 @@ def _bias(options: dict[str, Any]) -> float | None:
     return None if options["bias"] == "auto" else float(options["bias"])
 
 
+def _scores_operands(call: AttentionCall, state) -> tuple[Any, Any, Any]:
+    """(q, k, scale) of the scores.  With a learned state, q is scaled by each head's temperature and
+    the head's bias β_h rides in one more channel (q gets β_h / scale, k gets 1), so that
+    scale·q'·k'ᵀ = t_h·scale·q·kᵀ + β_h goes through the op unchanged (masks, padding, causality, GQA)."""
+    q, k, scale = call.scaled_q(), call.k, call.scale
+    if state is None:
+        return q, k, scale
+    if scale is None:
+        scale = q.shape[-1] ** -0.5  # the default of the original head dim, fixed before the channel is added
+    q, head_bias = state(q)
+    q = torch.cat([q, head_bias / scale], dim=-1)
+    k = torch.cat([k, torch.ones_like(k[..., :1])], dim=-1)
+    return q, k, scale
+
+
 def emit(call: AttentionCall, options: dict[str, Any], state) -> Any:
-    return torch.ops.attnrewrite.sigmoid_attention(call.scaled_q(), call.k, call.v, call.attn_mask, call.dropout_p,
-                                                   call.is_causal, call.scale, call.enable_gqa, bias=_bias(options))
+    q, k, scale = _scores_operands(call, state)
+    return torch.ops.attnrewrite.sigmoid_attention(q, k, call.v, call.attn_mask, call.dropout_p,
+                                                   call.is_causal, scale, call.enable_gqa, bias=_bias(options))
 
 
 def weights(call: AttentionCall, options: dict[str, Any], state) -> Any:
@@ -35,10 +51,10 @@ def weights(call: AttentionCall, options: dict[str, Any], state) -> Any:
 
     Written with tensor ops and static flags only, so it records into a graph as it runs eagerly.
     """
-    q, k = call.scaled_q(), call.k
+    q, k, scale = _scores_operands(call, state)
     if call.enable_gqa:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
     scores = (q @ k.transpose(-2, -1)).float() * scale
     keep = torch.ones_like(scores, dtype=torch.bool)
     if call.attn_mask is not None:
@@ -63,11 +79,21 @@ def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
     return None
 
 
+def make_state(spec: AttentionSpec, options: dict[str, Any]):
+    if not options["learned"]:
+        return None
+    from attnrewrite.patterns.layout import ref_shape
+
+    return SigmoidHeadState(ref_shape(spec.q)[-3])
+
+
 KIND = register(Kind(
     name="sigmoid",
     emit=emit,
     supports=supports,
-    options={"bias": auto_or_number("auto")},
+    # learned: a temperature and a bias per head (a state, attached by convert, fitted by distill)
+    options={"bias": auto_or_number("auto"), "learned": flag(False)},
     description="sigmoid attention Σ sigmoid(s·q·kᵀ + b)·v, b = −log(n) by default",
     weights=weights,
+    make_state=make_state,
 ))

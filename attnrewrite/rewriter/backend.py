@@ -164,6 +164,7 @@ def attnrewrite_backend(
     options: Mapping[str, Any] | None = None,
     _report_sink: Callable[[Report], None] | None = None,
     _attach_state: Callable | None = None,
+    _tap: Callable | None = None,
 ) -> Callable:
     """Rewrite every certified attention site of ``gm`` to ``options["to"]``, then compile it.
 
@@ -174,7 +175,7 @@ def attnrewrite_backend(
     """
     opts = RewriteOptions.parse(options)
     recompile_limit_reached(opts.strict)  # the frame's last compile: later versions will run unrewritten
-    report = run_pass(gm, example_inputs, opts, attach_state=_attach_state)
+    report = run_pass(gm, example_inputs, opts, attach_state=_attach_state, tap=_tap)
     report.compile_ids = [_compile_id()]
     record(report)
     if _report_sink is not None:

@@ -22,12 +22,14 @@ restores the original graph.  Either way the attention stays as it was, which is
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
-import torch.fx as fx
+from torch import fx
 
 from attnrewrite import kinds
 from attnrewrite.ir.capture import module_path, normalize
@@ -60,6 +62,8 @@ class PassContext:
     origin: dict[fx.Node, str] = field(default_factory=dict)  # nodes created by unfusing → family
     states: dict[Site, Any] = field(default_factory=dict)  # per-site state modules (kinds with parameters)
     attach_state: Callable[[Site, Any], Any] | None = None  # set by convert(): attaches a new state
+    # set by distill(): tap(gm, site, emit, call) records the kind's output beside the exact one
+    tap: Callable[..., Any] | None = None
     inside: str = ""  # the higher-order op body this pass works in ("" for the graph Dynamo captured)
 
 
@@ -69,7 +73,7 @@ def _guarded(ctx: PassContext, site: Site, stage: str, fn: Callable[[], None]) -
         fn()
     except NotAttention as exc:
         site.skip(str(exc))
-    except Exception as exc:  # noqa: BLE001 — never break the user's compile for one site
+    except Exception as exc:
         if ctx.options.strict:
             raise
         log.debug("attnrewrite: %s failed on %s (%s)", stage, site.anchor.name, site.module_path, exc_info=True)
@@ -215,8 +219,11 @@ def rewrite(ctx: PassContext) -> None:
             caller = state.caller(ctx.gm, site.anchor, kind.name, site.ordinal, ctx.states.get(site), index)
             weights = None
             if site.spec.weights_escape and callable(kind.weights):
-                weights = lambda call: kind.weights(call, options, caller)  # noqa: E731
-            rewrite_site(ctx.gm, site, lambda call: kind.emit(call, options, caller), ctx.fake_mode, weights)
+                weights = lambda call: kind.weights(call, options, caller)
+            emit = lambda call: kind.emit(call, options, caller)
+            if ctx.tap is not None:  # distillation: the tap decides what the site returns; weights stay original
+                emit, weights = functools.partial(ctx.tap, ctx.gm, site, emit), None
+            rewrite_site(ctx.gm, site, emit, ctx.fake_mode, weights)
             site.status, site.kind = "rewritten", ctx.kind.name
             if site.spec.weights_escape:
                 site.notes.append("returned attention weights: " + (
@@ -247,7 +254,7 @@ def _enter(ctx: PassContext, use: hops.BodyUse) -> None:
     try:
         for _, stage in STAGES:
             stage(sub)
-    except Exception as exc:  # noqa: BLE001 — one body failing leaves that body as it was
+    except Exception as exc:
         if ctx.options.strict:
             raise
         log.debug("attnrewrite: the pass failed on %s", sub.inside, exc_info=True)
@@ -320,22 +327,25 @@ def _run_stage(ctx: PassContext, name: str, stage: Callable[[PassContext], None]
 
 
 def run_pass(gm: fx.GraphModule, example_inputs: list[Any], options: RewriteOptions,
-             attach_state: Callable[[Site, Any], Any] | None = None) -> Report:
+             attach_state: Callable[[Site, Any], Any] | None = None, tap: Callable[..., Any] | None = None) -> Report:
     """Rewrite every certified attention site of ``gm`` in place; return what was done.
 
     ``attach_state`` is given by :func:`attnrewrite.convert`: it attaches a kind's new
-    per-site state to the user's model and returns it.
+    per-site state to the user's model and returns it.  ``tap`` is given by
+    :func:`attnrewrite.distill`: ``tap(gm, site, emit, call)`` records, in place of the site, what
+    the site computes during attention transfer (``emit(call)`` is the kind's output); it is used
+    for the graph Dynamo captured, not inside higher-order-op bodies.
     """
     start = time.perf_counter()
     report = Report(to=options.to, graphs=1)
     backups = {module: copy.deepcopy(module.graph) for module in (gm, *hops.all_bodies(gm))}
     ctx = PassContext(gm=gm, example_inputs=list(example_inputs), options=options, kind=kinds.get(options.to),
                       evaluator=hops.HopEvaluator(gm, example_inputs), fake_mode=find_fake_mode(gm, example_inputs),
-                      attach_state=attach_state)
+                      attach_state=attach_state, tap=tap)
     try:
         for name, stage in STAGES:
             report.stages.append(_run_stage(ctx, name, stage))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         if options.strict:
             raise RewriteFailed(f"attnrewrite pass failed: {type(exc).__name__}: {exc}",
                                 [Failure(s.module_path, f"the pass failed: {exc}") for s in ctx.sites]) from exc

