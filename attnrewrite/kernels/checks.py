@@ -143,3 +143,44 @@ def check_kv_lens(kv_lens: Any, batch: int, what: str) -> None:
         raise TypeError(f"{what}: kv_lens must be an integer tensor [B], got {got}")
     if kv_lens.dim() != 1 or kv_lens.shape[0] != batch:
         raise ValueError(f"{what}: kv_lens must be [B] = [{batch}], got shape {tuple(kv_lens.shape)}")
+
+
+_TORCH_CP_MODULE = "torch.distributed.tensor.experimental._context_parallel._attention"
+
+
+def torch_context_parallel_active() -> bool:
+    """Whether torch's own context-parallel manager is on (``torch.distributed.tensor.experimental
+    .context_parallel``, or its module-wrapper API).
+
+    torch 2.13 marks it in two places: the monkey-patching manager replaces
+    ``F.scaled_dot_product_attention`` by a wrapper it records in ``_replaced_functions``, and both
+    of its APIs install ``_sdpa_handler`` among DTensor's custom op handlers.  Nothing is imported
+    here: when that module was never imported, the manager cannot be on.
+    """
+    import sys
+
+    cp = sys.modules.get(_TORCH_CP_MODULE)
+    if cp is None:
+        return False
+    import torch.nn.functional as F
+
+    if F.scaled_dot_product_attention in getattr(cp, "_replaced_functions", {}):
+        return True
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    handler = getattr(cp, "_sdpa_handler", None)
+    try:
+        handlers = dtensor.DTensor._op_dispatcher._custom_op_handlers.values()
+    except AttributeError:
+        return False
+    return handler is not None and any(h is handler for h in handlers)
+
+
+def refuse_torch_context_parallel(what: str) -> None:
+    """Raise inside torch's context-parallel manager: it shards the sequence but only knows SDPA, so
+    one of our ops there would attend over this rank's shard alone — a wrong result, silently."""
+    if torch_context_parallel_active():
+        raise RuntimeError(
+            f"{what} was called inside torch.distributed.tensor.experimental.context_parallel, which shards "
+            "the sequence but cannot run attnrewrite's ops (they would attend over this rank's shard only). "
+            "Use attnrewrite.distributed.context_parallel(mesh, buffers=..., buffer_seq_dims=...) instead: "
+            "the same signature and sharding, with every attnrewrite kind and SDPA made context-parallel.")
