@@ -4,10 +4,13 @@ The manager (:mod:`.manager`) gathers the keys, values and key mask of every ran
 computes the rank's rows of the result from them.  It is plain torch over the kinds' public ops (no
 process group), so a W-rank run can be checked in one process.
 
-- softmax, sigmoid: each of the rank's two chunks attends to the keys up to its end, with the causal
-  mask written for its global positions (the chunk starting at s sees key j iff j ≤ s + i).  sigmoid's
-  ``bias="auto"`` under causality is b_i = −log n_i with n_i the keys query i sees, folded into a
-  float mask so that every chunk uses its global count.
+- softmax, sigmoid: each of the rank's two chunks attends to the keys up to its end.  Without a key
+  mask: as two blocks, the keys before the chunk (unmasked) and the chunk's own keys (causal, a
+  square block); softmax merges the blocks' partial outputs by their log-sum-exp (on the CPU, through
+  torch's flash kernel), sigmoid simply adds them, with ``bias="auto"``'s b_i = −log(i + 1) as a
+  [C, 1] row mask.  With a key mask (or dropout, or off the CPU for softmax): one call per chunk with
+  the causal mask written for its global positions (the chunk starting at s sees key j iff j ≤ s + i),
+  sigmoid's b_i = −log n_i counted over the visible keys and folded into that mask.
 - linear: each chunk calls the op on the keys up to its end with ``is_causal=True``: the op aligns
   Tq < Tk bottom-right, which is exactly "the chunk's global positions".  Bidirectional: all keys.
 - summary, hashed, dual_triangle, sliding_window: the rank's queries are scattered into a sequence of
@@ -80,10 +83,59 @@ def _per_chunk(q: Tensor, segments, run) -> Tensor:
     return torch.cat(outs, dim=-2)
 
 
+class _MergedCausalSoftmax(torch.autograd.Function):
+    """Softmax attention of one chunk of queries (global positions start … stop − 1) over keys
+    [0, stop): the keys before the chunk unmasked and the chunk's own keys causally, two calls of
+    torch's CPU flash kernel whose partial outputs are merged by their log-sum-exp.  The backward
+    runs the kernel's backward per block with the merged output and log-sum-exp, which gives each
+    block its exact share of the gradient (as ring attention does)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, start: int, scale: float | None) -> Tensor:
+        blocks = ([(0, start, False)] if start > 0 else []) + [(start, k.shape[-2], True)]
+        outs, lses = [], []
+        for lo, hi, causal in blocks:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                q, k[..., lo:hi, :].contiguous(), v[..., lo:hi, :].contiguous(), 0.0, causal, scale=scale)
+            outs.append(out)
+            lses.append(lse)
+        lse = torch.logsumexp(torch.stack(lses), dim=0) if len(lses) > 1 else lses[0]
+        out = sum(o * torch.exp(part - lse).unsqueeze(-1).to(o.dtype) for o, part in zip(outs, lses))
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.blocks, ctx.scale = blocks, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        grad = grad.contiguous()
+        dq, dks, dvs = torch.zeros_like(q), [], []
+        for lo, hi, causal in ctx.blocks:
+            dq_part, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad, q, k[..., lo:hi, :].contiguous(), v[..., lo:hi, :].contiguous(), out, lse, 0.0, causal,
+                scale=ctx.scale)
+            dq += dq_part
+            dks.append(dk)
+            dvs.append(dv)
+        return dq, torch.cat(dks, dim=-2), torch.cat(dvs, dim=-2), None, None
+
+
+def _merged_path_applies(args: dict, k: Tensor, mask: Tensor | None) -> bool:
+    q = args["q"]
+    return (q.device.type == "cpu" and mask is None and args["dropout_p"] == 0.0 and q.dim() == 4
+            and q.dtype in (torch.float32, torch.float64) and k.dtype == q.dtype)
+
+
 def _softmax(args: dict, k: Tensor, v: Tensor, mask: Tensor | None, segments) -> Tensor:
     common = dict(dropout_p=args["dropout_p"], scale=args["scale"], enable_gqa=args["enable_gqa"])
     if not args["is_causal"]:
         return torch.ops.attnrewrite.softmax_attention(args["q"], k, v, mask, is_causal=False, **common)
+    if _merged_path_applies(args, k, mask):
+        groups = args["q"].shape[-3] // k.shape[-3]
+        if groups > 1:  # the flash kernel wants one key head per query head
+            k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+        return _per_chunk(args["q"], segments, lambda q, start, stop: _MergedCausalSoftmax.apply(
+            q.contiguous(), k[..., :stop, :], v[..., :stop, :], start, args["scale"]))
 
     def run(q, start, stop):
         chunk_mask = _with_causal(_prefix(mask, stop), _causal(start, stop, q.device))
@@ -98,6 +150,20 @@ def _sigmoid(args: dict, k: Tensor, v: Tensor, mask: Tensor | None, segments) ->
     bias = args["bias"]
     if not args["is_causal"]:
         return torch.ops.attnrewrite.sigmoid_attention(args["q"], k, v, mask, is_causal=False, bias=bias, **common)
+
+    if mask is None:  # the keys before the chunk unmasked, its own keys causally: partial outputs add
+        def run_blocks(q, start, stop):
+            rows = None if bias is not None else \
+                -torch.log(torch.arange(start + 1, stop + 1, device=q.device, dtype=q.dtype)).unsqueeze(-1)
+            number = 0.0 if bias is None else bias  # "auto": b_i = −log(i + 1) per row, a [C, 1] mask
+            out = torch.ops.attnrewrite.sigmoid_attention(q, k[..., start:stop, :], v[..., start:stop, :], rows,
+                                                          is_causal=True, bias=number, **common)
+            if start > 0:
+                out = out + torch.ops.attnrewrite.sigmoid_attention(q, k[..., :start, :], v[..., :start, :], rows,
+                                                                    is_causal=False, bias=number, **common)
+            return out
+
+        return _per_chunk(args["q"], segments, run_blocks)
 
     def run(q, start, stop):
         keys = _prefix(mask, stop)

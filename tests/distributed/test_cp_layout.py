@@ -42,6 +42,10 @@ OPTIONS = {
 CELLS = [(name, causal, world) for name in OPTIONS for causal in (True, False) for world in (2, 3)]
 CELLS += [("sigmoid_attention-bias", causal, 2) for causal in (True, False)]
 CELLS += [("dual_triangle_attention", False, 3)]
+CELLS = [(name, causal, world, True) for name, causal, world in CELLS]
+# no key mask: softmax and sigmoid take their blockwise paths (log-sum-exp merge / plain sum)
+CELLS += [(name, True, world, False) for name in ("softmax_attention", "sigmoid_attention", "sigmoid_attention-bias")
+          for world in (1, 2, 3)]
 
 
 def _args(op, q, options, causal):
@@ -52,8 +56,8 @@ def _args(op, q, options, causal):
     return args
 
 
-@pytest.mark.parametrize("name,causal,world", CELLS)
-def test_ranks_together_compute_the_whole_op(name, causal, world):
+@pytest.mark.parametrize("name,causal,world,padded", CELLS)
+def test_ranks_together_compute_the_whole_op(name, causal, world, padded):
     options = dict(OPTIONS.get(name, {}))
     if name == "sigmoid_attention-bias":
         name, options = "sigmoid_attention", {"bias": -1.5}
@@ -62,7 +66,7 @@ def test_ranks_together_compute_the_whole_op(name, causal, world):
     q, k, v = (torch.randn(2, h, T, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
     valid = torch.ones(2, T, dtype=torch.bool)
     valid[1, -5:] = False
-    mask = valid[:, None, None, :]
+    mask = valid[:, None, None, :] if padded else None
     ref = op(q, k, v, mask, **{k_: v_ for k_, v_ in _args(op, None, options, causal).items()
                                if k_ not in ("q", "attn_mask")})
     grad_out = torch.randn(ref.shape, generator=g, dtype=torch.float64)
