@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from attnrewrite.distributed import kinds
 from attnrewrite.distributed.collectives import gather_sequence
 from attnrewrite.distributed.layout import check_divisible, segments, shard
-from attnrewrite.kernels.checks import torch_context_parallel_active
+from attnrewrite.kernels.checks import SHARDED_SEQUENCE, torch_context_parallel_active
 
 _SDPA_NAMES = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
@@ -135,7 +135,11 @@ class _ContextParallelMode(TorchFunctionMode):
         else:
             k_all, v_all = gather_sequence(k, -2, self.group), gather_sequence(v, -2, self.group)
         chunks = segments(self.rank, self.world, local * self.world)
-        return kinds.attend(name, bound, k_all, v_all, mask, chunks)
+        SHARDED_SEQUENCE.depth += 1
+        try:
+            return kinds.attend(name, bound, k_all, v_all, mask, chunks)
+        finally:
+            SHARDED_SEQUENCE.depth -= 1
 
 
 def _check_mesh(mesh) -> None:
@@ -203,7 +207,11 @@ def context_parallel(mesh: DeviceMesh, *, buffers: list[Tensor] | None = None,
     ``torch.ops.attnrewrite`` ops a rewritten graph calls) compute this rank's rows of attention over
     the whole sequence, forward and backward, causal (on the global positions) or not, GQA, and an
     ``attn_mask`` that is a key mask (key padding, a per-key bias), itself sharded like the keys.
-    Attention must be self-attention over the shard (Tq == Tk == T / W).  Eager only.
+    Attention must be self-attention over the shard (Tq == Tk == T / W).  Eager only: inside, any
+    compilation fails (``torch.compiler.set_stance("fail_on_recompile")``), and a graph compiled
+    before runs without the manager seeing its calls, so the attnrewrite ops and forward kernels it
+    calls raise instead of attending over the shard (SDPA inside such a graph cannot be seen: do not
+    run compiled attention inside this manager).
 
     Raises:
         TypeError, ValueError: a bad mesh or buffer, lengths not divisible by 2W, lengths that differ
@@ -232,10 +240,15 @@ def context_parallel(mesh: DeviceMesh, *, buffers: list[Tensor] | None = None,
             buffer.copy_(local)
     mode = _ContextParallelMode(mesh)
     _active.append(mode)
+    SHARDED_SEQUENCE.owner = "attnrewrite.distributed.context_parallel"
     try:
-        with mode:
+        # compiling here would trace through the mode (the graph sees no attention to rewrite, or
+        # calls it where the mode cannot see): refuse every compile; a graph compiled before still
+        # runs, and the attnrewrite ops and kernels it calls refuse the shard (SHARDED_SEQUENCE)
+        with torch.compiler.set_stance("fail_on_recompile"), mode:
             yield
     finally:
+        SHARDED_SEQUENCE.owner = None
         _active.pop()
         with torch.no_grad():
             for buffer, original in zip(buffers, originals):

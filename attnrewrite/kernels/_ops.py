@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple, Sequence
 
 import torch
 
-from attnrewrite.kernels.checks import refuse_torch_context_parallel
+from attnrewrite.kernels.checks import refuse_sharded_sequence, refuse_torch_context_parallel
 
 NAMESPACE = "attnrewrite"
 IMPLS = ("auto", "triton", "torch")
@@ -100,6 +100,8 @@ def kernel_op(name: str, impl: Callable, *, fake: Callable, schema: str | None =
     Returns:
         The ``CustomOpDef``; call it like a function.
     """
+    if backward is not None:  # a forward kernel: refused on a shard the context-parallel manager did not hand it
+        impl = _refusing_on_a_shard(impl, f"attnrewrite::{name}")
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=(), schema=schema)
     op.register_fake(fake)
     if backward is not None:
@@ -107,6 +109,15 @@ def kernel_op(name: str, impl: Callable, *, fake: Callable, schema: str | None =
     else:
         refuse_derivative(op, name)
     return op
+
+
+def _refusing_on_a_shard(impl: Callable, what: str) -> Callable:
+    @functools.wraps(impl)
+    def guarded(*args, **kwargs):
+        refuse_sharded_sequence(what)
+        return impl(*args, **kwargs)
+
+    return guarded
 
 
 def refuse_derivative(op, name: str) -> None:

@@ -19,6 +19,7 @@ Every message starts with the operation it comes from (``what``, e.g. ``"summary
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import torch
@@ -177,10 +178,36 @@ def torch_context_parallel_active() -> bool:
 
 def refuse_torch_context_parallel(what: str) -> None:
     """Raise inside torch's context-parallel manager: it shards the sequence but only knows SDPA, so
-    one of our ops there would attend over this rank's shard alone — a wrong result, silently."""
+    one of our ops there would attend over this rank's shard alone — a wrong result, silently.  Also
+    raise inside attnrewrite's own manager for a call that does not come through it
+    (:func:`refuse_sharded_sequence`)."""
+    refuse_sharded_sequence(what)
     if torch_context_parallel_active():
         raise RuntimeError(
             f"{what} was called inside torch.distributed.tensor.experimental.context_parallel, which shards "
             "the sequence but cannot run attnrewrite's ops (they would attend over this rank's shard only). "
             "Use attnrewrite.distributed.context_parallel(mesh, buffers=..., buffer_seq_dims=...) instead: "
             "the same signature and sharding, with every attnrewrite kind and SDPA made context-parallel.")
+
+
+class _ShardedSequence(threading.local):
+    """Set by :mod:`attnrewrite.distributed` while its context-parallel manager is on (``owner``) and
+    while it runs an op on purpose (``depth``): any other call of a public op or of a forward kernel
+    then sees only this rank's shard and must not run."""
+
+    owner: str | None = None
+    depth: int = 0
+
+
+SHARDED_SEQUENCE = _ShardedSequence()
+
+
+def refuse_sharded_sequence(what: str) -> None:
+    """Raise when the sequence is sharded by attnrewrite's context-parallel manager and this call did
+    not come through it (a compiled graph calling the op or its kernels: the manager sees eager calls)."""
+    if SHARDED_SEQUENCE.owner is not None and SHARDED_SEQUENCE.depth == 0:
+        raise RuntimeError(
+            f"{what} was called inside {SHARDED_SEQUENCE.owner} without going through it (from a graph "
+            "compiled by torch.compile, whose calls the manager cannot see): it would attend over this "
+            "rank's shard only.  Run the model eagerly inside context_parallel (an attnrewrite-rewritten "
+            "model: use attnrewrite.hf's attention functions or call attnrewrite.ops directly).")

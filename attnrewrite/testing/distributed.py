@@ -178,15 +178,43 @@ def _training_case(attention: Callable, name: str) -> Case:
     return case
 
 
+def _compiled_case(compiler: str) -> Case:
+    """A model rewritten by attnrewrite (torch.compile) and run inside the manager: compiling there
+    fails (a traced graph would go around the manager), also when a graph for the shard's shapes exists."""
+    return lambda mesh: _run_compiled(mesh, compiler)
+
+
+def _run_compiled(mesh, compiler: str):
+    torch.manual_seed(_seed("compiled"))
+    model = TinyLM(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)).double()
+    compiled = torch.compile(model, backend="attnrewrite", options={"to": "sigmoid", "compiler": compiler,
+                                                                    "strict": True})
+    x = torch.randint(0, 32, (B, T), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(T).expand(B, T).clone()
+    whole = compiled(x, positions)
+    assert attnrewrite.recent_reports()[-1].rewritten, "the model's attention was not rewritten"
+    assert whole.shape[1] == T
+    with context_parallel(mesh, buffers=[x, positions], buffer_seq_dims=[1, 1]):
+        # dynamo guards on the torch-function mode stack: a new graph is needed, and compiling is refused
+        _raises(RuntimeError, "fail_on_recompile", lambda: compiled(x, positions))
+    # even with a graph compiled before for the shard's shapes
+    local = (shard(x, 1, mesh.get_local_rank(), mesh.size()), shard(positions, 1, mesh.get_local_rank(), mesh.size()))
+    compiled(*local)
+    with context_parallel(mesh):
+        _raises(RuntimeError, "fail_on_recompile", lambda: compiled(*local))
+
+
 # ---------------------------------------------------------------------------------------------
 # context parallel: refusals and bad input
 
 
-def _raises(kind: type, match: str, fn: Callable) -> None:
+def _raises(kind: type, match: str | tuple[str, ...], fn: Callable) -> None:
+    """``fn()`` raises ``kind`` with (one of) ``match`` in its message."""
     try:
         fn()
     except kind as error:
-        assert match in str(error), f"{kind.__name__} without {match!r}: {error}"
+        matches = (match,) if isinstance(match, str) else match
+        assert any(m in str(error) for m in matches), f"{kind.__name__} without {match!r}: {error}"
         return
     raise AssertionError(f"no {kind.__name__} ({match!r})")
 
@@ -233,6 +261,10 @@ def _bad_input_case(mesh):
         _raises(NotImplementedError, "has no context-parallel form", lambda: torch.ops.aten.
                 _scaled_dot_product_flash_attention_for_cpu(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)))
         _raises(RuntimeError, "does not nest", lambda: context_parallel(mesh).__enter__())
+        # a call that goes around the manager (as a compiled graph's would) is refused by the op itself
+        with torch._C.DisableTorchFunction():
+            _raises(RuntimeError, "without going through it", lambda: ops.sigmoid_attention(q, k, v, enable_gqa=True))
+            _raises(RuntimeError, "without going through it", lambda: ops.hashed_attention(q, k, v, enable_gqa=True))
         _raises(ValueError, "linear attention", lambda: ops.linear_attention(q, k, v, dropout_p=0.1, enable_gqa=True))
 
 
@@ -252,6 +284,8 @@ def context_parallel_cases() -> list[tuple[str, Case]]:
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "train-sdpa")))
     cases.append(("train-linear", _training_case(lambda q, k, v: ops.linear_attention(q, k, v, is_causal=True),
                                                  "train-linear")))
+    cases.append(("compiled-eager-refused-inside", _compiled_case("eager")))
+    cases.append(("compiled-aot-eager-refused-inside", _compiled_case("aot_eager")))
     cases.append(("torch-manager-refused", _torch_manager_case))
     cases.append(("bad-input", _bad_input_case))
     return cases
