@@ -6,7 +6,11 @@ SDPA and attnrewrite's ops compute the context-parallel result (:mod:`.manager`,
 attnrewrite's ops refuse to run inside torch's own manager, which would feed them a shard.
 """
 
-from attnrewrite.distributed.layout import local_positions, restore_indices, shard_indices
+from attnrewrite.distributed.layout import (
+    local_positions,
+    restore_indices,
+    shard_indices,
+)
 from attnrewrite.distributed.manager import context_parallel, context_parallel_unshard
 
 __all__ = ["context_parallel", "context_parallel_unshard", "local_positions", "restore_indices", "shard_indices"]

@@ -42,7 +42,8 @@ def as_key_mask(attn_mask: Tensor | None, local_len: int, what: str) -> Tensor |
     if attn_mask is None:
         return None
     if not isinstance(attn_mask, Tensor):
-        raise TypeError(f"context_parallel: {what}: attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
+        raise TypeError(f"context_parallel: {what}: attn_mask must be a tensor or None, "
+                        f"got {type(attn_mask).__name__}")
     check_mask_dtype(attn_mask, f"context_parallel: {what}")
     if attn_mask.requires_grad:
         raise ValueError(f"context_parallel: {what}: an attn_mask that requires grad is not supported")

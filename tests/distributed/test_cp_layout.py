@@ -16,7 +16,9 @@ T = 24
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_layout_is_torchs_head_tail_layout(world):
-    from torch.distributed.tensor.experimental._context_parallel._load_balancer import _HeadTailLoadBalancer
+    from torch.distributed.tensor.experimental._context_parallel._load_balancer import (
+        _HeadTailLoadBalancer,
+    )
 
     theirs = _HeadTailLoadBalancer(T, world, "cpu")._generate_indices()[0].long()
     assert torch.equal(layout.shard_indices(T, world), theirs)
@@ -81,7 +83,7 @@ def test_ranks_together_compute_the_whole_op(name, causal, world, padded):
         rows.append(out)
     torch.testing.assert_close(layout.unshard(torch.cat(rows, 2), 2, world), ref)
     for tensor_name, got, want in zip("qkv", grads, expected):
-        torch.testing.assert_close(got, want, msg=lambda m: f"d{tensor_name}: {m}")
+        torch.testing.assert_close(got, want, msg=lambda m, t=tensor_name: f"d{t}: {m}")
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 12, 12), (12, 12)])
