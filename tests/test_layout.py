@@ -4,6 +4,7 @@ The floors, from the top down (DESIGN.md, section Layout):
 
     the public face (attnrewrite/__init__, ops, hf, demo, __main__) and testing/
     rewriter/  the pass
+    distributed/  context parallelism, over the kernels' public ops
     kinds/     one adapter per kind
     patterns/  spellings → AttentionSpec
     ir/        the words everything above shares (imports torch only)
@@ -34,6 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "patterns": {"ir"},
     "kinds": {"ir", "patterns", "kernels"},
     "rewriter": {"ir", "patterns", "kinds"},
+    "distributed": {"kernels"},
 }
 
 

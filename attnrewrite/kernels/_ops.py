@@ -28,9 +28,12 @@ rules and messages for every kind that has kernels.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple, Sequence
 
 import torch
+
+from attnrewrite.kernels.checks import refuse_sharded_sequence, refuse_torch_context_parallel
 
 NAMESPACE = "attnrewrite"
 IMPLS = ("auto", "triton", "torch")
@@ -63,11 +66,19 @@ def composite_op(name: str, schema: str, impl: Callable) -> torch._ops.OpOverloa
     """Define ``attnrewrite::<name>`` with ``impl`` as its ``CompositeImplicitAutograd`` kernel.
 
     ``impl`` must be made of differentiable, traceable torch calls (other operators included): the
-    dispatcher runs it for every backend, under autograd and under fake tensors alike.
+    dispatcher runs it for every backend, under autograd and under fake tensors alike.  Inside
+    torch's own context-parallel manager it raises instead (:func:`.checks.refuse_torch_context_parallel`).
     Returns ``torch.ops.attnrewrite.<name>``.
     """
+    what = f"attnrewrite.ops.{name}"
+
+    @functools.wraps(impl)
+    def guarded(*args, **kwargs):
+        refuse_torch_context_parallel(what)
+        return impl(*args, **kwargs)
+
     _LIB.define(name + schema)
-    _LIB.impl(name, impl, "CompositeImplicitAutograd")
+    _LIB.impl(name, guarded, "CompositeImplicitAutograd")
     return getattr(torch.ops.attnrewrite, name)
 
 
@@ -89,6 +100,8 @@ def kernel_op(name: str, impl: Callable, *, fake: Callable, schema: str | None =
     Returns:
         The ``CustomOpDef``; call it like a function.
     """
+    if backward is not None:  # a forward kernel: refused on a shard the context-parallel manager did not hand it
+        impl = _refusing_on_a_shard(impl, f"attnrewrite::{name}")
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=(), schema=schema)
     op.register_fake(fake)
     if backward is not None:
@@ -96,6 +109,15 @@ def kernel_op(name: str, impl: Callable, *, fake: Callable, schema: str | None =
     else:
         refuse_derivative(op, name)
     return op
+
+
+def _refusing_on_a_shard(impl: Callable, what: str) -> Callable:
+    @functools.wraps(impl)
+    def guarded(*args, **kwargs):
+        refuse_sharded_sequence(what)
+        return impl(*args, **kwargs)
+
+    return guarded
 
 
 def refuse_derivative(op, name: str) -> None:

@@ -19,6 +19,7 @@ Every message starts with the operation it comes from (``what``, e.g. ``"summary
 
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import torch
@@ -143,3 +144,70 @@ def check_kv_lens(kv_lens: Any, batch: int, what: str) -> None:
         raise TypeError(f"{what}: kv_lens must be an integer tensor [B], got {got}")
     if kv_lens.dim() != 1 or kv_lens.shape[0] != batch:
         raise ValueError(f"{what}: kv_lens must be [B] = [{batch}], got shape {tuple(kv_lens.shape)}")
+
+
+_TORCH_CP_MODULE = "torch.distributed.tensor.experimental._context_parallel._attention"
+
+
+def torch_context_parallel_active() -> bool:
+    """Whether torch's own context-parallel manager is on (``torch.distributed.tensor.experimental
+    .context_parallel``, or its module-wrapper API).
+
+    torch 2.13 marks it in two places: the monkey-patching manager replaces
+    ``F.scaled_dot_product_attention`` by a wrapper it records in ``_replaced_functions``, and both
+    of its APIs install ``_sdpa_handler`` among DTensor's custom op handlers.  Nothing is imported
+    here: when that module was never imported, the manager cannot be on.
+    """
+    import sys
+
+    cp = sys.modules.get(_TORCH_CP_MODULE)
+    if cp is None:
+        return False
+    import torch.nn.functional as F
+
+    if F.scaled_dot_product_attention in getattr(cp, "_replaced_functions", {}):
+        return True
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    handler = getattr(cp, "_sdpa_handler", None)
+    try:
+        handlers = dtensor.DTensor._op_dispatcher._custom_op_handlers.values()
+    except AttributeError:
+        return False
+    return handler is not None and any(h is handler for h in handlers)
+
+
+def refuse_torch_context_parallel(what: str) -> None:
+    """Raise inside torch's context-parallel manager: it shards the sequence but only knows SDPA, so
+    one of our ops there would attend over this rank's shard alone — a wrong result, silently.  Also
+    raise inside attnrewrite's own manager for a call that does not come through it
+    (:func:`refuse_sharded_sequence`)."""
+    refuse_sharded_sequence(what)
+    if torch_context_parallel_active():
+        raise RuntimeError(
+            f"{what} was called inside torch.distributed.tensor.experimental.context_parallel, which shards "
+            "the sequence but cannot run attnrewrite's ops (they would attend over this rank's shard only). "
+            "Use attnrewrite.distributed.context_parallel(mesh, buffers=..., buffer_seq_dims=...) instead: "
+            "the same signature and sharding, with every attnrewrite kind and SDPA made context-parallel.")
+
+
+class _ShardedSequence(threading.local):
+    """Set by :mod:`attnrewrite.distributed` while its context-parallel manager is on (``owner``) and
+    while it runs an op on purpose (``depth``): any other call of a public op or of a forward kernel
+    then sees only this rank's shard and must not run."""
+
+    owner: str | None = None
+    depth: int = 0
+
+
+SHARDED_SEQUENCE = _ShardedSequence()
+
+
+def refuse_sharded_sequence(what: str) -> None:
+    """Raise when the sequence is sharded by attnrewrite's context-parallel manager and this call did
+    not come through it (a compiled graph calling the op or its kernels: the manager sees eager calls)."""
+    if SHARDED_SEQUENCE.owner is not None and SHARDED_SEQUENCE.depth == 0:
+        raise RuntimeError(
+            f"{what} was called inside {SHARDED_SEQUENCE.owner} without going through it (from a graph "
+            "compiled by torch.compile, whose calls the manager cannot see): it would attend over this "
+            "rank's shard only.  Run the model eagerly inside context_parallel (an attnrewrite-rewritten "
+            "model: use attnrewrite.hf's attention functions or call attnrewrite.ops directly).")

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from attnrewrite.kernels._ops import kernel_op, sdpa_autocast, sdpa_schema
-from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_qkv
+from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_qkv, refuse_torch_context_parallel
 
 from .codes import projections
 from .sparse import hashed_attention_backward, hashed_attention_forward
@@ -29,6 +29,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], d
                  q_projection: Optional[Tensor], k_projection: Optional[Tensor]) -> None:
     """Raise an error naming the first problem with a hashed-attention call (the types as in
     :mod:`attnrewrite.kernels.checks`)."""
+    refuse_torch_context_parallel(WHAT)
     check_qkv(q, k, v, WHAT, enable_gqa=enable_gqa)
     if is_causal and q.shape[-2] != k.shape[-2]:
         raise ValueError(f"is_causal needs Tq == Tk (got {q.shape[-2]} and {k.shape[-2]}); queries that come after "

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from attnrewrite.kernels._ops import kernel_op, sdpa_autocast, sdpa_schema
-from attnrewrite.kernels.checks import check_dropout, check_qkv, key_padding_mask
+from attnrewrite.kernels.checks import check_dropout, check_qkv, key_padding_mask, refuse_torch_context_parallel
 
 from .chunked import summary_attention_backward, summary_attention_forward
 
@@ -27,6 +27,7 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], d
                  summary_query: Optional[Tensor]) -> None:
     """Raise an error naming the first problem with a summary-attention call (the types as in
     :mod:`attnrewrite.kernels.checks`)."""
+    refuse_torch_context_parallel(WHAT)
     check_qkv(q, k, v, WHAT, enable_gqa=enable_gqa)
     if q.shape[-2] != k.shape[-2]:
         raise ValueError(f"summary attention is self-attention over one sequence (Tq == Tk), got Tq={q.shape[-2]} "

@@ -1,0 +1,264 @@
+"""``context_parallel``: shard the sequence over a device mesh and make attention context-parallel.
+
+The manager has the signature and the sharding of torch's
+``torch.distributed.tensor.experimental.context_parallel``: the ``buffers`` are cut in place along
+their ``buffer_seq_dims`` into the load-balanced layout (:mod:`.layout`) and put back on exit (except
+``no_restore_buffers``).  Inside it, a ``TorchFunctionMode`` catches every call of
+``F.scaled_dot_product_attention`` and of attnrewrite's attention ops, all-gathers the keys, values
+and key mask of the mesh's ranks (differentiably: the backward sums key/value gradients over the ranks)
+and computes the rank's rows (:mod:`.kinds`).  Parameters' gradients are each rank's share, as under
+torch's manager: reduce them over the mesh (DDP/FSDP over the same ranks, or an ``all_reduce``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.device_mesh import DeviceMesh
+from torch.overrides import TorchFunctionMode
+
+from attnrewrite.distributed import kinds
+from attnrewrite.distributed.collectives import gather_sequence
+from attnrewrite.distributed.layout import check_divisible, segments, shard
+from attnrewrite.kernels.checks import SHARDED_SEQUENCE, torch_context_parallel_active
+
+_SDPA_NAMES = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+_SDPA_KWARG_NAMES = {"query": "q", "key": "k", "value": "v"}
+
+_active: list["_ContextParallelMode"] = []
+
+
+def _bind_sdpa(args, kwargs) -> dict:
+    bound = dict(_SDPA_DEFAULTS)
+    bound.update(zip(_SDPA_NAMES, args))
+    bound.update({_SDPA_KWARG_NAMES.get(key, key): value for key, value in kwargs.items()})
+    return bound
+
+
+def _bind_schema(schema, args, kwargs) -> dict:
+    bound = {}
+    for index, argument in enumerate(schema.arguments):
+        if index < len(args):
+            bound[argument.name] = args[index]
+        elif argument.name in kwargs:
+            bound[argument.name] = kwargs[argument.name]
+        elif argument.has_default_value():
+            bound[argument.name] = argument.default_value
+    return bound
+
+
+def _qualified_name(func) -> tuple[str, str]:
+    """("attnrewrite", "sigmoid_attention") for an op overload or packet, ("", "") for anything else."""
+    if isinstance(func, torch._ops.OpOverloadPacket):
+        namespace, _, name = func._qualified_op_name.partition("::")
+        return namespace, name
+    if isinstance(func, torch._ops.OpOverload):
+        namespace, _, name = func.name().partition("::")
+        return namespace, name
+    return "", ""
+
+
+def _attention_op_name(func) -> str | None:
+    """``"softmax_attention"`` for SDPA, the op's name for an attnrewrite ``*_attention`` op, the name
+    of another attention op torch has (refused), else None."""
+    if func is torch._C._nn.scaled_dot_product_attention:
+        return "softmax_attention"
+    namespace, name = _qualified_name(func)
+    if namespace:
+        if namespace == "attnrewrite" and name.endswith("_attention"):
+            return name
+        if namespace == "aten" and name.split(".")[0] == "scaled_dot_product_attention":
+            return "softmax_attention"
+        if namespace == "aten" and name.startswith("_scaled_dot_product"):
+            return name
+    if func is torch._native_multi_head_attention:
+        return "_native_multi_head_attention"
+    return None
+
+
+class _ContextParallelMode(TorchFunctionMode):
+    """Routes the attention calls made while it is on to their context-parallel form."""
+
+    def __init__(self, mesh: DeviceMesh):
+        super().__init__()
+        self.mesh = mesh
+        self.group = mesh.get_group()
+        self.world = mesh.size()
+        self.rank = mesh.get_local_rank()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = _attention_op_name(func)
+        if name is None:
+            return func(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            raise NotImplementedError("attnrewrite.distributed.context_parallel runs attention eagerly; compiling "
+                                      f"{name} inside it is not supported: compile outside it or run eagerly")
+        if name not in kinds.SUPPORTED:
+            raise NotImplementedError(
+                f"context_parallel: {name} has no context-parallel form (supported: "
+                f"F.scaled_dot_product_attention and attnrewrite's {', '.join(kinds.SUPPORTED)}); inside "
+                "context_parallel it would attend over this rank's shard of the sequence only")
+        if _qualified_name(func)[0] == "attnrewrite":
+            packet = func if isinstance(func, torch._ops.OpOverloadPacket) else func.overloadpacket
+            bound = _bind_schema(packet.default._schema, args, kwargs)
+        else:  # F.scaled_dot_product_attention or aten's
+            bound = _bind_sdpa(args, kwargs)
+        return self.attend(name, bound)
+
+    def attend(self, name: str, bound: dict) -> Tensor:
+        q, k, v = bound["q"], bound["k"], bound["v"]
+        what = f"F.scaled_dot_product_attention / attnrewrite {name}"
+        for tensor_name, tensor in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(tensor, Tensor) or tensor.dim() < 2:
+                raise TypeError(f"context_parallel: {what}: {tensor_name} must be a tensor [..., T, D]")
+            if tensor.device.type != self.mesh.device_type:
+                raise ValueError(f"context_parallel: {what}: {tensor_name} is on {tensor.device}, but the mesh is a "
+                                 f"{self.mesh.device_type!r} mesh: use a mesh of the device the model runs on")
+        local = q.shape[-2]
+        if k.shape[-2] != local or v.shape[-2] != local:
+            raise ValueError(
+                f"context_parallel: {what}: q has {local} positions and k/v {k.shape[-2]}/{v.shape[-2]}; inside "
+                "context_parallel attention must be self-attention over this rank's shard (Tq == Tk)")
+        check_divisible(local * self.world, self.world, f"{what}'s q (T = {local} per rank × {self.world} ranks)")
+        mask = kinds.as_key_mask(bound["attn_mask"], local, what)
+        if mask is not None and mask.shape[-1] == local:
+            mask = gather_sequence(mask, -1, self.group)
+        if k.shape[:-1] == v.shape[:-1] and k.dtype == v.dtype:
+            kv = gather_sequence(torch.cat([k, v], dim=-1), -2, self.group)
+            k_all, v_all = kv.split([k.shape[-1], v.shape[-1]], dim=-1)
+        else:
+            k_all, v_all = gather_sequence(k, -2, self.group), gather_sequence(v, -2, self.group)
+        chunks = segments(self.rank, self.world, local * self.world)
+        SHARDED_SEQUENCE.depth += 1
+        try:
+            return kinds.attend(name, bound, k_all, v_all, mask, chunks)
+        finally:
+            SHARDED_SEQUENCE.depth -= 1
+
+
+def _check_mesh(mesh) -> None:
+    if not isinstance(mesh, DeviceMesh):
+        raise TypeError(f"context_parallel: mesh must be a torch.distributed.device_mesh.DeviceMesh, "
+                        f"got {type(mesh).__name__}")
+    if mesh.ndim != 1:
+        raise ValueError(f"context_parallel: the mesh must be 1-d (the context-parallel dimension), got a "
+                         f"{mesh.ndim}-d mesh of shape {tuple(mesh.shape)}; pass mesh[<cp dim name>]")
+    if mesh.get_coordinate() is None:
+        raise ValueError(f"context_parallel: rank {dist.get_rank()} is not in the mesh {mesh}")
+
+
+def _check_buffers(mesh, buffers, buffer_seq_dims, no_restore_buffers) -> int | None:
+    if len(buffers) != len(buffer_seq_dims):
+        raise ValueError(f"context_parallel: buffer_seq_dims must have one entry per buffer: {len(buffers)} "
+                         f"buffers, {len(buffer_seq_dims)} seq dims")
+    for buffer in no_restore_buffers:
+        if not any(buffer is b for b in buffers):
+            raise ValueError("context_parallel: no_restore_buffers must be a subset of buffers")
+    lengths = set()
+    for index, (buffer, dim) in enumerate(zip(buffers, buffer_seq_dims)):
+        if not isinstance(buffer, Tensor) or isinstance(buffer, torch.nn.Parameter):
+            raise TypeError(f"context_parallel: buffer {index} must be a tensor and not a Parameter, "
+                            f"got {type(buffer).__name__}")
+        if buffer.device.type != mesh.device_type:
+            raise ValueError(f"context_parallel: buffer {index} is on {buffer.device}, the mesh is a "
+                             f"{mesh.device_type!r} mesh")
+        if not -buffer.dim() <= dim < buffer.dim():
+            raise ValueError(f"context_parallel: buffer {index} of shape {tuple(buffer.shape)} has no dim {dim}")
+        check_divisible(buffer.shape[dim], mesh.size(), f"buffer {index} of shape {tuple(buffer.shape)} (dim {dim})")
+        lengths.add(buffer.shape[dim])
+    if len(lengths) > 1:
+        raise ValueError(f"context_parallel: the buffers' sequence lengths differ: {sorted(lengths)}")
+    return lengths.pop() if lengths else None
+
+
+def _check_same_length_everywhere(mesh, length: int | None) -> None:
+    """One small all_gather, so that ranks with different sequence lengths fail here, not in a collective."""
+    device = torch.device(mesh.device_type, torch.cuda.current_device()) if mesh.device_type == "cuda" else "cpu"
+    mine = torch.tensor([-1 if length is None else length], device=device)
+    everyone = [torch.empty_like(mine) for _ in range(mesh.size())]
+    dist.all_gather(everyone, mine, group=mesh.get_group())
+    seen = sorted({int(t.item()) for t in everyone})
+    if len(seen) > 1:
+        raise ValueError(f"context_parallel: the ranks of the mesh hold different sequence lengths {seen} "
+                         "(-1: no buffers); every rank must pass the same buffers")
+
+
+@contextlib.contextmanager
+def context_parallel(mesh: DeviceMesh, *, buffers: list[Tensor] | None = None,
+                     buffer_seq_dims: list[int] | None = None,
+                     no_restore_buffers: set[Tensor] | None = None) -> Iterator[None]:
+    """Context parallelism for SDPA and every attnrewrite kind, with torch's signature and sharding.
+
+    Args:
+        mesh: a 1-d :class:`~torch.distributed.device_mesh.DeviceMesh` (gloo on the CPU, NCCL on CUDA).
+        buffers: tensors with a sequence dimension (input ids, labels, positions, a key-padding mask),
+            sharded in place: rank r keeps chunks r and 2W − 1 − r of 2W equal chunks.  Every buffer's
+            sequence length must be the same and divisible by 2W.  Not Parameters.
+        buffer_seq_dims: the sequence dimension of each buffer.
+        no_restore_buffers: buffers (a subset of ``buffers``) left sharded on exit.
+
+    Inside, ``F.scaled_dot_product_attention`` and ``attnrewrite.ops.*_attention`` (and the
+    ``torch.ops.attnrewrite`` ops a rewritten graph calls) compute this rank's rows of attention over
+    the whole sequence, forward and backward, causal (on the global positions) or not, GQA, and an
+    ``attn_mask`` that is a key mask (key padding, a per-key bias), itself sharded like the keys.
+    Attention must be self-attention over the shard (Tq == Tk == T / W).  Eager only: inside, any
+    compilation fails (``torch.compiler.set_stance("fail_on_recompile")``), and a graph compiled
+    before runs without the manager seeing its calls, so the attnrewrite ops and forward kernels it
+    calls raise instead of attending over the shard (SDPA inside such a graph cannot be seen: do not
+    run compiled attention inside this manager).
+
+    Raises:
+        TypeError, ValueError: a bad mesh or buffer, lengths not divisible by 2W, lengths that differ
+            between the ranks.
+        RuntimeError: entered inside torch's own context_parallel, or inside another one of these.
+        NotImplementedError (inside): attention this manager cannot make context-parallel.
+    """
+    buffers = [] if buffers is None else list(buffers)
+    buffer_seq_dims = [] if buffer_seq_dims is None else list(buffer_seq_dims)
+    no_restore_buffers = set() if no_restore_buffers is None else no_restore_buffers
+    _check_mesh(mesh)
+    if torch_context_parallel_active():
+        raise RuntimeError("attnrewrite.distributed.context_parallel cannot run inside "
+                           "torch.distributed.tensor.experimental.context_parallel: use one of them")
+    if _active:
+        raise RuntimeError("attnrewrite.distributed.context_parallel is already on (for the mesh "
+                           f"{_active[-1].mesh}); it does not nest")
+    length = _check_buffers(mesh, buffers, buffer_seq_dims, no_restore_buffers)
+    _check_same_length_everywhere(mesh, length)
+    world, rank = mesh.size(), mesh.get_local_rank()
+    with torch.no_grad():
+        originals = [None if any(b is kept for kept in no_restore_buffers) else b.clone() for b in buffers]
+        for buffer, dim in zip(buffers, buffer_seq_dims):
+            local = shard(buffer, dim, rank, world).clone()
+            buffer.resize_(local.shape)
+            buffer.copy_(local)
+    mode = _ContextParallelMode(mesh)
+    _active.append(mode)
+    SHARDED_SEQUENCE.owner = "attnrewrite.distributed.context_parallel"
+    try:
+        # compiling here would trace through the mode (the graph sees no attention to rewrite, or
+        # calls it where the mode cannot see): refuse every compile; a graph compiled before still
+        # runs, and the attnrewrite ops and kernels it calls refuse the shard (SHARDED_SEQUENCE)
+        with torch.compiler.set_stance("fail_on_recompile"), mode:
+            yield
+    finally:
+        SHARDED_SEQUENCE.owner = None
+        _active.pop()
+        with torch.no_grad():
+            for buffer, original in zip(buffers, originals):
+                if original is not None:
+                    buffer.resize_(original.shape)
+                    buffer.copy_(original)
+
+
+@torch.no_grad()
+def context_parallel_unshard(mesh: DeviceMesh, buffers: list[Tensor], seq_dims: list[int]) -> list[Tensor]:
+    """The whole sequences from each rank's shard (an all_gather, then back to natural order)."""
+    _check_mesh(mesh)
+    return [gather_sequence(b, dim, mesh.get_group()) for b, dim in zip(buffers, seq_dims)]

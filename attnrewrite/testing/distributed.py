@@ -1,0 +1,410 @@
+"""Distributed checks on the CPU: processes spawned with gloo on loopback, many cases per group.
+
+Starting a process group is the slow part (each process imports torch and attnrewrite), so a *suite*
+is a list of named cases run one after another in the same processes; :func:`run_suite` returns each
+case's outcome ("ok" or the traceback, per rank).  Every case compares the distributed run with the
+single-process run of the same seeded inputs, computed in the same process.
+
+Suites: ``"context_parallel"`` (every kind through :func:`attnrewrite.distributed.context_parallel`,
+forward and backward, the refusals and bad input, 3 training steps of a small model) and
+``"data_parallel"`` (DDP and FSDP2 of a model rewritten to sigmoid, 3 optimizer steps).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import math
+import os
+import socket
+import tempfile
+import time
+import traceback
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+import attnrewrite
+from attnrewrite import ops
+from attnrewrite.distributed import context_parallel
+from attnrewrite.distributed.layout import shard
+
+Case = Callable[["torch.distributed.device_mesh.DeviceMesh"], None]
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _seed(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+# ---------------------------------------------------------------------------------------------
+# context parallel: every kind, forward and backward
+
+
+T, B, HQ, HKV, D = 16, 2, 4, 2, 8
+
+#: kind → (call(q, k, v, mask, causal), causal settings, mask settings)
+KIND_CALLS: dict[str, tuple[Callable, tuple[bool, ...], tuple[bool, ...]]] = {
+    "sdpa": (lambda q, k, v, m, c: F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=c, enable_gqa=True),
+             (True, False), (False, True)),
+    "softmax": (lambda q, k, v, m, c: ops.softmax_attention(q, k, v, m, is_causal=c, enable_gqa=True),
+                (True, False), (False, True)),
+    "sigmoid": (lambda q, k, v, m, c: ops.sigmoid_attention(q, k, v, m, is_causal=c, enable_gqa=True),
+                (True, False), (False, True)),
+    "sigmoid_bias": (lambda q, k, v, m, c: ops.sigmoid_attention(q, k, v, m, is_causal=c, enable_gqa=True, bias=-1.0),
+                     (True, False), (True,)),
+    "linear": (lambda q, k, v, m, c: ops.linear_attention(q, k, v, m, is_causal=c, enable_gqa=True),
+               (True, False), (False, True)),
+    "summary": (lambda q, k, v, m, c: ops.summary_attention(q, k, v, m, is_causal=c, enable_gqa=True, chunk_size=2,
+                                                            window_chunks=1),
+                (True, False), (True,)),
+    "hashed": (lambda q, k, v, m, c: ops.hashed_attention(q, k, v, m, is_causal=c, enable_gqa=True, bits=16, top_k=3,
+                                                          window=2, sinks=1),
+               (True, False), (True,)),
+    "dual_triangle": (lambda q, k, v, m, c: ops.dual_triangle_attention(q, k, v, m, is_causal=c, enable_gqa=True),
+                      (False,), (True,)),
+    "sliding_window": (lambda q, k, v, m, c: ops.sliding_window_attention(q, k, v, m, is_causal=c, enable_gqa=True,
+                                                                          window=3),
+                       (True, False), (True,)),
+}
+
+
+def _qkv(name: str):
+    g = torch.Generator().manual_seed(_seed(name))
+    q, k, v = (torch.randn(B, h, T, D, generator=g, dtype=torch.float64) for h in (HQ, HKV, HKV))
+    grad = torch.randn(B, HQ, T, D, generator=g, dtype=torch.float64)
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[1, T - 3:] = False  # right padding in one row: every causal query still sees a key
+    return q, k, v, grad, valid[:, None, None, :]
+
+
+def _kind_case(name: str, call, causal: bool, masked: bool) -> Case:
+    def case(mesh):
+        rank, world = mesh.get_local_rank(), mesh.size()
+        q, k, v, grad, mask = _qkv(name)
+        mask = mask if masked else None
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = call(*leaves, mask, causal)
+        ref.backward(grad)
+        buffers = [q.clone(), k.clone(), v.clone(), grad.clone()] + ([mask.clone()] if masked else [])
+        with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2, 2, 3][:len(buffers)]):
+            local = [b.clone().requires_grad_() for b in buffers[:3]]
+            out = call(*local, buffers[4] if masked else None, causal)
+            out.backward(buffers[3])
+        assert_close(out, shard(ref.detach(), 2, rank, world))
+        for tensor_name, mine, full in zip("qkv", local, leaves):
+            assert_close(mine.grad, shard(full.grad, 2, rank, world), msg=lambda m, t=tensor_name: f"d{t}: {m}")
+        assert torch.equal(buffers[0], q) and torch.equal(buffers[3], grad), "buffers not restored on exit"
+
+    return case
+
+
+def _learned_summary_case(mesh):
+    """A learned state (the summary pooling queries): each rank's gradient is its share; summed they
+    are the single-process gradient."""
+    q, k, v, grad, mask = _qkv("learned-summary")
+    query = torch.randn(HKV, D, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def call(q, k, v, m, s):
+        return ops.summary_attention(q, k, v, m, enable_gqa=True, chunk_size=2, window_chunks=1, summary="learned",
+                                     summary_query=s)
+
+    ref_query = query.clone().requires_grad_()
+    call(q, k, v, mask, ref_query).backward(grad)
+    buffers = [q.clone(), k.clone(), v.clone(), grad.clone(), mask.clone()]
+    mine = query.clone().requires_grad_()
+    with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2, 2, 3]):
+        call(*buffers[:3], buffers[4], mine).backward(buffers[3])
+    dist.all_reduce(mine.grad, group=mesh.get_group())
+    assert_close(mine.grad, ref_query.grad)
+
+
+class TinyLM(nn.Module):
+    """Embeddings, one causal attention block calling an attnrewrite op directly, a head."""
+
+    def __init__(self, attention: Callable, vocab: int = 32, dim: int = 16, heads: int = 2, length: int = T):
+        super().__init__()
+        self.attention, self.heads = attention, heads
+        self.embed, self.position = nn.Embedding(vocab, dim), nn.Embedding(length, dim)
+        self.qkv, self.out, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, vocab)
+
+    def forward(self, tokens, positions):
+        x = self.embed(tokens) + self.position(positions)                               # [B, T, C]
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)  # 3 × [B, H, T, D]
+        y = self.attention(q, k, v).transpose(1, 2).flatten(2)                            # [B, T, C]
+        return self.head(x + self.out(y))
+
+
+def _training_case(attention: Callable, name: str) -> Case:
+    """3 SGD steps with the sequence sharded (gradients all-reduced over the mesh) against one process."""
+    def case(mesh):
+        torch.manual_seed(_seed(name))
+        model = TinyLM(attention).double()
+        reference = copy.deepcopy(model)
+        g = torch.Generator().manual_seed(_seed(name) + 1)
+        batches = [torch.randint(0, 32, (B, T + 1), generator=g) for _ in range(3)]
+        positions = torch.arange(T).expand(B, T)
+        for model_, sharded in ((reference, False), (model, True)):
+            optimizer = torch.optim.SGD(model_.parameters(), lr=0.5)
+            for batch in batches:
+                x, y, pos = batch[:, :-1].clone(), batch[:, 1:].clone(), positions.clone()
+                optimizer.zero_grad()
+                if sharded:
+                    with context_parallel(mesh, buffers=[x, y, pos], buffer_seq_dims=[1, 1, 1]):
+                        loss = F.cross_entropy(model_(x, pos).flatten(0, 1), y.flatten(), reduction="sum") / (B * T)
+                        loss.backward()
+                    for p in model_.parameters():
+                        dist.all_reduce(p.grad, group=mesh.get_group())
+                else:
+                    F.cross_entropy(model_(x, pos).flatten(0, 1), y.flatten()).backward()
+                optimizer.step()
+        for (pname, mine), theirs in zip(model.named_parameters(), reference.parameters()):
+            assert_close(mine, theirs, msg=lambda m, n=pname: f"{n} after 3 steps: {m}")
+
+    return case
+
+
+def _compiled_case(compiler: str) -> Case:
+    """A model rewritten by attnrewrite (torch.compile) and run inside the manager: compiling there
+    fails (a traced graph would go around the manager), also when a graph for the shard's shapes exists."""
+    return lambda mesh: _run_compiled(mesh, compiler)
+
+
+def _run_compiled(mesh, compiler: str):
+    torch.manual_seed(_seed("compiled"))
+    model = TinyLM(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)).double()
+    compiled = torch.compile(model, backend="attnrewrite", options={"to": "sigmoid", "compiler": compiler,
+                                                                    "strict": True})
+    x = torch.randint(0, 32, (B, T), generator=torch.Generator().manual_seed(3))
+    positions = torch.arange(T).expand(B, T).clone()
+    whole = compiled(x, positions)
+    assert attnrewrite.recent_reports()[-1].rewritten, "the model's attention was not rewritten"
+    assert whole.shape[1] == T
+    with context_parallel(mesh, buffers=[x, positions], buffer_seq_dims=[1, 1]):
+        # dynamo guards on the torch-function mode stack: a new graph is needed, and compiling is refused
+        _raises(RuntimeError, "fail_on_recompile", lambda: compiled(x, positions))
+    # even with a graph compiled before for the shard's shapes
+    local = (shard(x, 1, mesh.get_local_rank(), mesh.size()), shard(positions, 1, mesh.get_local_rank(), mesh.size()))
+    compiled(*local)
+    with context_parallel(mesh):
+        _raises(RuntimeError, "fail_on_recompile", lambda: compiled(*local))
+
+
+# ---------------------------------------------------------------------------------------------
+# context parallel: refusals and bad input
+
+
+def _raises(kind: type, match: str | tuple[str, ...], fn: Callable) -> None:
+    """``fn()`` raises ``kind`` with (one of) ``match`` in its message."""
+    try:
+        fn()
+    except kind as error:
+        matches = (match,) if isinstance(match, str) else match
+        assert any(m in str(error) for m in matches), f"{kind.__name__} without {match!r}: {error}"
+        return
+    raise AssertionError(f"no {kind.__name__} ({match!r})")
+
+
+def _torch_manager_case(mesh):
+    """Inside torch's own manager attnrewrite's ops raise (they would see a shard), and ours refuses to nest."""
+    from torch.distributed.tensor.experimental import (
+        context_parallel as torch_context_parallel,
+    )
+
+    q, k, v, _, _ = _qkv("torch-manager")
+    buffers = [q.clone(), k.clone(), v.clone()]
+    with torch_context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2]):
+        for call in (KIND_CALLS["sigmoid"][0], KIND_CALLS["linear"][0], KIND_CALLS["summary"][0],
+                     KIND_CALLS["hashed"][0], KIND_CALLS["softmax"][0]):
+            _raises(RuntimeError, "Use attnrewrite.distributed.context_parallel(mesh",
+                    lambda call=call: call(*buffers, None, True))
+        _raises(RuntimeError, "cannot run inside torch.distributed.tensor.experimental.context_parallel",
+                lambda: context_parallel(mesh).__enter__())
+    ops.sigmoid_attention(q, k, v, is_causal=True, enable_gqa=True)  # outside it, the ops run again
+
+
+def _bad_input_case(mesh):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank = mesh.get_local_rank()
+    x = torch.zeros(2, 18)
+    _raises(ValueError, "not divisible by 2 × world size = 4", lambda: context_parallel(
+        mesh, buffers=[x], buffer_seq_dims=[1]).__enter__())
+    assert x.shape == (2, 18)
+    mesh_2d = init_device_mesh("cpu", (1, mesh.size()))
+    _raises(ValueError, "the mesh must be 1-d", lambda: context_parallel(mesh_2d).__enter__())
+    _raises(ValueError, "buffer_seq_dims must have one entry per buffer",
+            lambda: context_parallel(mesh, buffers=[x], buffer_seq_dims=[]).__enter__())
+    # ranks that disagree on the sequence length fail together, before any attention
+    uneven = torch.zeros(2, 16 if rank == 0 else 24)
+    _raises(ValueError, "hold different sequence lengths", lambda: context_parallel(
+        mesh, buffers=[uneven], buffer_seq_dims=[1]).__enter__())
+    q, k, v, _, _ = _qkv("bad-input")
+    with context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2]):
+        local = q.shape[-2]
+        query_mask = torch.ones(local, local, dtype=torch.bool).tril()
+        _raises(ValueError, "is not a key mask", lambda: ops.sigmoid_attention(q, k, v, query_mask, enable_gqa=True))
+        _raises(ValueError, "must be self-attention over this rank's shard",
+                lambda: F.scaled_dot_product_attention(q[..., :2, :], k, v, enable_gqa=True))
+        _raises(NotImplementedError, "has no context-parallel form", lambda: torch.ops.aten.
+                _scaled_dot_product_flash_attention_for_cpu(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)))
+        _raises(RuntimeError, "does not nest", lambda: context_parallel(mesh).__enter__())
+        # a call that goes around the manager (as a compiled graph's would) is refused by the op itself
+        with torch._C.DisableTorchFunction():
+            _raises(RuntimeError, "without going through it", lambda: ops.sigmoid_attention(q, k, v, enable_gqa=True))
+            _raises(RuntimeError, "without going through it", lambda: ops.hashed_attention(q, k, v, enable_gqa=True))
+        _raises(ValueError, "linear attention", lambda: ops.linear_attention(q, k, v, dropout_p=0.1, enable_gqa=True))
+
+
+def context_parallel_cases() -> list[tuple[str, Case]]:
+    cases = []
+    for kind, (call, causals, masks) in KIND_CALLS.items():
+        for causal in causals:
+            for masked in masks:
+                if kind == "sdpa" and causal and masked:
+                    continue  # SDPA itself refuses a mask with is_causal
+                name = f"{kind}-{'causal' if causal else 'bidirectional'}-{'padded' if masked else 'nomask'}"
+                cases.append((name, _kind_case(name, call, causal, masked)))
+    cases.append(("summary-learned-state", _learned_summary_case))
+    cases.append(("train-sigmoid", _training_case(lambda q, k, v: ops.sigmoid_attention(q, k, v, is_causal=True),
+                                                  "train-sigmoid")))
+    cases.append(("train-sdpa", _training_case(
+        lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "train-sdpa")))
+    cases.append(("train-linear", _training_case(lambda q, k, v: ops.linear_attention(q, k, v, is_causal=True),
+                                                 "train-linear")))
+    cases.append(("compiled-eager-refused-inside", _compiled_case("eager")))
+    cases.append(("torch-manager-refused", _torch_manager_case))
+    cases.append(("bad-input", _bad_input_case))
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# data parallel: DDP and FSDP2 of a model rewritten to sigmoid
+
+
+class HandWrittenLM(nn.Module):
+    """A small causal LM whose attention is hand-written (matmul, mask, softmax): attnrewrite's to rewrite."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16, heads: int = 2, length: int = T):
+        super().__init__()
+        self.heads = heads
+        self.embed, self.position = nn.Embedding(vocab, dim), nn.Embedding(length, dim)
+        self.qkv, self.out, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, vocab)
+        self.register_buffer("causal", torch.ones(length, length, dtype=torch.bool).tril(), persistent=False)
+
+    def forward(self, tokens):
+        t = tokens.shape[1]
+        x = self.embed(tokens) + self.position.weight[:t]
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        scores = scores.masked_fill(~self.causal[:t, :t], float("-inf"))
+        y = (scores.softmax(-1) @ v).transpose(1, 2).flatten(2)
+        return self.head(x + self.out(y))
+
+
+def _rewritten(seed_name: str) -> nn.Module:
+    torch.manual_seed(_seed(seed_name))
+    model = HandWrittenLM().double()
+    return attnrewrite.rewrite(model, to="sigmoid", compiler="eager", strict=True)
+
+
+def _data_parallel_case(wrap: str) -> Case:
+    def case(mesh):
+        rank, world = mesh.get_local_rank(), mesh.size()
+        g = torch.Generator().manual_seed(_seed(wrap))
+        batches = [torch.randint(0, 32, (2 * world, T + 1), generator=g) for _ in range(3)]
+        reference = _rewritten("data-parallel")
+        optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+        for batch in batches:
+            optimizer.zero_grad()
+            F.cross_entropy(reference(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).backward()
+            optimizer.step()
+        model = _rewritten("data-parallel")
+        if wrap == "ddp":
+            wrapped = nn.parallel.DistributedDataParallel(model, process_group=mesh.get_group())
+        else:
+            from torch.distributed.fsdp import fully_shard
+            wrapped = fully_shard(model, mesh=mesh)
+        optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
+        for batch in batches:
+            mine = batch[2 * rank:2 * rank + 2]
+            optimizer.zero_grad()
+            F.cross_entropy(wrapped(mine[:, :-1]).flatten(0, 1), mine[:, 1:].flatten()).backward()
+            optimizer.step()
+        report = attnrewrite.recent_reports()[-1]
+        assert report.rewritten and not report.skipped, report
+        for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            assert_close(full, ref, msg=lambda m, n=name: f"{wrap}: {n} after 3 AdamW steps: {m}")
+
+    return case
+
+
+def data_parallel_cases() -> list[tuple[str, Case]]:
+    return [("ddp-sigmoid", _data_parallel_case("ddp")), ("fsdp2-sigmoid", _data_parallel_case("fsdp2"))]
+
+
+SUITES: dict[str, Callable[[], list[tuple[str, Case]]]] = {
+    "context_parallel": context_parallel_cases,
+    "data_parallel": data_parallel_cases,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# running a suite
+
+
+def _worker(rank: int, world: int, port: int, suite: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    try:
+        for name, case in SUITES[suite]():
+            started = time.perf_counter()
+            try:
+                case(mesh)
+                results[name] = {"ok": True, "seconds": time.perf_counter() - started}
+            except Exception:  # one case's failure is reported, the others still run
+                results[name] = {"ok": False, "error": traceback.format_exc()}
+            dist.barrier()
+    finally:
+        Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.destroy_process_group()
+
+
+def run_suite(suite: str, world: int = 2, timeout_s: float = 240.0) -> dict[str, dict]:
+    """Run ``suite`` in ``world`` spawned processes; {case: {"ok": bool, "errors": {rank: traceback}}}."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        context = mp.start_processes(_worker, args=(world, free_port(), suite, out_dir), nprocs=world, join=False,
+                                     start_method="spawn")
+        deadline = time.monotonic() + timeout_s
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                raise TimeoutError(f"the {suite!r} suite did not finish within {timeout_s:.0f} s")
+        per_rank = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(world)]
+    merged = {}
+    for name in per_rank[0]:
+        errors = {r: per_rank[r][name]["error"] for r in range(world) if not per_rank[r][name]["ok"]}
+        merged[name] = {"ok": not errors, "errors": errors,
+                        "seconds": max(per_rank[r][name].get("seconds", 0.0) for r in range(world))}
+    return merged

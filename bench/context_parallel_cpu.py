@@ -1,0 +1,138 @@
+"""Context parallelism on the CPU: per-rank peak memory and time of one causal attention layer.
+
+For each kind and T, one forward+backward of causal attention (B=1, 8 heads, D=64, fp32, 1 torch
+thread per process) in one process (the plain op on the whole sequence) and in W processes (gloo on
+loopback, each holding T/W tokens, inside ``attnrewrite.distributed.context_parallel``).  Per rank:
+the growth of the peak resident set over the rank's baseline once its inputs exist (large
+allocations served by mmap, so the peak follows the live tensors), and the wall time of the call
+(after a warm-up at T=256).  The table shows the largest rank.
+
+    python bench/context_parallel_cpu.py [--lengths 8192,16384] [--worlds 1,2] [--kinds softmax,sigmoid,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HEADS, DIM = 8, 64
+KINDS = ("softmax", "sigmoid", "linear", "summary", "hashed")
+
+
+def _attention(kind: str):
+    import torch.nn.functional as F
+
+    from attnrewrite import ops
+
+    return {
+        "softmax": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "sigmoid": lambda q, k, v: ops.sigmoid_attention(q, k, v, is_causal=True),
+        "linear": lambda q, k, v: ops.linear_attention(q, k, v, is_causal=True),
+        "summary": lambda q, k, v: ops.summary_attention(q, k, v, is_causal=True),
+        "hashed": lambda q, k, v: ops.hashed_attention(q, k, v, is_causal=True),
+    }[kind]
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def _one_call(kind: str, local: int, rank: int) -> tuple[float, float]:
+    """(seconds, peak MB over the baseline) of forward+backward on ``local`` tokens of this rank."""
+    import torch
+
+    g = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(1, HEADS, local, DIM, generator=g).requires_grad_() for _ in range(3))
+    grad = torch.randn(1, HEADS, local, DIM, generator=g)
+    base = _status_kb("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    start = time.perf_counter()
+    _attention(kind)(q, k, v).backward(grad)
+    seconds = time.perf_counter() - start
+    return seconds, (_status_kb("VmHWM:") - base) / 1024
+
+
+def _rank_main(rank: int, world: int, port: int, kind: str, length: int, out: str) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    if world == 1:
+        _one_call(kind, 256, rank)
+        seconds, peak = _one_call(kind, length, rank)
+    else:
+        import torch.distributed as dist
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from attnrewrite.distributed import context_parallel
+
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=1800))
+        mesh = init_device_mesh("cpu", (world,))
+        with context_parallel(mesh):
+            _one_call(kind, 256 // world, rank)
+            dist.barrier()
+            seconds, peak = _one_call(kind, length // world, rank)
+        dist.destroy_process_group()
+    Path(out, f"{rank}.json").write_text(json.dumps({"seconds": seconds, "peak_mb": peak}))
+
+
+def measure(kind: str, length: int, world: int) -> dict:
+    """The slowest rank's time and the largest rank's peak memory, each rank a fresh process."""
+    import torch.multiprocessing as mp
+
+    from attnrewrite.testing.distributed import free_port
+
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_rank_main, args=(world, free_port(), kind, length, out), nprocs=world, join=True,
+                           start_method="spawn")
+        ranks = [json.loads(Path(out, f"{r}.json").read_text()) for r in range(world)]
+    return {"seconds": max(r["seconds"] for r in ranks), "peak_mb": max(r["peak_mb"] for r in ranks)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lengths", default="8192,16384")
+    parser.add_argument("--worlds", default="1,2")
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args(argv)
+    # glibc reads this at start-up: the spawned ranks inherit it (see bench/long_context_cpu.py)
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    print(f"# context_parallel_cpu: commit {commit.strip()}, torch {torch.__version__}, {platform.machine()}, "
+          f"{os.cpu_count()} cores, B=1 H={HEADS} D={DIM} fp32 causal fwd+bwd, 1 thread/rank")
+    print("| kind | T | ranks | time s (slowest rank) | peak MB (largest rank) | peak vs 1 rank |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for kind in args.kinds.split(","):
+        for length in (int(t) for t in args.lengths.split(",")):
+            single = None
+            for world in (int(w) for w in args.worlds.split(",")):
+                row = measure(kind, length, world)
+                single = row["peak_mb"] if world == 1 else single
+                ratio = f"{row['peak_mb'] / single:.2f}" if single else "-"
+                print(f"| {kind} | {length} | {world} | {row['seconds']:.3g} | {row['peak_mb']:.0f} | {ratio} |",
+                      flush=True)
+                rows.append({"kind": kind, "T": length, "world": world, **row})
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""Context parallelism on 2 spawned CPU processes (gloo, loopback) against the single-process run.
+
+One process group runs every case (start-up is the slow part), in one test so that pytest-xdist does
+not start the group once per worker; the failure message names every failing case with its traceback.
+Cases: every kind × causal/bidirectional × key padding, forward and q/k/v gradients; a learned state's
+gradient; 3 SGD steps of a small model (sigmoid, SDPA, linear); compiling inside refused; torch's own
+manager refused; bad input.
+"""
+
+from attnrewrite.testing.distributed import context_parallel_cases, run_suite
+
+
+def test_context_parallel_matches_one_process():
+    results = run_suite("context_parallel", world=2)
+    assert sorted(results) == sorted(name for name, _ in context_parallel_cases())
+    failed = {name: outcome for name, outcome in results.items() if not outcome["ok"]}
+    assert not failed, "\n\n".join(f"{name} (rank {rank}):\n{error}" for name, outcome in failed.items()
+                                   for rank, error in outcome["errors"].items())
