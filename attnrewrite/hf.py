@@ -6,7 +6,8 @@
 
 ``register()`` adds ``attnrewrite_softmax``, ``attnrewrite_sigmoid``, ``attnrewrite_linear`` and
 ``attnrewrite_sliding_window`` (window from ``config.sliding_window``, sinks from
-``config.sliding_window_sinks``) to ``transformers.AttentionInterface`` (and their mask functions to
+``config.sliding_window_sinks``) and ``attnrewrite_hashed`` (options from ``config.hashed_attention``, a dict;
+decodes with :class:`attnrewrite.HashedCache`, see :func:`hashed_forward`) to ``transformers.AttentionInterface`` (and their mask functions to
 ``AttentionMaskInterface``).
 Each takes HF's attention arguments (q, k, v as [B, H, T, D], a 4-d mask or None, ``scaling``,
 ``dropout``, ``is_causal``), calls the kind's op, and returns HF's [B, T, H, D] layout.
@@ -36,7 +37,8 @@ from typing import Any
 
 import torch
 
-IMPLEMENTATIONS = ("attnrewrite_softmax", "attnrewrite_sigmoid", "attnrewrite_linear", "attnrewrite_sliding_window")
+IMPLEMENTATIONS = ("attnrewrite_softmax", "attnrewrite_sigmoid", "attnrewrite_linear", "attnrewrite_sliding_window",
+                   "attnrewrite_hashed")
 
 
 def _gqa(module, query, key) -> bool:
@@ -198,6 +200,68 @@ def sliding_window_forward(module, query, key, value, attention_mask, dropout: f
     return _finish(out)
 
 
+HASHED_OPTIONS = ("bits", "top_k", "window", "sinks", "hash", "seed")
+
+
+def _hashed_config(module) -> dict:
+    options = getattr(getattr(module, "config", None), "hashed_attention", None) or {}
+    if not isinstance(options, dict) or set(options) - set(HASHED_OPTIONS):
+        raise ValueError(f"attnrewrite_hashed: config.hashed_attention must be a dict of {HASHED_OPTIONS}, "
+                         f"got {options!r}")
+    return options
+
+
+def hashed_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+                   **kwargs: Any):
+    """``attnrewrite_hashed``: causal hashed attention, options from the model config's ``hashed_attention``
+    dict (``bits``, ``top_k``, ``window``, ``sinks``, ``hash``, ``seed``; the op's defaults otherwise).
+
+    Without a cache the step is the whole sequence: the op, with HF's key padding.  With
+    :class:`attnrewrite.HashedCache` (``past_key_values=``), the cache's ``update`` has stored the step's keys
+    and their codes and left its layer here: a one-token step attends to the keys that layer selects with
+    the query (sinks, window and top-k by XOR/popcount over the packed codes), a prompt without padding runs
+    the op with the cache's projections, and other steps attend to every key under the layer's selection mask;
+    padding comes from ``HashedCache(attention_mask=...)``.  The cache's options rule; config options that
+    differ from them raise."""
+    import torch.nn.functional as F
+
+    from attnrewrite.decode.hashed import claim_step
+    from attnrewrite.ops import hashed_attention
+
+    if dropout > 0:
+        raise ValueError(f"attnrewrite_hashed: the hashed kind has no attention dropout (p={dropout:g}); set the "
+                         "config's attention_dropout to 0, or call model.eval()")
+    if weights_requested(kwargs):
+        raise ValueError("attnrewrite_hashed does not return attention weights (output_attentions=True)")
+    if not _module_causal(module, is_causal):
+        raise ValueError("attnrewrite_hashed is causal self-attention only; this module is not causal")
+    options = _hashed_config(module)
+    claimed = claim_step(key)
+    if claimed is None:
+        if query.shape[2] != key.shape[2]:
+            raise ValueError(f"attnrewrite_hashed: {query.shape[2]} queries against {key.shape[2]} keys without "
+                             "attnrewrite.HashedCache: decode with past_key_values=attnrewrite.HashedCache(...) "
+                             "built with the config's hashed_attention options (another cache cannot select)")
+        out = hashed_attention(query, key, value, attn_mask=attention_mask, is_causal=True, scale=scaling,
+                               enable_gqa=_gqa(module, query, key), **options)
+        return _finish(out)
+    layer, start = claimed
+    cache_options = dict(bits=layer.bits, top_k=layer.top_k, window=layer.window, sinks=layer.sinks,
+                         hash="random" if layer.learned is None else "learned", seed=layer.seed)
+    differ = {name: (value, cache_options[name]) for name, value in options.items() if cache_options[name] != value}
+    if differ:
+        raise ValueError(f"attnrewrite_hashed: HashedCache options differ from config.hashed_attention "
+                         f"(config, cache): {differ}")
+    if start == 0 and layer.valid is None and query.shape[2] > 1:  # a prompt: the op itself
+        out = hashed_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=_gqa(module, query, key),
+                               projections=layer.learned, **cache_options)
+        return _finish(out)
+    keys, values, visible = layer.select_stored(query, start)
+    out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=scaling,
+                                         enable_gqa=_gqa(module, query, keys))
+    return _finish(out)
+
+
 def padding_only_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                       mask_function=None, attention_mask=None, **kwargs: Any):
     """HF mask function for ``attnrewrite_linear``: the key-padding part of the mask, bool [B, 1, 1, Tk].
@@ -219,7 +283,8 @@ def padding_only_mask(batch_size: int, q_length: int, kv_length: int, q_offset: 
     causal = kv_index[None, :] <= q_index[:, None]
     full = full.expand(batch_size, -1, q_length, kv_length)
     if not (torch.equal(full, (keep & causal).expand_as(full)) or torch.equal(full, keep.expand_as(full))):
-        raise ValueError("attnrewrite_linear honours causal and key-padding masks only; this model's mask is "
+        raise ValueError("attnrewrite_linear and attnrewrite_hashed honour causal and key-padding masks only; this "
+                         "model's mask is "
                          "something else (a sliding window, a prefix or chunked mask)")
     return None if bool(keep.all()) else keep
 
@@ -233,7 +298,9 @@ def register() -> None:
     AttentionInterface.register("attnrewrite_sigmoid", sigmoid_forward)
     AttentionInterface.register("attnrewrite_linear", linear_forward)
     AttentionInterface.register("attnrewrite_sliding_window", sliding_window_forward)
+    AttentionInterface.register("attnrewrite_hashed", hashed_forward)
     AttentionMaskInterface.register("attnrewrite_softmax", sdpa_mask)
     AttentionMaskInterface.register("attnrewrite_sigmoid", sdpa_mask)
     AttentionMaskInterface.register("attnrewrite_linear", padding_only_mask)
     AttentionMaskInterface.register("attnrewrite_sliding_window", sdpa_mask)
+    AttentionMaskInterface.register("attnrewrite_hashed", padding_only_mask)

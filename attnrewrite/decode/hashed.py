@@ -22,6 +22,8 @@ row with a [B, 1, 1, S] mask: a row with fewer valid keys fills the last slots (
 
 from __future__ import annotations
 
+import contextvars
+
 import torch
 
 from attnrewrite.decode.cache import KindCache, LayerCache
@@ -153,11 +155,23 @@ class HashedLayer(LayerCache):
         window or top-k), as in the op with that key mask; they are stored as zeros (a model may give
         them nan states, and 0·nan is nan)."""
         start = self.length
+        self.store(k, v, key_valid)
+        return self.select_stored(q, start)
+
+    def store(self, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None = None) -> None:
+        """:meth:`append`, with the padded keys and values (``key_valid`` False) stored as zeros."""
         if key_valid is not None:
             hide = ~key_valid.to(device=k.device, dtype=torch.bool).reshape(k.shape[0], 1, k.shape[-2], 1)
             k, v = k.masked_fill(hide, 0), v.masked_fill(hide, 0)
         self.append(k, v, key_valid)
+
+    def select_stored(self, q: torch.Tensor, start: int):
+        """(keys, values, visible) for the queries q [B, Hq, T, D] at positions ``start`` … ``start + T − 1``,
+        whose keys are already stored (:meth:`append`): what :meth:`step` returns after storing them."""
         length = self.length
+        if start + q.shape[-2] != length:
+            raise ValueError(f"HashedLayer: {q.shape[-2]} queries from position {start} do not end at the "
+                             f"{length} stored keys")
         keys, values = self.key_store[:, :, :length], self.value_store[:, :, :length]
         if q.shape[-2] == 1:
             index, slot_ok = self.select_decode(q)                                          # [B, Hkv, S]
@@ -230,6 +244,22 @@ class HashedLayer(LayerCache):
         return selected, self.length + query_length - selected
 
 
+# (cache, layer, the keys update returned, the step's first position): set by HashedCache.update without a
+# query, taken by the attention that follows it (transformers calls update, then the attention function)
+_PENDING: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("attnrewrite_hashed_pending", default=None)
+
+
+def claim_step(keys: torch.Tensor) -> tuple[HashedLayer, int] | None:
+    """For the attention function that follows ``HashedCache.update`` without a query (``attnrewrite_hashed`` in
+    :mod:`attnrewrite.hf`): (the layer cache, the step's first position) when ``keys`` is what that update
+    returned, else None.  The layer then selects with the query: ``layer.select_stored(q, start)``."""
+    pending = _PENDING.get()
+    if pending is None or pending[2] is not keys:
+        return None
+    _PENDING.set(None)
+    return pending[1], pending[3]
+
+
 class HashedCache(KindCache):
     """The ``hashed`` kind's KV cache: keys, values and bit-packed key codes per layer.
 
@@ -270,7 +300,11 @@ class HashedCache(KindCache):
             self.layers.append(self.new_layer(self._state_of(None, len(self.layers)), None))
         layer = self.layers[layer_idx]
         query = (cache_kwargs or {}).get("query_states")
-        if query is None or query.shape[-2] != 1 or key_states.shape[-2] != 1:
+        if query is None and isinstance(cache_kwargs, dict) and "query_states" in cache_kwargs:
+            raise ValueError("HashedCache: cache_kwargs['query_states'] is None")
+        if query is None:
+            return self._store_for_attention(layer, key_states, value_states, kwargs)
+        if query.shape[-2] != 1 or key_states.shape[-2] != 1:
             raise ValueError("HashedCache selects keys per query: call update(k, v, layer_idx, "
                              "{'query_states': q}) with a one-token step (q [B, Hq, 1, D], k [B, Hkv, 1, D])")
         start = layer.get_seq_length() if layer.is_initialized else 0
@@ -295,6 +329,26 @@ class HashedCache(KindCache):
                 f"{length - budget} … {length - 1} of attention_mask, which here hide a selected key or show a "
                 "spare slot (padding that is not left padding); the step would not be the whole-sequence op.  Use "
                 "the llama target's attend or HashedLayer.step(q, k, v, key_valid), which take any padding")
+        return keys, values
+
+    def _store_for_attention(self, layer: HashedLayer, key_states, value_states, kwargs: dict):
+        """``update`` without a query (a transformers model with ``attn_implementation="attnrewrite_hashed"``):
+        store the step's keys, values and codes, return every stored key and value, and leave the layer for
+        that attention function, which selects with the query (:func:`claim_step`)."""
+        if _PENDING.get() is not None:
+            pending = _PENDING.get()
+            _PENDING.set(None)
+            if pending[0] is self:
+                raise ValueError(
+                    "HashedCache.update was called without query_states, and the attention that followed did not "
+                    "select from the cache: a transformers model decoding with HashedCache needs "
+                    "attn_implementation='attnrewrite_hashed' (call attnrewrite.hf.register() first); other "
+                    "attention implementations would attend to every key, which is not the hashed kind")
+        start = layer.get_seq_length() if layer.is_initialized else 0
+        key_valid = self.step_padding(key_states, start, kwargs)
+        layer.store(key_states, value_states, key_valid)
+        keys, values = layer.key_store[:, :, :layer.length], layer.value_store[:, :, :layer.length]
+        _PENDING.set((self, layer, keys, start))
         return keys, values
 
     def _mask_up_to(self, length: int) -> torch.Tensor:

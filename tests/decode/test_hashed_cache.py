@@ -66,11 +66,9 @@ def test_decode_selection_depends_on_the_query():
     assert len(picks) > 1
 
 
-def test_transformers_update_needs_the_query():
+def test_transformers_update_with_the_query_selects():
     _, k, v = random_qkv(3)
     layer = HashedCache(**OPTIONS)
-    with pytest.raises(ValueError, match="query_states"):
-        layer.update(k, v, 0)
     q = torch.randn(2, 4, 1, 8, dtype=torch.float64)
     keys, values = layer.update(k[:, :, :1], v[:, :, :1], 0, {"query_states": q})
     assert keys.shape == (2, 2, 1, 8) and layer.get_seq_length() == 1
@@ -196,3 +194,59 @@ def test_decode_selection_on_the_kernels_equals_the_torch_selection(top_k, windo
     got, slots = layer.select_decode(q[:, :, -1:])
     assert slots is None and got.dtype == want.dtype
     assert torch.equal(got, want)
+
+
+HF_OPTIONS = dict(bits=16, top_k=4, window=3, sinks=2)
+
+
+def _hf_hashed_llama(impl="attnrewrite_hashed"):
+    import transformers as T
+
+    import attnrewrite.hf
+
+    attnrewrite.hf.register()
+    config = T.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)
+    config.hashed_attention = dict(HF_OPTIONS)
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM._from_config(config, attn_implementation=impl).eval()
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_transformers_generate_with_the_cache_equals_a_full_rerun(padded):
+    """generate() on a transformers Llama with attn_implementation="attnrewrite_hashed" and a HashedCache: each
+    greedy step's logits are those of the cacheless hashed model over everything so far (prompt 10 + 16 new
+    tokens, far past sinks + window + top_k = 9 keys, so decode steps read a selection)."""
+    model = _hf_hashed_llama()
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :3] = 0  # left padding, as batched generation pads
+    new = 16
+    with torch.no_grad():
+        cache = HashedCache(**HF_OPTIONS, attention_mask=mask if padded else None)
+        result = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                                pad_token_id=0, cache=cache, return_dict_in_generate=True,
+                                output_logits=True)
+        tokens = result.sequences
+        assert tokens.shape == (2, 10 + new) and cache.get_seq_length() == 10 + new - 1
+        full = torch.cat([mask, torch.ones(2, new, dtype=mask.dtype)], 1)
+        positions = (full.cumsum(-1) - 1).clamp(min=0)
+        rerun = model(input_ids=tokens, attention_mask=full, position_ids=positions, use_cache=False).logits
+        softmax = _hf_hashed_llama("sdpa")(input_ids=tokens, attention_mask=full, position_ids=positions).logits
+        for step in range(new):
+            prefix = slice(0, 10 + step)
+            want = model(input_ids=tokens[:, prefix], attention_mask=full[:, prefix],
+                         position_ids=positions[:, prefix], use_cache=False).logits[:, -1]
+            torch.testing.assert_close(want, rerun[:, 10 + step - 1], rtol=1e-5, atol=1e-6)  # causal
+            torch.testing.assert_close(result.logits[step], want, rtol=1e-4, atol=1e-5, msg=f"step {step}")
+            assert torch.equal(want.argmax(-1), tokens[:, 10 + step]), step
+    assert (rerun - softmax)[:, 12:].abs().max() > 1e-2  # the selection really leaves keys out
+
+
+def test_transformers_cache_without_the_hashed_attention_raises():
+    """HashedCache under another attention implementation would attend to every key: the next update raises."""
+    model = _hf_hashed_llama("sdpa")
+    ids = torch.randint(0, 100, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), pytest.raises(ValueError, match="attnrewrite_hashed"):
+        model(input_ids=ids, cache=HashedCache(**HF_OPTIONS), use_cache=True)
