@@ -10,8 +10,10 @@ attention then reads sinks + window + top_k entries instead of T.
 A step of several tokens (a prefill) returns every key with a [B, Hq, T, n] mask of each query's
 selection, computed as the op computes it.  Semantics are those of
 :func:`attnrewrite.ops.hashed_attention` with ``is_causal=True`` (tested: T tokens at once and one
-at a time give the op's outputs).  Selection needs the queries, so transformers models, whose
-attention does not pass them to ``Cache.update``, must pass ``cache_kwargs={"query_states": q}``.
+at a time give the op's outputs).  Selection needs the queries, which transformers does not pass to
+``Cache.update``: with ``attn_implementation="attnrewrite_hashed"`` (:func:`attnrewrite.hf.hashed_forward`)
+``update`` only stores the step and that attention function selects with the query (:func:`claim_step`);
+code calling ``update`` itself may pass ``cache_kwargs={"query_states": q}`` instead.
 
 Padding (``key_valid`` per step, or ``HashedCache(attention_mask=...)`` for ``update``): padded keys are
 stored as zeros, flagged, and never selected; sinks and window are each row's first and last valid
@@ -286,8 +288,11 @@ class HashedCache(KindCache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_kwargs: dict | None = None, *args, **kwargs):
-        """transformers' hook: needs ``cache_kwargs["query_states"]``, a one-token query (transformers' own
-        attention does not pass it).  A padded batch: give the prompt's mask, ``HashedCache(attention_mask=m)``.
+        """transformers' hook.  Without ``cache_kwargs["query_states"]`` (a transformers model with
+        ``attn_implementation="attnrewrite_hashed"``): store the step, return every key and value, and leave the
+        selection to that attention function; another attention after it makes the next update raise.  With a
+        one-token ``query_states``: select here, as follows.  A padded batch: give the prompt's mask,
+        ``HashedCache(attention_mask=m)``.
 
         transformers' padding mask reads the returned slots at token positions (:meth:`HashedLayer.get_mask_sizes`).
         While no row holds more than ``sinks + window + top_k`` valid keys every key is returned at its
