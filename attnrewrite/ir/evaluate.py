@@ -95,7 +95,7 @@ class GraphEvaluator:
         self.roles = {n: placeholder_role(n, self.inputs.get(n), mutated) for n in placeholders}
         self.generator = torch.Generator().manual_seed(seed)
         self._order: dict[fx.Node, int] = self._writes.position
-        self._values: dict[frozenset, dict] = {}  # one environment per set of nodes evaluated together
+        self._values: dict[frozenset, dict] = {}  # values asked for, per set of nodes evaluated together
         self._dependence: dict[tuple[str, ...], tuple[dict[fx.Node, bool], dict[Any, bool]]] = {}
 
     # ------------------------------------------------------------------ values
@@ -267,24 +267,59 @@ class GraphEvaluator:
             self._order = self.writes.position
         return self._order[node]
 
+    @staticmethod
+    def release_plan(order: list[fx.Node], keep: Iterable[fx.Node]) -> dict[fx.Node, list[fx.Node]]:
+        """For each node of ``order``, the nodes of ``order`` (``keep`` aside) whose value is no longer
+        read once it has run: their last reader in ``order``, or themselves when nothing reads them.
+
+        Every read of a value is a dataflow edge (in-place writes reach later readers through the
+        written tensor or a view of it, which are values in their own right), so dropping a value
+        from the environment after its last reader loses nothing; storage that a live view still
+        shares stays alive with it.  At long sequence lengths this is what keeps certification from
+        holding every [B, H, T, T] intermediate of a site at once.
+        """
+        members = set(order)
+        last: dict[fx.Node, fx.Node] = {}
+        for node in order:
+            for arg in node.all_input_nodes:
+                if arg in members:
+                    last[arg] = node
+        keep = set(keep)
+        plan: dict[fx.Node, list[fx.Node]] = {}
+        for node in order:
+            if node not in keep:
+                plan.setdefault(last.get(node, node), []).append(node)
+        return plan
+
     def evaluate(self, targets: Iterable[fx.Node], env: dict | None = None, randomize: bool | str = False,
-                 at: fx.Node | None = None) -> dict:
+                 at: fx.Node | None = None, release: bool = False) -> dict:
         """Fill ``env`` with the values of ``targets`` as seen just before ``at`` (see :meth:`closure`)
-        and everything they need, computed in graph order with in-place writes executed."""
+        and everything they need, computed in graph order with in-place writes executed.
+
+        With ``release=True`` only the targets (and what ``env`` held before) are left in ``env``:
+        every other value is dropped after its last reader (:meth:`release_plan`), so the peak memory
+        is that of the values live at once rather than of all of them."""
         env = {} if env is None else env
+        targets = list(targets)
+        order = self.closure(targets, env, at=at)
+        plan = self.release_plan(order, targets) if release else {}
         with torch.no_grad(), float64_default():
-            for node in self.closure(list(targets), env, at=at):
+            for node in order:
                 env[node] = self.compute(node, env, randomize)
+                for done in plan.get(node, ()):
+                    del env[done]
         return env
 
     def value(self, node: fx.Node, at: fx.Node | None = None) -> Any:
         """The value of ``node`` on the real example inputs, as a reader just before ``at`` sees it
         (``at=None``: at the end of the graph).  Memoised per set of nodes evaluated, so layers that
-        read one mask share its evaluation, and two reads that differ by a write do not."""
+        read one mask share its evaluation, and two reads that differ by a write do not; only the
+        values asked for are kept, not the intermediates that produced them."""
         key = frozenset(self.closure([node], {}, at=at))
-        if key not in self._values:
-            self._values[key] = self.evaluate(key, env={}, at=at)
-        return self._values[key][node]
+        known = self._values.setdefault(key, {})
+        if node not in known:
+            known[node] = self.evaluate([node], env={}, at=at, release=True)[node]
+        return known[node]
 
     # ------------------------------------------------------------------ data dependence
 

@@ -222,10 +222,18 @@ def _probe(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], randomi
     env: dict[fx.Node, Any] = {node: evaluator.random_like_meta(node) for node in qkv}
     order = evaluator.closure(targets, env, at=site.output)
     output_at = evaluator.position(site.output)
+    # values are dropped after their last reader, except those the canonical form reads
+    plan = evaluator.release_plan(order, _spec_nodes(site) | {site.output})
+
+    def run(node: fx.Node) -> None:
+        env[node] = evaluator.compute(node, env, randomize)
+        for done in plan.get(node, ()):
+            del env[done]
+
     with torch.no_grad(), float64_default():
         for node in order:
             if evaluator.position(node) < output_at:
-                env[node] = evaluator.compute(node, env, randomize)
+                run(node)
         call = canonical.attention_call(spec, env.__getitem__, torch.float64, dropout=False)
         out = exact_attention(call)
         rows = canonical.visible_rows(call).unsqueeze(-1).expand(out.shape)
@@ -233,7 +241,7 @@ def _probe(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], randomi
         rows = canonical.apply_steps(rows, site.out_steps, env.__getitem__)
         for node in order:  # after the canonical form: the region may work in place
             if evaluator.position(node) >= output_at:
-                env[node] = evaluator.compute(node, env, randomize)
+                run(node)
         return env[site.output], want, rows
 
 

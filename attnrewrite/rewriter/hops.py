@@ -228,9 +228,9 @@ class BodyEvaluator(HopEvaluator):
         if randomize and env is not self._probe_owner:  # a new probe: new draws at the outer inputs
             self._probe, self._probe_owner = {}, env
 
-    def evaluate(self, targets, env=None, randomize=False, at=None):
+    def evaluate(self, targets, env=None, randomize=False, at=None, release=False):
         self._new_probe(env, randomize)
-        return super().evaluate(targets, env, randomize, at=at)
+        return super().evaluate(targets, env, randomize, at=at, release=release)
 
     def compute(self, node: fx.Node, env: dict, randomize: bool | str = False) -> Any:
         self._new_probe(env, randomize)  # (certification computes node by node, one env per probe)
