@@ -10,7 +10,6 @@ the mask resolver read afterwards (masks written in place included) is still rig
 
 from __future__ import annotations
 
-import math
 import weakref
 
 import pytest
