@@ -418,6 +418,52 @@ def test_identical_sites_with_different_specs_are_proven_apart(monkeypatch):
     assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
 
 
+class KeyBiased(nn.Module):
+    """Two layers with the same weights, each adding a bias that reads some of its keys' features
+    (``u · k`` with ``u`` selecting the features ``cut``, Transformer-XL's content-free term): the
+    ``k[..., cut]`` is one of the site's own nodes, so its slice is part of what the site computes."""
+
+    def __init__(self, first: slice, second: slice):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+        self.second.load_state_dict(self.first.state_dict())
+        self.cuts = (first, second)
+
+    def forward(self, x):
+        out = 0
+        for layer, cut in zip((self.first, self.second), self.cuts):
+            q, k, v = layer.qkv_heads(x)
+            s = q @ k.transpose(-2, -1) / math.sqrt(C // H) + k[..., cut].sum(-1)[:, :, None, :]
+            out = out + torch.softmax(s, dim=-1) @ v
+        return out
+
+
+@pytest.mark.parametrize("second, proofs", [(slice(0, 2), 1), (slice(2, 4), 2)])
+def test_sites_differing_only_in_a_slice_of_their_own_nodes_are_proven_apart(second, proofs):
+    """The sites differ in nothing but the bounds of a slice inside them: the same bounds share a proof,
+    other bounds are another function and are proven on their own.  A fingerprint that could not describe
+    a slice would fail on both (the sites skipped with an internal error); one that ignored its bounds would
+    prove the second site by the first's proof."""
+    import attnrewrite.rewriter.pipeline as pipeline
+
+    calls = []
+    real = pipeline.certify
+
+    def counting(site, evaluator, *args, **kwargs):
+        calls.append(site)
+        return real(site, evaluator, *args, **kwargs)
+
+    model = KeyBiased(slice(0, 2), second).eval()
+    report = Report()
+    x = _x()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "certify", counting)
+        out = compile_rewritten(model, report)(x)
+    assert [s.status for s in report.sites] == ["rewritten", "rewritten"], report
+    assert len(calls) == proofs, f"{len(calls)} proofs, expected {proofs}"
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- the dropout the graph applies
 
 
