@@ -1,7 +1,9 @@
 """Each kind's attention for one rank's queries against the whole sequence's keys.
 
 The manager (:mod:`.manager`) gathers the keys, values and key mask of every rank; this module
-computes the rank's rows of the result from them.  It is plain torch over the kinds' public ops (no
+computes the rank's rows of the result from them.  Softmax and sigmoid normally go round the ring
+instead (:mod:`.ring`); their forms here serve the calls the ring does not take (dropout; softmax off
+the CPU or in another dtype).  It is plain torch over the kinds' public ops (no
 process group), so a W-rank run can be checked in one process.
 
 - softmax, sigmoid: each of the rank's two chunks attends to the keys up to its end.  Without a key

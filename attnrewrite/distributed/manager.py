@@ -4,9 +4,12 @@ The manager has the signature and the sharding of torch's
 ``torch.distributed.tensor.experimental.context_parallel``: the ``buffers`` are cut in place along
 their ``buffer_seq_dims`` into the load-balanced layout (:mod:`.layout`) and put back on exit (except
 ``no_restore_buffers``).  Inside it, a ``TorchFunctionMode`` catches every call of
-``F.scaled_dot_product_attention`` and of attnrewrite's attention ops, all-gathers the keys, values
-and key mask of the mesh's ranks (differentiably: the backward sums key/value gradients over the ranks)
-and computes the rank's rows (:mod:`.kinds`).  Parameters' gradients are each rank's share, as under
+``F.scaled_dot_product_attention`` and of attnrewrite's attention ops and computes the rank's rows.
+Softmax (SDPA; on the CPU in float32/64) and sigmoid go round a ring (:mod:`.ring`): key/value blocks
+pass from rank to rank, forward and backward, and no rank ever holds more than two shards of K/V.  The
+other kinds, and softmax/sigmoid with dropout or (softmax) off the CPU, all-gather the keys, values and
+key mask of the mesh's ranks (differentiably: the backward sums key/value gradients over the ranks)
+and compute the rank's rows from them (:mod:`.kinds`).  Parameters' gradients are each rank's share, as under
 torch's manager: reduce them over the mesh (DDP/FSDP over the same ranks, or an ``all_reduce``).
 """
 
@@ -21,9 +24,9 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.overrides import TorchFunctionMode
 
-from attnrewrite.distributed import kinds
+from attnrewrite.distributed import kinds, ring
 from attnrewrite.distributed.collectives import gather_sequence
-from attnrewrite.distributed.layout import check_divisible, segments, shard
+from attnrewrite.distributed.layout import check_divisible, local_positions, segments, shard
 from attnrewrite.kernels.checks import SHARDED_SEQUENCE, torch_context_parallel_active
 
 _SDPA_NAMES = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -90,6 +93,7 @@ class _ContextParallelMode(TorchFunctionMode):
         self.group = mesh.get_group()
         self.world = mesh.size()
         self.rank = mesh.get_local_rank()
+        self._ring = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -127,6 +131,9 @@ class _ContextParallelMode(TorchFunctionMode):
                 "context_parallel attention must be self-attention over this rank's shard (Tq == Tk)")
         check_divisible(local * self.world, self.world, f"{what}'s q (T = {local} per rank × {self.world} ranks)")
         mask = kinds.as_key_mask(bound["attn_mask"], local, what)
+        ring_kind = _RING_KINDS.get(name)
+        if ring_kind is not None and ring.applies(ring_kind, q, k, v, bound["dropout_p"]):
+            return self.attend_ring(ring_kind, bound, mask)
         if mask is not None and mask.shape[-1] == local:
             mask = gather_sequence(mask, -1, self.group)
         if k.shape[:-1] == v.shape[:-1] and k.dtype == v.dtype:
@@ -140,6 +147,32 @@ class _ContextParallelMode(TorchFunctionMode):
             return kinds.attend(name, bound, k_all, v_all, mask, chunks)
         finally:
             SHARDED_SEQUENCE.depth -= 1
+
+    def attend_ring(self, kind: str, bound: dict, mask: Tensor | None) -> Tensor:
+        """Softmax or sigmoid by the ring (:mod:`.ring`): no rank holds more than two shards of K/V."""
+        q = bound["q"]
+        bias = bound.get("bias") if kind == "sigmoid" else None
+        rows = None
+        if kind == "sigmoid" and bias is None:  # "auto": b_i = −log n_i needs the key mask's counts
+            local = q.shape[-2]
+            whole = mask
+            if mask is not None and mask.dtype == torch.bool and mask.shape[-1] == local:
+                whole = gather_sequence(mask, -1, self.group)  # bools, O(T): the counts need every key
+            positions = local_positions(self.rank, self.world, local * self.world, q.device)
+            rows = ring.sigmoid_rows(whole, local * self.world, positions, bool(bound["is_causal"]), q.dtype)
+        spec = ring.RingSpec(kind, bool(bound["is_causal"]), bound["scale"], bool(bound["enable_gqa"]), bias,
+                             self.rank, self.world)
+        if self._ring is None:
+            self._ring = ring.P2PRing(self.group)
+        SHARDED_SEQUENCE.depth += 1
+        try:
+            return ring.ring_attention(q, bound["k"], bound["v"], mask, rows, spec, self._ring)
+        finally:
+            SHARDED_SEQUENCE.depth -= 1
+
+
+#: The kinds computed by the ring pass when :func:`ring.applies` (else by the all-gather of K/V).
+_RING_KINDS = {"softmax_attention": "softmax", "sigmoid_attention": "sigmoid"}
 
 
 def _check_mesh(mesh) -> None:

@@ -1,0 +1,298 @@
+"""Ring attention for softmax and sigmoid: key/value blocks travel rank to rank, nothing is all-gathered.
+
+Each rank keeps its own queries and, at step s of W, attends to the key/value block of rank
+``rank − s`` (mod W) while that block's successor is already on its way (send to the next rank,
+receive from the previous one).  Per rank the live memory is its own shard plus one block in flight:
+O(T / W) instead of the O(T) of an all-gather.
+
+- sigmoid: the partial outputs of the blocks simply add (no row statistics); ``bias="auto"``'s
+  b_i = −log n_i is known before the ring from the key mask alone (n_i counts the keys query i sees)
+  and is folded into each block's mask as a per-row term.
+- softmax: every block yields a partial output and its log-sum-exp; they are merged by a running
+  log-sum-exp.  The blocks run torch's CPU flash kernel (memory O(block), not O(block²)).
+
+Causal attention uses the load-balanced layout (:mod:`.layout`): a (query chunk, key chunk) pair is
+skipped when the keys are entirely in the queries' future, computed causally on the diagonal and
+fully before it, so every rank does the same work at every step.
+
+The backward is a ring too: the key/value blocks make the same trip again and each rank adds its
+share of dK/dV to an accumulator that travels with the block; after W steps the accumulator is back
+at the block's owner.  Softmax's block gradients use the merged output and log-sum-exp (each block
+gets its exact share, as in ring attention); sigmoid's recompute each block's forward.
+
+Communication goes through a *ring* object (:class:`P2PRing` on a process group); the computation
+never calls torch.distributed itself, so W ranks can be simulated by threads in one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from attnrewrite.distributed.layout import segments
+from attnrewrite.kernels.checks import SHARDED_SEQUENCE
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+class P2PRing:
+    """Point-to-point exchange on a process group: send to the next rank, receive from the previous.
+
+    ``start(tensors, channel)`` posts the sends and receives and returns a function that waits for
+    them and returns the received tensors (same shapes and dtypes).  ``channel`` separates exchanges
+    that are in flight at the same time (distinct tags).
+    """
+
+    _CHANNELS = {"kv": 0, "grad": 8}
+
+    def __init__(self, group):
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world = dist.get_world_size(group)
+        self.next = dist.get_global_rank(group, (self.rank + 1) % self.world)
+        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.world)
+
+    def start(self, tensors: list[Tensor], channel: str) -> Callable[[], list[Tensor]]:
+        base = self._CHANNELS[channel]
+        tensors = [t.contiguous() for t in tensors]
+        received = [torch.empty_like(t) for t in tensors]
+        works = []
+        for index, (mine, theirs) in enumerate(zip(tensors, received)):
+            works.append(dist.isend(mine, self.next, group=self.group, tag=base + index))
+            works.append(dist.irecv(theirs, self.prev, group=self.group, tag=base + index))
+
+        def wait() -> list[Tensor]:
+            for work in works:
+                work.wait()
+            return received
+
+        return wait
+
+
+@dataclass(frozen=True)
+class RingSpec:
+    """What the ring computes: ``kind`` ("softmax" or "sigmoid"), causality, the scale, GQA, and
+    sigmoid's bias (a number; ``None`` when the per-row ``rows`` term carries it)."""
+
+    kind: str
+    causal: bool
+    scale: float | None
+    enable_gqa: bool
+    bias: float | None
+    rank: int
+    world: int
+
+
+def applies(kind: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
+    """Whether the ring computes this call (else the manager all-gathers the keys and values)."""
+    if dropout_p != 0.0 or q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return False  # dropout: the recomputing backward would draw other masks
+    if kind == "sigmoid":
+        return True
+    return (kind == "softmax" and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
+            and k.dtype == q.dtype and v.dtype == q.dtype)
+
+
+def additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A bool or float key mask as an additive float mask (0 / −inf for bool)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def sigmoid_rows(whole_mask: Tensor | None, length: int, positions: Tensor, causal: bool,
+                 dtype: torch.dtype) -> Tensor:
+    """``bias="auto"``'s b_i = −log n_i for the queries at ``positions`` [T_local] as [B|1, H|1, T_local, 1].
+
+    n_i is the number of keys query i sees: causally the keys up to its position, else all ``length``
+    keys; a bool key mask (the whole sequence's, [B|1, H|1, 1, T|1]) removes its False keys from the
+    count, a float mask does not change it; n = 0 counts as 1 (as the op does).
+    """
+    device = positions.device
+    if whole_mask is not None and whole_mask.dtype == torch.bool:
+        valid = whole_mask.expand(*whole_mask.shape[:-1], length).to(torch.int64)   # [B|1, H|1, 1, T]
+        counts = valid.cumsum(-1) if causal else valid.sum(-1, keepdim=True).expand_as(valid)
+        seen = counts.squeeze(-2).index_select(-1, positions).unsqueeze(-1)            # [B|1, H|1, Tl, 1]
+    elif causal:
+        seen = (positions + 1).view(1, 1, -1, 1)
+    else:
+        seen = torch.full((1, 1, positions.numel(), 1), length, device=device)
+    return -torch.log(seen.clamp(min=1).to(dtype))
+
+
+def _pairs(rank: int, src: int, world: int, chunk: int, causal: bool):
+    """(query rows, key rows, diagonal) of the blocks rank ``rank`` computes against rank ``src``'s keys."""
+    mine = [index // chunk for index, _ in segments(rank, world, 2 * world * chunk)]
+    theirs = [index // chunk for index, _ in segments(src, world, 2 * world * chunk)]
+    for qi, q_chunk in enumerate(mine):
+        for ki, k_chunk in enumerate(theirs):
+            if causal and k_chunk > q_chunk:
+                continue  # keys entirely in the queries' future
+            yield (slice(qi * chunk, (qi + 1) * chunk), slice(ki * chunk, (ki + 1) * chunk),
+                   causal and k_chunk == q_chunk)
+
+
+def _keys(mask: Tensor | None, rows: slice) -> Tensor | None:
+    if mask is None or mask.shape[-1] == 1:
+        return mask
+    return mask[..., rows]
+
+
+def _repeat_kv(k: Tensor, v: Tensor, heads: int, enable_gqa: bool) -> tuple[Tensor, Tensor, int]:
+    groups = heads // k.shape[-3]
+    if groups * k.shape[-3] != heads or (groups > 1 and not enable_gqa):
+        raise ValueError(f"context_parallel: softmax attention: q has {heads} heads and k/v {k.shape[-3]}; "
+                         "different head counts need enable_gqa=True and a multiple")
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
+    return k.contiguous(), v.contiguous(), groups
+
+
+def _row_seen(add: Tensor, diagonal: bool) -> Tensor:
+    """[B|1, H|1, Tq|1]: whether each query row sees at least one key of the block under ``add``."""
+    visible = add > float("-inf")                                  # [B|1, H|1, 1, Tk]
+    if diagonal:
+        return visible.cumsum(-1).squeeze(-2) > 0                  # row i sees keys 0..i
+    return visible.any(-1)                                          # [B|1, H|1, 1]
+
+
+def _softmax_block(q, k, v, mask, diagonal, spec):
+    """(out, lse) of one block; rows that see no key of the block get lse = −inf."""
+    k, v, _ = _repeat_kv(k, v, q.shape[-3], spec.enable_gqa)
+    add = additive(mask, q.dtype)
+    out, lse = _FLASH(q.contiguous(), k, v, 0.0, diagonal, attn_mask=add, scale=spec.scale)
+    if add is not None:  # the kernel reports lse 0 (and output 0) for a row with no visible key
+        lse = lse.masked_fill(~_row_seen(add, diagonal).expand_as(lse), float("-inf"))
+    return out, lse
+
+
+def _softmax_block_backward(grad, q, k, v, mask, out, lse, diagonal, spec):
+    heads_kv = k.shape[-3]
+    k, v, groups = _repeat_kv(k, v, q.shape[-3], spec.enable_gqa)
+    dq, dk, dv = _FLASH_BACKWARD(grad.contiguous(), q.contiguous(), k, v, out.contiguous(), lse.contiguous(),
+                                 0.0, diagonal, attn_mask=additive(mask, q.dtype), scale=spec.scale)
+    if groups > 1:
+        dk = dk.unflatten(-3, (heads_kv, groups)).sum(-3)
+        dv = dv.unflatten(-3, (heads_kv, groups)).sum(-3)
+    return dq, dk, dv
+
+
+def _sigmoid_block(q, k, v, mask, rows, diagonal, spec):
+    common = dict(dropout_p=0.0, is_causal=diagonal, scale=spec.scale, enable_gqa=spec.enable_gqa)
+    if rows is None:
+        return torch.ops.attnrewrite.sigmoid_attention(q, k, v, mask, bias=spec.bias, **common)
+    folded = rows if mask is None else rows + additive(mask, rows.dtype)
+    return torch.ops.attnrewrite.sigmoid_attention(q, k, v, folded, bias=0.0, **common)
+
+
+def _merge(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
+    """Two softmax partials (output, log-sum-exp) of the same rows, as one."""
+    total = torch.logaddexp(acc_lse, lse)
+    empty = total == float("-inf")
+    safe = torch.where(empty, 0.0, total)
+    weight_acc = torch.where(empty, 0.0, torch.exp(acc_lse - safe)).unsqueeze(-1)
+    weight_new = torch.where(empty, 0.0, torch.exp(lse - safe)).unsqueeze(-1)
+    return acc_out * weight_acc.to(acc_out.dtype) + out * weight_new.to(out.dtype), total
+
+
+def _forward(q, k, v, mask, rows, spec: RingSpec, ring):
+    chunk = q.shape[-2] // 2
+    out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    lse = q.new_full(q.shape[:-1], float("-inf")) if spec.kind == "softmax" else None
+    block = [k, v] + ([mask] if mask is not None else [])
+    for step in range(spec.world):
+        src = (spec.rank - step) % spec.world
+        pending = ring.start(block, "kv") if step < spec.world - 1 else None
+        bk, bv, bmask = block[0], block[1], block[2] if mask is not None else None
+        for q_rows, k_rows, diagonal in _pairs(spec.rank, src, spec.world, chunk, spec.causal):
+            qb, kb, vb, mb = q[..., q_rows, :], bk[..., k_rows, :], bv[..., k_rows, :], _keys(bmask, k_rows)
+            if spec.kind == "softmax":
+                o, l = _softmax_block(qb, kb, vb, mb, diagonal, spec)
+                out[..., q_rows, :], lse[..., q_rows] = _merge(out[..., q_rows, :], lse[..., q_rows], o, l)
+            else:
+                r = None if rows is None else rows[..., q_rows, :]
+                out[..., q_rows, :] += _sigmoid_block(qb, kb, vb, mb, r, diagonal, spec)
+        if pending is not None:
+            block = pending()
+    return out, lse
+
+
+def _backward(grad, q, k, v, mask, rows, out, lse, spec: RingSpec, ring):
+    chunk = q.shape[-2] // 2
+    dq = torch.zeros_like(q)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    if lse is not None:  # a row that sees no key at all: every weight exp(s − lse) must be 0
+        lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    block = [k, v] + ([mask] if mask is not None else [])
+    for step in range(spec.world):
+        src = (spec.rank - step) % spec.world
+        pending = ring.start(block, "kv") if step < spec.world - 1 else None
+        bk, bv, bmask = block[0], block[1], block[2] if mask is not None else None
+        for q_rows, k_rows, diagonal in _pairs(spec.rank, src, spec.world, chunk, spec.causal):
+            qb, kb, vb, mb = q[..., q_rows, :], bk[..., k_rows, :], bv[..., k_rows, :], _keys(bmask, k_rows)
+            gb = grad[..., q_rows, :]
+            if spec.kind == "softmax":
+                dqb, dkb, dvb = _softmax_block_backward(gb, qb, kb, vb, mb, out[..., q_rows, :], lse[..., q_rows],
+                                                        diagonal, spec)
+            else:
+                with torch.enable_grad():
+                    leaves = [t.detach().requires_grad_() for t in (qb, kb, vb)]
+                    r = None if rows is None else rows[..., q_rows, :]
+                    dqb, dkb, dvb = torch.autograd.grad(_sigmoid_block(*leaves, mb, r, diagonal, spec), leaves, gb)
+            dq[..., q_rows, :] += dqb
+            dk[..., k_rows, :] += dkb
+            dv[..., k_rows, :] += dvb
+        # the accumulated dK/dV of this block go on with it; after the last step they reach their owner
+        dk, dv = ring.start([dk, dv], "grad")()
+        if pending is not None:
+            block = pending()
+    return dq, dk, dv
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, mask, rows, spec, ring):
+        with torch.no_grad():
+            out, lse = _forward(q, k, v, mask, rows, spec, ring)
+        ctx.save_for_backward(q, k, v, mask, rows, out, lse)
+        ctx.spec, ctx.ring = spec, ring
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, mask, rows, out, lse = ctx.saved_tensors
+        # the blocks' ops run on shards on purpose: past the manager's guard (SHARDED_SEQUENCE) and
+        # around its torch-function mode, which would route them back into the ring
+        SHARDED_SEQUENCE.depth += 1
+        try:
+            with torch._C.DisableTorchFunction():
+                dq, dk, dv = _backward(grad, q, k, v, mask, rows, out, lse, ctx.spec, ctx.ring)
+        finally:
+            SHARDED_SEQUENCE.depth -= 1
+        return dq, dk, dv, None, None, None, None
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, rows: Tensor | None, spec: RingSpec,
+                   ring) -> Tensor:
+    """This rank's rows of softmax or sigmoid attention over the whole sequence, by the ring.
+
+    Args:
+        q, k, v: the rank's shard [B, H|Hkv, T_local, D|Dv] in local order (its two chunks).
+        mask: None or the rank's key mask [B|1, H|1, 1, T_local|1] (bool or float; not differentiated).
+        rows: sigmoid ``bias="auto"`` only: :func:`sigmoid_rows` for the rank's queries (else None).
+        spec: what to compute and where this rank is in the ring.
+        ring: the exchange (:class:`P2PRing`, or a stand-in with the same ``start``).
+    """
+    if q.shape[-2] % 2 or k.shape[-2] != q.shape[-2] or v.shape[-2] != q.shape[-2]:
+        raise ValueError(f"ring attention: q/k/v must hold the rank's two equal chunks, got {q.shape[-2]}, "
+                         f"{k.shape[-2]}, {v.shape[-2]} positions")
+    if mask is not None and mask.requires_grad:
+        raise ValueError("context_parallel: an attn_mask that requires grad is not supported")
+    return _RingAttention.apply(q, k, v, mask, rows, spec, ring)
