@@ -204,6 +204,14 @@ def _check_buffers(mesh, buffers, buffer_seq_dims, no_restore_buffers) -> int | 
         if not -buffer.dim() <= dim < buffer.dim():
             raise ValueError(f"context_parallel: buffer {index} of shape {tuple(buffer.shape)} has no dim {dim}")
         check_divisible(buffer.shape[dim], mesh.size(), f"buffer {index} of shape {tuple(buffer.shape)} (dim {dim})")
+        if not buffer.is_contiguous():
+            raise ValueError(f"context_parallel: buffer {index} of shape {tuple(buffer.shape)} is not contiguous (a "
+                             "view, e.g. a slice of a batch); it is sharded in place, which would write over the "
+                             "memory around it: pass .contiguous() copies (and keep those)")
+        for other_index, other in enumerate(buffers[:index]):
+            if buffer.untyped_storage().data_ptr() == other.untyped_storage().data_ptr():
+                raise ValueError(f"context_parallel: buffers {other_index} and {index} share memory (views of one "
+                                 "tensor); each is sharded in place, so they would overwrite each other: pass copies")
         lengths.add(buffer.shape[dim])
     if len(lengths) > 1:
         raise ValueError(f"context_parallel: the buffers' sequence lengths differ: {sorted(lengths)}")

@@ -285,20 +285,34 @@ class Llama(nn.Module):
         self.cache_batch_size = 0
         self.cache_seq_len = 0
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Next-token logits.
 
         Args:
             tokens: [B, T] int64 token ids.
             input_pos: None for a whole sequence starting at position 0 (no cache), or [T] int64
                 positions of ``tokens`` in the KV cache (needs :meth:`setup_cache` first).
+            positions: without a cache only: [T] int64 positions of ``tokens`` in their sequence, for
+                RoPE (default 0 … T − 1).  Under context parallelism a rank holds a shard of the sequence
+                (with the load-balanced layout, two chunks far apart) and passes their global positions;
+                the causal mask written here then orders the tokens by these positions.
         Returns:
             [B, T, V] logits in the weights' dtype.
         """
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be [B, T], got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
-        if input_pos is None:
+        if positions is not None:
+            if input_pos is not None:
+                raise ValueError("give positions (a sequence's positions) or input_pos (KV cache), not both")
+            if positions.shape != (T,) or positions.dtype != torch.int64:
+                raise ValueError(f"positions must be [T={T}] int64, got {tuple(positions.shape)} {positions.dtype}")
+            if T and (int(positions.min()) < 0 or int(positions.max()) >= self.config.max_seq_len):
+                raise ValueError(f"positions must lie in [0, max_seq_len={self.config.max_seq_len})")
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]   # [T, D]
+            mask = positions[:, None] >= positions[None, :]                 # [T, T]
+        elif input_pos is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]                 # [T, D]
