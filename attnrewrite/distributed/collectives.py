@@ -48,3 +48,11 @@ def gather_sequence(x: Tensor, dim: int, group) -> Tensor:
     else:
         gathered = _all_gather_cat(x, dim, group)
     return gathered.index_select(dim, restore_indices(gathered.shape[dim], world, x.device))
+
+
+def gather_ranks(x: Tensor, dim: int, group) -> Tensor:
+    """Every rank's ``x`` concatenated along ``dim`` in rank order (differentiable, as :func:`gather_sequence`)."""
+    dim = dim % x.dim()
+    if x.requires_grad and torch.is_grad_enabled():
+        return _GatherSequence.apply(x, dim, group)
+    return _all_gather_cat(x, dim, group)

@@ -6,8 +6,9 @@ their ``buffer_seq_dims`` into the load-balanced layout (:mod:`.layout`) and put
 ``no_restore_buffers``).  Inside it, a ``TorchFunctionMode`` catches every call of
 ``F.scaled_dot_product_attention`` and of attnrewrite's attention ops and computes the rank's rows.
 Softmax (SDPA; on the CPU in float32/64) and sigmoid go round a ring (:mod:`.ring`): key/value blocks
-pass from rank to rank, forward and backward, and no rank ever holds more than two shards of K/V.  The
-other kinds, and softmax/sigmoid with dropout or (softmax) off the CPU, all-gather the keys, values and
+pass from rank to rank, forward and backward, and no rank ever holds more than two shards of K/V.
+Linear all-gathers only each chunk's (S, z) state and starts each chunk from the states before it
+(:mod:`.linear`).  The other kinds, and softmax/sigmoid with dropout or (softmax) off the CPU, all-gather the keys, values and
 key mask of the mesh's ranks (differentiably: the backward sums key/value gradients over the ranks)
 and compute the rank's rows from them (:mod:`.kinds`).  Parameters' gradients are each rank's share, as under
 torch's manager: reduce them over the mesh (DDP/FSDP over the same ranks, or an ``all_reduce``).
@@ -24,8 +25,8 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.overrides import TorchFunctionMode
 
-from attnrewrite.distributed import kinds, ring
-from attnrewrite.distributed.collectives import gather_sequence
+from attnrewrite.distributed import kinds, linear, ring
+from attnrewrite.distributed.collectives import gather_ranks, gather_sequence
 from attnrewrite.distributed.layout import check_divisible, local_positions, segments, shard
 from attnrewrite.kernels.checks import SHARDED_SEQUENCE, torch_context_parallel_active
 
@@ -134,6 +135,14 @@ class _ContextParallelMode(TorchFunctionMode):
         ring_kind = _RING_KINDS.get(name)
         if ring_kind is not None and ring.applies(ring_kind, q, k, v, bound["dropout_p"]):
             return self.attend_ring(ring_kind, bound, mask)
+        if name == "linear_attention" and linear.applies(q, k, v, mask):
+            SHARDED_SEQUENCE.depth += 1
+            try:  # each chunk's (S, z) state, all-gathered: O(D²) per chunk, no K/V
+                states = linear.chunk_states(k, v, mask, bound["feature_map"], linear.compute_dtype(q))
+                gathered = gather_ranks(states, 0, self.group)
+                return linear.attend_with_states(bound, k, v, mask, gathered, self.rank, self.world)
+            finally:
+                SHARDED_SEQUENCE.depth -= 1
         if mask is not None and mask.shape[-1] == local:
             mask = gather_sequence(mask, -1, self.group)
         if k.shape[:-1] == v.shape[:-1] and k.dtype == v.dtype:
