@@ -195,6 +195,12 @@ def _check_mesh(mesh) -> None:
         raise ValueError(f"context_parallel: rank {dist.get_rank()} is not in the mesh {mesh}")
 
 
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two contiguous tensors' bytes overlap."""
+    a_start, b_start = a.data_ptr(), b.data_ptr()
+    return a_start < b_start + b.numel() * b.element_size() and b_start < a_start + a.numel() * a.element_size()
+
+
 def _check_buffers(mesh, buffers, buffer_seq_dims, no_restore_buffers) -> int | None:
     if len(buffers) != len(buffer_seq_dims):
         raise ValueError(f"context_parallel: buffer_seq_dims must have one entry per buffer: {len(buffers)} "
@@ -218,7 +224,7 @@ def _check_buffers(mesh, buffers, buffer_seq_dims, no_restore_buffers) -> int | 
                              "view, e.g. a slice of a batch); it is sharded in place, which would write over the "
                              "memory around it: pass .contiguous() copies (and keep those)")
         for other_index, other in enumerate(buffers[:index]):
-            if buffer.untyped_storage().data_ptr() == other.untyped_storage().data_ptr():
+            if _overlap(buffer, other):
                 raise ValueError(f"context_parallel: buffers {other_index} and {index} share memory (views of one "
                                  "tensor); each is sharded in place, so they would overwrite each other: pass copies")
         lengths.add(buffer.shape[dim])

@@ -96,3 +96,26 @@ def test_the_ops_know_torchs_manager_is_off():
     from attnrewrite.kernels.checks import torch_context_parallel_active
 
     assert not torch_context_parallel_active()
+
+
+class _Mesh:
+    """What the manager's buffer checks read of a mesh."""
+
+    device_type = "cpu"
+
+    def size(self):
+        return 2
+
+
+def test_buffers_that_are_views_of_one_batch_are_refused():
+    """The buffers are sharded in place: views of one tensor would overwrite each other's memory."""
+    from attnrewrite.distributed.manager import _check_buffers
+
+    batch = torch.arange(2 * 17).view(2, 17)
+    with pytest.raises(ValueError, match="is not contiguous"):
+        _check_buffers(_Mesh(), [batch[:, :-1], batch[:, 1:]], [1, 1], set())
+    whole = torch.zeros(2, 2, 8)
+    with pytest.raises(ValueError, match="buffers 0 and 1 share memory"):
+        _check_buffers(_Mesh(), [whole[0], whole[0].view(2, 8)], [1, 1], set())
+    assert _check_buffers(_Mesh(), [whole[0], whole[1]], [1, 1], set()) == 8  # apart: fine
+    assert _check_buffers(_Mesh(), [batch[:, :-1].clone(), batch[:, 1:].clone()], [1, 1], set()) == 16
