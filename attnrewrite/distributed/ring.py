@@ -152,7 +152,7 @@ def _repeat_kv(k: Tensor, v: Tensor, heads: int, enable_gqa: bool) -> tuple[Tens
                          "different head counts need enable_gqa=True and a multiple")
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
-    return k.contiguous(), v.contiguous(), groups
+    return k, v, groups
 
 
 def _row_seen(add: Tensor, diagonal: bool) -> Tensor:
@@ -167,7 +167,8 @@ def _softmax_block(q, k, v, mask, diagonal, spec):
     """(out, lse) of one block; rows that see no key of the block get lse = −inf."""
     k, v, _ = _repeat_kv(k, v, q.shape[-3], spec.enable_gqa)
     add = additive(mask, q.dtype)
-    out, lse = _FLASH(q.contiguous(), k, v, 0.0, diagonal, attn_mask=add, scale=spec.scale)
+    # the CPU flash kernels take strided slices as they are: no copies of the blocks
+    out, lse = _FLASH(q, k, v, 0.0, diagonal, attn_mask=add, scale=spec.scale)
     if add is not None:  # the kernel reports lse 0 (and output 0) for a row with no visible key
         lse = lse.masked_fill(~_row_seen(add, diagonal).expand_as(lse), float("-inf"))
     return out, lse
@@ -176,8 +177,8 @@ def _softmax_block(q, k, v, mask, diagonal, spec):
 def _softmax_block_backward(grad, q, k, v, mask, out, lse, diagonal, spec):
     heads_kv = k.shape[-3]
     k, v, groups = _repeat_kv(k, v, q.shape[-3], spec.enable_gqa)
-    dq, dk, dv = _FLASH_BACKWARD(grad.contiguous(), q.contiguous(), k, v, out.contiguous(), lse.contiguous(),
-                                 0.0, diagonal, attn_mask=additive(mask, q.dtype), scale=spec.scale)
+    dq, dk, dv = _FLASH_BACKWARD(grad, q, k, v, out, lse, 0.0, diagonal, attn_mask=additive(mask, q.dtype),
+                                 scale=spec.scale)
     if groups > 1:
         dk = dk.unflatten(-3, (heads_kv, groups)).sum(-3)
         dv = dv.unflatten(-3, (heads_kv, groups)).sum(-3)
@@ -192,14 +193,16 @@ def _sigmoid_block(q, k, v, mask, rows, diagonal, spec):
     return torch.ops.attnrewrite.sigmoid_attention(q, k, v, folded, bias=0.0, **common)
 
 
-def _merge(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> tuple[Tensor, Tensor]:
-    """Two softmax partials (output, log-sum-exp) of the same rows, as one."""
+def _merge_into(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
+    """Merge a softmax partial (``out``, ``lse``) of the same rows into (``acc_out``, ``acc_lse``), in place
+    (``out`` is scratch)."""
     total = torch.logaddexp(acc_lse, lse)
     empty = total == float("-inf")
     safe = torch.where(empty, 0.0, total)
     weight_acc = torch.where(empty, 0.0, torch.exp(acc_lse - safe)).unsqueeze(-1)
     weight_new = torch.where(empty, 0.0, torch.exp(lse - safe)).unsqueeze(-1)
-    return acc_out * weight_acc.to(acc_out.dtype) + out * weight_new.to(out.dtype), total
+    acc_out.mul_(weight_acc.to(acc_out.dtype)).add_(out.mul_(weight_new.to(out.dtype)))
+    acc_lse.copy_(total)
 
 
 def _forward(q, k, v, mask, rows, spec: RingSpec, ring):
@@ -215,7 +218,7 @@ def _forward(q, k, v, mask, rows, spec: RingSpec, ring):
             qb, kb, vb, mb = q[..., q_rows, :], bk[..., k_rows, :], bv[..., k_rows, :], _keys(bmask, k_rows)
             if spec.kind == "softmax":
                 o, l = _softmax_block(qb, kb, vb, mb, diagonal, spec)
-                out[..., q_rows, :], lse[..., q_rows] = _merge(out[..., q_rows, :], lse[..., q_rows], o, l)
+                _merge_into(out[..., q_rows, :], lse[..., q_rows], o, l)
             else:
                 r = None if rows is None else rows[..., q_rows, :]
                 out[..., q_rows, :] += _sigmoid_block(qb, kb, vb, mb, r, diagonal, spec)
