@@ -37,9 +37,11 @@ def _inputs(name: str, mask_kind: str):
     valid = torch.ones(B, T, dtype=torch.bool)
     valid[1, T - 7:] = False      # right padding: whole key chunks of some ranks are masked
     valid[0, 2] = False
+    if mask_kind == "allpad":  # a sequence with no key at all: rows of zeros, as the whole op gives
+        valid[1] = False
     if mask_kind == "none":
         mask = None
-    elif mask_kind == "bool":
+    elif mask_kind in ("bool", "allpad"):
         mask = valid[:, None, None, :]
     else:  # a float per-key bias with -inf padding
         mask = torch.randn(B, 1, 1, T, generator=g, dtype=torch.float64).masked_fill(~valid[:, None, None, :],
@@ -81,6 +83,7 @@ CELLS = [(kind, bias, causal, mask_kind, world)
          for mask_kind in ("none", "bool", "float")
          for world in (3, 4)]
 CELLS += [("softmax", None, True, "bool", 1), ("sigmoid", None, True, "bool", 2)]
+CELLS += [(kind, None, causal, "allpad", 3) for kind in ("softmax", "sigmoid") for causal in (True, False)]
 
 
 @pytest.mark.parametrize("kind,bias,causal,mask_kind,world", CELLS)
