@@ -23,7 +23,9 @@ schema with :func:`sdpa_schema`.
 :func:`resolve_impl` turns a call's ``impl="auto" | "triton" | "torch"`` into a path, with the same
 rules and messages for every kind that has kernels.
 
-:func:`sdpa_autocast` gives a public op SDPA's autocast rule (run and return in the autocast dtype).
+:func:`like_sdpa_under_autocast` is SDPA's autocast rule (cast the inputs to the autocast dtype, run with
+autocast off), :func:`sdpa_autocast` registers it on a public op and :func:`call_dtype` reports the dtype
+a call runs in, the one :func:`resolve_impl` chooses the path from.
 """
 
 from __future__ import annotations
@@ -149,8 +151,43 @@ def _autocast_cast(x, device_type: str, dtype: torch.dtype):
     return x
 
 
+def call_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a call whose first input is ``x`` runs in under SDPA's autocast rule: the autocast
+    dtype while autocast is on for ``x``'s device (float64 excepted), else ``x.dtype``.
+
+    Inside :func:`like_sdpa_under_autocast`'s body autocast is off and the inputs are cast, so there
+    it is ``x.dtype``: the path a call takes (``impl="auto"``) is chosen from the dtype it will run in.
+    """
+    device_type = x.device.type
+    if (x.dtype != torch.float64 and device_type in AUTOCAST_DEVICES
+            and torch.is_autocast_enabled(device_type)):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def like_sdpa_under_autocast(device_type: str, body: Callable, *args, **kwargs):
+    """``body(*args, **kwargs)`` under the autocast rule of ``F.scaled_dot_product_attention``.
+
+    Outside autocast (or on a device SDPA's rule does not cover) the body runs as called.  Inside
+    ``torch.autocast(device_type, dtype)`` the floating-point tensor arguments on that device (q, k,
+    v, a float mask, learned parameters; never float64) are cast to ``dtype`` and the body runs with
+    autocast off for that device, so what it calls — a torch path or the Triton kernels — sees one
+    dtype and returns it.  The one statement of the rule: :func:`sdpa_autocast` registers it for an
+    operator, and :func:`call_dtype` reports the dtype it gives.
+    """
+    if device_type not in AUTOCAST_DEVICES or not torch.is_autocast_enabled(device_type):
+        return body(*args, **kwargs)
+    dtype = torch.get_autocast_dtype(device_type)
+    args = [_autocast_cast(a, device_type, dtype) for a in args]
+    kwargs = {n: _autocast_cast(a, device_type, dtype) for n, a in kwargs.items()}
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+    with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):  # autocast off, as SDPA runs
+        return body(*args, **kwargs)
+
+
 def sdpa_autocast(name: str) -> None:
-    """Give ``attnrewrite::<name>`` the autocast rule of ``F.scaled_dot_product_attention``.
+    """Give ``attnrewrite::<name>`` the autocast rule of ``F.scaled_dot_product_attention``
+    (:func:`like_sdpa_under_autocast`).
 
     SDPA is a ``lower_precision_fp`` op: inside ``torch.autocast(device, dtype)`` its floating-point
     tensor inputs on that device (q, k, v, a float mask; never float64) are cast to ``dtype``, it
@@ -160,21 +197,18 @@ def sdpa_autocast(name: str) -> None:
     written here: the dtype is read from the autocast state of each call.  Registered on the
     Autocast keys of :data:`AUTOCAST_DEVICES`, as a C++ dispatcher kernel and as the Python kernel
     that tracing (``torch.compile``'s pre-dispatch) runs.  Also works for composite ops, which have
-    no Autocast kernel of their own (their decomposition would reach the inner ops uncast).
+    no Autocast kernel of their own (their decomposition would reach the inner ops uncast): the
+    public ops of every kind with kernels are composite ops choosing their path inside, so the path
+    is chosen from the cast inputs.
     """
     op = getattr(torch.ops.attnrewrite, name).default
     for device_type in AUTOCAST_DEVICES:
         key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
-        key = getattr(torch._C.DispatchKey, key_name)
 
-        def run(*args, _device_type=device_type, _keyset=torch._C.DispatchKeySet(key), **kwargs):
-            dtype = torch.get_autocast_dtype(_device_type)
-            args = [_autocast_cast(a, _device_type, dtype) for a in args]
-            kwargs = {n: _autocast_cast(a, _device_type, dtype) for n, a in kwargs.items()}
-            with torch._C._ExcludeDispatchKeyGuard(_keyset):
-                return op(*args, **kwargs)
+        def run(*args, _device_type=device_type, **kwargs):
+            return like_sdpa_under_autocast(_device_type, op, *args, **kwargs)
 
-        op.py_impl(key)(run)
+        op.py_impl(getattr(torch._C.DispatchKey, key_name))(run)
         _LIB.impl(name, lambda _keyset, *args, _run=run, **kwargs: _run(*args, **kwargs), key_name,
                   with_keyset=True)
 
@@ -295,5 +329,6 @@ def resolve_impl(
     return "triton"
 
 
-__all__ = ["AUTOCAST_DEVICES", "IMPLS", "NAMESPACE", "TritonOps", "composite_op", "kernel_op", "refuse_derivative",
-           "resolve_impl", "sdpa_autocast", "sdpa_schema", "traceable", "triton_ops"]
+__all__ = ["AUTOCAST_DEVICES", "IMPLS", "NAMESPACE", "TritonOps", "call_dtype", "composite_op", "kernel_op",
+           "like_sdpa_under_autocast", "refuse_derivative", "resolve_impl", "sdpa_autocast", "sdpa_schema", "traceable",
+           "triton_ops"]

@@ -26,7 +26,7 @@ from attnrewrite.ir.spec import AttentionSpec
 from attnrewrite.kernels.hashed.op import HASHES
 from attnrewrite.kernels.hashed.state import HashProjections
 from attnrewrite.kinds.causal import causal_self_attention_reason, term_shape
-from attnrewrite.kinds.options import integer, one_of
+from attnrewrite.kinds.options import impl_choice, integer, one_of
 from attnrewrite.kinds.registry import Kind, register
 
 
@@ -51,7 +51,8 @@ def emit(call: AttentionCall, options: dict[str, Any], state) -> Any:
     return torch.ops.attnrewrite.hashed_attention(
         call.scaled_q(), call.k, call.v, call.attn_mask, 0.0, True, call.scale, call.enable_gqa,
         bits=options["bits"], top_k=options["top_k"], window=options["window"], sinks=options["sinks"],
-        hash=options["hash"], q_projection=q_projection, k_projection=k_projection, seed=options["seed"])
+        hash=options["hash"], q_projection=q_projection, k_projection=k_projection, seed=options["seed"],
+        impl=options["impl"])
 
 
 def make_state(spec: AttentionSpec, options: dict[str, Any]):
@@ -74,6 +75,7 @@ KIND = register(Kind(
         "sinks": integer(4, minimum=0),
         "hash": one_of("random", HASHES),
         "seed": integer(0, minimum=0),
+        "impl": impl_choice("auto"),
     },
     description="hashed attention: exact softmax over sinks, a recent window and the top-k keys by code agreement",
     make_state=make_state,

@@ -99,6 +99,24 @@ def auto_or_number(default: str | float = "auto") -> Option:
     return Option(default, "'auto' or a finite number", check)
 
 
+#: the paths of a kind whose public op has Triton kernels (its ``impl`` argument)
+IMPLS = ("auto", "triton", "torch")
+
+
+def impl_choice(default: str = "auto") -> Option:
+    """Which path a rewritten site's op runs, passed to the op as ``impl``: ``"auto"`` (the Triton kernels
+    on CUDA for 16-bit inputs, the torch path otherwise), ``"triton"`` (the kernels or an error naming
+    why, never a silent fallback; on the CPU only under ``TRITON_INTERPRET=1``) or ``"torch"``."""
+    accepts = "one of " + ", ".join(repr(v) for v in IMPLS) + " (the op's impl=)"
+
+    def check(value):
+        if not isinstance(value, str):
+            return TypeError, f"a {type(value).__name__}, not a name"
+        return None if value in IMPLS else (ValueError, "not a path")
+
+    return Option(default, accepts, check)
+
+
 def check_options(kind: str, declared: Mapping[str, Option], given: Mapping[str, Any],
                   passes: tuple[str, ...] = ()) -> dict[str, Any]:
     """The kind's full options (defaults, then ``given``), each value checked.

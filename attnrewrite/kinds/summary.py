@@ -39,7 +39,7 @@ from attnrewrite.ir.spec import AttentionSpec
 from attnrewrite.kernels.summary.op import SUMMARIES
 from attnrewrite.kernels.summary.state import SummaryPooling
 from attnrewrite.kinds.causal import causal_self_attention_reason, term_shape
-from attnrewrite.kinds.options import integer, one_of
+from attnrewrite.kinds.options import impl_choice, integer, one_of
 from attnrewrite.kinds.registry import Kind, register
 
 
@@ -64,7 +64,7 @@ def emit(call: AttentionCall, options: dict[str, Any], state) -> Any:
     return torch.ops.attnrewrite.summary_attention(
         call.scaled_q(), call.k, call.v, call.attn_mask, 0.0, True, call.scale, call.enable_gqa,
         chunk_size=options["chunk_size"], window_chunks=options["window_chunks"], summary=options["summary"],
-        summary_query=summary_query)
+        summary_query=summary_query, impl=options["impl"])
 
 
 def make_state(spec: AttentionSpec, options: dict[str, Any]):
@@ -84,6 +84,7 @@ KIND = register(Kind(
         "chunk_size": integer(8, minimum=1),
         "window_chunks": integer(128, minimum=0),
         "summary": one_of("mean", SUMMARIES),
+        "impl": impl_choice("auto"),
     },
     description="summary attention: a window of chunks in full, one summary key/value per older chunk",
     make_state=make_state,

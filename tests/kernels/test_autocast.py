@@ -6,9 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as T
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnrewrite
 from attnrewrite import ops
+from attnrewrite.kernels._ops import call_dtype, like_sdpa_under_autocast
+from attnrewrite.kernels.summary.triton_op import interpreter_active
+from attnrewrite.testing.numerics import assert_within_budget
 
 KINDS = ("softmax", "sigmoid", "linear", "summary", "hashed")
 # summary and hashed take Tq == Tk; every kind takes causal self-attention
@@ -114,3 +118,79 @@ def test_hf_llama_under_cpu_bf16_autocast_is_rewritten_to_sigmoid():
         logits = compiled(input_ids=ids).logits
     assert len(report.rewritten) == cfg.num_hidden_layers and not report.skipped and not report.errors
     assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits).all())
+
+
+# --------------------------------------------------------------------------- each path under autocast
+
+#: the kinds whose public op has Triton kernels (``impl=``), with options that fit SHAPE, and the
+#: operator that shows each path ran (the torch path of sliding_window is plain torch: no op of its own)
+PATHS = {
+    "sigmoid": ({}, {"triton": "sigmoid_attention_fwd_interpreted", "torch": "sigmoid_chunked_fwd"}),
+    "summary": (dict(chunk_size=4, window_chunks=1),
+                {"triton": "summary_attention_fwd_interpreted", "torch": "summary_attention_torch"}),
+    "hashed": (dict(bits=16, top_k=3, window=3, sinks=1),
+               {"triton": "hashed_attention_fwd_interpreted", "torch": "hashed_attention_torch"}),
+    "sliding_window": (dict(window=5, sinks=1), {"triton": "sliding_window_attention_fwd_interpreted", "torch": None}),
+}
+
+
+class _Ops(TorchDispatchMode):
+    """The ``attnrewrite`` operators that reach the dispatcher, with their first tensor argument's dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "attnrewrite":
+            first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            self.calls.append((func._opname, None if first is None else first.dtype))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("kind", PATHS)
+def test_each_path_runs_in_the_autocast_dtype(kind, impl):
+    """Under CPU bf16 autocast, fp32 q/k beside a bf16 v: the path asked for runs on bf16 inputs, returns
+    bf16, and is within the numerics rule of the float64 result (the torch path at bf16 as "plain")."""
+    if impl == "triton" and not interpreter_active():
+        pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")
+    options, ran = PATHS[kind]
+    op = getattr(ops, f"{kind}_attention")
+    q, k, v = _qkv(torch.float32, torch.float32, torch.bfloat16)
+    recorder = _Ops()
+    with torch.autocast("cpu", torch.bfloat16), recorder:
+        out = op(q, k, v, is_causal=True, impl=impl, **options)
+    assert out.dtype == torch.bfloat16
+    names = [name for name, _ in recorder.calls]
+    other = ran["torch" if impl == "triton" else "triton"]
+    if ran[impl] is not None:
+        assert (ran[impl], torch.bfloat16) in recorder.calls, recorder.calls
+    assert other is None or other not in names, names
+    plain = op(q.bfloat16(), k.bfloat16(), v, is_causal=True, impl="torch", **options)
+    exact = op(q.double(), k.double(), v.double(), is_causal=True, impl="torch", **options)
+    if impl == "torch":  # the same computation as on inputs cast by hand
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    assert_within_budget(out, plain, exact, torch.bfloat16, f"{kind} impl={impl}")
+
+
+@pytest.mark.parametrize("kind", PATHS)
+def test_auto_chooses_from_the_dtype_the_call_runs_in(kind):
+    """On the CPU "auto" is the torch path whatever the dtype; the dtype it sees is the autocast one."""
+    options, ran = PATHS[kind]
+    q, k, v = _qkv(torch.float32, torch.float32, torch.float32)
+    recorder = _Ops()
+    with torch.autocast("cpu", torch.bfloat16), recorder:
+        getattr(ops, f"{kind}_attention")(q, k, v, is_causal=True, impl="auto", **options)
+    assert ran["triton"] not in [name for name, _ in recorder.calls]
+    assert all(dtype in (None, torch.bfloat16) for _, dtype in recorder.calls), recorder.calls
+
+
+def test_call_dtype_reports_the_autocast_dtype():
+    x = torch.zeros(2)
+    assert call_dtype(x) == torch.float32 and call_dtype(x.double()) == torch.float64
+    with torch.autocast("cpu", torch.bfloat16):
+        assert call_dtype(x) == torch.bfloat16 and call_dtype(x.double()) == torch.float64
+        seen = like_sdpa_under_autocast("cpu", lambda a, b=None: (a.dtype, b.dtype, call_dtype(a)), x,
+                                        b=x.half())
+    assert seen == (torch.bfloat16, torch.bfloat16, torch.bfloat16)  # inside: cast, autocast off

@@ -1,4 +1,5 @@
-"""``attnrewrite::hashed_attention`` and its backward as ``torch.library`` custom ops.
+"""``attnrewrite::hashed_attention_torch`` (the torch path of ``attnrewrite::hashed_attention``) and its
+backward as ``torch.library`` custom ops.
 
 Opaque to torch.compile (the selection, a ``topk`` over integer priorities, and the block loops stay
 inside), with fake implementations and the backward registered as the forward's autograd.
@@ -14,10 +15,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnrewrite.kernels._ops import kernel_op, sdpa_autocast, sdpa_schema
+from attnrewrite.kernels._ops import kernel_op, sdpa_schema
 from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_qkv, refuse_torch_context_parallel
 
-from .codes import projections
+from .codes import projections, random_hyperplanes
 from .sparse import hashed_attention_backward, hashed_attention_forward
 
 HASHES = ("random", "learned")
@@ -120,10 +121,24 @@ def _autograd(ctx, grad):
             d_pq if learned else None, d_pk if learned else None, None)
 
 
-# SymInt, not int: the schema custom_op infers from ``int`` annotations, kept as it was
+# SymInt, not int: the schema custom_op infers from ``int`` annotations, kept as it was.  The public op
+# ``attnrewrite::hashed_attention`` (:mod:`.public`, with SDPA's autocast rule) chooses this or the kernels.
 hashed_attention_op = kernel_op(
-    "hashed_attention", _forward, fake=_forward_fake, backward=_autograd, setup_context=_setup_context,
+    "hashed_attention_torch", _forward, fake=_forward_fake, backward=_autograd, setup_context=_setup_context,
     schema=sdpa_schema('SymInt bits=64, SymInt top_k=256, SymInt window=64, SymInt sinks=4, str hash="random", '
                        "Tensor? q_projection=None, Tensor? k_projection=None, SymInt seed=0"))
-sdpa_autocast("hashed_attention")  # q/k in fp32 beside a bf16 v run in bf16, as SDPA does
 hashed_attention_backward_op = kernel_op("hashed_attention_backward", _backward, fake=_backward_fake)
+
+
+def _hyperplanes(head_dim: int, bits: int, seed: int, device: torch.device) -> Tensor:
+    return random_hyperplanes(head_dim, bits, seed, device).clone()
+
+
+def _hyperplanes_fake(head_dim, bits, seed, device):
+    return torch.empty(head_dim, bits, dtype=torch.float64, device=device)
+
+
+#: ``hash="random"``'s hyperplanes [D, bits] float64 as an opaque op, for the kernels' path: drawn from the
+#: seed when the graph runs (a traced graph cannot hold the generator's draw, and drawing it while tracing
+#: would cache a fake tensor)
+hashed_hyperplanes_op = kernel_op("hashed_hyperplanes", _hyperplanes, fake=_hyperplanes_fake)

@@ -1,10 +1,15 @@
-"""The public hashed op: SDPA's signature plus the kind's options (``attnrewrite::hashed_attention``)."""
+"""``attnrewrite::hashed_attention``, the public hashed op: SDPA's signature, the kind's options and ``impl``.
+
+Composite (``CompositeImplicitAutograd``) like the summary, sigmoid and sliding-window ops: the call
+chooses the Triton kernels (:mod:`.triton_ops`) or the torch path (``attnrewrite::hashed_attention_torch``)
+from the dtype it runs in, after SDPA's autocast rule, and a traced graph keeps the one it chose.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from attnrewrite.kernels._ops import AUTOCAST_DEVICES, _autocast_cast, resolve_impl
+from attnrewrite.kernels._ops import call_dtype, composite_op, resolve_impl, sdpa_autocast, sdpa_schema
 from attnrewrite.kernels.hashed import op as _op  # noqa: F401  (registers the ops)
 
 try:  # the Triton path is optional: the torch path works wherever torch does
@@ -42,7 +47,7 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
         impl: ``"auto"`` runs the Triton kernels (:mod:`attnrewrite.kernels.hashed.triton_ops`) on CUDA
             for float16, bfloat16 and float32 with ``hash="random"`` and the torch path otherwise;
             ``"triton"`` always runs the kernels (on the CPU only under ``TRITON_INTERPRET=1``) or
-            raises, naming why; ``"torch"`` runs the torch path (``attnrewrite::hashed_attention``).
+            raises, naming why; ``"torch"`` runs the torch path (``attnrewrite::hashed_attention_torch``).
             Both select the same keys.
 
     Returns:
@@ -51,17 +56,27 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
         projections, by a straight-through estimate, when learned).
     """
     q_projection, k_projection = projections if projections is not None else (None, None)
-    if _path(impl, q, k, v, hash) == "triton":
-        return _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window,
-                           sinks, hash, seed)
     return torch.ops.attnrewrite.hashed_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                   bits=bits, top_k=top_k, window=window, sinks=sinks, hash=hash,
-                                                  q_projection=q_projection, k_projection=k_projection, seed=seed)
+                                                  q_projection=q_projection, k_projection=k_projection, seed=seed,
+                                                  impl=impl)
 
 
-def _path(impl: str, q, k, v, hash: str) -> str:
+def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, bits=64, top_k=256,
+          window=64, sinks=4, hash="random", q_projection=None, k_projection=None, seed=0, impl="auto"):
+    """The composite op's body (run with autocast off, the inputs in the dtype the call runs in)."""
+    if _path(impl, q, v, hash) == "triton":
+        return _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window,
+                           sinks, hash, seed)
+    return torch.ops.attnrewrite.hashed_attention_torch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                                        bits=bits, top_k=top_k, window=window, sinks=sinks,
+                                                        hash=hash, q_projection=q_projection,
+                                                        k_projection=k_projection, seed=seed)
+
+
+def _path(impl: str, q, v, hash: str) -> str:
     return resolve_impl(
-        impl, q.device, what=_op.WHAT, dtype=q.dtype, head_dims=(q.shape[-1], v.shape[-1]),
+        impl, q.device, what=_op.WHAT, dtype=call_dtype(q), head_dims=(q.shape[-1], v.shape[-1]),
         triton_dtypes=_TRITON_DTYPES,
         refusal=("the Triton kernels do not implement hash='learned' (the projections' straight-through "
                  "gradient)") if hash == "learned" else None,
@@ -69,11 +84,16 @@ def _path(impl: str, q, k, v, hash: str) -> str:
 
 
 def _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window, sinks, hash, seed):
-    device_type = q.device.type
-    if device_type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):  # SDPA's rule, as the op has it
-        dtype = torch.get_autocast_dtype(device_type)
-        q, k, v, attn_mask = (_autocast_cast(t, device_type, dtype) for t in (q, k, v, attn_mask))
     _op.check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
                      None, None)
-    scale, proj_q, proj_k, mask = _op._resolve(q, k, attn_mask, scale, bits, seed, None, None)
-    return _triton.hashed_attention_triton(q, k, v, mask, proj_q, proj_k, is_causal, scale, top_k, window, sinks)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    hyperplanes = torch.ops.attnrewrite.hashed_hyperplanes(q.shape[-1], bits, seed, q.device)
+    mask = None if attn_mask is None else attn_mask.to(q.device)
+    return _triton.hashed_attention_triton(q, k, v, mask, hyperplanes, hyperplanes, is_causal, scale, top_k, window,
+                                           sinks)
+
+
+composite_op("hashed_attention", sdpa_schema('SymInt bits=64, SymInt top_k=256, SymInt window=64, SymInt sinks=4, '
+                                             'str hash="random", Tensor? q_projection=None, '
+                                             'Tensor? k_projection=None, SymInt seed=0, str impl="auto"'), _impl)
+sdpa_autocast("hashed_attention")  # q/k in fp32 beside a bf16 v run in bf16, as SDPA does

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from attnrewrite.kernels.triton_scaffold import group_program, slot_rows
+
 
 @triton.jit
 def _load_group(base, stride_h, heads, g_ok, offs_d, d_ok, other):
@@ -56,16 +58,8 @@ def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, heads_kv, n_slots, scal
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
                            HAS_BIAS: tl.constexpr):
     i = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads_kv).to(tl.int64)  # batch offsets may pass 2**31 elements
-    h = pid_bh % heads_kv
-    offs_g = tl.arange(0, BLOCK_G)
-    g_ok = offs_g < G
-    heads = h * G + offs_g
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d < D
-    dv_ok = offs_dv < DV
+    b, h, offs_g, g_ok, heads, offs_d, offs_dv, d_ok, dv_ok = group_program(tl.program_id(1), heads_kv, G, D, DV,
+                                                                            BLOCK_G, BLOCK_D, BLOCK_DV)
     q = _load_group(Q + b * stride_qb + i * stride_qt, stride_qh, heads, g_ok, offs_d, d_ok, 0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
@@ -75,10 +69,7 @@ def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, heads_kv, n_slots, scal
     l = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_DV), dtype=tl.float32)
     for start in range(0, n_slots, BLOCK_S):
-        offs_s = start + tl.arange(0, BLOCK_S)
-        index = tl.load(idx_row + offs_s, mask=offs_s < n_slots, other=-1)
-        ok = index >= 0
-        rows = tl.where(ok, index, 0)
+        ok, rows = slot_rows(idx_row, start, n_slots, BLOCK_S)
         k = _gather_rows(k_base, stride_kt, rows, ok, offs_d, d_ok)
         s = _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, HAS_BIAS)
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -114,16 +105,8 @@ def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, heads
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
                            HAS_BIAS: tl.constexpr):
     i = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // heads_kv).to(tl.int64)  # batch offsets may pass 2**31 elements
-    h = pid_bh % heads_kv
-    offs_g = tl.arange(0, BLOCK_G)
-    g_ok = offs_g < G
-    heads = h * G + offs_g
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    d_ok = offs_d < D
-    dv_ok = offs_dv < DVAL
+    b, h, offs_g, g_ok, heads, offs_d, offs_dv, d_ok, dv_ok = group_program(tl.program_id(1), heads_kv, G, D, DVAL,
+                                                                            BLOCK_G, BLOCK_D, BLOCK_DV)
     q = _load_group(Q + b * stride_qb + i * stride_qt, stride_qh, heads, g_ok, offs_d, d_ok, 0.0)
     o = _load_group(Out + b * stride_ob + i * stride_ot, stride_oh, heads, g_ok, offs_dv, dv_ok, 0.0)
     do = _load_group(DOut + b * stride_dob + i * stride_dot, stride_doh, heads, g_ok, offs_dv, dv_ok, 0.0)
@@ -137,10 +120,7 @@ def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, heads
     bias_row = Bias + b * stride_bias_b + i * stride_bias_i
     dq = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     for start in range(0, n_slots, BLOCK_S):
-        offs_s = start + tl.arange(0, BLOCK_S)
-        index = tl.load(idx_row + offs_s, mask=offs_s < n_slots, other=-1)
-        ok = index >= 0
-        rows = tl.where(ok, index, 0)
+        ok, rows = slot_rows(idx_row, start, n_slots, BLOCK_S)
         k = _gather_rows(k_base, stride_kt, rows, ok, offs_d, d_ok)
         v = _gather_rows(v_base, stride_vt, rows, ok, offs_dv, dv_ok)
         s = _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, HAS_BIAS)

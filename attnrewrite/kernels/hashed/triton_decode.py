@@ -30,7 +30,7 @@ import triton.language as tl
 from . import spaces
 from .triton_attn import attend_forward
 from .triton_codes import pack_codes
-from .triton_select import agreement_block
+from .triton_select import agreement_block, group_codes
 
 
 @triton.jit
@@ -54,14 +54,8 @@ def decode_score_kernel(QC, KC, Valid, Before, Total, Code, Hist, Special, lengt
                         HAS_VALID: tl.constexpr):
     piece = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // heads_kv).to(tl.int64)  # batch offsets may pass 2**31 elements
-    h = pid_bh % heads_kv
-    offs_g = tl.arange(0, BLOCK_G)
-    g_ok = offs_g < G
-    offs_byte = tl.arange(0, BLOCK_BYTES)
-    byte_ok = offs_byte < N_BYTES
-    qc = tl.load(QC + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + offs_byte[None, :],
-                 mask=g_ok[:, None] & byte_ok[None, :], other=0).to(tl.int32)
+    b, h, g_ok, offs_byte, byte_ok, qc = group_codes(QC, 0, stride_qb, stride_qh, pid_bh, heads_kv, G, BLOCK_G,
+                                                     N_BYTES, BLOCK_BYTES)
     kc_base = KC + b * stride_kb + h * stride_kh
     end = tl.minimum(length, piece * SPLIT + SPLIT)
     if HAS_VALID:

@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from attnrewrite.kernels import triton_scaffold as scaffold
 from attnrewrite.kernels._ops import traceable, triton_ops
 
 from . import spaces
@@ -32,9 +33,7 @@ MASKED_SCORE = -1e4  # float-mask entries at or below this exclude the key (as t
 
 def interpreter_active() -> bool:
     """Whether the kernels were defined under TRITON_INTERPRET=1 (so they run on CPU tensors)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(hashed_codes_kernel, InterpretedFunction)
+    return scaffold.interpreter_active(hashed_codes_kernel)
 
 
 def mask_views(attn_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
@@ -50,8 +49,7 @@ def mask_views(attn_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     return keep.to(torch.uint8), mask.masked_fill(~keep, 0.0)
 
 
-def _unit_last_stride(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+_unit_last_stride = scaffold.unit_last_stride
 
 
 def _slots(k: Tensor, top_k: int, window: int, sinks: int):

@@ -46,6 +46,23 @@ def agreement_block(qc, kc_base, stride_kt, offs_n, n_ok, offs_byte, byte_ok, g_
 
 
 @triton.jit
+def group_codes(QC, row_offset, stride_qb, stride_qh, pid_bh, heads_kv, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                N_BYTES: tl.constexpr, BLOCK_BYTES: tl.constexpr):
+    """A selection program's group: (b int64, h, g_ok, offs_byte, byte_ok, qc) — the packed codes ``qc`` int32
+    [BLOCK_G, BLOCK_BYTES] of the ``G`` query heads of key/value head ``h`` in batch ``b`` at ``row_offset``
+    (the query's row; zeros outside the group and the code)."""
+    b = (pid_bh // heads_kv).to(tl.int64)  # batch offsets may pass 2**31 elements
+    h = pid_bh % heads_kv
+    offs_g = tl.arange(0, BLOCK_G)
+    g_ok = offs_g < G
+    offs_byte = tl.arange(0, BLOCK_BYTES)
+    byte_ok = offs_byte < N_BYTES
+    qc = tl.load(QC + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + row_offset + offs_byte[None, :],
+                 mask=g_ok[:, None] & byte_ok[None, :], other=0).to(tl.int32)           # [G, BYTES]
+    return b, h, g_ok, offs_byte, byte_ok, qc
+
+
+@triton.jit
 def visible_block(keep_row, stride_keep_j, offs_n, i, len_k, CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr):
     """bool [BLOCK_N]: which keys ``offs_n`` query ``i`` may see."""
     visible = offs_n < len_k
@@ -68,14 +85,8 @@ def hashed_select_kernel(QC, KC, Keep, Idx, len_k, heads_kv, sinks, window, top_
                          CAUSAL: tl.constexpr, HAS_KEEP: tl.constexpr):
     i = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // heads_kv).to(tl.int64)  # batch offsets may pass 2**31 elements
-    h = pid_bh % heads_kv
-    offs_g = tl.arange(0, BLOCK_G)
-    g_ok = offs_g < G
-    offs_byte = tl.arange(0, BLOCK_BYTES)
-    byte_ok = offs_byte < N_BYTES
-    qc = tl.load(QC + b * stride_qb + (h * G + offs_g)[:, None] * stride_qh + i * stride_qt + offs_byte[None, :],
-                 mask=g_ok[:, None] & byte_ok[None, :], other=0).to(tl.int32)           # [G, BYTES]
+    b, h, g_ok, offs_byte, byte_ok, qc = group_codes(QC, i * stride_qt, stride_qb, stride_qh, pid_bh, heads_kv, G,
+                                                     BLOCK_G, N_BYTES, BLOCK_BYTES)
     kc_base = KC + b * stride_kb + h * stride_kh
     keep_row = Keep + b * stride_keep_b + i * stride_keep_i
     hi = len_k

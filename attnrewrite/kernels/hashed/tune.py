@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import torch
 
 from attnrewrite.kernels import tuning
+from attnrewrite.kernels.triton_scaffold import seeded_bf16
 from attnrewrite.kernels.hashed.spaces import KERNELS, SPACES
 
 __all__ = ["KERNELS", "SPACES", "workloads"]
@@ -47,10 +47,7 @@ def _workload(kernel: str, head: int, group: int, len_q: int, len_k: int, device
         from .triton_select import select_keys
 
         if not inputs:  # allocated on first use, once per workload
-            gen = torch.Generator(device=device).manual_seed(0)
-
-            def rnd(*s):
-                return torch.randn(*s, device=device, generator=gen).to(torch.bfloat16)
+            rnd = seeded_bf16(device)
             plane = random_hyperplanes(head, BITS, 0, device)
             inputs.update(q=rnd(1, heads_q, len_q, head), k=rnd(1, heads_kv, len_k, head),
                           v=rnd(1, heads_kv, len_k, head), plane=plane)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from attnrewrite.kernels import tuning
+from attnrewrite.kernels import triton_scaffold as scaffold
 from attnrewrite.kernels._ops import traceable, triton_ops
 
 from . import spaces
@@ -27,9 +27,7 @@ Tensor = torch.Tensor
 
 def interpreter_active() -> bool:
     """Whether the kernels were defined under TRITON_INTERPRET=1 (so they run on CPU tensors)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(sliding_window_fwd_kernel, InterpretedFunction)
+    return scaffold.interpreter_active(sliding_window_fwd_kernel)
 
 
 def sliding_window_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv_lens: Tensor | None,
@@ -43,14 +41,11 @@ def sliding_window_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
 def launch_config(kernel: str, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: bool, window: int,
                   sinks: int, make_bench) -> dict:
     """The configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for this call, fitted to its shape."""
-    space = spaces.SPACES[spaces.space_name(kernel, q.shape[-1], v.shape[-1])]
-    shape = spaces.shape_of(q, k, v, has_mask, causal, window, sinks)
-    config = tuning.pick_config(spaces.KIND, space, shape, q.device, make_bench, tensors=(q,))
-    return spaces.fit(space, config, shape)
+    return scaffold.launch_config(spaces, kernel, q, v, spaces.shape_of(q, k, v, has_mask, causal, window, sinks),
+                                  make_bench)
 
 
-def _unit_last_stride(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+_unit_last_stride = scaffold.unit_last_stride
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv_lens: Tensor | None, scale: float,

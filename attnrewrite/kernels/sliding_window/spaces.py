@@ -11,12 +11,12 @@ configuration until it is valid.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
+from attnrewrite.kernels import triton_scaffold as scaffold
 from attnrewrite.kernels import tuning
 from attnrewrite.kernels.sigmoid.spaces import resources
+from attnrewrite.kernels.triton_scaffold import length_bucket as _length_bucket, pow2 as _pow2
 
 KIND = "sliding_window"
 HEAD_CLASSES = (64, 128, 256)
@@ -27,11 +27,7 @@ TILE_REGISTERS = {"fwd": 192, "bwd_dq": 160, "bwd_dkdv": 224}  # as the sigmoid 
 
 def head_class(dim: int, dim_v: int) -> int:
     """The head-dim class (64, 128 or 256) of a problem."""
-    largest = max(dim, dim_v)
-    for c in HEAD_CLASSES:
-        if largest <= c:
-            return c
-    raise ValueError(f"head dims up to {HEAD_CLASSES[-1]} are supported, got D={dim}, Dv={dim_v}")
+    return scaffold.head_class(dim, dim_v, HEAD_CLASSES)
 
 
 def space_name(kernel: str, dim: int, dim_v: int) -> str:
@@ -46,21 +42,10 @@ def shape_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_mask: bool, 
             "dtype": "fp32" if q.dtype == torch.float32 else "16bit"}
 
 
-def _length_bucket(n: int) -> str:
-    for edge in (16, 64, 256, 1024, 4096, 16384):
-        if n <= edge:
-            return str(edge)
-    return "big"
-
-
 def bucket(shape) -> str:
     return (f"d{shape['D']}-dv{shape['DV']}-q{_length_bucket(shape['Tq'])}-k{_length_bucket(shape['Tk'])}"
             f"-w{_length_bucket(shape['window'])}-sinks{shape['sinks']}-causal{shape['causal']}"
             f"-mask{shape['mask']}-{shape['dtype']}")
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, math.ceil(math.log2(max(1, n))))
 
 
 def _valid(kernel: str):
@@ -78,16 +63,8 @@ def _valid(kernel: str):
     return valid
 
 
-def fit(space: tuning.SearchSpace, config, shape) -> dict:
-    """``config`` if it is valid for ``shape``, else the valid point nearest to it: the largest tiles,
-    the deepest pipeline, the fewest warps (the smallest tiles when nothing is valid)."""
-    config = dict(config)
-    if space.valid is None or space.valid(config, shape):
-        return config
-    candidates = space.configs(shape)
-    if not candidates:
-        return {**{name: min(values) for name, values in space.axes.items()}, "num_warps": 4}
-    return dict(min(candidates, key=lambda c: (-c["BLOCK_M"] * c["BLOCK_N"], -c["num_stages"], c["num_warps"])))
+#: ``config`` if it is valid for a shape, else the valid point nearest to it (the scaffold's ``fit_config``)
+fit = scaffold.fit_config
 
 
 def _space(kernel: str, head: int) -> tuning.SearchSpace:
@@ -97,15 +74,7 @@ def _space(kernel: str, head: int) -> tuning.SearchSpace:
         ("bwd_dq", 64): (128, 64, 8, 3), ("bwd_dq", 128): (64, 64, 4, 3), ("bwd_dq", 256): (64, 32, 8, 2),
         ("bwd_dkdv", 64): (64, 128, 8, 3), ("bwd_dkdv", 128): (64, 128, 8, 2), ("bwd_dkdv", 256): (32, 64, 8, 2),
     }
-    bm, bn, warps, num_stages = defaults[(kernel, head)]
-    return tuning.SearchSpace(
-        kernel=f"{kernel}_d{head}",
-        axes={"BLOCK_M": (16, 32, 64, 128), "BLOCK_N": (16, 32, 64, 128), "num_warps": (4, 8),
-              "num_stages": stages},
-        default={"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": num_stages},
-        bucket=bucket,
-        valid=_valid(kernel),
-    )
+    return scaffold.tile_space(kernel, head, defaults[(kernel, head)], stages, bucket, _valid(kernel))
 
 
 SPACES: dict[str, tuning.SearchSpace] = {

@@ -22,10 +22,10 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.sigmoid.triton_common import (LOG2E, LOG2E_HOST, dot_precision, load_tile, mma,
-                                                       padded_dim)
+from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, dot_precision, load_rows, mma, padded_dim,
+                                                 softmax_dkdv_step, softmax_dq_step)
 
-from .triton_common import band_visible, key_blocks, query_blocks
+from .triton_common import band_scores, band_visible, key_blocks, query_blocks, sequence_lengths
 from .triton_fwd import mask_strides
 
 
@@ -39,22 +39,13 @@ def _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, st
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, k_len, offs_d, D,
-                      MASKED, BLOCK_D != D)
-        v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
-                      MASKED, BLOCK_DV != DV)
+        k = load_rows(k_base, offs_n, stride_kn, k_len, offs_d, D, MASKED, BLOCK_D != D)
+        v = load_rows(v_base, offs_n, stride_vn, k_len, offs_dv, DV, MASKED, BLOCK_DV != DV)
         s = mma(q, tl.trans(k), None, DOT_PRECISION) * scale_log2
-        if HAS_MASK:
-            extra = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
-                            mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :], other=0.0)
-            s += extra.to(tl.float32) * LOG2E
-        if MASKED:
-            seen = band_visible((offs_m + shift)[:, None], offs_n[None, :], k_len, window, sinks, CAUSAL)
-            s = tl.where(seen, s, float("-inf"))
+        s = band_scores(s, mask_base, stride_mm, stride_mn, offs_m, offs_n, shift, q_len, k_len, window, sinks,
+                        CAUSAL, HAS_MASK, MASKED)
         p = tl.exp2(s - lse[:, None])
-        dp = mma(do, tl.trans(v), None, DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
+        dq = softmax_dq_step(dq, p, do, k, v, delta, DOT_PRECISION)
     return dq
 
 
@@ -78,11 +69,7 @@ def sliding_window_bwd_dq_kernel(
     batch = pid_zh // heads_q
     head = pid_zh % heads_q
     head_kv = head // GROUP
-    q_len = len_q + batch * 0
-    k_len = len_k + batch * 0
-    if HAS_KV_LENS:
-        k_len = tl.minimum(tl.maximum(tl.load(KvLens + batch), 0), len_k)
-    shift = len_k - len_q
+    q_len, k_len, shift = sequence_lengths(batch, len_q, len_k, KvLens, HAS_KV_LENS)
     batch64, head64, head_kv64 = batch.to(tl.int64), head.to(tl.int64), head_kv.to(tl.int64)
     q_base = Q + batch64 * stride_qb + head64 * stride_qh
     do_base = DO + batch64 * stride_dob + head64 * stride_doh
@@ -97,10 +84,8 @@ def sliding_window_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < q_len
-    q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d, D,
-                  True, BLOCK_D != D)
-    do = load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv, DV,
-                   True, BLOCK_DV != DV)
+    q = load_rows(q_base, offs_m, stride_qm, q_len, offs_d, D, True, BLOCK_D != D)
+    do = load_rows(do_base, offs_m, stride_dom, q_len, offs_dv, DV, True, BLOCK_DV != DV)
     lse = tl.load(Lse + stat_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + stat_base + offs_m, mask=row_ok, other=0.0)
 
@@ -133,10 +118,8 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_b
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d, D,
-                      MASKED, BLOCK_D != D)
-        do = load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv, DV,
-                       MASKED, BLOCK_DV != DV)
+        q = load_rows(q_base, offs_m, stride_qm, q_len, offs_d, D, MASKED, BLOCK_D != D)
+        do = load_rows(do_base, offs_m, stride_dom, q_len, offs_dv, DV, MASKED, BLOCK_DV != DV)
         if MASKED:
             lse = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
@@ -152,10 +135,7 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_b
             seen = band_visible((offs_m + shift)[None, :], offs_n[:, None], k_len, window, sinks, CAUSAL)
             st = tl.where(seen & (offs_m < q_len)[None, :], st, float("-inf"))
         pt = tl.exp2(st - lse[None, :])
-        dv = mma(pt.to(do.dtype), do, dv, DOT_PRECISION)
-        dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
-        dst = pt * (dpt - delta[None, :])
-        dk = mma(dst.to(q.dtype), q, dk, DOT_PRECISION)
+        dk, dv = softmax_dkdv_step(dk, dv, pt, q, do, v, delta, DOT_PRECISION)
     return dk, dv
 
 
@@ -179,11 +159,7 @@ def sliding_window_bwd_dkdv_kernel(
     pid_zh = tl.program_id(1)
     batch = pid_zh // heads_kv
     head_kv = pid_zh % heads_kv
-    q_len = len_q + batch * 0
-    k_len = len_k + batch * 0
-    if HAS_KV_LENS:
-        k_len = tl.minimum(tl.maximum(tl.load(KvLens + batch), 0), len_k)
-    shift = len_k - len_q
+    q_len, k_len, shift = sequence_lengths(batch, len_q, len_k, KvLens, HAS_KV_LENS)
     batch64, head_kv64 = batch.to(tl.int64), head_kv.to(tl.int64)
     k_base = K + batch64 * stride_kb + head_kv64 * stride_kh
     v_base = V + batch64 * stride_vb + head_kv64 * stride_vh
@@ -194,10 +170,8 @@ def sliding_window_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, k_len, offs_d, D,
-                  True, BLOCK_D != D)
-    v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
-                  True, BLOCK_DV != DV)
+    k = load_rows(k_base, offs_n, stride_kn, k_len, offs_d, D, True, BLOCK_D != D)
+    v = load_rows(v_base, offs_n, stride_vn, k_len, offs_dv, DV, True, BLOCK_DV != DV)
     m_lo, full_lo, full_hi, m_hi = query_blocks(n0, shift, q_len, k_len, window, sinks, CAUSAL, BLOCK_M, BLOCK_N)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)

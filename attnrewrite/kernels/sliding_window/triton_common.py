@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from attnrewrite.kernels.triton_scaffold import LOG2E
+
 
 @triton.jit
 def band_visible(p, j, k_len, window, sinks, CAUSAL: tl.constexpr):
@@ -99,3 +101,29 @@ def query_blocks(n0, shift, q_len, k_len, window, sinks, CAUSAL: tl.constexpr, B
     full_lo = tl.minimum(tl.maximum(full_lo, m_lo), m_hi)
     full_hi = tl.where(n0 + BLOCK_N <= k_len, tl.maximum(tl.minimum(full_hi, m_hi), full_lo), full_lo)
     return m_lo, full_lo, full_hi, m_hi
+
+
+@triton.jit
+def sequence_lengths(batch, len_q, len_k, KvLens, HAS_KV_LENS: tl.constexpr):
+    """(q_len, k_len, shift) of a program's sequence: ``kv_lens`` cuts the keys it may see, while the
+    positions (query i sits at i + shift) come from the tensors' lengths."""
+    q_len = len_q + batch * 0
+    k_len = len_k + batch * 0
+    if HAS_KV_LENS:
+        k_len = tl.minimum(tl.maximum(tl.load(KvLens + batch), 0), len_k)
+    return q_len, k_len, len_k - len_q
+
+
+@triton.jit
+def band_scores(s, mask_base, stride_mm, stride_mn, offs_m, offs_n, shift, q_len, k_len, window, sinks,
+                CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr):
+    """The [queries, keys] score tile ``s`` (log2 units) with the caller's mask added and, on MASKED
+    tiles, −inf outside the band, the sinks and the key bounds (the forward and dQ kernels' tile)."""
+    if HAS_MASK:
+        extra = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
+                        mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :], other=0.0)
+        s += extra.to(tl.float32) * LOG2E
+    if MASKED:
+        seen = band_visible((offs_m + shift)[:, None], offs_n[None, :], k_len, window, sinks, CAUSAL)
+        s = tl.where(seen, s, float("-inf"))
+    return s

@@ -16,10 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.sigmoid.triton_common import (LOG2E, LOG2E_HOST, dot_precision, load_tile, mma,
-                                                       padded_dim)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, mma, online_softmax_step,
+                                                 padded_dim)
 
-from .triton_common import band_visible, key_blocks
+from .triton_common import band_scores, key_blocks, sequence_lengths
 
 
 @triton.jit
@@ -32,25 +32,12 @@ def _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, k_len, offs_d, D,
-                      MASKED, BLOCK_D != D)
+        k = load_rows(k_base, offs_n, stride_kn, k_len, offs_d, D, MASKED, BLOCK_D != D)
         s = mma(q, tl.trans(k), None, DOT_PRECISION) * scale_log2
-        if HAS_MASK:
-            extra = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
-                            mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :], other=0.0)
-            s += extra.to(tl.float32) * LOG2E
-        if MASKED:
-            seen = band_visible((offs_m + shift)[:, None], offs_n[None, :], k_len, window, sinks, CAUSAL)
-            s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # a row that has seen nothing yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
-                      MASKED, BLOCK_DV != DV)
-        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], DOT_PRECISION)
-        m_i = m_new
+        s = band_scores(s, mask_base, stride_mm, stride_mn, offs_m, offs_n, shift, q_len, k_len, window, sinks,
+                        CAUSAL, HAS_MASK, MASKED)
+        v = load_rows(v_base, offs_n, stride_vn, k_len, offs_dv, DV, MASKED, BLOCK_DV != DV)
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -73,11 +60,7 @@ def sliding_window_fwd_kernel(
     batch = pid_zh // heads_q
     head = pid_zh % heads_q
     head_kv = head // GROUP
-    q_len = len_q + batch * 0
-    k_len = len_k + batch * 0
-    if HAS_KV_LENS:
-        k_len = tl.minimum(tl.maximum(tl.load(KvLens + batch), 0), len_k)
-    shift = len_k - len_q                    # positions come from the tensors' lengths, not kv_lens
+    q_len, k_len, shift = sequence_lengths(batch, len_q, len_k, KvLens, HAS_KV_LENS)
     batch64, head64, head_kv64 = batch.to(tl.int64), head.to(tl.int64), head_kv.to(tl.int64)
     q_base = Q + batch64 * stride_qb + head64 * stride_qh
     k_base = K + batch64 * stride_kb + head_kv64 * stride_kh
@@ -89,8 +72,7 @@ def sliding_window_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d, D,
-                  True, BLOCK_D != D)
+    q = load_rows(q_base, offs_m, stride_qm, q_len, offs_d, D, True, BLOCK_D != D)
 
     sink_end, band_lo, full_lo, full_hi, hi = key_blocks(m0, shift, q_len, k_len, window, sinks, CAUSAL,
                                                          BLOCK_M, BLOCK_N)

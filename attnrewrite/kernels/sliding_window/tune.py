@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import torch
 
 from attnrewrite.kernels import tuning
+from attnrewrite.kernels.triton_scaffold import seeded_bf16
 from attnrewrite.kernels.sliding_window.spaces import HEAD_CLASSES, KERNELS, SPACES, space_name
 
 
@@ -38,10 +38,7 @@ def _workload(kernel: str, head: int, length: int, window: int, causal: bool = T
         from .triton_fwd import sliding_window_fwd
 
         if not inputs:  # allocated on first use, once per workload
-            gen = torch.Generator(device=device).manual_seed(0)
-
-            def rnd(*s):
-                return torch.randn(*s, device=device, generator=gen).to(torch.bfloat16)
+            rnd = seeded_bf16(device)
             inputs.update(q=rnd(batch, heads, length, head), k=rnd(batch, heads, length, head),
                           v=rnd(batch, heads, length, head), do=rnd(batch, heads, length, head))
         x = inputs

@@ -1,4 +1,5 @@
-"""``attnrewrite::summary_attention`` and its backward as ``torch.library`` custom ops.
+"""``attnrewrite::summary_attention_torch`` (the torch path of ``attnrewrite::summary_attention``) and
+its backward as ``torch.library`` custom ops.
 
 Both are opaque to torch.compile (inductor keeps each as one call, whatever the sequence length:
 the block loops stay inside), with fake implementations for tracing and the backward registered
@@ -13,8 +14,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from attnrewrite.kernels._ops import kernel_op, sdpa_autocast, sdpa_schema
+from attnrewrite.kernels._ops import kernel_op, sdpa_schema
 from attnrewrite.kernels.checks import check_dropout, check_qkv, key_padding_mask, refuse_torch_context_parallel
+from attnrewrite.kernels.tuning import is_traced
 
 from .chunked import summary_attention_backward, summary_attention_forward
 
@@ -57,7 +59,10 @@ def key_valid_from_mask(attn_mask: Optional[Tensor], batch: int, length: int) ->
         valid = flat
     else:
         valid = flat > -1e4
-        if bool((flat[valid] != 0).any()):
+        # a data-dependent check: made where the values exist (the torch path's op runs it on real
+        # tensors; the kernels' path, traced by torch.compile, is reached from rewritten sites whose
+        # masks the rewriter proved to be padding)
+        if not is_traced(flat) and bool((flat[valid] != 0).any()):
             raise ValueError("summary attention cannot add a float bias to its scores: a float attn_mask must "
                              "hold 0 (keep) or -inf (padding) only")
     return valid.expand(batch, length).to(device=attn_mask.device).contiguous()
@@ -111,10 +116,10 @@ def _autograd(ctx, grad):
     return dq, dk, dv, None, None, None, None, None, None, None, None, (d_query if summary_query is not None else None)
 
 
-# SymInt, not int: the schema custom_op infers from ``int`` annotations, kept as it was
+# SymInt, not int: the schema custom_op infers from ``int`` annotations, kept as it was.  The public op
+# ``attnrewrite::summary_attention`` (:mod:`.public`, with SDPA's autocast rule) chooses this or the kernels.
 summary_attention_op = kernel_op(
-    "summary_attention", _forward, fake=_forward_fake, backward=_autograd, setup_context=_setup_context,
+    "summary_attention_torch", _forward, fake=_forward_fake, backward=_autograd, setup_context=_setup_context,
     schema=sdpa_schema('SymInt chunk_size=8, SymInt window_chunks=128, str summary="mean", '
                        "Tensor? summary_query=None", is_causal=True))
-sdpa_autocast("summary_attention")  # q/k in fp32 beside a bf16 v run in bf16, as SDPA does
 summary_attention_backward_op = kernel_op("summary_attention_backward", _backward, fake=_backward_fake)

@@ -1,10 +1,17 @@
-"""The public summary op: SDPA's signature plus the kind's options (``attnrewrite::summary_attention``)."""
+"""The public summary op ``attnrewrite::summary_attention``: SDPA's signature plus the kind's options.
+
+A ``CompositeImplicitAutograd`` operator with ``impl`` in its schema, so a rewritten model calling
+``torch.ops.attnrewrite.summary_attention`` reaches the Triton kernels (:mod:`.triton_op`) on CUDA and
+the torch path (``attnrewrite::summary_attention_torch``, :mod:`.op`) elsewhere; under ``torch.compile``
+it decomposes into whichever it chose.  SDPA's autocast rule is registered on it
+(:func:`attnrewrite.kernels._ops.sdpa_autocast`), so the path is chosen from the dtype the call runs in.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from attnrewrite.kernels._ops import AUTOCAST_DEVICES, _autocast_cast, resolve_impl
+from attnrewrite.kernels._ops import call_dtype, composite_op, resolve_impl, sdpa_autocast, sdpa_schema
 from attnrewrite.kernels.summary import op as _op  # noqa: F401  (registers the ops)
 
 try:  # the Triton path is optional: the torch path works wherever torch does
@@ -39,7 +46,7 @@ def summary_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, sc
         summary: ``"mean"``, or ``"learned"`` with ``summary_query`` [Hkv, D], the pooling queries
             (e.g. ``attention.attnrewrite_summary.query`` after :func:`attnrewrite.convert`).
         impl: ``"auto"`` runs the Triton kernels for float16/bfloat16 on CUDA and the torch path
-            (``attnrewrite::summary_attention``) otherwise; ``"triton"`` always runs the kernels (on
+            (``attnrewrite::summary_attention_torch``) otherwise; ``"triton"`` always runs the kernels (on
             the CPU only under ``TRITON_INTERPRET=1``; float16, bfloat16 or float32, head dims up to
             256) or raises, naming why; ``"torch"`` always runs the torch path.
 
@@ -47,37 +54,39 @@ def summary_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, sc
         [B, Hq, T, Dv] in q's dtype (inside ``torch.autocast``: the inputs are cast to the autocast
         dtype first, float64 excepted, as with SDPA, and the output has it).  Differentiable in q, k, v and ``summary_query``.
     """
+    return torch.ops.attnrewrite.summary_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                                   chunk_size=chunk_size, window_chunks=window_chunks,
+                                                   summary=summary, summary_query=summary_query, impl=impl)
+
+
+def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False, chunk_size=8,
+          window_chunks=128, summary="mean", summary_query=None, impl="auto"):
+    """The composite op's body (run with autocast off, the inputs in the dtype the call runs in)."""
     if _resolve_impl(impl, q, v) == "triton":
         return _triton_path(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, chunk_size, window_chunks,
                             summary, summary_query)
-    return torch.ops.attnrewrite.summary_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                                   chunk_size=chunk_size, window_chunks=window_chunks,
-                                                   summary=summary, summary_query=summary_query)
+    return torch.ops.attnrewrite.summary_attention_torch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                                         chunk_size=chunk_size, window_chunks=window_chunks,
+                                                         summary=summary, summary_query=summary_query)
 
 
 def _resolve_impl(impl: str, q: torch.Tensor, v: torch.Tensor) -> str:
-    dtype = q.dtype
-    if torch.is_autocast_enabled(q.device.type) and dtype != torch.float64:
-        dtype = torch.get_autocast_dtype(q.device.type)  # what the call will run in
-    return resolve_impl(impl, q.device, what=_op.WHAT, dtype=dtype, head_dims=(q.shape[-1], v.shape[-1]),
+    return resolve_impl(impl, q.device, what=_op.WHAT, dtype=call_dtype(q), head_dims=(q.shape[-1], v.shape[-1]),
                         triton_dtypes=_TRITON_DTYPES, auto_dtypes=(torch.float16, torch.bfloat16),
                         available=_triton is not None, interpreter_active=lambda: _triton.interpreter_active())
 
 
 def _triton_path(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, chunk_size, window_chunks, summary,
                  summary_query):
-    """The kernels, after the torch op's checks; SDPA's autocast rule applied here as the op applies it."""
-    device_type = q.device.type
-    if device_type in AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        q, k, v, attn_mask, summary_query = (_autocast_cast(x, device_type, dtype)
-                                             for x in (q, k, v, attn_mask, summary_query))
-        with torch.autocast(device_type, enabled=False):
-            return _triton_path(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, chunk_size,
-                                window_chunks, summary, summary_query)
+    """The kernels, after the torch op's checks."""
     _op.check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, chunk_size, window_chunks, summary,
                      summary_query)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     key_valid = _op.key_valid_from_mask(attn_mask, q.shape[0], k.shape[-2])
     return _triton.summary_attention_triton(q, k, v, key_valid, summary_query, scale, is_causal, chunk_size,
                                             window_chunks)
+
+
+composite_op("summary_attention", sdpa_schema('SymInt chunk_size=8, SymInt window_chunks=128, str summary="mean", '
+                                              'Tensor? summary_query=None, str impl="auto"', is_causal=True), _impl)
+sdpa_autocast("summary_attention")  # q/k in fp32 beside a bf16 v run in bf16, as SDPA does

@@ -21,8 +21,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E_HOST, dot_precision, key_ok, load_tile, padded_dim, raw_key_range,
-                            raw_query_range, summary_query_range, summary_range, visible)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, mma, padded_dim,
+                                                 program_heads, softmax_dkdv_step, softmax_dq_step)
+
+from .triton_common import (key_block, key_ok, raw_key_range, raw_query_range, summary_query_range, summary_range,
+                            visible)
 from .triton_fwd import flag_args
 
 
@@ -31,21 +34,13 @@ def _dq_pass(dq, q, do, lse, delta, k_base, v_base, flags_base, stride_kn, strid
              chunk, window, scale_log2, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
              BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SUMMARY: tl.constexpr,
              HAS_FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, n_keys, offs_d, D,
-                      True, BLOCK_D != D)
-        v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, n_keys, offs_dv, DV,
-                      True, BLOCK_DV != DV)
-        ok = key_ok(flags_base, offs_n, n_keys, HAS_FLAGS)[None, :] & (offs_m < len_q)[:, None]
-        vis = visible(offs_m[:, None], offs_n[None, :], ok, chunk, window, CAUSAL, SUMMARY)
-        z2 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        k, v, vis, z2 = key_block(q, k_base, v_base, flags_base, stride_kn, stride_vn, offs_m, offs_n, len_q, n_keys,
+                                  chunk, window, scale_log2, D, DV, BLOCK_D, BLOCK_DV, CAUSAL, SUMMARY, HAS_FLAGS,
+                                  DOT_PRECISION)
         p = tl.where(vis, tl.exp2(z2 - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        dq = softmax_dq_step(dq, p, do, k, v, delta, DOT_PRECISION)
     return dq
 
 
@@ -69,18 +64,14 @@ def summary_bwd_dq_kernel(
     if CAUSAL:
         pid_m = tl.cdiv(len_q, BLOCK_M) - 1 - pid_m
     pid_zh = tl.program_id(1)
-    batch = (pid_zh // heads_q).to(tl.int64)
-    head = pid_zh % heads_q
-    head_kv = (head // GROUP).to(tl.int64)
-    head = head.to(tl.int64)
+    batch, head, head_kv = program_heads(pid_zh, heads_q, GROUP)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_tile(Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
-                  offs_m, len_q, offs_d, D, True, BLOCK_D != D)
-    do = load_tile(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :],
-                   offs_m, len_q, offs_dv, DV, True, BLOCK_DV != DV)
+    q = load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qm, len_q, offs_d, D, True, BLOCK_D != D)
+    do = load_rows(DO + batch * stride_dob + head * stride_doh, offs_m, stride_dom, len_q, offs_dv, DV, True,
+                   BLOCK_DV != DV)
     row = pid_zh.to(tl.int64) * len_q + offs_m
     lse = tl.load(Lse + row, mask=offs_m < len_q, other=0.0)
     delta = tl.load(Delta + row, mask=offs_m < len_q, other=0.0)
@@ -123,10 +114,10 @@ def summary_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = load_tile(K + batch * stride_kb + head_kv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
-                  offs_n, n_keys, offs_d, D, True, BLOCK_D != D)
-    v = load_tile(V + batch * stride_vb + head_kv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :],
-                  offs_n, n_keys, offs_dv, DV, True, BLOCK_DV != DV)
+    k = load_rows(K + batch * stride_kb + head_kv * stride_kh, offs_n, stride_kn, n_keys, offs_d, D, True,
+                  BLOCK_D != D)
+    v = load_rows(V + batch * stride_vb + head_kv * stride_vh, offs_n, stride_vn, n_keys, offs_dv, DV, True,
+                  BLOCK_DV != DV)
     ok_n = key_ok(Flags + batch * stride_flags_b, offs_n, n_keys, HAS_FLAGS)
     if SUMMARY:
         lo = summary_query_range(n0, len_q, chunk, window, CAUSAL)
@@ -143,21 +134,16 @@ def summary_bwd_dkdv_kernel(
         row_base = (batch * heads_kv * GROUP + head) * len_q
         for start_m in tl.range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, len_q, offs_d, D,
-                          True, BLOCK_D != D)
-            do = load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, len_q, offs_dv, DV,
-                           True, BLOCK_DV != DV)
+            q = load_rows(q_base, offs_m, stride_qm, len_q, offs_d, D, True, BLOCK_D != D)
+            do = load_rows(do_base, offs_m, stride_dom, len_q, offs_dv, DV, True, BLOCK_DV != DV)
             lse = tl.load(Lse + row_base + offs_m, mask=offs_m < len_q, other=0.0)
             delta = tl.load(Delta + row_base + offs_m, mask=offs_m < len_q, other=0.0)
             ok = ok_n[:, None] & (offs_m < len_q)[None, :]
             # key-major tiles [BLOCK_N, BLOCK_M]: no transposes of the accumulated operands
             vis = visible(offs_m[None, :], offs_n[:, None], ok, chunk, window, CAUSAL, SUMMARY)
-            z2t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+            z2t = mma(k, tl.trans(q), None, DOT_PRECISION) * scale_log2
             pt = tl.where(vis, tl.exp2(z2t - lse[None, :]), 0.0)
-            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+            dk, dv = softmax_dkdv_step(dk, dv, pt, q, do, v, delta, DOT_PRECISION)
     tl.store(DK + batch * stride_dkb + head_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk * scale, mask=(offs_n < n_keys)[:, None] & (offs_d < D)[None, :])
     tl.store(DV_ + batch * stride_dvb + head_kv * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],

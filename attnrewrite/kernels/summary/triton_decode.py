@@ -18,7 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import LOG2E_HOST, dot_precision, key_ok, load_tile, padded_dim
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, load_tile, mma,
+                                                 online_softmax_step, padded_dim)
+
+from .triton_common import key_ok
 
 
 @triton.jit
@@ -52,19 +55,11 @@ def summary_decode_kernel(
     hi = tl.minimum(lo + keys_per_split, n_keys)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, hi, offs_d, D,
-                      True, BLOCK_D != D)
-        v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, hi, offs_dv, DV,
-                      True, BLOCK_DV != DV)
+        k = load_rows(k_base, offs_n, stride_kn, hi, offs_d, D, True, BLOCK_D != D)
+        v = load_rows(v_base, offs_n, stride_vn, hi, offs_dv, DV, True, BLOCK_DV != DV)
         vis = key_ok(valid_base, offs_n, hi, HAS_VALID)[None, :] & (offs_g < GROUP)[:, None]
-        z2 = tl.where(vis, tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z2, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(z2 - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        z2 = tl.where(vis, mma(q, tl.trans(k), None, DOT_PRECISION) * scale_log2, float("-inf"))
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, z2, v, DOT_PRECISION)
     part = (pid_zh.to(tl.int64) * tl.num_programs(0) + pid_split) * BLOCK_G + offs_g
     tl.store(PartO + part[:, None] * BLOCK_DV + offs_dv[None, :], acc)
     tl.store(PartM + part, m_i)

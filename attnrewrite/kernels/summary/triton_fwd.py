@@ -15,8 +15,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E_HOST, dot_precision, key_ok, load_tile, padded_dim, raw_key_range, summary_range,
-                            visible)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, online_softmax_step, padded_dim,
+                                                 program_heads)
+
+from .triton_common import key_block, raw_key_range, summary_range
 
 
 @triton.jit
@@ -24,25 +26,13 @@ def _fwd_pass(acc, m_i, l_i, q, k_base, v_base, flags_base, stride_kn, stride_vn
               chunk, window, scale_log2, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SUMMARY: tl.constexpr,
               HAS_FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, n_keys, offs_d, D,
-                      True, BLOCK_D != D)
-        v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, n_keys, offs_dv, DV,
-                      True, BLOCK_DV != DV)
-        ok = key_ok(flags_base, offs_n, n_keys, HAS_FLAGS)[None, :] & (offs_m < len_q)[:, None]
-        vis = visible(offs_m[:, None], offs_n[None, :], ok, chunk, window, CAUSAL, SUMMARY)
-        z2 = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        k, v, vis, z2 = key_block(q, k_base, v_base, flags_base, stride_kn, stride_vn, offs_m, offs_n, len_q, n_keys,
+                                  chunk, window, scale_log2, D, DV, BLOCK_D, BLOCK_DV, CAUSAL, SUMMARY, HAS_FLAGS,
+                                  DOT_PRECISION)
         z2 = tl.where(vis, z2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z2, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(z2 - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, z2, v, DOT_PRECISION)
     return acc, m_i, l_i
 
 
@@ -65,10 +55,7 @@ def summary_fwd_kernel(
     if CAUSAL:  # the longest rows first, so the last wave is made of short ones
         pid_m = tl.cdiv(len_q, BLOCK_M) - 1 - pid_m
     pid_zh = tl.program_id(1)
-    batch = (pid_zh // heads_q).to(tl.int64)
-    head = pid_zh % heads_q
-    head_kv = (head // GROUP).to(tl.int64)
-    head = head.to(tl.int64)
+    batch, head, head_kv = program_heads(pid_zh, heads_q, GROUP)
     q_base = Q + batch * stride_qb + head * stride_qh
     k_base = K + batch * stride_kb + head_kv * stride_kh
     v_base = V + batch * stride_vb + head_kv * stride_vh
@@ -81,8 +68,7 @@ def summary_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, len_q, offs_d, D,
-                  True, BLOCK_D != D)
+    q = load_rows(q_base, offs_m, stride_qm, len_q, offs_d, D, True, BLOCK_D != D)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)

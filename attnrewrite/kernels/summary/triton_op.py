@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from attnrewrite.kernels import tuning
+from attnrewrite.kernels import triton_scaffold as scaffold
 from attnrewrite.kernels._ops import traceable, triton_ops
 
 from . import spaces
@@ -33,22 +33,17 @@ Tensor = torch.Tensor
 
 def interpreter_active() -> bool:
     """Whether the kernels were defined under TRITON_INTERPRET=1 (so they run on CPU tensors)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(summary_fwd_kernel, InterpretedFunction)
+    return scaffold.interpreter_active(summary_fwd_kernel)
 
 
 def launch_config(kernel: str, q: Tensor, v: Tensor, chunk_size: int, window_chunks: int, causal: bool,
                   make_bench) -> dict:
     """The configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for this call, fitted to its shape."""
-    space = spaces.SPACES[spaces.space_name(kernel, q.shape[-1], v.shape[-1])]
-    shape = spaces.shape_of(q, v, chunk_size, window_chunks, causal)
-    config = tuning.pick_config(spaces.KIND, space, shape, q.device, make_bench, tensors=(q,))
-    return spaces.fit(space, config, shape)
+    return scaffold.launch_config(spaces, kernel, q, v, spaces.shape_of(q, v, chunk_size, window_chunks, causal),
+                                  make_bench)
 
 
-def _unit_last_stride(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 else t.contiguous()
+_unit_last_stride = scaffold.unit_last_stride
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, summary_query: Tensor | None, scale: float,

@@ -8,6 +8,7 @@ from collections.abc import Iterable
 import torch
 
 from attnrewrite.kernels import tuning
+from attnrewrite.kernels.triton_scaffold import seeded_bf16
 from attnrewrite.kernels.summary.spaces import HEAD_CLASSES, KERNELS, SPACES, space_name
 
 # The target setting: chunks of 8 tokens, a window of 128 chunks (1024 tokens).
@@ -40,10 +41,7 @@ def _workload(kernel: str, head: int, length: int, causal: bool, device="cuda", 
         from .triton_fwd import summary_fwd
 
         if not inputs:  # allocated on first use, once per workload
-            gen = torch.Generator(device=device).manual_seed(0)
-
-            def rnd(*s):
-                return torch.randn(*s, device=device, generator=gen).to(torch.bfloat16)
+            rnd = seeded_bf16(device)
             q, k, v = rnd(batch, heads, length, head), rnd(batch, heads, length, head), rnd(batch, heads, length, head)
             k_sum, v_sum, exists = chunk_summaries(k, v, None, chunk_size)
             inputs.update(q=q, k=k, v=v, k_sum=k_sum.contiguous(), v_sum=v_sum.contiguous(), exists=exists,
