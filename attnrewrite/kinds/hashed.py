@@ -34,6 +34,9 @@ from attnrewrite.kinds.registry import Kind, register
 
 
 def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
+    if options.get("impl") == "triton" and options.get("hash") == "learned":
+        return ("impl='triton' with hash='learned' (the Triton kernels do not implement the learned "
+                "projections' straight-through gradient; use impl='auto' or 'torch')")
     reason = causal_self_attention_reason(spec, "hashed")
     if reason is not None:
         return reason

@@ -92,3 +92,18 @@ def test_a_bad_impl_option_is_refused_by_name(kind):
         RewriteOptions.parse({"to": kind, "impl": "cuda"})
     with pytest.raises(TypeError, match="option 'impl'"):
         RewriteOptions.parse({"to": kind, "impl": None})
+
+
+def test_learned_hashes_with_forced_kernels_are_refused_at_rewrite_time():
+    """``impl="triton"`` with ``hash="learned"`` cannot run (the kernels have no straight-through
+    gradient for the projections): the site is refused when the model is rewritten, naming both
+    options — not a ValueError at the first call."""
+    import attnrewrite
+
+    torch.manual_seed(0)
+    model = llama.Llama.from_name("tiny").eval()
+    options = dict(OPTIONS["hashed"], hash="learned")
+    model = attnrewrite.convert(model, to="hashed", example_inputs=(TOKENS,), **options)
+    report = Report()
+    with pytest.raises(attnrewrite.RewriteFailed, match=r"impl='triton' with hash='learned'"):
+        compile_rewritten(model, report, to="hashed", impl="triton", strict=True, **options)(TOKENS)
