@@ -146,3 +146,37 @@ def test_the_program_read_off_the_graph_computes_what_the_graph_does(name):
 
 def test_score_program_without_a_modification():
     assert score_program(None) == (None, None)
+
+
+def _hand_written_sigmoid(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
+                          **kwargs):
+    """Gemma-2's eager attention with sigmoid in place of softmax: sigmoid(cap·tanh(s/cap) + mask + b)·v."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    s = query @ key.transpose(2, 3) * scaling
+    s = torch.tanh(s / softcap) * softcap
+    if attention_mask is not None:
+        s = s + attention_mask if attention_mask.dtype != torch.bool else s.masked_fill(~attention_mask, -math.inf)
+    return (torch.sigmoid(s + BIAS) @ value).transpose(1, 2).contiguous(), None
+
+
+def test_hf_gemma2_soft_capped_model_rewritten_to_sigmoid(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gemma2 import modeling_gemma2
+
+    config = transformers.Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4, max_position_embeddings=64,
+        attn_logit_softcapping=1.0, final_logit_softcapping=None, attn_implementation="eager")
+    torch.manual_seed(zlib.crc32(b"gemma2"))
+    model = transformers.Gemma2ForCausalLM(config).eval()
+    ids = torch.randint(0, 64, (2, 10), generator=_gen("ids"))
+    report = Report(to="sigmoid")
+    compiled = compile_rewritten(model, report, to="sigmoid", strict=True, bias=BIAS)
+    got = compiled(input_ids=ids, use_cache=False).logits
+    assert len(report.sites) == 2 and all(s.status == "rewritten" for s in report.sites), report
+    assert all(s.spec["score_mod"] for s in report.sites), report
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_gemma2, "eager_attention_forward", _hand_written_sigmoid)
+        want = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
