@@ -180,3 +180,26 @@ def test_hf_gemma2_soft_capped_model_rewritten_to_sigmoid(monkeypatch):
         patch.setattr(modeling_gemma2, "eager_attention_forward", _hand_written_sigmoid)
         want = model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_sliding_window_rewrites_soft_capped_sites_and_keeps_the_cap():
+    """A window as long as the sequence is the model itself; a short one equals the reference with the cap."""
+    from attnrewrite.kernels.sliding_window.reference import naive_sliding_window_attention
+
+    model, _ = _pair(CAP, True, "window")
+    x = torch.randn(B, T, E, generator=_gen("wx")) * 3
+    report = Report(to="sliding_window")
+    got = compile_rewritten(model, report, to="sliding_window", strict=True, window=T)(x)
+    assert len(report.sites) == 2 and all(s.status == "rewritten" for s in report.sites), report
+    torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+
+    def capped(q, k, v):
+        return torch.softmax(torch.tanh(q @ k.transpose(-2, -1) * D**-0.5 / CAP) * CAP
+                             + torch.zeros(T, T).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf),
+                             dim=-1) @ v
+
+    q, k, v = (torch.randn(B, H, T, D, generator=_gen("w" + n)) * 3 for n in "qkv")
+    got = compile_rewritten(capped, None, to="sliding_window", strict=True, window=3, sinks=1)(q, k, v)
+    want = naive_sliding_window_attention(q, k, v, None, True, D**-0.5 / CAP, 3, 1,
+                                          score_mod=lambda s: torch.tanh(s) * CAP)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
