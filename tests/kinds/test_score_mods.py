@@ -203,3 +203,40 @@ def test_sliding_window_rewrites_soft_capped_sites_and_keeps_the_cap():
     want = naive_sliding_window_attention(q, k, v, None, True, D**-0.5 / CAP, 3, 1,
                                           score_mod=lambda s: torch.tanh(s) * CAP)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_summary_rewrites_soft_capped_sites_and_keeps_the_cap():
+    """A window covering the sequence is the model itself; a short one equals the reference with the cap."""
+    from attnrewrite.kernels.summary.reference import naive_summary_attention
+
+    model, _ = _pair(CAP, False, "summary")
+    x = torch.randn(B, T, E, generator=_gen("sx")) * 3
+    report = Report(to="summary")
+    got = compile_rewritten(model, report, to="summary", strict=True, chunk_size=2, window_chunks=T)(x)
+    assert len(report.sites) == 2 and all(s.status == "rewritten" for s in report.sites), report
+    torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+
+    def capped(q, k, v):
+        return torch.softmax(torch.tanh(q @ k.transpose(-2, -1) * D**-0.5 / CAP) * CAP
+                             + torch.zeros(T, T).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf),
+                             dim=-1) @ v
+
+    q, k, v = (torch.randn(B, H, T, D, generator=_gen("s" + n)) * 3 for n in "qkv")
+    got = compile_rewritten(capped, None, to="summary", strict=True, chunk_size=2, window_chunks=1)(q, k, v)
+    want = naive_summary_attention(q, k, v, None, True, D**-0.5 / CAP, chunk_size=2, window_chunks=1,
+                                   score_mod=lambda s: torch.tanh(s) * CAP)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["summary", "sliding_window"])
+def test_a_modification_without_a_program_is_skipped_by_every_kind_that_applies_programs(kind):
+    q, k, v = (torch.randn(B, H, T, D, generator=_gen(n)) for n in "qkv")
+    report = Report(to=kind)
+
+    def causal_tensor_capped(q, k, v):
+        s = torch.tanh(q @ k.transpose(-2, -1) * D**-0.5) * TensorCapped().cap
+        return torch.softmax(s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf), dim=-1) @ v
+
+    compile_rewritten(causal_tensor_capped, report, to=kind)(q, k, v)
+    (site,) = report.sites
+    assert site.status == "skipped" and "not a constant number" in site.reason, report

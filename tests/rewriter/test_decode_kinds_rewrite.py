@@ -107,7 +107,7 @@ def test_a_mask_that_varies_across_queries_is_skipped_by_summary_only():
             assert "varies across queries" in report.attention_sites()[0].reason
 
 
-@pytest.mark.parametrize("kind", ["summary", "hashed"])
+@pytest.mark.parametrize("kind", ["hashed"])  # summary applies modifications: tests/kinds/test_score_mods.py
 def test_score_modification_is_a_reason(kind):
     spec = types.SimpleNamespace(score_mod=lambda score, *index: score, causal=True)
     reason = get(kind).supports(spec, {**get(kind).options})

@@ -17,7 +17,8 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def summary_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False, *,
                       chunk_size: int = 8, window_chunks: int = 128, summary: str = "mean",
-                      summary_query: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+                      summary_query: torch.Tensor | None = None, impl: str = "auto",
+                      score_mod: str | None = None) -> torch.Tensor:
     """Summary attention with the signature of ``F.scaled_dot_product_attention``, layout [B, H, T, D].
 
     Query i in chunk c = i // chunk_size attends (exact softmax of scale·q·k) to the tokens of chunks
@@ -42,25 +43,30 @@ def summary_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, sc
             (``attnrewrite::summary_attention``) otherwise; ``"triton"`` always runs the kernels (on
             the CPU only under ``TRITON_INTERPRET=1``; float16, bfloat16 or float32, head dims up to
             256) or raises, naming why; ``"torch"`` always runs the torch path.
+        score_mod: a score modification program (:mod:`attnrewrite.kernels.score_mods`) applied to every
+            score (window keys and summaries) before the mask and the softmax; the torch path only
+            (``"auto"`` takes it, ``"triton"`` raises).
 
     Returns:
         [B, Hq, T, Dv] in q's dtype (inside ``torch.autocast``: the inputs are cast to the autocast
         dtype first, float64 excepted, as with SDPA, and the output has it).  Differentiable in q, k, v and ``summary_query``.
     """
-    if _resolve_impl(impl, q, v) == "triton":
+    if _resolve_impl(impl, q, v, score_mod) == "triton":
         return _triton_path(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, chunk_size, window_chunks,
                             summary, summary_query)
     return torch.ops.attnrewrite.summary_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                    chunk_size=chunk_size, window_chunks=window_chunks,
-                                                   summary=summary, summary_query=summary_query)
+                                                   summary=summary, summary_query=summary_query,
+                                                   score_mod=score_mod)
 
 
-def _resolve_impl(impl: str, q: torch.Tensor, v: torch.Tensor) -> str:
+def _resolve_impl(impl: str, q: torch.Tensor, v: torch.Tensor, score_mod: str | None = None) -> str:
     dtype = q.dtype
     if torch.is_autocast_enabled(q.device.type) and dtype != torch.float64:
         dtype = torch.get_autocast_dtype(q.device.type)  # what the call will run in
     return resolve_impl(impl, q.device, what=_op.WHAT, dtype=dtype, head_dims=(q.shape[-1], v.shape[-1]),
                         triton_dtypes=_TRITON_DTYPES, auto_dtypes=(torch.float16, torch.bfloat16),
+                        refusal="the Triton kernels do not apply a score modification" if score_mod else None,
                         available=_triton is not None, interpreter_active=lambda: _triton.interpreter_active())
 
 
