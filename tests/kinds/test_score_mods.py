@@ -228,7 +228,7 @@ def test_summary_rewrites_soft_capped_sites_and_keeps_the_cap():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["summary", "sliding_window"])
+@pytest.mark.parametrize("kind", ["summary", "hashed", "sliding_window"])
 def test_a_modification_without_a_program_is_skipped_by_every_kind_that_applies_programs(kind):
     q, k, v = (torch.randn(B, H, T, D, generator=_gen(n)) for n in "qkv")
     report = Report(to=kind)
@@ -240,3 +240,28 @@ def test_a_modification_without_a_program_is_skipped_by_every_kind_that_applies_
     compile_rewritten(causal_tensor_capped, report, to=kind)(q, k, v)
     (site,) = report.sites
     assert site.status == "skipped" and "not a constant number" in site.reason, report
+
+
+def test_hashed_rewrites_soft_capped_sites_and_keeps_the_cap():
+    """Every key selected is the model itself; a small selection equals the reference with the cap."""
+    from attnrewrite.kernels.hashed.codes import random_hyperplanes
+    from attnrewrite.kernels.hashed.reference import naive_hashed_attention
+
+    model, _ = _pair(CAP, False, "hashed")
+    x = torch.randn(B, T, E, generator=_gen("hx")) * 3
+    report = Report(to="hashed")
+    got = compile_rewritten(model, report, to="hashed", strict=True, bits=16, top_k=T, window=T, sinks=0)(x)
+    assert len(report.sites) == 2 and all(s.status == "rewritten" for s in report.sites), report
+    torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+
+    def capped(q, k, v):
+        return torch.softmax(torch.tanh(q @ k.transpose(-2, -1) * D**-0.5 / CAP) * CAP
+                             + torch.zeros(T, T).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf),
+                             dim=-1) @ v
+
+    q, k, v = (torch.randn(B, H, T, D, generator=_gen("h" + n)) * 3 for n in "qkv")
+    got = compile_rewritten(capped, None, to="hashed", strict=True, bits=16, top_k=2, window=3, sinks=1)(q, k, v)
+    plane = random_hyperplanes(D, 16, 0)
+    want, _ = naive_hashed_attention(q, k, v, None, True, D**-0.5 / CAP, top_k=2, window=3, sinks=1, proj_q=plane,
+                                     proj_k=plane, score_mod=lambda s: torch.tanh(s) * CAP)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
                      bits: int = 64, top_k: int = 256, window: int = 64, sinks: int = 4, hash: str = "random",
                      projections: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
-                     impl: str = "auto") -> torch.Tensor:
+                     impl: str = "auto", score_mod: str | None = None) -> torch.Tensor:
     """Hashed attention with the signature of ``F.scaled_dot_product_attention``, layout [B, H, T, D].
 
     Each query attends (exact softmax of scale·q·k + bias) to its first ``sinks`` and last ``window``
@@ -44,6 +44,9 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
             ``"triton"`` always runs the kernels (on the CPU only under ``TRITON_INTERPRET=1``) or
             raises, naming why; ``"torch"`` runs the torch path (``attnrewrite::hashed_attention``).
             Both select the same keys.
+        score_mod: a score modification program (:mod:`attnrewrite.kernels.score_mods`) applied to
+            scale·q·k of the selected keys before the mask and the softmax (the selection reads codes,
+            not scores); the torch path only (``"auto"`` takes it, ``"triton"`` raises).
 
     Returns:
         [B, Hq, Tq, Dv] in q's dtype.  Inside ``torch.autocast`` the floating-point inputs (float64
@@ -51,20 +54,24 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
         projections, by a straight-through estimate, when learned).
     """
     q_projection, k_projection = projections if projections is not None else (None, None)
-    if _path(impl, q, k, v, hash) == "triton":
+    if _path(impl, q, k, v, hash, score_mod) == "triton":
         return _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window,
                            sinks, hash, seed)
     return torch.ops.attnrewrite.hashed_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                   bits=bits, top_k=top_k, window=window, sinks=sinks, hash=hash,
-                                                  q_projection=q_projection, k_projection=k_projection, seed=seed)
+                                                  q_projection=q_projection, k_projection=k_projection, seed=seed,
+                                                  score_mod=score_mod)
 
 
-def _path(impl: str, q, k, v, hash: str) -> str:
+def _path(impl: str, q, k, v, hash: str, score_mod: str | None = None) -> str:
+    refusal = ("the Triton kernels do not implement hash='learned' (the projections' straight-through "
+               "gradient)") if hash == "learned" else None
+    if score_mod:
+        refusal = "the Triton kernels do not apply a score modification"
     return resolve_impl(
         impl, q.device, what=_op.WHAT, dtype=q.dtype, head_dims=(q.shape[-1], v.shape[-1]),
         triton_dtypes=_TRITON_DTYPES,
-        refusal=("the Triton kernels do not implement hash='learned' (the projections' straight-through "
-                 "gradient)") if hash == "learned" else None,
+        refusal=refusal,
         available=_triton is not None, interpreter_active=lambda: _triton.interpreter_active())
 
 
