@@ -48,3 +48,29 @@ def test_the_kernels_refuse_a_modification():
         ops.hashed_attention(q.detach().float(), k.detach().float(), v.detach().float(), is_causal=True,
                              enable_gqa=True, bits=16, top_k=3, window=4, sinks=2, impl="triton",
                              score_mod=SOFTCAP[0])
+
+
+def test_decoding_through_the_cache_with_the_modification_equals_the_op():
+    """A decoding step runs the site's own code — its soft-cap included — over the keys HashedCache selects:
+    the op with the modification must give the same rows."""
+    from attnrewrite.decode.hashed import HashedLayer
+    from attnrewrite.testing.caches import random_qkv
+
+    text, mod = SOFTCAP
+    options = dict(bits=16, top_k=4, window=3, sinks=2)
+    q, k, v = (x * 2 for x in random_qkv(23))
+    want = ops.hashed_attention(q, k, v, is_causal=True, enable_gqa=True, score_mod=text, **options)
+    layer = HashedLayer(**options, learned=None, max_seq_len=23)
+    layer.prepare(2, 4, 2, 8, torch.float64, "cpu")
+    got, start = [], 0
+    for count in [6, 1, 1, 11, 1, 3]:
+        rows = slice(start, start + count)
+        keys, values, visible = layer.attend(torch.arange(start, start + count), q[:, :, rows], k[:, :, rows],
+                                             v[:, :, rows])
+        keys, values = keys.repeat_interleave(2, 1), values.repeat_interleave(2, 1)
+        scores = mod((q[:, :, rows] @ keys.transpose(-1, -2)) * 8**-0.5)
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
+        got.append(torch.softmax(scores, -1) @ values)
+        start += count
+    torch.testing.assert_close(torch.cat(got, 2), want, rtol=0, atol=1e-12)

@@ -50,3 +50,27 @@ def test_the_kernels_refuse_a_modification():
     with pytest.raises(ValueError, match="do not apply a score modification"):
         summary_attention(q, k, v, enable_gqa=True, chunk_size=2, window_chunks=1, impl="triton",
                           score_mod=SOFTCAP[0])
+
+
+def test_decoding_through_the_cache_with_the_modification_equals_the_op(monkeypatch):
+    """A decoding step runs the site's own code — its soft-cap included — over the keys SummaryCache returns
+    (window keys and summaries): the op with the modification must give the same rows."""
+    from attnrewrite.decode.summary import SummaryLayer
+    from attnrewrite.testing import caches
+
+    text, mod = SOFTCAP
+
+    def capped_attend(q, keys, values, visible):
+        groups = q.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1)
+        scores = mod((q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5)
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
+        return torch.softmax(scores, -1) @ values
+
+    monkeypatch.setattr(caches, "attend_returned", capped_attend)
+    q, k, v = (x * 2 for x in caches.random_qkv(17))
+    want = summary_attention(q, k, v, enable_gqa=True, chunk_size=3, window_chunks=1, score_mod=text)
+    layer = SummaryLayer(3, 1, None, max_seq_len=17)
+    layer.prepare(2, 4, 2, 8, torch.float64, "cpu")
+    torch.testing.assert_close(caches.through_layer(layer, q, k, v, [5, 1, 1, 7, 3]), want, rtol=0, atol=1e-12)
