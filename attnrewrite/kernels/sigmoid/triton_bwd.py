@@ -46,13 +46,20 @@ def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, strid
         p, d_mod = sigmoid_tile(q, k, mask_base, stride_mm, stride_mn, offs_m, offs_n, q_len, k_len, shift,
                                 scale_log2, bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                                 False, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION, MOD_FN)
-        dp = mma(do, tl.trans(v), None, DOT_PRECISION)
-        ds = p * (1.0 - p) * dp
+        if MOD_FN >= 0 and not STORE_DS:
+            # mod' is folded into p(1 − p) before the dP product, so that one tile, not two, is held in
+            # registers across it (as without a modification)
+            w = p * (1.0 - p) * d_mod
+            dp = mma(do, tl.trans(v), None, DOT_PRECISION)
+            ds = w * dp
+        else:
+            dp = mma(do, tl.trans(v), None, DOT_PRECISION)
+            ds = p * (1.0 - p) * dp
         if STORE_DS:  # the mask is added after the modification: its gradient is dS before mod'
             tl.store(ds_base + offs_m[:, None] * stride_dsm + offs_n[None, :], ds,
                      mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
-        if MOD_FN >= 0:
-            ds = ds * d_mod
+            if MOD_FN >= 0:
+                ds = ds * d_mod
         dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
     return dq
 
@@ -150,10 +157,13 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride
                                  scale_log2, bias_t, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                                  True, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION, MOD_FN)  # [N, M]
         dv = mma(pt.to(do.dtype), do, dv, DOT_PRECISION)
-        dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
-        dst = pt * (1.0 - pt) * dpt
-        if MOD_FN >= 0:
-            dst = dst * d_mod
+        if MOD_FN >= 0:  # mod' folded in before the dPᵀ product (see the dQ loop): one tile held across it
+            wt = pt * (1.0 - pt) * d_mod
+            dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
+            dst = wt * dpt
+        else:
+            dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
+            dst = pt * (1.0 - pt) * dpt
         dk = mma(dst.to(q.dtype), q, dk, DOT_PRECISION)
     return dk, dv
 
