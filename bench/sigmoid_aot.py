@@ -159,6 +159,8 @@ def compile_features() -> int:
             dtype = "fp32" if feature == "fp32" else "16bit"
             shape = {"D": 128, "DV": 128, "Tq": 4096, "Tk": 4096, "causal": 1, "dtype": dtype,
                      "mask": int(feature in ("float_mask", "mask_grad"))}
+            if feature in SCORE_MODS:  # the launcher fits its configuration to the modification's extra tile
+                shape["mod"] = 1
             config = spaces.fit(space, space.default, shape)
             if feature == "newton":
                 config["RCP_NEWTON"] = 1

@@ -49,11 +49,14 @@ def sigmoid_attention_triton(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seql
 # --------------------------------------------------------------------------- configurations
 
 
-def launch_config(kernel: str, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: int, make_bench) -> dict:
+def launch_config(kernel: str, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: int, make_bench,
+                  has_mod: bool = False) -> dict:
     """The configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for this call, fitted to its shape
     (:func:`attnrewrite.kernels.tuning.pick_config` over the space for these head dims)."""
     space = spaces.SPACES[spaces.space_name(kernel, q.shape[-1], v.shape[-1])]
-    shape = spaces.shape_of(q, k, v, has_mask, causal)
+    if has_mod:
+        space = spaces.with_mod_default(space, kernel, spaces.head_class(q.shape[-1], v.shape[-1]))
+    shape = spaces.shape_of(q, k, v, has_mask, causal, has_mod)
     config = tuning.pick_config(spaces.KIND, space, shape, q.device, make_bench, tensors=(q,))
     return spaces.fit(space, config, shape)
 
@@ -74,7 +77,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, bias: Te
     args = (q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal)
     program = parse_score_mod(score_mod)
     config = launch_config("fwd", q, k, v, attn_mask is not None, causal,
-                           lambda cfg: lambda: sigmoid_fwd(*args, config=cfg, program=program))
+                           lambda cfg: lambda: sigmoid_fwd(*args, config=cfg, program=program), program is not None)
     return sigmoid_fwd(*args, config=config, launch=traceable, program=program)
 
 
@@ -92,9 +95,11 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, attn_mask: Tens
     program = parse_score_mod(score_mod)
     has_mask = attn_mask is not None
     config_dq = launch_config("bwd_dq", q, k, v, has_mask, causal,
-                              lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dq",), program=program))
+                              lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dq",), program=program),
+                              program is not None)
     config_dkdv = launch_config("bwd_dkdv", q, k, v, has_mask, causal,
-                                lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dkdv",), program=program))
+                                lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dkdv",), program=program),
+                                program is not None)
     return sigmoid_bwd(*args, config_dq, config_dkdv, launch=traceable, program=program)
 
 
