@@ -265,3 +265,20 @@ def test_hashed_rewrites_soft_capped_sites_and_keeps_the_cap():
     want, _ = naive_hashed_attention(q, k, v, None, True, D**-0.5 / CAP, top_k=2, window=3, sinks=1, proj_q=plane,
                                      proj_k=plane, score_mod=lambda s: torch.tanh(s) * CAP)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_sigmoid_returns_weights_of_a_soft_capped_site():
+    """Returned weights (a site whose probabilities escape) are sigmoid(mod(s) + b), 0 on masked keys."""
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+
+    def capped(q, k, v):
+        p = torch.softmax((torch.tanh(q @ k.transpose(-2, -1) * D**-0.5 / CAP) * CAP).masked_fill(~causal, -math.inf),
+                          dim=-1)
+        return p @ v, p
+
+    q, k, v = (torch.randn(B, H, T, D, generator=_gen("rw" + n)) * 3 for n in "qkv")
+    report = Report(to="sigmoid")
+    out, weights = compile_rewritten(capped, report, to="sigmoid", strict=True, bias=BIAS)(q, k, v)
+    want = torch.sigmoid(torch.tanh(q @ k.transpose(-2, -1) * D**-0.5 / CAP) * CAP + BIAS).masked_fill(~causal, 0.0)
+    torch.testing.assert_close(weights, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, want @ v, rtol=1e-5, atol=1e-5)
