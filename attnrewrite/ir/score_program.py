@@ -85,7 +85,7 @@ def _steps(node: fx.Node, scores: set[fx.Node]) -> list[str]:
     if any(is_score[1:]):
         raise NoProgram(f"reads the scores as an argument of {name} in {node.name}")
     if name in _UNARY:
-        if len(args) > 1 or kwargs:
+        if len(args) > 1 or set(kwargs) - {"inplace"}:  # F.relu(x, inplace=...) computes the same
             raise NoProgram(f"calls {name} with extra arguments in {node.name}")
         return [name]
     if name == "pow":

@@ -127,6 +127,7 @@ SPELLINGS = {
     "square_erf": lambda s: -torch.square(torch.erf(s)),
     "divisor": lambda s: 2.0 / (s.abs() + 1.0),
     "clamp_max": lambda s: torch.clamp_max(torch.exp(s * 0.3), 2.5),
+    "relu_inplace_kwarg": lambda s: torch.nn.functional.relu(s - 0.5, inplace=False) + 1.0,
 }
 
 
