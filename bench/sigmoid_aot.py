@@ -99,6 +99,7 @@ def resources(compiled) -> dict:
 def compile_case(kernel: str, config: dict, head: int, causal: int, dtype=torch.bfloat16, len_q=4096, len_k=4096,
                  feature: str = "") -> dict:
     """Compile one kernel for one configuration; ``feature`` selects an input variant (see FEATURES)."""
+    from attnrewrite.kernels import score_mods
     from attnrewrite.kernels.sigmoid.triton_bwd import sigmoid_bwd
     from attnrewrite.kernels.sigmoid.triton_fwd import sigmoid_fwd
 
@@ -126,19 +127,23 @@ def compile_case(kernel: str, config: dict, head: int, causal: int, dtype=torch.
         causal = 2
     if feature == "newton":
         config = dict(config, RCP_NEWTON=1)
+    program = score_mods.parse(SCORE_MODS.get(feature))
     launch = _Compiled()
     if kernel == "fwd":
-        sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_q, cu_k, 0.1, causal, config, launch=launch)
+        sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_q, cu_k, 0.1, causal, config, launch=launch, program=program)
     else:
         which = ("dq",) if kernel == "bwd_dq" else ("dkdv",)
         sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_q, cu_k, 0.1, causal, feature == "mask_grad",
-                    config, config, launch=launch, kernels=which)
+                    config, config, launch=launch, kernels=which, program=program)
     (_, compiled), = launch.kernels
     return resources(compiled)
 
 
+#: score modifications compiled into the kernels (MOD_FN), one per nonlinear function
+SCORE_MODS = {"softcap": "div 50.0; tanh; mul 50.0", "mod_sigmoid": "sigmoid; mul 2.0", "mod_exp": "mul 0.1; exp",
+              "mod_abs": "abs", "mod_relu": "relu", "mod_erf": "erf; mul 3.0", "mod_square": "square; neg"}
 FEATURES = ("row_bias", "gqa", "kv_lens", "varlen", "float_mask", "mask_grad", "bottom_right", "odd_dims", "fp16", "fp32",
-            "newton")
+            "newton") + tuple(SCORE_MODS)
 
 
 def compile_features() -> int:
@@ -154,6 +159,8 @@ def compile_features() -> int:
             dtype = "fp32" if feature == "fp32" else "16bit"
             shape = {"D": 128, "DV": 128, "Tq": 4096, "Tk": 4096, "causal": 1, "dtype": dtype,
                      "mask": int(feature in ("float_mask", "mask_grad"))}
+            if feature in SCORE_MODS:  # the launcher fits its configuration to the modification's extra tile
+                shape["mod"] = 1
             config = spaces.fit(space, space.default, shape)
             if feature == "newton":
                 config["RCP_NEWTON"] = 1

@@ -149,7 +149,9 @@ def _softmax(args: dict, k: Tensor, v: Tensor, mask: Tensor | None, segments) ->
 
 
 def _sigmoid(args: dict, k: Tensor, v: Tensor, mask: Tensor | None, segments) -> Tensor:
-    common = dict(dropout_p=args["dropout_p"], scale=args["scale"], enable_gqa=args["enable_gqa"])
+    # a score modification acts on each score before the mask, so it commutes with the split into key ranges
+    common = dict(dropout_p=args["dropout_p"], scale=args["scale"], enable_gqa=args["enable_gqa"],
+                  score_mod=args.get("score_mod"))
     bias = args["bias"]
     if not args["is_causal"]:
         return torch.ops.attnrewrite.sigmoid_attention(args["q"], k, v, mask, is_causal=False, bias=bias, **common)

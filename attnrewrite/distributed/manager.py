@@ -170,7 +170,7 @@ class _ContextParallelMode(TorchFunctionMode):
             positions = local_positions(self.rank, self.world, local * self.world, q.device)
             rows = ring.sigmoid_rows(whole, local * self.world, positions, bool(bound["is_causal"]), q.dtype)
         spec = ring.RingSpec(kind, bool(bound["is_causal"]), bound["scale"], bool(bound["enable_gqa"]), bias,
-                             self.rank, self.world)
+                             self.rank, self.world, bound.get("score_mod") if kind == "sigmoid" else None)
         if self._ring is None:
             self._ring = ring.P2PRing(self.group)
         SHARDED_SEQUENCE.depth += 1

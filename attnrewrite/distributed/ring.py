@@ -77,7 +77,9 @@ class P2PRing:
 @dataclass(frozen=True)
 class RingSpec:
     """What the ring computes: ``kind`` ("softmax" or "sigmoid"), causality, the scale, GQA, and
-    sigmoid's bias (a number; ``None`` when the per-row ``rows`` term carries it)."""
+    sigmoid's bias (a number; ``None`` when the per-row ``rows`` term carries it) and score modification
+    (a program of :mod:`attnrewrite.kernels.score_mods`: it acts on each score before the mask, so it
+    commutes with the split into key blocks)."""
 
     kind: str
     causal: bool
@@ -86,6 +88,7 @@ class RingSpec:
     bias: float | None
     rank: int
     world: int
+    score_mod: str | None = None
 
 
 def applies(kind: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
@@ -186,7 +189,8 @@ def _softmax_block_backward(grad, q, k, v, mask, out, lse, diagonal, spec):
 
 
 def _sigmoid_block(q, k, v, mask, rows, diagonal, spec):
-    common = dict(dropout_p=0.0, is_causal=diagonal, scale=spec.scale, enable_gqa=spec.enable_gqa)
+    common = dict(dropout_p=0.0, is_causal=diagonal, scale=spec.scale, enable_gqa=spec.enable_gqa,
+                  score_mod=spec.score_mod)
     if rows is None:
         return torch.ops.attnrewrite.sigmoid_attention(q, k, v, mask, bias=spec.bias, **common)
     folded = rows if mask is None else rows + additive(mask, rows.dtype)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from attnrewrite.ir.score_program import score_program
 from attnrewrite.ir.spec import MASKED_SCORE, PADDING_GUARD, AttentionSpec, MaskTerm, ScoreMod, Step, TensorRef
 
 Lookup = Callable[[fx.Node], Any]
@@ -157,6 +158,9 @@ class AttentionCall:
     kv_groups: int = 1
     dtype: torch.dtype | None = None
     bool_mask: bool = False  # static: attn_mask is a bool keep-mask (all terms keep/drop)
+    #: ``score_mod`` as a program of elementwise steps (:mod:`attnrewrite.ir.score_program`), for kinds
+    #: whose ops take it as text; None without a modification or when it has no program
+    score_program: str | None = None
 
     def scaled_q(self) -> Any:
         return self.q if self.q_factor is None else self.q * self.q_factor
@@ -188,6 +192,7 @@ def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, drop
         scale=spec.scale,
         enable_gqa=spec.kv_groups > 1,
         score_mod=None if spec.score_mod is None else bind_score_mod(spec.score_mod, lookup),
+        score_program=score_program(spec.score_mod)[0],
         kv_groups=spec.kv_groups,
         dtype=dtype,
         bool_mask=bool(spec.bias) and all(t.kind != "add" for t in spec.bias),

@@ -9,19 +9,23 @@ selected keys and values.
 
 A site can be rewritten to ``hashed`` when it is causal self-attention whose other mask parts are
 the same for every head (bool masks and additive biases are honoured: the selection never picks a
-masked key, and a bias is added to the selected keys' scores), without dropout or a score
-modification; other sites are skipped with the reason.  Returned attention weights are not
+masked key, and a bias is added to the selected keys' scores), without dropout; a score modification
+with a program (:mod:`attnrewrite.ir.score_program`) is applied to the selected keys' scores before the
+mask (on the torch path; the selection reads codes, not scores), as a decoding step through
+``HashedCache``, which runs the site's own code, applies it.  Other sites are skipped with the reason.  Returned attention weights are not
 supplied (such sites are skipped).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 import attnrewrite.kernels.hashed.public  # noqa: F401 — registers attnrewrite::hashed_attention
 from attnrewrite.ir.canonical import AttentionCall
+from attnrewrite.ir.score_program import score_program
 from attnrewrite.ir.spec import AttentionSpec
 from attnrewrite.kernels.hashed.op import HASHES
 from attnrewrite.kernels.hashed.state import HashProjections
@@ -37,6 +41,14 @@ def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
     if options.get("impl") == "triton" and options.get("hash") == "learned":
         return ("impl='triton' with hash='learned' (the Triton kernels do not implement the learned "
                 "projections' straight-through gradient; use impl='auto' or 'torch')")
+    if spec.score_mod is not None:  # applied by the op when it has a program; the rest as for any site
+        if options.get("impl") == "triton":
+            return ("impl='triton' with a score modification (the hashed kernels do not apply one; "
+                    "impl='auto' or 'torch' runs it on the torch path)")
+        reason = score_program(spec.score_mod)[1]
+        if reason is not None:
+            return reason
+        spec = replace(spec, score_mod=None)
     reason = causal_self_attention_reason(spec, "hashed")
     if reason is not None:
         return reason
@@ -55,7 +67,7 @@ def emit(call: AttentionCall, options: dict[str, Any], state) -> Any:
         call.scaled_q(), call.k, call.v, call.attn_mask, 0.0, True, call.scale, call.enable_gqa,
         bits=options["bits"], top_k=options["top_k"], window=options["window"], sinks=options["sinks"],
         hash=options["hash"], q_projection=q_projection, k_projection=k_projection, seed=options["seed"],
-        impl=options["impl"])
+        score_mod=call.score_program, impl=options["impl"])
 
 
 def make_state(spec: AttentionSpec, options: dict[str, Any]):
@@ -83,5 +95,6 @@ KIND = register(Kind(
     description="hashed attention: exact softmax over sinks, a recent window and the top-k keys by code agreement",
     make_state=make_state,
     expected_skips={target: "not causal self-attention" for target in ("bert", "vit", "singlecell")},
+    score_mod=True,  # applies call.score_program when the modification has one (supports says why not)
     example_options={"top_k": 2, "window": 2, "sinks": 1},
 ))

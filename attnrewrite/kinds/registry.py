@@ -38,8 +38,11 @@ class Kind:
             kind with parameters or fixed random draws (learned feature maps, summary queries,
             hash projections) for these options; None when the options need none. States are
             attached to the model by :func:`attnrewrite.convert` before compiling.
-        score_mod: True when ``emit`` applies ``call.score_mod`` (an elementwise function of the
-            scores, e.g. soft-capping) before its own normalisation.  Sites with a score
+        score_mod: True when ``emit`` applies a site's score modification (an elementwise function of
+            the scores, e.g. soft-capping) before its own normalisation: ``call.score_mod`` replayed
+            from the graph (softmax), or ``call.score_program`` passed to the kind's op (sigmoid,
+            sliding_window), whose ``supports`` then refuses modifications without a program
+            (:func:`attnrewrite.ir.score_program.score_program` says why).  Sites with a score
             modification are skipped, with that reason, for kinds that do not.
         expected_skips: data for the tests generated from the registry (``tests/kinds``): the
             reference targets (:mod:`attnrewrite.testing.targets`) whose attention this kind cannot

@@ -2,7 +2,11 @@
 (:mod:`attnrewrite.kernels.sigmoid.public`).
 
 Sigmoid attention honours every mask a softmax site can have (bool, additive, causal, padding),
-grouped-query attention, dropout and returned weights, so every certified site can be rewritten.
+grouped-query attention, dropout and returned weights, and applies a score modification (Gemma-2's
+soft-capping and any chain of the elementwise steps of :mod:`attnrewrite.kernels.score_mods`) before
+the mask and its bias: sigmoid(mod(s·q·kᵀ) + mask + b).  It skips only sites whose modification reads
+a tensor or a symbolic number (no program, :mod:`attnrewrite.ir.score_program`), and modified sites
+under ``learned=True`` (the learned temperature would scale the scores before the modification).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 
 import attnrewrite.kernels.sigmoid.public  # noqa: F401 — registers attnrewrite::sigmoid_attention
 from attnrewrite.ir.canonical import AttentionCall
+from attnrewrite.ir.score_program import score_program
 from attnrewrite.ir.spec import AttentionSpec
 from attnrewrite.kernels.sigmoid.state import SigmoidHeadState
 from attnrewrite.kinds.options import auto_or_number, flag
@@ -43,11 +48,12 @@ def _scores_operands(call: AttentionCall, state) -> tuple[Any, Any, Any]:
 def emit(call: AttentionCall, options: dict[str, Any], state) -> Any:
     q, k, scale = _scores_operands(call, state)
     return torch.ops.attnrewrite.sigmoid_attention(q, k, call.v, call.attn_mask, call.dropout_p,
-                                                   call.is_causal, scale, call.enable_gqa, bias=_bias(options))
+                                                   call.is_causal, scale, call.enable_gqa, bias=_bias(options),
+                                                   score_mod=call.score_program)
 
 
 def weights(call: AttentionCall, options: dict[str, Any], state) -> Any:
-    """sigmoid(scale·q·kᵀ + mask + b), 0 where a key is masked: [B, Hq, Tq, Tk] (returned weights only).
+    """sigmoid(mod(scale·q·kᵀ) + mask + b), 0 where a key is masked: [B, Hq, Tq, Tk] (returned weights only).
 
     Written with tensor ops and static flags only, so it records into a graph as it runs eagerly.
     """
@@ -56,6 +62,8 @@ def weights(call: AttentionCall, options: dict[str, Any], state) -> Any:
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scale = scale if scale is not None else q.shape[-1] ** -0.5
     scores = (q @ k.transpose(-2, -1)).float() * scale
+    if call.score_mod is not None:  # the graph's own modification, replayed (supports() saw it has a program)
+        scores = call.score_mod(scores)
     keep = torch.ones_like(scores, dtype=torch.bool)
     if call.attn_mask is not None:
         if call.bool_mask:
@@ -74,9 +82,12 @@ def weights(call: AttentionCall, options: dict[str, Any], state) -> Any:
 
 
 def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
-    if getattr(spec, "score_mod", None) is not None:
-        return "a score modification (not applied by the sigmoid kernels yet)"
-    return None
+    if spec.score_mod is None:
+        return None
+    if options["learned"]:
+        return "a score modification with learned=True (the head temperature would scale the scores it reads)"
+    _, reason = score_program(spec.score_mod)
+    return reason
 
 
 def make_state(spec: AttentionSpec, options: dict[str, Any]):
@@ -96,4 +107,5 @@ KIND = register(Kind(
     description="sigmoid attention Σ sigmoid(s·q·kᵀ + b)·v, b = −log(n) by default",
     weights=weights,
     make_state=make_state,
+    score_mod=True,  # applies call.score_program when the modification has one (supports says why not)
 ))

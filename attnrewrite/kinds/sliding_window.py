@@ -7,7 +7,9 @@ skipped (``"skip"``).  The site's own mask is kept and restricts the window furt
 sees a key only when the site's mask *and* the window allow it, so a site that already has a sliding
 window (Mistral, Gemma-2's local layers) keeps the smaller of the two — exactly, by construction, for
 any mask the resolver proved, with nothing to recognise about that mask.  Grouped-query heads and
-dropout are kept.  Sites whose queries and keys differ in length (cross-attention, attention over a
+dropout are kept, and a score modification with a program (:mod:`attnrewrite.ir.score_program`:
+soft-capping and chains of elementwise steps) is applied before the mask, on the torch path (the
+Triton kernels refuse it, so ``impl="auto"`` runs the torch path for such sites).  Sites whose queries and keys differ in length (cross-attention, attention over a
 cache) are skipped: the window is over positions of one sequence.  Returned attention weights are
 not supplied (such sites are skipped).
 """
@@ -20,6 +22,7 @@ import torch
 
 import attnrewrite.kernels.sliding_window.public  # noqa: F401 — registers attnrewrite::sliding_window_attention
 from attnrewrite.ir.canonical import AttentionCall
+from attnrewrite.ir.score_program import score_program
 from attnrewrite.ir.spec import AttentionSpec
 from attnrewrite.kinds.options import integer, one_of
 from attnrewrite.kinds.registry import Kind, register
@@ -33,14 +36,14 @@ def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
                 "cannot be placed")
     if not spec.causal and options["bidirectional"] == "skip":
         return "bidirectional attention, and bidirectional='skip' was asked (use 'symmetric' for |i − j| < window)"
-    return None
+    return score_program(spec.score_mod)[1]
 
 
 def emit(call: AttentionCall, options: dict[str, Any], state) -> Any:
     return torch.ops.attnrewrite.sliding_window_attention(call.scaled_q(), call.k, call.v, call.attn_mask,
                                                           call.dropout_p, call.is_causal, call.scale,
                                                           call.enable_gqa, window=options["window"],
-                                                          sinks=options["sinks"])
+                                                          sinks=options["sinks"], score_mod=call.score_program)
 
 
 KIND = register(Kind(
@@ -54,4 +57,5 @@ KIND = register(Kind(
     },
     description="sliding-window attention: exact softmax over the last `window` keys (+ `sinks` first keys)",
     example_options={"window": 4, "sinks": 1},
+    score_mod=True,  # applies call.score_program when the modification has one (supports says why not)
 ))

@@ -22,19 +22,24 @@ shape, and an existing model can be rewritten without training (the quality of a
 what ``bench/quality_decode_kinds.py`` measures).
 
 A site can be rewritten to ``summary`` when it is causal self-attention whose other mask parts are
-key padding only (no additive bias, no mask varying across queries or heads), without dropout or a
-score modification; other sites are skipped with the reason.  Returned attention weights are not
+key padding only (no additive bias, no mask varying across queries or heads), without dropout; a score
+modification with a program (:mod:`attnrewrite.ir.score_program`: soft-capping, chains of elementwise
+steps) is applied to every score, the window's and the summaries', before the softmax (on the torch path:
+the rewriter's op runs it), and a decoding step through ``SummaryCache`` runs the site's own code, which
+applies the same modification to the same scores.  Other sites are skipped with the reason.  Returned attention weights are not
 supplied (such sites are skipped).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 import attnrewrite.kernels.summary.public  # noqa: F401 — registers attnrewrite::summary_attention
 from attnrewrite.ir.canonical import AttentionCall
+from attnrewrite.ir.score_program import score_program
 from attnrewrite.ir.spec import AttentionSpec
 from attnrewrite.kernels.summary.op import SUMMARIES
 from attnrewrite.kernels.summary.state import SummaryPooling
@@ -47,6 +52,14 @@ from attnrewrite.kinds.registry import Kind, register
 
 
 def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
+    if spec.score_mod is not None:  # applied by the op when it has a program; the rest as for any site
+        if options.get("impl") == "triton":
+            return ("impl='triton' with a score modification (the summary kernels do not apply one; "
+                    "impl='auto' or 'torch' runs it on the torch path)")
+        reason = score_program(spec.score_mod)[1]
+        if reason is not None:
+            return reason
+        spec = replace(spec, score_mod=None)
     reason = causal_self_attention_reason(spec, "summary")
     if reason is not None:
         return reason
@@ -64,7 +77,7 @@ def emit(call: AttentionCall, options: dict[str, Any], state) -> Any:
     return torch.ops.attnrewrite.summary_attention(
         call.scaled_q(), call.k, call.v, call.attn_mask, 0.0, True, call.scale, call.enable_gqa,
         chunk_size=options["chunk_size"], window_chunks=options["window_chunks"], summary=options["summary"],
-        summary_query=summary_query, impl=options["impl"])
+        summary_query=summary_query, score_mod=call.score_program, impl=options["impl"])
 
 
 def make_state(spec: AttentionSpec, options: dict[str, Any]):
@@ -90,4 +103,5 @@ KIND = register(Kind(
     make_state=make_state,
     expected_skips={target: "not causal self-attention" for target in ("bert", "vit", "singlecell")},
     example_options={"chunk_size": 2, "window_chunks": 1},
+    score_mod=True,  # applies call.score_program when the modification has one (supports says why not)
 ))

@@ -44,10 +44,13 @@ OPTIONS = {
 CELLS = [(name, causal, world) for name in OPTIONS for causal in (True, False) for world in (2, 3)]
 CELLS += [("sigmoid_attention-bias", causal, 2) for causal in (True, False)]
 CELLS += [("dual_triangle_attention", False, 3)]
+# a score modification (soft-capping) travels with the rank's calls
+CELLS += [(name, causal, 2) for name in ("sigmoid_attention-softcap", "sliding_window_attention-softcap")
+          for causal in (True, False)]
 CELLS = [(name, causal, world, True) for name, causal, world in CELLS]
 # no key mask: softmax and sigmoid take their blockwise paths (log-sum-exp merge / plain sum)
-CELLS += [(name, True, world, False) for name in ("softmax_attention", "sigmoid_attention", "sigmoid_attention-bias")
-          for world in (1, 2, 3)]
+CELLS += [(name, True, world, False) for name in ("softmax_attention", "sigmoid_attention", "sigmoid_attention-bias",
+                                                  "sigmoid_attention-softcap") for world in (1, 2, 3)]
 
 
 def _args(op, q, options, causal):
@@ -63,6 +66,9 @@ def test_ranks_together_compute_the_whole_op(name, causal, world, padded):
     options = dict(OPTIONS.get(name, {}))
     if name == "sigmoid_attention-bias":
         name, options = "sigmoid_attention", {"bias": -1.5}
+    elif name.endswith("-softcap"):
+        name = name.removesuffix("-softcap")
+        options = {**OPTIONS[name], "score_mod": "div 0.5; tanh; mul 0.5"}
     op = getattr(torch.ops.attnrewrite, name)
     g = torch.Generator().manual_seed(world + 10 * causal)
     q, k, v = (torch.randn(2, h, T, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))

@@ -29,6 +29,7 @@ from attnrewrite.kernels.sigmoid.api import sigmoid_attention_dispatch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 B, H, HKV, T, D = 1, 2, 1, 8, 8
+SOFTCAP = "div 2.0; tanh; mul 2.0"
 
 
 def _layout(name: str, heads: int, t: int = T, d: int = D) -> torch.Tensor:
@@ -92,6 +93,12 @@ def _run_paths(layout: str) -> None:
         ops.hashed_attention(q, k, v, is_causal=True, enable_gqa=True, bits=8, top_k=2, window=2, sinks=1,
                              impl="triton"),
         ops.sliding_window_attention(q, k, v, enable_gqa=True, window=3, sinks=1, impl="triton"),
+        # the ops' score-modification argument (soft-capping), on each path that applies one
+        sigmoid_attention_dispatch(q, k, v, is_causal=True, enable_gqa=True, impl="torch", score_mod=SOFTCAP),
+        sigmoid_attention_dispatch(q, k, v, is_causal=True, enable_gqa=True, impl="triton", score_mod=SOFTCAP),
+        ops.summary_attention(q, k, v, enable_gqa=True, chunk_size=2, window_chunks=1, score_mod=SOFTCAP),
+        ops.hashed_attention(q, k, v, is_causal=True, enable_gqa=True, bits=8, top_k=2, window=2, sinks=1,
+                             score_mod=SOFTCAP),
     ]
     torch.autograd.grad(sum(o.float().sum() for o in outs), (q, k, v))
     # a float mask that needs a gradient (the backward ops' mask-gradient output)

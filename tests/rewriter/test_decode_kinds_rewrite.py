@@ -2,7 +2,6 @@
 op; bidirectional, cross-attention, masked-per-query and score-modified sites are skipped with the reason;
 learned variants get their parameters from convert and train."""
 
-import types
 
 import pytest
 import torch
@@ -12,7 +11,6 @@ import torch.nn.functional as F
 import attnrewrite
 from attnrewrite.kernels.hashed.reference import naive_hashed_attention
 from attnrewrite.kernels.summary.reference import naive_summary_attention
-from attnrewrite.kinds import get
 from attnrewrite.rewriter.report import Report
 from attnrewrite.targets import bert, llama
 from attnrewrite.testing.checks import compile_rewritten
@@ -105,13 +103,6 @@ def test_a_mask_that_varies_across_queries_is_skipped_by_summary_only():
         assert bool(report.rewritten) == rewritten, report
         if not rewritten:
             assert "varies across queries" in report.attention_sites()[0].reason
-
-
-@pytest.mark.parametrize("kind", ["summary", "hashed"])
-def test_score_modification_is_a_reason(kind):
-    spec = types.SimpleNamespace(score_mod=lambda score, *index: score, causal=True)
-    reason = get(kind).supports(spec, {**get(kind).options})
-    assert reason is not None and "score modification" in reason
 
 
 @pytest.mark.parametrize("kind,option", [("summary", {"summary": "learned"}), ("hashed", {"hash": "learned"})])

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from attnrewrite.kernels._ops import kernel_op, sdpa_schema
 from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_qkv, refuse_torch_context_parallel
+from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
 from .codes import projections, random_hyperplanes
 from .sparse import hashed_attention_backward, hashed_attention_forward
@@ -69,15 +70,19 @@ def _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection):
 def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
              is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, bits: int = 64,
              top_k: int = 256, window: int = 64, sinks: int = 4, hash: str = "random",
-             q_projection: Optional[Tensor] = None, k_projection: Optional[Tensor] = None, seed: int = 0) -> Tensor:
+             q_projection: Optional[Tensor] = None, k_projection: Optional[Tensor] = None, seed: int = 0,
+             score_mod: Optional[str] = None) -> Tensor:
     check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
                  q_projection, k_projection)
     scale, proj_q, proj_k, mask = _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection)
-    return hashed_attention_forward(q, k, v, mask, is_causal, scale, bits, top_k, window, sinks, proj_q, proj_k)
+    return hashed_attention_forward(q, k, v, mask, is_causal, scale, bits, top_k, window, sinks, proj_q, proj_k,
+                                    parse_score_mod(score_mod))
 
 
 def _forward_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, bits=64,
-                  top_k=256, window=64, sinks=4, hash="random", q_projection=None, k_projection=None, seed=0):
+                  top_k=256, window=64, sinks=4, hash="random", q_projection=None, k_projection=None, seed=0,
+                  score_mod=None):
+    parse_score_mod(score_mod)  # a bad program fails while tracing, as when run
     check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
                  q_projection, k_projection)
     return q.new_empty(*q.shape[:-1], v.shape[-1])
@@ -86,11 +91,12 @@ def _forward_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale
 def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
               scale: Optional[float], bits: int, top_k: int, window: int, sinks: int,
               q_projection: Optional[Tensor], k_projection: Optional[Tensor],
-              seed: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+              seed: int, score_mod: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     scale, proj_q, proj_k, mask = _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection)
     learned = q_projection is not None
     dq, dk, dv, d_pq, d_pk = hashed_attention_backward(grad.contiguous(), q, k, v, mask, is_causal, scale, bits,
-                                                       top_k, window, sinks, proj_q, proj_k, learned)
+                                                       top_k, window, sinks, proj_q, proj_k, learned,
+                                                       parse_score_mod(score_mod))
     dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
     if not learned:
         return dq, dk, dv, q.new_empty(0), q.new_empty(0)
@@ -98,7 +104,7 @@ def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional
 
 
 def _backward_fake(grad, q, k, v, attn_mask, is_causal, scale, bits, top_k, window, sinks, q_projection, k_projection,
-                   seed):
+                   seed, score_mod=""):
     d_pq = q.new_empty(0) if q_projection is None else q_projection.new_empty(q_projection.shape)
     d_pk = q.new_empty(0) if k_projection is None else k_projection.new_empty(k_projection.shape)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_pq, d_pk
@@ -106,19 +112,19 @@ def _backward_fake(grad, q, k, v, attn_mask, is_causal, scale, bits, top_k, wind
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, _dropout, is_causal, scale, _gqa, bits, top_k, window, sinks, _hash, q_projection,
-     k_projection, seed) = inputs
+     k_projection, seed, score_mod) = inputs
     ctx.save_for_backward(q, k, v, attn_mask, q_projection, k_projection)
     ctx.options = (is_causal, scale, bits, top_k, window, sinks)
-    ctx.seed = seed
+    ctx.seed, ctx.score_mod = seed, score_mod or ""
 
 
 def _autograd(ctx, grad):
     q, k, v, attn_mask, q_projection, k_projection = ctx.saved_tensors
     dq, dk, dv, d_pq, d_pk = torch.ops.attnrewrite.hashed_attention_backward(
-        grad, q, k, v, attn_mask, *ctx.options, q_projection, k_projection, ctx.seed)
+        grad, q, k, v, attn_mask, *ctx.options, q_projection, k_projection, ctx.seed, ctx.score_mod)
     learned = q_projection is not None
     return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None,
-            d_pq if learned else None, d_pk if learned else None, None)
+            d_pq if learned else None, d_pk if learned else None, None, None)
 
 
 # SymInt, not int: the schema custom_op infers from ``int`` annotations, kept as it was.  The public op
@@ -126,7 +132,7 @@ def _autograd(ctx, grad):
 hashed_attention_op = kernel_op(
     "hashed_attention_torch", _forward, fake=_forward_fake, backward=_autograd, setup_context=_setup_context,
     schema=sdpa_schema('SymInt bits=64, SymInt top_k=256, SymInt window=64, SymInt sinks=4, str hash="random", '
-                       "Tensor? q_projection=None, Tensor? k_projection=None, SymInt seed=0"))
+                       "Tensor? q_projection=None, Tensor? k_projection=None, SymInt seed=0, str? score_mod=None"))
 hashed_attention_backward_op = kernel_op("hashed_attention_backward", _backward, fake=_backward_fake)
 
 

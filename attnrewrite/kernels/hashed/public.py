@@ -23,7 +23,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
                      bits: int = 64, top_k: int = 256, window: int = 64, sinks: int = 4, hash: str = "random",
                      projections: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
-                     impl: str = "auto") -> torch.Tensor:
+                     impl: str = "auto", score_mod: str | None = None) -> torch.Tensor:
     """Hashed attention with the signature of ``F.scaled_dot_product_attention``, layout [B, H, T, D].
 
     Each query attends (exact softmax of scale·q·k + bias) to its first ``sinks`` and last ``window``
@@ -49,6 +49,9 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
             ``"triton"`` always runs the kernels (on the CPU only under ``TRITON_INTERPRET=1``) or
             raises, naming why; ``"torch"`` runs the torch path (``attnrewrite::hashed_attention_torch``).
             Both select the same keys.
+        score_mod: a score modification program (:mod:`attnrewrite.kernels.score_mods`) applied to
+            scale·q·k of the selected keys before the mask and the softmax (the selection reads codes,
+            not scores); the torch path only (``"auto"`` takes it, ``"triton"`` raises).
 
     Returns:
         [B, Hq, Tq, Dv] in q's dtype.  Inside ``torch.autocast`` the floating-point inputs (float64
@@ -59,27 +62,31 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     return torch.ops.attnrewrite.hashed_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                   bits=bits, top_k=top_k, window=window, sinks=sinks, hash=hash,
                                                   q_projection=q_projection, k_projection=k_projection, seed=seed,
-                                                  impl=impl)
+                                                  score_mod=score_mod, impl=impl)
 
 
 def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, bits=64, top_k=256,
-          window=64, sinks=4, hash="random", q_projection=None, k_projection=None, seed=0, impl="auto"):
+          window=64, sinks=4, hash="random", q_projection=None, k_projection=None, seed=0, score_mod=None,
+          impl="auto"):
     """The composite op's body (run with autocast off, the inputs in the dtype the call runs in)."""
-    if _path(impl, q, v, hash) == "triton":
+    if _path(impl, q, v, hash, score_mod) == "triton":
         return _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window,
                            sinks, hash, seed)
     return torch.ops.attnrewrite.hashed_attention_torch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                         bits=bits, top_k=top_k, window=window, sinks=sinks,
                                                         hash=hash, q_projection=q_projection,
-                                                        k_projection=k_projection, seed=seed)
+                                                        k_projection=k_projection, seed=seed, score_mod=score_mod)
 
 
-def _path(impl: str, q, v, hash: str) -> str:
+def _path(impl: str, q, v, hash: str, score_mod: str | None = None) -> str:
+    refusal = ("the Triton kernels do not implement hash='learned' (the projections' straight-through "
+               "gradient)") if hash == "learned" else None
+    if score_mod:
+        refusal = "the Triton kernels do not apply a score modification"
     return resolve_impl(
         impl, q.device, what=_op.WHAT, dtype=call_dtype(q), head_dims=(q.shape[-1], v.shape[-1]),
         triton_dtypes=_TRITON_DTYPES,
-        refusal=("the Triton kernels do not implement hash='learned' (the projections' straight-through "
-                 "gradient)") if hash == "learned" else None,
+        refusal=refusal,
         available=_triton is not None, interpreter_active=lambda: _triton.interpreter_active())
 
 
@@ -95,5 +102,6 @@ def _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bit
 
 composite_op("hashed_attention", sdpa_schema('SymInt bits=64, SymInt top_k=256, SymInt window=64, SymInt sinks=4, '
                                              'str hash="random", Tensor? q_projection=None, '
-                                             'Tensor? k_projection=None, SymInt seed=0, str impl="auto"'), _impl)
+                                             'Tensor? k_projection=None, SymInt seed=0, str? score_mod=None, '
+                                             'str impl="auto"'), _impl)
 sdpa_autocast("hashed_attention")  # q/k in fp32 beside a bf16 v run in bf16, as SDPA does

@@ -16,6 +16,7 @@ Codes are compared bit by bit here, from Python booleans.  Small inputs only.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -35,12 +36,14 @@ def _code_bits(x: torch.Tensor, projection: torch.Tensor) -> list:
 
 def naive_hashed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
                            is_causal: bool = False, scale: float | None = None, *, top_k: int = 256,
-                           window: int = 64, sinks: int = 4, proj_q: torch.Tensor, proj_k: torch.Tensor):
+                           window: int = 64, sinks: int = 4, proj_q: torch.Tensor, proj_k: torch.Tensor,
+                           score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None):
     """q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] → (out [B, Hq, Tq, Dv], selected sets).
 
     ``attn_mask``: bool (True = may attend) or float (added to the scores; entries ≤ −10⁴ exclude
     the key), broadcastable to [B, 1, Tq, Tk].  ``proj_q``/``proj_k``: [D, bits] or [H, D, bits].
     ``selected[b][h][i]`` is the sorted list of key indices chosen for that group and query.
+    ``score_mod``: an elementwise function applied to scale·q·k of the chosen keys before the mask, or None.
     """
     batch, heads_q, t_q, dim = q.shape
     heads_kv, t_k = k.shape[1], k.shape[2]
@@ -79,6 +82,8 @@ def naive_hashed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at
                     continue
                 for hq in heads:
                     logits = (k[b, h, chosen] @ q[b, hq, i]) * scale
+                    if score_mod is not None:
+                        logits = score_mod(logits)
                     if mask is not None and mask.dtype != torch.bool:
                         logits = logits + mask[b, 0, i, chosen].to(logits.dtype)
                     probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=0)

@@ -173,21 +173,26 @@ def scatter_add(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor)
     target.view(batch * heads * length, dim).index_add_(0, flat, values.to(target.dtype))
 
 
-def _block_probs(q, k_sel, index, bias, scale):
-    """(q grouped [B, Hkv, g, n, D], probabilities [B, Hkv, g, n, S]) in the work dtype."""
+def _block_probs(q, k_sel, index, bias, scale, score_mod=None, want_grad=False):
+    """(q grouped [B, Hkv, g, n, D], probabilities [B, Hkv, g, n, S], mod') in the work dtype; mod' is the
+    derivative of the score modification (a ``ScoreProgram``, applied to scale·q·k before the bias) at
+    the selected entries when ``want_grad`` and there is one, else None."""
     batch, heads_q, rows, dim = q.shape
     heads_kv = k_sel.shape[1]
     dtype = work_dtype(q.dtype)
     q5 = q.reshape(batch, heads_kv, heads_q // heads_kv, rows, dim)
     # the backward passes k_sel already in the work dtype: q follows it (a 16-bit q would not mix)
     logits = torch.einsum("bkgnd,bknsd->bkgns", q5.to(k_sel.dtype), k_sel).to(dtype) * scale
+    mod_grad = None
+    if score_mod is not None:
+        logits, mod_grad = score_mod.with_grad(logits) if want_grad else (score_mod(logits), None)
     if bias is not None:  # [B|1, n, Tk] → the selected entries
         bias = bias.to(dtype)[:, None].expand(batch, heads_kv, rows, bias.shape[-1]).gather(-1, index.clamp(min=0))
         logits = logits + bias[:, :, None]
     valid = (index >= 0)[:, :, None]                                                    # [B, Hkv, 1, n, S]
     logits = logits.masked_fill(~valid, torch.finfo(dtype).min)
     probs = torch.softmax(logits, dim=-1) * valid.any(-1, keepdim=True).to(dtype)
-    return q5.to(dtype), probs
+    return q5.to(dtype), probs, mod_grad
 
 
 def _rows_per_block(q: torch.Tensor, k: torch.Tensor, selected: int) -> int:
@@ -257,15 +262,17 @@ def _attend_csr(q_rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 def hashed_attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, bits: int, top_k: int, window: int,
-                             sinks: int, proj_q, proj_k) -> torch.Tensor:
+                             sinks: int, proj_q, proj_k, score_mod=None) -> torch.Tensor:
     """Hashed attention on checked inputs: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D|Dv] → [B, Hq, Tq, Dv].
 
     ``proj_q``/``proj_k``: float64 projections (see :func:`attnrewrite.kernels.hashed.codes.projections`).
     Semantics: :mod:`attnrewrite.kernels.hashed.reference`.  On the CPU the attention over the selected
-    keys is sparse (:func:`_attend_csr`); elsewhere it gathers them.
+    keys is sparse (:func:`_attend_csr`); elsewhere, and with a score modification (``score_mod``, a
+    ``ScoreProgram`` applied to scale·q·k before the bias; the selection does not read scores), it
+    gathers them.
     """
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
-    sparse = q.device.type == "cpu" and USE_CSR
+    sparse = q.device.type == "cpu" and USE_CSR and score_mod is None
     if sparse:
         dtype = work_dtype(q.dtype)
         keys, values = k.reshape(-1, k.shape[-1]).to(dtype), v.reshape(-1, v.shape[-1]).to(dtype)
@@ -274,14 +281,14 @@ def hashed_attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, 
         if sparse:
             out[:, :, rows] = _attend_csr(q_rows, keys, values, index, bias, scale).to(out.dtype)
             continue
-        _, probs = _block_probs(q_rows, gather(k, index), index, bias, scale)
+        _, probs, _ = _block_probs(q_rows, gather(k, index), index, bias, scale, score_mod)
         o = torch.einsum("bkgns,bknsv->bkgnv", probs.to(v.dtype), gather(v, index))
         out[:, :, rows] = o.reshape(q.shape[0], q.shape[1], -1, v.shape[-1])
     return out
 
 
 def hashed_attention_backward(grad, q, k, v, attn_mask, is_causal: bool, scale: float, bits: int, top_k: int,
-                              window: int, sinks: int, proj_q, proj_k, learned: bool):
+                              window: int, sinks: int, proj_q, proj_k, learned: bool, score_mod=None):
     """(dq, dk, dv, d_proj_q or None, d_proj_k or None) of :func:`hashed_attention_forward`."""
     dtype = work_dtype(q.dtype)
     batch, heads_q, _, dim = q.shape
@@ -296,13 +303,14 @@ def hashed_attention_backward(grad, q, k, v, attn_mask, is_causal: bool, scale: 
     for rows, q_rows, index, bias in hashed_blocks(q, k, attn_mask, is_causal, bits, top_k, window, sinks,
                                                    proj_q, proj_k):
         k_sel, v_sel = gather(k, index).to(dtype), gather(v, index).to(dtype)
-        q5, probs = _block_probs(q_rows, k_sel, index, bias, scale)
+        q5, probs, mod_grad = _block_probs(q_rows, k_sel, index, bias, scale, score_mod, want_grad=True)
         d_out = grad[:, :, rows].reshape(q5.shape[:-1] + (v.shape[-1],)).to(dtype)
         d_probs = torch.einsum("bkgnv,bknsv->bkgns", d_out, v_sel)
-        d_logits = probs * (d_probs - (probs * d_probs).sum(-1, keepdim=True))
-        dq[:, :, rows] = (scale * torch.einsum("bkgns,bknsd->bkgnd", d_logits, k_sel)).reshape(
+        d_logits = probs * (d_probs - (probs * d_probs).sum(-1, keepdim=True))  # at the softmax's input
+        d_scores = d_logits if mod_grad is None else d_logits * mod_grad  # at scale·q·k
+        dq[:, :, rows] = (scale * torch.einsum("bkgns,bknsd->bkgnd", d_scores, k_sel)).reshape(
             batch, heads_q, -1, dim)
-        scatter_add(dk, index, scale * torch.einsum("bkgns,bkgnd->bknsd", d_logits, q5))
+        scatter_add(dk, index, scale * torch.einsum("bkgns,bkgnd->bknsd", d_scores, q5))
         scatter_add(dv, index, torch.einsum("bkgns,bkgnv->bknsv", probs, d_out))
         if learned:
             soft_k_sel = gather(soft_k, index)                                             # [B, Hkv, n, S, bits]

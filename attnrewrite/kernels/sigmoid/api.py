@@ -16,6 +16,8 @@ import torch
 from attnrewrite.kernels._ops import resolve_impl
 from attnrewrite.kernels.checks import check_dropout, check_kv_lens, check_mask_dtype, check_qkv
 
+from attnrewrite.kernels.score_mods import parse as parse_score_mod
+
 from .chunked import chunk_sigmoid_attention
 
 try:  # the Triton path is optional: the torch path works wherever torch does
@@ -61,6 +63,7 @@ def sigmoid_attention_dispatch(
     cu_seqlens_k: torch.Tensor | None = None,
     causal_align: str = "top_left",
     impl: str = "auto",
+    score_mod: str | None = None,
 ) -> torch.Tensor:
     """Sigmoid attention: ``out_i = sum_j sigmoid(scale * q_i.k_j + attn_mask_ij + b) * v_j`` over visible keys.
 
@@ -104,6 +107,12 @@ def sigmoid_attention_dispatch(
 
     ``dropout_p`` drops attention weights as SDPA does; only the torch path implements it.
 
+    ``score_mod``: a score modification program (:mod:`attnrewrite.kernels.score_mods`, e.g. Gemma-2's
+    soft-capping ``"div 50.0; tanh; mul 50.0"``) applied to scale·q_i·k_j before ``attn_mask`` and b:
+    out_i = Σ_j sigmoid(mod(scale·q_i·k_j) + attn_mask_ij + b)·v_j.  Both paths apply it in forward and
+    backward; the Triton kernels take programs with at most one nonlinear step (tanh, sigmoid, exp, abs,
+    relu, erf, square) between affine ones, and ``impl="auto"`` sends any other program to the torch path.
+
     ``impl``: ``"auto"`` runs the Triton kernels on CUDA for float16/bfloat16 (the torch path when
     dropout_p > 0, for float32, whose exact products the kernels can only do on the FMA pipes, and
     for head dims over 256) and the torch path elsewhere; ``"triton"`` always runs the kernels (on the CPU only under
@@ -112,7 +121,8 @@ def sigmoid_attention_dispatch(
     """
     problem = _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                         bias, kv_lens, cu_seqlens_q, cu_seqlens_k, causal_align)
-    path = _resolve_impl(impl, q, dropout_p, problem)
+    program = parse_score_mod(score_mod)
+    path = _resolve_impl(impl, q, dropout_p, problem, program)
 
     if attn_mask is not None:
         attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
@@ -131,10 +141,10 @@ def sigmoid_attention_dispatch(
     if path == "triton":
         return _op.sigmoid_attention_triton(
             q, k, v, additive_mask, bias_per_head, kv_lens, cu_seqlens_q, cu_seqlens_k,
-            problem.scale, problem.causal)
+            problem.scale, problem.causal, program)
     return chunk_sigmoid_attention(
         q, k, v, additive_mask, bias_per_head, kv_lens, cu_seqlens_q, cu_seqlens_k,
-        problem.scale, problem.causal, dropout_p)
+        problem.scale, problem.causal, dropout_p, score_mod=None if program is None else program.text())
 
 
 def resolve_bias(
@@ -264,10 +274,14 @@ def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, attn_mask, kv_lens):
         raise ValueError("sigmoid attention: attn_mask and kv_lens cannot be combined with cu_seqlens")
 
 
-def _resolve_impl(impl: str, q: torch.Tensor, dropout_p: float, problem: Problem) -> str:
+def _resolve_impl(impl: str, q: torch.Tensor, dropout_p: float, problem: Problem, program=None) -> str:
     # "auto" sends only 16-bit inputs to the kernels: exact float32 products run on the FMA pipes there
+    refusal = "the Triton kernels do not implement dropout (dropout_p > 0)" if dropout_p > 0.0 else None
+    if refusal is None and program is not None and program.affine_form() is None:
+        refusal = (f"the Triton kernels do not compile the score modification {program.text()!r} (at most one "
+                   f"nonlinear step among tanh, sigmoid, exp, abs, relu, erf, square)")
     return resolve_impl(
         impl, q.device, what=WHAT, dtype=q.dtype, head_dims=(problem.dim, problem.dim_v),
         triton_dtypes=_FLOAT_DTYPES, auto_dtypes=(torch.float16, torch.bfloat16), max_head_dim=_MAX_HEAD_DIM,
-        refusal="the Triton kernels do not implement dropout (dropout_p > 0)" if dropout_p > 0.0 else None,
+        refusal=refusal,
         available=_op is not None, interpreter_active=lambda: _op.interpreter_active())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from attnrewrite.kernels._ops import kernel_op
+from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
 # Elements of one [B*Hkv, G*rows, keys] score tile (1 MiB in float32); a call holds a few.
 CHUNK_ELEMENTS = 1 << 18
@@ -40,6 +41,7 @@ def chunk_sigmoid_attention(
     causal: int,
     dropout_p: float = 0.0,
     chunk_size: int | None = None,
+    score_mod: str | None = None,
 ) -> torch.Tensor:
     """Sigmoid attention on validated inputs (see ``sigmoid_attention_dispatch`` for the semantics).
 
@@ -54,6 +56,8 @@ def chunk_sigmoid_attention(
         causal: 0 none, 1 top-left (j <= i), 2 bottom-right (j <= i + n_k - Tq).
         dropout_p: probability of dropping each weight.
         chunk_size: query rows per chunk (default: as many as keep a tile of KEY_BLOCK keys under CHUNK_ELEMENTS).
+        score_mod: a score modification program (:mod:`attnrewrite.kernels.score_mods`) applied to
+            scale · q kᵀ before the bias and the mask, tile by tile; None or "" for none.
     Returns:
         [B, Hq, Tq, Dv] in q's dtype.
     """
@@ -65,17 +69,17 @@ def chunk_sigmoid_attention(
             # a per-row bias [1, Hq, total_q] is sliced to the sequence's rows; a per-sequence one to its row
             seq_bias = bias[:, :, q0:q1] if bias.dim() == 3 else bias[s:s + 1]
             outs.append(_sigmoid_chunked(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], None, seq_bias,
-                                         None, scale, causal, dropout_p, chunk_size))
+                                         None, scale, causal, dropout_p, chunk_size, score_mod))
         return torch.cat(outs, dim=2)
-    return _sigmoid_chunked(q, k, v, additive_mask, bias, kv_lens, scale, causal, dropout_p, chunk_size)
+    return _sigmoid_chunked(q, k, v, additive_mask, bias, kv_lens, scale, causal, dropout_p, chunk_size, score_mod)
 
 
-def _sigmoid_chunked(q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, chunk_size):
+def _sigmoid_chunked(q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, chunk_size, score_mod=None):
     # The seed of the dropout masks is a tensor drawn here, so that a traced graph draws a new one
     # each call, and the backward regenerates the same masks from it.
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else None
     return torch.ops.attnrewrite.sigmoid_chunked_fwd(q, k, v, mask, bias, kv_lens, float(scale), int(causal),
-                                                     float(dropout_p), seed, int(chunk_size or 0))
+                                                     float(dropout_p), seed, int(chunk_size or 0), score_mod or "")
 
 
 # The chunked path as opaque ops with fake implementations: tracing (torch.compile, the rewriter's
@@ -85,11 +89,11 @@ def _sigmoid_chunked(q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, chu
 
 def _chunked_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor,
                  kv_lens: torch.Tensor | None, scale: float, causal: int, dropout_p: float,
-                 seed: torch.Tensor | None, chunk_size: int) -> torch.Tensor:
+                 seed: torch.Tensor | None, chunk_size: int, score_mod: str = "") -> torch.Tensor:
     batch, heads_q, len_q, _ = q.shape
     dim_v = v.shape[3]
     seed_value = int(seed) if seed is not None else 0
-    geometry = _Geometry(q, k, v, mask, bias, kv_lens, scale, causal, chunk_size)
+    geometry = _Geometry(q, k, v, mask, bias, kv_lens, scale, causal, chunk_size, score_mod)
     out = torch.empty(batch, heads_q, len_q, dim_v, dtype=q.dtype, device=q.device)
     scores = geometry.buffer()
     rows_out = geometry.buffer(dim_v)
@@ -99,7 +103,7 @@ def _chunked_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
             out[:, :, chunk.start:chunk.stop] = 0
             continue
         for index, key_start, key_stop in chunk.blocks:
-            weights = geometry.weights(chunk, key_start, key_stop, scores)  # [B*Hkv, G*C, Kb]
+            weights, _ = geometry.weights(chunk, key_start, key_stop, scores)  # [B*Hkv, G*C, Kb]
             if dropout_p > 0:
                 weights.mul_(_keep_scale(weights, dropout_p, seed_value, index))
             values = geometry.v[:, key_start:key_stop]
@@ -111,19 +115,19 @@ def _chunked_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     return out
 
 
-def _chunked_fwd_fake(q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size):
+def _chunked_fwd_fake(q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, score_mod=""):
     return q.new_empty(q.shape[:3] + (v.shape[3],))
 
 
 def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  mask: torch.Tensor | None, bias: torch.Tensor, kv_lens: torch.Tensor | None, scale: float,
                  causal: int, dropout_p: float, seed: torch.Tensor | None, chunk_size: int,
-                 want_mask: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 want_mask: bool, score_mod: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask); dmask is empty unless ``want_mask``."""
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
     seed_value = int(seed) if seed is not None else 0
-    geometry = _Geometry(q, k, v, mask, bias, kv_lens, scale, causal, chunk_size)
+    geometry = _Geometry(q, k, v, mask, bias, kv_lens, scale, causal, chunk_size, score_mod)
     dtype, flat = geometry.dtype, geometry.flat
     dq = torch.empty(batch, heads_q, len_q, dim, dtype=dtype, device=q.device)
     dk = torch.zeros(flat, len_k, dim, dtype=dtype, device=q.device)
@@ -139,7 +143,7 @@ def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         grad_rows = geometry.fold(grad_out, chunk.start, chunk.stop)  # [B*Hkv, G*C, Dv]
         acc = _view(rows_dq, (flat, chunk.flat_rows, dim))
         for index, key_start, key_stop in chunk.blocks:
-            weights = geometry.weights(chunk, key_start, key_stop, scores)  # P, [B*Hkv, G*C, Kb]
+            weights, mod_grad = geometry.weights(chunk, key_start, key_stop, scores, want_grad=True)  # P
             shape = weights.shape
             values, keys = geometry.v[:, key_start:key_stop], geometry.k[:, key_start:key_stop]
             d_weights = torch.bmm(grad_rows, values.transpose(1, 2), out=_view(grad_weights, shape))  # dP
@@ -152,14 +156,16 @@ def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             # dS = P (1 - P) dP in one pass; 0 wherever P is (hidden keys)
             d_scores = torch.ops.aten.sigmoid_backward.grad_input(d_weights, weights,
                                                                   grad_input=_view(grad_scores, shape))
+            if want_mask:  # the mask is added after the modification: its gradient is dS itself
+                _accumulate_mask_grad(dmask, d_scores.view(batch, heads_q, rows, key_stop - key_start),
+                                      chunk.start, chunk.stop, key_start)
+            if mod_grad is not None:  # through the modification: dS_raw = dS · mod'(scale·q·kᵀ)
+                d_scores.mul_(mod_grad)
             if key_start == 0:
                 torch.bmm(d_scores, keys, out=acc)
             else:
                 acc.baddbmm_(d_scores, keys)
             dk[:, key_start:key_stop].baddbmm_(d_scores.transpose(1, 2), chunk.q)
-            if want_mask:
-                _accumulate_mask_grad(dmask, d_scores.view(batch, heads_q, rows, key_stop - key_start),
-                                      chunk.start, chunk.stop, key_start)
         dq[:, :, chunk.start:chunk.stop] = acc.view(batch, heads_q, rows, dim)
     grad_mask = dmask.to(mask.dtype) if want_mask else q.new_empty(0)
     dk = dk.view(batch, heads_kv, len_k, dim)
@@ -167,7 +173,8 @@ def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     return (dq * scale).to(q.dtype), (dk * scale).to(k.dtype), dv.to(v.dtype), grad_mask
 
 
-def _chunked_bwd_fake(grad_out, q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, want_mask):
+def _chunked_bwd_fake(grad_out, q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, want_mask,
+                      score_mod=""):
     # contiguous, as _chunked_bwd allocates them: empty_like would copy a transposed q's strides, and
     # inductor, trusting the fake, would then read the real (contiguous) gradients wrongly
     grad_mask = mask.new_empty(mask.shape) if want_mask else q.new_empty(0)
@@ -175,18 +182,19 @@ def _chunked_bwd_fake(grad_out, q, k, v, mask, bias, kv_lens, scale, causal, dro
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size = inputs
+    q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, score_mod = inputs
     ctx.save_for_backward(q, k, v, mask, bias, kv_lens, seed)
-    ctx.args = (scale, causal, dropout_p, chunk_size)
+    ctx.args = (scale, causal, dropout_p, chunk_size, score_mod)
 
 
 def _autograd(ctx, grad_out):
     q, k, v, mask, bias, kv_lens, seed = ctx.saved_tensors
-    scale, causal, dropout_p, chunk_size = ctx.args
+    scale, causal, dropout_p, chunk_size, score_mod = ctx.args
     want_mask = mask is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = torch.ops.attnrewrite.sigmoid_chunked_bwd(
-        grad_out.contiguous(), q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, want_mask)
-    return dq, dk, dv, (dmask if want_mask else None), None, None, None, None, None, None, None
+        grad_out.contiguous(), q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, want_mask,
+        score_mod)
+    return dq, dk, dv, (dmask if want_mask else None), None, None, None, None, None, None, None, None
 
 
 kernel_op("sigmoid_chunked_fwd", _chunked_fwd, fake=_chunked_fwd_fake, backward=_autograd,
@@ -220,7 +228,7 @@ class _Geometry:
     longest kv_lens.
     """
 
-    def __init__(self, q, k, v, mask, bias, kv_lens, scale, causal, chunk_size):
+    def __init__(self, q, k, v, mask, bias, kv_lens, scale, causal, chunk_size, score_mod=""):
         self.batch, self.heads_q, self.len_q, self.dim = q.shape
         self.heads_kv, self.len_k = k.shape[1], k.shape[2]
         self.group = self.heads_q // self.heads_kv
@@ -234,6 +242,7 @@ class _Geometry:
         self.bias = bias.to(self.dtype).reshape(bias.shape[0], self.heads_kv, self.group, -1)
         self.scale = scale
         self.causal = causal
+        self.score_mod = parse_score_mod(score_mod)
         # each sequence's key count and causal shift, on the host: they decide which keys a chunk reads
         self.n_keys = ([self.len_k] * self.batch if kv_lens is None
                        else [min(max(int(n), 0), self.len_k) for n in kv_lens.tolist()])
@@ -280,14 +289,25 @@ class _Geometry:
             bias = bias.expand(self.batch, self.heads_kv, self.group, stop - start)
             yield _Chunk(start, stop, self.fold(q, start, stop), bias.reshape(self.flat, -1, 1), full, blocks)
 
-    def weights(self, chunk: _Chunk, key_start: int, key_stop: int, buffer: torch.Tensor) -> torch.Tensor:
-        """P = sigmoid(S) of the chunk's rows against keys key_start:key_stop, [B*Hkv, G*C, Kb] (in
-        ``buffer``), exactly 0 where a key is not visible."""
+    def weights(self, chunk: _Chunk, key_start: int, key_stop: int, buffer: torch.Tensor,
+                want_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(P, mod') of the chunk's rows against keys key_start:key_stop: P = sigmoid(S), [B*Hkv, G*C, Kb] (in
+        ``buffer``), exactly 0 where a key is not visible; mod' the derivative of the score modification at
+        scale·q·kᵀ when ``want_grad`` and there is one, else None."""
         rows, width = chunk.stop - chunk.start, key_stop - key_start
         scores = _view(buffer, (self.flat, chunk.flat_rows, width))
-        # S = b + scale * q k^T, the bias broadcast over keys by baddbmm
-        torch.baddbmm(chunk.bias, chunk.q, self.k[:, key_start:key_stop].transpose(1, 2), alpha=self.scale,
-                      out=scores)
+        mod_grad = None
+        if self.score_mod is None:
+            # S = b + scale * q k^T, the bias broadcast over keys by baddbmm
+            torch.baddbmm(chunk.bias, chunk.q, self.k[:, key_start:key_stop].transpose(1, 2), alpha=self.scale,
+                          out=scores)
+        else:  # S = mod(scale * q k^T) + b
+            torch.bmm(chunk.q, self.k[:, key_start:key_stop].transpose(1, 2), out=scores).mul_(self.scale)
+            if want_grad:
+                modified, mod_grad = self.score_mod.with_grad(scores)
+            else:
+                modified = self.score_mod(scores)
+            torch.add(modified, chunk.bias, out=scores)
         grid = scores.view(self.batch, self.heads_kv, self.group, rows, width)
         if self.mask is not None:
             tile_mask = self.mask[:, :, chunk.start:chunk.stop] if self.mask.shape[2] != 1 else self.mask
@@ -305,7 +325,7 @@ class _Geometry:
                 query_index = torch.arange(chunk.start, chunk.stop, device=self.device).view(1, 1, 1, rows, 1)
                 hidden = hidden | (keys > query_index + self.shifts_t)
             grid[..., first - key_start:].masked_fill_(hidden, 0.0)
-        return scores
+        return scores, mod_grad
 
 
 def _keep_scale(weights: torch.Tensor, dropout_p: float, seed: int, index: int) -> torch.Tensor:

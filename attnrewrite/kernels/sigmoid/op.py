@@ -22,6 +22,7 @@ import torch
 
 from attnrewrite.kernels import tuning
 from attnrewrite.kernels._ops import traceable, triton_ops
+from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
 from . import spaces
 from .triton_bwd import sigmoid_bwd
@@ -37,19 +38,25 @@ def interpreter_active() -> bool:
     return isinstance(sigmoid_fwd_kernel, InterpretedFunction)
 
 
-def sigmoid_attention_triton(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int):
-    """Run the forward op for the tensors' device (arguments as for ``sigmoid_fwd``); differentiable."""
-    return FWD.on(q.device)(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, float(scale), int(causal))
+def sigmoid_attention_triton(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int,
+                             program=None):
+    """Run the forward op for the tensors' device (arguments as for ``sigmoid_fwd``; ``program`` a
+    :class:`~attnrewrite.kernels.score_mods.ScoreProgram` or None); differentiable."""
+    return FWD.on(q.device)(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, float(scale), int(causal),
+                            "" if program is None else program.text())
 
 
 # --------------------------------------------------------------------------- configurations
 
 
-def launch_config(kernel: str, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: int, make_bench) -> dict:
+def launch_config(kernel: str, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: int, make_bench,
+                  has_mod: bool = False) -> dict:
     """The configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for this call, fitted to its shape
     (:func:`attnrewrite.kernels.tuning.pick_config` over the space for these head dims)."""
     space = spaces.SPACES[spaces.space_name(kernel, q.shape[-1], v.shape[-1])]
-    shape = spaces.shape_of(q, k, v, has_mask, causal)
+    if has_mod:
+        space = spaces.with_mod_default(space, kernel, spaces.head_class(q.shape[-1], v.shape[-1]))
+    shape = spaces.shape_of(q, k, v, has_mask, causal, has_mod)
     config = tuning.pick_config(spaces.KIND, space, shape, q.device, make_bench, tensors=(q,))
     return spaces.fit(space, config, shape)
 
@@ -62,53 +69,60 @@ def _unit_last_stride(t: Tensor | None) -> Tensor | None:
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, bias: Tensor, kv_lens: Tensor | None,
-             cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, scale: float, causal: int) -> Tensor:
-    """Sigmoid attention forward; see ``triton_fwd.sigmoid_fwd`` for the arguments."""
+             cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, scale: float, causal: int,
+             score_mod: str = "") -> Tensor:
+    """Sigmoid attention forward; see ``triton_fwd.sigmoid_fwd`` for the arguments (``score_mod``: a score
+    modification program as text, "" for none)."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     args = (q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal)
+    program = parse_score_mod(score_mod)
     config = launch_config("fwd", q, k, v, attn_mask is not None, causal,
-                           lambda cfg: lambda: sigmoid_fwd(*args, config=cfg))
-    return sigmoid_fwd(*args, config=config, launch=traceable)
+                           lambda cfg: lambda: sigmoid_fwd(*args, config=cfg, program=program), program is not None)
+    return sigmoid_fwd(*args, config=config, launch=traceable, program=program)
 
 
-def _forward_fake(q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal):
+def _forward_fake(q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, score_mod=""):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, attn_mask: Tensor | None, bias: Tensor,
               kv_lens: Tensor | None, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, scale: float,
-              causal: int, want_mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Sigmoid attention backward: (dq, dk, dv, ds); ds is empty unless ``want_mask_grad``."""
+              causal: int, want_mask_grad: bool, score_mod: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sigmoid attention backward: (dq, dk, dv, ds); ds (the gradient of the scores the mask is added to)
+    is empty unless ``want_mask_grad``."""
     q, k, v, grad_out = (_unit_last_stride(t) for t in (q, k, v, grad_out))
     args = (q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, want_mask_grad)
+    program = parse_score_mod(score_mod)
     has_mask = attn_mask is not None
     config_dq = launch_config("bwd_dq", q, k, v, has_mask, causal,
-                              lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dq",)))
+                              lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dq",), program=program),
+                              program is not None)
     config_dkdv = launch_config("bwd_dkdv", q, k, v, has_mask, causal,
-                                lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dkdv",)))
-    return sigmoid_bwd(*args, config_dq, config_dkdv, launch=traceable)
+                                lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dkdv",), program=program),
+                                program is not None)
+    return sigmoid_bwd(*args, config_dq, config_dkdv, launch=traceable, program=program)
 
 
 def _backward_fake(q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                   want_mask_grad):
+                   want_mask_grad, score_mod=""):
     ds_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if want_mask_grad else (0,)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty(ds_shape, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal = inputs
+    q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, score_mod = inputs
     ctx.save_for_backward(q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k)
-    ctx.scale, ctx.causal = scale, causal
+    ctx.scale, ctx.causal, ctx.score_mod = scale, causal, score_mod
 
 
 def _autograd(ctx, grad_out):
     q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
     want_mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
     dq, dk, dv, ds = BWD.on(q.device)(q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k,
-                                      ctx.scale, ctx.causal, want_mask_grad)
+                                      ctx.scale, ctx.causal, want_mask_grad, ctx.score_mod)
     dmask = _sum_to_shape(ds, attn_mask.shape).to(attn_mask.dtype) if want_mask_grad else None
-    return dq, dk, dv, dmask, None, None, None, None, None, None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None
 
 
 def _sum_to_shape(grad: Tensor, shape) -> Tensor:

@@ -14,21 +14,21 @@ from attnrewrite.kernels.sigmoid.api import sigmoid_attention_dispatch
 
 
 def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, bias=None,
-          impl="auto"):
+          score_mod=None, impl="auto"):
     return sigmoid_attention_dispatch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                      bias="auto" if bias is None else bias, impl=impl)
+                                      bias="auto" if bias is None else bias, score_mod=score_mod, impl=impl)
 
 
 # bias=None stands for "auto": a schema argument has one type, and a number is the common case
-composite_op("sigmoid_attention", sdpa_schema('float? bias=None, str impl="auto"'), _impl)
+composite_op("sigmoid_attention", sdpa_schema('float? bias=None, str? score_mod=None, str impl="auto"'), _impl)
 sdpa_autocast("sigmoid_attention")  # q/k in fp32 beside a bf16 v run in bf16, as SDPA does
 
 
 def sigmoid_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
-                      bias: str | float = "auto", impl: str = "auto") -> torch.Tensor:
+                      bias: str | float = "auto", score_mod: str | None = None, impl: str = "auto") -> torch.Tensor:
     """Sigmoid attention with the signature of ``F.scaled_dot_product_attention``, layout [B, H, T, D].
 
-    out_i = Σ_j sigmoid(scale·q_i·k_j + attn_mask_ij + b)·v_j over the keys query i may see; masked
+    out_i = Σ_j sigmoid(mod(scale·q_i·k_j) + attn_mask_ij + b)·v_j over the keys query i may see; masked
     and padded keys contribute exactly 0, and a query that sees no key gets 0.
 
     Args:
@@ -40,6 +40,9 @@ def sigmoid_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, s
             bool mask), so a token's output does not depend on the tokens after it and a causal
             prefill's row i equals a decoding step of that token against the same keys.  A float
             sets b.
+        score_mod: the score modification mod as a program of elementwise steps
+            (:mod:`attnrewrite.kernels.score_mods`), e.g. soft-capping ``"div 50.0; tanh; mul 50.0"``;
+            None for none (mod(s) = s).  Gradients flow through it.
         impl: ``"auto"`` (the Triton kernels on CUDA for 16-bit inputs, the torch path otherwise),
             ``"triton"`` (the kernels or an error naming why; on the CPU under ``TRITON_INTERPRET=1``)
             or ``"torch"``, as :func:`attnrewrite.kernels.sigmoid.api.sigmoid_attention_dispatch` takes it.
@@ -51,4 +54,5 @@ def sigmoid_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, s
     if not (bias == "auto" or isinstance(bias, (int, float)) and not isinstance(bias, bool)):
         raise ValueError(f"bias must be 'auto' or a number, got {bias!r}")
     return torch.ops.attnrewrite.sigmoid_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                                   bias=None if bias == "auto" else float(bias), impl=impl)
+                                                   bias=None if bias == "auto" else float(bias), score_mod=score_mod,
+                                                   impl=impl)

@@ -18,6 +18,7 @@ is valid (float32 inputs double the shared memory of the 16-bit defaults).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import torch
 
@@ -45,11 +46,16 @@ def space_name(kernel: str, dim: int, dim_v: int) -> str:
     return f"{kernel}_d{head_class(dim, dim_v)}"
 
 
-def shape_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_mask: bool, causal: int) -> dict:
-    """The tuning shape of a call: what its configuration depends on."""
-    return {"D": int(q.shape[-1]), "DV": int(v.shape[-1]), "Tq": int(q.shape[2]), "Tk": int(k.shape[2]),
-            "causal": int(causal != 0), "mask": int(has_mask),
-            "dtype": "fp32" if q.dtype == torch.float32 else "16bit"}
+def shape_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_mask: bool, causal: int,
+             has_mod: bool = False) -> dict:
+    """The tuning shape of a call: what its configuration depends on (``mod``: a score modification is
+    compiled in; only present when there is one, so that the other shapes' buckets stay as they were)."""
+    shape = {"D": int(q.shape[-1]), "DV": int(v.shape[-1]), "Tq": int(q.shape[2]), "Tk": int(k.shape[2]),
+             "causal": int(causal != 0), "mask": int(has_mask),
+             "dtype": "fp32" if q.dtype == torch.float32 else "16bit"}
+    if has_mod:
+        shape["mod"] = 1
+    return shape
 
 
 def _length_bucket(n: int) -> str:
@@ -61,7 +67,7 @@ def _length_bucket(n: int) -> str:
 
 def bucket(shape) -> str:
     return (f"d{shape['D']}-dv{shape['DV']}-q{_length_bucket(shape['Tq'])}-k{_length_bucket(shape['Tk'])}"
-            f"-causal{shape['causal']}-mask{shape['mask']}-{shape['dtype']}")
+            f"-causal{shape['causal']}-mask{shape['mask']}-{shape['dtype']}" + ("-mod" if shape.get("mod") else ""))
 
 
 def _pow2(n: int) -> int:
@@ -73,7 +79,9 @@ def _padded(d: int) -> int:
 
 
 def resources(kernel: str, config, shape) -> tuple[int, float]:
-    """Estimated (shared-memory bytes, fp32 tile registers per thread) of a configuration."""
+    """Estimated (shared-memory bytes, fp32 tile registers per thread) of a configuration.  A score
+    modification (``shape["mod"]``) keeps its derivative, one more [BLOCK_M, BLOCK_N] tile, in the backward
+    kernels (sm_90, d128 defaults: the dK/dV kernel spilled ~230 B without the extra tile counted)."""
     elem = 4 if shape["dtype"] == "fp32" else 2
     bd, bdv = _padded(shape["D"]), _padded(shape["DV"])
     bm, bn, stages, threads = config["BLOCK_M"], config["BLOCK_N"], config["num_stages"], 32 * config["num_warps"]
@@ -87,6 +95,8 @@ def resources(kernel: str, config, shape) -> tuple[int, float]:
     else:  # K, V resident; Q, dO pipelined; S^T/P^T, dP^T and the dK, dV accumulators live
         smem = bn * (bd + bdv) * elem + stages * bm * (bd + bdv) * elem + mask_tile
         regs = (bn * (bd + bdv) + 3 * bm * bn) / threads
+    if kernel != "fwd" and shape.get("mod"):
+        regs += bm * bn / threads
     return smem, regs
 
 
@@ -140,6 +150,22 @@ def _space(kernel: str, head: int) -> tuning.SearchSpace:
         bucket=bucket,
         valid=_valid(kernel),
     )
+
+
+#: Defaults of the backward kernels when a score modification is compiled in (bench/sigmoid_aot.py on sm_90,
+#: bf16, causal, soft-capping): the plain d128 defaults spill there (dQ 16 B, dK/dV 232 B), these do not.
+#: (BLOCK_M, BLOCK_N, num_warps, num_stages); the other kernels keep their defaults (d64: no spill; d256
+#: dK/dV spills 236 B with its default, and the tiles that do not spill are too small for wgmma).
+MOD_DEFAULTS = {("bwd_dq", 128): (64, 64, 8, 3), ("bwd_dkdv", 128): (64, 64, 8, 2)}
+
+
+def with_mod_default(space: tuning.SearchSpace, kernel: str, head: int) -> tuning.SearchSpace:
+    """``space`` with the default a score modification needs (:data:`MOD_DEFAULTS`), or as it is."""
+    if (kernel, head) not in MOD_DEFAULTS:
+        return space
+    bm, bn, warps, stages = MOD_DEFAULTS[(kernel, head)]
+    return dataclasses.replace(space, default={**space.default, "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps,
+                                               "num_stages": stages})
 
 
 SPACES: dict[str, tuning.SearchSpace] = {

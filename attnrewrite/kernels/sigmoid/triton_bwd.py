@@ -24,15 +24,17 @@ import triton
 import triton.language as tl
 
 from .triton_common import (LOG2E, LOG2E_HOST, bias_strides, block_table, dot_precision, load_tile, locate, mma,
-                            newton_steps, padded_dim, sigmoid_tile)
+                            mod_args, newton_steps, padded_dim, sigmoid_tile)
 
 
 @triton.jit
 def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
                  stride_dsm, offs_m, q_len, k_len, shift, lo, hi, scale_log2, bias_log2,
+                 mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, STORE_DS: tl.constexpr,
-                 MASKED: tl.constexpr, NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 MASKED: tl.constexpr, NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 MOD_FN: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -41,13 +43,23 @@ def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, strid
                       MASKED, BLOCK_D != D)
         v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
                       MASKED, BLOCK_DV != DV)
-        p = sigmoid_tile(q, k, mask_base, stride_mm, stride_mn, offs_m, offs_n, q_len, k_len, shift, scale_log2,
-                         bias_log2, False, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION)
-        dp = mma(do, tl.trans(v), None, DOT_PRECISION)
-        ds = p * (1.0 - p) * dp
-        if STORE_DS:
+        p, d_mod = sigmoid_tile(q, k, mask_base, stride_mm, stride_mn, offs_m, offs_n, q_len, k_len, shift,
+                                scale_log2, bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                                False, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION, MOD_FN)
+        if MOD_FN >= 0 and not STORE_DS:
+            # mod' is folded into p(1 − p) before the dP product, so that one tile, not two, is held in
+            # registers across it (as without a modification)
+            w = p * (1.0 - p) * d_mod
+            dp = mma(do, tl.trans(v), None, DOT_PRECISION)
+            ds = w * dp
+        else:
+            dp = mma(do, tl.trans(v), None, DOT_PRECISION)
+            ds = p * (1.0 - p) * dp
+        if STORE_DS:  # the mask is added after the modification: its gradient is dS before mod'
             tl.store(ds_base + offs_m[:, None] * stride_dsm + offs_n[None, :], ds,
                      mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
+            if MOD_FN >= 0:
+                ds = ds * d_mod
         dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
     return dq
 
@@ -64,10 +76,11 @@ def sigmoid_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_bz, stride_bh, stride_bm,
     heads_q, len_q, len_k, scale, scale_log2,
+    mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, STORE_DS: tl.constexpr, HAS_KV_LENS: tl.constexpr,
     VARLEN: tl.constexpr, NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BIAS: tl.constexpr = False,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BIAS: tl.constexpr = False, MOD_FN: tl.constexpr = -1,
 ):
     seq, batch, head, m_block, q_start, q_len, k_start, k_len = locate(
         tl.program_id(0), tl.program_id(1), heads_q, BlockSeq, BlockStart, CuQ, CuK, KvLens, len_q, len_k,
@@ -109,13 +122,13 @@ def sigmoid_bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
-                      stride_dsm, offs_m, q_len, k_len, shift, 0, full_end, scale_log2, bias_log2,
+                      stride_dsm, offs_m, q_len, k_len, shift, 0, full_end, scale_log2, bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, STORE_DS, False,
-                      NEWTON_STEPS, DOT_PRECISION)
+                      NEWTON_STEPS, DOT_PRECISION, MOD_FN)
     dq = _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
-                      stride_dsm, offs_m, q_len, k_len, shift, full_end, hi, scale_log2, bias_log2,
+                      stride_dsm, offs_m, q_len, k_len, shift, full_end, hi, scale_log2, bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, STORE_DS, True,
-                      NEWTON_STEPS, DOT_PRECISION)
+                      NEWTON_STEPS, DOT_PRECISION, MOD_FN)
     tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=(offs_m < q_len)[:, None] & (offs_d < D)[None, :])
 
@@ -123,9 +136,11 @@ def sigmoid_bwd_dq_kernel(
 @triton.jit
 def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm, stride_mn,
                      offs_n, q_len, k_len, shift, lo, hi, scale_log2, bias_log2, bias_base, stride_bm,
+                     mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                     NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_BIAS: tl.constexpr):
+                     NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_BIAS: tl.constexpr,
+                     MOD_FN: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in tl.range(lo, hi, BLOCK_M):
@@ -138,11 +153,17 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride
             bias_t = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[None, :]
         else:
             bias_t = bias_log2
-        pt = sigmoid_tile(k, q, mask_base, stride_mm, stride_mn, offs_n, offs_m, q_len, k_len, shift, scale_log2,
-                          bias_t, True, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        pt, d_mod = sigmoid_tile(k, q, mask_base, stride_mm, stride_mn, offs_n, offs_m, q_len, k_len, shift,
+                                 scale_log2, bias_t, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                                 True, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION, MOD_FN)  # [N, M]
         dv = mma(pt.to(do.dtype), do, dv, DOT_PRECISION)
-        dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
-        dst = pt * (1.0 - pt) * dpt
+        if MOD_FN >= 0:  # mod' folded in before the dPᵀ product (see the dQ loop): one tile held across it
+            wt = pt * (1.0 - pt) * d_mod
+            dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
+            dst = wt * dpt
+        else:
+            dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
+            dst = pt * (1.0 - pt) * dpt
         dk = mma(dst.to(q.dtype), q, dk, DOT_PRECISION)
     return dk, dv
 
@@ -159,10 +180,11 @@ def sigmoid_bwd_dkdv_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_bz, stride_bh, stride_bm,
     heads_kv, len_q, len_k, scale, scale_log2,
+    mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr,
     NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROW_BIAS: tl.constexpr = False,
+    ROW_BIAS: tl.constexpr = False, MOD_FN: tl.constexpr = -1,
 ):
     seq, batch, head_kv, n_block, q_start, q_len, k_start, k_len = locate(
         tl.program_id(0), tl.program_id(1), heads_kv, BlockSeq, BlockStart, CuQ, CuK, KvLens, len_q, len_k,
@@ -210,16 +232,19 @@ def sigmoid_bwd_dkdv_kernel(
         bias_log2 = tl.load(bias_base) * LOG2E  # the b of this head, unless ROW_BIAS
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm,
                                   stride_mn, offs_n, q_len, k_len, shift, m_lo, full_lo, scale_log2, bias_log2,
-                                  bias_base, stride_bm, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True,
-                                  NEWTON_STEPS, DOT_PRECISION, ROW_BIAS)
+                                  bias_base, stride_bm, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True,
+                                  NEWTON_STEPS, DOT_PRECISION, ROW_BIAS, MOD_FN)
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm,
                                   stride_mn, offs_n, q_len, k_len, shift, full_lo, full_hi, scale_log2, bias_log2,
-                                  bias_base, stride_bm, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, False,
-                                  NEWTON_STEPS, DOT_PRECISION, ROW_BIAS)
+                                  bias_base, stride_bm, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, False,
+                                  NEWTON_STEPS, DOT_PRECISION, ROW_BIAS, MOD_FN)
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm,
                                   stride_mn, offs_n, q_len, k_len, shift, full_hi, m_hi, scale_log2, bias_log2,
-                                  bias_base, stride_bm, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True,
-                                  NEWTON_STEPS, DOT_PRECISION, ROW_BIAS)
+                                  bias_base, stride_bm, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True,
+                                  NEWTON_STEPS, DOT_PRECISION, ROW_BIAS, MOD_FN)
     # Dense: every key row up to Tk is stored (padding keys get zeros); packed: only this sequence's.
     n_store = k_len if VARLEN else len_k
     tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -230,13 +255,13 @@ def sigmoid_bwd_dkdv_kernel(
 
 def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int,
                 want_mask_grad: bool, config_dq: dict, config_dkdv: dict, launch=lambda kernel: kernel,
-                kernels=("dq", "dkdv")):
+                kernels=("dq", "dkdv"), program=None):
     """Launch both backward kernels. Returns (dq, dk, dv, ds) where ds is the float32 [B, Hq, Tq, Tk]
     score gradient when ``want_mask_grad`` (zeros where no row sees a key) and an empty tensor otherwise.
 
     Arguments as for :func:`attnrewrite.kernels.sigmoid.triton_fwd.sigmoid_fwd`, plus ``grad_out``
     [B, Hq, Tq, Dv] (unit last stride) and one config per kernel; ``kernels`` names the kernels
-    to launch (tuning times one at a time).
+    to launch (tuning times one at a time); ``program`` the score modification, as for the forward.
     """
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
@@ -256,6 +281,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
     common = dict(D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
                   CAUSAL=causal, HAS_MASK=mask is not None, HAS_KV_LENS=kv_lens is not None, VARLEN=varlen,
                   DOT_PRECISION=dot_precision(q.dtype), ROW_BIAS=bias.dim() == 3)
+    mod, common["MOD_FN"] = mod_args(program, scale)
     mask_arg = mask if mask is not None else q
     kv_lens_arg = kv_lens if kv_lens is not None else q
     cu_q_arg, cu_k_arg = (cu_seqlens_q, cu_seqlens_k) if varlen else (q, q)
@@ -277,7 +303,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
             *ds_strides, *mask_strides, *bias_strides(bias),
-            heads_q, len_q, len_k, scale, scale * LOG2E_HOST,
+            heads_q, len_q, len_k, scale, scale * LOG2E_HOST, *mod,
             STORE_DS=want_mask_grad, NEWTON_STEPS=newton_steps(config_dq["RCP_NEWTON"], q.dtype),
             BLOCK_M=block_m, BLOCK_N=config_dq["BLOCK_N"],
             num_warps=config_dq["num_warps"], num_stages=config_dq["num_stages"], **common,
@@ -300,7 +326,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             *mask_strides, *bias_strides(bias),
-            heads_kv, len_q, len_k, scale, scale * LOG2E_HOST,
+            heads_kv, len_q, len_k, scale, scale * LOG2E_HOST, *mod,
             NEWTON_STEPS=newton_steps(config_dkdv["RCP_NEWTON"], q.dtype),
             BLOCK_M=config_dkdv["BLOCK_M"], BLOCK_N=block_n,
             num_warps=config_dkdv["num_warps"], num_stages=config_dkdv["num_stages"], **common,

@@ -69,12 +69,54 @@ def sigmoid_log2(z2, NEWTON_STEPS: tl.constexpr):
     return p
 
 
+#: MOD_FN of the kernels: no score modification; otherwise a code of ``score_mods.KERNEL_FUNCTIONS`` (0: affine)
+NO_MOD = -1
+
+
+@triton.jit
+def score_mod_fn(u, MOD_FN: tl.constexpr):
+    """(f(u), f'(u)) for the score modification's nonlinear step f (codes of ``score_mods.KERNEL_FUNCTIONS``;
+    0 is the identity).  tanh and sigmoid are written with exp so that they compile and interpret alike."""
+    if MOD_FN == 1:  # tanh u = 1 − 2 / (e^(2u) + 1): ±1 at the ends (e^(2u) = inf or 0), no NaN
+        f = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+        d = 1.0 - f * f
+    elif MOD_FN == 2:  # sigmoid
+        f = 1.0 / (1.0 + tl.exp(-u))
+        d = f * (1.0 - f)
+    elif MOD_FN == 3:  # exp
+        f = tl.exp(u)
+        d = f
+    elif MOD_FN == 4:  # abs
+        f = tl.abs(u)
+        d = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))
+    elif MOD_FN == 5:  # relu
+        f = tl.maximum(u, 0.0)
+        d = tl.where(u > 0, 1.0, 0.0)
+    elif MOD_FN == 6:  # erf
+        f = tl.math.erf(u)
+        d = 1.1283791670955126 * tl.exp(-u * u)
+    elif MOD_FN == 7:  # square
+        f = u * u
+        d = 2.0 * u
+    else:  # affine only
+        f = u
+        d = u * 0.0 + 1.0
+    return f, d
+
+
 @triton.jit
 def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k_len, shift, scale_log2, bias_log2,
+                 mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                  KEY_ROWS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                 NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """The probability tile P = sigmoid(scale · x·yᵀ + b + mask) of the forward, dQ and dK/dV kernels, with
-    the keys no row may see at exactly 0.
+                 NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr):
+    """(P, mod'): the probability tile P = sigmoid(mod(scale · x·yᵀ) + b + mask) of the forward, dQ and dK/dV
+    kernels, with the keys no row may see at exactly 0, and the derivative of the score modification at
+    scale · x·yᵀ (P itself, unused, when MOD_FN = NO_MOD).
+
+    The modification (MOD_FN >= 0) is ``post_mul · f(pre_mul · s + pre_add) + post_add``
+    (:meth:`attnrewrite.kernels.score_mods.ScoreProgram.affine_form`) with the host's constants folded:
+    mod_in_mul = pre_mul · scale, mod_in_add = pre_add, mod_out_mul / mod_out_add = post_mul / post_add
+    times log2(e), mod_grad_mul = pre_mul · post_mul.
 
     KEY_ROWS = False: x holds query rows ``offs_x``, y key rows ``offs_y``: a [queries, keys] tile.
     KEY_ROWS = True: x holds key rows, y query rows: the transposed [keys, queries] tile of dK/dV.
@@ -82,7 +124,11 @@ def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k
     [queries, 1] (or [1, queries] transposed).  MASKED applies the bounds (and, transposed, the query
     bounds) and the causal rule key <= query + shift; unmasked tiles are known to be fully visible.
     """
-    z2 = mma(x, tl.trans(y), None, DOT_PRECISION) * scale_log2 + bias_log2
+    if MOD_FN < 0:
+        z2 = mma(x, tl.trans(y), None, DOT_PRECISION) * scale_log2 + bias_log2
+    else:
+        f, d = score_mod_fn(mma(x, tl.trans(y), None, DOT_PRECISION) * mod_in_mul + mod_in_add, MOD_FN)
+        z2 = f * mod_out_mul + (mod_out_add + bias_log2)
     if KEY_ROWS:
         q_idx = offs_y[None, :]
         k_idx = offs_x[:, None]
@@ -100,7 +146,29 @@ def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k
         if CAUSAL != 0:
             visible = visible & (k_idx <= q_idx + shift)
         z2 = tl.where(visible, z2, float("-inf"))
-    return sigmoid_log2(z2, NEWTON_STEPS)
+    p = sigmoid_log2(z2, NEWTON_STEPS)
+    if MOD_FN < 0:
+        d_mod = p
+    else:
+        d_mod = d * mod_grad_mul
+    return p, d_mod
+
+
+def mod_args(program, scale: float) -> tuple[tuple[float, float, float, float, float], int]:
+    """The kernels' score-modification arguments for a :class:`~attnrewrite.kernels.score_mods.ScoreProgram`
+    (or None): (mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul) and MOD_FN (see
+    :func:`sigmoid_tile`).
+
+    Raises:
+        ValueError: the program has no form the kernels compile (see ``ScoreProgram.affine_form``).
+    """
+    if program is None:
+        return (1.0, 0.0, 1.0, 0.0, 1.0), NO_MOD
+    form = program.affine_form()
+    if form is None:
+        raise ValueError(f"the sigmoid Triton kernels do not compile the score modification {program.text()!r}")
+    pre_mul, pre_add, function, post_mul, post_add = form
+    return (pre_mul * scale, pre_add, post_mul * LOG2E_HOST, post_add * LOG2E_HOST, pre_mul * post_mul), function
 
 
 @triton.jit

@@ -16,23 +16,25 @@ import triton
 import triton.language as tl
 
 from .triton_common import (LOG2E, LOG2E_HOST, bias_strides, block_table, dot_precision, load_tile, locate, mma,
-                            newton_steps, padded_dim, sigmoid_tile)
+                            mod_args, newton_steps, padded_dim, sigmoid_tile)
 
 
 @triton.jit
 def _fwd_key_loop(acc, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                   offs_m, q_len, k_len, shift, lo, hi, scale_log2, bias_log2,
+                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                  NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, k_len, offs_d, D,
                       MASKED, BLOCK_D != D)
-        p = sigmoid_tile(q, k, mask_base, stride_mm, stride_mn, offs_m, offs_n, q_len, k_len, shift, scale_log2,
-                         bias_log2, False, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION)
+        p, _ = sigmoid_tile(q, k, mask_base, stride_mm, stride_mn, offs_m, offs_n, q_len, k_len, shift, scale_log2,
+                            bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                            False, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION, MOD_FN)
         v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
                       MASKED, BLOCK_DV != DV)
         acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION)
@@ -49,10 +51,11 @@ def sigmoid_fwd_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_bz, stride_bh, stride_bm,
     heads_q, len_q, len_k, scale_log2,
+    mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr,
     NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROW_BIAS: tl.constexpr = False,
+    ROW_BIAS: tl.constexpr = False, MOD_FN: tl.constexpr = -1,
 ):
     seq, batch, head, m_block, q_start, q_len, k_start, k_len = locate(
         tl.program_id(0), tl.program_id(1), heads_q, BlockSeq, BlockStart, CuQ, CuK, KvLens, len_q, len_k,
@@ -91,23 +94,28 @@ def sigmoid_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc = _fwd_key_loop(acc, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                         offs_m, q_len, k_len, shift, 0, full_end, scale_log2, bias_log2,
-                        D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, False, NEWTON_STEPS, DOT_PRECISION)
+                        mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                        D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, False, NEWTON_STEPS, DOT_PRECISION,
+                        MOD_FN)
     acc = _fwd_key_loop(acc, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                         offs_m, q_len, k_len, shift, full_end, hi, scale_log2, bias_log2,
-                        D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, NEWTON_STEPS, DOT_PRECISION)
+                        mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                        D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, NEWTON_STEPS, DOT_PRECISION,
+                        MOD_FN)
     out_ptrs = o_base + offs_m[:, None] * stride_om + offs_dv[None, :]
     tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < q_len)[:, None] & (offs_dv < DV)[None, :])
 
 
 def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int,
-                config: dict, launch=lambda kernel: kernel) -> torch.Tensor:
+                config: dict, launch=lambda kernel: kernel, program=None) -> torch.Tensor:
     """Launch the forward kernel. Returns out [B, Hq, Tq, Dv] in q's dtype.
 
     Inputs as for ``sigmoid_attention_dispatch`` after validation: q/k/v with unit last stride, ``mask`` a
     4-d additive float mask (or None), ``bias`` float32 [Z, Hq] or, one b per query row, [Z|1, Hq, Tq]
     (Tq = total_q when packed), ``causal`` 0/1/2.  ``config`` holds
     BLOCK_M, BLOCK_N, num_warps, num_stages and RCP_NEWTON; ``launch`` wraps the kernel (torch's
-    ``wrap_triton`` under ``triton_op``).
+    ``wrap_triton`` under ``triton_op``).  ``program``: the score modification
+    (:class:`~attnrewrite.kernels.score_mods.ScoreProgram`, or None), compiled in through ``mod_args``.
     """
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
@@ -126,6 +134,7 @@ def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale:
     if mask is not None:
         mask = mask.expand(batch, heads_q, len_q, len_k)
         mask_strides = mask.stride()
+    mod, mod_fn = mod_args(program, scale)
     launch(sigmoid_fwd_kernel)[grid](
         q, k, v, out, mask if mask is not None else q, bias,
         kv_lens if kv_lens is not None else q,
@@ -136,10 +145,10 @@ def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale:
         out.stride(0), out.stride(1), out.stride(2),
         *mask_strides,
         *bias_strides(bias),
-        heads_q, len_q, len_k, scale * LOG2E_HOST,
+        heads_q, len_q, len_k, scale * LOG2E_HOST, *mod,
         D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
         CAUSAL=causal, HAS_MASK=mask is not None, HAS_KV_LENS=kv_lens is not None, VARLEN=varlen,
-        ROW_BIAS=bias.dim() == 3, NEWTON_STEPS=newton_steps(config["RCP_NEWTON"], q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+        ROW_BIAS=bias.dim() == 3, MOD_FN=mod_fn, NEWTON_STEPS=newton_steps(config["RCP_NEWTON"], q.dtype), DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )

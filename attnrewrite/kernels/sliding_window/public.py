@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from attnrewrite.kernels._ops import composite_op, resolve_impl, sdpa_autocast, sdpa_schema
 from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_qkv
+from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
 try:  # the Triton path is optional: the torch paths work wherever torch does
     from . import op as _op
@@ -92,10 +93,12 @@ def _split_heads(x: torch.Tensor, heads_kv: int, groups: int) -> torch.Tensor:
 
 
 def blockwise_sliding_window(q, k, v, attn_mask, dropout_p: float, is_causal: bool, scale: float | None,
-                             window: int, sinks: int, block: int | None = None) -> torch.Tensor:
+                             window: int, sinks: int, block: int | None = None, score_mod=None) -> torch.Tensor:
     """Sliding-window attention, block by block (see the module docstring); arguments as the op's
     (inputs already checked), ``block`` the query rows per block (default: the window, within
-    :data:`MIN_BLOCK` … :data:`MAX_BLOCK`).  Returns [B, Hq, Tq, Dv] in q's dtype."""
+    :data:`MIN_BLOCK` … :data:`MAX_BLOCK`), ``score_mod`` a parsed score modification
+    (:class:`~attnrewrite.kernels.score_mods.ScoreProgram`) applied to the band's and the sinks' scores
+    before the mask, or None.  Returns [B, Hq, Tq, Dv] in q's dtype."""
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
     groups = heads_q // heads_kv
@@ -141,6 +144,8 @@ def blockwise_sliding_window(q, k, v, attn_mask, dropout_p: float, is_causal: bo
     near = (j - p).abs() < window if not is_causal else (j <= p) & (j > p - window)
     keep_sinks = ~near & ((j <= p) if is_causal else torch.ones_like(near))            # [blocks, rows, sinks]
     sink_scores = (q_blocks @ k[:, :, :n_sinks].transpose(-1, -2).unsqueeze(2).unsqueeze(3)).to(compute) * scale
+    if score_mod is not None:  # elementwise, so per block as on the whole matrix; autograd differentiates it
+        scores, sink_scores = score_mod(scores), score_mod(sink_scores)
 
     if attn_mask is not None:
         band_mask, sink_mask = _mask_blocks(attn_mask, heads_kv, groups, len_q, len_k, rows, blocks, span,
@@ -219,8 +224,10 @@ def _band_covers_the_sequence(len_q, len_k, is_causal: bool, window: int) -> boo
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _kernel_refusal(dropout_p: float, attn_mask) -> str | None:
+def _kernel_refusal(dropout_p: float, attn_mask, score_mod=None) -> str | None:
     """Why the kernels cannot run a call, or None."""
+    if score_mod is not None:
+        return "the Triton kernels do not apply a score modification (the torch paths do)"
     if dropout_p > 0.0:
         return "the Triton kernels do not implement dropout (dropout_p > 0)"
     if attn_mask is not None and attn_mask.requires_grad:
@@ -242,26 +249,30 @@ def _triton_path(q, k, v, attn_mask, is_causal: bool, scale: float | None, windo
 
 
 def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False, window=256, sinks=0,
-          impl="auto"):
+          impl="auto", score_mod=None):
     _check(q, k, v, attn_mask, dropout_p, enable_gqa, window, sinks)
+    program = parse_score_mod(score_mod)
     path = resolve_impl(impl, q.device, what=WHAT, dtype=q.dtype, head_dims=(q.shape[-1], v.shape[-1]),
                         triton_dtypes=_FLOAT_DTYPES, auto_dtypes=(torch.float16, torch.bfloat16),
-                        refusal=_kernel_refusal(dropout_p, attn_mask), available=_op is not None,
+                        refusal=_kernel_refusal(dropout_p, attn_mask, program), available=_op is not None,
                         interpreter_active=lambda: _op.interpreter_active())
     if path == "triton":
         return _triton_path(q, k, v, attn_mask, is_causal, scale, window, sinks)
-    if _band_covers_the_sequence(q.shape[-2], k.shape[-2], is_causal, window):
+    if program is None and _band_covers_the_sequence(q.shape[-2], k.shape[-2], is_causal, window):
         return dense_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks)
-    return blockwise_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks)
+    # (SDPA cannot apply a score modification: such calls take the blockwise path at every length)
+    return blockwise_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks,
+                                    score_mod=program)
 
 
-composite_op("sliding_window_attention", sdpa_schema('int window=256, int sinks=0, str impl="auto"', is_causal=True),
-             _impl)
+composite_op("sliding_window_attention",
+             sdpa_schema('int window=256, int sinks=0, str impl="auto", str? score_mod=None', is_causal=True), _impl)
 sdpa_autocast("sliding_window_attention")
 
 
 def sliding_window_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False,
-                             *, window: int = 256, sinks: int = 0, impl: str = "auto") -> torch.Tensor:
+                             *, window: int = 256, sinks: int = 0, impl: str = "auto",
+                             score_mod: str | None = None) -> torch.Tensor:
     """Sliding-window attention with the signature of ``F.scaled_dot_product_attention``, layout [B, H, T, D].
 
     Exact softmax over the keys in each query's window.  Query i sits at position p = i + Tk − Tq (with
@@ -284,10 +295,14 @@ def sliding_window_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=T
             torch paths otherwise; ``"triton"`` always runs the kernels or raises naming why (on the
             CPU only under ``TRITON_INTERPRET=1``); ``"torch"`` the torch paths (blockwise in
             O(T · window), or SDPA with the band as a mask for short sequences).
+        score_mod: a score modification program (:mod:`attnrewrite.kernels.score_mods`, e.g. soft-capping
+            ``"div 50.0; tanh; mul 50.0"``) applied to scale·q·kᵀ before ``attn_mask`` and the softmax;
+            None for none.  Only the torch path applies one: ``"auto"`` takes it, ``"triton"`` raises.
 
     Returns:
         [B, Hq, Tq, Dv] in q's dtype (a row that sees no key gives 0).  Inside ``torch.autocast`` the
         floating-point inputs (float64 excepted) are cast to the autocast dtype first, as with SDPA.
     """
     return torch.ops.attnrewrite.sliding_window_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
-                                                          enable_gqa, window=window, sinks=sinks, impl=impl)
+                                                          enable_gqa, window=window, sinks=sinks, impl=impl,
+                                                          score_mod=score_mod)

@@ -7,6 +7,7 @@ and small shapes only.  It never imports the fast path.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -31,18 +32,22 @@ def naive_sliding_window_attention(
     scale: float | None = None,
     window: int = 256,
     sinks: int = 0,
+    score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """softmax over the keys of each query's window (and the sinks), further restricted by ``attn_mask``.
 
     q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] (Hq a multiple of Hkv); ``attn_mask`` bool
     (True = may attend) or additive float, broadcastable to [B, Hq, Tq, Tk].  A row that sees no key
-    gives 0.  Returns [B, Hq, Tq, Dv] in q's dtype (softmax in at least float32).
+    gives 0.  Returns [B, Hq, Tq, Dv] in q's dtype (softmax in at least float32).  ``score_mod``, an
+    elementwise function, is applied to scale · q kᵀ before the mask.
     """
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
     v = v.repeat_interleave(groups, dim=1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-1, -2)) * scale                       # [B, Hq, Tq, Tk]
+    if score_mod is not None:
+        scores = score_mod(scores)
     visible = window_visible(q.shape[2], k.shape[2], window, sinks, is_causal)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         visible = visible & attn_mask

@@ -151,13 +151,18 @@ def block_mask(visible: torch.Tensor, groups: int, dtype: torch.dtype) -> tuple[
 
 
 def block_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor,
-                    scale: float) -> torch.Tensor:
+                    scale: float, score_mod=None) -> torch.Tensor:
     """Softmax attention of q [B, Hq, n, D] over keys [B, Hkv, S, D] where ``visible`` [B|1, n, S] allows.
 
     Query heads are stacked as rows of their key/value head (no repeat of K/V), and the block is one
     ``scaled_dot_product_attention`` call with an additive mask (the fused CPU kernel; scores in
-    float32 for 16-bit inputs, as SDPA does).  Rows that see nothing give 0.
+    float32 for 16-bit inputs, as SDPA does).  Rows that see nothing give 0.  With a score modification
+    (a :class:`~attnrewrite.kernels.score_mods.ScoreProgram`, applied to the window's and the summaries'
+    scores alike) the block is written out instead (:func:`_modified_block`).
     """
+    if score_mod is not None:
+        probs, _, _, values5, shape = _modified_block(q, keys, values, visible, scale, score_mod, want_grad=False)
+        return (probs @ values5).reshape(*shape, values.shape[-1]).to(q.dtype)
     heads_q, heads_kv = q.shape[1], keys.shape[1]
     mask, seen = block_mask(visible, heads_q // heads_kv, q.dtype)
     out = F.scaled_dot_product_attention(_grouped(q, heads_kv), keys, values, attn_mask=mask, scale=scale)
@@ -174,10 +179,11 @@ def _keys_per_row(length: int, chunk_size: int, window_chunks: int, causal: bool
 
 
 def summary_attention_forward(q, k, v, key_valid, is_causal: bool, scale: float, chunk_size: int,
-                              window_chunks: int, summary_query=None) -> torch.Tensor:
+                              window_chunks: int, summary_query=None, score_mod=None) -> torch.Tensor:
     """Summary attention on validated inputs; q [B, Hq, T, D], k/v [B, Hkv, T, D|Dv] → [B, Hq, T, Dv].
 
-    ``key_valid``: bool [B, T] or None.  Semantics: :mod:`attnrewrite.kernels.summary.reference`.
+    ``key_valid``: bool [B, T] or None; ``score_mod``: a parsed score modification or None.  Semantics:
+    :mod:`attnrewrite.kernels.summary.reference`.
     """
     length = q.shape[-2]
     k_sum, v_sum, exists = chunk_summaries(k, v, key_valid, chunk_size, summary_query)
@@ -188,20 +194,40 @@ def summary_attention_forward(q, k, v, key_valid, is_causal: bool, scale: float,
                              q.device)
         keys = torch.cat([k_sum[:, :, :n_sum], k[:, :, r0:r1]], dim=2)
         values = torch.cat([v_sum[:, :, :n_sum], v[:, :, r0:r1]], dim=2)
-        out[:, :, i0:i1] = block_attention(q[:, :, i0:i1], keys, values, visible, scale)
+        out[:, :, i0:i1] = block_attention(q[:, :, i0:i1], keys, values, visible, scale, score_mod)
     return out
 
 
+def _modified_block(q, keys, values, visible, scale: float, score_mod, want_grad: bool):
+    """(probs [B, Hkv, g, n, S], mod' or None, keys5, values5, (B, Hq, n)) of softmax(mod(scale·q·kᵀ)) over the
+    visible keys, in the work dtype; rows that see nothing have zero probabilities."""
+    batch, heads_q, rows, dim = q.shape
+    heads_kv = keys.shape[1]
+    dtype = work_dtype(q.dtype)
+    q5 = q.reshape(batch, heads_kv, heads_q // heads_kv, rows, dim).to(dtype)
+    keys5, values5 = keys.to(dtype).unsqueeze(2), values.to(dtype).unsqueeze(2)   # [B, Hkv, 1, S, D]
+    visible = visible[:, None, None]
+    scores = (q5 @ keys5.transpose(-1, -2)) * scale
+    scores, mod_grad = score_mod.with_grad(scores) if want_grad else (score_mod(scores), None)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    top = scores.amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    e = torch.exp(scores - top)
+    total = e.sum(-1, keepdim=True)
+    probs = e / torch.where(total > 0, total, torch.ones_like(total))
+    return probs, mod_grad, keys5, values5, (batch, heads_q, rows)
+
+
 def block_attention_backward(grad: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                             visible: torch.Tensor, scale: float):
+                             visible: torch.Tensor, scale: float, score_mod=None):
     """(dq, dkeys, dvalues) of :func:`block_attention`.
 
     On the CPU with equal head widths of q and v: the fused flash-attention forward (for its log-sum-exp)
     and backward of the block, in the inputs' dtype; otherwise :func:`block_attention_backward_unfused`
-    (the formulas in the work dtype).
+    (the formulas in the work dtype), which is also the path of a score modification.
     """
-    if q.device.type != "cpu" or q.shape[-1] != values.shape[-1]:
-        return block_attention_backward_unfused(grad, q, keys, values, visible, scale)
+    if score_mod is not None or q.device.type != "cpu" or q.shape[-1] != values.shape[-1]:
+        return block_attention_backward_unfused(grad, q, keys, values, visible, scale, score_mod)
     heads_q, heads_kv = q.shape[1], keys.shape[1]
     mask, seen = block_mask(visible, heads_q // heads_kv, q.dtype)
     q_rows = _grouped(q, heads_kv).contiguous()
@@ -215,8 +241,18 @@ def block_attention_backward(grad: torch.Tensor, q: torch.Tensor, keys: torch.Te
 
 
 def block_attention_backward_unfused(grad: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                                     visible: torch.Tensor, scale: float):
-    """(dq, dkeys, dvalues) of :func:`block_attention`, in the work dtype, from its recomputed weights."""
+                                     visible: torch.Tensor, scale: float, score_mod=None):
+    """(dq, dkeys, dvalues) of :func:`block_attention`, in the work dtype, from its recomputed weights
+    (through the score modification's derivative when there is one)."""
+    if score_mod is not None:
+        probs, mod_grad, keys5, values5, (batch, heads_q, rows) = _modified_block(q, keys, values, visible, scale,
+                                                                                 score_mod, want_grad=True)
+        d_out = grad.reshape(*probs.shape[:-1], -1).to(probs.dtype)
+        d_probs = d_out @ values5.transpose(-1, -2)
+        d_scores = probs * (d_probs - (probs * d_probs).sum(-1, keepdim=True)) * mod_grad * scale
+        q5 = q.reshape(*probs.shape[:-1], q.shape[-1]).to(probs.dtype)
+        dq = (d_scores @ keys5).reshape(batch, heads_q, rows, q.shape[-1])
+        return dq, torch.einsum("bkgns,bkgnd->bksd", d_scores, q5), torch.einsum("bkgns,bkgnv->bksv", probs, d_out)
     batch, heads_q, rows, dim = q.shape
     heads_kv = keys.shape[1]
     groups = heads_q // heads_kv
@@ -237,7 +273,7 @@ def block_attention_backward_unfused(grad: torch.Tensor, q: torch.Tensor, keys: 
 
 
 def summary_attention_backward(grad, q, k, v, key_valid, is_causal: bool, scale: float, chunk_size: int,
-                               window_chunks: int, summary_query=None):
+                               window_chunks: int, summary_query=None, score_mod=None):
     """(dq, dk, dv, d_summary_query or None) of :func:`summary_attention_forward`, block by block."""
     length = q.shape[-2]
     dtype = work_dtype(q.dtype)
@@ -254,7 +290,7 @@ def summary_attention_backward(grad, q, k, v, key_valid, is_causal: bool, scale:
         keys = torch.cat([k_sum[:, :, :n_sum], k[:, :, r0:r1]], dim=2)
         values = torch.cat([v_sum[:, :, :n_sum], v[:, :, r0:r1]], dim=2)
         dq_b, dkeys, dvalues = block_attention_backward(grad[:, :, i0:i1], q[:, :, i0:i1], keys, values, visible,
-                                                        scale)
+                                                        scale, score_mod)
         dq[:, :, i0:i1] = dq_b
         dk_sum[:, :, :n_sum] += dkeys[:, :, :n_sum]
         dv_sum[:, :, :n_sum] += dvalues[:, :, :n_sum]

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from attnrewrite.kernels._ops import kernel_op, sdpa_schema
 from attnrewrite.kernels.checks import check_dropout, check_qkv, key_padding_mask, refuse_torch_context_parallel
+from attnrewrite.kernels.score_mods import parse as parse_score_mod
 from attnrewrite.kernels.tuning import is_traced
 
 from .chunked import summary_attention_backward, summary_attention_forward
@@ -70,17 +71,19 @@ def key_valid_from_mask(attn_mask: Optional[Tensor], batch: int, length: int) ->
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
              is_causal: bool = True, scale: Optional[float] = None, enable_gqa: bool = False, chunk_size: int = 8,
-             window_chunks: int = 128, summary: str = "mean", summary_query: Optional[Tensor] = None) -> Tensor:
+             window_chunks: int = 128, summary: str = "mean", summary_query: Optional[Tensor] = None,
+             score_mod: Optional[str] = None) -> Tensor:
     check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, chunk_size, window_chunks, summary,
                  summary_query)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     key_valid = key_valid_from_mask(attn_mask, q.shape[0], k.shape[-2])
     return summary_attention_forward(q, k, v, None if key_valid is None else key_valid.to(q.device), is_causal,
-                                     scale, chunk_size, window_chunks, summary_query)
+                                     scale, chunk_size, window_chunks, summary_query, parse_score_mod(score_mod))
 
 
 def _forward_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False, chunk_size=8,
-                  window_chunks=128, summary="mean", summary_query=None):
+                  window_chunks=128, summary="mean", summary_query=None, score_mod=None):
+    parse_score_mod(score_mod)  # a bad program fails while tracing, as when run
     check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, chunk_size, window_chunks, summary,
                  summary_query)
     return q.new_empty(*q.shape[:-1], v.shape[-1])
@@ -88,32 +91,35 @@ def _forward_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=
 
 def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
               scale: Optional[float], chunk_size: int, window_chunks: int,
-              summary_query: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              summary_query: Optional[Tensor], score_mod: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     key_valid = key_valid_from_mask(attn_mask, q.shape[0], k.shape[-2])
     dq, dk, dv, d_query = summary_attention_backward(
         grad.contiguous(), q, k, v, None if key_valid is None else key_valid.to(q.device), is_causal, scale,
-        chunk_size, window_chunks, summary_query)
+        chunk_size, window_chunks, summary_query, parse_score_mod(score_mod))
     d_query = d_query.contiguous() if d_query is not None else q.new_empty(0)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_query
 
 
-def _backward_fake(grad, q, k, v, attn_mask, is_causal, scale, chunk_size, window_chunks, summary_query):
+def _backward_fake(grad, q, k, v, attn_mask, is_causal, scale, chunk_size, window_chunks, summary_query, score_mod=""):
     d_query = q.new_empty(0) if summary_query is None else summary_query.new_empty(summary_query.shape)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_query
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, _dropout, is_causal, scale, _gqa, chunk_size, window_chunks, _summary, summary_query = inputs
+    (q, k, v, attn_mask, _dropout, is_causal, scale, _gqa, chunk_size, window_chunks, _summary, summary_query,
+     score_mod) = inputs
     ctx.save_for_backward(q, k, v, attn_mask, summary_query)
     ctx.options = (is_causal, scale, chunk_size, window_chunks)
+    ctx.score_mod = score_mod or ""
 
 
 def _autograd(ctx, grad):
     q, k, v, attn_mask, summary_query = ctx.saved_tensors
     dq, dk, dv, d_query = torch.ops.attnrewrite.summary_attention_backward(grad, q, k, v, attn_mask, *ctx.options,
-                                                                           summary_query)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, (d_query if summary_query is not None else None)
+                                                                           summary_query, ctx.score_mod)
+    return (dq, dk, dv, None, None, None, None, None, None, None, None,
+            (d_query if summary_query is not None else None), None)
 
 
 # SymInt, not int: the schema custom_op infers from ``int`` annotations, kept as it was.  The public op
@@ -121,5 +127,5 @@ def _autograd(ctx, grad):
 summary_attention_op = kernel_op(
     "summary_attention_torch", _forward, fake=_forward_fake, backward=_autograd, setup_context=_setup_context,
     schema=sdpa_schema('SymInt chunk_size=8, SymInt window_chunks=128, str summary="mean", '
-                       "Tensor? summary_query=None", is_causal=True))
+                       "Tensor? summary_query=None, str? score_mod=None", is_causal=True))
 summary_attention_backward_op = kernel_op("summary_attention_backward", _backward, fake=_backward_fake)

@@ -20,6 +20,7 @@ Everything here loops over queries and builds each visible set explicitly: small
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -59,10 +60,13 @@ def naive_chunk_summaries(k: torch.Tensor, v: torch.Tensor, key_valid: torch.Ten
 
 def naive_summary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None = None,
                             is_causal: bool = True, scale: float | None = None, *, chunk_size: int = 8,
-                            window_chunks: int = 128, summary_query: torch.Tensor | None = None) -> torch.Tensor:
+                            window_chunks: int = 128, summary_query: torch.Tensor | None = None,
+                            score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Summary attention of q [B, Hq, T, D] over k [B, Hkv, T, D], v [B, Hkv, T, Dv] (Hq a multiple of Hkv).
 
-    ``key_valid``: bool [B, T] (False = padding) or None.  Returns [B, Hq, T, Dv] in q's dtype.
+    ``key_valid``: bool [B, T] (False = padding) or None; ``score_mod``: an elementwise function applied to
+    every score scale·q·k (summaries' and window keys') before the softmax, or None.  Returns
+    [B, Hq, T, Dv] in q's dtype.
     """
     batch, heads_q, length, dim = q.shape
     groups = heads_q // k.shape[1]
@@ -89,6 +93,8 @@ def naive_summary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
                 keys = torch.cat([k_sum[b, kv, summaries], k[b, kv, raw]])      # [n, D]
                 values = torch.cat([v_sum[b, kv, summaries], v[b, kv, raw]])    # [n, Dv]
                 logits = (keys @ q[b, h, i]) * scale
+                if score_mod is not None:
+                    logits = score_mod(logits)
                 probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=0)
                 out[b, h, i] = probs.to(values.dtype) @ values
     return out
