@@ -49,13 +49,14 @@ def _inputs(name: str, mask_kind: str):
     return q, k, v, grad, mask
 
 
-def _whole(kind, bias, q, k, v, mask, causal):
+def _whole(kind, bias, q, k, v, mask, causal, score_mod=None):
     if kind == "softmax":
         return torch.ops.attnrewrite.softmax_attention(q, k, v, mask, is_causal=causal, enable_gqa=True)
-    return torch.ops.attnrewrite.sigmoid_attention(q, k, v, mask, is_causal=causal, enable_gqa=True, bias=bias)
+    return torch.ops.attnrewrite.sigmoid_attention(q, k, v, mask, is_causal=causal, enable_gqa=True, bias=bias,
+                                                   score_mod=score_mod)
 
 
-def _run_ranks(world, kind, bias, q, k, v, grad, mask, causal):
+def _run_ranks(world, kind, bias, q, k, v, grad, mask, causal, score_mod=None):
     boxes = {(r, c): queue.Queue() for r in range(world) for c in ("kv", "grad")}
 
     def rank_main(rank):
@@ -65,7 +66,7 @@ def _run_ranks(world, kind, bias, q, k, v, grad, mask, causal):
         rows = None
         if kind == "sigmoid" and bias is None:
             rows = ring.sigmoid_rows(mask, T, positions, causal, q.dtype)
-        spec = ring.RingSpec(kind, causal, None, True, bias, rank, world)
+        spec = ring.RingSpec(kind, causal, None, True, bias, rank, world, score_mod)
         out = ring.ring_attention(*local, local_mask, rows, spec, QueueRing(rank, world, boxes))
         out.backward(grad.index_select(2, positions))
         return out.detach(), [t.grad for t in local]
@@ -93,6 +94,21 @@ def test_ring_equals_the_whole_op(kind, bias, causal, mask_kind, world):
     ref = _whole(kind, bias, *leaves, mask, causal)
     ref.backward(grad)
     out, grads = _run_ranks(world, kind, bias, q, k, v, grad, mask, causal)
+    torch.testing.assert_close(out, ref.detach())
+    for name, got, leaf in zip("qkv", grads, leaves):
+        torch.testing.assert_close(got, leaf.grad, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sigmoid_ring_applies_the_score_modification(causal):
+    """A soft-capped sigmoid site under context parallelism: the cap acts on every score of every
+    block (it commutes with the split into key blocks), so the ranks' rows equal the whole op's."""
+    cap = "div 0.5; tanh; mul 0.5"  # a cap low enough that dropping it changes every output
+    q, k, v, grad, mask = _inputs(f"softcap{causal}", "bool")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = _whole("sigmoid", None, *leaves, mask, causal, score_mod=cap)
+    ref.backward(grad)
+    out, grads = _run_ranks(3, "sigmoid", None, q, k, v, grad, mask, causal, score_mod=cap)
     torch.testing.assert_close(out, ref.detach())
     for name, got, leaf in zip("qkv", grads, leaves):
         torch.testing.assert_close(got, leaf.grad, msg=lambda m, n=name: f"d{n}: {m}")
