@@ -53,6 +53,38 @@ def _is_causal(module, query, is_causal, attention_mask) -> bool:
     return _module_causal(module, is_causal) and query.shape[2] > 1 and attention_mask is None
 
 
+def _softcap(kwargs: dict) -> float | None:
+    """HF's ``softcap`` (Gemma-2's ``attn_logit_softcapping``: scores become c·tanh(s / c) before the mask),
+    or None; a value that is not a positive number raises."""
+    cap = kwargs.get("softcap")
+    if cap is None:
+        return None
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+        raise ValueError(f"softcap must be a positive number, got {cap!r}")
+    return float(cap)
+
+
+def _cap_program(cap: float | None) -> str | None:
+    """The soft-cap as a score-modification program (:mod:`attnrewrite.kernels.score_mods`)."""
+    return None if cap is None else f"div {cap!r}; tanh; mul {cap!r}"
+
+
+def _cap_scores(cap: float | None):
+    return None if cap is None else (lambda scores: torch.tanh(scores / cap) * cap)
+
+
+def _capped_softmax(query, key, value, attention_mask, scaling, causal: bool, cap: float, dropout: float):
+    """Exact softmax attention with soft-capped scores, written out as HF's eager Gemma-2 attention computes
+    it (float32 probabilities, dropout on them): ``attnrewrite::softmax_attention`` has SDPA's signature and
+    no score modification.  Returns ([B, Hq, Tq, Dv], the probabilities)."""
+    import torch.nn.functional as F
+
+    weights = softmax_weights(query, key, attention_mask, scaling, causal, softcap=cap)
+    dropped = F.dropout(weights, p=dropout, training=dropout > 0)
+    value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    return dropped.to(value.dtype) @ value, weights
+
+
 def _finish(out: torch.Tensor, weights: torch.Tensor | None = None):
     return out.transpose(1, 2).contiguous(), weights
 
@@ -90,11 +122,14 @@ def _keep_mask(attention_mask: torch.Tensor | None, t_q: int, t_k: int, causal: 
     return keep
 
 
-def softmax_weights(query, key, attention_mask, scaling, causal: bool) -> torch.Tensor:
-    """The softmax kind's probabilities [B, Hq, Tq, Tk] (SDPA's top-left causal, as its op)."""
+def softmax_weights(query, key, attention_mask, scaling, causal: bool, softcap: float | None = None) -> torch.Tensor:
+    """The softmax kind's probabilities [B, Hq, Tq, Tk] (SDPA's top-left causal, as its op); ``softcap``
+    caps the scores (c·tanh(s / c)) before the mask, as Gemma-2 does."""
     key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = (query.float() @ key.float().transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     keep = None
     if attention_mask is not None and attention_mask.dtype == torch.bool:
         keep = attention_mask
@@ -108,14 +143,16 @@ def softmax_weights(query, key, attention_mask, scaling, causal: bool) -> torch.
     return torch.softmax(scores, dim=-1).nan_to_num(0.0).to(query.dtype)
 
 
-def sigmoid_weights(query, key, value, attention_mask, scaling, causal: bool) -> torch.Tensor:
-    """The sigmoid kind's weights [B, Hq, Tq, Tk], by the rewriter's formula (bias "auto")."""
+def sigmoid_weights(query, key, value, attention_mask, scaling, causal: bool,
+                    softcap: float | None = None) -> torch.Tensor:
+    """The sigmoid kind's weights [B, Hq, Tq, Tk], by the rewriter's formula (bias "auto"), the scores
+    soft-capped first when ``softcap`` is given."""
     from attnrewrite.ir.canonical import AttentionCall
     from attnrewrite.kinds.sigmoid import weights
 
     bool_mask = attention_mask is not None and attention_mask.dtype == torch.bool
     call = AttentionCall(query, key, value, attention_mask, 0.0, causal, scaling, query.shape[1] != key.shape[1],
-                         bool_mask=bool_mask)
+                         score_mod=_cap_scores(softcap), bool_mask=bool_mask)
     return weights(call, {"bias": "auto"}, None)
 
 
@@ -134,6 +171,13 @@ def softmax_forward(module, query, key, value, attention_mask, dropout: float = 
     from attnrewrite import ops
 
     causal = _is_causal(module, query, is_causal, attention_mask)
+    cap = _softcap(kwargs)
+    if cap is not None:
+        out, weights = _capped_softmax(query, key, value, attention_mask, scaling, causal, cap, dropout)
+        if weights_requested(kwargs):
+            _refuse_weights_with_dropout("softmax", dropout)
+            return _finish(out, weights)
+        return _finish(out)
     out = ops.softmax_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal,
                                 scale=scaling, enable_gqa=_gqa(module, query, key))
     weights = None
@@ -152,12 +196,13 @@ def sigmoid_forward(module, query, key, value, attention_mask, dropout: float = 
         # a causal prefill under HF's padding mask (which holds causality too): saying so makes
         # bias="auto" count each row's own visible keys, as a later one-token step will
         causal = True
+    cap = _softcap(kwargs)
     out = ops.sigmoid_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, is_causal=causal,
-                                scale=scaling, enable_gqa=_gqa(module, query, key))
+                                scale=scaling, enable_gqa=_gqa(module, query, key), score_mod=_cap_program(cap))
     weights = None
     if weights_requested(kwargs):
         _refuse_weights_with_dropout("sigmoid", dropout)
-        weights = sigmoid_weights(query, key, value, attention_mask, scaling, causal)
+        weights = sigmoid_weights(query, key, value, attention_mask, scaling, causal, softcap=cap)
     return _finish(out, weights)
 
 
@@ -169,6 +214,10 @@ def linear_forward(module, query, key, value, attention_mask, dropout: float = 0
         raise ValueError(f"attnrewrite_linear: attention dropout (p={dropout:g}) cannot be honoured: linear attention "
                          "has no attention probabilities to drop. Set the config's attention dropout "
                          "(attention_dropout / attention_probs_dropout_prob) to 0, or call model.eval()")
+    if _softcap(kwargs) is not None:
+        raise ValueError("attnrewrite_linear: this model soft-caps its attention scores (softcap="
+                         f"{kwargs['softcap']!r}), which linear attention cannot apply (it forms no scores); use "
+                         "attnrewrite_sigmoid, attnrewrite_sliding_window or attnrewrite_softmax")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # causal with fewer queries than keys (a decoding step against the cache): the op aligns the
     # queries with the last keys, so a step sees its own token and everything before it
@@ -196,7 +245,8 @@ def sliding_window_forward(module, query, key, value, attention_mask, dropout: f
     out = sliding_window_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                    is_causal=_module_causal(module, is_causal), scale=scaling,
                                    enable_gqa=_gqa(module, query, key), window=window,
-                                   sinks=int(getattr(config, "sliding_window_sinks", 0) or 0))
+                                   sinks=int(getattr(config, "sliding_window_sinks", 0) or 0),
+                                   score_mod=_cap_program(_softcap(kwargs)))
     return _finish(out)
 
 
@@ -236,6 +286,7 @@ def hashed_forward(module, query, key, value, attention_mask, dropout: float = 0
     if not _module_causal(module, is_causal):
         raise ValueError("attnrewrite_hashed is causal self-attention only; this module is not causal")
     options = _hashed_config(module)
+    cap = _softcap(kwargs)
     claimed = claim_step(key)
     if claimed is None:
         if query.shape[2] != key.shape[2]:
@@ -243,7 +294,7 @@ def hashed_forward(module, query, key, value, attention_mask, dropout: float = 0
                              "attnrewrite.HashedCache: decode with past_key_values=attnrewrite.HashedCache(...) "
                              "built with the config's hashed_attention options (another cache cannot select)")
         out = hashed_attention(query, key, value, attn_mask=attention_mask, is_causal=True, scale=scaling,
-                               enable_gqa=_gqa(module, query, key), **options)
+                               enable_gqa=_gqa(module, query, key), score_mod=_cap_program(cap), **options)
         return _finish(out)
     layer, start = claimed
     cache_options = dict(bits=layer.bits, top_k=layer.top_k, window=layer.window, sinks=layer.sinks,
@@ -254,9 +305,11 @@ def hashed_forward(module, query, key, value, attention_mask, dropout: float = 0
                          f"(config, cache): {differ}")
     if start == 0 and layer.valid is None and query.shape[2] > 1:  # a prompt: the op itself
         out = hashed_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=_gqa(module, query, key),
-                               projections=layer.learned, **cache_options)
+                               projections=layer.learned, score_mod=_cap_program(cap), **cache_options)
         return _finish(out)
     keys, values, visible = layer.select_stored(query, start)
+    if cap is not None:  # the selected keys' capped scores: exact softmax over them, written out
+        return _finish(_capped_softmax(query, keys, values, visible, scaling, False, cap, 0.0)[0])
     out = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, scale=scaling,
                                          enable_gqa=_gqa(module, query, keys))
     return _finish(out)
