@@ -585,3 +585,148 @@ def test_a_score_modification_and_the_inputs_beside_it(spelling, reason):
         assert site.status == "rewritten", report
     else:
         assert site.status == "skipped" and site.reason.startswith(reason), site.reason
+
+
+# --------------------------------------------------------------------------- what a proof may be shared on (mutants)
+
+
+class MaskWrittenBetween(nn.Module):
+    """Two layers alike but for their additive masks: the first reads a causal mask that is written in
+    place (to a window of 3) *after* the first site, the second a buffer holding that window.  The first
+    site's mask, as it reads it, is the causal triangle: its key must hold the value before the write, or
+    the two sites (whose masks are equal at the end of the graph) would share the first one's proof."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+        self.register_buffer("window", torch.zeros(T, T).masked_fill(~_band(3), float("-inf")))
+
+    def forward(self, x):
+        mask = torch.zeros(T, T).masked_fill(~_band(T).to(x.device), float("-inf"))  # out of place: no write
+        out = []
+        for layer, m in ((self.first, mask), (self.second, self.window)):
+            q, k, v = layer.qkv_heads(x)
+            out.append(torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H) + m, dim=-1) @ v)
+            if layer is self.first:
+                mask.masked_fill_(~_band(3).to(x.device), float("-inf"))  # after the first site's output
+        return out[0] + out[1] + mask[0, 0]
+
+
+def test_a_mask_written_after_its_site_is_fingerprinted_as_the_site_reads_it(monkeypatch):
+    """Both sites claimed plain causal (a planted resolver bug): true for the first, false for the
+    second (a window).  The masks are equal only after the in-place write that follows the first site."""
+    report = _two_site_report(MaskWrittenBetween(), monkeypatch, lambda spec: replace(spec, bias=(), causal=True))
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+
+
+class LearnedBiases(nn.Module):
+    """Two layers with the same weights, each adding its own learned bias (parameters: read by identity)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+        self.second.load_state_dict(self.first.state_dict())
+        g = torch.Generator().manual_seed(7)
+        self.biases = nn.ParameterList([nn.Parameter(torch.randn(H, T, T, generator=g)) for _ in range(2)])
+
+    def forward(self, x):
+        out = 0
+        for layer, bias in zip((self.first, self.second), self.biases):
+            q, k, v = layer.qkv_heads(x)
+            out = out + torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H) + bias, dim=-1) @ v
+        return out
+
+
+def test_sites_reading_different_learned_biases_are_proven_apart(monkeypatch):
+    """A planted resolver bug gives the second site the first one's bias.  The sites differ only in which
+    parameter they read: a fingerprint that described every parameter alike would hand the first site's
+    proof to the second."""
+    terms = []
+
+    def first_bias(spec):
+        terms.append(spec.bias)
+        return replace(spec, bias=terms[0])
+
+    report = _two_site_report(LearnedBiases(), monkeypatch, first_bias)
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+    assert "does not reproduce the site" in report.sites[1].reason, report
+
+
+class TwoBiases(nn.Module):
+    """Two layers, each adding a constant bias buffer of its own; ``spelling`` picks how they differ:
+
+    - ``bytes``: an int8 buffer of -1 and a uint8 buffer of 255 at the same places (the same bytes, other
+      numbers: only the dtype tells them apart);
+    - ``op``: the same float buffer, added by the first and subtracted by the second (only the op differs).
+    """
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+        self.spelling = spelling
+        band = _band(3)
+        if spelling == "bytes":
+            self.register_buffer("b1", torch.where(band, 0, -1).to(torch.int8))
+            self.register_buffer("b2", torch.where(band, 0, 255).to(torch.uint8))
+        else:
+            bias = torch.randn(T, T, generator=torch.Generator().manual_seed(11))
+            self.register_buffer("b1", bias)
+            self.register_buffer("b2", bias.clone())
+
+    def forward(self, x):
+        out = 0
+        for layer, bias, op in ((self.first, self.b1, torch.add), (self.second, self.b2, torch.add if
+                                                                      self.spelling == "bytes" else torch.sub)):
+            q, k, v = layer.qkv_heads(x)
+            out = out + torch.softmax(op(q @ k.transpose(-2, -1) / math.sqrt(C // H), bias), dim=-1) @ v
+        return out
+
+
+@pytest.mark.parametrize("spelling", ["bytes", "op"])
+def test_sites_differing_only_in_a_constant_bias_dtype_or_op_are_proven_apart(monkeypatch, spelling):
+    """A planted resolver bug gives the second site the first one's spec.  The sites differ only in the
+    dtype of a constant (equal bytes) or in one op of their region: a fingerprint blind to either would
+    hand the first site's proof to the second."""
+    specs = []
+
+    def first_spec(spec):  # (its own q, k, v: those are named by role)
+        specs.append(spec)
+        return replace(spec, bias=specs[0].bias, scale=specs[0].scale, causal=specs[0].causal)
+
+    report = _two_site_report(TwoBiases(spelling), monkeypatch, first_spec)
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+    assert "does not reproduce the site" in report.sites[1].reason, report
+
+
+class SizeScaled(nn.Module):
+    """Two layers scaling their scores by a size read from the graph: the batch size (2) for the first,
+    the sequence length (10) for the second.  Under ``dynamic=True`` the scales are graph nodes of no
+    user data (SymInts): the sites differ only in those nodes' values."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+
+    def forward(self, x):
+        out = 0
+        for layer, dim in ((self.first, 0), (self.second, -2)):
+            q, k, v = layer.qkv_heads(x)
+            out = out + torch.softmax(q @ k.transpose(-2, -1) / q.size(dim) ** 0.5, dim=-1) @ v
+        return out
+
+
+def test_sites_differing_only_in_a_symbolic_size_are_proven_apart(monkeypatch):
+    specs = []
+    real = masks.resolve
+
+    def planted(site, evaluator):
+        real(site, evaluator)
+        specs.append(site.spec)
+        site.spec = replace(site.spec, scale=specs[0].scale, q_factors=specs[0].q_factors)
+
+    monkeypatch.setattr(masks, "resolve", planted)
+    model, x = SizeScaled().eval(), _x()
+    report = Report()
+    torch.testing.assert_close(compile_rewritten(model, report, dynamic=True)(x), model(x), rtol=1e-5, atol=1e-6)
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+    assert "does not reproduce the site" in report.sites[1].reason, report
