@@ -730,3 +730,96 @@ def test_sites_differing_only_in_a_symbolic_size_are_proven_apart(monkeypatch):
     torch.testing.assert_close(compile_rewritten(model, report, dynamic=True)(x), model(x), rtol=1e-5, atol=1e-6)
     assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
     assert "does not reproduce the site" in report.sites[1].reason, report
+
+
+class TwoKeyBiases(nn.Module):
+    """Two identical layers adding two biases computed inside the site from different features of the keys
+    (``k[..., :2]`` and ``k[..., 2:4]``): both terms are nodes of the site's own region."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+        self.second.load_state_dict(self.first.state_dict())
+
+    def forward(self, x):
+        out = 0
+        for layer in (self.first, self.second):
+            q, k, v = layer.qkv_heads(x)
+            s = (q @ k.transpose(-2, -1) / math.sqrt(C // H) + k[..., :2].sum(-1)[:, :, None, :]
+                 + k[..., 2:4].sum(-1)[:, :, None, :])
+            out = out + torch.softmax(s, dim=-1) @ v
+        return out
+
+
+def test_sites_whose_specs_name_different_nodes_of_their_own_are_proven_apart(monkeypatch):
+    """A planted resolver bug makes the second site's spec add its first bias twice.  The two specs differ
+    only in which of the site's own nodes a term names: a fingerprint that numbered every node of the
+    site alike would hand the first site's proof to the second."""
+    seen = []
+
+    def first_term_twice(spec):
+        seen.append(spec)
+        if len(seen) == 1:
+            return spec
+        first, second = spec.bias
+        return replace(spec, bias=(first, replace(second, node=first.node, steps=first.steps)))
+
+    report = _two_site_report(TwoKeyBiases(), monkeypatch, first_term_twice)
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+    assert "does not reproduce the site" in report.sites[1].reason, report
+
+
+class OneTokenAndTen(Base):
+    """One layer applied to the first token alone (a single key: softmax is 1 whatever the scale) and to
+    all ten: the two sites run the same ops on q, k, v of different shapes."""
+
+    def forward(self, x):
+        out = []
+        for h in (x[:, :1], x):
+            q, k, v = self.qkv_heads(h)
+            out.append((torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H), dim=-1) @ v).sum(2))
+        return out[0] + out[1]
+
+
+def test_a_proof_on_one_key_is_not_shared_with_a_site_of_ten(monkeypatch):
+    """Both specs given a wrong scale (a planted matcher bug): on one key any scale reproduces the site,
+    so the first is rightly certified; the second, alike but for its q, k, v shapes, must be proven on
+    its own and refused."""
+    _plant(monkeypatch, eager_matmul, "match", lambda site, spec: replace(spec, scale=spec.scale * 1.5))
+    model, x = OneTokenAndTen().eval(), _x()
+    report = Report()
+    torch.testing.assert_close(compile_rewritten(model, report)(x), model(x), rtol=1e-5, atol=1e-6)
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+    assert "does not reproduce the site" in report.sites[1].reason, report
+
+
+class InputWrittenInTheSecondSite(nn.Module):
+    """Two identical layers reading one additive mask input; the mask is scaled in place while the second
+    site runs (after its scores read it, before its output): the second site's rewrite would read the
+    scaled mask.  The sites read the same node: only the write tells their keys apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+        self.second.load_state_dict(self.first.state_dict())
+
+    def forward(self, x, m):
+        out, mask = 0, m[:, None, None, :]  # one view, read by both sites
+        for layer in (self.first, self.second):
+            q, k, v = layer.qkv_heads(x)
+            s = q @ k.transpose(-2, -1) / math.sqrt(C // H) + mask
+            if layer is self.second:
+                m.mul_(2.0)
+            out = out + torch.softmax(s, dim=-1) @ v
+        return out
+
+
+def test_a_site_whose_input_is_written_in_the_way_does_not_share_a_proof():
+    model = InputWrittenInTheSecondSite().eval()
+    x, m = _x(), torch.randn(2, T, generator=torch.Generator().manual_seed(2))
+    report = Report()
+    got = compile_rewritten(model, report)(x, m.clone())
+    torch.testing.assert_close(got, model(x, m.clone()), rtol=1e-5, atol=1e-6)
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+    assert report.sites[1].reason == ("mask, an input of the site, is written in place by mul_ after the site "
+                                      "reads it (s_1) and before its output"), report
