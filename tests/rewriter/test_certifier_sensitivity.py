@@ -823,3 +823,44 @@ def test_a_site_whose_input_is_written_in_the_way_does_not_share_a_proof():
     assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
     assert report.sites[1].reason == ("mask, an input of the site, is written in place by mul_ after the site "
                                       "reads it (s_1) and before its output"), report
+
+
+class SdpaDropped(Base):
+    """SDPA with its own dropout: the probability is the call's ``dropout_p``, in training."""
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.1 if self.training else 0.0)
+
+
+class EvalThenTrainDropout(Dropped):
+    """Two dropout modules on the probabilities, the first switched to eval (it does nothing): the
+    site drops with the second one's probability only."""
+
+    def __init__(self):
+        super().__init__()
+        self.off = nn.Dropout(0.3)
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        return self.drop(self.off(torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H), dim=-1))) @ v
+
+
+@pytest.mark.parametrize("cls", [SdpaDropped, EvalThenTrainDropout])
+def test_the_dropout_a_site_applies_in_training_is_certified(cls):
+    """The certifier reads the probability the graph applies: SDPA's ``dropout_p``; a dropout in eval
+    mode is none, and the scan goes on past it."""
+    model = cls().train()
+    if cls is EvalThenTrainDropout:
+        model.off.eval()
+    report = Report()
+    compile_rewritten(model, report)(_x())
+    (site,) = report.sites
+    assert site.status == "rewritten" and site.spec["dropout_p"] == pytest.approx(0.1), report
+
+
+def test_an_sdpa_dropout_probability_off_by_one_percent_is_refused(monkeypatch):
+    from attnrewrite.patterns import sdpa
+
+    _plant(monkeypatch, sdpa, "match", lambda site, spec: replace(spec, dropout_p=spec.dropout_p + 0.01))
+    _refused_in_training(SdpaDropped().train(), reason="spec's dropout probability 0.11 differs from the site's 0.1")
