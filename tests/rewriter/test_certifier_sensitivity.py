@@ -864,3 +864,127 @@ def test_an_sdpa_dropout_probability_off_by_one_percent_is_refused(monkeypatch):
 
     _plant(monkeypatch, sdpa, "match", lambda site, spec: replace(spec, dropout_p=spec.dropout_p + 0.01))
     _refused_in_training(SdpaDropped().train(), reason="spec's dropout probability 0.11 differs from the site's 0.1")
+
+
+# --------------------------------------------------------------------------- certify's decisions on given probe outcomes
+
+
+W = torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=torch.float64)  # max |want| = 2: errors are divided by 3
+Z = torch.zeros(2, 2, dtype=torch.float64)
+ALL, NONE = torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.bool)
+FIRST_ROW = torch.tensor([[True, True], [False, False]])
+REAL, RANDOM, PERTURBED = False, "random", "perturbed"  # the probes' `randomize`, in PROBES order
+EVERY_PROBE = [REAL, RANDOM, RANDOM, PERTURBED, PERTURBED, PERTURBED]
+ALL_MASKED = ("could not certify: every probed query row is fully masked ({} informative probe(s) of 6: the "
+              "example, random and perturbed user inputs)")
+PADDING = "an additive mask taken as key padding holds values other than 0 and <= -1e4 on {}"
+
+
+def _off(base, delta, rows=ALL, at=(0, 0)):
+    """A probe outcome (got, want, rows) whose original differs from the canonical form by ``delta`` at ``at``."""
+    got = base.clone()
+    got[at] += delta
+    return got, base.clone(), rows
+
+
+def _exact():
+    return _off(W, 0.0)
+
+
+def _nan_in_second_row():
+    return _off(W, float("nan"), rows=FIRST_ROW, at=(1, 0))
+
+
+# name: (probe outcomes in order, the last repeating; certify's (ok, reason, worst); the probes run)
+SCRIPTS = {
+    "exact": ([_exact()], (True, None, 0.0), [REAL, RANDOM]),
+    "example_fully_masked": ([(W, W, NONE), _exact()], (True, None, 0.0), [REAL, RANDOM, RANDOM]),
+    "error_at_the_tolerance": ([_off(Z, 1e-6)], (True, None, 1e-6), [REAL, RANDOM]),
+    "worst_of_two": ([_off(Z, 3e-7), _off(Z, 5e-7)], (True, None, 5e-7), [REAL, RANDOM]),
+    "uncompared_row_not_finite": ([_nan_in_second_row()], (True, None, 0.0), [REAL, RANDOM]),
+    "error_above": ([_off(Z, 3e-7), _off(W, 1.5e-3)],
+                    (False, "spec does not reproduce the site (relative error 5.00e-04 on random q, k, v and random "
+                            "user inputs)", 5e-4), [REAL, RANDOM]),
+    "not_finite": ([_off(Z, 3e-7), _off(W, float("nan"))], (False, "original output is not finite on probe inputs",
+                                                             3e-7), [REAL, RANDOM]),
+    "every_probe_fully_masked": ([(W, W, NONE)], (False, ALL_MASKED.format(0), 0.0), EVERY_PROBE),
+    "only_the_example_informative": ([_off(Z, 3e-7), (W, W, NONE)], (False, ALL_MASKED.format(1), 3e-7), EVERY_PROBE),
+    "wrong_shape": ([(W, W[:1], ALL[:1])], (False, "canonical form has shape (1, 2), site output torch.Size([2, 2])",
+                                           0.0), [REAL]),
+    "not_a_tensor": ([((1.0,), W, ALL)], (False, "canonical form has shape (2, 2), site output (1.0,)", 0.0), [REAL]),
+}
+
+
+def _raising(exc_type, message):
+    from attnrewrite.ir import evaluate
+    from attnrewrite.ir.spec import PADDING_GUARD
+
+    return RuntimeError(f"x {PADDING_GUARD} y") if exc_type == "padding" else getattr(evaluate, exc_type)(message)
+
+
+RAISING = {
+    "closure_too_large": ([_off(Z, 3e-7), _raising("ClosureTooLarge", "more than 9 nodes feed m")],
+                          (False, "could not certify: the site's masks depend on too much of the graph (more than 9 "
+                                  "nodes feed m)", 3e-7), [REAL, RANDOM]),
+    "unreadable_write": ([_raising("UnreadableWrite", "m is written in place by foo")],
+                         (False, "could not certify: m is written in place by foo", 0.0), [REAL]),
+    "padding_on_the_example": ([_raising("padding", "")], (False, PADDING.format("random q, k, v"), 0.0), [REAL]),
+    "padding_on_random_inputs": ([_exact(), _raising("padding", "")], (False, PADDING.format("random user inputs"),
+                                                                       0.0), [REAL, RANDOM]),
+    "padding_on_perturbed_inputs": ([_exact(), (W, W, NONE), (W, W, NONE), _raising("padding", "")],
+                                    (False, PADDING.format("perturbed user inputs"), 0.0),
+                                    [REAL, RANDOM, RANDOM, PERTURBED]),
+}
+
+
+def test_certify_decides_on_its_probes_as_documented():
+    """certify's own logic, on scripted probe outcomes (``_probe`` replaced inside a real compile, for the real
+    site and evaluator): which probes run and in what order, the error formula and the tolerance (an error
+    equal to CERTIFY_RTOL passes), the worst error returned, rows not compared, and each refusal's exact
+    reason.  A RuntimeError that is not the padding guard propagates."""
+    import attnrewrite.rewriter.certify as certify_mod
+    import attnrewrite.rewriter.pipeline as pipeline
+
+    results, real = {}, pipeline.certify
+
+    def scripted(outcomes):
+        calls = []
+
+        def probe(site, evaluator, targets, randomize):
+            calls.append(randomize)
+            outcome = outcomes[min(len(calls), len(outcomes)) - 1]
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+        return probe, calls
+
+    def hook(site, evaluator, *args, **kwargs):
+        for name, (outcomes, _, _) in {**SCRIPTS, **RAISING}.items():
+            probe, calls = scripted(outcomes)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(certify_mod, "_probe", probe)
+                results[name] = certify_mod.certify(site, evaluator), calls
+        for probes, outcomes in ((1, [_exact()]), (3, [_exact()]), (2, [RuntimeError("boom")])):
+            probe, calls = scripted(outcomes)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(certify_mod, "_probe", probe)
+                try:
+                    results[f"probes={probes}"] = certify_mod.certify(site, evaluator, probes=probes), calls
+                except RuntimeError as exc:
+                    results["other_runtime_error"] = str(exc), calls
+        return real(site, evaluator, *args, **kwargs)
+
+    report = Report()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "certify", hook)
+        compile_rewritten(Plain().eval(), report)(_x())
+    assert [s.status for s in report.sites] == ["rewritten"], report
+    for name, (_, (ok, reason, worst), probes) in {**SCRIPTS, **RAISING}.items():
+        (got_ok, got_reason, got_worst), calls = results[name]
+        assert (got_ok, got_reason) == (ok, reason), name
+        assert got_worst == pytest.approx(worst, rel=1e-12, abs=0), (name, got_worst)
+        assert calls == probes, (name, calls)
+    assert results["probes=1"] == ((True, None, 0.0), [REAL])
+    assert results["probes=3"] == ((True, None, 0.0), [REAL, RANDOM, RANDOM])
+    assert results["other_runtime_error"] == ("boom", [REAL])
