@@ -794,35 +794,43 @@ def test_a_proof_on_one_key_is_not_shared_with_a_site_of_ten(monkeypatch):
 
 
 class InputWrittenInTheSecondSite(nn.Module):
-    """Two identical layers reading one additive mask input; the mask is scaled in place while the second
-    site runs (after its scores read it, before its output): the second site's rewrite would read the
-    scaled mask.  The sites read the same node: only the write tells their keys apart."""
+    """Two identical layers reading one additive mask input; ``written`` (the mask, or the second layer's
+    query) is scaled in place while the second site runs (after its scores read it, before its output):
+    the second site's rewrite would read the scaled value.  Nothing but the write tells the sites' keys
+    apart: they read the same mask node, and q, k, v are named by role."""
 
-    def __init__(self):
+    def __init__(self, written: str):
         super().__init__()
         self.first, self.second = Base(), Base()
         self.second.load_state_dict(self.first.state_dict())
+        self.written = written
 
     def forward(self, x, m):
         out, mask = 0, m[:, None, None, :]  # one view, read by both sites
         for layer in (self.first, self.second):
             q, k, v = layer.qkv_heads(x)
+            q = q.contiguous()  # its own storage (a view of split's output may not be written in place)
             s = q @ k.transpose(-2, -1) / math.sqrt(C // H) + mask
             if layer is self.second:
-                m.mul_(2.0)
+                (mask if self.written == "mask" else q).mul_(2.0)
             out = out + torch.softmax(s, dim=-1) @ v
         return out
 
 
-def test_a_site_whose_input_is_written_in_the_way_does_not_share_a_proof():
-    model = InputWrittenInTheSecondSite().eval()
+@pytest.mark.parametrize("written, reason", [
+    ("mask", "mask, an input of the site, is written in place by mul_ after the site reads it (s_1) and before "
+             "its output"),
+    ("query", "q_3, an input of the site, is written in place by mul_ after the site reads it (matmul_2) and "
+              "before its output"),
+])
+def test_a_site_whose_input_is_written_in_the_way_does_not_share_a_proof(written, reason):
+    model = InputWrittenInTheSecondSite(written).eval()
     x, m = _x(), torch.randn(2, T, generator=torch.Generator().manual_seed(2))
     report = Report()
     got = compile_rewritten(model, report)(x, m.clone())
     torch.testing.assert_close(got, model(x, m.clone()), rtol=1e-5, atol=1e-6)
     assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
-    assert report.sites[1].reason == ("mask, an input of the site, is written in place by mul_ after the site "
-                                      "reads it (s_1) and before its output"), report
+    assert report.sites[1].reason == reason, report
 
 
 class SdpaDropped(Base):
@@ -908,6 +916,8 @@ SCRIPTS = {
     "not_finite": ([_off(Z, 3e-7), _off(W, float("nan"))], (False, "original output is not finite on probe inputs",
                                                              3e-7), [REAL, RANDOM]),
     "every_probe_fully_masked": ([(W, W, NONE)], (False, ALL_MASKED.format(0), 0.0), EVERY_PROBE),
+    "one_random_informative": ([(W, W, NONE), _exact(), (W, W, NONE)], (False, ALL_MASKED.format(1), 0.0),
+                               EVERY_PROBE),
     "only_the_example_informative": ([_off(Z, 3e-7), (W, W, NONE)], (False, ALL_MASKED.format(1), 3e-7), EVERY_PROBE),
     "wrong_shape": ([(W, W[:1], ALL[:1])], (False, "canonical form has shape (1, 2), site output torch.Size([2, 2])",
                                            0.0), [REAL]),
