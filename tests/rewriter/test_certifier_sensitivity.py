@@ -794,10 +794,11 @@ def test_a_proof_on_one_key_is_not_shared_with_a_site_of_ten(monkeypatch):
 
 
 class InputWrittenInTheSecondSite(nn.Module):
-    """Two identical layers reading one additive mask input; ``written`` (the mask, or the second layer's
-    query) is scaled in place while the second site runs (after its scores read it, before its output):
-    the second site's rewrite would read the scaled value.  Nothing but the write tells the sites' keys
-    apart: they read the same mask node, and q, k, v are named by role."""
+    """Two identical layers reading one additive mask input; ``written`` (the mask, the second layer's
+    query, or its scores) is scaled in place while the second site runs (after its scores read it, before
+    its output): the second site's rewrite would read the scaled value, or miss the scaling of its scores.
+    Nothing but the write tells the sites' keys apart: they read the same mask node, and q, k, v are named
+    by role."""
 
     def __init__(self, written: str):
         super().__init__()
@@ -812,7 +813,7 @@ class InputWrittenInTheSecondSite(nn.Module):
             q = q.contiguous()  # its own storage (a view of split's output may not be written in place)
             s = q @ k.transpose(-2, -1) / math.sqrt(C // H) + mask
             if layer is self.second:
-                (mask if self.written == "mask" else q).mul_(2.0)
+                {"mask": mask, "query": q, "scores": s}[self.written].mul_(2.0)
             out = out + torch.softmax(s, dim=-1) @ v
         return out
 
@@ -822,6 +823,7 @@ class InputWrittenInTheSecondSite(nn.Module):
              "its output"),
     ("query", "q_3, an input of the site, is written in place by mul_ after the site reads it (matmul_2) and "
               "before its output"),
+    ("scores", "the site's s_1 is written in place by mul_, which is not part of the attention it matched"),
 ])
 def test_a_site_whose_input_is_written_in_the_way_does_not_share_a_proof(written, reason):
     model = InputWrittenInTheSecondSite(written).eval()
