@@ -824,7 +824,7 @@ class InputWrittenInTheSecondSite(nn.Module):
     ("query", "q_3, an input of the site, is written in place by mul_ after the site reads it (matmul_2) and "
               "before its output"),
     ("scores", "the site's s_1 is written in place by mul_, which is not part of the attention it matched"),
-])
+], ids=["mask", "query", "scores"])
 def test_a_site_whose_input_is_written_in_the_way_does_not_share_a_proof(written, reason):
     model = InputWrittenInTheSecondSite(written).eval()
     x, m = _x(), torch.randn(2, T, generator=torch.Generator().manual_seed(2))
