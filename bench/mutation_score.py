@@ -19,6 +19,14 @@ Usage::
     # after adding tests: re-run only the survivors of that run (the mutated files must be unchanged)
     python bench/mutation_score.py --files attnrewrite/rewriter/failures.py --tests ... --workdir /tmp/mut-failures --rerun
 
+A function every compile reaches (certify.py's ``certify``, ``fingerprint``) runs each surviving mutant against
+every test of the selection: run it on its own, in a fresh workdir, with the test file aimed at it (a narrower
+selection can only undercount kills)::
+
+    python bench/mutation_score.py --files attnrewrite/rewriter/certify.py \
+        --tests tests/rewriter/test_certifier_sensitivity.py --workdir /tmp/mut-certify \
+        --mutants 'attnrewrite.rewriter.certify.x_certify__mutmut_*'
+
 ``--tests`` must list the same files in a ``--rerun`` (mutmut re-runs everything when its test selection
 changes); put new tests in those files.  A mutant killed before stays killed (tests were only added), so
 the re-run's table is the score at the new commit.

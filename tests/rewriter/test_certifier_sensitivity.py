@@ -585,3 +585,418 @@ def test_a_score_modification_and_the_inputs_beside_it(spelling, reason):
         assert site.status == "rewritten", report
     else:
         assert site.status == "skipped" and site.reason.startswith(reason), site.reason
+
+
+# --------------------------------------------------------------------------- what a proof may be shared on (mutants)
+
+
+class MaskWrittenBetween(nn.Module):
+    """Two layers alike but for their additive masks: the first reads a causal mask that is written in
+    place (to a window of 3) *after* the first site, the second a buffer holding that window.  The first
+    site's mask, as it reads it, is the causal triangle: its key must hold the value before the write, or
+    the two sites (whose masks are equal at the end of the graph) would share the first one's proof."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+        self.register_buffer("window", torch.zeros(T, T).masked_fill(~_band(3), float("-inf")))
+
+    def forward(self, x):
+        mask = torch.zeros(T, T).masked_fill(~_band(T).to(x.device), float("-inf"))  # out of place: no write
+        out = []
+        for layer, m in ((self.first, mask), (self.second, self.window)):
+            q, k, v = layer.qkv_heads(x)
+            out.append(torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H) + m, dim=-1) @ v)
+            if layer is self.first:
+                mask.masked_fill_(~_band(3).to(x.device), float("-inf"))  # after the first site's output
+        return out[0] + out[1] + mask[0, 0]
+
+
+def test_a_mask_written_after_its_site_is_fingerprinted_as_the_site_reads_it(monkeypatch):
+    """Both sites claimed plain causal (a planted resolver bug): true for the first, false for the
+    second (a window).  The masks are equal only after the in-place write that follows the first site."""
+    report = _two_site_report(MaskWrittenBetween(), monkeypatch, lambda spec: replace(spec, bias=(), causal=True))
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+
+
+class LearnedBiases(nn.Module):
+    """Two layers with the same weights, each adding its own learned bias (parameters: read by identity)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+        self.second.load_state_dict(self.first.state_dict())
+        g = torch.Generator().manual_seed(7)
+        self.biases = nn.ParameterList([nn.Parameter(torch.randn(H, T, T, generator=g)) for _ in range(2)])
+
+    def forward(self, x):
+        out = 0
+        for layer, bias in zip((self.first, self.second), self.biases):
+            q, k, v = layer.qkv_heads(x)
+            out = out + torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H) + bias, dim=-1) @ v
+        return out
+
+
+def test_sites_reading_different_learned_biases_are_proven_apart(monkeypatch):
+    """A planted resolver bug gives the second site the first one's bias.  The sites differ only in which
+    parameter they read: a fingerprint that described every parameter alike would hand the first site's
+    proof to the second."""
+    terms = []
+
+    def first_bias(spec):
+        terms.append(spec.bias)
+        return replace(spec, bias=terms[0])
+
+    report = _two_site_report(LearnedBiases(), monkeypatch, first_bias)
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+    assert "does not reproduce the site" in report.sites[1].reason, report
+
+
+class TwoBiases(nn.Module):
+    """Two layers, each adding a constant bias buffer of its own; ``spelling`` picks how they differ:
+
+    - ``bytes``: an int8 buffer of -1 and a uint8 buffer of 255 at the same places (the same bytes, other
+      numbers: only the dtype tells them apart);
+    - ``op``: the same float buffer, added by the first and subtracted by the second (only the op differs).
+    """
+
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+        self.spelling = spelling
+        band = _band(3)
+        if spelling == "bytes":
+            self.register_buffer("b1", torch.where(band, 0, -1).to(torch.int8))
+            self.register_buffer("b2", torch.where(band, 0, 255).to(torch.uint8))
+        else:
+            bias = torch.randn(T, T, generator=torch.Generator().manual_seed(11))
+            self.register_buffer("b1", bias)
+            self.register_buffer("b2", bias.clone())
+
+    def forward(self, x):
+        out = 0
+        for layer, bias, op in ((self.first, self.b1, torch.add), (self.second, self.b2, torch.add if
+                                                                      self.spelling == "bytes" else torch.sub)):
+            q, k, v = layer.qkv_heads(x)
+            out = out + torch.softmax(op(q @ k.transpose(-2, -1) / math.sqrt(C // H), bias), dim=-1) @ v
+        return out
+
+
+@pytest.mark.parametrize("spelling", ["bytes", "op"])
+def test_sites_differing_only_in_a_constant_bias_dtype_or_op_are_proven_apart(monkeypatch, spelling):
+    """A planted resolver bug gives the second site the first one's spec.  The sites differ only in the
+    dtype of a constant (equal bytes) or in one op of their region: a fingerprint blind to either would
+    hand the first site's proof to the second."""
+    specs = []
+
+    def first_spec(spec):  # (its own q, k, v: those are named by role)
+        specs.append(spec)
+        return replace(spec, bias=specs[0].bias, scale=specs[0].scale, causal=specs[0].causal)
+
+    report = _two_site_report(TwoBiases(spelling), monkeypatch, first_spec)
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+    assert "does not reproduce the site" in report.sites[1].reason, report
+
+
+class SizeScaled(nn.Module):
+    """Two layers scaling their scores by a size read from the graph: the batch size (2) for the first,
+    the sequence length (10) for the second.  Under ``dynamic=True`` the scales are graph nodes of no
+    user data (SymInts): the sites differ only in those nodes' values."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+
+    def forward(self, x):
+        out = 0
+        for layer, dim in ((self.first, 0), (self.second, -2)):
+            q, k, v = layer.qkv_heads(x)
+            out = out + torch.softmax(q @ k.transpose(-2, -1) / q.size(dim) ** 0.5, dim=-1) @ v
+        return out
+
+
+def test_sites_differing_only_in_a_symbolic_size_are_proven_apart(monkeypatch):
+    specs = []
+    real = masks.resolve
+
+    def planted(site, evaluator):
+        real(site, evaluator)
+        specs.append(site.spec)
+        site.spec = replace(site.spec, scale=specs[0].scale, q_factors=specs[0].q_factors)
+
+    monkeypatch.setattr(masks, "resolve", planted)
+    model, x = SizeScaled().eval(), _x()
+    report = Report()
+    torch.testing.assert_close(compile_rewritten(model, report, dynamic=True)(x), model(x), rtol=1e-5, atol=1e-6)
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+    assert "does not reproduce the site" in report.sites[1].reason, report
+
+
+class TwoKeyBiases(nn.Module):
+    """Two identical layers adding two biases computed inside the site from different features of the keys
+    (``k[..., :2]`` and ``k[..., 2:4]``): both terms are nodes of the site's own region."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+        self.second.load_state_dict(self.first.state_dict())
+
+    def forward(self, x):
+        out = 0
+        for layer in (self.first, self.second):
+            q, k, v = layer.qkv_heads(x)
+            s = (q @ k.transpose(-2, -1) / math.sqrt(C // H) + k[..., :2].sum(-1)[:, :, None, :]
+                 + k[..., 2:4].sum(-1)[:, :, None, :])
+            out = out + torch.softmax(s, dim=-1) @ v
+        return out
+
+
+def test_sites_whose_specs_name_different_nodes_of_their_own_are_proven_apart(monkeypatch):
+    """A planted resolver bug makes the second site's spec add its first bias twice.  The two specs differ
+    only in which of the site's own nodes a term names: a fingerprint that numbered every node of the
+    site alike would hand the first site's proof to the second."""
+    seen = []
+
+    def first_term_twice(spec):
+        seen.append(spec)
+        if len(seen) == 1:
+            return spec
+        first, second = spec.bias
+        return replace(spec, bias=(first, replace(second, node=first.node, steps=first.steps)))
+
+    report = _two_site_report(TwoKeyBiases(), monkeypatch, first_term_twice)
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+    assert "does not reproduce the site" in report.sites[1].reason, report
+
+
+class OneTokenAndTen(Base):
+    """One layer applied to the first token alone (a single key: softmax is 1 whatever the scale) and to
+    all ten: the two sites run the same ops on q, k, v of different shapes."""
+
+    def forward(self, x):
+        out = []
+        for h in (x[:, :1], x):
+            q, k, v = self.qkv_heads(h)
+            out.append((torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H), dim=-1) @ v).sum(2))
+        return out[0] + out[1]
+
+
+def test_a_proof_on_one_key_is_not_shared_with_a_site_of_ten(monkeypatch):
+    """Both specs given a wrong scale (a planted matcher bug): on one key any scale reproduces the site,
+    so the first is rightly certified; the second, alike but for its q, k, v shapes, must be proven on
+    its own and refused."""
+    _plant(monkeypatch, eager_matmul, "match", lambda site, spec: replace(spec, scale=spec.scale * 1.5))
+    model, x = OneTokenAndTen().eval(), _x()
+    report = Report()
+    torch.testing.assert_close(compile_rewritten(model, report)(x), model(x), rtol=1e-5, atol=1e-6)
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+    assert "does not reproduce the site" in report.sites[1].reason, report
+
+
+class InputWrittenInTheSecondSite(nn.Module):
+    """Two identical layers reading one additive mask input; ``written`` (the mask, the second layer's
+    query, or its scores) is scaled in place while the second site runs (after its scores read it, before
+    its output): the second site's rewrite would read the scaled value, or miss the scaling of its scores.
+    Nothing but the write tells the sites' keys apart: they read the same mask node, and q, k, v are named
+    by role."""
+
+    def __init__(self, written: str):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+        self.second.load_state_dict(self.first.state_dict())
+        self.written = written
+
+    def forward(self, x, m):
+        out, mask = 0, m[:, None, None, :]  # one view, read by both sites
+        for layer in (self.first, self.second):
+            q, k, v = layer.qkv_heads(x)
+            q = q.contiguous()  # its own storage (a view of split's output may not be written in place)
+            s = q @ k.transpose(-2, -1) / math.sqrt(C // H) + mask
+            if layer is self.second:
+                {"mask": mask, "query": q, "scores": s}[self.written].mul_(2.0)
+            out = out + torch.softmax(s, dim=-1) @ v
+        return out
+
+
+@pytest.mark.parametrize("written, reason", [
+    ("mask", "mask, an input of the site, is written in place by mul_ after the site reads it (s_1) and before "
+             "its output"),
+    ("query", "q_3, an input of the site, is written in place by mul_ after the site reads it (matmul_2) and "
+              "before its output"),
+    ("scores", "the site's s_1 is written in place by mul_, which is not part of the attention it matched"),
+], ids=["mask", "query", "scores"])
+def test_a_site_whose_input_is_written_in_the_way_does_not_share_a_proof(written, reason):
+    model = InputWrittenInTheSecondSite(written).eval()
+    x, m = _x(), torch.randn(2, T, generator=torch.Generator().manual_seed(2))
+    report = Report()
+    got = compile_rewritten(model, report)(x, m.clone())
+    torch.testing.assert_close(got, model(x, m.clone()), rtol=1e-5, atol=1e-6)
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+    assert report.sites[1].reason == reason, report
+
+
+class SdpaDropped(Base):
+    """SDPA with its own dropout: the probability is the call's ``dropout_p``, in training."""
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=0.1 if self.training else 0.0)
+
+
+class EvalThenTrainDropout(Dropped):
+    """Two dropout modules on the probabilities, the first switched to eval (it does nothing): the
+    site drops with the second one's probability only."""
+
+    def __init__(self):
+        super().__init__()
+        self.off = nn.Dropout(0.3)
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        return self.drop(self.off(torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H), dim=-1))) @ v
+
+
+@pytest.mark.parametrize("cls", [SdpaDropped, EvalThenTrainDropout])
+def test_the_dropout_a_site_applies_in_training_is_certified(cls):
+    """The certifier reads the probability the graph applies: SDPA's ``dropout_p``; a dropout in eval
+    mode is none, and the scan goes on past it."""
+    model = cls().train()
+    if cls is EvalThenTrainDropout:
+        model.off.eval()
+    report = Report()
+    compile_rewritten(model, report)(_x())
+    (site,) = report.sites
+    assert site.status == "rewritten" and site.spec["dropout_p"] == pytest.approx(0.1), report
+
+
+def test_an_sdpa_dropout_probability_off_by_one_percent_is_refused(monkeypatch):
+    from attnrewrite.patterns import sdpa
+
+    _plant(monkeypatch, sdpa, "match", lambda site, spec: replace(spec, dropout_p=spec.dropout_p + 0.01))
+    _refused_in_training(SdpaDropped().train(), reason="spec's dropout probability 0.11 differs from the site's 0.1")
+
+
+# --------------------------------------------------------------------------- certify's decisions on given probe outcomes
+
+
+W = torch.tensor([[0.5, -1.0], [2.0, 0.25]], dtype=torch.float64)  # max |want| = 2: errors are divided by 3
+Z = torch.zeros(2, 2, dtype=torch.float64)
+ALL, NONE = torch.ones(2, 2, dtype=torch.bool), torch.zeros(2, 2, dtype=torch.bool)
+FIRST_ROW = torch.tensor([[True, True], [False, False]])
+REAL, RANDOM, PERTURBED = False, "random", "perturbed"  # the probes' `randomize`, in PROBES order
+EVERY_PROBE = [REAL, RANDOM, RANDOM, PERTURBED, PERTURBED, PERTURBED]
+ALL_MASKED = ("could not certify: every probed query row is fully masked ({} informative probe(s) of 6: the "
+              "example, random and perturbed user inputs)")
+PADDING = "an additive mask taken as key padding holds values other than 0 and <= -1e4 on {}"
+
+
+def _off(base, delta, rows=ALL, at=(0, 0)):
+    """A probe outcome (got, want, rows) whose original differs from the canonical form by ``delta`` at ``at``."""
+    got = base.clone()
+    got[at] += delta
+    return got, base.clone(), rows
+
+
+def _exact():
+    return _off(W, 0.0)
+
+
+def _nan_in_second_row():
+    return _off(W, float("nan"), rows=FIRST_ROW, at=(1, 0))
+
+
+# name: (probe outcomes in order, the last repeating; certify's (ok, reason, worst); the probes run)
+SCRIPTS = {
+    "exact": ([_exact()], (True, None, 0.0), [REAL, RANDOM]),
+    "example_fully_masked": ([(W, W, NONE), _exact()], (True, None, 0.0), [REAL, RANDOM, RANDOM]),
+    "error_at_the_tolerance": ([_off(Z, 1e-6)], (True, None, 1e-6), [REAL, RANDOM]),
+    "worst_of_two": ([_off(Z, 3e-7), _off(Z, 5e-7)], (True, None, 5e-7), [REAL, RANDOM]),
+    "uncompared_row_not_finite": ([_nan_in_second_row()], (True, None, 0.0), [REAL, RANDOM]),
+    "error_above": ([_off(Z, 3e-7), _off(W, 1.5e-3)],
+                    (False, "spec does not reproduce the site (relative error 5.00e-04 on random q, k, v and random "
+                            "user inputs)", 5e-4), [REAL, RANDOM]),
+    "not_finite": ([_off(Z, 3e-7), _off(W, float("nan"))], (False, "original output is not finite on probe inputs",
+                                                             3e-7), [REAL, RANDOM]),
+    "every_probe_fully_masked": ([(W, W, NONE)], (False, ALL_MASKED.format(0), 0.0), EVERY_PROBE),
+    "one_random_informative": ([(W, W, NONE), _exact(), (W, W, NONE)], (False, ALL_MASKED.format(1), 0.0),
+                               EVERY_PROBE),
+    "only_the_example_informative": ([_off(Z, 3e-7), (W, W, NONE)], (False, ALL_MASKED.format(1), 3e-7), EVERY_PROBE),
+    "wrong_shape": ([(W, W[:1], ALL[:1])], (False, "canonical form has shape (1, 2), site output torch.Size([2, 2])",
+                                           0.0), [REAL]),
+    "not_a_tensor": ([((1.0,), W, ALL)], (False, "canonical form has shape (2, 2), site output (1.0,)", 0.0), [REAL]),
+}
+
+
+def _raising(exc_type, message):
+    from attnrewrite.ir import evaluate
+    from attnrewrite.ir.spec import PADDING_GUARD
+
+    return RuntimeError(f"x {PADDING_GUARD} y") if exc_type == "padding" else getattr(evaluate, exc_type)(message)
+
+
+RAISING = {
+    "closure_too_large": ([_off(Z, 3e-7), _raising("ClosureTooLarge", "more than 9 nodes feed m")],
+                          (False, "could not certify: the site's masks depend on too much of the graph (more than 9 "
+                                  "nodes feed m)", 3e-7), [REAL, RANDOM]),
+    "unreadable_write": ([_raising("UnreadableWrite", "m is written in place by foo")],
+                         (False, "could not certify: m is written in place by foo", 0.0), [REAL]),
+    "padding_on_the_example": ([_raising("padding", "")], (False, PADDING.format("random q, k, v"), 0.0), [REAL]),
+    "padding_on_random_inputs": ([_exact(), _raising("padding", "")], (False, PADDING.format("random user inputs"),
+                                                                       0.0), [REAL, RANDOM]),
+    "padding_on_perturbed_inputs": ([_exact(), (W, W, NONE), (W, W, NONE), _raising("padding", "")],
+                                    (False, PADDING.format("perturbed user inputs"), 0.0),
+                                    [REAL, RANDOM, RANDOM, PERTURBED]),
+}
+
+
+def test_certify_decides_on_its_probes_as_documented():
+    """certify's own logic, on scripted probe outcomes (``_probe`` replaced inside a real compile, for the real
+    site and evaluator): which probes run and in what order, the error formula and the tolerance (an error
+    equal to CERTIFY_RTOL passes), the worst error returned, rows not compared, and each refusal's exact
+    reason.  A RuntimeError that is not the padding guard propagates."""
+    import attnrewrite.rewriter.certify as certify_mod
+    import attnrewrite.rewriter.pipeline as pipeline
+
+    results, real = {}, pipeline.certify
+
+    def scripted(outcomes):
+        calls = []
+
+        def probe(site, evaluator, targets, randomize):
+            calls.append(randomize)
+            outcome = outcomes[min(len(calls), len(outcomes)) - 1]
+            if isinstance(outcome, Exception):
+                raise outcome
+            return outcome
+
+        return probe, calls
+
+    def hook(site, evaluator, *args, **kwargs):
+        for name, (outcomes, _, _) in {**SCRIPTS, **RAISING}.items():
+            probe, calls = scripted(outcomes)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(certify_mod, "_probe", probe)
+                results[name] = certify_mod.certify(site, evaluator), calls
+        for probes, outcomes in ((1, [_exact()]), (3, [_exact()]), (2, [RuntimeError("boom")])):
+            probe, calls = scripted(outcomes)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(certify_mod, "_probe", probe)
+                try:
+                    results[f"probes={probes}"] = certify_mod.certify(site, evaluator, probes=probes), calls
+                except RuntimeError as exc:
+                    results["other_runtime_error"] = str(exc), calls
+        return real(site, evaluator, *args, **kwargs)
+
+    report = Report()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "certify", hook)
+        compile_rewritten(Plain().eval(), report)(_x())
+    assert [s.status for s in report.sites] == ["rewritten"], report
+    for name, (_, (ok, reason, worst), probes) in {**SCRIPTS, **RAISING}.items():
+        (got_ok, got_reason, got_worst), calls = results[name]
+        assert (got_ok, got_reason) == (ok, reason), name
+        assert got_worst == pytest.approx(worst, rel=1e-12, abs=0), (name, got_worst)
+        assert calls == probes, (name, calls)
+    assert results["probes=1"] == ((True, None, 0.0), [REAL])
+    assert results["probes=3"] == ((True, None, 0.0), [REAL, RANDOM, RANDOM])
+    assert results["other_runtime_error"] == ("boom", [REAL])
