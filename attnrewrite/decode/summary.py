@@ -272,8 +272,8 @@ class SummaryLayer(LayerCache):
 # attention takes the cache's mask, taken by that attention (transformers calls update, then the attention)
 _PENDING: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("attnrewrite_summary_pending", default=None)
 # the SummaryCache whose get_mask_sizes transformers' mask creation just called (the mask function follows)
-_SIZING: contextvars.ContextVar["SummaryCache | None"] = contextvars.ContextVar("attnrewrite_summary_sizing",
-                                                                               default=None)
+_SIZING: contextvars.ContextVar[SummaryCache | None] = contextvars.ContextVar("attnrewrite_summary_sizing",
+                                                                             default=None)
 
 
 def use_own_mask() -> bool:

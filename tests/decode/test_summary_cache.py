@@ -337,7 +337,7 @@ def test_transformers_generate_long_prompt_in_chunks_with_the_model_s_own_attent
 
 
 def test_attnrewrite_summary_refuses_what_it_cannot_honour():
-    model, ids, mask, _ = _hf_padded_batch([0, 0], "left", length=6)
+    model, ids, _, _ = _hf_padded_batch([0, 0], "left", length=6)
     summary = _summary_model(model, 4, 1)
     with torch.no_grad(), pytest.raises(ValueError, match="options differ"):
         summary(ids, cache=attnrewrite.SummaryCache(chunk_size=2, window_chunks=1), use_cache=True)

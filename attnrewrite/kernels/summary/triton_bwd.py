@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .chunked import hide_padding
 from .triton_common import (LOG2E_HOST, dot_precision, key_ok, load_tile, padded_dim, raw_key_range,
                             raw_query_range, summary_query_range, summary_range, visible)
-from .chunked import hide_padding
 from .triton_fwd import flag_args
 
 
