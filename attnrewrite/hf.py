@@ -7,7 +7,9 @@
 ``register()`` adds ``attnrewrite_softmax``, ``attnrewrite_sigmoid``, ``attnrewrite_linear`` and
 ``attnrewrite_sliding_window`` (window from ``config.sliding_window``, sinks from
 ``config.sliding_window_sinks``) and ``attnrewrite_hashed`` (options from ``config.hashed_attention``, a dict;
-decodes with :class:`attnrewrite.HashedCache`, see :func:`hashed_forward`) to ``transformers.AttentionInterface`` (and their mask functions to
+decodes with :class:`attnrewrite.HashedCache`, see :func:`hashed_forward`) and ``attnrewrite_summary`` (options from
+``config.summary_attention``, a dict; decodes with :class:`attnrewrite.SummaryCache` under the cache's own mask,
+see :func:`summary_forward`) to ``transformers.AttentionInterface`` (and their mask functions to
 ``AttentionMaskInterface``).
 Each takes HF's attention arguments (q, k, v as [B, H, T, D], a 4-d mask or None, ``scaling``,
 ``dropout``, ``is_causal``), calls the kind's op, and returns HF's [B, T, H, D] layout.
@@ -38,7 +40,7 @@ from typing import Any
 import torch
 
 IMPLEMENTATIONS = ("attnrewrite_softmax", "attnrewrite_sigmoid", "attnrewrite_linear", "attnrewrite_sliding_window",
-                   "attnrewrite_hashed")
+                   "attnrewrite_hashed", "attnrewrite_summary")
 
 
 def _gqa(module, query, key) -> bool:
@@ -315,6 +317,93 @@ def hashed_forward(module, query, key, value, attention_mask, dropout: float = 0
     return _finish(out)
 
 
+SUMMARY_OPTIONS = ("chunk_size", "window_chunks", "summary")
+
+
+def _summary_config(module) -> dict:
+    options = getattr(getattr(module, "config", None), "summary_attention", None) or {}
+    if not isinstance(options, dict) or set(options) - set(SUMMARY_OPTIONS):
+        raise ValueError(f"attnrewrite_summary: config.summary_attention must be a dict of {SUMMARY_OPTIONS}, "
+                         f"got {options!r}")
+    return options
+
+
+def summary_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
+                    **kwargs: Any):
+    """``attnrewrite_summary``: causal summary attention, options from the model config's ``summary_attention``
+    dict (``chunk_size``, ``window_chunks``, ``summary``; the op's defaults otherwise); ``summary="learned"``
+    pools with the state :func:`attnrewrite.convert` attached to the module.
+
+    Without a cache the step is the whole sequence: the op, with HF's key padding.  With
+    :class:`attnrewrite.SummaryCache` (``past_key_values=`` / ``cache=``), the cache's ``update`` returned the
+    summaries and window the step's queries see, and this attention takes the cache's own mask of which query
+    sees which (:func:`attnrewrite.decode.summary.claim_step`) instead of HF's, which cannot express it: any
+    padding (``SummaryCache(attention_mask=...)``) and prompts of any length decode as the whole-sequence op."""
+    from attnrewrite.decode.summary import claim_step
+    from attnrewrite.ir.spec import state_name
+    from attnrewrite.kernels.score_mods import parse as parse_score_mod
+    from attnrewrite.kernels.summary.chunked import block_attention
+    from attnrewrite.ops import summary_attention
+
+    if dropout > 0:
+        raise ValueError(f"attnrewrite_summary: the summary kind has no attention dropout (p={dropout:g}); set the "
+                         "config's attention_dropout to 0, or call model.eval()")
+    if weights_requested(kwargs):
+        raise ValueError("attnrewrite_summary does not return attention weights (output_attentions=True)")
+    if not _module_causal(module, is_causal):
+        raise ValueError("attnrewrite_summary is causal self-attention only; this module is not causal")
+    options = _summary_config(module)
+    cap = _softcap(kwargs)
+    claimed = claim_step(key)
+    if claimed is None:
+        if query.shape[2] != key.shape[2]:
+            raise ValueError(f"attnrewrite_summary: {query.shape[2]} queries against {key.shape[2]} keys without "
+                             "attnrewrite.SummaryCache: decode with cache=attnrewrite.SummaryCache(...) built with "
+                             "the config's summary_attention options")
+        summary_query = None
+        if options.get("summary", "mean") == "learned":
+            state = getattr(module, state_name("summary", 0), None)
+            if state is None:
+                raise ValueError("attnrewrite_summary with summary='learned' pools with the queries that "
+                                 "attnrewrite.convert(model, to='summary', summary='learned', ...) attaches to "
+                                 "each attention module; this module has none")
+            summary_query = state(key)
+        out = summary_attention(query, key, value, attn_mask=attention_mask, is_causal=True, scale=scaling,
+                                enable_gqa=_gqa(module, query, key), summary_query=summary_query,
+                                score_mod=_cap_program(cap), **options)
+        return _finish(out)
+    layer, visible = claimed
+    cache_options = dict(chunk_size=layer.chunk_size, window_chunks=layer.window_chunks,
+                         summary="mean" if layer.summary_query is None else "learned")
+    differ = {name: (value, cache_options[name]) for name, value in options.items() if cache_options[name] != value}
+    if differ:
+        raise ValueError(f"attnrewrite_summary: SummaryCache options differ from config.summary_attention "
+                         f"(config, cache): {differ}")
+    if visible is None:  # a step of one token without padding sees every key returned
+        visible = torch.ones(1, query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
+    elif visible.dim() == 2:  # [T, n]
+        visible = visible[None]
+    else:  # [B, 1, T, n]
+        visible = visible[:, 0]
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    program = None if cap is None else parse_score_mod(_cap_program(cap))
+    return _finish(block_attention(query, key.to(query.dtype), value.to(query.dtype), visible, scale,
+                                   score_mod=program))
+
+
+def summary_padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                         mask_function=None, attention_mask=None, **kwargs: Any):
+    """HF mask function for ``attnrewrite_summary``: None while a :class:`attnrewrite.SummaryCache` is being
+    stepped (its attention takes the cache's own mask, which this call tells the cache), else the key padding
+    [B, 1, 1, Tk] as for ``attnrewrite_linear`` (:func:`padding_only_mask`)."""
+    from attnrewrite.decode.summary import use_own_mask
+
+    if use_own_mask():
+        return None
+    return padding_only_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask,
+                             **kwargs)
+
+
 def padding_only_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                       mask_function=None, attention_mask=None, **kwargs: Any):
     """HF mask function for ``attnrewrite_linear``: the key-padding part of the mask, bool [B, 1, 1, Tk].
@@ -336,7 +425,8 @@ def padding_only_mask(batch_size: int, q_length: int, kv_length: int, q_offset: 
     causal = kv_index[None, :] <= q_index[:, None]
     full = full.expand(batch_size, -1, q_length, kv_length)
     if not (torch.equal(full, (keep & causal).expand_as(full)) or torch.equal(full, keep.expand_as(full))):
-        raise ValueError("attnrewrite_linear and attnrewrite_hashed honour causal and key-padding masks only; this "
+        raise ValueError("attnrewrite_linear, attnrewrite_hashed and attnrewrite_summary honour causal and "
+                         "key-padding masks only; this "
                          "model's mask is "
                          "something else (a sliding window, a prefix or chunked mask)")
     return None if bool(keep.all()) else keep
@@ -352,8 +442,10 @@ def register() -> None:
     AttentionInterface.register("attnrewrite_linear", linear_forward)
     AttentionInterface.register("attnrewrite_sliding_window", sliding_window_forward)
     AttentionInterface.register("attnrewrite_hashed", hashed_forward)
+    AttentionInterface.register("attnrewrite_summary", summary_forward)
     AttentionMaskInterface.register("attnrewrite_softmax", sdpa_mask)
     AttentionMaskInterface.register("attnrewrite_sigmoid", sdpa_mask)
     AttentionMaskInterface.register("attnrewrite_linear", padding_only_mask)
     AttentionMaskInterface.register("attnrewrite_sliding_window", sdpa_mask)
     AttentionMaskInterface.register("attnrewrite_hashed", padding_only_mask)
+    AttentionMaskInterface.register("attnrewrite_summary", summary_padding_mask)

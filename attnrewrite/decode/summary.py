@@ -19,10 +19,18 @@ stored entry (the token is not padding / the summary exists) once a step brings 
 (``key_valid``), pools each chunk over its valid tokens only (a chunk of padding only has no
 summary) and returns a [B, 1, T, n] mask that hides padded keys and absent summaries.  Padded
 tokens are stored as zeros (a model may give them nan states, and 0·nan is nan).
+
+transformers models build their mask from the 2-d padding mask at the positions :meth:`SummaryLayer.get_mask_sizes`
+reports, which cannot say "older chunks through their summaries only" nor hide the absent summary of a chunk
+of padding only.  With ``attn_implementation="attnrewrite_summary"`` (:func:`attnrewrite.hf.summary_forward`)
+the model's attention takes the cache's own mask instead: the mask function of that implementation tells
+the cache (:func:`use_own_mask`), ``update`` then accepts any step and leaves its mask to the attention
+that follows (:func:`claim_step`), so ``generate()`` takes any padding and prompts of any length.
 """
 
 from __future__ import annotations
 
+import contextvars
 import math
 
 import torch
@@ -198,7 +206,9 @@ class SummaryLayer(LayerCache):
             raise ValueError(
                 f"SummaryCache cannot give a transformers model a step of {count} tokens from position {self.length}: "
                 "its queries need different chunk summaries, which a causal mask cannot express; feed the "
-                "prompt in steps that stay within one summary set (or one token at a time)")
+                f"prompt in steps that stay within one summary set (generate(..., prefill_chunk_size={self.chunk_size}), "
+                "or one token at a time), or build the model with attn_implementation='attnrewrite_summary' "
+                "(after attnrewrite.hf.register()), whose attention takes the cache's own mask")
         keys, values, _ = self.step(key_states, value_states, key_valid)
         return keys, values
 
@@ -217,9 +227,10 @@ class SummaryLayer(LayerCache):
                 f"a chunk of padding only (chunk_size={self.chunk_size}); the step would not be the "
                 "whole-sequence op, and no placement of the summaries makes a mask read from token positions "
                 "right for rows padded by different numbers of whole chunks.  Left padding of fewer than "
-                "chunk_size tokens per row always works; otherwise decode step by step with the cache's own "
-                "mask, model(ids, attention_mask=cache.step_mask(dtype), position_ids=..., cache=cache), or run "
-                "the rows separately")
+                "chunk_size tokens per row always works; otherwise build the model with "
+                "attn_implementation='attnrewrite_summary' (after attnrewrite.hf.register()), whose attention takes "
+                "the cache's own mask, or decode step by step with that mask, model(ids, "
+                "attention_mask=cache.step_mask(dtype), position_ids=..., cache=cache), or run the rows separately")
 
     def next_visible(self, key_valid: torch.Tensor) -> torch.Tensor:
         """bool [B, n]: which of the n keys that a one-token step with padding ``key_valid`` [B, 1] will return
@@ -257,6 +268,38 @@ class SummaryLayer(LayerCache):
         return self.n_sum + self.n_win
 
 
+# (cache, layer, the keys update returned, the step's visibility): set by SummaryCache.update when the model's
+# attention takes the cache's mask, taken by that attention (transformers calls update, then the attention)
+_PENDING: contextvars.ContextVar[tuple | None] = contextvars.ContextVar("attnrewrite_summary_pending", default=None)
+# the SummaryCache whose get_mask_sizes transformers' mask creation just called (the mask function follows)
+_SIZING: contextvars.ContextVar[SummaryCache | None] = contextvars.ContextVar("attnrewrite_summary_sizing",
+                                                                             default=None)
+
+
+def use_own_mask() -> bool:
+    """For the mask function of ``attnrewrite_summary`` (:mod:`attnrewrite.hf`), called by transformers right after
+    it sized the mask with a cache's ``get_mask_sizes``: when that cache is a :class:`SummaryCache`, tell it that
+    the model's attention will take the cache's own mask for the coming step (True), so its ``update`` accepts
+    steps a 2-d padding mask cannot describe.  False when no SummaryCache is being sized (no cache: the
+    whole-sequence op)."""
+    cache = _SIZING.get()
+    _SIZING.set(None)
+    if cache is None:
+        return False
+    cache._own_attention_at = cache.get_seq_length()
+    return True
+
+
+def claim_step(keys: torch.Tensor) -> tuple[SummaryLayer, torch.Tensor | None] | None:
+    """For ``attnrewrite_summary``'s attention function: (the layer cache, the step's visibility — None, bool [T, n]
+    or [B, 1, T, n]) when ``keys`` is what the preceding ``SummaryCache.update`` returned for it, else None."""
+    pending = _PENDING.get()
+    if pending is None or pending[2] is not keys:
+        return None
+    _PENDING.set(None)
+    return pending[1], pending[3]
+
+
 class SummaryCache(KindCache):
     """The ``summary`` kind's KV cache: per layer the window in full and one summary per older chunk.
 
@@ -284,17 +327,36 @@ class SummaryCache(KindCache):
         self.chunk_size, self.window_chunks, self.summary = chunk_size, window_chunks, summary
         self.attention_mask = None if attention_mask is None else attention_mask.to(torch.bool)
         self._own_mask_at: int | None = None  # the position whose step got step_mask()'s mask
+        self._own_attention_at: int | None = None  # the position whose step attnrewrite_summary's attention takes
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """transformers' hook (see :meth:`SummaryLayer.get_mask_sizes`); also notes that a mask is being built for
+        this cache, so that ``attnrewrite_summary``'s mask function can say it takes the cache's own (:func:`use_own_mask`)."""
+        self._own_attention_at = None
+        _SIZING.set(self)
+        return super().get_mask_sizes(query_length, layer_idx)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """transformers' hook.  With a padded batch the cache must know the padding, to leave padded keys out
         of the summaries as the op does: pass the prompt's ``attention_mask`` [B, L] to the constructor
         (positions past L are tokens).  Without it, positions that show padding (``position_ids`` that do
-        not count up from the cache's length, as ``generate`` gives a left-padded batch) raise."""
+        not count up from the cache's length, as ``generate`` gives a left-padded batch) raise.
+
+        Under ``attn_implementation="attnrewrite_summary"`` (its mask function said so, :func:`use_own_mask`) any
+        step is accepted and its mask is left to that attention (:func:`claim_step`); under any other attention
+        a step that transformers' mask would get wrong raises (:meth:`SummaryLayer.update`)."""
         while len(self.layers) <= layer_idx:
             self.layers.append(self.new_layer(self._state_of(None, len(self.layers)), None))
         layer = self.layers[layer_idx]
         batch, count, start = key_states.shape[0], key_states.shape[-2], layer.get_seq_length()
+        if _SIZING.get() is self:  # the mask just built was transformers' own, not attnrewrite_summary's
+            _SIZING.set(None)
+        _PENDING.set(None)
         key_valid = self.step_padding(key_states, start, kwargs)
+        if self._own_attention_at == start:  # attnrewrite_summary's attention takes the step's own mask
+            keys, values, visible = layer.step(key_states, value_states, key_valid)
+            _PENDING.set((self, layer, keys, visible))
+            return keys, values
         own_mask = self._own_mask_at == start
         if own_mask and count != 1:
             raise ValueError(f"SummaryCache.step_mask() describes a one-token step; this step has {count} tokens")

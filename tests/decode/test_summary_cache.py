@@ -8,6 +8,7 @@ import torch
 import attnrewrite
 from attnrewrite import ops
 from attnrewrite.decode.summary import SummaryCache, SummaryLayer
+from attnrewrite.kernels.summary.reference import naive_summary_attention
 from attnrewrite.testing.caches import (
     assert_equal_where_seen,
     random_qkv,
@@ -262,3 +263,114 @@ def test_step_mask_needs_the_padding_and_one_token_steps():
     assert cache.step_mask().tolist() == [[[[False]]], [[[True]]]]
     with pytest.raises(ValueError, match="one-token step"):
         cache.update(k, v, 0)
+
+
+def _summary_model(model, chunk, window, summary="mean"):
+    """A copy of ``model`` (weights and converted states) under ``attn_implementation="attnrewrite_summary"``."""
+    import copy
+
+    import attnrewrite.hf
+
+    attnrewrite.hf.register()
+    twin = copy.deepcopy(model)
+    twin.set_attn_implementation("attnrewrite_summary")
+    twin.config.summary_attention = dict(chunk_size=chunk, window_chunks=window, summary=summary)
+    return twin
+
+
+def _generate(model, ids, mask, chunk, window, new, summary="mean", **generate_kwargs):
+    """(logits of each generated step [B, new, V], the final mask, the sequences, the cache): greedy ``generate``
+    through SummaryCache (the learned pooling queries read from the model's converted states)."""
+    states = [layer.self_attn.attnrewrite_summary for layer in model.model.layers] if summary == "learned" else None
+    cache = attnrewrite.SummaryCache(chunk_size=chunk, window_chunks=window, summary=summary, layer_states=states,
+                                     attention_mask=mask)
+    out = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=new, do_sample=False, pad_token_id=0,
+                         output_logits=True, return_dict_in_generate=True, **generate_kwargs)
+    full = torch.cat([mask, torch.ones(mask.shape[0], new, dtype=mask.dtype)], 1)
+    return torch.stack(out.logits, 1), full, out.sequences, cache
+
+
+@pytest.mark.parametrize("summary", ["mean", "learned"])
+def test_transformers_generate_any_padding_any_prompt_with_attnrewrite_summary(summary):
+    """``attn_implementation="attnrewrite_summary"``: ``generate()`` takes the cache's own mask, so rows left-padded
+    by several whole chunks and a prompt that needs several summary sets (14 tokens > (W + 1)·C = 8) decode as
+    the whole-sequence op: each step's logits equal a cacheless re-run of the eager model rewritten to the kind."""
+    import functools
+
+    from attnrewrite.rewriter.backend import attnrewrite_backend
+
+    chunk, window, new = 4, 1, 8
+    eager, ids, mask, _ = _hf_padded_batch([0, 5, 9], "left", length=14)  # row 2: two chunks of padding only
+    options = dict(to="summary", compiler="eager", chunk_size=chunk, window_chunks=window, summary=summary)
+    if summary == "learned":  # converted, then pooling queries far from their zero start (the mean)
+        attnrewrite.convert(eager, example_inputs={"input_ids": ids[:, :8]}, **options)
+        gen = torch.Generator().manual_seed(3)
+        for layer in eager.model.layers:
+            layer.self_attn.attnrewrite_summary.query.data.normal_(0, 3, generator=gen)
+    model = _summary_model(eager, chunk, window, summary)
+    with torch.no_grad():
+        got, full, sequences, cache = _generate(model, ids, mask, chunk, window, new, summary)
+        positions = (full.cumsum(-1) - 1).clamp(min=0)
+        want = torch.compile(eager, backend=functools.partial(attnrewrite_backend, options=options))(
+            sequences, attention_mask=full, position_ids=positions).logits
+        torch._dynamo.reset()
+        direct = model(sequences, attention_mask=full, position_ids=positions).logits
+    assert cache.layers[0].n_sum >= 4 and cache.layers[0].valid is not None
+    assert (cache.layers[0].summary_query is not None) == (summary == "learned")
+    # the prompt's last position predicts the first new token; generate() hands out logits in float32
+    assert (got - want[:, ids.shape[1] - 1:-1]).abs().max() < 1e-6
+    assert (direct - want)[full.bool()].abs().max() < 1e-6  # without a cache: the op itself
+
+
+def test_transformers_generate_long_prompt_in_chunks_with_the_model_s_own_attention():
+    """An eager model (transformers' own mask): a prompt longer than one summary set is refused in one prefill,
+    and decodes as the op when ``generate`` prefills it in chunks (``prefill_chunk_size=chunk_size``)."""
+    chunk, window, new = 4, 1, 6
+    model, ids, mask, _ = _hf_padded_batch([0, 2, 3], "left", length=14)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="prefill_chunk_size"):
+            _generate(model, ids, mask, chunk, window, new)
+        got, full, sequences, cache = _generate(model, ids, mask, chunk, window, new, prefill_chunk_size=chunk)
+        want = _whole_sequence(model, sequences, full, (full.cumsum(-1) - 1).clamp(min=0), chunk, window)
+    assert cache.layers[0].n_sum >= 3
+    assert (got - want[:, ids.shape[1] - 1:-1]).abs().max() < 1e-6
+
+
+def test_attnrewrite_summary_refuses_what_it_cannot_honour():
+    model, ids, _, _ = _hf_padded_batch([0, 0], "left", length=6)
+    summary = _summary_model(model, 4, 1)
+    with torch.no_grad(), pytest.raises(ValueError, match="options differ"):
+        summary(ids, cache=attnrewrite.SummaryCache(chunk_size=2, window_chunks=1), use_cache=True)
+    with torch.no_grad(), pytest.raises(ValueError, match="without attnrewrite.SummaryCache"):
+        summary.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # generate's own DynamicCache
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_padded_keys_holding_nan_or_inf_take_no_part(learned):
+    """A padded key or value must not reach a score or a summary even when a model left nan/inf there: the op (torch
+    and Triton paths), its reference and the cache agree, and the gradients at padded tokens are 0, not nan."""
+    chunk, window, t = 4, 1, 22
+    q, k, v = random_qkv(t, b=2)
+    valid = torch.ones(2, t, dtype=torch.bool)
+    valid[1, :9] = False   # left padding: two chunks of padding only, and one that holds some
+    valid[0, 14] = False   # a hole in a chunk that is folded into a summary
+    hide = ~valid[:, None, :, None]
+    k, v = k.masked_fill(hide, float("nan")), v.masked_fill(hide, float("inf"))
+    query = torch.randn(2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) if learned else None
+    kw = dict(chunk_size=chunk, window_chunks=window, summary="learned" if learned else "mean", summary_query=query)
+    want = naive_summary_attention(q, k, v, valid, chunk_size=chunk, window_chunks=window, summary_query=query)
+    assert torch.isfinite(want).all()
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    got = ops.summary_attention(qg, kg, vg, valid[:, None, None], enable_gqa=True, impl="torch", **kw)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    grads = torch.autograd.grad(got.sum(), (qg, kg, vg))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert grads[1].masked_select(hide).abs().max() == 0 and grads[2].masked_select(hide).abs().max() == 0
+    triton_kw = dict(kw, summary_query=None if query is None else query.float())
+    qt, kt, vt = (x.float().requires_grad_() for x in (q, k, v))
+    got_triton = ops.summary_attention(qt, kt, vt, valid[:, None, None], enable_gqa=True, impl="triton", **triton_kw)
+    torch.testing.assert_close(got_triton.double(), want, rtol=0, atol=1e-5)
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(got_triton.sum(), (qt, kt, vt)))
+    layer = SummaryLayer(chunk, window, query, max_seq_len=t)
+    layer.prepare(2, 4, 2, 8, torch.float64, "cpu")
+    assert_equal_where_seen(through_layer(layer, q, k, v, [1] * t, key_valid=valid), want, valid)

@@ -349,3 +349,64 @@ def test_verify_names_attention_run_eagerly_inside_a_compiled_frame():
     with pytest.raises(attnrewrite.RewriteFailed, match="in none of its graphs") as caught:
         attnrewrite.verify(HiddenFromDynamo(), torch.randn(2, 5, 16), to="sigmoid")
     assert "test_trust.py" in caught.value.failures[0].module  # the line that ran it
+
+
+def _general_mask_sigmoid(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Hand-written sigmoid attention under an arbitrary additive mask, no causality claimed: Σ_j sigmoid(s·q·k_j +
+    m_ij − log Tk)·v_j (bias "auto" without causality: n = every key, since a float mask does not change n)."""
+    rep = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    scores = (query @ k.transpose(-2, -1)) * scaling + attention_mask
+    weights = torch.sigmoid(scores - torch.log(torch.tensor(float(k.shape[-2]))))
+    return (weights @ v).transpose(1, 2).contiguous(), None
+
+
+def _layer_with_its_mask():
+    """A Llama decoder layer (GQA) and its inputs, the causal-and-padding mask built outside it (as a model does
+    before its layers), so that compiling the layer alone makes the mask an input of its graph."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2)
+    model = T.LlamaForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+    x = torch.randn(2, 10, 32, generator=torch.Generator().manual_seed(1))
+    embeddings = model.model.rotary_emb(x, torch.arange(10)[None].expand(2, -1))
+    keep = torch.ones(10, 10, dtype=torch.bool).tril()[None, None] & torch.tensor(
+        [[True] * 10, [False] * 3 + [True] * 7])[:, None, None, :]
+    mask = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    return model.model.layers[0], dict(hidden_states=x, attention_mask=mask, position_embeddings=embeddings)
+
+
+def test_a_mask_from_another_graph_is_rewritten_as_a_general_mask_by_kinds_that_take_one():
+    """A layer compiled on its own (FSDP2 per-layer compile, ``layer.compile()``): its mask is a graph input and
+    cannot be proven causal.  sigmoid takes it as a general additive mask (no causality claimed) and equals the
+    hand-written sigmoid with that mask; kinds that need causality (linear, summary, hashed) skip it, and under
+    strict say why."""
+    import copy
+
+    import transformers as T
+
+    layer, inputs = _layer_with_its_mask()
+    T.AttentionInterface.register("trust_general_mask_sigmoid", _general_mask_sigmoid)
+    oracle = copy.deepcopy(layer)
+    oracle.self_attn.config._attn_implementation = "trust_general_mask_sigmoid"
+    report = Report()
+    with torch.no_grad():
+        got = compile_rewritten(layer, report, to="sigmoid", strict=True)(**inputs)
+        want = oracle(**inputs)
+        softmax = layer(**inputs)
+    sites = report.attention_sites()
+    assert len(sites) == 1 and sites[0].status == "rewritten"
+    assert (want - softmax).abs().max() > 1e-2  # sigmoid is not the softmax the layer had
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for kind in ("linear", "summary", "hashed"):
+        torch._dynamo.reset()
+        report = Report()
+        with torch.no_grad():
+            compile_rewritten(layer, report, to=kind)(**inputs)
+        (site,) = report.attention_sites()
+        assert site.status == "skipped" and site.reason, (kind, site)
+        torch._dynamo.reset()
+        with torch.no_grad(), pytest.raises(attnrewrite.RewriteFailed, match=kind):
+            compile_rewritten(layer, Report(), to=kind, strict=True)(**inputs)

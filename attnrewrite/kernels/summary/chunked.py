@@ -27,6 +27,18 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def hide_padding(x: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """x [B, H, T, D] with the padded tokens (``key_valid`` bool [B, T] False) set to 0.
+
+    A padded key or value must not reach a score or a sum, and a model may leave nan or inf there
+    (a padded row that saw nothing): a zero weight or a −inf score alone would still give 0·nan = nan.
+    The gradients at padded tokens are then 0, as they must be for tokens that do not contribute.
+    """
+    if key_valid is None:
+        return x
+    return x.masked_fill(~key_valid.to(x.device)[:, None, :, None], 0)
+
+
 def _chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """[B, H, T, D] → [B, H, N, C, D] in the work dtype, the last chunk padded with zeros."""
     batch, heads, length, dim = x.shape
@@ -62,6 +74,7 @@ def chunk_summaries(k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | 
         k̄ [B, Hkv, N, D] and v̄ [B, Hkv, N, Dv] in k's dtype, exists bool [B, N] (the chunk has a
         valid token), N = ceil(T / chunk_size).
     """
+    k, v = hide_padding(k, key_valid), hide_padding(v, key_valid)
     k_chunks, v_chunks = _chunks(k, chunk_size), _chunks(v, chunk_size)
     weights, exists = _pooling_weights(k_chunks, key_valid, k.shape[-2], summary_query)
     k_sum = torch.einsum("bknc,bkncd->bknd", weights.expand(k_chunks.shape[:-1]), k_chunks)
@@ -73,6 +86,7 @@ def chunk_summaries_backward(dk_sum: torch.Tensor, dv_sum: torch.Tensor, k: torc
                              key_valid: torch.Tensor | None, chunk_size: int, summary_query: torch.Tensor | None):
     """(dk, dv, d_summary_query or None), work dtype, from the gradients of :func:`chunk_summaries`' outputs."""
     length = k.shape[-2]
+    k, v = hide_padding(k, key_valid), hide_padding(v, key_valid)
     k_chunks, v_chunks = _chunks(k, chunk_size), _chunks(v, chunk_size)
     weights, _ = _pooling_weights(k_chunks, key_valid, length, summary_query)
     weights = weights.expand(k_chunks.shape[:-1])                                   # [B, Hkv, N, C]
@@ -186,6 +200,7 @@ def summary_attention_forward(q, k, v, key_valid, is_causal: bool, scale: float,
     :mod:`attnrewrite.kernels.summary.reference`.
     """
     length = q.shape[-2]
+    k, v = hide_padding(k, key_valid), hide_padding(v, key_valid)
     k_sum, v_sum, exists = chunk_summaries(k, v, key_valid, chunk_size, summary_query)
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     rows = _rows_per_block(q, _keys_per_row(length, chunk_size, window_chunks, is_causal))
@@ -277,6 +292,7 @@ def summary_attention_backward(grad, q, k, v, key_valid, is_causal: bool, scale:
     """(dq, dk, dv, d_summary_query or None) of :func:`summary_attention_forward`, block by block."""
     length = q.shape[-2]
     dtype = work_dtype(q.dtype)
+    k, v = hide_padding(k, key_valid), hide_padding(v, key_valid)
     k_sum, v_sum, exists = chunk_summaries(k, v, key_valid, chunk_size, summary_query)
     dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=dtype, device=q.device)

@@ -24,6 +24,7 @@ import triton.language as tl
 from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, mma, padded_dim,
                                                  program_heads, softmax_dkdv_step, softmax_dq_step)
 
+from .chunked import hide_padding
 from .triton_common import (key_block, key_ok, raw_key_range, raw_query_range, summary_query_range, summary_range,
                             visible)
 from .triton_fwd import flag_args
@@ -169,6 +170,7 @@ def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, 
     if q.numel() == 0:
         return dq, dk, dv, dk_sum, dv_sum
     valid, exists8 = flag_args(q, key_valid, exists)
+    k, v = hide_padding(k, key_valid), hide_padding(v, key_valid)  # dq = ds·k: a zero ds does not stop 0·nan
     common = dict(D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
                   CAUSAL=bool(causal), DOT_PRECISION=dot_precision(q.dtype))
     if "dq" in kernels:

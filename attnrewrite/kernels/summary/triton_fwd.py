@@ -18,6 +18,7 @@ import triton.language as tl
 from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, online_softmax_step, padded_dim,
                                                  program_heads)
 
+from .chunked import hide_padding
 from .triton_common import key_block, raw_key_range, summary_range
 
 
@@ -113,6 +114,7 @@ def summary_fwd(q, k, v, k_sum, v_sum, exists, key_valid, scale: float, causal: 
     if out.numel() == 0:
         return out, lse
     valid, exists8 = flag_args(q, key_valid, exists)
+    k, v = hide_padding(k, key_valid), hide_padding(v, key_valid)  # a -inf score does not stop 0·nan
     block_m = config["BLOCK_M"]
     grid = (triton.cdiv(length, block_m), batch * heads_q)
     launch(summary_fwd_kernel)[grid](
