@@ -16,10 +16,11 @@ import transformers as T
 from transformers.models.gemma2 import modeling_gemma2
 
 import attnrewrite.hf
-from attnrewrite import HashedCache
+from attnrewrite import HashedCache, SummaryCache
 
 CAP = 0.5  # low enough that every score is capped hard: dropping the cap changes every logit
 HASHED = dict(bits=16, top_k=4, window=3, sinks=1)
+SUMMARY = dict(chunk_size=2, window_chunks=1)
 
 
 def _gemma(impl: str, cap: float | None = CAP, sliding_window: int = 4):
@@ -30,6 +31,7 @@ def _gemma(impl: str, cap: float | None = CAP, sliding_window: int = 4):
         max_position_embeddings=64, attn_logit_softcapping=cap, final_logit_softcapping=None,
         attention_dropout=0.0)
     config.hashed_attention = dict(HASHED)
+    config.summary_attention = dict(SUMMARY)
     torch.manual_seed(7)
     model = T.Gemma2ForCausalLM(config)
     with torch.no_grad():  # large q/k so that the cap matters
@@ -56,7 +58,7 @@ def test_the_cap_changes_the_model():
 
 
 @pytest.mark.parametrize("impl,sliding_window", [("attnrewrite_softmax", 4), ("attnrewrite_sliding_window", 64),
-                                                 ("attnrewrite_hashed", 64)])
+                                                 ("attnrewrite_hashed", 64), ("attnrewrite_summary", 64)])
 def test_exact_kinds_apply_the_cap_as_eager_gemma_does(impl, sliding_window):
     """Softmax always, and sliding-window / hashed when their window covers the sequence, are exact
     softmax: with the cap applied they equal Gemma-2's eager attention."""
@@ -64,6 +66,11 @@ def test_exact_kinds_apply_the_cap_as_eager_gemma_does(impl, sliding_window):
     if impl == "attnrewrite_hashed":
         model = _gemma(impl, sliding_window=sliding_window)
         model.config.hashed_attention = dict(HASHED, window=64)  # every key in the window: exact softmax
+        with torch.no_grad():
+            got = model(input_ids=ids, use_cache=False).logits
+    elif impl == "attnrewrite_summary":
+        model = _gemma(impl, sliding_window=sliding_window)
+        model.config.summary_attention = dict(SUMMARY, window_chunks=32)  # no chunk summarised: exact softmax
         with torch.no_grad():
             got = model(input_ids=ids, use_cache=False).logits
     else:
@@ -139,3 +146,18 @@ def test_hashed_decode_steps_apply_the_cap():
         uncapped(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
         other = uncapped(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
     assert (step - other).abs().max() > 1e-2
+
+
+def test_summary_decode_steps_apply_the_cap():
+    """SummaryCache steps (summaries + window, written-out softmax) equal the cacheless capped model's rows,
+    past the window (12 tokens, chunks of 2, one window chunk: most keys are summaries)."""
+    ids = _ids(1, 12)
+    model = _gemma("attnrewrite_summary", sliding_window=64)
+    with torch.no_grad():
+        cache = SummaryCache(**SUMMARY)
+        steps = torch.cat([model(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True,
+                                 position_ids=torch.tensor([[i]])).logits for i in range(12)], 1)
+        want = model(input_ids=ids, use_cache=False).logits
+        uncapped = _gemma("attnrewrite_summary", cap=None, sliding_window=64)(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(steps, want, rtol=1e-4, atol=1e-5)
+    assert (want - uncapped).abs().max() > 1e-1
