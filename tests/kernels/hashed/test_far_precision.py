@@ -125,3 +125,23 @@ def test_opcheck_with_far_dtype():
     args = (q, k, v, None, 0.0, True, None, True)
     kwargs = dict(bits=16, top_k=2, window=2, sinks=1, far_dtype="bfloat16")
     torch.library.opcheck(torch.ops.attnrewrite.hashed_attention_torch.default, args, kwargs)
+
+
+def test_kind_option_reaches_the_op():
+    """A model rewritten to hashed with far_dtype computes the op with far_dtype (and differs from without)."""
+    import torch.nn.functional as F
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = (x[:1, :2] for x in _inputs(t=40, dtype=torch.float32))
+    kind = dict(top_k=3, window=4, sinks=1)
+    outs = {}
+    for far_dtype in (None, "bfloat16"):
+        torch._dynamo.reset()
+        options = dict(to="hashed", compiler="eager", strict=True, far_dtype=far_dtype, **kind)
+        outs[far_dtype] = torch.compile(Attention(), backend="attnrewrite", options=options)(q, k, v)
+    want = ops.hashed_attention(q, k, v, is_causal=True, far_dtype="bfloat16", **kind)
+    torch.testing.assert_close(outs["bfloat16"], want, rtol=0, atol=0)
+    assert (outs["bfloat16"] - outs[None]).abs().max() > 1e-4
