@@ -27,17 +27,34 @@ import attnrewrite.kernels.hashed.public  # noqa: F401 — registers attnrewrite
 from attnrewrite.ir.canonical import AttentionCall
 from attnrewrite.ir.score_program import score_program
 from attnrewrite.ir.spec import AttentionSpec
-from attnrewrite.kernels.hashed.op import HASHES
+from attnrewrite.kernels.hashed.op import FAR_DTYPES, HASHES
 from attnrewrite.kernels.hashed.state import HashProjections
 from attnrewrite.kinds.causal import causal_self_attention_reason, term_shape
-from attnrewrite.kinds.options import impl_choice, integer, one_of
+from attnrewrite.kinds.options import Option, impl_choice, integer, one_of
 from attnrewrite.kinds.registry import Kind, register
 
 
 # --------------------------------------------------------------------------- the kind
 
 
+def far_dtype_option() -> Option:
+    """``far_dtype``: None (off) or a name from :data:`~attnrewrite.kernels.hashed.op.FAR_DTYPES`."""
+    accepts = "None or one of " + ", ".join(repr(name) for name in FAR_DTYPES)
+
+    def check(value):
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            return TypeError, f"a {type(value).__name__}, not a dtype name"
+        return None if value in FAR_DTYPES else (ValueError, "not a far dtype")
+
+    return Option(None, accepts, check)
+
+
 def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
+    if options.get("impl") == "triton" and options.get("far_dtype") is not None:
+        return ("impl='triton' with far_dtype (the Triton kernels do not implement mixed precision for far keys; "
+                "impl='auto' or 'torch' runs it on the torch path)")
     if options.get("impl") == "triton" and options.get("hash") == "learned":
         return ("impl='triton' with hash='learned' (the Triton kernels do not implement the learned "
                 "projections' straight-through gradient; use impl='auto' or 'torch')")
@@ -67,7 +84,7 @@ def emit(call: AttentionCall, options: dict[str, Any], state) -> Any:
         call.scaled_q(), call.k, call.v, call.attn_mask, 0.0, True, call.scale, call.enable_gqa,
         bits=options["bits"], top_k=options["top_k"], window=options["window"], sinks=options["sinks"],
         hash=options["hash"], q_projection=q_projection, k_projection=k_projection, seed=options["seed"],
-        score_mod=call.score_program, impl=options["impl"])
+        score_mod=call.score_program, far_dtype=options.get("far_dtype"), impl=options["impl"])
 
 
 def make_state(spec: AttentionSpec, options: dict[str, Any]):
@@ -91,6 +108,7 @@ KIND = register(Kind(
         "hash": one_of("random", HASHES),
         "seed": integer(0, minimum=0),
         "impl": impl_choice("auto"),
+        "far_dtype": far_dtype_option(),
     },
     description="hashed attention: exact softmax over sinks, a recent window and the top-k keys by code agreement",
     make_state=make_state,

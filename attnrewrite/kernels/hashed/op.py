@@ -24,6 +24,17 @@ from .sparse import hashed_attention_backward, hashed_attention_forward
 
 HASHES = ("random", "learned")
 WHAT = "hashed attention"
+#: the names ``far_dtype`` takes: float8_e4m3fn where this torch has it
+FAR_DTYPES = ("bfloat16", "float16") + (("float8_e4m3fn",) if hasattr(torch, "float8_e4m3fn") else ())
+
+
+def far_dtype_of(name: Optional[str]) -> Optional[torch.dtype]:
+    """The torch dtype ``far_dtype`` names (None: off), or a ValueError naming the accepted names."""
+    if name is None:
+        return None
+    if not isinstance(name, str) or name not in FAR_DTYPES:
+        raise ValueError(f"far_dtype must be None or one of {FAR_DTYPES}, got {name!r}")
+    return getattr(torch, name)
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], dropout_p: float, is_causal: bool,
@@ -71,18 +82,20 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None
              is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, bits: int = 64,
              top_k: int = 256, window: int = 64, sinks: int = 4, hash: str = "random",
              q_projection: Optional[Tensor] = None, k_projection: Optional[Tensor] = None, seed: int = 0,
-             score_mod: Optional[str] = None) -> Tensor:
+             score_mod: Optional[str] = None, far_dtype: Optional[str] = None) -> Tensor:
+    far = far_dtype_of(far_dtype)
     check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
                  q_projection, k_projection)
     scale, proj_q, proj_k, mask = _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection)
     return hashed_attention_forward(q, k, v, mask, is_causal, scale, bits, top_k, window, sinks, proj_q, proj_k,
-                                    parse_score_mod(score_mod))
+                                    parse_score_mod(score_mod), far)
 
 
 def _forward_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, bits=64,
                   top_k=256, window=64, sinks=4, hash="random", q_projection=None, k_projection=None, seed=0,
-                  score_mod=None):
+                  score_mod=None, far_dtype=None):
     parse_score_mod(score_mod)  # a bad program fails while tracing, as when run
+    far_dtype_of(far_dtype)
     check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
                  q_projection, k_projection)
     return q.new_empty(*q.shape[:-1], v.shape[-1])
@@ -91,12 +104,12 @@ def _forward_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale
 def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
               scale: Optional[float], bits: int, top_k: int, window: int, sinks: int,
               q_projection: Optional[Tensor], k_projection: Optional[Tensor],
-              seed: int, score_mod: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+              seed: int, score_mod: str = "", far_dtype: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     scale, proj_q, proj_k, mask = _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection)
     learned = q_projection is not None
     dq, dk, dv, d_pq, d_pk = hashed_attention_backward(grad.contiguous(), q, k, v, mask, is_causal, scale, bits,
                                                        top_k, window, sinks, proj_q, proj_k, learned,
-                                                       parse_score_mod(score_mod))
+                                                       parse_score_mod(score_mod), far_dtype_of(far_dtype or None))
     dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
     if not learned:
         return dq, dk, dv, q.new_empty(0), q.new_empty(0)
@@ -104,7 +117,7 @@ def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional
 
 
 def _backward_fake(grad, q, k, v, attn_mask, is_causal, scale, bits, top_k, window, sinks, q_projection, k_projection,
-                   seed, score_mod=""):
+                   seed, score_mod="", far_dtype=""):
     d_pq = q.new_empty(0) if q_projection is None else q_projection.new_empty(q_projection.shape)
     d_pk = q.new_empty(0) if k_projection is None else k_projection.new_empty(k_projection.shape)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_pq, d_pk
@@ -112,19 +125,19 @@ def _backward_fake(grad, q, k, v, attn_mask, is_causal, scale, bits, top_k, wind
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, _dropout, is_causal, scale, _gqa, bits, top_k, window, sinks, _hash, q_projection,
-     k_projection, seed, score_mod) = inputs
+     k_projection, seed, score_mod, far_dtype) = inputs
     ctx.save_for_backward(q, k, v, attn_mask, q_projection, k_projection)
     ctx.options = (is_causal, scale, bits, top_k, window, sinks)
-    ctx.seed, ctx.score_mod = seed, score_mod or ""
+    ctx.seed, ctx.score_mod, ctx.far_dtype = seed, score_mod or "", far_dtype or ""
 
 
 def _autograd(ctx, grad):
     q, k, v, attn_mask, q_projection, k_projection = ctx.saved_tensors
     dq, dk, dv, d_pq, d_pk = torch.ops.attnrewrite.hashed_attention_backward(
-        grad, q, k, v, attn_mask, *ctx.options, q_projection, k_projection, ctx.seed, ctx.score_mod)
+        grad, q, k, v, attn_mask, *ctx.options, q_projection, k_projection, ctx.seed, ctx.score_mod, ctx.far_dtype)
     learned = q_projection is not None
     return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None,
-            d_pq if learned else None, d_pk if learned else None, None, None)
+            d_pq if learned else None, d_pk if learned else None, None, None, None)
 
 
 # SymInt, not int: the schema custom_op infers from ``int`` annotations, kept as it was.  The public op
@@ -132,7 +145,8 @@ def _autograd(ctx, grad):
 hashed_attention_op = kernel_op(
     "hashed_attention_torch", _forward, fake=_forward_fake, backward=_autograd, setup_context=_setup_context,
     schema=sdpa_schema('SymInt bits=64, SymInt top_k=256, SymInt window=64, SymInt sinks=4, str hash="random", '
-                       "Tensor? q_projection=None, Tensor? k_projection=None, SymInt seed=0, str? score_mod=None"))
+                       "Tensor? q_projection=None, Tensor? k_projection=None, SymInt seed=0, str? score_mod=None, "
+                       "str? far_dtype=None"))
 hashed_attention_backward_op = kernel_op("hashed_attention_backward", _backward, fake=_backward_fake)
 
 

@@ -23,7 +23,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
                      bits: int = 64, top_k: int = 256, window: int = 64, sinks: int = 4, hash: str = "random",
                      projections: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
-                     impl: str = "auto", score_mod: str | None = None) -> torch.Tensor:
+                     impl: str = "auto", score_mod: str | None = None, far_dtype: str | None = None) -> torch.Tensor:
     """Hashed attention with the signature of ``F.scaled_dot_product_attention``, layout [B, H, T, D].
 
     Each query attends (exact softmax of scale·q·k + bias) to its first ``sinks`` and last ``window``
@@ -52,6 +52,12 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
         score_mod: a score modification program (:mod:`attnrewrite.kernels.score_mods`) applied to
             scale·q·k of the selected keys before the mask and the softmax (the selection reads codes,
             not scores); the torch path only (``"auto"`` takes it, ``"triton"`` raises).
+        far_dtype: None (off, the default) or ``"bfloat16"``, ``"float16"``, ``"float8_e4m3fn"`` (where torch
+            has it): mixed precision after DASH-KV.  The selected keys and values that are neither sinks nor
+            in the window (the far keys) are used as x.to(far_dtype).to(compute dtype), the compute dtype
+            being float32 for 16-bit inputs (else the input's); sinks and window keep full precision.  The
+            gradient passes straight through the rounding (identity).  The torch path only (``"auto"`` takes
+            it, ``"triton"`` raises).
 
     Returns:
         [B, Hq, Tq, Dv] in q's dtype.  Inside ``torch.autocast`` the floating-point inputs (float64
@@ -62,27 +68,31 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     return torch.ops.attnrewrite.hashed_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                   bits=bits, top_k=top_k, window=window, sinks=sinks, hash=hash,
                                                   q_projection=q_projection, k_projection=k_projection, seed=seed,
-                                                  score_mod=score_mod, impl=impl)
+                                                  score_mod=score_mod, far_dtype=far_dtype, impl=impl)
 
 
 def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, bits=64, top_k=256,
           window=64, sinks=4, hash="random", q_projection=None, k_projection=None, seed=0, score_mod=None,
-          impl="auto"):
+          far_dtype=None, impl="auto"):
     """The composite op's body (run with autocast off, the inputs in the dtype the call runs in)."""
-    if _path(impl, q, v, hash, score_mod) == "triton":
+    if _path(impl, q, v, hash, score_mod, far_dtype) == "triton":
         return _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window,
                            sinks, hash, seed)
     return torch.ops.attnrewrite.hashed_attention_torch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                         bits=bits, top_k=top_k, window=window, sinks=sinks,
                                                         hash=hash, q_projection=q_projection,
-                                                        k_projection=k_projection, seed=seed, score_mod=score_mod)
+                                                        k_projection=k_projection, seed=seed, score_mod=score_mod,
+                                                        far_dtype=far_dtype)
 
 
-def _path(impl: str, q, v, hash: str, score_mod: str | None = None) -> str:
+def _path(impl: str, q, v, hash: str, score_mod: str | None = None, far_dtype: str | None = None) -> str:
     refusal = ("the Triton kernels do not implement hash='learned' (the projections' straight-through "
                "gradient)") if hash == "learned" else None
     if score_mod:
         refusal = "the Triton kernels do not apply a score modification"
+    if far_dtype is not None:
+        _op.far_dtype_of(far_dtype)  # a bad name is refused by name on either path
+        refusal = "the Triton kernels do not implement far_dtype (mixed precision for far keys)"
     return resolve_impl(
         impl, q.device, what=_op.WHAT, dtype=call_dtype(q), head_dims=(q.shape[-1], v.shape[-1]),
         triton_dtypes=_TRITON_DTYPES,
@@ -103,5 +113,5 @@ def _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bit
 composite_op("hashed_attention", sdpa_schema('SymInt bits=64, SymInt top_k=256, SymInt window=64, SymInt sinks=4, '
                                              'str hash="random", Tensor? q_projection=None, '
                                              'Tensor? k_projection=None, SymInt seed=0, str? score_mod=None, '
-                                             'str impl="auto"'), _impl)
+                                             'str? far_dtype=None, str impl="auto"'), _impl)
 sdpa_autocast("hashed_attention")  # q/k in fp32 beside a bf16 v run in bf16, as SDPA does

@@ -9,6 +9,10 @@ Per batch b, key/value head h and query position i (the query heads of a group s
    other visible keys with the highest agreement (ties go to the later key);
 4. each query head computes exact softmax(scale·q·k + bias) over the selected keys; a query that sees
    no key gets 0.
+5. with ``far_dtype``, the chosen keys that are neither among the first ``sinks`` nor the last ``window``
+   visible keys are used, keys and values both, as x.to(far_dtype).to(compute dtype), the compute
+   dtype being float32 for 16-bit inputs (else the input's); the others at full precision.  The
+   gradient passes straight through that rounding (its derivative is taken as the identity).
 
 Codes are compared bit by bit here, from Python booleans.  Small inputs only.
 """
@@ -34,16 +38,25 @@ def _code_bits(x: torch.Tensor, projection: torch.Tensor) -> list:
     return (products > 0).tolist()
 
 
+def _far(x: torch.Tensor, compute: torch.dtype, far_dtype: torch.dtype, is_far: bool) -> torch.Tensor:
+    """x in the compute dtype, rounded through far_dtype when ``is_far``; the gradient passes straight
+    through the rounding (the derivative of the round trip taken as 1)."""
+    x = x.to(compute)
+    return x + (x.to(far_dtype).to(compute) - x).detach() if is_far else x
+
+
 def naive_hashed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
                            is_causal: bool = False, scale: float | None = None, *, top_k: int = 256,
                            window: int = 64, sinks: int = 4, proj_q: torch.Tensor, proj_k: torch.Tensor,
-                           score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                           score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                           far_dtype: torch.dtype | None = None):
     """q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] → (out [B, Hq, Tq, Dv], selected sets).
 
     ``attn_mask``: bool (True = may attend) or float (added to the scores; entries ≤ −10⁴ exclude
     the key), broadcastable to [B, 1, Tq, Tk].  ``proj_q``/``proj_k``: [D, bits] or [H, D, bits].
     ``selected[b][h][i]`` is the sorted list of key indices chosen for that group and query.
     ``score_mod``: an elementwise function applied to scale·q·k of the chosen keys before the mask, or None.
+    ``far_dtype``: a torch dtype (step 5 of the module docstring) or None.
     """
     batch, heads_q, t_q, dim = q.shape
     heads_kv, t_k = k.shape[1], k.shape[2]
@@ -71,6 +84,7 @@ def naive_hashed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at
                     return bool(m) if mask.dtype == torch.bool else float(m) > MASKED_SCORE
                 visible = [j for j in range(t_k) if allowed(j)]
                 chosen = set(visible[:sinks]) | set(visible[max(0, len(visible) - window):] if window else [])
+                near = set(chosen)
                 heads = range(h * groups, (h + 1) * groups)
                 agreement = {j: sum(a == c for hq in heads for a, c in zip(q_bits[b][hq][i], k_bits[b][h][j]))
                              for j in visible if j not in chosen}
@@ -80,14 +94,19 @@ def naive_hashed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at
                 per_query.append(chosen)
                 if not chosen:
                     continue
+                keys, values = k[b, h, chosen], v[b, h, chosen]
+                if far_dtype is not None:
+                    compute = torch.promote_types(k.dtype, torch.float32)
+                    keys = torch.stack([_far(k[b, h, j], compute, far_dtype, j not in near) for j in chosen])
+                    values = torch.stack([_far(v[b, h, j], compute, far_dtype, j not in near) for j in chosen])
                 for hq in heads:
-                    logits = (k[b, h, chosen] @ q[b, hq, i]) * scale
+                    logits = (keys @ q[b, hq, i].to(keys.dtype)) * scale
                     if score_mod is not None:
                         logits = score_mod(logits)
                     if mask is not None and mask.dtype != torch.bool:
                         logits = logits + mask[b, 0, i, chosen].to(logits.dtype)
                     probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=0)
-                    out[b, hq, i] = probs.to(v.dtype) @ v[b, h, chosen]
+                    out[b, hq, i] = (probs.to(values.dtype) @ values).to(out.dtype)
             per_head.append(per_query)
         selected_sets.append(per_head)
     return out, selected_sets

@@ -219,6 +219,28 @@ def hashed_blocks(q, k, attn_mask, is_causal, bits, top_k, window, sinks, proj_q
         yield rows, q_rows, index, bias
 
 
+def far_slots(index: torch.Tensor, attn_mask, rows: slice, is_causal: bool, t_q: int, t_k: int, sinks: int,
+              window: int) -> torch.Tensor:
+    """bool [B, Hkv, n, S]: the selected slots of ``index`` (the block's selection, −1 empty) whose key is
+    neither one of the row's first ``sinks`` visible keys nor one of its last ``window``: the far keys
+    that ``far_dtype`` rounds."""
+    keep, _ = mask_parts(attn_mask, rows, t_q, t_k)
+    visible = visible_keys(keep, rows, t_k, 0 if is_causal else None, index.device)            # [B|1, n, Tk]
+    rank = visible.long().cumsum(-1)                                                         # 1-based among visible
+    count = rank[..., -1:]
+    batch, heads_kv, n, _ = index.shape
+    rank = rank[:, None].expand(batch, heads_kv, n, t_k).gather(-1, index.clamp(min=0))
+    return (index >= 0) & (rank > sinks) & (rank <= count[:, None] - window)
+
+
+def round_far(x: torch.Tensor, far: torch.Tensor, far_dtype: torch.dtype | None) -> torch.Tensor:
+    """x [..., S, D] (selected keys or values, in the compute dtype) with the slots where ``far`` [..., S]
+    is True replaced by x.to(far_dtype).to(x.dtype) (a round trip: the precision a far key is kept at)."""
+    if far_dtype is None:
+        return x
+    return torch.where(far.unsqueeze(-1), x.to(far_dtype).to(x.dtype), x)
+
+
 def _csr(pointers: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
     with warnings.catch_warnings():  # "beta state" / "invariant checks disabled": built valid by construction
         warnings.simplefilter("ignore", UserWarning)
@@ -262,7 +284,7 @@ def _attend_csr(q_rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 def hashed_attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, bits: int, top_k: int, window: int,
-                             sinks: int, proj_q, proj_k, score_mod=None) -> torch.Tensor:
+                             sinks: int, proj_q, proj_k, score_mod=None, far_dtype=None) -> torch.Tensor:
     """Hashed attention on checked inputs: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D|Dv] → [B, Hq, Tq, Dv].
 
     ``proj_q``/``proj_k``: float64 projections (see :func:`attnrewrite.kernels.hashed.codes.projections`).
@@ -270,9 +292,14 @@ def hashed_attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, 
     keys is sparse (:func:`_attend_csr`); elsewhere, and with a score modification (``score_mod``, a
     ``ScoreProgram`` applied to scale·q·k before the bias; the selection does not read scores), it
     gathers them.
+
+    ``far_dtype`` (a torch dtype or None): the selected keys and values that are not sinks or window
+    (:func:`far_slots`) are used as x.to(far_dtype).to(compute dtype), the compute dtype being
+    :func:`work_dtype` of the input's; sinks and window keep full precision.  None: no rounding (and the
+    same code as without the option).  With it the attention gathers (the CPU's sparse path reads keys in place).
     """
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
-    sparse = q.device.type == "cpu" and USE_CSR and score_mod is None
+    sparse = q.device.type == "cpu" and USE_CSR and score_mod is None and far_dtype is None
     if sparse:
         dtype = work_dtype(q.dtype)
         keys, values = k.reshape(-1, k.shape[-1]).to(dtype), v.reshape(-1, v.shape[-1]).to(dtype)
@@ -281,15 +308,24 @@ def hashed_attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, 
         if sparse:
             out[:, :, rows] = _attend_csr(q_rows, keys, values, index, bias, scale).to(out.dtype)
             continue
-        _, probs, _ = _block_probs(q_rows, gather(k, index), index, bias, scale, score_mod)
-        o = torch.einsum("bkgns,bknsv->bkgnv", probs.to(v.dtype), gather(v, index))
+        k_sel, v_sel = gather(k, index), gather(v, index)
+        if far_dtype is not None:
+            far = far_slots(index, attn_mask, rows, is_causal, q.shape[-2], k.shape[-2], sinks, window)
+            dtype = work_dtype(q.dtype)
+            k_sel, v_sel = round_far(k_sel.to(dtype), far, far_dtype), round_far(v_sel.to(dtype), far, far_dtype)
+        _, probs, _ = _block_probs(q_rows, k_sel, index, bias, scale, score_mod)
+        o = torch.einsum("bkgns,bknsv->bkgnv", probs.to(v_sel.dtype), v_sel)
         out[:, :, rows] = o.reshape(q.shape[0], q.shape[1], -1, v.shape[-1])
     return out
 
 
 def hashed_attention_backward(grad, q, k, v, attn_mask, is_causal: bool, scale: float, bits: int, top_k: int,
-                              window: int, sinks: int, proj_q, proj_k, learned: bool, score_mod=None):
-    """(dq, dk, dv, d_proj_q or None, d_proj_k or None) of :func:`hashed_attention_forward`."""
+                              window: int, sinks: int, proj_q, proj_k, learned: bool, score_mod=None,
+                              far_dtype=None):
+    """(dq, dk, dv, d_proj_q or None, d_proj_k or None) of :func:`hashed_attention_forward`.
+
+    With ``far_dtype`` the far keys and values enter as the forward rounded them, and their gradients
+    pass straight through the rounding (its derivative taken as the identity)."""
     dtype = work_dtype(q.dtype)
     batch, heads_q, _, dim = q.shape
     dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
@@ -303,6 +339,9 @@ def hashed_attention_backward(grad, q, k, v, attn_mask, is_causal: bool, scale: 
     for rows, q_rows, index, bias in hashed_blocks(q, k, attn_mask, is_causal, bits, top_k, window, sinks,
                                                    proj_q, proj_k):
         k_sel, v_sel = gather(k, index).to(dtype), gather(v, index).to(dtype)
+        if far_dtype is not None:
+            far = far_slots(index, attn_mask, rows, is_causal, q.shape[-2], k.shape[-2], sinks, window)
+            k_sel, v_sel = round_far(k_sel, far, far_dtype), round_far(v_sel, far, far_dtype)
         q5, probs, mod_grad = _block_probs(q_rows, k_sel, index, bias, scale, score_mod, want_grad=True)
         d_out = grad[:, :, rows].reshape(q5.shape[:-1] + (v.shape[-1],)).to(dtype)
         d_probs = torch.einsum("bkgnv,bknsv->bkgns", d_out, v_sel)
