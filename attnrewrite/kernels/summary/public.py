@@ -25,7 +25,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def summary_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False, *,
                       chunk_size: int = 8, window_chunks: int = 128, summary: str = "mean",
                       summary_query: torch.Tensor | None = None, impl: str = "auto",
-                      score_mod: str | None = None) -> torch.Tensor:
+                      score_mod: str | None = None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Summary attention with the signature of ``F.scaled_dot_product_attention``, layout [B, H, T, D].
 
     Query i in chunk c = i // chunk_size attends (exact softmax of scale·q·k) to the tokens of chunks
@@ -53,6 +53,11 @@ def summary_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, sc
         score_mod: a score modification program (:mod:`attnrewrite.kernels.score_mods`) applied to every
             score (window keys and summaries) before the mask and the softmax; the torch path only
             (``"auto"`` takes it, ``"triton"`` raises).
+        cu_seqlens: packed variable-length sequences: q/k/v [1, H, total, D] holding N sequences back
+            to back, ``cu_seqlens`` int32 or int64 [N+1] their starts (0, …, total; non-decreasing, so
+            empty sequences are allowed).  Each sequence is its own summary attention, its chunks
+            counted from its own start (no chunk spans two sequences); no ``attn_mask`` beside it.
+            The torch path only (``"auto"`` takes it, ``"triton"`` raises).
 
     Returns:
         [B, Hq, T, Dv] in q's dtype (inside ``torch.autocast``: the inputs are cast to the autocast
@@ -61,25 +66,29 @@ def summary_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, sc
     return torch.ops.attnrewrite.summary_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                    chunk_size=chunk_size, window_chunks=window_chunks,
                                                    summary=summary, summary_query=summary_query, impl=impl,
-                                                   score_mod=score_mod)
+                                                   score_mod=score_mod, cu_seqlens=cu_seqlens)
 
 
 def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False, chunk_size=8,
-          window_chunks=128, summary="mean", summary_query=None, score_mod=None, impl="auto"):
+          window_chunks=128, summary="mean", summary_query=None, score_mod=None, cu_seqlens=None, impl="auto"):
     """The composite op's body (run with autocast off, the inputs in the dtype the call runs in)."""
-    if _resolve_impl(impl, q, v, score_mod) == "triton":
+    if _resolve_impl(impl, q, v, score_mod, cu_seqlens) == "triton":
         return _triton_path(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, chunk_size, window_chunks,
                             summary, summary_query)
     return torch.ops.attnrewrite.summary_attention_torch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                          chunk_size=chunk_size, window_chunks=window_chunks,
                                                          summary=summary, summary_query=summary_query,
-                                                         score_mod=score_mod)
+                                                         score_mod=score_mod, cu_seqlens=cu_seqlens)
 
 
-def _resolve_impl(impl: str, q: torch.Tensor, v: torch.Tensor, score_mod: str | None = None) -> str:
+def _resolve_impl(impl: str, q: torch.Tensor, v: torch.Tensor, score_mod: str | None = None,
+                  cu_seqlens: torch.Tensor | None = None) -> str:
+    refusal = "the Triton kernels do not apply a score modification" if score_mod else None
+    if refusal is None and cu_seqlens is not None:
+        refusal = "the Triton kernels do not take packed sequences (cu_seqlens) yet"
     return resolve_impl(impl, q.device, what=_op.WHAT, dtype=call_dtype(q), head_dims=(q.shape[-1], v.shape[-1]),
                         triton_dtypes=_TRITON_DTYPES, auto_dtypes=(torch.float16, torch.bfloat16),
-                        refusal="the Triton kernels do not apply a score modification" if score_mod else None,
+                        refusal=refusal,
                         available=_triton is not None, interpreter_active=lambda: _triton.interpreter_active())
 
 
@@ -95,6 +104,7 @@ def _triton_path(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, ch
 
 
 composite_op("summary_attention", sdpa_schema('SymInt chunk_size=8, SymInt window_chunks=128, str summary="mean", '
-                                              'Tensor? summary_query=None, str? score_mod=None, str impl="auto"',
+                                              'Tensor? summary_query=None, str? score_mod=None, '
+                                              'Tensor? cu_seqlens=None, str impl="auto"',
                                               is_causal=True), _impl)
 sdpa_autocast("summary_attention")  # q/k in fp32 beside a bf16 v run in bf16, as SDPA does

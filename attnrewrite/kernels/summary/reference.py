@@ -14,6 +14,10 @@ Query i in chunk c sees, with W = ``window_chunks``:
 - bidirectional: the valid tokens of chunks c − W … c + W, and the summaries of every other chunk;
 
 and computes an exact softmax(scale·q·k) over that set.  A query that sees nothing gets 0.
+
+Packed sequences (``cu_seqlens`` [N+1], q/k/v [1, H, total, D]): sequence s holds the rows
+cu_seqlens[s] … cu_seqlens[s+1] − 1 and is its own summary attention, its chunks counted from its own
+first row, so no chunk and no window reaches into another sequence.
 Everything here loops over queries and builds each visible set explicitly: small inputs only.
 """
 
@@ -61,13 +65,26 @@ def naive_chunk_summaries(k: torch.Tensor, v: torch.Tensor, key_valid: torch.Ten
 def naive_summary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None = None,
                             is_causal: bool = True, scale: float | None = None, *, chunk_size: int = 8,
                             window_chunks: int = 128, summary_query: torch.Tensor | None = None,
-                            score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+                            score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                            cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
     """Summary attention of q [B, Hq, T, D] over k [B, Hkv, T, D], v [B, Hkv, T, Dv] (Hq a multiple of Hkv).
 
     ``key_valid``: bool [B, T] (False = padding) or None; ``score_mod``: an elementwise function applied to
-    every score scale·q·k (summaries' and window keys') before the softmax, or None.  Returns
+    every score scale·q·k (summaries' and window keys') before the softmax, or None; ``cu_seqlens``:
+    None, or the starts [N+1] of N sequences packed along T (B = 1), each computed alone.  Returns
     [B, Hq, T, Dv] in q's dtype.
     """
+    if cu_seqlens is not None:
+        out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+        starts = [int(x) for x in cu_seqlens]
+        for s in range(len(starts) - 1):
+            rows = slice(starts[s], starts[s + 1])
+            if starts[s + 1] > starts[s]:
+                out[:, :, rows] = naive_summary_attention(
+                    q[:, :, rows], k[:, :, rows], v[:, :, rows], None if key_valid is None else key_valid[:, rows],
+                    is_causal, scale, chunk_size=chunk_size, window_chunks=window_chunks,
+                    summary_query=summary_query, score_mod=score_mod)
+        return out
     batch, heads_q, length, dim = q.shape
     groups = heads_q // k.shape[1]
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
