@@ -835,6 +835,62 @@ def test_a_site_whose_input_is_written_in_the_way_does_not_share_a_proof(written
     assert report.sites[1].reason == reason, report
 
 
+class WrittenAfterTheSites(nn.Module):
+    """Two identical layers reading one constant additive mask (the causal triangle); ``later`` is a write
+    that comes after a site's output, so no site reads what it writes:
+
+    - ``value``: each layer's v is scaled in place right after its site's output;
+    - ``mask``: the mask is written in place at the end, adding a tensor ``z`` that is itself written
+      between the two sites (``z[0, 0] = 1``).
+
+    Neither site's computation depends on the write: the two keep one shared proof."""
+
+    def __init__(self, later: str):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+        self.later = later
+
+    def forward(self, x):
+        mask = torch.zeros(T, T).masked_fill(~_band(T).to(x.device), float("-inf"))  # out of place: no write
+        out = []
+        for layer in (self.first, self.second):
+            q, k, v = layer.qkv_heads(x)
+            v = v.contiguous()  # its own storage (a view of split's output may not be written in place)
+            out.append(torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(C // H) + mask, dim=-1) @ v)
+            if self.later == "value":
+                v.mul_(0.5)
+            elif layer is self.first:
+                z = torch.zeros(T, T)
+                z[0, 0] = 1.0  # between the sites: before the second one's output
+        if self.later == "mask":
+            mask.add_(z)  # after both outputs
+        return out[0] + out[1] + mask[0, 0]
+
+
+@pytest.mark.parametrize("later", ["value", "mask"])
+def test_writes_after_a_sites_output_do_not_keep_layers_from_sharing_a_proof(later):
+    """Only writes a site can see (before its output) belong in its key: counting a write into its v after
+    the output, or the writes that a later write into its mask reads, would give each layer a key of its
+    own and prove identical layers once each (the pass's cost growing with depth)."""
+    import attnrewrite.rewriter.pipeline as pipeline
+
+    calls = []
+    real = pipeline.certify
+
+    def counting(site, evaluator, *args, **kwargs):
+        calls.append(site)
+        return real(site, evaluator, *args, **kwargs)
+
+    model, x = WrittenAfterTheSites(later).eval(), _x()
+    report = Report()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "certify", counting)
+        got = compile_rewritten(model, report)(x)
+    torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-6)
+    assert [s.status for s in report.sites] == ["rewritten", "rewritten"], report
+    assert len(calls) == 1, f"{len(calls)} proofs for two identical sites"
+
+
 class SdpaDropped(Base):
     """SDPA with its own dropout: the probability is the call's ``dropout_p``, in training."""
 
