@@ -587,6 +587,69 @@ def test_a_score_modification_and_the_inputs_beside_it(spelling, reason):
         assert site.status == "skipped" and site.reason.startswith(reason), site.reason
 
 
+def test_a_probe_holds_few_score_sized_values_at_once(monkeypatch):
+    """A probe drops each value of the site after its last reader: at long sequence lengths every
+    [B, H, T, T] float64 intermediate held at once is what made certification run out of memory.  The
+    soft-capped site has seven such intermediates in a row; a probe never holds more than two."""
+    import attnrewrite.rewriter.pipeline as pipeline
+    from attnrewrite.ir.evaluate import GraphEvaluator
+
+    live, certifying = [], []
+    compute, certify = GraphEvaluator.compute, pipeline.certify
+
+    def counting_compute(self, node, env, *args, **kwargs):
+        if certifying:
+            live.append(sum(1 for value in env.values() if isinstance(value, torch.Tensor)
+                            and tuple(value.shape) == (2, H, T, T)))
+        return compute(self, node, env, *args, **kwargs)
+
+    def flagged_certify(*args, **kwargs):
+        certifying.append(True)
+        try:
+            return certify(*args, **kwargs)
+        finally:
+            certifying.pop()
+
+    monkeypatch.setattr(GraphEvaluator, "compute", counting_compute)
+    monkeypatch.setattr(pipeline, "certify", flagged_certify)
+    report = Report()
+    compile_rewritten(SoftCapped("plain").eval(), report)(_x())
+    assert [s.status for s in report.sites] == ["rewritten"], report
+    assert live and max(live) <= 2, f"score-sized values held at once: {max(live)}"
+
+
+class SoftCappedTwice(nn.Module):
+    """Two layers alike, each soft-capping its scores (``tanh(s / 5) · 5``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+
+    def forward(self, x):
+        out = 0
+        for layer in (self.first, self.second):
+            q, k, v = layer.qkv_heads(x)
+            s = torch.tanh(q @ k.transpose(-2, -1) / math.sqrt(C // H) / 5.0) * 5.0
+            out = out + torch.softmax(s, dim=-1) @ v
+        return out
+
+
+def test_identical_sites_with_different_score_modifications_are_proven_apart(monkeypatch):
+    """A planted resolver bug drops the second site's score modification from its spec (softmax of the
+    uncapped scores).  The two specs differ only in it: a fingerprint blind to it would hand the first
+    site's proof to the second."""
+    seen = []
+
+    def second_uncapped(spec):
+        seen.append(spec)
+        return spec if len(seen) == 1 else replace(spec, score_mod=None)
+
+    report = _two_site_report(SoftCappedTwice(), monkeypatch, second_uncapped)
+    assert seen[0].score_mod is not None, "the capping is no score modification any more: the test proves nothing"
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+    assert "does not reproduce the site" in report.sites[1].reason, report
+
+
 # --------------------------------------------------------------------------- what a proof may be shared on (mutants)
 
 
