@@ -433,17 +433,21 @@ class KeyBiased(nn.Module):
         out = 0
         for layer, cut in zip((self.first, self.second), self.cuts):
             q, k, v = layer.qkv_heads(x)
+            if cut == "sized":  # a bound computed from a size outside the site (a graph node under dynamic=True)
+                cut = slice(0, x.size(1) // 5)
             s = q @ k.transpose(-2, -1) / math.sqrt(C // H) + k[..., cut].sum(-1)[:, :, None, :]
             out = out + torch.softmax(s, dim=-1) @ v
         return out
 
 
-@pytest.mark.parametrize("second, proofs", [(slice(0, 2), 1), (slice(2, 4), 2)])
-def test_sites_differing_only_in_a_slice_of_their_own_nodes_are_proven_apart(second, proofs):
+@pytest.mark.parametrize("first, second, proofs", [(slice(0, 2), slice(0, 2), 1), (slice(0, 2), slice(2, 4), 2),
+                                                   ("sized", "sized", 1)], ids=["same", "other", "sized"])
+def test_sites_differing_only_in_a_slice_of_their_own_nodes_are_proven_apart(first, second, proofs):
     """The sites differ in nothing but the bounds of a slice inside them: the same bounds share a proof,
     other bounds are another function and are proven on their own.  A fingerprint that could not describe
     a slice would fail on both (the sites skipped with an internal error); one that ignored its bounds would
-    prove the second site by the first's proof."""
+    prove the second site by the first's proof.  ``sized``: under ``dynamic=True`` the bound is a graph node
+    (``x.size(1) // 5``) outside the site, described by its value."""
     import attnrewrite.rewriter.pipeline as pipeline
 
     calls = []
@@ -453,12 +457,12 @@ def test_sites_differing_only_in_a_slice_of_their_own_nodes_are_proven_apart(sec
         calls.append(site)
         return real(site, evaluator, *args, **kwargs)
 
-    model = KeyBiased(slice(0, 2), second).eval()
+    model = KeyBiased(first, second).eval()
     report = Report()
     x = _x()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "certify", counting)
-        out = compile_rewritten(model, report)(x)
+        out = compile_rewritten(model, report, dynamic=True if first == "sized" else None)(x)
     assert [s.status for s in report.sites] == ["rewritten", "rewritten"], report
     assert len(calls) == proofs, f"{len(calls)} proofs, expected {proofs}"
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
