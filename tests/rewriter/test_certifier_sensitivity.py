@@ -468,6 +468,34 @@ def test_sites_differing_only_in_a_slice_of_their_own_nodes_are_proven_apart(fir
     torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-6)
 
 
+class ListOrTupleIndexed(nn.Module):
+    """Two layers adding a bias ``t[index] - t[:2]`` of the keys' sums ``t`` ([B=2, H, T]), alike but for
+    ``index``: the list ``[0, 1]`` picks batch rows 0 and 1 (the bias is exactly 0), the tuple ``(0, 1)`` picks
+    one row of batch 0, head 1 (a bias that is not 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Base(), Base()
+
+    def forward(self, x):
+        out = 0
+        for layer, index in ((self.first, [0, 1]), (self.second, (0, 1))):
+            q, k, v = layer.qkv_heads(x)
+            t = k.sum(-1)
+            s = q @ k.transpose(-2, -1) / math.sqrt(C // H) + (t[index] - t[:2])[:, :, None, :]
+            out = out + torch.softmax(s, dim=-1) @ v
+        return out
+
+
+def test_sites_differing_only_in_a_list_or_a_tuple_index_are_proven_apart(monkeypatch):
+    """A planted resolver bug drops the bias from both specs: right for the first site (its bias is 0), wrong
+    for the second.  The sites differ only in whether an index is a list or a tuple: a fingerprint that
+    described both alike would hand the first site's proof to the second."""
+    report = _two_site_report(ListOrTupleIndexed(), monkeypatch, lambda spec: replace(spec, bias=()))
+    assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
+    assert "does not reproduce the site" in report.sites[1].reason, report
+
+
 # --------------------------------------------------------------------------- the dropout the graph applies
 
 
