@@ -121,7 +121,8 @@ def modified_scores(x, scale_log2, offset, mod_in_mul, mod_in_add, mod_out_mul, 
                     MOD_FN: tl.constexpr):
     """(z2, mod'): the scores in log2 units, z2 = log2(e) · mod(scale · x) + offset, of a tile of raw
     products ``x`` = q·kᵀ (either orientation: the mod is elementwise), and the derivative d mod/ds at
-    s = scale · x (``z2`` itself, unused, when MOD_FN = NO_MOD: then z2 = scale_log2 · x + offset).
+    s = scale · x (``z2`` itself, unused, when MOD_FN = NO_MOD: then z2 = scale_log2 · x + offset).  A
+    kernel in natural units (hashed) passes ``scale`` as ``scale_log2`` and ``mod_args(..., log2=False)``.
 
     The modification's runtime floats come from :func:`mod_args`: mod_in_mul = pre_mul · scale,
     mod_in_add = pre_add, mod_out_mul / mod_out_add = post_mul / post_add times log2(e), mod_grad_mul =
@@ -240,10 +241,11 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def mod_args(program, scale: float) -> tuple[tuple[float, float, float, float, float], int]:
+def mod_args(program, scale: float, log2: bool = True) -> tuple[tuple[float, float, float, float, float], int]:
     """The kernels' score-modification arguments for a :class:`~attnrewrite.kernels.score_mods.ScoreProgram`
     (or None): (mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul) and MOD_FN (see
-    :func:`modified_scores`); no program gives NO_MOD (and floats that are never read).
+    :func:`modified_scores`); no program gives NO_MOD (and floats that are never read).  ``log2=False``:
+    for kernels that keep scores in natural units (mod_out_mul / mod_out_add without the log2(e) factor).
 
     Raises:
         ValueError: the program has no form the kernels compile (see ``ScoreProgram.affine_form``).
@@ -254,7 +256,8 @@ def mod_args(program, scale: float) -> tuple[tuple[float, float, float, float, f
     if refusal is not None:
         raise ValueError(refusal)
     pre_mul, pre_add, function, post_mul, post_add = program.affine_form()
-    return (pre_mul * scale, pre_add, post_mul * LOG2E_HOST, post_add * LOG2E_HOST, pre_mul * post_mul), function
+    unit = LOG2E_HOST if log2 else 1.0
+    return (pre_mul * scale, pre_add, post_mul * unit, post_add * unit, pre_mul * post_mul), function
 
 
 def interpreter_active(kernel) -> bool:
