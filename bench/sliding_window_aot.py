@@ -91,8 +91,11 @@ def main() -> int:
     if ARGS.mods:
         for feature in ARGS.mods:
             for head in sorted(ARGS.heads):
-                for kernel in spaces.KERNELS:
-                    config = dict(spaces.SPACES[f"{kernel}_d{head}"].default)
+                for kernel in spaces.KERNELS:  # the launcher's default with a modification (spaces.MOD_DEFAULTS)
+                    space = spaces.with_mod_default(spaces.SPACES[f"{kernel}_d{head}"], kernel, head)
+                    shape = {"D": head, "DV": head, "Tq": 4096, "Tk": 4096, "window": 1024, "sinks": 1, "causal": 1,
+                             "mask": 0, "dtype": "16bit", "mod": 1}
+                    config = spaces.fit(space, space.default, shape)
                     ok &= _row(kernel, f"d{head} causal {feature}", config,
                                lambda: compile_case(kernel, config, head, True, feature))
         return 0 if ok else 1

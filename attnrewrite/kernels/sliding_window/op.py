@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from attnrewrite.kernels import triton_scaffold as scaffold
+from attnrewrite.kernels import tuning
 from attnrewrite.kernels._ops import traceable, triton_ops
 from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
@@ -42,10 +43,16 @@ def sliding_window_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
 
 
 def launch_config(kernel: str, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: bool, window: int,
-                  sinks: int, make_bench) -> dict:
-    """The configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for this call, fitted to its shape."""
-    return scaffold.launch_config(spaces, kernel, q, v, spaces.shape_of(q, k, v, has_mask, causal, window, sinks),
-                                  make_bench)
+                  sinks: int, make_bench, has_mod: bool = False) -> dict:
+    """The configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for this call, fitted to its shape; with a
+    score modification (``has_mod``) from its own bucket, starting from :data:`.spaces.MOD_DEFAULTS`."""
+    shape = spaces.shape_of(q, k, v, has_mask, causal, window, sinks, has_mod)
+    if not has_mod:
+        return scaffold.launch_config(spaces, kernel, q, v, shape, make_bench)
+    space = spaces.with_mod_default(spaces.SPACES[spaces.space_name(kernel, q.shape[-1], v.shape[-1])], kernel,
+                                    spaces.head_class(q.shape[-1], v.shape[-1]))
+    config = tuning.pick_config(spaces.KIND, space, shape, q.device, make_bench, tensors=(q,))
+    return spaces.fit(space, config, shape)
 
 
 _unit_last_stride = scaffold.unit_last_stride
@@ -59,7 +66,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv_lens: Tens
     args = (q, k, v, mask, kv_lens, scale, causal, window, sinks)
     program = parse_score_mod(score_mod)
     config = launch_config("fwd", q, k, v, mask is not None, causal, window, sinks,
-                           lambda cfg: lambda: sliding_window_fwd(*args, config=cfg, program=program))
+                           lambda cfg: lambda: sliding_window_fwd(*args, config=cfg, program=program),
+                           program is not None)
     return sliding_window_fwd(*args, config=config, launch=traceable, program=program)
 
 
@@ -77,10 +85,11 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_ou
     program = parse_score_mod(score_mod)
     has_mask = mask is not None
     config_dq = launch_config("bwd_dq", q, k, v, has_mask, causal, window, sinks,
-                              lambda cfg: lambda: sliding_window_bwd(*args, cfg, cfg, kernels=("dq",), program=program))
+                              lambda cfg: lambda: sliding_window_bwd(*args, cfg, cfg, kernels=("dq",), program=program),
+                              program is not None)
     config_dkdv = launch_config("bwd_dkdv", q, k, v, has_mask, causal, window, sinks,
                                 lambda cfg: lambda: sliding_window_bwd(*args, cfg, cfg, kernels=("dkdv",),
-                                                                       program=program))
+                                                                       program=program), program is not None)
     return sliding_window_bwd(*args, config_dq, config_dkdv, launch=traceable, program=program)
 
 

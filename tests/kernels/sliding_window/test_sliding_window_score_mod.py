@@ -84,3 +84,15 @@ def test_a_program_the_kernels_cannot_compile_is_refused_and_auto_takes_the_torc
     out = sliding_window_attention(q, k, v, enable_gqa=True, window=4, score_mod=CHAIN[0])
     want = naive_sliding_window_attention(q, k, v, None, True, None, 4, 0, score_mod=CHAIN[1])
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_modification_starts_the_d128_backward_from_its_own_defaults():
+    """The derivative tile makes the plain d128 dK/dV default spill on sm_90 (bench/RESULTS.md): a call with a
+    modification gets its own bucket and default, one without keeps the plain ones."""
+    q = torch.empty(1, 2, 4096, 128, dtype=torch.bfloat16)
+    args = (q, q, q, False, True, 1024, 0, None)
+    tiles = lambda c: (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"])  # noqa: E731
+    assert tiles(op.launch_config("bwd_dkdv", *args)) == (64, 128, 8, 2)
+    assert tiles(op.launch_config("bwd_dkdv", *args, has_mod=True)) == (32, 64, 8, 2)
+    assert tiles(op.launch_config("bwd_dq", *args, has_mod=True)) == (64, 64, 8, 3)
+    assert tiles(op.launch_config("fwd", *args, has_mod=True)) == tiles(op.launch_config("fwd", *args))
