@@ -1,13 +1,15 @@
 """Compile the hashed-attention kernels for a Hopper GPU on a machine without one, and report their resources.
 
-    python bench/hashed_aot.py [--arch 90]
+    python bench/hashed_aot.py [--arch 90] [--mods softcap,...]
 
 The same compile-only pipeline as ``bench/sigmoid_aot.py`` (its driver and ``ptxas -v`` reader are
 reused): every kernel of :mod:`attnrewrite.kernels.hashed` — codes, selection, attention forward and
 backward, and the three decode kernels — at the configuration a call would get from
 :mod:`attnrewrite.kernels.hashed.spaces` (the defaults, fitted), over the variants the kernels
 specialise on (group size 1/4/8, head dims 64/128, 16- and 32-bit inputs, masks, padding).  Prints
-a markdown table: registers per thread, spilled bytes, shared memory.  It never runs a kernel.
+a markdown table: registers per thread, spilled bytes, shared memory.  ``--mods`` instead compiles the
+attention forward and backward (bf16, no bias) with each named score modification compiled in
+(``sigmoid_aot.SCORE_MODS``).  It never runs a kernel.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ import triton  # noqa: E402
 import sigmoid_aot as aot  # noqa: E402
 
 
-def _cases():
-    """(label, kernel space name, compile function taking (launch, config)) for every variant."""
+def _cases(mod: str = ""):
+    """(label, kernel space name, compile function taking (launch, config)) for every variant; with ``mod`` (a
+    name of ``sigmoid_aot.SCORE_MODS``) the attention kernels only, bf16, with that modification."""
+    from attnrewrite.kernels import score_mods
     from attnrewrite.kernels.hashed import spaces
     from attnrewrite.kernels.hashed.codes import random_hyperplanes
     from attnrewrite.kernels.hashed.triton_attn import attend_backward, attend_forward
@@ -39,9 +43,10 @@ def _cases():
     from attnrewrite.kernels.hashed.triton_select import select_keys
 
     bits, top_k, window, sinks = 64, 256, 64, 4
+    program = score_mods.parse(aot.SCORE_MODS.get(mod))
     for head in (64, 128):
         for groups in (1, 4, 8):
-            for dtype in (torch.bfloat16, torch.float32):
+            for dtype in ((torch.bfloat16,) if mod else (torch.bfloat16, torch.float32)):
                 name = str(dtype).removeprefix("torch.")
                 batch, heads_kv, length = 1, 2, 4096
                 q = torch.empty(batch, heads_kv * groups, length, head, dtype=dtype)
@@ -51,7 +56,13 @@ def _cases():
                 index = torch.empty(batch, heads_kv, length, slots, dtype=torch.int32)
                 lse = torch.empty(batch, heads_kv * groups, length)
                 shape = spaces.shape_of(q, k, v, bits)
-                tag = f"D{head} g{groups} {name}"
+                tag = f"D{head} g{groups} {name}" + (f" {mod}" if mod else "")
+                if mod:
+                    yield (tag, "fwd", shape, lambda launch, c, a=(q, k, v, index, None):
+                           attend_forward(*a, 0.1, c, launch=launch, program=program))
+                    yield (tag, "bwd", shape, lambda launch, c, a=(q, k, v, q, q, lse, index, None):
+                           attend_backward(*a, 0.1, c, launch=launch, program=program))
+                    continue
                 plane = random_hyperplanes(head, bits, 0)
                 if groups == 4:  # the codes do not depend on the group
                     yield f"{tag}", "codes", shape, lambda launch, c, x=q, p=plane: pack_codes(x, p, c, launch=launch)
@@ -87,7 +98,8 @@ def main() -> int:
     print("| kernel | variant | config | regs | spill B | smem B |")
     print("|---|---|---|---|---|---|")
     failures = 0
-    for label, kernel, shape, compile_with in _cases():
+    cases = [case for mod in ARGS.mods for case in _cases(mod)] if ARGS.mods else _cases()
+    for label, kernel, shape, compile_with in cases:
         config = spaces.fit(kernel, spaces.SPACES[kernel].default, shape)
         text = ",".join(f"{k}={v}" for k, v in config.items())
         launch = aot._Compiled()
@@ -107,6 +119,11 @@ def main() -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
+    parser.add_argument("--mods", default="", help="instead: the attention kernels with these score modifications "
+                        "(names of sigmoid_aot.SCORE_MODS, comma-separated)")
     ARGS = parser.parse_args()
+    ARGS.mods = [m for m in ARGS.mods.split(",") if m]
+    if set(ARGS.mods) - set(aot.SCORE_MODS):
+        parser.error(f"unknown --mods {sorted(set(ARGS.mods) - set(aot.SCORE_MODS))}")
     aot.ARGS = argparse.Namespace(arch=ARGS.arch, sass=False)
     sys.exit(main())

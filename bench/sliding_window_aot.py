@@ -1,13 +1,15 @@
 """Compile the sliding-window kernels for a Hopper GPU on a machine without one, and report their resources.
 
-    python bench/sliding_window_aot.py [--arch 90] [--heads 64,128,256] [--features] [--sass]
+    python bench/sliding_window_aot.py [--arch 90] [--heads 64,128,256] [--features] [--sass] [--mods softcap,...]
 
 The machinery of ``bench/sigmoid_aot.py`` (a compile-only CUDA driver, ``ptxas -v`` on the PTX): for the
 default configuration of each kernel (forward, dQ, dK/dV) and head-dim class, causal and symmetric, bf16,
 window 1024 and 4 sinks, it prints registers per thread, spilled bytes, shared memory, whether the
 products became wgmma instructions and whether ptxas serialised them (C7511).  ``--features`` instead
 compiles every input variant the kernels specialise on at d128 (GQA, a float mask, kv_lens, no sinks,
-odd head dims, fp16, fp32).  It never runs a kernel.
+odd head dims, fp16, fp32).  ``--mods`` instead compiles the default configurations, causal, with each named score
+modification compiled in (``sigmoid_aot.SCORE_MODS``: ``softcap`` and one program per other nonlinear
+function).  It never runs a kernel.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ FEATURES = ("gqa", "float_mask", "kv_lens", "no_sinks", "odd_dims", "fp16", "fp3
 def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: str = "", length: int = 4096,
                  window: int = 1024, sinks: int = 4) -> dict:
     """Compile one kernel for one configuration; ``feature`` selects an input variant (see FEATURES)."""
+    from attnrewrite.kernels import score_mods
     from attnrewrite.kernels.sliding_window.triton_bwd import sliding_window_bwd
     from attnrewrite.kernels.sliding_window.triton_fwd import sliding_window_fwd
 
@@ -53,13 +56,14 @@ def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: st
     lse = torch.empty(batch, heads_q, length)
     mask = torch.zeros(1, heads_q, length, length, dtype=dtype) if feature == "float_mask" else None
     kv_lens = torch.full((batch,), length // 2, dtype=torch.int32) if feature == "kv_lens" else None
+    program = score_mods.parse(sigmoid_aot.SCORE_MODS.get(feature))
     launch = sigmoid_aot._Compiled()
     if kernel == "fwd":
-        sliding_window_fwd(q, k, v, mask, kv_lens, 0.1, causal, window, sinks, config, launch=launch)
+        sliding_window_fwd(q, k, v, mask, kv_lens, 0.1, causal, window, sinks, config, launch=launch, program=program)
     else:
         which = ("dq",) if kernel == "bwd_dq" else ("dkdv",)
         sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, 0.1, causal, window, sinks, config, config,
-                           launch=launch, kernels=which)
+                           launch=launch, kernels=which, program=program)
     (_, compiled), = launch.kernels
     return sigmoid_aot.resources(compiled)
 
@@ -84,6 +88,17 @@ def main() -> int:
     print("| kernel | case | config | regs | spill B | smem B | wgmma | serialized |" + (" MUFU |" if ARGS.sass else ""))
     print("|---|---|---|---|---|---|---|---|" + ("---|" if ARGS.sass else ""))
     ok = True
+    if ARGS.mods:
+        for feature in ARGS.mods:
+            for head in sorted(ARGS.heads):
+                for kernel in spaces.KERNELS:  # the launcher's default with a modification (spaces.MOD_DEFAULTS)
+                    space = spaces.with_mod_default(spaces.SPACES[f"{kernel}_d{head}"], kernel, head)
+                    shape = {"D": head, "DV": head, "Tq": 4096, "Tk": 4096, "window": 1024, "sinks": 1, "causal": 1,
+                             "mask": 0, "dtype": "16bit", "mod": 1}
+                    config = spaces.fit(space, space.default, shape)
+                    ok &= _row(kernel, f"d{head} causal {feature}", config,
+                               lambda: compile_case(kernel, config, head, True, feature))
+        return 0 if ok else 1
     if ARGS.features:
         for feature in FEATURES:
             for kernel in spaces.KERNELS:
@@ -110,7 +125,13 @@ if __name__ == "__main__":
     parser.add_argument("--sass", action="store_true", help="count MUFU instructions in the SASS")
     parser.add_argument("--heads", default="64,128,256", help="head-dim classes to compile (default: all)")
     parser.add_argument("--features", action="store_true", help="instead: every input variant at d128")
+    parser.add_argument("--mods", default="", help="instead: these score modifications (names of "
+                        "sigmoid_aot.SCORE_MODS, comma-separated) at the default configs, causal")
     ARGS = parser.parse_args()
+    ARGS.mods = [m for m in ARGS.mods.split(",") if m]
+    unknown = set(ARGS.mods) - set(sigmoid_aot.SCORE_MODS)
+    if unknown:
+        parser.error(f"unknown --mods {sorted(unknown)}; known: {', '.join(sigmoid_aot.SCORE_MODS)}")
     ARGS.heads = {int(h) for h in ARGS.heads.split(",")}
     sigmoid_aot.ARGS = ARGS  # its resources() reads the arch and --sass from there
     sys.exit(main())

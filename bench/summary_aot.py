@@ -1,6 +1,6 @@
 """Compile the summary kernels for a Hopper GPU on a machine without one, and report their resources.
 
-    python bench/summary_aot.py [--arch 90] [--all] [--heads 64,128,256] [--features]
+    python bench/summary_aot.py [--arch 90] [--all] [--heads 64,128,256] [--features] [--mods softcap,...]
 
 The pipeline and the report are those of ``bench/sigmoid_aot.py`` (its compile-only driver and its
 ``ptxas -v`` reading): registers per thread, spilled bytes, shared memory, whether the matrix products
@@ -9,7 +9,9 @@ defaults are compiled for D = 64, 128 and 256, causal and not, bf16, chunk 8 and
 chunks; ``--features`` compiles the input variants the kernels specialise on (GQA, key padding, odd
 head dims, fp16, fp32) at d128, causal.  The dK/dV kernel is compiled twice: over the raw keys
 (``bwd_dkdv``) and over the summaries (``bwd_dkdv_summary``); ``decode`` is the decode kernel over a
-store slice (4 query heads per key/value head).  It never runs a kernel.
+store slice (4 query heads per key/value head).  ``--mods`` compiles the defaults, causal, with each named
+score modification compiled in (``sigmoid_aot.SCORE_MODS``; not the decode kernel, which takes none).  It
+never runs a kernel.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ CHUNK, WINDOW, LENGTH = 8, 128, 4096
 
 def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: str = "") -> dict:
     """Compile one kernel ("fwd", "bwd_dq", "bwd_dkdv", "bwd_dkdv_summary") for one configuration."""
+    from attnrewrite.kernels import score_mods
     from attnrewrite.kernels.summary.triton_bwd import summary_bwd
     from attnrewrite.kernels.summary.triton_decode import summary_decode
     from attnrewrite.kernels.summary.triton_fwd import summary_fwd
@@ -54,6 +57,7 @@ def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: st
     v_sum = torch.empty(batch, heads_kv, n_chunks, dim_v, dtype=dtype)
     exists = torch.ones(batch, n_chunks, dtype=torch.bool)
     key_valid = torch.ones(batch, LENGTH, dtype=torch.bool) if feature == "padding" else None
+    program = score_mods.parse(sigmoid_aot.SCORE_MODS.get(feature))
     launch = sigmoid_aot._Compiled()
     common = (q, k, v, k_sum, v_sum, exists, key_valid)
     if kernel == "decode":  # one token against a store slice of T/C - W summaries + the window (GROUP 4 rows)
@@ -63,12 +67,12 @@ def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: st
         summary_decode(q[:, :, :1], store_k[:, :, :entries], store_v[:, :, :entries],
                        key_valid[:, :entries] if key_valid is not None else None, launch=launch, **config)
     elif kernel == "fwd":
-        summary_fwd(*common, 0.1, causal, CHUNK, WINDOW, config, launch=launch)
+        summary_fwd(*common, 0.1, causal, CHUNK, WINDOW, config, launch=launch, program=program)
     else:
         lse = torch.empty(batch, heads_q, LENGTH)
         which = {"bwd_dq": ("dq",), "bwd_dkdv": ("dkdv",), "bwd_dkdv_summary": ("dkdv_summary",)}[kernel]
         summary_bwd(*common, torch.empty_like(q[..., :dim_v]), lse, lse, 0.1, causal, CHUNK, WINDOW, config, config,
-                    launch=launch, kernels=which)
+                    launch=launch, kernels=which, program=program)
     (_, compiled), = launch.kernels
     return sigmoid_aot.resources(compiled)
 
@@ -95,7 +99,13 @@ def main(args) -> int:
     print("| kernel | D | causal | feature | config | regs | spill B | smem B | wgmma | serialized |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     plan = []
-    if args.features:
+    if args.mods:
+        for feature in args.mods:
+            for head in args.heads:
+                for kernel in KERNELS[:-1]:  # not decode
+                    space = spaces.SPACES[f"{_space_kernel(kernel)}_d{head}"]
+                    plan.append((kernel, head, True, feature, dict(space.default)))
+    elif args.features:
         for feature in FEATURES:
             for kernel in KERNELS:
                 if kernel == "decode":
@@ -137,6 +147,12 @@ if __name__ == "__main__":
     parser.add_argument("--heads", default="64,128,256", help="head-dim classes to compile (default: all)")
     parser.add_argument("--features", action="store_true",
                         help="instead: the input variants (GQA, padding, odd dims, fp16, fp32) at d128")
+    parser.add_argument("--mods", default="", help="instead: these score modifications (names of "
+                        "sigmoid_aot.SCORE_MODS, comma-separated) at the default configs, causal")
     parsed = parser.parse_args()
+    parsed.mods = [m for m in parsed.mods.split(",") if m]
+    unknown = set(parsed.mods) - set(sigmoid_aot.SCORE_MODS)
+    if unknown:
+        parser.error(f"unknown --mods {sorted(unknown)}; known: {', '.join(sigmoid_aot.SCORE_MODS)}")
     parsed.heads = [int(h) for h in parsed.heads.split(",")]
     sys.exit(main(parsed))

@@ -197,3 +197,12 @@ def _apply_with_grad(step: Step, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
             inside = inside & (x <= a[1])
         d = inside.to(x.dtype)
     return y, d
+
+
+def kernel_refusal(program: ScoreProgram | None) -> str | None:
+    """Why the Triton kernels (sigmoid, sliding window, summary) cannot compile ``program`` in, or None when
+    they can (no program, or one with an :meth:`~ScoreProgram.affine_form`)."""
+    if program is None or program.affine_form() is not None:
+        return None
+    return (f"the Triton kernels do not compile the score modification {program.text()!r} (at most one "
+            f"nonlinear step among {', '.join(KERNEL_FUNCTIONS)}, between affine steps: mul, div, add, neg)")

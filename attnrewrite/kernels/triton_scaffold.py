@@ -4,14 +4,17 @@ Device side (``@triton.jit``, inlined into each kernel, so the compiled code is 
 out before):
 
 - :func:`mma` (the product every kernel takes instead of ``tl.dot``, right under the interpreter in
-  bfloat16), :func:`load_tile`, :data:`LOG2E` — the sigmoid kernels' own pieces, imported from
-  :mod:`attnrewrite.kernels.sigmoid.triton_common` where they are defined;
-- :func:`load_rows` — a [rows, cols] tile of a row-major head (rows at ``stride_row``, unit last stride),
-  masked only on the bounds asked for;
+  bfloat16), :func:`load_tile`, :data:`LOG2E`; :func:`load_rows` — a [rows, cols] tile of a row-major
+  head (rows at ``stride_row``, unit last stride), masked only on the bounds asked for;
+- :func:`score_mod_fn` and :func:`modified_scores` — a score modification (a program of
+  :mod:`attnrewrite.kernels.score_mods` in the form ``post_mul · f(pre_mul · s + pre_add) + post_add``,
+  f a constexpr ``MOD_FN``) and its derivative, the one copy the sigmoid, sliding-window and summary
+  kernels all compile in; :func:`mod_args` gives the runtime floats and MOD_FN for a program;
 - :func:`program_heads` — the (batch, query head, key/value head) of a program over ``batch · heads``,
   as int64 (offsets may pass 2³¹ elements);
 - :func:`online_softmax_step` — one key block of the flash forward (running max, sum and output in
-  log2 units); :func:`softmax_dq_step`, :func:`softmax_dkdv_step` — one block of its backward;
+  log2 units); :func:`softmax_dq_step`, :func:`softmax_dkdv_step` — one block of its backward (with
+  the score modification's derivative when there is one);
 - :func:`group_program` / :func:`slot_rows` — the head group and the gathered rows of the hashed
   kernels' programs.
 
@@ -29,10 +32,119 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels import tuning
-from attnrewrite.kernels.sigmoid.triton_common import (LOG2E, LOG2E_HOST, dot_precision, load_tile, mma,
-                                                       padded_dim)
+from attnrewrite.kernels.score_mods import kernel_refusal
 
 # --------------------------------------------------------------------------- device side
+
+LOG2E_HOST = 1.4426950408889634
+LOG2E = tl.constexpr(LOG2E_HOST)  # kernels may only read constexpr globals
+
+
+@triton.jit
+def _probe():
+    pass
+
+
+def _interpreted() -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_probe, InterpretedFunction)
+
+
+#: whether the kernels run under TRITON_INTERPRET=1 (then every kernel is an InterpretedFunction)
+INTERPRETED = tl.constexpr(_interpreted())
+
+
+@triton.jit
+def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """``tl.dot(a, b, acc)``.  Under the interpreter, bfloat16 operands are widened to float32 first: its
+    dot multiplies the raw 16-bit patterns of bfloat16 as integers (Triton 3.6 to 3.9 alike; products
+    near 1e9), while float32 holds every bfloat16 product exactly.  Compiled kernels take the plain dot."""
+    if INTERPRETED:
+        if a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a [R, C] tile, masking (with zeros) only the bounds the caller asks to check."""
+    if CHECK_ROWS and CHECK_COLS:
+        tile = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
+    elif CHECK_ROWS:
+        tile = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+    elif CHECK_COLS:
+        tile = tl.load(ptrs, mask=(cols < n_cols)[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+#: MOD_FN of the kernels: no score modification; otherwise a code of ``score_mods.KERNEL_FUNCTIONS`` (0: affine)
+NO_MOD = -1
+
+
+@triton.jit
+def score_mod_fn(u, MOD_FN: tl.constexpr):
+    """(f(u), f'(u)) for the score modification's nonlinear step f (codes of ``score_mods.KERNEL_FUNCTIONS``;
+    0 is the identity).  tanh and sigmoid are written with exp so that they compile and interpret alike."""
+    if MOD_FN == 1:  # tanh u = 1 − 2 / (e^(2u) + 1): ±1 at the ends (e^(2u) = inf or 0), no NaN
+        f = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
+        d = 1.0 - f * f
+    elif MOD_FN == 2:  # sigmoid
+        f = 1.0 / (1.0 + tl.exp(-u))
+        d = f * (1.0 - f)
+    elif MOD_FN == 3:  # exp
+        f = tl.exp(u)
+        d = f
+    elif MOD_FN == 4:  # abs
+        f = tl.abs(u)
+        d = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))
+    elif MOD_FN == 5:  # relu
+        f = tl.maximum(u, 0.0)
+        d = tl.where(u > 0, 1.0, 0.0)
+    elif MOD_FN == 6:  # erf
+        f = tl.math.erf(u)
+        d = 1.1283791670955126 * tl.exp(-u * u)
+    elif MOD_FN == 7:  # square
+        f = u * u
+        d = 2.0 * u
+    else:  # affine only
+        f = u
+        d = u * 0.0 + 1.0
+    return f, d
+
+
+@triton.jit
+def modified_scores(x, scale_log2, offset, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                    MOD_FN: tl.constexpr):
+    """(z2, mod'): the scores in log2 units, z2 = log2(e) · mod(scale · x) + offset, of a tile of raw
+    products ``x`` = q·kᵀ (either orientation: the mod is elementwise), and the derivative d mod/ds at
+    s = scale · x (``z2`` itself, unused, when MOD_FN = NO_MOD: then z2 = scale_log2 · x + offset).  A
+    kernel in natural units (hashed) passes ``scale`` as ``scale_log2`` and ``mod_args(..., log2=False)``.
+
+    The modification's runtime floats come from :func:`mod_args`: mod_in_mul = pre_mul · scale,
+    mod_in_add = pre_add, mod_out_mul / mod_out_add = post_mul / post_add times log2(e), mod_grad_mul =
+    pre_mul · post_mul.  ``offset`` (log2 units) is added after the modification: None for nothing, a
+    scalar, or a tile broadcasting against x (sigmoid's b); it is folded into post_add's addition so the
+    modified tile costs one fused multiply-add after f.
+    """
+    if MOD_FN < 0:
+        if offset is None:
+            z2 = x * scale_log2
+        else:
+            z2 = x * scale_log2 + offset
+        d = z2
+    else:
+        f, d = score_mod_fn(x * mod_in_mul + mod_in_add, MOD_FN)
+        if offset is None:
+            z2 = f * mod_out_mul + mod_out_add
+        else:
+            z2 = f * mod_out_mul + (mod_out_add + offset)
+        d = d * mod_grad_mul
+    return z2, d
+
 
 
 @triton.jit
@@ -68,21 +180,26 @@ def online_softmax_step(acc, m_i, l_i, z2, v, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def softmax_dq_step(dq, p, do, k, v, delta, DOT_PRECISION: tl.constexpr):
-    """dQ += dS·K for one key block of a softmax backward: dS = P ⊙ (dO·Vᵀ − Δ), P [queries, keys] the
-    probabilities (0 where hidden), Δ = rowsum(dO ⊙ O); the scale is applied by the caller."""
+def softmax_dq_step(dq, p, do, k, v, delta, d_mod, DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr):
+    """dQ += dS·K for one key block of a softmax backward: dS = P ⊙ (dO·Vᵀ − Δ) ⊙ mod', P [queries, keys]
+    the probabilities (0 where hidden), Δ = rowsum(dO ⊙ O), ``d_mod`` the score modification's derivative
+    from :func:`modified_scores` (not read when MOD_FN = NO_MOD); the scale is applied by the caller."""
     dp = mma(do, tl.trans(v), None, DOT_PRECISION)
     ds = p * (dp - delta[:, None])
+    if MOD_FN >= 0:
+        ds = ds * d_mod
     return mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
 
 
 @triton.jit
-def softmax_dkdv_step(dk, dv, pt, q, do, v, delta, DOT_PRECISION: tl.constexpr):
+def softmax_dkdv_step(dk, dv, pt, q, do, v, delta, d_mod, DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr):
     """dV += Pᵀ·dO and dK += dSᵀ·Q for one query block, on key-major tiles (``pt`` [keys, queries], so no
-    accumulated operand is transposed); dSᵀ = Pᵀ ⊙ (V·dOᵀ − Δ)."""
+    accumulated operand is transposed); dSᵀ = Pᵀ ⊙ (V·dOᵀ − Δ) ⊙ mod'ᵀ (``d_mod`` key-major as well)."""
     dv = mma(pt.to(do.dtype), do, dv, DOT_PRECISION)
     dpt = mma(v, tl.trans(do), None, DOT_PRECISION)
     dst = pt * (dpt - delta[None, :])
+    if MOD_FN >= 0:
+        dst = dst * d_mod
     dk = mma(dst.to(q.dtype), q, dk, DOT_PRECISION)
     return dk, dv
 
@@ -113,6 +230,34 @@ def slot_rows(idx_row, start, n_slots, BLOCK_S: tl.constexpr):
 
 
 # --------------------------------------------------------------------------- host side
+
+def padded_dim(d: int) -> int:
+    """The power-of-two block a head dim is computed in (tl.dot needs at least 16)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 operands are multiplied in full precision (as torch does by default), not tf32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def mod_args(program, scale: float, log2: bool = True) -> tuple[tuple[float, float, float, float, float], int]:
+    """The kernels' score-modification arguments for a :class:`~attnrewrite.kernels.score_mods.ScoreProgram`
+    (or None): (mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul) and MOD_FN (see
+    :func:`modified_scores`); no program gives NO_MOD (and floats that are never read).  ``log2=False``:
+    for kernels that keep scores in natural units (mod_out_mul / mod_out_add without the log2(e) factor).
+
+    Raises:
+        ValueError: the program has no form the kernels compile (see ``ScoreProgram.affine_form``).
+    """
+    if program is None:
+        return (1.0, 0.0, 1.0, 0.0, 1.0), NO_MOD
+    refusal = kernel_refusal(program)
+    if refusal is not None:
+        raise ValueError(refusal)
+    pre_mul, pre_add, function, post_mul, post_add = program.affine_form()
+    unit = LOG2E_HOST if log2 else 1.0
+    return (pre_mul * scale, pre_add, post_mul * unit, post_add * unit, pre_mul * post_mul), function
 
 
 def interpreter_active(kernel) -> bool:
@@ -192,6 +337,7 @@ def launch_config(spaces, kernel: str, q: torch.Tensor, v: torch.Tensor, shape: 
     return spaces.fit(space, config, shape)
 
 
-__all__ = ["LOG2E", "LOG2E_HOST", "dot_precision", "fit_config", "group_program", "head_class", "interpreter_active",
-           "launch_config", "length_bucket", "load_rows", "load_tile", "mma", "online_softmax_step", "padded_dim",
-           "pow2", "program_heads", "seeded_bf16", "softmax_dkdv_step", "softmax_dq_step", "slot_rows", "tile_space", "unit_last_stride"]
+__all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "dot_precision", "fit_config", "group_program", "head_class",
+           "interpreter_active", "launch_config", "length_bucket", "load_rows", "load_tile", "mma", "mod_args",
+           "modified_scores", "online_softmax_step", "padded_dim", "pow2", "program_heads", "score_mod_fn",
+           "seeded_bf16", "softmax_dkdv_step", "softmax_dq_step", "slot_rows", "tile_space", "unit_last_stride"]

@@ -11,7 +11,8 @@ A site can be rewritten to ``hashed`` when it is causal self-attention whose oth
 the same for every head (bool masks and additive biases are honoured: the selection never picks a
 masked key, and a bias is added to the selected keys' scores), without dropout; a score modification
 with a program (:mod:`attnrewrite.ir.score_program`) is applied to the selected keys' scores before the
-mask (on the torch path; the selection reads codes, not scores), as a decoding step through
+mask (the selection reads codes, not scores; the Triton kernels apply programs with at most one
+nonlinear step between affine ones, the torch path any), as a decoding step through
 ``HashedCache``, which runs the site's own code, applies it.  Other sites are skipped with the reason.  Returned attention weights are not
 supplied (such sites are skipped).
 """
@@ -27,6 +28,7 @@ import attnrewrite.kernels.hashed.public  # noqa: F401 — registers attnrewrite
 from attnrewrite.ir.canonical import AttentionCall
 from attnrewrite.ir.score_program import score_program
 from attnrewrite.ir.spec import AttentionSpec
+from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
 from attnrewrite.kernels.hashed.op import FAR_DTYPES, HASHES
 from attnrewrite.kernels.hashed.state import HashProjections
 from attnrewrite.kinds.causal import causal_self_attention_reason, term_shape
@@ -59,12 +61,13 @@ def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
         return ("impl='triton' with hash='learned' (the Triton kernels do not implement the learned "
                 "projections' straight-through gradient; use impl='auto' or 'torch')")
     if spec.score_mod is not None:  # applied by the op when it has a program; the rest as for any site
-        if options.get("impl") == "triton":
-            return ("impl='triton' with a score modification (the hashed kernels do not apply one; "
-                    "impl='auto' or 'torch' runs it on the torch path)")
-        reason = score_program(spec.score_mod)[1]
+        program, reason = score_program(spec.score_mod)
         if reason is not None:
             return reason
+        refusal = score_mod_refusal(parse_score_mod(program))
+        if options.get("impl") == "triton" and refusal is not None:
+            return (f"impl='triton' with a score modification: {refusal}; impl='auto' or 'torch' runs it on the "
+                    "torch path")
         spec = replace(spec, score_mod=None)
     reason = causal_self_attention_reason(spec, "hashed")
     if reason is not None:

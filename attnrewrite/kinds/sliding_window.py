@@ -8,8 +8,9 @@ sees a key only when the site's mask *and* the window allow it, so a site that a
 window (Mistral, Gemma-2's local layers) keeps the smaller of the two — exactly, by construction, for
 any mask the resolver proved, with nothing to recognise about that mask.  Grouped-query heads and
 dropout are kept, and a score modification with a program (:mod:`attnrewrite.ir.score_program`:
-soft-capping and chains of elementwise steps) is applied before the mask, on the torch path (the
-Triton kernels refuse it, so ``impl="auto"`` runs the torch path for such sites).  Sites whose queries and keys differ in length (cross-attention, attention over a
+soft-capping and chains of elementwise steps) is applied before the mask: by the Triton kernels when
+it has at most one nonlinear step between affine ones (as sigmoid's), else on the torch path
+(``impl="auto"`` picks it).  Sites whose queries and keys differ in length (cross-attention, attention over a
 cache) are skipped: the window is over positions of one sequence.  Returned attention weights are
 not supplied (such sites are skipped).
 """

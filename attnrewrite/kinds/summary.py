@@ -24,8 +24,9 @@ what ``bench/quality_decode_kinds.py`` measures).
 A site can be rewritten to ``summary`` when it is causal self-attention whose other mask parts are
 key padding only (no additive bias, no mask varying across queries or heads), without dropout; a score
 modification with a program (:mod:`attnrewrite.ir.score_program`: soft-capping, chains of elementwise
-steps) is applied to every score, the window's and the summaries', before the softmax (on the torch path:
-the rewriter's op runs it), and a decoding step through ``SummaryCache`` runs the site's own code, which
+steps) is applied to every score, the window's and the summaries', before the softmax (by the Triton kernels
+when it has at most one nonlinear step between affine ones, else on the torch path), and a decoding step
+through ``SummaryCache`` runs the site's own code, which
 applies the same modification to the same scores.  Other sites are skipped with the reason.  Returned attention weights are not
 supplied (such sites are skipped).
 """
@@ -41,6 +42,7 @@ import attnrewrite.kernels.summary.public  # noqa: F401 — registers attnrewrit
 from attnrewrite.ir.canonical import AttentionCall
 from attnrewrite.ir.score_program import score_program
 from attnrewrite.ir.spec import AttentionSpec
+from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
 from attnrewrite.kernels.summary.op import SUMMARIES
 from attnrewrite.kernels.summary.state import SummaryPooling
 from attnrewrite.kinds.causal import causal_self_attention_reason, term_shape
@@ -53,12 +55,13 @@ from attnrewrite.kinds.registry import Kind, register
 
 def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
     if spec.score_mod is not None:  # applied by the op when it has a program; the rest as for any site
-        if options.get("impl") == "triton":
-            return ("impl='triton' with a score modification (the summary kernels do not apply one; "
-                    "impl='auto' or 'torch' runs it on the torch path)")
-        reason = score_program(spec.score_mod)[1]
+        program, reason = score_program(spec.score_mod)
         if reason is not None:
             return reason
+        refusal = score_mod_refusal(parse_score_mod(program))
+        if options.get("impl") == "triton" and refusal is not None:
+            return (f"impl='triton' with a score modification: {refusal}; impl='auto' or 'torch' runs it on the "
+                    "torch path")
         spec = replace(spec, score_mod=None)
     reason = causal_self_attention_reason(spec, "summary")
     if reason is not None:

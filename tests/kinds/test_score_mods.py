@@ -1,4 +1,4 @@
-"""Sites with a score modification rewritten to the kinds that apply one (sigmoid, sliding_window):
+"""Sites with a score modification rewritten to the kinds that apply one (sigmoid, sliding_window, summary, hashed):
 every site rewritten under strict=True, outputs equal to models written by hand with the kind's math."""
 
 from __future__ import annotations
@@ -283,3 +283,35 @@ def test_sigmoid_returns_weights_of_a_soft_capped_site():
     want = torch.sigmoid(torch.tanh(q @ k.transpose(-2, -1) * D**-0.5 / CAP) * CAP + BIAS).masked_fill(~causal, 0.0)
     torch.testing.assert_close(weights, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out, want @ v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,options", [("summary", dict(chunk_size=2, window_chunks=1)),
+                                          ("hashed", dict(bits=16, top_k=2, window=3, sinks=1))])
+def test_impl_triton_takes_the_programs_the_kernels_compile_and_skips_the_others(kind, options):
+    """With the kind option impl='triton', a soft-capped site runs on the kernels (under TRITON_INTERPRET=1 on
+    the CPU) and equals the torch path; a program with two nonlinear steps is skipped, saying why."""
+    triton_ops = pytest.importorskip(f"attnrewrite.kernels.{kind}.{'triton_op' if kind == 'summary' else 'triton_ops'}")
+    if not triton_ops.interpreter_active():
+        pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")
+
+    def capped(q, k, v):
+        return torch.softmax(torch.tanh(q @ k.transpose(-2, -1) * D**-0.5 / CAP) * CAP
+                             + torch.zeros(T, T).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf),
+                             dim=-1) @ v
+
+    def capped_twice(q, k, v):
+        return torch.softmax(torch.exp(torch.tanh(q @ k.transpose(-2, -1) * D**-0.5 / CAP))
+                             + torch.zeros(T, T).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -math.inf),
+                             dim=-1) @ v
+
+    q, k, v = (torch.randn(1, H, T, D, generator=_gen("t" + n)) * 3 for n in "qkv")
+    report = Report(to=kind)
+    got = compile_rewritten(capped, report, to=kind, strict=True, impl="triton", **options)(q, k, v)
+    assert [s.status for s in report.sites] == ["rewritten"], report
+    want = compile_rewritten(capped, None, to=kind, strict=True, impl="torch", **options)(q, k, v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    report = Report(to=kind)
+    compile_rewritten(capped_twice, report, to=kind, impl="triton", **options)(q, k, v)
+    (site,) = report.sites
+    assert site.status == "skipped" and "do not compile the score modification" in site.reason, report

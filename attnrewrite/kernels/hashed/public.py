@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from attnrewrite.kernels._ops import call_dtype, composite_op, resolve_impl, sdpa_autocast, sdpa_schema
+from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
 from attnrewrite.kernels.hashed import op as _op  # noqa: F401  (registers the ops)
 
 try:  # the Triton path is optional: the torch path works wherever torch does
@@ -51,7 +52,9 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
             Both select the same keys.
         score_mod: a score modification program (:mod:`attnrewrite.kernels.score_mods`) applied to
             scale·q·k of the selected keys before the mask and the softmax (the selection reads codes,
-            not scores); the torch path only (``"auto"`` takes it, ``"triton"`` raises).
+            not scores).  Both paths apply it, forward and backward; the kernels take programs with at
+            most one nonlinear step (tanh, sigmoid, exp, abs, relu, erf, square) between affine ones,
+            and any other program runs on the torch path (``"auto"``) or is refused by ``"triton"``.
         far_dtype: None (off, the default) or ``"bfloat16"``, ``"float16"``, ``"float8_e4m3fn"`` (where torch
             has it): mixed precision after DASH-KV.  The selected keys and values that are neither sinks nor
             in the window (the far keys) are used as x.to(far_dtype).to(compute dtype), the compute dtype
@@ -77,7 +80,7 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
     """The composite op's body (run with autocast off, the inputs in the dtype the call runs in)."""
     if _path(impl, q, v, hash, score_mod, far_dtype) == "triton":
         return _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window,
-                           sinks, hash, seed)
+                           sinks, hash, seed, parse_score_mod(score_mod))
     return torch.ops.attnrewrite.hashed_attention_torch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                         bits=bits, top_k=top_k, window=window, sinks=sinks,
                                                         hash=hash, q_projection=q_projection,
@@ -89,7 +92,7 @@ def _path(impl: str, q, v, hash: str, score_mod: str | None = None, far_dtype: s
     refusal = ("the Triton kernels do not implement hash='learned' (the projections' straight-through "
                "gradient)") if hash == "learned" else None
     if score_mod:
-        refusal = "the Triton kernels do not apply a score modification"
+        refusal = score_mod_refusal(parse_score_mod(score_mod)) or refusal
     if far_dtype is not None:
         _op.far_dtype_of(far_dtype)  # a bad name is refused by name on either path
         refusal = "the Triton kernels do not implement far_dtype (mixed precision for far keys)"
@@ -100,14 +103,15 @@ def _path(impl: str, q, v, hash: str, score_mod: str | None = None, far_dtype: s
         available=_triton is not None, interpreter_active=lambda: _triton.interpreter_active())
 
 
-def _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window, sinks, hash, seed):
+def _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window, sinks, hash, seed,
+                program=None):
     _op.check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
                      None, None)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     hyperplanes = torch.ops.attnrewrite.hashed_hyperplanes(q.shape[-1], bits, seed, q.device)
     mask = None if attn_mask is None else attn_mask.to(q.device)
     return _triton.hashed_attention_triton(q, k, v, mask, hyperplanes, hyperplanes, is_causal, scale, top_k, window,
-                                           sinks)
+                                           sinks, program)
 
 
 composite_op("hashed_attention", sdpa_schema('SymInt bits=64, SymInt top_k=256, SymInt window=64, SymInt sinks=4, '

@@ -3,8 +3,10 @@
 One program handles one query row of one key/value head and all the query heads of its group (they
 share the selection, so each gathered key and value row is read once for the group).  It walks the
 row's slots of the selection [B, Hkv, Tq, S] (−1 = empty) BLOCK_S at a time, gathers those key and
-value rows, and runs an online softmax in float32: out = softmax(scale·q·k + bias) · v over the
-selected keys, 0 for a row with none.  The forward also stores each row's log-sum-exp.
+value rows, and runs an online softmax in float32: out = softmax(mod(scale·q·k) + bias) · v over the
+selected keys, 0 for a row with none (mod the score modification, if any: ``MOD_FN`` and the shared
+:func:`~attnrewrite.kernels.triton_scaffold.modified_scores`, in natural units here; its derivative enters
+dS in the backward).  The forward also stores each row's log-sum-exp.
 
 The backward recomputes the probabilities from the log-sum-exp, writes dQ for its rows and adds the
 selected keys' dK and dV contributions into float32 buffers with atomic adds (a key is selected by
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import group_program, slot_rows
+from attnrewrite.kernels.triton_scaffold import group_program, mod_args, modified_scores, slot_rows
 
 
 @triton.jit
@@ -37,16 +39,19 @@ def _gather_rows(base, stride_t, rows, ok, offs_d, d_ok):
 
 
 @triton.jit
-def _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, HAS_BIAS: tl.constexpr):
-    """scale·q·k (+ bias) [BLOCK_G, BLOCK_S], −inf at empty slots."""
-    s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale
+def _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add,
+            mod_grad_mul, HAS_BIAS: tl.constexpr, MOD_FN: tl.constexpr):
+    """(mod(scale·q·k) (+ bias) [BLOCK_G, BLOCK_S], −inf at empty slots; mod' at scale·q·k)."""
+    s, d_mod = modified_scores(tl.sum(q[:, None, :] * k[None, :, :], axis=2), scale, None, mod_in_mul, mod_in_add,
+                               mod_out_mul, mod_out_add, mod_grad_mul, MOD_FN)
     if HAS_BIAS:
         s += tl.load(bias_row + rows * stride_bias_j, mask=ok, other=0.0).to(tl.float32)[None, :]
-    return tl.where(ok[None, :], s, float("-inf"))
+    return tl.where(ok[None, :], s, float("-inf")), d_mod
 
 
 @triton.jit
 def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, heads_kv, n_slots, scale,
+                           mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                            stride_qb, stride_qh, stride_qt,
                            stride_kb, stride_kh, stride_kt,
                            stride_vb, stride_vh, stride_vt,
@@ -56,7 +61,7 @@ def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, heads_kv, n_slots, scal
                            stride_lb, stride_lh, stride_lt,
                            G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
-                           HAS_BIAS: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, MOD_FN: tl.constexpr = -1):
     i = tl.program_id(0)
     b, h, offs_g, g_ok, heads, offs_d, offs_dv, d_ok, dv_ok = group_program(tl.program_id(1), heads_kv, G, D, DV,
                                                                             BLOCK_G, BLOCK_D, BLOCK_DV)
@@ -71,7 +76,8 @@ def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, heads_kv, n_slots, scal
     for start in range(0, n_slots, BLOCK_S):
         ok, rows = slot_rows(idx_row, start, n_slots, BLOCK_S)
         k = _gather_rows(k_base, stride_kt, rows, ok, offs_d, d_ok)
-        s = _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, HAS_BIAS)
+        s, _ = _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, mod_in_mul, mod_in_add, mod_out_mul,
+                       mod_out_add, mod_grad_mul, HAS_BIAS, MOD_FN)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
@@ -90,6 +96,7 @@ def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, heads_kv, n_slots, scal
 
 @triton.jit
 def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, heads_kv, n_slots, scale,
+                           mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                            stride_qb, stride_qh, stride_qt,
                            stride_kb, stride_kh, stride_kt,
                            stride_vb, stride_vh, stride_vt,
@@ -103,7 +110,7 @@ def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, heads
                            stride_dvb, stride_dvh, stride_dvt,
                            G: tl.constexpr, D: tl.constexpr, DVAL: tl.constexpr, BLOCK_G: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
-                           HAS_BIAS: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, MOD_FN: tl.constexpr = -1):
     i = tl.program_id(0)
     b, h, offs_g, g_ok, heads, offs_d, offs_dv, d_ok, dv_ok = group_program(tl.program_id(1), heads_kv, G, D, DVAL,
                                                                             BLOCK_G, BLOCK_D, BLOCK_DV)
@@ -123,10 +130,13 @@ def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, heads
         ok, rows = slot_rows(idx_row, start, n_slots, BLOCK_S)
         k = _gather_rows(k_base, stride_kt, rows, ok, offs_d, d_ok)
         v = _gather_rows(v_base, stride_vt, rows, ok, offs_dv, dv_ok)
-        s = _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, HAS_BIAS)
+        s, d_mod = _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, mod_in_mul, mod_in_add, mod_out_mul,
+                           mod_out_add, mod_grad_mul, HAS_BIAS, MOD_FN)
         p = tl.where(ok[None, :] & g_ok[:, None], tl.exp(s - lse[:, None]), 0.0)         # [G, S]
         dp = tl.sum(do[:, None, :] * v[None, :, :], axis=2)
         ds = p * (dp - delta[:, None])
+        if MOD_FN >= 0:  # the gradient of the unmodified score
+            ds = ds * d_mod
         dq += tl.sum(ds[:, :, None] * k[None, :, :], axis=1)
         dk = tl.sum(ds[:, :, None] * q[:, None, :], axis=0) * scale                    # [S, D]
         dv = tl.sum(p[:, :, None] * do[:, None, :], axis=0)                             # [S, DV]
@@ -150,11 +160,14 @@ def _blocks(q: torch.Tensor, v: torch.Tensor, heads_kv: int) -> dict:
                 BLOCK_DV=triton.next_power_of_2(v.shape[-1]))
 
 
-def attend_forward(q, k, v, index, bias, scale: float, config: dict | None = None, launch=lambda kernel: kernel):
+def attend_forward(q, k, v, index, bias, scale: float, config: dict | None = None, launch=lambda kernel: kernel,
+                   program=None):
     """(out [B, Hq, Tq, Dv] in q's dtype, lse float32 [B, Hq, Tq]) over the selected keys.
 
     ``index``: int32 [B, Hkv, Tq, S] (:func:`.triton_select.select_keys`); ``bias``: float [B|1, Tq|1, Tk]
-    added to the selected scores, or None.  ``config``: {"BLOCK_S": ..., "num_warps": ...}.
+    added to the selected scores, or None.  ``config``: {"BLOCK_S": ..., "num_warps": ...}.  ``program``: the
+    score modification (:class:`~attnrewrite.kernels.score_mods.ScoreProgram`, or None), applied to scale·q·k
+    before the bias.
     """
     batch, heads_q, len_q, dim = q.shape
     heads_kv = k.shape[1]
@@ -163,20 +176,22 @@ def attend_forward(q, k, v, index, bias, scale: float, config: dict | None = Non
     lse = torch.empty(batch, heads_q, len_q, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    mod, mod_fn = mod_args(program, float(scale), log2=False)
     grid = (len_q, batch * heads_kv)
     launch(hashed_attn_fwd_kernel)[grid](
-        q, k, v, index, out if bias is None else bias, out, lse, heads_kv, index.shape[-1], float(scale),
+        q, k, v, index, out if bias is None else bias, out, lse, heads_kv, index.shape[-1], float(scale), *mod,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), index.stride(0), index.stride(1), index.stride(2),
         *_strides3(bias), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        D=dim, DV=v.shape[-1], BLOCK_S=config["BLOCK_S"], HAS_BIAS=bias is not None,
+        D=dim, DV=v.shape[-1], BLOCK_S=config["BLOCK_S"], HAS_BIAS=bias is not None, MOD_FN=mod_fn,
         num_warps=config["num_warps"], **_blocks(q, v, heads_kv))
     return out, lse
 
 
 def attend_backward(q, k, v, out, grad, lse, index, bias, scale: float, config: dict | None = None,
-                    launch=lambda kernel: kernel):
-    """(dq, dk, dv) of :func:`attend_forward`, in the inputs' dtypes (dK and dV summed in float32)."""
+                    launch=lambda kernel: kernel, program=None):
+    """(dq, dk, dv) of :func:`attend_forward` (``program`` as there), in the inputs' dtypes (dK and dV summed
+    in float32)."""
     batch, _, len_q, dim = q.shape
     heads_kv = k.shape[1]
     config = config or {"BLOCK_S": 32, "num_warps": 4}
@@ -185,16 +200,17 @@ def attend_backward(q, k, v, out, grad, lse, index, bias, scale: float, config: 
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     if q.numel() == 0 or index.shape[-1] == 0:
         return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype)
+    mod, mod_fn = mod_args(program, float(scale), log2=False)
     grid = (len_q, batch * heads_kv)
     launch(hashed_attn_bwd_kernel)[grid](
         q, k, v, out, grad, lse, index, q if bias is None else bias, dq, dk, dv, heads_kv, index.shape[-1],
-        float(scale),
+        float(scale), *mod,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         grad.stride(0), grad.stride(1), grad.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         index.stride(0), index.stride(1), index.stride(2), *_strides3(bias),
         dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        D=dim, DVAL=v.shape[-1], BLOCK_S=config["BLOCK_S"], HAS_BIAS=bias is not None,
+        D=dim, DVAL=v.shape[-1], BLOCK_S=config["BLOCK_S"], HAS_BIAS=bias is not None, MOD_FN=mod_fn,
         num_warps=config["num_warps"], **_blocks(q, v, heads_kv))
     return dq, dk.to(k.dtype), dv.to(v.dtype)

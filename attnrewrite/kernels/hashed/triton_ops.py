@@ -22,6 +22,7 @@ from torch import Tensor
 
 from attnrewrite.kernels import triton_scaffold as scaffold
 from attnrewrite.kernels._ops import traceable, triton_ops
+from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
 from . import spaces
 from .triton_attn import attend_backward, attend_forward
@@ -57,8 +58,11 @@ def _slots(k: Tensor, top_k: int, window: int, sinks: int):
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], proj_q: Tensor, proj_k: Tensor,
-             is_causal: bool, scale: float, top_k: int, window: int, sinks: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(out [B, Hq, Tq, Dv], lse float32 [B, Hq, Tq], selection int32 [B, Hkv, Tq, S]) on checked inputs."""
+             is_causal: bool, scale: float, top_k: int, window: int, sinks: int,
+             score_mod: str = "") -> tuple[Tensor, Tensor, Tensor]:
+    """(out [B, Hq, Tq, Dv], lse float32 [B, Hq, Tq], selection int32 [B, Hkv, Tq, S]) on checked inputs;
+    ``score_mod`` a score modification program as text ("" for none), applied to the selected keys' scores
+    (the selection reads codes, not scores)."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     shape = spaces.shape_of(q, k, v, proj_q.shape[-1])
 
@@ -69,42 +73,44 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], proj_
     q_codes = pack_codes(q, proj_q, config("codes"), launch=traceable)
     k_codes = pack_codes(k, proj_k, config("codes"), launch=traceable)
     index = select_keys(q_codes, k_codes, keep, is_causal, top_k, window, sinks, config("select"), launch=traceable)
-    out, lse = attend_forward(q, k, v, index, bias, scale, config("fwd"), launch=traceable)
+    out, lse = attend_forward(q, k, v, index, bias, scale, config("fwd"), launch=traceable,
+                              program=parse_score_mod(score_mod))
     return out, lse, index
 
 
-def _forward_fake(q, k, v, attn_mask, proj_q, proj_k, is_causal, scale, top_k, window, sinks):
+def _forward_fake(q, k, v, attn_mask, proj_q, proj_k, is_causal, scale, top_k, window, sinks, score_mod=""):
     batch, heads_q, len_q, _ = q.shape
     return (q.new_empty(batch, heads_q, len_q, v.shape[-1]), q.new_empty(batch, heads_q, len_q, dtype=torch.float32),
             q.new_empty(batch, k.shape[1], len_q, _slots(k, top_k, window, sinks), dtype=torch.int32))
 
 
 def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, index: Tensor,
-              attn_mask: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:
+              attn_mask: Optional[Tensor], scale: float, score_mod: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of :func:`_forward` over its saved selection and log-sum-exp."""
     q, k, v, out, grad = (_unit_last_stride(t) for t in (q, k, v, out, grad))
     _, bias = mask_views(attn_mask)
     config = spaces.config_for("bwd", spaces.shape_of(q, k, v, 8), q.device, tensors=(q,))
-    return attend_backward(q, k, v, out, grad, lse, index, bias, scale, config, launch=traceable)
+    return attend_backward(q, k, v, out, grad, lse, index, bias, scale, config, launch=traceable,
+                           program=parse_score_mod(score_mod))
 
 
-def _backward_fake(grad, q, k, v, out, lse, index, attn_mask, scale):
+def _backward_fake(grad, q, k, v, out, lse, index, attn_mask, scale, score_mod=""):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
         torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, _proj_q, _proj_k, _causal, scale, _top_k, _window, _sinks = inputs
+    q, k, v, attn_mask, _proj_q, _proj_k, _causal, scale, _top_k, _window, _sinks, score_mod = inputs
     out, lse, index = output
     ctx.save_for_backward(q, k, v, attn_mask, out, lse, index)
-    ctx.scale = scale
+    ctx.scale, ctx.score_mod = scale, score_mod
 
 
 def _autograd(ctx, grad_out, _grad_lse, _grad_index):
     q, k, v, attn_mask, out, lse, index = ctx.saved_tensors
-    dq, dk, dv = BWD.on(q.device)(grad_out, q, k, v, out, lse, index, attn_mask, ctx.scale)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    dq, dk, dv = BWD.on(q.device)(grad_out, q, k, v, out, lse, index, attn_mask, ctx.scale, ctx.score_mod)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 BWD = triton_ops("hashed_attention_bwd", _backward, fake=_backward_fake)
@@ -113,8 +119,9 @@ FWD = triton_ops("hashed_attention_fwd", _forward, fake=_forward_fake, backward=
 
 
 def hashed_attention_triton(q, k, v, attn_mask, proj_q, proj_k, is_causal: bool, scale: float, top_k: int,
-                            window: int, sinks: int) -> Tensor:
-    """Hashed attention on the kernels, for the tensors' device; differentiable in q, k and v."""
+                            window: int, sinks: int, program=None) -> Tensor:
+    """Hashed attention on the kernels, for the tensors' device; differentiable in q, k and v.  ``program``: a
+    :class:`~attnrewrite.kernels.score_mods.ScoreProgram` applied to the selected keys' scores, or None."""
     out, _, _ = FWD.on(q.device)(q, k, v, attn_mask, proj_q, proj_k, bool(is_causal), float(scale), int(top_k),
-                                 int(window), int(sinks))
+                                 int(window), int(sinks), "" if program is None else program.text())
     return out

@@ -16,7 +16,7 @@ import torch
 from attnrewrite.kernels._ops import resolve_impl
 from attnrewrite.kernels.checks import check_dropout, check_kv_lens, check_mask_dtype, check_qkv
 
-from attnrewrite.kernels.score_mods import parse as parse_score_mod
+from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
 
 from .chunked import chunk_sigmoid_attention
 
@@ -277,9 +277,8 @@ def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, attn_mask, kv_lens):
 def _resolve_impl(impl: str, q: torch.Tensor, dropout_p: float, problem: Problem, program=None) -> str:
     # "auto" sends only 16-bit inputs to the kernels: exact float32 products run on the FMA pipes there
     refusal = "the Triton kernels do not implement dropout (dropout_p > 0)" if dropout_p > 0.0 else None
-    if refusal is None and program is not None and program.affine_form() is None:
-        refusal = (f"the Triton kernels do not compile the score modification {program.text()!r} (at most one "
-                   f"nonlinear step among tanh, sigmoid, exp, abs, relu, erf, square)")
+    if refusal is None:
+        refusal = score_mod_refusal(program)
     return resolve_impl(
         impl, q.device, what=WHAT, dtype=q.dtype, head_dims=(problem.dim, problem.dim_v),
         triton_dtypes=_FLOAT_DTYPES, auto_dtypes=(torch.float16, torch.bfloat16), max_head_dim=_MAX_HEAD_DIM,

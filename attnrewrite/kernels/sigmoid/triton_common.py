@@ -1,8 +1,8 @@
 """Pieces shared by the sigmoid forward and backward kernels: the sigmoid itself, the probability tile
 all three kernels compute (``sigmoid_tile``: forward, dQ, and transposed for dK/dV), tile loads, where a
-program's sequence lives, and the block table of packed (varlen) batches; ``mma``, the matrix product
-every kernel (the sliding-window ones too) calls instead of ``tl.dot`` so that bfloat16 works under the
-interpreter.
+program's sequence lives, and the block table of packed (varlen) batches.  ``mma``, ``load_tile``, the score
+modification (``modified_scores``, ``mod_args``) and the dtype helpers live in
+:mod:`attnrewrite.kernels.triton_scaffold`, shared with the other kinds' kernels, and are re-exported here.
 
 Scores are kept in log2 units inside the kernels (z2 = log2(e) * (scale*q.k + mask + b)) so
 that sigmoid(z) = 1 / (1 + 2^-z2) costs one multiply-add, one ex2 and one reciprocal.
@@ -14,35 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E_HOST = 1.4426950408889634
-LOG2E = tl.constexpr(LOG2E_HOST)  # kernels may only read constexpr globals
+from attnrewrite.kernels.triton_scaffold import (INTERPRETED, LOG2E, LOG2E_HOST, NO_MOD, dot_precision, load_tile, mma,
+                                                 mod_args, modified_scores, padded_dim, score_mod_fn)
 
-
-@triton.jit
-def _probe():
-    pass
-
-
-def _interpreted() -> bool:
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_probe, InterpretedFunction)
-
-
-#: whether the kernels run under TRITON_INTERPRET=1 (then every kernel is an InterpretedFunction)
-INTERPRETED = tl.constexpr(_interpreted())
-
-
-@triton.jit
-def mma(a, b, acc, DOT_PRECISION: tl.constexpr):
-    """``tl.dot(a, b, acc)``.  Under the interpreter, bfloat16 operands are widened to float32 first: its
-    dot multiplies the raw 16-bit patterns of bfloat16 as integers (Triton 3.6 to 3.9 alike; products
-    near 1e9), while float32 holds every bfloat16 product exactly.  Compiled kernels take the plain dot."""
-    if INTERPRETED:
-        if a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+__all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "bias_strides", "block_table", "dot_precision", "load_tile",
+           "locate", "mma", "mod_args", "modified_scores", "newton_steps", "padded_dim", "score_mod_fn",
+           "sigmoid_log2", "sigmoid_tile"]
 
 
 @triton.jit
@@ -69,41 +46,6 @@ def sigmoid_log2(z2, NEWTON_STEPS: tl.constexpr):
     return p
 
 
-#: MOD_FN of the kernels: no score modification; otherwise a code of ``score_mods.KERNEL_FUNCTIONS`` (0: affine)
-NO_MOD = -1
-
-
-@triton.jit
-def score_mod_fn(u, MOD_FN: tl.constexpr):
-    """(f(u), f'(u)) for the score modification's nonlinear step f (codes of ``score_mods.KERNEL_FUNCTIONS``;
-    0 is the identity).  tanh and sigmoid are written with exp so that they compile and interpret alike."""
-    if MOD_FN == 1:  # tanh u = 1 − 2 / (e^(2u) + 1): ±1 at the ends (e^(2u) = inf or 0), no NaN
-        f = 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-        d = 1.0 - f * f
-    elif MOD_FN == 2:  # sigmoid
-        f = 1.0 / (1.0 + tl.exp(-u))
-        d = f * (1.0 - f)
-    elif MOD_FN == 3:  # exp
-        f = tl.exp(u)
-        d = f
-    elif MOD_FN == 4:  # abs
-        f = tl.abs(u)
-        d = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))
-    elif MOD_FN == 5:  # relu
-        f = tl.maximum(u, 0.0)
-        d = tl.where(u > 0, 1.0, 0.0)
-    elif MOD_FN == 6:  # erf
-        f = tl.math.erf(u)
-        d = 1.1283791670955126 * tl.exp(-u * u)
-    elif MOD_FN == 7:  # square
-        f = u * u
-        d = 2.0 * u
-    else:  # affine only
-        f = u
-        d = u * 0.0 + 1.0
-    return f, d
-
-
 @triton.jit
 def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k_len, shift, scale_log2, bias_log2,
                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
@@ -111,12 +53,11 @@ def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k
                  NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr):
     """(P, mod'): the probability tile P = sigmoid(mod(scale · x·yᵀ) + b + mask) of the forward, dQ and dK/dV
     kernels, with the keys no row may see at exactly 0, and the derivative of the score modification at
-    scale · x·yᵀ (P itself, unused, when MOD_FN = NO_MOD).
+    scale · x·yᵀ (unused when MOD_FN = NO_MOD).
 
     The modification (MOD_FN >= 0) is ``post_mul · f(pre_mul · s + pre_add) + post_add``
-    (:meth:`attnrewrite.kernels.score_mods.ScoreProgram.affine_form`) with the host's constants folded:
-    mod_in_mul = pre_mul · scale, mod_in_add = pre_add, mod_out_mul / mod_out_add = post_mul / post_add
-    times log2(e), mod_grad_mul = pre_mul · post_mul.
+    (:meth:`attnrewrite.kernels.score_mods.ScoreProgram.affine_form`), applied by the shared
+    :func:`attnrewrite.kernels.triton_scaffold.modified_scores` with the host's constants of ``mod_args``.
 
     KEY_ROWS = False: x holds query rows ``offs_x``, y key rows ``offs_y``: a [queries, keys] tile.
     KEY_ROWS = True: x holds key rows, y query rows: the transposed [keys, queries] tile of dK/dV.
@@ -124,11 +65,8 @@ def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k
     [queries, 1] (or [1, queries] transposed).  MASKED applies the bounds (and, transposed, the query
     bounds) and the causal rule key <= query + shift; unmasked tiles are known to be fully visible.
     """
-    if MOD_FN < 0:
-        z2 = mma(x, tl.trans(y), None, DOT_PRECISION) * scale_log2 + bias_log2
-    else:
-        f, d = score_mod_fn(mma(x, tl.trans(y), None, DOT_PRECISION) * mod_in_mul + mod_in_add, MOD_FN)
-        z2 = f * mod_out_mul + (mod_out_add + bias_log2)
+    z2, d_mod = modified_scores(mma(x, tl.trans(y), None, DOT_PRECISION), scale_log2, bias_log2, mod_in_mul,
+                                mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, MOD_FN)
     if KEY_ROWS:
         q_idx = offs_y[None, :]
         k_idx = offs_x[:, None]
@@ -147,42 +85,7 @@ def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k
             visible = visible & (k_idx <= q_idx + shift)
         z2 = tl.where(visible, z2, float("-inf"))
     p = sigmoid_log2(z2, NEWTON_STEPS)
-    if MOD_FN < 0:
-        d_mod = p
-    else:
-        d_mod = d * mod_grad_mul
     return p, d_mod
-
-
-def mod_args(program, scale: float) -> tuple[tuple[float, float, float, float, float], int]:
-    """The kernels' score-modification arguments for a :class:`~attnrewrite.kernels.score_mods.ScoreProgram`
-    (or None): (mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul) and MOD_FN (see
-    :func:`sigmoid_tile`).
-
-    Raises:
-        ValueError: the program has no form the kernels compile (see ``ScoreProgram.affine_form``).
-    """
-    if program is None:
-        return (1.0, 0.0, 1.0, 0.0, 1.0), NO_MOD
-    form = program.affine_form()
-    if form is None:
-        raise ValueError(f"the sigmoid Triton kernels do not compile the score modification {program.text()!r}")
-    pre_mul, pre_add, function, post_mul, post_add = form
-    return (pre_mul * scale, pre_add, post_mul * LOG2E_HOST, post_add * LOG2E_HOST, pre_mul * post_mul), function
-
-
-@triton.jit
-def load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
-    """Load a [R, C] tile, masking (with zeros) only the bounds the caller asks to check."""
-    if CHECK_ROWS and CHECK_COLS:
-        tile = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
-    elif CHECK_ROWS:
-        tile = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
-    elif CHECK_COLS:
-        tile = tl.load(ptrs, mask=(cols < n_cols)[None, :], other=0.0)
-    else:
-        tile = tl.load(ptrs)
-    return tile
 
 
 @triton.jit
@@ -238,16 +141,6 @@ def block_table(cu_seqlens: torch.Tensor, block: int, total: int) -> tuple[torch
     block_seq = torch.searchsorted(ends, programs, right=True)
     block_seq = torch.where(block_seq < n_seq, block_seq, -1).to(torch.int32)
     return block_seq, (ends - blocks).to(torch.int32), n_programs
-
-
-def padded_dim(d: int) -> int:
-    """The power-of-two block a head dim is computed in (tl.dot needs at least 16)."""
-    return max(16, triton.next_power_of_2(d))
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """float32 operands are multiplied in full precision (as torch does by default), not tf32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def newton_steps(use_newton: int, dtype: torch.dtype) -> int:

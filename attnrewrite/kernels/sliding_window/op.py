@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 
 from attnrewrite.kernels import triton_scaffold as scaffold
+from attnrewrite.kernels import tuning
 from attnrewrite.kernels._ops import traceable, triton_ops
+from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
 from . import spaces
 from .triton_bwd import sliding_window_bwd
@@ -31,68 +33,82 @@ def interpreter_active() -> bool:
 
 
 def sliding_window_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv_lens: Tensor | None,
-                          scale: float, causal: bool, window: int, sinks: int) -> Tensor:
-    """Sliding-window attention on the kernels (arguments as for ``triton_fwd.sliding_window_fwd``);
-    differentiable in q, k, v.  Returns out [B, Hq, Tq, Dv]."""
-    out, _ = FWD.on(q.device)(q, k, v, mask, kv_lens, float(scale), bool(causal), int(window), int(sinks))
+                          scale: float, causal: bool, window: int, sinks: int, program=None) -> Tensor:
+    """Sliding-window attention on the kernels (arguments as for ``triton_fwd.sliding_window_fwd``; ``program``
+    a :class:`~attnrewrite.kernels.score_mods.ScoreProgram` or None); differentiable in q, k, v.  Returns out
+    [B, Hq, Tq, Dv]."""
+    out, _ = FWD.on(q.device)(q, k, v, mask, kv_lens, float(scale), bool(causal), int(window), int(sinks),
+                              "" if program is None else program.text())
     return out
 
 
 def launch_config(kernel: str, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, causal: bool, window: int,
-                  sinks: int, make_bench) -> dict:
-    """The configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for this call, fitted to its shape."""
-    return scaffold.launch_config(spaces, kernel, q, v, spaces.shape_of(q, k, v, has_mask, causal, window, sinks),
-                                  make_bench)
+                  sinks: int, make_bench, has_mod: bool = False) -> dict:
+    """The configuration of ``kernel`` ("fwd", "bwd_dq", "bwd_dkdv") for this call, fitted to its shape; with a
+    score modification (``has_mod``) from its own bucket, starting from :data:`.spaces.MOD_DEFAULTS`."""
+    shape = spaces.shape_of(q, k, v, has_mask, causal, window, sinks, has_mod)
+    if not has_mod:
+        return scaffold.launch_config(spaces, kernel, q, v, shape, make_bench)
+    space = spaces.with_mod_default(spaces.SPACES[spaces.space_name(kernel, q.shape[-1], v.shape[-1])], kernel,
+                                    spaces.head_class(q.shape[-1], v.shape[-1]))
+    config = tuning.pick_config(spaces.KIND, space, shape, q.device, make_bench, tensors=(q,))
+    return spaces.fit(space, config, shape)
 
 
 _unit_last_stride = scaffold.unit_last_stride
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv_lens: Tensor | None, scale: float,
-             causal: bool, window: int, sinks: int) -> tuple[Tensor, Tensor]:
-    """Sliding-window attention forward: (out, lse); see ``triton_fwd.sliding_window_fwd``."""
+             causal: bool, window: int, sinks: int, score_mod: str = "") -> tuple[Tensor, Tensor]:
+    """Sliding-window attention forward: (out, lse); see ``triton_fwd.sliding_window_fwd`` (``score_mod``: the
+    score modification program as text, "" for none)."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     args = (q, k, v, mask, kv_lens, scale, causal, window, sinks)
+    program = parse_score_mod(score_mod)
     config = launch_config("fwd", q, k, v, mask is not None, causal, window, sinks,
-                           lambda cfg: lambda: sliding_window_fwd(*args, config=cfg))
-    return sliding_window_fwd(*args, config=config, launch=traceable)
+                           lambda cfg: lambda: sliding_window_fwd(*args, config=cfg, program=program),
+                           program is not None)
+    return sliding_window_fwd(*args, config=config, launch=traceable, program=program)
 
 
-def _forward_fake(q, k, v, mask, kv_lens, scale, causal, window, sinks):
+def _forward_fake(q, k, v, mask, kv_lens, scale, causal, window, sinks, score_mod=""):
     return (q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3]),
             q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32))
 
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, mask: Tensor | None,
               kv_lens: Tensor | None, scale: float, causal: bool, window: int,
-              sinks: int) -> tuple[Tensor, Tensor, Tensor]:
+              sinks: int, score_mod: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """Sliding-window attention backward: (dq, dk, dv)."""
     q, k, v, out, grad_out = (_unit_last_stride(t) for t in (q, k, v, out, grad_out))
     args = (q, k, v, out, lse, grad_out, mask, kv_lens, scale, causal, window, sinks)
+    program = parse_score_mod(score_mod)
     has_mask = mask is not None
     config_dq = launch_config("bwd_dq", q, k, v, has_mask, causal, window, sinks,
-                              lambda cfg: lambda: sliding_window_bwd(*args, cfg, cfg, kernels=("dq",)))
+                              lambda cfg: lambda: sliding_window_bwd(*args, cfg, cfg, kernels=("dq",), program=program),
+                              program is not None)
     config_dkdv = launch_config("bwd_dkdv", q, k, v, has_mask, causal, window, sinks,
-                                lambda cfg: lambda: sliding_window_bwd(*args, cfg, cfg, kernels=("dkdv",)))
-    return sliding_window_bwd(*args, config_dq, config_dkdv, launch=traceable)
+                                lambda cfg: lambda: sliding_window_bwd(*args, cfg, cfg, kernels=("dkdv",),
+                                                                       program=program), program is not None)
+    return sliding_window_bwd(*args, config_dq, config_dkdv, launch=traceable, program=program)
 
 
-def _backward_fake(q, k, v, out, lse, grad_out, mask, kv_lens, scale, causal, window, sinks):
+def _backward_fake(q, k, v, out, lse, grad_out, mask, kv_lens, scale, causal, window, sinks, score_mod=""):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, kv_lens, scale, causal, window, sinks = inputs
+    q, k, v, mask, kv_lens, scale, causal, window, sinks, score_mod = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, mask, kv_lens)
-    ctx.options = (scale, causal, window, sinks)
+    ctx.options = (scale, causal, window, sinks, score_mod)
 
 
 def _autograd(ctx, grad_out, grad_lse):
     # lse is an internal output (never returned by the public op): its gradient is not taken
     q, k, v, out, lse, mask, kv_lens = ctx.saved_tensors
     dq, dk, dv = BWD.on(q.device)(q, k, v, out, lse, grad_out, mask, kv_lens, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 BWD = triton_ops("sliding_window_attention_bwd", _backward, fake=_backward_fake)

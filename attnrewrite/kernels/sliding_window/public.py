@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from attnrewrite.kernels._ops import composite_op, resolve_impl, sdpa_autocast, sdpa_schema
 from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_qkv
-from attnrewrite.kernels.score_mods import parse as parse_score_mod
+from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
 
 try:  # the Triton path is optional: the torch paths work wherever torch does
     from . import op as _op
@@ -225,9 +225,9 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _kernel_refusal(dropout_p: float, attn_mask, score_mod=None) -> str | None:
-    """Why the kernels cannot run a call, or None."""
-    if score_mod is not None:
-        return "the Triton kernels do not apply a score modification (the torch paths do)"
+    """Why the kernels cannot run a call, or None (``score_mod`` a parsed program or None)."""
+    if score_mod_refusal(score_mod) is not None:
+        return score_mod_refusal(score_mod)
     if dropout_p > 0.0:
         return "the Triton kernels do not implement dropout (dropout_p > 0)"
     if attn_mask is not None and attn_mask.requires_grad:
@@ -235,7 +235,8 @@ def _kernel_refusal(dropout_p: float, attn_mask, score_mod=None) -> str | None:
     return None
 
 
-def _triton_path(q, k, v, attn_mask, is_causal: bool, scale: float | None, window: int, sinks: int) -> torch.Tensor:
+def _triton_path(q, k, v, attn_mask, is_causal: bool, scale: float | None, window: int, sinks: int,
+                 program=None) -> torch.Tensor:
     """The call on the kernels: a bool mask becomes 0 / −inf in q's dtype (a float one is read as it is)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     mask = None
@@ -245,7 +246,7 @@ def _triton_path(q, k, v, attn_mask, is_causal: bool, scale: float | None, windo
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         elif mask.dtype not in _FLOAT_DTYPES:
             mask = mask.float()
-    return _op.sliding_window_triton(q, k, v, mask, None, scale, is_causal, window, sinks)
+    return _op.sliding_window_triton(q, k, v, mask, None, scale, is_causal, window, sinks, program)
 
 
 def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False, window=256, sinks=0,
@@ -257,7 +258,7 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, en
                         refusal=_kernel_refusal(dropout_p, attn_mask, program), available=_op is not None,
                         interpreter_active=lambda: _op.interpreter_active())
     if path == "triton":
-        return _triton_path(q, k, v, attn_mask, is_causal, scale, window, sinks)
+        return _triton_path(q, k, v, attn_mask, is_causal, scale, window, sinks, program)
     if program is None and _band_covers_the_sequence(q.shape[-2], k.shape[-2], is_causal, window):
         return dense_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks)
     # (SDPA cannot apply a score modification: such calls take the blockwise path at every length)
@@ -297,7 +298,10 @@ def sliding_window_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=T
             O(T · window), or SDPA with the band as a mask for short sequences).
         score_mod: a score modification program (:mod:`attnrewrite.kernels.score_mods`, e.g. soft-capping
             ``"div 50.0; tanh; mul 50.0"``) applied to scale·q·kᵀ before ``attn_mask`` and the softmax;
-            None for none.  Only the torch path applies one: ``"auto"`` takes it, ``"triton"`` raises.
+            None for none.  Both paths apply it, forward and backward; the kernels take programs with at
+            most one nonlinear step (tanh, sigmoid, exp, abs, relu, erf, square) between affine ones
+            (as sigmoid's), and any other program runs on the torch path (``"auto"``) or is refused by
+            ``"triton"``, naming why.
 
     Returns:
         [B, Hq, Tq, Dv] in q's dtype (a row that sees no key gives 0).  Inside ``torch.autocast`` the

@@ -11,6 +11,8 @@ configuration until it is valid.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from attnrewrite.kernels import triton_scaffold as scaffold
@@ -35,17 +37,21 @@ def space_name(kernel: str, dim: int, dim_v: int) -> str:
 
 
 def shape_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, has_mask: bool, causal: bool, window: int,
-             sinks: int) -> dict:
-    """The tuning shape of a call: what its configuration depends on."""
-    return {"D": int(q.shape[-1]), "DV": int(v.shape[-1]), "Tq": int(q.shape[2]), "Tk": int(k.shape[2]),
-            "window": int(window), "sinks": int(sinks > 0), "causal": int(bool(causal)), "mask": int(has_mask),
-            "dtype": "fp32" if q.dtype == torch.float32 else "16bit"}
+             sinks: int, has_mod: bool = False) -> dict:
+    """The tuning shape of a call: what its configuration depends on (``mod``: a score modification is
+    compiled in; only present when there is one, so that the other shapes' buckets stay as they were)."""
+    shape = {"D": int(q.shape[-1]), "DV": int(v.shape[-1]), "Tq": int(q.shape[2]), "Tk": int(k.shape[2]),
+             "window": int(window), "sinks": int(sinks > 0), "causal": int(bool(causal)), "mask": int(has_mask),
+             "dtype": "fp32" if q.dtype == torch.float32 else "16bit"}
+    if has_mod:
+        shape["mod"] = 1
+    return shape
 
 
 def bucket(shape) -> str:
     return (f"d{shape['D']}-dv{shape['DV']}-q{_length_bucket(shape['Tq'])}-k{_length_bucket(shape['Tk'])}"
             f"-w{_length_bucket(shape['window'])}-sinks{shape['sinks']}-causal{shape['causal']}"
-            f"-mask{shape['mask']}-{shape['dtype']}")
+            f"-mask{shape['mask']}-{shape['dtype']}" + ("-mod" if shape.get("mod") else ""))
 
 
 def _valid(kernel: str):
@@ -75,6 +81,22 @@ def _space(kernel: str, head: int) -> tuning.SearchSpace:
         ("bwd_dkdv", 64): (64, 128, 8, 3), ("bwd_dkdv", 128): (64, 128, 8, 2), ("bwd_dkdv", 256): (32, 64, 8, 2),
     }
     return scaffold.tile_space(kernel, head, defaults[(kernel, head)], stages, bucket, _valid(kernel))
+
+
+#: Defaults of the d128 backward kernels when a score modification is compiled in (bench/sliding_window_aot.py
+#: on sm_90, bf16, causal; bench/RESULTS.md): the plain defaults spill there (dK/dV (64, 128, 8, 2): 796–1148 B,
+#: (64, 64, 8, 2) still 44–108 B; dQ (64, 64, 4, 3): 8–20 B with sigmoid and erf), these do not.  Unmeasured on a
+#: GPU: a tuning table or autotuning replaces them.  (BLOCK_M, BLOCK_N, num_warps, num_stages).
+MOD_DEFAULTS = {("bwd_dq", 128): (64, 64, 8, 3), ("bwd_dkdv", 128): (32, 64, 8, 2)}
+
+
+def with_mod_default(space: tuning.SearchSpace, kernel: str, head: int) -> tuning.SearchSpace:
+    """``space`` with the default a score modification needs (:data:`MOD_DEFAULTS`), or as it is."""
+    if (kernel, head) not in MOD_DEFAULTS:
+        return space
+    bm, bn, warps, stages = MOD_DEFAULTS[(kernel, head)]
+    return dataclasses.replace(space, default={**space.default, "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps,
+                                               "num_stages": stages})
 
 
 SPACES: dict[str, tuning.SearchSpace] = {

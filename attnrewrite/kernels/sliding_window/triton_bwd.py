@@ -3,8 +3,10 @@
 With P = exp2(S2 − lse) recomputed block by block (S2 the scores in log2 units) and
 delta_i = Σ_d dO_id · O_id (one row sum, computed before the kernels):
 
-    dV = Pᵀ dO        dP = dO Vᵀ        dS = P ∘ (dP − delta)
+    dV = Pᵀ dO        dP = dO Vᵀ        dS = P ∘ (dP − delta) ∘ mod′(S)
     dQ = scale · dS K        dK = scale · dSᵀ Q
+
+(mod′ the derivative of the score modification, when the call has one; S = scale · q·kᵀ.)
 
 Two kernels, both deterministic (no atomics), both visiting only the blocks of the band and the sinks:
 
@@ -22,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, dot_precision, load_rows, mma, padded_dim,
-                                                 softmax_dkdv_step, softmax_dq_step)
+from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, dot_precision, load_rows, mma, mod_args,
+                                                 modified_scores, padded_dim, softmax_dkdv_step, softmax_dq_step)
 
 from .triton_common import band_scores, band_visible, key_blocks, query_blocks, sequence_lengths
 from .triton_fwd import mask_strides
@@ -32,20 +34,22 @@ from .triton_fwd import mask_strides
 @triton.jit
 def _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                  offs_m, shift, q_len, k_len, window, sinks, lo, hi, scale_log2,
+                 mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_base, offs_n, stride_kn, k_len, offs_d, D, MASKED, BLOCK_D != D)
         v = load_rows(v_base, offs_n, stride_vn, k_len, offs_dv, DV, MASKED, BLOCK_DV != DV)
-        s = mma(q, tl.trans(k), None, DOT_PRECISION) * scale_log2
+        s, d_mod = modified_scores(mma(q, tl.trans(k), None, DOT_PRECISION), scale_log2, None, mod_in_mul,
+                                   mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, MOD_FN)
         s = band_scores(s, mask_base, stride_mm, stride_mn, offs_m, offs_n, shift, q_len, k_len, window, sinks,
                         CAUSAL, HAS_MASK, MASKED)
         p = tl.exp2(s - lse[:, None])
-        dq = softmax_dq_step(dq, p, do, k, v, delta, DOT_PRECISION)
+        dq = softmax_dq_step(dq, p, do, k, v, delta, d_mod, DOT_PRECISION, MOD_FN)
     return dq
 
 
@@ -60,9 +64,10 @@ def sliding_window_bwd_dq_kernel(
     stride_lb, stride_lh,
     stride_mb, stride_mh, stride_mm, stride_mn,
     heads_q, len_q, len_k, scale, scale_log2, window, sinks,
+    mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1,
 ):
     m_block = tl.program_id(0)
     pid_zh = tl.program_id(1)
@@ -94,16 +99,20 @@ def sliding_window_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                       offs_m, shift, q_len, k_len, window, sinks, 0, sink_end, scale_log2,
-                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION)
+                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN)
     dq = _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                       offs_m, shift, q_len, k_len, window, sinks, band_lo, full_lo, scale_log2,
-                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION)
+                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN)
     dq = _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                       offs_m, shift, q_len, k_len, window, sinks, full_lo, full_hi, scale_log2,
-                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, False, DOT_PRECISION)
+                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, False, DOT_PRECISION, MOD_FN)
     dq = _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                       offs_m, shift, q_len, k_len, window, sinks, full_hi, hi, scale_log2,
-                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION)
+                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN)
     tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d < D)[None, :])
 
@@ -111,9 +120,10 @@ def sliding_window_bwd_dq_kernel(
 @triton.jit
 def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, stride_qm, stride_dom,
                      stride_mm, stride_mn, offs_n, shift, q_len, k_len, window, sinks, lo, hi, scale_log2,
+                     mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in tl.range(lo, hi, BLOCK_M):
@@ -126,7 +136,8 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_b
         else:
             lse = tl.load(lse_base + offs_m)
             delta = tl.load(delta_base + offs_m)
-        st = mma(k, tl.trans(q), None, DOT_PRECISION) * scale_log2      # [BLOCK_N, BLOCK_M]
+        st, d_mod = modified_scores(mma(k, tl.trans(q), None, DOT_PRECISION), scale_log2, None, mod_in_mul,
+                                    mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, MOD_FN)  # [BLOCK_N, BLOCK_M]
         if HAS_MASK:
             extra = tl.load(mask_base + offs_n[:, None] * stride_mn + offs_m[None, :] * stride_mm,
                             mask=(offs_n < k_len)[:, None] & (offs_m < q_len)[None, :], other=0.0)
@@ -135,7 +146,7 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_b
             seen = band_visible((offs_m + shift)[None, :], offs_n[:, None], k_len, window, sinks, CAUSAL)
             st = tl.where(seen & (offs_m < q_len)[None, :], st, float("-inf"))
         pt = tl.exp2(st - lse[None, :])
-        dk, dv = softmax_dkdv_step(dk, dv, pt, q, do, v, delta, DOT_PRECISION)
+        dk, dv = softmax_dkdv_step(dk, dv, pt, q, do, v, delta, d_mod, DOT_PRECISION, MOD_FN)
     return dk, dv
 
 
@@ -151,9 +162,10 @@ def sliding_window_bwd_dkdv_kernel(
     stride_lb, stride_lh,
     stride_mb, stride_mh, stride_mm, stride_mn,
     heads_kv, len_q, len_k, scale, scale_log2, window, sinks,
+    mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1,
 ):
     n_block = tl.program_id(0)
     pid_zh = tl.program_id(1)
@@ -185,16 +197,16 @@ def sliding_window_bwd_dkdv_kernel(
         delta_base = Delta + batch64 * stride_lb + head64 * stride_lh
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, stride_qm,
                                   stride_dom, stride_mm, stride_mn, offs_n, shift, q_len, k_len, window, sinks,
-                                  m_lo, full_lo, scale_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK,
-                                  True, DOT_PRECISION)
+                                  m_lo, full_lo, scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN)
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, stride_qm,
                                   stride_dom, stride_mm, stride_mn, offs_n, shift, q_len, k_len, window, sinks,
-                                  full_lo, full_hi, scale_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK,
-                                  False, DOT_PRECISION)
+                                  full_lo, full_hi, scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, False, DOT_PRECISION, MOD_FN)
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, stride_qm,
                                   stride_dom, stride_mm, stride_mn, offs_n, shift, q_len, k_len, window, sinks,
-                                  full_hi, m_hi, scale_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK,
-                                  True, DOT_PRECISION)
+                                  full_hi, m_hi, scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN)
     # every key row up to Tk is stored: padding keys and keys no query sees get zeros
     row_ok = offs_n < len_k
     tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -205,12 +217,12 @@ def sliding_window_bwd_dkdv_kernel(
 
 def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float, causal: bool, window: int,
                        sinks: int, config_dq: dict, config_dkdv: dict, launch=lambda kernel: kernel,
-                       kernels=("dq", "dkdv")) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       kernels=("dq", "dkdv"), program=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch both backward kernels.  Returns (dq, dk, dv).
 
     Arguments as for :func:`.triton_fwd.sliding_window_fwd`, plus the forward's ``out`` and ``lse``,
     ``grad_out`` [B, Hq, Tq, Dv] (unit last stride) and one config per kernel; ``kernels`` names the
-    kernels to launch (tuning times one at a time).
+    kernels to launch (tuning times one at a time); ``program`` the score modification, as for the forward.
     """
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
@@ -223,6 +235,7 @@ def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float,
     common = dict(D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
                   CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_KV_LENS=kv_lens is not None,
                   DOT_PRECISION=dot_precision(q.dtype))
+    mod, common["MOD_FN"] = mod_args(program, scale)
     mask_arg = mask if mask is not None else q
     kv_lens_arg = kv_lens if kv_lens is not None else q
     if "dq" in kernels:
@@ -236,7 +249,7 @@ def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float,
             dq.stride(0), dq.stride(1), dq.stride(2),
             lse.stride(0), lse.stride(1),
             *m_strides,
-            heads_q, len_q, len_k, scale, scale * LOG2E_HOST, window, sinks,
+            heads_q, len_q, len_k, scale, scale * LOG2E_HOST, window, sinks, *mod,
             BLOCK_M=block_m, BLOCK_N=config_dq["BLOCK_N"],
             num_warps=config_dq["num_warps"], num_stages=config_dq["num_stages"], **common,
         )
@@ -252,7 +265,7 @@ def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float,
             dv.stride(0), dv.stride(1), dv.stride(2),
             lse.stride(0), lse.stride(1),
             *m_strides,
-            heads_kv, len_q, len_k, scale, scale * LOG2E_HOST, window, sinks,
+            heads_kv, len_q, len_k, scale, scale * LOG2E_HOST, window, sinks, *mod,
             BLOCK_M=config_dkdv["BLOCK_M"], BLOCK_N=block_n,
             num_warps=config_dkdv["num_warps"], num_stages=config_dkdv["num_stages"], **common,
         )

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, mma, online_softmax_step,
-                                                 padded_dim)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, mma, mod_args, modified_scores,
+                                                 online_softmax_step, padded_dim)
 
 from .triton_common import band_scores, key_blocks, sequence_lengths
 
@@ -25,15 +25,17 @@ from .triton_common import band_scores, key_blocks, sequence_lengths
 @triton.jit
 def _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                   offs_m, shift, q_len, k_len, window, sinks, lo, hi, scale_log2,
+                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = load_rows(k_base, offs_n, stride_kn, k_len, offs_d, D, MASKED, BLOCK_D != D)
-        s = mma(q, tl.trans(k), None, DOT_PRECISION) * scale_log2
+        s, _ = modified_scores(mma(q, tl.trans(k), None, DOT_PRECISION), scale_log2, None, mod_in_mul, mod_in_add,
+                               mod_out_mul, mod_out_add, mod_grad_mul, MOD_FN)
         s = band_scores(s, mask_base, stride_mm, stride_mn, offs_m, offs_n, shift, q_len, k_len, window, sinks,
                         CAUSAL, HAS_MASK, MASKED)
         v = load_rows(v_base, offs_n, stride_vn, k_len, offs_dv, DV, MASKED, BLOCK_DV != DV)
@@ -51,9 +53,10 @@ def sliding_window_fwd_kernel(
     stride_lb, stride_lh,
     stride_mb, stride_mh, stride_mm, stride_mn,
     heads_q, len_q, len_k, scale_log2, window, sinks,
+    mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1,
 ):
     m_block = tl.program_id(0)
     pid_zh = tl.program_id(1)
@@ -81,18 +84,20 @@ def sliding_window_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm,
                                   stride_mn, offs_m, shift, q_len, k_len, window, sinks, 0, sink_end, scale_log2,
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION)
+                                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm,
-                                  stride_mn, offs_m, shift, q_len, k_len, window, sinks, band_lo, full_lo,
-                                  scale_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True,
-                                  DOT_PRECISION)
+                                  stride_mn, offs_m, shift, q_len, k_len, window, sinks, band_lo, full_lo, scale_log2,
+                                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm,
-                                  stride_mn, offs_m, shift, q_len, k_len, window, sinks, full_lo, full_hi,
-                                  scale_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, False,
-                                  DOT_PRECISION)
+                                  stride_mn, offs_m, shift, q_len, k_len, window, sinks, full_lo, full_hi, scale_log2,
+                                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, False, DOT_PRECISION, MOD_FN)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm,
                                   stride_mn, offs_m, shift, q_len, k_len, window, sinks, full_hi, hi, scale_log2,
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION)
+                                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN)
     seen_any = l_i > 0.0
     out = acc / tl.where(seen_any, l_i, 1.0)[:, None]
     lse = tl.where(seen_any, m_i + tl.log2(tl.where(seen_any, l_i, 1.0)), float("inf"))
@@ -111,13 +116,16 @@ def mask_strides(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) ->
 
 
 def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, window: int, sinks: int,
-                       config: dict, launch=lambda kernel: kernel) -> tuple[torch.Tensor, torch.Tensor]:
+                       config: dict, launch=lambda kernel: kernel, program=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.  Returns (out [B, Hq, Tq, Dv] in q's dtype, lse float32 [B, Hq, Tq] in
     log2 units, +inf for rows that see no key).
 
     q/k/v with unit last stride; ``mask`` an additive float mask broadcastable to [B, Hq, Tq, Tk] (a
     bool mask turned into 0/−inf by the caller) or None; ``kv_lens`` int32 [B] or None; ``config``
     holds BLOCK_M, BLOCK_N, num_warps, num_stages; ``launch`` wraps the kernel (``wrap_triton``).
+    ``program``: the score modification (:class:`~attnrewrite.kernels.score_mods.ScoreProgram`, or None),
+    applied to scale·q·kᵀ before the mask and compiled in through
+    :func:`~attnrewrite.kernels.triton_scaffold.mod_args` (ValueError for a program it cannot take).
     """
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
@@ -127,6 +135,7 @@ def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, windo
         return out, lse
     block_m = config["BLOCK_M"]
     mask, m_strides = mask_strides(mask, (batch, heads_q, len_q, len_k))
+    mod, mod_fn = mod_args(program, scale)
     grid = (triton.cdiv(len_q, block_m), batch * heads_q)
     launch(sliding_window_fwd_kernel)[grid](
         q, k, v, out, lse, mask if mask is not None else q, kv_lens if kv_lens is not None else q,
@@ -136,10 +145,10 @@ def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, windo
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         *m_strides,
-        heads_q, len_q, len_k, scale * LOG2E_HOST, window, sinks,
+        heads_q, len_q, len_k, scale * LOG2E_HOST, window, sinks, *mod,
         D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
         CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_KV_LENS=kv_lens is not None,
-        DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], MOD_FN=mod_fn,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from attnrewrite.kernels._ops import call_dtype, composite_op, resolve_impl, sdpa_autocast, sdpa_schema
+from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
 from attnrewrite.kernels.summary import op as _op  # noqa: F401  (registers the ops)
 
 try:  # the Triton path is optional: the torch path works wherever torch does
@@ -51,8 +52,11 @@ def summary_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, sc
             the CPU only under ``TRITON_INTERPRET=1``; float16, bfloat16 or float32, head dims up to
             256) or raises, naming why; ``"torch"`` always runs the torch path.
         score_mod: a score modification program (:mod:`attnrewrite.kernels.score_mods`) applied to every
-            score (window keys and summaries) before the mask and the softmax; the torch path only
-            (``"auto"`` takes it, ``"triton"`` raises).
+            score (window keys and summaries alike, as :mod:`~attnrewrite.kernels.summary.reference` defines
+            it) before the mask and the softmax.  Both paths apply it, forward and backward; the kernels
+            take programs with at most one nonlinear step (tanh, sigmoid, exp, abs, relu, erf, square)
+            between affine ones, and any other program runs on the torch path (``"auto"``) or is refused
+            by ``"triton"``, naming why.
         cu_seqlens: packed variable-length sequences: q/k/v [1, H, total, D] holding N sequences back
             to back, ``cu_seqlens`` int32 or int64 [N+1] their starts (0, …, total; non-decreasing, so
             empty sequences are allowed).  Each sequence is its own summary attention, its chunks
@@ -74,7 +78,7 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, en
     """The composite op's body (run with autocast off, the inputs in the dtype the call runs in)."""
     if _resolve_impl(impl, q, v, score_mod, cu_seqlens) == "triton":
         return _triton_path(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, chunk_size, window_chunks,
-                            summary, summary_query)
+                            summary, summary_query, parse_score_mod(score_mod))
     return torch.ops.attnrewrite.summary_attention_torch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                          chunk_size=chunk_size, window_chunks=window_chunks,
                                                          summary=summary, summary_query=summary_query,
@@ -83,7 +87,7 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, en
 
 def _resolve_impl(impl: str, q: torch.Tensor, v: torch.Tensor, score_mod: str | None = None,
                   cu_seqlens: torch.Tensor | None = None) -> str:
-    refusal = "the Triton kernels do not apply a score modification" if score_mod else None
+    refusal = score_mod_refusal(parse_score_mod(score_mod))
     if refusal is None and cu_seqlens is not None:
         refusal = "the Triton kernels do not take packed sequences (cu_seqlens) yet"
     return resolve_impl(impl, q.device, what=_op.WHAT, dtype=call_dtype(q), head_dims=(q.shape[-1], v.shape[-1]),
@@ -93,14 +97,14 @@ def _resolve_impl(impl: str, q: torch.Tensor, v: torch.Tensor, score_mod: str | 
 
 
 def _triton_path(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, chunk_size, window_chunks, summary,
-                 summary_query):
+                 summary_query, program=None):
     """The kernels, after the torch op's checks."""
     _op.check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, chunk_size, window_chunks, summary,
                      summary_query)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     key_valid = _op.key_valid_from_mask(attn_mask, q.shape[0], k.shape[-2])
     return _triton.summary_attention_triton(q, k, v, key_valid, summary_query, scale, is_causal, chunk_size,
-                                            window_chunks)
+                                            window_chunks, program)
 
 
 composite_op("summary_attention", sdpa_schema('SymInt chunk_size=8, SymInt window_chunks=128, str summary="mean", '

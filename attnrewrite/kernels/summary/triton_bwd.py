@@ -2,7 +2,7 @@
 
 With P = exp2(Z2 − lse) recomputed from q and the keys, and δ_i = Σ_d dO_id · O_id (computed in torch):
 
-    dV = Pᵀ dO        dP = dO Vᵀ        dS = P ⊙ (dP − δ)        dQ = scale · dS K        dK = scale · dSᵀ Q
+    dV = Pᵀ dO        dP = dO Vᵀ        dS = P ⊙ (dP − δ) ⊙ mod′        dQ = scale · dS K        dK = scale · dSᵀ Q
 
 where "keys" are the summaries and the raw tokens alike.  Two kernels, deterministic (no atomics):
 
@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, mma, padded_dim,
-                                                 program_heads, softmax_dkdv_step, softmax_dq_step)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, mma, mod_args, modified_scores,
+                                                 padded_dim, program_heads, softmax_dkdv_step, softmax_dq_step)
 
 from .chunked import hide_padding
 from .triton_common import (key_block, key_ok, raw_key_range, raw_query_range, summary_query_range, summary_range,
@@ -32,16 +32,18 @@ from .triton_fwd import flag_args
 
 @triton.jit
 def _dq_pass(dq, q, do, lse, delta, k_base, v_base, flags_base, stride_kn, stride_vn, offs_m, len_q, n_keys, lo, hi,
-             chunk, window, scale_log2, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+             chunk, window, scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+             D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
              BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SUMMARY: tl.constexpr,
-             HAS_FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+             HAS_FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr):
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v, vis, z2 = key_block(q, k_base, v_base, flags_base, stride_kn, stride_vn, offs_m, offs_n, len_q, n_keys,
-                                  chunk, window, scale_log2, D, DV, BLOCK_D, BLOCK_DV, CAUSAL, SUMMARY, HAS_FLAGS,
-                                  DOT_PRECISION)
+        k, v, vis, z2, d_mod = key_block(q, k_base, v_base, flags_base, stride_kn, stride_vn, offs_m, offs_n, len_q,
+                                         n_keys, chunk, window, scale_log2, mod_in_mul, mod_in_add, mod_out_mul,
+                                         mod_out_add, mod_grad_mul, D, DV, BLOCK_D, BLOCK_DV, CAUSAL, SUMMARY,
+                                         HAS_FLAGS, DOT_PRECISION, MOD_FN)
         p = tl.where(vis, tl.exp2(z2 - lse[:, None]), 0.0)
-        dq = softmax_dq_step(dq, p, do, k, v, delta, DOT_PRECISION)
+        dq = softmax_dq_step(dq, p, do, k, v, delta, d_mod, DOT_PRECISION, MOD_FN)
     return dq
 
 
@@ -57,9 +59,10 @@ def summary_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     stride_valid_b, stride_exists_b,
     heads_q, len_q, n_chunks, chunk, window, scale, scale_log2,
+    mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:
@@ -82,12 +85,14 @@ def summary_bwd_dq_kernel(
     dq = _dq_pass(dq, q, do, lse, delta, KSum + batch * stride_sb + head_kv * stride_sh,
                   VSum + batch * stride_tb + head_kv * stride_th, Exists + batch * stride_exists_b,
                   stride_sn, stride_tn, offs_m, len_q, n_chunks, 0, n_sum, chunk, window, scale_log2,
-                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, True, True, DOT_PRECISION)
+                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, True, True, DOT_PRECISION, MOD_FN)
     lo, hi = raw_key_range(m0, BLOCK_M, len_q, chunk, window, CAUSAL)
     dq = _dq_pass(dq, q, do, lse, delta, K + batch * stride_kb + head_kv * stride_kh,
                   V + batch * stride_vb + head_kv * stride_vh, Valid + batch * stride_valid_b,
                   stride_kn, stride_vn, offs_m, len_q, len_q, lo, hi, chunk, window, scale_log2,
-                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, False, HAS_VALID, DOT_PRECISION)
+                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, False, HAS_VALID, DOT_PRECISION, MOD_FN)
     tl.store(DQ + batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < len_q)[:, None] & (offs_d < D)[None, :])
 
@@ -103,9 +108,10 @@ def summary_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_flags_b,
     heads_kv, len_q, n_keys, chunk, window, scale, scale_log2,
+    mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, SUMMARY: tl.constexpr, HAS_FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1,
 ):
     pid_n = tl.program_id(0)
     pid_zh = tl.program_id(1)
@@ -142,9 +148,10 @@ def summary_bwd_dkdv_kernel(
             ok = ok_n[:, None] & (offs_m < len_q)[None, :]
             # key-major tiles [BLOCK_N, BLOCK_M]: no transposes of the accumulated operands
             vis = visible(offs_m[None, :], offs_n[:, None], ok, chunk, window, CAUSAL, SUMMARY)
-            z2t = mma(k, tl.trans(q), None, DOT_PRECISION) * scale_log2
+            z2t, d_mod = modified_scores(mma(k, tl.trans(q), None, DOT_PRECISION), scale_log2, None, mod_in_mul,
+                                         mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, MOD_FN)
             pt = tl.where(vis, tl.exp2(z2t - lse[None, :]), 0.0)
-            dk, dv = softmax_dkdv_step(dk, dv, pt, q, do, v, delta, DOT_PRECISION)
+            dk, dv = softmax_dkdv_step(dk, dv, pt, q, do, v, delta, d_mod, DOT_PRECISION, MOD_FN)
     tl.store(DK + batch * stride_dkb + head_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk * scale, mask=(offs_n < n_keys)[:, None] & (offs_d < D)[None, :])
     tl.store(DV_ + batch * stride_dvb + head_kv * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
@@ -153,13 +160,14 @@ def summary_bwd_dkdv_kernel(
 
 def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, scale: float, causal: bool,
                 chunk_size: int, window_chunks: int, config_dq: dict, config_dkdv: dict, launch=lambda kernel: kernel,
-                kernels=("dq", "dkdv", "dkdv_summary")):
+                kernels=("dq", "dkdv", "dkdv_summary"), program=None):
     """Launch the backward kernels. Returns (dq in q's dtype, then float32 dk, dv [B, Hkv, T, D|Dv] and
     dk̄, dv̄ [B, Hkv, N, D|Dv]) — the raw keys' gradients without the part that flows through the summaries.
 
     Arguments as for :func:`attnrewrite.kernels.summary.triton_fwd.summary_fwd`, plus ``grad_out``
     [B, Hq, T, Dv] (unit last stride), the forward's ``lse`` and ``delta`` = Σ dO ⊙ O (float32 [B, Hq, T],
-    contiguous); ``kernels`` names the kernels to launch (tuning times one at a time).
+    contiguous); ``kernels`` names the kernels to launch (tuning times one at a time); ``program`` the score
+    modification, as for the forward (its derivative enters dS of the summaries and the raw keys alike).
     """
     batch, heads_q, length, dim = q.shape
     heads_kv, dim_v, n_chunks = k.shape[1], v.shape[3], k_sum.shape[2]
@@ -173,6 +181,7 @@ def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, 
     k, v = hide_padding(k, key_valid), hide_padding(v, key_valid)  # dq = ds·k: a zero ds does not stop 0·nan
     common = dict(D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
                   CAUSAL=bool(causal), DOT_PRECISION=dot_precision(q.dtype))
+    mod, common["MOD_FN"] = mod_args(program, scale)
     if "dq" in kernels:
         launch(summary_bwd_dq_kernel)[(triton.cdiv(length, config_dq["BLOCK_M"]), batch * heads_q)](
             q, k, v, k_sum, v_sum, valid, exists8, grad_out, lse, delta, dq,
@@ -184,7 +193,7 @@ def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, 
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
             valid.stride(0) if key_valid is not None else 0, exists8.stride(0),
-            heads_q, length, n_chunks, chunk_size, window_chunks, scale, scale * LOG2E_HOST,
+            heads_q, length, n_chunks, chunk_size, window_chunks, scale, scale * LOG2E_HOST, *mod,
             HAS_VALID=key_valid is not None, BLOCK_M=config_dq["BLOCK_M"], BLOCK_N=config_dq["BLOCK_N"],
             num_warps=config_dq["num_warps"], num_stages=config_dq["num_stages"], **common,
         )
@@ -203,7 +212,7 @@ def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, 
             d_keys.stride(0), d_keys.stride(1), d_keys.stride(2),
             d_values.stride(0), d_values.stride(1), d_values.stride(2),
             flags.stride(0) if has_flags else 0,
-            heads_kv, length, n_keys, chunk_size, window_chunks, scale, scale * LOG2E_HOST,
+            heads_kv, length, n_keys, chunk_size, window_chunks, scale, scale * LOG2E_HOST, *mod,
             SUMMARY=is_summary, HAS_FLAGS=has_flags, BLOCK_M=config_dkdv["BLOCK_M"], BLOCK_N=config_dkdv["BLOCK_N"],
             num_warps=config_dkdv["num_warps"], num_stages=config_dkdv["num_stages"], **common,
         )

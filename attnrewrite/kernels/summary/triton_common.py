@@ -14,7 +14,9 @@ These are the rules of :mod:`attnrewrite.kernels.summary.reference`.  The block 
 smallest contiguous ranges that hold every visible pair of a block; inside them each tile is masked
 by :func:`visible`.
 
-Scores are kept in log2 units (z2 = log2(e) · scale · q·k) so that the softmax's exponentials are exp2.
+Scores are kept in log2 units (z2 = log2(e) · mod(scale · q·k)) so that the softmax's exponentials are exp2.
+A score modification (``MOD_FN`` ≥ 0, :func:`attnrewrite.kernels.triton_scaffold.modified_scores`) applies to
+every score, the summaries' as well as the window keys', as in the reference.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import triton
 import triton.language as tl
 
 # The tile loaders and dtype helpers are the sigmoid kernels' (one copy of the scaffolding).
-from attnrewrite.kernels.triton_scaffold import LOG2E_HOST, dot_precision, load_rows, load_tile, mma, padded_dim
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, load_tile, mma, modified_scores,
+                                                 padded_dim)
 
 __all__ = ["LOG2E_HOST", "dot_precision", "key_block", "key_ok", "load_tile", "padded_dim", "raw_key_range", "raw_query_range",
            "summary_query_range", "summary_range", "visible"]
@@ -108,15 +111,19 @@ def summary_query_range(n0, length, chunk, window, CAUSAL: tl.constexpr):
 
 @triton.jit
 def key_block(q, k_base, v_base, flags_base, stride_kn, stride_vn, offs_m, offs_n, len_q, n_keys, chunk, window,
-              scale_log2, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-              CAUSAL: tl.constexpr, SUMMARY: tl.constexpr, HAS_FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+              CAUSAL: tl.constexpr, SUMMARY: tl.constexpr, HAS_FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              MOD_FN: tl.constexpr):
     """One key block of a query block's pass (raw keys, or summaries with SUMMARY): (k, v, which scores the
-    rows may see, the scores scale·log2(e)·q·kᵀ) — the start of the forward's and the dQ kernel's step."""
+    rows may see, the scores log2(e)·mod(scale·q·kᵀ), the modification's derivative) — the start of the
+    forward's and the dQ kernel's step."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     k = load_rows(k_base, offs_n, stride_kn, n_keys, offs_d, D, True, BLOCK_D != D)
     v = load_rows(v_base, offs_n, stride_vn, n_keys, offs_dv, DV, True, BLOCK_DV != DV)
     ok = key_ok(flags_base, offs_n, n_keys, HAS_FLAGS)[None, :] & (offs_m < len_q)[:, None]
     vis = visible(offs_m[:, None], offs_n[None, :], ok, chunk, window, CAUSAL, SUMMARY)
-    z2 = mma(q, tl.trans(k), None, DOT_PRECISION) * scale_log2
-    return k, v, vis, z2
+    z2, d_mod = modified_scores(mma(q, tl.trans(k), None, DOT_PRECISION), scale_log2, None, mod_in_mul, mod_in_add,
+                                mod_out_mul, mod_out_add, mod_grad_mul, MOD_FN)
+    return k, v, vis, z2, d_mod

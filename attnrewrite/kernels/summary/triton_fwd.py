@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, online_softmax_step, padded_dim,
-                                                 program_heads)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, mod_args, online_softmax_step,
+                                                 padded_dim, program_heads)
 
 from .chunked import hide_padding
 from .triton_common import key_block, raw_key_range, summary_range
@@ -24,14 +24,16 @@ from .triton_common import key_block, raw_key_range, summary_range
 
 @triton.jit
 def _fwd_pass(acc, m_i, l_i, q, k_base, v_base, flags_base, stride_kn, stride_vn, offs_m, len_q, n_keys, lo, hi,
-              chunk, window, scale_log2, D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
+              chunk, window, scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr,
               BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, SUMMARY: tl.constexpr,
-              HAS_FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              HAS_FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr):
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k, v, vis, z2 = key_block(q, k_base, v_base, flags_base, stride_kn, stride_vn, offs_m, offs_n, len_q, n_keys,
-                                  chunk, window, scale_log2, D, DV, BLOCK_D, BLOCK_DV, CAUSAL, SUMMARY, HAS_FLAGS,
-                                  DOT_PRECISION)
+        k, v, vis, z2, _ = key_block(q, k_base, v_base, flags_base, stride_kn, stride_vn, offs_m, offs_n, len_q,
+                                     n_keys, chunk, window, scale_log2, mod_in_mul, mod_in_add, mod_out_mul,
+                                     mod_out_add, mod_grad_mul, D, DV, BLOCK_D, BLOCK_DV, CAUSAL, SUMMARY, HAS_FLAGS,
+                                     DOT_PRECISION, MOD_FN)
         z2 = tl.where(vis, z2, float("-inf"))
         acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, z2, v, DOT_PRECISION)
     return acc, m_i, l_i
@@ -48,9 +50,10 @@ def summary_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     stride_valid_b, stride_exists_b,
     heads_q, len_q, n_chunks, chunk, window, scale_log2,
+    mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1,
 ):
     pid_m = tl.program_id(0)
     if CAUSAL:  # the longest rows first, so the last wave is made of short ones
@@ -76,12 +79,12 @@ def summary_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     n_sum = summary_range(m0, BLOCK_M, len_q, n_chunks, chunk, window, CAUSAL)
     acc, m_i, l_i = _fwd_pass(acc, m_i, l_i, q, ks_base, vs_base, exists_base, stride_sn, stride_tn, offs_m, len_q,
-                              n_chunks, 0, n_sum, chunk, window, scale_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
-                              CAUSAL, True, True, DOT_PRECISION)
+                              n_chunks, 0, n_sum, chunk, window, scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                              D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, True, True, DOT_PRECISION, MOD_FN)
     lo, hi = raw_key_range(m0, BLOCK_M, len_q, chunk, window, CAUSAL)
     acc, m_i, l_i = _fwd_pass(acc, m_i, l_i, q, k_base, v_base, valid_base, stride_kn, stride_vn, offs_m, len_q,
-                              len_q, lo, hi, chunk, window, scale_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N,
-                              CAUSAL, False, HAS_VALID, DOT_PRECISION)
+                              len_q, lo, hi, chunk, window, scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                              D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, False, HAS_VALID, DOT_PRECISION, MOD_FN)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -99,13 +102,15 @@ def flag_args(q: torch.Tensor, key_valid: torch.Tensor | None, exists: torch.Ten
 
 
 def summary_fwd(q, k, v, k_sum, v_sum, exists, key_valid, scale: float, causal: bool, chunk_size: int,
-                window_chunks: int, config: dict, launch=lambda kernel: kernel):
+                window_chunks: int, config: dict, launch=lambda kernel: kernel, program=None):
     """Launch the forward kernel. Returns (out [B, Hq, T, Dv] in q's dtype, lse float32 [B, Hq, T]).
 
     q/k/v with unit last stride; ``k_sum``/``v_sum`` [B, Hkv, N, D|Dv] and ``exists`` bool [B, N] from
     :func:`attnrewrite.kernels.summary.chunked.chunk_summaries`; ``key_valid`` bool [B, T] or None.
     ``config`` holds BLOCK_M, BLOCK_N, num_warps, num_stages; ``launch`` wraps the kernel (``wrap_triton``
-    under ``triton_op``).
+    under ``triton_op``).  ``program``: the score modification (a
+    :class:`~attnrewrite.kernels.score_mods.ScoreProgram`, or None), applied to every score — summaries' and
+    window keys' — and compiled in through :func:`~attnrewrite.kernels.triton_scaffold.mod_args`.
     """
     batch, heads_q, length, dim = q.shape
     heads_kv, dim_v, n_chunks = k.shape[1], v.shape[3], k_sum.shape[2]
@@ -116,6 +121,7 @@ def summary_fwd(q, k, v, k_sum, v_sum, exists, key_valid, scale: float, causal: 
     valid, exists8 = flag_args(q, key_valid, exists)
     k, v = hide_padding(k, key_valid), hide_padding(v, key_valid)  # a -inf score does not stop 0·nan
     block_m = config["BLOCK_M"]
+    mod, mod_fn = mod_args(program, scale)
     grid = (triton.cdiv(length, block_m), batch * heads_q)
     launch(summary_fwd_kernel)[grid](
         q, k, v, k_sum, v_sum, valid, exists8, out, lse,
@@ -126,10 +132,10 @@ def summary_fwd(q, k, v, k_sum, v_sum, exists, key_valid, scale: float, causal: 
         v_sum.stride(0), v_sum.stride(1), v_sum.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         valid.stride(0) if key_valid is not None else 0, exists8.stride(0),
-        heads_q, length, n_chunks, chunk_size, window_chunks, scale * LOG2E_HOST,
+        heads_q, length, n_chunks, chunk_size, window_chunks, scale * LOG2E_HOST, *mod,
         D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
         CAUSAL=bool(causal), HAS_VALID=key_valid is not None, DOT_PRECISION=dot_precision(q.dtype),
-        BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
+        BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], MOD_FN=mod_fn,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse

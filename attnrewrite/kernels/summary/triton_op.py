@@ -22,6 +22,7 @@ import torch
 
 from attnrewrite.kernels import triton_scaffold as scaffold
 from attnrewrite.kernels._ops import traceable, triton_ops
+from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
 from . import spaces
 from .chunked import chunk_summaries, chunk_summaries_backward
@@ -47,26 +48,28 @@ _unit_last_stride = scaffold.unit_last_stride
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor | None, summary_query: Tensor | None, scale: float,
-             causal: bool, chunk_size: int, window_chunks: int) -> tuple[Tensor, Tensor]:
+             causal: bool, chunk_size: int, window_chunks: int, score_mod: str = "") -> tuple[Tensor, Tensor]:
     """(out [B, Hq, T, Dv], lse float32 [B, Hq, T]) of summary attention on checked inputs; ``key_valid``
-    bool [B, T] or None, ``summary_query`` [Hkv, D] (learned pooling) or None (mean)."""
+    bool [B, T] or None, ``summary_query`` [Hkv, D] (learned pooling) or None (mean), ``score_mod`` a score
+    modification program as text ("" for none), applied to every score."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     k_sum, v_sum, exists = chunk_summaries(k, v, key_valid, chunk_size, summary_query)
     args = (q, k, v, k_sum.contiguous(), v_sum.contiguous(), exists, key_valid, scale, causal, chunk_size,
             window_chunks)
+    program = parse_score_mod(score_mod)
     config = launch_config("fwd", q, v, chunk_size, window_chunks, causal,
-                           lambda cfg: lambda: summary_fwd(*args, config=cfg))
-    return summary_fwd(*args, config=config, launch=traceable)
+                           lambda cfg: lambda: summary_fwd(*args, config=cfg, program=program))
+    return summary_fwd(*args, config=config, launch=traceable, program=program)
 
 
-def _forward_fake(q, k, v, key_valid, summary_query, scale, causal, chunk_size, window_chunks):
+def _forward_fake(q, k, v, key_valid, summary_query, scale, causal, chunk_size, window_chunks, score_mod=""):
     return (q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3]),
             q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32))
 
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, key_valid: Tensor | None,
               summary_query: Tensor | None, scale: float, causal: bool, chunk_size: int,
-              window_chunks: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              window_chunks: int, score_mod: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, d_summary_query) — the last empty without a summary query."""
     q, k, v, grad_out = (_unit_last_stride(t) for t in (q, k, v, grad_out))
     k_sum, v_sum, exists = chunk_summaries(k, v, key_valid, chunk_size, summary_query)
@@ -74,11 +77,12 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_ou
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()
     args = (q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse.contiguous(), delta, scale, causal, chunk_size,
             window_chunks)
+    program = parse_score_mod(score_mod)
     config_dq = launch_config("bwd_dq", q, v, chunk_size, window_chunks, causal,
-                              lambda cfg: lambda: summary_bwd(*args, cfg, cfg, kernels=("dq",)))
+                              lambda cfg: lambda: summary_bwd(*args, cfg, cfg, kernels=("dq",), program=program))
     config_dkdv = launch_config("bwd_dkdv", q, v, chunk_size, window_chunks, causal,
-                                lambda cfg: lambda: summary_bwd(*args, cfg, cfg, kernels=("dkdv",)))
-    dq, dk, dv, dk_sum, dv_sum = summary_bwd(*args, config_dq, config_dkdv, launch=traceable)
+                                lambda cfg: lambda: summary_bwd(*args, cfg, cfg, kernels=("dkdv",), program=program))
+    dq, dk, dv, dk_sum, dv_sum = summary_bwd(*args, config_dq, config_dkdv, launch=traceable, program=program)
     dk_through, dv_through, d_query = chunk_summaries_backward(dk_sum, dv_sum, k, v, key_valid, chunk_size,
                                                                summary_query)
     dk = (dk + dk_through).to(k.dtype)
@@ -87,23 +91,24 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_ou
     return dq, dk, dv, d_query
 
 
-def _backward_fake(q, k, v, out, lse, grad_out, key_valid, summary_query, scale, causal, chunk_size, window_chunks):
+def _backward_fake(q, k, v, out, lse, grad_out, key_valid, summary_query, scale, causal, chunk_size, window_chunks,
+                   score_mod=""):
     # the real op's layouts: dq like q (with a unit last stride), the rest freshly computed (contiguous)
     d_query = q.new_empty(0) if summary_query is None else summary_query.new_empty(summary_query.shape)
     return torch.empty_like(_unit_last_stride(q)), k.new_empty(k.shape), v.new_empty(v.shape), d_query
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_valid, summary_query, scale, causal, chunk_size, window_chunks = inputs
+    q, k, v, key_valid, summary_query, scale, causal, chunk_size, window_chunks, score_mod = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_valid, summary_query)
-    ctx.options = (scale, causal, chunk_size, window_chunks)
+    ctx.options = (scale, causal, chunk_size, window_chunks, score_mod)
 
 
 def _autograd(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, key_valid, summary_query = ctx.saved_tensors
     dq, dk, dv, d_query = BWD.on(q.device)(q, k, v, out, lse, grad_out, key_valid, summary_query, *ctx.options)
-    return dq, dk, dv, None, (d_query if summary_query is not None else None), None, None, None, None
+    return dq, dk, dv, None, (d_query if summary_query is not None else None), None, None, None, None, None
 
 
 BWD = triton_ops("summary_attention_bwd", _backward, fake=_backward_fake)
@@ -112,8 +117,9 @@ FWD = triton_ops("summary_attention_fwd", _forward, fake=_forward_fake, backward
 
 
 def summary_attention_triton(q, k, v, key_valid, summary_query, scale: float, causal: bool, chunk_size: int,
-                             window_chunks: int) -> Tensor:
-    """The output of the forward op for the tensors' device; differentiable in q, k, v and ``summary_query``."""
+                             window_chunks: int, program=None) -> Tensor:
+    """The output of the forward op for the tensors' device; differentiable in q, k, v and ``summary_query``.
+    ``program``: a :class:`~attnrewrite.kernels.score_mods.ScoreProgram` (every score) or None."""
     out, _lse = FWD.on(q.device)(q, k, v, key_valid, summary_query, float(scale), bool(causal), int(chunk_size),
-                                 int(window_chunks))
+                                 int(window_chunks), "" if program is None else program.text())
     return out

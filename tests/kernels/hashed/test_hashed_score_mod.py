@@ -1,5 +1,7 @@
-"""Score modifications on the hashed torch path: outputs against the reference with the modification written as
-a lambda, gradients by name against autograd through that reference; the kernels refuse a modification."""
+"""Score modifications in hashed attention: the torch path and the gathered-attention Triton kernels (under
+TRITON_INTERPRET=1), outputs against the reference with the modification written as a lambda, gradients by
+name against autograd through that reference; a program the kernels cannot compile is refused by
+impl="triton" and taken by the torch path under "auto"."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from attnrewrite.kernels.hashed.codes import random_hyperplanes
 from attnrewrite.kernels.hashed.reference import naive_hashed_attention
 
 SOFTCAP = ("div 2.0; tanh; mul 2.0", lambda s: torch.tanh(s / 2.0) * 2.0)
+SHIFTED_SIGMOID = ("mul 0.5; add 1.0; sigmoid; mul 4.0; add -2.0", lambda s: torch.sigmoid(s * 0.5 + 1.0) * 4.0 - 2.0)
+CHAIN = ("div 2.0; tanh; mul 2.0; square", lambda s: (torch.tanh(s / 2.0) * 2.0) ** 2)  # two nonlinear steps
 
 
 def _inputs(name, t=19):
@@ -42,12 +46,43 @@ def test_torch_path_applies_the_modification(causal, masked):
     assert (plain - want).abs().max() > 1e-3
 
 
-def test_the_kernels_refuse_a_modification():
+@pytest.mark.parametrize("program,causal,masked", [(SOFTCAP, True, True), (SHIFTED_SIGMOID, False, False)],
+                         ids=["softcap_causal_bias", "sigmoid_bidirectional"])
+def test_triton_kernels_apply_the_modification(program, causal, masked):
+    triton_ops = pytest.importorskip("attnrewrite.kernels.hashed.triton_ops")
+    if not triton_ops.interpreter_active():
+        pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")
+    text, mod = program
+    (q, k, v), bias = _inputs(f"kernels{text}", t=12)
+    leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    exact = [x.detach().double().requires_grad_() for x in leaves]  # the same values, so the same codes
+    mask = bias.float() if masked else None
+    plane = random_hyperplanes(8, 16, 0)
+    kw = dict(is_causal=causal, top_k=3, window=4, sinks=2)
+    out = ops.hashed_attention(*leaves, mask, enable_gqa=True, bits=16, impl="triton", score_mod=text, **kw)
+    want, _ = naive_hashed_attention(*exact, None if mask is None else mask.double(), proj_q=plane, proj_k=plane,
+                                     score_mod=mod, **kw)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    got, expected = torch.autograd.grad(out, leaves, grad.float()), torch.autograd.grad(want, exact, grad)
+    for name, g, w in zip(("dq", "dk", "dv"), got, expected):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    plain, _ = naive_hashed_attention(*exact, None if mask is None else mask.double(), proj_q=plane, proj_k=plane,
+                                      **kw)
+    assert (plain - want).abs().max() > 1e-2
+
+
+def test_a_program_the_kernels_cannot_compile_is_refused_and_auto_takes_the_torch_path():
     (q, k, v), _ = _inputs("refuse")
-    with pytest.raises(ValueError, match="do not apply a score modification"):
-        ops.hashed_attention(q.detach().float(), k.detach().float(), v.detach().float(), is_causal=True,
-                             enable_gqa=True, bits=16, top_k=3, window=4, sinks=2, impl="triton",
-                             score_mod=SOFTCAP[0])
+    q, k, v = (x.detach().float() for x in (q, k, v))
+    kw = dict(is_causal=True, enable_gqa=True, bits=16, top_k=3, window=4, sinks=2)
+    with pytest.raises(ValueError, match="do not compile the score modification 'div 2.0; tanh; mul 2.0; square'"):
+        ops.hashed_attention(q, k, v, impl="triton", score_mod=CHAIN[0], **kw)
+    out = ops.hashed_attention(q, k, v, score_mod=CHAIN[0], **kw)
+    plane = random_hyperplanes(8, 16, 0)
+    want, _ = naive_hashed_attention(q, k, v, None, is_causal=True, top_k=3, window=4, sinks=2, proj_q=plane,
+                                     proj_k=plane, score_mod=CHAIN[1])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
 def test_decoding_through_the_cache_with_the_modification_equals_the_op():

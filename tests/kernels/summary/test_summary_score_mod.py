@@ -1,5 +1,8 @@
-"""Score modifications on the summary torch path: outputs and gradients by name against the reference with the
-modification written as a lambda; the kernels refuse a modification."""
+"""Score modifications in summary attention: the torch path and the Triton kernels (under TRITON_INTERPRET=1,
+16-row tiles), outputs and gradients by name against the reference with the modification written as a
+lambda.  The reference applies the modification to every score, the summaries' as well as the window keys',
+and so do both paths.  A program the kernels cannot compile is refused by impl="triton", taken by the torch
+path under "auto"."""
 
 from __future__ import annotations
 
@@ -8,10 +11,13 @@ import zlib
 import pytest
 import torch
 
+from attnrewrite.kernels.summary import triton_op
 from attnrewrite.kernels.summary.reference import naive_summary_attention
 from attnrewrite.ops import summary_attention
 
 SOFTCAP = ("div 2.0; tanh; mul 2.0", lambda s: torch.tanh(s / 2.0) * 2.0)
+SHIFTED_SIGMOID = ("mul 0.5; add 1.0; sigmoid; mul 4.0; add -2.0", lambda s: torch.sigmoid(s * 0.5 + 1.0) * 4.0 - 2.0)
+CHAIN = ("div 2.0; tanh; mul 2.0; square", lambda s: (torch.tanh(s / 2.0) * 2.0) ** 2)  # two nonlinear steps
 
 
 def _inputs(name, t=11):
@@ -45,11 +51,47 @@ def test_torch_path_applies_the_modification(causal, learned):
     assert (plain - want).abs().max() > 1e-3
 
 
-def test_the_kernels_refuse_a_modification():
+@pytest.mark.parametrize("program,causal,learned,length,chunk", [
+    (SOFTCAP, True, True, 37, 4),             # GQA, learned pooling, padding
+    (SHIFTED_SIGMOID, False, False, 38, 2),   # bidirectional: summaries on both sides, two summary tiles
+], ids=["softcap_causal_learned", "sigmoid_bidirectional"])
+def test_triton_kernels_apply_the_modification(program, causal, learned, length, chunk, monkeypatch):
+    if not triton_op.interpreter_active():
+        pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")
+    monkeypatch.setattr(triton_op, "launch_config", lambda *a, **kw: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4,
+                                                                          num_stages=2))
+    text, mod = program
+    q, k, v = _inputs(f"kernels{text}{causal}", length)
+    valid = torch.ones(2, length, dtype=torch.bool)
+    valid[1, 5:7] = False
+    valid[1, -3:] = False
+    query = torch.randn(2, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64,
+                        requires_grad=True) if learned else None
+    options = dict(chunk_size=chunk, window_chunks=1)
+    want = naive_summary_attention(q, k, v, valid, causal, 0.3, summary_query=query, score_mod=mod, **options)
+    inputs = (q, k, v) + ((query,) if learned else ())
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(7), dtype=want.dtype)
+    expected = torch.autograd.grad(want, inputs, grad)
+    leaves = [x.detach().float().requires_grad_() for x in inputs]
+    out = summary_attention(*leaves[:3], valid[:, None, None], is_causal=causal, scale=0.3, enable_gqa=True,
+                            impl="triton", score_mod=text, summary="learned" if learned else "mean",
+                            summary_query=leaves[3] if learned else None, **options)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    got = torch.autograd.grad(out, leaves, grad.float())
+    for name, g, w in zip(("dq", "dk", "dv", "dquery"), got, expected):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    plain = naive_summary_attention(q, k, v, valid, causal, 0.3, summary_query=query, **options)
+    assert (plain - want).abs().max() > 1e-2
+
+
+def test_a_program_the_kernels_cannot_compile_is_refused_and_auto_takes_the_torch_path():
     q, k, v = (x.detach().float() for x in _inputs("refuse"))
-    with pytest.raises(ValueError, match="do not apply a score modification"):
+    with pytest.raises(ValueError, match="do not compile the score modification 'div 2.0; tanh; mul 2.0; square'"):
         summary_attention(q, k, v, enable_gqa=True, chunk_size=2, window_chunks=1, impl="triton",
-                          score_mod=SOFTCAP[0])
+                          score_mod=CHAIN[0])
+    out = summary_attention(q, k, v, enable_gqa=True, chunk_size=2, window_chunks=1, score_mod=CHAIN[0])
+    want = naive_summary_attention(q, k, v, None, True, None, chunk_size=2, window_chunks=1, score_mod=CHAIN[1])
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
 
 
 def test_decoding_through_the_cache_with_the_modification_equals_the_op(monkeypatch):
