@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from attnrewrite.kernels.checks import check_mask_dtype
+from attnrewrite.kernels.sigmoid.api import mask_keeps
 
 #: The kinds whose rank-local form here does work proportional to the rank's share of the rows.
 SHARDED_WORK = ("softmax_attention", "sigmoid_attention", "linear_attention")
@@ -177,9 +178,9 @@ def _sigmoid(args: dict, k: Tensor, v: Tensor, mask: Tensor | None, segments) ->
             return torch.ops.attnrewrite.sigmoid_attention(q, k[..., :stop, :], v[..., :stop, :],
                                                            _with_causal(keys, visible), is_causal=False,
                                                            bias=bias, **common)
-        # "auto": b_i = −log n_i, n_i the keys query i sees (bool masks count, float masks do not)
-        if keys is not None and keys.dtype == torch.bool:
-            visible = visible & keys
+        # "auto": b_i = −log n_i, n_i the keys query i sees (the op's rule for what a mask excludes)
+        if keys is not None:
+            visible = visible & mask_keeps(keys)
         seen = visible.sum(-1, keepdim=True).clamp(min=1).to(q.dtype)
         folded = torch.where(visible, -torch.log(seen), float("-inf")).to(q.dtype)
         if keys is not None and keys.dtype != torch.bool:

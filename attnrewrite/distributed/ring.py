@@ -35,6 +35,7 @@ from torch import Tensor
 
 from attnrewrite.distributed.layout import segments
 from attnrewrite.kernels.checks import SHARDED_SEQUENCE
+from attnrewrite.kernels.sigmoid.api import mask_keeps
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -115,12 +116,13 @@ def sigmoid_rows(whole_mask: Tensor | None, length: int, positions: Tensor, caus
     """``bias="auto"``'s b_i = −log n_i for the queries at ``positions`` [T_local] as [B|1, H|1, T_local, 1].
 
     n_i is the number of keys query i sees: causally the keys up to its position, else all ``length``
-    keys; a bool key mask (the whole sequence's, [B|1, H|1, 1, T|1]) removes its False keys from the
-    count, a float mask does not change it; n = 0 counts as 1 (as the op does).
+    keys; a key mask (the whole sequence's, [B|1, H|1, 1, T|1]) removes the keys it excludes from the
+    count (False, or −inf / the dtype's lowest value in a float mask: the op's rule,
+    :func:`~attnrewrite.kernels.sigmoid.api.mask_keeps`); n = 0 counts as 1 (as the op does).
     """
     device = positions.device
-    if whole_mask is not None and whole_mask.dtype == torch.bool:
-        valid = whole_mask.expand(*whole_mask.shape[:-1], length).to(torch.int64)   # [B|1, H|1, 1, T]
+    if whole_mask is not None:
+        valid = mask_keeps(whole_mask).expand(*whole_mask.shape[:-1], length).to(torch.int64)  # [B|1, H|1, 1, T]
         counts = valid.cumsum(-1) if causal else valid.sum(-1, keepdim=True).expand_as(valid)
         seen = counts.squeeze(-2).index_select(-1, positions).unsqueeze(-1)            # [B|1, H|1, Tl, 1]
     elif causal:

@@ -65,17 +65,20 @@ def weights(call: AttentionCall, options: dict[str, Any], state) -> Any:
     if call.score_mod is not None:  # the graph's own modification, replayed (supports() saw it has a program)
         scores = call.score_mod(scores)
     keep = torch.ones_like(scores, dtype=torch.bool)
+    counted = keep  # the keys bias="auto" counts (the op's rule: a float mask's -inf / lowest entries are not)
     if call.attn_mask is not None:
         if call.bool_mask:
             keep = keep & call.attn_mask
+            counted = keep
         else:
             scores = scores + call.attn_mask
+            lowest = torch.finfo(call.attn_mask.dtype).min
+            counted = keep & (call.attn_mask != float("-inf")) & (call.attn_mask != lowest)
     if call.is_causal:
         keep = keep & torch.ones_like(keep[0, 0]).tril()
-    if options["bias"] == "auto" and call.is_causal:  # n_i: the keys query i sees (the op's causal rule)
-        b = -keep.sum(dim=-1, keepdim=True).clamp(min=1).float().log()
-    elif options["bias"] == "auto":  # n: keys some query may see under a bool mask
-        b = -keep.any(dim=-2).sum(dim=-1, keepdim=True).clamp(min=1).float().log().unsqueeze(-1)
+        counted = counted & keep
+    if options["bias"] == "auto":  # n_i: the keys query i sees (the op's rule)
+        b = -counted.sum(dim=-1, keepdim=True).clamp(min=1).float().log()
     else:
         b = float(options["bias"])
     return torch.sigmoid(scores + b).masked_fill(~keep, 0.0).to(q.dtype)

@@ -353,11 +353,12 @@ def test_verify_names_attention_run_eagerly_inside_a_compiled_frame():
 
 def _general_mask_sigmoid(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Hand-written sigmoid attention under an arbitrary additive mask, no causality claimed: Σ_j sigmoid(s·q·k_j +
-    m_ij − log Tk)·v_j (bias "auto" without causality: n = every key, since a float mask does not change n)."""
+    m_ij − log n_i)·v_j, n_i the keys row i sees: those whose mask entry is not HF's masked value (bias "auto")."""
     rep = query.shape[1] // key.shape[1]
     k, v = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
     scores = (query @ k.transpose(-2, -1)) * scaling + attention_mask
-    weights = torch.sigmoid(scores - torch.log(torch.tensor(float(k.shape[-2]))))
+    n_i = (attention_mask > torch.finfo(attention_mask.dtype).min).sum(-1, keepdim=True).clamp(min=1)
+    weights = torch.sigmoid(scores - torch.log(n_i.to(scores.dtype)))
     return (weights @ v).transpose(1, 2).contiguous(), None
 
 
@@ -410,3 +411,33 @@ def test_a_mask_from_another_graph_is_rewritten_as_a_general_mask_by_kinds_that_
         torch._dynamo.reset()
         with torch.no_grad(), pytest.raises(attnrewrite.RewriteFailed, match=kind):
             compile_rewritten(layer, Report(), to=kind, strict=True)(**inputs)
+
+
+def test_sigmoid_gives_the_same_model_compiled_whole_or_layer_by_layer():
+    """Compiling each decoder layer alone (FSDP2's per-layer compile) hands the layers a causal-and-padding mask built
+    in another graph, which sigmoid takes as a general mask; compiled whole, the same sites are proven causal with
+    padding.  bias="auto" counts, per query row, the keys the mask leaves it, so both give the model the same
+    sigmoid attention (an n counting every key made the two differ by ~0.1 in the logits)."""
+    import copy
+
+    import transformers as T
+
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)
+    model = T.LlamaForCausalLM._from_config(cfg, attn_implementation="eager").eval()
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    padding = torch.tensor([[1] * 9, [0] * 2 + [1] * 7])  # left padding in the second row
+    whole_report, layer_report = Report(), Report()
+    layered = copy.deepcopy(model)
+    for i, layer in enumerate(layered.model.layers):
+        layered.model.layers[i] = compile_rewritten(layer, layer_report, to="sigmoid", strict=True)
+    with torch.no_grad():
+        whole = compile_rewritten(model, whole_report, to="sigmoid", strict=True)(ids, attention_mask=padding).logits
+        by_layer = layered(ids, attention_mask=padding).logits
+        softmax = model(ids, attention_mask=padding).logits
+    assert [s.status for s in whole_report.attention_sites()] == ["rewritten"] * 2
+    assert [s.status for s in layer_report.attention_sites()] == ["rewritten"] * 2
+    assert (whole - softmax).abs().max() > 1e-2  # sigmoid ran
+    keep = padding.bool()  # the padded query rows see no real key; compare the rows of real tokens
+    torch.testing.assert_close(by_layer[keep], whole[keep], rtol=1e-5, atol=1e-5)

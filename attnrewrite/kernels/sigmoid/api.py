@@ -88,14 +88,14 @@ def sigmoid_attention_dispatch(
         (ALiBi, relative position bias, T5 bias; -inf entries exclude keys).
 
     The bias b:
-        ``bias="auto"``, not causal: b = -log(n), n = the number of valid keys of that sequence
-        and head: keys j < kv_lens[b] (or < Tk, or the sequence's key length under cu_seqlens)
-        that at least one query of that batch and head may attend to under a bool ``attn_mask``.
-        ``bias="auto"``, causal: each query row i has its own b_i = -log(n_i), n_i = the number
-        of keys row i sees (causal, valid, and allowed by a bool ``attn_mask``), so a token's
-        output does not depend on how many tokens follow it: a causal prefill's row i equals a
-        decoding step of that token against the same keys.
-        Float masks do not change n; n = 0 counts as 1.  A float sets b for every sequence.
+        ``bias="auto"``: each query row i has its own b_i = -log(n_i), n_i = the number of keys
+        row i sees: keys j < kv_lens[b] (or < Tk, or the sequence's key length under cu_seqlens),
+        causally visible in a causal call, and not excluded by ``attn_mask`` — False in a bool
+        mask, or, in a float mask, -inf or the dtype's lowest finite value (the "masked" value
+        HF's masks use; :func:`mask_keeps`).  So a causal mask passed as a mask gives the same b_i
+        as ``is_causal=True``, a padding mask the same as ``kv_lens``, and a token's output does
+        not depend on how many tokens follow it (a causal prefill's row i equals a decoding step
+        of that token against the same keys).  n = 0 counts as 1.  A number sets b for every row.
 
     Packed variable-length batches: ``cu_seqlens_q`` / ``cu_seqlens_k`` (int32 [N+1], cumulative
     lengths starting at 0) with q [1, Hq, total_q, D], k [1, Hkv, total_k, D], v [1, Hkv, total_k, Dv];
@@ -147,6 +147,19 @@ def sigmoid_attention_dispatch(
         problem.scale, problem.causal, dropout_p, score_mod=None if program is None else program.text())
 
 
+def mask_keeps(attn_mask: torch.Tensor) -> torch.Tensor:
+    """bool, the shape of ``attn_mask``: True where a key is not excluded from ``bias="auto"``'s count.
+
+    A bool mask is its own answer; a float (additive) mask excludes a key where it is -inf or at most the
+    dtype's lowest finite value (``torch.finfo(dtype).min``, what HF's attention masks hold for a masked
+    key: sigmoid of a score plus that value is 0).  Any other value, however negative, is a bias and the
+    key is counted.
+    """
+    if attn_mask.dtype == torch.bool:
+        return attn_mask
+    return attn_mask > torch.finfo(attn_mask.dtype).min
+
+
 def resolve_bias(
     bias: str | float,
     problem: Problem,
@@ -158,15 +171,15 @@ def resolve_bias(
     cu_seqlens_q: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The bias b as ``dtype``: [Z, Hq] (Z = B, or N when packed), one b per sequence and query head, or,
-    for ``bias="auto"`` in a causal call, [Z|1, Hq, Tq] (Tq = total_q when packed), one per query row.
+    for ``bias="auto"`` when the count differs between query rows (causal, or a mask that varies along the
+    queries), [Z|1, Hq, Tq] (Tq = total_q when packed), one per query row.
 
-    ``attn_mask`` is the 4-d view of the user's mask; only a bool mask changes n (see
-    :func:`sigmoid_attention_dispatch`).
+    ``attn_mask`` is the 4-d view of the user's mask (see :func:`mask_keeps` for what it excludes).
     """
     shape = (problem.batch, problem.heads_q)
     if bias != "auto":
         return torch.full((1, 1), float(bias), dtype=dtype, device=device).expand(shape)
-    if problem.causal != CAUSAL_NONE:
+    if problem.causal != CAUSAL_NONE or (attn_mask is not None and attn_mask.shape[2] > 1):
         n_visible = _visible_per_row(problem, attn_mask, kv_lens, cu_seqlens_q, cu_seqlens_k, device)
         n_visible = n_visible.to(dtype).clamp_(min=1.0)
         return (-torch.log(n_visible)).expand(n_visible.shape[0], problem.heads_q, n_visible.shape[2])
@@ -176,8 +189,8 @@ def resolve_bias(
         n_valid = torch.full((1, 1), problem.len_k, device=device)
         if kv_lens is not None:
             n_valid = kv_lens.view(-1, 1).clamp(0, problem.len_k)
-        if attn_mask is not None and attn_mask.dtype == torch.bool:
-            seen = attn_mask.any(dim=2)  # [Bm, Hm, Tk]: keys some query of that batch/head may see
+        if attn_mask is not None:  # one row of keys for every query: [Bm, Hm, 1, Tk]
+            seen = mask_keeps(attn_mask).expand(*attn_mask.shape[:3], problem.len_k)[:, :, 0]
             if kv_lens is not None:
                 key_index = torch.arange(problem.len_k, device=seen.device)
                 seen = seen & (key_index < kv_lens.view(-1, 1, 1))
@@ -189,13 +202,14 @@ def resolve_bias(
 def _visible_per_row(problem: Problem, attn_mask: torch.Tensor | None, kv_lens: torch.Tensor | None,
                      cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
                      device: torch.device) -> torch.Tensor:
-    """n_i of a causal call, int [Z|1, Hm, Tq]: the keys query row i sees — causal (top-left or
-    bottom-right), within kv_lens / its packed sequence, and allowed by a bool mask.
+    """n_i, int [Z|1, Hm, Tq]: the keys query row i sees — causal (top-left or bottom-right) in a causal
+    call, within kv_lens / its packed sequence, and not excluded by the mask (:func:`mask_keeps`).
 
-    Packed (``cu_seqlens``): [1, 1, total_q], counted from each row's place in its sequence.  Without a
-    bool mask the count is arithmetic (min(i + shift + 1, n_k)); with one it is a sum over the mask.
+    Packed (``cu_seqlens``, causal only): [1, 1, total_q], counted from each row's place in its sequence.
+    Without a mask the count is arithmetic (min(i + shift + 1, n_k)); with one it is a sum over the mask.
     """
     rows = torch.arange(problem.len_q, device=device)
+    causal = problem.causal != CAUSAL_NONE
     if cu_seqlens_k is not None:
         cu_q = cu_seqlens_q
         seq = torch.searchsorted(cu_q[1:].long(), rows, right=True)  # the sequence of each packed row
@@ -206,12 +220,14 @@ def _visible_per_row(problem: Problem, attn_mask: torch.Tensor | None, kv_lens: 
         return torch.minimum(local + shift + 1, len_k_s).clamp(min=0).view(1, 1, -1)
     n_k = torch.full((1,), problem.len_k, device=device) if kv_lens is None else kv_lens.long().clamp(0, problem.len_k)
     shift = torch.zeros_like(n_k) if problem.causal == CAUSAL_TOP_LEFT else n_k - problem.len_q  # [B|1]
-    if attn_mask is None or attn_mask.dtype != torch.bool:
+    if attn_mask is None:  # causal here (a call without a mask nor causality has one count per sequence)
         last = rows.view(1, -1) + shift.view(-1, 1)  # the last key each row may see
         return torch.minimum(last + 1, n_k.view(-1, 1)).clamp(min=0).unsqueeze(1)  # [B|1, 1, Tq]
     keys = torch.arange(problem.len_k, device=device)
-    seen = (keys.view(1, 1, -1) <= rows.view(1, -1, 1) + shift.view(-1, 1, 1)) & (keys < n_k.view(-1, 1, 1))
-    return (attn_mask & seen.unsqueeze(1)).sum(dim=-1)  # [B|Bm, Hm, Tq]
+    seen = (keys < n_k.view(-1, 1, 1)).expand(-1, problem.len_q, -1)  # [B|1, Tq, Tk]
+    if causal:
+        seen = seen & (keys.view(1, 1, -1) <= rows.view(1, -1, 1) + shift.view(-1, 1, 1))
+    return (mask_keeps(attn_mask) & seen.unsqueeze(1)).sum(dim=-1)  # [B|Bm, Hm, Tq]
 
 
 def _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,

@@ -59,15 +59,18 @@ def naive_sigmoid_attention(
     # Keys that exist for each sequence: padding beyond kv_lens[b] does not.
     valid_len = torch.full((batch,), len_k, device=q.device) if kv_lens is None else kv_lens.clamp(0, len_k)
     visible = (key_index < valid_len.view(batch, 1, 1, 1)).expand(batch, heads_q, len_q, len_k)
+    counted = visible  # the keys bias="auto" counts: a float mask's -inf / lowest-value entries are not
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         visible = visible & attn_mask
+        counted = visible
     elif attn_mask is not None:
         scores = scores + attn_mask
+        lowest = torch.finfo(attn_mask.dtype).min
+        counted = visible & (attn_mask != float("-inf")) & (attn_mask != lowest)
 
-    # bias="auto", not causal: -log(number of keys that some query of this batch/head may see).
+    # bias="auto", not causal: -log(number of keys query i sees), its own count per row.
     if bias == "auto" and not is_causal:
-        n_valid = visible.any(dim=2).sum(dim=-1, keepdim=True).clamp(min=1)  # [B, Hq, 1]
-        b = -torch.log(n_valid.to(scores.dtype)).unsqueeze(-1)  # [B, Hq, 1, 1]
+        b = -torch.log(counted.sum(dim=-1, keepdim=True).clamp(min=1).to(scores.dtype))  # [B, Hq, Tq, 1]
     elif bias != "auto":
         b = float(bias)
 
@@ -75,8 +78,9 @@ def naive_sigmoid_attention(
         shift = torch.zeros_like(valid_len) if causal_align == "top_left" else valid_len - len_q
         causal = key_index.view(1, 1, len_k) <= query_index.view(1, len_q, 1) + shift.view(batch, 1, 1)
         visible = visible & causal.unsqueeze(1)
+        counted = counted & causal.unsqueeze(1)
         if bias == "auto":  # causal: -log(number of keys this query sees), its own count
-            b = -torch.log(visible.sum(dim=-1, keepdim=True).clamp(min=1).to(scores.dtype))  # [B, Hq, Tq, 1]
+            b = -torch.log(counted.sum(dim=-1, keepdim=True).clamp(min=1).to(scores.dtype))  # [B, Hq, Tq, 1]
 
     weights = torch.where(visible, torch.sigmoid(scores + b), torch.zeros((), dtype=scores.dtype, device=q.device))
     return weights @ v

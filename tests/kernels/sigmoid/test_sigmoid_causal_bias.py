@@ -89,3 +89,28 @@ def test_the_public_op_and_the_kinds_weights_agree():
     out = ops.sigmoid_attention(q, k, v, keep, is_causal=True, enable_gqa=True)
     w = weights(AttentionCall(q, k, v, keep, 0.0, True, None, True, bool_mask=True), {"bias": "auto"}, None)
     torch.testing.assert_close(w @ v.repeat_interleave(2, dim=1), out, rtol=1e-5, atol=1e-6)  # (weights in fp32)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_a_causal_or_padding_mask_given_as_a_mask_counts_as_causality_and_padding_do(impl):
+    """bias="auto" counts, per query row, the keys a mask leaves it — False in a bool mask, −inf or the dtype's lowest
+    value (HF's masked value) in a float one; a merely negative entry is a bias and counts.  So the causal mask
+    written as a mask (as a layer compiled without its model receives it) gives the same rows as ``is_causal=True``,
+    a padding mask the same as ``kv_lens``, in both mask dtypes."""
+    q, k, v = _qkv()
+    t = q.shape[2]
+    run = lambda **kw: sigmoid_attention_dispatch(q, k, v, enable_gqa=True, impl=impl, **kw)  # noqa: E731
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    kv_lens = torch.tensor([t, t - 5])
+    padded = (torch.arange(t) < kv_lens.view(-1, 1)).view(2, 1, 1, t)
+    lowest = torch.finfo(torch.float32).min
+    for keep, expected in ((causal, run(is_causal=True)), (padded, run(kv_lens=kv_lens)),
+                           (causal & padded, run(is_causal=True, kv_lens=kv_lens))):
+        for mask in (keep, torch.zeros(keep.shape).masked_fill(~keep, lowest),
+                     torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))):
+            torch.testing.assert_close(run(attn_mask=mask), expected, rtol=1e-5, atol=1e-6)
+    # a finite negative entry is a bias, not an exclusion: the row's n keeps the key
+    biased = torch.zeros(t, t).masked_fill(~causal, -1e4)
+    assert (run(attn_mask=biased) - run(is_causal=True)).abs().max() > 1e-3
+    torch.testing.assert_close(run(attn_mask=biased), naive_sigmoid_attention(
+        q, k, v, biased, False), rtol=1e-5, atol=1e-6)

@@ -23,12 +23,18 @@ def loop_sigmoid_attention(q, k, v, mask=None, causal=None, bias="auto", kv_lens
                 if j >= n_keys:
                     return False
                 return mask is None or mask.dtype != torch.bool or bool(mask[b, h, i, j])
-            n_valid = sum(any(allowed(i, j) for i in range(len_q)) for j in range(len_k))
-            b_value = -math.log(max(n_valid, 1)) if bias == "auto" else bias
+
+            def counted(i, j):  # a float mask's -inf or lowest finite value excludes the key from n
+                if mask is not None and mask.dtype != torch.bool:
+                    value = float(mask[b, h, i, j])
+                    if value == -math.inf or value == torch.finfo(mask.dtype).min:
+                        return False
+                return allowed(i, j)
             shift = 0 if causal in (None, "top_left") else n_keys - len_q
             for i in range(len_q):
-                if bias == "auto" and causal is not None:  # causal: the keys this query sees, its own n
-                    n_row = sum(allowed(i, j) and j <= i + shift for j in range(len_k))
+                b_value = bias
+                if bias == "auto":  # the keys this query sees, its own n
+                    n_row = sum(counted(i, j) and (causal is None or j <= i + shift) for j in range(len_k))
                     b_value = -math.log(max(n_row, 1))
                 for j in range(len_k):
                     if not allowed(i, j) or (causal is not None and j > i + shift):
@@ -36,7 +42,7 @@ def loop_sigmoid_attention(q, k, v, mask=None, causal=None, bias="auto", kv_lens
                     s = float(q[b, h, i] @ k[b, hk, j]) / math.sqrt(dim) + b_value
                     if mask is not None and mask.dtype != torch.bool:
                         s += float(mask[b, h, i, j])
-                    out[b, h, i] += v[b, hk, j] / (1 + math.exp(-s))
+                    out[b, h, i] += v[b, hk, j] * (0.0 if s < -700 else 1 / (1 + math.exp(-s)))  # exp overflows below
     return out
 
 
@@ -48,7 +54,11 @@ def test_reference_matches_the_definition(causal):
     kv_lens = torch.tensor([7, 4])
     bool_mask = torch.rand(2, 4, 5, 7, generator=g) < 0.6
     float_mask = torch.randn(2, 4, 5, 7, generator=g, dtype=torch.float64)
-    for mask in (None, bool_mask, float_mask):
+    # HF's masked value and -inf: both exclude a key from bias="auto"'s n (a mere -30 is a bias)
+    hf_mask = float_mask.masked_fill(torch.rand(2, 4, 5, 7, generator=g) < 0.3, torch.finfo(torch.float64).min)
+    hf_mask = hf_mask.masked_fill(torch.rand(2, 4, 5, 7, generator=g) < 0.2, -math.inf)
+    hf_mask = hf_mask.masked_fill(torch.rand(2, 4, 5, 7, generator=g) < 0.2, -30.0)
+    for mask in (None, bool_mask, float_mask, hf_mask):
         for bias in ("auto", -1.5):
             expected = loop_sigmoid_attention(q, k, v, mask, causal, bias, kv_lens)
             got = naive_sigmoid_attention(q, k, v, mask, causal is not None, bias=bias, kv_lens=kv_lens,
