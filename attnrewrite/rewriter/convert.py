@@ -82,6 +82,11 @@ def convert(model: nn.Module, to: str, example_inputs: Any = (), *, replace: boo
         tensors = [t for name, t in [*owner.named_parameters(), *owner.named_buffers()]
                    if not state_registry.is_state_name(name)]
         new_state = new_state.to(tensors[0].device if tensors else torch.device("cpu"))
+        # and in the owner's floating dtype when it has one: a float64 or bfloat16 model gets states of its dtype,
+        # as FSDP2 (uniform parameter dtype) and plain .double()/.half() users expect
+        dtypes = {t.dtype for t in tensors if t.is_floating_point()}
+        if len(dtypes) == 1:
+            new_state = new_state.to(dtypes.pop())
         return state_registry.attach(owner, full.to, site.ordinal, new_state, full.kind_options)
 
     report = Report(to=full.to)

@@ -7,7 +7,7 @@ single-process run of the same seeded inputs, computed in the same process.
 
 Suites: ``"context_parallel"`` (every kind through :func:`attnrewrite.distributed.context_parallel`,
 forward and backward, the refusals and bad input, 3 training steps of a small model) and
-``"data_parallel"`` (DDP and FSDP2 of a model rewritten to sigmoid, 3 optimizer steps).
+``"data_parallel"`` (DDP and FSDP2 × every kind, converted kinds with learned states, 3 optimizer steps).
 """
 
 from __future__ import annotations
@@ -293,7 +293,7 @@ def context_parallel_cases() -> list[tuple[str, Case]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# data parallel: DDP and FSDP2 of a model rewritten to sigmoid
+# data parallel: DDP and FSDP2 of a model rewritten to each kind
 
 
 class HandWrittenLM(nn.Module):
@@ -316,24 +316,56 @@ class HandWrittenLM(nn.Module):
         return self.head(x + self.out(y))
 
 
-def _rewritten(seed_name: str) -> nn.Module:
+#: kind → options of the data-parallel matrix: every kind, and the converted kinds with learned states (sigmoid's
+#: head temperature and bias, hedgehog feature maps, learned summary queries, learned hash projections), with
+#: sizes small enough that T = 16 tokens use the kind's structure (several summary chunks, a real selection).
+DATA_PARALLEL_KINDS: dict[str, tuple[str, dict, bool]] = {  # label → (kind, options, converted)
+    "softmax": ("softmax", {}, False),
+    "sigmoid": ("sigmoid", {}, False),
+    "sigmoid-learned": ("sigmoid", {"learned": True}, True),
+    "linear-hedgehog": ("linear", {"feature_map": "hedgehog"}, True),
+    "summary-learned": ("summary", {"summary": "learned", "chunk_size": 4, "window_chunks": 1}, True),
+    "hashed-learned": ("hashed", {"hash": "learned", "top_k": 3, "window": 2, "sinks": 1}, True),
+}
+
+
+def _rewritten(seed_name: str, kind: str = "sigmoid", options: dict | None = None, converted: bool = False
+               ) -> nn.Module:
+    """The hand-written LM, seeded by name, converted (per-site learned states attached) and rewritten in place."""
+    options = options or {}
     torch.manual_seed(_seed(seed_name))
     model = HandWrittenLM().double()
-    return attnrewrite.rewrite(model, to="sigmoid", compiler="eager", strict=True)
+    if converted:
+        attnrewrite.convert(model, kind, (torch.zeros(1, T, dtype=torch.long),), **options)
+        # the learned states start where their kind starts them; move them off it so a state the wrapped model
+        # drops (runs without it) shows in the outputs and its gradient is not zero by symmetry
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "attnrewrite_" in name:
+                    p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(_seed(name)),
+                                              dtype=p.dtype))
+    return attnrewrite.rewrite(model, to=kind, compiler="eager", strict=True, **options)
 
 
-def _data_parallel_case(wrap: str) -> Case:
+def _data_parallel_case(wrap: str, label: str = "sigmoid") -> Case:
+    kind, options, converted = DATA_PARALLEL_KINDS[label]
+
     def case(mesh):
+        # every case compiles HandWrittenLM.forward again (twice): without a reset, twelve cases reach Dynamo's
+        # recompile limit for that one code object and strict=True rightly raises
+        torch._dynamo.reset()
         rank, world = mesh.get_local_rank(), mesh.size()
         g = torch.Generator().manual_seed(_seed(wrap))
         batches = [torch.randint(0, 32, (2 * world, T + 1), generator=g) for _ in range(3)]
-        reference = _rewritten("data-parallel")
+        reference = _rewritten("data-parallel", kind, options, converted)
         optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2)
         for batch in batches:
             optimizer.zero_grad()
             F.cross_entropy(reference(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).backward()
             optimizer.step()
-        model = _rewritten("data-parallel")
+        model = _rewritten("data-parallel", kind, options, converted)
+        states = sorted(name for name, _ in model.named_parameters() if "attnrewrite_" in name)
+        assert bool(states) == converted, (label, states)
         if wrap == "ddp":
             wrapped = nn.parallel.DistributedDataParallel(model, process_group=mesh.get_group())
         else:
@@ -347,15 +379,21 @@ def _data_parallel_case(wrap: str) -> Case:
             optimizer.step()
         report = attnrewrite.recent_reports()[-1]
         assert report.rewritten and not report.skipped, report
+        moved = []
         for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
             full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            assert_close(full, ref, msg=lambda m, n=name: f"{wrap}: {n} after 3 AdamW steps: {m}")
+            assert_close(full, ref, msg=lambda m, n=name: f"{wrap} {label}: {n} after 3 AdamW steps: {m}")
+            if "attnrewrite_" in name:
+                moved.append(name)
+        assert sorted(moved) == states, (label, moved, states)  # the learned states trained in both runs
 
     return case
 
 
 def data_parallel_cases() -> list[tuple[str, Case]]:
-    return [("ddp-sigmoid", _data_parallel_case("ddp")), ("fsdp2-sigmoid", _data_parallel_case("fsdp2"))]
+    """DDP and FSDP2 × every kind (converted kinds with their learned states), 3 AdamW steps vs one process."""
+    return [(f"{wrap}-{label}", _data_parallel_case(wrap, label))
+            for label in DATA_PARALLEL_KINDS for wrap in ("ddp", "fsdp2")]
 
 
 SUITES: dict[str, Callable[[], list[tuple[str, Case]]]] = {
