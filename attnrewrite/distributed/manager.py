@@ -25,8 +25,9 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.overrides import TorchFunctionMode
 
-from attnrewrite.distributed import kinds, linear, ring
+from attnrewrite.distributed import kinds, linear, ring, summary
 from attnrewrite.distributed.collectives import gather_ranks, gather_sequence
+from attnrewrite.distributed.exchange import GroupComm
 from attnrewrite.distributed.layout import check_divisible, local_positions, segments, shard
 from attnrewrite.kernels.checks import SHARDED_SEQUENCE, torch_context_parallel_active
 
@@ -95,6 +96,7 @@ class _ContextParallelMode(TorchFunctionMode):
         self.world = mesh.size()
         self.rank = mesh.get_local_rank()
         self._ring = None
+        self._comm = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -141,6 +143,14 @@ class _ContextParallelMode(TorchFunctionMode):
                 states = linear.chunk_states(k, v, mask, bound["feature_map"], linear.compute_dtype(q))
                 gathered = gather_ranks(states, 0, self.group)
                 return linear.attend_with_states(bound, k, v, mask, gathered, self.rank, self.world)
+            finally:
+                SHARDED_SEQUENCE.depth -= 1
+        if name == "summary_attention":
+            if self._comm is None:
+                self._comm = GroupComm(self.group)
+            SHARDED_SEQUENCE.depth += 1
+            try:  # the window's raw rows from the neighbours, the chunk summaries from everyone: no K/V gather
+                return summary.attend(bound, mask, self.rank, self.world, self._comm)
             finally:
                 SHARDED_SEQUENCE.depth -= 1
         if mask is not None and mask.shape[-1] == local:

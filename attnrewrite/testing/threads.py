@@ -1,0 +1,55 @@
+"""W ranks simulated by threads in one process, for the context-parallel forms that talk through a
+communicator (:mod:`attnrewrite.distributed.exchange`): the same computation as on a process group,
+with the messages carried by queues, so W = 1 … 4 run in float64 without spawning processes.
+"""
+
+from __future__ import annotations
+
+import queue
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import torch
+
+
+class ThreadComm:
+    """The communicator of rank ``rank``: what it sends to ``peer`` waits in the (rank, peer) queue.
+
+    Every rank makes the same calls in the same order, so first-in first-out queues match them up.
+    ``received_bytes`` counts what arrived from other ranks; ``received_shapes`` lists their shapes.
+    """
+
+    def __init__(self, rank: int, world: int, boxes: dict):
+        self.rank, self.world, self.boxes = rank, world, boxes
+        self.received_bytes = 0
+        self.received_shapes: list[tuple[int, ...]] = []
+
+    def _take(self, peer: int) -> torch.Tensor:
+        tensor = self.boxes[peer, self.rank].get(timeout=60)
+        self.received_bytes += tensor.numel() * tensor.element_size()
+        self.received_shapes.append(tuple(tensor.shape))
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        for peer in range(self.world):
+            if peer != self.rank:
+                self.boxes[self.rank, peer].put(tensor.detach().clone())
+        return [tensor.detach().clone() if peer == self.rank else self._take(peer) for peer in range(self.world)]
+
+    def exchange(self, sends: dict, receives: dict) -> dict:
+        for peer, tensor in sends.items():
+            self.boxes[self.rank, peer].put(tensor.detach().clone())
+        received = {}
+        for peer, (shape, dtype) in receives.items():
+            tensor = self._take(peer)
+            assert tuple(tensor.shape) == tuple(shape) and tensor.dtype == dtype, (tensor.shape, shape)
+            received[peer] = tensor
+        return received
+
+
+def run_ranks(world: int, rank_main: Callable[[int, ThreadComm], object]) -> list:
+    """``rank_main(rank, comm)`` for every rank, each in its own thread; their results in rank order."""
+    boxes = {(a, b): queue.Queue() for a in range(world) for b in range(world)}
+    comms = [ThreadComm(rank, world, boxes) for rank in range(world)]
+    with ThreadPoolExecutor(world) as pool:
+        return list(pool.map(lambda rank: rank_main(rank, comms[rank]), range(world)))
