@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.overrides import TorchFunctionMode
 
-from attnrewrite.distributed import kinds, linear, ring, summary
+from attnrewrite.distributed import hashed, kinds, linear, ring, summary
 from attnrewrite.distributed.collectives import gather_ranks, gather_sequence
 from attnrewrite.distributed.exchange import GroupComm
 from attnrewrite.distributed.layout import check_divisible, local_positions, segments, shard
@@ -145,12 +145,14 @@ class _ContextParallelMode(TorchFunctionMode):
                 return linear.attend_with_states(bound, k, v, mask, gathered, self.rank, self.world)
             finally:
                 SHARDED_SEQUENCE.depth -= 1
-        if name == "summary_attention":
+        if name == "summary_attention" or (name == "hashed_attention" and hashed.applies(bound)):
             if self._comm is None:
                 self._comm = GroupComm(self.group)
+            form = summary if name == "summary_attention" else hashed
             SHARDED_SEQUENCE.depth += 1
-            try:  # the window's raw rows from the neighbours, the chunk summaries from everyone: no K/V gather
-                return summary.attend(bound, mask, self.rank, self.world, self._comm)
+            try:  # summary: the window's raw rows from the neighbours and the chunk summaries from everyone;
+                # hashed: the packed codes from everyone, then a ring of K/V blocks.  No K/V gather.
+                return form.attend(bound, mask, self.rank, self.world, self._comm)
             finally:
                 SHARDED_SEQUENCE.depth -= 1
         if mask is not None and mask.shape[-1] == local:
