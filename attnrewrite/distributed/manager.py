@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.overrides import TorchFunctionMode
 
-from attnrewrite.distributed import hashed, kinds, linear, ring, summary
+from attnrewrite.distributed import hashed, kinds, linear, ring, summary, window
 from attnrewrite.distributed.collectives import gather_ranks, gather_sequence
 from attnrewrite.distributed.exchange import GroupComm
 from attnrewrite.distributed.layout import check_divisible, local_positions, segments, shard
@@ -145,13 +145,14 @@ class _ContextParallelMode(TorchFunctionMode):
                 return linear.attend_with_states(bound, k, v, mask, gathered, self.rank, self.world)
             finally:
                 SHARDED_SEQUENCE.depth -= 1
-        if name == "summary_attention" or (name == "hashed_attention" and hashed.applies(bound)):
+        form = _exchange_form(name, bound, mask)
+        if form is not None:
             if self._comm is None:
                 self._comm = GroupComm(self.group)
-            form = summary if name == "summary_attention" else hashed
             SHARDED_SEQUENCE.depth += 1
             try:  # summary: the window's raw rows from the neighbours and the chunk summaries from everyone;
-                # hashed: the packed codes from everyone, then a ring of K/V blocks.  No K/V gather.
+                # hashed: the packed codes from everyone, then a ring of K/V blocks; sliding window: the
+                # window's and the sinks' rows from their owners.  No K/V gather.
                 return form.attend(bound, mask, self.rank, self.world, self._comm)
             finally:
                 SHARDED_SEQUENCE.depth -= 1
@@ -190,6 +191,17 @@ class _ContextParallelMode(TorchFunctionMode):
             return ring.ring_attention(q, bound["k"], bound["v"], mask, rows, spec, self._ring)
         finally:
             SHARDED_SEQUENCE.depth -= 1
+
+
+def _exchange_form(name: str, bound: dict, mask: Tensor | None):
+    """The module computing this call by point-to-point exchanges (:mod:`.exchange`), or None."""
+    if name == "summary_attention":
+        return summary
+    if name == "hashed_attention" and hashed.applies(bound):
+        return hashed
+    if name == "sliding_window_attention" and window.applies(bound, mask):
+        return window
+    return None
 
 
 #: The kinds computed by the ring pass when :func:`ring.applies` (else by the all-gather of K/V).
