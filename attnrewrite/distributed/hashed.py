@@ -10,9 +10,10 @@ selection reads codes only, so:
 2. each rank selects, block by block of its query rows, the same keys the single-process op selects
    (the same integer costs, positions and tie rule), and keeps the selection (int32 global positions);
 3. the key/value blocks then go round the ring (send to the next rank, receive from the previous):
-   while rank p's block is here, each query attends to the selected keys that lie in it, and the
-   partial outputs are merged by their log-sum-exp, as ring softmax attention does.  At most two
-   blocks (the one here and the one arriving) live on a rank.
+   while rank p's block is here, each query attends to the selected keys that lie in it (each row's
+   slots are kept ordered by owner, so only those are gathered), and the partial outputs are merged by
+   their log-sum-exp, as ring softmax attention does.  At most two blocks (the one here and the one
+   arriving) live on a rank.
 
 Backward: the blocks make the trip again with dK/dV accumulators that end at their owners; each block's
 share uses the merged output and log-sum-exp (exact, as in ring attention).
@@ -94,11 +95,31 @@ def select_rows(q_rows: Tensor, rows: slice, codes: Tensor, keep: Tensor | None,
     return top_indices(cost, min(reach, sinks + window + top_k)).to(torch.int32)
 
 
-def _in_block(index: Tensor, block_owner: int, world: int, local: int) -> Tensor:
-    """The slots of ``index`` (global positions, −1 empty) whose key lies in rank ``block_owner``'s shard,
-    as that shard's local indices; −1 elsewhere."""
-    ranks, local_index = owner(index.long().clamp(min=0), world, local)
-    return torch.where((index >= 0) & (ranks == block_owner), local_index, -1)
+def by_owner(index: Tensor, world: int, local: int) -> tuple[Tensor, Tensor]:
+    """(index with each row's slots ordered by the rank holding the key, empties last; starts int64
+    [B, Hkv, n, W + 1]: rank p's slots of a row are starts[p] … starts[p + 1] − 1)."""
+    ranks, _ = owner(index.long().clamp(min=0), world, local)
+    ranks = torch.where(index >= 0, ranks, world)
+    ranks, order = torch.sort(ranks, dim=-1, stable=True)
+    counts = torch.zeros(*index.shape[:-1], world + 1, dtype=torch.long, device=index.device)
+    counts.scatter_add_(-1, ranks, torch.ones_like(ranks))
+    starts = torch.nn.functional.pad(counts[..., :world].cumsum(-1), (1, 0))
+    return index.gather(-1, order), starts
+
+
+def _in_block(index: Tensor, starts: Tensor, block_owner: int, world: int, local: int):
+    """(global positions [B, Hkv, n, m], local indices in rank ``block_owner``'s shard, −1 for padding)
+    of the selected keys that lie in that shard, m the most any row has; None when no row has one."""
+    first, count = starts[..., block_owner], starts[..., block_owner + 1] - starts[..., block_owner]
+    width = int(count.max()) if count.numel() else 0
+    if width == 0:
+        return None
+    step = torch.arange(width, device=index.device)
+    slot = (first.unsqueeze(-1) + step).clamp(max=index.shape[-1] - 1)
+    positions = index.gather(-1, slot).long()
+    _, local_index = owner(positions.clamp(min=0), world, local)
+    valid = step < count.unsqueeze(-1)
+    return torch.where(valid, positions, -1), torch.where(valid, local_index, -1)
 
 
 def _gather(x: Tensor, index: Tensor) -> Tensor:
@@ -136,10 +157,13 @@ class _HashedRing(torch.autograd.Function):
         lse = torch.full((batch, heads_q, local), float("-inf"), dtype=dtype, device=q.device)
         k_block, v_block, block_owner = k, v, setup.rank
         for step in range(setup.world):
-            for rows, index in setup.blocks:
-                slots = _in_block(index, block_owner, setup.world, local)
+            for rows, index, starts in setup.blocks:
+                found = _in_block(index, starts, block_owner, setup.world, local)
+                if found is None:  # no row of the block chose a key of this shard
+                    continue
+                positions, slots = found
                 q5 = _grouped(q[:, :, rows], heads_kv).to(dtype)
-                scores, _ = _logits(q5, k_block, slots, setup.bias, index, setup.scale)
+                scores, _ = _logits(q5, k_block, slots, setup.bias, positions, setup.scale)
                 part_lse = torch.logsumexp(scores, dim=-1)                            # [B, Hkv, g, n]
                 probs = torch.exp(scores - part_lse.unsqueeze(-1)).nan_to_num(0.0)
                 part = torch.einsum("bkgns,bknsv->bkgnv", probs, _gather(v_block, slots).to(dtype))
@@ -172,10 +196,13 @@ class _HashedRing(torch.autograd.Function):
         dk_block = torch.zeros(k.shape, dtype=dtype, device=q.device)
         dv_block = torch.zeros(v.shape, dtype=dtype, device=q.device)
         for step in range(setup.world):
-            for rows, index in setup.blocks:
-                slots = _in_block(index, block_owner, setup.world, local)
+            for rows, index, starts in setup.blocks:
+                found = _in_block(index, starts, block_owner, setup.world, local)
+                if found is None:
+                    continue
+                positions, slots = found
                 q5 = _grouped(q[:, :, rows], heads_kv).to(dtype)
-                scores, k_sel = _logits(q5, k_block, slots, setup.bias, index, setup.scale)
+                scores, k_sel = _logits(q5, k_block, slots, setup.bias, positions, setup.scale)
                 row_lse = _grouped(lse[:, :, rows].unsqueeze(-1), heads_kv)             # [B, Hkv, g, n, 1]
                 probs = torch.exp(scores - row_lse).nan_to_num(0.0)
                 d_out = _grouped(grad[:, :, rows], heads_kv)                          # [B, Hkv, g, n, Dv]
@@ -259,6 +286,6 @@ def attend(args: dict, mask: Tensor | None, rank: int, world: int, comm) -> Tens
                 rows = slice(start + i0, start + i1)
                 index = select_rows(q[:, :, offset + i0:offset + i1], rows, codes, keep, causal, bits, top_k,
                                     window, sinks, proj_q, k.shape[1])
-                blocks.append((slice(offset + i0, offset + i1), index))
+                blocks.append((slice(offset + i0, offset + i1), *by_owner(index, world, local)))
         del codes
     return _HashedRing.apply(q, k, v, _Setup(blocks, bias, scale, rank, world, comm))
