@@ -8,9 +8,14 @@ their ``buffer_seq_dims`` into the load-balanced layout (:mod:`.layout`) and put
 Softmax (SDPA; on the CPU in float32/64) and sigmoid go round a ring (:mod:`.ring`): key/value blocks
 pass from rank to rank, forward and backward, and no rank ever holds more than two shards of K/V.
 Linear all-gathers only each chunk's (S, z) state and starts each chunk from the states before it
-(:mod:`.linear`).  The other kinds, and softmax/sigmoid with dropout or (softmax) off the CPU, all-gather the keys, values and
-key mask of the mesh's ranks (differentiably: the backward sums key/value gradients over the ranks)
-and compute the rank's rows from them (:mod:`.kinds`).  Parameters' gradients are each rank's share, as under
+(:mod:`.linear`).  Summary all-gathers the chunk summaries and fetches only its windows' raw rows
+(:mod:`.summary`), hashed all-gathers the packed key codes and passes K/V round a ring (:mod:`.hashed`),
+sliding window fetches only its windows' and sinks' rows (:mod:`.window`), all through
+:mod:`.exchange`; dual_triangle runs two causal softmax rings, one on the mirrored sequence
+(:mod:`.dual`).  The rest (dual_triangle where the softmax ring does not apply; hashed with a learned hash, a score modification or
+far_dtype; sliding window with dropout or a key bias; softmax/sigmoid with dropout or (softmax) off the
+CPU) all-gather the keys, values and key mask of the mesh's ranks (differentiably: the backward sums
+key/value gradients over the ranks) and compute the rank's rows from them (:mod:`.kinds`).  Parameters' gradients are each rank's share, as under
 torch's manager: reduce them over the mesh (DDP/FSDP over the same ranks, or an ``all_reduce``).
 """
 
@@ -25,7 +30,7 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.overrides import TorchFunctionMode
 
-from attnrewrite.distributed import hashed, kinds, linear, ring, summary, window
+from attnrewrite.distributed import dual, hashed, kinds, linear, ring, summary, window
 from attnrewrite.distributed.collectives import gather_ranks, gather_sequence
 from attnrewrite.distributed.exchange import GroupComm
 from attnrewrite.distributed.layout import check_divisible, local_positions, segments, shard
@@ -143,6 +148,14 @@ class _ContextParallelMode(TorchFunctionMode):
                 states = linear.chunk_states(k, v, mask, bound["feature_map"], linear.compute_dtype(q))
                 gathered = gather_ranks(states, 0, self.group)
                 return linear.attend_with_states(bound, k, v, mask, gathered, self.rank, self.world)
+            finally:
+                SHARDED_SEQUENCE.depth -= 1
+        if name == "dual_triangle_attention" and dual.applies(bound):
+            if self._ring is None:
+                self._ring = ring.P2PRing(self.group)
+            SHARDED_SEQUENCE.depth += 1
+            try:  # two causal softmax rings, the future heads on the mirrored sequence
+                return dual.attend(bound, mask, self.rank, self.world, self._ring)
             finally:
                 SHARDED_SEQUENCE.depth -= 1
         form = _exchange_form(name, bound, mask)

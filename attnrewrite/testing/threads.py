@@ -6,6 +6,7 @@ with the messages carried by queues, so W = 1 … 4 run in float64 without spawn
 from __future__ import annotations
 
 import queue
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
@@ -19,8 +20,8 @@ class ThreadComm:
     ``received_bytes`` counts what arrived from other ranks; ``received_shapes`` lists their shapes.
     """
 
-    def __init__(self, rank: int, world: int, boxes: dict):
-        self.rank, self.world, self.boxes = rank, world, boxes
+    def __init__(self, rank: int, world: int, boxes: dict, lock: threading.Lock | None = None):
+        self.rank, self.world, self.boxes, self.lock = rank, world, boxes, lock or threading.Lock()
         self.received_bytes = 0
         self.received_shapes: list[tuple[int, ...]] = []
 
@@ -47,9 +48,22 @@ class ThreadComm:
         return received
 
 
+    def _channel(self, src: int, dst: int, channel: str) -> queue.Queue:
+        with self.lock:
+            return self.boxes.setdefault((src, dst, channel), queue.Queue())
+
+    def start(self, tensors: list[torch.Tensor], channel: str):
+        """The ring's exchange (as :class:`attnrewrite.distributed.ring.P2PRing`): send to the next rank,
+        return a function that waits for the previous rank's tensors; one queue per channel."""
+        self._channel(self.rank, (self.rank + 1) % self.world, channel).put([t.detach().clone() for t in tensors])
+        source = self._channel((self.rank - 1) % self.world, self.rank, channel)
+        return lambda: source.get(timeout=60)
+
+
 def run_ranks(world: int, rank_main: Callable[[int, ThreadComm], object]) -> list:
     """``rank_main(rank, comm)`` for every rank, each in its own thread; their results in rank order."""
     boxes = {(a, b): queue.Queue() for a in range(world) for b in range(world)}
-    comms = [ThreadComm(rank, world, boxes) for rank in range(world)]
+    lock = threading.Lock()
+    comms = [ThreadComm(rank, world, boxes, lock) for rank in range(world)]
     with ThreadPoolExecutor(world) as pool:
         return list(pool.map(lambda rank: rank_main(rank, comms[rank]), range(world)))
