@@ -23,8 +23,9 @@ select almost every key (T / W queries × ``top_k`` each), so fetching "only the
 either the whole sequence at once or, block by block, ``top_k`` / W times more than the ring does.
 The ring moves (W − 1) / W of K/V per rank, like an all-gather, but never keeps it.
 
-Memory per rank: its shard, one block in flight, the gathered codes (T × bits/8 bytes per head) and
-the selection (T / W × (sinks + window + top_k) int32 per key/value head).  Not distributed here (the
+Memory per rank: its shard, one block in flight (the blocks pass one tensor at a time), every key's
+code as ±1 int8 (T × bits bytes per key/value head: 1/4 of fp32 K at bits = D, the same at any W) and
+the selection (T / W × (sinks + window + top_k) int16 positions per key/value head, int32 past 32k).  Not distributed here (the
 manager all-gathers K/V for them, exact, without the saving): ``hash="learned"`` (the projections'
 straight-through gradient), ``score_mod``, ``far_dtype``.
 """
@@ -49,7 +50,7 @@ from attnrewrite.kernels.hashed.sparse import (
     work_dtype,
 )
 
-#: keys whose codes are unpacked at once while a block of queries is scored
+#: keys whose ±1 codes are converted to float32 at once while a block of queries is scored
 KEY_TILE = 2048
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
@@ -71,12 +72,12 @@ def _natural(gathered: Tensor, dim: int, world: int) -> Tensor:
     return gathered.index_select(dim, restore_indices(gathered.shape[dim], world, gathered.device))
 
 
-def select_rows(q_rows: Tensor, rows: slice, codes: Tensor, keep: Tensor | None, causal: bool, bits: int, top_k: int,
-                window: int, sinks: int, proj_q: Tensor, heads_kv: int) -> Tensor:
-    """Selected global key positions int32 [B, Hkv, n, S'] (−1: empty) of the queries at global rows
-    ``rows``, from every key's packed code ``codes`` [B, Hkv, T, bits/8] and ``keep`` bool [B|1, T] (the
-    key mask) — the keys :func:`attnrewrite.kernels.hashed.sparse.select` chooses."""
-    length = codes.shape[2]
+def select_rows(q_rows: Tensor, rows: slice, key_signs: Tensor, keep: Tensor | None, causal: bool, bits: int,
+                top_k: int, window: int, sinks: int, proj_q: Tensor, heads_kv: int) -> Tensor:
+    """Selected global key positions [B, Hkv, n, S'] (:func:`index_dtype`; −1: empty) of the queries at
+    global rows ``rows``, from every key's ±1 code ``key_signs`` int8 [B, Hkv, T, bits] and ``keep`` bool
+    [B|1, T] (the key mask) — the keys :func:`attnrewrite.kernels.hashed.sparse.select` chooses."""
+    length = key_signs.shape[2]
     q_signs = signs(q_rows, proj_q)                                                   # [B, Hq, n, bits]
     batch, heads_q, n, _ = q_signs.shape
     groups = heads_q // heads_kv
@@ -84,7 +85,7 @@ def select_rows(q_rows: Tensor, rows: slice, codes: Tensor, keep: Tensor | None,
     cost = torch.empty(batch, heads_kv, n, reach, dtype=_priority_dtype(groups, bits, length), device=q_rows.device)
     for j0 in range(0, reach, KEY_TILE):
         j1 = min(reach, j0 + KEY_TILE)
-        tile = unpack_signs(codes[:, :, j0:j1], bits)
+        tile = key_signs[:, :, j0:j1].to(torch.float32)
         cost[..., j0:j1] = _agreement_cost(q_signs, tile, bits, length) - j0
     keep_rows = None if keep is None else keep[:, None, :reach].expand(keep.shape[0], n, reach)
     visible = visible_keys(keep_rows, rows, reach, 0 if causal else None, q_rows.device)[:, None]
@@ -92,7 +93,12 @@ def select_rows(q_rows: Tensor, rows: slice, codes: Tensor, keep: Tensor | None,
     count = rank[..., -1:]
     special = visible & ((rank <= sinks) | (rank > count - window))
     cost = cost.masked_fill(special, -(groups * bits + 1) * length).masked_fill(~visible, 1)
-    return top_indices(cost, min(reach, sinks + window + top_k)).to(torch.int32)
+    return top_indices(cost, min(reach, sinks + window + top_k)).to(index_dtype(length))
+
+
+def index_dtype(length: int) -> torch.dtype:
+    """The narrowest integer type that holds the positions −1 … length − 1 (the kept selection)."""
+    return torch.int16 if length <= torch.iinfo(torch.int16).max else torch.int32
 
 
 def by_owner(index: Tensor, world: int, local: int) -> tuple[Tensor, Tensor]:
@@ -155,8 +161,9 @@ class _HashedRing(torch.autograd.Function):
         heads_kv = k.shape[1]
         out = torch.zeros(batch, heads_q, local, v.shape[-1], dtype=dtype, device=q.device)
         lse = torch.full((batch, heads_q, local), float("-inf"), dtype=dtype, device=q.device)
-        k_block, v_block, block_owner = k, v, setup.rank
+        held, block_owner = [k, v], setup.rank
         for step in range(setup.world):
+            k_block, v_block = held
             for rows, index, starts in setup.blocks:
                 found = _in_block(index, starts, block_owner, setup.world, local)
                 if found is None:  # no row of the block chose a key of this shard
@@ -176,7 +183,8 @@ class _HashedRing(torch.autograd.Function):
                 out[:, :, rows] = out[:, :, rows] * keep_old + part * take_new
                 lse[:, :, rows] = new_lse
             if step < setup.world - 1:
-                k_block, v_block = setup.pass_on([k_block, v_block])
+                del k_block, v_block
+                setup.pass_on(held)
                 block_owner = (block_owner - 1) % setup.world
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.setup = setup
@@ -192,10 +200,11 @@ class _HashedRing(torch.autograd.Function):
         grad = grad.to(dtype)
         delta = (grad * out).sum(-1)                                                  # [B, Hq, T_local]
         dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
-        k_block, v_block, block_owner = k, v, setup.rank
-        dk_block = torch.zeros(k.shape, dtype=dtype, device=q.device)
-        dv_block = torch.zeros(v.shape, dtype=dtype, device=q.device)
+        block_owner = setup.rank
+        held = [k, v, torch.zeros(k.shape, dtype=dtype, device=q.device), torch.zeros(v.shape, dtype=dtype,
+                                                                                       device=q.device)]
         for step in range(setup.world):
+            k_block, v_block, dk_block, dv_block = held
             for rows, index, starts in setup.blocks:
                 found = _in_block(index, starts, block_owner, setup.world, local)
                 if found is None:
@@ -212,12 +221,17 @@ class _HashedRing(torch.autograd.Function):
                 dq[:, :, rows] += torch.einsum("bkgns,bknsd->bkgnd", d_scores, k_sel).reshape(batch, heads_q, -1, dim)
                 scatter_add(dk_block, slots, torch.einsum("bkgns,bkgnd->bknsd", d_scores, q5))
                 scatter_add(dv_block, slots, torch.einsum("bkgns,bkgnv->bknsv", probs, d_out))
+            del k_block, v_block, dk_block, dv_block
             if step < setup.world - 1:
-                k_block, v_block, dk_block, dv_block = setup.pass_on([k_block, v_block, dk_block, dv_block])
+                setup.pass_on(held)
                 block_owner = (block_owner - 1) % setup.world
             elif setup.world > 1:  # one more hop: each accumulator comes home
-                dk_block, dv_block = setup.pass_on([dk_block, dv_block])
-        return dq.to(q.dtype), dk_block.to(k.dtype), dv_block.to(v.dtype), None
+                held = held[2:]
+                setup.pass_on(held)
+            else:
+                held = held[2:]
+        dk, dv = held
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
 class _Setup:
@@ -227,17 +241,14 @@ class _Setup:
         self.blocks, self.bias, self.scale = blocks, bias, scale
         self.rank, self.world, self.comm = rank, world, comm
 
-    def pass_on(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Send the tensors to the next rank, receive the previous rank's (one message per hop)."""
-        same = len({(t.dtype, t.shape[:-1]) for t in tensors}) == 1
-        parts = [torch.cat(tensors, dim=-1)] if same else tensors
+    def pass_on(self, held: list[Tensor]) -> None:
+        """Replace each tensor of ``held`` by the previous rank's, sending ours to the next rank, one
+        tensor at a time (so that at most one extra tensor is alive besides the blocks)."""
         nxt, prev = (self.rank + 1) % self.world, (self.rank - 1) % self.world
-        received = []
-        for part in parts:
-            received.append(self.comm.exchange({nxt: part}, {prev: (tuple(part.shape), part.dtype)})[prev])
-        if same:
-            return list(received[0].split([t.shape[-1] for t in tensors], dim=-1))
-        return received
+        for i, tensor in enumerate(held):
+            spec = (tuple(tensor.shape), tensor.dtype)
+            held[i] = self.comm.exchange({nxt: tensor}, {prev: spec})[prev]
+            del tensor
 
 
 def attend(args: dict, mask: Tensor | None, rank: int, world: int, comm) -> Tensor:
@@ -261,6 +272,8 @@ def attend(args: dict, mask: Tensor | None, rank: int, world: int, comm) -> Tens
     proj_q, proj_k = projections(None, None, q.shape[-1], bits, int(args["seed"]), q.device)
     with torch.no_grad():
         codes = _natural(torch.cat(comm.all_gather(pack(k, proj_k)), dim=2), 2, world)  # [B, Hkv, T, bits/8]
+        key_signs = unpack_signs(codes, bits).to(torch.int8)                            # [B, Hkv, T, bits]
+        del codes
         keep = bias = None
         if mask is not None:
             flat = mask.reshape(mask.shape[0], mask.shape[-1])                         # [B|1, T_local|1]
@@ -284,8 +297,8 @@ def attend(args: dict, mask: Tensor | None, rank: int, world: int, comm) -> Tens
             for i0 in range(0, piece, step):
                 i1 = min(piece, i0 + step)
                 rows = slice(start + i0, start + i1)
-                index = select_rows(q[:, :, offset + i0:offset + i1], rows, codes, keep, causal, bits, top_k,
+                index = select_rows(q[:, :, offset + i0:offset + i1], rows, key_signs, keep, causal, bits, top_k,
                                     window, sinks, proj_q, k.shape[1])
                 blocks.append((slice(offset + i0, offset + i1), *by_owner(index, world, local)))
-        del codes
+        del key_signs
     return _HashedRing.apply(q, k, v, _Setup(blocks, bias, scale, rank, world, comm))

@@ -93,7 +93,8 @@ def test_the_selection_is_the_single_process_ops():
         rows = slice(12, 20)
         visible = sparse.visible_keys(keep[:, None].expand(B, 8, 40), rows, 40, 0 if causal else None, q.device)
         want = sparse.select(codes.signs(q[:, :, rows], proj), codes.signs(k, proj), visible, 16, 5, 3, 2)
-        got = hashed.select_rows(q[:, :, rows], rows, codes.pack(k, proj), keep, causal, 16, 5, 3, 2, proj, HKV)
+        key_signs = hashed.unpack_signs(codes.pack(k, proj), 16).to(torch.int8)
+        got = hashed.select_rows(q[:, :, rows], rows, key_signs, keep, causal, 16, 5, 3, 2, proj, HKV)
         as_sets = lambda index: [sorted(x for x in row if x >= 0) for row in index.reshape(-1, index.shape[-1]).tolist()]
         assert as_sets(got) == as_sets(want)
 
