@@ -142,3 +142,25 @@ def test_pieces_that_split_a_chunk_are_refused():
     local = [t.index_select(2, positions) for t in (q, k, v)]
     with pytest.raises(ValueError, match="pad the sequence to a multiple of 2 × world × chunk_size = 16"):
         summary.attend(_args(*local, True, 4, 1), None, 0, 2, comm=None)
+
+
+def test_summary_cp_applies_the_score_modification():
+    """A soft-capped summary site: the cap acts on the window's and the summaries' scores alike."""
+    cap = "div 0.5; tanh; mul 0.5"
+    q, k, v, grad, mask = _inputs("softcap", 36, "bool")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = ops.summary_attention(*leaves, mask, enable_gqa=True, chunk_size=2, window_chunks=2, score_mod=cap)
+    ref.backward(grad)
+
+    def rank_main(rank, comm):
+        positions = layout.local_positions(rank, 3, 36)
+        local = [t.index_select(2, positions).clone().requires_grad_() for t in (q, k, v)]
+        args = {**_args(*local, True, 2, 2), "score_mod": cap}
+        out = summary.attend(args, mask.index_select(3, positions), rank, 3, comm)
+        out.backward(grad.index_select(2, positions))
+        return out.detach(), [t.grad for t in local]
+
+    results = run_ranks(3, rank_main)
+    torch.testing.assert_close(layout.unshard(torch.cat([r[0] for r in results], 2), 2, 3), ref.detach())
+    for i, leaf in enumerate(leaves):
+        torch.testing.assert_close(layout.unshard(torch.cat([r[1][i] for r in results], 2), 2, 3), leaf.grad)
