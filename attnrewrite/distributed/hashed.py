@@ -52,6 +52,8 @@ from attnrewrite.kernels.hashed.sparse import (
 
 #: keys whose ±1 codes are converted to float32 at once while a block of queries is scored
 KEY_TILE = 2048
+#: about how many (query, key/value head, key) entries one step of the selection scores at once
+SELECT_ELEMENTS = 1 << 19
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -94,6 +96,21 @@ def select_rows(q_rows: Tensor, rows: slice, key_signs: Tensor, keep: Tensor | N
     special = visible & ((rank <= sinks) | (rank > count - window))
     cost = cost.masked_fill(special, -(groups * bits + 1) * length).masked_fill(~visible, 1)
     return top_indices(cost, min(reach, sinks + window + top_k)).to(index_dtype(length))
+
+
+def _select_block(q_rows: Tensor, rows: slice, key_signs: Tensor, keep, causal: bool, bits: int, top_k: int,
+                  window: int, sinks: int, proj_q: Tensor, heads_kv: int) -> Tensor:
+    """:func:`select_rows` for a block of query rows, a few rows at a time: the selection's transients
+    are as wide as the sequence (costs [B, Hkv, rows, T], the partition's int64 positions), so they are
+    kept to about ``SELECT_ELEMENTS`` entries; the parts are padded with −1 to one width."""
+    length = key_signs.shape[2]
+    step = max(1, SELECT_ELEMENTS // max(1, key_signs.shape[0] * heads_kv * length))
+    parts = [select_rows(q_rows[:, :, i0:i0 + step], slice(rows.start + i0, min(rows.stop, rows.start + i0 + step)),
+                         key_signs, keep, causal, bits, top_k, window, sinks, proj_q, heads_kv)
+             for i0 in range(0, rows.stop - rows.start, step)]
+    width = max(part.shape[-1] for part in parts)
+    parts = [torch.nn.functional.pad(part, (0, width - part.shape[-1]), value=-1) for part in parts]
+    return torch.cat(parts, dim=2)
 
 
 def index_dtype(length: int) -> torch.dtype:
@@ -297,8 +314,8 @@ def attend(args: dict, mask: Tensor | None, rank: int, world: int, comm) -> Tens
             for i0 in range(0, piece, step):
                 i1 = min(piece, i0 + step)
                 rows = slice(start + i0, start + i1)
-                index = select_rows(q[:, :, offset + i0:offset + i1], rows, key_signs, keep, causal, bits, top_k,
-                                    window, sinks, proj_q, k.shape[1])
+                index = _select_block(q[:, :, offset + i0:offset + i1], rows, key_signs, keep, causal, bits, top_k,
+                                      window, sinks, proj_q, k.shape[1])
                 blocks.append((slice(offset + i0, offset + i1), *by_owner(index, world, local)))
         del key_signs
     return _HashedRing.apply(q, k, v, _Setup(blocks, bias, scale, rank, world, comm))
