@@ -40,7 +40,6 @@ from attnrewrite.distributed.layout import local_positions, restore_indices
 from attnrewrite.kernels.hashed import op as hashed_op
 from attnrewrite.kernels.hashed.codes import pack, projections, signs
 from attnrewrite.kernels.hashed.sparse import (
-    BLOCK_ELEMENTS,
     MASKED_SCORE,
     _agreement_cost,
     _priority_dtype,
@@ -54,6 +53,9 @@ from attnrewrite.kernels.hashed.sparse import (
 KEY_TILE = 2048
 #: about how many (query, key/value head, key) entries one step of the selection scores at once
 SELECT_ELEMENTS = 1 << 19
+#: query rows per block of the ring: its gathered keys [B, Hkv, rows, S, D] stay near this many entries
+#: (a quarter of the single op's block: the gathers are the largest transients a rank has)
+RING_ELEMENTS = 1 << 20
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -307,7 +309,7 @@ def attend(args: dict, mask: Tensor | None, rank: int, world: int, comm) -> Tens
         positions = local_positions(rank, world, length)
         selected = min(length, sinks + window + top_k)
         per_row = q.shape[0] * max(q.shape[1] * length, k.shape[1] * selected * k.shape[-1])
-        step = max(1, BLOCK_ELEMENTS // max(1, per_row))
+        step = max(1, RING_ELEMENTS // max(1, per_row))
         blocks, piece = [], local // 2
         for offset in (0, piece):  # the rank's two pieces, each contiguous in global positions
             start = int(positions[offset])
