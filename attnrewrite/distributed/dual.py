@@ -56,7 +56,7 @@ def attend(args: dict, mask: Tensor | None, rank: int, world: int, exchange) -> 
         outs.append(ring.ring_attention(q[:, :past], _heads(k, 0, past, groups), _heads(v, 0, past, groups),
                                         head_mask, None, spec, exchange))
     if past < heads:
-        flip = lambda x: None if x is None else (x if x.shape[-1] == 1 else x.flip(-1))  # noqa: E731
+        flip = lambda x: None if x is None else (x if x.shape[-1] == 1 else x.flip(-1))
         head_mask = mask if mask is None or mask.shape[1] == 1 else mask[:, past:]
         future = ring.ring_attention(q[:, past:].flip(-2), _heads(k, past, heads, groups).flip(-2),
                                      _heads(v, past, heads, groups).flip(-2), flip(head_mask), None, spec, exchange)

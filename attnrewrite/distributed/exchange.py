@@ -122,7 +122,7 @@ def _rows(x: Tensor, index: Tensor) -> Tensor:
 def _move(x: Tensor, plan: FetchPlan, comm) -> Tensor:
     """The forward of :func:`fetch`: [..., plan.length, D] from x [..., T_local, D]."""
     sends = {peer: _rows(x, index) for peer, index in plan.send.items()}
-    shape = lambda n: (*x.shape[:-2], n, x.shape[-1])  # noqa: E731
+    shape = lambda n: (*x.shape[:-2], n, x.shape[-1])
     received = comm.exchange(sends, {peer: (shape(slots.numel()), x.dtype) for peer, slots in plan.receive.items()})
     out = x.new_empty(shape(plan.length))
     slots, index = plan.own
@@ -135,7 +135,7 @@ def _move(x: Tensor, plan: FetchPlan, comm) -> Tensor:
 def _move_back(grad: Tensor, plan: FetchPlan, local_shape, comm) -> Tensor:
     """The backward of :func:`fetch`: each fetched row's gradient added at its owner."""
     sends = {peer: _rows(grad, slots) for peer, slots in plan.receive.items()}
-    shape = lambda n: (*grad.shape[:-2], n, grad.shape[-1])  # noqa: E731
+    shape = lambda n: (*grad.shape[:-2], n, grad.shape[-1])
     received = comm.exchange(sends, {peer: (shape(index.numel()), grad.dtype) for peer, index in plan.send.items()})
     out = grad.new_zeros(local_shape)
     slots, index = plan.own

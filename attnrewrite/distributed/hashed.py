@@ -159,7 +159,7 @@ def _logits(q5: Tensor, k_block: Tensor, slots: Tensor, bias: Tensor | None, ind
     k_sel = _gather(k_block, slots).to(q5.dtype)                                      # [B, Hkv, n, S, D]
     scores = torch.einsum("bkgnd,bknsd->bkgns", q5, k_sel) * scale
     if bias is not None:  # the key bias [B|1, T] at the selected global positions
-        batch, heads_kv, n, width = index.shape
+        batch, heads_kv, n, _ = index.shape
         picked = bias[:, None, None, :].expand(batch, heads_kv, n, bias.shape[-1]).gather(-1, index.long().clamp(min=0))
         scores = scores + picked[:, :, None].to(scores.dtype)
     return scores.masked_fill((slots < 0)[:, :, None], float("-inf")), k_sel

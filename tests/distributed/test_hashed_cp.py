@@ -115,7 +115,7 @@ class _CountingComm(ThreadComm):
 def test_a_rank_never_holds_more_than_one_foreign_block_and_the_next(monkeypatch):
     """With 4 ranks, the forward's received K/V alive at once on a rank is at most two shards (the
     block being used and the one arriving), where an all-gather of K/V would hold three."""
-    import attnrewrite.testing.threads as threads
+    from attnrewrite.testing import threads
 
     monkeypatch.setattr(threads, "ThreadComm", _CountingComm)
     world, length = 4, 64
