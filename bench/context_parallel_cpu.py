@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 HEADS, DIM = 8, 64
-KINDS = ("softmax", "sigmoid", "linear", "summary", "hashed")
+KINDS = ("softmax", "sigmoid", "linear", "summary", "hashed", "sliding_window")
 
 
 def _attention(kind: str):
@@ -41,6 +41,7 @@ def _attention(kind: str):
         "linear": lambda q, k, v: ops.linear_attention(q, k, v, is_causal=True),
         "summary": lambda q, k, v: ops.summary_attention(q, k, v, is_causal=True),
         "hashed": lambda q, k, v: ops.hashed_attention(q, k, v, is_causal=True),
+        "sliding_window": lambda q, k, v: ops.sliding_window_attention(q, k, v, is_causal=True),
     }[kind]
 
 

@@ -15,7 +15,10 @@ process group), so a W-rank run can be checked in one process.
   sigmoid's b_i = −log n_i counted over the visible keys and folded into that mask.
 - linear: each chunk calls the op on the keys up to its end with ``is_causal=True``: the op aligns
   Tq < Tk bottom-right, which is exactly "the chunk's global positions".  Bidirectional: all keys.
-- summary, hashed, dual_triangle, sliding_window: the rank's queries are scattered into a sequence of
+- summary is not computed here (:mod:`.summary`); nor are hashed (random hash, no score_mod or far_dtype:
+  :mod:`.hashed`), sliding_window (no dropout, no key bias: :mod:`.window`) and dual_triangle (where the
+  softmax ring applies: :mod:`.dual`) when their forms apply.
+- hashed, dual_triangle, sliding_window otherwise: the rank's queries are scattered into a sequence of
   zeros at their global positions, the op runs over the whole sequence and the rank keeps its rows.
   Exact (a row depends on its own query only), but every rank computes all T rows: no saving in time
   or activation memory for these kinds yet.
@@ -29,10 +32,11 @@ from torch import Tensor
 from attnrewrite.kernels.checks import check_mask_dtype
 from attnrewrite.kernels.sigmoid.api import mask_keeps
 
-#: The kinds whose rank-local form here does work proportional to the rank's share of the rows.
-SHARDED_WORK = ("softmax_attention", "sigmoid_attention", "linear_attention")
+#: The kinds whose context-parallel form does work proportional to the rank's share of the rows
+#: (summary's is :mod:`.summary`, not here).
+SHARDED_WORK = ("softmax_attention", "sigmoid_attention", "linear_attention", "summary_attention")
 #: The kinds computed over every row on every rank (exact, without savings).
-ALL_ROWS = ("summary_attention", "hashed_attention", "dual_triangle_attention", "sliding_window_attention")
+ALL_ROWS = ("hashed_attention", "dual_triangle_attention", "sliding_window_attention")
 SUPPORTED = SHARDED_WORK + ALL_ROWS
 
 

@@ -8,9 +8,14 @@ their ``buffer_seq_dims`` into the load-balanced layout (:mod:`.layout`) and put
 Softmax (SDPA; on the CPU in float32/64) and sigmoid go round a ring (:mod:`.ring`): key/value blocks
 pass from rank to rank, forward and backward, and no rank ever holds more than two shards of K/V.
 Linear all-gathers only each chunk's (S, z) state and starts each chunk from the states before it
-(:mod:`.linear`).  The other kinds, and softmax/sigmoid with dropout or (softmax) off the CPU, all-gather the keys, values and
-key mask of the mesh's ranks (differentiably: the backward sums key/value gradients over the ranks)
-and compute the rank's rows from them (:mod:`.kinds`).  Parameters' gradients are each rank's share, as under
+(:mod:`.linear`).  Summary all-gathers the chunk summaries and fetches only its windows' raw rows
+(:mod:`.summary`), hashed all-gathers the packed key codes and passes K/V round a ring (:mod:`.hashed`),
+sliding window fetches only its windows' and sinks' rows (:mod:`.window`), all through
+:mod:`.exchange`; dual_triangle runs two causal softmax rings, one on the mirrored sequence
+(:mod:`.dual`).  The rest (dual_triangle where the softmax ring does not apply; hashed with a learned hash, a score modification or
+far_dtype; sliding window with dropout or a key bias; softmax/sigmoid with dropout or (softmax) off the
+CPU) all-gather the keys, values and key mask of the mesh's ranks (differentiably: the backward sums
+key/value gradients over the ranks) and compute the rank's rows from them (:mod:`.kinds`).  Parameters' gradients are each rank's share, as under
 torch's manager: reduce them over the mesh (DDP/FSDP over the same ranks, or an ``all_reduce``).
 """
 
@@ -25,8 +30,9 @@ from torch import Tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.overrides import TorchFunctionMode
 
-from attnrewrite.distributed import kinds, linear, ring
+from attnrewrite.distributed import dual, hashed, kinds, linear, ring, summary, window
 from attnrewrite.distributed.collectives import gather_ranks, gather_sequence
+from attnrewrite.distributed.exchange import GroupComm
 from attnrewrite.distributed.layout import check_divisible, local_positions, segments, shard
 from attnrewrite.kernels.checks import SHARDED_SEQUENCE, torch_context_parallel_active
 
@@ -95,6 +101,7 @@ class _ContextParallelMode(TorchFunctionMode):
         self.world = mesh.size()
         self.rank = mesh.get_local_rank()
         self._ring = None
+        self._comm = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -143,6 +150,25 @@ class _ContextParallelMode(TorchFunctionMode):
                 return linear.attend_with_states(bound, k, v, mask, gathered, self.rank, self.world)
             finally:
                 SHARDED_SEQUENCE.depth -= 1
+        if name == "dual_triangle_attention" and dual.applies(bound):
+            if self._ring is None:
+                self._ring = ring.P2PRing(self.group)
+            SHARDED_SEQUENCE.depth += 1
+            try:  # two causal softmax rings, the future heads on the mirrored sequence
+                return dual.attend(bound, mask, self.rank, self.world, self._ring)
+            finally:
+                SHARDED_SEQUENCE.depth -= 1
+        form = _exchange_form(name, bound, mask)
+        if form is not None:
+            if self._comm is None:
+                self._comm = GroupComm(self.group)
+            SHARDED_SEQUENCE.depth += 1
+            try:  # summary: the window's raw rows from the neighbours and the chunk summaries from everyone;
+                # hashed: the packed codes from everyone, then a ring of K/V blocks; sliding window: the
+                # window's and the sinks' rows from their owners.  No K/V gather.
+                return form.attend(bound, mask, self.rank, self.world, self._comm)
+            finally:
+                SHARDED_SEQUENCE.depth -= 1
         if mask is not None and mask.shape[-1] == local:
             mask = gather_sequence(mask, -1, self.group)
         if k.shape[:-1] == v.shape[:-1] and k.dtype == v.dtype:
@@ -178,6 +204,17 @@ class _ContextParallelMode(TorchFunctionMode):
             return ring.ring_attention(q, bound["k"], bound["v"], mask, rows, spec, self._ring)
         finally:
             SHARDED_SEQUENCE.depth -= 1
+
+
+def _exchange_form(name: str, bound: dict, mask: Tensor | None):
+    """The module computing this call by point-to-point exchanges (:mod:`.exchange`), or None."""
+    if name == "summary_attention":
+        return summary
+    if name == "hashed_attention" and hashed.applies(bound):
+        return hashed
+    if name == "sliding_window_attention" and window.applies(bound, mask):
+        return window
+    return None
 
 
 #: The kinds computed by the ring pass when :func:`ring.applies` (else by the all-gather of K/V).

@@ -133,6 +133,32 @@ def _learned_summary_case(mesh):
     assert_close(mine.grad, ref_query.grad)
 
 
+def _summary_traffic_case(mesh):
+    """Summary attention on gloo: the rows equal the whole op's, and the bytes this rank received (its
+    window's raw rows, the other rank's chunk summaries, and backward their gradients) stay below one
+    copy of the whole sequence's keys and values, which the all-gather of K/V received forward alone."""
+    from attnrewrite.distributed import manager
+
+    rank, world, length = mesh.get_local_rank(), mesh.size(), 128
+    g = torch.Generator().manual_seed(_seed("summary-traffic"))
+    q, k, v = (torch.randn(B, h, length, D, generator=g, dtype=torch.float64) for h in (HQ, HKV, HKV))
+    grad = torch.randn(B, HQ, length, D, generator=g, dtype=torch.float64)
+
+    def call(q, k, v):
+        return ops.summary_attention(q, k, v, enable_gqa=True, chunk_size=8, window_chunks=1)
+
+    ref = call(q, k, v)
+    buffers = [q.clone(), k.clone(), v.clone(), grad.clone()]
+    with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2, 2]):
+        local = [b.clone().requires_grad_() for b in buffers[:3]]
+        out = call(*local)
+        out.backward(buffers[3])
+        received = manager._active[-1]._comm.received_bytes
+    assert_close(out, shard(ref, 2, rank, world))
+    whole_kv = 2 * k.numel() * k.element_size()
+    assert 0 < received < whole_kv / 2, (received, whole_kv)
+
+
 class TinyLM(nn.Module):
     """Embeddings, one causal attention block calling an attnrewrite op directly, a head."""
 
@@ -280,6 +306,7 @@ def context_parallel_cases() -> list[tuple[str, Case]]:
                 name = f"{kind}-{'causal' if causal else 'bidirectional'}-{'padded' if masked else 'nomask'}"
                 cases.append((name, _kind_case(name, call, causal, masked)))
     cases.append(("summary-learned-state", _learned_summary_case))
+    cases.append(("summary-traffic", _summary_traffic_case))
     cases.append(("train-sigmoid", _training_case(lambda q, k, v: ops.sigmoid_attention(q, k, v, is_causal=True),
                                                   "train-sigmoid")))
     cases.append(("train-sdpa", _training_case(

@@ -33,11 +33,11 @@ def test_length_not_divisible_is_refused():
         layout.segments(0, 3, 16)
 
 
+# summary's context-parallel form fetches pieces instead of taking the gathered K/V: tests/distributed/test_summary_cp.py
 OPTIONS = {
     "softmax_attention": {},
     "sigmoid_attention": {"bias": None},
     "linear_attention": {"feature_map": "elu", "eps": 1e-6},
-    "summary_attention": {"chunk_size": 2, "window_chunks": 2},
     "hashed_attention": {"bits": 16, "top_k": 4, "window": 3, "sinks": 1},
     "sliding_window_attention": {"window": 5},
 }

@@ -1,0 +1,141 @@
+"""Context-parallel hashed attention (:mod:`attnrewrite.distributed.hashed`), W ranks as threads.
+
+The ranks select from the all-gathered packed codes and attend over a ring of key/value blocks; their
+rows, put back in order, and the q/k/v gradients (dK/dV having travelled back to their owners) must
+equal the single-process op.  And no rank ever holds more than two foreign blocks of K/V at once.
+"""
+
+from __future__ import annotations
+
+import weakref
+import zlib
+
+import pytest
+import torch
+
+from attnrewrite import ops
+from attnrewrite.distributed import hashed, layout
+from attnrewrite.testing.threads import ThreadComm, run_ranks
+
+B, HQ, HKV, D = 2, 4, 2, 8
+OPTIONS = dict(bits=16, top_k=5, window=3, sinks=2)
+
+
+def _inputs(name: str, length: int, mask_kind: str):
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    q, k, v = (torch.randn(B, h, length, D, generator=g, dtype=torch.float64) for h in (HQ, HKV, HKV))
+    grad = torch.randn(B, HQ, length, D, generator=g, dtype=torch.float64)
+    valid = torch.ones(B, length, dtype=torch.bool)
+    valid[1, length - 7:] = False
+    valid[0, 3] = False
+    if mask_kind == "none":
+        mask = None
+    elif mask_kind == "bool":
+        mask = valid[:, None, None, :]
+    else:  # a float key bias with padding at -inf
+        mask = torch.randn(B, 1, 1, length, generator=g, dtype=torch.float64).masked_fill(~valid[:, None, None, :],
+                                                                                         float("-inf"))
+    return q, k, v, grad, mask
+
+
+def _args(q, k, v, causal, options):
+    return dict(q=q, k=k, v=v, dropout_p=0.0, is_causal=causal, scale=None, enable_gqa=True, hash="random",
+                q_projection=None, k_projection=None, seed=3, score_mod=None, far_dtype=None, **options)
+
+
+def _distributed(world, q, k, v, grad, mask, causal, options, backward=True):
+    length = q.shape[-2]
+
+    def rank_main(rank, comm):
+        positions = layout.local_positions(rank, world, length)
+        local = [t.index_select(2, positions).clone().requires_grad_() for t in (q, k, v)]
+        local_mask = None if mask is None else mask.index_select(3, positions)
+        out = hashed.attend(_args(*local, causal, options), local_mask, rank, world, comm)
+        if backward:
+            out.backward(grad.index_select(2, positions))
+        return out.detach(), [t.grad for t in local], comm
+
+    results = run_ranks(world, rank_main)
+    out = layout.unshard(torch.cat([r[0] for r in results], 2), 2, world)
+    grads = None
+    if backward:
+        grads = [layout.unshard(torch.cat([r[1][i] for r in results], 2), 2, world) for i in range(3)]
+    return out, grads, [r[2] for r in results]
+
+
+CELLS = [(causal, mask_kind, world, 24 * world // 2 if world == 3 else 24, OPTIONS)
+         for causal in (True, False) for mask_kind in ("none", "bool", "float") for world in (2, 3)]
+CELLS += [(True, "bool", 4, 32, OPTIONS), (True, "none", 1, 24, OPTIONS),
+          (True, "none", 2, 24, dict(bits=8, top_k=40, window=0, sinks=0)),   # top_k beyond the visible keys
+          (False, "bool", 4, 32, dict(bits=24, top_k=2, window=1, sinks=0))]
+
+
+@pytest.mark.parametrize("causal,mask_kind,world,length,options", CELLS)
+def test_hashed_cp_equals_the_whole_op(causal, mask_kind, world, length, options):
+    q, k, v, grad, mask = _inputs(f"hashed{causal}{mask_kind}{world}{length}{options}", length, mask_kind)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = ops.hashed_attention(*leaves, mask, is_causal=causal, enable_gqa=True, seed=3, **options)
+    ref.backward(grad)
+    out, grads, _ = _distributed(world, q, k, v, grad, mask, causal, options)
+    torch.testing.assert_close(out, ref.detach())
+    for tensor_name, got, leaf in zip("qkv", grads, leaves):
+        torch.testing.assert_close(got, leaf.grad, msg=lambda m, n=tensor_name: f"d{n}: {m}")
+
+
+def test_the_selection_is_the_single_process_ops():
+    """select_rows on all-gathered packed codes chooses the keys the op's own selection chooses."""
+    from attnrewrite.kernels.hashed import codes, sparse
+
+    q, k, _, _, mask = _inputs("selection", 40, "bool")
+    proj = codes.random_hyperplanes(D, 16, 3)
+    keep = mask[:, 0, 0]
+    for causal in (True, False):
+        rows = slice(12, 20)
+        visible = sparse.visible_keys(keep[:, None].expand(B, 8, 40), rows, 40, 0 if causal else None, q.device)
+        want = sparse.select(codes.signs(q[:, :, rows], proj), codes.signs(k, proj), visible, 16, 5, 3, 2)
+        key_signs = hashed.unpack_signs(codes.pack(k, proj), 16).to(torch.int8)
+        got = hashed.select_rows(q[:, :, rows], rows, key_signs, keep, causal, 16, 5, 3, 2, proj, HKV)
+        as_sets = lambda index: [sorted(x for x in row if x >= 0) for row in index.reshape(-1, index.shape[-1]).tolist()]
+        assert as_sets(got) == as_sets(want)
+
+
+class _CountingComm(ThreadComm):
+    """Keeps a weak reference to every received floating-point tensor: at each receive, how many bytes
+    of them are still alive on this rank."""
+
+    def _take(self, peer):
+        tensor = super()._take(peer)
+        if tensor.is_floating_point():
+            self.alive = [ref for ref in getattr(self, "alive", []) if ref() is not None] + [weakref.ref(tensor)]
+            held = sum(ref().numel() * ref().element_size() for ref in self.alive if ref() is not None)
+            self.peak_alive = max(getattr(self, "peak_alive", 0), held)
+        return tensor
+
+
+def test_a_rank_never_holds_more_than_one_foreign_block_and_the_next(monkeypatch):
+    """With 4 ranks, the forward's received K/V alive at once on a rank is at most two shards (the
+    block being used and the one arriving), where an all-gather of K/V would hold three."""
+    from attnrewrite.testing import threads
+
+    monkeypatch.setattr(threads, "ThreadComm", _CountingComm)
+    world, length = 4, 64
+    q, k, v, grad, _ = _inputs("probe", length, "none")
+    _, _, comms = _distributed(world, q, k, v, grad, None, True, OPTIONS, backward=False)
+    shard_kv = B * HKV * (length // world) * 2 * D * 8
+    for comm in comms:
+        assert 0 < comm.peak_alive <= 2 * shard_kv, (comm.peak_alive, shard_kv)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_selection_in_single_rows_gives_the_same_result(causal, monkeypatch):
+    """The selection runs a few rows at a time (parts padded to one width): one row at a time, the
+    ranks' rows and gradients still equal the op's."""
+    monkeypatch.setattr(hashed, "SELECT_ELEMENTS", 1)
+    q, k, v, grad, mask = _inputs(f"single-rows{causal}", 24, "bool")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = ops.hashed_attention(*leaves, mask, is_causal=causal, enable_gqa=True, seed=3, **OPTIONS)
+    ref.backward(grad)
+    out, grads, _ = _distributed(2, q, k, v, grad, mask, causal, OPTIONS)
+    torch.testing.assert_close(out, ref.detach())
+    for got, leaf in zip(grads, leaves):
+        torch.testing.assert_close(got, leaf.grad)
