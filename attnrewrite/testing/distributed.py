@@ -313,6 +313,10 @@ def context_parallel_cases() -> list[tuple[str, Case]]:
         lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), "train-sdpa")))
     cases.append(("train-linear", _training_case(lambda q, k, v: ops.linear_attention(q, k, v, is_causal=True),
                                                  "train-linear")))
+    cases.append(("train-summary", _training_case(
+        lambda q, k, v: ops.summary_attention(q, k, v, chunk_size=2, window_chunks=2), "train-summary")))
+    cases.append(("train-hashed", _training_case(
+        lambda q, k, v: ops.hashed_attention(q, k, v, is_causal=True, top_k=3, window=2, sinks=1), "train-hashed")))
     cases.append(("compiled-eager-refused-inside", _compiled_case("eager")))
     cases.append(("torch-manager-refused", _torch_manager_case))
     cases.append(("bad-input", _bad_input_case))
