@@ -43,6 +43,9 @@ def convert(model: nn.Module, to: str, example_inputs: Any = (), *, replace: boo
             trained values are lost).  Without it, states made for other options raise.
         options: the kind's options (``feature_map="hedgehog"`` ...), as for the backend.
 
+    The states are made on the device of their owner's parameters and, when those share one floating
+    dtype, in that dtype (a float64 or bfloat16 model gets states of its own dtype, as FSDP2 requires).
+
     Returns:
         ``model``, with ``<owner>.attnrewrite_<kind>`` submodules added; the sites found and
         converted are in ``model.attnrewrite_report``.
