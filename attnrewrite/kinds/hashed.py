@@ -19,19 +19,16 @@ supplied (such sites are skipped).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
 
 import attnrewrite.kernels.hashed.public  # noqa: F401 — registers attnrewrite::hashed_attention
 from attnrewrite.ir.canonical import AttentionCall
-from attnrewrite.ir.score_program import score_program
 from attnrewrite.ir.spec import AttentionSpec
-from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
 from attnrewrite.kernels.hashed.op import FAR_DTYPES, HASHES
 from attnrewrite.kernels.hashed.state import HashProjections
-from attnrewrite.kinds.causal import causal_self_attention_reason, term_shape
+from attnrewrite.kinds.causal import applied_score_mod, causal_self_attention_reason, term_shape
 from attnrewrite.kinds.options import Option, impl_choice, integer, one_of
 from attnrewrite.kinds.registry import Kind, register
 
@@ -60,15 +57,9 @@ def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
     if options.get("impl") == "triton" and options.get("hash") == "learned":
         return ("impl='triton' with hash='learned' (the Triton kernels do not implement the learned "
                 "projections' straight-through gradient; use impl='auto' or 'torch')")
-    if spec.score_mod is not None:  # applied by the op when it has a program; the rest as for any site
-        program, reason = score_program(spec.score_mod)
-        if reason is not None:
-            return reason
-        refusal = score_mod_refusal(parse_score_mod(program))
-        if options.get("impl") == "triton" and refusal is not None:
-            return (f"impl='triton' with a score modification: {refusal}; impl='auto' or 'torch' runs it on the "
-                    "torch path")
-        spec = replace(spec, score_mod=None)
+    reason, spec = applied_score_mod(spec, options)  # applied by the op; the rest as for any site
+    if reason is not None:
+        return reason
     reason = causal_self_attention_reason(spec, "hashed")
     if reason is not None:
         return reason
