@@ -255,6 +255,18 @@ def sliding_window_forward(module, query, key, value, attention_mask, dropout: f
 HASHED_OPTIONS = ("bits", "top_k", "window", "sinks", "hash", "seed")
 
 
+def _refuse_outside_causal_inference(kind: str, module, dropout: float, is_causal, kwargs) -> None:
+    """The refusals of the decode kinds' HF functions (summary, hashed): attention dropout, returned weights, a
+    module that is not causal — each a ValueError naming ``attnrewrite_<kind>`` and what to change."""
+    if dropout > 0:
+        raise ValueError(f"attnrewrite_{kind}: the {kind} kind has no attention dropout (p={dropout:g}); set the "
+                         "config's attention_dropout to 0, or call model.eval()")
+    if weights_requested(kwargs):
+        raise ValueError(f"attnrewrite_{kind} does not return attention weights (output_attentions=True)")
+    if not _module_causal(module, is_causal):
+        raise ValueError(f"attnrewrite_{kind} is causal self-attention only; this module is not causal")
+
+
 def _hashed_config(module) -> dict:
     options = getattr(getattr(module, "config", None), "hashed_attention", None) or {}
     if not isinstance(options, dict) or set(options) - set(HASHED_OPTIONS):
@@ -280,13 +292,7 @@ def hashed_forward(module, query, key, value, attention_mask, dropout: float = 0
     from attnrewrite.decode.hashed import claim_step
     from attnrewrite.ops import hashed_attention
 
-    if dropout > 0:
-        raise ValueError(f"attnrewrite_hashed: the hashed kind has no attention dropout (p={dropout:g}); set the "
-                         "config's attention_dropout to 0, or call model.eval()")
-    if weights_requested(kwargs):
-        raise ValueError("attnrewrite_hashed does not return attention weights (output_attentions=True)")
-    if not _module_causal(module, is_causal):
-        raise ValueError("attnrewrite_hashed is causal self-attention only; this module is not causal")
+    _refuse_outside_causal_inference("hashed", module, dropout, is_causal, kwargs)
     options = _hashed_config(module)
     cap = _softcap(kwargs)
     claimed = claim_step(key)
@@ -345,13 +351,7 @@ def summary_forward(module, query, key, value, attention_mask, dropout: float = 
     from attnrewrite.kernels.summary.chunked import block_attention
     from attnrewrite.ops import summary_attention
 
-    if dropout > 0:
-        raise ValueError(f"attnrewrite_summary: the summary kind has no attention dropout (p={dropout:g}); set the "
-                         "config's attention_dropout to 0, or call model.eval()")
-    if weights_requested(kwargs):
-        raise ValueError("attnrewrite_summary does not return attention weights (output_attentions=True)")
-    if not _module_causal(module, is_causal):
-        raise ValueError("attnrewrite_summary is causal self-attention only; this module is not causal")
+    _refuse_outside_causal_inference("summary", module, dropout, is_causal, kwargs)
     options = _summary_config(module)
     cap = _softcap(kwargs)
     claimed = claim_step(key)
