@@ -72,8 +72,10 @@ def weights(call: AttentionCall, options: dict[str, Any], state) -> Any:
             counted = keep
         else:
             scores = scores + call.attn_mask
-            lowest = torch.finfo(call.attn_mask.dtype).min
-            counted = keep & (call.attn_mask != float("-inf")) & (call.attn_mask != lowest)
+            # an additive mask is materialised in call.dtype (static: the mask may be an FX proxy here)
+            if call.dtype is not None and call.dtype.is_floating_point:
+                lowest = torch.finfo(call.dtype).min
+                counted = keep & (call.attn_mask != float("-inf")) & (call.attn_mask != lowest)
     if call.is_causal:
         keep = keep & torch.ones_like(keep[0, 0]).tril()
         counted = counted & keep

@@ -157,6 +157,8 @@ def mask_keeps(attn_mask: torch.Tensor) -> torch.Tensor:
     """
     if attn_mask.dtype == torch.bool:
         return attn_mask
+    if not attn_mask.is_floating_point():  # an integer bias has no -inf: it excludes no key
+        return torch.ones_like(attn_mask, dtype=torch.bool)
     return attn_mask > torch.finfo(attn_mask.dtype).min
 
 
