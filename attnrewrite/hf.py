@@ -267,12 +267,17 @@ def _refuse_outside_causal_inference(kind: str, module, dropout: float, is_causa
         raise ValueError(f"attnrewrite_{kind} is causal self-attention only; this module is not causal")
 
 
-def _hashed_config(module) -> dict:
-    options = getattr(getattr(module, "config", None), "hashed_attention", None) or {}
-    if not isinstance(options, dict) or set(options) - set(HASHED_OPTIONS):
-        raise ValueError(f"attnrewrite_hashed: config.hashed_attention must be a dict of {HASHED_OPTIONS}, "
-                         f"got {options!r}")
+def _kind_config(module, kind: str, allowed: tuple[str, ...]) -> dict:
+    """The options dict ``config.<kind>_attention`` of the module's model config ({} when absent); anything else,
+    or an option not in ``allowed``, is a ValueError naming ``attnrewrite_<kind>``."""
+    options = getattr(getattr(module, "config", None), f"{kind}_attention", None) or {}
+    if not isinstance(options, dict) or set(options) - set(allowed):
+        raise ValueError(f"attnrewrite_{kind}: config.{kind}_attention must be a dict of {allowed}, got {options!r}")
     return options
+
+
+def _hashed_config(module) -> dict:
+    return _kind_config(module, "hashed", HASHED_OPTIONS)
 
 
 def hashed_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
@@ -327,11 +332,7 @@ SUMMARY_OPTIONS = ("chunk_size", "window_chunks", "summary")
 
 
 def _summary_config(module) -> dict:
-    options = getattr(getattr(module, "config", None), "summary_attention", None) or {}
-    if not isinstance(options, dict) or set(options) - set(SUMMARY_OPTIONS):
-        raise ValueError(f"attnrewrite_summary: config.summary_attention must be a dict of {SUMMARY_OPTIONS}, "
-                         f"got {options!r}")
-    return options
+    return _kind_config(module, "summary", SUMMARY_OPTIONS)
 
 
 def summary_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,

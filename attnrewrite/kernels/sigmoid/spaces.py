@@ -159,11 +159,14 @@ def _space(kernel: str, head: int) -> tuning.SearchSpace:
 MOD_DEFAULTS = {("bwd_dq", 128): (64, 64, 8, 3), ("bwd_dkdv", 128): (64, 64, 8, 2)}
 
 
-def with_mod_default(space: tuning.SearchSpace, kernel: str, head: int) -> tuning.SearchSpace:
-    """``space`` with the default a score modification needs (:data:`MOD_DEFAULTS`), or as it is."""
-    if (kernel, head) not in MOD_DEFAULTS:
+def with_mod_default(space: tuning.SearchSpace, kernel: str, head: int,
+                     table: dict | None = None) -> tuning.SearchSpace:
+    """``space`` with the default a score modification needs (``table``, this family's :data:`MOD_DEFAULTS` by
+    default: {(kernel, head class): (BLOCK_M, BLOCK_N, num_warps, num_stages)}), or as it is."""
+    table = MOD_DEFAULTS if table is None else table
+    if (kernel, head) not in table:
         return space
-    bm, bn, warps, stages = MOD_DEFAULTS[(kernel, head)]
+    bm, bn, warps, stages = table[(kernel, head)]
     return dataclasses.replace(space, default={**space.default, "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps,
                                                "num_stages": stages})
 

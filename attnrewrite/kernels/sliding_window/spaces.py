@@ -11,12 +11,12 @@ configuration until it is valid.
 
 from __future__ import annotations
 
-import dataclasses
 
 import torch
 
 from attnrewrite.kernels import triton_scaffold as scaffold
 from attnrewrite.kernels import tuning
+from attnrewrite.kernels.sigmoid import spaces as sigmoid_spaces
 from attnrewrite.kernels.sigmoid.spaces import resources
 from attnrewrite.kernels.triton_scaffold import length_bucket as _length_bucket, pow2 as _pow2
 
@@ -92,11 +92,7 @@ MOD_DEFAULTS = {("bwd_dq", 128): (64, 64, 8, 3), ("bwd_dkdv", 128): (32, 64, 8, 
 
 def with_mod_default(space: tuning.SearchSpace, kernel: str, head: int) -> tuning.SearchSpace:
     """``space`` with the default a score modification needs (:data:`MOD_DEFAULTS`), or as it is."""
-    if (kernel, head) not in MOD_DEFAULTS:
-        return space
-    bm, bn, warps, stages = MOD_DEFAULTS[(kernel, head)]
-    return dataclasses.replace(space, default={**space.default, "BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps,
-                                               "num_stages": stages})
+    return sigmoid_spaces.with_mod_default(space, kernel, head, MOD_DEFAULTS)
 
 
 SPACES: dict[str, tuning.SearchSpace] = {
