@@ -134,9 +134,14 @@ def materialize_mask(terms: tuple[MaskTerm, ...], lookup: Lookup, dtype: torch.d
 class AttentionCall:
     """Arguments of an SDPA-signature attention op, [B, H, T, D] layout.
 
-    The scores are ``scale · (q · q_factor) · kᵀ``: ``q_factor`` (None, or a SymFloat / tensor
-    broadcastable to q) holds the non-constant part of the site's scale.  Kinds that use the
-    scale call :meth:`scaled_q`; kinds that ignore it (linear) read ``q``.
+    The scores are ``scale · (q · q_factor) · kᵀ``.  ``scale`` is a float, or a symbolic number (a
+    SymFloat; an FX proxy of one while recording) when the site's scale is a value of the graph —
+    ``module.scaling`` under ``dynamic=True`` — so the op applies it exactly where it applies a
+    constant one (multiplying q by it first would round q·scale, not q, to a low-precision dtype,
+    and a model would compute differently captured with ``dynamic=None`` and ``True``).
+    ``q_factor`` (None, or a tensor broadcastable to q; or a SymFloat when the site has no
+    explicit scale) holds the rest of a non-constant scale.  Kinds that use the scale call
+    :meth:`scaled_q`; kinds that ignore it (linear) read ``q``.
 
     ``kwargs()`` holds what every kind's op takes.  The other fields are for kinds that build
     the scores themselves: ``score_mod`` (``mod(scores) -> scores`` on [B, Hq, Tq, Tk], applied
@@ -151,7 +156,7 @@ class AttentionCall:
     attn_mask: Any
     dropout_p: Any  # a float, or the graph value of a symbolic probability (a proxy while recording)
     is_causal: bool
-    scale: float | None
+    scale: Any  # float | None, or a symbolic number (see above)
     enable_gqa: bool
     q_factor: Any = None
     score_mod: Callable[[Any], Any] | None = None
@@ -170,17 +175,33 @@ class AttentionCall:
                     scale=self.scale, enable_gqa=self.enable_gqa)
 
 
+_NUMBERS = (int, float, torch.SymInt, torch.SymFloat)
+
+
+def is_scalar(node: fx.Node, value: Any) -> bool:
+    """Whether a non-constant scale factor is a number (a SymFloat, e.g. ``module.scaling`` read under
+    ``dynamic=True``) rather than a tensor.  Decided from the graph (the node's example value) when it
+    says, so the answer is the same while recording (``value`` a proxy) and while evaluating."""
+    example = node.meta.get("example_value", node.meta.get("val"))
+    if example is not None:
+        return isinstance(example, _NUMBERS)
+    return isinstance(value, _NUMBERS)
+
+
 def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, dropout: bool = True) -> AttentionCall:
     """Build the canonical attention arguments for ``spec``.
 
     ``dtype`` is the dtype of q as it enters attention (additive masks are cast to it);
     ``dropout=False`` drops dropout (certification compares deterministic outputs).
     """
-    factor = None
+    scale, factor = spec.scale, None
     for node, power in spec.q_factors:
         f = lookup(node)
         f = f if power == 1 else f**power
-        factor = f if factor is None else factor * f
+        if scale is not None and is_scalar(node, f):
+            scale = f if isinstance(scale, float) and scale == 1.0 else scale * f  # a symbolic number: part of the op's scale, applied where the op applies it
+        else:
+            factor = f if factor is None else factor * f
     return AttentionCall(
         q=ref_value(spec.q, lookup),
         q_factor=factor,
@@ -189,7 +210,7 @@ def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, drop
         attn_mask=materialize_mask(spec.bias, lookup, dtype),
         dropout_p=(spec.dropout_p if spec.dropout_node is None else lookup(spec.dropout_node)) if dropout else 0.0,
         is_causal=spec.causal,
-        scale=spec.scale,
+        scale=scale,
         enable_gqa=spec.kv_groups > 1,
         score_mod=None if spec.score_mod is None else bind_score_mod(spec.score_mod, lookup),
         score_program=score_program(spec.score_mod)[0],

@@ -441,3 +441,53 @@ def test_sigmoid_gives_the_same_model_compiled_whole_or_layer_by_layer():
     assert (whole - softmax).abs().max() > 1e-2  # sigmoid ran
     keep = padding.bool()  # the padded query rows see no real key; compare the rows of real tokens
     torch.testing.assert_close(by_layer[keep], whole[keep], rtol=1e-5, atol=1e-5)
+
+
+class ScaledByAttribute(nn.Module):
+    """Causal attention with key padding and two query heads per key/value head, scaled by a float attribute;
+    q and k made float32 inside an autocast region (as a rotary embedding in float32 does) while v stays in the
+    autocast dtype.  Under ``dynamic=True`` Dynamo reads ``self.scaling`` as a graph value (a SymFloat)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.scaling = nn.Linear(16, 32), 0.3
+        self.turn = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+
+    def forward(self, x, keep):  # x [B, T, 16], keep [B, T] bool: the keys that are not padding
+        q, k, v = self.proj(x).split([16, 8, 8], dim=-1)
+        q = q.unflatten(-1, (2, 8)).transpose(1, 2)  # [B, 2, T, 8]
+        k, v = k[:, None], v[:, None]  # [B, 1, T, 8]
+        q, k = q * self.turn.float(), k * self.turn.float()  # float32 under autocast
+        k, v = k.expand(-1, 2, -1, -1), v.expand(-1, 2, -1, -1)
+        scores = (q @ k.transpose(-1, -2)) * self.scaling
+        t = q.shape[-2]
+        visible = torch.ones(t, t, dtype=torch.bool, device=x.device).tril() & keep[:, None, None, :]
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        return (probs.to(v.dtype) @ v).transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid", "sliding_window"])
+def test_a_symbolic_scale_computes_as_a_constant_one_under_autocast(kind):
+    """The same model captured with dynamic=None (its scale a constant) and dynamic=True (a SymFloat) computes
+    the same numbers, bit for bit, forward and backward, in bfloat16 autocast.  The symbolic scale used to be
+    multiplied into q before the op, which then computed (q·scale)·kᵀ where the constant path computes
+    scale·(q·kᵀ): float32 results a last bit apart, which the bfloat16 roundings after the op turn into
+    differences of a bfloat16 step, and which 10 training steps amplified past the numerics rule (issue 12's
+    bf16 training-matrix cells)."""
+    x = torch.randn(2, 11, 16, generator=torch.Generator().manual_seed(3))
+    keep = torch.ones(2, 11, dtype=torch.bool)
+    keep[1, 8:] = False
+    results = []
+    for dynamic in (None, True):
+        torch.manual_seed(0)
+        model = ScaledByAttribute()
+        report = Report()
+        compiled = compile_rewritten(model, report, to=kind, strict=True, dynamic=dynamic)
+        with torch.autocast("cpu", torch.bfloat16):
+            out = compiled(x, keep)
+        out.float().square().sum().backward()
+        assert [s.status for s in report.attention_sites()] == ["rewritten"], report
+        results.append((out, model.proj.weight.grad, model.turn.grad))
+        torch._dynamo.reset()
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
