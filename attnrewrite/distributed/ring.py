@@ -199,6 +199,13 @@ def _sigmoid_block(q, k, v, mask, rows, diagonal, spec):
     return torch.ops.attnrewrite.sigmoid_attention(q, k, v, folded, bias=0.0, **common)
 
 
+def _sigmoid_block_backward(grad, q, k, v, mask, rows, diagonal, spec):
+    """(dq, dk, dv) of one block, its forward recomputed (a sigmoid block needs no row statistics)."""
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        return torch.autograd.grad(_sigmoid_block(*leaves, mask, rows, diagonal, spec), leaves, grad)
+
+
 def _merge_into(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
     """Merge a softmax partial (``out``, ``lse``) of the same rows into (``acc_out``, ``acc_lse``), in place
     (``out`` is scratch)."""
@@ -228,6 +235,7 @@ def _forward(q, k, v, mask, rows, spec: RingSpec, ring):
             else:
                 r = None if rows is None else rows[..., q_rows, :]
                 out[..., q_rows, :] += _sigmoid_block(qb, kb, vb, mb, r, diagonal, spec)
+        block = bk = bv = bmask = qb = kb = vb = mb = None  # done with this block before the next arrives
         if pending is not None:
             block = pending()
     return out, lse
@@ -251,15 +259,18 @@ def _backward(grad, q, k, v, mask, rows, out, lse, spec: RingSpec, ring):
                 dqb, dkb, dvb = _softmax_block_backward(gb, qb, kb, vb, mb, out[..., q_rows, :], lse[..., q_rows],
                                                         diagonal, spec)
             else:
-                with torch.enable_grad():
-                    leaves = [t.detach().requires_grad_() for t in (qb, kb, vb)]
-                    r = None if rows is None else rows[..., q_rows, :]
-                    dqb, dkb, dvb = torch.autograd.grad(_sigmoid_block(*leaves, mb, r, diagonal, spec), leaves, gb)
+                r = None if rows is None else rows[..., q_rows, :]
+                dqb, dkb, dvb = _sigmoid_block_backward(gb, qb, kb, vb, mb, r, diagonal, spec)
             dq[..., q_rows, :] += dqb
             dk[..., k_rows, :] += dkb
             dv[..., k_rows, :] += dvb
-        # the accumulated dK/dV of this block go on with it; after the last step they reach their owner
-        dk, dv = ring.start([dk, dv], "grad")()
+            dqb = dkb = dvb = None  # added in: not alive while the next pair computes its own
+        # this block is done: let it go before its gradients travel (one block fewer alive at the peak)
+        block = bk = bv = bmask = qb = kb = vb = mb = None
+        # the accumulated dK/dV of this block go on with it; after the last step they reach their owner.
+        # One after the other: while a tensor travels both its outgoing and incoming copies are alive
+        dk, = ring.start([dk], "grad")()
+        dv, = ring.start([dv], "grad")()
         if pending is not None:
             block = pending()
     return dq, dk, dv

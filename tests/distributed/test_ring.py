@@ -9,6 +9,8 @@ gradients (dK/dV having travelled back to their owners) the whole op's.
 from __future__ import annotations
 
 import queue
+import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -138,3 +140,66 @@ def test_softmax_ring_refuses_heads_without_gqa():
     spec = ring.RingSpec("softmax", True, None, False, None, 0, 1)
     with pytest.raises(ValueError, match="need enable_gqa=True"):
         ring.ring_attention(q, k, v, None, None, spec, QueueRing(0, 1, boxes))
+
+
+class _HoldingRing(QueueRing):
+    """A QueueRing that keeps weak references to the key/value blocks it delivers and, when a block's gradients
+    set off, records how many delivered blocks are still alive."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.delivered, self.alive_at_grad = [], []
+
+    def start(self, tensors, channel):
+        if channel == "grad":
+            self.alive_at_grad.append(sum(ref() is not None for ref in self.delivered))
+        wait = super().start(tensors, channel)
+        if channel != "kv":
+            return wait
+
+        def deliver():
+            block = wait()
+            self.delivered += [weakref.ref(t) for t in block]
+            return block
+
+        return deliver
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_the_backward_lets_each_block_and_its_gradient_parts_go(kind, monkeypatch):
+    """Per-rank memory: a key/value block that is done is gone before its gradients travel on, and a pair's
+    gradient parts are gone (added into the accumulators) before the next pair computes its own — each
+    of them a copy of shard-sized tensors alive for nothing at the backward's peak."""
+    world = 3
+    q, k, v, grad, mask = _inputs(f"hold{kind}", "bool")
+    name = f"_{kind}_block_backward"
+    parts, alive_at_call = {}, []  # per rank (thread)
+    original = getattr(ring, name)
+
+    def counted(*args):
+        mine = parts.setdefault(threading.get_ident(), [])
+        alive_at_call.append(sum(ref() is not None for ref in mine))
+        out = original(*args)
+        mine.extend(weakref.ref(t) for t in out)
+        return out
+
+    monkeypatch.setattr(ring, name, counted)
+    boxes = {(r, c): queue.Queue() for r in range(world) for c in ("kv", "grad")}
+    rank = 1
+    rings = {r: _HoldingRing(r, world, boxes) for r in range(world)}
+
+    def rank_main(r):
+        positions = layout.local_positions(r, world, T)
+        local = [t.index_select(2, positions).clone().requires_grad_() for t in (q, k, v)]
+        rows = ring.sigmoid_rows(mask, T, positions, True, q.dtype) if kind == "sigmoid" else None
+        spec = ring.RingSpec(kind, True, None, True, None, r, world)
+        out = ring.ring_attention(*local, mask.index_select(3, positions), rows, spec, rings[r])
+        out.backward(grad.index_select(2, positions))
+
+    with ThreadPoolExecutor(world) as pool:
+        list(pool.map(rank_main, range(world)))
+    assert len(alive_at_call) > world  # several pairs per step on every rank
+    assert max(alive_at_call) == 0, alive_at_call
+    kv_tensors = 3  # k, v and the key mask travel together
+    assert rings[rank].alive_at_grad and max(rings[rank].alive_at_grad) == 0, rings[rank].alive_at_grad
+    assert len(rings[rank].delivered) == 2 * (world - 1) * kv_tensors  # forward and backward rings
