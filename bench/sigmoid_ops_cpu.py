@@ -1,7 +1,8 @@
 """One causal GQA attention call on the CPU: the sigmoid kind's torch path against SDPA (issue 14).
 
 q [1, 8, T, 32], k/v [1, 4, T, 32], float32, 1 torch thread; forward and forward+backward of
-``attnrewrite.ops.sigmoid_attention`` and of ``F.scaled_dot_product_attention`` (causal, GQA),
+``attnrewrite.ops.sigmoid_attention`` (``sigmoid``: with its compiled loop, ``sigmoid-aten``: with
+``ATTNREWRITE_NATIVE=0``, the ATen ops only) and of ``F.scaled_dot_product_attention`` (causal, GQA),
 timed in turn per repeat (process CPU time, so a loaded machine's waiting is not counted); median;
 ratios = SDPA's time / sigmoid's (higher is faster).
 
@@ -11,6 +12,8 @@ ratios = SDPA's time / sigmoid's (higher is faster).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -27,11 +30,25 @@ from attnrewrite import ops  # noqa: E402
 HEADS_Q, HEADS_KV, DIM = 8, 4, 32
 
 
+@contextlib.contextmanager
+def _native(enabled: bool):
+    """Switch the sigmoid torch path's compiled loop on or off (``ATTNREWRITE_NATIVE``) for a forward and backward."""
+    previous = os.environ.get("ATTNREWRITE_NATIVE")
+    os.environ["ATTNREWRITE_NATIVE"] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["ATTNREWRITE_NATIVE"]
+        else:
+            os.environ["ATTNREWRITE_NATIVE"] = previous
+
+
 def _calls():
-    return {
-        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-        "sigmoid": lambda q, k, v: ops.sigmoid_attention(q, k, v, is_causal=True, enable_gqa=True),
-    }
+    """name -> (call, whether the compiled loop is on)."""
+    sdpa = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+    sigmoid = lambda q, k, v: ops.sigmoid_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+    return {"sdpa": (sdpa, True), "sigmoid": (sigmoid, True), "sigmoid-aten": (sigmoid, False)}
 
 
 def _cpu(fn) -> float:
@@ -56,13 +73,15 @@ def main() -> None:
         v = torch.randn(1, HEADS_KV, length, DIM, generator=g, requires_grad=True)
         grad = torch.randn(1, HEADS_Q, length, DIM, generator=g)
         times = {(name, mode): [] for name in calls for mode in ("fwd", "fwd+bwd")}
-        for name, call in calls.items():  # warm-up
-            call(q, k, v).backward(grad)
+        for name, (call, native) in calls.items():  # warm-up
+            with _native(native):
+                call(q, k, v).backward(grad)
         for _ in range(args.repeats):
-            for name, call in calls.items():
-                with torch.no_grad():
+            for name, (call, native) in calls.items():
+                with _native(native), torch.no_grad():
                     times[name, "fwd"].append(_cpu(lambda: call(q, k, v)))
-                times[name, "fwd+bwd"].append(_cpu(lambda: call(q, k, v).backward(grad)))
+                with _native(native):
+                    times[name, "fwd+bwd"].append(_cpu(lambda: call(q, k, v).backward(grad)))
         for mode in ("fwd", "fwd+bwd"):
             base = statistics.median(times["sdpa", mode])
             row = []
