@@ -9,6 +9,11 @@ longest ``kv_lens``.  Tiles are small enough (``CHUNK_ELEMENTS``) to stay in the
 between the matmul that writes the scores, the in-place sigmoid and the matmul that reads them,
 and their buffers are allocated once per call.
 
+On the CPU with one torch thread, float32 and no score modification, the compiled code of
+:mod:`.native` takes over: the whole forward and backward of a call without mask or dropout run in
+one C loop (torch's sgemm and a fused scale + bias + sigmoid + causal/padding pass, no Python per
+tile), and masked or dropout calls keep this loop in Python but use the fused pass for their sigmoid.
+
 Scores and weights are computed in float32 (float64 for float64 inputs, so the path can be
 gradchecked; float32 inputs are not copied).  Grouped-query heads are folded into the rows of each
 tile, so K/V are never repeated.  Dropout is applied to the weights, as SDPA does; its random mask
@@ -265,8 +270,9 @@ class _Geometry:
         self.n_keys_t = torch.tensor(self.n_keys, device=self.device).view(-1, 1, 1, 1, 1)
         self.shifts_t = torch.tensor(self.shifts, device=self.device).view(-1, 1, 1, 1, 1)
         self.key_block = max(1, min(KEY_BLOCK, self.len_k))
-        # the compiled elementwise pass (native.py) for float32 without a score modification; it runs on one
-        # thread, so it is used only where torch does too (ATen's sigmoid_ spreads over all of them)
+        # the compiled code (native.py: the whole loop without mask or dropout, else the elementwise pass of each
+        # tile) for float32 without a score modification; it runs on one thread, so it is used only where torch
+        # does too (ATen's ops spread over all of them)
         self.native = (native.library() if self.dtype == torch.float32 and self.score_mod is None
                        and self.device.type == "cpu" and torch.get_num_threads() == 1 else None)
         self.rows = max(1, min(self.len_q, chunk_size or CHUNK_ELEMENTS // (self.batch * self.heads_q * self.key_block)))
@@ -316,7 +322,8 @@ class _Geometry:
         """[B, Hq, Tq, X] as contiguous float32 [B*Hkv, Tq*G, X]: the G query heads of each kv head interleaved
         per position, so that a chunk of the compiled loop's rows is contiguous."""
         shape = (self.batch, self.heads_kv, self.group, self.len_q, x.shape[-1])
-        return x.to(self.dtype).reshape(shape).transpose(2, 3).contiguous().view(self.flat, -1, x.shape[-1])
+        rows = self.len_q * self.group
+        return x.to(self.dtype).reshape(shape).transpose(2, 3).contiguous().view(self.flat, rows, x.shape[-1])
 
     def unfold_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`fold_rows`: [B*Hkv, Tq*G, X] back to a contiguous [B, Hq, Tq, X] (as the
@@ -329,16 +336,17 @@ class _Geometry:
         limit None when every row sees every key."""
         batch, heads_kv, group, len_q = self.batch, self.heads_kv, self.group, self.len_q
         folded = (batch, heads_kv, len_q, group)
-        bias = self.bias.expand(batch, heads_kv, group, len_q).transpose(2, 3).contiguous().view(self.flat, -1)
+        rows = len_q * group
+        bias = self.bias.expand(batch, heads_kv, group, len_q).transpose(2, 3).contiguous().view(self.flat, rows)
         limit = None
         if self.causal or min(self.n_keys) < self.len_k:
             limit = self.n_keys_t.view(batch, 1)
             if self.causal:  # key j visible to row i iff j <= i + shift
                 positions = torch.arange(1, len_q + 1, device=self.device).view(1, -1)
                 limit = torch.minimum(limit, positions + self.shifts_t.view(batch, 1))
-            limit = limit.expand(batch, len_q).view(batch, 1, len_q, 1).expand(folded).contiguous().view(self.flat, -1)
-        rows = max(1, min(NATIVE_ROWS, len_q * group))
-        return self.k.contiguous(), self.v.contiguous(), bias, limit, self.scale, rows, NATIVE_BLOCK
+            limit = limit.expand(batch, len_q).view(batch, 1, len_q, 1).expand(folded).contiguous().view(self.flat, rows)
+        chunk = max(1, min(NATIVE_ROWS, rows))
+        return self.k.contiguous(), self.v.contiguous(), bias, limit, self.scale, chunk, NATIVE_BLOCK
 
     def native_forward(self, q: torch.Tensor) -> torch.Tensor:
         """The whole forward in the compiled loop (:func:`native.sigmoid_forward`; no mask, no dropout)."""

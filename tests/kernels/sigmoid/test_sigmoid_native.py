@@ -93,3 +93,13 @@ def test_switched_off_it_falls_back_to_the_aten_ops(one_thread, monkeypatch):
     out = sigmoid_attention_dispatch(q, k, v, is_causal=True, impl="torch")
     torch.testing.assert_close(out.double(), naive_sigmoid_attention(q.double(), k.double(), v.double(), is_causal=True),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("len_q,len_k", [(0, 5), (5, 0)])
+def test_empty_sides_give_zeros(len_q, len_k, one_thread):
+    q = torch.randn(1, 4, len_q, 8, requires_grad=True)
+    k, v = (torch.randn(1, 2, len_k, 8, requires_grad=True) for _ in range(2))
+    out = sigmoid_attention_dispatch(q, k, v, enable_gqa=True, impl="torch")
+    assert out.shape == (1, 4, len_q, 8) and not out.any()
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert dq.shape == q.shape and dk.shape == k.shape and not dq.any() and not dk.any() and not dv.any()
