@@ -9,6 +9,11 @@ longest ``kv_lens``.  Tiles are small enough (``CHUNK_ELEMENTS``) to stay in the
 between the matmul that writes the scores, the in-place sigmoid and the matmul that reads them,
 and their buffers are allocated once per call.
 
+On the CPU with one torch thread, float32 and no score modification, the compiled code of
+:mod:`.native` takes over: the whole forward and backward of a call without mask or dropout run in
+one C loop (torch's sgemm and a fused scale + bias + sigmoid + causal/padding pass, no Python per
+tile), and masked or dropout calls keep this loop in Python but use the fused pass for their sigmoid.
+
 Scores and weights are computed in float32 (float64 for float64 inputs, so the path can be
 gradchecked; float32 inputs are not copied).  Grouped-query heads are folded into the rows of each
 tile, so K/V are never repeated.  Dropout is applied to the weights, as SDPA does; its random mask
@@ -22,10 +27,15 @@ import torch
 from attnrewrite.kernels._ops import kernel_op
 from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
+from . import native
+
 # Elements of one [B*Hkv, G*rows, keys] score tile (1 MiB in float32); a call holds a few.
 CHUNK_ELEMENTS = 1 << 18
 # Keys per tile (at most): with CHUNK_ELEMENTS, the rows of a chunk follow.
 KEY_BLOCK = 256
+# The compiled forward's tiles (native.py): folded rows (query positions x G) x keys, one (batch, kv head) at a
+# time; 128 x 256 float32 is 128 KiB, inside an L2 cache.
+NATIVE_ROWS, NATIVE_BLOCK = 128, 256
 
 
 def chunk_sigmoid_attention(
@@ -94,6 +104,8 @@ def _chunked_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     dim_v = v.shape[3]
     seed_value = int(seed) if seed is not None else 0
     geometry = _Geometry(q, k, v, mask, bias, kv_lens, scale, causal, chunk_size, score_mod)
+    if geometry.native is not None and mask is None and dropout_p == 0 and native.forward_available():
+        return geometry.native_forward(q)
     out = torch.empty(batch, heads_q, len_q, dim_v, dtype=q.dtype, device=q.device)
     scores = geometry.buffer()
     rows_out = geometry.buffer(dim_v)
@@ -129,6 +141,10 @@ def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     seed_value = int(seed) if seed is not None else 0
     geometry = _Geometry(q, k, v, mask, bias, kv_lens, scale, causal, chunk_size, score_mod)
     dtype, flat = geometry.dtype, geometry.flat
+    if geometry.native is not None and mask is None and dropout_p == 0 and native.forward_available():
+        dq, dk, dv = geometry.native_backward(grad_out, q)
+        return ((dq * scale).to(q.dtype), (dk * scale).view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
+                q.new_empty(0))
     dq = torch.empty(batch, heads_q, len_q, dim, dtype=dtype, device=q.device)
     dk = torch.zeros(flat, len_k, dim, dtype=dtype, device=q.device)
     dv = torch.zeros(flat, len_k, dim_v, dtype=dtype, device=q.device)
@@ -210,10 +226,13 @@ def _view(buffer: torch.Tensor, shape) -> torch.Tensor:
 class _Chunk:
     """Query rows start:stop: their folded q [B*Hkv, G*C, D], their bias rows [B*Hkv, G*C, 1], the
     key blocks they read ((tile index, key_start, key_stop), in order from key 0), and ``full``: every
-    row sees the keys before it (up to masks), so only later keys need the visibility mask."""
+    row sees the keys before it (up to masks), so only later keys need the visibility mask.  On the
+    compiled kernel's path, ``limit`` holds each folded row's count of visible keys (int64 [B*Hkv*G*C],
+    keys j < limit; None when every row sees all the keys it reads)."""
 
-    def __init__(self, start, stop, q, bias, full, blocks):
+    def __init__(self, start, stop, q, bias, full, blocks, limit=None):
         self.start, self.stop, self.q, self.bias, self.full, self.blocks = start, stop, q, bias, full, blocks
+        self.limit = limit
         self.flat_rows = q.shape[1]
 
 
@@ -251,6 +270,11 @@ class _Geometry:
         self.n_keys_t = torch.tensor(self.n_keys, device=self.device).view(-1, 1, 1, 1, 1)
         self.shifts_t = torch.tensor(self.shifts, device=self.device).view(-1, 1, 1, 1, 1)
         self.key_block = max(1, min(KEY_BLOCK, self.len_k))
+        # the compiled code (native.py: the whole loop without mask or dropout, else the elementwise pass of each
+        # tile) for float32 without a score modification; it runs on one thread, so it is used only where torch
+        # does too (ATen's ops spread over all of them)
+        self.native = (native.library() if self.dtype == torch.float32 and self.score_mod is None
+                       and self.device.type == "cpu" and torch.get_num_threads() == 1 else None)
         self.rows = max(1, min(self.len_q, chunk_size or CHUNK_ELEMENTS // (self.batch * self.heads_q * self.key_block)))
 
     def buffer(self, columns: int | None = None) -> torch.Tensor:
@@ -287,7 +311,61 @@ class _Geometry:
                 continue
             bias = self.bias[..., start:stop] if self.bias.shape[3] != 1 else self.bias
             bias = bias.expand(self.batch, self.heads_kv, self.group, stop - start)
-            yield _Chunk(start, stop, self.fold(q, start, stop), bias.reshape(self.flat, -1, 1), full, blocks)
+            limit = None
+            if self.native is not None:
+                bias = bias.contiguous()
+                if full < width:
+                    limit = self.row_limits(start, stop)
+            yield _Chunk(start, stop, self.fold(q, start, stop), bias.reshape(self.flat, -1, 1), full, blocks, limit)
+
+    def fold_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, Hq, Tq, X] as contiguous float32 [B*Hkv, Tq*G, X]: the G query heads of each kv head interleaved
+        per position, so that a chunk of the compiled loop's rows is contiguous."""
+        shape = (self.batch, self.heads_kv, self.group, self.len_q, x.shape[-1])
+        rows = self.len_q * self.group
+        return x.to(self.dtype).reshape(shape).transpose(2, 3).contiguous().view(self.flat, rows, x.shape[-1])
+
+    def unfold_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`fold_rows`: [B*Hkv, Tq*G, X] back to a contiguous [B, Hq, Tq, X] (as the
+        fake implementations promise)."""
+        x = x.view(self.batch, self.heads_kv, self.len_q, self.group, x.shape[-1]).transpose(2, 3)
+        return x.reshape(self.batch, self.heads_q, self.len_q, x.shape[-1]).contiguous()
+
+    def native_args(self) -> tuple:
+        """(k, v, bias, limit, scale, chunk rows, key block) of the compiled loop, in its folded row order;
+        limit None when every row sees every key."""
+        batch, heads_kv, group, len_q = self.batch, self.heads_kv, self.group, self.len_q
+        folded = (batch, heads_kv, len_q, group)
+        rows = len_q * group
+        bias = self.bias.expand(batch, heads_kv, group, len_q).transpose(2, 3).contiguous().view(self.flat, rows)
+        limit = None
+        if self.causal or min(self.n_keys) < self.len_k:
+            limit = self.n_keys_t.view(batch, 1)
+            if self.causal:  # key j visible to row i iff j <= i + shift
+                positions = torch.arange(1, len_q + 1, device=self.device).view(1, -1)
+                limit = torch.minimum(limit, positions + self.shifts_t.view(batch, 1))
+            limit = limit.expand(batch, len_q).view(batch, 1, len_q, 1).expand(folded).contiguous().view(self.flat, rows)
+        chunk = max(1, min(NATIVE_ROWS, rows))
+        return self.k.contiguous(), self.v.contiguous(), bias, limit, self.scale, chunk, NATIVE_BLOCK
+
+    def native_forward(self, q: torch.Tensor) -> torch.Tensor:
+        """The whole forward in the compiled loop (:func:`native.sigmoid_forward`; no mask, no dropout)."""
+        return self.unfold_rows(native.sigmoid_forward(self.fold_rows(q), *self.native_args())).to(q.dtype)
+
+    def native_backward(self, grad_out: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+        """(dq, dk, dv) in the compiled loop (:func:`native.sigmoid_backward`), dq and dk without the scale."""
+        dq, dk, dv = native.sigmoid_backward(self.fold_rows(grad_out), self.fold_rows(q), *self.native_args())
+        return self.unfold_rows(dq), dk, dv
+
+    def row_limits(self, start: int, stop: int) -> torch.Tensor:
+        """The number of keys each folded row of start:stop sees (keys j < limit), int64 [B*Hkv*G*C]."""
+        limit = self.n_keys_t.view(self.batch, 1)
+        if self.causal:  # key j visible to row i iff j <= i + shift
+            rows = torch.arange(start + 1, stop + 1, device=self.device).view(1, -1)
+            limit = torch.minimum(limit, rows + self.shifts_t.view(self.batch, 1))
+        limit = limit.expand(self.batch, stop - start).view(self.batch, 1, 1, stop - start)
+        return limit.expand(self.batch, self.heads_kv, self.group, stop - start).contiguous().view(-1)
 
     def weights(self, chunk: _Chunk, key_start: int, key_stop: int, buffer: torch.Tensor,
                 want_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -296,6 +374,8 @@ class _Geometry:
         scale·q·kᵀ when ``want_grad`` and there is one, else None."""
         rows, width = chunk.stop - chunk.start, key_stop - key_start
         scores = _view(buffer, (self.flat, chunk.flat_rows, width))
+        if self.native is not None:
+            return self._native_weights(chunk, key_start, key_stop, scores), None
         mod_grad = None
         if self.score_mod is None:
             # S = b + scale * q k^T, the bias broadcast over keys by baddbmm
@@ -310,12 +390,7 @@ class _Geometry:
             torch.add(modified, chunk.bias, out=scores)
         grid = scores.view(self.batch, self.heads_kv, self.group, rows, width)
         if self.mask is not None:
-            tile_mask = self.mask[:, :, chunk.start:chunk.stop] if self.mask.shape[2] != 1 else self.mask
-            tile_mask = tile_mask[..., key_start:key_stop] if tile_mask.shape[3] != 1 else tile_mask
-            # [Bm, Hm, C|1, Kb|1] -> [Bm, Hkv|1, G|1, C|1, Kb|1], broadcast against the grid
-            tile_mask = (tile_mask.unflatten(1, (self.heads_kv, self.group)) if tile_mask.shape[1] != 1
-                         else tile_mask.unsqueeze(1))
-            grid.add_(tile_mask)
+            grid.add_(self.tile_mask(chunk, key_start, key_stop))
         scores.sigmoid_()
         first = max(chunk.full, key_start)
         if first < key_stop:  # keys only some rows see: hide them from the others
@@ -326,6 +401,28 @@ class _Geometry:
                 hidden = hidden | (keys > query_index + self.shifts_t)
             grid[..., first - key_start:].masked_fill_(hidden, 0.0)
         return scores, mod_grad
+
+    def tile_mask(self, chunk: _Chunk, key_start: int, key_stop: int) -> torch.Tensor:
+        """The additive mask of the chunk's rows against keys key_start:key_stop, shaped to broadcast
+        against a tile viewed as [B, Hkv, G, C, Kb]."""
+        tile_mask = self.mask[:, :, chunk.start:chunk.stop] if self.mask.shape[2] != 1 else self.mask
+        tile_mask = tile_mask[..., key_start:key_stop] if tile_mask.shape[3] != 1 else tile_mask
+        # [Bm, Hm, C|1, Kb|1] -> [Bm, Hkv|1, G|1, C|1, Kb|1]
+        return (tile_mask.unflatten(1, (self.heads_kv, self.group)) if tile_mask.shape[1] != 1
+                else tile_mask.unsqueeze(1))
+
+    def _native_weights(self, chunk: _Chunk, key_start: int, key_stop: int, scores: torch.Tensor) -> torch.Tensor:
+        """``weights`` through the compiled pass: q kᵀ by bmm, then scale, bias, sigmoid and the row limits
+        in one pass over the tile (the additive mask, if any, is added to the scaled scores first)."""
+        torch.bmm(chunk.q, self.k[:, key_start:key_stop].transpose(1, 2), out=scores)
+        scale = self.scale
+        if self.mask is not None:
+            scores.mul_(scale)
+            scores.view(self.batch, self.heads_kv, self.group, chunk.stop - chunk.start, key_stop - key_start).add_(
+                self.tile_mask(chunk, key_start, key_stop))
+            scale = 1.0
+        limit = chunk.limit if max(chunk.full, key_start) < key_stop else None
+        return native.sigmoid_tile_(scores, chunk.bias, limit, key_start, scale)
 
 
 def _keep_scale(weights: torch.Tensor, dropout_p: float, seed: int, index: int) -> torch.Tensor:

@@ -1,0 +1,105 @@
+"""The compiled CPU loop of the sigmoid torch path (kernels/sigmoid/native.py): the elementwise pass against
+torch's sigmoid in float64, and the whole forward and backward against the float64 oracle, outputs and
+gradients by name, with tiles small enough that every case crosses chunk and key-block edges."""
+
+import shutil
+
+import pytest
+import torch
+
+from attnrewrite.kernels.sigmoid import chunked, native, sigmoid_attention_dispatch
+from attnrewrite.kernels.sigmoid.reference import naive_sigmoid_attention
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                reason="no C compiler: the torch path keeps ATen's ops")
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """The compiled loop runs where torch runs on one thread; small tiles so every case crosses their edges."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(chunked, "NATIVE_ROWS", 6)
+    monkeypatch.setattr(chunked, "NATIVE_BLOCK", 8)
+    monkeypatch.delenv("ATTNREWRITE_NATIVE", raising=False)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_the_elementwise_pass_is_sigmoid_to_float32_rounding_with_exact_zeros():
+    assert native.library() is not None, "a C compiler is on the PATH, so the kernel must build"
+    g = torch.Generator().manual_seed(3)
+    rows, cols = 7, 45
+    scores = torch.randn(rows, cols, generator=g) * 30
+    scores[0, :6] = torch.tensor([float("-inf"), float("inf"), float("nan"), -1e30, 1e30, 0.0])
+    bias = torch.randn(rows, generator=g) * 5
+    limit = torch.tensor([45, 40, 0, 17, 100, -3, 44])
+    key_start, scale = 3, 0.37
+    # the kernel rounds scale * s + b once (a fused multiply-add with scale in float32): compare from there
+    scale32 = torch.tensor(scale, dtype=torch.float32).double()
+    want = torch.sigmoid((scores.double() * scale32 + bias.double()[:, None]).float().double())
+    visible = torch.arange(cols)[None, :] + key_start < limit[:, None]
+    got = native.sigmoid_tile_(scores.clone(), bias, limit, key_start, scale)
+    assert torch.equal(got[~visible], torch.zeros_like(got[~visible]))
+    assert torch.isnan(got[0, 2]) and got[0, 0] == 0 and got[0, 3] == 0 and got[0, 1] == 1
+    finite = visible & ~torch.isnan(want)
+    torch.testing.assert_close(got[finite].double(), want[finite], rtol=5e-7, atol=1e-37)
+    all_keys = native.sigmoid_tile_(scores.clone(), bias, None, key_start, scale)
+    torch.testing.assert_close(all_keys[~torch.isnan(want)].double(), want[~torch.isnan(want)], rtol=5e-7, atol=1e-37)
+
+
+CASES = {
+    "causal_gqa": dict(shape=(2, 4, 2, 23, 23), kwargs=dict(is_causal=True)),
+    "bottom_right_kv_lens": dict(shape=(3, 2, 1, 13, 29), kv_lens=[29, 9, 0],
+                                 kwargs=dict(is_causal=True, causal_align="bottom_right")),
+    "more_queries_than_keys": dict(shape=(1, 3, 1, 21, 11), kwargs=dict(is_causal=True, causal_align="bottom_right")),
+    "not_causal_kv_lens_gqa": dict(shape=(2, 6, 2, 17, 26), kv_lens=[26, 5], kwargs={}),
+    "not_causal_float_bias": dict(shape=(1, 2, 2, 9, 30), kwargs=dict(bias=-1.5)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_compiled_loop_equals_the_oracle(name, one_thread, monkeypatch):
+    calls = []
+    for fn in ("sigmoid_forward", "sigmoid_backward"):
+        original = getattr(native, fn)
+        monkeypatch.setattr(native, fn, lambda *a, _f=original, _n=fn: calls.append(_n) or _f(*a))
+    case = CASES[name]
+    batch, heads_q, heads_kv, len_q, len_k = case["shape"]
+    g = torch.Generator().manual_seed(len(name))
+    q = torch.randn(batch, heads_q, len_q, 8, generator=g, requires_grad=True)
+    k = torch.randn(batch, heads_kv, len_k, 8, generator=g, requires_grad=True)
+    v = torch.randn(batch, heads_kv, len_k, 5, generator=g, requires_grad=True)
+    grad = torch.randn(batch, heads_q, len_q, 5, generator=g)
+    kwargs = dict(case["kwargs"])
+    if case.get("kv_lens"):
+        kwargs["kv_lens"] = torch.tensor(case["kv_lens"])
+    got = sigmoid_attention_dispatch(q, k, v, enable_gqa=heads_q != heads_kv, impl="torch", **kwargs)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    assert calls == ["sigmoid_forward", "sigmoid_backward"], "the compiled loop was not used"
+    inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = naive_sigmoid_attention(*inputs, **kwargs)
+    want_grads = torch.autograd.grad(want, inputs, grad.double())
+    for label, a, b in zip(("out", "dq", "dk", "dv"), (got, *got_grads), (want, *want_grads)):
+        assert a.dtype == torch.float32 and a.is_contiguous()
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=f"{name}: {label}")
+
+
+def test_switched_off_it_falls_back_to_the_aten_ops(one_thread, monkeypatch):
+    monkeypatch.setenv("ATTNREWRITE_NATIVE", "0")
+    monkeypatch.setattr(native, "sigmoid_forward", None)  # would raise if called
+    monkeypatch.setattr(native, "sigmoid_tile_", None)
+    q, k, v = (torch.randn(1, 2, 19, 4) for _ in range(3))
+    out = sigmoid_attention_dispatch(q, k, v, is_causal=True, impl="torch")
+    torch.testing.assert_close(out.double(), naive_sigmoid_attention(q.double(), k.double(), v.double(), is_causal=True),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("len_q,len_k", [(0, 5), (5, 0)])
+def test_empty_sides_give_zeros(len_q, len_k, one_thread):
+    q = torch.randn(1, 4, len_q, 8, requires_grad=True)
+    k, v = (torch.randn(1, 2, len_k, 8, requires_grad=True) for _ in range(2))
+    out = sigmoid_attention_dispatch(q, k, v, enable_gqa=True, impl="torch")
+    assert out.shape == (1, 4, len_q, 8) and not out.any()
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert dq.shape == q.shape and dk.shape == k.shape and not dq.any() and not dk.any() and not dv.any()
