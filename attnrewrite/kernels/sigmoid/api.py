@@ -64,6 +64,8 @@ def sigmoid_attention_dispatch(
     causal_align: str = "top_left",
     impl: str = "auto",
     score_mod: str | None = None,
+    position_slopes: torch.Tensor | None = None,
+    position: str | None = None,
 ) -> torch.Tensor:
     """Sigmoid attention: ``out_i = sum_j sigmoid(scale * q_i.k_j + attn_mask_ij + b) * v_j`` over visible keys.
 
@@ -113,6 +115,13 @@ def sigmoid_attention_dispatch(
     backward; the Triton kernels take programs with at most one nonlinear step (tanh, sigmoid, exp, abs,
     relu, erf, square) between affine ones, and ``impl="auto"`` sends any other program to the torch path.
 
+    ``position`` with ``position_slopes``: a bias computed from the positions, added with ``attn_mask``:
+    ``"j-i"`` adds slopes[h]·(j − i) (ALiBi), ``"|j-i|"`` adds slopes[h]·|j − i| (symmetric ALiBi with
+    negative slopes), i and j the query and key positions (0-based, in their sequence when packed).
+    ``position_slopes`` is a float tensor of Hq values (or one), on q's device, that does not require
+    grad (no gradient is computed for it: pass such a bias as ``attn_mask``).  Both paths compute the
+    bias tile by tile; no [Tq, Tk] tensor is made.
+
     ``impl``: ``"auto"`` runs the Triton kernels on CUDA for float16/bfloat16 (the torch path when
     dropout_p > 0, for float32, whose exact products the kernels can only do on the FMA pipes, and
     for head dims over 256) and the torch path elsewhere; ``"triton"`` always runs the kernels (on the CPU only under
@@ -122,6 +131,7 @@ def sigmoid_attention_dispatch(
     problem = _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                         bias, kv_lens, cu_seqlens_q, cu_seqlens_k, causal_align)
     program = parse_score_mod(score_mod)
+    slopes = _check_position(position_slopes, position, q, problem.heads_q)
     path = _resolve_impl(impl, q, dropout_p, problem, program)
 
     if attn_mask is not None:
@@ -141,10 +151,41 @@ def sigmoid_attention_dispatch(
     if path == "triton":
         return _op.sigmoid_attention_triton(
             q, k, v, additive_mask, bias_per_head, kv_lens, cu_seqlens_q, cu_seqlens_k,
-            problem.scale, problem.causal, program)
+            problem.scale, problem.causal, program, slopes, position if slopes is not None else None)
     return chunk_sigmoid_attention(
         q, k, v, additive_mask, bias_per_head, kv_lens, cu_seqlens_q, cu_seqlens_k,
-        problem.scale, problem.causal, dropout_p, score_mod=None if program is None else program.text())
+        problem.scale, problem.causal, dropout_p, score_mod=None if program is None else program.text(),
+        slopes=slopes, position=position if slopes is not None else None)
+
+
+#: the position biases (``position=``) the sigmoid op computes from positions: slope·(j − i), slope·|j − i|
+POSITIONS = ("j-i", "|j-i|")
+
+
+def _check_position(slopes: torch.Tensor | None, position: str | None, q: torch.Tensor,
+                    heads_q: int) -> torch.Tensor | None:
+    """The slopes as a contiguous [Hq] float tensor (float64 for float64 q, else float32), or None without a
+    position bias; ValueError/TypeError naming the problem."""
+    if position is None and slopes is None:
+        return None
+    if position not in POSITIONS:
+        raise ValueError(f"sigmoid attention: position must be one of {', '.join(map(repr, POSITIONS))} (with "
+                         f"position_slopes), got {position!r}")
+    if not isinstance(slopes, torch.Tensor):
+        raise TypeError(f"sigmoid attention: position={position!r} needs position_slopes, a tensor of {heads_q} "
+                        f"slopes, got {type(slopes).__name__}")
+    if not slopes.is_floating_point():
+        raise TypeError(f"sigmoid attention: position_slopes must be a float tensor, got {slopes.dtype}")
+    if slopes.numel() not in (1, heads_q):
+        raise ValueError(f"sigmoid attention: position_slopes must hold one slope per query head ({heads_q}) or "
+                         f"one, got shape {tuple(slopes.shape)}")
+    if slopes.device != q.device:
+        raise ValueError(f"sigmoid attention: position_slopes is on {slopes.device}, q on {q.device}")
+    if slopes.requires_grad:
+        raise ValueError("sigmoid attention: position_slopes requires grad, but no gradient is computed for the "
+                         "slopes; pass the bias as a float attn_mask instead")
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return slopes.detach().to(dtype).reshape(-1).expand(heads_q).contiguous()
 
 
 def mask_keeps(attn_mask: torch.Tensor) -> torch.Tensor:
