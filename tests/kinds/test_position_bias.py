@@ -1,0 +1,160 @@
+"""ALiBi-style biases rewritten to sigmoid: a bias proven to be slope_h · (j − i) (or slope_h · |j − i|) reaches
+the op as per-head slopes (``position_slopes``), no [Tq, Tk] tensor; biases that are almost that but not
+(a product of positions, slopes per query, clamped distances, trainable slopes) stay additive masks.  Every
+model is compared with the same model written by hand with sigmoid attention."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor
+
+import attnrewrite.kernels.sigmoid.public as sigmoid_public
+from attnrewrite.rewriter.report import Report
+from attnrewrite.testing.checks import assert_close_rel, compile_rewritten
+
+B, T, E, H = 2, 12, 32, 4
+D = E // H
+BIAS = -2.0
+
+
+def _gen(name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
+
+
+def _slopes() -> torch.Tensor:
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / H) for h in range(H)])
+
+
+#: bias(slopes, pos) -> what the model adds to its [B, H, T, T] scores; the first three are ALiBi
+BIASES = {
+    "alibi": lambda s, pos: s.view(1, H, 1, 1) * (pos.view(1, T) - pos.view(T, 1)).float(),
+    "alibi_indexing": lambda s, pos: (pos[None, :] - pos[:, None]).to(torch.float32) * s[:, None, None],
+    "alibi_symmetric": lambda s, pos: -s.view(H, 1, 1) * (pos.view(T, 1) - pos.view(1, T)).abs(),
+    # almost ALiBi, but not: these must stay additive masks
+    "product_of_positions": lambda s, pos: s.view(1, H, 1, 1) * (pos.view(1, T) * pos.view(T, 1)).float() / T,
+    "slopes_per_query": lambda s, pos: torch.linspace(0.1, 0.5, T).view(1, 1, T, 1) * (pos.view(1, T) - pos.view(T, 1)),
+    "clamped_distance": lambda s, pos: s.view(1, H, 1, 1) * (pos.view(1, T) - pos.view(T, 1)).clamp(min=-3).float(),
+}
+ALIBI = {"alibi": "j-i", "alibi_indexing": "j-i", "alibi_symmetric": "|j-i|"}
+
+
+class Attention(nn.Module):
+    """Causal self-attention with a bias of positions; ``form="sigmoid"``: the same model with sigmoid
+    attention written by hand, sigmoid(s + bias + b) over the visible keys."""
+
+    def __init__(self, bias: str, form: str = "softmax", trainable: bool = False):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(E, 3 * E), nn.Linear(E, E)
+        self.bias, self.form = BIASES[bias], form
+        if trainable:
+            self.slopes = nn.Parameter(_slopes())
+        else:
+            self.register_buffer("slopes", _slopes())
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)
+        s = q @ k.transpose(-2, -1) * D**-0.5
+        pos = torch.arange(T)
+        s = s + self.bias(self.slopes, pos)
+        causal = pos.view(1, T) <= pos.view(T, 1)
+        if self.form == "softmax":
+            p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+        else:
+            p = torch.sigmoid(s + BIAS).masked_fill(~causal, 0.0)
+        return self.out((p @ v).transpose(1, 2).reshape(B, T, E))
+
+
+class Model(nn.Module):
+    def __init__(self, bias, form="softmax", trainable=False, layers=2):
+        super().__init__()
+        self.layers = nn.ModuleList(Attention(bias, form, trainable) for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = x + layer(x)
+        return x
+
+
+def _pair(bias, trainable=False):
+    torch.manual_seed(zlib.crc32(bias.encode()))
+    model = Model(bias, trainable=trainable).eval()
+    by_hand = Model(bias, form="sigmoid", trainable=trainable).eval()
+    by_hand.load_state_dict(model.state_dict())
+    return model, by_hand
+
+
+@pytest.fixture
+def op_calls(monkeypatch):
+    """The keyword arguments of every call of the sigmoid op (what the rewritten graph passes it)."""
+    calls = []
+    dispatch = sigmoid_public.sigmoid_attention_dispatch
+
+    def recording(q, k, v, attn_mask=None, *args, **kwargs):
+        if not isinstance(q, FakeTensor):  # (not the rewriter's shape propagation)
+            calls.append(dict(kwargs, attn_mask=attn_mask, q=q))
+        return dispatch(q, k, v, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(sigmoid_public, "sigmoid_attention_dispatch", recording)
+    return calls
+
+
+def _rewrite(bias, op_calls, trainable=False):
+    model, by_hand = _pair(bias, trainable)
+    x = torch.randn(B, T, E, generator=_gen("x" + bias)) * 3
+    report = Report(to="sigmoid")
+    compiled = compile_rewritten(model, report, to="sigmoid", strict=True, bias=BIAS)
+    got = compiled(x)
+    assert len(report.sites) == 2 and all(s.status == "rewritten" for s in report.sites), report
+    torch.testing.assert_close(got, by_hand(x), rtol=1e-5, atol=1e-5)
+    assert len(op_calls) == 2
+    return model, by_hand, compiled, x, report
+
+
+@pytest.mark.parametrize("bias", sorted(ALIBI))
+def test_alibi_reaches_the_op_as_slopes_not_as_a_mask(bias, op_calls):
+    _, _, _, _, report = _rewrite(bias, op_calls)
+    for call in op_calls:
+        assert call["attn_mask"] is None, "the bias was passed as a tensor"  # causality: is_causal
+        assert call["position"] == ALIBI[bias]
+        sign = -1.0 if ALIBI[bias] == "|j-i|" else 1.0
+        torch.testing.assert_close(call["position_slopes"].reshape(-1), sign * _slopes())
+    assert all(any("ALiBi" in note for note in site.notes) for site in report.sites), report
+
+
+def test_alibi_gradients_equal_the_model_written_by_hand(op_calls):
+    model, by_hand, compiled, x, _ = _rewrite("alibi", op_calls)
+    got = torch.autograd.grad(compiled(x).square().sum(), list(model.parameters()))
+    want = torch.autograd.grad(by_hand(x).square().sum(), list(by_hand.parameters()))
+    for (name, _), g, w in zip(model.named_parameters(), got, want):
+        assert_close_rel(g, w, 1e-4, name)
+
+
+@pytest.mark.parametrize("bias", ["product_of_positions", "slopes_per_query", "clamped_distance"])
+def test_a_bias_that_is_almost_alibi_stays_a_mask(bias, op_calls):
+    _rewrite(bias, op_calls)
+    for call in op_calls:
+        assert call.get("position") is None and call.get("position_slopes") is None
+        assert call["attn_mask"] is not None and call["attn_mask"].shape[-2:] == (T, T)
+
+
+def test_trainable_slopes_stay_a_mask_and_get_their_gradient(op_calls):
+    model, by_hand, compiled, x, _ = _rewrite("alibi", op_calls, trainable=True)
+    assert all(call.get("position") is None and call["attn_mask"] is not None for call in op_calls)
+    got = torch.autograd.grad(compiled(x).square().sum(), [layer.slopes for layer in model.layers])
+    want = torch.autograd.grad(by_hand(x).square().sum(), [layer.slopes for layer in by_hand.layers])
+    for g, w in zip(got, want):
+        assert_close_rel(g, w, 1e-4, "slopes")
+
+
+def test_other_kinds_keep_alibi_as_a_mask():
+    """Kinds that do not compute position biases (softmax here) get the term as before, and the output is exact."""
+    model, _ = _pair("alibi")
+    x = torch.randn(B, T, E, generator=_gen("softmax"))
+    report = Report(to="softmax")
+    got = compile_rewritten(model, report, to="softmax", strict=True)(x)
+    assert all(s.status == "rewritten" and not any("ALiBi" in n for n in s.notes) for s in report.sites), report
+    torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
