@@ -158,3 +158,19 @@ def test_other_kinds_keep_alibi_as_a_mask():
     got = compile_rewritten(model, report, to="softmax", strict=True)(x)
     assert all(s.status == "rewritten" and not any("ALiBi" in n for n in s.notes) for s in report.sites), report
     torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_wrong_position_claim_is_refused_by_the_certifier(monkeypatch):
+    """The certifier is the backstop of the recogniser: a position term with a wrong coefficient (planted
+    here) does not reproduce the site, which is skipped saying so, never rewritten."""
+    from attnrewrite.patterns import masks
+
+    form = masks._position_form
+    monkeypatch.setattr(masks, "_position_form", lambda *a: None if form(*a) is None else (form(*a)[0], 2 * form(*a)[1]))
+    model, _ = _pair("alibi")
+    x = torch.randn(B, T, E, generator=_gen("wrong"))
+    report = Report(to="sigmoid")
+    with pytest.warns(Warning):
+        got = compile_rewritten(model, report, to="sigmoid", bias=BIAS)(x)
+    assert report.sites and all(s.status == "skipped" and "does not reproduce" in s.reason for s in report.sites), report
+    torch.testing.assert_close(got, model(x))
