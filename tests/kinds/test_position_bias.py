@@ -174,3 +174,48 @@ def test_a_wrong_position_claim_is_refused_by_the_certifier(monkeypatch):
         got = compile_rewritten(model, report, to="sigmoid", bias=BIAS)(x)
     assert report.sites and all(s.status == "skipped" and "does not reproduce" in s.reason for s in report.sites), report
     torch.testing.assert_close(got, model(x))
+
+
+def test_sliding_window_computes_alibi_over_the_band(monkeypatch):
+    """sliding_window takes ALiBi as slopes too: with a window as long as the sequence the model itself,
+    with a short one the reference with the bias written out as a mask."""
+    import attnrewrite.kernels.sliding_window.public as window_public
+    from attnrewrite.kernels.sliding_window.reference import naive_sliding_window_attention
+
+    seen = []
+    check, check_slopes = window_public._check, window_public.check_position_slopes
+
+    def record_mask(q, k, v, attn_mask, *args):
+        if not isinstance(q, FakeTensor):
+            seen.append(("mask", attn_mask))
+        return check(q, k, v, attn_mask, *args)
+
+    def record_slopes(slopes, position, q, *args):
+        if not isinstance(q, FakeTensor):
+            seen.append(("position", position, slopes))
+        return check_slopes(slopes, position, q, *args)
+
+    monkeypatch.setattr(window_public, "_check", record_mask)
+    monkeypatch.setattr(window_public, "check_position_slopes", record_slopes)
+    model, _ = _pair("alibi")
+    x = torch.randn(B, T, E, generator=_gen("window"))
+    report = Report(to="sliding_window")
+    got = compile_rewritten(model, report, to="sliding_window", strict=True, window=T)(x)
+    assert len(report.sites) == 2 and all(s.status == "rewritten" for s in report.sites), report
+    torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+    assert [s[1] for s in seen if s[0] == "mask"] == [None, None]
+    assert [s[1] for s in seen if s[0] == "position"] == ["j-i", "j-i"]
+
+    slopes = _slopes()
+
+    def alibi(q, k, v):
+        pos = torch.arange(T)
+        s = q @ k.transpose(-2, -1) * D**-0.5 + slopes.view(1, H, 1, 1) * (pos.view(1, T) - pos.view(T, 1))
+        return torch.softmax(s.masked_fill(pos.view(1, T) > pos.view(T, 1), float("-inf")), dim=-1) @ v
+
+    q, k, v = (torch.randn(B, H, T, D, generator=_gen("w" + n)) for n in "qkv")
+    got = compile_rewritten(alibi, None, to="sliding_window", strict=True, window=3, sinks=1)(q, k, v)
+    pos = torch.arange(T)
+    bias = slopes.view(1, H, 1, 1) * (pos.view(1, T) - pos.view(T, 1))
+    torch.testing.assert_close(got, naive_sliding_window_attention(q, k, v, bias, True, D**-0.5, 3, 1),
+                               rtol=1e-5, atol=1e-5)

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from attnrewrite.kernels._ops import resolve_impl
-from attnrewrite.kernels.checks import check_dropout, check_kv_lens, check_mask_dtype, check_qkv
+from attnrewrite.kernels.checks import (check_dropout, check_kv_lens, check_mask_dtype, check_position_slopes,
+                                        check_qkv)
 
 from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
 
@@ -131,7 +132,7 @@ def sigmoid_attention_dispatch(
     problem = _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                         bias, kv_lens, cu_seqlens_q, cu_seqlens_k, causal_align)
     program = parse_score_mod(score_mod)
-    slopes = _check_position(position_slopes, position, q, problem.heads_q)
+    slopes = check_position_slopes(position_slopes, position, q, problem.heads_q, WHAT)
     path = _resolve_impl(impl, q, dropout_p, problem, program)
 
     if attn_mask is not None:
@@ -157,35 +158,6 @@ def sigmoid_attention_dispatch(
         problem.scale, problem.causal, dropout_p, score_mod=None if program is None else program.text(),
         slopes=slopes, position=position if slopes is not None else None)
 
-
-#: the position biases (``position=``) the sigmoid op computes from positions: slope·(j − i), slope·|j − i|
-POSITIONS = ("j-i", "|j-i|")
-
-
-def _check_position(slopes: torch.Tensor | None, position: str | None, q: torch.Tensor,
-                    heads_q: int) -> torch.Tensor | None:
-    """The slopes as a contiguous [Hq] float tensor (float64 for float64 q, else float32), or None without a
-    position bias; ValueError/TypeError naming the problem."""
-    if position is None and slopes is None:
-        return None
-    if position not in POSITIONS:
-        raise ValueError(f"sigmoid attention: position must be one of {', '.join(map(repr, POSITIONS))} (with "
-                         f"position_slopes), got {position!r}")
-    if not isinstance(slopes, torch.Tensor):
-        raise TypeError(f"sigmoid attention: position={position!r} needs position_slopes, a tensor of {heads_q} "
-                        f"slopes, got {type(slopes).__name__}")
-    if not slopes.is_floating_point():
-        raise TypeError(f"sigmoid attention: position_slopes must be a float tensor, got {slopes.dtype}")
-    if slopes.numel() not in (1, heads_q):
-        raise ValueError(f"sigmoid attention: position_slopes must hold one slope per query head ({heads_q}) or "
-                         f"one, got shape {tuple(slopes.shape)}")
-    if slopes.device != q.device:
-        raise ValueError(f"sigmoid attention: position_slopes is on {slopes.device}, q on {q.device}")
-    if slopes.requires_grad:
-        raise ValueError("sigmoid attention: position_slopes requires grad, but no gradient is computed for the "
-                         "slopes; pass the bias as a float attn_mask instead")
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return slopes.detach().to(dtype).reshape(-1).expand(heads_q).contiguous()
 
 
 def mask_keeps(attn_mask: torch.Tensor) -> torch.Tensor:

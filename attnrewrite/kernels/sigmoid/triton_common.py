@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (INTERPRETED, LOG2E, LOG2E_HOST, NO_MOD, dot_precision, load_tile, mma,
-                                                 mod_args, modified_scores, padded_dim, score_mod_fn)
+from attnrewrite.kernels.triton_scaffold import (INTERPRETED, LOG2E, LOG2E_HOST, NO_MOD, POSITION_CODES, dot_precision,
+                                                 load_tile, mma, mod_args, modified_scores, padded_dim, score_mod_fn)
 
 __all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "bias_strides", "block_table", "dot_precision", "load_tile",
            "locate", "mma", "mod_args", "modified_scores", "newton_steps", "padded_dim", "score_mod_fn",
@@ -159,10 +159,6 @@ def newton_steps(use_newton: int, dtype: torch.dtype) -> int:
     if not use_newton:
         return 0
     return 3 if dtype == torch.float32 else 2
-
-
-#: the ``position`` codes of the kernels (POSITION): no position bias, slope · (j − i), slope · |j − i|
-POSITION_CODES = {None: 0, "j-i": 1, "|j-i|": 2}
 
 
 def bias_strides(bias: torch.Tensor) -> tuple[int, int, int]:
