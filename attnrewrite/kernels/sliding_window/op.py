@@ -59,6 +59,14 @@ def launch_config(kernel: str, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, 
 _unit_last_stride = scaffold.unit_last_stride
 
 
+def _extra_tile(extra: dict) -> bool:
+    """Whether a call holds a tile beyond the plain kernels' — a score modification's derivative or a position
+    bias's distances — and so starts from the modification defaults (:data:`.spaces.MOD_DEFAULTS`): at the
+    plain d128 default the dK/dV kernel spills 456 B with ALiBi on sm_90, none at the modification default
+    (bench/RESULTS.md)."""
+    return extra["program"] is not None or extra["position"] is not None
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv_lens: Tensor | None, scale: float,
              causal: bool, window: int, sinks: int, score_mod: str = "", slopes: Tensor | None = None,
              position: str = "") -> tuple[Tensor, Tensor]:
@@ -68,8 +76,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv_lens: Tens
     args = (q, k, v, mask, kv_lens, scale, causal, window, sinks)
     extra = dict(program=parse_score_mod(score_mod), slopes=slopes, position=position or None)
     config = launch_config("fwd", q, k, v, mask is not None, causal, window, sinks,
-                           lambda cfg: lambda: sliding_window_fwd(*args, config=cfg, **extra),
-                           extra["program"] is not None)
+                           lambda cfg: lambda: sliding_window_fwd(*args, config=cfg, **extra), _extra_tile(extra))
     return sliding_window_fwd(*args, config=config, launch=traceable, **extra)
 
 
@@ -86,7 +93,7 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_ou
     q, k, v, out, grad_out = (_unit_last_stride(t) for t in (q, k, v, out, grad_out))
     args = (q, k, v, out, lse, grad_out, mask, kv_lens, scale, causal, window, sinks)
     extra = dict(program=parse_score_mod(score_mod), slopes=slopes, position=position or None)
-    has_mask, has_mod = mask is not None, extra["program"] is not None
+    has_mask, has_mod = mask is not None, _extra_tile(extra)
     config_dq = launch_config("bwd_dq", q, k, v, has_mask, causal, window, sinks,
                               lambda cfg: lambda: sliding_window_bwd(*args, cfg, cfg, kernels=("dq",), **extra),
                               has_mod)

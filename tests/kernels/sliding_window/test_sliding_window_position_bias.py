@@ -96,3 +96,22 @@ def test_the_op_checks_the_slopes():
     with pytest.raises(ValueError, match="requires grad"):
         sliding_window_attention(q, k, v, enable_gqa=True, window=4, position_slopes=SLOPES.clone().requires_grad_(),
                                  position="j-i")
+
+
+def test_a_position_bias_starts_from_the_modification_defaults(monkeypatch):
+    """Its distance tile makes the plain d128 dK/dV default spill on sm_90 (bench/RESULTS.md): the launcher asks
+    for the modification bucket, as for a score modification, in forward and backward."""
+    if not op.interpreter_active():
+        pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")
+    asked = []
+
+    def config(kernel, *args):
+        asked.append((kernel, args[-1]))
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
+
+    monkeypatch.setattr(op, "launch_config", config)
+    q, k, v, _ = (x.detach().float().requires_grad_() for x in _inputs("defaults", 16))
+    out = sliding_window_attention(q, k, v, enable_gqa=True, window=4, impl="triton", position_slopes=SLOPES.float(),
+                                   position="j-i")
+    out.sum().backward()
+    assert sorted(asked) == [("bwd_dkdv", True), ("bwd_dq", True), ("fwd", True)]
