@@ -115,3 +115,17 @@ def test_a_position_bias_starts_from_the_modification_defaults(monkeypatch):
                                    position="j-i")
     out.sum().backward()
     assert sorted(asked) == [("bwd_dkdv", True), ("bwd_dq", True), ("fwd", True)]
+
+
+@pytest.mark.parametrize("position", ["j-i", "|j-i|"])
+@pytest.mark.parametrize("t_k", [23, 8], ids=["blockwise", "dense"])
+def test_fewer_queries_than_keys_count_i_from_the_first_query(position, t_k):
+    """Tq < Tk (queries at the end, as against a cache): the bias uses the query index i, as the sigmoid op's."""
+    q, k, v, mask = (x.detach() for x in _inputs(f"short{position}{t_k}", t_k))
+    q, mask = q[:, :, -7:], mask[:, :, -7:]
+    out = sliding_window_attention(q, k, v, mask, scale=0.3, enable_gqa=True, window=5, sinks=2, impl="torch",
+                                   position_slopes=SLOPES, position=position)
+    distance = (torch.arange(t_k).view(1, -1) - torch.arange(7).view(-1, 1)).double()
+    bias = SLOPES.view(1, -1, 1, 1) * (distance.abs() if position == "|j-i|" else distance)
+    want = naive_sliding_window_attention(q, k, v, mask + bias, True, 0.3, 5, 2)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
