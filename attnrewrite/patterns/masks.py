@@ -250,9 +250,14 @@ def _index_expression(node: fx.Node, depth: int = 0) -> str | None:
     if meta is None or meta.dtype not in _EXACT_DTYPES:
         return f"{node.name} is not an int or float32/float64 tensor"
     if node.op == "call_function" and node.target is torch.arange:
-        args = list(node.args)
-        start, end, step = (0, args[0], 1) if len(args) == 1 else (args + [1])[:3]
-        step = node.kwargs.get("step", step)
+        args, kw = list(node.args), node.kwargs
+        if len(args) >= 2:                      # arange(start, end[, step])
+            start, end = args[0], args[1]
+        elif len(args) == 1:                    # arange(end) or arange(start, end=...)
+            start, end = (args[0], kw["end"]) if "end" in kw else (0, args[0])
+        else:                                   # arange(start=..., end=...)
+            start, end = kw.get("start", 0), kw.get("end")
+        step = args[2] if len(args) > 2 else kw.get("step", 1)
         if constant_value(start) != 0 or constant_value(step) != 1:
             return f"{node.name} is an arange that does not start at 0 with step 1"
         if not (isinstance(end, int) or _is_size(end)):
@@ -377,7 +382,7 @@ def as_position_bias(site: Site, evaluator: GraphEvaluator) -> AttentionSpec | N
         if term.kind == "add":
             try:
                 position, _ = _position_term(term, site, evaluator)
-            except (UnreadableWrite, ClosureTooLarge):
+            except Exception:  # noqa: BLE001 — a term this recogniser cannot read stays the mask it was
                 position = None
         if position is not None:
             found.append(position)

@@ -38,6 +38,8 @@ BIASES = {
     "product_of_positions": lambda s, pos: s.view(1, H, 1, 1) * (pos.view(1, T) * pos.view(T, 1)).float() / T,
     "slopes_per_query": lambda s, pos: torch.linspace(0.1, 0.5, T).view(1, 1, T, 1) * (pos.view(1, T) - pos.view(T, 1)),
     "clamped_distance": lambda s, pos: s.view(1, H, 1, 1) * (pos.view(1, T) - pos.view(T, 1)).clamp(min=-3).float(),
+    # queries counted from 2: slope·(j − i − 2), the same as ALiBi under softmax, not under sigmoid
+    "offset_queries": lambda s, pos: s.view(1, H, 1, 1) * (torch.arange(end=T).view(1, T) - (pos + 2).view(T, 1)),
 }
 ALIBI = {"alibi": "j-i", "alibi_indexing": "j-i", "alibi_symmetric": "|j-i|"}
 
@@ -133,7 +135,7 @@ def test_alibi_gradients_equal_the_model_written_by_hand(op_calls):
         assert_close_rel(g, w, 1e-4, name)
 
 
-@pytest.mark.parametrize("bias", ["product_of_positions", "slopes_per_query", "clamped_distance"])
+@pytest.mark.parametrize("bias", ["product_of_positions", "slopes_per_query", "clamped_distance", "offset_queries"])
 def test_a_bias_that_is_almost_alibi_stays_a_mask(bias, op_calls):
     _rewrite(bias, op_calls)
     for call in op_calls:
