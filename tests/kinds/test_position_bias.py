@@ -221,3 +221,26 @@ def test_sliding_window_computes_alibi_over_the_band(monkeypatch):
     bias = slopes.view(1, H, 1, 1) * (pos.view(1, T) - pos.view(T, 1))
     torch.testing.assert_close(got, naive_sliding_window_attention(q, k, v, bias, True, D**-0.5, 3, 1),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_alibi_under_dynamic_shapes_is_proven_once_for_every_length(op_calls):
+    """The distance built from arange of a symbolic length: one graph serves both lengths, each computed from
+    the slopes and equal to sigmoid attention written by hand."""
+    slopes = _slopes()
+
+    def alibi(q, k, v):
+        t = q.shape[2]
+        pos = torch.arange(t)
+        s = q @ k.transpose(-2, -1) * D**-0.5 + slopes.view(1, H, 1, 1) * (pos[None, :] - pos[:, None])
+        return torch.softmax(s.masked_fill(pos[None, :] > pos[:, None], float("-inf")), dim=-1) @ v
+
+    report = Report(to="sigmoid")
+    compiled = compile_rewritten(alibi, report, dynamic=True, to="sigmoid", strict=True, bias=BIAS)
+    for t in (12, 20):
+        q, k, v = (torch.randn(B, H, t, D, generator=_gen(f"dyn{t}{n}")) for n in "qkv")
+        pos = torch.arange(t)
+        z = q @ k.transpose(-2, -1) * D**-0.5 + slopes.view(1, H, 1, 1) * (pos[None, :] - pos[:, None]) + BIAS
+        want = torch.sigmoid(z).masked_fill(pos[None, :] > pos[:, None], 0.0) @ v
+        torch.testing.assert_close(compiled(q, k, v), want, rtol=1e-5, atol=1e-5)
+    assert len(report.sites) == 1 and report.sites[0].status == "rewritten", report
+    assert [c["position"] for c in op_calls] == ["j-i", "j-i"] and all(c["attn_mask"] is None for c in op_calls)
