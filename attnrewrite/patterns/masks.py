@@ -363,10 +363,11 @@ def _position_term(term: MaskTerm, site: Site, evaluator: GraphEvaluator) -> tup
     return None, "; ".join(reasons)
 
 
-def as_position_bias(site: Site, evaluator: GraphEvaluator) -> AttentionSpec | None:
-    """``site.spec`` with one additive term proven to be a position bias — slope_h · c · (j − i) or
+def as_position_bias(site: Site, evaluator: GraphEvaluator) -> tuple[AttentionSpec | None, list[str]]:
+    """(``site.spec`` with one additive term proven to be a position bias — slope_h · c · (j − i) or
     slope_h · c · |j − i| (ALiBi), the slopes a float tensor of one value per head (or one), not
-    requiring grad — taken as a ``position`` term, or None when there is no such term (or more than one).
+    requiring grad — taken as a ``position`` term, or None when there is no such term or more than one;
+    why each other product added to the scores stays a mask, for the report).
 
     The proof is structural and numeric: the index factor is built from ``arange`` (from 0, step 1) by
     views, casts, sums, differences, negation, abs and constant factors alone (so its values on the
@@ -376,17 +377,21 @@ def as_position_bias(site: Site, evaluator: GraphEvaluator) -> AttentionSpec | N
     stays an additive mask term.
     """
     spec = site.spec
-    found, terms = [], []
+    found, terms, kept = [], [], []
     for term in spec.bias:
-        position = None
+        position, why = None, ""
         if term.kind == "add":
             try:
-                position, _ = _position_term(term, site, evaluator)
-            except Exception:  # noqa: BLE001 — a term this recogniser cannot read stays the mask it was
-                position = None
+                position, why = _position_term(term, site, evaluator)
+            except Exception as exc:  # noqa: BLE001 — a term this recogniser cannot read stays the mask it was
+                position, why = None, f"could not be read ({type(exc).__name__})"
         if position is not None:
             found.append(position)
+        elif term.kind == "add" and getattr(normalize(term.node), "name", None) == "mul":
+            kept.append(f"additive bias {term.node.name} stays a mask: {why}")
         terms.append(position or term)
+    if len(found) > 1:
+        kept.append(f"{len(found)} position biases: each stays a mask (a kind computes one)")
     if len(found) != 1:
-        return None
-    return replace(spec, bias=tuple(terms))
+        return None, kept
+    return replace(spec, bias=tuple(terms)), kept

@@ -158,7 +158,8 @@ def select(ctx: PassContext) -> None:
                       f"{site.spec.score_mod.describe()}")
             continue
         if kind.position_bias:  # ALiBi computed in the kind's kernels instead of read as a [Tq, Tk] mask
-            positioned = masks.as_position_bias(site, ctx.evaluator)
+            positioned, kept = masks.as_position_bias(site, ctx.evaluator)
+            site.notes.extend(kept)
             if positioned is not None:
                 site.spec = positioned
                 site.notes.append("additive bias proven slope_h·d(i, j) (ALiBi): computed from positions")

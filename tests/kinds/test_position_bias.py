@@ -137,10 +137,14 @@ def test_alibi_gradients_equal_the_model_written_by_hand(op_calls):
 
 @pytest.mark.parametrize("bias", ["product_of_positions", "slopes_per_query", "clamped_distance", "offset_queries"])
 def test_a_bias_that_is_almost_alibi_stays_a_mask(bias, op_calls):
-    _rewrite(bias, op_calls)
+    *_, report = _rewrite(bias, op_calls)
     for call in op_calls:
         assert call.get("position") is None and call.get("position_slopes") is None
         assert call["attn_mask"] is not None and call["attn_mask"].shape[-2:] == (T, T)
+    why = {"slopes_per_query": "is not one slope per head", "clamped_distance": "(clamp) is not an index operation",
+           "offset_queries": "is not c·(j − i) nor c·|j − i|"}.get(bias)
+    if why is not None:  # a product added to the scores: the report says why it stays a mask
+        assert all(any("stays a mask" in n and why in n for n in s.notes) for s in report.sites), report
 
 
 def test_trainable_slopes_stay_a_mask_and_get_their_gradient(op_calls):
