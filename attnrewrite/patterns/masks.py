@@ -363,6 +363,12 @@ def _position_term(term: MaskTerm, site: Site, evaluator: GraphEvaluator) -> tup
     return None, "; ".join(reasons)
 
 
+def _product_of_tensors(node: fx.Node) -> bool:
+    call = normalize(node)
+    return (call is not None and call.name == "mul"
+            and all(isinstance(a, fx.Node) and tensor_meta(a) is not None for a in call.args[:2]))
+
+
 def as_position_bias(site: Site, evaluator: GraphEvaluator) -> tuple[AttentionSpec | None, list[str]]:
     """(``site.spec`` with one additive term proven to be a position bias — slope_h · c · (j − i) or
     slope_h · c · |j − i| (ALiBi), the slopes a float tensor of one value per head (or one), not
@@ -387,7 +393,7 @@ def as_position_bias(site: Site, evaluator: GraphEvaluator) -> tuple[AttentionSp
                 position, why = None, f"could not be read ({type(exc).__name__})"
         if position is not None:
             found.append(position)
-        elif term.kind == "add" and getattr(normalize(term.node), "name", None) == "mul":
+        elif term.kind == "add" and _product_of_tensors(term.node):  # (a scaled mask is no candidate: no note)
             kept.append(f"additive bias {term.node.name} stays a mask: {why}")
         terms.append(position or term)
     if len(found) > 1:
