@@ -9,7 +9,7 @@ became wgmma instructions and whether ptxas had to serialise them for lack of re
 before any GPU time is spent.  Without ``--all`` only the spaces' defaults are compiled, for
 D = 64, 128 and 256, causal and not, bf16; ``--features`` compiles every input variant the kernels
 specialise on (GQA, float mask and its gradient, kv_lens, varlen, bottom-right, odd head dims,
-fp16, fp32, the Newton reciprocal).  ``--sass`` also counts the special-function (MUFU)
+fp16, fp32, the Newton reciprocal, score modifications, ALiBi position biases; ``--only`` picks some).  ``--sass`` also counts the special-function (MUFU)
 instructions per kernel.  It never runs a kernel.
 """
 
@@ -127,14 +127,16 @@ def compile_case(kernel: str, config: dict, head: int, causal: int, dtype=torch.
         causal = 2
     if feature == "newton":
         config = dict(config, RCP_NEWTON=1)
-    program = score_mods.parse(SCORE_MODS.get(feature))
+    program = score_mods.parse(SCORE_MODS.get(feature, SCORE_MODS["softcap"] if feature == "alibi_softcap" else None))
+    position = {"alibi": "j-i", "alibi_softcap": "j-i", "alibi_abs": "|j-i|"}.get(feature)
+    extra = dict(program=program, position=position, slopes=torch.zeros(heads_q) if position else None)
     launch = _Compiled()
     if kernel == "fwd":
-        sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_q, cu_k, 0.1, causal, config, launch=launch, program=program)
+        sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_q, cu_k, 0.1, causal, config, launch=launch, **extra)
     else:
         which = ("dq",) if kernel == "bwd_dq" else ("dkdv",)
         sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_q, cu_k, 0.1, causal, feature == "mask_grad",
-                    config, config, launch=launch, kernels=which, program=program)
+                    config, config, launch=launch, kernels=which, **extra)
     (_, compiled), = launch.kernels
     return resources(compiled)
 
@@ -143,7 +145,7 @@ def compile_case(kernel: str, config: dict, head: int, causal: int, dtype=torch.
 SCORE_MODS = {"softcap": "div 50.0; tanh; mul 50.0", "mod_sigmoid": "sigmoid; mul 2.0", "mod_exp": "mul 0.1; exp",
               "mod_abs": "abs", "mod_relu": "relu", "mod_erf": "erf; mul 3.0", "mod_square": "square; neg"}
 FEATURES = ("row_bias", "gqa", "kv_lens", "varlen", "float_mask", "mask_grad", "bottom_right", "odd_dims", "fp16", "fp32",
-            "newton") + tuple(SCORE_MODS)
+            "newton") + tuple(SCORE_MODS) + ("alibi", "alibi_abs", "alibi_softcap")
 
 
 def compile_features() -> int:
@@ -153,13 +155,13 @@ def compile_features() -> int:
     failures = 0
     print("| kernel | feature | config | regs | spill B | smem B | wgmma | serialized |")
     print("|---|---|---|---|---|---|---|---|")
-    for feature in FEATURES:
+    for feature in ARGS.only or FEATURES:
         for kernel in spaces.KERNELS:
             space = spaces.SPACES[f"{kernel}_d128"]
             dtype = "fp32" if feature == "fp32" else "16bit"
             shape = {"D": 128, "DV": 128, "Tq": 4096, "Tk": 4096, "causal": 1, "dtype": dtype,
                      "mask": int(feature in ("float_mask", "mask_grad"))}
-            if feature in SCORE_MODS:  # the launcher fits its configuration to the modification's extra tile
+            if feature in SCORE_MODS or feature == "alibi_softcap":  # the launcher fits its configuration to the modification's extra tile
                 shape["mod"] = 1
             config = spaces.fit(space, space.default, shape)
             if feature == "newton":
@@ -220,6 +222,11 @@ if __name__ == "__main__":
     parser.add_argument("--heads", default="64,128,256", help="head-dim classes to compile (default: all)")
     parser.add_argument("--features", action="store_true",
                         help="instead: every input variant (GQA, masks, kv_lens, varlen, dtypes...) at d128")
+    parser.add_argument("--only", default="", help="with --features: these variants only (comma-separated)")
     ARGS = parser.parse_args()
+    ARGS.only = [f for f in ARGS.only.split(",") if f]
+    unknown = set(ARGS.only) - set(FEATURES)
+    if unknown:
+        parser.error(f"unknown features {sorted(unknown)}; known: {', '.join(FEATURES)}")
     ARGS.heads = {int(h) for h in ARGS.heads.split(",")}
     sys.exit(main())

@@ -7,7 +7,7 @@ default configuration of each kernel (forward, dQ, dK/dV) and head-dim class, ca
 window 1024 and 4 sinks, it prints registers per thread, spilled bytes, shared memory, whether the
 products became wgmma instructions and whether ptxas serialised them (C7511).  ``--features`` instead
 compiles every input variant the kernels specialise on at d128 (GQA, a float mask, kv_lens, no sinks,
-odd head dims, fp16, fp32).  ``--mods`` instead compiles the default configurations, causal, with each named score
+odd head dims, fp16, fp32, ALiBi computed from slopes; ``--only`` picks some).  ``--mods`` instead compiles the default configurations, causal, with each named score
 modification compiled in (``sigmoid_aot.SCORE_MODS``: ``softcap`` and one program per other nonlinear
 function).  It never runs a kernel.
 """
@@ -30,7 +30,7 @@ import triton  # noqa: E402
 
 import sigmoid_aot  # noqa: E402  (the compile-only driver and the ptxas report)
 
-FEATURES = ("gqa", "float_mask", "kv_lens", "no_sinks", "odd_dims", "fp16", "fp32")
+FEATURES = ("gqa", "float_mask", "kv_lens", "no_sinks", "odd_dims", "fp16", "fp32", "alibi", "alibi_abs")
 
 
 def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: str = "", length: int = 4096,
@@ -57,13 +57,15 @@ def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: st
     mask = torch.zeros(1, heads_q, length, length, dtype=dtype) if feature == "float_mask" else None
     kv_lens = torch.full((batch,), length // 2, dtype=torch.int32) if feature == "kv_lens" else None
     program = score_mods.parse(sigmoid_aot.SCORE_MODS.get(feature))
+    position = {"alibi": "j-i", "alibi_abs": "|j-i|"}.get(feature)
+    extra = dict(program=program, position=position, slopes=torch.zeros(heads_q) if position else None)
     launch = sigmoid_aot._Compiled()
     if kernel == "fwd":
-        sliding_window_fwd(q, k, v, mask, kv_lens, 0.1, causal, window, sinks, config, launch=launch, program=program)
+        sliding_window_fwd(q, k, v, mask, kv_lens, 0.1, causal, window, sinks, config, launch=launch, **extra)
     else:
         which = ("dq",) if kernel == "bwd_dq" else ("dkdv",)
         sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, 0.1, causal, window, sinks, config, config,
-                           launch=launch, kernels=which, program=program)
+                           launch=launch, kernels=which, **extra)
     (_, compiled), = launch.kernels
     return sigmoid_aot.resources(compiled)
 
@@ -100,7 +102,7 @@ def main() -> int:
                                lambda: compile_case(kernel, config, head, True, feature))
         return 0 if ok else 1
     if ARGS.features:
-        for feature in FEATURES:
+        for feature in ARGS.only or FEATURES:
             for kernel in spaces.KERNELS:
                 space = spaces.SPACES[f"{kernel}_d128"]
                 shape = {"D": 128, "DV": 128, "Tq": 4096, "Tk": 4096, "window": 1024, "sinks": 1, "causal": 1,
@@ -127,7 +129,11 @@ if __name__ == "__main__":
     parser.add_argument("--features", action="store_true", help="instead: every input variant at d128")
     parser.add_argument("--mods", default="", help="instead: these score modifications (names of "
                         "sigmoid_aot.SCORE_MODS, comma-separated) at the default configs, causal")
+    parser.add_argument("--only", default="", help="with --features: these variants only (comma-separated)")
     ARGS = parser.parse_args()
+    ARGS.only = [f for f in ARGS.only.split(",") if f]
+    if set(ARGS.only) - set(FEATURES):
+        parser.error(f"unknown features {sorted(set(ARGS.only) - set(FEATURES))}; known: {', '.join(FEATURES)}")
     ARGS.mods = [m for m in ARGS.mods.split(",") if m]
     unknown = set(ARGS.mods) - set(sigmoid_aot.SCORE_MODS)
     if unknown:

@@ -101,13 +101,27 @@ def term_value(term: MaskTerm, lookup: Lookup) -> Any:
     return apply_steps(lookup(term.node), term.steps, lookup)
 
 
-def materialize_mask(terms: tuple[MaskTerm, ...], lookup: Lookup, dtype: torch.dtype) -> Any:
+def position_distance(form: str, q: Any, k: Any, dtype: torch.dtype) -> Any:
+    """[Tq, Tk] of ``dtype``: d(i, j) of a ``position`` mask term — j − i (``"j-i"``) or |j − i| (``"|j-i|"``)
+    for query index i and key index j, the indices counted on q and k themselves (so it records on
+    proxies, on q's device)."""
+    rows = torch.ones_like(q[0, 0, :, 0], dtype=dtype).cumsum(0) - 1
+    cols = torch.ones_like(k[0, 0, :, 0], dtype=dtype).cumsum(0) - 1
+    distance = cols.unsqueeze(0) - rows.unsqueeze(1)
+    return distance.abs() if form == "|j-i|" else distance
+
+
+def materialize_mask(terms: tuple[MaskTerm, ...], lookup: Lookup, dtype: torch.dtype, q: Any = None,
+                     k: Any = None) -> Any:
     """The mask terms as one ``attn_mask``: bool (True = attend) when every term is a keep-mask,
-    else an additive float mask of ``dtype``; None without terms."""
+    else an additive float mask of ``dtype``; None without terms.  ``position`` terms are written out as
+    ``coeff · slopes · d(i, j)`` ([.., Hq, Tq, Tk]), which needs the site's ``q`` and ``k``."""
     keep = None
     additive = None
     for term in terms:
         value = term_value(term, lookup)
+        if term.kind == "position":
+            value = value.to(dtype) * position_distance(term.form, q, k, dtype)
         if term.kind == "keep":
             keep = value if keep is None else keep & value
         elif term.kind == "drop":
@@ -166,6 +180,11 @@ class AttentionCall:
     #: ``score_mod`` as a program of elementwise steps (:mod:`attnrewrite.ir.score_program`), for kinds
     #: whose ops take it as text; None without a modification or when it has no program
     score_program: str | None = None
+    #: a ``position`` mask term left out of ``attn_mask`` for a kind that computes it (``positions=True``):
+    #: ``position_slopes`` [Hq] or [1] float32 (its coefficient folded in) and ``position`` its form
+    #: (``"j-i"`` or ``"|j-i|"``); None otherwise
+    position_slopes: Any = None
+    position: str | None = None
 
     def scaled_q(self) -> Any:
         return self.q if self.q_factor is None else self.q * self.q_factor
@@ -188,26 +207,41 @@ def is_scalar(node: fx.Node, value: Any) -> bool:
     return isinstance(value, _NUMBERS)
 
 
-def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, dropout: bool = True) -> AttentionCall:
+def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, dropout: bool = True,
+                   positions: bool = False) -> AttentionCall:
     """Build the canonical attention arguments for ``spec``.
 
     ``dtype`` is the dtype of q as it enters attention (additive masks are cast to it);
     ``dropout=False`` drops dropout (certification compares deterministic outputs).
+    ``positions=True`` (a kind that computes position biases): a ``position`` mask term is passed as
+    ``position_slopes`` / ``position`` instead of written out into ``attn_mask``.
     """
+    q, k = ref_value(spec.q, lookup), ref_value(spec.k, lookup)
+    terms, slopes, form = spec.bias, None, None
+    if positions:
+        found = [t for t in spec.bias if t.kind == "position"]
+        if len(found) > 1:
+            raise ValueError("attnrewrite: a kind computes at most one position bias per site")
+        if found:
+            term = found[0]
+            terms = tuple(t for t in spec.bias if t is not term)
+            slopes = term_value(term, lookup).to(torch.float32).reshape(-1)
+            slopes, form = (slopes * term.coeff if term.coeff != 1.0 else slopes), term.form
     scale, factor = spec.scale, None
     for node, power in spec.q_factors:
         f = lookup(node)
         f = f if power == 1 else f**power
         if scale is not None and is_scalar(node, f):
-            scale = f if isinstance(scale, float) and scale == 1.0 else scale * f  # a symbolic number: part of the op's scale, applied where the op applies it
+            # a symbolic number: part of the op's scale, applied where the op applies a constant one
+            scale = f if isinstance(scale, float) and scale == 1.0 else scale * f
         else:
             factor = f if factor is None else factor * f
     return AttentionCall(
-        q=ref_value(spec.q, lookup),
+        q=q,
         q_factor=factor,
-        k=ref_value(spec.k, lookup),
+        k=k,
         v=ref_value(spec.v, lookup),
-        attn_mask=materialize_mask(spec.bias, lookup, dtype),
+        attn_mask=materialize_mask(terms, lookup, dtype, q, k),
         dropout_p=(spec.dropout_p if spec.dropout_node is None else lookup(spec.dropout_node)) if dropout else 0.0,
         is_causal=spec.causal,
         scale=scale,
@@ -216,7 +250,9 @@ def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, drop
         score_program=score_program(spec.score_mod)[0],
         kv_groups=spec.kv_groups,
         dtype=dtype,
-        bool_mask=bool(spec.bias) and all(t.kind != "add" for t in spec.bias),
+        bool_mask=bool(terms) and all(t.kind not in ("add", "position") for t in terms),
+        position_slopes=slopes,
+        position=form,
     )
 
 

@@ -46,20 +46,31 @@ class MaskTerm:
     - ``padding``: an additive ``coeff · node`` whose values are 0 (key kept) or <= −10⁴ (key
       masked), taken as the keep-mask ``coeff · node > −10⁴`` by kinds that have no scores to add
       a bias to.  The values are not assumed: the canonical form checks them on every call
-      (:data:`PADDING_GUARD`) and raises if one ever leaves that set.
+      (:data:`PADDING_GUARD`) and raises if one ever leaves that set;
+    - ``position``: a bias computed from positions, ``coeff · slope_h · d(i, j)`` with ``node`` the
+      slopes (after ``steps``, broadcastable to [1, Hq, 1, 1]: one per head, or one for all) and
+      ``form`` naming d: ``"j-i"`` (ALiBi) or ``"|j-i|"``, i and j the query and key indices.  Only
+      a kind that computes it in its kernels asks for it (``Kind.position_bias``); the matcher proves
+      it from the term's graph (:func:`attnrewrite.patterns.masks.as_position_bias`) and the
+      certifier compares it, materialised, with the original term.
 
     A score set to −∞ or to any constant ≤ −10⁴ (``masked_fill(m, finfo.min)``,
     ``where(m, s, -1e9)``) counts as masked: the two differ only in rows where every key is
     masked, whose output is meaningless either way (NaN or a uniform average of values).
     """
 
-    kind: Literal["add", "keep", "drop", "padding"]
+    kind: Literal["add", "keep", "drop", "padding", "position"]
     node: fx.Node
     steps: tuple[Step, ...] = ()
     coeff: float = 1.0
+    form: str = ""  # ``position`` terms only: "j-i" or "|j-i|"
 
     def scaled(self, factor: float) -> MaskTerm:
-        return replace(self, coeff=self.coeff * factor) if self.kind in ("add", "padding") else self
+        return replace(self, coeff=self.coeff * factor) if self.kind in ("add", "padding", "position") else self
+
+
+#: The forms of ``position`` mask terms: d(i, j) for query index i and key index j.
+POSITION_FORMS = ("j-i", "|j-i|")
 
 
 #: Scores at or below this constant are masked keys.

@@ -211,3 +211,40 @@ def refuse_sharded_sequence(what: str) -> None:
             "compiled by torch.compile, whose calls the manager cannot see): it would attend over this "
             "rank's shard only.  Run the model eagerly inside context_parallel (an attnrewrite-rewritten "
             "model: use attnrewrite.hf's attention functions or call attnrewrite.ops directly).")
+
+
+#: the position biases (``position=``) the ops compute from the query and key indices i, j:
+#: slope_h · (j − i) and slope_h · |j − i|
+POSITIONS = ("j-i", "|j-i|")
+
+
+def check_position_slopes(slopes: Tensor | None, position: str | None, q: Tensor, heads_q: int,
+                          what: str) -> Tensor | None:
+    """A position bias's slopes (``position_slopes``, with ``position`` one of :data:`POSITIONS`) as a
+    contiguous [Hq] float tensor (float64 for float64 q, else float32), or None without a position bias.
+
+    Raises:
+        TypeError: slopes missing or not a float tensor.
+        ValueError: an unknown ``position``, neither Hq slopes nor one, on another device than q, or slopes
+            that require grad (the ops compute no gradient for them).
+    """
+    if position is None and slopes is None:
+        return None
+    if position not in POSITIONS:
+        raise ValueError(f"{what}: position must be one of {', '.join(map(repr, POSITIONS))} (with "
+                         f"position_slopes), got {position!r}")
+    if not isinstance(slopes, torch.Tensor):
+        raise TypeError(f"{what}: position={position!r} needs position_slopes, a tensor of {heads_q} "
+                        f"slopes, got {type(slopes).__name__}")
+    if not slopes.is_floating_point():
+        raise TypeError(f"{what}: position_slopes must be a float tensor, got {slopes.dtype}")
+    if slopes.numel() not in (1, heads_q):
+        raise ValueError(f"{what}: position_slopes must hold one slope per query head ({heads_q}) or "
+                         f"one, got shape {tuple(slopes.shape)}")
+    if slopes.device != q.device:
+        raise ValueError(f"{what}: position_slopes is on {slopes.device}, q on {q.device}")
+    if slopes.requires_grad:
+        raise ValueError(f"{what}: position_slopes requires grad, but no gradient is computed for the "
+                         "slopes; pass the bias as a float attn_mask instead")
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return slopes.detach().to(dtype).reshape(-1).expand(heads_q).contiguous()

@@ -44,6 +44,11 @@ class Kind:
             sliding_window), whose ``supports`` then refuses modifications without a program
             (:func:`attnrewrite.ir.score_program.score_program` says why).  Sites with a score
             modification are skipped, with that reason, for kinds that do not.
+        position_bias: True when ``emit`` computes a position bias from ``call.position_slopes`` and
+            ``call.position`` (ALiBi: slope_h · (j − i), or slope_h · |j − i|) instead of reading it from
+            ``attn_mask``; for such a kind the pipeline turns an additive mask term proven to be one into
+            a ``position`` term (:func:`attnrewrite.patterns.masks.as_position_bias`), and the rewrite
+            passes it apart.  For every other kind the term stays in ``attn_mask``.
         expected_skips: data for the tests generated from the registry (``tests/kinds``): the
             reference targets (:mod:`attnrewrite.testing.targets`) whose attention this kind cannot
             honour, target name -> a fragment of the skip reason.  A target not listed must be
@@ -60,6 +65,7 @@ class Kind:
     weights: Callable[[AttentionCall, dict[str, Any], Any], Any] | str | None = None
     make_state: Callable[[AttentionSpec, dict[str, Any]], Any] | None = None
     score_mod: bool = False
+    position_bias: bool = False
     expected_skips: dict[str, str] = field(default_factory=dict)
     example_options: dict[str, Any] = field(default_factory=dict)
 

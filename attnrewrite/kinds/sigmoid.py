@@ -7,6 +7,9 @@ soft-capping and any chain of the elementwise steps of :mod:`attnrewrite.kernels
 the mask and its bias: sigmoid(mod(s·q·kᵀ) + mask + b).  It skips only sites whose modification reads
 a tensor or a symbolic number (no program, :mod:`attnrewrite.ir.score_program`), and modified sites
 under ``learned=True`` (the learned temperature would scale the scores before the modification).
+A bias proven to be a per-head linear function of the positions (ALiBi, slope_h · (j − i) or
+slope_h · |j − i|) is computed inside the op from the slopes (``position_slopes``), not passed as a
+[B, H, Tq, Tk] mask.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ def emit(call: AttentionCall, options: dict[str, Any], state) -> Any:
     q, k, scale = _scores_operands(call, state)
     return torch.ops.attnrewrite.sigmoid_attention(q, k, call.v, call.attn_mask, call.dropout_p,
                                                    call.is_causal, scale, call.enable_gqa, bias=_bias(options),
-                                                   score_mod=call.score_program)
+                                                   score_mod=call.score_program, position_slopes=call.position_slopes,
+                                                   position=call.position)
 
 
 def weights(call: AttentionCall, options: dict[str, Any], state) -> Any:
@@ -113,4 +117,5 @@ KIND = register(Kind(
     weights=weights,
     make_state=make_state,
     score_mod=True,  # applies call.score_program when the modification has one (supports says why not)
+    position_bias=True,  # computes ALiBi (call.position_slopes) in its kernels instead of reading a mask
 ))

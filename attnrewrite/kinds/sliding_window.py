@@ -10,7 +10,8 @@ any mask the resolver proved, with nothing to recognise about that mask.  Groupe
 dropout are kept, and a score modification with a program (:mod:`attnrewrite.ir.score_program`:
 soft-capping and chains of elementwise steps) is applied before the mask: by the Triton kernels when
 it has at most one nonlinear step between affine ones (as sigmoid's), else on the torch path
-(``impl="auto"`` picks it).  Sites whose queries and keys differ in length (cross-attention, attention over a
+(``impl="auto"`` picks it).  A bias proven to be ALiBi (slope_h · (j − i) or slope_h · |j − i|) is computed
+over the band from the slopes, never read as a [B, H, T, T] mask.  Sites whose queries and keys differ in length (cross-attention, attention over a
 cache) are skipped: the window is over positions of one sequence.  Returned attention weights are
 not supplied (such sites are skipped).
 """
@@ -44,7 +45,8 @@ def emit(call: AttentionCall, options: dict[str, Any], state) -> Any:
     return torch.ops.attnrewrite.sliding_window_attention(call.scaled_q(), call.k, call.v, call.attn_mask,
                                                           call.dropout_p, call.is_causal, call.scale,
                                                           call.enable_gqa, window=options["window"],
-                                                          sinks=options["sinks"], score_mod=call.score_program)
+                                                          sinks=options["sinks"], score_mod=call.score_program,
+                                                          position_slopes=call.position_slopes, position=call.position)
 
 
 KIND = register(Kind(
@@ -59,4 +61,5 @@ KIND = register(Kind(
     description="sliding-window attention: exact softmax over the last `window` keys (+ `sinks` first keys)",
     example_options={"window": 4, "sinks": 1},
     score_mod=True,  # applies call.score_program when the modification has one (supports says why not)
+    position_bias=True,  # computes ALiBi (call.position_slopes) over the band instead of reading a [T, T] mask
 ))

@@ -23,13 +23,14 @@ depends on user data counts as data-dependent.
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
 import torch.fx as fx
 
 from attnrewrite.ir.canonical import steps_shape
-from attnrewrite.ir.capture import (constant_value, hinted_shape, is_float_tensor, normalize, rank, tensor_meta,
+from attnrewrite.ir.capture import (constant_value, example, hinted_shape, is_float_tensor, normalize, rank, tensor_meta,
                                     written_by)
 from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, UnreadableWrite
 from attnrewrite.ir.spec import MASKED_SCORE, AttentionSpec, MaskTerm, NotAttention, Site
@@ -216,3 +217,187 @@ def as_key_padding(site: Site, evaluator: GraphEvaluator) -> AttentionSpec | Non
                     term, changed = replace(term, kind="padding"), True
         terms.append(term)
     return replace(spec, bias=tuple(terms)) if changed else None
+
+
+# --------------------------------------------------------------------------- position biases (ALiBi)
+
+#: Ops an index expression may use: views, casts and the arithmetic of j − i (a product or quotient
+#: only with a constant).  Anything else (a table lookup, a clamp, a product of two indices) is not
+#: a position bias this recogniser proves.
+_INDEX_VIEWS = {"view", "unsqueeze", "expand", "identity", "cast", "transpose"}
+_INDEX_ARITHMETIC = {"sub", "add", "neg", "abs", "mul", "div"}
+_EXACT_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64)
+
+
+def _is_size(node) -> bool:
+    """A node holding an integer (a sequence length, symbolic or not), not a tensor."""
+    return isinstance(node, fx.Node) and isinstance(example(node), (int, torch.SymInt))
+
+
+def _plain_index(index) -> bool:
+    """``x[None, :]``-style indexing: only None, full slices and Ellipsis (a view, no selection)."""
+    entries = index if isinstance(index, tuple) else (index,)
+    return all(e is None or e is Ellipsis or (isinstance(e, slice) and e == slice(None)) for e in entries)
+
+
+def _index_expression(node: fx.Node, depth: int = 0) -> str | None:
+    """Why ``node`` is not built from ``arange`` (from 0, step 1) by views, casts, sums, differences,
+    negation, abs, and products with constants alone — or None when it is, so its values at the site's
+    shapes determine it at every shape."""
+    if depth > 24:
+        return "the index expression is too deep"
+    meta = tensor_meta(node)
+    if meta is None or meta.dtype not in _EXACT_DTYPES:
+        return f"{node.name} is not an int or float32/float64 tensor"
+    if node.op == "call_function" and node.target is torch.arange:
+        args, kw = list(node.args), node.kwargs
+        if len(args) >= 2:                      # arange(start, end[, step])
+            start, end = args[0], args[1]
+        elif len(args) == 1:                    # arange(end) or arange(start, end=...)
+            start, end = (args[0], kw["end"]) if "end" in kw else (0, args[0])
+        else:                                   # arange(start=..., end=...)
+            start, end = kw.get("start", 0), kw.get("end")
+        step = args[2] if len(args) > 2 else kw.get("step", 1)
+        if constant_value(start) != 0 or constant_value(step) != 1:
+            return f"{node.name} is an arange that does not start at 0 with step 1"
+        if not (isinstance(end, int) or _is_size(end)):
+            return f"{node.name} is an arange of {end}, not of a size"
+        return None
+    call = normalize(node)
+    if call is None:
+        return f"{node.name} ({node.target}) is not an index operation"
+    if call.name == "getitem":
+        if not _plain_index(call.args[1] if len(call.args) > 1 else None):
+            return f"{node.name} selects elements"
+        operands = [call.args[0]]
+    elif call.name in _INDEX_VIEWS:
+        if call.name == "cast" and (tensor_meta(call.node) is None or tensor_meta(call.node).dtype not in _EXACT_DTYPES):
+            return f"{node.name} casts to {getattr(tensor_meta(call.node), 'dtype', None)}, which rounds positions"
+        operands = [call.args[0]]
+    elif call.name in _INDEX_ARITHMETIC:
+        # every operand is an index tensor or a constant number; never a size (an offset such as a cache
+        # length could be 0 on the example and not later)
+        read = call.args[:1] if call.name in ("neg", "abs") else call.args[:2]
+        tensors = [a for a in read if isinstance(a, fx.Node) and tensor_meta(a) is not None]
+        others = [a for a in read if a not in tensors]
+        if any(constant_value(a) is None for a in others):
+            return f"{node.name} reads a value that is neither an index tensor nor a constant"
+        if call.name in ("mul", "div") and len(tensors) != 1:
+            return f"{node.name} multiplies two index tensors"
+        if call.name == "div" and call.args[0] is not tensors[0]:
+            return f"{node.name} divides by an index tensor"
+        if call.name in ("add", "sub") and constant_value(call.kwargs.get("alpha", 1)) is None:
+            return f"{node.name} has a non-constant alpha"
+        operands = tensors
+    else:
+        return f"{node.name} ({call.name}) is not an index operation"
+    for operand in operands:
+        if not isinstance(operand, fx.Node):
+            return f"{node.name} reads no tensor"
+        why = _index_expression(operand, depth + 1)
+        if why is not None:
+            return why
+    return None
+
+
+def _position_form(value: torch.Tensor, t_q: int, t_k: int) -> tuple[str, float] | None:
+    """(form, c) with ``value`` = c · d(i, j) exactly on [Tq, Tk] (d of :data:`POSITION_FORMS`), else None."""
+    if tuple(value.shape) != (t_q, t_k) or t_k < 2:
+        return None
+    value = value.to(torch.float64)
+    distance = (torch.arange(t_k, dtype=torch.float64).view(1, -1)
+                - torch.arange(t_q, dtype=torch.float64).view(-1, 1))
+    for form, base in (("j-i", distance), ("|j-i|", distance.abs())):
+        c = float(value[0, 1] - value[0, 0]) if form == "j-i" else float(value[0, 1])
+        if c != 0.0 and math.isfinite(c) and torch.equal(value, c * base):
+            return form, c
+    return None
+
+
+def _position_term(term: MaskTerm, site: Site, evaluator: GraphEvaluator) -> tuple[MaskTerm | None, str]:
+    """(the ``position`` term, "") for an additive term proven to be slope_h · c · d(i, j), else (None, why not)."""
+    node = term.node
+    call = normalize(node)
+    if term.kind != "add" or term.steps or site.score_rank != 4 or call is None or call.name != "mul":
+        return None, "not a product added to 4-d scores"
+    a, b = call.args[:2]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None, "not a product of two tensors"
+    t_q, t_k = ref_shape(site.spec.q)[-2], ref_shape(site.spec.k)[-2]
+    heads = ref_shape(site.spec.q)[-3]
+    reasons = []
+    for slopes, index in ((a, b), (b, a)):
+        why = _index_expression(index)
+        if why is None and evaluator.depends_on_data(index):
+            why = f"{index.name} depends on data"
+        if why is not None:
+            reasons.append(why)
+            continue
+        meta = tensor_meta(slopes)
+        shape = hinted_shape(slopes)
+        if meta is None or not meta.is_floating_point() or shape is None or len(shape) > 4:
+            reasons.append(f"{slopes.name} is not a float tensor of at most 4 dims")
+            continue
+        if meta.requires_grad:
+            reasons.append(f"{slopes.name} requires grad (trainable slopes keep the mask path)")
+            continue
+        shape = (1,) * (4 - len(shape)) + tuple(shape)
+        if shape[0] != 1 or shape[2] != 1 or shape[3] != 1 or shape[1] not in (1, heads):
+            reasons.append(f"{slopes.name} of shape {tuple(hinted_shape(slopes))} is not one slope per head")
+            continue
+        try:
+            value = evaluator.value(index, at=site.output)
+        except (UnreadableWrite, ClosureTooLarge) as exc:
+            reasons.append(f"could not read {index.name}: {exc}")
+            continue
+        if not isinstance(value, torch.Tensor) or value.dim() > 4 or any(s != 1 for s in value.shape[:-2]):
+            reasons.append(f"{index.name} is not a [Tq, Tk] index tensor")
+            continue
+        found = _position_form(value.reshape(value.shape[-2:]) if value.dim() >= 2 else value, t_q, t_k)
+        if found is None:
+            reasons.append(f"{index.name} is not c·(j − i) nor c·|j − i| on the site's shapes")
+            continue
+        form, c = found
+        to_4d = (("unsqueeze", 0),) * (4 - len(hinted_shape(slopes)))  # [.., H, 1, 1] -> [1, H, 1, 1]
+        return MaskTerm("position", slopes, to_4d, term.coeff * c, form), ""
+    return None, "; ".join(reasons)
+
+
+def _product_of_tensors(node: fx.Node) -> bool:
+    call = normalize(node)
+    return (call is not None and call.name == "mul"
+            and all(isinstance(a, fx.Node) and tensor_meta(a) is not None for a in call.args[:2]))
+
+
+def as_position_bias(site: Site, evaluator: GraphEvaluator) -> tuple[AttentionSpec | None, list[str]]:
+    """(``site.spec`` with one additive term proven to be a position bias — slope_h · c · (j − i) or
+    slope_h · c · |j − i| (ALiBi), the slopes a float tensor of one value per head (or one), not
+    requiring grad — taken as a ``position`` term, or None when there is no such term or more than one;
+    why each other product added to the scores stays a mask, for the report).
+
+    The proof is structural and numeric: the index factor is built from ``arange`` (from 0, step 1) by
+    views, casts, sums, differences, negation, abs and constant factors alone (so its values on the
+    site's shapes fix it at every shape), and those values equal c · d(i, j) exactly.  The certifier
+    then compares the written-out term with the original on its probes.  Everything else (a table
+    lookup by distance, T5's buckets, clamped distances, slopes per query or batch, trainable slopes)
+    stays an additive mask term.
+    """
+    spec = site.spec
+    found, terms, kept = [], [], []
+    for term in spec.bias:
+        position, why = None, ""
+        if term.kind == "add":
+            try:
+                position, why = _position_term(term, site, evaluator)
+            except Exception as exc:  # noqa: BLE001 — a term this recogniser cannot read stays the mask it was
+                position, why = None, f"could not be read ({type(exc).__name__})"
+        if position is not None:
+            found.append(position)
+        elif term.kind == "add" and _product_of_tensors(term.node):  # (a scaled mask is no candidate: no note)
+            kept.append(f"additive bias {term.node.name} stays a mask: {why}")
+        terms.append(position or term)
+    if len(found) > 1:
+        kept.append(f"{len(found)} position biases: each stays a mask (a kind computes one)")
+    if len(found) != 1:
+        return None, kept
+    return replace(spec, bias=tuple(terms)), kept

@@ -109,7 +109,7 @@ def fingerprint(site: Site, evaluator: GraphEvaluator) -> tuple:
     shapes = tuple(hinted_shape(n) for n in (spec.q.node, spec.k.node, spec.v.node))
     body.append(("writes", tuple(w.name for w in _writes_seen(site, evaluator))))
     spec_key = _describe((spec.q.steps, spec.k.steps, spec.v.steps, site.out_steps, spec.scale, spec.q_factors,
-                          tuple((t.kind, t.node, t.steps, t.coeff) for t in spec.bias), spec.causal,
+                          tuple((t.kind, t.node, t.steps, t.coeff, t.form) for t in spec.bias), spec.causal,
                           spec.kv_groups, _mod_key(spec)), local, external)
     return tuple(body), shapes, spec_key, local.get(site.output)
 

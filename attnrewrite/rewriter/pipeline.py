@@ -157,6 +157,12 @@ def select(ctx: PassContext) -> None:
             site.skip(f"{kind.name} cannot honour this site: it cannot apply the score modification "
                       f"{site.spec.score_mod.describe()}")
             continue
+        if kind.position_bias:  # ALiBi computed in the kind's kernels instead of read as a [Tq, Tk] mask
+            positioned, kept = masks.as_position_bias(site, ctx.evaluator)
+            site.notes.extend(kept)
+            if positioned is not None:
+                site.spec = positioned
+                site.notes.append("additive bias proven slope_h·d(i, j) (ALiBi): computed from positions")
         reason = kind.supports(site.spec, options)
         padded = masks.as_key_padding(site, ctx.evaluator) if reason is not None else None
         if padded is not None and kind.supports(padded, options) is None:  # checked at run time, certified
@@ -223,7 +229,8 @@ def rewrite(ctx: PassContext) -> None:
             emit = lambda call: kind.emit(call, options, caller)
             if ctx.tap is not None:  # distillation: the tap decides what the site returns; weights stay original
                 emit, weights = functools.partial(ctx.tap, ctx.gm, site, emit), None
-            rewrite_site(ctx.gm, site, emit, ctx.fake_mode, weights)
+            # (distillation's teacher, exact attention, reads the whole mask: the position bias stays in it)
+            rewrite_site(ctx.gm, site, emit, ctx.fake_mode, weights, positions=kind.position_bias and ctx.tap is None)
             site.status, site.kind = "rewritten", ctx.kind.name
             if site.spec.weights_escape:
                 site.notes.append("returned attention weights: " + (

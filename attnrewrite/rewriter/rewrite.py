@@ -30,12 +30,14 @@ def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def rewrite_site(gm: fx.GraphModule, site: Site, emit: Callable, fake_mode,
-                 weights: Callable | None = None) -> list[fx.Node]:
+                 weights: Callable | None = None, positions: bool = False) -> list[fx.Node]:
     """Replace ``site.output`` by ``emit(call)`` on the canonical call. Returns the new nodes.
 
     ``emit`` receives an :class:`~attnrewrite.ir.canonical.AttentionCall` of proxies and
     returns the [B, H, Tq, Dv] result (a proxy). ``weights``, when given, returns the kind's
     [B, H, Tq, Tk] attention weights, which replace the site's probabilities for their other uses.
+    ``positions``: the kind computes position biases, so ``emit``'s call carries a ``position`` term apart
+    (``call.position_slopes``); ``weights`` always gets it written out in ``attn_mask``.
     """
     spec, graph = site.spec, gm.graph
     replaced = _replaced(gm)
@@ -44,7 +46,7 @@ def rewrite_site(gm: fx.GraphModule, site: Site, emit: Callable, fake_mode,
     new_weights = None
     with recording(graph, site.output) as (record_lookup, new_nodes):
         lookup = _through(replaced, record_lookup)
-        call = canonical.attention_call(spec, lookup, q_dtype)
+        call = canonical.attention_call(spec, lookup, q_dtype, positions=positions)
         out = canonical.apply_steps(emit(call), site.out_steps, lookup)
         if any(step[0] in ("transpose", "permute") for step in site.out_steps):
             out = out.contiguous()  # a product's output is contiguous: later views of it may rely on that

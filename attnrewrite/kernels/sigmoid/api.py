@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from attnrewrite.kernels._ops import resolve_impl
-from attnrewrite.kernels.checks import check_dropout, check_kv_lens, check_mask_dtype, check_qkv
+from attnrewrite.kernels.checks import (check_dropout, check_kv_lens, check_mask_dtype, check_position_slopes,
+                                        check_qkv)
 
 from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
 
@@ -64,6 +65,8 @@ def sigmoid_attention_dispatch(
     causal_align: str = "top_left",
     impl: str = "auto",
     score_mod: str | None = None,
+    position_slopes: torch.Tensor | None = None,
+    position: str | None = None,
 ) -> torch.Tensor:
     """Sigmoid attention: ``out_i = sum_j sigmoid(scale * q_i.k_j + attn_mask_ij + b) * v_j`` over visible keys.
 
@@ -113,6 +116,13 @@ def sigmoid_attention_dispatch(
     backward; the Triton kernels take programs with at most one nonlinear step (tanh, sigmoid, exp, abs,
     relu, erf, square) between affine ones, and ``impl="auto"`` sends any other program to the torch path.
 
+    ``position`` with ``position_slopes``: a bias computed from the positions, added with ``attn_mask``:
+    ``"j-i"`` adds slopes[h]·(j − i) (ALiBi), ``"|j-i|"`` adds slopes[h]·|j − i| (symmetric ALiBi with
+    negative slopes), i and j the query and key positions (0-based, in their sequence when packed).
+    ``position_slopes`` is a float tensor of Hq values (or one), on q's device, that does not require
+    grad (no gradient is computed for it: pass such a bias as ``attn_mask``).  Both paths compute the
+    bias tile by tile; no [Tq, Tk] tensor is made.
+
     ``impl``: ``"auto"`` runs the Triton kernels on CUDA for float16/bfloat16 (the torch path when
     dropout_p > 0, for float32, whose exact products the kernels can only do on the FMA pipes, and
     for head dims over 256) and the torch path elsewhere; ``"triton"`` always runs the kernels (on the CPU only under
@@ -122,6 +132,7 @@ def sigmoid_attention_dispatch(
     problem = _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                         bias, kv_lens, cu_seqlens_q, cu_seqlens_k, causal_align)
     program = parse_score_mod(score_mod)
+    slopes = check_position_slopes(position_slopes, position, q, problem.heads_q, WHAT)
     path = _resolve_impl(impl, q, dropout_p, problem, program)
 
     if attn_mask is not None:
@@ -141,10 +152,12 @@ def sigmoid_attention_dispatch(
     if path == "triton":
         return _op.sigmoid_attention_triton(
             q, k, v, additive_mask, bias_per_head, kv_lens, cu_seqlens_q, cu_seqlens_k,
-            problem.scale, problem.causal, program)
+            problem.scale, problem.causal, program, slopes, position if slopes is not None else None)
     return chunk_sigmoid_attention(
         q, k, v, additive_mask, bias_per_head, kv_lens, cu_seqlens_q, cu_seqlens_k,
-        problem.scale, problem.causal, dropout_p, score_mod=None if program is None else program.text())
+        problem.scale, problem.causal, dropout_p, score_mod=None if program is None else program.text(),
+        slopes=slopes, position=position if slopes is not None else None)
+
 
 
 def mask_keeps(attn_mask: torch.Tensor) -> torch.Tensor:

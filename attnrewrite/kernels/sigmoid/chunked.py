@@ -52,6 +52,8 @@ def chunk_sigmoid_attention(
     dropout_p: float = 0.0,
     chunk_size: int | None = None,
     score_mod: str | None = None,
+    slopes: torch.Tensor | None = None,
+    position: str | None = None,
 ) -> torch.Tensor:
     """Sigmoid attention on validated inputs (see ``sigmoid_attention_dispatch`` for the semantics).
 
@@ -68,6 +70,9 @@ def chunk_sigmoid_attention(
         chunk_size: query rows per chunk (default: as many as keep a tile of KEY_BLOCK keys under CHUNK_ELEMENTS).
         score_mod: a score modification program (:mod:`attnrewrite.kernels.score_mods`) applied to
             scale · q kᵀ before the bias and the mask, tile by tile; None or "" for none.
+        slopes, position: the position bias ``slopes[h] · (j − i)`` (``position="j-i"``) or
+            ``slopes[h] · |j − i|`` (``"|j-i|"``), slopes float [Hq], computed tile by tile (i, j the
+            positions in the sequence); None for none.
     Returns:
         [B, Hq, Tq, Dv] in q's dtype.
     """
@@ -79,17 +84,20 @@ def chunk_sigmoid_attention(
             # a per-row bias [1, Hq, total_q] is sliced to the sequence's rows; a per-sequence one to its row
             seq_bias = bias[:, :, q0:q1] if bias.dim() == 3 else bias[s:s + 1]
             outs.append(_sigmoid_chunked(q[:, :, q0:q1], k[:, :, k0:k1], v[:, :, k0:k1], None, seq_bias,
-                                         None, scale, causal, dropout_p, chunk_size, score_mod))
+                                         None, scale, causal, dropout_p, chunk_size, score_mod, slopes, position))
         return torch.cat(outs, dim=2)
-    return _sigmoid_chunked(q, k, v, additive_mask, bias, kv_lens, scale, causal, dropout_p, chunk_size, score_mod)
+    return _sigmoid_chunked(q, k, v, additive_mask, bias, kv_lens, scale, causal, dropout_p, chunk_size, score_mod,
+                            slopes, position)
 
 
-def _sigmoid_chunked(q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, chunk_size, score_mod=None):
+def _sigmoid_chunked(q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, chunk_size, score_mod=None,
+                     slopes=None, position=None):
     # The seed of the dropout masks is a tensor drawn here, so that a traced graph draws a new one
     # each call, and the backward regenerates the same masks from it.
     seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else None
     return torch.ops.attnrewrite.sigmoid_chunked_fwd(q, k, v, mask, bias, kv_lens, float(scale), int(causal),
-                                                     float(dropout_p), seed, int(chunk_size or 0), score_mod or "")
+                                                     float(dropout_p), seed, int(chunk_size or 0), score_mod or "",
+                                                     slopes, position or "")
 
 
 # The chunked path as opaque ops with fake implementations: tracing (torch.compile, the rewriter's
@@ -99,11 +107,12 @@ def _sigmoid_chunked(q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, chu
 
 def _chunked_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, bias: torch.Tensor,
                  kv_lens: torch.Tensor | None, scale: float, causal: int, dropout_p: float,
-                 seed: torch.Tensor | None, chunk_size: int, score_mod: str = "") -> torch.Tensor:
+                 seed: torch.Tensor | None, chunk_size: int, score_mod: str = "", slopes: torch.Tensor | None = None,
+                 position: str = "") -> torch.Tensor:
     batch, heads_q, len_q, _ = q.shape
     dim_v = v.shape[3]
     seed_value = int(seed) if seed is not None else 0
-    geometry = _Geometry(q, k, v, mask, bias, kv_lens, scale, causal, chunk_size, score_mod)
+    geometry = _Geometry(q, k, v, mask, bias, kv_lens, scale, causal, chunk_size, score_mod, slopes, position)
     if geometry.native is not None and mask is None and dropout_p == 0 and native.forward_available():
         return geometry.native_forward(q)
     out = torch.empty(batch, heads_q, len_q, dim_v, dtype=q.dtype, device=q.device)
@@ -127,19 +136,21 @@ def _chunked_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     return out
 
 
-def _chunked_fwd_fake(q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, score_mod=""):
+def _chunked_fwd_fake(q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, score_mod="",
+                      slopes=None, position=""):
     return q.new_empty(q.shape[:3] + (v.shape[3],))
 
 
 def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  mask: torch.Tensor | None, bias: torch.Tensor, kv_lens: torch.Tensor | None, scale: float,
                  causal: int, dropout_p: float, seed: torch.Tensor | None, chunk_size: int,
-                 want_mask: bool, score_mod: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                 want_mask: bool, score_mod: str = "", slopes: torch.Tensor | None = None,
+                 position: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv, dmask); dmask is empty unless ``want_mask``."""
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
     seed_value = int(seed) if seed is not None else 0
-    geometry = _Geometry(q, k, v, mask, bias, kv_lens, scale, causal, chunk_size, score_mod)
+    geometry = _Geometry(q, k, v, mask, bias, kv_lens, scale, causal, chunk_size, score_mod, slopes, position)
     dtype, flat = geometry.dtype, geometry.flat
     if geometry.native is not None and mask is None and dropout_p == 0 and native.forward_available():
         dq, dk, dv = geometry.native_backward(grad_out, q)
@@ -190,7 +201,7 @@ def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
 
 
 def _chunked_bwd_fake(grad_out, q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, want_mask,
-                      score_mod=""):
+                      score_mod="", slopes=None, position=""):
     # contiguous, as _chunked_bwd allocates them: empty_like would copy a transposed q's strides, and
     # inductor, trusting the fake, would then read the real (contiguous) gradients wrongly
     grad_mask = mask.new_empty(mask.shape) if want_mask else q.new_empty(0)
@@ -198,19 +209,20 @@ def _chunked_bwd_fake(grad_out, q, k, v, mask, bias, kv_lens, scale, causal, dro
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, score_mod = inputs
-    ctx.save_for_backward(q, k, v, mask, bias, kv_lens, seed)
-    ctx.args = (scale, causal, dropout_p, chunk_size, score_mod)
+    q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, score_mod, slopes, position = inputs
+    ctx.save_for_backward(q, k, v, mask, bias, kv_lens, seed, slopes)
+    ctx.args = (scale, causal, dropout_p, chunk_size, score_mod, position)
 
 
 def _autograd(ctx, grad_out):
-    q, k, v, mask, bias, kv_lens, seed = ctx.saved_tensors
-    scale, causal, dropout_p, chunk_size, score_mod = ctx.args
+    q, k, v, mask, bias, kv_lens, seed, slopes = ctx.saved_tensors
+    scale, causal, dropout_p, chunk_size, score_mod, position = ctx.args
     want_mask = mask is not None and ctx.needs_input_grad[3]
     dq, dk, dv, dmask = torch.ops.attnrewrite.sigmoid_chunked_bwd(
         grad_out.contiguous(), q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, want_mask,
-        score_mod)
-    return dq, dk, dv, (dmask if want_mask else None), None, None, None, None, None, None, None, None
+        score_mod, slopes, position)
+    # (the slopes get no gradient: the dispatcher refuses slopes that require one)
+    return dq, dk, dv, (dmask if want_mask else None), None, None, None, None, None, None, None, None, None, None
 
 
 kernel_op("sigmoid_chunked_fwd", _chunked_fwd, fake=_chunked_fwd_fake, backward=_autograd,
@@ -247,7 +259,8 @@ class _Geometry:
     longest kv_lens.
     """
 
-    def __init__(self, q, k, v, mask, bias, kv_lens, scale, causal, chunk_size, score_mod=""):
+    def __init__(self, q, k, v, mask, bias, kv_lens, scale, causal, chunk_size, score_mod="", slopes=None,
+                 position=""):
         self.batch, self.heads_q, self.len_q, self.dim = q.shape
         self.heads_kv, self.len_k = k.shape[1], k.shape[2]
         self.group = self.heads_q // self.heads_kv
@@ -262,6 +275,10 @@ class _Geometry:
         self.scale = scale
         self.causal = causal
         self.score_mod = parse_score_mod(score_mod)
+        # the position bias: slopes [1, Hkv, G, 1, 1] against the grid, and its form ("j-i" or "|j-i|")
+        self.slopes = (None if slopes is None or not position
+                       else slopes.to(self.dtype).view(1, self.heads_kv, self.group, 1, 1))
+        self.position = position
         # each sequence's key count and causal shift, on the host: they decide which keys a chunk reads
         self.n_keys = ([self.len_k] * self.batch if kv_lens is None
                        else [min(max(int(n), 0), self.len_k) for n in kv_lens.tolist()])
@@ -271,10 +288,11 @@ class _Geometry:
         self.shifts_t = torch.tensor(self.shifts, device=self.device).view(-1, 1, 1, 1, 1)
         self.key_block = max(1, min(KEY_BLOCK, self.len_k))
         # the compiled code (native.py: the whole loop without mask or dropout, else the elementwise pass of each
-        # tile) for float32 without a score modification; it runs on one thread, so it is used only where torch
-        # does too (ATen's ops spread over all of them)
+        # tile) for float32 without a score modification or position bias; it runs on one thread, so it is used
+        # only where torch does too (ATen's ops spread over all of them)
         self.native = (native.library() if self.dtype == torch.float32 and self.score_mod is None
-                       and self.device.type == "cpu" and torch.get_num_threads() == 1 else None)
+                       and self.slopes is None and self.device.type == "cpu" and torch.get_num_threads() == 1
+                       else None)
         self.rows = max(1, min(self.len_q, chunk_size or CHUNK_ELEMENTS // (self.batch * self.heads_q * self.key_block)))
 
     def buffer(self, columns: int | None = None) -> torch.Tensor:
@@ -391,6 +409,11 @@ class _Geometry:
         grid = scores.view(self.batch, self.heads_kv, self.group, rows, width)
         if self.mask is not None:
             grid.add_(self.tile_mask(chunk, key_start, key_stop))
+        if self.slopes is not None:  # slopes[h] · (j − i) or · |j − i|, computed for this tile only
+            keys = torch.arange(key_start, key_stop, device=self.device, dtype=self.dtype)
+            rows_at = torch.arange(chunk.start, chunk.stop, device=self.device, dtype=self.dtype)
+            distance = keys.view(1, -1) - rows_at.view(-1, 1)
+            grid.add_(self.slopes * (distance.abs() if self.position == "|j-i|" else distance))
         scores.sigmoid_()
         first = max(chunk.full, key_start)
         if first < key_stop:  # keys only some rows see: hide them from the others

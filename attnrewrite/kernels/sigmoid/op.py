@@ -39,11 +39,12 @@ def interpreter_active() -> bool:
 
 
 def sigmoid_attention_triton(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int,
-                             program=None):
+                             program=None, slopes=None, position: str | None = None):
     """Run the forward op for the tensors' device (arguments as for ``sigmoid_fwd``; ``program`` a
-    :class:`~attnrewrite.kernels.score_mods.ScoreProgram` or None); differentiable."""
+    :class:`~attnrewrite.kernels.score_mods.ScoreProgram` or None; ``slopes`` float32 [Hq] and ``position``
+    the position bias, or None); differentiable in q, k, v and the mask (not in the slopes)."""
     return FWD.on(q.device)(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, float(scale), int(causal),
-                            "" if program is None else program.text())
+                            "" if program is None else program.text(), slopes, position or "")
 
 
 # --------------------------------------------------------------------------- configurations
@@ -70,59 +71,64 @@ def _unit_last_stride(t: Tensor | None) -> Tensor | None:
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, bias: Tensor, kv_lens: Tensor | None,
              cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, scale: float, causal: int,
-             score_mod: str = "") -> Tensor:
+             score_mod: str = "", slopes: Tensor | None = None, position: str = "") -> Tensor:
     """Sigmoid attention forward; see ``triton_fwd.sigmoid_fwd`` for the arguments (``score_mod``: a score
-    modification program as text, "" for none)."""
+    modification program as text, "" for none; ``slopes`` / ``position``: the position bias, "" for none)."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     args = (q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal)
     program = parse_score_mod(score_mod)
+    extra = dict(program=program, slopes=slopes, position=position or None)
     config = launch_config("fwd", q, k, v, attn_mask is not None, causal,
-                           lambda cfg: lambda: sigmoid_fwd(*args, config=cfg, program=program), program is not None)
-    return sigmoid_fwd(*args, config=config, launch=traceable, program=program)
+                           lambda cfg: lambda: sigmoid_fwd(*args, config=cfg, **extra), program is not None)
+    return sigmoid_fwd(*args, config=config, launch=traceable, **extra)
 
 
-def _forward_fake(q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, score_mod=""):
+def _forward_fake(q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, score_mod="",
+                  slopes=None, position=""):
     return q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3])
 
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, attn_mask: Tensor | None, bias: Tensor,
               kv_lens: Tensor | None, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, scale: float,
-              causal: int, want_mask_grad: bool, score_mod: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+              causal: int, want_mask_grad: bool, score_mod: str = "", slopes: Tensor | None = None,
+              position: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Sigmoid attention backward: (dq, dk, dv, ds); ds (the gradient of the scores the mask is added to)
     is empty unless ``want_mask_grad``."""
     q, k, v, grad_out = (_unit_last_stride(t) for t in (q, k, v, grad_out))
     args = (q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, want_mask_grad)
     program = parse_score_mod(score_mod)
+    extra = dict(program=program, slopes=slopes, position=position or None)
     has_mask = attn_mask is not None
     config_dq = launch_config("bwd_dq", q, k, v, has_mask, causal,
-                              lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dq",), program=program),
+                              lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dq",), **extra),
                               program is not None)
     config_dkdv = launch_config("bwd_dkdv", q, k, v, has_mask, causal,
-                                lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dkdv",), program=program),
+                                lambda cfg: lambda: sigmoid_bwd(*args, cfg, cfg, kernels=("dkdv",), **extra),
                                 program is not None)
-    return sigmoid_bwd(*args, config_dq, config_dkdv, launch=traceable, program=program)
+    return sigmoid_bwd(*args, config_dq, config_dkdv, launch=traceable, **extra)
 
 
 def _backward_fake(q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                   want_mask_grad, score_mod=""):
+                   want_mask_grad, score_mod="", slopes=None, position=""):
     ds_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if want_mask_grad else (0,)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             q.new_empty(ds_shape, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, score_mod = inputs
-    ctx.save_for_backward(q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k)
-    ctx.scale, ctx.causal, ctx.score_mod = scale, causal, score_mod
+    q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, score_mod, slopes, position = inputs
+    ctx.save_for_backward(q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, slopes)
+    ctx.scale, ctx.causal, ctx.score_mod, ctx.position = scale, causal, score_mod, position
 
 
 def _autograd(ctx, grad_out):
-    q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, slopes = ctx.saved_tensors
     want_mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
     dq, dk, dv, ds = BWD.on(q.device)(q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k,
-                                      ctx.scale, ctx.causal, want_mask_grad, ctx.score_mod)
+                                      ctx.scale, ctx.causal, want_mask_grad, ctx.score_mod, slopes, ctx.position)
     dmask = _sum_to_shape(ds, attn_mask.shape).to(attn_mask.dtype) if want_mask_grad else None
-    return dq, dk, dv, dmask, None, None, None, None, None, None, None
+    # the slopes get no gradient: the dispatcher refuses slopes that require one
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None, None, None
 
 
 def _sum_to_shape(grad: Tensor, shape) -> Tensor:

@@ -14,18 +14,21 @@ from attnrewrite.kernels.sigmoid.api import sigmoid_attention_dispatch
 
 
 def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, bias=None,
-          score_mod=None, impl="auto"):
+          score_mod=None, impl="auto", position_slopes=None, position=None):
     return sigmoid_attention_dispatch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                      bias="auto" if bias is None else bias, score_mod=score_mod, impl=impl)
+                                      bias="auto" if bias is None else bias, score_mod=score_mod, impl=impl,
+                                      position_slopes=position_slopes, position=position)
 
 
 # bias=None stands for "auto": a schema argument has one type, and a number is the common case
-composite_op("sigmoid_attention", sdpa_schema('float? bias=None, str? score_mod=None, str impl="auto"'), _impl)
+composite_op("sigmoid_attention", sdpa_schema('float? bias=None, str? score_mod=None, str impl="auto", '
+                                                    'Tensor? position_slopes=None, str? position=None'), _impl)
 sdpa_autocast("sigmoid_attention")  # q/k in fp32 beside a bf16 v run in bf16, as SDPA does
 
 
 def sigmoid_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
-                      bias: str | float = "auto", score_mod: str | None = None, impl: str = "auto") -> torch.Tensor:
+                      bias: str | float = "auto", score_mod: str | None = None, impl: str = "auto",
+                      position_slopes: torch.Tensor | None = None, position: str | None = None) -> torch.Tensor:
     """Sigmoid attention with the signature of ``F.scaled_dot_product_attention``, layout [B, H, T, D].
 
     out_i = Σ_j sigmoid(mod(scale·q_i·k_j) + attn_mask_ij + b)·v_j over the keys query i may see; masked
@@ -46,6 +49,9 @@ def sigmoid_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, s
         impl: ``"auto"`` (the Triton kernels on CUDA for 16-bit inputs, the torch path otherwise),
             ``"triton"`` (the kernels or an error naming why; on the CPU under ``TRITON_INTERPRET=1``)
             or ``"torch"``, as :func:`attnrewrite.kernels.sigmoid.api.sigmoid_attention_dispatch` takes it.
+        position_slopes, position: a bias computed from the query and key positions i, j instead of read
+            from a [Tq, Tk] mask: ``position="j-i"`` adds position_slopes[h]·(j − i) (ALiBi), ``"|j-i|"``
+            adds position_slopes[h]·|j − i|; ``position_slopes`` holds Hq floats and must not require grad.
 
     Returns:
         [B, Hq, Tq, Dv] in q's dtype.  Inside ``torch.autocast`` the floating-point inputs (float64
@@ -55,4 +61,4 @@ def sigmoid_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, s
         raise ValueError(f"bias must be 'auto' or a number, got {bias!r}")
     return torch.ops.attnrewrite.sigmoid_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                    bias=None if bias == "auto" else float(bias), score_mod=score_mod,
-                                                   impl=impl)
+                                                   impl=impl, position_slopes=position_slopes, position=position)

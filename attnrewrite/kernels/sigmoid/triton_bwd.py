@@ -23,18 +23,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, LOG2E_HOST, bias_strides, block_table, dot_precision, load_tile, locate, mma,
+from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, load_tile,
+                            locate, mma,
                             mod_args, newton_steps, padded_dim, sigmoid_tile)
 
 
 @triton.jit
 def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
                  stride_dsm, offs_m, q_len, k_len, shift, lo, hi, scale_log2, bias_log2,
-                 mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                 mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, STORE_DS: tl.constexpr,
                  MASKED: tl.constexpr, NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                 MOD_FN: tl.constexpr):
+                 MOD_FN: tl.constexpr, POSITION: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -45,7 +46,8 @@ def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, strid
                       MASKED, BLOCK_DV != DV)
         p, d_mod = sigmoid_tile(q, k, mask_base, stride_mm, stride_mn, offs_m, offs_n, q_len, k_len, shift,
                                 scale_log2, bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                                False, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION, MOD_FN)
+                                pos_log2, False, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION, MOD_FN,
+                                POSITION)
         if MOD_FN >= 0 and not STORE_DS:
             # mod' is folded into p(1 − p) before the dP product, so that one tile, not two, is held in
             # registers across it (as without a modification)
@@ -66,7 +68,7 @@ def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, strid
 
 @triton.jit
 def sigmoid_bwd_dq_kernel(
-    Q, K, V, DO, DQ, DS, Mask, Bias, KvLens, CuQ, CuK, BlockSeq, BlockStart,
+    Q, K, V, DO, DQ, DS, Mask, Bias, Slopes, KvLens, CuQ, CuK, BlockSeq, BlockStart,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -81,6 +83,7 @@ def sigmoid_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, STORE_DS: tl.constexpr, HAS_KV_LENS: tl.constexpr,
     VARLEN: tl.constexpr, NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_BIAS: tl.constexpr = False, MOD_FN: tl.constexpr = -1,
+    POSITION: tl.constexpr = 0,
 ):
     seq, batch, head, m_block, q_start, q_len, k_start, k_len = locate(
         tl.program_id(0), tl.program_id(1), heads_q, BlockSeq, BlockStart, CuQ, CuK, KvLens, len_q, len_k,
@@ -111,6 +114,10 @@ def sigmoid_bwd_dq_kernel(
         bias_log2 = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[:, None]
     else:  # one b per sequence and head
         bias_log2 = tl.load(bias_base) * LOG2E
+    if POSITION != 0:  # the head's slope of the position bias, in log2 units
+        pos_log2 = tl.load(Slopes + head) * LOG2E
+    else:
+        pos_log2 = 0.0
 
     shift = k_len - q_len if CAUSAL == 2 else k_len * 0
     if CAUSAL != 0:
@@ -123,12 +130,12 @@ def sigmoid_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
                       stride_dsm, offs_m, q_len, k_len, shift, 0, full_end, scale_log2, bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, STORE_DS, False,
-                      NEWTON_STEPS, DOT_PRECISION, MOD_FN)
+                      pos_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, STORE_DS, False,
+                      NEWTON_STEPS, DOT_PRECISION, MOD_FN, POSITION)
     dq = _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
                       stride_dsm, offs_m, q_len, k_len, shift, full_end, hi, scale_log2, bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, STORE_DS, True,
-                      NEWTON_STEPS, DOT_PRECISION, MOD_FN)
+                      pos_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, STORE_DS, True,
+                      NEWTON_STEPS, DOT_PRECISION, MOD_FN, POSITION)
     tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=(offs_m < q_len)[:, None] & (offs_d < D)[None, :])
 
@@ -136,11 +143,11 @@ def sigmoid_bwd_dq_kernel(
 @triton.jit
 def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm, stride_mn,
                      offs_n, q_len, k_len, shift, lo, hi, scale_log2, bias_log2, bias_base, stride_bm,
-                     mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                     mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
                      NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_BIAS: tl.constexpr,
-                     MOD_FN: tl.constexpr):
+                     MOD_FN: tl.constexpr, POSITION: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in tl.range(lo, hi, BLOCK_M):
@@ -155,7 +162,8 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride
             bias_t = bias_log2
         pt, d_mod = sigmoid_tile(k, q, mask_base, stride_mm, stride_mn, offs_n, offs_m, q_len, k_len, shift,
                                  scale_log2, bias_t, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                                 True, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION, MOD_FN)  # [N, M]
+                                 pos_log2, True, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION, MOD_FN,
+                                 POSITION)  # [N, M]
         dv = mma(pt.to(do.dtype), do, dv, DOT_PRECISION)
         if MOD_FN >= 0:  # mod' folded in before the dPᵀ product (see the dQ loop): one tile held across it
             wt = pt * (1.0 - pt) * d_mod
@@ -170,7 +178,7 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride
 
 @triton.jit
 def sigmoid_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV_, Mask, Bias, KvLens, CuQ, CuK, BlockSeq, BlockStart,
+    Q, K, V, DO, DK, DV_, Mask, Bias, Slopes, KvLens, CuQ, CuK, BlockSeq, BlockStart,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -184,7 +192,7 @@ def sigmoid_bwd_dkdv_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr,
     NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROW_BIAS: tl.constexpr = False, MOD_FN: tl.constexpr = -1,
+    ROW_BIAS: tl.constexpr = False, MOD_FN: tl.constexpr = -1, POSITION: tl.constexpr = 0,
 ):
     seq, batch, head_kv, n_block, q_start, q_len, k_start, k_len = locate(
         tl.program_id(0), tl.program_id(1), heads_kv, BlockSeq, BlockStart, CuQ, CuK, KvLens, len_q, len_k,
@@ -230,21 +238,25 @@ def sigmoid_bwd_dkdv_kernel(
         mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
         bias_base = Bias + seq * stride_bz + head64 * stride_bh + q_row0 * stride_bm
         bias_log2 = tl.load(bias_base) * LOG2E  # the b of this head, unless ROW_BIAS
+        if POSITION != 0:  # the head's slope of the position bias, in log2 units
+            pos_log2 = tl.load(Slopes + head64) * LOG2E
+        else:
+            pos_log2 = 0.0
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm,
                                   stride_mn, offs_n, q_len, k_len, shift, m_lo, full_lo, scale_log2, bias_log2,
                                   bias_base, stride_bm, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True,
-                                  NEWTON_STEPS, DOT_PRECISION, ROW_BIAS, MOD_FN)
+                                  pos_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True,
+                                  NEWTON_STEPS, DOT_PRECISION, ROW_BIAS, MOD_FN, POSITION)
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm,
                                   stride_mn, offs_n, q_len, k_len, shift, full_lo, full_hi, scale_log2, bias_log2,
                                   bias_base, stride_bm, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, False,
-                                  NEWTON_STEPS, DOT_PRECISION, ROW_BIAS, MOD_FN)
+                                  pos_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, False,
+                                  NEWTON_STEPS, DOT_PRECISION, ROW_BIAS, MOD_FN, POSITION)
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm,
                                   stride_mn, offs_n, q_len, k_len, shift, full_hi, m_hi, scale_log2, bias_log2,
                                   bias_base, stride_bm, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True,
-                                  NEWTON_STEPS, DOT_PRECISION, ROW_BIAS, MOD_FN)
+                                  pos_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True,
+                                  NEWTON_STEPS, DOT_PRECISION, ROW_BIAS, MOD_FN, POSITION)
     # Dense: every key row up to Tk is stored (padding keys get zeros); packed: only this sequence's.
     n_store = k_len if VARLEN else len_k
     tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -255,13 +267,14 @@ def sigmoid_bwd_dkdv_kernel(
 
 def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int,
                 want_mask_grad: bool, config_dq: dict, config_dkdv: dict, launch=lambda kernel: kernel,
-                kernels=("dq", "dkdv"), program=None):
+                kernels=("dq", "dkdv"), program=None, slopes=None, position: str | None = None):
     """Launch both backward kernels. Returns (dq, dk, dv, ds) where ds is the float32 [B, Hq, Tq, Tk]
     score gradient when ``want_mask_grad`` (zeros where no row sees a key) and an empty tensor otherwise.
 
     Arguments as for :func:`attnrewrite.kernels.sigmoid.triton_fwd.sigmoid_fwd`, plus ``grad_out``
     [B, Hq, Tq, Dv] (unit last stride) and one config per kernel; ``kernels`` names the kernels
-    to launch (tuning times one at a time); ``program`` the score modification, as for the forward.
+    to launch (tuning times one at a time); ``program`` the score modification and ``slopes`` /
+    ``position`` the position bias, as for the forward.
     """
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
@@ -280,7 +293,9 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
     ds_strides = ds.stride()[:3] if want_mask_grad else (0, 0, 0)
     common = dict(D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
                   CAUSAL=causal, HAS_MASK=mask is not None, HAS_KV_LENS=kv_lens is not None, VARLEN=varlen,
-                  DOT_PRECISION=dot_precision(q.dtype), ROW_BIAS=bias.dim() == 3)
+                  DOT_PRECISION=dot_precision(q.dtype), ROW_BIAS=bias.dim() == 3,
+                  POSITION=POSITION_CODES[position])
+    slopes_arg = slopes if slopes is not None else bias
     mod, common["MOD_FN"] = mod_args(program, scale)
     mask_arg = mask if mask is not None else q
     kv_lens_arg = kv_lens if kv_lens is not None else q
@@ -295,7 +310,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
             block_seq = block_start = q
             grid = (triton.cdiv(len_q, block_m), batch * heads_q)
         launch(sigmoid_bwd_dq_kernel)[grid](
-            q, k, v, grad_out, dq, ds if want_mask_grad else q, mask_arg, bias, kv_lens_arg,
+            q, k, v, grad_out, dq, ds if want_mask_grad else q, mask_arg, bias, slopes_arg, kv_lens_arg,
             cu_q_arg, cu_k_arg, block_seq, block_start,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -317,7 +332,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
             block_seq = block_start = q
             grid = (triton.cdiv(len_k, block_n), batch * heads_kv)
         launch(sigmoid_bwd_dkdv_kernel)[grid](
-            q, k, v, grad_out, dk, dv, mask_arg, bias, kv_lens_arg,
+            q, k, v, grad_out, dk, dv, mask_arg, bias, slopes_arg, kv_lens_arg,
             cu_q_arg, cu_k_arg, block_seq, block_start,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),

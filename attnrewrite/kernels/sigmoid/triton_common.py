@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (INTERPRETED, LOG2E, LOG2E_HOST, NO_MOD, dot_precision, load_tile, mma,
-                                                 mod_args, modified_scores, padded_dim, score_mod_fn)
+from attnrewrite.kernels.triton_scaffold import (INTERPRETED, LOG2E, LOG2E_HOST, NO_MOD, POSITION_CODES, dot_precision,
+                                                 load_tile, mma, mod_args, modified_scores, padded_dim, score_mod_fn)
 
-__all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "bias_strides", "block_table", "dot_precision", "load_tile",
+__all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "bias_strides", "block_table", "dot_precision", "load_tile",
            "locate", "mma", "mod_args", "modified_scores", "newton_steps", "padded_dim", "score_mod_fn",
            "sigmoid_log2", "sigmoid_tile"]
 
@@ -48,9 +48,10 @@ def sigmoid_log2(z2, NEWTON_STEPS: tl.constexpr):
 
 @triton.jit
 def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k_len, shift, scale_log2, bias_log2,
-                 mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                 mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                  KEY_ROWS: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                 NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr):
+                 NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr,
+                 POSITION: tl.constexpr):
     """(P, mod'): the probability tile P = sigmoid(mod(scale · x·yᵀ) + b + mask) of the forward, dQ and dK/dV
     kernels, with the keys no row may see at exactly 0, and the derivative of the score modification at
     scale · x·yᵀ (unused when MOD_FN = NO_MOD).
@@ -64,6 +65,11 @@ def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k
     ``bias_log2`` (log2 units) broadcasts against the tile: a scalar, or one b per query row shaped
     [queries, 1] (or [1, queries] transposed).  MASKED applies the bounds (and, transposed, the query
     bounds) and the causal rule key <= query + shift; unmasked tiles are known to be fully visible.
+
+    POSITION adds a bias computed from the positions instead of read from memory (ALiBi): ``pos_log2`` ·
+    (j − i) (POSITION = 1) or ``pos_log2`` · |j − i| (POSITION = 2), ``pos_log2`` the head's slope in log2
+    units, i and j the query and key positions in their sequence; 0 adds nothing.  It does not depend on
+    q or k, so the derivative of the scores is unchanged.
     """
     z2, d_mod = modified_scores(mma(x, tl.trans(y), None, DOT_PRECISION), scale_log2, bias_log2, mod_in_mul,
                                 mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, MOD_FN)
@@ -77,6 +83,11 @@ def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k
         extra = tl.load(mask_base + q_idx * stride_mm + k_idx * stride_mn, mask=(q_idx < q_len) & (k_idx < k_len),
                         other=0.0)
         z2 += extra.to(tl.float32) * LOG2E
+    if POSITION != 0:
+        distance = (k_idx - q_idx).to(tl.float32)
+        if POSITION == 2:
+            distance = tl.abs(distance)
+        z2 += pos_log2 * distance
     if MASKED:
         visible = k_idx < k_len
         if KEY_ROWS:

@@ -15,17 +15,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, LOG2E_HOST, bias_strides, block_table, dot_precision, load_tile, locate, mma,
+from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, load_tile, locate, mma,
                             mod_args, newton_steps, padded_dim, sigmoid_tile)
 
 
 @triton.jit
 def _fwd_key_loop(acc, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                   offs_m, q_len, k_len, shift, lo, hi, scale_log2, bias_log2,
-                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                  NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr):
+                  NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr,
+                  POSITION: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -33,8 +34,8 @@ def _fwd_key_loop(acc, q, k_base, v_base, mask_base, stride_kn, stride_vn, strid
         k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, k_len, offs_d, D,
                       MASKED, BLOCK_D != D)
         p, _ = sigmoid_tile(q, k, mask_base, stride_mm, stride_mn, offs_m, offs_n, q_len, k_len, shift, scale_log2,
-                            bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                            False, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION, MOD_FN)
+                            bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                            False, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION, MOD_FN, POSITION)
         v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
                       MASKED, BLOCK_DV != DV)
         acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION)
@@ -43,7 +44,7 @@ def _fwd_key_loop(acc, q, k_base, v_base, mask_base, stride_kn, stride_vn, strid
 
 @triton.jit
 def sigmoid_fwd_kernel(
-    Q, K, V, Out, Mask, Bias, KvLens, CuQ, CuK, BlockSeq, BlockStart,
+    Q, K, V, Out, Mask, Bias, Slopes, KvLens, CuQ, CuK, BlockSeq, BlockStart,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -55,7 +56,7 @@ def sigmoid_fwd_kernel(
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, VARLEN: tl.constexpr,
     NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    ROW_BIAS: tl.constexpr = False, MOD_FN: tl.constexpr = -1,
+    ROW_BIAS: tl.constexpr = False, MOD_FN: tl.constexpr = -1, POSITION: tl.constexpr = 0,
 ):
     seq, batch, head, m_block, q_start, q_len, k_start, k_len = locate(
         tl.program_id(0), tl.program_id(1), heads_q, BlockSeq, BlockStart, CuQ, CuK, KvLens, len_q, len_k,
@@ -81,6 +82,10 @@ def sigmoid_fwd_kernel(
         bias_log2 = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[:, None]
     else:  # one b per sequence and head: a scalar keeps the registers free
         bias_log2 = tl.load(bias_base) * LOG2E
+    if POSITION != 0:  # the head's slope of the position bias, in log2 units
+        pos_log2 = tl.load(Slopes + head) * LOG2E
+    else:
+        pos_log2 = 0.0
 
     # key j is visible to row i iff j <= i + shift (causal); full blocks need no mask for any row.
     shift = k_len - q_len if CAUSAL == 2 else k_len * 0
@@ -94,20 +99,21 @@ def sigmoid_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc = _fwd_key_loop(acc, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                         offs_m, q_len, k_len, shift, 0, full_end, scale_log2, bias_log2,
-                        mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                        mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                         D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, False, NEWTON_STEPS, DOT_PRECISION,
-                        MOD_FN)
+                        MOD_FN, POSITION)
     acc = _fwd_key_loop(acc, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                         offs_m, q_len, k_len, shift, full_end, hi, scale_log2, bias_log2,
-                        mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                        mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                         D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, NEWTON_STEPS, DOT_PRECISION,
-                        MOD_FN)
+                        MOD_FN, POSITION)
     out_ptrs = o_base + offs_m[:, None] * stride_om + offs_dv[None, :]
     tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < q_len)[:, None] & (offs_dv < DV)[None, :])
 
 
 def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int,
-                config: dict, launch=lambda kernel: kernel, program=None) -> torch.Tensor:
+                config: dict, launch=lambda kernel: kernel, program=None, slopes=None,
+                position: str | None = None) -> torch.Tensor:
     """Launch the forward kernel. Returns out [B, Hq, Tq, Dv] in q's dtype.
 
     Inputs as for ``sigmoid_attention_dispatch`` after validation: q/k/v with unit last stride, ``mask`` a
@@ -116,6 +122,8 @@ def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale:
     BLOCK_M, BLOCK_N, num_warps, num_stages and RCP_NEWTON; ``launch`` wraps the kernel (torch's
     ``wrap_triton`` under ``triton_op``).  ``program``: the score modification
     (:class:`~attnrewrite.kernels.score_mods.ScoreProgram`, or None), compiled in through ``mod_args``.
+    ``position`` (None, ``"j-i"`` or ``"|j-i|"``) with ``slopes`` (float32 [Hq], contiguous): the position
+    bias slopes[h] · (j − i) or slopes[h] · |j − i| computed in the kernel (``POSITION_CODES``).
     """
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
@@ -136,7 +144,7 @@ def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale:
         mask_strides = mask.stride()
     mod, mod_fn = mod_args(program, scale)
     launch(sigmoid_fwd_kernel)[grid](
-        q, k, v, out, mask if mask is not None else q, bias,
+        q, k, v, out, mask if mask is not None else q, bias, slopes if slopes is not None else bias,
         kv_lens if kv_lens is not None else q,
         cu_seqlens_q if varlen else q, cu_seqlens_k if varlen else q, block_seq, block_start,
         q.stride(0), q.stride(1), q.stride(2),
@@ -148,7 +156,7 @@ def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale:
         heads_q, len_q, len_k, scale * LOG2E_HOST, *mod,
         D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
         CAUSAL=causal, HAS_MASK=mask is not None, HAS_KV_LENS=kv_lens is not None, VARLEN=varlen,
-        ROW_BIAS=bias.dim() == 3, MOD_FN=mod_fn, NEWTON_STEPS=newton_steps(config["RCP_NEWTON"], q.dtype), DOT_PRECISION=dot_precision(q.dtype),
+        ROW_BIAS=bias.dim() == 3, MOD_FN=mod_fn, POSITION=POSITION_CODES[position], NEWTON_STEPS=newton_steps(config["RCP_NEWTON"], q.dtype), DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )

@@ -33,12 +33,13 @@ def interpreter_active() -> bool:
 
 
 def sliding_window_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv_lens: Tensor | None,
-                          scale: float, causal: bool, window: int, sinks: int, program=None) -> Tensor:
+                          scale: float, causal: bool, window: int, sinks: int, program=None, slopes=None,
+                          position: str | None = None) -> Tensor:
     """Sliding-window attention on the kernels (arguments as for ``triton_fwd.sliding_window_fwd``; ``program``
-    a :class:`~attnrewrite.kernels.score_mods.ScoreProgram` or None); differentiable in q, k, v.  Returns out
-    [B, Hq, Tq, Dv]."""
+    a :class:`~attnrewrite.kernels.score_mods.ScoreProgram` or None; ``slopes`` float32 [Hq] and ``position``
+    the position bias, or None); differentiable in q, k, v (not in the slopes).  Returns out [B, Hq, Tq, Dv]."""
     out, _ = FWD.on(q.device)(q, k, v, mask, kv_lens, float(scale), bool(causal), int(window), int(sinks),
-                              "" if program is None else program.text())
+                              "" if program is None else program.text(), slopes, position or "")
     return out
 
 
@@ -58,57 +59,69 @@ def launch_config(kernel: str, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, 
 _unit_last_stride = scaffold.unit_last_stride
 
 
+def _extra_tile(extra: dict) -> bool:
+    """Whether a call holds a tile beyond the plain kernels' — a score modification's derivative or a position
+    bias's distances — and so starts from the modification defaults (:data:`.spaces.MOD_DEFAULTS`): at the
+    plain d128 default the dK/dV kernel spills 456 B with ALiBi on sm_90, none at the modification default
+    (bench/RESULTS.md)."""
+    return extra["program"] is not None or extra["position"] is not None
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, kv_lens: Tensor | None, scale: float,
-             causal: bool, window: int, sinks: int, score_mod: str = "") -> tuple[Tensor, Tensor]:
+             causal: bool, window: int, sinks: int, score_mod: str = "", slopes: Tensor | None = None,
+             position: str = "") -> tuple[Tensor, Tensor]:
     """Sliding-window attention forward: (out, lse); see ``triton_fwd.sliding_window_fwd`` (``score_mod``: the
     score modification program as text, "" for none)."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     args = (q, k, v, mask, kv_lens, scale, causal, window, sinks)
-    program = parse_score_mod(score_mod)
+    extra = dict(program=parse_score_mod(score_mod), slopes=slopes, position=position or None)
     config = launch_config("fwd", q, k, v, mask is not None, causal, window, sinks,
-                           lambda cfg: lambda: sliding_window_fwd(*args, config=cfg, program=program),
-                           program is not None)
-    return sliding_window_fwd(*args, config=config, launch=traceable, program=program)
+                           lambda cfg: lambda: sliding_window_fwd(*args, config=cfg, **extra), _extra_tile(extra))
+    return sliding_window_fwd(*args, config=config, launch=traceable, **extra)
 
 
-def _forward_fake(q, k, v, mask, kv_lens, scale, causal, window, sinks, score_mod=""):
+def _forward_fake(q, k, v, mask, kv_lens, scale, causal, window, sinks, score_mod="", slopes=None, position=""):
     return (q.new_empty(q.shape[0], q.shape[1], q.shape[2], v.shape[3]),
             q.new_empty(q.shape[0], q.shape[1], q.shape[2], dtype=torch.float32))
 
 
 def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, mask: Tensor | None,
               kv_lens: Tensor | None, scale: float, causal: bool, window: int,
-              sinks: int, score_mod: str = "") -> tuple[Tensor, Tensor, Tensor]:
+              sinks: int, score_mod: str = "", slopes: Tensor | None = None,
+              position: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """Sliding-window attention backward: (dq, dk, dv)."""
     q, k, v, out, grad_out = (_unit_last_stride(t) for t in (q, k, v, out, grad_out))
     args = (q, k, v, out, lse, grad_out, mask, kv_lens, scale, causal, window, sinks)
-    program = parse_score_mod(score_mod)
-    has_mask = mask is not None
+    extra = dict(program=parse_score_mod(score_mod), slopes=slopes, position=position or None)
+    has_mask, has_mod = mask is not None, _extra_tile(extra)
     config_dq = launch_config("bwd_dq", q, k, v, has_mask, causal, window, sinks,
-                              lambda cfg: lambda: sliding_window_bwd(*args, cfg, cfg, kernels=("dq",), program=program),
-                              program is not None)
+                              lambda cfg: lambda: sliding_window_bwd(*args, cfg, cfg, kernels=("dq",), **extra),
+                              has_mod)
     config_dkdv = launch_config("bwd_dkdv", q, k, v, has_mask, causal, window, sinks,
-                                lambda cfg: lambda: sliding_window_bwd(*args, cfg, cfg, kernels=("dkdv",),
-                                                                       program=program), program is not None)
-    return sliding_window_bwd(*args, config_dq, config_dkdv, launch=traceable, program=program)
+                                lambda cfg: lambda: sliding_window_bwd(*args, cfg, cfg, kernels=("dkdv",), **extra),
+                                has_mod)
+    return sliding_window_bwd(*args, config_dq, config_dkdv, launch=traceable, **extra)
 
 
-def _backward_fake(q, k, v, out, lse, grad_out, mask, kv_lens, scale, causal, window, sinks, score_mod=""):
+def _backward_fake(q, k, v, out, lse, grad_out, mask, kv_lens, scale, causal, window, sinks, score_mod="", slopes=None,
+                   position=""):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, kv_lens, scale, causal, window, sinks, score_mod = inputs
+    q, k, v, mask, kv_lens, scale, causal, window, sinks, score_mod, slopes, position = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, kv_lens)
+    ctx.save_for_backward(q, k, v, out, lse, mask, kv_lens, slopes)
     ctx.options = (scale, causal, window, sinks, score_mod)
+    ctx.position = position
 
 
 def _autograd(ctx, grad_out, grad_lse):
     # lse is an internal output (never returned by the public op): its gradient is not taken
-    q, k, v, out, lse, mask, kv_lens = ctx.saved_tensors
-    dq, dk, dv = BWD.on(q.device)(q, k, v, out, lse, grad_out, mask, kv_lens, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    q, k, v, out, lse, mask, kv_lens, slopes = ctx.saved_tensors
+    dq, dk, dv = BWD.on(q.device)(q, k, v, out, lse, grad_out, mask, kv_lens, *ctx.options, slopes, ctx.position)
+    # (the slopes get no gradient: the public op refuses slopes that require one)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 BWD = triton_ops("sliding_window_attention_bwd", _backward, fake=_backward_fake)

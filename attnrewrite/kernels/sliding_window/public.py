@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from attnrewrite.kernels._ops import composite_op, resolve_impl, sdpa_autocast, sdpa_schema
-from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_qkv
+from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_position_slopes, check_qkv
 from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
 
 try:  # the Triton path is optional: the torch paths work wherever torch does
@@ -93,16 +93,19 @@ def _split_heads(x: torch.Tensor, heads_kv: int, groups: int) -> torch.Tensor:
 
 
 def blockwise_sliding_window(q, k, v, attn_mask, dropout_p: float, is_causal: bool, scale: float | None,
-                             window: int, sinks: int, block: int | None = None, score_mod=None) -> torch.Tensor:
+                             window: int, sinks: int, block: int | None = None, score_mod=None, slopes=None,
+                             position: str | None = None) -> torch.Tensor:
     """Sliding-window attention, block by block (see the module docstring); arguments as the op's
     (inputs already checked), ``block`` the query rows per block (default: the window, within
     :data:`MIN_BLOCK` … :data:`MAX_BLOCK`), ``score_mod`` a parsed score modification
     (:class:`~attnrewrite.kernels.score_mods.ScoreProgram`) applied to the band's and the sinks' scores
-    before the mask, or None.  Returns [B, Hq, Tq, Dv] in q's dtype."""
+    before the mask, or None; ``slopes`` ([Hq], checked) and ``position`` the position bias, computed for
+    the band's and the sinks' scores only.  Returns [B, Hq, Tq, Dv] in q's dtype."""
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
     groups = heads_q // heads_kv
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    form = position  # (the name is taken by the query positions below)
     compute = torch.promote_types(q.dtype, torch.float32)
     offset = len_k - len_q                          # query i sits at position i + offset (bottom-right)
     left = window - 1                               # the band reaches `left` keys before the query ...
@@ -146,6 +149,13 @@ def blockwise_sliding_window(q, k, v, attn_mask, dropout_p: float, is_causal: bo
     sink_scores = (q_blocks @ k[:, :, :n_sinks].transpose(-1, -2).unsqueeze(2).unsqueeze(3)).to(compute) * scale
     if score_mod is not None:  # elementwise, so per block as on the whole matrix; autograd differentiates it
         scores, sink_scores = score_mod(scores), score_mod(sink_scores)
+    if slopes is not None:  # slopes[h] · d(i, j) on the band (the same in every block) and on the sinks
+        per_head = slopes.to(compute).view(1, heads_kv, groups, 1, 1, 1)
+        band_distance = (rel + offset).to(compute)                                   # [rows, span]: j − i
+        sink_distance = (j - (p - offset)).to(compute)                               # [blocks, rows, sinks]
+        if form == "|j-i|":
+            band_distance, sink_distance = band_distance.abs(), sink_distance.abs()
+        scores, sink_scores = scores + per_head * band_distance, sink_scores + per_head * sink_distance
 
     if attn_mask is not None:
         band_mask, sink_mask = _mask_blocks(attn_mask, heads_kv, groups, len_q, len_k, rows, blocks, span,
@@ -193,15 +203,25 @@ def _mask_blocks(attn_mask, heads_kv, groups, len_q, len_k, rows, blocks, span, 
 
 
 def dense_sliding_window(q, k, v, attn_mask, dropout_p: float, is_causal: bool, scale: float | None,
-                         window: int, sinks: int) -> torch.Tensor:
+                         window: int, sinks: int, slopes=None, position: str | None = None) -> torch.Tensor:
     """Sliding-window attention as SDPA with the [Tq, Tk] band as a bool mask: for sequences not much longer
     than the band, where the mask is no larger than the blockwise path's scores and SDPA's fused kernel
-    is faster.  Arguments as :func:`blockwise_sliding_window`."""
+    is faster.  Arguments as :func:`blockwise_sliding_window` (a position bias joins the mask: [Hq, Tq, Tk]
+    is as small as the band here)."""
     len_q, len_k = q.shape[-2], k.shape[-2]
     p = torch.arange(len_q, device=q.device).view(len_q, 1) + (len_k - len_q)
     j = torch.arange(len_k, device=q.device).view(1, len_k)
     near = ((j <= p) & (j > p - window)) if is_causal else (j - p).abs() < window
     visible = near | ((j < sinks) & (j <= p)) if is_causal else near | (j < sinks)
+    if slopes is not None:
+        distance = (j - (p - (len_k - len_q))).to(q.dtype)
+        distance = distance.abs() if position == "|j-i|" else distance
+        bias = slopes.to(q.dtype).view(-1, 1, 1) * distance                          # [Hq, Tq, Tk]
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            visible = visible & attn_mask
+        elif attn_mask is not None:
+            bias = bias + attn_mask.to(q.dtype)
+        attn_mask = bias
     if attn_mask is None:
         mask = visible
     elif attn_mask.dtype == torch.bool:
@@ -236,7 +256,7 @@ def _kernel_refusal(dropout_p: float, attn_mask, score_mod=None) -> str | None:
 
 
 def _triton_path(q, k, v, attn_mask, is_causal: bool, scale: float | None, window: int, sinks: int,
-                 program=None) -> torch.Tensor:
+                 program=None, slopes=None, position: str | None = None) -> torch.Tensor:
     """The call on the kernels: a bool mask becomes 0 / −inf in q's dtype (a float one is read as it is)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     mask = None
@@ -246,34 +266,39 @@ def _triton_path(q, k, v, attn_mask, is_causal: bool, scale: float | None, windo
             mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
         elif mask.dtype not in _FLOAT_DTYPES:
             mask = mask.float()
-    return _op.sliding_window_triton(q, k, v, mask, None, scale, is_causal, window, sinks, program)
+    return _op.sliding_window_triton(q, k, v, mask, None, scale, is_causal, window, sinks, program,
+                                     None if slopes is None else slopes.float(), position)
 
 
 def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False, window=256, sinks=0,
-          impl="auto", score_mod=None):
+          impl="auto", score_mod=None, position_slopes=None, position=None):
     _check(q, k, v, attn_mask, dropout_p, enable_gqa, window, sinks)
     program = parse_score_mod(score_mod)
+    slopes = check_position_slopes(position_slopes, position, q, q.shape[1], WHAT)
+    position = position if slopes is not None else None
     path = resolve_impl(impl, q.device, what=WHAT, dtype=q.dtype, head_dims=(q.shape[-1], v.shape[-1]),
                         triton_dtypes=_FLOAT_DTYPES, auto_dtypes=(torch.float16, torch.bfloat16),
                         refusal=_kernel_refusal(dropout_p, attn_mask, program), available=_op is not None,
                         interpreter_active=lambda: _op.interpreter_active())
     if path == "triton":
-        return _triton_path(q, k, v, attn_mask, is_causal, scale, window, sinks, program)
+        return _triton_path(q, k, v, attn_mask, is_causal, scale, window, sinks, program, slopes, position)
     if program is None and _band_covers_the_sequence(q.shape[-2], k.shape[-2], is_causal, window):
-        return dense_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks)
+        return dense_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks, slopes, position)
     # (SDPA cannot apply a score modification: such calls take the blockwise path at every length)
     return blockwise_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks,
-                                    score_mod=program)
+                                    score_mod=program, slopes=slopes, position=position)
 
 
 composite_op("sliding_window_attention",
-             sdpa_schema('int window=256, int sinks=0, str impl="auto", str? score_mod=None', is_causal=True), _impl)
+             sdpa_schema('int window=256, int sinks=0, str impl="auto", str? score_mod=None, '
+                         'Tensor? position_slopes=None, str? position=None', is_causal=True), _impl)
 sdpa_autocast("sliding_window_attention")
 
 
 def sliding_window_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False,
                              *, window: int = 256, sinks: int = 0, impl: str = "auto",
-                             score_mod: str | None = None) -> torch.Tensor:
+                             score_mod: str | None = None, position_slopes: torch.Tensor | None = None,
+                             position: str | None = None) -> torch.Tensor:
     """Sliding-window attention with the signature of ``F.scaled_dot_product_attention``, layout [B, H, T, D].
 
     Exact softmax over the keys in each query's window.  Query i sits at position p = i + Tk − Tq (with
@@ -302,6 +327,10 @@ def sliding_window_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=T
             most one nonlinear step (tanh, sigmoid, exp, abs, relu, erf, square) between affine ones
             (as sigmoid's), and any other program runs on the torch path (``"auto"``) or is refused by
             ``"triton"``, naming why.
+        position_slopes, position: a bias computed from the query and key indices i, j (i counted from the
+            first query, as in the sigmoid op): ``position="j-i"`` adds position_slopes[h]·(j − i) (ALiBi),
+            ``"|j-i|"`` adds position_slopes[h]·|j − i|; Hq floats that do not require grad.  Every path
+            computes it for the visible scores only.
 
     Returns:
         [B, Hq, Tq, Dv] in q's dtype (a row that sees no key gives 0).  Inside ``torch.autocast`` the
@@ -309,4 +338,5 @@ def sliding_window_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=T
     """
     return torch.ops.attnrewrite.sliding_window_attention(q, k, v, attn_mask, dropout_p, is_causal, scale,
                                                           enable_gqa, window=window, sinks=sinks, impl=impl,
-                                                          score_mod=score_mod)
+                                                          score_mod=score_mod, position_slopes=position_slopes,
+                                                          position=position)

@@ -24,20 +24,22 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, dot_precision, load_rows, mma, mod_args,
+from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, POSITION_CODES, dot_precision, load_rows, mma,
+                                                 mod_args,
                                                  modified_scores, padded_dim, softmax_dkdv_step, softmax_dq_step)
 
-from .triton_common import band_scores, band_visible, key_blocks, query_blocks, sequence_lengths
+from .triton_common import band_scores, band_visible, key_blocks, position_bias, query_blocks, sequence_lengths
 from .triton_fwd import mask_strides
 
 
 @triton.jit
 def _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                  offs_m, shift, q_len, k_len, window, sinks, lo, hi, scale_log2,
-                 mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                 mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr,
+                  POSITION: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -47,7 +49,7 @@ def _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, st
         s, d_mod = modified_scores(mma(q, tl.trans(k), None, DOT_PRECISION), scale_log2, None, mod_in_mul,
                                    mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, MOD_FN)
         s = band_scores(s, mask_base, stride_mm, stride_mn, offs_m, offs_n, shift, q_len, k_len, window, sinks,
-                        CAUSAL, HAS_MASK, MASKED)
+                        CAUSAL, HAS_MASK, MASKED, pos_log2, POSITION)
         p = tl.exp2(s - lse[:, None])
         dq = softmax_dq_step(dq, p, do, k, v, delta, d_mod, DOT_PRECISION, MOD_FN)
     return dq
@@ -55,7 +57,7 @@ def _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, st
 
 @triton.jit
 def sliding_window_bwd_dq_kernel(
-    Q, K, V, DO, DQ, Lse, Delta, Mask, KvLens,
+    Q, K, V, DO, DQ, Lse, Delta, Mask, Slopes, KvLens,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -67,7 +69,7 @@ def sliding_window_bwd_dq_kernel(
     mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1, POSITION: tl.constexpr = 0,
 ):
     m_block = tl.program_id(0)
     pid_zh = tl.program_id(1)
@@ -82,6 +84,10 @@ def sliding_window_bwd_dq_kernel(
     k_base = K + batch64 * stride_kb + head_kv64 * stride_kh
     v_base = V + batch64 * stride_vb + head_kv64 * stride_vh
     mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
+    if POSITION != 0:  # the head's slope of the position bias, in log2 units
+        pos_log2 = tl.load(Slopes + head64) * LOG2E
+    else:
+        pos_log2 = 0.0
     stat_base = batch64 * stride_lb + head64 * stride_lh
 
     m0 = m_block * BLOCK_M
@@ -99,20 +105,20 @@ def sliding_window_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                       offs_m, shift, q_len, k_len, window, sinks, 0, sink_end, scale_log2,
-                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN)
+                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
     dq = _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                       offs_m, shift, q_len, k_len, window, sinks, band_lo, full_lo, scale_log2,
-                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN)
+                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
     dq = _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                       offs_m, shift, q_len, k_len, window, sinks, full_lo, full_hi, scale_log2,
-                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, False, DOT_PRECISION, MOD_FN)
+                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, False, DOT_PRECISION, MOD_FN, POSITION)
     dq = _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                       offs_m, shift, q_len, k_len, window, sinks, full_hi, hi, scale_log2,
-                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN)
+                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                      D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
     tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d < D)[None, :])
 
@@ -120,10 +126,11 @@ def sliding_window_bwd_dq_kernel(
 @triton.jit
 def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, stride_qm, stride_dom,
                      stride_mm, stride_mn, offs_n, shift, q_len, k_len, window, sinks, lo, hi, scale_log2,
-                     mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                     mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr,
+                  POSITION: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in tl.range(lo, hi, BLOCK_M):
@@ -142,6 +149,7 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_b
             extra = tl.load(mask_base + offs_n[:, None] * stride_mn + offs_m[None, :] * stride_mm,
                             mask=(offs_n < k_len)[:, None] & (offs_m < q_len)[None, :], other=0.0)
             st += extra.to(tl.float32) * LOG2E
+        st = position_bias(st, offs_m[None, :], offs_n[:, None], pos_log2, POSITION)
         if MASKED:
             seen = band_visible((offs_m + shift)[None, :], offs_n[:, None], k_len, window, sinks, CAUSAL)
             st = tl.where(seen & (offs_m < q_len)[None, :], st, float("-inf"))
@@ -152,7 +160,7 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_b
 
 @triton.jit
 def sliding_window_bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV_, Lse, Delta, Mask, KvLens,
+    Q, K, V, DO, DK, DV_, Lse, Delta, Mask, Slopes, KvLens,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -165,7 +173,7 @@ def sliding_window_bwd_dkdv_kernel(
     mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1, POSITION: tl.constexpr = 0,
 ):
     n_block = tl.program_id(0)
     pid_zh = tl.program_id(1)
@@ -193,20 +201,24 @@ def sliding_window_bwd_dkdv_kernel(
         q_base = Q + batch64 * stride_qb + head64 * stride_qh
         do_base = DO + batch64 * stride_dob + head64 * stride_doh
         mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
+        if POSITION != 0:  # the head's slope of the position bias, in log2 units
+            pos_log2 = tl.load(Slopes + head64) * LOG2E
+        else:
+            pos_log2 = 0.0
         lse_base = Lse + batch64 * stride_lb + head64 * stride_lh
         delta_base = Delta + batch64 * stride_lb + head64 * stride_lh
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, stride_qm,
                                   stride_dom, stride_mm, stride_mn, offs_n, shift, q_len, k_len, window, sinks,
-                                  m_lo, full_lo, scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN)
+                                  m_lo, full_lo, scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, stride_qm,
                                   stride_dom, stride_mm, stride_mn, offs_n, shift, q_len, k_len, window, sinks,
-                                  full_lo, full_hi, scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, False, DOT_PRECISION, MOD_FN)
+                                  full_lo, full_hi, scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, False, DOT_PRECISION, MOD_FN, POSITION)
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, stride_qm,
                                   stride_dom, stride_mm, stride_mn, offs_n, shift, q_len, k_len, window, sinks,
-                                  full_hi, m_hi, scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN)
+                                  full_hi, m_hi, scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
     # every key row up to Tk is stored: padding keys and keys no query sees get zeros
     row_ok = offs_n < len_k
     tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -217,12 +229,14 @@ def sliding_window_bwd_dkdv_kernel(
 
 def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float, causal: bool, window: int,
                        sinks: int, config_dq: dict, config_dkdv: dict, launch=lambda kernel: kernel,
-                       kernels=("dq", "dkdv"), program=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       kernels=("dq", "dkdv"), program=None, slopes=None,
+                       position: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch both backward kernels.  Returns (dq, dk, dv).
 
     Arguments as for :func:`.triton_fwd.sliding_window_fwd`, plus the forward's ``out`` and ``lse``,
     ``grad_out`` [B, Hq, Tq, Dv] (unit last stride) and one config per kernel; ``kernels`` names the
-    kernels to launch (tuning times one at a time); ``program`` the score modification, as for the forward.
+    kernels to launch (tuning times one at a time); ``program`` the score modification and ``slopes`` /
+    ``position`` the position bias, as for the forward.
     """
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
@@ -234,14 +248,15 @@ def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float,
     mask, m_strides = mask_strides(mask, (batch, heads_q, len_q, len_k))
     common = dict(D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
                   CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_KV_LENS=kv_lens is not None,
-                  DOT_PRECISION=dot_precision(q.dtype))
+                  DOT_PRECISION=dot_precision(q.dtype), POSITION=POSITION_CODES[position])
+    slopes_arg = slopes if slopes is not None else q
     mod, common["MOD_FN"] = mod_args(program, scale)
     mask_arg = mask if mask is not None else q
     kv_lens_arg = kv_lens if kv_lens is not None else q
     if "dq" in kernels:
         block_m = config_dq["BLOCK_M"]
         launch(sliding_window_bwd_dq_kernel)[(triton.cdiv(len_q, block_m), batch * heads_q)](
-            q, k, v, grad_out, dq, lse, delta, mask_arg, kv_lens_arg,
+            q, k, v, grad_out, dq, lse, delta, mask_arg, slopes_arg, kv_lens_arg,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -256,7 +271,7 @@ def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float,
     if "dkdv" in kernels:
         block_n = config_dkdv["BLOCK_N"]
         launch(sliding_window_bwd_dkdv_kernel)[(triton.cdiv(len_k, block_n), batch * heads_kv)](
-            q, k, v, grad_out, dk, dv, lse, delta, mask_arg, kv_lens_arg,
+            q, k, v, grad_out, dk, dv, lse, delta, mask_arg, slopes_arg, kv_lens_arg,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),

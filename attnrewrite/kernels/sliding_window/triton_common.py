@@ -115,14 +115,29 @@ def sequence_lengths(batch, len_q, len_k, KvLens, HAS_KV_LENS: tl.constexpr):
 
 
 @triton.jit
+def position_bias(s, rows, cols, pos_log2, POSITION: tl.constexpr):
+    """``s`` plus the position bias ``pos_log2`` · (j − i) (POSITION = 1) or ``pos_log2`` · |j − i| (2), i the
+    query indices ``rows`` and j the key indices ``cols`` (broadcast tiles); ``s`` itself for POSITION = 0."""
+    if POSITION != 0:
+        distance = (cols - rows).to(tl.float32)
+        if POSITION == 2:
+            distance = tl.abs(distance)
+        s += pos_log2 * distance
+    return s
+
+
+@triton.jit
 def band_scores(s, mask_base, stride_mm, stride_mn, offs_m, offs_n, shift, q_len, k_len, window, sinks,
-                CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr):
-    """The [queries, keys] score tile ``s`` (log2 units) with the caller's mask added and, on MASKED
-    tiles, −inf outside the band, the sinks and the key bounds (the forward and dQ kernels' tile)."""
+                CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, pos_log2,
+                POSITION: tl.constexpr):
+    """The [queries, keys] score tile ``s`` (log2 units) with the caller's mask and the position bias added
+    and, on MASKED tiles, −inf outside the band, the sinks and the key bounds (the forward and dQ kernels'
+    tile)."""
     if HAS_MASK:
         extra = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
                         mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :], other=0.0)
         s += extra.to(tl.float32) * LOG2E
+    s = position_bias(s, offs_m[:, None], offs_n[None, :], pos_log2, POSITION)
     if MASKED:
         seen = band_visible((offs_m + shift)[:, None], offs_n[None, :], k_len, window, sinks, CAUSAL)
         s = tl.where(seen, s, float("-inf"))

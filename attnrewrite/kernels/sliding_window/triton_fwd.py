@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, mma, mod_args, modified_scores,
+from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, POSITION_CODES, dot_precision, load_rows, mma, mod_args, modified_scores,
                                                  online_softmax_step, padded_dim)
 
 from .triton_common import band_scores, key_blocks, sequence_lengths
@@ -25,10 +25,11 @@ from .triton_common import band_scores, key_blocks, sequence_lengths
 @triton.jit
 def _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                   offs_m, shift, q_len, k_len, window, sinks, lo, hi, scale_log2,
-                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
+                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                   D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr,
+                  POSITION: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -37,7 +38,7 @@ def _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride
         s, _ = modified_scores(mma(q, tl.trans(k), None, DOT_PRECISION), scale_log2, None, mod_in_mul, mod_in_add,
                                mod_out_mul, mod_out_add, mod_grad_mul, MOD_FN)
         s = band_scores(s, mask_base, stride_mm, stride_mn, offs_m, offs_n, shift, q_len, k_len, window, sinks,
-                        CAUSAL, HAS_MASK, MASKED)
+                        CAUSAL, HAS_MASK, MASKED, pos_log2, POSITION)
         v = load_rows(v_base, offs_n, stride_vn, k_len, offs_dv, DV, MASKED, BLOCK_DV != DV)
         acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, DOT_PRECISION)
     return acc, m_i, l_i
@@ -45,7 +46,7 @@ def _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride
 
 @triton.jit
 def sliding_window_fwd_kernel(
-    Q, K, V, Out, Lse, Mask, KvLens,
+    Q, K, V, Out, Lse, Mask, Slopes, KvLens,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -56,7 +57,7 @@ def sliding_window_fwd_kernel(
     mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1, POSITION: tl.constexpr = 0,
 ):
     m_block = tl.program_id(0)
     pid_zh = tl.program_id(1)
@@ -70,6 +71,10 @@ def sliding_window_fwd_kernel(
     v_base = V + batch64 * stride_vb + head_kv64 * stride_vh
     o_base = Out + batch64 * stride_ob + head64 * stride_oh
     mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
+    if POSITION != 0:  # the head's slope of the position bias, in log2 units
+        pos_log2 = tl.load(Slopes + head64) * LOG2E
+    else:
+        pos_log2 = 0.0
 
     m0 = m_block * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -84,20 +89,20 @@ def sliding_window_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm,
                                   stride_mn, offs_m, shift, q_len, k_len, window, sinks, 0, sink_end, scale_log2,
-                                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN)
+                                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm,
                                   stride_mn, offs_m, shift, q_len, k_len, window, sinks, band_lo, full_lo, scale_log2,
-                                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN)
+                                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm,
                                   stride_mn, offs_m, shift, q_len, k_len, window, sinks, full_lo, full_hi, scale_log2,
-                                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, False, DOT_PRECISION, MOD_FN)
+                                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, False, DOT_PRECISION, MOD_FN, POSITION)
     acc, m_i, l_i = _fwd_key_loop(acc, m_i, l_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm,
                                   stride_mn, offs_m, shift, q_len, k_len, window, sinks, full_hi, hi, scale_log2,
-                                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN)
+                                  mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                                  D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
     seen_any = l_i > 0.0
     out = acc / tl.where(seen_any, l_i, 1.0)[:, None]
     lse = tl.where(seen_any, m_i + tl.log2(tl.where(seen_any, l_i, 1.0)), float("inf"))
@@ -116,7 +121,8 @@ def mask_strides(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) ->
 
 
 def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, window: int, sinks: int,
-                       config: dict, launch=lambda kernel: kernel, program=None) -> tuple[torch.Tensor, torch.Tensor]:
+                       config: dict, launch=lambda kernel: kernel, program=None, slopes=None,
+                       position: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel.  Returns (out [B, Hq, Tq, Dv] in q's dtype, lse float32 [B, Hq, Tq] in
     log2 units, +inf for rows that see no key).
 
@@ -126,6 +132,8 @@ def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, windo
     ``program``: the score modification (:class:`~attnrewrite.kernels.score_mods.ScoreProgram`, or None),
     applied to scale·q·kᵀ before the mask and compiled in through
     :func:`~attnrewrite.kernels.triton_scaffold.mod_args` (ValueError for a program it cannot take).
+    ``position`` (None, ``"j-i"`` or ``"|j-i|"``) with ``slopes`` (float32 [Hq], contiguous): the position
+    bias slopes[h] · (j − i) or slopes[h] · |j − i| (query index i, key index j), computed in the kernel.
     """
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
@@ -138,7 +146,8 @@ def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, windo
     mod, mod_fn = mod_args(program, scale)
     grid = (triton.cdiv(len_q, block_m), batch * heads_q)
     launch(sliding_window_fwd_kernel)[grid](
-        q, k, v, out, lse, mask if mask is not None else q, kv_lens if kv_lens is not None else q,
+        q, k, v, out, lse, mask if mask is not None else q, slopes if slopes is not None else q,
+        kv_lens if kv_lens is not None else q,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -149,6 +158,7 @@ def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, windo
         D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
         CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_KV_LENS=kv_lens is not None,
         DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=block_m, BLOCK_N=config["BLOCK_N"], MOD_FN=mod_fn,
+        POSITION=POSITION_CODES[position],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out, lse
