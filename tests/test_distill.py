@@ -58,6 +58,29 @@ def test_transfer_lowers_every_sites_error_on_a_held_out_batch_and_leaves_the_mo
             assert torch.equal(p, snapshot[name][0]), name
 
 
+def test_sigmoids_warm_start_alone_lowers_every_sites_error_on_a_held_out_batch(llama):
+    # steps=0: only the closed-form start (per-head bias from the captured rows' log-sum-exp) runs.
+    # Scores of a few units (the fixture's are near 0, where sigmoid's default bias -log(n) is
+    # already right): each head's log-sum-exp then differs from log(n), as in a pretrained model.
+    llama = copy.deepcopy(llama)
+    with torch.no_grad():
+        for layer in llama.layers:
+            layer.self_attn.q_proj.weight.mul_(5.0)
+            layer.self_attn.k_proj.weight.mul_(20.0)
+    options = {"learned": True}
+    before = site_errors(attnrewrite.convert(copy.deepcopy(llama), "sigmoid", HELD_OUT, **options), "sigmoid",
+                         HELD_OUT, **options)
+    started = attnrewrite.distill(llama, "sigmoid", DATA, steps=0, stage="transfer", progress=False, **options)
+    after = site_errors(started, "sigmoid", HELD_OUT, **options)
+    assert sorted(before) == sorted(after) == SITES
+    for site in SITES:
+        assert after[site] < 0.5 * before[site], (site, before[site], after[site])
+    assert started.attnrewrite_distill["transfer"] == []  # no gradient step was taken
+    again = attnrewrite.distill(llama, "sigmoid", DATA, steps=0, stage="transfer", progress=False, **options)
+    for (name, a), (_, b) in zip(started.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name  # deterministic
+
+
 def test_the_tap_measures_zero_error_for_the_exact_kind(llama):
     errors = site_errors(copy.deepcopy(llama), "softmax", HELD_OUT)
     assert sorted(errors) == SITES and max(errors.values()) < 1e-12
