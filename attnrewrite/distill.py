@@ -10,11 +10,20 @@ can rewrite and any kind:
   distillation mode: every rewritten site computes both the kind's output and the exact one from
   the same canonical call, records their mean squared error and hands the *exact* output on, so
   every site sees the inputs the original model gives it (teacher forcing).  One forward gives
-  all sites' errors; their sum is minimised by one optimizer.
+  all sites' errors; their sum is minimised by one optimizer.  Before the first step, kinds with a
+  warm start (:data:`WARM_STARTS`: sigmoid's per-head bias) set their states in closed form from
+  the sites' operands captured on the first :data:`WARM_START_BATCHES` batches.
 - ``"finetune"``: low-rank adapters on the ``nn.Linear`` modules of each module that owns a site
   (the attention projections), together with the kind's states, are trained so that the
   rewritten model's output matches the original model's: KL divergence for logits, mean squared
-  error for hidden states.  The adapters are merged into the weights at the end.
+  error for hidden states.  The adapters are merged into the weights at the end.  The teacher's
+  output for each batch is computed once and reused when the data is cycled (up to
+  :data:`TEACHER_CACHE_BYTES`).
+
+Each step's cost is the model's forward and backward: the graph is compiled once per stage (twice
+when batches differ in length: Dynamo then recompiles once with dynamic shapes), and the stages run
+the rewritten graph without inductor unless ``compiler`` asks for it.  On a shared CPU, one torch
+thread (``torch.set_num_threads(1)``) spends far fewer CPU-seconds per step than several.
 
 Everything happens on a copy: the model passed in is never changed (its parameters, their
 ``requires_grad``, its train/eval mode), whether distillation succeeds or fails.
@@ -53,6 +62,8 @@ DEFAULT_LR = {"transfer": 1e-2, "finetune": 1e-3}
 TRAINABLE_OPTIONS = {"sigmoid": "learned=True", "linear": "feature_map='hedgehog'", "summary": "summary='learned'",
                      "hashed": "hash='learned'"}
 CHECKPOINT_FORMAT = "attnrewrite.distill/1"
+#: The teacher's outputs finetune keeps to reuse when it cycles through the data again (bytes).
+TEACHER_CACHE_BYTES = 1 << 30
 
 
 class DistillError(ValueError):
@@ -266,10 +277,19 @@ class _Run:
         torch._dynamo.reset()
         compiled = torch.compile(self.student, backend=backend)
 
+        targets: dict[int, torch.Tensor] = {}  # the teacher's output per batch, while it fits the cache
+        reused = steps > len(self.batches)
+
         def step_loss(index: int, batch: Any) -> torch.Tensor:
             args, kwargs = _split(batch, f"batch {index}")
-            with torch.no_grad():
-                target = _run_teacher(self.teacher, args, kwargs, index)
+            slot = index % len(self.batches)
+            target = targets.get(slot)
+            if target is None:
+                with torch.no_grad():
+                    target = output_tensor(_run_teacher(self.teacher, args, kwargs, index))[0].detach()
+                cached = sum(t.numel() * t.element_size() for t in targets.values())
+                if reused and cached + target.numel() * target.element_size() <= TEACHER_CACHE_BYTES:
+                    targets[slot] = target
             return output_loss(compiled(*args, **kwargs), target, self.loss)
 
         try:

@@ -1,6 +1,7 @@
 """attnrewrite.distill: attention transfer and fine-tuning on a tiny llama (transformers, eager attention)."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -103,6 +104,24 @@ def test_finetune_lowers_the_output_divergence(llama):
     after = _divergence(llama, distilled, "sigmoid", {})  # mean squared error of the hidden states
     assert after < 0.7 * before, (before, after)
     _assert_unchanged(llama, snapshot)
+
+
+def test_finetune_reuses_the_teachers_outputs_without_changing_the_result(llama, monkeypatch):
+    distill_module = sys.modules["attnrewrite.distill"]
+    calls = []
+    run_teacher = distill_module._run_teacher
+    monkeypatch.setattr(distill_module, "_run_teacher", lambda *a: calls.append(a[-1]) or run_teacher(*a))
+    options = {"to": "sigmoid", "data": DATA[:3], "steps": 7, "lr": 3e-3, "rank": 2, "stage": "finetune",
+               "progress": False}
+    cached = attnrewrite.distill(llama, **options)
+    assert calls == [0, 0, 1, 2]  # the fit check, then each of the three batches once
+    monkeypatch.setattr(distill_module, "TEACHER_CACHE_BYTES", 0)
+    calls.clear()
+    recomputed = attnrewrite.distill(llama, **options)
+    assert calls == [0, *range(7)]
+    assert cached.attnrewrite_distill == recomputed.attnrewrite_distill
+    for (name, a), (_, b) in zip(cached.state_dict().items(), recomputed.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_logits_are_compared_by_kl_and_hidden_states_by_mse():
