@@ -36,6 +36,7 @@ from attnrewrite.distill import WARM_STARTS
 from attnrewrite.rewriter.backend import attnrewrite_backend
 from attnrewrite.targets.sentences import HELDOUT_SENTENCES, docstring_sentences
 
+ROWS = ("before", "after warm start", "after transfer", "after both", "finetune only")
 SETTINGS = [("sigmoid", {"learned": True}), ("linear", {"feature_map": "hedgehog"})]
 
 
@@ -68,6 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-length", type=int, default=48, help="word pieces per training sentence")
     parser.add_argument("--kinds", default="sigmoid,linear")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"the rows to run, comma-separated (default: all of {', '.join(ROWS)})")
     parser.add_argument("--no-bucket", dest="bucket", action="store_false",
                         help="batches in corpus order (default: sentences of about one length batched together)")
     args = parser.parse_args(argv)
@@ -108,6 +111,9 @@ def main(argv=None) -> int:
                 ("finetune only", "finetune", total)]
         if to in WARM_STARTS:
             runs.insert(0, ("after warm start", "transfer", 0))
+        wanted = args.rows.split(",")
+        rows = [row for row in rows if row[0] in wanted]
+        runs = [run for run in runs if run[0] in wanted]
         for name, stage, steps in runs:
             cpu, wall = time.process_time(), time.perf_counter()
             out = attnrewrite.distill(model, to, data, steps=steps, stage=stage, seed=0, progress=False, **options)
