@@ -89,7 +89,8 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
             ``steps`` needs; a one-shot iterator is read into a list first.
         example_inputs: inputs on which the sites are found and the states created (default: the
             first batch).
-        steps: optimizer steps per stage (an int, or ``{"transfer": n, "finetune": m}``).
+        steps: optimizer steps per stage (an int, or ``{"transfer": n, "finetune": m}``).  Transfer
+            with 0 steps still applies the kind's warm start (:data:`WARM_STARTS`), if it has one.
         lr: Adam's learning rate per stage (a float, a dict like ``steps``, or None for
             :data:`DEFAULT_LR`).
         stage: ``"transfer"``, ``"finetune"`` or ``"both"`` (transfer, then finetune).
