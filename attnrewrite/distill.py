@@ -10,11 +10,20 @@ can rewrite and any kind:
   distillation mode: every rewritten site computes both the kind's output and the exact one from
   the same canonical call, records their mean squared error and hands the *exact* output on, so
   every site sees the inputs the original model gives it (teacher forcing).  One forward gives
-  all sites' errors; their sum is minimised by one optimizer.
+  all sites' errors; their sum is minimised by one optimizer.  Before the first step, kinds with a
+  warm start (:data:`WARM_STARTS`: sigmoid's per-head bias) set their states in closed form from
+  the sites' operands captured on the first :data:`WARM_START_BATCHES` batches.
 - ``"finetune"``: low-rank adapters on the ``nn.Linear`` modules of each module that owns a site
   (the attention projections), together with the kind's states, are trained so that the
   rewritten model's output matches the original model's: KL divergence for logits, mean squared
-  error for hidden states.  The adapters are merged into the weights at the end.
+  error for hidden states.  The adapters are merged into the weights at the end.  The teacher's
+  output for each batch is computed once and reused when the data is cycled (up to
+  :data:`TEACHER_CACHE_BYTES`).
+
+Each step's cost is the model's forward and backward: the graph is compiled once per stage (twice
+when batches differ in length: Dynamo then recompiles once with dynamic shapes), and the stages run
+the rewritten graph without inductor unless ``compiler`` asks for it.  On a shared CPU, one torch
+thread (``torch.set_num_threads(1)``) spends far fewer CPU-seconds per step than several.
 
 Everything happens on a copy: the model passed in is never changed (its parameters, their
 ``requires_grad``, its train/eval mode), whether distillation succeeds or fails.
@@ -30,12 +39,14 @@ import os
 import warnings
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnrewrite.ir.spec import state_name
 from attnrewrite.rewriter import state as state_registry
 from attnrewrite.rewriter.backend import attnrewrite_backend
 from attnrewrite.rewriter.convert import convert
@@ -51,6 +62,8 @@ DEFAULT_LR = {"transfer": 1e-2, "finetune": 1e-3}
 TRAINABLE_OPTIONS = {"sigmoid": "learned=True", "linear": "feature_map='hedgehog'", "summary": "summary='learned'",
                      "hashed": "hash='learned'"}
 CHECKPOINT_FORMAT = "attnrewrite.distill/1"
+#: The teacher's outputs finetune keeps to reuse when it cycles through the data again (bytes).
+TEACHER_CACHE_BYTES = 1 << 30
 
 
 class DistillError(ValueError):
@@ -76,7 +89,8 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
             ``steps`` needs; a one-shot iterator is read into a list first.
         example_inputs: inputs on which the sites are found and the states created (default: the
             first batch).
-        steps: optimizer steps per stage (an int, or ``{"transfer": n, "finetune": m}``).
+        steps: optimizer steps per stage (an int, or ``{"transfer": n, "finetune": m}``).  Transfer
+            with 0 steps still applies the kind's warm start (:data:`WARM_STARTS`), if it has one.
         lr: Adam's learning rate per stage (a float, a dict like ``steps``, or None for
             :data:`DEFAULT_LR`).
         stage: ``"transfer"``, ``"finetune"`` or ``"both"`` (transfer, then finetune).
@@ -212,7 +226,42 @@ class _Run:
                                    "graphs torch.compile captures?)")
             return torch.stack([torch.stack(e).mean() for e in errors.values()]).sum()
 
+        resuming = self.checkpoint is not None and self.checkpoint["phase"] == "transfer"
+        if not resuming:  # a checkpoint restores the states the warm start began
+            self._warm_start(compiled, recorder, states, params)
         self._train("transfer", params, steps, lr, step_loss)
+
+    def _warm_start(self, compiled, recorder: _Recorder, states: Mapping[str, nn.Module],
+                    params: Mapping[str, nn.Parameter]) -> None:
+        """The kind's closed-form start of its states (:data:`WARM_STARTS`), fitted on the sites' real
+        operands in the first :data:`WARM_START_BATCHES` batches, before any gradient step."""
+        fit = WARM_STARTS.get(self.to)
+        if fit is None:
+            return
+        for p in self.student.parameters():  # as training will have them: the same compiled graph serves both
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        recorder.captured = {}
+        try:
+            for index in range(min(WARM_START_BATCHES, len(self.batches))):
+                args, kwargs = _split(self.batches[index], f"batch {index}")
+                recorder.start()
+                compiled(*args, **kwargs)
+                recorder.stop()
+            captured = recorder.captured
+        finally:
+            recorder.captured = None
+        for calls in captured.values():
+            first = calls[0]
+            name = state_name(self.to, first.ordinal)
+            state = states.get(f"{first.module_path}.{name}" if first.module_path else name)
+            if state is None or first.score_mod:
+                continue
+            with torch.no_grad():
+                fit(state, calls, self.options.kind_options)
+        log.info("attnrewrite.distill: warm start of %d %s sites from %d batches", len(captured), self.to,
+                 min(WARM_START_BATCHES, len(self.batches)))
 
     # ---- finetune
 
@@ -229,10 +278,19 @@ class _Run:
         torch._dynamo.reset()
         compiled = torch.compile(self.student, backend=backend)
 
+        targets: dict[int, torch.Tensor] = {}  # the teacher's output per batch, while it fits the cache
+        reused = steps > len(self.batches)
+
         def step_loss(index: int, batch: Any) -> torch.Tensor:
             args, kwargs = _split(batch, f"batch {index}")
-            with torch.no_grad():
-                target = _run_teacher(self.teacher, args, kwargs, index)
+            slot = index % len(self.batches)
+            target = targets.get(slot)
+            if target is None:
+                with torch.no_grad():
+                    target = output_tensor(_run_teacher(self.teacher, args, kwargs, index))[0].detach()
+                cached = sum(t.numel() * t.element_size() for t in targets.values())
+                if reused and cached + target.numel() * target.element_size() <= TEACHER_CACHE_BYTES:
+                    targets[slot] = target
             return output_loss(compiled(*args, **kwargs), target, self.loss)
 
         try:
@@ -292,6 +350,7 @@ class _Recorder:
 
     def __init__(self):
         self.errors: dict[str, list[torch.Tensor]] | None = None
+        self.captured: dict[str, list[SiteCall]] | None = None  # set while the warm start captures
 
     def start(self) -> None:
         self.errors = {}
@@ -306,31 +365,121 @@ class _Recorder:
 
     def tap(self, gm, site, emit, call):
         """The pass's tap (see ``run_pass``): the kind's output and the exact output of one canonical
-        call, compared by a module that records their error and returns the exact output."""
+        call, compared by a module that records their error and returns the exact output.  The
+        module also gets the call's scaled q, k, v and mask, for the warm start's statistics."""
         from attnrewrite.kinds.softmax import exact_attention
 
         student, teacher = emit(call), exact_attention(call)
         name = f"attnrewrite_tap_{sum(1 for n in gm._modules if n.startswith('attnrewrite_tap_'))}"
         site_name = site.module_path + (f"[{site.ordinal}]" if site.ordinal else "")
-        gm.add_submodule(name, _SiteError(self, site_name))
-        return student.tracer.create_proxy("call_module", name, (student, teacher), {})
+        statics = {"scale": call.scale, "is_causal": call.is_causal, "enable_gqa": call.enable_gqa,
+                   "bool_mask": call.bool_mask, "score_mod": call.score_mod is not None,
+                   "module_path": site.module_path, "ordinal": site.ordinal}
+        gm.add_submodule(name, _SiteError(self, site_name, statics))
+        operands = (call.scaled_q(), call.k, call.v, call.attn_mask)
+        return student.tracer.create_proxy("call_module", name, (student, teacher, *operands), {})
 
 
 class _SiteError(nn.Module):
-    """``forward(student, teacher)``: records the site's error, returns ``teacher``.  Fake tensors
-    (the pass propagating shapes) are not recorded."""
+    """``forward(student, teacher, q, k, v, mask)``: records the site's error (and, while the recorder
+    captures, the site's operands), returns ``teacher``.  Fake tensors (the pass propagating shapes)
+    are not recorded."""
 
-    def __init__(self, recorder: _Recorder, site: str):
+    def __init__(self, recorder: _Recorder, site: str, statics: dict[str, Any]):
         super().__init__()
         object.__setattr__(self, "recorder", recorder)  # not a submodule: nothing of it is in the graph
-        self.site = site
+        self.site, self.statics = site, statics
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, q=None, k=None, v=None, mask=None) -> torch.Tensor:
         from torch._subclasses.fake_tensor import is_fake
 
         if not is_fake(teacher):
             self.recorder.record(self.site, student, teacher)
+            if self.recorder.captured is not None and q is not None:
+                self.recorder.captured.setdefault(self.site, []).append(
+                    SiteCall(*(None if t is None else t.detach() for t in (q, k, v, mask)), **self.statics))
         return teacher
+
+
+# --------------------------------------------------------------------------- the warm start
+
+#: How many batches (the first ones of ``data``) the warm start captures the sites' operands from.
+WARM_START_BATCHES = 4
+
+
+@dataclass
+class SiteCall:
+    """One call of a site as attention transfer saw it: the canonical operands (q already scaled by
+    the site's factor; a ``None`` mask when the site has none) and the call's static flags."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: torch.Tensor | None
+    scale: float | None
+    is_causal: bool
+    enable_gqa: bool
+    bool_mask: bool
+    score_mod: bool
+    module_path: str
+    ordinal: int
+
+    def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scale·q·kᵀ + additive mask in float32, keep, counted), each [B, Hq, Tq, Tk]: ``keep`` the
+        keys a query attends to, ``counted`` those sigmoid's ``bias="auto"`` counts (an additive
+        mask's −inf and lowest entries excluded, the op's rule)."""
+        q, k = self.q.float(), self.k.float()
+        if self.enable_gqa and k.shape[-3] != q.shape[-3]:
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+        scale = self.scale if self.scale is not None else q.shape[-1] ** -0.5
+        scores = (q @ k.transpose(-2, -1)) * scale
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        counted = keep
+        if self.mask is not None:
+            if self.bool_mask or self.mask.dtype == torch.bool:
+                keep = keep & self.mask
+                counted = keep
+            else:
+                scores = scores + self.mask.float()
+                lowest = torch.finfo(self.mask.dtype).min
+                counted = keep & (self.mask != float("-inf")) & (self.mask != lowest)
+        if self.is_causal:
+            keep = keep & torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+            counted = counted & keep
+        return scores, keep, counted
+
+
+def _warm_start_sigmoid(state: nn.Module, calls: Sequence[SiteCall], options: Mapping[str, Any]) -> None:
+    """Per-head bias of sigmoid's learned state, in closed form, temperature 1.
+
+    The kind computes sigmoid(t_h·s_ij + b_i + β_h) with b_i = −log n_i (``bias="auto"``, n_i the
+    keys query i sees) or the fixed ``bias``; softmax computes exp(s_ij − lse_i), lse_i the row's
+    log-sum-exp.  Where the argument is well below 0, sigmoid(x) ≈ exp(x), so with t_h = 1 the two
+    agree for β_h = −b_i − lse_i.  One β per head: the mean of −b_i − lse_i over the captured rows of
+    that head (rows that see no key left out).
+    """
+    heads = state.bias.shape[0]
+    total = torch.zeros(heads, dtype=torch.float64)
+    count = torch.zeros(heads, dtype=torch.float64)
+    for call in calls:
+        scores, keep, counted = call.scores()
+        lse = scores.masked_fill(~keep, float("-inf")).logsumexp(dim=-1)  # [B, H, T]
+        if options.get("bias", "auto") == "auto":
+            b = -counted.sum(dim=-1).clamp(min=1).float().log()
+        else:
+            b = torch.full_like(lse, float(options["bias"]))
+        valid = keep.any(dim=-1) & torch.isfinite(lse)
+        target = torch.where(valid, -b - lse, torch.zeros_like(lse)).double()
+        total += target.sum(dim=(0, 2)).cpu()
+        count += valid.sum(dim=(0, 2)).double().cpu()
+    if not bool((count > 0).all()):
+        return  # a head that saw no key in the captured calls: nothing to fit it on
+    state.log_temperature.zero_()
+    state.bias.copy_((total / count).to(state.bias))
+
+
+#: Kinds whose states have a warm start: ``fit(state, calls, kind_options)``, in place, no gradients.
+WARM_STARTS = {"sigmoid": _warm_start_sigmoid}
 
 
 def site_errors(model: nn.Module, to: str, batch: Any, **kind_options: Any) -> dict[str, float]:

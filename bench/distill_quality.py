@@ -10,7 +10,8 @@ neighbour among the other 99 its pair).
 Rows per kind: the rewritten model before distillation; after ``stage="transfer"``; after
 ``stage="both"`` (transfer then finetune); and plain fine-tuning (``stage="finetune"``) with as many
 steps as transfer + finetune together, so the value of transfer is measured, not assumed.  Each row
-gives the seconds the distillation took on this machine.
+gives the CPU seconds (``time.process_time``: all threads of the process) and the wall seconds the
+distillation took on this machine.
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/distill_quality.py --transfer-steps 100 --finetune-steps 100
 """
@@ -24,15 +25,18 @@ import os
 import platform
 import subprocess
 import time
+import zlib
 
 import torch
 import torch.nn.functional as F
 
 import attnrewrite
 from attnrewrite.demo import load_minilm, mean_pool
+from attnrewrite.distill import WARM_STARTS
 from attnrewrite.rewriter.backend import attnrewrite_backend
 from attnrewrite.targets.sentences import HELDOUT_SENTENCES, docstring_sentences
 
+ROWS = ("before", "after warm start", "after transfer", "after both", "finetune only")
 SETTINGS = [("sigmoid", {"learned": True}), ("linear", {"feature_map": "hedgehog"})]
 
 
@@ -57,6 +61,12 @@ def scores(embeddings, reference):
     return cos.mean().item(), cos.min().item(), retrieval.item()
 
 
+def row(label, name, what, cpu, wall, distilled, held, reference, to, options) -> str:
+    """One line of the table: ``distilled`` measured on the held-out sentences."""
+    mean, low, retrieval = scores(embed(distilled, held, to, options), reference)
+    return f"| {label} | {name} | {what} | {cpu:.0f} | {wall:.0f} | {mean:.4f} | {low:.4f} | {retrieval:.2f} |"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--transfer-steps", type=int, default=100)
@@ -65,6 +75,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-length", type=int, default=48, help="word pieces per training sentence")
     parser.add_argument("--kinds", default="sigmoid,linear")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help=f"the rows to run, comma-separated (default: all of {', '.join(ROWS)})")
+    parser.add_argument("--no-bucket", dest="bucket", action="store_false",
+                        help="batches in corpus order (default: sentences of about one length batched together)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -73,8 +87,14 @@ def main(argv=None) -> int:
     tokenizer, model = load_minilm()
     model.eval()
     sentences = docstring_sentences(16 * args.batches, seed=0)
+    if args.bucket:  # batches of sentences of about one length: less padding, fewer tokens per step
+        sentences.sort(key=lambda text: (len(tokenizer(text, truncation=True, max_length=args.max_length)["input_ids"]),
+                                         text))
     data = [dict(tokenizer(sentences[i:i + 16], padding=True, truncation=True, max_length=args.max_length,
                            return_tensors="pt")) for i in range(0, len(sentences), 16)]
+    if args.bucket:  # lengths mixed again across steps, deterministically
+        order = sorted(range(len(data)), key=lambda i: zlib.crc32(f"batch {i}".encode()))
+        data = [data[i] for i in order]
     held = dict(tokenizer(list(HELDOUT_SENTENCES), padding=True, return_tensors="pt"))
     reference = embed(model, held)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
@@ -83,27 +103,31 @@ def main(argv=None) -> int:
           f"batches of 16 sentences (<= {args.max_length} word pieces), lr: distill's defaults")
     _, _, original_retrieval = scores(reference, reference)
     print(f"original model: paraphrase retrieval {original_retrieval:.2f}\n")
-    print("| kind | model | distillation | seconds | mean cosine | min cosine | paraphrase top-1 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| kind | model | distillation | CPU s | wall s | mean cosine | min cosine | paraphrase top-1 |")
+    print("|---|---|---|---|---|---|---|---|")
     total = args.transfer_steps + args.finetune_steps
     for to, options in SETTINGS:
         if to not in args.kinds.split(","):
             continue
         label = f"{to} ({', '.join(f'{k}={v}' for k, v in options.items())})"
         before = attnrewrite.convert(copy.deepcopy(model), to, held, **options)
-        rows = [("before", "none", 0.0, before)]
-        for name, stage, steps in (("after transfer", "transfer", args.transfer_steps),
-                                   ("after both", "both", {"transfer": args.transfer_steps,
-                                                           "finetune": args.finetune_steps}),
-                                   ("finetune only", "finetune", total)):
-            start = time.perf_counter()
+        rows = [("before", "none", 0.0, 0.0, before)]
+        runs = [("after transfer", "transfer", args.transfer_steps),
+                ("after both", "both", {"transfer": args.transfer_steps, "finetune": args.finetune_steps}),
+                ("finetune only", "finetune", total)]
+        if to in WARM_STARTS:
+            runs.insert(0, ("after warm start", "transfer", 0))
+        wanted = args.rows.split(",")
+        rows = [r for r in rows if r[0] in wanted]
+        runs = [run for run in runs if run[0] in wanted]
+        for name, what, _, _, distilled in rows:
+            print(row(label, name, what, 0.0, 0.0, distilled, held, reference, to, options), flush=True)
+        for name, stage, steps in runs:  # each row printed as soon as its distillation is done
+            cpu, wall = time.process_time(), time.perf_counter()
             out = attnrewrite.distill(model, to, data, steps=steps, stage=stage, seed=0, progress=False, **options)
-            rows.append((name, f"{stage} {steps if isinstance(steps, int) else '+'.join(map(str, steps.values()))}",
-                         time.perf_counter() - start, out))
-        for name, what, seconds, distilled in rows:
-            mean, low, retrieval = scores(embed(distilled, held, to, options), reference)
-            print(f"| {label} | {name} | {what} | {seconds:.0f} | {mean:.4f} | {low:.4f} | {retrieval:.2f} |",
-                  flush=True)
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            what = f"{stage} {steps if isinstance(steps, int) else '+'.join(map(str, steps.values()))}"
+            print(row(label, name, what, cpu, wall, out, held, reference, to, options), flush=True)
     return 0
 
 

@@ -1,6 +1,7 @@
 """attnrewrite.distill: attention transfer and fine-tuning on a tiny llama (transformers, eager attention)."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -58,6 +59,29 @@ def test_transfer_lowers_every_sites_error_on_a_held_out_batch_and_leaves_the_mo
             assert torch.equal(p, snapshot[name][0]), name
 
 
+def test_sigmoids_warm_start_alone_lowers_every_sites_error_on_a_held_out_batch(llama):
+    # steps=0: only the closed-form start (per-head bias from the captured rows' log-sum-exp) runs.
+    # Scores of a few units (the fixture's are near 0, where sigmoid's default bias -log(n) is
+    # already right): each head's log-sum-exp then differs from log(n), as in a pretrained model.
+    llama = copy.deepcopy(llama)
+    with torch.no_grad():
+        for layer in llama.layers:
+            layer.self_attn.q_proj.weight.mul_(5.0)
+            layer.self_attn.k_proj.weight.mul_(20.0)
+    options = {"learned": True}
+    before = site_errors(attnrewrite.convert(copy.deepcopy(llama), "sigmoid", HELD_OUT, **options), "sigmoid",
+                         HELD_OUT, **options)
+    started = attnrewrite.distill(llama, "sigmoid", DATA, steps=0, stage="transfer", progress=False, **options)
+    after = site_errors(started, "sigmoid", HELD_OUT, **options)
+    assert sorted(before) == sorted(after) == SITES
+    for site in SITES:
+        assert after[site] < 0.5 * before[site], (site, before[site], after[site])
+    assert started.attnrewrite_distill["transfer"] == []  # no gradient step was taken
+    again = attnrewrite.distill(llama, "sigmoid", DATA, steps=0, stage="transfer", progress=False, **options)
+    for (name, a), (_, b) in zip(started.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name  # deterministic
+
+
 def test_the_tap_measures_zero_error_for_the_exact_kind(llama):
     errors = site_errors(copy.deepcopy(llama), "softmax", HELD_OUT)
     assert sorted(errors) == SITES and max(errors.values()) < 1e-12
@@ -80,6 +104,24 @@ def test_finetune_lowers_the_output_divergence(llama):
     after = _divergence(llama, distilled, "sigmoid", {})  # mean squared error of the hidden states
     assert after < 0.7 * before, (before, after)
     _assert_unchanged(llama, snapshot)
+
+
+def test_finetune_reuses_the_teachers_outputs_without_changing_the_result(llama, monkeypatch):
+    distill_module = sys.modules["attnrewrite.distill"]
+    calls = []
+    run_teacher = distill_module._run_teacher
+    monkeypatch.setattr(distill_module, "_run_teacher", lambda *a: calls.append(a[-1]) or run_teacher(*a))
+    options = {"to": "sigmoid", "data": DATA[:3], "steps": 7, "lr": 3e-3, "rank": 2, "stage": "finetune",
+               "progress": False}
+    cached = attnrewrite.distill(llama, **options)
+    assert calls == [0, 0, 1, 2]  # the fit check, then each of the three batches once
+    monkeypatch.setattr(distill_module, "TEACHER_CACHE_BYTES", 0)
+    calls.clear()
+    recomputed = attnrewrite.distill(llama, **options)
+    assert calls == [0, *range(7)]
+    assert cached.attnrewrite_distill == recomputed.attnrewrite_distill
+    for (name, a), (_, b) in zip(cached.state_dict().items(), recomputed.state_dict().items()):
+        assert torch.equal(a, b), name
 
 
 def test_logits_are_compared_by_kl_and_hidden_states_by_mse():
