@@ -252,7 +252,7 @@ def sliding_window_forward(module, query, key, value, attention_mask, dropout: f
     return _finish(out)
 
 
-HASHED_OPTIONS = ("bits", "top_k", "window", "sinks", "hash", "seed")
+HASHED_OPTIONS = ("bits", "top_k", "window", "sinks", "hash", "seed", "far_dtype")
 
 
 def _refuse_outside_causal_inference(kind: str, module, dropout: float, is_causal, kwargs) -> None:
@@ -283,7 +283,7 @@ def _hashed_config(module) -> dict:
 def hashed_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
                    **kwargs: Any):
     """``attnrewrite_hashed``: causal hashed attention, options from the model config's ``hashed_attention``
-    dict (``bits``, ``top_k``, ``window``, ``sinks``, ``hash``, ``seed``; the op's defaults otherwise).
+    dict (``bits``, ``top_k``, ``window``, ``sinks``, ``hash``, ``seed``, ``far_dtype``; the op's defaults otherwise).
 
     Without a cache the step is the whole sequence: the op, with HF's key padding.  With
     :class:`attnrewrite.HashedCache` (``past_key_values=``), the cache's ``update`` has stored the step's keys
@@ -311,7 +311,8 @@ def hashed_forward(module, query, key, value, attention_mask, dropout: float = 0
         return _finish(out)
     layer, start = claimed
     cache_options = dict(bits=layer.bits, top_k=layer.top_k, window=layer.window, sinks=layer.sinks,
-                         hash="random" if layer.learned is None else "learned", seed=layer.seed)
+                         hash="random" if layer.learned is None else "learned", seed=layer.seed,
+                         far_dtype=layer.far_dtype)
     differ = {name: (value, cache_options[name]) for name, value in options.items() if cache_options[name] != value}
     if differ:
         raise ValueError(f"attnrewrite_hashed: HashedCache options differ from config.hashed_attention "

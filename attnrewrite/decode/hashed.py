@@ -20,6 +20,16 @@ stored as zeros, flagged, and never selected; sinks and window are each row's fi
 keys, as in the op with that key mask.  A decode step then returns sinks + window + top_k slots per
 row with a [B, 1, 1, S] mask: a row with fewer valid keys fills the last slots (see
 :meth:`HashedCache.update` for why the last).
+
+Mixed precision (``far_dtype``, off by default): the selected keys that are neither among the first ``sinks``
+nor the last ``window`` visible keys (the far keys) are returned, keys and values, as x.to(far_dtype) cast back
+to the cache's dtype, the rest unchanged: the op's rule (:mod:`attnrewrite.kernels.hashed.reference`, step 5).
+The cache rounds when a step reads the keys; it stores every key at full precision, so it saves no memory
+(a key's farness depends on the query: the keys of the window become far later, and a prefill's queries see
+one key both near and far).  A several-token step returns every key twice, [full | rounded], and its mask
+picks, per query, the copy that query uses.  Exact where the far values fit the cache's dtype: far_dtype equal
+to it (then nothing changes), float8_e4m3fn, or a float32/float64 cache; other pairs (float16 far keys in a
+bfloat16 cache, bfloat16 in a float16 one) raise a ValueError.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import torch
 
 from attnrewrite.decode.cache import KindCache, LayerCache
 from attnrewrite.kernels.hashed.codes import hamming, pack, projections, signs
-from attnrewrite.kernels.hashed.op import HASHES
+from attnrewrite.kernels.hashed.op import HASHES, far_dtype_of
 from attnrewrite.kernels.hashed.sparse import select, visible_keys
 
 try:  # the Triton decode selection (kernels/hashed/triton_decode.py) is optional
@@ -39,6 +49,8 @@ try:  # the Triton decode selection (kernels/hashed/triton_decode.py) is optiona
 except ImportError:  # pragma: no cover - triton is not installed on this platform
     _triton_codes = _triton_decode = None
 
+_FLOAT8 = getattr(torch, "float8_e4m3fn", None)
+
 
 def decode_on_kernels(q: torch.Tensor) -> bool:
     """Whether a one-token step's selection runs on the Triton decode kernels: CUDA tensors and triton
@@ -46,14 +58,23 @@ def decode_on_kernels(q: torch.Tensor) -> bool:
     return q.is_cuda and _triton_decode is not None
 
 
+def far_keys(visible: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """bool [..., T]: of the visible keys (bool [..., T], True = seen), those neither among the first ``sinks``
+    nor the last ``window``: the keys that ``far_dtype`` rounds when selected."""
+    rank = visible.long().cumsum(-1)
+    return visible & (rank > sinks) & (rank <= rank[..., -1:] - window)
+
+
 class HashedLayer(LayerCache):
     """One layer's hashed cache (see the module docstring)."""
 
     def __init__(self, bits: int = 64, top_k: int = 256, window: int = 64, sinks: int = 4, seed: int = 0,
-                 learned: tuple[torch.Tensor, torch.Tensor] | None = None, max_seq_len: int | None = None):
+                 learned: tuple[torch.Tensor, torch.Tensor] | None = None, max_seq_len: int | None = None,
+                 far_dtype: str | None = None):
         super().__init__(max_seq_len)
         if bits < 8 or bits % 8:
             raise ValueError(f"bits must be a positive multiple of 8, got {bits}")
+        self.far_dtype, self._far = far_dtype, far_dtype_of(far_dtype)
         self.bits, self.top_k, self.window, self.sinks, self.seed = bits, top_k, window, sinks, seed
         self.learned = learned
         # bool [B, length]: the key is not padding; None while every key is a token
@@ -63,6 +84,7 @@ class HashedLayer(LayerCache):
         return max_seq_len
 
     def prepare(self, batch: int, heads_q: int, heads_kv: int, head_dim: int, dtype, device, value_dim=None):
+        self._check_far_fits(dtype)
         self.allocate({"key_store": (batch, heads_kv, head_dim, dtype),
                        "value_store": (batch, heads_kv, value_dim or head_dim, dtype),
                        "code_store": (batch, heads_kv, self.bits // 8, torch.uint8)}, device)
@@ -70,6 +92,33 @@ class HashedLayer(LayerCache):
         self.proj_q, self.proj_k = projections(q_projection, k_projection, head_dim, self.bits, self.seed, device)
         self.length = 0
         self.valid = None
+
+    def _check_far_fits(self, dtype: torch.dtype) -> None:
+        """A ValueError unless x.to(far_dtype).to(dtype) is the op's x.to(far_dtype).to(compute dtype) for every x
+        of ``dtype`` (the module docstring's pairs)."""
+        far = self._far
+        if far is None or far == dtype or dtype in (torch.float32, torch.float64) or far == _FLOAT8:
+            return
+        raise ValueError(f"HashedCache: far_dtype={self.far_dtype!r} values do not all fit the cache's dtype {dtype} "
+                         "(the rounded far keys would round again); use a float32 cache, or far_dtype equal to the "
+                         "cache's dtype or 'float8_e4m3fn'")
+
+    def _round(self, x: torch.Tensor, far: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., S, D] with the slots where ``far`` [..., S] is True (all of them when None) rounded through
+        far_dtype, in x's dtype."""
+        rounded = x.to(self._far).to(x.dtype)
+        return rounded if far is None else torch.where(far.unsqueeze(-1), rounded, x)
+
+    def rounded_store(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored key and value [B, Hkv, length, D], the far ones (for a query after the last key, with this
+        row's valid keys) rounded through far_dtype: what a one-token step that selects every valid key reads."""
+        keys, values = self.key_store[:, :, :self.length], self.value_store[:, :, :self.length]
+        if self._far is None:
+            return keys, values
+        valid = (torch.ones(1, self.length, dtype=torch.bool, device=keys.device) if self.valid is None
+                 else self.valid[:, :self.length].to(keys.device))
+        far = far_keys(valid, self.sinks, self.window)[:, None]                               # [B|1, 1, T]
+        return self._round(keys, far), self._round(values, far)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
@@ -183,7 +232,14 @@ class HashedLayer(LayerCache):
             keys = self.key_store.view(-1, self.key_store.shape[-1]).index_select(0, rows)
             values = self.value_store.view(-1, self.value_store.shape[-1]).index_select(0, rows)
             visible = None if slot_ok is None else slot_ok[:, None, None, :]
-            return keys.view(batch, heads_kv, selected, -1), values.view(batch, heads_kv, selected, -1), visible
+            keys, values = keys.view(batch, heads_kv, selected, -1), values.view(batch, heads_kv, selected, -1)
+            if self._far is not None:  # the far slots: by the last query's visible keys (the row's valid ones)
+                valid = (torch.ones(1, length, dtype=torch.bool, device=q.device) if self.valid is None
+                         else self.valid[:, :length].to(q.device))
+                far = far_keys(valid, self.sinks, self.window)[:, None].expand(batch, heads_kv, length)
+                far = far.gather(-1, index)                                                 # [B, Hkv, S]
+                keys, values = self._round(keys, far), self._round(values, far)
+            return keys, values, visible
         batch, heads_q, count, _ = q.shape
         heads_kv = keys.shape[1]
         rows = slice(0, count)
@@ -194,6 +250,11 @@ class HashedLayer(LayerCache):
         chosen = torch.zeros(batch, heads_kv, count, length + 1, dtype=torch.bool, device=q.device)
         chosen.scatter_(-1, torch.where(index >= 0, index, length), True)                   # −1 → a spare column
         chosen = chosen[..., :length].repeat_interleave(heads_q // heads_kv, dim=1)
+        if self._far is not None:  # [full | rounded] keys; each query's mask picks the copy it uses
+            far = far_keys(visible, self.sinks, self.window)[:, None]                        # [B|1, 1, n, T]
+            if bool((chosen & far).any()):
+                keys, values = torch.cat([keys, self._round(keys)], 2), torch.cat([values, self._round(values)], 2)
+                chosen = torch.cat([chosen & ~far, chosen & far], -1)
         return keys, values, chosen
 
     def attend(self, input_pos: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -273,16 +334,21 @@ class HashedCache(KindCache):
             target they are read from the attention modules (attached by :func:`attnrewrite.convert`).
         attention_mask: for a padded batch through :meth:`update`, the prompt's mask [B, L] (1 = token,
             0 = padding; positions past L are tokens): padded keys are never selected.
+        far_dtype: None (off) or a name from :data:`~attnrewrite.kernels.hashed.op.FAR_DTYPES`, as for the op:
+            the selected far keys and values are returned rounded through it (rounded when read, stored at full
+            precision: no memory saved; see the module docstring for the cache dtypes it takes).
     """
 
     kind = "hashed"
 
     def __init__(self, bits: int = 64, top_k: int = 256, window: int = 64, sinks: int = 4, hash: str = "random",
-                 seed: int = 0, layer_states: list | None = None, attention_mask: torch.Tensor | None = None):
+                 seed: int = 0, layer_states: list | None = None, attention_mask: torch.Tensor | None = None,
+                 far_dtype: str | None = None):
         if hash not in HASHES:
             raise ValueError(f"hash must be one of {HASHES}, got {hash!r}")
+        far_dtype_of(far_dtype)  # a bad name is refused here, by name
         super().__init__(layer_states)
-        self.options = dict(bits=bits, top_k=top_k, window=window, sinks=sinks, seed=seed)
+        self.options = dict(bits=bits, top_k=top_k, window=window, sinks=sinks, seed=seed, far_dtype=far_dtype)
         self.hash = hash
         self.attention_mask = None if attention_mask is None else attention_mask.to(torch.bool)
 
@@ -320,7 +386,7 @@ class HashedCache(KindCache):
             return keys, values
         length = layer.length
         if every_key:  # each row selects all its valid keys: the padding mask hides the others
-            return layer.key_store[:, :, :length], layer.value_store[:, :, :length]
+            return layer.rounded_store()
         budget = layer.budget()
         if keys.shape[2] < budget:  # the mask has budget slots; the spare ones (hidden below) lead
             spare = budget - keys.shape[2]

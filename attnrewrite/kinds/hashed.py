@@ -26,7 +26,7 @@ import torch
 import attnrewrite.kernels.hashed.public  # noqa: F401 — registers attnrewrite::hashed_attention
 from attnrewrite.ir.canonical import AttentionCall
 from attnrewrite.ir.spec import AttentionSpec
-from attnrewrite.kernels.hashed.op import FAR_DTYPES, HASHES
+from attnrewrite.kernels.hashed.op import FAR_DTYPES, HASHES, TRITON_FAR_DTYPES
 from attnrewrite.kernels.hashed.state import HashProjections
 from attnrewrite.kinds.causal import applied_score_mod, causal_self_attention_reason, term_shape
 from attnrewrite.kinds.options import Option, impl_choice, integer, one_of
@@ -51,9 +51,9 @@ def far_dtype_option() -> Option:
 
 
 def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
-    if options.get("impl") == "triton" and options.get("far_dtype") is not None:
-        return ("impl='triton' with far_dtype (the Triton kernels do not implement mixed precision for far keys; "
-                "impl='auto' or 'torch' runs it on the torch path)")
+    if options.get("impl") == "triton" and options.get("far_dtype") not in (None, *TRITON_FAR_DTYPES):
+        return (f"impl='triton' with far_dtype={options['far_dtype']!r} (the Triton kernels round far keys through "
+                f"{TRITON_FAR_DTYPES} only; impl='auto' or 'torch' runs it on the torch path)")
     if options.get("impl") == "triton" and options.get("hash") == "learned":
         return ("impl='triton' with hash='learned' (the Triton kernels do not implement the learned "
                 "projections' straight-through gradient; use impl='auto' or 'torch')")

@@ -61,3 +61,14 @@ def assert_equal_where_seen(got: torch.Tensor, want: torch.Tensor, valid: torch.
     seen = ~got.isnan().all(-1)
     assert bool(seen[valid[:, None, :].expand_as(seen)].all()), "a valid query saw no key"
     torch.testing.assert_close(got[seen], want[seen], rtol=0, atol=atol)
+
+
+def hf_decode_mask(cache, batch_mask: torch.Tensor, position: int) -> torch.Tensor:
+    """The mask transformers builds for a one-token step at ``position`` from the batch's 2-d mask [B, T] and
+    the cache's sizes (its first layer's ``get_mask_sizes``)."""
+    from transformers.masking_utils import causal_mask_function, sdpa_mask
+
+    kv_length, kv_offset = cache.layers[0].get_mask_sizes(1) if cache.layers else (1, 0)
+    return sdpa_mask(batch_size=batch_mask.shape[0], q_length=1, kv_length=kv_length, q_offset=position,
+                     kv_offset=kv_offset, mask_function=causal_mask_function,
+                     attention_mask=batch_mask[:, :position + 1].bool(), allow_is_causal_skip=False)

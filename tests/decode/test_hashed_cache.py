@@ -10,6 +10,7 @@ from attnrewrite.kernels.hashed.state import HashProjections
 from attnrewrite.testing.caches import (
     assert_equal_where_seen,
     attend_returned,
+    hf_decode_mask,
     random_qkv,
     through_layer,
 )
@@ -128,16 +129,6 @@ def test_decode_with_padding_reads_only_selected_valid_keys():
     assert visible.shape == (3, 1, 1, budget) and visible.sum(-1).flatten().tolist() == [budget, budget, 3]
 
 
-def _hf_mask(cache, batch_mask, position):
-    """The mask transformers builds for a one-token step at ``position`` from the 2-d mask and the cache's sizes."""
-    from transformers.masking_utils import causal_mask_function, sdpa_mask
-
-    kv_length, kv_offset = cache.layers[0].get_mask_sizes(1) if cache.layers else (1, 0)
-    return sdpa_mask(batch_size=batch_mask.shape[0], q_length=1, kv_length=kv_length, q_offset=position,
-                     kv_offset=kv_offset, mask_function=causal_mask_function,
-                     attention_mask=batch_mask[:, :position + 1].bool(), allow_is_causal_skip=False)
-
-
 def test_transformers_left_padded_batch_decodes_as_the_op():
     """Through ``update`` (query in cache_kwargs) with the mask transformers' sdpa_mask builds from the batch's
     2-d mask and the cache's sizes: every key while rows are short, then the selection in the last slots
@@ -149,7 +140,7 @@ def test_transformers_left_padded_batch_decodes_as_the_op():
     cache = HashedCache(**OPTIONS, attention_mask=mask.long())
     got = []
     for i in range(t):
-        hf_mask = _hf_mask(cache, mask, i)
+        hf_mask = hf_decode_mask(cache, mask, i)
         keys, values = cache.update(k[:, :, i:i + 1], v[:, :, i:i + 1], 0, {"query_states": q[:, :, i:i + 1]})
         got.append(attend_returned(q[:, :, i:i + 1], keys, values, hf_mask))
     assert_equal_where_seen(torch.cat(got, 2), want, mask)

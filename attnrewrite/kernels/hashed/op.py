@@ -26,6 +26,8 @@ HASHES = ("random", "learned")
 WHAT = "hashed attention"
 #: the names ``far_dtype`` takes: float8_e4m3fn where this torch has it
 FAR_DTYPES = ("bfloat16", "float16") + (("float8_e4m3fn",) if hasattr(torch, "float8_e4m3fn") else ())
+#: the ``far_dtype`` names the Triton kernels implement (:mod:`.triton_attn`; ``impl="triton"`` refuses the others)
+TRITON_FAR_DTYPES = ("bfloat16", "float16")
 
 
 def far_dtype_of(name: Optional[str]) -> Optional[torch.dtype]:

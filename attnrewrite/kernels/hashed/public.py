@@ -59,8 +59,10 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
             has it): mixed precision after DASH-KV.  The selected keys and values that are neither sinks nor
             in the window (the far keys) are used as x.to(far_dtype).to(compute dtype), the compute dtype
             being float32 for 16-bit inputs (else the input's); sinks and window keep full precision.  The
-            gradient passes straight through the rounding (identity).  The torch path only (``"auto"`` takes
-            it, ``"triton"`` raises).
+            gradient passes straight through the rounding (identity).  The Triton kernels round
+            ``"bfloat16"`` and ``"float16"`` in the kernel (the far flags come from a torch pass over the
+            [B, Tq, Tk] visible keys); ``"float8_e4m3fn"`` runs on the torch path only (``"auto"`` takes it,
+            ``"triton"`` raises).
 
     Returns:
         [B, Hq, Tq, Dv] in q's dtype.  Inside ``torch.autocast`` the floating-point inputs (float64
@@ -80,7 +82,7 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
     """The composite op's body (run with autocast off, the inputs in the dtype the call runs in)."""
     if _path(impl, q, v, hash, score_mod, far_dtype) == "triton":
         return _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window,
-                           sinks, hash, seed, parse_score_mod(score_mod))
+                           sinks, hash, seed, parse_score_mod(score_mod), far_dtype)
     return torch.ops.attnrewrite.hashed_attention_torch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                         bits=bits, top_k=top_k, window=window, sinks=sinks,
                                                         hash=hash, q_projection=q_projection,
@@ -95,7 +97,9 @@ def _path(impl: str, q, v, hash: str, score_mod: str | None = None, far_dtype: s
         refusal = score_mod_refusal(parse_score_mod(score_mod)) or refusal
     if far_dtype is not None:
         _op.far_dtype_of(far_dtype)  # a bad name is refused by name on either path
-        refusal = "the Triton kernels do not implement far_dtype (mixed precision for far keys)"
+        if far_dtype not in _op.TRITON_FAR_DTYPES:
+            refusal = (f"the Triton kernels round far keys through {_op.TRITON_FAR_DTYPES} only, "
+                       f"not far_dtype={far_dtype!r}")
     return resolve_impl(
         impl, q.device, what=_op.WHAT, dtype=call_dtype(q), head_dims=(q.shape[-1], v.shape[-1]),
         triton_dtypes=_TRITON_DTYPES,
@@ -104,14 +108,14 @@ def _path(impl: str, q, v, hash: str, score_mod: str | None = None, far_dtype: s
 
 
 def _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window, sinks, hash, seed,
-                program=None):
+                program=None, far_dtype=None):
     _op.check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
                      None, None)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     hyperplanes = torch.ops.attnrewrite.hashed_hyperplanes(q.shape[-1], bits, seed, q.device)
     mask = None if attn_mask is None else attn_mask.to(q.device)
     return _triton.hashed_attention_triton(q, k, v, mask, hyperplanes, hyperplanes, is_causal, scale, top_k, window,
-                                           sinks, program)
+                                           sinks, program, far_dtype)
 
 
 composite_op("hashed_attention", sdpa_schema('SymInt bits=64, SymInt top_k=256, SymInt window=64, SymInt sinks=4, '

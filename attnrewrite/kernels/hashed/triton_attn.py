@@ -13,6 +13,11 @@ selected keys' dK and dV contributions into float32 buffers with atomic adds (a 
 many rows).  The order of those additions varies from run to run on a GPU, so dK and dV are not
 bit-reproducible there (dQ and the forward are).
 
+Mixed precision (``FAR`` > 0, the op's ``far_dtype``): a [B, Hkv, Tq, S] uint8 tensor flags the slots whose
+key is far (neither a sink nor in the window, :func:`attnrewrite.kernels.hashed.sparse.far_slots`); their
+gathered key and value rows are rounded through the far dtype (to it and back to float32) before use, in the
+forward and the backward, and dK, dV flow straight through that rounding (reference step 5).
+
 The products are broadcast multiply-and-sum rather than ``tl.dot``: a group is 1–8 heads, below the
 16 rows a tensor-core product needs, and each row has its own gathered keys.
 """
@@ -38,6 +43,29 @@ def _gather_rows(base, stride_t, rows, ok, offs_d, d_ok):
                    other=0.0).to(tl.float32)
 
 
+#: ``FAR`` codes of the kernels: the torch dtypes the far keys are rounded through.  Not float8_e4m3fn: the
+#: interpreter's conversion differs from torch's, so it could not be checked here, and the GPU's saturates
+#: where torch's gives nan
+FAR_CODES = {torch.bfloat16: 1, torch.float16: 2}
+
+
+@triton.jit
+def _round_far(x, far_row, start, n_slots, BLOCK_S: tl.constexpr, FAR: tl.constexpr):
+    """x [BLOCK_S, D] float32, the rows of the slots ``start …`` flagged far in ``far_row`` rounded through the
+    far dtype (``FAR``: 0 none, 1 bfloat16, 2 float16)."""
+    if FAR == 0:
+        return x
+    offs_s = start + tl.arange(0, BLOCK_S)
+    far = tl.load(far_row + offs_s, mask=offs_s < n_slots, other=0) != 0
+    if FAR == 1:  # to nearest, ties to even, by hand: Triton's interpreter truncates in x.to(tl.bfloat16)
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+        rounded = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)                 # nan stays nan
+    else:
+        rounded = x.to(tl.float16).to(tl.float32)
+    return tl.where(far[:, None], rounded, x)
+
+
 @triton.jit
 def _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add,
             mod_grad_mul, HAS_BIAS: tl.constexpr, MOD_FN: tl.constexpr):
@@ -50,7 +78,7 @@ def _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, mod_in_mul, mod_in_a
 
 
 @triton.jit
-def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, heads_kv, n_slots, scale,
+def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, Far, heads_kv, n_slots, scale,
                            mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                            stride_qb, stride_qh, stride_qt,
                            stride_kb, stride_kh, stride_kt,
@@ -59,9 +87,10 @@ def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, heads_kv, n_slots, scal
                            stride_bias_b, stride_bias_i, stride_bias_j,
                            stride_ob, stride_oh, stride_ot,
                            stride_lb, stride_lh, stride_lt,
+                           stride_fb, stride_fh, stride_ft,
                            G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, MOD_FN: tl.constexpr = -1):
+                           HAS_BIAS: tl.constexpr, MOD_FN: tl.constexpr = -1, FAR: tl.constexpr = 0):
     i = tl.program_id(0)
     b, h, offs_g, g_ok, heads, offs_d, offs_dv, d_ok, dv_ok = group_program(tl.program_id(1), heads_kv, G, D, DV,
                                                                             BLOCK_G, BLOCK_D, BLOCK_DV)
@@ -70,12 +99,13 @@ def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, heads_kv, n_slots, scal
     v_base = V + b * stride_vb + h * stride_vh
     idx_row = Idx + b * stride_ib + h * stride_ih + i * stride_it
     bias_row = Bias + b * stride_bias_b + i * stride_bias_i
+    far_row = Far + b * stride_fb + h * stride_fh + i * stride_ft
     m = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_DV), dtype=tl.float32)
     for start in range(0, n_slots, BLOCK_S):
         ok, rows = slot_rows(idx_row, start, n_slots, BLOCK_S)
-        k = _gather_rows(k_base, stride_kt, rows, ok, offs_d, d_ok)
+        k = _round_far(_gather_rows(k_base, stride_kt, rows, ok, offs_d, d_ok), far_row, start, n_slots, BLOCK_S, FAR)
         s, _ = _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, mod_in_mul, mod_in_add, mod_out_mul,
                        mod_out_add, mod_grad_mul, HAS_BIAS, MOD_FN)
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -83,7 +113,8 @@ def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, heads_kv, n_slots, scal
         alpha = tl.exp(m - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        v = _gather_rows(v_base, stride_vt, rows, ok, offs_dv, dv_ok)
+        v = _round_far(_gather_rows(v_base, stride_vt, rows, ok, offs_dv, dv_ok), far_row, start, n_slots, BLOCK_S,
+                       FAR)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m = m_new
     seen = l > 0
@@ -95,7 +126,7 @@ def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, heads_kv, n_slots, scal
 
 
 @triton.jit
-def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, heads_kv, n_slots, scale,
+def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, Far, heads_kv, n_slots, scale,
                            mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                            stride_qb, stride_qh, stride_qt,
                            stride_kb, stride_kh, stride_kt,
@@ -108,9 +139,10 @@ def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, heads
                            stride_dqb, stride_dqh, stride_dqt,
                            stride_dkb, stride_dkh, stride_dkt,
                            stride_dvb, stride_dvh, stride_dvt,
+                           stride_fb, stride_fh, stride_ft,
                            G: tl.constexpr, D: tl.constexpr, DVAL: tl.constexpr, BLOCK_G: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, MOD_FN: tl.constexpr = -1):
+                           HAS_BIAS: tl.constexpr, MOD_FN: tl.constexpr = -1, FAR: tl.constexpr = 0):
     i = tl.program_id(0)
     b, h, offs_g, g_ok, heads, offs_d, offs_dv, d_ok, dv_ok = group_program(tl.program_id(1), heads_kv, G, D, DVAL,
                                                                             BLOCK_G, BLOCK_D, BLOCK_DV)
@@ -125,11 +157,13 @@ def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, heads
     dv_base = DV + b * stride_dvb + h * stride_dvh
     idx_row = Idx + b * stride_ib + h * stride_ih + i * stride_it
     bias_row = Bias + b * stride_bias_b + i * stride_bias_i
+    far_row = Far + b * stride_fb + h * stride_fh + i * stride_ft
     dq = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     for start in range(0, n_slots, BLOCK_S):
         ok, rows = slot_rows(idx_row, start, n_slots, BLOCK_S)
-        k = _gather_rows(k_base, stride_kt, rows, ok, offs_d, d_ok)
-        v = _gather_rows(v_base, stride_vt, rows, ok, offs_dv, dv_ok)
+        k = _round_far(_gather_rows(k_base, stride_kt, rows, ok, offs_d, d_ok), far_row, start, n_slots, BLOCK_S, FAR)
+        v = _round_far(_gather_rows(v_base, stride_vt, rows, ok, offs_dv, dv_ok), far_row, start, n_slots, BLOCK_S,
+                       FAR)
         s, d_mod = _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, mod_in_mul, mod_in_add, mod_out_mul,
                            mod_out_add, mod_grad_mul, HAS_BIAS, MOD_FN)
         p = tl.where(ok[None, :] & g_ok[:, None], tl.exp(s - lse[:, None]), 0.0)         # [G, S]
@@ -160,14 +194,27 @@ def _blocks(q: torch.Tensor, v: torch.Tensor, heads_kv: int) -> dict:
                 BLOCK_DV=triton.next_power_of_2(v.shape[-1]))
 
 
+def _far_args(far: torch.Tensor | None, far_dtype: torch.dtype | None, index: torch.Tensor) -> tuple:
+    """(pointer, its three strides, FAR code): the far flags uint8 [B, Hkv, Tq, S] with their dtype's code, or
+    the index as an unread pointer and 0 when ``far_dtype`` is None."""
+    if far_dtype is None:
+        return index, 0, 0, 0, 0
+    if far is None or far.shape != index.shape:
+        raise ValueError(f"far flags of the selection's shape {tuple(index.shape)} are needed with far_dtype")
+    if far_dtype not in FAR_CODES:
+        raise ValueError(f"the hashed kernels round far keys through {sorted(map(str, FAR_CODES))}, not {far_dtype}")
+    return far, far.stride(0), far.stride(1), far.stride(2), FAR_CODES[far_dtype]
+
+
 def attend_forward(q, k, v, index, bias, scale: float, config: dict | None = None, launch=lambda kernel: kernel,
-                   program=None):
+                   program=None, far: torch.Tensor | None = None, far_dtype: torch.dtype | None = None):
     """(out [B, Hq, Tq, Dv] in q's dtype, lse float32 [B, Hq, Tq]) over the selected keys.
 
     ``index``: int32 [B, Hkv, Tq, S] (:func:`.triton_select.select_keys`); ``bias``: float [B|1, Tq|1, Tk]
     added to the selected scores, or None.  ``config``: {"BLOCK_S": ..., "num_warps": ...}.  ``program``: the
     score modification (:class:`~attnrewrite.kernels.score_mods.ScoreProgram`, or None), applied to scale·q·k
-    before the bias.
+    before the bias.  ``far``/``far_dtype``: the far slots (uint8 [B, Hkv, Tq, S], nonzero = far) and the torch
+    dtype their keys and values are rounded through, or None (module docstring).
     """
     batch, heads_q, len_q, dim = q.shape
     heads_kv = k.shape[1]
@@ -177,21 +224,24 @@ def attend_forward(q, k, v, index, bias, scale: float, config: dict | None = Non
     if out.numel() == 0:
         return out, lse
     mod, mod_fn = mod_args(program, float(scale), log2=False)
+    far, *far_strides, far_code = _far_args(far, far_dtype, index)
     grid = (len_q, batch * heads_kv)
     launch(hashed_attn_fwd_kernel)[grid](
-        q, k, v, index, out if bias is None else bias, out, lse, heads_kv, index.shape[-1], float(scale), *mod,
+        q, k, v, index, out if bias is None else bias, out, lse, far, heads_kv, index.shape[-1], float(scale), *mod,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), index.stride(0), index.stride(1), index.stride(2),
         *_strides3(bias), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        D=dim, DV=v.shape[-1], BLOCK_S=config["BLOCK_S"], HAS_BIAS=bias is not None, MOD_FN=mod_fn,
+        *far_strides, D=dim, DV=v.shape[-1], BLOCK_S=config["BLOCK_S"], HAS_BIAS=bias is not None, MOD_FN=mod_fn,
+        FAR=far_code,
         num_warps=config["num_warps"], **_blocks(q, v, heads_kv))
     return out, lse
 
 
 def attend_backward(q, k, v, out, grad, lse, index, bias, scale: float, config: dict | None = None,
-                    launch=lambda kernel: kernel, program=None):
-    """(dq, dk, dv) of :func:`attend_forward` (``program`` as there), in the inputs' dtypes (dK and dV summed
-    in float32)."""
+                    launch=lambda kernel: kernel, program=None, far: torch.Tensor | None = None,
+                    far_dtype: torch.dtype | None = None):
+    """(dq, dk, dv) of :func:`attend_forward` (``program``, ``far``, ``far_dtype`` as there), in the inputs' dtypes
+    (dK and dV summed in float32; straight through the far rounding)."""
     batch, _, len_q, dim = q.shape
     heads_kv = k.shape[1]
     config = config or {"BLOCK_S": 32, "num_warps": 4}
@@ -201,16 +251,17 @@ def attend_backward(q, k, v, out, grad, lse, index, bias, scale: float, config: 
     if q.numel() == 0 or index.shape[-1] == 0:
         return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype)
     mod, mod_fn = mod_args(program, float(scale), log2=False)
+    far, *far_strides, far_code = _far_args(far, far_dtype, index)
     grid = (len_q, batch * heads_kv)
     launch(hashed_attn_bwd_kernel)[grid](
-        q, k, v, out, grad, lse, index, q if bias is None else bias, dq, dk, dv, heads_kv, index.shape[-1],
+        q, k, v, out, grad, lse, index, q if bias is None else bias, dq, dk, dv, far, heads_kv, index.shape[-1],
         float(scale), *mod,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         grad.stride(0), grad.stride(1), grad.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         index.stride(0), index.stride(1), index.stride(2), *_strides3(bias),
         dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        D=dim, DVAL=v.shape[-1], BLOCK_S=config["BLOCK_S"], HAS_BIAS=bias is not None, MOD_FN=mod_fn,
+        dv.stride(0), dv.stride(1), dv.stride(2), *far_strides,
+        D=dim, DVAL=v.shape[-1], BLOCK_S=config["BLOCK_S"], HAS_BIAS=bias is not None, MOD_FN=mod_fn, FAR=far_code,
         num_warps=config["num_warps"], **_blocks(q, v, heads_kv))
     return dq, dk.to(k.dtype), dv.to(v.dtype)

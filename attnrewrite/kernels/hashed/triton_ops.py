@@ -25,6 +25,8 @@ from attnrewrite.kernels._ops import traceable, triton_ops
 from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
 from . import spaces
+from .op import far_dtype_of
+from .sparse import far_slots
 from .triton_attn import attend_backward, attend_forward
 from .triton_codes import hashed_codes_kernel, pack_codes
 from .triton_select import select_keys
@@ -57,12 +59,24 @@ def _slots(k: Tensor, top_k: int, window: int, sinks: int):
     return min(k.shape[2], sinks + window + top_k)
 
 
+def far_flags(index: Tensor, attn_mask: Optional[Tensor], is_causal: bool, len_k: int, sinks: int, window: int,
+              far_dtype: str) -> Optional[Tensor]:
+    """uint8 [B, Hkv, Tq, S]: 1 at the selection's far slots (neither sink nor window,
+    :func:`.sparse.far_slots`), or None when ``far_dtype`` is "" (off).  Computed in torch from the row's
+    visible keys ([B|1, Tq, Tk] booleans: memory the size of a dense mask)."""
+    if not far_dtype:
+        return None
+    rows = slice(0, index.shape[2])
+    return far_slots(index.long(), attn_mask, rows, is_causal, index.shape[2], len_k, sinks, window).to(torch.uint8)
+
+
 def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], proj_q: Tensor, proj_k: Tensor,
              is_causal: bool, scale: float, top_k: int, window: int, sinks: int,
-             score_mod: str = "") -> tuple[Tensor, Tensor, Tensor]:
+             score_mod: str = "", far_dtype: str = "") -> tuple[Tensor, Tensor, Tensor]:
     """(out [B, Hq, Tq, Dv], lse float32 [B, Hq, Tq], selection int32 [B, Hkv, Tq, S]) on checked inputs;
     ``score_mod`` a score modification program as text ("" for none), applied to the selected keys' scores
-    (the selection reads codes, not scores)."""
+    (the selection reads codes, not scores); ``far_dtype`` a name from ``FAR_DTYPES`` or "" (off): the far keys
+    and values rounded through it (reference step 5)."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     shape = spaces.shape_of(q, k, v, proj_q.shape[-1])
 
@@ -73,44 +87,50 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], proj_
     q_codes = pack_codes(q, proj_q, config("codes"), launch=traceable)
     k_codes = pack_codes(k, proj_k, config("codes"), launch=traceable)
     index = select_keys(q_codes, k_codes, keep, is_causal, top_k, window, sinks, config("select"), launch=traceable)
+    far = far_flags(index, attn_mask, is_causal, k.shape[2], sinks, window, far_dtype)
     out, lse = attend_forward(q, k, v, index, bias, scale, config("fwd"), launch=traceable,
-                              program=parse_score_mod(score_mod))
+                              program=parse_score_mod(score_mod), far=far, far_dtype=far_dtype_of(far_dtype or None))
     return out, lse, index
 
 
-def _forward_fake(q, k, v, attn_mask, proj_q, proj_k, is_causal, scale, top_k, window, sinks, score_mod=""):
+def _forward_fake(q, k, v, attn_mask, proj_q, proj_k, is_causal, scale, top_k, window, sinks, score_mod="",
+                  far_dtype=""):
     batch, heads_q, len_q, _ = q.shape
     return (q.new_empty(batch, heads_q, len_q, v.shape[-1]), q.new_empty(batch, heads_q, len_q, dtype=torch.float32),
             q.new_empty(batch, k.shape[1], len_q, _slots(k, top_k, window, sinks), dtype=torch.int32))
 
 
 def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, index: Tensor,
-              attn_mask: Optional[Tensor], scale: float, score_mod: str = "") -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of :func:`_forward` over its saved selection and log-sum-exp."""
+              attn_mask: Optional[Tensor], scale: float, score_mod: str = "", far_dtype: str = "",
+              is_causal: bool = False, window: int = 0, sinks: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of :func:`_forward` over its saved selection and log-sum-exp (``is_causal``, ``window`` and
+    ``sinks`` as the forward's: they place the far slots when ``far_dtype`` is set)."""
     q, k, v, out, grad = (_unit_last_stride(t) for t in (q, k, v, out, grad))
     _, bias = mask_views(attn_mask)
     config = spaces.config_for("bwd", spaces.shape_of(q, k, v, 8), q.device, tensors=(q,))
+    far = far_flags(index, attn_mask, is_causal, k.shape[2], sinks, window, far_dtype)
     return attend_backward(q, k, v, out, grad, lse, index, bias, scale, config, launch=traceable,
-                           program=parse_score_mod(score_mod))
+                           program=parse_score_mod(score_mod), far=far, far_dtype=far_dtype_of(far_dtype or None))
 
 
-def _backward_fake(grad, q, k, v, out, lse, index, attn_mask, scale, score_mod=""):
+def _backward_fake(grad, q, k, v, out, lse, index, attn_mask, scale, score_mod="", far_dtype="", is_causal=False,
+                   window=0, sinks=0):
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
         torch.empty_like(v, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, _proj_q, _proj_k, _causal, scale, _top_k, _window, _sinks, score_mod = inputs
+    q, k, v, attn_mask, _proj_q, _proj_k, causal, scale, _top_k, window, sinks, score_mod, far_dtype = inputs
     out, lse, index = output
     ctx.save_for_backward(q, k, v, attn_mask, out, lse, index)
-    ctx.scale, ctx.score_mod = scale, score_mod
+    ctx.scale, ctx.score_mod, ctx.far = scale, score_mod, (far_dtype, causal, window, sinks)
 
 
 def _autograd(ctx, grad_out, _grad_lse, _grad_index):
     q, k, v, attn_mask, out, lse, index = ctx.saved_tensors
-    dq, dk, dv = BWD.on(q.device)(grad_out, q, k, v, out, lse, index, attn_mask, ctx.scale, ctx.score_mod)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    dq, dk, dv = BWD.on(q.device)(grad_out, q, k, v, out, lse, index, attn_mask, ctx.scale, ctx.score_mod, *ctx.far)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 BWD = triton_ops("hashed_attention_bwd", _backward, fake=_backward_fake)
@@ -119,9 +139,10 @@ FWD = triton_ops("hashed_attention_fwd", _forward, fake=_forward_fake, backward=
 
 
 def hashed_attention_triton(q, k, v, attn_mask, proj_q, proj_k, is_causal: bool, scale: float, top_k: int,
-                            window: int, sinks: int, program=None) -> Tensor:
+                            window: int, sinks: int, program=None, far_dtype: str | None = None) -> Tensor:
     """Hashed attention on the kernels, for the tensors' device; differentiable in q, k and v.  ``program``: a
-    :class:`~attnrewrite.kernels.score_mods.ScoreProgram` applied to the selected keys' scores, or None."""
+    :class:`~attnrewrite.kernels.score_mods.ScoreProgram` applied to the selected keys' scores, or None;
+    ``far_dtype``: None or a name from ``FAR_DTYPES`` (the far keys and values rounded through it)."""
     out, _, _ = FWD.on(q.device)(q, k, v, attn_mask, proj_q, proj_k, bool(is_causal), float(scale), int(top_k),
-                                 int(window), int(sinks), "" if program is None else program.text())
+                                 int(window), int(sinks), "" if program is None else program.text(), far_dtype or "")
     return out
