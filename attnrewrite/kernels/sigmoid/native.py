@@ -81,6 +81,14 @@ void sigmoid_tile(float *restrict s, const float *restrict bias, const int64_t *
     }
 }
 
+/* The keys rows r0 .. r0 + rows - 1 read: up to the largest of their limits (every key when limit is NULL). */
+static inline int64_t chunk_width(const int64_t *limit, int64_t r0, int64_t rows, int64_t Tk) {
+    if (!limit) return Tk;
+    int64_t width = 0;
+    for (int64_t r = r0; r < r0 + rows; ++r) width = limit[r] > width ? limit[r] : width;
+    return width > Tk ? Tk : width;
+}
+
 /* BLAS sgemm (Fortran calling convention, column-major), passed in by the caller: torch's own. */
 typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, const int *, const float *,
                         const float *, const int *, const float *, const int *, const float *, float *,
@@ -103,12 +111,7 @@ void sigmoid_forward(const float *q, const float *k, const float *v, const float
         float *of = out + f * R * Dv;
         for (int64_t r0 = 0; r0 < R; r0 += chunk) {
             int64_t rows = R - r0 < chunk ? R - r0 : chunk;
-            int64_t width = Tk;
-            if (lf) {
-                width = 0;
-                for (int64_t r = r0; r < r0 + rows; ++r) width = lf[r] > width ? lf[r] : width;
-                width = width > Tk ? Tk : width;
-            }
+            int64_t width = chunk_width(lf, r0, rows, Tk);
             if (width <= 0) {
                 memset(of + r0 * Dv, 0, sizeof(float) * rows * Dv);
                 continue;
@@ -144,12 +147,7 @@ void sigmoid_backward(const float *q, const float *k, const float *v, const floa
         float *dqf = dq + f * R * D, *dkf = dk + f * Tk * D, *dvf = dv + f * Tk * Dv;
         for (int64_t r0 = 0; r0 < R; r0 += chunk) {
             int64_t rows = R - r0 < chunk ? R - r0 : chunk;
-            int64_t width = Tk;
-            if (lf) {
-                width = 0;
-                for (int64_t r = r0; r < r0 + rows; ++r) width = lf[r] > width ? lf[r] : width;
-                width = width > Tk ? Tk : width;
-            }
+            int64_t width = chunk_width(lf, r0, rows, Tk);
             if (width <= 0) {
                 memset(dqf + r0 * D, 0, sizeof(float) * rows * D);
                 continue;
