@@ -34,6 +34,7 @@ import functools
 from typing import Callable, NamedTuple, Sequence
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from attnrewrite.kernels.checks import refuse_sharded_sequence, refuse_torch_context_parallel
 
@@ -77,11 +78,32 @@ def composite_op(name: str, schema: str, impl: Callable) -> torch._ops.OpOverloa
     @functools.wraps(impl)
     def guarded(*args, **kwargs):
         refuse_torch_context_parallel(what)
-        return impl(*args, **kwargs)
+        empty = empty_output(*args[:3])
+        return impl(*args, **kwargs) if empty is None else empty
 
     _LIB.define(name + schema)
     _LIB.impl(name, guarded, "CompositeImplicitAutograd")
     return getattr(torch.ops.attnrewrite, name)
+
+
+def empty_output(q, k, v, *, no_keys: bool = False) -> torch.Tensor | None:
+    """The output of an SDPA-like call with nothing to compute (a batch, head or query count of 0, or
+    values of width 0; with ``no_keys`` also a key count of 0: every query then sees no key and gets 0,
+    as from SDPA), or None when there is something.
+
+    The kinds' loops divide by these sizes; SDPA returns an empty [B, Hq, Tq, Dv] for them, and so do we.
+    Every composite op returns this before its implementation runs.
+    The result is tied to q, k and v by a product with 0, so a backward through it gives each input its
+    (zero, possibly empty) gradient instead of failing for want of a graph.
+    """
+    if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in (q, k, v)):
+        return None  # the kind's own checks name the problem
+    shape = (*q.shape[:-1], v.shape[-1])
+    # guard_or_false: a size only known at run time (unbacked) is taken as non-zero, as the kinds take it
+    if not any(guard_or_false(size == 0) for size in (*shape, *((k.shape[-2],) if no_keys else ()))):
+        return None
+    tie = q.sum() + k.sum() + v.sum()
+    return q.new_zeros(shape) + (tie * 0).to(q.dtype)
 
 
 def kernel_op(name: str, impl: Callable, *, fake: Callable, schema: str | None = None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from attnrewrite.kernels._ops import call_dtype, composite_op, resolve_impl, sdpa_autocast, sdpa_schema
+from attnrewrite.kernels._ops import call_dtype, composite_op, empty_output, resolve_impl, sdpa_autocast, sdpa_schema
 from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
 from attnrewrite.kernels.hashed import op as _op  # noqa: F401  (registers the ops)
 
@@ -80,6 +80,10 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
           window=64, sinks=4, hash="random", q_projection=None, k_projection=None, seed=0, score_mod=None,
           far_dtype=None, impl="auto"):
     """The composite op's body (run with autocast off, the inputs in the dtype the call runs in)."""
+    if k.shape[-2] == 0:  # no keys: every query sees none and gets 0 (the selection has nothing to rank)
+        _op.check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
+                         q_projection, k_projection)
+        return empty_output(q, k, v, no_keys=True)
     if _path(impl, q, v, hash, score_mod, far_dtype) == "triton":
         return _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window,
                            sinks, hash, seed, parse_score_mod(score_mod), far_dtype)
