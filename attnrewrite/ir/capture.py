@@ -126,6 +126,10 @@ def normalize(node: fx.Node) -> Call | None:
     if name is None:
         return None
     a, kw = node.args, node.kwargs
+    if name in ("div", "mul", "exp"):
+        written_out = written_out_softmax(node)
+        if written_out is not None:
+            return written_out
     if name in ("mul", "div", "and"):
         return Call(name, node, (a[0], _arg(node, 1, "other")))
     if name in ("add", "sub"):
@@ -184,6 +188,108 @@ def normalize(node: fx.Node) -> Call | None:
             "is_causal": _arg(node, 5, "is_causal", False), "scale": _arg(node, 6, "scale"),
             "enable_gqa": kw.get("enable_gqa", False)})
     return Call(name, node, tuple(a), dict(kw))
+
+
+# --------------------------------------------------------------------------- softmax written out
+
+_RECIPROCALS = (torch.reciprocal,)
+_LOG_SOFTMAX = (F.log_softmax, torch.log_softmax)
+_LOGSUMEXP = (torch.logsumexp,)
+
+
+def _calls(node: Any, functions: tuple, method: str) -> bool:
+    return isinstance(node, fx.Node) and (node.op == "call_function" and node.target in functions
+                                          or node.op == "call_method" and node.target == method)
+
+
+def _single_dim(dim: Any) -> int | None:
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    return dim if isinstance(dim, int) and not isinstance(dim, bool) else None
+
+
+def _reduced_over(node: Any, functions: tuple, method: str) -> tuple[fx.Node, int] | None:
+    """(x, d) for ``node`` = reduce(x, dim=d, keepdim=True) (``torch.sum``, ``x.sum(...)``, logsumexp ...), also
+    written ``reduce(x, d).unsqueeze(d)`` for the last dim d = -1; None otherwise."""
+    if (isinstance(node, fx.Node) and canonical_name(node) == "unsqueeze"
+            and _arg(node, 1, "dim") == -1 and _calls(node.args[0], functions, method)):
+        inner, keepdim_needed = node.args[0], False
+    elif _calls(node, functions, method):
+        inner, keepdim_needed = node, True
+    else:
+        return None
+    if len(inner.args) < 1 or not isinstance(inner.args[0], fx.Node):
+        return None
+    dim = _single_dim(_arg(inner, 1, "dim"))
+    keepdim = _arg(inner, 2, "keepdim", False)
+    if dim is None or keepdim is not keepdim_needed or (not keepdim_needed and dim != -1):
+        return None
+    if any(key not in ("dim", "keepdim") for key in inner.kwargs):  # a dtype= or out= changes what is summed
+        return None
+    return inner.args[0], dim
+
+
+def _constant_along(m: Any, x: fx.Node, dim: int) -> bool:
+    """``m`` broadcasts against ``x`` without enlarging it and holds one value along ``dim``."""
+    mv, xv = example(m), example(x)
+    if not isinstance(mv, torch.Tensor):
+        return isinstance(m, (int, float)) and not isinstance(m, bool)
+    if not isinstance(xv, torch.Tensor) or mv.dim() > xv.dim():
+        return False
+    shape = (1,) * (xv.dim() - mv.dim()) + tuple(mv.shape)
+    d = dim % xv.dim()
+    return shape[d] == 1 and all(a == 1 or a == b for a, b in zip(shape, xv.shape))
+
+
+def written_out_softmax(node: fx.Node) -> Call | None:
+    """``node`` as ``Call("softmax", node, (x,), {"dim": d, "dtype": None})`` when it computes softmax_d(x)
+    written out, else None.  The spellings, each a definition of softmax whatever the values:
+
+    - ``e / e.sum(d, keepdim=True)`` (also ``e * e.sum(...).reciprocal()``, ``e * (1 / e.sum(...))``) with
+      ``e = exp(x − m)``, m constant along d (the row max ``amax(x, d, keepdim=True)``, ``max(...).values``,
+      or any per-row value: exp(x − m)/Σ exp(x − m) = softmax(x) for every such m), or ``e = exp(x)``;
+    - ``exp(x − logsumexp(x, d, keepdim=True))`` and ``exp(log_softmax(x, d))``.
+
+    The matcher then reads the site as it reads ``softmax(x, d)``, and certification compares that
+    canonical form with these very nodes on its probes, as for every site.
+    """
+    name = canonical_name(node)
+    if name == "exp":
+        arg = node.args[0] if node.args else None
+        if _calls(arg, _LOG_SOFTMAX, "log_softmax") and isinstance(arg.args[0], fx.Node):
+            dim = _single_dim(_arg(arg, 1, "dim"))
+            if dim is not None and _arg(arg, 2, "dtype") is None and "dtype" not in arg.kwargs:
+                return Call("softmax", node, (arg.args[0],), {"dim": dim, "dtype": None})
+            return None
+        if isinstance(arg, fx.Node) and canonical_name(arg) == "sub" and arg.kwargs.get("alpha", 1) == 1:
+            x, lse = arg.args[0], _arg(arg, 1, "other")
+            reduced = _reduced_over(lse, _LOGSUMEXP, "logsumexp")
+            if reduced is not None and reduced[0] is x:
+                return Call("softmax", node, (x,), {"dim": reduced[1], "dtype": None})
+        return None
+    a, b = node.args[0] if node.args else None, _arg(node, 1, "other")
+    if name == "div":
+        e, den = a, b
+    else:  # mul: e * reciprocal(Σ e) or e * (1 / Σ e), either order
+        e, den = None, None
+        for x, y in ((a, b), (b, a)):
+            if _calls(y, _RECIPROCALS, "reciprocal") and y.args:
+                e, den = x, y.args[0]
+            elif (isinstance(y, fx.Node) and canonical_name(y) == "div" and constant_value(y.args[0]) == 1.0
+                    and len(y.args) > 1):
+                e, den = x, y.args[1]
+            if e is not None:
+                break
+    reduced = _reduced_over(den, (torch.sum,), "sum")
+    if (reduced is None or reduced[0] is not e or canonical_name(e) != "exp" or not e.args
+            or not isinstance(e.args[0], fx.Node)):
+        return None
+    x, dim = e.args[0], reduced[1]
+    if canonical_name(x) == "sub" and x.kwargs.get("alpha", 1) == 1 and isinstance(x.args[0], fx.Node):
+        m = _arg(x, 1, "other")
+        if _constant_along(m, x.args[0], dim):
+            x = x.args[0]  # the shift cancels; x − m with m varying along d is read as it is (softmax of it)
+    return Call("softmax", node, (x,), {"dim": dim, "dtype": None})
 
 
 # --------------------------------------------------------------------------- shape-only reads

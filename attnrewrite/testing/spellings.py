@@ -232,6 +232,11 @@ def _softmax(s: torch.Tensor, spelling: str, dim: int = -1) -> torch.Tensor:
         return F.softmax(s, dim=dim, dtype=torch.float32).to(s.dtype)
     if spelling == "positive_dim":
         return torch.softmax(s, dim=dim % s.dim())
+    if spelling == "written_out":  # exp(s − row max) / Σ
+        e = torch.exp(s - s.amax(dim=dim, keepdim=True))
+        return e / e.sum(dim=dim, keepdim=True)
+    if spelling == "log_softmax_exp":
+        return F.log_softmax(s, dim=dim).exp()
     return torch.softmax(s, dim)
 
 
@@ -294,7 +299,8 @@ def _eager_choices(c: _Recorder, d: _Dims) -> dict[str, Any]:
                         else False)
     o["chain"] = c("chain", [False, True]) if plain_4d else False  # the output is the next attention's query
     o["alibi"] = c("alibi", [False, True])
-    o["softmax"] = c("softmax", ["torch", "functional", "method", "upcast_float", "dtype_f32", "positive_dim"])
+    o["softmax"] = c("softmax", ["torch", "functional", "method", "upcast_float", "dtype_f32", "positive_dim",
+                                 "written_out", "log_softmax_exp"])
     o["dropout"] = c("dropout", ["none", "p0", "eval"])
     o["merge"] = c("merge_heads", [True, False])
     return o
@@ -471,7 +477,7 @@ def draw_near_miss(choose: Choose) -> Program:
     if miss == "learned_memory":
         return Program(_LearnedMemory(d, c("slots", [3, 5])).eval(), _inputs(d, False), False, c.choices)
     product = c("product", ["at", "einsum", "torch_matmul"])
-    softmax = c("softmax", ["torch", "functional", "method"])
+    softmax = c("softmax", ["torch", "functional", "method", "written_out"])
     dim = c("wrong_dim", [-2, 1]) if miss == "softmax_dim" else -1
     scale = d.dim ** -0.5
 

@@ -244,6 +244,37 @@ def _block_sigmoid(q, k, v):
     return out.unflatten(0, q.shape[:2]).permute(0, 1, 3, 2, 4)
 
 
+# --------------------------------------------------------------------------------- (i) softmax written out
+
+
+def written_out_row_max(q, k, v, keep):  # exp(s − max) / Σ, padding by masked_fill
+    s = (q @ k.mT * 0.3).masked_fill(~keep[:, None, None, :], float("-inf"))
+    e = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    return (e / e.sum(dim=-1, keepdim=True)) @ v
+
+
+def written_out_max_values(q, k, v):  # .max(...).values, the sum unsqueezed, a causal triangle
+    s = q @ k.mT * 0.3 + torch.full((T, T), float("-inf")).triu(1)
+    e = (s - s.max(-1, keepdim=True).values.detach()).exp()
+    return e / e.sum(-1).unsqueeze(-1) @ v
+
+
+def written_out_unshifted_reciprocal(q, k, v):  # exp(s) · (Σ exp(s))⁻¹ of scores upcast to float32
+    e = torch.exp((q @ k.mT).float() * 0.25)
+    return (e * torch.reciprocal(torch.sum(e, -1, keepdim=True))).to(v.dtype) @ v
+
+
+def written_out_logsumexp(q, k, v):  # exp(s − logsumexp(s))
+    s = q @ k.mT * 0.3
+    return torch.exp(s - torch.logsumexp(s, -1, keepdim=True)) @ v
+
+
+def written_out_log_softmax(q, k, v):  # log_softmax(s).exp(), one over the other in a chain
+    a = F.log_softmax(q @ k.mT * 0.3, dim=-1).exp() @ v
+    e = (a @ k.mT * 0.2).exp()
+    return e * (1 / e.sum(-1, keepdim=True)) @ v
+
+
 # --------------------------------------------------------------------------------- the cases
 
 _x5 = lambda name, shape: tuple(torch.randn(shape, generator=_g(name)) for _ in range(3))  # noqa: E731
@@ -296,6 +327,16 @@ def _cases() -> dict[str, Case]:
         "h_grid_einsum": Case(grid_einsum, g5 + (bias5,), _grid_sigmoid),
         "h_block_einsum": Case(block_einsum, b5, _block_sigmoid),
         "h_grid_einsum_dynamic": Case(grid_einsum, g5 + (bias5,), dynamic=True),
+        "i_written_out_row_max": Case(written_out_row_max, (q, k, v, keep),
+                                      lambda q, k, v, m: _sig(q, k, v, m[:, None, None, :], 0.3)),
+        "i_written_out_row_max_dynamic": Case(written_out_row_max, (q, k, v, keep), dynamic=True),
+        "i_written_out_max_values": Case(written_out_max_values, (q, k, v), lambda q, k, v: sigmoid_attention(
+            q, k, v, is_causal=True, scale=0.3), expect={"causal": True}),
+        "i_written_out_unshifted_reciprocal": Case(written_out_unshifted_reciprocal, (q, k, v),
+                                                   lambda q, k, v: _sig(q, k, v, None, 0.25)),
+        "i_written_out_logsumexp": Case(written_out_logsumexp, (q, k, v), lambda q, k, v: _sig(q, k, v, None, 0.3)),
+        "i_written_out_log_softmax": Case(written_out_log_softmax, (q, k, v), lambda q, k, v: _sig(
+            _sig(q, k, v, None, 0.3), k, v, None, 0.2), sites=2),
     }
 
 
@@ -386,7 +427,32 @@ def nm_einsum5_sums_over_queries(q, k, v):  # (h) the value einsum contracts the
     return torch.einsum("bhwij,bhwid->bhwjd", s.softmax(-1), v)
 
 
+def nm_written_out_with_eps(q, k, v):  # (i) e / (Σ e + 1): not a softmax
+    s = q @ k.mT * 0.3
+    e = (s - s.amax(-1, keepdim=True)).exp()
+    return e / (e.sum(-1, keepdim=True) + 1.0) @ v
+
+
+def nm_written_out_over_queries(q, k, v):  # (i) exp normalised over the queries
+    e = (q @ k.mT * 0.3).exp()
+    return e / e.sum(-2, keepdim=True) @ v
+
+
+def nm_written_out_other_sum(q, k, v):  # (i) exp(s) over the sum of another exp
+    s = q @ k.mT * 0.3
+    e, f = s.exp(), (s * 0.5).exp()
+    return e / f.sum(-1, keepdim=True) @ v
+
+
+def nm_written_out_log_softmax_of_queries(q, k, v):  # (i) log_softmax over the queries, then exp
+    return F.log_softmax(q @ k.mT * 0.3, dim=-2).exp() @ v
+
+
 NEAR_MISSES = {
+    "i_written_out_with_eps": (nm_written_out_with_eps, lambda: _qkv("nm")),
+    "i_written_out_over_queries": (nm_written_out_over_queries, lambda: _qkv("nm")),
+    "i_written_out_other_sum": (nm_written_out_other_sum, lambda: _qkv("nm")),
+    "i_written_out_log_softmax_of_queries": (nm_written_out_log_softmax_of_queries, lambda: _qkv("nm")),
     "a_bool_from_scores_added": (nm_bool_from_scores_added, lambda: _qkv("nm")),
     "b_expand_as_of_score_values": (nm_expand_as_of_score_values, lambda: _qkv("nm")),
     "b_ones_like_or_scores": (nm_ones_like_or_scores, lambda: _qkv("nm")),
