@@ -91,6 +91,30 @@ def _path_up(node: fx.Node, depth: int) -> list[fx.Node] | None:
 SPLIT_BY_GRAPH_BREAK = "an attention split by a graph break"
 
 
+#: Starts the reason of attention the matcher recognises but cannot read into a spec (a form this
+#: version does not rewrite, such as gpt-oss's sink logits): reported as attention left as it was.
+NOT_READ = "attention in a form this version does not rewrite"
+
+
+def _concatenated_to_scores(node: object, depth: int) -> bool:
+    """True when ``node`` is computed by score ops from a concatenation, on the last dim, of scores from
+    a product with something else: learned sink logits (gpt-oss: ``softmax(cat([s, sink], -1))[..., :-1]``),
+    null keys or registers added as extra score columns."""
+    if not isinstance(node, fx.Node) or depth == 0:
+        return False
+    if node.op == "call_function" and node.target in (torch.cat, torch.concat, torch.concatenate):
+        parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        r = rank(node)
+        if not isinstance(parts, (list, tuple)) or r is None or not isinstance(dim, int) or dim % r != r - 1:
+            return False
+        return any(isinstance(part, fx.Node) and _path_up(part, depth - 1) is not None for part in parts)
+    call = normalize(node)
+    if call is None or call.name not in _SCORE_OPS:
+        return False
+    return any(_concatenated_to_scores(a, depth - 1) for a in call.tensor_args())
+
+
 def _from_graph_input(node: fx.Node, depth: int) -> bool:
     """True when ``node`` is a graph input, or computed from one by score ops (scale, mask, cast)."""
     if not isinstance(node, fx.Node):
@@ -612,6 +636,9 @@ def match(anchor: fx.Node) -> Site:
         if _from_graph_input(softmax.args[0], _SEARCH_DEPTH) and _meets_values(anchor):
             raise NotAttention(f"{SPLIT_BY_GRAPH_BREAK}: the scores are a graph input and the probabilities meet a "
                                "value product (q·kᵀ is in another graph)")
+        if _concatenated_to_scores(softmax.args[0], _SEARCH_DEPTH):
+            raise NotAttention(f"{NOT_READ}: extra score columns (sink logits, null keys) are concatenated to "
+                               "q·kᵀ before the softmax")
         raise NotAttention("no score product (q·kᵀ) before the softmax")
     state = _interpret(up)
     if softmax.kwargs.get("dtype") == torch.float32:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from attnrewrite.ir.spec import Site
-from attnrewrite.patterns.eager_matmul import SPLIT_BY_GRAPH_BREAK
+from attnrewrite.patterns.eager_matmul import NOT_READ, SPLIT_BY_GRAPH_BREAK
 
 
 @dataclass
@@ -28,9 +28,12 @@ class SiteReport:
 
     @property
     def attention_left_as_it_was(self) -> bool:
-        """A skipped attention site, or a half of an attention split by a graph break: attention that
+        """A skipped attention site, a half of an attention split by a graph break, or attention in a form
+        the matcher recognises but does not read (:data:`NOT_READ`): attention that
         runs as it was, which the pass must say (warning, or RewriteFailed under strict)."""
-        return self.status == "skipped" and (self.spec is not None or SPLIT_BY_GRAPH_BREAK in (self.reason or ""))
+        reason = self.reason or ""
+        return self.status == "skipped" and (self.spec is not None or SPLIT_BY_GRAPH_BREAK in reason
+                                             or reason.startswith(NOT_READ))
 
     @classmethod
     def from_site(cls, site: Site, graph: int) -> SiteReport:

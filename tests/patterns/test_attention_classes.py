@@ -6,6 +6,7 @@ attention: they must stay untouched."""
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -660,3 +661,44 @@ def test_a_window_mask_that_widens_the_scores_stays_skipped():
     assert [s.status for s in report.sites] == ["skipped"], report
     assert "larger shape" in report.sites[0].reason, report
     assert torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------------- attention not read
+
+
+def sink_logits(q, k, v, sinks):  # gpt-oss: a learned logit per head joins the scores, then is dropped
+    s = q @ k.mT * 0.3
+    combined = torch.cat([s, sinks.reshape(1, -1, 1, 1).expand(s.shape[0], -1, s.shape[-2], -1)], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    return F.softmax(combined, dim=-1)[..., :-1] @ v
+
+
+def softmax_of_concatenated_features(x, y, v):  # not scores: no product before the concatenation
+    return torch.softmax(torch.cat([x, y], dim=-1), dim=-1)[..., :T] @ v
+
+
+def test_attention_with_sink_logits_is_reported_as_left_as_it_was():
+    """A form the matcher does not read must never be silent: a warning names it, strict raises."""
+    from attnrewrite.rewriter.failures import RewriteFailed, RewriteWarning
+
+    q, k, v = _qkv("sinks")
+    sinks = torch.randn(H, generator=_g("sink logits"))
+    compiled, report = _compile(sink_logits, "softmax")
+    with pytest.warns(RewriteWarning, match="sink logits"):
+        got = compiled(q, k, v, sinks)
+    assert torch.equal(got, sink_logits(q, k, v, sinks))
+    assert [s.attention_left_as_it_was for s in report.sites] == [True], report
+    torch._dynamo.reset()
+    backend = functools.partial(attnrewrite_backend, options={"to": "sigmoid", "compiler": "eager", "strict": True})
+    with pytest.raises(RewriteFailed, match="sink logits"):
+        torch.compile(sink_logits, backend=backend)(q, k, v, sinks)
+
+
+def test_a_softmax_of_concatenated_features_is_no_attention_left_behind():
+    x, y, v = _qkv("features")
+    compiled, report = _compile(softmax_of_concatenated_features, "softmax")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = compiled(x, y, v)
+    assert torch.equal(got, softmax_of_concatenated_features(x, y, v))
+    assert not any(s.attention_left_as_it_was for s in report.sites), report
