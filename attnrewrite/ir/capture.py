@@ -50,7 +50,7 @@ _FUNCTIONS: dict[Any, str] = {
     torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.clamp: "clamp", torch.clip: "clamp",
     torch.clamp_min: "clamp", torch.clamp_max: "clamp", torch.abs: "abs", torch.exp: "exp",
     torch.pow: "pow", operator.pow: "pow", torch.square: "square", torch.relu: "relu", F.relu: "relu",
-    torch.erf: "erf",
+    torch.erf: "erf", torch.maximum: "maximum",
 }
 for _name in ("_transformer_encoder_layer_fwd", "_native_multi_head_attention"):
     if hasattr(torch, _name):
@@ -76,7 +76,7 @@ _METHODS: dict[str, str] = {
     "size": "size",
     "sigmoid": "sigmoid", "clamp": "clamp", "clip": "clamp", "clamp_min": "clamp", "clamp_max": "clamp",
     "abs": "abs", "exp": "exp", "pow": "pow", "square": "square", "relu": "relu", "erf": "erf",
-    "tanh_": "tanh", "sigmoid_": "sigmoid", "clamp_": "clamp",
+    "tanh_": "tanh", "sigmoid_": "sigmoid", "clamp_": "clamp", "maximum": "maximum",
 }
 
 #: Elementwise functions that are not affine in the scores: between the score product and the
@@ -91,6 +91,8 @@ def canonical_name(node: fx.Node) -> str | None:
     """The canonical name of what ``node`` computes, or None for anything the matcher ignores."""
     if node.op == "call_function" and node.target is getattr:
         return "transpose" if len(node.args) == 2 and node.args[1] == "mT" else None  # x.mT
+    if _is_binary_max(node):
+        return "maximum"
     if node.op == "call_function":
         try:
             return _FUNCTIONS.get(node.target)
@@ -99,6 +101,14 @@ def canonical_name(node: fx.Node) -> str | None:
     if node.op == "call_method":
         return _METHODS.get(node.target)
     return None
+
+
+def _is_binary_max(node: fx.Node) -> bool:
+    """``torch.max(a, b)`` / ``a.max(b)`` with a tensor b: the elementwise maximum (not a reduction over a dim)."""
+    if not (node.op == "call_function" and node.target is torch.max or node.op == "call_method" and node.target == "max"):
+        return False
+    other = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+    return isinstance(other, fx.Node) and isinstance(other.meta.get("example_value"), torch.Tensor)
 
 
 @dataclass
@@ -130,7 +140,7 @@ def normalize(node: fx.Node) -> Call | None:
         written_out = written_out_softmax(node)
         if written_out is not None:
             return written_out
-    if name in ("mul", "div", "and"):
+    if name in ("mul", "div", "and", "maximum"):
         return Call(name, node, (a[0], _arg(node, 1, "other")))
     if name in ("add", "sub"):
         return Call(name, node, (a[0], _arg(node, 1, "other")), {"alpha": kw.get("alpha", 1)})

@@ -58,7 +58,7 @@ from attnrewrite.patterns.layout import (
 )
 
 PRODUCTS = {"matmul", "baddbmm", "einsum"}
-_AFFINE_OPS = {"mul", "div", "add", "sub", "masked_fill", "where", "cast", "identity"}
+_AFFINE_OPS = {"mul", "div", "add", "sub", "masked_fill", "where", "cast", "identity", "maximum"}
 _SCORE_OPS = _AFFINE_OPS | SCORE_MODS | {"view"}
 _PROB_OPS = {"cast", "identity", "dropout", "view"}
 _SEARCH_DEPTH = 16
@@ -389,11 +389,30 @@ def _interpret(chain: list[fx.Node]) -> _Scores:
             state.masked_value(b if a is prev else a)
             state.add_term("keep" if a is prev else "drop", cond)
             state.pass_through(node)
+        elif name == "maximum" or name == "clamp" and _floor_of_clamp(call) is not None:
+            # max(s, c) with c at or below the masked value: it changes no score that is not masked, and a
+            # masked one stays masked (HF's XGLM, older OPT: torch.max(s, finfo.min) after the mask)
+            floor = (args[1] if args[0] is prev else args[0]) if name == "maximum" else _floor_of_clamp(call)
+            state.masked_value(floor)
+            state.pass_through(node)
         elif name in SCORE_MODS:
             state.modify(node, prev, name)
         else:
             raise NotAttention(f"{name} applied to the scores")
     return state
+
+
+def _floor_of_clamp(call: Call):
+    """The lower bound of ``clamp(s, min=c)`` without an upper bound when c is a tensor or a constant at
+    or below the masked value (a floor that only touches masked scores), else None (a score modification)."""
+    lower = call.args[1] if len(call.args) > 1 else call.kwargs.get("min")
+    upper = call.args[2] if len(call.args) > 2 else call.kwargs.get("max")
+    if upper is not None or lower is None:
+        return None
+    c = constant_value(lower)
+    if c is not None:
+        return lower if c <= MASKED_SCORE else None
+    return lower if isinstance(lower, fx.Node) else None
 
 
 def _reads_any(node: fx.Node, forbidden: set[fx.Node], earliest: fx.Node) -> bool:
@@ -640,7 +659,13 @@ def match(anchor: fx.Node) -> Site:
             raise NotAttention(f"{NOT_READ}: extra score columns (sink logits, null keys) are concatenated to "
                                "q·kᵀ before the softmax")
         raise NotAttention("no score product (q·kᵀ) before the softmax")
-    state = _interpret(up)
+    try:
+        state = _interpret(up)
+    except NotAttention as exc:
+        # scores from a product whose probabilities meet the values: attention, in a form not read here
+        if not str(exc).startswith(NOT_READ) and _path_down(anchor, _SEARCH_DEPTH) is not None:
+            raise NotAttention(f"{NOT_READ}: {exc}") from None
+        raise
     if softmax.kwargs.get("dtype") == torch.float32:
         state.softmax_dtype = torch.float32
 

@@ -245,6 +245,23 @@ def _block_sigmoid(q, k, v):
     return out.unflatten(0, q.shape[:2]).permute(0, 1, 3, 2, 4)
 
 
+# --------------------------------------------------------------------------------- (j) a floor at the masked value
+
+
+def xglm_max_floor(q, k, v, keep):  # [B·H] bmm, the mask added on a 4-d view, torch.max(s, finfo.min)
+    b, h, t, d = q.shape
+    s = torch.bmm(q.reshape(b * h, t, d), k.reshape(b * h, t, d).transpose(1, 2)) * 0.3
+    mask = torch.zeros(b, 1, t, t).masked_fill(~keep[:, None, None, :], torch.finfo(torch.float32).min)
+    s = s.view(b, h, t, t) + mask
+    s = torch.max(s, torch.full((), torch.finfo(s.dtype).min)).view(b * h, t, t)
+    return torch.bmm(F.softmax(s, dim=-1), v.reshape(b * h, t, d)).view(b, h, t, d)
+
+
+def clamp_floor_before_mask(q, k, v, keep):  # clamp(min=−1e4) on the scores, then the padding as −inf
+    s = (q @ k.mT * 0.3).clamp(min=-1e4)
+    return s.masked_fill(~keep[:, None, None, :], float("-inf")).softmax(-1) @ v
+
+
 # --------------------------------------------------------------------------------- (i) softmax written out
 
 
@@ -328,6 +345,10 @@ def _cases() -> dict[str, Case]:
         "h_grid_einsum": Case(grid_einsum, g5 + (bias5,), _grid_sigmoid),
         "h_block_einsum": Case(block_einsum, b5, _block_sigmoid),
         "h_grid_einsum_dynamic": Case(grid_einsum, g5 + (bias5,), dynamic=True),
+        "j_xglm_max_floor": Case(xglm_max_floor, (q, k, v, keep),
+                                 lambda q, k, v, m: _sig(q, k, v, m[:, None, None, :], 0.3)),
+        "j_clamp_floor_before_mask": Case(clamp_floor_before_mask, (q, k, v, keep),
+                                          lambda q, k, v, m: _sig(q, k, v, m[:, None, None, :], 0.3)),
         "i_written_out_row_max": Case(written_out_row_max, (q, k, v, keep),
                                       lambda q, k, v, m: _sig(q, k, v, m[:, None, None, :], 0.3)),
         "i_written_out_row_max_dynamic": Case(written_out_row_max, (q, k, v, keep), dynamic=True),
@@ -449,7 +470,12 @@ def nm_written_out_log_softmax_of_queries(q, k, v):  # (i) log_softmax over the 
     return F.log_softmax(q @ k.mT * 0.3, dim=-2).exp() @ v
 
 
+def nm_floor_from_data(q, k, v):  # (j) max(s, another product): a floor read from the data, not a mask value
+    return torch.max(q @ k.mT * 0.3, q @ q.mT * 0.2).softmax(-1) @ v
+
+
 NEAR_MISSES = {
+    "j_floor_from_data": (nm_floor_from_data, lambda: _qkv("nm")),
     "i_written_out_with_eps": (nm_written_out_with_eps, lambda: _qkv("nm")),
     "i_written_out_over_queries": (nm_written_out_over_queries, lambda: _qkv("nm")),
     "i_written_out_other_sum": (nm_written_out_other_sum, lambda: _qkv("nm")),
@@ -702,3 +728,22 @@ def test_a_softmax_of_concatenated_features_is_no_attention_left_behind():
         got = compiled(x, y, v)
     assert torch.equal(got, softmax_of_concatenated_features(x, y, v))
     assert not any(s.attention_left_as_it_was for s in report.sites), report
+
+
+def clamped_after_mask(q, k, v, keep):  # a clamp on both sides after the mask: masked keys become visible
+    s = (q @ k.mT * 0.3).masked_fill(~keep[:, None, None, :], float("-inf"))
+    return s.clamp(min=-5.0, max=5.0).softmax(-1) @ v
+
+
+def test_attention_whose_score_ops_are_not_read_is_reported():
+    """Scores from q·kᵀ whose probabilities meet the values are attention: when an op between them cannot be
+    read (here a clamp that un-masks the padding), the site is left with a warning, never silently."""
+    from attnrewrite.rewriter.failures import RewriteWarning
+
+    q, k, v = _qkv("clamped")
+    keep = _keep()
+    compiled, report = _compile(clamped_after_mask, "sigmoid")
+    with pytest.warns(RewriteWarning, match="does not rewrite"):
+        got = compiled(q, k, v, keep)
+    assert torch.equal(got, clamped_after_mask(q, k, v, keep))
+    assert [s.attention_left_as_it_was for s in report.sites] == [True], report
