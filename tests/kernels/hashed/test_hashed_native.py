@@ -94,7 +94,7 @@ def test_selection_of_long_rows_without_a_mask(one_thread):
         assert torch.equal(_sorted(got, 1500, want.shape[-1]), want)
 
 
-def test_codes_are_packs_bits_even_near_zero_products():
+def test_codes_are_packs_bits_even_near_zero_products(one_thread):
     g = torch.Generator().manual_seed(5)
     for bits in (8, 64, 72, 128):
         plane = random_hyperplanes(32, bits, 0)
