@@ -421,8 +421,9 @@ INLINE void select_row(const uint64_t *restrict qc, const uint64_t *restrict kc,
 
 /* The selection of every row.  qc [F * G, Tq, W] (query head f * G + g of slice f), kc [F, Tk, W] int64 codes;
    keep: NULL or a uint8 mask row of Tk entries at keep + b * keep_b + i * keep_i for batch b = f / Hkv;
-   causal: row i sees keys j <= i.  sel [F, Tq, S] int32, followed by 16 more int32 the last row may write;
-   work: Tk + 16 uint16 then 4 * (G * 64 * W + 2) int32. */
+   causal: row i sees keys j <= i.  sel [F, Tq, S] int32; work: Tk + 16 uint16, 4 * (G * 64 * W + 2) int32 and
+   S + 16 int32 (each part from a 64-byte boundary).  A row may write up to 15 entries past its S (the vector
+   scan's stores): into the next row, written after it, and for the last row into work, copied from there. */
 void hashed_select(const uint64_t *qc, const uint64_t *kc, const uint8_t *keep, int64_t keep_b, int64_t keep_i,
                    int32_t *sel, void *work, int64_t F, int64_t Hkv, int64_t G, int64_t Tq, int64_t Tk, int64_t W,
                    int64_t causal, int64_t top_k, int64_t window, int64_t sinks, int64_t S) {
@@ -431,6 +432,7 @@ void hashed_select(const uint64_t *qc, const uint64_t *kc, const uint8_t *keep, 
 #endif
     uint16_t *dist = (uint16_t *)work;
     int32_t *hist = (int32_t *)((char *)work + ((sizeof(uint16_t) * (Tk + 16) + 63) / 64) * 64);
+    int32_t *last = hist + ((4 * (G * 64 * W + 2) + 15) / 16) * 16;
     uint64_t group[64];  /* the row's G * W query words (G * W <= 64, checked by the caller) */
     for (int64_t f = 0; f < F; ++f) {
         const uint64_t *kf = kc + f * Tk * W;
@@ -441,7 +443,7 @@ void hashed_select(const uint64_t *qc, const uint64_t *kc, const uint8_t *keep, 
                 for (int64_t w = 0; w < W; ++w) group[g * W + w] = qc[((f * G + g) * Tq + i) * W + w];
             int64_t limit = causal ? (i + 1 < Tk ? i + 1 : Tk) : Tk;
             const uint8_t *keep_i_row = keep_f ? keep_f + i * keep_i : 0;
-            int32_t *out = sel + (f * Tq + i) * S;
+            int32_t *out = f == F - 1 && i == Tq - 1 ? last : sel + (f * Tq + i) * S;
             if (G == 1)  /* constant group sizes: the distance loop unrolled */
                 select_row(group, kf, keep_i_row, limit, 1, W, top_k, window, sinks, S, out, dist, hist, &guess);
             else if (G == 2)
@@ -450,6 +452,7 @@ void hashed_select(const uint64_t *qc, const uint64_t *kc, const uint8_t *keep, 
                 select_row(group, kf, keep_i_row, limit, 4, W, top_k, window, sinks, S, out, dist, hist, &guess);
             else
                 select_row(group, kf, keep_i_row, limit, G, W, top_k, window, sinks, S, out, dist, hist, &guess);
+            if (out == last) memcpy(sel + (f * Tq + i) * S, last, sizeof(int32_t) * S);
         }
     }
 }
@@ -717,9 +720,8 @@ def select(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_
     q_codes, k_codes = _codes(q, proj_q), _codes(k, proj_k)
     words = q_codes.shape[-1]
     keep, _, stride_b, stride_i = _mask_rows(attn_mask, batch, t_q, t_k)
-    flat = torch.empty(batch * heads_kv * t_q * width + 16, dtype=torch.int32)  # + the kernel's overhang
-    selection = flat[:-16].view(batch, heads_kv, t_q, width)
-    work = torch.empty(2 * (t_k + 16) + 64 + 16 * (groups * 64 * words + 2), dtype=torch.uint8)
+    selection = torch.empty(batch, heads_kv, t_q, width, dtype=torch.int32)
+    work = torch.empty(2 * (t_k + 16) + 64 + 16 * (groups * 64 * words + 2) + 64 + 4 * (width + 16), dtype=torch.uint8)
     lib.hashed_select(q_codes.data_ptr(), k_codes.data_ptr(), None if keep is None else keep.data_ptr(), stride_b,
                       stride_i, selection.data_ptr(), work.data_ptr(), batch * heads_kv, heads_kv, groups, t_q, t_k,
                       words, int(is_causal), top_k, window, sinks, width)

@@ -6,6 +6,11 @@ inside), with fake implementations and the backward registered as the forward's 
 ``hash="random"`` draws its hyperplanes inside the op from ``seed`` (the same draw on every call
 and device), so the random variant needs no state; ``hash="learned"`` takes the projections as
 tensors (attached to the model by :func:`attnrewrite.convert`) and returns their gradients.
+
+Float32 CPU calls with ``hash="random"``, no ``score_mod`` and no ``far_dtype`` run the compiled loop of
+:mod:`.native` where torch runs on one thread (``ATTNREWRITE_NATIVE=0``, a missing C compiler or more
+threads: the torch path of :mod:`.sparse`); the forward op then also returns its selection, which the
+backward reuses instead of selecting again.
 """
 
 from __future__ import annotations
