@@ -6,7 +6,8 @@ hashed at least as fast as the exact rewrite at T = 4k and twice as fast at 8k, 
 is rewritten with ``attnrewrite.rewrite(model, to=kind, compiler="eager", strict=True)`` and its default
 options; the kinds are timed in turn at each repeat (interleaved, so that load on a shared machine hits
 them alike) under ``torch.no_grad``, and the table gives the medians and the ratios of the softmax
-rewrite's time to each kind's (higher is faster).  ``--backward`` adds a forward+backward column.
+rewrite's time to each kind's (higher is faster), in CPU time of the process (``--wall``: wall-clock).
+``--backward`` adds a forward+backward column (a training step of the model; the op's gradients with ``--ops``).
 ``--ops`` times one attention call instead of the model: q [1, 8, T, 32] against k, v [1, 4, T, 32],
 causal, SDPA (what the softmax rewrite runs) against the two ops with default options.
 
@@ -30,10 +31,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+CLOCK = time.process_time  # CPU time of this process (one torch thread): load from other jobs does not count
+
+
 def timed(fn) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     fn()
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def run(length: int, kinds: list[str], repeats: int, backward: bool) -> list[dict]:
@@ -76,9 +80,9 @@ def run(length: int, kinds: list[str], repeats: int, backward: bool) -> list[dic
     return rows
 
 
-@torch.no_grad()
-def run_ops(length: int, repeats: int) -> list[dict]:
-    """One causal attention call per kind, interleaved; ratios to SDPA (module docstring)."""
+def run_ops(length: int, repeats: int, backward: bool = False) -> list[dict]:
+    """One causal attention call per kind, interleaved; ratios to SDPA (module docstring).  With ``backward``
+    also forward+backward of the call (the gradient of a fixed weighted sum of the output)."""
     import torch.nn.functional as F
 
     from attnrewrite import ops
@@ -86,16 +90,33 @@ def run_ops(length: int, repeats: int) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(1, 8, length, 32, generator=generator)
     k, v = (torch.randn(1, 4, length, 32, generator=generator) for _ in range(2))
-    calls = {"softmax": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-             "summary": lambda: ops.summary_attention(q, k, v, is_causal=True, enable_gqa=True),
-             "hashed": lambda: ops.hashed_attention(q, k, v, is_causal=True, enable_gqa=True)}
+    calls = {"softmax": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+             "summary": lambda q, k, v: ops.summary_attention(q, k, v, is_causal=True, enable_gqa=True),
+             "hashed": lambda q, k, v: ops.hashed_attention(q, k, v, is_causal=True, enable_gqa=True)}
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    weights = torch.randn(1, 8, length, 32, generator=generator)
+
+    def both(call):
+        torch.autograd.grad((call(*leaves) * weights).sum(), leaves)
+
     times = {name: [] for name in calls}
+    both_times = {name: [] for name in calls}
     for _ in range(repeats + 1):  # the first round is a warm-up
         for name, call in calls.items():
-            times[name].append(timed(call))
+            with torch.no_grad():
+                times[name].append(timed(lambda: call(q, k, v)))
+            if backward:
+                both_times[name].append(timed(lambda: both(call)))
     base = statistics.median(times["softmax"][1:])
-    return [dict(length=length, kind=name, forward_s=statistics.median(t[1:]),
-                 forward_ratio=base / statistics.median(t[1:])) for name, t in times.items()]
+    rows = []
+    for name, t in times.items():
+        row = dict(length=length, kind=name, forward_s=statistics.median(t[1:]),
+                   forward_ratio=base / statistics.median(t[1:]))
+        if backward:
+            b, base_b = statistics.median(both_times[name][1:]), statistics.median(both_times["softmax"][1:])
+            row.update(forward_backward_s=b, forward_backward_ratio=base_b / b)
+        rows.append(row)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -106,7 +127,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--ops", action="store_true", help="one attention call per kind instead of the model")
+    parser.add_argument("--wall", action="store_true", help="time wall-clock instead of this process's CPU time")
     args = parser.parse_args(argv)
+    global CLOCK
+    CLOCK = time.perf_counter if args.wall else time.process_time
     torch.set_num_threads(args.threads)
     kinds = args.kinds.split(",")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
@@ -114,14 +138,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "llama target 4 layers, width 256, 8q/4kv heads x 32, batch 1")
     print(f"sparse_kinds_cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} thread(s), commit {commit.strip() or '?'}; {what}, float32; default options; "
-          f"median of {args.repeats}, ratios = {kinds[0]} / kind")
+          f"median of {args.repeats} ({'wall' if args.wall else 'CPU'} time), ratios = {kinds[0]} / kind")
     head = "| T | kind | forward | vs " + kinds[0] + (" | forward+backward | vs " + kinds[0] if args.backward else "")
     print(head + " |")
     print("|---" * (6 if args.backward else 4) + "|", flush=True)
     rows = []
     with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
         for length in args.lengths:  # each length's rows printed as soon as they are measured
-            measured = run_ops(length, args.repeats) if args.ops else run(length, kinds, args.repeats, args.backward)
+            measured = run_ops(length, args.repeats, args.backward) if args.ops else run(length, kinds, args.repeats, args.backward)
             for row in measured:
                 rows.append(row)
                 line = f"| {row['length']} | {row['kind']} | {row['forward_s']:.3f} s | {row['forward_ratio']:.2f}× "

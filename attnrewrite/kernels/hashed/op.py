@@ -6,6 +6,11 @@ inside), with fake implementations and the backward registered as the forward's 
 ``hash="random"`` draws its hyperplanes inside the op from ``seed`` (the same draw on every call
 and device), so the random variant needs no state; ``hash="learned"`` takes the projections as
 tensors (attached to the model by :func:`attnrewrite.convert`) and returns their gradients.
+
+Float32 CPU calls with ``hash="random"``, no ``score_mod`` and no ``far_dtype`` run the compiled loop of
+:mod:`.native` where torch runs on one thread (``ATTNREWRITE_NATIVE=0``, a missing C compiler or more
+threads: the torch path of :mod:`.sparse`); the forward op then also returns its selection, which the
+backward reuses instead of selecting again.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from attnrewrite.kernels._ops import kernel_op, sdpa_schema
 from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_qkv, refuse_torch_context_parallel
 from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
+from . import native
 from .codes import projections, random_hyperplanes
 from .sparse import hashed_attention_backward, hashed_attention_forward
 
@@ -84,13 +90,39 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None
              is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, bits: int = 64,
              top_k: int = 256, window: int = 64, sinks: int = 4, hash: str = "random",
              q_projection: Optional[Tensor] = None, k_projection: Optional[Tensor] = None, seed: int = 0,
-             score_mod: Optional[str] = None, far_dtype: Optional[str] = None) -> Tensor:
+             score_mod: Optional[str] = None, far_dtype: Optional[str] = None) -> tuple[Tensor, Tensor]:
     far = far_dtype_of(far_dtype)
     check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
                  q_projection, k_projection)
     scale, proj_q, proj_k, mask = _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection)
-    return hashed_attention_forward(q, k, v, mask, is_causal, scale, bits, top_k, window, sinks, proj_q, proj_k,
-                                    parse_score_mod(score_mod), far)
+    if native.covers(q, k, v, mask, bits, hash, score_mod, far):
+        if torch.get_num_threads() == 1:  # the compiled loop runs on one thread: used where torch does too
+            return native.forward(q, k, v, mask, is_causal, scale, bits, top_k, window, sinks, proj_q, proj_k)
+        out = hashed_attention_forward(q, k, v, mask, is_causal, scale, bits, top_k, window, sinks, proj_q, proj_k)
+        return out, _no_selection(q, k, top_k, window, sinks)
+    out = hashed_attention_forward(q, k, v, mask, is_causal, scale, bits, top_k, window, sinks, proj_q, proj_k,
+                                   parse_score_mod(score_mod), far)
+    return out, q.new_empty(0, dtype=torch.int32)
+
+
+#: the first entry of a selection the forward did not compute (the torch path ran): the backward recomputes
+NOT_SELECTED = -2
+
+
+def _selection_shape(q: Tensor, k: Tensor, top_k: int, window: int, sinks: int) -> tuple:
+    return (q.shape[0], k.shape[1], q.shape[2], native.selection_width(k.shape[2], top_k, window, sinks))
+
+
+def _no_selection(q: Tensor, k: Tensor, top_k: int, window: int, sinks: int) -> Tensor:
+    """The selection output of a call the compiled loop covers that ran on the torch path (more threads)."""
+    selection = torch.empty(_selection_shape(q, k, top_k, window, sinks), dtype=torch.int32)
+    if selection.numel():
+        selection.view(-1)[0] = NOT_SELECTED
+    return selection
+
+
+def _has_selection(selection: Optional[Tensor]) -> bool:
+    return selection is not None and selection.numel() > 0 and int(selection.view(-1)[0]) != NOT_SELECTED
 
 
 def _forward_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, bits=64,
@@ -100,15 +132,22 @@ def _forward_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale
     far_dtype_of(far_dtype)
     check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
                  q_projection, k_projection)
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
+    out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    if native.covers(q, k, v, attn_mask, bits, hash, score_mod, far_dtype_of(far_dtype)):
+        return out, q.new_empty(_selection_shape(q, k, top_k, window, sinks), dtype=torch.int32)
+    return out, q.new_empty(0, dtype=torch.int32)
 
 
 def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
               scale: Optional[float], bits: int, top_k: int, window: int, sinks: int,
               q_projection: Optional[Tensor], k_projection: Optional[Tensor],
-              seed: int, score_mod: str = "", far_dtype: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+              seed: int, score_mod: str = "", far_dtype: str = "",
+              selection: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     scale, proj_q, proj_k, mask = _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection)
     learned = q_projection is not None
+    if _has_selection(selection) and torch.get_num_threads() == 1 and native.library() is not None:
+        dq, dk, dv = native.backward(grad, q, k, v, mask, scale, selection)  # over the forward's selection
+        return dq, dk, dv, q.new_empty(0), q.new_empty(0)
     dq, dk, dv, d_pq, d_pk = hashed_attention_backward(grad.contiguous(), q, k, v, mask, is_causal, scale, bits,
                                                        top_k, window, sinks, proj_q, proj_k, learned,
                                                        parse_score_mod(score_mod), far_dtype_of(far_dtype or None))
@@ -119,7 +158,7 @@ def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional
 
 
 def _backward_fake(grad, q, k, v, attn_mask, is_causal, scale, bits, top_k, window, sinks, q_projection, k_projection,
-                   seed, score_mod="", far_dtype=""):
+                   seed, score_mod="", far_dtype="", selection=None):
     d_pq = q.new_empty(0) if q_projection is None else q_projection.new_empty(q_projection.shape)
     d_pk = q.new_empty(0) if k_projection is None else k_projection.new_empty(k_projection.shape)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_pq, d_pk
@@ -128,15 +167,17 @@ def _backward_fake(grad, q, k, v, attn_mask, is_causal, scale, bits, top_k, wind
 def _setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, _dropout, is_causal, scale, _gqa, bits, top_k, window, sinks, _hash, q_projection,
      k_projection, seed, score_mod, far_dtype) = inputs
-    ctx.save_for_backward(q, k, v, attn_mask, q_projection, k_projection)
+    _out, selection = output
+    ctx.save_for_backward(q, k, v, attn_mask, q_projection, k_projection, selection)
     ctx.options = (is_causal, scale, bits, top_k, window, sinks)
     ctx.seed, ctx.score_mod, ctx.far_dtype = seed, score_mod or "", far_dtype or ""
 
 
-def _autograd(ctx, grad):
-    q, k, v, attn_mask, q_projection, k_projection = ctx.saved_tensors
+def _autograd(ctx, grad, _grad_selection):
+    q, k, v, attn_mask, q_projection, k_projection, selection = ctx.saved_tensors
     dq, dk, dv, d_pq, d_pk = torch.ops.attnrewrite.hashed_attention_backward(
-        grad, q, k, v, attn_mask, *ctx.options, q_projection, k_projection, ctx.seed, ctx.score_mod, ctx.far_dtype)
+        grad, q, k, v, attn_mask, *ctx.options, q_projection, k_projection, ctx.seed, ctx.score_mod, ctx.far_dtype,
+        selection)
     learned = q_projection is not None
     return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None,
             d_pq if learned else None, d_pk if learned else None, None, None, None)
@@ -144,11 +185,14 @@ def _autograd(ctx, grad):
 
 # SymInt, not int: the schema custom_op infers from ``int`` annotations, kept as it was.  The public op
 # ``attnrewrite::hashed_attention`` (:mod:`.public`, with SDPA's autocast rule) chooses this or the kernels.
+# It returns (out, selection): the selection int32 [B, Hkv, Tq, S] of the compiled CPU loop (:mod:`.native`),
+# which its backward reuses, where that loop covers the call (first entry NOT_SELECTED where the torch path
+# ran instead, on more than one thread), else an empty tensor.
 hashed_attention_op = kernel_op(
     "hashed_attention_torch", _forward, fake=_forward_fake, backward=_autograd, setup_context=_setup_context,
     schema=sdpa_schema('SymInt bits=64, SymInt top_k=256, SymInt window=64, SymInt sinks=4, str hash="random", '
                        "Tensor? q_projection=None, Tensor? k_projection=None, SymInt seed=0, str? score_mod=None, "
-                       "str? far_dtype=None"))
+                       "str? far_dtype=None", returns="(Tensor, Tensor)"))
 hashed_attention_backward_op = kernel_op("hashed_attention_backward", _backward, fake=_backward_fake)
 
 

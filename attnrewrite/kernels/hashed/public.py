@@ -91,7 +91,7 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
                                                         bits=bits, top_k=top_k, window=window, sinks=sinks,
                                                         hash=hash, q_projection=q_projection,
                                                         k_projection=k_projection, seed=seed, score_mod=score_mod,
-                                                        far_dtype=far_dtype)
+                                                        far_dtype=far_dtype)[0]
 
 
 def _path(impl: str, q, v, hash: str, score_mod: str | None = None, far_dtype: str | None = None) -> str:

@@ -8,12 +8,10 @@ reduction and a degree-5 polynomial, relative error under 2e-7, auto-vectorised 
 compiler) does scale, bias, sigmoid and the visibility limit of each row in ~0.5 ns per element.
 Inductor cannot generate this: its vectorised ``exp`` is the same 1-ulp Sleef call as ATen's.
 
-The C source is compiled once per machine with the system's C compiler (``$CC``, else ``cc``,
-``gcc`` or ``clang``) into ``$ATTNREWRITE_CACHE/native`` (else ``$XDG_CACHE_HOME/attnrewrite/native``,
-else ``~/.cache/attnrewrite/native``), keyed by a hash of the source and flags, and loaded with
-ctypes; compiling takes well under a second.  Where there is no compiler, compiling fails, or
-``ATTNREWRITE_NATIVE=0`` is set, :func:`library` returns None and the caller keeps the ATen ops
-(the same results up to float32 rounding).
+The C source is compiled once per machine with the system's C compiler and loaded with ctypes
+(:mod:`attnrewrite.kernels.native_build`); compiling takes well under a second.  Where there is no
+compiler, compiling fails, or ``ATTNREWRITE_NATIVE=0`` is set, :func:`library` returns None and the
+caller keeps the ATen ops (the same results up to float32 rounding).
 
 Semantics of ``sigmoid_tile`` (float32, a contiguous [rows, cols] tile ``s``, in place):
 ``s[i, j] = sigmoid(scale * s[i, j] + bias[i])`` for ``j < limit[i] - key_start`` (clamped to
@@ -24,19 +22,11 @@ exactly 0, NaN stays NaN.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
+from attnrewrite.kernels.native_build import NativeLibrary, sgemm_address
 
 SOURCE = r"""
 #include <stdint.h>
@@ -170,50 +160,7 @@ void sigmoid_backward(const float *q, const float *k, const float *v, const floa
 }
 """
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("ATTNREWRITE_CACHE"):
-        return Path(os.environ["ATTNREWRITE_CACHE"]) / "native"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "attnrewrite" / "native"
-
-
-def _flags() -> list[str]:
-    # -fno-trapping-math lets the compiler vectorise the branches above into selects
-    flags = ["-O3", "-shared", "-fPIC", "-fno-trapping-math", "-ffp-contract=fast"]
-    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() != "DEFAULT":
-        flags += ["-mavx2", "-mfma"]  # torch itself says this CPU has AVX2 (and FMA with it)
-    return flags
-
-
-def _compiler() -> str | None:
-    if os.environ.get("CC"):
-        return os.environ["CC"]
-    return next((path for name in ("cc", "gcc", "clang") if (path := shutil.which(name))), None)
-
-
-def _build() -> ctypes.CDLL | None:
-    compiler = _compiler()
-    if compiler is None:
-        log.info("attnrewrite: no C compiler found; the sigmoid CPU path uses ATen's sigmoid")
-        return None
-    flags = _flags()
-    key = hashlib.sha256("\0".join([SOURCE, compiler, *flags]).encode()).hexdigest()[:16]
-    folder = _cache_dir()
-    target = folder / f"sigmoid_tile_{key}.so"
-    if not target.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as work:
-            source = Path(work) / "sigmoid_tile.c"
-            source.write_text(SOURCE)
-            built = Path(work) / target.name
-            subprocess.run([compiler, *flags, str(source), "-o", str(built)], check=True, capture_output=True,
-                           timeout=120)
-            os.replace(built, target)  # atomic: a concurrent process sees the whole file or none
-    lib = ctypes.CDLL(str(target))
+def _declare(lib: ctypes.CDLL) -> None:
     lib.sigmoid_tile.restype = None
     lib.sigmoid_tile.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
                                  ctypes.c_int64, ctypes.c_int64]
@@ -221,35 +168,16 @@ def _build() -> ctypes.CDLL | None:
     lib.sigmoid_forward.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_void_p]
     lib.sigmoid_backward.restype = None
     lib.sigmoid_backward.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_void_p]
-    return lib
 
 
-def _sgemm() -> int | None:
-    """The address of the BLAS ``sgemm_`` torch itself links (MKL or OpenBLAS, 32-bit integers), or None."""
-    folder = Path(torch.__file__).parent / "lib"
-    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib"):
-        if (folder / name).exists():
-            try:
-                blas = ctypes.CDLL(str(folder / name))
-                return ctypes.cast(blas.sgemm_, ctypes.c_void_p).value
-            except (OSError, AttributeError):
-                return None
-    return None
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+_library = NativeLibrary("sigmoid_tile", SOURCE, _declare)
 
 
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, built on first use; None where it cannot be (the caller then uses ATen ops)."""
-    if os.environ.get("ATTNREWRITE_NATIVE", "1") == "0":
-        return None
-    with _lock:
-        if "lib" not in _state:
-            try:
-                _state["lib"] = _build()
-            except (OSError, subprocess.SubprocessError) as error:
-                log.warning("attnrewrite: building the sigmoid CPU kernel failed (%s); using ATen's sigmoid",
-                            error)
-                _state["lib"] = None
-        return _state["lib"]  # type: ignore[return-value]
+    return _library.get()
 
 
 def forward_available() -> bool:
@@ -258,7 +186,7 @@ def forward_available() -> bool:
         return False
     with _lock:
         if "sgemm" not in _state:
-            _state["sgemm"] = _sgemm()
+            _state["sgemm"] = sgemm_address()
         return _state["sgemm"] is not None
 
 
