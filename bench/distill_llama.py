@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr-transfer", type=float, default=None)
     parser.add_argument("--lr-finetune", type=float, default=None)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--option", action="append", default=[], metavar="KIND.NAME=VALUE",
+                        help="a kind option beside the learned one (repeatable), e.g. hashed.top_k=16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -84,6 +86,13 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"--kinds: unknown {sorted(unknown)}; choose from {', '.join(SETTINGS)}")
 
+    settings = {kind: dict(options) for kind, options in SETTINGS.items()}
+    for pair in args.option:
+        name, sep, value = pair.partition("=")
+        kind, dot, option = name.partition(".")
+        if not sep or not dot or kind not in settings:
+            parser.error(f"--option takes KIND.NAME=VALUE with KIND one of {', '.join(SETTINGS)}; got {pair!r}")
+        settings[kind][option] = int(value) if value.lstrip("-").isdigit() else value
     model = load(args.checkpoint)
     corpus = text_corpus()
     generator = torch.Generator().manual_seed(args.seed)
@@ -104,7 +113,7 @@ def main(argv=None) -> int:
     print(f"| softmax | original | none | 0 | {teacher:.4f} | 0 | |", flush=True)
     wanted = args.rows.split(",")
     for to in args.kinds.split(","):
-        options = SETTINGS[to]
+        options = settings[to]
         label = f"{to} ({', '.join(f'{k}={v}' for k, v in options.items())})"
 
         def line(name, what, cpu, loss):
