@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--transfer-steps", type=int, default=100)
     distill.add_argument("--finetune-steps", type=int, default=100)
     distill.add_argument("--lr", type=float, default=None, help="learning rate (default: distill's per stage)")
+    distill.add_argument("--rank", type=int, default=8, help="rank of finetune's adapters")
+    distill.add_argument("--adapt", default="attention", choices=("attention", "all"),
+                         help="finetune's adapters: on the attention modules' linears, or on every linear")
+    distill.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
+                         help="learning rate over each stage: warm-up then cosine decay, or constant")
     distill.add_argument("--batches", type=int, default=64, help="distinct training batches")
     distill.add_argument("--batch-size", type=int, default=16)
     distill.add_argument("--block-size", type=int, default=128, help="bytes per window (llama checkpoint)")

@@ -56,6 +56,13 @@ log = logging.getLogger("attnrewrite")
 
 STAGES = ("transfer", "finetune", "both")
 LOSSES = ("auto", "kl", "mse")
+#: Learning-rate schedules: ``"constant"``, or ``"cosine"`` (linear warm-up over the first
+#: :data:`WARMUP_FRACTION` of the steps, then cosine decay to 0 at the last step).
+SCHEDULES = ("constant", "cosine")
+WARMUP_FRACTION = 0.05
+#: Where finetune puts its adapters: ``"attention"`` (every ``nn.Linear`` inside the modules that own
+#: a site: the attention projections) or ``"all"`` (every ``nn.Linear`` of the model).
+ADAPT = ("attention", "all")
 #: Default learning rates: feature maps and per-head scalars take large steps, adapters small ones.
 DEFAULT_LR = {"transfer": 1e-2, "finetune": 1e-3}
 #: Options that give a kind per-site parameters to transfer (a hint for the error; the kinds decide).
@@ -77,7 +84,7 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
             steps: int | Mapping[str, int] = 100, lr: float | Mapping[str, float] | None = None,
             stage: str = "transfer", seed: int = 0, save_to: str | os.PathLike | None = None, save_every: int = 50,
             rank: int = 8, loss: str = "auto", compiler: str = "eager", progress: bool = True,
-            **kind_options: Any) -> nn.Module:
+            schedule: str = "cosine", adapt: str = "attention", **kind_options: Any) -> nn.Module:
     """Distil ``model`` (softmax attention) into a copy that runs attention kind ``to``; return the copy.
 
     Args:
@@ -101,7 +108,13 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
             call with the same kind, options, stage, seed and rank).
         rank: the adapters' rank (finetune).
         loss: finetune's output loss: ``"auto"`` (KL when the output has a ``logits`` field, mean
-            squared error otherwise), ``"kl"`` (the output is logits) or ``"mse"``.
+            squared error otherwise), ``"kl"`` (the output is logits) or ``"mse"``.  When a batch is a
+            dict with an ``attention_mask`` of the output's [batch, tokens] shape, padded tokens are
+            left out of the loss.
+        schedule: the learning rate over each stage's steps (:data:`SCHEDULES`): ``"cosine"`` (warm-up,
+            then decay to 0) or ``"constant"``.
+        adapt: which ``nn.Linear`` modules finetune adapts (:data:`ADAPT`): ``"attention"`` (those of
+            the modules that own a site) or ``"all"``.
         compiler: what runs the rewritten graph while fine-tuning (``"eager"``, ``"aot_eager"``,
             ``"inductor"``); attention transfer always runs ``"eager"``.
         progress: show a tqdm progress bar with the loss.
@@ -129,6 +142,10 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
         raise ValueError(f"stage must be one of {STAGES}; got {stage!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}")
+    if adapt not in ADAPT:
+        raise ValueError(f"adapt must be one of {ADAPT}; got {adapt!r}")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank must be an int >= 1; got {rank!r}")
     if not isinstance(save_every, int) or save_every < 1:
@@ -160,7 +177,8 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
             log.info("attnrewrite.distill: softmax is the exact kind, nothing to train")
             return student
         trainable = {name: p.requires_grad for name, p in student.named_parameters()}
-        run = _Run(model, student, to, options, batches, seed, rank, loss, save_to, save_every, progress, stage)
+        run = _Run(model, student, to, options, batches, seed, rank, loss, save_to, save_every, progress, stage,
+                   schedule, adapt)
         for name in stages:
             n_steps, rate = plan[name]
             if name == "transfer":
@@ -184,15 +202,16 @@ class _Run:
     (a converted copy) and what the stages share (data, checkpoint, seed)."""
 
     def __init__(self, teacher, student, to, options, batches, seed, rank, loss, save_to, save_every, progress,
-                 request):
+                 request, schedule="cosine", adapt="attention"):
         self.teacher, self.student, self.to, self.options = teacher, student, to, options
+        self.schedule, self.adapt = schedule, adapt
         self.batches, self.seed, self.rank, self.loss = batches, seed, rank, loss
         self.save_to, self.save_every, self.progress, self.request = save_to, save_every, progress, request
         self.checkpoint = _load_checkpoint(save_to, self._identity()) if save_to is not None else None
 
     def _identity(self) -> dict[str, Any]:
         return {"to": self.to, "kind_options": dict(self.options.kind_options), "stage": self.request,
-                "seed": self.seed, "rank": self.rank}
+                "seed": self.seed, "rank": self.rank, "schedule": self.schedule, "adapt": self.adapt}
 
     # ---- transfer
 
@@ -266,8 +285,8 @@ class _Run:
     # ---- finetune
 
     def finetune(self, steps: int, lr: float) -> None:
-        adapters = add_adapters(self.student, [s.module for s in self.student.attnrewrite_report.rewritten],
-                                self.rank, self.seed)
+        owners = [s.module for s in self.student.attnrewrite_report.rewritten] if self.adapt == "attention" else [""]
+        adapters = add_adapters(self.student, owners, self.rank, self.seed)
         states = state_registry.states(self.student, self.to)
         params = {name: p for name, p in self.student.named_parameters()
                   if name.endswith((".down", ".up")) and name.rsplit(".", 1)[0] in adapters
@@ -291,7 +310,7 @@ class _Run:
                 cached = sum(t.numel() * t.element_size() for t in targets.values())
                 if reused and cached + target.numel() * target.element_size() <= TEACHER_CACHE_BYTES:
                     targets[slot] = target
-            return output_loss(compiled(*args, **kwargs), target, self.loss)
+            return output_loss(compiled(*args, **kwargs), target, self.loss, kwargs.get("attention_mask"))
 
         try:
             self._train("finetune", params, steps, lr, step_loss)
@@ -317,6 +336,8 @@ class _Run:
                    disable=not self.progress, leave=False)
         try:
             for index in range(start, steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * learning_rate_factor(self.schedule, index, steps)
                 value = step_loss(index, self.batches[index % len(self.batches)])
                 if not torch.isfinite(value):
                     raise FloatingPointError(f"the {phase} loss is {value.item()} at step {index} (batch "
@@ -340,6 +361,18 @@ class _Run:
         torch.save(record, tmp)
         os.replace(tmp, self.save_to)  # never a half-written checkpoint
         self.checkpoint = None  # what follows in this run is the run's own
+
+
+def learning_rate_factor(schedule: str, step: int, steps: int) -> float:
+    """The factor of the learning rate at ``step`` (0-based) of ``steps``: 1 for ``"constant"``; for
+    ``"cosine"`` a linear warm-up over the first :data:`WARMUP_FRACTION` of the steps, then a cosine
+    decay that reaches 0 after the last step."""
+    if schedule == "constant":
+        return 1.0
+    warmup = int(WARMUP_FRACTION * steps)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
 # --------------------------------------------------------------------------- the transfer tap
@@ -376,7 +409,7 @@ class _Recorder:
                    "bool_mask": call.bool_mask, "score_mod": call.score_mod is not None,
                    "module_path": site.module_path, "ordinal": site.ordinal}
         gm.add_submodule(name, _SiteError(self, site_name, statics))
-        operands = (call.scaled_q(), call.k, call.v, call.attn_mask)
+        operands = (call.scaled_q(), call.k, call.v, call.attn_mask, call.q)
         return student.tracer.create_proxy("call_module", name, (student, teacher, *operands), {})
 
 
@@ -390,14 +423,16 @@ class _SiteError(nn.Module):
         object.__setattr__(self, "recorder", recorder)  # not a submodule: nothing of it is in the graph
         self.site, self.statics = site, statics
 
-    def forward(self, student: torch.Tensor, teacher: torch.Tensor, q=None, k=None, v=None, mask=None) -> torch.Tensor:
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor, q=None, k=None, v=None, mask=None,
+                raw_q=None) -> torch.Tensor:
         from torch._subclasses.fake_tensor import is_fake
 
         if not is_fake(teacher):
             self.recorder.record(self.site, student, teacher)
             if self.recorder.captured is not None and q is not None:
                 self.recorder.captured.setdefault(self.site, []).append(
-                    SiteCall(*(None if t is None else t.detach() for t in (q, k, v, mask)), **self.statics))
+                    SiteCall(*(None if t is None else t.detach() for t in (q, k, v, mask)), **self.statics,
+                             raw_q=None if raw_q is None else raw_q.detach()))
         return teacher
 
 
@@ -423,6 +458,7 @@ class SiteCall:
     score_mod: bool
     module_path: str
     ordinal: int
+    raw_q: torch.Tensor | None = None  #: q before the site's factor (what a linear kind's feature map sees)
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scale·q·kᵀ + additive mask in float32, keep, counted), each [B, Hq, Tq, Tk]: ``keep`` the
@@ -478,8 +514,52 @@ def _warm_start_sigmoid(state: nn.Module, calls: Sequence[SiteCall], options: Ma
     state.bias.copy_((total / count).to(state.bias))
 
 
+#: The scales the hedgehog warm start tries for each head's feature map (W = c·I).
+HEDGEHOG_SCALES = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)
+
+
+def _warm_start_linear(state: nn.Module, calls: Sequence[SiteCall], options: Mapping[str, Any]) -> None:
+    """Hedgehog feature maps W = c_h·I (both q's and k's map), c_h per key/value head picked from
+    :data:`HEDGEHOG_SCALES` as the one whose linear attention output is closest (squared error) to the
+    exact softmax output on the captured calls.  The maps start as the identity, which suits no
+    particular scale of q and k; this picks the sharpness that fits the site.  Other feature maps
+    have nothing to fit."""
+    from attnrewrite.kernels.linear.stateful_maps import HedgehogFeatureMap
+
+    q_map, k_map = getattr(state, "q_map", None), getattr(state, "k_map", None)
+    if not (isinstance(q_map, HedgehogFeatureMap) and isinstance(k_map, HedgehogFeatureMap)):
+        return
+    heads_q, heads_kv = q_map.weight.shape[0], k_map.weight.shape[0]
+    if heads_q % heads_kv:
+        return
+    groups = heads_q // heads_kv
+    errors = torch.zeros(len(HEDGEHOG_SCALES), heads_kv, dtype=torch.float64)
+
+    def features(x: torch.Tensor, c: float) -> torch.Tensor:
+        return torch.softmax(torch.cat([c * x, -c * x], dim=-1), dim=-1)
+
+    for call in calls:
+        q = (call.raw_q if call.raw_q is not None else call.q).float()
+        if options.get("use_scale"):
+            q = q * (call.scale if call.scale is not None else q.shape[-1] ** -0.5)
+        k, v = call.k.float(), call.v.float()
+        if call.enable_gqa and k.shape[-3] != q.shape[-3]:
+            k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], dim=-3) for t in (k, v))
+        scores, keep, counted = call.scores()
+        exact = torch.nan_to_num(scores.masked_fill(~keep, float("-inf")).softmax(-1)) @ v
+        for i, c in enumerate(HEDGEHOG_SCALES):
+            w = (features(q, c) @ features(k, c).transpose(-2, -1)) * counted
+            out = (w @ v) / (w.sum(-1, keepdim=True) + options.get("eps", 1e-6))
+            per_head = (out - exact).square().mean(dim=(0, 2, 3)).double().cpu()  # [Hq]
+            errors[i] += per_head.view(heads_kv, groups).sum(-1)
+    best = torch.tensor(HEDGEHOG_SCALES, dtype=torch.float64)[errors.argmin(0)]  # [Hkv]
+    eye = torch.eye(k_map.weight.shape[-1], dtype=torch.float64)
+    k_map.weight.copy_((best[:, None, None] * eye).to(k_map.weight))
+    q_map.weight.copy_((best.repeat_interleave(groups)[:, None, None] * eye).to(q_map.weight))
+
+
 #: Kinds whose states have a warm start: ``fit(state, calls, kind_options)``, in place, no gradients.
-WARM_STARTS = {"sigmoid": _warm_start_sigmoid}
+WARM_STARTS = {"sigmoid": _warm_start_sigmoid, "linear": _warm_start_linear}
 
 
 def site_errors(model: nn.Module, to: str, batch: Any, **kind_options: Any) -> dict[str, float]:
@@ -580,13 +660,22 @@ def output_tensor(out: Any) -> tuple[torch.Tensor, bool]:
     raise DistillError(f"the model's output ({type(out).__name__}) holds no floating-point tensor to compare")
 
 
-def output_loss(student_out: Any, teacher_out: Any, loss: str = "auto") -> torch.Tensor:
-    """KL(teacher ‖ student) over the last dimension for logits, mean squared error otherwise."""
+def output_loss(student_out: Any, teacher_out: Any, loss: str = "auto",
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher ‖ student) over the last dimension for logits, mean squared error otherwise.  With
+    an ``attention_mask`` of the output's [batch, tokens] shape (HF's: nonzero = a real token), only
+    the real tokens count."""
     student, is_logits = output_tensor(student_out)
     teacher, _ = output_tensor(teacher_out)
     if student.shape != teacher.shape:
         raise DistillError(f"the rewritten model's output has shape {tuple(student.shape)}, the original's "
                            f"{tuple(teacher.shape)}")
+    keep = None
+    if (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and student.dim() >= 3
+            and tuple(attention_mask.shape) == tuple(student.shape[:2])):
+        keep = attention_mask.to(device=student.device) != 0
+    if keep is not None and not bool(keep.all()):
+        student, teacher = student[keep], teacher[keep]  # [tokens, ...]: the real tokens only
     if loss == "kl" or loss == "auto" and is_logits:
         s = F.log_softmax(student.float().flatten(0, -2), dim=-1)
         t = F.log_softmax(teacher.float().flatten(0, -2), dim=-1)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import attnrewrite
 from attnrewrite.demo import load_minilm, mean_pool
-from attnrewrite.distill import WARM_STARTS
+from attnrewrite.distill import DEFAULT_LR, WARM_STARTS
 from attnrewrite.rewriter.backend import attnrewrite_backend
 from attnrewrite.targets.sentences import HELDOUT_SENTENCES, docstring_sentences
 
@@ -77,6 +77,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--rows", default=",".join(ROWS),
                         help=f"the rows to run, comma-separated (default: all of {', '.join(ROWS)})")
+    parser.add_argument("--rank", type=int, default=8, help="adapter rank (finetune)")
+    parser.add_argument("--adapt", default="attention", help="finetune's adapters: attention or all (distill's adapt)")
+    parser.add_argument("--schedule", default="cosine", help="learning-rate schedule: cosine or constant")
+    parser.add_argument("--lr-transfer", type=float, default=None, help="transfer's learning rate (default: distill's)")
+    parser.add_argument("--lr-finetune", type=float, default=None, help="finetune's learning rate (default: distill's)")
     parser.add_argument("--no-bucket", dest="bucket", action="store_false",
                         help="batches in corpus order (default: sentences of about one length batched together)")
     args = parser.parse_args(argv)
@@ -97,10 +102,12 @@ def main(argv=None) -> int:
         data = [data[i] for i in order]
     held = dict(tokenizer(list(HELDOUT_SENTENCES), padding=True, return_tensors="pt"))
     reference = embed(model, held)
+    lr = {"transfer": args.lr_transfer or DEFAULT_LR["transfer"], "finetune": args.lr_finetune or DEFAULT_LR["finetune"]}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; transfer {args.transfer_steps} steps, finetune {args.finetune_steps} steps, "
-          f"batches of 16 sentences (<= {args.max_length} word pieces), lr: distill's defaults")
+          f"batches of 16 sentences (<= {args.max_length} word pieces), lr {lr}, schedule {args.schedule}, "
+          f"adapters of rank {args.rank} on {args.adapt}")
     _, _, original_retrieval = scores(reference, reference)
     print(f"original model: paraphrase retrieval {original_retrieval:.2f}\n")
     print("| kind | model | distillation | CPU s | wall s | mean cosine | min cosine | paraphrase top-1 |")
@@ -124,7 +131,8 @@ def main(argv=None) -> int:
             print(row(label, name, what, 0.0, 0.0, distilled, held, reference, to, options), flush=True)
         for name, stage, steps in runs:  # each row printed as soon as its distillation is done
             cpu, wall = time.process_time(), time.perf_counter()
-            out = attnrewrite.distill(model, to, data, steps=steps, stage=stage, seed=0, progress=False, **options)
+            out = attnrewrite.distill(model, to, data, steps=steps, stage=stage, seed=0, progress=False, lr=lr,
+                                      rank=args.rank, adapt=args.adapt, schedule=args.schedule, **options)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             what = f"{stage} {steps if isinstance(steps, int) else '+'.join(map(str, steps.values()))}"
             print(row(label, name, what, cpu, wall, out, held, reference, to, options), flush=True)

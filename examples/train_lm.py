@@ -287,9 +287,14 @@ def run(args: argparse.Namespace) -> dict:
     train_seconds = time.perf_counter() - started
 
     val_loss = evaluate(model, corpus.val, args.eval_batches, args.batch_size, args.block_size)
+    if args.save and rank == 0:
+        save_checkpoint(model, args.save, attention=args.attention, block_size=args.block_size, steps=args.steps,
+                        seed=args.seed, val_loss=val_loss)
+        say(f"saved {args.save}")
     model.eval()
     prompt = corpus.encode("Return the ")[None]
-    new_tokens = 16 if args.smoke else 120
+    # the cached decode holds at most max_seq_len tokens (the tiny config's 128 is less than prompt + 120)
+    new_tokens = min(16 if args.smoke else 120, config.max_seq_len - prompt.shape[1])
     if args.attention == "softmax":
         sample = model.generate(prompt, max_new_tokens=new_tokens, temperature=0.8, top_k=40,
                                 generator=torch.Generator().manual_seed(args.seed))
@@ -297,10 +302,6 @@ def run(args: argparse.Namespace) -> dict:
         sample = generate_without_cache(model, prompt, new_tokens, temperature=0.8, top_k=40,
                                         generator=torch.Generator().manual_seed(args.seed))
     say("sample:", repr(corpus.decode(sample[0])))
-    if args.save and rank == 0:
-        save_checkpoint(model, args.save, attention=args.attention, block_size=args.block_size, steps=args.steps,
-                        seed=args.seed, val_loss=val_loss)
-        say(f"saved {args.save}")
 
     result = {
         "config": args.config, "attention": args.attention, "steps": args.steps, "tokens_seen": args.steps * args.batch_size * args.block_size,

@@ -9,7 +9,7 @@ import transformers as T
 from torch import nn
 
 import attnrewrite
-from attnrewrite.distill import DistillError, output_loss, site_errors
+from attnrewrite.distill import DistillError, learning_rate_factor, output_loss, site_errors
 from attnrewrite.testing.checks import compile_rewritten
 
 CFG = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -82,6 +82,36 @@ def test_sigmoids_warm_start_alone_lowers_every_sites_error_on_a_held_out_batch(
         assert torch.equal(a, b), name  # deterministic
 
 
+def test_hedgehogs_warm_start_picks_each_heads_scale_and_lowers_every_sites_error(llama):
+    # steps=0: only the grid search over W = c·I per key/value head runs.  Keys 3x larger than the
+    # fixture's make the identity maps too sharp: a smaller c fits better.
+    llama = copy.deepcopy(llama)
+    with torch.no_grad():
+        for layer in llama.layers:
+            layer.self_attn.k_proj.weight.mul_(3.0)
+    options = {"feature_map": "hedgehog"}
+    before = site_errors(attnrewrite.convert(copy.deepcopy(llama), "linear", HELD_OUT, **options), "linear",
+                         HELD_OUT, **options)
+    started = attnrewrite.distill(llama, "linear", DATA, steps=0, stage="transfer", progress=False, **options)
+    after = site_errors(started, "linear", HELD_OUT, **options)
+    assert sorted(before) == sorted(after) == SITES
+    for site in SITES:
+        assert after[site] < 0.9 * before[site], (site, before[site], after[site])
+    weights = {n: p for n, p in started.state_dict().items() if n.endswith("_map.weight")}
+    assert len(weights) == 4  # q and k maps of two sites
+    for name, w in weights.items():
+        scales = torch.diagonal(w, dim1=-2, dim2=-1)[:, 0]
+        assert torch.equal(w, scales[:, None, None] * torch.eye(w.shape[-1])), name  # c·I per head
+        assert set(scales.tolist()) <= set(distill_module_scales()), name
+        assert scales.tolist() != [1.0] * len(scales), name  # not the identity start
+
+
+def distill_module_scales():
+    from attnrewrite.distill import HEDGEHOG_SCALES
+
+    return [float(torch.tensor(c, dtype=torch.float32)) for c in HEDGEHOG_SCALES]
+
+
 def test_the_tap_measures_zero_error_for_the_exact_kind(llama):
     errors = site_errors(copy.deepcopy(llama), "softmax", HELD_OUT)
     assert sorted(errors) == SITES and max(errors.values()) < 1e-12
@@ -132,13 +162,69 @@ def test_logits_are_compared_by_kl_and_hidden_states_by_mse():
     torch.testing.assert_close(output_loss(student, teacher, "kl"), want)
 
 
+def test_padded_tokens_are_left_out_of_the_hidden_state_loss():
+    student, teacher = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    keep = mask.bool()
+    torch.testing.assert_close(output_loss(student, teacher, "mse", mask),
+                               (student[keep] - teacher[keep]).square().mean())
+    moved = student.clone()
+    moved[~keep] += 100.0  # what the padded positions hold does not count
+    torch.testing.assert_close(output_loss(moved, teacher, "mse", mask), output_loss(student, teacher, "mse", mask))
+    want = (teacher[keep].softmax(-1) * (teacher[keep].log_softmax(-1) - student[keep].log_softmax(-1))).sum(-1).mean()
+    torch.testing.assert_close(output_loss({"logits": student}, {"logits": teacher}, attention_mask=mask), want)
+    # a mask of another shape is not a token mask: every position counts
+    torch.testing.assert_close(output_loss(student, teacher, "mse", mask[:, :3]), (student - teacher).square().mean())
+
+
+def test_the_cosine_schedule_warms_up_then_decays_to_zero():
+    factors = [learning_rate_factor("cosine", i, 100) for i in range(100)]
+    assert factors[0] < 0.2 and max(factors) == pytest.approx(1.0)
+    peak = factors.index(max(factors))
+    assert 0 < peak <= 5
+    assert all(a < b for a, b in zip(factors[:peak], factors[1:peak + 1]))  # warm-up rises
+    assert all(a > b for a, b in zip(factors[peak:], factors[peak + 1:]))  # then falls
+    assert 0 < factors[-1] < 1e-3
+    assert {learning_rate_factor("constant", i, 100) for i in range(100)} == {1.0}
+    assert learning_rate_factor("cosine", 0, 1) == 1.0  # one step: the whole rate
+
+
+def test_adapt_all_fine_tunes_the_linears_outside_attention_too(llama):
+    options = {"to": "sigmoid", "data": DATA[:2], "steps": 3, "lr": 1e-2, "rank": 2, "stage": "finetune",
+               "progress": False}
+    original = dict(llama.named_parameters())
+    for adapt, mlp_moves in (("attention", False), ("all", True)):
+        distilled = dict(attnrewrite.distill(llama, adapt=adapt, **options).named_parameters())
+        assert not torch.equal(distilled["layers.0.self_attn.q_proj.weight"], original["layers.0.self_attn.q_proj.weight"])
+        moved = not torch.equal(distilled["layers.0.mlp.down_proj.weight"], original["layers.0.mlp.down_proj.weight"])
+        assert moved == mlp_moves, adapt
+    with pytest.raises(ValueError, match="adapt must be one of"):
+        attnrewrite.distill(llama, adapt="mlp", **options)
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        attnrewrite.distill(llama, schedule="linear", **options)
+
+
 @pytest.mark.slow  # three distillations of both stages (about 25 s of CPU)
-def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(llama, tmp_path):
-    options = {"to": "linear", "data": DATA, "stage": "both", "progress": False, "feature_map": "hedgehog", "seed": 3}
-    whole = attnrewrite.distill(llama, steps={"transfer": 4, "finetune": 4}, **options)
+def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(llama, tmp_path, monkeypatch):
+    options = {"to": "linear", "data": DATA, "stage": "both", "progress": False, "feature_map": "hedgehog", "seed": 3,
+               "steps": {"transfer": 4, "finetune": 4}}
+    whole = attnrewrite.distill(llama, **options)
     path = tmp_path / "run.pt"
-    attnrewrite.distill(llama, steps={"transfer": 4, "finetune": 2}, save_to=path, save_every=1, **options)
-    resumed = attnrewrite.distill(llama, steps={"transfer": 4, "finetune": 4}, save_to=path, **options)
+    distill_module = sys.modules["attnrewrite.distill"]
+    output_loss_ = distill_module.output_loss
+    calls = []
+
+    def interrupted(*args):  # the run stops during the third finetune step, after two were saved
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return output_loss_(*args)
+
+    monkeypatch.setattr(distill_module, "output_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        attnrewrite.distill(llama, save_to=path, save_every=1, **options)
+    monkeypatch.setattr(distill_module, "output_loss", output_loss_)
+    resumed = attnrewrite.distill(llama, save_to=path, **options)
     assert len(resumed.attnrewrite_distill["finetune"]) == 2  # only the two missing steps ran
     assert "transfer" not in resumed.attnrewrite_distill  # done before the checkpoint
     want, got = whole.state_dict(), resumed.state_dict()
@@ -146,7 +232,7 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(llama, tmp_pa
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
     with pytest.raises(DistillError, match="another distillation"):
-        attnrewrite.distill(llama, steps=4, save_to=path, **{**options, "seed": 4})
+        attnrewrite.distill(llama, save_to=path, **{**options, "seed": 4})
 
 
 def test_bad_input_is_named_and_leaves_the_model_alone(llama):

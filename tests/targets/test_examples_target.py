@@ -36,6 +36,18 @@ def test_train_lm_smoke_with_a_rewritten_kind(kind, capsys):
     assert f"attention={kind}" in capsys.readouterr().out.strip().splitlines()[-1]
 
 
+def test_train_lm_saves_a_tiny_model_whose_positions_are_fewer_than_the_sample(tmp_path, capsys):
+    # the tiny config holds 128 positions: the 120-byte sample after an 11-byte prompt must fit them,
+    # and the checkpoint is written whatever sampling does
+    path = tmp_path / "tiny.pt"
+    train_lm = _load("train_lm")
+    result = train_lm.main(["--config", "tiny", "--steps", "2", "--batch-size", "2", "--block-size", "16",
+                            "--eval-batches", "1", "--warmup", "1", "--save", str(path)])
+    model, info = train_lm.load_checkpoint(str(path))
+    assert info["val_loss"] == result["val_loss"] and model.config.max_seq_len == 128
+    assert "sample:" in capsys.readouterr().out
+
+
 def test_train_lm_refuses_an_unknown_kind(capsys):
     with pytest.raises(SystemExit):
         _load("train_lm").main(["--smoke", "--attention", "quadratic"])
