@@ -309,7 +309,9 @@ def hashed_attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, 
         keys, values = k.reshape(-1, k.shape[-1]).to(dtype), v.reshape(-1, v.shape[-1]).to(dtype)
     for rows, q_rows, index, bias in hashed_blocks(q, k, attn_mask, is_causal, bits, top_k, window, sinks,
                                                    proj_q, proj_k):
-        if sparse:
+        # a CSR row holds one entry per slot; with more slots than there are keys in all (a short sequence
+        # against the default top_k) its entries would outnumber the dense shape's, which torch refuses
+        if sparse and index.shape[-1] <= keys.shape[0]:
             out[:, :, rows] = _attend_csr(q_rows, keys, values, index, bias, scale).to(out.dtype)
             continue
         k_sel, v_sel = gather(k, index), gather(v, index)
