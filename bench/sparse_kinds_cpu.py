@@ -8,7 +8,9 @@ options; the kinds are timed in turn at each repeat (interleaved, so that load o
 them alike) under ``torch.no_grad``, and the table gives the medians and the ratios of the softmax
 rewrite's time to each kind's (higher is faster).  ``--backward`` adds a forward+backward column.
 ``--ops`` times one attention call instead of the model: q [1, 8, T, 32] against k, v [1, 4, T, 32],
-causal, SDPA (what the softmax rewrite runs) against the two ops with default options.
+causal, SDPA (what the softmax rewrite runs) against the two ops with default options.  Times are the
+process's CPU time (one thread: what the shared machine's other jobs do not inflate; ``--wall`` for wall time),
+and ``--kinds softmax,summary`` limits the run to those kinds.
 
     PYTHONPATH=. python bench/sparse_kinds_cpu.py --lengths 4096 8192 --repeats 3
     PYTHONPATH=. python bench/sparse_kinds_cpu.py --ops --lengths 4096 8192 --repeats 3
@@ -30,10 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+#: The clock of :func:`timed`: the process's CPU time (one thread: its compute, whatever else the machine
+#: runs), or wall time with ``--wall``.
+CLOCK = [time.process_time]
+
+
 def timed(fn) -> float:
-    start = time.perf_counter()
+    start = CLOCK[0]()
     fn()
-    return time.perf_counter() - start
+    return CLOCK[0]() - start
 
 
 def run(length: int, kinds: list[str], repeats: int, backward: bool) -> list[dict]:
@@ -77,7 +84,7 @@ def run(length: int, kinds: list[str], repeats: int, backward: bool) -> list[dic
 
 
 @torch.no_grad()
-def run_ops(length: int, repeats: int) -> list[dict]:
+def run_ops(length: int, kinds: list[str], repeats: int) -> list[dict]:
     """One causal attention call per kind, interleaved; ratios to SDPA (module docstring)."""
     import torch.nn.functional as F
 
@@ -89,11 +96,12 @@ def run_ops(length: int, repeats: int) -> list[dict]:
     calls = {"softmax": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
              "summary": lambda: ops.summary_attention(q, k, v, is_causal=True, enable_gqa=True),
              "hashed": lambda: ops.hashed_attention(q, k, v, is_causal=True, enable_gqa=True)}
+    calls = {name: calls[name] for name in kinds}
     times = {name: [] for name in calls}
     for _ in range(repeats + 1):  # the first round is a warm-up
         for name, call in calls.items():
             times[name].append(timed(call))
-    base = statistics.median(times["softmax"][1:])
+    base = statistics.median(times[kinds[0]][1:])
     return [dict(length=length, kind=name, forward_s=statistics.median(t[1:]),
                  forward_ratio=base / statistics.median(t[1:])) for name, t in times.items()]
 
@@ -106,7 +114,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--backward", action="store_true", help="also time forward+backward")
     parser.add_argument("--ops", action="store_true", help="one attention call per kind instead of the model")
+    parser.add_argument("--wall", action="store_true", help="time wall clock instead of the process's CPU time")
     args = parser.parse_args(argv)
+    CLOCK[0] = time.perf_counter if args.wall else time.process_time
     torch.set_num_threads(args.threads)
     kinds = args.kinds.split(",")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
@@ -114,14 +124,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "llama target 4 layers, width 256, 8q/4kv heads x 32, batch 1")
     print(f"sparse_kinds_cpu: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} thread(s), commit {commit.strip() or '?'}; {what}, float32; default options; "
-          f"median of {args.repeats}, ratios = {kinds[0]} / kind")
+          f"median of {args.repeats}, {'wall' if args.wall else 'CPU'} time, ratios = {kinds[0]} / kind")
     head = "| T | kind | forward | vs " + kinds[0] + (" | forward+backward | vs " + kinds[0] if args.backward else "")
     print(head + " |")
     print("|---" * (6 if args.backward else 4) + "|", flush=True)
     rows = []
     with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
         for length in args.lengths:  # each length's rows printed as soon as they are measured
-            measured = run_ops(length, args.repeats) if args.ops else run(length, kinds, args.repeats, args.backward)
+            measured = run_ops(length, kinds, args.repeats) if args.ops else run(length, kinds, args.repeats, args.backward)
             for row in measured:
                 rows.append(row)
                 line = f"| {row['length']} | {row['kind']} | {row['forward_s']:.3f} s | {row['forward_ratio']:.2f}× "
