@@ -226,7 +226,9 @@ def _probe(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], randomi
     output_at = evaluator.position(site.output)
     rows_plan = _rows_plan(site, evaluator, order)
     if rows_plan is not None:
-        return _probe_in_blocks(site, evaluator, order, env, rows_plan, randomize)
+        blocked = _probe_in_blocks(site, evaluator, order, dict(env), rows_plan, randomize)
+        if blocked is not None:
+            return blocked
     # values are dropped after their last reader, except those the canonical form reads
     plan = evaluator.release_plan(order, _spec_nodes(site) | {site.output})
 
@@ -267,7 +269,8 @@ def _rows_plan(site: Site, evaluator: GraphEvaluator, order: list[fx.Node]) -> R
 
 def _probe_in_blocks(site: Site, evaluator: GraphEvaluator, order: list[fx.Node], env: dict, rows_plan: RowPlan,
                      randomize: bool | str):
-    """:func:`_probe` with the region's q-dependent nodes evaluated a block of query rows at a time."""
+    """:func:`_probe` with the region's q-dependent nodes evaluated a block of query rows at a time (None when a
+    block does not evaluate: the caller then evaluates the region whole, as without a plan)."""
     spec = site.spec
     whole = [n for n in order if n not in rows_plan.axis]
     readers = {a for n in order if n in rows_plan.axis for a in n.all_input_nodes}
@@ -283,8 +286,12 @@ def _probe_in_blocks(site: Site, evaluator: GraphEvaluator, order: list[fx.Node]
         want = canonical.apply_steps(out, site.out_steps, env.__getitem__)
         rows = canonical.apply_steps(rows, site.out_steps, env.__getitem__)
         del call, out
-        got = row_blocks.evaluate_in_blocks(rows_plan, order, env,
-                                            lambda node, local: evaluator.compute(node, local, randomize), site.output)
+        try:
+            got = row_blocks.evaluate_in_blocks(rows_plan, order, env,
+                                                lambda node, local: evaluator.compute(node, local, randomize),
+                                                site.output)
+        except RuntimeError:  # an op the rules followed that will not run on a block: evaluate it whole
+            return None
         return got, want, rows
 
 

@@ -256,3 +256,16 @@ def test_a_region_that_mixes_query_rows_has_no_row_plan(fn, reason):
     evaluator = GraphEvaluator(gm, inputs)
     plan = row_blocks.plan_rows(region, region, q_node, output, evaluator.writes.written)
     assert isinstance(plan, str) and reason in plan, plan
+
+
+def test_a_block_that_does_not_evaluate_falls_back_to_the_whole_region(monkeypatch, in_blocks):
+    def fails(*args):
+        raise RuntimeError("a rule followed an op that does not run on a block")
+
+    monkeypatch.setattr(row_blocks, "_compute", fails)
+    model = Causal().eval()
+    x = torch.randn(B, T, H * D)
+    report = Report()
+    got = compile_rewritten(model, report)(x)
+    assert in_blocks and [s.status for s in report.sites] == ["rewritten"], report
+    torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-5)
