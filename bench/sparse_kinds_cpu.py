@@ -9,7 +9,9 @@ them alike) under ``torch.no_grad``, and the table gives the medians and the rat
 rewrite's time to each kind's (higher is faster), in CPU time of the process (``--wall``: wall-clock).
 ``--backward`` adds a forward+backward column (a training step of the model; the op's gradients with ``--ops``).
 ``--ops`` times one attention call instead of the model: q [1, 8, T, 32] against k, v [1, 4, T, 32],
-causal, SDPA (what the softmax rewrite runs) against the two ops with default options.
+causal, SDPA (what the softmax rewrite runs) against the two ops with default options.  Times are the
+process's CPU time (one thread: what the shared machine's other jobs do not inflate; ``--wall`` for wall time),
+and ``--kinds softmax,summary`` limits the run to those kinds.
 
     PYTHONPATH=. python bench/sparse_kinds_cpu.py --lengths 4096 8192 --repeats 3
     PYTHONPATH=. python bench/sparse_kinds_cpu.py --ops --lengths 4096 8192 --repeats 3
@@ -80,7 +82,7 @@ def run(length: int, kinds: list[str], repeats: int, backward: bool) -> list[dic
     return rows
 
 
-def run_ops(length: int, repeats: int, backward: bool = False) -> list[dict]:
+def run_ops(length: int, kinds: list[str], repeats: int, backward: bool = False) -> list[dict]:
     """One causal attention call per kind, interleaved; ratios to SDPA (module docstring).  With ``backward``
     also forward+backward of the call (the gradient of a fixed weighted sum of the output)."""
     import torch.nn.functional as F
@@ -93,6 +95,7 @@ def run_ops(length: int, repeats: int, backward: bool = False) -> list[dict]:
     calls = {"softmax": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
              "summary": lambda q, k, v: ops.summary_attention(q, k, v, is_causal=True, enable_gqa=True),
              "hashed": lambda q, k, v: ops.hashed_attention(q, k, v, is_causal=True, enable_gqa=True)}
+    calls = {name: calls[name] for name in kinds}
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
     weights = torch.randn(1, 8, length, 32, generator=generator)
 
@@ -107,13 +110,13 @@ def run_ops(length: int, repeats: int, backward: bool = False) -> list[dict]:
                 times[name].append(timed(lambda: call(q, k, v)))
             if backward:
                 both_times[name].append(timed(lambda: both(call)))
-    base = statistics.median(times["softmax"][1:])
+    base = statistics.median(times[kinds[0]][1:])
     rows = []
     for name, t in times.items():
         row = dict(length=length, kind=name, forward_s=statistics.median(t[1:]),
                    forward_ratio=base / statistics.median(t[1:]))
         if backward:
-            b, base_b = statistics.median(both_times[name][1:]), statistics.median(both_times["softmax"][1:])
+            b, base_b = statistics.median(both_times[name][1:]), statistics.median(both_times[kinds[0]][1:])
             row.update(forward_backward_s=b, forward_backward_ratio=base_b / b)
         rows.append(row)
     return rows
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     with torch._dynamo.config.patch(recompile_limit=64, fail_on_recompile_limit_hit=True):
         for length in args.lengths:  # each length's rows printed as soon as they are measured
-            measured = run_ops(length, args.repeats, args.backward) if args.ops else run(length, kinds, args.repeats, args.backward)
+            measured = run_ops(length, kinds, args.repeats, args.backward) if args.ops else run(length, kinds, args.repeats, args.backward)
             for row in measured:
                 rows.append(row)
                 line = f"| {row['length']} | {row['kind']} | {row['forward_s']:.3f} s | {row['forward_ratio']:.2f}× "

@@ -283,10 +283,17 @@ def visible_rows(call: AttentionCall) -> torch.Tensor:
     """[..., Tq] bool: query rows that see at least one key (evaluated on real tensors only)."""
     q, k = call.q, call.k
     t_q, t_k = q.shape[-2], k.shape[-2]
-    visible = torch.ones(q.shape[:-2] + (t_q, t_k), dtype=torch.bool)
-    if call.is_causal:
-        visible = visible & torch.ones(t_q, t_k, dtype=torch.bool).tril()
     mask = call.attn_mask
-    if mask is not None:
-        visible = visible & (mask if mask.dtype == torch.bool else mask > -1e4)
-    return visible.any(-1)
+    # a block of query rows at a time, so that no [..., Tq, Tk] value is built at long lengths
+    step = max(1, (1 << 22) // max(1, math.prod(q.shape[:-2]) * t_k))
+    pieces = []
+    for start in range(0, max(t_q, 1), step):
+        rows = min(t_q, start + step) - start
+        visible = torch.ones(q.shape[:-2] + (rows, t_k), dtype=torch.bool)
+        if call.is_causal:
+            visible = visible & torch.ones(rows, t_k, dtype=torch.bool).tril(start)
+        if mask is not None:
+            part = mask if mask.dim() < 2 or mask.shape[-2] == 1 else mask.narrow(-2, start, rows)
+            visible = visible & (part if part.dtype == torch.bool else part > -1e4)
+        pieces.append(visible.any(-1))
+    return torch.cat(pieces, dim=-1)

@@ -34,7 +34,9 @@ import torch.fx as fx
 
 from attnrewrite.ir import canonical
 from attnrewrite.ir.capture import constant_value, hinted_shape, normalize, symbolic_number
+from attnrewrite.ir import row_blocks
 from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, UnreadableWrite, float64_default
+from attnrewrite.ir.row_blocks import RowPlan, largest_bytes
 from attnrewrite.ir.spec import PADDING_GUARD, Site
 from attnrewrite.kinds.softmax import exact_attention
 
@@ -222,6 +224,11 @@ def _probe(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], randomi
     env: dict[fx.Node, Any] = {node: evaluator.random_like_meta(node) for node in qkv}
     order = evaluator.closure(targets, env, at=site.output)
     output_at = evaluator.position(site.output)
+    rows_plan = _rows_plan(site, evaluator, order)
+    if rows_plan is not None:
+        blocked = _probe_in_blocks(site, evaluator, order, dict(env), rows_plan, randomize)
+        if blocked is not None:
+            return blocked
     # values are dropped after their last reader, except those the canonical form reads
     plan = evaluator.release_plan(order, _spec_nodes(site) | {site.output})
 
@@ -243,6 +250,49 @@ def _probe(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], randomi
             if evaluator.position(node) >= output_at:
                 run(node)
         return env[site.output], want, rows
+
+
+def _rows_plan(site: Site, evaluator: GraphEvaluator, order: list[fx.Node]) -> RowPlan | None:
+    """How to evaluate the site's region a block of query rows at a time (:mod:`attnrewrite.ir.row_blocks`),
+    or None to evaluate it whole: when its values are small, when its ops do not provably allow it, or
+    when anything but its output runs at or after the output's position."""
+    if largest_bytes(site.region) < row_blocks.MIN_BYTES:
+        return None
+    output_at = evaluator.position(site.output)
+    if any(evaluator.position(n) >= output_at for n in order if n is not site.output):
+        return None
+    plan = row_blocks.plan_rows(site.region, order, site.spec.q.node, site.output, evaluator.writes.written)
+    if not isinstance(plan, RowPlan) or any(n in plan.axis for n in _spec_nodes(site)):
+        return None
+    return plan
+
+
+def _probe_in_blocks(site: Site, evaluator: GraphEvaluator, order: list[fx.Node], env: dict, rows_plan: RowPlan,
+                     randomize: bool | str):
+    """:func:`_probe` with the region's q-dependent nodes evaluated a block of query rows at a time (None when a
+    block does not evaluate: the caller then evaluates the region whole, as without a plan)."""
+    spec = site.spec
+    whole = [n for n in order if n not in rows_plan.axis]
+    readers = {a for n in order if n in rows_plan.axis for a in n.all_input_nodes}
+    plan = evaluator.release_plan(whole, _spec_nodes(site) | readers)
+    with torch.no_grad(), float64_default():
+        for node in whole:
+            env[node] = evaluator.compute(node, env, randomize)
+            for done in plan.get(node, ()):
+                del env[done]
+        call = canonical.attention_call(spec, env.__getitem__, torch.float64, dropout=False)
+        out = exact_attention(call)
+        rows = canonical.visible_rows(call).unsqueeze(-1).expand(out.shape)
+        want = canonical.apply_steps(out, site.out_steps, env.__getitem__)
+        rows = canonical.apply_steps(rows, site.out_steps, env.__getitem__)
+        del call, out
+        try:
+            got = row_blocks.evaluate_in_blocks(rows_plan, order, env,
+                                                lambda node, local: evaluator.compute(node, local, randomize),
+                                                site.output)
+        except RuntimeError:  # an op the rules followed that will not run on a block: evaluate it whole
+            return None
+        return got, want, rows
 
 
 def certify(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tuple[bool, str | None, float]:

@@ -202,6 +202,8 @@ def summary_attention_forward(q, k, v, key_valid, is_causal: bool, scale: float,
     length = q.shape[-2]
     k, v = hide_padding(k, key_valid), hide_padding(v, key_valid)
     k_sum, v_sum, exists = chunk_summaries(k, v, key_valid, chunk_size, summary_query)
+    if split_applies(q, v, key_valid, is_causal, score_mod):
+        return _split_forward(q, k, v, k_sum, v_sum, scale, chunk_size, window_chunks)
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     rows = _rows_per_block(q, _keys_per_row(length, chunk_size, window_chunks, is_causal))
     for i0, i1, r0, r1, n_sum in blocks(length, chunk_size, window_chunks, is_causal, rows):
@@ -211,6 +213,79 @@ def summary_attention_forward(q, k, v, key_valid, is_causal: bool, scale: float,
         values = torch.cat([v_sum[:, :, :n_sum], v[:, :, r0:r1]], dim=2)
         out[:, :, i0:i1] = block_attention(q[:, :, i0:i1], keys, values, visible, scale, score_mod)
     return out
+
+
+#: Query rows per block of the split forward (:func:`_split_forward`).
+SPLIT_ROWS = 128
+
+
+def split_applies(q, v, key_valid, is_causal: bool, score_mod) -> bool:
+    """Whether :func:`summary_attention_forward` takes the split path: causal, no key padding, no score
+    modification, equal head widths, float32 on the CPU (the fused kernel that returns the log-sum-exp, in
+    float32: merging float64 outputs by it would lose their precision)."""
+    return (is_causal and key_valid is None and score_mod is None and q.device.type == "cpu"
+            and q.shape[-1] == v.shape[-1] and q.dtype == torch.float32)
+
+
+def _fused_with_lse(q, keys, values, mask, scale: float):
+    """(out [B, H, n, D] in q's dtype, lse [B, H, n] float32) of softmax attention, the fused CPU kernel."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.contiguous(), keys.contiguous(), values.contiguous(), attn_mask=mask, scale=scale)
+    return out, lse
+
+
+def _split_forward(q, k, v, k_sum, v_sum, scale: float, chunk_size: int, window_chunks: int) -> torch.Tensor:
+    """Causal summary attention without padding: each block of query chunks [c0, c1) in two fused calls.
+
+    The keys every row of the block sees (the summaries of chunks before c0 − W, and the raw keys from
+    chunk c1 − 1 − W to the block's first row) go through the fused kernel without a mask, so no tile is
+    masked; the rest (the summaries and raw chunks of the staircase [c0 − W, c1 − 1 − W), where a row sees
+    a chunk's summary exactly when it does not see its raw keys, and the block's own causal diagonal) go
+    through one small masked call.  The two are merged by their log-sum-exp, which is exact: softmax over
+    a union of disjoint key sets is the two partial softmaxes weighted by their shares of the normaliser.
+    """
+    batch, heads_q, length, dim = q.shape
+    heads_kv = k.shape[1]
+    groups = heads_q // heads_kv
+    chunks = math.ceil(length / chunk_size)
+    per_block = max(1, min(window_chunks + 1, SPLIT_ROWS // chunk_size))
+    out = q.new_empty(q.shape)
+    for c0 in range(0, chunks, per_block):
+        c1 = min(chunks, c0 + per_block)
+        i0, i1 = c0 * chunk_size, min(length, c1 * chunk_size)
+        s0, s1 = max(0, c0 - window_chunks), max(0, c1 - 1 - window_chunks)   # staircase chunks [s0, s1)
+        rows = _grouped(q[:, :, i0:i1], heads_kv)
+        edge_keys = torch.cat([k_sum[:, :, s0:s1], k[:, :, s0 * chunk_size:s1 * chunk_size], k[:, :, i0:i1]], 2)
+        edge_values = torch.cat([v_sum[:, :, s0:s1], v[:, :, s0 * chunk_size:s1 * chunk_size], v[:, :, i0:i1]], 2)
+        mask = _edge_mask(c0, c1, i0, i1, s0, s1, chunk_size, window_chunks, groups, q.dtype, q.device)
+        o_edge, l_edge = _fused_with_lse(rows, edge_keys, edge_values, mask, scale)
+        full_raw = (s1 * chunk_size, i0)
+        if s0 == 0 and full_raw[0] >= full_raw[1]:
+            block = o_edge
+        else:
+            keys = torch.cat([k_sum[:, :, :s0], k[:, :, full_raw[0]:full_raw[1]]], 2)
+            values = torch.cat([v_sum[:, :, :s0], v[:, :, full_raw[0]:full_raw[1]]], 2)
+            o_full, l_full = _fused_with_lse(rows, keys, values, None, scale)
+            top = torch.maximum(l_edge, l_full)
+            w_edge, w_full = torch.exp(l_edge - top).unsqueeze(-1), torch.exp(l_full - top).unsqueeze(-1)
+            block = ((o_edge.float() * w_edge + o_full.float() * w_full) / (w_edge + w_full)).to(q.dtype)
+        out[:, :, i0:i1] = _ungrouped(block, heads_q)
+    return out
+
+
+def _edge_mask(c0: int, c1: int, i0: int, i1: int, s0: int, s1: int, chunk_size: int, window_chunks: int,
+               groups: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """Additive mask [1, 1, g·n, keys] of :func:`_split_forward`'s masked call: summaries [s0, s1), raw keys of
+    chunks [s0, s1), raw keys [i0, i1)."""
+    rows = torch.arange(i0, i1, device=device)
+    row_chunk = (rows // chunk_size)[:, None]
+    summaries = torch.arange(s0, s1, device=device)[None, :] < row_chunk - window_chunks
+    stair = torch.arange(s0 * chunk_size, s1 * chunk_size, device=device)[None, :] // chunk_size
+    stair = stair >= row_chunk - window_chunks
+    diagonal = torch.arange(i0, i1, device=device)[None, :] <= rows[:, None]
+    visible = torch.cat([summaries, stair, diagonal], dim=1)
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+    return mask.repeat(groups, 1)[None, None]
 
 
 def _modified_block(q, keys, values, visible, scale: float, score_mod, want_grad: bool):

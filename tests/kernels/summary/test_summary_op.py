@@ -163,3 +163,22 @@ def test_rows_that_see_nothing_give_zero_and_zero_gradients(dv):
     assert (out[1] == 0).all() and out[0].abs().max() > 0.1
     for name, grad in zip("qkv", torch.autograd.grad(out.square().sum(), (q, k, v))):
         assert torch.isfinite(grad).all() and (grad[1] == 0).all() and grad[0].abs().max() > 1e-3, name
+
+
+@pytest.mark.parametrize("t,chunk,window,rows", [(61, 4, 2, 8), (64, 8, 3, 16), (45, 2, 0, 4), (40, 4, 20, 12)])
+@pytest.mark.parametrize("learned", [False, True])
+def test_split_forward_equals_reference(t, chunk, window, rows, learned, monkeypatch):
+    """Causal float32 without padding: the unmasked call over what a block sees whole, the masked call over its
+    staircase and diagonal, merged by log-sum-exp (chunked._split_forward), match the float64 reference."""
+    monkeypatch.setattr(chunked, "SPLIT_ROWS", rows)  # several blocks, staircases of 1 to 3 chunks
+    taken = []
+    split = chunked._split_forward
+    monkeypatch.setattr(chunked, "_split_forward", lambda *a: taken.append(1) or split(*a))
+    q, k, v, p = _inputs(t=t, d=8, dv=8)
+    kw = dict(is_causal=True, chunk_size=chunk, window_chunks=window, summary_query=p if learned else None)
+    got = ops.summary_attention(q.float(), k.float(), v.float(), enable_gqa=True,
+                                summary="learned" if learned else "mean", **kw)
+    want = naive_summary_attention(q, k, v, None, **kw)
+    assert taken, "the split path was not taken"
+    assert got.dtype == torch.float32 and want.abs().max() > 0.1
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=3e-6)
