@@ -84,7 +84,7 @@ _METHODS: dict[str, str] = {
 SCORE_MODS = frozenset({"neg", "tanh", "sigmoid", "clamp", "abs", "exp", "pow", "square", "relu", "erf"})
 
 #: Ops that act elementwise on the score tensor (each score position on its own).
-ELEMENTWISE = frozenset({"mul", "div", "add", "sub", "masked_fill", "where", "cast", "identity"}) | SCORE_MODS
+ELEMENTWISE = frozenset({"mul", "div", "add", "sub", "masked_fill", "where", "cast", "identity", "maximum"}) | SCORE_MODS
 
 
 def canonical_name(node: fx.Node) -> str | None:
