@@ -21,8 +21,10 @@ TOKENS = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(
 
 
 KERNEL_MODULES = {"summary": "attnrewrite.kernels.summary.triton_op", "hashed": "attnrewrite.kernels.hashed.triton_ops"}
-TORCH_PATHS = {"summary": ("attnrewrite.kernels.summary.op", "summary_attention_forward"),
-               "hashed": ("attnrewrite.kernels.hashed.op", "hashed_attention_forward")}
+# the CPU path of each op ("torch": its torch ops, or for hashed at one thread the compiled C loop beside them)
+TORCH_PATHS = {"summary": [("attnrewrite.kernels.summary.op", "summary_attention_forward")],
+               "hashed": [("attnrewrite.kernels.hashed.op", "hashed_attention_forward"),
+                          ("attnrewrite.kernels.hashed.native", "forward")]}
 
 
 @pytest.fixture
@@ -38,14 +40,15 @@ def calls(monkeypatch):
             return _inner(kernel)
 
         monkeypatch.setattr(module, "traceable", counting)
-    for kind, (name, attr) in TORCH_PATHS.items():
-        module = importlib.import_module(name)
+    for kind, paths in TORCH_PATHS.items():
+        for name, attr in paths:
+            module = importlib.import_module(name)
 
-        def counting_torch(*args, _inner=getattr(module, attr), **kwargs):
-            seen.append("torch")
-            return _inner(*args, **kwargs)
+            def counting_torch(*args, _inner=getattr(module, attr), **kwargs):
+                seen.append("torch")
+                return _inner(*args, **kwargs)
 
-        monkeypatch.setattr(module, attr, counting_torch)
+            monkeypatch.setattr(module, attr, counting_torch)
     return seen
 
 
