@@ -233,8 +233,10 @@ def attend(name: str, args: dict, k: Tensor, v: Tensor, mask: Tensor | None, seg
     """
     if name == "softmax_attention":
         return _softmax(args, k, v, mask, segments)
-    if name == "sigmoid_attention":
+    if name == "sigmoid_attention" and args.get("position_slopes") is None:
         return _sigmoid(args, k, v, mask, segments)
+    if name == "sigmoid_attention":  # a position bias reads global positions: the whole sequence's rows
+        return _all_rows(name, args, k, v, mask, segments)
     if name == "linear_attention":
         return _linear(args, k, v, mask, segments)
     if name in ALL_ROWS:

@@ -34,7 +34,8 @@ from attnrewrite.distributed import dual, hashed, kinds, linear, ring, summary, 
 from attnrewrite.distributed.collectives import gather_ranks, gather_sequence
 from attnrewrite.distributed.exchange import GroupComm
 from attnrewrite.distributed.layout import check_divisible, local_positions, segments, shard
-from attnrewrite.kernels.checks import SHARDED_SEQUENCE, torch_context_parallel_active
+from attnrewrite.kernels.checks import SHARDED_SEQUENCE, check_position_slopes, torch_context_parallel_active
+from attnrewrite.kernels.sigmoid.api import mask_keeps
 
 _SDPA_NAMES = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
@@ -191,12 +192,17 @@ class _ContextParallelMode(TorchFunctionMode):
         if kind == "sigmoid" and bias is None:  # "auto": b_i = −log n_i needs the key mask's counts
             local = q.shape[-2]
             whole = mask
-            if mask is not None and mask.dtype == torch.bool and mask.shape[-1] == local:
-                whole = gather_sequence(mask, -1, self.group)  # bools, O(T): the counts need every key
+            if mask is not None and mask.shape[-1] == local:  # bools, O(T): the counts need every key
+                whole = gather_sequence(mask_keeps(mask), -1, self.group)  # (a float mask's −inf keys too)
             positions = local_positions(self.rank, self.world, local * self.world, q.device)
             rows = ring.sigmoid_rows(whole, local * self.world, positions, bool(bound["is_causal"]), q.dtype)
+        slopes = bound.get("position_slopes") if kind == "sigmoid" else None
+        if slopes is not None or (kind == "sigmoid" and bound.get("position") is not None):
+            slopes = check_position_slopes(slopes, bound.get("position"), q, q.shape[-3], "context_parallel: "
+                                           "sigmoid attention")
         spec = ring.RingSpec(kind, bool(bound["is_causal"]), bound["scale"], bool(bound["enable_gqa"]), bias,
-                             self.rank, self.world, bound.get("score_mod") if kind == "sigmoid" else None)
+                             self.rank, self.world, bound.get("score_mod") if kind == "sigmoid" else None,
+                             slopes, bound.get("position") if slopes is not None else None)
         if self._ring is None:
             self._ring = ring.P2PRing(self.group)
         SHARDED_SEQUENCE.depth += 1

@@ -125,7 +125,7 @@ def test_causal_ring_skips_future_blocks_and_balances_work():
         per_rank = []
         for rank in range(world):
             cells = 0
-            for _, _, diagonal in ring._pairs(rank, (rank - step) % world, world, chunk, True):
+            for _, _, diagonal, _ in ring._pairs(rank, (rank - step) % world, world, chunk, True):
                 cells += chunk * (chunk + 1) // 2 if diagonal else chunk * chunk
             per_rank.append(cells)
         assert len(set(per_rank)) == 1, (step, per_rank)
