@@ -22,6 +22,7 @@ torch's manager: reduce them over the mesh (DDP/FSDP over the same ranks, or an 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 import torch
@@ -170,6 +171,9 @@ class _ContextParallelMode(TorchFunctionMode):
                 return form.attend(bound, mask, self.rank, self.world, self._comm)
             finally:
                 SHARDED_SEQUENCE.depth -= 1
+        warnings.warn(f"context_parallel: {name}: {_why_all_gather(name, bound, mask)}; every rank all-gathers the "
+                      "whole sequence's keys and values for this call (exact, but no memory saving)",
+                      AllGatherFallback, stacklevel=3)
         if mask is not None and mask.shape[-1] == local:
             mask = gather_sequence(mask, -1, self.group)
         if k.shape[:-1] == v.shape[:-1] and k.dtype == v.dtype:
@@ -210,6 +214,29 @@ class _ContextParallelMode(TorchFunctionMode):
             return ring.ring_attention(q, bound["k"], bound["v"], mask, rows, spec, self._ring)
         finally:
             SHARDED_SEQUENCE.depth -= 1
+
+
+class AllGatherFallback(UserWarning):
+    """A call inside :func:`context_parallel` that has no sharded form (dropout, softmax off the CPU or in
+    16-bit, 3-d inputs, a linear key mask with a head dimension): it is computed exactly from the
+    all-gathered keys and values, so each rank holds the whole sequence's K/V for it."""
+
+
+def _why_all_gather(name: str, bound: dict, mask: Tensor | None) -> str:
+    """Why ``name`` has no sharded form for this call (the reason the manager all-gathers K/V)."""
+    q, k, v = bound["q"], bound["k"], bound["v"]
+    if bound.get("dropout_p", 0.0) != 0.0:
+        return ("dropout_p > 0 (the sharded forms recompute blocks in the backward and would redraw the dropout; "
+                "the op itself, on the gathered sequence, keeps its own)")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"q/k/v of {q.dim()}/{k.dim()}/{v.dim()} dims (the sharded forms take [B, H, T, D])"
+    if name in ("softmax_attention", "dual_triangle_attention"):
+        if q.device.type != "cpu":
+            return f"softmax on {q.device.type} (the ring runs torch's CPU flash kernel)"
+        return f"softmax in {q.dtype} / {k.dtype} / {v.dtype} (the ring runs float32 and float64, one dtype)"
+    if name == "linear_attention" and mask is not None:
+        return f"a key mask with a head dimension ({tuple(mask.shape)}; the state prefix takes [B|1, 1, 1, T])"
+    return "no sharded form for these arguments"
 
 
 def _exchange_form(name: str, bound: dict, mask: Tensor | None):

@@ -364,6 +364,16 @@ def _bad_input_case(mesh):
             _raises(RuntimeError, "without going through it", lambda: ops.sigmoid_attention(q, k, v, enable_gqa=True))
             _raises(RuntimeError, "without going through it", lambda: ops.hashed_attention(q, k, v, enable_gqa=True))
         _raises(ValueError, "linear attention", lambda: ops.linear_attention(q, k, v, dropout_p=0.1, enable_gqa=True))
+        # a call without a sharded form says so (and why) when it falls back to the all-gather of K/V
+        import warnings
+
+        from attnrewrite.distributed import AllGatherFallback
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ops.sliding_window_attention(q, k, v, dropout_p=0.5, enable_gqa=True, window=3)
+        said = [str(w.message) for w in caught if issubclass(w.category, AllGatherFallback)]
+        assert said and "dropout_p > 0" in said[0], [str(w.message) for w in caught]
 
 
 def context_parallel_cases() -> list[tuple[str, Case]]:
