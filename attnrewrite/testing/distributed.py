@@ -245,12 +245,36 @@ class TinyLM(nn.Module):
         return self.head(x + self.out(y))
 
 
-def _training_case(attention: Callable, name: str) -> Case:
-    """3 SGD steps with the sequence sharded (gradients all-reduced over the mesh) against one process."""
+class LearnedStateAttention(nn.Module):
+    """A kind's op with the learned state :func:`attnrewrite.convert` attaches as this module's parameters:
+    ``"hashed"`` the learned hash's projections P_q [H, D, bits] and P_k, ``"summary"`` the pooling query
+    [H, D] (TinyLM: 2 heads of 8)."""
+
+    def __init__(self, kind: str, heads: int = 2, dim: int = 8, bits: int = 16):
+        super().__init__()
+        self.kind = kind
+        if kind == "hashed":
+            self.q_projection = nn.Parameter(torch.randn(heads, dim, bits))
+            self.k_projection = nn.Parameter(torch.randn(heads, dim, bits))
+        else:
+            self.summary_query = nn.Parameter(torch.randn(heads, dim))
+
+    def forward(self, q, k, v):
+        if self.kind == "hashed":
+            return ops.hashed_attention(q, k, v, is_causal=True, bits=self.q_projection.shape[-1], top_k=3, window=2,
+                                        sinks=1, hash="learned", projections=(self.q_projection, self.k_projection))
+        return ops.summary_attention(q, k, v, chunk_size=2, window_chunks=1, summary="learned",
+                                     summary_query=self.summary_query)
+
+
+def _training_case(attention: Callable | None, name: str, learned: str | None = None) -> Case:
+    """3 SGD steps with the sequence sharded (gradients all-reduced over the mesh) against one process;
+    ``learned``: the attention is :class:`LearnedStateAttention` of that kind, its state trained with the rest."""
     def case(mesh):
         torch.manual_seed(_seed(name))
-        model = TinyLM(attention).double()
+        model = TinyLM(attention if learned is None else LearnedStateAttention(learned)).double()
         reference = copy.deepcopy(model)
+        start = copy.deepcopy(model)
         g = torch.Generator().manual_seed(_seed(name) + 1)
         batches = [torch.randint(0, 32, (B, T + 1), generator=g) for _ in range(3)]
         positions = torch.arange(T).expand(B, T)
@@ -268,8 +292,10 @@ def _training_case(attention: Callable, name: str) -> Case:
                 else:
                     F.cross_entropy(model_(x, pos).flatten(0, 1), y.flatten()).backward()
                 optimizer.step()
-        for (pname, mine), theirs in zip(model.named_parameters(), reference.parameters()):
+        for (pname, mine), theirs, before in zip(model.named_parameters(), reference.parameters(), start.parameters()):
             assert_close(mine, theirs, msg=lambda m, n=pname: f"{n} after 3 steps: {m}")
+            if pname.startswith("attention."):  # the learned state trained (its gradient is not zero)
+                assert not torch.equal(theirs, before), f"{pname} did not move in 3 steps"
 
     return case
 
@@ -359,6 +385,13 @@ def _bad_input_case(mesh):
         _raises(NotImplementedError, "has no context-parallel form", lambda: torch.ops.aten.
                 _scaled_dot_product_flash_attention_for_cpu(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)))
         _raises(RuntimeError, "does not nest", lambda: context_parallel(mesh).__enter__())
+        # a tensor on another device than the mesh's (a model on one device, the mesh of another)
+        _raises(ValueError, "use a mesh of the device the model runs on",
+                lambda: ops.sigmoid_attention(q.to("meta"), k.to("meta"), v.to("meta"), enable_gqa=True))
+        # an option that cannot be context-parallel is refused by name
+        _raises(NotImplementedError, "packed sequences (cu_seqlens)", lambda: ops.summary_attention(
+            q, k, v, enable_gqa=True, chunk_size=2, window_chunks=1,
+            cu_seqlens=torch.tensor([0, local], dtype=torch.int32)))
         # a call that goes around the manager (as a compiled graph's would) is refused by the op itself
         with torch._C.DisableTorchFunction():
             _raises(RuntimeError, "without going through it", lambda: ops.sigmoid_attention(q, k, v, enable_gqa=True))
@@ -399,6 +432,8 @@ def context_parallel_cases() -> list[tuple[str, Case]]:
         lambda q, k, v: ops.summary_attention(q, k, v, chunk_size=2, window_chunks=2), "train-summary")))
     cases.append(("train-hashed", _training_case(
         lambda q, k, v: ops.hashed_attention(q, k, v, is_causal=True, top_k=3, window=2, sinks=1), "train-hashed")))
+    cases.append(("train-hashed-learned-hash", _training_case(None, "train-hashed-learned-hash", "hashed")))
+    cases.append(("train-summary-learned-query", _training_case(None, "train-summary-learned-query", "summary")))
     cases.append(("compiled-eager-refused-inside", _compiled_case("eager")))
     cases.append(("torch-manager-refused", _torch_manager_case))
     cases.append(("bad-input", _bad_input_case))
