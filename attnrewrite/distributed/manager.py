@@ -12,10 +12,11 @@ Linear all-gathers only each chunk's (S, z) state and starts each chunk from the
 (:mod:`.summary`), hashed all-gathers the packed key codes and passes K/V round a ring (:mod:`.hashed`),
 sliding window fetches only its windows' and sinks' rows (:mod:`.window`), all through
 :mod:`.exchange`; dual_triangle runs two causal softmax rings, one on the mirrored sequence
-(:mod:`.dual`).  The rest (dual_triangle where the softmax ring does not apply; hashed with a learned hash, a score modification or
-far_dtype; sliding window with dropout or a key bias; softmax/sigmoid with dropout or (softmax) off the
-CPU) all-gather the keys, values and key mask of the mesh's ranks (differentiably: the backward sums
-key/value gradients over the ranks) and compute the rank's rows from them (:mod:`.kinds`).  Parameters' gradients are each rank's share, as under
+(:mod:`.dual`).  Every option of these kinds takes its sharded form (sigmoid's and sliding window's position
+bias, hashed's learned hash, score modification and far_dtype, a key bias), except the calls listed by
+:class:`AllGatherFallback` (dropout; softmax and dual_triangle off the CPU or in 16-bit; 3-d inputs; a
+linear key mask with a head dimension): those warn, then all-gather the keys, values and key mask of the
+mesh's ranks (differentiably: the backward sums key/value gradients over the ranks) and compute the rank's rows from them (:mod:`.kinds`).  Parameters' gradients are each rank's share, as under
 torch's manager: reduce them over the mesh (DDP/FSDP over the same ranks, or an ``all_reduce``).
 """
 
