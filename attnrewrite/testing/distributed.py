@@ -351,7 +351,8 @@ def _torch_manager_case(mesh):
     buffers = [q.clone(), k.clone(), v.clone()]
     with torch_context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2]):
         for call in (KIND_CALLS["sigmoid"][0], KIND_CALLS["linear"][0], KIND_CALLS["summary"][0],
-                     KIND_CALLS["hashed"][0], KIND_CALLS["softmax"][0]):
+                     KIND_CALLS["hashed"][0], KIND_CALLS["softmax"][0], KIND_CALLS["sliding_window"][0],
+                     KIND_CALLS["dual_triangle"][0]):
             _raises(RuntimeError, "Use attnrewrite.distributed.context_parallel(mesh",
                     lambda call=call: call(*buffers, None, True))
         _raises(RuntimeError, "cannot run inside torch.distributed.tensor.experimental.context_parallel",
