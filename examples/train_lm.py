@@ -135,6 +135,9 @@ class ContextParallelAttention(Attention):
 
     kind: str = "softmax"
     options: dict = {}
+    #: causal by itself (``is_causal=True`` on the global positions): the model need not build its [T, T]
+    #: mask for a whole sequence given by ``positions`` (decoding with the cache still reads it)
+    reads_mask: bool = False
 
     def forward(self, x, cos, sin, mask, input_pos=None):
         if input_pos is not None:

@@ -11,6 +11,6 @@ from attnrewrite.distributed.layout import (
     restore_indices,
     shard_indices,
 )
-from attnrewrite.distributed.manager import context_parallel, context_parallel_unshard
+from attnrewrite.distributed.manager import AllGatherFallback, context_parallel, context_parallel_unshard
 
-__all__ = ["context_parallel", "context_parallel_unshard", "local_positions", "restore_indices", "shard_indices"]
+__all__ = ["AllGatherFallback", "context_parallel", "context_parallel_unshard", "local_positions", "restore_indices", "shard_indices"]

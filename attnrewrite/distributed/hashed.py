@@ -25,9 +25,21 @@ The ring moves (W − 1) / W of K/V per rank, like an all-gather, but never keep
 
 Memory per rank: its shard, one block in flight (the blocks pass one tensor at a time), every key's
 code as ±1 int8 (T × bits bytes per key/value head: 1/4 of fp32 K at bits = D, the same at any W) and
-the selection (T / W × (sinks + window + top_k) int16 positions per key/value head, int32 past 32k).  Not distributed here (the
-manager all-gathers K/V for them, exact, without the saving): ``hash="learned"`` (the projections'
-straight-through gradient), ``score_mod``, ``far_dtype``.
+the selection (T / W × (sinks + window + top_k) int16 positions per key/value head, int32 past 32k).
+
+The op's options, each as the single-process op computes it:
+
+- ``hash="learned"``: the codes come from the per-head projections (still packed codes: the same
+  all-gather).  Their straight-through gradient (:mod:`attnrewrite.kernels.hashed.sparse`) adds, for
+  each (query, selected key), d_logit / bits times the soft codes tanh(q·P_q), tanh(k·P_k): a rank
+  computes the part of its own queries, the key's soft code from the block at hand, and turns the
+  keys' part into its share of dP_k at once (dP_k is linear in it).  Each rank's projection gradients
+  are its share, as for every parameter under the manager: summed over the ranks, the op's.
+- ``score_mod``: applied to scale·q·k of the selected keys before the key bias, its derivative in the
+  backward.
+- ``far_dtype``: a selected key that is neither among the row's first ``sinks`` nor its last
+  ``window`` visible keys is used (key and value) rounded through far_dtype; which ones those are
+  follows from the global positions and the key mask's running count of visible keys.
 """
 
 from __future__ import annotations
@@ -38,12 +50,15 @@ from torch import Tensor
 from attnrewrite.distributed.exchange import owner
 from attnrewrite.distributed.layout import local_positions, restore_indices
 from attnrewrite.kernels.hashed import op as hashed_op
-from attnrewrite.kernels.hashed.codes import pack, projections, signs
+from attnrewrite.kernels.score_mods import parse as parse_score_mod
+from attnrewrite.kernels.hashed.codes import pack, project, projections, signs
+from attnrewrite.kernels.hashed.op import far_dtype_of
 from attnrewrite.kernels.hashed.sparse import (
     MASKED_SCORE,
     _agreement_cost,
     _priority_dtype,
     scatter_add,
+    round_far,
     top_indices,
     visible_keys,
     work_dtype,
@@ -61,8 +76,7 @@ _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 def applies(args: dict) -> bool:
     """Whether this form computes the call (else the manager all-gathers K/V for it)."""
-    return (args.get("hash", "random") == "random" and args.get("score_mod") is None
-            and args.get("far_dtype") is None and args["q"].dim() == 4)
+    return args["q"].dim() == 4
 
 
 def unpack_signs(codes: Tensor, bits: int) -> Tensor:
@@ -154,15 +168,19 @@ def _gather(x: Tensor, index: Tensor) -> Tensor:
     return x.reshape(-1, dim).index_select(0, (index.clamp(min=0) + offsets).reshape(-1)).view(*index.shape, dim)
 
 
-def _logits(q5: Tensor, k_block: Tensor, slots: Tensor, bias: Tensor | None, index: Tensor, scale: float):
-    """(scores [B, Hkv, g, n, S] over the slots in this block, −inf elsewhere; gathered keys)."""
-    k_sel = _gather(k_block, slots).to(q5.dtype)                                      # [B, Hkv, n, S, D]
+def _logits(q5: Tensor, k_sel: Tensor, slots: Tensor, bias: Tensor | None, index: Tensor, scale: float,
+            score_mod=None, want_grad: bool = False):
+    """(scores [B, Hkv, g, n, S] over the slots in this block, −inf elsewhere; the score modification's
+    derivative there when ``want_grad`` and there is one, else None) from the gathered keys k_sel."""
     scores = torch.einsum("bkgnd,bknsd->bkgns", q5, k_sel) * scale
+    mod_grad = None
+    if score_mod is not None:  # on scale·q·k, before the key bias (the op's order)
+        scores, mod_grad = score_mod.with_grad(scores) if want_grad else (score_mod(scores), None)
     if bias is not None:  # the key bias [B|1, T] at the selected global positions
         batch, heads_kv, n, _ = index.shape
         picked = bias[:, None, None, :].expand(batch, heads_kv, n, bias.shape[-1]).gather(-1, index.long().clamp(min=0))
         scores = scores + picked[:, :, None].to(scores.dtype)
-    return scores.masked_fill((slots < 0)[:, :, None], float("-inf")), k_sel
+    return scores.masked_fill((slots < 0)[:, :, None], float("-inf")), mod_grad
 
 
 def _grouped(x: Tensor, heads_kv: int) -> Tensor:
@@ -171,10 +189,11 @@ def _grouped(x: Tensor, heads_kv: int) -> Tensor:
 
 
 class _HashedRing(torch.autograd.Function):
-    """The ring over a fixed selection: q [B, Hq, T_local, D], this rank's k/v shards → out in q's dtype."""
+    """The ring over a fixed selection: q [B, Hq, T_local, D], this rank's k/v shards (and, learned, the
+    projections) → out in q's dtype."""
 
     @staticmethod
-    def forward(ctx, q, k, v, setup):
+    def forward(ctx, q, k, v, q_projection, k_projection, setup):
         dtype = work_dtype(q.dtype)
         batch, heads_q, local, _ = q.shape
         heads_kv = k.shape[1]
@@ -189,10 +208,12 @@ class _HashedRing(torch.autograd.Function):
                     continue
                 positions, slots = found
                 q5 = _grouped(q[:, :, rows], heads_kv).to(dtype)
-                scores, _ = _logits(q5, k_block, slots, setup.bias, positions, setup.scale)
+                k_sel, v_sel = setup.selected(k_block, v_block, slots, positions, rows, dtype)
+                scores, _ = _logits(q5, k_sel, slots, setup.bias, positions, setup.scale, setup.score_mod)
+                del k_sel
                 part_lse = torch.logsumexp(scores, dim=-1)                            # [B, Hkv, g, n]
                 probs = torch.exp(scores - part_lse.unsqueeze(-1)).nan_to_num(0.0)
-                part = torch.einsum("bkgns,bknsv->bkgnv", probs, _gather(v_block, slots).to(dtype))
+                part = torch.einsum("bkgns,bknsv->bkgnv", probs, v_sel)
                 part, part_lse = part.reshape(batch, heads_q, -1, v.shape[-1]), part_lse.reshape(batch, heads_q, -1)
                 old_lse = lse[:, :, rows]
                 new_lse = torch.logaddexp(old_lse, part_lse)
@@ -205,13 +226,13 @@ class _HashedRing(torch.autograd.Function):
                 del k_block, v_block
                 setup.pass_on(held)
                 block_owner = (block_owner - 1) % setup.world
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, q_projection, k_projection)
         ctx.setup = setup
         return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, q_projection, k_projection = ctx.saved_tensors
         setup = ctx.setup
         dtype = out.dtype
         batch, heads_q, local, dim = q.shape
@@ -219,27 +240,47 @@ class _HashedRing(torch.autograd.Function):
         grad = grad.to(dtype)
         delta = (grad * out).sum(-1)                                                  # [B, Hq, T_local]
         dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
+        learned = setup.learned
+        if learned:  # the straight-through estimate's soft codes (module docstring)
+            bits = setup.proj_q.shape[-1]
+            soft_q = torch.tanh(project(q, setup.proj_q).to(dtype))                    # [B, Hq, T_local, bits]
+            d_soft_q = torch.zeros(soft_q.shape, dtype=dtype, device=q.device)
+            d_proj_k = torch.zeros(setup.proj_k.shape, dtype=dtype, device=q.device)
         block_owner = setup.rank
         held = [k, v, torch.zeros(k.shape, dtype=dtype, device=q.device), torch.zeros(v.shape, dtype=dtype,
                                                                                        device=q.device)]
         for step in range(setup.world):
             k_block, v_block, dk_block, dv_block = held
+            if learned:
+                soft_k = torch.tanh(project(k_block, setup.proj_k).to(dtype))          # the block's keys' soft codes
+                d_soft_k = torch.zeros(soft_k.shape, dtype=dtype, device=q.device)
             for rows, index, starts in setup.blocks:
                 found = _in_block(index, starts, block_owner, setup.world, local)
                 if found is None:
                     continue
                 positions, slots = found
                 q5 = _grouped(q[:, :, rows], heads_kv).to(dtype)
-                scores, k_sel = _logits(q5, k_block, slots, setup.bias, positions, setup.scale)
+                k_sel, v_sel = setup.selected(k_block, v_block, slots, positions, rows, dtype)
+                scores, mod_grad = _logits(q5, k_sel, slots, setup.bias, positions, setup.scale, setup.score_mod,
+                                           want_grad=True)
                 row_lse = _grouped(lse[:, :, rows].unsqueeze(-1), heads_kv)             # [B, Hkv, g, n, 1]
                 probs = torch.exp(scores - row_lse).nan_to_num(0.0)
                 d_out = _grouped(grad[:, :, rows], heads_kv)                          # [B, Hkv, g, n, Dv]
-                v_sel = _gather(v_block, slots).to(dtype)
                 d_probs = torch.einsum("bkgnv,bknsv->bkgns", d_out, v_sel)
-                d_scores = probs * (d_probs - _grouped(delta[:, :, rows].unsqueeze(-1), heads_kv)) * setup.scale
+                d_logits = probs * (d_probs - _grouped(delta[:, :, rows].unsqueeze(-1), heads_kv))
+                d_scores = (d_logits if mod_grad is None else d_logits * mod_grad) * setup.scale
                 dq[:, :, rows] += torch.einsum("bkgns,bknsd->bkgnd", d_scores, k_sel).reshape(batch, heads_q, -1, dim)
                 scatter_add(dk_block, slots, torch.einsum("bkgns,bkgnd->bknsd", d_scores, q5))
                 scatter_add(dv_block, slots, torch.einsum("bkgns,bkgnv->bknsv", probs, d_out))
+                if learned:
+                    d_agree = d_logits / bits
+                    sq = _grouped(soft_q[:, :, rows], heads_kv)
+                    d_soft_q[:, :, rows] += torch.einsum("bkgns,bknsc->bkgnc", d_agree, _gather(soft_k, slots)).reshape(
+                        batch, heads_q, -1, bits)
+                    scatter_add(d_soft_k, slots, torch.einsum("bkgns,bkgnc->bknsc", d_agree, sq))
+            if learned:  # this block's keys' part of dP_k, from the queries of this rank
+                d_proj_k += torch.einsum("bhtd,bhtn->hdn", k_block.to(dtype), d_soft_k * (1 - soft_k.square()))
+                del soft_k, d_soft_k
             del k_block, v_block, dk_block, dv_block
             if step < setup.world - 1:
                 setup.pass_on(held)
@@ -250,15 +291,40 @@ class _HashedRing(torch.autograd.Function):
             else:
                 held = held[2:]
         dk, dv = held
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        d_pq = d_pk = None
+        if learned:
+            d_pq = torch.einsum("bhtd,bhtn->hdn", q.to(dtype), d_soft_q * (1 - soft_q.square())).to(q_projection.dtype)
+            d_pk = d_proj_k.to(k_projection.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_pq, d_pk, None
 
 
 class _Setup:
-    """What the ring needs besides q/k/v: the selection per block of local rows, the key bias, the ring."""
+    """What the ring needs besides q/k/v: the selection per block of local rows, the key bias, the op's
+    options (score modification, far keys' rounding, learned projections), the ring."""
 
-    def __init__(self, blocks, bias, scale, rank, world, comm):
+    def __init__(self, blocks, bias, scale, rank, world, comm, score_mod=None, far=None, proj_q=None, proj_k=None,
+                 learned=False):
         self.blocks, self.bias, self.scale = blocks, bias, scale
         self.rank, self.world, self.comm = rank, world, comm
+        self.score_mod, self.proj_q, self.proj_k, self.learned = score_mod, proj_q, proj_k, learned
+        #: None, or (far dtype, rank of each key among the visible ones [B|1, T], its rows' global positions
+        #: [T_local], sinks, window, causal)
+        self.far = far
+
+    def selected(self, k_block: Tensor, v_block: Tensor, slots: Tensor, positions: Tensor, rows: slice, dtype):
+        """The keys and values at ``slots`` of the block at hand [B, Hkv, n, S, D|Dv] in ``dtype``, the far
+        ones rounded through ``far_dtype`` (``positions``: their global positions, −1 padding)."""
+        k_sel, v_sel = _gather(k_block, slots).to(dtype), _gather(v_block, slots).to(dtype)
+        if self.far is None:
+            return k_sel, v_sel
+        far_dtype, key_rank, row_positions, sinks, window, causal = self.far
+        batch, heads_kv, n, width = positions.shape
+        rank = key_rank[:, None, None, :].expand(batch, heads_kv, n, key_rank.shape[-1]).gather(
+            -1, positions.clamp(min=0))                                               # 1-based among the visible
+        rows_at = row_positions[rows]
+        count = key_rank[:, rows_at] if causal else key_rank[:, -1:].expand(key_rank.shape[0], n)  # [B|1, n]
+        far = (positions >= 0) & (rank > sinks) & (rank <= count[:, None, :, None] - window)
+        return round_far(k_sel, far, far_dtype), round_far(v_sel, far, far_dtype)
 
     def pass_on(self, held: list[Tensor]) -> None:
         """Replace each tensor of ``held`` by the previous rank's, sending ours to the next rank, one
@@ -271,11 +337,11 @@ class _Setup:
 
 
 def attend(args: dict, mask: Tensor | None, rank: int, world: int, comm) -> Tensor:
-    """This rank's rows of ``attnrewrite::hashed_attention`` [B, Hq, T_local, Dv], in local order
-    (``hash="random"``, no ``score_mod`` / ``far_dtype``: :func:`applies`).
+    """This rank's rows of ``attnrewrite::hashed_attention`` [B, Hq, T_local, Dv], in local order.
 
     Args:
-        args: the op's arguments by schema name; q, k, v are this rank's shards [B, H, T_local, D].
+        args: the op's arguments by schema name; q, k, v are this rank's shards [B, H, T_local, D]
+            (and, with ``hash="learned"``, the projections q_projection / k_projection).
         mask: None or this rank's key mask [B|1, 1, 1, T_local|1] (bool, or a float key bias with
             entries ≤ −10⁴ excluding the key).
         comm: the communicator (:mod:`.exchange`).
@@ -283,12 +349,16 @@ def attend(args: dict, mask: Tensor | None, rank: int, world: int, comm) -> Tens
     q, k, v = args["q"], args["k"], args["v"]
     bits, top_k, window, sinks = (int(args[name]) for name in ("bits", "top_k", "window", "sinks"))
     causal = bool(args["is_causal"])
+    q_projection, k_projection = args.get("q_projection"), args.get("k_projection")
+    far_dtype = far_dtype_of(args.get("far_dtype"))
+    score_mod = parse_score_mod(args.get("score_mod"))
     hashed_op.check_inputs(q, k, v, mask, args["dropout_p"], causal, bool(args["enable_gqa"]), bits, top_k, window,
-                           sinks, args["hash"], None, None)
+                           sinks, args["hash"], q_projection, k_projection)
+    learned = q_projection is not None
     local = q.shape[-2]
     length = local * world
     scale = q.shape[-1] ** -0.5 if args["scale"] is None else args["scale"]
-    proj_q, proj_k = projections(None, None, q.shape[-1], bits, int(args["seed"]), q.device)
+    proj_q, proj_k = projections(q_projection, k_projection, q.shape[-1], bits, int(args["seed"]), q.device)
     with torch.no_grad():
         codes = _natural(torch.cat(comm.all_gather(pack(k, proj_k)), dim=2), 2, world)  # [B, Hkv, T, bits/8]
         key_signs = unpack_signs(codes, bits).to(torch.int8)                            # [B, Hkv, T, bits]
@@ -320,4 +390,9 @@ def attend(args: dict, mask: Tensor | None, rank: int, world: int, comm) -> Tens
                                       window, sinks, proj_q, k.shape[1])
                 blocks.append((slice(offset + i0, offset + i1), *by_owner(index, world, local)))
         del key_signs
-    return _HashedRing.apply(q, k, v, _Setup(blocks, bias, scale, rank, world, comm))
+        far = None
+        if far_dtype is not None:  # each key's rank among the visible keys (1-based), for the far test
+            visible = torch.ones(1, length, dtype=torch.long, device=q.device) if keep is None else keep.long()
+            far = (far_dtype, visible.cumsum(-1), positions.to(q.device), sinks, window, causal)
+    setup = _Setup(blocks, bias, scale, rank, world, comm, score_mod, far, proj_q, proj_k, learned)
+    return _HashedRing.apply(q, k, v, q_projection, k_projection, setup)

@@ -15,10 +15,11 @@ process group), so a W-rank run can be checked in one process.
   sigmoid's b_i = −log n_i counted over the visible keys and folded into that mask.
 - linear: each chunk calls the op on the keys up to its end with ``is_causal=True``: the op aligns
   Tq < Tk bottom-right, which is exactly "the chunk's global positions".  Bidirectional: all keys.
-- summary is not computed here (:mod:`.summary`); nor are hashed (random hash, no score_mod or far_dtype:
-  :mod:`.hashed`), sliding_window (no dropout, no key bias: :mod:`.window`) and dual_triangle (where the
-  softmax ring applies: :mod:`.dual`) when their forms apply.
-- hashed, dual_triangle, sliding_window otherwise: the rank's queries are scattered into a sequence of
+- summary is not computed here (:mod:`.summary`); nor are hashed (4-d inputs: :mod:`.hashed`),
+  sliding_window (no dropout: :mod:`.window`) and dual_triangle (where the softmax ring applies:
+  :mod:`.dual`) when their forms apply.
+- hashed, dual_triangle, sliding_window otherwise, and sigmoid with a position bias (``position_slopes``
+  reads global positions): the rank's queries are scattered into a sequence of
   zeros at their global positions, the op runs over the whole sequence and the rank keeps its rows.
   Exact (a row depends on its own query only), but every rank computes all T rows: no saving in time
   or activation memory for these kinds yet.
@@ -233,8 +234,10 @@ def attend(name: str, args: dict, k: Tensor, v: Tensor, mask: Tensor | None, seg
     """
     if name == "softmax_attention":
         return _softmax(args, k, v, mask, segments)
-    if name == "sigmoid_attention":
+    if name == "sigmoid_attention" and args.get("position_slopes") is None:
         return _sigmoid(args, k, v, mask, segments)
+    if name == "sigmoid_attention":  # a position bias reads global positions: the whole sequence's rows
+        return _all_rows(name, args, k, v, mask, segments)
     if name == "linear_attention":
         return _linear(args, k, v, mask, segments)
     if name in ALL_ROWS:

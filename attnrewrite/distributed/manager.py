@@ -12,16 +12,18 @@ Linear all-gathers only each chunk's (S, z) state and starts each chunk from the
 (:mod:`.summary`), hashed all-gathers the packed key codes and passes K/V round a ring (:mod:`.hashed`),
 sliding window fetches only its windows' and sinks' rows (:mod:`.window`), all through
 :mod:`.exchange`; dual_triangle runs two causal softmax rings, one on the mirrored sequence
-(:mod:`.dual`).  The rest (dual_triangle where the softmax ring does not apply; hashed with a learned hash, a score modification or
-far_dtype; sliding window with dropout or a key bias; softmax/sigmoid with dropout or (softmax) off the
-CPU) all-gather the keys, values and key mask of the mesh's ranks (differentiably: the backward sums
-key/value gradients over the ranks) and compute the rank's rows from them (:mod:`.kinds`).  Parameters' gradients are each rank's share, as under
+(:mod:`.dual`).  Every option of these kinds takes its sharded form (sigmoid's and sliding window's position
+bias, hashed's learned hash, score modification and far_dtype, a key bias), except the calls listed by
+:class:`AllGatherFallback` (dropout; softmax and dual_triangle off the CPU or in 16-bit; 3-d inputs; a
+linear key mask with a head dimension): those warn, then all-gather the keys, values and key mask of the
+mesh's ranks (differentiably: the backward sums key/value gradients over the ranks) and compute the rank's rows from them (:mod:`.kinds`).  Parameters' gradients are each rank's share, as under
 torch's manager: reduce them over the mesh (DDP/FSDP over the same ranks, or an ``all_reduce``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 import torch
@@ -34,7 +36,8 @@ from attnrewrite.distributed import dual, hashed, kinds, linear, ring, summary, 
 from attnrewrite.distributed.collectives import gather_ranks, gather_sequence
 from attnrewrite.distributed.exchange import GroupComm
 from attnrewrite.distributed.layout import check_divisible, local_positions, segments, shard
-from attnrewrite.kernels.checks import SHARDED_SEQUENCE, torch_context_parallel_active
+from attnrewrite.kernels.checks import SHARDED_SEQUENCE, check_position_slopes, torch_context_parallel_active
+from attnrewrite.kernels.sigmoid.api import mask_keeps
 
 _SDPA_NAMES = ("q", "k", "v", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
@@ -169,6 +172,9 @@ class _ContextParallelMode(TorchFunctionMode):
                 return form.attend(bound, mask, self.rank, self.world, self._comm)
             finally:
                 SHARDED_SEQUENCE.depth -= 1
+        warnings.warn(f"context_parallel: {name}: {_why_all_gather(name, bound, mask)}; every rank all-gathers the "
+                      "whole sequence's keys and values for this call (exact, but no memory saving)",
+                      AllGatherFallback, stacklevel=3)
         if mask is not None and mask.shape[-1] == local:
             mask = gather_sequence(mask, -1, self.group)
         if k.shape[:-1] == v.shape[:-1] and k.dtype == v.dtype:
@@ -191,12 +197,17 @@ class _ContextParallelMode(TorchFunctionMode):
         if kind == "sigmoid" and bias is None:  # "auto": b_i = −log n_i needs the key mask's counts
             local = q.shape[-2]
             whole = mask
-            if mask is not None and mask.dtype == torch.bool and mask.shape[-1] == local:
-                whole = gather_sequence(mask, -1, self.group)  # bools, O(T): the counts need every key
+            if mask is not None and mask.shape[-1] == local:  # bools, O(T): the counts need every key
+                whole = gather_sequence(mask_keeps(mask), -1, self.group)  # (a float mask's −inf keys too)
             positions = local_positions(self.rank, self.world, local * self.world, q.device)
             rows = ring.sigmoid_rows(whole, local * self.world, positions, bool(bound["is_causal"]), q.dtype)
+        slopes = bound.get("position_slopes") if kind == "sigmoid" else None
+        if slopes is not None or (kind == "sigmoid" and bound.get("position") is not None):
+            slopes = check_position_slopes(slopes, bound.get("position"), q, q.shape[-3], "context_parallel: "
+                                           "sigmoid attention")
         spec = ring.RingSpec(kind, bool(bound["is_causal"]), bound["scale"], bool(bound["enable_gqa"]), bias,
-                             self.rank, self.world, bound.get("score_mod") if kind == "sigmoid" else None)
+                             self.rank, self.world, bound.get("score_mod") if kind == "sigmoid" else None,
+                             slopes, bound.get("position") if slopes is not None else None)
         if self._ring is None:
             self._ring = ring.P2PRing(self.group)
         SHARDED_SEQUENCE.depth += 1
@@ -204,6 +215,29 @@ class _ContextParallelMode(TorchFunctionMode):
             return ring.ring_attention(q, bound["k"], bound["v"], mask, rows, spec, self._ring)
         finally:
             SHARDED_SEQUENCE.depth -= 1
+
+
+class AllGatherFallback(UserWarning):
+    """A call inside :func:`context_parallel` that has no sharded form (dropout, softmax off the CPU or in
+    16-bit, 3-d inputs, a linear key mask with a head dimension): it is computed exactly from the
+    all-gathered keys and values, so each rank holds the whole sequence's K/V for it."""
+
+
+def _why_all_gather(name: str, bound: dict, mask: Tensor | None) -> str:
+    """Why ``name`` has no sharded form for this call (the reason the manager all-gathers K/V)."""
+    q, k, v = bound["q"], bound["k"], bound["v"]
+    if bound.get("dropout_p", 0.0) != 0.0:
+        return ("dropout_p > 0 (the sharded forms recompute blocks in the backward and would redraw the dropout; "
+                "the op itself, on the gathered sequence, keeps its own)")
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"q/k/v of {q.dim()}/{k.dim()}/{v.dim()} dims (the sharded forms take [B, H, T, D])"
+    if name in ("softmax_attention", "dual_triangle_attention"):
+        if q.device.type != "cpu":
+            return f"softmax on {q.device.type} (the ring runs torch's CPU flash kernel)"
+        return f"softmax in {q.dtype} / {k.dtype} / {v.dtype} (the ring runs float32 and float64, one dtype)"
+    if name == "linear_attention" and mask is not None:
+        return f"a key mask with a head dimension ({tuple(mask.shape)}; the state prefix takes [B|1, 1, 1, T])"
+    return "no sharded form for these arguments"
 
 
 def _exchange_form(name: str, bound: dict, mask: Tensor | None):

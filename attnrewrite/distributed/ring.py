@@ -90,6 +90,9 @@ class RingSpec:
     rank: int
     world: int
     score_mod: str | None = None
+    #: sigmoid's position bias: slopes [Hq] or [1] (``position_slopes``) and ``position`` ("j-i" or "|j-i|")
+    slopes: Tensor | None = None
+    position: str | None = None
 
 
 def applies(kind: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
@@ -133,7 +136,8 @@ def sigmoid_rows(whole_mask: Tensor | None, length: int, positions: Tensor, caus
 
 
 def _pairs(rank: int, src: int, world: int, chunk: int, causal: bool):
-    """(query rows, key rows, diagonal) of the blocks rank ``rank`` computes against rank ``src``'s keys."""
+    """(query rows, key rows, diagonal, offset) of the blocks rank ``rank`` computes against rank ``src``'s
+    keys; ``offset`` is the key chunk's global start minus the query chunk's (0 on the diagonal)."""
     mine = [index // chunk for index, _ in segments(rank, world, 2 * world * chunk)]
     theirs = [index // chunk for index, _ in segments(src, world, 2 * world * chunk)]
     for qi, q_chunk in enumerate(mine):
@@ -141,7 +145,7 @@ def _pairs(rank: int, src: int, world: int, chunk: int, causal: bool):
             if causal and k_chunk > q_chunk:
                 continue  # keys entirely in the queries' future
             yield (slice(qi * chunk, (qi + 1) * chunk), slice(ki * chunk, (ki + 1) * chunk),
-                   causal and k_chunk == q_chunk)
+                   causal and k_chunk == q_chunk, (k_chunk - q_chunk) * chunk)
 
 
 def _keys(mask: Tensor | None, rows: slice) -> Tensor | None:
@@ -190,20 +194,42 @@ def _softmax_block_backward(grad, q, k, v, mask, out, lse, diagonal, spec):
     return dq, dk, dv
 
 
-def _sigmoid_block(q, k, v, mask, rows, diagonal, spec):
+def _position_terms(spec, offset: int, dtype) -> tuple[dict, Tensor | None]:
+    """The block's position bias: (the op's ``position_slopes``/``position`` arguments, a per-head constant
+    [1, Hq|1, 1, 1] to add to its mask, or None).
+
+    The block's op sees local positions a, b (query, key) where the global ones are a + s_q, b + s_k:
+    j − i = (b − a) + offset with offset = s_k − s_q.  So "j-i" is the op's own bias plus the constant
+    slopes·offset.  "|j-i|": on the diagonal (offset 0) the op's own; off it the two chunks are disjoint,
+    so j − i has one sign σ in the whole block and |j − i| = σ(b − a) + σ·offset, "j-i" with slopes σ·slopes.
+    """
+    if spec.slopes is None:
+        return {}, None
+    if offset == 0:
+        return dict(position_slopes=spec.slopes, position=spec.position), None
+    slopes = spec.slopes if spec.position == "j-i" else spec.slopes * (1.0 if offset > 0 else -1.0)
+    constant = (slopes.to(dtype) * offset).view(1, -1, 1, 1)
+    return dict(position_slopes=slopes, position="j-i"), constant
+
+
+def _sigmoid_block(q, k, v, mask, rows, diagonal, spec, offset=0):
     common = dict(dropout_p=0.0, is_causal=diagonal, scale=spec.scale, enable_gqa=spec.enable_gqa,
                   score_mod=spec.score_mod)
+    position, constant = _position_terms(spec, offset, q.dtype)
+    common.update(position)
+    if constant is not None:  # added after the score modification, as the position bias is
+        mask = constant if mask is None else additive(mask, q.dtype) + constant
     if rows is None:
         return torch.ops.attnrewrite.sigmoid_attention(q, k, v, mask, bias=spec.bias, **common)
     folded = rows if mask is None else rows + additive(mask, rows.dtype)
     return torch.ops.attnrewrite.sigmoid_attention(q, k, v, folded, bias=0.0, **common)
 
 
-def _sigmoid_block_backward(grad, q, k, v, mask, rows, diagonal, spec):
+def _sigmoid_block_backward(grad, q, k, v, mask, rows, diagonal, spec, offset=0):
     """(dq, dk, dv) of one block, its forward recomputed (a sigmoid block needs no row statistics)."""
     with torch.enable_grad():
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
-        return torch.autograd.grad(_sigmoid_block(*leaves, mask, rows, diagonal, spec), leaves, grad)
+        return torch.autograd.grad(_sigmoid_block(*leaves, mask, rows, diagonal, spec, offset), leaves, grad)
 
 
 def _merge_into(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
@@ -227,14 +253,14 @@ def _forward(q, k, v, mask, rows, spec: RingSpec, ring):
         src = (spec.rank - step) % spec.world
         pending = ring.start(block, "kv") if step < spec.world - 1 else None
         bk, bv, bmask = block[0], block[1], block[2] if mask is not None else None
-        for q_rows, k_rows, diagonal in _pairs(spec.rank, src, spec.world, chunk, spec.causal):
+        for q_rows, k_rows, diagonal, offset in _pairs(spec.rank, src, spec.world, chunk, spec.causal):
             qb, kb, vb, mb = q[..., q_rows, :], bk[..., k_rows, :], bv[..., k_rows, :], _keys(bmask, k_rows)
             if spec.kind == "softmax":
                 o, l = _softmax_block(qb, kb, vb, mb, diagonal, spec)
                 _merge_into(out[..., q_rows, :], lse[..., q_rows], o, l)
             else:
                 r = None if rows is None else rows[..., q_rows, :]
-                out[..., q_rows, :] += _sigmoid_block(qb, kb, vb, mb, r, diagonal, spec)
+                out[..., q_rows, :] += _sigmoid_block(qb, kb, vb, mb, r, diagonal, spec, offset)
         block = bk = bv = bmask = qb = kb = vb = mb = None  # done with this block before the next arrives
         if pending is not None:
             block = pending()
@@ -252,7 +278,7 @@ def _backward(grad, q, k, v, mask, rows, out, lse, spec: RingSpec, ring):
         src = (spec.rank - step) % spec.world
         pending = ring.start(block, "kv") if step < spec.world - 1 else None
         bk, bv, bmask = block[0], block[1], block[2] if mask is not None else None
-        for q_rows, k_rows, diagonal in _pairs(spec.rank, src, spec.world, chunk, spec.causal):
+        for q_rows, k_rows, diagonal, offset in _pairs(spec.rank, src, spec.world, chunk, spec.causal):
             qb, kb, vb, mb = q[..., q_rows, :], bk[..., k_rows, :], bv[..., k_rows, :], _keys(bmask, k_rows)
             gb = grad[..., q_rows, :]
             if spec.kind == "softmax":
@@ -260,7 +286,7 @@ def _backward(grad, q, k, v, mask, rows, out, lse, spec: RingSpec, ring):
                                                         diagonal, spec)
             else:
                 r = None if rows is None else rows[..., q_rows, :]
-                dqb, dkb, dvb = _sigmoid_block_backward(gb, qb, kb, vb, mb, r, diagonal, spec)
+                dqb, dkb, dvb = _sigmoid_block_backward(gb, qb, kb, vb, mb, r, diagonal, spec, offset)
             dq[..., q_rows, :] += dqb
             dk[..., k_rows, :] += dkb
             dv[..., k_rows, :] += dvb

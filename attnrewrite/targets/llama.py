@@ -311,7 +311,11 @@ class Llama(nn.Module):
             if T and (int(positions.min()) < 0 or int(positions.max()) >= self.config.max_seq_len):
                 raise ValueError(f"positions must lie in [0, max_seq_len={self.config.max_seq_len})")
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]   # [T, D]
-            mask = positions[:, None] >= positions[None, :]                 # [T, T]
+            # the shard's causal order [T, T]; not built when every layer's attention is causal by itself
+            # (``reads_mask = False``: examples/train_lm.py's context-parallel attention), at T = 16k per
+            # rank it would be 256 MB that nothing reads
+            reads = any(getattr(layer.attention, "reads_mask", True) for layer in self.layers)
+            mask = positions[:, None] >= positions[None, :] if reads else None
         elif input_pos is None:
             if T > self.config.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")

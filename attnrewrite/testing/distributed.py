@@ -12,6 +12,7 @@ forward and backward, the refusals and bad input, 3 training steps of a small mo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -57,7 +58,11 @@ def _seed(name: str) -> int:
 
 T, B, HQ, HKV, D = 16, 2, 4, 2, 8
 
-#: kind → (call(q, k, v, mask, causal), causal settings, mask settings)
+#: ALiBi-like slopes, one per query head, for the position-bias cases
+SLOPES = torch.tensor([0.5, -0.25, 0.125, 1.0], dtype=torch.float64)
+
+#: kind → (call(q, k, v, mask, causal), causal settings, mask settings: False (none), True (key padding,
+#: bool) or "bias" (a float key bias, −inf on the padding))
 KIND_CALLS: dict[str, tuple[Callable, tuple[bool, ...], tuple[bool, ...]]] = {
     "sdpa": (lambda q, k, v, m, c: F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=c, enable_gqa=True),
              (True, False), (False, True)),
@@ -80,28 +85,61 @@ KIND_CALLS: dict[str, tuple[Callable, tuple[bool, ...], tuple[bool, ...]]] = {
     "sliding_window": (lambda q, k, v, m, c: ops.sliding_window_attention(q, k, v, m, is_causal=c, enable_gqa=True,
                                                                           window=3),
                        (True, False), (True,)),
+    # the options whose context-parallel forms came last (each once against the whole op, no K/V all-gather)
+    "sigmoid_alibi": (lambda q, k, v, m, c: ops.sigmoid_attention(q, k, v, m, is_causal=c, enable_gqa=True,
+                                                                  position_slopes=SLOPES, position="j-i"),
+                      (True,), ("bias",)),
+    "sigmoid_symmetric_alibi": (lambda q, k, v, m, c: ops.sigmoid_attention(
+        q, k, v, m, is_causal=c, enable_gqa=True, position_slopes=-SLOPES.abs(), position="|j-i|"), (False,), (True,)),
+    "sliding_window_bias_alibi": (lambda q, k, v, m, c: ops.sliding_window_attention(
+        q, k, v, m, is_causal=c, enable_gqa=True, window=3, sinks=1, position_slopes=SLOPES,
+        position="j-i" if c else "|j-i|"), (True, False), ("bias",)),
+    "hashed_softcap_far": (lambda q, k, v, m, c: ops.hashed_attention(
+        q, k, v, m, is_causal=c, enable_gqa=True, bits=16, top_k=3, window=2, sinks=1, score_mod="div 2.0; tanh; mul 2.0",
+        far_dtype="bfloat16"), (True,), ("bias",)),
 }
 
 
-def _qkv(name: str):
+def _qkv(name: str, mask_kind=True):
     g = torch.Generator().manual_seed(_seed(name))
     q, k, v = (torch.randn(B, h, T, D, generator=g, dtype=torch.float64) for h in (HQ, HKV, HKV))
     grad = torch.randn(B, HQ, T, D, generator=g, dtype=torch.float64)
     valid = torch.ones(B, T, dtype=torch.bool)
     valid[1, T - 3:] = False  # right padding in one row: every causal query still sees a key
-    return q, k, v, grad, valid[:, None, None, :]
+    mask = valid[:, None, None, :]
+    if mask_kind == "bias":  # a float key bias, the padding at −inf
+        mask = torch.randn(B, 1, 1, T, generator=g, dtype=torch.float64).masked_fill(~mask, float("-inf"))
+    return q, k, v, grad, mask
+
+
+@contextlib.contextmanager
+def _no_kv_all_gather():
+    """Inside, the manager's fallback (every rank gathering the whole K/V, :mod:`attnrewrite.distributed.kinds`)
+    fails: the case must take its kind's sharded form."""
+    from attnrewrite.distributed import manager
+
+    def refuse(name, *args, **kwargs):
+        raise AssertionError(f"{name}: the manager all-gathered K/V (its fallback) instead of the sharded form")
+
+    original = manager.kinds.attend
+    manager.kinds.attend = refuse
+    try:
+        yield
+    finally:
+        manager.kinds.attend = original
 
 
 def _kind_case(name: str, call, causal: bool, masked: bool) -> Case:
     def case(mesh):
         rank, world = mesh.get_local_rank(), mesh.size()
-        q, k, v, grad, mask = _qkv(name)
+        q, k, v, grad, mask = _qkv(name, masked)
         mask = mask if masked else None
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         ref = call(*leaves, mask, causal)
         ref.backward(grad)
         buffers = [q.clone(), k.clone(), v.clone(), grad.clone()] + ([mask.clone()] if masked else [])
-        with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2, 2, 3][:len(buffers)]):
+        with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2, 2, 3][:len(buffers)]), \
+                _no_kv_all_gather():
             local = [b.clone().requires_grad_() for b in buffers[:3]]
             out = call(*local, buffers[4] if masked else None, causal)
             out.backward(buffers[3])
@@ -131,6 +169,38 @@ def _learned_summary_case(mesh):
         call(*buffers[:3], buffers[4], mine).backward(buffers[3])
     dist.all_reduce(mine.grad, group=mesh.get_group())
     assert_close(mine.grad, ref_query.grad)
+
+
+def _learned_hash_case(mesh):
+    """hashed_attention with a learned hash: outputs and q/k/v gradients as the whole op's, and the projections'
+    gradients (each rank's share) summed over the ranks equal the whole op's; no K/V all-gather."""
+    rank, world = mesh.get_local_rank(), mesh.size()
+    q, k, v, grad, mask = _qkv("learned-hash", "bias")
+    g = torch.Generator().manual_seed(_seed("learned-hash-projections"))
+    projections = (torch.randn(HQ, D, 16, generator=g, dtype=torch.float64),
+                   torch.randn(HKV, D, 16, generator=g, dtype=torch.float64))
+
+    def call(q, k, v, m, p):
+        return ops.hashed_attention(q, k, v, m, is_causal=True, enable_gqa=True, bits=16, top_k=3, window=2, sinks=1,
+                                    hash="learned", projections=p)
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_projections = tuple(p.clone().requires_grad_() for p in projections)
+    ref = call(*leaves, mask, ref_projections)
+    ref.backward(grad)
+    buffers = [q.clone(), k.clone(), v.clone(), grad.clone(), mask.clone()]
+    mine = tuple(p.clone().requires_grad_() for p in projections)
+    with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2, 2, 3]), _no_kv_all_gather():
+        local = [b.clone().requires_grad_() for b in buffers[:3]]
+        out = call(*local, buffers[4], mine)
+        out.backward(buffers[3])
+    assert_close(out, shard(ref.detach(), 2, rank, world))
+    for tensor_name, got, full in zip("qkv", local, leaves):
+        assert_close(got.grad, shard(full.grad, 2, rank, world), msg=lambda m, t=tensor_name: f"d{t}: {m}")
+    for name, got, full in zip(("P_q", "P_k"), mine, ref_projections):
+        dist.all_reduce(got.grad, group=mesh.get_group())
+        assert full.grad.abs().max() > 0
+        assert_close(got.grad, full.grad, msg=lambda m, n=name: f"d{n}: {m}")
 
 
 def _summary_traffic_case(mesh):
@@ -175,12 +245,36 @@ class TinyLM(nn.Module):
         return self.head(x + self.out(y))
 
 
-def _training_case(attention: Callable, name: str) -> Case:
-    """3 SGD steps with the sequence sharded (gradients all-reduced over the mesh) against one process."""
+class LearnedStateAttention(nn.Module):
+    """A kind's op with the learned state :func:`attnrewrite.convert` attaches as this module's parameters:
+    ``"hashed"`` the learned hash's projections P_q [H, D, bits] and P_k, ``"summary"`` the pooling query
+    [H, D] (TinyLM: 2 heads of 8)."""
+
+    def __init__(self, kind: str, heads: int = 2, dim: int = 8, bits: int = 16):
+        super().__init__()
+        self.kind = kind
+        if kind == "hashed":
+            self.q_projection = nn.Parameter(torch.randn(heads, dim, bits))
+            self.k_projection = nn.Parameter(torch.randn(heads, dim, bits))
+        else:
+            self.summary_query = nn.Parameter(torch.randn(heads, dim))
+
+    def forward(self, q, k, v):
+        if self.kind == "hashed":
+            return ops.hashed_attention(q, k, v, is_causal=True, bits=self.q_projection.shape[-1], top_k=3, window=2,
+                                        sinks=1, hash="learned", projections=(self.q_projection, self.k_projection))
+        return ops.summary_attention(q, k, v, chunk_size=2, window_chunks=1, summary="learned",
+                                     summary_query=self.summary_query)
+
+
+def _training_case(attention: Callable | None, name: str, learned: str | None = None) -> Case:
+    """3 SGD steps with the sequence sharded (gradients all-reduced over the mesh) against one process;
+    ``learned``: the attention is :class:`LearnedStateAttention` of that kind, its state trained with the rest."""
     def case(mesh):
         torch.manual_seed(_seed(name))
-        model = TinyLM(attention).double()
+        model = TinyLM(attention if learned is None else LearnedStateAttention(learned)).double()
         reference = copy.deepcopy(model)
+        start = copy.deepcopy(model)
         g = torch.Generator().manual_seed(_seed(name) + 1)
         batches = [torch.randint(0, 32, (B, T + 1), generator=g) for _ in range(3)]
         positions = torch.arange(T).expand(B, T)
@@ -198,8 +292,10 @@ def _training_case(attention: Callable, name: str) -> Case:
                 else:
                     F.cross_entropy(model_(x, pos).flatten(0, 1), y.flatten()).backward()
                 optimizer.step()
-        for (pname, mine), theirs in zip(model.named_parameters(), reference.parameters()):
+        for (pname, mine), theirs, before in zip(model.named_parameters(), reference.parameters(), start.parameters()):
             assert_close(mine, theirs, msg=lambda m, n=pname: f"{n} after 3 steps: {m}")
+            if pname.startswith("attention."):  # the learned state trained (its gradient is not zero)
+                assert not torch.equal(theirs, before), f"{pname} did not move in 3 steps"
 
     return case
 
@@ -255,7 +351,8 @@ def _torch_manager_case(mesh):
     buffers = [q.clone(), k.clone(), v.clone()]
     with torch_context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2]):
         for call in (KIND_CALLS["sigmoid"][0], KIND_CALLS["linear"][0], KIND_CALLS["summary"][0],
-                     KIND_CALLS["hashed"][0], KIND_CALLS["softmax"][0]):
+                     KIND_CALLS["hashed"][0], KIND_CALLS["softmax"][0], KIND_CALLS["sliding_window"][0],
+                     KIND_CALLS["dual_triangle"][0]):
             _raises(RuntimeError, "Use attnrewrite.distributed.context_parallel(mesh",
                     lambda call=call: call(*buffers, None, True))
         _raises(RuntimeError, "cannot run inside torch.distributed.tensor.experimental.context_parallel",
@@ -289,11 +386,28 @@ def _bad_input_case(mesh):
         _raises(NotImplementedError, "has no context-parallel form", lambda: torch.ops.aten.
                 _scaled_dot_product_flash_attention_for_cpu(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)))
         _raises(RuntimeError, "does not nest", lambda: context_parallel(mesh).__enter__())
+        # a tensor on another device than the mesh's (a model on one device, the mesh of another)
+        _raises(ValueError, "use a mesh of the device the model runs on",
+                lambda: ops.sigmoid_attention(q.to("meta"), k.to("meta"), v.to("meta"), enable_gqa=True))
+        # an option that cannot be context-parallel is refused by name
+        _raises(NotImplementedError, "packed sequences (cu_seqlens)", lambda: ops.summary_attention(
+            q, k, v, enable_gqa=True, chunk_size=2, window_chunks=1,
+            cu_seqlens=torch.tensor([0, local], dtype=torch.int32)))
         # a call that goes around the manager (as a compiled graph's would) is refused by the op itself
         with torch._C.DisableTorchFunction():
             _raises(RuntimeError, "without going through it", lambda: ops.sigmoid_attention(q, k, v, enable_gqa=True))
             _raises(RuntimeError, "without going through it", lambda: ops.hashed_attention(q, k, v, enable_gqa=True))
         _raises(ValueError, "linear attention", lambda: ops.linear_attention(q, k, v, dropout_p=0.1, enable_gqa=True))
+        # a call without a sharded form says so (and why) when it falls back to the all-gather of K/V
+        import warnings
+
+        from attnrewrite.distributed import AllGatherFallback
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ops.sliding_window_attention(q, k, v, dropout_p=0.5, enable_gqa=True, window=3)
+        said = [str(w.message) for w in caught if issubclass(w.category, AllGatherFallback)]
+        assert said and "dropout_p > 0" in said[0], [str(w.message) for w in caught]
 
 
 def context_parallel_cases() -> list[tuple[str, Case]]:
@@ -303,9 +417,11 @@ def context_parallel_cases() -> list[tuple[str, Case]]:
             for masked in masks:
                 if kind == "sdpa" and causal and masked:
                     continue  # SDPA itself refuses a mask with is_causal
-                name = f"{kind}-{'causal' if causal else 'bidirectional'}-{'padded' if masked else 'nomask'}"
+                masking = "biased" if masked == "bias" else "padded" if masked else "nomask"
+                name = f"{kind}-{'causal' if causal else 'bidirectional'}-{masking}"
                 cases.append((name, _kind_case(name, call, causal, masked)))
     cases.append(("summary-learned-state", _learned_summary_case))
+    cases.append(("hashed-learned-hash", _learned_hash_case))
     cases.append(("summary-traffic", _summary_traffic_case))
     cases.append(("train-sigmoid", _training_case(lambda q, k, v: ops.sigmoid_attention(q, k, v, is_causal=True),
                                                   "train-sigmoid")))
@@ -317,6 +433,8 @@ def context_parallel_cases() -> list[tuple[str, Case]]:
         lambda q, k, v: ops.summary_attention(q, k, v, chunk_size=2, window_chunks=2), "train-summary")))
     cases.append(("train-hashed", _training_case(
         lambda q, k, v: ops.hashed_attention(q, k, v, is_causal=True, top_k=3, window=2, sinks=1), "train-hashed")))
+    cases.append(("train-hashed-learned-hash", _training_case(None, "train-hashed-learned-hash", "hashed")))
+    cases.append(("train-summary-learned-query", _training_case(None, "train-summary-learned-query", "summary")))
     cases.append(("compiled-eager-refused-inside", _compiled_case("eager")))
     cases.append(("torch-manager-refused", _torch_manager_case))
     cases.append(("bad-input", _bad_input_case))

@@ -139,3 +139,64 @@ def test_selection_in_single_rows_gives_the_same_result(causal, monkeypatch):
     torch.testing.assert_close(out, ref.detach())
     for got, leaf in zip(grads, leaves):
         torch.testing.assert_close(got, leaf.grad)
+
+
+# the op's options: a learned hash (the projections' straight-through gradient), a score modification, far keys
+# rounded through a narrower dtype; each as the whole op computes it, without the K/V all-gather
+SOFTCAP = "div 2.0; tanh; mul 2.0"
+OPTION_CELLS = [
+    ("learned", True, "bool", 2), ("learned", False, "float", 3), ("learned", True, "none", 4),
+    ("score_mod", True, "float", 2), ("score_mod", False, "none", 3),
+    ("far", True, "bool", 2), ("far", False, "float", 3), ("far", True, "none", 3),
+    ("all", True, "float", 2),
+]
+
+
+def _option_kwargs(which: str, projections=None) -> dict:
+    extra = {}
+    if which in ("learned", "all"):
+        extra.update(hash="learned")
+    if which in ("score_mod", "all"):
+        extra.update(score_mod=SOFTCAP)
+    if which in ("far", "all"):
+        extra.update(far_dtype="bfloat16")
+    return extra
+
+
+@pytest.mark.parametrize("which,causal,mask_kind,world", OPTION_CELLS)
+def test_hashed_options_cp_equal_the_whole_op(which, causal, mask_kind, world):
+    length = 12 * world
+    name = f"hashed-options{which}{causal}{mask_kind}{world}"
+    q, k, v, grad, mask = _inputs(name, length, mask_kind)
+    extra = _option_kwargs(which)
+    g = torch.Generator().manual_seed(zlib.crc32(f"{name}-projections".encode()))
+    learned = extra.get("hash") == "learned"
+    pq = torch.randn(HQ, D, OPTIONS["bits"], generator=g, dtype=torch.float64) if learned else None
+    pk = torch.randn(HKV, D, OPTIONS["bits"], generator=g, dtype=torch.float64) if learned else None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref_proj = (pq.clone().requires_grad_(), pk.clone().requires_grad_()) if learned else None
+    ref = ops.hashed_attention(*leaves, mask, is_causal=causal, enable_gqa=True, seed=3, projections=ref_proj,
+                               **extra, **OPTIONS)
+    ref.backward(grad)
+
+    def rank_main(rank, comm):
+        positions = layout.local_positions(rank, world, length)
+        local = [t.index_select(2, positions).clone().requires_grad_() for t in (q, k, v)]
+        proj = (pq.clone().requires_grad_(), pk.clone().requires_grad_()) if learned else (None, None)
+        args = dict(_args(*local, causal, OPTIONS), **extra)
+        args.update(q_projection=proj[0], k_projection=proj[1])
+        out = hashed.attend(args, None if mask is None else mask.index_select(3, positions), rank, world, comm)
+        out.backward(grad.index_select(2, positions))
+        return out.detach(), [t.grad for t in local], [None if p is None else p.grad for p in proj]
+
+    results = run_ranks(world, rank_main)
+    out = layout.unshard(torch.cat([r[0] for r in results], 2), 2, world)
+    torch.testing.assert_close(out, ref.detach())
+    for i, (tensor_name, leaf) in enumerate(zip("qkv", leaves)):
+        got = layout.unshard(torch.cat([r[1][i] for r in results], 2), 2, world)
+        torch.testing.assert_close(got, leaf.grad, msg=lambda m, n=tensor_name: f"d{n}: {m}")
+    if learned:  # each rank's projection gradients are its share: summed, the op's
+        for i, (proj_name, leaf) in enumerate(zip(("P_q", "P_k"), ref_proj)):
+            total = sum(r[2][i] for r in results)
+            assert leaf.grad.abs().max() > 0
+            torch.testing.assert_close(total, leaf.grad, msg=lambda m, n=proj_name: f"d{n}: {m}")

@@ -58,7 +58,7 @@ def _whole(kind, bias, q, k, v, mask, causal, score_mod=None):
                                                    score_mod=score_mod)
 
 
-def _run_ranks(world, kind, bias, q, k, v, grad, mask, causal, score_mod=None):
+def _run_ranks(world, kind, bias, q, k, v, grad, mask, causal, score_mod=None, slopes=None, position=None):
     boxes = {(r, c): queue.Queue() for r in range(world) for c in ("kv", "grad")}
 
     def rank_main(rank):
@@ -68,7 +68,7 @@ def _run_ranks(world, kind, bias, q, k, v, grad, mask, causal, score_mod=None):
         rows = None
         if kind == "sigmoid" and bias is None:
             rows = ring.sigmoid_rows(mask, T, positions, causal, q.dtype)
-        spec = ring.RingSpec(kind, causal, None, True, bias, rank, world, score_mod)
+        spec = ring.RingSpec(kind, causal, None, True, bias, rank, world, score_mod, slopes, position)
         out = ring.ring_attention(*local, local_mask, rows, spec, QueueRing(rank, world, boxes))
         out.backward(grad.index_select(2, positions))
         return out.detach(), [t.grad for t in local]
@@ -125,7 +125,7 @@ def test_causal_ring_skips_future_blocks_and_balances_work():
         per_rank = []
         for rank in range(world):
             cells = 0
-            for _, _, diagonal in ring._pairs(rank, (rank - step) % world, world, chunk, True):
+            for _, _, diagonal, _ in ring._pairs(rank, (rank - step) % world, world, chunk, True):
                 cells += chunk * (chunk + 1) // 2 if diagonal else chunk * chunk
             per_rank.append(cells)
         assert len(set(per_rank)) == 1, (step, per_rank)
@@ -203,3 +203,20 @@ def test_the_backward_lets_each_block_and_its_gradient_parts_go(kind, monkeypatc
     kv_tensors = 3  # k, v and the key mask travel together
     assert rings[rank].alive_at_grad and max(rings[rank].alive_at_grad) == 0, rings[rank].alive_at_grad
     assert len(rings[rank].delivered) == 2 * (world - 1) * kv_tensors  # forward and backward rings
+
+
+@pytest.mark.parametrize("position,causal,mask_kind,world", [
+    ("j-i", True, "float", 3), ("j-i", False, "bool", 4), ("|j-i|", True, "none", 4), ("|j-i|", False, "float", 3)])
+def test_sigmoid_ring_adds_the_position_bias_of_global_positions(position, causal, mask_kind, world):
+    """sigmoid's position bias (ALiBi) under context parallelism: each block's op sees local positions, the ring
+    adds the chunks' global offset; the ranks' rows and gradients equal the whole op's."""
+    slopes = torch.tensor([0.3, -0.2, 0.1, -0.05], dtype=torch.float64)
+    q, k, v, grad, mask = _inputs(f"alibi{position}{causal}", mask_kind)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = torch.ops.attnrewrite.sigmoid_attention(*leaves, mask, is_causal=causal, enable_gqa=True,
+                                                  position_slopes=slopes, position=position)
+    ref.backward(grad)
+    out, grads = _run_ranks(world, "sigmoid", None, q, k, v, grad, mask, causal, slopes=slopes, position=position)
+    torch.testing.assert_close(out, ref.detach())
+    for name, got, leaf in zip("qkv", grads, leaves):
+        torch.testing.assert_close(got, leaf.grad, msg=lambda m, n=name: f"d{n}: {m}")

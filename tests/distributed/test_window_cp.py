@@ -25,13 +25,15 @@ def _inputs(name: str, length: int, mask_kind: str):
     valid = torch.ones(B, length, dtype=torch.bool)
     valid[1, length - 7:] = False
     valid[0, 1] = False
-    mask = {"none": None, "bool": valid[:, None, None, :],
+    bias = torch.randn(B, 1, 1, length, generator=g, dtype=torch.float64).masked_fill(~valid[:, None, None, :],
+                                                                                     float("-inf"))
+    mask = {"none": None, "bool": valid[:, None, None, :], "bias": bias,
             "float": torch.zeros(B, 1, 1, length, dtype=torch.float64).masked_fill(~valid[:, None, None, :],
                                                                                    float("-inf"))}[mask_kind]
     return q, k, v, grad, mask
 
 
-def _distributed(world, q, k, v, grad, mask, causal, size, sinks, score_mod=None):
+def _distributed(world, q, k, v, grad, mask, causal, size, sinks, score_mod=None, **extra):
     length = q.shape[-2]
 
     def rank_main(rank, comm):
@@ -39,7 +41,7 @@ def _distributed(world, q, k, v, grad, mask, causal, size, sinks, score_mod=None
         local = [t.index_select(2, positions).clone().requires_grad_() for t in (q, k, v)]
         local_mask = None if mask is None else mask.index_select(3, positions)
         args = dict(q=local[0], k=local[1], v=local[2], dropout_p=0.0, is_causal=causal, scale=None,
-                    enable_gqa=True, window=size, sinks=sinks, score_mod=score_mod)
+                    enable_gqa=True, window=size, sinks=sinks, score_mod=score_mod, **extra)
         out = window.attend(args, local_mask, rank, world, comm)
         out.backward(grad.index_select(2, positions))
         return out.detach(), [t.grad for t in local], comm
@@ -94,3 +96,23 @@ def test_a_rank_receives_only_its_window_and_the_sinks():
                 for p in window.needed(a, b, length, size, sinks, True).tolist()]
         forward = sum(p not in held for p in mine) * row_bytes
         assert forward <= comm.received_bytes < length * row_bytes / 2, (rank, comm.received_bytes)
+
+
+@pytest.mark.parametrize("causal,mask_kind,world,position", [
+    (True, "bias", 3, None), (False, "bias", 4, None), (True, "bool", 4, "j-i"), (False, "none", 3, "|j-i|"),
+    (True, "bias", 3, "|j-i|")])
+def test_window_cp_adds_a_key_bias_and_the_position_bias(causal, mask_kind, world, position):
+    """A float key bias (fetched with the window rows) and a position bias from the global positions, each
+    added after the score modification as the whole op adds them."""
+    cap = "div 2.0; tanh; mul 2.0"
+    q, k, v, grad, mask = _inputs(f"window-bias{causal}{mask_kind}{world}{position}", 24, mask_kind)
+    extra = {} if position is None else dict(position_slopes=torch.tensor([0.4, -0.3, 0.2, 0.1], dtype=torch.float64),
+                                              position=position)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = ops.sliding_window_attention(*leaves, mask, is_causal=causal, enable_gqa=True, window=5, sinks=2,
+                                       score_mod=cap, **extra)
+    ref.backward(grad)
+    out, grads, _ = _distributed(world, q, k, v, grad, mask, causal, 5, 2, score_mod=cap, **extra)
+    torch.testing.assert_close(out, ref.detach())
+    for tensor_name, got, leaf in zip("qkv", grads, leaves):
+        torch.testing.assert_close(got, leaf.grad, msg=lambda m, n=tensor_name: f"d{n}: {m}")
