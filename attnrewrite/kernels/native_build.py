@@ -27,6 +27,29 @@ import torch
 log = logging.getLogger(__name__)
 
 
+#: C source shared by the kernels: e^c for c in [-87, 88], as the kernels' hot loops need it.  c = n ln2 + r with
+#: n = round(c / ln2) (by adding and subtracting 1.5 * 2^23), ln2 split in two parts (Cody and Waite) so r is
+#: exact, e^r by a degree-5 polynomial fitted on [-ln2/2, ln2/2] (relative error under 2e-7), 2^n built in the
+#: exponent bits.  The caller clamps c (and decides what lies outside the range).  Needs <stdint.h>, <string.h>.
+C_EXP = r"""
+static inline float exp_in_range(float c) {
+    float n = (c * 1.44269504f + 12582912.0f) - 12582912.0f;
+    float r = c - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    float p = 0.0082917167f;
+    p = p * r + 0.041915029f;
+    p = p * r + 0.16667663f;
+    p = p * r + 0.49998900f;
+    p = p * r + 0.99999964f;
+    p = p * r + 1.0000001f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+"""
+
+
 def enabled() -> bool:
     """False when ``ATTNREWRITE_NATIVE=0`` switches the compiled kernels off."""
     return os.environ.get("ATTNREWRITE_NATIVE", "1") != "0"

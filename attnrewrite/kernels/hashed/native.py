@@ -28,7 +28,7 @@ import ctypes
 
 import torch
 
-from attnrewrite.kernels.native_build import NativeLibrary
+from attnrewrite.kernels.native_build import C_EXP, NativeLibrary
 
 from .codes import project
 from .sparse import MASKED_SCORE
@@ -42,25 +42,11 @@ SOURCE = r"""
 #endif
 
 #define INLINE static inline __attribute__((always_inline))
-
-/* e^x for x <= 0: x = n ln2 + r (n = round(x / ln2), ln2 in two parts so r is exact), e^r by a degree-5
-   polynomial on [-ln2/2, ln2/2] (relative error under 2e-7), 2^n built in the exponent bits; below -87
-   (weights under 1.7e-38 of the row's largest) exactly 0. */
+""" + C_EXP + r"""
+/* e^x for x <= 0 (exp_in_range, shared with the sigmoid kernel); below -87 (weights under 1.7e-38 of the
+   row's largest) exactly 0. */
 INLINE float exp_nonpositive(float x) {
-    float c = x < -87.0f ? -87.0f : x;
-    float n = (c * 1.44269504f + 12582912.0f) - 12582912.0f;
-    float r = c - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    float p = 0.0082917167f;
-    p = p * r + 0.041915029f;
-    p = p * r + 0.16667663f;
-    p = p * r + 0.49998900f;
-    p = p * r + 0.99999964f;
-    p = p * r + 1.0000001f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    return x < -87.0f ? 0.0f : p * two_n;
+    return x < -87.0f ? 0.0f : exp_in_range(x);
 }
 
 /* a . b over n floats, in 8 partial sums */

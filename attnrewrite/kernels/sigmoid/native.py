@@ -26,11 +26,12 @@ import threading
 
 import torch
 
-from attnrewrite.kernels.native_build import NativeLibrary, sgemm_address
+from attnrewrite.kernels.native_build import C_EXP, NativeLibrary, sgemm_address
 
 SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+""" + C_EXP + r"""
 
 /* sigmoid(x) = 1 / (1 + e^-x).  e^t: t = n ln2 + r with n = round(t / ln2) (by adding and subtracting
    1.5 * 2^23), ln2 split in two parts (Cody and Waite) so r is exact, e^r by a degree-5 polynomial fitted on
@@ -40,19 +41,7 @@ static inline float sigmoid_one(float x) {
     float t = -x;
     float c = t < -87.0f ? -87.0f : t;
     c = c > 88.0f ? 88.0f : c;
-    float n = (c * 1.44269504f + 12582912.0f) - 12582912.0f;
-    float r = c - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    float p = 0.0082917167f;
-    p = p * r + 0.041915029f;
-    p = p * r + 0.16667663f;
-    p = p * r + 0.49998900f;
-    p = p * r + 0.99999964f;
-    p = p * r + 1.0000001f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float two_n;
-    memcpy(&two_n, &bits, sizeof two_n);
-    float y = 1.0f / (1.0f + p * two_n);
+    float y = 1.0f / (1.0f + exp_in_range(c));
     return t > 88.0f ? 0.0f : y;
 }
 
