@@ -555,13 +555,8 @@ INLINE void attend_backward(const float *q, const float *k, const float *v, cons
                     add_bias(p, brow, row, n);
                     softmax_row(p, n);
                     dots(go, vf, row, n, dp, Dv);
-                    float parts[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                    int64_t s = 0;
-                    for (; s + 8 <= n; s += 8)
-                        for (int u = 0; u < 8; ++u) parts[u] += p[s + u] * dp[s + u];
-                    float mean = ((parts[0] + parts[4]) + (parts[1] + parts[5])) + ((parts[2] + parts[6]) + (parts[3] + parts[7]));
-                    for (; s < n; ++s) mean += p[s] * dp[s];
-                    for (s = 0; s < n; ++s) {
+                    float mean = dot(p, dp, n);  /* sum_s p[s] dp[s] */
+                    for (int64_t s = 0; s < n; ++s) {
                         int64_t j = row[s];
                         float ds = p[s] * (dp[s] - mean) * scale, ps = p[s];
                         const float *kj = kf + j * D;
