@@ -24,6 +24,7 @@ import torch.fx as fx
 from attnrewrite.ir.capture import (
     SCORE_MODS,
     Call,
+    canonical_name,
     constant_value,
     hinted_shape,
     is_float_tensor,
@@ -113,6 +114,109 @@ def _concatenated_to_scores(node: object, depth: int) -> bool:
     if call is None or call.name not in _SCORE_OPS:
         return False
     return any(_concatenated_to_scores(a, depth - 1) for a in call.tensor_args())
+
+
+#: How far (in ops) :func:`unread_attention` looks from a softmax for the two products of an attention.
+_UNREAD_DEPTH = 24
+_PROJECTION_NAMES = {"linear", "addmm", "conv1d", "conv2d", "conv3d", "embedding"}
+_IN_PLACE_WRITES = {"copy_", "masked_fill_", "fill_", "add_", "mul_", "sub_", "div_", "index_put_",
+                    "masked_scatter_", "scatter_"}
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _is_projection(node: fx.Node) -> bool:
+    """A layer with weights (``linear``, ``conv``, an embedding lookup, a module call): attention's
+    scores and probabilities never pass through one between the two products."""
+    return node.op == "call_module" or node.op in ("call_function", "call_method") and _op_name(node) in _PROJECTION_NAMES
+
+
+def _is_weight(node: object) -> bool:
+    """A parameter or buffer (a ``get_attr``, or a graph input Dynamo named after a module's parameter),
+    possibly viewed or transposed: the operand of a projection, not an activation."""
+    for _ in range(4):
+        if not isinstance(node, fx.Node):
+            return True  # a Python constant
+        if node.op == "get_attr" or node.op == "placeholder" and ("_parameters_" in node.name
+                                                                  or "_buffers_" in node.name):
+            return True
+        if node.op == "placeholder" or canonical_name(node) not in ("transpose", "view") and _op_name(node) not in (
+                "t", "permute", "contiguous", "reshape", "view", "transpose", "expand"):
+            return False
+        node = node.args[0]
+    return False
+
+
+def _activation_product(node: fx.Node) -> bool:
+    """A product of two activations (no weight operand): q·kᵀ, or probabilities times values."""
+    call = normalize(node)
+    if call is None or call.name not in PRODUCTS:
+        return False
+    operands = [a for a in call.args if isinstance(a, fx.Node)]
+    return len(operands) >= 2 and not any(_is_weight(a) for a in operands)
+
+
+def _written_into(node: fx.Node) -> list[fx.Node]:
+    """What is written into ``node`` in place (``buf[...] = x``, ``buf.copy_(x)``): data reaching it
+    other than through its arguments."""
+    written = []
+    for user in node.users:
+        if user.op == "call_function" and _op_name(user) == "setitem" and user.args[0] is node:
+            written.extend(a for a in user.args[2:] if isinstance(a, fx.Node))
+        elif user.op == "call_method" and user.target in _IN_PLACE_WRITES and user.args[0] is node:
+            written.extend(a for a in (*user.args[1:], *user.kwargs.values()) if isinstance(a, fx.Node))
+    return written
+
+
+def unread_attention(softmax: fx.Node) -> str | None:
+    """Why ``softmax`` is attention in a form the matcher does not read, or None when it does not look like
+    attention: its input comes from a product of two activations and its output meets another product,
+    each within a few ops that include no projection (so a router's ``softmax(linear(h))`` or a
+    classifier's logits are not attention), following in-place writes into buffers (Longformer's chunked
+    scores are written into ``new_zeros`` buffers, then viewed).  The ops between are named in the reason."""
+    seen: set[fx.Node] = set()
+    unread: set[str] = set()
+    frontier, score_product = [(a, 1) for a in softmax.all_input_nodes], None
+    while frontier and score_product is None:
+        node, depth = frontier.pop(0)
+        if node in seen or depth > _UNREAD_DEPTH or node.op != "call_function" and node.op != "call_method":
+            continue
+        seen.add(node)
+        if _is_projection(node):
+            continue
+        if _activation_product(node):
+            score_product = node
+            break
+        if canonical_name(node) is None:
+            unread.add(_op_name(node))
+        frontier.extend((a, depth + 1) for a in (*node.all_input_nodes, *_written_into(node)))
+    if score_product is None:
+        return None
+    frontier, value_product, seen = [(u, 1) for u in softmax.users], None, set()
+    while frontier and value_product is None:
+        node, depth = frontier.pop(0)
+        if node in seen or depth > _UNREAD_DEPTH or node.op not in ("call_function", "call_method"):
+            continue
+        seen.add(node)
+        if _is_projection(node):
+            continue
+        if _activation_product(node):
+            value_product = node
+            break
+        if _op_name(node) == "setitem" and isinstance(node.args[0], fx.Node):
+            frontier.extend((u, depth + 1) for u in node.args[0].users if u is not node)  # the buffer, once written
+            continue
+        if canonical_name(node) is None:
+            unread.add(_op_name(node))
+        frontier.extend((u, depth + 1) for u in node.users)
+    if value_product is None:
+        return None
+    ops = ", ".join(sorted(unread)) or "none"
+    return (f"the scores come from a product of two activations ({score_product.name}) and the probabilities "
+            f"meet a product ({value_product.name}), through ops not read here ({ops})")
 
 
 def _from_graph_input(node: fx.Node, depth: int) -> bool:
@@ -658,6 +762,9 @@ def match(anchor: fx.Node) -> Site:
         if _concatenated_to_scores(softmax.args[0], _SEARCH_DEPTH):
             raise NotAttention(f"{NOT_READ}: extra score columns (sink logits, null keys) are concatenated to "
                                "q·kᵀ before the softmax")
+        unread = unread_attention(anchor)
+        if unread is not None:
+            raise NotAttention(f"{NOT_READ}: {unread}")
         raise NotAttention("no score product (q·kᵀ) before the softmax")
     try:
         state = _interpret(up)

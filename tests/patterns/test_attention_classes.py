@@ -747,3 +747,79 @@ def test_attention_whose_score_ops_are_not_read_is_reported():
         got = compiled(q, k, v, keep)
     assert torch.equal(got, clamped_after_mask(q, k, v, keep))
     assert [s.attention_left_as_it_was for s in report.sites] == [True], report
+
+
+W = 2  # half window of the banded spelling below
+
+
+def banded_into_a_buffer(q, k, v):
+    """Sliding-window attention written as Longformer writes it: the scores of each query against its 2W+1
+    neighbours are computed by one product of shifted key copies, written into a zero buffer (in place),
+    masked at the edges, soft-maxed, and met with the values the same way."""
+    kp = F.pad(k, (0, 0, W, W))
+    vp = F.pad(v, (0, 0, W, W))
+    keys = kp.unfold(2, 2 * W + 1, 1).transpose(-1, -2)  # [B, H, T, 2W+1, D]
+    banded = torch.einsum("bhtd,bhtwd->bhtw", q, keys) * 0.3
+    scores = torch.zeros(B, H, T, 2 * W + 1)  # no data edge from the product: only the write below
+    scores[...] = banded
+    pos = torch.arange(T)[:, None] + torch.arange(2 * W + 1)[None, :] - W
+    scores = scores.masked_fill((pos < 0) | (pos >= T), float("-inf"))
+    probs = scores.softmax(-1)
+    return torch.einsum("bhtw,bhtwd->bhtd", probs, vp.unfold(2, 2 * W + 1, 1).transpose(-1, -2))
+
+
+def rolled_scores(q, k, v):  # an op the matcher does not read (a roll of the key axis) between the products
+    return torch.roll(q @ k.mT * 0.3, 1, dims=-1).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn", [banded_into_a_buffer, rolled_scores])
+def test_attention_the_matcher_cannot_follow_is_reported(fn):
+    """Attention the matcher cannot walk (in-place writes into a buffer, unfold, ops it does not read): a
+    product of two activations reaches the softmax and the probabilities meet another product, so the site
+    is reported as attention left as it was — a warning naming the products, RewriteFailed under strict —
+    never a silent near miss."""
+    from attnrewrite.rewriter.failures import RewriteFailed, RewriteWarning
+
+    q, k, v = _qkv(fn.__name__)
+    compiled, report = _compile(fn, "sigmoid")
+    with pytest.warns(RewriteWarning, match="product of two activations"):
+        got = compiled(q, k, v)
+    assert torch.equal(got, fn(q, k, v))
+    assert [s.attention_left_as_it_was for s in report.sites] == [True], report
+    torch._dynamo.reset()
+    backend = functools.partial(attnrewrite_backend, options={"to": "sigmoid", "compiler": "eager", "strict": True})
+    with pytest.raises(RewriteFailed, match="product of two activations"):
+        torch.compile(fn, backend=backend)(q, k, v)
+
+
+class RouterAndPooling(nn.Module):
+    """Softmaxes that are not attention though a product is near: a router's probabilities mix expert
+    outputs by a product (its logits come from a projection), attention pooling (scores from one learned
+    query, a weight), and similarity logits that no second product meets."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(D, 3)
+        self.experts = nn.Linear(D, 3 * D)
+        self.query = nn.Parameter(torch.randn(D, 1))
+
+    def forward(self, x):  # x [B, T, D]
+        route = self.gate(x).softmax(-1)  # [B, T, 3]
+        mixed = (route.unsqueeze(-2) @ self.experts(x).view(B, T, 3, D)).squeeze(-2)
+        pooled = (x @ self.query).mT.softmax(-1) @ x  # [B, 1, D]
+        similar = torch.roll(mixed @ x.mT, 1, dims=-1).softmax(-1).sum(-1)
+        return mixed + pooled + similar[..., None]
+
+
+def test_routers_pooling_and_lone_similarities_are_not_reported_as_attention():
+    model = RouterAndPooling()
+    x = torch.randn(B, T, D, generator=_g("router"))
+    compiled, report = _compile(model, "sigmoid")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            got = compiled(x)
+    with torch.no_grad():
+        assert torch.equal(got, model(x))
+    assert not report.rewritten, f"FALSE POSITIVE:\n{report}"
+    assert not any(s.attention_left_as_it_was for s in report.sites), report
