@@ -36,7 +36,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch.fx.experimental.symbolic_shapes import guard_or_false
 
-from attnrewrite.kernels.checks import refuse_sharded_sequence, refuse_torch_context_parallel
+from attnrewrite.kernels.checks import check_qkv, refuse_sharded_sequence, refuse_torch_context_parallel
 
 NAMESPACE = "attnrewrite"
 IMPLS = ("auto", "triton", "torch")
@@ -79,7 +79,10 @@ def composite_op(name: str, schema: str, impl: Callable) -> torch._ops.OpOverloa
     def guarded(*args, **kwargs):
         refuse_torch_context_parallel(what)
         empty = empty_output(*args[:3])
-        return impl(*args, **kwargs) if empty is None else empty
+        if empty is None:
+            return impl(*args, **kwargs)
+        check_qkv(*args[:3], what)  # an empty call is still checked: a malformed one raises as a full one does
+        return empty
 
     _LIB.define(name + schema)
     _LIB.impl(name, guarded, "CompositeImplicitAutograd")
@@ -92,7 +95,8 @@ def empty_output(q, k, v, *, no_keys: bool = False) -> torch.Tensor | None:
     as from SDPA), or None when there is something.
 
     The kinds' loops divide by these sizes; SDPA returns an empty [B, Hq, Tq, Dv] for them, and so do we.
-    Every composite op returns this before its implementation runs.
+    Every composite op returns this before its implementation runs, once the call's q, k and v pass
+    :func:`~attnrewrite.kernels.checks.check_qkv` (types, ranks, dtypes, devices, paired shapes).
     The result is tied to q, k and v by a product with 0, so a backward through it gives each input its
     (zero, possibly empty) gradient instead of failing for want of a graph.
     """

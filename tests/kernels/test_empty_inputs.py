@@ -66,3 +66,29 @@ def test_an_empty_batch_under_compile_with_dynamic_shapes():
         out = compiled(q, k, v)
         assert out.shape == (batch, 2, 6, 8)
         torch.testing.assert_close(out, ops.sigmoid_attention(q, k, v, is_causal=True))
+
+
+@pytest.mark.parametrize("kind", sorted(OPS))
+@pytest.mark.parametrize("fault", ["batch", "dtype", "integer", "head_dim"])
+def test_a_malformed_empty_call_raises_as_a_full_one_does(kind, fault):
+    """The empty-call shortcut must not hide bad input: each malformed empty call raises, as the same fault
+    does in a call with something to compute (batch sizes 0 and 2 do not broadcast, for SDPA either)."""
+    op, options = OPS[kind]
+    kwargs = dict(options) if kind == "dual_triangle" else dict(options, is_causal=True)
+
+    def call(batch):
+        q, k, v = (torch.randn(batch, 2, 6, 8) for _ in range(3))
+        if fault == "batch":
+            k, v = torch.randn(batch + 2, 2, 6, 8), torch.randn(batch + 2, 2, 6, 8)
+        elif fault == "dtype":
+            k = k.double()
+        elif fault == "integer":
+            q, k, v = (x.long() for x in (q, k, v))
+        else:
+            k = torch.randn(batch, 2, 6, 4)
+        return op(q, k, v, **kwargs)
+
+    with pytest.raises((TypeError, ValueError, RuntimeError)):
+        call(2)
+    with pytest.raises((TypeError, ValueError, RuntimeError)):
+        call(0)
