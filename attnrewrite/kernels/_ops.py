@@ -81,7 +81,10 @@ def composite_op(name: str, schema: str, impl: Callable) -> torch._ops.OpOverloa
         empty = empty_output(*args[:3])
         if empty is None:
             return impl(*args, **kwargs)
-        check_qkv(*args[:3], what)  # an empty call is still checked: a malformed one raises as a full one does
+        # an empty call is still checked, so a malformed one raises as a full one does; batch sizes as SDPA
+        # takes them (0 against 1 broadcasts, 0 against 2 does not)
+        check_qkv(*args[:3], what, any_leading_dims=True)
+        torch.broadcast_shapes(*(x.shape[:1] for x in args[:3]))
         return empty
 
     _LIB.define(name + schema)

@@ -92,3 +92,9 @@ def test_a_malformed_empty_call_raises_as_a_full_one_does(kind, fault):
         call(2)
     with pytest.raises((TypeError, ValueError, RuntimeError)):
         call(0)
+
+
+def test_an_empty_batch_broadcasts_against_one_as_sdpa_does():
+    q, k, v = torch.randn(0, 2, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert ops.softmax_attention(q, k, v, is_causal=True).shape == want.shape
