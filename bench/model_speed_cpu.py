@@ -9,7 +9,9 @@ Models (``--models``, each built from a config, random weights, no download):
 - ``vit``: the ViT target (``attnrewrite/targets/vit.py``), 4 layers, width 256, 8 heads, 8x8 patches of a
   ``--vit-image`` (256) pixel image: T = (256/8)² + 1 = 1025 tokens, batch 1.
 
-Variants: ``eager`` (the model as written), ``inductor`` (``torch.compile(model)``) and, for each kind that
+Variants: ``eager`` (the model as written), ``inductor`` (``torch.compile(model)``), on request ``floor`` (an HF
+model whose attention returns its values, compiled by inductor: no attention work, so ``inductor / floor`` is
+the most "× inductor" any kind can reach on the machine) and, for each kind that
 applies to the model (``--kinds``; a kind applies unless the registry lists the model among its
 ``expected_skips``), ``torch.compile(model, backend="attnrewrite", options={"to": kind, "strict": True})`` —
 the rewritten graph compiled by inductor, every site rewritten, the kind's default options.
@@ -46,7 +48,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BASELINES = ("eager", "inductor")
+BASELINES = ("eager", "inductor", "floor")
 MODES = ("infer", "train")
 # the registry's name of a model like each benchmarked one (for Kind.expected_skips)
 REGISTRY_NAME = {"llama": "llama", "bert": "bert", "vit": "vit"}
@@ -138,11 +140,35 @@ class Variant:
     skipped: dict = field(default_factory=dict)  # mode -> reason
 
 
+def without_attention(module):
+    """A copy of an HF model whose attention layers return their values unchanged (per query head), compiled
+    by inductor: every other op of the model as it is, and no attention work at all — the time below which no
+    attention kind can bring the model, so ``inductor / floor`` bounds every kind's "× inductor"."""
+    import torch
+    from transformers import AttentionInterface
+
+    def values_only(module, query, key, value, attention_mask=None, **kwargs):
+        groups = query.shape[1] // value.shape[1]
+        out = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+        return out[:, :, -query.shape[2]:].transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("values_only", values_only)
+    floor = copy.deepcopy(module)
+    floor.set_attn_implementation("values_only")
+    return torch.compile(floor), floor
+
+
 def make_variants(work: Workload, kinds: list[str], baselines: list[str], compiler: str) -> list[Variant]:
     import torch
 
     variants = [Variant("eager", work.module, work.module),
                 Variant("inductor", torch.compile(work.module), work.module)]
+    if "floor" in baselines:
+        if hasattr(work.module, "set_attn_implementation"):
+            variants.append(Variant("floor", *without_attention(work.module)))
+        else:
+            print(f"  {work.model_name}: no floor row (not an HF model: its attention cannot be swapped out)",
+                  file=sys.stderr)
     variants = [v for v in variants if v.name in baselines]
     for kind in kinds:
         # each kind compiles its own copy: the same weights, separate gradients
@@ -172,7 +198,7 @@ def bench_workload(work: Workload, kinds: list[str], modes: list[str], baselines
     variants = make_variants(work, kinds, baselines, compiler)
     for variant in variants:
         for mode in modes:
-            if variant.name in BASELINES and work.dense_gib(mode) > dense_gib:
+            if variant.name in ("eager", "inductor") and work.dense_gib(mode) > dense_gib:
                 variant.skipped[mode] = f"dense scores ~{work.dense_gib(mode):.0f} GiB > --dense-gib {dense_gib:g}"
                 continue
             try:
@@ -271,7 +297,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--bert-length", type=int, default=512)
     parser.add_argument("--vit-image", type=int, default=256, help="ViT image side in pixels (8x8 patches)")
     parser.add_argument("--kinds", default=None, help="comma-separated kinds (default: every kind that applies)")
-    parser.add_argument("--baselines", default="eager,inductor", help="comma-separated subset of eager,inductor")
+    parser.add_argument("--baselines", default="eager,inductor",
+                        help="comma-separated subset of eager,inductor,floor (floor: HF models with attention "
+                             "replaced by 'return the values', compiled by inductor: the bound on every kind)")
     parser.add_argument("--modes", default="infer,train", help="comma-separated subset of infer,train")
     parser.add_argument("--compiler", default="inductor", choices=("inductor", "aot_eager", "eager"),
                         help="what compiles the rewritten graphs (default inductor; eager for a quick check)")
@@ -290,6 +318,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if any(m not in MODES for m in modes):
         parser.error(f"--modes takes {MODES}, got {args.modes!r}")
     baselines = [b for b in args.baselines.split(",") if b]
+    if any(b not in BASELINES for b in baselines):
+        parser.error(f"--baselines takes {BASELINES}, got {args.baselines!r}")
     wanted = args.kinds.split(",") if args.kinds else None
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
