@@ -24,12 +24,13 @@ SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=2)
 CASES = {
     # one sequence, not a multiple of the chunk: the packed launch equals the plain one's semantics
     "one_causal_learned": dict(lengths=[23], causal=True, learned=True),
-    # two sequences, the first ending inside a chunk and inside a tile, GQA, mean pooling
-    "two_causal_mean": dict(lengths=[19, 14], causal=True, learned=False),
+    # two sequences, the first ending inside a chunk and inside a tile, GQA, mean pooling, soft-capped scores
+    "two_causal_mean_softcap": dict(lengths=[19, 14], causal=True, learned=False, softcap=True),
     # three unequal sequences and an empty one, bidirectional (summaries on both sides), learned
     "three_bidirectional_learned": dict(lengths=[6, 0, 21, 10], causal=False, learned=True),
 }
 HQ, HKV, D, DV, CHUNK, WINDOW = 4, 2, 8, 6, 4, 1
+SOFTCAP = ("div 2.0; tanh; mul 2.0", lambda s: torch.tanh(s / 2.0) * 2.0)
 
 
 @pytest.fixture
@@ -61,13 +62,14 @@ def test_packed_kernels_match_the_reference(name, small_tiles):
     cu = _cu(case["lengths"])
     q, k, v, p, weights = _inputs(case["lengths"], name)
     kw = dict(is_causal=case["causal"], chunk_size=CHUNK, window_chunks=WINDOW)
+    text, mod = SOFTCAP if case.get("softcap") else (None, None)
 
     def kernel(q, k, v, p=None):
         return ops.summary_attention(q, k, v, enable_gqa=True, summary="learned" if p is not None else "mean",
-                                     summary_query=p, impl="triton", cu_seqlens=cu, **kw)
+                                     summary_query=p, impl="triton", cu_seqlens=cu, score_mod=text, **kw)
 
     def reference(q, k, v, p=None):
-        return naive_summary_attention(q, k, v, summary_query=p, cu_seqlens=cu, **kw)
+        return naive_summary_attention(q, k, v, summary_query=p, cu_seqlens=cu, score_mod=mod, **kw)
 
     learned = case["learned"]
     got = _run(kernel, (q, k, v, p), weights, torch.float32, learned)
