@@ -61,7 +61,8 @@ def summary_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, sc
             to back, ``cu_seqlens`` int32 or int64 [N+1] their starts (0, …, total; non-decreasing, so
             empty sequences are allowed).  Each sequence is its own summary attention, its chunks
             counted from its own start (no chunk spans two sequences); no ``attn_mask`` beside it.
-            Both paths take it (the kernels read each sequence's bounds on the device: no host sync).
+            Both paths take it (the kernels read each sequence's bounds on the device; an eager call reads
+            ``cu_seqlens`` back once to check it, a traced call does not).
 
     Returns:
         [B, Hq, T, Dv] in q's dtype (inside ``torch.autocast``: the inputs are cast to the autocast
