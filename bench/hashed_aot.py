@@ -1,6 +1,6 @@
 """Compile the hashed-attention kernels for a Hopper GPU on a machine without one, and report their resources.
 
-    python bench/hashed_aot.py [--arch 90] [--mods softcap,...]
+    python bench/hashed_aot.py [--arch 90] [--mods softcap,...] [--learned]
 
 The same compile-only pipeline as ``bench/sigmoid_aot.py`` (its driver and ``ptxas -v`` reader are
 reused): every kernel of :mod:`attnrewrite.kernels.hashed` — codes, selection, attention forward and
@@ -9,7 +9,8 @@ backward, and the three decode kernels — at the configuration a call would get
 specialise on (group size 1/4/8, head dims 64/128, 16- and 32-bit inputs, masks, padding).  Prints
 a markdown table: registers per thread, spilled bytes, shared memory.  ``--mods`` instead compiles the
 attention forward and backward (bf16, no bias) with each named score modification compiled in
-(``sigmoid_aot.SCORE_MODS``).  It never runs a kernel.
+(``sigmoid_aot.SCORE_MODS``); ``--learned`` instead the attention backward with learned hashes' straight-through
+gradient compiled in (``SOFT``: the soft codes' gradients, 64 bits, no bias).  It never runs a kernel.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import triton  # noqa: E402
 import sigmoid_aot as aot  # noqa: E402
 
 
-def _cases(mod: str = ""):
+def _cases(mod: str = "", learned: bool = False):
     """(label, kernel space name, compile function taking (launch, config)) for every variant; with ``mod`` (a
-    name of ``sigmoid_aot.SCORE_MODS``) the attention kernels only, bf16, with that modification."""
+    name of ``sigmoid_aot.SCORE_MODS``) the attention kernels only, bf16, with that modification; with
+    ``learned`` the attention backward only, with the learned hashes' soft codes."""
     from attnrewrite.kernels import score_mods
     from attnrewrite.kernels.hashed import spaces
     from attnrewrite.kernels.hashed.codes import random_hyperplanes
@@ -57,6 +59,11 @@ def _cases(mod: str = ""):
                 lse = torch.empty(batch, heads_kv * groups, length)
                 shape = spaces.shape_of(q, k, v, bits)
                 tag = f"D{head} g{groups} {name}" + (f" {mod}" if mod else "")
+                if learned:
+                    soft = (torch.empty(batch, heads_kv * groups, length, bits), torch.empty(batch, heads_kv, length, bits))
+                    yield (f"{tag} learned", "bwd", shape, lambda launch, c, a=(q, k, v, q, q, lse, index, None), s=soft:
+                           attend_backward(*a, 0.1, c, launch=launch, soft=s))
+                    continue
                 if mod:
                     yield (tag, "fwd", shape, lambda launch, c, a=(q, k, v, index, None):
                            attend_forward(*a, 0.1, c, launch=launch, program=program))
@@ -98,7 +105,7 @@ def main() -> int:
     print("| kernel | variant | config | regs | spill B | smem B |")
     print("|---|---|---|---|---|---|")
     failures = 0
-    cases = [case for mod in ARGS.mods for case in _cases(mod)] if ARGS.mods else _cases()
+    cases = [case for mod in ARGS.mods for case in _cases(mod)] if ARGS.mods else _cases(learned=ARGS.learned)
     for label, kernel, shape, compile_with in cases:
         config = spaces.fit(kernel, spaces.SPACES[kernel].default, shape)
         text = ",".join(f"{k}={v}" for k, v in config.items())
@@ -121,6 +128,8 @@ if __name__ == "__main__":
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     parser.add_argument("--mods", default="", help="instead: the attention kernels with these score modifications "
                         "(names of sigmoid_aot.SCORE_MODS, comma-separated)")
+    parser.add_argument("--learned", action="store_true", help="instead: the attention backward with learned hashes "
+                        "(the straight-through gradient's soft codes)")
     ARGS = parser.parse_args()
     ARGS.mods = [m for m in ARGS.mods.split(",") if m]
     if set(ARGS.mods) - set(aot.SCORE_MODS):

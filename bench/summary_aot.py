@@ -1,13 +1,13 @@
 """Compile the summary kernels for a Hopper GPU on a machine without one, and report their resources.
 
-    python bench/summary_aot.py [--arch 90] [--all] [--heads 64,128,256] [--features] [--mods softcap,...]
+    python bench/summary_aot.py [--arch 90] [--all] [--heads 64,128,256] [--features [gqa,varlen,...]] [--mods softcap,...]
 
 The pipeline and the report are those of ``bench/sigmoid_aot.py`` (its compile-only driver and its
 ``ptxas -v`` reading): registers per thread, spilled bytes, shared memory, whether the matrix products
 became wgmma instructions and whether ptxas serialised them (C7511).  Without ``--all`` the spaces'
 defaults are compiled for D = 64, 128 and 256, causal and not, bf16, chunk 8 and a window of 128
 chunks; ``--features`` compiles the input variants the kernels specialise on (GQA, key padding, odd
-head dims, fp16, fp32) at d128, causal.  The dK/dV kernel is compiled twice: over the raw keys
+head dims, fp16, fp32, three packed sequences: varlen) at d128, causal.  The dK/dV kernel is compiled twice: over the raw keys
 (``bwd_dkdv``) and over the summaries (``bwd_dkdv_summary``); ``decode`` is the decode kernel over a
 store slice (4 query heads per key/value head).  ``--mods`` compiles the defaults, causal, with each named
 score modification compiled in (``sigmoid_aot.SCORE_MODS``; not the decode kernel, which takes none).  It
@@ -43,13 +43,19 @@ def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: st
     from attnrewrite.kernels.summary.triton_decode import summary_decode
     from attnrewrite.kernels.summary.triton_fwd import summary_fwd
 
+    from attnrewrite.kernels.summary.packed import packing
+
     batch, heads_q, heads_kv, dim_v = 2, 4, 4, head
+    pack = None
+    if feature == "varlen":  # three packed sequences of unequal lengths, one not a multiple of the chunk
+        batch = 1
+        pack = packing(torch.tensor([0, 1000, 2501, LENGTH], dtype=torch.int32), LENGTH, CHUNK)
     if feature == "gqa":
         heads_kv = 1
     if feature == "odd_dims":
         head, dim_v = 80, 96
     dtype = {"fp16": torch.float16, "fp32": torch.float32}.get(feature, torch.bfloat16)
-    n_chunks = -(-LENGTH // CHUNK)
+    n_chunks = -(-LENGTH // CHUNK) if pack is None else pack.slots
     q = torch.empty(batch, heads_q, LENGTH, head, dtype=dtype)
     k = torch.empty(batch, heads_kv, LENGTH, head, dtype=dtype)
     v = torch.empty(batch, heads_kv, LENGTH, dim_v, dtype=dtype)
@@ -67,17 +73,17 @@ def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: st
         summary_decode(q[:, :, :1], store_k[:, :, :entries], store_v[:, :, :entries],
                        key_valid[:, :entries] if key_valid is not None else None, launch=launch, **config)
     elif kernel == "fwd":
-        summary_fwd(*common, 0.1, causal, CHUNK, WINDOW, config, launch=launch, program=program)
+        summary_fwd(*common, 0.1, causal, CHUNK, WINDOW, config, launch=launch, program=program, pack=pack)
     else:
         lse = torch.empty(batch, heads_q, LENGTH)
         which = {"bwd_dq": ("dq",), "bwd_dkdv": ("dkdv",), "bwd_dkdv_summary": ("dkdv_summary",)}[kernel]
         summary_bwd(*common, torch.empty_like(q[..., :dim_v]), lse, lse, 0.1, causal, CHUNK, WINDOW, config, config,
-                    launch=launch, kernels=which, program=program)
+                    launch=launch, kernels=which, program=program, pack=pack)
     (_, compiled), = launch.kernels
     return sigmoid_aot.resources(compiled)
 
 
-FEATURES = ("gqa", "padding", "odd_dims", "fp16", "fp32")
+FEATURES = ("gqa", "padding", "odd_dims", "fp16", "fp32", "varlen")
 KERNELS = ("fwd", "bwd_dq", "bwd_dkdv", "bwd_dkdv_summary", "decode")
 DECODE_CONFIG = {"block_n": 64, "num_warps": 4}  # summary_decode's defaults (no tuning space yet)
 
@@ -106,8 +112,10 @@ def main(args) -> int:
                     space = spaces.SPACES[f"{_space_kernel(kernel)}_d{head}"]
                     plan.append((kernel, head, True, feature, dict(space.default)))
     elif args.features:
-        for feature in FEATURES:
+        for feature in args.features:
             for kernel in KERNELS:
+                if kernel == "decode" and feature == "varlen":  # decoding is one sequence per cache row
+                    continue
                 if kernel == "decode":
                     plan.append((kernel, 128, True, feature, dict(DECODE_CONFIG)))
                     continue
@@ -145,8 +153,9 @@ if __name__ == "__main__":
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     parser.add_argument("--all", action="store_true", help="every valid point of each space at T = 4096, causal")
     parser.add_argument("--heads", default="64,128,256", help="head-dim classes to compile (default: all)")
-    parser.add_argument("--features", action="store_true",
-                        help="instead: the input variants (GQA, padding, odd dims, fp16, fp32) at d128")
+    parser.add_argument("--features", nargs="?", const=",".join(FEATURES), default="",
+                        help="instead: the input variants (GQA, padding, odd dims, fp16, fp32, packed sequences) "
+                        "at d128; optionally only these (comma-separated names of FEATURES)")
     parser.add_argument("--mods", default="", help="instead: these score modifications (names of "
                         "sigmoid_aot.SCORE_MODS, comma-separated) at the default configs, causal")
     parsed = parser.parse_args()
@@ -155,4 +164,7 @@ if __name__ == "__main__":
     if unknown:
         parser.error(f"unknown --mods {sorted(unknown)}; known: {', '.join(sigmoid_aot.SCORE_MODS)}")
     parsed.heads = [int(h) for h in parsed.heads.split(",")]
+    parsed.features = [f for f in parsed.features.split(",") if f]
+    if set(parsed.features) - set(FEATURES):
+        parser.error(f"unknown --features {sorted(set(parsed.features) - set(FEATURES))}; known: {', '.join(FEATURES)}")
     sys.exit(main(parsed))

@@ -54,9 +54,6 @@ def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
     if options.get("impl") == "triton" and options.get("far_dtype") not in (None, *TRITON_FAR_DTYPES):
         return (f"impl='triton' with far_dtype={options['far_dtype']!r} (the Triton kernels round far keys through "
                 f"{TRITON_FAR_DTYPES} only; impl='auto' or 'torch' runs it on the torch path)")
-    if options.get("impl") == "triton" and options.get("hash") == "learned":
-        return ("impl='triton' with hash='learned' (the Triton kernels do not implement the learned "
-                "projections' straight-through gradient; use impl='auto' or 'torch')")
     reason, spec = applied_score_mod(spec, options)  # applied by the op; the rest as for any site
     if reason is not None:
         return reason

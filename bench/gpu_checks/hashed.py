@@ -1,7 +1,8 @@
 """GPU check of the hashed-attention kernels (part of bench/gpu_check.py).
 
 correctness: the Triton path (``impl="triton"``) in bf16 and fp16 — causal GQA, key padding, an
-additive bias, a decode step over a HashedCache's stores — against float64: the torch path run on the
+additive bias, learned hashes (the projections' straight-through gradients too), a decode step over a
+HashedCache's stores — against float64: the torch path run on the
 inputs rounded to the dtype and then widened (so both see the same codes), which is the reference's
 semantics at these sizes (reference.py itself is too slow beyond toy shapes).  The selected sets must
 equal the torch path's exactly (row "selection"); outputs and gradients are bounded by
@@ -111,6 +112,41 @@ def _prefill_rows(device, dtype, mask_name) -> list[dict]:
     return rows
 
 
+def _learned_row(device, dtype) -> dict:
+    """hash="learned" (per-head projections, float32 parameters): output, dq, dk, dv and the two projections'
+    straight-through gradients of the kernels against the torch path in float64, by the same rule."""
+    from attnrewrite import ops
+    from attnrewrite.kernels.hashed.codes import random_hyperplanes
+
+    s = CORRECT_SIZE
+    g = torch.Generator().manual_seed(13)
+    make = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+    q, k, v = (make(s["batch"], s["heads_q"], s["length"], s["dim"]), make(s["batch"], s["heads_kv"], s["length"], s["dim"]),
+               make(s["batch"], s["heads_kv"], s["length"], s["dim"]))
+    plane = random_hyperplanes(s["dim"], OPTIONS["bits"], 0).float()
+    projections = [(plane + 0.3 * torch.randn(heads, s["dim"], OPTIONS["bits"], generator=g)).to(device)
+                   for heads in (s["heads_q"], s["heads_kv"])]
+    upstream = torch.randn(q.shape, generator=g).to(device, torch.float64)
+
+    def run(impl, cast):
+        leaves = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        planes = [p.detach().clone().requires_grad_() for p in projections]
+        out = ops.hashed_attention(*leaves, is_causal=True, enable_gqa=True, hash="learned", projections=tuple(planes),
+                                   impl=impl, **OPTIONS)
+        grads = torch.autograd.grad((out.double() * upstream).sum(), leaves + planes)
+        return dict(zip(("out", "dq", "dk", "dv", "d_q_projection", "d_k_projection"), (out.detach(),) + grads))
+
+    exact, plain, ours = run("torch", torch.float64), run("torch", dtype), run("triton", dtype)
+    scored = []
+    for name, expected in exact.items():
+        bound = error_budget(plain[name], expected, dtype, band=rounding_band(dtype, expected, length=s["length"]))
+        err = max_error(ours[name], expected)
+        scored.append((err / bound if bound > 0 and math.isfinite(err) else float("inf"), name, err, bound))
+    _, name, err, bound = max(scored)
+    return {"case": f"causal GQA T={s['length']} hash=learned", "dtype": str(dtype).removeprefix("torch."),
+            "worst": name, "max_err": err, "bound": bound, "ok": err <= bound}
+
+
 def _decode_row(device, dtype) -> dict:
     from attnrewrite import ops
     from attnrewrite.decode.hashed import HashedLayer
@@ -146,6 +182,8 @@ def correctness(device) -> list[dict]:
             for mask_name in ("none", "padding", "bias"):
                 rows += _prefill_rows(device, dtype, mask_name)
                 print(rows[-1], flush=True)
+            rows.append(_learned_row(device, dtype))
+            print(rows[-1], flush=True)
             rows.append(_decode_row(device, dtype))
             print(rows[-1], flush=True)
     return rows

@@ -2,7 +2,7 @@
 
 Correctness: the Triton path (``impl="triton"``) on causal and bidirectional calls, GQA, key padding
 (a hole, right padding covering whole chunks), mean and learned summaries, D = 64/128 and an odd head
-dim, against the torch path in float64 (itself equal to ``reference.py`` to 1e-13 in float64, tested
+dim, packed sequences (``cu_seqlens``), against the torch path in float64 (itself equal to ``reference.py`` to 1e-13 in float64, tested
 on the CPU; ``reference.py`` loops over queries in Python, too slow at these lengths); every output
 and gradient (q, k, v, the pooling queries) is a row with bound = 2 x the torch path's error at the
 same precision + two ulps (the rule of ``attnrewrite.testing.numerics``).
@@ -48,6 +48,8 @@ CASES = [  # (name, dtype, (batch, heads_q, heads_kv, T, D, Dv), options)
     ("causal learned, odd dims D=80 Dv=96", torch.float16, (1, 4, 4, 500, 80, 96),
      dict(chunk_size=16, window_chunks=4, learned=True)),
     ("causal, window 0, chunk 32 d128", torch.bfloat16, (1, 4, 4, 1000, 128, 128), dict(chunk_size=32, window_chunks=0)),
+    ("packed 300+517+183 (cu_seqlens), learned gqa 8/2 d128", torch.bfloat16, (1, 8, 2, 1000, 128, 128),
+     dict(chunk_size=8, window_chunks=16, learned=True, packed=(300, 517, 183))),
 ]
 
 
@@ -66,6 +68,12 @@ def _case_inputs(device, gen, batch, heads_q, heads_kv, length, dim, dim_v, opti
         valid[-1, 5:9] = False
         valid[-1, -(length // 5):] = False
         options["attn_mask"] = valid[:, None, None]
+    packed = options.pop("packed", None)
+    if packed is not None:  # sequences back to back in the one batch row
+        starts = [0]
+        for n in packed:
+            starts.append(starts[-1] + n)
+        options["cu_seqlens"] = torch.tensor(starts, dtype=torch.int32, device=device)
     options["enable_gqa"] = heads_q != heads_kv
     return tensors, options
 

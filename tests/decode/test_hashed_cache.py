@@ -164,10 +164,11 @@ def test_transformers_padded_positions_without_the_mask_are_refused():
         cache.update(k[:, :, :1], v[:, :, :1], 0, {"query_states": q}, kwargs={"position_ids": torch.tensor([[0], [1]])})
 
 
-@pytest.mark.parametrize("top_k,window,sinks", [(37, 5, 3), (600, 0, 0)])
-def test_decode_selection_on_the_kernels_equals_the_torch_selection(top_k, window, sinks, monkeypatch):
+@pytest.mark.parametrize("top_k,window,sinks,learned", [(37, 5, 3, False), (600, 0, 0, False), (37, 5, 3, True)])
+def test_decode_selection_on_the_kernels_equals_the_torch_selection(top_k, window, sinks, learned, monkeypatch):
     """On CUDA a step's selection runs on the Triton decode kernels (forced here, under the interpreter on
-    the CPU): the same indices, in the same ascending layout, as the histogram selection in torch."""
+    the CPU): the same indices, in the same ascending layout, as the histogram selection in torch — with
+    learned hashes too (one projection per head)."""
     from attnrewrite.decode import hashed
 
     if hashed._triton_decode is None:
@@ -177,10 +178,21 @@ def test_decode_selection_on_the_kernels_equals_the_torch_selection(top_k, windo
     if not torch.cuda.is_available() and not triton_ops.interpreter_active():
         pytest.skip("the kernels need a GPU or TRITON_INTERPRET=1")
     q, k, v = random_qkv(500, b=2, d=8, seed=4)
-    layer = HashedLayer(bits=8, top_k=top_k, window=window, sinks=sinks)  # 8 bits: many ties
+    projections = None
+    if learned:  # moved apart from the shared draw, per head
+        state = HashProjections(4, 2, 8, 8, seed=0).double()
+        g = torch.Generator().manual_seed(9)
+        projections = tuple(p.detach() + 0.5 * torch.randn(p.shape, generator=g, dtype=torch.float64)
+                            for p in (state.q_projection, state.k_projection))
+    layer = HashedLayer(bits=8, top_k=top_k, window=window, sinks=sinks, learned=projections)  # 8 bits: many ties
     layer.prepare(2, 4, 2, 8, torch.float64, "cpu")
     layer.append(k, v)
     want, _ = layer.select_decode(q[:, :, -1:])
+    if learned:  # the learned codes select other keys than the shared draw would
+        shared = HashedLayer(bits=8, top_k=top_k, window=window, sinks=sinks)
+        shared.prepare(2, 4, 2, 8, torch.float64, "cpu")
+        shared.append(k, v)
+        assert not torch.equal(shared.select_decode(q[:, :, -1:])[0], want)
     monkeypatch.setattr(hashed, "decode_on_kernels", lambda q: True)
     got, slots = layer.select_decode(q[:, :, -1:])
     assert slots is None and got.dtype == want.dtype

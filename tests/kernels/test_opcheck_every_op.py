@@ -92,6 +92,13 @@ def _run_paths(layout: str) -> None:
         ops.hashed_attention(q, k, v, is_causal=True, enable_gqa=True, bits=8, top_k=2, window=2, sinks=1),
         ops.hashed_attention(q, k, v, is_causal=True, enable_gqa=True, bits=8, top_k=2, window=2, sinks=1,
                              impl="triton"),
+        # packed sequences on the summary kernels; learned hashes on the hashed kernels (the projections' gradient)
+        ops.summary_attention(q, k, v, enable_gqa=True, chunk_size=2, window_chunks=1, impl="triton",
+                              cu_seqlens=torch.tensor([0, 3, T], device=DEVICE)),
+        ops.hashed_attention(q, k, v, is_causal=True, enable_gqa=True, bits=8, top_k=2, window=2, sinks=1,
+                             hash="learned", impl="triton",
+                             projections=(torch.randn(H, D, 8, device=DEVICE, requires_grad=True),
+                                          torch.randn(HKV, D, 8, device=DEVICE, requires_grad=True))),
         ops.sliding_window_attention(q, k, v, enable_gqa=True, window=3, sinks=1, impl="triton"),
         # the ops' score-modification argument (soft-capping), on each path that applies one
         sigmoid_attention_dispatch(q, k, v, is_causal=True, enable_gqa=True, impl="torch", score_mod=SOFTCAP),

@@ -115,10 +115,8 @@ def _selection_shape(q: Tensor, k: Tensor, top_k: int, window: int, sinks: int) 
 
 def _no_selection(q: Tensor, k: Tensor, top_k: int, window: int, sinks: int) -> Tensor:
     """The selection output of a call the compiled loop covers that ran on the torch path (more threads)."""
-    selection = torch.empty(_selection_shape(q, k, top_k, window, sinks), dtype=torch.int32)
-    if selection.numel():
-        selection.view(-1)[0] = NOT_SELECTED
-    return selection
+    # filled, not empty: the output must be the same on every run (torch.compile's checks compare it)
+    return torch.full(_selection_shape(q, k, top_k, window, sinks), NOT_SELECTED, dtype=torch.int32)
 
 
 def _has_selection(selection: Optional[Tensor]) -> bool:

@@ -46,7 +46,7 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
         hash: ``"random"`` — Gaussian hyperplanes drawn from ``seed``, the same for queries and keys
             (no training) — or ``"learned"`` with ``projections=(P_q [Hq, D, bits], P_k [Hkv, D, bits])``.
         impl: ``"auto"`` runs the Triton kernels (:mod:`attnrewrite.kernels.hashed.triton_ops`) on CUDA
-            for float16, bfloat16 and float32 with ``hash="random"`` and the torch path otherwise;
+            for float16, bfloat16 and float32 (random and learned hashes) and the torch path otherwise;
             ``"triton"`` always runs the kernels (on the CPU only under ``TRITON_INTERPRET=1``) or
             raises, naming why; ``"torch"`` runs the torch path (``attnrewrite::hashed_attention_torch``).
             Both select the same keys.
@@ -86,7 +86,7 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
         return empty_output(q, k, v, no_keys=True)
     if _path(impl, q, v, hash, score_mod, far_dtype) == "triton":
         return _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window,
-                           sinks, hash, seed, parse_score_mod(score_mod), far_dtype)
+                           sinks, hash, seed, parse_score_mod(score_mod), far_dtype, q_projection, k_projection)
     return torch.ops.attnrewrite.hashed_attention_torch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                         bits=bits, top_k=top_k, window=window, sinks=sinks,
                                                         hash=hash, q_projection=q_projection,
@@ -95,8 +95,7 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
 
 
 def _path(impl: str, q, v, hash: str, score_mod: str | None = None, far_dtype: str | None = None) -> str:
-    refusal = ("the Triton kernels do not implement hash='learned' (the projections' straight-through "
-               "gradient)") if hash == "learned" else None
+    refusal = None
     if score_mod:
         refusal = score_mod_refusal(parse_score_mod(score_mod)) or refusal
     if far_dtype is not None:
@@ -112,13 +111,16 @@ def _path(impl: str, q, v, hash: str, score_mod: str | None = None, far_dtype: s
 
 
 def _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window, sinks, hash, seed,
-                program=None, far_dtype=None):
+                program=None, far_dtype=None, q_projection=None, k_projection=None):
     _op.check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
-                     None, None)
+                     q_projection, k_projection)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    hyperplanes = torch.ops.attnrewrite.hashed_hyperplanes(q.shape[-1], bits, seed, q.device)
+    if hash == "learned":  # float64 as the torch path projects; the cast passes the projections' gradient on
+        proj_q, proj_k = (p.to(q.device, torch.float64) for p in (q_projection, k_projection))
+    else:
+        proj_q = proj_k = torch.ops.attnrewrite.hashed_hyperplanes(q.shape[-1], bits, seed, q.device)
     mask = None if attn_mask is None else attn_mask.to(q.device)
-    return _triton.hashed_attention_triton(q, k, v, mask, hyperplanes, hyperplanes, is_causal, scale, top_k, window,
+    return _triton.hashed_attention_triton(q, k, v, mask, proj_q, proj_k, is_causal, scale, top_k, window,
                                            sinks, program, far_dtype)
 
 

@@ -18,6 +18,13 @@ key is far (neither a sink nor in the window, :func:`attnrewrite.kernels.hashed.
 gathered key and value rows are rounded through the far dtype (to it and back to float32) before use, in the
 forward and the backward, and dK, dV flow straight through that rounding (reference step 5).
 
+Learned hashes (``SOFT``, the op's ``hash="learned"``): the backward also gives the straight-through estimate
+of :mod:`attnrewrite.kernels.hashed.sparse`.  Each selected key's logit is treated as if it held the soft
+agreement Σ_b tanh(q·P_q,b)·tanh(k·P_k,b) / bits, so with dS the softmax's gradient at its input (before the
+score modification's derivative) the soft codes get Σ_s dS·s̃_k / bits per query head (stored) and
+Σ_g dS·s̃_q / bits per selected key (atomic adds).  The soft codes come in as float32 tensors; the
+projections' gradients are taken from theirs in torch (:mod:`.triton_ops`).
+
 The products are broadcast multiply-and-sum rather than ``tl.dot``: a group is 1–8 heads, below the
 16 rows a tensor-core product needs, and each row has its own gathered keys.
 """
@@ -126,7 +133,8 @@ def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, Far, heads_kv, n_slots,
 
 
 @triton.jit
-def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, Far, heads_kv, n_slots, scale,
+def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, Far, SoftQ, SoftK, DSoftQ, DSoftK,
+                           heads_kv, n_slots, scale, inv_bits,
                            mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                            stride_qb, stride_qh, stride_qt,
                            stride_kb, stride_kh, stride_kt,
@@ -140,12 +148,22 @@ def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, Far, 
                            stride_dkb, stride_dkh, stride_dkt,
                            stride_dvb, stride_dvh, stride_dvt,
                            stride_fb, stride_fh, stride_ft,
+                           stride_sqb, stride_sqh, stride_sqt,
+                           stride_skb, stride_skh, stride_skt,
                            G: tl.constexpr, D: tl.constexpr, DVAL: tl.constexpr, BLOCK_G: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, MOD_FN: tl.constexpr = -1, FAR: tl.constexpr = 0):
+                           HAS_BIAS: tl.constexpr, MOD_FN: tl.constexpr = -1, FAR: tl.constexpr = 0,
+                           SOFT: tl.constexpr = False, BITS: tl.constexpr = 8, BLOCK_BITS: tl.constexpr = 8):
     i = tl.program_id(0)
     b, h, offs_g, g_ok, heads, offs_d, offs_dv, d_ok, dv_ok = group_program(tl.program_id(1), heads_kv, G, D, DVAL,
                                                                             BLOCK_G, BLOCK_D, BLOCK_DV)
+    offs_c = tl.arange(0, BLOCK_BITS)
+    c_ok = offs_c < BITS
+    if SOFT:  # the group's soft query codes, and the soft codes' gradients (module docstring)
+        soft_q = _load_group(SoftQ + b * stride_sqb + i * stride_sqt, stride_sqh, heads, g_ok, offs_c, c_ok, 0.0)
+        sk_base = SoftK + b * stride_skb + h * stride_skh
+        dsk_base = DSoftK + b * stride_skb + h * stride_skh
+        d_soft_q = tl.zeros((BLOCK_G, BLOCK_BITS), dtype=tl.float32)
     q = _load_group(Q + b * stride_qb + i * stride_qt, stride_qh, heads, g_ok, offs_d, d_ok, 0.0)
     o = _load_group(Out + b * stride_ob + i * stride_ot, stride_oh, heads, g_ok, offs_dv, dv_ok, 0.0)
     do = _load_group(DOut + b * stride_dob + i * stride_dot, stride_doh, heads, g_ok, offs_dv, dv_ok, 0.0)
@@ -169,6 +187,12 @@ def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, Far, 
         p = tl.where(ok[None, :] & g_ok[:, None], tl.exp(s - lse[:, None]), 0.0)         # [G, S]
         dp = tl.sum(do[:, None, :] * v[None, :, :], axis=2)
         ds = p * (dp - delta[:, None])
+        if SOFT:  # the straight-through estimate, from ds at the logit (before the modification's derivative)
+            d_agree = ds * inv_bits                                                     # [G, S]
+            soft_k = _gather_rows(sk_base, stride_skt, rows, ok, offs_c, c_ok)          # [S, BITS]
+            d_soft_q += tl.sum(d_agree[:, :, None] * soft_k[None, :, :], axis=1)
+            tl.atomic_add(dsk_base + rows[:, None] * stride_skt + offs_c[None, :],
+                          tl.sum(d_agree[:, :, None] * soft_q[:, None, :], axis=0), mask=ok[:, None] & c_ok[None, :])
         if MOD_FN >= 0:  # the gradient of the unmodified score
             ds = ds * d_mod
         dq += tl.sum(ds[:, :, None] * k[None, :, :], axis=1)
@@ -179,6 +203,9 @@ def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, Far, 
                       mask=ok[:, None] & dv_ok[None, :])
     tl.store(DQ + b * stride_dqb + heads[:, None] * stride_dqh + i * stride_dqt + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    if SOFT:
+        tl.store(DSoftQ + b * stride_sqb + heads[:, None] * stride_sqh + i * stride_sqt + offs_c[None, :], d_soft_q,
+                 mask=g_ok[:, None] & c_ok[None, :])
 
 
 def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
@@ -237,31 +264,54 @@ def attend_forward(q, k, v, index, bias, scale: float, config: dict | None = Non
     return out, lse
 
 
+def _soft_args(soft, q: torch.Tensor, k: torch.Tensor):
+    """(soft_q, soft_k, d_soft_q, d_soft_k), their six (batch, head, row) strides and the SOFT/BITS constexprs of
+    the straight-through estimate; unread pointers and SOFT=False when ``soft`` is None."""
+    if soft is None:
+        return (q, q, q, q), (0,) * 6, dict(SOFT=False)
+    soft_q, soft_k = (x.float().contiguous() for x in soft)
+    bits = soft_q.shape[-1]
+    expected = (tuple(q.shape[:3]) + (bits,), tuple(k.shape[:3]) + (bits,))
+    if (tuple(soft_q.shape), tuple(soft_k.shape)) != expected:
+        raise ValueError(f"soft codes must be [B, Hq, Tq, bits] and [B, Hkv, Tk, bits] = {expected}, got "
+                         f"{tuple(soft_q.shape)} and {tuple(soft_k.shape)}")
+    d_soft_q, d_soft_k = torch.zeros_like(soft_q), torch.zeros_like(soft_k)
+    strides = soft_q.stride()[:3] + soft_k.stride()[:3]
+    return (soft_q, soft_k, d_soft_q, d_soft_k), strides, dict(SOFT=True, BITS=bits,
+                                                               BLOCK_BITS=triton.next_power_of_2(bits))
+
+
 def attend_backward(q, k, v, out, grad, lse, index, bias, scale: float, config: dict | None = None,
                     launch=lambda kernel: kernel, program=None, far: torch.Tensor | None = None,
-                    far_dtype: torch.dtype | None = None):
+                    far_dtype: torch.dtype | None = None, soft=None):
     """(dq, dk, dv) of :func:`attend_forward` (``program``, ``far``, ``far_dtype`` as there), in the inputs' dtypes
-    (dK and dV summed in float32; straight through the far rounding)."""
+    (dK and dV summed in float32; straight through the far rounding).
+
+    ``soft``: None, or the soft codes (tanh(q·P_q) [B, Hq, Tq, bits], tanh(k·P_k) [B, Hkv, Tk, bits]) of learned
+    hashes; then (dq, dk, dv, d_soft_q, d_soft_k), the last two float32: the straight-through estimate's
+    gradients of the soft codes (module docstring)."""
     batch, _, len_q, dim = q.shape
     heads_kv = k.shape[1]
     config = config or {"BLOCK_S": 32, "num_warps": 4}
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    softs, soft_strides, soft_flags = _soft_args(soft, q, k)
+    d_soft = () if soft is None else softs[2:]
     if q.numel() == 0 or index.shape[-1] == 0:
-        return dq.zero_(), dk.to(k.dtype), dv.to(v.dtype)
+        return (dq.zero_(), dk.to(k.dtype), dv.to(v.dtype), *d_soft)
     mod, mod_fn = mod_args(program, float(scale), log2=False)
     far, *far_strides, far_code = _far_args(far, far_dtype, index)
     grid = (len_q, batch * heads_kv)
     launch(hashed_attn_bwd_kernel)[grid](
-        q, k, v, out, grad, lse, index, q if bias is None else bias, dq, dk, dv, far, heads_kv, index.shape[-1],
-        float(scale), *mod,
+        q, k, v, out, grad, lse, index, q if bias is None else bias, dq, dk, dv, far, *softs, heads_kv,
+        index.shape[-1], float(scale), 1.0 / soft_flags.get("BITS", 8), *mod,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         grad.stride(0), grad.stride(1), grad.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         index.stride(0), index.stride(1), index.stride(2), *_strides3(bias),
         dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2), *far_strides,
+        dv.stride(0), dv.stride(1), dv.stride(2), *far_strides, *soft_strides,
         D=dim, DVAL=v.shape[-1], BLOCK_S=config["BLOCK_S"], HAS_BIAS=bias is not None, MOD_FN=mod_fn, FAR=far_code,
-        num_warps=config["num_warps"], **_blocks(q, v, heads_kv))
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+        num_warps=config["num_warps"], **soft_flags, **_blocks(q, v, heads_kv))
+    return (dq, dk.to(k.dtype), dv.to(v.dtype), *d_soft)

@@ -6,10 +6,13 @@ for CUDA, ``<name>_interpreted`` for CPU tensors under ``TRITON_INTERPRET=1``):
 - ``attnrewrite::hashed_attention_fwd`` — codes (:mod:`.triton_codes`), selection
   (:mod:`.triton_select`) and attention over the selected keys (:mod:`.triton_attn`); returns
   (out, log-sum-exp, selection), the last two saved for the backward;
-- ``attnrewrite::hashed_attention_bwd`` — dQ, dK, dV over the saved selection.
+- ``attnrewrite::hashed_attention_bwd`` — dQ, dK, dV over the saved selection, and with learned hashes the
+  projections' straight-through gradients (those of :func:`attnrewrite.kernels.hashed.sparse.hashed_attention_backward`:
+  the kernel gives the soft codes' gradients, torch takes them through tanh and the projections).
 
 The projections come in as float64 tensors (:func:`attnrewrite.kernels.hashed.codes.projections`),
-so the random hyperplanes are drawn outside the traced operator.  Kernel configurations come from
+so the random hyperplanes are drawn outside the traced operator; learned projections [H, D, bits] come in as
+the model's parameters cast to float64, and their gradient flows back through that cast.  Kernel configurations come from
 :mod:`.spaces` (a device's table, else the defaults).
 """
 
@@ -25,8 +28,9 @@ from attnrewrite.kernels._ops import traceable, triton_ops
 from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
 from . import spaces
+from .codes import project
 from .op import far_dtype_of
-from .sparse import far_slots
+from .sparse import far_slots, work_dtype
 from .triton_attn import attend_backward, attend_forward
 from .triton_codes import hashed_codes_kernel, pack_codes
 from .triton_select import select_keys
@@ -102,35 +106,56 @@ def _forward_fake(q, k, v, attn_mask, proj_q, proj_k, is_causal, scale, top_k, w
 
 def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, index: Tensor,
               attn_mask: Optional[Tensor], scale: float, score_mod: str = "", far_dtype: str = "",
-              is_causal: bool = False, window: int = 0, sinks: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of :func:`_forward` over its saved selection and log-sum-exp (``is_causal``, ``window`` and
-    ``sinks`` as the forward's: they place the far slots when ``far_dtype`` is set)."""
+              is_causal: bool = False, window: int = 0, sinks: int = 0, proj_q: Optional[Tensor] = None,
+              proj_k: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, d_proj_q, d_proj_k) of :func:`_forward` over its saved selection and log-sum-exp
+    (``is_causal``, ``window`` and ``sinks`` as the forward's: they place the far slots when ``far_dtype`` is
+    set).  ``proj_q``/``proj_k``: the learned projections (float64 [H, D, bits]) whose straight-through
+    gradients are wanted, or None (then the last two are empty)."""
     q, k, v, out, grad = (_unit_last_stride(t) for t in (q, k, v, out, grad))
     _, bias = mask_views(attn_mask)
     config = spaces.config_for("bwd", spaces.shape_of(q, k, v, 8), q.device, tensors=(q,))
     far = far_flags(index, attn_mask, is_causal, k.shape[2], sinks, window, far_dtype)
-    return attend_backward(q, k, v, out, grad, lse, index, bias, scale, config, launch=traceable,
-                           program=parse_score_mod(score_mod), far=far, far_dtype=far_dtype_of(far_dtype or None))
+    soft = None
+    if proj_q is not None:  # the soft codes of the straight-through estimate, in the torch path's work dtype
+        dtype = work_dtype(q.dtype)
+        soft = (torch.tanh(project(q, proj_q).to(dtype)), torch.tanh(project(k, proj_k).to(dtype)))
+    grads = attend_backward(q, k, v, out, grad, lse, index, bias, scale, config, launch=traceable,
+                            program=parse_score_mod(score_mod), far=far, far_dtype=far_dtype_of(far_dtype or None),
+                            soft=soft)
+    if soft is None:
+        return (*grads, q.new_empty(0), q.new_empty(0))
+    dq, dk, dv, d_soft_q, d_soft_k = grads
+    d_projections = []
+    for x, s, d_s, projection in ((q, soft[0], d_soft_q, proj_q), (k, soft[1], d_soft_k, proj_k)):
+        d_pre = d_s.to(s.dtype) * (1 - s.square())                                   # through tanh
+        d_projections.append(torch.einsum("bhtd,bhtn->hdn", x.to(s.dtype), d_pre).to(projection.dtype).contiguous())
+    return dq, dk, dv, *d_projections
 
 
 def _backward_fake(grad, q, k, v, out, lse, index, attn_mask, scale, score_mod="", far_dtype="", is_causal=False,
-                   window=0, sinks=0):
+                   window=0, sinks=0, proj_q=None, proj_k=None):
+    d_proj = (q.new_empty(0), q.new_empty(0)) if proj_q is None else (proj_q.new_empty(proj_q.shape),
+                                                                      proj_k.new_empty(proj_k.shape))
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
-        torch.empty_like(v, memory_format=torch.contiguous_format)
+        torch.empty_like(v, memory_format=torch.contiguous_format), *d_proj
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, _proj_q, _proj_k, causal, scale, _top_k, window, sinks, score_mod, far_dtype = inputs
+    q, k, v, attn_mask, proj_q, proj_k, causal, scale, _top_k, window, sinks, score_mod, far_dtype = inputs
     out, lse, index = output
-    ctx.save_for_backward(q, k, v, attn_mask, out, lse, index)
+    ctx.save_for_backward(q, k, v, attn_mask, out, lse, index, proj_q, proj_k)
     ctx.scale, ctx.score_mod, ctx.far = scale, score_mod, (far_dtype, causal, window, sinks)
 
 
 def _autograd(ctx, grad_out, _grad_lse, _grad_index):
-    q, k, v, attn_mask, out, lse, index = ctx.saved_tensors
-    dq, dk, dv = BWD.on(q.device)(grad_out, q, k, v, out, lse, index, attn_mask, ctx.scale, ctx.score_mod, *ctx.far)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    q, k, v, attn_mask, out, lse, index, proj_q, proj_k = ctx.saved_tensors
+    learned = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]  # learned projections that want a gradient
+    dq, dk, dv, d_pq, d_pk = BWD.on(q.device)(grad_out, q, k, v, out, lse, index, attn_mask, ctx.scale, ctx.score_mod,
+                                              *ctx.far, proj_q if learned else None, proj_k if learned else None)
+    return (dq, dk, dv, None, d_pq if learned else None, d_pk if learned else None, None, None, None, None, None,
+            None, None)
 
 
 BWD = triton_ops("hashed_attention_bwd", _backward, fake=_backward_fake)
@@ -140,7 +165,9 @@ FWD = triton_ops("hashed_attention_fwd", _forward, fake=_forward_fake, backward=
 
 def hashed_attention_triton(q, k, v, attn_mask, proj_q, proj_k, is_causal: bool, scale: float, top_k: int,
                             window: int, sinks: int, program=None, far_dtype: str | None = None) -> Tensor:
-    """Hashed attention on the kernels, for the tensors' device; differentiable in q, k and v.  ``program``: a
+    """Hashed attention on the kernels, for the tensors' device; differentiable in q, k and v, and in
+    ``proj_q``/``proj_k`` (float64, [D, bits] or [H, D, bits]) by the straight-through estimate when they
+    require a gradient (learned hashes).  ``program``: a
     :class:`~attnrewrite.kernels.score_mods.ScoreProgram` applied to the selected keys' scores, or None;
     ``far_dtype``: None or a name from ``FAR_DTYPES`` (the far keys and values rounded through it)."""
     out, _, _ = FWD.on(q.device)(q, k, v, attn_mask, proj_q, proj_k, bool(is_causal), float(scale), int(top_k),

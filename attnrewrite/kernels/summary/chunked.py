@@ -53,6 +53,13 @@ def _pooling_weights(k_chunks: torch.Tensor, key_valid: torch.Tensor | None, len
     batch, _, chunks, chunk_size, dim = k_chunks.shape
     valid = torch.ones(batch, length, dtype=torch.bool, device=k_chunks.device) if key_valid is None else key_valid
     valid = F.pad(valid, (0, chunks * chunk_size - length), value=False).view(batch, 1, chunks, chunk_size)
+    return pooling_weights(k_chunks, valid, summary_query)
+
+
+def pooling_weights(k_chunks: torch.Tensor, valid: torch.Tensor, summary_query: torch.Tensor | None):
+    """(weights [B, 1 or Hkv, N, C] in k_chunks' dtype, exists bool [B, N]) from the chunks' keys
+    k_chunks [B, Hkv, N, C, D] and which of their slots hold a real token, ``valid`` bool [B, 1, N, C]."""
+    dim = k_chunks.shape[-1]
     exists = valid.any(-1)                                                         # [B, 1, N]
     dtype = k_chunks.dtype
     if summary_query is None:
@@ -60,6 +67,25 @@ def _pooling_weights(k_chunks: torch.Tensor, key_valid: torch.Tensor | None, len
     scores = torch.einsum("bkncd,kd->bknc", k_chunks, summary_query.to(dtype)) / math.sqrt(dim)
     scores = scores.masked_fill(~valid, torch.finfo(dtype).min)
     return torch.softmax(scores, dim=-1) * exists.unsqueeze(-1).to(dtype), exists[:, 0]
+
+
+def pooling_backward(dk_sum: torch.Tensor, dv_sum: torch.Tensor, k_chunks: torch.Tensor, v_chunks: torch.Tensor,
+                     weights: torch.Tensor, summary_query: torch.Tensor | None):
+    """(dk_chunks [B, Hkv, N, C, D], dv_chunks, d_summary_query or None) in the chunks' dtype: the pooling's
+    backward from the summaries' gradients dk_sum [B, Hkv, N, D], dv_sum, given the chunks and their
+    :func:`pooling_weights` (expanded to [B, Hkv, N, C])."""
+    dk_sum, dv_sum = dk_sum.to(k_chunks.dtype), dv_sum.to(k_chunks.dtype)
+    dk_chunks = weights.unsqueeze(-1) * dk_sum.unsqueeze(-2)                        # [B, Hkv, N, C, D]
+    dv_chunks = weights.unsqueeze(-1) * dv_sum.unsqueeze(-2)
+    d_query = None
+    if summary_query is not None:  # through the softmax weights: ds = w ⊙ (dw − Σ w·dw)
+        dim = k_chunks.shape[-1]
+        d_weights = (torch.einsum("bknd,bkncd->bknc", dk_sum, k_chunks)
+                     + torch.einsum("bknd,bkncd->bknc", dv_sum, v_chunks))
+        d_scores = weights * (d_weights - (weights * d_weights).sum(-1, keepdim=True)) / math.sqrt(dim)
+        dk_chunks = dk_chunks + d_scores.unsqueeze(-1) * summary_query.to(k_chunks.dtype)[None, :, None, None]
+        d_query = torch.einsum("bknc,bkncd->kd", d_scores, k_chunks)
+    return dk_chunks, dv_chunks, d_query
 
 
 def chunk_summaries(k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None, chunk_size: int,
@@ -89,18 +115,8 @@ def chunk_summaries_backward(dk_sum: torch.Tensor, dv_sum: torch.Tensor, k: torc
     k, v = hide_padding(k, key_valid), hide_padding(v, key_valid)
     k_chunks, v_chunks = _chunks(k, chunk_size), _chunks(v, chunk_size)
     weights, _ = _pooling_weights(k_chunks, key_valid, length, summary_query)
-    weights = weights.expand(k_chunks.shape[:-1])                                   # [B, Hkv, N, C]
-    dk_sum, dv_sum = dk_sum.to(k_chunks.dtype), dv_sum.to(k_chunks.dtype)
-    dk_chunks = weights.unsqueeze(-1) * dk_sum.unsqueeze(-2)                        # [B, Hkv, N, C, D]
-    dv_chunks = weights.unsqueeze(-1) * dv_sum.unsqueeze(-2)
-    d_query = None
-    if summary_query is not None:  # through the softmax weights: ds = w ⊙ (dw − Σ w·dw)
-        dim = k.shape[-1]
-        d_weights = (torch.einsum("bknd,bkncd->bknc", dk_sum, k_chunks)
-                     + torch.einsum("bknd,bkncd->bknc", dv_sum, v_chunks))
-        d_scores = weights * (d_weights - (weights * d_weights).sum(-1, keepdim=True)) / math.sqrt(dim)
-        dk_chunks = dk_chunks + d_scores.unsqueeze(-1) * summary_query.to(k_chunks.dtype)[None, :, None, None]
-        d_query = torch.einsum("bknc,bkncd->kd", d_scores, k_chunks)
+    dk_chunks, dv_chunks, d_query = pooling_backward(dk_sum, dv_sum, k_chunks, v_chunks,
+                                                     weights.expand(k_chunks.shape[:-1]), summary_query)
     batch, heads = k.shape[:2]
     dk = dk_chunks.reshape(batch, heads, -1, k.shape[-1])[:, :, :length]
     dv = dv_chunks.reshape(batch, heads, -1, v.shape[-1])[:, :, :length]

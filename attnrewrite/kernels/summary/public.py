@@ -61,7 +61,8 @@ def summary_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, sc
             to back, ``cu_seqlens`` int32 or int64 [N+1] their starts (0, …, total; non-decreasing, so
             empty sequences are allowed).  Each sequence is its own summary attention, its chunks
             counted from its own start (no chunk spans two sequences); no ``attn_mask`` beside it.
-            The torch path only (``"auto"`` takes it, ``"triton"`` raises).
+            Both paths take it (the kernels read each sequence's bounds on the device; an eager call reads
+            ``cu_seqlens`` back once to check it, a traced call does not).
 
     Returns:
         [B, Hq, T, Dv] in q's dtype (inside ``torch.autocast``: the inputs are cast to the autocast
@@ -76,20 +77,17 @@ def summary_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, sc
 def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, enable_gqa=False, chunk_size=8,
           window_chunks=128, summary="mean", summary_query=None, score_mod=None, cu_seqlens=None, impl="auto"):
     """The composite op's body (run with autocast off, the inputs in the dtype the call runs in)."""
-    if _resolve_impl(impl, q, v, score_mod, cu_seqlens) == "triton":
+    if _resolve_impl(impl, q, v, score_mod) == "triton":
         return _triton_path(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, chunk_size, window_chunks,
-                            summary, summary_query, parse_score_mod(score_mod))
+                            summary, summary_query, parse_score_mod(score_mod), cu_seqlens)
     return torch.ops.attnrewrite.summary_attention_torch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                          chunk_size=chunk_size, window_chunks=window_chunks,
                                                          summary=summary, summary_query=summary_query,
                                                          score_mod=score_mod, cu_seqlens=cu_seqlens)
 
 
-def _resolve_impl(impl: str, q: torch.Tensor, v: torch.Tensor, score_mod: str | None = None,
-                  cu_seqlens: torch.Tensor | None = None) -> str:
+def _resolve_impl(impl: str, q: torch.Tensor, v: torch.Tensor, score_mod: str | None = None) -> str:
     refusal = score_mod_refusal(parse_score_mod(score_mod))
-    if refusal is None and cu_seqlens is not None:
-        refusal = "the Triton kernels do not take packed sequences (cu_seqlens) yet"
     return resolve_impl(impl, q.device, what=_op.WHAT, dtype=call_dtype(q), head_dims=(q.shape[-1], v.shape[-1]),
                         triton_dtypes=_TRITON_DTYPES, auto_dtypes=(torch.float16, torch.bfloat16),
                         refusal=refusal,
@@ -97,14 +95,15 @@ def _resolve_impl(impl: str, q: torch.Tensor, v: torch.Tensor, score_mod: str | 
 
 
 def _triton_path(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, chunk_size, window_chunks, summary,
-                 summary_query, program=None):
+                 summary_query, program=None, cu_seqlens=None):
     """The kernels, after the torch op's checks."""
     _op.check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, chunk_size, window_chunks, summary,
                      summary_query)
+    _op.check_cu_seqlens(cu_seqlens, q, attn_mask)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     key_valid = _op.key_valid_from_mask(attn_mask, q.shape[0], k.shape[-2])
     return _triton.summary_attention_triton(q, k, v, key_valid, summary_query, scale, is_causal, chunk_size,
-                                            window_chunks, program)
+                                            window_chunks, program, cu_seqlens)
 
 
 composite_op("summary_attention", sdpa_schema('SymInt chunk_size=8, SymInt window_chunks=128, str summary="mean", '

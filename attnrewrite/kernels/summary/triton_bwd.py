@@ -25,9 +25,9 @@ from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load
                                                  padded_dim, program_heads, softmax_dkdv_step, softmax_dq_step)
 
 from .chunked import hide_padding
-from .triton_common import (key_block, key_ok, raw_key_range, raw_query_range, summary_query_range, summary_range,
-                            visible)
-from .triton_fwd import flag_args
+from .triton_common import (key_block, key_ok, raw_key_range, raw_query_range, sequence_block, summary_query_range,
+                            summary_range, visible)
+from .triton_fwd import flag_args, varlen_args
 
 
 @triton.jit
@@ -49,7 +49,7 @@ def _dq_pass(dq, q, do, lse, delta, k_base, v_base, flags_base, stride_kn, strid
 
 @triton.jit
 def summary_bwd_dq_kernel(
-    Q, K, V, KSum, VSum, Valid, Exists, DO, Lse, Delta, DQ,
+    Q, K, V, KSum, VSum, Valid, Exists, DO, Lse, Delta, DQ, CuSeqlens, CuChunks, BlockSeq, BlockStart,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -62,44 +62,48 @@ def summary_bwd_dq_kernel(
     mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1, VARLEN: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
-    if CAUSAL:
+    if CAUSAL and not VARLEN:
         pid_m = tl.cdiv(len_q, BLOCK_M) - 1 - pid_m
     pid_zh = tl.program_id(1)
     batch, head, head_kv = program_heads(pid_zh, heads_q, GROUP)
-    m0 = pid_m * BLOCK_M
+    m0, tok0, length, chunk0, chunks = sequence_block(pid_m, BLOCK_M, len_q, n_chunks, CuSeqlens, CuChunks,
+                                                      BlockSeq, BlockStart, VARLEN)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_rows(Q + batch * stride_qb + head * stride_qh, offs_m, stride_qm, len_q, offs_d, D, True, BLOCK_D != D)
-    do = load_rows(DO + batch * stride_dob + head * stride_doh, offs_m, stride_dom, len_q, offs_dv, DV, True,
-                   BLOCK_DV != DV)
-    row = pid_zh.to(tl.int64) * len_q + offs_m
-    lse = tl.load(Lse + row, mask=offs_m < len_q, other=0.0)
-    delta = tl.load(Delta + row, mask=offs_m < len_q, other=0.0)
+    q = load_rows(Q + batch * stride_qb + head * stride_qh + tok0 * stride_qm, offs_m, stride_qm, length, offs_d, D,
+                  True, BLOCK_D != D)
+    do = load_rows(DO + batch * stride_dob + head * stride_doh + tok0 * stride_dom, offs_m, stride_dom, length,
+                   offs_dv, DV, True, BLOCK_DV != DV)
+    row = pid_zh.to(tl.int64) * len_q + tok0 + offs_m
+    lse = tl.load(Lse + row, mask=offs_m < length, other=0.0)
+    delta = tl.load(Delta + row, mask=offs_m < length, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_sum = summary_range(m0, BLOCK_M, len_q, n_chunks, chunk, window, CAUSAL)
-    dq = _dq_pass(dq, q, do, lse, delta, KSum + batch * stride_sb + head_kv * stride_sh,
-                  VSum + batch * stride_tb + head_kv * stride_th, Exists + batch * stride_exists_b,
-                  stride_sn, stride_tn, offs_m, len_q, n_chunks, 0, n_sum, chunk, window, scale_log2,
+    n_sum = summary_range(m0, BLOCK_M, length, chunks, chunk, window, CAUSAL)
+    dq = _dq_pass(dq, q, do, lse, delta, KSum + batch * stride_sb + head_kv * stride_sh + chunk0 * stride_sn,
+                  VSum + batch * stride_tb + head_kv * stride_th + chunk0 * stride_tn,
+                  Exists + batch * stride_exists_b + chunk0,
+                  stride_sn, stride_tn, offs_m, length, chunks, 0, n_sum, chunk, window, scale_log2,
                   mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                   D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, True, True, DOT_PRECISION, MOD_FN)
-    lo, hi = raw_key_range(m0, BLOCK_M, len_q, chunk, window, CAUSAL)
-    dq = _dq_pass(dq, q, do, lse, delta, K + batch * stride_kb + head_kv * stride_kh,
-                  V + batch * stride_vb + head_kv * stride_vh, Valid + batch * stride_valid_b,
-                  stride_kn, stride_vn, offs_m, len_q, len_q, lo, hi, chunk, window, scale_log2,
+    lo, hi = raw_key_range(m0, BLOCK_M, length, chunk, window, CAUSAL)
+    dq = _dq_pass(dq, q, do, lse, delta, K + batch * stride_kb + head_kv * stride_kh + tok0 * stride_kn,
+                  V + batch * stride_vb + head_kv * stride_vh + tok0 * stride_vn, Valid + batch * stride_valid_b + tok0,
+                  stride_kn, stride_vn, offs_m, length, length, lo, hi, chunk, window, scale_log2,
                   mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                   D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, False, HAS_VALID, DOT_PRECISION, MOD_FN)
-    tl.store(DQ + batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < len_q)[:, None] & (offs_d < D)[None, :])
+    dq_base = DQ + batch * stride_dqb + head * stride_dqh + tok0 * stride_dqm
+    tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < length)[:, None] & (offs_d < D)[None, :])
 
 
 @triton.jit
 def summary_bwd_dkdv_kernel(
-    Q, K, V, Flags, DO, Lse, Delta, DK, DV_,
+    Q, K, V, Flags, DO, Lse, Delta, DK, DV_, CuSeqlens, CuChunks, BlockSeq, BlockStart,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -111,63 +115,74 @@ def summary_bwd_dkdv_kernel(
     mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, GROUP: tl.constexpr,
     CAUSAL: tl.constexpr, SUMMARY: tl.constexpr, HAS_FLAGS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1, VARLEN: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_zh = tl.program_id(1)
     batch = (pid_zh // heads_kv).to(tl.int64)
     head_kv = (pid_zh % heads_kv).to(tl.int64)
-    n0 = pid_n * BLOCK_N
+    # packed sequences: the keys (raw tokens, or summaries) and the queries of this program's sequence
+    n0, tok0, length, chunk0, chunks = sequence_block(pid_n, BLOCK_N, len_q, n_keys, CuSeqlens, CuChunks,
+                                                      BlockSeq, BlockStart, VARLEN)
+    if SUMMARY:
+        key0 = chunk0
+        n_here = chunks
+    else:
+        key0 = tok0
+        n_here = length
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = load_rows(K + batch * stride_kb + head_kv * stride_kh, offs_n, stride_kn, n_keys, offs_d, D, True,
-                  BLOCK_D != D)
-    v = load_rows(V + batch * stride_vb + head_kv * stride_vh, offs_n, stride_vn, n_keys, offs_dv, DV, True,
-                  BLOCK_DV != DV)
-    ok_n = key_ok(Flags + batch * stride_flags_b, offs_n, n_keys, HAS_FLAGS)
+    k = load_rows(K + batch * stride_kb + head_kv * stride_kh + key0 * stride_kn, offs_n, stride_kn, n_here, offs_d,
+                  D, True, BLOCK_D != D)
+    v = load_rows(V + batch * stride_vb + head_kv * stride_vh + key0 * stride_vn, offs_n, stride_vn, n_here, offs_dv,
+                  DV, True, BLOCK_DV != DV)
+    ok_n = key_ok(Flags + batch * stride_flags_b + key0, offs_n, n_here, HAS_FLAGS)
     if SUMMARY:
-        lo = summary_query_range(n0, len_q, chunk, window, CAUSAL)
-        hi = len_q + n0 * 0
+        lo = summary_query_range(n0, length, chunk, window, CAUSAL)
+        hi = length + n0 * 0
     else:
-        lo, hi = raw_query_range(n0, BLOCK_N, len_q, chunk, window, CAUSAL)
+        lo, hi = raw_query_range(n0, BLOCK_N, length, chunk, window, CAUSAL)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for g in range(GROUP):
         head = head_kv * GROUP + g
-        q_base = Q + batch * stride_qb + head * stride_qh
-        do_base = DO + batch * stride_dob + head * stride_doh
-        row_base = (batch * heads_kv * GROUP + head) * len_q
+        q_base = Q + batch * stride_qb + head * stride_qh + tok0 * stride_qm
+        do_base = DO + batch * stride_dob + head * stride_doh + tok0 * stride_dom
+        row_base = (batch * heads_kv * GROUP + head) * len_q + tok0
         for start_m in tl.range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = load_rows(q_base, offs_m, stride_qm, len_q, offs_d, D, True, BLOCK_D != D)
-            do = load_rows(do_base, offs_m, stride_dom, len_q, offs_dv, DV, True, BLOCK_DV != DV)
-            lse = tl.load(Lse + row_base + offs_m, mask=offs_m < len_q, other=0.0)
-            delta = tl.load(Delta + row_base + offs_m, mask=offs_m < len_q, other=0.0)
-            ok = ok_n[:, None] & (offs_m < len_q)[None, :]
+            q = load_rows(q_base, offs_m, stride_qm, length, offs_d, D, True, BLOCK_D != D)
+            do = load_rows(do_base, offs_m, stride_dom, length, offs_dv, DV, True, BLOCK_DV != DV)
+            lse = tl.load(Lse + row_base + offs_m, mask=offs_m < length, other=0.0)
+            delta = tl.load(Delta + row_base + offs_m, mask=offs_m < length, other=0.0)
+            ok = ok_n[:, None] & (offs_m < length)[None, :]
             # key-major tiles [BLOCK_N, BLOCK_M]: no transposes of the accumulated operands
             vis = visible(offs_m[None, :], offs_n[:, None], ok, chunk, window, CAUSAL, SUMMARY)
             z2t, d_mod = modified_scores(mma(k, tl.trans(q), None, DOT_PRECISION), scale_log2, None, mod_in_mul,
                                          mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, MOD_FN)
             pt = tl.where(vis, tl.exp2(z2t - lse[None, :]), 0.0)
             dk, dv = softmax_dkdv_step(dk, dv, pt, q, do, v, delta, d_mod, DOT_PRECISION, MOD_FN)
-    tl.store(DK + batch * stride_dkb + head_kv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk * scale, mask=(offs_n < n_keys)[:, None] & (offs_d < D)[None, :])
-    tl.store(DV_ + batch * stride_dvb + head_kv * stride_dvh + offs_n[:, None] * stride_dvn + offs_dv[None, :],
-             dv, mask=(offs_n < n_keys)[:, None] & (offs_dv < DV)[None, :])
+    dk_base = DK + batch * stride_dkb + head_kv * stride_dkh + key0 * stride_dkn
+    dv_base = DV_ + batch * stride_dvb + head_kv * stride_dvh + key0 * stride_dvn
+    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :],
+             dk * scale, mask=(offs_n < n_here)[:, None] & (offs_d < D)[None, :])
+    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_dv[None, :],
+             dv, mask=(offs_n < n_here)[:, None] & (offs_dv < DV)[None, :])
 
 
 def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, scale: float, causal: bool,
                 chunk_size: int, window_chunks: int, config_dq: dict, config_dkdv: dict, launch=lambda kernel: kernel,
-                kernels=("dq", "dkdv", "dkdv_summary"), program=None):
+                kernels=("dq", "dkdv", "dkdv_summary"), program=None, pack=None):
     """Launch the backward kernels. Returns (dq in q's dtype, then float32 dk, dv [B, Hkv, T, D|Dv] and
     dk̄, dv̄ [B, Hkv, N, D|Dv]) — the raw keys' gradients without the part that flows through the summaries.
 
     Arguments as for :func:`attnrewrite.kernels.summary.triton_fwd.summary_fwd`, plus ``grad_out``
     [B, Hq, T, Dv] (unit last stride), the forward's ``lse`` and ``delta`` = Σ dO ⊙ O (float32 [B, Hq, T],
     contiguous); ``kernels`` names the kernels to launch (tuning times one at a time); ``program`` the score
-    modification, as for the forward (its derivative enters dS of the summaries and the raw keys alike).
+    modification, as for the forward (its derivative enters dS of the summaries and the raw keys alike);
+    ``pack`` the packed sequences, as for the forward.
     """
     batch, heads_q, length, dim = q.shape
     heads_kv, dim_v, n_chunks = k.shape[1], v.shape[3], k_sum.shape[2]
@@ -183,8 +198,9 @@ def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, 
                   CAUSAL=bool(causal), DOT_PRECISION=dot_precision(q.dtype))
     mod, common["MOD_FN"] = mod_args(program, scale)
     if "dq" in kernels:
-        launch(summary_bwd_dq_kernel)[(triton.cdiv(length, config_dq["BLOCK_M"]), batch * heads_q)](
-            q, k, v, k_sum, v_sum, valid, exists8, grad_out, lse, delta, dq,
+        tables, grid, varlen = varlen_args(q, pack, "lengths", config_dq["BLOCK_M"], heads_q)
+        launch(summary_bwd_dq_kernel)[grid or (triton.cdiv(length, config_dq["BLOCK_M"]), batch * heads_q)](
+            q, k, v, k_sum, v_sum, valid, exists8, grad_out, lse, delta, dq, *tables,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -195,7 +211,7 @@ def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, 
             valid.stride(0) if key_valid is not None else 0, exists8.stride(0),
             heads_q, length, n_chunks, chunk_size, window_chunks, scale, scale * LOG2E_HOST, *mod,
             HAS_VALID=key_valid is not None, BLOCK_M=config_dq["BLOCK_M"], BLOCK_N=config_dq["BLOCK_N"],
-            num_warps=config_dq["num_warps"], num_stages=config_dq["num_stages"], **common,
+            num_warps=config_dq["num_warps"], num_stages=config_dq["num_stages"], **common, **varlen,
         )
     parts = []
     if "dkdv" in kernels:
@@ -203,8 +219,10 @@ def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, 
     if "dkdv_summary" in kernels and n_chunks > 0:
         parts.append((k_sum, v_sum, exists8, True, dk_sum, dv_sum, n_chunks, True))
     for keys, values, flags, has_flags, d_keys, d_values, n_keys, is_summary in parts:
-        launch(summary_bwd_dkdv_kernel)[(triton.cdiv(n_keys, config_dkdv["BLOCK_N"]), batch * heads_kv)](
-            q, keys, values, flags, grad_out, lse, delta, d_keys, d_values,
+        tables, grid, varlen = varlen_args(q, pack, "chunks" if is_summary else "lengths", config_dkdv["BLOCK_N"],
+                                           heads_kv)
+        launch(summary_bwd_dkdv_kernel)[grid or (triton.cdiv(n_keys, config_dkdv["BLOCK_N"]), batch * heads_kv)](
+            q, keys, values, flags, grad_out, lse, delta, d_keys, d_values, *tables,
             q.stride(0), q.stride(1), q.stride(2),
             keys.stride(0), keys.stride(1), keys.stride(2),
             values.stride(0), values.stride(1), values.stride(2),
@@ -214,6 +232,6 @@ def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, 
             flags.stride(0) if has_flags else 0,
             heads_kv, length, n_keys, chunk_size, window_chunks, scale, scale * LOG2E_HOST, *mod,
             SUMMARY=is_summary, HAS_FLAGS=has_flags, BLOCK_M=config_dkdv["BLOCK_M"], BLOCK_N=config_dkdv["BLOCK_N"],
-            num_warps=config_dkdv["num_warps"], num_stages=config_dkdv["num_stages"], **common,
+            num_warps=config_dkdv["num_warps"], num_stages=config_dkdv["num_stages"], **common, **varlen,
         )
     return dq, dk, dv, dk_sum, dv_sum

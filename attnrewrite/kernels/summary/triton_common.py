@@ -17,6 +17,11 @@ by :func:`visible`.
 Scores are kept in log2 units (z2 = log2(e) · mod(scale · q·k)) so that the softmax's exponentials are exp2.
 A score modification (``MOD_FN`` ≥ 0, :func:`attnrewrite.kernels.triton_scaffold.modified_scores`) applies to
 every score, the summaries' as well as the window keys', as in the reference.
+
+Packed sequences (``VARLEN``): every kernel works in the coordinates of one sequence.  A program reads
+which sequence and which block of it is its own from a block table (:func:`sequence_block`), moves its
+base pointers to the sequence's first token and first summary, and from there runs the code above with
+the sequence's own length and chunk count, so no window, summary or key crosses a sequence boundary.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load
                                                  padded_dim)
 
 __all__ = ["LOG2E_HOST", "dot_precision", "key_block", "key_ok", "load_tile", "padded_dim", "raw_key_range", "raw_query_range",
-           "summary_query_range", "summary_range", "visible"]
+           "sequence_block", "summary_query_range", "summary_range", "visible"]
 
 
 @triton.jit
@@ -127,3 +132,27 @@ def key_block(q, k_base, v_base, flags_base, stride_kn, stride_vn, offs_m, offs_
     z2, d_mod = modified_scores(mma(q, tl.trans(k), None, DOT_PRECISION), scale_log2, None, mod_in_mul, mod_in_add,
                                 mod_out_mul, mod_out_add, mod_grad_mul, MOD_FN)
     return k, v, vis, z2, d_mod
+
+
+@triton.jit
+def sequence_block(pid, block, length, n_chunks, CuSeqlens, CuChunks, BlockSeq, BlockStart, VARLEN: tl.constexpr):
+    """(first row or key of the program's block, its sequence's first token, length, first chunk and chunk
+    count): without ``VARLEN`` block ``pid`` of the one sequence [0, ``length``); with it, the entry ``pid`` of
+    the block table (``BlockSeq``, ``BlockStart`` int32) and the sequence's bounds in ``CuSeqlens`` and
+    ``CuChunks`` (int32 [N + 2], the last entry repeated: the idle programs' empty sequence N)."""
+    if VARLEN:
+        seq = tl.load(BlockSeq + pid)
+        first = tl.load(BlockStart + pid)
+        tok0 = tl.load(CuSeqlens + seq)
+        seq_len = tl.load(CuSeqlens + seq + 1) - tok0
+        chunk0 = tl.load(CuChunks + seq)
+        seq_chunks = tl.load(CuChunks + seq + 1) - chunk0
+        tok0 = tok0.to(tl.int64)
+        chunk0 = chunk0.to(tl.int64)
+    else:
+        first = pid * block
+        tok0 = 0
+        seq_len = length
+        chunk0 = 0
+        seq_chunks = n_chunks
+    return first, tok0, seq_len, chunk0, seq_chunks

@@ -44,7 +44,8 @@ def check(monkeypatch):
 def test_dry_run(check):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = check.correctness(device)
-    assert len(rows) == 7 and all(r["ok"] for r in rows), rows
+    assert len(rows) == 8 and all(r["ok"] for r in rows), rows
+    assert any("hash=learned" in r["case"] for r in rows)
     timing = check.timings(device, quick=False)
     assert not [r for r in timing if "error" in r], timing
     assert {r["case"] for r in timing} >= {"decode step (eager)", "causal prefill fwd+bwd"}

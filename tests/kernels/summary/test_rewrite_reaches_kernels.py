@@ -97,16 +97,28 @@ def test_a_bad_impl_option_is_refused_by_name(kind):
         RewriteOptions.parse({"to": kind, "impl": None})
 
 
-def test_learned_hashes_with_forced_kernels_are_refused_at_rewrite_time():
-    """``impl="triton"`` with ``hash="learned"`` cannot run (the kernels have no straight-through
-    gradient for the projections): the site is refused when the model is rewritten, naming both
-    options — not a ValueError at the first call."""
+def test_learned_hashes_with_forced_kernels_train_through_the_kernels(calls):
+    """``impl="triton"`` with ``hash="learned"``: a converted model's sites run the kernels forward and
+    backward, and the output and the projections' straight-through gradients equal the torch path's."""
     import attnrewrite
 
-    torch.manual_seed(0)
-    model = llama.Llama.from_name("tiny").eval()
     options = dict(OPTIONS["hashed"], hash="learned")
-    model = attnrewrite.convert(model, to="hashed", example_inputs=(TOKENS,), **options)
-    report = Report()
-    with pytest.raises(attnrewrite.RewriteFailed, match=r"impl='triton' with hash='learned'"):
-        compile_rewritten(model, report, to="hashed", impl="triton", strict=True, **options)(TOKENS)
+    results = {}
+    for impl in ("triton", "torch"):
+        torch.manual_seed(0)
+        model = attnrewrite.convert(llama.Llama.from_name("tiny"), to="hashed", example_inputs=(TOKENS,), **options)
+        report = Report()
+        compiled = compile_rewritten(model, report, to="hashed", impl=impl, strict=True, **options)
+        compiled(TOKENS)  # compiles
+        calls.clear()
+        out = compiled(TOKENS)
+        out.float().square().mean().backward()
+        grads = {name: p.grad for name, p in model.named_parameters() if "attnrewrite_hashed" in name}
+        assert len(report.rewritten) == 2 and len(grads) == 4 and all(g.abs().max() > 0 for g in grads.values())
+        results[impl] = out, grads, list(calls)
+    (got, got_grads, seen), (want, want_grads, _) = results["triton"], results["torch"]
+    assert "torch" not in seen and seen.count("kernel") >= 2, seen
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for name, grad in got_grads.items():
+        scale = float(want_grads[name].abs().max())
+        torch.testing.assert_close(grad, want_grads[name], rtol=0, atol=1e-4 * scale, msg=name)

@@ -31,6 +31,8 @@ def check(monkeypatch):
     # bf16 products are wrong): one sequence of 24 tokens, 2 query heads on 1 key/value head, head dims 16
     small = [(name, torch.float16, (1, 2, 1, 24, 16, 16), dict(opts, chunk_size=4, window_chunks=1))
              for name, *_, opts in module.CASES[1:3]]
+    name, *_, opts = module.CASES[-1]  # packed sequences: three of 7, 12 and 5 tokens
+    small.append((name, torch.float16, (1, 2, 1, 24, 16, 16), dict(opts, chunk_size=4, window_chunks=1, packed=(7, 12, 5))))
     monkeypatch.setattr(module, "CASES", small)
     monkeypatch.setattr(module, "LENGTHS", {"quick": (24,), "full": (24,)})
     monkeypatch.setattr(module, "DIM", 16)
@@ -55,7 +57,8 @@ def test_dry_run_of_the_gpu_check(check):
     outputs = {(r["case"], r["output"]) for r in rows}
     assert ("causal learned gqa 8/2 + padding d128", "dsummary_query") in outputs
     assert ("decode over a store slice, gqa 8/2, padding flags d128", "out") in outputs
-    assert len(outputs) == 5 + 4 + 1
+    assert ("packed 300+517+183 (cu_seqlens), learned gqa 8/2 d128", "dsummary_query") in outputs
+    assert len(outputs) == 5 + 4 + 5 + 1
 
     rows = check.timings(device, quick=True)
     assert not [r for r in rows if r.get("ok") is False], rows

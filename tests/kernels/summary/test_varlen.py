@@ -1,7 +1,7 @@
 """Packed variable-length sequences (``cu_seqlens``) in summary attention: a packed call equals each
 sequence run alone (outputs and gradients of q, k, v and the learned pooling queries), its chunks are
-counted from each sequence's start, bad ``cu_seqlens`` are refused by name, and the Triton path refuses
-packed sequences (``impl="auto"`` takes the torch path)."""
+counted from each sequence's start, bad ``cu_seqlens`` are refused by name, and ``impl="triton"`` runs the
+kernels on them (their numerics: test_varlen_triton.py)."""
 
 import zlib
 
@@ -76,14 +76,22 @@ def test_int64_cu_seqlens_and_one_sequence():
                                ops.summary_attention(q, k, v, **_options(False, None)), rtol=0, atol=0)
 
 
-def test_auto_takes_the_torch_path_and_triton_refuses():
+def test_auto_on_the_cpu_takes_the_torch_path_and_triton_runs_the_kernels(monkeypatch):
+    """``"auto"`` runs the torch path on the CPU; ``"triton"`` runs the kernels with packed sequences (their
+    numerics: test_varlen_triton.py), never the torch path."""
+    from attnrewrite.kernels.summary import triton_op
+
     q, k, v, _, cu = _packed([5, 4], "impl", grad=False)
     q, k, v = (x.float() for x in (q, k, v))
     auto = ops.summary_attention(q, k, v, cu_seqlens=cu, impl="auto", **_options(False, None))
     torch.testing.assert_close(auto, ops.summary_attention(q, k, v, cu_seqlens=cu, impl="torch",
                                                            **_options(False, None)))
-    with pytest.raises(Exception, match="cu_seqlens"):
-        ops.summary_attention(q, k, v, cu_seqlens=cu, impl="triton", **_options(False, None))
+    calls = []
+    real = triton_op.summary_attention_triton
+    monkeypatch.setattr(triton_op, "summary_attention_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    kernels = ops.summary_attention(q, k, v, cu_seqlens=cu, impl="triton", **_options(False, None))
+    assert calls == [1]
+    torch.testing.assert_close(kernels, auto, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("cu,error,match", [
