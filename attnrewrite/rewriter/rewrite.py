@@ -118,6 +118,8 @@ def _spec_inputs(site: Site) -> set[fx.Node]:
         for step in steps:
             fx.node.map_arg(step, nodes.add)
     nodes |= {spec.dropout_node} if spec.dropout_node is not None else set()
+    for term in spec.bias:  # what a relative bias's replay reads (its table)
+        nodes |= term.relative.inputs() if term.relative is not None else set()
     return nodes | {t.node for t in spec.bias} | {n for n, _ in spec.q_factors}
 
 
