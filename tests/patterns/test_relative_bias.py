@@ -152,8 +152,11 @@ class Attention(nn.Module):
             self.table = nn.Embedding(16, H)
         elif bias == "clamped":  # a learned table indexed by the clamped distance
             self.table = nn.Parameter(torch.randn(2 * self.K + 1, H))
-        elif bias in ("dense_parameter",):
+        elif bias == "dense_parameter":
             self.table = nn.Parameter(torch.randn(H, T_LEN, T_LEN))
+        elif bias == "plus_a_dense_parameter":  # a relative bias plus an [H, T, T] parameter that starts at 0:
+            self.table = nn.Embedding(16, H)   # R[h, j − i] at the example's values, not after training
+            self.dense = nn.Parameter(torch.zeros(H, T_LEN, T_LEN))
         else:
             self.table = nn.Embedding(16, H)
         with torch.no_grad():
@@ -169,6 +172,8 @@ class Attention(nn.Module):
             return self.table[(memory - context).clamp(-self.K, self.K) + self.K].permute(2, 0, 1)
         if self.bias == "dense_parameter":
             return self.table
+        if self.bias == "plus_a_dense_parameter":
+            return (self.table(_buckets(memory - context)) + self.dense.permute(1, 2, 0)).permute(2, 0, 1)[None]
         if self.bias == "reads_batch":  # the bias scaled by a number computed from the batch
             return self.table(_buckets(memory - context)).permute(2, 0, 1)[None] * x.mean().sigmoid()
         if self.bias == "tensor_offset":  # queries counted from a position that is an input tensor
@@ -236,6 +241,7 @@ def test_hand_written_relative_bias_reaches_sigmoid_as_a_table(bias, causal, op_
     ("reads_batch", "reads the model's inputs"),
     ("dense_parameter", "not computed from positions"),
     ("tensor_offset", "reads the model's inputs"),
+    ("plus_a_dense_parameter", "which is not a function of the distance"),
 ])
 def test_a_bias_that_is_not_relative_stays_a_mask(bias, why, op_calls):
     model, by_hand = _pair(bias)

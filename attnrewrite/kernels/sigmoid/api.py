@@ -125,9 +125,8 @@ def sigmoid_attention_dispatch(
 
     ``position="relative"`` with ``position_slopes`` = R, a float table [Hq or 1, Tq + Tk − 1]: a relative
     position bias R[h, j − i + Tq − 1] (T5's bucketed bias), added with ``attn_mask``.  R may require grad:
-    its gradient is dS summed along each diagonal.  The torch path reads R tile by tile (no [Tq, Tk]
-    tensor); the Triton path writes it out as a [1, Hq, Tq, Tk] mask (not yet read in the kernels).
-    Not with ``cu_seqlens``.
+    its gradient is dS summed along each diagonal.  Both paths read R tile by tile (no [Tq, Tk] tensor);
+    the Triton dQ kernel sums dR with atomics.  Not with ``cu_seqlens``.
 
     ``impl``: ``"auto"`` runs the Triton kernels on CUDA for float16/bfloat16 (the torch path when
     dropout_p > 0, for float32, whose exact products the kernels can only do on the FMA pipes, and
@@ -142,11 +141,6 @@ def sigmoid_attention_dispatch(
     if position == RELATIVE:
         _check_relative(slopes, problem)
     path = _resolve_impl(impl, q, dropout_p, problem, program)
-    if position == RELATIVE and path == "triton":
-        # the kernels do not read R yet: written out here as a [1, Hq, Tq, Tk] mask (its gradient reaches R)
-        relative_mask = relative_as_mask(slopes, problem.len_q, problem.len_k).to(q.dtype)
-        attn_mask = relative_mask if attn_mask is None else _merged(attn_mask, relative_mask)
-        slopes = position = None
 
     if attn_mask is not None:
         attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
@@ -171,20 +165,6 @@ def sigmoid_attention_dispatch(
         problem.scale, problem.causal, dropout_p, score_mod=None if program is None else program.text(),
         slopes=slopes, position=position if slopes is not None else None)
 
-
-
-def relative_as_mask(table: torch.Tensor, len_q: int, len_k: int) -> torch.Tensor:
-    """[1, Hq, Tq, Tk]: the relative bias table R [Hq, Tq + Tk − 1] written out, R[h, j − i + Tq − 1]."""
-    index = (torch.arange(len_k, device=table.device).view(1, -1)
-             - torch.arange(len_q, device=table.device).view(-1, 1) + (len_q - 1))
-    return table[:, index].unsqueeze(0)
-
-
-def _merged(attn_mask: torch.Tensor, relative_mask: torch.Tensor) -> torch.Tensor:
-    """A user's mask (bool keep-mask or additive) plus a written-out relative bias, as one additive mask."""
-    if attn_mask.dtype == torch.bool:
-        return relative_mask.masked_fill(~attn_mask, float("-inf"))
-    return attn_mask + relative_mask
 
 
 def _check_relative(table: torch.Tensor, problem: Problem) -> None:
