@@ -61,6 +61,8 @@ def _t5_oracle(module, query, key, value, attention_mask, scaling=None, dropout=
 
 
 T.AttentionInterface.register("t5_sigmoid_oracle", _t5_oracle)
+# HF's eager masks (causal and padding as additive float masks) for it, as the eager model gets them
+T.masking_utils.ALL_MASK_ATTENTION_FUNCTIONS.register("t5_sigmoid_oracle", T.masking_utils.eager_mask)
 
 T5 = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
           relative_attention_max_distance=16, dropout_rate=0.0, initializer_factor=3.0,
@@ -83,7 +85,9 @@ def _t5_pair():
 def _t5_inputs(length=T_LEN):
     ids = torch.randint(0, 64, (B, length), generator=_gen(f"ids{length}"))
     labels = torch.randint(0, 64, (B, length - 3), generator=_gen(f"labels{length}"))
-    return {"input_ids": ids, "labels": labels}
+    padding = torch.ones_like(ids)
+    padding[1, length - 2:] = 0  # right padding in the encoder: a mask term beside the relative bias
+    return {"input_ids": ids, "attention_mask": padding, "labels": labels}
 
 
 @pytest.mark.parametrize("mode", ["eval", "train"])
