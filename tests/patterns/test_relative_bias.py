@@ -69,9 +69,9 @@ T5 = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
           decoder_start_token_id=0, pad_token_id=0)
 
 
-def _t5_pair():
+def _t5_pair(attn="eager"):
     torch.manual_seed(0)
-    model = T.T5ForConditionalGeneration._from_config(T.T5Config(**T5), attn_implementation="eager")
+    model = T.T5ForConditionalGeneration._from_config(T.T5Config(**T5), attn_implementation=attn)
     by_hand = T.T5ForConditionalGeneration._from_config(T.T5Config(**T5), attn_implementation="t5_sigmoid_oracle")
     by_hand.load_state_dict(model.state_dict())
     with torch.no_grad():  # a bias large enough that a wrong distance shows
@@ -90,9 +90,11 @@ def _t5_inputs(length=T_LEN):
     return {"input_ids": ids, "attention_mask": padding, "labels": labels}
 
 
-@pytest.mark.parametrize("mode", ["eval", "train"])
-def test_t5_relative_bias_reaches_sigmoid_as_a_table(mode, op_calls):
-    model, by_hand = _t5_pair()
+@pytest.mark.parametrize("mode, attn", [("eval", "eager"), ("train", "eager"), ("train", "sdpa")])
+def test_t5_relative_bias_reaches_sigmoid_as_a_table(mode, attn, op_calls):
+    """eager: the bias and the masks are added to the scores one by one; sdpa: HF merges them into one mask,
+    ``where(mask, position_bias, min)``, which the resolver splits into the bias and a keep-mask."""
+    model, by_hand = _t5_pair(attn)
     getattr(model, mode)(), getattr(by_hand, mode)()
     report = Report(to="sigmoid")
     compiled = compile_rewritten(model, report, to="sigmoid", strict=True, bias=BIAS)
@@ -270,3 +272,54 @@ def test_softmax_keeps_the_relative_bias_exact():
     got = compile_rewritten(model, report, to="softmax", strict=True)(x, offset)
     assert all(s.status == "rewritten" and not any(RELATIVE_NOTE in n for n in s.notes) for s in report.sites)
     torch.testing.assert_close(got, model(x, offset), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sliding_window_over_the_whole_sequence_is_the_model_itself(causal, monkeypatch):
+    """sliding_window reads R on its band: with a window as long as the sequence the rewritten model is the
+    original softmax model, outputs and every gradient (the table's included)."""
+    import attnrewrite.kernels.sliding_window.public as window_public
+
+    seen = []
+    check = window_public.check_position_slopes
+
+    def record(slopes, position, q, *args, **kwargs):
+        if not isinstance(q, FakeTensor):
+            seen.append(position)
+        return check(slopes, position, q, *args, **kwargs)
+
+    monkeypatch.setattr(window_public, "check_position_slopes", record)
+    model, _ = _pair("bucketed", causal)
+    x, offset = _inputs(f"window{causal}")
+    report = Report(to="sliding_window")
+    compiled = compile_rewritten(model, report, to="sliding_window", strict=True, window=T_LEN,
+                                 bidirectional="symmetric")
+    got = compiled(x, offset)
+    torch.testing.assert_close(got, model(x, offset), rtol=1e-5, atol=1e-5)
+    assert seen == ["relative", "relative"]
+    assert all(any(RELATIVE_NOTE in n for n in s.notes) for s in report.sites), report
+    grads = torch.autograd.grad(compiled(x, offset).square().sum(), list(model.parameters()))
+    wants = torch.autograd.grad(model(x, offset).square().sum(), list(model.parameters()))
+    for (name, _), g, w in zip(model.named_parameters(), grads, wants):
+        assert_close_rel(g, w, 1e-4, name)
+
+
+@pytest.mark.parametrize("causal, window, sinks, length", [(True, 4, 1, 40), (False, 3, 0, 40), (True, 5, 2, 9)])
+def test_sliding_window_op_reads_the_table_on_its_band(causal, window, sinks, length):
+    """The op with R (position="relative") against the op with R written out as a [1, H, T, T] float mask (the
+    blockwise path at 40 tokens, the dense one at 9): output and dq, dk, dv, dR."""
+    from attnrewrite.ops import sliding_window_attention
+
+    g = _gen(f"op{causal}{window}{sinks}{length}")
+    q, k, v = (torch.randn(2, H, length, D, generator=g, dtype=torch.float64).requires_grad_() for _ in range(3))
+    table = (torch.randn(H, 2 * length - 1, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    index = torch.arange(length).view(1, -1) - torch.arange(length).view(-1, 1) + (length - 1)
+    got = sliding_window_attention(q, k, v, is_causal=causal, window=window, sinks=sinks, position_slopes=table,
+                                   position="relative")
+    want = sliding_window_attention(q, k, v, table[:, index].unsqueeze(0), is_causal=causal, window=window,
+                                    sinks=sinks)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grad = torch.randn(got.shape, generator=g, dtype=torch.float64)
+    for name, a, b in zip("q k v table".split(), torch.autograd.grad(got, (q, k, v, table), grad),
+                          torch.autograd.grad(want, (q, k, v, table), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"d{name}: {m}")
