@@ -286,7 +286,7 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, en
           impl="auto", score_mod=None, position_slopes=None, position=None):
     _check(q, k, v, attn_mask, dropout_p, enable_gqa, window, sinks)
     program = parse_score_mod(score_mod)
-    slopes = check_position_slopes(position_slopes, position, q, q.shape[1], WHAT, relative_ok=True)
+    slopes = check_position_slopes(position_slopes, position, q, q.shape[1], WHAT, True)  # (relative_ok)
     position = position if slopes is not None else None
     if position == RELATIVE and slopes.shape[1] != q.shape[-2] + k.shape[-2] - 1:
         raise ValueError(f"{WHAT}: the relative bias table must hold Tq + Tk - 1 = {q.shape[-2] + k.shape[-2] - 1} "
