@@ -386,7 +386,8 @@ def as_position_bias(site: Site, evaluator: GraphEvaluator) -> tuple[AttentionSp
     site's shapes fix it at every shape), and those values equal c · d(i, j) exactly.  The certifier
     then compares the written-out term with the original on its probes.  Everything else (a table
     lookup by distance, T5's buckets, clamped distances, slopes per query or batch, trainable slopes)
-    stays an additive mask term.
+    stays an additive mask term here; :func:`attnrewrite.patterns.relative.as_relative_bias` then takes
+    the tables by distance (T5) for the kinds that read them.
     """
     spec = site.spec
     found, terms, kept = [], [], []
