@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from attnrewrite.ir.capture import tensor_meta
 from attnrewrite.ir.score_program import score_program
 from attnrewrite.ir.spec import MASKED_SCORE, PADDING_GUARD, AttentionSpec, MaskTerm, ScoreMod, Step, TensorRef
 
@@ -111,6 +112,48 @@ def position_distance(form: str, q: Any, k: Any, dtype: torch.dtype) -> Any:
     return distance.abs() if form == "|j-i|" else distance
 
 
+def relative_distances(q: Any, k: Any) -> Any:
+    """[Tq + Tk − 1] int64: the distances d = j − i from −(Tq − 1) to Tk − 1, counted on q and k themselves
+    (so it records on proxies); R[:, d + Tq − 1] is the bias of query i against key j."""
+    rows = torch.ones_like(q[0, 0, :, 0], dtype=torch.int64).cumsum(0) - 1
+    cols = torch.ones_like(k[0, 0, :, 0], dtype=torch.int64).cumsum(0) - 1
+    return torch.cat([-rows.flip(0)[:-1], cols])
+
+
+def relative_table(term: MaskTerm, lookup: Lookup, q: Any, k: Any) -> Any:
+    """R, [Hq or 1, Tq + Tk − 1]: a ``relative`` mask term's values by distance (its coefficient not applied),
+    the model's own nodes (``term.relative.chain``) replayed with the distance vector in place of the leaves.
+
+    Each leaf, ±(j − i) or ±|j − i| on the [.., Tq, Tk] grid, is given ±d (or ±|d|) laid out as [.., 1, L]:
+    the query axis has length 1 and the key axis holds the distances, so the elementwise ops, lookups and
+    views the matcher admitted compute R[h, d] where they computed the bias at (h, i, j)."""
+    distances = relative_distances(q, k)
+    env: dict[fx.Node, Any] = {}
+    for leaf, form, c in term.relative.leaves:
+        meta = tensor_meta(leaf)
+        value = distances.abs() if form == "|j-i|" else distances
+        value = (-value if c < 0 else value).to(meta.dtype)
+        env[leaf] = value.reshape((1,) * (meta.dim() - 1) + (-1,))
+    read = lambda n: env[n] if n in env else lookup(n)  # noqa: E731
+    for node in term.relative.chain:
+        args, kwargs = fx.node.map_arg(node.args, read), fx.node.map_arg(node.kwargs, read)
+        if node.op == "call_method":
+            env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            env[node] = node.target(*args, **kwargs)
+    table = apply_steps(env[term.node], term.steps, lookup)
+    return table.reshape(-1, table.shape[-1])
+
+
+def relative_dense(table: Any, q: Any, k: Any) -> Any:
+    """[1, H, Tq, Tk]: R[h, j − i + Tq − 1] written out on the grid (for the certifier and the kinds that read
+    a mask)."""
+    rows = torch.ones_like(q[0, 0, :, 0], dtype=torch.int64).cumsum(0) - 1
+    cols = torch.ones_like(k[0, 0, :, 0], dtype=torch.int64).cumsum(0) - 1
+    index = cols.unsqueeze(0) - rows.unsqueeze(1) + rows[-1]
+    return table[:, index].unsqueeze(0)
+
+
 def materialize_mask(terms: tuple[MaskTerm, ...], lookup: Lookup, dtype: torch.dtype, q: Any = None,
                      k: Any = None) -> Any:
     """The mask terms as one ``attn_mask``: bool (True = attend) when every term is a keep-mask,
@@ -119,7 +162,10 @@ def materialize_mask(terms: tuple[MaskTerm, ...], lookup: Lookup, dtype: torch.d
     keep = None
     additive = None
     for term in terms:
-        value = term_value(term, lookup)
+        if term.kind == "relative":  # written out from R, never read from the original [.., Tq, Tk] node
+            value = relative_dense(relative_table(term, lookup, q, k), q, k)
+        else:
+            value = term_value(term, lookup)
         if term.kind == "position":
             value = value.to(dtype) * position_distance(term.form, q, k, dtype)
         if term.kind == "keep":
@@ -182,7 +228,8 @@ class AttentionCall:
     score_program: str | None = None
     #: a ``position`` mask term left out of ``attn_mask`` for a kind that computes it (``positions=True``):
     #: ``position_slopes`` [Hq] or [1] float32 (its coefficient folded in) and ``position`` its form
-    #: (``"j-i"`` or ``"|j-i|"``); None otherwise
+    #: (``"j-i"`` or ``"|j-i|"``); or a ``relative`` term: ``position_slopes`` the table R [Hq or 1, Tq + Tk − 1]
+    #: by distance j − i + Tq − 1 (differentiable) and ``position="relative"``; None otherwise
     position_slopes: Any = None
     position: str | None = None
 
@@ -219,14 +266,17 @@ def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, drop
     q, k = ref_value(spec.q, lookup), ref_value(spec.k, lookup)
     terms, slopes, form = spec.bias, None, None
     if positions:
-        found = [t for t in spec.bias if t.kind == "position"]
+        found = [t for t in spec.bias if t.kind in ("position", "relative")]
         if len(found) > 1:
             raise ValueError("attnrewrite: a kind computes at most one position bias per site")
         if found:
             term = found[0]
             terms = tuple(t for t in spec.bias if t is not term)
-            slopes = term_value(term, lookup).to(torch.float32).reshape(-1)
-            slopes, form = (slopes * term.coeff if term.coeff != 1.0 else slopes), term.form
+            if term.kind == "relative":  # R [Hq or 1, Tq + Tk - 1], differentiable in the model's table
+                slopes, form = relative_table(term, lookup, q, k).to(torch.float32), "relative"
+            else:
+                slopes, form = term_value(term, lookup).to(torch.float32).reshape(-1), term.form
+            slopes = slopes * term.coeff if term.coeff != 1.0 else slopes
     scale, factor = spec.scale, None
     for node, power in spec.q_factors:
         f = lookup(node)
@@ -250,7 +300,7 @@ def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, drop
         score_program=score_program(spec.score_mod)[0],
         kv_groups=spec.kv_groups,
         dtype=dtype,
-        bool_mask=bool(terms) and all(t.kind not in ("add", "position") for t in terms),
+        bool_mask=bool(terms) and all(t.kind not in ("add", "position", "relative") for t in terms),
         position_slopes=slopes,
         position=form,
     )

@@ -52,21 +52,53 @@ class MaskTerm:
       ``form`` naming d: ``"j-i"`` (ALiBi) or ``"|j-i|"``, i and j the query and key indices.  Only
       a kind that computes it in its kernels asks for it (``Kind.position_bias``); the matcher proves
       it from the term's graph (:func:`attnrewrite.patterns.masks.as_position_bias`) and the
-      certifier compares it, materialised, with the original term.
+      certifier compares it, materialised, with the original term;
+    - ``relative``: a bias ``coeff · R[h, j − i]``, R a per-head table over the distances (T5's
+      relative position bias): ``node`` is the original term and ``relative`` says how R is recomputed
+      from the model's own nodes on a 1-D distance vector (:class:`RelativeBias`).  Only a kind that
+      reads R (``Kind.relative_bias``) asks for it (:func:`attnrewrite.patterns.relative.as_relative_bias`);
+      every other use writes it out as an ``add`` term from R, and the certifier compares that.
 
     A score set to −∞ or to any constant ≤ −10⁴ (``masked_fill(m, finfo.min)``,
     ``where(m, s, -1e9)``) counts as masked: the two differ only in rows where every key is
     masked, whose output is meaningless either way (NaN or a uniform average of values).
     """
 
-    kind: Literal["add", "keep", "drop", "padding", "position"]
+    kind: Literal["add", "keep", "drop", "padding", "position", "relative"]
     node: fx.Node
     steps: tuple[Step, ...] = ()
     coeff: float = 1.0
     form: str = ""  # ``position`` terms only: "j-i" or "|j-i|"
+    relative: RelativeBias | None = None  # ``relative`` terms only
 
     def scaled(self, factor: float) -> MaskTerm:
-        return replace(self, coeff=self.coeff * factor) if self.kind in ("add", "padding", "position") else self
+        return (replace(self, coeff=self.coeff * factor) if self.kind in ("add", "padding", "position", "relative")
+                else self)
+
+
+@dataclass(frozen=True)
+class RelativeBias:
+    """How a ``relative`` mask term — an additive bias proven to be R[h, j − i], a per-head function of the
+    distance between key j and query i (T5's bucketed bias, a table indexed by a clamped distance) — is
+    recomputed on a 1-D distance vector instead of on the [Tq, Tk] grid.
+
+    - ``leaves``: (node, form, c): graph nodes holding c · (j − i) (``form`` "j-i") or c · |j − i|
+      ("|j-i|") on the [.., Tq, Tk] grid, built from ``arange`` alone; the replay gives them c · d (or
+      c · |d|) for d = −(Tq − 1) … Tk − 1 laid out as [.., 1, L] (L = Tq + Tk − 1);
+    - ``chain``: the nodes from the leaves to the term (the term's ``node`` last), in graph order: each
+      elementwise in the positions, a table lookup (``embedding``, ``table[index]``) or a view; they are
+      the model's own nodes, replayed (:func:`attnrewrite.ir.canonical.relative_table`), so the table
+      (``nn.Embedding`` weights) receives its gradient through R.
+    """
+
+    leaves: tuple[tuple[fx.Node, str, float], ...]
+    chain: tuple[fx.Node, ...]
+
+    def inputs(self) -> set[fx.Node]:
+        """The nodes the replay reads from the graph (the table, scalar operands): the chain's operands that
+        are neither chain nodes nor leaves."""
+        inside = set(self.chain) | {leaf for leaf, _, _ in self.leaves}
+        return {a for n in self.chain for a in n.all_input_nodes if a not in inside}
 
 
 #: The forms of ``position`` mask terms: d(i, j) for query index i and key index j.

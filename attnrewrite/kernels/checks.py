@@ -218,8 +218,27 @@ def refuse_sharded_sequence(what: str) -> None:
 POSITIONS = ("j-i", "|j-i|")
 
 
+#: ``position=`` of a relative position bias R[h, j − i] (T5's buckets), read from a table by distance
+RELATIVE = "relative"
+
+
+def _check_relative_table(table: Tensor | None, q: Tensor, heads_q: int, what: str) -> Tensor:
+    """R as [Hq, Tq + Tk − 1] (float64 for float64 q, else float32; expanded from one head, not detached)."""
+    length = None if not isinstance(table, torch.Tensor) or table.dim() != 2 else table.shape[1]
+    if not isinstance(table, torch.Tensor) or not table.is_floating_point():
+        raise TypeError(f"{what}: position='relative' needs position_slopes, a float table R [Hq, Tq + Tk - 1], "
+                        f"got {type(table).__name__ if not isinstance(table, torch.Tensor) else table.dtype}")
+    if table.dim() != 2 or table.shape[0] not in (1, heads_q):
+        raise ValueError(f"{what}: the relative bias table must be [Hq={heads_q} or 1, Tq + Tk - 1], got shape "
+                         f"{tuple(table.shape)}")
+    if table.device != q.device:
+        raise ValueError(f"{what}: the relative bias table is on {table.device}, q on {q.device}")
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return table.to(dtype).expand(heads_q, length).contiguous()
+
+
 def check_position_slopes(slopes: Tensor | None, position: str | None, q: Tensor, heads_q: int,
-                          what: str) -> Tensor | None:
+                          what: str, relative_ok: bool = False) -> Tensor | None:
     """A position bias's slopes (``position_slopes``, with ``position`` one of :data:`POSITIONS`) as a
     contiguous [Hq] float tensor (float64 for float64 q, else float32), or None without a position bias.
 
@@ -227,9 +246,14 @@ def check_position_slopes(slopes: Tensor | None, position: str | None, q: Tensor
         TypeError: slopes missing or not a float tensor.
         ValueError: an unknown ``position``, neither Hq slopes nor one, on another device than q, or slopes
             that require grad (the ops compute no gradient for them).
+
+    ``relative_ok`` (an op that reads relative biases): ``position="relative"`` takes ``slopes`` as the table
+    R [Hq or 1, Tq + Tk − 1] (:func:`check_relative_table`), which may require grad.
     """
     if position is None and slopes is None:
         return None
+    if position == RELATIVE and relative_ok:
+        return _check_relative_table(slopes, q, heads_q, what)
     if position not in POSITIONS:
         raise ValueError(f"{what}: position must be one of {', '.join(map(repr, POSITIONS))} (with "
                          f"position_slopes), got {position!r}")

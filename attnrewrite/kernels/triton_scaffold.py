@@ -82,8 +82,9 @@ def load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_
 
 
 #: POSITION of the kernels, by the ops' ``position`` argument: no position bias, slope_h · (j − i), slope_h · |j − i|
-#: (ALiBi computed from the query and key indices instead of read from a mask)
-POSITION_CODES = {None: 0, "j-i": 1, "|j-i|": 2}
+#: (ALiBi computed from the query and key indices instead of read from a mask), R[h, j − i + Tq − 1] (a relative
+#: bias read from the table R [Hq, Tq + Tk − 1] by distance: T5; the sigmoid kernels only)
+POSITION_CODES = {None: 0, "j-i": 1, "|j-i|": 2, "relative": 3}
 
 #: MOD_FN of the kernels: no score modification; otherwise a code of ``score_mods.KERNEL_FUNCTIONS`` (0: affine)
 NO_MOD = -1

@@ -49,6 +49,10 @@ class Kind:
             ``attn_mask``; for such a kind the pipeline turns an additive mask term proven to be one into
             a ``position`` term (:func:`attnrewrite.patterns.masks.as_position_bias`), and the rewrite
             passes it apart.  For every other kind the term stays in ``attn_mask``.
+        relative_bias: True when ``emit`` also reads a relative position bias R[h, j − i] (T5's bucketed
+            bias, a table indexed by a clamped distance) as ``call.position_slopes`` = R [Hq or 1,
+            Tq + Tk − 1] with ``call.position == "relative"``, instead of a [Tq, Tk] ``attn_mask``
+            (:func:`attnrewrite.patterns.relative.as_relative_bias`); needs ``position_bias``.
         expected_skips: data for the tests generated from the registry (``tests/kinds``): the
             reference targets (:mod:`attnrewrite.testing.targets`) whose attention this kind cannot
             honour, target name -> a fragment of the skip reason.  A target not listed must be
@@ -66,6 +70,7 @@ class Kind:
     make_state: Callable[[AttentionSpec, dict[str, Any]], Any] | None = None
     score_mod: bool = False
     position_bias: bool = False
+    relative_bias: bool = False
     expected_skips: dict[str, str] = field(default_factory=dict)
     example_options: dict[str, Any] = field(default_factory=dict)
 

@@ -9,7 +9,9 @@ a tensor or a symbolic number (no program, :mod:`attnrewrite.ir.score_program`),
 under ``learned=True`` (the learned temperature would scale the scores before the modification).
 A bias proven to be a per-head linear function of the positions (ALiBi, slope_h · (j − i) or
 slope_h · |j − i|) is computed inside the op from the slopes (``position_slopes``), not passed as a
-[B, H, Tq, Tk] mask.
+[B, H, Tq, Tk] mask; a bias proven to be R[h, j − i] (T5's bucketed relative bias, a table by clamped
+distance) reaches it as the table R [Hq, Tq + Tk − 1] (``position="relative"``), recomputed from the
+model's own nodes, so the model's embedding still gets its gradient.
 """
 
 from __future__ import annotations
@@ -118,4 +120,5 @@ KIND = register(Kind(
     make_state=make_state,
     score_mod=True,  # applies call.score_program when the modification has one (supports says why not)
     position_bias=True,  # computes ALiBi (call.position_slopes) in its kernels instead of reading a mask
+    relative_bias=True,  # reads a relative bias R[h, j − i] (T5) by distance (position="relative")
 ))

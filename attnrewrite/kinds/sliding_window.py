@@ -62,4 +62,5 @@ KIND = register(Kind(
     example_options={"window": 4, "sinks": 1},
     score_mod=True,  # applies call.score_program when the modification has one (supports says why not)
     position_bias=True,  # computes ALiBi (call.position_slopes) over the band instead of reading a [T, T] mask
+    relative_bias=True,  # reads a relative bias R[h, j − i] (T5) on the band (torch paths; position="relative")
 ))

@@ -99,6 +99,12 @@ def split_term(term: MaskTerm, evaluator: GraphEvaluator, score_rank: int, depth
                 return sub("keep", cond)
             if b_val == 0.0 and a_val is not None and a_val * term.coeff <= MASKED_SCORE:
                 return sub("drop", cond)
+            # where(c, bias, -big) (HF's SDPA path merges T5's bias with the mask so): the bias where c holds,
+            # masked elsewhere — the bias plus the keep-mask c (a masked score is masked whatever is added to it)
+            if a_val is None and is_float_tensor(a) and b_val is not None and b_val * term.coeff <= MASKED_SCORE:
+                return sub("add", a) + sub("keep", cond)
+            if b_val is None and is_float_tensor(b) and a_val is not None and a_val * term.coeff <= MASKED_SCORE:
+                return sub("add", b) + sub("drop", cond)
         if call.name == "masked_fill":
             base, mask, value = call.args
             v = _scalar(value, evaluator, at)
@@ -380,7 +386,8 @@ def as_position_bias(site: Site, evaluator: GraphEvaluator) -> tuple[AttentionSp
     site's shapes fix it at every shape), and those values equal c · d(i, j) exactly.  The certifier
     then compares the written-out term with the original on its probes.  Everything else (a table
     lookup by distance, T5's buckets, clamped distances, slopes per query or batch, trainable slopes)
-    stays an additive mask term.
+    stays an additive mask term here; :func:`attnrewrite.patterns.relative.as_relative_bias` then takes
+    the tables by distance (T5) for the kinds that read them.
     """
     spec = site.spec
     found, terms, kept = [], [], []

@@ -51,6 +51,8 @@ def _spec_nodes(site: Site) -> set[fx.Node]:
     """Graph nodes the canonical form reads besides q, k, v: mask terms, factors, sizes in steps."""
     spec = site.spec
     nodes = {t.node for t in spec.bias} | {n for n, _ in spec.q_factors}
+    for term in spec.bias:  # what a relative bias's replay reads (its table)
+        nodes |= term.relative.inputs() if term.relative is not None else set()
     mod_steps = []
     if spec.score_mod is not None:  # what the replayed ops read besides the scores
         chain = {spec.score_mod.source} | {n for n, _ in spec.score_mod.chain}

@@ -36,7 +36,7 @@ from attnrewrite.ir.capture import module_path, normalize
 from attnrewrite.ir.evaluate import GraphEvaluator
 from attnrewrite.ir.record import find_fake_mode
 from attnrewrite.ir.spec import NotAttention, Site
-from attnrewrite.patterns import eager_matmul, masks, multihead, sdpa
+from attnrewrite.patterns import eager_matmul, masks, multihead, relative, sdpa
 from attnrewrite.rewriter import hops, state
 from attnrewrite.rewriter.certify import certify, fingerprint
 from attnrewrite.rewriter.failures import Failure, RewriteFailed, not_rewritten
@@ -163,6 +163,12 @@ def select(ctx: PassContext) -> None:
             if positioned is not None:
                 site.spec = positioned
                 site.notes.append("additive bias proven slope_h·d(i, j) (ALiBi): computed from positions")
+        if kind.relative_bias:  # T5's buckets, a table by clamped distance: read as R[h, j − i], no [Tq, Tk] mask
+            tabled, kept = relative.as_relative_bias(site, ctx.evaluator)
+            site.notes.extend(kept)
+            if tabled is not None:
+                site.spec = tabled
+                site.notes.append("additive bias proven R[h, j − i] (relative position bias): read by distance")
         reason = kind.supports(site.spec, options)
         padded = masks.as_key_padding(site, ctx.evaluator) if reason is not None else None
         if padded is not None and kind.supports(padded, options) is None:  # checked at run time, certified

@@ -16,7 +16,7 @@ import torch.fx as fx
 from torch.fx.proxy import Proxy
 
 from attnrewrite.ir import canonical
-from attnrewrite.ir.capture import Writes, same_size, tensor_meta
+from attnrewrite.ir.capture import Writes, same_size, tensor_meta, written_by
 from attnrewrite.ir.record import erase_unused, propagate_meta, recording
 from attnrewrite.ir.spec import Site
 
@@ -87,7 +87,25 @@ def rewrite_site(gm: fx.GraphModule, site: Site, emit: Callable, fake_mode,
         site.probs.replace_all_uses_with(new_weights.node)
         replaced[site.probs] = new_weights.node
     erase_unused(site.region)
+    for term in spec.bias:  # the original [.., Tq, Tk] bias of a relative term, once no site reads it any more
+        if term.relative is not None and positions:
+            erase_unused(_relative_sources(graph, term))
     return new_nodes
+
+
+def _relative_sources(graph: fx.Graph, term) -> list[fx.Node]:
+    """The nodes that computed a ``relative`` term on the grid, in graph order: its chain and leaves, and the
+    index arithmetic under the leaves (aranges, views, differences; pure: the matcher proved them so)."""
+    found = set(term.relative.chain) | {term.node}
+    stack = [leaf for leaf, _, _ in term.relative.leaves]
+    while stack:
+        node = stack.pop()
+        if node in found or node.op not in ("call_function", "call_method"):
+            continue
+        found.add(node)
+        stack.extend(node.all_input_nodes)
+    # (an in-place write into anything else stays, and with it what it reads)
+    return [n for n in graph.nodes if n in found and all(w in found for w in written_by(n))]
 
 
 def _replaced(gm: fx.GraphModule) -> dict[fx.Node, fx.Node]:
@@ -118,6 +136,8 @@ def _spec_inputs(site: Site) -> set[fx.Node]:
         for step in steps:
             fx.node.map_arg(step, nodes.add)
     nodes |= {spec.dropout_node} if spec.dropout_node is not None else set()
+    for term in spec.bias:  # what a relative bias's replay reads (its table)
+        nodes |= term.relative.inputs() if term.relative is not None else set()
     return nodes | {t.node for t in spec.bias} | {n for n, _ in spec.q_factors}
 
 

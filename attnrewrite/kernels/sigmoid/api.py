@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from attnrewrite.kernels._ops import resolve_impl
-from attnrewrite.kernels.checks import (check_dropout, check_kv_lens, check_mask_dtype, check_position_slopes,
-                                        check_qkv)
+from attnrewrite.kernels.checks import (RELATIVE, check_dropout, check_kv_lens, check_mask_dtype,
+                                        check_position_slopes, check_qkv)
 
 from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
 
@@ -123,6 +123,11 @@ def sigmoid_attention_dispatch(
     grad (no gradient is computed for it: pass such a bias as ``attn_mask``).  Both paths compute the
     bias tile by tile; no [Tq, Tk] tensor is made.
 
+    ``position="relative"`` with ``position_slopes`` = R, a float table [Hq or 1, Tq + Tk − 1]: a relative
+    position bias R[h, j − i + Tq − 1] (T5's bucketed bias), added with ``attn_mask``.  R may require grad:
+    its gradient is dS summed along each diagonal.  Both paths read R tile by tile (no [Tq, Tk] tensor);
+    the Triton dQ kernel sums dR with atomics.  Not with ``cu_seqlens``.
+
     ``impl``: ``"auto"`` runs the Triton kernels on CUDA for float16/bfloat16 (the torch path when
     dropout_p > 0, for float32, whose exact products the kernels can only do on the FMA pipes, and
     for head dims over 256) and the torch path elsewhere; ``"triton"`` always runs the kernels (on the CPU only under
@@ -132,7 +137,9 @@ def sigmoid_attention_dispatch(
     problem = _validate(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                         bias, kv_lens, cu_seqlens_q, cu_seqlens_k, causal_align)
     program = parse_score_mod(score_mod)
-    slopes = check_position_slopes(position_slopes, position, q, problem.heads_q, WHAT)
+    slopes = check_position_slopes(position_slopes, position, q, problem.heads_q, WHAT, relative_ok=True)
+    if position == RELATIVE:
+        _check_relative(slopes, problem)
     path = _resolve_impl(impl, q, dropout_p, problem, program)
 
     if attn_mask is not None:
@@ -158,6 +165,14 @@ def sigmoid_attention_dispatch(
         problem.scale, problem.causal, dropout_p, score_mod=None if program is None else program.text(),
         slopes=slopes, position=position if slopes is not None else None)
 
+
+
+def _check_relative(table: torch.Tensor, problem: Problem) -> None:
+    if problem.varlen:
+        raise ValueError(f"{WHAT}: a relative position bias (position='relative') cannot be combined with cu_seqlens")
+    if table.shape[1] != problem.len_q + problem.len_k - 1:
+        raise ValueError(f"{WHAT}: the relative bias table must hold Tq + Tk - 1 = {problem.len_q + problem.len_k - 1} "
+                         f"distances, got {table.shape[1]}")
 
 
 def mask_keeps(attn_mask: torch.Tensor) -> torch.Tensor:

@@ -145,8 +145,11 @@ def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                  mask: torch.Tensor | None, bias: torch.Tensor, kv_lens: torch.Tensor | None, scale: float,
                  causal: int, dropout_p: float, seed: torch.Tensor | None, chunk_size: int,
                  want_mask: bool, score_mod: str = "", slopes: torch.Tensor | None = None,
-                 position: str = "") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, dmask); dmask is empty unless ``want_mask``."""
+                 position: str = "", want_table: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, dmask, dtable); dmask is empty unless ``want_mask``, dtable (the gradient of a relative
+    bias table R, ``position="relative"``: dS summed along each diagonal j − i, tile by tile) unless
+    ``want_table``."""
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
     seed_value = int(seed) if seed is not None else 0
@@ -155,11 +158,13 @@ def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     if geometry.native is not None and mask is None and dropout_p == 0 and native.forward_available():
         dq, dk, dv = geometry.native_backward(grad_out, q)
         return ((dq * scale).to(q.dtype), (dk * scale).view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
-                q.new_empty(0))
+                q.new_empty(0), q.new_empty(0))
     dq = torch.empty(batch, heads_q, len_q, dim, dtype=dtype, device=q.device)
     dk = torch.zeros(flat, len_k, dim, dtype=dtype, device=q.device)
     dv = torch.zeros(flat, len_k, dim_v, dtype=dtype, device=q.device)
     dmask = torch.zeros(mask.shape, dtype=dtype, device=q.device) if want_mask else None
+    want_table = want_table and geometry.table is not None
+    dtable = torch.zeros(geometry.table.shape, dtype=dtype, device=q.device) if want_table else None
     scores, grad_weights, grad_scores = geometry.buffer(), geometry.buffer(), geometry.buffer()
     rows_dq = geometry.buffer(dim)
     for chunk in geometry.chunks(q):
@@ -186,6 +191,10 @@ def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             if want_mask:  # the mask is added after the modification: its gradient is dS itself
                 _accumulate_mask_grad(dmask, d_scores.view(batch, heads_q, rows, key_stop - key_start),
                                       chunk.start, chunk.stop, key_start)
+            if want_table:  # R is added after the modification too: dR[h, d] = sum of dS over the diagonal d
+                index = geometry.table_index(chunk, key_start, key_stop).flatten()
+                per_head = d_scores.view(batch, heads_q, rows * (key_stop - key_start)).sum(0)
+                dtable.index_add_(1, index, per_head)
             if mod_grad is not None:  # through the modification: dS_raw = dS · mod'(scale·q·kᵀ)
                 d_scores.mul_(mod_grad)
             if key_start == 0:
@@ -197,15 +206,17 @@ def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     grad_mask = dmask.to(mask.dtype) if want_mask else q.new_empty(0)
     dk = dk.view(batch, heads_kv, len_k, dim)
     dv = dv.view(batch, heads_kv, len_k, dim_v)
-    return (dq * scale).to(q.dtype), (dk * scale).to(k.dtype), dv.to(v.dtype), grad_mask
+    grad_table = dtable.to(slopes.dtype) if want_table else q.new_empty(0)
+    return (dq * scale).to(q.dtype), (dk * scale).to(k.dtype), dv.to(v.dtype), grad_mask, grad_table
 
 
 def _chunked_bwd_fake(grad_out, q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, want_mask,
-                      score_mod="", slopes=None, position=""):
+                      score_mod="", slopes=None, position="", want_table=False):
     # contiguous, as _chunked_bwd allocates them: empty_like would copy a transposed q's strides, and
     # inductor, trusting the fake, would then read the real (contiguous) gradients wrongly
     grad_mask = mask.new_empty(mask.shape) if want_mask else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_mask
+    grad_table = slopes.new_empty(slopes.shape) if want_table and slopes is not None else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_mask, grad_table
 
 
 def _setup_context(ctx, inputs, output):
@@ -218,11 +229,12 @@ def _autograd(ctx, grad_out):
     q, k, v, mask, bias, kv_lens, seed, slopes = ctx.saved_tensors
     scale, causal, dropout_p, chunk_size, score_mod, position = ctx.args
     want_mask = mask is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, dmask = torch.ops.attnrewrite.sigmoid_chunked_bwd(
+    want_table = position == "relative" and ctx.needs_input_grad[12]  # (ALiBi slopes never require grad)
+    dq, dk, dv, dmask, dtable = torch.ops.attnrewrite.sigmoid_chunked_bwd(
         grad_out.contiguous(), q, k, v, mask, bias, kv_lens, scale, causal, dropout_p, seed, chunk_size, want_mask,
-        score_mod, slopes, position)
-    # (the slopes get no gradient: the dispatcher refuses slopes that require one)
-    return dq, dk, dv, (dmask if want_mask else None), None, None, None, None, None, None, None, None, None, None
+        score_mod, slopes, position, want_table)
+    return (dq, dk, dv, (dmask if want_mask else None), None, None, None, None, None, None, None, None,
+            (dtable if want_table else None), None)
 
 
 kernel_op("sigmoid_chunked_fwd", _chunked_fwd, fake=_chunked_fwd_fake, backward=_autograd,
@@ -275,8 +287,11 @@ class _Geometry:
         self.scale = scale
         self.causal = causal
         self.score_mod = parse_score_mod(score_mod)
-        # the position bias: slopes [1, Hkv, G, 1, 1] against the grid, and its form ("j-i" or "|j-i|")
-        self.slopes = (None if slopes is None or not position
+        # the position bias: slopes [1, Hkv, G, 1, 1] against the grid, and its form ("j-i" or "|j-i|"); or
+        # a relative bias: the table R [Hq, Tq + Tk - 1], read by distance tile by tile
+        relative = slopes is not None and position == "relative"
+        self.table = slopes.to(self.dtype) if relative else None
+        self.slopes = (None if slopes is None or not position or relative
                        else slopes.to(self.dtype).view(1, self.heads_kv, self.group, 1, 1))
         self.position = position
         # each sequence's key count and causal shift, on the host: they decide which keys a chunk reads
@@ -291,7 +306,7 @@ class _Geometry:
         # tile) for float32 without a score modification or position bias; it runs on one thread, so it is used
         # only where torch does too (ATen's ops spread over all of them)
         self.native = (native.library() if self.dtype == torch.float32 and self.score_mod is None
-                       and self.slopes is None and self.device.type == "cpu" and torch.get_num_threads() == 1
+                       and self.slopes is None and self.table is None and self.device.type == "cpu" and torch.get_num_threads() == 1
                        else None)
         self.rows = max(1, min(self.len_q, chunk_size or CHUNK_ELEMENTS // (self.batch * self.heads_q * self.key_block)))
 
@@ -414,6 +429,9 @@ class _Geometry:
             rows_at = torch.arange(chunk.start, chunk.stop, device=self.device, dtype=self.dtype)
             distance = keys.view(1, -1) - rows_at.view(-1, 1)
             grid.add_(self.slopes * (distance.abs() if self.position == "|j-i|" else distance))
+        if self.table is not None:  # R[h, j - i + Tq - 1]: [Hq, C, Kb] gathered for this tile only
+            grid.add_(self.table[:, self.table_index(chunk, key_start, key_stop)].view(
+                1, self.heads_kv, self.group, rows, width))
         scores.sigmoid_()
         first = max(chunk.full, key_start)
         if first < key_stop:  # keys only some rows see: hide them from the others
@@ -424,6 +442,12 @@ class _Geometry:
                 hidden = hidden | (keys > query_index + self.shifts_t)
             grid[..., first - key_start:].masked_fill_(hidden, 0.0)
         return scores, mod_grad
+
+    def table_index(self, chunk: _Chunk, key_start: int, key_stop: int) -> torch.Tensor:
+        """[C, Kb] int64: the column of R holding the bias of the chunk's rows against keys key_start:key_stop."""
+        keys = torch.arange(key_start, key_stop, device=self.device)
+        rows_at = torch.arange(chunk.start, chunk.stop, device=self.device)
+        return keys.view(1, -1) - rows_at.view(-1, 1) + (self.len_q - 1)
 
     def tile_mask(self, chunk: _Chunk, key_start: int, key_stop: int) -> torch.Tensor:
         """The additive mask of the chunk's rows against keys key_start:key_stop, shaped to broadcast

@@ -11,7 +11,8 @@ Two operators, each made by :func:`attnrewrite.kernels._ops.triton_ops` in two f
 
 Autograd is registered on both forward forms: the backward op returns dQ, dK, dV and, when the
 float mask needs a gradient, the full score gradient dS, which is then summed over the mask's
-broadcast dimensions.  Kernel configurations come from :mod:`attnrewrite.kernels.tuning`
+broadcast dimensions; with a relative bias table R (``position="relative"``) also dR, summed along
+the diagonals in the dQ kernel.  Kernel configurations come from :mod:`attnrewrite.kernels.tuning`
 (table, then autotuning on a GPU, then the space's default); while a graph is being traced,
 nothing can be timed, so only the table or default is used.
 """
@@ -42,7 +43,8 @@ def sigmoid_attention_triton(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seql
                              program=None, slopes=None, position: str | None = None):
     """Run the forward op for the tensors' device (arguments as for ``sigmoid_fwd``; ``program`` a
     :class:`~attnrewrite.kernels.score_mods.ScoreProgram` or None; ``slopes`` float32 [Hq] and ``position``
-    the position bias, or None); differentiable in q, k, v and the mask (not in the slopes)."""
+    the position bias, or None); differentiable in q, k, v, the mask and a relative bias table (``position=
+    "relative"``, ``slopes`` float32 [Hq, Tq + Tk − 1]), not in ALiBi slopes."""
     return FWD.on(q.device)(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, float(scale), int(causal),
                             "" if program is None else program.text(), slopes, position or "")
 
@@ -91,9 +93,9 @@ def _forward_fake(q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k,
 def _backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, attn_mask: Tensor | None, bias: Tensor,
               kv_lens: Tensor | None, cu_seqlens_q: Tensor | None, cu_seqlens_k: Tensor | None, scale: float,
               causal: int, want_mask_grad: bool, score_mod: str = "", slopes: Tensor | None = None,
-              position: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Sigmoid attention backward: (dq, dk, dv, ds); ds (the gradient of the scores the mask is added to)
-    is empty unless ``want_mask_grad``."""
+              position: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Sigmoid attention backward: (dq, dk, dv, ds, dr); ds (the gradient of the scores the mask is added to)
+    is empty unless ``want_mask_grad``, dr (of a relative bias table) unless ``position == "relative"``."""
     q, k, v, grad_out = (_unit_last_stride(t) for t in (q, k, v, grad_out))
     args = (q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal, want_mask_grad)
     program = parse_score_mod(score_mod)
@@ -111,8 +113,9 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, grad_out: Tensor, attn_mask: Tens
 def _backward_fake(q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale, causal,
                    want_mask_grad, score_mod="", slopes=None, position=""):
     ds_shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if want_mask_grad else (0,)
+    dr_shape = (q.shape[1], q.shape[2] + k.shape[2] - 1) if position == "relative" else (0,)
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            q.new_empty(ds_shape, dtype=torch.float32))
+            q.new_empty(ds_shape, dtype=torch.float32), q.new_empty(dr_shape, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -124,11 +127,12 @@ def _setup_context(ctx, inputs, output):
 def _autograd(ctx, grad_out):
     q, k, v, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, slopes = ctx.saved_tensors
     want_mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
-    dq, dk, dv, ds = BWD.on(q.device)(q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k,
+    dq, dk, dv, ds, dr = BWD.on(q.device)(q, k, v, grad_out, attn_mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k,
                                       ctx.scale, ctx.causal, want_mask_grad, ctx.score_mod, slopes, ctx.position)
     dmask = _sum_to_shape(ds, attn_mask.shape).to(attn_mask.dtype) if want_mask_grad else None
-    # the slopes get no gradient: the dispatcher refuses slopes that require one
-    return dq, dk, dv, dmask, None, None, None, None, None, None, None, None, None
+    # a relative bias table gets dR; ALiBi slopes get no gradient (the dispatcher refuses slopes that require one)
+    dtable = dr.to(slopes.dtype) if ctx.position == "relative" and ctx.needs_input_grad[11] else None
+    return dq, dk, dv, dmask, None, None, None, None, None, None, None, dtable, None
 
 
 def _sum_to_shape(grad: Tensor, shape) -> Tensor:

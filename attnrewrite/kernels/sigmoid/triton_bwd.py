@@ -5,7 +5,9 @@ With P = sigmoid(S) recomputed from q and k (sigmoid has no row statistics to sa
     dV = P^T dO        dP = dO V^T        dS = P (1 - P) dP
     dQ = scale dS K    dK = scale dS^T Q
 
-Two kernels, both deterministic (no atomics):
+Two kernels, deterministic (no atomics) except for the gradient of a relative bias table R (POSITION = 3):
+the dQ kernel adds each tile's dS into dR[h, j − i + Tq − 1] with atomics (a diagonal's entries come
+from many tiles and programs).
 
 - ``sigmoid_bwd_dkdv_kernel``: one program per key block of one key/value head; it loops
   over the query heads of its group and their query blocks, accumulating dK and dV in
@@ -31,7 +33,7 @@ from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, blo
 @triton.jit
 def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
                  stride_dsm, offs_m, q_len, k_len, shift, lo, hi, scale_log2, bias_log2,
-                 mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                 mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2, dr_base,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, STORE_DS: tl.constexpr,
                  MASKED: tl.constexpr, NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -48,7 +50,7 @@ def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, strid
                                 scale_log2, bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                                 pos_log2, False, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION, MOD_FN,
                                 POSITION)
-        if MOD_FN >= 0 and not STORE_DS:
+        if MOD_FN >= 0 and not STORE_DS and POSITION != 3:
             # mod' is folded into p(1 − p) before the dP product, so that one tile, not two, is held in
             # registers across it (as without a modification)
             w = p * (1.0 - p) * d_mod
@@ -60,15 +62,18 @@ def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, strid
         if STORE_DS:  # the mask is added after the modification: its gradient is dS before mod'
             tl.store(ds_base + offs_m[:, None] * stride_dsm + offs_n[None, :], ds,
                      mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
-            if MOD_FN >= 0:
-                ds = ds * d_mod
+        if POSITION == 3:  # so is R: dR[h, j − i + Tq − 1] += dS, summed along the tile's diagonals
+            tl.atomic_add(dr_base + (offs_n[None, :] - offs_m[:, None] + q_len - 1), ds,
+                          mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
+        if (STORE_DS or POSITION == 3) and MOD_FN >= 0:
+            ds = ds * d_mod
         dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
     return dq
 
 
 @triton.jit
 def sigmoid_bwd_dq_kernel(
-    Q, K, V, DO, DQ, DS, Mask, Bias, Slopes, KvLens, CuQ, CuK, BlockSeq, BlockStart,
+    Q, K, V, DO, DQ, DS, Mask, Bias, Slopes, DR, KvLens, CuQ, CuK, BlockSeq, BlockStart,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -114,7 +119,11 @@ def sigmoid_bwd_dq_kernel(
         bias_log2 = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[:, None]
     else:  # one b per sequence and head
         bias_log2 = tl.load(bias_base) * LOG2E
-    if POSITION != 0:  # the head's slope of the position bias, in log2 units
+    dr_base = DR
+    if POSITION == 3:  # the head's rows of the relative bias table R and of its gradient, [Hq, Tq + Tk - 1]
+        pos_log2 = Slopes + head64 * (len_q + len_k - 1)
+        dr_base = DR + head64 * (len_q + len_k - 1)
+    elif POSITION != 0:  # the head's slope of the position bias, in log2 units
         pos_log2 = tl.load(Slopes + head) * LOG2E
     else:
         pos_log2 = 0.0
@@ -130,11 +139,11 @@ def sigmoid_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
                       stride_dsm, offs_m, q_len, k_len, shift, 0, full_end, scale_log2, bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                      pos_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, STORE_DS, False,
+                      pos_log2, dr_base, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, STORE_DS, False,
                       NEWTON_STEPS, DOT_PRECISION, MOD_FN, POSITION)
     dq = _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
                       stride_dsm, offs_m, q_len, k_len, shift, full_end, hi, scale_log2, bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
-                      pos_log2, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, STORE_DS, True,
+                      pos_log2, dr_base, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, STORE_DS, True,
                       NEWTON_STEPS, DOT_PRECISION, MOD_FN, POSITION)
     tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=(offs_m < q_len)[:, None] & (offs_d < D)[None, :])
@@ -238,7 +247,9 @@ def sigmoid_bwd_dkdv_kernel(
         mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
         bias_base = Bias + seq * stride_bz + head64 * stride_bh + q_row0 * stride_bm
         bias_log2 = tl.load(bias_base) * LOG2E  # the b of this head, unless ROW_BIAS
-        if POSITION != 0:  # the head's slope of the position bias, in log2 units
+        if POSITION == 3:  # the head's row of the relative bias table R [Hq, Tq + Tk - 1]
+            pos_log2 = Slopes + head64 * (len_q + len_k - 1)
+        elif POSITION != 0:  # the head's slope of the position bias, in log2 units
             pos_log2 = tl.load(Slopes + head64) * LOG2E
         else:
             pos_log2 = 0.0
@@ -268,8 +279,10 @@ def sigmoid_bwd_dkdv_kernel(
 def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int,
                 want_mask_grad: bool, config_dq: dict, config_dkdv: dict, launch=lambda kernel: kernel,
                 kernels=("dq", "dkdv"), program=None, slopes=None, position: str | None = None):
-    """Launch both backward kernels. Returns (dq, dk, dv, ds) where ds is the float32 [B, Hq, Tq, Tk]
-    score gradient when ``want_mask_grad`` (zeros where no row sees a key) and an empty tensor otherwise.
+    """Launch both backward kernels. Returns (dq, dk, dv, ds, dr) where ds is the float32 [B, Hq, Tq, Tk]
+    score gradient when ``want_mask_grad`` (zeros where no row sees a key) and an empty tensor otherwise, and
+    dr the float32 [Hq, Tq + Tk − 1] gradient of a relative bias table (``position="relative"``; empty
+    otherwise, or when the dQ kernel is not launched).
 
     Arguments as for :func:`attnrewrite.kernels.sigmoid.triton_fwd.sigmoid_fwd`, plus ``grad_out``
     [B, Hq, Tq, Dv] (unit last stride) and one config per kernel; ``kernels`` names the kernels
@@ -283,8 +296,11 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
     dv = torch.empty_like(v)
     ds = (torch.zeros(batch, heads_q, len_q, len_k, dtype=torch.float32, device=q.device) if want_mask_grad
           else torch.empty(0, dtype=torch.float32, device=q.device))
+    relative = position == "relative"
+    dr = (torch.zeros(heads_q, len_q + len_k - 1, dtype=torch.float32, device=q.device) if relative
+          else torch.empty(0, dtype=torch.float32, device=q.device))
     if q.numel() == 0 and k.numel() == 0:
-        return dq, dk, dv, ds
+        return dq, dk, dv, ds, dr
     varlen = cu_seqlens_q is not None
     mask_strides = (0, 0, 0, 0)
     if mask is not None:
@@ -310,7 +326,8 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
             block_seq = block_start = q
             grid = (triton.cdiv(len_q, block_m), batch * heads_q)
         launch(sigmoid_bwd_dq_kernel)[grid](
-            q, k, v, grad_out, dq, ds if want_mask_grad else q, mask_arg, bias, slopes_arg, kv_lens_arg,
+            q, k, v, grad_out, dq, ds if want_mask_grad else q, mask_arg, bias, slopes_arg,
+            dr if relative else bias, kv_lens_arg,
             cu_q_arg, cu_k_arg, block_seq, block_start,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -346,4 +363,4 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
             BLOCK_M=config_dkdv["BLOCK_M"], BLOCK_N=block_n,
             num_warps=config_dkdv["num_warps"], num_stages=config_dkdv["num_stages"], **common,
         )
-    return dq, dk, dv, ds
+    return dq, dk, dv, ds, dr

@@ -68,8 +68,10 @@ def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k
 
     POSITION adds a bias computed from the positions instead of read from memory (ALiBi): ``pos_log2`` ·
     (j − i) (POSITION = 1) or ``pos_log2`` · |j − i| (POSITION = 2), ``pos_log2`` the head's slope in log2
-    units, i and j the query and key positions in their sequence; 0 adds nothing.  It does not depend on
-    q or k, so the derivative of the scores is unchanged.
+    units, i and j the query and key positions in their sequence; 0 adds nothing.  POSITION = 3 reads a
+    relative bias by distance: ``pos_log2`` is then the pointer to the head's row of the table R [Hq, L],
+    L = Tq + Tk − 1, and the tile adds R[h, j − i + Tq − 1] (an [L]-long row gathered per tile: no [Tq, Tk]
+    tensor).  None depends on q or k, so the derivative of the scores is unchanged.
     """
     z2, d_mod = modified_scores(mma(x, tl.trans(y), None, DOT_PRECISION), scale_log2, bias_log2, mod_in_mul,
                                 mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, MOD_FN)
@@ -83,11 +85,14 @@ def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k
         extra = tl.load(mask_base + q_idx * stride_mm + k_idx * stride_mn, mask=(q_idx < q_len) & (k_idx < k_len),
                         other=0.0)
         z2 += extra.to(tl.float32) * LOG2E
-    if POSITION != 0:
+    if POSITION == 1 or POSITION == 2:
         distance = (k_idx - q_idx).to(tl.float32)
         if POSITION == 2:
             distance = tl.abs(distance)
         z2 += pos_log2 * distance
+    if POSITION == 3:
+        rel = tl.load(pos_log2 + (k_idx - q_idx + q_len - 1), mask=(q_idx < q_len) & (k_idx < k_len), other=0.0)
+        z2 += rel * LOG2E
     if MASKED:
         visible = k_idx < k_len
         if KEY_ROWS:

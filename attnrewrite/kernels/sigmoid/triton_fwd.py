@@ -82,7 +82,9 @@ def sigmoid_fwd_kernel(
         bias_log2 = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[:, None]
     else:  # one b per sequence and head: a scalar keeps the registers free
         bias_log2 = tl.load(bias_base) * LOG2E
-    if POSITION != 0:  # the head's slope of the position bias, in log2 units
+    if POSITION == 3:  # the head's row of the relative bias table R [Hq, Tq + Tk - 1]
+        pos_log2 = Slopes + head.to(tl.int64) * (len_q + len_k - 1)
+    elif POSITION != 0:  # the head's slope of the position bias, in log2 units
         pos_log2 = tl.load(Slopes + head) * LOG2E
     else:
         pos_log2 = 0.0
@@ -123,7 +125,8 @@ def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale:
     ``wrap_triton`` under ``triton_op``).  ``program``: the score modification
     (:class:`~attnrewrite.kernels.score_mods.ScoreProgram`, or None), compiled in through ``mod_args``.
     ``position`` (None, ``"j-i"`` or ``"|j-i|"``) with ``slopes`` (float32 [Hq], contiguous): the position
-    bias slopes[h] · (j − i) or slopes[h] · |j − i| computed in the kernel (``POSITION_CODES``).
+    bias slopes[h] · (j − i) or slopes[h] · |j − i| computed in the kernel (``POSITION_CODES``); or
+    ``position="relative"`` with ``slopes`` the table R, float32 [Hq, Tq + Tk − 1] contiguous (not packed).
     """
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from attnrewrite.kernels._ops import composite_op, resolve_impl, sdpa_autocast, sdpa_schema
-from attnrewrite.kernels.checks import check_dropout, check_mask_dtype, check_position_slopes, check_qkv
+from attnrewrite.kernels.checks import RELATIVE, check_dropout, check_mask_dtype, check_position_slopes, check_qkv
 from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
 
 try:  # the Triton path is optional: the torch paths work wherever torch does
@@ -149,7 +149,14 @@ def blockwise_sliding_window(q, k, v, attn_mask, dropout_p: float, is_causal: bo
     sink_scores = (q_blocks @ k[:, :, :n_sinks].transpose(-1, -2).unsqueeze(2).unsqueeze(3)).to(compute) * scale
     if score_mod is not None:  # elementwise, so per block as on the whole matrix; autograd differentiates it
         scores, sink_scores = score_mod(scores), score_mod(sink_scores)
-    if slopes is not None:  # slopes[h] · d(i, j) on the band (the same in every block) and on the sinks
+    if slopes is not None and form == "relative":  # R[h, j − i + Tq − 1], gathered on the band and the sinks
+        last = slopes.shape[-1] - 1  # (indices outside the table are masked entries: clamped, then hidden)
+        band_index = (rel + offset + (len_q - 1)).clamp(0, last)                     # [rows, span]
+        sink_index = (j - (p - offset) + (len_q - 1)).clamp(0, last)                 # [blocks, rows, sinks]
+        table = slopes.to(compute)
+        scores = scores + table[:, band_index].view(1, heads_kv, groups, 1, rows, span)
+        sink_scores = sink_scores + table[:, sink_index].view(1, heads_kv, groups, blocks, rows, n_sinks)
+    elif slopes is not None:  # slopes[h] · d(i, j) on the band (the same in every block) and on the sinks
         per_head = slopes.to(compute).view(1, heads_kv, groups, 1, 1, 1)
         band_distance = (rel + offset).to(compute)                                   # [rows, span]: j − i
         sink_distance = (j - (p - offset)).to(compute)                               # [blocks, rows, sinks]
@@ -214,9 +221,12 @@ def dense_sliding_window(q, k, v, attn_mask, dropout_p: float, is_causal: bool, 
     near = ((j <= p) & (j > p - window)) if is_causal else (j - p).abs() < window
     visible = near | ((j < sinks) & (j <= p)) if is_causal else near | (j < sinks)
     if slopes is not None:
-        distance = (j - (p - (len_k - len_q))).to(q.dtype)
-        distance = distance.abs() if position == "|j-i|" else distance
-        bias = slopes.to(q.dtype).view(-1, 1, 1) * distance                          # [Hq, Tq, Tk]
+        if position == "relative":  # R[h, j − i + Tq − 1]
+            bias = slopes.to(q.dtype)[:, j - (p - (len_k - len_q)) + (len_q - 1)]    # [Hq, Tq, Tk]
+        else:
+            distance = (j - (p - (len_k - len_q))).to(q.dtype)
+            distance = distance.abs() if position == "|j-i|" else distance
+            bias = slopes.to(q.dtype).view(-1, 1, 1) * distance                      # [Hq, Tq, Tk]
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             visible = visible & attn_mask
         elif attn_mask is not None:
@@ -244,8 +254,10 @@ def _band_covers_the_sequence(len_q, len_k, is_causal: bool, window: int) -> boo
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _kernel_refusal(dropout_p: float, attn_mask, score_mod=None) -> str | None:
+def _kernel_refusal(dropout_p: float, attn_mask, score_mod=None, position: str | None = None) -> str | None:
     """Why the kernels cannot run a call, or None (``score_mod`` a parsed program or None)."""
+    if position == RELATIVE:
+        return "the Triton kernels do not read a relative bias table (position='relative')"
     if score_mod_refusal(score_mod) is not None:
         return score_mod_refusal(score_mod)
     if dropout_p > 0.0:
@@ -274,11 +286,14 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, en
           impl="auto", score_mod=None, position_slopes=None, position=None):
     _check(q, k, v, attn_mask, dropout_p, enable_gqa, window, sinks)
     program = parse_score_mod(score_mod)
-    slopes = check_position_slopes(position_slopes, position, q, q.shape[1], WHAT)
+    slopes = check_position_slopes(position_slopes, position, q, q.shape[1], WHAT, True)  # (relative_ok)
     position = position if slopes is not None else None
+    if position == RELATIVE and slopes.shape[1] != q.shape[-2] + k.shape[-2] - 1:
+        raise ValueError(f"{WHAT}: the relative bias table must hold Tq + Tk - 1 = {q.shape[-2] + k.shape[-2] - 1} "
+                         f"distances, got {slopes.shape[1]}")
     path = resolve_impl(impl, q.device, what=WHAT, dtype=q.dtype, head_dims=(q.shape[-1], v.shape[-1]),
                         triton_dtypes=_FLOAT_DTYPES, auto_dtypes=(torch.float16, torch.bfloat16),
-                        refusal=_kernel_refusal(dropout_p, attn_mask, program), available=_op is not None,
+                        refusal=_kernel_refusal(dropout_p, attn_mask, program, position), available=_op is not None,
                         interpreter_active=lambda: _op.interpreter_active())
     if path == "triton":
         return _triton_path(q, k, v, attn_mask, is_causal, scale, window, sinks, program, slopes, position)
@@ -330,7 +345,10 @@ def sliding_window_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=T
         position_slopes, position: a bias computed from the query and key indices i, j (i counted from the
             first query, as in the sigmoid op): ``position="j-i"`` adds position_slopes[h]·(j − i) (ALiBi),
             ``"|j-i|"`` adds position_slopes[h]·|j − i|; Hq floats that do not require grad.  Every path
-            computes it for the visible scores only.
+            computes it for the visible scores only.  ``position="relative"``: position_slopes is a table R
+            [Hq or 1, Tq + Tk − 1] (T5's relative bias) and the op adds R[h, j − i + Tq − 1], read on the band
+            and the sinks only; R may require grad.  The torch paths only (the kernels refuse it: ``"auto"``
+            takes the torch path).
 
     Returns:
         [B, Hq, Tq, Dv] in q's dtype (a row that sees no key gives 0).  Inside ``torch.autocast`` the
