@@ -125,7 +125,7 @@ CASES = {
     "masked_fill_zero": (FillWithZero, "not a mask value"),
     "mask_before_score_mod": (MaskedThenCapped, "before a score modification"),
     "scores_reused": (ScoresReused, "scores are reused"),
-    "scores_transposed": (ScoresTransposed, "no score product"),
+    "scores_transposed": (ScoresTransposed, "product of two activations"),  # attention not read: reported
     "no_value_product": (NoValueProduct, "never meet the values"),
     "classifier_softmax": (Classifier, "no score product"),
 }
