@@ -7,7 +7,11 @@ O(T / W) instead of the O(T) of an all-gather.
 
 - sigmoid: the partial outputs of the blocks simply add (no row statistics); ``bias="auto"``'s
   b_i = −log n_i is known before the ring from the key mask alone (n_i counts the keys query i sees)
-  and is folded into each block's mask as a per-row term.
+  and is folded into each block's mask as a per-row term.  In float32 on one CPU thread without a key
+  mask, score modification or position bias, each pair runs the op's compiled loop
+  (:mod:`attnrewrite.kernels.sigmoid.native`) one (batch, kv head) at a time, added into the ring's
+  output and gradient buffers in place (:class:`_CompiledSigmoid`): a pair then holds a head's rows
+  besides the ring's buffers, not the pair's output, gradients and recomputed forward.
 - softmax: every block yields a partial output and its log-sum-exp; they are merged by a running
   log-sum-exp.  The blocks run torch's CPU flash kernel (memory O(block), not O(block²)).
 
@@ -35,7 +39,9 @@ from torch import Tensor
 
 from attnrewrite.distributed.layout import segments
 from attnrewrite.kernels.checks import SHARDED_SEQUENCE
+from attnrewrite.kernels.sigmoid import native as sigmoid_native
 from attnrewrite.kernels.sigmoid.api import mask_keeps
+from attnrewrite.kernels.sigmoid.chunked import NATIVE_BLOCK, NATIVE_ROWS
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -232,6 +238,85 @@ def _sigmoid_block_backward(grad, q, k, v, mask, rows, diagonal, spec, offset=0)
         return torch.autograd.grad(_sigmoid_block(*leaves, mask, rows, diagonal, spec, offset), leaves, grad)
 
 
+def compiled_sigmoid_applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, rows: Tensor | None,
+                              spec: RingSpec) -> bool:
+    """Whether the sigmoid pairs run the compiled loop (:class:`_CompiledSigmoid`): float32 on the CPU with one
+    torch thread (the loop is single-threaded: the chunked op's own rule), no key mask, score modification or
+    position bias, shapes the op would accept (else the op runs and raises its own error)."""
+    heads_q, heads_kv = q.shape[-3], k.shape[-3]
+    return (spec.kind == "sigmoid" and mask is None and spec.score_mod is None and spec.slopes is None
+            and (rows is not None or spec.bias is not None)
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (q, k, v))
+            and q.shape[0] == k.shape[0] == v.shape[0] and k.shape[:-1] == v.shape[:-1]
+            and q.shape[-1] == k.shape[-1] and heads_q % heads_kv == 0 and (heads_q == heads_kv or spec.enable_gqa)
+            and torch.get_num_threads() == 1 and sigmoid_native.forward_available())
+
+
+class _CompiledSigmoid:
+    """A rank's sigmoid pairs through the op's compiled loop (:func:`~attnrewrite.kernels.sigmoid.native.
+    sigmoid_forward` / ``sigmoid_backward``), one (batch, kv head) at a time.
+
+    The loop takes a kv head's query rows with its G query heads interleaved per position ([1, C·G, D]), one
+    bias per row (b, or ``rows``' b_i) and, on a causal diagonal, each row's key limit (row i sees keys 0..i).
+    Its results — a head's output rows, or its dQ / dK / dV parts, each [C·G or C, D] — are added into the
+    ring's buffers at once (dQ and dK with the factor ``scale`` the loop leaves out), so nothing the size of
+    a pair outlives the head that made it.
+    """
+
+    def __init__(self, q: Tensor, k: Tensor, rows: Tensor | None, spec: RingSpec, chunk: int):
+        self.groups = q.shape[-3] // k.shape[-3]
+        self.scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
+        self.rows, self.bias = rows, spec.bias
+        # on the diagonal, folded row t·G + g (position t) sees keys j < t + 1
+        self.limit = torch.arange(1, chunk + 1).repeat_interleave(self.groups).view(1, -1)
+        self.loop = dict(chunk=max(1, min(NATIVE_ROWS, chunk * self.groups)), block=NATIVE_BLOCK)
+
+    def _fold(self, x: Tensor, b: int, h: int, rows: slice) -> Tensor:
+        """The G query heads of kv head h, rows ``rows``, as a contiguous [1, C·G, X] (a view when G = 1)."""
+        g = self.groups
+        return x[b, h * g:(h + 1) * g, rows].transpose(0, 1).reshape(1, -1, x.shape[-1]).contiguous()
+
+    def _add_unfolded(self, target: Tensor, b: int, h: int, rows: slice, folded: Tensor, alpha: float = 1.0):
+        g = self.groups
+        target[b, h * g:(h + 1) * g, rows].add_(folded.view(-1, g, folded.shape[-1]).transpose(0, 1), alpha=alpha)
+
+    def _head(self, k: Tensor, v: Tensor, b: int, h: int, q_rows: slice, k_rows: slice, diagonal: bool):
+        """(k, v, bias, limit) of the loop for kv head h of batch b."""
+        g, length = self.groups, q_rows.stop - q_rows.start
+        if self.rows is None:
+            bias = torch.full((1, length * g), float(self.bias))
+        else:  # [B|1, H|1, Tl, 1] -> this head group's rows, interleaved
+            r = self.rows[min(b, self.rows.shape[0] - 1)]
+            r = r[h * g:(h + 1) * g] if r.shape[0] > 1 else r.expand(g, *r.shape[1:])
+            bias = r[:, q_rows, 0].transpose(0, 1).reshape(1, -1).to(torch.float32).contiguous()
+        keys = k[b, h, k_rows].unsqueeze(0).contiguous()
+        values = v[b, h, k_rows].unsqueeze(0).contiguous()
+        return keys, values, bias, (self.limit if diagonal else None)
+
+    def forward(self, out: Tensor, q: Tensor, k: Tensor, v: Tensor, q_rows: slice, k_rows: slice, diagonal: bool):
+        """out[..., q_rows, :] += the pair's sigmoid attention."""
+        for b in range(q.shape[0]):
+            for h in range(k.shape[-3]):
+                keys, values, bias, limit = self._head(k, v, b, h, q_rows, k_rows, diagonal)
+                part = sigmoid_native.sigmoid_forward(self._fold(q, b, h, q_rows), keys, values, bias, limit,
+                                                      self.scale, **self.loop)
+                self._add_unfolded(out, b, h, q_rows, part)
+
+    def backward(self, dq: Tensor, dk: Tensor, dv: Tensor, grad: Tensor, q: Tensor, k: Tensor, v: Tensor,
+                 q_rows: slice, k_rows: slice, diagonal: bool):
+        """dq[..., q_rows, :], dk[..., k_rows, :], dv[..., k_rows, :] += the pair's gradient parts."""
+        for b in range(q.shape[0]):
+            for h in range(k.shape[-3]):
+                keys, values, bias, limit = self._head(k, v, b, h, q_rows, k_rows, diagonal)
+                dq_part, dk_part, dv_part = sigmoid_native.sigmoid_backward(
+                    self._fold(grad, b, h, q_rows), self._fold(q, b, h, q_rows), keys, values, bias, limit,
+                    self.scale, **self.loop)
+                self._add_unfolded(dq, b, h, q_rows, dq_part, alpha=self.scale)
+                dk[b, h, k_rows].add_(dk_part[0], alpha=self.scale)
+                dv[b, h, k_rows].add_(dv_part[0])
+                dq_part = dk_part = dv_part = None
+
+
 def _merge_into(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> None:
     """Merge a softmax partial (``out``, ``lse``) of the same rows into (``acc_out``, ``acc_lse``), in place
     (``out`` is scratch)."""
@@ -248,12 +333,17 @@ def _forward(q, k, v, mask, rows, spec: RingSpec, ring):
     chunk = q.shape[-2] // 2
     out = q.new_zeros(*q.shape[:-1], v.shape[-1])
     lse = q.new_full(q.shape[:-1], float("-inf")) if spec.kind == "softmax" else None
+    compiled = (_CompiledSigmoid(q, k, rows, spec, chunk) if compiled_sigmoid_applies(q, k, v, mask, rows, spec)
+                else None)
     block = [k, v] + ([mask] if mask is not None else [])
     for step in range(spec.world):
         src = (spec.rank - step) % spec.world
         pending = ring.start(block, "kv") if step < spec.world - 1 else None
         bk, bv, bmask = block[0], block[1], block[2] if mask is not None else None
         for q_rows, k_rows, diagonal, offset in _pairs(spec.rank, src, spec.world, chunk, spec.causal):
+            if compiled is not None:
+                compiled.forward(out, q, bk, bv, q_rows, k_rows, diagonal)
+                continue
             qb, kb, vb, mb = q[..., q_rows, :], bk[..., k_rows, :], bv[..., k_rows, :], _keys(bmask, k_rows)
             if spec.kind == "softmax":
                 o, l = _softmax_block(qb, kb, vb, mb, diagonal, spec)
@@ -270,15 +360,20 @@ def _forward(q, k, v, mask, rows, spec: RingSpec, ring):
 def _backward(grad, q, k, v, mask, rows, out, lse, spec: RingSpec, ring):
     chunk = q.shape[-2] // 2
     dq = torch.zeros_like(q)
-    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    dk, dv = k.new_zeros(k.shape), v.new_zeros(v.shape)  # contiguous: they travel in place, piece by piece
     if lse is not None:  # a row that sees no key at all: every weight exp(s − lse) must be 0
         lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    compiled = (_CompiledSigmoid(q, k, rows, spec, chunk) if compiled_sigmoid_applies(q, k, v, mask, rows, spec)
+                else None)
     block = [k, v] + ([mask] if mask is not None else [])
     for step in range(spec.world):
         src = (spec.rank - step) % spec.world
         pending = ring.start(block, "kv") if step < spec.world - 1 else None
         bk, bv, bmask = block[0], block[1], block[2] if mask is not None else None
         for q_rows, k_rows, diagonal, offset in _pairs(spec.rank, src, spec.world, chunk, spec.causal):
+            if compiled is not None:
+                compiled.backward(dq, dk, dv, grad, q, bk, bv, q_rows, k_rows, diagonal)
+                continue
             qb, kb, vb, mb = q[..., q_rows, :], bk[..., k_rows, :], bv[..., k_rows, :], _keys(bmask, k_rows)
             gb = grad[..., q_rows, :]
             if spec.kind == "softmax":
@@ -293,13 +388,27 @@ def _backward(grad, q, k, v, mask, rows, out, lse, spec: RingSpec, ring):
             dqb = dkb = dvb = None  # added in: not alive while the next pair computes its own
         # this block is done: let it go before its gradients travel (one block fewer alive at the peak)
         block = bk = bv = bmask = qb = kb = vb = mb = None
-        # the accumulated dK/dV of this block go on with it; after the last step they reach their owner.
-        # One after the other: while a tensor travels both its outgoing and incoming copies are alive
-        dk, = ring.start([dk], "grad")()
-        dv, = ring.start([dv], "grad")()
+        # the accumulated dK/dV of this block go on with it; after the last step they reach their owner
+        _travel_in_place(dk, ring)
+        _travel_in_place(dv, ring)
         if pending is not None:
             block = pending()
     return dq, dk, dv
+
+
+#: Pieces a travelling dK or dV is sent in: while a piece travels, its incoming copy is the only extra memory.
+TRAVEL_PIECES = 8
+
+
+def _travel_in_place(tensor: Tensor, ring) -> None:
+    """Send ``tensor`` (contiguous) to the next rank and replace it, in place, by the previous rank's, one piece
+    after the other: a piece is overwritten only once it has left, so the exchange holds one piece more than
+    the tensor, not a second tensor."""
+    flat = tensor.view(-1)
+    for piece in flat.chunk(min(TRAVEL_PIECES, max(1, flat.numel()))):
+        arrived, = ring.start([piece], "grad")()
+        piece.copy_(arrived)
+        arrived = None
 
 
 class _RingAttention(torch.autograd.Function):
@@ -307,7 +416,8 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, rows, spec, ring):
         with torch.no_grad():
             out, lse = _forward(q, k, v, mask, rows, spec, ring)
-        ctx.save_for_backward(q, k, v, mask, rows, out, lse)
+        # sigmoid's backward does not read the output (it recomputes each pair's weights)
+        ctx.save_for_backward(q, k, v, mask, rows, out if spec.kind == "softmax" else None, lse)
         ctx.spec, ctx.ring = spec, ring
         return out
 

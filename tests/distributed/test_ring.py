@@ -220,3 +220,108 @@ def test_sigmoid_ring_adds_the_position_bias_of_global_positions(position, causa
     torch.testing.assert_close(out, ref.detach())
     for name, got, leaf in zip("qkv", grads, leaves):
         torch.testing.assert_close(got, leaf.grad, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.fixture
+def one_thread():
+    """The compiled sigmoid loop runs where torch runs on one thread (the chunked op's rule)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _float32(tensors):
+    return [None if t is None else t.float() for t in tensors]
+
+
+@pytest.mark.parametrize("bias,causal,world,heads", [
+    (None, True, 2, (4, 2)), (None, False, 3, (4, 4)), (-1.5, True, 4, (4, 2)), (-1.5, False, 2, (4, 1)),
+    (None, True, 1, (4, 4))])
+def test_sigmoid_ring_in_float32_runs_the_compiled_loop_and_equals_the_whole_op(bias, causal, world, heads, one_thread,
+                                                                                monkeypatch):
+    """float32 on one thread without a key mask: each (query chunk, key chunk) pair runs the op's compiled loop one
+    (batch, kv head) at a time, added into the ring's buffers (GQA rows folded as the loop folds them, the per-row
+    b_i of bias="auto", the causal diagonal as key limits); rows and gradients equal the whole op's, within
+    float32 rounding of the float64 result."""
+    if not ring.sigmoid_native.forward_available():
+        pytest.skip("no C compiler here: the ring runs the op")
+    heads_q, heads_kv = heads
+    g = torch.Generator().manual_seed(7 + world)
+    q64 = torch.randn(B, heads_q, T, D, generator=g, dtype=torch.float64)
+    k64, v64 = (torch.randn(B, heads_kv, T, D, generator=g, dtype=torch.float64) for _ in range(2))
+    grad64 = torch.randn(B, heads_q, T, D, generator=g, dtype=torch.float64)
+    calls = []
+    original = ring.sigmoid_native.sigmoid_backward
+    monkeypatch.setattr(ring.sigmoid_native, "sigmoid_backward", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    out, grads = _run_ranks(world, "sigmoid", bias, *_float32((q64, k64, v64, grad64)), None, causal)
+    assert calls, "the compiled loop did not run"
+    leaves = [t.clone().requires_grad_() for t in (q64, k64, v64)]
+    ref = _whole("sigmoid", bias, *leaves, None, causal)
+    ref.backward(grad64)
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    for name, got, leaf in zip("qkv", grads, leaves):
+        torch.testing.assert_close(got.double(), leaf.grad, rtol=1e-5, atol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+class _GlooLikeRing:
+    """The exchange with the memory of :class:`ring.P2PRing`: the receiving buffers are made (by the receiving
+    rank) when the exchange starts, and a rank's wait also waits until what it sent has been taken."""
+
+    def __init__(self, rank: int, world: int, boxes: dict):
+        self.rank, self.world, self.boxes = rank, world, boxes
+
+    def start(self, tensors, channel):
+        tensors = [t.contiguous() for t in tensors]
+        received = [torch.empty_like(t) for t in tensors]
+        taken = threading.Event()
+        self.boxes[(self.rank + 1) % self.world, channel].put((tensors, taken))
+
+        def wait():
+            theirs, their_taken = self.boxes[self.rank, channel].get(timeout=120)
+            for mine, sent in zip(received, theirs):
+                mine.copy_(sent)
+            theirs = sent = None  # the sender's buffer is free once copied
+            their_taken.set()
+            assert taken.wait(120)
+            return received
+
+        return wait
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sigmoid_ring_holds_its_gradients_and_the_blocks_in_flight_and_little_else(world, one_thread):
+    """Per-rank memory of the sigmoid ring (float32, one thread, causal, bias="auto"), counted as live tensor bytes
+    (:class:`~attnrewrite.testing.memory.LiveTensorBytes`) in units of one shard [B, H, T/W, D]: at its peak a rank
+    holds its output and dQ, dK, dV (4), the key/value block arriving (2), from 3 ranks on the foreign block at hand
+    (2), and besides them only a travelling piece of dK/dV and one head's parts — not a (query chunk, key chunk)
+    pair's output, gradients and recomputed forward, nor a whole second dK in transit.  (Each pair through the op:
+    11.1 shards at 2 ranks and 14.6 at 4; dK/dV travelling whole: 7.0 and 9.0.)"""
+    if not ring.sigmoid_native.forward_available():
+        pytest.skip("no C compiler here: the ring runs the op")
+    from attnrewrite.testing.memory import LiveTensorBytes
+
+    length, heads, dim = 4096, 8, 32
+    g = torch.Generator().manual_seed(world)
+    q, k, v, grad = (torch.randn(1, heads, length, dim, generator=g) for _ in range(4))
+    boxes = {(r, c): queue.Queue() for r in range(world) for c in ("kv", "grad")}
+    peaks = {}
+
+    def rank_main(rank):
+        positions = layout.local_positions(rank, world, length)
+        local = [t.index_select(2, positions).clone().requires_grad_() for t in (q, k, v)]
+        local_grad = grad.index_select(2, positions)
+        rows = ring.sigmoid_rows(None, length, positions, True, q.dtype)
+        spec = ring.RingSpec("sigmoid", True, None, False, None, rank, world)
+        with LiveTensorBytes() as live:
+            out = ring.ring_attention(*local, None, rows, spec, _GlooLikeRing(rank, world, boxes))
+            out.backward(local_grad)
+            del out
+        peaks[rank] = live.peak
+
+    with ThreadPoolExecutor(world) as pool:
+        list(pool.map(rank_main, range(world)))
+    shard = q.numel() * q.element_size() / world
+    held = max(peaks.values()) / shard
+    allowed = 4 + 2 + (2 if world > 2 else 0) + 0.75
+    assert held <= allowed, f"{world} ranks: a rank holds {held:.2f} shards at its peak, allowed {allowed}"
