@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr-transfer", type=float, default=None)
     parser.add_argument("--lr-finetune", type=float, default=None)
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--adapt", default="attention", help="finetune's adapters: attention or all (distill's adapt)")
     parser.add_argument("--option", action="append", default=[], metavar="KIND.NAME=VALUE",
                         help="a kind option beside the learned one (repeatable), e.g. hashed.top_k=16")
     parser.add_argument("--seed", type=int, default=0)
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; {args.checkpoint}; transfer {args.transfer_steps} + finetune "
           f"{args.finetune_steps} steps, {args.batches} batches of {args.batch_size}x{args.block_size} bytes, "
-          f"lr {lr or 'distill defaults'}, rank {args.rank}; validation {args.eval_batches}x32x{args.block_size} bytes")
+          f"lr {lr or 'distill defaults'}, rank {args.rank} on {args.adapt}; validation {args.eval_batches}x32x{args.block_size} bytes")
     teacher = validation_loss(model, windows)
     print("\n| kind | model | distillation | CPU s | val nats/byte | vs softmax | target |")
     print("|---|---|---|---|---|---|---|")
@@ -134,7 +135,7 @@ def main(argv=None) -> int:
                 continue
             cpu = time.process_time()
             out = attnrewrite.distill(model, to, data, steps=steps, stage=stage, lr=lr, seed=args.seed, rank=args.rank,
-                                      loss="kl", progress=False, **options)
+                                      adapt=args.adapt, loss="kl", progress=False, **options)
             cpu = time.process_time() - cpu
             what = f"{stage} {steps if isinstance(steps, int) else '+'.join(map(str, steps.values()))}"
             print(line(name, what, cpu, validation_loss(out, windows, to, options)), flush=True)

