@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from typing import Callable
 
 import torch
 import torch.fx as fx
@@ -389,22 +390,35 @@ def as_position_bias(site: Site, evaluator: GraphEvaluator) -> tuple[AttentionSp
     stays an additive mask term here; :func:`attnrewrite.patterns.relative.as_relative_bias` then takes
     the tables by distance (T5) for the kinds that read them.
     """
-    spec = site.spec
+    return take_one_term(
+        site.spec, lambda term: _position_term(term, site, evaluator),
+        # (a scaled mask is no candidate: no note)
+        lambda term, why: f"additive bias {term.node.name} stays a mask: {why}" if _product_of_tensors(term.node)
+        else None,
+        "position biases: each stays a mask (a kind computes one)")
+
+
+def take_one_term(spec: AttentionSpec, read: Callable[[MaskTerm], tuple[MaskTerm | None, str]],
+                  note: Callable[[MaskTerm, str], str | None], several: str) -> tuple[AttentionSpec | None, list[str]]:
+    """``spec`` with the one additive term that ``read`` turns into another term (``read(term)`` gives the new
+    term or None, and why not) put in its place, or None when no term or more than one reads; and the notes
+    for the report: ``note(term, why)`` for each additive term that stays a mask (None: no note), and
+    ``several`` (after the count) when more than one reads.  A term ``read`` fails on stays the mask it was."""
     found, terms, kept = [], [], []
     for term in spec.bias:
-        position, why = None, ""
+        taken, why = None, ""
         if term.kind == "add":
             try:
-                position, why = _position_term(term, site, evaluator)
-            except Exception as exc:  # noqa: BLE001 — a term this recogniser cannot read stays the mask it was
-                position, why = None, f"could not be read ({type(exc).__name__})"
-        if position is not None:
-            found.append(position)
-        elif term.kind == "add" and _product_of_tensors(term.node):  # (a scaled mask is no candidate: no note)
-            kept.append(f"additive bias {term.node.name} stays a mask: {why}")
-        terms.append(position or term)
+                taken, why = read(term)
+            except Exception as exc:  # noqa: BLE001 — a term the recogniser cannot read stays the mask it was
+                taken, why = None, f"could not be read ({type(exc).__name__})"
+        if taken is not None:
+            found.append(taken)
+        elif term.kind == "add" and (line := note(term, why)) is not None:
+            kept.append(line)
+        terms.append(taken or term)
     if len(found) > 1:
-        kept.append(f"{len(found)} position biases: each stays a mask (a kind computes one)")
+        kept.append(f"{len(found)} {several}")
     if len(found) != 1:
         return None, kept
     return replace(spec, bias=tuple(terms)), kept

@@ -24,7 +24,6 @@ The certifier then compares the site, with the term written out from R, with the
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import torch
 import torch.fx as fx
@@ -34,7 +33,7 @@ from attnrewrite.ir.capture import example, hinted_shape, tensor_meta
 from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, UnreadableWrite
 from attnrewrite.ir.spec import AttentionSpec, MaskTerm, RelativeBias, Site
 from attnrewrite.patterns.layout import ref_shape
-from attnrewrite.patterns.masks import _index_expression, _plain_index
+from attnrewrite.patterns.masks import _index_expression, _plain_index, take_one_term
 
 _ELEMENTWISE_NAMES = {
     "add", "sub", "mul", "div", "true_divide", "floor_divide", "floordiv", "truediv", "mod", "remainder", "fmod",
@@ -259,22 +258,9 @@ def as_relative_bias(site: Site, evaluator: GraphEvaluator) -> tuple[AttentionSp
     spec = site.spec
     if any(t.kind in ("position", "relative") for t in spec.bias):
         return None, []
-    found, terms, kept = [], [], []
-    for term in spec.bias:
-        relative, why = None, ""
-        if term.kind == "add":
-            try:
-                relative, why = relative_term(term, site, evaluator)
-            except Exception as exc:  # noqa: BLE001 — a term this recogniser cannot read stays the mask it was
-                relative, why = None, f"could not be read ({type(exc).__name__})"
-        if relative is not None:
-            found.append(relative)
-        elif term.kind == "add" and (why != "not computed from positions" or _spans_the_grid(term, site)):
-            kept.append(f"additive bias {term.node.name} stays a mask (not a relative bias R[h, j − i]): {why}")
-        terms.append(relative or term)
-    if len(found) > 1:
-        kept.append(f"{len(found)} relative biases: each stays a mask (a kind reads one)")
-    if len(found) != 1:
-        return None, kept
-    return replace(spec, bias=tuple(terms)), kept
+    return take_one_term(
+        spec, lambda term: relative_term(term, site, evaluator),
+        lambda term, why: f"additive bias {term.node.name} stays a mask (not a relative bias R[h, j − i]): {why}"
+        if why != "not computed from positions" or _spans_the_grid(term, site) else None,
+        "relative biases: each stays a mask (a kind reads one)")
 

@@ -100,16 +100,24 @@ def _prefill_rows(device, dtype, mask_name) -> list[dict]:
         grads = torch.autograd.grad((out.double() * upstream).sum(), leaves)
         return dict(zip(("out", "dq", "dk", "dv"), (out.detach(),) + grads))
 
-    exact, plain, ours = run("torch", torch.float64), run("torch", dtype), run("triton", dtype)
-    scored = []
-    for name, expected in exact.items():
-        bound = error_budget(plain[name], expected, dtype, band=rounding_band(dtype, expected, length=s["length"]))
-        err = max_error(ours[name], expected)
-        scored.append((err / bound if bound > 0 and math.isfinite(err) else float("inf"), name, err, bound))
-    _, name, err, bound = max(scored)  # the worst output or gradient relative to its bound
+    name, err, bound = _worst(run, dtype, s["length"])
     rows.append({"case": case, "dtype": str(dtype).removeprefix("torch."), "worst": name, "max_err": err,
                  "bound": bound, "ok": err <= bound})
     return rows
+
+
+def _worst(run, dtype, length: int) -> tuple[str, float, float]:
+    """(name, error, bound) of the worst output or gradient, relative to its bound, of the kernels
+    (``run("triton", dtype)``) against the float64 torch path, by the numerics rule (the bound from the torch
+    path in ``dtype``)."""
+    exact, plain, ours = run("torch", torch.float64), run("torch", dtype), run("triton", dtype)
+    scored = []
+    for name, expected in exact.items():
+        bound = error_budget(plain[name], expected, dtype, band=rounding_band(dtype, expected, length=length))
+        err = max_error(ours[name], expected)
+        scored.append((err / bound if bound > 0 and math.isfinite(err) else float("inf"), name, err, bound))
+    _, name, err, bound = max(scored)
+    return name, err, bound
 
 
 def _learned_row(device, dtype) -> dict:
@@ -136,13 +144,7 @@ def _learned_row(device, dtype) -> dict:
         grads = torch.autograd.grad((out.double() * upstream).sum(), leaves + planes)
         return dict(zip(("out", "dq", "dk", "dv", "d_q_projection", "d_k_projection"), (out.detach(),) + grads))
 
-    exact, plain, ours = run("torch", torch.float64), run("torch", dtype), run("triton", dtype)
-    scored = []
-    for name, expected in exact.items():
-        bound = error_budget(plain[name], expected, dtype, band=rounding_band(dtype, expected, length=s["length"]))
-        err = max_error(ours[name], expected)
-        scored.append((err / bound if bound > 0 and math.isfinite(err) else float("inf"), name, err, bound))
-    _, name, err, bound = max(scored)
+    name, err, bound = _worst(run, dtype, s["length"])
     return {"case": f"causal GQA T={s['length']} hash=learned", "dtype": str(dtype).removeprefix("torch."),
             "worst": name, "max_err": err, "bound": bound, "ok": err <= bound}
 
