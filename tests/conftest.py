@@ -31,6 +31,15 @@ def _seed_and_reset_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (the compiled CPU loops run only there), restored after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
     """Under pytest-xdist each worker already has a core: torch's default of one thread per core in
     every worker oversubscribes the machine and makes small-op loops several times slower."""

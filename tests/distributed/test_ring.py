@@ -222,15 +222,6 @@ def test_sigmoid_ring_adds_the_position_bias_of_global_positions(position, causa
         torch.testing.assert_close(got, leaf.grad, msg=lambda m, n=name: f"d{n}: {m}")
 
 
-@pytest.fixture
-def one_thread():
-    """The compiled sigmoid loop runs where torch runs on one thread (the chunked op's rule)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _float32(tensors):
     return [None if t is None else t.float() for t in tensors]
 

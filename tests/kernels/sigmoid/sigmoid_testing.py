@@ -3,6 +3,8 @@ oracle and through plain torch at the same precision, and compare every output b
 
 from __future__ import annotations
 
+import math
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -119,3 +121,21 @@ def check_against_reference(case: Case, dtype: torch.dtype, impl: str, seed: int
         assert got[name].dtype == plain[name].dtype, f"{name}: dtype {got[name].dtype} vs {plain[name].dtype}"
         errors[name] = assert_within_budget(got[name], plain[name], ref, dtype, f"{impl} {name}")
     return errors
+
+
+def seeded(name: str) -> torch.Generator:
+    """A generator seeded from ``name``: each test draws its own inputs, whatever ran before it."""
+    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
+
+
+def masked_inputs(name: str, heads_q: int = 4, heads_kv: int = 2, len_q: int = 9, len_k: int = 11,
+                  dim: int = 8) -> tuple[torch.Generator, list[torch.Tensor]]:
+    """(the generator, [q, k, v, mask]) in float64, batch 2, GQA by default, a float mask with key 3 hidden from
+    every query (its gradient must stay 0); draw a test's further inputs from the generator."""
+    g = seeded(name)
+    q = torch.randn(2, heads_q, len_q, dim, generator=g, dtype=torch.float64)
+    k = torch.randn(2, heads_kv, len_k, dim, generator=g, dtype=torch.float64)
+    v = torch.randn(2, heads_kv, len_k, dim, generator=g, dtype=torch.float64)
+    mask = torch.randn(2, 1, len_q, len_k, generator=g, dtype=torch.float64)
+    mask[..., 3] = -math.inf
+    return g, [q, k, v, mask]

@@ -11,14 +11,6 @@ from attnrewrite.ops import sigmoid_attention
 from attnrewrite.testing.memory import LiveTensorBytes
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("path", ["compiled loop", "torch tiles"])
 def test_the_backward_scales_its_gradients_in_place(path, one_thread, monkeypatch):
     """At its peak the op holds the output and dQ, dK, dV (4 tensors) and its tiles (three 1 MiB buffers on the

@@ -4,30 +4,21 @@ against plain torch written here, with the bias materialised as a [Tq, Tk] tenso
 
 from __future__ import annotations
 
-import math
-import zlib
 
 import pytest
 import torch
 
 from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
 from attnrewrite.ops import sigmoid_attention
+from sigmoid_testing import masked_inputs, seeded
 
 BIAS = -1.5
 SOFTCAP = ("div 5.0; tanh; mul 5.0", lambda s: torch.tanh(s / 5.0) * 5.0)
 
 
-def _seed(name: str) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
-
 
 def _inputs(name, dtype, heads_q=4, heads_kv=2, len_q=9, len_k=11, dim=8):
-    g = _seed(name)
-    q = torch.randn(2, heads_q, len_q, dim, generator=g, dtype=torch.float64)
-    k = torch.randn(2, heads_kv, len_k, dim, generator=g, dtype=torch.float64)
-    v = torch.randn(2, heads_kv, len_k, dim, generator=g, dtype=torch.float64)
-    mask = torch.randn(2, 1, len_q, len_k, generator=g, dtype=torch.float64)
-    mask[..., 3] = -math.inf  # one key hidden from everyone: its gradient must stay 0
+    _, (q, k, v, mask) = masked_inputs(name, heads_q, heads_kv, len_q, len_k, dim)
     slopes = torch.tensor([0.5, -0.25, 0.125, 0.3], dtype=torch.float64)[:heads_q]
     return [t.to(dtype).requires_grad_() for t in (q, k, v, mask)] + [slopes.to(dtype)]
 
@@ -60,7 +51,7 @@ def _check(impl, dtype, position, causal, tol, with_mask=True, mod=None):
     out = sigmoid_attention_dispatch(q, k, v, mask if with_mask else None, is_causal=causal, scale=0.4,
                                      enable_gqa=True, bias=BIAS, impl=impl, score_mod=text, position_slopes=slopes,
                                      position=position)
-    grad = torch.randn(out.shape, generator=_seed("grad" + name), dtype=torch.float64)
+    grad = torch.randn(out.shape, generator=seeded("grad" + name), dtype=torch.float64)
     inputs = (q, k, v, mask) if with_mask else (q, k, v)
     got = dict(zip(("dq", "dk", "dv", "dmask"), torch.autograd.grad(out, inputs, grad.to(dtype))))
     ref_inputs = [t.detach().double().requires_grad_() for t in inputs]

@@ -5,30 +5,21 @@ the bias written out as a [Hq, Tq, Tk] tensor R[h, j − i + Tq − 1]."""
 
 from __future__ import annotations
 
-import math
-import zlib
 
 import pytest
 import torch
 
 from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
 from attnrewrite.ops import sigmoid_attention
+from sigmoid_testing import masked_inputs, seeded
 
 BIAS = -1.5
 SOFTCAP = ("div 5.0; tanh; mul 5.0", lambda s: torch.tanh(s / 5.0) * 5.0)
 
 
-def _seed(name: str) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
-
 
 def _inputs(name, dtype, heads_q=4, heads_kv=2, len_q=9, len_k=11, dim=8):
-    g = _seed(name)
-    q = torch.randn(2, heads_q, len_q, dim, generator=g, dtype=torch.float64)
-    k = torch.randn(2, heads_kv, len_k, dim, generator=g, dtype=torch.float64)
-    v = torch.randn(2, heads_kv, len_k, dim, generator=g, dtype=torch.float64)
-    mask = torch.randn(2, 1, len_q, len_k, generator=g, dtype=torch.float64)
-    mask[..., 3] = -math.inf  # one key hidden from everyone
+    g, (q, k, v, mask) = masked_inputs(name, heads_q, heads_kv, len_q, len_k, dim)
     table = torch.randn(heads_q, len_q + len_k - 1, generator=g, dtype=torch.float64) * 2
     return [t.to(dtype).requires_grad_() for t in (q, k, v, mask, table)]
 
@@ -62,7 +53,7 @@ def _check(impl, dtype, causal, tol, with_mask=True, mod=None, len_q=9, len_k=11
     out = sigmoid_attention_dispatch(q, k, v, mask if with_mask else None, is_causal=causal, scale=0.4,
                                      enable_gqa=True, bias=BIAS, impl=impl, score_mod=text, position_slopes=table,
                                      position="relative")
-    grad = torch.randn(out.shape, generator=_seed("grad" + name), dtype=torch.float64)
+    grad = torch.randn(out.shape, generator=seeded("grad" + name), dtype=torch.float64)
     inputs = {"dq": q, "dk": k, "dv": v, "dtable": table} | ({"dmask": mask} if with_mask else {})
     got = dict(zip(inputs, torch.autograd.grad(out, list(inputs.values()), grad.to(dtype))))
     ref = {key: t.detach().double().requires_grad_() for key, t in inputs.items()}
@@ -119,7 +110,7 @@ def test_torch_path_relative_bias_in_small_chunks_equals_the_whole():
         q, k, v, _, table = _inputs("chunks", torch.float64, len_q=40, len_k=40)
         out = chunked.chunk_sigmoid_attention(q, k, v, None, torch.full((2, 4), BIAS, dtype=torch.float64), None,
                                               None, None, 0.4, 1, chunk_size=5, slopes=table, position="relative")
-        grad = torch.randn(out.shape, generator=_seed("chunks-grad"), dtype=torch.float64)
+        grad = torch.randn(out.shape, generator=seeded("chunks-grad"), dtype=torch.float64)
         got = torch.autograd.grad(out, table, grad)[0]
     finally:
         chunked.KEY_BLOCK = old

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-import zlib
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ import torch
 from attnrewrite.kernels import score_mods
 from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
 from attnrewrite.ops import sigmoid_attention
+from sigmoid_testing import masked_inputs, seeded
 
 BIAS = -1.5
 
@@ -32,18 +31,10 @@ PROGRAMS = {
 KERNEL_PROGRAMS = [name for name, (text, _) in PROGRAMS.items() if score_mods.parse(text).affine_form() is not None]
 
 
-def _seed(name: str) -> torch.Generator:
-    return torch.Generator().manual_seed(zlib.crc32(name.encode()))
-
 
 def _inputs(name, dtype, heads_q=4, heads_kv=2, len_q=9, len_k=11, dim=8):
-    g = _seed(name)
-    q = torch.randn(2, heads_q, len_q, dim, generator=g, dtype=torch.float64)
-    k = torch.randn(2, heads_kv, len_k, dim, generator=g, dtype=torch.float64)
-    v = torch.randn(2, heads_kv, len_k, dim, generator=g, dtype=torch.float64)
-    mask = torch.randn(2, 1, len_q, len_k, generator=g, dtype=torch.float64)
-    mask[..., 3] = -math.inf  # one key hidden from everyone: its gradient must stay 0
-    return [t.to(dtype).requires_grad_() for t in (q, k, v, mask)]
+    _, inputs = masked_inputs(name, heads_q, heads_kv, len_q, len_k, dim)
+    return [t.to(dtype).requires_grad_() for t in inputs]
 
 
 def _reference(q, k, v, mask, mod, causal, scale):
@@ -65,7 +56,7 @@ def _check(name, impl, dtype, causal, tol, mask_grad=True):
     q, k, v, mask = _inputs(name + impl, dtype)
     out = sigmoid_attention_dispatch(q, k, v, mask if mask_grad else mask.detach(), is_causal=causal, scale=0.4,
                                      enable_gqa=True, bias=BIAS, impl=impl, score_mod=text)
-    grad = torch.randn(out.shape, generator=_seed("grad" + name), dtype=torch.float64)
+    grad = torch.randn(out.shape, generator=seeded("grad" + name), dtype=torch.float64)
     inputs = (q, k, v, mask) if mask_grad else (q, k, v)
     got = dict(zip(("dq", "dk", "dv", "dmask"), torch.autograd.grad(out, inputs, grad.to(dtype))))
     ref_inputs = [t.detach().double().requires_grad_() for t in (q, k, v, mask)]
