@@ -171,32 +171,24 @@ def _written_into(node: fx.Node) -> list[fx.Node]:
     return written
 
 
-def unread_attention(softmax: fx.Node) -> str | None:
-    """Why ``softmax`` is attention in a form the matcher does not read, or None when it does not look like
-    attention: its input comes from a product of two activations and its output meets another product,
-    each within a few ops that include no projection (so a router's ``softmax(linear(h))`` or a
-    classifier's logits are not attention), following in-place writes into buffers (Longformer's chunked
-    scores are written into ``new_zeros`` buffers, then viewed).  The ops between are named in the reason."""
-    seen: set[fx.Node] = set()
-    unread: set[str] = set()
-    frontier, score_product = [(a, 1) for a in softmax.all_input_nodes], None
-    while frontier and score_product is None:
-        node, depth = frontier.pop(0)
-        if node in seen or depth > _UNREAD_DEPTH or node.op != "call_function" and node.op != "call_method":
-            continue
-        seen.add(node)
-        if _is_projection(node):
-            continue
-        if _activation_product(node):
-            score_product = node
-            break
-        if canonical_name(node) is None:
-            unread.add(_op_name(node))
-        frontier.extend((a, depth + 1) for a in (*node.all_input_nodes, *_written_into(node)))
-    if score_product is None:
-        return None
-    frontier, value_product, seen = [(u, 1) for u in softmax.users], None, set()
-    while frontier and value_product is None:
+def _feeds(node: fx.Node) -> list[fx.Node]:
+    """What ``node``'s value comes from: its arguments, and what is written into it in place."""
+    return [*node.all_input_nodes, *_written_into(node)]
+
+
+def _fed(node: fx.Node) -> list[fx.Node]:
+    """Where ``node``'s value goes: its users, or for a write into a buffer the buffer's other users."""
+    if _op_name(node) == "setitem" and isinstance(node.args[0], fx.Node):
+        return [u for u in node.args[0].users if u is not node]
+    return list(node.users)
+
+
+def _nearest_product(starts, step, unread: set[str]) -> fx.Node | None:
+    """The nearest product of two activations from ``starts`` (breadth first, ``step`` giving a node's next
+    nodes, at most :data:`_UNREAD_DEPTH` ops, never through a projection), or None; the names of the ops on the
+    way the matcher does not read are added to ``unread``."""
+    frontier, seen = [(n, 1) for n in starts], set()
+    while frontier:
         node, depth = frontier.pop(0)
         if node in seen or depth > _UNREAD_DEPTH or node.op not in ("call_function", "call_method"):
             continue
@@ -204,14 +196,24 @@ def unread_attention(softmax: fx.Node) -> str | None:
         if _is_projection(node):
             continue
         if _activation_product(node):
-            value_product = node
-            break
-        if _op_name(node) == "setitem" and isinstance(node.args[0], fx.Node):
-            frontier.extend((u, depth + 1) for u in node.args[0].users if u is not node)  # the buffer, once written
-            continue
-        if canonical_name(node) is None:
+            return node
+        if canonical_name(node) is None and _op_name(node) != "setitem":
             unread.add(_op_name(node))
-        frontier.extend((u, depth + 1) for u in node.users)
+        frontier.extend((n, depth + 1) for n in step(node))
+    return None
+
+
+def unread_attention(softmax: fx.Node) -> str | None:
+    """Why ``softmax`` is attention in a form the matcher does not read, or None when it does not look like
+    attention: its input comes from a product of two activations and its output meets another product,
+    each within a few ops that include no projection (so a router's ``softmax(linear(h))`` or a
+    classifier's logits are not attention), following in-place writes into buffers (Longformer's chunked
+    scores are written into ``new_zeros`` buffers, then viewed).  The ops between are named in the reason."""
+    unread: set[str] = set()
+    score_product = _nearest_product(softmax.all_input_nodes, _feeds, unread)
+    if score_product is None:
+        return None
+    value_product = _nearest_product(softmax.users, _fed, unread)
     if value_product is None:
         return None
     ops = ", ".join(sorted(unread)) or "none"
