@@ -67,7 +67,8 @@ def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
         return reason
     for term in spec.bias:
         if term.kind not in ("position", "relative") and term_shape(term)[1] != 1:  # (those two: by distance)
-            return "a mask that differs across heads (the heads of a group share one selection of keys)"
+            return ("a mask that differs across heads (the heads of a group share one selection of keys; only a bias "
+                    "proven to be R[h, j − i] or ALiBi is read per head)")
     return None
 
 

@@ -137,6 +137,20 @@ def test_hand_written_relative_bias_reaches_hashed_as_a_table(tables):
         assert_close_rel(g, w, 1e-4, name)
 
 
+def test_a_per_head_bias_that_is_not_relative_is_still_skipped():
+    """An [H, T, T] parameter added to the scores is no function of j − i: it stays a mask, which hashed cannot
+    read per head (the heads of a group share one selection), and the site is skipped, saying so."""
+    model, _ = _pair()
+    for layer in model.layers:
+        layer.dense = nn.Parameter(torch.randn(H, T_LEN, T_LEN, generator=_gen("dense")))
+        layer.bias = lambda t_q, t_k, start=0, layer=layer: layer.dense[None]
+    x = torch.randn(B, T_LEN, E, generator=_gen("dense x"))
+    report = attnrewrite.explain(model, x, to="hashed", options=OPTIONS)
+    assert len(report.sites) == 2, report
+    for site in report.sites:
+        assert site.status == "skipped" and "a mask that differs across heads" in site.reason, report
+
+
 def test_summary_skips_a_relative_bias_saying_why():
     model, _ = _pair()
     x = torch.randn(B, T_LEN, E, generator=_gen("summary"))
@@ -145,6 +159,7 @@ def test_summary_skips_a_relative_bias_saying_why():
     for site in report.sites:
         assert site.status == "skipped", report
         assert "a chunk summary has no single score to add it to" in site.reason, site.reason
+        assert "relative position bias R[h, j − i]" in site.reason, site.reason
 
 
 def test_a_decoding_step_gathers_the_models_bias_at_the_selected_positions():
