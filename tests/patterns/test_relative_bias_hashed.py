@@ -203,6 +203,21 @@ def test_a_decoding_step_gathers_the_models_bias_at_the_selected_positions():
 
 # --------------------------------------------------------------------------- HF T5's decoder
 
+@pytest.mark.parametrize("kind", ["hashed", "summary"])
+def test_the_hf_attention_functions_refuse_a_position_bias_rather_than_drop_it(kind):
+    """T5 passes its relative bias to the attention function as ``position_bias``; ``attnrewrite_hashed`` and
+    ``attnrewrite_summary`` do not add it, so they refuse it, naming it, instead of running without it."""
+    module = nn.Module()
+    module.is_causal = True
+    q = torch.randn(1, H, 5, D)
+    import attnrewrite.hf
+
+    forward = getattr(attnrewrite.hf, f"{kind}_forward")
+    with pytest.raises(ValueError, match="position_bias"):
+        forward(module, q, q, q, None, position_bias=torch.zeros(1, H, 5, 5))
+    assert forward(module, q, q, q, None)[0].shape == (1, 5, H, D)  # the same call without one runs
+
+
 def _t5_oracle(module, query, key, value, attention_mask, scaling=None, dropout=0.0, position_bias=None, **kwargs):
     """T5's eager attention, with the hashed reference on the dense position bias in the decoder's self-attention
     (``module.is_causal``: the sites the kind rewrites) and softmax elsewhere."""
