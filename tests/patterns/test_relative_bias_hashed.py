@@ -146,6 +146,17 @@ def test_hand_written_relative_bias_reaches_hashed_as_a_table(position, note, ta
         assert_close_rel(g, w, 1e-4, name)
 
 
+def test_hashed_reads_the_table_at_lengths_the_matcher_never_saw(tables):
+    """Compiled with dynamic shapes at 12 tokens, run at 20 and 7: R [H, 2T − 1] is recomputed at each length."""
+    model, by_hand = _pair()
+    report = Report(to="hashed")
+    compiled = compile_rewritten(model, report, dynamic=True, to="hashed", strict=True, **OPTIONS)
+    for length in (T_LEN, 20, 7):
+        x = torch.randn(B, length, E, generator=_gen(f"x{length}"))
+        torch.testing.assert_close(compiled(x), by_hand(x), rtol=1e-5, atol=1e-5, msg=lambda m: f"T={length}: {m}")
+    assert set(tables) == {(H, 2 * length - 1) for length in (T_LEN, 20, 7)}, tables
+
+
 def test_a_per_head_bias_that_is_not_relative_is_still_skipped():
     """An [H, T, T] parameter added to the scores is no function of j − i: it stays a mask, which hashed cannot
     read per head (the heads of a group share one selection), and the site is skipped, saying so."""

@@ -9,8 +9,8 @@ mask the sinks and the window are fixed ranges of positions and only the keys be
 the block's last row, are scored.  The backward recomputes the selection (it is deterministic) and applies the softmax-attention gradient formulas to the
 selected keys, scattering their gradients back; keys that were not selected get none.
 
-On the CPU, float32 calls with ``hash="random"``, no ``score_mod`` and no ``far_dtype`` at one torch thread
-do not come here: :mod:`.native` selects the same keys and attends to them in a compiled loop (the op,
+On the CPU, float32 calls with ``hash="random"``, no ``score_mod``, no ``far_dtype`` and no relative bias table
+at one torch thread do not come here: :mod:`.native` selects the same keys and attends to them in a compiled loop (the op,
 :mod:`.op`, chooses).
 
 With ``hash="learned"`` the selection is a step function of the projections, so their gradient
