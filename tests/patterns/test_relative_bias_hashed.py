@@ -183,10 +183,10 @@ def test_summary_skips_a_relative_bias_saying_why():
 
 
 def test_a_decoding_step_gathers_the_models_bias_at_the_selected_positions():
-    """One token at a time through ``HashedLayer``: the step returns the selected keys and their positions
-    (``selected_positions``), the model's own code computes its bias for the query's position over every key
-    and reads it there; the last token's output is the whole-sequence op's last row (with the table R)."""
-    from attnrewrite.decode.hashed import HashedLayer
+    """One token at a time through ``HashedCache.update`` (with the query): the step returns the selected keys, the
+    layer their positions (``selected_positions``), the model's own code computes its bias for the query's position
+    over every key and reads it there; each token's output is the whole-sequence op's row (with the table R)."""
+    from attnrewrite.decode.hashed import HashedCache
     from attnrewrite.ops import hashed_attention
 
     layer = Model().layers[0]
@@ -197,11 +197,10 @@ def test_a_decoding_step_gathers_the_models_bias_at_the_selected_positions():
         table = layer.table(_buckets(distance)).t()                                     # [H, 2T − 1]
         whole = hashed_attention(q, k, v, is_causal=True, enable_gqa=True, position_slopes=table,
                                  position="relative", impl="torch", **OPTIONS)
-        cache = HashedLayer(**OPTIONS)
+        cache = HashedCache(**OPTIONS)
         for t in range(T_LEN):
-            keys, values, visible = cache.step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1])
-            assert visible is None
-            positions = cache.selected_positions                                          # [B, Hkv, S]
+            keys, values = cache.update(k[:, :, t:t + 1], v[:, :, t:t + 1], 0, {"query_states": q[:, :, t:t + 1]})
+            positions = cache.layers[0].selected_positions                                # [B, Hkv, S]
             bias = layer.bias(1, t + 1, start=t).expand(1, H, 1, t + 1)                  # the model's own code
             bias = bias.gather(-1, positions.repeat_interleave(H // HKV, dim=1)[:, :, None])
             keys, values = (z.repeat_interleave(H // HKV, dim=1) for z in (keys, values))
