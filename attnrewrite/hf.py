@@ -265,6 +265,10 @@ def _refuse_outside_causal_inference(kind: str, module, dropout: float, is_causa
         raise ValueError(f"attnrewrite_{kind} does not return attention weights (output_attentions=True)")
     if not _module_causal(module, is_causal):
         raise ValueError(f"attnrewrite_{kind} is causal self-attention only; this module is not causal")
+    if kwargs.get("position_bias") is not None:  # T5's relative bias: dropping it would change the model silently
+        raise ValueError(f"attnrewrite_{kind} does not add the model's position_bias (T5's relative position bias) to "
+                         f"the scores; rewrite the model with attnrewrite (to={kind!r}) instead, which reads a bias "
+                         "proven to be R[h, j − i] where the kind takes one")
 
 
 def _kind_config(module, kind: str, allowed: tuple[str, ...]) -> dict:

@@ -79,6 +79,10 @@ class HashedLayer(LayerCache):
         self.learned = learned
         # bool [B, length]: the key is not padding; None while every key is a token
         self.valid: torch.Tensor | None = None
+        # int64 [B, Hkv, S]: the positions of the keys the last one-token step returned (None after a step of
+        # several tokens, which returns every key at its position): a model whose bias depends on the key's
+        # position (T5's relative bias) reads its bias there
+        self.selected_positions: torch.Tensor | None = None
 
     def capacity_for(self, max_seq_len: int) -> int:
         return max_seq_len
@@ -204,7 +208,9 @@ class HashedLayer(LayerCache):
 
         ``key_valid``: bool [B, T] (False = padding) or None: padded keys are never selected (not as sinks,
         window or top-k), as in the op with that key mask; they are stored as zeros (a model may give
-        them nan states, and 0·nan is nan)."""
+        them nan states, and 0·nan is nan).  After a one-token step, :attr:`selected_positions` [B, Hkv, S] holds
+        the returned keys' positions: a relative position bias (T5) is the model's own bias for the query's
+        position over every key, read there (tested against the op with the table R)."""
         start = self.length
         self.store(k, v, key_valid)
         return self.select_stored(q, start)
@@ -224,8 +230,10 @@ class HashedLayer(LayerCache):
             raise ValueError(f"HashedLayer: {q.shape[-2]} queries from position {start} do not end at the "
                              f"{length} stored keys")
         keys, values = self.key_store[:, :, :length], self.value_store[:, :, :length]
+        self.selected_positions = None
         if q.shape[-2] == 1:
             index, slot_ok = self.select_decode(q)                                          # [B, Hkv, S]
+            self.selected_positions = index
             batch, heads_kv, selected = index.shape
             rows = (index + (torch.arange(batch * heads_kv, device=q.device)
                              * self.key_store.shape[2]).view(batch, heads_kv, 1)).view(-1)

@@ -13,7 +13,12 @@ masked key, and a bias is added to the selected keys' scores), without dropout; 
 with a program (:mod:`attnrewrite.ir.score_program`) is applied to the selected keys' scores before the
 mask (the selection reads codes, not scores; the Triton kernels apply programs with at most one
 nonlinear step between affine ones, the torch path any), as a decoding step through
-``HashedCache``, which runs the site's own code, applies it.  Other sites are skipped with the reason.  Returned attention weights are not
+``HashedCache``, which runs the site's own code, applies it.  A bias that differs across heads is read
+by distance when it is proven to be one: a relative position bias R[h, j − i] (T5's buckets, a table by
+clamped distance) reaches the op as the table R [Hq, Tq + Tk − 1] (``position="relative"``), recomputed
+from the model's own nodes, and ALiBi as its slopes; the op adds R[h, j − i] to each selected key's score
+(the torch path and the Triton kernels gather it per selected key, and R gets its gradient), never a
+[H, T, T] tensor.  Other sites are skipped with the reason.  Returned attention weights are not
 supplied (such sites are skipped).
 """
 
@@ -61,8 +66,9 @@ def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
     if reason is not None:
         return reason
     for term in spec.bias:
-        if term_shape(term)[1] != 1:
-            return "a mask that differs across heads (the heads of a group share one selection of keys)"
+        if term.kind not in ("position", "relative") and term_shape(term)[1] != 1:  # (those two: by distance)
+            return ("a mask that differs across heads (the heads of a group share one selection of keys; only a bias "
+                    "proven to be R[h, j − i] or ALiBi is read per head)")
     return None
 
 
@@ -75,7 +81,8 @@ def emit(call: AttentionCall, options: dict[str, Any], state) -> Any:
         call.scaled_q(), call.k, call.v, call.attn_mask, 0.0, True, call.scale, call.enable_gqa,
         bits=options["bits"], top_k=options["top_k"], window=options["window"], sinks=options["sinks"],
         hash=options["hash"], q_projection=q_projection, k_projection=k_projection, seed=options["seed"],
-        score_mod=call.score_program, far_dtype=options.get("far_dtype"), impl=options["impl"])
+        score_mod=call.score_program, far_dtype=options.get("far_dtype"), impl=options["impl"],
+        position_slopes=call.position_slopes, position=call.position)
 
 
 def make_state(spec: AttentionSpec, options: dict[str, Any]):
@@ -105,5 +112,7 @@ KIND = register(Kind(
     make_state=make_state,
     expected_skips={target: "not causal self-attention" for target in ("bert", "vit", "singlecell")},
     score_mod=True,  # applies call.score_program when the modification has one (supports says why not)
+    position_bias=True,  # adds ALiBi (call.position_slopes) to the selected keys' scores, read as slope_h · d
+    relative_bias=True,  # reads a relative bias R[h, j − i] (T5) per selected key (position="relative")
     example_options={"top_k": 2, "window": 2, "sinks": 1},
 ))

@@ -59,7 +59,8 @@ def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
         return reason
     for term in spec.bias:
         if term.kind == "add":
-            return "an additive bias on the scores (a chunk summary has no single score to add it to)"
+            return ("an additive bias on the scores (a chunk summary has no single score to add it to; a relative "
+                    "position bias R[h, j − i] or ALiBi needs each key's position, which a summary of a chunk lacks)")
         shape = term_shape(term)
         if shape[1] != 1 or shape[2] != 1:
             return "a mask that varies across queries or heads (only causal and key-padding masks are honoured)"

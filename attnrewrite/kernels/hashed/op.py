@@ -7,7 +7,7 @@ inside), with fake implementations and the backward registered as the forward's 
 and device), so the random variant needs no state; ``hash="learned"`` takes the projections as
 tensors (attached to the model by :func:`attnrewrite.convert`) and returns their gradients.
 
-Float32 CPU calls with ``hash="random"``, no ``score_mod`` and no ``far_dtype`` run the compiled loop of
+Float32 CPU calls with ``hash="random"``, no ``score_mod``, no ``far_dtype`` and no relative bias table run the compiled loop of
 :mod:`.native` where torch runs on one thread (``ATTNREWRITE_NATIVE=0``, a missing C compiler or more
 threads: the torch path of :mod:`.sparse`); the forward op then also returns its selection, which the
 backward reuses instead of selecting again.
@@ -79,6 +79,17 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], d
                              f"broadcastable to [B, 1, Tq, Tk] (the same for every head), got {tuple(attn_mask.shape)}")
 
 
+def check_relative(relative: Optional[Tensor], q: Tensor, k: Tensor) -> None:
+    """Raise an error naming the problem with a relative bias table R (``relative``), unless it is None or a float
+    tensor [Hq, Tq + Tk − 1] on q's device (the public op expands one head's table to Hq)."""
+    if relative is None:
+        return
+    want = (q.shape[1], q.shape[-2] + k.shape[-2] - 1)
+    if not relative.is_floating_point() or tuple(relative.shape) != want or relative.device != q.device:
+        raise ValueError(f"{WHAT}: the relative bias table must be a float tensor [Hq, Tq + Tk - 1] = {list(want)} on "
+                         f"{q.device}, got {relative.dtype} {tuple(relative.shape)} on {relative.device}")
+
+
 def _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection):
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     proj_q, proj_k = projections(q_projection, k_projection, q.shape[-1], bits, seed, q.device)
@@ -90,11 +101,17 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None
              is_causal: bool = False, scale: Optional[float] = None, enable_gqa: bool = False, bits: int = 64,
              top_k: int = 256, window: int = 64, sinks: int = 4, hash: str = "random",
              q_projection: Optional[Tensor] = None, k_projection: Optional[Tensor] = None, seed: int = 0,
-             score_mod: Optional[str] = None, far_dtype: Optional[str] = None) -> tuple[Tensor, Tensor]:
+             score_mod: Optional[str] = None, far_dtype: Optional[str] = None,
+             relative: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     far = far_dtype_of(far_dtype)
     check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
                  q_projection, k_projection)
+    check_relative(relative, q, k)
     scale, proj_q, proj_k, mask = _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection)
+    if relative is not None:  # the compiled loop reads no table: the torch path gathers R per selected key
+        out = hashed_attention_forward(q, k, v, mask, is_causal, scale, bits, top_k, window, sinks, proj_q, proj_k,
+                                       parse_score_mod(score_mod), far, relative)
+        return out, q.new_empty(0, dtype=torch.int32)
     if native.covers(q, k, v, mask, bits, hash, score_mod, far):
         if torch.get_num_threads() == 1:  # the compiled loop runs on one thread: used where torch does too
             return native.forward(q, k, v, mask, is_causal, scale, bits, top_k, window, sinks, proj_q, proj_k)
@@ -125,13 +142,14 @@ def _has_selection(selection: Optional[Tensor]) -> bool:
 
 def _forward_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, bits=64,
                   top_k=256, window=64, sinks=4, hash="random", q_projection=None, k_projection=None, seed=0,
-                  score_mod=None, far_dtype=None):
+                  score_mod=None, far_dtype=None, relative=None):
     parse_score_mod(score_mod)  # a bad program fails while tracing, as when run
     far_dtype_of(far_dtype)
     check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
                  q_projection, k_projection)
+    check_relative(relative, q, k)
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
-    if native.covers(q, k, v, attn_mask, bits, hash, score_mod, far_dtype_of(far_dtype)):
+    if relative is None and native.covers(q, k, v, attn_mask, bits, hash, score_mod, far_dtype_of(far_dtype)):
         return out, q.new_empty(_selection_shape(q, k, top_k, window, sinks), dtype=torch.int32)
     return out, q.new_empty(0, dtype=torch.int32)
 
@@ -139,46 +157,49 @@ def _forward_fake(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale
 def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
               scale: Optional[float], bits: int, top_k: int, window: int, sinks: int,
               q_projection: Optional[Tensor], k_projection: Optional[Tensor],
-              seed: int, score_mod: str = "", far_dtype: str = "",
-              selection: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+              seed: int, score_mod: str = "", far_dtype: str = "", selection: Optional[Tensor] = None,
+              relative: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     scale, proj_q, proj_k, mask = _resolve(q, k, attn_mask, scale, bits, seed, q_projection, k_projection)
     learned = q_projection is not None
     if _has_selection(selection) and torch.get_num_threads() == 1 and native.library() is not None:
         dq, dk, dv = native.backward(grad, q, k, v, mask, scale, selection)  # over the forward's selection
-        return dq, dk, dv, q.new_empty(0), q.new_empty(0)
-    dq, dk, dv, d_pq, d_pk = hashed_attention_backward(grad.contiguous(), q, k, v, mask, is_causal, scale, bits,
-                                                       top_k, window, sinks, proj_q, proj_k, learned,
-                                                       parse_score_mod(score_mod), far_dtype_of(far_dtype or None))
+        return dq, dk, dv, q.new_empty(0), q.new_empty(0), q.new_empty(0)
+    dq, dk, dv, d_pq, d_pk, d_rel = hashed_attention_backward(
+        grad.contiguous(), q, k, v, mask, is_causal, scale, bits, top_k, window, sinks, proj_q, proj_k, learned,
+        parse_score_mod(score_mod), far_dtype_of(far_dtype or None), relative)
     dq, dk, dv = dq.contiguous(), dk.contiguous(), dv.contiguous()
+    d_rel = q.new_empty(0) if d_rel is None else d_rel.contiguous()
     if not learned:
-        return dq, dk, dv, q.new_empty(0), q.new_empty(0)
-    return dq, dk, dv, d_pq.to(q_projection.dtype).contiguous(), d_pk.to(k_projection.dtype).contiguous()
+        return dq, dk, dv, q.new_empty(0), q.new_empty(0), d_rel
+    return dq, dk, dv, d_pq.to(q_projection.dtype).contiguous(), d_pk.to(k_projection.dtype).contiguous(), d_rel
 
 
 def _backward_fake(grad, q, k, v, attn_mask, is_causal, scale, bits, top_k, window, sinks, q_projection, k_projection,
-                   seed, score_mod="", far_dtype="", selection=None):
+                   seed, score_mod="", far_dtype="", selection=None, relative=None):
     d_pq = q.new_empty(0) if q_projection is None else q_projection.new_empty(q_projection.shape)
     d_pk = q.new_empty(0) if k_projection is None else k_projection.new_empty(k_projection.shape)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_pq, d_pk
+    d_rel = q.new_empty(0) if relative is None else relative.new_empty(relative.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), d_pq, d_pk, d_rel
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, attn_mask, _dropout, is_causal, scale, _gqa, bits, top_k, window, sinks, _hash, q_projection,
-     k_projection, seed, score_mod, far_dtype) = inputs
+     k_projection, seed, score_mod, far_dtype, relative) = inputs
     _out, selection = output
-    ctx.save_for_backward(q, k, v, attn_mask, q_projection, k_projection, selection)
+    ctx.save_for_backward(q, k, v, attn_mask, q_projection, k_projection, selection, relative)
     ctx.options = (is_causal, scale, bits, top_k, window, sinks)
     ctx.seed, ctx.score_mod, ctx.far_dtype = seed, score_mod or "", far_dtype or ""
 
 
 def _autograd(ctx, grad, _grad_selection):
-    q, k, v, attn_mask, q_projection, k_projection, selection = ctx.saved_tensors
-    dq, dk, dv, d_pq, d_pk = torch.ops.attnrewrite.hashed_attention_backward(
+    q, k, v, attn_mask, q_projection, k_projection, selection, relative = ctx.saved_tensors
+    dq, dk, dv, d_pq, d_pk, d_rel = torch.ops.attnrewrite.hashed_attention_backward(
         grad, q, k, v, attn_mask, *ctx.options, q_projection, k_projection, ctx.seed, ctx.score_mod, ctx.far_dtype,
-        selection)
+        selection, relative)
     learned = q_projection is not None
     return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None,
-            d_pq if learned else None, d_pk if learned else None, None, None, None)
+            d_pq if learned else None, d_pk if learned else None, None, None, None,
+            d_rel if relative is not None else None)
 
 
 # SymInt, not int: the schema custom_op infers from ``int`` annotations, kept as it was.  The public op
@@ -190,7 +211,7 @@ hashed_attention_op = kernel_op(
     "hashed_attention_torch", _forward, fake=_forward_fake, backward=_autograd, setup_context=_setup_context,
     schema=sdpa_schema('SymInt bits=64, SymInt top_k=256, SymInt window=64, SymInt sinks=4, str hash="random", '
                        "Tensor? q_projection=None, Tensor? k_projection=None, SymInt seed=0, str? score_mod=None, "
-                       "str? far_dtype=None", returns="(Tensor, Tensor)"))
+                       "str? far_dtype=None, Tensor? relative=None", returns="(Tensor, Tensor)"))
 hashed_attention_backward_op = kernel_op("hashed_attention_backward", _backward, fake=_backward_fake)
 
 

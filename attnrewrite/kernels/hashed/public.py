@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from attnrewrite.kernels._ops import call_dtype, composite_op, empty_output, resolve_impl, sdpa_autocast, sdpa_schema
+from attnrewrite.kernels.checks import RELATIVE, check_position_slopes
 from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
 from attnrewrite.kernels.hashed import op as _op  # noqa: F401  (registers the ops)
 
@@ -24,7 +25,8 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, *,
                      bits: int = 64, top_k: int = 256, window: int = 64, sinks: int = 4, hash: str = "random",
                      projections: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
-                     impl: str = "auto", score_mod: str | None = None, far_dtype: str | None = None) -> torch.Tensor:
+                     impl: str = "auto", score_mod: str | None = None, far_dtype: str | None = None,
+                     position_slopes: torch.Tensor | None = None, position: str | None = None) -> torch.Tensor:
     """Hashed attention with the signature of ``F.scaled_dot_product_attention``, layout [B, H, T, D].
 
     Each query attends (exact softmax of scale·q·k + bias) to its first ``sinks`` and last ``window``
@@ -63,6 +65,14 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
             ``"bfloat16"`` and ``"float16"`` in the kernel (the far flags come from a torch pass over the
             [B, Tq, Tk] visible keys); ``"float8_e4m3fn"`` runs on the torch path only (``"auto"`` takes it,
             ``"triton"`` raises).
+        position_slopes, position: a position bias added to the selected keys' scores with the mask's bias,
+            after the modification (the selection reads codes, not scores; the bias never excludes a key).
+            ``position="relative"``: ``position_slopes`` is a table R [Hq or 1, Tq + Tk − 1] (T5's relative
+            bias) and key j of query i gets R[h, j − i + Tq − 1], gathered per selected key (never a [Tq, Tk]
+            tensor) on both paths, forward and backward (R gets its gradient, summed per distance; the Triton
+            kernels add it with atomics).  ``position="j-i"`` or ``"|j-i|"``: ALiBi, ``position_slopes`` [Hq] or
+            [1] (no gradient), read as the table slope_h · d.  The compiled CPU loop reads no table: such
+            calls run on the torch path.
 
     Returns:
         [B, Hq, Tq, Dv] in q's dtype.  Inside ``torch.autocast`` the floating-point inputs (float64
@@ -73,25 +83,44 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
     return torch.ops.attnrewrite.hashed_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                   bits=bits, top_k=top_k, window=window, sinks=sinks, hash=hash,
                                                   q_projection=q_projection, k_projection=k_projection, seed=seed,
-                                                  score_mod=score_mod, far_dtype=far_dtype, impl=impl)
+                                                  score_mod=score_mod, far_dtype=far_dtype, impl=impl,
+                                                  position_slopes=position_slopes, position=position)
+
+
+def relative_table(position_slopes, position, q, k) -> torch.Tensor | None:
+    """The table R [Hq, Tq + Tk − 1] the paths read (float64 for float64 q, else float32; differentiable in a
+    relative table), or None without a position bias: a relative table checked, ALiBi slopes written as
+    slope_h · d over the distances d = j − i (or |j − i|) from −(Tq − 1) to Tk − 1."""
+    table = check_position_slopes(position_slopes, position, q, q.shape[1], _op.WHAT, relative_ok=True)
+    if table is None:
+        return None
+    length = q.shape[-2] + k.shape[-2] - 1
+    if position == RELATIVE:
+        if table.shape[-1] != length:
+            raise ValueError(f"{_op.WHAT}: the relative bias table must hold Tq + Tk - 1 = {length} distances, got "
+                             f"{table.shape[-1]}")
+        return table
+    distance = torch.arange(-(q.shape[-2] - 1), k.shape[-2], device=q.device, dtype=table.dtype)
+    return table[:, None] * (distance.abs() if position == "|j-i|" else distance)
 
 
 def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, bits=64, top_k=256,
           window=64, sinks=4, hash="random", q_projection=None, k_projection=None, seed=0, score_mod=None,
-          far_dtype=None, impl="auto"):
+          far_dtype=None, impl="auto", position_slopes=None, position=None):
     """The composite op's body (run with autocast off, the inputs in the dtype the call runs in)."""
+    table = relative_table(position_slopes, position, q, k)
     if k.shape[-2] == 0:  # no keys: every query sees none and gets 0 (the selection has nothing to rank)
         _op.check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
                          q_projection, k_projection)
         return empty_output(q, k, v, no_keys=True)
     if _path(impl, q, v, hash, score_mod, far_dtype) == "triton":
         return _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window,
-                           sinks, hash, seed, parse_score_mod(score_mod), far_dtype, q_projection, k_projection)
+                           sinks, hash, seed, parse_score_mod(score_mod), far_dtype, q_projection, k_projection, table)
     return torch.ops.attnrewrite.hashed_attention_torch(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                                         bits=bits, top_k=top_k, window=window, sinks=sinks,
                                                         hash=hash, q_projection=q_projection,
                                                         k_projection=k_projection, seed=seed, score_mod=score_mod,
-                                                        far_dtype=far_dtype)[0]
+                                                        far_dtype=far_dtype, relative=table)[0]
 
 
 def _path(impl: str, q, v, hash: str, score_mod: str | None = None, far_dtype: str | None = None) -> str:
@@ -111,7 +140,7 @@ def _path(impl: str, q, v, hash: str, score_mod: str | None = None, far_dtype: s
 
 
 def _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bits, top_k, window, sinks, hash, seed,
-                program=None, far_dtype=None, q_projection=None, k_projection=None):
+                program=None, far_dtype=None, q_projection=None, k_projection=None, table=None):
     _op.check_inputs(q, k, v, attn_mask, dropout_p, is_causal, enable_gqa, bits, top_k, window, sinks, hash,
                      q_projection, k_projection)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -121,11 +150,12 @@ def _run_triton(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, bit
         proj_q = proj_k = torch.ops.attnrewrite.hashed_hyperplanes(q.shape[-1], bits, seed, q.device)
     mask = None if attn_mask is None else attn_mask.to(q.device)
     return _triton.hashed_attention_triton(q, k, v, mask, proj_q, proj_k, is_causal, scale, top_k, window,
-                                           sinks, program, far_dtype)
+                                           sinks, program, far_dtype, table)
 
 
 composite_op("hashed_attention", sdpa_schema('SymInt bits=64, SymInt top_k=256, SymInt window=64, SymInt sinks=4, '
                                              'str hash="random", Tensor? q_projection=None, '
                                              'Tensor? k_projection=None, SymInt seed=0, str? score_mod=None, '
-                                             'str? far_dtype=None, str impl="auto"'), _impl)
+                                             'str? far_dtype=None, str impl="auto", Tensor? position_slopes=None, '
+                                             'str? position=None'), _impl)
 sdpa_autocast("hashed_attention")  # q/k in fp32 beside a bf16 v run in bf16, as SDPA does

@@ -8,7 +8,9 @@ Per batch b, key/value head h and query position i (the query heads of a group s
 3. selected = the first ``sinks`` visible keys, the last ``window`` visible keys, and the ``top_k``
    other visible keys with the highest agreement (ties go to the later key);
 4. each query head computes exact softmax(scale·q·k + bias) over the selected keys; a query that sees
-   no key gets 0.
+   no key gets 0.  With a relative bias table R [Hq, Tq + Tk − 1], query head h adds R[h, j − i + Tq − 1]
+   to key j's score (with the mask's bias, after the score modification; it never excludes a key); a
+   dense per-head bias [B|1, Hq, Tq, Tk] (``head_bias``) is added the same way, read at (h, i, j).
 5. with ``far_dtype``, the chosen keys that are neither among the first ``sinks`` nor the last ``window``
    visible keys are used, keys and values both, as x.to(far_dtype).to(compute dtype), the compute
    dtype being float32 for 16-bit inputs (else the input's); the others at full precision.  The
@@ -49,7 +51,8 @@ def naive_hashed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at
                            is_causal: bool = False, scale: float | None = None, *, top_k: int = 256,
                            window: int = 64, sinks: int = 4, proj_q: torch.Tensor, proj_k: torch.Tensor,
                            score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                           far_dtype: torch.dtype | None = None):
+                           far_dtype: torch.dtype | None = None, relative: torch.Tensor | None = None,
+                           head_bias: torch.Tensor | None = None):
     """q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] → (out [B, Hq, Tq, Dv], selected sets).
 
     ``attn_mask``: bool (True = may attend) or float (added to the scores; entries ≤ −10⁴ exclude
@@ -57,6 +60,9 @@ def naive_hashed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at
     ``selected[b][h][i]`` is the sorted list of key indices chosen for that group and query.
     ``score_mod``: an elementwise function applied to scale·q·k of the chosen keys before the mask, or None.
     ``far_dtype``: a torch dtype (step 5 of the module docstring) or None.
+    ``relative``: a relative position bias table R [Hq, Tq + Tk − 1] (step 4) or None.
+    ``head_bias``: a float bias per query head, broadcastable to [B, Hq, Tq, Tk] (step 4), or None: the
+    same bias as R written out, for checking the table against the model's own dense bias.
     """
     batch, heads_q, t_q, dim = q.shape
     heads_kv, t_k = k.shape[1], k.shape[2]
@@ -68,6 +74,9 @@ def naive_hashed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at
     if attn_mask is not None:
         mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
         mask = mask.expand(batch, 1, t_q, t_k)
+    if head_bias is not None:
+        head_bias = head_bias.reshape((1,) * (4 - head_bias.dim()) + tuple(head_bias.shape))
+        head_bias = head_bias.expand(batch, heads_q, t_q, t_k)
     out = q.new_zeros(batch, heads_q, t_q, v.shape[-1])
     selected_sets = []
     for b in range(batch):
@@ -105,6 +114,10 @@ def naive_hashed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at
                         logits = score_mod(logits)
                     if mask is not None and mask.dtype != torch.bool:
                         logits = logits + mask[b, 0, i, chosen].to(logits.dtype)
+                    if relative is not None:
+                        logits = logits + relative[hq, [j - i + t_q - 1 for j in chosen]].to(logits.dtype)
+                    if head_bias is not None:
+                        logits = logits + head_bias[b, hq, i, chosen].to(logits.dtype)
                     probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=0)
                     out[b, hq, i] = (probs.to(values.dtype) @ values).to(out.dtype)
             per_head.append(per_query)

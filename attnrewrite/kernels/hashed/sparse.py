@@ -9,8 +9,8 @@ mask the sinks and the window are fixed ranges of positions and only the keys be
 the block's last row, are scored.  The backward recomputes the selection (it is deterministic) and applies the softmax-attention gradient formulas to the
 selected keys, scattering their gradients back; keys that were not selected get none.
 
-On the CPU, float32 calls with ``hash="random"``, no ``score_mod`` and no ``far_dtype`` at one torch thread
-do not come here: :mod:`.native` selects the same keys and attends to them in a compiled loop (the op,
+On the CPU, float32 calls with ``hash="random"``, no ``score_mod``, no ``far_dtype`` and no relative bias table
+at one torch thread do not come here: :mod:`.native` selects the same keys and attends to them in a compiled loop (the op,
 :mod:`.op`, chooses).
 
 With ``hash="learned"`` the selection is a step function of the projections, so their gradient
@@ -177,10 +177,38 @@ def scatter_add(target: torch.Tensor, index: torch.Tensor, values: torch.Tensor)
     target.view(batch * heads * length, dim).index_add_(0, flat, values.to(target.dtype))
 
 
-def _block_probs(q, k_sel, index, bias, scale, score_mod=None, want_grad=False):
+def relative_slots(index: torch.Tensor, rows: slice, t_q: int, length: int) -> torch.Tensor:
+    """int64 [B, Hkv, n, S]: the column d + Tq − 1 (d = j − i) of a relative bias table R [Hq, Tq + Tk − 1] that
+    each selected slot of ``index`` (the block's selection for the query rows ``rows``; −1 empty, read as key
+    0) reads, clamped into the table's ``length`` columns (an empty slot is masked by its caller)."""
+    row = torch.arange(rows.start, rows.stop, device=index.device).view(1, 1, -1, 1)
+    return (index.clamp(min=0) - row + (t_q - 1)).clamp(0, length - 1)
+
+
+def gather_relative(table: torch.Tensor, slots: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, Hkv, g, n, S]: R [Hq, L] read at ``slots`` [B, Hkv, n, S] (:func:`relative_slots`) for every query
+    head of each group (query head h·g + g' reads its own row of R at its group's selection)."""
+    batch, heads_kv, n, s = slots.shape
+    rows = table.view(1, heads_kv, groups, 1, table.shape[-1]).expand(batch, heads_kv, groups, n, table.shape[-1])
+    return rows.gather(-1, slots[:, :, None].expand(batch, heads_kv, groups, n, s))
+
+
+def scatter_relative(d_table: torch.Tensor, slots: torch.Tensor, index: torch.Tensor, d_logits: torch.Tensor) -> None:
+    """d_table [Hq, L] += the gradient at the logits d_logits [B, Hkv, g, n, S] summed per column of R it read
+    (:func:`gather_relative` backwards; empty slots of ``index`` add nothing)."""
+    batch, heads_kv, groups, n, s = d_logits.shape
+    values = d_logits * (index >= 0)[:, :, None].to(d_logits.dtype)
+    columns = slots[:, :, None].expand(batch, heads_kv, groups, n, s)
+    flat = (columns + (torch.arange(heads_kv * groups, device=slots.device) * d_table.shape[-1]).view(
+        1, heads_kv, groups, 1, 1)).reshape(-1)
+    d_table.view(-1).index_add_(0, flat, values.reshape(-1).to(d_table.dtype))
+
+
+def _block_probs(q, k_sel, index, bias, scale, score_mod=None, want_grad=False, relative=None):
     """(q grouped [B, Hkv, g, n, D], probabilities [B, Hkv, g, n, S], mod') in the work dtype; mod' is the
     derivative of the score modification (a ``ScoreProgram``, applied to scale·q·k before the bias) at
-    the selected entries when ``want_grad`` and there is one, else None."""
+    the selected entries when ``want_grad`` and there is one, else None.  ``relative``: the block's relative
+    bias R[h, j − i] at the selected entries [B, Hkv, g, n, S] (:func:`gather_relative`), added with the bias."""
     batch, heads_q, rows, dim = q.shape
     heads_kv = k_sel.shape[1]
     dtype = work_dtype(q.dtype)
@@ -193,6 +221,8 @@ def _block_probs(q, k_sel, index, bias, scale, score_mod=None, want_grad=False):
     if bias is not None:  # [B|1, n, Tk] → the selected entries
         bias = bias.to(dtype)[:, None].expand(batch, heads_kv, rows, bias.shape[-1]).gather(-1, index.clamp(min=0))
         logits = logits + bias[:, :, None]
+    if relative is not None:
+        logits = logits + relative.to(dtype)
     valid = (index >= 0)[:, :, None]                                                    # [B, Hkv, 1, n, S]
     logits = logits.masked_fill(~valid, torch.finfo(dtype).min)
     probs = torch.softmax(logits, dim=-1) * valid.any(-1, keepdim=True).to(dtype)
@@ -252,7 +282,7 @@ def _csr(pointers: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, sh
 
 
 def _attend_csr(q_rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, index: torch.Tensor, bias,
-                scale: float) -> torch.Tensor:
+                scale: float, relative: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax attention of q_rows [B, Hq, n, D] over the selected keys only, as sparse matrix products (CPU).
 
     ``keys``/``values``: all keys and values as [B·Hkv·Tk, D|Dv] in the work dtype; ``index``
@@ -261,6 +291,7 @@ def _attend_csr(q_rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     scale·q·k (plus the bias) at the selected entries only, the softmax runs on the [rows, S] values,
     and one sparse × dense product with the values gives the output: no selected key or value is
     copied.  Empty slots point at the group's key 0 with a −inf score; rows without any key give 0.
+    ``relative``: R[h, j − i] at the selected entries [B, Hkv, g, n, S] (:func:`gather_relative`), or None.
     """
     batch, heads_q, rows, dim = q_rows.shape
     heads_kv, slots = index.shape[1], index.shape[-1]
@@ -274,12 +305,14 @@ def _attend_csr(q_rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     else:  # [B|1, n, Tk] → the selected entries
         scores = bias.to(keys.dtype)[:, None].expand(batch, heads_kv, rows, bias.shape[-1]).gather(
             -1, index.clamp(min=0))
-    scores = scores.masked_fill(~valid, float("-inf"))
+    scores = scores[:, :, None].expand(batch, heads_kv, groups, rows, slots)
+    if relative is not None:
+        scores = scores + relative.to(keys.dtype)
+    scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
     offsets = (torch.arange(batch * heads_kv, device=keys.device) * t_k).view(batch, heads_kv, 1, 1, 1)
     columns = (index.clamp(min=0)[:, :, None] + offsets).expand(batch, heads_kv, groups, rows, slots).reshape(-1)
     pointers = torch.arange(0, count * slots + 1, slots, device=keys.device)
-    pattern = _csr(pointers, columns, scores[:, :, None].expand(batch, heads_kv, groups, rows, slots).reshape(-1),
-                   (count, keys.shape[0]))
+    pattern = _csr(pointers, columns, scores.reshape(-1), (count, keys.shape[0]))
     logits = torch.sparse.sampled_addmm(pattern, q_rows.reshape(count, dim).to(keys.dtype), keys.t(), alpha=scale)
     seen = valid.any(-1, keepdim=True)[:, :, None].expand(batch, heads_kv, groups, rows, 1).reshape(count, 1)
     probs = torch.softmax(logits.values().view(count, slots), dim=-1).masked_fill_(~seen, 0.0)
@@ -288,7 +321,8 @@ def _attend_csr(q_rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
 
 def hashed_attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, bits: int, top_k: int, window: int,
-                             sinks: int, proj_q, proj_k, score_mod=None, far_dtype=None) -> torch.Tensor:
+                             sinks: int, proj_q, proj_k, score_mod=None, far_dtype=None,
+                             relative: torch.Tensor | None = None) -> torch.Tensor:
     """Hashed attention on checked inputs: q [B, Hq, Tq, D], k/v [B, Hkv, Tk, D|Dv] → [B, Hq, Tq, Dv].
 
     ``proj_q``/``proj_k``: float64 projections (see :func:`attnrewrite.kernels.hashed.codes.projections`).
@@ -301,8 +335,13 @@ def hashed_attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, 
     (:func:`far_slots`) are used as x.to(far_dtype).to(compute dtype), the compute dtype being
     :func:`work_dtype` of the input's; sinks and window keep full precision.  None: no rounding (and the
     same code as without the option).  With it the attention gathers (the CPU's sparse path reads keys in place).
+
+    ``relative``: a relative position bias table R [Hq, Tq + Tk − 1] (work dtype or float64) or None: each
+    selected key's score gets R[h, j − i + Tq − 1], added with the mask's bias after the modification (read
+    per selected slot, never as a [Tq, Tk] tensor).
     """
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
+    groups = q.shape[1] // k.shape[1]
     sparse = q.device.type == "cpu" and USE_CSR and score_mod is None and far_dtype is None
     if sparse:
         dtype = work_dtype(q.dtype)
@@ -311,15 +350,17 @@ def hashed_attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, 
                                                    proj_q, proj_k):
         # a CSR row holds one entry per slot; with more slots than there are keys in all (a short sequence
         # against the default top_k) its entries would outnumber the dense shape's, which torch refuses
+        rel = None if relative is None else gather_relative(
+            relative, relative_slots(index, rows, q.shape[-2], relative.shape[-1]), groups)
         if sparse and index.shape[-1] <= keys.shape[0]:
-            out[:, :, rows] = _attend_csr(q_rows, keys, values, index, bias, scale).to(out.dtype)
+            out[:, :, rows] = _attend_csr(q_rows, keys, values, index, bias, scale, rel).to(out.dtype)
             continue
         k_sel, v_sel = gather(k, index), gather(v, index)
         if far_dtype is not None:
             far = far_slots(index, attn_mask, rows, is_causal, q.shape[-2], k.shape[-2], sinks, window)
             dtype = work_dtype(q.dtype)
             k_sel, v_sel = round_far(k_sel.to(dtype), far, far_dtype), round_far(v_sel.to(dtype), far, far_dtype)
-        _, probs, _ = _block_probs(q_rows, k_sel, index, bias, scale, score_mod)
+        _, probs, _ = _block_probs(q_rows, k_sel, index, bias, scale, score_mod, relative=rel)
         o = torch.einsum("bkgns,bknsv->bkgnv", probs.to(v_sel.dtype), v_sel)
         out[:, :, rows] = o.reshape(q.shape[0], q.shape[1], -1, v.shape[-1])
     return out
@@ -327,8 +368,9 @@ def hashed_attention_forward(q, k, v, attn_mask, is_causal: bool, scale: float, 
 
 def hashed_attention_backward(grad, q, k, v, attn_mask, is_causal: bool, scale: float, bits: int, top_k: int,
                               window: int, sinks: int, proj_q, proj_k, learned: bool, score_mod=None,
-                              far_dtype=None):
-    """(dq, dk, dv, d_proj_q or None, d_proj_k or None) of :func:`hashed_attention_forward`.
+                              far_dtype=None, relative: torch.Tensor | None = None):
+    """(dq, dk, dv, d_proj_q or None, d_proj_k or None, d_relative or None) of :func:`hashed_attention_forward`;
+    d_relative [Hq, Tq + Tk − 1] in ``relative``'s dtype: the logits' gradient summed per distance it read.
 
     With ``far_dtype`` the far keys and values enter as the forward rounded them, and their gradients
     pass straight through the rounding (its derivative taken as the identity)."""
@@ -337,6 +379,9 @@ def hashed_attention_backward(grad, q, k, v, attn_mask, is_causal: bool, scale: 
     dq = torch.zeros(q.shape, dtype=dtype, device=q.device)
     dk = torch.zeros(k.shape, dtype=dtype, device=q.device)
     dv = torch.zeros(v.shape, dtype=dtype, device=q.device)
+    groups = heads_q // k.shape[1]
+    d_relative = None if relative is None else torch.zeros(relative.shape, dtype=torch.promote_types(
+        relative.dtype, dtype), device=q.device)
     if learned:  # the straight-through estimate (module docstring): soft codes of q and k
         soft_q = torch.tanh(project(q, proj_q).to(dtype))                                # [B, Hq, Tq, bits]
         soft_k = torch.tanh(project(k, proj_k).to(dtype))                                # [B, Hkv, Tk, bits]
@@ -348,10 +393,15 @@ def hashed_attention_backward(grad, q, k, v, attn_mask, is_causal: bool, scale: 
         if far_dtype is not None:
             far = far_slots(index, attn_mask, rows, is_causal, q.shape[-2], k.shape[-2], sinks, window)
             k_sel, v_sel = round_far(k_sel, far, far_dtype), round_far(v_sel, far, far_dtype)
-        q5, probs, mod_grad = _block_probs(q_rows, k_sel, index, bias, scale, score_mod, want_grad=True)
+        slots = None if relative is None else relative_slots(index, rows, q.shape[-2], relative.shape[-1])
+        rel = None if relative is None else gather_relative(relative, slots, groups)
+        q5, probs, mod_grad = _block_probs(q_rows, k_sel, index, bias, scale, score_mod, want_grad=True,
+                                           relative=rel)
         d_out = grad[:, :, rows].reshape(q5.shape[:-1] + (v.shape[-1],)).to(dtype)
         d_probs = torch.einsum("bkgnv,bknsv->bkgns", d_out, v_sel)
         d_logits = probs * (d_probs - (probs * d_probs).sum(-1, keepdim=True))  # at the softmax's input
+        if relative is not None:  # R is added at the softmax's input: its gradient is d_logits, per distance
+            scatter_relative(d_relative, slots, index, d_logits)
         d_scores = d_logits if mod_grad is None else d_logits * mod_grad  # at scale·q·k
         dq[:, :, rows] = (scale * torch.einsum("bkgns,bknsd->bkgnd", d_scores, k_sel)).reshape(
             batch, heads_q, -1, dim)
@@ -369,4 +419,5 @@ def hashed_attention_backward(grad, q, k, v, attn_mask, is_causal: bool, scale: 
         d_pre_q, d_pre_k = d_soft_q * (1 - soft_q.square()), d_soft_k * (1 - soft_k.square())
         d_proj_q = torch.einsum("bhtd,bhtn->hdn", q.to(dtype), d_pre_q).to(proj_q.dtype)
         d_proj_k = torch.einsum("bhtd,bhtn->hdn", k.to(dtype), d_pre_k).to(proj_k.dtype)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_proj_q, d_proj_k
+    d_relative = None if d_relative is None else d_relative.to(relative.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_proj_q, d_proj_k, d_relative

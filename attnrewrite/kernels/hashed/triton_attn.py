@@ -74,18 +74,30 @@ def _round_far(x, far_row, start, n_slots, BLOCK_S: tl.constexpr, FAR: tl.conste
 
 
 @triton.jit
-def _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add,
-            mod_grad_mul, HAS_BIAS: tl.constexpr, MOD_FN: tl.constexpr):
-    """(mod(scale·q·k) (+ bias) [BLOCK_G, BLOCK_S], −inf at empty slots; mod' at scale·q·k)."""
+def _relative_at(rel_row, stride_rh, heads, g_ok, rows, ok):
+    """[BLOCK_G, BLOCK_S] pointers into a relative bias table R [Hq, Tq + Tk − 1] (or its gradient) at column
+    j − i + Tq − 1 of each query head's row (``rel_row`` already points at column Tq − 1 − i), and their mask."""
+    return rel_row + heads[:, None] * stride_rh + rows[None, :], g_ok[:, None] & ok[None, :]
+
+
+@triton.jit
+def _scores(q, k, rows, ok, bias_row, stride_bias_j, rel_row, stride_rh, heads, g_ok, scale, mod_in_mul, mod_in_add,
+            mod_out_mul, mod_out_add, mod_grad_mul, HAS_BIAS: tl.constexpr, MOD_FN: tl.constexpr,
+            HAS_REL: tl.constexpr):
+    """(mod(scale·q·k) (+ bias) (+ R[h, j − i + Tq − 1]) [BLOCK_G, BLOCK_S], −inf at empty slots; mod' at
+    scale·q·k)."""
     s, d_mod = modified_scores(tl.sum(q[:, None, :] * k[None, :, :], axis=2), scale, None, mod_in_mul, mod_in_add,
                                mod_out_mul, mod_out_add, mod_grad_mul, MOD_FN)
     if HAS_BIAS:
         s += tl.load(bias_row + rows * stride_bias_j, mask=ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_REL:  # each query head its own row of R, each selected key by its distance
+        at, at_ok = _relative_at(rel_row, stride_rh, heads, g_ok, rows, ok)
+        s += tl.load(at, mask=at_ok, other=0.0).to(tl.float32)
     return tl.where(ok[None, :], s, float("-inf")), d_mod
 
 
 @triton.jit
-def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, Far, heads_kv, n_slots, scale,
+def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, Far, Rel, heads_kv, n_slots, scale, rel_offset, stride_rh,
                            mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                            stride_qb, stride_qh, stride_qt,
                            stride_kb, stride_kh, stride_kt,
@@ -97,7 +109,8 @@ def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, Far, heads_kv, n_slots,
                            stride_fb, stride_fh, stride_ft,
                            G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, BLOCK_G: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, MOD_FN: tl.constexpr = -1, FAR: tl.constexpr = 0):
+                           HAS_BIAS: tl.constexpr, MOD_FN: tl.constexpr = -1, FAR: tl.constexpr = 0,
+                           HAS_REL: tl.constexpr = False):
     i = tl.program_id(0)
     b, h, offs_g, g_ok, heads, offs_d, offs_dv, d_ok, dv_ok = group_program(tl.program_id(1), heads_kv, G, D, DV,
                                                                             BLOCK_G, BLOCK_D, BLOCK_DV)
@@ -107,14 +120,15 @@ def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, Far, heads_kv, n_slots,
     idx_row = Idx + b * stride_ib + h * stride_ih + i * stride_it
     bias_row = Bias + b * stride_bias_b + i * stride_bias_i
     far_row = Far + b * stride_fb + h * stride_fh + i * stride_ft
+    rel_row = Rel + (rel_offset - i)                                                    # column Tq − 1 − i
     m = tl.full((BLOCK_G,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_DV), dtype=tl.float32)
     for start in range(0, n_slots, BLOCK_S):
         ok, rows = slot_rows(idx_row, start, n_slots, BLOCK_S)
         k = _round_far(_gather_rows(k_base, stride_kt, rows, ok, offs_d, d_ok), far_row, start, n_slots, BLOCK_S, FAR)
-        s, _ = _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, mod_in_mul, mod_in_add, mod_out_mul,
-                       mod_out_add, mod_grad_mul, HAS_BIAS, MOD_FN)
+        s, _ = _scores(q, k, rows, ok, bias_row, stride_bias_j, rel_row, stride_rh, heads, g_ok, scale, mod_in_mul,
+                       mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, HAS_BIAS, MOD_FN, HAS_REL)
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_safe)
@@ -134,7 +148,7 @@ def hashed_attn_fwd_kernel(Q, K, V, Idx, Bias, Out, Lse, Far, heads_kv, n_slots,
 
 @triton.jit
 def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, Far, SoftQ, SoftK, DSoftQ, DSoftK,
-                           heads_kv, n_slots, scale, inv_bits,
+                           Rel, DRel, heads_kv, n_slots, scale, inv_bits, rel_offset, stride_rh,
                            mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                            stride_qb, stride_qh, stride_qt,
                            stride_kb, stride_kh, stride_kt,
@@ -153,7 +167,8 @@ def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, Far, 
                            G: tl.constexpr, D: tl.constexpr, DVAL: tl.constexpr, BLOCK_G: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr,
                            HAS_BIAS: tl.constexpr, MOD_FN: tl.constexpr = -1, FAR: tl.constexpr = 0,
-                           SOFT: tl.constexpr = False, BITS: tl.constexpr = 8, BLOCK_BITS: tl.constexpr = 8):
+                           SOFT: tl.constexpr = False, BITS: tl.constexpr = 8, BLOCK_BITS: tl.constexpr = 8,
+                           HAS_REL: tl.constexpr = False):
     i = tl.program_id(0)
     b, h, offs_g, g_ok, heads, offs_d, offs_dv, d_ok, dv_ok = group_program(tl.program_id(1), heads_kv, G, D, DVAL,
                                                                             BLOCK_G, BLOCK_D, BLOCK_DV)
@@ -176,14 +191,16 @@ def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, Far, 
     idx_row = Idx + b * stride_ib + h * stride_ih + i * stride_it
     bias_row = Bias + b * stride_bias_b + i * stride_bias_i
     far_row = Far + b * stride_fb + h * stride_fh + i * stride_ft
+    rel_row = Rel + (rel_offset - i)                                                    # column Tq − 1 − i
+    drel_row = DRel + (rel_offset - i)
     dq = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
     for start in range(0, n_slots, BLOCK_S):
         ok, rows = slot_rows(idx_row, start, n_slots, BLOCK_S)
         k = _round_far(_gather_rows(k_base, stride_kt, rows, ok, offs_d, d_ok), far_row, start, n_slots, BLOCK_S, FAR)
         v = _round_far(_gather_rows(v_base, stride_vt, rows, ok, offs_dv, dv_ok), far_row, start, n_slots, BLOCK_S,
                        FAR)
-        s, d_mod = _scores(q, k, rows, ok, bias_row, stride_bias_j, scale, mod_in_mul, mod_in_add, mod_out_mul,
-                           mod_out_add, mod_grad_mul, HAS_BIAS, MOD_FN)
+        s, d_mod = _scores(q, k, rows, ok, bias_row, stride_bias_j, rel_row, stride_rh, heads, g_ok, scale,
+                           mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, HAS_BIAS, MOD_FN, HAS_REL)
         p = tl.where(ok[None, :] & g_ok[:, None], tl.exp(s - lse[:, None]), 0.0)         # [G, S]
         dp = tl.sum(do[:, None, :] * v[None, :, :], axis=2)
         ds = p * (dp - delta[:, None])
@@ -193,6 +210,9 @@ def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, Far, 
             d_soft_q += tl.sum(d_agree[:, :, None] * soft_k[None, :, :], axis=1)
             tl.atomic_add(dsk_base + rows[:, None] * stride_skt + offs_c[None, :],
                           tl.sum(d_agree[:, :, None] * soft_q[:, None, :], axis=0), mask=ok[:, None] & c_ok[None, :])
+        if HAS_REL:  # dR: R enters the logit as it is; a distance is read by many rows (atomic adds)
+            at, at_ok = _relative_at(drel_row, stride_rh, heads, g_ok, rows, ok)
+            tl.atomic_add(at, ds, mask=at_ok)
         if MOD_FN >= 0:  # the gradient of the unmodified score
             ds = ds * d_mod
         dq += tl.sum(ds[:, :, None] * k[None, :, :], axis=1)
@@ -233,15 +253,29 @@ def _far_args(far: torch.Tensor | None, far_dtype: torch.dtype | None, index: to
     return far, far.stride(0), far.stride(1), far.stride(2), FAR_CODES[far_dtype]
 
 
+def _rel_args(relative: torch.Tensor | None, q: torch.Tensor) -> tuple:
+    """(pointer, column offset Tq − 1, row stride) of a relative bias table R float32 [Hq, Tq + Tk − 1], or q as an
+    unread pointer and zeros."""
+    if relative is None:
+        return q, 0, 0
+    if relative.dtype != torch.float32 or relative.dim() != 2 or relative.shape[0] != q.shape[1] or \
+            relative.stride(-1) != 1:
+        raise ValueError(f"the hashed kernels read a float32 [Hq, Tq + Tk - 1] table with unit column stride, got "
+                         f"{relative.dtype} {tuple(relative.shape)}")
+    return relative, q.shape[2] - 1, relative.stride(0)
+
+
 def attend_forward(q, k, v, index, bias, scale: float, config: dict | None = None, launch=lambda kernel: kernel,
-                   program=None, far: torch.Tensor | None = None, far_dtype: torch.dtype | None = None):
+                   program=None, far: torch.Tensor | None = None, far_dtype: torch.dtype | None = None,
+                   relative: torch.Tensor | None = None):
     """(out [B, Hq, Tq, Dv] in q's dtype, lse float32 [B, Hq, Tq]) over the selected keys.
 
     ``index``: int32 [B, Hkv, Tq, S] (:func:`.triton_select.select_keys`); ``bias``: float [B|1, Tq|1, Tk]
     added to the selected scores, or None.  ``config``: {"BLOCK_S": ..., "num_warps": ...}.  ``program``: the
     score modification (:class:`~attnrewrite.kernels.score_mods.ScoreProgram`, or None), applied to scale·q·k
     before the bias.  ``far``/``far_dtype``: the far slots (uint8 [B, Hkv, Tq, S], nonzero = far) and the torch
-    dtype their keys and values are rounded through, or None (module docstring).
+    dtype their keys and values are rounded through, or None (module docstring).  ``relative``: a relative bias
+    table R float32 [Hq, Tq + Tk − 1] (each selected key of query i gets R[h, j − i + Tq − 1]), or None.
     """
     batch, heads_q, len_q, dim = q.shape
     heads_kv = k.shape[1]
@@ -254,12 +288,13 @@ def attend_forward(q, k, v, index, bias, scale: float, config: dict | None = Non
     far, *far_strides, far_code = _far_args(far, far_dtype, index)
     grid = (len_q, batch * heads_kv)
     launch(hashed_attn_fwd_kernel)[grid](
-        q, k, v, index, out if bias is None else bias, out, lse, far, heads_kv, index.shape[-1], float(scale), *mod,
+        q, k, v, index, out if bias is None else bias, out, lse, far, *_rel_args(relative, q)[:1], heads_kv,
+        index.shape[-1], float(scale), *_rel_args(relative, q)[1:], *mod,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), index.stride(0), index.stride(1), index.stride(2),
         *_strides3(bias), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
         *far_strides, D=dim, DV=v.shape[-1], BLOCK_S=config["BLOCK_S"], HAS_BIAS=bias is not None, MOD_FN=mod_fn,
-        FAR=far_code,
+        FAR=far_code, HAS_REL=relative is not None,
         num_warps=config["num_warps"], **_blocks(q, v, heads_kv))
     return out, lse
 
@@ -283,13 +318,15 @@ def _soft_args(soft, q: torch.Tensor, k: torch.Tensor):
 
 def attend_backward(q, k, v, out, grad, lse, index, bias, scale: float, config: dict | None = None,
                     launch=lambda kernel: kernel, program=None, far: torch.Tensor | None = None,
-                    far_dtype: torch.dtype | None = None, soft=None):
+                    far_dtype: torch.dtype | None = None, soft=None, relative: torch.Tensor | None = None):
     """(dq, dk, dv) of :func:`attend_forward` (``program``, ``far``, ``far_dtype`` as there), in the inputs' dtypes
     (dK and dV summed in float32; straight through the far rounding).
 
     ``soft``: None, or the soft codes (tanh(q·P_q) [B, Hq, Tq, bits], tanh(k·P_k) [B, Hkv, Tk, bits]) of learned
     hashes; then (dq, dk, dv, d_soft_q, d_soft_k), the last two float32: the straight-through estimate's
-    gradients of the soft codes (module docstring)."""
+    gradients of the soft codes (module docstring).  ``relative``: the forward's table R float32 [Hq, Tq + Tk − 1]
+    or None; with it dR float32 [Hq, Tq + Tk − 1] comes last (summed by atomic adds: not bit-reproducible on a
+    GPU)."""
     batch, _, len_q, dim = q.shape
     heads_kv = k.shape[1]
     config = config or {"BLOCK_S": 32, "num_warps": 4}
@@ -298,14 +335,17 @@ def attend_backward(q, k, v, out, grad, lse, index, bias, scale: float, config: 
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     softs, soft_strides, soft_flags = _soft_args(soft, q, k)
     d_soft = () if soft is None else softs[2:]
+    rel, rel_offset, stride_rh = _rel_args(relative, q)
+    d_rel = () if relative is None else (torch.zeros(relative.shape, dtype=torch.float32, device=q.device),)
     if q.numel() == 0 or index.shape[-1] == 0:
-        return (dq.zero_(), dk.to(k.dtype), dv.to(v.dtype), *d_soft)
+        return (dq.zero_(), dk.to(k.dtype), dv.to(v.dtype), *d_soft, *d_rel)
     mod, mod_fn = mod_args(program, float(scale), log2=False)
     far, *far_strides, far_code = _far_args(far, far_dtype, index)
     grid = (len_q, batch * heads_kv)
     launch(hashed_attn_bwd_kernel)[grid](
-        q, k, v, out, grad, lse, index, q if bias is None else bias, dq, dk, dv, far, *softs, heads_kv,
-        index.shape[-1], float(scale), 1.0 / soft_flags.get("BITS", 8), *mod,
+        q, k, v, out, grad, lse, index, q if bias is None else bias, dq, dk, dv, far, *softs, rel,
+        d_rel[0] if d_rel else rel, heads_kv, index.shape[-1], float(scale), 1.0 / soft_flags.get("BITS", 8),
+        rel_offset, stride_rh, *mod,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         grad.stride(0), grad.stride(1), grad.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
@@ -313,5 +353,5 @@ def attend_backward(q, k, v, out, grad, lse, index, bias, scale: float, config: 
         dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2), *far_strides, *soft_strides,
         D=dim, DVAL=v.shape[-1], BLOCK_S=config["BLOCK_S"], HAS_BIAS=bias is not None, MOD_FN=mod_fn, FAR=far_code,
-        num_warps=config["num_warps"], **soft_flags, **_blocks(q, v, heads_kv))
-    return (dq, dk.to(k.dtype), dv.to(v.dtype), *d_soft)
+        HAS_REL=relative is not None, num_warps=config["num_warps"], **soft_flags, **_blocks(q, v, heads_kv))
+    return (dq, dk.to(k.dtype), dv.to(v.dtype), *d_soft, *d_rel)

@@ -76,11 +76,13 @@ def far_flags(index: Tensor, attn_mask: Optional[Tensor], is_causal: bool, len_k
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], proj_q: Tensor, proj_k: Tensor,
              is_causal: bool, scale: float, top_k: int, window: int, sinks: int,
-             score_mod: str = "", far_dtype: str = "") -> tuple[Tensor, Tensor, Tensor]:
+             score_mod: str = "", far_dtype: str = "",
+             relative: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """(out [B, Hq, Tq, Dv], lse float32 [B, Hq, Tq], selection int32 [B, Hkv, Tq, S]) on checked inputs;
     ``score_mod`` a score modification program as text ("" for none), applied to the selected keys' scores
     (the selection reads codes, not scores); ``far_dtype`` a name from ``FAR_DTYPES`` or "" (off): the far keys
-    and values rounded through it (reference step 5)."""
+    and values rounded through it (reference step 5); ``relative`` a relative bias table R float32
+    [Hq, Tq + Tk − 1] added to the selected keys' scores by distance, or None."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     shape = spaces.shape_of(q, k, v, proj_q.shape[-1])
 
@@ -93,12 +95,13 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], proj_
     index = select_keys(q_codes, k_codes, keep, is_causal, top_k, window, sinks, config("select"), launch=traceable)
     far = far_flags(index, attn_mask, is_causal, k.shape[2], sinks, window, far_dtype)
     out, lse = attend_forward(q, k, v, index, bias, scale, config("fwd"), launch=traceable,
-                              program=parse_score_mod(score_mod), far=far, far_dtype=far_dtype_of(far_dtype or None))
+                              program=parse_score_mod(score_mod), far=far, far_dtype=far_dtype_of(far_dtype or None),
+                              relative=relative)
     return out, lse, index
 
 
 def _forward_fake(q, k, v, attn_mask, proj_q, proj_k, is_causal, scale, top_k, window, sinks, score_mod="",
-                  far_dtype=""):
+                  far_dtype="", relative=None):
     batch, heads_q, len_q, _ = q.shape
     return (q.new_empty(batch, heads_q, len_q, v.shape[-1]), q.new_empty(batch, heads_q, len_q, dtype=torch.float32),
             q.new_empty(batch, k.shape[1], len_q, _slots(k, top_k, window, sinks), dtype=torch.int32))
@@ -107,11 +110,13 @@ def _forward_fake(q, k, v, attn_mask, proj_q, proj_k, is_causal, scale, top_k, w
 def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, index: Tensor,
               attn_mask: Optional[Tensor], scale: float, score_mod: str = "", far_dtype: str = "",
               is_causal: bool = False, window: int = 0, sinks: int = 0, proj_q: Optional[Tensor] = None,
-              proj_k: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, d_proj_q, d_proj_k) of :func:`_forward` over its saved selection and log-sum-exp
+              proj_k: Optional[Tensor] = None,
+              relative: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, d_proj_q, d_proj_k, d_relative) of :func:`_forward` over its saved selection and log-sum-exp
     (``is_causal``, ``window`` and ``sinks`` as the forward's: they place the far slots when ``far_dtype`` is
     set).  ``proj_q``/``proj_k``: the learned projections (float64 [H, D, bits]) whose straight-through
-    gradients are wanted, or None (then the last two are empty)."""
+    gradients are wanted, or None (then d_proj_q and d_proj_k are empty).  ``relative``: the forward's table R,
+    or None (then d_relative is empty)."""
     q, k, v, out, grad = (_unit_last_stride(t) for t in (q, k, v, out, grad))
     _, bias = mask_views(attn_mask)
     config = spaces.config_for("bwd", spaces.shape_of(q, k, v, 8), q.device, tensors=(q,))
@@ -122,40 +127,44 @@ def _backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: T
         soft = (torch.tanh(project(q, proj_q).to(dtype)), torch.tanh(project(k, proj_k).to(dtype)))
     grads = attend_backward(q, k, v, out, grad, lse, index, bias, scale, config, launch=traceable,
                             program=parse_score_mod(score_mod), far=far, far_dtype=far_dtype_of(far_dtype or None),
-                            soft=soft)
+                            soft=soft, relative=relative)
+    d_rel = grads[-1] if relative is not None else q.new_empty(0)
+    grads = grads[:-1] if relative is not None else grads
     if soft is None:
-        return (*grads, q.new_empty(0), q.new_empty(0))
+        return (*grads, q.new_empty(0), q.new_empty(0), d_rel)
     dq, dk, dv, d_soft_q, d_soft_k = grads
     d_projections = []
     for x, s, d_s, projection in ((q, soft[0], d_soft_q, proj_q), (k, soft[1], d_soft_k, proj_k)):
         d_pre = d_s.to(s.dtype) * (1 - s.square())                                   # through tanh
         d_projections.append(torch.einsum("bhtd,bhtn->hdn", x.to(s.dtype), d_pre).to(projection.dtype).contiguous())
-    return dq, dk, dv, *d_projections
+    return dq, dk, dv, *d_projections, d_rel
 
 
 def _backward_fake(grad, q, k, v, out, lse, index, attn_mask, scale, score_mod="", far_dtype="", is_causal=False,
-                   window=0, sinks=0, proj_q=None, proj_k=None):
+                   window=0, sinks=0, proj_q=None, proj_k=None, relative=None):
     d_proj = (q.new_empty(0), q.new_empty(0)) if proj_q is None else (proj_q.new_empty(proj_q.shape),
                                                                       proj_k.new_empty(proj_k.shape))
+    d_rel = q.new_empty(0) if relative is None else relative.new_empty(relative.shape)
     return torch.empty_like(q, memory_format=torch.contiguous_format), \
         torch.empty_like(k, memory_format=torch.contiguous_format), \
-        torch.empty_like(v, memory_format=torch.contiguous_format), *d_proj
+        torch.empty_like(v, memory_format=torch.contiguous_format), *d_proj, d_rel
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, attn_mask, proj_q, proj_k, causal, scale, _top_k, window, sinks, score_mod, far_dtype = inputs
+    q, k, v, attn_mask, proj_q, proj_k, causal, scale, _top_k, window, sinks, score_mod, far_dtype, relative = inputs
     out, lse, index = output
-    ctx.save_for_backward(q, k, v, attn_mask, out, lse, index, proj_q, proj_k)
+    ctx.save_for_backward(q, k, v, attn_mask, out, lse, index, proj_q, proj_k, relative)
     ctx.scale, ctx.score_mod, ctx.far = scale, score_mod, (far_dtype, causal, window, sinks)
 
 
 def _autograd(ctx, grad_out, _grad_lse, _grad_index):
-    q, k, v, attn_mask, out, lse, index, proj_q, proj_k = ctx.saved_tensors
+    q, k, v, attn_mask, out, lse, index, proj_q, proj_k, relative = ctx.saved_tensors
     learned = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]  # learned projections that want a gradient
-    dq, dk, dv, d_pq, d_pk = BWD.on(q.device)(grad_out, q, k, v, out, lse, index, attn_mask, ctx.scale, ctx.score_mod,
-                                              *ctx.far, proj_q if learned else None, proj_k if learned else None)
+    dq, dk, dv, d_pq, d_pk, d_rel = BWD.on(q.device)(grad_out, q, k, v, out, lse, index, attn_mask, ctx.scale,
+                                                     ctx.score_mod, *ctx.far, proj_q if learned else None,
+                                                     proj_k if learned else None, relative)
     return (dq, dk, dv, None, d_pq if learned else None, d_pk if learned else None, None, None, None, None, None,
-            None, None)
+            None, None, d_rel if relative is not None else None)
 
 
 BWD = triton_ops("hashed_attention_bwd", _backward, fake=_backward_fake)
@@ -164,12 +173,17 @@ FWD = triton_ops("hashed_attention_fwd", _forward, fake=_forward_fake, backward=
 
 
 def hashed_attention_triton(q, k, v, attn_mask, proj_q, proj_k, is_causal: bool, scale: float, top_k: int,
-                            window: int, sinks: int, program=None, far_dtype: str | None = None) -> Tensor:
+                            window: int, sinks: int, program=None, far_dtype: str | None = None,
+                            relative: Tensor | None = None) -> Tensor:
     """Hashed attention on the kernels, for the tensors' device; differentiable in q, k and v, and in
     ``proj_q``/``proj_k`` (float64, [D, bits] or [H, D, bits]) by the straight-through estimate when they
     require a gradient (learned hashes).  ``program``: a
     :class:`~attnrewrite.kernels.score_mods.ScoreProgram` applied to the selected keys' scores, or None;
-    ``far_dtype``: None or a name from ``FAR_DTYPES`` (the far keys and values rounded through it)."""
+    ``far_dtype``: None or a name from ``FAR_DTYPES`` (the far keys and values rounded through it);
+    ``relative``: a relative bias table R [Hq, Tq + Tk − 1] (read in float32, differentiable), or None."""
+    if relative is not None:
+        relative = relative.to(torch.float32).contiguous()
     out, _, _ = FWD.on(q.device)(q, k, v, attn_mask, proj_q, proj_k, bool(is_causal), float(scale), int(top_k),
-                                 int(window), int(sinks), "" if program is None else program.text(), far_dtype or "")
+                                 int(window), int(sinks), "" if program is None else program.text(), far_dtype or "",
+                                 relative)
     return out
