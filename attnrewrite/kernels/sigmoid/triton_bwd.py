@@ -25,9 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, load_tile,
-                            locate, mma,
-                            mod_args, newton_steps, padded_dim, sigmoid_tile)
+from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
+                            load_tile, locate, mma, mod_args, newton_steps, padded_dim, relative_bias_grad, sigmoid_tile)
 
 
 @triton.jit
@@ -63,8 +62,7 @@ def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, strid
             tl.store(ds_base + offs_m[:, None] * stride_dsm + offs_n[None, :], ds,
                      mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
         if POSITION == 3:  # so is R: dR[h, j − i + Tq − 1] += dS, summed along the tile's diagonals
-            tl.atomic_add(dr_base + (offs_n[None, :] - offs_m[:, None] + q_len - 1), ds,
-                          mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
+            relative_bias_grad(dr_base, ds, offs_m[:, None], offs_n[None, :], q_len, k_len)
         if (STORE_DS or POSITION == 3) and MOD_FN >= 0:
             ds = ds * d_mod
         dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
@@ -119,14 +117,10 @@ def sigmoid_bwd_dq_kernel(
         bias_log2 = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[:, None]
     else:  # one b per sequence and head
         bias_log2 = tl.load(bias_base) * LOG2E
+    pos_log2 = head_position(Slopes, head64, len_q, len_k, POSITION)  # slope (log2 units) or R's row
     dr_base = DR
-    if POSITION == 3:  # the head's rows of the relative bias table R and of its gradient, [Hq, Tq + Tk - 1]
-        pos_log2 = Slopes + head64 * (len_q + len_k - 1)
-        dr_base = DR + head64 * (len_q + len_k - 1)
-    elif POSITION != 0:  # the head's slope of the position bias, in log2 units
-        pos_log2 = tl.load(Slopes + head) * LOG2E
-    else:
-        pos_log2 = 0.0
+    if POSITION == 3:  # the head's row of the gradient of R, [Hq, Tq + Tk - 1]
+        dr_base = head_position(DR, head64, len_q, len_k, POSITION)
 
     shift = k_len - q_len if CAUSAL == 2 else k_len * 0
     if CAUSAL != 0:
@@ -247,12 +241,7 @@ def sigmoid_bwd_dkdv_kernel(
         mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
         bias_base = Bias + seq * stride_bz + head64 * stride_bh + q_row0 * stride_bm
         bias_log2 = tl.load(bias_base) * LOG2E  # the b of this head, unless ROW_BIAS
-        if POSITION == 3:  # the head's row of the relative bias table R [Hq, Tq + Tk - 1]
-            pos_log2 = Slopes + head64 * (len_q + len_k - 1)
-        elif POSITION != 0:  # the head's slope of the position bias, in log2 units
-            pos_log2 = tl.load(Slopes + head64) * LOG2E
-        else:
-            pos_log2 = 0.0
+        pos_log2 = head_position(Slopes, head64, len_q, len_k, POSITION)  # slope (log2 units) or R's row
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm,
                                   stride_mn, offs_n, q_len, k_len, shift, m_lo, full_lo, scale_log2, bias_log2,
                                   bias_base, stride_bm, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,

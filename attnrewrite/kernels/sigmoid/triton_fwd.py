@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, load_tile, locate, mma,
-                            mod_args, newton_steps, padded_dim, sigmoid_tile)
+from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
+                            load_tile, locate, mma, mod_args, newton_steps, padded_dim, sigmoid_tile)
 
 
 @triton.jit
@@ -82,12 +82,7 @@ def sigmoid_fwd_kernel(
         bias_log2 = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[:, None]
     else:  # one b per sequence and head: a scalar keeps the registers free
         bias_log2 = tl.load(bias_base) * LOG2E
-    if POSITION == 3:  # the head's row of the relative bias table R [Hq, Tq + Tk - 1]
-        pos_log2 = Slopes + head.to(tl.int64) * (len_q + len_k - 1)
-    elif POSITION != 0:  # the head's slope of the position bias, in log2 units
-        pos_log2 = tl.load(Slopes + head) * LOG2E
-    else:
-        pos_log2 = 0.0
+    pos_log2 = head_position(Slopes, head.to(tl.int64), len_q, len_k, POSITION)  # slope (log2 units) or R's row
 
     # key j is visible to row i iff j <= i + shift (causal); full blocks need no mask for any row.
     shift = k_len - q_len if CAUSAL == 2 else k_len * 0

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, POSITION_CODES, dot_precision, load_rows, mma, mod_args, modified_scores,
-                                                 online_softmax_step, padded_dim)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, POSITION_CODES, dot_precision, head_position, load_rows, mma,
+                                                 mod_args, modified_scores, online_softmax_step, padded_dim)
 
 from .triton_common import band_scores, key_blocks, sequence_lengths
 
@@ -71,10 +71,7 @@ def sliding_window_fwd_kernel(
     v_base = V + batch64 * stride_vb + head_kv64 * stride_vh
     o_base = Out + batch64 * stride_ob + head64 * stride_oh
     mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
-    if POSITION != 0:  # the head's slope of the position bias, in log2 units
-        pos_log2 = tl.load(Slopes + head64) * LOG2E
-    else:
-        pos_log2 = 0.0
+    pos_log2 = head_position(Slopes, head64, len_q, len_k, POSITION)  # slope (log2 units) or R's row
 
     m0 = m_block * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -133,7 +130,9 @@ def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, windo
     applied to scale·q·kᵀ before the mask and compiled in through
     :func:`~attnrewrite.kernels.triton_scaffold.mod_args` (ValueError for a program it cannot take).
     ``position`` (None, ``"j-i"`` or ``"|j-i|"``) with ``slopes`` (float32 [Hq], contiguous): the position
-    bias slopes[h] · (j − i) or slopes[h] · |j − i| (query index i, key index j), computed in the kernel.
+    bias slopes[h] · (j − i) or slopes[h] · |j − i| (query index i, key index j), computed in the kernel; or
+    ``position="relative"`` with ``slopes`` the table R, float32 [Hq, Tq + Tk − 1] contiguous: R[h, j − i + Tq − 1]
+    read by diagonal on the band's and the sinks' tiles.
     """
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
