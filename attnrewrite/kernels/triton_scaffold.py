@@ -125,12 +125,14 @@ def position_scores(s, q_idx, k_idx, q_len, k_len, pos, POSITION: tl.constexpr):
 
 
 @triton.jit
-def relative_bias_grad(dr_row, ds, q_idx, k_idx, q_len, k_len):
-    """dR[h, j − i + Tq − 1] += dS for a tile of score gradients ``ds`` (the gradient of the scores R is added
-    to: before the score modification's derivative), ``dr_row`` the head's row of dR (:func:`head_position`
-    on dR), ``q_idx`` / ``k_idx`` as for :func:`position_scores`.  Atomics: a diagonal's entries come from
-    many tiles and programs (float32 additions in no fixed order)."""
-    tl.atomic_add(dr_row + (k_idx - q_idx + q_len - 1), ds, mask=(q_idx < q_len) & (k_idx < k_len))
+def relative_bias_grad(dr_row, ds, offs_m, offs_n, q_len, k_len):
+    """dR[h, j − i + Tq − 1] += dS for a [queries, keys] tile of score gradients ``ds`` (the gradient of the
+    scores R is added to: before the score modification's derivative), ``dr_row`` the head's row of dR
+    (:func:`head_position` on dR), ``offs_m`` / ``offs_n`` the tile's query and key indices (1-D; entries
+    with i ≥ q_len or j ≥ k_len add nothing).  Atomics: a diagonal's entries come from many tiles and
+    programs (float32 additions in no fixed order)."""
+    tl.atomic_add(dr_row + (offs_n[None, :] - offs_m[:, None] + q_len - 1), ds,
+                  mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
 
 #: MOD_FN of the kernels: no score modification; otherwise a code of ``score_mods.KERNEL_FUNCTIONS`` (0: affine)
 NO_MOD = -1

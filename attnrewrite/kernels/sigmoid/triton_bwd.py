@@ -62,7 +62,7 @@ def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, strid
             tl.store(ds_base + offs_m[:, None] * stride_dsm + offs_n[None, :], ds,
                      mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
         if POSITION == 3:  # so is R: dR[h, j − i + Tq − 1] += dS, summed along the tile's diagonals
-            relative_bias_grad(dr_base, ds, offs_m[:, None], offs_n[None, :], q_len, k_len)
+            relative_bias_grad(dr_base, ds, offs_m, offs_n, q_len, k_len)
         if (STORE_DS or POSITION == 3) and MOD_FN >= 0:
             ds = ds * d_mod
         dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION)

@@ -56,7 +56,7 @@ def _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, st
         p = tl.exp2(s - lse[:, None])
         if POSITION == 3:  # R is added after the modification: dR[h, j − i + Tq − 1] += dS before mod'
             ds = softmax_score_grad(p, do, v, delta, DOT_PRECISION)
-            relative_bias_grad(dr_row, ds, offs_m[:, None], offs_n[None, :], q_len, k_len)
+            relative_bias_grad(dr_row, ds, offs_m, offs_n, q_len, k_len)
             if MOD_FN >= 0:
                 ds = ds * d_mod
             dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
