@@ -21,7 +21,7 @@ out before):
 - :func:`group_program` / :func:`slot_rows` — the head group and the gathered rows of the hashed
   kernels' programs.
 
-Host side: :func:`interpreter_active`, :func:`unit_last_stride`, and the configuration fitting every
+Host side: :func:`interpreter_active`, :func:`unit_last_stride`, :func:`mask_strides`, and the configuration fitting every
 kind's ``spaces.py`` does the same way (:func:`head_class`, :func:`length_bucket`, :func:`pow2`,
 :func:`fit_config`, :func:`launch_config`).
 """
@@ -327,6 +327,15 @@ def interpreter_active(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def mask_strides(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor | None, tuple]:
+    """(the 4-d additive mask expanded to ``shape`` = [B, Hq, Tq, Tk], its strides: 0 on broadcast dims), or
+    (None, zeros) without a mask: what the kernels that read a float mask (sigmoid, sliding window) launch with."""
+    if mask is None:
+        return None, (0, 0, 0, 0)
+    mask = mask.expand(*shape)
+    return mask, mask.stride()
+
+
 def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` with a unit last stride (the kernels index the head dim as contiguous); None stays None."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
@@ -399,6 +408,6 @@ def launch_config(spaces, kernel: str, q: torch.Tensor, v: torch.Tensor, shape: 
 
 __all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "dot_precision", "fit_config",
            "group_program", "head_class", "head_position", "interpreter_active", "launch_config", "length_bucket",
-           "load_rows", "load_tile", "mma", "mod_args", "modified_scores", "online_softmax_step", "padded_dim",
+           "load_rows", "load_tile", "mask_strides", "mma", "mod_args", "modified_scores", "online_softmax_step", "padded_dim",
            "position_scores", "pow2", "program_heads", "relative_bias_grad", "score_mod_fn", "seeded_bf16",
            "softmax_dkdv_step", "softmax_dq_step", "slot_rows", "tile_space", "unit_last_stride"]

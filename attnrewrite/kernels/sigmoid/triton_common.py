@@ -1,6 +1,6 @@
 """Pieces shared by the sigmoid forward and backward kernels: the sigmoid itself, the probability tile
 all three kernels compute (``sigmoid_tile``: forward, dQ, and transposed for dK/dV), tile loads, where a
-program's sequence lives, and the block table of packed (varlen) batches.  ``mma``, ``load_tile``, the score
+program's sequence lives, and the block table of packed (varlen) batches.  ``mma``, ``load_rows``, the score
 modification (``modified_scores``, ``mod_args``) and the dtype helpers live in
 :mod:`attnrewrite.kernels.triton_scaffold`, shared with the other kinds' kernels, and are re-exported here.
 
@@ -15,13 +15,14 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import (INTERPRETED, LOG2E, LOG2E_HOST, NO_MOD, POSITION_CODES, dot_precision,
-                                                 head_position, load_tile, mma, mod_args, modified_scores, padded_dim,
-                                                 position_scores, relative_bias_grad, score_mod_fn)
+                                                 head_position, load_rows, load_tile, mask_strides, mma, mod_args,
+                                                 modified_scores, padded_dim, position_scores, relative_bias_grad,
+                                                 score_mod_fn)
 
 __all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "bias_strides", "block_table",
-           "dot_precision", "head_position", "load_tile", "locate", "mma", "mod_args", "modified_scores",
-           "newton_steps", "padded_dim", "position_scores", "relative_bias_grad", "score_mod_fn", "sigmoid_log2",
-           "sigmoid_tile"]
+           "dot_precision", "head_position", "load_rows", "load_tile", "locate", "mask_strides", "mma", "mod_args",
+           "modified_scores", "newton_steps", "padded_dim", "position_scores", "relative_bias_grad", "score_mod_fn",
+           "sigmoid_log2", "sigmoid_tile"]
 
 
 @triton.jit

@@ -28,12 +28,12 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, POSITION_CODES, dot_precision, head_position,
-                                                 load_rows, mma, mod_args, modified_scores, padded_dim, position_scores,
+                                                 load_rows, mask_strides, mma, mod_args, modified_scores, padded_dim,
+                                                 position_scores,
                                                  relative_bias_grad, softmax_dkdv_step, softmax_dq_step,
                                                  softmax_score_grad)
 
 from .triton_common import band_scores, band_visible, key_blocks, query_blocks, sequence_lengths
-from .triton_fwd import mask_strides
 
 
 @triton.jit

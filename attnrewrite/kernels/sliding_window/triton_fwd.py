@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, POSITION_CODES, dot_precision, head_position, load_rows, mma,
-                                                 mod_args, modified_scores, online_softmax_step, padded_dim)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, POSITION_CODES, dot_precision, head_position, load_rows,
+                                                 mask_strides, mma, mod_args, modified_scores, online_softmax_step,
+                                                 padded_dim)
 
 from .triton_common import band_scores, key_blocks, sequence_lengths
 
@@ -107,14 +108,6 @@ def sliding_window_fwd_kernel(
     tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv < DV)[None, :])
     tl.store(Lse + batch64 * stride_lb + head64 * stride_lh + offs_m, lse, mask=row_ok)
-
-
-def mask_strides(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor | None, tuple]:
-    """(the 4-d additive mask expanded to ``shape``, its strides), or (None, zeros) without a mask."""
-    if mask is None:
-        return None, (0, 0, 0, 0)
-    mask = mask.expand(*shape)
-    return mask, mask.stride()
 
 
 def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, window: int, sinks: int,
