@@ -61,7 +61,8 @@ def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: st
     mask = torch.zeros(1, heads_q, length, length, dtype=dtype) if feature == "float_mask" else None
     kv_lens = torch.full((batch,), length // 2, dtype=torch.int32) if feature == "kv_lens" else None
     program = score_mods.parse(sigmoid_aot.SCORE_MODS.get("softcap" if feature == "relative_softcap" else feature))
-    position = {"alibi": "j-i", "alibi_abs": "|j-i|", "relative": "relative", "relative_softcap": "relative"}.get(feature)
+    position = {"alibi": "j-i", "alibi_abs": "|j-i|", "relative": "relative",
+                "relative_softcap": "relative"}.get(feature)
     slopes = torch.zeros(heads_q, 2 * length - 1) if position == "relative" else torch.zeros(heads_q)
     extra = dict(program=program, position=position, slopes=slopes if position else None)
     launch = sigmoid_aot._Compiled()

@@ -21,8 +21,8 @@ out before):
 - :func:`group_program` / :func:`slot_rows` — the head group and the gathered rows of the hashed
   kernels' programs.
 
-Host side: :func:`interpreter_active`, :func:`unit_last_stride`, :func:`mask_strides`, and the configuration fitting every
-kind's ``spaces.py`` does the same way (:func:`head_class`, :func:`length_bucket`, :func:`pow2`,
+Host side: :func:`interpreter_active`, :func:`unit_last_stride`, :func:`mask_strides`, and the configuration
+fitting every kind's ``spaces.py`` does the same way (:func:`head_class`, :func:`length_bucket`, :func:`pow2`,
 :func:`fit_config`, :func:`launch_config`).
 """
 
@@ -133,6 +133,7 @@ def relative_bias_grad(dr_row, ds, offs_m, offs_n, q_len, k_len):
     programs (float32 additions in no fixed order)."""
     tl.atomic_add(dr_row + (offs_n[None, :] - offs_m[:, None] + q_len - 1), ds,
                   mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
+
 
 #: MOD_FN of the kernels: no score modification; otherwise a code of ``score_mods.KERNEL_FUNCTIONS`` (0: affine)
 NO_MOD = -1

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
-                            load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim, relative_bias_grad, sigmoid_tile)
+                            load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
+                            relative_bias_grad, sigmoid_tile)
 
 
 @triton.jit

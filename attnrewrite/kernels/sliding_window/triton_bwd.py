@@ -10,7 +10,7 @@ delta_i = Σ_d dO_id · O_id (one row sum, computed before the kernels):
 
 Two kernels, both visiting only the blocks of the band and the sinks, deterministic (no atomics) except for
 the gradient of a relative bias table R (POSITION = 3): the dQ kernel adds each tile's dS (before mod′) into
-dR[h, j − i + Tq − 1] with atomics (a diagonal's entries come from many tiles, heads' batches and programs;
+dR[h, j − i + Tq − 1] with atomics (a diagonal's entries come from many tiles, programs and batch rows;
 :func:`attnrewrite.kernels.triton_scaffold.relative_bias_grad`, the sigmoid kernels' helper too):
 
 - ``sliding_window_bwd_dq_kernel``: one program per query block of one query head, over the key blocks of
@@ -29,9 +29,8 @@ import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, POSITION_CODES, dot_precision, head_position,
                                                  load_rows, mask_strides, mma, mod_args, modified_scores, padded_dim,
-                                                 position_scores,
-                                                 relative_bias_grad, softmax_dkdv_step, softmax_dq_step,
-                                                 softmax_score_grad)
+                                                 position_scores, relative_bias_grad, softmax_dkdv_step,
+                                                 softmax_dq_step, softmax_score_grad)
 
 from .triton_common import band_scores, band_visible, key_blocks, query_blocks, sequence_lengths
 

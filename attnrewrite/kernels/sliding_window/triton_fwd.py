@@ -124,8 +124,8 @@ def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, windo
     :func:`~attnrewrite.kernels.triton_scaffold.mod_args` (ValueError for a program it cannot take).
     ``position`` (None, ``"j-i"`` or ``"|j-i|"``) with ``slopes`` (float32 [Hq], contiguous): the position
     bias slopes[h] · (j − i) or slopes[h] · |j − i| (query index i, key index j), computed in the kernel; or
-    ``position="relative"`` with ``slopes`` the table R, float32 [Hq, Tq + Tk − 1] contiguous: R[h, j − i + Tq − 1]
-    read by diagonal on the band's and the sinks' tiles.
+    ``position="relative"`` with ``slopes`` the table R, float32 [Hq, Tq + Tk − 1] contiguous:
+    R[h, j − i + Tq − 1] read by diagonal on the band's and the sinks' tiles.
     """
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
