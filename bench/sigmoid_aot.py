@@ -128,8 +128,9 @@ def compile_case(kernel: str, config: dict, head: int, causal: int, dtype=torch.
     if feature == "newton":
         config = dict(config, RCP_NEWTON=1)
     program = score_mods.parse(SCORE_MODS.get(feature, SCORE_MODS["softcap"] if feature == "alibi_softcap" else None))
-    position = {"alibi": "j-i", "alibi_softcap": "j-i", "alibi_abs": "|j-i|"}.get(feature)
-    extra = dict(program=program, position=position, slopes=torch.zeros(heads_q) if position else None)
+    position = {"alibi": "j-i", "alibi_softcap": "j-i", "alibi_abs": "|j-i|", "relative": "relative"}.get(feature)
+    slopes = torch.zeros(heads_q, len_q + len_k - 1) if position == "relative" else torch.zeros(heads_q)
+    extra = dict(program=program, position=position, slopes=slopes if position else None)
     launch = _Compiled()
     if kernel == "fwd":
         sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_q, cu_k, 0.1, causal, config, launch=launch, **extra)
@@ -145,7 +146,7 @@ def compile_case(kernel: str, config: dict, head: int, causal: int, dtype=torch.
 SCORE_MODS = {"softcap": "div 50.0; tanh; mul 50.0", "mod_sigmoid": "sigmoid; mul 2.0", "mod_exp": "mul 0.1; exp",
               "mod_abs": "abs", "mod_relu": "relu", "mod_erf": "erf; mul 3.0", "mod_square": "square; neg"}
 FEATURES = ("row_bias", "gqa", "kv_lens", "varlen", "float_mask", "mask_grad", "bottom_right", "odd_dims", "fp16", "fp32",
-            "newton") + tuple(SCORE_MODS) + ("alibi", "alibi_abs", "alibi_softcap")
+            "newton") + tuple(SCORE_MODS) + ("alibi", "alibi_abs", "alibi_softcap", "relative")
 
 
 def compile_features() -> int:

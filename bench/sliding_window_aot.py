@@ -1,13 +1,16 @@
 """Compile the sliding-window kernels for a Hopper GPU on a machine without one, and report their resources.
 
-    python bench/sliding_window_aot.py [--arch 90] [--heads 64,128,256] [--features] [--sass] [--mods softcap,...]
+    python bench/sliding_window_aot.py [--arch 90] [--heads 64,128,256] [--features [--only ...] [--mod-defaults]]
+                                       [--sass] [--mods softcap,...]
 
 The machinery of ``bench/sigmoid_aot.py`` (a compile-only CUDA driver, ``ptxas -v`` on the PTX): for the
 default configuration of each kernel (forward, dQ, dK/dV) and head-dim class, causal and symmetric, bf16,
 window 1024 and 4 sinks, it prints registers per thread, spilled bytes, shared memory, whether the
 products became wgmma instructions and whether ptxas serialised them (C7511).  ``--features`` instead
 compiles every input variant the kernels specialise on at d128 (GQA, a float mask, kv_lens, no sinks,
-odd head dims, fp16, fp32, ALiBi computed from slopes; ``--only`` picks some).  ``--mods`` instead compiles the default configurations, causal, with each named score
+odd head dims, fp16, fp32, ALiBi computed from slopes, a relative bias table R read by diagonal with dR by
+atomics, alone and after a soft-cap; ``--only`` picks some; ``--mod-defaults``: at the configurations the launcher
+takes for a call with a score modification or a position bias, ``spaces.with_mod_default``).  ``--mods`` instead compiles the default configurations, causal, with each named score
 modification compiled in (``sigmoid_aot.SCORE_MODS``: ``softcap`` and one program per other nonlinear
 function).  It never runs a kernel.
 """
@@ -30,7 +33,8 @@ import triton  # noqa: E402
 
 import sigmoid_aot  # noqa: E402  (the compile-only driver and the ptxas report)
 
-FEATURES = ("gqa", "float_mask", "kv_lens", "no_sinks", "odd_dims", "fp16", "fp32", "alibi", "alibi_abs")
+FEATURES = ("gqa", "float_mask", "kv_lens", "no_sinks", "odd_dims", "fp16", "fp32", "alibi", "alibi_abs", "relative",
+            "relative_softcap")
 
 
 def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: str = "", length: int = 4096,
@@ -56,9 +60,11 @@ def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: st
     lse = torch.empty(batch, heads_q, length)
     mask = torch.zeros(1, heads_q, length, length, dtype=dtype) if feature == "float_mask" else None
     kv_lens = torch.full((batch,), length // 2, dtype=torch.int32) if feature == "kv_lens" else None
-    program = score_mods.parse(sigmoid_aot.SCORE_MODS.get(feature))
-    position = {"alibi": "j-i", "alibi_abs": "|j-i|"}.get(feature)
-    extra = dict(program=program, position=position, slopes=torch.zeros(heads_q) if position else None)
+    program = score_mods.parse(sigmoid_aot.SCORE_MODS.get("softcap" if feature == "relative_softcap" else feature))
+    position = {"alibi": "j-i", "alibi_abs": "|j-i|", "relative": "relative",
+                "relative_softcap": "relative"}.get(feature)
+    slopes = torch.zeros(heads_q, 2 * length - 1) if position == "relative" else torch.zeros(heads_q)
+    extra = dict(program=program, position=position, slopes=slopes if position else None)
     launch = sigmoid_aot._Compiled()
     if kernel == "fwd":
         sliding_window_fwd(q, k, v, mask, kv_lens, 0.1, causal, window, sinks, config, launch=launch, **extra)
@@ -107,6 +113,9 @@ def main() -> int:
                 space = spaces.SPACES[f"{kernel}_d128"]
                 shape = {"D": 128, "DV": 128, "Tq": 4096, "Tk": 4096, "window": 1024, "sinks": 1, "causal": 1,
                          "mask": int(feature == "float_mask"), "dtype": "fp32" if feature == "fp32" else "16bit"}
+                if ARGS.mod_defaults:  # as op._extra_tile has the launcher do for a modification or position bias
+                    space = spaces.with_mod_default(space, kernel, 128)
+                    shape["mod"] = 1
                 config = spaces.fit(space, space.default, shape)
                 ok &= _row(kernel, f"d128 causal {feature}", config,
                            lambda: compile_case(kernel, config, 128, True, feature))
@@ -130,6 +139,8 @@ if __name__ == "__main__":
     parser.add_argument("--mods", default="", help="instead: these score modifications (names of "
                         "sigmoid_aot.SCORE_MODS, comma-separated) at the default configs, causal")
     parser.add_argument("--only", default="", help="with --features: these variants only (comma-separated)")
+    parser.add_argument("--mod-defaults", action="store_true", help="with --features: at the launcher's "
+                        "configurations for a call with a score modification or a position bias")
     ARGS = parser.parse_args()
     ARGS.only = [f for f in ARGS.only.split(",") if f]
     if set(ARGS.only) - set(FEATURES):

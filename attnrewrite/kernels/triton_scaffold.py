@@ -10,16 +10,19 @@ out before):
   :mod:`attnrewrite.kernels.score_mods` in the form ``post_mul · f(pre_mul · s + pre_add) + post_add``,
   f a constexpr ``MOD_FN``) and its derivative, the one copy the sigmoid, sliding-window and summary
   kernels all compile in; :func:`mod_args` gives the runtime floats and MOD_FN for a program;
+- :func:`head_position`, :func:`position_scores`, :func:`relative_bias_grad` — a position bias computed in the
+  kernels: ALiBi from a head's slope, or the relative bias table R read by diagonal per tile and its gradient
+  dR summed with atomics (the sigmoid and sliding-window kernels' one copy);
 - :func:`program_heads` — the (batch, query head, key/value head) of a program over ``batch · heads``,
   as int64 (offsets may pass 2³¹ elements);
 - :func:`online_softmax_step` — one key block of the flash forward (running max, sum and output in
   log2 units); :func:`softmax_dq_step`, :func:`softmax_dkdv_step` — one block of its backward (with
-  the score modification's derivative when there is one);
+  the score modification's derivative when there is one), :func:`softmax_score_grad` — its dS;
 - :func:`group_program` / :func:`slot_rows` — the head group and the gathered rows of the hashed
   kernels' programs.
 
-Host side: :func:`interpreter_active`, :func:`unit_last_stride`, and the configuration fitting every
-kind's ``spaces.py`` does the same way (:func:`head_class`, :func:`length_bucket`, :func:`pow2`,
+Host side: :func:`interpreter_active`, :func:`unit_last_stride`, :func:`mask_strides`, and the configuration
+fitting every kind's ``spaces.py`` does the same way (:func:`head_class`, :func:`length_bucket`, :func:`pow2`,
 :func:`fit_config`, :func:`launch_config`).
 """
 
@@ -83,8 +86,54 @@ def load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_
 
 #: POSITION of the kernels, by the ops' ``position`` argument: no position bias, slope_h · (j − i), slope_h · |j − i|
 #: (ALiBi computed from the query and key indices instead of read from a mask), R[h, j − i + Tq − 1] (a relative
-#: bias read from the table R [Hq, Tq + Tk − 1] by distance: T5; the sigmoid kernels only)
+#: bias read from the table R [Hq, Tq + Tk − 1] by distance: T5; the sigmoid and sliding-window kernels)
 POSITION_CODES = {None: 0, "j-i": 1, "|j-i|": 2, "relative": 3}
+
+
+@triton.jit
+def head_position(Slopes, head, len_q, len_k, POSITION: tl.constexpr):
+    """The position-bias argument of query head ``head`` (int64) that :func:`position_scores` reads: its slope
+    in log2 units, loaded from ``Slopes`` [Hq] (POSITION = 1, 2); the pointer to its row of the relative bias
+    table R [Hq, Tq + Tk − 1] (POSITION = 3, ``Slopes`` the table; also the row of dR when given dR); 0.0
+    without a position bias (POSITION = 0, ``Slopes`` not read)."""
+    if POSITION == 3:
+        arg = Slopes + head * (len_q + len_k - 1)
+    elif POSITION != 0:
+        arg = tl.load(Slopes + head) * LOG2E
+    else:
+        arg = 0.0
+    return arg
+
+
+@triton.jit
+def position_scores(s, q_idx, k_idx, q_len, k_len, pos, POSITION: tl.constexpr):
+    """The score tile ``s`` (log2 units) plus the position bias, ``q_idx`` / ``k_idx`` the query and key
+    indices (broadcast tiles, either orientation): ``pos`` · (j − i) (POSITION = 1) or ``pos`` · |j − i| (2),
+    ``pos`` the head's slope in log2 units; R[h, j − i + Tq − 1] (3), ``pos`` the head's row of R (natural
+    units; :func:`head_position`), gathered by diagonal for the in-bounds entries (i < q_len, j < k_len; the
+    others add 0 and must be hidden by the caller); ``s`` itself for POSITION = 0.  The one copy the sigmoid
+    and sliding-window kernels compile in."""
+    if POSITION == 1 or POSITION == 2:
+        distance = (k_idx - q_idx).to(tl.float32)
+        if POSITION == 2:
+            distance = tl.abs(distance)
+        s += pos * distance
+    if POSITION == 3:
+        rel = tl.load(pos + (k_idx - q_idx + q_len - 1), mask=(q_idx < q_len) & (k_idx < k_len), other=0.0)
+        s += rel * LOG2E
+    return s
+
+
+@triton.jit
+def relative_bias_grad(dr_row, ds, offs_m, offs_n, q_len, k_len):
+    """dR[h, j − i + Tq − 1] += dS for a [queries, keys] tile of score gradients ``ds`` (the gradient of the
+    scores R is added to: before the score modification's derivative), ``dr_row`` the head's row of dR
+    (:func:`head_position` on dR), ``offs_m`` / ``offs_n`` the tile's query and key indices (1-D; entries
+    with i ≥ q_len or j ≥ k_len add nothing).  Atomics: a diagonal's entries come from many tiles and
+    programs (float32 additions in no fixed order)."""
+    tl.atomic_add(dr_row + (offs_n[None, :] - offs_m[:, None] + q_len - 1), ds,
+                  mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
+
 
 #: MOD_FN of the kernels: no score modification; otherwise a code of ``score_mods.KERNEL_FUNCTIONS`` (0: affine)
 NO_MOD = -1
@@ -185,12 +234,19 @@ def online_softmax_step(acc, m_i, l_i, z2, v, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def softmax_score_grad(p, do, v, delta, DOT_PRECISION: tl.constexpr):
+    """dS = P ⊙ (dO·Vᵀ − Δ) [queries, keys], the gradient of a softmax's scores after the score modification
+    (what a bias added to them, such as R, receives); P the probabilities (0 where hidden), Δ = rowsum(dO ⊙ O)."""
+    dp = mma(do, tl.trans(v), None, DOT_PRECISION)
+    return p * (dp - delta[:, None])
+
+
+@triton.jit
 def softmax_dq_step(dq, p, do, k, v, delta, d_mod, DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr):
     """dQ += dS·K for one key block of a softmax backward: dS = P ⊙ (dO·Vᵀ − Δ) ⊙ mod', P [queries, keys]
     the probabilities (0 where hidden), Δ = rowsum(dO ⊙ O), ``d_mod`` the score modification's derivative
     from :func:`modified_scores` (not read when MOD_FN = NO_MOD); the scale is applied by the caller."""
-    dp = mma(do, tl.trans(v), None, DOT_PRECISION)
-    ds = p * (dp - delta[:, None])
+    ds = softmax_score_grad(p, do, v, delta, DOT_PRECISION)
     if MOD_FN >= 0:
         ds = ds * d_mod
     return mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
@@ -272,6 +328,15 @@ def interpreter_active(kernel) -> bool:
     return isinstance(kernel, InterpretedFunction)
 
 
+def mask_strides(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor | None, tuple]:
+    """(the 4-d additive mask expanded to ``shape`` = [B, Hq, Tq, Tk], its strides: 0 on broadcast dims), or
+    (None, zeros) without a mask: what the kernels that read a float mask (sigmoid, sliding window) launch with."""
+    if mask is None:
+        return None, (0, 0, 0, 0)
+    mask = mask.expand(*shape)
+    return mask, mask.stride()
+
+
 def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` with a unit last stride (the kernels index the head dim as contiguous); None stays None."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
@@ -342,7 +407,8 @@ def launch_config(spaces, kernel: str, q: torch.Tensor, v: torch.Tensor, shape: 
     return spaces.fit(space, config, shape)
 
 
-__all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "dot_precision", "fit_config", "group_program", "head_class",
-           "interpreter_active", "launch_config", "length_bucket", "load_rows", "load_tile", "mma", "mod_args",
-           "modified_scores", "online_softmax_step", "padded_dim", "pow2", "program_heads", "score_mod_fn",
-           "seeded_bf16", "softmax_dkdv_step", "softmax_dq_step", "slot_rows", "tile_space", "unit_last_stride"]
+__all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "dot_precision", "fit_config",
+           "group_program", "head_class", "head_position", "interpreter_active", "launch_config", "length_bucket",
+           "load_rows", "load_tile", "mask_strides", "mma", "mod_args", "modified_scores", "online_softmax_step", "padded_dim",
+           "position_scores", "pow2", "program_heads", "relative_bias_grad", "score_mod_fn", "seeded_bf16",
+           "softmax_dkdv_step", "softmax_dq_step", "slot_rows", "tile_space", "unit_last_stride"]

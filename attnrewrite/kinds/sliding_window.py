@@ -11,7 +11,8 @@ dropout are kept, and a score modification with a program (:mod:`attnrewrite.ir.
 soft-capping and chains of elementwise steps) is applied before the mask: by the Triton kernels when
 it has at most one nonlinear step between affine ones (as sigmoid's), else on the torch path
 (``impl="auto"`` picks it).  A bias proven to be ALiBi (slope_h · (j − i) or slope_h · |j − i|) is computed
-over the band from the slopes, never read as a [B, H, T, T] mask.  Sites whose queries and keys differ in length (cross-attention, attention over a
+over the band from the slopes, and a relative bias proven to be R[h, j − i] (T5) is read from the table R by
+distance on the band and the sinks (torch paths and Triton kernels), never read as a [B, H, T, T] mask.  Sites whose queries and keys differ in length (cross-attention, attention over a
 cache) are skipped: the window is over positions of one sequence.  Returned attention weights are
 not supplied (such sites are skipped).
 """
@@ -62,5 +63,5 @@ KIND = register(Kind(
     example_options={"window": 4, "sinks": 1},
     score_mod=True,  # applies call.score_program when the modification has one (supports says why not)
     position_bias=True,  # computes ALiBi (call.position_slopes) over the band instead of reading a [T, T] mask
-    relative_bias=True,  # reads a relative bias R[h, j − i] (T5) on the band (torch paths; position="relative")
+    relative_bias=True,  # reads a relative bias R[h, j − i] (T5) on the band (torch and Triton; position="relative")
 ))

@@ -100,6 +100,9 @@ def _run_paths(layout: str) -> None:
                              projections=(torch.randn(H, D, 8, device=DEVICE, requires_grad=True),
                                           torch.randn(HKV, D, 8, device=DEVICE, requires_grad=True))),
         ops.sliding_window_attention(q, k, v, enable_gqa=True, window=3, sinks=1, impl="triton"),
+        # a relative bias table R on the sliding-window kernels (the backward op's dR output)
+        ops.sliding_window_attention(q, k, v, enable_gqa=True, window=3, sinks=1, impl="triton", position="relative",
+                                     position_slopes=torch.randn(H, 2 * T - 1, device=DEVICE, requires_grad=True)),
         # the ops' score-modification argument (soft-capping), on each path that applies one
         sigmoid_attention_dispatch(q, k, v, is_causal=True, enable_gqa=True, impl="torch", score_mod=SOFTCAP),
         sigmoid_attention_dispatch(q, k, v, is_causal=True, enable_gqa=True, impl="triton", score_mod=SOFTCAP),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from attnrewrite.kernels import triton_scaffold as scaffold
 from attnrewrite.kernels import tuning
 from attnrewrite.kernels._ops import traceable, triton_ops
 from attnrewrite.kernels.score_mods import parse as parse_score_mod
@@ -34,9 +35,7 @@ Tensor = torch.Tensor
 
 def interpreter_active() -> bool:
     """Whether the kernels were defined under TRITON_INTERPRET=1 (so they run on CPU tensors)."""
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(sigmoid_fwd_kernel, InterpretedFunction)
+    return scaffold.interpreter_active(sigmoid_fwd_kernel)
 
 
 def sigmoid_attention_triton(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int,
@@ -64,8 +63,7 @@ def launch_config(kernel: str, q: Tensor, k: Tensor, v: Tensor, has_mask: bool, 
     return spaces.fit(space, config, shape)
 
 
-def _unit_last_stride(t: Tensor | None) -> Tensor | None:
-    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+_unit_last_stride = scaffold.unit_last_stride
 
 
 # --------------------------------------------------------------------------- the operators

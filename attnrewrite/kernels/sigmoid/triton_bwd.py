@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, load_tile,
-                            locate, mma,
-                            mod_args, newton_steps, padded_dim, sigmoid_tile)
+from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
+                            load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
+                            relative_bias_grad, sigmoid_tile)
 
 
 @triton.jit
@@ -42,10 +42,8 @@ def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, strid
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, k_len, offs_d, D,
-                      MASKED, BLOCK_D != D)
-        v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
-                      MASKED, BLOCK_DV != DV)
+        k = load_rows(k_base, offs_n, stride_kn, k_len, offs_d, D, MASKED, BLOCK_D != D)
+        v = load_rows(v_base, offs_n, stride_vn, k_len, offs_dv, DV, MASKED, BLOCK_DV != DV)
         p, d_mod = sigmoid_tile(q, k, mask_base, stride_mm, stride_mn, offs_m, offs_n, q_len, k_len, shift,
                                 scale_log2, bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                                 pos_log2, False, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION, MOD_FN,
@@ -63,8 +61,7 @@ def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, strid
             tl.store(ds_base + offs_m[:, None] * stride_dsm + offs_n[None, :], ds,
                      mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
         if POSITION == 3:  # so is R: dR[h, j − i + Tq − 1] += dS, summed along the tile's diagonals
-            tl.atomic_add(dr_base + (offs_n[None, :] - offs_m[:, None] + q_len - 1), ds,
-                          mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
+            relative_bias_grad(dr_base, ds, offs_m, offs_n, q_len, k_len)
         if (STORE_DS or POSITION == 3) and MOD_FN >= 0:
             ds = ds * d_mod
         dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
@@ -110,23 +107,17 @@ def sigmoid_bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d, D,
-                  True, BLOCK_D != D)
-    do = load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv, DV,
-                   True, BLOCK_DV != DV)
+    q = load_rows(q_base, offs_m, stride_qm, q_len, offs_d, D, True, BLOCK_D != D)
+    do = load_rows(do_base, offs_m, stride_dom, q_len, offs_dv, DV, True, BLOCK_DV != DV)
     bias_base = Bias + seq * stride_bz + head * stride_bh + q_start.to(tl.int64) * stride_bm
     if ROW_BIAS:  # one b per query row, [BLOCK_M, 1] against the key columns
         bias_log2 = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[:, None]
     else:  # one b per sequence and head
         bias_log2 = tl.load(bias_base) * LOG2E
+    pos_log2 = head_position(Slopes, head64, len_q, len_k, POSITION)  # slope (log2 units) or R's row
     dr_base = DR
-    if POSITION == 3:  # the head's rows of the relative bias table R and of its gradient, [Hq, Tq + Tk - 1]
-        pos_log2 = Slopes + head64 * (len_q + len_k - 1)
-        dr_base = DR + head64 * (len_q + len_k - 1)
-    elif POSITION != 0:  # the head's slope of the position bias, in log2 units
-        pos_log2 = tl.load(Slopes + head) * LOG2E
-    else:
-        pos_log2 = 0.0
+    if POSITION == 3:  # the head's row of the gradient of R, [Hq, Tq + Tk - 1]
+        dr_base = head_position(DR, head64, len_q, len_k, POSITION)
 
     shift = k_len - q_len if CAUSAL == 2 else k_len * 0
     if CAUSAL != 0:
@@ -161,10 +152,8 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d, D,
-                      MASKED, BLOCK_D != D)
-        do = load_tile(do_base + offs_m[:, None] * stride_dom + offs_dv[None, :], offs_m, q_len, offs_dv, DV,
-                       MASKED, BLOCK_DV != DV)
+        q = load_rows(q_base, offs_m, stride_qm, q_len, offs_d, D, MASKED, BLOCK_D != D)
+        do = load_rows(do_base, offs_m, stride_dom, q_len, offs_dv, DV, MASKED, BLOCK_DV != DV)
         if ROW_BIAS:  # b per query row: loaded for this block of rows only (a whole row would cost registers)
             bias_t = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[None, :]
         else:
@@ -219,10 +208,8 @@ def sigmoid_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, k_len, offs_d, D,
-                  True, BLOCK_D != D)
-    v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
-                  True, BLOCK_DV != DV)
+    k = load_rows(k_base, offs_n, stride_kn, k_len, offs_d, D, True, BLOCK_D != D)
+    v = load_rows(v_base, offs_n, stride_vn, k_len, offs_dv, DV, True, BLOCK_DV != DV)
 
     # Query blocks: [m_lo, full_lo) masked, [full_lo, full_hi) unmasked, [full_hi, m_hi) masked.
     # Rows above the causal diagonal of this key block never see it and are not visited; a block of
@@ -247,12 +234,7 @@ def sigmoid_bwd_dkdv_kernel(
         mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
         bias_base = Bias + seq * stride_bz + head64 * stride_bh + q_row0 * stride_bm
         bias_log2 = tl.load(bias_base) * LOG2E  # the b of this head, unless ROW_BIAS
-        if POSITION == 3:  # the head's row of the relative bias table R [Hq, Tq + Tk - 1]
-            pos_log2 = Slopes + head64 * (len_q + len_k - 1)
-        elif POSITION != 0:  # the head's slope of the position bias, in log2 units
-            pos_log2 = tl.load(Slopes + head64) * LOG2E
-        else:
-            pos_log2 = 0.0
+        pos_log2 = head_position(Slopes, head64, len_q, len_k, POSITION)  # slope (log2 units) or R's row
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride_dom, stride_mm,
                                   stride_mn, offs_n, q_len, k_len, shift, m_lo, full_lo, scale_log2, bias_log2,
                                   bias_base, stride_bm, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
@@ -302,10 +284,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
     if q.numel() == 0 and k.numel() == 0:
         return dq, dk, dv, ds, dr
     varlen = cu_seqlens_q is not None
-    mask_strides = (0, 0, 0, 0)
-    if mask is not None:
-        mask = mask.expand(batch, heads_q, len_q, len_k)
-        mask_strides = mask.stride()
+    mask, m_strides = mask_strides(mask, (batch, heads_q, len_q, len_k))
     ds_strides = ds.stride()[:3] if want_mask_grad else (0, 0, 0)
     common = dict(D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
                   CAUSAL=causal, HAS_MASK=mask is not None, HAS_KV_LENS=kv_lens is not None, VARLEN=varlen,
@@ -334,7 +313,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
             v.stride(0), v.stride(1), v.stride(2),
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
-            *ds_strides, *mask_strides, *bias_strides(bias),
+            *ds_strides, *m_strides, *bias_strides(bias),
             heads_q, len_q, len_k, scale, scale * LOG2E_HOST, *mod,
             STORE_DS=want_mask_grad, NEWTON_STEPS=newton_steps(config_dq["RCP_NEWTON"], q.dtype),
             BLOCK_M=block_m, BLOCK_N=config_dq["BLOCK_N"],
@@ -357,7 +336,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            *mask_strides, *bias_strides(bias),
+            *m_strides, *bias_strides(bias),
             heads_kv, len_q, len_k, scale, scale * LOG2E_HOST, *mod,
             NEWTON_STEPS=newton_steps(config_dkdv["RCP_NEWTON"], q.dtype),
             BLOCK_M=config_dkdv["BLOCK_M"], BLOCK_N=block_n,

@@ -1,6 +1,6 @@
 """Pieces shared by the sigmoid forward and backward kernels: the sigmoid itself, the probability tile
 all three kernels compute (``sigmoid_tile``: forward, dQ, and transposed for dK/dV), tile loads, where a
-program's sequence lives, and the block table of packed (varlen) batches.  ``mma``, ``load_tile``, the score
+program's sequence lives, and the block table of packed (varlen) batches.  ``mma``, ``load_rows``, the score
 modification (``modified_scores``, ``mod_args``) and the dtype helpers live in
 :mod:`attnrewrite.kernels.triton_scaffold`, shared with the other kinds' kernels, and are re-exported here.
 
@@ -15,10 +15,13 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import (INTERPRETED, LOG2E, LOG2E_HOST, NO_MOD, POSITION_CODES, dot_precision,
-                                                 load_tile, mma, mod_args, modified_scores, padded_dim, score_mod_fn)
+                                                 head_position, load_rows, load_tile, mask_strides, mma, mod_args,
+                                                 modified_scores, padded_dim, position_scores, relative_bias_grad,
+                                                 score_mod_fn)
 
-__all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "bias_strides", "block_table", "dot_precision", "load_tile",
-           "locate", "mma", "mod_args", "modified_scores", "newton_steps", "padded_dim", "score_mod_fn",
+__all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "bias_strides", "block_table",
+           "dot_precision", "head_position", "load_rows", "load_tile", "locate", "mask_strides", "mma", "mod_args",
+           "modified_scores", "newton_steps", "padded_dim", "position_scores", "relative_bias_grad", "score_mod_fn",
            "sigmoid_log2", "sigmoid_tile"]
 
 
@@ -71,7 +74,8 @@ def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k
     units, i and j the query and key positions in their sequence; 0 adds nothing.  POSITION = 3 reads a
     relative bias by distance: ``pos_log2`` is then the pointer to the head's row of the table R [Hq, L],
     L = Tq + Tk − 1, and the tile adds R[h, j − i + Tq − 1] (an [L]-long row gathered per tile: no [Tq, Tk]
-    tensor).  None depends on q or k, so the derivative of the scores is unchanged.
+    tensor).  None depends on q or k, so the derivative of the scores is unchanged.  Both are the shared
+    :func:`attnrewrite.kernels.triton_scaffold.position_scores`.
     """
     z2, d_mod = modified_scores(mma(x, tl.trans(y), None, DOT_PRECISION), scale_log2, bias_log2, mod_in_mul,
                                 mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, MOD_FN)
@@ -85,14 +89,7 @@ def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k
         extra = tl.load(mask_base + q_idx * stride_mm + k_idx * stride_mn, mask=(q_idx < q_len) & (k_idx < k_len),
                         other=0.0)
         z2 += extra.to(tl.float32) * LOG2E
-    if POSITION == 1 or POSITION == 2:
-        distance = (k_idx - q_idx).to(tl.float32)
-        if POSITION == 2:
-            distance = tl.abs(distance)
-        z2 += pos_log2 * distance
-    if POSITION == 3:
-        rel = tl.load(pos_log2 + (k_idx - q_idx + q_len - 1), mask=(q_idx < q_len) & (k_idx < k_len), other=0.0)
-        z2 += rel * LOG2E
+    z2 = position_scores(z2, q_idx, k_idx, q_len, k_len, pos_log2, POSITION)
     if MASKED:
         visible = k_idx < k_len
         if KEY_ROWS:

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, load_tile, locate, mma,
-                            mod_args, newton_steps, padded_dim, sigmoid_tile)
+from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
+                            load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim, sigmoid_tile)
 
 
 @triton.jit
@@ -31,13 +31,11 @@ def _fwd_key_loop(acc, q, k_base, v_base, mask_base, stride_kn, stride_vn, strid
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, k_len, offs_d, D,
-                      MASKED, BLOCK_D != D)
+        k = load_rows(k_base, offs_n, stride_kn, k_len, offs_d, D, MASKED, BLOCK_D != D)
         p, _ = sigmoid_tile(q, k, mask_base, stride_mm, stride_mn, offs_m, offs_n, q_len, k_len, shift, scale_log2,
                             bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                             False, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION, MOD_FN, POSITION)
-        v = load_tile(v_base + offs_n[:, None] * stride_vn + offs_dv[None, :], offs_n, k_len, offs_dv, DV,
-                      MASKED, BLOCK_DV != DV)
+        v = load_rows(v_base, offs_n, stride_vn, k_len, offs_dv, DV, MASKED, BLOCK_DV != DV)
         acc = mma(p.to(v.dtype), v, acc, DOT_PRECISION)
     return acc
 
@@ -75,19 +73,13 @@ def sigmoid_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_tile(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], offs_m, q_len, offs_d, D,
-                  True, BLOCK_D != D)
+    q = load_rows(q_base, offs_m, stride_qm, q_len, offs_d, D, True, BLOCK_D != D)
     bias_base = Bias + seq * stride_bz + head * stride_bh + q_start.to(tl.int64) * stride_bm
     if ROW_BIAS:  # one b per query row, [BLOCK_M, 1] against the key columns
         bias_log2 = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[:, None]
     else:  # one b per sequence and head: a scalar keeps the registers free
         bias_log2 = tl.load(bias_base) * LOG2E
-    if POSITION == 3:  # the head's row of the relative bias table R [Hq, Tq + Tk - 1]
-        pos_log2 = Slopes + head.to(tl.int64) * (len_q + len_k - 1)
-    elif POSITION != 0:  # the head's slope of the position bias, in log2 units
-        pos_log2 = tl.load(Slopes + head) * LOG2E
-    else:
-        pos_log2 = 0.0
+    pos_log2 = head_position(Slopes, head.to(tl.int64), len_q, len_k, POSITION)  # slope (log2 units) or R's row
 
     # key j is visible to row i iff j <= i + shift (causal); full blocks need no mask for any row.
     shift = k_len - q_len if CAUSAL == 2 else k_len * 0
@@ -141,10 +133,7 @@ def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale:
     else:
         block_seq = block_start = q
         grid = (triton.cdiv(len_q, block_m), batch * heads_q)
-    mask_strides = (0, 0, 0, 0)
-    if mask is not None:
-        mask = mask.expand(batch, heads_q, len_q, len_k)
-        mask_strides = mask.stride()
+    mask, m_strides = mask_strides(mask, (batch, heads_q, len_q, len_k))
     mod, mod_fn = mod_args(program, scale)
     launch(sigmoid_fwd_kernel)[grid](
         q, k, v, out, mask if mask is not None else q, bias, slopes if slopes is not None else bias,
@@ -154,7 +143,7 @@ def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale:
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        *mask_strides,
+        *m_strides,
         *bias_strides(bias),
         heads_q, len_q, len_k, scale * LOG2E_HOST, *mod,
         D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,

@@ -4,8 +4,10 @@ Two operators, each made by :func:`attnrewrite.kernels._ops.triton_ops` in two f
 for CUDA, which inductor traces into, and an ``_interpreted`` twin for CPU tensors under
 ``TRITON_INTERPRET=1``, for tests):
 
-- ``attnrewrite::sliding_window_attention_fwd`` -> (out, lse), differentiable in q, k, v;
-- ``attnrewrite::sliding_window_attention_bwd`` -> (dq, dk, dv), from the saved out and lse.
+- ``attnrewrite::sliding_window_attention_fwd`` -> (out, lse), differentiable in q, k, v and a relative bias
+  table R (``position="relative"``);
+- ``attnrewrite::sliding_window_attention_bwd`` -> (dq, dk, dv, dr), from the saved out and lse (dr empty
+  without R).
 
 Kernel configurations come from :mod:`attnrewrite.kernels.tuning` (table, then autotuning on a GPU, then
 the space's default, fitted to the shape by :func:`.spaces.fit`).
@@ -37,7 +39,8 @@ def sliding_window_triton(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, 
                           position: str | None = None) -> Tensor:
     """Sliding-window attention on the kernels (arguments as for ``triton_fwd.sliding_window_fwd``; ``program``
     a :class:`~attnrewrite.kernels.score_mods.ScoreProgram` or None; ``slopes`` float32 [Hq] and ``position``
-    the position bias, or None); differentiable in q, k, v (not in the slopes).  Returns out [B, Hq, Tq, Dv]."""
+    the position bias, or None; or ``position="relative"`` with ``slopes`` the table R float32 [Hq, Tq + Tk − 1]);
+    differentiable in q, k, v and R (not in ALiBi slopes).  Returns out [B, Hq, Tq, Dv]."""
     out, _ = FWD.on(q.device)(q, k, v, mask, kv_lens, float(scale), bool(causal), int(window), int(sinks),
                               "" if program is None else program.text(), slopes, position or "")
     return out
@@ -88,8 +91,9 @@ def _forward_fake(q, k, v, mask, kv_lens, scale, causal, window, sinks, score_mo
 def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_out: Tensor, mask: Tensor | None,
               kv_lens: Tensor | None, scale: float, causal: bool, window: int,
               sinks: int, score_mod: str = "", slopes: Tensor | None = None,
-              position: str = "") -> tuple[Tensor, Tensor, Tensor]:
-    """Sliding-window attention backward: (dq, dk, dv)."""
+              position: str = "") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sliding-window attention backward: (dq, dk, dv, dr); dr (of a relative bias table) is empty unless
+    ``position == "relative"``."""
     q, k, v, out, grad_out = (_unit_last_stride(t) for t in (q, k, v, out, grad_out))
     args = (q, k, v, out, lse, grad_out, mask, kv_lens, scale, causal, window, sinks)
     extra = dict(program=parse_score_mod(score_mod), slopes=slopes, position=position or None)
@@ -105,7 +109,9 @@ def _backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, grad_ou
 
 def _backward_fake(q, k, v, out, lse, grad_out, mask, kv_lens, scale, causal, window, sinks, score_mod="", slopes=None,
                    position=""):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dr_shape = (q.shape[1], q.shape[2] + k.shape[2] - 1) if position == "relative" else (0,)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            q.new_empty(dr_shape, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -119,9 +125,11 @@ def _setup_context(ctx, inputs, output):
 def _autograd(ctx, grad_out, grad_lse):
     # lse is an internal output (never returned by the public op): its gradient is not taken
     q, k, v, out, lse, mask, kv_lens, slopes = ctx.saved_tensors
-    dq, dk, dv = BWD.on(q.device)(q, k, v, out, lse, grad_out, mask, kv_lens, *ctx.options, slopes, ctx.position)
-    # (the slopes get no gradient: the public op refuses slopes that require one)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    dq, dk, dv, dr = BWD.on(q.device)(q, k, v, out, lse, grad_out, mask, kv_lens, *ctx.options, slopes,
+                                      ctx.position)
+    # a relative bias table gets dR; ALiBi slopes get none (the public op refuses slopes that require one)
+    dtable = dr.to(slopes.dtype) if ctx.position == "relative" and ctx.needs_input_grad[10] else None
+    return dq, dk, dv, None, None, None, None, None, None, None, dtable, None
 
 
 BWD = triton_ops("sliding_window_attention_bwd", _backward, fake=_backward_fake)

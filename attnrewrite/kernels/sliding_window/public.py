@@ -254,10 +254,8 @@ def _band_covers_the_sequence(len_q, len_k, is_causal: bool, window: int) -> boo
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _kernel_refusal(dropout_p: float, attn_mask, score_mod=None, position: str | None = None) -> str | None:
+def _kernel_refusal(dropout_p: float, attn_mask, score_mod=None) -> str | None:
     """Why the kernels cannot run a call, or None (``score_mod`` a parsed program or None)."""
-    if position == RELATIVE:
-        return "the Triton kernels do not read a relative bias table (position='relative')"
     if score_mod_refusal(score_mod) is not None:
         return score_mod_refusal(score_mod)
     if dropout_p > 0.0:
@@ -293,7 +291,7 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, en
                          f"distances, got {slopes.shape[1]}")
     path = resolve_impl(impl, q.device, what=WHAT, dtype=q.dtype, head_dims=(q.shape[-1], v.shape[-1]),
                         triton_dtypes=_FLOAT_DTYPES, auto_dtypes=(torch.float16, torch.bfloat16),
-                        refusal=_kernel_refusal(dropout_p, attn_mask, program, position), available=_op is not None,
+                        refusal=_kernel_refusal(dropout_p, attn_mask, program), available=_op is not None,
                         interpreter_active=lambda: _op.interpreter_active())
     if path == "triton":
         return _triton_path(q, k, v, attn_mask, is_causal, scale, window, sinks, program, slopes, position)
@@ -347,8 +345,8 @@ def sliding_window_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=T
             ``"|j-i|"`` adds position_slopes[h]·|j − i|; Hq floats that do not require grad.  Every path
             computes it for the visible scores only.  ``position="relative"``: position_slopes is a table R
             [Hq or 1, Tq + Tk − 1] (T5's relative bias) and the op adds R[h, j − i + Tq − 1], read on the band
-            and the sinks only; R may require grad.  The torch paths only (the kernels refuse it: ``"auto"``
-            takes the torch path).
+            and the sinks only; R may require grad.  Every path reads it: the torch paths gather it on the band
+            and the sinks, the Triton kernels by diagonal per tile (dR summed with atomics in the dQ kernel).
 
     Returns:
         [B, Hq, Tq, Dv] in q's dtype (a row that sees no key gives 0).  Inside ``torch.autocast`` the

@@ -33,13 +33,16 @@ def naive_sliding_window_attention(
     window: int = 256,
     sinks: int = 0,
     score_mod: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    relative_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax over the keys of each query's window (and the sinks), further restricted by ``attn_mask``.
 
     q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] (Hq a multiple of Hkv); ``attn_mask`` bool
     (True = may attend) or additive float, broadcastable to [B, Hq, Tq, Tk].  A row that sees no key
     gives 0.  Returns [B, Hq, Tq, Dv] in q's dtype (softmax in at least float32).  ``score_mod``, an
-    elementwise function, is applied to scale · q kᵀ before the mask.
+    elementwise function, is applied to scale · q kᵀ before the mask.  ``relative_bias``: a table R
+    [Hq or 1, Tq + Tk − 1] (T5's relative bias); R[h, j − i + Tq − 1] is added after the modification, with
+    the mask (i the query index from the first query, j the key index).
     """
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)
@@ -48,6 +51,11 @@ def naive_sliding_window_attention(
     scores = (q @ k.transpose(-1, -2)) * scale                       # [B, Hq, Tq, Tk]
     if score_mod is not None:
         scores = score_mod(scores)
+    if relative_bias is not None:
+        t_q, t_k = q.shape[2], k.shape[2]
+        index = (torch.arange(t_k, device=q.device).view(1, t_k) - torch.arange(t_q, device=q.device).view(t_q, 1)
+                 + (t_q - 1))
+        scores = scores + relative_bias[:, index]                  # [Hq|1, Tq, Tk]
     visible = window_visible(q.shape[2], k.shape[2], window, sinks, is_causal)
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         visible = visible & attn_mask

@@ -8,7 +8,10 @@ delta_i = Σ_d dO_id · O_id (one row sum, computed before the kernels):
 
 (mod′ the derivative of the score modification, when the call has one; S = scale · q·kᵀ.)
 
-Two kernels, both deterministic (no atomics), both visiting only the blocks of the band and the sinks:
+Two kernels, both visiting only the blocks of the band and the sinks, deterministic (no atomics) except for
+the gradient of a relative bias table R (POSITION = 3): the dQ kernel adds each tile's dS (before mod′) into
+dR[h, j − i + Tq − 1] with atomics (a diagonal's entries come from many tiles, programs and batch rows;
+:func:`attnrewrite.kernels.triton_scaffold.relative_bias_grad`, the sigmoid kernels' helper too):
 
 - ``sliding_window_bwd_dq_kernel``: one program per query block of one query head, over the key blocks of
   :func:`.triton_common.key_blocks` (as the forward).
@@ -24,22 +27,21 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, POSITION_CODES, dot_precision, load_rows, mma,
-                                                 mod_args,
-                                                 modified_scores, padded_dim, softmax_dkdv_step, softmax_dq_step)
+from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, POSITION_CODES, dot_precision, head_position,
+                                                 load_rows, mask_strides, mma, mod_args, modified_scores, padded_dim,
+                                                 position_scores, relative_bias_grad, softmax_dkdv_step,
+                                                 softmax_dq_step, softmax_score_grad)
 
-from .triton_common import band_scores, band_visible, key_blocks, position_bias, query_blocks, sequence_lengths
-from .triton_fwd import mask_strides
+from .triton_common import band_scores, band_visible, key_blocks, query_blocks, sequence_lengths
 
 
 @triton.jit
 def _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                  offs_m, shift, q_len, k_len, window, sinks, lo, hi, scale_log2,
-                 mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                 mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2, dr_row,
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr,
-                  POSITION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr, POSITION: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -51,13 +53,20 @@ def _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, st
         s = band_scores(s, mask_base, stride_mm, stride_mn, offs_m, offs_n, shift, q_len, k_len, window, sinks,
                         CAUSAL, HAS_MASK, MASKED, pos_log2, POSITION)
         p = tl.exp2(s - lse[:, None])
-        dq = softmax_dq_step(dq, p, do, k, v, delta, d_mod, DOT_PRECISION, MOD_FN)
+        if POSITION == 3:  # R is added after the modification: dR[h, j − i + Tq − 1] += dS before mod'
+            ds = softmax_score_grad(p, do, v, delta, DOT_PRECISION)
+            relative_bias_grad(dr_row, ds, offs_m, offs_n, q_len, k_len)
+            if MOD_FN >= 0:
+                ds = ds * d_mod
+            dq = mma(ds.to(k.dtype), k, dq, DOT_PRECISION)
+        else:
+            dq = softmax_dq_step(dq, p, do, k, v, delta, d_mod, DOT_PRECISION, MOD_FN)
     return dq
 
 
 @triton.jit
 def sliding_window_bwd_dq_kernel(
-    Q, K, V, DO, DQ, Lse, Delta, Mask, Slopes, KvLens,
+    Q, K, V, DO, DQ, Lse, Delta, Mask, Slopes, DR, KvLens,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -84,10 +93,10 @@ def sliding_window_bwd_dq_kernel(
     k_base = K + batch64 * stride_kb + head_kv64 * stride_kh
     v_base = V + batch64 * stride_vb + head_kv64 * stride_vh
     mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
-    if POSITION != 0:  # the head's slope of the position bias, in log2 units
-        pos_log2 = tl.load(Slopes + head64) * LOG2E
-    else:
-        pos_log2 = 0.0
+    pos_log2 = head_position(Slopes, head64, len_q, len_k, POSITION)  # slope (log2 units) or R's row
+    dr_row = DR
+    if POSITION == 3:  # the head's row of the gradient of R, [Hq, Tq + Tk - 1]
+        dr_row = head_position(DR, head64, len_q, len_k, POSITION)
     stat_base = batch64 * stride_lb + head64 * stride_lh
 
     m0 = m_block * BLOCK_M
@@ -105,19 +114,19 @@ def sliding_window_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                       offs_m, shift, q_len, k_len, window, sinks, 0, sink_end, scale_log2,
-                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2, dr_row,
                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
     dq = _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                       offs_m, shift, q_len, k_len, window, sinks, band_lo, full_lo, scale_log2,
-                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2, dr_row,
                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
     dq = _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                       offs_m, shift, q_len, k_len, window, sinks, full_lo, full_hi, scale_log2,
-                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2, dr_row,
                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, False, DOT_PRECISION, MOD_FN, POSITION)
     dq = _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
                       offs_m, shift, q_len, k_len, window, sinks, full_hi, hi, scale_log2,
-                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
+                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2, dr_row,
                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
     tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d < D)[None, :])
@@ -129,8 +138,7 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_b
                      mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr,
-                  POSITION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr, POSITION: tl.constexpr):
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in tl.range(lo, hi, BLOCK_M):
@@ -149,7 +157,7 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_b
             extra = tl.load(mask_base + offs_n[:, None] * stride_mn + offs_m[None, :] * stride_mm,
                             mask=(offs_n < k_len)[:, None] & (offs_m < q_len)[None, :], other=0.0)
             st += extra.to(tl.float32) * LOG2E
-        st = position_bias(st, offs_m[None, :], offs_n[:, None], pos_log2, POSITION)
+        st = position_scores(st, offs_m[None, :], offs_n[:, None], q_len, k_len, pos_log2, POSITION)
         if MASKED:
             seen = band_visible((offs_m + shift)[None, :], offs_n[:, None], k_len, window, sinks, CAUSAL)
             st = tl.where(seen & (offs_m < q_len)[None, :], st, float("-inf"))
@@ -201,10 +209,7 @@ def sliding_window_bwd_dkdv_kernel(
         q_base = Q + batch64 * stride_qb + head64 * stride_qh
         do_base = DO + batch64 * stride_dob + head64 * stride_doh
         mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
-        if POSITION != 0:  # the head's slope of the position bias, in log2 units
-            pos_log2 = tl.load(Slopes + head64) * LOG2E
-        else:
-            pos_log2 = 0.0
+        pos_log2 = head_position(Slopes, head64, len_q, len_k, POSITION)  # slope (log2 units) or R's row
         lse_base = Lse + batch64 * stride_lb + head64 * stride_lh
         delta_base = Delta + batch64 * stride_lb + head64 * stride_lh
         dk, dv = _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_base, stride_qm,
@@ -230,8 +235,10 @@ def sliding_window_bwd_dkdv_kernel(
 def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float, causal: bool, window: int,
                        sinks: int, config_dq: dict, config_dkdv: dict, launch=lambda kernel: kernel,
                        kernels=("dq", "dkdv"), program=None, slopes=None,
-                       position: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch both backward kernels.  Returns (dq, dk, dv).
+                       position: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch both backward kernels.  Returns (dq, dk, dv, dr): dr the float32 [Hq, Tq + Tk − 1] gradient of a
+    relative bias table (``position="relative"``; summed by the dQ kernel, so zeros when only "dkdv" is
+    launched), an empty tensor otherwise.
 
     Arguments as for :func:`.triton_fwd.sliding_window_fwd`, plus the forward's ``out`` and ``lse``,
     ``grad_out`` [B, Hq, Tq, Dv] (unit last stride) and one config per kernel; ``kernels`` names the
@@ -241,8 +248,11 @@ def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float,
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    relative = position == "relative"
+    dr = (torch.zeros(heads_q, len_q + len_k - 1, dtype=torch.float32, device=q.device) if relative
+          else torch.empty(0, dtype=torch.float32, device=q.device))
     if q.numel() == 0 or k.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        return dq.zero_(), dk.zero_(), dv.zero_(), dr
     delta = (grad_out.float() * out.float()).sum(-1).contiguous()         # [B, Hq, Tq]
     lse = lse.contiguous()
     mask, m_strides = mask_strides(mask, (batch, heads_q, len_q, len_k))
@@ -256,7 +266,7 @@ def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float,
     if "dq" in kernels:
         block_m = config_dq["BLOCK_M"]
         launch(sliding_window_bwd_dq_kernel)[(triton.cdiv(len_q, block_m), batch * heads_q)](
-            q, k, v, grad_out, dq, lse, delta, mask_arg, slopes_arg, kv_lens_arg,
+            q, k, v, grad_out, dq, lse, delta, mask_arg, slopes_arg, dr if relative else q, kv_lens_arg,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -284,4 +294,4 @@ def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float,
             BLOCK_M=config_dkdv["BLOCK_M"], BLOCK_N=block_n,
             num_warps=config_dkdv["num_warps"], num_stages=config_dkdv["num_stages"], **common,
         )
-    return dq, dk, dv
+    return dq, dk, dv, dr

@@ -11,7 +11,7 @@ j >= kv_lens[b] without moving the queries.  Visible (``band_visible``):
 Every program visits the key blocks its band reaches plus the sink blocks in front of the band, and
 nothing else (block skipping).  Blocks that every row sees in full (the inside of the band) run
 without the visibility mask and bounds checks; the band's two edges, the sinks and the end of the
-keys run masked.  Scores are kept in log2 units (s2 = log2(e) · (scale · q·k + mask)).
+keys run masked.  Scores are kept in log2 units (s2 = log2(e) · (mod(scale · q·k) + mask + position bias)).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import LOG2E
+from attnrewrite.kernels.triton_scaffold import LOG2E, position_scores
 
 
 @triton.jit
@@ -115,29 +115,17 @@ def sequence_lengths(batch, len_q, len_k, KvLens, HAS_KV_LENS: tl.constexpr):
 
 
 @triton.jit
-def position_bias(s, rows, cols, pos_log2, POSITION: tl.constexpr):
-    """``s`` plus the position bias ``pos_log2`` · (j − i) (POSITION = 1) or ``pos_log2`` · |j − i| (2), i the
-    query indices ``rows`` and j the key indices ``cols`` (broadcast tiles); ``s`` itself for POSITION = 0."""
-    if POSITION != 0:
-        distance = (cols - rows).to(tl.float32)
-        if POSITION == 2:
-            distance = tl.abs(distance)
-        s += pos_log2 * distance
-    return s
-
-
-@triton.jit
 def band_scores(s, mask_base, stride_mm, stride_mn, offs_m, offs_n, shift, q_len, k_len, window, sinks,
                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, pos_log2,
                 POSITION: tl.constexpr):
     """The [queries, keys] score tile ``s`` (log2 units) with the caller's mask and the position bias added
-    and, on MASKED tiles, −inf outside the band, the sinks and the key bounds (the forward and dQ kernels'
-    tile)."""
+    (:func:`~attnrewrite.kernels.triton_scaffold.position_scores`: ALiBi, or R read by diagonal) and, on
+    MASKED tiles, −inf outside the band, the sinks and the key bounds (the forward and dQ kernels' tile)."""
     if HAS_MASK:
         extra = tl.load(mask_base + offs_m[:, None] * stride_mm + offs_n[None, :] * stride_mn,
                         mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :], other=0.0)
         s += extra.to(tl.float32) * LOG2E
-    s = position_bias(s, offs_m[:, None], offs_n[None, :], pos_log2, POSITION)
+    s = position_scores(s, offs_m[:, None], offs_n[None, :], q_len, k_len, pos_log2, POSITION)
     if MASKED:
         seen = band_visible((offs_m + shift)[:, None], offs_n[None, :], k_len, window, sinks, CAUSAL)
         s = tl.where(seen, s, float("-inf"))

@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, POSITION_CODES, dot_precision, load_rows, mma, mod_args, modified_scores,
-                                                 online_softmax_step, padded_dim)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, POSITION_CODES, dot_precision, head_position, load_rows,
+                                                 mask_strides, mma, mod_args, modified_scores, online_softmax_step,
+                                                 padded_dim)
 
 from .triton_common import band_scores, key_blocks, sequence_lengths
 
@@ -71,10 +72,7 @@ def sliding_window_fwd_kernel(
     v_base = V + batch64 * stride_vb + head_kv64 * stride_vh
     o_base = Out + batch64 * stride_ob + head64 * stride_oh
     mask_base = Mask + batch64 * stride_mb + head64 * stride_mh
-    if POSITION != 0:  # the head's slope of the position bias, in log2 units
-        pos_log2 = tl.load(Slopes + head64) * LOG2E
-    else:
-        pos_log2 = 0.0
+    pos_log2 = head_position(Slopes, head64, len_q, len_k, POSITION)  # slope (log2 units) or R's row
 
     m0 = m_block * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -112,14 +110,6 @@ def sliding_window_fwd_kernel(
     tl.store(Lse + batch64 * stride_lb + head64 * stride_lh + offs_m, lse, mask=row_ok)
 
 
-def mask_strides(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor | None, tuple]:
-    """(the 4-d additive mask expanded to ``shape``, its strides), or (None, zeros) without a mask."""
-    if mask is None:
-        return None, (0, 0, 0, 0)
-    mask = mask.expand(*shape)
-    return mask, mask.stride()
-
-
 def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, window: int, sinks: int,
                        config: dict, launch=lambda kernel: kernel, program=None, slopes=None,
                        position: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +123,9 @@ def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, windo
     applied to scale·q·kᵀ before the mask and compiled in through
     :func:`~attnrewrite.kernels.triton_scaffold.mod_args` (ValueError for a program it cannot take).
     ``position`` (None, ``"j-i"`` or ``"|j-i|"``) with ``slopes`` (float32 [Hq], contiguous): the position
-    bias slopes[h] · (j − i) or slopes[h] · |j − i| (query index i, key index j), computed in the kernel.
+    bias slopes[h] · (j − i) or slopes[h] · |j − i| (query index i, key index j), computed in the kernel; or
+    ``position="relative"`` with ``slopes`` the table R, float32 [Hq, Tq + Tk − 1] contiguous:
+    R[h, j − i + Tq − 1] read by diagonal on the band's and the sinks' tiles.
     """
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]

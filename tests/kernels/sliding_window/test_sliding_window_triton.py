@@ -100,8 +100,8 @@ def test_blocks_outside_the_band_and_sinks_are_never_visited(causal):
     f32 = [x.float() for x in (q, poisoned_k, poisoned_v, do)]
     scale = q.shape[-1] ** -0.5
     out, lse = sliding_window_fwd(*f32[:3], None, None, scale, causal, window, sinks, TILES)
-    dq, dk, dv = sliding_window_bwd(*f32[:3], out, lse, f32[3], None, None, scale, causal, window, sinks,
-                                    TILES, TILES)
+    dq, dk, dv, _ = sliding_window_bwd(*f32[:3], out, lse, f32[3], None, None, scale, causal, window, sinks,
+                                       TILES, TILES)
     exact = _reference_and_grads(q, k, v, do, None, causal, window, sinks)
     for what, got, e in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), exact):
         assert not got.isnan().any(), f"{what}: a block outside the band and the sinks was visited"
