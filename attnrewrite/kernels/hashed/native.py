@@ -11,7 +11,12 @@ only ``sinks + window + top_k`` keys.  Here, per (batch, key/value head) and que
 3. the ``top_k`` smallest distances by a histogram over the G·bits + 1 values (no sort): the threshold
    distance t is the first whose running count reaches ``top_k``; every key below t is taken, and of the
    keys at t the latest ones (the torch path's tie rule: the later key wins);
-4. softmax(scale·q·k + bias) over the selected keys, with the row's max, for each query head of the group.
+4. softmax(scale·q·k + bias) over the selected keys, with the row's max, for each query head of the group; the
+   heads of a group two at a time, so that each selected key and value row is read once for both (and fetched
+   ahead: the rows are random ones), the sums in the same order as for one head, so bit for bit the same.
+
+The distances of two codes cost one popcount: popcount(q₀⊕k) + popcount(q₁⊕k) = popcount(q₀⊕q₁) +
+2·popcount((q₀⊕k) ∧ ¬(q₀⊕q₁)), the first term a constant of the row.
 
 The selection [B, Hkv, Tq, S] int32 (−1: empty slot) is kept for the backward, which recomputes the
 probabilities of the selected keys only and accumulates dq, dk and dv.  The codes are the same bits as
@@ -49,6 +54,16 @@ INLINE float exp_nonpositive(float x) {
     return x < -87.0f ? 0.0f : exp_in_range(x);
 }
 
+/* Fetch a row ahead of use: the selected rows of k and v are random rows, which the hardware prefetcher cannot
+   guess (its first cache line only: measured at D = 32, the second one's prefetch cost more than it saved). */
+INLINE void prefetch_row(const float *row) {
+#ifdef HAVE_AVX2
+    _mm_prefetch((const char *)row, _MM_HINT_T0);
+#else
+    (void)row;
+#endif
+}
+
 /* a . b over n floats, in 8 partial sums */
 INLINE float dot(const float *restrict a, const float *restrict b, int64_t n) {
     float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -83,6 +98,47 @@ INLINE void dots(const float *restrict x, const float *restrict rows, const int3
     }
 #endif
     for (; s < n; ++s) out[s] = dot(x, rows + (int64_t)index[s] * D, D);
+}
+
+/* dots for two query heads that share a selection (a group's): out0[s] = x0 . rows[index[s]], out1[s] = x1 . ...,
+   each key row read once for both.  The same sums, in the same order, as dots() of each head alone (per key, per
+   lane the FMA chain over d, then the same horizontal tree; the last n % 8 keys by dot()), so the logits are
+   bit for bit those of two dots() calls. */
+INLINE void dots2(const float *restrict x0, const float *restrict x1, const float *restrict rows,
+                  const int32_t *restrict index, int64_t n, float *restrict out0, float *restrict out1,
+                  const int64_t D) {
+    int64_t s = 0;
+#ifdef HAVE_AVX2
+    if (D % 8 == 0) {
+        for (; s + 4 <= (n / 8) * 8; s += 4) {  /* four keys, two heads: eight partial vectors, one transpose */
+            __m256 a[8];
+            const float *r[4];
+            for (int u = 0; u < 4; ++u) r[u] = rows + (int64_t)index[s + u] * D;
+            if (s + 12 <= n)  /* the rows two steps ahead */
+                for (int u = 8; u < 12; ++u) prefetch_row(rows + (int64_t)index[s + u] * D);
+            for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < D; d += 8) {
+                __m256 xa = _mm256_loadu_ps(x0 + d), xb = _mm256_loadu_ps(x1 + d);
+                for (int u = 0; u < 4; ++u) {
+                    __m256 kv = _mm256_loadu_ps(r[u] + d);
+                    a[u] = _mm256_fmadd_ps(xa, kv, a[u]);
+                    a[4 + u] = _mm256_fmadd_ps(xb, kv, a[4 + u]);
+                }
+            }
+            __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+            __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+            __m256 s03 = _mm256_hadd_ps(s01, s23), s47 = _mm256_hadd_ps(s45, s67);
+            __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(s03, s47, 0x20), _mm256_permute2f128_ps(s03, s47, 0x31));
+            __m128 lo = _mm256_castps256_ps128(sum), hi = _mm256_extractf128_ps(sum, 1);
+            _mm_storeu_ps(out0 + s, lo);
+            _mm_storeu_ps(out1 + s, hi);
+        }
+    }
+#endif
+    for (; s < n; ++s) {
+        out0[s] = dot(x0, rows + (int64_t)index[s] * D, D);
+        out1[s] = dot(x1, rows + (int64_t)index[s] * D, D);
+    }
 }
 
 /* p[s] = e^(p[s] - max) / sum over s < n (in place), from the logits p */
@@ -130,6 +186,36 @@ INLINE void weighted_sum(const float *restrict p, const float *restrict rows, co
 }
 
 
+/* weighted_sum for two heads over one selection: o0 = sum_s p0[s] rows[index[s]], o1 likewise, each value row read
+   once; per head the same FMA chain, in the same order, as weighted_sum (so bit for bit its result). */
+INLINE void weighted_sum2(const float *restrict p0, const float *restrict p1, const float *restrict rows,
+                          const int32_t *restrict index, int64_t n, float *restrict o0, float *restrict o1,
+                          const int64_t Dv) {
+#ifdef HAVE_AVX2
+    if (Dv % 8 == 0 && Dv <= 64) {  /* both rows' sums in registers */
+        __m256 acc0[8], acc1[8];
+        for (int64_t d = 0; d < Dv / 8; ++d) { acc0[d] = _mm256_setzero_ps(); acc1[d] = _mm256_setzero_ps(); }
+        for (int64_t s = 0; s < n; ++s) {
+            const float *r = rows + (int64_t)index[s] * Dv;
+            if (s + 8 < n) prefetch_row(rows + (int64_t)index[s + 8] * Dv);
+            __m256 w0 = _mm256_set1_ps(p0[s]), w1 = _mm256_set1_ps(p1[s]);
+            for (int64_t d = 0; d < Dv / 8; ++d) {
+                __m256 x = _mm256_loadu_ps(r + 8 * d);
+                acc0[d] = _mm256_fmadd_ps(w0, x, acc0[d]);
+                acc1[d] = _mm256_fmadd_ps(w1, x, acc1[d]);
+            }
+        }
+        for (int64_t d = 0; d < Dv / 8; ++d) {
+            _mm256_storeu_ps(o0 + 8 * d, acc0[d]);
+            _mm256_storeu_ps(o1 + 8 * d, acc1[d]);
+        }
+        return;
+    }
+#endif
+    weighted_sum(p0, rows, index, n, o0, Dv);
+    weighted_sum(p1, rows, index, n, o1, Dv);
+}
+
 #ifdef HAVE_AVX2
 /* key_order_lo/hi[m]: the lane mask m of a 16-key chunk's distance vector (lanes 0-7 / 8-15) as a mask over the
    chunk's keys; lane L of the vector holds key CHUNK_ORDER[L] (how vector_distances interleaves them) */
@@ -158,27 +244,35 @@ static void fill_pack_table(void) {
     pack_table_ready = 1;  /* a second caller racing here writes the same values */
 }
 
-/* The summed distances of 16 keys kj[0 .. 16) to the group's G codes (qv: each broadcast) as 16 uint16 lanes, in
-   the order CHUNK_ORDER: per-byte popcounts by a nibble table, summed over the group (G * 8 <= 255), then over
-   each key's 8 bytes (psadbw) and interleaved into 16-bit lanes. */
-INLINE __m256i vector_distances(const uint64_t *restrict kj, const __m256i *qv, const int64_t G) {
-    const __m256i nibble = _mm256_set1_epi8(0x0F), zero = _mm256_setzero_si256();
+/* The summed distances of 16 keys kj[0 .. 16) to the group's G codes as 16 uint16 lanes, in the order CHUNK_ORDER.
+   Two codes a pair (qa, same = ~(q0 ^ q1)) cost one popcount: popcount(q0 ^ k) + popcount(q1 ^ k) =
+   popcount(q0 ^ q1) + 2 popcount((q0 ^ k) & same) (where q0 and q1 agree both differ from k or neither; where they
+   differ exactly one does), the constant part `pairs_const` added at the end; an odd G's last code (qv) alone.
+   Per-byte popcounts by a nibble table, summed over the group (G * 8 <= 255), then over each key's 8 bytes
+   (psadbw) and interleaved into 16-bit lanes.  The same integers as summing G popcounts. */
+INLINE __m256i popcount_bytes(__m256i x) {
+    const __m256i nibble = _mm256_set1_epi8(0x0F);
     const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
                                            0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    return _mm256_add_epi8(_mm256_shuffle_epi8(table, _mm256_and_si256(x, nibble)),
+                           _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble)));
+}
+
+INLINE __m256i vector_distances(const uint64_t *restrict kj, const __m256i *qa, const __m256i *same, __m256i qv,
+                                __m256i pairs_const, const int64_t G) {
+    const __m256i zero = _mm256_setzero_si256();
     __m256i sums[4];
     for (int u = 0; u < 4; ++u) {
         __m256i keys = _mm256_loadu_si256((const __m256i *)(kj + 4 * u)), bytes = zero;
-        for (int64_t g = 0; g < G; ++g) {
-            __m256i x = _mm256_xor_si256(keys, qv[g]);
-            bytes = _mm256_add_epi8(bytes, _mm256_add_epi8(
-                _mm256_shuffle_epi8(table, _mm256_and_si256(x, nibble)),
-                _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(x, 4), nibble))));
-        }
+        for (int64_t m = 0; m < G / 2; ++m)
+            bytes = _mm256_add_epi8(bytes, popcount_bytes(_mm256_and_si256(_mm256_xor_si256(keys, qa[m]), same[m])));
+        bytes = _mm256_add_epi8(bytes, bytes);
+        if (G & 1) bytes = _mm256_add_epi8(bytes, popcount_bytes(_mm256_xor_si256(keys, qv)));
         sums[u] = _mm256_sad_epu8(bytes, zero);            /* four 64-bit sums: keys 4u .. 4u + 3 */
     }
     __m256i ab = _mm256_or_si256(sums[0], _mm256_slli_epi64(sums[1], 32));
     __m256i cd = _mm256_or_si256(sums[2], _mm256_slli_epi64(sums[3], 32));
-    return _mm256_or_si256(ab, _mm256_slli_epi32(cd, 16));
+    return _mm256_add_epi16(_mm256_or_si256(ab, _mm256_slli_epi32(cd, 16)), pairs_const);
 }
 
 INLINE uint32_t lane_mask(__m256i flags) {  /* one bit per 16-bit lane, lane order */
@@ -196,8 +290,14 @@ INLINE uint32_t key_mask(uint32_t lanes) { return (uint32_t)key_order_lo[lanes &
 INLINE int64_t vector_candidates(const uint64_t *restrict qc, const uint64_t *restrict kj, int64_t s1, int64_t nc,
                                  const int64_t G, int64_t top_k, int32_t *restrict sel, int64_t n,
                                  uint16_t *restrict dist, int32_t *restrict hist, int64_t *guess) {
-    __m256i qv[G];
-    for (int64_t g = 0; g < G; ++g) qv[g] = _mm256_set1_epi64x((long long)qc[g]);
+    __m256i qa[G / 2 + 1], same[G / 2 + 1];
+    int64_t constant = 0;
+    for (int64_t m = 0; m < G / 2; ++m) {
+        qa[m] = _mm256_set1_epi64x((long long)qc[2 * m]);
+        same[m] = _mm256_set1_epi64x((long long)~(qc[2 * m] ^ qc[2 * m + 1]));
+        constant += __builtin_popcountll(qc[2 * m] ^ qc[2 * m + 1]);
+    }
+    const __m256i qv = _mm256_set1_epi64x((long long)qc[G - 1]), pairs_const = _mm256_set1_epi16((short)constant);
     int64_t chunks = nc / 16, top = chunks * 16;
     int64_t lo = *guess - BANDS / 2;
     lo = lo < 0 ? 0 : lo;
@@ -205,7 +305,7 @@ INLINE int64_t vector_candidates(const uint64_t *restrict qc, const uint64_t *re
     __m256i below = _mm256_setzero_si256(), at[BANDS];
     for (int l = 0; l < BANDS; ++l) at[l] = _mm256_setzero_si256();
     for (int64_t c = 0; c < chunks; ++c) {
-        __m256i d = vector_distances(kj + 16 * c, qv, G);
+        __m256i d = vector_distances(kj + 16 * c, qa, same, qv, pairs_const, G);
         _mm256_storeu_si256((__m256i *)(dist + 16 * c), d);
         below = _mm256_sub_epi16(below, _mm256_cmpgt_epi16(lov, d));
         __m256i off = _mm256_sub_epi16(d, lov);
@@ -501,7 +601,21 @@ INLINE void attend(const float *q, const float *k, const float *v, const int32_t
             const int32_t *row = sel + (f * Tq + i) * S;
             int64_t n = selected(row, S);
             const float *brow = bias_f ? bias_f + i * bias_i : 0;
-            for (int64_t g = 0; g < G; ++g) {
+            int64_t g = 0;
+            if (n > 0)  /* the group's heads in pairs: each selected key and value read once for two heads */
+                for (; g + 2 <= G; g += 2) {
+                    const float *q0 = q + ((f * G + g) * Tq + i) * D, *q1 = q + ((f * G + g + 1) * Tq + i) * D;
+                    float *p0 = work, *p1 = work + S;
+                    dots2(q0, q1, kf, row, n, p0, p1, D);
+                    for (int64_t s = 0; s < n; ++s) { p0[s] *= scale; p1[s] *= scale; }
+                    add_bias(p0, brow, row, n);
+                    add_bias(p1, brow, row, n);
+                    softmax_row(p0, n);
+                    softmax_row(p1, n);
+                    weighted_sum2(p0, p1, vf, row, n, out + ((f * G + g) * Tq + i) * Dv,
+                                  out + ((f * G + g + 1) * Tq + i) * Dv, Dv);
+                }
+            for (; g < G; ++g) {
                 const float *qi = q + ((f * G + g) * Tq + i) * D;
                 float *o = out + ((f * G + g) * Tq + i) * Dv;
                 if (n == 0) { memset(o, 0, sizeof(float) * Dv); continue; }
@@ -516,7 +630,7 @@ INLINE void attend(const float *q, const float *k, const float *v, const int32_t
 }
 
 /* Softmax attention over the selected keys.  q [F * G, Tq, D], k [F, Tk, D], v [F, Tk, Dv], sel [F, Tq, S];
-   bias: NULL or float rows of Tk at bias + b * bias_b + i * bias_i; out [F * G, Tq, Dv]; work: S floats.
+   bias: NULL or float rows of Tk at bias + b * bias_b + i * bias_i; out [F * G, Tq, Dv]; work: 2 * S floats.
    A row without a selected key gets 0.  (Head widths 32, 64 and 128 get code of their own.) */
 void hashed_attend(const float *q, const float *k, const float *v, const int32_t *sel, const float *bias,
                    int64_t bias_b, int64_t bias_i, float *out, float *work, int64_t F, int64_t Hkv, int64_t G,
@@ -722,7 +836,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.
     width = selection.shape[-1]
     _, bias, stride_b, stride_i = _mask_rows(attn_mask, batch, t_q, t_k)
     out = torch.empty(batch, heads_q, t_q, dim_v, dtype=torch.float32)
-    work = torch.empty(max(width, 1), dtype=torch.float32)
+    work = torch.empty(2 * max(width, 1), dtype=torch.float32)
     lib.hashed_attend(q.data_ptr(), k.data_ptr(), v.data_ptr(), selection.data_ptr(),
                       None if bias is None else bias.data_ptr(), stride_b, stride_i, out.data_ptr(), work.data_ptr(),
                       batch * heads_kv, heads_kv, groups, t_q, t_k, dim, dim_v, width, scale)

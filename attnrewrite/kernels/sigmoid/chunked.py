@@ -10,9 +10,11 @@ between the matmul that writes the scores, the in-place sigmoid and the matmul t
 and their buffers are allocated once per call.
 
 On the CPU with one torch thread, float32 and no score modification, the compiled code of
-:mod:`.native` takes over: the whole forward and backward of a call without mask or dropout run in
-one C loop (torch's sgemm and a fused scale + bias + sigmoid + causal/padding pass, no Python per
-tile), and masked or dropout calls keep this loop in Python but use the fused pass for their sigmoid.
+:mod:`.native` takes over: the whole forward and backward of a call without dropout whose mask, if
+any, is one additive value per key (a padding mask [B|1, 1, 1, Tk], as HF encoders write it) run in
+one C loop (torch's sgemm and a fused scale + bias + key mask + sigmoid + causal/padding pass, no
+Python per tile; a gradient for such a mask takes the loop below), and other masked or dropout calls
+keep this loop in Python but use the fused pass for their sigmoid.
 
 Scores and weights are computed in float32 (float64 for float64 inputs, so the path can be
 gradchecked; float32 inputs are not copied).  Grouped-query heads are folded into the rows of each
@@ -113,7 +115,7 @@ def _chunked_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     dim_v = v.shape[3]
     seed_value = int(seed) if seed is not None else 0
     geometry = _Geometry(q, k, v, mask, bias, kv_lens, scale, causal, chunk_size, score_mod, slopes, position)
-    if geometry.native is not None and mask is None and dropout_p == 0 and native.forward_available():
+    if geometry.native_loop(dropout_p):
         return geometry.native_forward(q)
     out = torch.empty(batch, heads_q, len_q, dim_v, dtype=q.dtype, device=q.device)
     scores = geometry.buffer()
@@ -155,7 +157,7 @@ def _chunked_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     seed_value = int(seed) if seed is not None else 0
     geometry = _Geometry(q, k, v, mask, bias, kv_lens, scale, causal, chunk_size, score_mod, slopes, position)
     dtype, flat = geometry.dtype, geometry.flat
-    if geometry.native is not None and mask is None and dropout_p == 0 and native.forward_available():
+    if geometry.native_loop(dropout_p) and not want_mask:
         dq, dk, dv = geometry.native_backward(grad_out, q)
         # the scale in place: no second dQ/dK beside the loop's (a third of the backward's peak)
         return (dq.mul_(scale).to(q.dtype), dk.mul_(scale).view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype),
@@ -365,25 +367,50 @@ class _Geometry:
         x = x.view(self.batch, self.heads_kv, self.len_q, self.group, x.shape[-1]).transpose(2, 3)
         return x.reshape(self.batch, self.heads_q, self.len_q, x.shape[-1]).contiguous()
 
+    def native_loop(self, dropout_p: float) -> bool:
+        """Whether the whole call runs in the compiled loop: float32 on one thread (``self.native``), no dropout,
+        and no mask or a per-key one (:meth:`key_bias`)."""
+        if self.native is None or dropout_p != 0 or not native.forward_available():
+            return False
+        mask = self.mask
+        return mask is None or (mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1 and mask.is_floating_point())
+
+    def key_bias(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(key_bias, n_last): a per-key mask [B|1, 1, 1, Tk|1] as contiguous float32 [B, Tk] for the compiled
+        loop, and int64 [B, 1], one past the last key each batch row does not exclude (-inf or at most the
+        mask dtype's lowest finite value: the keys ``bias="auto"`` does not count, whose weight is 0), so that
+        the trailing padding is never read; (None, None) without a mask."""
+        if self.mask is None:
+            return None, None
+        mask = self.mask.reshape(self.mask.shape[0], self.mask.shape[3]).expand(self.batch, self.len_k)
+        kept = mask > torch.finfo(mask.dtype).min
+        positions = torch.arange(1, self.len_k + 1, device=self.device)
+        n_last = torch.where(kept, positions, 0).amax(dim=1, keepdim=True) if self.len_k else kept.new_zeros(
+            self.batch, 1, dtype=torch.int64)
+        return mask.to(torch.float32).contiguous(), n_last
+
     def native_args(self) -> tuple:
-        """(k, v, bias, limit, scale, chunk rows, key block) of the compiled loop, in its folded row order;
-        limit None when every row sees every key."""
+        """(k, v, bias, limit, scale, chunk rows, key block, key_bias) of the compiled loop, in its folded row
+        order; limit None when every row sees every key, key_bias None without a mask."""
         batch, heads_kv, group, len_q = self.batch, self.heads_kv, self.group, self.len_q
         folded = (batch, heads_kv, len_q, group)
         rows = len_q * group
         bias = self.bias.expand(batch, heads_kv, group, len_q).transpose(2, 3).contiguous().view(self.flat, rows)
+        key_bias, n_last = self.key_bias()
         limit = None
-        if self.causal or min(self.n_keys) < self.len_k:
+        if self.causal or min(self.n_keys) < self.len_k or (n_last is not None and bool((n_last < self.len_k).any())):
             limit = self.n_keys_t.view(batch, 1)
+            if n_last is not None:  # the trailing keys the mask hides are never read
+                limit = torch.minimum(limit, n_last)
             if self.causal:  # key j visible to row i iff j <= i + shift
                 positions = torch.arange(1, len_q + 1, device=self.device).view(1, -1)
                 limit = torch.minimum(limit, positions + self.shifts_t.view(batch, 1))
             limit = limit.expand(batch, len_q).view(batch, 1, len_q, 1).expand(folded).contiguous().view(self.flat, rows)
         chunk = max(1, min(NATIVE_ROWS, rows))
-        return self.k.contiguous(), self.v.contiguous(), bias, limit, self.scale, chunk, NATIVE_BLOCK
+        return self.k.contiguous(), self.v.contiguous(), bias, limit, self.scale, chunk, NATIVE_BLOCK, key_bias
 
     def native_forward(self, q: torch.Tensor) -> torch.Tensor:
-        """The whole forward in the compiled loop (:func:`native.sigmoid_forward`; no mask, no dropout)."""
+        """The whole forward in the compiled loop (:func:`native.sigmoid_forward`; see :meth:`native_loop`)."""
         return self.unfold_rows(native.sigmoid_forward(self.fold_rows(q), *self.native_args())).to(q.dtype)
 
     def native_backward(self, grad_out: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,

@@ -14,7 +14,8 @@ compiler, compiling fails, or ``ATTNREWRITE_NATIVE=0`` is set, :func:`library` r
 caller keeps the ATen ops (the same results up to float32 rounding).
 
 Semantics of ``sigmoid_tile`` (float32, a contiguous [rows, cols] tile ``s``, in place):
-``s[i, j] = sigmoid(scale * s[i, j] + bias[i])`` for ``j < limit[i] - key_start`` (clamped to
+``s[i, j] = sigmoid(scale * s[i, j] + bias[i] + key_bias[j])`` (``key_bias`` the tile's keys' additive values,
+or NULL for none) for ``j < limit[i] - key_start`` (clamped to
 [0, cols]; every ``j`` when ``limit`` is NULL), and exactly 0 for the others; -inf in ``s`` gives
 exactly 0, NaN stays NaN.
 """
@@ -46,7 +47,7 @@ static inline float sigmoid_one(float x) {
 }
 
 void sigmoid_tile(float *restrict s, const float *restrict bias, const int64_t *restrict limit,
-                  int64_t key_start, float scale, int64_t rows, int64_t cols) {
+                  const float *restrict key_bias, int64_t key_start, float scale, int64_t rows, int64_t cols) {
     for (int64_t i = 0; i < rows; ++i) {
         float b = bias[i];
         float *restrict row = s + i * cols;
@@ -55,7 +56,11 @@ void sigmoid_tile(float *restrict s, const float *restrict bias, const int64_t *
             visible = limit[i] - key_start;
             visible = visible < 0 ? 0 : (visible > cols ? cols : visible);
         }
-        for (int64_t j = 0; j < visible; ++j) row[j] = sigmoid_one(row[j] * scale + b);
+        /* two loops, so that each vectorises: with a per-key additive bias (a padding mask) and without */
+        if (key_bias)
+            for (int64_t j = 0; j < visible; ++j) row[j] = sigmoid_one(row[j] * scale + b + key_bias[j]);
+        else
+            for (int64_t j = 0; j < visible; ++j) row[j] = sigmoid_one(row[j] * scale + b);
         for (int64_t j = visible; j < cols; ++j) row[j] = 0.0f;
     }
 }
@@ -73,20 +78,22 @@ typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, co
                         const float *, const int *, const float *, const int *, const float *, float *,
                         const int *);
 
-/* The whole forward of sigmoid attention without an additive mask, one (batch, kv head) slice f after another.
-   Row-major, contiguous: q [F, R, D] (R = Tq * G folded rows, the G query heads of a kv head interleaved per
-   position), k [F, Tk, D], v [F, Tk, Dv], bias [F, R], limit [F, R] (row r sees keys j < limit[r]; NULL: all),
-   out [F, R, Dv]; work holds chunk * block floats.  Rows are taken chunk at a time, keys block at a time
-   up to the chunk's largest limit:  S = q kT (sgemm), P = sigmoid(scale S + b) masked (sigmoid_tile),
-   out += P v (sgemm). */
+/* The whole forward of sigmoid attention, one (batch, kv head) slice f after another.  Row-major, contiguous:
+   q [F, R, D] (R = Tq * G folded rows, the G query heads of a kv head interleaved per position), k [F, Tk, D],
+   v [F, Tk, Dv], bias [F, R], limit [F, R] (row r sees keys j < limit[r]; NULL: all), key_bias [F / heads_kv,
+   Tk] (one additive value per batch and key, added to every row's scaled scores: a padding mask, -inf or a
+   very negative value hiding a key; NULL: none), out [F, R, Dv]; work holds chunk * block floats.  Rows are
+   taken chunk at a time, keys block at a time up to the chunk's largest limit:  S = q kT (sgemm),
+   P = sigmoid(scale S + key_bias + b) masked (sigmoid_tile), out += P v (sgemm). */
 void sigmoid_forward(const float *q, const float *k, const float *v, const float *bias, const int64_t *limit,
-                     float *out, float *work, int64_t F, int64_t R, int64_t Tk, int64_t D, int64_t Dv,
-                     int64_t chunk, int64_t block, float scale, sgemm_t sgemm) {
+                     const float *key_bias, int64_t heads_kv, float *out, float *work, int64_t F, int64_t R,
+                     int64_t Tk, int64_t D, int64_t Dv, int64_t chunk, int64_t block, float scale, sgemm_t sgemm) {
     const float one = 1.0f, zero = 0.0f;
     const int d = (int)D, dv = (int)Dv;
     for (int64_t f = 0; f < F; ++f) {
         const float *qf = q + f * R * D, *kf = k + f * Tk * D, *vf = v + f * Tk * Dv, *bf = bias + f * R;
         const int64_t *lf = limit ? limit + f * R : 0;
+        const float *kbf = key_bias ? key_bias + (f / heads_kv) * Tk : 0;
         float *of = out + f * R * Dv;
         for (int64_t r0 = 0; r0 < R; r0 += chunk) {
             int64_t rows = R - r0 < chunk ? R - r0 : chunk;
@@ -100,7 +107,7 @@ void sigmoid_forward(const float *q, const float *k, const float *v, const float
                 int kb = (int)(width - k0 < block ? width - k0 : block);
                 /* S (rows x kb, row-major) is ST (kb x rows) column-major = k_blk q_chunkT */
                 sgemm("T", "N", &kb, &m, &d, &one, kf + k0 * D, &d, qf + r0 * D, &d, &zero, work, &kb);
-                sigmoid_tile(work, bf + r0, lf ? lf + r0 : 0, k0, scale, rows, kb);
+                sigmoid_tile(work, bf + r0, lf ? lf + r0 : 0, kbf ? kbf + k0 : 0, k0, scale, rows, kb);
                 /* out (rows x Dv) += P v:  outT = vT PT column-major */
                 sgemm("N", "N", &dv, &m, &kb, &one, vf + k0 * Dv, &dv, work, &kb, k0 ? &one : &zero,
                       of + r0 * Dv, &dv);
@@ -114,8 +121,9 @@ void sigmoid_forward(const float *q, const float *k, const float *v, const float
    and dq and dk come out without the factor scale.  work holds 2 * chunk * block floats.  Per tile:
    dv += PT dO, dP = dO vT, dS = P (1 - P) dP, dq += dS k, dk += dST q. */
 void sigmoid_backward(const float *q, const float *k, const float *v, const float *bias, const int64_t *limit,
-                      const float *grad_out, float *dq, float *dk, float *dv, float *work, int64_t F, int64_t R,
-                      int64_t Tk, int64_t D, int64_t Dv, int64_t chunk, int64_t block, float scale, sgemm_t sgemm) {
+                      const float *key_bias, int64_t heads_kv, const float *grad_out, float *dq, float *dk,
+                      float *dv, float *work, int64_t F, int64_t R, int64_t Tk, int64_t D, int64_t Dv, int64_t chunk,
+                      int64_t block, float scale, sgemm_t sgemm) {
     const float one = 1.0f, zero = 0.0f;
     const int d = (int)D, dvi = (int)Dv;
     float *p = work, *ds = work + chunk * block;
@@ -123,6 +131,7 @@ void sigmoid_backward(const float *q, const float *k, const float *v, const floa
         const float *qf = q + f * R * D, *kf = k + f * Tk * D, *vf = v + f * Tk * Dv, *bf = bias + f * R;
         const float *gf = grad_out + f * R * Dv;
         const int64_t *lf = limit ? limit + f * R : 0;
+        const float *kbf = key_bias ? key_bias + (f / heads_kv) * Tk : 0;
         float *dqf = dq + f * R * D, *dkf = dk + f * Tk * D, *dvf = dv + f * Tk * Dv;
         for (int64_t r0 = 0; r0 < R; r0 += chunk) {
             int64_t rows = R - r0 < chunk ? R - r0 : chunk;
@@ -136,7 +145,7 @@ void sigmoid_backward(const float *q, const float *k, const float *v, const floa
             for (int64_t k0 = 0; k0 < width; k0 += block) {
                 int kb = (int)(width - k0 < block ? width - k0 : block);
                 sgemm("T", "N", &kb, &m, &d, &one, kf + k0 * D, &d, qc, &d, &zero, p, &kb);
-                sigmoid_tile(p, bf + r0, lf ? lf + r0 : 0, k0, scale, rows, kb);
+                sigmoid_tile(p, bf + r0, lf ? lf + r0 : 0, kbf ? kbf + k0 : 0, k0, scale, rows, kb);
                 sgemm("N", "T", &dvi, &kb, &m, &one, gc, &dvi, p, &kb, &one, dvf + k0 * Dv, &dvi);
                 sgemm("T", "N", &kb, &m, &dvi, &one, vf + k0 * Dv, &dvi, gc, &dvi, &zero, ds, &kb);
                 int64_t n = (int64_t)m * kb;
@@ -151,12 +160,13 @@ void sigmoid_backward(const float *q, const float *k, const float *v, const floa
 
 def _declare(lib: ctypes.CDLL) -> None:
     lib.sigmoid_tile.restype = None
-    lib.sigmoid_tile.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
-                                 ctypes.c_int64, ctypes.c_int64]
+    lib.sigmoid_tile.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64, ctypes.c_float, ctypes.c_int64, ctypes.c_int64]
     lib.sigmoid_forward.restype = None
-    lib.sigmoid_forward.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_void_p]
+    lib.sigmoid_forward.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] + [ctypes.c_void_p] * 2
+                                    + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_void_p])
     lib.sigmoid_backward.restype = None
-    lib.sigmoid_backward.argtypes = [ctypes.c_void_p] * 10 + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_void_p]
+    lib.sigmoid_backward.argtypes = ([ctypes.c_void_p] * 6 + [ctypes.c_int64] + [ctypes.c_void_p] * 5
+                                     + [ctypes.c_int64] * 7 + [ctypes.c_float, ctypes.c_void_p])
 
 
 _lock = threading.Lock()
@@ -179,12 +189,23 @@ def forward_available() -> bool:
         return _state["sgemm"] is not None
 
 
+def _check_key_bias(key_bias: torch.Tensor | None, flat: int, len_k: int) -> int:
+    """The kv heads per batch row of ``key_bias`` ([B, Tk] float32, contiguous; F = B · Hkv), 1 without one."""
+    if key_bias is None:
+        return 1
+    assert key_bias.dtype == torch.float32 and key_bias.is_contiguous() and key_bias.dim() == 2
+    assert key_bias.shape[1] == len_k and key_bias.shape[0] > 0 and flat % key_bias.shape[0] == 0
+    return flat // key_bias.shape[0]
+
+
 def sigmoid_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                    limit: torch.Tensor | None, scale: float, chunk: int, block: int) -> torch.Tensor:
-    """The forward in one compiled loop: q [F, R, D], k [F, Tk, D], v [F, Tk, Dv], bias [F, R] float32 and limit
-    [F, R] int64 (row r sees keys j < limit; None: all), all contiguous on the CPU; returns out [F, R, Dv] =
-    sigmoid(scale · q kᵀ + bias) v over the visible keys, ``chunk`` rows x ``block`` keys at a time.  Needs
-    :func:`forward_available`."""
+                    limit: torch.Tensor | None, scale: float, chunk: int, block: int,
+                    key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The forward in one compiled loop: q [F, R, D], k [F, Tk, D], v [F, Tk, Dv], bias [F, R] float32, limit
+    [F, R] int64 (row r sees keys j < limit; None: all) and key_bias [B, Tk] float32 (F = B · Hkv: one additive
+    value per batch and key, a padding mask; None: none), all contiguous on the CPU; returns out [F, R, Dv] =
+    sigmoid(scale · q kᵀ + key_bias + bias) v over the visible keys, ``chunk`` rows x ``block`` keys at a time.
+    Needs :func:`forward_available`."""
     lib = library()
     flat, rows, dim = q.shape
     len_k, dim_v = k.shape[1], v.shape[2]
@@ -192,19 +213,22 @@ def sigmoid_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: tor
         assert t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
     assert limit is None or (limit.dtype == torch.int64 and limit.is_contiguous() and limit.shape == bias.shape)
     assert bias.numel() == flat * rows and k.shape[0] == v.shape[0] == flat and k.shape[2] == dim
+    heads_kv = _check_key_bias(key_bias, flat, len_k)
     out = torch.empty(flat, rows, dim_v, dtype=torch.float32)
     work = torch.empty(chunk * block, dtype=torch.float32)
     lib.sigmoid_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), bias.data_ptr(),
-                        None if limit is None else limit.data_ptr(), out.data_ptr(), work.data_ptr(), flat, rows,
-                        len_k, dim, dim_v, chunk, block, scale, _state["sgemm"])
+                        None if limit is None else limit.data_ptr(),
+                        None if key_bias is None else key_bias.data_ptr(), heads_kv, out.data_ptr(), work.data_ptr(),
+                        flat, rows, len_k, dim, dim_v, chunk, block, scale, _state["sgemm"])
     return out
 
 
 def sigmoid_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
-                     limit: torch.Tensor | None, scale: float, chunk: int,
-                     block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     limit: torch.Tensor | None, scale: float, chunk: int, block: int,
+                     key_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward of :func:`sigmoid_forward` in one compiled loop (P recomputed tile by tile): grad_out
-    [F, R, Dv] folded like q; returns (dq, dk, dv), float32, dq and dk still to be multiplied by ``scale``."""
+    [F, R, Dv] folded like q, the other arguments as there; returns (dq, dk, dv), float32, dq and dk still to be
+    multiplied by ``scale``."""
     lib = library()
     flat, rows, dim = q.shape
     len_k, dim_v = k.shape[1], v.shape[2]
@@ -212,13 +236,15 @@ def sigmoid_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
         assert t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu"
     assert limit is None or (limit.dtype == torch.int64 and limit.is_contiguous() and limit.shape == bias.shape)
     assert grad_out.shape == (flat, rows, dim_v) and bias.numel() == flat * rows
+    heads_kv = _check_key_bias(key_bias, flat, len_k)
     dq = torch.empty(flat, rows, dim)
     dk = torch.zeros(flat, len_k, dim)
     dv = torch.zeros(flat, len_k, dim_v)
     work = torch.empty(2 * chunk * block, dtype=torch.float32)
     lib.sigmoid_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), bias.data_ptr(),
-                         None if limit is None else limit.data_ptr(), grad_out.data_ptr(), dq.data_ptr(),
-                         dk.data_ptr(), dv.data_ptr(), work.data_ptr(), flat, rows, len_k, dim, dim_v, chunk, block,
+                         None if limit is None else limit.data_ptr(),
+                         None if key_bias is None else key_bias.data_ptr(), heads_kv, grad_out.data_ptr(),
+                         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), work.data_ptr(), flat, rows, len_k, dim, dim_v, chunk, block,
                          scale, _state["sgemm"])
     return dq, dk, dv
 
@@ -234,6 +260,6 @@ def sigmoid_tile_(scores: torch.Tensor, bias: torch.Tensor, limit: torch.Tensor 
     assert scores.dtype == torch.float32 and scores.is_contiguous() and bias.numel() == rows
     assert bias.dtype == torch.float32 and bias.is_contiguous()
     assert limit is None or (limit.dtype == torch.int64 and limit.is_contiguous() and limit.numel() == rows)
-    lib.sigmoid_tile(scores.data_ptr(), bias.data_ptr(), None if limit is None else limit.data_ptr(), key_start,
-                     scale, rows, cols)
+    lib.sigmoid_tile(scores.data_ptr(), bias.data_ptr(), None if limit is None else limit.data_ptr(), None,
+                     key_start, scale, rows, cols)
     return scores

@@ -266,6 +266,9 @@ def _split_forward(q, k, v, k_sum, v_sum, scale: float, chunk_size: int, window_
     chunks = math.ceil(length / chunk_size)
     per_block = max(1, min(window_chunks + 1, SPLIT_ROWS // chunk_size))
     out = q.new_empty(q.shape)
+    # the edge mask depends only on the block's shape relative to c0 (every block past the first W chunks has
+    # the same one): built once per shape
+    masks: dict[tuple, torch.Tensor] = {}
     for c0 in range(0, chunks, per_block):
         c1 = min(chunks, c0 + per_block)
         i0, i1 = c0 * chunk_size, min(length, c1 * chunk_size)
@@ -273,7 +276,10 @@ def _split_forward(q, k, v, k_sum, v_sum, scale: float, chunk_size: int, window_
         rows = _grouped(q[:, :, i0:i1], heads_kv)
         edge_keys = torch.cat([k_sum[:, :, s0:s1], k[:, :, s0 * chunk_size:s1 * chunk_size], k[:, :, i0:i1]], 2)
         edge_values = torch.cat([v_sum[:, :, s0:s1], v[:, :, s0 * chunk_size:s1 * chunk_size], v[:, :, i0:i1]], 2)
-        mask = _edge_mask(c0, c1, i0, i1, s0, s1, chunk_size, window_chunks, groups, q.dtype, q.device)
+        shape = (c1 - c0, i1 - i0, s0 - c0, s1 - c0)
+        if shape not in masks:
+            masks[shape] = _edge_mask(c0, c1, i0, i1, s0, s1, chunk_size, window_chunks, groups, q.dtype, q.device)
+        mask = masks[shape]
         o_edge, l_edge = _fused_with_lse(rows, edge_keys, edge_values, mask, scale)
         full_raw = (s1 * chunk_size, i0)
         if s0 == 0 and full_raw[0] >= full_raw[1]:

@@ -103,3 +103,98 @@ def test_empty_sides_give_zeros(len_q, len_k, one_thread):
     assert out.shape == (1, 4, len_q, 8) and not out.any()
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     assert dq.shape == q.shape and dk.shape == k.shape and not dq.any() and not dk.any() and not dv.any()
+
+
+# Per-key masks [B|1, 1, 1, Tk] as HF encoders write them: 0 for a real key, the dtype's lowest value (or -inf)
+# for padding; the compiled loop takes them whole (and never reads the trailing padding).
+LOWEST = torch.finfo(torch.float32).min
+KEY_MASKS = {
+    "hf_right_padding_gqa": dict(shape=(3, 4, 2, 19, 19), real=[19, 11, 0], fill=LOWEST, kwargs={}),
+    "neginf_left_padding": dict(shape=(2, 2, 2, 17, 17), real=[-5, -17], fill=float("-inf"), kwargs={}),
+    "holes_and_bias_values": dict(shape=(2, 3, 1, 9, 26), real=None, fill=LOWEST, kwargs={}),
+    "bool_padding_causal": dict(shape=(2, 2, 1, 21, 21), real=[21, 8], fill=None, kwargs=dict(is_causal=True)),
+    "one_mask_for_the_batch_float_bias": dict(shape=(3, 2, 2, 11, 23), real=[14], fill=LOWEST,
+                                               kwargs=dict(bias=-2.0)),
+    "with_kv_lens": dict(shape=(2, 2, 2, 13, 24), real=[20, 24], fill=LOWEST, kwargs=dict(kv_lens=[24, 6])),
+}
+
+
+def _key_mask(case, g):
+    """The case's mask [Bm, 1, 1, Tk]: ``real`` keys per batch row (negative: the last ones, left padding), None:
+    random holes and small finite biases; ``fill`` the padding value, None for a bool mask."""
+    batch, _, _, _, len_k = case["shape"]
+    keys = torch.arange(len_k)
+    if case["real"] is None:
+        keep = torch.rand(batch, len_k, generator=g) < 0.6
+        values = 0.5 * torch.randn(batch, len_k, generator=g)
+    else:
+        keep = torch.stack([keys < n if n >= 0 else keys >= len_k + n for n in case["real"]])
+        values = torch.zeros(keep.shape)
+    if case["fill"] is None:
+        return keep.view(-1, 1, 1, len_k)
+    return values.masked_fill(~keep, case["fill"]).view(-1, 1, 1, len_k)
+
+
+@pytest.mark.parametrize("name", list(KEY_MASKS))
+def test_per_key_masks_run_in_the_compiled_loop_and_equal_the_oracle(name, one_thread, monkeypatch):
+    calls = []
+    for fn in ("sigmoid_forward", "sigmoid_backward"):
+        original = getattr(native, fn)
+        monkeypatch.setattr(native, fn, lambda *a, _f=original, _n=fn, **kw: calls.append(_n) or _f(*a, **kw))
+    case = KEY_MASKS[name]
+    batch, heads_q, heads_kv, len_q, len_k = case["shape"]
+    g = torch.Generator().manual_seed(len(name))
+    q = torch.randn(batch, heads_q, len_q, 8, generator=g, requires_grad=True)
+    k = torch.randn(batch, heads_kv, len_k, 8, generator=g, requires_grad=True)
+    v = torch.randn(batch, heads_kv, len_k, 5, generator=g, requires_grad=True)
+    grad = torch.randn(batch, heads_q, len_q, 5, generator=g)
+    mask = _key_mask(case, g)
+    kwargs = dict(case["kwargs"])
+    if "kv_lens" in kwargs:
+        kwargs["kv_lens"] = torch.tensor(kwargs["kv_lens"])
+    got = sigmoid_attention_dispatch(q, k, v, mask, enable_gqa=heads_q != heads_kv, impl="torch", **kwargs)
+    got_grads = torch.autograd.grad(got, (q, k, v), grad)
+    assert calls == ["sigmoid_forward", "sigmoid_backward"], "the compiled loop was not used"
+    # the oracle in float64: the float32 lowest value is float64's -inf (both hide the key, uncounted)
+    inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    mask64 = mask if mask.dtype == torch.bool else mask.double().masked_fill(mask == LOWEST, float("-inf"))
+    want = naive_sigmoid_attention(*inputs, mask64, **kwargs)
+    want_grads = torch.autograd.grad(want, inputs, grad.double())
+    # and the loop of ATen ops, which takes the same call tile by tile in Python
+    monkeypatch.setenv("ATTNREWRITE_NATIVE", "0")
+    plain_inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    plain = sigmoid_attention_dispatch(*plain_inputs, mask, enable_gqa=heads_q != heads_kv, impl="torch", **kwargs)
+    plain_grads = torch.autograd.grad(plain, plain_inputs, grad)
+    for label, a, b, c in zip(("out", "dq", "dk", "dv"), (got, *got_grads), (want, *want_grads),
+                              (plain, *plain_grads)):
+        assert a.dtype == torch.float32 and a.is_contiguous()
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=f"{name}: {label} against the oracle")
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5, msg=f"{name}: {label} against the ATen loop")
+    if case["real"] is not None and 0 in case["real"]:  # a row that sees no key: 0, and no gradient from it
+        row = case["real"].index(0)
+        assert not got[row].any() and not got_grads[0][row].any()
+
+
+def test_masks_the_loop_cannot_take_keep_the_tile_path(one_thread, monkeypatch):
+    """A mask that varies along the queries runs the Python loop of tiles; so does the backward of a per-key mask
+    that needs a gradient (the loop computes none for it), whose forward the compiled loop still runs."""
+    calls = []
+    for fn in ("sigmoid_forward", "sigmoid_backward"):
+        original = getattr(native, fn)
+        monkeypatch.setattr(native, fn, lambda *a, _f=original, _n=fn, **kw: calls.append(_n) or _f(*a, **kw))
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 2, 9, 4, generator=g, requires_grad=True) for _ in range(3))
+    per_query = torch.randn(2, 1, 9, 9, generator=g)
+    out = sigmoid_attention_dispatch(q, k, v, per_query, impl="torch")
+    torch.testing.assert_close(out.double(), naive_sigmoid_attention(q.double(), k.double(), v.double(),
+                                                                     per_query.double()), rtol=1e-5, atol=1e-5)
+    assert calls == []
+    learned = (0.5 * torch.randn(2, 1, 1, 9, generator=g)).requires_grad_()
+    out = sigmoid_attention_dispatch(q, k, v, learned, impl="torch")
+    grads = torch.autograd.grad(out, (q, learned), torch.ones_like(out))
+    assert calls == ["sigmoid_forward"]
+    inputs = [t.detach().double().requires_grad_() for t in (q, k, v, learned)]
+    want = naive_sigmoid_attention(*inputs)
+    want_grads = torch.autograd.grad(want, (inputs[0], inputs[3]), torch.ones_like(want))
+    for label, a, b in zip(("out", "dq", "dmask"), (out, *grads), (want, *want_grads)):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5, msg=label)
