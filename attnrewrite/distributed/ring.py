@@ -13,10 +13,11 @@ O(T / W) instead of the O(T) of an all-gather.
   output and gradient buffers in place (:class:`_CompiledSigmoid`): a pair then holds a head's rows
   besides the ring's buffers, not the pair's output, gradients and recomputed forward.
 - softmax: every block yields a partial output and its log-sum-exp; they are merged by a running
-  log-sum-exp.  The blocks run torch's CPU flash kernel (memory O(block), not O(block²)).  The ring runs
-  one key/value head (with its GQA query heads) after the other, so the block at hand, the one arriving
-  and a pair's gradient parts are an H_kv-th of a shard each: a rank holds about its output, dQ, dK, dV
-  (the single op holds those and one more whole tensor), not two more K/V shards and 1.5 of parts.
+  log-sum-exp.  The blocks run torch's CPU flash kernel (memory O(block), not O(block²)).
+
+Both run the ring one key/value head (with its GQA query heads) after the other (:func:`_head_groups`), so the
+block at hand, the one arriving and a pair's parts are an H_kv-th of a shard each: a rank holds about its
+output, dQ, dK, dV (the single ops hold those, softmax one more whole tensor), not two more K/V shards.
 
 Causal attention uses the load-balanced layout (:mod:`.layout`): a (query chunk, key chunk) pair is
 skipped when the keys are entirely in the queries' future, computed causally on the diagonal and
@@ -33,7 +34,7 @@ never calls torch.distributed itself, so W ranks can be simulated by threads in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -338,30 +339,42 @@ def _merge_into(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> N
     acc_lse.copy_(total)
 
 
-def _head_groups(q: Tensor, k: Tensor, mask: Tensor | None, spec: RingSpec):
-    """The head groups the ring runs one after the other: (query heads, key/value heads, the mask's heads).
+def _head_groups(q: Tensor, k: Tensor, mask: Tensor | None, rows: Tensor | None, spec: RingSpec):
+    """The head groups the ring runs one after the other: (query heads, key/value heads, and the mask, ``rows`` and
+    spec of those heads).
 
-    Softmax runs one key/value head (with its GQA query heads) at a time: then the key/value block at hand and
-    the one arriving, and a pair's dQ/dK/dV parts in the backward, are an H_kv-th of a shard each, while the
-    rank's output, LSE and gradients (whole shards, as the single op holds them) are written through views.
-    Sigmoid runs all heads at once (its compiled loop goes head by head inside a pair already).
+    The ring runs one key/value head (with its GQA query heads) at a time: then the key/value block at hand and the
+    one arriving, and a pair's parts, are an H_kv-th of a shard each, while the rank's output, LSE and gradients
+    (whole shards, as the single op holds them) are written through views.  Sigmoid with head counts the op would
+    refuse runs all heads at once (the op raises its own error).
     """
-    everything = slice(None)
-    if spec.kind != "softmax":
-        return [(everything, everything, mask)]
-    heads_kv = k.shape[-3]
-    groups = _gqa_groups(q.shape[-3], heads_kv, spec.enable_gqa)
-    return [(slice(h * groups, (h + 1) * groups), slice(h, h + 1),
-             mask if mask is None or mask.shape[-3] == 1 else mask[:, h * groups:(h + 1) * groups])
-            for h in range(heads_kv)]
+    heads_q, heads_kv = q.shape[-3], k.shape[-3]
+    if spec.kind == "softmax":
+        groups = _gqa_groups(heads_q, heads_kv, spec.enable_gqa)
+    elif heads_kv and heads_q % heads_kv == 0 and (heads_q == heads_kv or spec.enable_gqa):
+        groups = heads_q // heads_kv
+    else:
+        return [(slice(None), slice(None), mask, rows, spec)]
+
+    def heads(x, qh):  # a per-head tensor [B|1, H|1, ...]: these heads' part of it
+        return x if x is None or x.shape[1] == 1 else x[:, qh]
+
+    result = []
+    for h in range(heads_kv):
+        qh = slice(h * groups, (h + 1) * groups)
+        spec_h = spec
+        if spec.slopes is not None and spec.slopes.numel() > 1:
+            spec_h = replace(spec, slopes=spec.slopes[qh])
+        result.append((qh, slice(h, h + 1), heads(mask, qh), heads(rows, qh), spec_h))
+    return result
 
 
 def _forward(q, k, v, mask, rows, spec: RingSpec, ring):
     out = q.new_zeros(*q.shape[:-1], v.shape[-1])
     lse = q.new_full(q.shape[:-1], float("-inf")) if spec.kind == "softmax" else None
-    for qh, kh, mask_h in _head_groups(q, k, mask, spec):
-        _forward_heads(q[:, qh], k[:, kh], v[:, kh], mask_h, rows, out[:, qh], None if lse is None else lse[:, qh],
-                       spec, ring)
+    for qh, kh, mask_h, rows_h, spec_h in _head_groups(q, k, mask, rows, spec):
+        _forward_heads(q[:, qh], k[:, kh], v[:, kh], mask_h, rows_h, out[:, qh], None if lse is None else lse[:, qh],
+                       spec_h, ring)
     return out, lse
 
 
@@ -397,10 +410,10 @@ def _backward(grad, q, k, v, mask, rows, out, lse, spec: RingSpec, ring):
     dk, dv = k.new_zeros(k.shape), v.new_zeros(v.shape)  # contiguous: they travel in place, piece by piece
     if lse is not None:  # a row that sees no key at all: every weight exp(s − lse) must be 0
         lse = lse.masked_fill(lse == float("-inf"), float("inf"))
-    for qh, kh, mask_h in _head_groups(q, k, mask, spec):
-        _backward_heads(grad[:, qh], q[:, qh], k[:, kh], v[:, kh], mask_h, rows,
+    for qh, kh, mask_h, rows_h, spec_h in _head_groups(q, k, mask, rows, spec):
+        _backward_heads(grad[:, qh], q[:, qh], k[:, kh], v[:, kh], mask_h, rows_h,
                         None if out is None else out[:, qh], None if lse is None else lse[:, qh],
-                        dq[:, qh], dk[:, kh], dv[:, kh], spec, ring)
+                        dq[:, qh], dk[:, kh], dv[:, kh], spec_h, ring)
     return dq, dk, dv
 
 
