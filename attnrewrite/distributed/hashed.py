@@ -8,7 +8,8 @@ selection reads codes only, so:
 1. every rank packs its keys' codes (``bits / 8`` bytes per key and head, 1/32 of fp32 K at
    bits = D = 64) and all-gathers them, with the key mask (bools, or a float key bias);
 2. each rank selects, block by block of its query rows, the same keys the single-process op selects
-   (the same integer costs, positions and tie rule), and keeps the selection (int32 global positions);
+   (the same integer costs, positions and tie rule), and keeps the selection as each key's index in its
+   owner's shard (int16 while a shard holds at most 32768 positions);
 3. the key/value blocks then go round the ring (send to the next rank, receive from the previous):
    while rank p's block is here, each query attends to the selected keys that lie in it (each row's
    slots are kept ordered by owner, so only those are gathered), and the partial outputs are merged by
@@ -24,8 +25,9 @@ either the whole sequence at once or, block by block, ``top_k`` / W times more t
 The ring moves (W − 1) / W of K/V per rank, like an all-gather, but never keeps it.
 
 Memory per rank: its shard, one block in flight (the blocks pass one tensor at a time), every key's
-code as ±1 int8 (T × bits bytes per key/value head: 1/4 of fp32 K at bits = D, the same at any W) and
-the selection (T / W × (sinks + window + top_k) int16 positions per key/value head, int32 past 32k).
+code as ±1 int8 (T × bits bytes per key/value head: 1/4 of fp32 K at bits = D, the same at any W; dropped
+before the ring) and the selection (T / W × (sinks + window + top_k) owner-local int16 indices per key/value
+head, :func:`local_index_dtype`: int32 only past 32768 positions per rank).
 
 The op's options, each as the single-process op computes it:
 
@@ -134,16 +136,24 @@ def index_dtype(length: int) -> torch.dtype:
     return torch.int16 if length <= torch.iinfo(torch.int16).max else torch.int32
 
 
+def local_index_dtype(local: int) -> torch.dtype:
+    """The narrowest integer type that holds a shard's indices −1 … ``local`` − 1 (the kept selection)."""
+    return torch.int16 if local - 1 <= torch.iinfo(torch.int16).max else torch.int32
+
+
 def by_owner(index: Tensor, world: int, local: int) -> tuple[Tensor, Tensor]:
-    """(index with each row's slots ordered by the rank holding the key, empties last; starts int64
-    [B, Hkv, n, W + 1]: rank p's slots of a row are starts[p] … starts[p + 1] − 1)."""
-    ranks, _ = owner(index.long().clamp(min=0), world, local)
+    """The selection as kept for the ring, from global positions ``index`` [B, Hkv, n, S] (−1: empty):
+    (each selected key's index in its owner's shard, :func:`local_index_dtype`, each row's slots ordered by
+    the owner, −1 empties last; starts [B, Hkv, n, W + 1]: rank p's slots of a row are starts[p] …
+    starts[p + 1] − 1 (int32), so the owner, and with it the global position, follows from the slot)."""
+    ranks, local_index = owner(index.long().clamp(min=0), world, local)
     ranks = torch.where(index >= 0, ranks, world)
+    local_index = torch.where(index >= 0, local_index, -1)
     ranks, order = torch.sort(ranks, dim=-1, stable=True)
     counts = torch.zeros(*index.shape[:-1], world + 1, dtype=torch.long, device=index.device)
     counts.scatter_add_(-1, ranks, torch.ones_like(ranks))
-    starts = torch.nn.functional.pad(counts[..., :world].cumsum(-1), (1, 0))
-    return index.gather(-1, order), starts
+    starts = torch.nn.functional.pad(counts[..., :world].cumsum(-1), (1, 0)).to(torch.int32)  # ≤ S slots a row
+    return local_index.gather(-1, order).to(local_index_dtype(local)), starts
 
 
 def _in_block(index: Tensor, starts: Tensor, block_owner: int, world: int, local: int):
@@ -155,9 +165,11 @@ def _in_block(index: Tensor, starts: Tensor, block_owner: int, world: int, local
         return None
     step = torch.arange(width, device=index.device)
     slot = (first.unsqueeze(-1) + step).clamp(max=index.shape[-1] - 1)
-    positions = index.gather(-1, slot).long()
-    _, local_index = owner(positions.clamp(min=0), world, local)
+    local_index = index.gather(-1, slot).long()
     valid = step < count.unsqueeze(-1)
+    chunk = local // 2  # the owner's two chunks (load-balanced layout): block_owner and 2W − 1 − block_owner
+    positions = torch.where(local_index < chunk, block_owner * chunk + local_index,
+                            (2 * world - 1 - block_owner) * chunk + local_index - chunk)
     return torch.where(valid, positions, -1), torch.where(valid, local_index, -1)
 
 

@@ -15,6 +15,10 @@ O(T / W) instead of the O(T) of an all-gather.
 - softmax: every block yields a partial output and its log-sum-exp; they are merged by a running
   log-sum-exp.  The blocks run torch's CPU flash kernel (memory O(block), not O(block²)).
 
+Both run the ring one key/value head (with its GQA query heads) after the other (:func:`_head_groups`), so the
+block at hand, the one arriving and a pair's parts are an H_kv-th of a shard each: a rank holds about its
+output, dQ, dK, dV (the single ops hold those, softmax one more whole tensor), not two more K/V shards.
+
 Causal attention uses the load-balanced layout (:mod:`.layout`): a (query chunk, key chunk) pair is
 skipped when the keys are entirely in the queries' future, computed causally on the diagonal and
 fully before it, so every rank does the same work at every step.
@@ -30,7 +34,7 @@ never calls torch.distributed itself, so W ranks can be simulated by threads in 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -160,11 +164,17 @@ def _keys(mask: Tensor | None, rows: slice) -> Tensor | None:
     return mask[..., rows]
 
 
-def _repeat_kv(k: Tensor, v: Tensor, heads: int, enable_gqa: bool) -> tuple[Tensor, Tensor, int]:
-    groups = heads // k.shape[-3]
-    if groups * k.shape[-3] != heads or (groups > 1 and not enable_gqa):
-        raise ValueError(f"context_parallel: softmax attention: q has {heads} heads and k/v {k.shape[-3]}; "
+def _gqa_groups(heads: int, heads_kv: int, enable_gqa: bool) -> int:
+    """The query heads per key/value head of softmax attention (a clear error when they do not match)."""
+    groups = heads // heads_kv if heads_kv else 0
+    if groups * heads_kv != heads or (groups > 1 and not enable_gqa):
+        raise ValueError(f"context_parallel: softmax attention: q has {heads} heads and k/v {heads_kv}; "
                          "different head counts need enable_gqa=True and a multiple")
+    return groups
+
+
+def _repeat_kv(k: Tensor, v: Tensor, heads: int, enable_gqa: bool) -> tuple[Tensor, Tensor, int]:
+    groups = _gqa_groups(heads, k.shape[-3], enable_gqa)
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
     return k, v, groups
@@ -329,10 +339,48 @@ def _merge_into(acc_out: Tensor, acc_lse: Tensor, out: Tensor, lse: Tensor) -> N
     acc_lse.copy_(total)
 
 
+def _head_groups(q: Tensor, k: Tensor, mask: Tensor | None, rows: Tensor | None, spec: RingSpec):
+    """The head groups the ring runs one after the other: (query heads, key/value heads, and the mask, ``rows`` and
+    spec of those heads).
+
+    The ring runs one key/value head (with its GQA query heads) at a time: then the key/value block at hand and the
+    one arriving, and a pair's parts, are an H_kv-th of a shard each, while the rank's output, LSE and gradients
+    (whole shards, as the single op holds them) are written through views.  Sigmoid with head counts the op would
+    refuse runs all heads at once (the op raises its own error).
+    """
+    heads_q, heads_kv = q.shape[-3], k.shape[-3]
+    if spec.kind == "softmax":
+        groups = _gqa_groups(heads_q, heads_kv, spec.enable_gqa)
+    elif heads_kv and heads_q % heads_kv == 0 and (heads_q == heads_kv or spec.enable_gqa):
+        groups = heads_q // heads_kv
+    else:
+        return [(slice(None), slice(None), mask, rows, spec)]
+
+    def heads(x, qh):  # a per-head tensor [B|1, H|1, ...]: these heads' part of it
+        return x if x is None or x.shape[1] == 1 else x[:, qh]
+
+    result = []
+    for h in range(heads_kv):
+        qh = slice(h * groups, (h + 1) * groups)
+        spec_h = spec
+        if spec.slopes is not None and spec.slopes.numel() > 1:
+            spec_h = replace(spec, slopes=spec.slopes[qh])
+        result.append((qh, slice(h, h + 1), heads(mask, qh), heads(rows, qh), spec_h))
+    return result
+
+
 def _forward(q, k, v, mask, rows, spec: RingSpec, ring):
-    chunk = q.shape[-2] // 2
     out = q.new_zeros(*q.shape[:-1], v.shape[-1])
     lse = q.new_full(q.shape[:-1], float("-inf")) if spec.kind == "softmax" else None
+    for qh, kh, mask_h, rows_h, spec_h in _head_groups(q, k, mask, rows, spec):
+        _forward_heads(q[:, qh], k[:, kh], v[:, kh], mask_h, rows_h, out[:, qh], None if lse is None else lse[:, qh],
+                       spec_h, ring)
+    return out, lse
+
+
+def _forward_heads(q, k, v, mask, rows, out, lse, spec: RingSpec, ring):
+    """The ring over these heads: their rows of ``out`` (and ``lse``) written in place."""
+    chunk = q.shape[-2] // 2
     compiled = (_CompiledSigmoid(q, k, rows, spec, chunk) if compiled_sigmoid_applies(q, k, v, mask, rows, spec)
                 else None)
     block = [k, v] + ([mask] if mask is not None else [])
@@ -348,21 +396,30 @@ def _forward(q, k, v, mask, rows, spec: RingSpec, ring):
             if spec.kind == "softmax":
                 o, l = _softmax_block(qb, kb, vb, mb, diagonal, spec)
                 _merge_into(out[..., q_rows, :], lse[..., q_rows], o, l)
+                o = l = None
             else:
                 r = None if rows is None else rows[..., q_rows, :]
                 out[..., q_rows, :] += _sigmoid_block(qb, kb, vb, mb, r, diagonal, spec, offset)
         block = bk = bv = bmask = qb = kb = vb = mb = None  # done with this block before the next arrives
         if pending is not None:
             block = pending()
-    return out, lse
 
 
 def _backward(grad, q, k, v, mask, rows, out, lse, spec: RingSpec, ring):
-    chunk = q.shape[-2] // 2
     dq = torch.zeros_like(q)
     dk, dv = k.new_zeros(k.shape), v.new_zeros(v.shape)  # contiguous: they travel in place, piece by piece
     if lse is not None:  # a row that sees no key at all: every weight exp(s − lse) must be 0
         lse = lse.masked_fill(lse == float("-inf"), float("inf"))
+    for qh, kh, mask_h, rows_h, spec_h in _head_groups(q, k, mask, rows, spec):
+        _backward_heads(grad[:, qh], q[:, qh], k[:, kh], v[:, kh], mask_h, rows_h,
+                        None if out is None else out[:, qh], None if lse is None else lse[:, qh],
+                        dq[:, qh], dk[:, kh], dv[:, kh], spec_h, ring)
+    return dq, dk, dv
+
+
+def _backward_heads(grad, q, k, v, mask, rows, out, lse, dq, dk, dv, spec: RingSpec, ring):
+    """The backward ring over these heads: their dQ, dK, dV accumulated in place (dK/dV back at home at the end)."""
+    chunk = q.shape[-2] // 2
     compiled = (_CompiledSigmoid(q, k, rows, spec, chunk) if compiled_sigmoid_applies(q, k, v, mask, rows, spec)
                 else None)
     block = [k, v] + ([mask] if mask is not None else [])
@@ -393,7 +450,6 @@ def _backward(grad, q, k, v, mask, rows, out, lse, spec: RingSpec, ring):
         _travel_in_place(dv, ring)
         if pending is not None:
             block = pending()
-    return dq, dk, dv
 
 
 #: Pieces a travelling dK or dV is sent in: while a piece travels, its incoming copy is the only extra memory.
@@ -401,11 +457,15 @@ TRAVEL_PIECES = 8
 
 
 def _travel_in_place(tensor: Tensor, ring) -> None:
-    """Send ``tensor`` (contiguous) to the next rank and replace it, in place, by the previous rank's, one piece
-    after the other: a piece is overwritten only once it has left, so the exchange holds one piece more than
-    the tensor, not a second tensor."""
-    flat = tensor.view(-1)
-    for piece in flat.chunk(min(TRAVEL_PIECES, max(1, flat.numel()))):
+    """Send ``tensor`` to the next rank and replace it, in place, by the previous rank's, one piece after the other:
+    a piece is overwritten only once it has left, so the exchange holds one piece more than the tensor (two when
+    ``tensor`` is a strided view, a head group's slice: a piece is sent as a contiguous copy), not a second tensor."""
+    if tensor.is_contiguous():
+        flat = tensor.view(-1)
+        pieces = flat.chunk(min(TRAVEL_PIECES, max(1, flat.numel())))
+    else:  # pieces along the sequence
+        pieces = tensor.chunk(min(TRAVEL_PIECES, max(1, tensor.shape[-2])), dim=-2)
+    for piece in pieces:
         arrived, = ring.start([piece], "grad")()
         piece.copy_(arrived)
         arrived = None

@@ -200,3 +200,30 @@ def test_hashed_options_cp_equal_the_whole_op(which, causal, mask_kind, world):
             total = sum(r[2][i] for r in results)
             assert leaf.grad.abs().max() > 0
             torch.testing.assert_close(total, leaf.grad, msg=lambda m, n=proj_name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("local", [32768, 32770])
+def test_the_kept_selection_gives_back_every_key_at_the_int16_boundary(local):
+    """The ring keeps each selected key as its index in its owner's shard (with the slots ordered by owner): int16
+    while a shard holds at most 32768 positions, int32 past that.  Every selected key — the first and last of every
+    chunk among them — comes back from each owner's block at its global position and shard index."""
+    from attnrewrite.distributed.exchange import owner
+
+    world = 2
+    length, chunk = local * world, local // 2
+    g = torch.Generator().manual_seed(local)
+    edges = torch.tensor([c * chunk + o for c in range(2 * world) for o in (0, chunk - 1)]).expand(1, 2, 3, -1)
+    index = torch.cat([torch.randint(0, length, (1, 2, 3, 20), generator=g), edges,
+                       torch.full((1, 2, 3, 2), -1)], -1).to(hashed.index_dtype(length))
+    kept, starts = hashed.by_owner(index, world, local)
+    assert kept.dtype == (torch.int16 if local <= 32768 else torch.int32)
+    flat = index.long().reshape(-1, index.shape[-1])
+    ranks, _ = owner(flat.clamp(min=0), world, local)
+    for p in range(world):
+        positions, slots = hashed._in_block(kept, starts, p, world, local)
+        mine = layout.local_positions(p, world, length)
+        for row, (got, got_slots) in enumerate(zip(positions.reshape(-1, positions.shape[-1]).tolist(),
+                                                   slots.reshape(-1, slots.shape[-1]).tolist())):
+            want = sorted(x for x, r in zip(flat[row].tolist(), ranks[row].tolist()) if x >= 0 and r == p)
+            assert sorted(x for x in got if x >= 0) == want, (p, row)
+            assert all(mine[s] == x for x, s in zip(got, got_slots) if x >= 0), (p, row)
