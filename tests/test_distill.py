@@ -148,7 +148,7 @@ def test_finetune_reuses_the_teachers_outputs_without_changing_the_result(llama,
     monkeypatch.setattr(distill_module, "TEACHER_CACHE_BYTES", 0)
     calls.clear()
     recomputed = attnrewrite.distill(llama, **options)
-    assert calls == [0, *range(7)]
+    assert calls == [0, *range(7), 0]  # ... and batch 0 again for the divergence check
     assert cached.attnrewrite_distill == recomputed.attnrewrite_distill
     for (name, a), (_, b) in zip(cached.state_dict().items(), recomputed.state_dict().items()):
         assert torch.equal(a, b), name
@@ -259,3 +259,27 @@ def test_the_exact_kind_is_a_no_op(llama):
     assert distilled is not llama and distilled.attnrewrite_distill == {}
     for (name, a), (_, b) in zip(llama.state_dict().items(), distilled.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def _diverged(caught):
+    return [w for w in caught if issubclass(w.category, RuntimeWarning) and "diverged" in str(w.message)]
+
+
+def test_a_stage_that_wrecks_the_model_without_a_nan_is_reported(llama):
+    # finetune at lr 1: the loss jumps ~100x after one step and stays there, every value finite
+    with pytest.warns(RuntimeWarning, match=r"finetune loss on the first batch rose from .* diverged") as caught:
+        attnrewrite.distill(llama, "sigmoid", DATA, steps={"transfer": 0, "finetune": 12},
+                            lr={"transfer": 1e-2, "finetune": 1.0}, stage="both", adapt="all", progress=False)
+    assert len(_diverged(caught)) == 1
+
+
+def test_a_stage_that_trains_normally_is_not_reported_as_diverged(llama):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distilled = attnrewrite.distill(llama, "sigmoid", DATA, steps={"transfer": 12, "finetune": 16},
+                                        lr={"transfer": 2e-2, "finetune": 3e-3}, rank=4, stage="both", learned=True,
+                                        progress=False)
+    assert not _diverged(caught)
+    assert all(len(losses) in (12, 16) for losses in distilled.attnrewrite_distill.values())
