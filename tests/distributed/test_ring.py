@@ -281,6 +281,33 @@ class _GlooLikeRing:
         return wait
 
 
+def _peak_shards(kind: str, world: int, heads: int, length: int = 4096, dim: int = 32) -> float:
+    """The most live tensor bytes any rank of a causal float32 ring of ``kind`` holds over its forward and
+    backward (ranks as threads), in shards [1, heads, length / world, dim]; sigmoid with bias="auto"."""
+    from attnrewrite.testing.memory import LiveTensorBytes
+
+    g = torch.Generator().manual_seed(world)
+    q, k, v, grad = (torch.randn(1, heads, length, dim, generator=g) for _ in range(4))
+    boxes = {(r, c): queue.Queue() for r in range(world) for c in ("kv", "grad")}
+    peaks = {}
+
+    def rank_main(rank):
+        positions = layout.local_positions(rank, world, length)
+        local = [t.index_select(2, positions).clone().requires_grad_() for t in (q, k, v)]
+        local_grad = grad.index_select(2, positions)
+        rows = ring.sigmoid_rows(None, length, positions, True, q.dtype) if kind == "sigmoid" else None
+        spec = ring.RingSpec(kind, True, None, False, None, rank, world)
+        with LiveTensorBytes() as live:
+            out = ring.ring_attention(*local, None, rows, spec, _GlooLikeRing(rank, world, boxes))
+            out.backward(local_grad)
+            del out
+        peaks[rank] = live.peak
+
+    with ThreadPoolExecutor(world) as pool:
+        list(pool.map(rank_main, range(world)))
+    return max(peaks.values()) / (q.numel() * q.element_size() / world)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_sigmoid_ring_holds_its_gradients_and_the_blocks_in_flight_and_little_else(world, one_thread):
     """Per-rank memory of the sigmoid ring (float32, one thread, causal, bias="auto"), counted as live tensor bytes
@@ -292,30 +319,8 @@ def test_sigmoid_ring_holds_its_gradients_and_the_blocks_in_flight_and_little_el
     2 ranks and 14.6 at 4; dK/dV travelling whole: 7.0 and 9.0; all heads at once: 6.3 and 8.4.)"""
     if not ring.sigmoid_native.forward_available():
         pytest.skip("no C compiler here: the ring runs the op")
-    from attnrewrite.testing.memory import LiveTensorBytes
-
-    length, heads, dim = 4096, 8, 32
-    g = torch.Generator().manual_seed(world)
-    q, k, v, grad = (torch.randn(1, heads, length, dim, generator=g) for _ in range(4))
-    boxes = {(r, c): queue.Queue() for r in range(world) for c in ("kv", "grad")}
-    peaks = {}
-
-    def rank_main(rank):
-        positions = layout.local_positions(rank, world, length)
-        local = [t.index_select(2, positions).clone().requires_grad_() for t in (q, k, v)]
-        local_grad = grad.index_select(2, positions)
-        rows = ring.sigmoid_rows(None, length, positions, True, q.dtype)
-        spec = ring.RingSpec("sigmoid", True, None, False, None, rank, world)
-        with LiveTensorBytes() as live:
-            out = ring.ring_attention(*local, None, rows, spec, _GlooLikeRing(rank, world, boxes))
-            out.backward(local_grad)
-            del out
-        peaks[rank] = live.peak
-
-    with ThreadPoolExecutor(world) as pool:
-        list(pool.map(rank_main, range(world)))
-    shard = q.numel() * q.element_size() / world
-    held = max(peaks.values()) / shard
+    heads = 8
+    held = _peak_shards("sigmoid", world, heads)
     allowed = 4 + (2 + (2 if world > 2 else 0)) / heads + 0.5
     assert held <= allowed, f"{world} ranks: a rank holds {held:.2f} shards at its peak, allowed {allowed}"
 
@@ -327,29 +332,8 @@ def test_softmax_ring_holds_its_gradients_and_a_head_of_the_blocks_in_flight(wor
     whole tensor) and, running one key/value head at a time, only that head's part of the key/value block
     arriving (2/H), from 3 ranks on of the foreign block at hand (2/H) and of a pair's dQ/dK/dV (1.5/H), plus
     the LSE rows.  (All heads at once, as before: 7.56 shards at 2 ranks and 9.56 at 4.)"""
-    from attnrewrite.testing.memory import LiveTensorBytes
-
-    length, heads, dim = 4096, 8, 32
-    g = torch.Generator().manual_seed(world)
-    q, k, v, grad = (torch.randn(1, heads, length, dim, generator=g) for _ in range(4))
-    boxes = {(r, c): queue.Queue() for r in range(world) for c in ("kv", "grad")}
-    peaks = {}
-
-    def rank_main(rank):
-        positions = layout.local_positions(rank, world, length)
-        local = [t.index_select(2, positions).clone().requires_grad_() for t in (q, k, v)]
-        local_grad = grad.index_select(2, positions)
-        spec = ring.RingSpec("softmax", True, None, False, None, rank, world)
-        with LiveTensorBytes() as live:
-            out = ring.ring_attention(*local, None, None, spec, _GlooLikeRing(rank, world, boxes))
-            out.backward(local_grad)
-            del out
-        peaks[rank] = live.peak
-
-    with ThreadPoolExecutor(world) as pool:
-        list(pool.map(rank_main, range(world)))
-    shard = q.numel() * q.element_size() / world
-    held = max(peaks.values()) / shard
+    heads = 8
+    held = _peak_shards("softmax", world, heads)
     allowed = 4 + (2 + (2 if world > 2 else 0) + 1.5) / heads + 0.1
     assert held <= allowed, f"{world} ranks: a rank holds {held:.2f} shards at its peak, allowed {allowed:.2f}"
 

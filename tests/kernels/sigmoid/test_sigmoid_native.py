@@ -58,19 +58,31 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_the_compiled_loop_equals_the_oracle(name, one_thread, monkeypatch):
+def _count_loop_calls(monkeypatch) -> list[str]:
+    """Names of the compiled loop's entry points, appended as the test's calls reach them."""
     calls = []
     for fn in ("sigmoid_forward", "sigmoid_backward"):
         original = getattr(native, fn)
-        monkeypatch.setattr(native, fn, lambda *a, _f=original, _n=fn: calls.append(_n) or _f(*a))
-    case = CASES[name]
-    batch, heads_q, heads_kv, len_q, len_k = case["shape"]
-    g = torch.Generator().manual_seed(len(name))
+        monkeypatch.setattr(native, fn, lambda *a, _f=original, _n=fn, **kw: calls.append(_n) or _f(*a, **kw))
+    return calls
+
+
+def _inputs(shape, g):
+    """q, k (head width 8), v (5) needing gradients and the output's gradient, for (B, Hq, Hkv, Tq, Tk)."""
+    batch, heads_q, heads_kv, len_q, len_k = shape
     q = torch.randn(batch, heads_q, len_q, 8, generator=g, requires_grad=True)
     k = torch.randn(batch, heads_kv, len_k, 8, generator=g, requires_grad=True)
     v = torch.randn(batch, heads_kv, len_k, 5, generator=g, requires_grad=True)
-    grad = torch.randn(batch, heads_q, len_q, 5, generator=g)
+    return q, k, v, torch.randn(batch, heads_q, len_q, 5, generator=g)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_compiled_loop_equals_the_oracle(name, one_thread, monkeypatch):
+    calls = _count_loop_calls(monkeypatch)
+    case = CASES[name]
+    batch, heads_q, heads_kv, len_q, len_k = case["shape"]
+    g = torch.Generator().manual_seed(len(name))
+    q, k, v, grad = _inputs(case["shape"], g)
     kwargs = dict(case["kwargs"])
     if case.get("kv_lens"):
         kwargs["kv_lens"] = torch.tensor(case["kv_lens"])
@@ -137,17 +149,11 @@ def _key_mask(case, g):
 
 @pytest.mark.parametrize("name", list(KEY_MASKS))
 def test_per_key_masks_run_in_the_compiled_loop_and_equal_the_oracle(name, one_thread, monkeypatch):
-    calls = []
-    for fn in ("sigmoid_forward", "sigmoid_backward"):
-        original = getattr(native, fn)
-        monkeypatch.setattr(native, fn, lambda *a, _f=original, _n=fn, **kw: calls.append(_n) or _f(*a, **kw))
+    calls = _count_loop_calls(monkeypatch)
     case = KEY_MASKS[name]
     batch, heads_q, heads_kv, len_q, len_k = case["shape"]
     g = torch.Generator().manual_seed(len(name))
-    q = torch.randn(batch, heads_q, len_q, 8, generator=g, requires_grad=True)
-    k = torch.randn(batch, heads_kv, len_k, 8, generator=g, requires_grad=True)
-    v = torch.randn(batch, heads_kv, len_k, 5, generator=g, requires_grad=True)
-    grad = torch.randn(batch, heads_q, len_q, 5, generator=g)
+    q, k, v, grad = _inputs(case["shape"], g)
     mask = _key_mask(case, g)
     kwargs = dict(case["kwargs"])
     if "kv_lens" in kwargs:
