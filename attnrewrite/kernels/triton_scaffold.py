@@ -5,7 +5,8 @@ out before):
 
 - :func:`mma` (the product every kernel takes instead of ``tl.dot``, right under the interpreter in
   bfloat16), :func:`load_tile`, :data:`LOG2E`; :func:`load_rows` — a [rows, cols] tile of a row-major
-  head (rows at ``stride_row``, unit last stride), masked only on the bounds asked for;
+  head (rows at ``stride_row``, unit last stride), masked only on the bounds asked for; :func:`store_rows`
+  — its store, masked on both bounds;
 - :func:`score_mod_fn` and :func:`modified_scores` — a score modification (a program of
   :mod:`attnrewrite.kernels.score_mods` in the form ``post_mul · f(pre_mul · s + pre_add) + post_add``,
   f a constexpr ``MOD_FN``) and its derivative, the one copy the sigmoid, sliding-window and summary
@@ -211,6 +212,15 @@ def load_rows(base, offs_rows, stride_row, n_rows, offs_cols, n_cols, CHECK_ROWS
 
 
 @triton.jit
+def store_rows(base, offs_rows, stride_row, n_rows, offs_cols, n_cols, value):
+    """Store the tile ``value`` at ``base[offs_rows, offs_cols]`` of a head with rows ``stride_row`` apart, the
+    rows below ``n_rows`` and the columns below ``n_cols`` only (the store :func:`load_rows` mirrors: every
+    kernel's output, dQ, dK and dV tiles); ``value`` is cast to the element type by the store."""
+    tl.store(base + offs_rows[:, None] * stride_row + offs_cols[None, :], value,
+             mask=(offs_rows < n_rows)[:, None] & (offs_cols < n_cols)[None, :])
+
+
+@triton.jit
 def program_heads(pid_zh, heads, GROUP: tl.constexpr):
     """(batch, head, head_kv), int64, of program ``pid_zh`` of a grid over ``batch · heads`` query heads,
     ``GROUP`` query heads per key/value head."""
@@ -411,4 +421,4 @@ __all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "do
            "group_program", "head_class", "head_position", "interpreter_active", "launch_config", "length_bucket",
            "load_rows", "load_tile", "mask_strides", "mma", "mod_args", "modified_scores", "online_softmax_step", "padded_dim",
            "position_scores", "pow2", "program_heads", "relative_bias_grad", "score_mod_fn", "seeded_bf16",
-           "softmax_dkdv_step", "softmax_dq_step", "slot_rows", "tile_space", "unit_last_stride"]
+           "softmax_dkdv_step", "softmax_dq_step", "slot_rows", "store_rows", "tile_space", "unit_last_stride"]

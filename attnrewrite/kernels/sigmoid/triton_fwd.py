@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from attnrewrite.kernels.triton_scaffold import store_rows
+
 from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
                             load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim, sigmoid_tile)
 
@@ -101,8 +103,7 @@ def sigmoid_fwd_kernel(
                         mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                         D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, NEWTON_STEPS, DOT_PRECISION,
                         MOD_FN, POSITION)
-    out_ptrs = o_base + offs_m[:, None] * stride_om + offs_dv[None, :]
-    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < q_len)[:, None] & (offs_dv < DV)[None, :])
+    store_rows(o_base, offs_m, stride_om, q_len, offs_dv, DV, acc.to(Out.dtype.element_ty))
 
 
 def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int,

@@ -30,7 +30,7 @@ import triton.language as tl
 from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, POSITION_CODES, dot_precision, head_position,
                                                  load_rows, mask_strides, mma, mod_args, modified_scores, padded_dim,
                                                  position_scores, relative_bias_grad, softmax_dkdv_step,
-                                                 softmax_dq_step, softmax_score_grad)
+                                                 softmax_dq_step, softmax_score_grad, store_rows)
 
 from .triton_common import band_scores, band_visible, key_blocks, query_blocks, sequence_lengths
 
@@ -128,8 +128,7 @@ def sliding_window_bwd_dq_kernel(
                       offs_m, shift, q_len, k_len, window, sinks, full_hi, hi, scale_log2,
                       mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2, dr_row,
                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
-    tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d < D)[None, :])
+    store_rows(dq_base, offs_m, stride_dqm, q_len, offs_d, D, (dq * scale).to(DQ.dtype.element_ty))
 
 
 @triton.jit
@@ -225,11 +224,8 @@ def sliding_window_bwd_dkdv_kernel(
                                   full_hi, m_hi, scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                                   D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
     # every key row up to Tk is stored: padding keys and keys no query sees get zeros
-    row_ok = offs_n < len_k
-    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d < D)[None, :])
-    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_dv < DV)[None, :])
+    store_rows(dk_base, offs_n, stride_dkn, len_k, offs_d, D, (dk * scale).to(DK.dtype.element_ty))
+    store_rows(dv_base, offs_n, stride_dvn, len_k, offs_dv, DV, dv.to(DV_.dtype.element_ty))
 
 
 def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float, causal: bool, window: int,

@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, mma, mod_args, modified_scores,
-                                                 padded_dim, program_heads, softmax_dkdv_step, softmax_dq_step)
+                                                 padded_dim, program_heads, softmax_dkdv_step, softmax_dq_step,
+                                                 store_rows)
 
 from .chunked import hide_padding
 from .triton_common import (key_block, key_ok, raw_key_range, raw_query_range, sequence_block, summary_query_range,
@@ -97,8 +98,7 @@ def summary_bwd_dq_kernel(
                   mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                   D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, False, HAS_VALID, DOT_PRECISION, MOD_FN)
     dq_base = DQ + batch * stride_dqb + head * stride_dqh + tok0 * stride_dqm
-    tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < length)[:, None] & (offs_d < D)[None, :])
+    store_rows(dq_base, offs_m, stride_dqm, length, offs_d, D, (dq * scale).to(DQ.dtype.element_ty))
 
 
 @triton.jit
@@ -166,10 +166,8 @@ def summary_bwd_dkdv_kernel(
             dk, dv = softmax_dkdv_step(dk, dv, pt, q, do, v, delta, d_mod, DOT_PRECISION, MOD_FN)
     dk_base = DK + batch * stride_dkb + head_kv * stride_dkh + key0 * stride_dkn
     dv_base = DV_ + batch * stride_dvb + head_kv * stride_dvh + key0 * stride_dvn
-    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk * scale, mask=(offs_n < n_here)[:, None] & (offs_d < D)[None, :])
-    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_dv[None, :],
-             dv, mask=(offs_n < n_here)[:, None] & (offs_dv < DV)[None, :])
+    store_rows(dk_base, offs_n, stride_dkn, n_here, offs_d, D, dk * scale)
+    store_rows(dv_base, offs_n, stride_dvn, n_here, offs_dv, DV, dv)
 
 
 def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, scale: float, causal: bool,
