@@ -28,7 +28,7 @@ import triton.language as tl
 from attnrewrite.kernels.triton_scaffold import store_rows
 
 from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
-                            load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
+                            key_range, load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
                             relative_bias_grad, sigmoid_tile)
 
 
@@ -121,13 +121,7 @@ def sigmoid_bwd_dq_kernel(
     if POSITION == 3:  # the head's row of the gradient of R, [Hq, Tq + Tk - 1]
         dr_base = head_position(DR, head64, len_q, len_k, POSITION)
 
-    shift = k_len - q_len if CAUSAL == 2 else k_len * 0
-    if CAUSAL != 0:
-        hi = tl.maximum(tl.minimum(k_len, m0 + BLOCK_M + shift), 0)
-        full_end = tl.minimum(tl.maximum(m0 + shift + 1, 0) // BLOCK_N, k_len // BLOCK_N) * BLOCK_N
-    else:
-        hi = k_len
-        full_end = k_len // BLOCK_N * BLOCK_N
+    shift, full_end, hi = key_range(m0, q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,

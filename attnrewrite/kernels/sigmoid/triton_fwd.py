@@ -18,7 +18,8 @@ import triton.language as tl
 from attnrewrite.kernels.triton_scaffold import store_rows
 
 from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
-                            load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim, sigmoid_tile)
+                            key_range, load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
+                            sigmoid_tile)
 
 
 @triton.jit
@@ -84,13 +85,7 @@ def sigmoid_fwd_kernel(
     pos_log2 = head_position(Slopes, head.to(tl.int64), len_q, len_k, POSITION)  # slope (log2 units) or R's row
 
     # key j is visible to row i iff j <= i + shift (causal); full blocks need no mask for any row.
-    shift = k_len - q_len if CAUSAL == 2 else k_len * 0
-    if CAUSAL != 0:
-        hi = tl.maximum(tl.minimum(k_len, m0 + BLOCK_M + shift), 0)
-        full_end = tl.minimum(tl.maximum(m0 + shift + 1, 0) // BLOCK_N, k_len // BLOCK_N) * BLOCK_N
-    else:
-        hi = k_len
-        full_end = k_len // BLOCK_N * BLOCK_N
+    shift, full_end, hi = key_range(m0, q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc = _fwd_key_loop(acc, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
