@@ -5,7 +5,8 @@ out before):
 
 - :func:`mma` (the product every kernel takes instead of ``tl.dot``, right under the interpreter in
   bfloat16), :func:`load_tile`, :data:`LOG2E`; :func:`load_rows` — a [rows, cols] tile of a row-major
-  head (rows at ``stride_row``, unit last stride), masked only on the bounds asked for; :func:`store_rows`
+  head (rows at ``stride_row``, unit last stride), masked only on the bounds asked for; :func:`load_row_pair` —
+  the same rows of two heads read together (k and v, q and dO); :func:`store_rows`
   — its store, masked on both bounds;
 - :func:`score_mod_fn` and :func:`modified_scores` — a score modification (a program of
   :mod:`attnrewrite.kernels.score_mods` in the form ``post_mul · f(pre_mul · s + pre_add) + post_add``,
@@ -209,6 +210,17 @@ def load_rows(base, offs_rows, stride_row, n_rows, offs_cols, n_cols, CHECK_ROWS
     bounds checked: rows below ``n_rows``, columns below ``n_cols``)."""
     return load_tile(base + offs_rows[:, None] * stride_row + offs_cols[None, :], offs_rows, n_rows, offs_cols,
                      n_cols, CHECK_ROWS, CHECK_COLS)
+
+
+@triton.jit
+def load_row_pair(a_base, stride_a, b_base, stride_b, offs_rows, n_rows, D: tl.constexpr, DV: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """(a, b): the rows ``offs_rows`` of two heads that are read together, a [rows, BLOCK_D] tile of a head of
+    dim ``D`` (k, or q) and a [rows, BLOCK_DV] tile of a head of dim ``DV`` (v, or dO), each with
+    :func:`load_rows` (columns checked when the head dim is padded, rows below ``n_rows`` when CHECK_ROWS)."""
+    a = load_rows(a_base, offs_rows, stride_a, n_rows, tl.arange(0, BLOCK_D), D, CHECK_ROWS, BLOCK_D != D)
+    b = load_rows(b_base, offs_rows, stride_b, n_rows, tl.arange(0, BLOCK_DV), DV, CHECK_ROWS, BLOCK_DV != DV)
+    return a, b
 
 
 @triton.jit
@@ -419,6 +431,6 @@ def launch_config(spaces, kernel: str, q: torch.Tensor, v: torch.Tensor, shape: 
 
 __all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "dot_precision", "fit_config",
            "group_program", "head_class", "head_position", "interpreter_active", "launch_config", "length_bucket",
-           "load_rows", "load_tile", "mask_strides", "mma", "mod_args", "modified_scores", "online_softmax_step", "padded_dim",
+           "load_row_pair", "load_rows", "load_tile", "mask_strides", "mma", "mod_args", "modified_scores", "online_softmax_step", "padded_dim",
            "position_scores", "pow2", "program_heads", "relative_bias_grad", "score_mod_fn", "seeded_bf16",
            "softmax_dkdv_step", "softmax_dq_step", "slot_rows", "store_rows", "tile_space", "unit_last_stride"]

@@ -25,10 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import store_rows
+from attnrewrite.kernels.triton_scaffold import load_row_pair, store_rows
 
 from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
-                            key_range, load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
+                            key_range, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
                             relative_bias_grad, sigmoid_tile)
 
 
@@ -40,12 +40,9 @@ def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, strid
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, STORE_DS: tl.constexpr,
                  MASKED: tl.constexpr, NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  MOD_FN: tl.constexpr, POSITION: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, offs_n, stride_kn, k_len, offs_d, D, MASKED, BLOCK_D != D)
-        v = load_rows(v_base, offs_n, stride_vn, k_len, offs_dv, DV, MASKED, BLOCK_DV != DV)
+        k, v = load_row_pair(k_base, stride_kn, v_base, stride_vn, offs_n, k_len, D, DV, BLOCK_D, BLOCK_DV, MASKED)
         p, d_mod = sigmoid_tile(q, k, mask_base, stride_mm, stride_mn, offs_m, offs_n, q_len, k_len, shift,
                                 scale_log2, bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                                 pos_log2, False, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION, MOD_FN,
@@ -108,9 +105,7 @@ def sigmoid_bwd_dq_kernel(
     m0 = m_block * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_rows(q_base, offs_m, stride_qm, q_len, offs_d, D, True, BLOCK_D != D)
-    do = load_rows(do_base, offs_m, stride_dom, q_len, offs_dv, DV, True, BLOCK_DV != DV)
+    q, do = load_row_pair(q_base, stride_qm, do_base, stride_dom, offs_m, q_len, D, DV, BLOCK_D, BLOCK_DV, True)
     bias_base = Bias + seq * stride_bz + head * stride_bh + q_start.to(tl.int64) * stride_bm
     if ROW_BIAS:  # one b per query row, [BLOCK_M, 1] against the key columns
         bias_log2 = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[:, None]
@@ -143,12 +138,9 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride
                      BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
                      NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_BIAS: tl.constexpr,
                      MOD_FN: tl.constexpr, POSITION: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_rows(q_base, offs_m, stride_qm, q_len, offs_d, D, MASKED, BLOCK_D != D)
-        do = load_rows(do_base, offs_m, stride_dom, q_len, offs_dv, DV, MASKED, BLOCK_DV != DV)
+        q, do = load_row_pair(q_base, stride_qm, do_base, stride_dom, offs_m, q_len, D, DV, BLOCK_D, BLOCK_DV, MASKED)
         if ROW_BIAS:  # b per query row: loaded for this block of rows only (a whole row would cost registers)
             bias_t = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[None, :]
         else:
@@ -203,8 +195,7 @@ def sigmoid_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = load_rows(k_base, offs_n, stride_kn, k_len, offs_d, D, True, BLOCK_D != D)
-    v = load_rows(v_base, offs_n, stride_vn, k_len, offs_dv, DV, True, BLOCK_DV != DV)
+    k, v = load_row_pair(k_base, stride_kn, v_base, stride_vn, offs_n, k_len, D, DV, BLOCK_D, BLOCK_DV, True)
 
     # Query blocks: [m_lo, full_lo) masked, [full_lo, full_hi) unmasked, [full_hi, m_hi) masked.
     # Rows above the causal diagonal of this key block never see it and are not visited; a block of
