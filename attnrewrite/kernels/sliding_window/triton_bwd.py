@@ -32,7 +32,7 @@ from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, POSITION_COD
                                                  padded_dim, position_scores, relative_bias_grad, softmax_dkdv_step,
                                                  softmax_dq_step, softmax_score_grad, store_rows)
 
-from .triton_common import band_scores, band_visible, key_blocks, query_blocks, sequence_lengths
+from .triton_common import band_scores, band_visible, key_blocks, program_sequence, query_blocks
 
 
 @triton.jit
@@ -77,13 +77,8 @@ def sliding_window_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1, POSITION: tl.constexpr = 0,
 ):
-    m_block = tl.program_id(0)
-    pid_zh = tl.program_id(1)
-    batch = pid_zh // heads_q
-    head = pid_zh % heads_q
-    head_kv = head // GROUP
-    q_len, k_len, shift = sequence_lengths(batch, len_q, len_k, KvLens, HAS_KV_LENS)
-    batch64, head64, head_kv64 = batch.to(tl.int64), head.to(tl.int64), head_kv.to(tl.int64)
+    m_block, batch64, head64, head_kv64, q_len, k_len, shift = program_sequence(heads_q, len_q, len_k, KvLens, GROUP,
+                                                                                HAS_KV_LENS)
     q_base = Q + batch64 * stride_qb + head64 * stride_qh
     do_base = DO + batch64 * stride_dob + head64 * stride_doh
     dq_base = DQ + batch64 * stride_dqb + head64 * stride_dqh
@@ -174,12 +169,8 @@ def sliding_window_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1, POSITION: tl.constexpr = 0,
 ):
-    n_block = tl.program_id(0)
-    pid_zh = tl.program_id(1)
-    batch = pid_zh // heads_kv
-    head_kv = pid_zh % heads_kv
-    q_len, k_len, shift = sequence_lengths(batch, len_q, len_k, KvLens, HAS_KV_LENS)
-    batch64, head_kv64 = batch.to(tl.int64), head_kv.to(tl.int64)
+    n_block, batch64, head_kv64, _, q_len, k_len, shift = program_sequence(heads_kv, len_q, len_k, KvLens, 1,
+                                                                           HAS_KV_LENS)
     k_base = K + batch64 * stride_kb + head_kv64 * stride_kh
     v_base = V + batch64 * stride_vb + head_kv64 * stride_vh
     dk_base = DK + batch64 * stride_dkb + head_kv64 * stride_dkh

@@ -20,7 +20,7 @@ from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, POSITION_CODES, dot
                                                  mask_strides, mma, mod_args, modified_scores, online_softmax_step,
                                                  padded_dim, store_rows)
 
-from .triton_common import band_scores, key_blocks, sequence_lengths
+from .triton_common import band_scores, key_blocks, program_sequence
 
 
 @triton.jit
@@ -60,13 +60,8 @@ def sliding_window_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1, POSITION: tl.constexpr = 0,
 ):
-    m_block = tl.program_id(0)
-    pid_zh = tl.program_id(1)
-    batch = pid_zh // heads_q
-    head = pid_zh % heads_q
-    head_kv = head // GROUP
-    q_len, k_len, shift = sequence_lengths(batch, len_q, len_k, KvLens, HAS_KV_LENS)
-    batch64, head64, head_kv64 = batch.to(tl.int64), head.to(tl.int64), head_kv.to(tl.int64)
+    m_block, batch64, head64, head_kv64, q_len, k_len, shift = program_sequence(heads_q, len_q, len_k, KvLens, GROUP,
+                                                                                HAS_KV_LENS)
     q_base = Q + batch64 * stride_qb + head64 * stride_qh
     k_base = K + batch64 * stride_kb + head_kv64 * stride_kh
     v_base = V + batch64 * stride_vb + head_kv64 * stride_vh
