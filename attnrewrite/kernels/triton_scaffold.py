@@ -23,9 +23,9 @@ out before):
 - :func:`group_program` / :func:`slot_rows` — the head group and the gathered rows of the hashed
   kernels' programs.
 
-Host side: :func:`interpreter_active`, :func:`unit_last_stride`, :func:`mask_strides`, and the configuration
-fitting every kind's ``spaces.py`` does the same way (:func:`head_class`, :func:`length_bucket`, :func:`pow2`,
-:func:`fit_config`, :func:`launch_config`).
+Host side: :func:`interpreter_active`, :func:`unit_last_stride`, :func:`mask_strides`, :func:`head_strides`
+(the launches' per-head strides), and the configuration fitting every kind's ``spaces.py`` does the same way
+(:func:`head_class`, :func:`length_bucket`, :func:`pow2`, :func:`fit_config`, :func:`launch_config`).
 """
 
 from __future__ import annotations
@@ -359,6 +359,12 @@ def mask_strides(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) ->
     return mask, mask.stride()
 
 
+def head_strides(*tensors: torch.Tensor) -> tuple:
+    """The batch, head and row strides of each [B, H, T, D] tensor in turn (stride(0), stride(1), stride(2)):
+    what a kernel launch passes for every head it indexes (the last stride is 1, :func:`unit_last_stride`)."""
+    return tuple(s for t in tensors for s in (t.stride(0), t.stride(1), t.stride(2)))
+
+
 def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` with a unit last stride (the kernels index the head dim as contiguous); None stays None."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
@@ -430,7 +436,7 @@ def launch_config(spaces, kernel: str, q: torch.Tensor, v: torch.Tensor, shape: 
 
 
 __all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "dot_precision", "fit_config",
-           "group_program", "head_class", "head_position", "interpreter_active", "launch_config", "length_bucket",
+           "group_program", "head_class", "head_position", "head_strides", "interpreter_active", "launch_config", "length_bucket",
            "load_row_pair", "load_rows", "load_tile", "mask_strides", "mma", "mod_args", "modified_scores", "online_softmax_step", "padded_dim",
            "position_scores", "pow2", "program_heads", "relative_bias_grad", "score_mod_fn", "seeded_bf16",
            "softmax_dkdv_step", "softmax_dq_step", "slot_rows", "store_rows", "tile_space", "unit_last_stride"]

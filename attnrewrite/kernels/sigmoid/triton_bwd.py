@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import load_row_pair, store_rows
+from attnrewrite.kernels.triton_scaffold import head_strides, load_row_pair, store_rows
 
 from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
                             key_range, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
@@ -292,11 +292,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
             q, k, v, grad_out, dq, ds if want_mask_grad else q, mask_arg, bias, slopes_arg,
             dr if relative else bias, kv_lens_arg,
             cu_q_arg, cu_k_arg, block_seq, block_start,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
+            *head_strides(q, k, v, grad_out, dq),
             *ds_strides, *m_strides, *bias_strides(bias),
             heads_q, len_q, len_k, scale, scale * LOG2E_HOST, *mod,
             STORE_DS=want_mask_grad, NEWTON_STEPS=newton_steps(config_dq["RCP_NEWTON"], q.dtype),
@@ -314,12 +310,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
         launch(sigmoid_bwd_dkdv_kernel)[grid](
             q, k, v, grad_out, dk, dv, mask_arg, bias, slopes_arg, kv_lens_arg,
             cu_q_arg, cu_k_arg, block_seq, block_start,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
+            *head_strides(q, k, v, grad_out, dk, dv),
             *m_strides, *bias_strides(bias),
             heads_kv, len_q, len_k, scale, scale * LOG2E_HOST, *mod,
             NEWTON_STEPS=newton_steps(config_dkdv["RCP_NEWTON"], q.dtype),

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import store_rows
+from attnrewrite.kernels.triton_scaffold import head_strides, store_rows
 
 from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
                             key_range, load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
@@ -135,10 +135,7 @@ def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale:
         q, k, v, out, mask if mask is not None else q, bias, slopes if slopes is not None else bias,
         kv_lens if kv_lens is not None else q,
         cu_seqlens_q if varlen else q, cu_seqlens_k if varlen else q, block_seq, block_start,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        *head_strides(q, k, v, out),
         *m_strides,
         *bias_strides(bias),
         heads_q, len_q, len_k, scale * LOG2E_HOST, *mod,

@@ -28,9 +28,9 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, POSITION_CODES, dot_precision, head_position,
-                                                 load_row_pair, mask_strides, mma, mod_args, modified_scores,
-                                                 padded_dim, position_scores, relative_bias_grad, softmax_dkdv_step,
-                                                 softmax_dq_step, softmax_score_grad, store_rows)
+                                                 head_strides, load_row_pair, mask_strides, mma, mod_args,
+                                                 modified_scores, padded_dim, position_scores, relative_bias_grad,
+                                                 softmax_dkdv_step, softmax_dq_step, softmax_score_grad, store_rows)
 
 from .triton_common import band_scores, band_visible, key_blocks, program_sequence, query_blocks
 
@@ -245,11 +245,7 @@ def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float,
         block_m = config_dq["BLOCK_M"]
         launch(sliding_window_bwd_dq_kernel)[(triton.cdiv(len_q, block_m), batch * heads_q)](
             q, k, v, grad_out, dq, lse, delta, mask_arg, slopes_arg, dr if relative else q, kv_lens_arg,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
+            *head_strides(q, k, v, grad_out, dq),
             lse.stride(0), lse.stride(1),
             *m_strides,
             heads_q, len_q, len_k, scale, scale * LOG2E_HOST, window, sinks, *mod,
@@ -260,12 +256,7 @@ def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float,
         block_n = config_dkdv["BLOCK_N"]
         launch(sliding_window_bwd_dkdv_kernel)[(triton.cdiv(len_k, block_n), batch * heads_kv)](
             q, k, v, grad_out, dk, dv, lse, delta, mask_arg, slopes_arg, kv_lens_arg,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
+            *head_strides(q, k, v, grad_out, dk, dv),
             lse.stride(0), lse.stride(1),
             *m_strides,
             heads_kv, len_q, len_k, scale, scale * LOG2E_HOST, window, sinks, *mod,

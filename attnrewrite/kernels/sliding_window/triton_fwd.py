@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, POSITION_CODES, dot_precision, head_position, load_rows,
-                                                 mask_strides, mma, mod_args, modified_scores, online_softmax_step,
-                                                 padded_dim, store_rows)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, POSITION_CODES, dot_precision, head_position, head_strides,
+                                                 load_rows, mask_strides, mma, mod_args, modified_scores,
+                                                 online_softmax_step, padded_dim, store_rows)
 
 from .triton_common import band_scores, key_blocks, program_sequence
 
@@ -134,10 +134,7 @@ def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, windo
     launch(sliding_window_fwd_kernel)[grid](
         q, k, v, out, lse, mask if mask is not None else q, slopes if slopes is not None else q,
         kv_lens if kv_lens is not None else q,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        *head_strides(q, k, v, out),
         lse.stride(0), lse.stride(1),
         *m_strides,
         heads_q, len_q, len_k, scale * LOG2E_HOST, window, sinks, *mod,

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_row_pair, mma, mod_args,
-                                                 modified_scores, padded_dim, program_heads, softmax_dkdv_step, softmax_dq_step,
-                                                 store_rows)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, head_strides, load_row_pair, mma, mod_args,
+                                                 modified_scores, padded_dim, program_heads, softmax_dkdv_step,
+                                                 softmax_dq_step, store_rows)
 
 from .chunked import hide_padding
 from .triton_common import (key_block, key_ok, raw_key_range, raw_query_range, sequence_block, summary_query_range,
@@ -196,13 +196,7 @@ def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, 
         tables, grid, varlen = varlen_args(q, pack, "lengths", config_dq["BLOCK_M"], heads_q)
         launch(summary_bwd_dq_kernel)[grid or (triton.cdiv(length, config_dq["BLOCK_M"]), batch * heads_q)](
             q, k, v, k_sum, v_sum, valid, exists8, grad_out, lse, delta, dq, *tables,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            k_sum.stride(0), k_sum.stride(1), k_sum.stride(2),
-            v_sum.stride(0), v_sum.stride(1), v_sum.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
+            *head_strides(q, k, v, k_sum, v_sum, grad_out, dq),
             valid.stride(0) if key_valid is not None else 0, exists8.stride(0),
             heads_q, length, n_chunks, chunk_size, window_chunks, scale, scale * LOG2E_HOST, *mod,
             HAS_VALID=key_valid is not None, BLOCK_M=config_dq["BLOCK_M"], BLOCK_N=config_dq["BLOCK_N"],
@@ -218,12 +212,7 @@ def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, 
                                            heads_kv)
         launch(summary_bwd_dkdv_kernel)[grid or (triton.cdiv(n_keys, config_dkdv["BLOCK_N"]), batch * heads_kv)](
             q, keys, values, flags, grad_out, lse, delta, d_keys, d_values, *tables,
-            q.stride(0), q.stride(1), q.stride(2),
-            keys.stride(0), keys.stride(1), keys.stride(2),
-            values.stride(0), values.stride(1), values.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            d_keys.stride(0), d_keys.stride(1), d_keys.stride(2),
-            d_values.stride(0), d_values.stride(1), d_values.stride(2),
+            *head_strides(q, keys, values, grad_out, d_keys, d_values),
             flags.stride(0) if has_flags else 0,
             heads_kv, length, n_keys, chunk_size, window_chunks, scale, scale * LOG2E_HOST, *mod,
             SUMMARY=is_summary, HAS_FLAGS=has_flags, BLOCK_M=config_dkdv["BLOCK_M"], BLOCK_N=config_dkdv["BLOCK_N"],
