@@ -6,8 +6,8 @@ out before):
 - :func:`mma` (the product every kernel takes instead of ``tl.dot``, right under the interpreter in
   bfloat16), :func:`load_tile`, :data:`LOG2E`; :func:`load_rows` — a [rows, cols] tile of a row-major
   head (rows at ``stride_row``, unit last stride), masked only on the bounds asked for; :func:`load_row_pair` —
-  the same rows of two heads read together (k and v, q and dO); :func:`store_rows`
-  — its store, masked on both bounds;
+  the same rows of two heads read together (k and v, q and dO); :func:`row_ptrs` /
+  :func:`row_mask` — the pointers of such a tile and its bounds (the kernels' output and gradient stores);
 - :func:`score_mod_fn` and :func:`modified_scores` — a score modification (a program of
   :mod:`attnrewrite.kernels.score_mods` in the form ``post_mul · f(pre_mul · s + pre_add) + post_add``,
   f a constexpr ``MOD_FN``) and its derivative, the one copy the sigmoid, sliding-window and summary
@@ -208,8 +208,8 @@ def load_rows(base, offs_rows, stride_row, n_rows, offs_cols, n_cols, CHECK_ROWS
               CHECK_COLS: tl.constexpr):
     """The tile ``base[offs_rows, offs_cols]`` of a head with rows ``stride_row`` apart (zeros outside the
     bounds checked: rows below ``n_rows``, columns below ``n_cols``)."""
-    return load_tile(base + offs_rows[:, None] * stride_row + offs_cols[None, :], offs_rows, n_rows, offs_cols,
-                     n_cols, CHECK_ROWS, CHECK_COLS)
+    return load_tile(row_ptrs(base, offs_rows, stride_row, offs_cols), offs_rows, n_rows, offs_cols, n_cols,
+                     CHECK_ROWS, CHECK_COLS)
 
 
 @triton.jit
@@ -224,12 +224,19 @@ def load_row_pair(a_base, stride_a, b_base, stride_b, offs_rows, n_rows, D: tl.c
 
 
 @triton.jit
-def store_rows(base, offs_rows, stride_row, n_rows, offs_cols, n_cols, value):
-    """Store the tile ``value`` at ``base[offs_rows, offs_cols]`` of a head with rows ``stride_row`` apart, the
-    rows below ``n_rows`` and the columns below ``n_cols`` only (the store :func:`load_rows` mirrors: every
-    kernel's output, dQ, dK and dV tiles); ``value`` is cast to the element type by the store."""
-    tl.store(base + offs_rows[:, None] * stride_row + offs_cols[None, :], value,
-             mask=(offs_rows < n_rows)[:, None] & (offs_cols < n_cols)[None, :])
+def row_ptrs(base, offs_rows, stride_row, offs_cols):
+    """The pointers ``base[offs_rows, offs_cols]`` of a [rows, cols] tile of a head with rows ``stride_row``
+    apart and a unit last stride (:func:`load_rows` reads them; every kernel's output, dQ, dK and dV stores
+    write them, with :func:`row_mask`)."""
+    return base + offs_rows[:, None] * stride_row + offs_cols[None, :]
+
+
+@triton.jit
+def row_mask(offs_rows, n_rows, offs_cols, n_cols):
+    """The in-bounds entries of a [rows, cols] tile: rows below ``n_rows`` and columns below ``n_cols`` (the
+    mask of the stores at :func:`row_ptrs`; written as ``tl.store(row_ptrs(...), value, mask=row_mask(...))``
+    so that the pointers, the value and the mask are computed in the order the kernels always had)."""
+    return (offs_rows < n_rows)[:, None] & (offs_cols < n_cols)[None, :]
 
 
 @triton.jit
@@ -439,4 +446,4 @@ __all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "do
            "group_program", "head_class", "head_position", "head_strides", "interpreter_active", "launch_config", "length_bucket",
            "load_row_pair", "load_rows", "load_tile", "mask_strides", "mma", "mod_args", "modified_scores", "online_softmax_step", "padded_dim",
            "position_scores", "pow2", "program_heads", "relative_bias_grad", "score_mod_fn", "seeded_bf16",
-           "softmax_dkdv_step", "softmax_dq_step", "slot_rows", "store_rows", "tile_space", "unit_last_stride"]
+           "softmax_dkdv_step", "softmax_dq_step", "row_mask", "row_ptrs", "slot_rows", "tile_space", "unit_last_stride"]

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import head_strides, load_row_pair, store_rows
+from attnrewrite.kernels.triton_scaffold import head_strides, load_row_pair, row_mask, row_ptrs
 
 from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
                             key_range, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
@@ -127,7 +127,8 @@ def sigmoid_bwd_dq_kernel(
                       stride_dsm, offs_m, q_len, k_len, shift, full_end, hi, scale_log2, bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                       pos_log2, dr_base, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, STORE_DS, True,
                       NEWTON_STEPS, DOT_PRECISION, MOD_FN, POSITION)
-    store_rows(dq_base, offs_m, stride_dqm, q_len, offs_d, D, (dq * scale).to(DQ.dtype.element_ty))
+    tl.store(row_ptrs(dq_base, offs_m, stride_dqm, offs_d), (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_mask(offs_m, q_len, offs_d, D))
 
 
 @triton.jit
@@ -238,8 +239,10 @@ def sigmoid_bwd_dkdv_kernel(
                                   NEWTON_STEPS, DOT_PRECISION, ROW_BIAS, MOD_FN, POSITION)
     # Dense: every key row up to Tk is stored (padding keys get zeros); packed: only this sequence's.
     n_store = k_len if VARLEN else len_k
-    store_rows(dk_base, offs_n, stride_dkn, n_store, offs_d, D, (dk * scale).to(DK.dtype.element_ty))
-    store_rows(dv_base, offs_n, stride_dvn, n_store, offs_dv, DV, dv.to(DV_.dtype.element_ty))
+    tl.store(row_ptrs(dk_base, offs_n, stride_dkn, offs_d), (dk * scale).to(DK.dtype.element_ty),
+             mask=row_mask(offs_n, n_store, offs_d, D))
+    tl.store(row_ptrs(dv_base, offs_n, stride_dvn, offs_dv), dv.to(DV_.dtype.element_ty),
+             mask=row_mask(offs_n, n_store, offs_dv, DV))
 
 
 def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int,

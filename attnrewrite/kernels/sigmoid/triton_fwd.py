@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import head_strides, store_rows
+from attnrewrite.kernels.triton_scaffold import head_strides, row_mask, row_ptrs
 
 from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
                             key_range, load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
@@ -98,7 +98,8 @@ def sigmoid_fwd_kernel(
                         mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                         D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, NEWTON_STEPS, DOT_PRECISION,
                         MOD_FN, POSITION)
-    store_rows(o_base, offs_m, stride_om, q_len, offs_dv, DV, acc.to(Out.dtype.element_ty))
+    tl.store(row_ptrs(o_base, offs_m, stride_om, offs_dv), acc.to(Out.dtype.element_ty),
+             mask=row_mask(offs_m, q_len, offs_dv, DV))
 
 
 def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int,

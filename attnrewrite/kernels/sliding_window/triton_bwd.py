@@ -30,7 +30,8 @@ import triton.language as tl
 from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, POSITION_CODES, dot_precision, head_position,
                                                  head_strides, load_row_pair, mask_strides, mma, mod_args,
                                                  modified_scores, padded_dim, position_scores, relative_bias_grad,
-                                                 softmax_dkdv_step, softmax_dq_step, softmax_score_grad, store_rows)
+                                                 row_mask, row_ptrs, softmax_dkdv_step, softmax_dq_step,
+                                                 softmax_score_grad)
 
 from .triton_common import band_scores, band_visible, key_blocks, program_sequence, query_blocks
 
@@ -118,7 +119,8 @@ def sliding_window_bwd_dq_kernel(
                       offs_m, shift, q_len, k_len, window, sinks, full_hi, hi, scale_log2,
                       mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2, dr_row,
                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
-    store_rows(dq_base, offs_m, stride_dqm, q_len, offs_d, D, (dq * scale).to(DQ.dtype.element_ty))
+    tl.store(row_ptrs(dq_base, offs_m, stride_dqm, offs_d), (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_mask(offs_m, q_len, offs_d, D))
 
 
 @triton.jit
@@ -206,8 +208,10 @@ def sliding_window_bwd_dkdv_kernel(
                                   full_hi, m_hi, scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                                   D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
     # every key row up to Tk is stored: padding keys and keys no query sees get zeros
-    store_rows(dk_base, offs_n, stride_dkn, len_k, offs_d, D, (dk * scale).to(DK.dtype.element_ty))
-    store_rows(dv_base, offs_n, stride_dvn, len_k, offs_dv, DV, dv.to(DV_.dtype.element_ty))
+    tl.store(row_ptrs(dk_base, offs_n, stride_dkn, offs_d), (dk * scale).to(DK.dtype.element_ty),
+             mask=row_mask(offs_n, len_k, offs_d, D))
+    tl.store(row_ptrs(dv_base, offs_n, stride_dvn, offs_dv), dv.to(DV_.dtype.element_ty),
+             mask=row_mask(offs_n, len_k, offs_dv, DV))
 
 
 def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float, causal: bool, window: int,

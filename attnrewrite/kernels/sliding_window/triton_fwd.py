@@ -18,7 +18,7 @@ import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, POSITION_CODES, dot_precision, head_position, head_strides,
                                                  load_rows, mask_strides, mma, mod_args, modified_scores,
-                                                 online_softmax_step, padded_dim, store_rows)
+                                                 online_softmax_step, padded_dim, row_mask, row_ptrs)
 
 from .triton_common import band_scores, key_blocks, program_sequence
 
@@ -100,7 +100,8 @@ def sliding_window_fwd_kernel(
     out = acc / tl.where(seen_any, l_i, 1.0)[:, None]
     lse = tl.where(seen_any, m_i + tl.log2(tl.where(seen_any, l_i, 1.0)), float("inf"))
     row_ok = offs_m < q_len
-    store_rows(o_base, offs_m, stride_om, q_len, offs_dv, DV, out.to(Out.dtype.element_ty))
+    tl.store(row_ptrs(o_base, offs_m, stride_om, offs_dv), out.to(Out.dtype.element_ty),
+             mask=row_mask(offs_m, q_len, offs_dv, DV))
     tl.store(Lse + batch64 * stride_lb + head64 * stride_lh + offs_m, lse, mask=row_ok)
 
 

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, head_strides, load_row_pair, mma, mod_args,
-                                                 modified_scores, padded_dim, program_heads, softmax_dkdv_step,
-                                                 softmax_dq_step, store_rows)
+                                                 modified_scores, padded_dim, program_heads, row_mask, row_ptrs,
+                                                 softmax_dkdv_step, softmax_dq_step)
 
 from .chunked import hide_padding
 from .triton_common import (key_block, key_ok, raw_key_range, raw_query_range, sequence_block, summary_query_range,
@@ -96,7 +96,8 @@ def summary_bwd_dq_kernel(
                   mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                   D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, False, HAS_VALID, DOT_PRECISION, MOD_FN)
     dq_base = DQ + batch * stride_dqb + head * stride_dqh + tok0 * stride_dqm
-    store_rows(dq_base, offs_m, stride_dqm, length, offs_d, D, (dq * scale).to(DQ.dtype.element_ty))
+    tl.store(row_ptrs(dq_base, offs_m, stride_dqm, offs_d), (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_mask(offs_m, length, offs_d, D))
 
 
 @triton.jit
@@ -163,8 +164,10 @@ def summary_bwd_dkdv_kernel(
             dk, dv = softmax_dkdv_step(dk, dv, pt, q, do, v, delta, d_mod, DOT_PRECISION, MOD_FN)
     dk_base = DK + batch * stride_dkb + head_kv * stride_dkh + key0 * stride_dkn
     dv_base = DV_ + batch * stride_dvb + head_kv * stride_dvh + key0 * stride_dvn
-    store_rows(dk_base, offs_n, stride_dkn, n_here, offs_d, D, dk * scale)
-    store_rows(dv_base, offs_n, stride_dvn, n_here, offs_dv, DV, dv)
+    tl.store(row_ptrs(dk_base, offs_n, stride_dkn, offs_d), dk * scale,
+             mask=row_mask(offs_n, n_here, offs_d, D))
+    tl.store(row_ptrs(dv_base, offs_n, stride_dvn, offs_dv), dv,
+             mask=row_mask(offs_n, n_here, offs_dv, DV))
 
 
 def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, scale: float, causal: bool,

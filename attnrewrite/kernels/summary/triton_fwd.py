@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, head_strides, load_rows, mod_args,
-                                                 online_softmax_step, padded_dim, program_heads, store_rows)
+                                                 online_softmax_step, padded_dim, program_heads, row_mask, row_ptrs)
 
 from .chunked import hide_padding
 from .packed import block_table, query_programs
@@ -94,7 +94,8 @@ def summary_fwd_kernel(
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     o_base = Out + batch * stride_ob + head * stride_oh + tok0 * stride_om
-    store_rows(o_base, offs_m, stride_om, length, offs_dv, DV, out.to(Out.dtype.element_ty))
+    tl.store(row_ptrs(o_base, offs_m, stride_om, offs_dv), out.to(Out.dtype.element_ty),
+             mask=row_mask(offs_m, length, offs_dv, DV))
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), 0.0)
     tl.store(Lse + pid_zh.to(tl.int64) * len_q + tok0 + offs_m, lse, mask=offs_m < length)
 
