@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, head_strides, load_row_pair, mma, mod_args,
-                                                 modified_scores, padded_dim, program_heads, row_mask, row_ptrs,
-                                                 softmax_dkdv_step, softmax_dq_step)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, head_strides, load_row_pair, load_rows, mma,
+                                                 mod_args, modified_scores, padded_dim, program_heads, row_mask,
+                                                 row_ptrs, softmax_dkdv_step, softmax_dq_step)
 
 from .chunked import hide_padding
 from .triton_common import (key_block, key_ok, raw_key_range, raw_query_range, sequence_block, summary_query_range,
@@ -74,9 +74,11 @@ def summary_bwd_dq_kernel(
                                                       BlockSeq, BlockStart, VARLEN)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q, do = load_row_pair(Q + batch * stride_qb + head * stride_qh + tok0 * stride_qm, stride_qm,
-                          DO + batch * stride_dob + head * stride_doh + tok0 * stride_dom, stride_dom,
-                          offs_m, length, D, DV, BLOCK_D, BLOCK_DV, True)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = load_rows(Q + batch * stride_qb + head * stride_qh + tok0 * stride_qm, offs_m, stride_qm, length, offs_d, D,
+                  True, BLOCK_D != D)
+    do = load_rows(DO + batch * stride_dob + head * stride_doh + tok0 * stride_dom, offs_m, stride_dom, length,
+                   offs_dv, DV, True, BLOCK_DV != DV)
     row = pid_zh.to(tl.int64) * len_q + tok0 + offs_m
     lse = tl.load(Lse + row, mask=offs_m < length, other=0.0)
     delta = tl.load(Delta + row, mask=offs_m < length, other=0.0)
@@ -132,9 +134,10 @@ def summary_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k, v = load_row_pair(K + batch * stride_kb + head_kv * stride_kh + key0 * stride_kn, stride_kn,
-                         V + batch * stride_vb + head_kv * stride_vh + key0 * stride_vn, stride_vn,
-                         offs_n, n_here, D, DV, BLOCK_D, BLOCK_DV, True)
+    k = load_rows(K + batch * stride_kb + head_kv * stride_kh + key0 * stride_kn, offs_n, stride_kn, n_here, offs_d,
+                  D, True, BLOCK_D != D)
+    v = load_rows(V + batch * stride_vb + head_kv * stride_vh + key0 * stride_vn, offs_n, stride_vn, n_here, offs_dv,
+                  DV, True, BLOCK_DV != DV)
     ok_n = key_ok(Flags + batch * stride_flags_b + key0, offs_n, n_here, HAS_FLAGS)
     if SUMMARY:
         lo = summary_query_range(n0, length, chunk, window, CAUSAL)
