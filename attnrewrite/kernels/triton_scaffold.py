@@ -5,7 +5,9 @@ out before):
 
 - :func:`mma` (the product every kernel takes instead of ``tl.dot``, right under the interpreter in
   bfloat16), :func:`load_tile`, :data:`LOG2E`; :func:`load_rows` — a [rows, cols] tile of a row-major
-  head (rows at ``stride_row``, unit last stride), masked only on the bounds asked for;
+  head (rows at ``stride_row``, unit last stride), masked only on the bounds asked for; :func:`load_row_pair` —
+  the same rows of two heads read together (k and v, q and dO); :func:`row_ptrs` /
+  :func:`row_mask` — the pointers of such a tile and its bounds (the kernels' output and gradient stores);
 - :func:`score_mod_fn` and :func:`modified_scores` — a score modification (a program of
   :mod:`attnrewrite.kernels.score_mods` in the form ``post_mul · f(pre_mul · s + pre_add) + post_add``,
   f a constexpr ``MOD_FN``) and its derivative, the one copy the sigmoid, sliding-window and summary
@@ -21,9 +23,9 @@ out before):
 - :func:`group_program` / :func:`slot_rows` — the head group and the gathered rows of the hashed
   kernels' programs.
 
-Host side: :func:`interpreter_active`, :func:`unit_last_stride`, :func:`mask_strides`, and the configuration
-fitting every kind's ``spaces.py`` does the same way (:func:`head_class`, :func:`length_bucket`, :func:`pow2`,
-:func:`fit_config`, :func:`launch_config`).
+Host side: :func:`interpreter_active`, :func:`unit_last_stride`, :func:`mask_strides`, :func:`head_strides`
+(the launches' per-head strides), and the configuration fitting every kind's ``spaces.py`` does the same way
+(:func:`head_class`, :func:`length_bucket`, :func:`pow2`, :func:`fit_config`, :func:`launch_config`).
 """
 
 from __future__ import annotations
@@ -206,8 +208,35 @@ def load_rows(base, offs_rows, stride_row, n_rows, offs_cols, n_cols, CHECK_ROWS
               CHECK_COLS: tl.constexpr):
     """The tile ``base[offs_rows, offs_cols]`` of a head with rows ``stride_row`` apart (zeros outside the
     bounds checked: rows below ``n_rows``, columns below ``n_cols``)."""
-    return load_tile(base + offs_rows[:, None] * stride_row + offs_cols[None, :], offs_rows, n_rows, offs_cols,
-                     n_cols, CHECK_ROWS, CHECK_COLS)
+    return load_tile(row_ptrs(base, offs_rows, stride_row, offs_cols), offs_rows, n_rows, offs_cols, n_cols,
+                     CHECK_ROWS, CHECK_COLS)
+
+
+@triton.jit
+def load_row_pair(a_base, stride_a, b_base, stride_b, offs_rows, n_rows, D: tl.constexpr, DV: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """(a, b): the rows ``offs_rows`` of two heads that are read together, a [rows, BLOCK_D] tile of a head of
+    dim ``D`` (k, or q) and a [rows, BLOCK_DV] tile of a head of dim ``DV`` (v, or dO), each with
+    :func:`load_rows` (columns checked when the head dim is padded, rows below ``n_rows`` when CHECK_ROWS)."""
+    a = load_rows(a_base, offs_rows, stride_a, n_rows, tl.arange(0, BLOCK_D), D, CHECK_ROWS, BLOCK_D != D)
+    b = load_rows(b_base, offs_rows, stride_b, n_rows, tl.arange(0, BLOCK_DV), DV, CHECK_ROWS, BLOCK_DV != DV)
+    return a, b
+
+
+@triton.jit
+def row_ptrs(base, offs_rows, stride_row, offs_cols):
+    """The pointers ``base[offs_rows, offs_cols]`` of a [rows, cols] tile of a head with rows ``stride_row``
+    apart and a unit last stride (:func:`load_rows` reads them; every kernel's output, dQ, dK and dV stores
+    write them, with :func:`row_mask`)."""
+    return base + offs_rows[:, None] * stride_row + offs_cols[None, :]
+
+
+@triton.jit
+def row_mask(offs_rows, n_rows, offs_cols, n_cols):
+    """The in-bounds entries of a [rows, cols] tile: rows below ``n_rows`` and columns below ``n_cols`` (the
+    mask of the stores at :func:`row_ptrs`; written as ``tl.store(row_ptrs(...), value, mask=row_mask(...))``
+    so that the pointers, the value and the mask are computed in the order the kernels always had)."""
+    return (offs_rows < n_rows)[:, None] & (offs_cols < n_cols)[None, :]
 
 
 @triton.jit
@@ -337,6 +366,12 @@ def mask_strides(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) ->
     return mask, mask.stride()
 
 
+def head_strides(*tensors: torch.Tensor) -> tuple:
+    """The batch, head and row strides of each [B, H, T, D] tensor in turn (stride(0), stride(1), stride(2)):
+    what a kernel launch passes for every head it indexes (the last stride is 1, :func:`unit_last_stride`)."""
+    return tuple(s for t in tensors for s in (t.stride(0), t.stride(1), t.stride(2)))
+
+
 def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` with a unit last stride (the kernels index the head dim as contiguous); None stays None."""
     return t if t is None or t.stride(-1) == 1 else t.contiguous()
@@ -408,7 +443,7 @@ def launch_config(spaces, kernel: str, q: torch.Tensor, v: torch.Tensor, shape: 
 
 
 __all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "dot_precision", "fit_config",
-           "group_program", "head_class", "head_position", "interpreter_active", "launch_config", "length_bucket",
-           "load_rows", "load_tile", "mask_strides", "mma", "mod_args", "modified_scores", "online_softmax_step", "padded_dim",
+           "group_program", "head_class", "head_position", "head_strides", "interpreter_active", "launch_config", "length_bucket",
+           "load_row_pair", "load_rows", "load_tile", "mask_strides", "mma", "mod_args", "modified_scores", "online_softmax_step", "padded_dim",
            "position_scores", "pow2", "program_heads", "relative_bias_grad", "score_mod_fn", "seeded_bf16",
-           "softmax_dkdv_step", "softmax_dq_step", "slot_rows", "tile_space", "unit_last_stride"]
+           "softmax_dkdv_step", "softmax_dq_step", "row_mask", "row_ptrs", "slot_rows", "tile_space", "unit_last_stride"]

@@ -25,8 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
+from attnrewrite.kernels.triton_scaffold import head_strides, load_row_pair, row_mask, row_ptrs
+
 from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
-                            load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
+                            key_range, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
                             relative_bias_grad, sigmoid_tile)
 
 
@@ -38,12 +40,9 @@ def _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, strid
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, STORE_DS: tl.constexpr,
                  MASKED: tl.constexpr, NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  MOD_FN: tl.constexpr, POSITION: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, offs_n, stride_kn, k_len, offs_d, D, MASKED, BLOCK_D != D)
-        v = load_rows(v_base, offs_n, stride_vn, k_len, offs_dv, DV, MASKED, BLOCK_DV != DV)
+        k, v = load_row_pair(k_base, stride_kn, v_base, stride_vn, offs_n, k_len, D, DV, BLOCK_D, BLOCK_DV, MASKED)
         p, d_mod = sigmoid_tile(q, k, mask_base, stride_mm, stride_mn, offs_m, offs_n, q_len, k_len, shift,
                                 scale_log2, bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                                 pos_log2, False, CAUSAL, HAS_MASK, MASKED, NEWTON_STEPS, DOT_PRECISION, MOD_FN,
@@ -106,9 +105,7 @@ def sigmoid_bwd_dq_kernel(
     m0 = m_block * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = load_rows(q_base, offs_m, stride_qm, q_len, offs_d, D, True, BLOCK_D != D)
-    do = load_rows(do_base, offs_m, stride_dom, q_len, offs_dv, DV, True, BLOCK_DV != DV)
+    q, do = load_row_pair(q_base, stride_qm, do_base, stride_dom, offs_m, q_len, D, DV, BLOCK_D, BLOCK_DV, True)
     bias_base = Bias + seq * stride_bz + head * stride_bh + q_start.to(tl.int64) * stride_bm
     if ROW_BIAS:  # one b per query row, [BLOCK_M, 1] against the key columns
         bias_log2 = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[:, None]
@@ -119,13 +116,7 @@ def sigmoid_bwd_dq_kernel(
     if POSITION == 3:  # the head's row of the gradient of R, [Hq, Tq + Tk - 1]
         dr_base = head_position(DR, head64, len_q, len_k, POSITION)
 
-    shift = k_len - q_len if CAUSAL == 2 else k_len * 0
-    if CAUSAL != 0:
-        hi = tl.maximum(tl.minimum(k_len, m0 + BLOCK_M + shift), 0)
-        full_end = tl.minimum(tl.maximum(m0 + shift + 1, 0) // BLOCK_N, k_len // BLOCK_N) * BLOCK_N
-    else:
-        hi = k_len
-        full_end = k_len // BLOCK_N * BLOCK_N
+    shift, full_end, hi = key_range(m0, q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_key_loop(dq, q, do, k_base, v_base, mask_base, ds_base, stride_kn, stride_vn, stride_mm, stride_mn,
@@ -136,8 +127,8 @@ def sigmoid_bwd_dq_kernel(
                       stride_dsm, offs_m, q_len, k_len, shift, full_end, hi, scale_log2, bias_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                       pos_log2, dr_base, D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, STORE_DS, True,
                       NEWTON_STEPS, DOT_PRECISION, MOD_FN, POSITION)
-    tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=(offs_m < q_len)[:, None] & (offs_d < D)[None, :])
+    tl.store(row_ptrs(dq_base, offs_m, stride_dqm, offs_d), (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_mask(offs_m, q_len, offs_d, D))
 
 
 @triton.jit
@@ -148,12 +139,9 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, stride_qm, stride
                      BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
                      NEWTON_STEPS: tl.constexpr, DOT_PRECISION: tl.constexpr, ROW_BIAS: tl.constexpr,
                      MOD_FN: tl.constexpr, POSITION: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_rows(q_base, offs_m, stride_qm, q_len, offs_d, D, MASKED, BLOCK_D != D)
-        do = load_rows(do_base, offs_m, stride_dom, q_len, offs_dv, DV, MASKED, BLOCK_DV != DV)
+        q, do = load_row_pair(q_base, stride_qm, do_base, stride_dom, offs_m, q_len, D, DV, BLOCK_D, BLOCK_DV, MASKED)
         if ROW_BIAS:  # b per query row: loaded for this block of rows only (a whole row would cost registers)
             bias_t = (tl.load(bias_base + offs_m * stride_bm, mask=offs_m < q_len, other=0.0) * LOG2E)[None, :]
         else:
@@ -208,8 +196,7 @@ def sigmoid_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = load_rows(k_base, offs_n, stride_kn, k_len, offs_d, D, True, BLOCK_D != D)
-    v = load_rows(v_base, offs_n, stride_vn, k_len, offs_dv, DV, True, BLOCK_DV != DV)
+    k, v = load_row_pair(k_base, stride_kn, v_base, stride_vn, offs_n, k_len, D, DV, BLOCK_D, BLOCK_DV, True)
 
     # Query blocks: [m_lo, full_lo) masked, [full_lo, full_hi) unmasked, [full_hi, m_hi) masked.
     # Rows above the causal diagonal of this key block never see it and are not visited; a block of
@@ -252,10 +239,10 @@ def sigmoid_bwd_dkdv_kernel(
                                   NEWTON_STEPS, DOT_PRECISION, ROW_BIAS, MOD_FN, POSITION)
     # Dense: every key row up to Tk is stored (padding keys get zeros); packed: only this sequence's.
     n_store = k_len if VARLEN else len_k
-    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=(offs_n < n_store)[:, None] & (offs_d < D)[None, :])
-    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
-             mask=(offs_n < n_store)[:, None] & (offs_dv < DV)[None, :])
+    tl.store(row_ptrs(dk_base, offs_n, stride_dkn, offs_d), (dk * scale).to(DK.dtype.element_ty),
+             mask=row_mask(offs_n, n_store, offs_d, D))
+    tl.store(row_ptrs(dv_base, offs_n, stride_dvn, offs_dv), dv.to(DV_.dtype.element_ty),
+             mask=row_mask(offs_n, n_store, offs_dv, DV))
 
 
 def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int,
@@ -308,11 +295,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
             q, k, v, grad_out, dq, ds if want_mask_grad else q, mask_arg, bias, slopes_arg,
             dr if relative else bias, kv_lens_arg,
             cu_q_arg, cu_k_arg, block_seq, block_start,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
+            *head_strides(q, k, v, grad_out, dq),
             *ds_strides, *m_strides, *bias_strides(bias),
             heads_q, len_q, len_k, scale, scale * LOG2E_HOST, *mod,
             STORE_DS=want_mask_grad, NEWTON_STEPS=newton_steps(config_dq["RCP_NEWTON"], q.dtype),
@@ -330,12 +313,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
         launch(sigmoid_bwd_dkdv_kernel)[grid](
             q, k, v, grad_out, dk, dv, mask_arg, bias, slopes_arg, kv_lens_arg,
             cu_q_arg, cu_k_arg, block_seq, block_start,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
+            *head_strides(q, k, v, grad_out, dk, dv),
             *m_strides, *bias_strides(bias),
             heads_kv, len_q, len_k, scale, scale * LOG2E_HOST, *mod,
             NEWTON_STEPS=newton_steps(config_dkdv["RCP_NEWTON"], q.dtype),

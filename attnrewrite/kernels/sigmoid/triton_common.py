@@ -20,9 +20,9 @@ from attnrewrite.kernels.triton_scaffold import (INTERPRETED, LOG2E, LOG2E_HOST,
                                                  score_mod_fn)
 
 __all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "bias_strides", "block_table",
-           "dot_precision", "head_position", "load_rows", "load_tile", "locate", "mask_strides", "mma", "mod_args",
-           "modified_scores", "newton_steps", "padded_dim", "position_scores", "relative_bias_grad", "score_mod_fn",
-           "sigmoid_log2", "sigmoid_tile"]
+           "dot_precision", "head_position", "key_range", "load_rows", "load_tile", "locate", "mask_strides", "mma",
+           "mod_args", "modified_scores", "newton_steps", "padded_dim", "position_scores", "relative_bias_grad",
+           "score_mod_fn", "sigmoid_log2", "sigmoid_tile"]
 
 
 @triton.jit
@@ -99,6 +99,22 @@ def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k
         z2 = tl.where(visible, z2, float("-inf"))
     p = sigmoid_log2(z2, NEWTON_STEPS)
     return p, d_mod
+
+
+@triton.jit
+def key_range(m0, q_len, k_len, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(shift, full_end, hi) of the query block starting at row ``m0`` (the forward's and the dQ kernel's key
+    loop): key j is visible to row i iff j <= i + shift (causal; shift = Tk − Tq bottom-right, CAUSAL = 2,
+    else 0); the keys [0, full_end) are whole blocks every row of the block sees (no mask), [full_end, hi)
+    the boundary blocks, and no key at or beyond hi is visible to any row."""
+    shift = k_len - q_len if CAUSAL == 2 else k_len * 0
+    if CAUSAL != 0:
+        hi = tl.maximum(tl.minimum(k_len, m0 + BLOCK_M + shift), 0)
+        full_end = tl.minimum(tl.maximum(m0 + shift + 1, 0) // BLOCK_N, k_len // BLOCK_N) * BLOCK_N
+    else:
+        hi = k_len
+        full_end = k_len // BLOCK_N * BLOCK_N
+    return shift, full_end, hi
 
 
 @triton.jit

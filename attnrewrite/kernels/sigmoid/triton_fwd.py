@@ -15,8 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from attnrewrite.kernels.triton_scaffold import head_strides, row_mask, row_ptrs
+
 from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
-                            load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim, sigmoid_tile)
+                            key_range, load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
+                            sigmoid_tile)
 
 
 @triton.jit
@@ -82,13 +85,7 @@ def sigmoid_fwd_kernel(
     pos_log2 = head_position(Slopes, head.to(tl.int64), len_q, len_k, POSITION)  # slope (log2 units) or R's row
 
     # key j is visible to row i iff j <= i + shift (causal); full blocks need no mask for any row.
-    shift = k_len - q_len if CAUSAL == 2 else k_len * 0
-    if CAUSAL != 0:
-        hi = tl.maximum(tl.minimum(k_len, m0 + BLOCK_M + shift), 0)
-        full_end = tl.minimum(tl.maximum(m0 + shift + 1, 0) // BLOCK_N, k_len // BLOCK_N) * BLOCK_N
-    else:
-        hi = k_len
-        full_end = k_len // BLOCK_N * BLOCK_N
+    shift, full_end, hi = key_range(m0, q_len, k_len, CAUSAL, BLOCK_M, BLOCK_N)
 
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     acc = _fwd_key_loop(acc, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
@@ -101,8 +98,8 @@ def sigmoid_fwd_kernel(
                         mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                         D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, NEWTON_STEPS, DOT_PRECISION,
                         MOD_FN, POSITION)
-    out_ptrs = o_base + offs_m[:, None] * stride_om + offs_dv[None, :]
-    tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=(offs_m < q_len)[:, None] & (offs_dv < DV)[None, :])
+    tl.store(row_ptrs(o_base, offs_m, stride_om, offs_dv), acc.to(Out.dtype.element_ty),
+             mask=row_mask(offs_m, q_len, offs_dv, DV))
 
 
 def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale: float, causal: int,
@@ -139,10 +136,7 @@ def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale:
         q, k, v, out, mask if mask is not None else q, bias, slopes if slopes is not None else bias,
         kv_lens if kv_lens is not None else q,
         cu_seqlens_q if varlen else q, cu_seqlens_k if varlen else q, block_seq, block_start,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        *head_strides(q, k, v, out),
         *m_strides,
         *bias_strides(bias),
         heads_q, len_q, len_k, scale * LOG2E_HOST, *mod,

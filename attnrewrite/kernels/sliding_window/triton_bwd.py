@@ -28,11 +28,12 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, POSITION_CODES, dot_precision, head_position,
-                                                 load_rows, mask_strides, mma, mod_args, modified_scores, padded_dim,
-                                                 position_scores, relative_bias_grad, softmax_dkdv_step,
-                                                 softmax_dq_step, softmax_score_grad)
+                                                 head_strides, load_row_pair, mask_strides, mma, mod_args,
+                                                 modified_scores, padded_dim, position_scores, relative_bias_grad,
+                                                 row_mask, row_ptrs, softmax_dkdv_step, softmax_dq_step,
+                                                 softmax_score_grad)
 
-from .triton_common import band_scores, band_visible, key_blocks, query_blocks, sequence_lengths
+from .triton_common import band_scores, band_visible, key_blocks, program_sequence, query_blocks
 
 
 @triton.jit
@@ -42,12 +43,9 @@ def _dq_key_loop(dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, st
                  D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                  BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr, POSITION: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_rows(k_base, offs_n, stride_kn, k_len, offs_d, D, MASKED, BLOCK_D != D)
-        v = load_rows(v_base, offs_n, stride_vn, k_len, offs_dv, DV, MASKED, BLOCK_DV != DV)
+        k, v = load_row_pair(k_base, stride_kn, v_base, stride_vn, offs_n, k_len, D, DV, BLOCK_D, BLOCK_DV, MASKED)
         s, d_mod = modified_scores(mma(q, tl.trans(k), None, DOT_PRECISION), scale_log2, None, mod_in_mul,
                                    mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, MOD_FN)
         s = band_scores(s, mask_base, stride_mm, stride_mn, offs_m, offs_n, shift, q_len, k_len, window, sinks,
@@ -80,13 +78,8 @@ def sliding_window_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1, POSITION: tl.constexpr = 0,
 ):
-    m_block = tl.program_id(0)
-    pid_zh = tl.program_id(1)
-    batch = pid_zh // heads_q
-    head = pid_zh % heads_q
-    head_kv = head // GROUP
-    q_len, k_len, shift = sequence_lengths(batch, len_q, len_k, KvLens, HAS_KV_LENS)
-    batch64, head64, head_kv64 = batch.to(tl.int64), head.to(tl.int64), head_kv.to(tl.int64)
+    m_block, batch64, head64, head_kv64, q_len, k_len, shift = program_sequence(heads_q, len_q, len_k, KvLens, GROUP,
+                                                                                HAS_KV_LENS)
     q_base = Q + batch64 * stride_qb + head64 * stride_qh
     do_base = DO + batch64 * stride_dob + head64 * stride_doh
     dq_base = DQ + batch64 * stride_dqb + head64 * stride_dqh
@@ -102,10 +95,8 @@ def sliding_window_bwd_dq_kernel(
     m0 = m_block * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < q_len
-    q = load_rows(q_base, offs_m, stride_qm, q_len, offs_d, D, True, BLOCK_D != D)
-    do = load_rows(do_base, offs_m, stride_dom, q_len, offs_dv, DV, True, BLOCK_DV != DV)
+    q, do = load_row_pair(q_base, stride_qm, do_base, stride_dom, offs_m, q_len, D, DV, BLOCK_D, BLOCK_DV, True)
     lse = tl.load(Lse + stat_base + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + stat_base + offs_m, mask=row_ok, other=0.0)
 
@@ -128,8 +119,8 @@ def sliding_window_bwd_dq_kernel(
                       offs_m, shift, q_len, k_len, window, sinks, full_hi, hi, scale_log2,
                       mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2, dr_row,
                       D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
-    tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d < D)[None, :])
+    tl.store(row_ptrs(dq_base, offs_m, stride_dqm, offs_d), (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_mask(offs_m, q_len, offs_d, D))
 
 
 @triton.jit
@@ -139,12 +130,9 @@ def _dkdv_query_loop(dk, dv, k, v, q_base, do_base, mask_base, lse_base, delta_b
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr,
                      DOT_PRECISION: tl.constexpr, MOD_FN: tl.constexpr, POSITION: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = load_rows(q_base, offs_m, stride_qm, q_len, offs_d, D, MASKED, BLOCK_D != D)
-        do = load_rows(do_base, offs_m, stride_dom, q_len, offs_dv, DV, MASKED, BLOCK_DV != DV)
+        q, do = load_row_pair(q_base, stride_qm, do_base, stride_dom, offs_m, q_len, D, DV, BLOCK_D, BLOCK_DV, MASKED)
         if MASKED:
             lse = tl.load(lse_base + offs_m, mask=offs_m < q_len, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=offs_m < q_len, other=0.0)
@@ -183,12 +171,8 @@ def sliding_window_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1, POSITION: tl.constexpr = 0,
 ):
-    n_block = tl.program_id(0)
-    pid_zh = tl.program_id(1)
-    batch = pid_zh // heads_kv
-    head_kv = pid_zh % heads_kv
-    q_len, k_len, shift = sequence_lengths(batch, len_q, len_k, KvLens, HAS_KV_LENS)
-    batch64, head_kv64 = batch.to(tl.int64), head_kv.to(tl.int64)
+    n_block, batch64, head_kv64, _, q_len, k_len, shift = program_sequence(heads_kv, len_q, len_k, KvLens, 1,
+                                                                           HAS_KV_LENS)
     k_base = K + batch64 * stride_kb + head_kv64 * stride_kh
     v_base = V + batch64 * stride_vb + head_kv64 * stride_vh
     dk_base = DK + batch64 * stride_dkb + head_kv64 * stride_dkh
@@ -198,8 +182,7 @@ def sliding_window_bwd_dkdv_kernel(
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = load_rows(k_base, offs_n, stride_kn, k_len, offs_d, D, True, BLOCK_D != D)
-    v = load_rows(v_base, offs_n, stride_vn, k_len, offs_dv, DV, True, BLOCK_DV != DV)
+    k, v = load_row_pair(k_base, stride_kn, v_base, stride_vn, offs_n, k_len, D, DV, BLOCK_D, BLOCK_DV, True)
     m_lo, full_lo, full_hi, m_hi = query_blocks(n0, shift, q_len, k_len, window, sinks, CAUSAL, BLOCK_M, BLOCK_N)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -225,11 +208,10 @@ def sliding_window_bwd_dkdv_kernel(
                                   full_hi, m_hi, scale_log2, mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul, pos_log2,
                                   D, DV, BLOCK_D, BLOCK_DV, BLOCK_M, CAUSAL, HAS_MASK, True, DOT_PRECISION, MOD_FN, POSITION)
     # every key row up to Tk is stored: padding keys and keys no query sees get zeros
-    row_ok = offs_n < len_k
-    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d < D)[None, :])
-    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_dv[None, :], dv.to(DV_.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_dv < DV)[None, :])
+    tl.store(row_ptrs(dk_base, offs_n, stride_dkn, offs_d), (dk * scale).to(DK.dtype.element_ty),
+             mask=row_mask(offs_n, len_k, offs_d, D))
+    tl.store(row_ptrs(dv_base, offs_n, stride_dvn, offs_dv), dv.to(DV_.dtype.element_ty),
+             mask=row_mask(offs_n, len_k, offs_dv, DV))
 
 
 def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float, causal: bool, window: int,
@@ -267,11 +249,7 @@ def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float,
         block_m = config_dq["BLOCK_M"]
         launch(sliding_window_bwd_dq_kernel)[(triton.cdiv(len_q, block_m), batch * heads_q)](
             q, k, v, grad_out, dq, lse, delta, mask_arg, slopes_arg, dr if relative else q, kv_lens_arg,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
+            *head_strides(q, k, v, grad_out, dq),
             lse.stride(0), lse.stride(1),
             *m_strides,
             heads_q, len_q, len_k, scale, scale * LOG2E_HOST, window, sinks, *mod,
@@ -282,12 +260,7 @@ def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float,
         block_n = config_dkdv["BLOCK_N"]
         launch(sliding_window_bwd_dkdv_kernel)[(triton.cdiv(len_k, block_n), batch * heads_kv)](
             q, k, v, grad_out, dk, dv, lse, delta, mask_arg, slopes_arg, kv_lens_arg,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
+            *head_strides(q, k, v, grad_out, dk, dv),
             lse.stride(0), lse.stride(1),
             *m_strides,
             heads_kv, len_q, len_k, scale, scale * LOG2E_HOST, window, sinks, *mod,

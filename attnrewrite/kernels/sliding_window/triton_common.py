@@ -115,6 +115,20 @@ def sequence_lengths(batch, len_q, len_k, KvLens, HAS_KV_LENS: tl.constexpr):
 
 
 @triton.jit
+def program_sequence(heads, len_q, len_k, KvLens, GROUP: tl.constexpr, HAS_KV_LENS: tl.constexpr):
+    """(block, batch, head, head_kv, q_len, k_len, shift) of this program, of a grid (blocks, batch · heads):
+    its block, its batch and head (int64; ``GROUP`` heads per key/value head ``head_kv``: a query-head
+    grid, or GROUP = 1 over key/value heads) and its sequence's :func:`sequence_lengths`."""
+    block = tl.program_id(0)
+    pid_zh = tl.program_id(1)
+    batch = pid_zh // heads
+    head = pid_zh % heads
+    head_kv = head // GROUP
+    q_len, k_len, shift = sequence_lengths(batch, len_q, len_k, KvLens, HAS_KV_LENS)
+    return block, batch.to(tl.int64), head.to(tl.int64), head_kv.to(tl.int64), q_len, k_len, shift
+
+
+@triton.jit
 def band_scores(s, mask_base, stride_mm, stride_mn, offs_m, offs_n, shift, q_len, k_len, window, sinks,
                 CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASKED: tl.constexpr, pos_log2,
                 POSITION: tl.constexpr):

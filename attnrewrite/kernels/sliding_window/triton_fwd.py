@@ -16,11 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, POSITION_CODES, dot_precision, head_position, load_rows,
-                                                 mask_strides, mma, mod_args, modified_scores, online_softmax_step,
-                                                 padded_dim)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, POSITION_CODES, dot_precision, head_position, head_strides,
+                                                 load_rows, mask_strides, mma, mod_args, modified_scores,
+                                                 online_softmax_step, padded_dim, row_mask, row_ptrs)
 
-from .triton_common import band_scores, key_blocks, sequence_lengths
+from .triton_common import band_scores, key_blocks, program_sequence
 
 
 @triton.jit
@@ -60,13 +60,8 @@ def sliding_window_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_KV_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MOD_FN: tl.constexpr = -1, POSITION: tl.constexpr = 0,
 ):
-    m_block = tl.program_id(0)
-    pid_zh = tl.program_id(1)
-    batch = pid_zh // heads_q
-    head = pid_zh % heads_q
-    head_kv = head // GROUP
-    q_len, k_len, shift = sequence_lengths(batch, len_q, len_k, KvLens, HAS_KV_LENS)
-    batch64, head64, head_kv64 = batch.to(tl.int64), head.to(tl.int64), head_kv.to(tl.int64)
+    m_block, batch64, head64, head_kv64, q_len, k_len, shift = program_sequence(heads_q, len_q, len_k, KvLens, GROUP,
+                                                                                HAS_KV_LENS)
     q_base = Q + batch64 * stride_qb + head64 * stride_qh
     k_base = K + batch64 * stride_kb + head_kv64 * stride_kh
     v_base = V + batch64 * stride_vb + head_kv64 * stride_vh
@@ -105,8 +100,8 @@ def sliding_window_fwd_kernel(
     out = acc / tl.where(seen_any, l_i, 1.0)[:, None]
     lse = tl.where(seen_any, m_i + tl.log2(tl.where(seen_any, l_i, 1.0)), float("inf"))
     row_ok = offs_m < q_len
-    tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_dv < DV)[None, :])
+    tl.store(row_ptrs(o_base, offs_m, stride_om, offs_dv), out.to(Out.dtype.element_ty),
+             mask=row_mask(offs_m, q_len, offs_dv, DV))
     tl.store(Lse + batch64 * stride_lb + head64 * stride_lh + offs_m, lse, mask=row_ok)
 
 
@@ -140,10 +135,7 @@ def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, windo
     launch(sliding_window_fwd_kernel)[grid](
         q, k, v, out, lse, mask if mask is not None else q, slopes if slopes is not None else q,
         kv_lens if kv_lens is not None else q,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        *head_strides(q, k, v, out),
         lse.stride(0), lse.stride(1),
         *m_strides,
         heads_q, len_q, len_k, scale * LOG2E_HOST, window, sinks, *mod,

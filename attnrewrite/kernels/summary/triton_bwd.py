@@ -21,8 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, mma, mod_args, modified_scores,
-                                                 padded_dim, program_heads, softmax_dkdv_step, softmax_dq_step)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, head_strides, load_row_pair, load_rows, mma,
+                                                 mod_args, modified_scores, padded_dim, program_heads, row_mask,
+                                                 row_ptrs, softmax_dkdv_step, softmax_dq_step)
 
 from .chunked import hide_padding
 from .triton_common import (key_block, key_ok, raw_key_range, raw_query_range, sequence_block, summary_query_range,
@@ -97,8 +98,8 @@ def summary_bwd_dq_kernel(
                   mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul,
                   D, DV, BLOCK_D, BLOCK_DV, BLOCK_N, CAUSAL, False, HAS_VALID, DOT_PRECISION, MOD_FN)
     dq_base = DQ + batch * stride_dqb + head * stride_dqh + tok0 * stride_dqm
-    tl.store(dq_base + offs_m[:, None] * stride_dqm + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=(offs_m < length)[:, None] & (offs_d < D)[None, :])
+    tl.store(row_ptrs(dq_base, offs_m, stride_dqm, offs_d), (dq * scale).to(DQ.dtype.element_ty),
+             mask=row_mask(offs_m, length, offs_d, D))
 
 
 @triton.jit
@@ -153,8 +154,8 @@ def summary_bwd_dkdv_kernel(
         row_base = (batch * heads_kv * GROUP + head) * len_q + tok0
         for start_m in tl.range(lo, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
-            q = load_rows(q_base, offs_m, stride_qm, length, offs_d, D, True, BLOCK_D != D)
-            do = load_rows(do_base, offs_m, stride_dom, length, offs_dv, DV, True, BLOCK_DV != DV)
+            q, do = load_row_pair(q_base, stride_qm, do_base, stride_dom, offs_m, length, D, DV, BLOCK_D, BLOCK_DV,
+                                  True)
             lse = tl.load(Lse + row_base + offs_m, mask=offs_m < length, other=0.0)
             delta = tl.load(Delta + row_base + offs_m, mask=offs_m < length, other=0.0)
             ok = ok_n[:, None] & (offs_m < length)[None, :]
@@ -166,10 +167,10 @@ def summary_bwd_dkdv_kernel(
             dk, dv = softmax_dkdv_step(dk, dv, pt, q, do, v, delta, d_mod, DOT_PRECISION, MOD_FN)
     dk_base = DK + batch * stride_dkb + head_kv * stride_dkh + key0 * stride_dkn
     dv_base = DV_ + batch * stride_dvb + head_kv * stride_dvh + key0 * stride_dvn
-    tl.store(dk_base + offs_n[:, None] * stride_dkn + offs_d[None, :],
-             dk * scale, mask=(offs_n < n_here)[:, None] & (offs_d < D)[None, :])
-    tl.store(dv_base + offs_n[:, None] * stride_dvn + offs_dv[None, :],
-             dv, mask=(offs_n < n_here)[:, None] & (offs_dv < DV)[None, :])
+    tl.store(row_ptrs(dk_base, offs_n, stride_dkn, offs_d), dk * scale,
+             mask=row_mask(offs_n, n_here, offs_d, D))
+    tl.store(row_ptrs(dv_base, offs_n, stride_dvn, offs_dv), dv,
+             mask=row_mask(offs_n, n_here, offs_dv, DV))
 
 
 def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, scale: float, causal: bool,
@@ -201,13 +202,7 @@ def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, 
         tables, grid, varlen = varlen_args(q, pack, "lengths", config_dq["BLOCK_M"], heads_q)
         launch(summary_bwd_dq_kernel)[grid or (triton.cdiv(length, config_dq["BLOCK_M"]), batch * heads_q)](
             q, k, v, k_sum, v_sum, valid, exists8, grad_out, lse, delta, dq, *tables,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            k_sum.stride(0), k_sum.stride(1), k_sum.stride(2),
-            v_sum.stride(0), v_sum.stride(1), v_sum.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
+            *head_strides(q, k, v, k_sum, v_sum, grad_out, dq),
             valid.stride(0) if key_valid is not None else 0, exists8.stride(0),
             heads_q, length, n_chunks, chunk_size, window_chunks, scale, scale * LOG2E_HOST, *mod,
             HAS_VALID=key_valid is not None, BLOCK_M=config_dq["BLOCK_M"], BLOCK_N=config_dq["BLOCK_N"],
@@ -223,12 +218,7 @@ def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, 
                                            heads_kv)
         launch(summary_bwd_dkdv_kernel)[grid or (triton.cdiv(n_keys, config_dkdv["BLOCK_N"]), batch * heads_kv)](
             q, keys, values, flags, grad_out, lse, delta, d_keys, d_values, *tables,
-            q.stride(0), q.stride(1), q.stride(2),
-            keys.stride(0), keys.stride(1), keys.stride(2),
-            values.stride(0), values.stride(1), values.stride(2),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            d_keys.stride(0), d_keys.stride(1), d_keys.stride(2),
-            d_values.stride(0), d_values.stride(1), d_values.stride(2),
+            *head_strides(q, keys, values, grad_out, d_keys, d_values),
             flags.stride(0) if has_flags else 0,
             heads_kv, length, n_keys, chunk_size, window_chunks, scale, scale * LOG2E_HOST, *mod,
             SUMMARY=is_summary, HAS_FLAGS=has_flags, BLOCK_M=config_dkdv["BLOCK_M"], BLOCK_N=config_dkdv["BLOCK_N"],

@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 # The tile loaders and dtype helpers are the sigmoid kernels' (one copy of the scaffolding).
-from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, load_tile, mma, modified_scores,
-                                                 padded_dim)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_row_pair, load_tile, mma,
+                                                 modified_scores, padded_dim)
 
 __all__ = ["LOG2E_HOST", "dot_precision", "key_block", "key_ok", "load_tile", "padded_dim", "raw_key_range", "raw_query_range",
            "sequence_block", "summary_query_range", "summary_range", "visible"]
@@ -123,10 +123,7 @@ def key_block(q, k_base, v_base, flags_base, stride_kn, stride_vn, offs_m, offs_
     """One key block of a query block's pass (raw keys, or summaries with SUMMARY): (k, v, which scores the
     rows may see, the scores log2(e)·mod(scale·q·kᵀ), the modification's derivative) — the start of the
     forward's and the dQ kernel's step."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    k = load_rows(k_base, offs_n, stride_kn, n_keys, offs_d, D, True, BLOCK_D != D)
-    v = load_rows(v_base, offs_n, stride_vn, n_keys, offs_dv, DV, True, BLOCK_DV != DV)
+    k, v = load_row_pair(k_base, stride_kn, v_base, stride_vn, offs_n, n_keys, D, DV, BLOCK_D, BLOCK_DV, True)
     ok = key_ok(flags_base, offs_n, n_keys, HAS_FLAGS)[None, :] & (offs_m < len_q)[:, None]
     vis = visible(offs_m[:, None], offs_n[None, :], ok, chunk, window, CAUSAL, SUMMARY)
     z2, d_mod = modified_scores(mma(q, tl.trans(k), None, DOT_PRECISION), scale_log2, None, mod_in_mul, mod_in_add,

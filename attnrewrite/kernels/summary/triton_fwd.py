@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, mod_args, online_softmax_step,
-                                                 padded_dim, program_heads)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, head_strides, load_rows, mod_args,
+                                                 online_softmax_step, padded_dim, program_heads, row_mask, row_ptrs)
 
 from .chunked import hide_padding
 from .packed import block_table, query_programs
@@ -94,8 +94,8 @@ def summary_fwd_kernel(
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     o_base = Out + batch * stride_ob + head * stride_oh + tok0 * stride_om
-    tl.store(o_base + offs_m[:, None] * stride_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
-             mask=(offs_m < length)[:, None] & (offs_dv < DV)[None, :])
+    tl.store(row_ptrs(o_base, offs_m, stride_om, offs_dv), out.to(Out.dtype.element_ty),
+             mask=row_mask(offs_m, length, offs_dv, DV))
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), 0.0)
     tl.store(Lse + pid_zh.to(tl.int64) * len_q + tok0 + offs_m, lse, mask=offs_m < length)
 
@@ -142,12 +142,7 @@ def summary_fwd(q, k, v, k_sum, v_sum, exists, key_valid, scale: float, causal: 
     grid = grid or (triton.cdiv(length, block_m), batch * heads_q)
     launch(summary_fwd_kernel)[grid](
         q, k, v, k_sum, v_sum, valid, exists8, out, lse, *tables,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        k_sum.stride(0), k_sum.stride(1), k_sum.stride(2),
-        v_sum.stride(0), v_sum.stride(1), v_sum.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        *head_strides(q, k, v, k_sum, v_sum, out),
         valid.stride(0) if key_valid is not None else 0, exists8.stride(0),
         heads_q, length, n_chunks, chunk_size, window_chunks, scale * LOG2E_HOST, *mod,
         D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=padded_dim(dim_v), GROUP=heads_q // heads_kv,
