@@ -165,13 +165,13 @@ class Decoder(nn.Module):
 
 @pytest.fixture(autouse=True)
 def _no_reports_from_earlier_tests():
-    """Each test starts without Dynamo's caches and the reports of graphs other tests compiled: after a reset,
-    Dynamo numbers frames from 0 again, and verify reads the latest report recorded for a region's compile id, so
-    a report another test left under the same id could be read as this run's (seen in CI: the `linear` failure
-    of test_verify_names_attention_a_kind_left_as_it_was reported again by the next test's verify)."""
+    """Each test starts without the reports of graphs other tests compiled (conftest already resets Dynamo):
+    after a reset Dynamo numbers frames from 0 again, and verify reads the latest report recorded for a region's
+    compile id, so a report another test left under the same id could be read as this run's (seen in CI: the
+    `linear` failure of test_verify_names_attention_a_kind_left_as_it_was reported again by the next test's
+    verify)."""
     from attnrewrite.rewriter import report
 
-    torch._dynamo.reset()
     with report._LOCK:
         report._RECENT.clear()
     yield
