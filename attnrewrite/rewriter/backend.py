@@ -22,7 +22,7 @@ import torch.fx as fx
 from attnrewrite.rewriter.failures import recompile_limit_reached
 from attnrewrite.rewriter.options import RewriteOptions
 from attnrewrite.rewriter.pipeline import run_pass
-from attnrewrite.rewriter.report import Report, record
+from attnrewrite.rewriter.report import Report, graph_serial, record
 
 log = logging.getLogger("attnrewrite")
 
@@ -184,23 +184,26 @@ def attnrewrite_backend(
              len(report.skipped))
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s\n%s", report, gm.code)
-    return ranged(compile_graph(gm, example_inputs, opts.compiler), report.compile_ids[0])
+    return ranged(compile_graph(gm, example_inputs, opts.compiler), report)
 
 
-#: Profiler range around each call of a graph this backend compiled (``verify`` tells by it the graphs
-#: from the eager code of a compiled frame: graph-break bytecode, functions Dynamo skips).
+#: Profiler range around each call of a graph this backend compiled, named ``"attnrewrite graph <serial>
+#: <compile id>"``: ``verify`` tells by it the graphs from the eager code of a compiled frame (graph-break
+#: bytecode, functions Dynamo skips), and finds by the serial the report of the graph that ran.
 GRAPH_RANGE = "attnrewrite graph "
 
 
-def ranged(compiled: Callable, compile_id: str) -> Callable:
-    """``compiled`` called inside a ``record_function`` range named after the graph's compile id."""
-    name = GRAPH_RANGE + compile_id
+def ranged(compiled: Callable, report: Report) -> Callable:
+    """``compiled`` called inside a ``record_function`` range naming its graph's report (kept alive
+    with the graph, see :func:`attnrewrite.rewriter.report.graph_report`)."""
+    name = f"{GRAPH_RANGE}{graph_serial(report)} {report.compile_ids[0]}"
 
     @functools.wraps(compiled)  # keeps the calling convention's attributes (inductor's _boxed_call)
     def run(*args: Any) -> Any:
         with torch.profiler.record_function(name):
             return compiled(*args)
 
+    run.attnrewrite_report = report  # alive as long as the graph can run
     return run
 
 

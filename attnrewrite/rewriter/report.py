@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -163,3 +165,25 @@ def recent_reports() -> list[Report]:
     """Reports of the graphs the backend compiled in this process, oldest first (at most 64)."""
     with _LOCK:
         return list(_RECENT)
+
+
+#: Report of each compiled graph still alive, by a serial number unique in the process.  Dynamo's
+#: compile ids are not unique: they start again from 0/0 after ``torch._dynamo.reset()``, so a
+#: report looked up by compile id can belong to another model compiled earlier.
+_GRAPHS: weakref.WeakValueDictionary[int, Report] = weakref.WeakValueDictionary()
+_SERIALS = itertools.count()
+
+
+def graph_serial(report: Report) -> int:
+    """A serial number naming ``report``'s graph; the caller keeps ``report`` alive as long as the
+    graph can run (:func:`graph_report` forgets it after)."""
+    with _LOCK:
+        serial = next(_SERIALS)
+        _GRAPHS[serial] = report
+        return serial
+
+
+def graph_report(serial: int) -> Report | None:
+    """The report of the graph named ``serial`` by :func:`graph_serial`, or None once it is gone."""
+    with _LOCK:
+        return _GRAPHS.get(serial)

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from attnrewrite.rewriter.backend import GRAPH_RANGE
 from attnrewrite.rewriter.failures import Failure, RewriteFailed
-from attnrewrite.rewriter.report import Report, recent_reports
+from attnrewrite.rewriter.report import Report, graph_report
 
 #: Forward ops that compute attention, or the softmax of one (the outermost such event counts once).
 ATTENTION_OPS = frozenset({
@@ -141,15 +141,19 @@ def _restore_grads(saved: list[tuple[torch.Tensor, torch.Tensor | None]]) -> Non
 
 def _account(events: list[Any]) -> Verification:
     result = Verification()
-    reports: dict[str, Report] = {}
-    for report in recent_reports():  # the latest report of each compile id
-        for compile_id in report.compile_ids:
-            reports[compile_id] = report
+    graphs: dict[int, Report] = {}  # the report of each graph that ran, by its serial, in order
     for event in events:
         if event.name.startswith(_REGION):
             region = event.name[len(_REGION):]
             if region not in result.regions:
                 result.regions.append(region)
+        elif event.name.startswith(GRAPH_RANGE):
+            serial = int(event.name[len(GRAPH_RANGE):].split(" ", 1)[0])
+            if serial not in graphs:
+                report = graph_report(serial)
+                if report is None:  # cannot be while the graph runs: its range holds the report
+                    raise RuntimeError(f"verify: no report for {event.name!r}")
+                graphs[serial] = report
     for event in events:
         if event.name not in ATTENTION_OPS or _has_ancestor(event, lambda e: e.name in ATTENTION_OPS
                                                               or e.name.startswith(_OURS) or _compiling(e)):
@@ -164,15 +168,13 @@ def _account(events: list[Any]) -> Verification:
                                            "none of its graphs (code between graph breaks, a function Dynamo "
                                            "skips or that is disabled; a softmax there may or may not be "
                                            "attention)"))
-    for region in result.regions:
-        report = reports.get(region)
-        if report is None:
-            continue
+    for report in graphs.values():
         result.report.merge(copy.deepcopy(report))  # merge renumbers the sites' graphs in place
+        graph = ", ".join(report.compile_ids)
         for site in report.sites:
             if site.attention_left_as_it_was:
                 said = "attention not rewritten: " if site.spec is not None else ""
-                result.failures.append(Failure(site.module, f"{said}{site.reason} (graph {region})"))
+                result.failures.append(Failure(site.module, f"{said}{site.reason} (graph {graph})"))
     return result
 
 

@@ -163,18 +163,11 @@ class Decoder(nn.Module):
         return self.head(x).softmax(-1)
 
 
-@pytest.fixture(autouse=True)
-def _no_reports_from_earlier_tests():
-    """Each test starts without the reports of graphs other tests compiled (conftest already resets Dynamo):
-    after a reset Dynamo numbers frames from 0 again, and verify reads the latest report recorded for a region's
-    compile id, so a report another test left under the same id could be read as this run's (seen in CI: the
-    `linear` failure of test_verify_names_attention_a_kind_left_as_it_was reported again by the next test's
-    verify)."""
-    from attnrewrite.rewriter import report
-
-    with report._LOCK:
-        report._RECENT.clear()
-    yield
+class Biased(Decoder):
+    def forward(self, x):
+        q, k, v = self.layers[0](x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        bias = torch.linspace(0, 1, x.shape[1])  # an additive bias: linear cannot honour it
+        return (torch.softmax(q @ k.transpose(-1, -2) + bias, -1) @ v).sum(1)
 
 
 def test_verify_passes_when_every_attention_ran_as_the_kind():
@@ -204,15 +197,23 @@ def test_strict_raises_on_an_attention_split_by_a_graph_break(pause):
 
 
 def test_verify_names_attention_a_kind_left_as_it_was():
-    class Biased(Decoder):
-        def forward(self, x):
-            q, k, v = self.layers[0](x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
-            bias = torch.linspace(0, 1, x.shape[1])  # an additive bias: linear cannot honour it
-            return (torch.softmax(q @ k.transpose(-1, -2) + bias, -1) @ v).sum(1)
-
     result = attnrewrite.verify(Biased(), torch.randn(2, 6, 16), to="linear", raise_on_failure=False)
     (failure,) = result.failures
     assert "attention not rewritten" in failure.cause and "additive bias" in failure.cause
+
+
+@pytest.mark.parametrize("pause", [None, "probs"])
+def test_verify_reads_only_the_reports_of_the_graphs_that_ran(pause):
+    """Dynamo numbers compiles from 0/0 again after a reset: a report of another model compiled before
+    under the same compile id is not this run's (verify read it as this run's, and listed its failure)."""
+    x = torch.randn(2, 6, 16)
+    assert len(attnrewrite.verify(Biased(), x, to="linear", raise_on_failure=False).failures) == 1
+    torch._dynamo.reset()
+    result = attnrewrite.verify(Decoder(pause), x, to="sigmoid", raise_on_failure=False)
+    assert [f for f in result.failures if "additive bias" in f.cause] == [], result
+    assert len(result.failures) == (pause is not None), result  # the attention split by the graph break
+    assert len(result.report.rewritten) == 2 - (pause is not None), result
+    assert {s.kind for s in result.report.rewritten} == {"sigmoid"}, result
 
 
 def test_verify_sees_attention_that_ran_eagerly_past_the_recompile_limit():
