@@ -79,6 +79,39 @@ def segment_bounds(seqlen, i_s, num_splits, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def segment_program(cu_seqlens, T, num_splits, heads, IS_VARLEN: tl.constexpr, ALIGN: tl.constexpr):
+    """Where a program of the segmented kernels works: (its block of a head dim, its segment, sequence and
+    head, the sequence's first row, length and batch index, the segment's rows [start, end)).  Grid axis 0
+    cuts a head dim in blocks, axis 1 a sequence in ``num_splits`` segments; axis 2 is (sequence, head),
+    ``heads`` heads per sequence."""
+    i_blk, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // heads, i_nh % heads
+    bos, seqlen, batch = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    t_start, t_end = segment_bounds(seqlen, i_s, num_splits, ALIGN)
+    return i_blk, i_s, i_n, i_h, bos, seqlen, batch, t_start, t_end
+
+
+@triton.jit
+def chunk_rows(rows, seqlen, bos, key_mask, batch, T, HAS_KEY_MASK: tl.constexpr):
+    """(row_ok, grow, keep) of a chunk's ``rows`` (indices in the sequence): which are in the sequence, their
+    int64 rows in the (packed) tensors, and which count as keys (in it and, with ``key_mask`` int8 [B, T],
+    not padding)."""
+    row_ok = rows < seqlen
+    grow = (bos + rows).to(tl.int64)
+    keep = row_ok
+    if HAS_KEY_MASK:
+        keep = keep & (tl.load(key_mask + batch * T + rows, mask=row_ok, other=0) != 0)
+    return row_ok, grow, keep
+
+
+@triton.jit
+def state_ptrs(states, index, offs_k, offs_v, DK: tl.constexpr, DV: tl.constexpr):
+    """The pointers of the [BK, BV] tile (rows ``offs_k``, columns ``offs_v``) of state ``index`` in a
+    contiguous fp32 tensor of [Dk, Dv] states: S, dS and their per-segment copies, loaded and stored alike."""
+    return states + index * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+
+
+@triton.jit
 def as_dot(x, DOT_FP32: tl.constexpr, INPUT_DTYPE: tl.constexpr):
     """Cast an fp32 tile to the operand type of this kernel's matmuls."""
     if DOT_FP32:
@@ -121,6 +154,13 @@ def dot_mode(dtype: torch.dtype) -> tuple[bool, str, tl.dtype]:
 def pow2(n: int, lo: int = 16) -> int:
     """The smallest power of two ≥ max(n, lo) (tl.dot needs every tile side ≥ 16)."""
     return max(lo, triton.next_power_of_2(int(n)))
+
+
+def block_grid(config: dict, block: str, dim: int, num_splits: int, programs: int) -> tuple[int, tuple[int, int, int]]:
+    """(block size, grid) of a segmented launch: head dim ``dim`` cut in blocks of ``config[block]`` (at most
+    its padded size) × ``num_splits`` segments × ``programs`` (sequence, head) pairs (:func:`segment_program`)."""
+    size = min(config[block], pow2(dim))
+    return size, (triton.cdiv(dim, size), num_splits, programs)
 
 
 def row_strides(x: torch.Tensor) -> tuple[int, int, int]:
