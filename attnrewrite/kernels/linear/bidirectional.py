@@ -22,8 +22,8 @@ from attnrewrite.kernels.triton_scaffold import row_ptrs
 
 from .chunk_bwd import bwd_gamma
 from .chunk_fwd import chunk_state
-from .triton_common import (SEGMENT_ALIGN, as_dot, block_grid, chunk_rows, dot_mode, feature, feature_grad,
-                            launch_config, launch_options, pow2, row_strides, segment_program, state_ptrs, tuning_shape)
+from .triton_common import (SEGMENT_ALIGN, as_dot, chunk_rows, dot_mode, feature, feature_grad, launch_config,
+                            launch_options, pow2, row_strides, segment_grid, segment_program, state_ptrs, tuning_shape)
 
 
 @triton.jit
@@ -186,7 +186,7 @@ def bidir_out(q, S, z, *, heads_kv, feature_map_id, scale, eps, num_splits, cu_s
     inv_den = q.new_empty(batch, heads_q, Tq, dtype=torch.float32)
 
     def launch(cfg):
-        bv, grid = block_grid(cfg, "BLOCK_V", dv, num_splits, num_seqs * heads_q)
+        bv, grid = segment_grid(cfg, "BLOCK_V", dv, num_splits, num_seqs * heads_q)
         traceable(bidir_fwd_kernel)[grid](
             q, out, inv_den, S, z, cu_seqlens, *row_strides(q), *row_strides(out),
             Tq, num_splits, heads_q, float(scale), float(eps), GROUP=heads_q // heads_kv, FEATURE=feature_map_id,
@@ -236,7 +236,7 @@ def bidir_bwd_dq(q, do, inv_den, gamma, S, z, *, feature_map_id, scale, num_spli
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
     def launch(cfg):
-        bk, grid = block_grid(cfg, "BLOCK_K", dk, num_splits, num_seqs * heads_q)
+        bk, grid = segment_grid(cfg, "BLOCK_K", dk, num_splits, num_seqs * heads_q)
         traceable(bidir_bwd_dq_kernel)[grid](
             q, do, inv_den, gamma, dq, S, z, cu_seqlens, *row_strides(q), *row_strides(do), *row_strides(dq),
             Tq, num_splits, heads_q, float(scale), GROUP=heads_q // heads_kv, FEATURE=feature_map_id, DK=dk, DV=dv,
@@ -253,7 +253,7 @@ def bidir_bwd_dk(k, v, dS, dz, *, heads_q, feature_map_id, num_splits, key_mask=
     grad = torch.empty(k.shape, dtype=k.dtype, device=k.device)
 
     def launch(cfg):
-        bk, grid = block_grid(cfg, "BLOCK_K", dk, num_splits, num_seqs * heads_kv)
+        bk, grid = segment_grid(cfg, "BLOCK_K", dk, num_splits, num_seqs * heads_kv)
         traceable(bidir_bwd_dk_kernel)[grid](
             k, v, grad, dS, dz, key_mask, cu_seqlens, *row_strides(k), *row_strides(v), *row_strides(grad),
             Tk, num_splits, heads_kv, FEATURE=feature_map_id, DK=dk, DV=dv, BK=bk, BV=pow2(dv), BT=cfg["BLOCK_T"],
@@ -270,7 +270,7 @@ def bidir_bwd_dv(k, v, dS, *, heads_q, feature_map_id, num_splits, key_mask=None
     grad = torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
     def launch(cfg):
-        bv, grid = block_grid(cfg, "BLOCK_V", dv, num_splits, num_seqs * heads_kv)
+        bv, grid = segment_grid(cfg, "BLOCK_V", dv, num_splits, num_seqs * heads_kv)
         traceable(bidir_bwd_dv_kernel)[grid](
             k, grad, dS, key_mask, cu_seqlens, *row_strides(k), *row_strides(grad),
             Tk, num_splits, heads_kv, FEATURE=feature_map_id, DK=dk, DV=dv, BK=pow2(dk), BV=bv, BT=cfg["BLOCK_T"],

@@ -24,8 +24,8 @@ from attnrewrite.kernels._ops import traceable
 from attnrewrite.kernels.triton_scaffold import row_ptrs
 
 from .chunk_fwd import chunk_state
-from .triton_common import (SEGMENT_ALIGN, as_dot, block_grid, chunk_rows, default_num_splits, dot_mode,
-                            exclusive_cumsum, feature, feature_grad, launch_config, launch_options, pow2, row_strides,
+from .triton_common import (SEGMENT_ALIGN, as_dot, chunk_rows, default_num_splits, dot_mode, exclusive_cumsum, feature,
+                            feature_grad, launch_config, launch_options, pow2, row_strides, segment_grid,
                             segment_program, state_ptrs, tuning_shape)
 
 
@@ -274,7 +274,7 @@ def chunk_bwd_dq(L: _Launch, inv_den, gamma, start_S, start_z, has_start: bool, 
     dq = torch.empty(L.q.shape, dtype=L.q.dtype, device=L.q.device)
 
     def launch(cfg):
-        bk, grid = block_grid(cfg, "BLOCK_K", L.dk, L.num_splits, L.num_seqs * L.heads_q)
+        bk, grid = segment_grid(cfg, "BLOCK_K", L.dk, L.num_splits, L.num_seqs * L.heads_q)
         traceable(chunk_bwd_dq_kernel)[grid](
             L.q, L.k, L.v, L.do, inv_den, gamma, dq, start_S, start_z, L.key_mask, L.cu_seqlens, *L.strides,
             *row_strides(dq), L.T, L.num_splits, L.heads_q, L.scale, BK=bk, BV=pow2(L.dv), BT=cfg["BLOCK_T"],
@@ -291,7 +291,7 @@ def chunk_bwd_dk(L: _Launch, inv_den, gamma, end_dS, end_dz, config=None):
     d_initial_z = L.q.new_empty(L.num_seqs, L.heads_kv, L.dk, dtype=torch.float32)
 
     def launch(cfg):
-        bk, grid = block_grid(cfg, "BLOCK_K", L.dk, L.num_splits, L.num_seqs * L.heads_kv)
+        bk, grid = segment_grid(cfg, "BLOCK_K", L.dk, L.num_splits, L.num_seqs * L.heads_kv)
         traceable(chunk_bwd_dk_kernel)[grid](
             L.q, L.k, L.v, L.do, inv_den, gamma, dk, end_dS, end_dz, d_initial_S, d_initial_z, L.key_mask,
             L.cu_seqlens, *L.strides, *row_strides(dk), L.T, L.num_splits, L.heads_kv, L.scale, BK=bk,
@@ -306,7 +306,7 @@ def chunk_bwd_dv(L: _Launch, inv_den, end_dS, config=None) -> torch.Tensor:
     dv = torch.empty(L.v.shape, dtype=L.v.dtype, device=L.v.device)
 
     def launch(cfg):
-        bv, grid = block_grid(cfg, "BLOCK_V", L.dv, L.num_splits, L.num_seqs * L.heads_kv)
+        bv, grid = segment_grid(cfg, "BLOCK_V", L.dv, L.num_splits, L.num_seqs * L.heads_kv)
         traceable(chunk_bwd_dv_kernel)[grid](
             L.q, L.k, L.v, L.do, inv_den, dv, end_dS, L.key_mask, L.cu_seqlens, *L.strides, *row_strides(dv),
             L.T, L.num_splits, L.heads_kv, L.scale, BK=pow2(L.dk), BV=bv, BT=cfg["BLOCK_T"],

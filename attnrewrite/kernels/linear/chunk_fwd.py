@@ -19,9 +19,8 @@ import triton.language as tl
 from attnrewrite.kernels._ops import traceable
 from attnrewrite.kernels.triton_scaffold import row_ptrs
 
-from .triton_common import (SEGMENT_ALIGN, as_dot, block_grid, chunk_rows, dot_mode, exclusive_cumsum, feature,
-                            launch_config, launch_options, pow2, row_strides, segment_program, state_ptrs,
-                            tuning_shape)
+from .triton_common import (SEGMENT_ALIGN, as_dot, chunk_rows, dot_mode, exclusive_cumsum, feature, launch_config,
+                            launch_options, pow2, row_strides, segment_grid, segment_program, state_ptrs, tuning_shape)
 
 
 @triton.jit
@@ -169,7 +168,7 @@ def chunk_state(
     shape = tuning_shape(num_seqs, x.shape[1], heads_out, T, dk, dv, x.dtype)
 
     def launch(cfg):
-        bv, grid = block_grid(cfg, "BLOCK_V", dv, num_splits, num_seqs * heads_out)
+        bv, grid = segment_grid(cfg, "BLOCK_V", dv, num_splits, num_seqs * heads_out)
         traceable(chunk_state_kernel)[grid](
             x, y, row_scale, row_weight, key_mask, out_S, out_z, cu_seqlens,
             *row_strides(x), *row_strides(y), T, num_splits, heads_out, float(scale),
@@ -236,7 +235,7 @@ def chunk_linear_attn_fwd(
     shape = tuning_shape(num_seqs, heads_q, heads_kv, T, dk, dv, q.dtype)
 
     def launch(cfg):
-        bv, grid = block_grid(cfg, "BLOCK_V", dv, num_splits, num_seqs * heads_q)
+        bv, grid = segment_grid(cfg, "BLOCK_V", dv, num_splits, num_seqs * heads_q)
         traceable(chunk_fwd_kernel)[grid](
             q, k, v, out, inv_den, key_mask, start_S, start_z, final_S, final_z, cu_seqlens,
             *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(out),

@@ -156,7 +156,7 @@ def pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(int(n)))
 
 
-def block_grid(config: dict, block: str, dim: int, num_splits: int, programs: int) -> tuple[int, tuple[int, int, int]]:
+def segment_grid(config: dict, block: str, dim: int, num_splits: int, programs: int) -> tuple[int, tuple[int, int, int]]:
     """(block size, grid) of a segmented launch: head dim ``dim`` cut in blocks of ``config[block]`` (at most
     its padded size) × ``num_splits`` segments × ``programs`` (sequence, head) pairs (:func:`segment_program`)."""
     size = min(config[block], pow2(dim))
