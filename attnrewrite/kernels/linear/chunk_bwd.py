@@ -26,7 +26,7 @@ from attnrewrite.kernels.triton_scaffold import row_ptrs
 from .chunk_fwd import chunk_state
 from .triton_common import (SEGMENT_ALIGN, as_dot, chunk_rows, default_num_splits, dot_mode, exclusive_cumsum, feature,
                             feature_grad, launch_config, launch_options, pow2, row_strides, segment_grid,
-                            segment_program, state_ptrs, tuning_shape)
+                            segment_program, segment_rows, state_ptrs, tuning_shape)
 
 
 @triton.jit
@@ -55,10 +55,10 @@ def chunk_bwd_dq_kernel(
     HAS_KEY_MASK: tl.constexpr, HAS_START: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    i_k, i_s, i_n, i_hq, bos, seqlen, batch, t_start, t_end = segment_program(cu_seqlens, T, num_splits, heads_q,
-                                                                              IS_VARLEN, ALIGN)
+    i_k, i_s, i_n, i_hq = segment_program(heads_q)
     heads_kv = heads_q // GROUP
     i_hk = i_hq // GROUP
+    bos, seqlen, batch, t_start, t_end = segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN, ALIGN)
     in_dtype = q.dtype.element_ty
 
     offs_t = tl.arange(0, BT)
@@ -119,9 +119,9 @@ def chunk_bwd_dk_kernel(
     HAS_KEY_MASK: tl.constexpr, HAS_END: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    i_k, i_s, i_n, i_hk, bos, seqlen, batch, t_start, t_end = segment_program(cu_seqlens, T, num_splits, heads_kv,
-                                                                              IS_VARLEN, ALIGN)
+    i_k, i_s, i_n, i_hk = segment_program(heads_kv)
     heads_q = heads_kv * GROUP
+    bos, seqlen, batch, t_start, t_end = segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN, ALIGN)
     in_dtype = q.dtype.element_ty
 
     offs_t = tl.arange(0, BT)
@@ -187,9 +187,9 @@ def chunk_bwd_dv_kernel(
     HAS_KEY_MASK: tl.constexpr, HAS_END: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    i_v, i_s, i_n, i_hk, bos, seqlen, batch, t_start, t_end = segment_program(cu_seqlens, T, num_splits, heads_kv,
-                                                                              IS_VARLEN, ALIGN)
+    i_v, i_s, i_n, i_hk = segment_program(heads_kv)
     heads_q = heads_kv * GROUP
+    bos, seqlen, batch, t_start, t_end = segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN, ALIGN)
     in_dtype = q.dtype.element_ty
 
     offs_t = tl.arange(0, BT)

@@ -20,7 +20,8 @@ from attnrewrite.kernels._ops import traceable
 from attnrewrite.kernels.triton_scaffold import row_ptrs
 
 from .triton_common import (SEGMENT_ALIGN, as_dot, chunk_rows, dot_mode, exclusive_cumsum, feature, launch_config,
-                            launch_options, pow2, row_strides, segment_grid, segment_program, state_ptrs, tuning_shape)
+                            launch_options, pow2, row_strides, segment_grid, segment_program, segment_rows, state_ptrs,
+                            tuning_shape)
 
 
 @triton.jit
@@ -33,8 +34,8 @@ def chunk_state_kernel(
     HAS_KEY_MASK: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_ROW_WEIGHT: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    i_v, i_s, i_n, i_ho, bos, seqlen, batch, t_start, t_end = segment_program(cu_seqlens, T, num_splits, heads_out,
-                                                                              IS_VARLEN, ALIGN)
+    i_v, i_s, i_n, i_ho = segment_program(heads_out)
+    bos, seqlen, batch, t_start, t_end = segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN, ALIGN)
     heads_in = heads_out * GROUP
     in_dtype = x.dtype.element_ty
 
@@ -80,10 +81,10 @@ def chunk_fwd_kernel(
     HAS_KEY_MASK: tl.constexpr, HAS_START: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    i_v, i_s, i_n, i_hq, bos, seqlen, batch, t_start, t_end = segment_program(cu_seqlens, T, num_splits, heads_q,
-                                                                              IS_VARLEN, ALIGN)
+    i_v, i_s, i_n, i_hq = segment_program(heads_q)
     heads_kv = heads_q // GROUP
     i_hk = i_hq // GROUP
+    bos, seqlen, batch, t_start, t_end = segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN, ALIGN)
     in_dtype = q.dtype.element_ty
 
     offs_t = tl.arange(0, BT)

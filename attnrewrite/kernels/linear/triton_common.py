@@ -79,16 +79,21 @@ def segment_bounds(seqlen, i_s, num_splits, ALIGN: tl.constexpr):
 
 
 @triton.jit
-def segment_program(cu_seqlens, T, num_splits, heads, IS_VARLEN: tl.constexpr, ALIGN: tl.constexpr):
-    """Where a program of the segmented kernels works: (its block of a head dim, its segment, sequence and
-    head, the sequence's first row, length and batch index, the segment's rows [start, end)).  Grid axis 0
-    cuts a head dim in blocks, axis 1 a sequence in ``num_splits`` segments; axis 2 is (sequence, head),
-    ``heads`` heads per sequence."""
+def segment_program(heads):
+    """(block, segment, sequence, head) of a program of the segmented kernels: grid axis 0 cuts a head dim in
+    blocks, axis 1 a sequence in ``num_splits`` segments; axis 2 is (sequence, head), ``heads`` heads per
+    sequence.  Kernels derive their other heads from it before they ask for :func:`segment_rows`."""
     i_blk, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // heads, i_nh % heads
+    return i_blk, i_s, i_nh // heads, i_nh % heads
+
+
+@triton.jit
+def segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN: tl.constexpr, ALIGN: tl.constexpr):
+    """(first row, length, batch index) of sequence ``i_n`` (:func:`sequence_bounds`) and the rows
+    [start, end) of its segment ``i_s`` of ``num_splits`` (:func:`segment_bounds`)."""
     bos, seqlen, batch = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     t_start, t_end = segment_bounds(seqlen, i_s, num_splits, ALIGN)
-    return i_blk, i_s, i_n, i_h, bos, seqlen, batch, t_start, t_end
+    return bos, seqlen, batch, t_start, t_end
 
 
 @triton.jit
