@@ -22,9 +22,8 @@ from attnrewrite.kernels.triton_scaffold import row_ptrs
 
 from .chunk_bwd import bwd_gamma
 from .chunk_fwd import chunk_state
-from .triton_common import (SEGMENT_ALIGN, as_dot, chunk_rows, dot_mode, feature, feature_grad, launch_config,
-                            launch_options, pow2, row_strides, segment_grid, segment_program, segment_rows, state_ptrs,
-                            tuning_shape)
+from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, feature, feature_grad, launch_config, launch_options, pow2,
+                            row_strides, segment_grid, segment_program, segment_rows, state_ptrs, tuning_shape)
 
 
 @triton.jit
@@ -55,8 +54,7 @@ def bidir_fwd_kernel(
         rows = t0 + offs_t
         row_ok = rows < seqlen
         grow = (bos + rows).to(tl.int64)
-        # not through row_ptrs: with line info (Triton's default) the inlined call's scope label splits the loop
-        # body's first block, and ptxas scheduled this kernel differently (sm_90: 138 -> 128 registers)
+        # written out, not through row_ptrs: see linear/triton_common.py
         qx = tl.load(q_base + grow[:, None] * sqt + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         q_feat = tl.where(row_ok[:, None] & k_ok[None, :], feature(qx.to(tl.float32) * scale, FEATURE), 0.0)
         den = tl.sum(q_feat * z_vec[None, :], 1) + eps
@@ -127,7 +125,11 @@ def bidir_bwd_dk_kernel(
     dz_vec = tl.load(dz + head * DK + offs_k, mask=k_ok, other=0.0)
     for t0 in range(t_start, t_end, BT):
         rows = t0 + offs_t
-        row_ok, grow, keep = chunk_rows(rows, seqlen, bos, key_mask, batch, T, HAS_KEY_MASK)
+        row_ok = rows < seqlen
+        grow = (bos + rows).to(tl.int64)
+        keep = row_ok
+        if HAS_KEY_MASK:
+            keep = keep & (tl.load(key_mask + batch * T + rows, mask=row_ok, other=0) != 0)
         rk = row_ok[:, None] & k_ok[None, :]
         vv = tl.load(row_ptrs(v + batch.to(tl.int64) * svb + i_hk * svh, grow, svt, offs_v),
                      mask=row_ok[:, None] & v_ok[None, :], other=0.0)
@@ -160,9 +162,13 @@ def bidir_bwd_dv_kernel(
                             other=0.0), DOT_FP32, in_dtype)
     for t0 in range(t_start, t_end, BT):
         rows = t0 + offs_t
-        row_ok, grow, keep = chunk_rows(rows, seqlen, bos, key_mask, batch, T, HAS_KEY_MASK)
-        kx = tl.load(row_ptrs(k + batch.to(tl.int64) * skb + i_hk * skh, grow, skt, offs_k),
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        row_ok = rows < seqlen
+        grow = (bos + rows).to(tl.int64)
+        keep = row_ok
+        if HAS_KEY_MASK:
+            keep = keep & (tl.load(key_mask + batch * T + rows, mask=row_ok, other=0) != 0)
+        kx = tl.load(k + batch.to(tl.int64) * skb + i_hk * skh + grow[:, None] * skt + offs_k[None, :],
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # written out: see linear/triton_common.py
         k_feat = tl.where(keep[:, None] & k_ok[None, :], feature(kx.to(tl.float32), FEATURE), 0.0)
         grad_v = tl.dot(as_dot(k_feat, DOT_FP32, in_dtype), dS_blk, input_precision=PREC)
         tl.store(row_ptrs(dv + batch.to(tl.int64) * sgb + i_hk * sgh, grow, sgt, offs_v), grad_v.to(dv.dtype.element_ty),

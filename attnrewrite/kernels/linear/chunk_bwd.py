@@ -24,7 +24,7 @@ from attnrewrite.kernels._ops import traceable
 from attnrewrite.kernels.triton_scaffold import row_ptrs
 
 from .chunk_fwd import chunk_state
-from .triton_common import (SEGMENT_ALIGN, as_dot, chunk_rows, default_num_splits, dot_mode, exclusive_cumsum, feature,
+from .triton_common import (SEGMENT_ALIGN, as_dot, default_num_splits, dot_mode, exclusive_cumsum, feature,
                             feature_grad, launch_config, launch_options, pow2, row_strides, segment_grid,
                             segment_program, segment_rows, state_ptrs, tuning_shape)
 
@@ -83,7 +83,11 @@ def chunk_bwd_dq_kernel(
     side_base = (batch * heads_q + i_hq).to(tl.int64) * T + bos
     for t0 in range(t_start, t_end, BT):
         rows = t0 + offs_t
-        row_ok, grow, keep = chunk_rows(rows, seqlen, bos, key_mask, batch, T, HAS_KEY_MASK)
+        row_ok = rows < seqlen
+        grow = (bos + rows).to(tl.int64)
+        keep = row_ok
+        if HAS_KEY_MASK:
+            keep = keep & (tl.load(key_mask + batch * T + rows, mask=row_ok, other=0) != 0)
         rk = row_ok[:, None] & k_ok[None, :]
         rv = row_ok[:, None] & v_ok[None, :]
         qx = tl.load(row_ptrs(q_base, grow, sqt, offs_k), mask=rk, other=0.0).to(tl.float32) * scale
@@ -145,7 +149,11 @@ def chunk_bwd_dk_kernel(
     n_chunks = tl.cdiv(t_end - t_start, BT)
     for c in range(0, n_chunks):
         rows = t_start + (n_chunks - 1 - c) * BT + offs_t
-        row_ok, grow, keep = chunk_rows(rows, seqlen, bos, key_mask, batch, T, HAS_KEY_MASK)
+        row_ok = rows < seqlen
+        grow = (bos + rows).to(tl.int64)
+        keep = row_ok
+        if HAS_KEY_MASK:
+            keep = keep & (tl.load(key_mask + batch * T + rows, mask=row_ok, other=0) != 0)
         rk = row_ok[:, None] & k_ok[None, :]
         rv = row_ok[:, None] & v_ok[None, :]
         kx = tl.load(row_ptrs(k_base, grow, skt, offs_k), mask=rk, other=0.0).to(tl.float32)
@@ -209,7 +217,11 @@ def chunk_bwd_dv_kernel(
     n_chunks = tl.cdiv(t_end - t_start, BT)
     for c in range(0, n_chunks):
         rows = t_start + (n_chunks - 1 - c) * BT + offs_t
-        row_ok, grow, keep = chunk_rows(rows, seqlen, bos, key_mask, batch, T, HAS_KEY_MASK)
+        row_ok = rows < seqlen
+        grow = (bos + rows).to(tl.int64)
+        keep = row_ok
+        if HAS_KEY_MASK:
+            keep = keep & (tl.load(key_mask + batch * T + rows, mask=row_ok, other=0) != 0)
         rk = row_ok[:, None] & k_ok[None, :]
         rv = row_ok[:, None] & v_ok[None, :]
         kx = tl.load(row_ptrs(k_base, grow, skt, offs_k), mask=rk, other=0.0)

@@ -19,9 +19,8 @@ import triton.language as tl
 from attnrewrite.kernels._ops import traceable
 from attnrewrite.kernels.triton_scaffold import row_ptrs
 
-from .triton_common import (SEGMENT_ALIGN, as_dot, chunk_rows, dot_mode, exclusive_cumsum, feature, launch_config,
-                            launch_options, pow2, row_strides, segment_grid, segment_program, segment_rows, state_ptrs,
-                            tuning_shape)
+from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, exclusive_cumsum, feature, launch_config, launch_options,
+                            pow2, row_strides, segment_grid, segment_program, segment_rows, state_ptrs, tuning_shape)
 
 
 @triton.jit
@@ -48,7 +47,10 @@ def chunk_state_kernel(
     acc_z = tl.zeros([BK], dtype=tl.float32)
     for t0 in range(t_start, t_end, BT):
         rows = t0 + offs_t
-        row_ok, _, keep = chunk_rows(rows, seqlen, bos, key_mask, batch, T, HAS_KEY_MASK)
+        row_ok = rows < seqlen
+        keep = row_ok
+        if HAS_KEY_MASK:
+            keep = keep & (tl.load(key_mask + batch * T + rows, mask=row_ok, other=0) != 0)
         for g in range(GROUP):
             i_h = i_ho * GROUP + g
             x_rows = x + batch.to(tl.int64) * sxb + i_h * sxh + (bos + rows).to(tl.int64) * sxt
@@ -109,7 +111,11 @@ def chunk_fwd_kernel(
     side_base = inv_den + (batch * heads_q + i_hq).to(tl.int64) * T + bos
     for t0 in range(t_start, t_end, BT):
         rows = t0 + offs_t
-        row_ok, grow, keep = chunk_rows(rows, seqlen, bos, key_mask, batch, T, HAS_KEY_MASK)
+        row_ok = rows < seqlen
+        grow = (bos + rows).to(tl.int64)
+        keep = row_ok
+        if HAS_KEY_MASK:
+            keep = keep & (tl.load(key_mask + batch * T + rows, mask=row_ok, other=0) != 0)
         # fp32 tiles die as soon as their row/column sums are taken: the loop is register-bound
         qx = tl.load(row_ptrs(q_base, grow, sqt, offs_k), mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         q_feat = tl.where(row_ok[:, None] & k_ok[None, :], feature(qx.to(tl.float32) * scale, FEATURE), 0.0)

@@ -13,6 +13,16 @@ Layout conventions of every kernel:
 - a sequence may be cut into ``num_splits`` segments, each a multiple of ``SEGMENT_ALIGN`` tokens
   (so every chunk size divides it), which run as separate programs: this is how a long
   sequence with few heads still fills the GPU.
+
+What the kernels share lives here (:func:`segment_program`, :func:`segment_rows`, :func:`state_ptrs`,
+:func:`segment_grid`) or in :mod:`attnrewrite.kernels.triton_scaffold` (``row_ptrs``).  What stays
+written out in each kernel on purpose: the head of every chunk loop (rows, row_ok, the packed rows,
+the key mask) and the first tile load of the loops of ``bidir_fwd_kernel`` and ``bidir_bwd_dv_kernel``.
+Through an inlined ``@triton.jit`` helper they give the same PTX instructions, but with line info
+(Triton's default) the helper's scope label lands at the top of the loop body, ptxas treats it as a
+block boundary, and 11 of the 71 sm_90 kernels of ``bench/linear_sm90_compile.py`` were scheduled
+differently (one at 6 registers fewer, ``bidir_fwd`` at 10); the same PTX without the labels gives
+byte-identical SASS (issue 16, 2026-12-01).
 """
 
 from __future__ import annotations
@@ -94,19 +104,6 @@ def segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN: tl.constexpr, A
     bos, seqlen, batch = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     t_start, t_end = segment_bounds(seqlen, i_s, num_splits, ALIGN)
     return bos, seqlen, batch, t_start, t_end
-
-
-@triton.jit
-def chunk_rows(rows, seqlen, bos, key_mask, batch, T, HAS_KEY_MASK: tl.constexpr):
-    """(row_ok, grow, keep) of a chunk's ``rows`` (indices in the sequence): which are in the sequence, their
-    int64 rows in the (packed) tensors, and which count as keys (in it and, with ``key_mask`` int8 [B, T],
-    not padding)."""
-    row_ok = rows < seqlen
-    grow = (bos + rows).to(tl.int64)
-    keep = row_ok
-    if HAS_KEY_MASK:
-        keep = keep & (tl.load(key_mask + batch * T + rows, mask=row_ok, other=0) != 0)
-    return row_ok, grow, keep
 
 
 @triton.jit
