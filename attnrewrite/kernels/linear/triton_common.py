@@ -20,9 +20,9 @@ written out in each kernel on purpose: the head of every chunk loop (rows, row_o
 the key mask) and the first tile load of the loops of ``bidir_fwd_kernel`` and ``bidir_bwd_dv_kernel``.
 Through an inlined ``@triton.jit`` helper they give the same PTX instructions, but with line info
 (Triton's default) the helper's scope label lands at the top of the loop body, ptxas treats it as a
-block boundary, and 11 of the 71 sm_90 kernels of ``bench/linear_sm90_compile.py`` were scheduled
-differently (one at 6 registers fewer, ``bidir_fwd`` at 10); the same PTX without the labels gives
-byte-identical SASS (issue 16, 2026-12-01).
+block boundary, and 10 of the 71 sm_90 kernels of ``bench/linear_sm90_compile.py`` were scheduled
+differently (one at 6 registers fewer), ``bidir_fwd`` of ``--quick`` at 10 registers fewer; the same PTX
+without the labels gives byte-identical SASS (``bench/RESULTS.md``, issue 16, 2026-12-01).
 """
 
 from __future__ import annotations
