@@ -24,7 +24,8 @@ out before):
   kernels' programs.
 
 Host side: :func:`interpreter_active`, :func:`unit_last_stride`, :func:`mask_strides`, :func:`head_strides`
-(the launches' per-head strides), and the configuration fitting every kind's ``spaces.py`` does the same way
+(the launches' per-head strides), :func:`broadcast_strides`, :func:`empty_out_lse`, and the configuration
+fitting every kind's ``spaces.py`` does the same way
 (:func:`head_class`, :func:`length_bucket`, :func:`pow2`, :func:`fit_config`, :func:`launch_config`).
 """
 
@@ -368,8 +369,25 @@ def mask_strides(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) ->
 
 def head_strides(*tensors: torch.Tensor) -> tuple:
     """The batch, head and row strides of each [B, H, T, D] tensor in turn (stride(0), stride(1), stride(2)):
-    what a kernel launch passes for every head it indexes (the last stride is 1, :func:`unit_last_stride`)."""
+    what a kernel launch passes for every head it indexes (the last stride is 1, :func:`unit_last_stride`;
+    a [B, H, T] row statistic such as the log-sum-exp passes its three strides the same way)."""
     return tuple(s for t in tensors for s in (t.stride(0), t.stride(1), t.stride(2)))
+
+
+def broadcast_strides(t: torch.Tensor | None) -> tuple[int, int, int]:
+    """The strides of the first three dims of a tensor that broadcasts over them ([B|1, Tq|1, Tk], a bias or a
+    keep mask), 0 on a dim of size 1 (every row reads the same entries), and zeros for None."""
+    if t is None:
+        return 0, 0, 0
+    return tuple(t.stride(d) if t.shape[d] > 1 else 0 for d in range(3))
+
+
+def empty_out_lse(q: torch.Tensor, dim_v: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, Hq, Tq, Dv] in q's dtype, lse float32 [B, Hq, Tq]), uninitialised: what the softmax-family
+    forward kernels (sliding window, summary, hashed) write."""
+    batch, heads_q, len_q = q.shape[:3]
+    return (torch.empty(batch, heads_q, len_q, dim_v, dtype=q.dtype, device=q.device),
+            torch.empty(batch, heads_q, len_q, dtype=torch.float32, device=q.device))
 
 
 def unit_last_stride(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -442,7 +460,8 @@ def launch_config(spaces, kernel: str, q: torch.Tensor, v: torch.Tensor, shape: 
     return spaces.fit(space, config, shape)
 
 
-__all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "dot_precision", "fit_config",
+__all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "broadcast_strides", "dot_precision",
+           "empty_out_lse", "fit_config",
            "group_program", "head_class", "head_position", "head_strides", "interpreter_active", "launch_config", "length_bucket",
            "load_row_pair", "load_rows", "load_tile", "mask_strides", "mma", "mod_args", "modified_scores", "online_softmax_step", "padded_dim",
            "position_scores", "pow2", "program_heads", "relative_bias_grad", "score_mod_fn", "seeded_bf16",

@@ -35,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import group_program, mod_args, modified_scores, slot_rows
+from attnrewrite.kernels.triton_scaffold import (broadcast_strides, empty_out_lse, group_program, head_strides,
+                                                 mod_args, modified_scores, slot_rows)
 
 
 @triton.jit
@@ -228,13 +229,6 @@ def hashed_attn_bwd_kernel(Q, K, V, Out, DOut, Lse, Idx, Bias, DQ, DK, DV, Far, 
                  mask=g_ok[:, None] & c_ok[None, :])
 
 
-def _strides3(t: torch.Tensor | None) -> tuple[int, int, int]:
-    """(batch, row, key) strides of a [B|1, Tq|1, Tk] bias, 0 on broadcast dimensions."""
-    if t is None:
-        return 0, 0, 0
-    return tuple(t.stride(d) if t.shape[d] > 1 else 0 for d in range(3))
-
-
 def _blocks(q: torch.Tensor, v: torch.Tensor, heads_kv: int) -> dict:
     groups = q.shape[1] // heads_kv
     return dict(G=groups, BLOCK_G=triton.next_power_of_2(groups), BLOCK_D=triton.next_power_of_2(q.shape[-1]),
@@ -250,7 +244,7 @@ def _far_args(far: torch.Tensor | None, far_dtype: torch.dtype | None, index: to
         raise ValueError(f"far flags of the selection's shape {tuple(index.shape)} are needed with far_dtype")
     if far_dtype not in FAR_CODES:
         raise ValueError(f"the hashed kernels round far keys through {sorted(map(str, FAR_CODES))}, not {far_dtype}")
-    return far, far.stride(0), far.stride(1), far.stride(2), FAR_CODES[far_dtype]
+    return far, *head_strides(far), FAR_CODES[far_dtype]
 
 
 def _rel_args(relative: torch.Tensor | None, q: torch.Tensor) -> tuple:
@@ -280,8 +274,7 @@ def attend_forward(q, k, v, index, bias, scale: float, config: dict | None = Non
     batch, heads_q, len_q, dim = q.shape
     heads_kv = k.shape[1]
     config = config or {"BLOCK_S": 32, "num_warps": 4}
-    out = torch.empty(batch, heads_q, len_q, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, heads_q, len_q, dtype=torch.float32, device=q.device)
+    out, lse = empty_out_lse(q, v.shape[-1])
     if out.numel() == 0:
         return out, lse
     mod, mod_fn = mod_args(program, float(scale), log2=False)
@@ -290,10 +283,8 @@ def attend_forward(q, k, v, index, bias, scale: float, config: dict | None = Non
     launch(hashed_attn_fwd_kernel)[grid](
         q, k, v, index, out if bias is None else bias, out, lse, far, *_rel_args(relative, q)[:1], heads_kv,
         index.shape[-1], float(scale), *_rel_args(relative, q)[1:], *mod,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), index.stride(0), index.stride(1), index.stride(2),
-        *_strides3(bias), out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        *far_strides, D=dim, DV=v.shape[-1], BLOCK_S=config["BLOCK_S"], HAS_BIAS=bias is not None, MOD_FN=mod_fn,
+        *head_strides(q, k, v, index), *broadcast_strides(bias), *head_strides(out, lse), *far_strides,
+        D=dim, DV=v.shape[-1], BLOCK_S=config["BLOCK_S"], HAS_BIAS=bias is not None, MOD_FN=mod_fn,
         FAR=far_code, HAS_REL=relative is not None,
         num_warps=config["num_warps"], **_blocks(q, v, heads_kv))
     return out, lse
@@ -311,8 +302,7 @@ def _soft_args(soft, q: torch.Tensor, k: torch.Tensor):
         raise ValueError(f"soft codes must be [B, Hq, Tq, bits] and [B, Hkv, Tk, bits] = {expected}, got "
                          f"{tuple(soft_q.shape)} and {tuple(soft_k.shape)}")
     d_soft_q, d_soft_k = torch.zeros_like(soft_q), torch.zeros_like(soft_k)
-    strides = soft_q.stride()[:3] + soft_k.stride()[:3]
-    return (soft_q, soft_k, d_soft_q, d_soft_k), strides, dict(SOFT=True, BITS=bits,
+    return (soft_q, soft_k, d_soft_q, d_soft_k), head_strides(soft_q, soft_k), dict(SOFT=True, BITS=bits,
                                                                BLOCK_BITS=triton.next_power_of_2(bits))
 
 
@@ -346,12 +336,8 @@ def attend_backward(q, k, v, out, grad, lse, index, bias, scale: float, config: 
         q, k, v, out, grad, lse, index, q if bias is None else bias, dq, dk, dv, far, *softs, rel,
         d_rel[0] if d_rel else rel, heads_kv, index.shape[-1], float(scale), 1.0 / soft_flags.get("BITS", 8),
         rel_offset, stride_rh, *mod,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        grad.stride(0), grad.stride(1), grad.stride(2), lse.stride(0), lse.stride(1), lse.stride(2),
-        index.stride(0), index.stride(1), index.stride(2), *_strides3(bias),
-        dq.stride(0), dq.stride(1), dq.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2), *far_strides, *soft_strides,
+        *head_strides(q, k, v, out, grad, lse, index), *broadcast_strides(bias), *head_strides(dq, dk, dv),
+        *far_strides, *soft_strides,
         D=dim, DVAL=v.shape[-1], BLOCK_S=config["BLOCK_S"], HAS_BIAS=bias is not None, MOD_FN=mod_fn, FAR=far_code,
         HAS_REL=relative is not None, num_warps=config["num_warps"], **soft_flags, **_blocks(q, v, heads_kv))
     return (dq, dk.to(k.dtype), dv.to(v.dtype), *d_soft, *d_rel)

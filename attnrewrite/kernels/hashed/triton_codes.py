@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from attnrewrite.kernels.triton_scaffold import head_strides
+
 
 @triton.jit
 def hashed_codes_kernel(X, P, Out, length, heads,
@@ -69,7 +71,7 @@ def pack_codes(x: torch.Tensor, projection: torch.Tensor, config: dict | None = 
         x, projection, out, length, heads,
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         stride_ph, projection.stride(-2),
-        out.stride(0), out.stride(1), out.stride(2),
+        *head_strides(out),
         D=dim, N_BYTES=n_bytes, BLOCK_BYTES=triton.next_power_of_2(n_bytes), BLOCK_T=config["BLOCK_T"],
         num_warps=config["num_warps"])
     return out

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from attnrewrite.kernels.triton_scaffold import broadcast_strides, head_strides
+
 
 @triton.jit
 def popcount8(x):
@@ -163,14 +165,10 @@ def select_keys(q_codes: torch.Tensor, k_codes: torch.Tensor, keep: torch.Tensor
     index = torch.full((batch, heads_kv, len_q, slots), -1, dtype=torch.int32, device=q_codes.device)
     if index.numel() == 0:
         return index
-    keep_strides = (0, 0, 0) if keep is None else tuple(keep.stride(d) if keep.shape[d] > 1 else 0 for d in range(3))
     grid = (len_q, batch * heads_kv)
     launch(hashed_select_kernel)[grid](
         q_codes, k_codes, index if keep is None else keep, index, len_k, heads_kv, sinks, window, top_k,
-        q_codes.stride(0), q_codes.stride(1), q_codes.stride(2),
-        k_codes.stride(0), k_codes.stride(1), k_codes.stride(2),
-        *keep_strides,
-        index.stride(0), index.stride(1), index.stride(2),
+        *head_strides(q_codes, k_codes), *broadcast_strides(keep), *head_strides(index),
         G=groups, BLOCK_G=triton.next_power_of_2(groups), N_BYTES=n_bytes,
         BLOCK_BYTES=triton.next_power_of_2(n_bytes), BITS=8 * n_bytes,
         N_BINS=triton.next_power_of_2(groups * 8 * n_bytes + 1), BLOCK_N=config["BLOCK_N"],

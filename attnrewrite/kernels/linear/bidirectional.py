@@ -18,11 +18,12 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels._ops import traceable
+from attnrewrite.kernels.triton_scaffold import row_ptrs
 
 from .chunk_bwd import bwd_gamma
 from .chunk_fwd import chunk_state
 from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, feature, feature_grad, launch_config, launch_options, pow2,
-                            row_strides, segment_bounds, sequence_bounds, tuning_shape)
+                            row_strides, segment_grid, segment_program, segment_rows, state_ptrs, tuning_shape)
 
 
 @triton.jit
@@ -33,11 +34,9 @@ def bidir_fwd_kernel(
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_hq = i_nh // heads_q, i_nh % heads_q
+    i_v, i_s, i_n, i_hq = segment_program(heads_q)
     state = (i_n * (heads_q // GROUP) + i_hq // GROUP).to(tl.int64)
-    bos, seqlen, batch = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    t_start, t_end = segment_bounds(seqlen, i_s, num_splits, ALIGN)
+    bos, seqlen, batch, t_start, t_end = segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN, ALIGN)
     in_dtype = q.dtype.element_ty
 
     offs_t = tl.arange(0, BT)
@@ -45,7 +44,7 @@ def bidir_fwd_kernel(
     offs_v = i_v * BV + tl.arange(0, BV)
     k_ok = offs_k < DK
     v_ok = offs_v < DV
-    S_blk = tl.load(S + state * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+    S_blk = tl.load(state_ptrs(S, state, offs_k, offs_v, DK, DV), mask=k_ok[:, None] & v_ok[None, :], other=0.0)
     S_dot = as_dot(S_blk, DOT_FP32, in_dtype)
     z_vec = tl.load(z + state * DK + offs_k, mask=k_ok, other=0.0)
     q_base = q + batch.to(tl.int64) * sqb + i_hq * sqh
@@ -55,11 +54,12 @@ def bidir_fwd_kernel(
         rows = t0 + offs_t
         row_ok = rows < seqlen
         grow = (bos + rows).to(tl.int64)
+        # written out, not through row_ptrs: see linear/triton_common.py
         qx = tl.load(q_base + grow[:, None] * sqt + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         q_feat = tl.where(row_ok[:, None] & k_ok[None, :], feature(qx.to(tl.float32) * scale, FEATURE), 0.0)
         den = tl.sum(q_feat * z_vec[None, :], 1) + eps
         num = tl.dot(as_dot(q_feat, DOT_FP32, in_dtype), S_dot, input_precision=PREC)
-        tl.store(o_base + grow[:, None] * sot + offs_v[None, :], (num / den[:, None]).to(o.dtype.element_ty),
+        tl.store(row_ptrs(o_base, grow, sot, offs_v), (num / den[:, None]).to(o.dtype.element_ty),
                  mask=row_ok[:, None] & v_ok[None, :])
         tl.store(side_base + rows, 1.0 / den, mask=tl.where(i_v == 0, row_ok, False))
 
@@ -72,11 +72,9 @@ def bidir_bwd_dq_kernel(
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    i_k, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_hq = i_nh // heads_q, i_nh % heads_q
+    i_k, i_s, i_n, i_hq = segment_program(heads_q)
     state = (i_n * (heads_q // GROUP) + i_hq // GROUP).to(tl.int64)
-    bos, seqlen, batch = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    t_start, t_end = segment_bounds(seqlen, i_s, num_splits, ALIGN)
+    bos, seqlen, batch, t_start, t_end = segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN, ALIGN)
     in_dtype = q.dtype.element_ty
 
     offs_t = tl.arange(0, BT)
@@ -84,7 +82,7 @@ def bidir_bwd_dq_kernel(
     offs_v = tl.arange(0, BV)  # all of Dv
     k_ok = offs_k < DK
     v_ok = offs_v < DV
-    S_blk = tl.load(S + state * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+    S_blk = tl.load(state_ptrs(S, state, offs_k, offs_v, DK, DV), mask=k_ok[:, None] & v_ok[None, :], other=0.0)
     S_t = tl.trans(as_dot(S_blk, DOT_FP32, in_dtype))
     z_vec = tl.load(z + state * DK + offs_k, mask=k_ok, other=0.0)
     side_base = (batch * heads_q + i_hq).to(tl.int64) * T + bos
@@ -95,13 +93,13 @@ def bidir_bwd_dq_kernel(
         rk = row_ok[:, None] & k_ok[None, :]
         r = tl.load(inv_den + side_base + rows, mask=row_ok, other=0.0)
         gm = tl.load(gamma + side_base + rows, mask=row_ok, other=0.0)
-        g = tl.load(do + batch.to(tl.int64) * sdb + i_hq * sdh + grow[:, None] * sdt + offs_v[None, :],
+        g = tl.load(row_ptrs(do + batch.to(tl.int64) * sdb + i_hq * sdh, grow, sdt, offs_v),
                     mask=row_ok[:, None] & v_ok[None, :], other=0.0).to(tl.float32) * r[:, None]
         dq_feat = tl.dot(as_dot(g, DOT_FP32, in_dtype), S_t, input_precision=PREC) + gm[:, None] * z_vec[None, :]
-        qx = tl.load(q + batch.to(tl.int64) * sqb + i_hq * sqh + grow[:, None] * sqt + offs_k[None, :], mask=rk, other=0.0)
+        qx = tl.load(row_ptrs(q + batch.to(tl.int64) * sqb + i_hq * sqh, grow, sqt, offs_k), mask=rk, other=0.0)
         grad_q = dq_feat * feature_grad(qx.to(tl.float32) * scale, FEATURE) * scale
-        tl.store(dq + batch.to(tl.int64) * sgb + i_hq * sgh + grow[:, None] * sgt + offs_k[None, :],
-                 grad_q.to(dq.dtype.element_ty), mask=rk)
+        tl.store(row_ptrs(dq + batch.to(tl.int64) * sgb + i_hq * sgh, grow, sgt, offs_k), grad_q.to(dq.dtype.element_ty),
+                 mask=rk)
 
 
 @triton.jit
@@ -112,10 +110,8 @@ def bidir_bwd_dk_kernel(
     BT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    i_k, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_hk = i_nh // heads_kv, i_nh % heads_kv
-    bos, seqlen, batch = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    t_start, t_end = segment_bounds(seqlen, i_s, num_splits, ALIGN)
+    i_k, i_s, i_n, i_hk = segment_program(heads_kv)
+    bos, seqlen, batch, t_start, t_end = segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN, ALIGN)
     in_dtype = k.dtype.element_ty
 
     offs_t = tl.arange(0, BT)
@@ -124,8 +120,8 @@ def bidir_bwd_dk_kernel(
     k_ok = offs_k < DK
     v_ok = offs_v < DV
     head = (i_n * heads_kv + i_hk).to(tl.int64)
-    dS_t = tl.trans(as_dot(tl.load(dS + head * DK * DV + offs_k[:, None] * DV + offs_v[None, :],
-                                   mask=k_ok[:, None] & v_ok[None, :], other=0.0), DOT_FP32, in_dtype))
+    dS_t = tl.trans(as_dot(tl.load(state_ptrs(dS, head, offs_k, offs_v, DK, DV), mask=k_ok[:, None] & v_ok[None, :],
+                                   other=0.0), DOT_FP32, in_dtype))
     dz_vec = tl.load(dz + head * DK + offs_k, mask=k_ok, other=0.0)
     for t0 in range(t_start, t_end, BT):
         rows = t0 + offs_t
@@ -135,13 +131,13 @@ def bidir_bwd_dk_kernel(
         if HAS_KEY_MASK:
             keep = keep & (tl.load(key_mask + batch * T + rows, mask=row_ok, other=0) != 0)
         rk = row_ok[:, None] & k_ok[None, :]
-        vv = tl.load(v + batch.to(tl.int64) * svb + i_hk * svh + grow[:, None] * svt + offs_v[None, :],
+        vv = tl.load(row_ptrs(v + batch.to(tl.int64) * svb + i_hk * svh, grow, svt, offs_v),
                      mask=row_ok[:, None] & v_ok[None, :], other=0.0)
         dk_feat = tl.dot(as_dot(vv, DOT_FP32, in_dtype), dS_t, input_precision=PREC) + dz_vec[None, :]
-        kx = tl.load(k + batch.to(tl.int64) * skb + i_hk * skh + grow[:, None] * skt + offs_k[None, :], mask=rk, other=0.0)
+        kx = tl.load(row_ptrs(k + batch.to(tl.int64) * skb + i_hk * skh, grow, skt, offs_k), mask=rk, other=0.0)
         grad_k = tl.where(keep[:, None], dk_feat * feature_grad(kx.to(tl.float32), FEATURE), 0.0)
-        tl.store(dk + batch.to(tl.int64) * sgb + i_hk * sgh + grow[:, None] * sgt + offs_k[None, :],
-                 grad_k.to(dk.dtype.element_ty), mask=rk)
+        tl.store(row_ptrs(dk + batch.to(tl.int64) * sgb + i_hk * sgh, grow, sgt, offs_k), grad_k.to(dk.dtype.element_ty),
+                 mask=rk)
 
 
 @triton.jit
@@ -152,10 +148,8 @@ def bidir_bwd_dv_kernel(
     BT: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_hk = i_nh // heads_kv, i_nh % heads_kv
-    bos, seqlen, batch = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    t_start, t_end = segment_bounds(seqlen, i_s, num_splits, ALIGN)
+    i_v, i_s, i_n, i_hk = segment_program(heads_kv)
+    bos, seqlen, batch, t_start, t_end = segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN, ALIGN)
     in_dtype = k.dtype.element_ty
 
     offs_t = tl.arange(0, BT)
@@ -164,8 +158,8 @@ def bidir_bwd_dv_kernel(
     k_ok = offs_k < DK
     v_ok = offs_v < DV
     head = (i_n * heads_kv + i_hk).to(tl.int64)
-    dS_blk = as_dot(tl.load(dS + head * DK * DV + offs_k[:, None] * DV + offs_v[None, :],
-                            mask=k_ok[:, None] & v_ok[None, :], other=0.0), DOT_FP32, in_dtype)
+    dS_blk = as_dot(tl.load(state_ptrs(dS, head, offs_k, offs_v, DK, DV), mask=k_ok[:, None] & v_ok[None, :],
+                            other=0.0), DOT_FP32, in_dtype)
     for t0 in range(t_start, t_end, BT):
         rows = t0 + offs_t
         row_ok = rows < seqlen
@@ -174,11 +168,11 @@ def bidir_bwd_dv_kernel(
         if HAS_KEY_MASK:
             keep = keep & (tl.load(key_mask + batch * T + rows, mask=row_ok, other=0) != 0)
         kx = tl.load(k + batch.to(tl.int64) * skb + i_hk * skh + grow[:, None] * skt + offs_k[None, :],
-                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # written out: see linear/triton_common.py
         k_feat = tl.where(keep[:, None] & k_ok[None, :], feature(kx.to(tl.float32), FEATURE), 0.0)
         grad_v = tl.dot(as_dot(k_feat, DOT_FP32, in_dtype), dS_blk, input_precision=PREC)
-        tl.store(dv + batch.to(tl.int64) * sgb + i_hk * sgh + grow[:, None] * sgt + offs_v[None, :],
-                 grad_v.to(dv.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])
+        tl.store(row_ptrs(dv + batch.to(tl.int64) * sgb + i_hk * sgh, grow, sgt, offs_v), grad_v.to(dv.dtype.element_ty),
+                 mask=row_ok[:, None] & v_ok[None, :])
 
 
 # --------------------------------------------------------------------------- launchers
@@ -201,8 +195,8 @@ def bidir_out(q, S, z, *, heads_kv, feature_map_id, scale, eps, num_splits, cu_s
     inv_den = q.new_empty(batch, heads_q, Tq, dtype=torch.float32)
 
     def launch(cfg):
-        bv = min(cfg["BLOCK_V"], pow2(dv))
-        traceable(bidir_fwd_kernel)[(triton.cdiv(dv, bv), num_splits, num_seqs * heads_q)](
+        bv, grid = segment_grid(cfg, "BLOCK_V", dv, num_splits, num_seqs * heads_q)
+        traceable(bidir_fwd_kernel)[grid](
             q, out, inv_den, S, z, cu_seqlens, *row_strides(q), *row_strides(out),
             Tq, num_splits, heads_q, float(scale), float(eps), GROUP=heads_q // heads_kv, FEATURE=feature_map_id,
             DK=dk, DV=dv, BK=pow2(dk), BV=bv, BT=cfg["BLOCK_T"], **_flags(q, cu_seqlens), **launch_options(cfg))
@@ -251,8 +245,8 @@ def bidir_bwd_dq(q, do, inv_den, gamma, S, z, *, feature_map_id, scale, num_spli
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
     def launch(cfg):
-        bk = min(cfg["BLOCK_K"], pow2(dk))
-        traceable(bidir_bwd_dq_kernel)[(triton.cdiv(dk, bk), num_splits, num_seqs * heads_q)](
+        bk, grid = segment_grid(cfg, "BLOCK_K", dk, num_splits, num_seqs * heads_q)
+        traceable(bidir_bwd_dq_kernel)[grid](
             q, do, inv_den, gamma, dq, S, z, cu_seqlens, *row_strides(q), *row_strides(do), *row_strides(dq),
             Tq, num_splits, heads_q, float(scale), GROUP=heads_q // heads_kv, FEATURE=feature_map_id, DK=dk, DV=dv,
             BK=bk, BV=pow2(dv), BT=cfg["BLOCK_T"], **_flags(q, cu_seqlens), **launch_options(cfg))
@@ -268,8 +262,8 @@ def bidir_bwd_dk(k, v, dS, dz, *, heads_q, feature_map_id, num_splits, key_mask=
     grad = torch.empty(k.shape, dtype=k.dtype, device=k.device)
 
     def launch(cfg):
-        bk = min(cfg["BLOCK_K"], pow2(dk))
-        traceable(bidir_bwd_dk_kernel)[(triton.cdiv(dk, bk), num_splits, num_seqs * heads_kv)](
+        bk, grid = segment_grid(cfg, "BLOCK_K", dk, num_splits, num_seqs * heads_kv)
+        traceable(bidir_bwd_dk_kernel)[grid](
             k, v, grad, dS, dz, key_mask, cu_seqlens, *row_strides(k), *row_strides(v), *row_strides(grad),
             Tk, num_splits, heads_kv, FEATURE=feature_map_id, DK=dk, DV=dv, BK=bk, BV=pow2(dv), BT=cfg["BLOCK_T"],
             HAS_KEY_MASK=key_mask is not None, **_flags(k, cu_seqlens), **launch_options(cfg))
@@ -285,8 +279,8 @@ def bidir_bwd_dv(k, v, dS, *, heads_q, feature_map_id, num_splits, key_mask=None
     grad = torch.empty(v.shape, dtype=v.dtype, device=v.device)
 
     def launch(cfg):
-        bv = min(cfg["BLOCK_V"], pow2(dv))
-        traceable(bidir_bwd_dv_kernel)[(triton.cdiv(dv, bv), num_splits, num_seqs * heads_kv)](
+        bv, grid = segment_grid(cfg, "BLOCK_V", dv, num_splits, num_seqs * heads_kv)
+        traceable(bidir_bwd_dv_kernel)[grid](
             k, grad, dS, key_mask, cu_seqlens, *row_strides(k), *row_strides(grad),
             Tk, num_splits, heads_kv, FEATURE=feature_map_id, DK=dk, DV=dv, BK=pow2(dk), BV=bv, BT=cfg["BLOCK_T"],
             HAS_KEY_MASK=key_mask is not None, **_flags(k, cu_seqlens), **launch_options(cfg))

@@ -21,11 +21,12 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels._ops import traceable
+from attnrewrite.kernels.triton_scaffold import row_ptrs
 
 from .chunk_fwd import chunk_state
 from .triton_common import (SEGMENT_ALIGN, as_dot, default_num_splits, dot_mode, exclusive_cumsum, feature,
-                            feature_grad, launch_config, launch_options, pow2, row_strides, segment_bounds,
-                            sequence_bounds, tuning_shape)
+                            feature_grad, launch_config, launch_options, pow2, row_strides, segment_grid,
+                            segment_program, segment_rows, state_ptrs, tuning_shape)
 
 
 @triton.jit
@@ -54,12 +55,10 @@ def chunk_bwd_dq_kernel(
     HAS_KEY_MASK: tl.constexpr, HAS_START: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    i_k, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_hq = i_nh // heads_q, i_nh % heads_q
+    i_k, i_s, i_n, i_hq = segment_program(heads_q)
     heads_kv = heads_q // GROUP
     i_hk = i_hq // GROUP
-    bos, seqlen, batch = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    t_start, t_end = segment_bounds(seqlen, i_s, num_splits, ALIGN)
+    bos, seqlen, batch, t_start, t_end = segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN, ALIGN)
     in_dtype = q.dtype.element_ty
 
     offs_t = tl.arange(0, BT)
@@ -73,8 +72,7 @@ def chunk_bwd_dq_kernel(
     z = tl.zeros([BK], dtype=tl.float32)
     if HAS_START:
         seg = (i_n * heads_kv + i_hk).to(tl.int64) * num_splits + i_s
-        S = tl.load(start_S + seg * DK * DV + offs_k[:, None] * DV + offs_v[None, :],
-                    mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+        S = tl.load(state_ptrs(start_S, seg, offs_k, offs_v, DK, DV), mask=k_ok[:, None] & v_ok[None, :], other=0.0)
         z = tl.load(start_z + seg * DK + offs_k, mask=k_ok, other=0.0)
 
     q_base = q + batch.to(tl.int64) * sqb + i_hq * sqh
@@ -92,13 +90,13 @@ def chunk_bwd_dq_kernel(
             keep = keep & (tl.load(key_mask + batch * T + rows, mask=row_ok, other=0) != 0)
         rk = row_ok[:, None] & k_ok[None, :]
         rv = row_ok[:, None] & v_ok[None, :]
-        qx = tl.load(q_base + grow[:, None] * sqt + offs_k[None, :], mask=rk, other=0.0).to(tl.float32) * scale
-        kx = tl.load(k_base + grow[:, None] * skt + offs_k[None, :], mask=rk, other=0.0)
+        qx = tl.load(row_ptrs(q_base, grow, sqt, offs_k), mask=rk, other=0.0).to(tl.float32) * scale
+        kx = tl.load(row_ptrs(k_base, grow, skt, offs_k), mask=rk, other=0.0)
         k_feat = tl.where(keep[:, None] & k_ok[None, :], feature(kx.to(tl.float32), FEATURE), 0.0)
-        vv = tl.load(v_base + grow[:, None] * svt + offs_v[None, :], mask=rv, other=0.0)
+        vv = tl.load(row_ptrs(v_base, grow, svt, offs_v), mask=rv, other=0.0)
         r = tl.load(inv_den + side_base + rows, mask=row_ok, other=0.0)
         gm = tl.load(gamma + side_base + rows, mask=row_ok, other=0.0)
-        g = tl.load(do_base + grow[:, None] * sdt + offs_v[None, :], mask=rv, other=0.0).to(tl.float32) * r[:, None]
+        g = tl.load(row_ptrs(do_base, grow, sdt, offs_v), mask=rv, other=0.0).to(tl.float32) * r[:, None]
         g_dot = as_dot(g, DOT_FP32, in_dtype)
         k_dot = as_dot(k_feat, DOT_FP32, in_dtype)
         v_dot = as_dot(vv, DOT_FP32, in_dtype)
@@ -109,7 +107,7 @@ def chunk_bwd_dq_kernel(
         dq_feat = tl.dot(g_dot, tl.trans(as_dot(S, DOT_FP32, in_dtype)), dq_feat, input_precision=PREC)
         dq_feat += gm[:, None] * z[None, :]
         grad_q = dq_feat * feature_grad(qx, FEATURE) * scale
-        tl.store(dq_base + grow[:, None] * sgt + offs_k[None, :], grad_q.to(dq.dtype.element_ty), mask=rk)
+        tl.store(row_ptrs(dq_base, grow, sgt, offs_k), grad_q.to(dq.dtype.element_ty), mask=rk)
 
         S = tl.dot(tl.trans(k_dot), v_dot, S, input_precision=PREC)
         z += tl.sum(k_feat, 0)
@@ -125,11 +123,9 @@ def chunk_bwd_dk_kernel(
     HAS_KEY_MASK: tl.constexpr, HAS_END: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    i_k, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_hk = i_nh // heads_kv, i_nh % heads_kv
+    i_k, i_s, i_n, i_hk = segment_program(heads_kv)
     heads_q = heads_kv * GROUP
-    bos, seqlen, batch = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    t_start, t_end = segment_bounds(seqlen, i_s, num_splits, ALIGN)
+    bos, seqlen, batch, t_start, t_end = segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN, ALIGN)
     in_dtype = q.dtype.element_ty
 
     offs_t = tl.arange(0, BT)
@@ -144,8 +140,7 @@ def chunk_bwd_dk_kernel(
     dz = tl.zeros([BK], dtype=tl.float32)
     if HAS_END:  # gradient reaching the state after this segment
         seg = head * num_splits + i_s
-        dS = tl.load(end_dS + seg * DK * DV + offs_k[:, None] * DV + offs_v[None, :],
-                     mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+        dS = tl.load(state_ptrs(end_dS, seg, offs_k, offs_v, DK, DV), mask=k_ok[:, None] & v_ok[None, :], other=0.0)
         dz = tl.load(end_dz + seg * DK + offs_k, mask=k_ok, other=0.0)
 
     k_base = k + batch.to(tl.int64) * skb + i_hk * skh
@@ -161,21 +156,20 @@ def chunk_bwd_dk_kernel(
             keep = keep & (tl.load(key_mask + batch * T + rows, mask=row_ok, other=0) != 0)
         rk = row_ok[:, None] & k_ok[None, :]
         rv = row_ok[:, None] & v_ok[None, :]
-        kx = tl.load(k_base + grow[:, None] * skt + offs_k[None, :], mask=rk, other=0.0).to(tl.float32)
-        vv = tl.load(v_base + grow[:, None] * svt + offs_v[None, :], mask=rv, other=0.0)
+        kx = tl.load(row_ptrs(k_base, grow, skt, offs_k), mask=rk, other=0.0).to(tl.float32)
+        vv = tl.load(row_ptrs(v_base, grow, svt, offs_v), mask=rv, other=0.0)
         v_dot = as_dot(vv, DOT_FP32, in_dtype)
         # later chunks' queries reach these keys only through the state
         dk_feat = tl.dot(v_dot, tl.trans(as_dot(dS, DOT_FP32, in_dtype)), input_precision=PREC) + dz[None, :]
         for g_i in range(GROUP):
             i_hq = i_hk * GROUP + g_i
             side = (batch * heads_q + i_hq).to(tl.int64) * T + bos + rows
-            qx = tl.load(q + batch.to(tl.int64) * sqb + i_hq * sqh + grow[:, None] * sqt + offs_k[None, :],
-                         mask=rk, other=0.0)
+            qx = tl.load(row_ptrs(q + batch.to(tl.int64) * sqb + i_hq * sqh, grow, sqt, offs_k), mask=rk, other=0.0)
             q_feat = tl.where(rk, feature(qx.to(tl.float32) * scale, FEATURE), 0.0)
             r = tl.load(inv_den + side, mask=row_ok, other=0.0)
             gm = tl.load(gamma + side, mask=row_ok, other=0.0)
-            g = tl.load(do + batch.to(tl.int64) * sdb + i_hq * sdh + grow[:, None] * sdt + offs_v[None, :],
-                        mask=rv, other=0.0).to(tl.float32) * r[:, None]
+            g = tl.load(row_ptrs(do + batch.to(tl.int64) * sdb + i_hq * sdh, grow, sdt, offs_v), mask=rv,
+                        other=0.0).to(tl.float32) * r[:, None]
             g_dot = as_dot(g, DOT_FP32, in_dtype)
             q_dot = as_dot(q_feat, DOT_FP32, in_dtype)
             pair_t = tl.dot(v_dot, tl.trans(g_dot), input_precision=PREC) + gm[None, :]  # [j, i]
@@ -184,11 +178,10 @@ def chunk_bwd_dk_kernel(
             dS = tl.dot(tl.trans(q_dot), g_dot, dS, input_precision=PREC)
             dz += tl.sum(q_feat * gm[:, None], 0)
         grad_k = tl.where(keep[:, None], dk_feat * feature_grad(kx, FEATURE), 0.0)
-        tl.store(dk_base + grow[:, None] * sgt + offs_k[None, :], grad_k.to(dk.dtype.element_ty), mask=rk)
+        tl.store(row_ptrs(dk_base, grow, sgt, offs_k), grad_k.to(dk.dtype.element_ty), mask=rk)
 
     if i_s == 0:  # after the whole sequence: the gradient of the initial state
-        tl.store(d_initial_S + head * DK * DV + offs_k[:, None] * DV + offs_v[None, :], dS,
-                 mask=k_ok[:, None] & v_ok[None, :])
+        tl.store(state_ptrs(d_initial_S, head, offs_k, offs_v, DK, DV), dS, mask=k_ok[:, None] & v_ok[None, :])
         tl.store(d_initial_z + head * DK + offs_k, dz, mask=k_ok)
 
 
@@ -202,11 +195,9 @@ def chunk_bwd_dv_kernel(
     HAS_KEY_MASK: tl.constexpr, HAS_END: tl.constexpr, IS_VARLEN: tl.constexpr,
     DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_hk = i_nh // heads_kv, i_nh % heads_kv
+    i_v, i_s, i_n, i_hk = segment_program(heads_kv)
     heads_q = heads_kv * GROUP
-    bos, seqlen, batch = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    t_start, t_end = segment_bounds(seqlen, i_s, num_splits, ALIGN)
+    bos, seqlen, batch, t_start, t_end = segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN, ALIGN)
     in_dtype = q.dtype.element_ty
 
     offs_t = tl.arange(0, BT)
@@ -219,8 +210,7 @@ def chunk_bwd_dv_kernel(
     dS = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_END:
         seg = (i_n * heads_kv + i_hk).to(tl.int64) * num_splits + i_s
-        dS = tl.load(end_dS + seg * DK * DV + offs_k[:, None] * DV + offs_v[None, :],
-                     mask=k_ok[:, None] & v_ok[None, :], other=0.0)
+        dS = tl.load(state_ptrs(end_dS, seg, offs_k, offs_v, DK, DV), mask=k_ok[:, None] & v_ok[None, :], other=0.0)
 
     k_base = k + batch.to(tl.int64) * skb + i_hk * skh
     dv_base = dv + batch.to(tl.int64) * sgb + i_hk * sgh
@@ -234,25 +224,24 @@ def chunk_bwd_dv_kernel(
             keep = keep & (tl.load(key_mask + batch * T + rows, mask=row_ok, other=0) != 0)
         rk = row_ok[:, None] & k_ok[None, :]
         rv = row_ok[:, None] & v_ok[None, :]
-        kx = tl.load(k_base + grow[:, None] * skt + offs_k[None, :], mask=rk, other=0.0)
+        kx = tl.load(row_ptrs(k_base, grow, skt, offs_k), mask=rk, other=0.0)
         k_feat = tl.where(keep[:, None] & k_ok[None, :], feature(kx.to(tl.float32), FEATURE), 0.0)
         k_dot = as_dot(k_feat, DOT_FP32, in_dtype)
         grad_v = tl.dot(k_dot, as_dot(dS, DOT_FP32, in_dtype), input_precision=PREC)
         for g_i in range(GROUP):
             i_hq = i_hk * GROUP + g_i
             side = (batch * heads_q + i_hq).to(tl.int64) * T + bos + rows
-            qx = tl.load(q + batch.to(tl.int64) * sqb + i_hq * sqh + grow[:, None] * sqt + offs_k[None, :],
-                         mask=rk, other=0.0)
+            qx = tl.load(row_ptrs(q + batch.to(tl.int64) * sqb + i_hq * sqh, grow, sqt, offs_k), mask=rk, other=0.0)
             q_feat = tl.where(rk, feature(qx.to(tl.float32) * scale, FEATURE), 0.0)
             r = tl.load(inv_den + side, mask=row_ok, other=0.0)
-            g = tl.load(do + batch.to(tl.int64) * sdb + i_hq * sdh + grow[:, None] * sdt + offs_v[None, :],
-                        mask=rv, other=0.0).to(tl.float32) * r[:, None]
+            g = tl.load(row_ptrs(do + batch.to(tl.int64) * sdb + i_hq * sdh, grow, sdt, offs_v), mask=rv,
+                        other=0.0).to(tl.float32) * r[:, None]
             g_dot = as_dot(g, DOT_FP32, in_dtype)
             q_dot = as_dot(q_feat, DOT_FP32, in_dtype)
             weights_t = tl.where(seen_by, tl.dot(k_dot, tl.trans(q_dot), input_precision=PREC), 0.0)  # [j, i]
             grad_v = tl.dot(as_dot(weights_t, DOT_FP32, in_dtype), g_dot, grad_v, input_precision=PREC)
             dS = tl.dot(tl.trans(q_dot), g_dot, dS, input_precision=PREC)
-        tl.store(dv_base + grow[:, None] * sgt + offs_v[None, :], grad_v.to(dv.dtype.element_ty), mask=rv)
+        tl.store(row_ptrs(dv_base, grow, sgt, offs_v), grad_v.to(dv.dtype.element_ty), mask=rv)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -297,8 +286,8 @@ def chunk_bwd_dq(L: _Launch, inv_den, gamma, start_S, start_z, has_start: bool, 
     dq = torch.empty(L.q.shape, dtype=L.q.dtype, device=L.q.device)
 
     def launch(cfg):
-        bk = min(cfg["BLOCK_K"], pow2(L.dk))
-        traceable(chunk_bwd_dq_kernel)[(triton.cdiv(L.dk, bk), L.num_splits, L.num_seqs * L.heads_q)](
+        bk, grid = segment_grid(cfg, "BLOCK_K", L.dk, L.num_splits, L.num_seqs * L.heads_q)
+        traceable(chunk_bwd_dq_kernel)[grid](
             L.q, L.k, L.v, L.do, inv_den, gamma, dq, start_S, start_z, L.key_mask, L.cu_seqlens, *L.strides,
             *row_strides(dq), L.T, L.num_splits, L.heads_q, L.scale, BK=bk, BV=pow2(L.dv), BT=cfg["BLOCK_T"],
             HAS_START=has_start, **L.common, **launch_options(cfg))
@@ -314,8 +303,8 @@ def chunk_bwd_dk(L: _Launch, inv_den, gamma, end_dS, end_dz, config=None):
     d_initial_z = L.q.new_empty(L.num_seqs, L.heads_kv, L.dk, dtype=torch.float32)
 
     def launch(cfg):
-        bk = min(cfg["BLOCK_K"], pow2(L.dk))
-        traceable(chunk_bwd_dk_kernel)[(triton.cdiv(L.dk, bk), L.num_splits, L.num_seqs * L.heads_kv)](
+        bk, grid = segment_grid(cfg, "BLOCK_K", L.dk, L.num_splits, L.num_seqs * L.heads_kv)
+        traceable(chunk_bwd_dk_kernel)[grid](
             L.q, L.k, L.v, L.do, inv_den, gamma, dk, end_dS, end_dz, d_initial_S, d_initial_z, L.key_mask,
             L.cu_seqlens, *L.strides, *row_strides(dk), L.T, L.num_splits, L.heads_kv, L.scale, BK=bk,
             BV=pow2(L.dv), BT=cfg["BLOCK_T"], HAS_END=end_dS is not None, **L.common, **launch_options(cfg))
@@ -329,8 +318,8 @@ def chunk_bwd_dv(L: _Launch, inv_den, end_dS, config=None) -> torch.Tensor:
     dv = torch.empty(L.v.shape, dtype=L.v.dtype, device=L.v.device)
 
     def launch(cfg):
-        bv = min(cfg["BLOCK_V"], pow2(L.dv))
-        traceable(chunk_bwd_dv_kernel)[(triton.cdiv(L.dv, bv), L.num_splits, L.num_seqs * L.heads_kv)](
+        bv, grid = segment_grid(cfg, "BLOCK_V", L.dv, L.num_splits, L.num_seqs * L.heads_kv)
+        traceable(chunk_bwd_dv_kernel)[grid](
             L.q, L.k, L.v, L.do, inv_den, dv, end_dS, L.key_mask, L.cu_seqlens, *L.strides, *row_strides(dv),
             L.T, L.num_splits, L.heads_kv, L.scale, BK=pow2(L.dk), BV=bv, BT=cfg["BLOCK_T"],
             HAS_END=end_dS is not None, **L.common, **launch_options(cfg))

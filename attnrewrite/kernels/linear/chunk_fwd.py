@@ -17,9 +17,10 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels._ops import traceable
+from attnrewrite.kernels.triton_scaffold import row_ptrs
 
 from .triton_common import (SEGMENT_ALIGN, as_dot, dot_mode, exclusive_cumsum, feature, launch_config, launch_options,
-                            pow2, row_strides, segment_bounds, sequence_bounds, tuning_shape)
+                            pow2, row_strides, segment_grid, segment_program, segment_rows, state_ptrs, tuning_shape)
 
 
 @triton.jit
@@ -32,10 +33,8 @@ def chunk_state_kernel(
     HAS_KEY_MASK: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_ROW_WEIGHT: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_ho = i_nh // heads_out, i_nh % heads_out
-    bos, seqlen, batch = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    t_start, t_end = segment_bounds(seqlen, i_s, num_splits, ALIGN)
+    i_v, i_s, i_n, i_ho = segment_program(heads_out)
+    bos, seqlen, batch, t_start, t_end = segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN, ALIGN)
     heads_in = heads_out * GROUP
     in_dtype = x.dtype.element_ty
 
@@ -70,8 +69,7 @@ def chunk_state_kernel(
                 acc_z += tl.sum(x_feat, 0)
 
     state = ((i_n * heads_out + i_ho) * num_splits + i_s).to(tl.int64)
-    tl.store(out_S + state * DK * DV + offs_k[:, None] * DV + offs_v[None, :], acc_S,
-             mask=k_ok[:, None] & v_ok[None, :])
+    tl.store(state_ptrs(out_S, state, offs_k, offs_v, DK, DV), acc_S, mask=k_ok[:, None] & v_ok[None, :])
     tl.store(out_z + state * DK + offs_k, acc_z, mask=tl.where(i_v == 0, k_ok, False))
 
 
@@ -85,12 +83,10 @@ def chunk_fwd_kernel(
     HAS_KEY_MASK: tl.constexpr, HAS_START: tl.constexpr,
     IS_VARLEN: tl.constexpr, DOT_FP32: tl.constexpr, PREC: tl.constexpr, ALIGN: tl.constexpr,
 ):
-    i_v, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_hq = i_nh // heads_q, i_nh % heads_q
+    i_v, i_s, i_n, i_hq = segment_program(heads_q)
     heads_kv = heads_q // GROUP
     i_hk = i_hq // GROUP
-    bos, seqlen, batch = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    t_start, t_end = segment_bounds(seqlen, i_s, num_splits, ALIGN)
+    bos, seqlen, batch, t_start, t_end = segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN, ALIGN)
     in_dtype = q.dtype.element_ty
 
     offs_t = tl.arange(0, BT)
@@ -105,7 +101,7 @@ def chunk_fwd_kernel(
     z = tl.zeros([BK], dtype=tl.float32)
     if HAS_START:  # the state before this segment: the initial state, plus earlier segments when split
         seg = state * num_splits + i_s
-        S = tl.load(start_S + seg * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=kv_ok, other=0.0)
+        S = tl.load(state_ptrs(start_S, seg, offs_k, offs_v, DK, DV), mask=kv_ok, other=0.0)
         z = tl.load(start_z + seg * DK + offs_k, mask=k_ok, other=0.0)
 
     q_base = q + batch.to(tl.int64) * sqb + i_hq * sqh
@@ -121,15 +117,15 @@ def chunk_fwd_kernel(
         if HAS_KEY_MASK:
             keep = keep & (tl.load(key_mask + batch * T + rows, mask=row_ok, other=0) != 0)
         # fp32 tiles die as soon as their row/column sums are taken: the loop is register-bound
-        qx = tl.load(q_base + grow[:, None] * sqt + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        qx = tl.load(row_ptrs(q_base, grow, sqt, offs_k), mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         q_feat = tl.where(row_ok[:, None] & k_ok[None, :], feature(qx.to(tl.float32) * scale, FEATURE), 0.0)
         den = tl.sum(q_feat * z[None, :], 1) + eps
         q_dot = as_dot(q_feat, DOT_FP32, in_dtype)
-        kx = tl.load(k_base + grow[:, None] * skt + offs_k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        kx = tl.load(row_ptrs(k_base, grow, skt, offs_k), mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         k_feat = tl.where(keep[:, None] & k_ok[None, :], feature(kx.to(tl.float32), FEATURE), 0.0)
         z += tl.sum(k_feat, 0)
         k_dot = as_dot(k_feat, DOT_FP32, in_dtype)
-        vv = tl.load(v_base + grow[:, None] * svt + offs_v[None, :], mask=row_ok[:, None] & v_ok[None, :], other=0.0)
+        vv = tl.load(row_ptrs(v_base, grow, svt, offs_v), mask=row_ok[:, None] & v_ok[None, :], other=0.0)
         v_dot = as_dot(vv, DOT_FP32, in_dtype)
 
         weights = tl.dot(q_dot, tl.trans(k_dot), input_precision=PREC)  # [BT, BT]
@@ -139,12 +135,11 @@ def chunk_fwd_kernel(
         num = tl.dot(as_dot(weights, DOT_FP32, in_dtype), v_dot, num, input_precision=PREC)
         S = tl.dot(tl.trans(k_dot), v_dot, S, input_precision=PREC)
         out = num / den[:, None]
-        tl.store(o_base + grow[:, None] * sot + offs_v[None, :], out.to(o.dtype.element_ty),
-                 mask=row_ok[:, None] & v_ok[None, :])
+        tl.store(row_ptrs(o_base, grow, sot, offs_v), out.to(o.dtype.element_ty), mask=row_ok[:, None] & v_ok[None, :])
         tl.store(side_base + rows, 1.0 / den, mask=tl.where(i_v == 0, row_ok, False))
 
     if (i_s == num_splits - 1) & (i_hq % GROUP == 0):  # the last segment ends with the final state
-        tl.store(final_S + state * DK * DV + offs_k[:, None] * DV + offs_v[None, :], S, mask=kv_ok)
+        tl.store(state_ptrs(final_S, state, offs_k, offs_v, DK, DV), S, mask=kv_ok)
         tl.store(final_z + state * DK + offs_k, z, mask=tl.where(i_v == 0, k_ok, False))
 
 
@@ -180,8 +175,7 @@ def chunk_state(
     shape = tuning_shape(num_seqs, x.shape[1], heads_out, T, dk, dv, x.dtype)
 
     def launch(cfg):
-        bv = min(cfg["BLOCK_V"], pow2(dv))
-        grid = (triton.cdiv(dv, bv), num_splits, num_seqs * heads_out)
+        bv, grid = segment_grid(cfg, "BLOCK_V", dv, num_splits, num_seqs * heads_out)
         traceable(chunk_state_kernel)[grid](
             x, y, row_scale, row_weight, key_mask, out_S, out_z, cu_seqlens,
             *row_strides(x), *row_strides(y), T, num_splits, heads_out, float(scale),
@@ -248,8 +242,7 @@ def chunk_linear_attn_fwd(
     shape = tuning_shape(num_seqs, heads_q, heads_kv, T, dk, dv, q.dtype)
 
     def launch(cfg):
-        bv = min(cfg["BLOCK_V"], pow2(dv))
-        grid = (triton.cdiv(dv, bv), num_splits, num_seqs * heads_q)
+        bv, grid = segment_grid(cfg, "BLOCK_V", dv, num_splits, num_seqs * heads_q)
         traceable(chunk_fwd_kernel)[grid](
             q, k, v, out, inv_den, key_mask, start_S, start_z, final_S, final_z, cu_seqlens,
             *row_strides(q), *row_strides(k), *row_strides(v), *row_strides(out),

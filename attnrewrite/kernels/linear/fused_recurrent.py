@@ -14,7 +14,7 @@ import triton.language as tl
 
 from attnrewrite.kernels._ops import traceable
 
-from .triton_common import feature, launch_config, launch_options, pow2, row_strides, tuning_shape
+from .triton_common import feature, launch_config, launch_options, pow2, row_strides, state_ptrs, tuning_shape
 
 
 @triton.jit
@@ -33,7 +33,7 @@ def recurrent_fwd_kernel(
     v_ok = offs_v < DV
     kv_ok = k_ok[:, None] & v_ok[None, :]
     state = i_bh.to(tl.int64)
-    S = tl.load(S_in + state * DK * DV + offs_k[:, None] * DV + offs_v[None, :], mask=kv_ok, other=0.0)
+    S = tl.load(state_ptrs(S_in, state, offs_k, offs_v, DK, DV), mask=kv_ok, other=0.0)
     z = tl.load(z_in + state * DK + offs_k, mask=k_ok, other=0.0)
     for t in range(0, T):
         kx = tl.load(k + i_b.to(tl.int64) * skb + i_hk * skh + t * skt + offs_k, mask=k_ok, other=0.0)
@@ -49,7 +49,7 @@ def recurrent_fwd_kernel(
             den = tl.sum(q_feat * z, 0) + eps
             tl.store(o + i_b.to(tl.int64) * sob + i_hq * soh + t * sot + offs_v, (num / den).to(o.dtype.element_ty),
                      mask=v_ok)
-    tl.store(S_out + state * DK * DV + offs_k[:, None] * DV + offs_v[None, :], S, mask=kv_ok)
+    tl.store(state_ptrs(S_out, state, offs_k, offs_v, DK, DV), S, mask=kv_ok)
     tl.store(z_out + state * DK + offs_k, z, mask=tl.where(i_v == 0, k_ok, False))
 
 

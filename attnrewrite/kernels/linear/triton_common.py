@@ -13,6 +13,16 @@ Layout conventions of every kernel:
 - a sequence may be cut into ``num_splits`` segments, each a multiple of ``SEGMENT_ALIGN`` tokens
   (so every chunk size divides it), which run as separate programs: this is how a long
   sequence with few heads still fills the GPU.
+
+What the kernels share lives here (:func:`segment_program`, :func:`segment_rows`, :func:`state_ptrs`,
+:func:`segment_grid`) or in :mod:`attnrewrite.kernels.triton_scaffold` (``row_ptrs``).  What stays
+written out in each kernel on purpose: the head of every chunk loop (rows, row_ok, the packed rows,
+the key mask) and the first tile load of the loops of ``bidir_fwd_kernel`` and ``bidir_bwd_dv_kernel``.
+Through an inlined ``@triton.jit`` helper they give the same PTX instructions, but with line info
+(Triton's default) the helper's scope label lands at the top of the loop body, ptxas treats it as a
+block boundary, and 10 of the 71 sm_90 kernels of ``bench/linear_sm90_compile.py`` were scheduled
+differently (one at 6 registers fewer), ``bidir_fwd`` of ``--quick`` at 10 registers fewer; the same PTX
+without the labels gives byte-identical SASS (``bench/RESULTS.md``, issue 16, 2026-12-01).
 """
 
 from __future__ import annotations
@@ -79,6 +89,31 @@ def segment_bounds(seqlen, i_s, num_splits, ALIGN: tl.constexpr):
 
 
 @triton.jit
+def segment_program(heads):
+    """(block, segment, sequence, head) of a program of the segmented kernels: grid axis 0 cuts a head dim in
+    blocks, axis 1 a sequence in ``num_splits`` segments; axis 2 is (sequence, head), ``heads`` heads per
+    sequence.  Kernels derive their other heads from it before they ask for :func:`segment_rows`."""
+    i_blk, i_s, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    return i_blk, i_s, i_nh // heads, i_nh % heads
+
+
+@triton.jit
+def segment_rows(cu_seqlens, i_n, i_s, T, num_splits, IS_VARLEN: tl.constexpr, ALIGN: tl.constexpr):
+    """(first row, length, batch index) of sequence ``i_n`` (:func:`sequence_bounds`) and the rows
+    [start, end) of its segment ``i_s`` of ``num_splits`` (:func:`segment_bounds`)."""
+    bos, seqlen, batch = sequence_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    t_start, t_end = segment_bounds(seqlen, i_s, num_splits, ALIGN)
+    return bos, seqlen, batch, t_start, t_end
+
+
+@triton.jit
+def state_ptrs(states, index, offs_k, offs_v, DK: tl.constexpr, DV: tl.constexpr):
+    """The pointers of the [BK, BV] tile (rows ``offs_k``, columns ``offs_v``) of state ``index`` in a
+    contiguous fp32 tensor of [Dk, Dv] states: S, dS and their per-segment copies, loaded and stored alike."""
+    return states + index * DK * DV + offs_k[:, None] * DV + offs_v[None, :]
+
+
+@triton.jit
 def as_dot(x, DOT_FP32: tl.constexpr, INPUT_DTYPE: tl.constexpr):
     """Cast an fp32 tile to the operand type of this kernel's matmuls."""
     if DOT_FP32:
@@ -121,6 +156,13 @@ def dot_mode(dtype: torch.dtype) -> tuple[bool, str, tl.dtype]:
 def pow2(n: int, lo: int = 16) -> int:
     """The smallest power of two ≥ max(n, lo) (tl.dot needs every tile side ≥ 16)."""
     return max(lo, triton.next_power_of_2(int(n)))
+
+
+def segment_grid(config: dict, block: str, dim: int, num_splits: int, programs: int) -> tuple[int, tuple[int, int, int]]:
+    """(block size, grid) of a segmented launch: head dim ``dim`` cut in blocks of ``config[block]`` (at most
+    its padded size) × ``num_splits`` segments × ``programs`` (sequence, head) pairs (:func:`segment_program`)."""
+    size = min(config[block], pow2(dim))
+    return size, (triton.cdiv(dim, size), num_splits, programs)
 
 
 def row_strides(x: torch.Tensor) -> tuple[int, int, int]:

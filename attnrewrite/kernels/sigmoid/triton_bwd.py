@@ -27,7 +27,7 @@ import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import head_strides, load_row_pair, row_mask, row_ptrs
 
-from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
+from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_grid, dot_precision, head_position,
                             key_range, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
                             relative_bias_grad, sigmoid_tile)
 
@@ -285,12 +285,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
 
     if q.numel() > 0 and "dq" in kernels:
         block_m = config_dq["BLOCK_M"]
-        if varlen:
-            block_seq, block_start, n_programs = block_table(cu_seqlens_q, block_m, len_q)
-            grid = (n_programs, heads_q)
-        else:
-            block_seq = block_start = q
-            grid = (triton.cdiv(len_q, block_m), batch * heads_q)
+        block_seq, block_start, grid = block_grid(cu_seqlens_q, block_m, len_q, batch, heads_q, q)
         launch(sigmoid_bwd_dq_kernel)[grid](
             q, k, v, grad_out, dq, ds if want_mask_grad else q, mask_arg, bias, slopes_arg,
             dr if relative else bias, kv_lens_arg,
@@ -304,12 +299,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
         )
     if k.numel() > 0 and "dkdv" in kernels:
         block_n = config_dkdv["BLOCK_N"]
-        if varlen:
-            block_seq, block_start, n_programs = block_table(cu_seqlens_k, block_n, len_k)
-            grid = (n_programs, heads_kv)
-        else:
-            block_seq = block_start = q
-            grid = (triton.cdiv(len_k, block_n), batch * heads_kv)
+        block_seq, block_start, grid = block_grid(cu_seqlens_k, block_n, len_k, batch, heads_kv, q)
         launch(sigmoid_bwd_dkdv_kernel)[grid](
             q, k, v, grad_out, dk, dv, mask_arg, bias, slopes_arg, kv_lens_arg,
             cu_q_arg, cu_k_arg, block_seq, block_start,

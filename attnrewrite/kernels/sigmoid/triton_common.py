@@ -19,10 +19,10 @@ from attnrewrite.kernels.triton_scaffold import (INTERPRETED, LOG2E, LOG2E_HOST,
                                                  modified_scores, padded_dim, position_scores, relative_bias_grad,
                                                  score_mod_fn)
 
-__all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "bias_strides", "block_table",
-           "dot_precision", "head_position", "key_range", "load_rows", "load_tile", "locate", "mask_strides", "mma",
-           "mod_args", "modified_scores", "newton_steps", "padded_dim", "position_scores", "relative_bias_grad",
-           "score_mod_fn", "sigmoid_log2", "sigmoid_tile"]
+__all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "bias_strides", "block_grid",
+           "block_table", "dot_precision", "head_position", "key_range", "load_rows", "load_tile", "locate",
+           "mask_strides", "mma", "mod_args", "modified_scores", "newton_steps", "padded_dim", "position_scores",
+           "relative_bias_grad", "score_mod_fn", "sigmoid_log2", "sigmoid_tile"]
 
 
 @triton.jit
@@ -170,6 +170,17 @@ def block_table(cu_seqlens: torch.Tensor, block: int, total: int) -> tuple[torch
     block_seq = torch.searchsorted(ends, programs, right=True)
     block_seq = torch.where(block_seq < n_seq, block_seq, -1).to(torch.int32)
     return block_seq, (ends - blocks).to(torch.int32), n_programs
+
+
+def block_grid(cu_seqlens: torch.Tensor | None, block: int, length: int, batch: int, heads: int,
+               unread: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """(block_seq, block_start, grid) of a launch over blocks of ``block`` rows of ``heads`` heads: for packed
+    sequences (``cu_seqlens``) the :func:`block_table` and one program per table entry and head; otherwise
+    ``unread`` for both tables (pointers the kernel never reads) and cdiv(length, block) × batch · heads."""
+    if cu_seqlens is not None:
+        block_seq, block_start, n_programs = block_table(cu_seqlens, block, length)
+        return block_seq, block_start, (n_programs, heads)
+    return unread, unread, (triton.cdiv(length, block), batch * heads)
 
 
 def newton_steps(use_newton: int, dtype: torch.dtype) -> int:

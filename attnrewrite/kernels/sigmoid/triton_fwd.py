@@ -17,7 +17,7 @@ import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import head_strides, row_mask, row_ptrs
 
-from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_table, dot_precision, head_position,
+from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_grid, dot_precision, head_position,
                             key_range, load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
                             sigmoid_tile)
 
@@ -124,12 +124,7 @@ def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale:
         return out
     block_m = config["BLOCK_M"]
     varlen = cu_seqlens_q is not None
-    if varlen:
-        block_seq, block_start, n_programs = block_table(cu_seqlens_q, block_m, len_q)
-        grid = (n_programs, heads_q)
-    else:
-        block_seq = block_start = q
-        grid = (triton.cdiv(len_q, block_m), batch * heads_q)
+    block_seq, block_start, grid = block_grid(cu_seqlens_q, block_m, len_q, batch, heads_q, q)
     mask, m_strides = mask_strides(mask, (batch, heads_q, len_q, len_k))
     mod, mod_fn = mod_args(program, scale)
     launch(sigmoid_fwd_kernel)[grid](

@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, POSITION_CODES, dot_precision, head_position, head_strides,
-                                                 load_rows, mask_strides, mma, mod_args, modified_scores,
-                                                 online_softmax_step, padded_dim, row_mask, row_ptrs)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, POSITION_CODES, dot_precision, empty_out_lse,
+                                                 head_position, head_strides, load_rows, mask_strides, mma, mod_args,
+                                                 modified_scores, online_softmax_step, padded_dim, row_mask, row_ptrs)
 
 from .triton_common import band_scores, key_blocks, program_sequence
 
@@ -124,8 +124,7 @@ def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, windo
     """
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
-    out = torch.empty(batch, heads_q, len_q, dim_v, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, heads_q, len_q, dtype=torch.float32, device=q.device)
+    out, lse = empty_out_lse(q, dim_v)
     if out.numel() == 0:
         return out, lse
     block_m = config["BLOCK_M"]

@@ -208,6 +208,20 @@ def _keys_per_row(length: int, chunk_size: int, window_chunks: int, causal: bool
     return min(length, window) + math.ceil(length / chunk_size)
 
 
+def _block_operands(q, k, v, k_sum, v_sum, exists, key_valid, is_causal: bool, chunk_size: int, window_chunks: int):
+    """What both passes walk, block of query rows by block: (i0, i1, r0, r1, n_sum, visible, keys, values) — the
+    rows [i0, i1), the raw keys [r0, r1) and the n_sum first summaries they may see, which they see
+    (:func:`visibility`), and those keys and values, summaries first ([B, Hkv, n_sum + r1 − r0, D|Dv])."""
+    length = q.shape[-2]
+    rows = _rows_per_block(q, _keys_per_row(length, chunk_size, window_chunks, is_causal))
+    for i0, i1, r0, r1, n_sum in blocks(length, chunk_size, window_chunks, is_causal, rows):
+        visible = visibility(i0, i1, r0, r1, n_sum, chunk_size, window_chunks, is_causal, key_valid, exists,
+                             q.device)
+        keys = torch.cat([k_sum[:, :, :n_sum], k[:, :, r0:r1]], dim=2)
+        values = torch.cat([v_sum[:, :, :n_sum], v[:, :, r0:r1]], dim=2)
+        yield i0, i1, r0, r1, n_sum, visible, keys, values
+
+
 def summary_attention_forward(q, k, v, key_valid, is_causal: bool, scale: float, chunk_size: int,
                               window_chunks: int, summary_query=None, score_mod=None) -> torch.Tensor:
     """Summary attention on validated inputs; q [B, Hq, T, D], k/v [B, Hkv, T, D|Dv] → [B, Hq, T, Dv].
@@ -215,18 +229,13 @@ def summary_attention_forward(q, k, v, key_valid, is_causal: bool, scale: float,
     ``key_valid``: bool [B, T] or None; ``score_mod``: a parsed score modification or None.  Semantics:
     :mod:`attnrewrite.kernels.summary.reference`.
     """
-    length = q.shape[-2]
     k, v = hide_padding(k, key_valid), hide_padding(v, key_valid)
     k_sum, v_sum, exists = chunk_summaries(k, v, key_valid, chunk_size, summary_query)
     if split_applies(q, v, key_valid, is_causal, score_mod):
         return _split_forward(q, k, v, k_sum, v_sum, scale, chunk_size, window_chunks)
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
-    rows = _rows_per_block(q, _keys_per_row(length, chunk_size, window_chunks, is_causal))
-    for i0, i1, r0, r1, n_sum in blocks(length, chunk_size, window_chunks, is_causal, rows):
-        visible = visibility(i0, i1, r0, r1, n_sum, chunk_size, window_chunks, is_causal, key_valid, exists,
-                             q.device)
-        keys = torch.cat([k_sum[:, :, :n_sum], k[:, :, r0:r1]], dim=2)
-        values = torch.cat([v_sum[:, :, :n_sum], v[:, :, r0:r1]], dim=2)
+    for i0, i1, _, _, _, visible, keys, values in _block_operands(q, k, v, k_sum, v_sum, exists, key_valid, is_causal,
+                                                                  chunk_size, window_chunks):
         out[:, :, i0:i1] = block_attention(q[:, :, i0:i1], keys, values, visible, scale, score_mod)
     return out
 
@@ -387,7 +396,6 @@ def block_attention_backward_unfused(grad: torch.Tensor, q: torch.Tensor, keys: 
 def summary_attention_backward(grad, q, k, v, key_valid, is_causal: bool, scale: float, chunk_size: int,
                                window_chunks: int, summary_query=None, score_mod=None):
     """(dq, dk, dv, d_summary_query or None) of :func:`summary_attention_forward`, block by block."""
-    length = q.shape[-2]
     dtype = work_dtype(q.dtype)
     k, v = hide_padding(k, key_valid), hide_padding(v, key_valid)
     k_sum, v_sum, exists = chunk_summaries(k, v, key_valid, chunk_size, summary_query)
@@ -396,12 +404,8 @@ def summary_attention_backward(grad, q, k, v, key_valid, is_causal: bool, scale:
     dv = torch.zeros(v.shape, dtype=dtype, device=q.device)
     dk_sum = torch.zeros(k_sum.shape, dtype=dtype, device=q.device)
     dv_sum = torch.zeros(v_sum.shape, dtype=dtype, device=q.device)
-    rows = _rows_per_block(q, _keys_per_row(length, chunk_size, window_chunks, is_causal))
-    for i0, i1, r0, r1, n_sum in blocks(length, chunk_size, window_chunks, is_causal, rows):
-        visible = visibility(i0, i1, r0, r1, n_sum, chunk_size, window_chunks, is_causal, key_valid, exists,
-                             q.device)
-        keys = torch.cat([k_sum[:, :, :n_sum], k[:, :, r0:r1]], dim=2)
-        values = torch.cat([v_sum[:, :, :n_sum], v[:, :, r0:r1]], dim=2)
+    for i0, i1, r0, r1, n_sum, visible, keys, values in _block_operands(q, k, v, k_sum, v_sum, exists, key_valid,
+                                                                        is_causal, chunk_size, window_chunks):
         dq_b, dkeys, dvalues = block_attention_backward(grad[:, :, i0:i1], q[:, :, i0:i1], keys, values, visible,
                                                         scale, score_mod)
         dq[:, :, i0:i1] = dq_b

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, load_rows, load_tile, mma,
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, head_strides, load_rows, load_tile, mma,
                                                  online_softmax_step, padded_dim)
 
 from .triton_common import key_ok
@@ -109,8 +109,7 @@ def summary_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, va
     launch(summary_decode_kernel)[(splits, batch * heads_kv)](
         q, keys, values, flags if flags is not None else q, part_o, part_m, part_l,
         q.stride(0), q.stride(1),
-        keys.stride(0), keys.stride(1), keys.stride(2),
-        values.stride(0), values.stride(1), values.stride(2),
+        *head_strides(keys, values),
         flags.stride(0) if flags is not None else 0,
         heads_kv, n_keys, keys_per_split, scale * LOG2E_HOST,
         D=dim, DV=dim_v, BLOCK_D=padded_dim(dim), BLOCK_DV=block_dv, GROUP=group, BLOCK_G=block_g,

@@ -15,8 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, head_strides, load_rows, mod_args,
-                                                 online_softmax_step, padded_dim, program_heads, row_mask, row_ptrs)
+from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, empty_out_lse, head_strides, load_rows,
+                                                 mod_args, online_softmax_step, padded_dim, program_heads, row_mask,
+                                                 row_ptrs)
 
 from .chunked import hide_padding
 from .packed import block_table, query_programs
@@ -130,8 +131,7 @@ def summary_fwd(q, k, v, k_sum, v_sum, exists, key_valid, scale: float, causal: 
     """
     batch, heads_q, length, dim = q.shape
     heads_kv, dim_v, n_chunks = k.shape[1], v.shape[3], k_sum.shape[2]
-    out = torch.empty(batch, heads_q, length, dim_v, dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, heads_q, length, dtype=torch.float32, device=q.device)
+    out, lse = empty_out_lse(q, dim_v)
     if out.numel() == 0:
         return out, lse
     valid, exists8 = flag_args(q, key_valid, exists)
