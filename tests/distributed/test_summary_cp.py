@@ -76,6 +76,10 @@ CELLS = [(causal, mask_kind, world, {2: 24, 3: 36}[world], 2, 1)
          for causal in (True, False) for mask_kind in ("none", "bool") for world in (2, 3)]
 CELLS += [(True, "float", 4, 48, 2, 4), (False, "bool", 4, 48, 2, 4), (True, "bool", 1, 24, 3, 2),
           (True, "none", 2, 32, 4, 0), (False, "none", 2, 32, 4, 0)]
+# the fused path's runs of keys that every row of a block sees whole (no position mask, the key flags only): a window
+# longer than a block, several blocks of FUSED_ROWS per piece (T = 1024 over 2 ranks: pieces of 256 rows)
+CELLS += [(True, "bool", 2, 64, 2, 8), (False, "float", 2, 64, 2, 8), (True, "bool", 2, 1024, 4, 40),
+          (False, "bool", 2, 1024, 4, 40)]
 
 
 @pytest.mark.parametrize("causal,mask_kind,world,length,chunk_size,window_chunks", CELLS)
