@@ -202,10 +202,11 @@ class _GlooLikeComm:
         return [tensor.clone() if p == self.rank else received[p] for p in range(self.world)]
 
 
-def _peak_shards(world: int, heads: int = 8, length: int = 4096, dim: int = 64) -> tuple[float, float]:
+def _peak_shards(world: int, heads: int = 8, length: int = 2048, dim: int = 64, window_chunks: int = 64
+                 ) -> tuple[float, float]:
     """(the most live tensor bytes any rank holds over its forward and backward, the fetched window rows the
-    largest rank holds) of causal float32 summary attention with the defaults (chunk_size 8, window_chunks 128:
-    1024 raw rows before each piece), ranks as threads, both in shards [1, heads, length / world, dim]."""
+    largest rank holds) of causal float32 summary attention with chunk_size 8 (``window_chunks`` · 8 raw rows
+    before each piece), ranks as threads, both in shards [1, heads, length / world, dim]."""
     from attnrewrite.testing.memory import LiveTensorBytes
 
     g = torch.Generator().manual_seed(world)
@@ -217,9 +218,9 @@ def _peak_shards(world: int, heads: int = 8, length: int = 4096, dim: int = 64) 
         positions = layout.local_positions(rank, world, length)
         local = [t.index_select(2, positions).clone().requires_grad_() for t in (q, k, v)]
         local_grad = grad.index_select(2, positions)
-        args = {**_args(*local, True, 8, 128), "enable_gqa": False}
+        args = {**_args(*local, True, 8, window_chunks), "enable_gqa": False}
         comm = _GlooLikeComm(rank, world, boxes)
-        windows[rank] = summary._setup(rank, world, length, 8, 128, True, 1.0, None, comm).plan.length
+        windows[rank] = summary._setup(rank, world, length, 8, window_chunks, True, 1.0, None, comm).plan.length
         with LiveTensorBytes() as live:
             out = summary.attend(args, None, rank, world, comm)
             out.backward(local_grad)
@@ -240,10 +241,11 @@ def test_summary_cp_holds_its_gradients_and_one_head_of_the_rest(world, one_thre
     rows of k and v) and fetched window rows with their gradients (4 · (T/C + window rows) / (T/W) / H), and
     besides them only a block's run of keys (a fused call's dK/dV, at most KEY_ROWS rows of one head), its mask
     (O(FUSED_ROWS²)) and the rows' log-sum-exp — not a whole-width copy of the window, the summaries or their
-    gradients, nor a piece's gradients of the whole window.  (At T = 4096, D = 64, 8 heads, where the window is
-    1 and 2 shards: each piece an autograd node over its window and every block concatenating summaries and window,
-    as before, 20.1 shards at 2 ranks and 31.1 at 4; one node per rank, all heads at once, 11.4 and 17.8.)"""
-    heads, length, chunk_size = 8, 4096, 8
+    gradients, nor a piece's gradients of the whole window.  (At T = 2048, D = 64, 8 heads, window_chunks 64, where
+    the window is 1 and 2 shards: each piece an autograd node over its window and every block concatenating
+    summaries and window, as before, 20.6 shards at 2 ranks and 30.6 at 4; one node per rank, all heads at once,
+    11.2 and 17.8.)"""
+    heads, length, chunk_size = 8, 2048, 8
     held, window = _peak_shards(world, heads, length)
     summaries = (length // chunk_size) / (length // world)
     allowed = 4 + 4 * (summaries + window) / heads + 0.5
