@@ -1,4 +1,4 @@
-"""Point-to-point fetches of sequence positions between ranks, and small all-gathers, differentiable.
+"""Point-to-point fetches of sequence positions between ranks.
 
 Summary attention (:mod:`.summary`) needs only a few pieces of the other ranks' shards: the raw
 key/value rows its queries' windows reach into, and every rank's chunk summaries.  This module moves
@@ -8,9 +8,9 @@ exactly those pieces:
   on every rank from the load-balanced layout, so no request has to be sent): each owner sends the rows
   another rank needs, a rank's own rows are read in place.  Backward, the gradient of each fetched row
   goes back to its owner and is added there.
-- :func:`gather_small` all-gathers a small tensor (one row per chunk); backward, each rank receives
-  its part of every rank's gradient and sums them (a reduce-scatter by point-to-point sends, which gloo
-  lacks as a collective).
+- :func:`move_rows` and :func:`add_back` are the same two directions without autograd, for a caller that
+  runs its own backward (:mod:`.summary`, which also all-gathers the chunk summaries through the
+  communicator and sends each rank its summaries' gradients).
 
 All communication goes through a *communicator* with ``all_gather(tensor)`` and
 ``exchange(sends, receives)``: :class:`GroupComm` on a process group, or (in the tests) threads in one
@@ -119,8 +119,10 @@ def _rows(x: Tensor, index: Tensor) -> Tensor:
     return x.index_select(-2, index.to(x.device))
 
 
-def _move(x: Tensor, plan: FetchPlan, comm) -> Tensor:
-    """The forward of :func:`fetch`: [..., plan.length, D] from x [..., T_local, D]."""
+def move_rows(x: Tensor, plan: FetchPlan, comm) -> Tensor:
+    """The rows of the plan, [..., plan.length, D], from each rank's x [..., T_local, D]: the forward of
+    :func:`fetch`, not differentiable (a caller that runs its own backward returns the gradients with
+    :func:`add_back`)."""
     sends = {peer: _rows(x, index) for peer, index in plan.send.items()}
     shape = lambda n: (*x.shape[:-2], n, x.shape[-1])
     received = comm.exchange(sends, {peer: (shape(slots.numel()), x.dtype) for peer, slots in plan.receive.items()})
@@ -132,16 +134,23 @@ def _move(x: Tensor, plan: FetchPlan, comm) -> Tensor:
     return out
 
 
-def _move_back(grad: Tensor, plan: FetchPlan, local_shape, comm) -> Tensor:
-    """The backward of :func:`fetch`: each fetched row's gradient added at its owner."""
+def add_back(grad: Tensor, plan: FetchPlan, target: Tensor, comm) -> None:
+    """The backward of :func:`move_rows` in place: the gradient of each fetched row, grad [..., plan.length, D],
+    added to ``target`` [..., T_local, D] at the row's owner (every rank calls it with its own plan)."""
     sends = {peer: _rows(grad, slots) for peer, slots in plan.receive.items()}
     shape = lambda n: (*grad.shape[:-2], n, grad.shape[-1])
     received = comm.exchange(sends, {peer: (shape(index.numel()), grad.dtype) for peer, index in plan.send.items()})
-    out = grad.new_zeros(local_shape)
+    sends = None
     slots, index = plan.own
-    out.index_add_(-2, index.to(grad.device), _rows(grad, slots))
+    target.index_add_(-2, index.to(grad.device), _rows(grad, slots))
     for peer, index in plan.send.items():
-        out.index_add_(-2, index.to(grad.device), received[peer])
+        target.index_add_(-2, index.to(grad.device), received.pop(peer))
+
+
+def _move_back(grad: Tensor, plan: FetchPlan, local_shape, comm) -> Tensor:
+    """The backward of :func:`fetch`: each fetched row's gradient added at its owner."""
+    out = grad.new_zeros(local_shape)
+    add_back(grad, plan, out, comm)
     return out
 
 
@@ -149,7 +158,7 @@ class _Fetch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, plan: FetchPlan, comm) -> Tensor:
         ctx.plan, ctx.comm, ctx.local_shape = plan, comm, x.shape
-        return _move(x, plan, comm)
+        return move_rows(x, plan, comm)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -161,36 +170,4 @@ def fetch(x: Tensor, plan: FetchPlan, comm) -> Tensor:
     shard x [..., T_local, D] (differentiable: the backward sends each row's gradient to its owner)."""
     if x.requires_grad and torch.is_grad_enabled():
         return _Fetch.apply(x, plan, comm)
-    return _move(x, plan, comm)
-
-
-# ---------------------------------------------------------------------------------------------
-# all-gather of small tensors
-
-
-class _GatherSmall(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, dim: int, comm) -> Tensor:
-        ctx.dim, ctx.comm, ctx.local = dim, comm, x.shape[dim]
-        return torch.cat(comm.all_gather(x), dim=dim)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        comm, dim, local = ctx.comm, ctx.dim, ctx.local
-        parts = grad.split(local, dim=dim)
-        sends = {peer: parts[peer] for peer in range(comm.world) if peer != comm.rank}
-        mine = parts[comm.rank].contiguous()
-        received = comm.exchange(sends, {peer: (tuple(mine.shape), mine.dtype) for peer in sends})
-        total = mine.clone()
-        for part in received.values():
-            total += part
-        return total, None, None
-
-
-def gather_small(x: Tensor, dim: int, comm) -> Tensor:
-    """Every rank's ``x`` concatenated along ``dim`` in rank order (differentiable: the backward sums
-    each rank's part of every rank's gradient at that rank)."""
-    dim = dim % x.dim()
-    if x.requires_grad and torch.is_grad_enabled():
-        return _GatherSmall.apply(x, dim, comm)
-    return torch.cat(comm.all_gather(x), dim=dim)
+    return move_rows(x, plan, comm)

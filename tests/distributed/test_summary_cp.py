@@ -8,7 +8,10 @@ window's raw rows and the chunk summaries, never the whole sequence's keys and v
 
 from __future__ import annotations
 
+import queue
+import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -73,6 +76,10 @@ CELLS = [(causal, mask_kind, world, {2: 24, 3: 36}[world], 2, 1)
          for causal in (True, False) for mask_kind in ("none", "bool") for world in (2, 3)]
 CELLS += [(True, "float", 4, 48, 2, 4), (False, "bool", 4, 48, 2, 4), (True, "bool", 1, 24, 3, 2),
           (True, "none", 2, 32, 4, 0), (False, "none", 2, 32, 4, 0)]
+# the fused path's runs of keys that every row of a block sees whole (no position mask, the key flags only): a window
+# longer than a block, several blocks of FUSED_ROWS per piece (T = 1024 over 2 ranks: pieces of 256 rows)
+CELLS += [(True, "bool", 2, 64, 2, 8), (False, "float", 2, 64, 2, 8), (True, "bool", 2, 1024, 4, 40),
+          (False, "bool", 2, 1024, 4, 40)]
 
 
 @pytest.mark.parametrize("causal,mask_kind,world,length,chunk_size,window_chunks", CELLS)
@@ -164,3 +171,82 @@ def test_summary_cp_applies_the_score_modification():
     torch.testing.assert_close(layout.unshard(torch.cat([r[0] for r in results], 2), 2, 3), ref.detach())
     for i, leaf in enumerate(leaves):
         torch.testing.assert_close(layout.unshard(torch.cat([r[1][i] for r in results], 2), 2, 3), leaf.grad)
+
+
+class _GlooLikeComm:
+    """The communicator with gloo's memory (:class:`~attnrewrite.distributed.exchange.GroupComm`): a rank makes its
+    receiving buffers itself, and what it sends stays alive until the receiver has copied it."""
+
+    def __init__(self, rank: int, world: int, boxes: dict):
+        self.rank, self.world, self.boxes = rank, world, boxes
+        self.received_bytes = 0
+
+    def exchange(self, sends: dict, receives: dict) -> dict:
+        taken = []
+        for peer, tensor in sends.items():
+            taken.append(threading.Event())
+            self.boxes[self.rank, peer].put((tensor.contiguous(), taken[-1]))
+        received = {}
+        for peer, (shape, dtype) in receives.items():
+            received[peer] = torch.empty(shape, dtype=dtype)
+            theirs, their_taken = self.boxes[peer, self.rank].get(timeout=120)
+            received[peer].copy_(theirs)
+            theirs = None
+            their_taken.set()
+        assert all(event.wait(120) for event in taken)
+        return received
+
+    def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        peers = [p for p in range(self.world) if p != self.rank]
+        received = self.exchange({p: tensor for p in peers}, {p: (tuple(tensor.shape), tensor.dtype) for p in peers})
+        return [tensor.clone() if p == self.rank else received[p] for p in range(self.world)]
+
+
+def _peak_shards(world: int, heads: int = 8, length: int = 2048, dim: int = 64, window_chunks: int = 64
+                 ) -> tuple[float, float]:
+    """(the most live tensor bytes any rank holds over its forward and backward, the fetched window rows the
+    largest rank holds) of causal float32 summary attention with chunk_size 8 (``window_chunks`` · 8 raw rows
+    before each piece), ranks as threads, both in shards [1, heads, length / world, dim]."""
+    from attnrewrite.testing.memory import LiveTensorBytes
+
+    g = torch.Generator().manual_seed(world)
+    q, k, v, grad = (torch.randn(1, heads, length, dim, generator=g) for _ in range(4))
+    boxes = {(a, b): queue.Queue() for a in range(world) for b in range(world)}
+    peaks, windows = {}, {}
+
+    def rank_main(rank):
+        positions = layout.local_positions(rank, world, length)
+        local = [t.index_select(2, positions).clone().requires_grad_() for t in (q, k, v)]
+        local_grad = grad.index_select(2, positions)
+        args = {**_args(*local, True, 8, window_chunks), "enable_gqa": False}
+        comm = _GlooLikeComm(rank, world, boxes)
+        windows[rank] = summary._setup(rank, world, length, 8, window_chunks, True, 1.0, None, comm).plan.length
+        with LiveTensorBytes() as live:
+            out = summary.attend(args, None, rank, world, comm)
+            out.backward(local_grad)
+            del out
+        peaks[rank] = live.peak
+
+    with ThreadPoolExecutor(world) as pool:
+        list(pool.map(rank_main, range(world)))
+    rows = length // world
+    return max(peaks.values()) / (q.numel() * q.element_size() / world), max(windows.values()) / rows
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_summary_cp_holds_its_gradients_and_one_head_of_the_rest(world, one_thread):
+    """Per-rank memory of causal summary attention (float32), counted as live tensor bytes
+    (:class:`~attnrewrite.testing.memory.LiveTensorBytes`) in units of one shard [B, H, T/W, D]: at its peak a rank
+    holds its output and dQ, dK, dV (4) and, running one key/value head at a time, that head's summaries (T / C
+    rows of k and v) and fetched window rows with their gradients (4 · (T/C + window rows) / (T/W) / H), and
+    besides them only a block's run of keys (a fused call's dK/dV, at most KEY_ROWS rows of one head), its mask
+    (O(FUSED_ROWS²)) and the rows' log-sum-exp — not a whole-width copy of the window, the summaries or their
+    gradients, nor a piece's gradients of the whole window.  (At T = 2048, D = 64, 8 heads, window_chunks 64, where
+    the window is 1 and 2 shards: each piece an autograd node over its window and every block concatenating
+    summaries and window, as before, 20.6 shards at 2 ranks and 30.6 at 4; one node per rank, all heads at once,
+    11.2 and 17.8.)"""
+    heads, length, chunk_size = 8, 2048, 8
+    held, window = _peak_shards(world, heads, length)
+    summaries = (length // chunk_size) / (length // world)
+    allowed = 4 + 4 * (summaries + window) / heads + 0.5
+    assert held <= allowed, f"{world} ranks: a rank holds {held:.2f} shards at its peak, allowed {allowed:.2f}"
