@@ -12,9 +12,8 @@ import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-import attnrewrite.kernels.sigmoid.public as sigmoid_public
 from attnrewrite.rewriter.report import Report
-from attnrewrite.testing.checks import assert_close_rel, compile_rewritten
+from attnrewrite.testing.checks import assert_close_rel, compile_rewritten, record_sigmoid_calls
 
 B, T, E, H = 2, 12, 32, 4
 D = E // H
@@ -92,17 +91,8 @@ def _pair(bias, trainable=False):
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """The keyword arguments of every call of the sigmoid op (what the rewritten graph passes it)."""
-    calls = []
-    dispatch = sigmoid_public.sigmoid_attention_dispatch
-
-    def recording(q, k, v, attn_mask=None, *args, **kwargs):
-        if not isinstance(q, FakeTensor):  # (not the rewriter's shape propagation)
-            calls.append(dict(kwargs, attn_mask=attn_mask, q=q))
-        return dispatch(q, k, v, attn_mask, *args, **kwargs)
-
-    monkeypatch.setattr(sigmoid_public, "sigmoid_attention_dispatch", recording)
-    return calls
+    """The arguments of every call of the sigmoid op (what the rewritten graph passes it)."""
+    return record_sigmoid_calls(monkeypatch)
 
 
 def _rewrite(bias, op_calls, trainable=False):

@@ -13,11 +13,10 @@ import zlib
 import pytest
 import torch
 import torch.nn as nn
-from torch._subclasses.fake_tensor import FakeTensor
 
-import attnrewrite.kernels.sigmoid.public as sigmoid_public
 from attnrewrite.rewriter.report import Report
-from attnrewrite.testing.checks import assert_close_rel, check_rewrite, compile_rewritten
+from attnrewrite.testing.checks import (assert_close_rel, check_rewrite, compile_rewritten,
+                                        record_sigmoid_calls)
 
 B, E, H = 2, 32, 4
 D = E // H
@@ -124,17 +123,8 @@ def _inputs(t_q, t_p, name):
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """The keyword arguments of every call of the sigmoid op (what the rewritten graph passes it)."""
-    calls = []
-    dispatch = sigmoid_public.sigmoid_attention_dispatch
-
-    def recording(q, k, v, attn_mask=None, *args, **kwargs):
-        if not isinstance(q, FakeTensor):  # (not the rewriter's shape propagation)
-            calls.append(dict(kwargs, attn_mask=attn_mask, q=q))
-        return dispatch(q, k, v, attn_mask, *args, **kwargs)
-
-    monkeypatch.setattr(sigmoid_public, "sigmoid_attention_dispatch", recording)
-    return calls
+    """The arguments of every call of the sigmoid op (what the rewritten graph passes it)."""
+    return record_sigmoid_calls(monkeypatch)
 
 
 def _all_rewritten(report, alibi=True):
