@@ -112,6 +112,32 @@ def position_distance(form: str, q: Any, k: Any, dtype: torch.dtype) -> Any:
     return distance.abs() if form == "|j-i|" else distance
 
 
+def position_shift(term: MaskTerm, lookup: Lookup) -> Any:
+    """The shift of a ``position`` term's distance: Σ c · value(node) over ``term.offset`` (0 without one), a
+    number — symbolic, or an FX proxy of one while recording, when it reads the graph's sizes."""
+    shift: Any = 0
+    for node, c in term.offset:
+        value = 1 if node is None else lookup(node)
+        shift = shift + (value if c == 1 else c * value)
+    return shift
+
+
+def with_row_constant(attn_mask: Any, constant: Any, dtype: torch.dtype, bool_mask: bool) -> Any:
+    """``attn_mask`` (None, a bool keep-mask, or additive of ``dtype``) plus ``constant`` [1, Hq, 1, 1], an
+    additive mask in float32 (float64 for float64): the constant is a position bias's shift, slope_h · c · s
+    for positions far from 0, which ``dtype`` (bfloat16) would round.  Masked keys stay masked: −inf, and an
+    additive mask's −inf and lowest entries (what the kinds count as masked) become −inf.  ``bool_mask``:
+    ``attn_mask`` is a keep-mask (static: a proxy has no dtype while recording)."""
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    constant = constant.to(wide)
+    if attn_mask is None:
+        return constant
+    if bool_mask:
+        return torch.where(attn_mask, constant, float("-inf"))
+    keep = (attn_mask != float("-inf")) & (attn_mask != torch.finfo(dtype).min)
+    return torch.where(keep, attn_mask.to(wide) + constant, float("-inf"))
+
+
 def relative_distances(q: Any, k: Any) -> Any:
     """[Tq + Tk − 1] int64: the distances d = j − i from −(Tq − 1) to Tk − 1, counted on q and k themselves
     (so it records on proxies); R[:, d + Tq − 1] is the bias of query i against key j."""
@@ -167,7 +193,8 @@ def materialize_mask(terms: tuple[MaskTerm, ...], lookup: Lookup, dtype: torch.d
         else:
             value = term_value(term, lookup)
         if term.kind == "position":
-            value = value.to(dtype) * position_distance(term.form, q, k, dtype)
+            distance = position_distance(term.form, q, k, dtype)
+            value = value.to(dtype) * (distance + position_shift(term, lookup) if term.offset else distance)
         if term.kind == "keep":
             keep = value if keep is None else keep & value
         elif term.kind == "drop":
@@ -255,16 +282,19 @@ def is_scalar(node: fx.Node, value: Any) -> bool:
 
 
 def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, dropout: bool = True,
-                   positions: bool = False) -> AttentionCall:
+                   positions: bool = False, shift_invariant: bool = False) -> AttentionCall:
     """Build the canonical attention arguments for ``spec``.
 
     ``dtype`` is the dtype of q as it enters attention (additive masks are cast to it);
     ``dropout=False`` drops dropout (certification compares deterministic outputs).
     ``positions=True`` (a kind that computes position biases): a ``position`` mask term is passed as
-    ``position_slopes`` / ``position`` instead of written out into ``attn_mask``.
+    ``position_slopes`` / ``position`` instead of written out into ``attn_mask``; its shift (queries
+    counted from an offset) becomes the constant slope_h · shift of each head, added to ``attn_mask``
+    (:func:`with_row_constant`), or left out with ``shift_invariant=True`` (a kind whose softmax over each
+    query's keys ignores a constant added to all of them).
     """
     q, k = ref_value(spec.q, lookup), ref_value(spec.k, lookup)
-    terms, slopes, form = spec.bias, None, None
+    terms, slopes, form, row_constant = spec.bias, None, None, None
     if positions:
         found = [t for t in spec.bias if t.kind in ("position", "relative")]
         if len(found) > 1:
@@ -277,6 +307,8 @@ def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, drop
             else:
                 slopes, form = term_value(term, lookup).to(torch.float32).reshape(-1), term.form
             slopes = slopes * term.coeff if term.coeff != 1.0 else slopes
+            if term.kind == "position" and term.offset and not shift_invariant:
+                row_constant = (slopes * position_shift(term, lookup)).view(1, -1, 1, 1)
     scale, factor = spec.scale, None
     for node, power in spec.q_factors:
         f = lookup(node)
@@ -286,12 +318,16 @@ def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, drop
             scale = f if isinstance(scale, float) and scale == 1.0 else scale * f
         else:
             factor = f if factor is None else factor * f
+    bool_mask = bool(terms) and all(t.kind not in ("add", "position", "relative") for t in terms)
+    attn_mask = materialize_mask(terms, lookup, dtype, q, k)
+    if row_constant is not None:
+        attn_mask, bool_mask = with_row_constant(attn_mask, row_constant, dtype, bool_mask), False
     return AttentionCall(
         q=q,
         q_factor=factor,
         k=k,
         v=ref_value(spec.v, lookup),
-        attn_mask=materialize_mask(terms, lookup, dtype, q, k),
+        attn_mask=attn_mask,
         dropout_p=(spec.dropout_p if spec.dropout_node is None else lookup(spec.dropout_node)) if dropout else 0.0,
         is_causal=spec.causal,
         scale=scale,
@@ -300,7 +336,7 @@ def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, drop
         score_program=score_program(spec.score_mod)[0],
         kv_groups=spec.kv_groups,
         dtype=dtype,
-        bool_mask=bool(terms) and all(t.kind not in ("add", "position", "relative") for t in terms),
+        bool_mask=bool_mask,
         position_slopes=slopes,
         position=form,
     )

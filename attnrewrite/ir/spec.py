@@ -49,7 +49,12 @@ class MaskTerm:
       (:data:`PADDING_GUARD`) and raises if one ever leaves that set;
     - ``position``: a bias computed from positions, ``coeff · slope_h · d(i, j)`` with ``node`` the
       slopes (after ``steps``, broadcastable to [1, Hq, 1, 1]: one per head, or one for all) and
-      ``form`` naming d: ``"j-i"`` (ALiBi) or ``"|j-i|"``, i and j the query and key indices.  Only
+      ``form`` naming d: ``"j-i"`` (ALiBi) or ``"|j-i|"``, i and j the query and key indices; with an
+      ``offset``, ``coeff · slope_h · (d(i, j) + shift)``, shift = Σ c · value(node) over the pairs
+      (node, c) (node None: the number 1; nodes are sizes, read at run time): queries counted from a
+      start (``arange(start, start + Tq)``, ``Tk − Tq`` when decoding).  The shift adds a constant to
+      each head's scores, which a kind computes as a [1, Hq, 1, 1] mask, or leaves out when its rows
+      are normalised by a softmax (``Kind.shift_invariant``).  Only
       a kind that computes it in its kernels asks for it (``Kind.position_bias``); the matcher proves
       it from the term's graph (:func:`attnrewrite.patterns.masks.as_position_bias`) and the
       certifier compares it, materialised, with the original term;
@@ -69,6 +74,7 @@ class MaskTerm:
     steps: tuple[Step, ...] = ()
     coeff: float = 1.0
     form: str = ""  # ``position`` terms only: "j-i" or "|j-i|"
+    offset: tuple[tuple[fx.Node | None, float], ...] = ()  # ``position`` terms only: the shift of d (see above)
     relative: RelativeBias | None = None  # ``relative`` terms only
 
     def scaled(self, factor: float) -> MaskTerm:

@@ -113,6 +113,7 @@ KIND = register(Kind(
     expected_skips={target: "not causal self-attention" for target in ("bert", "vit", "singlecell")},
     score_mod=True,  # applies call.score_program when the modification has one (supports says why not)
     position_bias=True,  # adds ALiBi (call.position_slopes) to the selected keys' scores, read as slope_h · d
+    shift_invariant=True,  # a softmax over each query's keys: an ALiBi offset's row constant cancels
     relative_bias=True,  # reads a relative bias R[h, j − i] (T5) per selected key (position="relative")
     example_options={"top_k": 2, "window": 2, "sinks": 1},
 ))

@@ -49,6 +49,11 @@ class Kind:
             ``attn_mask``; for such a kind the pipeline turns an additive mask term proven to be one into
             a ``position`` term (:func:`attnrewrite.patterns.masks.as_position_bias`), and the rewrite
             passes it apart.  For every other kind the term stays in ``attn_mask``.
+        shift_invariant: True when the kind normalises each query's scores with a softmax over the keys it
+            sees, so a constant added to all of them changes nothing: the shift of a position bias whose
+            queries are counted from an offset (slope_h · (j − i − start)) is then left out instead of added
+            to ``attn_mask`` as a [1, Hq, 1, 1] constant (:func:`attnrewrite.ir.canonical.attention_call`).
+            False (the safe default) for any other normalisation (sigmoid).
         relative_bias: True when ``emit`` also reads a relative position bias R[h, j − i] (T5's bucketed
             bias, a table indexed by a clamped distance) as ``call.position_slopes`` = R [Hq or 1,
             Tq + Tk − 1] with ``call.position == "relative"``, instead of a [Tq, Tk] ``attn_mask``
@@ -70,6 +75,7 @@ class Kind:
     make_state: Callable[[AttentionSpec, dict[str, Any]], Any] | None = None
     score_mod: bool = False
     position_bias: bool = False
+    shift_invariant: bool = False
     relative_bias: bool = False
     expected_skips: dict[str, str] = field(default_factory=dict)
     example_options: dict[str, Any] = field(default_factory=dict)

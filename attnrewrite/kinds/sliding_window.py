@@ -63,5 +63,6 @@ KIND = register(Kind(
     example_options={"window": 4, "sinks": 1},
     score_mod=True,  # applies call.score_program when the modification has one (supports says why not)
     position_bias=True,  # computes ALiBi (call.position_slopes) over the band instead of reading a [T, T] mask
+    shift_invariant=True,  # a softmax over each query's keys: an ALiBi offset's row constant cancels
     relative_bias=True,  # reads a relative bias R[h, j − i] (T5) on the band (torch and Triton; position="relative")
 ))

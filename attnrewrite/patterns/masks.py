@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from attnrewrite.ir.canonical import steps_shape
+from attnrewrite.ir.canonical import materialize_mask, steps_shape
 from attnrewrite.ir.capture import (constant_value, example, hinted_shape, is_float_tensor, normalize, rank, tensor_meta,
                                     written_by)
 from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, UnreadableWrite
@@ -235,6 +235,11 @@ _INDEX_VIEWS = {"view", "unsqueeze", "expand", "identity", "cast", "transpose"}
 _INDEX_ARITHMETIC = {"sub", "add", "neg", "abs", "mul", "div"}
 _EXACT_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64)
 
+#: The constant part of an index expression: {size node or None (the number 1): coefficient}, i.e.
+#: Σ coefficient · value(node) — the queries' start in ``arange(start, start + Tq)``, a cache length
+#: added to the positions, ``Tk − Tq``.  Sizes are read at run time, so the offset follows them.
+Offset = dict
+
 
 def _is_size(node) -> bool:
     """A node holding an integer (a sequence length, symbolic or not), not a tensor."""
@@ -247,15 +252,35 @@ def _plain_index(index) -> bool:
     return all(e is None or e is Ellipsis or (isinstance(e, slice) and e == slice(None)) for e in entries)
 
 
-def _index_expression(node: fx.Node, depth: int = 0) -> str | None:
-    """Why ``node`` is not built from ``arange`` (from 0, step 1) by views, casts, sums, differences,
-    negation, abs, and products with constants alone — or None when it is, so its values at the site's
-    shapes determine it at every shape."""
+def _scalar_offset(value) -> Offset | None:
+    """A constant number or a size as an :data:`Offset`; None for anything else (a tensor, a float node)."""
+    c = constant_value(value)
+    if c is not None:
+        return {None: c} if c else {}
+    if _is_size(value):
+        return {value: 1.0}
+    return None
+
+
+def _combine(*parts: tuple[float, Offset]) -> Offset:
+    total: Offset = {}
+    for factor, offset in parts:
+        for key, coef in offset.items():
+            total[key] = total.get(key, 0.0) + factor * coef
+    return {key: coef for key, coef in total.items() if coef != 0.0}
+
+
+def _affine_index(node: fx.Node, depth: int = 0) -> tuple[str | None, Offset]:
+    """(why not, {}) or (None, offset): whether ``node`` is built from ``arange`` (step 1, from a constant
+    or a size) by views, casts, sums, differences, negation, abs, and products with constants alone, and
+    sums with constants and sizes; ``offset`` its constant part, the starts and sizes it adds, so that
+    its values minus the offset on the site's shapes determine it at every shape.  ``abs`` only of a
+    part without an offset (|j − i − s| is not a distance plus a constant)."""
     if depth > 24:
-        return "the index expression is too deep"
+        return "the index expression is too deep", {}
     meta = tensor_meta(node)
     if meta is None or meta.dtype not in _EXACT_DTYPES:
-        return f"{node.name} is not an int or float32/float64 tensor"
+        return f"{node.name} is not an int or float32/float64 tensor", {}
     if node.op == "call_function" and node.target is torch.arange:
         args, kw = list(node.args), node.kwargs
         if len(args) >= 2:                      # arange(start, end[, step])
@@ -265,46 +290,82 @@ def _index_expression(node: fx.Node, depth: int = 0) -> str | None:
         else:                                   # arange(start=..., end=...)
             start, end = kw.get("start", 0), kw.get("end")
         step = args[2] if len(args) > 2 else kw.get("step", 1)
-        if constant_value(start) != 0 or constant_value(step) != 1:
-            return f"{node.name} is an arange that does not start at 0 with step 1"
+        offset = _scalar_offset(start)
+        if offset is None or constant_value(step) != 1:
+            return f"{node.name} is an arange that does not start at a number or a size with step 1", {}
         if not (isinstance(end, int) or _is_size(end)):
-            return f"{node.name} is an arange of {end}, not of a size"
-        return None
+            return f"{node.name} is an arange of {end}, not of a size", {}
+        return None, offset
     call = normalize(node)
     if call is None:
-        return f"{node.name} ({node.target}) is not an index operation"
+        return f"{node.name} ({node.target}) is not an index operation", {}
     if call.name == "getitem":
         if not _plain_index(call.args[1] if len(call.args) > 1 else None):
-            return f"{node.name} selects elements"
-        operands = [call.args[0]]
-    elif call.name in _INDEX_VIEWS:
-        if call.name == "cast" and (tensor_meta(call.node) is None or tensor_meta(call.node).dtype not in _EXACT_DTYPES):
-            return f"{node.name} casts to {getattr(tensor_meta(call.node), 'dtype', None)}, which rounds positions"
-        operands = [call.args[0]]
-    elif call.name in _INDEX_ARITHMETIC:
-        # every operand is an index tensor or a constant number; never a size (an offset such as a cache
-        # length could be 0 on the example and not later)
-        read = call.args[:1] if call.name in ("neg", "abs") else call.args[:2]
-        tensors = [a for a in read if isinstance(a, fx.Node) and tensor_meta(a) is not None]
-        others = [a for a in read if a not in tensors]
-        if any(constant_value(a) is None for a in others):
-            return f"{node.name} reads a value that is neither an index tensor nor a constant"
-        if call.name in ("mul", "div") and len(tensors) != 1:
-            return f"{node.name} multiplies two index tensors"
-        if call.name == "div" and call.args[0] is not tensors[0]:
-            return f"{node.name} divides by an index tensor"
-        if call.name in ("add", "sub") and constant_value(call.kwargs.get("alpha", 1)) is None:
-            return f"{node.name} has a non-constant alpha"
-        operands = tensors
-    else:
-        return f"{node.name} ({call.name}) is not an index operation"
-    for operand in operands:
-        if not isinstance(operand, fx.Node):
-            return f"{node.name} reads no tensor"
-        why = _index_expression(operand, depth + 1)
-        if why is not None:
-            return why
-    return None
+            return f"{node.name} selects elements", {}
+        return _affine_index(call.args[0], depth + 1) if isinstance(call.args[0], fx.Node) else (
+            f"{node.name} reads no tensor", {})
+    if call.name in _INDEX_VIEWS:
+        if call.name == "cast":
+            source, target = tensor_meta(call.args[0]), tensor_meta(call.node)
+            if target is None or target.dtype not in _EXACT_DTYPES:
+                return f"{node.name} casts to {getattr(target, 'dtype', None)}, which rounds positions", {}
+            if source is not None and source.dtype.is_floating_point and not target.dtype.is_floating_point:
+                return f"{node.name} casts a float index to {target.dtype}, which rounds positions", {}
+        return _affine_index(call.args[0], depth + 1) if isinstance(call.args[0], fx.Node) else (
+            f"{node.name} reads no tensor", {})
+    if call.name not in _INDEX_ARITHMETIC:
+        return f"{node.name} ({call.name}) is not an index operation", {}
+    # every operand is an index tensor, a constant number or a size (an offset: read at run time)
+    read = call.args[:1] if call.name in ("neg", "abs") else call.args[:2]
+    parts: list[tuple[float, Offset]] = []
+    tensors = 0
+    sign = {"neg": (-1.0,), "abs": (1.0,), "sub": (1.0, -1.0)}.get(call.name, (1.0, 1.0))
+    if call.name in ("add", "sub"):
+        alpha = constant_value(call.kwargs.get("alpha", 1))
+        if alpha is None:
+            return f"{node.name} has a non-constant alpha", {}
+        sign = (1.0, sign[1] * alpha)
+    for position, operand in enumerate(read):
+        if isinstance(operand, fx.Node) and tensor_meta(operand) is not None:
+            why, offset = _affine_index(operand, depth + 1)
+            if why is not None:
+                return why, {}
+            tensors += 1
+        else:
+            offset = _scalar_offset(operand)
+            if offset is None:
+                return f"{node.name} reads a value that is neither an index tensor nor a constant or a size", {}
+            if call.name in ("mul", "div") and offset.keys() - {None}:
+                return f"{node.name} multiplies by a size", {}
+        parts.append((sign[position] if position < len(sign) else 1.0, offset))
+    if call.name in ("mul", "div"):
+        if tensors != 1:
+            return f"{node.name} multiplies two index tensors", {}
+        index_at = 0 if isinstance(read[0], fx.Node) and tensor_meta(read[0]) is not None else 1
+        if call.name == "div" and index_at != 0:
+            return f"{node.name} divides by an index tensor", {}
+        factor = parts[1 - index_at][1].get(None, 0.0)
+        factor = 1.0 / factor if call.name == "div" and factor else factor
+        return None, _combine((factor, parts[index_at][1]))
+    if call.name == "abs" and parts[0][1]:
+        return f"{node.name} takes abs of a distance with an offset", {}
+    if call.name == "abs":
+        return None, {}
+    return None, _combine(*parts)
+
+
+def _index_expression(node: fx.Node) -> str | None:
+    """Why ``node`` is not built from ``arange`` (from 0, step 1) by views, casts, sums, differences,
+    negation, abs, and products with constants alone — or None when it is, so its values at the site's
+    shapes determine it at every shape."""
+    why, offset = _affine_index(node)
+    if why is None and offset:
+        return f"{node.name} is offset by {_describe_offset(offset)}"
+    return why
+
+
+def _describe_offset(offset: Offset) -> str:
+    return " + ".join(f"{coef:g}" if key is None else f"{coef:g}·{key.name}" for key, coef in offset.items())
 
 
 def _position_form(value: torch.Tensor, t_q: int, t_k: int) -> tuple[str, float] | None:
@@ -334,7 +395,7 @@ def _position_term(term: MaskTerm, site: Site, evaluator: GraphEvaluator) -> tup
     heads = ref_shape(site.spec.q)[-3]
     reasons = []
     for slopes, index in ((a, b), (b, a)):
-        why = _index_expression(index)
+        why, offset = _affine_index(index)
         if why is None and evaluator.depends_on_data(index):
             why = f"{index.name} depends on data"
         if why is not None:
@@ -360,14 +421,48 @@ def _position_term(term: MaskTerm, site: Site, evaluator: GraphEvaluator) -> tup
         if not isinstance(value, torch.Tensor) or value.dim() > 4 or any(s != 1 for s in value.shape[:-2]):
             reasons.append(f"{index.name} is not a [Tq, Tk] index tensor")
             continue
-        found = _position_form(value.reshape(value.shape[-2:]) if value.dim() >= 2 else value, t_q, t_k)
+        try:  # the offset on the example (its sizes as the graph holds them there)
+            at_example = sum(coef * (1 if key is None else evaluator.value(key, at=site.output))
+                             for key, coef in offset.items())
+        except (UnreadableWrite, ClosureTooLarge) as exc:
+            reasons.append(f"could not read the offset of {index.name}: {exc}")
+            continue
+        found = _position_form((value.reshape(value.shape[-2:]) if value.dim() >= 2 else value).double() - at_example,
+                               t_q, t_k)
         if found is None:
-            reasons.append(f"{index.name} is not c·(j − i) nor c·|j − i| on the site's shapes")
+            offset_text = f" (less its offset {_describe_offset(offset)})" if offset else ""
+            reasons.append(f"{index.name}{offset_text} is not c·(j − i) nor c·|j − i| on the site's shapes")
             continue
         form, c = found
         to_4d = (("unsqueeze", 0),) * (4 - len(hinted_shape(slopes)))  # [.., H, 1, 1] -> [1, H, 1, 1]
-        return MaskTerm("position", slopes, to_4d, term.coeff * c, form), ""
+        # index = c·(d + shift): the shift in units of d, with integral coefficients kept as ints (no SymFloat)
+        shift = tuple((key, int(q) if float(q).is_integer() else q) for key, coef in offset.items() for q in [coef / c])
+        taken = MaskTerm("position", slopes, to_4d, term.coeff * c, form, offset=shift)
+        why = _differs_as_a_bias(taken, term, site, evaluator)
+        if why is not None:
+            reasons.append(why)
+            continue
+        return taken, ""
     return None, "; ".join(reasons)
+
+
+def _differs_as_a_bias(taken: MaskTerm, term: MaskTerm, site: Site, evaluator: GraphEvaluator) -> str | None:
+    """Why the ``position`` term ``taken``, written out by the code the rewrite runs
+    (:func:`attnrewrite.ir.canonical.materialize_mask`), is not the additive ``term`` it replaces on the example,
+    or None.  The certifier compares softmax outputs, which cannot see a constant added to a query's scores
+    (a dropped or wrong shift); sigmoid's can, so the term is compared here as a bias, constants included."""
+    t_q, t_k = ref_shape(site.spec.q)[-2], ref_shape(site.spec.k)[-2]
+    read = lambda node: evaluator.value(node, at=site.output)  # noqa: E731
+    want = read(term.node).to(torch.float64) * term.coeff
+    got = materialize_mask((taken,), read, torch.float64, torch.zeros(1, 1, t_q, 1), torch.zeros(1, 1, t_k, 1))
+    try:
+        got, want = torch.broadcast_tensors(got, want.reshape((1,) * (4 - want.dim()) + tuple(want.shape)))
+    except RuntimeError:
+        return f"{term.node.name} written out from its slopes has shape {tuple(got.shape)}, not {tuple(want.shape)}"
+    err = float((got - want).abs().max()) / max(float(want.abs().max()), 1e-30)
+    if not err <= 1e-5:  # (the model rounds slope · distance in float32)
+        return f"{term.node.name} written out from its slopes differs from it by {err:.1e} (relative)"
+    return None
 
 
 def _product_of_tensors(node: fx.Node) -> bool:
@@ -382,9 +477,12 @@ def as_position_bias(site: Site, evaluator: GraphEvaluator) -> tuple[AttentionSp
     requiring grad — taken as a ``position`` term, or None when there is no such term or more than one;
     why each other product added to the scores stays a mask, for the report).
 
-    The proof is structural and numeric: the index factor is built from ``arange`` (from 0, step 1) by
-    views, casts, sums, differences, negation, abs and constant factors alone (so its values on the
-    site's shapes fix it at every shape), and those values equal c · d(i, j) exactly.  The certifier
+    The proof is structural and numeric: the index factor is built from ``arange`` (step 1, from a number or
+    a size) by views, casts, sums, differences, negation, abs and constant factors alone, plus constants and
+    sizes (so its values on the site's shapes, less that offset, fix it at every shape), and those values
+    equal c · (d(i, j) + shift) exactly, the shift an offset of the queries against the keys read from the
+    graph's sizes at run time (``arange(start, start + Tq)`` for queries counted from ``start``, ``Tk − Tq``
+    for a decoding step or a chunk of a prefill; the term's ``offset``).  The certifier
     then compares the written-out term with the original on its probes.  Everything else (a table
     lookup by distance, T5's buckets, clamped distances, slopes per query or batch, trainable slopes)
     stays an additive mask term here; :func:`attnrewrite.patterns.relative.as_relative_bias` then takes

@@ -51,8 +51,9 @@ def _spec_nodes(site: Site) -> set[fx.Node]:
     """Graph nodes the canonical form reads besides q, k, v: mask terms, factors, sizes in steps."""
     spec = site.spec
     nodes = {t.node for t in spec.bias} | {n for n, _ in spec.q_factors}
-    for term in spec.bias:  # what a relative bias's replay reads (its table)
+    for term in spec.bias:  # what a relative bias's replay reads (its table), a position term's sizes
         nodes |= term.relative.inputs() if term.relative is not None else set()
+        nodes |= {node for node, _ in term.offset if node is not None}
     mod_steps = []
     if spec.score_mod is not None:  # what the replayed ops read besides the scores
         chain = {spec.score_mod.source} | {n for n, _ in spec.score_mod.chain}
@@ -113,7 +114,7 @@ def fingerprint(site: Site, evaluator: GraphEvaluator) -> tuple:
     shapes = tuple(hinted_shape(n) for n in (spec.q.node, spec.k.node, spec.v.node))
     body.append(("writes", tuple(w.name for w in _writes_seen(site, evaluator))))
     spec_key = _describe((spec.q.steps, spec.k.steps, spec.v.steps, site.out_steps, spec.scale, spec.q_factors,
-                          tuple((t.kind, t.node, t.steps, t.coeff, t.form) for t in spec.bias), spec.causal,
+                          tuple((t.kind, t.node, t.steps, t.coeff, t.form, t.offset) for t in spec.bias), spec.causal,
                           spec.kv_groups, _mod_key(spec)), local, external)
     return tuple(body), shapes, spec_key, local.get(site.output)
 

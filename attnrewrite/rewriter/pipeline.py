@@ -236,7 +236,8 @@ def rewrite(ctx: PassContext) -> None:
             if ctx.tap is not None:  # distillation: the tap decides what the site returns; weights stay original
                 emit, weights = functools.partial(ctx.tap, ctx.gm, site, emit), None
             # (distillation's teacher, exact attention, reads the whole mask: the position bias stays in it)
-            rewrite_site(ctx.gm, site, emit, ctx.fake_mode, weights, positions=kind.position_bias and ctx.tap is None)
+            rewrite_site(ctx.gm, site, emit, ctx.fake_mode, weights, positions=kind.position_bias and ctx.tap is None,
+                         shift_invariant=kind.shift_invariant)
             site.status, site.kind = "rewritten", ctx.kind.name
             if site.spec.weights_escape:
                 site.notes.append("returned attention weights: " + (

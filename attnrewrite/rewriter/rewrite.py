@@ -30,14 +30,17 @@ def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def rewrite_site(gm: fx.GraphModule, site: Site, emit: Callable, fake_mode,
-                 weights: Callable | None = None, positions: bool = False) -> list[fx.Node]:
+                 weights: Callable | None = None, positions: bool = False,
+                 shift_invariant: bool = False) -> list[fx.Node]:
     """Replace ``site.output`` by ``emit(call)`` on the canonical call. Returns the new nodes.
 
     ``emit`` receives an :class:`~attnrewrite.ir.canonical.AttentionCall` of proxies and
     returns the [B, H, Tq, Dv] result (a proxy). ``weights``, when given, returns the kind's
     [B, H, Tq, Tk] attention weights, which replace the site's probabilities for their other uses.
     ``positions``: the kind computes position biases, so ``emit``'s call carries a ``position`` term apart
-    (``call.position_slopes``); ``weights`` always gets it written out in ``attn_mask``.
+    (``call.position_slopes``); ``weights`` always gets it written out in ``attn_mask``.  ``shift_invariant``:
+    the kind's softmax ignores a constant per query row, so a position term's shift is left out
+    (:func:`attnrewrite.ir.canonical.attention_call`).
     """
     spec, graph = site.spec, gm.graph
     replaced = _replaced(gm)
@@ -46,7 +49,7 @@ def rewrite_site(gm: fx.GraphModule, site: Site, emit: Callable, fake_mode,
     new_weights = None
     with recording(graph, site.output) as (record_lookup, new_nodes):
         lookup = _through(replaced, record_lookup)
-        call = canonical.attention_call(spec, lookup, q_dtype, positions=positions)
+        call = canonical.attention_call(spec, lookup, q_dtype, positions=positions, shift_invariant=shift_invariant)
         out = canonical.apply_steps(emit(call), site.out_steps, lookup)
         if any(step[0] in ("transpose", "permute") for step in site.out_steps):
             out = out.contiguous()  # a product's output is contiguous: later views of it may rely on that
@@ -138,6 +141,7 @@ def _spec_inputs(site: Site) -> set[fx.Node]:
     nodes |= {spec.dropout_node} if spec.dropout_node is not None else set()
     for term in spec.bias:  # what a relative bias's replay reads (its table)
         nodes |= term.relative.inputs() if term.relative is not None else set()
+    nodes |= {node for t in spec.bias for node, _ in t.offset if node is not None}  # a position term's sizes
     return nodes | {t.node for t in spec.bias} | {n for n, _ in spec.q_factors}
 
 

@@ -71,8 +71,27 @@ def assert_gradients_close(names: list[str], got_grads, want_grads, rtol: float)
         assert_close_rel(g, w, rtol, f"gradient of {name}", floor)
 
 
+def record_sigmoid_calls(monkeypatch) -> list[dict[str, Any]]:
+    """The arguments of every run-time call of the sigmoid op, as a rewritten graph passes them (its keyword
+    arguments, and ``q``, ``k``, ``attn_mask``), appended as they come; the rewriter's shape propagation
+    (fake tensors) is left out.  ``monkeypatch`` (pytest's) restores the op after the test."""
+    import attnrewrite.kernels.sigmoid.public as sigmoid_public
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    calls: list[dict[str, Any]] = []
+    dispatch = sigmoid_public.sigmoid_attention_dispatch
+
+    def recording(q, k, v, attn_mask=None, *args, **kwargs):
+        if not isinstance(q, FakeTensor):
+            calls.append(dict(kwargs, attn_mask=attn_mask, q=q, k=k))
+        return dispatch(q, k, v, attn_mask, *args, **kwargs)
+
+    monkeypatch.setattr(sigmoid_public, "sigmoid_attention_dispatch", recording)
+    return calls
+
+
 __all__ = ["attnrewrite", "check_rewrite", "compile_rewritten", "first_tensor", "assert_close_rel",
-           "assert_gradients_close"]
+           "assert_gradients_close", "record_sigmoid_calls"]
 
 
 def assert_same_function(got: torch.Tensor, want: torch.Tensor, leaves: dict[str, torch.Tensor],

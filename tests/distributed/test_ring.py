@@ -51,11 +51,11 @@ def _inputs(name: str, mask_kind: str):
     return q, k, v, grad, mask
 
 
-def _whole(kind, bias, q, k, v, mask, causal, score_mod=None):
+def _whole(kind, bias, q, k, v, mask, causal, score_mod=None, slopes=None, position=None):
     if kind == "softmax":
         return torch.ops.attnrewrite.softmax_attention(q, k, v, mask, is_causal=causal, enable_gqa=True)
     return torch.ops.attnrewrite.sigmoid_attention(q, k, v, mask, is_causal=causal, enable_gqa=True, bias=bias,
-                                                   score_mod=score_mod)
+                                                   score_mod=score_mod, position_slopes=slopes, position=position)
 
 
 def _run_ranks(world, kind, bias, q, k, v, grad, mask, causal, score_mod=None, slopes=None, position=None):
@@ -80,6 +80,18 @@ def _run_ranks(world, kind, bias, q, k, v, grad, mask, causal, score_mod=None, s
     return out, grads
 
 
+def _assert_ring_equals_whole(world, kind, bias, q, k, v, grad, mask, causal, **options):
+    """The ranks' rows, unsharded, and the gradients of q, k and v equal the whole op's (``options``:
+    ``score_mod``, ``slopes`` with ``position``, passed to both)."""
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = _whole(kind, bias, *leaves, mask, causal, **options)
+    ref.backward(grad)
+    out, grads = _run_ranks(world, kind, bias, q, k, v, grad, mask, causal, **options)
+    torch.testing.assert_close(out, ref.detach())
+    for name, got, leaf in zip("qkv", grads, leaves):
+        torch.testing.assert_close(got, leaf.grad, msg=lambda m, n=name: f"d{n}: {m}")
+
+
 CELLS = [(kind, bias, causal, mask_kind, world)
          for kind, bias in (("softmax", None), ("sigmoid", None), ("sigmoid", -1.5))
          for causal in (True, False)
@@ -92,13 +104,7 @@ CELLS += [(kind, None, causal, "allpad", 3) for kind in ("softmax", "sigmoid") f
 @pytest.mark.parametrize("kind,bias,causal,mask_kind,world", CELLS)
 def test_ring_equals_the_whole_op(kind, bias, causal, mask_kind, world):
     q, k, v, grad, mask = _inputs(f"{kind}{bias}{causal}", mask_kind)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = _whole(kind, bias, *leaves, mask, causal)
-    ref.backward(grad)
-    out, grads = _run_ranks(world, kind, bias, q, k, v, grad, mask, causal)
-    torch.testing.assert_close(out, ref.detach())
-    for name, got, leaf in zip("qkv", grads, leaves):
-        torch.testing.assert_close(got, leaf.grad, msg=lambda m, n=name: f"d{n}: {m}")
+    _assert_ring_equals_whole(world, kind, bias, q, k, v, grad, mask, causal)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -107,13 +113,7 @@ def test_sigmoid_ring_applies_the_score_modification(causal):
     block (it commutes with the split into key blocks), so the ranks' rows equal the whole op's."""
     cap = "div 0.5; tanh; mul 0.5"  # a cap low enough that dropping it changes every output
     q, k, v, grad, mask = _inputs(f"softcap{causal}", "bool")
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = _whole("sigmoid", None, *leaves, mask, causal, score_mod=cap)
-    ref.backward(grad)
-    out, grads = _run_ranks(3, "sigmoid", None, q, k, v, grad, mask, causal, score_mod=cap)
-    torch.testing.assert_close(out, ref.detach())
-    for name, got, leaf in zip("qkv", grads, leaves):
-        torch.testing.assert_close(got, leaf.grad, msg=lambda m, n=name: f"d{n}: {m}")
+    _assert_ring_equals_whole(3, "sigmoid", None, q, k, v, grad, mask, causal, score_mod=cap)
 
 
 def test_causal_ring_skips_future_blocks_and_balances_work():
@@ -213,14 +213,7 @@ def test_sigmoid_ring_adds_the_position_bias_of_global_positions(position, causa
     adds the chunks' global offset; the ranks' rows and gradients equal the whole op's."""
     slopes = torch.tensor([0.3, -0.2, 0.1, -0.05], dtype=torch.float64)
     q, k, v, grad, mask = _inputs(f"alibi{position}{causal}", mask_kind)
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = torch.ops.attnrewrite.sigmoid_attention(*leaves, mask, is_causal=causal, enable_gqa=True,
-                                                  position_slopes=slopes, position=position)
-    ref.backward(grad)
-    out, grads = _run_ranks(world, "sigmoid", None, q, k, v, grad, mask, causal, slopes=slopes, position=position)
-    torch.testing.assert_close(out, ref.detach())
-    for name, got, leaf in zip("qkv", grads, leaves):
-        torch.testing.assert_close(got, leaf.grad, msg=lambda m, n=name: f"d{n}: {m}")
+    _assert_ring_equals_whole(world, "sigmoid", None, q, k, v, grad, mask, causal, slopes=slopes, position=position)
 
 
 def _float32(tensors):
@@ -347,10 +340,4 @@ def test_ring_with_a_mask_per_head_equals_the_whole_op(kind, world):
     keep = torch.rand(B, HQ, 1, T, generator=g) > 0.3
     keep[..., 0] = True
     mask = torch.randn(B, HQ, 1, T, generator=g, dtype=torch.float64).masked_fill(~keep, float("-inf"))
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = _whole(kind, None, *leaves, mask, True)
-    ref.backward(grad)
-    out, grads = _run_ranks(world, kind, None, q, k, v, grad, mask, True)
-    torch.testing.assert_close(out, ref.detach())
-    for name, got, leaf in zip("qkv", grads, leaves):
-        torch.testing.assert_close(got, leaf.grad, msg=lambda m, n=name: f"d{n}: {m}")
+    _assert_ring_equals_whole(world, kind, None, q, k, v, grad, mask, True)

@@ -15,9 +15,8 @@ import transformers as T
 from torch._subclasses.fake_tensor import FakeTensor
 
 import attnrewrite
-import attnrewrite.kernels.sigmoid.public as sigmoid_public
 from attnrewrite.rewriter.report import Report
-from attnrewrite.testing.checks import assert_close_rel, compile_rewritten
+from attnrewrite.testing.checks import assert_close_rel, compile_rewritten, record_sigmoid_calls
 
 BIAS = -1.5
 B, T_LEN, E, H = 2, 12, 32, 4
@@ -31,17 +30,8 @@ def _gen(name: str) -> torch.Generator:
 
 @pytest.fixture
 def op_calls(monkeypatch):
-    """The keyword arguments of every call of the sigmoid op (what the rewritten graph passes it)."""
-    calls = []
-    dispatch = sigmoid_public.sigmoid_attention_dispatch
-
-    def recording(q, k, v, attn_mask=None, *args, **kwargs):
-        if not isinstance(q, FakeTensor):
-            calls.append(dict(kwargs, attn_mask=attn_mask, q=q, k=k))
-        return dispatch(q, k, v, attn_mask, *args, **kwargs)
-
-    monkeypatch.setattr(sigmoid_public, "sigmoid_attention_dispatch", recording)
-    return calls
+    """The arguments of every call of the sigmoid op (what the rewritten graph passes it)."""
+    return record_sigmoid_calls(monkeypatch)
 
 
 # --------------------------------------------------------------------------- HF T5

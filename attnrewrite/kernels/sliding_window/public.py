@@ -26,7 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attnrewrite.kernels._ops import composite_op, resolve_impl, sdpa_autocast, sdpa_schema
+from attnrewrite.kernels._ops import composite_op, kernel_op, resolve_impl, sdpa_autocast, sdpa_schema
 from attnrewrite.kernels.checks import RELATIVE, check_dropout, check_mask_dtype, check_position_slopes, check_qkv
 from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
 
@@ -297,9 +297,78 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, en
         return _triton_path(q, k, v, attn_mask, is_causal, scale, window, sinks, program, slopes, position)
     if program is None and _band_covers_the_sequence(q.shape[-2], k.shape[-2], is_causal, window):
         return dense_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks, slopes, position)
+    if dropout_p == 0.0 and not all(isinstance(n, int) for n in (q.shape[-2], k.shape[-2])):
+        # symbolic lengths (torch.compile(dynamic=True)): one opaque op, whose backward recomputes the blockwise
+        # path eagerly.  Traced through, inductor (torch 2.13, CPU) compiles the blockwise backward with symbolic
+        # lengths into code that reads out of bounds: wrong gradients (tests/kernels/sliding_window/
+        # test_sliding_window_compiled.py)
+        return torch.ops.attnrewrite.sliding_window_blockwise(q, k, v, attn_mask, is_causal, scale, window, sinks,
+                                                               score_mod, slopes, position)
     # (SDPA cannot apply a score modification: such calls take the blockwise path at every length)
     return blockwise_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks,
                                     score_mod=program, slopes=slopes, position=position)
+
+
+def _blockwise(q, k, v, attn_mask, is_causal, scale, window, sinks, score_mod, slopes, position):
+    return blockwise_sliding_window(q, k, v, attn_mask, 0.0, is_causal, scale, window, sinks,
+                                    score_mod=parse_score_mod(score_mod), slopes=slopes, position=position).contiguous()
+
+
+_BLOCKWISE_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool is_causal, float? scale, int window, "
+                   "int sinks, str? score_mod, Tensor? slopes, str? position")
+#: the forward op's differentiable inputs, by position: q, k, v, attn_mask, slopes (a relative table R)
+_DIFFERENTIABLE = (0, 1, 2, 3, 9)
+
+
+def _blockwise_backward(grad, q, k, v, attn_mask, slopes, is_causal, scale, window, sinks, score_mod, position,
+                        needs):
+    """The gradients of q, k, v, attn_mask and slopes (``needs``: which are wanted; an empty tensor for the
+    others), the blockwise path recomputed under autograd, eagerly."""
+    inputs = [q, k, v, attn_mask, slopes]
+    wanted = [i for i, need in enumerate(needs) if need]
+
+    def forward(*primals):  # (an op's implementation runs below autograd: torch.func differentiates it)
+        args = list(inputs)
+        for i, x in zip(wanted, primals):
+            args[i] = x
+        return _blockwise(*args[:4], is_causal, scale, window, sinks, score_mod, args[4], position)
+
+    _, pullback = torch.func.vjp(forward, *(inputs[i] for i in wanted))
+    found = iter(pullback(grad))
+    return [next(found).contiguous() if need else q.new_empty(0) for need in needs]
+
+
+def _blockwise_backward_fake(grad, q, k, v, attn_mask, slopes, is_causal, scale, window, sinks, score_mod, position,
+                             needs):
+    return [t.new_empty(t.shape) if need else q.new_empty(0) for t, need in zip([q, k, v, attn_mask, slopes], needs)]
+
+
+_backward_op = kernel_op("sliding_window_blockwise_backward", _blockwise_backward, fake=_blockwise_backward_fake,
+                         schema="(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? slopes, "
+                                "bool is_causal, float? scale, int window, int sinks, str? score_mod, str? position, "
+                                "bool[] needs) -> Tensor[]")
+
+
+def _setup_blockwise(ctx, inputs, output):
+    q, k, v, attn_mask, is_causal, scale, window, sinks, score_mod, slopes, position = inputs
+    ctx.save_for_backward(q, k, v, attn_mask, slopes)
+    ctx.options = (is_causal, scale, window, sinks, score_mod, position)
+
+
+def _backward_blockwise(ctx, grad):
+    q, k, v, attn_mask, slopes = ctx.saved_tensors
+    needs = [bool(ctx.needs_input_grad[i]) for i in _DIFFERENTIABLE]
+    grads = _backward_op(grad.contiguous(), q, k, v, attn_mask, slopes, *ctx.options, needs)
+    result = [None] * 11
+    for position, g, need in zip(_DIFFERENTIABLE, grads, needs):
+        result[position] = g if need else None
+    return tuple(result)
+
+
+# the blockwise path as one opaque op with symbolic lengths (see _impl)
+kernel_op("sliding_window_blockwise", _blockwise,
+          fake=lambda q, k, v, *args: q.new_empty((*q.shape[:-1], v.shape[-1])),
+          schema=f"({_BLOCKWISE_ARGS}) -> Tensor", backward=_backward_blockwise, setup_context=_setup_blockwise)
 
 
 composite_op("sliding_window_attention",

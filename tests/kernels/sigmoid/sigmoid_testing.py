@@ -7,6 +7,7 @@ import math
 import zlib
 from dataclasses import dataclass, field
 
+import pytest
 import torch
 
 from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
@@ -139,3 +140,33 @@ def masked_inputs(name: str, heads_q: int = 4, heads_kv: int = 2, len_q: int = 9
     mask = torch.randn(2, 1, len_q, len_k, generator=g, dtype=torch.float64)
     mask[..., 3] = -math.inf
     return g, [q, k, v, mask]
+
+
+#: b of the by-name kernel tests (score modifications, position and relative biases)
+BIAS = -1.5
+#: a soft-cap as a program and in plain torch
+SOFTCAP = ("div 5.0; tanh; mul 5.0", lambda s: torch.tanh(s / 5.0) * 5.0)
+
+
+def plain_sigmoid(q, k, v, scale, causal, mask=None, added=None, mod=None):
+    """sigmoid(mod(scale·q·kᵀ) + mask + added + b)·v over the visible keys (``causal``: j ≤ i), b = :data:`BIAS`,
+    written in plain torch (the oracle of the by-name kernel tests, in float64); k and v repeated for GQA.
+    ``added``: a position or relative bias written out, [1, Hq, Tq, Tk]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    s = scale * q @ k.transpose(-1, -2)
+    s = s if mod is None else mod(s)
+    z = s + (0.0 if mask is None else mask) + (0.0 if added is None else added) + BIAS
+    p = torch.sigmoid(z)
+    if causal:
+        p = p.masked_fill(torch.ones_like(p, dtype=torch.bool).triu(1), 0.0)
+    return p @ v
+
+
+def require_interpreter() -> None:
+    """Skip the test unless the Triton kernels can run here (on the CPU: under TRITON_INTERPRET=1)."""
+    pytest.importorskip("triton")
+    from attnrewrite.kernels.sigmoid import op
+
+    if not op.interpreter_active():
+        pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")

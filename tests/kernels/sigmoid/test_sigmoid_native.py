@@ -50,10 +50,10 @@ def test_the_elementwise_pass_is_sigmoid_to_float32_rounding_with_exact_zeros():
 
 CASES = {
     "causal_gqa": dict(shape=(2, 4, 2, 23, 23), kwargs=dict(is_causal=True)),
-    "bottom_right_kv_lens": dict(shape=(3, 2, 1, 13, 29), kv_lens=[29, 9, 0],
-                                 kwargs=dict(is_causal=True, causal_align="bottom_right")),
+    "bottom_right_kv_lens": dict(shape=(3, 2, 1, 13, 29),
+                                 kwargs=dict(is_causal=True, causal_align="bottom_right", kv_lens=[29, 9, 0])),
     "more_queries_than_keys": dict(shape=(1, 3, 1, 21, 11), kwargs=dict(is_causal=True, causal_align="bottom_right")),
-    "not_causal_kv_lens_gqa": dict(shape=(2, 6, 2, 17, 26), kv_lens=[26, 5], kwargs={}),
+    "not_causal_kv_lens_gqa": dict(shape=(2, 6, 2, 17, 26), kwargs=dict(kv_lens=[26, 5])),
     "not_causal_float_bias": dict(shape=(1, 2, 2, 9, 30), kwargs=dict(bias=-1.5)),
 }
 
@@ -76,17 +76,25 @@ def _inputs(shape, g):
     return q, k, v, torch.randn(batch, heads_q, len_q, 5, generator=g)
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_the_compiled_loop_equals_the_oracle(name, one_thread, monkeypatch):
+def _case(cases, name, monkeypatch):
+    """What a case of ``cases`` starts from: (the compiled loop's calls, as they come; the case; its generator,
+    seeded by the name; q, k, v and the output's gradient from it; the op's keyword arguments, with kv_lens
+    as a tensor; enable_gqa)."""
     calls = _count_loop_calls(monkeypatch)
-    case = CASES[name]
-    batch, heads_q, heads_kv, len_q, len_k = case["shape"]
+    case = cases[name]
     g = torch.Generator().manual_seed(len(name))
     q, k, v, grad = _inputs(case["shape"], g)
     kwargs = dict(case["kwargs"])
-    if case.get("kv_lens"):
-        kwargs["kv_lens"] = torch.tensor(case["kv_lens"])
-    got = sigmoid_attention_dispatch(q, k, v, enable_gqa=heads_q != heads_kv, impl="torch", **kwargs)
+    if "kv_lens" in kwargs:
+        kwargs["kv_lens"] = torch.tensor(kwargs["kv_lens"])
+    heads_q, heads_kv = case["shape"][1:3]
+    return calls, case, g, (q, k, v, grad), kwargs, heads_q != heads_kv
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_compiled_loop_equals_the_oracle(name, one_thread, monkeypatch):
+    calls, _, _, (q, k, v, grad), kwargs, gqa = _case(CASES, name, monkeypatch)
+    got = sigmoid_attention_dispatch(q, k, v, enable_gqa=gqa, impl="torch", **kwargs)
     got_grads = torch.autograd.grad(got, (q, k, v), grad)
     assert calls == ["sigmoid_forward", "sigmoid_backward"], "the compiled loop was not used"
     inputs = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -149,16 +157,9 @@ def _key_mask(case, g):
 
 @pytest.mark.parametrize("name", list(KEY_MASKS))
 def test_per_key_masks_run_in_the_compiled_loop_and_equal_the_oracle(name, one_thread, monkeypatch):
-    calls = _count_loop_calls(monkeypatch)
-    case = KEY_MASKS[name]
-    batch, heads_q, heads_kv, len_q, len_k = case["shape"]
-    g = torch.Generator().manual_seed(len(name))
-    q, k, v, grad = _inputs(case["shape"], g)
+    calls, case, g, (q, k, v, grad), kwargs, gqa = _case(KEY_MASKS, name, monkeypatch)
     mask = _key_mask(case, g)
-    kwargs = dict(case["kwargs"])
-    if "kv_lens" in kwargs:
-        kwargs["kv_lens"] = torch.tensor(kwargs["kv_lens"])
-    got = sigmoid_attention_dispatch(q, k, v, mask, enable_gqa=heads_q != heads_kv, impl="torch", **kwargs)
+    got = sigmoid_attention_dispatch(q, k, v, mask, enable_gqa=gqa, impl="torch", **kwargs)
     got_grads = torch.autograd.grad(got, (q, k, v), grad)
     assert calls == ["sigmoid_forward", "sigmoid_backward"], "the compiled loop was not used"
     # the oracle in float64: the float32 lowest value is float64's -inf (both hide the key, uncounted)
@@ -169,7 +170,7 @@ def test_per_key_masks_run_in_the_compiled_loop_and_equal_the_oracle(name, one_t
     # and the loop of ATen ops, which takes the same call tile by tile in Python
     monkeypatch.setenv("ATTNREWRITE_NATIVE", "0")
     plain_inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-    plain = sigmoid_attention_dispatch(*plain_inputs, mask, enable_gqa=heads_q != heads_kv, impl="torch", **kwargs)
+    plain = sigmoid_attention_dispatch(*plain_inputs, mask, enable_gqa=gqa, impl="torch", **kwargs)
     plain_grads = torch.autograd.grad(plain, plain_inputs, grad)
     for label, a, b, c in zip(("out", "dq", "dk", "dv"), (got, *got_grads), (want, *want_grads),
                               (plain, *plain_grads)):

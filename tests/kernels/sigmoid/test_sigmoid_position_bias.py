@@ -10,11 +10,7 @@ import torch
 
 from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
 from attnrewrite.ops import sigmoid_attention
-from sigmoid_testing import masked_inputs, seeded
-
-BIAS = -1.5
-SOFTCAP = ("div 5.0; tanh; mul 5.0", lambda s: torch.tanh(s / 5.0) * 5.0)
-
+from sigmoid_testing import BIAS, SOFTCAP, masked_inputs, plain_sigmoid, require_interpreter, seeded
 
 
 def _inputs(name, dtype, heads_q=4, heads_kv=2, len_q=9, len_k=11, dim=8):
@@ -33,15 +29,7 @@ def _position_bias(slopes, position, len_q, len_k):
 
 def _reference(q, k, v, mask, slopes, position, causal, scale, mod=None):
     """sigmoid(mod(scale·q·kᵀ) + mask + position bias + b)·v over visible keys, in plain torch (float64)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = scale * q @ k.transpose(-1, -2)
-    s = s if mod is None else mod(s)
-    z = s + (0.0 if mask is None else mask) + _position_bias(slopes, position, q.shape[2], k.shape[2]) + BIAS
-    p = torch.sigmoid(z)
-    if causal:
-        p = p.masked_fill(torch.ones_like(p, dtype=torch.bool).triu(1), 0.0)
-    return p @ v
+    return plain_sigmoid(q, k, v, scale, causal, mask, _position_bias(slopes, position, q.shape[2], k.shape[2]), mod)
 
 
 def _check(impl, dtype, position, causal, tol, with_mask=True, mod=None):
@@ -75,20 +63,12 @@ def test_torch_path_computes_the_position_bias(position, causal):
 
 @pytest.mark.parametrize("position,causal,with_mask", [("j-i", True, False), ("|j-i|", False, True)])
 def test_triton_kernels_compute_the_position_bias(position, causal, with_mask):
-    pytest.importorskip("triton")
-    from attnrewrite.kernels.sigmoid import op
-
-    if not op.interpreter_active():
-        pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")
+    require_interpreter()
     _check("triton", torch.float32, position, causal, 2e-4, with_mask=with_mask)
 
 
 def test_triton_kernels_compute_the_position_bias_after_a_soft_cap():
-    pytest.importorskip("triton")
-    from attnrewrite.kernels.sigmoid import op
-
-    if not op.interpreter_active():
-        pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")
+    require_interpreter()
     _check("triton", torch.float32, "j-i", True, 2e-4, with_mask=True, mod=SOFTCAP)
 
 

@@ -11,11 +11,7 @@ import torch
 
 from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
 from attnrewrite.ops import sigmoid_attention
-from sigmoid_testing import masked_inputs, seeded
-
-BIAS = -1.5
-SOFTCAP = ("div 5.0; tanh; mul 5.0", lambda s: torch.tanh(s / 5.0) * 5.0)
-
+from sigmoid_testing import BIAS, SOFTCAP, masked_inputs, plain_sigmoid, require_interpreter, seeded
 
 
 def _inputs(name, dtype, heads_q=4, heads_kv=2, len_q=9, len_k=11, dim=8):
@@ -32,15 +28,7 @@ def written_out(table, len_q, len_k):
 
 def _reference(q, k, v, mask, table, causal, scale, mod=None):
     """sigmoid(mod(scale·q·kᵀ) + mask + R[h, j − i + Tq − 1] + b)·v over visible keys, plain torch (float64)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = scale * q @ k.transpose(-1, -2)
-    s = s if mod is None else mod(s)
-    z = s + (0.0 if mask is None else mask) + written_out(table, q.shape[2], k.shape[2]) + BIAS
-    p = torch.sigmoid(z)
-    if causal:
-        p = p.masked_fill(torch.ones_like(p, dtype=torch.bool).triu(1), 0.0)
-    return p @ v
+    return plain_sigmoid(q, k, v, scale, causal, mask, written_out(table, q.shape[2], k.shape[2]), mod)
 
 
 NAMES = ("dq", "dk", "dv", "dmask", "dtable")
@@ -80,23 +68,15 @@ def test_torch_path_relative_bias_after_a_soft_cap():
     _check("torch", torch.float64, True, 1e-9, mod=SOFTCAP)
 
 
-def _interpreter():
-    pytest.importorskip("triton")
-    from attnrewrite.kernels.sigmoid import op
-
-    if not op.interpreter_active():
-        pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")
-
-
 @pytest.mark.parametrize("causal,with_mask,len_q,len_k", [(True, False, 9, 11), (False, True, 9, 11),
                                                           (True, True, 20, 20), (False, False, 40, 7)])
 def test_triton_kernels_read_the_relative_bias(causal, with_mask, len_q, len_k):
-    _interpreter()
+    require_interpreter()
     _check("triton", torch.float32, causal, 2e-4, with_mask=with_mask, len_q=len_q, len_k=len_k)
 
 
 def test_triton_kernels_relative_bias_after_a_soft_cap():
-    _interpreter()
+    require_interpreter()
     _check("triton", torch.float32, True, 2e-4, with_mask=True, mod=SOFTCAP)
 
 

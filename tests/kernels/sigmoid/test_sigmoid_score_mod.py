@@ -10,9 +10,7 @@ import torch
 from attnrewrite.kernels import score_mods
 from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
 from attnrewrite.ops import sigmoid_attention
-from sigmoid_testing import masked_inputs, seeded
-
-BIAS = -1.5
+from sigmoid_testing import BIAS, masked_inputs, plain_sigmoid, seeded
 
 #: (program, the same function written in plain torch)
 PROGRAMS = {
@@ -39,14 +37,7 @@ def _inputs(name, dtype, heads_q=4, heads_kv=2, len_q=9, len_k=11, dim=8):
 
 def _reference(q, k, v, mask, mod, causal, scale):
     """sigmoid(mod(scale·q·kᵀ) + mask + b)·v over visible keys, in plain torch (float64)."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    s = scale * q @ k.transpose(-1, -2)
-    z = mod(s) + mask + BIAS
-    p = torch.sigmoid(z)
-    if causal:
-        p = p.masked_fill(torch.ones_like(p, dtype=torch.bool).triu(1), 0.0)
-    return p @ v
+    return plain_sigmoid(q, k, v, scale, causal, mask, mod=mod)
 
 
 def _check(name, impl, dtype, causal, tol, mask_grad=True):
