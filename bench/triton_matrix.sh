@@ -8,7 +8,7 @@
 #   MATRIX_DIR    where the venvs live (default /tmp/attnrewrite-triton-matrix); an existing venv whose
 #                 triton already has the version is reused, so a second run only runs the tests
 #   MATRIX_GROUPS which groups of kernel tests to run (default: all six, "linear sigmoid sliding_window bf16
-#                 summary hashed"; see GROUPS below): the linear, sigmoid and sliding-window test files whole,
+#                 summary hashed"; see TEST_GROUPS below): the linear, sigmoid and sliding-window test files whole,
 #                 and for summary and hashed a bounded selection that still launches every kernel (summary:
 #                 forward+backward with learned summaries, GQA and padding, varlen forward+backward, decode over
 #                 the cache's store and through SummaryCache's decode route; hashed: codes, selection +
@@ -28,7 +28,7 @@ VERSIONS=("$@")
 [ ${#VERSIONS[@]} -eq 0 ] && VERSIONS=(3.6.0 3.7.1 3.9.0)
 S=tests/kernels/summary
 H=tests/kernels/hashed
-declare -A GROUPS=(
+declare -A TEST_GROUPS=(
     [linear]="tests/kernels/linear/test_linear_triton.py"
     [sigmoid]="tests/kernels/sigmoid/test_sigmoid_triton.py"
     [sliding_window]="tests/kernels/sliding_window/test_sliding_window_triton.py"
@@ -48,8 +48,8 @@ if [ -n "${MATRIX_TESTS:-}" ]; then
 else
     TESTS=""
     for group in ${MATRIX_GROUPS:-linear sigmoid sliding_window bf16 summary hashed}; do
-        [ -n "${GROUPS[$group]:-}" ] || { echo "unknown group $group (known: ${!GROUPS[*]})" >&2; exit 2; }
-        TESTS="$TESTS ${GROUPS[$group]}"
+        [ -n "${TEST_GROUPS[$group]:-}" ] || { echo "unknown group $group (known: ${!TEST_GROUPS[*]})" >&2; exit 2; }
+        TESTS="$TESTS ${TEST_GROUPS[$group]}"
     done
 fi
 set -f  # the test ids' [parameters] are not globs
