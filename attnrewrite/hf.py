@@ -351,7 +351,7 @@ def summary_forward(module, query, key, value, attention_mask, dropout: float = 
     summaries and window the step's queries see, and this attention takes the cache's own mask of which query
     sees which (:func:`attnrewrite.decode.summary.claim_step`) instead of HF's, which cannot express it: any
     padding (``SummaryCache(attention_mask=...)``) and prompts of any length decode as the whole-sequence op."""
-    from attnrewrite.decode.summary import claim_step
+    from attnrewrite.decode.summary import claim_step, decode_attention
     from attnrewrite.ir.spec import state_name
     from attnrewrite.kernels.score_mods import parse as parse_score_mod
     from attnrewrite.kernels.summary.chunked import block_attention
@@ -385,13 +385,15 @@ def summary_forward(module, query, key, value, attention_mask, dropout: float = 
     if differ:
         raise ValueError(f"attnrewrite_summary: SummaryCache options differ from config.summary_attention "
                          f"(config, cache): {differ}")
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if query.shape[2] == 1 and cap is None:  # a decode step: the Triton decode kernel on CUDA, else torch
+        return _finish(decode_attention(query, key, value, visible, scale))
     if visible is None:  # a step of one token without padding sees every key returned
         visible = torch.ones(1, query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
     elif visible.dim() == 2:  # [T, n]
         visible = visible[None]
     else:  # [B, 1, T, n]
         visible = visible[:, 0]
-    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     program = None if cap is None else parse_score_mod(_cap_program(cap))
     return _finish(block_attention(query, key.to(query.dtype), value.to(query.dtype), visible, scale,
                                    score_mod=program))

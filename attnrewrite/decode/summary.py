@@ -36,8 +36,43 @@ import math
 import torch
 
 from attnrewrite.decode.cache import KindCache, LayerCache
-from attnrewrite.kernels.summary.chunked import chunk_summaries
+from attnrewrite.kernels.summary.chunked import block_attention, chunk_summaries
 from attnrewrite.kernels.summary.op import SUMMARIES
+
+try:  # the Triton decode kernel (kernels/summary/triton_decode.py) is optional
+    from attnrewrite.kernels.summary import triton_decode as _triton_decode
+except ImportError:  # pragma: no cover - triton is not installed on this platform
+    _triton_decode = None
+
+# what the op's impl="auto" sends to its kernels (kernels/summary/public.py): 16-bit floats, head dims <= 256
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+_KERNEL_MAX_HEAD_DIM = 256
+
+
+def decode_on_kernels(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """Whether a one-token step's attention over the cache's slice runs on the Triton decode kernel
+    (:func:`~attnrewrite.kernels.summary.triton_decode.summary_decode`): CUDA tensors, triton importable,
+    q, keys and values of one 16-bit float dtype, head dims up to 256 and a unit stride in the last dim
+    of the store (what the op's ``impl="auto"`` sends to its kernels).  Otherwise the torch path."""
+    return (q.is_cuda and _triton_decode is not None and q.shape[-2] == 1
+            and q.dtype in _KERNEL_DTYPES and keys.dtype == q.dtype and values.dtype == q.dtype
+            and max(q.shape[-1], values.shape[-1]) <= _KERNEL_MAX_HEAD_DIM
+            and keys.stride(-1) == 1 and values.stride(-1) == 1)
+
+
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """Attention of one token's queries q [B, Hq, 1, D] over what a one-token :meth:`SummaryLayer.step`
+    returned: keys/values [B, Hkv, n, D|Dv] (the store's slice, read in place by the kernel) and ``visible``
+    (None: every entry, or bool [B, 1, 1, n]).  The decode kernel where :func:`decode_on_kernels` says so,
+    else the torch block (:func:`~attnrewrite.kernels.summary.chunked.block_attention`).  → [B, Hq, 1, Dv]."""
+    if decode_on_kernels(q, keys, values):
+        return _triton_decode.summary_decode(q, keys, values, visible, scale)
+    if visible is None:
+        visible = torch.ones(1, 1, keys.shape[2], dtype=torch.bool, device=q.device)
+    else:
+        visible = visible.reshape(visible.shape[0], 1, keys.shape[2])
+    return block_attention(q, keys.to(q.dtype), values.to(q.dtype), visible, scale)
 
 
 class SummaryLayer(LayerCache):

@@ -322,6 +322,43 @@ def test_transformers_generate_any_padding_any_prompt_with_attnrewrite_summary(s
     assert (direct - want)[full.bool()].abs().max() < 1e-6  # without a cache: the op itself
 
 
+def test_transformers_decode_steps_take_the_triton_decode_kernel(monkeypatch):
+    """``attnrewrite_summary``'s one-token steps go through ``decode_attention``: on CUDA (16-bit) the decode
+    kernel reads the cache's store, elsewhere the torch block.  Forced onto the kernel (under TRITON_INTERPRET=1
+    on the CPU, as the hashed cache's selection test does), greedy ``generate`` over a left-padded batch with
+    several summaries gives the torch route's tokens and logits, and the kernel ran for every step and layer."""
+    from attnrewrite.decode import summary as summary_cache
+
+    if summary_cache._triton_decode is None:
+        pytest.skip("triton is not installed")
+    from attnrewrite.kernels import triton_scaffold
+
+    if not torch.cuda.is_available() and not triton_scaffold.interpreter_active(
+            summary_cache._triton_decode.summary_decode_kernel):
+        pytest.skip("the kernel needs a GPU or TRITON_INTERPRET=1")
+    chunk, window, new = 4, 1, 5
+    eager, ids, mask, _ = _hf_padded_batch([0, 5], "left", length=14)
+    model = _summary_model(eager.float(), chunk, window)
+    calls = []
+    kernel = summary_cache._triton_decode.summary_decode
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].shape[2])  # the entries the step read
+        return kernel(*args, **kwargs)
+
+    with torch.no_grad():
+        want, _, want_sequences, _ = _generate(model, ids, mask, chunk, window, new)
+        assert not calls  # the CPU takes the torch route unless told otherwise
+        monkeypatch.setattr(summary_cache._triton_decode, "summary_decode", counted)
+        monkeypatch.setattr(summary_cache, "decode_on_kernels", lambda *args: True)
+        got, _, sequences, cache = _generate(model, ids, mask, chunk, window, new)
+    layers = len(model.model.layers)
+    assert len(calls) == (new - 1) * layers  # the prefill is one step of 14 tokens; each new token one step
+    assert cache.layers[0].n_sum >= 2 and cache.layers[0].valid is not None
+    assert torch.equal(sequences, want_sequences)
+    assert (got - want).abs().max() < 1e-4, (got - want).abs().max()
+
+
 def test_transformers_generate_long_prompt_in_chunks_with_the_model_s_own_attention():
     """An eager model (transformers' own mask): a prompt longer than one summary set is refused in one prefill,
     and decodes as the op when ``generate`` prefills it in chunks (``prefill_chunk_size=chunk_size``)."""
