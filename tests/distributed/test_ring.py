@@ -354,3 +354,14 @@ def test_ring_with_a_mask_per_head_equals_the_whole_op(kind, world):
     torch.testing.assert_close(out, ref.detach())
     for name, got, leaf in zip("qkv", grads, leaves):
         torch.testing.assert_close(got, leaf.grad, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_softmax_ring_leaves_a_value_head_size_of_its_own_to_the_all_gather():
+    """torch's CPU flash kernel, which the softmax ring runs per block, takes one head size for q, k and v:
+    with another value head size (DeepSeek-style MLA) the ring must not be chosen (the manager all-gathers
+    K/V instead: tests/distributed/test_context_parallel.py, "softmax-value-head-size"); sigmoid's ring
+    takes it."""
+    q, k, v = (torch.zeros(B, h, T, D, dtype=torch.float64) for h in (HQ, HKV, HKV))
+    assert ring.applies("softmax", q, k, v, 0.0)
+    assert not ring.applies("softmax", q, k, v[..., : D // 2], 0.0)
+    assert ring.applies("sigmoid", q, k, v[..., : D // 2], 0.0)
