@@ -129,17 +129,18 @@ class _MergedCausalSoftmax(torch.autograd.Function):
         return dq, torch.cat(dks, dim=-2), torch.cat(dvs, dim=-2), None, None
 
 
-def _merged_path_applies(args: dict, k: Tensor, mask: Tensor | None) -> bool:
+def _merged_path_applies(args: dict, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
     q = args["q"]
     return (q.device.type == "cpu" and mask is None and args["dropout_p"] == 0.0 and q.dim() == 4
-            and q.dtype in (torch.float32, torch.float64) and k.dtype == q.dtype)
+            and q.dtype in (torch.float32, torch.float64) and k.dtype == q.dtype
+            and v.shape[-1] == q.shape[-1])  # torch's CPU flash kernel takes one head size
 
 
 def _softmax(args: dict, k: Tensor, v: Tensor, mask: Tensor | None, segments) -> Tensor:
     common = dict(dropout_p=args["dropout_p"], scale=args["scale"], enable_gqa=args["enable_gqa"])
     if not args["is_causal"]:
         return torch.ops.attnrewrite.softmax_attention(args["q"], k, v, mask, is_causal=False, **common)
-    if _merged_path_applies(args, k, mask):
+    if _merged_path_applies(args, k, v, mask):
         groups = args["q"].shape[-3] // k.shape[-3]
         if groups > 1:  # the flash kernel wants one key head per query head
             k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)

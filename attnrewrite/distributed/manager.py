@@ -234,6 +234,9 @@ def _why_all_gather(name: str, bound: dict, mask: Tensor | None) -> str:
     if name in ("softmax_attention", "dual_triangle_attention"):
         if q.device.type != "cpu":
             return f"softmax on {q.device.type} (the ring runs torch's CPU flash kernel)"
+        if not k.shape[-1] == q.shape[-1] == v.shape[-1]:
+            return (f"softmax with head sizes q/k/v {q.shape[-1]}/{k.shape[-1]}/{v.shape[-1]} (the ring runs torch's "
+                    "CPU flash kernel, which takes one head size)")
         return f"softmax in {q.dtype} / {k.dtype} / {v.dtype} (the ring runs float32 and float64, one dtype)"
     if name == "linear_attention" and mask is not None:
         return f"a key mask with a head dimension ({tuple(mask.shape)}; the state prefix takes [B|1, 1, 1, T])"

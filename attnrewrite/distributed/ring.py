@@ -112,7 +112,8 @@ def applies(kind: str, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> boo
     if kind == "sigmoid":
         return True
     return (kind == "softmax" and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64)
-            and k.dtype == q.dtype and v.dtype == q.dtype)
+            and k.dtype == q.dtype and v.dtype == q.dtype
+            and k.shape[-1] == q.shape[-1] == v.shape[-1])  # torch's CPU flash kernel takes one head size
 
 
 def additive(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:

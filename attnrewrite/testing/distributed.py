@@ -151,6 +151,38 @@ def _kind_case(name: str, call, causal: bool, masked: bool) -> Case:
     return case
 
 
+def _value_head_size_case(mesh):
+    """Softmax (SDPA, softmax_attention, dual_triangle) with a value head size other than q/k's: torch's CPU
+    flash kernel, which the ring runs, takes one head size, so these take the all-gather of K/V (with a
+    warning naming the head sizes) and equal the whole op, forward and backward."""
+    import warnings
+
+    from attnrewrite.distributed import AllGatherFallback
+
+    rank, world = mesh.get_local_rank(), mesh.size()
+    q, k, v, grad, mask = _qkv("value-head-size")
+    v, grad = v[..., : D // 2].contiguous(), grad[..., : D // 2].contiguous()
+    calls = [("sdpa", True, None), ("softmax", True, mask), ("softmax", False, mask), ("dual_triangle", False, mask)]
+    for kind, causal, m in calls:
+        call = KIND_CALLS[kind][0]
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = call(*leaves, m, causal)
+        ref.backward(grad)
+        buffers = [q.clone(), k.clone(), v.clone(), grad.clone(), mask.clone()]
+        with context_parallel(mesh, buffers=buffers, buffer_seq_dims=[2, 2, 2, 2, 3]), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            local = [b.clone().requires_grad_() for b in buffers[:3]]
+            out = call(*local, None if m is None else buffers[4], causal)
+            out.backward(buffers[3])
+        said = [str(w.message) for w in caught if issubclass(w.category, AllGatherFallback)]
+        assert said and "head sizes q/k/v 8/8/4" in said[0], (kind, said)
+        assert_close(out, shard(ref.detach(), 2, rank, world), msg=lambda msg, n=kind: f"{n}: {msg}")
+        for tensor_name, mine, full in zip("qkv", local, leaves):
+            assert_close(mine.grad, shard(full.grad, 2, rank, world),
+                         msg=lambda msg, t=tensor_name, n=kind: f"{n} d{t}: {msg}")
+
+
 def _learned_summary_case(mesh):
     """A learned state (the summary pooling queries): each rank's gradient is its share; summed they
     are the single-process gradient."""
@@ -420,6 +452,7 @@ def context_parallel_cases() -> list[tuple[str, Case]]:
                 masking = "biased" if masked == "bias" else "padded" if masked else "nomask"
                 name = f"{kind}-{'causal' if causal else 'bidirectional'}-{masking}"
                 cases.append((name, _kind_case(name, call, causal, masked)))
+    cases.append(("softmax-value-head-size", _value_head_size_case))
     cases.append(("summary-learned-state", _learned_summary_case))
     cases.append(("hashed-learned-hash", _learned_hash_case))
     cases.append(("summary-traffic", _summary_traffic_case))

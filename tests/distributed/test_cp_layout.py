@@ -6,6 +6,8 @@ back in order, must equal the op on the whole sequence — outputs and q/k/v gra
 the ranks, as the all-gather's backward sums them).
 """
 
+import re
+
 import pytest
 import torch
 
@@ -125,3 +127,24 @@ def test_buffers_that_are_views_of_one_batch_are_refused():
         _check_buffers(_Mesh(), [whole[0], whole[0].view(2, 8)], [1, 1], set())
     assert _check_buffers(_Mesh(), [whole[0], whole[1]], [1, 1], set()) == 8  # apart: fine
     assert _check_buffers(_Mesh(), [batch[:, :-1].clone(), batch[:, 1:].clone()], [1, 1], set()) == 16
+
+
+@pytest.mark.parametrize("buffers,dims,no_restore,error,match", [
+    ([torch.zeros(2, 16), torch.zeros(2, 8)], [1, 1], (), ValueError, "the buffers' sequence lengths differ: [8, 16]"),
+    ([torch.nn.Parameter(torch.zeros(2, 16))], [1], (), TypeError, "buffer 0 must be a tensor and not a Parameter"),
+    ([torch.zeros(2, 16)], [2], (), ValueError, "buffer 0 of shape (2, 16) has no dim 2"),
+    ([torch.zeros(2, 16, device="meta")], [1], (), ValueError, "buffer 0 is on meta, the mesh is a 'cpu' mesh"),
+    ([torch.zeros(2, 16)], [1], (torch.zeros(2, 16),), ValueError, "no_restore_buffers must be a subset of buffers"),
+])
+def test_buffers_the_manager_cannot_shard_are_refused_by_name(buffers, dims, no_restore, error, match):
+    from attnrewrite.distributed.manager import _check_buffers
+
+    with pytest.raises(error, match=re.escape(match)):
+        _check_buffers(_Mesh(), buffers, dims, set(no_restore) if no_restore else set())
+
+
+def test_a_mesh_that_is_not_a_device_mesh_is_refused():
+    from attnrewrite.distributed.manager import _check_mesh
+
+    with pytest.raises(TypeError, match="mesh must be a torch.distributed.device_mesh.DeviceMesh, got _Mesh"):
+        _check_mesh(_Mesh())

@@ -341,3 +341,14 @@ def test_ring_with_a_mask_per_head_equals_the_whole_op(kind, world):
     keep[..., 0] = True
     mask = torch.randn(B, HQ, 1, T, generator=g, dtype=torch.float64).masked_fill(~keep, float("-inf"))
     _assert_ring_equals_whole(world, kind, None, q, k, v, grad, mask, True)
+
+
+def test_softmax_ring_leaves_a_value_head_size_of_its_own_to_the_all_gather():
+    """torch's CPU flash kernel, which the softmax ring runs per block, takes one head size for q, k and v:
+    with another value head size (DeepSeek-style MLA) the ring must not be chosen (the manager all-gathers
+    K/V instead: tests/distributed/test_context_parallel.py, "softmax-value-head-size"); sigmoid's ring
+    takes it."""
+    q, k, v = (torch.zeros(B, h, T, D, dtype=torch.float64) for h in (HQ, HKV, HKV))
+    assert ring.applies("softmax", q, k, v, 0.0)
+    assert not ring.applies("softmax", q, k, v[..., : D // 2], 0.0)
+    assert ring.applies("sigmoid", q, k, v[..., : D // 2], 0.0)
