@@ -96,9 +96,12 @@ def test_selection_of_long_rows_without_a_mask(groups, one_thread):
         assert torch.equal(_sorted(got, 1500, want.shape[-1]), want)
 
 
-def test_codes_are_packs_bits_even_near_zero_products(one_thread):
+@pytest.mark.parametrize("block_rows", [None, 7])  # the products in one block, or in blocks of 7 rows (a last partial one)
+def test_codes_are_packs_bits_even_near_zero_products(block_rows, one_thread, monkeypatch):
     g = torch.Generator().manual_seed(5)
     for bits in (8, 64, 72, 128):
+        if block_rows:
+            monkeypatch.setattr(native, "CODE_BLOCK_ELEMENTS", block_rows * bits)
         plane = random_hyperplanes(32, bits, 0)
         x = torch.randn(2, 3, 50, 32, generator=g)
         x[0, 0, :5] = 0  # products exactly 0: bit clear
