@@ -249,7 +249,9 @@ static void fill_pack_table(void) {
    popcount(q0 ^ q1) + 2 popcount((q0 ^ k) & same) (where q0 and q1 agree both differ from k or neither; where they
    differ exactly one does), the constant part `pairs_const` added at the end; an odd G's last code (qv) alone.
    Per-byte popcounts by a nibble table, summed over the group (G * 8 <= 255), then over each key's 8 bytes
-   (psadbw) and interleaved into 16-bit lanes.  The same integers as summing G popcounts. */
+   (psadbw) and interleaved into 16-bit lanes.  The same integers as summing G popcounts; for an even G the
+   halved distances (d - popcount(q0 ^ q1) - ...) / 2 = the sum of the pairs' popcounts alone, which order the
+   keys as d does (a row's constant and a factor 2 dropped) and take every integer level, not every other one. */
 INLINE __m256i popcount_bytes(__m256i x) {
     const __m256i nibble = _mm256_set1_epi8(0x0F);
     const __m256i table = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
@@ -266,13 +268,16 @@ INLINE __m256i vector_distances(const uint64_t *restrict kj, const __m256i *qa, 
         __m256i keys = _mm256_loadu_si256((const __m256i *)(kj + 4 * u)), bytes = zero;
         for (int64_t m = 0; m < G / 2; ++m)
             bytes = _mm256_add_epi8(bytes, popcount_bytes(_mm256_and_si256(_mm256_xor_si256(keys, qa[m]), same[m])));
-        bytes = _mm256_add_epi8(bytes, bytes);
-        if (G & 1) bytes = _mm256_add_epi8(bytes, popcount_bytes(_mm256_xor_si256(keys, qv)));
+        if (G & 1) {
+            bytes = _mm256_add_epi8(bytes, bytes);
+            bytes = _mm256_add_epi8(bytes, popcount_bytes(_mm256_xor_si256(keys, qv)));
+        }
         sums[u] = _mm256_sad_epu8(bytes, zero);            /* four 64-bit sums: keys 4u .. 4u + 3 */
     }
     __m256i ab = _mm256_or_si256(sums[0], _mm256_slli_epi64(sums[1], 32));
     __m256i cd = _mm256_or_si256(sums[2], _mm256_slli_epi64(sums[3], 32));
-    return _mm256_add_epi16(_mm256_or_si256(ab, _mm256_slli_epi32(cd, 16)), pairs_const);
+    __m256i lanes = _mm256_or_si256(ab, _mm256_slli_epi32(cd, 16));
+    return G & 1 ? _mm256_add_epi16(lanes, pairs_const) : lanes;
 }
 
 INLINE uint32_t lane_mask(__m256i flags) {  /* one bit per 16-bit lane, lane order */
@@ -281,12 +286,14 @@ INLINE uint32_t lane_mask(__m256i flags) {  /* one bit per 16-bit lane, lane ord
 
 INLINE uint32_t key_mask(uint32_t lanes) { return (uint32_t)key_order_lo[lanes & 0xFF] | key_order_hi[lanes >> 8]; }
 
-/* How many levels around the previous row's threshold the distance pass counts (else a histogram pass). */
-#define BANDS 8
+/* How many levels around the previous row's threshold the distance pass counts (else a histogram pass); with the
+   halved levels of an even G, 6 measured fastest (8: 2% slower, 4: 7%; T = 8k, G = 2, bits = 64). */
+#define BANDS 6
 
 /* The top_k candidates of a row without a mask, one 64-bit word per code, in vectors: kj = the nc candidate
    codes (positions s1 ..), written from sel[n]; *guess: the previous row's threshold, updated.  Returns the new n.
-   dist holds the chunks' distances in CHUNK_ORDER, then the last nc % 16 in order. */
+   dist holds the chunks' distances in CHUNK_ORDER, then the last nc % 16 in order (halved for an even G, see
+   vector_distances: the threshold and *guess are in the same units). */
 INLINE int64_t vector_candidates(const uint64_t *restrict qc, const uint64_t *restrict kj, int64_t s1, int64_t nc,
                                  const int64_t G, int64_t top_k, int32_t *restrict sel, int64_t n,
                                  uint16_t *restrict dist, int32_t *restrict hist, int64_t *guess) {
@@ -323,6 +330,7 @@ INLINE int64_t vector_candidates(const uint64_t *restrict qc, const uint64_t *re
     for (int64_t j = top; j < nc; ++j) {
         uint32_t d = 0;
         for (int64_t g = 0; g < G; ++g) d += (uint32_t)__builtin_popcountll(qc[g] ^ kj[j]);
+        if (!(G & 1)) d = (d - (uint32_t)constant) >> 1;  /* the vectors' halved units */
         dist[j] = (uint16_t)d;
         if ((int64_t)d < lo) ++counts[0];
         else if ((int64_t)d < lo + BANDS) ++counts[1 + d - lo];
@@ -352,13 +360,14 @@ INLINE int64_t vector_candidates(const uint64_t *restrict qc, const uint64_t *re
         n += (d < (uint32_t)t) | here;
         quota -= here;
     }
-    const __m256i tv = _mm256_set1_epi16((short)t), lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i eight = _mm256_set1_epi32(8);
+    const __m256i tv = _mm256_set1_epi16((short)t), eight = _mm256_set1_epi32(8);
     for (int64_t c = chunks - 1; c >= 0 && n < end; --c) {
         __m256i d = _mm256_loadu_si256((const __m256i *)(dist + 16 * c));
         uint32_t take = key_mask(lane_mask(_mm256_cmpgt_epi16(tv, d)));
         if (quota > 0) {
             uint32_t eq = key_mask(lane_mask(_mm256_cmpeq_epi16(tv, d)));
+            int64_t at = __builtin_popcount(eq);
+            if (at <= quota) { take |= eq; quota -= at; eq = 0; }  /* all of them: no branch per key */
             while (eq && quota > 0) {
                 uint32_t key = 1u << (31 - __builtin_clz(eq));   /* the latest key at t */
                 take |= key;
@@ -368,11 +377,10 @@ INLINE int64_t vector_candidates(const uint64_t *restrict qc, const uint64_t *re
         }
         __m256i base = _mm256_set1_epi32((int32_t)(s1 + 16 * c));
         uint32_t low = take & 0xFF, high = take >> 8;
-        _mm256_storeu_si256((__m256i *)(sel + n), _mm256_add_epi32(base, _mm256_permutevar8x32_epi32(
-            lanes, _mm256_load_si256((const __m256i *)pack_table[low]))));
+        _mm256_storeu_si256((__m256i *)(sel + n), _mm256_add_epi32(base, _mm256_load_si256((const __m256i *)pack_table[low])));
         n += __builtin_popcount(low);
-        _mm256_storeu_si256((__m256i *)(sel + n), _mm256_add_epi32(base, _mm256_permutevar8x32_epi32(
-            _mm256_add_epi32(lanes, eight), _mm256_load_si256((const __m256i *)pack_table[high]))));
+        _mm256_storeu_si256((__m256i *)(sel + n), _mm256_add_epi32(_mm256_add_epi32(base, eight),
+                                                                  _mm256_load_si256((const __m256i *)pack_table[high])));
         n += __builtin_popcount(high);
     }
     return n;
@@ -464,9 +472,9 @@ INLINE void select_row(const uint64_t *restrict qc, const uint64_t *restrict kc,
         int64_t j = nc;
 #ifdef HAVE_AVX2
         /* sixteen distances at a time from the top: the lanes below t, and the highest `quota` lanes at t; the
-           chosen lanes' positions are packed to the front of eight int32 (a permutation from pack_table) and
+           chosen lanes' positions are packed to the front of eight int32 (pack_table: the set bits' positions) and
            stored whole, n advancing by their count (sel has room for the overhang, see hashed_select) */
-        const __m256i tv = _mm256_set1_epi16((short)t), lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256i tv = _mm256_set1_epi16((short)t), eight = _mm256_set1_epi32(8);
         while (j >= 16 && n < end) {
             j -= 16;
             __m256i d = _mm256_loadu_si256((const __m256i *)(dist + j));
@@ -476,6 +484,8 @@ INLINE void select_row(const uint64_t *restrict qc, const uint64_t *restrict kc,
             if (quota > 0) {
                 uint32_t eq = (uint32_t)_mm_movemask_epi8(_mm_packs_epi16(_mm256_castsi256_si128(eq16),
                                                                           _mm256_extracti128_si256(eq16, 1)));
+                int64_t at = __builtin_popcount(eq);
+                if (at <= quota) { take |= eq; quota -= at; eq = 0; }  /* all of them: no branch per key */
                 while (eq && quota > 0) {
                     uint32_t lane = 1u << (31 - __builtin_clz(eq));   /* the highest lane at t */
                     take |= lane;
@@ -485,11 +495,11 @@ INLINE void select_row(const uint64_t *restrict qc, const uint64_t *restrict kc,
             }
             __m256i base = _mm256_set1_epi32((int32_t)(s1 + j));
             uint32_t low = take & 0xFF, high = take >> 8;
-            _mm256_storeu_si256((__m256i *)(sel + n), _mm256_add_epi32(base, _mm256_permutevar8x32_epi32(
-                lanes, _mm256_load_si256((const __m256i *)pack_table[low]))));
+            _mm256_storeu_si256((__m256i *)(sel + n),
+                                _mm256_add_epi32(base, _mm256_load_si256((const __m256i *)pack_table[low])));
             n += __builtin_popcount(low);
-            _mm256_storeu_si256((__m256i *)(sel + n), _mm256_add_epi32(base, _mm256_permutevar8x32_epi32(
-                _mm256_add_epi32(lanes, _mm256_set1_epi32(8)), _mm256_load_si256((const __m256i *)pack_table[high]))));
+            _mm256_storeu_si256((__m256i *)(sel + n), _mm256_add_epi32(_mm256_add_epi32(base, eight),
+                                                                      _mm256_load_si256((const __m256i *)pack_table[high])));
             n += __builtin_popcount(high);
         }
 #endif
@@ -568,8 +578,21 @@ void hashed_pack_products(const float *products, int64_t N, int64_t nbits, const
         int doubt = 0;
         for (int64_t w = 0; w < W; ++w) {
             uint64_t word = 0;
-            int64_t stop = nbits - 64 * w < 64 ? nbits - 64 * w : 64;
-            for (int64_t b = 0; b < stop; ++b) {
+            int64_t stop = nbits - 64 * w < 64 ? nbits - 64 * w : 64, b = 0;
+#ifdef HAVE_AVX2
+            /* eight products a step: their sign bits by one movemask (the bound as below, up to its rounding: it
+               only decides which rows are taken again in float64, where every sign is exact) */
+            const __m256 zero = _mm256_setzero_ps(), scales = _mm256_set1_ps(scale), tiny = _mm256_set1_ps(1e-30f);
+            for (; b + 8 <= stop; b += 8) {
+                __m256 x = _mm256_loadu_ps(row + 64 * w + b);
+                __m256 bound = _mm256_add_ps(_mm256_mul_ps(scales, _mm256_loadu_ps(pnorm + 64 * w + b)), tiny);
+                word |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(x, zero, _CMP_GT_OQ)) << b;
+                __m256 near = _mm256_and_ps(_mm256_cmp_ps(x, bound, _CMP_LE_OQ),
+                                            _mm256_cmp_ps(x, _mm256_sub_ps(zero, bound), _CMP_GE_OQ));
+                doubt |= _mm256_movemask_ps(near) != 0;
+            }
+#endif
+            for (; b < stop; ++b) {
                 float x = row[64 * w + b], bound = scale * pnorm[64 * w + b] + 1e-30f;
                 word |= (uint64_t)(x > 0.0f) << b;
                 doubt |= (x <= bound) & (x >= -bound);
@@ -724,6 +747,8 @@ def _declare(lib: ctypes.CDLL) -> None:
 _library = NativeLibrary("hashed_select", SOURCE, _declare, extra_x86=("-mpopcnt",))
 #: the query words of one group the kernel holds on its stack (G · bits / 64)
 MAX_GROUP_WORDS = 64
+#: float32 products per block of :func:`_codes` (1 MB)
+CODE_BLOCK_ELEMENTS = 1 << 18
 
 
 def library() -> ctypes.CDLL | None:
@@ -775,13 +800,19 @@ def _codes(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
     dim, bits = projection.shape
     flat = x.reshape(-1, dim)
     p32 = projection.to(torch.float32)
-    products = (flat @ p32).contiguous()
     x_norm, p_norm = flat.norm(dim=-1).contiguous(), p32.norm(dim=0).contiguous()
-    words = (bits + 63) // 64
-    codes = torch.empty(flat.shape[0], words, dtype=torch.int64)
-    unsure = torch.empty(flat.shape[0], dtype=torch.bool)
-    library().hashed_pack_products(products.data_ptr(), flat.shape[0], bits, x_norm.data_ptr(), p_norm.data_ptr(),
-                                   (dim + 4) * 2.0 ** -23, codes.data_ptr(), words, unsure.data_ptr())
+    words, count = (bits + 63) // 64, flat.shape[0]
+    codes = torch.empty(count, words, dtype=torch.int64)
+    unsure = torch.empty(count, dtype=torch.bool)
+    # the products a block of rows at a time, packed while the block is in cache (all at once they are 16 MB for
+    # q [1, 8, 8k, 32] at 64 bits, written and read back: the codes took twice as long)
+    step = max(1, CODE_BLOCK_ELEMENTS // bits)
+    products = torch.empty(min(count, step), bits, dtype=torch.float32)
+    for r0 in range(0, count, step):
+        n = min(count, r0 + step) - r0
+        torch.matmul(flat[r0:r0 + n], p32, out=products[:n])
+        library().hashed_pack_products(products.data_ptr(), n, bits, x_norm[r0:].data_ptr(), p_norm.data_ptr(),
+                                       (dim + 4) * 2.0 ** -23, codes[r0:].data_ptr(), words, unsure[r0:].data_ptr())
     if bool(unsure.any()):
         codes[unsure] = _pack_bits(project(flat[unsure], projection) > 0)
     return codes.view(*x.shape[:-1], words)

@@ -82,11 +82,13 @@ def test_selection_is_the_torch_paths(case, causal, mask, one_thread):
     assert torch.equal(_sorted(got, t, width), torch.nn.functional.pad(want, (0, width - want.shape[-1]), value=t))
 
 
-def test_selection_of_long_rows_without_a_mask(one_thread):
-    """Rows with thousands of candidates: the vector pass, its threshold guess and its fallback all run."""
+@pytest.mark.parametrize("groups", [2, 1, 3, 4])
+def test_selection_of_long_rows_without_a_mask(groups, one_thread):
+    """Rows with thousands of candidates: the vector pass, its threshold guess and its fallback all run (an even
+    group in halved distance units, an odd one in whole units)."""
     g = torch.Generator().manual_seed(7)
-    q, k = torch.randn(1, 4, 1500, 16, generator=g), torch.randn(1, 2, 1500, 16, generator=g)
-    q[:, :, 700:710] = k[:, :1, 50:60].repeat(1, 4, 1, 1)  # rows whose threshold jumps far from the previous row's
+    q, k = torch.randn(1, 2 * groups, 1500, 16, generator=g), torch.randn(1, 2, 1500, 16, generator=g)
+    q[:, :, 700:710] = k[:, :1, 50:60].repeat(1, 2 * groups, 1, 1)  # rows whose threshold jumps far from the last
     plane = random_hyperplanes(16, 64, 0)
     for causal in (True, False):
         want = _torch_selection(q, k, None, causal, 64, 64, 16, 4, plane)
@@ -94,9 +96,12 @@ def test_selection_of_long_rows_without_a_mask(one_thread):
         assert torch.equal(_sorted(got, 1500, want.shape[-1]), want)
 
 
-def test_codes_are_packs_bits_even_near_zero_products(one_thread):
+@pytest.mark.parametrize("block_rows", [None, 7])  # the products in one block, or in blocks of 7 rows (a last partial one)
+def test_codes_are_packs_bits_even_near_zero_products(block_rows, one_thread, monkeypatch):
     g = torch.Generator().manual_seed(5)
     for bits in (8, 64, 72, 128):
+        if block_rows:
+            monkeypatch.setattr(native, "CODE_BLOCK_ELEMENTS", block_rows * bits)
         plane = random_hyperplanes(32, bits, 0)
         x = torch.randn(2, 3, 50, 32, generator=g)
         x[0, 0, :5] = 0  # products exactly 0: bit clear
