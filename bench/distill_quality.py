@@ -99,6 +99,8 @@ def main(argv=None) -> int:
                         help=f"the rows to run, comma-separated (default: all of {', '.join(ROWS)})")
     parser.add_argument("--rank", type=int, default=8, help="adapter rank (finetune)")
     parser.add_argument("--adapt", default="attention", help="finetune's adapters: attention or all (distill's adapt)")
+    parser.add_argument("--match", default="output", help="what finetune matches: output or hidden_states "
+                        "(distill's match)")
     parser.add_argument("--schedule", default="cosine", help="learning-rate schedule: cosine or constant")
     parser.add_argument("--lr-transfer", type=float, default=None, help="transfer's learning rate (default: distill's)")
     parser.add_argument("--lr-finetune", type=float, default=3e-3,
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; transfer {args.transfer_steps} steps, finetune {args.finetune_steps} steps, "
           f"batches of 16 sentences (<= {args.max_length} word pieces), lr {lr}, schedule {args.schedule}, "
-          f"adapters of rank {args.rank} on {args.adapt}, corpus {args.corpus}")
+          f"adapters of rank {args.rank} on {args.adapt}, corpus {args.corpus}, match {args.match}")
     _, _, original_retrieval = scores(reference, reference)
     print(f"original model: paraphrase retrieval {original_retrieval:.2f}\n")
     print("| kind | model | distillation | CPU s | wall s | mean cosine | min cosine | paraphrase top-1 |")
@@ -157,7 +159,8 @@ def main(argv=None) -> int:
         for name, stage, steps in runs:  # each row printed as soon as its distillation is done
             cpu, wall = time.process_time(), time.perf_counter()
             out = attnrewrite.distill(model, to, data, steps=steps, stage=stage, seed=0, progress=False, lr=lr,
-                                      rank=args.rank, adapt=args.adapt, schedule=args.schedule, **options)
+                                      rank=args.rank, adapt=args.adapt, schedule=args.schedule, match=args.match,
+                                      **options)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             what = f"{stage} {steps if isinstance(steps, int) else '+'.join(map(str, steps.values()))}"
             print(row(label, name, what, cpu, wall, out, held, reference, to, options), flush=True)
