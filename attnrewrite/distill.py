@@ -182,6 +182,8 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
     try:
         model.eval()
         _check_fits(model, batches, 0)
+        if match == "hidden_states" and "finetune" in stages:
+            _check_hidden_states(model, batches[0])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             student = copy.deepcopy(model)
@@ -320,8 +322,6 @@ class _Run:
 
         layers = self.match == "hidden_states"
         extra = {"output_hidden_states": True} if layers else {}
-        if layers:
-            _check_hidden_states(self.teacher, self.batches[0])
         targets: dict[int, tuple[torch.Tensor, ...]] = {}  # the teacher's output per batch, while it fits the cache
         reused = steps > len(self.batches)
 

@@ -40,10 +40,11 @@ import attnrewrite
 from attnrewrite.demo import load_minilm, mean_pool
 from attnrewrite.distill import DEFAULT_LR, WARM_STARTS
 from attnrewrite.rewriter.backend import attnrewrite_backend
-from attnrewrite.targets.sentences import HELDOUT_SENTENCES, docstring_sentences, word_sentences
+from attnrewrite.targets.sentences import (HELDOUT_SENTENCES, docstring_sentences, grammar_sentences, shared_word_runs,
+                                           word_sentences)
 
 ROWS = ("before", "after warm start", "after transfer", "after both", "finetune only")
-CORPORA = ("docstrings", "mixed")
+CORPORA = ("docstrings", "mixed", "english")
 SETTINGS = [("sigmoid", {"learned": True}), ("linear", {"feature_map": "hedgehog"})]
 
 
@@ -51,11 +52,18 @@ def distillation_sentences(corpus: str, count: int, tokenizer) -> list[str]:
     """``count`` distillation sentences of ``corpus`` (:data:`CORPORA`), none of them a held-out one."""
     if corpus == "docstrings":
         sentences = docstring_sentences(count, seed=0)
-    else:  # "mixed": the words of everyday English beside the docstrings' grammar
+    elif corpus == "mixed":  # the words of everyday English beside the docstrings' grammar
         sentences = docstring_sentences(count - count // 2, seed=0) + word_sentences(tokenizer.get_vocab(), count // 2)
+    else:  # "english": half sentences of everyday English from a grammar, a quarter each of the two above
+        quarter = count // 4
+        sentences = (grammar_sentences(count - 2 * quarter, seed=0) + docstring_sentences(quarter, seed=0)
+                     + word_sentences(tokenizer.get_vocab(), quarter))
     overlap = set(sentences) & set(HELDOUT_SENTENCES)
     if overlap:
         raise SystemExit(f"distillation sentences overlap the held-out ones: {sorted(overlap)[:3]}")
+    near_copies = shared_word_runs(sentences, length=5)
+    if near_copies:
+        raise SystemExit(f"distillation sentences share runs of 5 words with the held-out ones: {sorted(near_copies)[:3]}")
     return sentences
 
 
@@ -107,8 +115,9 @@ def main(argv=None) -> int:
                         help="finetune's learning rate (default 3e-3: better than distill's 1e-3 for both kinds; "
                              "1e-2 collapsed MiniLM with adapters on every linear)")
     parser.add_argument("--corpus", choices=CORPORA, default="mixed",
-                        help="distillation sentences: docstrings, or mixed (half docstrings, half word_sentences "
-                             "drawn from the tokenizer's vocabulary)")
+                        help="distillation sentences: docstrings; mixed (half docstrings, half word_sentences "
+                             "drawn from the tokenizer's vocabulary); english (half grammar_sentences, a quarter "
+                             "each of docstrings and word_sentences)")
     parser.add_argument("--no-bucket", dest="bucket", action="store_false",
                         help="batches in corpus order (default: sentences of about one length batched together)")
     args = parser.parse_args(argv)
