@@ -10,6 +10,9 @@
 - :func:`word_sentences`: sequences of everyday words drawn from a tokenizer's frequency-ordered
   vocabulary (no grammar): distillation data that brings the words of ordinary English, which
   docstrings lack, without any text that could overlap the held-out sentences.
+- :func:`grammar_sentences`: everyday English with grammar from a small hand-written grammar
+  (distillation data closest to the held-out sentences' domain), and :func:`shared_word_runs`, the
+  check that no training sentence nearly copies a held-out one.
 """
 
 from __future__ import annotations
