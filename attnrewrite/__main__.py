@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--rank", type=int, default=8, help="rank of finetune's adapters")
     distill.add_argument("--adapt", default="attention", choices=("attention", "all"),
                          help="finetune's adapters: on the attention modules' linears, or on every linear")
+    distill.add_argument("--match", default="output", choices=("output", "hidden_states"),
+                         help="what finetune matches: the output, or also every layer's hidden state "
+                              "(transformers models: MiniLM)")
     distill.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
                          help="learning rate over each stage: warm-up then cosine decay, or constant")
     distill.add_argument("--batches", type=int, default=64, help="distinct training batches")

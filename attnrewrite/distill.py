@@ -63,6 +63,11 @@ WARMUP_FRACTION = 0.05
 #: Where finetune puts its adapters: ``"attention"`` (every ``nn.Linear`` inside the modules that own
 #: a site: the attention projections) or ``"all"`` (every ``nn.Linear`` of the model).
 ADAPT = ("attention", "all")
+#: What finetune matches the original model on: ``"output"`` (the model's output: logits or its first
+#: tensor) or ``"hidden_states"`` (the output and every hidden state the model returns when called with
+#: ``output_hidden_states=True``, the transformers convention: one per layer, each matched by its mean
+#: squared error relative to the original's mean square, so every layer weighs alike).
+MATCH = ("output", "hidden_states")
 #: Default learning rates: feature maps and per-head scalars take large steps, adapters small ones.
 DEFAULT_LR = {"transfer": 1e-2, "finetune": 1e-3}
 #: Options that give a kind per-site parameters to transfer (a hint for the error; the kinds decide).
@@ -86,7 +91,8 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
             steps: int | Mapping[str, int] = 100, lr: float | Mapping[str, float] | None = None,
             stage: str = "transfer", seed: int = 0, save_to: str | os.PathLike | None = None, save_every: int = 50,
             rank: int = 8, loss: str = "auto", compiler: str = "eager", progress: bool = True,
-            schedule: str = "cosine", adapt: str = "attention", **kind_options: Any) -> nn.Module:
+            schedule: str = "cosine", adapt: str = "attention", match: str = "output",
+            **kind_options: Any) -> nn.Module:
     """Distil ``model`` (softmax attention) into a copy that runs attention kind ``to``; return the copy.
 
     Args:
@@ -117,6 +123,12 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
             then decay to 0) or ``"constant"``.
         adapt: which ``nn.Linear`` modules finetune adapts (:data:`ADAPT`): ``"attention"`` (those of
             the modules that own a site) or ``"all"``.
+        match: what finetune matches (:data:`MATCH`): ``"output"`` (the model's output, by ``loss``) or
+            ``"hidden_states"``: the output and, added to its loss, the mean over every hidden state the
+            model returns with ``output_hidden_states=True`` (a transformers model: the embeddings' and
+            each layer's, [batch, tokens, width]) of each state's squared error divided by the original
+            state's mean square (padded tokens left out as for ``loss``).  Each layer then gets its own
+            signal, not only what reaches the output (TinyBERT, LoLCATs match layer by layer too).
         compiler: what runs the rewritten graph while fine-tuning (``"eager"``, ``"aot_eager"``,
             ``"inductor"``); attention transfer always runs ``"eager"``.
         progress: show a tqdm progress bar with the loss.
@@ -152,6 +164,8 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
         raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}")
     if adapt not in ADAPT:
         raise ValueError(f"adapt must be one of {ADAPT}; got {adapt!r}")
+    if match not in MATCH:
+        raise ValueError(f"match must be one of {MATCH}; got {match!r}")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank must be an int >= 1; got {rank!r}")
     if not isinstance(save_every, int) or save_every < 1:
@@ -168,6 +182,8 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
     try:
         model.eval()
         _check_fits(model, batches, 0)
+        if match == "hidden_states" and "finetune" in stages:
+            _check_hidden_states(model, batches[0])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             student = copy.deepcopy(model)
@@ -184,7 +200,7 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
             return student
         trainable = {name: p.requires_grad for name, p in student.named_parameters()}
         run = _Run(model, student, to, options, batches, seed, rank, loss, save_to, save_every, progress, stage,
-                   schedule, adapt)
+                   schedule, adapt, match)
         for name in stages:
             n_steps, rate = plan[name]
             if name == "transfer":
@@ -208,16 +224,17 @@ class _Run:
     (a converted copy) and what the stages share (data, checkpoint, seed)."""
 
     def __init__(self, teacher, student, to, options, batches, seed, rank, loss, save_to, save_every, progress,
-                 request, schedule="cosine", adapt="attention"):
+                 request, schedule="cosine", adapt="attention", match="output"):
         self.teacher, self.student, self.to, self.options = teacher, student, to, options
-        self.schedule, self.adapt = schedule, adapt
+        self.schedule, self.adapt, self.match = schedule, adapt, match
         self.batches, self.seed, self.rank, self.loss = batches, seed, rank, loss
         self.save_to, self.save_every, self.progress, self.request = save_to, save_every, progress, request
         self.checkpoint = _load_checkpoint(save_to, self._identity()) if save_to is not None else None
 
     def _identity(self) -> dict[str, Any]:
         return {"to": self.to, "kind_options": dict(self.options.kind_options), "stage": self.request,
-                "seed": self.seed, "rank": self.rank, "schedule": self.schedule, "adapt": self.adapt}
+                "seed": self.seed, "rank": self.rank, "schedule": self.schedule, "adapt": self.adapt,
+                "match": self.match}
 
     # ---- transfer
 
@@ -303,7 +320,9 @@ class _Run:
         torch._dynamo.reset()
         compiled = torch.compile(self.student, backend=backend)
 
-        targets: dict[int, torch.Tensor] = {}  # the teacher's output per batch, while it fits the cache
+        layers = self.match == "hidden_states"
+        extra = {"output_hidden_states": True} if layers else {}
+        targets: dict[int, tuple[torch.Tensor, ...]] = {}  # the teacher's output per batch, while it fits the cache
         reused = steps > len(self.batches)
 
         def step_loss(index: int, batch: Any) -> torch.Tensor:
@@ -312,11 +331,17 @@ class _Run:
             target = targets.get(slot)
             if target is None:
                 with torch.no_grad():
-                    target = output_tensor(_run_teacher(self.teacher, args, kwargs, index))[0].detach()
-                cached = sum(t.numel() * t.element_size() for t in targets.values())
-                if reused and cached + target.numel() * target.element_size() <= TEACHER_CACHE_BYTES:
+                    out = _run_teacher(self.teacher, args, {**kwargs, **extra}, index)
+                    target = tuple(t.detach() for t in (output_tensor(out)[0], *(hidden_states(out) if layers else ())))
+                cached = sum(t.numel() * t.element_size() for ts in targets.values() for t in ts)
+                if reused and cached + sum(t.numel() * t.element_size() for t in target) <= TEACHER_CACHE_BYTES:
                     targets[slot] = target
-            return output_loss(compiled(*args, **kwargs), target, self.loss, kwargs.get("attention_mask"))
+            out = compiled(*args, **kwargs, **extra)
+            mask = kwargs.get("attention_mask")
+            value = output_loss(out, target[0], self.loss, mask)
+            if layers:
+                value = value + hidden_state_loss(hidden_states(out), target[1:], mask)
+            return value
 
         try:
             self._train("finetune", params, steps, lr, step_loss)
@@ -704,6 +729,50 @@ def output_loss(student_out: Any, teacher_out: Any, loss: str = "auto",
         t = F.log_softmax(teacher.float().flatten(0, -2), dim=-1)
         return F.kl_div(s, t, log_target=True, reduction="batchmean")
     return F.mse_loss(student.float(), teacher.float())
+
+
+def hidden_states(out: Any) -> tuple[torch.Tensor, ...]:
+    """The ``hidden_states`` a model returned (transformers' ``output_hidden_states=True``): a tuple of
+    tensors, one per layer (and the embeddings)."""
+    states = out.get("hidden_states") if isinstance(out, Mapping) else getattr(out, "hidden_states", None)
+    if not isinstance(states, (tuple, list)) or not states or not all(isinstance(t, torch.Tensor) for t in states):
+        raise DistillError(f"match='hidden_states' needs the model to return its hidden states when called with "
+                           f"output_hidden_states=True (as transformers models do); its {type(out).__name__} output "
+                           f"holds {type(states).__name__} there")
+    return tuple(states)
+
+
+def hidden_state_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The mean over layers of each hidden state's squared error divided by the teacher's mean square of
+    that state (so a layer with a large residual stream weighs no more than one with a small one).  Each
+    state is [batch, tokens, ...]; with an ``attention_mask`` of that [batch, tokens] shape only real
+    tokens count."""
+    if len(student) != len(teacher):
+        raise DistillError(f"the rewritten model returns {len(student)} hidden states, the original {len(teacher)}")
+    losses = []
+    for layer, (s, t) in enumerate(zip(student, teacher)):
+        if s.shape != t.shape:
+            raise DistillError(f"hidden state {layer} has shape {tuple(s.shape)} in the rewritten model, "
+                               f"{tuple(t.shape)} in the original")
+        if (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2 and s.dim() >= 3
+                and tuple(attention_mask.shape) == tuple(s.shape[:2])):
+            keep = attention_mask.to(device=s.device) != 0
+            s, t = s[keep], t[keep]
+        t = t.detach().float()
+        losses.append((s.float() - t).square().mean() / t.square().mean().clamp(min=1e-12))
+    return torch.stack(losses).mean()
+
+
+def _check_hidden_states(teacher: nn.Module, batch: Any) -> None:
+    args, kwargs = _split(batch, "batch 0")
+    try:
+        with torch.no_grad():
+            out = teacher(*args, **kwargs, output_hidden_states=True)
+    except TypeError as exc:
+        raise DistillError(f"match='hidden_states' calls the model with output_hidden_states=True, which "
+                           f"{type(teacher).__name__} does not take ({exc}); use match='output'") from exc
+    hidden_states(out)
 
 
 # --------------------------------------------------------------------------- data, checkpoints

@@ -117,7 +117,7 @@ def run_distill(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     distilled = distill(model, args.to, data, steps=steps, lr=args.lr, stage=args.stage, seed=args.seed,
                         save_to=args.save_to, loss="kl" if args.checkpoint else "auto", rank=args.rank,
-                        adapt=args.adapt, schedule=args.schedule, **options)
+                        adapt=args.adapt, schedule=args.schedule, match=args.match, **options)
     seconds = time.perf_counter() - start
     print(f"  distilled ({seconds:.0f} s):    {measure(distilled, args.to)}")
     if args.out:

@@ -283,3 +283,64 @@ def test_a_stage_that_trains_normally_is_not_reported_as_diverged(llama):
                                         progress=False)
     assert not _diverged(caught)
     assert all(len(losses) in (12, 16) for losses in distilled.attnrewrite_distill.values())
+
+
+def _layer_divergences(teacher, student, to):
+    """Each hidden state's squared error relative to the teacher's mean square, on HELD_OUT."""
+    with torch.no_grad():
+        want = teacher(**HELD_OUT, output_hidden_states=True).hidden_states
+        got = compile_rewritten(student, None, to=to, compiler="eager")(**HELD_OUT, output_hidden_states=True)
+    torch._dynamo.reset()
+    return [((s - t).square().mean() / t.square().mean()).item() for s, t in zip(got.hidden_states, want)]
+
+
+def test_matching_hidden_states_lowers_every_layers_divergence_more_than_matching_the_output():
+    # three layers, sharp attention: the sigmoid rewrite's error grows layer by layer
+    torch.manual_seed(0)
+    model = T.LlamaModel._from_config(T.LlamaConfig(**{**CFG, "num_hidden_layers": 3}),
+                                      attn_implementation="eager").eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    before = _layer_divergences(model, copy.deepcopy(model), "sigmoid")
+    options = {"steps": 32, "lr": 1e-2, "rank": 4, "stage": "finetune", "schedule": "constant", "progress": False}
+    by_output = _layer_divergences(model, attnrewrite.distill(model, "sigmoid", DATA, **options), "sigmoid")
+    by_layer = _layer_divergences(model, attnrewrite.distill(model, "sigmoid", DATA, match="hidden_states", **options),
+                                  "sigmoid")
+    assert len(before) == 4 and before[0] == 0.0 and min(before[1:]) > 1e-3  # embeddings, then three layers
+    assert sum(by_layer) < 0.8 * sum(before), (before, by_layer)
+    for layer in (1, 2, 3):
+        assert by_layer[layer] < 0.95 * before[layer], (layer, before, by_layer)
+    for layer in (1, 2):  # the inner layers: their own signal, not only what reaches the output
+        assert by_layer[layer] < 0.95 * by_output[layer], (layer, by_output, by_layer)
+
+
+def test_hidden_state_loss_weighs_layers_alike_and_leaves_out_padding():
+    from attnrewrite.distill import hidden_state_loss
+
+    teacher = [torch.randn(2, 4, 5), 100.0 * torch.randn(2, 4, 5)]
+    student = [teacher[0] + 0.1, teacher[1] * 1.1]
+    want = torch.stack([(0.1 ** 2) / teacher[0].square().mean(), torch.tensor(0.1 ** 2)]).mean()
+    torch.testing.assert_close(hidden_state_loss(student, teacher), want)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    moved = [s.clone() for s in student]
+    for s in moved:
+        s[~mask.bool()] += 1000.0  # padded positions do not count
+    torch.testing.assert_close(hidden_state_loss(moved, teacher, mask), hidden_state_loss(student, teacher, mask))
+    with pytest.raises(DistillError, match="returns 1 hidden states, the original 2"):
+        hidden_state_loss(student[:1], teacher)
+
+
+def test_match_hidden_states_needs_a_model_that_returns_them(llama):
+    class Attention(nn.Module):
+        def forward(self, x):  # [B, T, D]
+            return torch.softmax(x @ x.transpose(-2, -1) / 2.0, dim=-1) @ x
+
+    snapshot = _snapshot(llama)
+    with pytest.raises(DistillError, match="output_hidden_states=True, which Attention does not take"):
+        attnrewrite.distill(Attention(), "sigmoid", [(torch.randn(2, 5, 4),)], steps=1, stage="finetune",
+                            match="hidden_states", adapt="all", progress=False)
+    with pytest.raises(ValueError, match="match must be one of"):
+        attnrewrite.distill(llama, "sigmoid", DATA, steps=1, stage="finetune", match="layers")
+    _assert_unchanged(llama, snapshot)

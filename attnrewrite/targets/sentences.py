@@ -10,6 +10,9 @@
 - :func:`word_sentences`: sequences of everyday words drawn from a tokenizer's frequency-ordered
   vocabulary (no grammar): distillation data that brings the words of ordinary English, which
   docstrings lack, without any text that could overlap the held-out sentences.
+- :func:`grammar_sentences`: everyday English with grammar from a small hand-written grammar
+  (distillation data closest to the held-out sentences' domain), and :func:`shared_word_runs`, the
+  check that no training sentence nearly copies a held-out one.
 """
 
 from __future__ import annotations
@@ -120,3 +123,144 @@ def word_sentences(vocabulary, count: int, seed: int = 0, top: int = 8000,
     rng = random.Random(f"word_sentences:{seed}")
     return [" ".join(rng.choices(words, weights, k=rng.randint(low, high))).capitalize() + "."
             for _ in range(count)]
+
+
+# --------------------------------------------------------------------------- a small grammar of everyday English
+#
+# Words of ordinary life, grouped by what they can do in a sentence.  The lists were written for
+# this grammar from general categories (people, animals, things, places, times); the held-out
+# sentences above were not mined for them, and the bench checks that no generated sentence shares a
+# run of words long enough to be a near copy of one of them.
+
+_PEOPLE = ("the farmer", "my sister", "my brother", "our teacher", "the nurse", "a young man", "an old woman",
+           "the driver", "the children", "her father", "his mother", "the neighbours", "a tourist", "the waiter",
+           "the manager", "my cousin", "the students", "a police officer", "the pilot", "the baker", "the mayor",
+           "my best friend", "the new doctor", "a group of workers", "the twins", "the coach", "our guests",
+           "the shop owner", "the soldiers", "my uncle", "the fishermen", "a stranger", "the old king",
+           "the little girl", "the engineer", "the singer", "her husband", "his wife", "the judge", "the campers",
+           "Anna", "David", "Maria", "Tom", "Sarah", "James", "Li", "Ahmed", "Lucy", "Peter")
+_ANIMALS = ("the horse", "a black cat", "the puppy", "the cows", "a fox", "the ducks", "an owl", "the sheep",
+            "a spider", "the rabbit", "the goats", "a huge bear", "the parrot", "the bees", "a frog")
+_THINGS = ("the letter", "a cup of tea", "the car", "an apple", "the newspaper", "the door", "a ticket",
+           "the old piano", "the dishes", "a new coat", "the garden gate", "the map", "a basket of fruit",
+           "the photographs", "the bill", "a sandwich", "the window", "the lamp", "a heavy box", "the shoes",
+           "the money", "a birthday cake", "the homework", "the report", "a bottle of milk", "the radio",
+           "the fence", "the keys to the shed", "a wooden chair", "the carpet", "the medicine", "a postcard",
+           "the vegetables", "the blanket", "an envelope", "the boat", "the tent", "a pair of gloves",
+           "the recipe", "the suitcase", "the paint", "a bag of rice", "the flowers", "the song", "the film")
+_PLACES = ("the kitchen", "the station", "the park", "the hospital", "the village", "the office", "the beach",
+           "the forest", "the city", "the church", "the river", "the hill", "the farm", "the school", "the market",
+           "the harbour", "the garage", "the bank", "the island", "the valley", "the factory", "the stadium",
+           "the cinema", "the post office", "the lake", "the border", "the castle", "the cafe", "the theatre",
+           "the supermarket", "the zoo", "the bus stop", "the playground", "the desert", "the north of the country")
+_PREPOSITIONS = ("in", "near", "behind", "outside", "at", "across", "beside", "inside", "around", "far from")
+_TIMES = ("yesterday", "last week", "on Tuesday", "every evening", "this afternoon", "after lunch", "at noon",
+          "in the spring", "during the holidays", "before dinner", "early on Sunday", "late at night",
+          "two days ago", "last summer", "on her birthday", "after the storm", "in December", "before sunrise",
+          "at the end of the month", "for the first time", "once a year", "on Friday night", "last autumn")
+_ADJECTIVES = ("tired", "happy", "angry", "nervous", "proud", "hungry", "quiet", "busy", "worried", "calm",
+               "surprised", "cold", "lonely", "excited", "bored", "sick", "confused", "grateful", "late", "ready")
+_THING_ADJECTIVES = ("broken", "expensive", "cheap", "empty", "full", "dirty", "clean", "heavy", "wet", "old",
+                     "beautiful", "strange", "warm", "bright", "dark", "small", "enormous", "useful", "missing")
+# (base, past, past participle, third person present) of verbs that take an object
+_TRANSITIVE = (("carry", "carried", "carried", "carries"), ("open", "opened", "opened", "opens"),
+               ("find", "found", "found", "finds"), ("buy", "bought", "bought", "buys"),
+               ("sell", "sold", "sold", "sells"), ("paint", "painted", "painted", "paints"),
+               ("wash", "washed", "washed", "washes"), ("hide", "hid", "hidden", "hides"),
+               ("bring", "brought", "brought", "brings"), ("send", "sent", "sent", "sends"),
+               ("fix", "fixed", "fixed", "fixes"), ("lose", "lost", "lost", "loses"),
+               ("read", "read", "read", "reads"), ("write", "wrote", "written", "writes"),
+               ("cook", "cooked", "cooked", "cooks"), ("borrow", "borrowed", "borrowed", "borrows"),
+               ("drop", "dropped", "dropped", "drops"), ("take", "took", "taken", "takes"),
+               ("check", "checked", "checked", "checks"), ("deliver", "delivered", "delivered", "delivers"),
+               ("steal", "stole", "stolen", "steals"), ("move", "moved", "moved", "moves"),
+               ("order", "ordered", "ordered", "orders"), ("share", "shared", "shared", "shares"),
+               ("clean", "cleaned", "cleaned", "cleans"), ("pack", "packed", "packed", "packs"),
+               ("keep", "kept", "kept", "keeps"), ("throw away", "threw away", "thrown away", "throws away"),
+               ("pick up", "picked up", "picked up", "picks up"), ("leave", "left", "left", "leaves"),
+               ("see", "saw", "seen", "sees"), ("watch", "watched", "watched", "watches"),
+               ("forget", "forgot", "forgotten", "forgets"), ("describe", "described", "described", "describes"))
+# (base, past, third person present) of verbs without an object
+_INTRANSITIVE = (("sleep", "slept", "sleeps"), ("wait", "waited", "waits"), ("laugh", "laughed", "laughs"),
+                 ("arrive", "arrived", "arrives"), ("leave", "left", "leaves"), ("sing", "sang", "sings"),
+                 ("work", "worked", "works"), ("swim", "swam", "swims"), ("shout", "shouted", "shouts"),
+                 ("run", "ran", "runs"), ("rest", "rested", "rests"), ("dance", "danced", "dances"),
+                 ("cry", "cried", "cries"), ("walk", "walked", "walks"), ("stay", "stayed", "stays"),
+                 ("climb", "climbed", "climbs"), ("sit", "sat", "sits"), ("disappear", "disappeared", "disappears"))
+_MANNER = ("slowly", "quietly", "carefully", "quickly", "happily", "suddenly", "alone", "together", "again",
+           "all day", "for hours", "without a word", "in silence", "with great care")
+_WEATHER = ("it rained", "it snowed", "the wind was strong", "the sun came out", "the roads were icy",
+            "the sky was grey", "it was very hot", "a storm was coming", "the fog was thick")
+_BECAUSE = ("because it was late", "because the shop was closed", "because nobody else could", "so that nobody "
+            "would see", "because the price had gone down", "although it was raining", "while the others slept",
+            "before anyone noticed", "as soon as the bell rang", "because she had promised", "since he was bored",
+            "when the lights went out", "until the work was done")
+
+
+def _capitalised(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def _place(rng) -> str:
+    return f"{rng.choice(_PREPOSITIONS)} {rng.choice(_PLACES)}"
+
+
+def _grammar_sentence(rng) -> str:
+    who = rng.choice(_PEOPLE + _PEOPLE + _ANIMALS)
+    other = rng.choice(_PEOPLE)
+    thing = rng.choice(_THINGS)
+    base, past, participle, present = rng.choice(_TRANSITIVE)
+    i_base, i_past, i_present = rng.choice(_INTRANSITIVE)
+    plural = who.split()[-1].endswith("s") and not who.endswith(("ss", "us")) or who.endswith(("men", "sheep", "children"))
+    was = "were" if plural else "was"
+    thing_was = "were" if thing.split()[-1].endswith("s") and not thing.startswith(("a ", "an ")) else "was"
+    forms = (
+        lambda: f"{who} {past} {thing} {_place(rng)} {rng.choice(_TIMES)}.",
+        lambda: f"{rng.choice(_TIMES)}, {who} {past} {thing} {rng.choice(_MANNER)}.",
+        lambda: f"{thing} {thing_was} {participle} by {other} {rng.choice(_TIMES)}.",
+        lambda: f"{who} {i_past} {_place(rng)} {rng.choice(_BECAUSE)}.",
+        lambda: f"{who} {i_past} {rng.choice(_MANNER)} {rng.choice(_TIMES)}.",
+        lambda: f"{who} {was} {rng.choice(_ADJECTIVES)} {rng.choice(_BECAUSE)}.",
+        lambda: f"{rng.choice(_WEATHER)}, so {who} {i_past} {_place(rng)}.",
+        lambda: f"{who} {'' if plural else present + ' '}{base + ' ' if plural else ''}{thing} "
+                f"{rng.choice(('every morning', 'once a week', 'on weekends', 'every day', 'twice a month'))}.",
+        lambda: f"{thing} {_place(rng)} {thing_was} {rng.choice(_THING_ADJECTIVES)}.",
+        lambda: f"did {who} {base} {thing} {rng.choice(_TIMES)}?",
+        lambda: f"please {base} {thing} {rng.choice(_BECAUSE).split(' ', 1)[0] == 'before' and 'now' or 'before you go'}.",
+        lambda: f"{who} {past} {thing}, and {other} {i_past} {_place(rng)}.",
+        lambda: f"{other} said that {who} had {participle} {thing} {rng.choice(_TIMES)}.",
+        lambda: f"there {thing_was} {thing} {_place(rng)}, but {who} never {' it '.join(past.split(' ', 1))}"
+                f"{'' if ' ' in past else ' it'}.",
+        lambda: f"{who} wanted to {i_base} {_place(rng)}, but {other} {past} {thing} first.",
+    )
+    return _capitalised(" ".join(rng.choice(forms)().split()))
+
+
+def grammar_sentences(count: int, seed: int = 0) -> list[str]:
+    """``count`` distinct sentences of everyday English from a small hand-written grammar (fifteen
+    sentence forms: past and present, passive, questions, requests, subordinate and coordinated clauses)
+    over a lexicon of people, animals, things, places, times and about fifty verbs.  Distillation data
+    with grammar and the words of ordinary life, built offline from ``seed`` (deterministic)."""
+    import random
+
+    rng = random.Random(f"grammar_sentences:{seed}")
+    sentences: dict[str, None] = {}
+    for _ in range(count * 20):
+        if len(sentences) == count:
+            break
+        sentences.setdefault(_grammar_sentence(rng))
+    if len(sentences) < count:
+        raise ValueError(f"the grammar gave {len(sentences)} distinct sentences, {count} were asked for")
+    return list(sentences)
+
+
+def shared_word_runs(sentences, heldout=HELDOUT_SENTENCES, length: int = 5) -> set[tuple[str, ...]]:
+    """The runs of ``length`` consecutive words (lower case, punctuation dropped) that appear both in
+    ``sentences`` and in the ``heldout`` ones: empty when no training sentence nearly copies a held-out one."""
+
+    def runs(text: str) -> set[tuple[str, ...]]:
+        words = re.findall(r"[a-z0-9']+", text.lower())
+        return {tuple(words[i:i + length]) for i in range(len(words) - length + 1)}
+
+    held = set().union(*(runs(s) for s in heldout))
+    return held & set().union(*(runs(s) for s in sentences))

@@ -42,3 +42,24 @@ def test_word_sentences_never_give_a_held_out_sentence_and_refuse_a_tiny_vocabul
         word_sentences(["[PAD]", "a", "##s", "dog"], 5)
     with pytest.raises(ValueError, match="lengths"):
         word_sentences(VOCAB, 5, lengths=(5, 2))
+
+
+def test_grammar_sentences_are_distinct_deterministic_and_no_near_copy_of_a_held_out_sentence():
+    from attnrewrite.targets.sentences import grammar_sentences, shared_word_runs
+
+    first = grammar_sentences(2048, seed=0)
+    assert first == grammar_sentences(2048, seed=0) and first != grammar_sentences(2048, seed=1)
+    assert len(set(first)) == 2048
+    assert all(s[0].isupper() and s[-1] in ".?" and "  " not in s for s in first)
+    assert not set(first) & set(HELDOUT_SENTENCES)
+    assert shared_word_runs(first, length=5) == set()
+
+
+def test_shared_word_runs_finds_a_near_copy():
+    from attnrewrite.targets.sentences import shared_word_runs
+
+    held = HELDOUT_SENTENCES[0]  # "The train to the coast leaves at seven in the morning."
+    words = held.rstrip(".").split()
+    near = "Yesterday " + " ".join(words[2:8]).upper() + ", they said."  # case and punctuation do not hide it
+    assert tuple(w.lower() for w in words[2:7]) in shared_word_runs([near])
+    assert shared_word_runs(["Nothing here repeats any of them at all."]) == set()
