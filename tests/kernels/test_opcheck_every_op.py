@@ -103,6 +103,12 @@ def _run_paths(layout: str) -> None:
         # a relative bias table R on the sliding-window kernels (the backward op's dR output)
         ops.sliding_window_attention(q, k, v, enable_gqa=True, window=3, sinks=1, impl="triton", position="relative",
                                      position_slopes=torch.randn(H, 2 * T - 1, device=DEVICE, requires_grad=True)),
+        # the blockwise path as one opaque op, what symbolic lengths take (called by hand: eager calls have int
+        # lengths; tests/kernels/sliding_window/test_sliding_window_compiled.py reaches it through torch.compile)
+        torch.ops.attnrewrite.sliding_window_blockwise(q, k, v, None, True, None, 3, 1, SOFTCAP, None, None),
+        torch.ops.attnrewrite.sliding_window_blockwise(
+            q, k, v, None, False, None, 3, 1, None, torch.randn(H, 2 * T - 1, device=DEVICE, requires_grad=True),
+            "relative"),
         # the ops' score-modification argument (soft-capping), on each path that applies one
         sigmoid_attention_dispatch(q, k, v, is_causal=True, enable_gqa=True, impl="torch", score_mod=SOFTCAP),
         sigmoid_attention_dispatch(q, k, v, is_causal=True, enable_gqa=True, impl="triton", score_mod=SOFTCAP),

@@ -21,6 +21,7 @@ plain torch ops.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 
 import torch
@@ -323,18 +324,22 @@ _DIFFERENTIABLE = (0, 1, 2, 3, 9)
 def _blockwise_backward(grad, q, k, v, attn_mask, slopes, is_causal, scale, window, sinks, score_mod, position,
                         needs):
     """The gradients of q, k, v, attn_mask and slopes (``needs``: which are wanted; an empty tensor for the
-    others), the blockwise path recomputed under autograd, eagerly."""
+    others), the blockwise path recomputed under autograd, eagerly.
+
+    An op's implementation runs below autograd (the dispatcher excludes its keys in this thread), and
+    torch.func's wrappers cannot pass a TorchDispatchMode (opcheck's, FlopCounterMode: "Cannot access storage of
+    TensorWrapper"), so the recomputation runs in a worker thread, whose thread-local state is the default one:
+    autograd on, no mode, no autocast (the inputs arrive cast already)."""
     inputs = [q, k, v, attn_mask, slopes]
-    wanted = [i for i, need in enumerate(needs) if need]
 
-    def forward(*primals):  # (an op's implementation runs below autograd: torch.func differentiates it)
-        args = list(inputs)
-        for i, x in zip(wanted, primals):
-            args[i] = x
-        return _blockwise(*args[:4], is_causal, scale, window, sinks, score_mod, args[4], position)
+    def recompute():
+        leaves = [x.detach().requires_grad_() if need else x for x, need in zip(inputs, needs)]
+        out = _blockwise(*leaves[:4], is_causal, scale, window, sinks, score_mod, leaves[4], position)
+        wanted = [x for x, need in zip(leaves, needs) if need]
+        return torch.autograd.grad(out, wanted, grad) if wanted else ()
 
-    _, pullback = torch.func.vjp(forward, *(inputs[i] for i in wanted))
-    found = iter(pullback(grad))
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:
+        found = iter(worker.submit(recompute).result())
     return [next(found).contiguous() if need else q.new_empty(0) for need in needs]
 
 
