@@ -338,8 +338,15 @@ def _blockwise_backward(grad, q, k, v, attn_mask, slopes, is_causal, scale, wind
         wanted = [x for x, need in zip(leaves, needs) if need]
         return torch.autograd.grad(out, wanted, grad) if wanted else ()
 
+    def on_the_callers_stream():  # (a worker starts on its device's default stream)
+        if not q.is_cuda:
+            return recompute()
+        with torch.cuda.device(q.device), torch.cuda.stream(stream):
+            return recompute()
+
+    stream = torch.cuda.current_stream(q.device) if q.is_cuda else None
     with concurrent.futures.ThreadPoolExecutor(1) as worker:
-        found = iter(worker.submit(recompute).result())
+        found = iter(worker.submit(on_the_callers_stream).result())
     return [next(found).contiguous() if need else q.new_empty(0) for need in needs]
 
 
