@@ -20,6 +20,11 @@ sequence (RoPE at the tokens' global positions) and its attention goes round the
 
     torchrun --nproc-per-node 2 examples/train_lm.py --smoke --context-parallel 2
     torchrun --nproc-per-node 2 examples/train_lm.py --context-parallel 2 --attention sigmoid
+    torchrun --nproc-per-node 2 examples/train_lm.py --context-parallel 2 --attention sigmoid --option learned=true
+
+Kinds with learned per-site states (``--option learned=true``, ``summary=learned``, ``hash=learned``,
+``--feature-map``'s hedgehog through ``--option feature_map=hedgehog``) are converted first in both runs; under
+``--context-parallel`` each layer calls :func:`attnrewrite.converted_attention` with its state.
 
 ``--save PATH`` writes the trained model (config and weights) for later use, e.g. by
 ``bench/quality_decode_kinds.py``; :func:`load_checkpoint` reads it back.

@@ -88,3 +88,10 @@ def test_rope_and_the_causal_mask_follow_the_given_positions():
         torch.testing.assert_close(model(tokens[:, order], positions=order), model(tokens)[:, order])
     with pytest.raises(ValueError, match="positions must be"):
         model(tokens, positions=torch.arange(15))
+
+
+@pytest.mark.slow
+def test_converted_sigmoid_with_learned_states_follows_the_rewritten_model(tmp_path):
+    """``--option learned=true``: the model is converted (a head temperature and bias per layer, trained with
+    the rest); the context-parallel run calls the op with each layer's state (attnrewrite.converted_attention)."""
+    _compare(tmp_path, ["--attention", "sigmoid", "--option", "learned=true"])
