@@ -315,6 +315,9 @@ def run(args: argparse.Namespace) -> dict:
         "val_perplexity": math.exp(val_loss), "train_loss": loss.item(),
         "wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - started_cpu,
         "train_s": train_seconds, "train_losses": losses, "context_parallel": args.context_parallel,
+        # the learned per-site states of a converted model, after training (flattened; {} when there are none)
+        "learned_states": {name: p.detach().flatten().tolist() for name, p in model.named_parameters()
+                           if "attnrewrite_" in name},
     }
     kind = f"{args.attention}(window={args.window}, sinks={args.sinks})" if args.attention == "sliding_window" \
         else args.attention
