@@ -6,10 +6,13 @@ projections) — logits, the gradients of every weight and learned state, 3 Adam
 case (:mod:`attnrewrite.testing.converted_cp`).
 """
 
+import pytest
+
 from attnrewrite.testing.converted_cp import converted_cases
 from attnrewrite.testing.distributed import run_suite
 
 
+@pytest.mark.slow  # ~90 s on the loaded 2-core machine: 5 cases, each compiling llama/tiny once
 def test_converted_models_match_one_process():
     results = run_suite("attnrewrite.testing.converted_cp:converted_cases", world=2, timeout_s=300.0)
     assert sorted(results) == sorted(name for name, _ in converted_cases())
