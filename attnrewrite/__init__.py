@@ -5,7 +5,8 @@ Public API (the rest of the package is internal):
 - ``torch.compile(model, backend="attnrewrite", options={"to": "softmax"})``
 - :func:`explain` — what the pass finds in a model, and why it skipped what it skipped
 - :func:`rewrite` — decorator / wrapper that makes a module run rewritten
-- :func:`convert` — attach a kind's per-site parameters (learned feature maps ...) before compiling
+- :func:`convert` — attach a kind's per-site parameters (learned feature maps ...) before compiling;
+  :func:`converted_attention` — a converted site's attention called eagerly (inside context parallelism)
 - :func:`distill` — from a pretrained softmax model to another kind: attention transfer, then
   low-rank fine-tuning against the original's outputs
 - :func:`verify` — run the model once and prove which attention actually executed
@@ -20,7 +21,7 @@ from attnrewrite import kinds, ops
 from attnrewrite.distill import distill
 from attnrewrite.ir.spec import AttentionSpec
 from attnrewrite.rewriter.backend import attnrewrite_backend, register
-from attnrewrite.rewriter.convert import convert
+from attnrewrite.rewriter.convert import convert, converted_attention
 from attnrewrite.rewriter.decorator import explain, rewrite
 from attnrewrite.rewriter.failures import RewriteFailed, RewriteWarning
 from attnrewrite.rewriter.report import Report, SiteReport, recent_reports
@@ -54,6 +55,7 @@ __all__ = [
     "Verification",
     "attnrewrite_backend",
     "convert",
+    "converted_attention",
     "distill",
     "explain",
     "kinds",

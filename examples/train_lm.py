@@ -20,6 +20,11 @@ sequence (RoPE at the tokens' global positions) and its attention goes round the
 
     torchrun --nproc-per-node 2 examples/train_lm.py --smoke --context-parallel 2
     torchrun --nproc-per-node 2 examples/train_lm.py --context-parallel 2 --attention sigmoid
+    torchrun --nproc-per-node 2 examples/train_lm.py --context-parallel 2 --attention sigmoid --option learned=true
+
+Kinds with learned per-site states (``--option learned=true``, ``summary=learned``, ``hash=learned``,
+``--feature-map``'s hedgehog through ``--option feature_map=hedgehog``) are converted first in both runs; under
+``--context-parallel`` each layer calls :func:`attnrewrite.converted_attention` with its state.
 
 ``--save PATH`` writes the trained model (config and weights) for later use, e.g. by
 ``bench/quality_decode_kinds.py``; :func:`load_checkpoint` reads it back.
@@ -130,7 +135,8 @@ class ContextParallelAttention(Attention):
     attention over the whole sequence.  A compiled rewrite cannot run there, so under
     ``--context-parallel`` each layer's attention becomes this class (same weights, same names) and
     calls the op the rewrite would have put in its place: SDPA for softmax, else the kind's op with the
-    run's options.  Decoding with the KV cache (``input_pos``) keeps the hand-written path.
+    run's options, through :func:`attnrewrite.converted_attention` (a converted model's learned states,
+    attached to this module, reach the op as the rewrite passes them).  Decoding with the KV cache (``input_pos``) keeps the hand-written path.
     """
 
     kind: str = "softmax"
@@ -149,10 +155,10 @@ class ContextParallelAttention(Attention):
         common = dict(is_causal=True, scale=self.head_dim ** -0.5, enable_gqa=True)
         if self.kind == "softmax":
             out = F.scaled_dot_product_attention(q, k, v, **common)
-        else:
-            from attnrewrite import ops
+        else:  # the op the rewrite emits, with this layer's per-site states when the model was converted
+            import attnrewrite
 
-            out = getattr(ops, f"{self.kind}_attention")(q, k, v, **common, **self.options)
+            out = attnrewrite.converted_attention(self, q, k, v, self.kind, **common, **self.options)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -247,21 +253,18 @@ def run(args: argparse.Namespace) -> dict:
     if args.block_size > config.max_seq_len:
         build_parser().error(f"--block-size {args.block_size} exceeds the config's max_seq_len {config.max_seq_len}")
     model = Llama(config)
-    if mesh is not None:
-        options = kind_options(args)
-        if kinds.get(args.attention).make_state is not None and args.option:
-            raise SystemExit(f"train_lm: --context-parallel with --option for {args.attention} (per-site states "
-                             "from a conversion) is not supported: run it without --context-parallel")
-        use_op_attention(model, args.attention, options)
-    elif args.attention != "softmax":
+    if args.attention != "softmax":
         import attnrewrite
-
 
         options = kind_options(args)
         if args.option and kinds.get(args.attention).make_state is not None:  # maybe per-site parameters
             example = text_batch(corpus.train, 2, args.block_size, torch.Generator().manual_seed(args.seed))[0]
             attnrewrite.convert(model, args.attention, (example,), **options)
-        attnrewrite.rewrite(model, to=args.attention, compiler="eager", strict=True, **options)
+        if mesh is None:
+            attnrewrite.rewrite(model, to=args.attention, compiler="eager", strict=True, **options)
+    if mesh is not None:  # the ops called eagerly, the converted states with them (a compiled graph cannot
+        # run inside the context-parallel manager)
+        use_op_attention(model, args.attention, options if args.attention != "softmax" else {})
     n_params = sum(p.numel() for p in model.parameters())
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"corpus: {corpus.source}: {len(corpus.train):,} train / {len(corpus.val):,} validation bytes")
@@ -312,6 +315,9 @@ def run(args: argparse.Namespace) -> dict:
         "val_perplexity": math.exp(val_loss), "train_loss": loss.item(),
         "wall_s": time.perf_counter() - started, "cpu_s": time.process_time() - started_cpu,
         "train_s": train_seconds, "train_losses": losses, "context_parallel": args.context_parallel,
+        # the learned per-site states of a converted model, after training (flattened; {} when there are none)
+        "learned_states": {name: p.detach().flatten().tolist() for name, p in model.named_parameters()
+                           if "attnrewrite_" in name},
     }
     kind = f"{args.attention}(window={args.window}, sinks={args.sinks})" if args.attention == "sliding_window" \
         else args.attention

@@ -341,7 +341,9 @@ def context_parallel(mesh: DeviceMesh, *, buffers: list[Tensor] | None = None,
     compilation fails (``torch.compiler.set_stance("fail_on_recompile")``), and a graph compiled
     before runs without the manager seeing its calls, so the attnrewrite ops and forward kernels it
     calls raise instead of attending over the shard (SDPA inside such a graph cannot be seen: do not
-    run compiled attention inside this manager).
+    run compiled attention inside this manager).  A model converted by ``attnrewrite.convert`` (learned
+    per-site states) runs here when its attention modules call ``attnrewrite.converted_attention``: the
+    state is applied as the rewrite applies it and reaches these ops as their tensor arguments.
 
     Raises:
         TypeError, ValueError: a bad mesh or buffer, lengths not divisible by 2W, lengths that differ

@@ -106,3 +106,69 @@ def convert(model: nn.Module, to: str, example_inputs: Any = (), *, replace: boo
         state_registry.install_feed(model.get_submodule(parent) if parent else model)
     model.attnrewrite_report = report
     return model
+
+
+def converted_attention(owner: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, to: str, *,
+                        attn_mask: torch.Tensor | None = None, is_causal: bool = False, scale: float | None = None,
+                        enable_gqa: bool = False, ordinal: int = 0, **options: Any) -> torch.Tensor:
+    """The attention a converted site runs, called eagerly: the site's state (``owner.attnrewrite_<to>``,
+    attached by :func:`convert`) applied exactly as the rewrite applies it (the kind's own ``emit``), then the
+    kind's op.  q [B, Hq, T, D], k and v [B, Hkv, S, D] (Hkv = Hq, or a divisor with ``enable_gqa``); returns
+    [B, Hq, T, Dv] in q's dtype.
+
+    For code that calls attention itself instead of being compiled: inside
+    :func:`attnrewrite.distributed.context_parallel`, where compiled graphs cannot run (Dynamo guards on the
+    manager's torch-function mode and its tracing under the mode breaks graphs), a converted model's
+    attention module calls this and its learned states (sigmoid's head temperature and bias, hedgehog
+    feature maps, learned summary queries, learned hash projections) reach the context-parallel op as its
+    tensor arguments.  Each rank's gradient of a state is then its share, as for every replicated
+    parameter: sum it over the ranks (DDP, or an ``all_reduce``).
+
+    Raises:
+        ValueError: ``owner`` holds a state of ``to`` made for other options, or these options need
+            per-site parameters and ``owner`` has none (convert the model first); options as
+            :func:`convert` checks them.
+    """
+    from attnrewrite import kinds
+    from attnrewrite.ir.canonical import AttentionCall
+    from attnrewrite.ir.spec import state_name
+
+    full = RewriteOptions.parse({"to": to, **options})
+    kind = kinds.get(to)
+    name = state_name(to, ordinal)
+    state = owner._modules.get(name)
+    if state is not None:
+        made_for = getattr(state, state_registry.OPTIONS_ATTR, None)
+        if made_for is not None and made_for != full.kind_options:
+            raise ValueError(f"{type(owner).__name__}.{name} holds {to} parameters made for {made_for}, not "
+                             f"{full.kind_options}: call with the options the model was converted with")
+    elif _needs_state(kind, full.kind_options):  # never run a learned kind without its parameters
+        raise ValueError(f"{to} with {full.kind_options} needs per-site parameters, and {type(owner).__name__} has "
+                         f"no {name}: convert the model first (attnrewrite.convert(model, {to!r}, example_inputs, "
+                         "**options))")
+    bool_mask = isinstance(attn_mask, torch.Tensor) and attn_mask.dtype == torch.bool
+    call = AttentionCall(q, k, v, attn_mask, 0.0, bool(is_causal), scale, bool(enable_gqa),
+                         kv_groups=q.shape[-3] // k.shape[-3], dtype=q.dtype, bool_mask=bool_mask)
+    return kind.emit(call, full.kind_options, state)
+
+
+class _NeedsState(Exception):
+    pass
+
+
+class _NoSpec:
+    """A spec that is never read: every kind's ``make_state`` returns None for options without state
+    before it looks at the site, and reads the site's shapes to make one."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise _NeedsState(name)
+
+
+def _needs_state(kind: Any, kind_options: dict[str, Any]) -> bool:
+    """Whether ``kind`` with these options has per-site parameters."""
+    if kind.make_state is None:
+        return False
+    try:
+        return kind.make_state(_NoSpec(), kind_options) is not None
+    except _NeedsState:
+        return True

@@ -588,6 +588,16 @@ SUITES: dict[str, Callable[[], list[tuple[str, Case]]]] = {
 # running a suite
 
 
+def _suite_cases(suite: str) -> list[tuple[str, Case]]:
+    """The cases of a suite named in :data:`SUITES`, or of ``"module:function"`` (a suite kept in its own module)."""
+    if suite in SUITES:
+        return SUITES[suite]()
+    import importlib
+
+    module, _, function = suite.partition(":")
+    return getattr(importlib.import_module(module), function)()
+
+
 def _worker(rank: int, world: int, port: int, suite: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -597,7 +607,7 @@ def _worker(rank: int, world: int, port: int, suite: str, out_dir: str) -> None:
     mesh = init_device_mesh("cpu", (world,))
     results = {}
     try:
-        for name, case in SUITES[suite]():
+        for name, case in _suite_cases(suite):
             started = time.perf_counter()
             try:
                 case(mesh)

@@ -44,13 +44,19 @@ def _torchrun(tmp_path: Path, extra: list[str]) -> dict:
     return json.loads(out.read_text())
 
 
-def _compare(tmp_path, extra):
+def _compare(tmp_path, extra) -> dict:
     sharded = _torchrun(tmp_path, extra)
     single = _load_train_lm().main(ARGS + extra)
     assert sharded["context_parallel"] == 2 and len(sharded["train_losses"]) == 6
     torch.testing.assert_close(torch.tensor(sharded["train_losses"]), torch.tensor(single["train_losses"]),
                                rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(sharded["val_loss"], single["val_loss"], rtol=1e-4, atol=1e-5)
+    assert sorted(sharded["learned_states"]) == sorted(single["learned_states"])
+    for name, values in single["learned_states"].items():  # trained alike (a state the sharded run ignored
+        # or did not sum over the ranks would have moved otherwise)
+        torch.testing.assert_close(torch.tensor(sharded["learned_states"][name]), torch.tensor(values), rtol=1e-4,
+                                   atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    return single["learned_states"]
 
 
 def test_softmax_loss_curve_matches_one_process(tmp_path):
@@ -88,3 +94,10 @@ def test_rope_and_the_causal_mask_follow_the_given_positions():
         torch.testing.assert_close(model(tokens[:, order], positions=order), model(tokens)[:, order])
     with pytest.raises(ValueError, match="positions must be"):
         model(tokens, positions=torch.arange(15))
+
+
+@pytest.mark.slow
+def test_converted_sigmoid_with_learned_states_follows_the_rewritten_model(tmp_path):
+    """``--option learned=true``: the model is converted (a head temperature and bias per layer, trained with
+    the rest); the context-parallel run calls the op with each layer's state (attnrewrite.converted_attention)."""
+    assert _compare(tmp_path, ["--attention", "sigmoid", "--option", "learned=true"])  # states compared

@@ -107,3 +107,26 @@ def test_compiling_without_convert_explains_what_to_do():
 def test_convert_needs_a_module():
     with pytest.raises(TypeError, match="nn.Module"):
         attnrewrite.convert(lambda x: x, "linear")
+
+
+def test_converted_attention_is_the_rewritten_sites_attention_called_eagerly():
+    """converted_attention: the kind's op with the owner's state as the rewrite applies it (here an HF llama's
+    first layer, hedgehog maps); learned options without a state and options other than the conversion's raise;
+    options without state need none (the plain op)."""
+    model = attnrewrite.convert(_llama(), "linear", {"input_ids": IDS}, feature_map="hedgehog")
+    owner = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, h, 8, 8, generator=g) for h in (4, 2, 2))
+    state = owner.attnrewrite_linear
+    fq, fk = state(q, k)  # use_scale=False (the default): the maps see q as it is
+    expected = attnrewrite.ops.linear_attention(fq, fk, v, is_causal=True, enable_gqa=True, feature_map="identity")
+    got = attnrewrite.converted_attention(owner, q, k, v, "linear", is_causal=True, scale=8 ** -0.5, enable_gqa=True,
+                                          feature_map="hedgehog")
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="made for"):
+        attnrewrite.converted_attention(owner, q, k, v, "linear", is_causal=True, enable_gqa=True, feature_map="favor")
+    bare = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="needs per-site parameters.*convert the model first"):
+        attnrewrite.converted_attention(bare, q, k, v, "sigmoid", is_causal=True, enable_gqa=True, learned=True)
+    torch.testing.assert_close(attnrewrite.converted_attention(bare, q, k, v, "sigmoid", is_causal=True, enable_gqa=True),
+                               attnrewrite.ops.sigmoid_attention(q, k, v, is_causal=True, enable_gqa=True))
