@@ -118,18 +118,21 @@ def _visible(t: int, window: int, sinks: int) -> torch.Tensor:
     return ((j <= i) & (j > i - window)) | ((j < sinks) & (j <= i))
 
 
-def test_inductor_with_dynamic_shapes_and_dropout_gives_the_gradients_of_the_mask_it_drew():
+@pytest.mark.parametrize("relative", [False, True], ids=["plain", "relative_table"])
+def test_inductor_with_dynamic_shapes_and_dropout_gives_the_gradients_of_the_mask_it_drew(relative):
     """With dropout, the right gradient is that of the function the forward computed: the softmax times the mask
     it drew, rescaled.  v carries an identity block, so the output shows that mask (out[..., :T] is the dropped,
-    rescaled probability matrix); a plain-torch reference with the same mask gives the gradients.
+    rescaled probability matrix); a plain-torch reference with the same mask gives the gradients (and dR, for a
+    relative table R[h, j − i + T − 1] read on the band and the sinks).
 
     Traced through (the opaque op took no dropout), inductor compiled this backward with symbolic lengths into
     code that was 27–136 % off, or wrote out of bounds (a double free)."""
     window, sinks, p = 5, 1, 0.3
 
-    def attention(q, k, v):
+    def attention(q, k, v, table):
+        extra = {} if table is None else dict(position_slopes=table, position="relative")
         return sliding_window_attention(q, k, v, dropout_p=p, enable_gqa=True, window=window, sinks=sinks,
-                                        impl="torch")
+                                        impl="torch", **extra)
 
     compiled = torch.compile(attention, backend="inductor", dynamic=True)
     torch.manual_seed(12)
@@ -138,20 +141,24 @@ def test_inductor_with_dynamic_shapes_and_dropout_gives_the_gradients_of_the_mas
         q = torch.randn(B, HQ, t, D, generator=g, requires_grad=True)
         k = torch.randn(B, HKV, t, D, generator=g, requires_grad=True)
         v = torch.cat([torch.eye(t).expand(B, HKV, t, t), torch.randn(B, HKV, t, D, generator=g)], -1).requires_grad_()
-        out = compiled(q, k, v)
+        table = torch.randn(HQ, 2 * t - 1, generator=g, requires_grad=True) if relative else None
+        leaves = (q, k, v) + ((table,) if relative else ())
+        out = compiled(q, k, v, table)
         weights = torch.randn(out.shape, generator=g)
-        grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+        grads = torch.autograd.grad((out * weights).sum(), leaves)
 
         visible = _visible(t, window, sinks)
         kept = out[..., :t].detach() != 0                                    # [B, Hq, T, T]: the mask drawn
         dropped = 1 - kept[..., visible].float().mean()
         assert 0.15 < dropped < 0.45, f"T={t}: {dropped:.2f} of the visible weights dropped, p = {p}"
         scores = (q @ k.repeat_interleave(HQ // HKV, 1).transpose(-1, -2)) * D**-0.5
+        if relative:  # R[h, j − i + T − 1]
+            scores = scores + table[:, torch.arange(t)[None, :] - torch.arange(t)[:, None] + t - 1]
         probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         want = (probs * kept / (1 - p)) @ v.repeat_interleave(HQ // HKV, 1)
         assert_close_rel(out, want, 1e-5, f"T={t}: output")
-        for label, got_grad, want_grad in zip(("dq", "dk", "dv"), grads,
-                                              torch.autograd.grad((want * weights).sum(), (q, k, v))):
+        for label, got_grad, want_grad in zip(("dq", "dk", "dv", "dR"), grads,
+                                              torch.autograd.grad((want * weights).sum(), leaves)):
             assert_close_rel(got_grad, want_grad, 1e-5, f"T={t}: {label}")
 
 
