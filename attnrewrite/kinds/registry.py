@@ -53,7 +53,10 @@ class Kind:
             sees, so a constant added to all of them changes nothing: the shift of a position bias whose
             queries are counted from an offset (slope_h · (j − i − start)) is then left out instead of added
             to ``attn_mask`` as a [1, Hq, 1, 1] constant (:func:`attnrewrite.ir.canonical.attention_call`).
-            False (the safe default) for any other normalisation (sigmoid).
+            False (the safe default) for any other normalisation (sigmoid).  A kind that is not shift-invariant
+            is also certified on each site's scores (:func:`attnrewrite.rewriter.certify.certify`'s score
+            probes): the output comparison cannot see a constant per query that the spec's bias lost or gained,
+            and such a kind would not ignore it.
         relative_bias: True when ``emit`` also reads a relative position bias R[h, j − i] (T5's bucketed
             bias, a table indexed by a clamped distance) as ``call.position_slopes`` = R [Hq or 1,
             Tq + Tk − 1] with ``call.position == "relative"``, instead of a [Tq, Tk] ``attn_mask``

@@ -36,4 +36,5 @@ register(Kind(
     description="exact softmax attention (F.scaled_dot_product_attention semantics)",
     weights="original",
     score_mod=True,
+    shift_invariant=True,  # softmax itself: certified on its output, which a per-query constant does not change
 ))

@@ -13,6 +13,20 @@ rounding and any real difference — a wrong scale, a lost mask, a wrong causal 
 stands out by many orders of magnitude.  Rows in which every key is masked are not
 compared: their output is undefined (NaN or a uniform average, depending on spelling).
 
+The scores, not only the softmax.  Softmax ignores a constant added to a query's scores, so an
+output comparison cannot tell a bias b(i, j) from b(i, j) + c(i): a spec that lost (or gained)
+such a per-query term would be certified, and a kind that is not shift-invariant (sigmoid: each
+score is normalised on its own; ``Kind.shift_invariant`` False) would then compute something else
+than the site's scores say.  For such kinds :func:`certify` also runs *score probes*: the site's
+normalisation (its softmax node, or SDPA) is replaced by a shift-sensitive one, elu(s) + 1
+(:func:`shift_sensitive`: 0 at −∞, exp(−10⁴) = 0 for scores masked with −10⁴ or finfo.min, and
+no saturation above), on both sides, so the spec's masked scores must reproduce the very scores
+the site normalises.  What the kinds' math is defined on are the scores the softmax normalises:
+for a softmax written out as exp(x − m) / Σ exp(x − m) that is x (m, any per-row value, is the
+spelling's own stabiliser, :func:`attnrewrite.ir.capture.written_out_softmax`).  Sites whose
+normalisation is neither (FlexAttention, nn.MultiheadAttention) keep the output comparison: their
+biases are the masks passed to them, read as they are.
+
 The evaluator itself (:class:`~attnrewrite.ir.evaluate.GraphEvaluator`) lives in ``ir``: the
 mask resolver reads constant masks with it too.
 
@@ -32,12 +46,18 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+import math
+from dataclasses import replace
+
+import torch.nn.functional as F
+
 from attnrewrite.ir import canonical
 from attnrewrite.ir.capture import constant_value, hinted_shape, normalize, symbolic_number
 from attnrewrite.ir import row_blocks
 from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, UnreadableWrite, float64_default
 from attnrewrite.ir.row_blocks import RowPlan, largest_bytes
 from attnrewrite.ir.spec import PADDING_GUARD, Site
+from attnrewrite.ir.written_out import written_out
 from attnrewrite.kinds.softmax import exact_attention
 
 #: Relative error (to the output's scale) above which a site is not certified.
@@ -220,23 +240,97 @@ _DESCRIBE = {"real": "random q, k, v", "random": "random q, k, v and random user
              "perturbed": "random q, k, v and perturbed user inputs"}
 
 
-def _probe(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], randomize: bool | str):
-    """One probe: (original output, canonical output, rows compared) on fresh q, k, v."""
+def shift_sensitive(scores: torch.Tensor) -> torch.Tensor:
+    """The score probes' normalisation, elementwise: elu(s) + 1 — exp(s) below 0, 1 + s above; 0 for a masked
+    score (−∞, or ≤ −10⁴: exp underflows in float64), and a change of c in a score changes it by about c·exp(s)
+    or c, never hidden by saturation, and never normalised away."""
+    return F.elu(scores) + 1.0
+
+
+def normaliser(site: Site) -> fx.Node | None:
+    """The node of the site's region that normalises its scores (a softmax, written out or not, or SDPA), or
+    None (FlexAttention, nn.MultiheadAttention: no score probe)."""
+    for node in [site.anchor] + [n for n in site.region if n is not site.anchor]:
+        call = normalize(node) if node in site.region else None
+        if call is not None and call.name in ("softmax", "sdpa"):
+            return node
+    return None
+
+
+def _shift_sensitive_at(node: fx.Node, env) -> torch.Tensor:
+    """What ``node`` (the site's :func:`normaliser`) computes with :func:`shift_sensitive` for its softmax."""
+    call = normalize(node)
+    if call.name == "softmax":
+        return shift_sensitive(env[call.args[0]].to(torch.float64))
+    q, k, v = (env[a] for a in call.args)
+    get = lambda x: env[x] if isinstance(x, fx.Node) else x  # noqa: E731
+    mask, is_causal, scale = get(call.kwargs["attn_mask"]), get(call.kwargs["is_causal"]), get(call.kwargs["scale"])
+    if q.shape[-3] != k.shape[-3]:  # (enable_gqa: SDPA itself refuses unequal heads without it)
+        k, v = (x.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3) for x in (k, v))
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:  # SDPA's: top-left
+        scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), -math.inf)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
+    return shift_sensitive(scores) @ v
+
+
+def _rows(x: Any, start: int, stop: int, t_q: int) -> Any:
+    """Rows start … stop − 1 of an operand broadcast to [.., Tq, ..] (its dim −2: Tq, or 1 and kept)."""
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[-2] == t_q and t_q > 1:
+        return x[..., start:stop, :]
+    return x
+
+
+def _canonical_shift_sensitive(call: canonical.AttentionCall) -> torch.Tensor:
+    """The canonical form with :func:`shift_sensitive` for its softmax, a block of query rows at a time (no
+    [B, H, Tq, Tk] value larger than about 32 MiB)."""
+    t_q, t_k = call.q.shape[-2], call.k.shape[-2]
+    step = max(1, (4 << 20) // max(1, math.prod(call.q.shape[:-2]) * t_k))
+    pieces = []
+    for start in range(0, t_q, step):
+        stop = min(t_q, start + step)
+        mask, bool_mask = _rows(call.attn_mask, start, stop, t_q), call.bool_mask
+        if call.is_causal:  # canonical causality is top-left (masked_scores' tril): key j ≤ query i
+            keep = torch.arange(start, stop).view(-1, 1) >= torch.arange(t_k).view(1, -1)
+            if mask is None:
+                mask, bool_mask = keep, True
+            elif bool_mask:
+                mask = mask & keep
+            else:
+                mask = mask.masked_fill(~keep, -math.inf)
+        block = replace(call, q=call.q[..., start:stop, :], q_factor=_rows(call.q_factor, start, stop, t_q),
+                        attn_mask=mask, bool_mask=bool_mask, is_causal=False)
+        pieces.append(written_out(block, normalise=shift_sensitive))
+    return torch.cat(pieces, dim=-2)
+
+
+def _probe(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], randomize: bool | str,
+           scores: fx.Node | None = None):
+    """One probe: (original output, canonical output, rows compared) on fresh q, k, v.  ``scores``: a score
+    probe, with this node (the site's :func:`normaliser`) and the canonical form's softmax computing
+    :func:`shift_sensitive` instead."""
     spec = site.spec
     qkv = {spec.q.node, spec.k.node, spec.v.node}
     env: dict[fx.Node, Any] = {node: evaluator.random_like_meta(node) for node in qkv}
     order = evaluator.closure(targets, env, at=site.output)
     output_at = evaluator.position(site.output)
+
+    def compute(node: fx.Node, values) -> Any:
+        return _shift_sensitive_at(node, values) if node is scores else evaluator.compute(node, values, randomize)
+
+    # a softmax written out as exp(x − m) / Σ: its node does not read x, which the score probe gives elu + 1
+    reads = set() if scores is None else set(normalize(scores).tensor_args()) - set(scores.all_input_nodes)
     rows_plan = _rows_plan(site, evaluator, order)
-    if rows_plan is not None:
-        blocked = _probe_in_blocks(site, evaluator, order, dict(env), rows_plan, randomize)
+    if rows_plan is not None and not reads:  # (blocks drop x after its last reader in the graph)
+        blocked = _probe_in_blocks(site, evaluator, order, dict(env), rows_plan, randomize, scores, compute)
         if blocked is not None:
             return blocked
     # values are dropped after their last reader, except those the canonical form reads
-    plan = evaluator.release_plan(order, _spec_nodes(site) | {site.output})
+    plan = evaluator.release_plan(order, _spec_nodes(site) | {site.output} | reads)
 
     def run(node: fx.Node) -> None:
-        env[node] = evaluator.compute(node, env, randomize)
+        env[node] = compute(node, env)
         for done in plan.get(node, ()):
             del env[done]
 
@@ -245,7 +339,7 @@ def _probe(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], randomi
             if evaluator.position(node) < output_at:
                 run(node)
         call = canonical.attention_call(spec, env.__getitem__, torch.float64, dropout=False)
-        out = exact_attention(call)
+        out = exact_attention(call) if scores is None else _canonical_shift_sensitive(call)
         rows = canonical.visible_rows(call).unsqueeze(-1).expand(out.shape)
         want = canonical.apply_steps(out, site.out_steps, env.__getitem__)
         rows = canonical.apply_steps(rows, site.out_steps, env.__getitem__)
@@ -271,7 +365,7 @@ def _rows_plan(site: Site, evaluator: GraphEvaluator, order: list[fx.Node]) -> R
 
 
 def _probe_in_blocks(site: Site, evaluator: GraphEvaluator, order: list[fx.Node], env: dict, rows_plan: RowPlan,
-                     randomize: bool | str):
+                     randomize: bool | str, scores: fx.Node | None, compute: Callable[[fx.Node, Any], Any]):
     """:func:`_probe` with the region's q-dependent nodes evaluated a block of query rows at a time (None when a
     block does not evaluate: the caller then evaluates the region whole, as without a plan)."""
     spec = site.spec
@@ -280,32 +374,33 @@ def _probe_in_blocks(site: Site, evaluator: GraphEvaluator, order: list[fx.Node]
     plan = evaluator.release_plan(whole, _spec_nodes(site) | readers)
     with torch.no_grad(), float64_default():
         for node in whole:
-            env[node] = evaluator.compute(node, env, randomize)
+            env[node] = compute(node, env)
             for done in plan.get(node, ()):
                 del env[done]
         call = canonical.attention_call(spec, env.__getitem__, torch.float64, dropout=False)
-        out = exact_attention(call)
+        out = exact_attention(call) if scores is None else _canonical_shift_sensitive(call)
         rows = canonical.visible_rows(call).unsqueeze(-1).expand(out.shape)
         want = canonical.apply_steps(out, site.out_steps, env.__getitem__)
         rows = canonical.apply_steps(rows, site.out_steps, env.__getitem__)
         del call, out
         try:
-            got = row_blocks.evaluate_in_blocks(rows_plan, order, env,
-                                                lambda node, local: evaluator.compute(node, local, randomize),
-                                                site.output)
+            got = row_blocks.evaluate_in_blocks(rows_plan, order, env, compute, site.output)
         except RuntimeError:  # an op the rules followed that will not run on a block: evaluate it whole
             return None
         return got, want, rows
 
 
-def certify(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tuple[bool, str | None, float]:
+def certify(site: Site, evaluator: GraphEvaluator, probes: int = 2,
+            scores: bool = False) -> tuple[bool, str | None, float]:
     """Check ``site.spec`` against the original subgraph. Returns (ok, reason, worst relative error).
 
     Each probe evaluates, in one pass in graph order, the site's region and everything its masks
     need (in-place writes executed); the canonical form is computed from the values as they are
     just before the site's output, where the rewrite reads them.  Probes that leave every query
     row fully masked prove nothing and are replaced by the next kind of probe (:data:`PROBES`);
-    ``probes`` informative ones are needed.
+    ``probes`` informative ones are needed.  ``scores=True`` (the kind is not shift-invariant):
+    as many score probes as well, the site's normalisation and the canonical form's softmax both
+    replaced by :func:`shift_sensitive` (see the module docstring).
     """
     spec = site.spec
     worst = 0.0
@@ -317,12 +412,22 @@ def certify(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tuple[boo
         return False, reason, worst
     qkv = {spec.q.node, spec.k.node, spec.v.node}
     targets = (_region_inputs(site) | _spec_nodes(site) | set(site.region)) - qkv
+    ok, reason, worst = _compare(site, evaluator, targets, probes, None, worst)
+    anchor = normaliser(site) if ok and scores else None
+    if anchor is not None:
+        ok, reason, worst = _compare(site, evaluator, targets, probes, anchor, worst)
+    return ok, reason, worst
+
+
+def _compare(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], probes: int, scores: fx.Node | None,
+             worst: float) -> tuple[bool, str | None, float]:
+    """:func:`certify`'s probes, of outputs (``scores`` None) or of scores (``scores`` the site's normaliser)."""
     informative, changed = 0, False
     for kind in PROBES:
         if informative >= probes and (changed or probes < 2):
             break
         try:
-            got, want, rows = _probe(site, evaluator, targets, False if kind == "real" else kind)
+            got, want, rows = _probe(site, evaluator, targets, False if kind == "real" else kind, scores)
         except ClosureTooLarge as exc:
             return False, f"could not certify: the site's masks depend on too much of the graph ({exc})", worst
         except UnreadableWrite as exc:
@@ -341,6 +446,11 @@ def certify(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tuple[boo
             return False, "original output is not finite on probe inputs", worst
         err = float((got - want).abs().max() / (1.0 + want.abs().max()))
         worst = max(worst, err)
+        if err > CERTIFY_RTOL and scores is not None:
+            return False, (f"spec reproduces the site's softmax but not its scores (relative error {err:.2e} on "
+                           f"{_DESCRIBE[kind]}, both normalised by elu + 1): they differ by a term the softmax "
+                           f"ignores, such as a constant per query, which a kind that is not shift-invariant "
+                           f"would not ignore"), worst
         if err > CERTIFY_RTOL:
             return False, f"spec does not reproduce the site (relative error {err:.2e} on {_DESCRIBE[kind]})", worst
         informative += 1

@@ -213,7 +213,9 @@ def certify_sites(ctx: PassContext) -> None:
             if site.pattern == hops.FLEX:  # proven against FlexAttention's own dense reference
                 key, prove = ("flex", site), lambda: hops.certify_flex(site, ctx.evaluator)
             else:
-                key, prove = fingerprint(site, ctx.evaluator), lambda: certify(site, ctx.evaluator)
+                # a kind that is not shift-invariant is certified on the site's scores as well (certify.py)
+                key = fingerprint(site, ctx.evaluator)
+                prove = lambda: certify(site, ctx.evaluator, scores=not ctx.kind.shift_invariant)  # noqa: E731
             if key not in proven:
                 proven[key] = prove()
             ok, reason, err = proven[key]

@@ -109,6 +109,9 @@ def _run_paths(layout: str) -> None:
         torch.ops.attnrewrite.sliding_window_blockwise(
             q, k, v, None, False, None, 3, 1, None, torch.randn(H, 2 * T - 1, device=DEVICE, requires_grad=True),
             "relative"),
+        # with dropout: the mask drawn from the seed, again in the backward
+        torch.ops.attnrewrite.sliding_window_blockwise(q, k, v, None, True, None, 3, 1, None, None, None, 0.25,
+                                                       torch.tensor(7)),
         # the ops' score-modification argument (soft-capping), on each path that applies one
         sigmoid_attention_dispatch(q, k, v, is_causal=True, enable_gqa=True, impl="torch", score_mod=SOFTCAP),
         sigmoid_attention_dispatch(q, k, v, is_causal=True, enable_gqa=True, impl="triton", score_mod=SOFTCAP),

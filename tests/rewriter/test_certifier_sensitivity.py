@@ -1113,8 +1113,8 @@ def test_certify_decides_on_its_probes_as_documented():
     def scripted(outcomes):
         calls = []
 
-        def probe(site, evaluator, targets, randomize):
-            calls.append(randomize)
+        def probe(site, evaluator, targets, randomize, scores=None):
+            calls.append(randomize if scores is None else ("scores", randomize))
             outcome = outcomes[min(len(calls), len(outcomes)) - 1]
             if isinstance(outcome, Exception):
                 raise outcome
@@ -1136,6 +1136,13 @@ def test_certify_decides_on_its_probes_as_documented():
                     results[f"probes={probes}"] = certify_mod.certify(site, evaluator, probes=probes), calls
                 except RuntimeError as exc:
                     results["other_runtime_error"] = str(exc), calls
+        # a kind that is not shift-invariant: the score probes follow the output probes, alike
+        for name, outcomes in (("scores_exact", [_exact()]), ("scores_off", [_exact(), _exact(), _off(Z, 3e-7),
+                                                                              _off(W, 1.5e-3)])):
+            probe, calls = scripted(outcomes)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(certify_mod, "_probe", probe)
+                results[name] = certify_mod.certify(site, evaluator, scores=True), calls
         return real(site, evaluator, *args, **kwargs)
 
     report = Report()
@@ -1151,3 +1158,9 @@ def test_certify_decides_on_its_probes_as_documented():
     assert results["probes=1"] == ((True, None, 0.0), [REAL])
     assert results["probes=3"] == ((True, None, 0.0), [REAL, RANDOM, RANDOM])
     assert results["other_runtime_error"] == ("boom", [REAL])
+    both = [REAL, RANDOM, ("scores", REAL), ("scores", RANDOM)]
+    assert results["scores_exact"] == ((True, None, 0.0), both)
+    (ok, reason, _), calls = results["scores_off"]
+    assert not ok and calls == both
+    assert reason.startswith("spec reproduces the site's softmax but not its scores (relative error 5.00e-04") and (
+        "on random q, k, v and random user inputs, both normalised by elu + 1" in reason), reason

@@ -95,13 +95,16 @@ def _split_heads(x: torch.Tensor, heads_kv: int, groups: int) -> torch.Tensor:
 
 def blockwise_sliding_window(q, k, v, attn_mask, dropout_p: float, is_causal: bool, scale: float | None,
                              window: int, sinks: int, block: int | None = None, score_mod=None, slopes=None,
-                             position: str | None = None) -> torch.Tensor:
+                             position: str | None = None, dropout_generator: torch.Generator | None = None
+                             ) -> torch.Tensor:
     """Sliding-window attention, block by block (see the module docstring); arguments as the op's
     (inputs already checked), ``block`` the query rows per block (default: the window, within
     :data:`MIN_BLOCK` … :data:`MAX_BLOCK`), ``score_mod`` a parsed score modification
     (:class:`~attnrewrite.kernels.score_mods.ScoreProgram`) applied to the band's and the sinks' scores
     before the mask, or None; ``slopes`` ([Hq], checked) and ``position`` the position bias, computed for
-    the band's and the sinks' scores only.  Returns [B, Hq, Tq, Dv] in q's dtype."""
+    the band's and the sinks' scores only; ``dropout_generator`` draws the dropout mask (None: the default
+    generator, as ``F.dropout``): the same generator state gives the same mask, which is how the opaque op's
+    backward recomputes the forward's.  Returns [B, Hq, Tq, Dv] in q's dtype."""
     batch, heads_q, len_q, dim = q.shape
     heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
     groups = heads_q // heads_kv
@@ -177,7 +180,10 @@ def blockwise_sliding_window(q, k, v, attn_mask, dropout_p: float, is_causal: bo
     sink_scores = torch.where(keep_sinks, sink_scores, minus_inf)
 
     probs = _softmax_or_zero(torch.cat([sink_scores, scores], dim=-1))
-    if dropout_p > 0:
+    if dropout_p > 0 and dropout_generator is not None:
+        keep_drawn = torch.rand(probs.shape, generator=dropout_generator, device=device) >= dropout_p
+        probs = probs * keep_drawn / (1.0 - dropout_p)
+    elif dropout_p > 0:
         probs = F.dropout(probs, p=dropout_p)
     probs = probs.to(v.dtype)
     out = probs[..., n_sinks:] @ band(v)                                            # [B, Hkv, g, blocks, rows, Dv]
@@ -298,33 +304,51 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, en
         return _triton_path(q, k, v, attn_mask, is_causal, scale, window, sinks, program, slopes, position)
     if program is None and _band_covers_the_sequence(q.shape[-2], k.shape[-2], is_causal, window):
         return dense_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks, slopes, position)
-    if dropout_p == 0.0 and not all(isinstance(n, int) for n in (q.shape[-2], k.shape[-2])):
+    if not all(isinstance(n, int) for n in (q.shape[-2], k.shape[-2])):
         # symbolic lengths (torch.compile(dynamic=True)): one opaque op, whose backward recomputes the blockwise
         # path eagerly.  Traced through, inductor (torch 2.13, CPU) compiles the blockwise backward with symbolic
         # lengths into code that reads out of bounds: wrong gradients (tests/kernels/sliding_window/
-        # test_sliding_window_compiled.py)
+        # test_sliding_window_compiled.py), with or without dropout.  Dropout: a seed drawn here from the default
+        # generator (so torch.manual_seed governs it, as F.dropout) seeds the op's own generator, and the backward
+        # redraws the forward's mask from it
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64) if dropout_p > 0 else None
         return torch.ops.attnrewrite.sliding_window_blockwise(q, k, v, attn_mask, is_causal, scale, window, sinks,
-                                                               score_mod, slopes, position)
+                                                               score_mod, slopes, position, dropout_p, seed)
     # (SDPA cannot apply a score modification: such calls take the blockwise path at every length)
     return blockwise_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks,
                                     score_mod=program, slopes=slopes, position=position)
 
 
-def _blockwise(q, k, v, attn_mask, is_causal, scale, window, sinks, score_mod, slopes, position):
-    return blockwise_sliding_window(q, k, v, attn_mask, 0.0, is_causal, scale, window, sinks,
-                                    score_mod=parse_score_mod(score_mod), slopes=slopes, position=position).contiguous()
+def _dropout_generator(dropout_p: float, seed, device: torch.device) -> torch.Generator | None:
+    """The generator that draws the opaque op's dropout mask: seeded by the int64 scalar ``seed`` (on the CPU),
+    so that the forward and the backward's recomputation draw the same mask; None without dropout."""
+    if dropout_p == 0.0:
+        return None
+    if seed is None or seed.numel() != 1 or seed.dtype != torch.int64:
+        raise ValueError(f"{WHAT}: dropout_p = {dropout_p} > 0 needs seed, an int64 scalar tensor, got "
+                         f"{None if seed is None else (seed.dtype, tuple(seed.shape))}")
+    return torch.Generator(device=device).manual_seed(int(seed.item()))
+
+
+def _blockwise(q, k, v, attn_mask, is_causal, scale, window, sinks, score_mod, slopes, position, dropout_p=0.0,
+               seed=None):
+    check_dropout(dropout_p, WHAT, supported=True)
+    return blockwise_sliding_window(q, k, v, attn_mask, dropout_p, is_causal, scale, window, sinks,
+                                    score_mod=parse_score_mod(score_mod), slopes=slopes, position=position,
+                                    dropout_generator=_dropout_generator(dropout_p, seed, q.device)).contiguous()
 
 
 _BLOCKWISE_ARGS = ("Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool is_causal, float? scale, int window, "
-                   "int sinks, str? score_mod, Tensor? slopes, str? position")
+                   "int sinks, str? score_mod, Tensor? slopes, str? position, float dropout_p=0.0, Tensor? seed=None")
 #: the forward op's differentiable inputs, by position: q, k, v, attn_mask, slopes (a relative table R)
 _DIFFERENTIABLE = (0, 1, 2, 3, 9)
 
 
-def _blockwise_backward(grad, q, k, v, attn_mask, slopes, is_causal, scale, window, sinks, score_mod, position,
-                        needs):
+def _blockwise_backward(grad, q, k, v, attn_mask, slopes, seed, is_causal, scale, window, sinks, score_mod, position,
+                        dropout_p, needs):
     """The gradients of q, k, v, attn_mask and slopes (``needs``: which are wanted; an empty tensor for the
-    others), the blockwise path recomputed under autograd, eagerly.
+    others), the blockwise path recomputed under autograd, eagerly (with dropout, from the forward's ``seed``:
+    the forward's mask).
 
     An op's implementation runs below autograd (the dispatcher excludes its keys in this thread), and
     torch.func's wrappers cannot pass a TorchDispatchMode (opcheck's, FlopCounterMode: "Cannot access storage of
@@ -334,7 +358,8 @@ def _blockwise_backward(grad, q, k, v, attn_mask, slopes, is_causal, scale, wind
 
     def recompute():
         leaves = [x.detach().requires_grad_() if need else x for x, need in zip(inputs, needs)]
-        out = _blockwise(*leaves[:4], is_causal, scale, window, sinks, score_mod, leaves[4], position)
+        out = _blockwise(*leaves[:4], is_causal, scale, window, sinks, score_mod, leaves[4], position, dropout_p,
+                         seed)
         wanted = [x for x, need in zip(leaves, needs) if need]
         return torch.autograd.grad(out, wanted, grad) if wanted else ()
 
@@ -350,28 +375,28 @@ def _blockwise_backward(grad, q, k, v, attn_mask, slopes, is_causal, scale, wind
     return [next(found).contiguous() if need else q.new_empty(0) for need in needs]
 
 
-def _blockwise_backward_fake(grad, q, k, v, attn_mask, slopes, is_causal, scale, window, sinks, score_mod, position,
-                             needs):
+def _blockwise_backward_fake(grad, q, k, v, attn_mask, slopes, seed, is_causal, scale, window, sinks, score_mod,
+                             position, dropout_p, needs):
     return [t.new_empty(t.shape) if need else q.new_empty(0) for t, need in zip([q, k, v, attn_mask, slopes], needs)]
 
 
 _backward_op = kernel_op("sliding_window_blockwise_backward", _blockwise_backward, fake=_blockwise_backward_fake,
                          schema="(Tensor grad, Tensor q, Tensor k, Tensor v, Tensor? attn_mask, Tensor? slopes, "
-                                "bool is_causal, float? scale, int window, int sinks, str? score_mod, str? position, "
-                                "bool[] needs) -> Tensor[]")
+                                "Tensor? seed, bool is_causal, float? scale, int window, int sinks, str? score_mod, "
+                                "str? position, float dropout_p, bool[] needs) -> Tensor[]")
 
 
 def _setup_blockwise(ctx, inputs, output):
-    q, k, v, attn_mask, is_causal, scale, window, sinks, score_mod, slopes, position = inputs
-    ctx.save_for_backward(q, k, v, attn_mask, slopes)
-    ctx.options = (is_causal, scale, window, sinks, score_mod, position)
+    q, k, v, attn_mask, is_causal, scale, window, sinks, score_mod, slopes, position, dropout_p, seed = inputs
+    ctx.save_for_backward(q, k, v, attn_mask, slopes, seed)
+    ctx.options = (is_causal, scale, window, sinks, score_mod, position, dropout_p)
 
 
 def _backward_blockwise(ctx, grad):
-    q, k, v, attn_mask, slopes = ctx.saved_tensors
+    q, k, v, attn_mask, slopes, seed = ctx.saved_tensors
     needs = [bool(ctx.needs_input_grad[i]) for i in _DIFFERENTIABLE]
-    grads = _backward_op(grad.contiguous(), q, k, v, attn_mask, slopes, *ctx.options, needs)
-    result = [None] * 11
+    grads = _backward_op(grad.contiguous(), q, k, v, attn_mask, slopes, seed, *ctx.options, needs)
+    result = [None] * 13
     for position, g, need in zip(_DIFFERENTIABLE, grads, needs):
         result[position] = g if need else None
     return tuple(result)
