@@ -319,6 +319,8 @@ def specialize(kernel, name: str, replacement, tag: str):
         old = fn.fn
         new = types.FunctionType(old.__code__, scope, old.__name__, old.__defaults__, old.__closure__)
         new.__kwdefaults__, new.__doc__, new.__module__ = old.__kwdefaults__, old.__doc__, old.__module__
+        new.__annotations__ = dict(old.__annotations__)  # not in the code object: tl.constexpr marks live here
+        new.__dict__.update(old.__dict__)
         new.__qualname__ = f"{old.__qualname__}__{tag}"
         made[id(fn)] = _jit_like(fn, new)
         return made[id(fn)]

@@ -130,6 +130,9 @@ _INDUCTOR_SOURCE = textwrap.dedent("""
     from attnrewrite.kernels.triton_scaffold import mod_kernel
     kernel = mod_kernel(sigmoid_bwd_dq_kernel, score_mods.parse("mul 0.5; square; tanh; mul 2.0"))
     assert kernel.cache_key != sigmoid_bwd_dq_kernel.cache_key
+    # the same parameters, the same constexprs (annotations are not in the code object the copy is made from)
+    assert [(p.name, p.is_constexpr) for p in kernel.params] == \
+        [(p.name, p.is_constexpr) for p in sigmoid_bwd_dq_kernel.params]
     source = closure(kernel)
     assert source.count("def score_mod_fn(") == 1 and "MOD_FN == 7" not in source, source
     path = os.path.join(tempfile.mkdtemp(), "copied.py")
