@@ -246,13 +246,15 @@ def _load(source: str):
     return module.score_mod_fn
 
 
-def _jit_like(template, fn):
+def _jit_like(template, fn, own_options: bool = True):
     """``fn`` made a Triton function of the same kind as ``template`` (a JITFunction, or the interpreter's
-    InterpretedFunction under TRITON_INTERPRET=1), with its options."""
+    InterpretedFunction under TRITON_INTERPRET=1), with its options (``own_options``) or the defaults."""
     from triton.runtime.interpreter import InterpretedFunction
 
     if isinstance(template, InterpretedFunction):
-        return InterpretedFunction(fn, **template.kwargs)
+        return InterpretedFunction(fn, **(template.kwargs if own_options else {}))
+    if not own_options:
+        return type(template)(fn)
     options = {"version": getattr(template, "version", None),
                "do_not_specialize": getattr(template, "do_not_specialize", None),
                "do_not_specialize_on_alignment": getattr(template, "do_not_specialize_on_alignment", None),
@@ -266,7 +268,7 @@ def score_function(core: ScoreProgram, like):
     key = f"{type(like).__name__}:{core.text()}"
     with _LOCK:
         if key not in _FUNCTIONS:
-            _FUNCTIONS[key] = _jit_like(like, _load(function_source(core)))
+            _FUNCTIONS[key] = _jit_like(like, _load(function_source(core)), own_options=False)
         return _FUNCTIONS[key]
 
 
