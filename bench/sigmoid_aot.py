@@ -9,7 +9,9 @@ became wgmma instructions and whether ptxas had to serialise them for lack of re
 before any GPU time is spent.  Without ``--all`` only the spaces' defaults are compiled, for
 D = 64, 128 and 256, causal and not, bf16; ``--features`` compiles every input variant the kernels
 specialise on (GQA, float mask and its gradient, kv_lens, varlen, bottom-right, odd head dims,
-fp16, fp32, the Newton reciprocal, score modifications, ALiBi position biases; ``--only`` picks some).  ``--sass`` also counts the special-function (MUFU)
+fp16, fp32, the Newton reciprocal, score modifications — the fixed table's, generated chains, and the soft-cap
+forced through the generator (``softcap_generated``: the same math as ``softcap``, to compare the two
+forms' cost) — ALiBi position biases; ``--only`` picks some).  ``--sass`` also counts the special-function (MUFU)
 instructions per kernel.  It never runs a kernel.
 """
 
@@ -53,13 +55,20 @@ class _CompileOnlyDriver(CudaDriver):
 
 
 class _Compiled:
-    """A ``launch`` wrapper for the sigmoid launchers: compiles (warmup) instead of launching."""
+    """A ``launch`` wrapper for the sigmoid launchers: compiles (warmup) instead of launching.  ``generate``: a
+    score-modification core to compile as a generated function even where the fixed table has it."""
 
-    def __init__(self):
+    def __init__(self, generate=None):
         self.kernels = []
+        self.generate = generate
 
     def __call__(self, kernel):
         outer = self
+        if self.generate is not None:
+            from attnrewrite.kernels import triton_score_mods
+
+            kernel = triton_score_mods.specialize(kernel, "score_mod_fn",
+                                                  triton_score_mods.score_function(self.generate, kernel), "forced")
 
         class _Grid:
             def __getitem__(self, grid):
@@ -67,6 +76,12 @@ class _Compiled:
                     outer.kernels.append((kernel.fn.__name__, kernel.warmup(*args, grid=grid, **kwargs)))
                 return warm
         return _Grid()
+
+
+def launcher(feature: str, program) -> _Compiled:
+    """The compiling ``launch`` for ``feature``: the soft-cap forced through the generator for the features of
+    :data:`FORCED_GENERATED`, else the launchers' own choice (the fixed table or a generated core)."""
+    return _Compiled(program.split()[2] if feature in FORCED_GENERATED else None)
 
 
 def _tool(name: str) -> str:
@@ -131,7 +146,7 @@ def compile_case(kernel: str, config: dict, head: int, causal: int, dtype=torch.
     position = {"alibi": "j-i", "alibi_softcap": "j-i", "alibi_abs": "|j-i|", "relative": "relative"}.get(feature)
     slopes = torch.zeros(heads_q, len_q + len_k - 1) if position == "relative" else torch.zeros(heads_q)
     extra = dict(program=program, position=position, slopes=slopes if position else None)
-    launch = _Compiled()
+    launch = launcher(feature, program)
     if kernel == "fwd":
         sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_q, cu_k, 0.1, causal, config, launch=launch, **extra)
     else:
@@ -144,7 +159,13 @@ def compile_case(kernel: str, config: dict, head: int, causal: int, dtype=torch.
 
 #: score modifications compiled into the kernels (MOD_FN), one per nonlinear function
 SCORE_MODS = {"softcap": "div 50.0; tanh; mul 50.0", "mod_sigmoid": "sigmoid; mul 2.0", "mod_exp": "mul 0.1; exp",
-              "mod_abs": "abs", "mod_relu": "relu", "mod_erf": "erf; mul 3.0", "mod_square": "square; neg"}
+              "mod_abs": "abs", "mod_relu": "relu", "mod_erf": "erf; mul 3.0", "mod_square": "square; neg",
+              # generated (triton_score_mods): chains of nonlinear steps, and the soft-cap forced through the generator
+              "softcap_generated": "div 50.0; tanh; mul 50.0",
+              "chain_softcap_sigmoid": "div 50.0; tanh; mul 50.0; sigmoid; mul 4.0",
+              "chain_square_tanh": "mul 0.1; square; tanh", "chain_clamp_exp": "clamp none 2.0; exp",
+              "chain_root": "abs; pow 0.5"}
+FORCED_GENERATED = ("softcap_generated",)
 FEATURES = ("row_bias", "gqa", "kv_lens", "varlen", "float_mask", "mask_grad", "bottom_right", "odd_dims", "fp16", "fp32",
             "newton") + tuple(SCORE_MODS) + ("alibi", "alibi_abs", "alibi_softcap", "relative")
 
@@ -164,6 +185,8 @@ def compile_features() -> int:
                      "mask": int(feature in ("float_mask", "mask_grad"))}
             if feature in SCORE_MODS or feature == "alibi_softcap":  # the launcher fits its configuration to the modification's extra tile
                 shape["mod"] = 1
+                if ARGS.mod_defaults:  # the default a modified call starts from (op.launch_config)
+                    space = spaces.with_mod_default(space, kernel, 128)
             config = spaces.fit(space, space.default, shape)
             if feature == "newton":
                 config["RCP_NEWTON"] = 1
@@ -224,6 +247,9 @@ if __name__ == "__main__":
     parser.add_argument("--features", action="store_true",
                         help="instead: every input variant (GQA, masks, kv_lens, varlen, dtypes...) at d128")
     parser.add_argument("--only", default="", help="with --features: these variants only (comma-separated)")
+    parser.add_argument("--mod-defaults", action="store_true",
+                        help="with --features: score modifications start from spaces.with_mod_default, as the "
+                             "launcher starts a modified call (default: the plain defaults)")
     ARGS = parser.parse_args()
     ARGS.only = [f for f in ARGS.only.split(",") if f]
     unknown = set(ARGS.only) - set(FEATURES)

@@ -65,7 +65,7 @@ def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: st
                 "relative_softcap": "relative"}.get(feature)
     slopes = torch.zeros(heads_q, 2 * length - 1) if position == "relative" else torch.zeros(heads_q)
     extra = dict(program=program, position=position, slopes=slopes if position else None)
-    launch = sigmoid_aot._Compiled()
+    launch = sigmoid_aot.launcher(feature, program)
     if kernel == "fwd":
         sliding_window_fwd(q, k, v, mask, kv_lens, 0.1, causal, window, sinks, config, launch=launch, **extra)
     else:

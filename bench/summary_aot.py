@@ -64,7 +64,7 @@ def compile_case(kernel: str, config: dict, head: int, causal: bool, feature: st
     exists = torch.ones(batch, n_chunks, dtype=torch.bool)
     key_valid = torch.ones(batch, LENGTH, dtype=torch.bool) if feature == "padding" else None
     program = score_mods.parse(sigmoid_aot.SCORE_MODS.get(feature))
-    launch = sigmoid_aot._Compiled()
+    launch = sigmoid_aot.launcher(feature, program)
     common = (q, k, v, k_sum, v_sum, exists, key_valid)
     if kernel == "decode":  # one token against a store slice of T/C - W summaries + the window (GROUP 4 rows)
         entries = n_chunks - WINDOW + WINDOW * CHUNK + 1

@@ -28,7 +28,10 @@ step                y =                   dy/dx
 :func:`parse` checks a program (ValueError naming the bad step); :class:`ScoreProgram` evaluates it and
 its derivative on torch tensors (the torch paths' forward and backward), and :meth:`ScoreProgram.affine_form`
 reduces it, when it can, to ``post_mul · f(pre_mul · s + pre_add) + post_add`` with one nonlinear f — the
-form the sigmoid Triton kernels compile in (``f`` a constexpr code, the four numbers runtime floats).
+form the Triton kernels compile in from a fixed table (``f`` a constexpr code, the four numbers runtime floats).
+Any other program is :meth:`ScoreProgram.split` into the same affine ends around a *core* (its first to its
+last nonlinear step), and the core is generated into the kernels as Triton source
+(:mod:`attnrewrite.kernels.triton_score_mods`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+AFFINE = ("mul", "div", "add", "neg")
 _UNARY = ("neg", "tanh", "sigmoid", "exp", "abs", "relu", "erf", "square")
 _ONE_CONSTANT = ("mul", "div", "rdiv", "add", "pow")
 STEPS = _UNARY + _ONE_CONSTANT + ("clamp",)
@@ -98,6 +102,32 @@ class ScoreProgram:
             else:
                 return None
         return pre[0], pre[1], function, post[0], post[1]
+
+    def split(self) -> tuple[float, float, "ScoreProgram | None", float, float]:
+        """(pre_mul, pre_add, core, post_mul, post_add) with mod(s) = post_mul · core(pre_mul · s + pre_add) +
+        post_add: the leading and trailing affine steps (``mul``, ``div``, ``add``, ``neg``) folded into two
+        numbers each, ``core`` the steps from the first nonlinear step to the last (None for an affine
+        program)."""
+        nonlinear = [i for i, step in enumerate(self.steps) if step.op not in AFFINE]
+        if not nonlinear:
+            pre_mul, pre_add = _fold(self.steps)
+            return pre_mul, pre_add, None, 1.0, 0.0
+        first, last = nonlinear[0], nonlinear[-1]
+        pre_mul, pre_add = _fold(self.steps[:first])
+        post_mul, post_add = _fold(self.steps[last + 1:])
+        return pre_mul, pre_add, ScoreProgram(self.steps[first:last + 1]), post_mul, post_add
+
+
+def _fold(steps) -> tuple[float, float]:
+    """(m, a) with the affine ``steps`` applied in order equal to x · m + a."""
+    m, a = 1.0, 0.0
+    for step in steps:
+        if step.op == "add":
+            a += step.args[0]
+        else:
+            c = -1.0 if step.op == "neg" else step.args[0] if step.op == "mul" else 1.0 / step.args[0]
+            m, a = m * c, a * c
+    return m, a
 
 
 def parse(text: str | None) -> ScoreProgram | None:
@@ -198,11 +228,3 @@ def _apply_with_grad(step: Step, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
         d = inside.to(x.dtype)
     return y, d
 
-
-def kernel_refusal(program: ScoreProgram | None) -> str | None:
-    """Why the Triton kernels (sigmoid, sliding window, summary) cannot compile ``program`` in, or None when
-    they can (no program, or one with an :meth:`~ScoreProgram.affine_form`)."""
-    if program is None or program.affine_form() is not None:
-        return None
-    return (f"the Triton kernels do not compile the score modification {program.text()!r} (at most one "
-            f"nonlinear step among {', '.join(KERNEL_FUNCTIONS)}, between affine steps: mul, div, add, neg)")

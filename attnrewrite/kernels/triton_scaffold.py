@@ -10,8 +10,11 @@ out before):
   :func:`row_mask` — the pointers of such a tile and its bounds (the kernels' output and gradient stores);
 - :func:`score_mod_fn` and :func:`modified_scores` — a score modification (a program of
   :mod:`attnrewrite.kernels.score_mods` in the form ``post_mul · f(pre_mul · s + pre_add) + post_add``,
-  f a constexpr ``MOD_FN``) and its derivative, the one copy the sigmoid, sliding-window and summary
-  kernels all compile in; :func:`mod_args` gives the runtime floats and MOD_FN for a program;
+  f a constexpr ``MOD_FN`` of a fixed table, or ``MOD_FN = GENERATED``: any other core, generated as Triton
+  source by :mod:`attnrewrite.kernels.triton_score_mods` into the kernel's specialisation) and its
+  derivative, the one copy the sigmoid, sliding-window, summary and hashed kernels all compile in;
+  :func:`mod_args` gives the runtime floats and MOD_FN for a program, :func:`mod_kernel` the kernel to
+  launch for it;
 - :func:`head_position`, :func:`position_scores`, :func:`relative_bias_grad` — a position bias computed in the
   kernels: ALiBi from a head's slope, or the relative bias table R read by diagonal per tile and its gradient
   dR summed with atomics (the sigmoid and sliding-window kernels' one copy);
@@ -37,8 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels import tuning
-from attnrewrite.kernels.score_mods import kernel_refusal
+from attnrewrite.kernels import triton_score_mods, tuning
 
 # --------------------------------------------------------------------------- device side
 
@@ -138,8 +140,10 @@ def relative_bias_grad(dr_row, ds, offs_m, offs_n, q_len, k_len):
                   mask=(offs_m < q_len)[:, None] & (offs_n < k_len)[None, :])
 
 
-#: MOD_FN of the kernels: no score modification; otherwise a code of ``score_mods.KERNEL_FUNCTIONS`` (0: affine)
+#: MOD_FN of the kernels: no score modification; otherwise a code of ``score_mods.KERNEL_FUNCTIONS`` (0: affine),
+#: or GENERATED: a generated ``score_mod_fn`` replaces this one in the kernel's specialisation (:func:`mod_kernel`)
 NO_MOD = -1
+GENERATED = 8
 
 
 @triton.jit
@@ -168,6 +172,7 @@ def score_mod_fn(u, MOD_FN: tl.constexpr):
         f = u * u
         d = 2.0 * u
     else:  # affine only
+        tl.static_assert(MOD_FN == 0, "MOD_FN = GENERATED needs the kernel specialised by mod_kernel()")
         f = u
         d = u * 0.0 + 1.0
     return f, d
@@ -337,18 +342,27 @@ def mod_args(program, scale: float, log2: bool = True) -> tuple[tuple[float, flo
     (or None): (mod_in_mul, mod_in_add, mod_out_mul, mod_out_add, mod_grad_mul) and MOD_FN (see
     :func:`modified_scores`); no program gives NO_MOD (and floats that are never read).  ``log2=False``:
     for kernels that keep scores in natural units (mod_out_mul / mod_out_add without the log2(e) factor).
-
-    Raises:
-        ValueError: the program has no form the kernels compile (see ``ScoreProgram.affine_form``).
+    A program outside the fixed table (``ScoreProgram.affine_form`` is None) gives its
+    :meth:`~attnrewrite.kernels.score_mods.ScoreProgram.split` ends and GENERATED: launch
+    :func:`mod_kernel`'s specialisation with them.
     """
     if program is None:
         return (1.0, 0.0, 1.0, 0.0, 1.0), NO_MOD
-    refusal = kernel_refusal(program)
-    if refusal is not None:
-        raise ValueError(refusal)
-    pre_mul, pre_add, function, post_mul, post_add = program.affine_form()
+    form = program.affine_form()
+    if form is None:
+        pre_mul, pre_add, _, post_mul, post_add = program.split()
+        function = GENERATED
+    else:
+        pre_mul, pre_add, function, post_mul, post_add = form
     unit = LOG2E_HOST if log2 else 1.0
     return (pre_mul * scale, pre_add, post_mul * unit, post_add * unit, pre_mul * post_mul), function
+
+
+def mod_kernel(kernel, program):
+    """The kernel to launch with :func:`mod_args` (``program``): ``kernel`` itself without a program or with
+    one of the fixed table, else its specialisation with the program's generated core
+    (:func:`attnrewrite.kernels.triton_score_mods.kernel_for`, cached per kernel and program)."""
+    return triton_score_mods.kernel_for(kernel, program)
 
 
 def interpreter_active(kernel) -> bool:
@@ -460,9 +474,9 @@ def launch_config(spaces, kernel: str, q: torch.Tensor, v: torch.Tensor, shape: 
     return spaces.fit(space, config, shape)
 
 
-__all__ = ["INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "broadcast_strides", "dot_precision",
+__all__ = ["GENERATED", "INTERPRETED", "LOG2E", "LOG2E_HOST", "NO_MOD", "POSITION_CODES", "broadcast_strides", "dot_precision",
            "empty_out_lse", "fit_config",
            "group_program", "head_class", "head_position", "head_strides", "interpreter_active", "launch_config", "length_bucket",
-           "load_row_pair", "load_rows", "load_tile", "mask_strides", "mma", "mod_args", "modified_scores", "online_softmax_step", "padded_dim",
+           "load_row_pair", "load_rows", "load_tile", "mask_strides", "mma", "mod_args", "mod_kernel", "modified_scores", "online_softmax_step", "padded_dim",
            "position_scores", "pow2", "program_heads", "relative_bias_grad", "score_mod_fn", "seeded_bf16",
            "softmax_dkdv_step", "softmax_dq_step", "row_mask", "row_ptrs", "slot_rows", "tile_space", "unit_last_stride"]

@@ -15,7 +15,6 @@ from attnrewrite.ir.canonical import steps_shape
 from attnrewrite.ir.capture import hinted_shape
 from attnrewrite.ir.score_program import score_program
 from attnrewrite.ir.spec import AttentionSpec, MaskTerm
-from attnrewrite.kernels.score_mods import kernel_refusal, parse as parse_score_mod
 from attnrewrite.patterns.layout import ref_shape
 
 
@@ -27,17 +26,14 @@ def term_shape(term: MaskTerm) -> tuple[int, ...]:
 
 def applied_score_mod(spec: AttentionSpec, options: dict[str, Any]) -> tuple[str | None, AttentionSpec]:
     """For a kind whose op applies a site's score modification (summary, hashed): ``(why not, spec)`` when it
-    cannot — no program for it, or ``impl='triton'`` with a program the kernels do not compile — else
-    ``(None, the spec with the modification taken as applied)``, to be checked as any other site."""
+    cannot — no program for it (one that reads a tensor) — else ``(None, the spec with the modification taken
+    as applied)``, to be checked as any other site.  Every program compiles into the Triton kernels (a fixed
+    function or a generated one), so ``impl='triton'`` is no reason."""
     if spec.score_mod is None:
         return None, spec
-    program, reason = score_program(spec.score_mod)
+    _, reason = score_program(spec.score_mod)
     if reason is not None:
         return reason, spec
-    refusal = kernel_refusal(parse_score_mod(program))
-    if options.get("impl") == "triton" and refusal is not None:
-        return (f"impl='triton' with a score modification: {refusal}; impl='auto' or 'torch' runs it on the "
-                "torch path"), spec
     return None, replace(spec, score_mod=None)
 
 

@@ -11,8 +11,8 @@ A site can be rewritten to ``hashed`` when it is causal self-attention whose oth
 the same for every head (bool masks and additive biases are honoured: the selection never picks a
 masked key, and a bias is added to the selected keys' scores), without dropout; a score modification
 with a program (:mod:`attnrewrite.ir.score_program`) is applied to the selected keys' scores before the
-mask (the selection reads codes, not scores; the Triton kernels apply programs with at most one
-nonlinear step between affine ones, the torch path any), as a decoding step through
+mask (the selection reads codes, not scores; the Triton kernels and the torch path apply any program, the
+kernels a chain of nonlinear steps through a generated score function), as a decoding step through
 ``HashedCache``, which runs the site's own code, applies it.  A bias that differs across heads is read
 by distance when it is proven to be one: a relative position bias R[h, j − i] (T5's buckets, a table by
 clamped distance) reaches the op as the table R [Hq, Tq + Tk − 1] (``position="relative"``), recomputed

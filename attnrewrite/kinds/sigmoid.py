@@ -25,7 +25,7 @@ from attnrewrite.ir.canonical import AttentionCall
 from attnrewrite.ir.score_program import score_program
 from attnrewrite.ir.spec import AttentionSpec
 from attnrewrite.kernels.sigmoid.state import SigmoidHeadState
-from attnrewrite.kinds.options import auto_or_number, flag
+from attnrewrite.kinds.options import auto_or_number, flag, impl_choice
 from attnrewrite.kinds.registry import Kind, register
 
 # --------------------------------------------------------------------------- the kind
@@ -54,8 +54,8 @@ def emit(call: AttentionCall, options: dict[str, Any], state) -> Any:
     q, k, scale = _scores_operands(call, state)
     return torch.ops.attnrewrite.sigmoid_attention(q, k, call.v, call.attn_mask, call.dropout_p,
                                                    call.is_causal, scale, call.enable_gqa, bias=_bias(options),
-                                                   score_mod=call.score_program, position_slopes=call.position_slopes,
-                                                   position=call.position)
+                                                   score_mod=call.score_program, impl=options["impl"],
+                                                   position_slopes=call.position_slopes, position=call.position)
 
 
 def weights(call: AttentionCall, options: dict[str, Any], state) -> Any:
@@ -114,7 +114,8 @@ KIND = register(Kind(
     emit=emit,
     supports=supports,
     # learned: a temperature and a bias per head (a state, attached by convert, fitted by distill)
-    options={"bias": auto_or_number("auto"), "learned": flag(False)},
+    # impl: the op's path, as for summary and hashed ("triton" runs the kernels, every score modification included)
+    options={"bias": auto_or_number("auto"), "learned": flag(False), "impl": impl_choice("auto")},
     description="sigmoid attention Σ sigmoid(s·q·kᵀ + b)·v, b = −log(n) by default",
     weights=weights,
     make_state=make_state,

@@ -8,9 +8,9 @@ sees a key only when the site's mask *and* the window allow it, so a site that a
 window (Mistral, Gemma-2's local layers) keeps the smaller of the two — exactly, by construction, for
 any mask the resolver proved, with nothing to recognise about that mask.  Grouped-query heads and
 dropout are kept, and a score modification with a program (:mod:`attnrewrite.ir.score_program`:
-soft-capping and chains of elementwise steps) is applied before the mask: by the Triton kernels when
-it has at most one nonlinear step between affine ones (as sigmoid's), else on the torch path
-(``impl="auto"`` picks it).  A bias proven to be ALiBi (slope_h · (j − i) or slope_h · |j − i|) is computed
+soft-capping and chains of elementwise steps) is applied before the mask, by the Triton kernels (a chain
+of nonlinear steps through a generated score function, as sigmoid's) or the blockwise torch path
+(``impl="auto"`` picks as for an unmodified call).  A bias proven to be ALiBi (slope_h · (j − i) or slope_h · |j − i|) is computed
 over the band from the slopes, and a relative bias proven to be R[h, j − i] (T5) is read from the table R by
 distance on the band and the sinks (torch paths and Triton kernels), never read as a [B, H, T, T] mask.  Sites whose queries and keys differ in length (cross-attention, attention over a
 cache) are skipped: the window is over positions of one sequence.  Returned attention weights are

@@ -24,8 +24,8 @@ what ``bench/quality_decode_kinds.py`` measures).
 A site can be rewritten to ``summary`` when it is causal self-attention whose other mask parts are
 key padding only (no additive bias, no mask varying across queries or heads), without dropout; a score
 modification with a program (:mod:`attnrewrite.ir.score_program`: soft-capping, chains of elementwise
-steps) is applied to every score, the window's and the summaries', before the softmax (by the Triton kernels
-when it has at most one nonlinear step between affine ones, else on the torch path), and a decoding step
+steps) is applied to every score, the window's and the summaries', before the softmax (by the Triton kernels,
+a chain of nonlinear steps through a generated score function, or by the torch path), and a decoding step
 through ``SummaryCache`` runs the site's own code, which
 applies the same modification to the same scores.  Other sites are skipped with the reason.  Returned attention weights are not
 supplied (such sites are skipped).

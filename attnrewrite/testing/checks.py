@@ -90,8 +90,27 @@ def record_sigmoid_calls(monkeypatch) -> list[dict[str, Any]]:
     return calls
 
 
+def record_kernel_launches(monkeypatch) -> list[tuple[str, str | None, bool]]:
+    """(kernel name, score modification program text or None, whether the launched kernel is a generated
+    specialisation) of every Triton kernel launch that takes a score modification (sigmoid, sliding window,
+    summary and hashed attention: their launchers ask :func:`attnrewrite.kernels.triton_scaffold.mod_kernel`
+    for the kernel as they launch it), appended as they come.  ``monkeypatch`` restores it after the test."""
+    from attnrewrite.kernels import triton_score_mods
+
+    launches: list[tuple[str, str | None, bool]] = []
+    kernel_for = triton_score_mods.kernel_for
+
+    def recording(kernel, program):
+        launched = kernel_for(kernel, program)
+        launches.append((kernel.fn.__name__, None if program is None else program.text(), launched is not kernel))
+        return launched
+
+    monkeypatch.setattr(triton_score_mods, "kernel_for", recording)
+    return launches
+
+
 __all__ = ["attnrewrite", "check_rewrite", "compile_rewritten", "first_tensor", "assert_close_rel",
-           "assert_gradients_close", "record_sigmoid_calls"]
+           "assert_gradients_close", "record_kernel_launches", "record_sigmoid_calls"]
 
 
 def assert_same_function(got: torch.Tensor, want: torch.Tensor, leaves: dict[str, torch.Tensor],

@@ -108,7 +108,7 @@ def test_good_values_pass_and_reach_the_kind():
     parsed = RewriteOptions.parse({"to": "linear", "eps": 1, "features": None, "use_scale": True})
     assert parsed.kind_options["eps"] == 1 and parsed.kind_options["use_scale"] is True
     parsed = RewriteOptions.parse({"to": "sigmoid", "bias": -3})
-    assert parsed.kind_options == {"bias": -3, "learned": False}
+    assert parsed.kind_options == {"bias": -3, "learned": False, "impl": "auto"}
     model = attnrewrite.rewrite(Attention(), to="hashed", bits=16, top_k=1, compiler="eager")
     assert torch.isfinite(model(torch.randn(2, 5, 16))).all()
 

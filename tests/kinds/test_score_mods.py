@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from attnrewrite.ir.score_program import score_program
 from attnrewrite.rewriter.report import Report
-from attnrewrite.testing.checks import assert_close_rel, compile_rewritten
+from attnrewrite.testing.checks import assert_close_rel, compile_rewritten, record_kernel_launches
 
 B, T, E, H = 2, 12, 32, 4
 D = E // H
@@ -34,10 +34,10 @@ class Attention(nn.Module):
     ``form="softmax"``: the model as written, what attnrewrite finds.  ``form="sigmoid"``: the same model
     written by hand with sigmoid attention, sigmoid(mod(s) + alibi + b) over the visible keys."""
 
-    def __init__(self, cap: float | None, alibi: bool, form: str = "softmax"):
+    def __init__(self, cap: float | None, alibi: bool, form: str = "softmax", extra: bool = False):
         super().__init__()
         self.qkv, self.out = nn.Linear(E, 3 * E), nn.Linear(E, E)
-        self.cap, self.form = cap, form
+        self.cap, self.form, self.extra = cap, form, extra
         self.register_buffer("slopes", _alibi_slopes(H).view(1, H, 1, 1) if alibi else None)
 
     def forward(self, x):
@@ -45,6 +45,8 @@ class Attention(nn.Module):
         s = q @ k.transpose(-2, -1) * D**-0.5
         if self.cap is not None:
             s = torch.tanh(s / self.cap) * self.cap
+        if self.extra:  # a second nonlinear step after the cap: a generated score function in the kernels
+            s = torch.sigmoid(s) * 4.0
         pos = torch.arange(T)
         if self.slopes is not None:
             s = s + self.slopes * (pos.view(1, T) - pos.view(T, 1)).float()
@@ -57,9 +59,9 @@ class Attention(nn.Module):
 
 
 class Model(nn.Module):
-    def __init__(self, cap, alibi, form="softmax", layers=2):
+    def __init__(self, cap, alibi, form="softmax", layers=2, extra=False):
         super().__init__()
-        self.layers = nn.ModuleList(Attention(cap, alibi, form) for _ in range(layers))
+        self.layers = nn.ModuleList(Attention(cap, alibi, form, extra) for _ in range(layers))
 
     def forward(self, x):
         for layer in self.layers:
@@ -67,10 +69,10 @@ class Model(nn.Module):
         return x
 
 
-def _pair(cap, alibi, name):
+def _pair(cap, alibi, name, extra=False):
     torch.manual_seed(zlib.crc32(name.encode()))
-    model = Model(cap, alibi).eval()
-    by_hand = Model(cap, alibi, form="sigmoid").eval()
+    model = Model(cap, alibi, extra=extra).eval()
+    by_hand = Model(cap, alibi, form="sigmoid", extra=extra).eval()
     by_hand.load_state_dict(model.state_dict())
     return model, by_hand
 
@@ -97,6 +99,35 @@ def test_sigmoid_gradients_flow_through_the_soft_cap():
     want = torch.autograd.grad(by_hand(x).square().sum(), list(by_hand.parameters()))
     for (name, _), g, w in zip(model.named_parameters(), got, want):
         assert_close_rel(g, w, 1e-4, name)
+
+
+def test_a_soft_capped_model_with_an_extra_step_runs_each_site_in_one_kernel(monkeypatch):
+    """Soft-capping then sigmoid·4 (two nonlinear steps) and ALiBi, rewritten to sigmoid with impl='triton': every
+    site runs the kernels (forward, dQ, dK/dV), each a specialisation with the generated score function, and the
+    model and its parameter gradients equal the model written by hand."""
+    from attnrewrite.kernels.sigmoid import op
+
+    if not op.interpreter_active():
+        pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")
+    launches = record_kernel_launches(monkeypatch)
+    model, by_hand = _pair(CAP, True, "extra", extra=True)
+    x = torch.randn(B, T, E, generator=_gen("ex")) * 3
+    report = Report(to="sigmoid")
+    compiled = compile_rewritten(model, report, to="sigmoid", strict=True, bias=BIAS, impl="triton")
+    got = compiled(x)
+    assert len(report.sites) == 2 and all(s.status == "rewritten" for s in report.sites), report
+    assert all(s.spec["score_mod"] for s in report.sites), report
+    torch.testing.assert_close(got, by_hand(x), rtol=1e-4, atol=1e-4)
+    grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
+    want = torch.autograd.grad(by_hand(x).square().sum(), list(by_hand.parameters()))
+    for (name, _), g, w in zip(model.named_parameters(), grads, want):
+        assert_close_rel(g, w, 1e-4, name)
+    programs = {mod for _, mod, _ in launches}
+    assert len(programs) == 1 and "tanh" in programs.pop(), launches
+    assert all(specialised for _, _, specialised in launches), launches
+    kernels = [name for name, _, _ in launches]
+    assert kernels.count("sigmoid_fwd_kernel") == 2 and kernels.count("sigmoid_bwd_dq_kernel") == 2, launches
+    assert kernels.count("sigmoid_bwd_dkdv_kernel") == 2, launches
 
 
 class TensorCapped(nn.Module):
@@ -287,9 +318,10 @@ def test_sigmoid_returns_weights_of_a_soft_capped_site():
 
 @pytest.mark.parametrize("kind,options", [("summary", dict(chunk_size=2, window_chunks=1)),
                                           ("hashed", dict(bits=16, top_k=2, window=3, sinks=1))])
-def test_impl_triton_takes_the_programs_the_kernels_compile_and_skips_the_others(kind, options):
+def test_impl_triton_runs_every_program_in_the_kernels(kind, options, monkeypatch):
     """With the kind option impl='triton', a soft-capped site runs on the kernels (under TRITON_INTERPRET=1 on
-    the CPU) and equals the torch path; a program with two nonlinear steps is skipped, saying why."""
+    the CPU) and equals the torch path; so does a program with two nonlinear steps, in a specialisation of the
+    kernels with the generated score function."""
     triton_ops = pytest.importorskip(f"attnrewrite.kernels.{kind}.{'triton_op' if kind == 'summary' else 'triton_ops'}")
     if not triton_ops.interpreter_active():
         pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")
@@ -311,7 +343,10 @@ def test_impl_triton_takes_the_programs_the_kernels_compile_and_skips_the_others
     want = compile_rewritten(capped, None, to=kind, strict=True, impl="torch", **options)(q, k, v)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
+    launches = record_kernel_launches(monkeypatch)
     report = Report(to=kind)
-    compile_rewritten(capped_twice, report, to=kind, impl="triton", **options)(q, k, v)
-    (site,) = report.sites
-    assert site.status == "skipped" and "do not compile the score modification" in site.reason, report
+    got = compile_rewritten(capped_twice, report, to=kind, strict=True, impl="triton", **options)(q, k, v)
+    assert [s.status for s in report.sites] == ["rewritten"], report
+    want = compile_rewritten(capped_twice, None, to=kind, strict=True, impl="torch", **options)(q, k, v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert launches and all(specialised and "exp" in mod for _, mod, specialised in launches), launches

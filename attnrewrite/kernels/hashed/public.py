@@ -11,7 +11,7 @@ import torch
 
 from attnrewrite.kernels._ops import call_dtype, composite_op, empty_output, resolve_impl, sdpa_autocast, sdpa_schema
 from attnrewrite.kernels.checks import RELATIVE, check_position_slopes
-from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
+from attnrewrite.kernels.score_mods import parse as parse_score_mod
 from attnrewrite.kernels.hashed import op as _op  # noqa: F401  (registers the ops)
 
 try:  # the Triton path is optional: the torch path works wherever torch does
@@ -125,8 +125,7 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, e
 
 def _path(impl: str, q, v, hash: str, score_mod: str | None = None, far_dtype: str | None = None) -> str:
     refusal = None
-    if score_mod:
-        refusal = score_mod_refusal(parse_score_mod(score_mod)) or refusal
+    parse_score_mod(score_mod)  # a bad program is refused by name on either path; every good one compiles in
     if far_dtype is not None:
         _op.far_dtype_of(far_dtype)  # a bad name is refused by name on either path
         if far_dtype not in _op.TRITON_FAR_DTYPES:

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import (broadcast_strides, empty_out_lse, group_program, head_strides,
-                                                 mod_args, modified_scores, slot_rows)
+                                                 mod_args, mod_kernel, modified_scores, slot_rows)
 
 
 @triton.jit
@@ -280,7 +280,7 @@ def attend_forward(q, k, v, index, bias, scale: float, config: dict | None = Non
     mod, mod_fn = mod_args(program, float(scale), log2=False)
     far, *far_strides, far_code = _far_args(far, far_dtype, index)
     grid = (len_q, batch * heads_kv)
-    launch(hashed_attn_fwd_kernel)[grid](
+    launch(mod_kernel(hashed_attn_fwd_kernel, program))[grid](
         q, k, v, index, out if bias is None else bias, out, lse, far, *_rel_args(relative, q)[:1], heads_kv,
         index.shape[-1], float(scale), *_rel_args(relative, q)[1:], *mod,
         *head_strides(q, k, v, index), *broadcast_strides(bias), *head_strides(out, lse), *far_strides,
@@ -332,7 +332,7 @@ def attend_backward(q, k, v, out, grad, lse, index, bias, scale: float, config: 
     mod, mod_fn = mod_args(program, float(scale), log2=False)
     far, *far_strides, far_code = _far_args(far, far_dtype, index)
     grid = (len_q, batch * heads_kv)
-    launch(hashed_attn_bwd_kernel)[grid](
+    launch(mod_kernel(hashed_attn_bwd_kernel, program))[grid](
         q, k, v, out, grad, lse, index, q if bias is None else bias, dq, dk, dv, far, *softs, rel,
         d_rel[0] if d_rel else rel, heads_kv, index.shape[-1], float(scale), 1.0 / soft_flags.get("BITS", 8),
         rel_offset, stride_rh, *mod,

@@ -16,8 +16,7 @@ import torch
 from attnrewrite.kernels._ops import resolve_impl
 from attnrewrite.kernels.checks import (RELATIVE, check_dropout, check_kv_lens, check_mask_dtype,
                                         check_position_slopes, check_qkv)
-
-from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
+from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
 from .chunked import chunk_sigmoid_attention
 
@@ -113,8 +112,9 @@ def sigmoid_attention_dispatch(
     ``score_mod``: a score modification program (:mod:`attnrewrite.kernels.score_mods`, e.g. Gemma-2's
     soft-capping ``"div 50.0; tanh; mul 50.0"``) applied to scale·q_i·k_j before ``attn_mask`` and b:
     out_i = Σ_j sigmoid(mod(scale·q_i·k_j) + attn_mask_ij + b)·v_j.  Both paths apply it in forward and
-    backward; the Triton kernels take programs with at most one nonlinear step (tanh, sigmoid, exp, abs,
-    relu, erf, square) between affine ones, and ``impl="auto"`` sends any other program to the torch path.
+    backward; the Triton kernels take every program: one nonlinear step (tanh, sigmoid, exp, abs, relu, erf,
+    square) between affine ones from a fixed table, any other chain as a generated Triton function
+    (:mod:`attnrewrite.kernels.triton_score_mods`), so ``impl="auto"`` takes modified calls as unmodified ones.
 
     ``position`` with ``position_slopes``: a bias computed from the positions, added with ``attn_mask``:
     ``"j-i"`` adds slopes[h]·(j − i) (ALiBi), ``"|j-i|"`` adds slopes[h]·|j − i| (symmetric ALiBi with
@@ -140,7 +140,7 @@ def sigmoid_attention_dispatch(
     slopes = check_position_slopes(position_slopes, position, q, problem.heads_q, WHAT, relative_ok=True)
     if position == RELATIVE:
         _check_relative(slopes, problem)
-    path = _resolve_impl(impl, q, dropout_p, problem, program)
+    path = _resolve_impl(impl, q, dropout_p, problem)
 
     if attn_mask is not None:
         attn_mask = attn_mask.view((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
@@ -320,11 +320,10 @@ def _check_varlen(q, k, cu_seqlens_q, cu_seqlens_k, attn_mask, kv_lens):
         raise ValueError("sigmoid attention: attn_mask and kv_lens cannot be combined with cu_seqlens")
 
 
-def _resolve_impl(impl: str, q: torch.Tensor, dropout_p: float, problem: Problem, program=None) -> str:
+def _resolve_impl(impl: str, q: torch.Tensor, dropout_p: float, problem: Problem) -> str:
     # "auto" sends only 16-bit inputs to the kernels: exact float32 products run on the FMA pipes there
+    # every score modification compiles in (a fixed function or a generated one): none is a refusal
     refusal = "the Triton kernels do not implement dropout (dropout_p > 0)" if dropout_p > 0.0 else None
-    if refusal is None:
-        refusal = score_mod_refusal(program)
     return resolve_impl(
         impl, q.device, what=WHAT, dtype=q.dtype, head_dims=(problem.dim, problem.dim_v),
         triton_dtypes=_FLOAT_DTYPES, auto_dtypes=(torch.float16, torch.bfloat16), max_head_dim=_MAX_HEAD_DIM,

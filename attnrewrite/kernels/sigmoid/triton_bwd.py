@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import head_strides, load_row_pair, row_mask, row_ptrs
+from attnrewrite.kernels.triton_scaffold import head_strides, load_row_pair, mod_kernel, row_mask, row_ptrs
 
 from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_grid, dot_precision, head_position,
                             key_range, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
@@ -286,7 +286,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
     if q.numel() > 0 and "dq" in kernels:
         block_m = config_dq["BLOCK_M"]
         block_seq, block_start, grid = block_grid(cu_seqlens_q, block_m, len_q, batch, heads_q, q)
-        launch(sigmoid_bwd_dq_kernel)[grid](
+        launch(mod_kernel(sigmoid_bwd_dq_kernel, program))[grid](
             q, k, v, grad_out, dq, ds if want_mask_grad else q, mask_arg, bias, slopes_arg,
             dr if relative else bias, kv_lens_arg,
             cu_q_arg, cu_k_arg, block_seq, block_start,
@@ -300,7 +300,7 @@ def sigmoid_bwd(q, k, v, grad_out, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens
     if k.numel() > 0 and "dkdv" in kernels:
         block_n = config_dkdv["BLOCK_N"]
         block_seq, block_start, grid = block_grid(cu_seqlens_k, block_n, len_k, batch, heads_kv, q)
-        launch(sigmoid_bwd_dkdv_kernel)[grid](
+        launch(mod_kernel(sigmoid_bwd_dkdv_kernel, program))[grid](
             q, k, v, grad_out, dk, dv, mask_arg, bias, slopes_arg, kv_lens_arg,
             cu_q_arg, cu_k_arg, block_seq, block_start,
             *head_strides(q, k, v, grad_out, dk, dv),

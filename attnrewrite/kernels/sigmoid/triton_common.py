@@ -60,8 +60,9 @@ def sigmoid_tile(x, y, mask_base, stride_mm, stride_mn, offs_x, offs_y, q_len, k
     scale · x·yᵀ (unused when MOD_FN = NO_MOD).
 
     The modification (MOD_FN >= 0) is ``post_mul · f(pre_mul · s + pre_add) + post_add``
-    (:meth:`attnrewrite.kernels.score_mods.ScoreProgram.affine_form`), applied by the shared
-    :func:`attnrewrite.kernels.triton_scaffold.modified_scores` with the host's constants of ``mod_args``.
+    (:meth:`attnrewrite.kernels.score_mods.ScoreProgram.split`; f one step of the fixed table, or, MOD_FN =
+    GENERATED, a generated chain in the kernel's specialisation: ``triton_scaffold.mod_kernel``), applied by the
+    shared :func:`attnrewrite.kernels.triton_scaffold.modified_scores` with the host's constants of ``mod_args``.
 
     KEY_ROWS = False: x holds query rows ``offs_x``, y key rows ``offs_y``: a [queries, keys] tile.
     KEY_ROWS = True: x holds key rows, y query rows: the transposed [keys, queries] tile of dK/dV.

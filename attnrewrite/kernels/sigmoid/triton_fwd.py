@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from attnrewrite.kernels.triton_scaffold import head_strides, row_mask, row_ptrs
+from attnrewrite.kernels.triton_scaffold import head_strides, mod_kernel, row_mask, row_ptrs
 
 from .triton_common import (LOG2E, LOG2E_HOST, POSITION_CODES, bias_strides, block_grid, dot_precision, head_position,
                             key_range, load_rows, locate, mask_strides, mma, mod_args, newton_steps, padded_dim,
@@ -127,7 +127,7 @@ def sigmoid_fwd(q, k, v, mask, bias, kv_lens, cu_seqlens_q, cu_seqlens_k, scale:
     block_seq, block_start, grid = block_grid(cu_seqlens_q, block_m, len_q, batch, heads_q, q)
     mask, m_strides = mask_strides(mask, (batch, heads_q, len_q, len_k))
     mod, mod_fn = mod_args(program, scale)
-    launch(sigmoid_fwd_kernel)[grid](
+    launch(mod_kernel(sigmoid_fwd_kernel, program))[grid](
         q, k, v, out, mask if mask is not None else q, bias, slopes if slopes is not None else bias,
         kv_lens if kv_lens is not None else q,
         cu_seqlens_q if varlen else q, cu_seqlens_k if varlen else q, block_seq, block_start,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from attnrewrite.kernels._ops import composite_op, kernel_op, resolve_impl, sdpa_autocast, sdpa_schema
 from attnrewrite.kernels.checks import RELATIVE, check_dropout, check_mask_dtype, check_position_slopes, check_qkv
-from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
+from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
 try:  # the Triton path is optional: the torch paths work wherever torch does
     from . import op as _op
@@ -261,10 +261,8 @@ def _band_covers_the_sequence(len_q, len_k, is_causal: bool, window: int) -> boo
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _kernel_refusal(dropout_p: float, attn_mask, score_mod=None) -> str | None:
-    """Why the kernels cannot run a call, or None (``score_mod`` a parsed program or None)."""
-    if score_mod_refusal(score_mod) is not None:
-        return score_mod_refusal(score_mod)
+def _kernel_refusal(dropout_p: float, attn_mask) -> str | None:
+    """Why the kernels cannot run a call, or None (every score modification compiles in: fixed or generated)."""
     if dropout_p > 0.0:
         return "the Triton kernels do not implement dropout (dropout_p > 0)"
     if attn_mask is not None and attn_mask.requires_grad:
@@ -298,7 +296,7 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, en
                          f"distances, got {slopes.shape[1]}")
     path = resolve_impl(impl, q.device, what=WHAT, dtype=q.dtype, head_dims=(q.shape[-1], v.shape[-1]),
                         triton_dtypes=_FLOAT_DTYPES, auto_dtypes=(torch.float16, torch.bfloat16),
-                        refusal=_kernel_refusal(dropout_p, attn_mask, program), available=_op is not None,
+                        refusal=_kernel_refusal(dropout_p, attn_mask), available=_op is not None,
                         interpreter_active=lambda: _op.interpreter_active())
     if path == "triton":
         return _triton_path(q, k, v, attn_mask, is_causal, scale, window, sinks, program, slopes, position)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import (LOG2E, LOG2E_HOST, POSITION_CODES, dot_precision, head_position,
-                                                 head_strides, load_row_pair, mask_strides, mma, mod_args,
+                                                 head_strides, load_row_pair, mask_strides, mma, mod_args, mod_kernel,
                                                  modified_scores, padded_dim, position_scores, relative_bias_grad,
                                                  row_mask, row_ptrs, softmax_dkdv_step, softmax_dq_step,
                                                  softmax_score_grad)
@@ -247,7 +247,7 @@ def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float,
     kv_lens_arg = kv_lens if kv_lens is not None else q
     if "dq" in kernels:
         block_m = config_dq["BLOCK_M"]
-        launch(sliding_window_bwd_dq_kernel)[(triton.cdiv(len_q, block_m), batch * heads_q)](
+        launch(mod_kernel(sliding_window_bwd_dq_kernel, program))[(triton.cdiv(len_q, block_m), batch * heads_q)](
             q, k, v, grad_out, dq, lse, delta, mask_arg, slopes_arg, dr if relative else q, kv_lens_arg,
             *head_strides(q, k, v, grad_out, dq),
             lse.stride(0), lse.stride(1),
@@ -258,7 +258,7 @@ def sliding_window_bwd(q, k, v, out, lse, grad_out, mask, kv_lens, scale: float,
         )
     if "dkdv" in kernels:
         block_n = config_dkdv["BLOCK_N"]
-        launch(sliding_window_bwd_dkdv_kernel)[(triton.cdiv(len_k, block_n), batch * heads_kv)](
+        launch(mod_kernel(sliding_window_bwd_dkdv_kernel, program))[(triton.cdiv(len_k, block_n), batch * heads_kv)](
             q, k, v, grad_out, dk, dv, lse, delta, mask_arg, slopes_arg, kv_lens_arg,
             *head_strides(q, k, v, grad_out, dk, dv),
             lse.stride(0), lse.stride(1),

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, POSITION_CODES, dot_precision, empty_out_lse,
-                                                 head_position, head_strides, load_rows, mask_strides, mma, mod_args,
+                                                 head_position, head_strides, load_rows, mask_strides, mma, mod_args, mod_kernel,
                                                  modified_scores, online_softmax_step, padded_dim, row_mask, row_ptrs)
 
 from .triton_common import band_scores, key_blocks, program_sequence
@@ -131,7 +131,7 @@ def sliding_window_fwd(q, k, v, mask, kv_lens, scale: float, causal: bool, windo
     mask, m_strides = mask_strides(mask, (batch, heads_q, len_q, len_k))
     mod, mod_fn = mod_args(program, scale)
     grid = (triton.cdiv(len_q, block_m), batch * heads_q)
-    launch(sliding_window_fwd_kernel)[grid](
+    launch(mod_kernel(sliding_window_fwd_kernel, program))[grid](
         q, k, v, out, lse, mask if mask is not None else q, slopes if slopes is not None else q,
         kv_lens if kv_lens is not None else q,
         *head_strides(q, k, v, out),

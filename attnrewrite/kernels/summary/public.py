@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from attnrewrite.kernels._ops import call_dtype, composite_op, resolve_impl, sdpa_autocast, sdpa_schema
-from attnrewrite.kernels.score_mods import kernel_refusal as score_mod_refusal, parse as parse_score_mod
+from attnrewrite.kernels.score_mods import parse as parse_score_mod
 from attnrewrite.kernels.summary import op as _op  # noqa: F401  (registers the ops)
 
 try:  # the Triton path is optional: the torch path works wherever torch does
@@ -87,10 +87,9 @@ def _impl(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=True, scale=None, en
 
 
 def _resolve_impl(impl: str, q: torch.Tensor, v: torch.Tensor, score_mod: str | None = None) -> str:
-    refusal = score_mod_refusal(parse_score_mod(score_mod))
+    parse_score_mod(score_mod)  # a bad program is refused by name on either path; every good one compiles in
     return resolve_impl(impl, q.device, what=_op.WHAT, dtype=call_dtype(q), head_dims=(q.shape[-1], v.shape[-1]),
                         triton_dtypes=_TRITON_DTYPES, auto_dtypes=(torch.float16, torch.bfloat16),
-                        refusal=refusal,
                         available=_triton is not None, interpreter_active=lambda: _triton.interpreter_active())
 
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, head_strides, load_row_pair, load_rows, mma,
-                                                 mod_args, modified_scores, padded_dim, program_heads, row_mask,
+                                                 mod_args, mod_kernel, modified_scores, padded_dim, program_heads, row_mask,
                                                  row_ptrs, softmax_dkdv_step, softmax_dq_step)
 
 from .chunked import hide_padding
@@ -200,7 +200,7 @@ def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, 
     mod, common["MOD_FN"] = mod_args(program, scale)
     if "dq" in kernels:
         tables, grid, varlen = varlen_args(q, pack, "lengths", config_dq["BLOCK_M"], heads_q)
-        launch(summary_bwd_dq_kernel)[grid or (triton.cdiv(length, config_dq["BLOCK_M"]), batch * heads_q)](
+        launch(mod_kernel(summary_bwd_dq_kernel, program))[grid or (triton.cdiv(length, config_dq["BLOCK_M"]), batch * heads_q)](
             q, k, v, k_sum, v_sum, valid, exists8, grad_out, lse, delta, dq, *tables,
             *head_strides(q, k, v, k_sum, v_sum, grad_out, dq),
             valid.stride(0) if key_valid is not None else 0, exists8.stride(0),
@@ -216,7 +216,7 @@ def summary_bwd(q, k, v, k_sum, v_sum, exists, key_valid, grad_out, lse, delta, 
     for keys, values, flags, has_flags, d_keys, d_values, n_keys, is_summary in parts:
         tables, grid, varlen = varlen_args(q, pack, "chunks" if is_summary else "lengths", config_dkdv["BLOCK_N"],
                                            heads_kv)
-        launch(summary_bwd_dkdv_kernel)[grid or (triton.cdiv(n_keys, config_dkdv["BLOCK_N"]), batch * heads_kv)](
+        launch(mod_kernel(summary_bwd_dkdv_kernel, program))[grid or (triton.cdiv(n_keys, config_dkdv["BLOCK_N"]), batch * heads_kv)](
             q, keys, values, flags, grad_out, lse, delta, d_keys, d_values, *tables,
             *head_strides(q, keys, values, grad_out, d_keys, d_values),
             flags.stride(0) if has_flags else 0,

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from attnrewrite.kernels.triton_scaffold import (LOG2E_HOST, dot_precision, empty_out_lse, head_strides, load_rows,
-                                                 mod_args, online_softmax_step, padded_dim, program_heads, row_mask,
+                                                 mod_args, mod_kernel, online_softmax_step, padded_dim, program_heads, row_mask,
                                                  row_ptrs)
 
 from .chunked import hide_padding
@@ -140,7 +140,7 @@ def summary_fwd(q, k, v, k_sum, v_sum, exists, key_valid, scale: float, causal: 
     mod, mod_fn = mod_args(program, scale)
     tables, grid, varlen = varlen_args(q, pack, "lengths", block_m, heads_q)
     grid = grid or (triton.cdiv(length, block_m), batch * heads_q)
-    launch(summary_fwd_kernel)[grid](
+    launch(mod_kernel(summary_fwd_kernel, program))[grid](
         q, k, v, k_sum, v_sum, valid, exists8, out, lse, *tables,
         *head_strides(q, k, v, k_sum, v_sum, out),
         valid.stride(0) if key_valid is not None else 0, exists8.stride(0),

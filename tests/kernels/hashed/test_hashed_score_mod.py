@@ -1,7 +1,7 @@
 """Score modifications in hashed attention: the torch path and the gathered-attention Triton kernels (under
 TRITON_INTERPRET=1), outputs against the reference with the modification written as a lambda, gradients by
-name against autograd through that reference; a program the kernels cannot compile is refused by
-impl="triton" and taken by the torch path under "auto"."""
+name against autograd through that reference; a program with several nonlinear steps runs in the kernels
+too, through a generated score function."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ import torch
 from attnrewrite import ops
 from attnrewrite.kernels.hashed.codes import random_hyperplanes
 from attnrewrite.kernels.hashed.reference import naive_hashed_attention
+from attnrewrite.testing.checks import record_kernel_launches
 
 SOFTCAP = ("div 2.0; tanh; mul 2.0", lambda s: torch.tanh(s / 2.0) * 2.0)
 SHIFTED_SIGMOID = ("mul 0.5; add 1.0; sigmoid; mul 4.0; add -2.0", lambda s: torch.sigmoid(s * 0.5 + 1.0) * 4.0 - 2.0)
 CHAIN = ("div 2.0; tanh; mul 2.0; square", lambda s: (torch.tanh(s / 2.0) * 2.0) ** 2)  # two nonlinear steps
+#: singular at 0 (an infinite derivative), the score of an empty slot: its 0 · inf must not reach dQ/dK
+ROOT = ("abs; pow 0.5; mul 2.0", lambda s: s.abs() ** 0.5 * 2.0)
 
 
 def _inputs(name, t=19):
@@ -46,12 +49,14 @@ def test_torch_path_applies_the_modification(causal, masked):
     assert (plain - want).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("program,causal,masked", [(SOFTCAP, True, True), (SHIFTED_SIGMOID, False, False)],
-                         ids=["softcap_causal_bias", "sigmoid_bidirectional"])
-def test_triton_kernels_apply_the_modification(program, causal, masked):
+@pytest.mark.parametrize("program,causal,masked", [(SOFTCAP, True, True), (SHIFTED_SIGMOID, False, False),
+                                                  (CHAIN, False, True), (ROOT, True, False)],
+                         ids=["softcap_causal_bias", "sigmoid_bidirectional", "chain_bias", "root_causal"])
+def test_triton_kernels_apply_the_modification(program, causal, masked, monkeypatch):
     triton_ops = pytest.importorskip("attnrewrite.kernels.hashed.triton_ops")
     if not triton_ops.interpreter_active():
         pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")
+    launches = record_kernel_launches(monkeypatch)
     text, mod = program
     (q, k, v), bias = _inputs(f"kernels{text}", t=12)
     leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
@@ -70,19 +75,22 @@ def test_triton_kernels_apply_the_modification(program, causal, masked):
     plain, _ = naive_hashed_attention(*exact, None if mask is None else mask.double(), proj_q=plane, proj_k=plane,
                                       **kw)
     assert (plain - want).abs().max() > 1e-2
+    generated = program in (CHAIN, ROOT)  # two nonlinear steps: the kernels are specialised, never the torch path
+    assert {name for name, _, _ in launches} == {"hashed_attn_fwd_kernel", "hashed_attn_bwd_kernel"}
+    assert all(mod == text and specialised == generated for _, mod, specialised in launches), launches
 
 
-def test_a_program_the_kernels_cannot_compile_is_refused_and_auto_takes_the_torch_path():
+def test_auto_on_the_cpu_runs_a_chain_on_the_torch_path(monkeypatch):
+    launches = record_kernel_launches(monkeypatch)
     (q, k, v), _ = _inputs("refuse")
     q, k, v = (x.detach().float() for x in (q, k, v))
     kw = dict(is_causal=True, enable_gqa=True, bits=16, top_k=3, window=4, sinks=2)
-    with pytest.raises(ValueError, match="do not compile the score modification 'div 2.0; tanh; mul 2.0; square'"):
-        ops.hashed_attention(q, k, v, impl="triton", score_mod=CHAIN[0], **kw)
     out = ops.hashed_attention(q, k, v, score_mod=CHAIN[0], **kw)
     plane = random_hyperplanes(8, 16, 0)
     want, _ = naive_hashed_attention(q, k, v, None, is_causal=True, top_k=3, window=4, sinks=2, proj_q=plane,
                                      proj_k=plane, score_mod=CHAIN[1])
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert launches == []
 
 
 def test_decoding_through_the_cache_with_the_modification_equals_the_op():

@@ -101,3 +101,9 @@ def test_the_public_op_takes_the_slopes_and_checks_them():
         sigmoid_attention(q, k, v, enable_gqa=True, position="j-i")
     with pytest.raises(ValueError, match="requires grad"):
         sigmoid_attention(q, k, v, enable_gqa=True, position_slopes=slopes.clone().requires_grad_(), position="j-i")
+
+
+def test_triton_kernels_compute_the_position_bias_after_a_generated_chain():
+    require_interpreter()
+    chain = ("mul 0.5; square; tanh; mul 2.0", lambda s: torch.tanh((s * 0.5) ** 2) * 2.0)
+    _check("triton", torch.float32, "|j-i|", False, 2e-4, with_mask=True, mod=chain)

@@ -112,3 +112,13 @@ def test_the_public_op_checks_the_table():
         sigmoid_attention(q, k, v, enable_gqa=True, position_slopes=table[:3], position="relative")
     with pytest.raises(TypeError, match="needs position_slopes"):
         sigmoid_attention(q, k, v, enable_gqa=True, position="relative")
+
+
+#: two nonlinear steps (a generated score function) before R is added
+SOFTCAP_SIGMOID = ("div 5.0; tanh; mul 5.0; sigmoid; mul 3.0", lambda s: torch.sigmoid(torch.tanh(s / 5.0) * 5.0) * 3.0)
+
+
+def test_triton_kernels_relative_bias_after_a_generated_chain():
+    """dR is dS before the chain's derivative, as after a single step: out, dq, dk, dv, dmask and dtable by name."""
+    require_interpreter()
+    _check("triton", torch.float32, True, 2e-4, with_mask=True, mod=SOFTCAP_SIGMOID)

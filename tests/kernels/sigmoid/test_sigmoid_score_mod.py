@@ -10,6 +10,7 @@ import torch
 from attnrewrite.kernels import score_mods
 from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
 from attnrewrite.ops import sigmoid_attention
+from attnrewrite.testing.checks import record_kernel_launches
 from sigmoid_testing import BIAS, masked_inputs, plain_sigmoid, seeded
 
 #: (program, the same function written in plain torch)
@@ -22,11 +23,18 @@ PROGRAMS = {
     "erf": ("div 2.0; erf; mul 3.0", lambda s: torch.erf(s / 2.0) * 3.0),
     "square": ("mul 0.5; square; neg", lambda s: -((s * 0.5) ** 2)),
     "affine": ("neg", lambda s: -s),
-    # more than one nonlinear step, clamp, pow, rdiv: the torch path only
+    # more than one nonlinear step, clamp, pow, rdiv: generated into the kernels (attnrewrite.kernels.triton_score_mods)
     "chain": ("div 4.0; tanh; mul 4.0; clamp -2.0 none; pow 2.0; add 1.0; rdiv 2.0",
               lambda s: 2.0 / (torch.clamp(torch.tanh(s / 4.0) * 4.0, min=-2.0) ** 2 + 1.0)),
+    "softcap_sigmoid": ("div 5.0; tanh; mul 5.0; sigmoid; mul 3.0", lambda s: torch.sigmoid(torch.tanh(s / 5.0) * 5.0) * 3.0),
+    "square_tanh": ("mul 0.5; square; tanh; mul 2.0", lambda s: torch.tanh((s * 0.5) ** 2) * 2.0),
+    "clamp_exp": ("clamp -1.0 1.5; exp; neg", lambda s: -torch.exp(torch.clamp(s, -1.0, 1.5))),
+    "pow": ("mul 0.5; pow 3.0; add 1.0", lambda s: (s * 0.5) ** 3 + 1.0),
+    # singular at 0 (an infinite derivative), the score of every padded row and column of a tile
+    "root": ("abs; pow 0.5; mul 2.0", lambda s: s.abs() ** 0.5 * 2.0),
 }
-KERNEL_PROGRAMS = [name for name, (text, _) in PROGRAMS.items() if score_mods.parse(text).affine_form() is not None]
+KERNEL_PROGRAMS = sorted(PROGRAMS)
+GENERATED = [name for name, (text, _) in PROGRAMS.items() if score_mods.parse(text).affine_form() is None]
 
 
 
@@ -67,8 +75,13 @@ def test_torch_path_applies_the_modification(name, causal):
 
 
 @pytest.mark.parametrize("name", KERNEL_PROGRAMS)
-def test_triton_kernels_apply_the_modification(name):
-    _check(name, "triton", torch.float32, causal=name in ("softcap", "erf", "abs"), tol=2e-4)
+def test_triton_kernels_apply_the_modification(name, monkeypatch):
+    launches = record_kernel_launches(monkeypatch)
+    _check(name, "triton", torch.float32, causal=name in ("softcap", "erf", "abs", "square_tanh", "root"), tol=2e-4)
+    assert {kernel for kernel, _, _ in launches} == {"sigmoid_fwd_kernel", "sigmoid_bwd_dq_kernel",
+                                                     "sigmoid_bwd_dkdv_kernel"}
+    # one kernel per pass: a chain runs in a generated specialisation, a single step in the fixed table
+    assert all(mod == PROGRAMS[name][0] and generated == (name in GENERATED) for _, mod, generated in launches)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -86,10 +99,10 @@ def test_triton_softcap_in_bfloat16_is_within_the_accuracy_of_plain_torch():
     assert (out.double() - exact).abs().max() <= 2 * (plain.double() - exact).abs().max() + 1e-2
 
 
-def test_impl_triton_refuses_a_program_the_kernels_do_not_compile():
-    q, k, v, _ = (t.detach().float() for t in _inputs("refuse", torch.float64))
-    with pytest.raises(ValueError, match="do not compile the score modification"):
-        sigmoid_attention_dispatch(q, k, v, enable_gqa=True, impl="triton", score_mod=PROGRAMS["chain"][0])
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_chain_without_a_mask_gradient(causal):
+    """The dQ kernel's other branch (mod' folded into p(1 − p) before the dP product) with a generated function."""
+    _check("softcap_sigmoid", "triton", torch.float32, causal=causal, tol=2e-4, mask_grad=False)
 
 
 def test_the_public_op_takes_the_program_and_checks_it():
@@ -109,7 +122,7 @@ def test_program_text_round_trips_and_its_derivative_is_autograds(name):
     text, mod = PROGRAMS[name]
     program = score_mods.parse(text)
     assert score_mods.parse(program.text()) == program
-    x = torch.linspace(-6, 6, 97, dtype=torch.float64).requires_grad_()
+    x = torch.linspace(-6, 6, 96, dtype=torch.float64).requires_grad_()  # not 0: |x|^0.5 has no derivative there
     y, d = program.with_grad(x)
     torch.testing.assert_close(y, mod(x))
     torch.testing.assert_close(d, torch.autograd.grad(mod(x).sum(), x)[0])

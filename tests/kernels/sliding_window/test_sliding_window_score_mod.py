@@ -1,7 +1,7 @@
 """Score modifications in sliding-window attention: the torch path and the Triton kernels (under
 TRITON_INTERPRET=1, 16-row tiles so that the sinks, the band's masked edges and its unmasked inside all
 run), outputs and gradients by name against the reference with the modification written as a lambda; a
-program the kernels cannot compile is refused by impl="triton" and taken by the torch path under "auto"."""
+program with several nonlinear steps runs in the kernels too, through a generated score function."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 from attnrewrite.kernels.sliding_window import op
 from attnrewrite.kernels.sliding_window.reference import naive_sliding_window_attention
 from attnrewrite.ops import sliding_window_attention
+from attnrewrite.testing.checks import record_kernel_launches
 
 SOFTCAP = ("div 3.0; tanh; mul 3.0", lambda s: torch.tanh(s / 3.0) * 3.0)
 CHAIN = ("mul 0.5; exp; clamp none 4.0; neg", lambda s: -torch.clamp(torch.exp(s * 0.5), max=4.0))
@@ -55,11 +56,13 @@ def _needs_kernels():
 @pytest.mark.parametrize("program,causal,window,sinks,t", [
     (SOFTCAP, True, 40, 3, 64),           # sinks, masked edges and unmasked blocks inside the band
     (SHIFTED_SIGMOID, False, 9, 2, 40),   # symmetric band
-], ids=["softcap_causal", "sigmoid_symmetric"])
+    (CHAIN, True, 20, 2, 40),             # exp, clamp: a generated score function
+], ids=["softcap_causal", "sigmoid_symmetric", "chain_causal"])
 def test_triton_kernels_apply_the_modification(program, causal, window, sinks, t, monkeypatch):
     _needs_kernels()
     monkeypatch.setattr(op, "launch_config", lambda *a, **kw: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4,
                                                                      num_stages=2))
+    launches = record_kernel_launches(monkeypatch)
     text, mod = program
     q, k, v, mask = _inputs(f"kernels{text}{causal}", t)
     mask = mask.detach()  # added after the modification; the kernels take a float mask without a gradient
@@ -75,15 +78,20 @@ def test_triton_kernels_apply_the_modification(program, causal, window, sinks, t
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
     plain = naive_sliding_window_attention(q, k, v, mask, causal, 0.3, window, sinks)
     assert (plain - want).abs().max() > 1e-2  # the modification changes these outputs
+    generated = program is CHAIN  # two nonlinear steps: the kernels are specialised, never the torch path
+    assert {name for name, _, _ in launches} == {"sliding_window_fwd_kernel", "sliding_window_bwd_dq_kernel",
+                                                 "sliding_window_bwd_dkdv_kernel"}
+    assert all(mod == text and specialised == generated for _, mod, specialised in launches), launches
 
 
-def test_a_program_the_kernels_cannot_compile_is_refused_and_auto_takes_the_torch_path():
-    q, k, v, _ = (x.detach().float() for x in _inputs("refuse"))
-    with pytest.raises(ValueError, match="do not compile the score modification 'mul 0.5; exp; clamp none 4.0; neg'"):
-        sliding_window_attention(q, k, v, enable_gqa=True, window=4, impl="triton", score_mod=CHAIN[0])
+def test_auto_on_the_cpu_runs_a_chain_on_the_torch_path(monkeypatch):
+    """``impl="auto"`` takes the kernels on CUDA only; on the CPU a chain still runs the blockwise torch path."""
+    launches = record_kernel_launches(monkeypatch)
+    q, k, v, _ = (x.detach().float() for x in _inputs("auto"))
     out = sliding_window_attention(q, k, v, enable_gqa=True, window=4, score_mod=CHAIN[0])
     want = naive_sliding_window_attention(q, k, v, None, True, None, 4, 0, score_mod=CHAIN[1])
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert launches == []
 
 
 def test_a_modification_starts_the_d128_backward_from_its_own_defaults():

@@ -1,8 +1,8 @@
 """Score modifications in summary attention: the torch path and the Triton kernels (under TRITON_INTERPRET=1,
 16-row tiles), outputs and gradients by name against the reference with the modification written as a
 lambda.  The reference applies the modification to every score, the summaries' as well as the window keys',
-and so do both paths.  A program the kernels cannot compile is refused by impl="triton", taken by the torch
-path under "auto"."""
+and so do both paths.  A program with several nonlinear steps runs in the kernels too, through a generated
+score function."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import torch
 from attnrewrite.kernels.summary import triton_op
 from attnrewrite.kernels.summary.reference import naive_summary_attention
 from attnrewrite.ops import summary_attention
+from attnrewrite.testing.checks import record_kernel_launches
 
 SOFTCAP = ("div 2.0; tanh; mul 2.0", lambda s: torch.tanh(s / 2.0) * 2.0)
 SHIFTED_SIGMOID = ("mul 0.5; add 1.0; sigmoid; mul 4.0; add -2.0", lambda s: torch.sigmoid(s * 0.5 + 1.0) * 4.0 - 2.0)
@@ -54,12 +55,14 @@ def test_torch_path_applies_the_modification(causal, learned):
 @pytest.mark.parametrize("program,causal,learned,length,chunk", [
     (SOFTCAP, True, True, 37, 4),             # GQA, learned pooling, padding
     (SHIFTED_SIGMOID, False, False, 38, 2),   # bidirectional: summaries on both sides, two summary tiles
-], ids=["softcap_causal_learned", "sigmoid_bidirectional"])
+    (CHAIN, True, False, 21, 4),              # tanh then square: a generated score function
+], ids=["softcap_causal_learned", "sigmoid_bidirectional", "chain_causal"])
 def test_triton_kernels_apply_the_modification(program, causal, learned, length, chunk, monkeypatch):
     if not triton_op.interpreter_active():
         pytest.skip("the kernels run on the CPU only under TRITON_INTERPRET=1")
     monkeypatch.setattr(triton_op, "launch_config", lambda *a, **kw: dict(BLOCK_M=16, BLOCK_N=16, num_warps=4,
                                                                           num_stages=2))
+    launches = record_kernel_launches(monkeypatch)
     text, mod = program
     q, k, v = _inputs(f"kernels{text}{causal}", length)
     valid = torch.ones(2, length, dtype=torch.bool)
@@ -82,16 +85,19 @@ def test_triton_kernels_apply_the_modification(program, causal, learned, length,
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
     plain = naive_summary_attention(q, k, v, valid, causal, 0.3, summary_query=query, **options)
     assert (plain - want).abs().max() > 1e-2
+    generated = program is CHAIN  # two nonlinear steps: the kernels are specialised, never the torch path
+    assert {name for name, _, _ in launches} == {"summary_fwd_kernel", "summary_bwd_dq_kernel",
+                                                 "summary_bwd_dkdv_kernel"}
+    assert all(mod == text and specialised == generated for _, mod, specialised in launches), launches
 
 
-def test_a_program_the_kernels_cannot_compile_is_refused_and_auto_takes_the_torch_path():
+def test_auto_on_the_cpu_runs_a_chain_on_the_torch_path(monkeypatch):
+    launches = record_kernel_launches(monkeypatch)
     q, k, v = (x.detach().float() for x in _inputs("refuse"))
-    with pytest.raises(ValueError, match="do not compile the score modification 'div 2.0; tanh; mul 2.0; square'"):
-        summary_attention(q, k, v, enable_gqa=True, chunk_size=2, window_chunks=1, impl="triton",
-                          score_mod=CHAIN[0])
     out = summary_attention(q, k, v, enable_gqa=True, chunk_size=2, window_chunks=1, score_mod=CHAIN[0])
     want = naive_summary_attention(q, k, v, None, True, None, chunk_size=2, window_chunks=1, score_mod=CHAIN[1])
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert launches == []
 
 
 def test_decoding_through_the_cache_with_the_modification_equals_the_op(monkeypatch):
