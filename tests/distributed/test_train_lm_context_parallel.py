@@ -53,6 +53,7 @@ def _compare(tmp_path, extra):
     torch.testing.assert_close(sharded["val_loss"], single["val_loss"], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_softmax_loss_curve_matches_one_process(tmp_path):
     _compare(tmp_path, [])
 
