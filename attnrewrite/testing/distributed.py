@@ -675,11 +675,24 @@ def _worker(rank: int, world: int, port: int, suite: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _start_method() -> str:
+    """``"forkserver"`` where the platform has it, its server importing torch and this module once per test process:
+    every rank of every suite is then forked from it, where ``"spawn"`` imports them again in each rank (about
+    5 CPU-s each, most of a small suite's start-up).  The server is started before any rank runs, single-threaded,
+    so what is forked holds no process group, thread or compiled state."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])  # no effect once it runs
+    return "forkserver"
+
+
 def run_suite(suite: str, world: int = 2, timeout_s: float = 240.0) -> dict[str, dict]:
-    """Run ``suite`` in ``world`` spawned processes; {case: {"ok": bool, "errors": {rank: traceback}}}."""
+    """Run ``suite`` in ``world`` new processes; {case: {"ok": bool, "errors": {rank: traceback}}}."""
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(_worker, args=(world, free_port(), suite, out_dir), nprocs=world, join=False,
-                                     start_method="spawn")
+                                     start_method=_start_method())
         deadline = time.monotonic() + timeout_s
         while not context.join(timeout=1.0):
             if time.monotonic() > deadline:
