@@ -1,8 +1,9 @@
 """Distributed checks on the CPU: processes with gloo on loopback, many cases per group.
 
 Starting a process group is the slow part (a process importing torch and attnrewrite: the ranks are forked
-from a forkserver that imported them once, see :func:`_start_method`), so a *suite* is a list of named cases run one after another in the same processes; :func:`run_suite` returns each
-case's outcome ("ok" or the traceback, per rank).  Every case compares the distributed run with the
+from a forkserver that imported them once, see :func:`_start_method`), so a *suite* is a list of named cases
+run one after another in the same processes; :func:`run_suite` returns each case's outcome ("ok" or the
+traceback, per rank).  Every case compares the distributed run with the
 single-process run of the same seeded inputs, computed in the same process.
 
 Suites: ``"context_parallel"`` (every kind through :func:`attnrewrite.distributed.context_parallel`,
