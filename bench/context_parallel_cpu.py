@@ -4,8 +4,12 @@ For each kind and T, one forward+backward of causal attention (B=1, 8 heads, D=6
 thread per process) in one process (the plain op on the whole sequence) and in W processes (gloo on
 loopback, each holding T/W tokens, inside ``attnrewrite.distributed.context_parallel``).  Per rank:
 the growth of the peak resident set over the rank's baseline once its inputs exist (large
-allocations served by mmap, so the peak follows the live tensors), and the wall time of the call
-(after a warm-up at T=256).  The table shows the largest rank.
+allocations served by mmap, so the peak follows the live tensors), and the wall time and the CPU time
+(``time.process_time``: the rank process's user + system time, all its threads, gloo's included; waiting
+for another rank costs wall time, not CPU time) of the call, after a warm-up at T=256.  The table shows the
+largest rank's peak and the slowest rank's times, the ranks per core (above 1 the ranks share cores, so
+their wall time is no speed measurement: a 2-core machine over-subscribed by 4 ranks) and the 1-minute load
+average, the larger of before and after the row (other jobs share the cores too).
 
 ``--model``: a training step (forward, cross-entropy, backward) of the llama target shaped like issue 14's
 model (4 layers, width 256, 8 query / 4 key-value heads of 32, float32, byte vocabulary) on one sequence of T
@@ -57,8 +61,8 @@ def _status_kb(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field))
 
 
-def _one_call(kind: str, local: int, rank: int) -> tuple[float, float]:
-    """(seconds, peak MB over the baseline) of forward+backward on ``local`` tokens of this rank."""
+def _one_call(kind: str, local: int, rank: int) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak MB over the baseline) of forward+backward on ``local`` tokens of this rank."""
     import torch
 
     g = torch.Generator().manual_seed(rank)
@@ -67,15 +71,15 @@ def _one_call(kind: str, local: int, rank: int) -> tuple[float, float]:
     base = _status_kb("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     _attention(kind)(q, k, v).backward(grad)
-    seconds = time.perf_counter() - start
-    return seconds, (_status_kb("VmHWM:") - base) / 1024
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+    return seconds, cpu_seconds, (_status_kb("VmHWM:") - base) / 1024
 
 
-def _model_step(kind: str, layers: int, length: int, mesh) -> tuple[float, float]:
-    """(seconds, peak MB over the baseline) of one training step of the llama target on ``length`` tokens:
-    the whole sequence (``mesh`` None) or this rank's shard of it."""
+def _model_step(kind: str, layers: int, length: int, mesh) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds, peak MB over the baseline) of one training step of the llama target on
+    ``length`` tokens: the whole sequence (``mesh`` None) or this rank's shard of it."""
     import torch
     import torch.nn.functional as F
 
@@ -101,14 +105,14 @@ def _model_step(kind: str, layers: int, length: int, mesh) -> tuple[float, float
     base = _status_kb("VmRSS:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     if mesh is None:
         F.cross_entropy(model(x, positions=positions).flatten(0, 1), y.flatten()).backward()
     else:
         with context_parallel(mesh, buffers=[x, y, positions], buffer_seq_dims=[1, 1, 0]):
             F.cross_entropy(model(x, positions=positions).flatten(0, 1), y.flatten()).backward()
-    seconds = time.perf_counter() - start
-    return seconds, (_status_kb("VmHWM:") - base) / 1024
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
+    return seconds, cpu_seconds, (_status_kb("VmHWM:") - base) / 1024
 
 
 def _rank_main(rank: int, world: int, port: int, kind: str, length: int, out: str, layers: int = 0) -> None:
@@ -117,10 +121,10 @@ def _rank_main(rank: int, world: int, port: int, kind: str, length: int, out: st
     torch.set_num_threads(1)
     if layers and world == 1:
         _model_step(kind, layers, 256, None)
-        seconds, peak = _model_step(kind, layers, length, None)
+        seconds, cpu_seconds, peak = _model_step(kind, layers, length, None)
     elif world == 1:
         _one_call(kind, 256, rank)
-        seconds, peak = _one_call(kind, length, rank)
+        seconds, cpu_seconds, peak = _one_call(kind, length, rank)
     elif layers:
         import torch.distributed as dist
         from torch.distributed.device_mesh import init_device_mesh
@@ -130,7 +134,7 @@ def _rank_main(rank: int, world: int, port: int, kind: str, length: int, out: st
         mesh = init_device_mesh("cpu", (world,))
         _model_step(kind, layers, 256, mesh)
         dist.barrier()
-        seconds, peak = _model_step(kind, layers, length, mesh)
+        seconds, cpu_seconds, peak = _model_step(kind, layers, length, mesh)
         dist.destroy_process_group()
     else:
         import torch.distributed as dist
@@ -144,14 +148,14 @@ def _rank_main(rank: int, world: int, port: int, kind: str, length: int, out: st
         with context_parallel(mesh):
             _one_call(kind, 256 // world, rank)
             dist.barrier()
-            seconds, peak = _one_call(kind, length // world, rank)
+            seconds, cpu_seconds, peak = _one_call(kind, length // world, rank)
         dist.destroy_process_group()
-    Path(out, f"{rank}.json").write_text(json.dumps({"seconds": seconds, "peak_mb": peak}))
+    Path(out, f"{rank}.json").write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "peak_mb": peak}))
 
 
 def measure(kind: str, length: int, world: int, layers: int = 0) -> dict:
-    """The slowest rank's time and the largest rank's peak memory, each rank a fresh process (``layers``: the
-    model's training step, else one attention call)."""
+    """The slowest rank's wall and CPU time and the largest rank's peak memory, each rank a fresh process
+    (``layers``: the model's training step, else one attention call)."""
     import torch.multiprocessing as mp
 
     from attnrewrite.testing.distributed import free_port
@@ -160,7 +164,8 @@ def measure(kind: str, length: int, world: int, layers: int = 0) -> dict:
         mp.start_processes(_rank_main, args=(world, free_port(), kind, length, out, layers), nprocs=world, join=True,
                            start_method="spawn")
         ranks = [json.loads(Path(out, f"{r}.json").read_text()) for r in range(world)]
-    return {"seconds": max(r["seconds"] for r in ranks), "peak_mb": max(r["peak_mb"] for r in ranks)}
+    return {"seconds": max(r["seconds"] for r in ranks), "cpu_seconds": max(r["cpu_seconds"] for r in ranks),
+            "peak_mb": max(r["peak_mb"] for r in ranks), "per_rank": ranks}
 
 
 def main(argv=None) -> int:
@@ -181,19 +186,24 @@ def main(argv=None) -> int:
             f"B=1 H={HEADS} D={DIM} causal attention fwd+bwd")
     print(f"# context_parallel_cpu: commit {commit.strip()}, torch {torch.__version__}, {platform.machine()}, "
           f"{os.cpu_count()} cores, {what}, fp32, 1 thread/rank")
-    print("| kind | T | ranks | time s (slowest rank) | peak MB (largest rank) | peak vs 1 rank |")
-    print("|---|---|---|---|---|---|")
+    cores = os.cpu_count()
+    print("| kind | T | ranks | time s (slowest rank) | peak MB (largest rank) | peak vs 1 rank "
+          "| CPU s (slowest rank) | ranks/cores | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rows = []
     for kind in args.kinds.split(","):
         for length in (int(t) for t in args.lengths.split(",")):
             single = None
             for world in (int(w) for w in args.worlds.split(",")):
+                load = os.getloadavg()[0]
                 row = measure(kind, length, world, args.layers if args.model else 0)
+                load = max(load, os.getloadavg()[0])
                 single = row["peak_mb"] if world == 1 else single
                 ratio = f"{row['peak_mb'] / single:.2f}" if single else "-"
-                print(f"| {kind} | {length} | {world} | {row['seconds']:.3g} | {row['peak_mb']:.0f} | {ratio} |",
-                      flush=True)
-                rows.append({"kind": kind, "T": length, "world": world, **row})
+                shared = f"{world}/{cores}" + (" (over-subscribed)" if world > cores else "")
+                print(f"| {kind} | {length} | {world} | {row['seconds']:.3g} | {row['peak_mb']:.0f} | {ratio} "
+                      f"| {row['cpu_seconds']:.3g} | {shared} | {load:.1f} |", flush=True)
+                rows.append({"kind": kind, "T": length, "world": world, "load": load, "cores": cores, **row})
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

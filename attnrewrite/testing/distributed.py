@@ -1,13 +1,15 @@
-"""Distributed checks on the CPU: processes spawned with gloo on loopback, many cases per group.
+"""Distributed checks on the CPU: processes with gloo on loopback, many cases per group.
 
-Starting a process group is the slow part (each process imports torch and attnrewrite), so a *suite*
-is a list of named cases run one after another in the same processes; :func:`run_suite` returns each
-case's outcome ("ok" or the traceback, per rank).  Every case compares the distributed run with the
+Starting a process group is the slow part (a process importing torch and attnrewrite: the ranks are forked
+from a forkserver that imported them once, see :func:`_start_method`), so a *suite* is a list of named cases
+run one after another in the same processes; :func:`run_suite` returns each case's outcome ("ok" or the
+traceback, per rank).  Every case compares the distributed run with the
 single-process run of the same seeded inputs, computed in the same process.
 
 Suites: ``"context_parallel"`` (every kind through :func:`attnrewrite.distributed.context_parallel`,
 forward and backward, the refusals and bad input, 3 training steps of a small model) and
-``"data_parallel"`` (DDP and FSDP2 × every kind, converted kinds with learned states, 3 optimizer steps).
+``"data_parallel"`` (DDP and FSDP2 × every kind, converted kinds with learned states: the first step's outputs
+and gradients by parameter name, and the parameters after 3 optimizer steps).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tempfile
 import time
 import traceback
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -529,22 +532,71 @@ def _rewritten(seed_name: str, kind: str = "sigmoid", options: dict | None = Non
     return attnrewrite.rewrite(model, to=kind, compiler="eager", strict=True, **options)
 
 
-def _data_parallel_case(wrap: str, label: str = "sigmoid") -> Case:
-    kind, options, converted = DATA_PARALLEL_KINDS[label]
+@dataclass
+class _OneProcessRun:
+    """The single-process run of one label of the data-parallel matrix on the whole batches: the first step's
+    logits [2·world, T, vocab] and gradients by parameter name, and the parameters by name after 3 AdamW steps."""
 
-    def case(mesh):
-        # every case compiles HandWrittenLM.forward again (twice): without a reset, twelve cases reach Dynamo's
-        # recompile limit for that one code object and strict=True rightly raises
-        torch._dynamo.reset()
-        rank, world = mesh.get_local_rank(), mesh.size()
-        g = torch.Generator().manual_seed(_seed(wrap))
+    batches: list[torch.Tensor]
+    logits: torch.Tensor
+    grads: dict[str, torch.Tensor | None]
+    params: dict[str, torch.Tensor]
+
+
+#: (label, world) → its single-process run, made once per process: the DDP and FSDP2 cells of a label compare
+#: with the same run (each cell used to compile, convert and train a reference of its own)
+_ONE_PROCESS_RUNS: dict[tuple[str, int], _OneProcessRun] = {}
+
+
+def _one_process_run(label: str, world: int) -> _OneProcessRun:
+    if (label, world) not in _ONE_PROCESS_RUNS:
+        kind, options, converted = DATA_PARALLEL_KINDS[label]
+        g = torch.Generator().manual_seed(_seed(f"data-parallel-{label}"))
         batches = [torch.randint(0, 32, (2 * world, T + 1), generator=g) for _ in range(3)]
         reference = _rewritten("data-parallel", kind, options, converted)
         optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-        for batch in batches:
+        for step, batch in enumerate(batches):
             optimizer.zero_grad()
-            F.cross_entropy(reference(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).backward()
+            logits = reference(batch[:, :-1])
+            F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten()).backward()
+            if step == 0:
+                first_logits = logits.detach().clone()
+                grads = {name: None if p.grad is None else p.grad.clone() for name, p in reference.named_parameters()}
             optimizer.step()
+        params = {name: p.detach().clone() for name, p in reference.named_parameters()}
+        _ONE_PROCESS_RUNS[label, world] = _OneProcessRun(batches, first_logits, grads, params)
+    return _ONE_PROCESS_RUNS[label, world]
+
+
+def _whole(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter or gradient as one tensor: FSDP2's shards (DTensor) gathered, others as they are."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _compare(mismatches: list[str], what: str, got: torch.Tensor | None, want: torch.Tensor) -> None:
+    """``assert_close(got, want)`` (its default tolerance for the dtype), a failure noted in ``mismatches``."""
+    try:
+        assert got is not None, "no tensor (no gradient)"
+        assert_close(got, want)
+    except AssertionError as error:
+        mismatches.append(f"{what}: {error}")
+
+
+def _data_parallel_case(wrap: str, label: str = "sigmoid") -> Case:
+    """One cell: ``wrap`` ("ddp" or "fsdp2") of the model rewritten to ``label``'s kind, each rank on half of each
+    batch, against one process on the whole batch: the first step's logits (this rank's rows) and gradients (by
+    parameter name, FSDP2's gathered), then the parameters after 3 AdamW steps."""
+    kind, options, converted = DATA_PARALLEL_KINDS[label]
+
+    def case(mesh):
+        # every case compiles HandWrittenLM.forward again: without a reset, twelve cases reach Dynamo's
+        # recompile limit for that one code object and strict=True rightly raises
+        torch._dynamo.reset()
+        rank, world = mesh.get_local_rank(), mesh.size()
+        reference = _one_process_run(label, world)
+        torch._dynamo.reset()
+        for name, grad in reference.grads.items():  # never compare on zeros: every parameter has a gradient
+            assert grad is not None and grad.abs().max() > 0, f"{label}: {name} has no gradient in one process"
         model = _rewritten("data-parallel", kind, options, converted)
         states = sorted(name for name, _ in model.named_parameters() if "attnrewrite_" in name)
         assert bool(states) == converted, (label, states)
@@ -554,26 +606,40 @@ def _data_parallel_case(wrap: str, label: str = "sigmoid") -> Case:
             from torch.distributed.fsdp import fully_shard
             wrapped = fully_shard(model, mesh=mesh)
         optimizer = torch.optim.AdamW(wrapped.parameters(), lr=1e-2)
-        for batch in batches:
+        # a comparison that fails on one rank only must not stop that rank before the collectives the other
+        # rank then waits in (FSDP2's gathers, the next step's): that hangs instead of naming the cell
+        mismatches: list[str] = []
+        for step, batch in enumerate(reference.batches):
             mine = batch[2 * rank:2 * rank + 2]
             optimizer.zero_grad()
-            F.cross_entropy(wrapped(mine[:, :-1]).flatten(0, 1), mine[:, 1:].flatten()).backward()
+            logits = wrapped(mine[:, :-1])
+            F.cross_entropy(logits.flatten(0, 1), mine[:, 1:].flatten()).backward()
+            if step == 0:
+                _compare(mismatches, f"{wrap} {label}: this rank's logits of the first step", logits,
+                         reference.logits[2 * rank:2 * rank + 2])
+                grads = {name: _whole(p.grad) for name, p in model.named_parameters()}
+                assert sorted(grads) == sorted(reference.grads), (label, sorted(grads), sorted(reference.grads))
+                for name, grad in grads.items():
+                    _compare(mismatches, f"{wrap} {label}: gradient of {name} in the first step", grad,
+                             reference.grads[name])
             optimizer.step()
         report = attnrewrite.recent_reports()[-1]
         assert report.rewritten and not report.skipped, report
         moved = []
-        for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p
-            assert_close(full, ref, msg=lambda m, n=name: f"{wrap} {label}: {n} after 3 AdamW steps: {m}")
+        for name, p in model.named_parameters():
+            _compare(mismatches, f"{wrap} {label}: {name} after 3 AdamW steps", _whole(p), reference.params[name])
             if "attnrewrite_" in name:
                 moved.append(name)
+        assert not mismatches, "\n".join(mismatches)
         assert sorted(moved) == states, (label, moved, states)  # the learned states trained in both runs
 
     return case
 
 
 def data_parallel_cases() -> list[tuple[str, Case]]:
-    """DDP and FSDP2 × every kind (converted kinds with their learned states), 3 AdamW steps vs one process."""
+    """DDP and FSDP2 × every kind (converted kinds with their learned states) vs one process: the first step's
+    outputs and gradients, and the parameters after 3 AdamW steps.  The two cells of a label follow each other
+    (they share its single-process run)."""
     return [(f"{wrap}-{label}", _data_parallel_case(wrap, label))
             for label in DATA_PARALLEL_KINDS for wrap in ("ddp", "fsdp2")]
 
@@ -620,11 +686,24 @@ def _worker(rank: int, world: int, port: int, suite: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _start_method() -> str:
+    """``"forkserver"`` where the platform has it, its server importing torch and this module once per test process:
+    every rank of every suite is then forked from it, where ``"spawn"`` imports them again in each rank (about
+    5 CPU-s each, most of a small suite's start-up).  The server is started before any rank runs, single-threaded,
+    so what is forked holds no process group, thread or compiled state."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    multiprocessing.get_context("forkserver").set_forkserver_preload([__name__])  # no effect once it runs
+    return "forkserver"
+
+
 def run_suite(suite: str, world: int = 2, timeout_s: float = 240.0) -> dict[str, dict]:
-    """Run ``suite`` in ``world`` spawned processes; {case: {"ok": bool, "errors": {rank: traceback}}}."""
+    """Run ``suite`` in ``world`` new processes; {case: {"ok": bool, "errors": {rank: traceback}}}."""
     with tempfile.TemporaryDirectory() as out_dir:
         context = mp.start_processes(_worker, args=(world, free_port(), suite, out_dir), nprocs=world, join=False,
-                                     start_method="spawn")
+                                     start_method=_start_method())
         deadline = time.monotonic() + timeout_s
         while not context.join(timeout=1.0):
             if time.monotonic() > deadline:

@@ -7,9 +7,12 @@ gradient; 3 SGD steps of a small model (sigmoid, SDPA, linear); compiling inside
 manager refused; bad input.
 """
 
+import pytest
+
 from attnrewrite.testing.distributed import context_parallel_cases, run_suite
 
 
+@pytest.mark.slow
 def test_context_parallel_matches_one_process():
     results = run_suite("context_parallel", world=2)
     assert sorted(results) == sorted(name for name, _ in context_parallel_cases())

@@ -1,6 +1,8 @@
-"""DDP and FSDP2 (fully_shard) on 2 spawned CPU processes train a model rewritten to sigmoid in step
-with one process: the parameters after 3 AdamW steps on half the batch each equal those of one process
-on the whole batch.  One test runs both cases in one process group."""
+"""DDP and FSDP2 (fully_shard) on 2 spawned CPU processes train a model rewritten to each kind (softmax,
+sigmoid, and the converted kinds with learned states: sigmoid, linear/hedgehog, summary, hashed) in step with
+one process, each rank on half of every batch: per cell, the first step's outputs (the rank's rows) and
+gradients (by parameter name) and the parameters after 3 AdamW steps equal those of one process on the whole
+batch.  One test runs every cell in one process group (starting one is the slow part)."""
 
 import pytest
 

@@ -59,6 +59,7 @@ def _compare(tmp_path, extra) -> dict:
     return single["learned_states"]
 
 
+@pytest.mark.slow
 def test_softmax_loss_curve_matches_one_process(tmp_path):
     _compare(tmp_path, [])
 
