@@ -65,3 +65,76 @@ def test_verify_still_names_checkpointed_attention_that_ran_eagerly():
     result = attnrewrite.verify(model, torch.randn(2, 6, 16, requires_grad=True), raise_on_failure=False)
     assert len(result.failures) == 1 and "ran eagerly" in result.failures[0].cause, result
     assert "test_trust_setups.py" in result.failures[0].module, result  # the model line that ran it
+
+
+class LegacyPaddedEncoder(nn.Module):
+    """BERT's older spelling of padding: an additive ``(1 - mask) · -10000`` term, [B, 1, 1, Tk] or, built per
+    query, [B, 1, Tq, Tk]."""
+
+    def __init__(self, per_query: bool, width: int = 16, heads: int = 2):
+        super().__init__()
+        self.per_query, self.heads = per_query, heads
+        self.qkv = nn.Linear(width, 3 * width)
+
+    def forward(self, x, mask):  # x [B, T, W], mask [B, T] of 0/1
+        b, t, w = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)  # each [B, H, T, D]
+        keep = mask[:, None, None, :].float()
+        if self.per_query:
+            keep = keep.expand(b, 1, t, t)
+        scores = q @ k.transpose(-1, -2) / (w // self.heads) ** 0.5 + (1.0 - keep) * -10000.0
+        return (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, w)
+
+
+@pytest.mark.parametrize("per_query", [False, True])
+def test_sigmoid_counts_keys_padded_by_an_additive_minus_ten_thousand_as_masked(per_query):
+    """A score at −10⁴ is masked for the matcher, so sigmoid's b = −log(n) must not count such keys: a padded
+    row equals the row alone, and the op with the bool mask (the op itself counts only −inf and the lowest
+    value as masked; the kind used to pass the −10⁴ keys through and count them)."""
+    torch.manual_seed(0)
+    model = LegacyPaddedEncoder(per_query).eval()
+    x, mask = torch.randn(2, 7, 16), torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    report = Report()
+    compiled = compile_rewritten(model, report, to="sigmoid")
+    got = compiled(x, mask)
+    assert len(report.rewritten) == 1 and not report.skipped, report
+    q, k, v = model.qkv(x).view(2, 7, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    want = attnrewrite.ops.sigmoid_attention(q, k, v, mask[:, None, None, :].bool()).transpose(1, 2).reshape(2, 7, 16)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    alone = compiled(x[1:, :4], mask[1:, :4])
+    torch.testing.assert_close(got[1:, :4], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_modes_reach_inductor(monkeypatch):
+    """``torch.compile(..., backend="attnrewrite", mode=...)`` passes ``mode`` to the backend, which used to
+    refuse it (a TypeError inside Dynamo); with options it is an option (torch.compile takes one or the
+    other).  The mode's settings reach inductor, and the sites are rewritten."""
+    import torch._inductor.compile_fx as compile_fx_module
+
+    seen = []
+    real = compile_fx_module.compile_fx
+
+    def spy(gm, example_inputs, *args, config_patches=None, **kwargs):
+        seen.append(config_patches)
+        return real(gm, example_inputs, *args, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(compile_fx_module, "compile_fx", spy)
+    model, x = CappedBlock().eval(), torch.randn(1, 5, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="attnrewrite", mode="max-autotune-no-cudagraphs")
+    result = attnrewrite.verify(compiled, x)
+    assert result.ok and len(result.report.rewritten) == 1
+    assert torch._inductor.list_mode_options("max-autotune-no-cudagraphs") in seen  # (it calls itself again)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_mode_as_an_option_is_checked():
+    from attnrewrite.rewriter.options import RewriteOptions
+
+    assert RewriteOptions.parse({"to": "sigmoid", "mode": "reduce-overhead"}).mode == "reduce-overhead"
+    assert RewriteOptions.parse({"mode": "default"}).mode is None
+    with pytest.raises(ValueError, match="option 'mode' must be one of"):
+        RewriteOptions.parse({"mode": "fast"})
+    with pytest.raises(ValueError, match="cannot go with compiler='eager'"):
+        RewriteOptions.parse({"mode": "max-autotune", "compiler": "eager"})
