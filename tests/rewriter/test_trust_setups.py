@@ -3,6 +3,9 @@ right, and ``verify`` tells the truth about it (no silent skip, no false alarm).
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -138,3 +141,39 @@ def test_mode_as_an_option_is_checked():
         RewriteOptions.parse({"mode": "fast"})
     with pytest.raises(ValueError, match="cannot go with compiler='eager'"):
         RewriteOptions.parse({"mode": "max-autotune", "compiler": "eager"})
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([CappedBlock(), CappedBlock()])
+        for block in self.blocks:  # plain causal attention: linear takes it (no score modification)
+            block.forward = functools.partial(_plain_causal, block)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def _plain_causal(block, x):
+    b, t, w = x.shape
+    q, k, v = block.qkv(x).view(b, t, 3, block.heads, w // block.heads).permute(2, 0, 3, 1, 4)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    probs = (q @ k.transpose(-1, -2) * 0.25).masked_fill(~causal, float("-inf")).softmax(-1)
+    return block.out((probs @ v).transpose(1, 2).reshape(b, t, w))
+
+
+def test_a_converted_state_the_compiled_options_do_not_use_is_said():
+    """Converted with hedgehog maps, compiled with ``to="linear"`` alone (elu): the sites run elu as asked, but
+    the maps would train on nothing — this used to be silent."""
+    model, x = TwoBlocks(), torch.randn(2, 6, 16)
+    attnrewrite.convert(model, "linear", (x,), feature_map="hedgehog")
+    report = Report()
+    with pytest.warns(attnrewrite.RewriteWarning, match="state attached to it .* is not used by the options"):
+        compile_rewritten(model, report, to="linear")(x)
+    assert len(report.rewritten) == 2 and all("hedgehog" in " ".join(s.notes) for s in report.sites), report
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnrewrite.RewriteWarning)  # the options it was converted with: no word
+        torch._dynamo.reset()
+        compile_rewritten(model, to="linear", feature_map="hedgehog")(x)
