@@ -164,6 +164,10 @@ def without_inductor_attention_fusion() -> Iterator[None]:
             passes[0] = original
 
 
+def _as_is(tensor: Any) -> Any:
+    return tensor
+
+
 def attnrewrite_backend(
     gm: fx.GraphModule,
     example_inputs: list[Any],
@@ -187,7 +191,11 @@ def attnrewrite_backend(
         options = {**(options or {}), "mode": mode}
     opts = RewriteOptions.parse(options)
     recompile_limit_reached(opts.strict)  # the frame's last compile: later versions will run unrewritten
-    report = run_pass(gm, example_inputs, opts, attach_state=_attach_state, tap=_tap)
+    # the pass evaluates attention on real tensors (certification): saved-tensor hooks around the compile, such as
+    # non-reentrant activation checkpointing's when the first call is inside torch.utils.checkpoint, must not see
+    # what those evaluations save (it counts them, and the recomputation, which runs the compiled code, saves fewer)
+    with torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
+        report = run_pass(gm, example_inputs, opts, attach_state=_attach_state, tap=_tap)
     report.compile_ids = [_compile_id()]
     record(report)
     if _report_sink is not None:

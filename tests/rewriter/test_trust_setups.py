@@ -60,14 +60,32 @@ def test_verify_does_not_count_the_recomputation_of_a_checkpointed_rewrite(reent
 
 
 def test_verify_still_names_checkpointed_attention_that_ran_eagerly():
-    """A checkpointed block left uncompiled beside a compiled one is named once, for its forward.  (Reentrant:
-    non-reentrant checkpointing recomputes with Dynamo disabled, so a compiled module inside it would not match
-    its own forward.)"""
-    model = CheckpointedStack(reentrant=True).train()
+    """A checkpointed block left uncompiled beside a compiled one is named once, for its forward."""
+    model = CheckpointedStack(reentrant=False).train()
     model.blocks[0] = compile_rewritten(model.blocks[0], to="softmax")
     result = attnrewrite.verify(model, torch.randn(2, 6, 16, requires_grad=True), raise_on_failure=False)
     assert len(result.failures) == 1 and "ran eagerly" in result.failures[0].cause, result
     assert "test_trust_setups.py" in result.failures[0].module, result  # the model line that ran it
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_a_block_compiled_on_its_first_call_inside_checkpoint(kind):
+    """``checkpoint(compiled_block, x, use_reentrant=False)`` where that call compiles: the pass's own evaluations
+    (certification) ran under checkpointing's saved-tensor hooks, which counted what they saved, and the
+    backward's recomputation (the compiled code) saved fewer: a CheckpointError.  Now outputs and gradients are
+    the kind's."""
+    torch.manual_seed(0)
+    block = CappedBlock()
+    compiled = compile_rewritten(block, to=kind, compiler="aot_eager")
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    got = checkpoint(compiled, x, use_reentrant=False)
+    (got_grad,) = torch.autograd.grad(got.pow(2).sum(), x)
+    want = compiled(x)  # the compiled block outside checkpointing
+    (want_grad,) = torch.autograd.grad(want.pow(2).sum(), x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-7)
+    if kind == "softmax":
+        torch.testing.assert_close(got, block(x), rtol=1e-5, atol=1e-6)
 
 
 class LegacyPaddedEncoder(nn.Module):
