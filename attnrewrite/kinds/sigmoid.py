@@ -23,7 +23,7 @@ import torch
 import attnrewrite.kernels.sigmoid.public  # noqa: F401 — registers attnrewrite::sigmoid_attention
 from attnrewrite.ir.canonical import AttentionCall
 from attnrewrite.ir.score_program import score_program
-from attnrewrite.ir.spec import AttentionSpec
+from attnrewrite.ir.spec import MASKED_SCORE, AttentionSpec
 from attnrewrite.kernels.sigmoid.state import SigmoidHeadState
 from attnrewrite.kinds.options import auto_or_number, flag, impl_choice
 from attnrewrite.kinds.registry import Kind, register
@@ -33,6 +33,19 @@ from attnrewrite.kinds.registry import Kind, register
 
 def _bias(options: dict[str, Any]) -> float | None:
     return None if options["bias"] == "auto" else float(options["bias"])
+
+
+def _mask(call: AttentionCall, options: dict[str, Any]) -> Any:
+    """``call.attn_mask``, with an additive mask's entries at or below −10⁴ set to −inf under ``bias="auto"``.
+
+    The matcher reads a score at or below −10⁴ as masked (BERT's ``(1 − m) · −10000``; see
+    :class:`attnrewrite.ir.spec.MaskTerm`), while the op's ``bias="auto"`` leaves out of its count only −inf
+    and the dtype's lowest value, counting any other value as a bias: such padding would be counted, and b
+    would depend on how much padding a row has.  The keys' weights are 0 either way."""
+    mask = call.attn_mask
+    if mask is None or call.bool_mask or options["bias"] != "auto":
+        return mask
+    return mask.masked_fill(mask <= MASKED_SCORE, float("-inf"))
 
 
 def _scores_operands(call: AttentionCall, state) -> tuple[Any, Any, Any]:
@@ -52,7 +65,7 @@ def _scores_operands(call: AttentionCall, state) -> tuple[Any, Any, Any]:
 
 def emit(call: AttentionCall, options: dict[str, Any], state) -> Any:
     q, k, scale = _scores_operands(call, state)
-    return torch.ops.attnrewrite.sigmoid_attention(q, k, call.v, call.attn_mask, call.dropout_p,
+    return torch.ops.attnrewrite.sigmoid_attention(q, k, call.v, _mask(call, options), call.dropout_p,
                                                    call.is_causal, scale, call.enable_gqa, bias=_bias(options),
                                                    score_mod=call.score_program, impl=options["impl"],
                                                    position_slopes=call.position_slopes, position=call.position)
@@ -72,16 +85,17 @@ def weights(call: AttentionCall, options: dict[str, Any], state) -> Any:
         scores = call.score_mod(scores)
     keep = torch.ones_like(scores, dtype=torch.bool)
     counted = keep  # the keys bias="auto" counts (the op's rule: a float mask's -inf / lowest entries are not)
-    if call.attn_mask is not None:
+    attn_mask = _mask(call, options)
+    if attn_mask is not None:
         if call.bool_mask:
-            keep = keep & call.attn_mask
+            keep = keep & attn_mask
             counted = keep
         else:
-            scores = scores + call.attn_mask
+            scores = scores + attn_mask
             # an additive mask is materialised in call.dtype (static: the mask may be an FX proxy here)
             if call.dtype is not None and call.dtype.is_floating_point:
                 lowest = torch.finfo(call.dtype).min
-                counted = keep & (call.attn_mask != float("-inf")) & (call.attn_mask != lowest)
+                counted = keep & (attn_mask != float("-inf")) & (attn_mask != lowest)
     if call.is_causal:
         keep = keep & torch.ones_like(keep[0, 0]).tril()
         counted = counted & keep

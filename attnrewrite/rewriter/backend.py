@@ -27,8 +27,9 @@ from attnrewrite.rewriter.report import Report, graph_serial, record
 log = logging.getLogger("attnrewrite")
 
 
-def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], compiler: str) -> Callable:
-    """Hand the (rewritten) graph to ``compiler``: inductor, eager or aot_eager.
+def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], compiler: str, mode: str | None = None) -> Callable:
+    """Hand the (rewritten) graph to ``compiler``: inductor (with ``torch.compile``'s ``mode``, if any), eager or
+    aot_eager.
 
     Inductor compiles it without its own attention fusion (``fuse_attention``'s SDPA patterns):
     attnrewrite has already handled every attention in the graph, and those patterns can be wrong
@@ -43,8 +44,13 @@ def compile_graph(gm: fx.GraphModule, example_inputs: list[Any], compiler: str) 
         return lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
+    patches = None
+    if mode is not None:
+        from torch._inductor import list_mode_options
+
+        patches = list_mode_options(mode)
     with without_inductor_attention_fusion():
-        return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def _is_attention_fusion(entry: Any) -> bool:
@@ -158,6 +164,10 @@ def without_inductor_attention_fusion() -> Iterator[None]:
             passes[0] = original
 
 
+def _as_is(tensor: Any) -> Any:
+    return tensor
+
+
 def attnrewrite_backend(
     gm: fx.GraphModule,
     example_inputs: list[Any],
@@ -165,17 +175,27 @@ def attnrewrite_backend(
     _report_sink: Callable[[Report], None] | None = None,
     _attach_state: Callable | None = None,
     _tap: Callable | None = None,
+    mode: str | None = None,
 ) -> Callable:
     """Rewrite every certified attention site of ``gm`` to ``options["to"]``, then compile it.
 
     Options: ``to`` (kind, default ``"softmax"``), ``strict`` (default False), ``compiler``
-    (``"inductor"`` default, ``"eager"``, ``"aot_eager"``) and the kind's own options.
+    (``"inductor"`` default, ``"eager"``, ``"aot_eager"``), ``mode`` and the kind's own options.
+    ``mode`` is what ``torch.compile(..., mode=...)`` passes (it takes a mode or options, not both).
     The report of each graph is logged (logger ``attnrewrite``) and kept for
     :func:`attnrewrite.recent_reports`.
     """
+    if mode is not None:
+        if options and "mode" in options and options["mode"] != mode:
+            raise ValueError(f"mode={mode!r} and option 'mode'={options['mode']!r} disagree")
+        options = {**(options or {}), "mode": mode}
     opts = RewriteOptions.parse(options)
     recompile_limit_reached(opts.strict)  # the frame's last compile: later versions will run unrewritten
-    report = run_pass(gm, example_inputs, opts, attach_state=_attach_state, tap=_tap)
+    # the pass evaluates attention on real tensors (certification): saved-tensor hooks around the compile, such as
+    # non-reentrant activation checkpointing's when the first call is inside torch.utils.checkpoint, must not see
+    # what those evaluations save (it counts them, and the recomputation, which runs the compiled code, saves fewer)
+    with torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
+        report = run_pass(gm, example_inputs, opts, attach_state=_attach_state, tap=_tap)
     report.compile_ids = [_compile_id()]
     record(report)
     if _report_sink is not None:
@@ -184,7 +204,7 @@ def attnrewrite_backend(
              len(report.skipped))
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s\n%s", report, gm.code)
-    return ranged(compile_graph(gm, example_inputs, opts.compiler), report)
+    return ranged(compile_graph(gm, example_inputs, opts.compiler, opts.mode), report)
 
 
 #: Profiler range around each call of a graph this backend compiled, named ``"attnrewrite graph <serial>

@@ -8,8 +8,10 @@ from typing import Any, Mapping
 from attnrewrite import kinds
 
 COMPILERS = ("inductor", "eager", "aot_eager")
+#: ``torch.compile``'s modes, which choose inductor's settings (``torch._inductor.list_mode_options``).
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: The pass's own options; every other name is the kind's (see ``attnrewrite.kinds``).
-PASS_OPTIONS = ("to", "strict", "compiler")
+PASS_OPTIONS = ("to", "strict", "compiler", "mode")
 
 
 @dataclass(frozen=True)
@@ -23,12 +25,16 @@ class RewriteOptions:
         compiler: what runs the graph after the rewrite: ``"inductor"`` (default), ``"eager"``
             (the rewritten FX graph, no code generation; fastest to start) or ``"aot_eager"``
             (AOTAutograd with eager kernels: the training graph without code generation).
+        mode: ``torch.compile``'s mode for inductor (``"max-autotune"`` …), or None. ``torch.compile(...,
+            backend="attnrewrite", mode=...)`` passes it to the backend; since ``torch.compile`` takes
+            ``mode`` or ``options`` but not both, it can also be given as an option.
         kind_options: the kind's own options (e.g. ``feature_map`` for ``linear``).
     """
 
     to: str = "softmax"
     strict: bool = False
     compiler: str = "inductor"
+    mode: str | None = None
     kind_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -51,5 +57,12 @@ class RewriteOptions:
         compiler = options.pop("compiler", "inductor")
         if compiler not in COMPILERS:
             raise ValueError(f"option 'compiler' must be one of {COMPILERS}; got {compiler!r}")
+        mode = options.pop("mode", None)
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"option 'mode' must be one of {MODES}; got {mode!r}")
+        if mode not in (None, "default") and compiler != "inductor":
+            raise ValueError(f"option 'mode' ({mode!r}) chooses inductor's settings; it cannot go with "
+                             f"compiler={compiler!r}")
         kind_options = kind.check_options(options, passes=PASS_OPTIONS)
-        return cls(to=to, strict=strict, compiler=compiler, kind_options=kind_options)
+        return cls(to=to, strict=strict, compiler=compiler, mode=None if mode == "default" else mode,
+                   kind_options=kind_options)

@@ -25,6 +25,7 @@ import copy
 import functools
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -35,13 +36,13 @@ from attnrewrite import kinds
 from attnrewrite.ir.capture import module_path, normalize
 from attnrewrite.ir.evaluate import GraphEvaluator
 from attnrewrite.ir.record import find_fake_mode
-from attnrewrite.ir.spec import NotAttention, Site
+from attnrewrite.ir.spec import NotAttention, Site, state_name
 from attnrewrite.patterns import eager_matmul, masks, multihead, relative, sdpa
 from attnrewrite.rewriter import hops, state
 from attnrewrite.rewriter.certify import certify, fingerprint
-from attnrewrite.rewriter.failures import Failure, RewriteFailed, not_rewritten
+from attnrewrite.rewriter.failures import Failure, RewriteFailed, RewriteWarning, not_rewritten
 from attnrewrite.rewriter.options import RewriteOptions
-from attnrewrite.rewriter.report import Report, SiteReport, StageReport
+from attnrewrite.rewriter.report import Report, SiteReport, StageReport, clean_module_path
 from attnrewrite.rewriter.rewrite import rewrite_site
 
 log = logging.getLogger("attnrewrite")
@@ -190,6 +191,8 @@ def _find_state(ctx: PassContext, site: Site) -> None:
     kind, options = ctx.kind, ctx.options.kind_options
     fresh = kind.make_state(site.spec, options) if kind.make_state is not None else None
     if fresh is None:
+        if kind.make_state is not None and not ctx.inside:
+            _note_unused_state(ctx, site)
         return
     if ctx.inside:
         raise NotAttention(f"{kind.name} with these options has per-site parameters, which attnrewrite does not "
@@ -204,6 +207,24 @@ def _find_state(ctx: PassContext, site: Site) -> None:
             f"to={kind.name!r}, ...) before compiling")
     state.guard_site(ctx.gm, site.anchor, owner, kind.name, site.ordinal)
     ctx.states[site] = found
+
+
+def _note_unused_state(ctx: PassContext, site: Site) -> None:
+    """A state that ``convert`` attached for other options of this kind (hedgehog maps, learned summaries), which
+    the options compiled with do not use (``elu``, mean summaries): the site runs as asked, but the state's
+    parameters would train on nothing.  Said in the report and with a :class:`RewriteWarning`."""
+    try:
+        owner = state.owner_of(site.anchor)
+    except NotAttention:
+        return
+    found = owner.module._modules.get(state_name(ctx.kind.name, site.ordinal))
+    if found is None:
+        return
+    note = (f"the {ctx.kind.name} state attached to it (made for {getattr(found, state.OPTIONS_ATTR, None)}) is not "
+            f"used by the options compiled with ({ctx.options.kind_options}): its parameters get no gradient; "
+            "compile with the options it was converted with")
+    site.notes.append(note)
+    warnings.warn(f"attnrewrite: {clean_module_path(site.module_path)}: {note}", RewriteWarning, stacklevel=2)
 
 
 def certify_sites(ctx: PassContext) -> None:

@@ -40,6 +40,9 @@ ATTENTION_OPS = frozenset({
 })
 _REGION = "Torch-Compiled Region: "
 _OURS = "attnrewrite::"
+#: Ops the autograd engine runs: the backward, and the forward code activation checkpointing recomputes in it
+#: (outside the compiled region and its graph's range), which replays the forward already accounted for.
+_BACKWARD = "autograd::engine::evaluate_function"
 
 
 @dataclass
@@ -80,6 +83,8 @@ def verify(model: Callable, *args: Any, to: str | None = None, options: dict[str
     Returns:
         A :class:`Verification`. The model runs twice: once to compile (not accounted: compiling
         evaluates attention itself), once under the profiler; gradients it leaves are restored.
+        What the autograd engine runs is not accounted: activation checkpointing's recomputation
+        replays the forward (outside the compiled regions), whose every call was accounted already.
     """
     if to is not None:
         from attnrewrite.rewriter.backend import attnrewrite_backend
@@ -156,7 +161,8 @@ def _account(events: list[Any]) -> Verification:
                 graphs[serial] = report
     for event in events:
         if event.name not in ATTENTION_OPS or _has_ancestor(event, lambda e: e.name in ATTENTION_OPS
-                                                              or e.name.startswith(_OURS) or _compiling(e)):
+                                                              or e.name.startswith((_OURS, _BACKWARD))
+                                                              or _compiling(e)):
             continue
         if not _has_ancestor(event, lambda e: e.name.startswith(_REGION)):
             result.failures.append(Failure(_where(event), f"{event.name} ran eagerly, outside any compiled "
