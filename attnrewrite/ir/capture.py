@@ -139,7 +139,7 @@ def normalize(node: fx.Node) -> Call | None:
     if name in ("div", "mul", "exp"):
         written_out = written_out_softmax(node)
         if written_out is not None:
-            return written_out
+            return without_stabiliser(written_out)
     if name in ("mul", "div", "and", "maximum"):
         return Call(name, node, (a[0], _arg(node, 1, "other")))
     if name in ("add", "sub"):
@@ -155,7 +155,8 @@ def normalize(node: fx.Node) -> Call | None:
             operands = tuple(operands[0])
         return Call(name, node, (a[0], *operands))
     if name == "softmax":
-        return Call(name, node, (a[0],), {"dim": _arg(node, 1, "dim"), "dtype": _arg(node, 2, "dtype")})
+        return without_stabiliser(Call(name, node, (a[0],), {"dim": _arg(node, 1, "dim"),
+                                                             "dtype": _arg(node, 2, "dtype")}))
     if name == "masked_fill":
         return Call(name, node, (a[0], _arg(node, 1, "mask"), _arg(node, 2, "value")))
     if name == "where":
@@ -300,6 +301,95 @@ def written_out_softmax(node: fx.Node) -> Call | None:
         if _constant_along(m, x.args[0], dim):
             x = x.args[0]  # the shift cancels; x − m with m varying along d is read as it is (softmax of it)
     return Call("softmax", node, (x,), {"dim": dim, "dtype": None})
+
+
+# --------------------------------------------------------------------------- a row max subtracted by hand
+
+#: Ops that pass a value on unchanged, on the stabiliser's side only: detaching the row max changes no
+#: gradient (softmax(x − m) does not depend on m), whereas a detached softmax input would.
+_SAME_VALUE_METHODS = frozenset({"detach", "contiguous", "clone"})
+_SAME_VALUE_FUNCTIONS = (torch.detach, torch.clone)
+
+
+def _same_value_source(node: Any) -> Any:
+    """``node`` without the detach / clone / contiguous calls around it."""
+    while isinstance(node, fx.Node) and node.args and (
+            node.op == "call_method" and node.target in _SAME_VALUE_METHODS
+            or node.op == "call_function" and node.target in _SAME_VALUE_FUNCTIONS):
+        node = node.args[0]
+    return node
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """``a`` and ``b`` provably hold the same tensor: one node, or the same casts of one node."""
+    a, b = _same_value_source(a), _same_value_source(b)
+    if a is b:
+        return isinstance(a, fx.Node)
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return False
+    if canonical_name(a) != "cast" or canonical_name(b) != "cast" or len(a.args) != 1 or len(b.args) != 1:
+        return False  # (a cast with arguments, .to(dtype) / type_as(t), is compared by dtype below)
+    ta, tb = example(a), example(b)
+    return (isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor) and ta.dtype == tb.dtype
+            and _same_value(a.args[0], b.args[0]))
+
+
+def _row_max_of(m: Any) -> tuple[fx.Node, int] | None:
+    """(x, d) when ``m`` is x's maximum over dim d kept as a dim of size 1: ``x.amax(d, keepdim=True)``,
+    ``torch.max(x, d, keepdim=True)[0]`` (or ``.values``), ``x.max(-1)[0].unsqueeze(-1)``, each possibly
+    detached, of x possibly detached; None for anything else (a min, a scaled max, a max over several dims)."""
+    m = _same_value_source(m)
+    unsqueezed = None
+    if isinstance(m, fx.Node) and canonical_name(m) == "unsqueeze":
+        unsqueezed, m = _arg(m, 1, "dim"), _same_value_source(m.args[0])
+    if isinstance(m, fx.Node) and canonical_name(m) == "getitem" and m.args[1] == 0:
+        m = m.args[0]  # (values, indices)[0]
+        if not _calls(m, (torch.max,), "max"):
+            return None
+    elif not _calls(m, (torch.amax,), "amax"):
+        return None
+    if not m.args or not isinstance(m.args[0], fx.Node) or any(k not in ("dim", "keepdim") for k in m.kwargs):
+        return None
+    x, dim = m.args[0], _single_dim(_arg(m, 1, "dim"))
+    keepdim = _arg(m, 2, "keepdim", False)
+    r = rank(x)
+    if dim is None or r is None or r == 0 or keepdim is not (unsqueezed is None):
+        return None
+    if unsqueezed is not None and (not isinstance(unsqueezed, int) or unsqueezed % r != dim % r
+                                   or dim % r != r - 1):
+        return None  # (dropping a middle dim and putting it back elsewhere would misalign the rows)
+    return _same_value_source(x), dim % r
+
+
+def without_stabiliser(call: Call) -> Call:
+    """``call`` (a softmax) with a row max subtracted from its input by hand read as the stabiliser it is:
+    softmax_d(x − max_d(x)) is softmax_d(x) whatever x, so the input is x (as for a softmax written out
+    as exp(x − m) / Σ, :func:`written_out_softmax`).  Seen: casts and copies between the subtraction and
+    the softmax (an upcast of half scores to float32 becomes ``dtype=float32``), the max detached, spelled
+    ``amax`` or ``max(...)[0]`` / ``.values``.  Anything else — a max over another dim, of another tensor,
+    scaled, a min, a max added — is left in the input, where the matcher reads it as the scores reused."""
+    dim = call.kwargs["dim"]
+    top = call.args[0] if call.args else None
+    x = top
+    while isinstance(x, fx.Node) and canonical_name(x) in ("cast", "identity"):
+        x = x.args[0]
+    if not isinstance(x, fx.Node) or canonical_name(x) != "sub" or len(x.args) != 2 or x.kwargs.get("alpha", 1) != 1:
+        return call
+    scores, row_max = x.args
+    found = _row_max_of(row_max)
+    r = rank(scores)
+    if (found is None or r is None or not isinstance(dim, int) or isinstance(dim, bool)
+            or found[1] != dim % r or not _same_value(found[0], scores)):
+        return call
+    dtype = call.kwargs.get("dtype")
+    inner, outer = tensor_meta(scores), tensor_meta(top)
+    if inner is None or outer is None:
+        return call
+    if outer.dtype != inner.dtype:  # a cast between: only an upcast to float32, which softmax's dtype= says
+        if dtype is not None or outer.dtype != torch.float32 or inner.dtype not in (torch.float16, torch.bfloat16):
+            return call
+        dtype = torch.float32
+    return Call("softmax", call.node, (scores,), {**call.kwargs, "dim": dim, "dtype": dtype})
 
 
 # --------------------------------------------------------------------------- shape-only reads

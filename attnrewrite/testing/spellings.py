@@ -7,7 +7,8 @@ expand+reshape or ``repeat_interleave``, dropout with p = 0, batch-first or sequ
 inputs, soft-capping, BLOOM-style 3-D scores, bool or integer tensors added to the scores, masks
 built from the scores' shape only (``expand_as``, ``ones_like(s).triu(1)``), a query shared by the
 batch, values on the left (``(vᵀ pᵀ)ᵀ``), Swin's 5-D view with a mask per window, rank-5 einsum,
-a second attention whose query is the first one's output, or ``F.scaled_dot_product_attention`` —
+a row max subtracted by hand before the softmax (its stabiliser), a second attention whose query is
+the first one's output, or ``F.scaled_dot_product_attention`` —
 and says what the matcher must find.  :func:`draw_near_miss` writes something that looks like
 attention but is not (softmax over the wrong dim, the value product on the wrong side, scores
 reused by a non-elementwise op, shapes that do not line up, learned memories, ...): it must
@@ -240,6 +241,24 @@ def _softmax(s: torch.Tensor, spelling: str, dim: int = -1) -> torch.Tensor:
     return torch.softmax(s, dim)
 
 
+def _stabilised(s: torch.Tensor, spelling: str) -> torch.Tensor:
+    """s minus its row max over the keys, subtracted by hand before the softmax (ViT/Swin variants, CogView's
+    PB-relax, fp16 code): softmax(s − max s) is softmax(s), and the matcher reads the max as a stabiliser."""
+    if spelling == "amax":
+        return s - s.amax(-1, keepdim=True)
+    if spelling == "max_values":
+        return s - s.max(dim=-1, keepdim=True).values
+    if spelling == "max_getitem_detached":
+        return s - torch.max(s, -1, keepdim=True)[0].detach()
+    if spelling == "amax_of_detached":
+        return s - s.detach().amax(dim=-1, keepdim=True)
+    if spelling == "max_unsqueezed":
+        return s - s.max(-1)[0].unsqueeze(-1)
+    if spelling == "upcast_both":  # each side cast on its own: two cast nodes of one tensor
+        return s.float() - s.float().amax(-1, keepdim=True)
+    return s
+
+
 def _dropout(p: torch.Tensor, spelling: str) -> torch.Tensor:
     if spelling == "p0":
         return F.dropout(p, p=0.0, training=True)
@@ -301,6 +320,8 @@ def _eager_choices(c: _Recorder, d: _Dims) -> dict[str, Any]:
     o["alibi"] = c("alibi", [False, True])
     o["softmax"] = c("softmax", ["torch", "functional", "method", "upcast_float", "dtype_f32", "positive_dim",
                                  "written_out", "log_softmax_exp"])
+    o["stabilise"] = c("stabilise", ["none", "amax", "max_values", "max_getitem_detached", "amax_of_detached",
+                                     "max_unsqueezed", "upcast_both"])
     o["dropout"] = c("dropout", ["none", "p0", "eval"])
     o["merge"] = c("merge_heads", [True, False])
     return o
@@ -363,7 +384,7 @@ def _draw_eager(c: _Recorder) -> Program:
             s = s.view(1, BATCH, h, d.t_q, d.t_k) + _window_mask(d.t_q, d.t_k).unsqueeze(1).unsqueeze(0)
             s = s.view(-1, h, d.t_q, d.t_k)
         s = _apply_mask(s, o["mask"], keep, d.t_q, d.t_k, h if o["layout"] == "stay3d" else None)
-        p = _dropout(_softmax(s, o["softmax"]), o["dropout"])
+        p = _dropout(_softmax(_stabilised(s, o["stabilise"]), o["softmax"]), o["dropout"])
         if o["layout"] == "view4d":
             p = p.view(b * h, d.t_q, -1)
         if three_d:
@@ -449,7 +470,9 @@ NEAR_MISSES = ("softmax_dim", "values_left", "probs_transposed", "scores_reused_
                "masked_fill_zero", "mask_before_softcap", "log_softmax", "two_value_products",
                # shape-only looking uses that do read the scores' values; views and products of the new classes
                "bool_from_scores_added", "expand_as_of_score_values", "ones_like_or_scores", "windows_mixed",
-               "einsum5_sums_over_queries")
+               "einsum5_sums_over_queries",
+               # a shift by a row statistic that is not the softmax's own stabiliser, max_{-1}(s) subtracted
+               "stabiliser_scaled", "stabiliser_min", "stabiliser_added", "stabiliser_of_other_scores")
 
 
 class _LearnedMemory(nn.Module):
@@ -498,6 +521,14 @@ def draw_near_miss(choose: Choose) -> Program:
             s = s + s.mean(dim=-2, keepdim=True)
         elif miss == "scores_reused_amax":
             s = s - s.amax(dim=-2, keepdim=True)  # normalised over the queries, not elementwise
+        elif miss == "stabiliser_scaled":
+            s = s - 0.5 * s.amax(dim=-1, keepdim=True)
+        elif miss == "stabiliser_min":
+            s = s - s.amin(dim=-1, keepdim=True)
+        elif miss == "stabiliser_added":
+            s = s + s.amax(dim=-1, keepdim=True)
+        elif miss == "stabiliser_of_other_scores":  # the max of s, subtracted from 2·s
+            s = 2.0 * s - s.amax(dim=-1, keepdim=True)
         elif miss == "scores_times_own_norm":
             s = s * s.norm(dim=-1, keepdim=True)
         elif miss == "masked_fill_zero":
