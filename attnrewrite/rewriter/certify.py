@@ -23,7 +23,8 @@ normalisation (its softmax node, or SDPA) is replaced by a shift-sensitive one, 
 no saturation above), on both sides, so the spec's masked scores must reproduce the very scores
 the site normalises.  What the kinds' math is defined on are the scores the softmax normalises:
 for a softmax written out as exp(x − m) / Σ exp(x − m) that is x (m, any per-row value, is the
-spelling's own stabiliser, :func:`attnrewrite.ir.capture.written_out_softmax`).  Sites whose
+spelling's own stabiliser, :func:`attnrewrite.ir.capture.written_out_softmax`), and for
+softmax(x − amax(x)) it is x as well (:func:`attnrewrite.ir.capture.without_stabiliser`).  Sites whose
 normalisation is neither (FlexAttention, nn.MultiheadAttention) keep the output comparison: their
 biases are the masks passed to them, read as they are.
 

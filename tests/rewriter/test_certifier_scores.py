@@ -142,24 +142,13 @@ def test_per_query_terms_reach_sigmoid_as_the_site_wrote_them(spelling, sdpa):
     assert all(any("certified" in n for n in s.notes) for s in report.sites), report
 
 
-@pytest.mark.parametrize("normalise", ["written_out", "written_out_row"])
+@pytest.mark.parametrize("normalise", ["written_out", "written_out_row", "stable"])
 def test_a_written_out_softmax_is_sigmoid_of_what_it_exponentiates_less_its_stabiliser(normalise):
-    """exp(x − m) / Σ exp(x − m) is softmax(x) for every per-row m (the row max, or a learned value): the
-    kind's scores are x."""
+    """exp(x − m) / Σ exp(x − m) is softmax(x) for every per-row m (the row max, or a learned value), and so is
+    softmax(x − amax(x)) (the matcher drops that stabiliser, ``ir/capture.without_stabiliser``): the kind's
+    scores are x."""
     model, by_hand = _pair("t5_plus_learned_row", normalise)
     _sigmoid_equals_by_hand(model, by_hand, normalise)
-
-
-def test_softmax_of_scores_less_their_row_max_is_skipped_with_a_reason():
-    """softmax(s − amax(s)): the matcher does not read a reduction of the scores back into them; skipped for
-    sigmoid with the reason, and the compiled model is the model."""
-    torch._dynamo.reset()
-    model, _ = _pair("learned_row", "stable")
-    report = Report(to="sigmoid")
-    x = _x("stable")
-    torch.testing.assert_close(compile_rewritten(model, report, to="sigmoid", bias=BIAS)(x), model(x))
-    (site,) = report.sites
-    assert site.status == "skipped" and "amax" in site.reason, report
 
 
 # --------------------------------------------------------------------------- planted: refused for sigmoid
