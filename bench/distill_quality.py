@@ -128,6 +128,8 @@ def main(argv=None) -> int:
                              "each of docstrings and word_sentences)")
     parser.add_argument("--no-bucket", dest="bucket", action="store_false",
                         help="batches in corpus order (default: sentences of about one length batched together)")
+    parser.add_argument("--features", type=int, default=None,
+                        help="linear's hedgehog features (the kind's features option: 2·F outputs; default 2·head dim)")
     parser.add_argument("--seed", type=int, default=0,
                         help="distill's seed (adapters' initialisation) and the order of the batches (default 0)")
     args = parser.parse_args(argv)
@@ -162,6 +164,8 @@ def main(argv=None) -> int:
     for to, options in SETTINGS:
         if to not in args.kinds.split(","):
             continue
+        if to == "linear" and args.features is not None:
+            options = {**options, "features": args.features}
         label = f"{to} ({', '.join(f'{k}={v}' for k, v in options.items())})"
         before = attnrewrite.convert(copy.deepcopy(model), to, held, **options)
         rows = [("before", "none", 0.0, 0.0, before)]
