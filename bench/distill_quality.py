@@ -23,7 +23,8 @@ processes with distill's default eager compiler) and the wall seconds the distil
 machine.
 
 The defaults are the best setting measured within the issue's 10 CPU-minutes (bench/RESULTS.md,
-helpers dist9, dist10 and min11): ``--corpus english``, fine-tuning rate 3e-3, 128 batches, transfer 200 +
+helpers dist9, dist10, min11 and dst12; ``--features 128``, twice hedgehog's default features, did better for
+linear but not within the budget): ``--corpus english``, fine-tuning rate 3e-3, 128 batches, transfer 200 +
 finetune 1200 steps, rank-8 adapters on the attention projections, ``--match output``, one torch thread:
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/distill_quality.py --rows "after both"
