@@ -567,11 +567,11 @@ HEDGEHOG_SCALES = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5)
 
 
 def _warm_start_linear(state: nn.Module, calls: Sequence[SiteCall], options: Mapping[str, Any]) -> None:
-    """Hedgehog feature maps W = c_h·I (both q's and k's map), c_h per key/value head picked from
-    :data:`HEDGEHOG_SCALES` as the one whose linear attention output is closest (squared error) to the
-    exact softmax output on the captured calls.  The maps start as the identity, which suits no
-    particular scale of q and k; this picks the sharpness that fits the site.  Other feature maps
-    have nothing to fit."""
+    """Hedgehog feature maps W = c_h·W0 (both q's and k's map; W0 their initial weight: the identity,
+    with seeded unit directions beyond the head dim when ``features`` asks for more), c_h per key/value
+    head picked from :data:`HEDGEHOG_SCALES` as the one whose linear attention output is closest
+    (squared error) to the exact softmax output on the captured calls.  W0 suits no particular scale
+    of q and k; this picks the sharpness that fits the site.  Other feature maps have nothing to fit."""
     from attnrewrite.kernels.linear.stateful_maps import HedgehogFeatureMap
 
     q_map, k_map = getattr(state, "q_map", None), getattr(state, "k_map", None)
@@ -582,9 +582,11 @@ def _warm_start_linear(state: nn.Module, calls: Sequence[SiteCall], options: Map
         return
     groups = heads_q // heads_kv
     errors = torch.zeros(len(HEDGEHOG_SCALES), heads_kv, dtype=torch.float64)
+    q_init, k_init = q_map.weight.detach().float().clone(), k_map.weight.detach().float().clone()  # [H, D, F]
 
-    def features(x: torch.Tensor, c: float) -> torch.Tensor:
-        return torch.softmax(torch.cat([c * x, -c * x], dim=-1), dim=-1)
+    def features(x: torch.Tensor, init: torch.Tensor, c: float) -> torch.Tensor:
+        z = c * torch.einsum("bhtd,hde->bhte", x, init.to(x.device))
+        return torch.softmax(torch.cat([z, -z], dim=-1), dim=-1)
 
     for call in calls:
         q = (call.raw_q if call.raw_q is not None else call.q).float()
@@ -593,17 +595,17 @@ def _warm_start_linear(state: nn.Module, calls: Sequence[SiteCall], options: Map
         k, v = call.k.float(), call.v.float()
         if call.enable_gqa and k.shape[-3] != q.shape[-3]:
             k, v = (t.repeat_interleave(q.shape[-3] // t.shape[-3], dim=-3) for t in (k, v))
+        k_init_q = k_init.repeat_interleave(q.shape[-3] // k_init.shape[0], dim=0)  # per query head
         scores, keep, counted = call.scores()
         exact = torch.nan_to_num(scores.masked_fill(~keep, float("-inf")).softmax(-1)) @ v
         for i, c in enumerate(HEDGEHOG_SCALES):
-            w = (features(q, c) @ features(k, c).transpose(-2, -1)) * counted
+            w = (features(q, q_init, c) @ features(k, k_init_q, c).transpose(-2, -1)) * counted
             out = (w @ v) / (w.sum(-1, keepdim=True) + options.get("eps", 1e-6))
             per_head = (out - exact).square().mean(dim=(0, 2, 3)).double().cpu()  # [Hq]
             errors[i] += per_head.view(heads_kv, groups).sum(-1)
     best = torch.tensor(HEDGEHOG_SCALES, dtype=torch.float64)[errors.argmin(0)]  # [Hkv]
-    eye = torch.eye(k_map.weight.shape[-1], dtype=torch.float64)
-    k_map.weight.copy_((best[:, None, None] * eye).to(k_map.weight))
-    q_map.weight.copy_((best.repeat_interleave(groups)[:, None, None] * eye).to(q_map.weight))
+    k_map.weight.copy_((best[:, None, None] * k_init.double()).to(k_map.weight))
+    q_map.weight.copy_((best.repeat_interleave(groups)[:, None, None] * q_init.double()).to(q_map.weight))
 
 
 #: Kinds whose states have a warm start: ``fit(state, calls, kind_options)``, in place, no gradients.

@@ -16,11 +16,15 @@ neighbour among the other 99 its pair).
 Rows per kind: the rewritten model before distillation; after ``stage="transfer"``; after
 ``stage="both"`` (transfer then finetune); and plain fine-tuning (``stage="finetune"``) with as many
 steps as transfer + finetune together, so the value of transfer is measured, not assumed.  Each row
-gives the CPU seconds (``time.process_time``: all threads of the process) and the wall seconds the
-distillation took on this machine.
+gives the seed (``--seed``: distill's seed, which initialises the adapters, and the order of the
+batches; the sentences are the same for every seed), the CPU seconds (``time.process_time``: all
+threads of this process, so at several torch threads it exceeds the wall time; nothing runs in child
+processes with distill's default eager compiler) and the wall seconds the distillation took on this
+machine.
 
 The defaults are the best setting measured within the issue's 10 CPU-minutes (bench/RESULTS.md,
-helpers dist9, dist10 and min11): ``--corpus english``, fine-tuning rate 3e-3, 128 batches, transfer 200 +
+helpers dist9, dist10, min11 and dst12; ``--features 128``, twice hedgehog's default features, did better for
+linear but not within the budget): ``--corpus english``, fine-tuning rate 3e-3, 128 batches, transfer 200 +
 finetune 1200 steps, rank-8 adapters on the attention projections, ``--match output``, one torch thread:
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/distill_quality.py --rows "after both"
@@ -92,10 +96,11 @@ def scores(embeddings, reference):
     return cos.mean().item(), cos.min().item(), retrieval.item()
 
 
-def row(label, name, what, cpu, wall, distilled, held, reference, to, options) -> str:
+def row(label, name, what, seed, cpu, wall, distilled, held, reference, to, options) -> str:
     """One line of the table: ``distilled`` measured on the held-out sentences."""
     mean, low, retrieval = scores(embed(distilled, held, to, options), reference)
-    return f"| {label} | {name} | {what} | {cpu:.0f} | {wall:.0f} | {mean:.4f} | {low:.4f} | {retrieval:.2f} |"
+    return (f"| {label} | {name} | {what} | {seed} | {cpu:.0f} | {wall:.0f} | {mean:.4f} | {low:.4f} | "
+            f"{retrieval:.2f} |")
 
 
 def main(argv=None) -> int:
@@ -124,6 +129,10 @@ def main(argv=None) -> int:
                              "each of docstrings and word_sentences)")
     parser.add_argument("--no-bucket", dest="bucket", action="store_false",
                         help="batches in corpus order (default: sentences of about one length batched together)")
+    parser.add_argument("--features", type=int, default=None,
+                        help="linear's hedgehog features (the kind's features option: 2·F outputs; default 2·head dim)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="distill's seed (adapters' initialisation) and the order of the batches (default 0)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,8 +146,8 @@ def main(argv=None) -> int:
                                          text))
     data = [dict(tokenizer(sentences[i:i + 16], padding=True, truncation=True, max_length=args.max_length,
                            return_tensors="pt")) for i in range(0, len(sentences), 16)]
-    if args.bucket:  # lengths mixed again across steps, deterministically
-        order = sorted(range(len(data)), key=lambda i: zlib.crc32(f"batch {i}".encode()))
+    if args.bucket:  # lengths mixed again across steps, deterministically from the seed
+        order = sorted(range(len(data)), key=lambda i: zlib.crc32(f"batch {i}".encode(), args.seed))
         data = [data[i] for i in order]
     held = dict(tokenizer(list(HELDOUT_SENTENCES), padding=True, return_tensors="pt"))
     reference = embed(model, held)
@@ -147,15 +156,17 @@ def main(argv=None) -> int:
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; transfer {args.transfer_steps} steps, finetune {args.finetune_steps} steps, "
           f"batches of 16 sentences (<= {args.max_length} word pieces), lr {lr}, schedule {args.schedule}, "
-          f"adapters of rank {args.rank} on {args.adapt}, corpus {args.corpus}, match {args.match}")
+          f"adapters of rank {args.rank} on {args.adapt}, corpus {args.corpus}, match {args.match}, seed {args.seed}")
     _, _, original_retrieval = scores(reference, reference)
     print(f"original model: paraphrase retrieval {original_retrieval:.2f}\n")
-    print("| kind | model | distillation | CPU s | wall s | mean cosine | min cosine | paraphrase top-1 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| kind | model | distillation | seed | CPU s | wall s | mean cosine | min cosine | paraphrase top-1 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     total = args.transfer_steps + args.finetune_steps
     for to, options in SETTINGS:
         if to not in args.kinds.split(","):
             continue
+        if to == "linear" and args.features is not None:
+            options = {**options, "features": args.features}
         label = f"{to} ({', '.join(f'{k}={v}' for k, v in options.items())})"
         before = attnrewrite.convert(copy.deepcopy(model), to, held, **options)
         rows = [("before", "none", 0.0, 0.0, before)]
@@ -168,15 +179,15 @@ def main(argv=None) -> int:
         rows = [r for r in rows if r[0] in wanted]
         runs = [run for run in runs if run[0] in wanted]
         for name, what, _, _, distilled in rows:
-            print(row(label, name, what, 0.0, 0.0, distilled, held, reference, to, options), flush=True)
+            print(row(label, name, what, "–", 0.0, 0.0, distilled, held, reference, to, options), flush=True)
         for name, stage, steps in runs:  # each row printed as soon as its distillation is done
             cpu, wall = time.process_time(), time.perf_counter()
-            out = attnrewrite.distill(model, to, data, steps=steps, stage=stage, seed=0, progress=False, lr=lr,
+            out = attnrewrite.distill(model, to, data, steps=steps, stage=stage, seed=args.seed, progress=False, lr=lr,
                                       rank=args.rank, adapt=args.adapt, schedule=args.schedule, match=args.match,
                                       **options)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             what = f"{stage} {steps if isinstance(steps, int) else '+'.join(map(str, steps.values()))}"
-            print(row(label, name, what, cpu, wall, out, held, reference, to, options), flush=True)
+            print(row(label, name, what, args.seed, cpu, wall, out, held, reference, to, options), flush=True)
     return 0
 
 

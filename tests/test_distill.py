@@ -41,7 +41,9 @@ def _assert_unchanged(model, snapshot):
         assert torch.equal(now[name], value) and now[name].requires_grad == grad and now[name].grad is None, name
 
 
-@pytest.mark.parametrize("to, options", [("linear", {"feature_map": "hedgehog"}), ("sigmoid", {"learned": True})])
+@pytest.mark.parametrize("to, options", [("linear", {"feature_map": "hedgehog"}),
+                                         ("linear", {"feature_map": "hedgehog", "features": 32}),
+                                         ("sigmoid", {"learned": True})])
 def test_transfer_lowers_every_sites_error_on_a_held_out_batch_and_leaves_the_model_alone(llama, to, options):
     snapshot, was_training = _snapshot(llama), llama.training
     before = site_errors(attnrewrite.convert(copy.deepcopy(llama), to, HELD_OUT, **options), to, HELD_OUT, **options)
@@ -104,6 +106,32 @@ def test_hedgehogs_warm_start_picks_each_heads_scale_and_lowers_every_sites_erro
         assert torch.equal(w, scales[:, None, None] * torch.eye(w.shape[-1])), name  # c·I per head
         assert set(scales.tolist()) <= set(distill_module_scales()), name
         assert scales.tolist() != [1.0] * len(scales), name  # not the identity start
+
+
+def test_hedgehog_with_more_features_starts_from_the_identity_and_seeded_directions_and_warm_starts_them(llama):
+    # features=32 on head dim 8: W [H, 8, 16] = [I | 8 unit directions], the same for every head and for a
+    # site's q and k maps; the warm start scales it per key/value head (c·W0), as it does the identity.
+    options = {"feature_map": "hedgehog", "features": 32}  # the kind's seed 0 (distill's seed= is its own)
+    converted = attnrewrite.convert(copy.deepcopy(llama), "linear", HELD_OUT, **options)
+    started = attnrewrite.distill(llama, "linear", DATA, steps=0, stage="transfer", progress=False, **options)
+    for site in SITES:
+        prefix = f"{site}.attnrewrite_linear"
+        q0, k0 = (converted.get_submodule(f"{prefix}.{m}").weight.detach() for m in ("q_map", "k_map"))
+        assert q0.shape == (4, 8, 16) and k0.shape == (2, 8, 16)
+        init = q0[0]
+        assert torch.equal(init[:, :8], torch.eye(8))
+        assert torch.allclose(init[:, 8:].norm(dim=0), torch.ones(8)) and not torch.equal(init[:, 8:], init[:, :8])
+        assert all(torch.equal(w, init) for w in (*q0, *k0)), site
+        for m, heads in (("q_map", 4), ("k_map", 2)):
+            w = started.get_submodule(f"{prefix}.{m}").weight.detach()
+            scales = w[:, 0, 0]
+            assert torch.allclose(w, scales[:, None, None] * init), (site, m)
+            assert set(scales.tolist()) <= set(distill_module_scales()), (site, m)
+    other = attnrewrite.convert(copy.deepcopy(llama), "linear", HELD_OUT, **options, seed=6)
+    assert not torch.equal(other.get_submodule(f"{SITES[0]}.attnrewrite_linear.q_map").weight[0], init)
+    odd = attnrewrite.explain(copy.deepcopy(llama), **HELD_OUT, to="linear",
+                              options={"feature_map": "hedgehog", "features": 7})
+    assert odd.rewritten == [] and all("features must be even" in s.reason for s in odd.skipped)
 
 
 def distill_module_scales():

@@ -39,6 +39,8 @@ def _key_padding_shape(term) -> bool:
 
 
 def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
+    if options["feature_map"] == "hedgehog" and options["features"] is not None and options["features"] % 2:
+        return f"hedgehog's features must be even (x·W and −x·W, F each); got features={options['features']}"
     if getattr(spec, "score_mod", None) is not None:
         return "a score modification cannot be applied to linear attention"
     if spec.dropout_p > 0:
@@ -113,8 +115,9 @@ KIND = register(Kind(
         "feature_map": one_of("elu", FEATURE_MAPS + STATEFUL_MAPS),
         "eps": positive_number(1e-6),
         "use_scale": flag(False),
-        "features": integer(None, minimum=1, optional=True),  # favor: random features (None: head dim)
-        "seed": integer(0, minimum=0),  # favor: the draw of the random features
+        # favor: random features (None: 2·head dim); hedgehog: its 2·F outputs (even; None: 2·head dim)
+        "features": integer(None, minimum=1, optional=True),
+        "seed": integer(0, minimum=0),  # favor: the draw of the random features; hedgehog: its directions beyond D
     },
     description="linear attention φ(q)·Σφ(k)ᵀv / φ(q)·Σφ(k) (elu, relu, favor, hedgehog feature maps)",
     weights=weights,

@@ -4,8 +4,8 @@
   Choromanski et al., 2021): φ(x) = exp(Wx − |x|²/2) / √M, an unbiased estimate of the softmax
   kernel exp(q·k).  Seeded, and redrawable with :meth:`FavorFeatureMap.redraw`.
 - :class:`HedgehogFeatureMap` — Hedgehog's learned map (Zhang et al., 2024), as LoLCATs uses it
-  to convert softmax models: φ(x) = softmax([xW, −xW]) over the 2·D features, one W per head,
-  initialised to the identity.
+  to convert softmax models: φ(x) = softmax([xW, −xW]) over 2·F features (F = D by default), one W
+  per head, initialised to the identity (and seeded unit directions beyond D).
 
 :class:`LinearSiteState` holds one map for the queries and one for the keys of a site; the
 linear kind attaches it to the model with :func:`attnrewrite.convert`.
@@ -69,14 +69,24 @@ class FavorFeatureMap(nn.Module):
 
 
 class HedgehogFeatureMap(nn.Module):
-    """φ(x) = softmax([x W_h, −x W_h]) over 2·D features, W_h [D, D] per head, initialised to I.
+    """φ(x) = softmax([x W_h, −x W_h]) over 2·F features, W_h [D, F] per head.
 
-    Input [B, H, T, D] → output [B, H, T, 2·D] (positive, sums to 1 per token).
+    W_h starts as the identity (F = D, the default).  With more features (F > D) the first D
+    columns are the identity and the other F − D are unit directions drawn from ``seed``, the same
+    for every head (so a site's query and key maps start alike).  Input [B, H, T, D] → output
+    [B, H, T, 2·F] (positive, sums to 1 per token).
     """
 
-    def __init__(self, heads: int, head_dim: int):
+    def __init__(self, heads: int, head_dim: int, num_features: int | None = None, seed: int = 0):
         super().__init__()
-        self.weight = nn.Parameter(torch.eye(head_dim).repeat(heads, 1, 1))  # [H, D, D]
+        columns = head_dim if num_features is None else num_features // 2
+        if num_features is not None and (num_features % 2 or columns < 1):
+            raise ValueError(f"hedgehog's features must be an even number >= 2 (x W and -x W); got {num_features}")
+        init = torch.eye(head_dim, columns)  # [D, F]
+        if columns > head_dim:
+            extra = orthogonal_gaussian(columns - head_dim, head_dim, torch.Generator().manual_seed(seed))
+            init[:, head_dim:] = (extra / extra.norm(dim=-1, keepdim=True)).T
+        self.weight = nn.Parameter(init.repeat(heads, 1, 1))  # [H, D, F]
 
     def forward(self, x: torch.Tensor, is_query: bool = True) -> torch.Tensor:
         z = torch.einsum("bhtd,hde->bhte", x, self.weight.to(x.dtype))
@@ -103,7 +113,9 @@ def make_site_state(kind: str, heads_q: int, heads_kv: int, head_dim: int, scale
                     num_features: int | None = None, seed: int = 0) -> LinearSiteState:
     """The state of one site for feature map ``kind`` (``"favor"`` or ``"hedgehog"``)."""
     if kind == "hedgehog":
-        return LinearSiteState(HedgehogFeatureMap(heads_q, head_dim), HedgehogFeatureMap(heads_kv, head_dim))
+        extra_seed = site_seed(seed, module_path)
+        return LinearSiteState(HedgehogFeatureMap(heads_q, head_dim, num_features, extra_seed),
+                               HedgehogFeatureMap(heads_kv, head_dim, num_features, extra_seed))
     if kind == "favor":
         shared = FavorFeatureMap(head_dim, num_features, scale, site_seed(seed, module_path))
         return LinearSiteState(shared, shared)  # one draw: q and k must use the same features
