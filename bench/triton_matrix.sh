@@ -7,8 +7,9 @@
 # Environment:
 #   MATRIX_DIR    where the venvs live (default /tmp/attnrewrite-triton-matrix); an existing venv whose
 #                 triton already has the version is reused, so a second run only runs the tests
-#   MATRIX_GROUPS which groups of kernel tests to run (default: all six, "linear sigmoid sliding_window bf16
-#                 summary hashed"; see TEST_GROUPS below): the linear, sigmoid and sliding-window test files whole,
+#   MATRIX_GROUPS which groups of kernel tests to run (default: all seven, "linear sigmoid sliding_window bf16
+#                 summary hashed score_mods"; see TEST_GROUPS below; score_mods: the generated score-modification
+#                 functions and a chain of nonlinear steps in every kernel family that takes one): the linear, sigmoid and sliding-window test files whole,
 #                 and for summary and hashed a bounded selection that still launches every kernel (summary:
 #                 forward+backward with learned summaries, GQA and padding, varlen forward+backward, decode over
 #                 the cache's store and through SummaryCache's decode route; hashed: codes, selection +
@@ -42,12 +43,18 @@ $H/test_hashed_triton.py::test_selection_output_and_gradients_equal_the_referenc
 $H/test_hashed_triton.py::test_decode_over_the_cache_equals_the_reference[True] \
 $H/test_far_triton.py::test_kernels_round_far_keys_as_the_reference[float16-additive-False] \
 $H/test_learned_triton.py::test_learned_hashes_on_the_kernels_match_the_torch_path[gqa_causal]"
+    [score_mods]="tests/kernels/test_triton_score_mods.py \
+tests/kernels/sigmoid/test_sigmoid_score_mod.py::test_triton_kernels_apply_the_modification[softcap_sigmoid] \
+tests/kernels/sigmoid/test_sigmoid_score_mod.py::test_triton_kernels_apply_the_modification[root] \
+tests/kernels/sliding_window/test_sliding_window_score_mod.py::test_triton_kernels_apply_the_modification[chain_causal] \
+$S/test_summary_score_mod.py::test_triton_kernels_apply_the_modification[chain_causal] \
+$H/test_hashed_score_mod.py::test_triton_kernels_apply_the_modification[chain_bias]"
 )
 if [ -n "${MATRIX_TESTS:-}" ]; then
     TESTS=$MATRIX_TESTS
 else
     TESTS=""
-    for group in ${MATRIX_GROUPS:-linear sigmoid sliding_window bf16 summary hashed}; do
+    for group in ${MATRIX_GROUPS:-linear sigmoid sliding_window bf16 summary hashed score_mods}; do
         [ -n "${TEST_GROUPS[$group]:-}" ] || { echo "unknown group $group (known: ${!TEST_GROUPS[*]})" >&2; exit 2; }
         TESTS="$TESTS ${TEST_GROUPS[$group]}"
     done
