@@ -110,16 +110,16 @@ class ScoreProgram:
         program)."""
         nonlinear = [i for i, step in enumerate(self.steps) if step.op not in AFFINE]
         if not nonlinear:
-            pre_mul, pre_add = _fold(self.steps)
+            pre_mul, pre_add = fold_affine(self.steps)
             return pre_mul, pre_add, None, 1.0, 0.0
         first, last = nonlinear[0], nonlinear[-1]
-        pre_mul, pre_add = _fold(self.steps[:first])
-        post_mul, post_add = _fold(self.steps[last + 1:])
+        pre_mul, pre_add = fold_affine(self.steps[:first])
+        post_mul, post_add = fold_affine(self.steps[last + 1:])
         return pre_mul, pre_add, ScoreProgram(self.steps[first:last + 1]), post_mul, post_add
 
 
-def _fold(steps) -> tuple[float, float]:
-    """(m, a) with the affine ``steps`` applied in order equal to x · m + a."""
+def fold_affine(steps) -> tuple[float, float]:
+    """(m, a) with the affine ``steps`` (mul, div, add, neg) applied in order equal to x · m + a."""
     m, a = 1.0, 0.0
     for step in steps:
         if step.op == "add":

@@ -45,7 +45,7 @@ import threading
 import types
 from pathlib import Path
 
-from attnrewrite.kernels.score_mods import AFFINE, ScoreProgram, Step
+from attnrewrite.kernels.score_mods import AFFINE, ScoreProgram, Step, fold_affine
 
 #: integer exponents of ``pow`` up to this size are multiplied out (exact, any sign of the base)
 _MAX_MULTIPLIED_POWER = 32
@@ -161,13 +161,7 @@ def function_source(core: ScoreProgram) -> str:
         nonlocal x, grad, index
         if not run:
             return
-        m, a = 1.0, 0.0
-        for step in run:
-            if step.op == "add":
-                a += step.args[0]
-            else:
-                c = -1.0 if step.op == "neg" else step.args[0] if step.op == "mul" else 1.0 / step.args[0]
-                m, a = m * c, a * c
+        m, a = fold_affine(run)
         run.clear()
         index += 1
         y = f"x{index}"
