@@ -10,7 +10,8 @@ Timings (bf16): forward and forward+backward medians (triton.testing.do_bench) f
 (batch = 16k / T, heads = 2048 / D), against torch SDPA's flash backend.  The headline shape
 (D = 128, T = 8192, not causal) comes first: ours, SDPA, the PyPI package triton-sigmoid when it
 imports (its autotuner compiles ~46 kernels, so only there), the output error of all three against
-float64, and, unless --quick, a search over a few candidate configurations whose winner is written
+float64, the same shape with Gemma-2's soft-capping and with a two-step chain fused into our kernels (issue
+16's target: soft-capped forward+backward within 10 % of plain), and, unless --quick, a search over a few candidate configurations whose winner is written
 to $OUT/sigmoid-<device>.json as a (one-bucket) tuning table.  Rows that would start after the
 time budget are skipped, so the family stays within about three minutes, compiles included.
 
@@ -258,6 +259,7 @@ def timings(device, quick: bool) -> list[dict]:
     with tuning.autotune_disabled():
         ours_row = _time_shape(device, *headline, rows, ts=ts)
         rows += _headline_accuracy(device, ts)
+        _score_mod_rows(device, rows, ours_row)
         if not quick and ours_row is not None and _elapsed() < FAMILY_BUDGET_S:
             best = _search_headline(device, rows)
             if best:
@@ -274,8 +276,34 @@ def _label(dim, length, causal) -> str:
     return f"d{dim} T={length} {'causal' if causal else 'full'}"
 
 
-def _time_shape(device, dim, length, causal, rows, ts=None, configs=None, variant="default") -> dict | None:
-    """Append our row (forward and forward+backward against SDPA flash) and, given ``ts``, triton-sigmoid's."""
+#: Issue 16's fused score-modification target: sigmoid with Gemma-2's soft-capping (the fixed table's tanh) within
+#: 10 % of sigmoid without it, forward+backward at the headline shape; the same for a chain of two nonlinear steps
+#: (a generated score function, reported, no target).
+SOFTCAP = "div 30.0; tanh; mul 30.0"
+CHAIN = "div 30.0; tanh; mul 30.0; sigmoid"
+SOFTCAP_TARGET = 1.10
+
+
+def _score_mod_rows(device, rows, plain: dict | None) -> None:
+    """Time the headline shape with SOFTCAP and CHAIN fused into the kernels against ``plain`` (its row without
+    a modification, same inputs and configs) and append the target row."""
+    for variant, program in (("softcap", SOFTCAP), ("chain", CHAIN)):
+        row = _time_shape(device, HEADLINE["dim"], HEADLINE["length"], HEADLINE["causal"], rows, variant=variant,
+                          score_mod=program)
+        if row is not None and plain is not None:
+            row["fwdbwd_x_plain"] = plain["fwdbwd_ms"] / row["fwdbwd_ms"]
+            row["fwd_x_plain"] = plain["fwd_ms"] / row["fwd_ms"]
+        if variant == "softcap":
+            slower = None if row is None or plain is None else row["fwdbwd_ms"] / plain["fwdbwd_ms"]
+            rows.append({"case": f"target: soft-capped fwd+bwd within {SOFTCAP_TARGET - 1:.0%} of plain sigmoid",
+                         "config": variant, "ratio": float("nan") if slower is None else slower,
+                         "target": SOFTCAP_TARGET, "met": None if slower is None else slower <= SOFTCAP_TARGET})
+
+
+def _time_shape(device, dim, length, causal, rows, ts=None, configs=None, variant="default",
+                score_mod: str | None = None) -> dict | None:
+    """Append our row (forward and forward+backward against SDPA flash; ``score_mod`` fused into our kernels)
+    and, given ``ts``, triton-sigmoid's."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from attnrewrite.kernels.sigmoid import sigmoid_attention_dispatch
@@ -288,7 +316,8 @@ def _time_shape(device, dim, length, causal, rows, ts=None, configs=None, varian
                        for _ in range(4))
         for t in (q, k, v):
             t.requires_grad_()
-        ours = lambda: sigmoid_attention_dispatch(q, k, v, is_causal=causal, impl="triton")  # noqa: E731
+        ours = lambda: sigmoid_attention_dispatch(q, k, v, is_causal=causal, impl="triton",  # noqa: E731
+                                                  score_mod=score_mod)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
             t_sdpa = (_bench(sdpa), _bench(lambda: sdpa().backward(do), [q, k, v]))

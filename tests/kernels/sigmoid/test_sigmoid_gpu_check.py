@@ -52,6 +52,9 @@ def check(monkeypatch, tmp_path):
                       options, forced))
     monkeypatch.setattr(module, "CASES", small)
     monkeypatch.setattr(module, "COMPILE_BACKEND", "aot_eager")
+    # every row must run: the GPU's time budgets would skip rows on a loaded CPU under the interpreter
+    monkeypatch.setattr(module, "CORRECTNESS_BUDGET_S", float("inf"))
+    monkeypatch.setattr(module, "FAMILY_BUDGET_S", float("inf"))
     monkeypatch.setattr(module, "TIMING_DTYPE", torch.float32)
     monkeypatch.setattr(module, "HEADLINE", dict(dim=32, length=48, causal=False))
     monkeypatch.setattr(module, "LENGTHS", {"quick": (48,), "full": (48,)})
@@ -78,6 +81,9 @@ def test_dry_run_of_the_gpu_check(check, tmp_path):
     assert not errors, errors
     configs = [r.get("config") for r in rows]
     assert "default" in configs and "searched" in configs and "triton-sigmoid 0.1.2" in configs
+    assert "softcap" in configs and "chain" in configs
+    target, = (r for r in rows if r["case"].startswith("target: soft-capped"))
+    assert target["met"] is not None and target["ratio"] > 0, target
     assert any(r["case"].startswith("accuracy") for r in rows)
     table_path, = tmp_path.glob("sigmoid-*.json")
     assert tuning.validate_table(json.loads(table_path.read_text()), spaces.SPACES) == []
