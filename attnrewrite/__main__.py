@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--match", default="output", choices=("output", "hidden_states"),
                          help="what finetune matches: the output, or also every layer's hidden state "
                               "(transformers models: MiniLM)")
+    distill.add_argument("--transfer-loss", default="output", choices=("output", "weights"),
+                         help="what transfer matches at each site: the output (squared error) or the softmax "
+                              "weights (cross-entropy to the kind's weights: linear, sigmoid)")
     distill.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
                          help="learning rate over each stage: warm-up then cosine decay, or constant")
     distill.add_argument("--batches", type=int, default=64, help="distinct training batches")

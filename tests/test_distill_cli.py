@@ -76,12 +76,29 @@ def test_the_cli_honours_stage_transfer_trains_the_states_finetune_the_model(che
     assert moved, "transfer left the per-site states where finetune (which does not train them) left them"
 
 
+def test_the_cli_passes_transfer_loss_weights_on(checkpoint, capsys, monkeypatch):
+    import attnrewrite.distill_cli as cli
+
+    given = {}
+    real = cli.distill
+
+    def spy(*args, **kwargs):
+        given.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "distill", spy)
+    _run(capsys, "--checkpoint", checkpoint, "--to", "linear", "--stage", "transfer", "--transfer-loss", "weights",
+         *TINY)
+    assert given["transfer_loss"] == "weights" and given["stage"] == "transfer"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--to", "no_such_kind"], "unknown attention kind 'no_such_kind'"),
     (["--to", "sigmoid", "--option", "no_such_option=1"], "unknown option(s) ['no_such_option'] for kind 'sigmoid'"),
     (["--to", "sigmoid", "--option", "learned"], "--option takes NAME=VALUE"),
     (["--to", "sigmoid", "--option", "learned=3"], "option 'learned' of kind 'sigmoid'"),
     (["--to", "sigmoid", "--corpus", "english"], "--corpus chooses MiniLM's sentences"),
+    (["--to", "hashed", "--transfer-loss", "weights"], "--transfer-loss weights needs attention weights"),
 ])
 def test_bad_input_is_named_before_any_training(checkpoint, argv, message):
     with pytest.raises(SystemExit) as exc:
