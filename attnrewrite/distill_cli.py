@@ -45,13 +45,18 @@ def parse_options(pairs: list[str], to: str) -> dict[str, Any]:
 
 def check_arguments(args: argparse.Namespace, options: dict[str, Any]) -> None:
     """Refuse, before any model is loaded, an unknown kind, an option the kind does not take (or a bad
-    value), and ``--corpus`` with a llama checkpoint (whose data is byte windows of the docstrings)."""
+    value), ``--transfer-loss weights`` for a kind without weights, and ``--corpus`` with a llama checkpoint (whose data is byte windows of the docstrings)."""
     from attnrewrite.rewriter.options import RewriteOptions
+
+    from attnrewrite import kinds
 
     try:
         RewriteOptions.parse({"to": args.to, "compiler": "eager", **options})
     except (ValueError, TypeError) as exc:
         raise SystemExit(f"attnrewrite distill: {exc}") from None
+    if args.transfer_loss == "weights" and not callable(kinds.get(args.to).weights):
+        raise SystemExit(f"attnrewrite distill: --transfer-loss weights needs attention weights, and kind "
+                         f"{args.to!r} cannot compute them")
     if getattr(args, "corpus", None) is not None and not args.model:
         raise SystemExit("attnrewrite distill: --corpus chooses MiniLM's sentences (--model minilm); a --checkpoint "
                          "distils on byte windows of the docstring corpus")
@@ -133,7 +138,8 @@ def run_distill(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     distilled = distill(model, args.to, data, steps=steps, lr=args.lr, stage=args.stage, seed=args.seed,
                         save_to=args.save_to, loss="kl" if args.checkpoint else "auto", rank=args.rank,
-                        adapt=args.adapt, schedule=args.schedule, match=args.match, **options)
+                        adapt=args.adapt, schedule=args.schedule, match=args.match,
+                        transfer_loss=args.transfer_loss, **options)
     seconds = time.perf_counter() - start
     print(f"  distilled ({seconds:.0f} s):    {measure(distilled, args.to)}")
     if args.out:
