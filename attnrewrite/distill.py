@@ -32,6 +32,7 @@ Everything happens on a copy: the model passed in is never changed (its paramete
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnrewrite import kinds as kind_registry
 from attnrewrite.ir.spec import state_name
 from attnrewrite.rewriter import state as state_registry
 from attnrewrite.rewriter.backend import attnrewrite_backend
@@ -68,6 +70,10 @@ ADAPT = ("attention", "all")
 #: ``output_hidden_states=True``, the transformers convention: one per layer, each matched by its mean
 #: squared error relative to the original's mean square, so every layer weighs alike).
 MATCH = ("output", "hidden_states")
+#: What attention transfer matches at each site: ``"output"`` (mean squared error of the kind's output
+#: to the exact softmax output) or ``"weights"`` (cross-entropy of the exact softmax weights to the
+#: kind's attention weights, normalised over the keys; kinds whose ``weights`` is a callable only).
+TRANSFER_LOSSES = ("output", "weights")
 #: Default learning rates: feature maps and per-head scalars take large steps, adapters small ones.
 DEFAULT_LR = {"transfer": 1e-2, "finetune": 1e-3}
 #: Options that give a kind per-site parameters to transfer (a hint for the error; the kinds decide).
@@ -92,7 +98,7 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
             stage: str = "transfer", seed: int = 0, save_to: str | os.PathLike | None = None, save_every: int = 50,
             rank: int = 8, loss: str = "auto", compiler: str = "eager", progress: bool = True,
             schedule: str = "cosine", adapt: str = "attention", match: str = "output",
-            **kind_options: Any) -> nn.Module:
+            transfer_loss: str = "output", **kind_options: Any) -> nn.Module:
     """Distil ``model`` (softmax attention) into a copy that runs attention kind ``to``; return the copy.
 
     Args:
@@ -129,6 +135,12 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
             each layer's, [batch, tokens, width]) of each state's squared error divided by the original
             state's mean square (padded tokens left out as for ``loss``).  Each layer then gets its own
             signal, not only what reaches the output (TinyBERT, LoLCATs match layer by layer too).
+        transfer_loss: what attention transfer matches at each site (:data:`TRANSFER_LOSSES`): ``"output"``
+            (mean squared error of the kind's output to the exact one) or ``"weights"``: the cross-entropy
+            −Σ_j p_ij log(w_ij / Σ_j w_ij) of the exact softmax weights p to the kind's attention weights w
+            (Hedgehog's loss; sigmoid's weights do not sum to 1, so only their distribution over the keys
+            is matched, not their scale).  ``"weights"`` needs a kind that can compute its weights (linear,
+            sigmoid) and materialises [batch, heads, queries, keys] per site: for short sequences.
         compiler: what runs the rewritten graph while fine-tuning (``"eager"``, ``"aot_eager"``,
             ``"inductor"``); attention transfer always runs ``"eager"``.
         progress: show a tqdm progress bar with the loss.
@@ -166,6 +178,11 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
         raise ValueError(f"adapt must be one of {ADAPT}; got {adapt!r}")
     if match not in MATCH:
         raise ValueError(f"match must be one of {MATCH}; got {match!r}")
+    if transfer_loss not in TRANSFER_LOSSES:
+        raise ValueError(f"transfer_loss must be one of {TRANSFER_LOSSES}; got {transfer_loss!r}")
+    if transfer_loss == "weights" and to != "softmax" and not callable(kind_registry.get(to).weights):
+        raise DistillError(f"transfer_loss='weights' needs attention weights, and kind {to!r} cannot compute "
+                           f"them; use transfer_loss='output'")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise ValueError(f"rank must be an int >= 1; got {rank!r}")
     if not isinstance(save_every, int) or save_every < 1:
@@ -200,7 +217,7 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
             return student
         trainable = {name: p.requires_grad for name, p in student.named_parameters()}
         run = _Run(model, student, to, options, batches, seed, rank, loss, save_to, save_every, progress, stage,
-                   schedule, adapt, match)
+                   schedule, adapt, match, transfer_loss)
         for name in stages:
             n_steps, rate = plan[name]
             if name == "transfer":
@@ -224,8 +241,9 @@ class _Run:
     (a converted copy) and what the stages share (data, checkpoint, seed)."""
 
     def __init__(self, teacher, student, to, options, batches, seed, rank, loss, save_to, save_every, progress,
-                 request, schedule="cosine", adapt="attention", match="output"):
+                 request, schedule="cosine", adapt="attention", match="output", transfer_loss="output"):
         self.teacher, self.student, self.to, self.options = teacher, student, to, options
+        self.transfer_loss = transfer_loss
         self.schedule, self.adapt, self.match = schedule, adapt, match
         self.batches, self.seed, self.rank, self.loss = batches, seed, rank, loss
         self.save_to, self.save_every, self.progress, self.request = save_to, save_every, progress, request
@@ -234,7 +252,9 @@ class _Run:
     def _identity(self) -> dict[str, Any]:
         return {"to": self.to, "kind_options": dict(self.options.kind_options), "stage": self.request,
                 "seed": self.seed, "rank": self.rank, "schedule": self.schedule, "adapt": self.adapt,
-                "match": self.match}
+                "match": self.match,
+                # only when not the default: checkpoints written before the option existed still resume
+                **({"transfer_loss": self.transfer_loss} if self.transfer_loss != "output" else {})}
 
     # ---- transfer
 
@@ -252,7 +272,7 @@ class _Run:
             return
         if self.checkpoint is not None and self.checkpoint["phase"] == "finetune":
             return  # transfer finished before the checkpoint was written: finetune restores its result
-        recorder = _Recorder()
+        recorder = _Recorder(self.transfer_loss)
         backend = functools.partial(attnrewrite_backend, _tap=recorder.tap,
                                     options={"to": self.to, "compiler": "eager", **self.options.kind_options})
         torch._dynamo.reset()
@@ -427,9 +447,11 @@ def learning_rate_factor(schedule: str, step: int, steps: int) -> float:
 
 
 class _Recorder:
-    """What the sites report during attention transfer: site name -> the squared errors of its calls."""
+    """What the sites report during attention transfer: site name -> the errors of its calls (the squared
+    error of the outputs, or with ``transfer_loss="weights"`` the cross-entropy of the weights)."""
 
-    def __init__(self):
+    def __init__(self, transfer_loss: str = "output"):
+        self.transfer_loss = transfer_loss
         self.errors: dict[str, list[torch.Tensor]] | None = None
         self.captured: dict[str, list[SiteCall]] | None = None  # set while the warm start captures
 
@@ -441,10 +463,16 @@ class _Recorder:
         return errors
 
     def record(self, name: str, student: torch.Tensor, teacher: torch.Tensor) -> None:
-        if self.errors is not None:
-            self.errors.setdefault(name, []).append((student.float() - teacher.detach().float()).square().mean())
+        """``student``, ``teacher``: the outputs, or (``transfer_loss="weights"``) the kind's and the exact weights."""
+        if self.errors is None:
+            return
+        if self.transfer_loss == "weights":
+            error = weights_cross_entropy(student, teacher)
+        else:
+            error = (student.float() - teacher.detach().float()).square().mean()
+        self.errors.setdefault(name, []).append(error)
 
-    def tap(self, gm, site, emit, call):
+    def tap(self, gm, site, emit, call, kind_weights=None):
         """The pass's tap (see ``run_pass``): the kind's output and the exact output of one canonical
         call, compared by a module that records their error and returns the exact output.  The
         module also gets the call's scaled q, k, v and mask, for the warm start's statistics."""
@@ -458,6 +486,9 @@ class _Recorder:
                    "module_path": site.module_path, "ordinal": site.ordinal}
         gm.add_submodule(name, _SiteError(self, site_name, statics))
         operands = (call.scaled_q(), call.k, call.v, call.attn_mask, call.q)
+        if self.transfer_loss == "weights":  # the exact weights: exact attention of the identity as values
+            identity = torch.ones_like(call.k[..., 0]).diag_embed()  # [B, Hkv, Tk, Tk]
+            operands += (kind_weights(call), exact_attention(dataclasses.replace(call, v=identity)))
         return student.tracer.create_proxy("call_module", name, (student, teacher, *operands), {})
 
 
@@ -472,11 +503,14 @@ class _SiteError(nn.Module):
         self.site, self.statics = site, statics
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, q=None, k=None, v=None, mask=None,
-                raw_q=None) -> torch.Tensor:
+                raw_q=None, student_weights=None, teacher_weights=None) -> torch.Tensor:
         from torch._subclasses.fake_tensor import is_fake
 
         if not is_fake(teacher):
-            self.recorder.record(self.site, student, teacher)
+            if student_weights is not None:
+                self.recorder.record(self.site, student_weights, teacher_weights)
+            else:
+                self.recorder.record(self.site, student, teacher)
             if self.recorder.captured is not None and q is not None:
                 self.recorder.captured.setdefault(self.site, []).append(
                     SiteCall(*(None if t is None else t.detach() for t in (q, k, v, mask)), **self.statics,
@@ -612,11 +646,22 @@ def _warm_start_linear(state: nn.Module, calls: Sequence[SiteCall], options: Map
 WARM_STARTS = {"sigmoid": _warm_start_sigmoid, "linear": _warm_start_linear}
 
 
-def site_errors(model: nn.Module, to: str, batch: Any, **kind_options: Any) -> dict[str, float]:
+def weights_cross_entropy(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """−Σ_j p_ij log(w_ij / Σ_j w_ij), averaged over the rows: ``teacher`` p the exact softmax weights,
+    ``student`` w the kind's (not necessarily summing to 1 over the keys); rows without a key count 0."""
+    p = teacher.detach().float().nan_to_num(0.0)
+    w = student.float().clamp_min(0.0)
+    w = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+    return -(p * w.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+def site_errors(model: nn.Module, to: str, batch: Any, transfer_loss: str = "output",
+                **kind_options: Any) -> dict[str, float]:
     """Each rewritten site's mean squared error between the kind's output and the exact softmax
-    output, on ``batch`` (the site's real q, k, v, as attention transfer sees them).  ``model`` must
-    be converted for ``to`` when the kind has states."""
-    recorder = _Recorder()
+    output, on ``batch`` (the site's real q, k, v, as attention transfer sees them); with
+    ``transfer_loss="weights"`` the cross-entropy of the exact weights to the kind's
+    (:func:`weights_cross_entropy`).  ``model`` must be converted for ``to`` when the kind has states."""
+    recorder = _Recorder(transfer_loss)
     backend = functools.partial(attnrewrite_backend, _tap=recorder.tap,
                                 options={"to": to, "compiler": "eager", **kind_options})
     args, kwargs = _split(batch, "batch")

@@ -1,7 +1,8 @@
 """``python -m attnrewrite distill``: distil a shipped model into another attention kind and say how close it got.
 
-- ``--model minilm``: the pretrained all-MiniLM-L6-v2; data: sentences of the standard-library
-  docstrings; measured on the 100 held-out sentences of :mod:`attnrewrite.targets.sentences` (mean
+- ``--model minilm``: the pretrained all-MiniLM-L6-v2; data: ``--corpus`` (default ``english``: half
+  everyday-English grammar sentences, a quarter docstring sentences, a quarter word sentences; the
+  same :func:`~attnrewrite.targets.sentences.distillation_sentences` as ``bench/distill_quality.py``); measured on the 100 held-out sentences of :mod:`attnrewrite.targets.sentences` (mean
   and min cosine of the sentence embeddings to the original model's), before and after.
 - ``--checkpoint PATH``: a llama written by ``examples/train_lm.py --save``; data: byte windows of
   the docstring corpus's train split (KL to the original's logits); measured as validation loss
@@ -42,6 +43,25 @@ def parse_options(pairs: list[str], to: str) -> dict[str, Any]:
     return options
 
 
+def check_arguments(args: argparse.Namespace, options: dict[str, Any]) -> None:
+    """Refuse, before any model is loaded, an unknown kind, an option the kind does not take (or a bad
+    value), ``--transfer-loss weights`` for a kind without weights, and ``--corpus`` with a llama checkpoint (whose data is byte windows of the docstrings)."""
+    from attnrewrite.rewriter.options import RewriteOptions
+
+    from attnrewrite import kinds
+
+    try:
+        RewriteOptions.parse({"to": args.to, "compiler": "eager", **options})
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"attnrewrite distill: {exc}") from None
+    if args.transfer_loss == "weights" and not callable(kinds.get(args.to).weights):
+        raise SystemExit(f"attnrewrite distill: --transfer-loss weights needs attention weights, and kind "
+                         f"{args.to!r} cannot compute them")
+    if getattr(args, "corpus", None) is not None and not args.model:
+        raise SystemExit("attnrewrite distill: --corpus chooses MiniLM's sentences (--model minilm); a --checkpoint "
+                         "distils on byte windows of the docstring corpus")
+
+
 def _compiled(model, to: str | None, options: dict[str, Any]):
     if to is None:
         return model
@@ -52,12 +72,12 @@ def _compiled(model, to: str | None, options: dict[str, Any]):
 
 def _minilm(args, options) -> tuple[Any, list, Any]:
     from attnrewrite.demo import load_minilm, mean_pool
-    from attnrewrite.targets.sentences import HELDOUT_SENTENCES, docstring_sentences
+    from attnrewrite.targets.sentences import HELDOUT_SENTENCES, distillation_sentences
 
     tokenizer, model = load_minilm()
     model.eval()
     size = args.batch_size
-    sentences = docstring_sentences(size * args.batches, seed=args.seed)
+    sentences = distillation_sentences(args.corpus or "english", size * args.batches, tokenizer.get_vocab())
     data = [dict(tokenizer(sentences[i:i + size], padding=True, truncation=True, max_length=64,
                            return_tensors="pt")) for i in range(0, len(sentences), size)]
     held = dict(tokenizer(list(HELDOUT_SENTENCES), padding=True, return_tensors="pt"))
@@ -106,6 +126,7 @@ def run_distill(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     options = parse_options(args.option, args.to)
+    check_arguments(args, options)
     model, data, measure = (_minilm if args.model else _llama)(args, options)
     print(f"distil {'MiniLM' if args.model else args.checkpoint} → {args.to} {options}, stage {args.stage}, "
           f"{len(data)} batches of {args.batch_size}")
@@ -117,7 +138,8 @@ def run_distill(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     distilled = distill(model, args.to, data, steps=steps, lr=args.lr, stage=args.stage, seed=args.seed,
                         save_to=args.save_to, loss="kl" if args.checkpoint else "auto", rank=args.rank,
-                        adapt=args.adapt, schedule=args.schedule, match=args.match, **options)
+                        adapt=args.adapt, schedule=args.schedule, match=args.match,
+                        transfer_loss=args.transfer_loss, **options)
     seconds = time.perf_counter() - start
     print(f"  distilled ({seconds:.0f} s):    {measure(distilled, args.to)}")
     if args.out:

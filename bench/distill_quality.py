@@ -48,31 +48,10 @@ import attnrewrite
 from attnrewrite.demo import load_minilm, mean_pool
 from attnrewrite.distill import DEFAULT_LR, WARM_STARTS
 from attnrewrite.rewriter.backend import attnrewrite_backend
-from attnrewrite.targets.sentences import (HELDOUT_SENTENCES, docstring_sentences, grammar_sentences, shared_word_runs,
-                                           word_sentences)
+from attnrewrite.targets.sentences import CORPORA, HELDOUT_SENTENCES, distillation_sentences
 
 ROWS = ("before", "after warm start", "after transfer", "after both", "finetune only")
-CORPORA = ("docstrings", "mixed", "english")
 SETTINGS = [("sigmoid", {"learned": True}), ("linear", {"feature_map": "hedgehog"})]
-
-
-def distillation_sentences(corpus: str, count: int, tokenizer) -> list[str]:
-    """``count`` distillation sentences of ``corpus`` (:data:`CORPORA`), none of them a held-out one."""
-    if corpus == "docstrings":
-        sentences = docstring_sentences(count, seed=0)
-    elif corpus == "mixed":  # the words of everyday English beside the docstrings' grammar
-        sentences = docstring_sentences(count - count // 2, seed=0) + word_sentences(tokenizer.get_vocab(), count // 2)
-    else:  # "english": half sentences of everyday English from a grammar, a quarter each of the two above
-        quarter = count // 4
-        sentences = (grammar_sentences(count - 2 * quarter, seed=0) + docstring_sentences(quarter, seed=0)
-                     + word_sentences(tokenizer.get_vocab(), quarter))
-    overlap = set(sentences) & set(HELDOUT_SENTENCES)
-    if overlap:
-        raise SystemExit(f"distillation sentences overlap the held-out ones: {sorted(overlap)[:3]}")
-    near_copies = shared_word_runs(sentences, length=5)
-    if near_copies:
-        raise SystemExit(f"distillation sentences share runs of 5 words with the held-out ones: {sorted(near_copies)[:3]}")
-    return sentences
 
 
 def embed(model, batch, to=None, options=None):
@@ -140,7 +119,7 @@ def main(argv=None) -> int:
 
     tokenizer, model = load_minilm()
     model.eval()
-    sentences = distillation_sentences(args.corpus, 16 * args.batches, tokenizer)
+    sentences = distillation_sentences(args.corpus, 16 * args.batches, tokenizer.get_vocab())
     if args.bucket:  # batches of sentences of about one length: less padding, fewer tokens per step
         sentences.sort(key=lambda text: (len(tokenizer(text, truncation=True, max_length=args.max_length)["input_ids"]),
                                          text))

@@ -63,7 +63,8 @@ class PassContext:
     origin: dict[fx.Node, str] = field(default_factory=dict)  # nodes created by unfusing → family
     states: dict[Site, Any] = field(default_factory=dict)  # per-site state modules (kinds with parameters)
     attach_state: Callable[[Site, Any], Any] | None = None  # set by convert(): attaches a new state
-    # set by distill(): tap(gm, site, emit, call) records the kind's output beside the exact one
+    # set by distill(): tap(gm, site, emit, call, kind_weights=...) records the kind's output beside the exact one
+    # (kind_weights(call): the kind's attention weights, None for a kind without them)
     tap: Callable[..., Any] | None = None
     inside: str = ""  # the higher-order op body this pass works in ("" for the graph Dynamo captured)
 
@@ -257,7 +258,8 @@ def rewrite(ctx: PassContext) -> None:
                 weights = lambda call: kind.weights(call, options, caller)
             emit = lambda call: kind.emit(call, options, caller)
             if ctx.tap is not None:  # distillation: the tap decides what the site returns; weights stay original
-                emit, weights = functools.partial(ctx.tap, ctx.gm, site, emit), None
+                kind_weights = (lambda call: kind.weights(call, options, caller)) if callable(kind.weights) else None
+                emit, weights = functools.partial(ctx.tap, ctx.gm, site, emit, kind_weights=kind_weights), None
             # (distillation's teacher, exact attention, reads the whole mask: the position bias stays in it)
             rewrite_site(ctx.gm, site, emit, ctx.fake_mode, weights, positions=kind.position_bias and ctx.tap is None,
                          shift_invariant=kind.shift_invariant)

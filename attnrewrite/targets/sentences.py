@@ -264,3 +264,38 @@ def shared_word_runs(sentences, heldout=HELDOUT_SENTENCES, length: int = 5) -> s
 
     held = set().union(*(runs(s) for s in heldout))
     return held & set().union(*(runs(s) for s in sentences))
+
+
+CORPORA = ("docstrings", "mixed", "english")
+
+
+def distillation_sentences(corpus: str, count: int, vocabulary) -> list[str]:
+    """``count`` distillation sentences of ``corpus`` (one of :data:`CORPORA`), none of them a held-out
+    one nor sharing a run of five words with one; ``vocabulary`` is the tokenizer's (``get_vocab()``),
+    which :func:`word_sentences` draws from.  The one definition used by ``bench/distill_quality.py``
+    and ``python -m attnrewrite distill --model minilm``, so the two cannot drift apart.
+
+    - ``"docstrings"``: sentences of the standard library's docstrings (train split);
+    - ``"mixed"``: half docstrings, half :func:`word_sentences`;
+    - ``"english"``: half :func:`grammar_sentences`, a quarter each of the two above.
+
+    Raises:
+        ValueError: an unknown corpus, or sentences that overlap the held-out ones.
+    """
+    if corpus == "docstrings":
+        sentences = docstring_sentences(count, seed=0)
+    elif corpus == "mixed":  # the words of everyday English beside the docstrings' grammar
+        sentences = docstring_sentences(count - count // 2, seed=0) + word_sentences(vocabulary, count // 2)
+    elif corpus == "english":  # half sentences of everyday English from a grammar, a quarter each of the two above
+        quarter = count // 4
+        sentences = (grammar_sentences(count - 2 * quarter, seed=0) + docstring_sentences(quarter, seed=0)
+                     + word_sentences(vocabulary, quarter))
+    else:
+        raise ValueError(f"unknown distillation corpus {corpus!r}; known: {', '.join(CORPORA)}")
+    overlap = set(sentences) & set(HELDOUT_SENTENCES)
+    if overlap:
+        raise ValueError(f"distillation sentences overlap the held-out ones: {sorted(overlap)[:3]}")
+    near_copies = shared_word_runs(sentences, length=5)
+    if near_copies:
+        raise ValueError(f"distillation sentences share runs of 5 words with the held-out ones: {sorted(near_copies)[:3]}")
+    return sentences
