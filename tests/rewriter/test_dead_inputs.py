@@ -54,9 +54,9 @@ def _rewritten_graph(monkeypatch, model, x, to):
     graphs = []
     original = backend.compile_graph
 
-    def capture(gm, example_inputs, compiler):
+    def capture(gm, example_inputs, *args, **kwargs):
         graphs.append(gm)
-        return original(gm, example_inputs, compiler)
+        return original(gm, example_inputs, *args, **kwargs)
 
     monkeypatch.setattr(backend, "compile_graph", capture)
     torch._dynamo.reset()
