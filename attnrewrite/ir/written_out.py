@@ -65,3 +65,25 @@ def written_out(call: AttentionCall, normalise: Callable[[Any], Any] | None = No
         probs = F.dropout(probs, p=call.dropout_p)
     v = call.v if call.kv_groups == 1 else call.v.repeat_interleave(call.kv_groups, dim=-3)
     return probs @ v
+
+
+def shift_sensitive(scores: torch.Tensor) -> torch.Tensor:
+    """The score probes' normalisation, elementwise: elu(s) + 1 — exp(s) below 0, 1 + s above; 0 for a masked
+    score (−∞, or ≤ −10⁴: exp underflows in float64), and a change of c in a score changes it by about c·exp(s)
+    or c, never hidden by saturation, and never normalised away (``rewriter/certify.py``)."""
+    return F.elu(scores) + 1.0
+
+
+def shift_sensitive_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                         dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                         enable_gqa: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` (same signature, no dropout) with :func:`shift_sensitive` for its
+    softmax: [.., Hq, Tq, Dv] from the very scores SDPA normalises (top-left causal, bool True = keep)."""
+    if q.shape[-3] != k.shape[-3]:  # (enable_gqa: SDPA itself refuses unequal heads without it)
+        k, v = (x.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3) for x in (k, v))
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if is_causal:
+        scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), -math.inf)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return shift_sensitive(scores) @ v

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import inspect
 import math
+import types
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from attnrewrite.ir.capture import Call, tensor_meta
-from attnrewrite.ir.evaluate import GraphEvaluator
+from attnrewrite.ir.capture import Call, normalize, tensor_meta
+from attnrewrite.ir.evaluate import GraphEvaluator, float64_default
 from attnrewrite.ir.record import erase_unused, propagate_meta, recording
 from attnrewrite.ir.spec import NotAttention
+from attnrewrite.ir.written_out import shift_sensitive, shift_sensitive_sdpa
 
 FUSED = {"mha_forward", "transformer_encoder_layer_fwd"}
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
@@ -123,9 +125,15 @@ def mha_forward_written_out(query, key, value, *, num_heads, embed_dim, dtype, i
 
 def encoder_layer_written_out(src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, use_gelu,
                               norm_first, eps, norm1_w, norm1_b, norm2_w, norm2_b, w1, b1, w2, b2, mask, mask_type,
-                              *, mask_is_bool, dtype):
-    """``torch._transformer_encoder_layer_fwd`` (batch-first, eval mode) in plain ops."""
+                              *, mask_is_bool, dtype, mha=None):
+    """``torch._transformer_encoder_layer_fwd`` (batch-first, eval mode) in plain ops.
+
+    ``mha``: the self-attention as torch's own ``F.multi_head_attention_forward`` (or a function with its
+    signature) instead of SDPA written out — the layer's slow path, which its fused op stands for."""
     def attention(x):  # x [N, L, E]
+        if mha is not None:
+            return _layer_attention_by_mha(mha, x, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight,
+                                           proj_bias, mask, mask_type)
         qkv = F.linear(x, qkv_weight, qkv_bias)
         q, k, v = (qkv[..., i * embed_dim:(i + 1) * embed_dim].unflatten(-1, (num_heads, -1)).transpose(1, 2)
                    for i in range(3))
@@ -153,6 +161,25 @@ def encoder_layer_written_out(src, embed_dim, num_heads, qkv_weight, qkv_bias, p
         return x + feed_forward(norm2(x))
     x = norm1(x + attention(x))
     return norm2(x + feed_forward(x))
+
+
+def _layer_attention_by_mha(mha, x, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, mask,
+                            mask_type):
+    """The encoder layer's self-attention as ``mha`` (``F.multi_head_attention_forward``) computes it, x [N, L, E];
+    the fused op's merged mask (``MultiheadAttention.merge_masks``: type 0 [L, S], 1 key padding [N, S], 2
+    [N, H, L, S]) passed as MHA takes it."""
+    xt = x.transpose(0, 1)  # [L, N, E]
+    attn_mask = key_padding_mask = None
+    if mask is not None and mask_type == 1:
+        key_padding_mask = mask
+    elif mask is not None and mask.dim() == 4:
+        n, length = x.shape[0], x.shape[1]
+        attn_mask = mask.expand(n, num_heads, length, mask.shape[-1]).flatten(0, 1)
+    else:
+        attn_mask = mask
+    out = mha(xt, xt, xt, embed_dim, num_heads, qkv_weight, qkv_bias, None, None, False, 0.0, proj_weight, proj_bias,
+              training=False, key_padding_mask=key_padding_mask, need_weights=False, attn_mask=attn_mask)[0]
+    return out.transpose(0, 1)
 
 
 # --------------------------------------------------------------------------- unfusing
@@ -196,7 +223,7 @@ def _mha_outputs(node: fx.Node, lookup):
     )
 
 
-def _encoder_layer_outputs(node: fx.Node, lookup):
+def _encoder_layer_outputs(node: fx.Node, lookup, mha=None):
     args = list(node.args) + [None] * (20 - len(node.args))
     names = ("mask", "mask_type")
     for i, name in enumerate(names):
@@ -207,14 +234,12 @@ def _encoder_layer_outputs(node: fx.Node, lookup):
     mask = args[18]
     P = lambda x: lookup(x) if isinstance(x, fx.Node) else x  # noqa: E731
     out = encoder_layer_written_out(*[P(a) for a in args], mask_is_bool=_is_bool(mask),
-                                    dtype=tensor_meta(node.args[0]).dtype)
+                                    dtype=tensor_meta(node.args[0]).dtype, mha=mha)
     return out, None
 
 
 def unfuse(gm: fx.GraphModule, node: fx.Node, evaluator: GraphEvaluator, fake_mode) -> None:
     """Replace the fused ``node`` by its written-out form, checked in float64; NotAttention if not."""
-    from attnrewrite.ir.capture import normalize
-
     call = normalize(node)
     tuple_result = call.name == "mha_forward"
     users = list(node.users)
@@ -244,21 +269,95 @@ def unfuse(gm: fx.GraphModule, node: fx.Node, evaluator: GraphEvaluator, fake_mo
 
 
 def _check_unfused(node: fx.Node, outputs, evaluator: GraphEvaluator, tuple_result: bool) -> None:
-    """The written-out form must equal the fused op (float64, random activations, real weights)."""
+    """The written-out form must equal the fused op (float64, random activations, real weights), in its
+    outputs and in its scores.
+
+    Softmax ignores a constant added to one query's scores, so equal outputs do not prove equal scores: a
+    written-out mask off by such a term would pass, and a kind that is not shift-invariant (sigmoid) would
+    then be certified against the wrong scores.  So the two are compared a second time with their
+    normalisation replaced by elu + 1 (``ir.written_out.shift_sensitive``): the written-out form's softmax or
+    SDPA nodes, and in torch's own ``F.multi_head_attention_forward`` its ``softmax`` and SDPA (for the fused
+    encoder layer, a C++ op, the layer's slow path: that function as its self-attention).
+    """
     env = {}
+    masks = _mask_operands(node, tuple_result)
     for arg in node.all_input_nodes:
         meta = tensor_meta(arg)
-        if meta is not None and meta.dtype.is_floating_point and not evaluator.roles.get(arg) in ("param", "buffer"):
+        if (meta is not None and meta.dtype.is_floating_point and arg not in masks
+                and not evaluator.roles.get(arg) in ("param", "buffer")):
             env[arg] = evaluator.random_like_meta(arg)
     targets = [n for n in outputs if n is not None]
     evaluator.evaluate(targets + list(node.all_input_nodes), env)
     with torch.no_grad():
         fused = evaluator.compute(node, env)
-    fused = fused if tuple_result else (fused,)
+    _compare_unfused(outputs, fused if tuple_result else (fused,), env, "")
+    scores = {arg: env[arg] for arg in node.all_input_nodes}
+    with torch.no_grad(), float64_default():
+        for n in evaluator.closure(targets, scores):
+            call = normalize(n)
+            normalises = call is not None and call.name in ("softmax", "sdpa")
+            scores[n] = _shift_sensitive_node(call, scores) if normalises else evaluator.compute(n, scores)
+        mha = _shift_sensitive_mha()
+        value = lambda x: scores[x] if isinstance(x, fx.Node) else x  # noqa: E731
+        if tuple_result:
+            bound = _MHA_SIGNATURE.bind(*fx.node.map_arg(node.args, value), **fx.node.map_arg(node.kwargs, value))
+            want = mha(*bound.args, **bound.kwargs)
+        else:
+            want = _encoder_layer_outputs(node, value, mha=mha)
+    _compare_unfused(outputs, want, scores, " scores (both normalised by elu + 1)")
+
+
+def _mask_operands(node: fx.Node, tuple_result: bool) -> set:
+    """The fused op's mask operands: taken as the graph computes them from the example inputs, not drawn at random
+    (random floats in a mask mean nothing to the fused encoder layer, which reads nonzero entries as masked)."""
+    if tuple_result:
+        bound = _MHA_SIGNATURE.bind(*node.args, **node.kwargs)
+        found = [bound.arguments.get("attn_mask"), bound.arguments.get("key_padding_mask")]
+    else:
+        found = [node.args[18] if len(node.args) > 18 else node.kwargs.get("mask")]
+    return {m for m in found if isinstance(m, fx.Node)}
+
+
+def _compare_unfused(outputs, fused, env, what: str) -> None:
     for got_node, want in zip(outputs, fused):
         if got_node is None or want is None:
             continue
         got = env[got_node]
+        # positions the fused op leaves undefined (rows whose keys are all masked: NaN) are not compared, as in
+        # certification; an op undefined everywhere (the fused encoder layer on CPU reads a float mask's nonzero
+        # entries as masked: NaN) proves nothing
+        finite = want.isfinite()
+        if not bool(finite.any()):
+            raise NotAttention(f"the fused op's output{what} is not finite on random inputs (NaN everywhere): the "
+                               f"written-out form cannot be checked against it")
+        if not bool(got[finite].isfinite().all()):
+            raise NotAttention(f"written-out form is not finite where the fused op is{what}")
+        got, want = got[finite], want[finite]
         err = float((got - want).abs().max() / (1.0 + want.abs().max()))
-        if err > _UNFUSE_RTOL:
-            raise NotAttention(f"written-out form differs from the fused op (relative error {err:.1e})")
+        if not err <= _UNFUSE_RTOL:
+            more = (": they differ by a term the softmax ignores, such as a constant per query" if what else "")
+            raise NotAttention(f"written-out form differs from the fused op{what} (relative error {err:.1e}){more}")
+
+
+def _shift_sensitive_node(call: Call, env: dict) -> torch.Tensor:
+    """A softmax or SDPA node of the written-out form, evaluated with elu + 1 for its softmax."""
+    get = lambda x: env[x] if isinstance(x, fx.Node) else x  # noqa: E731
+    if call.name == "softmax":
+        return shift_sensitive(get(call.args[0]))
+    return shift_sensitive_sdpa(*(get(a) for a in call.args), attn_mask=get(call.kwargs["attn_mask"]),
+                                is_causal=get(call.kwargs["is_causal"]), scale=get(call.kwargs["scale"]))
+
+
+def _shift_sensitive_mha():
+    """torch's own ``F.multi_head_attention_forward``, its ``softmax`` and SDPA (globals of its module, which it
+    calls by name) replaced by their elu + 1 forms; the function itself is not changed."""
+    fn = F.multi_head_attention_forward
+    names = fn.__code__.co_names
+    if "softmax" not in names or "scaled_dot_product_attention" not in names:
+        raise NotAttention("this torch's multi_head_attention_forward does not call softmax and SDPA by name: "
+                           "the scores of its written-out form cannot be checked")
+    namespace = dict(fn.__globals__, softmax=lambda x, dim=None, **_: shift_sensitive(x),
+                     scaled_dot_product_attention=shift_sensitive_sdpa)
+    copy = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    return copy

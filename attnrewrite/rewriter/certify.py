@@ -24,9 +24,11 @@ no saturation above), on both sides, so the spec's masked scores must reproduce 
 the site normalises.  What the kinds' math is defined on are the scores the softmax normalises:
 for a softmax written out as exp(x − m) / Σ exp(x − m) that is x (m, any per-row value, is the
 spelling's own stabiliser, :func:`attnrewrite.ir.capture.written_out_softmax`), and for
-softmax(x − amax(x)) it is x as well (:func:`attnrewrite.ir.capture.without_stabiliser`).  Sites whose
-normalisation is neither (FlexAttention, nn.MultiheadAttention) keep the output comparison: their
-biases are the masks passed to them, read as they are.
+softmax(x − amax(x)) it is x as well (:func:`attnrewrite.ir.capture.without_stabiliser`).  FlexAttention sites get the same
+probes against FlexAttention's own post-``score_mod`` scores (:func:`attnrewrite.rewriter.hops.certify_flex`);
+nn.MultiheadAttention and TransformerEncoderLayer are unfused into SDPA or a softmax, so their sites are probed
+here like any other, and the unfusing itself is checked on the fused op's scores
+(:func:`attnrewrite.patterns.multihead.unfuse`).
 
 The evaluator itself (:class:`~attnrewrite.ir.evaluate.GraphEvaluator`) lives in ``ir``: the
 mask resolver reads constant masks with it too.
@@ -50,15 +52,13 @@ import torch.fx as fx
 import math
 from dataclasses import replace
 
-import torch.nn.functional as F
-
 from attnrewrite.ir import canonical
 from attnrewrite.ir.capture import constant_value, hinted_shape, normalize, symbolic_number
 from attnrewrite.ir import row_blocks
 from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, UnreadableWrite, float64_default
 from attnrewrite.ir.row_blocks import RowPlan, largest_bytes
 from attnrewrite.ir.spec import PADDING_GUARD, Site
-from attnrewrite.ir.written_out import written_out
+from attnrewrite.ir.written_out import shift_sensitive, shift_sensitive_sdpa, written_out
 from attnrewrite.kinds.softmax import exact_attention
 
 #: Relative error (to the output's scale) above which a site is not certified.
@@ -241,16 +241,9 @@ _DESCRIBE = {"real": "random q, k, v", "random": "random q, k, v and random user
              "perturbed": "random q, k, v and perturbed user inputs"}
 
 
-def shift_sensitive(scores: torch.Tensor) -> torch.Tensor:
-    """The score probes' normalisation, elementwise: elu(s) + 1 — exp(s) below 0, 1 + s above; 0 for a masked
-    score (−∞, or ≤ −10⁴: exp underflows in float64), and a change of c in a score changes it by about c·exp(s)
-    or c, never hidden by saturation, and never normalised away."""
-    return F.elu(scores) + 1.0
-
-
 def normaliser(site: Site) -> fx.Node | None:
     """The node of the site's region that normalises its scores (a softmax, written out or not, or SDPA), or
-    None (FlexAttention, nn.MultiheadAttention: no score probe)."""
+    None (FlexAttention is probed by ``hops.certify_flex``)."""
     for node in [site.anchor] + [n for n in site.region if n is not site.anchor]:
         call = normalize(node) if node in site.region else None
         if call is not None and call.name in ("softmax", "sdpa"):
@@ -263,17 +256,9 @@ def _shift_sensitive_at(node: fx.Node, env) -> torch.Tensor:
     call = normalize(node)
     if call.name == "softmax":
         return shift_sensitive(env[call.args[0]].to(torch.float64))
-    q, k, v = (env[a] for a in call.args)
     get = lambda x: env[x] if isinstance(x, fx.Node) else x  # noqa: E731
-    mask, is_causal, scale = get(call.kwargs["attn_mask"]), get(call.kwargs["is_causal"]), get(call.kwargs["scale"])
-    if q.shape[-3] != k.shape[-3]:  # (enable_gqa: SDPA itself refuses unequal heads without it)
-        k, v = (x.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3) for x in (k, v))
-    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    if is_causal:  # SDPA's: top-left
-        scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), -math.inf)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask
-    return shift_sensitive(scores) @ v
+    return shift_sensitive_sdpa(*(get(a) for a in call.args), attn_mask=get(call.kwargs["attn_mask"]),
+                                is_causal=get(call.kwargs["is_causal"]), scale=get(call.kwargs["scale"]))
 
 
 def _rows(x: Any, start: int, stop: int, t_q: int) -> Any:
@@ -283,7 +268,7 @@ def _rows(x: Any, start: int, stop: int, t_q: int) -> Any:
     return x
 
 
-def _canonical_shift_sensitive(call: canonical.AttentionCall) -> torch.Tensor:
+def canonical_shift_sensitive(call: canonical.AttentionCall) -> torch.Tensor:
     """The canonical form with :func:`shift_sensitive` for its softmax, a block of query rows at a time (no
     [B, H, Tq, Tk] value larger than about 32 MiB)."""
     t_q, t_k = call.q.shape[-2], call.k.shape[-2]
@@ -340,7 +325,7 @@ def _probe(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], randomi
             if evaluator.position(node) < output_at:
                 run(node)
         call = canonical.attention_call(spec, env.__getitem__, torch.float64, dropout=False)
-        out = exact_attention(call) if scores is None else _canonical_shift_sensitive(call)
+        out = exact_attention(call) if scores is None else canonical_shift_sensitive(call)
         rows = canonical.visible_rows(call).unsqueeze(-1).expand(out.shape)
         want = canonical.apply_steps(out, site.out_steps, env.__getitem__)
         rows = canonical.apply_steps(rows, site.out_steps, env.__getitem__)
@@ -379,7 +364,7 @@ def _probe_in_blocks(site: Site, evaluator: GraphEvaluator, order: list[fx.Node]
             for done in plan.get(node, ()):
                 del env[done]
         call = canonical.attention_call(spec, env.__getitem__, torch.float64, dropout=False)
-        out = exact_attention(call) if scores is None else _canonical_shift_sensitive(call)
+        out = exact_attention(call) if scores is None else canonical_shift_sensitive(call)
         rows = canonical.visible_rows(call).unsqueeze(-1).expand(out.shape)
         want = canonical.apply_steps(out, site.out_steps, env.__getitem__)
         rows = canonical.apply_steps(rows, site.out_steps, env.__getitem__)

@@ -46,7 +46,7 @@ from attnrewrite.ir.capture import example, hinted_shape, mutated_placeholders, 
 from attnrewrite.ir.evaluate import GraphEvaluator, float64_default
 from attnrewrite.ir.spec import AttentionSpec, MaskTerm, NotAttention, Site, TensorRef
 from attnrewrite.kinds.softmax import exact_attention
-from attnrewrite.rewriter.certify import CERTIFY_RTOL
+from attnrewrite.rewriter.certify import CERTIFY_RTOL, canonical_shift_sensitive, shift_sensitive
 
 #: HOPs whose body the pass enters, and the index of their first operand (the body is argument 0).
 ENTERED = {"tag_activation_checkpoint": 1, "invoke_subgraph": 2}
@@ -438,9 +438,26 @@ def match_flex(gm: fx.GraphModule, site: Site, fake_mode: Any = None) -> None:
          "mask_mod " + ("causal" if causal else "a constant mask" if keep is not None else "full")]))
 
 
-def certify_flex(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tuple[bool, str | None, float]:
+def _flex_shift_sensitive(q, k, v, score_mod, block_mask, scale) -> torch.Tensor:
+    """FlexAttention's dense reference with :func:`~attnrewrite.rewriter.certify.shift_sensitive` for its softmax:
+    the scores it normalises are FlexAttention's own (``_math_attention_inner``: ``score_mod`` applied to
+    q·kᵀ·scale, −∞ where ``mask_mod`` is False), not a transcription of them."""
+    from torch._higher_order_ops.flex_attention import _math_attention_inner
+
+    groups = q.size(1) // k.size(1)  # (as math_attention broadcasts kv heads and batch)
+    k, v = (x.repeat_interleave(groups, dim=1).expand((q.size(0), *x.shape[1:])) for x in (k, v))
+    _, scores = _math_attention_inner(q, k, v, score_mod, block_mask, scale, {})
+    return shift_sensitive(scores) @ v
+
+
+def certify_flex(site: Site, evaluator: GraphEvaluator, probes: int = 2,
+                 scores: bool = False) -> tuple[bool, str | None, float]:
     """Check a flex_attention site's spec against FlexAttention's dense float64 reference
-    (``mask_mod`` and ``score_mod`` applied at every position), on random q, k, v."""
+    (``mask_mod`` and ``score_mod`` applied at every position), on random q, k, v.
+
+    ``scores=True`` (a kind that is not shift-invariant, see :mod:`attnrewrite.rewriter.certify`): as many score
+    probes as well, FlexAttention's post-mod scores and the canonical form's masked scores both normalised by
+    elu + 1, so a spec whose bias is off by a term softmax ignores (a constant per query) is refused."""
     try:
         from torch._higher_order_ops.flex_attention import math_attention
     except ImportError:
@@ -450,20 +467,35 @@ def certify_flex(site: Site, evaluator: GraphEvaluator, probes: int = 2) -> tupl
     score_mod = _body(gm, node.args[_FLEX_SCORE_MOD])
     mask_mod = _body(gm, node.args[_FLEX_BLOCK_MASK][-1])
     block_mask = (None,) * (len(node.args[_FLEX_BLOCK_MASK]) - 1) + (mask_mod,)
+    scale = node.args[_FLEX_SCALE]
     worst = 0.0
-    for _ in range(probes):
+    for probe in range(2 * probes if scores else probes):
+        score_probe = probe >= probes
         env = {n: evaluator.random_like_meta(n) for n in (spec.q.node, spec.k.node, spec.v.node)}
         evaluator.evaluate({t.node for t in spec.bias}, env)  # the constant bias and keep-mask
+        q, k, v = env[spec.q.node], env[spec.k.node], env[spec.v.node]
         with torch.no_grad(), float64_default():
-            got = math_attention(env[spec.q.node], env[spec.k.node], env[spec.v.node], score_mod, block_mask,
-                                 node.args[_FLEX_SCALE], {})[0]
             call = canonical.attention_call(spec, env.__getitem__, torch.float64, dropout=False)
-            want = exact_attention(call)
+            if score_probe:
+                try:
+                    got = _flex_shift_sensitive(q, k, v, score_mod, block_mask, scale)
+                except ImportError:
+                    return False, ("could not certify the scores: this torch's FlexAttention has no dense "
+                                   "reference for them (_math_attention_inner)"), worst
+                want = canonical_shift_sensitive(call)
+            else:
+                got = math_attention(q, k, v, score_mod, block_mask, scale, {})[0]
+                want = exact_attention(call)
         rows = canonical.visible_rows(call).unsqueeze(-1).expand(want.shape)
         if got.shape != want.shape:
             return False, f"canonical form has shape {tuple(want.shape)}, site output {tuple(got.shape)}", worst
         err = float((got[rows] - want[rows]).abs().max() / (1.0 + want[rows].abs().max()))
         worst = max(worst, err)
+        if not err <= CERTIFY_RTOL and score_probe:
+            return False, (f"spec reproduces the site's softmax but not its scores (relative error {err:.2e} on "
+                           f"random q, k, v, both normalised by elu + 1): they differ by a term the softmax "
+                           f"ignores, such as a constant per query, which a kind that is not shift-invariant "
+                           f"would not ignore"), worst
         if not err <= CERTIFY_RTOL:
             return False, f"spec does not reproduce the site (relative error {err:.2e} on random q, k, v)", worst
     return True, None, worst

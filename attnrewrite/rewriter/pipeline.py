@@ -232,8 +232,9 @@ def certify_sites(ctx: PassContext) -> None:
     proven: dict[tuple, tuple[bool, str | None, float]] = {}  # identical layers are proven once
     for site in _matched(ctx):
         def run(site=site):
-            if site.pattern == hops.FLEX:  # proven against FlexAttention's own dense reference
-                key, prove = ("flex", site), lambda: hops.certify_flex(site, ctx.evaluator)
+            if site.pattern == hops.FLEX:  # proven against FlexAttention's own dense reference (scores too)
+                key = ("flex", site)
+                prove = lambda: hops.certify_flex(site, ctx.evaluator, scores=not ctx.kind.shift_invariant)  # noqa: E731
             else:
                 # a kind that is not shift-invariant is certified on the site's scores as well (certify.py)
                 key = fingerprint(site, ctx.evaluator)
