@@ -30,10 +30,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
 from torch import fx
 
 from attnrewrite import kinds
-from attnrewrite.ir.capture import module_path, normalize
+from attnrewrite.ir.capture import example, module_path, normalize
 from attnrewrite.ir.evaluate import GraphEvaluator
 from attnrewrite.ir.record import find_fake_mode
 from attnrewrite.ir.spec import NotAttention, Site, state_name
@@ -125,11 +126,47 @@ def match(ctx: PassContext) -> None:
 
         _guarded(ctx, site, "match", run)
         ctx.sites.append(site)
+    for site in _matched(ctx):
+        reason = inside_a_transform(site)
+        if reason is not None:
+            site.skip(reason)
     seen: dict[str, int] = {}
     for site in ctx.sites:
         if site.spec is not None:
             site.ordinal = seen.get(site.module_path, 0)
             seen[site.module_path] = site.ordinal + 1
+
+
+#: What a functorch transform's traced region is, and what to do instead, by the wrapped tensors inside it.
+_TRANSFORMS = {
+    "batched": ("torch.vmap", "compile the model without vmap and call it on the whole batch (attention takes a batch "
+                "dimension, [B, H, T, D])"),
+    "grad": ("a torch.func transform (grad, vjp, jacrev ...)", "compute gradients with torch.autograd (loss.backward(), "
+             "torch.autograd.grad) on the compiled model: the rewrite happens before autograd, so the kind's own "
+             "backward runs"),
+    "other": ("a torch.func transform (jvp, jacfwd, functionalize ...)", "compile the model outside the transform"),
+}
+
+
+def inside_a_transform(site: Site) -> str | None:
+    """Why a site traced inside a torch.func transform (``torch.compile(torch.vmap(f))``) is left as it was, or None.
+
+    Dynamo inlines the transform: between its ``_vmap_increment_nesting`` and ``_vmap_decrement_nesting`` (or
+    grad's) the values are functorch's wrapped tensors (per-example shapes for vmap), which the kinds' operators
+    have no rule for (and which cannot be evaluated outside the transform).  ``torch.vmap(torch.compile(f))``
+    does not reach the pass at all: torch.compile does not compile under vmap (torch 2.13), f runs eagerly."""
+    functorch = torch._C._functorch
+    values = [example(n) for n in (site.anchor, site.spec.q.node, site.spec.k.node, site.spec.v.node)]
+    wrapped = [v for v in values if isinstance(v, torch.Tensor) and functorch.is_functorch_wrapped_tensor(v)]
+    if not wrapped:
+        return None
+    which = ("batched" if any(functorch.is_batchedtensor(v) for v in wrapped) else
+             "grad" if any(functorch.is_gradtrackingtensor(v) for v in wrapped) else "other")
+    name, instead = _TRANSFORMS[which]
+    return (f"it runs inside {name}, traced by torch.compile: its tensors are functorch's wrapped tensors, for which "
+            f"the kinds' operators have no rule, so it runs as it was. To rewrite it, {instead}. (Compiling inside "
+            f"the transform, torch.vmap(torch.compile(f)), does not rewrite either: torch.compile does not compile "
+            f"under vmap, f runs eagerly.)")
 
 
 def _keys_from_a_sequence(site: Site, evaluator: GraphEvaluator) -> None:
