@@ -445,7 +445,8 @@ def _flex_shift_sensitive(q, k, v, score_mod, block_mask, scale) -> torch.Tensor
     from torch._higher_order_ops.flex_attention import _math_attention_inner
 
     groups = q.size(1) // k.size(1)  # (as math_attention broadcasts kv heads and batch)
-    k, v = (x.repeat_interleave(groups, dim=1).expand((q.size(0), *x.shape[1:])) for x in (k, v))
+    k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
+    k, v = (x.expand((q.size(0), *x.shape[1:])) for x in (k, v))
     _, scores = _math_attention_inner(q, k, v, score_mod, block_mask, scale, {})
     return shift_sensitive(scores) @ v
 
