@@ -22,8 +22,9 @@ from attnrewrite.kernels.dual_triangle import public as dual_op
 
 
 def applies(args: dict) -> bool:
-    """Whether the two rings compute this call (else the manager all-gathers K/V for it)."""
-    return ring.applies("softmax", args["q"], args["k"], args["v"], args["dropout_p"])
+    """Whether the two rings compute this call (else the manager all-gathers K/V for it): not with a score
+    modification, which torch's flash kernel the rings run cannot apply."""
+    return not args.get("score_mod") and ring.applies("softmax", args["q"], args["k"], args["v"], args["dropout_p"])
 
 
 def _heads(x: Tensor | None, lo: int, hi: int, groups: int) -> Tensor | None:

@@ -232,6 +232,8 @@ def _why_all_gather(name: str, bound: dict, mask: Tensor | None) -> str:
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return f"q/k/v of {q.dim()}/{k.dim()}/{v.dim()} dims (the sharded forms take [B, H, T, D])"
     if name in ("softmax_attention", "dual_triangle_attention"):
+        if bound.get("score_mod"):
+            return "a score modification (the ring runs torch's CPU flash kernel, which cannot apply it)"
         if q.device.type != "cpu":
             return f"softmax on {q.device.type} (the ring runs torch's CPU flash kernel)"
         if not k.shape[-1] == q.shape[-1] == v.shape[-1]:

@@ -18,13 +18,15 @@ def naive_dual_triangle_attention(
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
     past_heads: int | None = None,
+    score_mod=None,
 ) -> torch.Tensor:
     """out[h, i] = Σ_j softmax_j(scale·q_i·k_j + mask_ij)·v_j over j ≤ i for heads h < past_heads and
     over j ≥ i for the others (past_heads defaults to Hq // 2).
 
     q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] (Hq a multiple of Hkv); ``attn_mask`` bool
     (True = may attend) or additive float, broadcastable to [B, Hq, T, T].  A row that sees no key
-    gives 0.  Returns [B, Hq, T, Dv] in q's dtype (softmax in at least float32).
+    gives 0.  ``score_mod``: a function of the scores, elementwise (soft-capping ``lambda s: 30 * tanh(s / 30)``),
+    applied to scale·q_i·k_j before the mask.  Returns [B, Hq, T, Dv] in q's dtype (softmax in at least float32).
     """
     batch, heads, length, dim = q.shape
     past_heads = heads // 2 if past_heads is None else past_heads
@@ -34,6 +36,8 @@ def naive_dual_triangle_attention(
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
 
     scores = (q @ k.transpose(-1, -2)) * scale                     # [B, Hq, T, T]
+    if score_mod is not None:
+        scores = score_mod(scores)
     i = torch.arange(length).view(length, 1)
     j = torch.arange(length).view(1, length)
     sees_past = j <= i
