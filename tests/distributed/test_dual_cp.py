@@ -47,3 +47,17 @@ def test_dual_cp_equals_the_whole_op(world, heads_q, heads_kv, past, mask_kind):
     for i, leaf in enumerate(leaves):
         got = layout.unshard(torch.cat([r[1][i] for r in results], 2), 2, world)
         torch.testing.assert_close(got, leaf.grad, msg=lambda m, n="qkv"[i]: f"d{n}: {m}")
+
+
+def test_a_score_modification_leaves_the_rings_for_the_all_gather():
+    """The rings run torch's flash kernel, which cannot apply a score modification: such a call is not theirs, and
+    the manager's all-gather fallback (the op itself on the gathered sequence, which applies it) says why."""
+    from attnrewrite.distributed.manager import _why_all_gather
+
+    g = torch.Generator().manual_seed(zlib.crc32(b"dual score_mod"))
+    q, k, v = (torch.randn(B, 4, T, D, generator=g, dtype=torch.float64) for _ in range(3))
+    args = dict(q=q, k=k, v=v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                past_heads=None, score_mod="div 2.0; tanh; mul 2.0")
+    assert dual.applies({**args, "score_mod": None}), "the rings should take this call without the modification"
+    assert not dual.applies(args)
+    assert "score modification" in _why_all_gather("dual_triangle_attention", args, None)
