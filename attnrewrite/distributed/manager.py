@@ -18,6 +18,12 @@ bias, hashed's learned hash, score modification and far_dtype, a key bias), exce
 linear key mask with a head dimension): those warn, then all-gather the keys, values and key mask of the
 mesh's ranks (differentiably: the backward sums key/value gradients over the ranks) and compute the rank's rows from them (:mod:`.kinds`).  Parameters' gradients are each rank's share, as under
 torch's manager: reduce them over the mesh (DDP/FSDP over the same ranks, or an ``all_reduce``).
+
+A model compiled by ``torch.compile(backend="attnrewrite")`` runs here too, converted ones with their learned
+states: Dynamo guards on the torch-function mode stack, so it compiles the model again inside, tracing through the
+mode, which marks each attention call it sees; the backend rewrites that graph and routes its attention calls back
+to the manager when they run (:func:`route_graph`), and runs it uncompiled (the exchanges between the ranks cannot
+be traced by AOTAutograd).  A graph compiled inside by any other backend raises when it reaches attention.
 """
 
 from __future__ import annotations
@@ -109,11 +115,10 @@ class _ContextParallelMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = _attention_op_name(func)
+        if torch.compiler.is_compiling():  # Dynamo is tracing this method into a graph (see _traced)
+            return _traced(func, name, args, kwargs)
         if name is None:
             return func(*args, **kwargs)
-        if torch.compiler.is_compiling():
-            raise NotImplementedError("attnrewrite.distributed.context_parallel runs attention eagerly; compiling "
-                                      f"{name} inside it is not supported: compile outside it or run eagerly")
         if name not in kinds.SUPPORTED:
             raise NotImplementedError(
                 f"context_parallel: {name} has no context-parallel form (supported: "
@@ -215,6 +220,122 @@ class _ContextParallelMode(TorchFunctionMode):
             return ring.ring_attention(q, bound["k"], bound["v"], mask, rows, spec, self._ring)
         finally:
             SHARDED_SEQUENCE.depth -= 1
+
+
+    def routed(self, func, args: tuple, kwargs: dict) -> Tensor:
+        """``func(*args, **kwargs)``, an attention call of a graph compiled inside this manager, made context-parallel
+        as an eager call would be (with this mode off the torch-function stack, as when it dispatches)."""
+        stack = torch.overrides._get_current_function_mode_stack()
+        if stack and stack[-1] is self:
+            with torch.overrides._pop_mode_temporarily():
+                return self.__torch_function__(func, (), args, kwargs)
+        return self.__torch_function__(func, (), args, kwargs)
+
+
+# ------------------------------------------------------------------------------ compiled graphs inside the manager
+#
+# Dynamo guards on the torch-function mode stack, so a graph compiled outside the manager is compiled again inside
+# it, tracing through _ContextParallelMode.__torch_function__.  Traced there, each attention call is followed by a
+# marker (``attnrewrite_cp::sharded_attention``, an identity at trace time): attnrewrite's backend removes the
+# markers, rewrites the graph, and routes every attention call of the rewritten graph back to the manager at run
+# time (:func:`route_graph`); a graph compiled by any other backend keeps the markers, and running one raises.
+
+_CP_LIB = torch.library.Library("attnrewrite_cp", "DEF")
+_CP_LIB.define("sharded_attention(Tensor out, str name) -> Tensor")
+
+
+def _unrouted(out: Tensor, name: str) -> Tensor:
+    raise RuntimeError(
+        f"context_parallel: a graph compiled inside attnrewrite.distributed.context_parallel by a torch.compile backend "
+        f"other than attnrewrite calls {name}, which would attend over this rank's shard of the sequence only: compile "
+        "with backend='attnrewrite' (it routes the graph's attention through the manager) or run the model eagerly")
+
+
+_CP_LIB.impl("sharded_attention", _unrouted, "CompositeExplicitAutograd")
+_CP_LIB.impl("sharded_attention", lambda out, name: torch.empty_like(out), "Meta")
+SHARDED_MARKER = torch.ops.attnrewrite_cp.sharded_attention.default
+
+
+def _traced(func, name: str | None, args: tuple, kwargs: dict):
+    """What the mode does while Dynamo traces it: the call itself, and after an attention call the marker."""
+    if name is None:
+        method = getattr(func, "__name__", None)
+        if args and isinstance(args[0], Tensor) and method and getattr(Tensor, method, None) is func:
+            # a Tensor method written in Python (unflatten, split, …): called as a method, which Dynamo records as
+            # one node; traced as the function it calls super(), which Dynamo cannot trace (a graph break)
+            return getattr(args[0], method)(*args[1:], **kwargs)
+        return func(*args, **kwargs)
+    if name not in kinds.SUPPORTED:
+        raise NotImplementedError(
+            f"context_parallel: {name} has no context-parallel form (supported: F.scaled_dot_product_attention and "
+            f"attnrewrite's {', '.join(kinds.SUPPORTED)}); inside context_parallel it would attend over this rank's "
+            "shard of the sequence only")
+    out = func(*args, **kwargs)
+    if not isinstance(out, Tensor):
+        raise NotImplementedError(f"context_parallel: compiling {name} returning {type(out).__name__} inside "
+                                  "context_parallel is not supported: run it eagerly")
+    return SHARDED_MARKER(out, name)
+
+
+def compiling_inside() -> _ContextParallelMode | None:
+    """The manager a graph is being compiled in (Dynamo calls the backend inside the ``with``), or None."""
+    return _active[-1] if _active else None
+
+
+@contextlib.contextmanager
+def not_on_the_shard() -> Iterator[None]:
+    """Inside, attnrewrite's ops and kernels run although the manager is on: for the pass's own evaluations while it
+    compiles a graph (certification, probes), on tensors of its own, never on a rank's shard."""
+    SHARDED_SEQUENCE.depth += 1
+    try:
+        yield
+    finally:
+        SHARDED_SEQUENCE.depth -= 1
+
+
+def strip_markers(gm: torch.fx.GraphModule) -> int:
+    """Remove the markers :func:`_traced` put after the attention calls of ``gm``; how many there were."""
+    found = [n for n in gm.graph.nodes if n.op == "call_function"
+             and n.target in (SHARDED_MARKER, torch.ops.attnrewrite_cp.sharded_attention)]
+    for node in found:
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+    return len(found)
+
+
+def _router(func, name: str):
+    def routed(*args, **kwargs):
+        mode = compiling_inside()
+        if mode is None:
+            raise RuntimeError(f"context_parallel: a graph compiled inside attnrewrite.distributed.context_parallel "
+                               f"called {name} outside it (Dynamo's guard on the torch-function mode stack should "
+                               "have compiled another graph)")
+        return mode.routed(func, args, kwargs)
+
+    routed.__name__ = f"context_parallel_{name}"
+    routed.__qualname__ = routed.__name__
+    return routed
+
+
+def route_graph(gm: torch.fx.GraphModule) -> list[str]:
+    """Make every attention call of the rewritten ``gm`` (SDPA, attnrewrite's ops) a call through the manager that is
+    on when it runs, which computes this rank's rows over the whole sequence; the names of the calls routed."""
+    routed = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        name = _attention_op_name(node.target)
+        if name is None:
+            continue
+        if name not in kinds.SUPPORTED:
+            raise NotImplementedError(
+                f"context_parallel: {name} has no context-parallel form (supported: F.scaled_dot_product_attention "
+                f"and attnrewrite's {', '.join(kinds.SUPPORTED)}); inside context_parallel it would attend over this "
+                "rank's shard of the sequence only")
+        node.target = _router(node.target, name)
+        routed.append(name)
+    gm.recompile()
+    return routed
 
 
 class AllGatherFallback(UserWarning):
@@ -339,13 +460,14 @@ def context_parallel(mesh: DeviceMesh, *, buffers: list[Tensor] | None = None,
     ``torch.ops.attnrewrite`` ops a rewritten graph calls) compute this rank's rows of attention over
     the whole sequence, forward and backward, causal (on the global positions) or not, GQA, and an
     ``attn_mask`` that is a key mask (key padding, a per-key bias), itself sharded like the keys.
-    Attention must be self-attention over the shard (Tq == Tk == T / W).  Eager only: inside, any
-    compilation fails (``torch.compiler.set_stance("fail_on_recompile")``), and a graph compiled
-    before runs without the manager seeing its calls, so the attnrewrite ops and forward kernels it
-    calls raise instead of attending over the shard (SDPA inside such a graph cannot be seen: do not
-    run compiled attention inside this manager).  A model converted by ``attnrewrite.convert`` (learned
-    per-site states) runs here when its attention modules call ``attnrewrite.converted_attention``: the
-    state is applied as the rewrite applies it and reaches these ops as their tensor arguments.
+    Attention must be self-attention over the shard (Tq == Tk == T / W).  A model compiled with
+    ``torch.compile(model, backend="attnrewrite", options=...)`` — a converted one (``attnrewrite.convert``,
+    learned per-site states) included — runs here: Dynamo compiles it again inside (its guard on the
+    torch-function mode stack), the backend rewrites that graph with the states and routes its attention
+    calls through this manager, and the graph runs uncompiled (compiler ``eager``, with a warning when
+    another was asked for).  Every attention site of such a graph must be rewritten (a skipped one
+    raises).  A graph compiled inside by another backend raises when it reaches attention.  Eagerly, a
+    converted model's attention modules may instead call ``attnrewrite.converted_attention``.
 
     Raises:
         TypeError, ValueError: a bad mesh or buffer, lengths not divisible by 2W, lengths that differ
@@ -376,10 +498,9 @@ def context_parallel(mesh: DeviceMesh, *, buffers: list[Tensor] | None = None,
     _active.append(mode)
     SHARDED_SEQUENCE.owner = "attnrewrite.distributed.context_parallel"
     try:
-        # compiling here would trace through the mode (the graph sees no attention to rewrite, or
-        # calls it where the mode cannot see): refuse every compile; a graph compiled before still
-        # runs, and the attnrewrite ops and kernels it calls refuse the shard (SHARDED_SEQUENCE)
-        with torch.compiler.set_stance("fail_on_recompile"), mode:
+        # a graph compiled before does not run here (Dynamo guards on the mode stack): it is compiled again, through
+        # the mode, and attnrewrite's backend routes the new graph's attention calls back to it (route_graph)
+        with mode:
             yield
     finally:
         SHARDED_SEQUENCE.owner = None

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -194,9 +195,17 @@ def attnrewrite_backend(
     # the pass evaluates attention on real tensors (certification): saved-tensor hooks around the compile, such as
     # non-reentrant activation checkpointing's when the first call is inside torch.utils.checkpoint, must not see
     # what those evaluations save (it counts them, and the recomputation, which runs the compiled code, saves fewer)
-    with torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
+    sharded = _context_parallel_manager()
+    if sharded is not None:  # the attention calls Dynamo traced through the manager's mode are marked: unmark them
+        sharded.strip_markers(gm)
+    # (inside the manager, the pass's evaluations run the ops on tensors of its own, not on the rank's shard)
+    with torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is), \
+            (sharded.not_on_the_shard() if sharded is not None else contextlib.nullcontext()):
         report = run_pass(gm, example_inputs, opts, attach_state=_attach_state, tap=_tap)
     report.compile_ids = [_compile_id()]
+    compiler = opts.compiler
+    if sharded is not None:
+        compiler = _route_context_parallel(sharded, gm, report, opts)
     record(report)
     if _report_sink is not None:
         _report_sink(report)
@@ -204,7 +213,35 @@ def attnrewrite_backend(
              len(report.skipped))
     if log.isEnabledFor(logging.DEBUG):
         log.debug("%s\n%s", report, gm.code)
-    return ranged(compile_graph(gm, example_inputs, opts.compiler, opts.mode), report)
+    return ranged(compile_graph(gm, example_inputs, compiler, opts.mode), report)
+
+
+def _context_parallel_manager() -> Any:
+    """:mod:`attnrewrite.distributed.manager` when the graph is compiled inside its ``context_parallel``, else None
+    (nothing is imported: when that module was never imported, the manager cannot be on)."""
+    import sys
+
+    manager = sys.modules.get("attnrewrite.distributed.manager")
+    return manager if manager is not None and manager.compiling_inside() is not None else None
+
+
+def _route_context_parallel(manager: Any, gm: fx.GraphModule, report: Report, opts: RewriteOptions) -> str:
+    """Inside ``attnrewrite.distributed.context_parallel``: every attention call of the rewritten graph goes through
+    the manager when it runs (this rank's rows over the whole sequence, see ``route_graph``), and a site the pass
+    left alone is an error (it would attend over the rank's shard only).  The graph then runs as it is (compiler
+    ``eager``): the manager's exchanges between the ranks cannot be traced by AOTAutograd."""
+    if report.skipped:
+        raise NotImplementedError(
+            f"attnrewrite: compiling inside attnrewrite.distributed.context_parallel, {len(report.skipped)} attention "
+            "site(s) were not rewritten and would attend over this rank's shard of the sequence only: "
+            + "; ".join(f"{site.module or '<root>'}: {site.reason}" for site in report.skipped)
+            + ". Fix what the report names, or run the model eagerly inside context_parallel")
+    manager.route_graph(gm)
+    if opts.compiler != "eager":
+        warnings.warn(f"attnrewrite: inside attnrewrite.distributed.context_parallel the graph runs uncompiled "
+                      f"(compiler 'eager', not {opts.compiler!r}): its attention calls exchange blocks between the "
+                      "ranks, which AOTAutograd cannot trace", stacklevel=2)
+    return "eager"
 
 
 #: Profiler range around each call of a graph this backend compiled, named ``"attnrewrite graph <serial>

@@ -117,11 +117,10 @@ def converted_attention(owner: nn.Module, q: torch.Tensor, k: torch.Tensor, v: t
     [B, Hq, T, Dv] in q's dtype.
 
     For code that calls attention itself instead of being compiled: inside
-    :func:`attnrewrite.distributed.context_parallel`, where compiled graphs cannot run (Dynamo guards on the
-    manager's torch-function mode and its tracing under the mode breaks graphs), a converted model's
-    attention module calls this and its learned states (sigmoid's head temperature and bias, hedgehog
-    feature maps, learned summary queries, learned hash projections) reach the context-parallel op as its
-    tensor arguments.  Each rank's gradient of a state is then its share, as for every replicated
+    :func:`attnrewrite.distributed.context_parallel` (where a model compiled with ``backend="attnrewrite"``
+    also runs, compiled again inside and uncompiled there), a converted model's attention module may call
+    this, and its learned states (sigmoid's head temperature and bias, hedgehog feature maps, learned
+    summary queries, learned hash projections) reach the context-parallel op as its tensor arguments.  Each rank's gradient of a state is then its share, as for every replicated
     parameter: sum it over the ranks (DDP, or an ``all_reduce``).
 
     Raises:

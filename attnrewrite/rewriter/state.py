@@ -77,6 +77,24 @@ def _frame() -> Any:
         return None
 
 
+def _self_name(code: Any) -> str | None:
+    """The name of the first argument of the function ``code`` runs (``self`` for a method), also for a frame
+    Dynamo resumes after a graph break: a resume function (``torch_dynamo_resume_in_forward_at_N``) takes the
+    stack's values first (``___stack0``) and the original's locals after them, under their own names, so the
+    name is read from the original function's code."""
+    try:
+        from torch._dynamo.resume_execution import ContinueExecutionCache
+
+        resumed = ContinueExecutionCache.generated_code_metadata
+    except (ImportError, AttributeError):  # another torch: no resume metadata to read
+        resumed = {}
+    seen = set()
+    while code in resumed and id(code) not in seen:  # a resume of a resume: back to the original
+        seen.add(id(code))
+        code = resumed[code].code
+    return code.co_varnames[0] if code.co_argcount else None
+
+
 def owner_of(node: fx.Node) -> Owner:
     """The module that ran ``node`` (a site's anchor), on the model Dynamo is compiling now.
 
@@ -97,8 +115,12 @@ def owner_of(node: fx.Node) -> Owner:
     )
 
     if not stack:  # run by the frame's own module (a layer compiled on its own, FSDP2 per layer): `self`
-        code = frame.f_code
-        name = code.co_varnames[0] if code.co_argcount else None
+        name = _self_name(frame.f_code)
+        if name is not None and name not in frame.f_locals and frame.f_code.co_name.startswith("torch_dynamo_resume"):
+            raise NotAttention(f"it runs in the part of the module's forward that Dynamo resumed after a graph break "
+                               f"({frame.f_code.co_name}), where the module that owns it ({name!r}) is no longer a "
+                               "local, so its per-site parameters cannot be reached: remove the graph break before "
+                               f"the attention (or use {name!r} after it)")
         if name is None or not isinstance(frame.f_locals.get(name), nn.Module):
             raise NotAttention("it is not run by an nn.Module: per-site parameters need a module to live on")
         return Owner(frame.f_locals[name], LocalSource(name))

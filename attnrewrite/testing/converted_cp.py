@@ -14,6 +14,7 @@ to the all-gather of K/V.  The suite runs in the processes of :func:`attnrewrite
 from __future__ import annotations
 
 import copy
+import warnings
 import zlib
 
 import torch
@@ -144,7 +145,114 @@ def _not_converted_case(mesh):
         _raises(ValueError, "made for", lambda: model(x, positions=positions))
 
 
+class SdpaAttention(Attention):
+    """The llama attention spelled as HF's SDPA path spells it (``F.scaled_dot_product_attention``, causal by
+    ``is_causal``, GQA by ``enable_gqa``): what ``torch.compile(backend="attnrewrite")`` finds and rewrites."""
+
+    reads_mask = False  # causal on the global positions (is_causal=True): no [T, T] mask of the shard
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+def compiled_converted_llama(label: str) -> Llama:
+    """llama/tiny (float64, seeded by ``label``) with :class:`SdpaAttention`, converted to the label's kind, the
+    learned states moved off their initial values (as :func:`converted_llama`)."""
+    kind, options = CONVERTED_KINDS[label]
+    torch.manual_seed(_seed(label))
+    model = Llama(LlamaConfig.from_name("tiny")).double()
+    for layer in model.layers:
+        layer.attention.__class__ = SdpaAttention
+    attnrewrite.convert(model, kind, (torch.zeros(1, T, dtype=torch.long),), **options)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "attnrewrite_" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(_seed(name)), dtype=p.dtype))
+    return model
+
+
+def _compiled_converted_case(label: str, compiled_outside_first: bool):
+    """``torch.compile(converted, backend="attnrewrite")`` run inside ``context_parallel`` (Dynamo compiles it again
+    there, through the manager's mode; the backend routes the rewritten graph's attention back to the manager), against
+    the single-process run of the same compiled model on the whole sequence: logits, the gradients of every weight and
+    learned state (summed over the ranks), two AdamW steps (the second reuses the graph compiled inside)."""
+    kind, options = CONVERTED_KINDS[label]
+
+    def case(mesh):
+        from attnrewrite.testing.distributed import _no_kv_all_gather
+
+        torch._dynamo.reset()
+        rank, world, group = mesh.get_local_rank(), mesh.size(), mesh.get_group()
+        model = compiled_converted_llama(label)
+        backend_options = {"to": kind, "strict": True, **options}
+        reference = torch.compile(copy.deepcopy(model), backend="attnrewrite",
+                                  options={**backend_options, "compiler": "eager"})
+        sharded_model = copy.deepcopy(model)
+        # compiled outside first: with the eager compiler (inductor there would cost minutes); compiled inside only:
+        # the default compiler, inductor, which the manager cannot host (the graph runs uncompiled, with a warning)
+        sharded = torch.compile(sharded_model, backend="attnrewrite",
+                                options={**backend_options, "compiler": "eager"} if compiled_outside_first
+                                else backend_options)
+        g = torch.Generator().manual_seed(_seed(label) + 2)
+        batches = [torch.randint(0, 256, (B, T + 1), generator=g) for _ in range(2)]
+        if compiled_outside_first:  # a graph compiled outside the manager: its guard on the mode stack fails inside
+            with torch.no_grad():
+                sharded(batches[0][:, :-1].contiguous())
+        ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+        cp_opt = torch.optim.AdamW(sharded.parameters(), lr=1e-2)
+        for step, batch in enumerate(batches):
+            x, y = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+            ref_opt.zero_grad()
+            ref_logits = reference(x)
+            F.cross_entropy(ref_logits.flatten(0, 1), y.flatten()).backward()
+            cp_opt.zero_grad()
+            xs, ys, positions = x.clone(), y.clone(), torch.arange(T)
+            seen = len(attnrewrite.recent_reports())
+            with context_parallel(mesh, buffers=[xs, ys, positions], buffer_seq_dims=[1, 1, 0]), _no_kv_all_gather(), \
+                    warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                logits = sharded(xs, positions=positions)
+                loss = F.cross_entropy(logits.flatten(0, 1), ys.flatten(), reduction="sum") / (B * T)
+                loss.backward()
+            inside = attnrewrite.recent_reports()[seen:]
+            if step == 0 and not compiled_outside_first:
+                assert any("runs uncompiled" in str(w.message) for w in caught), [str(w.message) for w in caught]
+            if step == 0:  # compiled inside, every site rewritten with its state; the second step reuses that graph
+                assert sum(len(r.rewritten) for r in inside) == len(model.layers), inside
+                assert not any(r.skipped for r in inside), inside
+            else:
+                assert not any(r.rewritten for r in inside), f"{label}: compiled again in step 2: {inside}"
+            for p in sharded.parameters():  # replicated parameters, learned states among them: sum the shares
+                dist.all_reduce(p.grad, group=group)
+            assert_close(logits, shard(ref_logits.detach(), 1, rank, world), msg=lambda m: f"{label} logits: {m}")
+            for (name, mine), theirs in zip(sharded_model.named_parameters(), reference.parameters()):
+                assert_close(mine.grad, theirs.grad, msg=lambda m, n=name: f"{label}: d{n}: {m}")
+                if "attnrewrite_" in name:
+                    assert theirs.grad.abs().max() > 0, f"{label}: d{name} is zero"
+            ref_opt.step()
+            cp_opt.step()
+        for (name, mine), theirs in zip(sharded_model.named_parameters(), reference.parameters()):
+            assert_close(mine, theirs, msg=lambda m, n=name: f"{label}: {n} after 2 AdamW steps: {m}")
+
+    return case
+
+
+#: the kinds whose compiled converted model runs inside the manager in the suite (the others as above, eagerly)
+COMPILED_KINDS = ("sigmoid-learned", "linear-hedgehog")
+
+
 def converted_cases():
     """Every kind with learned states × (outputs, gradients, 3 AdamW steps), and the refusals."""
     return [*((f"converted-{label}", _converted_case(label)) for label in CONVERTED_KINDS),
             ("converted-refusals", _not_converted_case)]
+
+
+def compiled_converted_cases():
+    """A compiled converted llama inside the manager (sigmoid compiled outside first, then inside)."""
+    return [(f"compiled-converted-{label}", _compiled_converted_case(label, compiled_outside_first=index == 0))
+            for index, label in enumerate(COMPILED_KINDS)]

@@ -336,13 +336,17 @@ def _training_case(attention: Callable | None, name: str, learned: str | None = 
 
 
 def _compiled_case(compiler: str) -> Case:
-    """A model rewritten by attnrewrite (torch.compile) and run inside the manager: compiling there
-    fails (a traced graph would go around the manager), also when a graph for the shard's shapes exists."""
+    """A model rewritten by attnrewrite (torch.compile, compiled outside first) run inside the manager: Dynamo compiles
+    it again there (its guard on the torch-function mode stack fails), through the manager's mode, and the backend
+    routes the new graph's attention through the manager: logits and gradients against the whole run.  A graph
+    compiled inside by another backend refuses to attend over the shard."""
     return lambda mesh: _run_compiled(mesh, compiler)
 
 
 def _run_compiled(mesh, compiler: str):
+    torch._dynamo.reset()
     torch.manual_seed(_seed("compiled"))
+    rank, world = mesh.get_local_rank(), mesh.size()
     model = TinyLM(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)).double()
     compiled = torch.compile(model, backend="attnrewrite", options={"to": "sigmoid", "compiler": compiler,
                                                                     "strict": True})
@@ -350,15 +354,25 @@ def _run_compiled(mesh, compiler: str):
     positions = torch.arange(T).expand(B, T).clone()
     whole = compiled(x, positions)
     assert attnrewrite.recent_reports()[-1].rewritten, "the model's attention was not rewritten"
-    assert whole.shape[1] == T
-    with context_parallel(mesh, buffers=[x, positions], buffer_seq_dims=[1, 1]):
-        # dynamo guards on the torch-function mode stack: a new graph is needed, and compiling is refused
-        _raises(RuntimeError, "fail_on_recompile", lambda: compiled(x, positions))
-    # even with a graph compiled before for the shard's shapes
-    local = (shard(x, 1, mesh.get_local_rank(), mesh.size()), shard(positions, 1, mesh.get_local_rank(), mesh.size()))
-    compiled(*local)
-    with context_parallel(mesh):
-        _raises(RuntimeError, "fail_on_recompile", lambda: compiled(*local))
+    whole.square().sum().backward()
+    want = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    xs, ps = x.clone(), positions.clone()
+    seen = len(attnrewrite.recent_reports())
+    with context_parallel(mesh, buffers=[xs, ps], buffer_seq_dims=[1, 1]):
+        local = compiled(xs, ps)
+        local.square().sum().backward()
+    inside = attnrewrite.recent_reports()[seen:]
+    assert len(inside) == 1 and len(inside[0].rewritten) == 1, inside
+    for p in model.parameters():
+        dist.all_reduce(p.grad, group=mesh.get_group())
+    assert_close(local, shard(whole.detach(), 1, rank, world))
+    for name, p in model.named_parameters():
+        assert_close(p.grad, want[name], msg=lambda m, n=name: f"d{n}: {m}")
+    other = torch.compile(model, backend="eager")  # Dynamo's own backend: nothing routes its attention
+    xs, ps = x.clone(), positions.clone()
+    with context_parallel(mesh, buffers=[xs, ps], buffer_seq_dims=[1, 1]):
+        _raises(RuntimeError, "other than attnrewrite", lambda: other(xs, ps))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,7 +485,7 @@ def context_parallel_cases() -> list[tuple[str, Case]]:
         lambda q, k, v: ops.hashed_attention(q, k, v, is_causal=True, top_k=3, window=2, sinks=1), "train-hashed")))
     cases.append(("train-hashed-learned-hash", _training_case(None, "train-hashed-learned-hash", "hashed")))
     cases.append(("train-summary-learned-query", _training_case(None, "train-summary-learned-query", "summary")))
-    cases.append(("compiled-eager-refused-inside", _compiled_case("eager")))
+    cases.append(("compiled-inside", _compiled_case("eager")))
     cases.append(("torch-manager-refused", _torch_manager_case))
     cases.append(("bad-input", _bad_input_case))
     return cases

@@ -3,7 +3,8 @@
 One process group runs every case (start-up is the slow part), in one test so that pytest-xdist does
 not start the group once per worker; the failure message names every failing case with its traceback.
 Cases: every kind × causal/bidirectional × key padding, forward and q/k/v gradients; a learned state's
-gradient; 3 SGD steps of a small model (sigmoid, SDPA, linear); compiling inside refused; torch's own
+gradient; 3 SGD steps of a small model (sigmoid, SDPA, linear); a model compiled by attnrewrite run inside
+(compiled again there, its attention routed through the manager) and another backend's graph refused; torch's own
 manager refused; bad input.
 """
 
