@@ -380,6 +380,6 @@ def visible_rows(call: AttentionCall) -> torch.Tensor:
             visible = visible & torch.ones(rows, t_k, dtype=torch.bool).tril(start)
         if mask is not None:
             part = mask if mask.dim() < 2 or mask.shape[-2] == 1 else mask.narrow(-2, start, rows)
-            visible = visible & (part if part.dtype == torch.bool else part > -1e4)
+            visible = visible & (part if part.dtype == torch.bool else part > MASKED_SCORE)
         pieces.append(visible.any(-1))
     return torch.cat(pieces, dim=-1)

@@ -36,9 +36,9 @@ def _bias(options: dict[str, Any]) -> float | None:
 
 
 def _mask(call: AttentionCall, options: dict[str, Any]) -> Any:
-    """``call.attn_mask``, with an additive mask's entries at or below −10⁴ set to −inf under ``bias="auto"``.
+    """``call.attn_mask``, with an additive mask's entries at or below MASKED_SCORE set to −inf under ``bias="auto"``.
 
-    The matcher reads a score at or below −10⁴ as masked (BERT's ``(1 − m) · −10000``; see
+    The matcher reads a score at or below MASKED_SCORE (−9000) as masked (BERT's ``(1 − m) · −10000``; see
     :class:`attnrewrite.ir.spec.MaskTerm`), while the op's ``bias="auto"`` leaves out of its count only −inf
     and the dtype's lowest value, counting any other value as a bias: such padding would be counted, and b
     would depend on how much padding a row has.  The keys' weights are 0 either way."""
