@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--batches", type=int, default=64, help="distinct training batches")
     distill.add_argument("--batch-size", type=int, default=16)
     distill.add_argument("--block-size", type=int, default=128, help="bytes per window (llama checkpoint)")
-    distill.add_argument("--seed", type=int, default=0)
+    distill.add_argument("--seed", type=int, default=0,
+                         help="distill's seed (adapters, states) and the data's; a kind's own seed: --option seed=N")
     distill.add_argument("--save-to", default=None, metavar="PATH", help="checkpoint of the run (resumed when it exists)")
     distill.add_argument("--out", default=None, metavar="PATH", help="write the distilled model's weights here")
     distill.add_argument("--threads", type=int, default=None, help="torch CPU threads")

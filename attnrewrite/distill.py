@@ -95,10 +95,12 @@ class DistillError(ValueError):
 
 def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: Any = None,
             steps: int | Mapping[str, int] = 100, lr: float | Mapping[str, float] | None = None,
-            stage: str = "transfer", seed: int = 0, save_to: str | os.PathLike | None = None, save_every: int = 50,
+            stage: str = "transfer", seed: int | None = None, distill_seed: int | None = None,
+            save_to: str | os.PathLike | None = None, save_every: int = 50,
             rank: int = 8, loss: str = "auto", compiler: str = "eager", progress: bool = True,
             schedule: str = "cosine", adapt: str = "attention", match: str = "output",
-            transfer_loss: str = "output", **kind_options: Any) -> nn.Module:
+            transfer_loss: str = "output", kind_options: Mapping[str, Any] | None = None,
+            **options: Any) -> nn.Module:
     """Distil ``model`` (softmax attention) into a copy that runs attention kind ``to``; return the copy.
 
     Args:
@@ -115,8 +117,12 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
         lr: Adam's learning rate per stage (a float, a dict like ``steps``, or None for
             :data:`DEFAULT_LR`).
         stage: ``"transfer"``, ``"finetune"`` or ``"both"`` (transfer, then finetune).
-        seed: seeds everything random (adapter initialisation, states); with the same data the
-            result is the same.
+        seed: distill's own seed, for a kind without a ``seed`` option of its own: seeds everything
+            random (adapter initialisation, states); with the same data the result is the same.
+            Default 0.  For a kind that has one (``linear``: its random features / hedgehog directions;
+            ``hashed``: its projections) ``seed=`` would name both, so it is refused: say
+            ``distill_seed=`` for distill's and ``kind_options={"seed": ...}`` for the kind's.
+        distill_seed: distill's own seed under a name no kind shares (for any kind; not with ``seed``).
         save_to: a checkpoint file, written every ``save_every`` steps and at the end of each
             stage; when it exists, distillation resumes from it (it must have been written by a
             call with the same kind, options, stage, seed and rank).
@@ -144,8 +150,10 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
         compiler: what runs the rewritten graph while fine-tuning (``"eager"``, ``"aot_eager"``,
             ``"inductor"``); attention transfer always runs ``"eager"``.
         progress: show a tqdm progress bar with the loss.
-        kind_options: the kind's options (``feature_map="hedgehog"``, ``learned=True`` ...), as
-            for the backend.
+        kind_options: the kind's options as a dict, for the backend; the way to give an option whose
+            name distill takes itself (``kind_options={"seed": 3}``).
+        options: the kind's other options as keywords (``feature_map="hedgehog"``, ``learned=True`` ...);
+            a name given here and in ``kind_options`` is refused.
 
     Like :func:`attnrewrite.convert`, it resets ``torch._dynamo`` (before and after): graphs compiled
     earlier in the process are compiled again on their next call.
@@ -187,9 +195,8 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
         raise ValueError(f"rank must be an int >= 1; got {rank!r}")
     if not isinstance(save_every, int) or save_every < 1:
         raise ValueError(f"save_every must be an int >= 1; got {save_every!r}")
-    if not isinstance(seed, int):
-        raise TypeError(f"seed must be an int; got {type(seed).__name__}")
-    options = RewriteOptions.parse({"to": to, "compiler": compiler, **kind_options})
+    options = RewriteOptions.parse({"to": to, "compiler": compiler, **_kind_options(kind_options, options)})
+    seed = _distill_seed(to, seed, distill_seed)
     stages = ("transfer", "finetune") if stage == "both" else (stage,)
     plan = {s: (_per_stage(steps, "steps", s, int, 0), _per_stage(lr, "lr", s, float, None) or DEFAULT_LR[s])
             for s in stages}
@@ -841,6 +848,34 @@ def _per_stage(value: Any, name: str, stage: str, kind: type, minimum: Any) -> A
     if (minimum is not None and value < minimum) or (minimum is None and not value > 0) or not math.isfinite(value):
         raise ValueError(f"{name} must be {'>= ' + str(minimum) if minimum is not None else '> 0'}; got {value!r}")
     return kind(value)
+
+
+def _kind_options(kind_options: Mapping[str, Any] | None, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The kind's options: ``kind_options`` (a dict) and the keywords ``options``; a name in both is refused."""
+    if kind_options is None:
+        return dict(options)
+    if not isinstance(kind_options, Mapping):
+        raise TypeError(f"kind_options must be a dict of the kind's options; got {type(kind_options).__name__}")
+    twice = sorted(set(kind_options) & set(options))
+    if twice:
+        raise TypeError(f"the kind's option(s) {', '.join(twice)} given both in kind_options and as keywords; "
+                        "give each once")
+    return {**kind_options, **options}
+
+
+def _distill_seed(to: str, seed: int | None, distill_seed: int | None) -> int:
+    """distill's own seed from ``seed`` / ``distill_seed`` (default 0), refusing ``seed=`` where the kind ``to``
+    has a ``seed`` option of its own (which of the two it means cannot be told)."""
+    if seed is not None and distill_seed is not None:
+        raise TypeError("distill() takes its seed as seed= or distill_seed=, not both")
+    if seed is not None and to != "softmax" and "seed" in kind_registry.get(to).options:
+        raise TypeError(f"distill(to={to!r}, seed={seed!r}) is ambiguous: the {to} kind has a 'seed' option of its "
+                        f"own; pass distill_seed={seed!r} for distill's seed (adapters, states) and "
+                        f"kind_options={{'seed': ...}} for the kind's")
+    value = distill_seed if distill_seed is not None else 0 if seed is None else seed
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"distill's seed must be an int; got {type(value).__name__}")
+    return value
 
 
 def _batches(data: Iterable[Any]) -> Sequence[Any]:

@@ -136,10 +136,10 @@ def run_distill(args: argparse.Namespace) -> int:
     print(f"  rewritten, not distilled: {measure(before, args.to)}")
     steps = {"transfer": args.transfer_steps, "finetune": args.finetune_steps}
     start = time.perf_counter()
-    distilled = distill(model, args.to, data, steps=steps, lr=args.lr, stage=args.stage, seed=args.seed,
-                        save_to=args.save_to, loss="kl" if args.checkpoint else "auto", rank=args.rank,
-                        adapt=args.adapt, schedule=args.schedule, match=args.match,
-                        transfer_loss=args.transfer_loss, **options)
+    distilled = distill(model, args.to, data, steps=steps, lr=args.lr, stage=args.stage,
+                        distill_seed=args.seed, save_to=args.save_to, loss="kl" if args.checkpoint else "auto",
+                        rank=args.rank, adapt=args.adapt, schedule=args.schedule, match=args.match,
+                        transfer_loss=args.transfer_loss, kind_options=options)
     seconds = time.perf_counter() - start
     print(f"  distilled ({seconds:.0f} s):    {measure(distilled, args.to)}")
     if args.out:

@@ -134,8 +134,9 @@ def main(argv=None) -> int:
             if name not in wanted:
                 continue
             cpu = time.process_time()
-            out = attnrewrite.distill(model, to, data, steps=steps, stage=stage, lr=lr, seed=args.seed, rank=args.rank,
-                                      adapt=args.adapt, loss="kl", progress=False, **options)
+            out = attnrewrite.distill(model, to, data, steps=steps, stage=stage, lr=lr, distill_seed=args.seed,
+                                      rank=args.rank, adapt=args.adapt, loss="kl", progress=False,
+                                      kind_options=options)
             cpu = time.process_time() - cpu
             what = f"{stage} {steps if isinstance(steps, int) else '+'.join(map(str, steps.values()))}"
             print(line(name, what, cpu, validation_loss(out, windows, to, options)), flush=True)

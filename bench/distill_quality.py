@@ -161,9 +161,9 @@ def main(argv=None) -> int:
             print(row(label, name, what, "–", 0.0, 0.0, distilled, held, reference, to, options), flush=True)
         for name, stage, steps in runs:  # each row printed as soon as its distillation is done
             cpu, wall = time.process_time(), time.perf_counter()
-            out = attnrewrite.distill(model, to, data, steps=steps, stage=stage, seed=args.seed, progress=False, lr=lr,
-                                      rank=args.rank, adapt=args.adapt, schedule=args.schedule, match=args.match,
-                                      **options)
+            out = attnrewrite.distill(model, to, data, steps=steps, stage=stage, distill_seed=args.seed, progress=False,
+                                      lr=lr, rank=args.rank, adapt=args.adapt, schedule=args.schedule,
+                                      match=args.match, kind_options=options)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             what = f"{stage} {steps if isinstance(steps, int) else '+'.join(map(str, steps.values()))}"
             print(row(label, name, what, args.seed, cpu, wall, out, held, reference, to, options), flush=True)

@@ -234,7 +234,8 @@ def test_adapt_all_fine_tunes_the_linears_outside_attention_too(llama):
 
 @pytest.mark.slow  # three distillations of both stages (about 25 s of CPU)
 def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(llama, tmp_path, monkeypatch):
-    options = {"to": "linear", "data": DATA, "stage": "both", "progress": False, "feature_map": "hedgehog", "seed": 3,
+    options = {"to": "linear", "data": DATA, "stage": "both", "progress": False, "feature_map": "hedgehog",
+               "distill_seed": 3,
                "steps": {"transfer": 4, "finetune": 4}}
     whole = attnrewrite.distill(llama, **options)
     path = tmp_path / "run.pt"
@@ -260,7 +261,35 @@ def test_resuming_from_a_checkpoint_gives_the_uninterrupted_result(llama, tmp_pa
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
     with pytest.raises(DistillError, match="another distillation"):
-        attnrewrite.distill(llama, save_to=path, **{**options, "seed": 4})
+        attnrewrite.distill(llama, save_to=path, **{**options, "distill_seed": 4})
+
+
+def test_distills_seed_and_the_kinds_seed_are_both_expressible_and_seed_alone_is_refused_where_ambiguous(llama):
+    """linear (and hashed) have a ``seed`` option of their own: distill's is ``distill_seed=``, the kind's goes in
+    ``kind_options``, and a bare ``seed=`` (which of the two?) is refused before anything runs."""
+    from attnrewrite.distill import _distill_seed
+
+    options = {"feature_map": "hedgehog", "features": 32}
+    run = dict(data=DATA, steps=0, stage="transfer", progress=False)
+    for to in ("linear", "hashed"):
+        with pytest.raises(TypeError, match=f"distill\\(to='{to}', seed=3\\) is ambiguous.*distill_seed=3.*"
+                                            "kind_options=\\{'seed'"):
+            attnrewrite.distill(llama, to, seed=3, **run)
+    with pytest.raises(TypeError, match="not both"):
+        attnrewrite.distill(llama, "sigmoid", seed=3, distill_seed=3, **run)
+    with pytest.raises(TypeError, match="features given both in kind_options and as keywords"):
+        attnrewrite.distill(llama, "linear", kind_options=options, features=32, **run)
+    assert _distill_seed("sigmoid", 5, None) == 5 and _distill_seed("linear", None, 5) == 5  # unambiguous: taken
+    assert _distill_seed("linear", None, None) == 0
+
+    started = attnrewrite.distill(llama, "linear", distill_seed=2, kind_options={**options, "seed": 6}, **run)
+    reference = attnrewrite.convert(copy.deepcopy(llama), "linear", HELD_OUT, **options, seed=6)
+    default = attnrewrite.convert(copy.deepcopy(llama), "linear", HELD_OUT, **options)
+    name = f"{SITES[0]}.attnrewrite_linear.q_map"
+    w, w6, w0 = (m.get_submodule(name).weight.detach() for m in (started, reference, default))
+    assert torch.allclose(w, w[:, :1, :1] * w6[:1])  # the kind's seed 6 (warm-started: c·W0 per head)
+    assert not torch.allclose(w, w[:, :1, :1] * w0[:1])
+    assert started.attnrewrite_distill is not None
 
 
 def test_bad_input_is_named_and_leaves_the_model_alone(llama):

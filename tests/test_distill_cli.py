@@ -92,6 +92,24 @@ def test_the_cli_passes_transfer_loss_weights_on(checkpoint, capsys, monkeypatch
     assert given["transfer_loss"] == "weights" and given["stage"] == "transfer"
 
 
+def test_the_cli_gives_the_kinds_seed_and_its_own_apart(checkpoint, capsys, monkeypatch):
+    """--option seed=N is the kind's (it raised "multiple values for 'seed'" beside --seed), --seed distill's."""
+    import attnrewrite.distill_cli as cli
+
+    given = {}
+    real = cli.distill
+
+    def spy(*args, **kwargs):
+        given.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "distill", spy)
+    _run(capsys, "--checkpoint", checkpoint, "--to", "linear", "--stage", "transfer", "--option", "feature_map=hedgehog",
+         "--option", "seed=5",
+         "--seed", "2", *TINY)
+    assert given["kind_options"]["seed"] == 5 and given["distill_seed"] == 2 and "seed" not in given
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--to", "no_such_kind"], "unknown attention kind 'no_such_kind'"),
     (["--to", "sigmoid", "--option", "no_such_option=1"], "unknown option(s) ['no_such_option'] for kind 'sigmoid'"),

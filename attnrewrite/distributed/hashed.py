@@ -355,7 +355,7 @@ def attend(args: dict, mask: Tensor | None, rank: int, world: int, comm) -> Tens
         args: the op's arguments by schema name; q, k, v are this rank's shards [B, H, T_local, D]
             (and, with ``hash="learned"``, the projections q_projection / k_projection).
         mask: None or this rank's key mask [B|1, 1, 1, T_local|1] (bool, or a float key bias with
-            entries ≤ −10⁴ excluding the key).
+            entries ≤ MASKED_SCORE = −9000 excluding the key).
         comm: the communicator (:mod:`.exchange`).
     """
     q, k, v = args["q"], args["k"], args["v"]

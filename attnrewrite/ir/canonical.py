@@ -126,7 +126,7 @@ def with_row_constant(attn_mask: Any, constant: Any, dtype: torch.dtype, bool_ma
     """``attn_mask`` (None, a bool keep-mask, or additive of ``dtype``) plus ``constant`` [1, Hq, 1, 1], an
     additive mask in float32 (float64 for float64): the constant is a position bias's shift, slope_h · c · s
     for positions far from 0, which ``dtype`` (bfloat16) would round.  Masked keys stay masked: −inf, and an
-    additive mask's −inf and lowest entries (what the kinds count as masked) become −inf.  ``bool_mask``:
+    additive mask's entries at or below :data:`MASKED_SCORE` (what the kinds count as masked) become −inf.  ``bool_mask``:
     ``attn_mask`` is a keep-mask (static: a proxy has no dtype while recording)."""
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     constant = constant.to(wide)
@@ -134,7 +134,7 @@ def with_row_constant(attn_mask: Any, constant: Any, dtype: torch.dtype, bool_ma
         return constant
     if bool_mask:
         return torch.where(attn_mask, constant, float("-inf"))
-    keep = (attn_mask != float("-inf")) & (attn_mask != torch.finfo(dtype).min)
+    keep = attn_mask > MASKED_SCORE
     return torch.where(keep, attn_mask.to(wide) + constant, float("-inf"))
 
 
@@ -380,6 +380,6 @@ def visible_rows(call: AttentionCall) -> torch.Tensor:
             visible = visible & torch.ones(rows, t_k, dtype=torch.bool).tril(start)
         if mask is not None:
             part = mask if mask.dim() < 2 or mask.shape[-2] == 1 else mask.narrow(-2, start, rows)
-            visible = visible & (part if part.dtype == torch.bool else part > -1e4)
+            visible = visible & (part if part.dtype == torch.bool else part > MASKED_SCORE)
         pieces.append(visible.any(-1))
     return torch.cat(pieces, dim=-1)

@@ -43,8 +43,8 @@ class MaskTerm:
     - ``add``: ``+ coeff · node`` (a float bias: padding masks, relative position, ALiBi);
     - ``keep``: keys where the bool ``node`` is False are masked out (True = may attend);
     - ``drop``: keys where the bool ``node`` is True are masked out;
-    - ``padding``: an additive ``coeff · node`` whose values are 0 (key kept) or <= −10⁴ (key
-      masked), taken as the keep-mask ``coeff · node > −10⁴`` by kinds that have no scores to add
+    - ``padding``: an additive ``coeff · node`` whose values are 0 (key kept) or <= :data:`MASKED_SCORE`
+      (key masked), taken as the keep-mask ``coeff · node > MASKED_SCORE`` by kinds that have no scores to add
       a bias to.  The values are not assumed: the canonical form checks them on every call
       (:data:`PADDING_GUARD`) and raises if one ever leaves that set;
     - ``position``: a bias computed from positions, ``coeff · slope_h · d(i, j)`` with ``node`` the
@@ -64,7 +64,7 @@ class MaskTerm:
       reads R (``Kind.relative_bias``) asks for it (:func:`attnrewrite.patterns.relative.as_relative_bias`);
       every other use writes it out as an ``add`` term from R, and the certifier compares that.
 
-    A score set to −∞ or to any constant ≤ −10⁴ (``masked_fill(m, finfo.min)``,
+    A score set to −∞ or to any constant ≤ :data:`MASKED_SCORE` (−9000; ``masked_fill(m, finfo.min)``,
     ``where(m, s, -1e9)``) counts as masked: the two differ only in rows where every key is
     masked, whose output is meaningless either way (NaN or a uniform average of values).
     """
@@ -111,12 +111,20 @@ class RelativeBias:
 POSITION_FORMS = ("j-i", "|j-i|")
 
 
-#: Scores at or below this constant are masked keys.
-MASKED_SCORE = -1e4
+#: Scores at or below this constant are masked keys: BERT's ``(1 − m) · −10000``, ``finfo.min`` and −inf.
+#: −9000, not −1e4, because a mask is held in the model's dtype and −1e4 rounds to −9984 in bfloat16 (8
+#: significant bits; the spacing there is 64), so a bfloat16 BERT mask would sit above −1e4 and read as a
+#: bias.  No real bias is caught by the margin: a score at or below −9000 has weight exactly 0 under
+#: softmax and sigmoid in float64, float32, float16 and bfloat16 alike (exp underflows below about −745
+#: in float64), so reading it as masked changes only what depends on *which* keys are masked (sigmoid's
+#: count, linear's keep-mask, summary's padding, hashed's top-k), never a weight; and −5000 (a mask
+#: value of 0.5 in BERT's formula) stays a bias, which the padding guard refuses.
+MASKED_SCORE = -9e3
 
 #: The message of the run-time check on ``padding`` mask terms.
 PADDING_GUARD = ("attnrewrite: an additive mask taken as key padding by the rewrite holds a value that is "
-                 "neither 0 nor <= -1e4; this attention kind cannot honour it (rewrite to softmax or sigmoid)")
+                 f"neither 0 nor <= {MASKED_SCORE:g} (a masked key: BERT's -1e4 in any float dtype, finfo.min, "
+                 "-inf); this attention kind cannot honour it (rewrite to softmax or sigmoid)")
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ def written_out(call: AttentionCall, normalise: Callable[[Any], Any] | None = No
 
 def shift_sensitive(scores: torch.Tensor) -> torch.Tensor:
     """The score probes' normalisation, elementwise: elu(s) + 1 — exp(s) below 0, 1 + s above; 0 for a masked
-    score (−∞, or ≤ −10⁴: exp underflows in float64), and a change of c in a score changes it by about c·exp(s)
+    score (−∞, or ≤ MASKED_SCORE = −9000: exp underflows in float64), and a change of c in a score changes it by about c·exp(s)
     or c, never hidden by saturation, and never normalised away (``rewriter/certify.py``)."""
     return F.elu(scores) + 1.0
 

@@ -31,6 +31,8 @@ a call runs in, the one :func:`resolve_impl` chooses the path from.
 from __future__ import annotations
 
 import functools
+import hashlib
+from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -65,6 +67,65 @@ def sdpa_schema(extra: str = "", returns: str = "Tensor", *, is_causal: bool = F
     return f"({args}{', ' + extra if extra else ''}) -> {returns}"
 
 
+def _digest_sources(root: Path) -> str:
+    # as attnrewrite.rewriter.backend.digest_sources (the floors keep the pass from importing this module)
+    digest = hashlib.sha256()
+    for path in sorted(Path(root).rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _kernels_source_digest() -> str:
+    return _digest_sources(Path(__file__).resolve().parent)
+
+
+def schema_fingerprint(namespace: str = NAMESPACE) -> str:
+    """sha256 (16 hex digits) over the schema of every operator registered in ``namespace``, each written
+    without the namespace (so two namespaces holding the same schemas agree), sorted.
+
+    Importing ``attnrewrite`` registers every kind's operators, so within one checkout this is one value.
+    """
+    prefix = namespace + "::"
+    schemas = []
+    for qualname in torch._C._dispatch_get_all_op_names():
+        if qualname.startswith(prefix):
+            name, _, overload = qualname.partition(".")
+            schemas.append(str(torch._C._get_schema(name, overload)).removeprefix(prefix))
+    return hashlib.sha256("\n".join(sorted(schemas)).encode()).hexdigest()[:16]
+
+
+CACHE_TAG_PREFIX = "attnrewrite-ops:"
+
+
+def cache_key_tag() -> str:
+    """The part of torch.compile's cache keys that names this attnrewrite: the schemas of its operators
+    (:func:`schema_fingerprint`) and a digest of the kernels' source (what a composite op decomposes into)."""
+    return f"{CACHE_TAG_PREFIX}{schema_fingerprint()}.{_kernels_source_digest()}"
+
+
+def tag_compile_caches() -> None:
+    """While torch.compile traces an attnrewrite operator, put :func:`cache_key_tag` into
+    ``torch.compiler.config.cache_key_tag`` (kept beside the user's own tag, replacing an older
+    attnrewrite part), which inductor's FX graph cache and the AOTAutograd cache fold into every key.
+
+    Why: those caches key a graph on its code, which names an operator, not its schema or the Python a
+    composite operator decomposes into.  A cache written by another version of attnrewrite would otherwise
+    replay its compiled code against this version's operators (seen: a cached sliding_window backward
+    calling the blockwise op without the ``seed`` argument it gained since).  Done on the first trace of
+    an attnrewrite op rather than at import, so importing attnrewrite changes no global config.
+    """
+    if torch._guards.TracingContext.try_get() is None and not torch.compiler.is_compiling():
+        return
+    tag = cache_key_tag()
+    current = torch.compiler.config.cache_key_tag
+    if tag in current.split("|"):
+        return
+    kept = [part for part in current.split("|") if part and not part.startswith(CACHE_TAG_PREFIX)]
+    torch.compiler.config.cache_key_tag = "|".join([*kept, tag])
+
+
 def composite_op(name: str, schema: str, impl: Callable) -> torch._ops.OpOverloadPacket:
     """Define ``attnrewrite::<name>`` with ``impl`` as its ``CompositeImplicitAutograd`` kernel.
 
@@ -78,6 +139,7 @@ def composite_op(name: str, schema: str, impl: Callable) -> torch._ops.OpOverloa
     @functools.wraps(impl)
     def guarded(*args, **kwargs):
         refuse_torch_context_parallel(what)
+        tag_compile_caches()
         empty = empty_output(*args[:3])
         if empty is None:
             return impl(*args, **kwargs)
@@ -134,7 +196,13 @@ def kernel_op(name: str, impl: Callable, *, fake: Callable, schema: str | None =
     if backward is not None:  # a forward kernel: refused on a shard the context-parallel manager did not hand it
         impl = _refusing_on_a_shard(impl, f"attnrewrite::{name}")
     op = torch.library.custom_op(f"{NAMESPACE}::{name}", impl, mutates_args=(), schema=schema)
-    op.register_fake(fake)
+
+    @functools.wraps(fake)
+    def tagging_fake(*args, **kwargs):
+        tag_compile_caches()
+        return fake(*args, **kwargs)
+
+    op.register_fake(tagging_fake)
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
     else:
@@ -358,6 +426,7 @@ def resolve_impl(
     return "triton"
 
 
-__all__ = ["AUTOCAST_DEVICES", "IMPLS", "NAMESPACE", "TritonOps", "call_dtype", "composite_op", "kernel_op",
+__all__ = ["AUTOCAST_DEVICES", "CACHE_TAG_PREFIX", "IMPLS", "NAMESPACE", "TritonOps", "cache_key_tag", "call_dtype",
+           "composite_op", "kernel_op", "schema_fingerprint", "tag_compile_caches",
            "like_sdpa_under_autocast", "refuse_derivative", "resolve_impl", "sdpa_autocast", "sdpa_schema", "traceable",
            "triton_ops"]

@@ -25,6 +25,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+#: Float-mask entries at or below this exclude the key (−inf, ``finfo.min``, BERT's −1e4 in any float
+#: dtype: −9984 in bfloat16): the rewriter's rule, :data:`attnrewrite.ir.spec.MASKED_SCORE`, which says why
+#: −9000 (the floors keep the kernels from importing it; tests/kernels/test_masked_score.py keeps the two equal).
+MASKED_SCORE = -9e3
+
 
 class DtypeMismatchError(RuntimeError, ValueError):
     """q, k, v of different dtypes: SDPA's error type (``RuntimeError``), and a ``ValueError`` as

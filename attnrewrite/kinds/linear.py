@@ -4,8 +4,8 @@
 A site can be rewritten to ``linear`` when its mask is causal and/or key padding (a linear kind
 cannot honour a mask that varies across queries, an additive bias, dropout on probabilities or
 a score modification): such sites are skipped with the reason.  An additive bias computed from a
-[B, Tk] input whose values are 0 or <= -1e4 (BERT's ``(1 - m)·min``) is key padding: the pass
-hands it over as a ``padding`` term, whose values the rewritten graph checks on every call.
+[B, Tk] input whose values are 0 or <= MASKED_SCORE = -9000 (BERT's ``(1 - m)·min``; -1e4 in any dtype)
+is key padding: the pass hands it over as a ``padding`` term, whose values the rewritten graph checks on every call.
 """
 
 from __future__ import annotations

@@ -35,19 +35,6 @@ def _bias(options: dict[str, Any]) -> float | None:
     return None if options["bias"] == "auto" else float(options["bias"])
 
 
-def _mask(call: AttentionCall, options: dict[str, Any]) -> Any:
-    """``call.attn_mask``, with an additive mask's entries at or below −10⁴ set to −inf under ``bias="auto"``.
-
-    The matcher reads a score at or below −10⁴ as masked (BERT's ``(1 − m) · −10000``; see
-    :class:`attnrewrite.ir.spec.MaskTerm`), while the op's ``bias="auto"`` leaves out of its count only −inf
-    and the dtype's lowest value, counting any other value as a bias: such padding would be counted, and b
-    would depend on how much padding a row has.  The keys' weights are 0 either way."""
-    mask = call.attn_mask
-    if mask is None or call.bool_mask or options["bias"] != "auto":
-        return mask
-    return mask.masked_fill(mask <= MASKED_SCORE, float("-inf"))
-
-
 def _scores_operands(call: AttentionCall, state) -> tuple[Any, Any, Any]:
     """(q, k, scale) of the scores.  With a learned state, q is scaled by each head's temperature and
     the head's bias β_h rides in one more channel (q gets β_h / scale, k gets 1), so that
@@ -65,7 +52,7 @@ def _scores_operands(call: AttentionCall, state) -> tuple[Any, Any, Any]:
 
 def emit(call: AttentionCall, options: dict[str, Any], state) -> Any:
     q, k, scale = _scores_operands(call, state)
-    return torch.ops.attnrewrite.sigmoid_attention(q, k, call.v, _mask(call, options), call.dropout_p,
+    return torch.ops.attnrewrite.sigmoid_attention(q, k, call.v, call.attn_mask, call.dropout_p,
                                                    call.is_causal, scale, call.enable_gqa, bias=_bias(options),
                                                    score_mod=call.score_program, impl=options["impl"],
                                                    position_slopes=call.position_slopes, position=call.position)
@@ -84,18 +71,17 @@ def weights(call: AttentionCall, options: dict[str, Any], state) -> Any:
     if call.score_mod is not None:  # the graph's own modification, replayed (supports() saw it has a program)
         scores = call.score_mod(scores)
     keep = torch.ones_like(scores, dtype=torch.bool)
-    counted = keep  # the keys bias="auto" counts (the op's rule: a float mask's -inf / lowest entries are not)
-    attn_mask = _mask(call, options)
+    # the keys bias="auto" counts: the op's rule (attnrewrite.kernels.sigmoid.api.mask_keeps), the matcher's
+    # for a masked score (MASKED_SCORE), so the mask goes to the op as it is, without a copy
+    counted = keep
+    attn_mask = call.attn_mask
     if attn_mask is not None:
         if call.bool_mask:
             keep = keep & attn_mask
             counted = keep
         else:
             scores = scores + attn_mask
-            # an additive mask is materialised in call.dtype (static: the mask may be an FX proxy here)
-            if call.dtype is not None and call.dtype.is_floating_point:
-                lowest = torch.finfo(call.dtype).min
-                counted = keep & (attn_mask != float("-inf")) & (attn_mask != lowest)
+            counted = keep & (attn_mask > MASKED_SCORE)
     if call.is_causal:
         keep = keep & torch.ones_like(keep[0, 0]).tril()
         counted = counted & keep

@@ -205,7 +205,7 @@ def as_key_padding(site: Site, evaluator: GraphEvaluator) -> AttentionSpec | Non
     """``site.spec`` with its additive key-padding biases taken as padding masks, or None when it has none.
 
     BERT's ``(1 - mask[:, None, None, :]) * -10000.0`` is an additive bias computed from a [B, Tk]
-    input, constant over queries and heads; it is key padding when its values are 0 or <= −10⁴.
+    input, constant over queries and heads; it is key padding when its values are 0 or <= MASKED_SCORE (−9000: −10⁴ in any float dtype).
     Such a term (an input-dependent additive bias of that shape whose example values are in that
     set) becomes a ``padding`` term: kinds without scores read it as a keep-mask, and the canonical
     form checks its values on every call — certification's probes included — raising if one ever

@@ -57,7 +57,7 @@ from attnrewrite.ir.capture import constant_value, hinted_shape, normalize, symb
 from attnrewrite.ir import row_blocks
 from attnrewrite.ir.evaluate import ClosureTooLarge, GraphEvaluator, UnreadableWrite, float64_default
 from attnrewrite.ir.row_blocks import RowPlan, largest_bytes
-from attnrewrite.ir.spec import PADDING_GUARD, Site
+from attnrewrite.ir.spec import MASKED_SCORE, PADDING_GUARD, Site
 from attnrewrite.ir.written_out import shift_sensitive, shift_sensitive_sdpa, written_out
 from attnrewrite.kinds.softmax import exact_attention
 
@@ -421,8 +421,8 @@ def _compare(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], probe
         except RuntimeError as exc:
             if PADDING_GUARD not in str(exc):
                 raise
-            return False, (f"an additive mask taken as key padding holds values other than 0 and <= -1e4 on "
-                           f"{_DESCRIBE[kind].split(' and ')[-1]}"), worst
+            return False, (f"an additive mask taken as key padding holds values other than 0 and "
+                           f"<= {MASKED_SCORE:g} on {_DESCRIBE[kind].split(' and ')[-1]}"), worst
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
             return False, f"canonical form has shape {tuple(want.shape)}, site output {getattr(got, 'shape', got)}", worst
         if not bool(rows.any()):

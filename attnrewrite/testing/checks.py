@@ -109,8 +109,20 @@ def record_kernel_launches(monkeypatch) -> list[tuple[str, str | None, bool]]:
     return launches
 
 
+def assert_launched_with_mod(launches: list[tuple[str, str | None, bool]], kernels: set[str], program: str,
+                             generated: bool) -> None:
+    """What :func:`record_kernel_launches` recorded: exactly the kernels named ``kernels`` ran (each at least
+    once, no other), every launch took the score modification ``program`` (its text), and every launched
+    kernel is a generated specialisation exactly when ``generated`` (a program of several nonlinear steps
+    is generated into the kernels; a single step runs in the generic kernels)."""
+    names = {name for name, _, _ in launches}
+    assert names == set(kernels), f"launched {sorted(names)}, expected {sorted(kernels)}"
+    wrong = [launch for launch in launches if launch[1] != program or launch[2] != generated]
+    assert not wrong, f"launches without program {program!r} or not generated={generated}: {wrong}"
+
+
 __all__ = ["attnrewrite", "check_rewrite", "compile_rewritten", "first_tensor", "assert_close_rel",
-           "assert_gradients_close", "record_kernel_launches", "record_sigmoid_calls"]
+           "assert_gradients_close", "assert_launched_with_mod", "record_kernel_launches", "record_sigmoid_calls"]
 
 
 def assert_same_function(got: torch.Tensor, want: torch.Tensor, leaves: dict[str, torch.Tensor],

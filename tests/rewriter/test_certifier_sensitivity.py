@@ -1038,7 +1038,7 @@ REAL, RANDOM, PERTURBED = False, "random", "perturbed"  # the probes' `randomize
 EVERY_PROBE = [REAL, RANDOM, RANDOM, PERTURBED, PERTURBED, PERTURBED]
 ALL_MASKED = ("could not certify: every probed query row is fully masked ({} informative probe(s) of 6: the "
               "example, random and perturbed user inputs)")
-PADDING = "an additive mask taken as key padding holds values other than 0 and <= -1e4 on {}"
+PADDING = "an additive mask taken as key padding holds values other than 0 and <= -9000 on {}"
 
 
 def _off(base, delta, rows=ALL, at=(0, 0)):

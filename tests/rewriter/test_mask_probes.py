@@ -211,8 +211,33 @@ def test_additive_key_padding_is_rewritten_to_linear_and_checked_at_run_time():
         assert_close_rel(compiled(x, other), _hand_written_linear(model, x, other), 1e-5, "other padding")
         bad = mask.clone()
         bad[0, 3] = 0.5  # bias -5000: neither kept nor masked
-        with pytest.raises(RuntimeError, match="neither 0 nor <= -1e4"):
+        with pytest.raises(RuntimeError, match="neither 0 nor <= -9000"):
             compiled(x, bad)
+
+
+@pytest.mark.parametrize("to", ["linear", "sigmoid"])
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_a_bfloat16_bert_padding_mask_is_padding(to, model_dtype):
+    """A bfloat16 attention mask makes BERT's -10000 into -9984, added to float32 scores as -9984: still a
+    masked key.  sigmoid leaves it out of bias="auto"'s count (it counted it) and linear takes it as padding,
+    as a bool mask would (hashed, causal only: tests/kernels/test_masked_score.py)."""
+    torch.manual_seed(2)
+    model = AdditivePadding().eval().to(model_dtype)
+    x, mask = _padding_inputs()
+    x, mask = x.to(model_dtype), mask.to(torch.bfloat16)
+    report = Report(to=to)
+    with torch.no_grad():
+        got = compile_rewritten(model, report, to=to)(x, mask)
+        (site,) = report.attention_sites()
+        assert site.status == "rewritten", site
+        reference = model.float()  # the same (perhaps bfloat16-rounded) weights, in float32
+        keep = mask.bool()[:, None, None, :]
+        if to == "linear":
+            want = _hand_written_linear(reference, x.float(), mask.float())
+        else:
+            q, k, v = reference.heads(x.float())
+            want = torch.ops.attnrewrite.sigmoid_attention(q, k, v, keep)
+        assert_close_rel(got.float(), want, 3e-2 if model_dtype == torch.bfloat16 else 1e-5, f"{to}")
 
 
 def test_additive_key_padding_is_rewritten_to_summary():

@@ -33,10 +33,10 @@ import ctypes
 
 import torch
 
+from attnrewrite.kernels.checks import MASKED_SCORE
 from attnrewrite.kernels.native_build import C_EXP, NativeLibrary
 
 from .codes import project
-from .sparse import MASKED_SCORE
 
 SOURCE = r"""
 #include <stdint.h>

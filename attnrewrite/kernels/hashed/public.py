@@ -36,7 +36,7 @@ def hashed_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sc
 
     Args:
         q: [B, Hq, Tq, D]; k: [B, Hkv, Tk, D]; v: [B, Hkv, Tk, Dv]; fp16, bf16, fp32 or fp64.
-        attn_mask: bool (True = may attend) or float (added to the scores; entries ≤ −10⁴ exclude a
+        attn_mask: bool (True = may attend) or float (added to the scores; entries ≤ −9000 (MASKED_SCORE) exclude a
             key), broadcastable to [B, 1, Tq, Tk]: one mask for every head.
         dropout_p: must be 0.
         is_causal: key j ≤ query i (needs Tq == Tk).  A decoding query comes after every key: False.

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-MASKED_SCORE = -1e4
+from attnrewrite.kernels.checks import MASKED_SCORE
 
 
 def _code_bits(x: torch.Tensor, projection: torch.Tensor) -> list:
@@ -55,7 +55,7 @@ def naive_hashed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, at
                            head_bias: torch.Tensor | None = None):
     """q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv] → (out [B, Hq, Tq, Dv], selected sets).
 
-    ``attn_mask``: bool (True = may attend) or float (added to the scores; entries ≤ −10⁴ exclude
+    ``attn_mask``: bool (True = may attend) or float (added to the scores; entries ≤ −9000 (MASKED_SCORE) exclude
     the key), broadcastable to [B, 1, Tq, Tk].  ``proj_q``/``proj_k``: [D, bits] or [H, D, bits].
     ``selected[b][h][i]`` is the sorted list of key indices chosen for that group and query.
     ``score_mod``: an elementwise function applied to scale·q·k of the chosen keys before the mask, or None.

@@ -26,12 +26,13 @@ import warnings
 
 import torch
 
+from attnrewrite.kernels.checks import MASKED_SCORE
+
 from .codes import project, signs
 
 # Query rows per block are chosen so that a block's gathered [B, Hkv, rows, selected, D] keys stay near this size.
 BLOCK_ELEMENTS = 1 << 22
 USE_CSR = True  # the CPU forward attends through sparse matrix products (tests switch it off to cover the gathers)
-MASKED_SCORE = -1e4  # float-mask entries at or below this exclude the key (the rewriter's rule)
 
 
 def work_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from attnrewrite.kernels import triton_scaffold as scaffold
 from attnrewrite.kernels._ops import traceable, triton_ops
+from attnrewrite.kernels.checks import MASKED_SCORE
 from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
 from . import spaces
@@ -35,7 +36,6 @@ from .triton_attn import attend_backward, attend_forward
 from .triton_codes import hashed_codes_kernel, pack_codes
 from .triton_select import select_keys
 
-MASKED_SCORE = -1e4  # float-mask entries at or below this exclude the key (as the torch path)
 
 
 def interpreter_active() -> bool:
@@ -46,7 +46,7 @@ def interpreter_active() -> bool:
 def mask_views(attn_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """(keep uint8 [B|1, Tq|1, Tk|1] or None, additive bias [B|1, Tq|1, Tk|1] or None) of a mask
     broadcastable to [B, 1, Tq, Tk]: a bool mask keeps its True entries; a float one keeps the entries
-    above −10⁴ and adds them (the excluded ones become 0 in the bias)."""
+    above MASKED_SCORE (−9000) and adds them (the excluded ones become 0 in the bias)."""
     if attn_mask is None:
         return None, None
     mask = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))[:, 0]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from attnrewrite.kernels._ops import resolve_impl
-from attnrewrite.kernels.checks import (RELATIVE, check_dropout, check_kv_lens, check_mask_dtype,
+from attnrewrite.kernels.checks import (MASKED_SCORE, RELATIVE, check_dropout, check_kv_lens, check_mask_dtype,
                                         check_position_slopes, check_qkv)
 from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
@@ -93,8 +93,9 @@ def sigmoid_attention_dispatch(
         ``bias="auto"``: each query row i has its own b_i = -log(n_i), n_i = the number of keys
         row i sees: keys j < kv_lens[b] (or < Tk, or the sequence's key length under cu_seqlens),
         causally visible in a causal call, and not excluded by ``attn_mask`` — False in a bool
-        mask, or, in a float mask, -inf or the dtype's lowest finite value (the "masked" value
-        HF's masks use; :func:`mask_keeps`).  So a causal mask passed as a mask gives the same b_i
+        mask, or, in a float mask, any value at or below ``MASKED_SCORE`` = -9000: -inf, the dtype's
+        lowest finite value (HF's masks), BERT's -10000 (-9984 in bfloat16), all of weight exactly 0
+        (:func:`mask_keeps`).  So a causal mask passed as a mask gives the same b_i
         as ``is_causal=True``, a padding mask the same as ``kv_lens``, and a token's output does
         not depend on how many tokens follow it (a causal prefill's row i equals a decoding step
         of that token against the same keys).  n = 0 counts as 1.  A number sets b for every row.
@@ -178,16 +179,18 @@ def _check_relative(table: torch.Tensor, problem: Problem) -> None:
 def mask_keeps(attn_mask: torch.Tensor) -> torch.Tensor:
     """bool, the shape of ``attn_mask``: True where a key is not excluded from ``bias="auto"``'s count.
 
-    A bool mask is its own answer; a float (additive) mask excludes a key where it is -inf or at most the
-    dtype's lowest finite value (``torch.finfo(dtype).min``, what HF's attention masks hold for a masked
-    key: sigmoid of a score plus that value is 0).  Any other value, however negative, is a bias and the
-    key is counted.
+    A bool mask is its own answer; a float (additive) mask excludes a key where it is at most
+    :data:`~attnrewrite.kernels.checks.MASKED_SCORE` (-9000): -inf, ``torch.finfo(dtype).min`` (what HF's
+    attention masks hold for a masked key), BERT's ``(1 - m) · -10000`` in any dtype.  The rewriter reads
+    the same values as masked, so a rewritten site hands its mask over as it is, without a copy turning
+    them into -inf.  Such a key's weight is exactly 0 (sigmoid(s - 9000) underflows in every float
+    dtype), so the rule decides only the count; any higher value is a bias and the key is counted.
     """
     if attn_mask.dtype == torch.bool:
         return attn_mask
     if not attn_mask.is_floating_point():  # an integer bias has no -inf: it excludes no key
         return torch.ones_like(attn_mask, dtype=torch.bool)
-    return attn_mask > torch.finfo(attn_mask.dtype).min
+    return attn_mask > MASKED_SCORE
 
 
 def resolve_bias(

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from attnrewrite.kernels._ops import kernel_op
+from attnrewrite.kernels.checks import MASKED_SCORE
 from attnrewrite.kernels.score_mods import parse as parse_score_mod
 
 from . import native
@@ -377,13 +378,13 @@ class _Geometry:
 
     def key_bias(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(key_bias, n_last): a per-key mask [B|1, 1, 1, Tk|1] as contiguous float32 [B, Tk] for the compiled
-        loop, and int64 [B, 1], one past the last key each batch row does not exclude (-inf or at most the
-        mask dtype's lowest finite value: the keys ``bias="auto"`` does not count, whose weight is 0), so that
+        loop, and int64 [B, 1], one past the last key each batch row does not exclude (at most MASKED_SCORE:
+        the keys ``bias="auto"`` does not count, whose weight is 0), so that
         the trailing padding is never read; (None, None) without a mask."""
         if self.mask is None:
             return None, None
         mask = self.mask.reshape(self.mask.shape[0], self.mask.shape[3]).expand(self.batch, self.len_k)
-        kept = mask > torch.finfo(mask.dtype).min
+        kept = mask > MASKED_SCORE
         positions = torch.arange(1, self.len_k + 1, device=self.device)
         n_last = torch.where(kept, positions, 0).amax(dim=1, keepdim=True) if self.len_k else kept.new_zeros(
             self.batch, 1, dtype=torch.int64)

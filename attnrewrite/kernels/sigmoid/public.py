@@ -38,8 +38,8 @@ def sigmoid_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, s
         q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa: as in SDPA (``is_causal`` may be
             combined with ``attn_mask``; Tq may differ from Tk).
         bias: ``"auto"``: each query i has its own b_i = −log(n_i), n_i = the keys i itself sees
-            (causal, padding, a mask's excluded keys: False in a bool mask, −inf or the dtype's
-            lowest value in a float one, as HF's masks write a masked key).  So a causal or padding
+            (causal, padding, a mask's excluded keys: False in a bool mask, ≤ −9000 in a float one:
+            −inf, the dtype's lowest value as HF's masks write a masked key, BERT's −10000).  So a causal or padding
             mask given as a mask counts as ``is_causal``/padding do, a token's output does not
             depend on the tokens after it, and a causal prefill's row i equals a decoding step of
             that token against the same keys.  A number sets b.

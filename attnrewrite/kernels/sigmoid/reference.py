@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from attnrewrite.kernels.checks import MASKED_SCORE
+
 
 def naive_sigmoid_attention(
     q: torch.Tensor,
@@ -59,14 +61,13 @@ def naive_sigmoid_attention(
     # Keys that exist for each sequence: padding beyond kv_lens[b] does not.
     valid_len = torch.full((batch,), len_k, device=q.device) if kv_lens is None else kv_lens.clamp(0, len_k)
     visible = (key_index < valid_len.view(batch, 1, 1, 1)).expand(batch, heads_q, len_q, len_k)
-    counted = visible  # the keys bias="auto" counts: a float mask's -inf / lowest-value entries are not
+    counted = visible  # the keys bias="auto" counts: a float mask's entries <= MASKED_SCORE (-9000) are not
     if attn_mask is not None and attn_mask.dtype == torch.bool:
         visible = visible & attn_mask
         counted = visible
     elif attn_mask is not None:
         scores = scores + attn_mask
-        lowest = torch.finfo(attn_mask.dtype).min
-        counted = visible & (attn_mask != float("-inf")) & (attn_mask != lowest)
+        counted = visible & (attn_mask > MASKED_SCORE)
 
     # bias="auto", not causal: -log(number of keys query i sees), its own count per row.
     if bias == "auto" and not is_causal:

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from attnrewrite.kernels._ops import kernel_op, sdpa_schema
-from attnrewrite.kernels.checks import check_dropout, check_qkv, key_padding_mask, refuse_torch_context_parallel
+from attnrewrite.kernels.checks import (MASKED_SCORE, check_dropout, check_qkv, key_padding_mask,
+                                       refuse_torch_context_parallel)
 from attnrewrite.kernels.score_mods import parse as parse_score_mod
 from attnrewrite.kernels.tuning import is_traced
 
@@ -81,14 +82,14 @@ def check_cu_seqlens(cu_seqlens: Optional[Tensor], q: Tensor, attn_mask: Optiona
 
 def key_valid_from_mask(attn_mask: Optional[Tensor], batch: int, length: int) -> Optional[Tensor]:
     """bool [B, T] (True = a real key) from a checked key-padding mask; float masks must hold 0 or
-    masked values (−inf, or ≤ −10⁴ as the rewriter counts them)."""
+    masked values (−inf, or ≤ MASKED_SCORE = −9000 as the rewriter counts them)."""
     if attn_mask is None:
         return None
     flat = key_padding_mask(attn_mask, batch, length, WHAT)
     if attn_mask.dtype == torch.bool:
         valid = flat
     else:
-        valid = flat > -1e4
+        valid = flat > MASKED_SCORE
         # a data-dependent check: made where the values exist (the torch path's op runs it on real
         # tensors; the kernels' path, traced by torch.compile, is reached from rewritten sites whose
         # masks the rewriter proved to be padding)

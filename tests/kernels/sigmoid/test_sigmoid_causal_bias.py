@@ -93,10 +93,11 @@ def test_the_public_op_and_the_kinds_weights_agree():
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 def test_a_causal_or_padding_mask_given_as_a_mask_counts_as_causality_and_padding_do(impl):
-    """bias="auto" counts, per query row, the keys a mask leaves it — False in a bool mask, −inf or the dtype's lowest
-    value (HF's masked value) in a float one; a merely negative entry is a bias and counts.  So the causal mask
-    written as a mask (as a layer compiled without its model receives it) gives the same rows as ``is_causal=True``,
-    a padding mask the same as ``kv_lens``, in both mask dtypes."""
+    """bias="auto" counts, per query row, the keys a mask leaves it — False in a bool mask, ≤ −9000 in a float one
+    (−inf, the dtype's lowest value as HF writes a masked key, BERT's −10000 also as bfloat16 rounds it: −9984);
+    a merely negative entry is a bias and counts.  So the causal mask written as a mask (as a layer compiled
+    without its model receives it) gives the same rows as ``is_causal=True``, a padding mask the same as
+    ``kv_lens``, in every mask spelling."""
     q, k, v = _qkv()
     t = q.shape[2]
     run = lambda **kw: sigmoid_attention_dispatch(q, k, v, enable_gqa=True, impl=impl, **kw)  # noqa: E731
@@ -106,11 +107,12 @@ def test_a_causal_or_padding_mask_given_as_a_mask_counts_as_causality_and_paddin
     lowest = torch.finfo(torch.float32).min
     for keep, expected in ((causal, run(is_causal=True)), (padded, run(kv_lens=kv_lens)),
                            (causal & padded, run(is_causal=True, kv_lens=kv_lens))):
+        bert = (1 - keep.to(torch.bfloat16)) * -10000.0  # -9984 where masked
         for mask in (keep, torch.zeros(keep.shape).masked_fill(~keep, lowest),
-                     torch.zeros(keep.shape).masked_fill(~keep, float("-inf"))):
+                     torch.zeros(keep.shape).masked_fill(~keep, float("-inf")), bert.float()):
             torch.testing.assert_close(run(attn_mask=mask), expected, rtol=1e-5, atol=1e-6)
     # a finite negative entry is a bias, not an exclusion: the row's n keeps the key
-    biased = torch.zeros(t, t).masked_fill(~causal, -1e4)
+    biased = torch.zeros(t, t).masked_fill(~causal, -30.0)
     assert (run(attn_mask=biased) - run(is_causal=True)).abs().max() > 1e-3
     torch.testing.assert_close(run(attn_mask=biased), naive_sigmoid_attention(
         q, k, v, biased, False), rtol=1e-5, atol=1e-6)

@@ -13,7 +13,7 @@ import torch
 from attnrewrite.kernels.sliding_window import op
 from attnrewrite.kernels.sliding_window.reference import naive_sliding_window_attention
 from attnrewrite.ops import sliding_window_attention
-from attnrewrite.testing.checks import record_kernel_launches
+from attnrewrite.testing.checks import assert_launched_with_mod, record_kernel_launches
 
 SOFTCAP = ("div 3.0; tanh; mul 3.0", lambda s: torch.tanh(s / 3.0) * 3.0)
 CHAIN = ("mul 0.5; exp; clamp none 4.0; neg", lambda s: -torch.clamp(torch.exp(s * 0.5), max=4.0))
@@ -78,10 +78,8 @@ def test_triton_kernels_apply_the_modification(program, causal, window, sinks, t
         torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
     plain = naive_sliding_window_attention(q, k, v, mask, causal, 0.3, window, sinks)
     assert (plain - want).abs().max() > 1e-2  # the modification changes these outputs
-    generated = program is CHAIN  # two nonlinear steps: the kernels are specialised, never the torch path
-    assert {name for name, _, _ in launches} == {"sliding_window_fwd_kernel", "sliding_window_bwd_dq_kernel",
-                                                 "sliding_window_bwd_dkdv_kernel"}
-    assert all(mod == text and specialised == generated for _, mod, specialised in launches), launches
+    assert_launched_with_mod(launches, {"sliding_window_fwd_kernel", "sliding_window_bwd_dq_kernel",
+                                        "sliding_window_bwd_dkdv_kernel"}, text, generated=program is CHAIN)
 
 
 def test_auto_on_the_cpu_runs_a_chain_on_the_torch_path(monkeypatch):
