@@ -7,8 +7,8 @@ over the staircase and the causal diagonal) and merges the two by their log-sum-
 masked call ~3.3–3.8 ns, and the masked tiles are half hidden; a row sees ~1,356 keys at T = 8k with the default
 options against causal attention's 4,096, so the op could not be faster than ~3× SDPA, and issue 14's model
 target needs a little more.  This loop skips what a row does not see at the level of each row (not of a tile):
-per tile of query rows of one head, S = q kᵀ by torch's own BLAS ``sgemm_``, then per row the scaled scores of
-its visible keys only (an interval of the tile's keys), the online softmax's running max and sum with ``exp`` by
+per tile of query rows of one head, S = scale·q kᵀ by torch's own BLAS ``sgemm_`` (the scale as its alpha), then
+per row the scores of its visible keys only (an interval of the tile's keys), the online softmax's running max and sum with ``exp`` by
 range reduction and a degree-5 polynomial (relative error under 2e-7, as the sigmoid and hashed kernels), the
 row's output rescaled, and out += P v by ``sgemm_``; no mask is read or built, no K/V is copied or concatenated,
 and nothing is merged afterwards.
@@ -36,8 +36,8 @@ typedef void (*sgemm_t)(const char *, const char *, const int *, const int *, co
                         const float *, const int *, const float *, const int *, const float *, float *,
                         const int *);
 
-/* One row of a score tile s[0 .. cols): the keys [lo, hi) are visible (lo < hi).  s := exp(scale s − m_new)
-   there and 0 elsewhere, where m_new = max(*m, max of the visible scaled scores); *l := *l e^(*m − m_new) + Σ s;
+/* One row of a tile of scaled scores s[0 .. cols): the keys [lo, hi) are visible (lo < hi).  s := exp(s − m_new)
+   there and 0 elsewhere, where m_new = max(*m, max of the visible scores); *l := *l e^(*m − m_new) + Σ s;
    returns e^(*m − m_new), the factor the row's output accumulated so far is to be multiplied by.  An exponent
    below −87 gives exactly 0. */
 static inline float exp_or_zero(float c) {
@@ -66,26 +66,18 @@ static inline __m256 exp8_or_zero(__m256 c) {
 }
 #endif
 
-static inline float softmax_row(float *restrict s, int64_t lo, int64_t hi, int64_t cols, float scale,
-                                float *restrict m, float *restrict l) {
+static inline float softmax_row(float *restrict s, int64_t lo, int64_t hi, int64_t cols, float *restrict m,
+                                float *restrict l) {
     float top = *m, total = 0.0f;
     int64_t j = lo;
 #if defined(__AVX2__) && defined(__FMA__)
-    __m256 vs = _mm256_set1_ps(scale), vtop = _mm256_set1_ps(-INFINITY);
-    for (; j + 8 <= hi; j += 8) {
-        __m256 x = _mm256_mul_ps(_mm256_loadu_ps(s + j), vs);
-        _mm256_storeu_ps(s + j, x);
-        vtop = _mm256_max_ps(vtop, x);
-    }
+    __m256 vtop = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= hi; j += 8) vtop = _mm256_max_ps(vtop, _mm256_loadu_ps(s + j));
     float lanes[8];
     _mm256_storeu_ps(lanes, vtop);
     for (int u = 0; u < 8; ++u) top = lanes[u] > top ? lanes[u] : top;
 #endif
-    for (; j < hi; ++j) {
-        float x = s[j] * scale;
-        s[j] = x;
-        top = x > top ? x : top;
-    }
+    for (; j < hi; ++j) top = s[j] > top ? s[j] : top;
     float alpha = *m == -INFINITY ? 0.0f : exp_or_zero(*m - top);
     j = lo;
 #if defined(__AVX2__) && defined(__FMA__)
@@ -108,6 +100,15 @@ static inline float softmax_row(float *restrict s, int64_t lo, int64_t hi, int64
     *l = *l * alpha + total;
     *m = top;
     return alpha;
+}
+
+/* Keys per block when `span` keys are taken at most `block` at a time: as many blocks as needed, of even size
+   (a multiple of 16), so that no block is a small remainder (a thin, slow sgemm). */
+static inline int64_t even_block(int64_t span, int64_t block) {
+    int64_t count = (span + block - 1) / block;
+    int64_t size = count > 0 ? (span + count - 1) / count : block;
+    size = (size + 15) / 16 * 16;
+    return size > block ? block : (size > 0 ? size : 1);
 }
 
 /* Causal summary attention, forward.  q [B, Hq, T, D], k [B, Hkv, T, D], v [B, Hkv, T, Dv] with the strides
@@ -140,15 +141,16 @@ void summary_forward(const float *q, const float *k, const float *v, const float
                 /* summaries: row i sees [0, c - W) */
                 int64_t last_chunk = (i0 + n - 1) / C;
                 int64_t n_sum = last_chunk - W > 0 ? last_chunk - W : 0;
-                for (int64_t k0 = 0; k0 < n_sum; k0 += block) {
-                    int kb = (int)(n_sum - k0 < block ? n_sum - k0 : block);
-                    sgemm("T", "N", &kb, &m, &d, &one, ksh + k0 * D, &d, qt, &ldq, &zero, s, &kb);
+                int64_t step = even_block(n_sum, block);
+                for (int64_t k0 = 0; k0 < n_sum; k0 += step) {
+                    int kb = (int)(n_sum - k0 < step ? n_sum - k0 : step);
+                    sgemm("T", "N", &kb, &m, &d, &scale, ksh + k0 * D, &d, qt, &ldq, &zero, s, &kb);
                     for (int64_t r = 0; r < n; ++r) {
                         int64_t see = (i0 + r) / C - W - k0;
                         see = see < 0 ? 0 : (see > kb ? kb : see);
                         float *sr = s + r * kb;
                         if (see == 0) { memset(sr, 0, sizeof(float) * kb); continue; }
-                        float alpha = softmax_row(sr, 0, see, kb, scale, mrow + r, lrow + r);
+                        float alpha = softmax_row(sr, 0, see, kb, mrow + r, lrow + r);
                         if (alpha != 1.0f) for (int64_t e = 0; e < Dv; ++e) ot[r * Dv + e] *= alpha;
                     }
                     sgemm("N", "N", &dv, &m, &kb, &one, vsh + k0 * Dv, &dv, s, &kb, &one, ot, &dv);
@@ -157,9 +159,10 @@ void summary_forward(const float *q, const float *k, const float *v, const float
                 int64_t first = (i0 / C - W) * C;
                 first = first < 0 ? 0 : first;
                 int64_t end = i0 + n;
-                for (int64_t k0 = first; k0 < end; k0 += block) {
-                    int kb = (int)(end - k0 < block ? end - k0 : block);
-                    sgemm("T", "N", &kb, &m, &d, &one, kh + k0 * kst[2], &ldk, qt, &ldq, &zero, s, &kb);
+                step = even_block(end - first, block);
+                for (int64_t k0 = first; k0 < end; k0 += step) {
+                    int kb = (int)(end - k0 < step ? end - k0 : step);
+                    sgemm("T", "N", &kb, &m, &d, &scale, kh + k0 * kst[2], &ldk, qt, &ldq, &zero, s, &kb);
                     for (int64_t r = 0; r < n; ++r) {
                         int64_t i = i0 + r;
                         int64_t lo = (i / C - W) * C - k0, hi = i + 1 - k0;
@@ -167,7 +170,7 @@ void summary_forward(const float *q, const float *k, const float *v, const float
                         hi = hi > kb ? kb : hi;
                         float *sr = s + r * kb;
                         if (hi <= lo) { memset(sr, 0, sizeof(float) * kb); continue; }
-                        float alpha = softmax_row(sr, lo, hi, kb, scale, mrow + r, lrow + r);
+                        float alpha = softmax_row(sr, lo, hi, kb, mrow + r, lrow + r);
                         if (alpha != 1.0f) for (int64_t e = 0; e < Dv; ++e) ot[r * Dv + e] *= alpha;
                     }
                     sgemm("N", "N", &dv, &m, &kb, &one, vh + k0 * vst[2], &ldv, s, &kb, &one, ot, &dv);
