@@ -9,6 +9,10 @@ an additive mask (the fused CPU kernel), the query heads of a group stacked as r
 head.  The forward keeps no activations; the backward recomputes the summaries and runs each block's
 fused flash-attention forward and backward on the CPU (the explicit softmax-attention gradient formulas,
 in float32 or float64, elsewhere or when Dv ≠ D), then goes through the pooling of the summaries.
+
+A causal float32 forward without padding or score modification on one torch thread runs in the compiled loop
+of :mod:`.native` (per-row visibility inside each tile, no mask, no merge); with more threads, without a C
+compiler or with ``ATTNREWRITE_NATIVE=0`` it takes :func:`_split_forward` (two fused ATen calls per block).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from . import native
 
 # Query rows per block are chosen so that one block's [B, Hq, rows, keys] scores stay near this size.
 BLOCK_ELEMENTS = 1 << 21
@@ -232,6 +238,8 @@ def summary_attention_forward(q, k, v, key_valid, is_causal: bool, scale: float,
     k, v = hide_padding(k, key_valid), hide_padding(v, key_valid)
     k_sum, v_sum, exists = chunk_summaries(k, v, key_valid, chunk_size, summary_query)
     if split_applies(q, v, key_valid, is_causal, score_mod):
+        if native.applies(q, k, v):  # the compiled loop: per-row visibility, no mask, no merge (native.py)
+            return native.summary_forward(q, k, v, k_sum, v_sum, scale, chunk_size, window_chunks)
         return _split_forward(q, k, v, k_sum, v_sum, scale, chunk_size, window_chunks)
     out = q.new_empty(*q.shape[:-1], v.shape[-1])
     for i0, i1, _, _, _, visible, keys, values in _block_operands(q, k, v, k_sum, v_sum, exists, key_valid, is_causal,
