@@ -221,6 +221,14 @@ def unread_attention(softmax: fx.Node) -> str | None:
             f"meet a product ({value_product.name}), through ops not read here ({ops})")
 
 
+def _raise_if_unread_attention(softmax: fx.Node) -> None:
+    """NotAttention(:data:`NOT_READ` …) when ``softmax`` is attention by :func:`unread_attention`: reported as
+    attention left as it was, never as a near miss."""
+    unread = unread_attention(softmax)
+    if unread is not None:
+        raise NotAttention(f"{NOT_READ}: {unread}")
+
+
 def _from_graph_input(node: fx.Node, depth: int) -> bool:
     """True when ``node`` is a graph input, or computed from one by score ops (scale, mask, cast)."""
     if not isinstance(node, fx.Node):
@@ -242,6 +250,14 @@ def _reaches_output(node: fx.Node, depth: int) -> bool:
         if call is not None and call.name in _PROB_OPS and depth > 0 and _reaches_output(user, depth - 1):
             return True
     return False
+
+
+def _ends_at_a_graph_break(node: fx.Node) -> bool:
+    """False only when ``node``'s graph is Dynamo's graph of a frame that returned (not one cut at a graph break):
+    what leaves such a graph goes back to the caller of the compiled code, not on to the rest of the frame.  True
+    for any other graph (a higher-order op's body, a graph not from Dynamo)."""
+    reason = getattr(node.graph.owning_module, "compile_subgraph_reason", None)
+    return bool(getattr(reason, "graph_break", True))
 
 
 def _meets_values(probs: fx.Node) -> bool:
@@ -780,12 +796,23 @@ def match(anchor: fx.Node) -> Site:
 
     down = _path_down(anchor, _SEARCH_DEPTH)
     if down is None:
-        if _reaches_output(anchor, _SEARCH_DEPTH):
+        if _reaches_output(anchor, _SEARCH_DEPTH) and _ends_at_a_graph_break(anchor):
             raise NotAttention(f"{SPLIT_BY_GRAPH_BREAK}: the scores are a product and the probabilities leave the "
                                "graph (their value product is in another graph)")
+        if _reaches_output(anchor, _SEARCH_DEPTH):
+            raise NotAttention("the probabilities are returned by the compiled code, which multiplies no values with "
+                               "them (a pointer network's or a similarity's probabilities)")
+        # probabilities changed before they meet the values (a per-head gate, a mask applied after the softmax and
+        # renormalised, Differential attention's difference of two softmaxes): attention all the same, left as it
+        # was, which must be said
+        _raise_if_unread_attention(anchor)
         raise NotAttention("the probabilities never meet the values in a product")
     pv, probs_last = down[-1], down[-2]
-    v_ref, out_layout = _pv_operand(pv, probs_last)
+    try:
+        v_ref, out_layout = _pv_operand(pv, probs_last)
+    except NotAttention:  # a product with weights first (talking heads mix the probabilities of the heads)
+        _raise_if_unread_attention(anchor)
+        raise
     dropout_p, dropout_node = 0.0, None
     pv_view_sizes = None
     for prev, node in zip(down, down[1:-1]):
@@ -803,7 +830,11 @@ def match(anchor: fx.Node) -> Site:
     escape = any(u not in down for n in down[:-1] for u in n.users)
     _check_scores_not_reused(state, up, down, v_ref.node)
 
-    q_ref, k_ref = _qk_operands(up[0])
+    try:
+        q_ref, k_ref = _qk_operands(up[0])
+    except NotAttention:  # a product with weights last (talking heads mix the scores of the heads)
+        _raise_if_unread_attention(anchor)
+        raise
     k_ref, k_groups = see_through_repeat(k_ref)
     v_ref, v_groups = see_through_repeat(v_ref)
     if k_groups != v_groups:  # only one side repeated: keep both repeated
