@@ -134,3 +134,51 @@ def test_probabilities_a_compiled_model_returns_are_no_attention_split_by_a_brea
     assert attnrewrite.verify(model, x, to=to).ok
     if to == "softmax":
         torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-6)
+
+
+@torch.library.custom_op("attnrewrite_test13::flash_attn", mutates_args=())
+def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+@_flash_attn.register_fake
+def _(q, k, v, causal):
+    return torch.empty_like(q)
+
+
+class OpaqueAttention(nn.Module):
+    """Attention through an op the matcher cannot read: a custom op (as flash-attn and xformers register), or
+    one of aten's SDPA kernels called directly."""
+
+    def __init__(self, op: str):
+        super().__init__()
+        self.qkv, self.op = nn.Linear(16, 48), op
+
+    def forward(self, x):  # [B, T, 16]
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)  # each [B, 2, T, 8]
+        if self.op == "custom":
+            out = _flash_attn(q, k, v, True)
+        else:
+            out = torch.ops.aten._scaled_dot_product_attention_math(q, k, v, is_causal=True)[0]
+        return out.transpose(1, 2).flatten(2)
+
+
+@pytest.mark.parametrize("op", ["custom", "aten"])
+def test_attention_through_an_op_the_matcher_cannot_read_is_said(op):
+    """Such a graph used to report nothing at all: ``to="sigmoid"`` kept the op's softmax attention, with no
+    warning, and ``verify`` (which trusts a graph's report for what ran inside it) passed."""
+    torch.manual_seed(0)
+    model, x = OpaqueAttention(op).eval().requires_grad_(False), torch.randn(2, 6, 16)  # (the op has no backward)
+    reset_warnings()
+    report = Report()
+    name = "attnrewrite_test13::flash_attn" if op == "custom" else "aten::_scaled_dot_product_attention_math"
+    with pytest.warns(attnrewrite.RewriteWarning, match=f"an attention op the matcher does not read \\({name}\\)"):
+        got = compile_rewritten(model, report, to="sigmoid")(x)
+    (site,) = report.sites
+    assert site.attention_left_as_it_was and not report.rewritten, report
+    torch.testing.assert_close(got, model(x))
+    torch._dynamo.reset()
+    with pytest.raises(attnrewrite.RewriteFailed, match="does not read"):
+        compile_rewritten(model, to="sigmoid", strict=True)(x)
+    result = attnrewrite.verify(model, x, to="sigmoid", raise_on_failure=False)
+    assert len(result.failures) == 1 and name in result.failures[0].cause, result
