@@ -182,3 +182,16 @@ def test_attention_through_an_op_the_matcher_cannot_read_is_said(op):
         compile_rewritten(model, to="sigmoid", strict=True)(x)
     result = attnrewrite.verify(model, x, to="sigmoid", raise_on_failure=False)
     assert len(result.failures) == 1 and name in result.failures[0].cause, result
+
+
+@pytest.mark.parametrize("stance", ["force_eager", "eager_on_recompile"])
+def test_verify_names_attention_a_stance_runs_eagerly(stance):
+    """Under these stances Dynamo runs frames without calling the backend (``eager_on_recompile`` also a frame
+    compiled for the first time): no compile-time word is possible, and ``verify`` is the way to know."""
+    model, x = Retrieval().eval(), torch.randn(2, 6, 16)
+    torch._dynamo.reset()
+    compiled = compile_rewritten(model, to="sigmoid")
+    with torch.compiler.set_stance(stance):
+        result = attnrewrite.verify(compiled, x, raise_on_failure=False)
+    assert len(result.failures) == 2 and all("ran eagerly" in f.cause for f in result.failures), result
+    assert attnrewrite.verify(compiled, x).ok  # the default stance compiles and rewrites
