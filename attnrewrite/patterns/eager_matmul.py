@@ -183,10 +183,10 @@ def _fed(node: fx.Node) -> list[fx.Node]:
     return list(node.users)
 
 
-def _nearest_product(starts, step, unread: set[str]) -> fx.Node | None:
+def _nearest_product(starts, step, unread: set[str], passed: set[str] | None = None) -> fx.Node | None:
     """The nearest product of two activations from ``starts`` (breadth first, ``step`` giving a node's next
     nodes, at most :data:`_UNREAD_DEPTH` ops, never through a projection), or None; the names of the ops on the
-    way the matcher does not read are added to ``unread``."""
+    way the matcher does not read are added to ``unread``, those of every op visited to ``passed``."""
     frontier, seen = [(n, 1) for n in starts], set()
     while frontier:
         node, depth = frontier.pop(0)
@@ -199,6 +199,8 @@ def _nearest_product(starts, step, unread: set[str]) -> fx.Node | None:
             return node
         if canonical_name(node) is None and _op_name(node) != "setitem":
             unread.add(_op_name(node))
+        if passed is not None:
+            passed.add(canonical_name(node) or _op_name(node))
         frontier.extend((n, depth + 1) for n in step(node))
     return None
 
@@ -210,15 +212,17 @@ def unread_attention(softmax: fx.Node) -> str | None:
     classifier's logits are not attention), following in-place writes into buffers (Longformer's chunked
     scores are written into ``new_zeros`` buffers, then viewed).  The ops between are named in the reason."""
     unread: set[str] = set()
-    score_product = _nearest_product(softmax.all_input_nodes, _feeds, unread)
+    changed: set[str] = set()  # the ops between the two products
+    score_product = _nearest_product(softmax.all_input_nodes, _feeds, unread, changed)
     if score_product is None:
         return None
-    value_product = _nearest_product(softmax.users, _fed, unread)
+    value_product = _nearest_product(softmax.users, _fed, unread, changed)
     if value_product is None:
         return None
-    ops = ", ".join(sorted(unread)) or "none"
+    through = (f"through ops not read here ({', '.join(sorted(unread))})" if unread else
+               f"through ops that change the scores or probabilities ({', '.join(sorted(changed - {'softmax'}))})")
     return (f"the scores come from a product of two activations ({score_product.name}) and the probabilities "
-            f"meet a product ({value_product.name}), through ops not read here ({ops})")
+            f"meet a product ({value_product.name}), {through}")
 
 
 def _raise_if_unread_attention(softmax: fx.Node) -> None:
