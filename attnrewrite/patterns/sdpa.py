@@ -42,7 +42,7 @@ def opaque_attention(node: fx.Node) -> str | None:
     if node.op != "call_function" or not isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
         return None
     name = node.target.name() if isinstance(node.target, torch._ops.OpOverload) else node.target._qualified_op_name
-    if name.startswith("attnrewrite::") or not _ATTENTION_NAME.search(name):
+    if name.split("::", 1)[0].startswith("attnrewrite") or not _ATTENTION_NAME.search(name):  # our own namespaces
         return None
     return (f"an attention op the matcher does not read ({name}): it runs as it was; call "
             "F.scaled_dot_product_attention or write the attention out to have it rewritten")

@@ -136,7 +136,7 @@ def test_probabilities_a_compiled_model_returns_are_no_attention_split_by_a_brea
         torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-6)
 
 
-@torch.library.custom_op("attnrewrite_test13::flash_attn", mutates_args=())
+@torch.library.custom_op("userlib13::flash_attn", mutates_args=())
 def _flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
@@ -171,7 +171,7 @@ def test_attention_through_an_op_the_matcher_cannot_read_is_said(op):
     model, x = OpaqueAttention(op).eval().requires_grad_(False), torch.randn(2, 6, 16)  # (the op has no backward)
     reset_warnings()
     report = Report()
-    name = "attnrewrite_test13::flash_attn" if op == "custom" else "aten::_scaled_dot_product_attention_math"
+    name = "userlib13::flash_attn" if op == "custom" else "aten::_scaled_dot_product_attention_math"
     with pytest.warns(attnrewrite.RewriteWarning, match=f"an attention op the matcher does not read \\({name}\\)"):
         got = compile_rewritten(model, report, to="sigmoid")(x)
     (site,) = report.sites
