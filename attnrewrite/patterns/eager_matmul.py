@@ -183,10 +183,10 @@ def _fed(node: fx.Node) -> list[fx.Node]:
     return list(node.users)
 
 
-def _nearest_product(starts, step, unread: set[str]) -> fx.Node | None:
+def _nearest_product(starts, step, unread: set[str], passed: set[str] | None = None) -> fx.Node | None:
     """The nearest product of two activations from ``starts`` (breadth first, ``step`` giving a node's next
     nodes, at most :data:`_UNREAD_DEPTH` ops, never through a projection), or None; the names of the ops on the
-    way the matcher does not read are added to ``unread``."""
+    way the matcher does not read are added to ``unread``, those of every op visited to ``passed``."""
     frontier, seen = [(n, 1) for n in starts], set()
     while frontier:
         node, depth = frontier.pop(0)
@@ -199,6 +199,8 @@ def _nearest_product(starts, step, unread: set[str]) -> fx.Node | None:
             return node
         if canonical_name(node) is None and _op_name(node) != "setitem":
             unread.add(_op_name(node))
+        if passed is not None:
+            passed.add(canonical_name(node) or _op_name(node))
         frontier.extend((n, depth + 1) for n in step(node))
     return None
 
@@ -210,15 +212,25 @@ def unread_attention(softmax: fx.Node) -> str | None:
     classifier's logits are not attention), following in-place writes into buffers (Longformer's chunked
     scores are written into ``new_zeros`` buffers, then viewed).  The ops between are named in the reason."""
     unread: set[str] = set()
-    score_product = _nearest_product(softmax.all_input_nodes, _feeds, unread)
+    changed: set[str] = set()  # the ops between the two products
+    score_product = _nearest_product(softmax.all_input_nodes, _feeds, unread, changed)
     if score_product is None:
         return None
-    value_product = _nearest_product(softmax.users, _fed, unread)
+    value_product = _nearest_product(softmax.users, _fed, unread, changed)
     if value_product is None:
         return None
-    ops = ", ".join(sorted(unread)) or "none"
+    through = (f"through ops not read here ({', '.join(sorted(unread))})" if unread else
+               f"through ops that change the scores or probabilities ({', '.join(sorted(changed - {'softmax'}))})")
     return (f"the scores come from a product of two activations ({score_product.name}) and the probabilities "
-            f"meet a product ({value_product.name}), through ops not read here ({ops})")
+            f"meet a product ({value_product.name}), {through}")
+
+
+def _raise_if_unread_attention(softmax: fx.Node) -> None:
+    """NotAttention(:data:`NOT_READ` …) when ``softmax`` is attention by :func:`unread_attention`: reported as
+    attention left as it was, never as a near miss."""
+    unread = unread_attention(softmax)
+    if unread is not None:
+        raise NotAttention(f"{NOT_READ}: {unread}")
 
 
 def _from_graph_input(node: fx.Node, depth: int) -> bool:
@@ -242,6 +254,14 @@ def _reaches_output(node: fx.Node, depth: int) -> bool:
         if call is not None and call.name in _PROB_OPS and depth > 0 and _reaches_output(user, depth - 1):
             return True
     return False
+
+
+def _ends_at_a_graph_break(node: fx.Node) -> bool:
+    """False only when ``node``'s graph is Dynamo's graph of a frame that returned (not one cut at a graph break):
+    what leaves such a graph goes back to the caller of the compiled code, not on to the rest of the frame.  True
+    for any other graph (a higher-order op's body, a graph not from Dynamo)."""
+    reason = getattr(node.graph.owning_module, "compile_subgraph_reason", None)
+    return bool(getattr(reason, "graph_break", True))
 
 
 def _meets_values(probs: fx.Node) -> bool:
@@ -780,12 +800,23 @@ def match(anchor: fx.Node) -> Site:
 
     down = _path_down(anchor, _SEARCH_DEPTH)
     if down is None:
-        if _reaches_output(anchor, _SEARCH_DEPTH):
+        if _reaches_output(anchor, _SEARCH_DEPTH) and _ends_at_a_graph_break(anchor):
             raise NotAttention(f"{SPLIT_BY_GRAPH_BREAK}: the scores are a product and the probabilities leave the "
                                "graph (their value product is in another graph)")
+        if _reaches_output(anchor, _SEARCH_DEPTH):
+            raise NotAttention("the probabilities are returned by the compiled code, which multiplies no values with "
+                               "them (a pointer network's or a similarity's probabilities)")
+        # probabilities changed before they meet the values (a per-head gate, a mask applied after the softmax and
+        # renormalised, Differential attention's difference of two softmaxes): attention all the same, left as it
+        # was, which must be said
+        _raise_if_unread_attention(anchor)
         raise NotAttention("the probabilities never meet the values in a product")
     pv, probs_last = down[-1], down[-2]
-    v_ref, out_layout = _pv_operand(pv, probs_last)
+    try:
+        v_ref, out_layout = _pv_operand(pv, probs_last)
+    except NotAttention:  # a product with weights first (talking heads mix the probabilities of the heads)
+        _raise_if_unread_attention(anchor)
+        raise
     dropout_p, dropout_node = 0.0, None
     pv_view_sizes = None
     for prev, node in zip(down, down[1:-1]):
@@ -803,7 +834,11 @@ def match(anchor: fx.Node) -> Site:
     escape = any(u not in down for n in down[:-1] for u in n.users)
     _check_scores_not_reused(state, up, down, v_ref.node)
 
-    q_ref, k_ref = _qk_operands(up[0])
+    try:
+        q_ref, k_ref = _qk_operands(up[0])
+    except NotAttention:  # a product with weights last (talking heads mix the scores of the heads)
+        _raise_if_unread_attention(anchor)
+        raise
     k_ref, k_groups = see_through_repeat(k_ref)
     v_ref, v_groups = see_through_repeat(v_ref)
     if k_groups != v_groups:  # only one side repeated: keep both repeated

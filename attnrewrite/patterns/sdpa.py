@@ -7,6 +7,8 @@ the un-repeated k and v), and, through the resolver, the causal part of an expli
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.fx as fx
 
@@ -28,6 +30,22 @@ from attnrewrite.patterns.layout import ref_shape, term_steps, to_four_dims
 
 def is_anchor(call: Call) -> bool:
     return call.name == "sdpa"
+
+
+_ATTENTION_NAME = re.compile(r"attention|attn", re.IGNORECASE)
+
+
+def opaque_attention(node: fx.Node) -> str | None:
+    """The name of the attention op ``node`` calls when no family reads it — a custom op (flash-attn's,
+    xformers', your own ``torch.library`` op), one of aten's SDPA kernels called directly — or None.  Known by
+    its name only: its arguments do not say what it computes, so it is reported, never rewritten."""
+    if node.op != "call_function" or not isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return None
+    name = node.target.name() if isinstance(node.target, torch._ops.OpOverload) else node.target._qualified_op_name
+    if name.split("::", 1)[0].startswith("attnrewrite") or not _ATTENTION_NAME.search(name):  # our own namespaces
+        return None
+    return (f"an attention op the matcher does not read ({name}): it runs as it was; call "
+            "F.scaled_dot_product_attention or write the attention out to have it rewritten")
 
 
 def _constant(value, kind: type, what: str):

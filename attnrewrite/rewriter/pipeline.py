@@ -39,6 +39,7 @@ from attnrewrite.ir.evaluate import GraphEvaluator
 from attnrewrite.ir.record import find_fake_mode
 from attnrewrite.ir.spec import NotAttention, Site, state_name
 from attnrewrite.patterns import eager_matmul, masks, multihead, relative, sdpa
+from attnrewrite.patterns.eager_matmul import NOT_READ
 from attnrewrite.rewriter import hops, state
 from attnrewrite.rewriter.certify import certify, fingerprint
 from attnrewrite.rewriter.failures import Failure, RewriteFailed, RewriteWarning, not_rewritten
@@ -114,6 +115,10 @@ def match(ctx: PassContext) -> None:
         call = normalize(node)
         family = next((f for f in FAMILIES if call is not None and f.is_anchor(call)), None)
         if family is None:
+            opaque = sdpa.opaque_attention(node)
+            if opaque is not None and not any(s.anchor is node for s in ctx.sites):
+                ctx.sites.append(site := Site(anchor=node, pattern="opaque", module_path=module_path(node)))
+                site.skip(f"{NOT_READ}: {opaque}")
             continue
         name = family.__name__.rsplit(".", 1)[-1]
         site = Site(anchor=node, pattern=ctx.origin.get(node, name), module_path=module_path(node))
