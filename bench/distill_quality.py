@@ -110,6 +110,10 @@ def main(argv=None) -> int:
                         help="batches in corpus order (default: sentences of about one length batched together)")
     parser.add_argument("--features", type=int, default=None,
                         help="linear's hedgehog features (the kind's features option: 2·F outputs; default 2·head dim)")
+    parser.add_argument("--key-gate", action="store_true",
+                        help="linear's hedgehog keys' map gets a learned gate exp(k·u) (the kind's key_gate option)")
+    parser.add_argument("--transfer-loss", default="output", help="what transfer matches at each site: output or "
+                        "weights (distill's transfer_loss)")
     parser.add_argument("--seed", type=int, default=0,
                         help="distill's seed (adapters' initialisation) and the order of the batches (default 0)")
     args = parser.parse_args(argv)
@@ -135,7 +139,8 @@ def main(argv=None) -> int:
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}; transfer {args.transfer_steps} steps, finetune {args.finetune_steps} steps, "
           f"batches of 16 sentences (<= {args.max_length} word pieces), lr {lr}, schedule {args.schedule}, "
-          f"adapters of rank {args.rank} on {args.adapt}, corpus {args.corpus}, match {args.match}, seed {args.seed}")
+          f"adapters of rank {args.rank} on {args.adapt}, corpus {args.corpus}, match {args.match}, "
+          f"transfer loss {args.transfer_loss}, seed {args.seed}")
     _, _, original_retrieval = scores(reference, reference)
     print(f"original model: paraphrase retrieval {original_retrieval:.2f}\n")
     print("| kind | model | distillation | seed | CPU s | wall s | mean cosine | min cosine | paraphrase top-1 |")
@@ -146,6 +151,8 @@ def main(argv=None) -> int:
             continue
         if to == "linear" and args.features is not None:
             options = {**options, "features": args.features}
+        if to == "linear" and args.key_gate:
+            options = {**options, "key_gate": True}
         label = f"{to} ({', '.join(f'{k}={v}' for k, v in options.items())})"
         before = attnrewrite.convert(copy.deepcopy(model), to, held, **options)
         rows = [("before", "none", 0.0, 0.0, before)]
@@ -163,7 +170,7 @@ def main(argv=None) -> int:
             cpu, wall = time.process_time(), time.perf_counter()
             out = attnrewrite.distill(model, to, data, steps=steps, stage=stage, seed=args.seed, progress=False, lr=lr,
                                       rank=args.rank, adapt=args.adapt, schedule=args.schedule, match=args.match,
-                                      **options)
+                                      transfer_loss=args.transfer_loss, **options)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             what = f"{stage} {steps if isinstance(steps, int) else '+'.join(map(str, steps.values()))}"
             print(row(label, name, what, args.seed, cpu, wall, out, held, reference, to, options), flush=True)
