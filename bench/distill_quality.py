@@ -95,8 +95,8 @@ def main(argv=None) -> int:
                         help=f"the rows to run, comma-separated (default: all of {', '.join(ROWS)})")
     parser.add_argument("--rank", type=int, default=8, help="adapter rank (finetune)")
     parser.add_argument("--adapt", default="attention", help="finetune's adapters: attention or all (distill's adapt)")
-    parser.add_argument("--match", default="output", help="what finetune matches: output or hidden_states "
-                        "(distill's match)")
+    parser.add_argument("--match", default="output", help="what finetune matches: output, hidden_states or "
+                        "pooled (distill's match)")
     parser.add_argument("--schedule", default="cosine", help="learning-rate schedule: cosine or constant")
     parser.add_argument("--lr-transfer", type=float, default=None, help="transfer's learning rate (default: distill's)")
     parser.add_argument("--lr-finetune", type=float, default=3e-3,
