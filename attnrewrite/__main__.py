@@ -64,9 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--rank", type=int, default=8, help="rank of finetune's adapters")
     distill.add_argument("--adapt", default="attention", choices=("attention", "all"),
                          help="finetune's adapters: on the attention modules' linears, or on every linear")
-    distill.add_argument("--match", default="output", choices=("output", "hidden_states"),
+    distill.add_argument("--match", default="output", choices=("output", "hidden_states", "pooled"),
                          help="what finetune matches: the output, or also every layer's hidden state "
-                              "(transformers models: MiniLM)")
+                              "(transformers models: MiniLM), or also the mean-pooled output's cosine (sentence "
+                              "embeddings: MiniLM)")
     distill.add_argument("--transfer-loss", default="output", choices=("output", "weights"),
                          help="what transfer matches at each site: the output (squared error) or the softmax "
                               "weights (cross-entropy to the kind's weights: linear, sigmoid)")

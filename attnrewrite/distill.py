@@ -68,8 +68,10 @@ ADAPT = ("attention", "all")
 #: What finetune matches the original model on: ``"output"`` (the model's output: logits or its first
 #: tensor) or ``"hidden_states"`` (the output and every hidden state the model returns when called with
 #: ``output_hidden_states=True``, the transformers convention: one per layer, each matched by its mean
-#: squared error relative to the original's mean square, so every layer weighs alike).
-MATCH = ("output", "hidden_states")
+#: squared error relative to the original's mean square, so every layer weighs alike), or ``"pooled"``
+#: (the output's loss plus 1 − the cosine of the output mean-pooled over the real tokens to the
+#: original's: the sentence embedding of a sentence-transformers model, what its users compare).
+MATCH = ("output", "hidden_states", "pooled")
 #: What attention transfer matches at each site: ``"output"`` (mean squared error of the kind's output
 #: to the exact softmax output) or ``"weights"`` (cross-entropy of the exact softmax weights to the
 #: kind's attention weights, normalised over the keys; kinds whose ``weights`` is a callable only).
@@ -141,6 +143,9 @@ def distill(model: nn.Module, to: str, data: Iterable[Any], *, example_inputs: A
             each layer's, [batch, tokens, width]) of each state's squared error divided by the original
             state's mean square (padded tokens left out as for ``loss``).  Each layer then gets its own
             signal, not only what reaches the output (TinyBERT, LoLCATs match layer by layer too).
+            ``"pooled"``: the output's loss plus :func:`pooled_cosine_loss` (1 − cosine of the outputs
+            averaged over the real tokens: mean-pooled sentence embeddings), for models whose use is
+            that embedding.
         transfer_loss: what attention transfer matches at each site (:data:`TRANSFER_LOSSES`): ``"output"``
             (mean squared error of the kind's output to the exact one) or ``"weights"``: the cross-entropy
             −Σ_j p_ij log(w_ij / Σ_j w_ij) of the exact softmax weights p to the kind's attention weights w
@@ -368,6 +373,8 @@ class _Run:
             value = output_loss(out, target[0], self.loss, mask)
             if layers:
                 value = value + hidden_state_loss(hidden_states(out), target[1:], mask)
+            if self.match == "pooled":
+                value = value + pooled_cosine_loss(output_tensor(out)[0], target[0], mask)
             return value
 
         try:
@@ -783,6 +790,24 @@ def output_loss(student_out: Any, teacher_out: Any, loss: str = "auto",
         t = F.log_softmax(teacher.float().flatten(0, -2), dim=-1)
         return F.kl_div(s, t, log_target=True, reduction="batchmean")
     return F.mse_loss(student.float(), teacher.float())
+
+
+def pooled_cosine_loss(student: torch.Tensor, teacher: torch.Tensor,
+                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """1 − cosine of the mean over tokens of ``student`` and ``teacher`` ([batch, tokens, width]),
+    averaged over the batch: the loss of mean-pooled sentence embeddings.  With an ``attention_mask``
+    of the [batch, tokens] shape only real tokens are averaged."""
+    if student.shape != teacher.shape or student.dim() != 3:
+        raise DistillError(f"match='pooled' needs outputs of shape [batch, tokens, width], one shape for both; got "
+                           f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    weight = torch.ones(student.shape[:2], device=student.device)
+    if (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2
+            and tuple(attention_mask.shape) == tuple(student.shape[:2])):
+        weight = (attention_mask.to(device=student.device) != 0).float()
+    weight = (weight / weight.sum(-1, keepdim=True).clamp(min=1.0)).unsqueeze(-1)
+    pooled_s = (student.float() * weight).sum(1)
+    pooled_t = (teacher.detach().float() * weight).sum(1)
+    return (1.0 - F.cosine_similarity(pooled_s, pooled_t, dim=-1)).mean()
 
 
 def hidden_states(out: Any) -> tuple[torch.Tensor, ...]:

@@ -23,9 +23,10 @@ processes with distill's default eager compiler) and the wall seconds the distil
 machine.
 
 The defaults are the best setting measured within the issue's 10 CPU-minutes (bench/RESULTS.md,
-helpers dist9, dist10, min11 and dst12; ``--features 128``, twice hedgehog's default features, did better for
-linear but not within the budget): ``--corpus english``, fine-tuning rate 3e-3, 128 batches, transfer 200 +
-finetune 1200 steps, rank-8 adapters on the attention projections, ``--match output``, one torch thread:
+helpers dist9, dist10, min11, dst12 and lin13): ``--corpus english``, fine-tuning rate 3e-3, 128 batches,
+transfer 200 steps, rank-8 adapters on the attention projections, ``--match output``, one torch thread; per
+kind (:data:`KIND_DEFAULTS`, each overridden by its flag) sigmoid finetune 1200 steps, linear finetune 900 steps
+with 128 hedgehog features (``--features``) and the key gate (``--key-gate``; ``--no-key-gate`` without):
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/distill_quality.py --rows "after both"
 """
@@ -52,6 +53,9 @@ from attnrewrite.targets.sentences import CORPORA, HELDOUT_SENTENCES, distillati
 
 ROWS = ("before", "after warm start", "after transfer", "after both", "finetune only")
 SETTINGS = [("sigmoid", {"learned": True}), ("linear", {"feature_map": "hedgehog"})]
+#: Per kind, what a flag left out means: the best setting measured for the kind (bench/RESULTS.md).
+KIND_DEFAULTS = {"sigmoid": {"finetune_steps": 1200, "match": "output", "features": None, "key_gate": False},
+                 "linear": {"finetune_steps": 900, "match": "output", "features": 128, "key_gate": True}}
 
 
 def embed(model, batch, to=None, options=None):
@@ -85,7 +89,8 @@ def row(label, name, what, seed, cpu, wall, distilled, held, reference, to, opti
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--transfer-steps", type=int, default=200)
-    parser.add_argument("--finetune-steps", type=int, default=1200)
+    parser.add_argument("--finetune-steps", type=int, default=None,
+                        help="default per kind: sigmoid 1200, linear 900 (KIND_DEFAULTS)")
     parser.add_argument("--batches", type=int, default=128, help="distinct training batches of 16 sentences")
     parser.add_argument("--max-length", type=int, default=48, help="word pieces per training sentence")
     parser.add_argument("--kinds", default="sigmoid,linear")
@@ -95,8 +100,8 @@ def main(argv=None) -> int:
                         help=f"the rows to run, comma-separated (default: all of {', '.join(ROWS)})")
     parser.add_argument("--rank", type=int, default=8, help="adapter rank (finetune)")
     parser.add_argument("--adapt", default="attention", help="finetune's adapters: attention or all (distill's adapt)")
-    parser.add_argument("--match", default="output", help="what finetune matches: output or hidden_states "
-                        "(distill's match)")
+    parser.add_argument("--match", default=None, help="what finetune matches: output, hidden_states or "
+                        "pooled (distill's match; default output)")
     parser.add_argument("--schedule", default="cosine", help="learning-rate schedule: cosine or constant")
     parser.add_argument("--lr-transfer", type=float, default=None, help="transfer's learning rate (default: distill's)")
     parser.add_argument("--lr-finetune", type=float, default=3e-3,
@@ -109,7 +114,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-bucket", dest="bucket", action="store_false",
                         help="batches in corpus order (default: sentences of about one length batched together)")
     parser.add_argument("--features", type=int, default=None,
-                        help="linear's hedgehog features (the kind's features option: 2·F outputs; default 2·head dim)")
+                        help="linear's hedgehog features (the kind's features option: 2·F outputs; default 128)")
+    parser.add_argument("--key-gate", action=argparse.BooleanOptionalAction, default=None,
+                        help="linear's hedgehog keys' map gets a learned gate exp(k·u) (the kind's key_gate option; "
+                             "default on)")
+    parser.add_argument("--transfer-loss", default="output", help="what transfer matches at each site: output or "
+                        "weights (distill's transfer_loss)")
     parser.add_argument("--seed", type=int, default=0,
                         help="distill's seed (adapters' initialisation) and the order of the batches (default 0)")
     args = parser.parse_args(argv)
@@ -132,25 +142,35 @@ def main(argv=None) -> int:
     reference = embed(model, held)
     lr = {"transfer": args.lr_transfer or DEFAULT_LR["transfer"], "finetune": args.lr_finetune or DEFAULT_LR["finetune"]}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+    kinds = [to for to, _ in SETTINGS if to in args.kinds.split(",")]
+    given = {"finetune_steps": args.finetune_steps, "match": args.match, "features": args.features,
+             "key_gate": args.key_gate}
+    chosen = {to: {name: KIND_DEFAULTS[to][name] if value is None else value for name, value in given.items()}
+              for to in kinds}
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; transfer {args.transfer_steps} steps, finetune {args.finetune_steps} steps, "
+          f"torch {torch.__version__}; transfer {args.transfer_steps} steps, "
           f"batches of 16 sentences (<= {args.max_length} word pieces), lr {lr}, schedule {args.schedule}, "
-          f"adapters of rank {args.rank} on {args.adapt}, corpus {args.corpus}, match {args.match}, seed {args.seed}")
+          f"adapters of rank {args.rank} on {args.adapt}, corpus {args.corpus}, transfer loss {args.transfer_loss}, "
+          f"seed {args.seed}; " + "; ".join(f"{to}: finetune {c['finetune_steps']} steps, match {c['match']}"
+                                            for to, c in chosen.items()))
     _, _, original_retrieval = scores(reference, reference)
     print(f"original model: paraphrase retrieval {original_retrieval:.2f}\n")
     print("| kind | model | distillation | seed | CPU s | wall s | mean cosine | min cosine | paraphrase top-1 |")
     print("|---|---|---|---|---|---|---|---|---|")
-    total = args.transfer_steps + args.finetune_steps
     for to, options in SETTINGS:
-        if to not in args.kinds.split(","):
+        if to not in kinds:
             continue
-        if to == "linear" and args.features is not None:
-            options = {**options, "features": args.features}
+        setting = chosen[to]
+        total = args.transfer_steps + setting["finetune_steps"]
+        if to == "linear" and setting["features"] is not None:
+            options = {**options, "features": setting["features"]}
+        if to == "linear" and setting["key_gate"]:
+            options = {**options, "key_gate": True}
         label = f"{to} ({', '.join(f'{k}={v}' for k, v in options.items())})"
         before = attnrewrite.convert(copy.deepcopy(model), to, held, **options)
         rows = [("before", "none", 0.0, 0.0, before)]
         runs = [("after transfer", "transfer", args.transfer_steps),
-                ("after both", "both", {"transfer": args.transfer_steps, "finetune": args.finetune_steps}),
+                ("after both", "both", {"transfer": args.transfer_steps, "finetune": setting["finetune_steps"]}),
                 ("finetune only", "finetune", total)]
         if to in WARM_STARTS:
             runs.insert(0, ("after warm start", "transfer", 0))
@@ -163,7 +183,7 @@ def main(argv=None) -> int:
             cpu, wall = time.process_time(), time.perf_counter()
             out = attnrewrite.distill(model, to, data, steps=steps, stage=stage, distill_seed=args.seed, progress=False,
                                       lr=lr, rank=args.rank, adapt=args.adapt, schedule=args.schedule,
-                                      match=args.match, kind_options=options)
+                                      match=setting["match"], transfer_loss=args.transfer_loss, kind_options=options)
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
             what = f"{stage} {steps if isinstance(steps, int) else '+'.join(map(str, steps.values()))}"
             print(row(label, name, what, args.seed, cpu, wall, out, held, reference, to, options), flush=True)

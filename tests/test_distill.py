@@ -442,3 +442,40 @@ def test_transfer_on_the_weights_needs_a_kind_with_weights(llama):
         attnrewrite.distill(llama, "hashed", DATA, steps=1, stage="transfer", transfer_loss="weights")
     with pytest.raises(ValueError, match="transfer_loss must be one of"):
         attnrewrite.distill(llama, "sigmoid", DATA, steps=1, transfer_loss="logits", learned=True)
+
+
+def test_pooled_cosine_loss_compares_the_mean_over_real_tokens_whatever_its_scale():
+    from attnrewrite.distill import pooled_cosine_loss
+
+    teacher = torch.randn(2, 4, 6)
+    assert pooled_cosine_loss(teacher, teacher).abs() < 1e-6
+    assert pooled_cosine_loss(3.0 * teacher, teacher).abs() < 1e-6  # the cosine: the scale is free
+    shuffled = teacher[:, torch.randperm(4)]
+    assert pooled_cosine_loss(shuffled, teacher).abs() < 1e-6  # a mean over tokens: their order is free
+    other = torch.randn(2, 4, 6)
+    want = (1 - torch.nn.functional.cosine_similarity(other.mean(1), teacher.mean(1), dim=-1)).mean()
+    torch.testing.assert_close(pooled_cosine_loss(other, teacher), want)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    moved = teacher.clone()
+    moved[~mask.bool()] += 1000.0  # padded positions do not count
+    assert pooled_cosine_loss(moved, teacher, mask).abs() < 1e-6
+    assert pooled_cosine_loss(moved, teacher) > 0.1
+    with pytest.raises(DistillError, match=r"match='pooled' needs outputs of shape \[batch, tokens, width\]"):
+        pooled_cosine_loss(teacher[0], teacher[0])
+
+
+def test_match_pooled_adds_the_pooled_cosine_to_finetunes_loss(llama):
+    from attnrewrite.distill import pooled_cosine_loss
+
+    batch = {**DATA[0], "attention_mask": torch.ones(8, 12, dtype=torch.long)}
+    batch["attention_mask"][:, 9:] = 0
+    with torch.no_grad():  # the adapters start as their base layers: step 0's loss is the converted model's
+        want = llama(**batch).last_hidden_state
+        got = compile_rewritten(copy.deepcopy(llama), None, to="sigmoid", compiler="eager")(**batch).last_hidden_state
+    torch._dynamo.reset()
+    expected = output_loss(got, want, "mse", batch["attention_mask"]) + pooled_cosine_loss(got, want,
+                                                                                           batch["attention_mask"])
+    assert pooled_cosine_loss(got, want, batch["attention_mask"]) > 1e-4
+    distilled = attnrewrite.distill(llama, "sigmoid", [batch], steps=1, stage="finetune", match="pooled",
+                                    progress=False)
+    assert distilled.attnrewrite_distill["finetune"][0] == pytest.approx(expected.item(), rel=1e-4)

@@ -41,6 +41,8 @@ def _key_padding_shape(term) -> bool:
 def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
     if options["feature_map"] == "hedgehog" and options["features"] is not None and options["features"] % 2:
         return f"hedgehog's features must be even (x·W and −x·W, F each); got features={options['features']}"
+    if options["key_gate"] and options["feature_map"] != "hedgehog":
+        return f"key_gate=True is a part of the hedgehog feature map; feature_map={options['feature_map']!r} has none"
     if getattr(spec, "score_mod", None) is not None:
         return "a score modification cannot be applied to linear attention"
     if spec.dropout_p > 0:
@@ -104,7 +106,7 @@ def make_state(spec: AttentionSpec, options: dict[str, Any]):
     q_shape, k_shape = steps_shape(q_shape, spec.q.steps), steps_shape(k_shape, spec.k.steps)
     scale = spec.scale if spec.scale is not None else q_shape[-1] ** -0.5
     return make_site_state(options["feature_map"], q_shape[-3], k_shape[-3], q_shape[-1], scale, spec.module_path,
-                           options["features"], options["seed"])
+                           options["features"], options["seed"], options["key_gate"])
 
 
 KIND = register(Kind(
@@ -118,6 +120,8 @@ KIND = register(Kind(
         # favor: random features (None: 2·head dim); hedgehog: its 2·F outputs (even; None: 2·head dim)
         "features": integer(None, minimum=1, optional=True),
         "seed": integer(0, minimum=0),  # favor: the draw of the random features; hedgehog: its directions beyond D
+        # hedgehog: the keys' features times exp(k·u), u learned per head (HedgehogFeatureMap)
+        "key_gate": flag(False),
     },
     description="linear attention φ(q)·Σφ(k)ᵀv / φ(q)·Σφ(k) (elu, relu, favor, hedgehog feature maps)",
     weights=weights,

@@ -45,6 +45,35 @@ def test_hedgehog_states_are_parameters_of_the_model_and_train():
     assert len(report.rewritten) == 2
 
 
+def test_hedgehogs_key_gate_weighs_each_key_by_exp_k_dot_u_and_starts_as_no_gate():
+    torch.manual_seed(0)
+    plain, gated = HedgehogFeatureMap(2, 4, 8, seed=3), HedgehogFeatureMap(2, 4, 8, seed=3, key_gate=True)
+    assert plain.gate is None and gated.gate.shape == (2, 4)
+    k = torch.randn(3, 2, 5, 4)
+    torch.testing.assert_close(gated(k, is_query=False), plain(k, is_query=False))  # the gate starts at 0
+    with torch.no_grad():
+        gated.gate.copy_(torch.randn(2, 4))
+    factor = torch.einsum("bhtd,hd->bht", k, gated.gate).exp().unsqueeze(-1)  # one factor per key and head
+    torch.testing.assert_close(gated(k, is_query=False), plain(k, is_query=False) * factor)
+    with torch.no_grad():  # the exponent is clamped: exp() stays finite
+        gated.gate.fill_(1e4)
+    assert torch.isfinite(gated(k, is_query=False)).all()
+
+
+def test_the_key_gate_is_a_parameter_of_the_keys_map_only_and_trains():
+    model = attnrewrite.convert(_llama(), "linear", {"input_ids": IDS}, feature_map="hedgehog", key_gate=True)
+    names = [n for n, _ in model.named_parameters() if "attnrewrite" in n]
+    assert names == [f"model.layers.{i}.self_attn.attnrewrite_linear.{m}" for i in range(2)
+                     for m in ("q_map.weight", "k_map.weight", "k_map.gate")]
+    gate = model.model.layers[0].self_attn.attnrewrite_linear.k_map.gate
+    compiled = compile_rewritten(model, None, to="linear", feature_map="hedgehog", key_gate=True)
+    compiled(input_ids=IDS, labels=IDS).loss.backward()
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    report = attnrewrite.explain(_llama().eval(), input_ids=IDS, to="linear", options={"key_gate": True})
+    assert not report.rewritten and all("key_gate=True is a part of the hedgehog feature map" in s.reason
+                                        for s in report.skipped)
+
+
 def test_saving_and_reloading_restores_the_outputs():
     model = attnrewrite.convert(_llama().eval(), "linear", {"input_ids": IDS}, feature_map="hedgehog")
     with torch.no_grad():

@@ -5,7 +5,10 @@
   kernel exp(q·k).  Seeded, and redrawable with :meth:`FavorFeatureMap.redraw`.
 - :class:`HedgehogFeatureMap` — Hedgehog's learned map (Zhang et al., 2024), as LoLCATs uses it
   to convert softmax models: φ(x) = softmax([xW, −xW]) over 2·F features (F = D by default), one W
-  per head, initialised to the identity (and seeded unit directions beyond D).
+  per head, initialised to the identity (and seeded unit directions beyond D).  With a key gate
+  the keys' map is multiplied by exp(k·u_h), u_h learned per head (0 at first): the softmax over
+  features divides each key by its own normaliser, which removes the weight softmax attention gives
+  a key whatever the query (exp(q̄·k) for the queries' common direction q̄); the gate gives it back.
 
 :class:`LinearSiteState` holds one map for the queries and one for the keys of a site; the
 linear kind attaches it to the model with :func:`attnrewrite.convert`.
@@ -75,9 +78,18 @@ class HedgehogFeatureMap(nn.Module):
     columns are the identity and the other F − D are unit directions drawn from ``seed``, the same
     for every head (so a site's query and key maps start alike).  Input [B, H, T, D] → output
     [B, H, T, 2·F] (positive, sums to 1 per token).
+
+    ``key_gate``: the map is for keys and multiplies its output by exp(x·u_h), u_h [D] per head,
+    learned, starting at 0 (so the map starts as without the gate).  A factor per key, not a
+    normaliser across keys, so prefill and decoding see the same features.  (On the query side such
+    a factor would cancel in the ratio φ(q)·S / φ(q)·z.)
     """
 
-    def __init__(self, heads: int, head_dim: int, num_features: int | None = None, seed: int = 0):
+    #: The gate's exponent is clamped to ±GATE_LIMIT (exp() in range in float32 and bfloat16).
+    GATE_LIMIT = 30.0
+
+    def __init__(self, heads: int, head_dim: int, num_features: int | None = None, seed: int = 0,
+                 key_gate: bool = False):
         super().__init__()
         columns = head_dim if num_features is None else num_features // 2
         if num_features is not None and (num_features % 2 or columns < 1):
@@ -87,10 +99,15 @@ class HedgehogFeatureMap(nn.Module):
             extra = orthogonal_gaussian(columns - head_dim, head_dim, torch.Generator().manual_seed(seed))
             init[:, head_dim:] = (extra / extra.norm(dim=-1, keepdim=True)).T
         self.weight = nn.Parameter(init.repeat(heads, 1, 1))  # [H, D, F]
+        self.gate = nn.Parameter(torch.zeros(heads, head_dim)) if key_gate else None  # [H, D]
 
     def forward(self, x: torch.Tensor, is_query: bool = True) -> torch.Tensor:
         z = torch.einsum("bhtd,hde->bhte", x, self.weight.to(x.dtype))
-        return torch.softmax(torch.cat([z, -z], dim=-1), dim=-1)
+        features = torch.softmax(torch.cat([z, -z], dim=-1), dim=-1)
+        if self.gate is None:
+            return features
+        g = torch.einsum("bhtd,hd->bht", x, self.gate.to(x.dtype)).clamp(-self.GATE_LIMIT, self.GATE_LIMIT)
+        return features * g.exp().unsqueeze(-1)
 
 
 class LinearSiteState(nn.Module):
@@ -110,12 +127,13 @@ def site_seed(seed: int, module_path: str) -> int:
 
 
 def make_site_state(kind: str, heads_q: int, heads_kv: int, head_dim: int, scale: float, module_path: str,
-                    num_features: int | None = None, seed: int = 0) -> LinearSiteState:
-    """The state of one site for feature map ``kind`` (``"favor"`` or ``"hedgehog"``)."""
+                    num_features: int | None = None, seed: int = 0, key_gate: bool = False) -> LinearSiteState:
+    """The state of one site for feature map ``kind`` (``"favor"`` or ``"hedgehog"``; ``key_gate``:
+    hedgehog's keys' map gets a learned gate, see :class:`HedgehogFeatureMap`)."""
     if kind == "hedgehog":
         extra_seed = site_seed(seed, module_path)
         return LinearSiteState(HedgehogFeatureMap(heads_q, head_dim, num_features, extra_seed),
-                               HedgehogFeatureMap(heads_kv, head_dim, num_features, extra_seed))
+                               HedgehogFeatureMap(heads_kv, head_dim, num_features, extra_seed, key_gate=key_gate))
     if kind == "favor":
         shared = FavorFeatureMap(head_dim, num_features, scale, site_seed(seed, module_path))
         return LinearSiteState(shared, shared)  # one draw: q and k must use the same features
