@@ -32,10 +32,12 @@ def _seed_and_reset_dynamo():
 
 
 @pytest.fixture
-def one_thread():
-    """torch on one thread for the test (the compiled CPU loops run only there), restored after it."""
+def one_thread(monkeypatch):
+    """torch on one thread for the test (the compiled CPU loops run only there), restored after it, and
+    ``ATTNREWRITE_NATIVE`` unset (a test that wants the torch paths sets it to 0 itself)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    monkeypatch.delenv("ATTNREWRITE_NATIVE", raising=False)
     yield
     torch.set_num_threads(threads)
 

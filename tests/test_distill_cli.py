@@ -29,6 +29,22 @@ def checkpoint(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture
+def distill_kwargs(monkeypatch):
+    """The keyword arguments the CLI gives ``attnrewrite.distill`` (which still runs), filled in by its call."""
+    import attnrewrite.distill_cli as cli
+
+    given = {}
+    real = cli.distill
+
+    def spy(*args, **kwargs):
+        given.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "distill", spy)
+    return given
+
+
 def _run(capsys, *argv):
     assert main(["distill", *argv]) == 0
     return capsys.readouterr().out
@@ -76,34 +92,16 @@ def test_the_cli_honours_stage_transfer_trains_the_states_finetune_the_model(che
     assert moved, "transfer left the per-site states where finetune (which does not train them) left them"
 
 
-def test_the_cli_passes_transfer_loss_weights_on(checkpoint, capsys, monkeypatch):
-    import attnrewrite.distill_cli as cli
-
-    given = {}
-    real = cli.distill
-
-    def spy(*args, **kwargs):
-        given.update(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cli, "distill", spy)
+def test_the_cli_passes_transfer_loss_weights_on(checkpoint, capsys, distill_kwargs):
+    given = distill_kwargs
     _run(capsys, "--checkpoint", checkpoint, "--to", "linear", "--stage", "transfer", "--transfer-loss", "weights",
          *TINY)
     assert given["transfer_loss"] == "weights" and given["stage"] == "transfer"
 
 
-def test_the_cli_gives_the_kinds_seed_and_its_own_apart(checkpoint, capsys, monkeypatch):
+def test_the_cli_gives_the_kinds_seed_and_its_own_apart(checkpoint, capsys, distill_kwargs):
     """--option seed=N is the kind's (it raised "multiple values for 'seed'" beside --seed), --seed distill's."""
-    import attnrewrite.distill_cli as cli
-
-    given = {}
-    real = cli.distill
-
-    def spy(*args, **kwargs):
-        given.update(kwargs)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cli, "distill", spy)
+    given = distill_kwargs
     _run(capsys, "--checkpoint", checkpoint, "--to", "linear", "--stage", "transfer", "--option", "feature_map=hedgehog",
          "--option", "seed=5",
          "--seed", "2", *TINY)

@@ -120,10 +120,7 @@ class _ContextParallelMode(TorchFunctionMode):
         if name is None:
             return func(*args, **kwargs)
         if name not in kinds.SUPPORTED:
-            raise NotImplementedError(
-                f"context_parallel: {name} has no context-parallel form (supported: "
-                f"F.scaled_dot_product_attention and attnrewrite's {', '.join(kinds.SUPPORTED)}); inside "
-                "context_parallel it would attend over this rank's shard of the sequence only")
+            raise _no_form(name)
         if _qualified_name(func)[0] == "attnrewrite":
             packet = func if isinstance(func, torch._ops.OpOverloadPacket) else func.overloadpacket
             bound = _bind_schema(packet.default._schema, args, kwargs)
@@ -256,6 +253,14 @@ _CP_LIB.impl("sharded_attention", lambda out, name: torch.empty_like(out), "Meta
 SHARDED_MARKER = torch.ops.attnrewrite_cp.sharded_attention.default
 
 
+def _no_form(name: str) -> NotImplementedError:
+    """The error for an attention call the manager cannot shard."""
+    return NotImplementedError(
+        f"context_parallel: {name} has no context-parallel form (supported: F.scaled_dot_product_attention and "
+        f"attnrewrite's {', '.join(kinds.SUPPORTED)}); inside context_parallel it would attend over this rank's "
+        "shard of the sequence only")
+
+
 def _traced(func, name: str | None, args: tuple, kwargs: dict):
     """What the mode does while Dynamo traces it: the call itself, and after an attention call the marker."""
     if name is None:
@@ -266,10 +271,7 @@ def _traced(func, name: str | None, args: tuple, kwargs: dict):
             return getattr(args[0], method)(*args[1:], **kwargs)
         return func(*args, **kwargs)
     if name not in kinds.SUPPORTED:
-        raise NotImplementedError(
-            f"context_parallel: {name} has no context-parallel form (supported: F.scaled_dot_product_attention and "
-            f"attnrewrite's {', '.join(kinds.SUPPORTED)}); inside context_parallel it would attend over this rank's "
-            "shard of the sequence only")
+        raise _no_form(name)
     out = func(*args, **kwargs)
     if not isinstance(out, Tensor):
         raise NotImplementedError(f"context_parallel: compiling {name} returning {type(out).__name__} inside "

@@ -43,22 +43,34 @@ def _seed(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-class ConvertedAttention(Attention):
-    """The llama attention with its softmax replaced by the converted site's attention, called eagerly
-    (same weights, same names, the converted state where :func:`attnrewrite.convert` attached it)."""
+class _CausalAttention(Attention):
+    """The llama attention's projections and rotary embedding around :meth:`attend` (causal on the global
+    positions, grouped kv heads)."""
 
-    kind: str = "softmax"
-    options: dict = {}
     reads_mask = False  # causal on the global positions (is_causal=True): no [T, T] mask of the shard
+
+    def attend(self, q, k, v):
+        raise NotImplementedError
 
     def forward(self, x, cos, sin, mask, input_pos=None):
         B, T, _ = x.shape
         q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
         k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        out = attnrewrite.converted_attention(self, q, k, v, self.kind, is_causal=True, scale=self.head_dim ** -0.5,
-                                              enable_gqa=True, **self.options)
+        out = self.attend(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class ConvertedAttention(_CausalAttention):
+    """The llama attention with its softmax replaced by the converted site's attention, called eagerly
+    (same weights, same names, the converted state where :func:`attnrewrite.convert` attached it)."""
+
+    kind: str = "softmax"
+    options: dict = {}
+
+    def attend(self, q, k, v):
+        return attnrewrite.converted_attention(self, q, k, v, self.kind, is_causal=True, scale=self.head_dim ** -0.5,
+                                               enable_gqa=True, **self.options)
 
 
 def converted_llama(label: str) -> Llama:
@@ -81,6 +93,22 @@ def eager_attention(model: Llama, kind: str, options: dict) -> Llama:
     for layer in model.layers:
         layer.attention.__class__ = cls
     return model
+
+
+def _assert_step_matches(label: str, logits, ref_logits, sharded, reference, rank: int, world: int) -> None:
+    """This rank's logits are its shard of the single-process run's, and every weight's and learned state's
+    gradient (shares already summed over the ranks) is the single-process one; a state's gradient is not zero."""
+    assert_close(logits, shard(ref_logits.detach(), 1, rank, world), msg=lambda m: f"{label} logits: {m}")
+    for (name, mine), theirs in zip(sharded.named_parameters(), reference.parameters()):
+        assert_close(mine.grad, theirs.grad, msg=lambda m, n=name: f"{label}: d{n}: {m}")
+        if "attnrewrite_" in name:
+            assert theirs.grad.abs().max() > 0, f"{label}: d{name} is zero"
+
+
+def _assert_weights_match(label: str, sharded, reference, steps: int) -> None:
+    """Every parameter, learned states among them, equals the single-process run's after the same AdamW steps."""
+    for (name, mine), theirs in zip(sharded.named_parameters(), reference.parameters()):
+        assert_close(mine, theirs, msg=lambda m, n=name: f"{label}: {n} after {steps} AdamW steps: {m}")
 
 
 def _converted_case(label: str):
@@ -116,15 +144,10 @@ def _converted_case(label: str):
             for p in sharded.parameters():  # replicated parameters, learned states among them: sum the shares
                 dist.all_reduce(p.grad, group=group)
             if step == 0:
-                assert_close(logits, shard(ref_logits.detach(), 1, rank, world), msg=lambda m: f"{label} logits: {m}")
-                for (name, mine), theirs in zip(sharded.named_parameters(), reference.parameters()):
-                    assert_close(mine.grad, theirs.grad, msg=lambda m, n=name: f"{label}: d{n}: {m}")
-                    if "attnrewrite_" in name:
-                        assert theirs.grad.abs().max() > 0, f"{label}: d{name} is zero"
+                _assert_step_matches(label, logits, ref_logits, sharded, reference, rank, world)
             ref_opt.step()
             cp_opt.step()
-        for (name, mine), theirs in zip(sharded.named_parameters(), reference.parameters()):
-            assert_close(mine, theirs, msg=lambda m, n=name: f"{label}: {n} after 3 AdamW steps: {m}")
+        _assert_weights_match(label, sharded, reference, len(batches))
 
     return case
 
@@ -145,19 +168,12 @@ def _not_converted_case(mesh):
         _raises(ValueError, "made for", lambda: model(x, positions=positions))
 
 
-class SdpaAttention(Attention):
+class SdpaAttention(_CausalAttention):
     """The llama attention spelled as HF's SDPA path spells it (``F.scaled_dot_product_attention``, causal by
     ``is_causal``, GQA by ``enable_gqa``): what ``torch.compile(backend="attnrewrite")`` finds and rewrites."""
 
-    reads_mask = False  # causal on the global positions (is_causal=True): no [T, T] mask of the shard
-
-    def forward(self, x, cos, sin, mask, input_pos=None):
-        B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
-        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2), cos, sin)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+    def attend(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
 
 def compiled_converted_llama(label: str) -> Llama:
@@ -229,15 +245,10 @@ def _compiled_converted_case(label: str, compiled_outside_first: bool):
                 assert not any(r.rewritten for r in inside), f"{label}: compiled again in step 2: {inside}"
             for p in sharded.parameters():  # replicated parameters, learned states among them: sum the shares
                 dist.all_reduce(p.grad, group=group)
-            assert_close(logits, shard(ref_logits.detach(), 1, rank, world), msg=lambda m: f"{label} logits: {m}")
-            for (name, mine), theirs in zip(sharded_model.named_parameters(), reference.parameters()):
-                assert_close(mine.grad, theirs.grad, msg=lambda m, n=name: f"{label}: d{n}: {m}")
-                if "attnrewrite_" in name:
-                    assert theirs.grad.abs().max() > 0, f"{label}: d{name} is zero"
+            _assert_step_matches(label, logits, ref_logits, sharded_model, reference, rank, world)
             ref_opt.step()
             cp_opt.step()
-        for (name, mine), theirs in zip(sharded_model.named_parameters(), reference.parameters()):
-            assert_close(mine, theirs, msg=lambda m, n=name: f"{label}: {n} after 2 AdamW steps: {m}")
+        _assert_weights_match(label, sharded_model, reference, len(batches))
 
     return case
 

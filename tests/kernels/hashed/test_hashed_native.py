@@ -17,16 +17,6 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
                                 reason="no C compiler: the hashed CPU path keeps its torch ops")
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    """The compiled loop runs where torch runs on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.delenv("ATTNREWRITE_NATIVE", raising=False)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _torch_selection(q, k, mask, causal, bits, top_k, window, sinks, plane) -> torch.Tensor:
     """The torch path's selection [B, Hkv, Tq, width], each row's keys sorted, empty slots = Tk at the end."""
     t_k = k.shape[2]

@@ -15,15 +15,10 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
 
 
 @pytest.fixture
-def one_thread(monkeypatch):
-    """The compiled loop runs where torch runs on one thread; small tiles so every case crosses their edges."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def one_thread(one_thread, monkeypatch):
+    """conftest's one thread (where the compiled loop runs), with small tiles so every case crosses their edges."""
     monkeypatch.setattr(chunked, "NATIVE_ROWS", 6)
     monkeypatch.setattr(chunked, "NATIVE_BLOCK", 8)
-    monkeypatch.delenv("ATTNREWRITE_NATIVE", raising=False)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_elementwise_pass_is_sigmoid_to_float32_rounding_with_exact_zeros():

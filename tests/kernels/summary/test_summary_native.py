@@ -15,15 +15,6 @@ pytestmark = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc
                                 reason="no C compiler: the summary forward keeps the split ATen path")
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.delenv("ATTNREWRITE_NATIVE", raising=False)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(b, hq, hkv, t, d, dv, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(b, hq, t, d, generator=g, dtype=torch.float64) * 2, torch.randn(b, hkv, t, d, generator=g,
