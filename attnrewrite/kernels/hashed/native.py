@@ -519,7 +519,8 @@ INLINE void select_row(const uint64_t *restrict qc, const uint64_t *restrict kc,
    keep: NULL or a uint8 mask row of Tk entries at keep + b * keep_b + i * keep_i for batch b = f / Hkv;
    causal: row i sees keys j <= i.  sel [F, Tq, S] int32; work: Tk + 16 uint16, 4 * (G * 64 * W + 2) int32 and
    S + 16 int32 (each part from a 64-byte boundary).  A row may write up to 15 entries past its S (the vector
-   scan's stores): into the next row, written after it, and for the last row into work, copied from there. */
+   scan's stores): into the next rows, written after it, and for the last rows (those fewer than 16 entries from
+   the end of sel: the last one, or more where S < 16) into work, copied from there. */
 void hashed_select(const uint64_t *qc, const uint64_t *kc, const uint8_t *keep, int64_t keep_b, int64_t keep_i,
                    int32_t *sel, void *work, int64_t F, int64_t Hkv, int64_t G, int64_t Tq, int64_t Tk, int64_t W,
                    int64_t causal, int64_t top_k, int64_t window, int64_t sinks, int64_t S) {
@@ -539,7 +540,8 @@ void hashed_select(const uint64_t *qc, const uint64_t *kc, const uint8_t *keep, 
                 for (int64_t w = 0; w < W; ++w) group[g * W + w] = qc[((f * G + g) * Tq + i) * W + w];
             int64_t limit = causal ? (i + 1 < Tk ? i + 1 : Tk) : Tk;
             const uint8_t *keep_i_row = keep_f ? keep_f + i * keep_i : 0;
-            int32_t *out = f == F - 1 && i == Tq - 1 ? last : sel + (f * Tq + i) * S;
+            /* the last rows, whose overhang would pass the end of sel (S < 16), into work */
+            int32_t *out = (F * Tq - (f * Tq + i) - 1) * S < 16 ? last : sel + (f * Tq + i) * S;
             if (G == 1)  /* constant group sizes: the distance loop unrolled */
                 select_row(group, kf, keep_i_row, limit, 1, W, top_k, window, sinks, S, out, dist, hist, &guess);
             else if (G == 2)

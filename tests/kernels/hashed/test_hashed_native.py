@@ -51,6 +51,7 @@ SELECTION_CASES = [  # (bits, Hq, Hkv, T, top_k, window, sinks): bits=8 and repe
     (128, 8, 2, 90, 12, 4, 1),
     (64, 4, 2, 40, 100, 3, 2),     # top_k beyond the keys
     (64, 4, 2, 60, 0, 5, 2),       # no top_k
+    (16, 4, 2, 150, 2, 1, 0),      # S = 3 < 16: the last rows' vector stores would pass the end of the selection
 ]
 
 
