@@ -9,7 +9,11 @@ selection reads codes only, so:
    bits = D = 64) and all-gathers them, with the key mask (bools, or a float key bias);
 2. each rank selects, block by block of its query rows, the same keys the single-process op selects
    (the same integer costs, positions and tie rule), and keeps the selection as each key's index in its
-   owner's shard (int16 while a shard holds at most 32768 positions);
+   owner's shard (int16 while a shard holds at most 32768 positions).  On the CPU this is the op's own
+   compiled selection (:func:`attnrewrite.kernels.hashed.native.select_rows`, popcounts of 64-bit code words,
+   the rows' global positions for the causal limit), which also sorts the slots by owner; the torch form
+   (:func:`select_rows`, float agreement counts and a partition over [rows, T]) is the fallback, many times
+   slower (``bench/RESULTS.md``, issue 18);
 3. the key/value blocks then go round the ring (send to the next rank, receive from the previous):
    while rank p's block is here, each query attends to the selected keys that lie in it (each row's
    slots are kept ordered by owner, so only those are gathered), and the partial outputs are merged by
@@ -19,14 +23,19 @@ selection reads codes only, so:
 Backward: the blocks make the trip again with dK/dV accumulators that end at their owners; each block's
 share uses the merged output and log-sum-exp (exact, as in ring attention).
 
+Where the single-process op runs its compiled loop (float32 on the CPU at one torch thread, no score
+modification, far keys' rounding or learned projections), so do the ring's steps
+(:func:`attnrewrite.kernels.hashed.native.ring_forward` / ``ring_backward``: each row's slots of the block at
+hand read in place, no gathered [rows, S, D] copies); else torch ops gather the selected keys per block.
+
 Why a ring and not a gather of the selected keys: with the usual settings a rank's queries together
 select almost every key (T / W queries × ``top_k`` each), so fetching "only the selected keys" moves
 either the whole sequence at once or, block by block, ``top_k`` / W times more than the ring does.
 The ring moves (W − 1) / W of K/V per rank, like an all-gather, but never keeps it.
 
 Memory per rank: its shard, one block in flight (the blocks pass one tensor at a time), every key's
-code as ±1 int8 (T × bits bytes per key/value head: 1/4 of fp32 K at bits = D, the same at any W; dropped
-before the ring) and the selection (T / W × (sinks + window + top_k) owner-local int16 indices per key/value
+code (packed, bits / 8 bytes per key and key/value head; the torch form's selection unpacks it to ±1 int8,
+T × bits bytes, 1/4 of fp32 K at bits = D, the same at any W; dropped before the ring) and the selection (T / W × (sinks + window + top_k) owner-local int16 indices per key/value
 head, :func:`local_index_dtype`: int32 only past 32768 positions per rank).
 
 The op's options, each as the single-process op computes it:
@@ -51,6 +60,7 @@ from torch import Tensor
 
 from attnrewrite.distributed.exchange import owner
 from attnrewrite.distributed.layout import local_positions, restore_indices
+from attnrewrite.kernels.hashed import native
 from attnrewrite.kernels.hashed import op as hashed_op
 from attnrewrite.kernels.score_mods import parse as parse_score_mod
 from attnrewrite.kernels.hashed.codes import pack, project, projections, signs
@@ -73,6 +83,12 @@ SELECT_ELEMENTS = 1 << 19
 #: query rows per block of the ring: its gathered keys [B, Hkv, rows, S, D] stay near this many entries
 #: (a quarter of the single op's block: the gathers are the largest transients a rank has)
 RING_ELEMENTS = 1 << 20
+#: choose the keys with the single-process op's compiled selection where it is built (tests switch it off to
+#: cover the torch form, :func:`select_rows`)
+NATIVE_SELECTION = True
+#: run the ring's steps in the compiled loop where it covers the call (float32 on the CPU at one torch thread, as the
+#: single-process op's; no score modification, far keys' rounding or learned projections), else in torch ops
+NATIVE_RING = True
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -212,9 +228,15 @@ class _HashedRing(torch.autograd.Function):
         out = torch.zeros(batch, heads_q, local, v.shape[-1], dtype=dtype, device=q.device)
         lse = torch.full((batch, heads_q, local), float("-inf"), dtype=dtype, device=q.device)
         held, block_owner = [k, v], setup.rank
+        if setup.native:
+            q = q.contiguous()
         for step in range(setup.world):
             k_block, v_block = held
             for rows, index, starts in setup.blocks:
+                if setup.native:  # the same merge in the compiled loop, reading the block in place
+                    native.ring_forward(q, k_block, v_block, index, starts, block_owner, setup.bias, out, lse, rows,
+                                        setup.scale)
+                    continue
                 found = _in_block(index, starts, block_owner, setup.world, local)
                 if found is None:  # no row of the block chose a key of this shard
                     continue
@@ -261,12 +283,20 @@ class _HashedRing(torch.autograd.Function):
         block_owner = setup.rank
         held = [k, v, torch.zeros(k.shape, dtype=dtype, device=q.device), torch.zeros(v.shape, dtype=dtype,
                                                                                        device=q.device)]
+        if setup.native:
+            q, grad, delta = q.contiguous(), grad.contiguous(), delta.contiguous()
         for step in range(setup.world):
+            if setup.native:  # the compiled loop accumulates into the blocks in place
+                held[:] = [tensor.contiguous() for tensor in held]
             k_block, v_block, dk_block, dv_block = held
             if learned:
                 soft_k = torch.tanh(project(k_block, setup.proj_k).to(dtype))          # the block's keys' soft codes
                 d_soft_k = torch.zeros(soft_k.shape, dtype=dtype, device=q.device)
             for rows, index, starts in setup.blocks:
+                if setup.native:
+                    native.ring_backward(q, k_block, v_block, index, starts, block_owner, setup.bias, grad, lse, delta,
+                                         dq, dk_block, dv_block, rows, setup.scale)
+                    continue
                 found = _in_block(index, starts, block_owner, setup.world, local)
                 if found is None:
                     continue
@@ -315,8 +345,10 @@ class _Setup:
     options (score modification, far keys' rounding, learned projections), the ring."""
 
     def __init__(self, blocks, bias, scale, rank, world, comm, score_mod=None, far=None, proj_q=None, proj_k=None,
-                 learned=False):
+                 learned=False, native=False):
         self.blocks, self.bias, self.scale = blocks, bias, scale
+        #: the ring's steps in the compiled loop (:func:`attnrewrite.kernels.hashed.native.ring_forward`)
+        self.native = native
         self.rank, self.world, self.comm = rank, world, comm
         self.score_mod, self.proj_q, self.proj_k, self.learned = score_mod, proj_q, proj_k, learned
         #: None, or (far dtype, rank of each key among the visible ones [B|1, T], its rows' global positions
@@ -348,6 +380,46 @@ class _Setup:
             del tensor
 
 
+def select_blocks(q: Tensor, codes: Tensor, keep: Tensor | None, rank: int, world: int, causal: bool, bits: int,
+                  top_k: int, window: int, sinks: int, proj_q: Tensor, heads_kv: int) -> list:
+    """The selection of this rank's queries q [B, Hq, T_local, D] (load-balanced layout), block by block of
+    the ring: [(local rows, kept index, starts)] (:func:`by_owner`), from every key's packed code ``codes``
+    uint8 [B, Hkv, T, bits / 8] (in global order) and the key mask ``keep`` (None or bool [B|1, T]).
+
+    On the CPU the compiled selection of the single-process op chooses the keys
+    (:func:`attnrewrite.kernels.hashed.native.select_rows`, on one thread, whatever the torch thread count:
+    it reads codes only, so it covers every dtype and option); elsewhere, or with ``NATIVE_SELECTION`` off,
+    the torch form :func:`select_rows` (float agreement counts and a partition over [rows, T], many times
+    slower on the CPU).  Both choose the keys the single-process op chooses."""
+    local = q.shape[-2]
+    length = local * world
+    use_native = NATIVE_SELECTION and native.selects(q, heads_kv, bits)
+    if use_native:
+        key_codes = native.packed_words(codes)                                        # [B, Hkv, T, words]
+        q_codes = native.codes_of(q, proj_q)                                           # [B, Hq, T_local, words]
+    else:
+        key_signs = unpack_signs(codes, bits).to(torch.int8)                            # [B, Hkv, T, bits]
+    positions = local_positions(rank, world, length)
+    selected = min(length, sinks + window + top_k)
+    per_row = q.shape[0] * max(q.shape[1] * length, heads_kv * selected * q.shape[-1])
+    step = max(1, RING_ELEMENTS // max(1, per_row))
+    blocks, piece = [], local // 2
+    for offset in (0, piece):  # the rank's two pieces, each contiguous in global positions
+        start = int(positions[offset])
+        for i0 in range(0, piece, step):
+            i1 = min(piece, i0 + step)
+            here = slice(offset + i0, offset + i1)
+            if use_native:
+                index = native.select_rows(q_codes[:, :, here], key_codes, keep, causal, start + i0, top_k, window,
+                                           sinks)
+                blocks.append((here, *native.by_owner(index, world, local, local_index_dtype(local))))
+                continue
+            index = _select_block(q[:, :, here], slice(start + i0, start + i1), key_signs, keep, causal, bits,
+                                  top_k, window, sinks, proj_q, heads_kv)
+            blocks.append((here, *by_owner(index, world, local)))
+    return blocks
+
+
 def attend(args: dict, mask: Tensor | None, rank: int, world: int, comm) -> Tensor:
     """This rank's rows of ``attnrewrite::hashed_attention`` [B, Hq, T_local, Dv], in local order.
 
@@ -373,8 +445,6 @@ def attend(args: dict, mask: Tensor | None, rank: int, world: int, comm) -> Tens
     proj_q, proj_k = projections(q_projection, k_projection, q.shape[-1], bits, int(args["seed"]), q.device)
     with torch.no_grad():
         codes = _natural(torch.cat(comm.all_gather(pack(k, proj_k)), dim=2), 2, world)  # [B, Hkv, T, bits/8]
-        key_signs = unpack_signs(codes, bits).to(torch.int8)                            # [B, Hkv, T, bits]
-        del codes
         keep = bias = None
         if mask is not None:
             flat = mask.reshape(mask.shape[0], mask.shape[-1])                         # [B|1, T_local|1]
@@ -389,22 +459,15 @@ def attend(args: dict, mask: Tensor | None, rank: int, world: int, comm) -> Tens
                 keep = flat > MASKED_SCORE
                 bias = flat.masked_fill(~keep, 0.0)
         positions = local_positions(rank, world, length)
-        selected = min(length, sinks + window + top_k)
-        per_row = q.shape[0] * max(q.shape[1] * length, k.shape[1] * selected * k.shape[-1])
-        step = max(1, RING_ELEMENTS // max(1, per_row))
-        blocks, piece = [], local // 2
-        for offset in (0, piece):  # the rank's two pieces, each contiguous in global positions
-            start = int(positions[offset])
-            for i0 in range(0, piece, step):
-                i1 = min(piece, i0 + step)
-                rows = slice(start + i0, start + i1)
-                index = _select_block(q[:, :, offset + i0:offset + i1], rows, key_signs, keep, causal, bits, top_k,
-                                      window, sinks, proj_q, k.shape[1])
-                blocks.append((slice(offset + i0, offset + i1), *by_owner(index, world, local)))
-        del key_signs
+        blocks = select_blocks(q, codes, keep, rank, world, causal, bits, top_k, window, sinks, proj_q, k.shape[1])
+        del codes
         far = None
         if far_dtype is not None:  # each key's rank among the visible keys (1-based), for the far test
             visible = torch.ones(1, length, dtype=torch.long, device=q.device) if keep is None else keep.long()
             far = (far_dtype, visible.cumsum(-1), positions.to(q.device), sinks, window, causal)
-    setup = _Setup(blocks, bias, scale, rank, world, comm, score_mod, far, proj_q, proj_k, learned)
+    ring = (NATIVE_RING and not learned and score_mod is None and far is None and torch.get_num_threads() == 1
+            and native.ring_covers(q, k, v))
+    if ring and bias is not None:
+        bias = bias.to(torch.float32).contiguous()
+    setup = _Setup(blocks, bias, scale, rank, world, comm, score_mod, far, proj_q, proj_k, learned, ring)
     return _HashedRing.apply(q, k, v, q_projection, k_projection, setup)

@@ -99,6 +99,96 @@ def test_the_selection_is_the_single_process_ops():
         assert as_sets(got) == as_sets(want)
 
 
+FLOAT32_CELLS = [(causal, mask_kind, world) for causal in (True, False) for mask_kind in ("none", "bool", "float")
+                 for world in (2, 3)] + [(True, "bool", 4)]
+
+
+@pytest.mark.parametrize("native_ring", [True, False])
+@pytest.mark.parametrize("causal,mask_kind,world", FLOAT32_CELLS)
+def test_hashed_cp_in_float32_at_one_thread_equals_the_whole_op(causal, mask_kind, world, native_ring, one_thread,
+                                                                monkeypatch):
+    """float32 at one torch thread, where the single-process op runs its compiled loop and the ring its compiled
+    steps (``NATIVE_RING``; off: the ring's torch ops): the ranks' rows and q/k/v gradients equal the op's."""
+    from attnrewrite.kernels.hashed import native
+
+    if native_ring and native.library() is None:
+        pytest.skip("the compiled loop is not built here (no C compiler)")
+    monkeypatch.setattr(hashed, "NATIVE_RING", native_ring)
+    length = 24 if world != 3 else 36
+    q, k, v, grad, mask = (None if t is None else t.to(torch.float32)
+                           for t in _inputs(f"f32{causal}{mask_kind}{world}", length, mask_kind))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = ops.hashed_attention(*leaves, mask, is_causal=causal, enable_gqa=True, seed=3, **OPTIONS)
+    ref.backward(grad)
+    out, grads, _ = _distributed(world, q, k, v, grad, mask, causal, OPTIONS)
+    torch.testing.assert_close(out, ref.detach())
+    for tensor_name, got, leaf in zip("qkv", grads, leaves):
+        torch.testing.assert_close(got, leaf.grad, msg=lambda m, n=tensor_name: f"d{n}: {m}")
+
+
+def _rank_selection(q, k, mask, causal, options, rank, world):
+    """{(b, kv head, global row): sorted global key positions} that rank ``rank`` of ``world`` selects for its
+    queries (the load-balanced layout), read back from the ring's kept form block by block and owner by owner."""
+    from attnrewrite.kernels.hashed import codes
+
+    length = q.shape[-2]
+    local = length // world
+    proj = codes.random_hyperplanes(D, options["bits"], 3)
+    positions = layout.local_positions(rank, world, length)
+    keep = None if mask is None else (mask[:, 0, 0] if mask.dtype == torch.bool else mask[:, 0, 0] > -9000)
+    blocks = hashed.select_blocks(q.index_select(2, positions), codes.pack(k, proj), keep, rank, world, causal,
+                                  options["bits"], options["top_k"], options["window"], options["sinks"], proj, HKV)
+    got = {}
+    for rows, kept, starts in blocks:
+        for owner in range(world):
+            found = hashed._in_block(kept, starts, owner, world, local)
+            if found is None:
+                continue
+            for (b, h, i), row in zip(((b, h, i) for b in range(B) for h in range(HKV) for i in range(rows.start,
+                                                                                                    rows.stop)),
+                                      found[0].reshape(-1, found[0].shape[-1]).tolist()):
+                got.setdefault((b, h, int(positions[i])), []).extend(x for x in row if x >= 0)
+    return {key: sorted(value) for key, value in got.items()}
+
+
+SELECTION_CELLS = [(world, causal, mask_kind, dtype) for world in (2, 3) for causal in (True, False)
+                   for mask_kind in ("none", "bool", "float") for dtype in (torch.float32, torch.float64)]
+
+
+@pytest.mark.parametrize("native_selection", [True, False])
+@pytest.mark.parametrize("world,causal,mask_kind,dtype", SELECTION_CELLS)
+def test_every_rank_selects_the_single_process_ops_keys(world, causal, mask_kind, dtype, native_selection,
+                                                        monkeypatch):
+    """Each rank's selection, block by block of one row (every row's causal offset in the load-balanced layout:
+    a rank's two pieces lie apart), is the single-process op's, row for row: 8-bit codes and repeated keys give
+    ties (the later key wins), GQA sums the group's agreements, padding hides keys.  Both forms: the compiled
+    selection (native) and the torch one."""
+    from attnrewrite.kernels.hashed import codes, native, sparse
+
+    if native_selection and not native.selects(torch.empty(1, HQ, 1, D), HKV, 8):
+        pytest.skip("the compiled selection is not built here (no C compiler)")
+    monkeypatch.setattr(hashed, "NATIVE_SELECTION", native_selection)
+    monkeypatch.setattr(hashed, "RING_ELEMENTS", 1)  # one row per block
+    options = dict(bits=8, top_k=4, window=2, sinks=1)
+    length = 12 * world
+    q, k, _, _, mask = _inputs(f"every-rank{world}{causal}{mask_kind}", length, mask_kind)
+    q, k = q.to(dtype), k.to(dtype)
+    k[:, :, 9:14] = k[:, :, 4:5]  # identical keys: equal agreement
+    proj = codes.random_hyperplanes(D, 8, 3)
+    want = {}
+    for rows, _, index, _ in sparse.hashed_blocks(q, k, mask, causal, 8, options["top_k"], options["window"],
+                                                  options["sinks"], proj, proj):
+        for (b, h, i), row in zip(((b, h, i) for b in range(B) for h in range(HKV) for i in range(rows.start,
+                                                                                                rows.stop)),
+                                  index.reshape(-1, index.shape[-1]).tolist()):
+            want[(b, h, i)] = sorted(x for x in row if x >= 0)
+    got = {}
+    for rank in range(world):
+        got.update(_rank_selection(q, k, mask, causal, options, rank, world))
+    for key, keys in want.items():
+        assert got.get(key, []) == keys, key
+
+
 class _CountingComm(ThreadComm):
     """Keeps a weak reference to every received floating-point tensor: at each receive, how many bytes
     of them are still alive on this rank."""
@@ -227,3 +317,22 @@ def test_the_kept_selection_gives_back_every_key_at_the_int16_boundary(local):
             want = sorted(x for x, r in zip(flat[row].tolist(), ranks[row].tolist()) if x >= 0 and r == p)
             assert sorted(x for x in got if x >= 0) == want, (p, row)
             assert all(mine[s] == x for x, s in zip(got, got_slots) if x >= 0), (p, row)
+
+
+@pytest.mark.parametrize("world,local", [(2, 32768), (2, 32770), (3, 12), (4, 8)])
+def test_the_compiled_kept_selection_is_by_owners(world, local):
+    """The compiled form of :func:`hashed.by_owner` (the native selection's path) gives the same tensors: indices in
+    the owners' shards in the same order (by owner, stably), the same starts, int16 up to 32768 positions a shard."""
+    from attnrewrite.kernels.hashed import native
+
+    if native.library() is None:
+        pytest.skip("the compiled loop is not built here (no C compiler)")
+    length = local * world
+    g = torch.Generator().manual_seed(local + world)
+    index = torch.randint(0, length, (2, 3, 5, 17), generator=g)
+    index[..., -3:] = -1
+    index[0, 0, 0, :2 * world] = torch.arange(2 * world) * (local // 2)  # the first position of every chunk
+    want = hashed.by_owner(index.to(hashed.index_dtype(length)), world, local)
+    got = native.by_owner(index.to(torch.int32), world, local, hashed.local_index_dtype(local))
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -30,6 +30,7 @@ switches it off).
 from __future__ import annotations
 
 import ctypes
+import sys
 
 import torch
 
@@ -39,6 +40,7 @@ from attnrewrite.kernels.native_build import C_EXP, NativeLibrary
 from .codes import project
 
 SOURCE = r"""
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX2__) && defined(__FMA__)
@@ -517,13 +519,14 @@ INLINE void select_row(const uint64_t *restrict qc, const uint64_t *restrict kc,
 
 /* The selection of every row.  qc [F * G, Tq, W] (query head f * G + g of slice f), kc [F, Tk, W] int64 codes;
    keep: NULL or a uint8 mask row of Tk entries at keep + b * keep_b + i * keep_i for batch b = f / Hkv;
-   causal: row i sees keys j <= i.  sel [F, Tq, S] int32; work: Tk + 16 uint16, 4 * (G * 64 * W + 2) int32 and
+   causal: row i sees keys j <= row0 + i (row0: the global position of row 0, where the rows are a part of the
+   sequence, as a context-parallel rank's are; else 0).  sel [F, Tq, S] int32; work: Tk + 16 uint16, 4 * (G * 64 * W + 2) int32 and
    S + 16 int32 (each part from a 64-byte boundary).  A row may write up to 15 entries past its S (the vector
    scan's stores): into the next rows, written after it, and for the last rows (those fewer than 16 entries from
    the end of sel: the last one, or more where S < 16) into work, copied from there. */
 void hashed_select(const uint64_t *qc, const uint64_t *kc, const uint8_t *keep, int64_t keep_b, int64_t keep_i,
                    int32_t *sel, void *work, int64_t F, int64_t Hkv, int64_t G, int64_t Tq, int64_t Tk, int64_t W,
-                   int64_t causal, int64_t top_k, int64_t window, int64_t sinks, int64_t S) {
+                   int64_t causal, int64_t row0, int64_t top_k, int64_t window, int64_t sinks, int64_t S) {
 #ifdef HAVE_AVX2
     if (!pack_table_ready) fill_pack_table();
 #endif
@@ -538,7 +541,7 @@ void hashed_select(const uint64_t *qc, const uint64_t *kc, const uint8_t *keep, 
         for (int64_t i = 0; i < Tq; ++i) {
             for (int64_t g = 0; g < G; ++g)
                 for (int64_t w = 0; w < W; ++w) group[g * W + w] = qc[((f * G + g) * Tq + i) * W + w];
-            int64_t limit = causal ? (i + 1 < Tk ? i + 1 : Tk) : Tk;
+            int64_t limit = causal ? (row0 + i + 1 < Tk ? row0 + i + 1 : Tk) : Tk;
             const uint8_t *keep_i_row = keep_f ? keep_f + i * keep_i : 0;
             /* the last rows, whose overhang would pass the end of sel (S < 16), into work */
             int32_t *out = (F * Tq - (f * Tq + i) - 1) * S < 16 ? last : sel + (f * Tq + i) * S;
@@ -728,6 +731,157 @@ void hashed_backward(const float *q, const float *k, const float *v, const int32
     else
         attend_backward(q, k, v, sel, bias, bias_b, bias_i, grad, dq, dk, dv, work, F, Hkv, G, Tq, Tk, D, Dv, S, scale);
 }
+/* The context-parallel ring (attnrewrite.distributed.hashed): one block of a rank's query rows against the key/value
+   block at hand (rank `owner`'s shard of L positions, load-balanced: local index x < L/2 is global position
+   owner * L/2 + x, else (2 * world - 1 - owner) * L/2 + x - L/2).  Each row's selection is kept as indices in their
+   owners' shards, index [F, n, S] (int16, or int32 where `wide`), its slots of this block from starts[owner] to
+   starts[owner + 1] - 1 (starts [F, n, world + 1] int32).  This row's slots to li (and their key bias, read at the
+   global positions, to pb); returns how many. */
+INLINE int64_t ring_slots(const void *index, int64_t wide, int64_t r, int64_t S, const int32_t *starts, int64_t world,
+                          int64_t owner, int64_t L, const float *bias_f, int32_t *restrict li, float *restrict pb) {
+    const int32_t *st = starts + r * (world + 1);
+    int64_t first = st[owner], n = st[owner + 1] - first, half = L / 2;
+    for (int64_t s = 0; s < n; ++s) {
+        int64_t x = wide ? ((const int32_t *)index)[r * S + first + s] : ((const int16_t *)index)[r * S + first + s];
+        li[s] = (int32_t)x;
+        pb[s] = bias_f ? bias_f[x < half ? owner * half + x : (2 * world - 1 - owner) * half + x - half] : 0.0f;
+    }
+    return n;
+}
+
+INLINE void ring_forward(const float *q, const float *k, const float *v, const void *index, int64_t wide,
+                         const int32_t *starts, int64_t world, int64_t owner, const float *bias, int64_t bias_b,
+                         float *out, float *lse, void *work, int64_t F, int64_t Hkv, int64_t G, int64_t Tl,
+                         int64_t row0, int64_t rows, int64_t L, const int64_t D, const int64_t Dv, int64_t S,
+                         float scale) {
+    int32_t *li = (int32_t *)work;
+    float *pb = (float *)(li + S), *p = pb + S;
+    float part[Dv];
+    for (int64_t f = 0; f < F; ++f) {
+        const float *kf = k + f * L * D, *vf = v + f * L * Dv;
+        const float *bias_f = bias ? bias + (f / Hkv) * bias_b : 0;
+        for (int64_t i = 0; i < rows; ++i) {
+            int64_t n = ring_slots(index, wide, f * rows + i, S, starts, world, owner, L, bias_f, li, pb);
+            if (n == 0) continue;
+            for (int64_t g = 0; g < G; ++g) {
+                int64_t h = (f * G + g) * Tl + row0 + i;
+                dots(q + h * D, kf, li, n, p, D);
+                float m = -INFINITY;
+                for (int64_t s = 0; s < n; ++s) {
+                    p[s] = p[s] * scale + pb[s];
+                    m = p[s] > m ? p[s] : m;
+                }
+                float sum = 0.0f;
+                for (int64_t s = 0; s < n; ++s) { p[s] = exp_nonpositive(p[s] - m); sum += p[s]; }
+                weighted_sum(p, vf, li, n, part, Dv);                      /* unnormalised */
+                float part_lse = m + logf(sum), old = lse[h], keep_old = 0.0f, take_new = 1.0f / sum, now = part_lse;
+                if (old != -INFINITY) {
+                    float top = old > part_lse ? old : part_lse;
+                    now = top + logf(expf(old - top) + expf(part_lse - top));
+                    keep_old = expf(old - now);
+                    take_new = expf(part_lse - now) / sum;
+                }
+                float *o = out + h * Dv;
+                for (int64_t d = 0; d < Dv; ++d) o[d] = o[d] * keep_old + part[d] * take_new;
+                lse[h] = now;
+            }
+        }
+    }
+}
+
+/* One ring step's forward: the rows row0 .. row0 + rows - 1 of q [F * G, Tl, D] against the block k [F, L, D],
+   v [F, L, Dv] over their slots in it (ring_slots), merged by log-sum-exp into out [F * G, Tl, Dv] and lse [F * G, Tl]
+   (float32; lse -inf and out 0 where no key was seen yet).  bias: NULL or float rows of T = world * L key biases at
+   bias + b * bias_b.  work: S int32 + 2 S floats. */
+void hashed_ring_forward(const float *q, const float *k, const float *v, const void *index, int64_t wide,
+                         const int32_t *starts, int64_t world, int64_t owner, const float *bias, int64_t bias_b,
+                         float *out, float *lse, void *work, int64_t F, int64_t Hkv, int64_t G, int64_t Tl,
+                         int64_t row0, int64_t rows, int64_t L, int64_t D, int64_t Dv, int64_t S, float scale) {
+    if (D == 64 && Dv == 64)
+        ring_forward(q, k, v, index, wide, starts, world, owner, bias, bias_b, out, lse, work, F, Hkv, G, Tl, row0,
+                     rows, L, 64, 64, S, scale);
+    else
+        ring_forward(q, k, v, index, wide, starts, world, owner, bias, bias_b, out, lse, work, F, Hkv, G, Tl, row0,
+                     rows, L, D, Dv, S, scale);
+}
+
+INLINE void ring_backward(const float *q, const float *k, const float *v, const void *index, int64_t wide,
+                          const int32_t *starts, int64_t world, int64_t owner, const float *bias, int64_t bias_b,
+                          const float *grad, const float *lse, const float *delta, float *dq, float *dk, float *dv,
+                          void *work, int64_t F, int64_t Hkv, int64_t G, int64_t Tl, int64_t row0, int64_t rows,
+                          int64_t L, const int64_t D, const int64_t Dv, int64_t S, float scale) {
+    int32_t *li = (int32_t *)work;
+    float *pb = (float *)(li + S), *p = pb + S, *dp = p + S;
+    for (int64_t f = 0; f < F; ++f) {
+        const float *kf = k + f * L * D, *vf = v + f * L * Dv;
+        float *dkf = dk + f * L * D, *dvf = dv + f * L * Dv;
+        const float *bias_f = bias ? bias + (f / Hkv) * bias_b : 0;
+        for (int64_t i = 0; i < rows; ++i) {
+            int64_t n = ring_slots(index, wide, f * rows + i, S, starts, world, owner, L, bias_f, li, pb);
+            if (n == 0) continue;
+            for (int64_t g = 0; g < G; ++g) {
+                int64_t h = (f * G + g) * Tl + row0 + i;
+                const float *qi = q + h * D, *go = grad + h * Dv;
+                float l = lse[h], mean = delta[h], acc[D];
+                dots(qi, kf, li, n, p, D);
+                dots(go, vf, li, n, dp, Dv);
+                for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
+                for (int64_t s = 0; s < n; ++s) {
+                    float x = p[s] * scale + pb[s] - l;
+                    float ps = exp_nonpositive(x < 0.0f ? x : 0.0f), ds = ps * (dp[s] - mean) * scale;
+                    const float *kj = kf + (int64_t)li[s] * D;
+                    float *restrict dkj = dkf + (int64_t)li[s] * D, *restrict dvj = dvf + (int64_t)li[s] * Dv;
+                    for (int64_t d = 0; d < D; ++d) { acc[d] += ds * kj[d]; dkj[d] += ds * qi[d]; }
+                    for (int64_t d = 0; d < Dv; ++d) dvj[d] += ps * go[d];
+                }
+                float *dqi = dq + h * D;
+                for (int64_t d = 0; d < D; ++d) dqi[d] += acc[d];
+            }
+        }
+    }
+}
+
+/* The backward of one ring step: with the merged lse and delta = sum_d dO * out [F * G, Tl] of the rows, P_s =
+   e^(scale q k_s + bias_s - lse), dS_s = P_s (dO . v_s - delta) scale; dq [F * G, Tl, D] += sum_s dS_s k_s, and the
+   block's accumulators dk [F, L, D] += dS_s q, dv [F, L, Dv] += P_s dO.  work: S int32 + 3 S floats. */
+void hashed_ring_backward(const float *q, const float *k, const float *v, const void *index, int64_t wide,
+                          const int32_t *starts, int64_t world, int64_t owner, const float *bias, int64_t bias_b,
+                          const float *grad, const float *lse, const float *delta, float *dq, float *dk, float *dv,
+                          void *work, int64_t F, int64_t Hkv, int64_t G, int64_t Tl, int64_t row0, int64_t rows,
+                          int64_t L, int64_t D, int64_t Dv, int64_t S, float scale) {
+    if (D == 64 && Dv == 64)
+        ring_backward(q, k, v, index, wide, starts, world, owner, bias, bias_b, grad, lse, delta, dq, dk, dv, work,
+                      F, Hkv, G, Tl, row0, rows, L, 64, 64, S, scale);
+    else
+        ring_backward(q, k, v, index, wide, starts, world, owner, bias, bias_b, grad, lse, delta, dq, dk, dv, work,
+                      F, Hkv, G, Tl, row0, rows, L, D, Dv, S, scale);
+}
+/* The selection of R rows, sel [R, S] int32 global positions (-1: empty), as the context-parallel ring keeps it (the
+   load-balanced layout of world ranks holding `local` positions each, see ring_slots): each row's slots ordered by
+   their key's owner, stably (a counting sort), kept [R, S] (int16, or int32 where wide) the key's index in its
+   owner's shard, -1 for the empty slots (last); starts [R, world + 1]: owner p's slots from starts[p] to
+   starts[p + 1] - 1.  counts: work for world + 1 int64. */
+void hashed_by_owner(const int32_t *sel, int64_t R, int64_t S, int64_t world, int64_t local, void *kept, int64_t wide,
+                     int32_t *starts, int64_t *counts) {
+    int64_t half = local / 2;
+    for (int64_t r = 0; r < R; ++r) {
+        const int32_t *row = sel + r * S;
+        int32_t *st = starts + r * (world + 1);
+        for (int64_t p = 0; p <= world; ++p) counts[p] = 0;
+        for (int64_t s = 0; s < S; ++s) {
+            int64_t x = row[s], c = x / half;
+            ++counts[x < 0 ? world : (c < world ? c : 2 * world - 1 - c)];
+        }
+        st[0] = 0;
+        for (int64_t p = 0; p < world; ++p) st[p + 1] = st[p] + (int32_t)counts[p];
+        for (int64_t p = 0; p <= world; ++p) counts[p] = p < world ? st[p] : st[world];  /* next slot per owner */
+        for (int64_t s = 0; s < S; ++s) {
+            int64_t x = row[s], c = x / half, p = x < 0 ? world : (c < world ? c : 2 * world - 1 - c);
+            int64_t index = x < 0 ? -1 : x - c * half + (c >= world ? half : 0), at = r * S + counts[p]++;
+            if (wide) ((int32_t *)kept)[at] = (int32_t)index; else ((int16_t *)kept)[at] = (int16_t)index;
+        }
+    }
+}
 """
 
 
@@ -739,11 +893,19 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.hashed_pack_products.argtypes = [pointer, size, size, pointer, pointer, ctypes.c_float, pointer, size,
                                          pointer]
     lib.hashed_select.restype = None
-    lib.hashed_select.argtypes = [pointer] * 3 + [size] * 2 + [pointer] * 2 + [size] * 11
+    lib.hashed_select.argtypes = [pointer] * 3 + [size] * 2 + [pointer] * 2 + [size] * 12
     lib.hashed_attend.restype = None
     lib.hashed_attend.argtypes = [pointer] * 5 + [size] * 2 + [pointer] * 2 + [size] * 8 + [ctypes.c_float]
     lib.hashed_backward.restype = None
     lib.hashed_backward.argtypes = [pointer] * 5 + [size] * 2 + [pointer] * 5 + [size] * 8 + [ctypes.c_float]
+    lib.hashed_by_owner.restype = None
+    lib.hashed_by_owner.argtypes = [pointer] + [size] * 4 + [pointer, size, pointer, pointer]
+    lib.hashed_ring_forward.restype = None
+    lib.hashed_ring_forward.argtypes = ([pointer] * 4 + [size] + [pointer] + [size] * 2 + [pointer] + [size]
+                                        + [pointer] * 3 + [size] * 10 + [ctypes.c_float])
+    lib.hashed_ring_backward.restype = None
+    lib.hashed_ring_backward.argtypes = ([pointer] * 4 + [size] + [pointer] + [size] * 2 + [pointer] + [size]
+                                         + [pointer] * 7 + [size] * 10 + [ctypes.c_float])
 
 
 _library = NativeLibrary("hashed_select", SOURCE, _declare, extra_x86=("-mpopcnt",))
@@ -840,19 +1002,74 @@ def select(q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None, is_
            window: int, sinks: int, proj_q: torch.Tensor, proj_k: torch.Tensor) -> torch.Tensor:
     """The selection int32 [B, Hkv, Tq, S] (S = :func:`selection_width`; −1: empty slot, slots unordered) of
     checked inputs: the keys the torch path's :func:`.sparse.select` chooses."""
+    keep, _, stride_b, stride_i = _mask_rows(attn_mask, q.shape[0], q.shape[2], k.shape[2])
+    return _select_words(_codes(q, proj_q), _codes(k, proj_k), keep, stride_b, stride_i, is_causal, 0, top_k, window,
+                         sinks)
+
+
+def packed_words(packed: torch.Tensor) -> torch.Tensor:
+    """int64 [..., words] codes from ``codes.pack``'s bytes [..., bits / 8] uint8: the codes :func:`codes_of`
+    computes (bit b in bit b % 64 of word b // 64: the bytes zero-padded to whole words and read as
+    little-endian 64-bit words; :func:`selects` checks the byte order)."""
+    n_bytes = packed.shape[-1]
+    words = (n_bytes + 7) // 8
+    padded = torch.nn.functional.pad(packed, (0, 8 * words - n_bytes)) if 8 * words > n_bytes else packed
+    return padded.contiguous().view(torch.int64)
+
+
+def codes_of(x: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
+    """int64 [B, H, T, words]: the codes of x [B, H, T, D] (bit b: x·P_b > 0, decided in float64 as
+    ``codes.project`` does; P [D, bits] or one per head [H, D, bits]), as :func:`select_rows` reads them."""
+    return _codes(x, projection)
+
+
+def selects(q: torch.Tensor, heads_kv: int, bits: int) -> bool:
+    """Whether :func:`select_rows` can choose the keys of queries like ``q`` (any float dtype, any hash: it
+    reads codes only): on the CPU, a group's codes within :data:`MAX_GROUP_WORDS` words, a little-endian
+    machine (:func:`packed_words`), and the kernel built."""
+    if q.device.type != "cpu" or sys.byteorder != "little":
+        return False
+    if (q.shape[1] // heads_kv) * ((bits + 63) // 64) > MAX_GROUP_WORDS:
+        return False
+    return library() is not None
+
+
+def select_rows(q_codes: torch.Tensor, k_codes: torch.Tensor, keep: torch.Tensor | None, is_causal: bool,
+                first_row: int, top_k: int, window: int, sinks: int) -> torch.Tensor:
+    """The selection int32 [B, Hkv, n, S] (−1: empty, slots unordered) of n query rows at global positions
+    ``first_row`` … ``first_row`` + n − 1 of a sequence whose keys' codes are all given: the keys that
+    :func:`select` chooses for those rows of the whole sequence (causal: row i sees keys j ≤ i).
+
+    Args:
+        q_codes: int64 [B, Hq, n, words] (:func:`codes_of`); k_codes: int64 [B, Hkv, Tk, words]
+            (:func:`codes_of`, or :func:`packed_words` of ``codes.pack``'s bytes).
+        keep: None or bool [B|1, Tk], the keys the mask lets every row see.
+    """
+    batch = q_codes.shape[0]
+    stride_b = 0
+    if keep is not None:
+        stride_b = keep.shape[-1] if keep.shape[0] == batch and batch > 1 else 0
+        keep = keep.contiguous().view(torch.uint8)
+    return _select_words(q_codes, k_codes, keep, stride_b, 0, is_causal, first_row, top_k, window, sinks)
+
+
+def _select_words(q_codes: torch.Tensor, k_codes: torch.Tensor, keep: torch.Tensor | None, stride_b: int,
+                  stride_i: int, is_causal: bool, first_row: int, top_k: int, window: int,
+                  sinks: int) -> torch.Tensor:
+    """The kernel's selection int32 [B, Hkv, Tq, S] from int64 codes [B, Hq, Tq, words] and [B, Hkv, Tk, words];
+    ``keep``: None or the uint8 mask rows at the strides (:func:`_mask_rows`); ``first_row``: the global position
+    of query row 0 (causal)."""
     lib = library()
-    batch, heads_q, t_q, _ = q.shape
-    heads_kv, t_k = k.shape[1], k.shape[2]
+    q_codes, k_codes = q_codes.contiguous(), k_codes.contiguous()
+    batch, heads_q, t_q, words = q_codes.shape
+    heads_kv, t_k = k_codes.shape[1], k_codes.shape[2]
     groups = heads_q // heads_kv
     width = selection_width(t_k, top_k, window, sinks)
-    q_codes, k_codes = _codes(q, proj_q), _codes(k, proj_k)
-    words = q_codes.shape[-1]
-    keep, _, stride_b, stride_i = _mask_rows(attn_mask, batch, t_q, t_k)
     selection = torch.empty(batch, heads_kv, t_q, width, dtype=torch.int32)
     work = torch.empty(2 * (t_k + 16) + 64 + 16 * (groups * 64 * words + 2) + 64 + 4 * (width + 16), dtype=torch.uint8)
     lib.hashed_select(q_codes.data_ptr(), k_codes.data_ptr(), None if keep is None else keep.data_ptr(), stride_b,
                       stride_i, selection.data_ptr(), work.data_ptr(), batch * heads_kv, heads_kv, groups, t_q, t_k,
-                      words, int(is_causal), top_k, window, sinks, width)
+                      words, int(is_causal), first_row, top_k, window, sinks, width)
     return selection
 
 
@@ -896,3 +1113,74 @@ def backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                         dk.data_ptr(), dv.data_ptr(), work.data_ptr(), batch * heads_kv, heads_kv,
                         heads_q // heads_kv, t_q, t_k, dim, dim_v, width, scale)
     return dq, dk, dv
+
+
+def ring_covers(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`ring_forward` / :func:`ring_backward` compute a context-parallel ring over these shards:
+    float32 on the CPU and the kernel built (the caller excludes what it does not cover: score modifications,
+    far keys' rounding, learned projections' gradients)."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32 and library() is not None)
+
+
+def _ring_args(q, k_block, v_block, index, starts, owner, bias, rows):
+    world = starts.shape[-1] - 1
+    assert index.dtype in (torch.int16, torch.int32) and starts.dtype == torch.int32
+    assert index.is_contiguous() and starts.is_contiguous() and q.is_contiguous()
+    batch, heads_q, local, dim = q.shape
+    heads_kv = k_block.shape[1]
+    bias_b = 0 if bias is None or bias.shape[0] == 1 else bias.shape[-1]
+    return ([q.data_ptr(), k_block.data_ptr(), v_block.data_ptr(), index.data_ptr(), int(index.dtype == torch.int32),
+             starts.data_ptr(), world, owner, None if bias is None else bias.data_ptr(), bias_b],
+            [batch * heads_kv, heads_kv, heads_q // heads_kv, local, rows.start, rows.stop - rows.start,
+             k_block.shape[2], dim, v_block.shape[-1], index.shape[-1]])
+
+
+def ring_forward(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, index: torch.Tensor,
+                 starts: torch.Tensor, owner: int, bias: torch.Tensor | None, out: torch.Tensor, lse: torch.Tensor,
+                 rows: slice, scale: float) -> None:
+    """One step of the hashed context-parallel ring (:mod:`attnrewrite.distributed.hashed`), in place: the local
+    query rows ``rows`` of q [B, Hq, T_local, D] attend to their selected keys that lie in rank ``owner``'s block
+    k_block [B, Hkv, T_local, D], v_block [B, Hkv, T_local, Dv] (the load-balanced layout's shard), merged by
+    log-sum-exp into out [B, Hq, T_local, Dv] and lse [B, Hq, T_local] (float32; 0 and −inf before any key).
+
+    ``index`` [B, Hkv, n, S] int16/int32 and ``starts`` [B, Hkv, n, W + 1] int32: the rows' selection as kept by
+    ``by_owner`` (indices in the owners' shards, each row's slots of rank p from starts[p] to starts[p + 1] − 1);
+    ``bias``: None or the key bias float32 [B|1, T] at global positions (contiguous)."""
+    pointers, sizes = _ring_args(q, k_block, v_block, index, starts, owner, bias, rows)
+    k_block, v_block = k_block.contiguous(), v_block.contiguous()
+    pointers[1:3] = [k_block.data_ptr(), v_block.data_ptr()]
+    work = torch.empty(3 * index.shape[-1] + 16, dtype=torch.float32)
+    library().hashed_ring_forward(*pointers, out.data_ptr(), lse.data_ptr(), work.data_ptr(), *sizes, scale)
+
+
+def ring_backward(q: torch.Tensor, k_block: torch.Tensor, v_block: torch.Tensor, index: torch.Tensor,
+                  starts: torch.Tensor, owner: int, bias: torch.Tensor | None, grad: torch.Tensor, lse: torch.Tensor,
+                  delta: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, rows: slice,
+                  scale: float) -> None:
+    """The backward of :func:`ring_forward` for one step, accumulating in place: dq [B, Hq, T_local, D] of the rows
+    and the block's dk [B, Hkv, T_local, D], dv [B, Hkv, T_local, Dv] (float32, contiguous), from grad (dO), the
+    merged lse and delta = Σ dO·out [B, Hq, T_local]."""
+    pointers, sizes = _ring_args(q, k_block, v_block, index, starts, owner, bias, rows)
+    k_block, v_block = k_block.contiguous(), v_block.contiguous()
+    pointers[1:3] = [k_block.data_ptr(), v_block.data_ptr()]
+    assert dk.is_contiguous() and dv.is_contiguous() and dq.is_contiguous() and grad.is_contiguous()
+    work = torch.empty(4 * index.shape[-1] + 16, dtype=torch.float32)
+    library().hashed_ring_backward(*pointers, grad.data_ptr(), lse.data_ptr(), delta.data_ptr(), dq.data_ptr(),
+                                   dk.data_ptr(), dv.data_ptr(), work.data_ptr(), *sizes, scale)
+
+
+def by_owner(selection: torch.Tensor, world: int, local: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selection int32 [..., S] of global positions (−1: empty) as the context-parallel ring keeps it
+    (``attnrewrite.distributed.hashed.by_owner``, the same tensors): each key's index in its owner's shard in
+    ``dtype`` (int16 or int32), each row's slots ordered by owner (stably), −1 empties last; and starts
+    [..., W + 1] int32, rank p's slots of a row from starts[p] to starts[p + 1] − 1.  The load-balanced layout:
+    rank r holds chunks r and 2W − 1 − r of 2W chunks of ``local / 2`` positions."""
+    assert selection.dtype == torch.int32 and dtype in (torch.int16, torch.int32)
+    selection = selection.contiguous()
+    kept = torch.empty(selection.shape, dtype=dtype)
+    starts = torch.empty(*selection.shape[:-1], world + 1, dtype=torch.int32)
+    counts = torch.empty(world + 1, dtype=torch.int64)
+    width = selection.shape[-1]
+    library().hashed_by_owner(selection.data_ptr(), selection.numel() // max(1, width), width, world, local,
+                              kept.data_ptr(), int(dtype == torch.int32), starts.data_ptr(), counts.data_ptr())
+    return kept, starts
