@@ -89,6 +89,8 @@ NATIVE_SELECTION = True
 #: run the ring's steps in the compiled loop where it covers the call (float32 on the CPU at one torch thread, as the
 #: single-process op's; no score modification, far keys' rounding or learned projections), else in torch ops
 NATIVE_RING = True
+#: selected slots per block of rows where the ring's steps are compiled (the int32 selection of a block, 8 MB)
+NATIVE_ELEMENTS = 1 << 21
 _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -381,10 +383,13 @@ class _Setup:
 
 
 def select_blocks(q: Tensor, codes: Tensor, keep: Tensor | None, rank: int, world: int, causal: bool, bits: int,
-                  top_k: int, window: int, sinks: int, proj_q: Tensor, heads_kv: int) -> list:
+                  top_k: int, window: int, sinks: int, proj_q: Tensor, heads_kv: int, native_ring: bool = False) -> list:
     """The selection of this rank's queries q [B, Hq, T_local, D] (load-balanced layout), block by block of
     the ring: [(local rows, kept index, starts)] (:func:`by_owner`), from every key's packed code ``codes``
     uint8 [B, Hkv, T, bits / 8] (in global order) and the key mask ``keep`` (None or bool [B|1, T]).
+    ``native_ring``: the ring's steps run compiled, which gather nothing: blocks of about ``NATIVE_ELEMENTS``
+    selected slots (a block of a few rows would make the compiled step switch heads every few rows and miss the
+    cache: 2.6× slower at T = 8k), else of about ``RING_ELEMENTS`` gathered entries.
 
     On the CPU the compiled selection of the single-process op chooses the keys
     (:func:`attnrewrite.kernels.hashed.native.select_rows`, on one thread, whatever the torch thread count:
@@ -401,8 +406,11 @@ def select_blocks(q: Tensor, codes: Tensor, keep: Tensor | None, rank: int, worl
         key_signs = unpack_signs(codes, bits).to(torch.int8)                            # [B, Hkv, T, bits]
     positions = local_positions(rank, world, length)
     selected = min(length, sinks + window + top_k)
-    per_row = q.shape[0] * max(q.shape[1] * length, heads_kv * selected * q.shape[-1])
-    step = max(1, RING_ELEMENTS // max(1, per_row))
+    if native_ring:
+        step = max(1, NATIVE_ELEMENTS // max(1, q.shape[0] * heads_kv * selected))
+    else:
+        per_row = q.shape[0] * max(q.shape[1] * length, heads_kv * selected * q.shape[-1])
+        step = max(1, RING_ELEMENTS // max(1, per_row))
     blocks, piece = [], local // 2
     for offset in (0, piece):  # the rank's two pieces, each contiguous in global positions
         start = int(positions[offset])
@@ -459,14 +467,15 @@ def attend(args: dict, mask: Tensor | None, rank: int, world: int, comm) -> Tens
                 keep = flat > MASKED_SCORE
                 bias = flat.masked_fill(~keep, 0.0)
         positions = local_positions(rank, world, length)
-        blocks = select_blocks(q, codes, keep, rank, world, causal, bits, top_k, window, sinks, proj_q, k.shape[1])
+        ring = (NATIVE_RING and not learned and score_mod is None and far_dtype is None
+                and torch.get_num_threads() == 1 and native.ring_covers(q, k, v))
+        blocks = select_blocks(q, codes, keep, rank, world, causal, bits, top_k, window, sinks, proj_q, k.shape[1],
+                               native_ring=ring)
         del codes
         far = None
         if far_dtype is not None:  # each key's rank among the visible keys (1-based), for the far test
             visible = torch.ones(1, length, dtype=torch.long, device=q.device) if keep is None else keep.long()
             far = (far_dtype, visible.cumsum(-1), positions.to(q.device), sinks, window, causal)
-    ring = (NATIVE_RING and not learned and score_mod is None and far is None and torch.get_num_threads() == 1
-            and native.ring_covers(q, k, v))
     if ring and bias is not None:
         bias = bias.to(torch.float32).contiguous()
     setup = _Setup(blocks, bias, scale, rank, world, comm, score_mod, far, proj_q, proj_k, learned, ring)

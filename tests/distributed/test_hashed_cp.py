@@ -103,17 +103,20 @@ FLOAT32_CELLS = [(causal, mask_kind, world) for causal in (True, False) for mask
                  for world in (2, 3)] + [(True, "bool", 4)]
 
 
-@pytest.mark.parametrize("native_ring", [True, False])
+@pytest.mark.parametrize("native_ring,one_row_blocks", [(True, False), (True, True), (False, False)])
 @pytest.mark.parametrize("causal,mask_kind,world", FLOAT32_CELLS)
-def test_hashed_cp_in_float32_at_one_thread_equals_the_whole_op(causal, mask_kind, world, native_ring, one_thread,
-                                                                monkeypatch):
+def test_hashed_cp_in_float32_at_one_thread_equals_the_whole_op(causal, mask_kind, world, native_ring, one_row_blocks,
+                                                                one_thread, monkeypatch):
     """float32 at one torch thread, where the single-process op runs its compiled loop and the ring its compiled
-    steps (``NATIVE_RING``; off: the ring's torch ops): the ranks' rows and q/k/v gradients equal the op's."""
+    steps (``NATIVE_RING``, in blocks of all of a piece's rows or of one row; off: the ring's torch ops): the
+    ranks' rows and q/k/v gradients equal the op's."""
     from attnrewrite.kernels.hashed import native
 
     if native_ring and native.library() is None:
         pytest.skip("the compiled loop is not built here (no C compiler)")
     monkeypatch.setattr(hashed, "NATIVE_RING", native_ring)
+    if one_row_blocks:
+        monkeypatch.setattr(hashed, "NATIVE_ELEMENTS", 1)
     length = 24 if world != 3 else 36
     q, k, v, grad, mask = (None if t is None else t.to(torch.float32)
                            for t in _inputs(f"f32{causal}{mask_kind}{world}", length, mask_kind))
