@@ -35,7 +35,8 @@ The ring moves (W − 1) / W of K/V per rank, like an all-gather, but never keep
 
 Memory per rank: its shard, one block in flight (the blocks pass one tensor at a time), every key's
 code (packed, bits / 8 bytes per key and key/value head; the torch form's selection unpacks it to ±1 int8,
-T × bits bytes, 1/4 of fp32 K at bits = D, the same at any W; dropped before the ring) and the selection (T / W × (sinks + window + top_k) owner-local int16 indices per key/value
+T × bits bytes, 1/4 of fp32 K at bits = D, the same at any W; dropped before the ring) and the selection
+(T / W × (sinks + window + top_k) owner-local int16 indices per key/value
 head, :func:`local_index_dtype`: int32 only past 32768 positions per rank).
 
 The op's options, each as the single-process op computes it:
@@ -383,7 +384,8 @@ class _Setup:
 
 
 def select_blocks(q: Tensor, codes: Tensor, keep: Tensor | None, rank: int, world: int, causal: bool, bits: int,
-                  top_k: int, window: int, sinks: int, proj_q: Tensor, heads_kv: int, native_ring: bool = False) -> list:
+                  top_k: int, window: int, sinks: int, proj_q: Tensor, heads_kv: int,
+                  native_ring: bool = False) -> list:
     """The selection of this rank's queries q [B, Hq, T_local, D] (load-balanced layout), block by block of
     the ring: [(local rows, kept index, starts)] (:func:`by_owner`), from every key's packed code ``codes``
     uint8 [B, Hkv, T, bits / 8] (in global order) and the key mask ``keep`` (None or bool [B|1, T]).
