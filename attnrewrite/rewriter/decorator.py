@@ -62,11 +62,11 @@ def _check_tracing_compile(owner: str, options: tuple) -> int:
     if tracing is not None and (tracing.to, tracing.kind_options) == (wanted.to, wanted.kind_options):
         return 0
     runs = "its original attention" if tracing is None else f"attention as that compile rewrites it (to={tracing.to})"
-    cause = (f"{owner} is rewritten to {wanted.to} by attnrewrite.rewrite, but traced by an enclosing torch.compile "
-             f"({backend}): Dynamo ignores a module's own compile inside another compiled region, so it runs {runs}. "
+    cause = (f"{owner} is rewritten to {wanted.to} by attnrewrite.rewrite, but traced as part of an enclosing "
+             f"torch.compile or torch.export ({backend}), which ignores the module's own compile: it runs {runs}. "
              f"Compile the whole model with backend=\"attnrewrite\" and the module's options, or leave the enclosing "
              "code uncompiled")
-    not_rewritten([Failure(_traced_module_path(owner), cause)], f"attention not rewritten to {wanted.to}",
+    not_rewritten([Failure(owner, cause)], f"attention not rewritten to {wanted.to}",
                   wanted.strict, stacklevel=2)
     return 0
 
@@ -78,7 +78,7 @@ def _tracing_compile() -> tuple[str, RewriteOptions | None]:
 
         backend = InstructionTranslator.current_tx().output.compiler_fn
     except Exception:  # noqa: BLE001 — no Dynamo trace: another tracer (torch.export's non-strict mode …)
-        return "not Dynamo", None
+        return "traced without Dynamo", None
     backend = getattr(backend, "_torchdynamo_orig_backend", backend)
     options = dict(getattr(backend, "kwargs", None) or {}).get("options")
     backend = getattr(backend, "compiler_fn", backend)
@@ -92,17 +92,6 @@ def _tracing_compile() -> tuple[str, RewriteOptions | None]:
         return "backend 'attnrewrite'", RewriteOptions.parse(options)
     except (TypeError, ValueError):
         return "backend 'attnrewrite'", None
-
-
-def _traced_module_path(owner: str) -> str:
-    """The path of the module Dynamo is tracing in (its ``nn_module_stack``), or ``owner`` when unknown."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        stack = InstructionTranslator.current_tx().nn_module_stack
-        return str(list(stack.values())[-1][0]) if stack else owner
-    except Exception:  # noqa: BLE001 — a name for the message only
-        return owner
 
 
 def rewrite(target: Any = None, *, to: str = "softmax", **options: Any) -> Any:

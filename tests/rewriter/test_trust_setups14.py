@@ -90,7 +90,7 @@ def test_a_rewritten_module_inside_a_model_compiled_whole_is_said(how, outer):
     reset_warnings()
     whole = (compile_rewritten(block, to="softmax") if outer == "attnrewrite-softmax"
              else torch.compile(block, backend=outer))
-    with pytest.warns(attnrewrite.RewriteWarning, match="traced by an enclosing torch.compile"):
+    with pytest.warns(attnrewrite.RewriteWarning, match="traced as part of an enclosing torch.compile"):
         got = whole(x)
     torch.testing.assert_close(got, block.by_hand(x, Attention.forward), rtol=1e-5, atol=1e-5)  # softmax
     torch.testing.assert_close(block.attn(block.norm(x)), sigmoid_attention(block.attn, block.norm(x)),
@@ -100,7 +100,7 @@ def test_a_rewritten_module_inside_a_model_compiled_whole_is_said(how, outer):
 def test_a_rewritten_module_inside_a_model_compiled_whole_raises_under_strict():
     block, x = _rewritten_block("instance", strict=True), torch.randn(2, 6, 16)
     torch._dynamo.reset()
-    with pytest.raises(attnrewrite.RewriteFailed, match="traced by an enclosing torch.compile"):
+    with pytest.raises(attnrewrite.RewriteFailed, match="traced as part of an enclosing torch.compile"):
         torch.compile(block, backend="eager")(x)
 
 
@@ -118,3 +118,13 @@ def test_a_model_compiled_whole_with_the_same_rewrite_is_no_alarm(how):
         torch.testing.assert_close(block(x), block.by_hand(x), rtol=1e-5, atol=1e-5)  # its own compile, no alarm
     torch.testing.assert_close(got, block.by_hand(x), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_registered, block.by_hand(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strict_export", [False, True])
+def test_exporting_a_model_with_a_rewritten_module_is_said(strict_export):
+    """``torch.export`` traces the module's forward as well: the exported program holds its original attention."""
+    block, x = _rewritten_block("instance"), torch.randn(2, 6, 16)
+    reset_warnings()
+    with pytest.warns(attnrewrite.RewriteWarning, match="torch.compile or torch.export"):
+        exported = torch.export.export(block, (x,), strict=strict_export)
+    torch.testing.assert_close(exported.module()(x), block.by_hand(x, Attention.forward), rtol=1e-5, atol=1e-5)
