@@ -128,3 +128,93 @@ def test_exporting_a_model_with_a_rewritten_module_is_said(strict_export):
     with pytest.warns(attnrewrite.RewriteWarning, match="torch.compile or torch.export"):
         exported = torch.export.export(block, (x,), strict=strict_export)
     torch.testing.assert_close(exported.module()(x), block.by_hand(x, Attention.forward), rtol=1e-5, atol=1e-5)
+
+
+class Symmetric(nn.Module):
+    def forward(self, weight):
+        return (weight + weight.T) / 2
+
+
+class HeadLoop(Attention):
+    """Attention written one head at a time in a Python loop, the heads concatenated."""
+
+    def forward(self, x, kv=None, pad=None):
+        q, k, v = self.split(x, self.q), self.split(x, self.k), self.split(x, self.v)
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+        heads = [(q[:, h] @ k[:, h].transpose(-1, -2) / math.sqrt(q.shape[-1])).masked_fill(~causal, float("-inf"))
+                 .softmax(-1) @ v[:, h] for h in range(self.heads)]
+        return self.o(torch.cat(heads, -1))
+
+
+def _hooked(attn):
+    attn.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    attn.register_forward_hook(lambda module, args, out: out + 1)
+    return attn, lambda a, x: sigmoid_attention(a, x * 2) + 1
+
+
+def _parametrized(attn):
+    torch.nn.utils.parametrize.register_parametrization(attn.q, "weight", Symmetric())
+    torch.nn.utils.parametrize.register_parametrization(attn.k, "weight", Symmetric())
+    return attn, sigmoid_attention
+
+
+def _weight_normed(attn):
+    attn.k = torch.nn.utils.parametrizations.weight_norm(attn.k)
+    return attn, sigmoid_attention
+
+
+def _frozen_keys(attn):
+    attn.q.requires_grad_(False)
+    attn.k.requires_grad_(False)
+    return attn, sigmoid_attention
+
+
+SETUPS = {"hooks": _hooked, "parametrize": _parametrized, "weight_norm": _weight_normed, "frozen_q_k": _frozen_keys,
+          "head_loop": lambda attn: (HeadLoop(), sigmoid_attention)}
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_setups_around_an_attention_module_rewrite_exactly(setup):
+    """Hooks (they fire, and the rewritten attention sees what the pre-hook made), parametrized and weight-normed
+    projections, frozen q/k projections and a loop over heads: rewritten (strict) to sigmoid, outputs and every
+    gradient equal the hand-written sigmoid attention of the same module."""
+    torch.manual_seed(0)
+    attn, by_hand = SETUPS[setup](Attention())
+    block, x = Block(attn), torch.randn(2, 6, 16)
+    torch._dynamo.reset()
+    got = compile_rewritten(block, to="sigmoid", strict=True)(x)
+    want = block.by_hand(x, by_hand)
+    params = [p for p in block.parameters() if p.requires_grad]
+    weights = torch.randn(want.shape)
+    got_grads = torch.autograd.grad((got * weights).sum(), params)
+    want_grads = torch.autograd.grad((want * weights).sum(), params)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "linear"])
+def test_cross_attention_with_key_padding_under_marked_dynamic_sizes(kind):
+    """Cross-attention over keys of another length with key padding, batch and both lengths marked dynamic, then
+    a call at other sizes: every call equals the hand-written kind (padded keys left out of sigmoid's count)."""
+    torch.manual_seed(0)
+    attn = Attention()
+    compiled = compile_rewritten(attn, to=kind, strict=True)
+    torch._dynamo.reset()
+    for batch, queries, keys in ((3, 5, 11), (2, 7, 9)):
+        x, kv = torch.randn(batch, queries, 16), torch.randn(batch, keys, 16)
+        pad = torch.rand(batch, keys) > 0.3
+        pad[:, 0] = True
+        for tensor, dims in ((x, (0, 1)), (kv, (0, 1)), (pad, (0, 1))):
+            for dim in dims:
+                torch._dynamo.mark_dynamic(tensor, dim)
+        want = sigmoid_attention(attn, x, kv, pad) if kind == "sigmoid" else _linear_attention(attn, x, kv, pad)
+        torch.testing.assert_close(compiled(x, kv=kv, pad=pad), want, rtol=1e-5, atol=1e-6)
+
+
+def _linear_attention(attn, x, kv, pad):
+    """The linear kind by hand (elu + 1 features, no scale), padded keys left out."""
+    q, k, v = attn.split(x, attn.q), attn.split(kv, attn.k), attn.split(kv, attn.v)
+    fq, fk = F.elu(q) + 1, (F.elu(k) + 1) * pad[:, None, :, None]
+    out = (fq @ (fk.transpose(-1, -2) @ v)) / (fq @ fk.sum(-2, keepdim=True).transpose(-1, -2))
+    return attn.o(out.transpose(1, 2).flatten(2))
