@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import attnrewrite
 from attnrewrite.rewriter.failures import reset_warnings
+from attnrewrite.rewriter.report import Report
 from attnrewrite.testing.checks import compile_rewritten
 
 
@@ -218,3 +219,72 @@ def _linear_attention(attn, x, kv, pad):
     fq, fk = F.elu(q) + 1, (F.elu(k) + 1) * pad[:, None, :, None]
     out = (fq @ (fk.transpose(-1, -2) @ v)) / (fq @ fk.sum(-2, keepdim=True).transpose(-1, -2))
     return attn.o(out.transpose(1, 2).flatten(2))
+
+
+class ProbabilitiesBy(nn.Module):
+    """Causal attention whose normalisation is given as ``how(scores, keep)`` [B, H, T, T]."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.qkv, self.how = nn.Linear(16, 48), how
+
+    def forward(self, x):  # [B, T, 16]
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)  # each [B, 2, T, 8]
+        keep = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).tril()
+        return (self.how(q @ k.transpose(-1, -2) / math.sqrt(8), keep) @ v).transpose(1, 2).flatten(2)
+
+
+def _log_space_masked(scores, keep):  # the mask added to the log-probabilities: no renormalisation
+    return (scores.log_softmax(-1) + torch.where(keep, 0.0, float("-inf"))).exp()
+
+
+def _softmax_one(scores, keep):  # softmax₁: exp(s) / (1 + Σ exp(s)), an attention sink of logit 0
+    scores = scores.masked_fill(~keep, float("-inf"))
+    top = scores.amax(-1, keepdim=True).detach()
+    e = (scores - top).exp()
+    return e / (e.sum(-1, keepdim=True) + (-top).exp())
+
+
+def _log_softmax_exponentiated(scores, keep):
+    return scores.masked_fill(~keep, float("-inf")).log_softmax(-1).exp()
+
+
+def _written_out(scores, keep):
+    e = scores.masked_fill(~keep, float("-inf")).exp()
+    return e / e.sum(-1, keepdim=True)
+
+
+NORMALISED_OTHERWISE = {"log_space_masked": (_log_space_masked, "a log_softmax changed before it is exponentiated"),
+                        "softmax_one": (_softmax_one, "an extra term in its denominator")}
+
+
+@pytest.mark.parametrize("case", sorted(NORMALISED_OTHERWISE))
+def test_attention_normalised_in_a_form_the_matcher_does_not_read_is_said(case):
+    """Attention whose normalisation is not a softmax the matcher reads — the mask added to log-probabilities (no
+    renormalisation), softmax₁ — was silent: no site at all, ``to="sigmoid"`` kept it with no warning."""
+    how, what = NORMALISED_OTHERWISE[case]
+    torch.manual_seed(0)
+    model, x = ProbabilitiesBy(how).eval(), torch.randn(2, 6, 16)
+    torch._dynamo.reset()
+    reset_warnings()
+    report = Report()
+    with pytest.warns(attnrewrite.RewriteWarning, match="attention in a form this version does not rewrite"):
+        got = compile_rewritten(model, report, to="sigmoid")(x)
+    (site,) = report.sites
+    assert site.status == "skipped" and site.attention_left_as_it_was and what in site.reason, report
+    torch.testing.assert_close(got, model(x))
+    torch._dynamo.reset()
+    with pytest.raises(attnrewrite.RewriteFailed, match=what):
+        compile_rewritten(model, to="sigmoid", strict=True)(x)
+
+
+@pytest.mark.parametrize("how", [_log_softmax_exponentiated, _written_out], ids=lambda f: f.__name__)
+def test_softmaxes_written_out_are_still_rewritten(how):
+    torch.manual_seed(0)
+    model, x = ProbabilitiesBy(how).eval(), torch.randn(2, 6, 16)
+    torch._dynamo.reset()
+    reset_warnings()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnrewrite.RewriteWarning)
+        got = compile_rewritten(model, to="softmax", strict=True)(x)
+    torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-6)
