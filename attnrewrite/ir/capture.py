@@ -240,6 +240,16 @@ def _reduced_over(node: Any, functions: tuple, method: str) -> tuple[fx.Node, in
     return inner.args[0], dim
 
 
+def is_log_softmax(node: Any) -> bool:
+    """``node`` calls ``log_softmax`` (``F.log_softmax``, ``torch.log_softmax``, ``x.log_softmax``)."""
+    return _calls(node, _LOG_SOFTMAX, "log_softmax")
+
+
+def summed_over(node: Any) -> tuple[fx.Node, int] | None:
+    """(x, d) for ``node`` = ``x.sum(d, keepdim=True)`` (or ``x.sum(-1).unsqueeze(-1)``), else None."""
+    return _reduced_over(node, (torch.sum,), "sum")
+
+
 def _constant_along(m: Any, x: fx.Node, dim: int) -> bool:
     """``m`` broadcasts against ``x`` without enlarging it and holds one value along ``dim``."""
     mv, xv = example(m), example(x)

@@ -28,14 +28,17 @@ from attnrewrite.ir.capture import (
     constant_value,
     hinted_shape,
     is_float_tensor,
+    is_log_softmax,
     is_scalar,
     normalize,
     owning_module,
     rank,
     same_size,
+    summed_over,
     symbolic_number,
     tensor_meta,
     value_inputs,
+    written_out_softmax,
 )
 from attnrewrite.ir.spec import (
     MASKED_SCORE,
@@ -223,6 +226,31 @@ def unread_attention(softmax: fx.Node) -> str | None:
                f"through ops that change the scores or probabilities ({', '.join(sorted(changed - {'softmax'}))})")
     return (f"the scores come from a product of two activations ({score_product.name}) and the probabilities "
             f"meet a product ({value_product.name}), {through}")
+
+
+def unread_normaliser(node: fx.Node) -> str | None:
+    """Why ``node``, which no family anchors on, normalises attention scores in a form the matcher does not read,
+    or None: a ``log_softmax`` whose result is changed before it is exponentiated (a mask added to the
+    log-probabilities, with no renormalisation), or ``e / (Σ e + c)`` with ``e = exp(…)`` (softmax₁, an attention
+    sink of fixed logit) — in either case with the two products of an attention around it
+    (:func:`unread_attention`).  ``exp(log_softmax(x))`` and ``e / Σ e`` are softmaxes, read at their own nodes."""
+    if is_log_softmax(node):
+        if all(canonical_name(user) == "exp" and written_out_softmax(user) is not None for user in node.users):
+            return None
+        what = "a log_softmax changed before it is exponentiated (not renormalised)"
+    elif canonical_name(node) == "div" and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
+        e, den = node.args[0], node.args[1]
+        if (not isinstance(e, fx.Node) or canonical_name(e) != "exp" or canonical_name(den) != "add"
+                or written_out_softmax(node) is not None):
+            return None
+        sums = [summed_over(a) for a in den.args[:2]]
+        if not any(reduced is not None and reduced[0] is e for reduced in sums):
+            return None
+        what = "exponentiated scores divided by their sum plus an extra term in its denominator (softmax₁, a sink)"
+    else:
+        return None
+    unread = unread_attention(node)
+    return None if unread is None else f"{NOT_READ}: {what}; {unread}"
 
 
 def _raise_if_unread_attention(softmax: fx.Node) -> None:

@@ -22,8 +22,13 @@ def _compile_kwargs(to: str, options: dict[str, Any]) -> dict[str, Any]:
 
 def _compile(module: nn.Module, kwargs: dict[str, Any], strict: bool) -> None:
     """``module.compile(**kwargs)``; with ``strict`` its first call runs under
-    :func:`~attnrewrite.rewriter.verify.checked_call` (verify's accounting of the forward)."""
+    :func:`~attnrewrite.rewriter.verify.checked_call` (verify's accounting of the forward).  A forward pre-hook
+    says when another compile traces the module instead (:func:`_said_when_traced_by_another_compile`)."""
     module.compile(**kwargs)
+    options = kwargs["backend"].keywords["options"]
+    module._attnrewrite_rewritten = (type(module).__qualname__, tuple(sorted(options.items())))
+    if not any(hook is _said_when_traced_by_another_compile for hook in module._forward_pre_hooks.values()):
+        module.register_forward_pre_hook(_said_when_traced_by_another_compile, prepend=True)
     if not strict:
         return
     compiled = module._compiled_call_impl
@@ -35,6 +40,58 @@ def _compile(module: nn.Module, kwargs: dict[str, Any], strict: bool) -> None:
         return checked_call(compiled, args, kw)
 
     module._compiled_call_impl = first_call
+
+
+def _said_when_traced_by_another_compile(module: nn.Module, args: Any) -> None:
+    """A forward pre-hook of every module ``rewrite`` compiles: it does nothing when run, and when Dynamo traces
+    it, says whether the compile tracing the module is the module's own rewrite.  Dynamo ignores a module's own
+    compile inside another compiled region (``torch.compile(model)`` around a rewritten block): the enclosing
+    compile's backend then compiles the module's attention, unrewritten or rewritten otherwise."""
+    if torch.compiler.is_compiling():
+        _check_tracing_compile(*module._attnrewrite_rewritten)
+
+
+@torch._dynamo.assume_constant_result  # called while Dynamo traces, not put into the graph
+def _check_tracing_compile(owner: str, options: tuple) -> int:
+    """Warn (raise under ``strict``) when the compile that is tracing ``owner`` (a class rewritten with
+    ``options``) is not an attnrewrite compile rewriting as ``options`` do; 0 (Dynamo keeps the result)."""
+    from attnrewrite.rewriter.failures import Failure, not_rewritten
+
+    wanted = RewriteOptions.parse(dict(options))
+    backend, tracing = _tracing_compile()
+    if tracing is not None and (tracing.to, tracing.kind_options) == (wanted.to, wanted.kind_options):
+        return 0
+    runs = "its original attention" if tracing is None else f"attention as that compile rewrites it (to={tracing.to})"
+    cause = (f"{owner} is rewritten to {wanted.to} by attnrewrite.rewrite, but traced as part of an enclosing "
+             f"torch.compile or torch.export ({backend}), which ignores the module's own compile: it runs {runs}. "
+             f"Compile the whole model with backend=\"attnrewrite\" and the module's options, or leave the enclosing "
+             "code uncompiled")
+    not_rewritten([Failure(owner, cause)], f"attention not rewritten to {wanted.to}",
+                  wanted.strict, stacklevel=2)
+    return 0
+
+
+def _tracing_compile() -> tuple[str, RewriteOptions | None]:
+    """The backend of the compile Dynamo is tracing in (its name) and, when it is attnrewrite's, its options."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        backend = InstructionTranslator.current_tx().output.compiler_fn
+    except Exception:  # noqa: BLE001 — no Dynamo trace: another tracer (torch.export's non-strict mode …)
+        return "traced without Dynamo", None
+    backend = getattr(backend, "_torchdynamo_orig_backend", backend)
+    options = dict(getattr(backend, "kwargs", None) or {}).get("options")
+    backend = getattr(backend, "compiler_fn", backend)
+    if isinstance(backend, functools.partial):
+        options = {**(options or {}), **(backend.keywords.get("options") or {})}
+        backend = backend.func
+    name = getattr(backend, "__name__", None) or type(backend).__name__
+    if backend is not attnrewrite_backend:
+        return f"backend {getattr(backend, 'compiler_name', name)!r}", None
+    try:
+        return "backend 'attnrewrite'", RewriteOptions.parse(options)
+    except (TypeError, ValueError):
+        return "backend 'attnrewrite'", None
 
 
 def rewrite(target: Any = None, *, to: str = "softmax", **options: Any) -> Any:

@@ -119,6 +119,9 @@ def match(ctx: PassContext) -> None:
             if opaque is not None and not any(s.anchor is node for s in ctx.sites):
                 ctx.sites.append(site := Site(anchor=node, pattern="opaque", module_path=module_path(node)))
                 site.skip(f"{NOT_READ}: {opaque}")
+            elif (unread := eager_matmul.unread_normaliser(node)) is not None:
+                ctx.sites.append(site := Site(anchor=node, pattern="eager_matmul", module_path=module_path(node)))
+                site.skip(unread)
             continue
         name = family.__name__.rsplit(".", 1)[-1]
         site = Site(anchor=node, pattern=ctx.origin.get(node, name), module_path=module_path(node))
