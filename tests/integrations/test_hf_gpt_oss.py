@@ -1,8 +1,11 @@
-"""HF gpt-oss (learned attention sinks, alternating sliding-window and full layers) through the compiler pass.
+"""HF gpt-oss (learned attention sinks, alternating sliding-window and full layers) through the compiler pass and
+through attnrewrite's HF attention functions.
 
-A tiny random GptOss model (offline, float32: its experts' grouped matmul takes no float64) compiled with ``to="softmax"``: every attention site — the
-sliding-window layer's and the full layer's — is rewritten with its sink logits, and the compiled model equals the
-uncompiled one in its outputs and in the gradients of a training step (the sinks' included).
+A tiny random GptOss model (offline, float32: its experts' grouped matmul takes no float64) compiled with
+``to="softmax"``: every attention site — the sliding-window layer's and the full layer's — is rewritten with its
+sink logits, and the compiled model equals the uncompiled one in its outputs and in the gradients of a training
+step (the sinks' included).  ``attn_implementation="attnrewrite_softmax"`` honours the sinks HF passes as
+``s_aux``; the other functions refuse them by name.
 """
 
 from __future__ import annotations
@@ -84,5 +87,44 @@ def test_gpt_oss_is_rewritten_to_softmax_exactly_in_a_training_step():
         if p.grad is None:
             assert name not in got_grads, name
             continue
+        assert name in got_grads, f"{name}: no gradient through the compiled model"
         torch.testing.assert_close(got_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
     assert all(model.model.layers[i].self_attn.sinks.grad.abs().max() > 1e-6 for i in range(2))
+
+
+def test_attnrewrite_softmax_honours_the_sinks_hf_passes():
+    import attnrewrite.hf
+
+    attnrewrite.hf.register()
+    model, batch = _model().eval(), _batch()
+    with torch.no_grad():
+        want = model(**batch, output_attentions=True)
+        model.config._attn_implementation = "attnrewrite_softmax"
+        got = model(**batch, output_attentions=True)
+    real = batch["attention_mask"].bool()  # (rows of padding see no key: 0 in one, a uniform average in the other)
+    torch.testing.assert_close(got.logits[real], want.logits[real], rtol=1e-5, atol=1e-5)
+    for mine, theirs in zip(got.attentions, want.attentions, strict=True):
+        torch.testing.assert_close(mine.transpose(1, 2)[real], theirs.transpose(1, 2)[real], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["attnrewrite_sigmoid", "attnrewrite_sliding_window"])
+def test_the_other_hf_functions_refuse_the_sinks(impl):
+    import attnrewrite.hf
+
+    attnrewrite.hf.register()
+    model, batch = _model().eval(), _batch()
+    model.config._attn_implementation = impl
+    with pytest.raises(ValueError, match="learned sink logits .*s_aux"), torch.no_grad():
+        model(**batch)
+
+
+@pytest.mark.parametrize("kind", ["linear", "hashed", "summary"])
+def test_the_causal_only_hf_functions_refuse_the_sinks(kind):
+    """(A gpt-oss model's sliding-window mask stops these at their mask function; called directly they refuse the
+    sinks by name.)"""
+    import attnrewrite.hf
+
+    module = _model().model.layers[1].self_attn
+    q, k, v = (torch.randn(1, 4, 5, 8) for _ in range(3))
+    with pytest.raises(ValueError, match="learned sink logits .*s_aux"):
+        getattr(attnrewrite.hf, f"{kind}_forward")(module, q, k, v, None, s_aux=module.sinks)
