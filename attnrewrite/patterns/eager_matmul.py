@@ -815,7 +815,8 @@ def match(anchor: fx.Node) -> Site:
         state = _interpret(up)
     except NotAttention as exc:
         # scores from a product whose probabilities meet the values: attention, in a form not read here
-        if not str(exc).startswith(NOT_READ) and _path_down(anchor, _SEARCH_DEPTH) is not None:
+        # (a sink column, sliced off after the softmax, is attention's by itself)
+        if not str(exc).startswith(NOT_READ) and (column is not None or _path_down(anchor, _SEARCH_DEPTH) is not None):
             raise NotAttention(f"{NOT_READ}: {exc}") from None
         raise
     if softmax.kwargs.get("dtype") == torch.float32 or column is not None and column.upcast:

@@ -174,6 +174,12 @@ def sink_on_merged_heads(q, k, v, sinks):  # [B·H, T, T] scores
     return (torch.softmax(torch.cat([s, column], -1), -1)[..., :-1] @ _repeat(v).reshape(B * H, T, D))
 
 
+def scores_set_to_a_number(q, k, v, sinks):  # masked_fill with -1: not a mask value, an op the spec cannot hold
+    s = _scores(q, k).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -1.0)
+    column = sinks.reshape(1, H, 1, 1).expand(B, H, T, 1)
+    return torch.softmax(torch.cat([s, column], -1), -1)[..., :-1] @ _repeat(v)
+
+
 NOT_READ = {
     "column_from_queries": (column_from_queries, "varies along the queries"),
     "column_from_keys": (column_from_keys, "reads the queries, keys, values or scores"),
@@ -182,6 +188,7 @@ NOT_READ = {
     "slice_drops_a_key_too": (slice_drops_a_key_too, "does not drop exactly the sink column"),
     "probabilities_with_the_sink_returned": (probabilities_with_the_sink_returned, "used elsewhere too"),
     "sink_on_merged_heads": (sink_on_merged_heads, "rank-3 scores"),
+    "scores_set_to_a_number": (scores_set_to_a_number, "which is not a mask value"),
 }
 
 
