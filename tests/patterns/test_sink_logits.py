@@ -297,3 +297,25 @@ def test_each_kind_honours_drops_with_a_note_or_skips_sink_logits(name):
         assert kind.sink_logits == "exact", kind.sink_logits
         assert site.status == "rewritten", report
         torch.testing.assert_close(got, gpt_oss(q, k, v, sinks), rtol=1e-5, atol=1e-5)
+
+
+def returning_weights(q, k, v, sinks):  # HF's eager attention returns the probabilities without the sink column
+    s = torch.matmul(q, _repeat(k).transpose(2, 3)) * SCALE
+    combined = torch.cat([s, sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[-2], -1)], dim=-1)
+    weights = F.softmax(combined - combined.max(-1, keepdim=True).values, dim=-1)[..., :-1]
+    return torch.matmul(weights, _repeat(v)), weights
+
+
+@pytest.mark.parametrize("to", ["softmax", "sigmoid"])
+def test_returned_weights_are_those_without_the_sink_column(to):
+    """softmax keeps the site's own weights; sigmoid returns its own [B, H, Tq, Tk] (the sinks dropped)."""
+    compiled, report = _compile(returning_weights, to=to)
+    inputs = _inputs(to)
+    (out, weights), (want_out, want_weights) = compiled(*inputs), returning_weights(*inputs)
+    (site,) = report.sites
+    assert site.status == "rewritten" and site.spec["weights_escape"], report
+    assert weights.shape == want_weights.shape == (B, H, T, T)
+    if to == "softmax":
+        torch.testing.assert_close((out, weights), (want_out, want_weights), rtol=1e-12, atol=1e-12)
+    else:
+        torch.testing.assert_close(out, weights @ _repeat(inputs[2]), rtol=1e-5, atol=1e-6)  # (op vs its formula)
