@@ -760,7 +760,7 @@ def _merged_lead_steps(term: MaskTerm, shape: tuple, score_lead: tuple[int, ...]
                        f"of rank-{len(score_lead) + 2} scores")
 
 
-def _sink_column(logits: object, anchor: fx.Node) -> sinks.SinkColumn | None:
+def _sink_column(logits: object) -> sinks.SinkColumn | None:
     """The column of sink logits concatenated to the scores at the softmax's input (:mod:`.sinks`), or None."""
     try:
         return sinks.split(logits, lambda part: _path_up(part, _SEARCH_DEPTH) is not None)
@@ -798,7 +798,7 @@ def match(anchor: fx.Node) -> Site:
     if normalize_dim(dim, r) != r - 1:
         raise NotAttention(f"softmax over dim {dim} of a rank-{r} tensor, not the key dim")
 
-    column = _sink_column(softmax.args[0], anchor)
+    column = _sink_column(softmax.args[0])
     up = _path_up(column.scores if column is not None else softmax.args[0], _SEARCH_DEPTH)
     if up is None:
         if _from_graph_input(softmax.args[0], _SEARCH_DEPTH) and _meets_values(anchor):
