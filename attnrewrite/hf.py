@@ -29,6 +29,9 @@ only when HF asks for them — softmax's probabilities, sigmoid's sigmoid(s·q·
 out = weights @ v in every case.  With attention dropout in training the weights the op dropped
 cannot be returned, so asking for them raises.
 
+Learned sink logits (gpt-oss's ``s_aux``): ``attnrewrite_softmax`` honours them exactly
+(:func:`attnrewrite.ops.sink_softmax_attention`); every other function raises rather than drop them.
+
 Dropout: softmax and sigmoid apply HF's attention dropout; linear has no attention probabilities
 to drop, so a model training with ``attention_dropout > 0`` raises instead of silently not dropping.
 """
@@ -124,9 +127,11 @@ def _keep_mask(attention_mask: torch.Tensor | None, t_q: int, t_k: int, causal: 
     return keep
 
 
-def softmax_weights(query, key, attention_mask, scaling, causal: bool, softcap: float | None = None) -> torch.Tensor:
+def softmax_weights(query, key, attention_mask, scaling, causal: bool, softcap: float | None = None,
+                    sink_logits: torch.Tensor | None = None) -> torch.Tensor:
     """The softmax kind's probabilities [B, Hq, Tq, Tk] (SDPA's top-left causal, as its op); ``softcap``
-    caps the scores (c·tanh(s / c)) before the mask, as Gemma-2 does."""
+    caps the scores (c·tanh(s / c)) before the mask, as Gemma-2 does; ``sink_logits`` ([Hq], gpt-oss) join each
+    row as one more column, dropped after the softmax."""
     key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = (query.float() @ key.float().transpose(-1, -2)) * scale
@@ -142,6 +147,9 @@ def softmax_weights(query, key, attention_mask, scaling, causal: bool, softcap: 
         keep = tri if keep is None else keep & tri
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
+    if sink_logits is not None:
+        column = sink_logits.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        return torch.softmax(torch.cat([scores, column], dim=-1), dim=-1)[..., :-1].to(query.dtype)
     return torch.softmax(scores, dim=-1).nan_to_num(0.0).to(query.dtype)
 
 
@@ -174,6 +182,19 @@ def softmax_forward(module, query, key, value, attention_mask, dropout: float = 
 
     causal = _is_causal(module, query, is_causal, attention_mask)
     cap = _softcap(kwargs)
+    sinks = kwargs.get("s_aux")  # gpt-oss's learned sink logits, one per head
+    if sinks is not None:
+        if cap is not None:
+            raise ValueError("attnrewrite_softmax: this model both soft-caps its scores and adds sink logits (s_aux), "
+                             "which attnrewrite_softmax does not combine")
+        out = ops.sink_softmax_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
+                                         is_causal=causal, scale=scaling, enable_gqa=_gqa(module, query, key),
+                                         sink_logits=sinks)
+        weights = None
+        if weights_requested(kwargs):
+            _refuse_weights_with_dropout("softmax", dropout)
+            weights = softmax_weights(query, key, attention_mask, scaling, causal, sink_logits=sinks)
+        return _finish(out, weights)
     if cap is not None:
         out, weights = _capped_softmax(query, key, value, attention_mask, scaling, causal, cap, dropout)
         if weights_requested(kwargs):
@@ -189,9 +210,21 @@ def softmax_forward(module, query, key, value, attention_mask, dropout: float = 
     return _finish(out, weights)
 
 
+def _refuse_sinks(kind: str, kwargs: dict) -> None:
+    """gpt-oss passes its learned sink logits as ``s_aux``: a kind other than softmax has no form for them, and
+    dropping them would change the model silently."""
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"attnrewrite_{kind}: this model adds learned sink logits to its attention (s_aux, "
+                         f"gpt-oss's attention sinks), which {kind} attention does not honour; use "
+                         f"attnrewrite_softmax, or rewrite the model with attnrewrite (to={kind!r}), whose report "
+                         "says what the kind does with them")
+
+
 def sigmoid_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, is_causal=None,
                     **kwargs: Any):
     from attnrewrite import ops
+
+    _refuse_sinks("sigmoid", kwargs)
 
     causal = _is_causal(module, query, is_causal, attention_mask)
     if not causal and _module_causal(module, is_causal) and 1 < query.shape[2] == key.shape[2]:
@@ -212,6 +245,7 @@ def linear_forward(module, query, key, value, attention_mask, dropout: float = 0
                    is_causal=None, **kwargs: Any):
     from attnrewrite.ops import linear_attention
 
+    _refuse_sinks("linear", kwargs)
     if dropout > 0:
         raise ValueError(f"attnrewrite_linear: attention dropout (p={dropout:g}) cannot be honoured: linear attention "
                          "has no attention probabilities to drop. Set the config's attention dropout "
@@ -237,6 +271,7 @@ def sliding_window_forward(module, query, key, value, attention_mask, dropout: f
     which is also how it reads the keys :class:`attnrewrite.SlidingCache` keeps."""
     from attnrewrite.ops import sliding_window_attention
 
+    _refuse_sinks("sliding_window", kwargs)
     config = getattr(module, "config", None)
     window = getattr(config, "sliding_window", None)
     if not isinstance(window, int) or window < 1:
@@ -263,6 +298,7 @@ def _refuse_outside_causal_inference(kind: str, module, dropout: float, is_causa
                          "config's attention_dropout to 0, or call model.eval()")
     if weights_requested(kwargs):
         raise ValueError(f"attnrewrite_{kind} does not return attention weights (output_attentions=True)")
+    _refuse_sinks(kind, kwargs)
     if not _module_causal(module, is_causal):
         raise ValueError(f"attnrewrite_{kind} is causal self-attention only; this module is not causal")
     if kwargs.get("position_bias") is not None:  # T5's relative bias: dropping it would change the model silently

@@ -259,6 +259,9 @@ class AttentionCall:
     #: by distance j − i + Tq − 1 (differentiable) and ``position="relative"``; None otherwise
     position_slopes: Any = None
     position: str | None = None
+    #: learned sink logits, [1, Hq or 1, 1, 1] (``AttentionSpec.sink_logits``): one more key per query head with
+    #: the score ``sink_logits[h]`` (not scaled, not masked, no score modification) and the value 0; None without
+    sink_logits: Any = None
 
     def scaled_q(self) -> Any:
         return self.q if self.q_factor is None else self.q * self.q_factor
@@ -339,6 +342,7 @@ def attention_call(spec: AttentionSpec, lookup: Lookup, dtype: torch.dtype, drop
         bool_mask=bool_mask,
         position_slopes=slopes,
         position=form,
+        sink_logits=None if spec.sink_logits is None else ref_value(spec.sink_logits, lookup),
     )
 
 

@@ -161,7 +161,7 @@ class ScoreMod:
 
 @dataclass(frozen=True)
 class AttentionSpec:
-    """What one attention site computes: out = softmax(mod(scale · q kᵀ) + bias [+ causal]) · v.
+    """What one attention site computes: out = softmax(mod(scale · q kᵀ) + bias [+ causal] [, sinks]) · v.
 
     Fields:
         q, k, v: [B, Hq, Tq, D], [B, Hkv, Tk, D], [B, Hkv, Tk, Dv] after their view steps.
@@ -178,6 +178,11 @@ class AttentionSpec:
             terms and the normalisation (soft-capping), or None.
         weights_escape: the probabilities are also used outside the site (returned weights).
         softmax_dtype: dtype the normalisation ran in (float32 for upcasting models), or None.
+        sink_logits: learned sink logits (gpt-oss's attention sinks), or None: one extra key per head whose
+            score is ``sink_logits[h]`` and whose value is 0, so it only adds exp(sink_logits[h]) to each row's
+            softmax denominator.  After its steps it is broadcastable to [1, Hq, 1, 1] (one logit per head, or
+            one for all); the matcher proves it from the graph (``cat([scores, sink], -1)``, softmax, the sink
+            column sliced off: :mod:`attnrewrite.patterns.sinks`) and the certifier compares the site with it.
         module_path: qualified name of the module that owns the site.
         pattern: the family that matched (``eager_matmul``, ``sdpa``, ``multihead`` ...).
     """
@@ -195,6 +200,7 @@ class AttentionSpec:
     score_mod: ScoreMod | None = None
     weights_escape: bool = False
     softmax_dtype: torch.dtype | None = None
+    sink_logits: TensorRef | None = None
     module_path: str = ""
     pattern: str = ""
 
@@ -221,6 +227,7 @@ class AttentionSpec:
             "score_mod": self.score_mod.describe() if self.score_mod is not None else None,
             "weights_escape": self.weights_escape,
             "softmax_dtype": str(self.softmax_dtype).replace("torch.", "") if self.softmax_dtype else None,
+            "sink_logits": self.sink_logits is not None,
         }
 
 

@@ -48,7 +48,8 @@ def masked_scores(call: AttentionCall) -> Any:
 
 
 def written_out(call: AttentionCall, normalise: Callable[[Any], Any] | None = None) -> Any:
-    """The attention of ``call`` as plain ops: ``normalise(masked_scores) · v``, [B, Hq, Tq, Dv].
+    """The attention of ``call`` as plain ops: ``normalise(masked_scores) · v``, [B, Hq, Tq, Dv].  With sink logits
+    a column of them joins the scores before ``normalise`` and is dropped after it (a key of value 0).
 
     ``normalise`` defaults to softmax over the keys, computed in float32 for half-precision inputs;
     rows in which every key is masked give zeros, as SDPA does.  Dropout is applied to the
@@ -56,11 +57,15 @@ def written_out(call: AttentionCall, normalise: Callable[[Any], Any] | None = No
     """
     dtype = call.dtype if call.dtype is not None else call.q.dtype
     scores = masked_scores(call)
+    if call.sink_logits is not None:  # gpt-oss's own form: the sink column joins the scores, then is dropped
+        scores = torch.cat([scores, call.sink_logits.to(scores.dtype).expand_as(scores[..., :1])], dim=-1)
     if normalise is None:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32 if dtype in _LOW_PRECISION else dtype)
         probs = probs.masked_fill(scores.isneginf().all(dim=-1, keepdim=True), 0.0).to(dtype)
     else:
         probs = normalise(scores)
+    if call.sink_logits is not None:
+        probs = probs[..., :-1]
     if not isinstance(call.dropout_p, (int, float)) or call.dropout_p > 0.0:  # symbolic: the graph decides
         probs = F.dropout(probs, p=call.dropout_p)
     v = call.v if call.kv_groups == 1 else call.v.repeat_interleave(call.kv_groups, dim=-3)

@@ -6,6 +6,7 @@ cannot honour a mask that varies across queries, an additive bias, dropout on pr
 a score modification): such sites are skipped with the reason.  An additive bias computed from a
 [B, Tk] input whose values are 0 or <= MASKED_SCORE = -9000 (BERT's ``(1 - m)·min``; -1e4 in any dtype)
 is key padding: the pass hands it over as a ``padding`` term, whose values the rewritten graph checks on every call.
+Learned sink logits (gpt-oss) are dropped, said in the site's notes (``Kind.sink_logits``).
 """
 
 from __future__ import annotations
@@ -127,4 +128,7 @@ KIND = register(Kind(
     weights=weights,
     make_state=make_state,
     # BERT's (1 - m)·min bias is taken as key padding, its values checked on every call (masks.as_key_padding)
+    # learned sink logits (gpt-oss) are a score with no key: no feature map can give them a feature, so they are
+    # dropped (said in the site's notes; a model rewritten to linear attention is retrained anyway)
+    sink_logits="dropped",
 ))

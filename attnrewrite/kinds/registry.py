@@ -61,6 +61,13 @@ class Kind:
             bias, a table indexed by a clamped distance) as ``call.position_slopes`` = R [Hq or 1,
             Tq + Tk − 1] with ``call.position == "relative"``, instead of a [Tq, Tk] ``attn_mask``
             (:func:`attnrewrite.patterns.relative.as_relative_bias`); needs ``position_bias``.
+        sink_logits: what the kind does with a site's learned sink logits (gpt-oss's attention sinks: one more key
+            per head whose score is a learned ``sink[h]`` and whose value is 0, ``call.sink_logits``): ``"exact"`` —
+            ``emit`` honours them (softmax: they add exp(sink[h]) to each row's denominator); ``"dropped"`` — the
+            kind runs the site without them, said in the site's notes: its rows have no softmax denominator for
+            a zero-value key to add to (sigmoid: sigmoid(sink)·0 adds nothing; linear: a logit has no key for a
+            feature map, and nothing a feature map computes can carry one), so a model rewritten to it is retrained
+            anyway; None (the safe default) — sites with sink logits are skipped, with the reason.
         expected_skips: data for the tests generated from the registry (``tests/kinds``): the
             reference targets (:mod:`attnrewrite.testing.targets`) whose attention this kind cannot
             honour, target name -> a fragment of the skip reason.  A target not listed must be
@@ -80,6 +87,7 @@ class Kind:
     position_bias: bool = False
     shift_invariant: bool = False
     relative_bias: bool = False
+    sink_logits: str | None = None
     expected_skips: dict[str, str] = field(default_factory=dict)
     example_options: dict[str, Any] = field(default_factory=dict)
 

@@ -11,7 +11,8 @@ A bias proven to be a per-head linear function of the positions (ALiBi, slope_h 
 slope_h · |j − i|) is computed inside the op from the slopes (``position_slopes``), not passed as a
 [B, H, Tq, Tk] mask; a bias proven to be R[h, j − i] (T5's bucketed relative bias, a table by clamped
 distance) reaches it as the table R [Hq, Tq + Tk − 1] (``position="relative"``), recomputed from the
-model's own nodes, so the model's embedding still gets its gradient.
+model's own nodes, so the model's embedding still gets its gradient.  Learned sink logits (gpt-oss) are
+dropped, said in the site's notes: a sink is a key of value 0, which adds nothing to a sigmoid row.
 """
 
 from __future__ import annotations
@@ -122,4 +123,5 @@ KIND = register(Kind(
     score_mod=True,  # applies call.score_program when the modification has one (supports says why not)
     position_bias=True,  # computes ALiBi (call.position_slopes) in its kernels instead of reading a mask
     relative_bias=True,  # reads a relative bias R[h, j − i] (T5) by distance (position="relative")
+    sink_logits="dropped",  # a zero-value key adds sigmoid(sink)·0 = 0 to a row: there is no denominator to share
 ))

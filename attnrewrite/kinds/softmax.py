@@ -18,10 +18,14 @@ from attnrewrite.kinds.registry import Kind, register
 
 
 def exact_attention(call: AttentionCall) -> Any:
-    """The exact (softmax) attention of ``call``: the ``attnrewrite::softmax_attention`` op, or the
-    written-out form when the site has a score modification the op's signature cannot carry."""
+    """The exact (softmax) attention of ``call``: the ``attnrewrite::softmax_attention`` op (``sink_softmax_attention``
+    for a site with sink logits), or the written-out form when the site has a score modification the op's
+    signature cannot carry."""
     if call.score_mod is not None:
         return written_out(call)
+    if call.sink_logits is not None:  # gpt-oss's learned sinks: one zero-value key per head, exact
+        return torch.ops.attnrewrite.sink_softmax_attention(call.scaled_q(), call.k, call.v, **call.kwargs(),
+                                                            sink_logits=call.sink_logits)
     return torch.ops.attnrewrite.softmax_attention(call.scaled_q(), call.k, call.v, **call.kwargs())
 
 
@@ -37,4 +41,5 @@ register(Kind(
     weights="original",
     score_mod=True,
     shift_invariant=True,  # softmax itself: certified on its output, which a per-query constant does not change
+    sink_logits="exact",  # gpt-oss's learned sinks: one zero-value key per head (sink_softmax_attention)
 ))

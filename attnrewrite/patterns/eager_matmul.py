@@ -49,6 +49,7 @@ from attnrewrite.ir.spec import (
     Site,
     TensorRef,
 )
+from attnrewrite.patterns import sinks
 from attnrewrite.patterns.grouped_kv import see_through_repeat
 from attnrewrite.patterns.layout import (
     broadcast_over_batch,
@@ -787,6 +788,27 @@ def _merged_lead_steps(term: MaskTerm, shape: tuple, score_lead: tuple[int, ...]
                        f"of rank-{len(score_lead) + 2} scores")
 
 
+def _sink_column(logits: object) -> sinks.SinkColumn | None:
+    """The column of sink logits concatenated to the scores at the softmax's input (:mod:`.sinks`), or None."""
+    try:
+        return sinks.split(logits, lambda part: _path_up(part, _SEARCH_DEPTH) is not None)
+    except NotAttention as exc:
+        raise NotAttention(f"{NOT_READ}: {exc}") from None
+
+
+def _down_past_the_sink(anchor: fx.Node, column: sinks.SinkColumn) -> tuple[list[fx.Node], fx.Node]:
+    """:func:`_path_down` for a softmax with a sink column: through the slice that drops it (the second value)
+    to the value product."""
+    try:
+        chain = sinks.sliced_off(anchor, column)
+        rest = _path_down(chain[-1], _SEARCH_DEPTH)
+    except NotAttention as exc:
+        raise NotAttention(f"{NOT_READ}: {exc}") from None
+    if rest is None:
+        raise NotAttention(f"{NOT_READ}: the probabilities without the sink column never meet the values in a product")
+    return [anchor] + chain + rest[1:], chain[-1]
+
+
 def _checked_lead(ref: TensorRef, lead: tuple[int, ...], what: str) -> None:
     if tuple(ref_shape(ref)[:-2]) != tuple(lead):
         raise NotAttention(f"the {what} broadcast over the batch or heads of viewed scores")
@@ -804,7 +826,8 @@ def match(anchor: fx.Node) -> Site:
     if normalize_dim(dim, r) != r - 1:
         raise NotAttention(f"softmax over dim {dim} of a rank-{r} tensor, not the key dim")
 
-    up = _path_up(softmax.args[0], _SEARCH_DEPTH)
+    column = _sink_column(softmax.args[0])
+    up = _path_up(column.scores if column is not None else softmax.args[0], _SEARCH_DEPTH)
     if up is None:
         if _from_graph_input(softmax.args[0], _SEARCH_DEPTH) and _meets_values(anchor):
             raise NotAttention(f"{SPLIT_BY_GRAPH_BREAK}: the scores are a graph input and the probabilities meet a "
@@ -820,13 +843,18 @@ def match(anchor: fx.Node) -> Site:
         state = _interpret(up)
     except NotAttention as exc:
         # scores from a product whose probabilities meet the values: attention, in a form not read here
-        if not str(exc).startswith(NOT_READ) and _path_down(anchor, _SEARCH_DEPTH) is not None:
+        # (a sink column, sliced off after the softmax, is attention's by itself)
+        if not str(exc).startswith(NOT_READ) and (column is not None or _path_down(anchor, _SEARCH_DEPTH) is not None):
             raise NotAttention(f"{NOT_READ}: {exc}") from None
         raise
-    if softmax.kwargs.get("dtype") == torch.float32:
+    if softmax.kwargs.get("dtype") == torch.float32 or column is not None and column.upcast:
         state.softmax_dtype = torch.float32
 
-    down = _path_down(anchor, _SEARCH_DEPTH)
+    probs_sliced = None  # with sink logits: the probabilities without the sink column, what the values meet
+    if column is None:
+        down = _path_down(anchor, _SEARCH_DEPTH)
+    else:
+        down, probs_sliced = _down_past_the_sink(anchor, column)
     if down is None:
         if _reaches_output(anchor, _SEARCH_DEPTH) and _ends_at_a_graph_break(anchor):
             raise NotAttention(f"{SPLIT_BY_GRAPH_BREAK}: the scores are a product and the probabilities leave the "
@@ -910,6 +938,9 @@ def match(anchor: fx.Node) -> Site:
         raise NotAttention(f"v {v_shape} and k {k_shape} do not pair up as attention heads")
     if q_shape[-1] != k_shape[-1] or q_shape[-3] != k_shape[-3] * k_groups:
         raise NotAttention(f"q {q_shape} and k {k_shape} do not pair up as attention heads")
+    if column is not None and sinks.reads_any(column.logits, {q_ref.node, k_ref.node, v_ref.node, *up, *down[:-1]}):
+        raise NotAttention(f"{NOT_READ}: the column concatenated to the scores ({column.logits.name}) reads the "
+                           "queries, keys, values or scores: not a learned sink logit")
     mod = None
     if state.modified:
         mod = ScoreMod(source=state.mod_source, chain=tuple(state.mod_chain), steps=out_steps, back=in_steps)
@@ -926,10 +957,11 @@ def match(anchor: fx.Node) -> Site:
         score_mod=mod,
         weights_escape=escape,
         softmax_dtype=state.softmax_dtype,
+        sink_logits=column.ref() if column is not None else None,
         module_path=owning_module([anchor, pv]),
         pattern="eager_matmul",
     )
     region = region_between({q_ref.node, k_ref.node, v_ref.node}, pv)
     return Site(anchor=anchor, pattern="eager_matmul", module_path=spec.module_path, spec=spec, output=pv,
                 out_steps=out_steps + back_steps + out_layout, region=region, value_checks=state.value_checks,
-                score_rank=score_rank, probs=anchor, probs_steps=out_steps)
+                score_rank=score_rank, probs=anchor if column is None else probs_sliced, probs_steps=out_steps)

@@ -81,6 +81,9 @@ def _spec_nodes(site: Site) -> set[fx.Node]:
         nodes |= {a for n in spec.score_mod.ops() for a in n.all_input_nodes if a not in chain}
         mod_steps = [spec.score_mod.steps, spec.score_mod.back]
     layouts = [spec.q.steps, spec.k.steps, spec.v.steps, site.out_steps] + [t.steps for t in spec.bias]
+    if spec.sink_logits is not None:  # gpt-oss's learned sinks, and the sizes in their steps
+        nodes.add(spec.sink_logits.node)
+        layouts.append(spec.sink_logits.steps)
     for steps in layouts + mod_steps:
         for step in steps:
             fx.node.map_arg(step, nodes.add)
@@ -136,8 +139,13 @@ def fingerprint(site: Site, evaluator: GraphEvaluator) -> tuple:
     body.append(("writes", tuple(w.name for w in _writes_seen(site, evaluator))))
     spec_key = _describe((spec.q.steps, spec.k.steps, spec.v.steps, site.out_steps, spec.scale, spec.q_factors,
                           tuple((t.kind, t.node, t.steps, t.coeff, t.form, t.offset) for t in spec.bias), spec.causal,
-                          spec.kv_groups, _mod_key(spec)), local, external)
+                          spec.kv_groups, _mod_key(spec), _sinks_key(spec)), local, external)
     return tuple(body), shapes, spec_key, local.get(site.output)
+
+
+def _sinks_key(spec) -> tuple:
+    sinks = spec.sink_logits
+    return () if sinks is None else (sinks.node, sinks.steps)
 
 
 def _mod_key(spec) -> tuple:

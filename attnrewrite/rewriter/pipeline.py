@@ -204,6 +204,10 @@ def select(ctx: PassContext) -> None:
             site.skip(f"{kind.name} cannot honour this site: it cannot apply the score modification "
                       f"{site.spec.score_mod.describe()}")
             continue
+        if site.spec.sink_logits is not None and kind.sink_logits not in ("exact", "dropped"):
+            site.skip(f"{kind.name} cannot honour this site: it has no form for learned sink logits (gpt-oss's "
+                      "attention sinks, an extra score column per head); rewrite it to softmax")
+            continue
         if kind.position_bias:  # ALiBi computed in the kind's kernels instead of read as a [Tq, Tk] mask
             positioned, kept = masks.as_position_bias(site, ctx.evaluator)
             site.notes.extend(kept)
@@ -310,6 +314,10 @@ def rewrite(ctx: PassContext) -> None:
             rewrite_site(ctx.gm, site, emit, ctx.fake_mode, weights, positions=kind.position_bias and ctx.tap is None,
                          shift_invariant=kind.shift_invariant)
             site.status, site.kind = "rewritten", ctx.kind.name
+            if site.spec.sink_logits is not None:
+                site.notes.append("learned sink logits: " + (
+                    "exact (one zero-value key per head)" if kind.sink_logits == "exact" else
+                    f"dropped: {kind.name} has no softmax denominator for them to add to (Kind.sink_logits)"))
             if site.spec.weights_escape:
                 site.notes.append("returned attention weights: " + (
                     "the original ones, still computed" if kind.weights == "original" else f"{kind.name}'s own"))

@@ -167,6 +167,10 @@ def _spec_inputs(site: Site) -> set[fx.Node]:
         for step in steps:
             fx.node.map_arg(step, nodes.add)
     nodes |= {spec.dropout_node} if spec.dropout_node is not None else set()
+    if spec.sink_logits is not None:  # gpt-oss's learned sinks (and sizes in their steps)
+        nodes.add(spec.sink_logits.node)
+        for step in spec.sink_logits.steps:
+            fx.node.map_arg(step, nodes.add)
     for term in spec.bias:  # what a relative bias's replay reads (its table)
         nodes |= term.relative.inputs() if term.relative is not None else set()
     nodes |= {node for t in spec.bias for node, _ in t.offset if node is not None}  # a position term's sizes

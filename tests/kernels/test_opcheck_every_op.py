@@ -154,6 +154,9 @@ LAYOUTS = ("contiguous", "transposed", "expanded")
 #: Each kind's public op (``<kind>_attention``, read from the kind registry, so a new kind needs no edit
 #: here) with the options its tests use on short sequences (``Kind.example_options``).
 PUBLIC = {f"{name}_attention": dict(kinds.get(name).example_options) for name in kinds.names()}
+#: ... and the exact kind's form with learned sink logits (gpt-oss), one per query head
+PUBLIC["sink_softmax_attention"] = {"sink_logits": torch.randn(H, generator=torch.Generator().manual_seed(2),
+                                                               device=DEVICE)}
 
 
 def _checked_ops() -> list[str]:

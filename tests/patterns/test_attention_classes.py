@@ -298,6 +298,22 @@ def written_out_log_softmax(q, k, v):  # log_softmax(s).exp(), one over the othe
 _x5 = lambda name, shape: tuple(torch.randn(shape, generator=_g(name)) for _ in range(3))  # noqa: E731
 
 
+# --------------------------------------------------------------------------------- (k) sink logits
+
+
+def sink_logits(q, k, v, sinks):  # gpt-oss: a learned logit per head joins the scores, then is dropped
+    s = q @ k.mT * 0.3
+    combined = torch.cat([s, sinks.reshape(1, -1, 1, 1).expand(s.shape[0], -1, s.shape[-2], -1)], dim=-1)
+    combined = combined - combined.max(dim=-1, keepdim=True).values
+    return F.softmax(combined, dim=-1)[..., :-1] @ v
+
+
+def sink_logits_first(q, k, v, keep, sinks):  # the sink column first, sliced off with [..., 1:]; a padding mask
+    s = (q @ k.mT * D ** -0.5).masked_fill(~keep[:, None, None, :], float("-inf"))
+    column = sinks[None, :, None, None].expand(B, H, T, 1)
+    return torch.softmax(torch.cat([column, s], dim=-1), dim=-1)[..., 1:] @ v
+
+
 def _cases() -> dict[str, Case]:
     q, k, v = _qkv("main")
     keep = _keep()
@@ -311,6 +327,7 @@ def _cases() -> dict[str, Case]:
     g5, b5 = _x5("grid", (B, H, 3, 4, D)), _x5("block", (B, 3, 4, H, D))
     bias5 = torch.randn(3, 4, 4, generator=_g("bias5"))
     ones = torch.ones(T, T, dtype=torch.bool).tril()
+    sinks = torch.randn(H, generator=_g("sink logits"))
     with torch.no_grad():
         k_lat, v_lat = latent.heads(x)
     return {
@@ -359,6 +376,13 @@ def _cases() -> dict[str, Case]:
         "i_written_out_logsumexp": Case(written_out_logsumexp, (q, k, v), lambda q, k, v: _sig(q, k, v, None, 0.3)),
         "i_written_out_log_softmax": Case(written_out_log_softmax, (q, k, v), lambda q, k, v: _sig(
             _sig(q, k, v, None, 0.3), k, v, None, 0.2), sites=2),
+        # sigmoid drops the sink logits (a key of value 0 adds nothing to a sigmoid row): the op without them
+        "k_sink_logits": Case(sink_logits, (q, k, v, sinks), lambda q, k, v, s: _sig(q, k, v, None, 0.3),
+                              expect={"sink_logits": True}),
+        "k_sink_logits_first": Case(sink_logits_first, (q, k, v, keep, sinks),
+                                    lambda q, k, v, m, s: _sig(q, k, v, m[:, None, None, :], D ** -0.5),
+                                    expect={"sink_logits": True, "bias": ["keep"]}),
+        "k_sink_logits_dynamic": Case(sink_logits, (q, k, v, sinks), dynamic=True, expect={"sink_logits": True}),
     }
 
 
@@ -692,32 +716,32 @@ def test_a_window_mask_that_widens_the_scores_stays_skipped():
 # --------------------------------------------------------------------------------- attention not read
 
 
-def sink_logits(q, k, v, sinks):  # gpt-oss: a learned logit per head joins the scores, then is dropped
+def two_null_key_columns(q, k, v, nulls):  # two extra score columns (null keys): not one sink logit per head
     s = q @ k.mT * 0.3
-    combined = torch.cat([s, sinks.reshape(1, -1, 1, 1).expand(s.shape[0], -1, s.shape[-2], -1)], dim=-1)
-    combined = combined - combined.max(dim=-1, keepdim=True).values
-    return F.softmax(combined, dim=-1)[..., :-1] @ v
+    combined = torch.cat([s, nulls.reshape(1, -1, 1, 2).expand(s.shape[0], -1, s.shape[-2], -1)], dim=-1)
+    return F.softmax(combined, dim=-1)[..., :-2] @ v
 
 
 def softmax_of_concatenated_features(x, y, v):  # not scores: no product before the concatenation
     return torch.softmax(torch.cat([x, y], dim=-1), dim=-1)[..., :T] @ v
 
 
-def test_attention_with_sink_logits_is_reported_as_left_as_it_was():
-    """A form the matcher does not read must never be silent: a warning names it, strict raises."""
+def test_attention_with_extra_score_columns_is_reported_as_left_as_it_was():
+    """A form the matcher does not read must never be silent: a warning names it, strict raises.  (One column of
+    sink logits per head is read: the k_sink_logits cases above.)"""
     from attnrewrite.rewriter.failures import RewriteFailed, RewriteWarning
 
     q, k, v = _qkv("sinks")
-    sinks = torch.randn(H, generator=_g("sink logits"))
-    compiled, report = _compile(sink_logits, "softmax")
-    with pytest.warns(RewriteWarning, match="sink logits"):
-        got = compiled(q, k, v, sinks)
-    assert torch.equal(got, sink_logits(q, k, v, sinks))
+    nulls = torch.randn(H, 2, generator=_g("null keys"))
+    compiled, report = _compile(two_null_key_columns, "softmax")
+    with pytest.warns(RewriteWarning, match="2 extra score columns"):
+        got = compiled(q, k, v, nulls)
+    assert torch.equal(got, two_null_key_columns(q, k, v, nulls))
     assert [s.attention_left_as_it_was for s in report.sites] == [True], report
     torch._dynamo.reset()
     backend = functools.partial(attnrewrite_backend, options={"to": "sigmoid", "compiler": "eager", "strict": True})
-    with pytest.raises(RewriteFailed, match="sink logits"):
-        torch.compile(sink_logits, backend=backend)(q, k, v, sinks)
+    with pytest.raises(RewriteFailed, match="one column of sink logits"):
+        torch.compile(two_null_key_columns, backend=backend)(q, k, v, nulls)
 
 
 def test_a_softmax_of_concatenated_features_is_no_attention_left_behind():

@@ -60,14 +60,22 @@ def softmax_attention(
     is_causal: bool = False,
     scale: float | None = None,
     enable_gqa: bool = False,
+    sink_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """softmax(scale · q kᵀ + mask) · v, [B, Hq, Tq, Dv], in the inputs' dtype.
 
     Rows in which every key is masked give 0 (as SDPA does), not NaN.
     Dropout is applied to the probabilities with torch's RNG when ``dropout_p > 0``.
+    ``sink_logits`` ([Hq], one per query head): gpt-oss's written-out form, a column of them joins the scores
+    before the softmax and is dropped after it: softmax(cat([s, sink], -1))[..., :-1].
     """
     scores = attention_scores(q, k, attn_mask, is_causal, scale, enable_gqa)
-    probs = torch.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).nan_to_num(0.0).to(q.dtype)
+    wide = torch.promote_types(scores.dtype, torch.float32)
+    if sink_logits is not None:
+        column = sink_logits.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, column], dim=-1).to(wide), dim=-1)[..., :-1].to(q.dtype)
+    else:
+        probs = torch.softmax(scores.to(wide), dim=-1).nan_to_num(0.0).to(q.dtype)
     if dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p)
     v = expand_kv_heads(v, q.shape[-3] // v.shape[-3])
