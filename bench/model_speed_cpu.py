@@ -255,8 +255,9 @@ def roofline(work: Workload, variants: list[Variant], modes: list[str], clock: C
             flops = rl.attention_flops(shape, form, mode)
             seconds = rl.attention_seconds(flops, rates)
             row.bound[mode] = statistics.median(floor.times[mode]) + seconds
-            row.note[mode] = (f"{sum(flops.values()) / 1e9:.3g} GFLOP of {form} attention ≥ {seconds * 1e3:.1f} ms at "
-                              f"{sum(flops.values()) / seconds / 1e9:.0f} GFLOP/s")
+            total = sum(flops.values())
+            row.note[mode] = (f"{total / 1e9:.3g} GFLOP of {form} attention ≥ {seconds * 1e3:.1f} ms at "
+                              f"{total / seconds / 1e9:.0f} GFLOP/s")
         rows.append(row)
     best_rest = max(rate for _, rate in rates["rest"])
     for mode in modes:

@@ -188,8 +188,8 @@ def main(argv: list[str] | None = None) -> None:
             rest = llama_rest_flops(length, layers=4, mode=mode, **llama)
             for form in FORMS:
                 flops = attention_flops(shape, form, mode)
-                print(f"  {mode} {form}: {sum(flops.values()) / 1e9:.3f} GFLOP, ≥ {attention_seconds(flops, rates):.3f} s"
-                      f"; the rest of the model {rest / 1e9:.2f} GFLOP")
+                print(f"  {mode} {form}: {sum(flops.values()) / 1e9:.3f} GFLOP, "
+                      f"≥ {attention_seconds(flops, rates):.3f} s; the rest of the model {rest / 1e9:.2f} GFLOP")
         sys.stdout.flush()
 
 
