@@ -86,7 +86,9 @@ def build_llama(length: int):
                          attn_implementation="eager")
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
-    sizes = dict(hidden=256, q_heads=8, kv_heads=4, head_dim=32, mlp=688, vocab=config.vocab_size)
+    sizes = dict(hidden=config.hidden_size, q_heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+                 head_dim=config.hidden_size // config.num_attention_heads, mlp=config.intermediate_size,
+                 vocab=config.vocab_size)
     return Workload("llama", length, model, {"input_ids": ids}, 1, 8, 4, sizes)
 
 
@@ -145,7 +147,7 @@ class Variant:
     times: dict = field(default_factory=lambda: {m: [] for m in MODES})
     skipped: dict = field(default_factory=dict)  # mode -> reason
     bound: dict = field(default_factory=dict)  # roofline rows only: mode -> seconds (floor + attention at sgemm rate)
-    note: dict = field(default_factory=dict)  # roofline rows only: mode -> what the bound counts
+    note: dict = field(default_factory=dict)  # --baselines roofline: mode -> what a bound counts, the floor's rate
 
 
 def without_attention(module):
