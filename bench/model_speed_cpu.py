@@ -11,8 +11,12 @@ Models (``--models``, each built from a config, random weights, no download):
 
 Variants: ``eager`` (the model as written), ``inductor`` (``torch.compile(model)``), on request ``floor`` (an HF
 model whose attention returns its values, compiled by inductor: no attention work, so ``inductor / floor`` is
-the most "× inductor" any kind can reach on the machine) and, for each kind that
-applies to the model (``--kinds``; a kind applies unless the registry lists the model among its
+the most "× inductor" any kind can reach on the machine), with ``floor`` on request ``roofline`` (not timed:
+rows ``bound: floor + exact attention`` and ``bound: floor + linear attention``, the floor's median plus that
+attention's matrix-product FLOPs at the best one-thread sgemm rate measured in the same run at the
+attention's own shapes — the least time any kernel of that attention could give the model here, so the
+highest "× inductor" it could reach; ``bench/roofline.py`` says what is counted; Llama only) and, for each
+kind that applies to the model (``--kinds``; a kind applies unless the registry lists the model among its
 ``expected_skips``), ``torch.compile(model, backend="attnrewrite", options={"to": kind, "strict": True})`` —
 the rewritten graph compiled by inductor, every site rewritten, the kind's default options.
 
@@ -48,7 +52,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BASELINES = ("eager", "inductor", "floor")
+BASELINES = ("eager", "inductor", "floor", "roofline")
 MODES = ("infer", "train")
 # the registry's name of a model like each benchmarked one (for Kind.expected_skips)
 REGISTRY_NAME = {"llama": "llama", "bert": "bert", "vit": "vit"}
@@ -65,6 +69,7 @@ class Workload:
     batch: int
     heads: int
     layers: int
+    sizes: dict | None = None  # the HF Llama's widths, for the roofline (bench/roofline.py)
 
     def dense_gib(self, mode: str) -> float:
         """GiB of float32 [B, H, T, T] matrices dense attention holds at once (train: every layer's, ~3 each)."""
@@ -81,7 +86,10 @@ def build_llama(length: int):
                          attn_implementation="eager")
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(0, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
-    return Workload("llama", length, model, {"input_ids": ids}, 1, 8, 4)
+    sizes = dict(hidden=config.hidden_size, q_heads=config.num_attention_heads, kv_heads=config.num_key_value_heads,
+                 head_dim=config.hidden_size // config.num_attention_heads, mlp=config.intermediate_size,
+                 vocab=config.vocab_size)
+    return Workload("llama", length, model, {"input_ids": ids}, 1, 8, 4, sizes)
 
 
 def build_bert(length: int):
@@ -138,6 +146,8 @@ class Variant:
     first_call: dict = field(default_factory=dict)  # mode -> seconds (compile + one run)
     times: dict = field(default_factory=lambda: {m: [] for m in MODES})
     skipped: dict = field(default_factory=dict)  # mode -> reason
+    bound: dict = field(default_factory=dict)  # roofline rows only: mode -> seconds (floor + attention at sgemm rate)
+    note: dict = field(default_factory=dict)  # --baselines roofline: mode -> what a bound counts, the floor's rate
 
 
 def without_attention(module):
@@ -219,9 +229,53 @@ def bench_workload(work: Workload, kinds: list[str], modes: list[str], baselines
     return variants
 
 
+def roofline(work: Workload, variants: list[Variant], modes: list[str], clock: Callable[[], float]) -> list[Variant]:
+    """Rows of bounds (no timings): per attention form (exact, linear) the floor's median plus the form's
+    matrix-product FLOPs at the best one-thread sgemm rate measured now at the attention's shapes — the
+    least time any kernel of that form could give the model here (``bench/roofline.py`` says what is
+    counted).  Also prints the rates and how close the floor itself is to its projections' roofline."""
+    from bench import roofline as rl
+
+    floor = next((v for v in variants if v.name == "floor"), None)
+    if work.sizes is None or floor is None:
+        why = "no floor row in this run" if floor is None else "its widths are not known here (the Llama only)"
+        print(f"  {work.model_name}: no roofline rows ({why})", file=sys.stderr)
+        return []
+    sizes = work.sizes
+    shape = rl.AttentionShape(work.length, sizes["q_heads"], sizes["kv_heads"], sizes["head_dim"], work.layers,
+                              work.batch, causal=True)
+    rates = rl.measure_rates(work.length, sizes["head_dim"], rl.llama_rest_shapes(work.length, **sizes), clock)
+    print(f"  {work.model_name} T={work.length}: one-thread sgemm GFLOP/s, best of 5: " + "; ".join(
+        f"{label} {rate / 1e9:.1f}" for cls in ("qk", "pv", "rest") for label, rate in rates[cls]),
+        file=sys.stderr, flush=True)
+    rows = []
+    for form in rl.FORMS:
+        row = Variant(f"bound: floor + {form} attention", None, None)
+        for mode in modes:
+            if not floor.times[mode]:
+                continue
+            flops = rl.attention_flops(shape, form, mode)
+            seconds = rl.attention_seconds(flops, rates)
+            row.bound[mode] = statistics.median(floor.times[mode]) + seconds
+            total = sum(flops.values())
+            row.note[mode] = (f"{total / 1e9:.3g} GFLOP of {form} attention ≥ {seconds * 1e3:.1f} ms at "
+                              f"{total / seconds / 1e9:.0f} GFLOP/s")
+        rows.append(row)
+    best_rest = max(rate for _, rate in rates["rest"])
+    for mode in modes:
+        if floor.times[mode]:
+            rest = rl.llama_rest_flops(work.length, layers=work.layers, batch=work.batch, mode=mode, **sizes)
+            floor.note[mode] = (f"{rest / 1e9:.3g} GFLOP of projections, MLP and head: ≥ {_fmt(rest / best_rest)} "
+                                f"at their best sgemm rate {best_rest / 1e9:.0f} GFLOP/s; measured "
+                                f"{rest / statistics.median(floor.times[mode]) / 1e9:.0f} GFLOP/s")
+    return rows
+
+
 def table(work: Workload, variants: list[Variant], modes: list[str]) -> list[str]:
-    """Markdown rows: per variant and mode the median, × inductor, × exact; first calls at the end."""
+    """Markdown rows: per variant and mode the median, × inductor, × exact; first calls at the end; then the
+    roofline rows' notes (what they count)."""
     medians = {(v.name, m): statistics.median(v.times[m]) for v in variants for m in modes if v.times[m]}
+    medians.update({(v.name, m): t for v in variants for m, t in v.bound.items()})
     header = "| variant | " + " | ".join(f"{m} | × inductor | × exact" for m in modes) + " | first call (" + \
              ", ".join(modes) + ") |"
     lines = [f"**{work.model_name}**, T = {work.length}, batch {work.batch}", "", header,
@@ -237,7 +291,8 @@ def table(work: Workload, variants: list[Variant], modes: list[str]) -> list[str
             cells += [_fmt(t), f"{ind / t:.2f}×" if ind else "", f"{exact / t:.2f}×" if exact else ""]
         first = ", ".join(f"{v.first_call[m]:.1f} s" if m in v.first_call else "–" for m in modes)
         lines.append(f"| {v.name} | " + " | ".join(cells) + f" | {first} |")
-    return lines
+    notes = [f"- {v.name}, {m}: {v.note[m]}" for v in variants for m in modes if m in v.note]
+    return lines + ([""] + notes if notes else [])
 
 
 def _fmt(seconds: float) -> str:
@@ -298,8 +353,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--vit-image", type=int, default=256, help="ViT image side in pixels (8x8 patches)")
     parser.add_argument("--kinds", default=None, help="comma-separated kinds (default: every kind that applies)")
     parser.add_argument("--baselines", default="eager,inductor",
-                        help="comma-separated subset of eager,inductor,floor (floor: HF models with attention "
-                             "replaced by 'return the values', compiled by inductor: the bound on every kind)")
+                        help="comma-separated subset of eager,inductor,floor,roofline (floor: HF models with "
+                             "attention replaced by 'return the values', compiled by inductor: the bound on every "
+                             "kind; roofline, with floor: the floor plus exact / linear attention's FLOPs at this "
+                             "machine's sgemm rate, the bound on any kernel of each)")
     parser.add_argument("--modes", default="infer,train", help="comma-separated subset of infer,train")
     parser.add_argument("--compiler", default="inductor", choices=("inductor", "aot_eager", "eager"),
                         help="what compiles the rewritten graphs (default inductor; eager for a quick check)")
@@ -320,6 +377,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     baselines = [b for b in args.baselines.split(",") if b]
     if any(b not in BASELINES for b in baselines):
         parser.error(f"--baselines takes {BASELINES}, got {args.baselines!r}")
+    if "roofline" in baselines and "floor" not in baselines:
+        parser.error("--baselines roofline needs floor too: the bound is the floor's time plus the attention's")
     wanted = args.kinds.split(",") if args.kinds else None
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
@@ -346,11 +405,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             kinds = kinds_for(work.model_name, wanted)
             variants = bench_workload(work, kinds, modes, baselines, args.repeats, clock, args.dense_gib,
                                       args.compiler)
+            if "roofline" in baselines:
+                variants += roofline(work, variants, modes, clock)
             print("\n".join(table(work, variants, modes)) + "\n", flush=True)
             for v in variants:
                 for m in modes:
                     results.append({"model": work.model_name, "length": work.length, "variant": v.name, "mode": m,
-                                    "median_s": statistics.median(v.times[m]) if v.times[m] else None,
+                                    "median_s": statistics.median(v.times[m]) if v.times[m] else v.bound.get(m),
+                                    "note": v.note.get(m),
                                     "times_s": v.times[m], "first_call_s": v.first_call.get(m),
                                     "skipped": v.skipped.get(m)})
             torch._dynamo.reset()
