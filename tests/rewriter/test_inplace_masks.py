@@ -56,6 +56,10 @@ class Site(nn.Module):
             return torch.softmax(s + mask, dim=-1) @ v
         return torch.sigmoid(s + mask + self.sigmoid_bias) @ v
 
+    def normalise(self, s):
+        """The attention weights of scores already masked (for sites that mask their scores themselves)."""
+        return torch.softmax(s, dim=-1) if self.attention == "softmax" else torch.sigmoid(s + self.sigmoid_bias)
+
     def forward(self, x, lengths):
         q, k, v = self.heads(x)
         s = q @ k.transpose(-2, -1) / math.sqrt(D)
@@ -198,6 +202,73 @@ class MaskWrittenAfterTheSite(Site):
         return out + m[0, 0] + v[0, 0, 0, 0]
 
 
+class ScoresMaskedFillInPlace(Site):
+    """``s.masked_fill_(...)`` whose result is dropped: softmax reads ``s``, which the fill wrote (made out
+    of place before matching, rewriter/functionalise.py)."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        s.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1), NEG)
+        return self.normalise(s) @ v
+
+
+class ScoresReassignedFromTheFill(Site):
+    """``s = s.masked_fill_(...)``: the write's own result is what the softmax reads."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1)
+        s = s.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1), NEG)
+        return self.normalise(s / math.sqrt(D)) @ v
+
+
+class ScoresWrittenInPlace(Site):
+    """Several elementwise writes into the scores, one after another: ``div_``, ``mul_``, ``*=``, ``/=``,
+    ``sub_``, ``-=``, ``+=`` of a padding mask, ``add_`` of a causal one and a ``masked_fill_``."""
+
+    def mask(self, x, lengths):
+        return torch.zeros(x.shape[0], 1, 1, T).masked_fill(torch.arange(T) >= lengths[:, None, None, None], NEG)
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1)
+        s.div_(math.sqrt(D))
+        s.mul_(2.0)
+        s *= 0.5
+        s /= 1.0
+        s.sub_(0.0)
+        s -= 0.0
+        s += self.mask(x, lengths)
+        s.add_(torch.zeros(T, T).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), NEG))
+        s.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(2), NEG)
+        return self.normalise(s) @ v
+
+
+class ScoresReadBeforeTheirWrite(Site):
+    """The scores are read by another op between their product and the write: that read keeps the
+    values before the write (a reader placed before a write is never moved after it)."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        before = s.mean(-1, keepdim=True)  # [B, H, T, 1], finite only before the fill
+        s.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1), NEG)
+        return self.normalise(s) @ v + before
+
+
+class ScoresWrittenAfterTheSoftmax(Site):
+    """The softmax reads the scores before a write into them: it must keep the unwritten scores (the
+    write is not moved earlier); the written scores are read afterwards."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        p = self.normalise(s)
+        s.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1), -1e4)
+        return p @ v + s.clamp(min=-1.0).mean(-1, keepdim=True)
+
+
 # --------------------------------------------------------------------------- left alone, with the reason
 
 
@@ -215,8 +286,9 @@ class MaskWrittenAfterItsRead(Site):
         return torch.softmax(s, dim=-1) @ v + m[0, 0].clamp(min=0)
 
 
-class ScoresWrittenInPlace(Site):
-    """The scores themselves are written by an assignment the matcher does not read as a mask."""
+class ScoresWrittenThroughASlice(Site):
+    """The scores themselves are written by an assignment into a slice of them (``setitem``), which is
+    not one of the elementwise writes made out of place (rewriter/functionalise.py)."""
 
     expect = "is written in place by"
 
@@ -227,17 +299,31 @@ class ScoresWrittenInPlace(Site):
         return torch.softmax(s, dim=-1) @ v
 
 
-class ScoresMaskedFillInPlace(Site):
-    """``s.masked_fill_(...)`` whose result is dropped: softmax reads ``s``, which the fill wrote."""
+class ScoresFilledThroughAView(Site):
+    """``masked_fill_`` on a view of the scores: the write reaches ``s`` through the view, so it is not
+    made out of place (that would leave the view's write behind)."""
 
     expect = "is written in place by"
 
     def forward(self, x, lengths):
         q, k, v = self.heads(x)
         s = q @ k.transpose(-2, -1) / math.sqrt(D)
-        s.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1), NEG)
+        s.view(B, H, T * T).masked_fill_(torch.ones(T * T, dtype=torch.bool).view(T, T).triu(1).view(-1), NEG)
         return torch.softmax(s, dim=-1) @ v
 
+
+class ScoresViewedAndFilled(Site):
+    """``s.masked_fill_`` while a view of ``s`` exists (and is read after the write): the view sees the
+    write, so the write stays as it is."""
+
+    expect = "is written in place by"
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        flat = s.view(B, H, T * T)
+        s.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1), NEG)
+        return torch.softmax(s, dim=-1) @ v + flat.clamp(min=-1.0).sum(-1, keepdim=True)[..., None].expand(B, H, T, D)
 
 class ValuesWrittenInside(Site):
     """v changes between the score product and the value product."""
@@ -252,8 +338,11 @@ class ValuesWrittenInside(Site):
 
 
 REWRITTEN = [SliceOfZeros, MaskedFillInPlace, LoopOverFull, BoolItemAssignment, SlidingWindowByLoop, IndexPut,
-             CopyIntoSlice, FillThroughViews, AddedParameter, PaddingFromLengths, ShiftedWindow, MaskWrittenAfterTheSite]
-LEFT_ALONE = [MaskWrittenAfterItsRead, ScoresWrittenInPlace, ScoresMaskedFillInPlace, ValuesWrittenInside]
+             CopyIntoSlice, FillThroughViews, AddedParameter, PaddingFromLengths, ShiftedWindow, MaskWrittenAfterTheSite,
+             ScoresMaskedFillInPlace, ScoresReassignedFromTheFill, ScoresWrittenInPlace, ScoresReadBeforeTheirWrite,
+             ScoresWrittenAfterTheSoftmax]
+LEFT_ALONE = [MaskWrittenAfterItsRead, ScoresWrittenThroughASlice, ScoresFilledThroughAView, ScoresViewedAndFilled,
+              ValuesWrittenInside]
 
 
 def inputs(model: Site, name: str):
@@ -309,7 +398,8 @@ def test_a_mask_written_in_place_is_not_dropped():
 
 
 @pytest.mark.parametrize("cls", [SliceOfZeros, LoopOverFull, BoolItemAssignment, IndexPut, FillThroughViews,
-                                 PaddingFromLengths], ids=lambda c: c.__name__)
+                                 PaddingFromLengths, ScoresMaskedFillInPlace, ScoresWrittenInPlace,
+                                 ScoresReadBeforeTheirWrite], ids=lambda c: c.__name__)
 def test_sigmoid_rewrite_equals_a_hand_written_sigmoid_model(cls):
     """The softmax model rewritten to sigmoid (fixed bias) equals the same model written by hand with
     sigmoid attention over the same in-place mask: outputs and parameter gradients."""
