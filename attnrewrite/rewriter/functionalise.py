@@ -153,9 +153,8 @@ def _functionalise(gm: fx.GraphModule, target: fx.Node, chain: list[fx.Node], wr
         members.add(new)  # the readers after the next write may read this one now
         current = new
     # the target's example counted the writes in its version; it is now a tensor no one writes
-    for key in ("example_value", "val"):
-        if key in target.meta:
-            target.meta[key] = _fresh(target.meta[key])
+    target.meta = {k: _fresh(v) if k in ("example_value", "val") and _fake_tensor(v) is not None else v
+                   for k, v in target.meta.items()}
     return True
 
 
