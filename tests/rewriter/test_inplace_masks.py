@@ -467,3 +467,28 @@ def test_a_kv_cache_written_before_the_site_is_rewritten():
             assert_close_rel(compiled(x, pos), reference(x, pos), 1e-5, f"step {step}")
     (site,) = report.attention_sites()
     assert site.status == "rewritten", site.reason
+
+
+def test_scores_filled_in_place_under_dynamic_shapes():
+    """``dynamic=True``: the scores' sizes are symbols, the causal fill is built from them; the write is
+    made out of place (its shape proven equal without a guard), the site rewritten, and other
+    sequence lengths reuse the one compiled graph."""
+
+    class Dynamic(Site):
+        def forward(self, x, lengths):
+            q, k, v = self.heads(x)
+            s = q @ k.transpose(-2, -1) / math.sqrt(D)
+            s.masked_fill_(torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).triu(1), NEG)
+            return torch.softmax(s, dim=-1) @ v
+
+    model = build(Dynamic)
+    report = Report(to="softmax")
+    compiled = compile_rewritten(model, report, dynamic=True, to="softmax")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for tokens in (T, T + 3, T - 2):
+            x = torch.randn(B, tokens, C, generator=_seed(f"dynamic{tokens}"))
+            assert_close_rel(compiled(x, None), model(x, None), 1e-5, f"{tokens} tokens")
+    assert report.graphs == 1, report
+    (site,) = report.attention_sites()
+    assert site.status == "rewritten", site.reason
