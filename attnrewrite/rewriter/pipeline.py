@@ -97,7 +97,8 @@ def _matched(ctx: PassContext) -> list[Site]:
 def functionalise(ctx: PassContext) -> None:
     done = functionalise_writes(ctx.gm)
     if done:
-        log.debug("attnrewrite: %d in-place write(s) made out of place%s", done, f" in {ctx.inside}" if ctx.inside else "")
+        log.debug("attnrewrite: %d in-place write(s) made out of place%s", done,
+                  f" in {ctx.inside}" if ctx.inside else "")
 
 
 def unfuse(ctx: PassContext) -> None:

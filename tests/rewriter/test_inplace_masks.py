@@ -223,7 +223,7 @@ class ScoresReassignedFromTheFill(Site):
         return self.normalise(s / math.sqrt(D)) @ v
 
 
-class ScoresWrittenInPlace(Site):
+class ScoresWrittenElementwise(Site):
     """Several elementwise writes into the scores, one after another: ``div_``, ``mul_``, ``*=``, ``/=``,
     ``sub_``, ``-=``, ``+=`` of a padding mask, ``add_`` of a causal one and a ``masked_fill_``."""
 
@@ -286,7 +286,7 @@ class MaskWrittenAfterItsRead(Site):
         return torch.softmax(s, dim=-1) @ v + m[0, 0].clamp(min=0)
 
 
-class ScoresWrittenThroughASlice(Site):
+class ScoresWrittenInPlace(Site):
     """The scores themselves are written by an assignment into a slice of them (``setitem``), which is
     not one of the elementwise writes made out of place (rewriter/functionalise.py)."""
 
@@ -339,9 +339,9 @@ class ValuesWrittenInside(Site):
 
 REWRITTEN = [SliceOfZeros, MaskedFillInPlace, LoopOverFull, BoolItemAssignment, SlidingWindowByLoop, IndexPut,
              CopyIntoSlice, FillThroughViews, AddedParameter, PaddingFromLengths, ShiftedWindow, MaskWrittenAfterTheSite,
-             ScoresMaskedFillInPlace, ScoresReassignedFromTheFill, ScoresWrittenInPlace, ScoresReadBeforeTheirWrite,
-             ScoresWrittenAfterTheSoftmax]
-LEFT_ALONE = [MaskWrittenAfterItsRead, ScoresWrittenThroughASlice, ScoresFilledThroughAView, ScoresViewedAndFilled,
+             ScoresMaskedFillInPlace, ScoresReassignedFromTheFill, ScoresWrittenElementwise,
+             ScoresReadBeforeTheirWrite, ScoresWrittenAfterTheSoftmax]
+LEFT_ALONE = [MaskWrittenAfterItsRead, ScoresWrittenInPlace, ScoresFilledThroughAView, ScoresViewedAndFilled,
               ValuesWrittenInside]
 
 
@@ -398,7 +398,7 @@ def test_a_mask_written_in_place_is_not_dropped():
 
 
 @pytest.mark.parametrize("cls", [SliceOfZeros, LoopOverFull, BoolItemAssignment, IndexPut, FillThroughViews,
-                                 PaddingFromLengths, ScoresMaskedFillInPlace, ScoresWrittenInPlace,
+                                 PaddingFromLengths, ScoresMaskedFillInPlace, ScoresWrittenElementwise,
                                  ScoresReadBeforeTheirWrite], ids=lambda c: c.__name__)
 def test_sigmoid_rewrite_equals_a_hand_written_sigmoid_model(cls):
     """The softmax model rewritten to sigmoid (fixed bias) equals the same model written by hand with
