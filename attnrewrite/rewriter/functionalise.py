@@ -21,11 +21,14 @@ graph is left exactly as it was (and the site keeps its reason):
 * the out-of-place form, run on the example values, has the target's shape, dtype and device
   (no broadcast to a larger shape, no type promotion: the in-place op would have kept them);
 * the target ``t`` is a plain op output (not a placeholder, parameter, buffer, attribute or the
-  result of a view), and nothing else in the graph shares its storage: no view or alias of it
-  (``view``, ``transpose``, slicing, ``detach`` ...) exists anywhere, and every node that may
-  write into that storage is itself such a write.  So the only way to observe the write is to
-  read ``t`` (or ``w``, the same tensor) after it.  Readers placed before the write saw the old
-  values and still read ``t``; readers after it saw the new ones and now read ``n``.
+  result of a view), and nothing else in the graph shares its storage before its last write: no
+  view or alias of it (``view``, ``transpose``, slicing, ``detach``, a no-op ``.float()`` ...) is
+  made before that write, and every node that may write into the storage is itself such a write.
+  So the only way to observe a write is to read ``t`` (or ``w``, the same tensor) after it.
+  Readers placed before the write saw the old values and still read ``t``; readers after it saw
+  the new ones and now read ``n``.  An alias made after the last write (XLM's ``scores.float()``
+  on float32 scores) is such a reader: it becomes an alias of the last ``n``, whose values are
+  the ones it saw, and no write follows to tell the two apart.
   The storage facts come from :class:`~attnrewrite.ir.capture.Writes` (fake tensors share a
   storage exactly where the real ones do); a node without an example value is not trusted.
 
@@ -74,9 +77,10 @@ def _same(a: Any, b: Any) -> bool:
     return a == b if isinstance(a, int) and isinstance(b, int) else statically_known_true(a == b)
 
 
-def _writes_into_private(target: fx.Node, writes: Writes) -> list[fx.Node] | None:
-    """The writes into ``target``, in graph order, when they may all be made out of place: nothing but
-    ``target`` and such writes (and their results, the same tensor) share its storage.  Else None."""
+def _writes_into_private(target: fx.Node, writes: Writes) -> tuple[list[fx.Node], list[fx.Node]] | None:
+    """The writes into ``target`` and the aliases of it, in graph order, when the writes may all be made
+    out of place: nothing but ``target``, such writes (and their results, the same tensor) and aliases
+    made after the last of them (``scores.float()`` on float32 scores) share its storage.  Else None."""
     if target.op not in ("call_function", "call_method", "call_module") or _fake_tensor(target) is None:
         return None
     if canonical_name(target) in ("view", "transpose", "permute", "unsqueeze", "expand", "flatten", "unflatten",
@@ -89,21 +93,26 @@ def _writes_into_private(target: fx.Node, writes: Writes) -> list[fx.Node] | Non
     if members[0] is not target:
         return None  # the storage was there before it (an alias of an earlier value)
     found = writes.writers.get(group, [])
-    if any(m is not target and m not in found for m in members):
-        return None  # a view or alias of the target, or another node on its storage
+    if not found:
+        return None
+    last = writes.position[found[-1]]
+    aliases = [m for m in members if m is not target and m not in found]
+    if any(writes.position[a] < last or a.op not in ("call_function", "call_method") for a in aliases):
+        return None  # a view or alias of the target that a write reaches, or another node on its storage
     for write in found:
         if _out_of_place(write) is None or write not in members or writes.targets.get(write) != [write.args[0]] \
                 or write.args[0] not in members:
             return None  # another kind of write, or one that writes elsewhere as well (an out= argument ...)
-    return found
+    return found, aliases
 
 
-def _fake_result(write: fx.Node, op: str, target: Any) -> torch.Tensor | None:
-    """The out-of-place form run on the example values, or None when it cannot be (or raises)."""
+def _fake_result(write: fx.Node, op: str, target: Any, known: dict | None = None) -> torch.Tensor | None:
+    """``write``'s arguments (their example values, or ``known``'s) given to ``op``/``target`` in fake mode,
+    or None when that cannot be done (or raises)."""
     missing = []
 
     def value(n: fx.Node) -> Any:
-        v = example(n)
+        v = known[n] if known and n in known else example(n)
         if v is None:
             missing.append(n)
         return v
@@ -126,13 +135,20 @@ def _same_layout(written: torch.Tensor, before: torch.Tensor) -> bool:
             and all(_same(a, b) for a, b in zip(written.shape, before.shape)))
 
 
-def _functionalise(gm: fx.GraphModule, target: fx.Node, chain: list[fx.Node], writes: Writes) -> bool:
-    """Replace every write of ``chain`` (all of ``target``'s) by its out-of-place form, or none of them."""
+def _functionalise(gm: fx.GraphModule, target: fx.Node, chain: list[fx.Node], aliases: list[fx.Node],
+                   writes: Writes) -> bool:
+    """Replace every write of ``chain`` (all of ``target``'s) by its out-of-place form, or none of them.
+    ``aliases`` (made after the last write) become aliases of the last out-of-place result."""
     results = [_fake_result(w, *_out_of_place(w)) for w in chain]
     before = _fake_tensor(target)
     if any(r is None or not _same_layout(r, before) for r in results):
         return False
-    members = set(writes.members[writes.group[target]])
+    members = {target, *chain}
+    known = dict.fromkeys(members, results[-1])
+    for alias in aliases:  # (their example values shared the written storage: they share the result's now)
+        known[alias] = _fake_result(alias, alias.op, alias.target, known)
+        if known[alias] is None:
+            return False
     current = target
     for write, written in zip(chain, results):
         op, name = _out_of_place(write)
@@ -152,6 +168,9 @@ def _functionalise(gm: fx.GraphModule, target: fx.Node, chain: list[fx.Node], wr
         members.discard(write)
         members.add(new)  # the readers after the next write may read this one now
         current = new
+    for alias in aliases:
+        alias.meta = {k: v for k, v in alias.meta.items() if k not in ("example_value", "val")}
+        alias.meta["example_value"] = known[alias]
     # the target's example counted the writes in its version; it is now a tensor no one writes
     target.meta = {k: _fresh(v) if k in ("example_value", "val") and _fake_tensor(v) is not None else v
                    for k, v in target.meta.items()}
@@ -171,9 +190,9 @@ def functionalise_writes(gm: fx.GraphModule) -> int:
     targets = [n for n in gm.graph.nodes if n.op != "output"]
     done = 0
     for target in targets:
-        chain = _writes_into_private(target, writes) if writes.written(target) else None
-        if chain and _functionalise(gm, target, chain, writes):
-            done += len(chain)
+        found = _writes_into_private(target, writes) if writes.written(target) else None
+        if found is not None and _functionalise(gm, target, *found, writes):
+            done += len(found[0])
     if done:
         gm.graph.lint()
         gm.recompile()

@@ -91,3 +91,31 @@ def test_inputs_and_views_are_left_as_written():
         return x + 0, s
 
     _check(fn, torch.randn(4, 4), torch.randn(4, 4), replaced=0)
+
+
+def test_an_alias_made_after_the_last_write_reads_the_result():
+    """``s.float()`` on float32 (the same tensor), a view and a transpose made after the writes see the
+    final values, as the out-of-place result's aliases (XLM's ``softmax(scores.float())``)."""
+
+    def fn(x):
+        s = x * 2.0
+        s.masked_fill_(x > 1.0, -5.0)
+        s += 1.0
+        f = s.float()
+        return f.view(-1)[:5] * 1, s.transpose(0, 1) + 0, f.exp()
+
+    code = _check(fn, torch.randn(4, 4), replaced=2)
+    assert "masked_fill_" not in code and "+=" not in code
+
+
+def test_an_alias_made_between_two_writes_is_left_as_written():
+    """An alias made after the first write sees the second: nothing is made out of place."""
+
+    def fn(x):
+        s = x * 2.0
+        s.add_(1.0)
+        f = s.view(-1)
+        s.mul_(3.0)
+        return f * 1
+
+    _check(fn, torch.randn(4, 4), replaced=0)

@@ -245,6 +245,19 @@ class ScoresWrittenElementwise(Site):
         return self.normalise(s) @ v
 
 
+class ScoresFilledThenUpcast(Site):
+    """XLM's and Flaubert's spelling: ``scores.masked_fill_(mask, finfo.min)``, then
+    ``softmax(scores.float()).type_as(scores)`` — on float32 scores ``.float()`` is the scores
+    themselves, an alias made after the write."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        keep = torch.arange(T)[None, :] < lengths[:, None]  # [B, T]
+        s.masked_fill_((~keep)[:, None, None, :].expand_as(s), torch.finfo(s.dtype).min)
+        return self.normalise(s.float()).type_as(s) @ v
+
+
 class ScoresReadBeforeTheirWrite(Site):
     """The scores are read by another op between their product and the write: that read keeps the
     values before the write (a reader placed before a write is never moved after it)."""
@@ -340,7 +353,7 @@ class ValuesWrittenInside(Site):
 REWRITTEN = [SliceOfZeros, MaskedFillInPlace, LoopOverFull, BoolItemAssignment, SlidingWindowByLoop, IndexPut,
              CopyIntoSlice, FillThroughViews, AddedParameter, PaddingFromLengths, ShiftedWindow, MaskWrittenAfterTheSite,
              ScoresMaskedFillInPlace, ScoresReassignedFromTheFill, ScoresWrittenElementwise,
-             ScoresReadBeforeTheirWrite, ScoresWrittenAfterTheSoftmax]
+             ScoresReadBeforeTheirWrite, ScoresWrittenAfterTheSoftmax, ScoresFilledThenUpcast]
 LEFT_ALONE = [MaskWrittenAfterItsRead, ScoresWrittenInPlace, ScoresFilledThroughAView, ScoresViewedAndFilled,
               ValuesWrittenInside]
 
