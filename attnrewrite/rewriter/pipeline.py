@@ -2,6 +2,8 @@
 Each stage is timed and logged (logger ``attnrewrite``, DEBUG), and lands in ``Report.stages``
 with the number of sites still in play before and after it.
 
+    functionalise  elementwise in-place writes into a private tensor (``s.masked_fill_(m, -inf)``
+             before the softmax) → out-of-place ops, so that matching sees them (see ``functionalise``)
     unfuse   fused attention ops (nn.MultiheadAttention, TransformerEncoderLayer) → plain ops
     match    every softmax / SDPA anchor → a site with an AttentionSpec, or a reason it is not one
     resolve  constant masks → causal flag / dropped; masked values checked
@@ -43,6 +45,7 @@ from attnrewrite.patterns.eager_matmul import NOT_READ
 from attnrewrite.rewriter import hops, state
 from attnrewrite.rewriter.certify import certify, fingerprint
 from attnrewrite.rewriter.failures import Failure, RewriteFailed, RewriteWarning, not_rewritten
+from attnrewrite.rewriter.functionalise import functionalise_writes
 from attnrewrite.rewriter.options import RewriteOptions
 from attnrewrite.rewriter.report import Report, SiteReport, StageReport, clean_module_path
 from attnrewrite.rewriter.rewrite import rewrite_site
@@ -89,6 +92,13 @@ def _matched(ctx: PassContext) -> list[Site]:
 
 
 # --------------------------------------------------------------------------- stages
+
+
+def functionalise(ctx: PassContext) -> None:
+    done = functionalise_writes(ctx.gm)
+    if done:
+        log.debug("attnrewrite: %d in-place write(s) made out of place%s", done,
+                  f" in {ctx.inside}" if ctx.inside else "")
 
 
 def unfuse(ctx: PassContext) -> None:
@@ -391,6 +401,7 @@ def finish(ctx: PassContext) -> None:
 
 
 STAGES: tuple[tuple[str, Callable[[PassContext], None]], ...] = (
+    ("functionalise", functionalise),
     ("unfuse", unfuse),
     ("match", match),
     ("resolve", resolve),

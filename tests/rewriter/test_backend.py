@@ -301,7 +301,7 @@ def test_every_stage_is_timed_and_counted_into_the_report():
     counts = {s.name: (s.sites_in, s.sites_out) for s in report.stages}
     assert counts["match"] == (0, 2) and counts["select"] == (2, 1) and counts["rewrite"] == (1, 1), counts
     assert all(s.seconds >= 0 for s in report.stages) and report.stages[-1].sites_out == len(report.rewritten)
-    assert "stages: unfuse" in str(report) and "select" in str(report)
+    assert "stages: functionalise" in str(report) and "select" in str(report)
     merged = attnrewrite.Report()
     merged.merge(report)
     merged.merge(report)

@@ -908,7 +908,9 @@ class InputWrittenInTheSecondSite(nn.Module):
             q = q.contiguous()  # its own storage (a view of split's output may not be written in place)
             s = q @ k.transpose(-2, -1) / math.sqrt(C // H) + mask
             if layer is self.second:
-                {"mask": mask, "query": q, "scores": s}[self.written].mul_(2.0)
+                # (the scores through a view of them: a write into s itself is made out of place before matching)
+                {"mask": lambda: mask, "query": lambda: q, "scores": lambda: s[..., :],
+                 "scores themselves": lambda: s}[self.written]().mul_(2.0)
             out = out + torch.softmax(s, dim=-1) @ v
         return out
 
@@ -928,6 +930,20 @@ def test_a_site_whose_input_is_written_in_the_way_does_not_share_a_proof(written
     torch.testing.assert_close(got, model(x, m.clone()), rtol=1e-5, atol=1e-6)
     assert [s.status for s in report.sites] == ["rewritten", "skipped"], report
     assert report.sites[1].reason == reason, report
+
+
+
+def test_scores_scaled_in_place_in_one_site_are_proven_apart():
+    """``s.mul_(2.0)`` on the second site's own scores is made out of place before matching: the second
+    site's scores are doubled in its spec, so the two sites are proven (and rewritten) each as itself."""
+    model = InputWrittenInTheSecondSite("scores themselves").eval()
+    x, m = _x(), torch.randn(2, T, generator=torch.Generator().manual_seed(2))
+    report = Report()
+    got = compile_rewritten(model, report)(x, m.clone())
+    torch.testing.assert_close(got, model(x, m.clone()), rtol=1e-5, atol=1e-6)
+    assert [s.status for s in report.sites] == ["rewritten", "rewritten"], report
+    first, second = (s.spec["scale"] for s in report.sites)
+    assert second == pytest.approx(2 * first), (first, second)
 
 
 class WrittenAfterTheSites(nn.Module):

@@ -56,6 +56,10 @@ class Site(nn.Module):
             return torch.softmax(s + mask, dim=-1) @ v
         return torch.sigmoid(s + mask + self.sigmoid_bias) @ v
 
+    def normalise(self, s):
+        """The attention weights of scores already masked (for sites that mask their scores themselves)."""
+        return torch.softmax(s, dim=-1) if self.attention == "softmax" else torch.sigmoid(s + self.sigmoid_bias)
+
     def forward(self, x, lengths):
         q, k, v = self.heads(x)
         s = q @ k.transpose(-2, -1) / math.sqrt(D)
@@ -198,6 +202,86 @@ class MaskWrittenAfterTheSite(Site):
         return out + m[0, 0] + v[0, 0, 0, 0]
 
 
+class ScoresMaskedFillInPlace(Site):
+    """``s.masked_fill_(...)`` whose result is dropped: softmax reads ``s``, which the fill wrote (made out
+    of place before matching, rewriter/functionalise.py)."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        s.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1), NEG)
+        return self.normalise(s) @ v
+
+
+class ScoresReassignedFromTheFill(Site):
+    """``s = s.masked_fill_(...)``: the write's own result is what the softmax reads."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1)
+        s = s.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1), NEG)
+        return self.normalise(s / math.sqrt(D)) @ v
+
+
+class ScoresWrittenElementwise(Site):
+    """Several elementwise writes into the scores, one after another: ``div_``, ``mul_``, ``*=``, ``/=``,
+    ``sub_``, ``-=``, ``+=`` of a padding mask, ``add_`` of a causal one and a ``masked_fill_``."""
+
+    def mask(self, x, lengths):
+        return torch.zeros(x.shape[0], 1, 1, T).masked_fill(torch.arange(T) >= lengths[:, None, None, None], NEG)
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1)
+        s.div_(math.sqrt(D))
+        s.mul_(2.0)
+        s *= 0.5
+        s /= 1.0
+        s.sub_(0.0)
+        s -= 0.0
+        s += self.mask(x, lengths)
+        s.add_(torch.zeros(T, T).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), NEG))
+        s.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(2), NEG)
+        return self.normalise(s) @ v
+
+
+class ScoresFilledThenUpcast(Site):
+    """XLM's and Flaubert's spelling: ``scores.masked_fill_(mask, finfo.min)``, then
+    ``softmax(scores.float()).type_as(scores)`` — on float32 scores ``.float()`` is the scores
+    themselves, an alias made after the write."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        keep = torch.arange(T)[None, :] < lengths[:, None]  # [B, T]
+        s.masked_fill_((~keep)[:, None, None, :].expand_as(s), torch.finfo(s.dtype).min)
+        return self.normalise(s.float()).type_as(s) @ v
+
+
+class ScoresReadBeforeTheirWrite(Site):
+    """The scores are read by another op between their product and the write: that read keeps the
+    values before the write (a reader placed before a write is never moved after it)."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        before = s.mean(-1, keepdim=True)  # [B, H, T, 1], finite only before the fill
+        s.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1), NEG)
+        return self.normalise(s) @ v + before
+
+
+class ScoresWrittenAfterTheSoftmax(Site):
+    """The softmax reads the scores before a write into them: it must keep the unwritten scores (the
+    write is not moved earlier); the written scores are read afterwards."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        p = self.normalise(s)
+        s.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1), -1e4)
+        return p @ v + s.clamp(min=-1.0).mean(-1, keepdim=True)
+
+
 # --------------------------------------------------------------------------- left alone, with the reason
 
 
@@ -216,7 +300,8 @@ class MaskWrittenAfterItsRead(Site):
 
 
 class ScoresWrittenInPlace(Site):
-    """The scores themselves are written by an assignment the matcher does not read as a mask."""
+    """The scores themselves are written by an assignment into a slice of them (``setitem``), which is
+    not one of the elementwise writes made out of place (rewriter/functionalise.py)."""
 
     expect = "is written in place by"
 
@@ -227,17 +312,31 @@ class ScoresWrittenInPlace(Site):
         return torch.softmax(s, dim=-1) @ v
 
 
-class ScoresMaskedFillInPlace(Site):
-    """``s.masked_fill_(...)`` whose result is dropped: softmax reads ``s``, which the fill wrote."""
+class ScoresFilledThroughAView(Site):
+    """``masked_fill_`` on a view of the scores: the write reaches ``s`` through the view, so it is not
+    made out of place (that would leave the view's write behind)."""
 
     expect = "is written in place by"
 
     def forward(self, x, lengths):
         q, k, v = self.heads(x)
         s = q @ k.transpose(-2, -1) / math.sqrt(D)
-        s.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1), NEG)
+        s.view(B, H, T * T).masked_fill_(torch.ones(T * T, dtype=torch.bool).view(T, T).triu(1).view(-1), NEG)
         return torch.softmax(s, dim=-1) @ v
 
+
+class ScoresViewedAndFilled(Site):
+    """``s.masked_fill_`` while a view of ``s`` exists (and is read after the write): the view sees the
+    write, so the write stays as it is."""
+
+    expect = "is written in place by"
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        flat = s.view(B, H, T * T)
+        s.masked_fill_(torch.ones(T, T, dtype=torch.bool).triu(1), NEG)
+        return torch.softmax(s, dim=-1) @ v + flat.clamp(min=-1.0).sum(-1, keepdim=True)[..., None].expand(B, H, T, D)
 
 class ValuesWrittenInside(Site):
     """v changes between the score product and the value product."""
@@ -252,8 +351,11 @@ class ValuesWrittenInside(Site):
 
 
 REWRITTEN = [SliceOfZeros, MaskedFillInPlace, LoopOverFull, BoolItemAssignment, SlidingWindowByLoop, IndexPut,
-             CopyIntoSlice, FillThroughViews, AddedParameter, PaddingFromLengths, ShiftedWindow, MaskWrittenAfterTheSite]
-LEFT_ALONE = [MaskWrittenAfterItsRead, ScoresWrittenInPlace, ScoresMaskedFillInPlace, ValuesWrittenInside]
+             CopyIntoSlice, FillThroughViews, AddedParameter, PaddingFromLengths, ShiftedWindow, MaskWrittenAfterTheSite,
+             ScoresMaskedFillInPlace, ScoresReassignedFromTheFill, ScoresWrittenElementwise,
+             ScoresReadBeforeTheirWrite, ScoresWrittenAfterTheSoftmax, ScoresFilledThenUpcast]
+LEFT_ALONE = [MaskWrittenAfterItsRead, ScoresWrittenInPlace, ScoresFilledThroughAView, ScoresViewedAndFilled,
+              ValuesWrittenInside]
 
 
 def inputs(model: Site, name: str):
@@ -309,7 +411,8 @@ def test_a_mask_written_in_place_is_not_dropped():
 
 
 @pytest.mark.parametrize("cls", [SliceOfZeros, LoopOverFull, BoolItemAssignment, IndexPut, FillThroughViews,
-                                 PaddingFromLengths], ids=lambda c: c.__name__)
+                                 PaddingFromLengths, ScoresMaskedFillInPlace, ScoresWrittenElementwise,
+                                 ScoresReadBeforeTheirWrite], ids=lambda c: c.__name__)
 def test_sigmoid_rewrite_equals_a_hand_written_sigmoid_model(cls):
     """The softmax model rewritten to sigmoid (fixed bias) equals the same model written by hand with
     sigmoid attention over the same in-place mask: outputs and parameter gradients."""
@@ -375,5 +478,30 @@ def test_a_kv_cache_written_before_the_site_is_rewritten():
         for step in range(3):
             x, pos = torch.randn(B, 4, C, generator=_seed(f"step{step}")), torch.arange(4 * step, 4 * step + 4)
             assert_close_rel(compiled(x, pos), reference(x, pos), 1e-5, f"step {step}")
+    (site,) = report.attention_sites()
+    assert site.status == "rewritten", site.reason
+
+
+def test_scores_filled_in_place_under_dynamic_shapes():
+    """``dynamic=True``: the scores' sizes are symbols, the causal fill is built from them; the write is
+    made out of place (its shape proven equal without a guard), the site rewritten, and other
+    sequence lengths reuse the one compiled graph."""
+
+    class Dynamic(Site):
+        def forward(self, x, lengths):
+            q, k, v = self.heads(x)
+            s = q @ k.transpose(-2, -1) / math.sqrt(D)
+            s.masked_fill_(torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=s.device).triu(1), NEG)
+            return torch.softmax(s, dim=-1) @ v
+
+    model = build(Dynamic)
+    report = Report(to="softmax")
+    compiled = compile_rewritten(model, report, dynamic=True, to="softmax")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        for tokens in (T, T + 3, T - 2):
+            x = torch.randn(B, tokens, C, generator=_seed(f"dynamic{tokens}"))
+            assert_close_rel(compiled(x, None), model(x, None), 1e-5, f"{tokens} tokens")
+    assert report.graphs == 1, report
     (site,) = report.attention_sites()
     assert site.status == "rewritten", site.reason
