@@ -619,7 +619,14 @@ def _warm_start_linear(state: nn.Module, calls: Sequence[SiteCall], options: Map
     with seeded unit directions beyond the head dim when ``features`` asks for more), c_h per key/value
     head picked from :data:`HEDGEHOG_SCALES` as the one whose linear attention output is closest
     (squared error) to the exact softmax output on the captured calls.  W0 suits no particular scale
-    of q and k; this picks the sharpness that fits the site.  Other feature maps have nothing to fit."""
+    of q and k; this picks the sharpness that fits the site.  Other feature maps have nothing to fit.
+
+    With the key gate (``key_gate``: keys' features times exp(k·u_h)) each head also picks u_h from
+    {0, s·q̄_h} jointly with c_h: q̄_h the mean of the head's (group's) captured queries, s the site's scale.
+    Softmax weighs key j for query i by exp(s·q_i·k_j) = exp(s·q̄·k_j)·exp(s·(q_i − q̄)·k_j): the first factor
+    is one per key, what the gate is for (the keys every query attends to, BERT's [CLS]/[SEP]), so the
+    feature maps are left the part that varies with the query.  u = 0 (no gate) stays a candidate, so the
+    start is never worse on the captured calls than without this."""
     from attnrewrite.kernels.linear.stateful_maps import HedgehogFeatureMap
 
     q_map, k_map = getattr(state, "q_map", None), getattr(state, "k_map", None)
@@ -629,8 +636,19 @@ def _warm_start_linear(state: nn.Module, calls: Sequence[SiteCall], options: Map
     if heads_q % heads_kv:
         return
     groups = heads_q // heads_kv
-    errors = torch.zeros(len(HEDGEHOG_SCALES), heads_kv, dtype=torch.float64)
     q_init, k_init = q_map.weight.detach().float().clone(), k_map.weight.detach().float().clone()  # [H, D, F]
+    gated = k_map.gate is not None
+    gates = [torch.zeros(heads_kv, k_init.shape[1])]  # u per key/value head [Hkv, D]: 0, then s·q̄ with the gate
+    if gated:
+        total = torch.zeros(heads_q, k_init.shape[1], dtype=torch.float64)
+        count = 0
+        for call in calls:
+            q = call.q.float()
+            scale = call.scale if call.scale is not None else q.shape[-1] ** -0.5
+            total += (scale * q).sum(dim=(0, 2)).double().cpu()
+            count += q.shape[0] * q.shape[2]
+        gates.append((total / max(count, 1)).view(heads_kv, groups, -1).mean(1).float())
+    errors = torch.zeros(len(gates), len(HEDGEHOG_SCALES), heads_kv, dtype=torch.float64)
 
     def features(x: torch.Tensor, init: torch.Tensor, c: float) -> torch.Tensor:
         z = c * torch.einsum("bhtd,hde->bhte", x, init.to(x.device))
@@ -646,14 +664,22 @@ def _warm_start_linear(state: nn.Module, calls: Sequence[SiteCall], options: Map
         k_init_q = k_init.repeat_interleave(q.shape[-3] // k_init.shape[0], dim=0)  # per query head
         scores, keep, counted = call.scores()
         exact = torch.nan_to_num(scores.masked_fill(~keep, float("-inf")).softmax(-1)) @ v
-        for i, c in enumerate(HEDGEHOG_SCALES):
-            w = (features(q, q_init, c) @ features(k, k_init_q, c).transpose(-2, -1)) * counted
-            out = (w @ v) / (w.sum(-1, keepdim=True) + options.get("eps", 1e-6))
-            per_head = (out - exact).square().mean(dim=(0, 2, 3)).double().cpu()  # [Hq]
-            errors[i] += per_head.view(heads_kv, groups).sum(-1)
-    best = torch.tensor(HEDGEHOG_SCALES, dtype=torch.float64)[errors.argmin(0)]  # [Hkv]
+        for g, u in enumerate(gates):
+            # the gate sees the keys as the kind's map does: per key/value head (k before any repeat)
+            factor = torch.einsum("bhtd,hd->bht", call.k.float(), u.to(k.device))
+            factor = factor.clamp(-k_map.GATE_LIMIT, k_map.GATE_LIMIT).exp()
+            factor = factor.repeat_interleave(q.shape[-3] // factor.shape[-2], dim=-2)[..., None, :]  # [B, Hq, 1, Tk]
+            for i, c in enumerate(HEDGEHOG_SCALES):
+                w = (features(q, q_init, c) @ features(k, k_init_q, c).transpose(-2, -1)) * factor * counted
+                out = (w @ v) / (w.sum(-1, keepdim=True) + options.get("eps", 1e-6))
+                per_head = (out - exact).square().mean(dim=(0, 2, 3)).double().cpu()  # [Hq]
+                errors[g, i] += per_head.view(heads_kv, groups).sum(-1)
+    flat = errors.flatten(0, 1).argmin(0)  # [Hkv]: the best (gate, scale) pair per head
+    chosen, best = flat // len(HEDGEHOG_SCALES), torch.tensor(HEDGEHOG_SCALES, dtype=torch.float64)[flat % len(HEDGEHOG_SCALES)]
     k_map.weight.copy_((best[:, None, None] * k_init.double()).to(k_map.weight))
     q_map.weight.copy_((best.repeat_interleave(groups)[:, None, None] * q_init.double()).to(q_map.weight))
+    if gated:
+        k_map.gate.copy_(torch.stack([gates[int(g)][h] for h, g in enumerate(chosen)]).to(k_map.gate))
 
 
 #: Kinds whose states have a warm start: ``fit(state, calls, kind_options)``, in place, no gradients.

@@ -54,8 +54,10 @@ from attnrewrite.targets.sentences import CORPORA, HELDOUT_SENTENCES, distillati
 ROWS = ("before", "after warm start", "after transfer", "after both", "finetune only")
 SETTINGS = [("sigmoid", {"learned": True}), ("linear", {"feature_map": "hedgehog"})]
 #: Per kind, what a flag left out means: the best setting measured for the kind (bench/RESULTS.md).
-KIND_DEFAULTS = {"sigmoid": {"finetune_steps": 1200, "match": "output", "features": None, "key_gate": False},
-                 "linear": {"finetune_steps": 900, "match": "output", "features": 128, "key_gate": True}}
+KIND_DEFAULTS = {"sigmoid": {"finetune_steps": 1200, "match": "output", "features": None, "key_gate": False,
+                             "gate_normaliser": False},
+                 "linear": {"finetune_steps": 900, "match": "output", "features": 128, "key_gate": True,
+                            "gate_normaliser": False}}
 
 
 def embed(model, batch, to=None, options=None):
@@ -118,6 +120,9 @@ def main(argv=None) -> int:
     parser.add_argument("--key-gate", action=argparse.BooleanOptionalAction, default=None,
                         help="linear's hedgehog keys' map gets a learned gate exp(k·u) (the kind's key_gate option; "
                              "default on)")
+    parser.add_argument("--gate-normaliser", action=argparse.BooleanOptionalAction, default=None,
+                        help="linear's key gate also learns a per-head power of the keys' softmax normaliser (the "
+                             "kind's gate_normaliser option; needs the key gate)")
     parser.add_argument("--transfer-loss", default="output", help="what transfer matches at each site: output or "
                         "weights (distill's transfer_loss)")
     parser.add_argument("--seed", type=int, default=0,
@@ -144,7 +149,7 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     kinds = [to for to, _ in SETTINGS if to in args.kinds.split(",")]
     given = {"finetune_steps": args.finetune_steps, "match": args.match, "features": args.features,
-             "key_gate": args.key_gate}
+             "key_gate": args.key_gate, "gate_normaliser": args.gate_normaliser}
     chosen = {to: {name: KIND_DEFAULTS[to][name] if value is None else value for name, value in given.items()}
               for to in kinds}
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -166,6 +171,8 @@ def main(argv=None) -> int:
             options = {**options, "features": setting["features"]}
         if to == "linear" and setting["key_gate"]:
             options = {**options, "key_gate": True}
+        if to == "linear" and setting["gate_normaliser"]:
+            options = {**options, "gate_normaliser": True}
         label = f"{to} ({', '.join(f'{k}={v}' for k, v in options.items())})"
         before = attnrewrite.convert(copy.deepcopy(model), to, held, **options)
         rows = [("before", "none", 0.0, 0.0, before)]

@@ -1,6 +1,7 @@
 """attnrewrite.distill: attention transfer and fine-tuning on a tiny llama (transformers, eager attention)."""
 
 import copy
+import dataclasses
 import sys
 
 import pytest
@@ -479,3 +480,40 @@ def test_match_pooled_adds_the_pooled_cosine_to_finetunes_loss(llama):
     distilled = attnrewrite.distill(llama, "sigmoid", [batch], steps=1, stage="finetune", match="pooled",
                                     progress=False)
     assert distilled.attnrewrite_distill["finetune"][0] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def _gated_error(state, call):
+    """Mean squared error of ``state``'s hedgehog attention against softmax on one captured call."""
+    fq, fk = state(call.q, call.k)
+    w = fq @ fk.transpose(-2, -1)
+    out = (w @ call.v) / w.sum(-1, keepdim=True)
+    return (out - (call.q @ call.k.transpose(-2, -1) * call.scale).softmax(-1) @ call.v).square().mean().item()
+
+
+def test_the_warm_start_gives_the_key_gate_the_queries_mean_direction_where_it_fits_better():
+    from attnrewrite.distill import SiteCall, _warm_start_linear
+    from attnrewrite.kernels.linear.stateful_maps import make_site_state
+
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randn(2, 1, 1, 8, generator=g)  # each head's queries share a direction (BERT's [CLS]-seeking heads)
+    calls = [SiteCall(q=3 * shared + 0.3 * torch.randn(2, 2, 6, 8, generator=g), k=torch.randn(2, 2, 6, 8, generator=g),
+                      v=torch.randn(2, 2, 6, 8, generator=g), mask=None, scale=8 ** -0.5, is_causal=False,
+                      enable_gqa=False, bool_mask=False, score_mod=False, module_path="a", ordinal=0) for _ in range(2)]
+    gated = make_site_state("hedgehog", 2, 2, 8, 8 ** -0.5, "a", key_gate=True)
+    with torch.no_grad():
+        _warm_start_linear(gated, calls, {})
+    mean_q = torch.cat([c.q for c in calls]).mean(dim=(0, 2)) * 8 ** -0.5  # [H, D]: s·q̄ per head
+    u = gated.k_map.gate.detach()
+    picked = [bool(torch.allclose(u[h], mean_q[h])) for h in range(2)]
+    assert any(picked) and all(p or not u[h].any() for h, p in enumerate(picked)), (u, mean_q)  # s·q̄ or 0 per head
+    plain = make_site_state("hedgehog", 2, 2, 8, 8 ** -0.5, "a")
+    with torch.no_grad():
+        _warm_start_linear(plain, calls, {})
+    assert sum(_gated_error(gated, c) for c in calls) < 0.95 * sum(_gated_error(plain, c) for c in calls)
+    # queries with no shared direction: the gate may stay 0, and the start is never worse than without it
+    calls = [dataclasses.replace(c, q=c.q - c.q.mean(dim=(0, 2), keepdim=True)) for c in calls]
+    gated, plain = (make_site_state("hedgehog", 2, 2, 8, 8 ** -0.5, "a", key_gate=gate) for gate in (True, False))
+    with torch.no_grad():
+        _warm_start_linear(gated, calls, {})
+        _warm_start_linear(plain, calls, {})
+    assert sum(_gated_error(gated, c) for c in calls) <= sum(_gated_error(plain, c) for c in calls) + 1e-9

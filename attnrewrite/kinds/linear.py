@@ -44,6 +44,9 @@ def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
         return f"hedgehog's features must be even (x·W and −x·W, F each); got features={options['features']}"
     if options["key_gate"] and options["feature_map"] != "hedgehog":
         return f"key_gate=True is a part of the hedgehog feature map; feature_map={options['feature_map']!r} has none"
+    if options["gate_normaliser"] and not (options["key_gate"] and options["feature_map"] == "hedgehog"):
+        return (f"gate_normaliser=True is a part of hedgehog's key gate; give feature_map='hedgehog' and key_gate=True "
+                f"with it (got feature_map={options['feature_map']!r}, key_gate={options['key_gate']})")
     if getattr(spec, "score_mod", None) is not None:
         return "a score modification cannot be applied to linear attention"
     if spec.dropout_p > 0:
@@ -107,7 +110,8 @@ def make_state(spec: AttentionSpec, options: dict[str, Any]):
     q_shape, k_shape = steps_shape(q_shape, spec.q.steps), steps_shape(k_shape, spec.k.steps)
     scale = spec.scale if spec.scale is not None else q_shape[-1] ** -0.5
     return make_site_state(options["feature_map"], q_shape[-3], k_shape[-3], q_shape[-1], scale, spec.module_path,
-                           options["features"], options["seed"], options["key_gate"])
+                           options["features"], options["seed"], options["key_gate"],
+                           options["gate_normaliser"])
 
 
 KIND = register(Kind(
@@ -123,6 +127,8 @@ KIND = register(Kind(
         "seed": integer(0, minimum=0),  # favor: the draw of the random features; hedgehog: its directions beyond D
         # hedgehog: the keys' features times exp(k·u), u learned per head (HedgehogFeatureMap)
         "key_gate": flag(False),
+        # hedgehog with key_gate: the gate's exponent also a·log of the key's softmax normaliser, a learned per head
+        "gate_normaliser": flag(False),
     },
     description="linear attention φ(q)·Σφ(k)ᵀv / φ(q)·Σφ(k) (elu, relu, favor, hedgehog feature maps)",
     weights=weights,

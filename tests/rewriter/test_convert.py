@@ -74,6 +74,48 @@ def test_the_key_gate_is_a_parameter_of_the_keys_map_only_and_trains():
                                         for s in report.skipped)
 
 
+def test_the_gate_normaliser_adds_a_power_of_the_keys_softmax_normaliser_and_starts_at_none():
+    torch.manual_seed(0)
+    gated = HedgehogFeatureMap(2, 4, 8, seed=3, key_gate=True)
+    both = HedgehogFeatureMap(2, 4, 8, seed=3, key_gate=True, gate_normaliser=True)
+    assert both.gate_normaliser.shape == (2,)
+    k = torch.randn(3, 2, 5, 4)
+    torch.testing.assert_close(both(k, is_query=False), gated(k, is_query=False))  # a = 0: the key gate alone
+    with torch.no_grad():
+        u, a = torch.randn(2, 4), torch.tensor([1.0, 0.5])
+        gated.gate.copy_(u)
+        both.gate.copy_(u)
+        both.gate_normaliser.copy_(a)
+    z = torch.einsum("bhtd,hde->bhte", k, both.weight.detach())
+    logits = torch.cat([z, -z], dim=-1)  # [B, H, T, 2F]
+    want = gated(k, is_query=False) * (a[:, None] * logits.logsumexp(-1)).exp().unsqueeze(-1)  # one factor per key
+    torch.testing.assert_close(both(k, is_query=False), want)
+    # head 0 (a = 1): the softmax's normaliser undone, exp([x W, -x W]) times the gate
+    torch.testing.assert_close(both(k, is_query=False)[:, 0], (logits[:, 0] + (k[:, 0] @ u[0])[..., None]).exp())
+    with torch.no_grad():  # the exponent is clamped with the gate's: exp() stays finite
+        both.gate_normaliser.fill_(1e4)
+    assert torch.isfinite(both(k, is_query=False)).all()
+    with pytest.raises(ValueError, match="give key_gate=True with it"):
+        HedgehogFeatureMap(2, 4, 8, gate_normaliser=True)
+
+
+def test_the_gate_normaliser_is_a_parameter_of_the_keys_map_and_trains_and_needs_the_key_gate():
+    options = dict(feature_map="hedgehog", key_gate=True, gate_normaliser=True)
+    model = attnrewrite.convert(_llama(), "linear", {"input_ids": IDS}, **options)
+    names = [n for n, _ in model.named_parameters() if "attnrewrite" in n]
+    assert names == [f"model.layers.{i}.self_attn.attnrewrite_linear.{m}" for i in range(2)
+                     for m in ("q_map.weight", "k_map.weight", "k_map.gate", "k_map.gate_normaliser")]
+    k_map = model.model.layers[0].self_attn.attnrewrite_linear.k_map
+    compiled = compile_rewritten(model, None, to="linear", **options)
+    compiled(input_ids=IDS, labels=IDS).loss.backward()
+    assert k_map.gate_normaliser.grad is not None and k_map.gate_normaliser.grad.abs().sum() > 0
+    for refused in ({"feature_map": "hedgehog"}, {"feature_map": "favor"}):  # no key gate to extend
+        report = attnrewrite.explain(_llama().eval(), input_ids=IDS, to="linear",
+                                     options={**refused, "gate_normaliser": True})
+        assert not report.rewritten and all("gate_normaliser=True is a part of hedgehog's key gate" in s.reason
+                                            for s in report.skipped)
+
+
 def test_saving_and_reloading_restores_the_outputs():
     model = attnrewrite.convert(_llama().eval(), "linear", {"input_ids": IDS}, feature_map="hedgehog")
     with torch.no_grad():

@@ -83,14 +83,22 @@ class HedgehogFeatureMap(nn.Module):
     learned, starting at 0 (so the map starts as without the gate).  A factor per key, not a
     normaliser across keys, so prefill and decoding see the same features.  (On the query side such
     a factor would cancel in the ratio φ(q)·S / φ(q)·z.)
+
+    ``gate_normaliser`` (with ``key_gate``): the gate's exponent also gets a_h·log Σ_f exp([x W_h, −x W_h]_f),
+    a_h per head, learned, starting at 0.  The softmax over features divides each key by that sum, a
+    nonlinear function of the key (about its largest |x·w_f|) that a gate linear in x cannot give back;
+    a_h = 1 undoes it (the keys' features become exp([x W_h, −x W_h]), the Hedgehog paper's map, whose
+    rows carry the key's own weight), a_h = 0 keeps the softmax's (LoLCATs').  Still one factor per key.
     """
 
     #: The gate's exponent is clamped to ±GATE_LIMIT (exp() in range in float32 and bfloat16).
     GATE_LIMIT = 30.0
 
     def __init__(self, heads: int, head_dim: int, num_features: int | None = None, seed: int = 0,
-                 key_gate: bool = False):
+                 key_gate: bool = False, gate_normaliser: bool = False):
         super().__init__()
+        if gate_normaliser and not key_gate:
+            raise ValueError("hedgehog's gate_normaliser is a part of its key gate: give key_gate=True with it")
         columns = head_dim if num_features is None else num_features // 2
         if num_features is not None and (num_features % 2 or columns < 1):
             raise ValueError(f"hedgehog's features must be an even number >= 2 (x W and -x W); got {num_features}")
@@ -100,13 +108,18 @@ class HedgehogFeatureMap(nn.Module):
             init[:, head_dim:] = (extra / extra.norm(dim=-1, keepdim=True)).T
         self.weight = nn.Parameter(init.repeat(heads, 1, 1))  # [H, D, F]
         self.gate = nn.Parameter(torch.zeros(heads, head_dim)) if key_gate else None  # [H, D]
+        self.gate_normaliser = nn.Parameter(torch.zeros(heads)) if gate_normaliser else None  # [H]
 
     def forward(self, x: torch.Tensor, is_query: bool = True) -> torch.Tensor:
         z = torch.einsum("bhtd,hde->bhte", x, self.weight.to(x.dtype))
-        features = torch.softmax(torch.cat([z, -z], dim=-1), dim=-1)
+        logits = torch.cat([z, -z], dim=-1)
+        features = torch.softmax(logits, dim=-1)
         if self.gate is None:
             return features
-        g = torch.einsum("bhtd,hd->bht", x, self.gate.to(x.dtype)).clamp(-self.GATE_LIMIT, self.GATE_LIMIT)
+        g = torch.einsum("bhtd,hd->bht", x, self.gate.to(x.dtype))
+        if self.gate_normaliser is not None:
+            g = g + self.gate_normaliser.to(x.dtype)[:, None] * torch.logsumexp(logits, dim=-1)
+        g = g.clamp(-self.GATE_LIMIT, self.GATE_LIMIT)
         return features * g.exp().unsqueeze(-1)
 
 
@@ -127,13 +140,15 @@ def site_seed(seed: int, module_path: str) -> int:
 
 
 def make_site_state(kind: str, heads_q: int, heads_kv: int, head_dim: int, scale: float, module_path: str,
-                    num_features: int | None = None, seed: int = 0, key_gate: bool = False) -> LinearSiteState:
-    """The state of one site for feature map ``kind`` (``"favor"`` or ``"hedgehog"``; ``key_gate``:
-    hedgehog's keys' map gets a learned gate, see :class:`HedgehogFeatureMap`)."""
+                    num_features: int | None = None, seed: int = 0, key_gate: bool = False,
+                    gate_normaliser: bool = False) -> LinearSiteState:
+    """The state of one site for feature map ``kind`` (``"favor"`` or ``"hedgehog"``; ``key_gate`` and
+    ``gate_normaliser``: hedgehog's keys' map gets a learned gate, see :class:`HedgehogFeatureMap`)."""
     if kind == "hedgehog":
         extra_seed = site_seed(seed, module_path)
         return LinearSiteState(HedgehogFeatureMap(heads_q, head_dim, num_features, extra_seed),
-                               HedgehogFeatureMap(heads_kv, head_dim, num_features, extra_seed, key_gate=key_gate))
+                               HedgehogFeatureMap(heads_kv, head_dim, num_features, extra_seed, key_gate=key_gate,
+                                                                  gate_normaliser=gate_normaliser))
     if kind == "favor":
         shared = FavorFeatureMap(head_dim, num_features, scale, site_seed(seed, module_path))
         return LinearSiteState(shared, shared)  # one draw: q and k must use the same features
