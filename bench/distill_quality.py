@@ -24,9 +24,10 @@ machine.
 
 The defaults are the best setting measured within the issue's 10 CPU-minutes (bench/RESULTS.md,
 helpers dist9, dist10, min11, dst12 and lin13): ``--corpus english``, fine-tuning rate 3e-3, 128 batches,
-transfer 200 steps, rank-8 adapters on the attention projections, ``--match output``, one torch thread; per
-kind (:data:`KIND_DEFAULTS`, each overridden by its flag) sigmoid finetune 1200 steps, linear finetune 900 steps
-with 128 hedgehog features (``--features``) and the key gate (``--key-gate``; ``--no-key-gate`` without):
+rank-8 adapters on the attention projections, ``--match output``, one torch thread; per kind
+(:data:`KIND_DEFAULTS`, each overridden by its flag) sigmoid transfer 200 + finetune 1200 steps, linear transfer
+1000 + finetune 300 steps with 256 hedgehog features (``--features``) and the key gate (``--key-gate``;
+``--no-key-gate`` without) (helper lin14: 0.9894 at 550 CPU-s):
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/distill_quality.py --rows "after both"
 """
@@ -54,10 +55,10 @@ from attnrewrite.targets.sentences import CORPORA, HELDOUT_SENTENCES, distillati
 ROWS = ("before", "after warm start", "after transfer", "after both", "finetune only")
 SETTINGS = [("sigmoid", {"learned": True}), ("linear", {"feature_map": "hedgehog"})]
 #: Per kind, what a flag left out means: the best setting measured for the kind (bench/RESULTS.md).
-KIND_DEFAULTS = {"sigmoid": {"finetune_steps": 1200, "match": "output", "features": None, "key_gate": False,
-                             "gate_normaliser": False},
-                 "linear": {"finetune_steps": 900, "match": "output", "features": 128, "key_gate": True,
-                            "gate_normaliser": False}}
+KIND_DEFAULTS = {"sigmoid": {"transfer_steps": 200, "finetune_steps": 1200, "match": "output", "features": None,
+                             "key_gate": False, "gate_normaliser": False},
+                 "linear": {"transfer_steps": 1000, "finetune_steps": 300, "match": "output", "features": 256,
+                            "key_gate": True, "gate_normaliser": False}}
 
 
 def embed(model, batch, to=None, options=None):
@@ -90,9 +91,10 @@ def row(label, name, what, seed, cpu, wall, distilled, held, reference, to, opti
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--transfer-steps", type=int, default=200)
+    parser.add_argument("--transfer-steps", type=int, default=None,
+                        help="default per kind: sigmoid 200, linear 1000 (KIND_DEFAULTS)")
     parser.add_argument("--finetune-steps", type=int, default=None,
-                        help="default per kind: sigmoid 1200, linear 900 (KIND_DEFAULTS)")
+                        help="default per kind: sigmoid 1200, linear 300 (KIND_DEFAULTS)")
     parser.add_argument("--batches", type=int, default=128, help="distinct training batches of 16 sentences")
     parser.add_argument("--max-length", type=int, default=48, help="word pieces per training sentence")
     parser.add_argument("--kinds", default="sigmoid,linear")
@@ -148,15 +150,16 @@ def main(argv=None) -> int:
     lr = {"transfer": args.lr_transfer or DEFAULT_LR["transfer"], "finetune": args.lr_finetune or DEFAULT_LR["finetune"]}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     kinds = [to for to, _ in SETTINGS if to in args.kinds.split(",")]
-    given = {"finetune_steps": args.finetune_steps, "match": args.match, "features": args.features,
-             "key_gate": args.key_gate, "gate_normaliser": args.gate_normaliser}
+    given = {"transfer_steps": args.transfer_steps, "finetune_steps": args.finetune_steps, "match": args.match,
+             "features": args.features, "key_gate": args.key_gate, "gate_normaliser": args.gate_normaliser}
     chosen = {to: {name: KIND_DEFAULTS[to][name] if value is None else value for name, value in given.items()}
               for to in kinds}
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; transfer {args.transfer_steps} steps, "
+          f"torch {torch.__version__}; "
           f"batches of 16 sentences (<= {args.max_length} word pieces), lr {lr}, schedule {args.schedule}, "
           f"adapters of rank {args.rank} on {args.adapt}, corpus {args.corpus}, transfer loss {args.transfer_loss}, "
-          f"seed {args.seed}; " + "; ".join(f"{to}: finetune {c['finetune_steps']} steps, match {c['match']}"
+          f"seed {args.seed}; " + "; ".join(f"{to}: transfer {c['transfer_steps']} + finetune {c['finetune_steps']} "
+                                            f"steps, match {c['match']}"
                                             for to, c in chosen.items()))
     _, _, original_retrieval = scores(reference, reference)
     print(f"original model: paraphrase retrieval {original_retrieval:.2f}\n")
@@ -166,7 +169,7 @@ def main(argv=None) -> int:
         if to not in kinds:
             continue
         setting = chosen[to]
-        total = args.transfer_steps + setting["finetune_steps"]
+        total = setting["transfer_steps"] + setting["finetune_steps"]
         if to == "linear" and setting["features"] is not None:
             options = {**options, "features": setting["features"]}
         if to == "linear" and setting["key_gate"]:
@@ -176,8 +179,8 @@ def main(argv=None) -> int:
         label = f"{to} ({', '.join(f'{k}={v}' for k, v in options.items())})"
         before = attnrewrite.convert(copy.deepcopy(model), to, held, **options)
         rows = [("before", "none", 0.0, 0.0, before)]
-        runs = [("after transfer", "transfer", args.transfer_steps),
-                ("after both", "both", {"transfer": args.transfer_steps, "finetune": setting["finetune_steps"]}),
+        runs = [("after transfer", "transfer", setting["transfer_steps"]),
+                ("after both", "both", {"transfer": setting["transfer_steps"], "finetune": setting["finetune_steps"]}),
                 ("finetune only", "finetune", total)]
         if to in WARM_STARTS:
             runs.insert(0, ("after warm start", "transfer", 0))
