@@ -245,6 +245,21 @@ def is_log_softmax(node: Any) -> bool:
     return _calls(node, _LOG_SOFTMAX, "log_softmax")
 
 
+def unexpanded(node: Any) -> Any:
+    """``node`` without its ``expand``/``expand_as`` calls, which only broadcast: what a mask term or a
+    per-head sink column is before it was broadcast to the scores (``m.expand_as(scores)`` would
+    otherwise keep the scores alive)."""
+    while isinstance(node, fx.Node):
+        call = normalize(node)
+        if call is not None and call.name == "expand" and isinstance(call.args[0], fx.Node):
+            node = call.args[0]
+        elif node.op == "call_method" and node.target == "expand_as" and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        else:
+            break
+    return node
+
+
 def summed_over(node: Any) -> tuple[fx.Node, int] | None:
     """(x, d) for ``node`` = ``x.sum(d, keepdim=True)`` (or ``x.sum(-1).unsqueeze(-1)``), else None."""
     return _reduced_over(node, (torch.sum,), "sum")

@@ -37,6 +37,7 @@ from attnrewrite.ir.capture import (
     summed_over,
     symbolic_number,
     tensor_meta,
+    unexpanded,
     value_inputs,
     written_out_softmax,
 )
@@ -440,7 +441,7 @@ class _Scores:
             raise NotAttention(f"{node.name}, not a tensor, is added to the scores")
         # a bool or integer tensor added to the scores adds its values: s + m is s + m.to(s.dtype), an
         # additive bias like any other (the canonical form casts it)
-        self.terms.append((MaskTerm(kind, _unexpanded(node), coeff=coeff), self.lead))
+        self.terms.append((MaskTerm(kind, unexpanded(node), coeff=coeff), self.lead))
         self.term_sizes.append(self.view_sizes)
 
     def masked_value(self, value) -> None:
@@ -458,20 +459,6 @@ class _Scores:
 def _is_bool_or_int_tensor(node) -> bool:
     t = tensor_meta(node)
     return t is not None and (t.dtype == torch.bool or not (t.dtype.is_floating_point or t.dtype.is_complex))
-
-
-def _unexpanded(node: fx.Node) -> fx.Node:
-    """A mask term without its ``expand``/``expand_as``: expanding only broadcasts, which adding it to the
-    scores (or filling them with it) does anyway — and ``m.expand_as(scores)`` would keep the scores alive."""
-    while isinstance(node, fx.Node):
-        call = normalize(node)
-        if call is not None and call.name == "expand" and isinstance(call.args[0], fx.Node):
-            node = call.args[0]
-        elif node.op == "call_method" and node.target == "expand_as" and isinstance(node.args[0], fx.Node):
-            node = node.args[0]
-        else:
-            break
-    return node
 
 
 def _interpret(chain: list[fx.Node]) -> _Scores:

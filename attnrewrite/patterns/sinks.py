@@ -23,7 +23,8 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from attnrewrite.ir.capture import canonical_name, hinted_shape, normalize, rank, tensor_meta, value_inputs
+from attnrewrite.ir.capture import (canonical_name, hinted_shape, normalize, rank, tensor_meta, unexpanded,
+                                    value_inputs)
 from attnrewrite.ir.spec import NotAttention, TensorRef
 
 _CATS = (torch.cat, torch.concat, torch.concatenate)
@@ -62,19 +63,6 @@ def _cat_parts(node: fx.Node) -> tuple[list, int | None] | None:
     return list(parts), r
 
 
-def _unexpanded(node: fx.Node) -> fx.Node:
-    """``node`` without its ``expand``/``expand_as`` (which only broadcast)."""
-    while isinstance(node, fx.Node):
-        call = normalize(node)
-        if call is not None and call.name == "expand" and isinstance(call.args[0], fx.Node):
-            node = call.args[0]
-        elif node.op == "call_method" and node.target == "expand_as" and isinstance(node.args[0], fx.Node):
-            node = node.args[0]
-        else:
-            break
-    return node
-
-
 def split(logits: object, from_scores: Callable[[fx.Node], bool]) -> SinkColumn | None:
     """The sink column concatenated to the scores at ``logits`` (a softmax's input, its stabiliser already
     seen through), or None when ``logits`` is no concatenation on the key dim of a part ``from_scores`` (a
@@ -106,7 +94,7 @@ def split(logits: object, from_scores: Callable[[fx.Node], bool]) -> SinkColumn 
                            "softmax (one column of sink logits is read)")
     if r != 4:
         raise NotAttention(f"sink logits are concatenated to rank-{r} scores (read on [B, H, Tq, Tk] scores only)")
-    sink = _unexpanded(other)
+    sink = unexpanded(other)
     shape = tuple(hinted_shape(sink))
     if len(shape) > 4:
         raise NotAttention(f"the sink logits {sink.name} {list(shape)} have more dims than the scores")
