@@ -79,12 +79,7 @@ def _tracing_compile() -> tuple[str, RewriteOptions | None]:
         backend = InstructionTranslator.current_tx().output.compiler_fn
     except Exception:  # noqa: BLE001 — no Dynamo trace: another tracer (torch.export's non-strict mode …)
         return "traced without Dynamo", None
-    backend = getattr(backend, "_torchdynamo_orig_backend", backend)
-    options = dict(getattr(backend, "kwargs", None) or {}).get("options")
-    backend = getattr(backend, "compiler_fn", backend)
-    if isinstance(backend, functools.partial):
-        options = {**(options or {}), **(backend.keywords.get("options") or {})}
-        backend = backend.func
+    backend, options = _unwrapped(backend)
     name = getattr(backend, "__name__", None) or type(backend).__name__
     if backend is not attnrewrite_backend:
         return f"backend {getattr(backend, 'compiler_name', name)!r}", None
@@ -92,6 +87,28 @@ def _tracing_compile() -> tuple[str, RewriteOptions | None]:
         return "backend 'attnrewrite'", RewriteOptions.parse(options)
     except (TypeError, ValueError):
         return "backend 'attnrewrite'", None
+
+
+def _unwrapped(backend: Any) -> tuple[Any, dict | None]:
+    """The compiler function inside Dynamo's wrappers of a backend, and the ``options`` they carry: the
+    wrapper ``torch.compile`` puts around a backend (``_torchdynamo_orig_backend``, ``compiler_fn`` and its
+    ``kwargs``), ``functools.partial``, and DDP's optimizer (``DDPOptimizer.compile_fn``, a bound method
+    whose ``backend_compile_fn`` compiles each bucket's subgraph)."""
+    options: dict | None = None
+    for _ in range(8):  # a few layers at most; never loop on a self-referencing wrapper
+        inner = getattr(backend, "_torchdynamo_orig_backend", backend)
+        inner_options = dict(getattr(inner, "kwargs", None) or {}).get("options")
+        if inner_options:
+            options = {**(options or {}), **inner_options}
+        inner = getattr(inner, "compiler_fn", inner)
+        if isinstance(inner, functools.partial):
+            options = {**(options or {}), **(inner.keywords.get("options") or {})}
+            inner = inner.func
+        inner = getattr(getattr(inner, "__self__", None), "backend_compile_fn", inner)
+        if inner is backend:
+            break
+        backend = inner
+    return backend, options
 
 
 def rewrite(target: Any = None, *, to: str = "softmax", **options: Any) -> Any:

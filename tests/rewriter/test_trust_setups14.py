@@ -121,6 +121,26 @@ def test_a_model_compiled_whole_with_the_same_rewrite_is_no_alarm(how):
     torch.testing.assert_close(got_registered, block.by_hand(x), rtol=1e-5, atol=1e-5)
 
 
+def test_the_module_own_compile_is_known_through_ddp_optimizer():
+    """Under DDP, Dynamo hands each graph to ``DDPOptimizer.compile_fn``, which compiles the buckets with the
+    module's own backend: that is still the module's rewrite (no alarm; ``strict`` must not raise)."""
+    import functools
+
+    from torch._dynamo.backends.distributed import DDPOptimizer
+
+    from attnrewrite.rewriter.backend import attnrewrite_backend
+    from attnrewrite.rewriter.decorator import _unwrapped
+
+    options = {"to": "sigmoid", "compiler": "eager"}
+    ddp = DDPOptimizer(bucket_bytes_cap=2**20, backend_compile_fn=functools.partial(attnrewrite_backend,
+                                                                                    options=options))
+    assert _unwrapped(ddp.compile_fn) == (attnrewrite_backend, options)
+    assert _unwrapped(functools.partial(attnrewrite_backend, options=options)) == (attnrewrite_backend, options)
+    other = DDPOptimizer(bucket_bytes_cap=2**20, backend_compile_fn=torch._dynamo.backends.registry.lookup_backend(
+        "eager"))
+    assert _unwrapped(other.compile_fn)[0] is not attnrewrite_backend
+
+
 @pytest.mark.parametrize("strict_export", [False, True])
 def test_exporting_a_model_with_a_rewritten_module_is_said(strict_export):
     """``torch.export`` traces the module's forward as well: the exported program holds its original attention."""
