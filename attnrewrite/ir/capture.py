@@ -260,6 +260,23 @@ def unexpanded(node: Any) -> Any:
     return node
 
 
+def reads_any(node: fx.Node, forbidden: set[fx.Node], earliest: fx.Node | None = None) -> bool:
+    """True when ``node`` depends on a node of ``forbidden``, none of which precedes ``earliest`` (default: the
+    first of them in graph order).  Shape-only reads (``expand_as(scores)``, ``scores.size()``) are not
+    dependencies."""
+    earliest = min(forbidden) if earliest is None else earliest
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in forbidden:
+            return True
+        if current in seen or current < earliest:
+            continue
+        seen.add(current)
+        stack.extend(value_inputs(current))
+    return False
+
+
 def summed_over(node: Any) -> tuple[fx.Node, int] | None:
     """(x, d) for ``node`` = ``x.sum(d, keepdim=True)`` (or ``x.sum(-1).unsqueeze(-1)``), else None."""
     return _reduced_over(node, (torch.sum,), "sum")

@@ -33,12 +33,12 @@ from attnrewrite.ir.capture import (
     normalize,
     owning_module,
     rank,
+    reads_any,
     same_size,
     summed_over,
     symbolic_number,
     tensor_meta,
     unexpanded,
-    value_inputs,
     written_out_softmax,
 )
 from attnrewrite.ir.spec import (
@@ -557,20 +557,6 @@ def _floor_of_clamp(call: Call):
     return lower if isinstance(lower, fx.Node) else None
 
 
-def _reads_any(node: fx.Node, forbidden: set[fx.Node], earliest: fx.Node) -> bool:
-    """True when ``node`` depends on a node of ``forbidden`` (none of which precedes ``earliest``)."""
-    stack, seen = [node], set()
-    while stack:
-        current = stack.pop()
-        if current in forbidden:
-            return True
-        if current in seen or current < earliest:
-            continue
-        seen.add(current)
-        stack.extend(value_inputs(current))  # shape-only reads (expand_as(scores), scores.size()) are not reuse
-    return False
-
-
 def _check_scores_not_reused(state: _Scores, up: list[fx.Node], down: list[fx.Node], v: fx.Node) -> None:
     """Biases, masks, factors, the modification's other inputs and the values must not read the
     scores or probabilities: ``softmax(s + s.mean(-2))`` or ``p @ (p @ v)`` are not elementwise."""
@@ -579,7 +565,7 @@ def _check_scores_not_reused(state: _Scores, up: list[fx.Node], down: list[fx.No
     candidates = state.term_nodes() + [n for n, _ in state.factors] + state.value_checks + mod_inputs + [v]
     chain = set(up) | {n for n, _ in state.mod_chain}
     for node in candidates:
-        if node not in chain and _reads_any(node, forbidden, up[0]):
+        if node not in chain and reads_any(node, forbidden, up[0]):
             raise NotAttention(f"the scores are reused in {node.name}, which is not elementwise")
 
 
@@ -925,7 +911,7 @@ def match(anchor: fx.Node) -> Site:
         raise NotAttention(f"v {v_shape} and k {k_shape} do not pair up as attention heads")
     if q_shape[-1] != k_shape[-1] or q_shape[-3] != k_shape[-3] * k_groups:
         raise NotAttention(f"q {q_shape} and k {k_shape} do not pair up as attention heads")
-    if column is not None and sinks.reads_any(column.logits, {q_ref.node, k_ref.node, v_ref.node, *up, *down[:-1]}):
+    if column is not None and reads_any(column.logits, {q_ref.node, k_ref.node, v_ref.node, *up, *down[:-1]}):
         raise NotAttention(f"{NOT_READ}: the column concatenated to the scores ({column.logits.name}) reads the "
                            "queries, keys, values or scores: not a learned sink logit")
     mod = None

@@ -12,7 +12,7 @@ the softmax that drops exactly the sink column.  Anything else is refused with t
 reports it as attention this version does not rewrite): several extra columns (null keys, registers), a
 column that varies along the queries or the batch (not one logit per head), scores of another rank, the
 probabilities with the sink column used elsewhere, a slice that keeps the sink or drops a key.  A sink
-that reads the queries, keys or values is refused by the matcher once it knows them (:func:`reads_any`).
+that reads the queries, keys or values is refused by the matcher once it knows them (:func:`~attnrewrite.ir.capture.reads_any`).
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from attnrewrite.ir.capture import (canonical_name, hinted_shape, normalize, rank, tensor_meta, unexpanded,
-                                    value_inputs)
+from attnrewrite.ir.capture import canonical_name, hinted_shape, normalize, rank, tensor_meta, unexpanded
 from attnrewrite.ir.spec import NotAttention, TensorRef
 
 _CATS = (torch.cat, torch.concat, torch.concatenate)
@@ -167,18 +166,3 @@ def _describe(index: tuple) -> str:
         return getattr(i, "name", repr(i))
 
     return "[" + ", ".join(one(i) for i in index) + "]"
-
-
-def reads_any(node: fx.Node, forbidden: set[fx.Node]) -> bool:
-    """True when ``node`` depends on a node of ``forbidden`` (shape-only reads excluded)."""
-    earliest = min(forbidden)
-    stack, seen = [node], set()
-    while stack:
-        current = stack.pop()
-        if current in forbidden:
-            return True
-        if current in seen or current < earliest:
-            continue
-        seen.add(current)
-        stack.extend(value_inputs(current))
-    return False
