@@ -30,6 +30,12 @@ rank-8 adapters on the attention projections, ``--match output``, one torch thre
 ``--no-key-gate`` without) (helper lin14: 0.9894 at 550 CPU-s):
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/distill_quality.py --rows "after both"
+
+The whole table (both kinds, every row) is about 45 CPU-minutes; ``--jobs 2`` runs its rows in two processes
+side by side (each row's CPU seconds are still its own process's), so on an otherwise idle 2-core machine the
+table takes about half the wall time:
+
+    PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/distill_quality.py --jobs 2
 """
 
 from __future__ import annotations
@@ -37,11 +43,14 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import multiprocessing
 import os
 import platform
 import subprocess
+import sys
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +98,7 @@ def row(label, name, what, seed, cpu, wall, distilled, held, reference, to, opti
             f"{retrieval:.2f} |")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--transfer-steps", type=int, default=None,
                         help="default per kind: sigmoid 200, linear 1000 (KIND_DEFAULTS)")
@@ -129,74 +138,137 @@ def main(argv=None) -> int:
                         "weights (distill's transfer_loss)")
     parser.add_argument("--seed", type=int, default=0,
                         help="distill's seed (adapters' initialisation) and the order of the batches (default 0)")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="rows run side by side in this many processes (each with --threads torch threads; "
+                             "the CPU seconds of a row are its own process's); default 1: one after the other")
+    return parser
 
-    tokenizer, model = load_minilm()
-    model.eval()
-    sentences = distillation_sentences(args.corpus, 16 * args.batches, tokenizer.get_vocab())
-    if args.bucket:  # batches of sentences of about one length: less padding, fewer tokens per step
-        sentences.sort(key=lambda text: (len(tokenizer(text, truncation=True, max_length=args.max_length)["input_ids"]),
-                                         text))
-    data = [dict(tokenizer(sentences[i:i + 16], padding=True, truncation=True, max_length=args.max_length,
-                           return_tensors="pt")) for i in range(0, len(sentences), 16)]
-    if args.bucket:  # lengths mixed again across steps, deterministically from the seed
-        order = sorted(range(len(data)), key=lambda i: zlib.crc32(f"batch {i}".encode(), args.seed))
-        data = [data[i] for i in order]
-    held = dict(tokenizer(list(HELDOUT_SENTENCES), padding=True, return_tensors="pt"))
-    reference = embed(model, held)
-    lr = {"transfer": args.lr_transfer or DEFAULT_LR["transfer"], "finetune": args.lr_finetune or DEFAULT_LR["finetune"]}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
+
+def chosen_settings(args) -> dict[str, dict]:
+    """Per kind asked for, its setting: each flag given, else the kind's :data:`KIND_DEFAULTS`."""
     kinds = [to for to, _ in SETTINGS if to in args.kinds.split(",")]
     given = {"transfer_steps": args.transfer_steps, "finetune_steps": args.finetune_steps, "match": args.match,
              "features": args.features, "key_gate": args.key_gate, "gate_normaliser": args.gate_normaliser}
-    chosen = {to: {name: KIND_DEFAULTS[to][name] if value is None else value for name, value in given.items()}
-              for to in kinds}
-    print(f"commit {commit}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; "
-          f"batches of 16 sentences (<= {args.max_length} word pieces), lr {lr}, schedule {args.schedule}, "
+    return {to: {name: KIND_DEFAULTS[to][name] if value is None else value for name, value in given.items()}
+            for to in kinds}
+
+
+def kind_options(to: str, options: dict, setting: dict) -> dict:
+    if to == "linear" and setting["features"] is not None:
+        options = {**options, "features": setting["features"]}
+    if to == "linear" and setting["key_gate"]:
+        options = {**options, "key_gate": True}
+    if to == "linear" and setting["gate_normaliser"]:
+        options = {**options, "gate_normaliser": True}
+    return options
+
+
+def planned_rows(args) -> list[tuple[str, str]]:
+    """(kind, row) in the table's order: every row asked for of every kind asked for."""
+    wanted = args.rows.split(",")
+    unknown = [name for name in wanted if name not in ROWS]
+    if unknown:
+        raise SystemExit(f"distill_quality: unknown rows {unknown}; the rows are {', '.join(ROWS)}")
+    plan = []
+    for to in chosen_settings(args):
+        for name in ROWS:
+            if name in wanted and (name != "after warm start" or to in WARM_STARTS):
+                plan.append((to, name))
+    return plan
+
+
+class Prepared:
+    """What every row shares: the model, the distillation batches, the held-out sentences and the original
+    model's embeddings of them (built the same way in every process that runs rows)."""
+
+    def __init__(self, args):
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        tokenizer, model = load_minilm()
+        model.eval()
+        sentences = distillation_sentences(args.corpus, 16 * args.batches, tokenizer.get_vocab())
+        if args.bucket:  # batches of sentences of about one length: less padding, fewer tokens per step
+            sentences.sort(key=lambda text: (len(tokenizer(text, truncation=True,
+                                                           max_length=args.max_length)["input_ids"]), text))
+        data = [dict(tokenizer(sentences[i:i + 16], padding=True, truncation=True, max_length=args.max_length,
+                               return_tensors="pt")) for i in range(0, len(sentences), 16)]
+        if args.bucket:  # lengths mixed again across steps, deterministically from the seed
+            order = sorted(range(len(data)), key=lambda i: zlib.crc32(f"batch {i}".encode(), args.seed))
+            data = [data[i] for i in order]
+        self.model, self.data = model, data
+        self.held = dict(tokenizer(list(HELDOUT_SENTENCES), padding=True, return_tensors="pt"))
+        self.reference = embed(model, self.held)
+        self.lr = {"transfer": args.lr_transfer or DEFAULT_LR["transfer"],
+                   "finetune": args.lr_finetune or DEFAULT_LR["finetune"]}
+
+
+def run_row(args, prepared: Prepared, to: str, name: str) -> str:
+    """Distil (or convert, for "before") for one row of the table and measure it on the held-out sentences."""
+    setting = chosen_settings(args)[to]
+    options = kind_options(to, dict(SETTINGS)[to], setting)
+    label = f"{to} ({', '.join(f'{k}={v}' for k, v in options.items())})"
+    model, held, reference = prepared.model, prepared.held, prepared.reference
+    if name == "before":
+        before = attnrewrite.convert(copy.deepcopy(model), to, held, **options)
+        return row(label, name, "none", "–", 0.0, 0.0, before, held, reference, to, options)
+    total = setting["transfer_steps"] + setting["finetune_steps"]
+    stage, steps = {"after warm start": ("transfer", 0),
+                    "after transfer": ("transfer", setting["transfer_steps"]),
+                    "after both": ("both", {"transfer": setting["transfer_steps"],
+                                            "finetune": setting["finetune_steps"]}),
+                    "finetune only": ("finetune", total)}[name]
+    cpu, wall = time.process_time(), time.perf_counter()
+    out = attnrewrite.distill(model, to, prepared.data, steps=steps, stage=stage, distill_seed=args.seed,
+                              progress=False, lr=prepared.lr, rank=args.rank, adapt=args.adapt,
+                              schedule=args.schedule, match=setting["match"], transfer_loss=args.transfer_loss,
+                              kind_options=options)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    what = f"{stage} {steps if isinstance(steps, int) else '+'.join(map(str, steps.values()))}"
+    return row(label, name, what, args.seed, cpu, wall, out, held, reference, to, options)
+
+
+_PREPARED: Prepared | None = None  # one per worker process of --jobs
+
+
+def _worker_row(argv, to: str, name: str) -> str:
+    global _PREPARED
+    args = build_parser().parse_args(argv)
+    if _PREPARED is None:
+        _PREPARED = Prepared(args)
+    return run_row(args, _PREPARED, to, name)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    if args.jobs < 1:
+        raise SystemExit(f"distill_quality: --jobs must be at least 1, got {args.jobs}")
+    plan = planned_rows(args)
+    prepared = Prepared(args)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip()
+    chosen = chosen_settings(args)
+    print(f"commit {commit}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+          f"{f' in each of {args.jobs} processes' if args.jobs > 1 else ''}, torch {torch.__version__}; "
+          f"batches of 16 sentences (<= {args.max_length} word pieces), lr {prepared.lr}, schedule {args.schedule}, "
           f"adapters of rank {args.rank} on {args.adapt}, corpus {args.corpus}, transfer loss {args.transfer_loss}, "
           f"seed {args.seed}; " + "; ".join(f"{to}: transfer {c['transfer_steps']} + finetune {c['finetune_steps']} "
                                             f"steps, match {c['match']}"
                                             for to, c in chosen.items()))
-    _, _, original_retrieval = scores(reference, reference)
+    _, _, original_retrieval = scores(prepared.reference, prepared.reference)
     print(f"original model: paraphrase retrieval {original_retrieval:.2f}\n")
     print("| kind | model | distillation | seed | CPU s | wall s | mean cosine | min cosine | paraphrase top-1 |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for to, options in SETTINGS:
-        if to not in kinds:
-            continue
-        setting = chosen[to]
-        total = setting["transfer_steps"] + setting["finetune_steps"]
-        if to == "linear" and setting["features"] is not None:
-            options = {**options, "features": setting["features"]}
-        if to == "linear" and setting["key_gate"]:
-            options = {**options, "key_gate": True}
-        if to == "linear" and setting["gate_normaliser"]:
-            options = {**options, "gate_normaliser": True}
-        label = f"{to} ({', '.join(f'{k}={v}' for k, v in options.items())})"
-        before = attnrewrite.convert(copy.deepcopy(model), to, held, **options)
-        rows = [("before", "none", 0.0, 0.0, before)]
-        runs = [("after transfer", "transfer", setting["transfer_steps"]),
-                ("after both", "both", {"transfer": setting["transfer_steps"], "finetune": setting["finetune_steps"]}),
-                ("finetune only", "finetune", total)]
-        if to in WARM_STARTS:
-            runs.insert(0, ("after warm start", "transfer", 0))
-        wanted = args.rows.split(",")
-        rows = [r for r in rows if r[0] in wanted]
-        runs = [run for run in runs if run[0] in wanted]
-        for name, what, _, _, distilled in rows:
-            print(row(label, name, what, "–", 0.0, 0.0, distilled, held, reference, to, options), flush=True)
-        for name, stage, steps in runs:  # each row printed as soon as its distillation is done
-            cpu, wall = time.process_time(), time.perf_counter()
-            out = attnrewrite.distill(model, to, data, steps=steps, stage=stage, distill_seed=args.seed, progress=False,
-                                      lr=lr, rank=args.rank, adapt=args.adapt, schedule=args.schedule,
-                                      match=setting["match"], transfer_loss=args.transfer_loss, kind_options=options)
-            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-            what = f"{stage} {steps if isinstance(steps, int) else '+'.join(map(str, steps.values()))}"
-            print(row(label, name, what, args.seed, cpu, wall, out, held, reference, to, options), flush=True)
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    if args.jobs == 1:
+        for to, name in plan:  # each row printed as soon as its distillation is done
+            print(run_row(args, prepared, to, name), flush=True)
+        return 0
+    # rows side by side, each in a process of its own threads; printed in the table's order as they finish
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_worker_row, argv, to, name) for to, name in plan]
+        for future in futures:
+            print(future.result(), flush=True)
     return 0
 
 
