@@ -145,9 +145,7 @@ def test_the_english_corpus_is_half_grammar_a_quarter_docstrings_and_clear_of_th
 
 
 def test_the_bench_and_the_cli_use_the_one_corpus_definition(monkeypatch):
-    spec = importlib.util.spec_from_file_location("distill_quality", ROOT / "bench" / "distill_quality.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench()
     assert bench.distillation_sentences is distillation_sentences and bench.CORPORA is CORPORA
     corpus = next(a for a in build_parser()._subparsers._group_actions[0].choices["distill"]._actions
                   if a.dest == "corpus")
@@ -173,3 +171,28 @@ def test_the_bench_and_the_cli_use_the_one_corpus_definition(monkeypatch):
         with pytest.raises(Stop):
             cli._minilm(args, {})
     assert asked == [("english", 12), ("mixed", 12)]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("distill_quality", ROOT / "bench" / "distill_quality.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_bench_plans_its_rows_in_the_tables_order_and_refuses_unknown_ones():
+    bench = _bench()
+    args = bench.build_parser().parse_args(["--rows", "finetune only,before,after both", "--jobs", "2"])
+    assert bench.planned_rows(args) == [("sigmoid", "before"), ("sigmoid", "after both"), ("sigmoid", "finetune only"),
+                                        ("linear", "before"), ("linear", "after both"), ("linear", "finetune only")]
+    args = bench.build_parser().parse_args(["--kinds", "linear", "--features", "64", "--no-key-gate"])
+    assert [name for _, name in bench.planned_rows(args)] == list(bench.ROWS)
+    setting = bench.chosen_settings(args)["linear"]
+    assert setting["features"] == 64 and setting["key_gate"] is False
+    assert setting["transfer_steps"] == bench.KIND_DEFAULTS["linear"]["transfer_steps"]
+    assert bench.kind_options("linear", {"feature_map": "hedgehog"}, setting) == {"feature_map": "hedgehog",
+                                                                                   "features": 64}
+    with pytest.raises(SystemExit, match="unknown rows \\['after all'\\]"):
+        bench.planned_rows(bench.build_parser().parse_args(["--rows", "before,after all"]))
+    with pytest.raises(SystemExit, match="--jobs must be at least 1"):
+        bench.main(["--jobs", "0"])
