@@ -112,6 +112,26 @@ class SlidingWindowByLoop(Site):
         return keep
 
 
+class CausalCloneWritten(Site):
+    """A clone of the causal triangle with two old keys cut off the last rows: a causal ``tril`` with an in-place
+    write into its clone, which is no longer causal.  The resolver reads the clone with its write (an explicit
+    mask), not through the clone to the triangle ("proven causal" would then be refused by the certifier)."""
+
+    def mask(self, x, lengths):
+        keep = torch.ones(T, T, dtype=torch.bool).tril().clone()
+        keep[5:, :2] = False
+        return keep
+
+
+class CausalAdditiveCloneWritten(Site):
+    """The same with an additive -inf causal mask: ``masked_fill(triu)`` cloned, then written."""
+
+    def mask(self, x, lengths):
+        m = torch.zeros(T, T).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), NEG).clone()
+        m[5:, :2] = NEG
+        return m
+
+
 class IndexPut(Site):
     def mask(self, x, lengths):
         m = torch.zeros(T, T)
@@ -479,6 +499,7 @@ class ValuesWrittenInside(Site):
 
 
 REWRITTEN = [SliceOfZeros, MaskedFillInPlace, LoopOverFull, BoolItemAssignment, SlidingWindowByLoop, IndexPut,
+             CausalCloneWritten, CausalAdditiveCloneWritten,
              CopyIntoSlice, FillThroughViews, AddedParameter, PaddingFromLengths, ShiftedWindow, MaskWrittenAfterTheSite,
              ScoresMaskedFillInPlace, ScoresReassignedFromTheFill, ScoresWrittenElementwise,
              ScoresReadBeforeTheirWrite, ScoresWrittenAfterTheSoftmax, ScoresFilledThenUpcast, ScoresSliceAssigned,
@@ -532,6 +553,26 @@ def test_a_causal_mask_written_in_place_is_proven_causal(cls):
     assert any("proven causal" in n for n in site.notes)
 
 
+@pytest.mark.parametrize("cls", [CausalCloneWritten, CausalAdditiveCloneWritten], ids=lambda c: c.__name__)
+def test_a_written_clone_of_the_causal_triangle_is_an_explicit_mask(cls):
+    report = Report(to="softmax")
+    model = build(cls)
+    compile_rewritten(model, report, to="softmax")(*inputs(model, "clone"))
+    (site,) = report.attention_sites()
+    assert site.status == "rewritten", site.reason
+    assert not site.spec["causal"] and site.spec["bias"], site
+    assert not any("proven causal" in n for n in site.notes), site.notes
+
+
+def test_scores_assigned_a_causal_bool_index_are_proven_causal():
+    report = Report(to="softmax")
+    model = build(ScoresBoolIndexAssigned)
+    compile_rewritten(model, report, to="softmax")(*inputs(model, "bool-causal"))
+    (site,) = report.attention_sites()
+    assert site.status == "rewritten" and site.spec["causal"], site
+    assert any("proven causal" in n for n in site.notes), site.notes
+
+
 def test_a_mask_written_in_place_is_not_dropped():
     """The bug this file guards: zeros read without their writes look like 'no mask' and were dropped."""
     report = Report(to="softmax")
@@ -546,7 +587,8 @@ def test_a_mask_written_in_place_is_not_dropped():
                                  PaddingFromLengths, ScoresMaskedFillInPlace, ScoresWrittenElementwise,
                                  ScoresReadBeforeTheirWrite, ScoresSliceAssigned, ScoresBoolIndexAssigned,
                                  ScoresFullMaskAssigned, ScoresSliceFilled, ScoresBiasAddedBySlice,
-                                 ScoresRowsAssignedInALoop], ids=lambda c: c.__name__)
+                                 ScoresRowsAssignedInALoop, CausalCloneWritten, CausalAdditiveCloneWritten],
+                         ids=lambda c: c.__name__)
 def test_sigmoid_rewrite_equals_a_hand_written_sigmoid_model(cls):
     """The softmax model rewritten to sigmoid (fixed bias) equals the same model written by hand with
     sigmoid attention over the same in-place mask: outputs and parameter gradients."""
