@@ -72,7 +72,7 @@ def _index_tuple(index: Any) -> tuple:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, (bool, int, float))  # (keep[:, 6:] = False builds a bool mask)
 
 
 def _zero_dim(value: Any) -> bool:

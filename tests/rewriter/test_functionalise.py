@@ -149,6 +149,17 @@ def _add_on_a_bool_index(s, y):
     s[y > 0] += 1.0  # (the bool getitem is a copy of data-dependent size, whose size Dynamo asserts: read twice)
 
 
+def test_a_bool_mask_built_by_item_assignment():
+    def fn(x):
+        keep = torch.ones(4, 6, dtype=torch.bool)
+        keep[:, 4:] = False
+        keep[0, 5] = True
+        return x.masked_fill(~keep, -1.0)
+
+    code = _check(fn, torch.randn(4, 6), replaced=2)
+    assert "keep_functional_1 = keep_functional.masked_fill(" in code, code
+
+
 LEFT_AS_WRITTEN = {  # spelling -> fn(s, y): each stays as written (with the elementwise write beside it)
     "view of a view": lambda s, y: s[1:].__getitem__((slice(None), slice(2, None))).fill_(0.0),
     "integer tensor index": lambda s, y: s.__setitem__((slice(None), torch.tensor([0, 2])), 0.0),
