@@ -32,6 +32,11 @@ graph is left exactly as it was (and the site keeps its reason):
   The storage facts come from :class:`~attnrewrite.ir.capture.Writes` (fake tensors share a
   storage exactly where the real ones do); a node without an example value is not trusted.
 
+Item assignment into ``t`` (``t[..., 6:] = -inf``, ``t[:, :, m] = -inf``, ``t[i] += b``, ``t[i].fill_(c)``,
+``t.index_put_((m,), c)``) is one more kind of write, with the out-of-place form built by
+:mod:`~attnrewrite.rewriter.item_writes` (a ``masked_fill`` over the indexed region, or ``t + P``); the
+view such a write goes through is part of the write when the write is its only reader.
+
 Several writes into one tensor are taken one after another, in graph order: the second then
 writes into ``n``, itself a private op output.  Autograd is the same too: the out-of-place op
 has the in-place op's derivative.
@@ -48,7 +53,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from attnrewrite.ir.capture import Writes, canonical_name, example
-from attnrewrite.rewriter.item_writes import ItemWrite, _Emitter, _Fake, emit_out_of_place, item_write
+from attnrewrite.rewriter.item_writes import DryValue, Emitter, ItemWrite, emit_out_of_place, item_write
 
 #: In-place spelling → out-of-place spelling, for methods and for the augmented operators.
 OUT_OF_PLACE_METHODS = {"masked_fill_": "masked_fill", "add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
@@ -156,7 +161,7 @@ def _dry_run(unit: Any, before: torch.Tensor) -> torch.Tensor | None:
     if not isinstance(unit, ItemWrite):
         return _fake_result(unit, *_out_of_place(unit))
     try:
-        result = emit_out_of_place(unit, _Fake(before), _Emitter(before.fake_mode))
+        result = emit_out_of_place(unit, DryValue(before), Emitter(before.fake_mode))
     except Exception:  # noqa: BLE001 — anything the fake run refuses is left as written
         return None
     return None if result is None else result.value
@@ -182,7 +187,7 @@ def _functionalise(gm: fx.GraphModule, target: fx.Node, chain: list[Any], aliase
         position = writes.position[last]
         if isinstance(write, ItemWrite):
             meta = {k: v for k, v in last.meta.items() if k not in ("example_value", "val")}
-            emit = _Emitter(before.fake_mode, gm.graph, meta)
+            emit = Emitter(before.fake_mode, gm.graph, meta)
             with gm.graph.inserting_before(last):
                 new = emit_out_of_place(write, current, emit)
             if new is None:  # (the dry run above took the same path)

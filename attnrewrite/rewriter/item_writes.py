@@ -138,7 +138,7 @@ def item_write(write: fx.Node) -> ItemWrite | None:
     return None
 
 
-class _Emitter:
+class Emitter:
     """Runs ops on fake tensors (``graph=None``: a dry run) or adds them to ``graph`` with their fake
     example values; every node added is listed in ``created``."""
 
@@ -146,7 +146,7 @@ class _Emitter:
         self.fake_mode, self.graph, self.meta, self.created = fake_mode, graph, meta or {}, []
 
     def fake(self, value: Any) -> Any:
-        return value.value if isinstance(value, _Fake) else example(value) if isinstance(value, fx.Node) else value
+        return value.value if isinstance(value, DryValue) else example(value) if isinstance(value, fx.Node) else value
 
     def __call__(self, target: Any, *args: Any, method: bool = False, **kwargs: Any) -> Any:
         fake_args = fx.node.map_aggregate(args, self.fake)
@@ -156,7 +156,7 @@ class _Emitter:
             value = getattr(fake_args[0], target)(*fake_args[1:], **fake_kwargs) if method \
                 else target(*fake_args, **fake_kwargs)
         if self.graph is None:
-            return _Fake(value)
+            return DryValue(value)
         node = self.graph.create_node("call_method" if method else "call_function", target, args, kwargs)
         node.meta = dict(self.meta)
         node.meta["example_value"] = value
@@ -164,14 +164,14 @@ class _Emitter:
         return node
 
 
-class _Fake:
-    """A dry run's value, standing for a node (``example`` reads it as one)."""
+class DryValue:
+    """A dry run's fake value, standing where a node would be (:meth:`Emitter.fake` reads it)."""
 
     def __init__(self, value):
         self.value = value
 
 
-def _region(emit: _Emitter, index: tuple, shape: tuple, device) -> tuple[Any, list] | None:
+def _region(emit: Emitter, index: tuple, shape: tuple, device) -> tuple[Any, list] | None:
     """``(R, dims)``: the bool region ``index`` selects in a tensor of ``shape`` (None: all of it),
     and per indexed dim ``(dim, start, stop, step, dropped)`` for the basic items — or None."""
     ndim = len(shape)
@@ -233,7 +233,7 @@ def _is_tensor(item: Any) -> bool:
     return isinstance(item, fx.Node) and isinstance(example(item), torch.Tensor)
 
 
-def emit_out_of_place(unit: ItemWrite, current: Any, emit: _Emitter) -> Any:
+def emit_out_of_place(unit: ItemWrite, current: Any, emit: Emitter) -> Any:
     """The out-of-place form of ``unit`` applied to ``current`` (a node, or a dry run's value), or
     None when it has none here (module docstring)."""
     before = emit.fake(current)
