@@ -18,7 +18,9 @@ result against the original on random padding masks.
 Terms are evaluated as the rewrite will read them, just before the site's output, with the
 graph's in-place writes executed (a mask built by ``m = zeros(T, T)``, ``m[:, 5:] = -inf``
 is the mask it holds after the write, not zeros); a term written in place with a value that
-depends on user data counts as data-dependent.
+depends on user data counts as data-dependent.  A term written in place is never split into the
+operands it was computed from (``keep = causal.clone(); keep[5:, :2] = False`` is not the causal
+``tril`` behind the clone): it is evaluated whole.
 """
 
 from __future__ import annotations
@@ -68,8 +70,11 @@ def split_term(term: MaskTerm, evaluator: GraphEvaluator, score_rank: int, depth
     call = normalize(term.node)
     if call is None or depth >= _MAX_DEPTH or term.steps != term_steps(rank(term.node), score_rank):
         return [term]  # (a term that follows a view of the scores keeps its layout steps whole)
-    if written_by(term.node):
-        return [term]  # m.add_(b) is one value: its operand m, read later, already holds the sum
+    if written_by(term.node) or evaluator.writes.writes_into(term.node, before=at):
+        # m.add_(b) is one value: its operand m, read later, already holds the sum; and a term written in
+        # place after it was computed (keep = causal.clone(); keep[5:, :2] = False) is not its operands:
+        # it is read whole, with its writes
+        return [term]
 
     def sub(kind: str, node, coeff: float = term.coeff) -> list[MaskTerm]:
         if not isinstance(node, fx.Node):

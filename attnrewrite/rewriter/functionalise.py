@@ -32,6 +32,11 @@ graph is left exactly as it was (and the site keeps its reason):
   The storage facts come from :class:`~attnrewrite.ir.capture.Writes` (fake tensors share a
   storage exactly where the real ones do); a node without an example value is not trusted.
 
+Item assignment into ``t`` (``t[..., 6:] = -inf``, ``t[:, :, m] = -inf``, ``t[i] += b``, ``t[i].fill_(c)``,
+``t.index_put_((m,), c)``) is one more kind of write, with the out-of-place form built by
+:mod:`~attnrewrite.rewriter.item_writes` (a ``masked_fill`` over the indexed region, or ``t + P``); the
+view such a write goes through is part of the write when the write is its only reader.
+
 Several writes into one tensor are taken one after another, in graph order: the second then
 writes into ``n``, itself a private op output.  Autograd is the same too: the out-of-place op
 has the in-place op's derivative.
@@ -48,6 +53,7 @@ from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from attnrewrite.ir.capture import Writes, canonical_name, example
+from attnrewrite.rewriter.item_writes import DryValue, Emitter, ItemWrite, emit_out_of_place, item_write
 
 #: In-place spelling → out-of-place spelling, for methods and for the augmented operators.
 OUT_OF_PLACE_METHODS = {"masked_fill_": "masked_fill", "add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
@@ -77,10 +83,11 @@ def _same(a: Any, b: Any) -> bool:
     return a == b if isinstance(a, int) and isinstance(b, int) else statically_known_true(a == b)
 
 
-def _writes_into_private(target: fx.Node, writes: Writes) -> tuple[list[fx.Node], list[fx.Node]] | None:
-    """The writes into ``target`` and the aliases of it, in graph order, when the writes may all be made
-    out of place: nothing but ``target``, such writes (and their results, the same tensor) and aliases
-    made after the last of them (``scores.float()`` on float32 scores) share its storage.  Else None."""
+def _writes_into_private(target: fx.Node, writes: Writes) -> tuple[list[Any], list[fx.Node]] | None:
+    """The writes into ``target`` (elementwise write nodes and :class:`ItemWrite` s) and the aliases of it,
+    in graph order, when the writes may all be made out of place: nothing but ``target``, such writes (and
+    their results, the same tensor; an item write's view, used by it alone) and aliases made after the
+    last of them (``scores.float()`` on float32 scores) share its storage.  Else None."""
     if target.op not in ("call_function", "call_method", "call_module") or _fake_tensor(target) is None:
         return None
     if canonical_name(target) in ("view", "transpose", "permute", "unsqueeze", "expand", "flatten", "unflatten",
@@ -95,15 +102,29 @@ def _writes_into_private(target: fx.Node, writes: Writes) -> tuple[list[fx.Node]
     found = writes.writers.get(group, [])
     if not found:
         return None
+    units: list[Any] = []
+    whole = {target}  # the target and the results of the writes so far: the same tensor, whole
+    parts: set[fx.Node] = set()  # the nodes of the item writes (their views included)
+    for write in found:
+        if write in parts:
+            continue
+        if _out_of_place(write) is not None and write.args[0] in whole and write in members \
+                and writes.targets.get(write) == [write.args[0]]:
+            units.append(write)
+            whole.add(write)
+            continue
+        unit = item_write(write)
+        if unit is None or unit.base not in whole:
+            return None  # another kind of write, or one that writes elsewhere as well (an out= argument ...)
+        units.append(unit)
+        parts.update(unit.nodes)
     last = writes.position[found[-1]]
-    aliases = [m for m in members if m is not target and m not in found]
+    aliases = [m for m in members if m not in whole and m not in parts]
     if any(writes.position[a] < last or a.op not in ("call_function", "call_method") for a in aliases):
         return None  # a view or alias of the target that a write reaches, or another node on its storage
-    for write in found:
-        if _out_of_place(write) is None or write not in members or writes.targets.get(write) != [write.args[0]] \
-                or write.args[0] not in members:
-            return None  # another kind of write, or one that writes elsewhere as well (an out= argument ...)
-    return found, aliases
+    if any(w not in parts and writes.targets.get(w) != [w.args[0]] for w in found):
+        return None
+    return units, aliases
 
 
 def _fake_result(write: fx.Node, op: str, target: Any, known: dict | None = None) -> torch.Tensor | None:
@@ -135,15 +156,26 @@ def _same_layout(written: torch.Tensor, before: torch.Tensor) -> bool:
             and all(_same(a, b) for a, b in zip(written.shape, before.shape)))
 
 
-def _functionalise(gm: fx.GraphModule, target: fx.Node, chain: list[fx.Node], aliases: list[fx.Node],
+def _dry_run(unit: Any, before: torch.Tensor) -> torch.Tensor | None:
+    """The value ``unit`` (a write node or an :class:`ItemWrite`) leaves in its target, run on fake tensors."""
+    if not isinstance(unit, ItemWrite):
+        return _fake_result(unit, *_out_of_place(unit))
+    try:
+        result = emit_out_of_place(unit, DryValue(before), Emitter(before.fake_mode))
+    except Exception:  # noqa: BLE001 — anything the fake run refuses is left as written
+        return None
+    return None if result is None else result.value
+
+
+def _functionalise(gm: fx.GraphModule, target: fx.Node, chain: list[Any], aliases: list[fx.Node],
                    writes: Writes) -> bool:
     """Replace every write of ``chain`` (all of ``target``'s) by its out-of-place form, or none of them.
     ``aliases`` (made after the last write) become aliases of the last out-of-place result."""
-    results = [_fake_result(w, *_out_of_place(w)) for w in chain]
     before = _fake_tensor(target)
+    results = [_dry_run(w, before) for w in chain]
     if any(r is None or not _same_layout(r, before) for r in results):
         return False
-    members = {target, *chain}
+    members = {target, *(w for w in chain if not isinstance(w, ItemWrite))}
     known = dict.fromkeys(members, results[-1])
     for alias in aliases:  # (their example values shared the written storage: they share the result's now)
         known[alias] = _fake_result(alias, alias.op, alias.target, known)
@@ -151,21 +183,41 @@ def _functionalise(gm: fx.GraphModule, target: fx.Node, chain: list[fx.Node], al
             return False
     current = target
     for write, written in zip(chain, results):
-        op, name = _out_of_place(write)
-        args = fx.node.map_arg(write.args, lambda n: current if n in members else n)
-        kwargs = fx.node.map_arg(dict(write.kwargs), lambda n: current if n in members else n)
-        with gm.graph.inserting_before(write):
-            new = gm.graph.create_node(op, name, args, kwargs, name=f"{target.name}_functional")
-        new.meta = {k: v for k, v in write.meta.items() if k not in ("example_value", "val")}
-        new.meta["example_value"] = written
-        position = writes.position[new] = writes.position[write]  # (readers made by other targets' writes too)
+        last = write.last if isinstance(write, ItemWrite) else write
+        position = writes.position[last]
+        if isinstance(write, ItemWrite):
+            meta = {k: v for k, v in last.meta.items() if k not in ("example_value", "val")}
+            emit = Emitter(before.fake_mode, gm.graph, meta)
+            with gm.graph.inserting_before(last):
+                new = emit_out_of_place(write, current, emit)
+            if new is None:  # (the dry run above took the same path)
+                raise RuntimeError(f"functionalise: {last.name} could not be written out of place after all")
+            for node in reversed(emit.created):  # (a region built for a tensor placed by padding is not read)
+                if not node.users and node is not new:
+                    gm.graph.erase_node(node)
+                else:
+                    writes.position[node] = position
+            new._rename(f"{target.name}_functional")
+        else:
+            op, name = _out_of_place(write)
+            args = fx.node.map_arg(write.args, lambda n: current if n in members else n)
+            kwargs = fx.node.map_arg(dict(write.kwargs), lambda n: current if n in members else n)
+            with gm.graph.inserting_before(write):
+                new = gm.graph.create_node(op, name, args, kwargs, name=f"{target.name}_functional")
+            new.meta = {k: v for k, v in write.meta.items() if k not in ("example_value", "val")}
+            new.meta["example_value"] = written
+        writes.position[new] = position  # (readers made by other targets' writes too)
         for member in members:  # readers after the write read the written values
             for user in list(member.users):
                 if user is not new and writes.position.get(user, -1) > position:
                     user.replace_input_with(member, new)
-        write.replace_all_uses_with(new)
-        gm.graph.erase_node(write)
-        members.discard(write)
+        if isinstance(write, ItemWrite):
+            for node in reversed(write.nodes):  # (each used by the next alone, the last by no one)
+                gm.graph.erase_node(node)
+        else:
+            write.replace_all_uses_with(new)
+            gm.graph.erase_node(write)
+            members.discard(write)
         members.add(new)  # the readers after the next write may read this one now
         current = new
     for alias in aliases:

@@ -112,6 +112,26 @@ class SlidingWindowByLoop(Site):
         return keep
 
 
+class CausalCloneWritten(Site):
+    """A clone of the causal triangle with two old keys cut off the last rows: a causal ``tril`` with an in-place
+    write into its clone, which is no longer causal.  The resolver reads the clone with its write (an explicit
+    mask), not through the clone to the triangle ("proven causal" would then be refused by the certifier)."""
+
+    def mask(self, x, lengths):
+        keep = torch.ones(T, T, dtype=torch.bool).tril().clone()
+        keep[5:, :2] = False
+        return keep
+
+
+class CausalAdditiveCloneWritten(Site):
+    """The same with an additive -inf causal mask: ``masked_fill(triu)`` cloned, then written."""
+
+    def mask(self, x, lengths):
+        m = torch.zeros(T, T).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), NEG).clone()
+        m[5:, :2] = NEG
+        return m
+
+
 class IndexPut(Site):
     def mask(self, x, lengths):
         m = torch.zeros(T, T)
@@ -282,6 +302,94 @@ class ScoresWrittenAfterTheSoftmax(Site):
         return p @ v + s.clamp(min=-1.0).mean(-1, keepdim=True)
 
 
+class ScoresSliceAssigned(Site):
+    """``s[..., 6:] = -inf``: an item assignment into a slice of the scores (``operator.setitem``), made a
+    ``masked_fill`` over an ``arange`` range before matching (rewriter/item_writes.py)."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        s[..., 6:] = NEG
+        return self.normalise(s) @ v
+
+
+class ScoresBoolIndexAssigned(Site):
+    """``s[:, :, drop] = -inf`` with a bool [T, T] index over the last two dims: the causal triangle (proven
+    causal once made a ``masked_fill``), then key 0 masked for a few rows of one head by int + slice."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        s[:, :, torch.ones(T, T, dtype=torch.bool).triu(1)] = NEG
+        s[:, 1, 3:6, 0] = -1e9  # head 1, rows 3-5: key 0 masked as well
+        return self.normalise(s) @ v
+
+
+class ScoresFullMaskAssigned(Site):
+    """``s[pad.expand_as(s)] = -1e9``: a key-padding mask from the input lengths as a full bool index
+    (the same as ``masked_fill``), then the same padding written again with ``index_put_``."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        pad = (torch.arange(T)[None, :] >= lengths[:, None])[:, None, None, :]  # [B, 1, 1, T]
+        s[pad.expand_as(s)] = -1e9
+        s.index_put_((pad.expand(s.shape),), torch.tensor(NEG))
+        return self.normalise(s) @ v
+
+
+class ScoresSliceFilled(Site):
+    """``s[..., 5:].fill_(-inf)`` and a strided column ``s[..., 1::3, 2] = -inf``: writes into views of the
+    scores used by the write alone."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        s[..., 5:].fill_(NEG)
+        s[..., 1::3, 2] = NEG
+        return self.normalise(s) @ v
+
+
+class ScoresBiasAddedBySlice(Site):
+    """``s[..., :, :T] += rel`` (a learned bias over the whole scores, by a slice), ``s[..., :4] -= alibi``
+    on the first keys, and ``s[..., 6:] += mask`` of a -inf column: getitem → iadd → setitem, made
+    ``s + P`` with ``P`` the value padded with zeros."""
+
+    def __init__(self, attention="softmax"):
+        super().__init__(attention)
+        self.rel = nn.Parameter(torch.randn(H, T, T, generator=_seed("rel-slice")))
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        s[..., :, :T] += self.rel
+        s[..., :4] -= 0.5 * torch.arange(4.0)
+        s[..., 6:] += torch.full((T, 2), NEG)
+        return self.normalise(s) @ v
+
+
+class ScoresRowsAssignedInALoop(Site):
+    """A causal mask written into the scores row by row, ``s[..., i, i + 1:] = -inf``: one write per row."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        for i in range(T - 1):
+            s[..., i, i + 1:] = NEG
+        return self.normalise(s) @ v
+
+
+class ScoresAssignedAfterTheSoftmax(Site):
+    """The softmax reads the scores before an item assignment into them: it keeps the unwritten scores."""
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        p = self.normalise(s)
+        s[..., 6:] = -1e4
+        return p @ v + s.clamp(min=-1.0).mean(-1, keepdim=True)
+
+
 # --------------------------------------------------------------------------- left alone, with the reason
 
 
@@ -299,15 +407,55 @@ class MaskWrittenAfterItsRead(Site):
         return torch.softmax(s, dim=-1) @ v + m[0, 0].clamp(min=0)
 
 
-class ScoresWrittenInPlace(Site):
-    """The scores themselves are written by an assignment into a slice of them (``setitem``), which is
-    not one of the elementwise writes made out of place (rewriter/functionalise.py)."""
+class ScoresAssignedFromTheQueries(Site):
+    """The value assigned reads the queries: made a ``masked_fill`` whose value depends on q, which is no
+    mask value — the matcher refuses it."""
+
+    expect = "not a constant mask value"
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        s[..., 6:] = q.detach().amin() - 1e4
+        return torch.softmax(s, dim=-1) @ v
+
+
+class ScoresAssignedThroughAnAliasReadElsewhere(Site):
+    """``tail = s[..., 6:]; tail.fill_(-inf)`` with ``tail`` read afterwards as well: the view is not the
+    write's alone, so nothing is made out of place."""
 
     expect = "is written in place by"
 
     def forward(self, x, lengths):
         q, k, v = self.heads(x)
         s = q @ k.transpose(-2, -1) / math.sqrt(D)
+        tail = s[..., 6:]
+        tail.fill_(NEG)
+        return torch.softmax(s, dim=-1) @ v + tail.clamp(min=-1.0).sum()
+
+
+class ProbabilitiesAssigned(Site):
+    """An item assignment into the probabilities after the softmax (``p[..., 6:] = 0``): made out of place,
+    it changes the probabilities on their way to the values, which the matcher does not rewrite."""
+
+    expect = "change the scores or probabilities (div, masked_fill)"
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        p = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(D), dim=-1)
+        p[..., 6:] = 0.0
+        return p @ v
+
+
+class ScoresViewAssigned(Site):
+    """The scores are a view (``bmm`` output viewed as [B, H, T, T]) assigned by index: not a private op
+    output, so the assignment stays as written."""
+
+    expect = "is written in place by"
+
+    def forward(self, x, lengths):
+        q, k, v = self.heads(x)
+        s = (torch.bmm(q.reshape(-1, T, D), k.reshape(-1, T, D).transpose(1, 2)) / math.sqrt(D)).view(-1, H, T, T)
         s[..., 6:] = NEG
         return torch.softmax(s, dim=-1) @ v
 
@@ -351,11 +499,15 @@ class ValuesWrittenInside(Site):
 
 
 REWRITTEN = [SliceOfZeros, MaskedFillInPlace, LoopOverFull, BoolItemAssignment, SlidingWindowByLoop, IndexPut,
+             CausalCloneWritten, CausalAdditiveCloneWritten,
              CopyIntoSlice, FillThroughViews, AddedParameter, PaddingFromLengths, ShiftedWindow, MaskWrittenAfterTheSite,
              ScoresMaskedFillInPlace, ScoresReassignedFromTheFill, ScoresWrittenElementwise,
-             ScoresReadBeforeTheirWrite, ScoresWrittenAfterTheSoftmax, ScoresFilledThenUpcast]
-LEFT_ALONE = [MaskWrittenAfterItsRead, ScoresWrittenInPlace, ScoresFilledThroughAView, ScoresViewedAndFilled,
-              ValuesWrittenInside]
+             ScoresReadBeforeTheirWrite, ScoresWrittenAfterTheSoftmax, ScoresFilledThenUpcast, ScoresSliceAssigned,
+             ScoresBoolIndexAssigned, ScoresFullMaskAssigned, ScoresSliceFilled, ScoresBiasAddedBySlice,
+             ScoresRowsAssignedInALoop, ScoresAssignedAfterTheSoftmax]
+LEFT_ALONE = [MaskWrittenAfterItsRead, ScoresFilledThroughAView, ScoresViewedAndFilled, ValuesWrittenInside,
+              ScoresAssignedFromTheQueries, ScoresAssignedThroughAnAliasReadElsewhere, ProbabilitiesAssigned,
+              ScoresViewAssigned]
 
 
 def inputs(model: Site, name: str):
@@ -383,7 +535,7 @@ def test_every_in_place_mask_is_rewritten_exactly_or_left_alone(cls):
         for probe in ("example", "fresh"):
             x, lengths = inputs(model, f"{cls.__name__}-{probe}")
             assert_close_rel(compiled(x, lengths), model(x, lengths), 1e-5, f"{cls.__name__} ({probe})")
-    (site,) = report.attention_sites()
+    (site,) = report.attention_sites() or report.sites  # (a near miss has no spec)
     if cls.expect == "rewritten":
         assert site.status == "rewritten", f"{cls.__name__}: {site.reason}"
         assert any("certified" in n for n in site.notes)
@@ -401,18 +553,42 @@ def test_a_causal_mask_written_in_place_is_proven_causal(cls):
     assert any("proven causal" in n for n in site.notes)
 
 
+@pytest.mark.parametrize("cls", [CausalCloneWritten, CausalAdditiveCloneWritten], ids=lambda c: c.__name__)
+def test_a_written_clone_of_the_causal_triangle_is_an_explicit_mask(cls):
+    report = Report(to="softmax")
+    model = build(cls)
+    compile_rewritten(model, report, to="softmax")(*inputs(model, "clone"))
+    (site,) = report.attention_sites()
+    assert site.status == "rewritten", site.reason
+    assert not site.spec["causal"] and site.spec["bias"], site
+    assert not any("proven causal" in n for n in site.notes), site.notes
+
+
+def test_scores_assigned_a_causal_bool_index_are_proven_causal():
+    report = Report(to="softmax")
+    model = build(ScoresBoolIndexAssigned)
+    compile_rewritten(model, report, to="softmax")(*inputs(model, "bool-causal"))
+    (site,) = report.attention_sites()
+    assert site.status == "rewritten" and site.spec["causal"], site
+    assert any("proven causal" in n for n in site.notes), site.notes
+
+
 def test_a_mask_written_in_place_is_not_dropped():
     """The bug this file guards: zeros read without their writes look like 'no mask' and were dropped."""
     report = Report(to="softmax")
     model = build(SliceOfZeros)
     compile_rewritten(model, report, to="softmax")(*inputs(model, "dropped"))
     (site,) = report.attention_sites()
-    assert site.status == "rewritten" and site.spec["bias"] == ["add"] and not site.spec["causal"]
+    # (the slice written into zeros is made a masked_fill before matching: read as the drop-mask it writes)
+    assert site.status == "rewritten" and site.spec["bias"] == ["drop"] and not site.spec["causal"]
 
 
 @pytest.mark.parametrize("cls", [SliceOfZeros, LoopOverFull, BoolItemAssignment, IndexPut, FillThroughViews,
                                  PaddingFromLengths, ScoresMaskedFillInPlace, ScoresWrittenElementwise,
-                                 ScoresReadBeforeTheirWrite], ids=lambda c: c.__name__)
+                                 ScoresReadBeforeTheirWrite, ScoresSliceAssigned, ScoresBoolIndexAssigned,
+                                 ScoresFullMaskAssigned, ScoresSliceFilled, ScoresBiasAddedBySlice,
+                                 ScoresRowsAssignedInALoop, CausalCloneWritten, CausalAdditiveCloneWritten],
+                         ids=lambda c: c.__name__)
 def test_sigmoid_rewrite_equals_a_hand_written_sigmoid_model(cls):
     """The softmax model rewritten to sigmoid (fixed bias) equals the same model written by hand with
     sigmoid attention over the same in-place mask: outputs and parameter gradients."""
