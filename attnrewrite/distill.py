@@ -24,9 +24,10 @@ can rewrite and any kind:
   output for each batch is computed once and reused when the data is cycled (up to
   :data:`TEACHER_CACHE_BYTES`).
 
-Each step's cost is the model's forward and backward (in transfer, on a batch it has kept, only the sites'): the graph is compiled once per stage (twice
-when batches differ in length: Dynamo then recompiles once with dynamic shapes), and the stages run
-the rewritten graph without inductor unless ``compiler`` asks for it.  On a shared CPU, one torch
+Each step's cost is the model's forward and backward (in transfer, on a batch it has kept, only the
+sites'): the graph is compiled once per stage (twice when batches differ in length: Dynamo then
+recompiles once with dynamic shapes), and the stages run the rewritten graph without inductor unless
+``compiler`` asks for it.  On a shared CPU, one torch
 thread (``torch.set_num_threads(1)``) spends far fewer CPU-seconds per step than several.
 
 Everything happens on a copy: the model passed in is never changed (its parameters, their
