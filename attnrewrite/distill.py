@@ -10,7 +10,11 @@ can rewrite and any kind:
   distillation mode: every rewritten site computes both the kind's output and the exact one from
   the same canonical call, records their mean squared error and hands the *exact* output on, so
   every site sees the inputs the original model gives it (teacher forcing).  One forward gives
-  all sites' errors; their sum is minimised by one optimizer.  Before the first step, kinds with a
+  all sites' errors; their sum is minimised by one optimizer.  Teacher forcing makes each site's
+  operands a function of the batch alone (the frozen model never sees the states), so when the
+  data is cycled the operands of each batch's first step are kept (up to
+  :data:`TRANSFER_CACHE_BYTES`) and later steps on that batch run only the sites (the kind's and the
+  exact attention on the kept operands), not the model.  Before the first step, kinds with a
   warm start (:data:`WARM_STARTS`: sigmoid's per-head bias) set their states in closed form from
   the sites' operands captured on the first :data:`WARM_START_BATCHES` batches.
 - ``"finetune"``: low-rank adapters on the ``nn.Linear`` modules of each module that owns a site
@@ -20,9 +24,10 @@ can rewrite and any kind:
   output for each batch is computed once and reused when the data is cycled (up to
   :data:`TEACHER_CACHE_BYTES`).
 
-Each step's cost is the model's forward and backward: the graph is compiled once per stage (twice
-when batches differ in length: Dynamo then recompiles once with dynamic shapes), and the stages run
-the rewritten graph without inductor unless ``compiler`` asks for it.  On a shared CPU, one torch
+Each step's cost is the model's forward and backward (in transfer, on a batch it has kept, only the
+sites'): the graph is compiled once per stage (twice when batches differ in length: Dynamo then
+recompiles once with dynamic shapes), and the stages run the rewritten graph without inductor unless
+``compiler`` asks for it.  On a shared CPU, one torch
 thread (``torch.set_num_threads(1)``) spends far fewer CPU-seconds per step than several.
 
 Everything happens on a copy: the model passed in is never changed (its parameters, their
@@ -84,6 +89,9 @@ TRAINABLE_OPTIONS = {"sigmoid": "learned=True", "linear": "feature_map='hedgehog
 CHECKPOINT_FORMAT = "attnrewrite.distill/1"
 #: The teacher's outputs finetune keeps to reuse when it cycles through the data again (bytes).
 TEACHER_CACHE_BYTES = 1 << 30
+#: The sites' operands (q, k, v, mask per call) attention transfer keeps per batch to train on them again
+#: without running the model when it cycles through the data (bytes; batches beyond it run the model).
+TRANSFER_CACHE_BYTES = 1 << 30
 #: A stage whose loss on its first batch ends above this multiple of where it began is reported as diverged.
 DIVERGED_FACTOR = 1.5
 
@@ -290,10 +298,34 @@ class _Run:
         torch._dynamo.reset()
         compiled = torch.compile(self.student, backend=backend)
 
+        kind, kind_options = kind_registry.get(self.to), self.options.kind_options
+        # batch slot -> (the batch's tensors and their versions when kept, its sites' operands in call order)
+        cache: dict[int, tuple[tuple, list[_SiteOperands]]] = {}
+        cached_bytes = 0
+        reused = steps > len(self.batches)
+
         def step_loss(index: int, batch: Any) -> torch.Tensor:
+            nonlocal cached_bytes
+            slot = index % len(self.batches)
             args, kwargs = _split(batch, f"batch {index}")
+            seen = _versions(batch, args, kwargs)
+            kept = cache.get(slot)
             recorder.start()
-            compiled(*args, **kwargs)
+            if kept is not None and _same_versions(kept[0], seen):  # the sites alone, on the operands the model
+                for op in kept[1]:                                   # gave them at this very batch
+                    op.replay(recorder, kind, kind_options, states)
+            else:
+                capture = kept is None and reused and cached_bytes < TRANSFER_CACHE_BYTES
+                recorder.operands = _Capture(self.to, states) if capture else None
+                try:
+                    compiled(*args, **kwargs)
+                    captured = recorder.operands
+                finally:
+                    recorder.operands = None
+                if (captured is not None and captured.complete and captured.calls
+                        and cached_bytes + captured.nbytes <= TRANSFER_CACHE_BYTES):
+                    cache[slot] = (seen, captured.calls)
+                    cached_bytes += captured.nbytes
             errors = recorder.stop()
             if not errors:
                 raise DistillError("no rewritten site ran during attention transfer (is the attention outside the "
@@ -468,6 +500,7 @@ class _Recorder:
         self.transfer_loss = transfer_loss
         self.errors: dict[str, list[torch.Tensor]] | None = None
         self.captured: dict[str, list[SiteCall]] | None = None  # set while the warm start captures
+        self.operands: _Capture | None = None  # set while transfer keeps a batch's operands to replay
 
     def start(self) -> None:
         self.errors = {}
@@ -498,7 +531,13 @@ class _Recorder:
         statics = {"scale": call.scale, "is_causal": call.is_causal, "enable_gqa": call.enable_gqa,
                    "bool_mask": call.bool_mask, "score_mod": call.score_mod is not None,
                    "module_path": site.module_path, "ordinal": site.ordinal}
-        gm.add_submodule(name, _SiteError(self, site_name, statics))
+        # what replaying the site outside the graph needs besides q, k, v and the mask: the call's other
+        # fields, when they are all static (no score modification, position term, sink or tensor q factor)
+        static = (call.score_mod is None and call.position_slopes is None and call.sink_logits is None
+                  and call.q_factor is None and isinstance(call.dropout_p, (int, float))
+                  and (call.scale is None or isinstance(call.scale, (int, float))))
+        template = dataclasses.replace(call, q=None, k=None, v=None, attn_mask=None) if static else None
+        gm.add_submodule(name, _SiteError(self, site_name, statics, template))
         operands = (call.scaled_q(), call.k, call.v, call.attn_mask, call.q)
         if self.transfer_loss == "weights":  # the exact weights: exact attention of the identity as values
             identity = torch.ones_like(call.k[..., 0]).diag_embed()  # [B, Hkv, Tk, Tk]
@@ -511,10 +550,11 @@ class _SiteError(nn.Module):
     captures, the site's operands), returns ``teacher``.  Fake tensors (the pass propagating shapes)
     are not recorded."""
 
-    def __init__(self, recorder: _Recorder, site: str, statics: dict[str, Any]):
+    def __init__(self, recorder: _Recorder, site: str, statics: dict[str, Any], template: Any = None):
         super().__init__()
         object.__setattr__(self, "recorder", recorder)  # not a submodule: nothing of it is in the graph
         self.site, self.statics = site, statics
+        self.template = template  # the call without its tensors (None: the site cannot be replayed)
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor, q=None, k=None, v=None, mask=None,
                 raw_q=None, student_weights=None, teacher_weights=None) -> torch.Tensor:
@@ -529,7 +569,80 @@ class _SiteError(nn.Module):
                 self.recorder.captured.setdefault(self.site, []).append(
                     SiteCall(*(None if t is None else t.detach() for t in (q, k, v, mask)), **self.statics,
                              raw_q=None if raw_q is None else raw_q.detach()))
+            if self.recorder.operands is not None:
+                self.recorder.operands.add(self, raw_q, k, v, mask)
         return teacher
+
+
+def _versions(batch: Any, args: tuple, kwargs: dict) -> tuple:
+    """What identifies a batch while transfer runs: the batch object and each of its tensors with the tensor's
+    version counter (an in-place write into a tensor of the batch changes it)."""
+    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    return (batch, *((t, t._version) for t in tensors))
+
+
+def _same_versions(kept: tuple, seen: tuple) -> bool:
+    """Whether ``seen`` is the batch ``kept`` was taken from, unchanged (the same objects, no write since)."""
+    return (len(kept) == len(seen) and kept[0] is seen[0]
+            and all(a[0] is b[0] and a[1] == b[1] for a, b in zip(kept[1:], seen[1:])))
+
+
+class _Capture:
+    """The operands of every site call of one forward, kept to replay the sites without the model.
+    ``complete`` is False when a call cannot be replayed (its site has no static template or no state):
+    then the batch is not kept.  Tensors are copied (once each: a mask shared by every site stays one
+    tensor), so no later write of the model into its buffers reaches them."""
+
+    def __init__(self, to: str, states: Mapping[str, nn.Module]):
+        self.to, self.states = to, states
+        self.calls: list[_SiteOperands] = []
+        self.complete = True
+        self.nbytes = 0
+        self._copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original, copy): the
+        # original is held so that no other tensor takes its id during the forward
+
+    def _copy(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        kept = self._copies.get(id(t))
+        if kept is None:
+            kept = (t, t.detach().clone())
+            self._copies[id(t)] = kept
+            self.nbytes += kept[1].numel() * kept[1].element_size()
+        return kept[1]
+
+    def add(self, site: _SiteError, q, k, v, mask) -> None:
+        statics = site.statics
+        name = state_name(self.to, statics["ordinal"])
+        key = f"{statics['module_path']}.{name}" if statics["module_path"] else name
+        if site.template is None or q is None or key not in self.states:
+            self.complete = False
+            return
+        call = dataclasses.replace(site.template, q=self._copy(q), k=self._copy(k), v=self._copy(v),
+                                   attn_mask=self._copy(mask))
+        self.calls.append(_SiteOperands(site.site, key, call))
+
+
+@dataclass
+class _SiteOperands:
+    """One kept call of a site: its name (the error's key), its state's name and the call on real tensors."""
+
+    site: str
+    state: str
+    call: Any  # AttentionCall
+
+    def replay(self, recorder: _Recorder, kind, options: Mapping[str, Any], states: Mapping[str, nn.Module]) -> None:
+        """Record the site's error as the tap's module would: the kind's output (or weights) and the exact one
+        on the kept operands."""
+        from attnrewrite.kinds.softmax import exact_attention
+
+        call, state = self.call, states[self.state]
+        if recorder.transfer_loss == "weights":
+            identity = torch.ones_like(call.k[..., 0]).diag_embed()
+            recorder.record(self.site, kind.weights(call, options, state),
+                            exact_attention(dataclasses.replace(call, v=identity)))
+        else:
+            recorder.record(self.site, kind.emit(call, options, state), exact_attention(call))
 
 
 # --------------------------------------------------------------------------- the warm start

@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import sys
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -517,3 +518,134 @@ def test_the_warm_start_gives_the_key_gate_the_queries_mean_direction_where_it_f
         _warm_start_linear(gated, calls, {})
         _warm_start_linear(plain, calls, {})
     assert sum(_gated_error(gated, c) for c in calls) <= sum(_gated_error(plain, c) for c in calls) + 1e-9
+
+
+def _count_cache(monkeypatch):
+    """Counts of the site calls transfer keeps and of those it replays without the model."""
+    distill_module = sys.modules["attnrewrite.distill"]
+    counts = {"kept": 0, "replayed": 0}
+    add, replay = distill_module._Capture.add, distill_module._SiteOperands.replay
+
+    def counted_add(self, *args):
+        counts["kept"] += 1
+        add(self, *args)
+        counts.setdefault("captures", {})[id(self)] = self  # (held: the id stays this capture's)
+
+    def counted_replay(self, *args):
+        counts["replayed"] += 1
+        return replay(self, *args)
+
+    monkeypatch.setattr(distill_module._Capture, "add", counted_add)
+    monkeypatch.setattr(distill_module._SiteOperands, "replay", counted_replay)
+    return distill_module, counts
+
+
+def _assert_same_run(a, b):
+    assert a.attnrewrite_distill == b.attnrewrite_distill
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("to, options", [("linear", {"feature_map": "hedgehog", "key_gate": True}),
+                                         ("sigmoid", {"learned": True}),
+                                         ("linear", {"feature_map": "hedgehog", "transfer_loss": "weights"})])
+def test_transfer_replays_each_batchs_site_operands_with_the_result_of_running_the_model(llama, monkeypatch, to,
+                                                                                         options):
+    """Cycling through 3 batches for 8 steps, transfer runs the model on the first 3 steps only and trains the
+    states on the operands kept from them: the losses and the states are those of running the model every step
+    (bit for bit: the same ops on the same tensors).  Each batch's operands serve that batch's steps only, each
+    site's its own site's."""
+    distill_module, counts = _count_cache(monkeypatch)
+    run = {"data": DATA[:3], "steps": 8, "lr": 2e-2, "stage": "transfer", "progress": False}
+    kept = attnrewrite.distill(llama, to, **run, **options)
+    counts.pop("captures")
+    assert counts == {"kept": 3 * len(SITES), "replayed": (8 - 3 + 1) * len(SITES)}  # (+1: the divergence check)
+    counts.update(kept=0, replayed=0)
+    monkeypatch.setattr(distill_module, "TRANSFER_CACHE_BYTES", 0)
+    recomputed = attnrewrite.distill(llama, to, **run, **options)
+    assert counts == {"kept": 0, "replayed": 0}
+    _assert_same_run(kept, recomputed)
+
+
+def test_transfer_keeps_the_batches_that_fit_its_budget_and_runs_the_model_on_the_others(llama, monkeypatch):
+    distill_module, counts = _count_cache(monkeypatch)
+    options = {"feature_map": "hedgehog", "data": DATA[:3], "steps": 8, "lr": 2e-2, "stage": "transfer",
+               "progress": False}
+    whole = attnrewrite.distill(llama, "linear", **options)
+    sizes = {capture.nbytes for capture in counts.pop("captures").values()}
+    assert len(sizes) == 1
+    one_batch = sizes.pop()
+    assert one_batch >= len(SITES) * 8 * 12 * 8 * (4 + 2 + 2) * 4  # q [8, 4, 12, 8], k and v [8, 2, 12, 8]: float32
+    # only batch 0's operands fit (each batch's are the same size)
+    monkeypatch.setattr(distill_module, "TRANSFER_CACHE_BYTES", one_batch + one_batch // 2)
+    counts.update(kept=0, replayed=0)
+    partial = attnrewrite.distill(llama, "linear", **options)
+    assert counts["replayed"] == 3 * len(SITES)  # batch 0 at steps 3 and 6, and the divergence check
+    _assert_same_run(whole, partial)
+
+
+def test_transfer_never_replays_a_batch_that_changed_since_its_operands_were_kept(llama, monkeypatch):
+    """A data sequence that builds its batches when indexed (new tensors each time), or a batch written into in
+    place, is run through the model again: its kept operands would be stale."""
+    distill_module, counts = _count_cache(monkeypatch)
+
+    class Fresh(Sequence):  # each access a new batch: new random tokens every time, as an augmenting dataset gives
+        def __init__(self):
+            self.gen = torch.Generator().manual_seed(11)
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            if not 0 <= i < 2:
+                raise IndexError(i)
+            return {"input_ids": torch.randint(0, 64, (8, 12), generator=self.gen)}
+
+    options = {"feature_map": "hedgehog", "steps": 5, "lr": 2e-2, "stage": "transfer", "progress": False}
+    fresh = attnrewrite.distill(llama, "linear", Fresh(), **options)
+    assert counts["replayed"] == 0
+    monkeypatch.setattr(distill_module, "TRANSFER_CACHE_BYTES", 0)
+    _assert_same_run(fresh, attnrewrite.distill(llama, "linear", Fresh(), **options))
+
+    monkeypatch.setattr(distill_module, "TRANSFER_CACHE_BYTES", 1 << 30)
+    data = [{k: v.clone() for k, v in batch.items()} for batch in DATA[:2]]
+    factor = distill_module.learning_rate_factor
+
+    def rewriting(schedule, step, steps):  # before step 3 (batch 1 again): batch 1 changes in place
+        if step == 3:
+            data[1]["input_ids"].copy_(DATA[2]["input_ids"])
+        return factor(schedule, step, steps)
+
+    monkeypatch.setattr(distill_module, "learning_rate_factor", rewriting)
+    counts.update(kept=0, replayed=0)
+    written = attnrewrite.distill(llama, "linear", data, **options)
+    assert counts["replayed"] == 3 * len(SITES)  # batch 0 at steps 2 and 4 and the divergence check; batch 1 never
+    monkeypatch.setattr(distill_module, "TRANSFER_CACHE_BYTES", 0)
+    data = [{k: v.clone() for k, v in batch.items()} for batch in DATA[:2]]
+    _assert_same_run(written, attnrewrite.distill(llama, "linear", data, **options))
+
+
+def test_resuming_transfer_with_kept_operands_gives_the_uninterrupted_result(llama, tmp_path, monkeypatch):
+    options = {"feature_map": "hedgehog", "key_gate": True, "data": DATA[:3], "steps": 8, "lr": 2e-2,
+               "stage": "transfer", "progress": False}
+    whole = attnrewrite.distill(llama, "linear", **options)
+    distill_module = sys.modules["attnrewrite.distill"]
+    factor = distill_module.learning_rate_factor
+
+    def interrupted(schedule, step, steps):  # stops before step 5: steps 3 and 4 ran on kept operands
+        if step == 5:
+            raise KeyboardInterrupt
+        return factor(schedule, step, steps)
+
+    path = tmp_path / "transfer.pt"
+    monkeypatch.setattr(distill_module, "learning_rate_factor", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        attnrewrite.distill(llama, "linear", save_to=path, save_every=1, **options)
+    monkeypatch.setattr(distill_module, "learning_rate_factor", factor)
+    resumed = attnrewrite.distill(llama, "linear", save_to=path, **options)
+    assert len(resumed.attnrewrite_distill["transfer"]) == 3
+    assert resumed.attnrewrite_distill["transfer"] == pytest.approx(whole.attnrewrite_distill["transfer"][5:],
+                                                                    rel=1e-5)
+    want, got = whole.state_dict(), resumed.state_dict()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-7, msg=name)

@@ -233,7 +233,7 @@ def linear_attention_dispatch(
     if _resolve_impl(impl, q, (dk, dv)) == "torch":
         out, S, z = chunk_linear_attn_torch(q, k, v, causal=is_causal, feature_map=feature_map, scale=scale,
                                             eps=eps, key_mask=key_mask, cu_seqlens=cu_seqlens,
-                                            initial_state=initial_state)
+                                            initial_state=initial_state, final_state=output_final_state)
     else:
         from .op import ops_for
 

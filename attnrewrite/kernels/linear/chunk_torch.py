@@ -4,7 +4,9 @@ Causal: the sequence is cut into chunks of C tokens; inside a chunk the masked q
 across chunks the running state, all chunks at once as batched matmuls (no Python loop over
 chunks), so memory grows linearly in T (the largest intermediates are the per-chunk weights
 [T·C] and the per-chunk states [T/C·Dk·Dv] per head) and autograd gives every gradient,
-``initial_state`` included.  Bidirectional: one reduction φ(K)ᵀV per sequence.
+``initial_state`` included.  Bidirectional: one reduction φ(K)ᵀV per sequence, or, when the caller
+does not want the state and the sequence is short for the features (hedgehog's 2·F ≫ Dv, T ≲ 2·Dv),
+the quadratic form φ(Q)φ(K)ᵀV, which then takes fewer multiply-adds.
 
 Everything is computed in float32 (float64 stays float64) whatever the input dtype; the output is
 cast back to the input dtype and the state stays in the compute dtype.
@@ -44,9 +46,28 @@ def _group_queries(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return x.reshape(b, kv_heads, (hq // kv_heads) * t, d)
 
 
-def _bidirectional(q_feat, k_feat, v, s0, z0, eps):
+def _pairs_cheaper(rows, keys, dk, dv) -> bool:
+    """Whether the quadratic form (weights φ(q)·φ(k)ᵀ of every query-key pair, then weights·v) takes fewer
+    multiply-adds than the linear one (φ(k)ᵀv and Σφ(k), then φ(q)·S and φ(q)·z) for ``rows`` queries (per kv
+    head) against ``keys`` keys: short sequences with many features (hedgehog's 2·F ≫ Dv), e.g. T ≤ 64 at
+    Dk = 512, Dv = 32.  Only for concrete sizes: a traced graph with symbolic lengths keeps the linear form."""
+    if not all(isinstance(n, int) for n in (rows, keys, dk, dv)):
+        return False
+    return rows * keys * (dk + dv + 1) <= keys * dk * dv + rows * dk * (dv + 1)
+
+
+def _bidirectional(q_feat, k_feat, v, s0, z0, eps, final_state=True):
+    """Bidirectional linear attention on features; without ``final_state`` (and no initial state) the
+    quadratic form when it is cheaper (:func:`_pairs_cheaper`), which returns no state (None, None): the same
+    sums in another order, equal up to float rounding."""
     b, hq, tq, _ = q_feat.shape
     kv_heads = k_feat.shape[1]
+    if not final_state and s0 is None and _pairs_cheaper(hq // kv_heads * tq, k_feat.shape[2], k_feat.shape[-1],
+                                                         v.shape[-1]):
+        rows = _group_queries(q_feat, kv_heads)  # [B, Hkv, G·Tq, Dk]
+        weights = rows @ k_feat.transpose(-1, -2)  # [B, Hkv, G·Tq, Tk]
+        out = (weights @ v) / (weights.sum(-1, keepdim=True) + eps)
+        return out.reshape(b, hq, tq, v.shape[-1]), None, None
     state = k_feat.transpose(-1, -2) @ v  # [B, Hkv, Dk, Dv]
     normaliser = k_feat.sum(-2)  # [B, Hkv, Dk]
     if s0 is not None:
@@ -212,7 +233,7 @@ def _causal(q_feat, k_feat, v, s0, z0, eps, chunk):
     return out[:, :, :t], state, norm
 
 
-def _dense(q, k, v, *, causal, feature_map, scale, eps, key_mask, initial_state, chunk):
+def _dense(q, k, v, *, causal, feature_map, scale, eps, key_mask, initial_state, chunk, final_state=True):
     q_feat, k_feat, v_c = _features(q, k, v, feature_map=feature_map, scale=scale, key_mask=key_mask)
     s0 = z0 = None
     if initial_state is not None:
@@ -220,7 +241,7 @@ def _dense(q, k, v, *, causal, feature_map, scale, eps, key_mask, initial_state,
     if causal:
         out, state, normaliser = _causal(q_feat, k_feat, v_c, s0, z0, eps, chunk)
     else:
-        out, state, normaliser = _bidirectional(q_feat, k_feat, v_c, s0, z0, eps)
+        out, state, normaliser = _bidirectional(q_feat, k_feat, v_c, s0, z0, eps, final_state)
     return out.to(q.dtype), state, normaliser
 
 
@@ -237,6 +258,7 @@ def chunk_linear_attn_torch(
     cu_seqlens: torch.Tensor | None = None,
     initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk_size: int = DEFAULT_CHUNK,
+    final_state: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Linear attention with torch ops only (inputs already validated by the public API).
 
@@ -245,6 +267,9 @@ def chunk_linear_attn_torch(
             (int [N+1]), the packed layout [1, H, total_T, D] holding N sequences.
         key_mask: optional bool [B, Tk], True for real keys.
         initial_state: optional (S0 [B or N, Hkv, Dk, Dv], z0 [B or N, Hkv, Dk]).
+        final_state: False when the caller does not read S and z: bidirectional attention without
+            ``initial_state`` or ``cu_seqlens`` may then take the quadratic form where it is cheaper
+            (short sequences, many features) and return None for both.
 
     Returns:
         out [B, Hq, Tq, Dv] in q's dtype, final S [B or N, Hkv, Dk, Dv] and z [B or N, Hkv, Dk]
@@ -252,7 +277,7 @@ def chunk_linear_attn_torch(
     """
     kwargs = dict(causal=causal, feature_map=feature_map, scale=scale, eps=eps, chunk=chunk_size)
     if cu_seqlens is None:
-        return _dense(q, k, v, key_mask=key_mask, initial_state=initial_state, **kwargs)
+        return _dense(q, k, v, key_mask=key_mask, initial_state=initial_state, final_state=final_state, **kwargs)
     bounds = cu_seqlens.tolist()
     outs, states, norms = [], [], []
     for i, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attnrewrite.kernels.linear import LinearState, linear_attention_dispatch, linear_attention_decode
-from attnrewrite.kernels.linear.chunk_torch import chunk_linear_attn_torch
+from attnrewrite.kernels.linear.chunk_torch import _pairs_cheaper, chunk_linear_attn_torch
 from attnrewrite.kernels.linear.feature_maps import FEATURE_MAPS, apply_feature_map
 from attnrewrite.kernels.linear.reference import naive_quadratic_linear_attn, naive_recurrent_linear_attn
 
@@ -69,6 +69,41 @@ def test_torch_path_gradcheck_float64(causal):
         return out, st.S, st.z
 
     assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("tq, tk", [(12, 12), (5, 9), (9, 0)])
+def test_short_bidirectional_calls_take_the_quadratic_form_with_the_linear_forms_result(tq, tk):
+    """Without the final state, a short bidirectional call with many features computes the weights of every
+    query-key pair (fewer multiply-adds there than φ(k)ᵀv and φ(q)·S): output and gradients are the linear
+    form's (float64: to rounding), padded keys and grouped query heads included."""
+    q, k, v = make_qkv(batch=2, heads_q=4, heads_kv=2, tq=tq, tk=tk, dk=64, dv=16, dtype=torch.float64)
+    key_mask = torch.rand(2, tk, generator=torch.Generator().manual_seed(1)) > 0.3
+    assert _pairs_cheaper(2 * tq, tk, 64, 16)
+    results, grads = [], []
+    for final_state in (True, False):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, S, z = chunk_linear_attn_torch(*leaves, causal=False, scale=0.7, key_mask=key_mask,
+                                            final_state=final_state)
+        assert (S is None and z is None) == (not final_state)  # the quadratic form keeps no state
+        results.append(out)
+        grads.append(torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), leaves,
+                                         allow_unused=True))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-12)
+    for name, a, b in zip(["dq", "dk", "dv"], *grads):
+        if a is None or b is None:  # no key: nothing reaches k, v in either form
+            assert tk == 0 and name != "dq" or a is b, name
+            continue
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
+    # hedgehog's sizes in float32 (2·256 features, head dim 32, 16 tokens): to float32 rounding
+    q, k, v = make_qkv(batch=2, heads_q=3, heads_kv=3, tq=16, dk=512, dv=32, positive=True)
+    linear, _, _ = chunk_linear_attn_torch(q, k, v, causal=False, feature_map="identity")
+    quadratic, S, _ = chunk_linear_attn_torch(q, k, v, causal=False, feature_map="identity", final_state=False)
+    assert S is None
+    torch.testing.assert_close(quadratic, linear, rtol=1e-5, atol=1e-6)
+    # long sequences keep the linear form, with or without the state
+    q, k, v = make_qkv(tq=200, dk=64, dv=8, dtype=torch.float64)
+    assert not _pairs_cheaper(2 * 200, 200, 64, 8)
+    assert chunk_linear_attn_torch(q, k, v, causal=False, final_state=False)[1] is not None
 
 
 def test_torch_path_chunk_size_does_not_change_the_result():
