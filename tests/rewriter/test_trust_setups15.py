@@ -1,0 +1,103 @@
+"""What the pass says in setups a user builds around it (red team 15): a module rewritten with ``attnrewrite.rewrite``
+called under a ``torch.func`` transform or otherwise run uncompiled, and setups that were tried and work."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attnrewrite
+from attnrewrite.rewriter.failures import reset_warnings
+
+
+class Attention(nn.Module):
+    """Causal self-attention through SDPA: [B, T, 16] -> [B, T, 16], two heads."""
+
+    def __init__(self, width: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
+
+    def split(self, x, layer):  # [B, T, W] -> [B, H, T, D]
+        return layer(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x):
+        q, k, v = self.split(x, self.q), self.split(x, self.k), self.split(x, self.v)
+        return self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2))
+
+
+class OtherAttention(Attention):
+    pass
+
+
+def sigmoid_attention(attn, x):
+    """The sigmoid kind written by hand: sigmoid(s·q·kᵀ − log n)·v, n the keys each query sees."""
+    q, k, v = attn.split(x, attn.q), attn.split(x, attn.k), attn.split(x, attn.v)
+    keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+    n = keep.sum(-1, keepdim=True)
+    probs = torch.sigmoid(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) - n.log()) * keep
+    return attn.o((probs @ v).transpose(1, 2).flatten(2))
+
+
+def _rewritten(cls=Attention, **options):
+    torch.manual_seed(0)
+    return attnrewrite.rewrite(cls().eval(), to="sigmoid", compiler="eager", **options)
+
+
+def _under(transform, module, x):
+    """``module`` called under a torch.func transform: vmap over a leading dim of ``x``, or grad of a sum."""
+    if transform == "vmap":
+        return torch.vmap(module)(x.expand(3, *x.shape))
+    params = {name: p.detach() for name, p in module.named_parameters()}
+    return torch.func.grad(lambda p: torch.func.functional_call(module, p, (x,)).sum())(params)
+
+
+@pytest.mark.parametrize("transform", ["vmap", "grad"])
+def test_a_rewritten_module_under_a_torch_func_transform_is_said_and_stays_rewritten(transform):
+    """``torch.vmap(model)`` / ``torch.func.grad`` over a module rewritten with ``attnrewrite.rewrite``: Dynamo runs
+    no compiled code under a functorch transform and falls back to eager — silently, with the original attention —
+    and marks the frame's code (``nn.Module._call_impl``) skipped for the process, so every later call of that
+    module, and of every module compiled afterwards, ran its original attention too, with no word said."""
+    module, x = _rewritten(), torch.randn(2, 6, 16)
+    torch._dynamo.reset()
+    reset_warnings()
+    torch.testing.assert_close(module(x), sigmoid_attention(module, x), rtol=1e-5, atol=1e-6)
+    with pytest.warns(attnrewrite.RewriteWarning, match="inside a torch.func transform"):
+        got = _under(transform, module, x)
+    if transform == "vmap":  # the original attention ran, as said
+        torch.testing.assert_close(got, Attention.forward(module, x).expand(3, 2, 6, 16), rtol=1e-5, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnrewrite.RewriteWarning)
+        torch.testing.assert_close(module(x), sigmoid_attention(module, x), rtol=1e-5, atol=1e-6)
+        later = _rewritten(OtherAttention)  # a module compiled afterwards
+        torch.testing.assert_close(later(x), sigmoid_attention(later, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_rewritten_module_under_a_torch_func_transform_raises_under_strict():
+    module, x = _rewritten(strict=True), torch.randn(2, 6, 16)
+    torch._dynamo.reset()
+    with pytest.raises(attnrewrite.RewriteFailed, match="inside a torch.func transform"):
+        _under("vmap", module, x)
+
+
+@pytest.mark.parametrize("how", ["copy", "force_eager"])
+def test_a_rewritten_module_run_uncompiled_is_said(how):
+    """A call of a rewritten module that Dynamo does not compile — a copy of an instance rewritten in place (its
+    compile does not travel with it), ``set_stance("force_eager")`` — ran the original attention silently (``verify`` found it; nothing else did).  The module's pre-hook, which leaves
+    nothing in a compiled graph, runs only then: it says so."""
+    module, x = _rewritten(), torch.randn(2, 6, 16)
+    torch._dynamo.reset()
+    module(x)
+    reset_warnings()
+    with pytest.warns(attnrewrite.RewriteWarning, match="Dynamo did not compile this call"):
+        if how == "copy":
+            copy.deepcopy(module)(x)
+        else:
+            with torch.compiler.set_stance("force_eager"):
+                module(x)
