@@ -14,6 +14,8 @@ import torch.nn.functional as F
 
 import attnrewrite
 from attnrewrite.rewriter.failures import reset_warnings
+from attnrewrite.rewriter.report import Report
+from attnrewrite.testing.checks import compile_rewritten
 
 
 class Attention(nn.Module):
@@ -101,3 +103,54 @@ def test_a_rewritten_module_run_uncompiled_is_said(how):
         else:
             with torch.compiler.set_stance("force_eager"):
                 module(x)
+
+
+class Layer(nn.Module):
+    """A residual layer around ``attn``, with a graph break before it (a print, a .item(), a data-dependent branch)."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x):
+        torch._dynamo.graph_break()
+        return x + self.attn(x)
+
+
+class BrokenAttention(Attention):
+    """The attention module's own forward breaks the graph between the projections and SDPA."""
+
+    def forward(self, x):
+        q, k, v = self.split(x, self.q), self.split(x, self.k), self.split(x, self.v)
+        torch._dynamo.graph_break()
+        return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+
+class Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Layer(Attention()), Layer(BrokenAttention())])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_sites_after_a_graph_break_are_named_from_the_model_root():
+    """A graph break in a layer makes Dynamo compile the rest of it (and of the attention module that breaks
+    itself) as frames of their own, rooted at the layer or the attention module: their sites were reported as
+    ``attn`` and ``<root>`` — in warnings too — where the model names them ``layers.0.attn`` and
+    ``layers.1.attn``."""
+    torch.manual_seed(0)
+    model, x = Stack().eval(), torch.randn(2, 6, 16)
+    torch._dynamo.reset()
+    reset_warnings()
+    report = Report(to="summary")
+    with pytest.warns(attnrewrite.RewriteWarning, match=r"\(layers\.1\.attn\): summary cannot honour"):
+        compile_rewritten(model, report, to="summary")(x)  # layer 1 is bidirectional: skipped, said by name
+    assert sorted(s.module for s in report.sites) == ["layers.0.attn", "layers.1.attn"], report
+    torch._dynamo.reset()
+    assert sorted(s.module for s in attnrewrite.explain(model, x, to="sigmoid").sites) == ["layers.0.attn",
+                                                                                           "layers.1.attn"]
+
