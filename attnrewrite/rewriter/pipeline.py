@@ -110,7 +110,8 @@ def unfuse(ctx: PassContext) -> None:
         before = set(ctx.gm.graph.nodes)
         site = Site(anchor=node, pattern="multihead", module_path=module_path(node))
         _guarded(ctx, site, "unfuse", lambda: multihead.unfuse(ctx.gm, node, ctx.evaluator, ctx.fake_mode))
-        if site.status == "skipped":
+        if site.status == "skipped":  # a fused attention op left as it was: said like any attention not read
+            site.reason = f"{NOT_READ}: {site.reason}"
             ctx.sites.append(site)
         for new in set(ctx.gm.graph.nodes) - before:
             ctx.origin[new] = "multihead"

@@ -154,3 +154,54 @@ def test_sites_after_a_graph_break_are_named_from_the_model_root():
     assert sorted(s.module for s in attnrewrite.explain(model, x, to="sigmoid").sites) == ["layers.0.attn",
                                                                                            "layers.1.attn"]
 
+
+def _encoder_layer():
+    torch.manual_seed(0)
+    return nn.TransformerEncoderLayer(16, 2, 32, dropout=0.25, batch_first=True)
+
+
+def test_multihead_attention_with_dropout_in_training_is_rewritten_with_it(monkeypatch):
+    """``nn.MultiheadAttention`` (here inside ``nn.TransformerEncoderLayer``) with attention dropout in train mode
+    was skipped silently ("written-out form differs from the fused op"): the check of its written-out form ran
+    the fused op with its dropout on and compared two random draws.  The float64 evaluator turns dropout off for
+    MHA's op as it does for SDPA's: the site is rewritten with its probability (sigmoid), or refused by name
+    (linear), in train mode; eval mode is unchanged."""
+    from attnrewrite.testing.checks import record_sigmoid_calls
+
+    layer, x = _encoder_layer().train(), torch.randn(2, 6, 16)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    pad[1, -2:] = True
+    calls = record_sigmoid_calls(monkeypatch)
+    torch._dynamo.reset()
+    reset_warnings()
+    report = Report(to="sigmoid")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnrewrite.RewriteWarning)
+        compiled = compile_rewritten(layer, report, to="sigmoid", strict=True)
+        first, second = compiled(x, src_key_padding_mask=pad), compiled(x, src_key_padding_mask=pad)
+    (site,) = report.sites
+    assert site.status == "rewritten" and site.spec["dropout_p"] == 0.25, report
+    assert [call["args"][0] for call in calls] == [0.25, 0.25]  # both calls ran the sigmoid op, with the dropout
+    assert not torch.allclose(first, second)  # the dropout is drawn at each call
+    layer.eval()
+    torch.testing.assert_close(compiled(x, src_key_padding_mask=pad), compiled(x, src_key_padding_mask=pad))
+    torch._dynamo.reset()
+    with pytest.raises(attnrewrite.RewriteFailed, match="dropout on the attention probabilities"):
+        compile_rewritten(layer.train(), to="linear", strict=True)(x, src_key_padding_mask=pad)
+
+
+def test_a_fused_attention_op_left_fused_is_said(monkeypatch):
+    """A fused attention op (MHA's) whose written-out form cannot be proven was skipped with no warning: the site
+    has no spec, so it was not counted as attention left as it was."""
+    from attnrewrite.ir.spec import NotAttention
+    from attnrewrite.patterns import multihead
+
+    def refuse(*args, **kwargs):
+        raise NotAttention("written-out form differs from the fused op")
+
+    monkeypatch.setattr(multihead, "unfuse", refuse)
+    layer, x = _encoder_layer().eval(), torch.randn(2, 6, 16)
+    torch._dynamo.reset()
+    reset_warnings()
+    with pytest.warns(attnrewrite.RewriteWarning, match="attention in a form this version does not rewrite"):
+        compile_rewritten(layer.self_attn, to="sigmoid")(x, x, x)
