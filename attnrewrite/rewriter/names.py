@@ -18,6 +18,9 @@ import sys
 import torch.fx as fx
 import torch.nn as nn
 
+#: nn.Module's own frames of a call (``module(x)``): where the OptimizedModule is ``self``.
+_MODULE_CALLS = frozenset({"_wrapped_call_impl", "_call_impl", "__call__"})
+
 #: The root of an ``nn_module_stack`` entry when it is a local of the frame: ``L['self']``.
 _LOCAL_ROOT = re.compile(r"^L\[['\"](?P<name>[^'\"]+)['\"]\]")
 
@@ -44,7 +47,8 @@ def root_prefix(anchor: fx.Node) -> str:
             return ""
     caller = sys._getframe(1)
     while caller is not None:  # the OptimizedModule whose call Dynamo is compiling a frame for
-        wrapper = caller.f_locals.get("self")
+        # only nn.Module's call frames are read (a frame's f_locals is a snapshot built on each read)
+        wrapper = caller.f_locals.get("self") if caller.f_code.co_name in _MODULE_CALLS else None
         if isinstance(wrapper, OptimizedModule):
             for path, sub in wrapper._orig_mod.named_modules():
                 if sub is module:
