@@ -88,6 +88,19 @@ def test_a_rewritten_module_under_a_torch_func_transform_raises_under_strict():
         _under("vmap", module, x)
 
 
+def test_verify_names_what_a_torch_func_transform_left_of_a_compiled_model():
+    """``torch.compile(model, backend="attnrewrite")`` cannot tell (its backend is never called under a transform,
+    and afterwards Dynamo skips the frame's code): ``verify`` names the attention that ran."""
+    torch.manual_seed(0)
+    model, x = Attention().eval(), torch.randn(2, 6, 16)
+    torch._dynamo.reset()
+    compiled = compile_rewritten(model, to="sigmoid")
+    torch.testing.assert_close(compiled(x), sigmoid_attention(model, x), rtol=1e-5, atol=1e-6)
+    torch.vmap(compiled)(x.expand(3, 2, 6, 16))
+    with pytest.raises(attnrewrite.RewriteFailed, match="ran eagerly"):
+        attnrewrite.verify(compiled, x)
+
+
 @pytest.mark.parametrize("how", ["copy", "force_eager"])
 def test_a_rewritten_module_run_uncompiled_is_said(how):
     """A call of a rewritten module that Dynamo does not compile — a copy of an instance rewritten in place (its
