@@ -197,6 +197,11 @@ class GraphEvaluator:
             kwargs = dict(kwargs, dropout_p=0.0)
             if len(args) > 4:
                 args = args[:4] + (0.0,) + args[5:]
+        if name == "mha_forward":  # F.multi_head_attention_forward(..., add_zero_attn, dropout_p, ...)
+            if len(args) > 10:
+                args = args[:10] + (0.0,) + args[11:]
+            else:
+                kwargs = dict(kwargs, dropout_p=0.0)
         if node.op == "call_function":
             return node.target(*args, **kwargs)
         if node.op == "call_method":

@@ -29,9 +29,19 @@ def _compile(module: nn.Module, kwargs: dict[str, Any], strict: bool) -> None:
     module._attnrewrite_rewritten = (type(module).__qualname__, tuple(sorted(options.items())))
     if not any(hook is _said_when_traced_by_another_compile for hook in module._forward_pre_hooks.values()):
         module.register_forward_pre_hook(_said_when_traced_by_another_compile, prepend=True)
+    dynamo_call = module._compiled_call_impl
+
+    def compiled(*args: Any, **kw: Any) -> Any:
+        # Under a torch.func transform (vmap, grad, jacrev …) Dynamo refuses every frame and marks its code
+        # skipped for the rest of the process (torch 2.13): nn.Module._call_impl, so every module compiled later
+        # would run eagerly too.  Run the module's own call instead, which its pre-hook reports.
+        if torch._C._are_functorch_transforms_active():
+            return module._call_impl(*args, **kw)
+        return dynamo_call(*args, **kw)
+
+    module._compiled_call_impl = compiled
     if not strict:
         return
-    compiled = module._compiled_call_impl
 
     def first_call(*args: Any, **kw: Any) -> Any:
         module._compiled_call_impl = compiled  # checked once, even when it raises
@@ -43,12 +53,33 @@ def _compile(module: nn.Module, kwargs: dict[str, Any], strict: bool) -> None:
 
 
 def _said_when_traced_by_another_compile(module: nn.Module, args: Any) -> None:
-    """A forward pre-hook of every module ``rewrite`` compiles: it does nothing when run, and when Dynamo traces
-    it, says whether the compile tracing the module is the module's own rewrite.  Dynamo ignores a module's own
-    compile inside another compiled region (``torch.compile(model)`` around a rewritten block): the enclosing
-    compile's backend then compiles the module's attention, unrewritten or rewritten otherwise."""
+    """A forward pre-hook of every module ``rewrite`` compiles.  When Dynamo traces it, it says whether the compile
+    tracing the module is the module's own rewrite: Dynamo ignores a module's own compile inside another compiled
+    region (``torch.compile(model)`` around a rewritten block), whose backend then compiles the module's attention,
+    unrewritten or rewritten otherwise.  Compiled, the hook leaves no trace in the graph, so when it *runs* the call
+    is running the module's original code: that is said too (:func:`_said_when_run_uncompiled`)."""
     if torch.compiler.is_compiling():
         _check_tracing_compile(*module._attnrewrite_rewritten)
+    else:
+        _said_when_run_uncompiled(*module._attnrewrite_rewritten)
+
+
+def _said_when_run_uncompiled(owner: str, options: tuple) -> None:
+    """Warn (raise under ``strict``) that a call of ``owner`` (rewritten with ``options``) runs its original
+    attention: Dynamo did not compile it."""
+    from attnrewrite.rewriter.failures import Failure, not_rewritten
+
+    wanted = RewriteOptions.parse(dict(options))
+    if torch._C._are_functorch_transforms_active():
+        why = ("it is called inside a torch.func transform (vmap, grad, jacrev …), under which torch.compile runs "
+               "no compiled code, and attnrewrite does not rewrite attention traced under one either")
+    else:
+        why = ("Dynamo did not compile this call: torch.compiler.disable or set_stance('force_eager') around it, its "
+               "frame past torch._dynamo.config.recompile_limit or skipped after an earlier failure (a compiled "
+               "function called inside a torch.func transform marks its code skipped for the process), or a copy "
+               "of a module rewritten in place (nn.Module.compile does not travel with copies)")
+    cause = f"{owner} is rewritten to {wanted.to} by attnrewrite.rewrite, but this call ran its original attention: {why}"
+    not_rewritten([Failure(owner, cause)], f"attention not rewritten to {wanted.to}", wanted.strict, stacklevel=4)
 
 
 @torch._dynamo.assume_constant_result  # called while Dynamo traces, not put into the graph
@@ -132,8 +163,9 @@ def rewrite(target: Any = None, *, to: str = "softmax", **options: Any) -> Any:
 
     Copies: instances of a decorated class stay rewritten through ``copy.deepcopy`` and pickling
     (``torch.save``/``torch.load``); a copy of an *instance* rewritten in place runs its original
-    attention (``nn.Module.compile`` does not travel with copies) — rewrite the copy too, or check
-    with :func:`attnrewrite.verify`.
+    attention (``nn.Module.compile`` does not travel with copies), with a ``RewriteWarning`` at its
+    calls — rewrite the copy too.  Any call Dynamo does not compile (a ``torch.func`` transform, a
+    stance, a frame past the recompile limit) is said the same way.
     """
     if target is None:
         return lambda t: rewrite(t, to=to, **options)

@@ -38,12 +38,13 @@ class SiteReport:
                                              or reason.startswith(NOT_READ))
 
     @classmethod
-    def from_site(cls, site: Site, graph: int) -> SiteReport:
+    def from_site(cls, site: Site, graph: int, module: str | None = None) -> SiteReport:
+        """``module``: the site's module path as the report names it (default: its path in its graph)."""
         return cls(
             status="rewritten" if site.status == "rewritten" else "skipped",
             reason=site.reason,
             pattern=site.pattern,
-            module=clean_module_path(site.module_path),
+            module=clean_module_path(site.module_path if module is None else module),
             spec=site.spec.summary() if site.spec is not None else None,
             kind=site.kind,
             notes=list(site.notes),

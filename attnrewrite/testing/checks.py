@@ -73,7 +73,8 @@ def assert_gradients_close(names: list[str], got_grads, want_grads, rtol: float)
 
 def record_sigmoid_calls(monkeypatch) -> list[dict[str, Any]]:
     """The arguments of every run-time call of the sigmoid op, as a rewritten graph passes them (its keyword
-    arguments, and ``q``, ``k``, ``attn_mask``), appended as they come; the rewriter's shape propagation
+    arguments, ``q``, ``k``, ``attn_mask``, and ``args``: the positional ones after the mask, ``dropout_p`` first),
+    appended as they come; the rewriter's shape propagation
     (fake tensors) is left out.  ``monkeypatch`` (pytest's) restores the op after the test."""
     import attnrewrite.kernels.sigmoid.public as sigmoid_public
     from torch._subclasses.fake_tensor import FakeTensor
@@ -83,7 +84,7 @@ def record_sigmoid_calls(monkeypatch) -> list[dict[str, Any]]:
 
     def recording(q, k, v, attn_mask=None, *args, **kwargs):
         if not isinstance(q, FakeTensor):
-            calls.append(dict(kwargs, attn_mask=attn_mask, q=q, k=k))
+            calls.append(dict(kwargs, attn_mask=attn_mask, q=q, k=k, args=args))
         return dispatch(q, k, v, attn_mask, *args, **kwargs)
 
     monkeypatch.setattr(sigmoid_public, "sigmoid_attention_dispatch", recording)
