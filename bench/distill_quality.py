@@ -56,9 +56,9 @@ ROWS = ("before", "after warm start", "after transfer", "after both", "finetune 
 SETTINGS = [("sigmoid", {"learned": True}), ("linear", {"feature_map": "hedgehog"})]
 #: Per kind, what a flag left out means: the best setting measured for the kind (bench/RESULTS.md).
 KIND_DEFAULTS = {"sigmoid": {"transfer_steps": 200, "finetune_steps": 1200, "match": "output", "features": None,
-                             "key_gate": False, "gate_normaliser": False},
+                             "key_gate": False, "gate_normaliser": False, "feature_bias": False},
                  "linear": {"transfer_steps": 1000, "finetune_steps": 300, "match": "output", "features": 256,
-                            "key_gate": True, "gate_normaliser": False}}
+                            "key_gate": True, "gate_normaliser": False, "feature_bias": False}}
 
 
 def embed(model, batch, to=None, options=None):
@@ -125,6 +125,9 @@ def main(argv=None) -> int:
     parser.add_argument("--gate-normaliser", action=argparse.BooleanOptionalAction, default=None,
                         help="linear's key gate also learns a per-head power of the keys' softmax normaliser (the "
                              "kind's gate_normaliser option; needs the key gate)")
+    parser.add_argument("--feature-bias", action=argparse.BooleanOptionalAction, default=None,
+                        help="linear's hedgehog maps get a learned bias per head and feature on their logits (the "
+                             "kind's feature_bias option)")
     parser.add_argument("--transfer-loss", default="output", help="what transfer matches at each site: output or "
                         "weights (distill's transfer_loss)")
     parser.add_argument("--seed", type=int, default=0,
@@ -151,7 +154,8 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
     kinds = [to for to, _ in SETTINGS if to in args.kinds.split(",")]
     given = {"transfer_steps": args.transfer_steps, "finetune_steps": args.finetune_steps, "match": args.match,
-             "features": args.features, "key_gate": args.key_gate, "gate_normaliser": args.gate_normaliser}
+             "features": args.features, "key_gate": args.key_gate, "gate_normaliser": args.gate_normaliser,
+             "feature_bias": args.feature_bias}
     chosen = {to: {name: KIND_DEFAULTS[to][name] if value is None else value for name, value in given.items()}
               for to in kinds}
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -176,6 +180,8 @@ def main(argv=None) -> int:
             options = {**options, "key_gate": True}
         if to == "linear" and setting["gate_normaliser"]:
             options = {**options, "gate_normaliser": True}
+        if to == "linear" and setting["feature_bias"]:
+            options = {**options, "feature_bias": True}
         label = f"{to} ({', '.join(f'{k}={v}' for k, v in options.items())})"
         before = attnrewrite.convert(copy.deepcopy(model), to, held, **options)
         rows = [("before", "none", 0.0, 0.0, before)]
