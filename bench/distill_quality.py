@@ -65,9 +65,11 @@ ROWS = ("before", "after warm start", "after transfer", "after both", "finetune 
 SETTINGS = [("sigmoid", {"learned": True}), ("linear", {"feature_map": "hedgehog"})]
 #: Per kind, what a flag left out means: the best setting measured for the kind (bench/RESULTS.md).
 KIND_DEFAULTS = {"sigmoid": {"transfer_steps": 200, "finetune_steps": 1200, "match": "output", "features": None,
-                             "key_gate": False, "gate_normaliser": False},
+                             "key_gate": False, "gate_normaliser": False, "feature_bias": False,
+                             "transfer_loss": "output"},
                  "linear": {"transfer_steps": 1000, "finetune_steps": 300, "match": "output", "features": 256,
-                            "key_gate": True, "gate_normaliser": False}}
+                            "key_gate": True, "gate_normaliser": False, "feature_bias": False,
+                            "transfer_loss": "output"}}
 
 
 def embed(model, batch, to=None, options=None):
@@ -134,8 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gate-normaliser", action=argparse.BooleanOptionalAction, default=None,
                         help="linear's key gate also learns a per-head power of the keys' softmax normaliser (the "
                              "kind's gate_normaliser option; needs the key gate)")
-    parser.add_argument("--transfer-loss", default="output", help="what transfer matches at each site: output or "
-                        "weights (distill's transfer_loss)")
+    parser.add_argument("--feature-bias", action=argparse.BooleanOptionalAction, default=None,
+                        help="linear's hedgehog maps get a learned bias per head and feature on their logits (the "
+                             "kind's feature_bias option)")
+    parser.add_argument("--transfer-loss", default=None, help="what transfer matches at each site: output or "
+                        "weights (distill's transfer_loss; default per kind, KIND_DEFAULTS)")
     parser.add_argument("--seed", type=int, default=0,
                         help="distill's seed (adapters' initialisation) and the order of the batches (default 0)")
     parser.add_argument("--jobs", type=int, default=1,
@@ -148,7 +153,8 @@ def chosen_settings(args) -> dict[str, dict]:
     """Per kind asked for, its setting: each flag given, else the kind's :data:`KIND_DEFAULTS`."""
     kinds = [to for to, _ in SETTINGS if to in args.kinds.split(",")]
     given = {"transfer_steps": args.transfer_steps, "finetune_steps": args.finetune_steps, "match": args.match,
-             "features": args.features, "key_gate": args.key_gate, "gate_normaliser": args.gate_normaliser}
+             "features": args.features, "key_gate": args.key_gate, "gate_normaliser": args.gate_normaliser,
+             "feature_bias": args.feature_bias, "transfer_loss": args.transfer_loss}
     return {to: {name: KIND_DEFAULTS[to][name] if value is None else value for name, value in given.items()}
             for to in kinds}
 
@@ -160,6 +166,8 @@ def kind_options(to: str, options: dict, setting: dict) -> dict:
         options = {**options, "key_gate": True}
     if to == "linear" and setting["gate_normaliser"]:
         options = {**options, "gate_normaliser": True}
+    if to == "linear" and setting["feature_bias"]:
+        options = {**options, "feature_bias": True}
     return options
 
 
@@ -221,7 +229,7 @@ def run_row(args, prepared: Prepared, to: str, name: str) -> str:
     cpu, wall = time.process_time(), time.perf_counter()
     out = attnrewrite.distill(model, to, prepared.data, steps=steps, stage=stage, distill_seed=args.seed,
                               progress=False, lr=prepared.lr, rank=args.rank, adapt=args.adapt,
-                              schedule=args.schedule, match=setting["match"], transfer_loss=args.transfer_loss,
+                              schedule=args.schedule, match=setting["match"], transfer_loss=setting["transfer_loss"],
                               kind_options=options)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     what = f"{stage} {steps if isinstance(steps, int) else '+'.join(map(str, steps.values()))}"
@@ -252,9 +260,9 @@ def main(argv=None) -> int:
     print(f"commit {commit}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
           f"{f' in each of {args.jobs} processes' if args.jobs > 1 else ''}, torch {torch.__version__}; "
           f"batches of 16 sentences (<= {args.max_length} word pieces), lr {prepared.lr}, schedule {args.schedule}, "
-          f"adapters of rank {args.rank} on {args.adapt}, corpus {args.corpus}, transfer loss {args.transfer_loss}, "
+          f"adapters of rank {args.rank} on {args.adapt}, corpus {args.corpus}, "
           f"seed {args.seed}; " + "; ".join(f"{to}: transfer {c['transfer_steps']} + finetune {c['finetune_steps']} "
-                                            f"steps, match {c['match']}"
+                                            f"steps, match {c['match']}, transfer loss {c['transfer_loss']}"
                                             for to, c in chosen.items()))
     _, _, original_retrieval = scores(prepared.reference, prepared.reference)
     print(f"original model: paraphrase retrieval {original_retrieval:.2f}\n")

@@ -47,6 +47,9 @@ def supports(spec: AttentionSpec, options: dict[str, Any]) -> str | None:
     if options["gate_normaliser"] and not (options["key_gate"] and options["feature_map"] == "hedgehog"):
         return (f"gate_normaliser=True is a part of hedgehog's key gate; give feature_map='hedgehog' and key_gate=True "
                 f"with it (got feature_map={options['feature_map']!r}, key_gate={options['key_gate']})")
+    if options["feature_bias"] and options["feature_map"] != "hedgehog":
+        return (f"feature_bias=True is a part of the hedgehog feature map; feature_map={options['feature_map']!r} "
+                f"has none")
     if getattr(spec, "score_mod", None) is not None:
         return "a score modification cannot be applied to linear attention"
     if spec.dropout_p > 0:
@@ -111,7 +114,7 @@ def make_state(spec: AttentionSpec, options: dict[str, Any]):
     scale = spec.scale if spec.scale is not None else q_shape[-1] ** -0.5
     return make_site_state(options["feature_map"], q_shape[-3], k_shape[-3], q_shape[-1], scale, spec.module_path,
                            options["features"], options["seed"], options["key_gate"],
-                           options["gate_normaliser"])
+                           options["gate_normaliser"], options["feature_bias"])
 
 
 KIND = register(Kind(
@@ -129,6 +132,8 @@ KIND = register(Kind(
         "key_gate": flag(False),
         # hedgehog with key_gate: the gate's exponent also a·log of the key's softmax normaliser, a learned per head
         "gate_normaliser": flag(False),
+        # hedgehog: both maps' logits get a learned bias per head and feature (a learned weight per feature)
+        "feature_bias": flag(False),
     },
     description="linear attention φ(q)·Σφ(k)ᵀv / φ(q)·Σφ(k) (elu, relu, favor, hedgehog feature maps)",
     weights=weights,

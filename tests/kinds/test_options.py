@@ -22,6 +22,7 @@ BAD = [  # (kind, option, value, error, words the message must hold)
     ("linear", "seed", 1.5, TypeError, "int"),
     ("linear", "key_gate", 1, TypeError, "True or False"),
     ("linear", "gate_normaliser", "yes", TypeError, "True or False"),
+    ("linear", "feature_bias", 0, TypeError, "True or False"),
     ("sigmoid", "bias", "nope", ValueError, "'auto'"),
     ("sigmoid", "bias", True, TypeError, "'auto' or a finite number"),
     ("sigmoid", "bias", float("inf"), ValueError, "finite"),

@@ -116,6 +116,45 @@ def test_the_gate_normaliser_is_a_parameter_of_the_keys_map_and_trains_and_needs
                                             for s in report.skipped)
 
 
+def test_hedgehogs_feature_bias_adds_a_bias_per_head_and_feature_to_the_logits_and_starts_at_none():
+    torch.manual_seed(0)
+    plain, biased = HedgehogFeatureMap(2, 4, 8, seed=3), HedgehogFeatureMap(2, 4, 8, seed=3, feature_bias=True)
+    assert plain.bias is None and biased.bias.shape == (2, 8)  # [H, 2·F]
+    x = torch.randn(3, 2, 5, 4)
+    torch.testing.assert_close(biased(x), plain(x))  # b = 0: the map without it
+    with torch.no_grad():
+        b = torch.randn(2, 8)
+        biased.bias.copy_(b)
+    z = torch.einsum("bhtd,hde->bhte", x, biased.weight.detach())
+    want = torch.softmax(torch.cat([z, -z], dim=-1) + b[:, None, :], dim=-1)  # each head its own bias
+    torch.testing.assert_close(biased(x), want)
+    assert not torch.allclose(biased(x), plain(x))
+    # with the key gate: the gate's factor times the biased softmax
+    gated = HedgehogFeatureMap(2, 4, 8, seed=3, key_gate=True, feature_bias=True)
+    with torch.no_grad():
+        u = torch.randn(2, 4)
+        gated.gate.copy_(u)
+        gated.bias.copy_(b)
+    torch.testing.assert_close(gated(x, is_query=False), want * torch.einsum("bhtd,hd->bht", x, u).exp()[..., None])
+
+
+def test_the_feature_bias_is_a_parameter_of_both_maps_and_trains_and_needs_hedgehog():
+    options = dict(feature_map="hedgehog", key_gate=True, feature_bias=True)
+    model = attnrewrite.convert(_llama(), "linear", {"input_ids": IDS}, **options)
+    names = [n for n, _ in model.named_parameters() if "attnrewrite" in n]
+    assert names == [f"model.layers.{i}.self_attn.attnrewrite_linear.{m}" for i in range(2)
+                     for m in ("q_map.weight", "q_map.bias", "k_map.weight", "k_map.gate", "k_map.bias")]
+    state = model.model.layers[0].self_attn.attnrewrite_linear
+    compiled = compile_rewritten(model, None, to="linear", **options)
+    compiled(input_ids=IDS, labels=IDS).loss.backward()
+    for bias in (state.q_map.bias, state.k_map.bias):
+        assert bias.grad is not None and bias.grad.abs().sum() > 0
+    report = attnrewrite.explain(_llama().eval(), input_ids=IDS, to="linear",
+                                 options={"feature_map": "favor", "feature_bias": True})
+    assert not report.rewritten and all("feature_bias=True is a part of the hedgehog feature map" in s.reason
+                                        for s in report.skipped)
+
+
 def test_saving_and_reloading_restores_the_outputs():
     model = attnrewrite.convert(_llama().eval(), "linear", {"input_ids": IDS}, feature_map="hedgehog")
     with torch.no_grad():

@@ -95,7 +95,7 @@ class HedgehogFeatureMap(nn.Module):
     GATE_LIMIT = 30.0
 
     def __init__(self, heads: int, head_dim: int, num_features: int | None = None, seed: int = 0,
-                 key_gate: bool = False, gate_normaliser: bool = False):
+                 key_gate: bool = False, gate_normaliser: bool = False, feature_bias: bool = False):
         super().__init__()
         if gate_normaliser and not key_gate:
             raise ValueError("hedgehog's gate_normaliser is a part of its key gate: give key_gate=True with it")
@@ -109,10 +109,13 @@ class HedgehogFeatureMap(nn.Module):
         self.weight = nn.Parameter(init.repeat(heads, 1, 1))  # [H, D, F]
         self.gate = nn.Parameter(torch.zeros(heads, head_dim)) if key_gate else None  # [H, D]
         self.gate_normaliser = nn.Parameter(torch.zeros(heads)) if gate_normaliser else None  # [H]
+        self.bias = nn.Parameter(torch.zeros(heads, 2 * columns)) if feature_bias else None  # [H, 2·F]
 
     def forward(self, x: torch.Tensor, is_query: bool = True) -> torch.Tensor:
         z = torch.einsum("bhtd,hde->bhte", x, self.weight.to(x.dtype))
         logits = torch.cat([z, -z], dim=-1)
+        if self.bias is not None:
+            logits = logits + self.bias.to(x.dtype)[:, None, :]
         features = torch.softmax(logits, dim=-1)
         if self.gate is None:
             return features
@@ -141,14 +144,16 @@ def site_seed(seed: int, module_path: str) -> int:
 
 def make_site_state(kind: str, heads_q: int, heads_kv: int, head_dim: int, scale: float, module_path: str,
                     num_features: int | None = None, seed: int = 0, key_gate: bool = False,
-                    gate_normaliser: bool = False) -> LinearSiteState:
+                    gate_normaliser: bool = False, feature_bias: bool = False) -> LinearSiteState:
     """The state of one site for feature map ``kind`` (``"favor"`` or ``"hedgehog"``; ``key_gate`` and
-    ``gate_normaliser``: hedgehog's keys' map gets a learned gate, see :class:`HedgehogFeatureMap`)."""
+    ``gate_normaliser``: hedgehog's keys' map gets a learned gate; ``feature_bias``: both hedgehog maps get a
+    learned bias on their logits; see :class:`HedgehogFeatureMap`)."""
     if kind == "hedgehog":
         extra_seed = site_seed(seed, module_path)
-        return LinearSiteState(HedgehogFeatureMap(heads_q, head_dim, num_features, extra_seed),
+        return LinearSiteState(HedgehogFeatureMap(heads_q, head_dim, num_features, extra_seed,
+                                                  feature_bias=feature_bias),
                                HedgehogFeatureMap(heads_kv, head_dim, num_features, extra_seed, key_gate=key_gate,
-                                                                  gate_normaliser=gate_normaliser))
+                                                  gate_normaliser=gate_normaliser, feature_bias=feature_bias))
     if kind == "favor":
         shared = FavorFeatureMap(head_dim, num_features, scale, site_seed(seed, module_path))
         return LinearSiteState(shared, shared)  # one draw: q and k must use the same features
