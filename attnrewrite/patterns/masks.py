@@ -68,11 +68,14 @@ def split_term(term: MaskTerm, evaluator: GraphEvaluator, score_rank: int, depth
     call = normalize(term.node)
     if call is None or depth >= _MAX_DEPTH or term.steps != term_steps(rank(term.node), score_rank):
         return [term]  # (a term that follows a view of the scores keeps its layout steps whole)
+    if evaluator.writes.writes_into(term.node, after=term.node, before=at):
+        return [term]  # m = base.clone(); m[..] = -1e9: m holds the write, which its spelling does not say
     if written_by(term.node):
         return [term]  # m.add_(b) is one value: its operand m, read later, already holds the sum
 
     def sub(kind: str, node, coeff: float = term.coeff) -> list[MaskTerm]:
-        if not isinstance(node, fx.Node):
+        # an operand written in place after the term read it is read later with the write: not the term's part
+        if not isinstance(node, fx.Node) or evaluator.writes.writes_into(node, after=term.node, before=at):
             return [term]
         child = MaskTerm(kind, node, term_steps(rank(node), score_rank), coeff)
         return split_term(child, evaluator, score_rank, depth + 1, at)
