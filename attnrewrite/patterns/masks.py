@@ -77,7 +77,8 @@ def split_term(term: MaskTerm, evaluator: GraphEvaluator, score_rank: int, depth
         return [term]
 
     def sub(kind: str, node, coeff: float = term.coeff) -> list[MaskTerm]:
-        if not isinstance(node, fx.Node):
+        # an operand written in place after the term read it is read later with the write: not the term's part
+        if not isinstance(node, fx.Node) or evaluator.writes.writes_into(node, after=term.node, before=at):
             return [term]
         child = MaskTerm(kind, node, term_steps(rank(node), score_rank), coeff)
         return split_term(child, evaluator, score_rank, depth + 1, at)

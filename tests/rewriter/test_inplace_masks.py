@@ -208,6 +208,16 @@ class ShiftedWindow(Site):
         return m.repeat(x.shape[0] // m.shape[0], 1, 1).unsqueeze(1)  # [B * nW, 1, N, N]
 
 
+class CloneWrittenAfterItsSpelling(Site):
+    """A causal mask cloned, then one entry set to -1e9: the clone holds the write, which its spelling
+    (``masked_fill(triu, -inf)``) does not say — the mask is not causal, and is kept whole."""
+
+    def mask(self, x, lengths):
+        m = torch.zeros(T, T).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), NEG).clone()
+        m[3, 0] = -1e9
+        return m
+
+
 class MaskWrittenAfterTheSite(Site):
     """The mask and v are written in place only after the attention output: the original and a rewrite
     at the output read the same values, so the writes are no reason to refuse."""
@@ -504,7 +514,7 @@ REWRITTEN = [SliceOfZeros, MaskedFillInPlace, LoopOverFull, BoolItemAssignment, 
              ScoresMaskedFillInPlace, ScoresReassignedFromTheFill, ScoresWrittenElementwise,
              ScoresReadBeforeTheirWrite, ScoresWrittenAfterTheSoftmax, ScoresFilledThenUpcast, ScoresSliceAssigned,
              ScoresBoolIndexAssigned, ScoresFullMaskAssigned, ScoresSliceFilled, ScoresBiasAddedBySlice,
-             ScoresRowsAssignedInALoop, ScoresAssignedAfterTheSoftmax]
+             ScoresRowsAssignedInALoop, ScoresAssignedAfterTheSoftmax, CloneWrittenAfterItsSpelling]
 LEFT_ALONE = [MaskWrittenAfterItsRead, ScoresFilledThroughAView, ScoresViewedAndFilled, ValuesWrittenInside,
               ScoresAssignedFromTheQueries, ScoresAssignedThroughAnAliasReadElsewhere, ProbabilitiesAssigned,
               ScoresViewAssigned]
