@@ -147,7 +147,11 @@ class SdpaMixedFloatMask(Site):
 
 
 class BoolMaskAndFloatBias(Site):
-    """A float bias with −1e9 entries (row 2 of head 0: keys 0–2), then a bool causal mask by −∞."""
+    """A float bias with −1e9 entries (row 2 of head 0: keys 0–2), then a bool causal mask by −∞.  The bias's
+    item write is made a ``masked_fill`` of the zeros (functionalise), so its −1e9 is read as a fill like any
+    other and row 2 of head 0 mixes it with −∞: refused."""
+
+    expect = UNALIKE
 
     def forward(self, x, lengths):
         s, v = self.scores(x)
@@ -178,8 +182,9 @@ class BertPaddingFullyPadded(Site):
         return torch.softmax(s + (1.0 - keep[:, None, None, :]) * -10000.0, -1) @ v
 
 
-REFUSED = [InPlaceFill, OutOfPlaceFill, WhereFillLaterRow, FiniteFillsOnly, GroupedKV, FillFromLengths]
-EXACT = [SdpaMixedFloatMask, BoolMaskAndFloatBias, LeftPaddingFinfoMin, BertPaddingFullyPadded]
+REFUSED = [InPlaceFill, OutOfPlaceFill, WhereFillLaterRow, FiniteFillsOnly, GroupedKV, FillFromLengths,
+           BoolMaskAndFloatBias]
+EXACT = [SdpaMixedFloatMask, LeftPaddingFinfoMin, BertPaddingFullyPadded]
 
 
 def inputs(cls, probe: str):
