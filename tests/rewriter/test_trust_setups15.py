@@ -16,22 +16,8 @@ import attnrewrite
 from attnrewrite.rewriter.failures import reset_warnings
 from attnrewrite.rewriter.report import Report
 from attnrewrite.testing.checks import compile_rewritten
-
-
-class Attention(nn.Module):
-    """Causal self-attention through SDPA: [B, T, 16] -> [B, T, 16], two heads."""
-
-    def __init__(self, width: int = 16, heads: int = 2):
-        super().__init__()
-        self.heads = heads
-        self.q, self.k, self.v, self.o = (nn.Linear(width, width) for _ in range(4))
-
-    def split(self, x, layer):  # [B, T, W] -> [B, H, T, D]
-        return layer(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
-
-    def forward(self, x):
-        q, k, v = self.split(x, self.q), self.split(x, self.k), self.split(x, self.v)
-        return self.o(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2))
+# causal self-attention through SDPA, [B, T, 16] -> [B, T, 16], two heads (here called with x alone)
+from test_trust_setups14 import Attention
 
 
 class OtherAttention(Attention):
