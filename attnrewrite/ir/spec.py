@@ -66,11 +66,7 @@ class MaskTerm:
 
     A score set to −∞ or to any constant ≤ :data:`MASKED_SCORE` (−9000; ``masked_fill(m, finfo.min)``,
     ``where(m, s, -1e9)``) counts as masked: the two differ only in rows where every key is
-    masked.  Such a row is left undefined (zeros after the rewrite) only where the original masks
-    its keys alike — all −∞ (NaN) or all finite (an average over every key: HF's padded query
-    rows); a row with some keys at −∞ and others at −1e9 is an average over the −1e9 keys alone,
-    which the certifier compares (``rewriter/certify.py``, ``_unalike_rows``) and a spec that
-    reads it as fully masked does not reproduce.
+    masked, whose output is meaningless either way (NaN or a uniform average of values).
     """
 
     kind: Literal["add", "keep", "drop", "padding", "position", "relative"]

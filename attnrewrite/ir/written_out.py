@@ -81,11 +81,9 @@ def shift_sensitive(scores: torch.Tensor) -> torch.Tensor:
 
 def shift_sensitive_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None,
                          dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                         enable_gqa: bool = False,
-                         normalise: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
-    """``F.scaled_dot_product_attention`` (same signature, no dropout) with :func:`shift_sensitive` (or
-    ``normalise``, a function of the [.., Tq, Tk] scores) for its softmax: [.., Hq, Tq, Dv] from the very
-    scores SDPA normalises (top-left causal, bool True = keep)."""
+                         enable_gqa: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` (same signature, no dropout) with :func:`shift_sensitive` for its
+    softmax: [.., Hq, Tq, Dv] from the very scores SDPA normalises (top-left causal, bool True = keep)."""
     if q.shape[-3] != k.shape[-3]:  # (enable_gqa: SDPA itself refuses unequal heads without it)
         k, v = (x.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3) for x in (k, v))
     scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5 if scale is None else scale)
@@ -93,4 +91,4 @@ def shift_sensitive_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn
         scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), -math.inf)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
-    return (shift_sensitive if normalise is None else normalise)(scores) @ v
+    return shift_sensitive(scores) @ v

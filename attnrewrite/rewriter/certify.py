@@ -11,11 +11,7 @@ learned biases) so that a spec that only holds for the example mask is caught.  
 lower precision are evaluated in float64, and dropout is off, so the two sides agree to
 rounding and any real difference — a wrong scale, a lost mask, a wrong causal claim —
 stands out by many orders of magnitude.  Rows in which every key is masked are not
-compared when the original masks them alike: their output is undefined (NaN when every key is
-−∞, an average over every key when all are masked by a finite value such as finfo.min).  Which
-rows those are is read from the original, not from the spec, whose reading of −1e9 as masked is
-the very thing that can be wrong there: a row with keys at −∞ and others at −1e9 averages over
-the −1e9 ones alone, and is compared (:func:`_unalike_rows`).
+compared: their output is undefined (NaN or a uniform average, depending on spelling).
 
 The scores, not only the softmax.  Softmax ignores a constant added to a query's scores, so an
 output comparison cannot tell a bias b(i, j) from b(i, j) + c(i): a spec that lost (or gained)
@@ -263,30 +259,14 @@ def normaliser(site: Site) -> fx.Node | None:
     return None
 
 
-def _shift_sensitive_at(node: fx.Node, env, normalise: Callable[[torch.Tensor, int], torch.Tensor] | None = None
-                        ) -> torch.Tensor:
-    """What ``node`` (the site's :func:`normaliser`) computes with :func:`shift_sensitive` — or ``normalise``, a
-    function of the scores and the dim they are normalised over — for its softmax."""
-    normalise = normalise or (lambda scores, dim: shift_sensitive(scores))
+def _shift_sensitive_at(node: fx.Node, env) -> torch.Tensor:
+    """What ``node`` (the site's :func:`normaliser`) computes with :func:`shift_sensitive` for its softmax."""
     call = normalize(node)
     if call.name == "softmax":
-        return normalise(env[call.args[0]].to(torch.float64), call.kwargs["dim"])
+        return shift_sensitive(env[call.args[0]].to(torch.float64))
     get = lambda x: env[x] if isinstance(x, fx.Node) else x  # noqa: E731
     return shift_sensitive_sdpa(*(get(a) for a in call.args), attn_mask=get(call.kwargs["attn_mask"]),
-                                is_causal=get(call.kwargs["is_causal"]), scale=get(call.kwargs["scale"]),
-                                normalise=lambda scores: normalise(scores, -1))
-
-
-def weighted_keys(scores: torch.Tensor, dim: int) -> torch.Tensor:
-    """1 for each key the softmax over ``dim`` gives any weight (in float64), 0 for the others: the keys a row
-    of the original really averages over (none in a row of −∞ only; only those masked by the highest finite
-    value in a row whose every key is masked)."""
-    return (torch.softmax(scores.to(torch.float64), dim) > 0).to(torch.float64)
-
-
-def every_key(scores: torch.Tensor) -> torch.Tensor:
-    """1 for every key, masked or not (the canonical side of the :func:`weighted_keys` probe)."""
-    return torch.ones_like(scores)
+                                is_causal=get(call.kwargs["is_causal"]), scale=get(call.kwargs["scale"]))
 
 
 def _rows(x: Any, start: int, stop: int, t_q: int) -> Any:
@@ -296,10 +276,9 @@ def _rows(x: Any, start: int, stop: int, t_q: int) -> Any:
     return x
 
 
-def canonical_shift_sensitive(call: canonical.AttentionCall,
-                              normalise: Callable[[torch.Tensor], torch.Tensor] = shift_sensitive) -> torch.Tensor:
-    """The canonical form with :func:`shift_sensitive` (or ``normalise``) for its softmax, a block of query rows
-    at a time (no [B, H, Tq, Tk] value larger than about 32 MiB)."""
+def canonical_shift_sensitive(call: canonical.AttentionCall) -> torch.Tensor:
+    """The canonical form with :func:`shift_sensitive` for its softmax, a block of query rows at a time (no
+    [B, H, Tq, Tk] value larger than about 32 MiB)."""
     t_q, t_k = call.q.shape[-2], call.k.shape[-2]
     step = max(1, (4 << 20) // max(1, math.prod(call.q.shape[:-2]) * t_k))
     pieces = []
@@ -316,35 +295,29 @@ def canonical_shift_sensitive(call: canonical.AttentionCall,
                 mask = mask.masked_fill(~keep, -math.inf)
         block = replace(call, q=call.q[..., start:stop, :], q_factor=_rows(call.q_factor, start, stop, t_q),
                         attn_mask=mask, bool_mask=bool_mask, is_causal=False)
-        pieces.append(written_out(block, normalise=normalise))
+        pieces.append(written_out(block, normalise=shift_sensitive))
     return torch.cat(pieces, dim=-2)
 
 
 def _probe(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], randomize: bool | str,
-           scores: fx.Node | None = None, normalise: tuple[Callable, Callable] | None = None):
+           scores: fx.Node | None = None):
     """One probe: (original output, canonical output, rows compared) on fresh q, k, v.  ``scores``: a score
     probe, with this node (the site's :func:`normaliser`) and the canonical form's softmax computing
-    :func:`shift_sensitive` instead — or ``normalise``: (the original's, of the scores and their dim; the
-    canonical form's, of the scores)."""
+    :func:`shift_sensitive` instead."""
     spec = site.spec
     qkv = {spec.q.node, spec.k.node, spec.v.node}
     env: dict[fx.Node, Any] = {node: evaluator.random_like_meta(node) for node in qkv}
     order = evaluator.closure(targets, env, at=site.output)
     output_at = evaluator.position(site.output)
 
-    original_normalise, canonical_normalise = normalise or (None, shift_sensitive)
-
     def compute(node: fx.Node, values) -> Any:
-        if node is scores:
-            return _shift_sensitive_at(node, values, original_normalise)
-        return evaluator.compute(node, values, randomize)
+        return _shift_sensitive_at(node, values) if node is scores else evaluator.compute(node, values, randomize)
 
     # a softmax written out as exp(x − m) / Σ: its node does not read x, which the score probe gives elu + 1
     reads = set() if scores is None else set(normalize(scores).tensor_args()) - set(scores.all_input_nodes)
     rows_plan = _rows_plan(site, evaluator, order)
     if rows_plan is not None and not reads:  # (blocks drop x after its last reader in the graph)
-        blocked = _probe_in_blocks(site, evaluator, order, dict(env), rows_plan, randomize, scores, compute,
-                                   canonical_normalise)
+        blocked = _probe_in_blocks(site, evaluator, order, dict(env), rows_plan, randomize, scores, compute)
         if blocked is not None:
             return blocked
     # values are dropped after their last reader, except those the canonical form reads
@@ -360,7 +333,7 @@ def _probe(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], randomi
             if evaluator.position(node) < output_at:
                 run(node)
         call = canonical.attention_call(spec, env.__getitem__, torch.float64, dropout=False)
-        out = exact_attention(call) if scores is None else canonical_shift_sensitive(call, canonical_normalise)
+        out = exact_attention(call) if scores is None else canonical_shift_sensitive(call)
         rows = canonical.visible_rows(call).unsqueeze(-1).expand(out.shape)
         want = canonical.apply_steps(out, site.out_steps, env.__getitem__)
         rows = canonical.apply_steps(rows, site.out_steps, env.__getitem__)
@@ -386,8 +359,7 @@ def _rows_plan(site: Site, evaluator: GraphEvaluator, order: list[fx.Node]) -> R
 
 
 def _probe_in_blocks(site: Site, evaluator: GraphEvaluator, order: list[fx.Node], env: dict, rows_plan: RowPlan,
-                     randomize: bool | str, scores: fx.Node | None, compute: Callable[[fx.Node, Any], Any],
-                     canonical_normalise: Callable[[torch.Tensor], torch.Tensor] = shift_sensitive):
+                     randomize: bool | str, scores: fx.Node | None, compute: Callable[[fx.Node, Any], Any]):
     """:func:`_probe` with the region's q-dependent nodes evaluated a block of query rows at a time (None when a
     block does not evaluate: the caller then evaluates the region whole, as without a plan)."""
     spec = site.spec
@@ -400,7 +372,7 @@ def _probe_in_blocks(site: Site, evaluator: GraphEvaluator, order: list[fx.Node]
             for done in plan.get(node, ()):
                 del env[done]
         call = canonical.attention_call(spec, env.__getitem__, torch.float64, dropout=False)
-        out = exact_attention(call) if scores is None else canonical_shift_sensitive(call, canonical_normalise)
+        out = exact_attention(call) if scores is None else canonical_shift_sensitive(call)
         rows = canonical.visible_rows(call).unsqueeze(-1).expand(out.shape)
         want = canonical.apply_steps(out, site.out_steps, env.__getitem__)
         rows = canonical.apply_steps(rows, site.out_steps, env.__getitem__)
@@ -441,39 +413,6 @@ def certify(site: Site, evaluator: GraphEvaluator, probes: int = 2,
     return ok, reason, worst
 
 
-def _error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """The largest difference relative to the output's scale (NaN where ``got`` is not finite)."""
-    return float((got - want).abs().max() / (1.0 + want.abs().max()))
-
-
-def _unalike_rows(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], randomize: bool | str,
-                  drawn: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
-    """Where ``rows`` (the output's elements in query rows the spec sees a key in) is False although the
-    original does not mask the row's every key alike: a bool tensor of the output's shape, or None (no such
-    row, or a normalisation this cannot replace).
-
-    The spec reads a score set to −∞ and one set to a finite value ≤ MASKED_SCORE (``masked_fill(m, -1e9)``,
-    ``finfo.min``) alike, as masked, and rightly so in every row that keeps some key: there neither gets any
-    weight.  A row whose every key is masked is left out of the comparison as undefined — and it is, when
-    the original gives its keys no weight (all −∞: NaN) or the same treatment (all finite: an average over
-    every key, HF's padded query rows).  But where some keys are −∞ and others −1e9 the original averages
-    over the −1e9 ones alone, a definite output the spec does not reproduce.  So this runs the probe again
-    on the same draws (``drawn``, the evaluator's generator state before the output probe) with the site's
-    normalisation replaced by :func:`weighted_keys` and the canonical form's by :func:`every_key`: a row
-    whose original keys carry weight on none or all of the keys ends as 0 or as Σ v over every key; any
-    other ends elsewhere and is compared."""
-    anchor = normaliser(site)
-    if bool(rows.all()) or anchor is None:
-        return None
-    evaluator.generator.set_state(drawn)
-    weighted, every, _ = _probe(site, evaluator, targets, randomize, anchor, (weighted_keys, every_key))
-    if not isinstance(weighted, torch.Tensor) or weighted.shape != every.shape:
-        return None
-    tol = CERTIFY_RTOL * (1.0 + float(every.abs().max()))
-    alike = (weighted.abs() <= tol) | ((weighted - every).abs() <= tol)
-    return ~rows & ~alike
-
-
 def _compare(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], probes: int, scores: fx.Node | None,
              worst: float) -> tuple[bool, str | None, float]:
     """:func:`certify`'s probes, of outputs (``scores`` None) or of scores (``scores`` the site's normaliser)."""
@@ -481,13 +420,8 @@ def _compare(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], probe
     for kind in PROBES:
         if informative >= probes and (changed or probes < 2):
             break
-        randomize = False if kind == "real" else kind
-        drawn = evaluator.generator.get_state()
         try:
-            got, want, rows = _probe(site, evaluator, targets, randomize, scores)
-            shaped = isinstance(got, torch.Tensor) and got.shape == want.shape
-            unalike = (_unalike_rows(site, evaluator, targets, randomize, drawn, rows)
-                       if scores is None and shaped else None)
+            got, want, rows = _probe(site, evaluator, targets, False if kind == "real" else kind, scores)
         except ClosureTooLarge as exc:
             return False, f"could not certify: the site's masks depend on too much of the graph ({exc})", worst
         except UnreadableWrite as exc:
@@ -499,21 +433,12 @@ def _compare(site: Site, evaluator: GraphEvaluator, targets: set[fx.Node], probe
                            f"<= {MASKED_SCORE:g} on {_DESCRIBE[kind].split(' and ')[-1]}"), worst
         if not isinstance(got, torch.Tensor) or got.shape != want.shape:
             return False, f"canonical form has shape {tuple(want.shape)}, site output {getattr(got, 'shape', got)}", worst
-        if unalike is not None and bool(unalike.any()):
-            err = _error(got[unalike], want[unalike])
-            worst = max(worst, err)
-            if not err <= CERTIFY_RTOL:
-                return False, (f"spec does not reproduce the site in query rows it reads as fully masked (relative "
-                               f"error {err:.2e} on {_DESCRIBE[kind]}): the site averages there over the keys masked "
-                               f"by a finite value such as -1e9 and not over the others (-inf, or a lower value), "
-                               f"which the spec masks alike"), worst
-            rows = rows | unalike  # (compared, and equal: the spec keeps that value as an additive bias)
         if not bool(rows.any()):
             continue  # every query row fully masked: nothing compared, try the next probe
         got, want = got[rows], want[rows]
         if not bool(torch.isfinite(got).all()):
             return False, "original output is not finite on probe inputs", worst
-        err = _error(got, want)
+        err = float((got - want).abs().max() / (1.0 + want.abs().max()))
         worst = max(worst, err)
         if err > CERTIFY_RTOL and scores is not None:
             return False, (f"spec reproduces the site's softmax but not its scores (relative error {err:.2e} on "

@@ -1094,30 +1094,6 @@ SCRIPTS = {
 }
 
 
-UNALIKE_REASON = ("spec does not reproduce the site in query rows it reads as fully masked (relative error {} on {}): "
-                  "the site averages there over the keys masked by a finite value such as -1e9 and not over the "
-                  "others (-inf, or a lower value), which the spec masks alike")
-SECOND_ROW = ~FIRST_ROW
-
-# rows the spec reads as fully masked that the original does not mask alike (``_unalike_rows``, scripted):
-# name: (probe outcomes, unalike rows per probe, certify's (ok, reason, worst), the calls in order)
-UNALIKE = {
-    "unalike_row_differs": ([_off(W, 1.5, rows=FIRST_ROW, at=(1, 0))], [SECOND_ROW],
-                            (False, UNALIKE_REASON.format("5.00e-01", "random q, k, v"), 0.5),
-                            [REAL, ("unalike", REAL)]),
-    "unalike_row_differs_on_random_inputs": (
-        [_exact(), _off(W, 1.5, rows=FIRST_ROW, at=(1, 0))], [NONE, SECOND_ROW],
-        (False, UNALIKE_REASON.format("5.00e-01", "random q, k, v and random user inputs"), 0.5),
-        [REAL, ("unalike", REAL), RANDOM, ("unalike", RANDOM)]),
-    "unalike_rows_equal_are_compared": ([(W, W, NONE)], [ALL], (True, None, 0.0),
-                                        [REAL, ("unalike", REAL), RANDOM, ("unalike", RANDOM)]),
-    "unalike_row_at_the_tolerance": ([_off(Z, 1e-6, rows=NONE)], [ALL], (True, None, 1e-6),
-                                     [REAL, ("unalike", REAL), RANDOM, ("unalike", RANDOM)]),
-    "alike_rows_stay_uncompared": ([_off(W, 1.5, rows=FIRST_ROW, at=(1, 0))], [NONE], (True, None, 0.0),
-                                   [REAL, ("unalike", REAL), RANDOM, ("unalike", RANDOM)]),
-}
-
-
 def _raising(exc_type, message):
     from attnrewrite.ir import evaluate
     from attnrewrite.ir.spec import PADDING_GUARD
@@ -1150,55 +1126,38 @@ def test_certify_decides_on_its_probes_as_documented():
 
     results, real = {}, pipeline.certify
 
-    def scripted(outcomes, unalike=None):
-        calls, count = [], [0, 0]
+    def scripted(outcomes):
+        calls = []
 
         def probe(site, evaluator, targets, randomize, scores=None):
             calls.append(randomize if scores is None else ("scores", randomize))
-            count[0] += 1
-            outcome = outcomes[min(count[0], len(outcomes)) - 1]
+            outcome = outcomes[min(len(calls), len(outcomes)) - 1]
             if isinstance(outcome, Exception):
                 raise outcome
             return outcome
 
-        def unalike_rows(site, evaluator, targets, randomize, drawn, rows):  # (its own probe, scripted)
-            if unalike is None:
-                return None
-            calls.append(("unalike", randomize))
-            count[1] += 1
-            return unalike[min(count[1], len(unalike)) - 1]
-
-        return probe, unalike_rows, calls
+        return probe, calls
 
     def hook(site, evaluator, *args, **kwargs):
         for name, (outcomes, _, _) in {**SCRIPTS, **RAISING}.items():
-            probe, unalike_rows, calls = scripted(outcomes)
+            probe, calls = scripted(outcomes)
             with pytest.MonkeyPatch.context() as patch:
                 patch.setattr(certify_mod, "_probe", probe)
-                patch.setattr(certify_mod, "_unalike_rows", unalike_rows)
                 results[name] = certify_mod.certify(site, evaluator), calls
         for probes, outcomes in ((1, [_exact()]), (3, [_exact()]), (2, [RuntimeError("boom")])):
-            probe, unalike_rows, calls = scripted(outcomes)
+            probe, calls = scripted(outcomes)
             with pytest.MonkeyPatch.context() as patch:
                 patch.setattr(certify_mod, "_probe", probe)
-                patch.setattr(certify_mod, "_unalike_rows", unalike_rows)
                 try:
                     results[f"probes={probes}"] = certify_mod.certify(site, evaluator, probes=probes), calls
                 except RuntimeError as exc:
                     results["other_runtime_error"] = str(exc), calls
-        for name, (outcomes, unalike, _, _) in UNALIKE.items():
-            probe, unalike_rows, calls = scripted(outcomes, unalike)
-            with pytest.MonkeyPatch.context() as patch:
-                patch.setattr(certify_mod, "_probe", probe)
-                patch.setattr(certify_mod, "_unalike_rows", unalike_rows)
-                results[name] = certify_mod.certify(site, evaluator), calls
         # a kind that is not shift-invariant: the score probes follow the output probes, alike
         for name, outcomes in (("scores_exact", [_exact()]), ("scores_off", [_exact(), _exact(), _off(Z, 3e-7),
                                                                               _off(W, 1.5e-3)])):
-            probe, unalike_rows, calls = scripted(outcomes)
+            probe, calls = scripted(outcomes)
             with pytest.MonkeyPatch.context() as patch:
                 patch.setattr(certify_mod, "_probe", probe)
-                patch.setattr(certify_mod, "_unalike_rows", unalike_rows)
                 results[name] = certify_mod.certify(site, evaluator, scores=True), calls
         return real(site, evaluator, *args, **kwargs)
 
@@ -1207,7 +1166,7 @@ def test_certify_decides_on_its_probes_as_documented():
         patch.setattr(pipeline, "certify", hook)
         compile_rewritten(Plain().eval(), report)(_x())
     assert [s.status for s in report.sites] == ["rewritten"], report
-    for name, (_, (ok, reason, worst), probes) in {**SCRIPTS, **RAISING, **{n: u[1:] for n, u in UNALIKE.items()}}.items():
+    for name, (_, (ok, reason, worst), probes) in {**SCRIPTS, **RAISING}.items():
         (got_ok, got_reason, got_worst), calls = results[name]
         assert (got_ok, got_reason) == (ok, reason), name
         assert got_worst == pytest.approx(worst, rel=1e-12, abs=0), (name, got_worst)
