@@ -360,8 +360,7 @@ class _Run:
             recorder.captured = None
         for calls in captured.values():
             first = calls[0]
-            name = state_name(self.to, first.ordinal)
-            state = states.get(f"{first.module_path}.{name}" if first.module_path else name)
+            state = states.get(_state_key(self.to, first.module_path, first.ordinal))
             if state is None or first.score_mod:
                 continue
             with torch.no_grad():
@@ -539,9 +538,8 @@ class _Recorder:
         template = dataclasses.replace(call, q=None, k=None, v=None, attn_mask=None) if static else None
         gm.add_submodule(name, _SiteError(self, site_name, statics, template))
         operands = (call.scaled_q(), call.k, call.v, call.attn_mask, call.q)
-        if self.transfer_loss == "weights":  # the exact weights: exact attention of the identity as values
-            identity = torch.ones_like(call.k[..., 0]).diag_embed()  # [B, Hkv, Tk, Tk]
-            operands += (kind_weights(call), exact_attention(dataclasses.replace(call, v=identity)))
+        if self.transfer_loss == "weights":
+            operands += (kind_weights(call), exact_weights(call))
         return student.tracer.create_proxy("call_module", name, (student, teacher, *operands), {})
 
 
@@ -572,6 +570,21 @@ class _SiteError(nn.Module):
             if self.recorder.operands is not None:
                 self.recorder.operands.add(self, raw_q, k, v, mask)
         return teacher
+
+
+def exact_weights(call: Any) -> torch.Tensor:
+    """The exact attention weights of ``call`` (an ``AttentionCall``) [B, H, Tq, Tk]: its exact attention with the
+    identity as values, so masks, causality, scale and GQA are the exact op's own."""
+    from attnrewrite.kinds.softmax import exact_attention
+
+    identity = torch.ones_like(call.k[..., 0]).diag_embed()  # [B, Hkv, Tk, Tk]
+    return exact_attention(dataclasses.replace(call, v=identity))
+
+
+def _state_key(to: str, module_path: str, ordinal: int) -> str:
+    """The qualified name of a site's state in the student (the keys of ``state_registry.states``)."""
+    name = state_name(to, ordinal)
+    return f"{module_path}.{name}" if module_path else name
 
 
 def _versions(batch: Any, args: tuple, kwargs: dict) -> tuple:
@@ -613,8 +626,7 @@ class _Capture:
 
     def add(self, site: _SiteError, q, k, v, mask) -> None:
         statics = site.statics
-        name = state_name(self.to, statics["ordinal"])
-        key = f"{statics['module_path']}.{name}" if statics["module_path"] else name
+        key = _state_key(self.to, statics["module_path"], statics["ordinal"])
         if site.template is None or q is None or key not in self.states:
             self.complete = False
             return
@@ -638,9 +650,7 @@ class _SiteOperands:
 
         call, state = self.call, states[self.state]
         if recorder.transfer_loss == "weights":
-            identity = torch.ones_like(call.k[..., 0]).diag_embed()
-            recorder.record(self.site, kind.weights(call, options, state),
-                            exact_attention(dataclasses.replace(call, v=identity)))
+            recorder.record(self.site, kind.weights(call, options, state), exact_weights(call))
         else:
             recorder.record(self.site, kind.emit(call, options, state), exact_attention(call))
 

@@ -80,6 +80,11 @@ def _zero_dim(value: Any) -> bool:
     return isinstance(v, torch.Tensor) and v.dim() == 0
 
 
+def _one_value(value: Any) -> bool:
+    """One value for every selected position: a number or a 0-d tensor."""
+    return _number(value) or _zero_dim(value)
+
+
 def _only_user(node: fx.Node, user: fx.Node) -> bool:
     return set(node.users) == {user}
 
@@ -113,12 +118,12 @@ def item_write(write: fx.Node) -> ItemWrite | None:
         if isinstance(value, fx.Node) and _add_kind(value) and view is not None and view[0] is base \
                 and view[1] == index and _only_user(value.args[0], value) and _only_user(value, write):
             return ItemWrite(base, index, _add_kind(value), value.args[1], [value.args[0], value, write])
-        if _number(value) or _zero_dim(value):
+        if _one_value(value):
             return ItemWrite(base, index, "fill", value, [write])
         return None
     if write.op == "call_method" and write.target == "index_put_" and isinstance(write.args[0], fx.Node) \
             and len(write.args) == 3 and not write.kwargs and isinstance(write.args[1], (tuple, list)) \
-            and (_number(write.args[2]) or _zero_dim(write.args[2])):
+            and _one_value(write.args[2]):
         if not all(_is_tensor(i) for i in write.args[1]):
             return None
         return ItemWrite(write.args[0], tuple(write.args[1]), "fill", write.args[2], [write])
@@ -127,7 +132,7 @@ def item_write(write: fx.Node) -> ItemWrite | None:
         return None
     base, index = view
     if write.op == "call_method" and write.target in _FILL and len(write.args) == 2 and not write.kwargs \
-            and not write.users and (_number(write.args[1]) or _zero_dim(write.args[1])):
+            and not write.users and _one_value(write.args[1]):
         return ItemWrite(base, index, "fill", write.args[1], [write.args[0], write])
     kind = _add_kind(write)
     if kind is not None and not write.users:
@@ -249,7 +254,7 @@ def emit_out_of_place(unit: ItemWrite, current: Any, emit: Emitter) -> Any:
             region = emit(torch.ones, (), dtype=torch.bool, device=before.device)
         return emit("masked_fill", current, region, unit.value, method=True)
     value = unit.value
-    if _number(value) or _zero_dim(value):
+    if _one_value(value):
         if region is None:
             placed = value if _zero_dim(value) else emit(torch.scalar_tensor, value, dtype=before.dtype,
                                                          device=before.device)

@@ -61,3 +61,8 @@ def root_prefix(anchor: fx.Node) -> str:
 def from_root(prefix: str, path: str) -> str:
     """``path`` (a site's module path in its frame) named from the model's root."""
     return ".".join(part for part in (prefix, path) if part)
+
+
+def named_from_root(anchor: fx.Node, path: str) -> str:
+    """The module path ``path`` of the site anchored at ``anchor``, as the report and warnings name it."""
+    return from_root(root_prefix(anchor), path)

@@ -46,7 +46,7 @@ from attnrewrite.rewriter import hops, state
 from attnrewrite.rewriter.certify import certify, fingerprint
 from attnrewrite.rewriter.failures import Failure, RewriteFailed, RewriteWarning, not_rewritten
 from attnrewrite.rewriter.functionalise import functionalise_writes
-from attnrewrite.rewriter.names import from_root, root_prefix
+from attnrewrite.rewriter.names import named_from_root
 from attnrewrite.rewriter.options import RewriteOptions
 from attnrewrite.rewriter.report import Report, SiteReport, StageReport, clean_module_path
 from attnrewrite.rewriter.rewrite import rewrite_site
@@ -286,7 +286,7 @@ def _note_unused_state(ctx: PassContext, site: Site) -> None:
             f"used by the options compiled with ({ctx.options.kind_options}): its parameters get no gradient; "
             "compile with the options it was converted with")
     site.notes.append(note)
-    named = from_root(root_prefix(site.anchor), site.module_path)
+    named = named_from_root(site.anchor, site.module_path)
     warnings.warn(f"attnrewrite: {clean_module_path(named)}: {note}", RewriteWarning, stacklevel=2)
 
 
@@ -455,7 +455,7 @@ def run_pass(gm: fx.GraphModule, example_inputs: list[Any], options: RewriteOpti
     except Exception as exc:
         if options.strict:
             raise RewriteFailed(f"attnrewrite pass failed: {type(exc).__name__}: {exc}",
-                                [Failure(from_root(root_prefix(s.anchor), s.module_path), f"the pass failed: {exc}")
+                                [Failure(named_from_root(s.anchor, s.module_path), f"the pass failed: {exc}")
                                  for s in ctx.sites]) from exc
         for module, backup in backups.items():
             module.graph = backup
@@ -468,7 +468,7 @@ def run_pass(gm: fx.GraphModule, example_inputs: list[Any], options: RewriteOpti
                 site.status, site.reason = "skipped", cause
         if not any(s.spec is not None for s in ctx.sites):  # the failure may come before matching
             not_rewritten([Failure("", cause)], f"graph not rewritten to {options.to}", strict=False, stacklevel=5)
-    report.sites = [SiteReport.from_site(s, 0, from_root(root_prefix(s.anchor), s.module_path)) for s in ctx.sites]
+    report.sites = [SiteReport.from_site(s, 0, named_from_root(s.anchor, s.module_path)) for s in ctx.sites]
     report.seconds = time.perf_counter() - start
     failed = [Failure(s.module, s.reason) for s in report.sites if s.attention_left_as_it_was]
     not_rewritten(failed, f"attention not rewritten to {options.to}", options.strict, stacklevel=5)
