@@ -32,9 +32,10 @@ rank-8 adapters on the attention projections, ``--match output``, one torch thre
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/distill_quality.py --rows "after both"
 
-The whole table (both kinds, every row) is about 45 CPU-minutes; ``--jobs 2`` runs its rows in two processes
-side by side (each row's CPU seconds are still its own process's), so on an otherwise idle 2-core machine the
-table takes about half the wall time:
+The whole table (both kinds, every row) is about 35 CPU-minutes (2 074 CPU-s at commit ``fe885e5``,
+bench/RESULTS.md); ``--jobs 2`` runs its rows in two processes side by side (each row's CPU seconds are still
+its own process's), so the rows share the machine's two cores (that run: about 42 minutes of wall time at load
+4–6, beside a CI run, for rows whose wall times add up to 70 minutes):
 
     PYTHONPATH=. HF_HUB_OFFLINE=1 python bench/distill_quality.py --jobs 2
 """
